@@ -1,0 +1,140 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+The ``claudectl`` command group and what every command shares.
+
+Each command receives a :class:`CliContext` (``@pass_ctx``) carrying the
+resolved :class:`~claudectl.home.Home`, the global ``--json`` flag and the
+output streams.  Commands raise :class:`CliError` for anything the user
+should read; :func:`claudectl.cli.main` turns it into ``Error: <message>`` on
+stderr and exit status 1.  Commands that need the reactor call
+:meth:`CliContext.run`, which runs a coroutine/Deferred under ``react``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from claudectl.config import Config, ConfigError, load_config
+from claudectl.home import Home
+
+
+class CliError(Exception):
+    """A failure to report to the user: ``Error: <message>``, exit ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclass
+class CliContext:
+    home: Home
+    json: bool = False
+    verbose: bool = False
+    config_files: tuple[str, ...] = ()
+    cwd: Path = field(default_factory=Path.cwd)
+    stdout: IO[str] = field(default_factory=lambda: sys.stdout)
+    stderr: IO[str] = field(default_factory=lambda: sys.stderr)
+    _config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load_config(self.home, self.cwd, self.config_files)
+            except ConfigError as e:
+                raise CliError(str(e)) from None
+        return self._config
+
+    def out(self, text: str = "") -> None:
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
+
+    def err(self, text: str = "") -> None:
+        self.stderr.write(text + "\n")
+        self.stderr.flush()
+
+    def emit_json(self, value: Any) -> None:
+        self.out(json.dumps(value, indent=2, ensure_ascii=False))
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """
+        Run ``fn(reactor, *args)`` (returning a Deferred or coroutine) under
+        the reactor and return its result; a failure is re-raised here.
+        """
+        from twisted.internet import reactor as _reactor
+        from twisted.internet.defer import ensureDeferred
+
+        result: dict[str, Any] = {}
+
+        def _go() -> None:
+            d = ensureDeferred(_maybe_coro(fn(_reactor, *args)))
+
+            def ok(value: Any) -> None:
+                result["value"] = value
+
+            def bad(f: Any) -> None:
+                result["failure"] = f
+
+            d.addCallbacks(ok, bad)
+            d.addBoth(lambda _: _reactor.stop())  # type: ignore[attr-defined]
+
+        _reactor.callWhenRunning(_go)  # type: ignore[attr-defined]
+        _reactor.run()  # type: ignore[attr-defined]
+        if "failure" in result:
+            result["failure"].raiseException()
+        return result.get("value")
+
+
+async def _maybe_coro(value: Any) -> Any:
+    from twisted.internet.defer import Deferred
+
+    if isinstance(value, Deferred):
+        return await value
+    if hasattr(value, "__await__"):
+        return await value
+    return value
+
+
+pass_ctx = click.make_pass_decorator(CliContext)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", "home", metavar="DIR", envvar="CLAUDECTL_HOME",
+              help="Use DIR as the home directory: data in DIR/.claudectl, config in "
+                   "DIR/.config/claudectl/config.toml (default: $CLAUDECTL_HOME, else ~).")
+@click.option("--json", "json_", is_flag=True, help="Machine-readable JSON output.")
+@click.option("--config", "config_files", metavar="FILE", multiple=True,
+              help="Extra TOML config file, read after the user and project configs.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
+@click.version_option(package_name="claudectl-relay", prog_name="claudectl")
+@click.pass_context
+def cli(click_ctx: click.Context, home: str | None, json_: bool,
+        config_files: tuple[str, ...], verbose: bool) -> None:
+    """claudectl relay & hive mind: pair machines, share what brains learn,
+    delegate tasks to Claude Code on a peer."""
+    if verbose:
+        from twisted.logger import globalLogBeginner, textFileLogObserver
+
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+                                         redirectStandardIO=False)
+    click_ctx.obj = CliContext(home=Home.resolve(home), json=json_, verbose=verbose,
+                               config_files=config_files)
+
+
+@cli.group()
+def relay() -> None:
+    """Pair with peers, run the relay service, delegate tasks."""
+
+
+@cli.group()
+def hive() -> None:
+    """Inspect and manage shared knowledge (the hive mind)."""

@@ -1,0 +1,173 @@
+# -*- test-case-name: tests.test_codec -*-
+"""
+The NDJSON envelope of the claudectl relay protocol (wire.md sections 1-2).
+
+Every frame is one compact JSON object with exactly five members, in this
+order: ``id``, ``msg_type``, ``from_peer``, ``timestamp`` (ms), ``payload``;
+payload keys are sorted at every depth; then one ``\\n``.
+
+:func:`encode` produces claudectl 0.64's bytes exactly.  :func:`decode`
+accepts what a claudectl peer may send (and a little more: a missing
+``payload`` is an error, as in claudectl) and raises :class:`ProtocolError`
+for anything else -- never another exception.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Frames may be up to 1 MiB, not counting the ``\n``.
+MAX_LINE_BYTES = 1_048_576
+MAX_TIMESTAMP = 2**64 - 1
+
+CHALLENGE = "challenge"
+HANDSHAKE = "handshake"
+HANDSHAKE_ACK = "handshake_ack"
+HEARTBEAT = "heartbeat"
+ACK = "ack"
+DELEGATE_TASK = "delegate_task"
+TASK_STATUS = "task_status"
+TASK_HANDOFF = "task_handoff"
+TASK_INTERRUPT = "task_interrupt"
+KNOWLEDGE_SYNC = "knowledge_sync"
+KNOWLEDGE_REQUEST = "knowledge_request"
+KNOWLEDGE_SNAPSHOT = "knowledge_snapshot"
+
+#: All 12 message types, in claudectl's order.
+MSG_TYPES: tuple[str, ...] = (
+    CHALLENGE, HANDSHAKE, HANDSHAKE_ACK, HEARTBEAT, ACK,
+    DELEGATE_TASK, TASK_STATUS, TASK_HANDOFF, TASK_INTERRUPT,
+    KNOWLEDGE_SYNC, KNOWLEDGE_REQUEST, KNOWLEDGE_SNAPSHOT,
+)
+_MSG_TYPE_SET = frozenset(MSG_TYPES)
+HANDSHAKE_TYPES = frozenset({CHALLENGE, HANDSHAKE, HANDSHAKE_ACK})
+
+
+class ProtocolError(Exception):
+    """A frame that is not a valid envelope."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    id: str
+    msg_type: str
+    from_peer: str
+    timestamp: int
+    payload: Any = field(default_factory=dict)
+
+
+def _dumps(value: Any, sort_keys: bool = False) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+                      sort_keys=sort_keys, allow_nan=False)
+
+
+def encode(env: Envelope) -> bytes:
+    """The frame for ``env``, byte for byte as claudectl writes it."""
+    if env.msg_type not in _MSG_TYPE_SET:
+        raise ValueError(f"unknown msg_type {env.msg_type!r}")
+    if not (isinstance(env.timestamp, int) and 0 <= env.timestamp <= MAX_TIMESTAMP):
+        raise ValueError("timestamp must be an integer 0..2^64-1")
+    text = "".join((
+        '{"id":', _dumps(env.id),
+        ',"msg_type":', _dumps(env.msg_type),
+        ',"from_peer":', _dumps(env.from_peer),
+        ',"timestamp":', _dumps(env.timestamp),
+        ',"payload":', _dumps(env.payload, sort_keys=True),
+        "}\n",
+    ))
+    return text.encode("utf-8")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in result:
+            raise ProtocolError(f"duplicate member {k!r}")
+        result[k] = v
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError(f"invalid JSON number {name}")
+
+
+def decode(line: bytes) -> Envelope:
+    """
+    Parse one frame (without or with its ``\\n``).  Raises
+    :class:`ProtocolError` with a short reason on any defect.
+    """
+    if len(line.rstrip(b"\n")) > MAX_LINE_BYTES:
+        raise ProtocolError("line too long")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("invalid UTF-8") from None
+    text = text.strip()
+    if not text:
+        raise ProtocolError("empty line")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates,
+                         parse_constant=_reject_constant)
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(f"invalid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame is not a JSON object")
+    for name in ("id", "msg_type", "from_peer", "timestamp", "payload"):
+        if name not in obj:
+            raise ProtocolError(f"missing member {name!r}")
+    msg_id, msg_type, from_peer, ts = obj["id"], obj["msg_type"], obj["from_peer"], obj["timestamp"]
+    if not isinstance(msg_id, str):
+        raise ProtocolError("'id' must be a string")
+    if not isinstance(from_peer, str):
+        raise ProtocolError("'from_peer' must be a string")
+    if not isinstance(msg_type, str) or msg_type not in _MSG_TYPE_SET:
+        raise ProtocolError(f"unknown msg_type {msg_type!r}")
+    if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= MAX_TIMESTAMP:
+        raise ProtocolError("'timestamp' must be an integer 0..2^64-1")
+    return Envelope(msg_id, msg_type, from_peer, ts, obj["payload"])
+
+
+def now_ms(clock: Callable[[], float] = time.time) -> int:
+    return int(clock() * 1000)
+
+
+class MessageIds:
+    """
+    Makes message ids ``<prefix>_<epoch ms>_<n>``.
+
+    claudectl starts ``n`` at 0 in every process, so two processes collide
+    (defect W9).  Here ``n`` starts at a random 48-bit value, which keeps the
+    claudectl shape while making ids unique in practice.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 start: int | None = None) -> None:
+        self._clock = clock
+        self._seq = int.from_bytes(os.urandom(6), "big") if start is None else start
+
+    def next(self, prefix: str = "msg") -> str:
+        n = self._seq
+        self._seq += 1
+        return f"{prefix}_{now_ms(self._clock)}_{n}"
+
+
+class EnvelopeFactory:
+    """Builds outgoing envelopes for one local identity."""
+
+    def __init__(self, identity: str, clock: Callable[[], float] = time.time,
+                 ids: MessageIds | None = None) -> None:
+        self.identity = identity
+        self.clock = clock
+        self.ids = ids or MessageIds(clock)
+
+    def make(self, msg_type: str, payload: Any, from_peer: str | None = None) -> Envelope:
+        return Envelope(self.ids.next(), msg_type,
+                        self.identity if from_peer is None else from_peer,
+                        now_ms(self.clock), payload)

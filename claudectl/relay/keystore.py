@@ -1,0 +1,185 @@
+# -*- test-case-name: tests.test_keystore -*-
+"""
+Identity and per-peer files under ``~/.claudectl/relay/`` (wire.md 6).
+
+* ``identity``: the peer id, no trailing newline.
+* ``peers/<id>.key``: the 32-byte PSK as 64 lowercase hex, no newline, 0600.
+* ``peers/_pending.key``: a key waiting to be claimed by the first peer that
+  proves it (claudectl's single pending slot).
+* ``peers/<id>.meta``: ``{"addr": …, "last_seen": <ms>}``, pretty JSON with a
+  2-space indent and no trailing newline.
+* ``peers/<id>.mutual``: our own marker -- this peer once proved the key in
+  both directions, so a later one-way handshake from it is a downgrade.
+
+All writes are atomic and key files are always 0600 (defect W14).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from claudectl.atomic import atomic_write, locked
+from claudectl.home import Home
+from claudectl.relay.crypto import key_from_hex, key_to_hex
+
+PENDING = "_pending"
+_PEER_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def is_valid_peer_id(peer_id: object) -> bool:
+    """1-128 ASCII letters, digits, ``-`` or ``_`` (``_pending`` passes here)."""
+    return isinstance(peer_id, str) and bool(_PEER_ID.match(peer_id))
+
+
+def is_remote_peer_id(peer_id: object) -> bool:
+    """A valid id that a remote peer may claim (not the reserved ``_pending``)."""
+    return is_valid_peer_id(peer_id) and peer_id != PENDING
+
+
+def host_label(environ: Mapping[str, str] | None = None,
+               hostname: Callable[[], str] = socket.gethostname) -> str:
+    """The host part of a new identity, sanitised as claudectl does."""
+    env = os.environ if environ is None else environ
+    if "HOSTNAME" in env:
+        host = env["HOSTNAME"]
+    else:
+        try:
+            host = hostname().strip()
+        except OSError:
+            host = "unknown"
+    host = host.split(".", 1)[0].lower()
+    host = "".join(c if (c.isascii() and (c.isalnum() or c in "-_")) else "-" for c in host)
+    host = host.strip("-")
+    return host or "unknown"
+
+
+@dataclass(frozen=True)
+class PeerMeta:
+    addr: str
+    last_seen: int  # ms
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"addr": self.addr, "last_seen": self.last_seen},
+                          indent=2, ensure_ascii=False).encode("utf-8")
+
+
+class KeyStore:
+    """Reads and writes one home's identity and peer key files."""
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+
+    # --- identity ---------------------------------------------------------------
+    def identity(self) -> str | None:
+        try:
+            text = self.home.identity_file.read_text(encoding="utf-8").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        return text or None
+
+    def ensure_identity(self, random: Callable[[int], bytes] = os.urandom,
+                        environ: Mapping[str, str] | None = None) -> str:
+        """The identity, generated as ``<host>-<8 hex>`` the first time."""
+        with locked(self.home.identity_file):
+            existing = self.identity()
+            if existing:
+                return existing
+            ident = f"{host_label(environ)}-{random(4).hex()}"
+            atomic_write(self.home.identity_file, ident, mode=0o644)
+            return ident
+
+    # --- keys ---------------------------------------------------------------------
+    def _key_path(self, peer_id: str) -> Path:
+        if not is_valid_peer_id(peer_id):
+            raise ValueError(f"invalid peer id {peer_id!r}")
+        return self.home.peers / f"{peer_id}.key"
+
+    def key(self, peer_id: str) -> bytes | None:
+        try:
+            return key_from_hex(self._key_path(peer_id).read_text(encoding="ascii"))
+        except (FileNotFoundError, UnicodeDecodeError, ValueError):
+            return None
+
+    def save_key(self, peer_id: str, psk: bytes) -> None:
+        atomic_write(self._key_path(peer_id), key_to_hex(psk), mode=0o600)
+
+    def pending_key(self) -> bytes | None:
+        return self.key(PENDING)
+
+    def save_pending_key(self, psk: bytes) -> None:
+        self.save_key(PENDING, psk)
+
+    def clear_pending(self) -> None:
+        for suffix in (".key", ".meta"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.home.peers / f"{PENDING}{suffix}").unlink()
+
+    def claim_pending(self, peer_id: str, psk: bytes) -> bool:
+        """
+        Move the pending key to ``<peer_id>.key`` if it is still ``psk``.
+        Only the first valid claimer wins.
+        """
+        with locked(self.home.peers / f"{PENDING}.key"):
+            if self.pending_key() != psk or self.key(peer_id) is not None:
+                return False
+            self.save_key(peer_id, psk)
+            self.clear_pending()
+            return True
+
+    def known_peers(self) -> list[str]:
+        """Every ``<id>.key`` with a valid id, ``_pending`` excluded, sorted."""
+        try:
+            names = os.listdir(self.home.peers)
+        except FileNotFoundError:
+            return []
+        peers = []
+        for name in names:
+            if name.endswith(".key"):
+                pid = name[:-4]
+                if is_remote_peer_id(pid) and self.key(pid) is not None:
+                    peers.append(pid)
+        return sorted(peers)
+
+    def forget(self, peer_id: str) -> bool:
+        """Remove the key, meta and marker files; True if a key was removed."""
+        removed = False
+        for suffix in (".key", ".meta", ".mutual"):
+            try:
+                (self.home.peers / f"{peer_id}{suffix}").unlink()
+                removed = removed or suffix == ".key"
+            except FileNotFoundError:
+                pass
+        return removed
+
+    # --- meta ---------------------------------------------------------------------
+    def meta(self, peer_id: str) -> PeerMeta | None:
+        if not is_valid_peer_id(peer_id):
+            return None
+        try:
+            data = json.loads((self.home.peers / f"{peer_id}.meta").read_text(encoding="utf-8"))
+            addr, last_seen = data["addr"], data.get("last_seen", 0)
+        except (FileNotFoundError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return None
+        if not isinstance(addr, str) or not isinstance(last_seen, int):
+            return None
+        return PeerMeta(addr, last_seen)
+
+    def save_meta(self, peer_id: str, meta: PeerMeta) -> None:
+        if not is_valid_peer_id(peer_id):
+            raise ValueError(f"invalid peer id {peer_id!r}")
+        atomic_write(self.home.peers / f"{peer_id}.meta", meta.to_bytes(), mode=0o644)
+
+    # --- mutual-auth marker -------------------------------------------------------
+    def is_mutual(self, peer_id: str) -> bool:
+        return is_valid_peer_id(peer_id) and (self.home.peers / f"{peer_id}.mutual").exists()
+
+    def mark_mutual(self, peer_id: str) -> None:
+        if not self.is_mutual(peer_id):
+            atomic_write(self.home.peers / f"{peer_id}.mutual", b"1", mode=0o600)

@@ -1,0 +1,109 @@
+"""Shared helpers for the trial suite: test vectors, temporary homes, fakes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from zope.interface import implementer
+
+from claudectl.home import Home
+from claudectl.relay.codec import Envelope
+from claudectl.relay.interfaces import IMesh
+
+_HERE = Path(__file__).resolve().parent
+#: A copy of ``../shared/spec/vectors.json`` (claudectl 0.64), kept in the
+#: repository so the suite runs on any checkout; ``test_vectors_copy`` checks
+#: it still matches the shared one when that is present.
+VECTORS_FILE = _HERE / "data" / "vectors.json"
+SHARED_VECTORS_FILE = _HERE.parent.parent / "shared" / "spec" / "vectors.json"
+
+
+def vectors(area: str | None = None, kind: str | None = None) -> dict[str, dict[str, Any]]:
+    """The vectors (by name) of one area and kind."""
+    data = json.loads(VECTORS_FILE.read_text(encoding="utf-8"))
+    return {v["name"]: v for v in data["vectors"]
+            if (area is None or v["area"] == area) and (kind is None or v["kind"] == kind)}
+
+
+def vector(name: str) -> dict[str, Any]:
+    return vectors()[name]
+
+
+def temp_home(testcase: Any) -> Home:
+    """A fresh, empty home directory for one test."""
+    path = Path(testcase.mktemp()).absolute()
+    path.mkdir(parents=True)
+    return Home(path)
+
+
+def subprocess_env(home: Home, **extra: str) -> dict[str, str]:
+    """An environment built from scratch for a child ``claudectl`` process."""
+    import sys
+
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home.root),
+        "CLAUDECTL_HOME": str(home.root),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": os.pathsep.join(p for p in [str(_HERE.parent)] + sys.path if p),
+    }
+    env.update(extra)
+    return env
+
+
+@implementer(IMesh)
+class FakeMesh:
+    """An in-memory IMesh: records what is sent, lets tests deliver frames."""
+
+    def __init__(self, identity: str = "me-00000000",
+                 peers: list[str] | None = None) -> None:
+        self.identity = identity
+        self.peers: dict[str, str] = {p: "mutual" for p in (peers or [])}
+        self.sent: list[tuple[str, str, Any]] = []
+        self.handlers: dict[str, list[Any]] = {}
+        self.up: list[Any] = []
+        self.down: list[Any] = []
+        self._seq = 0
+
+    def send(self, peer_id: str, msg_type: str, payload: Any) -> bool:
+        if peer_id not in self.peers:
+            return False
+        self.sent.append((peer_id, msg_type, payload))
+        return True
+
+    def connected_peers(self) -> list[str]:
+        return sorted(self.peers)
+
+    def add_handler(self, msg_type: str, handler: Any) -> None:
+        self.handlers.setdefault(msg_type, []).append(handler)
+
+    def add_link_observer(self, on_up: Any, on_down: Any) -> None:
+        if on_up:
+            self.up.append(on_up)
+        if on_down:
+            self.down.append(on_down)
+
+    def peer_mode(self, peer_id: str) -> str | None:
+        return self.peers.get(peer_id)
+
+    # --- test drivers ---
+    def connect(self, peer_id: str, mode: str = "mutual") -> None:
+        self.peers[peer_id] = mode
+        for cb in self.up:
+            cb(peer_id)
+
+    def disconnect(self, peer_id: str) -> None:
+        self.peers.pop(peer_id, None)
+        for cb in self.down:
+            cb(peer_id)
+
+    def deliver(self, peer_id: str, msg_type: str, payload: Any,
+                from_peer: str | None = None) -> None:
+        self._seq += 1
+        env = Envelope(f"msg_test_{self._seq}", msg_type,
+                       peer_id if from_peer is None else from_peer, 0, payload)
+        for h in self.handlers.get(msg_type, []):
+            h(peer_id, env)
