@@ -1,0 +1,367 @@
+# -*- test-case-name: tests.test_relay_cli -*-
+"""
+``claudectl relay serve | pair | accept | connect | peers | disconnect |
+forget | identity``.
+
+Commands that need live state ask the running service over the control
+socket; without one they say so, or do a one-shot connection and say that
+they did.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from claudectl.cli.base import CliContext, CliError, pass_ctx, relay
+from claudectl.control import commands as C
+from claudectl.control.client import ServiceNotRunning, call_control
+from claudectl.relay.address import AddressError, format_address, parse_address
+from claudectl.relay.crypto import CodeError, new_pair_code, psk_from_code
+from claudectl.relay.keystore import KeyStore, is_remote_peer_id
+from claudectl.relay.peers_view import peer_rows
+
+
+def json_flag(fn: Any) -> Any:
+    """A local ``--json`` that means the same as the global one."""
+
+    def callback(click_ctx: click.Context, _param: Any, value: bool) -> None:
+        if value:
+            click_ctx.ensure_object(CliContext).json = True
+
+    return click.option("--json", "json_local", is_flag=True, expose_value=False,
+                        callback=callback, help="Machine-readable JSON output.")(fn)
+
+
+def _amp_error(e: Exception) -> str:
+    """The message of an AMP remote error, without AMP's decoration."""
+    from twisted.protocols.amp import RemoteAmpError
+
+    if isinstance(e, RemoteAmpError):
+        return e.description.decode("utf-8", "replace") if isinstance(
+            e.description, bytes) else str(e.description)
+    return str(e)
+
+
+def call_service(ctx: CliContext, command: type, **kwargs: Any) -> dict[str, Any] | None:
+    """Run an AMP command; None when no service is running."""
+
+    async def go(reactor: Any) -> dict[str, Any]:
+        return await call_control(reactor, ctx.home, command, **kwargs)
+
+    try:
+        return ctx.run(go)
+    except ServiceNotRunning:
+        return None
+    except (C.NotPairedError, C.LinkFailed, C.NoSuchPeer, C.BadRequest) as e:
+        raise CliError(_amp_error(e)) from None
+
+
+# --- serve -------------------------------------------------------------------------
+
+
+@relay.command()
+@click.option("--port", "-p", type=click.IntRange(0, 65535), default=None,
+              help="TCP port (default: [relay] listen_port, 9847).")
+@click.option("--listen", metavar="ENDPOINT", default=None,
+              help="Twisted endpoint to listen on, e.g. tcp:9847:interface=0.0.0.0.")
+@click.option("--no-discovery", is_flag=True, help="Do not announce on the LAN.")
+@click.option("--logfile", metavar="FILE", default="-", show_default=True,
+              help="Where to log ('-' = stdout).")
+@pass_ctx
+def serve(ctx: CliContext, port: int | None, listen: str | None, no_discovery: bool,
+          logfile: str) -> None:
+    """Run the relay service in the foreground (Ctrl+C stops it).
+
+    This is `twistd -n claudectl-relay` with this home; for a daemon use
+    twistd directly (see docs/running.md).
+    """
+    from twisted.scripts import twistd
+
+    from claudectl.relay import tap
+
+    args = ["--nodaemon", f"--logfile={logfile}"]
+    ctx.home.ensure_private_dir(ctx.home.run_dir)
+    args.append(f"--pidfile={ctx.home.run_dir / 'relay.pid'}")
+    args += ["claudectl-relay", "--home", str(ctx.home.root)]
+    for f in ctx.config_files:
+        args += ["--config", f]
+    if port is not None:
+        args += ["--port", str(port)]
+    if listen is not None:
+        args += ["--listen", listen]
+    if no_discovery:
+        args.append("--no-discovery")
+    run_twistd(args, twistd.runApp)
+
+
+class _Plugin:
+    """What twistd needs of a plugin: a tapname and makeService."""
+
+    tapname = "claudectl-relay"
+
+    def makeService(self, options: Any) -> Any:
+        from claudectl.relay import tap
+
+        return tap.makeService(options)
+
+
+def run_twistd(args: list[str], run_app: Any) -> None:
+    """Parse twistd arguments with our plugin preloaded and run (tahoe's pattern)."""
+    from twisted.python import usage
+    from twisted.scripts import twistd
+
+    from claudectl.relay import tap
+
+    class _ServerOptions(twistd.ServerOptions):
+        subCommands = [("claudectl-relay", None, tap.Options, "the claudectl relay")]
+
+    config = _ServerOptions()
+    try:
+        config.parseOptions(args)
+    except usage.UsageError as e:
+        raise CliError(str(e)) from None
+    config.loadedPlugins = {"claudectl-relay": _Plugin()}
+    run_app(config)
+
+
+# --- pairing by raw code -----------------------------------------------------------
+
+
+@relay.command()
+@json_flag
+@pass_ctx
+def pair(ctx: CliContext) -> None:
+    """Generate a pair code; the peer runs `claudectl relay accept <code> <your id>`."""
+    ks = KeyStore(ctx.home)
+    ident = ks.ensure_identity()
+    code, psk = new_pair_code()
+    ks.save_pending_key(psk)
+    if ctx.json:
+        ctx.emit_json({"identity": ident, "pair_code": code})
+        return
+    ctx.out(f"Your identity: {ident}")
+    ctx.out()
+    ctx.out(f"PAIR CODE: {code}")
+    ctx.out()
+    ctx.out("Share this code with the peer you want to connect.")
+    ctx.out(f"They should run: claudectl relay accept {code} {ident}")
+
+
+@relay.command()
+@click.argument("code")
+@click.argument("peer")
+@click.option("--force", is_flag=True, help="Replace an existing key for PEER.")
+@json_flag
+@pass_ctx
+def accept(ctx: CliContext, code: str, peer: str, force: bool) -> None:
+    """Store the key of a pair code that PEER generated with `relay pair`."""
+    if not is_remote_peer_id(peer):
+        raise CliError(f"invalid peer id {peer!r}: use 1-128 letters, digits, '-' or '_'")
+    try:
+        psk = psk_from_code(code)
+    except CodeError as e:
+        raise CliError(str(e)) from None
+    ks = KeyStore(ctx.home)
+    ident = ks.ensure_identity()
+    if peer == ident:
+        raise CliError("that is this instance's own identity")
+    existing = ks.key(peer)
+    if existing is not None and existing != psk and not force:
+        raise CliError(f"peer '{peer}' is already paired with another key; "
+                       f"run `claudectl relay forget {peer}` first or pass --force")
+    ks.save_key(peer, psk)
+    if ctx.json:
+        ctx.emit_json({"identity": ident, "peer": peer, "stored": True})
+        return
+    ctx.out(f"Paired with peer: {peer}")
+    ctx.out("PSK stored. You can now connect with:")
+    ctx.out("  claudectl relay connect <host>:<port>")
+
+
+# --- links -----------------------------------------------------------------------------
+
+
+@relay.command()
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--peer", metavar="ID", default=None,
+              help="Which paired peer is at that address (needed when it is ambiguous).")
+@json_flag
+@pass_ctx
+def connect(ctx: CliContext, address: str, peer: str | None) -> None:
+    """Connect to a paired peer and keep the link up (through the running service)."""
+    try:
+        host, port = parse_address(address)
+    except AddressError as e:
+        raise CliError(str(e)) from None
+    address = format_address(host, port)
+    result = ctx.run(_connect, ctx, address, peer)
+    if result["kept_by_service"]:
+        if ctx.json:
+            ctx.emit_json({"peer": result["peer"], "address": address, "mode": result["mode"],
+                           "state": "connected", "kept_by_service": True})
+        elif result["already"]:
+            ctx.out(f"Already connected to {result['peer']}; the service keeps the link to "
+                    f"{address}.")
+        else:
+            ctx.out(f"Connected to {result['peer']} ({address}), {result['mode']} "
+                    "authentication. The relay service keeps the link up.")
+        return
+    if ctx.json:
+        ctx.emit_json({"peer": result["peer"], "address": address, "mode": result["mode"],
+                       "state": "verified", "kept_by_service": False})
+        return
+    ctx.out(f"Authenticated with {result['peer']} ({address}), {result['mode']} authentication.")
+    ctx.out("No relay service is running for this home, so the link was closed again.")
+    ctx.out(f"Start it with `claudectl relay serve`: it reconnects to {result['peer']} "
+            "automatically.")
+
+
+async def _connect(reactor: Any, ctx: CliContext, address: str,
+                   peer: str | None) -> dict[str, Any]:
+    try:
+        r = await call_control(reactor, ctx.home, C.Connect, address=address, peer=peer)
+    except ServiceNotRunning:
+        peer_id, mode = await _one_shot_connect(reactor, ctx, address, peer)
+        return {"peer": peer_id, "mode": mode, "already": False, "kept_by_service": False}
+    except (C.NotPairedError, C.LinkFailed, C.NoSuchPeer, C.BadRequest) as e:
+        raise CliError(_amp_error(e)) from None
+    return {**r, "kept_by_service": True}
+
+
+async def _one_shot_connect(reactor: Any, ctx: CliContext, address: str,
+                            peer: str | None) -> tuple[str, str]:
+    from claudectl.relay.handshake import HandshakeFailed, KeyAuth
+    from claudectl.relay.node import NotPaired, RelayNode
+
+    node = RelayNode(ctx.home, ctx.config, reactor)
+    try:
+        peer_id = node.choose_peer_for(address, peer)
+    except NotPaired as e:
+        raise CliError(str(e)) from None
+    psk = node.keystore.key(peer_id)
+    assert psk is not None
+    try:
+        proto = await node.open_link(address, KeyAuth(psk, peer_id))
+    except HandshakeFailed as e:
+        raise CliError(f"connection failed: auth failed: {e}") from None
+    except Exception as e:
+        raise CliError(f"connection failed: connect to {address}: {e}") from None
+    assert proto.result is not None
+    proto.close("one-shot connection done")
+    return peer_id, proto.result.mode
+
+
+@relay.command()
+@json_flag
+@pass_ctx
+def peers(ctx: CliContext) -> None:
+    """List known peers: state, address, last seen, trust, traffic."""
+    result = call_service(ctx, C.Peers)
+    live = result is not None
+    if live:
+        rows = json.loads(result["peers_json"])
+    else:
+        rows = peer_rows(KeyStore(ctx.home), None, _trust_reader(ctx))
+    if ctx.json:
+        ctx.emit_json(rows)
+        return
+    if not rows:
+        ctx.out("No peers yet. Pair with `claudectl relay invite` / `relay join`, or "
+                "`relay pair` / `relay accept`.")
+        return
+    ctx.out(f"{'IDENTITY':<24}{'STATE':<14}{'ADDRESS':<24}{'LAST SEEN':<22}{'TRUST':<7}"
+            f"{'UP':>9}{'DOWN':>9}")
+    ctx.out("─" * 109)
+    for r in rows:
+        trust = "" if r.get("trust") is None else f"{r['trust']:.2f}"
+        dot = "●" if r["state"] == "connected" else "○"
+        ctx.out(f"{dot} {r['identity']:<22}{r['state']:<14}{(r['address'] or '-'):<24}"
+                f"{_ago(r['last_seen']):<22}{trust:<7}{_kb(r['bytes_up']):>9}"
+                f"{_kb(r['bytes_down']):>9}")
+    if not live:
+        ctx.out()
+        ctx.out("(the relay service is not running: states are from the files)")
+
+
+def _trust_reader(ctx: CliContext) -> Any:
+    try:
+        from claudectl.hive.trust import trust_level
+    except ImportError:
+        return None
+    default = ctx.config.hive.default_trust
+
+    def read(peer: str) -> float:
+        return trust_level(ctx.home, peer, default)
+
+    return read
+
+
+def _ago(epoch: int) -> str:
+    if not epoch:
+        return "never"
+    delta = max(0, int(time.time()) - int(epoch))
+    if delta < 60:
+        return f"{delta}s ago"
+    if delta < 3600:
+        return f"{delta // 60}m ago"
+    if delta < 86400:
+        return f"{delta // 3600}h ago"
+    return f"{delta // 86400}d ago"
+
+
+def _kb(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.0f} kb"
+
+
+@relay.command()
+@click.argument("peer")
+@json_flag
+@pass_ctx
+def disconnect(ctx: CliContext, peer: str) -> None:
+    """Drop the link to PEER and stop redialing it until the next start."""
+    result = call_service(ctx, C.Disconnect, peer=peer)
+    if result is None:
+        raise CliError("the relay service is not running, so there is no link to drop")
+    if ctx.json:
+        ctx.emit_json({"peer": peer, "was_connected": result["was_connected"]})
+    elif result["was_connected"]:
+        ctx.out(f"Disconnected from {peer}.")
+    else:
+        ctx.out(f"{peer} was not connected.")
+
+
+@relay.command()
+@click.argument("peer")
+@json_flag
+@pass_ctx
+def forget(ctx: CliContext, peer: str) -> None:
+    """Remove PEER's key and address (pair again to reconnect)."""
+    if not is_remote_peer_id(peer):
+        raise CliError(f"invalid peer id {peer!r}")
+    ks = KeyStore(ctx.home)
+    if not ks.forget(peer):
+        raise CliError(f"unknown peer '{peer}'")
+    call_service(ctx, C.Forgotten, peer=peer)
+    if ctx.json:
+        ctx.emit_json({"peer": peer, "forgotten": True})
+    else:
+        ctx.out(f"Forgot peer {peer}.")
+
+
+@relay.command()
+@json_flag
+@pass_ctx
+def identity(ctx: CliContext) -> None:
+    """Show this instance's relay identity."""
+    ident = KeyStore(ctx.home).ensure_identity()
+    if ctx.json:
+        ctx.out(json.dumps({"identity": ident}))
+    else:
+        ctx.out(ident)
+

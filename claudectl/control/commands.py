@@ -1,0 +1,94 @@
+# -*- test-case-name: tests.test_control -*-
+"""
+AMP commands of the relay core's control channel (``claudectl relay …`` ↔
+the running service).  Structured results travel as JSON text in a
+``Unicode`` value; each value stays far below AMP's 65,535-byte limit (the
+peer list is bounded by ``max_peers`` plus the paired peers).
+
+Layers define their own commands next to their code (for example
+:mod:`claudectl.delegation.commands`) and register a locator on the node.
+"""
+
+from __future__ import annotations
+
+from twisted.protocols import amp
+
+
+class NotPairedError(Exception):
+    pass
+
+
+class LinkFailed(Exception):
+    pass
+
+
+class NoSuchPeer(Exception):
+    pass
+
+
+class BadRequest(Exception):
+    pass
+
+
+ERRORS: dict[type[Exception], bytes] = {
+    NotPairedError: b"NOT_PAIRED",
+    LinkFailed: b"LINK_FAILED",
+    NoSuchPeer: b"NO_SUCH_PEER",
+    BadRequest: b"BAD_REQUEST",
+}
+
+
+class Status(amp.Command):
+    """The node: identity, listening addresses, uptime, counters (JSON)."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [(b"status_json", amp.Unicode())]
+    errors = ERRORS
+
+
+class Peers(amp.Command):
+    """Every known peer with its live state (JSON array)."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [(b"peers_json", amp.Unicode())]
+    errors = ERRORS
+
+
+class Connect(amp.Command):
+    """Authenticate to ``address`` and keep the link up (a dialer)."""
+
+    arguments = [(b"address", amp.Unicode()), (b"peer", amp.Unicode(optional=True))]
+    response = [(b"peer", amp.Unicode()), (b"mode", amp.Unicode()),
+                (b"already", amp.Boolean())]
+    errors = ERRORS
+
+
+class Join(amp.Command):
+    """
+    First contact with an inviter: ``kind`` is ``key`` (invite link or pair
+    code: ``secret_hex`` is the PSK) or ``pake`` (relay code or word phrase:
+    ``secret_hex`` is the one-time password).  On success the key and the
+    address are stored and the link is kept up.
+    """
+
+    arguments = [(b"address", amp.Unicode()), (b"kind", amp.Unicode()),
+                 (b"secret_hex", amp.Unicode()),
+                 (b"expected_peer", amp.Unicode(optional=True))]
+    response = [(b"peer", amp.Unicode()), (b"mode", amp.Unicode())]
+    errors = ERRORS
+
+
+class Disconnect(amp.Command):
+    """Drop the link to a peer and stop redialing it (the pairing stays)."""
+
+    arguments = [(b"peer", amp.Unicode())]
+    response = [(b"was_connected", amp.Boolean())]
+    errors = ERRORS
+
+
+class Forgotten(amp.Command):
+    """The CLI removed a peer's key: drop its link and dialer."""
+
+    arguments = [(b"peer", amp.Unicode())]
+    response: list[tuple[bytes, amp.Argument]] = []
+    errors = ERRORS

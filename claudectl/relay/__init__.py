@@ -1,0 +1,1 @@
+"""The relay: TCP + PSK auth + NDJSON + heartbeats."""

@@ -1,0 +1,390 @@
+# -*- test-case-name: tests.test_handshake -*-
+"""
+The challenge / handshake / handshake_ack exchange (wire.md 3), sans I/O.
+
+claudectl 0.64 authenticates one way only: the connector proves it holds the
+PSK by answering the listener's nonce with ``hex(HMAC-SHA256(psk, nonce))``
+(defect W1).  Peers of this project add, in payload fields claudectl
+ignores, the reverse proof:
+
+* the listener's ``challenge`` advertises ``"caps": ["mutual-v1", "pake-v1"]``;
+* the connector's ``handshake`` carries ``"cnonce"``: 64 hex characters of
+  its own;
+* the listener's ``handshake_ack`` ``ok`` then carries ``"sproof"`` =
+  ``hex(HMAC-SHA256(psk, "claudectl-listener-proof|" + cnonce + "|" + nonce))``.
+
+A connector that sent a ``cnonce`` and gets an ``ok`` without a valid
+``sproof`` is talking to a claudectl 0.64 listener (one-way mode) -- unless
+that peer has spoken the mutual mode before, in which case the answer is a
+downgrade and is refused.  The listener likewise refuses a one-way handshake
+from a peer it has seen in mutual mode.  ``caps`` leaves room for transport
+encryption later (a new cap, chosen when both sides list it).
+
+Short invite codes (relay code, word phrase) carry a one-time password for a
+PAKE instead of a key: the connector's first ``handshake`` then holds
+``"pake": {"msg": hex}``, the listener answers ``handshake_ack`` with status
+``"pake"`` and one SPAKE2 message per open code invite, and the connector's
+second ``handshake`` holds ``"pake": {"confirm": [hex, …]}``.  On success
+both sides hold a fresh 32-byte PSK and the ack ``ok`` carries ``sproof``
+under it.  See :mod:`claudectl.pairing.pake`.
+
+Both machines are plain objects: they take envelopes and return the
+envelopes to send plus an outcome.  Nonces come from an injected random
+source; proofs are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from claudectl import COMPAT_VERSION
+from claudectl.relay import codec
+from claudectl.relay.codec import Envelope, EnvelopeFactory
+from claudectl.relay.crypto import RandomBytes, new_nonce, proof, verify_proof
+from claudectl.relay.keystore import is_remote_peer_id
+
+CAP_MUTUAL = "mutual-v1"
+CAP_PAKE = "pake-v1"
+OUR_CAPS = (CAP_MUTUAL, CAP_PAKE)
+
+MUTUAL = "mutual"
+ONEWAY = "oneway"
+
+_LISTENER_LABEL = "claudectl-listener-proof|"
+
+
+def listener_proof(psk: bytes, cnonce: str, nonce: str) -> str:
+    msg = f"{_LISTENER_LABEL}{cnonce}|{nonce}".encode("utf-8")
+    return hmac.new(psk, msg, hashlib.sha256).hexdigest()
+
+
+def _is_nonce(value: object) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
+
+
+class HandshakeFailed(Exception):
+    """The handshake did not authenticate; ``str()`` says why (no secrets)."""
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    peer_id: str
+    psk: bytes
+    mode: str  # MUTUAL or ONEWAY
+    #: How the key was found: "stored", "pending", "invite:<id>", "pake".
+    via: str = "stored"
+
+
+@dataclass
+class Step:
+    """What a handshake machine wants done after an input."""
+
+    send: list[Envelope] = field(default_factory=list)
+    done: Authenticated | None = None
+    failed: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done is not None or self.failed is not None
+
+
+# --- listener ----------------------------------------------------------------------
+
+
+class KeyLookup(Protocol):
+    """What the listener needs to know about keys (see ``node.ListenerKeys``)."""
+
+    def stored_key(self, peer_id: str) -> bytes | None: ...
+
+    def pending_candidates(self) -> Sequence[tuple[str, bytes]]:
+        """``(label, psk)`` of unclaimed keys: ``_pending.key``, open invites."""
+
+    def claim(self, peer_id: str, label: str, psk: bytes) -> bool:
+        """Store ``psk`` as ``peer_id``'s key and consume the pending slot."""
+
+    def store_new_key(self, peer_id: str, psk: bytes) -> bool:
+        """Store a key that a PAKE produced."""
+
+    def is_mutual(self, peer_id: str) -> bool: ...
+
+
+class PakeResponse(Protocol):
+    messages: list[bytes]
+
+    def finish(self, confirms: list[bytes]) -> bytes | None: ...
+
+
+class PakeResponderLike(Protocol):
+    def respond(self, joiner_id: str, joiner_msg: bytes) -> PakeResponse | None: ...
+
+
+class ListenerState(Enum):
+    AWAIT_HANDSHAKE = "await_handshake"
+    AWAIT_PAKE_CONFIRM = "await_pake_confirm"
+    DONE = "done"
+
+
+class ListenerHandshake:
+    """The accepting side: challenge, verify, ack."""
+
+    def __init__(self, envelopes: EnvelopeFactory, keys: KeyLookup,
+                 random: RandomBytes = os.urandom,
+                 pake: PakeResponderLike | None = None) -> None:
+        self._env = envelopes
+        self._keys = keys
+        self._random = random
+        self._pake = pake
+        self.state = ListenerState.AWAIT_HANDSHAKE
+        self.nonce = new_nonce(random)
+        self._pake_response: PakeResponse | None = None
+        self._pake_peer: str | None = None
+        #: The id the connector claimed (for logs and rate limiting), if any.
+        self.claimed_id: str | None = None
+
+    def start(self) -> list[Envelope]:
+        challenge = self._env.make(codec.CHALLENGE,
+                                   {"nonce": self.nonce, "caps": list(OUR_CAPS)},
+                                   from_peer="")
+        return [challenge]
+
+    def _ack(self, status: str, **extra: Any) -> Envelope:
+        return self._env.make(codec.HANDSHAKE_ACK, {"status": status, **extra})
+
+    def _deny(self, reason: str) -> Step:
+        self.state = ListenerState.DONE
+        return Step(send=[self._ack("denied")], failed=reason)
+
+    def receive(self, env: Envelope) -> Step:
+        if self.state is ListenerState.DONE:
+            return Step(failed="handshake already finished")
+        if env.msg_type != codec.HANDSHAKE:
+            return self._deny(f"expected handshake, got {env.msg_type}")
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        peer = env.from_peer
+        self.claimed_id = peer if isinstance(peer, str) else None
+        if not is_remote_peer_id(peer):
+            return self._deny("invalid peer id")
+        if self.state is ListenerState.AWAIT_PAKE_CONFIRM:
+            return self._pake_confirm(peer, payload)
+        if isinstance(payload.get("pake"), dict):
+            return self._pake_start(peer, payload)
+        return self._key_handshake(peer, payload)
+
+    def _key_handshake(self, peer: str, payload: dict[str, Any]) -> Step:
+        candidate = payload.get("proof")
+        if not isinstance(candidate, str):
+            return self._deny("proof missing")
+        stored = self._keys.stored_key(peer)
+        match: tuple[str, bytes] | None = None
+        if stored is not None:
+            if verify_proof(stored, self.nonce, candidate):
+                match = ("stored", stored)
+        else:
+            for label, psk in self._keys.pending_candidates():
+                if verify_proof(psk, self.nonce, candidate):
+                    match = (label, psk)
+                    break
+        if match is None:
+            return self._deny("wrong proof" if stored is not None else "no key for this peer")
+        label, psk = match
+        cnonce = payload.get("cnonce")
+        mutual = _is_nonce(cnonce)
+        if not mutual and self._keys.is_mutual(peer):
+            return self._deny("downgrade to one-way authentication refused")
+        if label != "stored" and not self._keys.claim(peer, label, psk):
+            return self._deny("pending key already claimed")
+        return self._accept(peer, psk, MUTUAL if mutual else ONEWAY, label,
+                            cnonce if mutual else None)
+
+    def _accept(self, peer: str, psk: bytes, mode: str, via: str,
+                cnonce: str | None) -> Step:
+        self.state = ListenerState.DONE
+        extra: dict[str, Any] = {}
+        if cnonce is not None:
+            extra = {"sproof": listener_proof(psk, cnonce, self.nonce), "caps": list(OUR_CAPS)}
+        return Step(send=[self._ack("ok", **extra)],
+                    done=Authenticated(peer, psk, mode, via))
+
+    def _pake_start(self, peer: str, payload: dict[str, Any]) -> Step:
+        if self._pake is None:
+            return self._deny("short-code pairing is not available")
+        if self._keys.stored_key(peer) is not None:
+            return self._deny("peer id already paired (run `claudectl relay forget` first)")
+        msg = payload["pake"].get("msg")
+        try:
+            raw = bytes.fromhex(msg) if isinstance(msg, str) else None
+        except ValueError:
+            raw = None
+        if not raw or len(raw) > 1024:
+            return self._deny("malformed pake message")
+        response = self._pake.respond(peer, raw)
+        if response is None:
+            return self._deny("no open invite for a short code")
+        self._pake_response = response
+        self._pake_peer = peer
+        self.state = ListenerState.AWAIT_PAKE_CONFIRM
+        return Step(send=[self._ack("pake", pake={"msgs": [m.hex() for m in response.messages]})])
+
+    def _pake_confirm(self, peer: str, payload: dict[str, Any]) -> Step:
+        assert self._pake_response is not None
+        if peer != self._pake_peer:
+            return self._deny("peer id changed during pairing")
+        pake = payload.get("pake")
+        confirms_raw = pake.get("confirm") if isinstance(pake, dict) else None
+        confirms: list[bytes] = []
+        if isinstance(confirms_raw, list):
+            for c in confirms_raw[:64]:
+                try:
+                    confirms.append(bytes.fromhex(c) if isinstance(c, str) else b"")
+                except ValueError:
+                    confirms.append(b"")
+        psk = self._pake_response.finish(confirms)
+        if psk is None:
+            return self._deny("wrong code")
+        if not self._keys.store_new_key(peer, psk):
+            return self._deny("could not store the new key")
+        cnonce = payload.get("cnonce")
+        if not _is_nonce(cnonce):
+            return self._deny("pake handshake without cnonce")
+        return self._accept(peer, psk, MUTUAL, "pake", cnonce)
+
+
+# --- connector -------------------------------------------------------------------
+
+
+@dataclass
+class KeyAuth:
+    """Authenticate with a known PSK."""
+
+    psk: bytes
+    #: The id we expect the listener to have; None = take the ack's id (first
+    #: contact via invite link or pair code).
+    expected_peer: str | None = None
+
+
+class PakeInitiatorLike(Protocol):
+    def start(self) -> bytes: ...
+
+    def confirmations(self, listener_messages: list[bytes]) -> list[bytes]: ...
+
+    def candidate_psks(self) -> list[bytes]: ...
+
+
+@dataclass
+class PakeAuth:
+    initiator: PakeInitiatorLike
+
+
+class ConnectorState(Enum):
+    AWAIT_CHALLENGE = "await_challenge"
+    AWAIT_ACK = "await_ack"
+    DONE = "done"
+
+
+class ConnectorHandshake:
+    """The connecting side: answer the challenge, check the ack."""
+
+    def __init__(self, envelopes: EnvelopeFactory, auth: KeyAuth | PakeAuth,
+                 is_mutual: Callable[[str], bool] = lambda _peer: False,
+                 random: RandomBytes = os.urandom,
+                 version: str = COMPAT_VERSION) -> None:
+        self._env = envelopes
+        self._auth = auth
+        self._is_mutual = is_mutual
+        self._version = version
+        self.cnonce = new_nonce(random)
+        self.nonce: str | None = None
+        self.state = ConnectorState.AWAIT_CHALLENGE
+        self._pake_round = 0
+        self.remote_caps: list[str] = []
+
+    def _fail(self, reason: str) -> Step:
+        self.state = ConnectorState.DONE
+        return Step(failed=reason)
+
+    def receive(self, env: Envelope) -> Step:
+        if self.state is ConnectorState.AWAIT_CHALLENGE:
+            return self._on_challenge(env)
+        if self.state is ConnectorState.AWAIT_ACK:
+            return self._on_ack(env)
+        return Step(failed="handshake already finished")
+
+    def _on_challenge(self, env: Envelope) -> Step:
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        nonce = payload.get("nonce")
+        if not isinstance(nonce, str):
+            return self._fail("challenge missing nonce")
+        self.nonce = nonce
+        caps = payload.get("caps")
+        self.remote_caps = [c for c in caps if isinstance(c, str)] if isinstance(caps, list) else []
+        body: dict[str, Any] = {"version": self._version, "cnonce": self.cnonce,
+                                "caps": list(OUR_CAPS)}
+        if isinstance(self._auth, KeyAuth):
+            body["proof"] = proof(self._auth.psk, nonce)
+        else:
+            if CAP_PAKE not in self.remote_caps:
+                return self._fail("the listener does not support short codes "
+                                  "(a claudectl 0.64 listener?); use the invite link")
+            body["pake"] = {"msg": self._auth.initiator.start().hex()}
+        self.state = ConnectorState.AWAIT_ACK
+        return Step(send=[self._env.make(codec.HANDSHAKE, body)])
+
+    def _on_ack(self, env: Envelope) -> Step:
+        if env.msg_type != codec.HANDSHAKE_ACK:
+            return self._fail(f"expected handshake_ack, got {env.msg_type}")
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        status = payload.get("status")
+        if status == "pake" and isinstance(self._auth, PakeAuth) and self._pake_round == 0:
+            return self._on_pake_messages(payload)
+        if status != "ok":
+            return self._fail(f"handshake denied: {status if isinstance(status, str) else 'unknown'}")
+        remote = env.from_peer
+        if not is_remote_peer_id(remote):
+            return self._fail(f"listener sent an invalid identity {remote!r}")
+        if isinstance(self._auth, KeyAuth) and self._auth.expected_peer not in (None, remote):
+            return self._fail(f"remote identity mismatch: expected {self._auth.expected_peer}, "
+                              f"got {remote}")
+        assert self.nonce is not None
+        sproof = payload.get("sproof")
+        candidates = ([self._auth.psk] if isinstance(self._auth, KeyAuth)
+                      else self._auth.initiator.candidate_psks())
+        if isinstance(sproof, str):
+            for psk in candidates:
+                if hmac.compare_digest(listener_proof(psk, self.cnonce, self.nonce).encode(),
+                                       sproof.encode("utf-8", "replace")):
+                    self.state = ConnectorState.DONE
+                    via = "pake" if isinstance(self._auth, PakeAuth) else "stored"
+                    return Step(done=Authenticated(remote, psk, MUTUAL, via))
+            return self._fail("the listener could not prove it holds the key")
+        if isinstance(self._auth, PakeAuth):
+            return self._fail("the listener did not confirm the pairing")
+        if self._is_mutual(remote):
+            return self._fail(f"downgrade refused: {remote} has authenticated mutually before")
+        self.state = ConnectorState.DONE
+        return Step(done=Authenticated(remote, self._auth.psk, ONEWAY, "stored"))
+
+    def _on_pake_messages(self, payload: dict[str, Any]) -> Step:
+        assert isinstance(self._auth, PakeAuth)
+        self._pake_round = 1
+        pake = payload.get("pake")
+        msgs_raw = pake.get("msgs") if isinstance(pake, dict) else None
+        if not isinstance(msgs_raw, list) or not msgs_raw or len(msgs_raw) > 64:
+            return self._fail("malformed pake reply")
+        try:
+            msgs = [bytes.fromhex(m) for m in msgs_raw]
+        except (TypeError, ValueError):
+            return self._fail("malformed pake reply")
+        try:
+            confirms = self._auth.initiator.confirmations(msgs)
+        except Exception as e:  # a hostile reply must not crash us
+            return self._fail(f"pake failed: {e}")
+        body = {"version": self._version, "cnonce": self.cnonce, "caps": list(OUR_CAPS),
+                "pake": {"confirm": [c.hex() for c in confirms]}}
+        return Step(send=[self._env.make(codec.HANDSHAKE, body)])

@@ -1,0 +1,221 @@
+# -*- test-case-name: tests.test_mesh -*-
+"""
+The registry of authenticated links and the dispatcher of their frames.
+
+One link per peer id.  A newer authenticated link from the same peer
+replaces the old one cleanly (defect W10): the old socket is closed, the
+peer's state (dedup window, counters) is kept.  ``max_peers`` is checked
+again here, after authentication (defect W11).
+
+:class:`Mesh` provides :class:`~claudectl.relay.interfaces.IMesh` to the
+layers above (hive gossip, delegation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from claudectl.relay.codec import Envelope, EnvelopeFactory
+from claudectl.relay.handshake import MUTUAL, Authenticated
+from claudectl.relay.interfaces import IMesh, LinkObserver, MessageHandler
+from claudectl.relay.session import Dedup, LinkCounters
+
+if TYPE_CHECKING:
+    from claudectl.relay.protocol import RelayProtocol
+
+log = Logger()
+
+CONNECTED = "connected"
+CONNECTING = "connecting"
+DISCONNECTED = "disconnected"
+
+
+@dataclass
+class PeerState:
+    """What we know of a peer across its links (for this service's life)."""
+
+    peer_id: str
+    dedup: Dedup = field(default_factory=Dedup)
+    counters: LinkCounters = field(default_factory=LinkCounters)
+    mode: str | None = None
+    address: str | None = None
+    last_seen: float = 0.0  # epoch seconds of the last inbound frame
+    connected_since: float = 0.0
+    last_error: str | None = None
+    links_replaced: int = 0
+
+
+@dataclass
+class PeerLink:
+    protocol: "RelayProtocol"
+    state: PeerState
+    direction: str  # "inbound" / "outbound"
+
+    @property
+    def peer_id(self) -> str:
+        return self.state.peer_id
+
+    @property
+    def counters(self) -> LinkCounters:
+        return self.state.counters
+
+
+@implementer(IMesh)
+class Mesh:
+    def __init__(self, envelopes: EnvelopeFactory, max_peers: int,
+                 now: Callable[[], float],
+                 on_authenticated: Callable[[PeerLink, Authenticated], None] | None = None) -> None:
+        self._env = envelopes
+        self.max_peers = max_peers
+        self._now = now
+        self._on_authenticated = on_authenticated
+        self.states: dict[str, PeerState] = {}
+        self.links: dict[str, PeerLink] = {}
+        self._handlers: dict[str, list[MessageHandler]] = {}
+        self._up: list[LinkObserver] = []
+        self._down: list[LinkObserver] = []
+        #: Peers a dialer is trying to reach (set by the node).
+        self.dialing: set[str] = set()
+
+    @property
+    def identity(self) -> str:
+        return self._env.identity
+
+    # --- IMesh --------------------------------------------------------------------
+    def send(self, peer_id: str, msg_type: str, payload: Any) -> bool:
+        link = self.links.get(peer_id)
+        if link is None:
+            return False
+        link.protocol.send(self._env.make(msg_type, payload))
+        return True
+
+    def send_envelope(self, peer_id: str, env: Envelope) -> bool:
+        link = self.links.get(peer_id)
+        if link is None:
+            return False
+        link.protocol.send(env)
+        return True
+
+    def connected_peers(self) -> list[str]:
+        return sorted(self.links)
+
+    def add_handler(self, msg_type: str, handler: MessageHandler) -> None:
+        self._handlers.setdefault(msg_type, []).append(handler)
+
+    def add_link_observer(self, on_up: LinkObserver | None, on_down: LinkObserver | None) -> None:
+        if on_up is not None:
+            self._up.append(on_up)
+        if on_down is not None:
+            self._down.append(on_down)
+
+    def peer_mode(self, peer_id: str) -> str | None:
+        link = self.links.get(peer_id)
+        return link.state.mode if link is not None else None
+
+    # --- for the protocol -----------------------------------------------------------
+    def connected_count(self) -> int:
+        return len(self.links)
+
+    def is_connected(self, peer_id: str) -> bool:
+        return peer_id in self.links
+
+    def state(self, peer_id: str) -> PeerState:
+        st = self.states.get(peer_id)
+        if st is None:
+            st = self.states[peer_id] = PeerState(peer_id)
+        return st
+
+    def link_up(self, protocol: "RelayProtocol", result: Authenticated) -> PeerLink | None:
+        """Register a freshly authenticated link; None if it must be refused."""
+        from claudectl.relay.protocol import CONNECTOR
+
+        peer = result.peer_id
+        if peer == self.identity:
+            log.warn("refusing a link to ourselves ({peer_id})", peer_id=peer)
+            return None
+        existing = self.links.get(peer)
+        if existing is None and len(self.links) >= self.max_peers:
+            log.warn("refusing {peer_id}: max_peers ({max}) reached", peer_id=peer,
+                     max=self.max_peers)
+            return None
+        st = self.state(peer)
+        if existing is not None:
+            st.links_replaced += 1
+            del self.links[peer]
+            log.info("{peer_id}: a newer link replaces the old one", peer_id=peer)
+            existing.protocol.close("replaced by a newer link")
+        direction = "outbound" if protocol.role == CONNECTOR else "inbound"
+        link = PeerLink(protocol, st, direction)
+        now = self._now()
+        st.mode = result.mode
+        st.last_seen = now
+        st.connected_since = now
+        st.last_error = None
+        host = getattr(protocol.transport.getPeer(), "host", None) if protocol.transport else None
+        port = getattr(protocol.transport.getPeer(), "port", None) if protocol.transport else None
+        if host is not None and direction == "inbound":
+            st.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.links[peer] = link
+        log.info("{peer_id} authenticated ({direction}, {mode})", peer_id=peer,
+                 direction=direction, mode=result.mode)
+        if self._on_authenticated is not None:
+            self._on_authenticated(link, result)
+        return link
+
+    def link_ready(self, link: PeerLink) -> None:
+        for cb in list(self._up):
+            try:
+                cb(link.peer_id)
+            except Exception:
+                log.failure("link-up observer failed for {peer_id}", peer_id=link.peer_id)
+
+    def link_lost(self, link: PeerLink, reason: str) -> None:
+        st = link.state
+        st.last_error = reason
+        if self.links.get(link.peer_id) is not link:
+            return  # replaced: the peer is still connected
+        del self.links[link.peer_id]
+        log.info("{peer_id} disconnected: {reason}", peer_id=link.peer_id, reason=reason)
+        for cb in list(self._down):
+            try:
+                cb(link.peer_id)
+            except Exception:
+                log.failure("link-down observer failed for {peer_id}", peer_id=link.peer_id)
+
+    def deliver(self, link: PeerLink, env: Envelope) -> None:
+        link.state.last_seen = self._now()
+        handlers = self._handlers.get(env.msg_type)
+        if not handlers:
+            link.counters.ignored += 1
+            log.debug("{msg_type} from {peer_id} (no handler)", msg_type=env.msg_type,
+                      peer_id=link.peer_id)
+            return
+        for h in handlers:
+            try:
+                h(link.peer_id, env)
+            except Exception:
+                log.failure("handler for {msg_type} from {peer_id} failed",
+                            msg_type=env.msg_type, peer_id=link.peer_id)
+
+    def disconnect(self, peer_id: str, reason: str = "disconnected by the user") -> bool:
+        link = self.links.get(peer_id)
+        if link is None:
+            return False
+        link.protocol.close(reason)
+        return True
+
+    def peer_status(self, peer_id: str) -> str:
+        if peer_id in self.links:
+            return CONNECTED
+        if peer_id in self.dialing:
+            return CONNECTING
+        return DISCONNECTED
+
+    def is_mutual(self, peer_id: str) -> bool:
+        st = self.states.get(peer_id)
+        return st is not None and st.mode == MUTUAL

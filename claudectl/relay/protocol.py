@@ -1,0 +1,292 @@
+# -*- test-case-name: tests.test_protocol -*-
+"""
+The thin Twisted protocol of a relay link: NDJSON lines in, envelopes to the
+handshake machine and then to the mesh; envelopes out as lines.
+
+Everything that decides lives elsewhere: :mod:`~claudectl.relay.handshake`
+(authentication), :mod:`~claudectl.relay.session` (bad input, dedup,
+liveness), :mod:`~claudectl.relay.admission` (limits) and
+:mod:`~claudectl.relay.mesh` (who is connected, dispatch).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from claudectl.relay import codec
+from claudectl.relay.codec import Envelope, ProtocolError
+from claudectl.relay.handshake import (
+    ONEWAY,
+    Authenticated,
+    ConnectorHandshake,
+    HandshakeFailed,
+    KeyAuth,
+    ListenerHandshake,
+    PakeAuth,
+    Step,
+)
+from claudectl.relay.session import Disconnect, FrameFilter, Liveness
+
+if TYPE_CHECKING:
+    from claudectl.relay.mesh import PeerLink
+    from claudectl.relay.node import RelayNode
+
+LISTENER = "listener"
+CONNECTOR = "connector"
+
+#: Toward a claudectl 0.64 connector, nothing may follow ``handshake_ack``
+#: for about a second: its reader drops bytes that arrive with the ack
+#: (wire.md 3.6).
+ONEWAY_QUIET_SECS = 1.0
+
+
+def peer_ip(transport: Any) -> str:
+    try:
+        peer = transport.getPeer()
+    except Exception:
+        return "?"
+    return getattr(peer, "host", None) or "unix"
+
+
+class RelayProtocol(LineReceiver):
+    delimiter = b"\n"
+    #: 1 MiB excluding the ``\n`` (a trailing ``\r`` counts).
+    MAX_LENGTH = codec.MAX_LINE_BYTES
+
+    _log = Logger()
+
+    def __init__(self, node: "RelayNode", role: str,
+                 auth: KeyAuth | PakeAuth | None = None) -> None:
+        self.node = node
+        self.role = role
+        self.auth = auth
+        self.peer_id: str | None = None
+        self.result: Authenticated | None = None
+        #: Fires with this protocol once authenticated; errbacks with
+        #: :class:`HandshakeFailed` (or ConnectionLost) otherwise.
+        self.authenticated: defer.Deferred[RelayProtocol] = defer.Deferred()
+        self._listener: ListenerHandshake | None = None
+        self._connector: ConnectorHandshake | None = None
+        self._admitted = False
+        self._timeout: IDelayedCall | None = None
+        self._heartbeat: LoopingCall | None = None
+        self._liveness: Liveness | None = None
+        self._dead_check: IDelayedCall | None = None
+        self._filter: FrameFilter | None = None
+        self._discarding = False
+        self._closing_reason: str | None = None
+        self._quiet_until = 0.0
+        self._queued: list[bytes] = []
+        self.link: "PeerLink | None" = None
+        self.ip = "?"
+
+    # --- connection lifecycle -------------------------------------------------
+    def connectionMade(self) -> None:
+        self.ip = peer_ip(self.transport)
+        clock = self.node.clock
+        if self.role == LISTENER:
+            reason = self.node.admission.check_accept(self.ip, self.node.mesh.connected_count())
+            if reason is not None:
+                self._log.info("dropped connection from {ip}: {reason}", ip=self.ip, reason=reason)
+                self.transport.abortConnection()
+                return
+            self.node.admission.handshake_started()
+            self._admitted = True
+            self._listener = self.node.listener_handshake()
+            self._send_all(self._listener.start())
+        else:
+            assert self.auth is not None
+            self._connector = self.node.connector_handshake(self.auth)
+        self._timeout = clock.callLater(self.node.config.relay.handshake_timeout_secs,
+                                        self._handshake_timed_out)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
+        for call in (self._timeout, self._dead_check):
+            if call is not None and call.active():
+                call.cancel()
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        if self._admitted:
+            self._admitted = False
+            self.node.admission.handshake_ended()
+        if self.result is None:
+            if not self.authenticated.called:
+                self.authenticated.errback(HandshakeFailed(
+                    self._closing_reason or "connection closed during the handshake"))
+        elif self.link is not None:
+            self.node.mesh.link_lost(self.link, self._closing_reason or "connection closed")
+
+    def close(self, reason: str) -> None:
+        """Close the link, remembering why (for logs and ``relay peers``)."""
+        if self._closing_reason is None:
+            self._closing_reason = reason
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # --- output -----------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        if self._queued or self.node.clock.seconds() < self._quiet_until:
+            self._queued.append(data)
+            return
+        self.transport.write(data)
+        if self.link is not None:
+            self.link.counters.frames_out += 1
+            self.link.counters.bytes_out += len(data)
+
+    def _flush_queue(self) -> None:
+        queued, self._queued = self._queued, []
+        for data in queued:
+            self._write(data)
+
+    def _send_all(self, envs: list[Envelope]) -> None:
+        for env in envs:
+            self.transport.write(codec.encode(env))
+
+    def send(self, env: Envelope) -> None:
+        self._write(codec.encode(env))
+
+    # --- input ------------------------------------------------------------------
+    def lineReceived(self, line: bytes) -> None:
+        if self._discarding:
+            # The tail of an over-long line.
+            self._discarding = False
+            return
+        if self.result is None:
+            self._handshake_line(line)
+        else:
+            self._session_line(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self.result is None:
+            self._fail_handshake("line too long")
+            return
+        nl = line.find(self.delimiter)
+        if nl < 0:
+            # The rest of this line is still to come: skip it.
+            self._discarding = True
+        else:
+            # LineReceiver hands us the long line plus whatever followed it;
+            # keep the frames that followed (never lose pipelined bytes).
+            self._buffer = line[nl + 1:] + self._buffer
+            self.node.clock.callLater(0, self.dataReceived, b"")
+        self._bad("line too long")
+
+    def _bad(self, reason: str) -> None:
+        assert self._filter is not None
+        try:
+            self._filter.bad(reason)
+        except Disconnect as e:
+            self._log.warn("disconnecting {peer_id}: {reason}", peer_id=self.peer_id, reason=str(e))
+            self.close(str(e))
+
+    def _handshake_line(self, line: bytes) -> None:
+        if not line.strip():
+            if self.role == LISTENER:
+                self._fail_handshake("empty line before the handshake")
+            return
+        try:
+            env = codec.decode(line)
+        except ProtocolError as e:
+            self._fail_handshake(f"bad handshake frame: {e}")
+            return
+        machine = self._listener or self._connector
+        assert machine is not None
+        step = machine.receive(env)
+        self._apply_step(step)
+
+    def _apply_step(self, step: Step) -> None:
+        self._send_all(step.send)
+        if step.failed is not None:
+            self._fail_handshake(step.failed)
+        elif step.done is not None:
+            self._handshake_succeeded(step.done)
+
+    def _fail_handshake(self, reason: str) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._log.info("handshake with {ip} failed: {reason}", ip=self.ip, reason=reason)
+        if self.role == LISTENER:
+            self.node.admission.failure(self.ip)
+        self.close(reason)
+
+    def _handshake_timed_out(self) -> None:
+        self._fail_handshake("handshake timed out")
+
+    def _handshake_succeeded(self, result: Authenticated) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        if self._admitted:
+            self._admitted = False
+            self.node.admission.handshake_ended()
+        if self.role == LISTENER:
+            self.node.admission.success(self.ip)
+        self.result = result
+        self.peer_id = result.peer_id
+        link = self.node.mesh.link_up(self, result)
+        if link is None:
+            self.result = None
+            self.close("refused by the mesh")
+            return
+        self.link = link
+        self._filter = FrameFilter(link.state.dedup, link.counters,
+                                   on_bad=lambda r: self._log.info(
+                                       "bad frame from {peer_id}: {reason}",
+                                       peer_id=self.peer_id, reason=r))
+        clock = self.node.clock
+        interval = self.node.config.relay.heartbeat_interval_secs
+        self._liveness = Liveness(clock.seconds, interval)
+        if self.role == LISTENER and result.mode == ONEWAY:
+            self._quiet_until = clock.seconds() + ONEWAY_QUIET_SECS
+            clock.callLater(ONEWAY_QUIET_SECS, self._flush_queue)
+        self._heartbeat = LoopingCall(self._send_heartbeat)
+        self._heartbeat.clock = clock
+        self._heartbeat.start(interval, now=False)
+        self._dead_check = clock.callLater(self._liveness.deadline + 0.001, self._check_alive)
+        self.authenticated.callback(self)
+        self.node.mesh.link_ready(link)
+
+    # --- session ----------------------------------------------------------------
+    def _session_line(self, line: bytes) -> None:
+        assert self._filter is not None and self._liveness is not None
+        frames_before = self._filter.counters.frames_in
+        try:
+            env = self._filter.feed(line)
+        except Disconnect as e:
+            self._log.warn("disconnecting {peer_id}: {reason}", peer_id=self.peer_id, reason=str(e))
+            self.close(str(e))
+            return
+        if self._filter.counters.frames_in != frames_before:
+            # Any valid frame proves the peer is alive, duplicates included;
+            # a bad line does not.
+            self._liveness.touch()
+        if env is None:
+            return
+        assert self.link is not None
+        self.node.mesh.deliver(self.link, env)
+
+    def _send_heartbeat(self) -> None:
+        self.send(self.node.envelopes.make(codec.HEARTBEAT, {}))
+
+    def _check_alive(self) -> None:
+        assert self._liveness is not None
+        remaining = self._liveness.remaining()
+        if remaining >= 0:
+            self._dead_check = self.node.clock.callLater(remaining + 0.001, self._check_alive)
+            return
+        self._log.warn("no traffic from {peer_id} for {secs:.0f} s: link is dead",
+                       peer_id=self.peer_id, secs=self._liveness.deadline)
+        self.close("heartbeat timeout")
+        if self.transport is not None:
+            # A dead peer may never answer our FIN.
+            self.node.clock.callLater(5, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self.transport is not None and self.connected:
+            self.transport.abortConnection()
