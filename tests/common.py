@@ -107,3 +107,113 @@ class FakeMesh:
                        peer_id if from_peer is None else from_peer, 0, payload)
         for h in self.handlers.get(msg_type, []):
             h(peer_id, env)
+
+
+def make_node(testcase: Any, identity: str, reactor: Any = None, home: Home | None = None,
+              **relay: Any) -> Any:
+    """A RelayNode in a fresh temporary home, on ``reactor`` (default: a MemoryReactorClock)."""
+    import dataclasses
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from claudectl.config import Config
+    from claudectl.relay.node import RelayNode
+
+    if reactor is None:
+        reactor = MemoryReactorClock()
+    config = Config()
+    relay.setdefault("lan_discovery", False)
+    config = dataclasses.replace(config, relay=dataclasses.replace(config.relay, **relay))
+    node = RelayNode(home or temp_home(testcase), config, reactor, identity=identity,
+                     jitter=lambda: 0.0)
+    return node
+
+
+def pair_nodes(a: Any, b: Any, psk: bytes = b"k" * 32) -> bytes:
+    """Store the same key on both sides, each under the other's identity."""
+    a.keystore.save_key(b.identity, psk)
+    b.keystore.save_key(a.identity, psk)
+    return psk
+
+
+class ServeProcess:
+    """``python -m claudectl relay serve`` (or ``twistd``) in a subprocess, in its own home."""
+
+    def __init__(self, home: Home, argv: list[str], env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import sys
+        import threading
+
+        self.home = home
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=env or subprocess_env(home), cwd=str(home.root),
+            text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def serve(cls, home: Home, *args: str) -> "ServeProcess":
+        return cls(home, ["-m", "claudectl", "--home", str(home.root), "relay", "serve",
+                          "--no-discovery", *args])
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for text in self.proc.stdout:
+            with self._cond:
+                self.lines.append(text.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def expect(self, needle: str, timeout: float = 20.0) -> str:
+        """Wait for a line containing ``needle`` (like tahoe's expect())."""
+        import re
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            seen = 0
+            while True:
+                for text in self.lines[seen:]:
+                    if re.search(needle, text):
+                        return text
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and seen == len(self.lines)):
+                    raise AssertionError(f"{needle!r} not seen; output:\n" + "\n".join(self.lines))
+                self._cond.wait(min(left, 0.2))
+
+    def port(self) -> int:
+        import re
+
+        line = self.expect(r"listening on ")
+        m = re.search(r"listening on .*:(\d+)\s*$", line)
+        assert m, line
+        return int(m.group(1))
+
+    def stop(self, sig: int = 15) -> int:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+def run_cli(home: Home, *args: str, timeout: float = 60, input: str | None = None,
+            env: dict[str, str] | None = None) -> Any:
+    """Run ``python -m claudectl --home HOME ARGS`` and return the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "claudectl", "--home", str(home.root), *args],
+                          capture_output=True, text=True, timeout=timeout, input=input,
+                          env=env or subprocess_env(home), cwd=str(home.root))

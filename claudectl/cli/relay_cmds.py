@@ -79,10 +79,6 @@ def serve(ctx: CliContext, port: int | None, listen: str | None, no_discovery: b
     This is `twistd -n claudectl-relay` with this home; for a daemon use
     twistd directly (see docs/running.md).
     """
-    from twisted.scripts import twistd
-
-    from claudectl.relay import tap
-
     args = ["--nodaemon", f"--logfile={logfile}"]
     ctx.home.ensure_private_dir(ctx.home.run_dir)
     args.append(f"--pidfile={ctx.home.run_dir / 'relay.pid'}")
@@ -95,7 +91,19 @@ def serve(ctx: CliContext, port: int | None, listen: str | None, no_discovery: b
         args += ["--listen", listen]
     if no_discovery:
         args.append("--no-discovery")
-    run_twistd(args, twistd.runApp)
+    run_twistd(args, _run_app)
+
+
+def _run_app(config: Any) -> None:
+    """
+    ``twistd.runApp`` without its last step: after a clean shutdown on
+    SIGTERM/SIGINT, twistd re-raises the signal to die by it; the foreground
+    command exits with status 0 instead.
+    """
+    from twisted.scripts import twistd
+
+    runner = twistd._SomeApplicationRunner(config)
+    runner.run()
 
 
 class _Plugin:

@@ -169,6 +169,11 @@ class _ControlService(StreamServerEndpointService):
     def privilegedStartService(self) -> None:
         ensure_socket_dir(self.path)
         super().privilegedStartService()
+        self._waitingForPort.addCallback(self._bound)
+
+    def _bound(self, port: Any) -> Any:
+        log.info("control socket at {path}", path=str(self.path))
+        return port
 
 
 def control_service(node: RelayNode) -> IService:

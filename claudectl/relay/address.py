@@ -40,7 +40,10 @@ def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]
         raise AddressError(f"invalid address {text!r}: expected host:port")
     if not host:
         raise AddressError(f"invalid address {text!r}: missing host")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    # isdigit() alone admits "²" and Arabic-Indic digits; int() of a very long
+    # string raises ValueError: only short ASCII decimals get that far.
+    if (not (port_text.isascii() and port_text.isdigit())
+            or len(port_text.lstrip("0")) > 5 or not 0 < int(port_text) < 65536):
         raise AddressError(f"invalid address {text!r}: port must be 1-65535")
     return host, int(port_text)
 

@@ -15,7 +15,9 @@ for anything else -- never another exception.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,7 +72,8 @@ def encode(env: Envelope) -> bytes:
     """The frame for ``env``, byte for byte as claudectl writes it."""
     if env.msg_type not in _MSG_TYPE_SET:
         raise ValueError(f"unknown msg_type {env.msg_type!r}")
-    if not (isinstance(env.timestamp, int) and 0 <= env.timestamp <= MAX_TIMESTAMP):
+    if (isinstance(env.timestamp, bool) or not isinstance(env.timestamp, int)
+            or not 0 <= env.timestamp <= MAX_TIMESTAMP):
         raise ValueError("timestamp must be an integer 0..2^64-1")
     text = "".join((
         '{"id":', _dumps(env.id),
@@ -96,6 +99,37 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"invalid JSON number {name}")
 
 
+def _finite_float(text: str) -> float:
+    # serde_json refuses numbers out of f64 range (1e400); so do we, or the
+    # value could not be encoded again (encode uses allow_nan=False).
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ProtocolError(f"number out of range: {text[:20]}")
+    return value
+
+
+#: A JSON \u escape of a UTF-16 surrogate (prefilter for _has_lone_surrogate).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """True if a string anywhere in ``value`` holds an unpaired surrogate."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
 def decode(line: bytes) -> Envelope:
     """
     Parse one frame (without or with its ``\\n``).  Raises
@@ -112,11 +146,16 @@ def decode(line: bytes) -> Envelope:
         raise ProtocolError("empty line")
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates,
-                         parse_constant=_reject_constant)
+                         parse_constant=_reject_constant, parse_float=_finite_float)
     except ProtocolError:
         raise
     except (ValueError, RecursionError) as e:
         raise ProtocolError(f"invalid JSON: {e}") from None
+    # serde_json refuses lone surrogate escapes ("\ud800"); Python keeps them
+    # in a str that cannot be encoded to UTF-8 again.  Only frames that
+    # contain such an escape pay for the walk.
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
+        raise ProtocolError("invalid JSON: lone surrogate in a string")
     if not isinstance(obj, dict):
         raise ProtocolError("frame is not a JSON object")
     for name in ("id", "msg_type", "from_peer", "timestamp", "payload"):

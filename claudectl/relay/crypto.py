@@ -93,8 +93,9 @@ def key_to_hex(psk: bytes) -> str:
 
 def key_from_hex(text: str) -> bytes | None:
     """A stored key (trimmed, any case) or ``None`` when it is not 32 bytes of hex."""
-    try:
-        raw = bytes.fromhex(text.strip())
-    except ValueError:
+    text = text.strip()
+    # bytes.fromhex would also skip spaces *inside* the text; claudectl's hex
+    # decoder does not, and treats such a file as "not paired".
+    if len(text) != 2 * PSK_BYTES or not all(c in "0123456789abcdefABCDEF" for c in text):
         return None
-    return raw if len(raw) == PSK_BYTES else None
+    return bytes.fromhex(text)

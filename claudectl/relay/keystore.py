@@ -30,12 +30,13 @@ from claudectl.home import Home
 from claudectl.relay.crypto import key_from_hex, key_to_hex
 
 PENDING = "_pending"
-_PEER_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+#: Used with fullmatch: ``$`` alone would also accept a trailing newline.
+_PEER_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def is_valid_peer_id(peer_id: object) -> bool:
     """1-128 ASCII letters, digits, ``-`` or ``_`` (``_pending`` passes here)."""
-    return isinstance(peer_id, str) and bool(_PEER_ID.match(peer_id))
+    return isinstance(peer_id, str) and bool(_PEER_ID.fullmatch(peer_id))
 
 
 def is_remote_peer_id(peer_id: object) -> bool:
@@ -149,6 +150,8 @@ class KeyStore:
 
     def forget(self, peer_id: str) -> bool:
         """Remove the key, meta and marker files; True if a key was removed."""
+        if not is_valid_peer_id(peer_id):
+            return False  # never build a path from "../x"
         removed = False
         for suffix in (".key", ".meta", ".mutual"):
             try:

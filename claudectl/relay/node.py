@@ -226,6 +226,8 @@ class RelayNode:
         self.invites = _load_invites(home, config)
         self.pake = _load_pake(self.invites, reactor)
         self.dialers: dict[str, Dialer] = {}
+        #: Every open relay connection (handshaking or authenticated).
+        self.protocols: set[RelayProtocol] = set()
         #: AMP ``CommandLocator``s of the layers (delegation, …) for the control socket.
         self.control_locators: list[Any] = []
         self._down_waiters: dict[str, list[Callable[[], None]]] = {}
@@ -288,7 +290,8 @@ class RelayNode:
         d.addCallback(lambda p: p.authenticated)
         return d
 
-    def choose_peer_for(self, address: str, peer_id: str | None = None) -> str:
+    def choose_peer_for(self, address: str, peer_id: str | None = None,
+                        allow_unaddressed: bool = True) -> str:
         """
         Which stored key to use toward ``address`` (defect W12: never try every
         key): the named peer; else the peer last seen at that address; else the
@@ -313,9 +316,9 @@ class RelayNode:
                     return peer
             except ValueError:
                 continue
-        if len(without_meta) == 1:
+        if len(without_meta) == 1 and allow_unaddressed:
             return without_meta[0]
-        if not without_meta:
+        if not without_meta or not allow_unaddressed:
             raise NotPaired(f"no paired peer is known at {address} — pair first "
                             "(`claudectl relay pair` / `relay accept`, or `relay join <invite>`)")
         raise NotPaired(f"several paired peers have no address yet ({', '.join(without_meta)}); "
@@ -341,6 +344,14 @@ class RelayNode:
             return defer.succeed(None)
         return defer.maybeDeferred(dialer.service.disownServiceParent)
 
+    def close_all(self, reason: str = "service stopping") -> defer.Deferred[Any]:
+        """Close every relay connection; fires when all are gone."""
+        waits = []
+        for proto in list(self.protocols):
+            waits.append(proto.when_closed())
+            proto.close(reason)
+        return defer.gatherResults(waits, consumeErrors=True)
+
     def auto_connect_targets(self) -> list[tuple[str, str]]:
         """``(peer, address)`` to dial at start: peers we dialed before + ``auto_connect``."""
         targets: dict[str, str] = {}
@@ -351,7 +362,8 @@ class RelayNode:
         for entry in self.config.relay.auto_connect:
             peer_hint, _, address = entry.rpartition("@")
             try:
-                peer = self.choose_peer_for(address, peer_hint or None)
+                peer = self.choose_peer_for(address, peer_hint or None,
+                                            allow_unaddressed=False)
             except (NotPaired, ValueError) as e:
                 log.warn("auto_connect {entry}: {error}", entry=entry, error=str(e))
                 continue

@@ -72,6 +72,10 @@ class RelayProtocol(LineReceiver):
         #: Fires with this protocol once authenticated; errbacks with
         #: :class:`HandshakeFailed` (or ConnectionLost) otherwise.
         self.authenticated: defer.Deferred[RelayProtocol] = defer.Deferred()
+        if role == LISTENER:
+            # Nobody waits on an accepted connection's handshake: failures
+            # are logged and counted, not "unhandled errors".
+            self.authenticated.addErrback(lambda _f: None)
         self._listener: ListenerHandshake | None = None
         self._connector: ConnectorHandshake | None = None
         self._admitted = False
@@ -86,10 +90,21 @@ class RelayProtocol(LineReceiver):
         self._queued: list[bytes] = []
         self.link: "PeerLink | None" = None
         self.ip = "?"
+        self._closed: list[defer.Deferred[None]] = []
+        self.is_closed = False
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """Fires once the connection is gone."""
+        if self.is_closed:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._closed.append(d)
+        return d
 
     # --- connection lifecycle -------------------------------------------------
     def connectionMade(self) -> None:
         self.ip = peer_ip(self.transport)
+        self.node.protocols.add(self)
         clock = self.node.clock
         if self.role == LISTENER:
             reason = self.node.admission.check_accept(self.ip, self.node.mesh.connected_count())
@@ -108,6 +123,8 @@ class RelayProtocol(LineReceiver):
                                         self._handshake_timed_out)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
+        self.is_closed = True
+        self.node.protocols.discard(self)
         for call in (self._timeout, self._dead_check):
             if call is not None and call.active():
                 call.cancel()
@@ -122,6 +139,9 @@ class RelayProtocol(LineReceiver):
                     self._closing_reason or "connection closed during the handshake"))
         elif self.link is not None:
             self.node.mesh.link_lost(self.link, self._closing_reason or "connection closed")
+        waiting, self._closed = self._closed, []
+        for d in waiting:
+            d.callback(None)
 
     def close(self, reason: str) -> None:
         """Close the link, remembering why (for logs and ``relay peers``)."""

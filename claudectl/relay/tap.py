@@ -25,6 +25,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -95,6 +96,13 @@ class RelayService(MultiService):
         for peer, address in self.node.auto_connect_targets():
             log.info("keeping a link to {peer_id} at {address}", peer_id=peer, address=address)
             self.node.ensure_dialer(peer, address, self)
+
+    def stopService(self) -> Any:
+        # Children first (listeners stop accepting, dialers stop redialing),
+        # then close the links that are still open.
+        d = defer.maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self.node.close_all())
+        return d
 
 
 class _ListeningService(StreamServerEndpointService):

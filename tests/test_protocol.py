@@ -1,0 +1,309 @@
+"""
+The relay link protocol driven byte by byte: StringTransport + Clock for the
+edge cases, iosim for two real protocol stacks talking to each other.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl.relay import codec
+from claudectl.relay.crypto import proof, psk_from_code
+from claudectl.relay.handshake import MUTUAL, ONEWAY, KeyAuth, listener_proof
+from claudectl.relay.node import RelayFactory
+from claudectl.relay.protocol import CONNECTOR, LISTENER, ONEWAY_QUIET_SECS, RelayProtocol
+from tests.common import make_node, pair_nodes, vector
+
+
+def frames(transport: StringTransport) -> list[dict[str, Any]]:
+    out = [json.loads(line) for line in transport.value().split(b"\n") if line]
+    transport.clear()
+    return out
+
+
+def line(msg_type: str, payload: Any, from_peer: str = "claude-rs-01",
+         msg_id: str = "msg_1_0") -> bytes:
+    return codec.encode(codec.Envelope(msg_id, msg_type, from_peer, 1, payload))
+
+
+class ListenerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.node = make_node(self, "desk-9f8e7d6c", self.reactor)
+        self.psk = psk_from_code("0123-4567-89ab-cdef")
+        self.node.keystore.save_key("claude-rs-01", self.psk)
+        self.received: list[tuple[str, codec.Envelope]] = []
+        self.node.mesh.add_handler(codec.KNOWLEDGE_REQUEST,
+                                   lambda peer, env: self.received.append((peer, env)))
+
+    def connect(self, ip: str = "127.0.0.1") -> tuple[RelayProtocol, StringTransport]:
+        proto = RelayFactory(self.node).buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", ip, 40000))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def authenticate_oneway(self, proto: RelayProtocol, transport: StringTransport,
+                            peer: str = "claude-rs-01", psk: bytes | None = None) -> dict:
+        challenge = frames(transport)[0]
+        nonce = challenge["payload"]["nonce"]
+        # Exactly what a claudectl 0.64 connector sends: no cnonce, no caps.
+        proto.dataReceived(line(codec.HANDSHAKE,
+                                {"proof": proof(psk or self.psk, nonce), "version": "0.64.0"},
+                                from_peer=peer))
+        return frames(transport)[0]
+
+    def test_challenge_on_connect(self) -> None:
+        _proto, transport = self.connect()
+        [challenge] = frames(transport)
+        self.assertEqual(challenge["msg_type"], "challenge")
+        self.assertEqual(challenge["from_peer"], "")
+        self.assertRegex(challenge["payload"]["nonce"], r"^[0-9a-f]{64}$")
+        self.assertIn("mutual-v1", challenge["payload"]["caps"])
+
+    def test_claudectl_connector_oneway(self) -> None:
+        proto, transport = self.connect()
+        ack = self.authenticate_oneway(proto, transport)
+        self.assertEqual(ack["msg_type"], "handshake_ack")
+        self.assertEqual(ack["payload"], {"status": "ok"})
+        self.assertEqual(ack["from_peer"], "desk-9f8e7d6c")
+        self.assertEqual(self.node.mesh.connected_peers(), ["claude-rs-01"])
+        self.assertEqual(self.node.mesh.peer_mode("claude-rs-01"), ONEWAY)
+
+    def test_wrong_proof_denied_and_closed(self) -> None:
+        proto, transport = self.connect()
+        ack = self.authenticate_oneway(proto, transport, psk=b"x" * 32)
+        self.assertEqual(ack["payload"], {"status": "denied"})
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.node.mesh.connected_peers(), [])
+
+    def test_pending_key_claimed_once(self) -> None:
+        pending = psk_from_code("a3f2-9b1c-d4e5-f678")
+        self.node.keystore.save_pending_key(pending)
+        proto, transport = self.connect()
+        ack = self.authenticate_oneway(proto, transport, peer="laptop-1", psk=pending)
+        self.assertEqual(ack["payload"]["status"], "ok")
+        self.assertEqual(self.node.keystore.key("laptop-1"), pending)
+        self.assertIsNone(self.node.keystore.pending_key())
+        proto2, transport2 = self.connect()
+        ack2 = self.authenticate_oneway(proto2, transport2, peer="laptop-2", psk=pending)
+        self.assertEqual(ack2["payload"]["status"], "denied")
+        self.assertIsNone(self.node.keystore.key("laptop-2"))
+
+    def test_mutual_proof(self) -> None:
+        proto, transport = self.connect()
+        nonce = frames(transport)[0]["payload"]["nonce"]
+        cnonce = "ab" * 32
+        proto.dataReceived(line(codec.HANDSHAKE, {"proof": proof(self.psk, nonce),
+                                                  "cnonce": cnonce, "version": "x"}))
+        ack = frames(transport)[0]
+        self.assertEqual(ack["payload"]["status"], "ok")
+        self.assertEqual(ack["payload"]["sproof"], listener_proof(self.psk, cnonce, nonce))
+        self.assertEqual(self.node.mesh.peer_mode("claude-rs-01"), MUTUAL)
+        self.assertTrue(self.node.keystore.is_mutual("claude-rs-01"))
+
+    def test_downgrade_refused(self) -> None:
+        self.node.keystore.mark_mutual("claude-rs-01")
+        proto, transport = self.connect()
+        ack = self.authenticate_oneway(proto, transport)
+        self.assertEqual(ack["payload"]["status"], "denied")
+        self.assertTrue(transport.disconnecting)
+
+    def test_handshake_timeout(self) -> None:
+        _proto, transport = self.connect()
+        self.reactor.advance(self.node.config.relay.handshake_timeout_secs - 1)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_garbage_before_handshake_closes_without_ack(self) -> None:
+        proto, transport = self.connect()
+        frames(transport)
+        proto.dataReceived(b"not json\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+    def test_rate_limit_after_five_failures(self) -> None:
+        for _ in range(5):
+            proto, transport = self.connect("127.0.0.9")
+            self.authenticate_oneway(proto, transport, psk=b"y" * 32)
+            proto.connectionLost()
+        proto, transport = self.connect("127.0.0.9")
+        self.assertEqual(transport.value(), b"")  # dropped before any byte
+        self.assertEqual(self.node.admission.rejections.get("rate_limited"), 1)
+        # Another address is not affected.
+        _p, t2 = self.connect("127.0.0.10")
+        self.assertEqual(frames(t2)[0]["msg_type"], "challenge")
+        # After the 60 s cooldown the address may try again.
+        self.reactor.advance(61)
+        _p, t3 = self.connect("127.0.0.9")
+        self.assertEqual(frames(t3)[0]["msg_type"], "challenge")
+
+    def test_max_peers_at_accept(self) -> None:
+        self.node.mesh.max_peers = 1
+        self.node.admission.max_peers = 1
+        proto, transport = self.connect()
+        self.authenticate_oneway(proto, transport)
+        _p2, t2 = self.connect()
+        self.assertEqual(t2.value(), b"")
+        self.assertEqual(self.node.admission.rejections.get("max_peers"), 1)
+
+    def test_max_inflight_handshakes(self) -> None:
+        conns = [self.connect() for _ in range(16)]
+        _p, t = self.connect()
+        self.assertEqual(t.value(), b"")
+        conns[0][0].connectionLost()
+        _p, t = self.connect()
+        self.assertEqual(frames(t)[0]["msg_type"], "challenge")
+
+    def authenticated(self) -> tuple[RelayProtocol, StringTransport]:
+        proto, transport = self.connect()
+        self.authenticate_oneway(proto, transport)
+        self.reactor.advance(ONEWAY_QUIET_SECS)
+        transport.clear()
+        return proto, transport
+
+    def test_bad_lines_skipped_link_survives(self) -> None:
+        proto, transport = self.authenticated()
+        unknown = (b'{"id":"u","msg_type":"pair_request","from_peer":"p","timestamp":1,'
+                   b'"payload":{}}\n')
+        proto.dataReceived(b"{not json}\n" + unknown + b"\n\n  \n"
+                           + line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}, msg_id="m1"))
+        self.assertEqual(len(self.received), 1)
+        self.assertFalse(transport.disconnecting)
+        st = self.node.mesh.states["claude-rs-01"]
+        self.assertEqual(st.counters.bad_frames, 2)
+
+    def test_repeat_offender_disconnected(self) -> None:
+        proto, transport = self.authenticated()
+        proto.dataReceived(b"garbage\n" * 20)
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("bad frames", self.node.mesh.states["claude-rs-01"].last_error or
+                      proto._closing_reason or "")
+
+    def test_overlong_line_skipped_following_frame_kept(self) -> None:
+        proto, transport = self.authenticated()
+        big = b"x" * (codec.MAX_LINE_BYTES + 10)
+        follow = line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 5}, msg_id="after")
+        # The long line split over several chunks, the next frame in the last one.
+        proto.dataReceived(big[:600_000])
+        proto.dataReceived(big[600_000:] + b"\n" + follow)
+        self.reactor.advance(0)
+        self.assertEqual([e.id for _, e in self.received], ["after"])
+        self.assertFalse(transport.disconnecting)
+        # A complete long line followed by a frame in the same chunk.
+        follow2 = line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 6}, msg_id="after2")
+        proto.dataReceived(big + b"\n" + follow2)
+        self.reactor.advance(0)
+        self.assertEqual([e.id for _, e in self.received], ["after", "after2"])
+        self.assertEqual(self.node.mesh.states["claude-rs-01"].counters.bad_frames, 2)
+
+    def test_dedup(self) -> None:
+        proto, _t = self.authenticated()
+        frame = line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}, msg_id="dup")
+        proto.dataReceived(frame + frame)
+        self.assertEqual(len(self.received), 1)
+
+    def test_heartbeats_and_death_after_90s(self) -> None:
+        proto, transport = self.authenticated()
+        self.reactor.advance(30)
+        hb = frames(transport)
+        self.assertEqual([f["msg_type"] for f in hb], ["heartbeat"])
+        self.assertEqual(hb[0]["payload"], {})
+        self.assertEqual(hb[0]["from_peer"], "desk-9f8e7d6c")
+        # Inbound traffic at t=60 keeps it alive until t=150.
+        self.reactor.advance(29)
+        proto.dataReceived(line(codec.HEARTBEAT, {}, msg_id="hb1"))
+        self.reactor.advance(89)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(3)
+        self.assertTrue(transport.disconnecting)
+
+    def test_oneway_quiet_period(self) -> None:
+        proto, transport = self.connect()
+        self.authenticate_oneway(proto, transport)
+        self.assertTrue(self.node.mesh.send("claude-rs-01", codec.KNOWLEDGE_REQUEST,
+                                            {"since_epoch": 0}))
+        self.assertEqual(transport.value(), b"")
+        self.reactor.advance(ONEWAY_QUIET_SECS)
+        self.assertEqual(frames(transport)[0]["msg_type"], "knowledge_request")
+
+    def test_newer_link_replaces_old(self) -> None:
+        p1, t1 = self.authenticated()
+        p1.dataReceived(line(codec.KNOWLEDGE_REQUEST, {}, msg_id="seen-once"))
+        p2, t2 = self.authenticated()
+        self.assertTrue(t1.disconnecting)
+        p1.connectionLost()
+        self.assertEqual(self.node.mesh.connected_peers(), ["claude-rs-01"])
+        # Dedup state survived the replacement.
+        p2.dataReceived(line(codec.KNOWLEDGE_REQUEST, {}, msg_id="seen-once"))
+        self.assertEqual(len(self.received), 1)
+        self.assertEqual(self.node.mesh.states["claude-rs-01"].links_replaced, 1)
+
+    def test_vector_handshake_frame_accepted(self) -> None:
+        """claudectl's exact handshake frame, against its exact nonce."""
+        v = vector("wire.frame.handshake")["expected"]["line"].encode()
+        nonce = bytes.fromhex(vector("wire.frame.challenge")["input"]["payload"]["nonce"])
+        self.node.random = lambda n: nonce[:n]
+        self.node.keystore.save_key("laptop-1a2b3c4d", psk_from_code("0123-4567-89ab-cdef"))
+        proto, transport = self.connect()
+        frames(transport)
+        proto.dataReceived(v)
+        ack = frames(transport)[0]
+        self.assertEqual(ack["payload"], {"status": "ok"})
+        self.assertIn("laptop-1a2b3c4d", self.node.mesh.connected_peers())
+
+
+class TwoNodesTests(SynchronousTestCase):
+    """Two protocol stacks connected in memory."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.a = make_node(self, "alpha-1", self.reactor)
+        self.b = make_node(self, "beta-2", self.reactor)
+        self.psk = pair_nodes(self.a, self.b)
+
+    def link(self, auth: KeyAuth) -> tuple[RelayProtocol, RelayProtocol, iosim.IOPump]:
+        server = RelayProtocol(self.a, LISTENER)
+        client = RelayProtocol(self.b, CONNECTOR, auth)
+        client.dial_address = "127.0.0.1:9847"  # type: ignore[attr-defined]
+        s_t = iosim.FakeTransport(server, isServer=True,
+                                  peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+        c_t = iosim.FakeTransport(client, isServer=False,
+                                  peerAddress=IPv4Address("TCP", "127.0.0.1", 9847))
+        pump = iosim.connect(server, s_t, client, c_t)
+        return server, client, pump
+
+    def test_mutual_link_both_ways(self) -> None:
+        _s, client, pump = self.link(KeyAuth(self.psk, "alpha-1"))
+        pump.flush()
+        self.assertEqual(self.successResultOf(client.authenticated), client)
+        self.assertEqual(self.a.mesh.peer_mode("beta-2"), MUTUAL)
+        self.assertEqual(self.b.mesh.peer_mode("alpha-1"), MUTUAL)
+        meta = self.b.keystore.meta("alpha-1")
+        assert meta is not None
+        self.assertEqual(meta.addr, "127.0.0.1:9847")
+        got: list[str] = []
+        self.a.mesh.add_handler(codec.KNOWLEDGE_SYNC, lambda p, e: got.append(p))
+        self.b.mesh.send("alpha-1", codec.KNOWLEDGE_SYNC, {"units": [], "sync_epoch": 1})
+        pump.flush()
+        self.assertEqual(got, ["beta-2"])
+
+    def test_impostor_listener_refused(self) -> None:
+        # The listener holds a different key: it cannot produce the sproof...
+        self.a.keystore.save_key("beta-2", b"z" * 32)
+        _s, client, pump = self.link(KeyAuth(self.psk, "alpha-1"))
+        pump.flush()
+        self.failureResultOf(client.authenticated)
+        self.assertEqual(self.b.mesh.connected_peers(), [])
+
+    def test_identity_mismatch(self) -> None:
+        _s, client, pump = self.link(KeyAuth(self.psk, "someone-else"))
+        pump.flush()
+        f = self.failureResultOf(client.authenticated)
+        self.assertIn("remote identity mismatch", str(f.value))

@@ -1,0 +1,157 @@
+"""
+The relay CLI as a user meets it: real ``python -m claudectl`` processes in
+temporary homes, real services on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl.relay.crypto import psk_from_code
+from claudectl.relay.keystore import KeyStore
+from tests.common import ServeProcess, run_cli, temp_home
+
+
+def ok(result: object) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)  # type: ignore[attr-defined]
+    return result.stdout  # type: ignore[attr-defined,no-any-return]
+
+
+class OfflineCommandsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+
+    def test_identity_created_once(self) -> None:
+        first = ok(run_cli(self.home, "relay", "identity")).strip()
+        self.assertRegex(first, r"^[a-z0-9_-]+-[0-9a-f]{8}$")
+        self.assertEqual(ok(run_cli(self.home, "relay", "identity")).strip(), first)
+        self.assertEqual(self.home.identity_file.read_text(), first)  # no trailing newline
+        self.assertEqual(json.loads(ok(run_cli(self.home, "--json", "relay", "identity"))),
+                         {"identity": first})
+
+    def test_pair_writes_pending_key(self) -> None:
+        out = ok(run_cli(self.home, "relay", "pair"))
+        ident = KeyStore(self.home).identity()
+        lines = out.splitlines()
+        self.assertEqual(lines[0], f"Your identity: {ident}")
+        code = lines[2].split("PAIR CODE: ")[1]
+        self.assertRegex(code, r"^[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}$")
+        self.assertEqual(lines[-1], f"They should run: claudectl relay accept {code} {ident}")
+        pending = self.home.peers / "_pending.key"
+        self.assertEqual(pending.read_text(), psk_from_code(code).hex())
+        self.assertEqual(stat.S_IMODE(os.stat(pending).st_mode), 0o600)
+        data = json.loads(ok(run_cli(self.home, "relay", "pair", "--json")))
+        self.assertEqual(set(data), {"identity", "pair_code"})
+
+    def test_accept_stores_key(self) -> None:
+        out = ok(run_cli(self.home, "relay", "accept", "0123-4567-89AB-CDEF", "desk-9f8e7d6c"))
+        self.assertIn("Paired with peer: desk-9f8e7d6c", out)
+        key = self.home.peers / "desk-9f8e7d6c.key"
+        self.assertEqual(key.read_text(),
+                         "0123456789abcdef0cefa825d0c8e8e9532ee8a118abe7d8570762cd38be9818")
+        self.assertEqual(stat.S_IMODE(os.stat(key).st_mode), 0o600)
+
+    def test_accept_errors(self) -> None:
+        r = run_cli(self.home, "relay", "accept", "abcd", "desk")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("Error: invalid PSK code: expected 16 hex chars, got 4", r.stderr)
+        r = run_cli(self.home, "relay", "accept", "0123456789abcdef", "../etc")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("invalid peer id", r.stderr)
+        self.assertFalse((self.home.peers).exists() and any(self.home.peers.glob("*.key")))
+
+    def test_accept_does_not_silently_replace(self) -> None:
+        ok(run_cli(self.home, "relay", "accept", "0123456789abcdef", "desk"))
+        r = run_cli(self.home, "relay", "accept", "fedcba9876543210", "desk")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("already paired", r.stderr)
+        self.assertEqual(KeyStore(self.home).key("desk"), psk_from_code("0123456789abcdef"))
+
+    def test_peers_without_service(self) -> None:
+        ok(run_cli(self.home, "relay", "accept", "0123456789abcdef", "desk"))
+        rows = json.loads(ok(run_cli(self.home, "relay", "peers", "--json")))
+        self.assertEqual(len(rows), 1)
+        self.assertEqual(rows[0]["identity"], "desk")
+        self.assertEqual(rows[0]["state"], "disconnected")
+        for key in ("identity", "state", "address", "last_seen"):
+            self.assertIn(key, rows[0])
+        text = ok(run_cli(self.home, "relay", "peers"))
+        self.assertIn("service is not running", text)
+
+    def test_forget(self) -> None:
+        ok(run_cli(self.home, "relay", "accept", "0123456789abcdef", "desk"))
+        ok(run_cli(self.home, "relay", "forget", "desk"))
+        self.assertEqual(KeyStore(self.home).known_peers(), [])
+        r = run_cli(self.home, "relay", "forget", "desk")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("unknown peer 'desk'", r.stderr)
+
+    def test_disconnect_needs_service(self) -> None:
+        r = run_cli(self.home, "relay", "disconnect", "desk")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("not running", r.stderr)
+
+    def test_bad_config_names_key_and_file(self) -> None:
+        self.home.config_file.parent.mkdir(parents=True)
+        self.home.config_file.write_text("[relay]\nheartbeat_interval_secs = -3\n")
+        r = run_cli(self.home, "relay", "serve")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("relay.heartbeat_interval_secs", r.stderr)
+        self.assertIn(str(self.home.config_file), r.stderr)
+
+
+class StoryTests(SynchronousTestCase):
+    """
+    The issue's "done when": two instances (two homes, two ports), paired with
+    `relay pair` / `relay accept`, connected, both connected in `relay peers`;
+    one is killed and restarted and the link comes back on the backoff
+    schedule.
+    """
+
+    def test_pair_connect_kill_restart(self) -> None:
+        ha, hb = temp_home(self), temp_home(self)
+        out = ok(run_cli(ha, "relay", "pair"))
+        code = out.splitlines()[2].split("PAIR CODE: ")[1]
+        ida = ok(run_cli(ha, "relay", "identity")).strip()
+        idb = ok(run_cli(hb, "relay", "identity")).strip()
+        ok(run_cli(hb, "relay", "accept", code, ida))
+
+        a = ServeProcess.serve(ha, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(a.stop)
+        b = ServeProcess.serve(hb, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(b.stop)
+        port = a.port()
+        b.port()
+
+        out = ok(run_cli(hb, "relay", "connect", f"127.0.0.1:{port}"))
+        self.assertIn(f"Connected to {ida}", out)
+        a.expect(f"{idb} authenticated")
+
+        def state(home: object, peer: str) -> str:
+            rows = json.loads(ok(run_cli(home, "relay", "peers", "--json")))  # type: ignore[arg-type]
+            return {r["identity"]: r["state"] for r in rows}[peer]
+
+        self.assertEqual(state(ha, idb), "connected")
+        self.assertEqual(state(hb, ida), "connected")
+        # The pending key was claimed by B's identity.
+        self.assertFalse((ha.peers / "_pending.key").exists())
+        self.assertTrue((ha.peers / f"{idb}.key").exists())
+
+        self.assertEqual(a.stop(), 0)  # SIGTERM: clean exit
+        b.expect(f"{ida} disconnected")
+        self.assertEqual(state(hb, ida), "connecting")
+        b.expect(r"Scheduling retry 1 .* in 5\.")
+        a2 = ServeProcess.serve(ha, "--listen", f"tcp:{port}:interface=127.0.0.1")
+        self.addCleanup(a2.stop)
+        a2.port()
+        deadline = time.monotonic() + 30
+        while state(hb, ida) != "connected":
+            self.assertLess(time.monotonic(), deadline, "link did not come back")
+            time.sleep(0.5)
+        a2.expect(f"{idb} authenticated")
+        self.assertEqual(b.stop(), 0)
