@@ -192,6 +192,7 @@ class ServeProcess:
         line = self.expect(r"listening on ")
         m = re.search(r"listening on .*:(\d+)\s*$", line)
         assert m, line
+        self.expect(r"relay .* ready")  # the reactor runs: signals are handled
         return int(m.group(1))
 
     def stop(self, sig: int = 15) -> int:

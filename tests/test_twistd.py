@@ -45,6 +45,7 @@ class TwistdTests(SynchronousTestCase):
         port = proc.port()
         self.assertGreater(port, 0)
         proc.expect("control socket at")
+        proc.expect(r"relay .* ready")  # the reactor runs: signals are handled
         # twistd re-raises the signal after a clean shutdown.
         self.assertIn(proc.stop(), (0, -15))
         proc.expect("Server Shut Down")

@@ -93,9 +93,12 @@ class RelayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        for peer, address in self.node.auto_connect_targets():
+        targets = self.node.auto_connect_targets()
+        for peer, address in targets:
             log.info("keeping a link to {peer_id} at {address}", peer_id=peer, address=address)
             self.node.ensure_dialer(peer, address, self)
+        log.info("claudectl relay {identity} ready ({count} outbound link(s) to keep)",
+                 identity=self.node.identity, count=len(targets))
 
     def stopService(self) -> Any:
         # Children first (listeners stop accepting, dialers stop redialing),
