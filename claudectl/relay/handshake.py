@@ -245,14 +245,15 @@ class ListenerHandshake:
                     confirms.append(bytes.fromhex(c) if isinstance(c, str) else b"")
                 except ValueError:
                     confirms.append(b"")
+        cnonce = payload.get("cnonce")
+        if not _is_nonce(cnonce):
+            # Checked before finish(): a denied pairing stores no key.
+            return self._deny("pake handshake without cnonce")
         psk = self._pake_response.finish(confirms)
         if psk is None:
             return self._deny("wrong code")
         if not self._keys.store_new_key(peer, psk):
             return self._deny("could not store the new key")
-        cnonce = payload.get("cnonce")
-        if not _is_nonce(cnonce):
-            return self._deny("pake handshake without cnonce")
         return self._accept(peer, psk, MUTUAL, "pake", cnonce)
 
 

@@ -1,0 +1,350 @@
+# -*- test-case-name: tests.test_delegation_cli -*-
+"""
+Delegation commands: ``relay delegate``, ``relay status``, ``relay interrupt``
+and the top-level ``run <task file>``.
+
+The relay commands talk to the running service over the control channel;
+``run`` runs local tasks itself and delegates ``peer`` tasks through the
+service.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from claudectl.cli.base import CliContext, CliError, cli, pass_ctx, relay
+from claudectl.delegation import commands as C
+
+TERMINAL = ("completed", "failed", "stopped")
+WATCH_SECS = 30.0
+PROGRESS_MIN_SECS = 2.0
+
+
+def _json_option(fn: Any) -> Any:
+    def callback(click_ctx: click.Context, _param: Any, value: bool) -> None:
+        if value:
+            click_ctx.ensure_object(CliContext).json = True
+
+    return click.option("--json", "json_local", is_flag=True, expose_value=False,
+                        callback=callback, help="Machine-readable JSON output.")(fn)
+
+
+def _error_text(e: Exception) -> str:
+    description = getattr(e, "description", None)
+    if isinstance(description, bytes):
+        return description.decode("utf-8", "replace")
+    if description:
+        return str(description)
+    return str(e)
+
+
+async def _call(reactor: Any, ctx: CliContext, command: type, **kwargs: Any) -> dict[str, Any]:
+    """One control-channel call; service and command errors become CliError."""
+    try:
+        from claudectl.control.client import ServiceNotRunning, call_control
+    except ImportError:  # pragma: no cover - the relay core is part of the package
+        raise CliError("the relay service is not available in this installation") from None
+    try:
+        return await call_control(reactor, ctx.home, command, **kwargs)
+    except ServiceNotRunning as e:
+        raise CliError(str(e)) from None
+    except tuple(C.ERRORS) as e:
+        raise CliError(_error_text(e)) from None
+
+
+def _duration(secs: float | int) -> str:
+    secs = int(secs)
+    if secs < 60:
+        return f"{secs}s"
+    if secs < 3600:
+        return f"{secs // 60}m{secs % 60:02d}s"
+    return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
+
+
+def _progress_line(task: dict[str, Any]) -> str:
+    msg = task.get("last_message") or ""
+    return (f"{task['state']:<9} {_duration(task['elapsed_secs']):>7}  "
+            f"{task['tokens']:,} tokens  ${task['cost_usd']:.4f}  {msg}").rstrip()
+
+
+async def follow(reactor: Any, ctx: CliContext, task_id: str, emit: Any,
+                 version: int = 0) -> dict[str, Any]:
+    """Follow a delegated task until it ends; ``emit(view)`` on every change."""
+    while True:
+        r = await _call(reactor, ctx, C.WatchTask, task_id=task_id, version=version,
+                        timeout=WATCH_SECS)
+        task = json.loads(r["task_json"])
+        if task["version"] != version:
+            version = task["version"]
+            emit(task)
+        if task["state"] in TERMINAL:
+            return task
+
+
+# --- relay delegate -----------------------------------------------------------------
+
+
+@relay.command()
+@click.argument("peer")
+@click.argument("prompt", nargs=-1, required=True)
+@click.option("--cwd", metavar="DIR", default=None,
+              help="Directory on the peer to run in (must be in its [delegation] allowed_dirs; "
+                   "default: the peer's first allowed dir).")
+@click.option("--git-ref", metavar="REF", default=None,
+              help="Run in a fresh checkout of REF (made on the peer from --cwd's repository).")
+@click.option("--wait", is_flag=True, help="Follow the task live until it ends; the exit "
+                                           "status says whether it completed.")
+@_json_option
+@pass_ctx
+def delegate(ctx: CliContext, peer: str, prompt: tuple[str, ...], cwd: str | None,
+             git_ref: str | None, wait: bool) -> None:
+    """Run PROMPT with Claude Code on PEER (through the running relay service).
+
+    Words after PEER form the prompt; use `--` before a prompt that starts
+    with `-`.  Follow it with `claudectl relay status`.
+    """
+    text = " ".join(prompt)
+
+    async def go(reactor: Any) -> dict[str, Any] | None:
+        r = await _call(reactor, ctx, C.Delegate, peer=peer, prompt=text, cwd=cwd,
+                        git_ref=git_ref)
+        task = json.loads(r["task_json"])
+        if ctx.json and not wait:
+            ctx.emit_json({"task_id": r["task_id"], "peer": peer, "prompt": text, "cwd": cwd,
+                           "status": "delegated", "error": None})
+        elif not ctx.json:
+            ctx.out(f"Task {r['task_id']} delegated to peer {peer}")
+            ctx.out(f"  Prompt: {text}")
+            if cwd:
+                ctx.out(f"  CWD: {cwd}")
+            if git_ref:
+                ctx.out(f"  Git ref: {git_ref}")
+        if not wait:
+            return None
+
+        def emit(view: dict[str, Any]) -> None:
+            if not ctx.json:
+                ctx.out(f"  {_progress_line(view)}")
+
+        return await follow(reactor, ctx, r["task_id"], emit, task["version"] - 1)
+
+    final = ctx.run(go)
+    if final is not None:
+        if ctx.json:
+            ctx.emit_json(final)
+        else:
+            ctx.out(f"Task {final['task_id']} {final['state']}: {final.get('summary') or ''}")
+        if final["state"] != "completed":
+            raise click.exceptions.Exit(1)
+
+
+# --- relay status -------------------------------------------------------------------
+
+
+@relay.command()
+@click.argument("task_id", required=False)
+@_json_option
+@pass_ctx
+def status(ctx: CliContext, task_id: str | None) -> None:
+    """Show delegated tasks: live state, elapsed time, tokens, cost, last message."""
+
+    async def go(reactor: Any) -> list[dict[str, Any]]:
+        tasks: list[dict[str, Any]] = []
+        offset = 0
+        while offset >= 0:
+            kwargs: dict[str, Any] = {"offset": offset}
+            if task_id:
+                kwargs["task_id"] = task_id
+            r = await _call(reactor, ctx, C.ListTasks, **kwargs)
+            tasks.extend(json.loads(r["tasks_json"]))
+            offset = r["next_offset"]
+        return tasks
+
+    tasks = ctx.run(go)
+    if ctx.json:
+        ctx.emit_json(tasks[0] if task_id else {"tasks": tasks})
+        return
+    if task_id:
+        t = tasks[0]
+        for label, value in (
+                ("Task", t["task_id"]), ("Peer", t["peer"] + ("" if t["peer_connected"]
+                                                              else " (not connected)")),
+                ("State", t["state"]), ("Elapsed", _duration(t["elapsed_secs"])),
+                ("Tokens", f"{t['tokens']:,}"), ("Cost", f"${t['cost_usd']:.4f}"),
+                ("Context", f"{t['context_pct']}%"), ("CWD", t.get("cwd") or "(peer default)"),
+                ("Git ref", t.get("git_ref")), ("Result ref", t.get("result_git_ref")),
+                ("Files", ", ".join(t.get("files_modified") or []) or None),
+                ("Prompt", t["prompt"]), ("Last", t.get("last_message")),
+                ("Summary", t.get("summary"))):
+            if value:
+                ctx.out(f"{label + ':':<11} {value}")
+        return
+    if not tasks:
+        ctx.out("No delegated tasks. Delegate one with `claudectl relay delegate <peer> <prompt>`.")
+        return
+    ctx.out(f"{'TASK':<28} {'PEER':<20} {'STATE':<9} {'ELAPSED':>7} {'TOKENS':>9} "
+            f"{'COST':>8}  LAST MESSAGE")
+    for t in tasks:
+        msg = (t.get("last_message") or "").replace("\n", " ")
+        if len(msg) > 60:
+            msg = msg[:59] + "…"
+        peer = t["peer"] if t["peer_connected"] else t["peer"] + "*"
+        ctx.out(f"{t['task_id']:<28} {peer:<20} {t['state']:<9} "
+                f"{_duration(t['elapsed_secs']):>7} {t['tokens']:>9,} "
+                f"{'$' + format(t['cost_usd'], '.4f'):>8}  {msg}".rstrip())
+    if any(not t["peer_connected"] for t in tasks):
+        ctx.out("* peer not connected now")
+
+
+# --- relay interrupt ----------------------------------------------------------------
+
+
+@relay.command()
+@click.argument("task_id")
+@click.argument("interrupt_type", type=click.Choice(["nudge", "stop"]))
+@click.argument("reason", nargs=-1)
+@pass_ctx
+def interrupt(ctx: CliContext, task_id: str, interrupt_type: str, reason: tuple[str, ...]) -> None:
+    """Nudge or stop a delegated task; it goes to the peer that runs it.
+
+    A nudge is written into the running Claude Code session as a message; stop
+    terminates it (SIGTERM, then SIGKILL after the peer's grace period).
+    """
+    text = " ".join(reason)
+
+    async def go(reactor: Any) -> dict[str, Any]:
+        return await _call(reactor, ctx, C.Interrupt, task_id=task_id,
+                           interrupt_type=interrupt_type, reason=text)
+
+    r = ctx.run(go)
+    if ctx.json:
+        ctx.emit_json({"task_id": task_id, "peer": r["peer"], "interrupt_type": interrupt_type,
+                       "reason": text, "status": "sent"})
+        return
+    ctx.out(f"Interrupt sent for task {task_id} to peer {r['peer']}")
+    ctx.out(f"  Type: {interrupt_type}")
+    if text:
+        ctx.out(f"  Reason: {text}")
+
+
+# --- run <task file> ----------------------------------------------------------------
+
+
+@cli.command(name="run")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--parallel", is_flag=True, help="Start every task whose dependencies are done "
+                                               "(default: one at a time, in file order).")
+@_json_option
+@pass_ctx
+def run_file(ctx: CliContext, file: str, parallel: bool) -> None:
+    """Run a task file (JSON, YAML or TOML): local tasks here, `peer` tasks delegated.
+
+    Everything is checked before anything starts.  Exit status 0 only if every
+    task completed.
+    """
+    from claudectl.delegation import runner as R
+    from claudectl.delegation import taskfile as TF
+    from claudectl.relay.keystore import is_remote_peer_id
+
+    def is_paired(peer: str) -> bool:
+        return is_remote_peer_id(peer) and (ctx.home.peers / f"{peer}.key").exists()
+
+    try:
+        tf = TF.load(file, is_paired)
+    except TF.TaskFileError as e:
+        raise CliError(str(e)) from None
+    config = ctx.config.delegation
+
+    def report(line: str) -> None:
+        if not ctx.json:
+            ctx.out(f"{time.strftime('%H:%M:%S')} {line}")
+
+    async def go(reactor: Any) -> dict[str, Any]:
+        local = _local_runner(reactor, ctx, config)
+        remote = _remote_runner(reactor, ctx)
+        runner = R.TaskFileRunner(tf, local, remote, reactor, report, parallel)
+        states = await runner.run()
+        return states
+
+    states = ctx.run(go)
+    counts: dict[str, int] = {}
+    for st in states.values():
+        counts[st.status] = counts.get(st.status, 0) + 1
+    ok = all(st.status == "completed" for st in states.values())
+    if ctx.json:
+        ctx.emit_json({"status": "completed" if ok else "failed", "parallel": parallel,
+                       "counts": counts, "tasks": [
+                           {"name": st.task.name, "peer": st.task.peer, "status": st.status,
+                            "message": st.message, "attempts": st.attempts,
+                            "cost_usd": st.cost_usd, "tokens": st.tokens}
+                           for st in states.values()]})
+    else:
+        ctx.out(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if not ok:
+        raise click.exceptions.Exit(1)
+
+
+def _local_runner(reactor: Any, ctx: CliContext, config: Any) -> Any:
+    from claudectl.delegation.claude_process import ClaudeProcess, child_env, claude_argv
+    from claudectl.delegation.runner import AttemptResult
+    from claudectl.delegation.taskrun import TaskRun
+
+    async def run(task: Any, prompt: str, progress: Any) -> AttemptResult:
+        cwd = Path(ctx.cwd, task.cwd or ".")
+        if not cwd.is_dir():
+            return AttemptResult(False, "", f"cwd {cwd} does not exist")
+        taskrun = TaskRun(task.name, reactor.seconds)
+        last = {"text": None, "at": 0.0}
+
+        def changed() -> None:
+            text = taskrun.stats().last_activity
+            now = reactor.seconds()
+            if text and text != last["text"] and now - last["at"] >= PROGRESS_MIN_SECS:
+                last.update(text=text, at=now)
+                progress(text)
+
+        proc = ClaudeProcess(taskrun, claude_argv(config.claude_command, config.claude_args,
+                                                  task.resume),
+                             str(cwd.resolve()), child_env(), reactor.spawnProcess, reactor,
+                             config.stop_grace_secs, on_change=changed)
+        outcome = await proc.start(prompt)
+        return AttemptResult(outcome.state == "completed", outcome.result_text, outcome.summary,
+                             outcome.cost_usd, outcome.tokens)
+
+    return run
+
+
+def _remote_runner(reactor: Any, ctx: CliContext) -> Any:
+    from claudectl.delegation.runner import AttemptResult
+
+    async def run(task: Any, prompt: str, progress: Any) -> AttemptResult:
+        try:
+            r = await _call(reactor, ctx, C.Delegate, peer=task.peer, prompt=prompt,
+                            cwd=task.cwd)
+        except CliError as e:
+            return AttemptResult(False, "", e.message)
+        progress(f"delegated as {r['task_id']}")
+        last = {"text": None}
+
+        def emit(view: dict[str, Any]) -> None:
+            text = view.get("last_message")
+            if text and text != last["text"] and view["state"] not in TERMINAL:
+                last["text"] = text
+                progress(f"{view['state']}: {text}")
+
+        try:
+            final = await follow(reactor, ctx, r["task_id"], emit)
+        except CliError as e:
+            return AttemptResult(False, "", e.message)
+        summary = final.get("summary") or ""
+        return AttemptResult(final["state"] == "completed", summary, summary,
+                             final.get("cost_usd", 0.0), final.get("tokens", 0))
+
+    return run
+
+

@@ -1,0 +1,14 @@
+"""
+Remote task delegation: run Claude Code on a peer and follow it live.
+
+* :mod:`.payloads` -- the COMPAT wire payloads (``delegate_task`` & co).
+* :mod:`.streamjson` -- Claude Code's ``stream-json`` output into progress.
+* :mod:`.taskrun` -- one run of Claude Code as a reactor-free model.
+* :mod:`.claude_process` -- spawning Claude Code (thin ProcessProtocol).
+* :mod:`.store` -- task records under ``~/.claudectl/relay/tasks/``.
+* :mod:`.worker` -- the side that runs tasks for peers.
+* :mod:`.controller` -- the side that delegates and follows tasks.
+* :mod:`.commands`, :mod:`.locator` -- the AMP control-channel commands.
+* :mod:`.service` -- ``attach(node, parent)`` wires it all to a node.
+* :mod:`.taskfile`, :mod:`.runner` -- ``claudectl run <file>``.
+"""

@@ -1,0 +1,248 @@
+# -*- test-case-name: tests.test_delegation_controller -*-
+"""
+The controller side: tasks this machine delegated, and their live state.
+
+:class:`DelegationController` sends ``delegate_task`` through the mesh,
+keeps one record per task in ``tasks/outgoing/`` and updates it from the
+``task_status`` and ``task_handoff`` frames that the *owning* peer sends
+(defects D1, D2).  Every handoff is acknowledged with ``ack`` whose
+``ack_id`` is the task id, so the worker stops re-sending it (D8; claudectl
+0.64 ignores acks).  Interrupts are routed to the peer that owns the task
+(D13: no ``--peer`` needed).
+
+Record states: ``delegated`` (sent, nothing heard yet), ``queued``,
+``running``, then ``completed``, ``failed`` or ``stopped``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from claudectl.delegation import payloads
+from claudectl.delegation.store import TaskStore, safe_name
+from claudectl.relay.codec import ACK, DELEGATE_TASK, TASK_INTERRUPT, Envelope, MessageIds
+from claudectl.relay.interfaces import IMesh
+
+DELEGATED = "delegated"
+TERMINAL = frozenset({"completed", "failed", "stopped"})
+MAX_WAIT_SECS = 300
+
+
+class DelegationError(Exception):
+    """Base of the controller's errors; the message is for the user."""
+
+
+class PeerUnknown(DelegationError):
+    pass
+
+
+class PeerNotConnected(DelegationError):
+    pass
+
+
+class TaskUnknown(DelegationError):
+    pass
+
+
+class TaskFinished(DelegationError):
+    pass
+
+
+class BadRequest(DelegationError):
+    pass
+
+
+def handoff_state(handoff: payloads.TaskHandoff) -> str:
+    if handoff.state == payloads.STATE_COMPLETED:
+        return "completed"
+    if handoff.summary.startswith(payloads.SUMMARY_STOPPED):
+        return "stopped"
+    return "failed"
+
+
+class DelegationController:
+    _log = Logger()
+
+    def __init__(self, *, mesh: IMesh, store: TaskStore, clock: Any,
+                 is_paired: Callable[[str], bool], ids: MessageIds | None = None) -> None:
+        self.mesh = mesh
+        self.store = store
+        self.clock = clock
+        self.is_paired = is_paired
+        self.ids = ids or MessageIds(clock.seconds)
+        self.records: dict[str, dict[str, Any]] = {}
+        self._waiters: dict[str, list[Deferred[dict[str, Any]]]] = {}
+
+    def load(self) -> None:
+        for rec in self.store.load_all().values():
+            self.records[rec["task_id"]] = rec
+
+    # --- commands from the CLI -------------------------------------------------------
+    def delegate(self, peer: str, prompt: str, cwd: str | None = None,
+                 git_ref: str | None = None, source: str = "cli") -> dict[str, Any]:
+        if not prompt.strip():
+            raise BadRequest("the prompt is empty")
+        if not self.is_paired(peer):
+            raise PeerUnknown(f"peer '{peer}' is not paired — run `claudectl relay pair` or "
+                              f"`claudectl relay join` first")
+        if peer not in self.mesh.connected_peers():
+            raise PeerNotConnected(f"peer '{peer}' is not connected; check `claudectl relay "
+                                   f"peers` and try again when it is")
+        task_id = self.ids.next("task")
+        context = payloads.TaskContext(git_ref=git_ref or None)
+        payload = payloads.build_delegate_task(task_id, prompt, cwd, context)
+        now = self.clock.seconds()
+        rec: dict[str, Any] = {
+            "role": "controller", "task_id": task_id, "peer": peer, "prompt": prompt,
+            "cwd": cwd, "git_ref": git_ref, "state": DELEGATED, "created_at": now,
+            "updated_at": now, "ended_at": None, "stats": payloads.TaskStats().to_payload(),
+            "last_message": None, "summary": None, "handoff": None, "version": 1,
+            "source": source,
+        }
+        self.records[task_id] = rec
+        self._save(rec)
+        if not self.mesh.send(peer, DELEGATE_TASK, payload):
+            del self.records[task_id]
+            self.store.delete(safe_name(task_id))
+            raise PeerNotConnected(f"peer '{peer}' is not connected")
+        self._log.info("delegated task {task_id} to {peer}", task_id=task_id, peer=peer)
+        return rec
+
+    def interrupt(self, task_id: str, kind: str, reason: str = "") -> dict[str, Any]:
+        rec = self.get(task_id)
+        if kind not in (payloads.INTERRUPT_STOP, payloads.INTERRUPT_NUDGE):
+            raise BadRequest(f"unknown interrupt type {kind!r}: use nudge or stop")
+        if rec["state"] in TERMINAL:
+            raise TaskFinished(f"task {task_id} already {rec['state']}")
+        if not self.mesh.send(rec["peer"], TASK_INTERRUPT,
+                              payloads.build_interrupt(task_id, kind, reason)):
+            raise PeerNotConnected(f"peer '{rec['peer']}' (which runs task {task_id}) is not "
+                                   f"connected; try again when it is")
+        return rec
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        rec = self.records.get(task_id)
+        if rec is None:
+            raise TaskUnknown(f"no delegated task {task_id!r} (see `claudectl relay status`)")
+        return rec
+
+    def view(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """A record as ``relay status`` shows it (with elapsed and connectivity)."""
+        now = self.clock.seconds()
+        end = rec.get("ended_at") if rec["state"] in TERMINAL else None
+        elapsed = int((end if end is not None else now) - rec["created_at"])
+        stats = rec.get("stats") or {}
+        return {
+            "task_id": rec["task_id"], "peer": rec["peer"], "state": rec["state"],
+            "prompt": rec["prompt"], "cwd": rec.get("cwd"), "git_ref": rec.get("git_ref"),
+            "created_at": rec["created_at"], "updated_at": rec["updated_at"],
+            "elapsed_secs": max(0, elapsed), "tokens": stats.get("tokens_used", 0),
+            "cost_usd": stats.get("cost_usd", 0.0), "context_pct": stats.get("context_pct", 0),
+            "files_modified": stats.get("files_modified", []),
+            "last_message": rec.get("last_message"), "summary": rec.get("summary"),
+            "result_git_ref": (rec.get("handoff") or {}).get("git_ref"),
+            "peer_connected": rec["peer"] in self.mesh.connected_peers(),
+            "version": rec["version"],
+        }
+
+    def list(self) -> list[dict[str, Any]]:
+        recs = sorted(self.records.values(), key=lambda r: (r["created_at"], r["task_id"]))
+        return [self.view(r) for r in recs]
+
+    def wait_change(self, task_id: str, version: int, timeout: float) -> Deferred[dict[str, Any]]:
+        """Fires with the record's view once its version passes ``version`` (or on timeout)."""
+        rec = self.get(task_id)
+        if rec["version"] > version or rec["state"] in TERMINAL:
+            d: Deferred[dict[str, Any]] = Deferred()
+            d.callback(self.view(rec))
+            return d
+        d = Deferred()
+        self._waiters.setdefault(task_id, []).append(d)
+        call = self.clock.callLater(min(max(timeout, 0.0), MAX_WAIT_SECS), self._timeout,
+                                    task_id, d)
+        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        return d
+
+    def _timeout(self, task_id: str, d: Deferred[dict[str, Any]]) -> None:
+        waiters = self._waiters.get(task_id, [])
+        if d in waiters:
+            waiters.remove(d)
+            d.callback(self.view(self.records[task_id]))
+
+    # --- frames from workers ---------------------------------------------------------
+    def on_status(self, peer: str, env: Envelope) -> None:
+        try:
+            status = payloads.parse_task_status(env.payload)
+        except payloads.PayloadError as e:
+            self._log.warn("bad task_status from {peer}: {error}", peer=peer, error=str(e))
+            return
+        rec = self._owned(peer, status.task_id, "task_status")
+        if rec is None or rec["state"] in TERMINAL:
+            return
+        rec["state"] = status.state if status.state in ("queued", "running") else "running"
+        rec["stats"] = status.stats.to_payload()
+        if status.stats.last_activity is not None:
+            rec["last_message"] = status.stats.last_activity
+        self._changed(rec)
+
+    def on_handoff(self, peer: str, env: Envelope) -> None:
+        try:
+            handoff = payloads.parse_handoff(env.payload)
+        except payloads.PayloadError as e:
+            self._log.warn("bad task_handoff from {peer}: {error}", peer=peer, error=str(e))
+            return
+        rec = self.records.get(handoff.task_id)
+        if rec is not None and rec["peer"] != peer:
+            self._log.warn("ignored task_handoff for {task_id} from {peer}: the task was "
+                           "delegated to {owner}", task_id=handoff.task_id, peer=peer,
+                           owner=rec["peer"])
+            return
+        self.mesh.send(peer, ACK, payloads.build_ack(handoff.task_id))
+        if rec is None:
+            self._log.info("task_handoff for unknown task {task_id} from {peer}: {summary}",
+                           task_id=handoff.task_id, peer=peer, summary=handoff.summary[:200])
+            return
+        if rec["state"] in TERMINAL:
+            return  # a re-sent handoff: already recorded
+        rec["state"] = handoff_state(handoff)
+        stats = dict(rec.get("stats") or {})
+        stats.update({"tokens_used": handoff.total_tokens, "cost_usd": handoff.total_cost_usd})
+        if handoff.artifacts:
+            stats["files_modified"] = list(handoff.artifacts)
+        rec["stats"] = stats
+        rec["summary"] = handoff.summary
+        rec["last_message"] = handoff.summary.splitlines()[0][:200] if handoff.summary else None
+        rec["handoff"] = handoff.to_payload()
+        rec["ended_at"] = self.clock.seconds()
+        self._log.info("task {task_id} on {peer} {state}", task_id=handoff.task_id, peer=peer,
+                       state=rec["state"])
+        self._changed(rec)
+
+    def _owned(self, peer: str, task_id: str, what: str) -> dict[str, Any] | None:
+        rec = self.records.get(task_id)
+        if rec is None:
+            self._log.debug("{what} for unknown task {task_id} from {peer}", what=what,
+                            task_id=task_id, peer=peer)
+            return None
+        if rec["peer"] != peer:
+            self._log.warn("ignored {what} for {task_id} from {peer}: the task was delegated "
+                           "to {owner}", what=what, task_id=task_id, peer=peer, owner=rec["peer"])
+            return None
+        return rec
+
+    def _changed(self, rec: dict[str, Any]) -> None:
+        rec["version"] += 1
+        rec["updated_at"] = self.clock.seconds()
+        self._save(rec)
+        for d in self._waiters.pop(rec["task_id"], []):
+            d.callback(self.view(rec))
+
+    def _save(self, rec: dict[str, Any]) -> None:
+        try:
+            self.store.save(safe_name(rec["task_id"]), rec)
+        except OSError:
+            self._log.failure("could not save task {task_id}", task_id=rec["task_id"])

@@ -1,0 +1,523 @@
+# -*- test-case-name: tests.test_delegation_worker -*-
+"""
+The worker side: run Claude Code for peers that delegate tasks to us.
+
+:class:`DelegationWorker` receives ``delegate_task`` / ``task_interrupt`` /
+``ack`` frames (with the *authenticated* peer id) and answers with
+``task_status`` and ``task_handoff``.
+
+* **Guard rails** (defect D9): the peer's trust must reach
+  ``[delegation] min_trust``; ``cwd`` must exist and lie under one of
+  ``allowed_dirs`` (empty = delegation refused); prompt and
+  ``relevant_files`` sizes are capped; at most ``max_concurrent`` tasks run,
+  the others wait as ``queued``.
+* **Refusals are told** (D5): a refused task gets an immediate failed
+  ``task_handoff`` whose summary is the reason.  A repeated ``delegate_task``
+  for a known task gets that task's current status (or its handoff) again.
+* **Live stats** (D4): from Claude Code's stream-json output.  ``task_status``
+  goes out at the start, on changes (at most every
+  :data:`CHANGE_STATUS_MIN_SECS`) and every ``status_interval_secs``.
+* **Interrupts** (D6, D7): only the peer that delegated a task may interrupt
+  it; ``nudge`` is written to the session's stdin; ``stop`` ends the process
+  group and the task with a failed ``Stopped by controller`` handoff.
+* **Nothing lost** (D1, D10, D12): records live in ``tasks/incoming/``; a
+  handoff is re-sent on every link-up until the controller acks it (``ack``
+  with ``ack_id`` = the task id; claudectl 0.64 peers never ack, so for them
+  a successful send counts).  A task that was running when the worker died
+  is reported failed ("worker restarted"), never re-run; queued tasks run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from claudectl.config import DelegationConfig
+from claudectl.delegation import gitws, payloads
+from claudectl.delegation.claude_process import (
+    ClaudeProcess, Spawner, child_env, claude_argv)
+from claudectl.delegation.store import TaskStore, incoming_key
+from claudectl.delegation.taskrun import (
+    FINISHED_STATES, QUEUED, RUNNING, RunOutcome, TaskRun)
+from claudectl.relay.codec import TASK_HANDOFF, TASK_STATUS, Envelope
+from claudectl.relay.interfaces import IMesh
+
+#: Least time between two "something changed" statuses of one task.
+CHANGE_STATUS_MIN_SECS = 2.0
+TICK_SECS = 1.0
+#: Finished, acknowledged records older than this are deleted at start-up.
+FINISHED_RETENTION_SECS = 30 * 86400
+RESTARTED_SUMMARY = "worker restarted while the task was running; its Claude Code session was ended"
+SHUTDOWN_REASON = "the worker shut down while the task was running"
+
+
+@dataclass
+class WorkerTask:
+    peer: str
+    request: payloads.DelegateTask
+    cwd: str
+    run: TaskRun
+    key: str
+    process: ClaudeProcess | None = None
+    workspace: str | None = None
+    git_ref: str | None = None
+    handoff: dict[str, Any] | None = None
+    handoff_acked: bool = False
+    last_status_at: float | None = None
+    sent_version: int = -1
+    pgid: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_id(self) -> str:
+        return self.request.task_id
+
+    def record(self) -> dict[str, Any]:
+        r = self.run
+        return {
+            "role": "worker", "peer": self.peer, "task_id": self.task_id,
+            "prompt": self.request.prompt, "requested_cwd": self.request.cwd, "cwd": self.cwd,
+            "context": self.request.context.to_payload(), "state": r.state,
+            "accepted_at": r.accepted_at, "started_at": r.started_at, "ended_at": r.ended_at,
+            "stats": r.stats().to_payload(), "session_id": r.progress.session_id,
+            "workspace": self.workspace, "git_ref": self.git_ref, "pgid": self.pgid,
+            "handoff": self.handoff, "handoff_acked": self.handoff_acked,
+        }
+
+
+class DelegationWorker:
+    _log = Logger()
+
+    def __init__(self, *, identity: str, config: DelegationConfig, mesh: IMesh,
+                 store: TaskStore, trust_of: Callable[[str], float], clock: Any,
+                 spawner: Spawner | None, home_root: Path, config_hint: str = "",
+                 environ: dict[str, str] | None = None,
+                 run_git: gitws.GitRunner | None = None,
+                 kill: Callable[[int, int], None] = os.killpg) -> None:
+        self.identity = identity
+        self.config = config
+        self.mesh = mesh
+        self.store = store
+        self.trust_of = trust_of
+        self.clock = clock
+        self.spawner = spawner
+        self.home_root = home_root
+        self.config_hint = config_hint or "~/.config/claudectl/config.toml"
+        self.environ = environ
+        self.run_git = run_git
+        self.kill = kill
+        self.tasks: dict[str, WorkerTask] = {}
+        self.queue: list[str] = []
+        self.counters = {"accepted": 0, "refused": 0, "bad_payload": 0,
+                         "interrupts_refused": 0}
+        self._loop: LoopingCall | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        self.recover()
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self.clock
+        self._loop.start(TICK_SECS, now=False)
+        self._start_queued()
+
+    def stop(self) -> Deferred[Any]:
+        """Stop every running task (D10); the Deferred fires when all ended."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        waits = []
+        for task in self.tasks.values():
+            if task.run.state == QUEUED:
+                continue  # stays queued on disk; runs after the restart
+            if not task.run.finished:
+                task.run.fail_with(SHUTDOWN_REASON)
+                if task.process is not None:
+                    task.process.terminate()
+                    waits.append(task.run.result)
+                else:
+                    task.run.abort(SHUTDOWN_REASON)
+        return DeferredList(waits) if waits else succeed(None)
+
+    def recover(self) -> None:
+        now = self.clock.seconds()
+        for key, rec in self.store.load_all().items():
+            try:
+                task = self._from_record(key, rec)
+            except (KeyError, TypeError, ValueError) as e:
+                self._log.warn("ignoring task record {key}: {error}", key=key, error=str(e))
+                continue
+            state = rec.get("state")
+            if state in FINISHED_STATES:
+                ended = rec.get("ended_at") or 0
+                if task.handoff_acked and now - ended > FINISHED_RETENTION_SECS:
+                    self.store.delete(key)
+                    continue
+                self.tasks[key] = task
+            elif state == RUNNING:
+                self._kill_leftover(rec.get("pgid"))
+                self.tasks[key] = task
+                task.run.started()
+                task.run.abort(RESTARTED_SUMMARY)
+            else:
+                self.tasks[key] = task
+                self.queue.append(key)
+
+    def _from_record(self, key: str, rec: dict[str, Any]) -> WorkerTask:
+        request = payloads.DelegateTask(
+            task_id=rec["task_id"], prompt=rec["prompt"], cwd=rec.get("requested_cwd"),
+            context=payloads.parse_context(rec.get("context")))
+        run = TaskRun(rec["task_id"], self.clock.seconds)
+        run.accepted_at = float(rec.get("accepted_at") or self.clock.seconds())
+        task = WorkerTask(peer=rec["peer"], request=request, cwd=rec["cwd"], run=run, key=key,
+                          workspace=rec.get("workspace"), git_ref=rec.get("git_ref"),
+                          handoff=rec.get("handoff"),
+                          handoff_acked=bool(rec.get("handoff_acked")))
+        if rec.get("state") in FINISHED_STATES:
+            run.state = rec["state"]
+            run.started_at = rec.get("started_at")
+            run.ended_at = rec.get("ended_at")
+            stats = payloads.parse_stats(rec.get("stats"))
+            run.progress.cost_usd = stats.cost_usd
+            run.progress.files_modified = list(stats.files_modified)
+            run.progress.last_activity = stats.last_activity
+            run.progress._result_tokens = stats.tokens_used
+        else:
+            run.result.addCallback(self._finished, task)
+        return task
+
+    def _kill_leftover(self, pgid: Any) -> None:
+        """End a Claude Code group left by a crashed worker (checked by cmdline)."""
+        if not isinstance(pgid, int) or pgid <= 1:
+            return
+        try:
+            cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
+        except OSError:
+            return
+        if b"stream-json" not in cmdline:
+            return
+        try:
+            self.kill(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # --- inbound frames --------------------------------------------------------------
+    def on_delegate(self, peer: str, env: Envelope) -> None:
+        try:
+            request = payloads.parse_delegate_task(env.payload)
+        except payloads.PayloadError as e:
+            self.counters["bad_payload"] += 1
+            task_id = env.payload.get("task_id") if isinstance(env.payload, dict) else None
+            self._log.warn("bad delegate_task from {peer}: {error}", peer=peer, error=str(e))
+            if isinstance(task_id, str):
+                self._send(peer, TASK_HANDOFF, payloads.build_failure(
+                    task_id, f"refused by {self.identity}: bad delegate_task: {e}"))
+            return
+        key = incoming_key(peer, request.task_id)
+        existing = self.tasks.get(key)
+        if existing is not None:
+            self._log.info("task {task_id} from {peer} is already known; re-sending its state",
+                           task_id=request.task_id, peer=peer)
+            if existing.run.finished and existing.handoff is not None:
+                self._send_handoff(existing)
+            else:
+                self._send_status(existing)
+            return
+        try:
+            cwd = self._check(peer, request)
+        except Refused as e:
+            self.counters["refused"] += 1
+            self._log.info("refused task {task_id} from {peer}: {reason}",
+                           task_id=request.task_id, peer=peer, reason=str(e))
+            self._send(peer, TASK_HANDOFF, payloads.build_failure(
+                request.task_id, f"refused by {self.identity}: {e}"))
+            return
+        run = TaskRun(request.task_id, self.clock.seconds)
+        task = WorkerTask(peer=peer, request=request, cwd=cwd, run=run, key=key)
+        run.result.addCallback(self._finished, task)
+        self.tasks[key] = task
+        self.queue.append(key)
+        self.counters["accepted"] += 1
+        self._log.info("accepted task {task_id} from {peer} in {cwd}",
+                       task_id=request.task_id, peer=peer, cwd=cwd)
+        self._save(task)
+        self._start_queued()
+        if task.run.state == QUEUED:
+            position = self.queue.index(key) + 1
+            run.set_note(f"queued: {position} waiting, {self.config.max_concurrent} running "
+                         f"(max_concurrent)")
+            self._send_status(task)
+
+    def on_interrupt(self, peer: str, env: Envelope) -> None:
+        try:
+            req = payloads.parse_interrupt(env.payload)
+        except payloads.PayloadError as e:
+            self.counters["bad_payload"] += 1
+            self._log.warn("bad task_interrupt from {peer}: {error}", peer=peer, error=str(e))
+            return
+        task = self.tasks.get(incoming_key(peer, req.task_id))
+        if task is None:
+            owners = [t.peer for t in self.tasks.values() if t.task_id == req.task_id]
+            if owners:
+                self.counters["interrupts_refused"] += 1
+                self._log.warn("refused {kind} of task {task_id} from {peer}: the task "
+                               "belongs to another peer", kind=req.interrupt_type,
+                               task_id=req.task_id, peer=peer)
+            else:
+                self._log.info("{kind} for unknown task {task_id} from {peer} ignored",
+                               kind=req.interrupt_type, task_id=req.task_id, peer=peer)
+            return
+        self._log.info("{kind} for task {task_id} from {peer}", kind=req.interrupt_type,
+                       task_id=req.task_id, peer=peer)
+        if task.run.finished:
+            if task.handoff is not None:
+                self._send_handoff(task)
+            return
+        if req.interrupt_type == payloads.INTERRUPT_STOP:
+            self.stop_task(task, req.reason)
+        elif req.interrupt_type == payloads.INTERRUPT_NUDGE:
+            self.nudge_task(task, req.reason)
+        else:
+            task.run.set_note(f"interrupt {req.interrupt_type!r} is not supported "
+                              f"(only stop and nudge)")
+            self._send_status(task)
+
+    def on_ack(self, peer: str, env: Envelope) -> None:
+        try:
+            ack_id = payloads.parse_ack(env.payload)
+        except payloads.PayloadError:
+            return
+        task = self.tasks.get(incoming_key(peer, ack_id))
+        if task is not None and task.handoff is not None and not task.handoff_acked:
+            task.handoff_acked = True
+            self._save(task)
+
+    def on_link_up(self, peer: str) -> None:
+        for task in list(self.tasks.values()):
+            if task.peer != peer:
+                continue
+            if task.run.finished:
+                if task.handoff is not None and not task.handoff_acked:
+                    self._send_handoff(task)
+            else:
+                self._send_status(task)
+
+    # --- actions ---------------------------------------------------------------------
+    def stop_task(self, task: WorkerTask, reason: str = "") -> None:
+        if task.run.state == QUEUED:
+            if task.key in self.queue:
+                self.queue.remove(task.key)
+            task.run.cancel(reason)
+        elif task.process is not None:
+            task.process.stop(reason)
+        else:
+            task.run.request_stop(reason)  # still preparing: ends when that's done
+
+    def nudge_task(self, task: WorkerTask, reason: str) -> None:
+        text = reason.strip() or "(no message)"
+        if task.process is not None and task.process.send_user_message(
+                f"Message from {task.peer}, who delegated this task: {text}"):
+            task.run.set_note(f"nudge delivered: {text}")
+        elif task.run.state == QUEUED:
+            task.run.set_note(f"nudge not delivered: the task is still queued ({text})")
+        else:
+            task.run.set_note(f"nudge not delivered: the session no longer takes input ({text})")
+        self._send_status(task)
+
+    def tick(self) -> None:
+        try:
+            now = self.clock.seconds()
+            timeout = self.config.task_timeout_secs
+            for task in list(self.tasks.values()):
+                run = task.run
+                if run.finished:
+                    continue
+                if (timeout and run.state == RUNNING and run.started_at is not None
+                        and now - run.started_at >= timeout and task.process is not None
+                        and not run.stop_requested):
+                    run.fail_with(f"timed out after {timeout} s ([delegation] task_timeout_secs)")
+                    task.process.terminate()
+                last = task.last_status_at
+                if last is None:
+                    continue
+                if now - last >= self.config.status_interval_secs:
+                    self._send_status(task)
+                elif run.version != task.sent_version and now - last >= CHANGE_STATUS_MIN_SECS:
+                    self._send_status(task)
+        except Exception:
+            self._log.failure("delegation tick failed")
+
+    # --- validation ------------------------------------------------------------------
+    def allowed_roots(self) -> list[str]:
+        roots = []
+        for d in self.config.allowed_dirs:
+            if d == "~" or d.startswith("~/"):
+                d = str(self.home_root) + d[1:]
+            if os.path.isabs(d):
+                roots.append(os.path.realpath(d))
+        return roots
+
+    def _check(self, peer: str, request: payloads.DelegateTask) -> str:
+        trust = self.trust_of(peer)
+        if trust < self.config.min_trust:
+            raise Refused(f"peer {peer} has trust {trust:.2f}, below [delegation] min_trust "
+                          f"{self.config.min_trust:.2f}; raise it on {self.identity} with "
+                          f"`claudectl hive trust {peer} <level>`")
+        roots = self.allowed_roots()
+        if not roots:
+            raise Refused(f"delegation is disabled on {self.identity}: no directory is allowed. "
+                          f"To allow tasks in a project, add it to [delegation] allowed_dirs "
+                          f"in {self.config_hint} (for example allowed_dirs = [\"/srv/proj\"]) "
+                          f"and restart the relay")
+        size = len(request.prompt.encode("utf-8"))
+        if size > self.config.max_prompt_bytes:
+            raise Refused(f"prompt is {size} bytes, more than [delegation] max_prompt_bytes "
+                          f"{self.config.max_prompt_bytes}")
+        if not request.prompt.strip():
+            raise Refused("the prompt is empty")
+        try:
+            payloads.check_relevant_files(request.context.relevant_files)
+        except payloads.PayloadError as e:
+            raise Refused(str(e)) from None
+        cwd = self._check_dir(request.cwd if request.cwd is not None else roots[0], roots, "cwd")
+        ctx = request.context
+        if ctx.git_remote and not gitws.is_remote_url(ctx.git_remote):
+            self._check_dir(ctx.git_remote, roots, "git_remote")
+        try:
+            if ctx.git_remote:
+                gitws.check_remote(ctx.git_remote)
+            if ctx.git_ref:
+                gitws.check_ref(ctx.git_ref)
+        except gitws.WorkspaceError as e:
+            raise Refused(str(e)) from None
+        if (ctx.git_ref or ctx.git_commit) and self.run_git is None:
+            raise Refused("git checkouts are not available on this worker")
+        return cwd
+
+    def _check_dir(self, path: str, roots: list[str], what: str) -> str:
+        if not os.path.isabs(path):
+            raise Refused(f"{what} {path!r} is not an absolute path")
+        real = os.path.realpath(path)
+        if not os.path.isdir(real):
+            raise Refused(f"{what} {path} does not exist on {self.identity} (or is not a directory)")
+        for root in roots:
+            if os.path.commonpath([root, real]) == root:
+                return real
+        raise Refused(f"{what} {path} is not under [delegation] allowed_dirs on {self.identity} "
+                      f"({', '.join(roots)}); add it to allowed_dirs in {self.config_hint}")
+
+    # --- running ---------------------------------------------------------------------
+    def running_count(self) -> int:
+        return sum(1 for t in self.tasks.values() if t.run.state == RUNNING)
+
+    def _start_queued(self) -> None:
+        while self.queue and self.running_count() < self.config.max_concurrent:
+            task = self.tasks[self.queue.pop(0)]
+            task.run.started()
+            self._save(task)
+            ensureDeferred(self._launch(task)).addErrback(self._launch_failed, task)
+
+    def _launch_failed(self, failure: Any, task: WorkerTask) -> None:
+        self._log.failure("could not launch task {task_id}", failure, task_id=task.task_id)
+        task.run.abort(f"could not start the task: {failure.getErrorMessage()}")
+
+    async def _launch(self, task: WorkerTask) -> None:
+        ctx = task.request.context
+        cwd = task.cwd
+        if ctx.git_ref or ctx.git_commit:
+            assert self.run_git is not None
+            task.run.set_note("preparing a git checkout")
+            self._send_status(task)
+            dest = self.store.workspace(task.key)
+            try:
+                await gitws.prepare(self.run_git, ctx.git_remote or task.cwd, dest,
+                                    ctx.git_ref, ctx.git_commit)
+            except gitws.WorkspaceError as e:
+                task.run.abort(f"git checkout failed: {e}")
+                return
+            task.workspace = cwd = str(dest)
+            if task.run.stop_requested:
+                task.run.abort(task.run._stopped_summary())
+                return
+        if task.run.stop_requested:
+            return
+        if self.spawner is None:
+            task.run.abort("this worker cannot start processes")
+            return
+        cfg = self.config
+        task.process = ClaudeProcess(
+            task.run, claude_argv(cfg.claude_command, cfg.claude_args), cwd,
+            child_env(self.environ, {"CLAUDECTL_TASK_ID": task.task_id,
+                                     "CLAUDECTL_TASK_PEER": task.peer}),
+            self.spawner, self.clock, cfg.stop_grace_secs, kill=self.kill)
+        task.process.start(task.request.prompt)
+        task.pgid = task.process.pid
+        if not task.run.finished:
+            self._save(task)
+            self._send_status(task)
+
+    def _finished(self, outcome: RunOutcome, task: WorkerTask) -> RunOutcome:
+        ensureDeferred(self._handoff(outcome, task)).addErrback(
+            lambda f: self._log.failure("handoff of {task_id} failed", f, task_id=task.task_id))
+        return outcome
+
+    async def _handoff(self, outcome: RunOutcome, task: WorkerTask) -> None:
+        if task.key in self.queue:
+            self.queue.remove(task.key)
+        git_ref = None
+        if outcome.state == "completed" and self.run_git is not None:
+            git_ref = await gitws.head(self.run_git, task.workspace or task.cwd)
+        task.git_ref = git_ref
+        handoff = payloads.TaskHandoff(
+            task_id=task.task_id, state=outcome.wire_state, summary=outcome.summary,
+            artifacts=outcome.files_modified, git_ref=git_ref,
+            total_cost_usd=outcome.cost_usd, total_tokens=outcome.tokens)
+        task.handoff = handoff.to_payload()
+        task.handoff_acked = False
+        self._log.info("task {task_id} from {peer} {state}: {summary}", task_id=task.task_id,
+                       peer=task.peer, state=outcome.state, summary=outcome.summary[:200])
+        self._save(task)
+        self._send_handoff(task)
+        self._start_queued()
+
+    # --- sending ---------------------------------------------------------------------
+    def _send(self, peer: str, msg_type: str, payload: dict[str, Any]) -> bool:
+        try:
+            return bool(self.mesh.send(peer, msg_type, payload))
+        except Exception:
+            self._log.failure("sending {msg_type} to {peer} failed", msg_type=msg_type, peer=peer)
+            return False
+
+    def _send_status(self, task: WorkerTask) -> None:
+        run = task.run
+        state = payloads.STATE_QUEUED if run.state == QUEUED else payloads.STATE_RUNNING
+        task.last_status_at = self.clock.seconds()
+        task.sent_version = run.version
+        self._send(task.peer, TASK_STATUS,
+                   payloads.build_task_status(task.task_id, state, run.stats()))
+
+    def _send_handoff(self, task: WorkerTask) -> None:
+        assert task.handoff is not None
+        sent = self._send(task.peer, TASK_HANDOFF, task.handoff)
+        if sent and self.mesh.peer_mode(task.peer) == "oneway" and not task.handoff_acked:
+            # claudectl 0.64 never acks: a delivered frame is all we can know.
+            task.handoff_acked = True
+            self._save(task)
+
+    def _save(self, task: WorkerTask) -> None:
+        try:
+            self.store.save(task.key, task.record())
+        except OSError:
+            self._log.failure("could not save task {task_id}", task_id=task.task_id)
+
+
+class Refused(Exception):
+    """A delegate_task the worker will not run; the message is the reason."""
+
+

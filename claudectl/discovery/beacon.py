@@ -1,0 +1,150 @@
+# -*- test-case-name: tests.test_discovery_beacon -*-
+"""
+claudectl's LAN announcement (pairing.md 7) and the table a scanner keeps.
+
+A beacon is the ASCII bytes ``CCTL`` followed by compact JSON
+``{"identity":…,"port":…,"version":…}`` (keys in this order), e.g.
+``CCTL{"identity":"laptop-a3f2","port":9847,"version":"0.36.0"}``.  It
+carries no secret: only who is there and which TCP port they listen on.
+
+Parsing accepts what claudectl sends (extra keys ignored, ``version``
+optional) and rejects, with a counted reason, anything malformed: no magic,
+not one JSON object, over 1024 bytes, an identity that is not a valid peer id
+(it is printed in a terminal), a port outside 1-65535 (claudectl would wrap
+it to 16 bits; we refuse it), or a non-integer port.
+
+:class:`DiscoveryTable` keeps one row per identity (the newest announcement
+wins), leaves out our own identity, connects to the datagram's *source* IP
+with the *announced* port, and drops rows not heard from for 30 s.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+from claudectl.relay.keystore import is_remote_peer_id
+
+MAGIC = b"CCTL"
+MAX_DATAGRAM_BYTES = 1024
+STALE_AFTER_SECS = 30.0
+UNKNOWN_VERSION = "unknown"
+MAX_VERSION_CHARS = 32
+
+
+class BeaconError(ValueError):
+    """A datagram that is not a valid announcement; ``reason`` names the check."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Beacon:
+    identity: str
+    port: int
+    version: str
+
+
+def encode_beacon(identity: str, port: int, version: str) -> bytes:
+    """The datagram claudectl sends, byte for byte."""
+    body = json.dumps({"identity": identity, "port": port, "version": version},
+                      separators=(",", ":"), ensure_ascii=False)
+    return MAGIC + body.encode("utf-8")
+
+
+def _clean_version(value: object) -> str:
+    if not isinstance(value, str):
+        return UNKNOWN_VERSION
+    text = "".join(c if c.isprintable() else "?" for c in value)[:MAX_VERSION_CHARS]
+    return text or UNKNOWN_VERSION
+
+
+def parse_beacon(data: bytes) -> Beacon:
+    """A :class:`Beacon`, or :class:`BeaconError` with a short reason."""
+    if len(data) > MAX_DATAGRAM_BYTES:
+        raise BeaconError("oversized")
+    if len(data) < len(MAGIC) + 1 or not data.startswith(MAGIC):
+        raise BeaconError("no magic")
+    try:
+        value = json.loads(data[len(MAGIC):].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BeaconError("not json") from None
+    if not isinstance(value, dict):
+        raise BeaconError("not an object")
+    identity = value.get("identity")
+    if not isinstance(identity, str):
+        raise BeaconError("no identity")
+    if not is_remote_peer_id(identity):
+        raise BeaconError("bad identity")
+    port = value.get("port")
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise BeaconError("no port")
+    if not 0 < port <= 65535:
+        raise BeaconError("bad port")
+    return Beacon(identity, port, _clean_version(value.get("version")))
+
+
+def connect_address(source_host: str, port: int) -> str:
+    """The datagram's source IP with the announced port (``[v6]:port`` for IPv6)."""
+    return f"[{source_host}]:{port}" if ":" in source_host else f"{source_host}:{port}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One discovered instance."""
+
+    identity: str
+    host: str
+    port: int
+    version: str
+    last_seen: float
+
+    @property
+    def address(self) -> str:
+        return connect_address(self.host, self.port)
+
+    def is_stale(self, now: float, stale_after: float = STALE_AFTER_SECS) -> bool:
+        return now - self.last_seen > stale_after
+
+    def to_json(self) -> dict[str, str]:
+        return {"identity": self.identity, "addr": self.address, "version": self.version}
+
+
+class DiscoveryTable:
+    """What a scanner has heard, one row per identity."""
+
+    def __init__(self, own_identity: str | None = None,
+                 stale_after: float = STALE_AFTER_SECS) -> None:
+        self.own_identity = own_identity
+        self.stale_after = stale_after
+        self._rows: dict[str, Row] = {}
+        self.accepted = 0
+        #: Rejected datagrams by reason.
+        self.rejected: Counter[str] = Counter()
+
+    def observe(self, data: bytes, source: tuple[str, int], now: float) -> Row | None:
+        """Feed one datagram; the row it produced, or None (rejected or our own)."""
+        try:
+            beacon = parse_beacon(data)
+        except BeaconError as e:
+            self.rejected[e.reason] += 1
+            return None
+        self.accepted += 1
+        if beacon.identity == self.own_identity:
+            return None
+        row = Row(beacon.identity, source[0], beacon.port, beacon.version, now)
+        self._rows[beacon.identity] = row
+        return row
+
+    def rows(self, now: float) -> list[Row]:
+        """Fresh rows, by identity; stale ones are forgotten."""
+        for ident in [i for i, r in self._rows.items() if r.is_stale(now, self.stale_after)]:
+            del self._rows[ident]
+        return sorted(self._rows.values(), key=lambda r: r.identity)
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())

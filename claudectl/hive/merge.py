@@ -1,0 +1,194 @@
+# -*- test-case-name: tests.test_hive_merge -*-
+"""
+Merging incoming knowledge into the store: local always wins (hive.md 7).
+
+:func:`merge_unit` decides one unit against the unit that holds its semantic
+key and returns a :class:`MergeOutcome` with the log records of hive.md 7.2;
+:func:`merge_batch` applies a batch to an in-memory
+:class:`~claudectl.hive.store.KnowledgeStore`.  Neither touches files:
+:func:`write_merge_logs` appends the records to ``conflicts.jsonl`` and
+``resolutions.jsonl``.
+
+The rules are claudectl's, made into a total order so that the result does
+not depend on the order in which units arrive:
+
+* a unit that originated here is never replaced by a peer's unit;
+* between peers' units the higher ``confidence x evidence_count`` wins
+  (scores equal to 9 decimal places tie), then the higher ``version``, then
+  -- only to make ties deterministic -- the larger ``id`` and JSON text.
+
+Cluster units are unioned, not replaced (their evidence adds up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from claudectl.atomic import append_line
+from claudectl.hive.store import CONFLICTS, RESOLUTIONS, KnowledgeStore, hive_file
+from claudectl.hive.units import (
+    U32_MAX, ApproachCluster, ApproachVariant, KnowledgeUnit, dumps_line, dumps_record,
+)
+from claudectl.home import Home
+
+ACCEPTED = "accepted"
+DUPLICATE = "duplicate"
+UPDATED = "updated"
+CLUSTER_UNIONED = "cluster_unioned"
+REJECTED_LOCAL = "rejected_local"
+REJECTED_PEER = "rejected_peer"
+
+SCORE_DECIMALS = 9
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    result: str
+    #: The unit to store at the key (None: leave the store as it is).
+    store: KnowledgeUnit | None = None
+    conflict: dict[str, Any] | None = None
+    resolution: dict[str, Any] | None = None
+    rationale: str = ""
+
+
+def rank(unit: KnowledgeUnit) -> tuple[float, int, str, str]:
+    """The total order between two peers' units of one semantic key."""
+    return (round(unit.score, SCORE_DECIMALS), unit.version, unit.id, dumps_line(unit))
+
+
+def _conflict(ex: KnowledgeUnit, inc: KnowledgeUnit, now: int) -> dict[str, Any]:
+    return {"incoming_confidence": inc.confidence, "incoming_id": inc.id,
+            "incoming_peer": inc.source_peer, "local_confidence": ex.confidence,
+            "local_id": ex.id, "local_peer": ex.source_peer,
+            "semantic_key": inc.semantic_key, "ts": now}
+
+
+def _resolution(result: str, winner: KnowledgeUnit, loser: KnowledgeUnit, rationale: str,
+                now: int, scores: tuple[float, float] | None = None) -> dict[str, Any]:
+    ws, ls = scores if scores is not None else (winner.score, loser.score)
+    return {"loser_id": loser.id, "loser_peer": loser.source_peer, "loser_score": ls,
+            "rationale": rationale, "result": result, "semantic_key": winner.semantic_key,
+            "ts": now, "winner_id": winner.id, "winner_peer": winner.source_peer,
+            "winner_score": ws}
+
+
+def union_clusters(ex: KnowledgeUnit, inc: KnowledgeUnit) -> KnowledgeUnit:
+    """``ex`` with ``inc``'s variants folded in (hive.md 7.1 step 3)."""
+    assert isinstance(ex.content, ApproachCluster) and isinstance(inc.content, ApproachCluster)
+    merged: dict[str, ApproachVariant] = {v.match_key: v for v in ex.content.variants}
+    for v in inc.content.variants:
+        old = merged.get(v.match_key)
+        if old is None:
+            merged[v.match_key] = v
+            continue
+        peers = old.contributing_peers + tuple(
+            p for i, p in enumerate(v.contributing_peers)
+            if p not in old.contributing_peers and p not in v.contributing_peers[:i])
+        merged[v.match_key] = ApproachVariant(
+            approach_summary=old.approach_summary,
+            evidence=min(old.evidence + v.evidence, U32_MAX),
+            conditions=old.conditions,
+            contributing_peers=peers,
+            outcome_ref=old.outcome_ref or v.outcome_ref)
+    variants = tuple(sorted(merged.values(), key=lambda v: (-v.evidence, v.approach_summary)))
+    return ex.with_(
+        content=ApproachCluster(ex.content.problem_key, variants),
+        evidence_count=min(sum(v.evidence for v in variants), U32_MAX),
+        last_validated_at=max(ex.last_validated_at, inc.last_validated_at),
+        version=min(max(ex.version, inc.version) + 1, U32_MAX))
+
+
+def merge_unit(existing: KnowledgeUnit | None, inc: KnowledgeUnit, local_id: str, now: int,
+               allow_local_origin: bool = False) -> MergeOutcome:
+    """
+    Decide one incoming unit against ``existing`` (the unit holding its
+    semantic key, or None).  ``allow_local_origin`` admits units that claim
+    to come from this machine (``hive import`` of one's own export); from the
+    network such a claim is rejected.
+    """
+    ex = existing
+    if ex is None:
+        if inc.source_peer == local_id and not allow_local_origin:
+            return MergeOutcome(REJECTED_PEER,
+                                rationale="incoming unit claims the local identity")
+        return MergeOutcome(ACCEPTED, store=inc)
+    if ex.id == inc.id and ex.version >= inc.version and rank(inc) <= rank(ex):
+        return MergeOutcome(DUPLICATE)
+    if isinstance(ex.content, ApproachCluster) and isinstance(inc.content, ApproachCluster):
+        merged = union_clusters(ex, inc)
+        why = (f"cluster union: {len(ex.content.variants)} + {len(inc.content.variants)} "
+               f"\u2192 {len(merged.content.variants)} variants")  # type: ignore[attr-defined]
+        return MergeOutcome(CLUSTER_UNIONED, store=merged, rationale=why,
+                            resolution=_resolution(CLUSTER_UNIONED, merged, inc, why, now,
+                                                   (0.0, 0.0)))
+    if ex.source_peer == local_id:
+        why = "local-originated unit wins by policy"
+        return MergeOutcome(REJECTED_LOCAL, rationale=why, conflict=_conflict(ex, inc, now),
+                            resolution=_resolution(REJECTED_LOCAL, ex, inc, why, now))
+    r_inc, r_ex = rank(inc), rank(ex)
+    if r_inc > r_ex:
+        if r_inc[0] > r_ex[0]:
+            why = f"incoming score {inc.score:.2f} > existing {ex.score:.2f}"
+        elif inc.version > ex.version:
+            why = f"scores tied at {inc.score:.2f}; newer version v{inc.version} > v{ex.version}"
+        else:
+            why = f"scores tied at {inc.score:.2f}, same version v{inc.version}; tie broken by id"
+        return MergeOutcome(UPDATED, store=inc, rationale=why,
+                            resolution=_resolution(UPDATED, inc, ex, why, now))
+    why = f"existing score {ex.score:.2f} \u2265 incoming {inc.score:.2f}"
+    return MergeOutcome(REJECTED_PEER, rationale=why, conflict=_conflict(ex, inc, now),
+                        resolution=_resolution(REJECTED_PEER, ex, inc, why, now))
+
+
+@dataclass
+class BatchResult:
+    accepted: int = 0
+    updated: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    outcomes: list[tuple[KnowledgeUnit, MergeOutcome]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    resolutions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def stored(self) -> list[KnowledgeUnit]:
+        """Units this batch put into the store (what gossip may pass on)."""
+        return [o.store for _, o in self.outcomes if o.store is not None]
+
+    def stats(self) -> dict[str, int]:
+        return {"accepted": self.accepted, "updated": self.updated,
+                "rejected": self.rejected, "duplicates": self.duplicates}
+
+
+def merge_batch(store: KnowledgeStore, incoming: Iterable[KnowledgeUnit], local_id: str,
+                now: int, allow_local_origin: bool = False) -> BatchResult:
+    """Merge each unit in turn into ``store`` (in memory) and count the results."""
+    out = BatchResult()
+    for inc in incoming:
+        o = merge_unit(store.get(inc.semantic_key), inc, local_id, now, allow_local_origin)
+        out.outcomes.append((inc, o))
+        if o.store is not None:
+            store.insert(o.store)
+        if o.result == ACCEPTED:
+            out.accepted += 1
+        elif o.result in (UPDATED, CLUSTER_UNIONED):
+            out.updated += 1
+        elif o.result == DUPLICATE:
+            out.duplicates += 1
+        else:
+            out.rejected += 1
+        if o.conflict is not None:
+            out.conflicts.append(o.conflict)
+        if o.resolution is not None:
+            out.resolutions.append(o.resolution)
+    return out
+
+
+def write_merge_logs(home: Home, result: BatchResult) -> None:
+    """Append the batch's records to ``conflicts.jsonl`` / ``resolutions.jsonl``."""
+    for rec in result.conflicts:
+        append_line(hive_file(home, CONFLICTS), dumps_record(rec))
+    for rec in result.resolutions:
+        append_line(hive_file(home, RESOLUTIONS), dumps_record(rec))

@@ -1,0 +1,212 @@
+# -*- test-case-name: tests.test_hive_sharing -*-
+"""
+What may leave this machine, and to whom (hive.md sections 2.4, 6.3, 10).
+
+* :class:`SharingFilter`: the ``[hive]`` settings ``share_categories``,
+  ``exclude_tools``, ``exclude_commands`` and ``exclude_content_types``.
+  Unlike claudectl (defect H21) it looks at every content type: a tool or
+  command named in an outcome's ``approach_ref``, a cluster's
+  ``problem_key`` or a temporal/insight text is filtered too.
+* Exposure (``exposure.json``, ``share_mode``) for units that originated
+  here, and the per-unit :class:`~claudectl.hive.units.SharingConsent`.
+* :class:`ShareContext.shareable` / :func:`shareable`: the full outbound
+  decision for one unit and one peer, which the gossip layer calls for every
+  send, snapshots included (H4).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from claudectl.atomic import atomic_write, locked
+from claudectl.config import HiveConfig
+from claudectl.hive.trust import TrustBook, load_trust
+from claudectl.hive.units import (
+    CATEGORY_LABELS, DAY, ApproachCluster, ApproachOutcome, Command, HookConfig, Insight,
+    KnowledgeUnit, Pattern, Skill, Temporal, ToolAccuracy, dumps_pretty,
+)
+from claudectl.home import Home
+
+#: exclude_content_types labels -> content type tags.
+CONTENT_TYPE_LABELS = {"hook": "hook_config"}
+
+
+def _ref_parts(ref: str) -> tuple[str, str | None]:
+    """``pattern:<tool>:<cmd>`` or ``<tool>:<cmd>`` -> (tool, cmd or None)."""
+    if ref.startswith("pattern:"):
+        ref = ref[len("pattern:"):]
+    tool, _, cmd = ref.partition(":")
+    return tool, (None if cmd in ("", "*") else cmd)
+
+
+@dataclass(frozen=True)
+class SharingFilter:
+    share_categories: frozenset[str] = frozenset()
+    exclude_tools: frozenset[str] = frozenset()
+    exclude_commands: tuple[str, ...] = ()
+    exclude_content_types: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: HiveConfig) -> "SharingFilter":
+        cats = set()
+        for c in config.share_categories:
+            cats.add("workflow" if c == "workflow_pattern" else c)
+        return cls(frozenset(cats), frozenset(config.exclude_tools),
+                   tuple(c for c in config.exclude_commands if c),
+                   frozenset(CONTENT_TYPE_LABELS.get(t, t) for t in config.exclude_content_types))
+
+    def _tool_excluded(self, tool: str) -> bool:
+        return tool in self.exclude_tools
+
+    def _command_excluded(self, text: str | None) -> bool:
+        return bool(text) and any(c in text for c in self.exclude_commands)  # type: ignore[operator]
+
+    def _text_excluded(self, text: str) -> bool:
+        if self._command_excluded(text):
+            return True
+        return any(re.search(rf"(?<!\w){re.escape(t)}(?!\w)", text) for t in self.exclude_tools)
+
+    def reason(self, unit: KnowledgeUnit) -> str | None:
+        """Why ``unit`` must not be shared, or None if the filter lets it pass."""
+        if unit.category == "personal":
+            return "personal"
+        label = CATEGORY_LABELS[unit.category]
+        if self.share_categories and label not in self.share_categories:
+            return f"category {label} not in share_categories"
+        if unit.type in self.exclude_content_types:
+            return f"content type {unit.type} excluded"
+        c = unit.content
+        tool: str | None = None
+        commands: list[str | None] = []
+        texts: list[str] = []
+        if isinstance(c, Pattern):
+            tool, commands = c.tool, [c.command_pattern]
+        elif isinstance(c, ToolAccuracy):
+            tool = c.tool
+        elif isinstance(c, ApproachOutcome):
+            tool, cmd = _ref_parts(c.approach_ref)
+            commands = [cmd]
+            texts = list(c.conditions)
+        elif isinstance(c, ApproachCluster):
+            tool, cmd = _ref_parts(c.problem_key)
+            commands = [cmd] + [v.outcome_ref for v in c.variants]
+            texts = [v.approach_summary for v in c.variants]
+        elif isinstance(c, Command):
+            commands = [c.name]
+        elif isinstance(c, Temporal):
+            texts = [c.description]
+        elif isinstance(c, Insight):
+            texts = [c.summary_text, c.suggestion or ""]
+        elif isinstance(c, (Skill, HookConfig)):
+            texts = [c.name if isinstance(c, Skill) else c.matcher]
+        if tool is not None and self._tool_excluded(tool):
+            return f"tool {tool} excluded"
+        for cmd in commands:
+            if self._command_excluded(cmd):
+                return f"command {cmd} excluded"
+        for text in texts:
+            if text and self._text_excluded(text):
+                return "mentions an excluded tool or command"
+        return None
+
+    def allows(self, unit: KnowledgeUnit) -> bool:
+        return self.reason(unit) is None
+
+
+# --- exposure ------------------------------------------------------------------------
+
+EXPOSE = "expose"
+HIDE = "hide"
+
+
+def load_exposure(home: Home) -> dict[str, str]:
+    try:
+        data = json.loads((home.hive / "exposure.json").read_bytes())
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, Mapping):
+        return {}
+    return {k: v for k, v in data.items() if v in (EXPOSE, HIDE)}
+
+
+def set_exposure(home: Home, unit_id: str, value: str | None) -> None:
+    """Record ``expose``/``hide`` for one local unit (None removes the entry)."""
+    path = home.hive / "exposure.json"
+    with locked(path):
+        data = load_exposure(home)
+        if value is None:
+            data.pop(unit_id, None)
+        else:
+            data[unit_id] = value
+        atomic_write(path, dumps_pretty(data), mode=0o600)
+
+
+def is_exposed(unit: KnowledgeUnit, local_id: str, exposure: Mapping[str, str],
+               share_mode: str) -> bool:
+    """Local units follow ``exposure.json``, else ``share_mode``; peer units pass."""
+    if unit.source_peer != local_id:
+        return True
+    explicit = exposure.get(unit.id)
+    if explicit is not None:
+        return explicit == EXPOSE
+    return share_mode != "manual"
+
+
+# --- the outbound decision ---------------------------------------------------------
+
+
+@dataclass
+class ShareContext:
+    """Everything needed to decide what goes to which peer, loaded once."""
+
+    local_id: str
+    config: HiveConfig
+    trust: TrustBook = field(default_factory=TrustBook)
+    exposure: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, home: Home, local_id: str, config: HiveConfig) -> "ShareContext":
+        return cls(local_id, config, load_trust(home, config.default_trust),
+                   load_exposure(home))
+
+    def __post_init__(self) -> None:
+        self.filter = SharingFilter.from_config(self.config)
+
+    def propagatable(self, unit: KnowledgeUnit, now: int) -> str | None:
+        """Why the unit may go to nobody, or None (hive.md 6.3 items 3-4)."""
+        why = self.filter.reason(unit)
+        if why:
+            return why
+        if unit.propagation_count >= self.config.max_propagation:
+            return "hop limit reached"
+        ttl = self.config.knowledge_ttl_days * DAY
+        if ttl and now - unit.last_validated_at > ttl:
+            return "expired"
+        if not is_exposed(unit, self.local_id, self.exposure, self.config.share_mode):
+            return "hidden"
+        return None
+
+    def refusal(self, unit: KnowledgeUnit, peer_id: str, now: int) -> str | None:
+        """Why ``unit`` must not go to ``peer_id`` now, or None if it may."""
+        if unit.source_peer == peer_id:
+            return "originated at that peer"
+        why = self.propagatable(unit, now)
+        if why:
+            return why
+        if self.trust.is_frozen(peer_id):
+            return "peer is frozen"
+        consent = unit.sharing_consent
+        if consent is not None and not consent.allows(peer_id, self.trust.rank(peer_id), now):
+            return "consent does not allow that peer"
+        return None
+
+    def shareable(self, unit: KnowledgeUnit, peer_id: str, now: int) -> bool:
+        return self.refusal(unit, peer_id, now) is None
+
+
+def shareable(unit: KnowledgeUnit, peer_id: str, *, home: Home, local_id: str,
+              config: HiveConfig, now: int) -> bool:
+    """One-off form of :meth:`ShareContext.shareable` (loads trust and exposure)."""
+    return ShareContext.load(home, local_id, config).shareable(unit, peer_id, now)

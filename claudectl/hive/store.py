@@ -1,0 +1,303 @@
+# -*- test-case-name: tests.test_hive_store -*-
+"""
+The knowledge store: ``$HIVE/knowledge.jsonl`` (hive.md sections 3 and 4).
+
+:class:`KnowledgeStore` is the in-memory model: one unit per semantic key
+(inserting a unit replaces the unit of its key, as in claudectl).  Unlike
+claudectl it is keyed by semantic key rather than by id, so two units that
+happen to share an id (defect H16) no longer overwrite each other.
+
+:func:`store_transaction` is the only way stored knowledge changes: it takes
+the advisory lock, loads the file, lets the caller change the store, applies
+the bounds (:func:`compact`), archives what was evicted and writes the file
+atomically.  Lines that cannot be read are appended, with the reason, to
+``quarantine.jsonl`` before the rewrite, so nothing is lost silently (H5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from claudectl.atomic import append_line, atomic_write, locked
+from claudectl.config import HiveConfig
+from claudectl.hive.units import (
+    DAY, KnowledgeUnit, UnitError, dumps_line, dumps_record, parse_line,
+)
+from claudectl.home import Home
+
+log = Logger()
+
+KNOWLEDGE = "knowledge.jsonl"
+QUARANTINE = "quarantine.jsonl"
+ARCHIVE = "archive.jsonl"
+CONFLICTS = "conflicts.jsonl"
+RESOLUTIONS = "resolutions.jsonl"
+COLLISIONS = "collisions.jsonl"
+MODE = "mode"
+
+
+def hive_file(home: Home, name: str) -> Path:
+    return home.hive / name
+
+
+def now_epoch() -> int:
+    return int(time.time())
+
+
+# --- the in-memory store -----------------------------------------------------------
+
+
+class KnowledgeStore:
+    """Units by semantic key, in insertion order."""
+
+    def __init__(self, units: Iterable[KnowledgeUnit] = ()) -> None:
+        self._by_key: dict[str, KnowledgeUnit] = {}
+        for unit in units:
+            self.insert(unit)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Iterator[KnowledgeUnit]:
+        return iter(list(self._by_key.values()))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._by_key
+
+    def units(self) -> list[KnowledgeUnit]:
+        return list(self._by_key.values())
+
+    def by_key(self) -> dict[str, KnowledgeUnit]:
+        return dict(self._by_key)
+
+    def get(self, semantic_key: str) -> KnowledgeUnit | None:
+        return self._by_key.get(semantic_key)
+
+    def with_id(self, unit_id: str) -> list[KnowledgeUnit]:
+        return [u for u in self._by_key.values() if u.id == unit_id]
+
+    def insert(self, unit: KnowledgeUnit) -> KnowledgeUnit | None:
+        """Store ``unit`` at its semantic key; return the unit it replaced."""
+        key = unit.semantic_key
+        old = self._by_key.get(key)
+        self._by_key[key] = unit
+        return old
+
+    def remove(self, semantic_key: str) -> KnowledgeUnit | None:
+        return self._by_key.pop(semantic_key, None)
+
+    def remove_id(self, unit_id: str) -> list[KnowledgeUnit]:
+        gone = self.with_id(unit_id)
+        for unit in gone:
+            del self._by_key[unit.semantic_key]
+        return gone
+
+    def replace_all(self, units: Iterable[KnowledgeUnit]) -> None:
+        self._by_key = {}
+        for unit in units:
+            self.insert(unit)
+
+    def to_bytes(self) -> bytes:
+        """The file: one compact unit per line; an empty store is ``\\n``."""
+        if not self._by_key:
+            return b"\n"
+        return "".join(dumps_line(u) for u in self._by_key.values()).encode("utf-8")
+
+    def snapshot(self) -> tuple[KnowledgeUnit, ...]:
+        return tuple(self._by_key.values())
+
+
+@dataclass(frozen=True)
+class BadLine:
+    lineno: int
+    reason: str
+    raw: str
+
+    def to_record(self, source: str, now: int) -> dict[str, object]:
+        return {"line": self.raw, "lineno": self.lineno, "reason": self.reason,
+                "source": source, "ts": now}
+
+
+@dataclass
+class LoadResult:
+    store: KnowledgeStore
+    bad: list[BadLine] = field(default_factory=list)
+    #: Units of a key that a later line of the same key replaced.
+    superseded: list[KnowledgeUnit] = field(default_factory=list)
+
+
+def parse_units(data: bytes) -> LoadResult:
+    """Read a units file: good lines into a store, the rest reported."""
+    result = LoadResult(KnowledgeStore())
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            unit = parse_line(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            result.bad.append(BadLine(lineno, "not UTF-8",
+                                      raw.decode("utf-8", "backslashreplace")))
+            continue
+        except UnitError as e:
+            result.bad.append(BadLine(lineno, str(e), raw.decode("utf-8")))
+            continue
+        old = result.store.insert(unit)
+        if old is not None:
+            result.superseded.append(old)
+    return result
+
+
+def read_units_file(path: Path) -> LoadResult:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return LoadResult(KnowledgeStore())
+    return parse_units(data)
+
+
+def load_store(home: Home) -> LoadResult:
+    """Read ``knowledge.jsonl`` without changing anything (for listings)."""
+    return read_units_file(hive_file(home, KNOWLEDGE))
+
+
+def save_store(home: Home, store: KnowledgeStore) -> None:
+    atomic_write(hive_file(home, KNOWLEDGE), store.to_bytes(), mode=0o600)
+
+
+def quarantine_lines(home: Home, bad: Iterable[BadLine], source: str, now: int) -> None:
+    for b in bad:
+        append_line(hive_file(home, QUARANTINE), dumps_record(b.to_record(source, now)))
+        log.warn("unreadable line {lineno} of {source} moved to quarantine: {reason}",
+                 lineno=b.lineno, source=source, reason=b.reason)
+
+
+def archive_units(home: Home, units: Iterable[KnowledgeUnit]) -> int:
+    n = 0
+    for unit in units:
+        append_line(hive_file(home, ARCHIVE), dumps_line(unit))
+        n += 1
+    return n
+
+
+# --- bounds -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Eviction:
+    unit: KnowledgeUnit
+    reason: str  # "ttl", "stale_peer" or "max_units"
+
+
+def compact(units: Iterable[KnowledgeUnit], *, local_id: str, config: HiveConfig,
+            last_contact: Mapping[str, int], now: int
+            ) -> tuple[list[KnowledgeUnit], list[Eviction]]:
+    """
+    Apply the store bounds; local units are never evicted.
+
+    1. Peer units not validated for ``knowledge_ttl_days`` expire.
+    2. Units of peers not heard from for ``stale_peer_days`` (by their last
+       contact; peers we know nothing about are kept) are pruned.
+    3. Above ``max_units``, the peer units with the lowest decayed weight
+       (effective confidence x evidence) go first.
+    A setting of 0 disables its rule.
+    """
+    ttl = config.knowledge_ttl_days * DAY
+    stale = config.stale_peer_days * DAY
+    kept: list[KnowledgeUnit] = []
+    evicted: list[Eviction] = []
+    for unit in units:
+        peer = unit.source_peer
+        if peer == local_id:
+            kept.append(unit)
+        elif ttl and now - unit.last_validated_at > ttl:
+            evicted.append(Eviction(unit, "ttl"))
+        elif stale and peer in last_contact and now - last_contact[peer] > stale:
+            evicted.append(Eviction(unit, "stale_peer"))
+        else:
+            kept.append(unit)
+    cap = config.max_units
+    if cap and len(kept) > cap:
+        peer_units = sorted((u for u in kept if u.source_peer != local_id),
+                            key=lambda u: (u.weight(now), u.last_validated_at, u.id))
+        over = len(kept) - cap
+        drop = {id(u) for u in peer_units[:over]}
+        evicted.extend(Eviction(u, "max_units") for u in kept if id(u) in drop)
+        kept = [u for u in kept if id(u) not in drop]
+    return kept, evicted
+
+
+def last_contact(home: Home, records: Mapping[str, int] | None = None) -> dict[str, int]:
+    """
+    When each peer was last heard from (epoch): the later of its trust
+    record's ``last_sync`` and the relay's ``.meta`` ``last_seen``.
+    """
+    from claudectl.hive.trust import load_trust
+    from claudectl.relay.keystore import KeyStore
+
+    contact = dict(load_trust(home).last_contact() if records is None else records)
+    ks = KeyStore(home)
+    for peer in ks.known_peers():
+        meta = ks.meta(peer)
+        if meta is not None:
+            contact[peer] = max(contact.get(peer, 0), meta.last_seen // 1000)
+    return contact
+
+
+# --- transactions ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def store_transaction(home: Home, *, local_id: str, config: HiveConfig | None = None,
+                      now: int | None = None, apply_bounds: bool = True
+                      ) -> Iterator[KnowledgeStore]:
+    """
+    Read-modify-write ``knowledge.jsonl`` under its lock.
+
+    Unreadable lines are quarantined; superseded duplicates and evicted
+    units go to ``archive.jsonl``; the file is rewritten atomically only if
+    something changed.  If the block raises, nothing is written.
+    """
+    config = config or HiveConfig()
+    path = hive_file(home, KNOWLEDGE)
+    with locked(path):
+        t = now_epoch() if now is None else now
+        loaded = read_units_file(path)
+        store = loaded.store
+        before = store.snapshot()
+        yield store
+        evicted: list[Eviction] = []
+        if apply_bounds:
+            kept, evicted = compact(store.units(), local_id=local_id, config=config,
+                                    last_contact=last_contact(home), now=t)
+            if evicted:
+                store.replace_all(kept)
+        changed = store.snapshot() != before
+        if loaded.bad:
+            quarantine_lines(home, loaded.bad, KNOWLEDGE, t)
+        if loaded.superseded:
+            archive_units(home, loaded.superseded)
+        if evicted:
+            archive_units(home, (e.unit for e in evicted))
+            for e in evicted:
+                log.info("evicted {unit_id} ({reason})", unit_id=e.unit.id, reason=e.reason)
+        if changed or loaded.bad or loaded.superseded or not path.exists():
+            save_store(home, store)
+
+
+def hive_active(home: Home, config: HiveConfig) -> bool:
+    """``$HIVE/mode`` says ``on``/``off``; otherwise ``[hive] enabled`` decides."""
+    try:
+        mode = hive_file(home, MODE).read_text(encoding="utf-8").strip().lower()
+    except (FileNotFoundError, UnicodeDecodeError):
+        mode = ""
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    return config.enabled

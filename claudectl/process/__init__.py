@@ -1,0 +1,1 @@
+"""Helpers for running child processes (Claude Code) safely."""

@@ -1,0 +1,159 @@
+"""Tests for claudectl.atomic: atomic writes, appends and the advisory lock."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl.atomic import append_line, atomic_write, locked
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+class AtomicWriteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+
+    def entries(self) -> list[str]:
+        return sorted(os.listdir(self.dir))
+
+    def test_creates_parents_and_writes(self) -> None:
+        path = self.dir / "a" / "b" / "file"
+        atomic_write(path, "héllo")
+        self.assertEqual(path.read_bytes(), "héllo".encode("utf-8"))
+        self.assertEqual(_mode(path), 0o600)
+        self.assertEqual(os.listdir(path.parent), ["file"])
+
+    def test_mode_ignores_umask(self) -> None:
+        old = os.umask(0o077)
+        try:
+            atomic_write(self.dir / "pub", b"x", mode=0o644)
+        finally:
+            os.umask(old)
+        self.assertEqual(_mode(self.dir / "pub"), 0o644)
+
+    def test_replace_changes_mode(self) -> None:
+        path = self.dir / "k"
+        atomic_write(path, b"1", mode=0o644)
+        atomic_write(path, b"2", mode=0o600)
+        self.assertEqual((path.read_bytes(), _mode(path)), (b"2", 0o600))
+
+    def test_failed_write_leaves_old_file_and_no_temp(self) -> None:
+        path = self.dir / "state.json"
+        atomic_write(path, b"old")
+        with self.assertRaises(TypeError):
+            atomic_write(path, 12345)  # type: ignore[arg-type]
+        self.assertEqual(path.read_bytes(), b"old")
+        self.assertEqual(self.entries(), ["state.json"])
+
+    def test_failed_rename_leaves_no_temp(self) -> None:
+        target = self.dir / "is-a-dir"
+        target.mkdir(parents=True)
+        (target / "inside").write_text("keep")
+        with self.assertRaises(OSError):
+            atomic_write(target, b"data")
+        self.assertEqual(self.entries(), ["is-a-dir"])
+        self.assertEqual((target / "inside").read_text(), "keep")
+
+    def test_interrupt_leaves_no_temp(self) -> None:
+        """Even a KeyboardInterrupt mid-write cleans up."""
+        path = self.dir / "f"
+        atomic_write(path, b"old")
+
+        class Interrupting(bytes):
+            pass
+
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            raise KeyboardInterrupt
+
+        os.fsync = fsync  # type: ignore[assignment]
+        try:
+            with self.assertRaises(KeyboardInterrupt):
+                atomic_write(path, b"new")
+        finally:
+            os.fsync = real_fsync
+        self.assertEqual(path.read_bytes(), b"old")
+        self.assertEqual(self.entries(), ["f"])
+
+
+class AppendTests(SynchronousTestCase):
+    def test_lines(self) -> None:
+        path = Path(self.mktemp()) / "log.jsonl"
+        append_line(path, '{"a":1}')
+        append_line(path, b'{"b":2}\n')
+        self.assertEqual(path.read_bytes(), b'{"a":1}\n{"b":2}\n')
+        self.assertEqual(_mode(path), 0o600)
+
+
+_WORKER = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, sys.argv[3])
+    from claudectl.atomic import locked
+    path = sys.argv[1]
+    for _ in range(int(sys.argv[2])):
+        with locked(path):
+            with open(path) as f:
+                n = int(f.read() or 0)
+            time.sleep(0)  # invite the other process in
+            with open(path, "w") as f:
+                f.write(str(n + 1))
+""")
+
+
+class LockTests(SynchronousTestCase):
+    def test_two_processes_serialised(self) -> None:
+        """Two writers doing read-modify-write 100 times each lose no update."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        counter = directory / "counter"
+        counter.write_text("0")
+        root = str(Path(__file__).resolve().parent.parent)
+        procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(counter), "100", root])
+                 for _ in range(2)]
+        for p in procs:
+            self.assertEqual(p.wait(timeout=60), 0)
+        self.assertEqual(counter.read_text(), "200")
+        # The lock file stays (removing it would race); the target is untouched otherwise.
+        self.assertTrue((directory / "counter.lock").exists())
+        self.assertEqual(_mode(directory / "counter.lock"), 0o600)
+
+    def test_lock_released_on_error(self) -> None:
+        path = Path(self.mktemp()) / "f"
+        with self.assertRaises(ValueError):
+            with locked(path):
+                raise ValueError
+        # Another process can take it now (a held flock would block it).
+        root = str(Path(__file__).resolve().parent.parent)
+        code = ("import sys; sys.path.insert(0, sys.argv[2]); import fcntl, os; "
+                "fd = os.open(sys.argv[1], os.O_RDWR); "
+                "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+        subprocess.run([sys.executable, "-c", code, str(path) + ".lock", root],
+                       check=True, timeout=30)
+
+    def test_held_lock_blocks_other_process(self) -> None:
+        path = Path(self.mktemp()) / "f"
+        code = ("import sys, fcntl, os; fd = os.open(sys.argv[1], os.O_RDWR); "
+                "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+        with locked(path):
+            result = subprocess.run([sys.executable, "-c", code, str(path) + ".lock"],
+                                    capture_output=True, timeout=30)
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn(b"BlockingIOError", result.stderr)
+
+    def test_shared_locks_coexist(self) -> None:
+        path = Path(self.mktemp()) / "f"
+        code = ("import sys, fcntl, os; fd = os.open(sys.argv[1], os.O_RDWR); "
+                "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)")
+        with locked(path, shared=True):
+            subprocess.run([sys.executable, "-c", code, str(path) + ".lock"],
+                           check=True, timeout=30)

@@ -1,0 +1,109 @@
+"""The controller: records, live updates from the owning peer, acks, routing, restarts."""
+
+import json
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl.delegation import controller as C
+from claudectl.delegation import payloads as P
+from claudectl.delegation.store import OUTGOING, TaskStore
+from claudectl.relay.codec import MessageIds
+from tests.common import FakeMesh, temp_home
+
+
+class ControllerTests(SynchronousTestCase):
+    def setUp(self):
+        self.home = temp_home(self)
+        self.clock = Clock()
+        self.clock.advance(1_714_000_040)
+        self.mesh = FakeMesh("laptop-1", peers=["ci-1", "evil-2"])
+        self.ctl = self.make()
+
+    def make(self):
+        ctl = C.DelegationController(
+            mesh=self.mesh, store=TaskStore(self.home.tasks, OUTGOING), clock=self.clock,
+            is_paired=lambda p: p in ("ci-1", "evil-2", "offline-3"),
+            ids=MessageIds(self.clock.seconds, start=0))
+        ctl.load()
+        self.mesh.handlers = {"task_status": [ctl.on_status], "task_handoff": [ctl.on_handoff]}
+        return ctl
+
+    def test_delegate_sends_the_claudectl_payload(self):
+        rec = self.ctl.delegate("ci-1", "Fix the tests")
+        self.assertEqual(rec["task_id"], "task_1714000040000_0")
+        self.assertEqual(self.mesh.sent, [("ci-1", "delegate_task", {
+            "context": {"dependency_graph": {"blocked_by": [], "blocks": []}}, "cwd": None,
+            "prompt": "Fix the tests", "task_id": "task_1714000040000_0"})])
+        self.ctl.delegate("ci-1", "x", "/srv/proj", "feat/auth")
+        self.assertEqual(self.mesh.sent[1][2]["context"]["git_ref"], "feat/auth")
+
+    def test_delegate_errors(self):
+        self.assertRaises(C.PeerUnknown, self.ctl.delegate, "stranger", "p")
+        self.assertRaises(C.PeerNotConnected, self.ctl.delegate, "offline-3", "p")
+        self.assertRaises(C.BadRequest, self.ctl.delegate, "ci-1", "  ")
+        self.assertEqual(self.ctl.list(), [])
+
+    def test_status_and_handoff_update_the_record_and_are_acked(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        d = self.ctl.wait_change(tid, 1, 30)
+        self.assertNoResult(d)
+        self.mesh.deliver("ci-1", "task_status", P.build_task_status(
+            tid, "running", P.TaskStats(1500, 0.1, 3, ("a.py",), 12, "Edit a.py")))
+        view = self.successResultOf(d)
+        self.assertEqual((view["state"], view["tokens"], view["cost_usd"], view["last_message"]),
+                         ("running", 1500, 0.1, "Edit a.py"))
+        self.clock.advance(20)
+        self.assertEqual(self.ctl.view(self.ctl.get(tid))["elapsed_secs"], 20)
+        self.mesh.deliver("ci-1", "task_handoff", P.build_handoff(
+            tid, "Fixed", ["a.py"], "abc123", 0.5, 4000))
+        view = self.ctl.view(self.ctl.get(tid))
+        self.assertEqual((view["state"], view["summary"], view["tokens"], view["result_git_ref"]),
+                         ("completed", "Fixed", 4000, "abc123"))
+        self.assertEqual(self.mesh.sent[-1], ("ci-1", "ack", {"ack_id": tid}))
+        # Late status after the end is ignored; a repeated handoff is acked again.
+        self.mesh.deliver("ci-1", "task_status", P.build_task_status(tid, "running", P.TaskStats()))
+        self.assertEqual(self.ctl.get(tid)["state"], "completed")
+        self.mesh.deliver("ci-1", "task_handoff", P.build_handoff(tid, "Fixed"))
+        self.assertEqual(self.mesh.sent[-1], ("ci-1", "ack", {"ack_id": tid}))
+
+    def test_stopped_handoff(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        self.mesh.deliver("ci-1", "task_handoff", P.build_failure(tid, "Stopped by controller: x"))
+        self.assertEqual(self.ctl.get(tid)["state"], "stopped")
+
+    def test_frames_from_another_peer_are_ignored(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        self.mesh.deliver("evil-2", "task_handoff", P.build_failure(tid, "ha"))
+        self.mesh.deliver("evil-2", "task_status", P.build_task_status(tid, "running", P.TaskStats(9)))
+        self.assertEqual(self.ctl.get(tid)["state"], "delegated")
+        self.assertNotIn(("evil-2", "ack", {"ack_id": tid}), self.mesh.sent)
+
+    def test_interrupt_routes_to_owner(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        self.assertEqual(self.ctl.interrupt(tid, "nudge", "go")["peer"], "ci-1")
+        self.assertEqual(self.mesh.sent[-1], ("ci-1", "task_interrupt", {
+            "interrupt_type": "nudge", "reason": "go", "task_id": tid}))
+        self.assertRaises(C.BadRequest, self.ctl.interrupt, tid, "reroute")
+        self.assertRaises(C.TaskUnknown, self.ctl.interrupt, "nope", "stop")
+        self.mesh.disconnect("ci-1")
+        self.assertRaises(C.PeerNotConnected, self.ctl.interrupt, tid, "stop")
+        self.mesh.connect("ci-1")
+        self.mesh.deliver("ci-1", "task_handoff", P.build_handoff(tid, "done"))
+        self.assertRaises(C.TaskFinished, self.ctl.interrupt, tid, "stop")
+
+    def test_records_survive_a_restart(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        self.mesh.deliver("ci-1", "task_status", P.build_task_status(tid, "running", P.TaskStats(7)))
+        ctl2 = self.make()
+        self.assertEqual(ctl2.get(tid)["stats"]["tokens_used"], 7)
+        self.mesh.deliver("ci-1", "task_handoff", P.build_handoff(tid, "ok"))
+        self.assertEqual(json.loads((self.home.tasks / "outgoing" / f"{tid}.json").read_text())
+                         ["state"], "completed")
+
+    def test_wait_times_out_with_the_current_view(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        d = self.ctl.wait_change(tid, 1, 10)
+        self.clock.advance(10)
+        self.assertEqual(self.successResultOf(d)["version"], 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

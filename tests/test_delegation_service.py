@@ -1,0 +1,49 @@
+"""attach(node, parent): handlers, link observer, locator, service lifecycle."""
+
+from twisted.application.service import MultiService
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl.config import Config, DelegationConfig
+from claudectl.delegation import payloads as P
+from claudectl.delegation.locator import DelegationLocator
+from claudectl.delegation.service import attach
+from tests.common import FakeMesh, temp_home
+
+
+class Node:
+    def __init__(self, home, project):
+        self.home = home
+        self.config = Config(delegation=DelegationConfig(allowed_dirs=(str(project),)))
+        self.identity = "worker-1"
+        self.mesh = FakeMesh("worker-1", peers=["ctl-1"])
+        self.reactor = Clock()  # no IReactorProcess: tasks fail clearly
+        self.control_locators = []
+        self.status_providers = []
+        self.trust_of = lambda peer: 0.5
+
+
+class ServiceTests(SynchronousTestCase):
+    def test_attach_and_run(self):
+        home = temp_home(self)
+        project = home.root / "proj"
+        project.mkdir()
+        node = Node(home, project)
+        parent = MultiService()
+        svc = attach(node, parent)
+        self.assertIsInstance(node.control_locators[0], DelegationLocator)
+        for t in ("delegate_task", "task_interrupt", "ack", "task_status", "task_handoff"):
+            self.assertEqual(len(node.mesh.handlers[t]), 1, t)
+        parent.startService()
+        node.trust_of = lambda peer: 0.1  # the hive layer replaced it after attach
+        node.mesh.deliver("ctl-1", "delegate_task", P.build_delegate_task("t1", "p", str(project)))
+        (h,) = [p for _, t, p in node.mesh.sent if t == "task_handoff"]
+        self.assertIn("trust 0.10", h["summary"])
+        node.trust_of = lambda peer: 0.5
+        node.mesh.deliver("ctl-1", "delegate_task", P.build_delegate_task("t2", "p", str(project)))
+        h = [p for _, t, p in node.mesh.sent if t == "task_handoff"][-1]
+        self.assertEqual(h["summary"], "this worker cannot start processes")
+        self.assertEqual(node.status_providers[0]()["delegation"]["allowed_dirs"],
+                         [str(project.resolve())])
+        self.successResultOf(parent.stopService())
+        self.assertFalse(svc.running)

@@ -1,0 +1,362 @@
+"""The worker: validation, queueing, live status, handoffs, interrupts, restarts."""
+
+import dataclasses
+import json
+import signal
+from pathlib import Path
+
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl.config import DelegationConfig
+from claudectl.delegation import payloads as P
+from claudectl.delegation.claude_process import user_message
+from claudectl.delegation.store import INCOMING, TaskStore
+from claudectl.delegation.worker import RESTARTED_SUMMARY, DelegationWorker
+from tests.common import FakeMesh, temp_home
+from tests.test_delegation_process import FakeTransport
+
+INIT = b'{"type":"system","subtype":"init","session_id":"sess-1","model":"m"}\n'
+EDIT = (b'{"type":"assistant","message":{"id":"m1","content":[{"type":"tool_use","name":"Edit",'
+        b'"input":{"file_path":"/x/a.py"}}],"usage":{"input_tokens":10,"output_tokens":5}}}\n')
+RESULT = (b'{"type":"result","is_error":false,"result":"Fixed the tests","total_cost_usd":0.42,'
+          b'"usage":{"input_tokens":100,"output_tokens":20}}\n')
+
+
+class Spawner:
+    def __init__(self):
+        self.calls = []
+        self.pid = 1000
+
+    def __call__(self, proto, executable, args, env=None, path=None):
+        self.pid += 1
+        t = FakeTransport(self.pid)
+        proto.makeConnection(t)
+        self.calls.append({"proto": proto, "args": args, "env": env, "path": path, "t": t})
+        return t
+
+
+class WorkerTestsBase(SynchronousTestCase):
+    def setUp(self):
+        self.home = temp_home(self)
+        self.project = self.home.root / "proj"
+        (self.project / "sub").mkdir(parents=True)
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.mesh = FakeMesh("worker-1", peers=["ctl-1", "other-2"])
+        self.spawner = Spawner()
+        self.kills = []
+        self.trust = {"ctl-1": 0.5, "other-2": 0.9}
+        self.config = DelegationConfig(allowed_dirs=(str(self.project),), max_concurrent=1,
+                                       claude_command="/bin/sh", stop_grace_secs=5)
+        self.worker = self.make_worker()
+
+    def make_worker(self, **config):
+        cfg = dataclasses.replace(self.config, **config)
+        w = DelegationWorker(
+            identity="worker-1", config=cfg, mesh=self.mesh,
+            store=TaskStore(self.home.tasks, INCOMING), trust_of=lambda p: self.trust.get(p, 0.0),
+            clock=self.clock, spawner=self.spawner, home_root=self.home.root,
+            kill=lambda pid, sig: self.kills.append((pid, sig)))
+        for t, h in (("delegate_task", w.on_delegate), ("task_interrupt", w.on_interrupt),
+                     ("ack", w.on_ack)):
+            self.mesh.handlers[t] = [h]
+        self.mesh.up = [w.on_link_up]  # the newest worker only (restarts)
+        w.start()
+        self.addCleanup(lambda: w._loop.running and w._loop.stop())
+        return w
+
+    def delegate(self, task_id="task_1", prompt="Fix it", cwd=None, peer="ctl-1", **ctx):
+        self.mesh.deliver(peer, "delegate_task", P.build_delegate_task(
+            task_id, prompt, str(self.project) if cwd is None else cwd, P.TaskContext(**ctx)))
+
+    def sent(self, msg_type=None):
+        return [(peer, t, p) for peer, t, p in self.mesh.sent if msg_type in (None, t)]
+
+    def handoffs(self):
+        return [p for _, _, p in self.sent("task_handoff")]
+
+    def finish(self, i=0, data=INIT + EDIT + RESULT, reason=None):
+        proto = self.spawner.calls[i]["proto"]
+        proto.childDataReceived(1, data)
+        proto.processEnded(Failure(reason or ProcessDone(0)))
+
+
+class ValidationTests(WorkerTestsBase):
+    def refusal(self):
+        (h,) = self.handoffs()
+        self.assertEqual(h["state"], "failed")
+        self.assertNotIn("git_ref", h)
+        self.assertEqual(self.spawner.calls, [])
+        return h["summary"]
+
+    def test_default_config_refuses_and_says_how_to_allow(self):
+        self.worker = self.make_worker(allowed_dirs=())
+        self.delegate()
+        summary = self.refusal()
+        self.assertIn("delegation is disabled on worker-1", summary)
+        self.assertIn("allowed_dirs", summary)
+
+    def test_low_trust(self):
+        self.trust["ctl-1"] = 0.3
+        self.delegate()
+        self.assertIn("trust 0.30, below [delegation] min_trust 0.50", self.refusal())
+
+    def test_cwd_outside_allowed_dirs(self):
+        self.delegate(cwd=str(self.home.root))
+        self.assertIn("is not under [delegation] allowed_dirs", self.refusal())
+
+    def test_symlink_escape_is_outside(self):
+        (self.project / "escape").symlink_to(self.home.root)
+        self.delegate(cwd=str(self.project / "escape"))
+        self.assertIn("is not under", self.refusal())
+
+    def test_missing_and_relative_cwd(self):
+        self.delegate(cwd=str(self.project / "nope"))
+        self.assertIn("does not exist", self.refusal())
+        self.mesh.sent.clear()
+        self.delegate(task_id="task_2", cwd="proj")
+        self.assertIn("not an absolute path", self.refusal())
+
+    def test_prompt_too_big(self):
+        self.worker = self.make_worker(max_prompt_bytes=10)
+        self.delegate(prompt="x" * 11)
+        self.assertIn("max_prompt_bytes", self.refusal())
+
+    def test_relevant_files_too_big(self):
+        payload = P.build_delegate_task("task_1", "p", str(self.project))
+        payload["context"]["relevant_files"] = {"a": "x" * 51_201}
+        self.mesh.deliver("ctl-1", "delegate_task", payload)
+        self.assertEqual(self.refusal(),
+                         "refused by worker-1: relevant_files payload too large: 51201 bytes "
+                         "(max 51200)")
+
+    def test_bad_payload_with_task_id_is_told(self):
+        self.mesh.deliver("ctl-1", "delegate_task", {"task_id": "t9"})
+        self.assertIn("missing prompt", self.refusal())
+        self.mesh.deliver("ctl-1", "delegate_task", {"prompt": "x"})
+        self.assertEqual(len(self.handoffs()), 1)
+        self.assertEqual(self.worker.counters["bad_payload"], 2)
+
+    def test_null_cwd_uses_first_allowed_dir_and_subdirs_are_allowed(self):
+        self.mesh.deliver("ctl-1", "delegate_task", P.build_delegate_task("t", "p", None))
+        self.assertEqual(self.spawner.calls[0]["path"], str(self.project.resolve()))
+        self.delegate(task_id="t2", cwd=str(self.project / "sub"))
+        self.finish(0)
+        self.assertEqual(self.spawner.calls[1]["path"], str((self.project / "sub").resolve()))
+
+    def test_git_ref_starting_with_dash(self):
+        self.worker.run_git = lambda args, cwd: None
+        self.delegate(git_ref="--upload-pack=evil")
+        self.assertIn("is not a valid git ref", self.refusal())
+
+
+class RunTests(WorkerTestsBase):
+    def test_full_run_status_and_handoff(self):
+        self.delegate()
+        call = self.spawner.calls[0]
+        self.assertEqual(call["args"][4:7], ["/bin/sh", "-p", "--output-format"])
+        self.assertEqual(call["t"].written, [user_message("Fix it")])
+        self.assertEqual(call["env"]["CLAUDECTL_TASK_ID"], "task_1")
+        (status,) = [p for _, _, p in self.sent("task_status")]
+        self.assertEqual((status["state"], status["stats"]["elapsed_secs"]), ("running", 0))
+        proto = call["proto"]
+        proto.childDataReceived(1, INIT + EDIT)
+        # A change: reported at most every 2 s, on the tick.
+        self.clock.advance(1)
+        self.assertEqual(len(self.sent("task_status")), 1)
+        self.clock.advance(1)
+        status = self.sent("task_status")[-1][2]
+        self.assertEqual(status["stats"]["files_modified"], ["/x/a.py"])
+        self.assertEqual(status["stats"]["tokens_used"], 15)
+        self.assertEqual(status["stats"]["last_activity"], "Edit /x/a.py")
+        # Periodic status without change every status_interval_secs (30).
+        n = len(self.sent("task_status"))
+        self.clock.advance(29)
+        self.assertEqual(len(self.sent("task_status")), n)
+        self.clock.advance(1)
+        self.assertEqual(len(self.sent("task_status")), n + 1)
+        proto.childDataReceived(1, RESULT)
+        self.assertTrue(call["t"].stdin_closed)
+        proto.processEnded(Failure(ProcessDone(0)))
+        (h,) = self.handoffs()
+        self.assertEqual(h, {"artifacts": ["/x/a.py"], "git_ref": None, "state": "completed",
+                             "summary": "Fixed the tests", "task_id": "task_1",
+                             "total_cost_usd": 0.42, "total_tokens": 120})
+        rec = json.loads((self.home.tasks / "incoming" / "ctl-1--task_1.json").read_text())
+        self.assertEqual((rec["state"], rec["handoff_acked"]), ("completed", False))
+        self.mesh.deliver("ctl-1", "ack", {"ack_id": "task_1"})
+        rec = json.loads((self.home.tasks / "incoming" / "ctl-1--task_1.json").read_text())
+        self.assertTrue(rec["handoff_acked"])
+
+    def test_exit_zero_with_is_error_fails(self):
+        self.delegate()
+        self.finish(data=b'{"type":"result","is_error":true,"result":"Not logged in"}\n')
+        self.assertEqual(self.handoffs()[0]["summary"], "Not logged in")
+        self.assertEqual(self.handoffs()[0]["state"], "failed")
+
+    def test_queue_and_concurrency(self):
+        self.delegate("a")
+        self.delegate("b")
+        self.assertEqual(len(self.spawner.calls), 1)
+        st = [p for _, _, p in self.sent("task_status") if p["task_id"] == "b"]
+        self.assertEqual(st[-1]["state"], "queued")
+        self.assertIn("queued", st[-1]["stats"]["last_activity"])
+        self.finish(0)
+        self.assertEqual(len(self.spawner.calls), 2)
+        st = [p for _, _, p in self.sent("task_status") if p["task_id"] == "b"]
+        self.assertEqual(st[-1]["state"], "running")
+
+    def test_duplicate_task_id_gets_current_state(self):
+        self.delegate()
+        self.delegate()
+        self.assertEqual(len(self.spawner.calls), 1)
+        self.assertEqual(len(self.sent("task_status")), 2)
+        self.finish()
+        self.delegate()
+        self.assertEqual(len(self.handoffs()), 2)
+        self.assertEqual(len(self.spawner.calls), 1)
+
+    def test_same_task_id_from_two_peers_are_two_tasks(self):
+        self.worker = self.make_worker(max_concurrent=2)
+        self.delegate(peer="ctl-1")
+        self.delegate(peer="other-2")
+        self.assertEqual(len(self.spawner.calls), 2)
+
+    def test_timeout(self):
+        self.worker = self.make_worker(task_timeout_secs=60)
+        self.delegate()
+        self.clock.advance(61)
+        self.assertEqual(self.kills[0], (1001, signal.SIGTERM))
+        self.spawner.calls[0]["proto"].processEnded(Failure(ProcessTerminated(signal=15)))
+        self.assertIn("timed out after 60 s", self.handoffs()[0]["summary"])
+
+
+class InterruptTests(WorkerTestsBase):
+    def interrupt(self, kind, reason="", peer="ctl-1", task_id="task_1"):
+        self.mesh.deliver(peer, "task_interrupt", P.build_interrupt(task_id, kind, reason))
+
+    def test_stop_running(self):
+        self.delegate()
+        self.interrupt("stop", "no longer needed")
+        self.assertEqual(self.kills, [(1001, signal.SIGTERM)])
+        self.clock.advance(5)
+        self.assertEqual(self.kills[-1], (1001, signal.SIGKILL))
+        self.spawner.calls[0]["proto"].processEnded(Failure(ProcessTerminated(signal=9)))
+        (h,) = self.handoffs()
+        self.assertEqual((h["state"], h["summary"]), ("failed", "Stopped by controller: no longer needed"))
+
+    def test_stop_queued(self):
+        self.delegate("a")
+        self.delegate("b")
+        self.interrupt("stop", task_id="b")
+        (h,) = self.handoffs()
+        self.assertEqual((h["task_id"], h["summary"]), ("b", "Stopped by controller"))
+        self.finish(0)
+        self.assertEqual(len(self.spawner.calls), 1)
+
+    def test_only_the_owner_may_interrupt(self):
+        self.delegate()
+        self.interrupt("stop", peer="other-2")
+        self.interrupt("nudge", "hi", peer="other-2")
+        self.assertEqual(self.kills, [])
+        self.assertEqual(self.spawner.calls[0]["t"].written, [user_message("Fix it")])
+        self.assertEqual(self.worker.counters["interrupts_refused"], 2)
+        self.assertEqual([p for p, _, _ in self.mesh.sent], ["ctl-1"])
+
+    def test_nudge_reaches_the_session(self):
+        self.delegate()
+        self.interrupt("nudge", "dependency resolved")
+        t = self.spawner.calls[0]["t"]
+        self.assertEqual(len(t.written), 2)
+        self.assertIn("dependency resolved", json.loads(t.written[1])["message"]["content"][0]["text"])
+        st = self.sent("task_status")[-1][2]
+        self.assertEqual(st["stats"]["last_activity"], "nudge delivered: dependency resolved")
+
+    def test_nudge_not_deliverable(self):
+        self.delegate("a")
+        self.delegate("b")
+        self.interrupt("nudge", "hey", task_id="b")
+        st = self.sent("task_status")[-1][2]
+        self.assertIn("nudge not delivered", st["stats"]["last_activity"])
+
+    def test_interrupt_after_the_end_does_not_flip_the_result(self):
+        self.delegate()
+        self.finish()
+        self.interrupt("stop")
+        hs = self.handoffs()
+        self.assertEqual([h["state"] for h in hs], ["completed", "completed"])
+        self.assertEqual(self.kills, [])
+
+    def test_unsupported_interrupt(self):
+        self.delegate()
+        self.interrupt("reroute")
+        self.assertIn("not supported", self.sent("task_status")[-1][2]["stats"]["last_activity"])
+
+
+class PersistenceTests(WorkerTestsBase):
+    def test_undelivered_handoff_is_resent_on_link_up_until_acked(self):
+        self.delegate()
+        self.mesh.disconnect("ctl-1")
+        self.finish()
+        self.assertEqual(self.handoffs(), [])
+        self.mesh.connect("ctl-1")
+        self.assertEqual(len(self.handoffs()), 1)
+        self.mesh.disconnect("ctl-1")
+        self.mesh.connect("ctl-1")
+        self.assertEqual(len(self.handoffs()), 2)
+        self.mesh.deliver("ctl-1", "ack", {"ack_id": "task_1"})
+        self.mesh.disconnect("ctl-1")
+        self.mesh.connect("ctl-1")
+        self.assertEqual(len(self.handoffs()), 2)
+
+    def test_claudectl_peers_never_ack_so_a_send_is_enough(self):
+        self.mesh.peers["ctl-1"] = "oneway"
+        self.delegate()
+        self.finish()
+        self.mesh.disconnect("ctl-1")
+        self.mesh.connect("ctl-1", mode="oneway")
+        self.assertEqual(len(self.handoffs()), 1)
+
+    def test_restart_mid_task_reports_failed_and_never_reruns(self):
+        self.worker = self.make_worker(max_concurrent=1)
+        self.delegate("a")
+        self.delegate("b")  # queued
+        self.mesh.disconnect("ctl-1")
+        self.worker._loop.stop()
+        # A second worker on the same home: the first "died".
+        w2 = self.make_worker()
+        self.assertEqual(w2.tasks["ctl-1--a"].run.state, "failed")
+        self.assertEqual(w2.tasks["ctl-1--a"].handoff["summary"], RESTARTED_SUMMARY)
+        # The queued task runs now (it never started), the running one does not.
+        self.assertEqual(len(self.spawner.calls), 2)
+        self.assertIn(b"Fix it", self.spawner.calls[1]["t"].written[0])
+        self.mesh.connect("ctl-1")
+        hs = self.handoffs()
+        self.assertEqual([h["task_id"] for h in hs], ["a"])
+        self.finish(1)
+        w3 = self.make_worker()
+        self.assertEqual(len(self.spawner.calls), 2)
+        self.assertEqual(w3.tasks["ctl-1--b"].run.state, "completed")
+        self.assertEqual(w3.tasks["ctl-1--b"].handoff["summary"], "Fixed the tests")
+        self.delegate("b")  # the controller asks again: it gets the result, no re-run
+        self.assertEqual(len(self.spawner.calls), 2)
+
+    def test_graceful_stop_terminates_and_reports(self):
+        self.delegate()
+        d = self.worker.stop()
+        self.assertEqual(self.kills, [(1001, signal.SIGTERM)])
+        self.assertNoResult(d)
+        self.spawner.calls[0]["proto"].processEnded(Failure(ProcessTerminated(signal=15)))
+        self.successResultOf(d)
+        self.assertIn("shut down", self.handoffs()[0]["summary"])
+
+    def test_unreadable_record_is_kept(self):
+        bad = self.home.tasks / "incoming" / "ctl-1--x.json"
+        bad.parent.mkdir(parents=True, exist_ok=True)
+        bad.write_text("{not json")
+        self.make_worker()
+        self.assertEqual(bad.read_text(), "{not json")
+        self.flushLoggedErrors()

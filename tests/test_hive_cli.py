@@ -1,0 +1,157 @@
+"""``claudectl hive ...`` through the real entry point."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl.cli import main
+from claudectl.hive.store import load_store, store_transaction
+from claudectl.hive.trust import load_trust
+from claudectl.home import Home
+from claudectl.relay.keystore import KeyStore
+from tests.common import subprocess_env, temp_home
+from tests.test_hive_distill import decision, write_log
+from tests.test_hive_units import make_unit
+
+
+def run(home: Home, *args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(["--home", str(home.root), *args])
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+class HiveCliTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+        self.me = KeyStore(self.home).ensure_identity()
+
+    def ok(self, *args: str) -> str:
+        code, out, err = run(self.home, *args)
+        self.assertEqual(code, 0, err)
+        return out
+
+    def test_distill_then_list_filter_and_status(self) -> None:
+        write_log(self.home, [decision(i) for i in range(10)]
+                  + [decision(20 + i, tool="Read", command="/x/a.rs") for i in range(5)])
+        self.assertIn("Distilled 15 decision(s): 3 new", self.ok("hive", "distill"))
+        table = self.ok("hive", "knowledge")
+        self.assertIn("[Bash, cargo test] approve (100%)", table)
+        self.assertIn("3 unit(s)", table)
+        units = json.loads(self.ok("hive", "knowledge", "--json"))
+        self.assertEqual(len(units), 3)
+        self.assertEqual(list(units[0])[:4], ["id", "scope", "category", "content"])
+        self.assertEqual(json.loads(self.ok("--json", "hive", "knowledge", "--from", "nobody")), [])
+        self.assertEqual(len(json.loads(self.ok("hive", "knowledge", "--json", "--from",
+                                                self.me[:4]))), 3)
+        self.assertEqual(json.loads(self.ok("hive", "knowledge", "--json", "--scope",
+                                            "project:x")), [])
+        status = json.loads(self.ok("hive", "status", "--json"))
+        self.assertEqual((status["units"], status["local_units"], status["identity"]),
+                         (3, 3, self.me))
+        self.assertIn("Knowledge:   3 units", self.ok("hive", "status"))
+        self.assertIn("Curriculum v2", self.ok("hive", "distill"))
+        self.assertIn("LESSON", self.ok("hive", "curriculum"))
+
+    def test_export_yaml_import_elsewhere_trust_and_prompt(self) -> None:
+        write_log(self.home, [decision(i) for i in range(10)])
+        self.ok("hive", "distill")
+        exported = self.tmp("kb.yaml")
+        with open(exported, "w") as f:
+            f.write(self.ok("hive", "export", "--format", "yaml"))
+        other = temp_home(self)
+        code, out, err = run(other, "hive", "import", exported)
+        self.assertEqual(code, 0, err)
+        self.assertIn("Imported 2 new knowledge units.", out)
+        prompt = run(other, "hive", "prompt")[1]
+        self.assertTrue(prompt.startswith("## Hive Knowledge (1 peers, 2 units)"))
+        self.assertIn(f"- [hive, suggested] [Bash, cargo test] approve (100%) \u2014 10 "
+                      f"decisions from {self.me}", prompt)
+        self.assertIn("set to 0.90 (Confirmed)", run(other, "hive", "trust", self.me, "0.9")[1])
+        self.assertIn("- [hive] [Bash, cargo test]", run(other, "hive", "prompt")[1])
+        self.assertIn("(Ignored)", run(other, "hive", "trust", self.me, "0.1")[1])
+        code, out, err = run(other, "hive", "prompt")
+        self.assertEqual((code, out), (0, ""))
+        self.assertIn("No hive knowledge", err)
+        listing = run(other, "--json", "hive", "trust")[1]
+        self.assertEqual(json.loads(listing)[0]["trust_level"], 0.1)
+        code, out, _ = run(other, "hive", "trust", self.me, "7")
+        self.assertIn("set to 1.00 (Confirmed) (clamped from 7)", out)
+        self.assertEqual(load_trust(other).level(self.me), 1.0)
+
+    def tmp(self, name: str) -> str:
+        return str(self.home.root / name)
+
+    def test_bad_import_changes_nothing(self) -> None:
+        with store_transaction(self.home, local_id=self.me) as store:
+            store.insert(make_unit(1, source_peer=self.me))
+        before = (self.home.hive / "knowledge.jsonl").read_bytes()
+        bad = self.tmp("bad.json")
+        good = make_unit(2, source_peer="p").to_json()
+        with open(bad, "w") as f:
+            json.dump([good, {"id": "ku_broken", "scope": {"type": "galaxy"}}], f)
+        code, out, err = run(self.home, "hive", "import", bad)
+        self.assertEqual(code, 1)
+        self.assertIn("record 2 (id ku_broken): scope.type 'galaxy'", err)
+        self.assertIn("nothing was imported", err)
+        self.assertEqual((self.home.hive / "knowledge.jsonl").read_bytes(), before)
+        self.assertIn("cannot read", run(self.home, "hive", "import", self.tmp("missing"))[2])
+
+    def test_forget(self) -> None:
+        with store_transaction(self.home, local_id=self.me) as store:
+            store.insert(make_unit(1, id="ku_1745539200_3", source_peer=self.me))
+        self.assertIn("Removed ku_1745539200_3", self.ok("hive", "forget", "ku_1745539200_3"))
+        self.assertEqual(len(load_store(self.home).store), 0)
+        code, _, err = run(self.home, "hive", "forget", "ku_1745539200_3")
+        self.assertEqual((code, err), (1, "Error: no knowledge unit with id ku_1745539200_3\n"))
+
+    def test_trust_errors_and_unfreeze(self) -> None:
+        self.assertEqual(run(self.home, "hive", "trust", "p", "high")[0], 1)
+        self.assertEqual(run(self.home, "hive", "trust", "bad id!")[0], 1)
+        self.assertIn("no record yet", self.ok("hive", "trust", "p"))
+        self.assertIn("No peers yet", self.ok("hive", "trust"))
+        self.ok("hive", "trust", "p", "0.6")
+        from claudectl.hive.trust import trust_transaction
+        with trust_transaction(self.home) as book:
+            book.records["p"].freeze("test", 1)
+        self.assertIn("frozen: test", self.ok("hive", "trust", "p"))
+        self.assertIn("p unfrozen.", self.ok("hive", "trust", "p", "--unfreeze"))
+        self.assertFalse(load_trust(self.home).is_frozen("p"))
+
+    def test_archive_command(self) -> None:
+        self.assertIn("Archive: 0 unit(s)", self.ok("hive", "archive"))
+        out = json.loads(self.ok("hive", "archive", "--prune", "30d", "--json"))
+        self.assertEqual(out["pruned"], {"removed": 0, "kept": 0})
+        self.assertEqual(run(self.home, "hive", "archive", "--prune", "soon")[0], 1)
+
+    def test_curriculum_before_distill(self) -> None:
+        self.assertIn("No curriculum yet", self.ok("hive", "curriculum"))
+        self.assertEqual(json.loads(self.ok("hive", "curriculum", "--json")), [])
+
+    def test_help_lists_commands(self) -> None:
+        out = self.ok("hive", "--help")
+        for cmd in ("status", "knowledge", "export", "import", "forget", "trust", "archive",
+                    "distill", "curriculum", "prompt"):
+            self.assertIn(cmd, out)
+
+
+class SubprocessTests(SynchronousTestCase):
+    def test_real_process(self) -> None:
+        home = temp_home(self)
+        write_log(home, [decision(i) for i in range(10)])
+        env = subprocess_env(home)
+        subprocess.run([sys.executable, "-m", "claudectl", "hive", "distill"], env=env,
+                       check=True, capture_output=True, timeout=60)
+        out = subprocess.run([sys.executable, "-m", "claudectl", "--json", "hive", "export"],
+                             env=env, check=True, capture_output=True, timeout=60).stdout
+        self.assertEqual(len(json.loads(out)), 2)

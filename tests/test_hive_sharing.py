@@ -1,0 +1,114 @@
+"""What may be shared, with whom: filter, exposure, consent, hops, TTL."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl.config import HiveConfig
+from claudectl.hive.sharing import (
+    ShareContext, SharingFilter, is_exposed, load_exposure, set_exposure, shareable,
+)
+from claudectl.hive.trust import TrustBook
+from claudectl.hive.units import (
+    DAY, ApproachCluster, ApproachOutcome, ApproachVariant, Command, HookConfig, Insight,
+    Pattern, SharingConsent, Skill, Temporal, ToolAccuracy,
+)
+from tests.common import temp_home, vector
+from tests.test_hive_units import make_unit
+
+NOW = 1_800_000_000
+
+
+class FilterTests(SynchronousTestCase):
+    def test_personal_never_shared(self) -> None:
+        self.assertEqual(SharingFilter().reason(make_unit(category="personal")), "personal")
+
+    def test_share_categories_with_workflow_label(self) -> None:
+        f = SharingFilter.from_config(HiveConfig(share_categories=("workflow",)))
+        self.assertTrue(f.allows(make_unit(category="workflow_pattern")))
+        self.assertFalse(f.allows(make_unit(category="best_practice")))
+        self.assertTrue(SharingFilter().allows(make_unit(category="technique")))
+
+    def test_excluded_tool_filtered_in_every_content_type(self) -> None:
+        f = SharingFilter.from_config(HiveConfig(exclude_tools=("Write",)))
+        leaking = [
+            Pattern("Write", None, "approve", 1.0, 5, ()),
+            ToolAccuracy("Write", 10, 9, 0.5),
+            ApproachOutcome("pattern:Write:*.lock", 0.9, 5),
+            ApproachCluster("Write:*", (ApproachVariant("approve", 3),)),
+            Temporal("Write after errors: user denies", 0.8),
+            Insight("error_loop", "warning", "Repeated failures: Write *.lock"),
+        ]
+        for content in leaking:
+            self.assertFalse(f.allows(make_unit(content=content)), content)
+        self.assertTrue(f.allows(make_unit(content=Temporal("Rewrite is fine", 0.8))))
+        self.assertTrue(f.allows(make_unit(content=Pattern("Bash", None, "approve", 1.0, 5, ()))))
+
+    def test_excluded_commands(self) -> None:
+        f = SharingFilter.from_config(HiveConfig(exclude_commands=("secret",)))
+        self.assertFalse(f.allows(make_unit(content=Pattern("Bash", "run secret-job", "deny", 0.0, 5, ()))))
+        self.assertFalse(f.allows(make_unit(content=Command("secret", "d", None, "b"))))
+        self.assertFalse(f.allows(make_unit(content=ApproachCluster("Bash:secret", ()))))
+        self.assertTrue(f.allows(make_unit(content=Pattern("Bash", "ls", "approve", 1.0, 5, ()))))
+
+    def test_excluded_content_types(self) -> None:
+        f = SharingFilter.from_config(HiveConfig(exclude_content_types=("skill", "hook")))
+        self.assertFalse(f.allows(make_unit(content=Skill("s", "d", "1", "b"))))
+        self.assertFalse(f.allows(make_unit(content=HookConfig("e", "m", "d", "{}"))))
+        self.assertTrue(f.allows(make_unit(content=Command("c", "d", None, "b"))))
+
+
+class ExposureTests(SynchronousTestCase):
+    def test_local_units_follow_exposure_then_share_mode(self) -> None:
+        mine, theirs = make_unit(1, source_peer="me"), make_unit(2, source_peer="p")
+        self.assertTrue(is_exposed(mine, "me", {}, "auto"))
+        self.assertFalse(is_exposed(mine, "me", {}, "manual"))
+        self.assertTrue(is_exposed(mine, "me", {mine.id: "expose"}, "manual"))
+        self.assertFalse(is_exposed(mine, "me", {mine.id: "hide"}, "auto"))
+        self.assertTrue(is_exposed(theirs, "me", {theirs.id: "hide"}, "manual"))
+
+    def test_exposure_file(self) -> None:
+        home = temp_home(self)
+        set_exposure(home, "ku_1", "hide")
+        set_exposure(home, "ku_2", "expose")
+        set_exposure(home, "ku_2", None)
+        self.assertEqual(load_exposure(home), {"ku_1": "hide"})
+
+
+class ShareContextTests(SynchronousTestCase):
+    def ctx(self, **cfg: object) -> ShareContext:
+        book = TrustBook()
+        book.set_level("low", 0.3, NOW)
+        book.set_level("bad", 0.9, NOW)
+        book.records["bad"].frozen = True
+        return ShareContext("me", HiveConfig(**cfg), book)  # type: ignore[arg-type]
+
+    def test_max_hops_vector(self) -> None:
+        v = vector("hive.gossip.max_hops")["input"]
+        ctx = self.ctx(max_propagation=v["max_propagation"])
+        unit = make_unit(propagation_count=v["propagation_count"], last_validated_at=NOW)
+        self.assertEqual(ctx.refusal(unit, "peer-x", NOW), "hop limit reached")
+        self.assertTrue(ctx.shareable(unit.with_(propagation_count=2), "peer-x", NOW))
+
+    def test_outbound_rules(self) -> None:
+        ctx = self.ctx()
+        unit = make_unit(source_peer="me", last_validated_at=NOW)
+        self.assertTrue(ctx.shareable(unit, "peer-x", NOW))
+        self.assertEqual(ctx.refusal(unit.with_(source_peer="peer-x"), "peer-x", NOW),
+                         "originated at that peer")
+        self.assertEqual(ctx.refusal(unit.with_(last_validated_at=NOW - 31 * DAY), "p", NOW),
+                         "expired")
+        self.assertEqual(ctx.refusal(unit, "bad", NOW), "peer is frozen")
+        gated = unit.with_(sharing_consent=SharingConsent(min_trust_tier="suggested"))
+        self.assertFalse(ctx.shareable(gated, "low", NOW))
+        self.assertTrue(ctx.shareable(gated, "no-record-peer", NOW))  # default 0.5: Suggested
+        self.assertEqual(self.ctx(share_mode="manual").refusal(unit, "p", NOW), "hidden")
+
+    def test_function_form_reads_home(self) -> None:
+        home = temp_home(self)
+        unit = make_unit(source_peer="me", last_validated_at=NOW)
+        self.assertTrue(shareable(unit, "p", home=home, local_id="me", config=HiveConfig(),
+                                  now=NOW))
+        set_exposure(home, unit.id, "hide")
+        self.assertFalse(shareable(unit, "p", home=home, local_id="me", config=HiveConfig(),
+                                   now=NOW))

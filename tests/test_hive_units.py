@@ -1,0 +1,331 @@
+"""Knowledge units: claudectl 0.64's JSON, keys, summaries, decay, consent, rollout."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl.hive.units import (
+    DEFAULT_INTERVALS, Command, KnowledgeUnit, Pattern, Requires, Scope, SharingConsent,
+    UnitError, UnitIds, advance_state, command_matches, content_from_json, dumps_line,
+    paginate, parse_line, rollout_admits, rollout_hash, unit_json_len, version_gte,
+)
+from claudectl.relay.codec import Envelope, encode
+from tests.common import vector, vectors
+
+HIVE = vectors("hive", "COMPAT")
+
+
+def make_unit(i: int = 0, **kw: object) -> KnowledgeUnit:
+    base: dict[str, object] = dict(
+        id=f"ku_1_{i}", scope=Scope(),
+        content=Pattern("Bash", f"cmd{i}", "approve", 0.9, 10, ()),
+        evidence_count=10, confidence=0.9, source_peer="peer-a", originated_at=1,
+        last_validated_at=1)
+    base.update(kw)
+    return KnowledgeUnit(**base)  # type: ignore[arg-type]
+
+
+class UnitLineVectorTests(SynchronousTestCase):
+    def test_every_unit_line_round_trips(self) -> None:
+        names = [n for n in HIVE if n.startswith("hive.unit.") and "jsonl_line" in HIVE[n]["input"]]
+        self.assertGreaterEqual(len(names), 13)
+        for name in names:
+            v = HIVE[name]
+            unit = parse_line(v["input"]["jsonl_line"])
+            exp = v["expected"]
+            self.assertTrue(exp["parses"], name)
+            if "reserialized_line" in exp:
+                self.assertEqual(dumps_line(unit), exp["reserialized_line"], name)
+            if "semantic_key" in exp:
+                self.assertEqual(unit.semantic_key, exp["semantic_key"], name)
+            if "summary" in exp:
+                self.assertEqual(unit.summary(), exp["summary"], name)
+
+    def test_legacy_defaults(self) -> None:
+        v = vector("hive.unit.legacy_defaults")
+        unit = parse_line(v["input"]["jsonl_line"])
+        exp = v["expected"]
+        self.assertEqual(unit.category, exp["category"])
+        self.assertEqual(unit.revalidation_interval_secs, exp["revalidation_interval_secs"])
+        self.assertEqual(unit.injection_state, exp["injection_state"])
+        self.assertEqual(unit.injection_stats.to_json(), exp["injection_stats"])
+        self.assertIsNone(unit.sharing_consent)
+        self.assertNotIn("sharing_consent", json.loads(dumps_line(unit)))
+
+    def _base(self) -> dict:
+        return json.loads(vector("hive.unit.pattern")["input"]["jsonl_line"])
+
+    def test_reject_workflow_label(self) -> None:
+        obj = self._base()
+        obj["category"] = vector("hive.unit.reject_workflow_label")["input"]["category"]
+        self.assertRaises(UnitError, KnowledgeUnit.from_json, obj)
+
+    def test_reject_flat_scope(self) -> None:
+        obj = self._base()
+        obj["scope"] = vector("hive.unit.reject_flat_scope")["input"]["scope"]
+        self.assertRaises(UnitError, KnowledgeUnit.from_json, obj)
+
+    def test_integer_fields_reject_floats_and_bools(self) -> None:
+        for key in ("evidence_count", "version", "originated_at", "propagation_count"):
+            for bad in (5.0, True, -1, "5"):
+                obj = self._base()
+                obj[key] = bad
+                with self.assertRaises(UnitError) as cm:
+                    KnowledgeUnit.from_json(obj)
+                self.assertIn(key, str(cm.exception))
+        obj = self._base()
+        obj["content"]["sample_count"] = 20.0
+        self.assertRaises(UnitError, KnowledgeUnit.from_json, obj)
+        obj = self._base()
+        obj["evidence_count"] = 2**32
+        self.assertRaises(UnitError, KnowledgeUnit.from_json, obj)
+
+    def test_float_fields_accept_integers(self) -> None:
+        obj = self._base()
+        obj["confidence"] = 1
+        unit = KnowledgeUnit.from_json(obj)
+        self.assertIn('"confidence":1.0,', dumps_line(unit))
+
+    def test_non_finite_and_bad_json_rejected(self) -> None:
+        line = vector("hive.unit.pattern")["input"]["jsonl_line"].replace(
+            '"confidence":0.05', '"confidence":NaN')
+        self.assertRaises(UnitError, parse_line, line)
+        self.assertRaises(UnitError, parse_line, "{not json")
+        self.assertRaises(UnitError, parse_line, "[1]")
+
+    def test_unknown_keys_ignored_and_dropped(self) -> None:
+        obj = self._base()
+        obj["future"] = 1
+        obj["content"]["future"] = {"x": 1}
+        unit = KnowledgeUnit.from_json(obj)
+        self.assertEqual(dumps_line(unit), vector("hive.unit.pattern")["expected"]["reserialized_line"])
+
+    def test_conditions_required_for_pattern(self) -> None:
+        obj = self._base()
+        del obj["content"]["conditions"]
+        self.assertRaises(UnitError, KnowledgeUnit.from_json, obj)
+
+    def test_unknown_content_type(self) -> None:
+        self.assertRaises(UnitError, content_from_json, {"type": "telepathy"})
+
+
+class KeyAndSummaryVectorTests(SynchronousTestCase):
+    def test_semantic_keys(self) -> None:
+        names = [n for n in HIVE if n.startswith("hive.semantic_key.")]
+        self.assertEqual(len(names), 9)
+        fills = {"pattern": {"preferred_action": "approve", "accept_rate": 1.0,
+                             "sample_count": 1, "conditions": []},
+                 "tool_accuracy": {"total": 1, "correct": 1, "confidence_threshold": 0.5},
+                 "skill": {"description": "d", "version": "1", "body": "b"},
+                 "command": {"description": "d", "body": "b"},
+                 "hook_config": {"description": "d", "config_json": "{}"},
+                 "insight": {"severity": "warning"}}
+        for name in names:
+            inp = HIVE[name]["input"]
+            content = dict(inp["content_fields"])
+            for k, val in fills.get(content["type"], {}).items():
+                content.setdefault(k, val)
+            unit = make_unit(scope=Scope.from_json(inp["scope"]),
+                             content=content_from_json(content))
+            self.assertEqual(unit.semantic_key, HIVE[name]["expected"]["semantic_key"], name)
+
+    def test_command_without_args_summary(self) -> None:
+        v = vector("hive.summary.command_no_args")
+        c = content_from_json(v["input"]["content"])
+        self.assertIsInstance(c, Command)
+        self.assertEqual(c.summary(), v["expected"]["summary"])
+
+    def test_requires(self) -> None:
+        v = vector("hive.requires.empty_omitted")
+        r = Requires.from_json(v["input"]["requires"])
+        self.assertEqual(json.dumps(r.to_json(), separators=(",", ":")), v["expected"]["json"])
+        v = vector("hive.requires.absent_reads_empty")
+        c = content_from_json(json.loads(v["input"]["content_json"]))
+        self.assertEqual(c.requires.to_json(), v["expected"]["requires"])  # type: ignore[attr-defined]
+
+    def test_scope_cli_text(self) -> None:
+        self.assertEqual(Scope.parse("universal"), Scope())
+        self.assertEqual(Scope.parse("language:rust"), Scope("language", "rust"))
+        self.assertEqual(Scope.parse("project:myapp").display(), "project:myapp")
+        self.assertEqual(Scope.parse("whatever:x"), Scope("project", "whatever:x"))
+
+    def test_ids_are_unique_across_generators(self) -> None:
+        clock = lambda: 1713960000.0  # noqa: E731
+        a, b = UnitIds(clock), UnitIds(clock)
+        ids = {a.new() for _ in range(100)} | {b.new() for _ in range(100)}
+        self.assertEqual(len(ids), 200)
+        self.assertTrue(all(i.startswith("ku_1713960000_") for i in ids))
+
+
+class DecayVectorTests(SynchronousTestCase):
+    def test_effective_confidence(self) -> None:
+        names = [n for n in HIVE if n.startswith("hive.effective_confidence.")]
+        self.assertEqual(len(names), 9)
+        for name in names:
+            inp, exp = HIVE[name]["input"], HIVE[name]["expected"]
+            content = Pattern("Bash", None, "approve", 1.0, 1, ())
+            unit = make_unit(content=content, confidence=inp["confidence"],
+                             last_validated_at=inp["last_validated_at"],
+                             revalidation_interval_secs=inp["revalidation_interval_secs"])
+            self.assertAlmostEqual(unit.effective_confidence(inp["now"]),
+                                   exp["effective_confidence"], delta=exp["tolerance"],
+                                   msg=name)
+
+    def test_default_intervals(self) -> None:
+        self.assertEqual(DEFAULT_INTERVALS, vector("hive.default_interval")["expected"])
+
+    def test_is_stale(self) -> None:
+        v = vector("hive.is_stale")
+        unit = make_unit(last_validated_at=v["input"]["last_validated_at"],
+                         revalidation_interval_secs=v["input"]["revalidation_interval_secs"])
+        self.assertEqual([unit.is_stale(t) for t in v["input"]["now"]], v["expected"]["stale"])
+
+
+class ConsentVectorTests(SynchronousTestCase):
+    def test_expires(self) -> None:
+        v = vector("hive.consent.expires")
+        c = SharingConsent(expires_at=v["input"]["expires_at"])
+        self.assertEqual([c.allows("p", 4, t) for t in v["input"]["now"]],
+                         v["expected"]["allowed"])
+
+    def test_allow_list(self) -> None:
+        v = vector("hive.consent.allow_list")
+        c = SharingConsent(allow_peers=tuple(v["input"]["allow_peers"]))
+        self.assertEqual(c.allows(v["input"]["peer"], 4, 0), v["expected"]["allowed"])
+        self.assertTrue(c.allows("a", 4, 0))
+        self.assertFalse(SharingConsent(allow_peers=()).allows("a", 4, 0))
+
+    def test_exclude_wins(self) -> None:
+        v = vector("hive.consent.exclude_wins")
+        c = SharingConsent(allow_peers=tuple(v["input"]["allow_peers"]),
+                           exclude_peers=tuple(v["input"]["exclude_peers"]))
+        self.assertEqual(c.allows(v["input"]["peer"], 4, 0), v["expected"]["allowed"])
+
+    def test_min_tier(self) -> None:
+        v = vector("hive.consent.min_tier")
+        c = SharingConsent(min_trust_tier=v["input"]["min_trust_tier"])
+        self.assertEqual([c.allows("p", r, 0) for r in v["input"]["peer_rank"]],
+                         v["expected"]["allowed"])
+
+    def test_serialize_omits_none(self) -> None:
+        v = vector("hive.consent.serialize_omits_none")
+        c = SharingConsent.from_json(v["input"]["consent"])
+        self.assertEqual(json.dumps(c.to_json(), separators=(",", ":")), v["expected"]["json"])
+
+    def test_bad_tier_rejected(self) -> None:
+        self.assertRaises(UnitError, SharingConsent.from_json, {"min_trust_tier": "gold"})
+
+
+class RolloutVectorTests(SynchronousTestCase):
+    def test_hashes(self) -> None:
+        for name in ("hive.rollout.hash_42_ku_repro", "hive.rollout.hash_1234_ku_1713960000_42",
+                     "hive.rollout.hash_1_ku_x"):
+            inp, exp = HIVE[name]["input"], HIVE[name]["expected"]
+            h = rollout_hash(inp["pid"], inp["unit_id"])
+            self.assertEqual(h, exp["hash"], name)
+            self.assertEqual(h % 10, exp["mod10"], name)
+
+    def test_sampling(self) -> None:
+        v = vector("hive.rollout.sampling_ku_x")
+        uid = v["input"]["unit_id"]
+        self.assertEqual([p for p in range(40) if rollout_admits("canary", uid, p)],
+                         v["expected"]["canary_injects"])
+        self.assertEqual([p for p in range(40) if rollout_admits("staged", uid, p)],
+                         v["expected"]["staged_injects"])
+        self.assertFalse(any(rollout_admits("draft", uid, p) for p in range(40)))
+        self.assertTrue(all(rollout_admits("live", uid, p) for p in range(40)))
+        self.assertTrue(rollout_admits("draft", uid, None))
+
+    def test_advance(self) -> None:
+        names = [n for n in HIVE if n.startswith("hive.rollout.advance_")]
+        self.assertEqual(len(names), 7)
+        for name in names:
+            inp = HIVE[name]["input"]
+            self.assertEqual(advance_state(inp["state"], inp["accepted_count"],
+                                           inp["overridden_count"]),
+                             HIVE[name]["expected"]["state"], name)
+
+    def test_version_gte(self) -> None:
+        v = vector("hive.version_gte")
+        for a, b in v["input"]["pairs_true"]:
+            self.assertTrue(version_gte(a, b), (a, b))
+        for a, b in v["input"]["pairs_false"]:
+            self.assertFalse(version_gte(a, b), (a, b))
+        self.assertTrue(version_gte("x.y", "0"))
+
+
+class PaginationAndFrameTests(SynchronousTestCase):
+    def test_snapshot_pagination_vector(self) -> None:
+        v = vector("hive.snapshot.pagination")
+        n = v["input"]["units"]
+        pad = "x" * (v["input"]["approx_unit_json_bytes"] - 330)
+        units = [make_unit(i, content=Pattern("Bash", f"c{i}{pad}", "approve", 0.9, 10, ()))
+                 for i in range(n)]
+        pages = paginate(units, v["input"]["page_limit_bytes"])
+        self.assertGreater(len(pages), v["expected"]["pages_more_than"])
+        self.assertEqual(sum(len(p) for p in pages), v["expected"]["units_covered"])
+        self.assertEqual([u for p in pages for u in p], units)
+        for page in pages:
+            self.assertLessEqual(sum(unit_json_len(u) for u in page),
+                                 v["input"]["page_limit_bytes"])
+
+    def test_oversize_unit_gets_own_page(self) -> None:
+        big = make_unit(1, content=Pattern("Bash", "y" * 2000, "approve", 0.9, 10, ()))
+        pages = paginate([make_unit(0), big, make_unit(2)], limit=1000)
+        self.assertEqual([len(p) for p in pages], [1, 1, 1])
+        self.assertEqual(paginate([]), [])
+
+    def test_knowledge_frames(self) -> None:
+        for name in ("hive.frame.knowledge_sync", "hive.frame.knowledge_request"):
+            inp = HIVE[name]["input"]
+            payload = dict(inp["payload"])
+            if "units" in payload:
+                # the payload units go through our model and back
+                payload["units"] = [KnowledgeUnit.from_json(u).to_json() for u in payload["units"]]
+            env = Envelope(inp["id"], inp["msg_type"], inp["from_peer"], inp["timestamp"], payload)
+            self.assertEqual(encode(env).decode("utf-8"), HIVE[name]["expected"]["line"], name)
+
+
+class CommandMatchTests(SynchronousTestCase):
+    def test_matching(self) -> None:
+        self.assertTrue(command_matches(None, "anything"))
+        self.assertTrue(command_matches("cargo test", "cargo test --all"))
+        self.assertFalse(command_matches("cargo test", "cargo build"))
+        self.assertTrue(command_matches("*.lock", "/src/Cargo.lock"))
+        self.assertFalse(command_matches("*.lock", "/src/Cargo.toml"))
+        self.assertFalse(command_matches("x", None))
+
+
+_text = st.text(max_size=20)
+_units = st.builds(
+    make_unit, st.integers(0, 1000),
+    scope=st.sampled_from([Scope(), Scope("language", "rust"), Scope("project", "p/q")]),
+    content=st.builds(Pattern, _text, st.none() | _text, _text,
+                      st.floats(0, 1), st.integers(0, 2**32 - 1),
+                      st.lists(_text, max_size=3).map(tuple)),
+    evidence_count=st.integers(0, 2**32 - 1),
+    confidence=st.floats(-1e6, 1e6, allow_nan=False),
+    version=st.integers(0, 2**32 - 1),
+    sharing_consent=st.none() | st.builds(
+        SharingConsent, st.none() | st.integers(0, 2**64 - 1),
+        st.none() | st.lists(_text, max_size=2).map(tuple)))
+
+
+class RoundTripPropertyTests(SynchronousTestCase):
+    @given(_units)
+    def test_line_round_trip(self, unit: KnowledgeUnit) -> None:
+        line = dumps_line(unit)
+        self.assertTrue(line.endswith("\n") and "\n" not in line[:-1])
+        self.assertEqual(parse_line(line), unit)
+        self.assertEqual(dumps_line(parse_line(line)), line)
+
+    @given(st.binary(max_size=200))
+    def test_garbage_raises_only_unit_error(self, data: bytes) -> None:
+        try:
+            parse_line(data)
+        except UnitError:
+            pass

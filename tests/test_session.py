@@ -1,0 +1,179 @@
+"""Tests for claudectl.relay.session: bad-frame strikes, dedup, liveness."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl.relay import codec
+from claudectl.relay.codec import Envelope, encode
+from claudectl.relay.session import (
+    DEDUP_CAPACITY,
+    MAX_BAD_STRIKES,
+    Dedup,
+    Disconnect,
+    FrameFilter,
+    LinkCounters,
+    Liveness,
+)
+from tests.common import vector
+
+
+def frame(msg_id: str, msg_type: str = codec.HEARTBEAT, payload: object = None) -> bytes:
+    """One encoded frame without its newline (as LineReceiver delivers it)."""
+    return encode(Envelope(msg_id, msg_type, "desk-1", 1, {} if payload is None else payload)
+                  ).rstrip(b"\n")
+
+
+class DedupVectorTests(SynchronousTestCase):
+    def test_duplicates_vector(self) -> None:
+        v = vector("wire.dedup.duplicates")
+        d = Dedup()
+        delivered = [i for i in v["input"]["ids"] if not d.seen(i)]
+        self.assertEqual(delivered, v["expected"]["delivered"])
+
+    def test_capacity_vector(self) -> None:
+        v = vector("wire.dedup.capacity")
+        self.assertEqual(DEDUP_CAPACITY, v["input"]["capacity"])
+        d = Dedup()
+        for n in range(1005):
+            self.assertFalse(d.seen(f"msg_{n}"))
+        for old in v["expected"]["forgotten"]:
+            self.assertNotIn(old, d)
+        self.assertIn(v["expected"]["remembered_example"], d)
+        self.assertIn("msg_1004", d)
+        # A forgotten id is new again.
+        self.assertFalse(d.seen("msg_0"))
+
+    def test_duplicate_does_not_refresh_position(self) -> None:
+        d = Dedup(capacity=3)
+        for i in ("a", "b", "c"):
+            d.seen(i)
+        self.assertTrue(d.seen("a"))  # FIFO, not LRU: "a" is still oldest
+        d.seen("d")
+        self.assertNotIn("a", d)
+        self.assertIn("b", d)
+
+
+class FrameFilterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reasons: list[str] = []
+        self.counters = LinkCounters()
+        self.dedup = Dedup()
+        self.filter = FrameFilter(self.dedup, self.counters, on_bad=self.reasons.append)
+
+    def test_good_frame_delivered(self) -> None:
+        line = vector("wire.frame.heartbeat")["expected"]["line"].encode().rstrip(b"\n")
+        env = self.filter.feed(line)
+        self.assertEqual(env.msg_type, "heartbeat")
+        self.assertEqual(self.counters.frames_in, 1)
+        self.assertEqual(self.counters.bytes_in, len(line) + 1)
+
+    def test_claudectl_session_heartbeat_accepted(self) -> None:
+        line = vector("wire.frame.session_heartbeat")["expected"]["line"].encode()
+        env = self.filter.feed(line.rstrip(b"\n"))
+        self.assertEqual(env.payload["worker_id"], "worker-01")
+        self.assertEqual(self.counters.bad_frames, 0)
+
+    def test_bad_lines_counted_and_skipped(self) -> None:
+        bad = [b"not json", b'{"id":"m"}', frame("x").replace(b"heartbeat", b"HeartBeat"),
+               b"\xff", b'{"id":"m","msg_type":"ack","from_peer":"p","timestamp":1.5,"payload":{}}']
+        for line in bad:
+            self.assertIsNone(self.filter.feed(line))
+        self.assertEqual(self.counters.bad_frames, len(bad))
+        self.assertEqual(len(self.reasons), len(bad))
+        self.assertEqual(self.counters.frames_in, 0)
+        # The link keeps working: the next good frame is delivered.
+        self.assertIsNotNone(self.filter.feed(frame("m1")))
+        self.assertEqual(self.counters.reasons["invalid JSON"], 1)
+        self.assertEqual(self.counters.reasons["invalid UTF-8"], 1)
+
+    def test_twenty_in_a_row_disconnect(self) -> None:
+        for _ in range(MAX_BAD_STRIKES - 1):
+            self.assertIsNone(self.filter.feed(b"garbage"))
+        with self.assertRaises(Disconnect) as cm:
+            self.filter.feed(b"garbage")
+        self.assertIn("20 bad frames in a row", str(cm.exception))
+        self.assertEqual(MAX_BAD_STRIKES, 20)
+
+    def test_good_frame_resets_strikes(self) -> None:
+        for round_ in range(3):
+            for _ in range(MAX_BAD_STRIKES - 1):
+                self.filter.feed(b"garbage")
+            self.assertIsNotNone(self.filter.feed(frame(f"ok{round_}")))
+        self.assertEqual(self.counters.bad_frames, 3 * (MAX_BAD_STRIKES - 1))
+
+    def test_duplicate_counts_as_good_for_strikes(self) -> None:
+        self.filter.feed(frame("dup"))
+        for _ in range(MAX_BAD_STRIKES - 1):
+            self.filter.feed(b"garbage")
+        self.assertIsNone(self.filter.feed(frame("dup")))
+        for _ in range(MAX_BAD_STRIKES - 1):
+            self.filter.feed(b"garbage")
+
+    def test_bad_called_directly_counts(self) -> None:
+        """The protocol reports over-long lines through bad()."""
+        for _ in range(MAX_BAD_STRIKES - 1):
+            self.filter.bad("line too long")
+        self.assertEqual(self.counters.reasons, {"line too long": MAX_BAD_STRIKES - 1})
+        self.assertRaises(Disconnect, self.filter.bad, "line too long")
+
+    def test_empty_and_whitespace_ignored(self) -> None:
+        """Defect W3: an empty line is not EOF, and not a strike either."""
+        for line in (b"", b"   ", b"\r", b"\t \r"):
+            self.assertIsNone(self.filter.feed(line))
+        for _ in range(MAX_BAD_STRIKES * 2):
+            self.filter.feed(b"")
+        self.assertEqual(self.counters.bad_frames, 0)
+        self.assertIsNotNone(self.filter.feed(frame("m1")))
+
+    def test_handshake_types_after_auth_ignored(self) -> None:
+        for i, t in enumerate(sorted(codec.HANDSHAKE_TYPES)):
+            self.assertIsNone(self.filter.feed(frame(f"h{i}", t)))
+        self.assertEqual(self.counters.ignored, 3)
+        self.assertEqual(self.counters.bad_frames, 0)
+
+    def test_dedup(self) -> None:
+        self.assertIsNotNone(self.filter.feed(frame("m1")))
+        self.assertIsNone(self.filter.feed(frame("m1")))
+        self.assertIsNotNone(self.filter.feed(frame("m2", codec.ACK, {"ack_id": "m1"})))
+        self.assertEqual(self.counters.duplicates, 1)
+
+    def test_dedup_per_peer(self) -> None:
+        """Defect W8: one window per peer, so two peers may use the same id."""
+        other_counters = LinkCounters()
+        other = FrameFilter(Dedup(), other_counters)
+        self.assertIsNotNone(self.filter.feed(frame("msg_1714000000000_0")))
+        self.assertIsNotNone(other.feed(frame("msg_1714000000000_0")))
+        # A replacement link of the same peer shares the peer's window.
+        replacement = FrameFilter(self.dedup, LinkCounters())
+        self.assertIsNone(replacement.feed(frame("msg_1714000000000_0")))
+
+
+class LivenessTests(SynchronousTestCase):
+    def test_deadline_three_intervals(self) -> None:
+        clock = Clock()
+        live = Liveness(clock.seconds, 30)
+        self.assertEqual(live.deadline, 90)
+        clock.advance(90)
+        self.assertFalse(live.dead())  # strictly more than 3 x interval
+        self.assertEqual(live.remaining(), 0)
+        clock.advance(0.001)
+        self.assertTrue(live.dead())
+
+    def test_touch_extends(self) -> None:
+        clock = Clock()
+        live = Liveness(clock.seconds, 30)
+        for _ in range(10):
+            clock.advance(80)
+            live.touch()
+            self.assertFalse(live.dead())
+        self.assertEqual(live.remaining(), 90)
+        clock.advance(91)
+        self.assertTrue(live.dead())
+
+    def test_other_interval(self) -> None:
+        clock = Clock()
+        live = Liveness(clock.seconds, 5)
+        clock.advance(15.5)
+        self.assertTrue(live.dead())
