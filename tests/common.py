@@ -182,7 +182,8 @@ class ServeProcess:
                         return text
                 seen = len(self.lines)
                 left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and seen == len(self.lines)):
+                done = not self._reader.is_alive()  # EOF: everything has been read
+                if left <= 0 or (done and seen == len(self.lines)):
                     raise AssertionError(f"{needle!r} not seen; output:\n" + "\n".join(self.lines))
                 self._cond.wait(min(left, 0.2))
 

@@ -98,7 +98,8 @@ class ShareContextTests(SynchronousTestCase):
                          "originated at that peer")
         self.assertEqual(ctx.refusal(unit.with_(last_validated_at=NOW - 31 * DAY), "p", NOW),
                          "expired")
-        self.assertEqual(ctx.refusal(unit, "bad", NOW), "peer is frozen")
+        # A frozen peer (sybil checks) is kept out of prompts, not out of the mesh.
+        self.assertIsNone(ctx.refusal(unit, "bad", NOW))
         gated = unit.with_(sharing_consent=SharingConsent(min_trust_tier="suggested"))
         self.assertFalse(ctx.shareable(gated, "low", NOW))
         self.assertTrue(ctx.shareable(gated, "no-record-peer", NOW))  # default 0.5: Suggested

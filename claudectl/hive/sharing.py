@@ -195,8 +195,6 @@ class ShareContext:
         why = self.propagatable(unit, now)
         if why:
             return why
-        if self.trust.is_frozen(peer_id):
-            return "peer is frozen"
         consent = unit.sharing_consent
         if consent is not None and not consent.allows(peer_id, self.trust.rank(peer_id), now):
             return "consent does not allow that peer"

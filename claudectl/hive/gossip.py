@@ -1,0 +1,410 @@
+# -*- test-case-name: tests.test_gossip -*-
+"""
+Hive gossip: knowledge spreads across the mesh, local always wins
+(hive.md section 6, issue "Hive gossip").
+
+One mechanism does all the sending -- a *push round* to a peer: every unit
+of the store that may go to that peer and whose ``(id, version)`` that peer
+has not had from us yet goes out in ``knowledge_sync`` frames (pages of at
+most 512,000 bytes of unit JSON).  Push rounds run when a link comes up,
+when ``knowledge.jsonl`` changes (distillation, import, forget -- by any
+process), and after a batch from a peer was merged (which is how accepted
+units travel on).  What was sent to whom (id -> version) and the request
+cursors live in ``sync_state.json``, so a restart neither resends
+everything nor misses an update.
+
+Receiving: each unit of a batch is validated on its own (a bad unit is
+rejected, logged and counted; the rest are merged -- defect H5), gets
+``propagation_count + 1``, passes the per-peer daily rate cap, and is merged
+with the store's rules (local always wins, conflicts logged).  A unit
+received from a peer counts as sent to that peer, so it is never echoed
+back.  Only units that may leave the machine are ever sent, in syncs and in
+snapshots (defect H4), and only while ``propagation_count <
+max_propagation`` and not older than ``knowledge_ttl_days``.
+
+After authentication each side asks the other with ``knowledge_request``
+``{"since_epoch": cursor}`` -- claudectl 0.64 never asks nor pushes by
+itself (H1), but it answers requests and accepts syncs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from claudectl.atomic import atomic_write, locked
+from claudectl.config import Config
+from claudectl.hive.merge import merge_batch, write_merge_logs
+from claudectl.hive.sharing import ShareContext
+from claudectl.hive.store import (
+    KNOWLEDGE,
+    hive_active,
+    hive_file,
+    read_units_file,
+    store_transaction,
+)
+from claudectl.hive.trust import log_collisions, trust_level, trust_transaction
+from claudectl.hive.units import KnowledgeUnit, UnitError, paginate
+from claudectl.home import Home
+from claudectl.relay import codec
+from claudectl.relay.codec import Envelope
+from claudectl.relay.interfaces import IMesh
+
+log = Logger()
+
+SYNC_STATE = "sync_state.json"
+#: How often the service looks for changes of knowledge.jsonl made by others.
+POLL_SECS = 0.5
+#: How often the service checks the brain's decision log (distil every 10).
+DISTILL_POLL_SECS = 5.0
+
+
+@dataclass
+class PeerSync:
+    peer_id: str
+    last_sync_epoch: int = 0
+    #: unit id -> version this peer has had from us (or sent us).
+    sent: dict[str, int] = field(default_factory=dict)
+    #: ``since_epoch`` of our next knowledge_request to this peer.
+    cursor: int = 0
+    units_up: int = 0
+    units_down: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected: int = 0
+    dropped: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        # claudectl's three keys first (it reads only those), ours after.
+        return {
+            "peer_id": self.peer_id,
+            "last_sync_epoch": self.last_sync_epoch,
+            "units_sent": sorted(self.sent),
+            "sent_versions": dict(sorted(self.sent.items())),
+            "cursor": self.cursor,
+            "stats": {"units_up": self.units_up, "units_down": self.units_down,
+                      "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                      "rejected": self.rejected, "dropped": self.dropped},
+        }
+
+    @classmethod
+    def from_json(cls, peer_id: str, value: Any) -> "PeerSync":
+        if not isinstance(value, dict):
+            return cls(peer_id)
+        sent: dict[str, int] = {}
+        versions = value.get("sent_versions")
+        if isinstance(versions, dict):
+            sent = {k: v for k, v in versions.items() if isinstance(k, str) and isinstance(v, int)}
+        else:
+            # A claudectl file: ids only, no versions (0 = resend newer versions).
+            ids = value.get("units_sent")
+            if isinstance(ids, list):
+                sent = {i: 0 for i in ids if isinstance(i, str)}
+        stats = value.get("stats") if isinstance(value.get("stats"), dict) else {}
+
+        def n(d: Any, k: str) -> int:
+            v = d.get(k, 0) if isinstance(d, dict) else 0
+            return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+        return cls(peer_id, n(value, "last_sync_epoch"), sent, n(value, "cursor"),
+                   n(stats, "units_up"), n(stats, "units_down"), n(stats, "bytes_up"),
+                   n(stats, "bytes_down"), n(stats, "rejected"), n(stats, "dropped"))
+
+
+class SyncState:
+    """``$HIVE/sync_state.json``: per peer what was sent and where to resume."""
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self.path = hive_file(home, SYNC_STATE)
+        self.peers: dict[str, PeerSync] = {}
+        self.load()
+
+    def load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (ValueError, UnicodeDecodeError, OSError) as e:
+            log.warn("ignoring unreadable {path}: {error}", path=str(self.path), error=str(e))
+            return
+        if isinstance(data, dict):
+            self.peers = {k: PeerSync.from_json(k, v) for k, v in data.items()
+                          if isinstance(k, str)}
+
+    def peer(self, peer_id: str) -> PeerSync:
+        ps = self.peers.get(peer_id)
+        if ps is None:
+            ps = self.peers[peer_id] = PeerSync(peer_id)
+        return ps
+
+    def save(self) -> None:
+        data = {k: v.to_json() for k, v in sorted(self.peers.items())}
+        with locked(self.path):
+            atomic_write(self.path, json.dumps(data, indent=2, ensure_ascii=False), mode=0o600)
+
+
+def _unit_bytes(unit_json: dict[str, Any]) -> int:
+    return len(json.dumps(unit_json, separators=(",", ":"), ensure_ascii=False,
+                          sort_keys=True).encode("utf-8"))
+
+
+class Gossip:
+    """The gossip engine of one node (reactor-free apart from the injected clock)."""
+
+    def __init__(self, home: Home, config: Config, mesh: Any, identity: str,
+                 now: Callable[[], float]) -> None:
+        self.home = home
+        self.config = config
+        self.mesh = mesh
+        self.identity = identity
+        self._now = now
+        self.state = SyncState(home)
+        self._file_sig: tuple[int, int, int] | None = self._signature()
+        #: Counters for ``relay status``.
+        self.counters = {"bad_units": 0, "merged_batches": 0, "dropped_rate_cap": 0}
+
+    # --- wiring -------------------------------------------------------------------------
+    def register(self) -> None:
+        self.mesh.add_handler(codec.KNOWLEDGE_SYNC, self.on_batch)
+        self.mesh.add_handler(codec.KNOWLEDGE_SNAPSHOT, self.on_batch)
+        self.mesh.add_handler(codec.KNOWLEDGE_REQUEST, self.on_request)
+        self.mesh.add_link_observer(self.on_link_up, None)
+
+    def now(self) -> int:
+        return int(self._now())
+
+    def active(self) -> bool:
+        return hive_active(self.home, self.config.hive)
+
+    # --- sending ------------------------------------------------------------------------
+    def _load_units(self) -> list[KnowledgeUnit]:
+        loaded = read_units_file(hive_file(self.home, KNOWLEDGE))
+        return loaded.store.units()
+
+    def on_link_up(self, peer_id: str) -> None:
+        if not self.active():
+            return
+        ps = self.state.peer(peer_id)
+        self.mesh.send(peer_id, codec.KNOWLEDGE_REQUEST, {"since_epoch": ps.cursor})
+        self.push(peer_id)
+
+    def push_all(self) -> int:
+        """A push round to every connected peer; returns the units sent."""
+        if not self.active():
+            return 0
+        peers = self.mesh.connected_peers()
+        if not peers:
+            return 0
+        units = self._load_units()
+        ctx = ShareContext.load(self.home, self.identity, self.config.hive)
+        return sum(self._push(p, units, ctx) for p in peers)
+
+    def push(self, peer_id: str) -> int:
+        units = self._load_units()
+        ctx = ShareContext.load(self.home, self.identity, self.config.hive)
+        return self._push(peer_id, units, ctx)
+
+    def _push(self, peer_id: str, units: list[KnowledgeUnit], ctx: ShareContext) -> int:
+        now = self.now()
+        ps = self.state.peer(peer_id)
+        todo = [u for u in units
+                if ps.sent.get(u.id) != u.version and ctx.shareable(u, peer_id, now)]
+        if not todo:
+            return 0
+        sent = 0
+        for page in paginate(todo):
+            payload = {"sync_epoch": now, "units": [u.to_json() for u in page]}
+            if not self.mesh.send(peer_id, codec.KNOWLEDGE_SYNC, payload):
+                break
+            for u in page:
+                ps.sent[u.id] = u.version
+            ps.units_up += len(page)
+            ps.bytes_up += sum(_unit_bytes(j) for j in payload["units"])
+            sent += len(page)
+        if sent:
+            ps.last_sync_epoch = now
+            self.state.save()
+            log.info("sent {count} knowledge unit(s) to {peer_id}", count=sent, peer_id=peer_id)
+        return sent
+
+    def on_request(self, peer_id: str, env: Envelope) -> None:
+        if not self.active():
+            return
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        since = payload.get("since_epoch", 0)
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            since = 0
+        now = self.now()
+        ctx = ShareContext.load(self.home, self.identity, self.config.hive)
+        units = [u for u in self._load_units()
+                 if u.last_validated_at >= since and ctx.shareable(u, peer_id, now)]
+        pages = paginate(units) or [[]]
+        ps = self.state.peer(peer_id)
+        for n, page in enumerate(pages, 1):
+            body = {"page": n, "total_pages": len(pages), "units": [u.to_json() for u in page]}
+            if not self.mesh.send(peer_id, codec.KNOWLEDGE_SNAPSHOT, body):
+                return
+            for u in page:
+                ps.sent[u.id] = u.version
+            ps.units_up += len(page)
+            ps.bytes_up += sum(_unit_bytes(j) for j in body["units"])
+        ps.last_sync_epoch = now
+        self.state.save()
+        log.info("answered a knowledge request from {peer_id}: {count} unit(s) in {pages} page(s)",
+                 peer_id=peer_id, count=len(units), pages=len(pages))
+
+    # --- receiving ----------------------------------------------------------------------
+    def on_batch(self, peer_id: str, env: Envelope) -> None:
+        if not self.active():
+            return
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        raw_units = payload.get("units")
+        if not isinstance(raw_units, list):
+            self.counters["bad_units"] += 1
+            log.info("{msg_type} from {peer_id} without a units list", msg_type=env.msg_type,
+                     peer_id=peer_id)
+            return
+        self.receive(peer_id, raw_units)
+
+    def receive(self, peer_id: str, raw_units: list[Any]) -> dict[str, int]:
+        """Validate, rate-limit and merge one batch from ``peer_id``; then pass it on."""
+        now = self.now()
+        ps = self.state.peer(peer_id)
+        good: list[KnowledgeUnit] = []
+        bad = 0
+        for n, raw in enumerate(raw_units):
+            try:
+                unit = KnowledgeUnit.from_json(raw)
+            except (UnitError, ValueError, TypeError) as e:
+                bad += 1
+                log.info("rejected knowledge unit {index} from {peer_id}: {error}",
+                         index=n, peer_id=peer_id, error=str(e))
+                continue
+            ps.bytes_down += _unit_bytes(raw)
+            good.append(dataclasses.replace(unit, propagation_count=min(
+                unit.propagation_count + 1, 2**32 - 1)))
+        self.counters["bad_units"] += bad
+        ps.rejected += bad
+        stats = {"received": len(raw_units), "bad": bad, "dropped": 0, "accepted": 0,
+                 "updated": 0, "rejected": 0, "duplicates": 0}
+        cfg = self.config.hive
+        # Three short transactions, never nested (no lock-order deadlocks with
+        # the CLI): admission against trust.json, the merge, the bookkeeping.
+        with trust_transaction(self.home, cfg.default_trust) as book:
+            # A frozen peer (sybil checks) still gossips: freezing keeps its
+            # knowledge out of the brain prompt, it does not cut the mesh.
+            rec = book.ensure(peer_id, now)
+            already = rec.daily_received.get(str(now // 86400), 0)
+            allowance = max(0, cfg.max_units_per_peer_per_day - already)
+            if len(good) > allowance:
+                excess = len(good) - allowance
+                self.counters["dropped_rate_cap"] += excess
+                ps.dropped += excess
+                stats["dropped"] += excess
+                log.warn("rate cap: dropped {count} unit(s) from {peer_id} "
+                         "({cap} per day)", count=excess, peer_id=peer_id,
+                         cap=cfg.max_units_per_peer_per_day)
+                good = good[:allowance]
+            if good:
+                book.record_batch(peer_id, len(good), now, cap=cfg.max_units_per_peer_per_day)
+            else:
+                rec.last_sync = max(rec.last_sync, now)
+        if good:
+            with store_transaction(self.home, local_id=self.identity, config=cfg,
+                                   now=now) as store:
+                existing = store.by_key()
+                result = merge_batch(store, good, self.identity, now)
+            write_merge_logs(self.home, result)
+            stats.update(result.stats())
+            with trust_transaction(self.home, cfg.default_trust) as book:
+                collisions = book.check_collisions(existing, good, peer_id, self.identity, now)
+                rec = book.ensure(peer_id, now)
+                rec.knowledge_accepted += result.accepted + result.updated
+                rec.knowledge_conflicted += result.rejected
+            if collisions:
+                log_collisions(self.home, collisions)
+        for u in good:
+            # The peer has this (id, version): never echo it back.
+            ps.sent[u.id] = max(ps.sent.get(u.id, 0), u.version)
+            ps.cursor = max(ps.cursor, u.last_validated_at)
+        ps.units_down += len(good)
+        ps.last_sync_epoch = now
+        self.state.save()
+        self.counters["merged_batches"] += 1
+        log.info("knowledge from {peer_id}: {accepted} new, {updated} updated, "
+                 "{rejected} rejected, {duplicates} duplicate, {bad} invalid, {dropped} dropped",
+                 peer_id=peer_id, **{k: stats[k] for k in (
+                     "accepted", "updated", "rejected", "duplicates", "bad", "dropped")})
+        if stats["accepted"] or stats["updated"]:
+            self._file_sig = self._signature()
+            self.push_all()
+        return stats
+
+    # --- noticing changes by other processes -------------------------------------------------
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(hive_file(self.home, KNOWLEDGE))
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def poll(self) -> None:
+        """Called on a timer: push when knowledge.jsonl changed."""
+        try:
+            sig = self._signature()
+            if sig != self._file_sig:
+                self._file_sig = sig
+                self.push_all()
+        except Exception:
+            # A LoopingCall stops at the first exception: keep polling.
+            log.failure("gossip poll failed")
+
+    def peer_info(self, peer_id: str) -> dict[str, Any]:
+        ps = self.state.peers.get(peer_id)
+        if ps is None:
+            return {}
+        return {"units_up": ps.units_up, "units_down": ps.units_down,
+                "last_sync": ps.last_sync_epoch}
+
+
+def _distill_tick(node: Any) -> None:
+    try:
+        from claudectl.hive.distill import maybe_distill
+
+        maybe_distill(node.home, node.config.hive, int(node.clock.seconds()),
+                      local_id=node.identity)
+    except Exception:
+        log.failure("distillation failed")
+
+
+def attach(node: Any, parent: MultiService) -> Gossip:
+    """Hang the gossip engine (and its timers) on a relay node."""
+    gossip = Gossip(node.home, node.config, node.mesh, node.identity, node.clock.seconds)
+    gossip.register()
+    default = node.config.hive.default_trust
+    node.trust_of = lambda peer: trust_level(node.home, peer, default)
+    node.peer_info_providers.append(gossip.peer_info)
+    node.status_providers.append(lambda: {"hive": dict(gossip.counters)})
+    node.gossip = gossip
+    poll = TimerService(POLL_SECS, gossip.poll)
+    poll.clock = node.clock
+    poll.setName("gossip-poll")
+    poll.setServiceParent(parent)
+    distill = TimerService(DISTILL_POLL_SECS, _distill_tick, node)
+    distill.clock = node.clock
+    distill.setName("hive-distill")
+    distill.setServiceParent(parent)
+    return gossip
+
+
+__all__ = ["Gossip", "SyncState", "PeerSync", "attach"]
+_ = IMesh

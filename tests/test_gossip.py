@@ -1,0 +1,238 @@
+"""Hive gossip: the engine against a FakeMesh, then three real services in a line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from claudectl.config import Config, HiveConfig
+from claudectl.control import commands as C
+from claudectl.control.client import call_control
+from claudectl.hive.gossip import Gossip
+from claudectl.hive.prompt import build_prompt
+from claudectl.hive.store import hive_file, read_units_file, store_transaction
+from claudectl.hive.units import KnowledgeUnit
+from claudectl.relay.keystore import KeyStore
+from tests.common import FakeMesh, temp_home, vector
+from tests.test_services import RunningService, wait_for
+
+NOW = 1_800_000_000
+
+
+def unit_json(uid: str, source: str, cmd: str = "cargo test", confidence: float = 0.9,
+              evidence: int = 10, category: str = "best_practice", version: int = 1,
+              hops: int = 0, validated: int = NOW - 100) -> dict[str, Any]:
+    return {
+        "id": uid, "scope": {"type": "universal"}, "category": category,
+        "content": {"type": "pattern", "tool": "Bash", "command_pattern": cmd,
+                    "preferred_action": "approve", "accept_rate": confidence,
+                    "sample_count": evidence, "conditions": []},
+        "evidence_count": evidence, "confidence": confidence, "source_peer": source,
+        "originated_at": validated, "last_validated_at": validated,
+        "propagation_count": hops, "version": version,
+    }
+
+
+def put(home: Any, local_id: str, *units: dict[str, Any]) -> None:
+    with store_transaction(home, local_id=local_id, now=NOW) as store:
+        for u in units:
+            store.insert(KnowledgeUnit.from_json(u))
+
+
+def stored(home: Any) -> dict[str, KnowledgeUnit]:
+    return {u.id: u for u in read_units_file(hive_file(home, "knowledge.jsonl")).store.units()}
+
+
+class EngineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+        self.mesh = FakeMesh("me-1")
+        self.gossip = self.make()
+
+    def make(self, **hive: Any) -> Gossip:
+        config = dataclasses.replace(Config(), hive=dataclasses.replace(HiveConfig(), **hive))
+        self.mesh = FakeMesh("me-1")
+        g = Gossip(self.home, config, self.mesh, "me-1", lambda: NOW)
+        g.register()
+        return g
+
+    def sent(self, msg_type: str, peer: str | None = None) -> list[Any]:
+        return [p for (to, t, p) in self.mesh.sent if t == msg_type and peer in (None, to)]
+
+    def test_link_up_requests_and_pushes(self) -> None:
+        put(self.home, "me-1", unit_json("ku_1", "me-1"))
+        self.mesh.connect("peer-a")
+        [req] = self.sent("knowledge_request", "peer-a")
+        self.assertEqual(req, {"since_epoch": 0})
+        [sync] = self.sent("knowledge_sync", "peer-a")
+        self.assertEqual([u["id"] for u in sync["units"]], ["ku_1"])
+        self.assertEqual(sync["sync_epoch"], NOW)
+        # Nothing new: nothing sent again.
+        self.assertEqual(self.gossip.push_all(), 0)
+        # A new version goes out.
+        put(self.home, "me-1", unit_json("ku_1", "me-1", version=2, confidence=0.95))
+        self.assertEqual(self.gossip.push_all(), 1)
+
+    def test_private_units_never_leave(self) -> None:
+        put(self.home, "me-1", unit_json("ku_p", "me-1", category="personal"),
+            unit_json("ku_s", "me-1", cmd="ls"))
+        self.mesh.connect("peer-a")
+        ids = [u["id"] for s in self.sent("knowledge_sync") for u in s["units"]]
+        self.assertEqual(ids, ["ku_s"])
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        [snap] = self.sent("knowledge_snapshot")
+        self.assertEqual([u["id"] for u in snap["units"]], ["ku_s"])
+        self.assertEqual((snap["page"], snap["total_pages"]), (1, 1))
+
+    def test_bad_unit_does_not_block_the_batch(self) -> None:
+        self.mesh.connect("peer-a")
+        self.mesh.connect("peer-b")
+        self.mesh.sent.clear()
+        good = unit_json("ku_g", "peer-a")
+        bad = dict(unit_json("ku_b", "peer-a", cmd="x"), evidence_count="many")
+        self.mesh.deliver("peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [bad, good]})
+        units = stored(self.home)
+        self.assertEqual(sorted(units), ["ku_g"])
+        self.assertEqual(units["ku_g"].propagation_count, 1)
+        self.assertEqual(self.gossip.counters["bad_units"], 1)
+        # Passed on to peer-b, not echoed to peer-a.
+        self.assertEqual(self.sent("knowledge_sync", "peer-a"), [])
+        [fwd] = self.sent("knowledge_sync", "peer-b")
+        self.assertEqual([(u["id"], u["propagation_count"]) for u in fwd["units"]], [("ku_g", 1)])
+
+    def test_local_always_wins(self) -> None:
+        put(self.home, "me-1", unit_json("ku_local", "me-1", confidence=0.6, evidence=5))
+        self.mesh.connect("peer-a")
+        self.mesh.deliver("peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [
+            unit_json("ku_r1", "peer-a", confidence=0.99, evidence=100)]})
+        units = stored(self.home)
+        self.assertEqual(sorted(units), ["ku_local"])
+        conflicts = (self.home.hive / "conflicts.jsonl").read_text().splitlines()
+        self.assertEqual(json.loads(conflicts[0])["incoming_id"], "ku_r1")
+        resolution = json.loads((self.home.hive / "resolutions.jsonl").read_text())
+        self.assertEqual(resolution["result"], "rejected_local")
+
+    def test_hop_limit(self) -> None:
+        self.gossip = self.make(max_propagation=3)
+        self.mesh.connect("peer-a")
+        self.mesh.connect("peer-b")
+        self.mesh.sent.clear()
+        self.mesh.deliver("peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [
+            unit_json("ku_far", "peer-z", hops=2)]})
+        self.assertEqual(stored(self.home)["ku_far"].propagation_count, 3)
+        self.assertEqual(self.sent("knowledge_sync", "peer-b"), [])
+
+    def test_rate_cap_drops_excess(self) -> None:
+        self.gossip = self.make(max_units_per_peer_per_day=10)
+        self.mesh.connect("peer-a")
+        batch = [unit_json(f"ku_{i}", "peer-a", cmd=f"cmd {i}") for i in range(15)]
+        self.mesh.deliver("peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": batch})
+        self.assertEqual(len(stored(self.home)), 10)
+        self.assertEqual(self.gossip.counters["dropped_rate_cap"], 5)
+
+    def test_snapshot_pages(self) -> None:
+        put(self.home, "me-1", *[unit_json(f"ku_{i}", "me-1", cmd=f"command number {i}")
+                                 for i in range(5000)])
+        self.mesh.connect("peer-a")
+        self.mesh.sent.clear()
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        pages = self.sent("knowledge_snapshot")
+        self.assertGreater(len(pages), 1)
+        self.assertEqual([p["page"] for p in pages], list(range(1, len(pages) + 1)))
+        self.assertTrue(all(p["total_pages"] == len(pages) for p in pages))
+        self.assertEqual(sum(len(p["units"]) for p in pages), 5000)
+        for p in pages:
+            size = sum(len(json.dumps(u, separators=(",", ":"))) for u in p["units"])
+            self.assertLessEqual(size, 512_000)
+
+    def test_request_since_epoch(self) -> None:
+        put(self.home, "me-1", unit_json("old", "me-1", cmd="a", validated=NOW - 5000),
+            unit_json("new", "me-1", cmd="b", validated=NOW - 10))
+        self.mesh.connect("peer-a")
+        self.mesh.sent.clear()
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": NOW - 100})
+        [snap] = self.sent("knowledge_snapshot")
+        self.assertEqual([u["id"] for u in snap["units"]], ["new"])
+
+    def test_restart_resumes_from_cursors(self) -> None:
+        put(self.home, "me-1", unit_json("ku_1", "me-1"))
+        self.mesh.connect("peer-a")
+        self.mesh.deliver("peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [
+            unit_json("ku_r", "peer-a", cmd="make", validated=NOW - 7)]})
+        # A new process on the same home.
+        mesh2 = FakeMesh("me-1")
+        g2 = Gossip(self.home, Config(), mesh2, "me-1", lambda: NOW)
+        g2.register()
+        mesh2.connect("peer-a")
+        [req] = [p for (_, t, p) in mesh2.sent if t == "knowledge_request"]
+        self.assertEqual(req, {"since_epoch": NOW - 7})
+        self.assertEqual([t for (_, t, _) in mesh2.sent if t == "knowledge_sync"], [])
+
+    def test_claudectl_sync_state_file_is_readable(self) -> None:
+        (self.home.hive).mkdir(parents=True, exist_ok=True)
+        (self.home.hive / "sync_state.json").write_text(json.dumps(
+            {"peer-a": {"peer_id": "peer-a", "last_sync_epoch": 5, "units_sent": ["ku_1"]}}))
+        g = Gossip(self.home, Config(), FakeMesh("me-1"), "me-1", lambda: NOW)
+        self.assertEqual(g.state.peer("peer-a").sent, {"ku_1": 0})
+        g.state.save()
+        data = json.loads((self.home.hive / "sync_state.json").read_text())
+        self.assertEqual(data["peer-a"]["units_sent"], ["ku_1"])
+        self.assertEqual(data["peer-a"]["last_sync_epoch"], 5)
+
+    def test_vector_sync_frame_merges(self) -> None:
+        line = vector("hive.frame.knowledge_sync")["expected"]["line"]
+        env = json.loads(line)
+        g = Gossip(self.home, Config(), self.mesh, "me-1", lambda: env["payload"]["sync_epoch"])
+        self.mesh.handlers.clear()
+        g.register()
+        self.mesh.connect(env["from_peer"])
+        self.mesh.deliver(env["from_peer"], "knowledge_sync", env["payload"])
+        self.assertEqual(len(stored(self.home)), len(env["payload"]["units"]))
+
+
+class LineOfThreeTests(TestCase):
+    """A–B–C on loopback: knowledge distilled on A reaches C with two hops."""
+
+    timeout = 60
+
+    async def test_unit_travels_two_hops_and_never_overrides_local(self) -> None:
+        a, b, c = (RunningService(temp_home(self)) for _ in range(3))
+        ids = {}
+        for name, s in (("a", a), ("b", b), ("c", c)):
+            ids[name] = KeyStore(s.home).ensure_identity()
+        for x, y in (("a", "b"), ("b", "c")):
+            sx, sy = {"a": a, "b": b, "c": c}[x], {"a": a, "b": b, "c": c}[y]
+            key = bytes([len(x + y)]) * 32
+            KeyStore(sx.home).save_key(ids[y], key)
+            KeyStore(sy.home).save_key(ids[x], key)
+        # C already has its own opinion about "git push".
+        put(c.home, ids["c"], unit_json("ku_c_local", ids["c"], cmd="git push", confidence=0.6,
+                                        validated=int(time.time())))
+        for s in (a, b, c):
+            s.start()
+            self.addCleanup(s.stop)
+        await wait_for(lambda: all(s.node.listening_ports for s in (a, b, c)))
+        await call_control(reactor, a.home, C.Connect, address=f"127.0.0.1:{b.port}")
+        await call_control(reactor, c.home, C.Connect, address=f"127.0.0.1:{b.port}")
+        await wait_for(lambda: len(b.node.mesh.connected_peers()) == 2)
+        now = int(time.time())
+        put(a.home, ids["a"],
+            unit_json("ku_a1", ids["a"], validated=now),
+            unit_json("ku_a2", ids["a"], cmd="git push", confidence=0.99, evidence=50,
+                      validated=now))
+        await wait_for(lambda: "ku_a1" in stored(c.home), timeout=15)
+        on_c = stored(c.home)
+        self.assertEqual(on_c["ku_a1"].propagation_count, 2)
+        self.assertEqual(stored(b.home)["ku_a1"].propagation_count, 1)
+        # C's local unit for the same key was not overridden.
+        self.assertIn("ku_c_local", on_c)
+        self.assertNotIn("ku_a2", on_c)
+        # It shows in C's brain prompt with A's trust tier (no record: Suggested).
+        prompt = build_prompt(c.home, HiveConfig(), ids["c"], int(time.time()))
+        self.assertIn(f"- [hive, suggested] [Bash, cargo test] approve (90%) — 10 decisions "
+                      f"from {ids['a']}", prompt)
