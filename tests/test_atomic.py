@@ -28,7 +28,7 @@ class AtomicWriteTests(SynchronousTestCase):
     def test_creates_parents_and_writes(self) -> None:
         path = self.dir / "a" / "b" / "file"
         atomic_write(path, "héllo")
-        self.assertEqual(path.read_bytes(), "héllo".encode("utf-8"))
+        self.assertEqual(path.read_bytes(), "héllo".encode())
         self.assertEqual(_mode(path), 0o600)
         self.assertEqual(os.listdir(path.parent), ["file"])
 
@@ -67,9 +67,6 @@ class AtomicWriteTests(SynchronousTestCase):
         """Even a KeyboardInterrupt mid-write cleans up."""
         path = self.dir / "f"
         atomic_write(path, b"old")
-
-        class Interrupting(bytes):
-            pass
 
         real_fsync = os.fsync
 
