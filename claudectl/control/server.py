@@ -49,6 +49,9 @@ class RelayLocator(amp.CommandLocator):
             "dialing": sorted(node.dialers),
             "rejections": dict(node.admission.rejections),
             "home": str(node.home.root),
+            "workers": [{"worker_id": w.worker_id, "peer": w.peer_id,
+                         "sessions": w.sessions, "updated_at": int(w.updated_at)}
+                        for w in node.workers.current()],
         }
         for provider in node.status_providers:
             try:

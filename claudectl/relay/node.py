@@ -29,7 +29,7 @@ from claudectl.config import Config
 from claudectl.home import Home
 from claudectl.relay.address import client_endpoint_string, parse_address
 from claudectl.relay.admission import Admission
-from claudectl.relay.codec import EnvelopeFactory, now_ms
+from claudectl.relay.codec import HEARTBEAT, EnvelopeFactory, now_ms
 from claudectl.relay.crypto import RandomBytes
 from claudectl.relay.handshake import (
     MUTUAL,
@@ -42,6 +42,7 @@ from claudectl.relay.handshake import (
 from claudectl.relay.keystore import PENDING, KeyStore, PeerMeta
 from claudectl.relay.mesh import Mesh, PeerLink
 from claudectl.relay.protocol import CONNECTOR, LISTENER, RelayProtocol
+from claudectl.relay.workers import WorkerTable
 
 log = Logger()
 
@@ -223,6 +224,8 @@ class RelayNode:
         self.mesh = Mesh(self.envelopes, config.relay.max_peers, reactor.seconds,
                          on_authenticated=self._on_authenticated)
         self.mesh.add_link_observer(None, self._on_link_down)
+        self.workers = WorkerTable(reactor.seconds, config.relay.heartbeat_interval_secs)
+        self.mesh.add_handler(HEARTBEAT, lambda peer, env: self.workers.heartbeat(peer, env.payload))
         self.invites = _load_invites(home, config)
         self.pake = _load_pake(self.invites, reactor)
         self.dialers: dict[str, Dialer] = {}
