@@ -29,7 +29,7 @@ class Home:
 
     @classmethod
     def resolve(cls, explicit: str | os.PathLike[str] | None = None,
-                environ: dict[str, str] | None = None) -> "Home":
+                environ: dict[str, str] | None = None) -> Home:
         """
         Pick the home: an explicit path, else ``$CLAUDECTL_HOME``, else the
         user's home directory (looked up only now, never at import time).

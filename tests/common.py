@@ -155,7 +155,7 @@ class ServeProcess:
         self._reader.start()
 
     @classmethod
-    def serve(cls, home: Home, *args: str) -> "ServeProcess":
+    def serve(cls, home: Home, *args: str) -> ServeProcess:
         return cls(home, ["-m", "claudectl", "--home", str(home.root), "relay", "serve",
                           "--no-discovery", *args])
 

@@ -96,7 +96,7 @@ class PeerSync:
         }
 
     @classmethod
-    def from_json(cls, peer_id: str, value: Any) -> "PeerSync":
+    def from_json(cls, peer_id: str, value: Any) -> PeerSync:
         if not isinstance(value, dict):
             return cls(peer_id)
         sent: dict[str, int] = {}

@@ -30,7 +30,7 @@ class JoinResult(tuple):  # type: ignore[type-arg]
     mode: str
     kept_by_service: bool
 
-    def __new__(cls, peer_id: str, address: str, mode: str, kept: bool) -> "JoinResult":
+    def __new__(cls, peer_id: str, address: str, mode: str, kept: bool) -> JoinResult:
         self = super().__new__(cls, (peer_id, address))
         self.peer_id, self.address, self.mode, self.kept_by_service = peer_id, address, mode, kept
         return self

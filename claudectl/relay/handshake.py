@@ -35,8 +35,8 @@ source; proofs are compared in constant time and never logged.
 
 from __future__ import annotations
 
-import hmac
 import hashlib
+import hmac
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +60,7 @@ _LISTENER_LABEL = "claudectl-listener-proof|"
 
 
 def listener_proof(psk: bytes, cnonce: str, nonce: str) -> str:
-    msg = f"{_LISTENER_LABEL}{cnonce}|{nonce}".encode("utf-8")
+    msg = f"{_LISTENER_LABEL}{cnonce}|{nonce}".encode()
     return hmac.new(psk, msg, hashlib.sha256).hexdigest()
 
 

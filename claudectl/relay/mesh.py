@@ -52,7 +52,7 @@ class PeerState:
 
 @dataclass
 class PeerLink:
-    protocol: "RelayProtocol"
+    protocol: RelayProtocol
     state: PeerState
     direction: str  # "inbound" / "outbound"
 
@@ -130,7 +130,7 @@ class Mesh:
             st = self.states[peer_id] = PeerState(peer_id)
         return st
 
-    def link_up(self, protocol: "RelayProtocol", result: Authenticated) -> PeerLink | None:
+    def link_up(self, protocol: RelayProtocol, result: Authenticated) -> PeerLink | None:
         """Register a freshly authenticated link; None if it must be refused."""
         from claudectl.relay.protocol import CONNECTOR
 

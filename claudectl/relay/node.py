@@ -76,7 +76,7 @@ class NotPaired(Exception):
 class ListenerKeys:
     """Key lookups for the listener handshake (wire.md 3.3 plus invites)."""
 
-    def __init__(self, node: "RelayNode") -> None:
+    def __init__(self, node: RelayNode) -> None:
         self.node = node
 
     def stored_key(self, peer_id: str) -> bytes | None:
@@ -125,7 +125,7 @@ class ListenerKeys:
 class RelayFactory(Factory):
     """Builds listener-side protocols."""
 
-    def __init__(self, node: "RelayNode") -> None:
+    def __init__(self, node: RelayNode) -> None:
         self.node = node
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
@@ -135,7 +135,7 @@ class RelayFactory(Factory):
 
 
 class _DialFactory(Factory):
-    def __init__(self, node: "RelayNode", peer_id: str, address: str) -> None:
+    def __init__(self, node: RelayNode, peer_id: str, address: str) -> None:
         self.node = node
         self.peer_id = peer_id
         self.address = address
@@ -158,7 +158,7 @@ class _GuardedEndpoint:
     link to drop -- and never without a key.
     """
 
-    def __init__(self, node: "RelayNode", peer_id: str, endpoint: Any) -> None:
+    def __init__(self, node: RelayNode, peer_id: str, endpoint: Any) -> None:
         self.node = node
         self.peer_id = peer_id
         self.endpoint = endpoint
@@ -189,7 +189,7 @@ class _GuardedEndpoint:
 class Dialer:
     """Keeps an outbound link to one peer up, with backoff (ClientService)."""
 
-    def __init__(self, node: "RelayNode", peer_id: str, address: str) -> None:
+    def __init__(self, node: RelayNode, peer_id: str, address: str) -> None:
         self.peer_id = peer_id
         self.address = address
         host, port = parse_address(address)

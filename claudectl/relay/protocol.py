@@ -62,7 +62,7 @@ class RelayProtocol(LineReceiver):
 
     _log = Logger()
 
-    def __init__(self, node: "RelayNode", role: str,
+    def __init__(self, node: RelayNode, role: str,
                  auth: KeyAuth | PakeAuth | None = None) -> None:
         self.node = node
         self.role = role
@@ -88,7 +88,7 @@ class RelayProtocol(LineReceiver):
         self._closing_reason: str | None = None
         self._quiet_until = 0.0
         self._queued: list[bytes] = []
-        self.link: "PeerLink | None" = None
+        self.link: PeerLink | None = None
         self.ip = "?"
         self._closed: list[defer.Deferred[None]] = []
         self.is_closed = False
