@@ -142,9 +142,10 @@ def main() -> int:
         verdict = "" if target is None else ("ok" if t <= target else "**over**")
         tgt = "" if target is None else f"<= {target * 1000:.0f} ms"
         table.append(f"| {name} | {t * 1000:.1f} ms | {tgt} | {verdict} |")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     machine = (f"{os.cpu_count()} CPU(s) (nproc), Python {platform.python_version()} "
                f"({platform.python_implementation()}), {platform.system()} "
-               f"{platform.machine()}")
+               f"{platform.machine()}, load average {load} at the end of the run")
     date = datetime.date.today().isoformat()
     print(f"Hive benchmark, best of {args.runs} -- {machine}, {date}")
     print("\n".join(table))

@@ -173,9 +173,9 @@ class ServerCommands(LineReceiver):
     The child's stdin/stdout: one command per line, one answer per line.
 
     ``rss`` -> ``rss <KiB>`` after a full collection; ``links`` -> ``links
-    <n>``; ``expect <n>`` -> ``got <n> <first> <last>`` once ``n`` heartbeats
-    arrived since the last ``expect`` (monotonic seconds of the first and the
-    last); ``quit``.
+    <n>``; ``expect <n>`` -> ``got <n> <first> <last> <cpu>`` once ``n``
+    heartbeats arrived since the ``expect`` (monotonic seconds of the first and
+    the last, CPU seconds this process used meanwhile); ``quit``.
     """
 
     delimiter = b"\n"
@@ -191,6 +191,7 @@ class ServerCommands(LineReceiver):
         self.first = 0.0
         self.last = 0.0
         self.expected: int | None = None
+        self.cpu_start = 0.0
         self.finished: defer.Deferred[None] = defer.Deferred()
         node.mesh.add_handler(codec.KNOWLEDGE_REQUEST, self._answer)
         node.mesh.add_handler(codec.HEARTBEAT, self._count)
@@ -217,7 +218,8 @@ class ServerCommands(LineReceiver):
         self.last = now
         if self.expected is not None and self.count >= self.expected:
             self.expected = None
-            self._say(f"got {self.count} {self.first!r} {self.last!r}")
+            cpu = time.process_time() - self.cpu_start
+            self._say(f"got {self.count} {self.first!r} {self.last!r} {cpu!r}")
 
     def lineReceived(self, line: bytes) -> None:
         cmd, _, arg = line.decode("ascii").strip().partition(" ")
@@ -229,6 +231,7 @@ class ServerCommands(LineReceiver):
         elif cmd == "expect":
             self.count = 0
             self.expected = int(arg)
+            self.cpu_start = time.process_time()
         elif cmd == "quit":
             if self.profiler is not None and self.profile_out:
                 self.profiler.disable()
@@ -407,7 +410,7 @@ async def _one_way(reactor: Any, server: ServerProcess, n: int,
     """Send ``n`` heartbeats in batches; the listener's handler times their arrival."""
     got = server.ask(f"expect {n}")
     await task.deferLater(reactor, 0.05)  # the child has read the command
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), time.process_time()
     sent = 0
     while sent < n:
         k = min(batch, n - sent)
@@ -416,11 +419,14 @@ async def _one_way(reactor: Any, server: ServerProcess, n: int,
         await task.deferLater(reactor, 0)  # let the reactor write
     sender_done = time.monotonic()
     answer = await got.addTimeout(PHASE_TIMEOUT_SECS, reactor)
-    _, count, first, last = answer.split()
+    sender_cpu = time.process_time() - cpu_start
+    _, count, first, last, cpu = answer.split()
     count_i, first_f, last_f = int(count), float(first), float(last)
     return {"receiver_msgs_per_s": (count_i - 1) / (last_f - first_f),
             "end_to_end_msgs_per_s": count_i / (last_f - start),
-            "sender_secs": sender_done - start, "receiver_secs": last_f - first_f}
+            "sender_secs": sender_done - start, "receiver_secs": last_f - first_f,
+            "sender_cpu_us_per_msg": sender_cpu / n * 1e6,
+            "receiver_cpu_us_per_msg": float(cpu) / count_i * 1e6}
 
 
 def _median_run(runs: list[dict[str, float]]) -> dict[str, Any]:
@@ -443,7 +449,9 @@ async def bench_throughput(reactor: Any, node: RelayNode, server: ServerProcess,
     rate = m["receiver_msgs_per_s"]
     return Row(f"one-way throughput, mesh.send of {frame}-byte heartbeats (n={n}, "
                f"median of {repeats})",
-               f"{rate:,.0f} msg/s at the receiver ({m['end_to_end_msgs_per_s']:,.0f} end to end)",
+               f"{rate:,.0f} msg/s at the receiver ({m['end_to_end_msgs_per_s']:,.0f} end to end);"
+               f" CPU/msg: sender {m['sender_cpu_us_per_msg']:.1f} us,"
+               f" receiver {m['receiver_cpu_us_per_msg']:.1f} us",
                f">= {THROUGHPUT_MSGS:,.0f} msg/s", rate >= THROUGHPUT_MSGS,
                {"n": n, "frame_bytes": frame, "repeats": repeats, **m})
 
@@ -466,7 +474,8 @@ async def bench_receive_path(reactor: Any, node: RelayNode, proto: Any, server: 
     m = _median_run(runs)
     rate = m["receiver_msgs_per_s"]
     return Row(f"receive path only, pre-encoded heartbeats (n={n}, median of {repeats})",
-               f"{rate:,.0f} msg/s at the receiver", "(information)", True,
+               f"{rate:,.0f} msg/s at the receiver;"
+               f" CPU/msg: receiver {m['receiver_cpu_us_per_msg']:.1f} us", "(information)", True,
                {"n": n, "repeats": repeats, "informational": True, **m})
 
 

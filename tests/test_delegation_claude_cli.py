@@ -32,6 +32,7 @@ class RealClaudeTests(TestCase):
             clock=reactor, spawner=reactor.spawnProcess, home_root=home.root,
             environ={"PATH": "/usr/local/bin:/usr/bin:/bin:" + CLAUDE.rsplit("/", 1)[0],
                      "HOME": str(home.root)})
+        mesh.add_handler("delegate_task", worker.on_delegate)
         worker.start()
         self.addCleanup(worker.stop)
         mesh.deliver("ctl-1", "delegate_task", P.build_delegate_task("t1", "Say hi", str(project)))

@@ -7,7 +7,12 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.hive.archive import (
-    archive_stats, cold_distill, parse_age, prune_archive, read_curriculum, write_curriculum,
+    archive_stats,
+    cold_distill,
+    parse_age,
+    prune_archive,
+    read_curriculum,
+    write_curriculum,
 )
 from claudectl.hive.store import archive_units, store_transaction
 from claudectl.hive.units import DAY, Pattern, ToolAccuracy, dumps_line

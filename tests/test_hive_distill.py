@@ -8,7 +8,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.config import HiveConfig
 from claudectl.hive.distill import (
-    Distiller, command_pattern, condition_label, distill_home, maybe_distill, redistill,
+    Distiller,
+    command_pattern,
+    condition_label,
+    distill_home,
+    maybe_distill,
+    redistill,
 )
 from claudectl.hive.store import KnowledgeStore, load_store, store_transaction
 from claudectl.hive.trust import load_trust

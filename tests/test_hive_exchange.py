@@ -8,7 +8,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.config import HiveConfig
 from claudectl.hive.exchange import (
-    ImportProblem, export_json, export_yaml, import_units, parse_document,
+    ImportProblem,
+    export_json,
+    export_yaml,
+    import_units,
+    parse_document,
 )
 from claudectl.hive.store import load_store, store_transaction
 from claudectl.hive.units import KnowledgeUnit, parse_line

@@ -7,12 +7,23 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.hive.merge import (
-    ACCEPTED, CLUSTER_UNIONED, DUPLICATE, REJECTED_LOCAL, REJECTED_PEER, UPDATED,
-    merge_batch, merge_unit, write_merge_logs,
+    ACCEPTED,
+    CLUSTER_UNIONED,
+    DUPLICATE,
+    REJECTED_LOCAL,
+    REJECTED_PEER,
+    UPDATED,
+    merge_batch,
+    merge_unit,
+    write_merge_logs,
 )
 from claudectl.hive.store import KnowledgeStore
 from claudectl.hive.units import (
-    ApproachCluster, ApproachVariant, KnowledgeUnit, Pattern, dumps_record,
+    ApproachCluster,
+    ApproachVariant,
+    KnowledgeUnit,
+    Pattern,
+    dumps_record,
 )
 from tests.common import temp_home, vector
 from tests.test_hive_units import make_unit

@@ -6,12 +6,27 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.config import HiveConfig
 from claudectl.hive.sharing import (
-    ShareContext, SharingFilter, is_exposed, load_exposure, set_exposure, shareable,
+    ShareContext,
+    SharingFilter,
+    is_exposed,
+    load_exposure,
+    set_exposure,
+    shareable,
 )
 from claudectl.hive.trust import TrustBook
 from claudectl.hive.units import (
-    DAY, ApproachCluster, ApproachOutcome, ApproachVariant, Command, HookConfig, Insight,
-    Pattern, SharingConsent, Skill, Temporal, ToolAccuracy,
+    DAY,
+    ApproachCluster,
+    ApproachOutcome,
+    ApproachVariant,
+    Command,
+    HookConfig,
+    Insight,
+    Pattern,
+    SharingConsent,
+    Skill,
+    Temporal,
+    ToolAccuracy,
 )
 from tests.common import temp_home, vector
 from tests.test_hive_units import make_unit

@@ -11,7 +11,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.config import HiveConfig
 from claudectl.hive.store import (
-    KnowledgeStore, compact, hive_active, load_store, parse_units, store_transaction,
+    KnowledgeStore,
+    compact,
+    hive_active,
+    load_store,
+    parse_units,
+    store_transaction,
 )
 from claudectl.hive.trust import TrustBook, save_trust
 from claudectl.hive.units import DAY, Pattern, dumps_line

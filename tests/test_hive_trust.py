@@ -7,8 +7,17 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.hive.trust import (
-    DAY, QUARANTINE_SECS, PeerTrust, Tier, TrustBook, load_trust, log_collisions, save_trust,
-    tier_for, trust_level, trust_transaction,
+    DAY,
+    QUARANTINE_SECS,
+    PeerTrust,
+    Tier,
+    TrustBook,
+    load_trust,
+    log_collisions,
+    save_trust,
+    tier_for,
+    trust_level,
+    trust_transaction,
 )
 from claudectl.hive.units import Pattern, ToolAccuracy
 from tests.common import temp_home, vector

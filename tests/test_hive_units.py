@@ -9,9 +9,25 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.hive.units import (
-    DEFAULT_INTERVALS, Command, KnowledgeUnit, Pattern, Requires, Scope, SharingConsent,
-    UnitError, UnitIds, advance_state, command_matches, content_from_json, dumps_line,
-    paginate, parse_line, rollout_admits, rollout_hash, unit_json_len, version_gte,
+    DEFAULT_INTERVALS,
+    Command,
+    KnowledgeUnit,
+    Pattern,
+    Requires,
+    Scope,
+    SharingConsent,
+    UnitError,
+    UnitIds,
+    advance_state,
+    command_matches,
+    content_from_json,
+    dumps_line,
+    paginate,
+    parse_line,
+    rollout_admits,
+    rollout_hash,
+    unit_json_len,
+    version_gte,
 )
 from claudectl.relay.codec import Envelope, encode
 from tests.common import vector, vectors

@@ -25,9 +25,11 @@ from tests.test_services import RunningService, wait_for
 
 def free_code_port() -> int:
     """A free loopback port that a relay code can carry (9847…10102)."""
-    for port in range(10102, 9847, -1):
-        if port == 9975:
-            continue
+    import random
+
+    ports = [p for p in range(9848, 10103) if p != 9975]
+    random.shuffle(ports)
+    for port in ports:
         s = socket.socket()
         try:
             s.bind(("127.0.0.1", port))
@@ -100,8 +102,12 @@ class JoinTests(TestCase):
         await self.assert_paired(inv.relay_code)
         KeyStore(self.joiner_home).forget(self.inviter_id)
         KeyStore(self.inviter.home).forget(self.joiner_id)
-        with self.assertRaises(JoinFailed):
+        with self.assertRaises(JoinFailed) as cm:
             await self.join(inv.relay_code)
+        self.assertIn("(used)", str(cm.exception))
+        with self.assertRaises(JoinFailed) as cm:
+            await self.join(inv.link)
+        self.assertIn("(used)", str(cm.exception))
 
     async def test_wrong_code_burns_invite(self) -> None:
         inv = self.invite()
@@ -110,19 +116,22 @@ class JoinTests(TestCase):
         target = dataclasses.replace(decode_join(inv.relay_code), pake_password=bytes(wrong))
         with self.assertRaises(JoinFailed) as cm:
             await join_peer(reactor, self.joiner_home, Config(), target)
-        self.assertIn("denied", str(cm.exception))
+        self.assertIn("denied (wrong_code)", str(cm.exception))
         self.assertEqual(self.invites.get(inv.id).state, "burned")
         # Even the right code does not work any more.
-        with self.assertRaises(JoinFailed):
+        with self.assertRaises(JoinFailed) as cm:
             await self.join(inv.relay_code)
+        self.assertIn("(burned)", str(cm.exception))
         self.assertIsNone(KeyStore(self.joiner_home).key(self.inviter_id))
 
     async def test_expired_invite(self) -> None:
         inv = self.invites.create(self.inviter_id, "127.0.0.1", self.port, 1, time.time() - 10)
-        with self.assertRaises(JoinFailed):
+        with self.assertRaises(JoinFailed) as cm:
             await self.join(inv.relay_code)
-        with self.assertRaises(JoinFailed):
+        self.assertIn("(expired)", str(cm.exception))
+        with self.assertRaises(JoinFailed) as cm:
             await self.join(inv.link)
+        self.assertIn("(expired)", str(cm.exception))
 
     async def test_link_naming_another_identity_is_refused(self) -> None:
         inv = self.invite()

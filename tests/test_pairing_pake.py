@@ -80,10 +80,11 @@ class PakeTests(SynchronousTestCase):
         self.assertEqual(response.failure, "wrong_code")
         self.assertEqual(self.store.get(inv.id).state, BURNED)
         self.assertNotIn(init.candidate_psks()[0], (inv.link_psk,))
-        # The right code no longer works: one online guess per code.
+        # The right code no longer works: one online guess per code -- and the
+        # joiner is told why.
         _, response, psk = self.attempt(inv.code_password)
-        self.assertIsNone(response)
         self.assertIsNone(psk)
+        self.assertEqual(response.failure, BURNED)
 
     def test_wrong_code_burns_every_candidate(self) -> None:
         invites = [self.invite() for _ in range(3)]
@@ -125,8 +126,9 @@ class PakeTests(SynchronousTestCase):
     def test_expired(self) -> None:
         inv = self.invite(ttl=60)
         self.clock.advance(61)
-        _, response, _ = self.attempt(inv.code_password)
-        self.assertIsNone(response)
+        _, response, psk = self.attempt(inv.code_password)
+        self.assertIsNone(psk)
+        self.assertEqual(response.failure, EXPIRED)
         self.assertEqual(self.store.get(inv.id).state_at(self.clock.seconds()), EXPIRED)
 
     def test_expired_while_other_invites_open(self) -> None:
@@ -153,7 +155,9 @@ class PakeTests(SynchronousTestCase):
     def test_reused_invite_alone(self) -> None:
         inv = self.invite()
         self.assertIsNotNone(self.attempt(inv.code_password)[2])
-        self.assertIsNone(self.attempt(inv.code_password, joiner="laptop-2")[1])
+        _, response, psk = self.attempt(inv.code_password, joiner="laptop-2")
+        self.assertIsNone(psk)
+        self.assertEqual(response.failure, USED)
 
     def test_burned_invite_is_reported(self) -> None:
         inv = self.invite()

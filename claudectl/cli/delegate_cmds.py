@@ -140,7 +140,7 @@ def delegate(ctx: CliContext, peer: str, prompt: tuple[str, ...], cwd: str | Non
         else:
             ctx.out(f"Task {final['task_id']} {final['state']}: {final.get('summary') or ''}")
         if final["state"] != "completed":
-            raise click.exceptions.Exit(1)
+            raise CliError(f"task {final['task_id']} did not complete ({final['state']})")
 
 
 # --- relay status -------------------------------------------------------------------
@@ -187,14 +187,14 @@ def status(ctx: CliContext, task_id: str | None) -> None:
     if not tasks:
         ctx.out("No delegated tasks. Delegate one with `claudectl relay delegate <peer> <prompt>`.")
         return
-    ctx.out(f"{'TASK':<28} {'PEER':<20} {'STATE':<9} {'ELAPSED':>7} {'TOKENS':>9} "
+    ctx.out(f"{'TASK':<36} {'PEER':<20} {'STATE':<9} {'ELAPSED':>7} {'TOKENS':>9} "
             f"{'COST':>8}  LAST MESSAGE")
     for t in tasks:
         msg = (t.get("last_message") or "").replace("\n", " ")
         if len(msg) > 60:
             msg = msg[:59] + "…"
         peer = t["peer"] if t["peer_connected"] else t["peer"] + "*"
-        ctx.out(f"{t['task_id']:<28} {peer:<20} {t['state']:<9} "
+        ctx.out(f"{t['task_id']:<36} {peer:<20} {t['state']:<9} "
                 f"{_duration(t['elapsed_secs']):>7} {t['tokens']:>9,} "
                 f"{'$' + format(t['cost_usd'], '.4f'):>8}  {msg}".rstrip())
     if any(not t["peer_connected"] for t in tasks):
@@ -286,7 +286,8 @@ def run_file(ctx: CliContext, file: str, parallel: bool) -> None:
     else:
         ctx.out(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     if not ok:
-        raise click.exceptions.Exit(1)
+        bad = sum(n for k, n in counts.items() if k != "completed")
+        raise CliError(f"{bad} of {len(states)} task(s) did not complete")
 
 
 def _local_runner(reactor: Any, ctx: CliContext, config: Any) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,22 @@ from claudectl.cli.base import CliContext, CliError, hive, pass_ctx
 from claudectl.hive import archive as archive_mod
 from claudectl.hive.distill import CURSOR, Cursor, maybe_distill
 from claudectl.hive.exchange import (
-    ImportProblem, export_json, export_yaml, import_units, parse_document,
+    ImportProblem,
+    export_json,
+    export_yaml,
+    import_units,
+    parse_document,
 )
 from claudectl.hive.prompt import build_prompt
 from claudectl.hive.store import (
-    ARCHIVE, CONFLICTS, MODE, QUARANTINE, hive_active, hive_file, load_store, store_transaction,
+    ARCHIVE,
+    CONFLICTS,
+    MODE,
+    QUARANTINE,
+    hive_active,
+    hive_file,
+    load_store,
+    store_transaction,
 )
 from claudectl.hive.trust import PeerTrust, TrustBook, load_trust, tier_for, trust_transaction
 from claudectl.hive.units import KnowledgeUnit, Scope
@@ -50,16 +61,16 @@ def _identity(ctx: CliContext) -> str:
 def _when(epoch: int | None) -> str:
     if not epoch:
         return "-"
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _table(ctx: CliContext, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [[str(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    ctx.out("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    ctx.out("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     ctx.out("  ".join("\u2500" * w for w in widths))
     for row in cells:
-        ctx.out("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        ctx.out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _count_lines(path: Path) -> int:

@@ -24,10 +24,20 @@ from typing import Any
 
 from claudectl.atomic import atomic_write, locked
 from claudectl.hive.store import (
-    ARCHIVE, BadLine, hive_file, load_store, quarantine_lines,
+    ARCHIVE,
+    BadLine,
+    hive_file,
+    load_store,
+    quarantine_lines,
 )
 from claudectl.hive.units import (
-    U32_MAX, KnowledgeUnit, Pattern, UnitError, dumps_line, dumps_pretty, parse_line,
+    U32_MAX,
+    KnowledgeUnit,
+    Pattern,
+    UnitError,
+    dumps_line,
+    dumps_pretty,
+    parse_line,
 )
 from claudectl.home import Home
 

@@ -37,12 +37,26 @@ from twisted.logger import Logger
 from claudectl.atomic import atomic_write, locked
 from claudectl.config import HiveConfig
 from claudectl.hive.store import (
-    KnowledgeStore, hive_active, load_store, now_epoch, store_transaction,
+    KnowledgeStore,
+    hive_active,
+    load_store,
+    now_epoch,
+    store_transaction,
 )
 from claudectl.hive.trust import action_class, trust_transaction
 from claudectl.hive.units import (
-    DAY, U32_MAX, ApproachCluster, ApproachVariant, Insight, KnowledgeUnit, Pattern, Scope,
-    Temporal, ToolAccuracy, UnitIds, pct,
+    DAY,
+    U32_MAX,
+    ApproachCluster,
+    ApproachVariant,
+    Insight,
+    KnowledgeUnit,
+    Pattern,
+    Scope,
+    Temporal,
+    ToolAccuracy,
+    UnitIds,
+    pct,
 )
 from claudectl.home import Home
 
@@ -76,7 +90,7 @@ def preferences_path(home: Home) -> Path:
 def parse_decisions(data: bytes) -> Iterator[Mapping[str, Any]]:
     """Decision records from ``decisions.jsonl`` bytes; unreadable lines are skipped."""
     loads = json.loads
-    for raw in data.splitlines():
+    for raw in data.decode("utf-8", "replace").split("\n"):
         if not raw:
             continue
         try:
@@ -473,7 +487,7 @@ class Cursor:
     last_distill: int = 0
 
     @classmethod
-    def load(cls, path: Path) -> "Cursor | None":
+    def load(cls, path: Path) -> Cursor | None:
         try:
             data = json.loads(path.read_bytes())
             return cls(int(data["offset"]), int(data["pending"]), int(data["last_distill"]))

@@ -29,7 +29,12 @@ from typing import Any
 from claudectl.atomic import append_line
 from claudectl.hive.store import CONFLICTS, RESOLUTIONS, KnowledgeStore, hive_file
 from claudectl.hive.units import (
-    U32_MAX, ApproachCluster, ApproachVariant, KnowledgeUnit, dumps_line, dumps_record,
+    U32_MAX,
+    ApproachCluster,
+    ApproachVariant,
+    KnowledgeUnit,
+    dumps_line,
+    dumps_record,
 )
 from claudectl.home import Home
 
@@ -53,9 +58,20 @@ class MergeOutcome:
     rationale: str = ""
 
 
-def rank(unit: KnowledgeUnit) -> tuple[float, int, str, str]:
-    """The total order between two peers' units of one semantic key."""
-    return (round(unit.score, SCORE_DECIMALS), unit.version, unit.id, dumps_line(unit))
+def rank(unit: KnowledgeUnit) -> tuple[float, int, str]:
+    """
+    The order between two peers' units of one semantic key; when two units
+    rank equal, :func:`outranks` breaks the tie on their JSON text.
+    """
+    return (round(unit.score, SCORE_DECIMALS), unit.version, unit.id)
+
+
+def outranks(a: KnowledgeUnit, b: KnowledgeUnit) -> bool:
+    """Is ``a`` strictly above ``b`` in the (total) merge order?"""
+    ra, rb = rank(a), rank(b)
+    if ra != rb:
+        return ra > rb
+    return a != b and dumps_line(a) > dumps_line(b)
 
 
 def _conflict(ex: KnowledgeUnit, inc: KnowledgeUnit, now: int) -> dict[str, Any]:
@@ -114,7 +130,7 @@ def merge_unit(existing: KnowledgeUnit | None, inc: KnowledgeUnit, local_id: str
             return MergeOutcome(REJECTED_PEER,
                                 rationale="incoming unit claims the local identity")
         return MergeOutcome(ACCEPTED, store=inc)
-    if ex.id == inc.id and ex.version >= inc.version and rank(inc) <= rank(ex):
+    if ex.id == inc.id and ex.version >= inc.version and not outranks(inc, ex):
         return MergeOutcome(DUPLICATE)
     if isinstance(ex.content, ApproachCluster) and isinstance(inc.content, ApproachCluster):
         merged = union_clusters(ex, inc)
@@ -127,8 +143,8 @@ def merge_unit(existing: KnowledgeUnit | None, inc: KnowledgeUnit, local_id: str
         why = "local-originated unit wins by policy"
         return MergeOutcome(REJECTED_LOCAL, rationale=why, conflict=_conflict(ex, inc, now),
                             resolution=_resolution(REJECTED_LOCAL, ex, inc, why, now))
-    r_inc, r_ex = rank(inc), rank(ex)
-    if r_inc > r_ex:
+    if outranks(inc, ex):
+        r_inc, r_ex = rank(inc), rank(ex)
         if r_inc[0] > r_ex[0]:
             why = f"incoming score {inc.score:.2f} > existing {ex.score:.2f}"
         elif inc.version > ex.version:

@@ -29,7 +29,12 @@ from claudectl.hive.distill import read_preferences
 from claudectl.hive.store import load_store
 from claudectl.hive.trust import Tier, TrustBook, load_trust
 from claudectl.hive.units import (
-    ApproachCluster, ApproachOutcome, KnowledgeUnit, Pattern, ToolAccuracy, command_matches,
+    ApproachCluster,
+    ApproachOutcome,
+    KnowledgeUnit,
+    Pattern,
+    ToolAccuracy,
+    command_matches,
     rollout_admits,
 )
 from claudectl.home import Home
@@ -74,7 +79,7 @@ def render(items: list[PromptItem], total: int | None = None) -> str:
                 f"decisions from {item.source_peer}")
         lines.append(line + (" [stale]" if item.stale else ""))
         variants = sorted(item.variants, key=lambda v: -v.evidence)
-        for letter, v in zip("ABC", variants[:MAX_VARIANT_LINES]):
+        for letter, v in zip("ABC", variants[:MAX_VARIANT_LINES], strict=False):
             when = f" [when: {', '.join(v.conditions)}]" if v.conditions else ""
             lines.append(f"    ({letter}) {v.approach_summary} \u2014 n={v.evidence}{when}")
         if len(variants) > MAX_VARIANT_LINES:

@@ -20,12 +20,24 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
 from claudectl.atomic import atomic_write, locked
 from claudectl.config import HiveConfig
 from claudectl.hive.trust import TrustBook, load_trust
 from claudectl.hive.units import (
-    CATEGORY_LABELS, DAY, ApproachCluster, ApproachOutcome, Command, HookConfig, Insight,
-    KnowledgeUnit, Pattern, Skill, Temporal, ToolAccuracy, dumps_pretty,
+    CATEGORY_LABELS,
+    DAY,
+    ApproachCluster,
+    ApproachOutcome,
+    Command,
+    HookConfig,
+    Insight,
+    KnowledgeUnit,
+    Pattern,
+    Skill,
+    Temporal,
+    ToolAccuracy,
+    dumps_pretty,
 )
 from claudectl.home import Home
 
@@ -49,7 +61,7 @@ class SharingFilter:
     exclude_content_types: frozenset[str] = frozenset()
 
     @classmethod
-    def from_config(cls, config: HiveConfig) -> "SharingFilter":
+    def from_config(cls, config: HiveConfig) -> SharingFilter:
         cats = set()
         for c in config.share_categories:
             cats.add("workflow" if c == "workflow_pattern" else c)
@@ -167,7 +179,7 @@ class ShareContext:
     exposure: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, home: Home, local_id: str, config: HiveConfig) -> "ShareContext":
+    def load(cls, home: Home, local_id: str, config: HiveConfig) -> ShareContext:
         return cls(local_id, config, load_trust(home, config.default_trust),
                    load_exposure(home))
 

@@ -27,7 +27,12 @@ from twisted.logger import Logger
 from claudectl.atomic import append_line, atomic_write, locked
 from claudectl.config import HiveConfig
 from claudectl.hive.units import (
-    DAY, KnowledgeUnit, UnitError, dumps_line, dumps_record, parse_line,
+    DAY,
+    KnowledgeUnit,
+    UnitError,
+    dumps_line,
+    dumps_record,
+    parse_line,
 )
 from claudectl.home import Home
 

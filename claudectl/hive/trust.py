@@ -30,7 +30,13 @@ from twisted.logger import Logger
 
 from claudectl.atomic import append_line, atomic_write, locked
 from claudectl.hive.units import (
-    DAY, U64_MAX, KnowledgeUnit, Pattern, UnitError, command_matches, dumps_pretty,
+    DAY,
+    U64_MAX,
+    KnowledgeUnit,
+    Pattern,
+    UnitError,
+    command_matches,
+    dumps_pretty,
     dumps_record,
 )
 from claudectl.home import Home
@@ -107,12 +113,12 @@ class PeerTrust:
     last_anomaly_at: int | None = None
 
     @classmethod
-    def new(cls, peer_id: str, level: float, now: int) -> "PeerTrust":
+    def new(cls, peer_id: str, level: float, now: int) -> PeerTrust:
         return cls(peer_id, clamp01(level), first_seen=now, last_sync=now,
                    quarantined_until=now + QUARANTINE_SECS)
 
     @classmethod
-    def from_json(cls, value: Any, where: str = "record") -> "PeerTrust":
+    def from_json(cls, value: Any, where: str = "record") -> PeerTrust:
         if not isinstance(value, Mapping):
             raise UnitError(f"{where} must be an object")
 
@@ -356,7 +362,7 @@ class TrustBook:
 
     # --- (de)serialization ---------------------------------------------------------------
     @classmethod
-    def from_json(cls, value: Any, default_trust: float = 0.5) -> "TrustBook":
+    def from_json(cls, value: Any, default_trust: float = 0.5) -> TrustBook:
         if not isinstance(value, Mapping):
             raise UnitError("trust.json must hold a JSON object")
         records = {}

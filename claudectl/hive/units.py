@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from typing import Any, ClassVar
 
 DAY = 86_400
@@ -160,7 +161,7 @@ class Requires:
     min_version: str | None = None
 
     @classmethod
-    def from_json(cls, value: Any, path: str = "requires") -> "Requires":
+    def from_json(cls, value: Any, path: str = "requires") -> Requires:
         obj = _obj(value, path)
         cli = obj.get("cli")
         os_ = obj.get("os")
@@ -198,7 +199,7 @@ class ApproachVariant:
     )
 
     @classmethod
-    def from_json(cls, value: Any, path: str = "variant") -> "ApproachVariant":
+    def from_json(cls, value: Any, path: str = "variant") -> ApproachVariant:
         obj = _obj(value, path)
         return cls(**{s[0]: _read_field(obj, s, path) for s in cls._SPEC})
 
@@ -221,7 +222,7 @@ class Content:
     _SPEC: ClassVar[tuple[_FieldSpec, ...]]
 
     @classmethod
-    def _from_obj(cls, obj: Mapping[str, Any], path: str) -> "Content":
+    def _from_obj(cls, obj: Mapping[str, Any], path: str) -> Content:
         return cls(**{s[0]: _read_field(obj, s, path) for s in cls._SPEC})
 
     def to_json(self) -> dict[str, Any]:
@@ -312,7 +313,7 @@ class Insight(Content):
 
     # The JSON key is "summary", which would shadow the method.
     @classmethod
-    def _from_obj(cls, obj: Mapping[str, Any], path: str) -> "Insight":
+    def _from_obj(cls, obj: Mapping[str, Any], path: str) -> Insight:
         vals = {s[0]: _read_field(obj, s, path) for s in cls._SPEC}
         return cls(vals["category"], vals["severity"], vals["summary"], vals["suggestion"])
 
@@ -475,7 +476,7 @@ class Scope:
                                        "project": "proj"}
 
     @classmethod
-    def from_json(cls, value: Any, path: str = "scope") -> "Scope":
+    def from_json(cls, value: Any, path: str = "scope") -> Scope:
         obj = _obj(value, path)
         kind = _get(obj, "type", path)
         if kind == "universal":
@@ -487,7 +488,7 @@ class Scope:
         raise UnitError(f"{path}.type {kind!r} is not universal, language or project")
 
     @classmethod
-    def parse(cls, text: str) -> "Scope":
+    def parse(cls, text: str) -> Scope:
         """CLI text: ``universal``, ``language:x``, ``project:x``; anything else is a project."""
         if text == "universal":
             return cls()
@@ -524,7 +525,7 @@ class SharingConsent:
     min_trust_tier: str = "any"
 
     @classmethod
-    def from_json(cls, value: Any, path: str = "sharing_consent") -> "SharingConsent":
+    def from_json(cls, value: Any, path: str = "sharing_consent") -> SharingConsent:
         obj = _obj(value, path)
         exp = obj.get("expires_at")
         allow = obj.get("allow_peers")
@@ -573,7 +574,7 @@ class InjectionStats:
     last_outcome_at: int = 0
 
     @classmethod
-    def from_json(cls, value: Any, path: str = "injection_stats") -> "InjectionStats":
+    def from_json(cls, value: Any, path: str = "injection_stats") -> InjectionStats:
         obj = _obj(value, path)
         return cls(**{f.name: _int(obj.get(f.name, 0), f"{path}.{f.name}", U64_MAX)
                       for f in fields(cls)})
@@ -604,7 +605,7 @@ class KnowledgeUnit:
     sharing_consent: SharingConsent | None = None
 
     @classmethod
-    def from_json(cls, value: Any) -> "KnowledgeUnit":
+    def from_json(cls, value: Any) -> KnowledgeUnit:
         obj = _obj(value, "")
         category = _get(obj, "category", "", "best_practice")
         if category not in CATEGORIES:
@@ -662,8 +663,10 @@ class KnowledgeUnit:
     def type(self) -> str:
         return self.content.TYPE
 
-    @property
+    @cached_property
     def semantic_key(self) -> str:
+        # cached_property writes the instance __dict__ directly, which a
+        # frozen dataclass allows; dataclasses.replace() makes a fresh unit.
         return f"{self.scope.key_prefix()}/{self.content.key_part()}"
 
     def summary(self) -> str:
@@ -693,7 +696,7 @@ class KnowledgeUnit:
         """Decayed score, used to rank units for eviction and prompts."""
         return self.effective_confidence(now) * self.evidence_count
 
-    def with_(self, **changes: Any) -> "KnowledgeUnit":
+    def with_(self, **changes: Any) -> KnowledgeUnit:
         return replace(self, **changes)
 
 

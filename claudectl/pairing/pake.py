@@ -256,10 +256,12 @@ class PakeResponder:
         now = self._clock.seconds()
         invites = [(inv, "open") for inv in
                    self._store.open_code_invites(now)[:MAX_OPEN_CANDIDATES]]
-        if not invites:
-            return None
+        # Recently closed invites too (even with none open), so that a late
+        # joiner learns its invite was used, expired, revoked or burned.
         invites += [(inv, inv.state_at(now)) for inv in
                     self._store.closed_code_invites(now)[:MAX_CLOSED_CANDIDATES]]
+        if not invites:
+            return None
         candidates = []
         for inv, state in invites:
             side = SPAKE2_B(_password(inv.code_password), idA=ID_JOINER, idB=ID_LISTENER,

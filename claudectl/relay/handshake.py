@@ -157,9 +157,15 @@ class ListenerHandshake:
     def _ack(self, status: str, **extra: Any) -> Envelope:
         return self._env.make(codec.HANDSHAKE_ACK, {"status": status, **extra})
 
-    def _deny(self, reason: str) -> Step:
+    def _deny(self, reason: str, tell: str | None = None) -> Step:
+        """
+        Refuse.  ``tell`` is a short reason word for peers of this project
+        (``used``, ``expired``, ``burned``, ``wrong_code``…) in a payload field
+        claudectl ignores; the local ``reason`` is only logged.
+        """
         self.state = ListenerState.DONE
-        return Step(send=[self._ack("denied")], failed=reason)
+        extra = {"reason": tell} if tell else {}
+        return Step(send=[self._ack("denied", **extra)], failed=reason)
 
     def receive(self, env: Envelope) -> Step:
         if self.state is ListenerState.DONE:
@@ -192,7 +198,14 @@ class ListenerHandshake:
                     match = (label, psk)
                     break
         if match is None:
-            return self._deny("wrong proof" if stored is not None else "no key for this peer")
+            if stored is not None:
+                return self._deny("wrong proof")
+            tell = None
+            for state, psk in getattr(self._keys, "closed_candidates", lambda: [])():
+                if verify_proof(psk, self.nonce, candidate):
+                    tell = state
+                    break
+            return self._deny(f"no key for this peer ({tell or 'unknown key'})", tell)
         label, psk = match
         cnonce = payload.get("cnonce")
         mutual = _is_nonce(cnonce)
@@ -226,7 +239,7 @@ class ListenerHandshake:
             return self._deny("malformed pake message")
         response = self._pake.respond(peer, raw)
         if response is None:
-            return self._deny("no open invite for a short code")
+            return self._deny("no open invite for a short code", "no_invite")
         self._pake_response = response
         self._pake_peer = peer
         self.state = ListenerState.AWAIT_PAKE_CONFIRM
@@ -251,7 +264,8 @@ class ListenerHandshake:
             return self._deny("pake handshake without cnonce")
         psk = self._pake_response.finish(confirms)
         if psk is None:
-            return self._deny("wrong code")
+            tell = getattr(self._pake_response, "failure", None) or "wrong_code"
+            return self._deny(f"short code refused ({tell})", tell)
         if not self._keys.store_new_key(peer, psk):
             return self._deny("could not store the new key")
         return self._accept(peer, psk, MUTUAL, "pake", cnonce)
@@ -345,7 +359,11 @@ class ConnectorHandshake:
         if status == "pake" and isinstance(self._auth, PakeAuth) and self._pake_round == 0:
             return self._on_pake_messages(payload)
         if status != "ok":
-            return self._fail(f"handshake denied: {status if isinstance(status, str) else 'unknown'}")
+            text = f"handshake denied: {status if isinstance(status, str) else 'unknown'}"
+            why = payload.get("reason")
+            if isinstance(why, str) and why.replace("_", "").isalnum() and len(why) <= 32:
+                text += f" ({why})"
+            return self._fail(text)
         remote = env.from_peer
         if not is_remote_peer_id(remote):
             return self._fail(f"listener sent an invalid identity {remote!r}")

@@ -94,6 +94,17 @@ class ListenerKeys:
                     out.append((f"invite:{invite_id}", psk))
         return out
 
+    def closed_candidates(self) -> Sequence[tuple[str, bytes]]:
+        """``(state, psk)`` of closed invite links: to tell a joiner why."""
+        invites = self.node.invites
+        if invites is None:
+            return []
+        now = self.node.clock.seconds()
+        try:
+            return [(i.state_at(now), i.link_psk) for i in invites.list(now) if not i.is_open(now)]
+        except Exception:
+            return []
+
     def claim(self, peer_id: str, label: str, psk: bytes) -> bool:
         ks = self.node.keystore
         if ks.key(peer_id) is not None:
