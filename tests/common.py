@@ -48,6 +48,8 @@ def subprocess_env(home: Home, **extra: str) -> dict[str, str]:
         "HOME": str(home.root),
         "CLAUDECTL_HOME": str(home.root),
         "LANG": "C.UTF-8",
+        # Children that die by a re-raised signal (twistd does) lose buffered output.
+        "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(p for p in [str(_HERE.parent)] + sys.path if p),
     }
     env.update(extra)
