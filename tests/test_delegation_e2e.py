@@ -1,0 +1,125 @@
+"""
+Remote delegation end to end, as a user runs it: two `claudectl relay serve`
+processes on loopback (two homes), the fake `claude` on the worker, and the
+CLI on the controller -- delegate and follow, status, nudge, stop, and a task
+file mixing local and remote tasks with a dependency between them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.common import ServeProcess, run_cli, temp_home
+
+FAKE_CLAUDE = str(Path(__file__).resolve().parent / "fake_claude.py")
+
+
+def ok(result: Any) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result.stdout  # type: ignore[no-any-return]
+
+
+def write_config(home: Any, proj: Path) -> None:
+    home.config_file.parent.mkdir(parents=True, exist_ok=True)
+    home.config_file.write_text(
+        "[delegation]\n"
+        f"allowed_dirs = [{json.dumps(str(proj))}]\n"
+        f"claude_command = {json.dumps(sys.executable)}\n"
+        f"claude_args = [{json.dumps(FAKE_CLAUDE)}]\n"
+        "stop_grace_secs = 2\n")
+
+
+class DelegationEndToEndTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.worker, self.ctl = temp_home(self), temp_home(self)
+        self.proj = Path(self.mktemp()).absolute()
+        self.proj.mkdir()
+        write_config(self.worker, self.proj)
+        write_config(self.ctl, self.proj)
+        code = ok(run_cli(self.worker, "relay", "pair")).splitlines()[2].split(": ")[1]
+        self.wid = ok(run_cli(self.worker, "relay", "identity")).strip()
+        ok(run_cli(self.ctl, "relay", "accept", code, self.wid))
+        self.w = ServeProcess.serve(self.worker, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(self.w.stop)
+        self.c = ServeProcess.serve(self.ctl, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(self.c.stop)
+        port = self.w.port()
+        self.c.port()
+        ok(run_cli(self.ctl, "relay", "connect", f"127.0.0.1:{port}"))
+
+    def status(self, task: str | None = None) -> Any:
+        args = ["relay", "status", "--json"] + ([task] if task else [])
+        data = json.loads(ok(run_cli(self.ctl, *args)))
+        return data if task else data["tasks"]
+
+    def wait_state(self, task: str, states: set[str], timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = self.status(task)
+            if rec.get("state") in states:
+                return rec  # type: ignore[no-any-return]
+            self.assertLess(time.monotonic(), deadline, f"task stuck: {rec}")
+            time.sleep(0.3)
+
+    def test_delegate_follow_status(self) -> None:
+        r = run_cli(self.ctl, "relay", "delegate", self.wid, "--cwd", str(self.proj), "--wait",
+                    "fake:succeed fake:edit write the file")
+        out = ok(r)
+        self.assertIn("completed", out)
+        [task] = self.status()
+        self.assertEqual(task["state"], "completed")
+        self.assertEqual(task["peer"], self.wid)
+        self.assertTrue((self.proj / "fake-claude.txt").exists())
+        text = ok(run_cli(self.ctl, "relay", "status"))
+        self.assertIn(task["task_id"], text)
+
+    def test_refused_outside_allowed_dirs(self) -> None:
+        other = Path(self.mktemp()).absolute()
+        other.mkdir()
+        r = run_cli(self.ctl, "relay", "delegate", self.wid, "--cwd", str(other), "--wait",
+                    "fake:succeed hi")
+        self.assertNotEqual(r.returncode, 0)
+        [task] = self.status()
+        self.assertEqual(task["state"], "failed")
+        self.assertIn("allowed_dirs", json.dumps(task))
+
+    def test_nudge_and_stop(self) -> None:
+        out = json.loads(ok(run_cli(self.ctl, "--json", "relay", "delegate", self.wid, "--cwd",
+                                    str(self.proj), "fake:hang forever")))
+        task = out["task_id"]
+        self.wait_state(task, {"running"})
+        ok(run_cli(self.ctl, "relay", "interrupt", task, "nudge", "dependency", "resolved"))
+        ok(run_cli(self.ctl, "relay", "interrupt", task, "stop", "no", "longer", "needed"))
+        rec = self.wait_state(task, {"failed", "stopped"})
+        self.assertIn("stop", json.dumps(rec).lower())
+
+    def test_task_file_mixing_local_and_remote(self) -> None:
+        tasks = {"tasks": [
+            {"name": "local-first", "prompt": "fake:succeed prepare", "cwd": str(self.proj)},
+            {"name": "remote-second", "prompt": "fake:succeed use {{local-first.stdout}}",
+             "cwd": str(self.proj), "peer": self.wid, "depends_on": ["local-first"]},
+        ]}
+        f = Path(self.mktemp()).absolute()
+        f.write_text(json.dumps(tasks))
+        r = run_cli(self.ctl, "run", str(f), timeout=120)
+        out = ok(r)
+        self.assertIn("remote-second", out)
+        remote = [t for t in self.status() if t["peer"] == self.wid]
+        self.assertEqual([t["state"] for t in remote], ["completed"])
+
+    def test_task_file_errors_before_anything_starts(self) -> None:
+        f = Path(self.mktemp()).absolute()
+        f.write_text(json.dumps({"tasks": [
+            {"name": "a", "prompt": "x", "depends_on": ["b"]},
+            {"name": "b", "prompt": "y", "depends_on": ["a"]},
+        ]}))
+        r = run_cli(self.ctl, "run", str(f))
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("cycle", r.stderr)
+        self.assertEqual(self.status(), [])
