@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import json
 import re
 import socket
 import time
@@ -132,12 +133,15 @@ def qr_text(data: str) -> str:
 @click.option("--host", metavar="ADDR", default=None,
               help="The IP address peers should connect to (default: listen_addr when "
                    "specific, else this machine's primary IPv4).")
+@click.option("--port", "port", type=click.IntRange(1, 65535), default=None,
+              help="The port peers should connect to (default: the running service's port, "
+                   "else relay.listen_port).")
 @click.option("--list", "list_", is_flag=True, help="List remembered invites and their state.")
 @click.option("--revoke", metavar="ID", default=None, help="Revoke an open invite.")
 @_json_option
 @pass_ctx
 def invite(ctx: CliContext, qr: bool, words: bool, ttl: str | None, host: str | None,
-           list_: bool, revoke: str | None, json_: bool) -> None:
+           port: int | None, list_: bool, revoke: str | None, json_: bool) -> None:
     """Create a single-use invite: a relay code, a word phrase and an invite link.
 
     The peer runs `claudectl relay join <any of them>` while this machine's
@@ -163,12 +167,14 @@ def invite(ctx: CliContext, qr: bool, words: bool, ttl: str | None, host: str | 
         ttl_secs = (parse_ttl(ttl) if ttl is not None
                     else ctx.config.relay.invite_ttl_hours * 3600)
         relay_cfg = ctx.config.relay
-        if not relay_cfg.listen_port:
+        if port is None:
+            port = _service_port(ctx) or relay_cfg.listen_port
+        if not port:
             raise CliError("relay.listen_port is 0 (a random port): set a fixed port so an "
-                           "invite can name it")
+                           "invite can name it, or pass --port")
         address, warning = invite_host(relay_cfg.listen_addr, host)
         identity = KeyStore(ctx.home).ensure_identity()
-        inv = store.create(identity, address, relay_cfg.listen_port, ttl_secs, now)
+        inv = store.create(identity, address, port, ttl_secs, now)
     except InviteStoreError as e:
         raise CliError(str(e)) from None
     if warning:
@@ -182,6 +188,29 @@ def invite(ctx: CliContext, qr: bool, words: bool, ttl: str | None, host: str | 
         ctx.out()
         ctx.out(qr_text(inv.link))
         ctx.out()
+
+
+def _service_port(ctx: CliContext) -> int | None:
+    """The TCP port the running relay service listens on, if one runs."""
+    from claudectl.control import commands as C
+    from claudectl.control.client import ServiceNotRunning, call_control
+
+    async def go(reactor: Any) -> int | None:
+        try:
+            r = await call_control(reactor, ctx.home, C.Status)
+        except ServiceNotRunning:
+            return None
+        listening = json.loads(r["status_json"]).get("listening") or []
+        for addr in listening:
+            tail = str(addr).rsplit(":", 1)[-1]
+            if tail.isdigit():
+                return int(tail)
+        return None
+
+    try:
+        return ctx.run(go)  # type: ignore[no-any-return]
+    except Exception:
+        return None
 
 
 def _invite_json(inv: Invite) -> dict[str, Any]:

@@ -406,6 +406,9 @@ FAILURE_TEXT = {
                    "one wrong attempt, so the invites it was tried against are now burned; "
                    "ask for a new one (claudectl relay invite)"),
     "no_invite": "the inviter has no open invite for a relay code or word phrase",
+    "already_paired": ("the inviter is already paired with this machine: connect with "
+                       "`claudectl relay connect <host:port>`, or run `claudectl relay forget` "
+                       "on both sides to pair again"),
     USED: "this invite was already used; ask for a new one (claudectl relay invite)",
     EXPIRED: "this invite has expired; ask for a new one (claudectl relay invite)",
     BURNED: ("this invite was burned by a wrong attempt; ask for a new one "

@@ -229,7 +229,7 @@ class ListenerHandshake:
         if self._pake is None:
             return self._deny("short-code pairing is not available")
         if self._keys.stored_key(peer) is not None:
-            return self._deny("peer id already paired (run `claudectl relay forget` first)")
+            return self._deny("peer id already paired", "already_paired")
         msg = payload["pake"].get("msg")
         try:
             raw = bytes.fromhex(msg) if isinstance(msg, str) else None
