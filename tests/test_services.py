@@ -17,6 +17,7 @@ from claudectl.control.client import ServiceNotRunning, call_control
 from claudectl.home import Home
 from claudectl.relay import tap
 from claudectl.relay.keystore import KeyStore
+from claudectl.relay.runinfo import running_port
 from tests.common import temp_home
 
 
@@ -149,6 +150,8 @@ class TwoServicesTests(TestCase):
         self.assertTrue(r["was_connected"])
         await wait_for(lambda: not self.a.node.mesh.is_connected(self.idb))
         self.assertNotIn(self.ida, self.b.node.dialers)
+        self.assertEqual(running_port(self.b.home), self.b.port)
         await self.b.stop()
+        self.assertIsNone(running_port(self.b.home))
         with self.assertRaises(ServiceNotRunning):
             await call_control(reactor, self.b.home, C.Peers)

@@ -192,25 +192,9 @@ def invite(ctx: CliContext, qr: bool, words: bool, ttl: str | None, host: str | 
 
 def _service_port(ctx: CliContext) -> int | None:
     """The TCP port the running relay service listens on, if one runs."""
-    from claudectl.control import commands as C
-    from claudectl.control.client import ServiceNotRunning, call_control
+    from claudectl.relay.runinfo import running_port
 
-    async def go(reactor: Any) -> int | None:
-        try:
-            r = await call_control(reactor, ctx.home, C.Status)
-        except ServiceNotRunning:
-            return None
-        listening = json.loads(r["status_json"]).get("listening") or []
-        for addr in listening:
-            tail = str(addr).rsplit(":", 1)[-1]
-            if tail.isdigit():
-                return int(tail)
-        return None
-
-    try:
-        return ctx.run(go)  # type: ignore[no-any-return]
-    except Exception:
-        return None
+    return running_port(ctx.home)
 
 
 def _invite_json(inv: Invite) -> dict[str, Any]:

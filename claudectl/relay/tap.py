@@ -34,6 +34,7 @@ from claudectl.config import Config, ConfigError, load_config
 from claudectl.home import Home
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
 from claudectl.relay.node import RelayFactory, RelayNode
+from claudectl.relay.runinfo import remove_runinfo, write_runinfo
 
 log = Logger()
 
@@ -103,6 +104,7 @@ class RelayService(MultiService):
     def stopService(self) -> Any:
         # Children first (listeners stop accepting, dialers stop redialing),
         # then close the links that are still open.
+        remove_runinfo(self.node.home)
         d = defer.maybeDeferred(super().stopService)
         d.addCallback(lambda _: self.node.close_all())
         return d
@@ -128,6 +130,8 @@ class _ListeningService(StreamServerEndpointService):
             log.info("claudectl relay {identity} listening on {address}",
                      identity=self.node.identity,
                      address=format_address(addr.host, addr.port))
+            write_runinfo(self.node.home, self.node.identity,
+                          [p.getHost().port for p in self.node.listening_ports])
             for cb in list(self.node.on_listening):
                 cb(addr.port)
         else:
