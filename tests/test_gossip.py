@@ -236,3 +236,45 @@ class LineOfThreeTests(TestCase):
         prompt = build_prompt(c.home, HiveConfig(), ids["c"], int(time.time()))
         self.assertIn(f"- [hive, suggested] [Bash, cargo test] approve (90%) — 10 decisions "
                       f"from {ids['a']}", prompt)
+
+
+class DoneWhenStoryTests(SynchronousTestCase):
+    """
+    The issue's story with real processes: three instances (three homes) in a
+    line; knowledge distilled on the first shows, with its trust tier, in
+    `hive prompt` on the third.
+    """
+
+    def test_distill_on_a_prompt_on_c(self) -> None:
+        from tests.common import ServeProcess, run_cli
+        from tests.test_hive_distill import decision, write_log
+
+        homes = [temp_home(self) for _ in range(3)]
+        ids = [run_cli(h, "relay", "identity").stdout.strip() for h in homes]
+        for x, y in ((0, 1), (1, 2)):
+            key = bytes([x + y + 1]) * 32
+            KeyStore(homes[x]).save_key(ids[y], key)
+            KeyStore(homes[y]).save_key(ids[x], key)
+        procs = []
+        for h in homes:
+            p = ServeProcess.serve(h, "--listen", "tcp:0:interface=127.0.0.1")
+            self.addCleanup(p.stop)
+            procs.append(p)
+        ports = [p.port() for p in procs]
+        for x in (0, 2):
+            r = run_cli(homes[x], "relay", "connect", f"127.0.0.1:{ports[1]}")
+            self.assertEqual(r.returncode, 0, r.stderr)
+        write_log(homes[0], [decision(i) for i in range(12)])
+        r = run_cli(homes[0], "hive", "distill")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        started = time.monotonic()
+        expected = f"[hive, suggested] [Bash, cargo test] approve (100%) — 12 decisions from {ids[0]}"
+        while True:
+            out = run_cli(homes[2], "hive", "prompt").stdout
+            if expected in out:
+                break
+            self.assertLess(time.monotonic() - started, 20, out)
+            time.sleep(0.1)
+        # Raising A's trust on C changes the label.
+        run_cli(homes[2], "hive", "trust", ids[0], "0.9")
+        self.assertIn(f"- [hive] [Bash, cargo test]", run_cli(homes[2], "hive", "prompt").stdout)
