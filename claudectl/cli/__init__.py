@@ -35,7 +35,8 @@ def load_commands() -> click.Group:
 def main(argv: list[str] | None = None) -> None:
     group = load_commands()
     try:
-        group.main(args=argv, prog_name="claudectl", standalone_mode=False)
+        # Without standalone mode click *returns* the code of ctx.exit(n).
+        code = group.main(args=argv, prog_name="claudectl", standalone_mode=False)
     except CliError as e:
         sys.stderr.write(f"Error: {e.message}\n")
         sys.exit(e.code)
@@ -49,4 +50,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

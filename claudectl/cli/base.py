@@ -107,6 +107,27 @@ async def _maybe_coro(value: Any) -> Any:
 pass_ctx = click.make_pass_decorator(CliContext)
 
 
+def json_flag(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A local ``--json`` after the command, meaning the same as the global one."""
+
+    def callback(click_ctx: click.Context, _param: Any, value: bool) -> None:
+        if value:
+            click_ctx.ensure_object(CliContext).json = True
+
+    return click.option("--json", "json_local", is_flag=True, expose_value=False,
+                        callback=callback, help="Machine-readable JSON output.")(fn)
+
+
+def remote_error_text(e: Exception) -> str:
+    """The message of an error from the service (an AMP remote error's description)."""
+    description = getattr(e, "description", None)
+    if isinstance(description, bytes):
+        return description.decode("utf-8", "replace")
+    if description:
+        return str(description)
+    return str(e)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", "home", metavar="DIR", envvar="CLAUDECTL_HOME",
               help="Use DIR as the home directory: data in DIR/.claudectl, config in "

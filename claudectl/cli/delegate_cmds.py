@@ -18,29 +18,13 @@ from typing import Any
 import click
 
 from claudectl.cli.base import CliContext, CliError, cli, pass_ctx, relay
+from claudectl.cli.base import json_flag as _json_option
+from claudectl.cli.base import remote_error_text as _error_text
 from claudectl.delegation import commands as C
 
 TERMINAL = ("completed", "failed", "stopped")
 WATCH_SECS = 30.0
 PROGRESS_MIN_SECS = 2.0
-
-
-def _json_option(fn: Any) -> Any:
-    def callback(click_ctx: click.Context, _param: Any, value: bool) -> None:
-        if value:
-            click_ctx.ensure_object(CliContext).json = True
-
-    return click.option("--json", "json_local", is_flag=True, expose_value=False,
-                        callback=callback, help="Machine-readable JSON output.")(fn)
-
-
-def _error_text(e: Exception) -> str:
-    description = getattr(e, "description", None)
-    if isinstance(description, bytes):
-        return description.decode("utf-8", "replace")
-    if description:
-        return str(description)
-    return str(e)
 
 
 async def _call(reactor: Any, ctx: CliContext, command: type, **kwargs: Any) -> dict[str, Any]:

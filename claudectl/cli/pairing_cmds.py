@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import ipaddress
-import json
 import re
 import socket
 import time

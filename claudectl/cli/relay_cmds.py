@@ -16,34 +16,14 @@ from typing import Any
 
 import click
 
-from claudectl.cli.base import CliContext, CliError, pass_ctx, relay
+from claudectl.cli.base import CliContext, CliError, json_flag, pass_ctx, relay
+from claudectl.cli.base import remote_error_text as _amp_error
 from claudectl.control import commands as C
 from claudectl.control.client import ServiceNotRunning, call_control
 from claudectl.relay.address import AddressError, format_address, parse_address
 from claudectl.relay.crypto import CodeError, new_pair_code, psk_from_code
 from claudectl.relay.keystore import KeyStore, is_remote_peer_id
 from claudectl.relay.peers_view import peer_rows
-
-
-def json_flag(fn: Any) -> Any:
-    """A local ``--json`` that means the same as the global one."""
-
-    def callback(click_ctx: click.Context, _param: Any, value: bool) -> None:
-        if value:
-            click_ctx.ensure_object(CliContext).json = True
-
-    return click.option("--json", "json_local", is_flag=True, expose_value=False,
-                        callback=callback, help="Machine-readable JSON output.")(fn)
-
-
-def _amp_error(e: Exception) -> str:
-    """The message of an AMP remote error, without AMP's decoration."""
-    from twisted.protocols.amp import RemoteAmpError
-
-    if isinstance(e, RemoteAmpError):
-        return e.description.decode("utf-8", "replace") if isinstance(
-            e.description, bytes) else str(e.description)
-    return str(e)
 
 
 def call_service(ctx: CliContext, command: type, **kwargs: Any) -> dict[str, Any] | None:

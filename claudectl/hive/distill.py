@@ -3,8 +3,10 @@
 Distillation: from the brain's decision log to knowledge units (hive.md 5).
 
 Input is claudectl's ``~/.claudectl/brain/decisions.jsonl`` (5.1) and, when
-present, the brain's ``preferences.json`` (5.2).  :func:`distill_decisions`
-is pure: it turns decision records into fresh units --
+present, the brain's ``preferences.json`` (5.2).  Distillation has two
+halves: :class:`Tallies` folds decision records, one at a time, into a few
+small running counts, and :meth:`Distiller.units` turns those counts into
+fresh units --
 
 * ``pattern``: per tool and command pattern, the user's approve/deny rate
   (``sample_count >= export_min_evidence``);
@@ -16,15 +18,19 @@ is pure: it turns decision records into fresh units --
   friction (the user keeps overriding the brain's approvals), severity
   warning or worse.
 
+The log is streamed (:class:`LogSegment`), never held in memory, and the
+counts do not depend on the configuration, so they can be kept between
+runs: :func:`maybe_distill`, the "every 10 decisions" trigger, keeps them
+in ``hive/distill_state.json`` next to its cursor and only reads the
+decisions logged since the last call.  It also drifts peers' trust for each
+new decision.  :func:`distill_home` distils the whole log from scratch, and
 :func:`redistill` folds fresh units into the store the way claudectl does
-(same key and origin keeps the id and bumps the version), and
-:func:`maybe_distill` is the "every 10 decisions" trigger: it follows a
-cursor over the log, drifts peers' trust for each new decision and distils
-when 10 new decisions have arrived (or when forced, as ``hive distill`` does).
+(same key and origin keeps the id and bumps the version).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -43,7 +49,7 @@ from claudectl.hive.store import (
     now_epoch,
     store_transaction,
 )
-from claudectl.hive.trust import action_class, trust_transaction
+from claudectl.hive.trust import NEGATIVE_ACTIONS, POSITIVE_ACTIONS, trust_transaction
 from claudectl.hive.units import (
     DAY,
     U32_MAX,
@@ -74,6 +80,17 @@ FRICTION_MIN_RATE = 0.5
 REVALIDATE_SECS = DAY
 FILE_TOOLS = frozenset({"Write", "Edit", "MultiEdit", "Read", "NotebookEdit"})
 CURSOR = "distill_cursor.json"
+#: The running tallies of the trigger (hive/distill_state.json).
+STATE = "distill_state.json"
+#: The log is read in pieces of this size.
+READ_CHUNK = 1 << 20
+#: The state is trusted only while this much of the log's head and of the
+#: bytes before its offset are unchanged (a rewritten log is re-read).
+FINGERPRINT_BYTES = 4096
+
+_SIGNS: dict[str, int] = {**{a: 1 for a in POSITIVE_ACTIONS}, **{a: -1 for a in NEGATIVE_ACTIONS}}
+#: Distinct (tool, command) pairs remembered by :meth:`Tallies.feed`.
+_PATTERN_CACHE_MAX = 4096
 
 
 def decisions_path(home: Home) -> Path:
@@ -87,18 +104,88 @@ def preferences_path(home: Home) -> Path:
 # --- reading the brain's files -------------------------------------------------------
 
 
+def parse_record(raw: str) -> dict[str, Any] | None:
+    """One decision record from one log line; None for anything but a JSON object."""
+    if not raw:
+        return None
+    try:
+        rec = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def parse_decisions(data: bytes) -> Iterator[Mapping[str, Any]]:
     """Decision records from ``decisions.jsonl`` bytes; unreadable lines are skipped."""
-    loads = json.loads
     for raw in data.decode("utf-8", "replace").split("\n"):
-        if not raw:
-            continue
-        try:
-            rec = loads(raw)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
+        rec = parse_record(raw)
+        if rec is not None:
             yield rec
+
+
+class LogSegment:
+    """
+    The decision records on the complete lines of bytes ``[start, stop)`` of
+    a log, read :data:`READ_CHUNK` bytes at a time (``stop=None``: to the
+    end).  Lines that are not JSON objects are skipped, invalid UTF-8 is
+    replaced, as :func:`parse_decisions` does.  After iterating, ``end``
+    is the offset just past the last complete line and ``tail`` holds the
+    bytes after it (a line still being written, usually empty); a missing
+    file is an empty segment.
+    """
+
+    def __init__(self, path: Path, start: int = 0, stop: int | None = None,
+                 chunk: int = READ_CHUNK) -> None:
+        self.path = path
+        self.start = start
+        self.stop = stop
+        self.chunk = chunk
+        self.end = start
+        self.tail = b""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return
+        loads = json.loads
+        with f:
+            f.seek(self.start)
+            left = -1 if self.stop is None else max(0, self.stop - self.start)
+            pieces: list[bytes] = []  # the line in progress
+            while left:
+                chunk = f.read(self.chunk if left < 0 else min(self.chunk, left))
+                if not chunk:
+                    break
+                if left > 0:
+                    left -= len(chunk)
+                cut = chunk.rfind(b"\n") + 1
+                if not cut:
+                    pieces.append(chunk)
+                    continue
+                if pieces:
+                    pieces.append(chunk[:cut])
+                    block = b"".join(pieces)
+                else:
+                    block = chunk[:cut] if cut < len(chunk) else chunk
+                pieces = [chunk[cut:]] if cut < len(chunk) else []
+                self.end += len(block)
+                # Blocks end at a newline, which UTF-8 never splits, so the
+                # text is the same as decoding the whole log at once.
+                for raw in block.decode("utf-8", "replace").split("\n"):
+                    if not raw:
+                        continue
+                    try:
+                        rec = loads(raw)
+                    except (ValueError, RecursionError):
+                        continue
+                    if rec.__class__ is dict:
+                        yield rec
+            self.tail = b"".join(pieces)
+
+    def tail_record(self) -> dict[str, Any] | None:
+        """The unterminated last line as a record, if it already is one."""
+        return parse_record(self.tail.decode("utf-8", "replace")) if self.tail else None
 
 
 def read_decisions(home: Home) -> list[Mapping[str, Any]]:
@@ -138,31 +225,6 @@ def command_pattern(tool: str, command: Any) -> str | None:
     return words[0]
 
 
-# --- pure distillation -----------------------------------------------------------------
-
-
-@dataclass
-class _Tally:
-    pos: int = 0
-    neg: int = 0
-
-    def add(self, sign: int) -> None:
-        if sign > 0:
-            self.pos += 1
-        elif sign < 0:
-            self.neg += 1
-
-    @property
-    def n(self) -> int:
-        return self.pos + self.neg
-
-
-@dataclass
-class _Friction:
-    approvals: int = 0
-    overridden: int = 0
-
-
 def condition_label(cond: Any) -> str | None:
     """A preferences.json typed condition as claudectl's unit label (5.2)."""
     if not isinstance(cond, Mapping):
@@ -192,6 +254,224 @@ def _temporal_category(description: str) -> str:
     return "best_practice"
 
 
+# --- pure distillation -----------------------------------------------------------------
+
+#: A pattern key: tool and command pattern (None: any command of the tool).
+Key = tuple[str, str | None]
+
+
+class StateError(ValueError):
+    """A saved :class:`Tallies` document is unusable."""
+
+
+def _finite(x: float) -> bool:
+    return x - x == 0.0
+
+
+class Tallies:
+    """
+    Running counts over decision records, in log order.  They depend only on
+    the records (thresholds are applied later, by :meth:`Distiller.units`),
+    so feeding a log in several pieces gives the same counts as feeding it
+    at once, and they survive a round trip through :meth:`to_json`.
+
+    Records are mappings as in hive.md 5.1; anything malformed in one is
+    ignored field by field (a non-string tool skips the record, a
+    non-numeric or non-finite confidence is not summed, an unhashable
+    ``pid`` takes no part in error-loop tracking).
+    """
+
+    VERSION = 1
+
+    def __init__(self) -> None:
+        #: records fed, usable or not
+        self.records = 0
+        #: (tool, pattern) -> [approved, denied]
+        self.patterns: dict[Key, list[int]] = {}
+        #: tool -> [total, correct, sum of brain confidence]
+        self.accuracy: dict[str, list[Any]] = {}
+        #: [approved, denied] after 3+ errors, above 80% context, above $5 spent
+        self.temporal: list[int] = [0, 0, 0, 0, 0, 0]
+        #: (tool, pattern) -> [brain approvals, overridden by the user]
+        self.friction: dict[Key, list[int]] = {}
+        #: (tool, pattern) -> [loops, failures]
+        self.loops: dict[Key, list[int]] = {}
+        #: session pid -> (key of its last failing call, failures in a row)
+        self.runs: dict[Any, tuple[Key, int]] = {}
+        self._keys: dict[tuple[str, Any], Key] = {}
+
+    def feed(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Count ``records``; returns how many there were."""
+        # The hot loop of distillation: every lookup is hoisted into a local.
+        patterns, accuracy, friction = self.patterns, self.accuracy, self.friction
+        loops, runs, keys, temporal = self.loops, self.runs, self._keys, self.temporal
+        signs, pattern_of, mapping = _SIGNS, command_pattern, Mapping
+        run_min, streak_min = ERROR_LOOP_RUN, ERROR_STREAK
+        ctx_min, cost_min = HIGH_CONTEXT_PCT, HIGH_COST_USD
+        n = 0
+        for d in records:
+            n += 1
+            tool = d.get("tool")
+            if not isinstance(tool, str) or not tool:
+                continue
+            command = d.get("command")
+            try:
+                key = keys[tool, command]
+            except KeyError:
+                if len(keys) >= _PATTERN_CACHE_MAX:
+                    keys.clear()
+                key = keys[tool, command] = (tool, pattern_of(tool, command))
+            except TypeError:  # an unhashable command: not a string, so no pattern
+                key = (tool, None)
+            action = d.get("user_action")
+            sign = signs.get(action, 0) if isinstance(action, str) else 0
+            if sign:
+                tally = patterns.get(key)
+                if tally is None:
+                    tally = patterns[key] = [0, 0]
+                if sign > 0:
+                    tally[0] += 1
+                else:
+                    tally[1] += 1
+                brain = d.get("brain_action")
+                if brain == "approve" or brain == "deny":
+                    acc = accuracy.get(tool)
+                    if acc is None:
+                        acc = accuracy[tool] = [0, 0, 0.0]
+                    acc[0] += 1
+                    approved = brain == "approve"
+                    if approved == (sign > 0):
+                        acc[1] += 1
+                    conf = d.get("brain_confidence")
+                    if isinstance(conf, (int, float)) and not isinstance(conf, bool):
+                        try:
+                            total = acc[2] + conf
+                        except OverflowError:
+                            total = acc[2]
+                        if _finite(total):
+                            acc[2] = total
+                    if approved:
+                        fr = friction.get(key)
+                        if fr is None:
+                            fr = friction[key] = [0, 0]
+                        fr[0] += 1
+                        if sign < 0:
+                            fr[1] += 1
+            ctx = d.get("context")
+            if ctx.__class__ is not dict and not isinstance(ctx, mapping):
+                continue
+            if sign:
+                side = 0 if sign > 0 else 1
+                errs = ctx.get("recent_error_count")
+                if isinstance(errs, int) and errs >= streak_min:
+                    temporal[side] += 1
+                used = ctx.get("context_pct")
+                if isinstance(used, int) and used >= ctx_min:
+                    temporal[2 + side] += 1
+                cost = ctx.get("cost_usd")
+                if isinstance(cost, (int, float)) and cost >= cost_min:
+                    temporal[4 + side] += 1
+            pid = d.get("pid")
+            try:
+                if ctx.get("last_tool_error") is True:
+                    if pid != pid:  # NaN: never equal to itself, so no session either
+                        raise TypeError(pid)
+                    prev = runs.get(pid)
+                    run = prev[1] + 1 if prev is not None and prev[0] == key else 1
+                    runs[pid] = (key, run)
+                    if run >= run_min:
+                        lp = loops.get(key)
+                        if lp is None:
+                            lp = loops[key] = [0, 0]
+                        if run == run_min:
+                            lp[0] += 1
+                            lp[1] += run_min
+                        else:
+                            lp[1] += 1
+                elif runs:
+                    runs.pop(pid, None)
+            except TypeError:  # an unhashable pid belongs to no session
+                pass
+        self.records += n
+        return n
+
+    def copy(self) -> Tallies:
+        new = Tallies()
+        new.records = self.records
+        new.patterns = {k: v[:] for k, v in self.patterns.items()}
+        new.accuracy = {k: v[:] for k, v in self.accuracy.items()}
+        new.temporal = self.temporal[:]
+        new.friction = {k: v[:] for k, v in self.friction.items()}
+        new.loops = {k: v[:] for k, v in self.loops.items()}
+        new.runs = dict(self.runs)
+        return new
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tallies):
+            return NotImplemented
+        return self.to_json() == other.to_json()
+
+    # Lists keep the dicts' order, which is the order units come out in.
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION, "records": self.records,
+            "patterns": [[t, c, *v] for (t, c), v in self.patterns.items()],
+            "accuracy": [[t, *v] for t, v in self.accuracy.items()],
+            "temporal": self.temporal,
+            "friction": [[t, c, *v] for (t, c), v in self.friction.items()],
+            "loops": [[t, c, *v] for (t, c), v in self.loops.items()],
+            "runs": [[pid, t, c, run] for pid, ((t, c), run) in self.runs.items()],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Tallies:
+        """The inverse of :meth:`to_json`; raises :class:`StateError`."""
+        try:
+            if doc["version"] != cls.VERSION:
+                raise StateError(f"version {doc['version']!r}")
+            new = cls()
+            new.records = _count(doc["records"])
+            new.patterns = {_key(e): [_count(e[2]), _count(e[3])]
+                            for e in _rows(doc["patterns"], 4)}
+            for e in _rows(doc["accuracy"], 4):
+                if not isinstance(e[0], str) or not isinstance(e[3], (int, float)) \
+                        or isinstance(e[3], bool) or not _finite(e[3]):
+                    raise StateError("bad accuracy row")
+                new.accuracy[e[0]] = [_count(e[1]), _count(e[2]), float(e[3])]
+            temporal = doc["temporal"]
+            if not isinstance(temporal, list) or len(temporal) != 6:
+                raise StateError("bad temporal counts")
+            new.temporal = [_count(x) for x in temporal]
+            new.friction = {_key(e): [_count(e[2]), _count(e[3])]
+                            for e in _rows(doc["friction"], 4)}
+            new.loops = {_key(e): [_count(e[2]), _count(e[3])] for e in _rows(doc["loops"], 4)}
+            for e in _rows(doc["runs"], 4):
+                new.runs[e[0]] = (_key(e[1:]), _count(e[3]))
+        except (KeyError, TypeError, IndexError) as e:
+            raise StateError(f"malformed tallies: {e!r}") from None
+        return new
+
+
+def _count(x: Any) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+        raise StateError(f"bad count {x!r}")
+    return x
+
+
+def _rows(rows: Any, width: int) -> list[list[Any]]:
+    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == width
+                                             for r in rows):
+        raise StateError("bad rows")
+    return rows
+
+
+def _key(row: list[Any]) -> Key:
+    tool, cp = row[0], row[1]
+    if not isinstance(tool, str) or not (cp is None or isinstance(cp, str)):
+        raise StateError("bad pattern key")
+    return (tool, cp)
+
+
 @dataclass
 class Distiller:
     """Builds fresh units from decisions; ``local_id`` stamps ``source_peer``."""
@@ -209,130 +489,67 @@ class Distiller:
 
     def distill(self, decisions: Iterable[Mapping[str, Any]], now: int,
                 preferences: Mapping[str, Any] | None = None) -> list[KnowledgeUnit]:
+        tallies = Tallies()
+        tallies.feed(decisions)
+        return self.units(tallies, now, preferences)
+
+    def units(self, tallies: Tallies, now: int,
+              preferences: Mapping[str, Any] | None = None) -> list[KnowledgeUnit]:
+        """The units ``tallies`` (and ``preferences``) support under this config."""
         cfg = self.config
-        patterns: dict[tuple[str, str | None], _Tally] = {}
-        accuracy: dict[str, list[float]] = {}  # tool -> [total, correct, conf sum]
-        streak = _Tally()
-        high_ctx = _Tally()
-        high_cost = _Tally()
-        friction: dict[tuple[str, str | None], _Friction] = {}
-        loops: dict[tuple[str, str | None], list[int]] = {}  # key -> [loops, failures]
-        runs: dict[Any, tuple[tuple[str, str | None], int]] = {}  # pid -> (key, run)
-        pattern_cache: dict[tuple[str, Any], str | None] = {}
-
-        for d in decisions:
-            tool = d.get("tool")
-            if not isinstance(tool, str) or not tool:
-                continue
-            command = d.get("command")
-            ck = (tool, command)
-            cp = pattern_cache.get(ck, "\0")
-            if cp == "\0":
-                cp = pattern_cache[ck] = command_pattern(tool, command)
-            key = (tool, cp)
-            sign = action_class(d.get("user_action"))
-            if sign:
-                tally = patterns.get(key)
-                if tally is None:
-                    tally = patterns[key] = _Tally()
-                tally.add(sign)
-                brain = d.get("brain_action")
-                if brain in ("approve", "deny"):
-                    acc = accuracy.get(tool)
-                    if acc is None:
-                        acc = accuracy[tool] = [0, 0, 0.0]
-                    acc[0] += 1
-                    if (brain == "approve") == (sign > 0):
-                        acc[1] += 1
-                    conf = d.get("brain_confidence")
-                    if isinstance(conf, (int, float)) and not isinstance(conf, bool):
-                        acc[2] += conf
-                    if brain == "approve":
-                        fr = friction.get(key)
-                        if fr is None:
-                            fr = friction[key] = _Friction()
-                        fr.approvals += 1
-                        if sign < 0:
-                            fr.overridden += 1
-            ctx = d.get("context")
-            if not isinstance(ctx, Mapping):
-                continue
-            if sign:
-                errs = ctx.get("recent_error_count")
-                if isinstance(errs, int) and errs >= ERROR_STREAK:
-                    streak.add(sign)
-                pct_used = ctx.get("context_pct")
-                if isinstance(pct_used, int) and pct_used >= HIGH_CONTEXT_PCT:
-                    high_ctx.add(sign)
-                cost = ctx.get("cost_usd")
-                if isinstance(cost, (int, float)) and cost >= HIGH_COST_USD:
-                    high_cost.add(sign)
-            pid = d.get("pid")
-            if ctx.get("last_tool_error") is True:
-                prev_key, run = runs.get(pid, (key, 0))
-                run = run + 1 if prev_key == key else 1
-                runs[pid] = (key, run)
-                if run >= ERROR_LOOP_RUN:
-                    lp = loops.setdefault(key, [0, 0])
-                    if run == ERROR_LOOP_RUN:
-                        lp[0] += 1
-                        lp[1] += ERROR_LOOP_RUN
-                    else:
-                        lp[1] += 1
-            else:
-                runs.pop(pid, None)
-
         units: dict[str, KnowledgeUnit] = {}
 
         def add(unit: KnowledgeUnit) -> None:
             units[unit.semantic_key] = unit
 
-        for (tool, cp), t in patterns.items():
-            if t.n == 0 or t.n < cfg.export_min_evidence:
+        for (tool, cp), (pos, neg) in tallies.patterns.items():
+            n = pos + neg
+            if n == 0 or n < cfg.export_min_evidence:
                 continue
-            rate = t.pos / t.n
+            rate = pos / n
             approve = rate >= 0.5
             # Confidence in the preferred action (claudectl uses the accept rate,
             # which makes strong deny patterns look weak -- see H14).
             conf = rate if approve else 1.0 - rate
-            add(self._unit(Pattern(tool, cp, "approve" if approve else "deny", rate, t.n, ()),
-                           t.n, conf, "best_practice", now))
-        for tool, (total, correct, conf_sum) in accuracy.items():
-            total, correct = int(total), int(correct)
+            add(self._unit(Pattern(tool, cp, "approve" if approve else "deny", rate, n, ()),
+                           n, conf, "best_practice", now))
+        for tool, (total, correct, conf_sum) in tallies.accuracy.items():
             if total == 0 or total < cfg.export_min_tool_decisions:
                 continue
             add(self._unit(ToolAccuracy(tool, total, correct, round(conf_sum / total, 2)),
                            total, correct / total, "best_practice", now))
-        for label, t in (("After 3+ errors", streak),
-                         (f"Above {HIGH_CONTEXT_PCT}% context", high_ctx),
-                         (f"Above ${HIGH_COST_USD:.0f} spent", high_cost)):
-            if t.n == 0 or t.n < cfg.export_min_evidence:
+        t = tallies.temporal
+        for label, pos, neg in (("After 3+ errors", t[0], t[1]),
+                                (f"Above {HIGH_CONTEXT_PCT}% context", t[2], t[3]),
+                                (f"Above ${HIGH_COST_USD:.0f} spent", t[4], t[5])):
+            n = pos + neg
+            if n == 0 or n < cfg.export_min_evidence:
                 continue
-            strength = max(t.pos, t.neg) / t.n
+            strength = max(pos, neg) / n
             if strength < TEMPORAL_MIN_STRENGTH:
                 continue
-            verb = "approves" if t.pos >= t.neg else "denies"
-            desc = f"{label}: user usually {verb} (n={t.n})"
-            add(self._unit(Temporal(desc, strength), t.n, strength,
+            verb = "approves" if pos >= neg else "denies"
+            desc = f"{label}: user usually {verb} (n={n})"
+            add(self._unit(Temporal(desc, strength), n, strength,
                            _temporal_category(desc), now))
-        for (tool, cp), (n_loops, failures) in loops.items():
+        for (tool, cp), (n_loops, failures) in tallies.loops.items():
             what = f"{tool} {cp}" if cp else tool
             severity = "critical" if n_loops >= 3 else "warning"
             add(self._unit(Insight("error_loop", severity, f"Repeated failures: {what}",
                                    f"{n_loops} streak(s) of {ERROR_LOOP_RUN}+ failures; "
                                    "change approach instead of retrying"),
                            failures, min(1.0, 0.5 + 0.1 * n_loops), "technique", now))
-        for (tool, cp), fr in friction.items():
-            if fr.overridden < FRICTION_MIN_OVERRIDES or fr.approvals == 0:
+        for (tool, cp), (approvals, overridden) in tallies.friction.items():
+            if overridden < FRICTION_MIN_OVERRIDES or approvals == 0:
                 continue
-            rate = fr.overridden / fr.approvals
+            rate = overridden / approvals
             if rate < FRICTION_MIN_RATE:
                 continue
             what = f"{tool} {cp}" if cp else tool
             add(self._unit(Insight("friction", "warning", f"Approvals overridden: {what}",
-                                   f"user rejected {fr.overridden} of {fr.approvals} "
+                                   f"user rejected {overridden} of {approvals} "
                                    f"approvals ({pct(rate)}%); do not auto-approve"),
-                           fr.approvals, rate, "best_practice", now))
+                           approvals, rate, "best_practice", now))
         if preferences is not None:
             for unit in self.from_preferences(preferences, now):
                 add(unit)
@@ -462,19 +679,40 @@ def redistill(store: KnowledgeStore, fresh: Iterable[KnowledgeUnit], local_id: s
     return report
 
 
-def distill_home(home: Home, config: HiveConfig, local_id: str, now: int | None = None,
-                 decisions: list[Mapping[str, Any]] | None = None) -> DistillReport:
-    """Distil the whole decision log into the store (under the store lock)."""
-    t = now_epoch() if now is None else now
-    if decisions is None:
-        decisions = read_decisions(home)
-    fresh = Distiller(local_id, config).distill(decisions, t, read_preferences(home))
-    with store_transaction(home, local_id=local_id, config=config, now=t) as store:
-        report = redistill(store, fresh, local_id, t)
-    report.decisions = len(decisions)
+
+def fold_tallies(home: Home, config: HiveConfig, local_id: str, now: int,
+                 tallies: Tallies) -> DistillReport:
+    """Turn ``tallies`` into units and fold them into the store (under its lock)."""
+    fresh = Distiller(local_id, config).units(tallies, now, read_preferences(home))
+    with store_transaction(home, local_id=local_id, config=config, now=now) as store:
+        report = redistill(store, fresh, local_id, now)
+    report.decisions = tallies.records
     log.info("distilled {decisions} decisions: {new} new, {updated} updated units",
              decisions=report.decisions, new=report.new, updated=report.updated)
     return report
+
+
+def log_tallies(path: Path) -> Tallies:
+    """Tallies of a whole decision log, streamed (its unterminated last line too)."""
+    tallies = Tallies()
+    segment = LogSegment(path)
+    tallies.feed(segment)
+    last = segment.tail_record()
+    if last is not None:
+        tallies.feed((last,))
+    return tallies
+
+
+def distill_home(home: Home, config: HiveConfig, local_id: str, now: int | None = None,
+                 decisions: Iterable[Mapping[str, Any]] | None = None) -> DistillReport:
+    """Distil the whole decision log (or ``decisions``) into the store."""
+    t = now_epoch() if now is None else now
+    if decisions is None:
+        tallies = log_tallies(decisions_path(home))
+    else:
+        tallies = Tallies()
+        tallies.feed(decisions)
+    return fold_tallies(home, config, local_id, t, tallies)
 
 
 # --- the "every 10 decisions" trigger -------------------------------------------------------
@@ -499,6 +737,58 @@ class Cursor:
                            "pending": self.pending}, indent=2)
 
 
+def _fingerprint(path: Path, offset: int) -> str:
+    """A digest of the first and the last :data:`FINGERPRINT_BYTES` before ``offset``."""
+    h = hashlib.sha256(str(offset).encode())
+    if offset:
+        with open(path, "rb") as f:
+            h.update(f.read(min(offset, FINGERPRINT_BYTES)))
+            f.seek(max(0, offset - FINGERPRINT_BYTES))
+            h.update(f.read(min(offset, FINGERPRINT_BYTES)))
+    return h.hexdigest()
+
+
+@dataclass
+class DistillState:
+    """
+    The trigger's running tallies: they cover the log's bytes up to
+    ``offset`` (always the end of a line), and ``fingerprint`` ties them to
+    that content, so a rewritten or replaced log is counted afresh.
+    """
+
+    offset: int = 0
+    fingerprint: str = ""
+    tallies: Tallies = field(default_factory=Tallies)
+
+    @classmethod
+    def load(cls, path: Path, log_path: Path, offset: int) -> DistillState | None:
+        """The saved state if it covers exactly ``log_path[:offset]``, else None."""
+        try:
+            doc = json.loads(path.read_bytes())
+            state = cls(doc["offset"], doc["fingerprint"], Tallies.from_json(doc["tallies"]))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # StateError too
+            log.warn("ignoring unusable distillation state {path}: {error}", path=str(path),
+                     error=str(e))
+            return None
+        if state.offset != offset:
+            return None
+        try:
+            if state.fingerprint != _fingerprint(log_path, offset):
+                log.info("decision log was rewritten: counting it afresh")
+                return None
+        except FileNotFoundError:
+            return None
+        return state
+
+    def save(self, path: Path, log_path: Path) -> None:
+        self.fingerprint = _fingerprint(log_path, self.offset)
+        atomic_write(path, json.dumps({"offset": self.offset, "fingerprint": self.fingerprint,
+                                       "tallies": self.tallies.to_json()},
+                                      separators=(",", ":")), mode=0o600)
+
+
 @dataclass
 class TriggerResult:
     new_decisions: int
@@ -506,19 +796,11 @@ class TriggerResult:
     report: DistillReport | None
 
 
-def _read_new(path: Path, offset: int) -> tuple[bytes, int, int]:
-    """Complete lines of ``path`` after ``offset``: (data, new offset, size)."""
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        return b"", 0, 0
-    if size < offset:  # rotated or truncated: start over
-        offset = 0
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size - offset)
-    end = data.rfind(b"\n") + 1
-    return data[:end], offset + end, size
+def _keeping(records: Iterable[dict[str, Any]], into: list[dict[str, Any]]
+             ) -> Iterator[dict[str, Any]]:
+    for rec in records:
+        into.append(rec)
+        yield rec
 
 
 def maybe_distill(home: Home, config: HiveConfig, now: int | None = None, *,
@@ -526,33 +808,56 @@ def maybe_distill(home: Home, config: HiveConfig, now: int | None = None, *,
                   every: int = DISTILL_EVERY) -> TriggerResult:
     """
     Look at the decisions logged since the last call: drift peers' trust
-    for each (with ``auto_trust_drift``) and distil once ``every`` new
-    decisions have accumulated, or now if ``force``.  Nothing is distilled
-    while the hive is off.  Safe to call from a timer in the service and
-    from the CLI at the same time.
+    for each (with ``auto_trust_drift``), add them to the running tallies and
+    distil once ``every`` new decisions have accumulated, or now if
+    ``force``.  Nothing is distilled while the hive is off.  Safe to call
+    from a timer in the service and from the CLI at the same time.
     """
     t = now_epoch() if now is None else now
     if local_id is None:
         from claudectl.relay.keystore import KeyStore
         local_id = KeyStore(home).ensure_identity()
     cursor_path = home.hive / CURSOR
+    state_path = home.hive / STATE
+    log_path = decisions_path(home)
     with locked(cursor_path):
         cursor = Cursor.load(cursor_path)
         first_run = cursor is None
         cursor = cursor or Cursor()
-        data, cursor.offset, _ = _read_new(decisions_path(home), cursor.offset)
-        new = list(parse_decisions(data))
-        drift = 0
-        if new and not first_run and config.auto_trust_drift:
-            drift = apply_drift(home, config, new, local_id, t)
-        cursor.pending += len(new)
+        try:
+            size = os.path.getsize(log_path)
+        except FileNotFoundError:
+            size = 0
+        if size < cursor.offset:  # rotated or truncated: start over
+            cursor.offset = 0
+        state = DistillState.load(state_path, log_path, cursor.offset)
+        changed = state is None
+        if state is None:  # count what the cursor has already seen
+            state = DistillState()
+            seen = LogSegment(log_path, 0, cursor.offset)
+            state.tallies.feed(seen)
+            state.offset = cursor.offset = seen.end
+        segment = LogSegment(log_path, cursor.offset, size)
+        new: list[dict[str, Any]] = []
+        drifting = not first_run and config.auto_trust_drift
+        count = state.tallies.feed(_keeping(segment, new) if drifting else segment)
+        if changed or segment.end != state.offset:
+            state.offset = cursor.offset = segment.end
+            state.save(state_path, log_path)
+        drift = apply_drift(home, config, new, local_id, t) if new else 0
+        cursor.pending += count
         report = None
         if (force or cursor.pending >= every) and (force or hive_active(home, config)):
-            report = distill_home(home, config, local_id, t)
+            tallies = state.tallies
+            last = segment.tail_record()
+            if last is not None:  # complete but for its newline: count it, once
+                tallies = tallies.copy()
+                tallies.feed((last,))
+            report = fold_tallies(home, config, local_id, t, tallies)
             cursor.pending = 0
             cursor.last_distill = t
         atomic_write(cursor_path, cursor.to_bytes(), mode=0o600)
-    return TriggerResult(len(new), drift, report)
+    return TriggerResult(count, drift, report)
 
 
 def apply_drift(home: Home, config: HiveConfig, decisions: Iterable[Mapping[str, Any]],
@@ -568,4 +873,3 @@ def apply_drift(home: Home, config: HiveConfig, decisions: Iterable[Mapping[str,
             moved += len(book.apply_decision(d.get("tool"), d.get("command"),
                                              d.get("user_action"), peer_units, local_id, now))
     return moved
-

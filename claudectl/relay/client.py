@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from claudectl.cli.base import remote_error_text
 from claudectl.config import Config
 from claudectl.control import commands as C
 from claudectl.control.client import ServiceNotRunning, call_control
@@ -36,13 +37,6 @@ class JoinResult(tuple):  # type: ignore[type-arg]
         return self
 
 
-def _amp_message(e: Exception) -> str:
-    desc = getattr(e, "description", None)
-    if isinstance(desc, bytes):
-        return desc.decode("utf-8", "replace")
-    return str(desc if desc is not None else e)
-
-
 async def join_peer(reactor: Any, home: Home, config: Config, target: Any) -> JoinResult:
     """
     Authenticate to the inviter described by ``target`` (a
@@ -63,7 +57,7 @@ async def join_peer(reactor: Any, home: Home, config: Config, target: Any) -> Jo
     except ServiceNotRunning:
         pass
     except (C.LinkFailed, C.BadRequest, C.NotPairedError) as e:
-        raise JoinFailed(_amp_message(e)) from None
+        raise JoinFailed(remote_error_text(e)) from None
     else:
         return JoinResult(r["peer"], address, r["mode"], True)
 
