@@ -39,6 +39,7 @@ import dataclasses
 import datetime
 import io
 import json
+import math
 import os
 import platform
 import pstats
@@ -46,13 +47,13 @@ import random
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ from claudectl.control.client import call_control  # noqa: E402
 from claudectl.hive import gossip as gossip_mod  # noqa: E402
 from claudectl.hive.gossip import Gossip  # noqa: E402
 from claudectl.hive.store import KNOWLEDGE, hive_file, read_units_file, store_transaction  # noqa: E402
-from claudectl.hive.units import KnowledgeUnit  # noqa: E402
+from claudectl.hive.units import KnowledgeUnit, paginate  # noqa: E402
 from claudectl.home import Home  # noqa: E402
 from claudectl.relay import codec  # noqa: E402
 from claudectl.relay.interfaces import IMesh  # noqa: E402
@@ -79,7 +80,10 @@ DIALS_PER_NODE = 3
 MAX_PEERS = 8  # the [relay] max_peers default
 MAX_PROPAGATION = HiveConfig().max_propagation
 SNAPSHOT_UNITS = 5_000
+SIM_SOURCES = 20  # extra random sources per simulated graph (coverage spread)
 POLL_STEP = 0.005  # how often the benchmark looks at the other nodes' files
+SENT_RX = r"sent \d+ knowledge unit"  # Gossip._push's log line
+ANSWER_RX = r"answered a knowledge request .*: (\d+) unit\(s\) in (\d+) page"  # on_request's
 TARGET_CONVERGENCE_P50 = 0.250
 TARGET_SNAPSHOT = 1.0
 NOW = 1_800_000_000  # the fixed clock of the in-process simulations
@@ -160,7 +164,7 @@ def distances(n: int, edges: list[tuple[int, int]], source: int) -> list[int | N
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100)."""
     ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+    k = max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))
     return ordered[k]
 
 
@@ -189,8 +193,9 @@ class SimResult:
 
 def sync_frame_bytes(unit: dict[str, Any], sender: str) -> int:
     """Bytes on the wire of a knowledge_sync frame carrying ``unit`` (NDJSON line)."""
+    stored = KnowledgeUnit.from_json(unit).to_json()  # the unit as the engine sends it
     env = codec.EnvelopeFactory(sender, clock=lambda: NOW).make(
-        codec.KNOWLEDGE_SYNC, {"sync_epoch": NOW, "units": [unit]})
+        codec.KNOWLEDGE_SYNC, {"sync_epoch": NOW, "units": [stored]})
     return len(codec.encode(env))
 
 
@@ -202,15 +207,18 @@ def simulate_model(n: int, edges: list[tuple[int, int]], source: int, max_prop: 
     * a node pushes a unit to every neighbour that has not had that unit from
       it and did not send it to it, except the unit's originator;
     * a receiver stores the unit with ``propagation_count + 1`` if it is new
-      (a copy of a unit already held is a duplicate: stored, not forwarded)
-      and pushes it on while the stored count is below ``max_propagation``.
+      and pushes it on while the stored count is below ``max_propagation``;
+    * a later copy of a unit already held is not pushed on, but (as the merge
+      rules stand: equal rank, tie broken on the JSON text) a copy with a
+      higher count replaces the stored one, so ``max_hops`` reports stored
+      counts, which may exceed the hop distance.
 
     Messages of one round are delivered in random order, as the engine's
     would arrive; a node that accepts a unit pushes at once, so it may still
     send to a neighbour whose copy is already on its way to it.
     """
     adj = adjacency(n, edges)
-    hops: dict[int, int] = {source: 0}
+    hops: dict[int, int] = {source: 0}  # the count a node had when it first got the unit
     had: list[set[int]] = [set() for _ in range(n)]  # peers a node sent to / got it from
     queue: list[tuple[int, int, int]] = []  # (from, to, propagation_count as sent)
 
@@ -232,10 +240,10 @@ def simulate_model(n: int, edges: list[tuple[int, int]], source: int, max_prop: 
         for frm, to, count in current:
             messages += 1
             had[to].add(frm)
+            max_hops = max(max_hops, count + 1)  # every copy is stored, see above
             if to in hops:
                 continue
             hops[to] = count + 1
-            max_hops = max(max_hops, count + 1)
             push(to)
     within = sum(1 for d in distances(n, edges, source) if d is not None and d <= max_prop)
     return SimResult(n, len(edges), rounds, messages, messages * frame_bytes, len(hops),
@@ -342,6 +350,8 @@ def engine_base_dir(tmp: Path) -> Path:
 class HopCost:
     ms: float
     fsyncs: int
+    duplicate_ms: float
+    duplicate_fsyncs: int
     profile: str
 
 
@@ -362,41 +372,87 @@ def counting_fsyncs() -> Iterator[list[int]]:
         os.fsync = real  # type: ignore[assignment]
 
 
+def profile_text(prof: cProfile.Profile, lines: int = 20) -> str:
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(lines)
+    return out.getvalue()
+
+
 def hop_cost(base: Path, runs: int, profile: bool) -> HopCost:
     """
     One hop inside the engine, on ``base``'s file system: a node with 5 peers
     receives one new unit from one of them, merges it and forwards it to the
-    other 4 (best of ``runs``; fresh unit each time).
+    other 4; then a second copy of it arrives from another peer (best of
+    ``runs``; a fresh unit each time).
     """
     bus = Bus(random.Random(1))
     mesh = BusMesh(bus, "hop-node")
     mesh.peers = [f"hop-peer{i}" for i in range(5)]
     engine = Gossip(Home(base / "hop"), Config(), mesh, "hop-node", lambda: NOW)
     engine.register()
-    times: list[float] = []
-    fsyncs = 0
+    first: list[tuple[float, int]] = []
+    copy: list[tuple[float, int]] = []
     prof = cProfile.Profile() if profile else None
     for i in range(runs + 1):  # the first one warms caches and creates files
         raw = unit_json(f"ku_hop_{i}", "hop-origin", f"make target{i}", NOW)
         raw["propagation_count"] = 1
-        with counting_fsyncs() as count:
-            if prof is not None and i:
-                prof.enable()
-            t0 = time.perf_counter()
-            engine.receive("hop-peer0", [raw])
-            elapsed = time.perf_counter() - t0
-            if prof is not None:
-                prof.disable()
-        bus.queue.clear()
-        if i:
-            times.append(elapsed)
-            fsyncs = count[0]
-    text = ""
+        for sender, into in (("hop-peer0", first), ("hop-peer1", copy)):
+            with counting_fsyncs() as count:
+                if prof is not None and i:
+                    prof.enable()
+                t0 = time.perf_counter()
+                engine.receive(sender, [raw])
+                elapsed = time.perf_counter() - t0
+                if prof is not None:
+                    prof.disable()
+            bus.queue.clear()
+            if i:
+                into.append((elapsed * 1000, count[0]))
+    return HopCost(*min(first), *min(copy), profile_text(prof) if prof is not None else "")
+
+
+@dataclasses.dataclass
+class EngineSnapshot:
+    seconds: float
+    frames: int
+    profile: str
+
+
+def snapshot_in_process(base: Path, profile: bool) -> EngineSnapshot:
+    """
+    The snapshot with two real engines and no sockets: X holds 5,000 units,
+    Y is new; the link comes up on both sides and frames are delivered until
+    none are left.  Times the engines alone (JSON, merge, files).
+    """
+    bus = Bus(random.Random(2))
+    roomy = dataclasses.replace(Config(), hive=dataclasses.replace(
+        HiveConfig(), max_units=0, max_units_per_peer_per_day=1_000_000))
+    engines = {}
+    for ident in ("snap-x", "snap-y"):
+        mesh = BusMesh(bus, ident)
+        bus.meshes[ident] = mesh
+        engines[ident] = Gossip(Home(base / ident), roomy, mesh, ident, lambda: NOW)
+        engines[ident].register()
+    add_units(engines["snap-x"].home, "snap-x",
+              [unit_json(f"ku_snap_{i}", "snap-x", f"snapshot command {i}", NOW)
+               for i in range(SNAPSHOT_UNITS)], NOW)
+    bus.meshes["snap-x"].peers.append("snap-y")
+    bus.meshes["snap-y"].peers.append("snap-x")
+    prof = cProfile.Profile() if profile else None
     if prof is not None:
-        out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(18)
-        text = out.getvalue()
-    return HopCost(min(times) * 1000, fsyncs, text)
+        prof.enable()
+    t0 = time.perf_counter()
+    engines["snap-y"].on_link_up("snap-x")
+    engines["snap-x"].on_link_up("snap-y")
+    bus.run()
+    elapsed = time.perf_counter() - t0
+    if prof is not None:
+        prof.disable()
+    held = len(read_units_file(hive_file(engines["snap-y"].home, KNOWLEDGE)).store)
+    if held != SNAPSHOT_UNITS:
+        raise RuntimeError(f"in-process snapshot: Y holds {held} units")
+    frames = bus.messages
+    return EngineSnapshot(elapsed, frames, profile_text(prof, 25) if prof is not None else "")
 
 
 # --- child processes -------------------------------------------------------------------
@@ -561,6 +617,10 @@ async def peers_of(reactor: Any, home: Home) -> list[dict[str, Any]]:
     return json.loads(reply["peers_json"])
 
 
+def holds(watch: FileWatch, units: int) -> bool:
+    return watch.refresh().count(b"\n") >= units
+
+
 class FileWatch:
     """Cheap repeated checks of one knowledge.jsonl (stat first, read on change)."""
 
@@ -590,7 +650,8 @@ class Convergence:
     from_write: list[float]
     from_send: list[float]
     first_peer: list[float]
-    hops_ok: bool
+    hops_above: int  # node-runs whose stored propagation_count exceeds the hop distance
+    hops_total: int
     eccentricity: int
     links: int
     degrees: tuple[int, int, float]
@@ -636,7 +697,7 @@ async def bench_convergence(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
     from_write: list[float] = []
     from_send: list[float] = []
     first_peer: list[float] = []
-    hops_ok = True
+    hops_above = hops_total = 0
     ecc = 0
     frames = 0
     bytes_before = await total_bytes(reactor, homes)
@@ -660,17 +721,16 @@ async def bench_convergence(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
                 raise Timeout(f"unit {uid} never reached {missing}")
             await task.deferLater(reactor, POLL_STEP, lambda: None)
         t_all = max(seen.values())
-        sent = children[src].find(r"sent \d+ knowledge unit", marks[src])
-        if sent is None:  # the reader thread may lag a little behind the files
-            await until(reactor, lambda: children[src].find(r"sent \d+ knowledge unit",
-                                                              marks[src]), 2, "the sent line")
-            sent = children[src].find(r"sent \d+ knowledge unit", marks[src])
-        assert sent is not None
+        # The reader thread may lag a little behind the files.
+        sent = await until(reactor, partial(children[src].find, SENT_RX, marks[src]), 2,
+                           "the source's sent line")
         for i in range(MESH_NODES):
             if i == src:
                 continue
             u = {x.id: x for x in read_units_file(watches[i].path).store.units()}[uid]
-            hops_ok = hops_ok and u.propagation_count == dist[i]
+            if run:
+                hops_total += 1
+                hops_above += u.propagation_count > dist[i]  # type: ignore[operator]
         if run == 0:
             bytes_before = await total_bytes(reactor, homes)
             continue
@@ -679,11 +739,11 @@ async def bench_convergence(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
         from_send.append(t_all - sent[0])
         first_peer.append(min(seen.values()) - sent[0])
         await task.deferLater(reactor, 0.3, lambda: None)  # let the last pushes finish
-        frames += sum(c.count(r"sent \d+ knowledge unit", m) for c, m in zip(children, marks))
+        frames += sum(c.count(SENT_RX, m) for c, m in zip(children, marks, strict=True))
         await task.deferLater(reactor, rnd.uniform(0.0, 0.5), lambda: None)
     bytes_after = await total_bytes(reactor, homes)
     fleet.stop(children)
-    return Convergence(from_write, from_send, first_peer, hops_ok, ecc, len(edges),
+    return Convergence(from_write, from_send, first_peer, hops_above, hops_total, ecc, len(edges),
                        (min(degree), max(degree), sum(degree) / len(degree)),
                        frames / runs, (bytes_after - bytes_before) / runs, setup)
 
@@ -700,68 +760,97 @@ async def total_bytes(reactor: Any, homes: list[Home]) -> int:
 
 @dataclasses.dataclass
 class Snapshot:
-    seconds: list[float]
-    auth_secs: list[float]
+    seconds: list[float]  # connect -> all 5,000 stored
+    auth_secs: list[float]  # connect -> the Connect call returned (link authenticated)
+    quiet_secs: list[float]  # connect -> the new node's last knowledge batch
+    baseline_auth: float  # the same Connect to the same node while its store was empty
+    batches: int
     bytes_down: int
-    units_frames: str
+    pushed_units: int  # knowledge_sync units the old node sent on link-up
+    answered_units: int  # units in its knowledge_snapshot answer
+    answered_pages: int
     default_config_kept: int | None
+
+
+ROOMY_CONFIG = "[hive]\nmax_units = 0\nmax_units_per_peer_per_day = 1000000\n"
 
 
 async def bench_snapshot(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
                          rnd: random.Random, with_defaults: bool) -> Snapshot:
+    """
+    X starts empty; a first new node connects to it (the baseline connect
+    time), then X gets 5,000 units and each further new node connects in
+    turn.  All processes start together to save time.
+    """
     xhome, xid = new_home(tmp, "snapx")
-    now = int(time.time())
-    add_units(xhome, xid, [unit_json(f"ku_snap_{i}", xid, f"snapshot command {i}", now)
-                           for i in range(SNAPSHOT_UNITS)], now)
-    x = fleet.serve("snapx", xhome)
-    ports = await wait_ready(reactor, [x], 60)
-    seconds: list[float] = []
-    auth: list[float] = []
-    bytes_down = 0
-    frames = ""
-    kept_with_defaults: int | None = None
-    for run in range(runs + (1 if with_defaults else 0)):
-        defaults = run == runs
-        yhome, yid = new_home(tmp, f"snapy{run}")
+    names = ["snapy-base"] + [f"snapy{r}" for r in range(runs)] + (
+        ["snapy-defaults"] if with_defaults else [])
+    ys: dict[str, tuple[Home, str]] = {}
+    for name in names:
+        yhome, yid = new_home(tmp, name)
         pair(xhome, xid, yhome, yid, rnd)
-        if not defaults:
+        if name != "snapy-defaults":
             # A 5,000-unit store needs room: the defaults keep 500 peer units
             # (max_units) and accept 1,000 units per peer per day.
             cfg = yhome.root / ".config" / "claudectl" / "config.toml"
             cfg.parent.mkdir(parents=True)
-            cfg.write_text("[hive]\nmax_units = 0\nmax_units_per_peer_per_day = 1000000\n")
-        y = fleet.serve(f"snapy{run}", yhome)
-        await wait_ready(reactor, [y], 60)
+            cfg.write_text(ROOMY_CONFIG)
+        ys[name] = (yhome, yid)
+    x = fleet.serve("snapx", xhome)
+    children = {name: fleet.serve(name, ys[name][0]) for name in names}
+    ports = await wait_ready(reactor, [x, *children.values()], 90)
+    xport = ports["snapx"]
+
+    t0 = time.monotonic()
+    await connect(reactor, ys["snapy-base"][0], xport, xid)
+    baseline = time.monotonic() - t0
+    fleet.stop([children.pop("snapy-base")])
+    now = int(time.time())
+    add_units(xhome, xid, [unit_json(f"ku_snap_{i}", xid, f"snapshot command {i}", now)
+                           for i in range(SNAPSHOT_UNITS)], now)
+    await task.deferLater(reactor, 1.2, lambda: None)  # X's poll sees the change
+    push_pages = len(paginate(read_units_file(hive_file(xhome, KNOWLEDGE)).store.units()))
+
+    result = Snapshot([], [], [], baseline, 0, 0, 0, 0, 0, None)
+    batch_rx = r"knowledge from " + re.escape(xid)
+    for name, y in children.items():
+        yhome = ys[name][0]
         watch = FileWatch(yhome)
-        mark = x.mark()
+        xmark, ymark = x.mark(), y.mark()
         t0 = time.monotonic()
-        await connect(reactor, yhome, ports["snapx"], xid)
+        await connect(reactor, yhome, xport, xid)
         t_auth = time.monotonic()
-        if defaults:
-            # Wait for both transfers to be answered, then count what was kept.
-            await until(reactor, lambda: x.find(r"answered a knowledge request", mark), 20,
-                        "the snapshot answer")
-            await task.deferLater(reactor, 2.0, lambda: None)
-            kept_with_defaults = watch.refresh().count(b"\n")
-        else:
-            await until(reactor, lambda: watch.refresh().count(b"\n") >= SNAPSHOT_UNITS, 30,
+        if name != "snapy-defaults":
+            await until(reactor, partial(holds, watch, SNAPSHOT_UNITS), 30,
                         "5,000 units on the new node", step=POLL_STEP)
-            seconds.append(time.monotonic() - t0)
-            auth.append(t_auth - t0)
-            await task.deferLater(reactor, 1.0, lambda: None)  # let duplicates settle
+            result.seconds.append(time.monotonic() - t0)
+            result.auth_secs.append(t_auth - t0)
+        # The exchange is over when Y has merged every page X pushed and every
+        # page of X's answer to Y's knowledge_request.
+        answered = await until(reactor, partial(x.find, ANSWER_RX, xmark), 30,
+                               "the snapshot answer")
+        expected = push_pages + int(answered[1].group(2))
+        await until(reactor, lambda y=y, m=ymark, n=expected: y.count(batch_rx, m) >= n,
+                    90, f"{expected} batches merged on the new node")
+        if name == "snapy-defaults":
+            result.default_config_kept = watch.refresh().count(b"\n")
+        else:
+            last_batch = [t for t, text in y.lines[ymark:] if re.search(batch_rx, text)]
+            result.quiet_secs.append(last_batch[-1] - t0)
+            result.batches = len(last_batch)
             rows = await peers_of(reactor, yhome)
-            bytes_down = max(bytes_down, sum(r.get("bytes_down", 0) for r in rows))
+            result.bytes_down = max(result.bytes_down,
+                                    sum(r.get("bytes_down", 0) for r in rows))
             pushes = [int(m.group(1)) for m in (
-                re.search(r"sent (\d+) knowledge unit", t) for _, t in x.lines[mark:]) if m]
-            answers = [m.group(1, 2) for m in (
-                re.search(r"answered .*: (\d+) unit\(s\) in (\d+) page", t)
-                for _, t in x.lines[mark:]) if m]
-            frames = (f"pushed {sum(pushes)} unit(s) as knowledge_sync, then answered the "
-                      f"request with " + ", ".join(f"{u} unit(s) in {p} page(s)"
-                                                   for u, p in answers))
+                re.search(r"sent (\d+) knowledge unit", t) for _, t in x.lines[xmark:]) if m]
+            answers = [m.group(1, 2) for m in (re.search(ANSWER_RX, t)
+                                               for _, t in x.lines[xmark:]) if m]
+            result.pushed_units = sum(pushes)
+            result.answered_units = sum(int(u) for u, _ in answers)
+            result.answered_pages = sum(int(p) for _, p in answers)
         fleet.stop([y])
     fleet.stop([x])
-    return Snapshot(seconds, auth, bytes_down, frames, kept_with_defaults)
+    return result
 
 
 # --- reporting -------------------------------------------------------------------------
@@ -784,55 +873,147 @@ def machine_line() -> str:
             f"Twisted {twisted.__version__}, {platform.system()} {platform.machine()}")
 
 
+def load_average() -> str:
+    with contextlib.suppress(OSError, AttributeError):
+        return f"{os.getloadavg()[0]:.1f}"
+    return "?"
+
+
 def verdict(value: float, target: float) -> str:
     return "pass" if value <= target else "**FAIL**"
 
 
-def render(conv: Convergence, snap: Snapshot, sims: list[tuple[str, SimResult, SimResult | None]],
-           hop_disk: HopCost, hop_tmpfs: HopCost | None, runs: int) -> list[str]:
-    out = ["| measurement | p50 | p90 | target | result |", "|---|---:|---:|---:|---|"]
-    w50, w90 = percentile(conv.from_write, 50), percentile(conv.from_write, 90)
-    s50, s90 = percentile(conv.from_send, 50), percentile(conv.from_send, 90)
-    f50, f90 = percentile(conv.first_peer, 50), percentile(conv.first_peer, 90)
-    out.append(f"| convergence, 16 processes, from the write into knowledge.jsonl "
-               f"({runs} runs) | {ms(w50)} | {ms(w90)} | <= 250 ms | "
-               f"{verdict(w50, TARGET_CONVERGENCE_P50)} |")
-    out.append(f"| convergence, from the source service's first send | {ms(s50)} | {ms(s90)} "
-               f"| <= 250 ms | {verdict(s50, TARGET_CONVERGENCE_P50)} |")
-    out.append(f"| first neighbour has it, from the first send | {ms(f50)} | {ms(f90)} | | |")
-    sn50 = percentile(snap.seconds, 50)
-    out.append(f"| snapshot of 5,000 units to a new peer, connect -> stored "
-               f"({len(snap.seconds)} run(s)) | {ms(sn50)} | {ms(max(snap.seconds))} "
-               f"| <= 1000 ms | {verdict(sn50, TARGET_SNAPSHOT)} |")
-    out.append(f"| of which connect + authenticate | {ms(percentile(snap.auth_secs, 50))} | "
-               f"{ms(max(snap.auth_secs))} | | |")
-    tm = f"{hop_tmpfs.ms:.1f} ms on tmpfs" if hop_tmpfs else "no tmpfs"
-    out.append(f"| one hop in the engine (merge 1 unit, forward to 4 peers) | "
-               f"{hop_disk.ms:.1f} ms | | | {hop_disk.fsyncs} fsyncs; {tm} |")
+@dataclasses.dataclass
+class Results:
+    conv: Convergence
+    snap: Snapshot
+    sims: list[Sim]
+    hop_disk: HopCost
+    hop_tmpfs: HopCost | None
+    conv_runs: int
+
+
+def render(r: Results) -> list[str]:
+    conv, snap = r.conv, r.snap
+    out = ["| measurement | p50 | p90 (max) | target | result |", "|---|---:|---:|---:|---|"]
+
+    def row(name: str, values: list[float], target: float | None = None) -> None:
+        p50, p90 = percentile(values, 50), percentile(values, 90)
+        tgt = "" if target is None else f"<= {target * 1000:.0f} ms"
+        res = "" if target is None else verdict(p50, target)
+        out.append(f"| {name} | {ms(p50)} | {ms(p90)} | {tgt} | {res} |")
+
+    row(f"convergence: write into one node's knowledge.jsonl -> on all {MESH_NODES} nodes "
+        f"({r.conv_runs} runs)", conv.from_write, TARGET_CONVERGENCE_P50)
+    row("convergence: source service's first send -> on all nodes", conv.from_send,
+        TARGET_CONVERGENCE_P50)
+    row("first send -> on the first neighbour (one hop)", conv.first_peer)
+    row(f"snapshot: connect -> 5,000 units stored on the new node ({len(snap.seconds)} "
+        "run(s))", snap.seconds, TARGET_SNAPSHOT)
+    row("snapshot: connect -> link authenticated (empty store: "
+        f"{ms(snap.baseline_auth)})", snap.auth_secs)
+    row(f"snapshot: connect -> last of {snap.batches} batches merged", snap.quiet_secs)
+    h = r.hop_disk
+    tm = (f"; tmpfs: {r.hop_tmpfs.ms:.1f} / {r.hop_tmpfs.duplicate_ms:.1f} ms"
+          if r.hop_tmpfs else "")
+    out.append(f"| engine, one hop: merge 1 new unit + forward to 4 peers / a second copy "
+               f"| {h.ms:.1f} ms / {h.duplicate_ms:.1f} ms | | | {h.fsyncs} / "
+               f"{h.duplicate_fsyncs} fsyncs{tm} |")
     out += ["", "| simulated peers (links) | rounds | sync frames | bytes | reached | "
-                "within 5 hops | max hops | engine check |",
-            "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for label, model, engine in sims:
+                "within 5 hops | max stored hops | real engine, same graph and source | "
+                f"coverage from {SIM_SOURCES} other sources: mean (min-max) |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for sim in r.sims:
+        model, engine, cov = sim.model, sim.engine, sim.coverages
         check = "" if engine is None else (
-            f"{engine.rounds} rounds, {engine.messages} frames, {engine.bytes:,} B, "
-            f"{engine.reached} reached")
-        out.append(f"| {label} ({model.links}) | {model.rounds} | {model.messages:,} | "
-                   f"{model.bytes:,} | {model.reached} ({model.coverage:.1%}) | "
-                   f"{model.within_limit} | {model.max_hops} | {check} |")
+            f"{engine.rounds} rounds, {engine.messages:,} frames, {engine.bytes:,} B, "
+            f"{engine.reached:,} reached, max hops {engine.max_hops}")
+        out.append(f"| {sim.label} ({model.links:,}) | {model.rounds} | {model.messages:,} | "
+                   f"{model.bytes:,} | {model.reached:,} ({model.coverage:.1%}) | "
+                   f"{model.within_limit:,} | {model.max_hops} | {check} | "
+                   f"{sum(cov) / len(cov):.1%} ({min(cov):.1%}-{max(cov):.1%}) |")
     return out
 
 
-def write_section(table: list[str], notes: list[str], machine: str, date: str,
-                  quick: bool) -> Path:
-    path = ROOT / "docs" / "performance.md"
-    section = "\n".join([
-        "## Gossip", "",
-        f"`python scripts/bench_gossip.py{' --quick' if quick else ''}` on {date}; {machine}.",
-        "", *table, "", *notes, ""])
+def notes_for(r: Results) -> list[str]:
+    conv, snap, h = r.conv, r.snap, r.hop_disk
+    lo, hi, avg = conv.degrees
+    per_hop = percentile(conv.from_send, 50) / max(1, conv.eccentricity)
+    notes = [
+        f"* Mesh: {MESH_NODES} `relay serve` processes, {conv.links} links (each node "
+        f"dialed up to {DIALS_PER_NODE} others; {lo}-{hi} links per node, {avg:.1f} on "
+        f"average; max_peers {MAX_PEERS}); no node was more than {conv.eccentricity} hops "
+        f"from a source. Start and link-up took {conv.setup_secs:.1f} s. Per run: "
+        f"{conv.frames_per_run:.0f} knowledge_sync frames (a unit reaches each node "
+        f"{conv.frames_per_run / (MESH_NODES - 1):.1f} times) and "
+        f"{conv.bytes_per_run:,.0f} bytes on all links. The benchmark looks at the "
+        f"files every {POLL_STEP * 1000:.0f} ms.",
+        f"* \"From the write\" includes the service's {gossip_mod.POLL_SECS:g} s poll of "
+        "knowledge.jsonl (half a period on average): units written by another process "
+        "(distillation, `hive import`) wait for it. \"From the first send\" starts at the "
+        "source's first \"sent ... knowledge unit(s)\" log line and ends at the last "
+        f"node's store write: about {per_hop * 1000:.0f} ms per hop on this machine.",
+        f"* One hop inside the engine (a node with 5 peers) costs {h.ms:.0f} ms and "
+        f"{h.fsyncs} fsyncs: every stored file is an atomic write with a file and a "
+        "directory fsync (trust.json twice, knowledge.jsonl, sync_state.json after the "
+        "merge and again after each forward). A second copy of the unit still costs "
+        f"{h.duplicate_ms:.0f} ms and {h.duplicate_fsyncs} fsyncs, and copies are most "
+        "of the work: each node gets the unit from most of its neighbours.",
+    ]
+    if conv.hops_above:
+        notes.append(
+            f"* In {conv.hops_above} of {conv.hops_total} node-runs the stored "
+            "`propagation_count` was above the node's hop distance: a later copy with a "
+            "higher count replaced the stored unit (merge sees equal rank and breaks the "
+            'tie on the JSON text: "updated", logged in resolutions.jsonl).')
+    twice = snap.pushed_units + snap.answered_units > SNAPSHOT_UNITS
+    notes.append(
+        "* Snapshot: the new nodes run with `[hive] max_units = 0` and "
+        "`max_units_per_peer_per_day = 1000000`. When the link came up the old node "
+        f"pushed {snap.pushed_units:,} units in knowledge_sync frames and answered the new "
+        f"node's knowledge_request with {snap.answered_units:,} units in "
+        f"{snap.answered_pages} pages" + (": every unit crossed twice" if twice else "")
+        + f"; {snap.bytes_down:,} bytes reached the new node.")
+    base, auth = snap.baseline_auth, percentile(snap.auth_secs, 50)
+    if auth > 3 * base:
+        notes.append(
+            f"* Authentication toward the node holding 5,000 units took {ms(auth)} against "
+            f"{ms(base)} when its store was empty: it prepares the whole link-up push "
+            "before its reactor gets to flush the last handshake frame.")
+    if snap.default_config_kept is not None:
+        notes.append(
+            f"* With the default `[hive]` settings a new node keeps "
+            f"{snap.default_config_kept:,} of the 5,000 units: `max_units_per_peer_per_day` "
+            "(1,000) drops the rest of the batch and `max_units` (500) evicts beyond 500.")
+    notes.append(
+        "* Simulation: a round model of the push rule (one round per network hop; a node "
+        "pushes a unit to every neighbour that has not had it from it, except its "
+        "originator; a receiver keeps a new unit with `propagation_count + 1` and pushes "
+        f"on while that is below `max_propagation` = {MAX_PROPAGATION}; later copies are "
+        "not pushed on). Graphs: each node dials up to 3 random others (2 in the sparse "
+        "row, about 4 links per node), at most 8 links per node. The real-engine column "
+        "runs one `Gossip` engine and home per node on an in-memory mesh with the same "
+        "graph and source. Bytes are whole NDJSON frames of one unit. `max_propagation` "
+        "bounds reach: nodes more than 5 hops from the source never get the unit"
+        + "".join(f"; on the {sim.label} mesh a unit reaches "
+                  f"{sum(sim.coverages) / len(sim.coverages):.0%} of the nodes on average"
+                  for sim in r.sims if min(sim.coverages) < 1.0) + ".")
+    notes.append(
+        "* `--quick` runs fewer rounds (about a minute); `--profile` adds cProfile output "
+        "for one engine hop and for the 5,000-unit snapshot between two in-process "
+        "engines; `--no-write` leaves this file alone. Homes live in a temporary "
+        "directory, every service listens on 127.0.0.1 only, and every child process is "
+        "stopped when the script ends, fails or is interrupted.")
+    return notes
+
+
+def write_section(table: list[str], notes: list[str], header: str,
+                  path: Path = ROOT / "docs" / "performance.md") -> Path:
+    """Replace (or add) the ``## Gossip`` section; other sections stay as they are."""
+    section = "\n".join(["## Gossip", "", header, "", *table, "", *notes, ""])
     text = path.read_text(encoding="utf-8") if path.exists() else (
         "# Performance\n\nBenchmarks of claudectl's relay and hive, run by the scripts in "
-        f"`scripts/`. Machine of the first run: {machine}; {date}. Each section says how "
-        "and when its numbers were taken.\n")
+        "`scripts/`. Each section names its command, machine and date.\n")
     pattern = re.compile(r"^## Gossip\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text).rstrip("\n") + "\n"
@@ -845,107 +1026,86 @@ def write_section(table: list[str], notes: list[str], machine: str, date: str,
     return path
 
 
-def notes_for(conv: Convergence, snap: Snapshot, hop_disk: HopCost,
-              hop_tmpfs: HopCost | None) -> list[str]:
-    lo, hi, avg = conv.degrees
-    hops = "matched" if conv.hops_ok else "did NOT match"
-    notes = [
-        f"* Mesh: {MESH_NODES} `relay serve` processes, {conv.links} links "
-        f"(each node dialed up to {DIALS_PER_NODE}; {lo}-{hi} links per node, "
-        f"{avg:.1f} on average; max_peers {MAX_PEERS}); farthest node "
-        f"{conv.eccentricity} hops from a source. Every node's `propagation_count` "
-        f"{hops} its hop distance. Set-up (start + link) took {conv.setup_secs:.1f} s.",
-        f"* Per run: {conv.frames_per_run:.1f} knowledge_sync frames and "
-        f"{conv.bytes_per_run:,.0f} bytes on all links (heartbeats included).",
-        f"* \"From the write\" includes the service's {gossip_mod.POLL_SECS:g} s poll of "
-        "knowledge.jsonl (on average half a period): units written by another process "
-        "(distillation, `hive import`) wait for it. \"From the first send\" is the time "
-        "from the source's first \"sent ... knowledge unit(s)\" log line to the last "
-        "node's store write.",
-        f"* One hop costs {hop_disk.ms:.0f} ms here, mostly fsync: {hop_disk.fsyncs} "
-        "fsyncs per received unit (trust.json twice, knowledge.jsonl, the merge log, "
-        "sync_state.json once per forwarded peer, each an atomic write with a "
-        "file and a directory fsync)"
-        + (f"; the same hop takes {hop_tmpfs.ms:.1f} ms on tmpfs." if hop_tmpfs else "."),
-        "* Snapshot: the new node runs with `[hive] max_units = 0` and "
-        "`max_units_per_peer_per_day = 1000000`. On the link coming up the old node "
-        f"{snap.units_frames}: every unit crosses twice. "
-        f"{snap.bytes_down:,} bytes reached the new node.",
-    ]
-    if snap.default_config_kept is not None:
-        notes.append(
-            f"* With the default `[hive]` settings the new node keeps "
-            f"{snap.default_config_kept:,} of the 5,000 units: `max_units` (500) caps "
-            "peer units and `max_units_per_peer_per_day` (1,000) drops the rest.")
-    notes.append(
-        "* Simulation: a round model of the push rule (a node pushes a unit to every "
-        "neighbour that has not had it from it, except its originator; a receiver keeps "
-        "new units with `propagation_count + 1` and pushes on while it is below "
-        f"`max_propagation` = {MAX_PROPAGATION}; copies of a unit already held are not "
-        "pushed on). Each node dials up to 3 random others (2 for the sparse row), at "
-        "most 8 links. \"Engine check\" runs the real `Gossip` engine, one home per "
-        "node, on an in-memory mesh for the same graph. Bytes are whole NDJSON frames of "
-        "one unit. max_propagation bounds reach: nodes more than 5 hops from the source "
-        "never get the unit.")
-    return notes
-
-
 # --- main --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Sim:
+    label: str
+    model: SimResult
+    engine: SimResult | None  # the real engine on the same graph and source
+    coverages: list[float]  # the model from SIM_SOURCES other random sources
+
+
+def run_simulation(tmp: Path, quick: bool, rnd: random.Random
+                   ) -> tuple[list[Sim], HopCost | None]:
+    base = engine_base_dir(tmp)
+    try:
+        frame = sync_frame_bytes(unit_json("ku_sim_1", "sim0000", "cargo test --sim", NOW),
+                                 "sim0000")
+        sims: list[Sim] = []
+        for n, dials, with_engine in [(10, 3, True), (100, 3, True), (1000, 3, not quick),
+                                      (1000, 2, False)]:
+            edges = random_mesh(n, dials, MAX_PEERS, rnd)
+            src = rnd.randrange(n)
+            model = simulate_model(n, edges, src, MAX_PROPAGATION, frame, rnd)
+            engine = simulate_engine(n, edges, src, base / f"g{n}-{dials}", rnd) \
+                if with_engine else None
+            others = [simulate_model(n, edges, rnd.randrange(n), MAX_PROPAGATION, frame, rnd)
+                      for _ in range(SIM_SOURCES)]
+            sims.append(Sim(f"{n:,}" + (" sparse" if dials == 2 else ""), model, engine,
+                            [o.coverage for o in others]))
+        hop_tmpfs = hop_cost(base, 3, False) if str(base).startswith("/dev/shm") else None
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return sims, hop_tmpfs
 
 
 async def run_all(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: Fleet) -> int:
     rnd = random.Random(args.seed)
-    quick = args.quick
-    conv_runs = 5 if quick else 10
-    snap_runs = 1 if quick else 3
+    conv_runs = 5 if args.quick else 10
+    snap_runs = 1 if args.quick else 3
     t0 = time.monotonic()
+    load_before = load_average()
 
-    print("simulation ...", flush=True)
-    sim_base = engine_base_dir(tmp)
-    try:
-        sims = []
-        frame = sync_frame_bytes(unit_json("ku_sim_1", "sim0000", "cargo test --sim", NOW),
-                                 "sim0000")
-        sizes = [(10, 3, True), (100, 3, True), (1000, 3, not quick), (1000, 2, False)]
-        for n, dials, with_engine in sizes:
-            edges = random_mesh(n, dials, MAX_PEERS, rnd)
-            src = rnd.randrange(n)
-            model = simulate_model(n, edges, src, MAX_PROPAGATION, frame, rnd)
-            engine = None
-            if with_engine:
-                engine = simulate_engine(n, edges, src, sim_base / f"g{n}-{dials}", rnd)
-            label = f"{n:,}" + (" sparse" if dials == 2 else "")
-            sims.append((label, model, engine))
-        hop_tmpfs = hop_cost(sim_base, 3, False) if str(sim_base).startswith("/dev/shm") \
-            else None
-    finally:
-        shutil.rmtree(sim_base, ignore_errors=True)
-    hop_disk = hop_cost(tmp, 3 if quick else 5, args.profile)
-    print(f"  done in {time.monotonic() - t0:.1f} s", flush=True)
+    def step(text: str) -> None:
+        print(f"[{time.monotonic() - t0:5.1f} s] {text}", flush=True)
 
-    print(f"convergence: starting {MESH_NODES} services ...", flush=True)
+    step("simulation and engine hop ...")
+    sims, hop_tmpfs = run_simulation(tmp, args.quick, rnd)
+    hop_disk = hop_cost(tmp, 3 if args.quick else 5, args.profile)
+    step(f"convergence: {MESH_NODES} services, {conv_runs} runs ...")
     conv = await bench_convergence(reactor, tmp, fleet, conv_runs, rnd)
-    print(f"  done in {time.monotonic() - t0:.1f} s", flush=True)
+    step(f"snapshot: {snap_runs} run(s) ...")
+    snap = await bench_snapshot(reactor, tmp, fleet, snap_runs, rnd,
+                                with_defaults=not args.quick)
+    step("done")
 
-    print("snapshot ...", flush=True)
-    snap = await bench_snapshot(reactor, tmp, fleet, snap_runs, rnd, with_defaults=not quick)
-    print(f"  done in {time.monotonic() - t0:.1f} s", flush=True)
-
+    results = Results(conv, snap, sims, hop_disk, hop_tmpfs, conv_runs)
     machine = machine_line()
     date = datetime.date.today().isoformat()
-    table = render(conv, snap, sims, hop_disk, hop_tmpfs, conv_runs)
-    notes = notes_for(conv, snap, hop_disk, hop_tmpfs)
-    print(f"\nGossip benchmark -- {machine}, {date}")
+    command = "python scripts/bench_gossip.py" + (" --quick" if args.quick else "")
+    header = (f"`{command}` on {date}; {machine}; load average {load_before} before the "
+              f"run, {load_average()} after (the machine was shared); "
+              f"{time.monotonic() - t0:.0f} s in all.")
+    table = render(results)
+    notes = notes_for(results)
+    print(f"\n{header}\n")
     print("\n".join(table))
     print()
     print("\n".join(notes))
     print("\nconvergence from the write (ms):", [round(x * 1000) for x in conv.from_write])
     print("convergence from the send  (ms):", [round(x * 1000) for x in conv.from_send])
-    if args.profile and hop_disk.profile:
-        print("\nprofile of one engine hop (on disk):\n" + hop_disk.profile)
+    print("snapshot (ms):", [round(x * 1000) for x in snap.seconds])
+    if args.profile:
+        print("\nprofile of one engine hop (new unit, then a copy; on disk):\n"
+              + hop_disk.profile)
+        inproc = snapshot_in_process(tmp / "inproc", True)
+        print(f"profile of the 5,000-unit snapshot between two engines, no sockets "
+              f"({inproc.seconds:.1f} s under the profiler, {inproc.frames} sync frames):\n"
+              + inproc.profile)
     if not args.no_write:
-        print(f"updated {write_section(table, notes, machine, date, quick)}")
-    print(f"total {time.monotonic() - t0:.1f} s")
+        print(f"updated {write_section(table, notes, header)}")
     ok = (percentile(conv.from_write, 50) <= TARGET_CONVERGENCE_P50
           and percentile(snap.seconds, 50) <= TARGET_SNAPSHOT)
     return 0 if ok else 1

@@ -55,7 +55,6 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-import twisted  # noqa: E402
 from twisted.internet import defer, stdio, task  # noqa: E402
 from twisted.internet.endpoints import serverFromString  # noqa: E402
 from twisted.internet.protocol import ProcessProtocol  # noqa: E402
@@ -68,6 +67,7 @@ from twisted.logger import (  # noqa: E402
 )
 from twisted.protocols.basic import LineReceiver  # noqa: E402
 
+import twisted  # noqa: E402
 from claudectl.config import Config  # noqa: E402
 from claudectl.home import Home  # noqa: E402
 from claudectl.relay import codec  # noqa: E402
@@ -103,6 +103,9 @@ class Sizes:
 
 FULL = Sizes(handshakes=500, round_trips=2000, messages=100_000, idle_links=200)
 QUICK = Sizes(handshakes=100, round_trips=500, messages=20_000, idle_links=50, repeats=1)
+#: Just enough to prove the script still works (the test suite runs this).
+SMOKE = Sizes(handshakes=5, round_trips=20, messages=500, idle_links=4, repeats=1,
+              send_batch=100)
 
 
 @dataclass
@@ -112,6 +115,8 @@ class Row:
     target: str
     passed: bool
     data: dict[str, Any] = field(default_factory=dict)
+    #: CPU time per operation in each process: robust on a busy machine.
+    cpu: str = ""
 
 
 def percentile(samples: Sequence[float], pct: float) -> float:
@@ -146,7 +151,8 @@ def machine() -> dict[str, str]:
 
 def relay_config(max_peers: int) -> Config:
     base = Config()
-    return dataclasses.replace(base, relay=dataclasses.replace(base.relay, max_peers=max_peers))
+    relay = dataclasses.replace(base.relay, max_peers=max_peers, lan_discovery=False)
+    return dataclasses.replace(base, relay=relay)
 
 
 def start_logging(path: Path) -> None:
@@ -173,7 +179,7 @@ class ServerCommands(LineReceiver):
     The child's stdin/stdout: one command per line, one answer per line.
 
     ``rss`` -> ``rss <KiB>`` after a full collection; ``links`` -> ``links
-    <n>``; ``expect <n>`` -> ``got <n> <first> <last> <cpu>`` once ``n``
+    <n>``; ``cpu`` -> ``cpu <seconds>`` (this process's CPU time so far); ``expect <n>`` -> ``got <n> <first> <last> <cpu>`` once ``n``
     heartbeats arrived since the ``expect`` (monotonic seconds of the first and
     the last, CPU seconds this process used meanwhile); ``quit``.
     """
@@ -226,6 +232,8 @@ class ServerCommands(LineReceiver):
         if cmd == "rss":
             gc.collect()
             self._say(f"rss {rss_kib()}")
+        elif cmd == "cpu":
+            self._say(f"cpu {time.process_time()!r}")
         elif cmd == "links":
             self._say(f"links {self.node.mesh.connected_count()}")
         elif cmd == "expect":
@@ -299,12 +307,15 @@ class ServerProcess(ProcessProtocol):
 
 
 async def spawn_server(reactor: Any, tmp: Path, name: str, max_peers: int,
-                       profile_out: Path | None) -> tuple[ServerProcess, int]:
+                       profile_out: Path | None,
+                       no_fsync: bool = False) -> tuple[ServerProcess, int]:
     home = tmp / name
     argv = [sys.executable, str(Path(__file__).resolve()), "--role", "server",
             "--home", str(home), "--max-peers", str(max_peers)]
     if profile_out is not None:
         argv += ["--profile-out", str(profile_out)]
+    if no_fsync:
+        argv.append("--no-fsync")
     env = dict(os.environ, HOME=str(home), CLAUDECTL_HOME=str(home))
     proc = ServerProcess()
     reactor.spawnProcess(proc, sys.executable, argv, env=env)
@@ -350,13 +361,41 @@ def client_node(home: Home, reactor: Any, identity: str) -> RelayNode:
     return RelayNode(home, relay_config(8), reactor, identity=identity)
 
 
+class CpuMeter:
+    """CPU seconds used by this process and by the listener between two points."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.ours = self.theirs = 0.0
+
+    async def _theirs(self) -> float:
+        return float((await self.server.ask("cpu")).split()[1])
+
+    async def start(self) -> None:
+        self.ours, self.theirs = time.process_time(), await self._theirs()
+
+    async def stop(self, n: int) -> dict[str, float]:
+        ours = time.process_time() - self.ours
+        theirs = await self._theirs() - self.theirs
+        return {"client_cpu_us_per_op": ours / n * 1e6, "listener_cpu_us_per_op": theirs / n * 1e6}
+
+
+def cpu_text(d: dict[str, float]) -> str:
+    return (f"client {d['client_cpu_us_per_op']:.0f} us, "
+            f"listener {d['listener_cpu_us_per_op']:.0f} us")
+
+
 async def bench_handshakes(reactor: Any, home: Home, address: str, psk: bytes,
-                           n: int, warmup: int = 20) -> Row:
+                           server: ServerProcess, n: int, warmup: int = 20) -> Row:
+    """Sequential handshakes; each link is closed (by both sides) before the next."""
     node = client_node(home, reactor, CLIENT_ID)
     watch = LinkWatch(node)
     samples: list[float] = []
     modes: set[str] = set()
+    meter = CpuMeter(server)
     for i in range(warmup + n):
+        if i == warmup:
+            await meter.start()
         t0 = time.perf_counter()
         proto = await node.open_link(address, KeyAuth(psk, SERVER_ID)).addTimeout(10, reactor)
         elapsed = time.perf_counter() - t0
@@ -365,12 +404,14 @@ async def bench_handshakes(reactor: Any, home: Home, address: str, psk: bytes,
         await close_cleanly(proto, watch, reactor)
         if i >= warmup:
             samples.append(elapsed)
+    cpu = await meter.stop(n)
     p50, p99 = percentile(samples, 50) * 1e3, percentile(samples, 99) * 1e3
     return Row(f"handshake, connect -> authenticated (n={n})",
                f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", f"p50 <= {HANDSHAKE_P50_MS:g} ms",
                p50 <= HANDSHAKE_P50_MS and modes == {MUTUAL},
                {"n": n, "p50_ms": p50, "p99_ms": p99, "mean_ms": sum(samples) / n * 1e3,
-                "modes": sorted(modes)})
+                "modes": sorted(modes), **cpu},
+               cpu_text(cpu) + " per connect+close")
 
 
 async def open_one(reactor: Any, home: Home, address: str, psk: bytes,
@@ -380,7 +421,8 @@ async def open_one(reactor: Any, home: Home, address: str, psk: bytes,
     return node, proto
 
 
-async def bench_round_trips(reactor: Any, node: RelayNode, n: int, warmup: int = 100) -> Row:
+async def bench_round_trips(reactor: Any, node: RelayNode, server: ServerProcess,
+                            n: int, warmup: int = 100) -> Row:
     pending: list[defer.Deferred[str]] = []
 
     def on_ack(peer_id: str, env: Envelope) -> None:
@@ -389,7 +431,10 @@ async def bench_round_trips(reactor: Any, node: RelayNode, n: int, warmup: int =
 
     node.mesh.add_handler(codec.ACK, on_ack)
     samples: list[float] = []
+    meter = CpuMeter(server)
     for i in range(warmup + n):
+        if i == warmup:
+            await meter.start()
         d: defer.Deferred[str] = defer.Deferred()
         pending.append(d)
         t0 = time.perf_counter()
@@ -398,11 +443,13 @@ async def bench_round_trips(reactor: Any, node: RelayNode, n: int, warmup: int =
         await d.addTimeout(10, reactor)
         if i >= warmup:
             samples.append(time.perf_counter() - t0)
+    cpu = await meter.stop(n)
     p50, p99 = percentile(samples, 50) * 1e3, percentile(samples, 99) * 1e3
     return Row(f"request -> reply, knowledge_request/ack (n={n})",
                f"p50 {p50:.3f} ms, p99 {p99:.3f} ms", f"p50 <= {RTT_P50_MS:g} ms",
                p50 <= RTT_P50_MS,
-               {"n": n, "p50_ms": p50, "p99_ms": p99, "mean_ms": sum(samples) / n * 1e3})
+               {"n": n, "p50_ms": p50, "p99_ms": p99, "mean_ms": sum(samples) / n * 1e3, **cpu},
+               cpu_text(cpu) + " per round trip")
 
 
 async def _one_way(reactor: Any, server: ServerProcess, n: int,
@@ -425,8 +472,8 @@ async def _one_way(reactor: Any, server: ServerProcess, n: int,
     return {"receiver_msgs_per_s": (count_i - 1) / (last_f - first_f),
             "end_to_end_msgs_per_s": count_i / (last_f - start),
             "sender_secs": sender_done - start, "receiver_secs": last_f - first_f,
-            "sender_cpu_us_per_msg": sender_cpu / n * 1e6,
-            "receiver_cpu_us_per_msg": float(cpu) / count_i * 1e6}
+            "client_cpu_us_per_op": sender_cpu / n * 1e6,
+            "listener_cpu_us_per_op": float(cpu) / count_i * 1e6}
 
 
 def _median_run(runs: list[dict[str, float]]) -> dict[str, Any]:
@@ -449,11 +496,16 @@ async def bench_throughput(reactor: Any, node: RelayNode, server: ServerProcess,
     rate = m["receiver_msgs_per_s"]
     return Row(f"one-way throughput, mesh.send of {frame}-byte heartbeats (n={n}, "
                f"median of {repeats})",
-               f"{rate:,.0f} msg/s at the receiver ({m['end_to_end_msgs_per_s']:,.0f} end to end);"
-               f" CPU/msg: sender {m['sender_cpu_us_per_msg']:.1f} us,"
-               f" receiver {m['receiver_cpu_us_per_msg']:.1f} us",
+               f"{rate:,.0f} msg/s at the receiver ({m['end_to_end_msgs_per_s']:,.0f} end to end)",
                f">= {THROUGHPUT_MSGS:,.0f} msg/s", rate >= THROUGHPUT_MSGS,
-               {"n": n, "frame_bytes": frame, "repeats": repeats, **m})
+               {"n": n, "frame_bytes": frame, "repeats": repeats, **m},
+               f"sender {m['client_cpu_us_per_op']:.1f} us, "
+               f"receiver {m['listener_cpu_us_per_op']:.1f} us per message")
+
+
+def _writer(proto: Any, chunks: list[bytes]) -> Callable[[int], None]:
+    it = iter(chunks)
+    return lambda _count: proto.transport.write(next(it))
 
 
 async def bench_receive_path(reactor: Any, node: RelayNode, proto: Any, server: ServerProcess,
@@ -468,15 +520,13 @@ async def bench_receive_path(reactor: Any, node: RelayNode, proto: Any, server: 
         chunks = [b"".join(codec.encode(node.envelopes.make(codec.HEARTBEAT, {}))
                            for _ in range(min(batch, n - i)))
                   for i in range(0, n, batch)]
-        it = iter(chunks)
-        runs.append(await _one_way(reactor, server, n,
-                                   lambda k: proto.transport.write(next(it)), batch))
+        runs.append(await _one_way(reactor, server, n, _writer(proto, chunks), batch))
     m = _median_run(runs)
     rate = m["receiver_msgs_per_s"]
     return Row(f"receive path only, pre-encoded heartbeats (n={n}, median of {repeats})",
-               f"{rate:,.0f} msg/s at the receiver;"
-               f" CPU/msg: receiver {m['receiver_cpu_us_per_msg']:.1f} us", "(information)", True,
-               {"n": n, "repeats": repeats, "informational": True, **m})
+               f"{rate:,.0f} msg/s at the receiver", "(information)", True,
+               {"n": n, "repeats": repeats, "informational": True, **m},
+               f"receiver {m['listener_cpu_us_per_op']:.1f} us per message")
 
 
 async def open_batch(reactor: Any, home: Home, address: str, psk: bytes,
@@ -539,7 +589,8 @@ def prepare_homes(tmp: Path, psk: bytes, idle: int) -> tuple[Home, Home, Home]:
 
 
 async def run_client(reactor: Any, args: argparse.Namespace) -> int:
-    sizes = QUICK if args.quick else FULL
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="claudectl-bench-"))
     profiler = cProfile.Profile() if args.profile else None
     rows: list[Row] = []
@@ -550,13 +601,14 @@ async def run_client(reactor: Any, args: argparse.Namespace) -> int:
         prof_a = tmp / "server-a.prof" if args.profile else None
         prof_b = tmp / "idle-b.prof" if args.profile else None
 
-        server, port = await spawn_server(reactor, tmp, "server", 8, prof_a)
+        server, port = await spawn_server(reactor, tmp, "server", 8, prof_a, args.no_fsync)
         address = f"127.0.0.1:{port}"
         if profiler is not None:
             profiler.enable()
-        rows.append(await bench_handshakes(reactor, client_home, address, psk, sizes.handshakes))
+        rows.append(await bench_handshakes(reactor, client_home, address, psk, server,
+                                           sizes.handshakes))
         node, proto = await open_one(reactor, client_home, address, psk, CLIENT_ID)
-        rows.append(await bench_round_trips(reactor, node, sizes.round_trips))
+        rows.append(await bench_round_trips(reactor, node, server, sizes.round_trips))
         rows.append(await bench_throughput(reactor, node, server, sizes.messages,
                                            sizes.send_batch, sizes.repeats))
         rows.append(await bench_receive_path(reactor, node, proto, server, sizes.messages,
@@ -567,11 +619,11 @@ async def run_client(reactor: Any, args: argparse.Namespace) -> int:
         await stop_server(server, reactor)
 
         server, port = await spawn_server(reactor, tmp, "idle", sizes.idle_links + WARMUP_IDLE,
-                                          prof_b)
+                                          prof_b, args.no_fsync)
         rows.append(await bench_idle_memory(reactor, client_home, f"127.0.0.1:{port}", psk,
                                             server, sizes.idle_links))
         await stop_server(server, reactor)
-        report(rows, sizes, args)
+        report(rows, args, load_start, os.getloadavg())
         if profiler is not None:
             print(dump_profile(profiler, "client (handshake, round trips, throughput)"))
             for path, title in ((prof_a, "listener (handshake, round trips, throughput)"),
@@ -586,24 +638,31 @@ async def run_client(reactor: Any, args: argparse.Namespace) -> int:
     return 0 if all(r.passed for r in rows) else 1
 
 
-def report(rows: list[Row], sizes: Sizes, args: argparse.Namespace) -> None:
+def report(rows: list[Row], args: argparse.Namespace,
+           load_start: tuple[float, float, float], load_end: tuple[float, float, float]) -> None:
     info = machine()
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     if args.json:
-        print(json.dumps({"machine": info, "mode": "quick" if args.quick else "full",
-                          "profiled": bool(args.profile),
+        print(json.dumps({"machine": info, "mode": mode, "profiled": bool(args.profile),
+                          "fsync_disabled": bool(args.no_fsync),
                           "date": time.strftime("%Y-%m-%d"),
+                          "load_average_start": load_start, "load_average_end": load_end,
                           "results": [dataclasses.asdict(r) for r in rows]}, indent=2))
         return
-    print(f"claudectl relay benchmark ({'quick' if args.quick else 'full'} run"
-          f"{', under cProfile' if args.profile else ''}) on {info['cpus']} CPU(s), "
-          f"{info['cpu']}, Python {info['python']}, Twisted {info['twisted']}")
-    headers = ("metric", "result", "target", "")
+    flags = (", under cProfile" if args.profile else "") + (", fsync disabled" if args.no_fsync else "")
+    print(f"claudectl relay benchmark ({mode} run{flags})"
+          f" on {info['cpus']} CPU(s), {info['cpu']}, Python {info['python']},"
+          f" Twisted {info['twisted']}; {time.strftime('%Y-%m-%d %H:%M')}")
+    print("load average (1/5/15 min): start " + " ".join(f"{x:.2f}" for x in load_start)
+          + ", end " + " ".join(f"{x:.2f}" for x in load_end)
+          + (" -- other work was running, expect noise" if load_start[0] > 0.5 else ""))
+    headers = ("metric", "result", "target", "", "CPU time (client/sender, listener)")
     table = [headers] + [(r.metric, r.value, r.target,
                           "info" if r.data.get("informational") else
-                          "PASS" if r.passed else "FAIL") for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+                          "PASS" if r.passed else "FAIL", r.cpu) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     for j, row in enumerate(table):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if j == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -612,15 +671,20 @@ def report(rows: list[Row], sizes: Sizes, args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"smaller run: {QUICK.handshakes} handshakes, {QUICK.round_trips} "
                         f"round trips, {QUICK.messages:,} messages, {QUICK.idle_links} idle links")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny run that only checks the benchmark works (numbers meaningless)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--profile", action="store_true",
                    help="run both processes under cProfile and print the hot spots "
                         "(the timings then include the profiler's overhead)")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="diagnostic: make os.fsync a no-op in both processes, to tell disk "
+                        "latency (key and meta files are written with fsync) from relay cost")
     p.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
     # Internal: the listener child.
     p.add_argument("--role", choices=("client", "server"), default="client",
@@ -633,6 +697,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.no_fsync:
+        os.fsync = lambda fd: None  # diagnostic only; these homes are thrown away
     if args.role == "server":
         task.react(lambda reactor: defer.Deferred.fromCoroutine(run_server(reactor, args)))
         return

@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import random
+import stat
+from collections.abc import Iterable, Mapping
+from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.config import HiveConfig
+from claudectl.hive import distill as distill_mod
 from claudectl.hive.distill import (
+    STATE,
     Distiller,
+    LogSegment,
+    StateError,
+    Tallies,
+    _temporal_category,
     command_pattern,
     condition_label,
     distill_home,
+    log_tallies,
     maybe_distill,
+    parse_decisions,
     redistill,
 )
 from claudectl.hive.store import KnowledgeStore, load_store, store_transaction
 from claudectl.hive.trust import load_trust
-from claudectl.hive.units import Insight, Pattern, Temporal, ToolAccuracy, UnitIds
+from claudectl.hive.units import (
+    U32_MAX,
+    Insight,
+    KnowledgeUnit,
+    Pattern,
+    Scope,
+    Temporal,
+    ToolAccuracy,
+    UnitIds,
+)
 from tests.common import temp_home
 from tests.test_hive_units import make_unit
 

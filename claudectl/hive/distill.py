@@ -89,6 +89,8 @@ READ_CHUNK = 1 << 20
 FINGERPRINT_BYTES = 4096
 
 _SIGNS: dict[str, int] = {**{a: 1 for a in POSITIVE_ACTIONS}, **{a: -1 for a in NEGATIVE_ACTIONS}}
+_SCAN = json.JSONDecoder().scan_once  # what json.loads() uses, minus its wrapping
+_JSON_SPACE = " \t\n\r"
 #: Distinct (tool, command) pairs remembered by :meth:`Tallies.feed`.
 _PATTERN_CACHE_MAX = 4096
 
@@ -148,7 +150,7 @@ class LogSegment:
             f = open(self.path, "rb")
         except FileNotFoundError:
             return
-        loads = json.loads
+        loads, scan = json.loads, _SCAN
         with f:
             f.seek(self.start)
             left = -1 if self.stop is None else max(0, self.stop - self.start)
@@ -176,8 +178,16 @@ class LogSegment:
                     if not raw:
                         continue
                     try:
-                        rec = loads(raw)
-                    except (ValueError, RecursionError):
+                        if raw[0] == "{":
+                            # json.loads() without its per-call overhead: a
+                            # line starting with "{" has no leading
+                            # whitespace, and only whitespace may follow.
+                            rec, end = scan(raw, 0)
+                            if end != len(raw) and raw[end:].strip(_JSON_SPACE):
+                                continue
+                        else:
+                            rec = loads(raw)
+                    except (ValueError, StopIteration, RecursionError):
                         continue
                     if rec.__class__ is dict:
                         yield rec

@@ -63,9 +63,16 @@ class Envelope:
     payload: Any = field(default_factory=dict)
 
 
+# One encoder and one decoder for every frame: json.dumps/json.loads with
+# keyword arguments build a new one per call, which dominates a small frame.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                           allow_nan=False).encode
+_ENCODE_SORTED = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                                  allow_nan=False, sort_keys=True).encode
+
+
 def _dumps(value: Any, sort_keys: bool = False) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
-                      sort_keys=sort_keys, allow_nan=False)
+    return _ENCODE_SORTED(value) if sort_keys else _ENCODE(value)
 
 
 def encode(env: Envelope) -> bytes:
@@ -75,12 +82,14 @@ def encode(env: Envelope) -> bytes:
     if (isinstance(env.timestamp, bool) or not isinstance(env.timestamp, int)
             or not 0 <= env.timestamp <= MAX_TIMESTAMP):
         raise ValueError("timestamp must be an integer 0..2^64-1")
+    # msg_type is one of the 12 plain ASCII names and timestamp an int:
+    # neither needs escaping.
     text = "".join((
-        '{"id":', _dumps(env.id),
-        ',"msg_type":', _dumps(env.msg_type),
-        ',"from_peer":', _dumps(env.from_peer),
-        ',"timestamp":', _dumps(env.timestamp),
-        ',"payload":', _dumps(env.payload, sort_keys=True),
+        '{"id":', _ENCODE(env.id),
+        ',"msg_type":"', env.msg_type,
+        '","from_peer":', _ENCODE(env.from_peer),
+        ',"timestamp":', str(env.timestamp),
+        ',"payload":', _ENCODE_SORTED(env.payload),
         "}\n",
     ))
     return text.encode("utf-8")
@@ -107,6 +116,9 @@ def _finite_float(text: str) -> float:
         raise ProtocolError(f"number out of range: {text[:20]}")
     return value
 
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates,
+                            parse_constant=_reject_constant, parse_float=_finite_float)
 
 #: A JSON \u escape of a UTF-16 surrogate (prefilter for _has_lone_surrogate).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -145,8 +157,7 @@ def decode(line: bytes) -> Envelope:
     if not text:
         raise ProtocolError("empty line")
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates,
-                         parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = _DECODER.decode(text)
     except ProtocolError:
         raise
     except (ValueError, RecursionError) as e:

@@ -276,7 +276,12 @@ class RelayNode:
                 ks.save_key(peer, result.psk)
             if address:
                 link.state.address = address
-                ks.save_meta(peer, PeerMeta(address, now_ms(self.clock.seconds)))
+                # Only a new address is written now (atomic write + fsync is
+                # slow on the handshake path); last_seen is saved when the
+                # link goes down.
+                meta = ks.meta(peer)
+                if meta is None or meta.addr != address:
+                    ks.save_meta(peer, PeerMeta(address, now_ms(self.clock.seconds)))
 
     def _on_link_down(self, peer_id: str) -> None:
         meta = self.keystore.meta(peer_id)

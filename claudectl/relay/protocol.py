@@ -174,28 +174,45 @@ class RelayProtocol(LineReceiver):
 
     # --- input ------------------------------------------------------------------
     def lineReceived(self, line: bytes) -> None:
-        if self._discarding:
-            # The tail of an over-long line.
-            self._discarding = False
-            return
         if self.result is None:
             self._handshake_line(line)
         else:
             self._session_line(line)
 
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Split everything that arrived at once (LineReceiver's own loop splits
+        one line at a time and copies the rest of the buffer each time).
+        Lines after a handshake frame are kept for the session: pipelined
+        bytes are never lost (defect W17).
+        """
+        if self._discarding:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return  # still inside an over-long line
+            self._discarding = False
+            data = data[nl + 1:]
+        buffer = self._buffer + data if self._buffer else data
+        lines = buffer.split(b"\n")
+        self._buffer = lines.pop()
+        for line in lines:
+            if self._closing_reason is not None:
+                self._buffer = b""
+                return
+            if len(line) > self.MAX_LENGTH:
+                self.lineLengthExceeded(line)
+            else:
+                self.lineReceived(line)
+        if len(self._buffer) > self.MAX_LENGTH:
+            # An over-long line still in progress: drop it and skip its rest.
+            self._buffer = b""
+            self._discarding = True
+            self.lineLengthExceeded(b"")
+
     def lineLengthExceeded(self, line: bytes) -> None:
         if self.result is None:
             self._fail_handshake("line too long")
             return
-        nl = line.find(self.delimiter)
-        if nl < 0:
-            # The rest of this line is still to come: skip it.
-            self._discarding = True
-        else:
-            # LineReceiver hands us the long line plus whatever followed it;
-            # keep the frames that followed (never lose pipelined bytes).
-            self._buffer = line[nl + 1:] + self._buffer
-            self.node.clock.callLater(0, self.dataReceived, b"")
         self._bad("line too long")
 
     def _bad(self, reason: str) -> None:
