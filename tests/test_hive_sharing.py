@@ -113,8 +113,14 @@ class ShareContextTests(SynchronousTestCase):
                          "originated at that peer")
         self.assertEqual(ctx.refusal(unit.with_(last_validated_at=NOW - 31 * DAY), "p", NOW),
                          "expired")
-        # A frozen peer (sybil checks) is kept out of prompts, not out of the mesh.
+        # A frozen peer (sybil checks) is kept out of prompts, not out of the mesh,
+        # but its own units are not passed on (H19).
         self.assertIsNone(ctx.refusal(unit, "bad", NOW))
+        # A collision freeze does not stop its units; a flooding freeze does.
+        self.assertIsNone(ctx.refusal(unit.with_(source_peer="bad"), "peer-x", NOW))
+        ctx.trust.records["bad"].freeze_reason = "rate cap exceeded: 1200 units in 24h"
+        self.assertEqual(ctx.refusal(unit.with_(source_peer="bad"), "peer-x", NOW),
+                         "source peer is frozen (rate cap)")
         gated = unit.with_(sharing_consent=SharingConsent(min_trust_tier="suggested"))
         self.assertFalse(ctx.shareable(gated, "low", NOW))
         self.assertTrue(ctx.shareable(gated, "no-record-peer", NOW))  # default 0.5: Suggested

@@ -193,12 +193,23 @@ class ShareContext:
             return why
         if unit.propagation_count >= self.config.max_propagation:
             return "hop limit reached"
+        if unit.source_peer != self.local_id and self._flooding(unit.source_peer):
+            # Defect H19: a peer frozen for flooding (the daily rate cap) does
+            # not get its units passed on.  A collision freeze (two peers
+            # disagreeing strongly) only keeps units out of the prompt:
+            # honest disagreement must not cut knowledge off the mesh.
+            return "source peer is frozen (rate cap)"
         ttl = self.config.knowledge_ttl_days * DAY
         if ttl and now - unit.last_validated_at > ttl:
             return "expired"
         if not is_exposed(unit, self.local_id, self.exposure, self.config.share_mode):
             return "hidden"
         return None
+
+    def _flooding(self, peer_id: str) -> bool:
+        rec = self.trust.get(peer_id)
+        return (rec is not None and rec.frozen
+                and (rec.freeze_reason or "").startswith("rate cap"))
 
     def refusal(self, unit: KnowledgeUnit, peer_id: str, now: int) -> str | None:
         """Why ``unit`` must not go to ``peer_id`` now, or None if it may."""
