@@ -22,8 +22,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def atomic_write(path: Path | str, data: bytes | str, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically; the file gets ``mode``."""
+def atomic_write(path: Path | str, data: bytes | str, mode: int = 0o600,
+                 durable: bool = True) -> None:
+    """
+    Replace ``path`` with ``data`` atomically; the file gets ``mode``.
+
+    ``durable=False`` skips the fsyncs: still never half-written (the rename
+    is atomic), but a crash may bring back the previous version.  Only for
+    caches whose loss costs a little redundant work.
+    """
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
@@ -34,13 +41,15 @@ def atomic_write(path: Path | str, data: bytes | str, mode: int = 0o600) -> None
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -150,14 +150,45 @@ class EngineTests(SynchronousTestCase):
             size = sum(len(json.dumps(u, separators=(",", ":"))) for u in p["units"])
             self.assertLessEqual(size, 512_000)
 
+    def test_snapshot_pages_merge_together(self) -> None:
+        self.mesh.connect("peer-a")
+        pages = [[unit_json(f"ku_{p}_{i}", "peer-a", cmd=f"c{p} {i}") for i in range(3)]
+                 for p in range(3)]
+        for n, units in enumerate(pages, 1):
+            self.mesh.deliver("peer-a", "knowledge_snapshot",
+                              {"page": n, "total_pages": 3, "units": units})
+            # Nothing is merged before the last page.
+            self.assertEqual(len(stored(self.home)), 9 if n == 3 else 0)
+        self.assertEqual(self.gossip.counters["merged_batches"], 1)
+
+    def test_same_unit_by_a_longer_path_is_a_duplicate(self) -> None:
+        self.mesh.connect("peer-a")
+        self.mesh.connect("peer-b")
+        self.mesh.deliver("peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [
+            unit_json("ku_x", "peer-z", hops=2)]})
+        self.mesh.sent.clear()
+        self.mesh.deliver("peer-b", "knowledge_sync", {"sync_epoch": NOW, "units": [
+            unit_json("ku_x", "peer-z", hops=0)]})
+        self.assertEqual(stored(self.home)["ku_x"].propagation_count, 1)  # the shorter path
+        self.mesh.deliver("peer-b", "knowledge_sync", {"sync_epoch": NOW, "units": [
+            unit_json("ku_x", "peer-z", hops=4)]})
+        self.assertEqual(stored(self.home)["ku_x"].propagation_count, 1)
+        self.assertFalse((self.home.hive / "resolutions.jsonl").exists())
+
     def test_request_since_epoch(self) -> None:
         put(self.home, "me-1", unit_json("old", "me-1", cmd="a", validated=NOW - 5000),
             unit_json("new", "me-1", cmd="b", validated=NOW - 10))
-        self.mesh.connect("peer-a")
-        self.mesh.sent.clear()
+        self.mesh.peers["peer-a"] = "mutual"  # connected, no link-up push yet
         self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": NOW - 100})
         [snap] = self.sent("knowledge_snapshot")
         self.assertEqual([u["id"] for u in snap["units"]], ["new"])
+        # The older unit it has not had follows in a sync; nothing is sent twice.
+        [sync] = self.sent("knowledge_sync")
+        self.assertEqual([u["id"] for u in sync["units"]], ["old"])
+        self.mesh.sent.clear()
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": NOW - 100})
+        [snap] = self.sent("knowledge_snapshot")
+        self.assertEqual(snap["units"], [])
 
     def test_restart_resumes_from_cursors(self) -> None:
         put(self.home, "me-1", unit_json("ku_1", "me-1"))

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
@@ -61,8 +61,16 @@ from claudectl.relay.interfaces import IMesh
 log = Logger()
 
 SYNC_STATE = "sync_state.json"
-#: How often the service looks for changes of knowledge.jsonl made by others.
-POLL_SECS = 0.5
+#: How often the service looks for changes of knowledge.jsonl made by others
+#: (one stat() call).
+POLL_SECS = 0.1
+#: After a link to a peer of this project comes up we answer its
+#: knowledge_request first; a push round follows after this delay in case the
+#: peer never asks.
+LINKUP_PUSH_DELAY_SECS = 3.0
+#: Snapshot pages are merged together; a page set still incomplete after
+#: this long is merged as it is.
+SNAPSHOT_FLUSH_SECS = 10.0
 #: How often the service checks the brain's decision log (distil every 10).
 DISTILL_POLL_SECS = 5.0
 
@@ -149,7 +157,9 @@ class SyncState:
     def save(self) -> None:
         data = {k: v.to_json() for k, v in sorted(self.peers.items())}
         with locked(self.path):
-            atomic_write(self.path, json.dumps(data, indent=2, ensure_ascii=False), mode=0o600)
+            # A lost update only costs resends that the receiver's merge drops.
+            atomic_write(self.path, json.dumps(data, indent=2, ensure_ascii=False), mode=0o600,
+                         durable=False)
 
 
 def _unit_bytes(unit_json: dict[str, Any]) -> int:
@@ -161,14 +171,24 @@ class Gossip:
     """The gossip engine of one node (reactor-free apart from the injected clock)."""
 
     def __init__(self, home: Home, config: Config, mesh: Any, identity: str,
-                 now: Callable[[], float]) -> None:
+                 now: Callable[[], float],
+                 call_later: Callable[..., Any] | None = None) -> None:
         self.home = home
         self.config = config
         self.mesh = mesh
         self.identity = identity
         self._now = now
+        #: ``call_later(delay, fn, *args)``; None runs everything at once
+        #: (reactor-free tests).
+        self._call_later = call_later
         self.state = SyncState(home)
         self._file_sig: tuple[int, int, int] | None = self._signature()
+        self._units_cache: tuple[tuple[int, int, int] | None, list[KnowledgeUnit]] | None = None
+        self._push_scheduled = False
+        self._state_dirty = False
+        self._pages: dict[str, list[Any]] = {}
+        self._page_timers: dict[str, Any] = {}
+        self._timers: set[Any] = set()
         #: Counters for ``relay status``.
         self.counters = {"bad_units": 0, "merged_batches": 0, "dropped_rate_cap": 0}
 
@@ -186,16 +206,81 @@ class Gossip:
         return hive_active(self.home, self.config.hive)
 
     # --- sending ------------------------------------------------------------------------
+    def _later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._call_later is None:
+            fn(*args)
+            return None
+        box: list[Any] = []
+
+        def run() -> None:
+            self._timers.discard(box[0])
+            fn(*args)
+
+        call = self._call_later(delay, run)
+        box.append(call)
+        self._timers.add(call)
+        return call
+
+    def stop(self) -> None:
+        """Cancel everything scheduled (the service is stopping)."""
+        for call in list(self._timers):
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+        self._page_timers.clear()
+        if self._state_dirty:
+            self._save_state()
+
     def _load_units(self) -> list[KnowledgeUnit]:
-        loaded = read_units_file(hive_file(self.home, KNOWLEDGE))
-        return loaded.store.units()
+        """The store's units, parsed again only when the file changed."""
+        sig = self._signature()
+        if self._units_cache is not None and sig is not None and self._units_cache[0] == sig:
+            return self._units_cache[1]
+        units = read_units_file(hive_file(self.home, KNOWLEDGE)).store.units()
+        self._units_cache = (sig, units)
+        return units
+
+    def _save_state(self) -> None:
+        self.state.save()
+        self._state_dirty = False
 
     def on_link_up(self, peer_id: str) -> None:
-        if not self.active():
+        # Not inside the authentication callback: a big store must not stall it.
+        self._later(0, self._link_up, peer_id)
+
+    def _link_up(self, peer_id: str) -> None:
+        if not self.active() or peer_id not in self.mesh.connected_peers():
             return
         ps = self.state.peer(peer_id)
         self.mesh.send(peer_id, codec.KNOWLEDGE_REQUEST, {"since_epoch": ps.cursor})
-        self.push(peer_id)
+        if self.mesh.peer_mode(peer_id) == "oneway" or self._call_later is None:
+            # claudectl 0.64 never asks: push what it has not had from us.
+            self.push(peer_id)
+        else:
+            # Our peers ask at once; answering that request covers them, and
+            # this push round sends whatever the answer left out.
+            self._later(LINKUP_PUSH_DELAY_SECS, self._push_if_connected, peer_id)
+
+    def _push_if_connected(self, peer_id: str) -> None:
+        if peer_id in self.mesh.connected_peers():
+            self.push(peer_id)
+
+    def schedule_push_all(self) -> None:
+        """One push round soon, however many batches arrive in this turn."""
+        if self._call_later is None:
+            self.push_all()
+            return
+        if not self._push_scheduled:
+            self._push_scheduled = True
+
+            def run() -> None:
+                self._push_scheduled = False
+                try:
+                    self.push_all()
+                except Exception:
+                    log.failure("gossip push round failed")
+
+            self._later(0, run)
 
     def push_all(self) -> int:
         """A push round to every connected peer; returns the units sent."""
@@ -206,12 +291,18 @@ class Gossip:
             return 0
         units = self._load_units()
         ctx = ShareContext.load(self.home, self.identity, self.config.hive)
-        return sum(self._push(p, units, ctx) for p in peers)
+        sent = sum(self._push(p, units, ctx) for p in peers)
+        if self._state_dirty:
+            self._save_state()
+        return sent
 
     def push(self, peer_id: str) -> int:
         units = self._load_units()
         ctx = ShareContext.load(self.home, self.identity, self.config.hive)
-        return self._push(peer_id, units, ctx)
+        sent = self._push(peer_id, units, ctx)
+        if self._state_dirty:
+            self._save_state()
+        return sent
 
     def _push(self, peer_id: str, units: list[KnowledgeUnit], ctx: ShareContext) -> int:
         now = self.now()
@@ -232,7 +323,7 @@ class Gossip:
             sent += len(page)
         if sent:
             ps.last_sync_epoch = now
-            self.state.save()
+            self._state_dirty = True
             log.info("sent {count} knowledge unit(s) to {peer_id}", count=sent, peer_id=peer_id)
         return sent
 
@@ -245,10 +336,13 @@ class Gossip:
             since = 0
         now = self.now()
         ctx = ShareContext.load(self.home, self.identity, self.config.hive)
-        units = [u for u in self._load_units()
-                 if u.last_validated_at >= since and ctx.shareable(u, peer_id, now)]
-        pages = paginate(units) or [[]]
         ps = self.state.peer(peer_id)
+        # since_epoch 0 means "I have nothing": send everything.  Otherwise
+        # what this peer already had from us (same version) is left out.
+        units = [u for u in self._load_units()
+                 if u.last_validated_at >= since and ctx.shareable(u, peer_id, now)
+                 and (since == 0 or ps.sent.get(u.id) != u.version)]
+        pages = paginate(units) or [[]]
         for n, page in enumerate(pages, 1):
             body = {"page": n, "total_pages": len(pages), "units": [u.to_json() for u in page]}
             if not self.mesh.send(peer_id, codec.KNOWLEDGE_SNAPSHOT, body):
@@ -258,9 +352,11 @@ class Gossip:
             ps.units_up += len(page)
             ps.bytes_up += sum(_unit_bytes(j) for j in body["units"])
         ps.last_sync_epoch = now
-        self.state.save()
+        self._state_dirty = True
         log.info("answered a knowledge request from {peer_id}: {count} unit(s) in {pages} page(s)",
                  peer_id=peer_id, count=len(units), pages=len(pages))
+        # Older units it has not had (outside since_epoch) go in a sync.
+        self.push(peer_id)
 
     # --- receiving ----------------------------------------------------------------------
     def on_batch(self, peer_id: str, env: Envelope) -> None:
@@ -273,7 +369,29 @@ class Gossip:
             log.info("{msg_type} from {peer_id} without a units list", msg_type=env.msg_type,
                      peer_id=peer_id)
             return
+        if env.msg_type == codec.KNOWLEDGE_SNAPSHOT:
+            self._snapshot_page(peer_id, payload, raw_units)
+            return
         self.receive(peer_id, raw_units)
+
+    def _snapshot_page(self, peer_id: str, payload: dict[str, Any], raw_units: list[Any]) -> None:
+        """Collect a snapshot's pages and merge them in one go."""
+        page, total = payload.get("page"), payload.get("total_pages")
+        self._pages.setdefault(peer_id, []).extend(raw_units)
+        last = (not isinstance(page, int) or not isinstance(total, int) or page >= total)
+        if last:
+            self._flush_pages(peer_id)
+        elif peer_id not in self._page_timers and self._call_later is not None:
+            self._page_timers[peer_id] = self._later(SNAPSHOT_FLUSH_SECS,
+                                                     self._flush_pages, peer_id)
+
+    def _flush_pages(self, peer_id: str) -> None:
+        timer = self._page_timers.pop(peer_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        units = self._pages.pop(peer_id, [])
+        if units:
+            self.receive(peer_id, units)
 
     def receive(self, peer_id: str, raw_units: list[Any]) -> dict[str, int]:
         """Validate, rate-limit and merge one batch from ``peer_id``; then pass it on."""
@@ -325,20 +443,22 @@ class Gossip:
                 result = merge_batch(store, good, self.identity, now)
             write_merge_logs(self.home, result)
             stats.update(result.stats())
-            with trust_transaction(self.home, cfg.default_trust) as book:
-                collisions = book.check_collisions(existing, good, peer_id, self.identity, now)
-                rec = book.ensure(peer_id, now)
-                rec.knowledge_accepted += result.accepted + result.updated
-                rec.knowledge_conflicted += result.rejected
-            if collisions:
-                log_collisions(self.home, collisions)
+            if result.accepted or result.updated or result.rejected:
+                with trust_transaction(self.home, cfg.default_trust) as book:
+                    collisions = book.check_collisions(existing, good, peer_id,
+                                                       self.identity, now)
+                    rec = book.ensure(peer_id, now)
+                    rec.knowledge_accepted += result.accepted + result.updated
+                    rec.knowledge_conflicted += result.rejected
+                if collisions:
+                    log_collisions(self.home, collisions)
         for u in good:
             # The peer has this (id, version): never echo it back.
             ps.sent[u.id] = max(ps.sent.get(u.id, 0), u.version)
             ps.cursor = max(ps.cursor, u.last_validated_at)
         ps.units_down += len(good)
         ps.last_sync_epoch = now
-        self.state.save()
+        self._save_state()
         self.counters["merged_batches"] += 1
         log.info("knowledge from {peer_id}: {accepted} new, {updated} updated, "
                  "{rejected} rejected, {duplicates} duplicate, {bad} invalid, {dropped} dropped",
@@ -346,7 +466,7 @@ class Gossip:
                      "accepted", "updated", "rejected", "duplicates", "bad", "dropped")})
         if stats["accepted"] or stats["updated"]:
             self._file_sig = self._signature()
-            self.push_all()
+            self.schedule_push_all()
         return stats
 
     # --- noticing changes by other processes -------------------------------------------------
@@ -363,7 +483,7 @@ class Gossip:
             sig = self._signature()
             if sig != self._file_sig:
                 self._file_sig = sig
-                self.push_all()
+                self.schedule_push_all()
         except Exception:
             # A LoopingCall stops at the first exception: keep polling.
             log.failure("gossip poll failed")
@@ -374,6 +494,19 @@ class Gossip:
             return {}
         return {"units_up": ps.units_up, "units_down": ps.units_down,
                 "last_sync": ps.last_sync_epoch}
+
+
+class _GossipService(Service):
+    """Stops the engine's timers with the service."""
+
+    name = "gossip"
+
+    def __init__(self, gossip: Gossip) -> None:
+        self.gossip = gossip
+
+    def stopService(self) -> Any:
+        self.gossip.stop()
+        return super().stopService()
 
 
 def _distill_tick(node: Any) -> None:
@@ -388,13 +521,15 @@ def _distill_tick(node: Any) -> None:
 
 def attach(node: Any, parent: MultiService) -> Gossip:
     """Hang the gossip engine (and its timers) on a relay node."""
-    gossip = Gossip(node.home, node.config, node.mesh, node.identity, node.clock.seconds)
+    gossip = Gossip(node.home, node.config, node.mesh, node.identity, node.clock.seconds,
+                    node.clock.callLater)
     gossip.register()
     default = node.config.hive.default_trust
     node.trust_of = lambda peer: trust_level(node.home, peer, default)
     node.peer_info_providers.append(gossip.peer_info)
     node.status_providers.append(lambda: {"hive": dict(gossip.counters)})
     node.gossip = gossip
+    _GossipService(gossip).setServiceParent(parent)
     poll = TimerService(POLL_SECS, gossip.poll)
     poll.clock = node.clock
     poll.setName("gossip-poll")

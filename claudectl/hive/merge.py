@@ -130,6 +130,14 @@ def merge_unit(existing: KnowledgeUnit | None, inc: KnowledgeUnit, local_id: str
             return MergeOutcome(REJECTED_PEER,
                                 rationale="incoming unit claims the local identity")
         return MergeOutcome(ACCEPTED, store=inc)
+    if ex.id == inc.id and ex.version == inc.version and ex.propagation_count != inc.propagation_count \
+            and ex.with_(propagation_count=inc.propagation_count) == inc:
+        # The same unit reached us along another path: a duplicate.  Keep the
+        # shorter path (so the result does not depend on arrival order, and
+        # the hop count stays the true distance).
+        if inc.propagation_count < ex.propagation_count:
+            return MergeOutcome(DUPLICATE, store=inc)
+        return MergeOutcome(DUPLICATE)
     if ex.id == inc.id and ex.version >= inc.version and not outranks(inc, ex):
         return MergeOutcome(DUPLICATE)
     if isinstance(ex.content, ApproachCluster) and isinstance(inc.content, ApproachCluster):
