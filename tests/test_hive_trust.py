@@ -202,8 +202,14 @@ class FileTests(SynchronousTestCase):
         home = temp_home(self)
         home.hive.mkdir(parents=True)
         (home.hive / "trust.json").write_text("{broken")
-        book = load_trust(home)
-        self.assertEqual(book.records, {})
+        # A plain read leaves the file alone (a writer may be half-way).
+        self.assertEqual(load_trust(home).records, {})
+        self.assertEqual(list(home.hive.glob("trust.json.corrupt-*")), [])
+        self.assertEqual((home.hive / "trust.json").read_text(), "{broken")
+        # A transaction, about to write a new file, keeps the old one aside.
+        with trust_transaction(home) as book:
+            self.assertEqual(book.records, {})
+            book.set_level("peer-a", 0.7, 1_800_000_000)
         aside = list(home.hive.glob("trust.json.corrupt-*"))
         self.assertEqual(len(aside), 1)
         self.assertEqual(aside[0].read_text(), "{broken")

@@ -52,7 +52,7 @@ from claudectl.hive.store import (
     store_transaction,
 )
 from claudectl.hive.trust import log_collisions, trust_level, trust_transaction
-from claudectl.hive.units import KnowledgeUnit, UnitError, paginate
+from claudectl.hive.units import KnowledgeUnit, paginate, unit_json_len
 from claudectl.home import Home
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
@@ -71,6 +71,9 @@ LINKUP_PUSH_DELAY_SECS = 3.0
 #: Snapshot pages are merged together; a page set still incomplete after
 #: this long is merged as it is.
 SNAPSHOT_FLUSH_SECS = 10.0
+#: A unit whose JSON would not fit in one frame (1 MiB line limit, minus
+#: room for the envelope) is never sent (defect H6).
+MAX_UNIT_BYTES = codec.MAX_LINE_BYTES - 16_384
 #: How often the service checks the brain's decision log (distil every 10).
 DISTILL_POLL_SECS = 5.0
 
@@ -189,6 +192,7 @@ class Gossip:
         self._pages: dict[str, list[Any]] = {}
         self._page_timers: dict[str, Any] = {}
         self._timers: set[Any] = set()
+        self._oversize: set[tuple[str, int]] = set()
         #: Counters for ``relay status``.
         self.counters = {"bad_units": 0, "merged_batches": 0, "dropped_rate_cap": 0}
 
@@ -197,7 +201,7 @@ class Gossip:
         self.mesh.add_handler(codec.KNOWLEDGE_SYNC, self.on_batch)
         self.mesh.add_handler(codec.KNOWLEDGE_SNAPSHOT, self.on_batch)
         self.mesh.add_handler(codec.KNOWLEDGE_REQUEST, self.on_request)
-        self.mesh.add_link_observer(self.on_link_up, None)
+        self.mesh.add_link_observer(self.on_link_up, self.on_link_down)
 
     def now(self) -> int:
         return int(self._now())
@@ -261,6 +265,11 @@ class Gossip:
             # this push round sends whatever the answer left out.
             self._later(LINKUP_PUSH_DELAY_SECS, self._push_if_connected, peer_id)
 
+    def on_link_down(self, peer_id: str) -> None:
+        """Merge what arrived of an unfinished snapshot; drop the buffer."""
+        if peer_id in self._pages:
+            self._flush_pages(peer_id)
+
     def _push_if_connected(self, peer_id: str) -> None:
         if peer_id in self.mesh.connected_peers():
             self.push(peer_id)
@@ -304,11 +313,23 @@ class Gossip:
             self._save_state()
         return sent
 
+    def _fits(self, unit: KnowledgeUnit) -> bool:
+        """False (logged once, counted) for a unit too big for any frame."""
+        if unit_json_len(unit) <= MAX_UNIT_BYTES:
+            return True
+        if (unit.id, unit.version) not in self._oversize:
+            self._oversize.add((unit.id, unit.version))
+            self.counters["oversize_units"] = self.counters.get("oversize_units", 0) + 1
+            log.warn("knowledge unit {unit_id} is too big to send ({size} bytes)",
+                     unit_id=unit.id, size=unit_json_len(unit))
+        return False
+
     def _push(self, peer_id: str, units: list[KnowledgeUnit], ctx: ShareContext) -> int:
         now = self.now()
         ps = self.state.peer(peer_id)
         todo = [u for u in units
-                if ps.sent.get(u.id) != u.version and ctx.shareable(u, peer_id, now)]
+                if ps.sent.get(u.id) != u.version and ctx.shareable(u, peer_id, now)
+                and self._fits(u)]
         if not todo:
             return 0
         sent = 0
@@ -341,7 +362,7 @@ class Gossip:
         # what this peer already had from us (same version) is left out.
         units = [u for u in self._load_units()
                  if u.last_validated_at >= since and ctx.shareable(u, peer_id, now)
-                 and (since == 0 or ps.sent.get(u.id) != u.version)]
+                 and (since == 0 or ps.sent.get(u.id) != u.version) and self._fits(u)]
         pages = paginate(units) or [[]]
         for n, page in enumerate(pages, 1):
             body = {"page": n, "total_pages": len(pages), "units": [u.to_json() for u in page]}
@@ -377,9 +398,11 @@ class Gossip:
     def _snapshot_page(self, peer_id: str, payload: dict[str, Any], raw_units: list[Any]) -> None:
         """Collect a snapshot's pages and merge them in one go."""
         page, total = payload.get("page"), payload.get("total_pages")
-        self._pages.setdefault(peer_id, []).extend(raw_units)
+        buffered = self._pages.setdefault(peer_id, [])
+        buffered.extend(raw_units)
         last = (not isinstance(page, int) or not isinstance(total, int) or page >= total)
-        if last:
+        # Never hold more than a day's allowance of a peer's units in memory.
+        if last or len(buffered) >= self.config.hive.max_units_per_peer_per_day:
             self._flush_pages(peer_id)
         elif peer_id not in self._page_timers and self._call_later is not None:
             self._page_timers[peer_id] = self._later(SNAPSHOT_FLUSH_SECS,
@@ -402,7 +425,7 @@ class Gossip:
         for n, raw in enumerate(raw_units):
             try:
                 unit = KnowledgeUnit.from_json(raw)
-            except (UnitError, ValueError, TypeError) as e:
+            except Exception as e:  # UnitError, or anything a hostile value provokes
                 bad += 1
                 log.info("rejected knowledge unit {index} from {peer_id}: {error}",
                          index=n, peer_id=peer_id, error=str(e))

@@ -102,9 +102,16 @@ def union_clusters(ex: KnowledgeUnit, inc: KnowledgeUnit) -> KnowledgeUnit:
         peers = old.contributing_peers + tuple(
             p for i, p in enumerate(v.contributing_peers)
             if p not in old.contributing_peers and p not in v.contributing_peers[:i])
+        # Evidence adds up only when the incoming variant brings a contributor
+        # the stored one has not counted yet; otherwise it is the same
+        # evidence coming back (gossip echoes it) and the larger count stands.
+        # This keeps the union idempotent, so two nodes converge.
+        new_contributors = len(peers) > len(old.contributing_peers) or not v.contributing_peers
+        evidence = (old.evidence + v.evidence if new_contributors
+                    else max(old.evidence, v.evidence))
         merged[v.match_key] = ApproachVariant(
             approach_summary=old.approach_summary,
-            evidence=min(old.evidence + v.evidence, U32_MAX),
+            evidence=min(evidence, U32_MAX),
             conditions=old.conditions,
             contributing_peers=peers,
             outcome_ref=old.outcome_ref or v.outcome_ref)
@@ -125,10 +132,12 @@ def merge_unit(existing: KnowledgeUnit | None, inc: KnowledgeUnit, local_id: str
     network such a claim is rejected.
     """
     ex = existing
+    if inc.source_peer == local_id and not allow_local_origin:
+        if ex is not None and ex.id == inc.id and ex.version >= inc.version:
+            return MergeOutcome(DUPLICATE)  # our own unit, echoed back
+        # Whatever holds the key: nobody else may plant "local" knowledge.
+        return MergeOutcome(REJECTED_PEER, rationale="incoming unit claims the local identity")
     if ex is None:
-        if inc.source_peer == local_id and not allow_local_origin:
-            return MergeOutcome(REJECTED_PEER,
-                                rationale="incoming unit claims the local identity")
         return MergeOutcome(ACCEPTED, store=inc)
     if ex.id == inc.id and ex.version == inc.version and ex.propagation_count != inc.propagation_count \
             and ex.with_(propagation_count=inc.propagation_count) == inc:
@@ -140,8 +149,18 @@ def merge_unit(existing: KnowledgeUnit | None, inc: KnowledgeUnit, local_id: str
         return MergeOutcome(DUPLICATE)
     if ex.id == inc.id and ex.version >= inc.version and not outranks(inc, ex):
         return MergeOutcome(DUPLICATE)
+    if (isinstance(ex.content, ApproachCluster) and isinstance(inc.content, ApproachCluster)
+            and ex.id == inc.id and inc.version > ex.version and ex.source_peer != local_id):
+        # The originator re-distilled its cluster: the new version replaces
+        # the old one (a union would count the same evidence twice).
+        why = f"newer version v{inc.version} of the same cluster"
+        return MergeOutcome(UPDATED, store=inc, rationale=why,
+                            resolution=_resolution(UPDATED, inc, ex, why, now))
     if isinstance(ex.content, ApproachCluster) and isinstance(inc.content, ApproachCluster):
         merged = union_clusters(ex, inc)
+        if (merged.content == ex.content and merged.evidence_count == ex.evidence_count
+                and merged.last_validated_at == ex.last_validated_at):
+            return MergeOutcome(DUPLICATE)  # nothing new: no version bump, no echo
         why = (f"cluster union: {len(ex.content.variants)} + {len(inc.content.variants)} "
                f"\u2192 {len(merged.content.variants)} variants")  # type: ignore[attr-defined]
         return MergeOutcome(CLUSTER_UNIONED, store=merged, rationale=why,

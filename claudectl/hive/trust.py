@@ -381,26 +381,38 @@ def trust_path(home: Home) -> Path:
     return home.hive / "trust.json"
 
 
-def load_trust(home: Home, default_trust: float = 0.5) -> TrustBook:
+def load_trust(home: Home, default_trust: float = 0.5, *,
+               repair: bool = False) -> TrustBook:
     """
-    Read ``trust.json``.  A file that cannot be read is moved aside to
-    ``trust.json.corrupt-<epoch>`` (never overwritten) and an empty book is
-    returned.
+    Read ``trust.json``.  An unreadable file gives an empty book (with a
+    logged warning).  Only with ``repair`` -- inside :func:`trust_transaction`,
+    under the lock, about to write a new file -- is it moved aside to
+    ``trust.json.corrupt-<epoch>`` (never overwritten): a reader may just have
+    caught claudectl, which rewrites the file in place, half-way.
     """
     path = trust_path(home)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    error: Exception | None = None
+    for attempt in range(2):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return TrustBook(default_trust=default_trust)
+        try:
+            return TrustBook.from_json(json.loads(data), default_trust)
+        except (ValueError, UnicodeDecodeError) as e:
+            error = e
+            if attempt == 0:
+                time.sleep(0.05)  # a writer may be half-way: look again once
+    if not repair:
+        log.warn("cannot read {path} ({reason}); using default trust levels",
+                 path=str(path), reason=str(error))
         return TrustBook(default_trust=default_trust)
-    try:
-        return TrustBook.from_json(json.loads(data), default_trust)
-    except (ValueError, UnicodeDecodeError) as e:
-        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-        with contextlib.suppress(OSError):
-            path.rename(aside)
-        log.error("unreadable {path} moved to {aside}: {reason}", path=str(path),
-                  aside=str(aside), reason=str(e))
-        return TrustBook(default_trust=default_trust)
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    with contextlib.suppress(OSError):
+        path.rename(aside)
+    log.error("unreadable {path} moved to {aside}: {reason}", path=str(path),
+              aside=str(aside), reason=str(error))
+    return TrustBook(default_trust=default_trust)
 
 
 def save_trust(home: Home, book: TrustBook) -> None:
@@ -411,7 +423,7 @@ def save_trust(home: Home, book: TrustBook) -> None:
 def trust_transaction(home: Home, default_trust: float = 0.5) -> Iterator[TrustBook]:
     """Load, let the caller change, and save ``trust.json`` under its lock."""
     with locked(trust_path(home)):
-        book = load_trust(home, default_trust)
+        book = load_trust(home, default_trust, repair=True)
         before = book.to_json()
         yield book
         if book.to_json() != before:

@@ -86,7 +86,10 @@ def _int(value: Any, where: str, hi: int) -> int:
 def _float(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UnitError(f"{where} must be a number, not {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer literal of hundreds of digits
+        raise UnitError(f"{where} is out of range") from None
     if not math.isfinite(value):
         raise UnitError(f"{where} must be a finite number")
     return value

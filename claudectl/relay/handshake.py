@@ -53,6 +53,10 @@ CAP_MUTUAL = "mutual-v1"
 CAP_PAKE = "pake-v1"
 OUR_CAPS = (CAP_MUTUAL, CAP_PAKE)
 
+#: The most SPAKE2 messages a joiner answers (the listener sends one per
+#: candidate invite: at most 16 open + 8 recently closed ones).
+MAX_PAKE_CANDIDATES = 24
+
 MUTUAL = "mutual"
 ONEWAY = "oneway"
 
@@ -394,7 +398,9 @@ class ConnectorHandshake:
         self._pake_round = 1
         pake = payload.get("pake")
         msgs_raw = pake.get("msgs") if isinstance(pake, dict) else None
-        if not isinstance(msgs_raw, list) or not msgs_raw or len(msgs_raw) > 64:
+        # Each listener message we answer lets a fake listener test one
+        # guessed password offline: answer at most MAX_PAKE_CANDIDATES.
+        if not isinstance(msgs_raw, list) or not msgs_raw or len(msgs_raw) > MAX_PAKE_CANDIDATES:
             return self._fail("malformed pake reply")
         try:
             msgs = [bytes.fromhex(m) for m in msgs_raw]
