@@ -108,6 +108,7 @@ class HostileHiveTests(SynchronousTestCase):
                                                      "units": units})
             # Flushed (merged, rate-capped) instead of piling up in memory.
             self.assertLess(len(g._pages.get("p", [])), cap)
+        mesh.disconnect("p")  # the rest is merged: past the daily cap, dropped
         self.assertEqual(g.counters["dropped_rate_cap"], 29 * 50 - cap)
         self.assertEqual(len(stored(home)), Config().hive.max_units)
 
