@@ -253,7 +253,7 @@ def peers(ctx: CliContext) -> None:
     if live:
         rows = json.loads(result["peers_json"])
     else:
-        rows = peer_rows(KeyStore(ctx.home), None, _trust_reader(ctx))
+        rows = peer_rows(KeyStore(ctx.home), None, _trust_reader(ctx), [_sync_reader(ctx)])
     if ctx.json:
         ctx.emit_json(rows)
         return
@@ -261,15 +261,16 @@ def peers(ctx: CliContext) -> None:
         ctx.out("No peers yet. Pair with `claudectl relay invite` / `relay join`, or "
                 "`relay pair` / `relay accept`.")
         return
-    ctx.out(f"{'IDENTITY':<24}{'STATE':<14}{'ADDRESS':<24}{'LAST SEEN':<22}{'TRUST':<7}"
-            f"{'UP':>9}{'DOWN':>9}")
-    ctx.out("─" * 109)
+    ctx.out(f"{'IDENTITY':<24}{'STATE':<14}{'ADDRESS':<24}{'LAST SEEN':<14}{'TRUST':<7}"
+            f"{'UNITS ↑/↓':>12}{'BYTES ↑':>10}{'BYTES ↓':>10}")
+    ctx.out("─" * 115)
     for r in rows:
         trust = "" if r.get("trust") is None else f"{r['trust']:.2f}"
         dot = "●" if r["state"] == "connected" else "○"
+        units = f"{r.get('units_up', 0)}/{r.get('units_down', 0)}"
         ctx.out(f"{dot} {r['identity']:<22}{r['state']:<14}{(r['address'] or '-'):<24}"
-                f"{_ago(r['last_seen']):<22}{trust:<7}{_kb(r['bytes_up']):>9}"
-                f"{_kb(r['bytes_down']):>9}")
+                f"{_ago(r['last_seen']):<14}{trust:<7}{units:>12}{_kb(r['bytes_up']):>10}"
+                f"{_kb(r['bytes_down']):>10}")
     if not live:
         ctx.out()
         ctx.out("(the relay service is not running: states are from the files)")
@@ -284,6 +285,21 @@ def _trust_reader(ctx: CliContext) -> Any:
 
     def read(peer: str) -> float:
         return trust_level(ctx.home, peer, default)
+
+    return read
+
+
+def _sync_reader(ctx: CliContext) -> Any:
+    """Per-peer gossip counters from sync_state.json (when no service runs)."""
+    try:
+        from claudectl.hive.gossip import SyncState
+    except ImportError:
+        return lambda _peer: {}
+    state = SyncState(ctx.home)
+
+    def read(peer: str) -> dict[str, Any]:
+        ps = state.peers.get(peer)
+        return {} if ps is None else {"units_up": ps.units_up, "units_down": ps.units_down}
 
     return read
 
