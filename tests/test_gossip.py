@@ -256,7 +256,7 @@ class LineOfThreeTests(TestCase):
             unit_json("ku_a1", ids["a"], validated=now),
             unit_json("ku_a2", ids["a"], cmd="git push", confidence=0.99, evidence=50,
                       validated=now))
-        await wait_for(lambda: "ku_a1" in stored(c.home), timeout=15)
+        await wait_for(lambda: "ku_a1" in stored(c.home), timeout=30)
         on_c = stored(c.home)
         self.assertEqual(on_c["ku_a1"].propagation_count, 2)
         self.assertEqual(stored(b.home)["ku_a1"].propagation_count, 1)
