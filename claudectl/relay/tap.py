@@ -98,8 +98,11 @@ class RelayService(MultiService):
         for peer, address in targets:
             log.info("keeping a link to {peer_id} at {address}", peer_id=peer, address=address)
             self.node.ensure_dialer(peer, address, self)
-        log.info("claudectl relay {identity} ready ({count} outbound link(s) to keep)",
-                 identity=self.node.identity, count=len(targets))
+        # Under twistd, startService runs before the reactor (and its signal
+        # handlers): say "ready" only once it really runs.
+        self.node.reactor.callWhenRunning(
+            log.info, "claudectl relay {identity} ready ({count} outbound link(s) to keep)",
+            identity=self.node.identity, count=len(targets))
 
     def stopService(self) -> Any:
         # Children first (listeners stop accepting, dialers stop redialing),
