@@ -1,6 +1,7 @@
 """
 The pure parts of ``scripts/bench_gossip.py``: graphs, the round model of
-gossip (checked against the real engine), and the docs section writer.
+gossip (checked against the real engine), the engine hop and in-process
+snapshot, the log lines the benchmark reads, and the docs section writer.
 
 The process benchmarks themselves are not run here (16 services take too
 long for the suite); ``python scripts/bench_gossip.py --quick`` does that.
@@ -10,11 +11,18 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl.config import Config
+from claudectl.hive.gossip import Gossip
+from claudectl.home import Home
+from claudectl.relay import codec
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_gossip.py"
 
@@ -60,50 +68,125 @@ class GraphTests(SynchronousTestCase):
 
 class ModelTests(SynchronousTestCase):
     def model(self, n: int, edges: list[tuple[int, int]], source: int = 0,
-              max_prop: int = 5) -> Any:
-        return bench.simulate_model(n, edges, source, max_prop, 100, random.Random(1))
+              max_prop: int = 5, coalesce: bool = False) -> Any:
+        return bench.simulate_model(n, edges, source, max_prop, 100, random.Random(1),
+                                    coalesce=coalesce)
 
     def test_line_stops_at_max_propagation(self) -> None:
-        r = self.model(9, line(9))
-        self.assertEqual(r.reached, 6)  # the source and 5 hops
-        self.assertEqual(r.within_limit, 6)
-        self.assertEqual((r.rounds, r.messages, r.bytes), (5, 5, 500))
-        self.assertEqual(r.max_hops, 5)
-        self.assertEqual(r.duplicates, 0)
+        for coalesce in (False, True):
+            r = self.model(9, line(9), coalesce=coalesce)
+            self.assertEqual(r.reached, 6)  # the source and 5 hops
+            self.assertEqual(r.within_limit, 6)
+            self.assertEqual((r.rounds, r.messages, r.bytes), (5, 5, 500))
+            self.assertEqual(r.max_hops, 5)
+            self.assertEqual(r.duplicates, 0)
 
-    def test_triangle_copies_are_counted(self) -> None:
+    def test_triangle_copies_are_counted_and_the_shorter_path_kept(self) -> None:
         # 0 pushes to 1 and 2; each of them pushes to the other (not to 0,
-        # the originator): two copies cross.
+        # the originator): two copies cross.  Each copy has count 2, the
+        # stored count stays 1.
         r = self.model(3, [(0, 1), (1, 2), (0, 2)])
         self.assertEqual((r.reached, r.rounds, r.messages, r.duplicates), (3, 2, 4, 2))
-        self.assertEqual(r.max_hops, 2)  # a copy with count 2 replaces count 1
+        self.assertEqual(r.max_hops, 1)
+
+    def test_coalescing_saves_the_copy_a_node_got_twice_in_one_round(self) -> None:
+        # A diamond: 3 gets the unit from 1 and from 2 in the same round.
+        # Pushing at once, 3 sends it on to whichever of them came second;
+        # pushing after the round, 3 knows both have it.
+        diamond = [(0, 1), (0, 2), (1, 3), (2, 3)]
+        at_once = self.model(4, diamond)
+        coalesced = self.model(4, diamond, coalesce=True)
+        self.assertEqual((at_once.messages, at_once.rounds), (5, 3))
+        self.assertEqual((coalesced.messages, coalesced.rounds), (4, 2))
+        self.assertEqual((at_once.reached, coalesced.reached), (4, 4))
+        self.assertEqual((at_once.max_hops, coalesced.max_hops), (2, 2))
 
     def test_model_matches_the_engine(self) -> None:
         rnd = random.Random(11)
         edges = bench.random_mesh(12, 3, 8, rnd)
-        base = Path(self.mktemp())
-        base.mkdir()
-        engine = bench.simulate_engine(12, edges, 4, base, random.Random(5))
         frame = bench.sync_frame_bytes(
             bench.unit_json("ku_sim_1", "sim0004", "cargo test --sim", bench.NOW), "sim0004")
-        model = bench.simulate_model(12, edges, 4, 5, frame, random.Random(5))
-        self.assertEqual(engine.reached, 12)
-        self.assertEqual((engine.rounds, engine.messages, engine.reached),
-                         (model.rounds, model.messages, model.reached))
-        # Frame ids differ in length by a few bytes; the sizes agree closely.
-        self.assertLess(abs(engine.bytes - model.bytes), model.messages * 8)
+        for coalesce in (False, True):
+            base = Path(self.mktemp())
+            base.mkdir()
+            engine = bench.simulate_engine(12, edges, 4, base, random.Random(5),
+                                           coalesce=coalesce)
+            model = bench.simulate_model(12, edges, 4, 5, frame, random.Random(5),
+                                         coalesce=coalesce)
+            self.assertEqual(engine.reached, 12)
+            self.assertEqual(
+                (engine.rounds, engine.messages, engine.reached, engine.max_hops),
+                (model.rounds, model.messages, model.reached, model.max_hops), coalesce)
+            # Frame ids differ in length by a few bytes; the sizes agree closely.
+            self.assertLess(abs(engine.bytes - model.bytes), model.messages * 8)
 
 
-class HopCostTests(SynchronousTestCase):
-    def test_hop_forwards_and_counts_fsyncs(self) -> None:
+class EngineTests(SynchronousTestCase):
+    def test_hop_forwards_and_counts_file_operations(self) -> None:
         base = Path(self.mktemp())
         base.mkdir()
-        cost = bench.hop_cost(base, 1, False)
-        self.assertGreater(cost.ms, 0)
-        # A new unit is stored and forwarded (each forward saves sync_state);
-        # a copy is stored nowhere new, so it costs fewer fsyncs.
-        self.assertGreater(cost.fsyncs, cost.duplicate_fsyncs)
-        self.assertGreater(cost.duplicate_fsyncs, 0)
+        # hop_cost raises unless the new unit went to exactly the 4 other
+        # peers each time: with a filled store that also shows the filler
+        # units are never sent.
+        for store_units in (0, 20):
+            cost = bench.hop_cost(base, 1, False, store_units)
+            self.assertGreater(cost.ms, 0)
+            # A new unit is stored and forwarded; a copy by a longer path
+            # leaves the store alone, so it costs fewer writes and fsyncs.
+            self.assertGreater(cost.fsyncs, cost.duplicate_fsyncs)
+            self.assertGreater(cost.writes, cost.duplicate_writes)
+            self.assertGreater(cost.duplicate_fsyncs, 0)
+
+    def test_in_process_snapshot_sends_every_unit_once(self) -> None:
+        base = Path(self.mktemp())
+        snap = bench.snapshot_in_process(base, False, units=300)
+        self.assertEqual(snap.frames.get(codec.KNOWLEDGE_REQUEST), 2)  # each side asks
+        self.assertEqual(snap.frames.get(codec.KNOWLEDGE_SNAPSHOT), 2)  # X's page, Y's empty one
+        self.assertEqual(snap.frames.get(codec.KNOWLEDGE_SYNC, 0), 0)  # no push after that
+        self.assertEqual(snap.units_sent, 300)
+        self.assertGreater(snap.seconds, 0)
+
+
+class LogLineTests(SynchronousTestCase):
+    """The benchmark counts what crossed from the services' log lines."""
+
+    def lines(self, fn: Any) -> list[str]:
+        with capturedLogs() as events:
+            fn()
+        return [formatEvent(e) for e in events]
+
+    def test_patterns_match_the_engines_lines(self) -> None:
+        bus = bench.Bus(random.Random(1))
+        engines = {}
+        for ident in ("log-x", "log-y"):
+            mesh = bench.BusMesh(bus, ident)
+            mesh.peers.append("log-y" if ident == "log-x" else "log-x")
+            bus.meshes[ident] = mesh
+            engines[ident] = Gossip(Home(Path(self.mktemp())), Config(), mesh, ident,
+                                    lambda: bench.NOW)
+            engines[ident].register()
+        x = engines["log-x"]
+        bench.add_units(x.home, "log-x",
+                        [bench.unit_json(f"ku_log_{i}", "log-x", f"cmd {i}", bench.NOW)
+                         for i in range(3)], bench.NOW)
+        text = "\n".join(self.lines(lambda: (x.push_all(), bus.run())))
+        sent = re.search(bench.sent_rx("log-y"), text)
+        batch = re.search(bench.batch_rx("log-x"), text)
+        assert sent is not None and batch is not None, text
+        self.assertEqual(sent.group(1), "3")
+        self.assertEqual(batch.group(1, 4), ("3", "0"))  # 3 new, 0 duplicate
+        self.assertIsNotNone(re.search(bench.batch_rx(None), text))
+        self.assertIsNotNone(re.search(bench.SENT_RX, text))
+
+        env = codec.EnvelopeFactory("log-y", clock=lambda: bench.NOW).make(
+            codec.KNOWLEDGE_REQUEST, {"since_epoch": 0})
+        text = "\n".join(self.lines(lambda: (x.on_request("log-y", env), bus.run())))
+        answer = re.search(bench.answer_rx("log-y"), text)
+        batch = re.search(bench.batch_rx("log-x"), text)
+        assert answer is not None and batch is not None, text
+        self.assertEqual(answer.group(1, 2), ("3", "1"))
+        self.assertEqual(batch.group(1, 4), ("0", "3"))  # all three again: duplicates
+        self.assertIsNone(re.search(bench.answer_rx("log-z"), text))
 
 
 class SectionTests(SynchronousTestCase):
@@ -117,6 +200,16 @@ class SectionTests(SynchronousTestCase):
         self.assertIn("## Hive\n\nhive stays\n", text)
         bench.write_section(["| b |"], [], "again", path=path)
         self.assertEqual(path.read_text().count("## Gossip"), 1)
+
+    def test_keeps_hand_written_subsections(self) -> None:
+        path = Path(self.mktemp())
+        path.write_text("# Performance\n\n## Gossip\n\nold numbers\n\n"
+                        "### Where the time goes\n\nanalysis\n\n## Hive\n\nhive stays\n")
+        bench.write_section(["| a |"], ["* note"], "header", path=path)
+        text = path.read_text()
+        self.assertNotIn("old numbers", text)
+        self.assertIn("## Gossip\n\nheader\n\n| a |\n\n* note\n\n"
+                      "### Where the time goes\n\nanalysis\n\n## Hive\n", text)
 
     def test_creates_the_file_with_an_intro(self) -> None:
         path = Path(self.mktemp())

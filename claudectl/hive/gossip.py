@@ -52,7 +52,7 @@ from claudectl.hive.store import (
     store_transaction,
 )
 from claudectl.hive.trust import log_collisions, trust_level, trust_transaction
-from claudectl.hive.units import KnowledgeUnit, paginate, unit_json_len
+from claudectl.hive.units import SNAPSHOT_PAGE_BYTES, KnowledgeUnit
 from claudectl.home import Home
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
@@ -165,9 +165,39 @@ class SyncState:
                          durable=False)
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _unit_bytes(unit_json: dict[str, Any]) -> int:
-    return len(json.dumps(unit_json, separators=(",", ":"), ensure_ascii=False,
-                          sort_keys=True).encode("utf-8"))
+    return len(_COMPACT(unit_json).encode("utf-8"))
+
+
+Encoded = tuple[KnowledgeUnit, dict[str, Any], int]
+
+
+def _encode_all(units: list[KnowledgeUnit]) -> list[Encoded]:
+    """Each unit with its JSON and byte size, computed once."""
+    out = []
+    for u in units:
+        j = u.to_json()
+        out.append((u, j, _unit_bytes(j)))
+    return out
+
+
+def _paginate(encoded: list[Encoded], limit: int = SNAPSHOT_PAGE_BYTES) -> list[list[Encoded]]:
+    """claudectl's paging (hive.md 6.6) over pre-sized units."""
+    pages: list[list[Encoded]] = []
+    page: list[Encoded] = []
+    size = 0
+    for item in encoded:
+        if page and size + item[2] > limit:
+            pages.append(page)
+            page, size = [], 0
+        page.append(item)
+        size += item[2]
+    if page:
+        pages.append(page)
+    return pages
 
 
 class Gossip:
@@ -188,6 +218,7 @@ class Gossip:
         self._file_sig: tuple[int, int, int] | None = self._signature()
         self._units_cache: tuple[tuple[int, int, int] | None, list[KnowledgeUnit]] | None = None
         self._push_scheduled = False
+        self._save_scheduled = False
         self._state_dirty = False
         self._pages: dict[str, list[Any]] = {}
         self._page_timers: dict[str, Any] = {}
@@ -247,6 +278,21 @@ class Gossip:
     def _save_state(self) -> None:
         self.state.save()
         self._state_dirty = False
+
+    def _save_soon(self) -> None:
+        """Save sync_state.json once for everything that happens in this turn."""
+        if self._save_scheduled and self._call_later is not None:
+            self._state_dirty = True
+            return
+        self._state_dirty = True
+        self._save_scheduled = True
+
+        def run() -> None:
+            self._save_scheduled = False
+            if self._state_dirty:
+                self._save_state()
+
+        self._later(0, run)
 
     def on_link_up(self, peer_id: str) -> None:
         # Not inside the authentication callback: a big store must not stall it.
@@ -313,34 +359,37 @@ class Gossip:
             self._save_state()
         return sent
 
-    def _fits(self, unit: KnowledgeUnit) -> bool:
-        """False (logged once, counted) for a unit too big for any frame."""
-        if unit_json_len(unit) <= MAX_UNIT_BYTES:
-            return True
-        if (unit.id, unit.version) not in self._oversize:
-            self._oversize.add((unit.id, unit.version))
-            self.counters["oversize_units"] = self.counters.get("oversize_units", 0) + 1
-            log.warn("knowledge unit {unit_id} is too big to send ({size} bytes)",
-                     unit_id=unit.id, size=unit_json_len(unit))
-        return False
+    def _sendable(self, units: list[KnowledgeUnit]) -> list[Encoded]:
+        """Encode once; leave out (logged once, counted) units too big for any frame."""
+        out = []
+        for item in _encode_all(units):
+            unit, _, size = item
+            if size <= MAX_UNIT_BYTES:
+                out.append(item)
+            elif (unit.id, unit.version) not in self._oversize:
+                self._oversize.add((unit.id, unit.version))
+                self.counters["oversize_units"] = self.counters.get("oversize_units", 0) + 1
+                log.warn("knowledge unit {unit_id} is too big to send ({size} bytes)",
+                         unit_id=unit.id, size=size)
+        return out
 
     def _push(self, peer_id: str, units: list[KnowledgeUnit], ctx: ShareContext) -> int:
         now = self.now()
         ps = self.state.peer(peer_id)
-        todo = [u for u in units
-                if ps.sent.get(u.id) != u.version and ctx.shareable(u, peer_id, now)
-                and self._fits(u)]
+        todo = self._sendable([u for u in units
+                               if ps.sent.get(u.id) != u.version
+                               and ctx.shareable(u, peer_id, now)])
         if not todo:
             return 0
         sent = 0
-        for page in paginate(todo):
-            payload = {"sync_epoch": now, "units": [u.to_json() for u in page]}
+        for page in _paginate(todo):
+            payload = {"sync_epoch": now, "units": [j for _, j, _ in page]}
             if not self.mesh.send(peer_id, codec.KNOWLEDGE_SYNC, payload):
                 break
-            for u in page:
+            for u, _, size in page:
                 ps.sent[u.id] = u.version
+                ps.bytes_up += size
             ps.units_up += len(page)
-            ps.bytes_up += sum(_unit_bytes(j) for j in payload["units"])
             sent += len(page)
         if sent:
             ps.last_sync_epoch = now
@@ -360,18 +409,19 @@ class Gossip:
         ps = self.state.peer(peer_id)
         # since_epoch 0 means "I have nothing": send everything.  Otherwise
         # what this peer already had from us (same version) is left out.
-        units = [u for u in self._load_units()
-                 if u.last_validated_at >= since and ctx.shareable(u, peer_id, now)
-                 and (since == 0 or ps.sent.get(u.id) != u.version) and self._fits(u)]
-        pages = paginate(units) or [[]]
+        units = self._sendable([u for u in self._load_units()
+                                if u.last_validated_at >= since
+                                and ctx.shareable(u, peer_id, now)
+                                and (since == 0 or ps.sent.get(u.id) != u.version)])
+        pages = _paginate(units) or [[]]
         for n, page in enumerate(pages, 1):
-            body = {"page": n, "total_pages": len(pages), "units": [u.to_json() for u in page]}
+            body = {"page": n, "total_pages": len(pages), "units": [j for _, j, _ in page]}
             if not self.mesh.send(peer_id, codec.KNOWLEDGE_SNAPSHOT, body):
                 return
-            for u in page:
+            for u, _, size in page:
                 ps.sent[u.id] = u.version
+                ps.bytes_up += size
             ps.units_up += len(page)
-            ps.bytes_up += sum(_unit_bytes(j) for j in body["units"])
         ps.last_sync_epoch = now
         self._state_dirty = True
         log.info("answered a knowledge request from {peer_id}: {count} unit(s) in {pages} page(s)",
@@ -459,11 +509,17 @@ class Gossip:
                 book.record_batch(peer_id, len(good), now, cap=cfg.max_units_per_peer_per_day)
             else:
                 rec.last_sync = max(rec.last_sync, now)
-        if good:
+        if good and self._all_known(good):
+            # Copies of what we hold (other paths of the same gossip): no
+            # store transaction, no file rewrite.
+            stats["duplicates"] = len(good)
+        elif good:
             with store_transaction(self.home, local_id=self.identity, config=cfg,
                                    now=now) as store:
                 existing = store.by_key()
                 result = merge_batch(store, good, self.identity, now)
+            # What we just wrote is the store now: no need to parse it again.
+            self._units_cache = (self._signature(), store.units())
             write_merge_logs(self.home, result)
             stats.update(result.stats())
             if result.accepted or result.updated or result.rejected:
@@ -481,7 +537,7 @@ class Gossip:
             ps.cursor = max(ps.cursor, u.last_validated_at)
         ps.units_down += len(good)
         ps.last_sync_epoch = now
-        self._save_state()
+        self._save_soon()
         self.counters["merged_batches"] += 1
         log.info("knowledge from {peer_id}: {accepted} new, {updated} updated, "
                  "{rejected} rejected, {duplicates} duplicate, {bad} invalid, {dropped} dropped",
@@ -491,6 +547,19 @@ class Gossip:
             self._file_sig = self._signature()
             self.schedule_push_all()
         return stats
+
+    def _all_known(self, units: list[KnowledgeUnit]) -> bool:
+        """True when every unit is already stored at that version by no shorter path."""
+        cache = self._units_cache
+        if cache is None or cache[0] is None or cache[0] != self._signature():
+            return False
+        held = {u.id: u for u in cache[1]}
+        for u in units:
+            h = held.get(u.id)
+            if h is None or h.version < u.version or (
+                    h.version == u.version and h.propagation_count > u.propagation_count):
+                return False
+        return True
 
     # --- noticing changes by other processes -------------------------------------------------
     def _signature(self) -> tuple[int, int, int] | None:
@@ -506,6 +575,7 @@ class Gossip:
             sig = self._signature()
             if sig != self._file_sig:
                 self._file_sig = sig
+                self._load_units()  # parse now, not when a request arrives
                 self.schedule_push_all()
         except Exception:
             # A LoopingCall stops at the first exception: keep polling.
