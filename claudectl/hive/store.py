@@ -112,7 +112,7 @@ class KnowledgeStore:
         """The file: one compact unit per line; an empty store is ``\\n``."""
         if not self._by_key:
             return b"\n"
-        return "".join(dumps_line(u) for u in self._by_key.values()).encode("utf-8")
+        return b"".join(_line_for(u) for u in self._by_key.values())
 
     def snapshot(self) -> tuple[KnowledgeUnit, ...]:
         return tuple(self._by_key.values())
@@ -137,6 +137,41 @@ class LoadResult:
     superseded: list[KnowledgeUnit] = field(default_factory=list)
 
 
+#: Parsed lines by their exact bytes.  Units are immutable, and the same
+#: lines are read again and again (every transaction re-reads the file), so
+#: only changed lines pay for JSON parsing and validation.
+_LINE_CACHE: dict[bytes, KnowledgeUnit] = {}
+_LINE_CACHE_MAX = 20_000
+
+
+def _parse_cached(raw: bytes) -> KnowledgeUnit:
+    unit = _LINE_CACHE.get(raw)
+    if unit is None:
+        unit = parse_line(raw.decode("utf-8"))
+        if len(_LINE_CACHE) >= _LINE_CACHE_MAX:
+            _LINE_CACHE.clear()
+            _BYTES_OF.clear()
+        _LINE_CACHE[raw] = unit
+        _BYTES_OF[id(unit)] = (unit, raw + b"\n")
+    return unit
+
+
+#: The stored line of a unit object (by identity; the entry keeps the unit
+#: alive, so an id is never reused while it is cached).
+_BYTES_OF: dict[int, tuple[KnowledgeUnit, bytes]] = {}
+
+
+def _line_for(unit: KnowledgeUnit) -> bytes:
+    hit = _BYTES_OF.get(id(unit))
+    if hit is not None and hit[0] is unit:
+        return hit[1]
+    line = dumps_line(unit).encode("utf-8")
+    if len(_BYTES_OF) >= _LINE_CACHE_MAX:
+        _BYTES_OF.clear()
+    _BYTES_OF[id(unit)] = (unit, line)
+    return line
+
+
 def parse_units(data: bytes) -> LoadResult:
     """Read a units file: good lines into a store, the rest reported."""
     result = LoadResult(KnowledgeStore())
@@ -144,7 +179,7 @@ def parse_units(data: bytes) -> LoadResult:
         if not raw.strip():
             continue
         try:
-            unit = parse_line(raw.decode("utf-8"))
+            unit = _parse_cached(raw)
         except UnicodeDecodeError:
             result.bad.append(BadLine(lineno, "not UTF-8",
                                       raw.decode("utf-8", "backslashreplace")))
