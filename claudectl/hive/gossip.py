@@ -51,7 +51,7 @@ from claudectl.hive.store import (
     read_units_file,
     store_transaction,
 )
-from claudectl.hive.trust import log_collisions, trust_level, trust_transaction
+from claudectl.hive.trust import load_trust, log_collisions, trust_level, trust_transaction
 from claudectl.hive.units import SNAPSHOT_PAGE_BYTES, KnowledgeUnit
 from claudectl.home import Home
 from claudectl.relay import codec
@@ -71,6 +71,8 @@ LINKUP_PUSH_DELAY_SECS = 3.0
 #: Snapshot pages are merged together; a page set still incomplete after
 #: this long is merged as it is.
 SNAPSHOT_FLUSH_SECS = 10.0
+#: Receive counts of duplicate-only batches reach trust.json within this.
+RECORD_FLUSH_SECS = 5.0
 #: A unit whose JSON would not fit in one frame (1 MiB line limit, minus
 #: room for the envelope) is never sent (defect H6).
 MAX_UNIT_BYTES = codec.MAX_LINE_BYTES - 16_384
@@ -219,6 +221,9 @@ class Gossip:
         self._units_cache: tuple[tuple[int, int, int] | None, list[KnowledgeUnit]] | None = None
         self._push_scheduled = False
         self._save_scheduled = False
+        self._record_scheduled = False
+        #: Units received per peer and not yet counted in trust.json.
+        self._unrecorded: dict[str, int] = {}
         self._state_dirty = False
         self._pages: dict[str, list[Any]] = {}
         self._page_timers: dict[str, Any] = {}
@@ -263,6 +268,8 @@ class Gossip:
                 call.cancel()
         self._timers.clear()
         self._page_timers.clear()
+        self._record_scheduled = False
+        self.flush_counts()
         if self._state_dirty:
             self._save_state()
 
@@ -488,32 +495,31 @@ class Gossip:
         stats = {"received": len(raw_units), "bad": bad, "dropped": 0, "accepted": 0,
                  "updated": 0, "rejected": 0, "duplicates": 0}
         cfg = self.config.hive
-        # Three short transactions, never nested (no lock-order deadlocks with
-        # the CLI): admission against trust.json, the merge, the bookkeeping.
-        with trust_transaction(self.home, cfg.default_trust) as book:
-            # A frozen peer (sybil checks) still gossips: freezing keeps its
-            # knowledge out of the brain prompt, it does not cut the mesh.
-            rec = book.ensure(peer_id, now)
-            already = rec.daily_received.get(str(now // 86400), 0)
-            allowance = max(0, cfg.max_units_per_peer_per_day - already)
-            if len(good) > allowance:
-                excess = len(good) - allowance
-                self.counters["dropped_rate_cap"] += excess
-                ps.dropped += excess
-                stats["dropped"] += excess
-                log.warn("rate cap: dropped {count} unit(s) from {peer_id} "
-                         "({cap} per day)", count=excess, peer_id=peer_id,
-                         cap=cfg.max_units_per_peer_per_day)
-                good = good[:allowance]
-            if good:
-                book.record_batch(peer_id, len(good), now, cap=cfg.max_units_per_peer_per_day)
-            else:
-                rec.last_sync = max(rec.last_sync, now)
+        # The daily rate cap: what trust.json counted plus what this process
+        # counted but has not written yet.  (A frozen peer still gossips:
+        # freezing keeps its knowledge out of the prompt, not off the mesh.)
+        day = str(now // 86400)
+        rec_ro = load_trust(self.home, cfg.default_trust).get(peer_id)
+        already = (rec_ro.daily_received.get(day, 0) if rec_ro is not None else 0)
+        already += self._unrecorded.get(peer_id, 0)
+        allowance = max(0, cfg.max_units_per_peer_per_day - already)
+        if len(good) > allowance:
+            excess = len(good) - allowance
+            self.counters["dropped_rate_cap"] += excess
+            ps.dropped += excess
+            stats["dropped"] += excess
+            log.warn("rate cap: dropped {count} unit(s) from {peer_id} ({cap} per day)",
+                     count=excess, peer_id=peer_id, cap=cfg.max_units_per_peer_per_day)
+            good = good[:allowance]
+        self._unrecorded[peer_id] = self._unrecorded.get(peer_id, 0) + len(good)
         if good and self._all_known(good):
             # Copies of what we hold (other paths of the same gossip): no
-            # store transaction, no file rewrite.
+            # store transaction, no file rewrite; counted in trust.json later.
             stats["duplicates"] = len(good)
+            self._record_soon()
         elif good:
+            # Two short transactions, never nested (no lock-order deadlocks
+            # with the CLI): the merge, then the bookkeeping.
             with store_transaction(self.home, local_id=self.identity, config=cfg,
                                    now=now) as store:
                 existing = store.by_key()
@@ -522,15 +528,16 @@ class Gossip:
             self._units_cache = (self._signature(), store.units())
             write_merge_logs(self.home, result)
             stats.update(result.stats())
-            if result.accepted or result.updated or result.rejected:
-                with trust_transaction(self.home, cfg.default_trust) as book:
-                    collisions = book.check_collisions(existing, good, peer_id,
-                                                       self.identity, now)
-                    rec = book.ensure(peer_id, now)
-                    rec.knowledge_accepted += result.accepted + result.updated
-                    rec.knowledge_conflicted += result.rejected
-                if collisions:
-                    log_collisions(self.home, collisions)
+            with trust_transaction(self.home, cfg.default_trust) as book:
+                self._record_counts(book, now)
+                collisions = book.check_collisions(existing, good, peer_id, self.identity, now)
+                rec = book.ensure(peer_id, now)
+                rec.knowledge_accepted += result.accepted + result.updated
+                rec.knowledge_conflicted += result.rejected
+            if collisions:
+                log_collisions(self.home, collisions)
+        else:
+            self._record_soon()
         for u in good:
             # The peer has this (id, version): never echo it back.
             ps.sent[u.id] = max(ps.sent.get(u.id, 0), u.version)
@@ -547,6 +554,35 @@ class Gossip:
             self._file_sig = self._signature()
             self.schedule_push_all()
         return stats
+
+    def _record_counts(self, book: Any, now: int) -> None:
+        """Write the daily receive counts held in memory into ``book``."""
+        cap = self.config.hive.max_units_per_peer_per_day
+        for peer, count in self._unrecorded.items():
+            if count:
+                book.record_batch(peer, count, now, cap=cap)
+            else:
+                rec = book.ensure(peer, now)
+                rec.last_sync = max(rec.last_sync, now)
+        self._unrecorded.clear()
+
+    def _record_soon(self) -> None:
+        """Flush the receive counts to trust.json within a few seconds."""
+        if self._record_scheduled:
+            return
+        self._record_scheduled = True
+
+        def run() -> None:
+            self._record_scheduled = False
+            self.flush_counts()
+
+        self._later(RECORD_FLUSH_SECS, run)
+
+    def flush_counts(self) -> None:
+        if not self._unrecorded:
+            return
+        with trust_transaction(self.home, self.config.hive.default_trust) as book:
+            self._record_counts(book, self.now())
 
     def _all_known(self, units: list[KnowledgeUnit]) -> bool:
         """True when every unit is already stored at that version by no shorter path."""
