@@ -91,7 +91,6 @@ class PeerSync:
     units_up: int = 0
     units_down: int = 0
     bytes_up: int = 0
-    bytes_down: int = 0
     rejected: int = 0
     dropped: int = 0
 
@@ -104,7 +103,7 @@ class PeerSync:
             "sent_versions": dict(sorted(self.sent.items())),
             "cursor": self.cursor,
             "stats": {"units_up": self.units_up, "units_down": self.units_down,
-                      "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                      "bytes_up": self.bytes_up,
                       "rejected": self.rejected, "dropped": self.dropped},
         }
 
@@ -129,7 +128,7 @@ class PeerSync:
 
         return cls(peer_id, n(value, "last_sync_epoch"), sent, n(value, "cursor"),
                    n(stats, "units_up"), n(stats, "units_down"), n(stats, "bytes_up"),
-                   n(stats, "bytes_down"), n(stats, "rejected"), n(stats, "dropped"))
+                   n(stats, "rejected"), n(stats, "dropped"))
 
 
 class SyncState:
@@ -444,6 +443,7 @@ class Gossip:
         raw_units = payload.get("units")
         if not isinstance(raw_units, list):
             self.counters["bad_units"] += 1
+            self.state.peer(peer_id).rejected += 1
             log.info("{msg_type} from {peer_id} without a units list", msg_type=env.msg_type,
                      peer_id=peer_id)
             return
@@ -487,7 +487,6 @@ class Gossip:
                 log.info("rejected knowledge unit {index} from {peer_id}: {error}",
                          index=n, peer_id=peer_id, error=str(e))
                 continue
-            ps.bytes_down += _unit_bytes(raw)
             good.append(dataclasses.replace(unit, propagation_count=min(
                 unit.propagation_count + 1, 2**32 - 1)))
         self.counters["bad_units"] += bad
