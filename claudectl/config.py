@@ -145,6 +145,8 @@ class DelegationConfig:
     stop_grace_secs: int = 10
     status_interval_secs: int = 30
     task_timeout_secs: int = 0
+    allowed_git_remotes: tuple[str, ...] = ()
+    answer_timeout_secs: int = 120
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,10 @@ SCHEMA: dict[str, tuple[type, list[Key]]] = {
         Key("stop_grace_secs", _int(0, 3600), "an integer number of seconds 0-3600"),
         Key("status_interval_secs", _int(1, 3600), "an integer number of seconds 1-3600"),
         Key("task_timeout_secs", _int(0), "a non-negative integer number of seconds (0 = none)"),
+        Key("allowed_git_remotes", _str_list,
+            "a list of git remote URLs or URL prefixes (\"*\" = any)"),
+        Key("answer_timeout_secs", _int(0),
+            "a non-negative integer number of seconds (0 = wait forever)"),
     ]),
 }
 

@@ -17,6 +17,13 @@ The variant is picked by a word ``fake:<variant>`` in the prompt:
 * ``nudge`` -- waits for a second user message and answers with its text;
 * ``slow`` -- like ``succeed`` but pauses 0.3 s between events.
 
+Extra words start leftovers before the variant runs (process-cleanup tests):
+
+* ``+daemon`` -- a grandchild with its stdio on /dev/null that ignores
+  SIGTERM (like ``nohup server &`` from the Bash tool);
+* ``+escape`` -- a grandchild that leaves the process group (``setsid``) but
+  keeps our stdout open (a daemonizing dev server).
+
 ``fake:edit`` writes ``fake-claude.txt`` in the working directory.  The
 received argv and prompt are written to ``$FAKE_CLAUDE_LOG`` if set
 (``CLAUDE_FAKE_LOG`` also works, since that name reaches the child).
@@ -90,6 +97,14 @@ def main(argv):
           "permissionMode": "default", "apiKeySource": "none",
           "claude_code_version": "0.0.0-fake", "uuid": str(uuid.uuid4())})
     pause = 0.3 if variant == "slow" else 0.0
+    if "+daemon" in (prompt or ""):
+        subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                          "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    if "+escape" in (prompt or ""):
+        subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); time.sleep(600)"],
+                         stdin=subprocess.DEVNULL)
 
     if variant == "fail":
         emit(dict(assistant("Not logged in · Please run /login", tokens=(0, 0)),

@@ -1,13 +1,19 @@
 """The delegation commands as a user runs them (subprocesses, temp homes)."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.common import subprocess_env, temp_home
+from claudectl.process import sweep
+from tests.common import FakeMesh, subprocess_env, temp_home
 
 FAKE_CLAUDE = str(Path(__file__).with_name("fake_claude.py"))
 
@@ -70,3 +76,108 @@ class CliTests(TestCase):
             r = self.claudectl(*args)
             self.assertEqual(r.returncode, 1, args)
             self.assertIn("Error: the relay service is not running", r.stderr)
+
+
+class InterruptedRunTests(SynchronousTestCase):
+    """S4: Ctrl-C or SIGTERM during `claudectl run` leaves no Claude Code behind."""
+
+    def go(self, sig, prompt):
+        home = temp_home(self)
+        home.config_file.parent.mkdir(parents=True)
+        home.config_file.write_text(
+            "[delegation]\n"
+            f"claude_command = {json.dumps(sys.executable)}\n"
+            f"claude_args = [{json.dumps(FAKE_CLAUDE)}]\n"
+            "stop_grace_secs = 1\n")
+        work = home.root / "work"
+        work.mkdir()
+        (work / "tasks.json").write_text(json.dumps({"tasks": [
+            {"name": "local", "prompt": prompt}]}))
+        marker = {"CLAUDE_FAKE_LOG": str(home.root / "fake.log")}  # reaches the fake's tree
+        self.addCleanup(sweep.kill_tagged, marker)
+        p = subprocess.Popen([sys.executable, "-m", "claudectl", "run", "tasks.json"], cwd=work,
+                             env=subprocess_env(home, **marker), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: p.poll() is None and p.kill())
+        expected = 1 + prompt.count("+") + 1  # the fake, its extras, the hang grandchild
+        deadline = time.monotonic() + 20
+        while len(sweep.pids_with_env(marker)) < expected:
+            self.assertLess(time.monotonic(), deadline, "the fake claude did not start")
+            time.sleep(0.05)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=20)
+        deadline = time.monotonic() + 3
+        while sweep.pids_with_env(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(sweep.pids_with_env(marker), [])
+        self.assertEqual(p.returncode, 130, err)
+        self.assertIn("Error: interrupted; local Claude Code sessions were stopped", err)
+        self.assertNotIn("Traceback", err + out)
+        self.assertNotIn("Unhandled error", err + out)
+
+    def test_ctrl_c(self):
+        self.go(signal.SIGINT, "fake:hang-hard +escape +daemon")
+
+    def test_sigterm(self):
+        self.go(signal.SIGTERM, "fake:hang")
+
+
+class WaitInterruptedTests(TestCase):
+    """R3: Ctrl-C during `relay delegate --wait`: a clear message, no traceback."""
+
+    timeout = 30
+
+    async def test_ctrl_c_while_waiting(self):
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import UNIXServerEndpoint
+        from twisted.internet.protocol import Factory
+        from twisted.protocols import amp
+
+        from claudectl.control.paths import control_socket_path
+        from claudectl.delegation.controller import DelegationController
+        from claudectl.delegation.locator import DelegationLocator
+        from claudectl.delegation.store import OUTGOING, TaskStore
+
+        home = temp_home(self)
+        mesh = FakeMesh("laptop-1", peers=["ci-1"])
+        controller = DelegationController(mesh=mesh, store=TaskStore(home.tasks, OUTGOING),
+                                          clock=reactor, is_paired=lambda p: True)
+        self.addCleanup(controller.stop)
+        sock = control_socket_path(home)
+        sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        port = await UNIXServerEndpoint(reactor, str(sock)).listen(
+            Factory.forProtocol(lambda: amp.AMP(locator=DelegationLocator(controller))))
+        self.addCleanup(port.stopListening)
+        proto = Collect()
+        transport = reactor.spawnProcess(
+            proto, sys.executable, [sys.executable, "-m", "claudectl", "relay", "delegate",
+                                    "ci-1", "--wait", "fake:hang x"],
+            env=subprocess_env(home), path=str(home.root))
+        while not controller._waiters:  # it follows the task now
+            await deferLater(reactor, 0.05, lambda: None)
+        transport.signalProcess("INT")
+        status = await proto.ended
+        [task_id] = controller.records
+        self.assertEqual(status.exitCode, 130, proto.err)
+        err = proto.err.decode()
+        self.assertIn(f"Error: interrupted; task {task_id} keeps running on ci-1", err)
+        self.assertIn(f"claudectl relay interrupt {task_id} stop", err)
+        self.assertNotIn("Traceback", err)
+        self.assertNotIn("Unhandled error", err)
+        self.assertIn(f"Task {task_id} delegated to peer ci-1", proto.out.decode())
+
+
+class Collect(ProcessProtocol):
+    def __init__(self):
+        self.out = b""
+        self.err = b""
+        self.ended = Deferred()
+
+    def outReceived(self, data):
+        self.out += data
+
+    def errReceived(self, data):
+        self.err += data
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value)

@@ -12,7 +12,7 @@ from claudectl.relay.codec import MessageIds
 from tests.common import FakeMesh, temp_home
 
 
-class ControllerTests(SynchronousTestCase):
+class ControllerTestsBase(SynchronousTestCase):
     def setUp(self):
         self.home = temp_home(self)
         self.clock = Clock()
@@ -20,15 +20,19 @@ class ControllerTests(SynchronousTestCase):
         self.mesh = FakeMesh("laptop-1", peers=["ci-1", "evil-2"])
         self.ctl = self.make()
 
-    def make(self):
+    def make(self, **kwargs):
         ctl = C.DelegationController(
             mesh=self.mesh, store=TaskStore(self.home.tasks, OUTGOING), clock=self.clock,
             is_paired=lambda p: p in ("ci-1", "evil-2", "offline-3"),
-            ids=MessageIds(self.clock.seconds, start=0))
+            ids=MessageIds(self.clock.seconds, start=0), **kwargs)
         ctl.load()
         self.mesh.handlers = {"task_status": [ctl.on_status], "task_handoff": [ctl.on_handoff]}
+        self.mesh.up = [ctl.on_link_up]
+        self.addCleanup(ctl.stop)
         return ctl
 
+
+class ControllerTests(ControllerTestsBase):
     def test_delegate_sends_the_claudectl_payload(self):
         rec = self.ctl.delegate("ci-1", "Fix the tests")
         self.assertEqual(rec["task_id"], "task_1714000040000_0")
@@ -106,4 +110,74 @@ class ControllerTests(SynchronousTestCase):
         d = self.ctl.wait_change(tid, 1, 10)
         self.clock.advance(10)
         self.assertEqual(self.successResultOf(d)["version"], 1)
+        self.ctl.stop()  # the answer timer
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class NoAnswerTests(ControllerTestsBase):
+    """C3: a task nobody answers does not stay `delegated` forever."""
+
+    def delegate_calls(self):
+        return [p for peer, t, p in self.mesh.sent if t == "delegate_task"]
+
+    def test_no_answer_fails_the_record_and_wakes_waiters(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        d = self.ctl.wait_change(tid, 1, 300)
+        self.clock.advance(119)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        view = self.successResultOf(d)
+        self.assertEqual(view["state"], "failed")
+        self.assertTrue(view["summary"].startswith("no answer from ci-1 within 120 s"),
+                        view["summary"])
+        rec = json.loads((self.home.tasks / "outgoing" / f"{tid}.json").read_text())
+        self.assertEqual((rec["state"], rec["no_answer"]), ("failed", True))
+
+    def test_an_answer_disarms_the_timer(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        self.mesh.deliver("ci-1", "task_status", P.build_task_status(tid, "queued", P.TaskStats()))
+        self.clock.advance(1000)
+        self.assertEqual(self.ctl.get(tid)["state"], "queued")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_resent_when_the_link_comes_up(self):
+        tid = self.ctl.delegate("ci-1", "p", "/srv/proj", "main")["task_id"]
+        first = self.delegate_calls()
+        self.clock.advance(100)
+        self.mesh.disconnect("ci-1")
+        self.mesh.connect("ci-1")
+        self.assertEqual(self.delegate_calls(), first * 2)
+        self.clock.advance(119)  # counted from the new send
+        self.assertEqual(self.ctl.get(tid)["state"], "delegated")
+        self.clock.advance(1)
+        self.assertEqual(self.ctl.get(tid)["state"], "failed")
+        # Answered or finished tasks are not sent again.
+        self.mesh.connect("ci-1")
+        self.assertEqual(len(self.delegate_calls()), 2)
+
+    def test_a_late_answer_revives_the_record(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        self.clock.advance(120)
+        self.mesh.deliver("ci-1", "task_status", P.build_task_status(
+            tid, "running", P.TaskStats(last_activity="working")))
+        rec = self.ctl.get(tid)
+        self.assertEqual((rec["state"], rec["summary"], rec["ended_at"]), ("running", None, None))
+        self.assertNotIn("no_answer", rec)
+        self.mesh.deliver("ci-1", "task_handoff", P.build_handoff(tid, "done"))
+        self.assertEqual(self.ctl.get(tid)["state"], "completed")
+
+    def test_zero_waits_forever(self):
+        self.ctl = self.make(answer_timeout_secs=0)
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        self.clock.advance(10**6)
+        self.assertEqual(self.ctl.get(tid)["state"], "delegated")
+
+    def test_a_restart_waits_a_full_period_again(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        self.ctl.stop()
+        self.clock.advance(500)
+        ctl2 = self.make()
+        self.clock.advance(119)
+        self.assertEqual(ctl2.get(tid)["state"], "delegated")
+        self.clock.advance(1)
+        self.assertEqual(ctl2.get(tid)["state"], "failed")

@@ -118,7 +118,7 @@ class VectorTests(SynchronousTestCase):
     def test_relevant_files_cap(self):
         v = vector("delegation.relevant_files_cap")
         for n, accepted in zip(v["input"]["relevant_files_content_bytes"],
-                               v["expected"]["sender_accepts"]):
+                               v["expected"]["sender_accepts"], strict=True):
             ctx = P.TaskContext(relevant_files={"a.txt": "x" * (n - 1), "b": "y"})
             if accepted:
                 P.build_delegate_task("t", "p", None, ctx)

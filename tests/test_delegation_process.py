@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
@@ -15,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from claudectl.delegation import claude_process as CP
 from claudectl.delegation.taskrun import TaskRun
-from claudectl.process import setsid_exec
+from claudectl.process import setsid_exec, sweep
 
 FAKE_CLAUDE = str(Path(__file__).with_name("fake_claude.py"))
 
@@ -36,11 +35,28 @@ def live_group_members(pgid):
     return alive
 
 
+def tagged(proc, timeout=3.0):
+    """Live processes carrying ``proc``'s run tag (waits a little for them to die)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = sweep.pids_with_env(proc.tags)
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
+
+
+def kill_leftovers(tags):
+    """Test cleanup: never leave a stray process behind, whatever happened."""
+    sweep.kill_tagged(tags)
+
+
 class FakeTransport:
     def __init__(self, pid=4242):
         self.pid = pid
         self.written = []
         self.stdin_closed = False
+        self.lost = False
 
     def writeToChild(self, fd, data):
         assert fd == 0
@@ -48,6 +64,9 @@ class FakeTransport:
 
     def closeStdin(self):
         self.stdin_closed = True
+
+    def loseConnection(self):
+        self.lost = True
 
 
 class FakeSpawner:
@@ -93,10 +112,16 @@ class ByHandTests(SynchronousTestCase):
         self.spawner = FakeSpawner()
         self.kills = []
         self.changes = []
+        self.sweeps = []
         self.proc = CP.ClaudeProcess(
             self.run, CP.claude_argv(sys.executable), "/tmp", {"PATH": os.environ["PATH"]},
             self.spawner, self.clock, stop_grace_secs=5,
-            on_change=lambda: self.changes.append(1), kill=self.kill)
+            on_change=lambda: self.changes.append(1), kill=self.kill, run_id="run-1",
+            sweep=self.sweep, drain_secs=2)
+
+    def sweep(self, tags):
+        self.sweeps.append(dict(tags))
+        return []
 
     def kill(self, pid, sig):
         self.kills.append((pid, sig))
@@ -108,6 +133,7 @@ class ByHandTests(SynchronousTestCase):
         self.assertEqual(args[:4], [sys.executable, "-I", CP.SETSID_EXEC, "--"])
         self.assertEqual(args[4:], CP.claude_argv(sys.executable))
         self.assertEqual(path, "/tmp")
+        self.assertEqual(env, {"PATH": os.environ["PATH"], "CLAUDECTL_RUN_ID": "run-1"})
         self.assertEqual(self.spawner.transport.written, [CP.user_message("-v do the thing")])
         self.assertEqual(self.run.state, "running")
         self.assertEqual(self.proc.pid, 4242)
@@ -144,6 +170,11 @@ class ByHandTests(SynchronousTestCase):
         self.proc.protocol.processEnded(Failure(ProcessDone(0)))
         self.assertEqual(self.successResultOf(self.run.result).state, "completed")
 
+    def end(self, reason):
+        """The child exits, then its pipes close (what Twisted reports, in order)."""
+        self.proc.protocol.processExited(Failure(reason))
+        self.proc.protocol.processEnded(Failure(reason))
+
     def test_stop_sigterm_then_sigkill_then_cancelled(self):
         self.proc.start("p")
         d = self.proc.stop("enough")
@@ -152,16 +183,17 @@ class ByHandTests(SynchronousTestCase):
         self.assertEqual(len(self.kills), 1)
         self.clock.advance(0.2)
         self.assertEqual(self.kills[-1], (4242, signal.SIGKILL))
-        self.proc.protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.end(ProcessTerminated(signal=9))
         self.assertEqual(self.successResultOf(d).summary, "Stopped by controller: enough")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_kill_timer_cancelled_when_it_ends_in_time(self):
         self.proc.start("p")
         self.proc.stop()
-        self.proc.protocol.processEnded(Failure(ProcessTerminated(signal=15)))
+        self.end(ProcessTerminated(signal=15))
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.assertEqual(self.kills, [(4242, signal.SIGTERM)])
+        # SIGTERM on stop, then the leftovers of the group get SIGKILL at once.
+        self.assertEqual(self.kills, [(4242, signal.SIGTERM), (4242, signal.SIGKILL)])
 
     def test_vanished_group_is_tolerated(self):
         def gone(pid, sig):
@@ -171,12 +203,57 @@ class ByHandTests(SynchronousTestCase):
         self.proc.stop()
         self.clock.advance(10)
 
-    def test_direct_child_exit_ends_its_group(self):
+    def test_direct_child_exit_kills_its_group_at_once(self):
+        # A grandchild that ignores SIGTERM and closed its stdio would survive a
+        # SIGTERM (processEnded comes at once and used to cancel the SIGKILL).
         self.proc.start("p")
         self.proc.protocol.processExited(Failure(ProcessDone(0)))
-        self.assertEqual(self.kills, [(4242, signal.SIGTERM)])
+        self.assertEqual(self.kills, [(4242, signal.SIGKILL)])
         self.proc.protocol.processEnded(Failure(ProcessDone(0)))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        # Processes that left the group (setsid) are found by their run tag.
+        self.assertEqual(self.sweeps, [{"CLAUDECTL_RUN_ID": "run-1"}])
+        self.assertEqual(self.kills, [(4242, signal.SIGKILL)])
+
+    def test_pipes_held_after_exit_are_closed_so_the_run_ends(self):
+        # A setsid'd grandchild keeps stdout open: processEnded would never come.
+        self.proc.start("p")
+        self.proc.protocol.childDataReceived(1, b'{"type":"result","is_error":false}\n')
+        self.proc.protocol.processExited(Failure(ProcessDone(0)))
+        self.clock.advance(1.9)
+        self.assertFalse(self.spawner.transport.lost)
+        self.assertEqual(self.sweeps, [])
+        self.clock.advance(0.1)
+        self.assertTrue(self.spawner.transport.lost)
+        self.assertEqual(self.sweeps, [{"CLAUDECTL_RUN_ID": "run-1"}])
+        # Closing our ends makes Twisted report the end.
+        self.proc.protocol.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.successResultOf(self.run.result).state, "completed")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_after_the_child_exited_does_not_signal_again(self):
+        self.proc.start("p")
+        self.proc.protocol.processExited(Failure(ProcessDone(0)))
+        self.proc.stop("late")
+        self.assertEqual(self.kills, [(4242, signal.SIGKILL)])
+        self.clock.advance(2)
+        self.assertTrue(self.spawner.transport.lost)
+
+    def test_a_finished_run_is_never_started(self):
+        self.run.abort("the worker shut down while the task was being prepared")
+        d = self.proc.start("p")
+        self.assertEqual(self.spawner.calls, [])
+        self.assertIn("shut down", self.successResultOf(d).summary)
+        self.assertIsNone(self.proc.pid)
+
+    def test_every_run_gets_its_own_tag(self):
+        other = CP.ClaudeProcess(TaskRun("t2", self.clock.seconds), ["x"], "/tmp", {},
+                                 self.spawner, self.clock)
+        third = CP.ClaudeProcess(TaskRun("t3", self.clock.seconds), ["x"], "/tmp", {},
+                                 self.spawner, self.clock)
+        self.assertNotEqual(other.run_id, third.run_id)
+        self.assertEqual(other.env, {"CLAUDECTL_RUN_ID": other.run_id})
+        self.assertEqual(len(other.run_id), 24)
 
     def test_missing_program(self):
         proc = CP.ClaudeProcess(self.run, ["no-such-claude-xyz", "-p"], "/tmp", {"PATH": "/nope"},
@@ -197,17 +274,62 @@ class TrampolineTests(SynchronousTestCase):
         self.assertEqual(setsid_exec.main(["setsid_exec", "--"]), 127)
 
 
+class SweepTests(SynchronousTestCase):
+    def fake_proc(self, envs):
+        root = Path(self.mktemp())
+        for pid, env in envs.items():
+            (root / str(pid)).mkdir(parents=True)
+            (root / str(pid) / "environ").write_bytes(b"\0".join(env) + b"\0")
+        (root / "self").mkdir()
+        return root
+
+    def test_finds_only_processes_with_every_tag(self):
+        root = self.fake_proc({10: [b"A=1", b"B=2"], 11: [b"A=1"], 12: [b"A=12", b"B=2"],
+                               os.getpid(): [b"A=1", b"B=2"]})
+        self.assertEqual(sweep.pids_with_env({"A": "1", "B": "2"}, root), [10])
+        self.assertEqual(sweep.pids_with_env({"A": "1"}, root), [10, 11])
+        self.assertEqual(sweep.pids_with_env({}, root), [])
+        self.assertEqual(sweep.pids_with_env({"A": "1"}, Path(self.mktemp())), [])
+
+    def test_kill_tagged_tolerates_vanished_processes(self):
+        root = self.fake_proc({20: [b"T=x"], 21: [b"T=x"]})
+        sent = []
+
+        def kill(pid, sig):
+            if pid == 20:
+                raise ProcessLookupError()
+            sent.append((pid, sig))
+
+        self.assertEqual(sweep.kill_tagged({"T": "x"}, kill, root), [21])
+        self.assertEqual(sent, [(21, signal.SIGKILL)])
+
+    def test_kills_a_real_tagged_process(self):
+        import subprocess
+        tag = {"CLAUDECTL_RUN_ID": f"sweep-test-{os.getpid()}"}
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             env=dict(os.environ, **tag))
+        self.addCleanup(lambda: p.poll() is None and p.kill())
+        for _ in range(100):
+            if sweep.pids_with_env(tag):
+                break
+            import time
+            time.sleep(0.02)
+        self.assertEqual(sweep.kill_tagged(tag), [p.pid])
+        self.assertEqual(p.wait(5), -signal.SIGKILL)
+
+
 class RealSpawnTests(TestCase):
     """Real children: sys.executable running tests/fake_claude.py."""
 
     timeout = 30
 
-    def start(self, prompt, grace=5, env_extra=None):
+    def start(self, prompt, grace=5, env_extra=None, drain=CP.DRAIN_SECS):
         run = TaskRun("real", reactor.seconds)
         env = CP.child_env(extra=env_extra)
         proc = CP.ClaudeProcess(run, CP.claude_argv(sys.executable, [FAKE_CLAUDE]),
                                 self.mktemp_dir(), env, reactor.spawnProcess, reactor,
-                                stop_grace_secs=grace)
+                                stop_grace_secs=grace, drain_secs=drain)
+        self.addCleanup(kill_leftovers, proc.tags)
         return proc, proc.start(prompt)
 
     def mktemp_dir(self):
@@ -271,3 +393,29 @@ class RealSpawnTests(TestCase):
         o = await proc.start("p")
         self.assertEqual(o.state, "failed")
         self.assertTrue(o.summary.startswith(f"could not start Claude Code: {target}: "), o.summary)
+
+    async def test_daemon_grandchild_dies_with_the_session(self):
+        # It closed its stdio and ignores SIGTERM: only a SIGKILL to the group
+        # right when Claude Code exits ends it.
+        proc, d = self.start("fake:succeed +daemon")
+        o = await d
+        self.assertEqual(o.state, "completed", o.summary)
+        self.assertEqual(tagged(proc), [])
+
+    async def test_escaped_grandchild_holding_stdout_does_not_hang_the_run(self):
+        # It left the group (setsid) but keeps stdout open: without the drain,
+        # processEnded never comes and the run never ends.
+        proc, d = self.start("fake:succeed +escape", drain=0.3)
+        o = await d
+        self.assertEqual(o.state, "completed", o.summary)
+        self.assertEqual(tagged(proc), [])
+
+    async def test_stop_with_an_escaped_grandchild(self):
+        proc, d = self.start("fake:hang +escape +daemon", grace=0.5, drain=0.3)
+        while proc.run.progress.last_text != "Working on it":
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertGreaterEqual(len(sweep.pids_with_env(proc.tags)), 3)
+        proc.stop("enough")
+        o = await d
+        self.assertEqual((o.state, o.summary), ("stopped", "Stopped by controller: enough"))
+        self.assertEqual(tagged(proc), [])

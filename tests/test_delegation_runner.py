@@ -1,6 +1,6 @@
 """Scheduling a task file across local and remote tasks."""
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 

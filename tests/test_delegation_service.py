@@ -14,7 +14,8 @@ from tests.common import FakeMesh, temp_home
 class Node:
     def __init__(self, home, project):
         self.home = home
-        self.config = Config(delegation=DelegationConfig(allowed_dirs=(str(project),)))
+        self.config = Config(delegation=DelegationConfig(allowed_dirs=(str(project),),
+                                                         answer_timeout_secs=60))
         self.identity = "worker-1"
         self.mesh = FakeMesh("worker-1", peers=["ctl-1"])
         self.reactor = Clock()  # no IReactorProcess: tasks fail clearly
@@ -47,3 +48,25 @@ class ServiceTests(SynchronousTestCase):
                          [str(project.resolve())])
         self.successResultOf(parent.stopService())
         self.assertFalse(svc.running)
+
+    def test_controller_resends_on_link_up_and_gives_up_after_the_answer_timeout(self):
+        home = temp_home(self)
+        project = home.root / "proj"
+        project.mkdir()
+        node = Node(home, project)
+        (home.peers).mkdir(parents=True, exist_ok=True)
+        parent = MultiService()
+        svc = attach(node, parent)
+        parent.startService()
+        peer = "peer-0a1b2c3d"
+        (home.peers / f"{peer}.key").write_text("k")
+        node.mesh.peers[peer] = "mutual"
+        tid = svc.controller.delegate(peer, "p")["task_id"]
+        node.mesh.disconnect(peer)
+        node.mesh.connect(peer)
+        sent = [p for to, t, p in node.mesh.sent if t == "delegate_task" and to == peer]
+        self.assertEqual(len(sent), 2)
+        node.reactor.advance(60)
+        self.assertEqual(svc.controller.get(tid)["state"], "failed")
+        self.successResultOf(parent.stopService())
+        self.assertEqual(node.reactor.getDelayedCalls(), [])

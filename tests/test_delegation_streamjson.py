@@ -18,7 +18,7 @@ def assistant(msg_id, content, usage=(10, 5, 0, 0)):
     return json.dumps({"type": "assistant", "session_id": "s1", "message": {
         "id": msg_id, "role": "assistant", "content": content,
         "usage": dict(zip(("input_tokens", "output_tokens", "cache_creation_input_tokens",
-                           "cache_read_input_tokens"), usage))}})
+                           "cache_read_input_tokens"), usage, strict=True))}})
 
 
 class StreamProgressTests(SynchronousTestCase):

@@ -3,12 +3,15 @@
 import dataclasses
 import json
 import signal
-from pathlib import Path
+import sys
+import time
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from claudectl.config import DelegationConfig
 from claudectl.delegation import payloads as P
@@ -16,7 +19,7 @@ from claudectl.delegation.claude_process import user_message
 from claudectl.delegation.store import INCOMING, TaskStore
 from claudectl.delegation.worker import RESTARTED_SUMMARY, DelegationWorker
 from tests.common import FakeMesh, temp_home
-from tests.test_delegation_process import FakeTransport
+from tests.test_delegation_process import FAKE_CLAUDE, FakeTransport, kill_leftovers, tagged
 
 INIT = b'{"type":"system","subtype":"init","session_id":"sess-1","model":"m"}\n'
 EDIT = (b'{"type":"assistant","message":{"id":"m1","content":[{"type":"tool_use","name":"Edit",'
@@ -48,6 +51,8 @@ class WorkerTestsBase(SynchronousTestCase):
         self.mesh = FakeMesh("worker-1", peers=["ctl-1", "other-2"])
         self.spawner = Spawner()
         self.kills = []
+        self.sweeps = []
+        self.leftovers = []  # pids the fake sweep "finds"
         self.trust = {"ctl-1": 0.5, "other-2": 0.9}
         self.config = DelegationConfig(allowed_dirs=(str(self.project),), max_concurrent=1,
                                        claude_command="/bin/sh", stop_grace_secs=5)
@@ -59,7 +64,8 @@ class WorkerTestsBase(SynchronousTestCase):
             identity="worker-1", config=cfg, mesh=self.mesh,
             store=TaskStore(self.home.tasks, INCOMING), trust_of=lambda p: self.trust.get(p, 0.0),
             clock=self.clock, spawner=self.spawner, home_root=self.home.root,
-            kill=lambda pid, sig: self.kills.append((pid, sig)))
+            kill=lambda pid, sig: self.kills.append((pid, sig)), sweep=self.sweep,
+            run_git=self.git if getattr(self, "git", None) else None)
         for t, h in (("delegate_task", w.on_delegate), ("task_interrupt", w.on_interrupt),
                      ("ack", w.on_ack)):
             self.mesh.handlers[t] = [h]
@@ -67,6 +73,10 @@ class WorkerTestsBase(SynchronousTestCase):
         w.start()
         self.addCleanup(lambda: w._loop.running and w._loop.stop())
         return w
+
+    def sweep(self, tags):
+        self.sweeps.append(dict(tags))
+        return list(self.leftovers)
 
     def delegate(self, task_id="task_1", prompt="Fix it", cwd=None, peer="ctl-1", **ctx):
         self.mesh.deliver(peer, "delegate_task", P.build_delegate_task(
@@ -285,10 +295,11 @@ class InterruptTests(WorkerTestsBase):
     def test_interrupt_after_the_end_does_not_flip_the_result(self):
         self.delegate()
         self.finish()
+        kills = list(self.kills)
         self.interrupt("stop")
         hs = self.handoffs()
         self.assertEqual([h["state"] for h in hs], ["completed", "completed"])
-        self.assertEqual(self.kills, [])
+        self.assertEqual(self.kills, kills)
 
     def test_unsupported_interrupt(self):
         self.delegate()
@@ -360,3 +371,338 @@ class PersistenceTests(WorkerTestsBase):
         self.make_worker()
         self.assertEqual(bad.read_text(), "{not json")
         self.flushLoggedErrors()
+
+
+class FakeGit:
+    """``run_git`` whose answers the test gives; cancelling is recorded."""
+
+    def __init__(self):
+        self.calls = []
+        self.cancelled = []
+
+    def __call__(self, args, cwd):
+        d = Deferred(lambda _d, a=args: self.cancelled.append(a[0]))
+        self.calls.append((args, cwd, d))
+        return d
+
+    def pending(self):
+        return [c for c in self.calls if not c[2].called]
+
+    def answer(self, out=b"", code=0, err=b""):
+        args, cwd, d = self.pending()[0]
+        d.callback((out, err, code))
+        return args
+
+    def checkout(self, commit=b"c0ffee"):
+        """Answer clone, rev-parse and checkout."""
+        self.answer()
+        self.answer(commit + b"\n")
+        self.answer()
+
+
+class GitTestsBase(WorkerTestsBase):
+    def setUp(self):
+        self.git = FakeGit()
+        super().setUp()
+
+    def refusal(self):
+        (h,) = self.handoffs()
+        self.assertEqual(h["state"], "failed")
+        self.assertEqual(self.spawner.calls, [])
+        self.assertEqual(self.git.calls, [])
+        return h["summary"]
+
+
+class GitSourceTests(GitTestsBase):
+    """S1: a peer must not make the worker read repositories it may not."""
+
+    def test_file_url_outside_allowed_dirs_is_refused(self):
+        secret = self.home.root / "secret"
+        secret.mkdir()
+        self.delegate(git_ref="main", git_remote="file://" + str(secret))
+        self.assertIn(f"git_remote {secret.resolve()} is not under [delegation] allowed_dirs",
+                      self.refusal())
+
+    def test_file_url_inside_is_cloned_from_its_real_path(self):
+        repo = self.project / "sub"
+        self.delegate(git_ref="main", git_remote="FILE://localhost" + str(repo))
+        args, cwd, _ = self.git.calls[0]
+        dest = self.home.tasks / "workspaces" / "ctl-1--task_1"
+        self.assertEqual(args, ["clone", "--quiet", "--no-checkout", "--", str(repo.resolve()),
+                                str(dest)])
+        self.git.checkout()
+        self.assertEqual(self.spawner.calls[0]["path"], str(dest))
+
+    def test_network_remotes_are_refused_unless_allowed(self):
+        for i, remote in enumerate(["https://git.example/org/repo.git",
+                                    "ssh://git@git.example/org/repo.git",
+                                    "git@git.example:org/repo.git"]):
+            self.mesh.sent.clear()
+            self.delegate(task_id=f"t{i}", git_ref="main", git_remote=remote)
+            summary = self.refusal()
+            self.assertIn(f"git_remote {remote} is a network remote", summary)
+            self.assertIn("allowed_git_remotes (now: none)", summary)
+
+    def test_allowed_git_remotes(self):
+        self.worker = self.make_worker(allowed_git_remotes=("https://git.example/org",),
+                                       max_concurrent=5)
+        self.delegate("ok", git_ref="main", git_remote="https://git.example/org/repo.git")
+        self.assertEqual(self.git.calls[0][0][4], "https://git.example/org/repo.git")
+        for task_id, remote in (("other", "https://git.example/org-evil/repo.git"),
+                                ("dots", "https://git.example/org/../evil/repo.git"),
+                                ("encoded", "https://git.example/org/%2e%2e/evil/repo.git")):
+            self.delegate(task_id, git_ref="main", git_remote=remote)
+            self.assertIn("is a network remote", self.handoffs()[-1]["summary"])
+        self.assertEqual(len(self.git.calls), 1)
+
+    def test_bad_sources(self):
+        for i, (remote, why) in enumerate([
+                ("ext::sh -c touch% /tmp/pwned", "is not allowed"),
+                ("--upload-pack=evil", "is not allowed"),
+                ("http://git.example/x", "only https, ssh and git URLs"),
+                ("file://evil.example/srv/x", "only file:///absolute/path URLs"),
+                ("relative/repo", "is not an absolute path")]):
+            self.mesh.sent.clear()
+            self.delegate(task_id=f"t{i}", git_ref="main", git_remote=remote)
+            self.assertIn(why, self.refusal())
+
+    def test_git_remote_without_a_ref_asks_for_nothing(self):
+        self.delegate(git_remote="https://evil.example/x.git")
+        self.assertEqual(self.git.calls, [])
+        self.assertEqual(self.spawner.calls[0]["path"], str(self.project.resolve()))
+
+
+class PrepareTests(GitTestsBase):
+    """S2/C2: stop, shutdown and timeout while the checkout is being made."""
+
+    def workspace(self):
+        return self.home.tasks / "workspaces" / "ctl-1--task_1"
+
+    def test_checkout_then_run_and_result_ref(self):
+        self.delegate(git_ref="main")
+        self.git.checkout()
+        self.assertEqual(self.spawner.calls[0]["path"], str(self.workspace()))
+        self.finish()
+        self.assertEqual(self.git.answer(b"f00d\n"), ["rev-parse", "--verify", "--quiet", "HEAD"])
+        self.assertEqual(self.handoffs()[0]["git_ref"], "f00d")
+
+    def test_shutdown_during_checkout_kills_git_and_never_starts_claude(self):
+        self.delegate(git_ref="main")
+        d = self.worker.stop()
+        self.assertEqual(self.git.cancelled, ["clone"])
+        self.successResultOf(d)
+        (h,) = self.handoffs()
+        self.assertIn("shut down", h["summary"])
+        self.clock.advance(60)
+        self.assertEqual(self.spawner.calls, [])
+        self.assertEqual(len(self.git.calls), 1)
+        self.assertFalse(self.workspace().exists())
+
+    def test_stop_during_checkout(self):
+        self.delegate(git_ref="main")
+        self.git.answer()  # the clone is done, rev-parse runs
+        self.mesh.deliver("ctl-1", "task_interrupt", P.build_interrupt("task_1", "stop", "nah"))
+        self.assertEqual(self.git.cancelled, ["rev-parse"])
+        (h,) = self.handoffs()
+        self.assertEqual(h["summary"], "Stopped by controller: nah")
+        self.assertEqual(self.spawner.calls, [])
+        self.assertEqual(self.worker.tasks["ctl-1--task_1"].run.state, "stopped")
+
+    def test_timeout_covers_the_checkout(self):
+        self.worker = self.make_worker(task_timeout_secs=5)
+        self.delegate(git_ref="main")
+        self.clock.advance(4)
+        self.assertEqual(self.handoffs(), [])
+        self.clock.advance(1)
+        (h,) = self.handoffs()
+        self.assertEqual(h["summary"], "timed out after 5 s ([delegation] task_timeout_secs) "
+                                       "while preparing the git checkout")
+        self.assertEqual(self.git.cancelled, ["clone"])
+        self.assertEqual(self.spawner.calls, [])
+
+    def test_failed_checkout_leaves_no_workspace(self):
+        self.delegate(git_ref="main")
+        self.workspace().mkdir(parents=True)
+        self.git.answer(code=128, err=b"fatal: repository not found\n")
+        self.assertEqual(self.handoffs()[0]["summary"], "git checkout failed: git clone of "
+                         f"{self.project.resolve()} failed: fatal: repository not found")
+        self.assertFalse(self.workspace().exists())
+
+
+class ShutdownTests(WorkerTestsBase):
+    def test_no_queued_task_starts_during_shutdown(self):
+        self.delegate("a")
+        self.delegate("b")
+        d = self.worker.stop()
+        proto = self.spawner.calls[0]["proto"]
+        proto.processExited(Failure(ProcessTerminated(signal=15)))
+        proto.processEnded(Failure(ProcessTerminated(signal=15)))
+        self.successResultOf(d)
+        self.assertEqual(len(self.spawner.calls), 1)
+        rec = json.loads((self.home.tasks / "incoming" / "ctl-1--b.json").read_text())
+        self.assertEqual(rec["state"], "queued")
+
+    def test_stop_does_not_wait_forever(self):
+        self.delegate()
+        d = self.worker.stop()
+        # grace 5 + drain 2 + 5: the child never ends (stuck in the kernel, say).
+        self.clock.advance(11.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.successResultOf(d)
+
+
+class RecheckTests(WorkerTestsBase):
+    """C1: a queued task passes the checks again when it is about to start."""
+
+    def test_queued_task_is_checked_again_after_a_restart(self):
+        self.delegate("t1")
+        self.delegate("t2")
+        self.worker._loop.stop()
+        self.trust["ctl-1"] = 0.0
+        other = self.home.root / "other"
+        other.mkdir()
+        self.config = dataclasses.replace(self.config, allowed_dirs=(str(other),),
+                                          max_concurrent=2)
+        self.mesh.sent.clear()
+        self.worker = self.make_worker()
+        self.assertEqual(len(self.spawner.calls), 1)
+        h = [p for p in self.handoffs() if p["task_id"] == "t2"][0]
+        self.assertTrue(h["summary"].startswith("refused by worker-1: peer ctl-1 has trust"),
+                        h["summary"])
+        self.assertEqual(self.worker.tasks["ctl-1--t2"].run.state, "failed")
+
+    def test_trust_dropped_while_queued(self):
+        self.delegate("a")
+        self.delegate("b")
+        self.trust["ctl-1"] = 0.1
+        self.finish(0)
+        self.assertEqual(len(self.spawner.calls), 1)
+        self.assertIn("trust 0.10", self.handoffs()[-1]["summary"])
+
+
+class HostileInputTests(WorkerTestsBase):
+    """R1-R3: odd payloads get an answer, refusals leak nothing, queues are capped."""
+
+    def test_nul_bytes_are_refused_not_raised(self):
+        self.delegate("a", cwd=str(self.project) + "/\0x")
+        self.worker.run_git = FakeGit()
+        self.delegate("b", git_ref="main", git_remote="/x\0")
+        self.delegate("c\0", cwd=str(self.project))
+        hs = self.handoffs()
+        self.assertEqual([h["task_id"] for h in hs], ["a", "b", "c\0"])
+        self.assertIn("is not a valid path", hs[0]["summary"])
+        self.assertIn("control characters", hs[1]["summary"])
+        self.assertIn("control characters", hs[2]["summary"])
+        self.assertEqual(self.spawner.calls, [])
+
+    def test_refusals_do_not_tell_whether_outside_dirs_exist(self):
+        outside = self.home.root / "outside"
+        outside.mkdir()
+        missing = self.home.root / "missing"
+        self.delegate("a", cwd=str(outside))
+        self.delegate("b", cwd=str(missing))
+        a, b = (h["summary"] for h in self.handoffs())
+        self.assertEqual(a.replace(str(outside), "X"), b.replace(str(missing), "X"))
+        self.assertIn("is not under", a)
+
+    def test_an_unexpected_error_is_a_refusal(self):
+        def broken(peer):
+            raise RuntimeError("trust store exploded")
+        self.worker.trust_of = broken
+        self.delegate()
+        self.assertIn("could not be checked", self.handoffs()[0]["summary"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_queue_is_capped_per_peer(self):
+        from claudectl.delegation.worker import MAX_QUEUED_PER_PEER
+        for i in range(MAX_QUEUED_PER_PEER + 1):  # one runs, the others wait
+            self.delegate(f"t{i}")
+        self.assertEqual(self.handoffs(), [])
+        self.delegate("one-too-many")
+        self.assertIn(f"{MAX_QUEUED_PER_PEER} tasks from ctl-1 are already waiting",
+                      self.handoffs()[0]["summary"])
+        self.assertNotIn("ctl-1--one-too-many", self.worker.tasks)
+        self.delegate("theirs", peer="other-2")  # another peer's tasks still queue
+        self.assertEqual(len(self.handoffs()), 1)
+        self.assertIn("other-2--theirs", self.worker.tasks)
+
+
+class LeftoverTests(WorkerTestsBase):
+    """R3: what a crashed worker left is found by its run tag, not by cmdline."""
+
+    def record(self, key="ctl-1--task_1"):
+        return self.home.tasks / "incoming" / f"{key}.json"
+
+    def crash_and_restart(self, edit=None):
+        self.delegate()
+        self.worker._loop.stop()
+        rec = json.loads(self.record().read_text())
+        if edit:
+            edit(rec)
+            self.record().write_text(json.dumps(rec))
+        self.sweeps.clear()
+        self.kills.clear()
+        self.make_worker()
+        return rec
+
+    def test_leftovers_found_by_run_id(self):
+        self.leftovers = [1001, 2002]
+        rec = self.crash_and_restart()
+        self.assertEqual(len(rec["run_id"]), 24)
+        self.assertEqual(rec["pgid"], 1001)
+        self.assertEqual(self.sweeps, [{"CLAUDECTL_RUN_ID": rec["run_id"]}])
+        self.assertEqual(self.kills, [(1001, signal.SIGKILL)])  # and its group
+
+    def test_older_records_use_task_id_and_peer(self):
+        self.crash_and_restart(lambda rec: rec.pop("run_id"))
+        self.assertEqual(self.sweeps, [{"CLAUDECTL_TASK_ID": "task_1",
+                                        "CLAUDECTL_TASK_PEER": "ctl-1"}])
+        self.assertEqual(self.kills, [])  # the recorded pgid is not ours any more
+
+    def test_workspaces_go_with_their_records(self):
+        ws = self.home.tasks / "workspaces"
+        for name in ("ctl-1--old", "ctl-1--orphan", "ctl-1--kept"):
+            (ws / name).mkdir(parents=True)
+        store = TaskStore(self.home.tasks, INCOMING)
+        base = {"role": "worker", "peer": "ctl-1", "prompt": "p", "cwd": str(self.project),
+                "state": "completed", "handoff": P.build_handoff("x", "ok"),
+                "handoff_acked": True}
+        store.save("ctl-1--old", dict(base, task_id="old", ended_at=1.0))
+        store.save("ctl-1--kept", dict(base, task_id="kept", ended_at=self.clock.seconds()))
+        self.make_worker()
+        self.assertEqual(sorted(p.name for p in ws.iterdir()), ["ctl-1--kept"])
+        self.assertFalse(store.path("ctl-1--old").exists())
+
+
+class RealShutdownTests(TestCase):
+    """S3: a shutdown ends even when a grandchild escaped the group and holds stdout."""
+
+    timeout = 30
+
+    async def test_shutdown_with_an_escaped_grandchild(self):
+        home = temp_home(self)
+        project = home.root / "proj"
+        project.mkdir()
+        mesh = FakeMesh("worker-1", peers=["ctl-1"])
+        worker = DelegationWorker(
+            identity="worker-1", config=DelegationConfig(
+                allowed_dirs=(str(project),), claude_command=sys.executable,
+                claude_args=(FAKE_CLAUDE,), stop_grace_secs=1),
+            mesh=mesh, store=TaskStore(home.tasks, INCOMING), trust_of=lambda p: 1.0,
+            clock=reactor, spawner=reactor.spawnProcess, home_root=home.root, drain_secs=0.3)
+        mesh.add_handler("delegate_task", worker.on_delegate)
+        worker.start()
+        self.addCleanup(lambda: worker._loop.running and worker._loop.stop())
+        mesh.deliver("ctl-1", "delegate_task",
+                     P.build_delegate_task("t1", "fake:hang-hard +escape", str(project)))
+        task = worker.tasks["ctl-1--t1"]
+        self.addCleanup(kill_leftovers, task.process.tags)
+        while task.run.progress.last_text != "Working on it":
+            await deferLater(reactor, 0.05, lambda: None)
+        started = time.monotonic()
+        await worker.stop()
+        self.assertLess(time.monotonic() - started, 5)
+        (h,) = [p for _, t, p in mesh.sent if t == "task_handoff"]
+        self.assertEqual(h["summary"], "the worker shut down while the task was running")
+        self.assertEqual(tagged(task.process), [])

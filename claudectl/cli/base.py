@@ -85,7 +85,13 @@ class CliContext:
                 result["failure"] = f
 
             d.addCallbacks(ok, bad)
-            d.addBoth(lambda _: _reactor.stop())  # type: ignore[attr-defined]
+
+            def stop(_: Any) -> None:
+                # A signal (Ctrl+C) may have stopped the reactor already.
+                if _reactor.running:  # type: ignore[attr-defined]
+                    _reactor.stop()  # type: ignore[attr-defined]
+
+            d.addBoth(stop)
 
         _reactor.callWhenRunning(_go)  # type: ignore[attr-defined]
         _reactor.run()  # type: ignore[attr-defined]

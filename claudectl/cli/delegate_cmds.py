@@ -5,7 +5,9 @@ and the top-level ``run <task file>``.
 
 The relay commands talk to the running service over the control channel;
 ``run`` runs local tasks itself and delegates ``peer`` tasks through the
-service.
+service.  Interrupted (Ctrl-C, SIGTERM), ``run`` stops its local Claude Code
+sessions (whole process groups) before it exits, and says which remote tasks
+keep running.
 """
 
 from __future__ import annotations
@@ -33,12 +35,42 @@ async def _call(reactor: Any, ctx: CliContext, command: type, **kwargs: Any) -> 
         from claudectl.control.client import ServiceNotRunning, call_control
     except ImportError:  # pragma: no cover - the relay core is part of the package
         raise CliError("the relay service is not available in this installation") from None
+    from twisted.internet.error import ConnectionClosed
+
     try:
         return await call_control(reactor, ctx.home, command, **kwargs)
     except ServiceNotRunning as e:
         raise CliError(str(e)) from None
     except tuple(C.ERRORS) as e:
         raise CliError(_error_text(e)) from None
+    except ConnectionClosed:
+        raise CliError("lost the connection to the relay service (interrupted, or the "
+                       "service stopped)") from None
+
+
+def _until_interrupted(fn: Any) -> Any:
+    """Wrap ``fn(reactor)`` for :meth:`CliContext.run` so that, if the reactor
+    starts shutting down first (Ctrl-C, SIGTERM), its late result or error is
+    dropped: ``ctx.run`` then returns None and the command says "interrupted"
+    instead of reporting what the shutdown itself caused."""
+    from twisted.internet.defer import Deferred
+
+    async def run(reactor: Any) -> Any:
+        flag = {"stopping": False}
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", flag.__setitem__,
+                                                "stopping", True)
+        try:
+            result = await fn(reactor)
+        except Exception:
+            if flag["stopping"]:
+                await Deferred()  # never fires: the reactor is going away
+            raise
+        if flag["stopping"]:
+            await Deferred()
+        reactor.removeSystemEventTrigger(trigger)
+        return result
+
+    return run
 
 
 def _duration(secs: float | int) -> str:
@@ -93,10 +125,12 @@ def delegate(ctx: CliContext, peer: str, prompt: tuple[str, ...], cwd: str | Non
     with `-`.  Follow it with `claudectl relay status`.
     """
     text = " ".join(prompt)
+    state: dict[str, Any] = {}
 
     async def go(reactor: Any) -> dict[str, Any] | None:
         r = await _call(reactor, ctx, C.Delegate, peer=peer, prompt=text, cwd=cwd,
                         git_ref=git_ref)
+        state["task_id"] = r["task_id"]
         task = json.loads(r["task_json"])
         if ctx.json and not wait:
             ctx.emit_json({"task_id": r["task_id"], "peer": peer, "prompt": text, "cwd": cwd,
@@ -109,15 +143,26 @@ def delegate(ctx: CliContext, peer: str, prompt: tuple[str, ...], cwd: str | Non
             if git_ref:
                 ctx.out(f"  Git ref: {git_ref}")
         if not wait:
+            state["done"] = True
             return None
 
         def emit(view: dict[str, Any]) -> None:
             if not ctx.json:
                 ctx.out(f"  {_progress_line(view)}")
 
-        return await follow(reactor, ctx, r["task_id"], emit, task["version"] - 1)
+        final = await follow(reactor, ctx, r["task_id"], emit, task["version"] - 1)
+        state["done"] = True
+        return final
 
-    final = ctx.run(go)
+    final = ctx.run(_until_interrupted(go))
+    if not state.get("done"):
+        # The reactor stopped under us (Ctrl-C, SIGTERM) before the end.
+        task_id = state.get("task_id")
+        if task_id is None:
+            raise CliError("interrupted", code=130)
+        raise CliError(f"interrupted; task {task_id} keeps running on {peer}: follow it with "
+                       f"`claudectl relay status {task_id}`, stop it with "
+                       f"`claudectl relay interrupt {task_id} stop`", code=130)
     if final is not None:
         if ctx.json:
             ctx.emit_json(final)
@@ -248,14 +293,25 @@ def run_file(ctx: CliContext, file: str, parallel: bool) -> None:
         if not ctx.json:
             ctx.out(f"{time.strftime('%H:%M:%S')} {line}")
 
+    remote_tasks: dict[str, str] = {}  # delegated task id -> peer, until it ended
+
     async def go(reactor: Any) -> dict[str, Any]:
-        local = _local_runner(reactor, ctx, config)
-        remote = _remote_runner(reactor, ctx)
+        sessions = LocalSessions(reactor, config.stop_grace_secs)
+        reactor.addSystemEventTrigger("before", "shutdown", sessions.stop_all)
+        local = _local_runner(reactor, ctx, config, sessions)
+        remote = _remote_runner(reactor, ctx, remote_tasks)
         runner = R.TaskFileRunner(tf, local, remote, reactor, report, parallel)
         states = await runner.run()
         return states
 
-    states = ctx.run(go)
+    states = ctx.run(_until_interrupted(go))
+    if states is None:
+        # Interrupted (Ctrl-C, SIGTERM): local sessions were stopped on the way out.
+        lines = ["interrupted; local Claude Code sessions were stopped"]
+        for task_id, peer in sorted(remote_tasks.items()):
+            lines.append(f"  task {task_id} keeps running on {peer}; stop it with "
+                         f"`claudectl relay interrupt {task_id} stop`")
+        raise CliError("\n".join(lines), code=130)
     counts: dict[str, int] = {}
     for st in states.values():
         counts[st.status] = counts.get(st.status, 0) + 1
@@ -274,12 +330,50 @@ def run_file(ctx: CliContext, file: str, parallel: bool) -> None:
         raise CliError(f"{bad} of {len(states)} task(s) did not complete")
 
 
-def _local_runner(reactor: Any, ctx: CliContext, config: Any) -> Any:
+class LocalSessions:
+    """The local Claude Code sessions of one ``run``, so that an interrupted
+    run stops them all before it exits (they are in their own sessions, so a
+    Ctrl-C on the terminal does not reach them)."""
+
+    def __init__(self, reactor: Any, grace: float) -> None:
+        self.reactor = reactor
+        self.grace = grace
+        self.live: set[Any] = set()
+        self.stopping = False
+
+    def stop_all(self) -> Any:
+        """End every live session (whole groups); a Deferred, bounded in time."""
+        from twisted.internet.defer import Deferred, DeferredList
+
+        from claudectl.delegation.claude_process import DRAIN_SECS
+
+        self.stopping = True  # and no new session (a retry) starts from now on
+        if not self.live:
+            return None
+        done: Deferred[None] = Deferred()
+        waits = DeferredList([p.stop("claudectl run was interrupted") for p in list(self.live)],
+                             consumeErrors=True)
+        timer = self.reactor.callLater(self.grace + DRAIN_SECS + 5,
+                                       lambda: done.called or done.callback(None))
+
+        def ended(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+
+        waits.addBoth(ended)
+        return done
+
+
+def _local_runner(reactor: Any, ctx: CliContext, config: Any, sessions: LocalSessions) -> Any:
     from claudectl.delegation.claude_process import ClaudeProcess, child_env, claude_argv
     from claudectl.delegation.runner import AttemptResult
     from claudectl.delegation.taskrun import TaskRun
 
     async def run(task: Any, prompt: str, progress: Any) -> AttemptResult:
+        if sessions.stopping:
+            return AttemptResult(False, "", "interrupted")
         cwd = Path(ctx.cwd, task.cwd or ".")
         if not cwd.is_dir():
             return AttemptResult(False, "", f"cwd {cwd} does not exist")
@@ -297,14 +391,18 @@ def _local_runner(reactor: Any, ctx: CliContext, config: Any) -> Any:
                                                   task.resume),
                              str(cwd.resolve()), child_env(), reactor.spawnProcess, reactor,
                              config.stop_grace_secs, on_change=changed)
-        outcome = await proc.start(prompt)
+        sessions.live.add(proc)
+        try:
+            outcome = await proc.start(prompt)
+        finally:
+            sessions.live.discard(proc)
         return AttemptResult(outcome.state == "completed", outcome.result_text, outcome.summary,
                              outcome.cost_usd, outcome.tokens)
 
     return run
 
 
-def _remote_runner(reactor: Any, ctx: CliContext) -> Any:
+def _remote_runner(reactor: Any, ctx: CliContext, in_flight: dict[str, str]) -> Any:
     from claudectl.delegation.runner import AttemptResult
 
     async def run(task: Any, prompt: str, progress: Any) -> AttemptResult:
@@ -322,10 +420,12 @@ def _remote_runner(reactor: Any, ctx: CliContext) -> Any:
                 last["text"] = text
                 progress(f"{view['state']}: {text}")
 
+        in_flight[r["task_id"]] = task.peer
         try:
             final = await follow(reactor, ctx, r["task_id"], emit)
         except CliError as e:
             return AttemptResult(False, "", e.message)
+        in_flight.pop(r["task_id"], None)
         summary = final.get("summary") or ""
         return AttemptResult(final["state"] == "completed", summary, summary,
                              final.get("cost_usd", 0.0), final.get("tokens", 0))

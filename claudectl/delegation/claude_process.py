@@ -15,15 +15,24 @@ still a prompt (defect D11).  Stdin stays open while the session runs so a
 ``result`` event arrives, which lets Claude Code exit.
 
 Stopping sends SIGTERM to the whole group and SIGKILL after a grace period on
-the injected clock.  When the direct child exits, whatever it left behind in
-its group is terminated too: nothing is orphaned and ``processEnded`` (which
-waits for every holder of the pipes) always comes.
+the injected clock.  Nothing the session started outlives it:
+
+* when the direct child exits, its group gets SIGKILL at once (the group id
+  cannot be reused while members remain, so this never hits a stranger);
+* every process of the run carries ``CLAUDECTL_RUN_ID=<random>`` in its
+  environment; when the run ends, processes with that tag that escaped the
+  group (``setsid``) are killed too (:mod:`claudectl.process.sweep`);
+* if something still holds the child's stdout/stderr :data:`DRAIN_SECS`
+  after the child exited, those tagged processes are killed and our ends of
+  the pipes are closed, so ``processEnded`` (which waits for every holder of
+  the pipes) always comes and the run always ends.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -39,10 +48,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from claudectl.delegation.taskrun import RunOutcome, TaskRun
-from claudectl.process import setsid_exec
+from claudectl.process import setsid_exec, sweep
+from claudectl.process.sweep import RUN_ID_ENV
 
 #: Longest stdout line kept; longer ones (huge tool results) are skipped.
 MAX_LINE_BYTES = 8 * 1024 * 1024
+#: After the child exited, how long others may hold its pipes before we close them.
+DRAIN_SECS = 2.0
 SETSID_EXEC = str(Path(setsid_exec.__file__).resolve())
 
 #: Environment passed to Claude Code: these names, and names with these prefixes.
@@ -57,6 +69,12 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 Spawner = Callable[..., Any]
 Killer = Callable[[int, int], None]
+#: ``sweep(tags)``: kill the processes whose environment holds ``tags``.
+Sweeper = Callable[[Mapping[str, str]], Any]
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(12)
 
 
 def claude_argv(command: str, extra_args: tuple[str, ...] | list[str] = (),
@@ -152,8 +170,8 @@ class ClaudeProcessProtocol(ProcessProtocol):
         value = reason.value
         exit_code = getattr(value, "exitCode", None)
         sig = getattr(value, "signal", None)
+        self._on_ended()  # leftovers are cleaned up before the result is delivered
         self.run.ended(exit_code, sig)
-        self._on_ended()
 
 
 class ClaudeProcess:
@@ -161,7 +179,9 @@ class ClaudeProcess:
     Starts, feeds and stops one Claude Code child for a :class:`TaskRun`.
 
     ``spawner`` has the signature of ``reactor.spawnProcess``; ``clock``
-    provides ``callLater``; ``kill`` is :func:`os.killpg` (injected for tests).
+    provides ``callLater``; ``kill`` is :func:`os.killpg` and ``sweep`` is
+    :func:`claudectl.process.sweep.kill_tagged` (both injected for tests).
+    ``run_id`` tags every process of the run (``CLAUDECTL_RUN_ID``).
     """
 
     _log = Logger()
@@ -169,24 +189,43 @@ class ClaudeProcess:
     def __init__(self, run: TaskRun, argv: list[str], cwd: str, env: dict[str, str],
                  spawner: Spawner, clock: IReactorTime, stop_grace_secs: float = 10,
                  on_change: Callable[[], None] = lambda: None,
-                 kill: Killer = os.killpg, python: str = sys.executable) -> None:
+                 kill: Killer = os.killpg, python: str = sys.executable,
+                 run_id: str | None = None, sweep: Sweeper | None = None,
+                 drain_secs: float = DRAIN_SECS) -> None:
         self.run = run
         self.argv = argv
         self.cwd = cwd
-        self.env = env
+        self.run_id = run_id or new_run_id()
+        self.env = dict(env)
+        self.env[RUN_ID_ENV] = self.run_id
         self._spawner = spawner
         self._clock = clock
         self.stop_grace_secs = stop_grace_secs
+        self.drain_secs = drain_secs
         self._on_change = on_change
         self._kill = kill
+        self._sweep = sweep if sweep is not None else sweep_tagged
         self._python = python
         self.pid: int | None = None
         self.protocol: ClaudeProcessProtocol | None = None
         self._kill_timer: IDelayedCall | None = None
+        self._drain_timer: IDelayedCall | None = None
         self._stdin_open = False
+        self._leader_gone = False
+        self._ended_flag = False
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {RUN_ID_ENV: self.run_id}
 
     def start(self, prompt: str) -> Deferred[RunOutcome]:
-        """Spawn the child and send the prompt; returns ``run.result``."""
+        """Spawn the child and send the prompt; returns ``run.result``.
+
+        A run that already ended (stopped or shut down while it was being
+        prepared) is never started.
+        """
+        if self.run.finished:
+            return self.run.result
         program = self.argv[0]
         if shutil.which(program, path=self.env.get("PATH", DEFAULT_PATH)) is None:
             self.run.abort(f"could not start Claude Code: {program!r} was not found or is "
@@ -216,6 +255,11 @@ class ClaudeProcess:
         return (self._stdin_open and not self.run.finished and self.protocol is not None
                 and not self.run.progress.has_result and self.protocol.transport is not None)
 
+    @property
+    def ended(self) -> bool:
+        """True once the child and everything holding its pipes are gone."""
+        return self._ended_flag
+
     def send_user_message(self, text: str) -> bool:
         """Write a user message to the running session; False if it cannot be."""
         if not self.can_take_input:
@@ -234,8 +278,10 @@ class ClaudeProcess:
         return self.run.result
 
     def terminate(self) -> None:
-        if self.run.finished or self.pid is None:
+        if self._ended_flag or self.pid is None:
             return
+        if self._leader_gone:
+            return  # the group already got SIGKILL; the drain timer ends the run
         self._signal(signal.SIGTERM)
         if self._kill_timer is None:
             self._kill_timer = self._clock.callLater(self.stop_grace_secs, self._sigkill)
@@ -256,14 +302,60 @@ class ClaudeProcess:
                            task_id=self.run.task_id, pid=self.pid)
 
     def _exited(self) -> None:
+        """The direct child is gone: nothing left in its group may live on."""
         self._stdin_open = False
-        # The direct child is gone: end anything it left in its group.
-        if not self.run.finished:
-            self.terminate()
+        self._leader_gone = True
+        self._cancel(self._kill_timer)
+        self._kill_timer = None
+        self._signal(signal.SIGKILL)
+        if self._drain_timer is None and not self._ended_flag:
+            self._drain_timer = self._clock.callLater(self.drain_secs, self._drain)
+
+    def _drain(self) -> None:
+        """Something outside the group still holds the pipes: end it, close ours."""
+        self._drain_timer = None
+        if self._ended_flag:
+            return
+        killed = self._sweep_quietly()
+        self._log.warn("task {task_id}: Claude Code exited {secs} s ago but its output "
+                       "pipes are still held; killed {n} leftover process(es) and closed them",
+                       task_id=self.run.task_id, secs=self.drain_secs, n=len(killed))
+        transport = self.protocol.transport if self.protocol is not None else None
+        if transport is not None:
+            try:
+                transport.loseConnection()
+            except Exception:
+                self._log.failure("task {task_id}: closing the pipes failed",
+                                  task_id=self.run.task_id)
 
     def _ended(self) -> None:
+        self._ended_flag = True
         self._stdin_open = False
-        if self._kill_timer is not None and self._kill_timer.active():
-            self._kill_timer.cancel()
-        self._kill_timer = None
-        self._on_change()
+        if not self._leader_gone:
+            self._leader_gone = True
+            self._signal(signal.SIGKILL)
+        for timer in (self._kill_timer, self._drain_timer):
+            self._cancel(timer)
+        self._kill_timer = self._drain_timer = None
+        # Daemons that left the group (setsid) and closed their stdio.
+        killed = self._sweep_quietly()
+        if killed:
+            self._log.info("task {task_id}: killed {n} process(es) the session left behind",
+                           task_id=self.run.task_id, n=len(killed))
+
+    def _sweep_quietly(self) -> list[int]:
+        try:
+            return list(self._sweep(self.tags) or [])
+        except Exception:
+            self._log.failure("task {task_id}: looking for leftover processes failed",
+                              task_id=self.run.task_id)
+            return []
+
+    @staticmethod
+    def _cancel(timer: IDelayedCall | None) -> None:
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
+def sweep_tagged(tags: Mapping[str, str]) -> list[int]:
+    return sweep.kill_tagged(tags)

@@ -13,7 +13,12 @@ from __future__ import annotations
 from twisted.protocols import amp
 
 from claudectl.delegation.controller import (
-    BadRequest, PeerNotConnected, PeerUnknown, TaskFinished, TaskUnknown)
+    BadRequest,
+    PeerNotConnected,
+    PeerUnknown,
+    TaskFinished,
+    TaskUnknown,
+)
 
 #: A prompt sent over the control channel must fit one AMP value.
 MAX_CONTROL_PROMPT_BYTES = 60_000

@@ -12,6 +12,13 @@ keeps one record per task in ``tasks/outgoing/`` and updates it from the
 
 Record states: ``delegated`` (sent, nothing heard yet), ``queued``,
 ``running``, then ``completed``, ``failed`` or ``stopped``.
+
+A record that stays ``delegated`` gets its ``delegate_task`` again each time
+the peer's link comes up (a worker answers a repeat with the task's state and
+never runs it twice), and is marked failed -- "no answer from <peer>" --
+``[delegation] answer_timeout_secs`` after the last send (a claudectl 0.64
+worker refuses silently, a frame may be lost).  Should the peer answer after
+all, the record follows it again.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from claudectl.delegation import payloads
@@ -30,6 +38,7 @@ from claudectl.relay.interfaces import IMesh
 DELEGATED = "delegated"
 TERMINAL = frozenset({"completed", "failed", "stopped"})
 MAX_WAIT_SECS = 300
+DEFAULT_ANSWER_TIMEOUT_SECS = 120
 
 
 class DelegationError(Exception):
@@ -68,18 +77,34 @@ class DelegationController:
     _log = Logger()
 
     def __init__(self, *, mesh: IMesh, store: TaskStore, clock: Any,
-                 is_paired: Callable[[str], bool], ids: MessageIds | None = None) -> None:
+                 is_paired: Callable[[str], bool], ids: MessageIds | None = None,
+                 answer_timeout_secs: float = DEFAULT_ANSWER_TIMEOUT_SECS) -> None:
         self.mesh = mesh
         self.store = store
         self.clock = clock
         self.is_paired = is_paired
         self.ids = ids or MessageIds(clock.seconds)
+        self.answer_timeout_secs = answer_timeout_secs
         self.records: dict[str, dict[str, Any]] = {}
         self._waiters: dict[str, list[Deferred[dict[str, Any]]]] = {}
+        self._answer_timers: dict[str, IDelayedCall] = {}
 
     def load(self) -> None:
         for rec in self.store.load_all().values():
             self.records[rec["task_id"]] = rec
+            if rec.get("state") == DELEGATED:
+                self._arm(rec)  # a full answer period again, counted from now
+
+    def stop(self) -> None:
+        """The service is stopping: cancel the answer timers, answer the watchers."""
+        for timer in self._answer_timers.values():
+            if timer.active():
+                timer.cancel()
+        self._answer_timers.clear()
+        waiters, self._waiters = self._waiters, {}
+        for task_id, ds in waiters.items():
+            for d in ds:
+                d.callback(self.view(self.records[task_id]))
 
     # --- commands from the CLI -------------------------------------------------------
     def delegate(self, peer: str, prompt: str, cwd: str | None = None,
@@ -110,7 +135,51 @@ class DelegationController:
             self.store.delete(safe_name(task_id))
             raise PeerNotConnected(f"peer '{peer}' is not connected")
         self._log.info("delegated task {task_id} to {peer}", task_id=task_id, peer=peer)
+        self._arm(rec)
         return rec
+
+    # --- unanswered tasks ------------------------------------------------------------
+    def on_link_up(self, peer: str) -> None:
+        """Send ``delegate_task`` again for this peer's tasks that got no answer yet."""
+        for rec in list(self.records.values()):
+            if rec["peer"] != peer or rec["state"] != DELEGATED:
+                continue
+            context = payloads.TaskContext(git_ref=rec.get("git_ref") or None)
+            payload = payloads.build_delegate_task(rec["task_id"], rec["prompt"],
+                                                   rec.get("cwd"), context)
+            if self.mesh.send(peer, DELEGATE_TASK, payload):
+                self._log.info("sent task {task_id} to {peer} again (no answer yet)",
+                               task_id=rec["task_id"], peer=peer)
+                self._arm(rec)
+
+    def _arm(self, rec: dict[str, Any]) -> None:
+        task_id = rec["task_id"]
+        self._disarm(task_id)
+        if self.answer_timeout_secs and self.answer_timeout_secs > 0:
+            self._answer_timers[task_id] = self.clock.callLater(
+                self.answer_timeout_secs, self._no_answer, task_id)
+
+    def _disarm(self, task_id: str) -> None:
+        timer = self._answer_timers.pop(task_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _no_answer(self, task_id: str) -> None:
+        self._answer_timers.pop(task_id, None)
+        rec = self.records.get(task_id)
+        if rec is None or rec["state"] != DELEGATED:
+            return
+        secs = int(self.answer_timeout_secs)
+        rec["state"] = "failed"
+        rec["no_answer"] = True
+        rec["summary"] = (f"no answer from {rec['peer']} within {secs} s of sending the task "
+                          f"([delegation] answer_timeout_secs); the peer may have refused it "
+                          f"without saying so (claudectl 0.64 does) or the message was lost")
+        rec["last_message"] = f"no answer from {rec['peer']}"
+        rec["ended_at"] = self.clock.seconds()
+        self._log.warn("task {task_id}: no answer from {peer} within {secs} s",
+                       task_id=task_id, peer=rec["peer"], secs=secs)
+        self._changed(rec)
 
     def interrupt(self, task_id: str, kind: str, reason: str = "") -> dict[str, Any]:
         rec = self.get(task_id)
@@ -181,8 +250,9 @@ class DelegationController:
             self._log.warn("bad task_status from {peer}: {error}", peer=peer, error=str(e))
             return
         rec = self._owned(peer, status.task_id, "task_status")
-        if rec is None or rec["state"] in TERMINAL:
+        if rec is None or (rec["state"] in TERMINAL and not rec.get("no_answer")):
             return
+        self._revive(rec)
         rec["state"] = status.state if status.state in ("queued", "running") else "running"
         rec["stats"] = status.stats.to_payload()
         if status.stats.last_activity is not None:
@@ -206,8 +276,9 @@ class DelegationController:
             self._log.info("task_handoff for unknown task {task_id} from {peer}: {summary}",
                            task_id=handoff.task_id, peer=peer, summary=handoff.summary[:200])
             return
-        if rec["state"] in TERMINAL:
+        if rec["state"] in TERMINAL and not rec.get("no_answer"):
             return  # a re-sent handoff: already recorded
+        self._revive(rec)
         rec["state"] = handoff_state(handoff)
         stats = dict(rec.get("stats") or {})
         stats.update({"tokens_used": handoff.total_tokens, "cost_usd": handoff.total_cost_usd})
@@ -233,6 +304,15 @@ class DelegationController:
                            "to {owner}", what=what, task_id=task_id, peer=peer, owner=rec["peer"])
             return None
         return rec
+
+    def _revive(self, rec: dict[str, Any]) -> None:
+        """The peer answered: stop waiting, and undo an earlier "no answer"."""
+        self._disarm(rec["task_id"])
+        if rec.pop("no_answer", None):
+            self._log.info("task {task_id}: {peer} answered after all", task_id=rec["task_id"],
+                           peer=rec["peer"])
+            rec["summary"] = None
+            rec["ended_at"] = None
 
     def _changed(self, rec: dict[str, Any]) -> None:
         rec["version"] += 1

@@ -6,7 +6,7 @@ Wiring the delegation layer to a relay node: :func:`attach`.
 their handlers on ``node.mesh`` and a link observer, appends the control
 locator to ``node.control_locators`` and adds a :class:`DelegationService`
 under ``parent`` that recovers stored tasks on start and stops running ones
-(whole process groups) on stop.
+(whole process groups, bounded in time) on stop.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class DelegationService(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        self.controller.stop()
         return maybeDeferred(self.worker.stop)
 
     def status(self) -> dict[str, Any]:
@@ -72,13 +73,15 @@ def attach(node: Any, parent: Any) -> DelegationService:
         spawner=spawner, home_root=home.root, config_hint=str(home.config_file),
         run_git=run_git)
     controller = DelegationController(mesh=mesh, store=TaskStore(home.tasks, OUTGOING),
-                                      clock=reactor, is_paired=is_paired)
+                                      clock=reactor, is_paired=is_paired,
+                                      answer_timeout_secs=config.answer_timeout_secs)
     mesh.add_handler(DELEGATE_TASK, worker.on_delegate)
     mesh.add_handler(TASK_INTERRUPT, worker.on_interrupt)
     mesh.add_handler(ACK, worker.on_ack)
     mesh.add_handler(TASK_STATUS, controller.on_status)
     mesh.add_handler(TASK_HANDOFF, controller.on_handoff)
     mesh.add_link_observer(worker.on_link_up, None)
+    mesh.add_link_observer(controller.on_link_up, None)
     node.control_locators.append(DelegationLocator(controller))
     service = DelegationService(worker, controller)
     providers = getattr(node, "status_providers", None)

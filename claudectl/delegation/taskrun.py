@@ -124,6 +124,11 @@ class TaskRun:
             self._failure = reason
 
     @property
+    def failure_reason(self) -> str | None:
+        """What :meth:`fail_with` set, if anything."""
+        return self._failure
+
+    @property
     def stop_requested(self) -> bool:
         return self._stop_reason is not None
 
@@ -136,8 +141,9 @@ class TaskRun:
 
     # --- endings ---------------------------------------------------------------------
     def cancel(self, reason: str = "") -> RunOutcome | None:
-        """Stop a run that never started (still queued)."""
-        if self.state != QUEUED:
+        """Stop a run that has no process: still queued, or still preparing its
+        workspace.  The caller makes sure no process was started."""
+        if self.finished:
             return None
         self.request_stop(reason)
         return self._finish(STOPPED, self._stopped_summary())

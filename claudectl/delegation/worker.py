@@ -7,10 +7,14 @@ The worker side: run Claude Code for peers that delegate tasks to us.
 ``task_status`` and ``task_handoff``.
 
 * **Guard rails** (defect D9): the peer's trust must reach
-  ``[delegation] min_trust``; ``cwd`` must exist and lie under one of
-  ``allowed_dirs`` (empty = delegation refused); prompt and
-  ``relevant_files`` sizes are capped; at most ``max_concurrent`` tasks run,
-  the others wait as ``queued``.
+  ``[delegation] min_trust``; ``cwd`` must lie under one of ``allowed_dirs``
+  (empty = delegation refused) and exist; prompt and ``relevant_files``
+  sizes are capped; at most ``max_concurrent`` tasks run, the others wait as
+  ``queued`` (at most :data:`MAX_QUEUED_PER_PEER` per peer).  The checks run
+  again when a queued task is about to start (trust may have dropped, or the
+  worker restarted with another configuration).  A git source is a local
+  directory under ``allowed_dirs`` or a network remote listed in
+  ``allowed_git_remotes`` (see :mod:`~claudectl.delegation.gitws`).
 * **Refusals are told** (D5): a refused task gets an immediate failed
   ``task_handoff`` whose summary is the reason.  A repeated ``delegate_task``
   for a known task gets that task's current status (or its handoff) again.
@@ -24,29 +28,50 @@ The worker side: run Claude Code for peers that delegate tasks to us.
   handoff is re-sent on every link-up until the controller acks it (``ack``
   with ``ack_id`` = the task id; claudectl 0.64 peers never ack, so for them
   a successful send counts).  A task that was running when the worker died
-  is reported failed ("worker restarted"), never re-run; queued tasks run.
+  is reported failed ("worker restarted"), never re-run, and whatever is
+  left of it is killed; queued tasks run.
+* **Nothing outlives a stop** (D10): a stop or a shutdown while a task's git
+  checkout is being made kills git and never starts Claude Code;
+  :meth:`DelegationWorker.stop` waits for every running task to end, but no
+  longer than ``stop_grace_secs`` + :data:`STOP_DEADLINE_EXTRA_SECS`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    ensureDeferred,
+    fail,
+    succeed,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from claudectl.config import DelegationConfig
 from claudectl.delegation import gitws, payloads
 from claudectl.delegation.claude_process import (
-    ClaudeProcess, Spawner, child_env, claude_argv)
+    DRAIN_SECS,
+    ClaudeProcess,
+    Spawner,
+    Sweeper,
+    child_env,
+    claude_argv,
+    new_run_id,
+    sweep_tagged,
+)
 from claudectl.delegation.store import TaskStore, incoming_key
-from claudectl.delegation.taskrun import (
-    FINISHED_STATES, QUEUED, RUNNING, RunOutcome, TaskRun)
+from claudectl.delegation.taskrun import FINISHED_STATES, QUEUED, RUNNING, RunOutcome, TaskRun
+from claudectl.process.sweep import RUN_ID_ENV
 from claudectl.relay.codec import TASK_HANDOFF, TASK_STATUS, Envelope
 from claudectl.relay.interfaces import IMesh
 
@@ -57,6 +82,11 @@ TICK_SECS = 1.0
 FINISHED_RETENTION_SECS = 30 * 86400
 RESTARTED_SUMMARY = "worker restarted while the task was running; its Claude Code session was ended"
 SHUTDOWN_REASON = "the worker shut down while the task was running"
+#: Tasks one peer may have waiting in the queue; more are refused.
+MAX_QUEUED_PER_PEER = 32
+#: :meth:`DelegationWorker.stop` gives up waiting this long after the grace
+#: period (and the pipe drain) have passed.
+STOP_DEADLINE_EXTRA_SECS = 5.0
 
 
 @dataclass
@@ -74,6 +104,13 @@ class WorkerTask:
     last_status_at: float | None = None
     sent_version: int = -1
     pgid: int | None = None
+    run_id: str | None = None
+    #: Where the git checkout comes from (set by the checks when one is asked for).
+    git_source: str | None = None
+    #: git commands in flight for this task (cancelled on stop/shutdown/timeout).
+    git_calls: set[Deferred[Any]] = field(default_factory=set)
+    #: Fires once the task ended and its handoff was stored.
+    done: Deferred[None] = field(default_factory=Deferred)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -89,6 +126,7 @@ class WorkerTask:
             "accepted_at": r.accepted_at, "started_at": r.started_at, "ended_at": r.ended_at,
             "stats": r.stats().to_payload(), "session_id": r.progress.session_id,
             "workspace": self.workspace, "git_ref": self.git_ref, "pgid": self.pgid,
+            "run_id": self.run_id,
             "handoff": self.handoff, "handoff_acked": self.handoff_acked,
         }
 
@@ -101,7 +139,8 @@ class DelegationWorker:
                  spawner: Spawner | None, home_root: Path, config_hint: str = "",
                  environ: dict[str, str] | None = None,
                  run_git: gitws.GitRunner | None = None,
-                 kill: Callable[[int, int], None] = os.killpg) -> None:
+                 kill: Callable[[int, int], None] = os.killpg,
+                 sweep: Sweeper = sweep_tagged, drain_secs: float = DRAIN_SECS) -> None:
         self.identity = identity
         self.config = config
         self.mesh = mesh
@@ -114,36 +153,75 @@ class DelegationWorker:
         self.environ = environ
         self.run_git = run_git
         self.kill = kill
+        self.sweep = sweep
+        self.drain_secs = drain_secs
         self.tasks: dict[str, WorkerTask] = {}
         self.queue: list[str] = []
         self.counters = {"accepted": 0, "refused": 0, "bad_payload": 0,
                          "interrupts_refused": 0}
         self._loop: LoopingCall | None = None
+        self._stopping = False
+        self._starting = False
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
+        self._stopping = False
         self.recover()
+        self._prune_workspaces()
         self._loop = LoopingCall(self.tick)
         self._loop.clock = self.clock
         self._loop.start(TICK_SECS, now=False)
         self._start_queued()
 
     def stop(self) -> Deferred[Any]:
-        """Stop every running task (D10); the Deferred fires when all ended."""
+        """Stop every running task (D10); the Deferred fires when all ended.
+
+        Queued tasks stay queued on disk and run after the restart.  A task
+        still preparing its git checkout ends at once (git is killed).  The
+        wait is bounded: after ``stop_grace_secs`` + :data:`DRAIN_SECS` +
+        :data:`STOP_DEADLINE_EXTRA_SECS` the Deferred fires anyway.
+        """
+        self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         waits = []
-        for task in self.tasks.values():
-            if task.run.state == QUEUED:
-                continue  # stays queued on disk; runs after the restart
-            if not task.run.finished:
-                task.run.fail_with(SHUTDOWN_REASON)
-                if task.process is not None:
-                    task.process.terminate()
-                    waits.append(task.run.result)
-                else:
-                    task.run.abort(SHUTDOWN_REASON)
-        return DeferredList(waits) if waits else succeed(None)
+        for task in list(self.tasks.values()):
+            if task.run.state == QUEUED or task.run.finished:
+                continue
+            task.run.fail_with(SHUTDOWN_REASON)
+            if task.process is not None:
+                task.process.terminate()
+            else:
+                task.run.abort(SHUTDOWN_REASON)
+                self._cancel_git(task)
+            waits.append(task.done)
+        if not waits:
+            return succeed(None)
+        return self._bounded(DeferredList(waits, consumeErrors=True),
+                             self.config.stop_grace_secs + self.drain_secs
+                             + STOP_DEADLINE_EXTRA_SECS)
+
+    def _bounded(self, d: Deferred[Any], secs: float) -> Deferred[None]:
+        out: Deferred[None] = Deferred()
+
+        def give_up() -> None:
+            left = [t.task_id for t in self.tasks.values() if not t.done.called
+                    and t.run.state != QUEUED]
+            self._log.warn("delegation: gave up waiting for {n} task(s) to end after "
+                           "{secs} s: {tasks}", n=len(left), secs=secs, tasks=left)
+            if not out.called:
+                out.callback(None)
+
+        timer = self.clock.callLater(secs, give_up)
+
+        def fired(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not out.called:
+                out.callback(None)
+
+        d.addBoth(fired)
+        return out
 
     def recover(self) -> None:
         now = self.clock.seconds()
@@ -158,14 +236,16 @@ class DelegationWorker:
                 ended = rec.get("ended_at") or 0
                 if task.handoff_acked and now - ended > FINISHED_RETENTION_SECS:
                     self.store.delete(key)
+                    self._remove_workspace(key)
                     continue
                 self.tasks[key] = task
             elif state == RUNNING:
-                self._kill_leftover(rec.get("pgid"))
+                self._kill_leftover(rec)
                 self.tasks[key] = task
                 task.run.started()
                 task.run.abort(RESTARTED_SUMMARY)
             else:
+                # Checked again (trust, allowed_dirs...) when it is about to start.
                 self.tasks[key] = task
                 self.queue.append(key)
 
@@ -178,7 +258,10 @@ class DelegationWorker:
         task = WorkerTask(peer=rec["peer"], request=request, cwd=rec["cwd"], run=run, key=key,
                           workspace=rec.get("workspace"), git_ref=rec.get("git_ref"),
                           handoff=rec.get("handoff"),
-                          handoff_acked=bool(rec.get("handoff_acked")))
+                          handoff_acked=bool(rec.get("handoff_acked")),
+                          pgid=rec.get("pgid") if isinstance(rec.get("pgid"), int) else None,
+                          run_id=rec.get("run_id") if isinstance(rec.get("run_id"), str)
+                          else None)
         if rec.get("state") in FINISHED_STATES:
             run.state = rec["state"]
             run.started_at = rec.get("started_at")
@@ -188,24 +271,36 @@ class DelegationWorker:
             run.progress.files_modified = list(stats.files_modified)
             run.progress.last_activity = stats.last_activity
             run.progress._result_tokens = stats.tokens_used
+            task.done.callback(None)
         else:
             run.result.addCallback(self._finished, task)
         return task
 
-    def _kill_leftover(self, pgid: Any) -> None:
-        """End a Claude Code group left by a crashed worker (checked by cmdline)."""
-        if not isinstance(pgid, int) or pgid <= 1:
-            return
+    def _kill_leftover(self, rec: dict[str, Any]) -> None:
+        """End what a crashed worker left of a task: every process tagged with
+        its run id (or, for older records, its task id and peer) in
+        ``/proc/<pid>/environ``, and the group of its leader."""
+        run_id = rec.get("run_id")
+        if isinstance(run_id, str) and run_id:
+            tags = {RUN_ID_ENV: run_id}
+        else:
+            tags = {"CLAUDECTL_TASK_ID": str(rec.get("task_id")),
+                    "CLAUDECTL_TASK_PEER": str(rec.get("peer"))}
         try:
-            cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
-        except OSError:
+            killed = list(self.sweep(tags) or [])
+        except Exception:
+            self._log.failure("looking for leftovers of task {task_id} failed",
+                              task_id=rec.get("task_id"))
             return
-        if b"stream-json" not in cmdline:
-            return
-        try:
-            self.kill(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        pgid = rec.get("pgid")
+        if isinstance(pgid, int) and pgid > 1 and pgid in killed:
+            try:
+                self.kill(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if killed:
+            self._log.info("killed {n} leftover process(es) of task {task_id}", n=len(killed),
+                           task_id=rec.get("task_id"))
 
     # --- inbound frames --------------------------------------------------------------
     def on_delegate(self, peer: str, env: Envelope) -> None:
@@ -230,16 +325,23 @@ class DelegationWorker:
                 self._send_status(existing)
             return
         try:
-            cwd = self._check(peer, request)
+            cwd, git_source = self._check(peer, request)
+            waiting = sum(1 for k in self.queue if self.tasks[k].peer == peer)
+            if waiting >= MAX_QUEUED_PER_PEER:
+                raise Refused(f"{waiting} tasks from {peer} are already waiting in the queue "
+                              f"(at most {MAX_QUEUED_PER_PEER}); try again when some ended")
         except Refused as e:
-            self.counters["refused"] += 1
-            self._log.info("refused task {task_id} from {peer}: {reason}",
-                           task_id=request.task_id, peer=peer, reason=str(e))
-            self._send(peer, TASK_HANDOFF, payloads.build_failure(
-                request.task_id, f"refused by {self.identity}: {e}"))
+            self._refuse(peer, request.task_id, str(e))
+            return
+        except Exception:
+            self._log.failure("checking task {task_id} from {peer} failed",
+                              task_id=request.task_id, peer=peer)
+            self._refuse(peer, request.task_id, "the task could not be checked (see the "
+                                                "worker's log)")
             return
         run = TaskRun(request.task_id, self.clock.seconds)
-        task = WorkerTask(peer=peer, request=request, cwd=cwd, run=run, key=key)
+        task = WorkerTask(peer=peer, request=request, cwd=cwd, run=run, key=key,
+                          git_source=git_source)
         run.result.addCallback(self._finished, task)
         self.tasks[key] = task
         self.queue.append(key)
@@ -253,6 +355,13 @@ class DelegationWorker:
             run.set_note(f"queued: {position} waiting, {self.config.max_concurrent} running "
                          f"(max_concurrent)")
             self._send_status(task)
+
+    def _refuse(self, peer: str, task_id: str, reason: str) -> None:
+        self.counters["refused"] += 1
+        self._log.info("refused task {task_id} from {peer}: {reason}",
+                       task_id=task_id, peer=peer, reason=reason)
+        self._send(peer, TASK_HANDOFF, payloads.build_failure(
+            task_id, f"refused by {self.identity}: {reason}"))
 
     def on_interrupt(self, peer: str, env: Envelope) -> None:
         try:
@@ -317,7 +426,9 @@ class DelegationWorker:
         elif task.process is not None:
             task.process.stop(reason)
         else:
-            task.run.request_stop(reason)  # still preparing: ends when that's done
+            # Still preparing its checkout: end now, kill git, never start Claude Code.
+            task.run.cancel(reason)
+            self._cancel_git(task)
 
     def nudge_task(self, task: WorkerTask, reason: str) -> None:
         text = reason.strip() or "(no message)"
@@ -326,6 +437,8 @@ class DelegationWorker:
             task.run.set_note(f"nudge delivered: {text}")
         elif task.run.state == QUEUED:
             task.run.set_note(f"nudge not delivered: the task is still queued ({text})")
+        elif task.process is None:
+            task.run.set_note(f"nudge not delivered: the task is still being prepared ({text})")
         else:
             task.run.set_note(f"nudge not delivered: the session no longer takes input ({text})")
         self._send_status(task)
@@ -339,10 +452,10 @@ class DelegationWorker:
                 if run.finished:
                     continue
                 if (timeout and run.state == RUNNING and run.started_at is not None
-                        and now - run.started_at >= timeout and task.process is not None
-                        and not run.stop_requested):
-                    run.fail_with(f"timed out after {timeout} s ([delegation] task_timeout_secs)")
-                    task.process.terminate()
+                        and now - run.started_at >= timeout and not run.stop_requested):
+                    self._time_out(task, timeout)
+                    if run.finished:
+                        continue
                 last = task.last_status_at
                 if last is None:
                     continue
@@ -353,6 +466,17 @@ class DelegationWorker:
         except Exception:
             self._log.failure("delegation tick failed")
 
+    def _time_out(self, task: WorkerTask, timeout: int) -> None:
+        reason = f"timed out after {timeout} s ([delegation] task_timeout_secs)"
+        if task.process is not None:
+            if task.run.failure_reason is None:
+                task.run.fail_with(reason)
+                task.process.terminate()
+        else:
+            # Still preparing (a slow clone): the timeout covers that too.
+            task.run.abort(reason + " while preparing the git checkout")
+            self._cancel_git(task)
+
     # --- validation ------------------------------------------------------------------
     def allowed_roots(self) -> list[str]:
         roots = []
@@ -360,10 +484,14 @@ class DelegationWorker:
             if d == "~" or d.startswith("~/"):
                 d = str(self.home_root) + d[1:]
             if os.path.isabs(d):
-                roots.append(os.path.realpath(d))
+                try:
+                    roots.append(os.path.realpath(d))
+                except (ValueError, OSError):
+                    continue
         return roots
 
-    def _check(self, peer: str, request: payloads.DelegateTask) -> str:
+    def _check(self, peer: str, request: payloads.DelegateTask) -> tuple[str, str | None]:
+        """``(cwd, git source or None)`` for an acceptable task; raises :class:`Refused`."""
         trust = self.trust_of(peer)
         if trust < self.config.min_trust:
             raise Refused(f"peer {peer} has trust {trust:.2f}, below [delegation] min_trust "
@@ -375,6 +503,8 @@ class DelegationWorker:
                           f"To allow tasks in a project, add it to [delegation] allowed_dirs "
                           f"in {self.config_hint} (for example allowed_dirs = [\"/srv/proj\"]) "
                           f"and restart the relay")
+        if any(ord(c) < 32 for c in request.task_id):
+            raise Refused("the task id contains control characters")
         size = len(request.prompt.encode("utf-8"))
         if size > self.config.max_prompt_bytes:
             raise Refused(f"prompt is {size} bytes, more than [delegation] max_prompt_bytes "
@@ -386,76 +516,156 @@ class DelegationWorker:
         except payloads.PayloadError as e:
             raise Refused(str(e)) from None
         cwd = self._check_dir(request.cwd if request.cwd is not None else roots[0], roots, "cwd")
-        ctx = request.context
-        if ctx.git_remote and not gitws.is_remote_url(ctx.git_remote):
-            self._check_dir(ctx.git_remote, roots, "git_remote")
+        return cwd, self._check_git(request.context, cwd, roots)
+
+    def _check_git(self, ctx: payloads.TaskContext, cwd: str, roots: list[str]) -> str | None:
+        """Where a requested checkout comes from (None: no checkout asked for)."""
+        if not (ctx.git_ref or ctx.git_commit):
+            return None  # a git_remote alone asks for nothing
+        if self.run_git is None:
+            raise Refused("git checkouts are not available on this worker")
         try:
-            if ctx.git_remote:
-                gitws.check_remote(ctx.git_remote)
             if ctx.git_ref:
                 gitws.check_ref(ctx.git_ref)
+            if ctx.git_commit:
+                gitws.check_commit(ctx.git_commit)
+            if not ctx.git_remote:
+                return cwd
+            kind, where = gitws.parse_source(ctx.git_remote)
         except gitws.WorkspaceError as e:
             raise Refused(str(e)) from None
-        if (ctx.git_ref or ctx.git_commit) and self.run_git is None:
-            raise Refused("git checkouts are not available on this worker")
-        return cwd
+        if kind == gitws.LOCAL:
+            return self._check_dir(where, roots, "git_remote")
+        if not gitws.remote_allowed(where, self.config.allowed_git_remotes):
+            listed = ", ".join(self.config.allowed_git_remotes) or "none"
+            raise Refused(f"git_remote {where} is a network remote and {self.identity} only "
+                          f"fetches from [delegation] allowed_git_remotes (now: {listed}); "
+                          f"to allow it, add it (or a prefix) to allowed_git_remotes in "
+                          f"{self.config_hint}")
+        return where
 
     def _check_dir(self, path: str, roots: list[str], what: str) -> str:
+        """The real path of ``path`` if it is a directory under ``roots``.
+
+        Containment is decided before existence, so a refusal never tells a
+        peer whether a directory outside ``allowed_dirs`` exists.
+        """
         if not os.path.isabs(path):
             raise Refused(f"{what} {path!r} is not an absolute path")
-        real = os.path.realpath(path)
-        if not os.path.isdir(real):
-            raise Refused(f"{what} {path} does not exist on {self.identity} (or is not a directory)")
-        for root in roots:
-            if os.path.commonpath([root, real]) == root:
-                return real
-        raise Refused(f"{what} {path} is not under [delegation] allowed_dirs on {self.identity} "
-                      f"({', '.join(roots)}); add it to allowed_dirs in {self.config_hint}")
+        try:
+            real = os.path.realpath(path)
+        except (ValueError, OSError):
+            raise Refused(f"{what} {path!r} is not a valid path") from None
+        if not any(os.path.commonpath([root, real]) == root for root in roots):
+            raise Refused(f"{what} {path} is not under [delegation] allowed_dirs on "
+                          f"{self.identity} ({', '.join(roots)}); add it to allowed_dirs in "
+                          f"{self.config_hint}")
+        try:
+            is_dir = os.path.isdir(real)
+        except (ValueError, OSError):
+            is_dir = False
+        if not is_dir:
+            raise Refused(f"{what} {path} does not exist on {self.identity} (or is not a "
+                          f"directory)")
+        return real
 
     # --- running ---------------------------------------------------------------------
     def running_count(self) -> int:
         return sum(1 for t in self.tasks.values() if t.run.state == RUNNING)
 
     def _start_queued(self) -> None:
-        while self.queue and self.running_count() < self.config.max_concurrent:
-            task = self.tasks[self.queue.pop(0)]
-            task.run.started()
-            self._save(task)
-            ensureDeferred(self._launch(task)).addErrback(self._launch_failed, task)
+        if self._stopping or self._starting:
+            return  # no new task during a shutdown; no re-entry from a refusal's handoff
+        self._starting = True
+        try:
+            while self.queue and self.running_count() < self.config.max_concurrent:
+                task = self.tasks[self.queue.pop(0)]
+                if task.run.finished:
+                    continue
+                try:
+                    task.cwd, task.git_source = self._check(task.peer, task.request)
+                except Refused as e:
+                    self._log.info("queued task {task_id} from {peer} no longer passes the "
+                                   "checks: {reason}", task_id=task.task_id, peer=task.peer,
+                                   reason=str(e))
+                    self.counters["refused"] += 1
+                    task.run.abort(f"refused by {self.identity}: {e}")
+                    continue
+                except Exception as e:
+                    self._log.failure("checking queued task {task_id} failed",
+                                      task_id=task.task_id)
+                    task.run.abort(f"could not start the task: {e}")
+                    continue
+                task.run.started()
+                self._save(task)
+                ensureDeferred(self._launch(task)).addErrback(self._launch_failed, task)
+        finally:
+            self._starting = False
 
     def _launch_failed(self, failure: Any, task: WorkerTask) -> None:
         self._log.failure("could not launch task {task_id}", failure, task_id=task.task_id)
         task.run.abort(f"could not start the task: {failure.getErrorMessage()}")
+        self._cancel_git(task)
+
+    def _git_for(self, task: WorkerTask) -> gitws.GitRunner:
+        """``run_git`` for one task: tracked, so a stop can cancel (kill) it."""
+        assert self.run_git is not None
+        run_git = self.run_git
+
+        def run(args: list[str], cwd: str) -> Deferred[tuple[bytes, bytes, int]]:
+            if task.run.finished:
+                return fail(CancelledError())
+            d = run_git(args, cwd)
+            task.git_calls.add(d)
+
+            def untrack(result: Any) -> Any:
+                task.git_calls.discard(d)
+                return result
+
+            d.addBoth(untrack)
+            return d
+
+        return run
+
+    def _cancel_git(self, task: WorkerTask) -> None:
+        for d in list(task.git_calls):
+            d.cancel()
 
     async def _launch(self, task: WorkerTask) -> None:
         ctx = task.request.context
         cwd = task.cwd
-        if ctx.git_ref or ctx.git_commit:
-            assert self.run_git is not None
+        if task.git_source is not None:
             task.run.set_note("preparing a git checkout")
             self._send_status(task)
             dest = self.store.workspace(task.key)
             try:
-                await gitws.prepare(self.run_git, ctx.git_remote or task.cwd, dest,
+                await gitws.prepare(self._git_for(task), task.git_source, dest,
                                     ctx.git_ref, ctx.git_commit)
+            except CancelledError:
+                self._remove_workspace(task.key)
+                return  # whoever cancelled it ended the run
             except gitws.WorkspaceError as e:
                 task.run.abort(f"git checkout failed: {e}")
+                self._remove_workspace(task.key)
+                return
+            if task.run.finished:
+                self._remove_workspace(task.key)
                 return
             task.workspace = cwd = str(dest)
-            if task.run.stop_requested:
-                task.run.abort(task.run._stopped_summary())
-                return
-        if task.run.stop_requested:
-            return
+        if task.run.finished:
+            return  # stopped, timed out or shut down meanwhile: never start Claude Code
         if self.spawner is None:
             task.run.abort("this worker cannot start processes")
             return
         cfg = self.config
+        task.run_id = new_run_id()
         task.process = ClaudeProcess(
             task.run, claude_argv(cfg.claude_command, cfg.claude_args), cwd,
             child_env(self.environ, {"CLAUDECTL_TASK_ID": task.task_id,
                                      "CLAUDECTL_TASK_PEER": task.peer}),
-            self.spawner, self.clock, cfg.stop_grace_secs, kill=self.kill)
+            self.spawner, self.clock, cfg.stop_grace_secs, kill=self.kill,
+            run_id=task.run_id, sweep=self.sweep, drain_secs=self.drain_secs)
+        self._save(task)  # the run id first: a crash right after the spawn can be cleaned up
         task.process.start(task.request.prompt)
         task.pgid = task.process.pid
         if not task.run.finished:
@@ -463,8 +673,13 @@ class DelegationWorker:
             self._send_status(task)
 
     def _finished(self, outcome: RunOutcome, task: WorkerTask) -> RunOutcome:
+        def done(result: Any) -> None:
+            if not task.done.called:
+                task.done.callback(None)
+
         ensureDeferred(self._handoff(outcome, task)).addErrback(
-            lambda f: self._log.failure("handoff of {task_id} failed", f, task_id=task.task_id))
+            lambda f: self._log.failure("handoff of {task_id} failed", f, task_id=task.task_id)
+        ).addBoth(done)
         return outcome
 
     async def _handoff(self, outcome: RunOutcome, task: WorkerTask) -> None:
@@ -485,6 +700,27 @@ class DelegationWorker:
         self._save(task)
         self._send_handoff(task)
         self._start_queued()
+
+    # --- workspaces ------------------------------------------------------------------
+    def _remove_workspace(self, key: str) -> None:
+        path = self.store.workspace(key)
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _prune_workspaces(self) -> None:
+        """Delete checkouts whose task record is gone (deleted, or never saved)."""
+        root = self.store.workspace("x").parent
+        try:
+            entries = list(root.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if self.store.path(entry.name).exists() or entry.name in self.tasks:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                self._log.info("removing the workspace {path}: its task record is gone",
+                               path=str(entry))
+                shutil.rmtree(entry, ignore_errors=True)
 
     # --- sending ---------------------------------------------------------------------
     def _send(self, peer: str, msg_type: str, payload: dict[str, Any]) -> bool:
