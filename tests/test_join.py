@@ -150,3 +150,35 @@ class JoinTests(TestCase):
         self.assertTrue(result.kept_by_service)
         await wait_for(lambda: self.inviter.node.mesh.is_connected(self.joiner_id))
         self.assertIn(self.inviter_id, joiner.node.dialers)
+
+
+class KeyTakeoverTests(TestCase):
+    """An invite must not let its giver take over a peer we already trust."""
+
+    timeout = 60
+
+    async def test_invite_from_an_impostor_cannot_replace_a_key(self) -> None:
+        port = free_code_port()
+        evil = RunningService(temp_home(self), f"tcp:{port}:interface=127.0.0.1")
+        # The impostor calls itself like a peer the joiner trusts.
+        evil.home.relay.mkdir(parents=True)
+        evil.home.identity_file.write_text("trusted-peer")
+        evil.start()
+        self.addCleanup(evil.stop)
+        joiner = temp_home(self)
+        KeyStore(joiner).ensure_identity()
+        honest = b"\x07" * 32
+        KeyStore(joiner).save_key("trusted-peer", honest)
+        forms = (lambda i: i.relay_code, lambda i: f"{i.pair_code} 127.0.0.1:{port}",
+                 lambda i: i.link)
+        for form in forms:
+            inv = InviteStore(evil.home).create("trusted-peer", "127.0.0.1", port, 3600,
+                                                time.time())
+            text = form(inv)
+            with self.assertRaises(JoinFailed) as cm:
+                await join_peer(reactor, joiner, Config(), decode_join(text))
+            self.assertIn("already paired with trusted-peer", str(cm.exception))
+            self.assertEqual(KeyStore(joiner).key("trusted-peer"), honest)
+            # (The impostor's side did pair; start it afresh for the next format.)
+            for peer in KeyStore(evil.home).known_peers():
+                KeyStore(evil.home).forget(peer)

@@ -313,10 +313,12 @@ class ConnectorHandshake:
     def __init__(self, envelopes: EnvelopeFactory, auth: KeyAuth | PakeAuth,
                  is_mutual: Callable[[str], bool] = lambda _peer: False,
                  random: RandomBytes = os.urandom,
-                 version: str = COMPAT_VERSION) -> None:
+                 version: str = COMPAT_VERSION,
+                 stored_key: Callable[[str], bytes | None] = lambda _peer: None) -> None:
         self._env = envelopes
         self._auth = auth
         self._is_mutual = is_mutual
+        self._stored_key = stored_key
         self._version = version
         self.cnonce = new_nonce(random)
         self.nonce: str | None = None
@@ -382,16 +384,24 @@ class ConnectorHandshake:
             for psk in candidates:
                 if hmac.compare_digest(listener_proof(psk, self.cnonce, self.nonce).encode(),
                                        sproof.encode("utf-8", "replace")):
-                    self.state = ConnectorState.DONE
                     via = "pake" if isinstance(self._auth, PakeAuth) else "stored"
-                    return Step(done=Authenticated(remote, psk, MUTUAL, via))
+                    return self._done(remote, psk, MUTUAL, via)
             return self._fail("the listener could not prove it holds the key")
         if isinstance(self._auth, PakeAuth):
             return self._fail("the listener did not confirm the pairing")
         if self._is_mutual(remote):
             return self._fail(f"downgrade refused: {remote} has authenticated mutually before")
+        return self._done(remote, self._auth.psk, ONEWAY, "stored")
+
+    def _done(self, remote: str, psk: bytes, mode: str, via: str) -> Step:
+        # Whoever hands us an invite must not take over the key of a peer we
+        # already trust by claiming its identity.
+        existing = self._stored_key(remote)
+        if existing is not None and existing != psk:
+            return self._fail(f"already paired with {remote} under a different key; run "
+                              f"`claudectl relay forget {remote}` first to pair again")
         self.state = ConnectorState.DONE
-        return Step(done=Authenticated(remote, self._auth.psk, ONEWAY, "stored"))
+        return Step(done=Authenticated(remote, psk, mode, via))
 
     def _on_pake_messages(self, payload: dict[str, Any]) -> Step:
         assert isinstance(self._auth, PakeAuth)

@@ -261,7 +261,8 @@ class RelayNode:
         return ListenerHandshake(self.envelopes, ListenerKeys(self), self.random, self.pake)
 
     def connector_handshake(self, auth: KeyAuth | PakeAuth) -> ConnectorHandshake:
-        return ConnectorHandshake(self.envelopes, auth, self.keystore.is_mutual, self.random)
+        return ConnectorHandshake(self.envelopes, auth, self.keystore.is_mutual, self.random,
+                                  stored_key=self.keystore.key)
 
     # --- link events --------------------------------------------------------------
     def _on_authenticated(self, link: PeerLink, result: Authenticated) -> None:
@@ -271,8 +272,10 @@ class RelayNode:
             ks.mark_mutual(peer)
         if link.direction == "outbound":
             address = getattr(link.protocol, "dial_address", None)
-            if ks.key(peer) != result.psk:
-                # First contact through an invite link, pair code or PAKE.
+            if ks.key(peer) is None:
+                # First contact through an invite link, pair code or PAKE
+                # (the handshake refused an identity already paired under
+                # another key).
                 ks.save_key(peer, result.psk)
             if address:
                 link.state.address = address
