@@ -154,3 +154,25 @@ class AdmissionTests(SynchronousTestCase):
             self.adm.handshake_started()
         self.assertEqual(self.adm.check_accept(IP, 8), "rate_limited")
         self.assertEqual(self.adm.check_accept(OTHER, 8), "too_many_handshakes")
+
+
+class PerAddressInflightTests(SynchronousTestCase):
+    """One host cannot take every handshake slot (loopback is exempt)."""
+
+    def test_cap_per_address(self) -> None:
+        from claudectl.relay.admission import MAX_INFLIGHT_PER_IP
+
+        adm = Admission(lambda: 0.0, max_peers=8)
+        for _ in range(MAX_INFLIGHT_PER_IP):
+            self.assertIsNone(adm.check_accept("192.0.2.7", 0))
+            adm.handshake_started("192.0.2.7")
+        self.assertEqual(adm.check_accept("192.0.2.7", 0), "too_many_handshakes_from_ip")
+        self.assertIsNone(adm.check_accept("192.0.2.8", 0))
+        adm.handshake_ended("192.0.2.7")
+        self.assertIsNone(adm.check_accept("192.0.2.7", 0))
+
+    def test_loopback_exempt(self) -> None:
+        adm = Admission(lambda: 0.0, max_peers=8)
+        for _ in range(10):
+            self.assertIsNone(adm.check_accept("127.0.0.1", 0))
+            adm.handshake_started("127.0.0.1")

@@ -307,3 +307,34 @@ class TwoNodesTests(SynchronousTestCase):
         pump.flush()
         f = self.failureResultOf(client.authenticated)
         self.assertIn("remote identity mismatch", str(f.value))
+
+
+class BothDialTests(SynchronousTestCase):
+    """When two peers dial each other at once, both keep the same link."""
+
+    def test_both_sides_keep_the_link_dialed_by_the_smaller_identity(self) -> None:
+        reactor = MemoryReactorClock()
+        a = make_node(self, "aaa-1", reactor)
+        b = make_node(self, "bbb-2", reactor)
+        psk = pair_nodes(a, b)
+
+        def link(listener_node: Any, connector_node: Any, expect: str) -> Any:
+            server = RelayProtocol(listener_node, LISTENER)
+            client = RelayProtocol(connector_node, CONNECTOR, KeyAuth(psk, expect))
+            client.dial_address = "127.0.0.1:1"  # type: ignore[attr-defined]
+            s_t = iosim.FakeTransport(server, isServer=True,
+                                      peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+            c_t = iosim.FakeTransport(client, isServer=False,
+                                      peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
+            return server, client, iosim.connect(server, s_t, client, c_t)
+
+        # B's dial (B -> A) completes first, then A's (A -> B).
+        s1, c1, p1 = link(a, b, "aaa-1")
+        p1.flush()
+        s2, c2, p2 = link(b, a, "bbb-2")
+        p2.flush()
+        p1.flush()
+        # Both sides kept the link A dialed ("aaa-1" < "bbb-2").
+        self.assertIs(a.mesh.links["bbb-2"].protocol, c2)
+        self.assertIs(b.mesh.links["aaa-1"].protocol, s2)
+        self.assertTrue(c1.is_closed or c1.transport.disconnecting)

@@ -177,3 +177,15 @@ class LivenessTests(SynchronousTestCase):
         live = Liveness(clock.seconds, 5)
         clock.advance(15.5)
         self.assertTrue(live.dead())
+
+
+class LongIdTests(SynchronousTestCase):
+    def test_overlong_message_id_is_a_bad_frame(self) -> None:
+        from claudectl.relay import codec
+        from claudectl.relay.session import MAX_ID_CHARS, Dedup, FrameFilter, LinkCounters
+
+        f = FrameFilter(Dedup(), LinkCounters())
+        line = codec.encode(codec.Envelope("x" * (MAX_ID_CHARS + 1), "heartbeat", "p", 1, {}))
+        self.assertIsNone(f.feed(line))
+        self.assertEqual(f.counters.bad_frames, 1)
+        self.assertEqual(len(f.dedup._ids), 0)

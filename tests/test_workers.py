@@ -32,3 +32,16 @@ class WorkerTableTests(SynchronousTestCase):
         self.assertEqual(w.sessions, [{"pid": 1, "project": "x", "status": "Idle"}])
         self.clock.advance(91)
         self.assertEqual(self.table.current(), [])
+
+    def test_peers_cannot_overwrite_each_other_and_are_bounded(self) -> None:
+        from claudectl.relay.workers import MAX_WORKERS_PER_PEER
+
+        self.table.heartbeat("honest", {"worker_id": "w1", "sessions": [
+            {"pid": 1, "project": "a", "status": "Idle"}]})
+        self.table.heartbeat("evil", {"worker_id": "w1", "sessions": []})
+        mine = [w for w in self.table.current() if w.peer_id == "honest"]
+        self.assertEqual(len(mine[0].sessions), 1)
+        for i in range(MAX_WORKERS_PER_PEER + 10):
+            self.table.heartbeat("evil", {"worker_id": f"x{i}", "sessions": []})
+        evil = [w for w in self.table.current() if w.peer_id == "evil"]
+        self.assertEqual(len(evil), MAX_WORKERS_PER_PEER)

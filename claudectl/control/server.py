@@ -129,6 +129,8 @@ class RelayLocator(amp.CommandLocator):
     async def forgotten(self, peer: str) -> dict[str, Any]:
         await self.node.remove_dialer(peer)
         self.node.mesh.disconnect(peer, "peer forgotten")
+        if not self.node.mesh.is_connected(peer):
+            self.node.mesh.states.pop(peer, None)
         return {}
 
 

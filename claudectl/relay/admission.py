@@ -16,11 +16,19 @@ Plain object with an injected ``now()``.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from twisted.logger import Logger
+
+log = Logger()
+
 MAX_INFLIGHT_HANDSHAKES = 16
+#: Handshakes in flight from one source address (so that one host cannot
+#: take every slot with idle sockets).  Loopback is exempt: local processes.
+MAX_INFLIGHT_PER_IP = 4
 MAX_FAILURES = 5
 FAILURE_WINDOW_SECS = 60.0
 COOLDOWN_SECS = 60.0
@@ -32,6 +40,13 @@ class _IpRecord:
     blocked_until: float = 0.0
 
 
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return ip == "unix"
+
+
 class Admission:
     def __init__(self, now: Callable[[], float], max_peers: int,
                  max_inflight: int = MAX_INFLIGHT_HANDSHAKES) -> None:
@@ -39,6 +54,7 @@ class Admission:
         self.max_peers = max_peers
         self.max_inflight = max_inflight
         self.inflight = 0
+        self._inflight_by_ip: dict[str, int] = {}
         self._ips: dict[str, _IpRecord] = {}
         #: Counters by reason, for logs and ``relay status``.
         self.rejections: dict[str, int] = {}
@@ -65,15 +81,26 @@ class Admission:
             return self._count("rate_limited")
         if self.inflight >= self.max_inflight:
             return self._count("too_many_handshakes")
+        if (self._inflight_by_ip.get(ip, 0) >= MAX_INFLIGHT_PER_IP
+                and not _is_loopback(ip)):
+            return self._count("too_many_handshakes_from_ip")
         if connected_peers >= self.max_peers:
             return self._count("max_peers")
         return None
 
-    def handshake_started(self) -> None:
+    def handshake_started(self, ip: str | None = None) -> None:
         self.inflight += 1
+        if ip is not None:
+            self._inflight_by_ip[ip] = self._inflight_by_ip.get(ip, 0) + 1
 
-    def handshake_ended(self) -> None:
+    def handshake_ended(self, ip: str | None = None) -> None:
         self.inflight = max(0, self.inflight - 1)
+        if ip is not None:
+            left = self._inflight_by_ip.get(ip, 0) - 1
+            if left > 0:
+                self._inflight_by_ip[ip] = left
+            else:
+                self._inflight_by_ip.pop(ip, None)
 
     def failure(self, ip: str) -> bool:
         """Record a failed handshake; True if the IP is now cooling down."""
@@ -86,6 +113,8 @@ class Admission:
         if len(rec.failures) >= MAX_FAILURES:
             rec.blocked_until = now + COOLDOWN_SECS
             rec.failures.clear()
+            log.warn("{ip}: {count} failed handshakes in {window:.0f} s; refused for {secs:.0f} s",
+                     ip=ip, count=MAX_FAILURES, window=FAILURE_WINDOW_SECS, secs=COOLDOWN_SECS)
             return True
         return False
 

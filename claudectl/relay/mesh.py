@@ -144,12 +144,24 @@ class Mesh:
                      max=self.max_peers)
             return None
         st = self.state(peer)
+        direction = "outbound" if protocol.role == CONNECTOR else "inbound"
+        if existing is not None and existing.direction != direction and not \
+                existing.protocol.is_closed:
+            # Both sides dialed each other: keep the link dialed by the smaller
+            # identity, on both sides alike, instead of each side keeping its
+            # newest link (and both dropping the one the other kept).
+            def dialer(d: str) -> str:
+                return self.identity if d == "outbound" else peer
+
+            if dialer(existing.direction) < dialer(direction):
+                log.info("{peer_id}: keeping the link dialed by {dialer}", peer_id=peer,
+                         dialer=dialer(existing.direction))
+                return None
         if existing is not None:
             st.links_replaced += 1
             del self.links[peer]
             log.info("{peer_id}: a newer link replaces the old one", peer_id=peer)
             existing.protocol.close("replaced by a newer link")
-        direction = "outbound" if protocol.role == CONNECTOR else "inbound"
         link = PeerLink(protocol, st, direction)
         now = self._now()
         st.mode = result.mode

@@ -45,6 +45,8 @@ CONNECTOR = "connector"
 #: for about a second: its reader drops bytes that arrive with the ack
 #: (wire.md 3.6).
 ONEWAY_QUIET_SECS = 1.0
+#: claudectl's own heartbeat interval (it declares a link dead after 3 of them).
+CLAUDECTL_HEARTBEAT_SECS = 30
 
 
 def peer_ip(transport: Any) -> str:
@@ -92,6 +94,7 @@ class RelayProtocol(LineReceiver):
         self.ip = "?"
         self._closed: list[defer.Deferred[None]] = []
         self.is_closed = False
+        self._got_handshake_frame = False
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the connection is gone."""
@@ -109,10 +112,14 @@ class RelayProtocol(LineReceiver):
         if self.role == LISTENER:
             reason = self.node.admission.check_accept(self.ip, self.node.mesh.connected_count())
             if reason is not None:
-                self._log.info("dropped connection from {ip}: {reason}", ip=self.ip, reason=reason)
+                # Debug only: a flood of refused connections must not fill the
+                # disk with log lines (the counters and the cooldown warning
+                # say what happened).
+                self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip,
+                                reason=reason)
                 self.transport.abortConnection()
                 return
-            self.node.admission.handshake_started()
+            self.node.admission.handshake_started(self.ip)
             self._admitted = True
             self._listener = self.node.listener_handshake()
             self._send_all(self._listener.start())
@@ -132,7 +139,11 @@ class RelayProtocol(LineReceiver):
             self._heartbeat.stop()
         if self._admitted:
             self._admitted = False
-            self.node.admission.handshake_ended()
+            self.node.admission.handshake_ended(self.ip)
+            if self._got_handshake_frame and self._closing_reason is None:
+                # Hanging up in the middle of a handshake (after the PAKE
+                # messages, say) counts as a failed attempt.
+                self.node.admission.failure(self.ip)
         if self.result is None:
             if not self.authenticated.called:
                 self.authenticated.errback(HandshakeFailed(
@@ -235,6 +246,7 @@ class RelayProtocol(LineReceiver):
             return
         machine = self._listener or self._connector
         assert machine is not None
+        self._got_handshake_frame = True
         step = machine.receive(env)
         self._apply_step(step)
 
@@ -261,7 +273,7 @@ class RelayProtocol(LineReceiver):
             self._timeout.cancel()
         if self._admitted:
             self._admitted = False
-            self.node.admission.handshake_ended()
+            self.node.admission.handshake_ended(self.ip)
         if self.role == LISTENER:
             self.node.admission.success(self.ip)
         self.result = result
@@ -279,6 +291,10 @@ class RelayProtocol(LineReceiver):
         clock = self.node.clock
         interval = self.node.config.relay.heartbeat_interval_secs
         self._liveness = Liveness(clock.seconds, interval)
+        if result.mode == ONEWAY:
+            # A claudectl 0.64 peer drops a link after 90 s without a
+            # heartbeat, whatever our own interval is.
+            interval = min(interval, CLAUDECTL_HEARTBEAT_SECS)
         if self.role == LISTENER and result.mode == ONEWAY:
             self._quiet_until = clock.seconds() + ONEWAY_QUIET_SECS
             clock.callLater(ONEWAY_QUIET_SECS, self._flush_queue)

@@ -23,6 +23,9 @@ from claudectl.relay import codec
 from claudectl.relay.codec import Envelope, ProtocolError
 
 DEDUP_CAPACITY = 1000
+#: Message ids longer than this are bad frames (claudectl's are ~20 bytes);
+#: the dedup window keeps ids, so their size must be bounded.
+MAX_ID_CHARS = 256
 MAX_BAD_STRIKES = 20
 #: A link is dead after this many heartbeat intervals without inbound traffic.
 MISSED_INTERVALS = 3
@@ -94,6 +97,9 @@ class FrameFilter:
             env = codec.decode(line)
         except ProtocolError as e:
             self.bad(str(e))
+            return None
+        if len(env.id) > MAX_ID_CHARS:
+            self.bad(f"message id longer than {MAX_ID_CHARS} characters")
             return None
         self._strikes = 0
         self.counters.frames_in += 1

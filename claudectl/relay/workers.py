@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STATUSES = ("Needs Input", "Processing", "Waiting", "Idle", "Finished")
+#: Bounds on what one peer can make us keep.
+MAX_WORKERS_PER_PEER = 16
+MAX_SESSIONS_PER_WORKER = 256
 
 
 @dataclass
@@ -42,7 +45,7 @@ class WorkerTable:
     def __init__(self, now: Callable[[], float], interval: float) -> None:
         self._now = now
         self.interval = interval
-        self._workers: dict[str, WorkerState] = {}
+        self._workers: dict[tuple[str, str], WorkerState] = {}
 
     def heartbeat(self, peer_id: str, payload: Any) -> WorkerState | None:
         """Record a heartbeat's sessions; None when it carried none."""
@@ -52,13 +55,21 @@ class WorkerTable:
         if sessions is None:
             return None
         wid = payload.get("worker_id")
-        worker_id = wid if isinstance(wid, str) and wid else peer_id
-        state = WorkerState(worker_id, peer_id, sessions, self._now())
-        self._workers[worker_id] = state
+        worker_id = wid[:128] if isinstance(wid, str) and wid else peer_id
+        self._expire()
+        key = (peer_id, worker_id)  # a peer can only ever update its own workers
+        if key not in self._workers and sum(
+                1 for p, _ in self._workers if p == peer_id) >= MAX_WORKERS_PER_PEER:
+            return None
+        state = WorkerState(worker_id, peer_id, sessions[:MAX_SESSIONS_PER_WORKER], self._now())
+        self._workers[key] = state
         return state
 
-    def current(self) -> list[WorkerState]:
+    def _expire(self) -> None:
         cutoff = self._now() - 3 * self.interval
-        for wid in [w for w, s in self._workers.items() if s.updated_at < cutoff]:
-            del self._workers[wid]
-        return sorted(self._workers.values(), key=lambda s: s.worker_id)
+        for key in [k for k, s in self._workers.items() if s.updated_at < cutoff]:
+            del self._workers[key]
+
+    def current(self) -> list[WorkerState]:
+        self._expire()
+        return sorted(self._workers.values(), key=lambda s: (s.worker_id, s.peer_id))
