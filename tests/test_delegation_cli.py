@@ -133,7 +133,7 @@ class WaitInterruptedTests(TestCase):
         from twisted.internet.protocol import Factory
         from twisted.protocols import amp
 
-        from claudectl.control.paths import control_socket_path
+        from claudectl.control.paths import control_socket_path, remove_fallback_dir
         from claudectl.delegation.controller import DelegationController
         from claudectl.delegation.locator import DelegationLocator
         from claudectl.delegation.store import OUTGOING, TaskStore
@@ -145,6 +145,7 @@ class WaitInterruptedTests(TestCase):
         self.addCleanup(controller.stop)
         sock = control_socket_path(home)
         sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.addCleanup(remove_fallback_dir, home)
         port = await UNIXServerEndpoint(reactor, str(sock)).listen(
             Factory.forProtocol(lambda: amp.AMP(locator=DelegationLocator(controller))))
         self.addCleanup(port.stopListening)

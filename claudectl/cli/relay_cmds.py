@@ -82,8 +82,14 @@ def _run_app(config: Any) -> None:
     """
     from twisted.scripts import twistd
 
+    from twisted.internet.error import CannotListenError
+
     runner = twistd._SomeApplicationRunner(config)
-    runner.run()
+    try:
+        runner.run()
+    except CannotListenError as e:
+        raise CliError(f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: "
+                       f"{e.socketError}") from None
 
 
 class _Plugin:

@@ -9,7 +9,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.protocols import amp
 
-from claudectl.control.paths import control_socket_path
+from claudectl.control.paths import check_socket_dir, control_socket_path
 from claudectl.home import Home
 
 
@@ -26,6 +26,7 @@ async def open_control(reactor: Any, home: Home) -> amp.AMP:
     path = control_socket_path(home)
     if not path.exists():
         raise ServiceNotRunning(home)
+    check_socket_dir(path.parent)  # never talk to a socket someone else placed
     try:
         return await connectProtocol(UNIXClientEndpoint(reactor, str(path), timeout=5), amp.AMP())
     except (ConnectError, OSError):

@@ -26,6 +26,34 @@ def control_socket_path(home: Home) -> Path:
     return Path(tempfile.gettempdir()) / f"claudectl-{os.getuid()}-{digest}" / "ctl.sock"
 
 
+class UnsafeSocketDir(Exception):
+    """The control socket's directory is not ours alone."""
+
+
+def check_socket_dir(directory: Path) -> None:
+    """The directory must be a real directory owned by us with mode 0700."""
+    import stat
+
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(
+            st.st_mode) & 0o077:
+        raise UnsafeSocketDir(f"{directory} is not a private directory of this user "
+                              "(owner and mode 0700); refusing to use it")
+
+
 def ensure_socket_dir(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
+    st = os.lstat(path.parent)
+    if st.st_uid == os.getuid():
+        os.chmod(path.parent, 0o700)
+    check_socket_dir(path.parent)
+
+
+def remove_fallback_dir(home: Home) -> None:
+    """Remove the temp-dir fallback directory once its socket is gone."""
+    path = control_socket_path(home)
+    if path.parent != home.run_dir:
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass

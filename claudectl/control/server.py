@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -19,7 +20,7 @@ from twisted.protocols import amp
 
 from claudectl import __version__
 from claudectl.control import commands as C
-from claudectl.control.paths import control_socket_path, ensure_socket_dir
+from claudectl.control.paths import control_socket_path, ensure_socket_dir, remove_fallback_dir
 from claudectl.relay.handshake import HandshakeFailed, KeyAuth, PakeAuth
 from claudectl.relay.node import NotPaired, RelayNode
 from claudectl.relay.peers_view import peer_rows
@@ -179,6 +180,11 @@ class _ControlService(StreamServerEndpointService):
     def _bound(self, port: Any) -> Any:
         log.info("control socket at {path}", path=str(self.path))
         return port
+
+    def stopService(self) -> Any:
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda r: (remove_fallback_dir(self.node.home), r)[1])
+        return d
 
 
 def control_service(node: RelayNode) -> IService:

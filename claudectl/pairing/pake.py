@@ -57,6 +57,8 @@ PSK_BYTES = 32
 MAX_OPEN_CANDIDATES = 16
 #: Recently closed invites also answer, so a joiner learns "used"/"expired".
 MAX_CLOSED_CANDIDATES = 8
+#: How long after an invite closed a late joiner is still told why.
+CLOSED_ANSWER_SECS = 600
 MAX_MESSAGE_BYTES = 1024
 
 
@@ -258,8 +260,11 @@ class PakeResponder:
                    self._store.open_code_invites(now)[:MAX_OPEN_CANDIDATES]]
         # Recently closed invites too (even with none open), so that a late
         # joiner learns its invite was used, expired, revoked or burned.
+        # ... but only for a while: every answer costs SPAKE2 work, and an
+        # old invite must not keep the door open to unauthenticated callers.
         invites += [(inv, inv.state_at(now)) for inv in
-                    self._store.closed_code_invites(now)[:MAX_CLOSED_CANDIDATES]]
+                    self._store.closed_code_invites(now)[:MAX_CLOSED_CANDIDATES]
+                    if now - (inv.closed_at or inv.expires_at) <= CLOSED_ANSWER_SECS]
         if not invites:
             return None
         candidates = []
