@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -59,6 +60,13 @@ class InstalledDropinTests(SynchronousTestCase):
         target = Path(self.mktemp()).absolute()
         venv.EnvBuilder(system_site_packages=True, with_pip=True).create(target)
         py = str(target / "bin" / "python")
+        # The dependencies come from the environment running the tests (a
+        # virtualenv's own packages are not "system site packages").
+        nested_site = subprocess.run(
+            [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True, text=True, check=True).stdout.strip()
+        outer = sysconfig.get_paths()["purelib"]
+        Path(nested_site, "_claudectl_test_outer.pth").write_text(outer + "\n")
         r = subprocess.run([py, "-m", "pip", "install", "--quiet", "--no-deps",
                             "--disable-pip-version-check", str(REPO)],
                            capture_output=True, text=True, timeout=300)
