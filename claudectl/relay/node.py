@@ -387,7 +387,10 @@ class RelayNode:
                 peer = self.choose_peer_for(address, peer_hint or None,
                                             allow_unaddressed=False)
             except (NotPaired, ValueError) as e:
-                log.warn("auto_connect {entry}: {error}", entry=entry, error=str(e))
+                hint = ("" if peer_hint else
+                        f"; name the peer as \"<peer id>@{address}\" in [relay] auto_connect")
+                log.warn("auto_connect {entry}: {error}{hint}", entry=entry, error=str(e),
+                         hint=hint)
                 continue
             targets[peer] = address
         return sorted(targets.items())
