@@ -138,6 +138,10 @@ def status(ctx: CliContext, json_: bool) -> None:
         ctx.out("  by peer:   " + ", ".join(f"{p} {n}" for p, n in peers.most_common()))
     ctx.out(f"Trust:       {len(book.records)} peer record(s)"
             + (f", frozen: {', '.join(frozen)}" if frozen else ""))
+    for peer_id, rec in sorted(book.records.items()):
+        ctx.out(f"  {peer_id}: trust {rec.trust_level:.2f}, accepted "
+                f"{rec.knowledge_accepted}, conflicted {rec.knowledge_conflicted}, "
+                f"last sync {_when(rec.last_sync)}")
     ctx.out(f"Archive:     {info['archived_units']} unit(s)")
     if info["quarantined_lines"]:
         ctx.out(f"Quarantine:  {info['quarantined_lines']} unreadable line(s) kept in "
