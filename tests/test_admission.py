@@ -61,6 +61,11 @@ class AdmissionTests(SynchronousTestCase):
 
     def test_max_peers(self) -> None:
         self.assertIsNone(self.adm.check_accept(IP, 7))
+        # Full: two spare handshakes (a peer replacing its own link), no more.
+        self.assertIsNone(self.adm.check_accept(IP, 8))
+        self.adm.handshake_started(IP)
+        self.assertIsNone(self.adm.check_accept(IP, 8))
+        self.adm.handshake_started(IP)
         self.assertEqual(self.adm.check_accept(IP, 8), "max_peers")
         self.assertEqual(self.adm.check_accept(IP, 9), "max_peers")
         zero = Admission(self.clock, max_peers=0)

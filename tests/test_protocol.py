@@ -144,14 +144,28 @@ class ListenerTests(SynchronousTestCase):
         _p, t3 = self.connect("127.0.0.9")
         self.assertEqual(frames(t3)[0]["msg_type"], "challenge")
 
-    def test_max_peers_at_accept(self) -> None:
+    def test_max_peers(self) -> None:
         self.node.mesh.max_peers = 1
         self.node.admission.max_peers = 1
+        self.node.keystore.save_key("other-peer", self.psk)
         proto, transport = self.connect()
         self.authenticate_oneway(proto, transport)
-        _p2, t2 = self.connect()
-        self.assertEqual(t2.value(), b"")
+        # Full: another peer may handshake but is refused after authentication...
+        p2, t2 = self.connect()
+        self.authenticate_oneway(p2, t2, peer="other-peer")
+        self.assertTrue(t2.disconnecting)
+        self.assertEqual(self.node.mesh.connected_peers(), ["claude-rs-01"])
+        # ... while the connected peer may replace its own link.
+        p3, t3 = self.connect()
+        self.assertEqual(self.authenticate_oneway(p3, t3)["payload"]["status"], "ok")
+        self.assertFalse(t3.disconnecting)
+        self.assertTrue(transport.disconnecting)
+        # More than two handshakes at once while full: refused at accept.
+        held = [self.connect() for _ in range(2)]
+        _p4, t4 = self.connect()
+        self.assertEqual(t4.value(), b"")
         self.assertEqual(self.node.admission.rejections.get("max_peers"), 1)
+        del held
 
     def test_max_inflight_handshakes(self) -> None:
         conns = [self.connect() for _ in range(16)]

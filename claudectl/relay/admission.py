@@ -29,6 +29,8 @@ MAX_INFLIGHT_HANDSHAKES = 16
 #: Handshakes in flight from one source address (so that one host cannot
 #: take every slot with idle sockets).  Loopback is exempt: local processes.
 MAX_INFLIGHT_PER_IP = 4
+#: Handshakes admitted while max_peers links are up (replacements only).
+SPARE_HANDSHAKES_WHEN_FULL = 2
 MAX_FAILURES = 5
 FAILURE_WINDOW_SECS = 60.0
 COOLDOWN_SECS = 60.0
@@ -84,7 +86,11 @@ class Admission:
         if (self._inflight_by_ip.get(ip, 0) >= MAX_INFLIGHT_PER_IP
                 and not _is_loopback(ip)):
             return self._count("too_many_handshakes_from_ip")
-        if connected_peers >= self.max_peers:
+        # When full, a couple of handshakes may still run: a connected peer
+        # that restarted must be able to replace its own (stale) link.  After
+        # authentication the mesh refuses anyone else.
+        if connected_peers >= self.max_peers and (
+                self.max_peers == 0 or self.inflight >= SPARE_HANDSHAKES_WHEN_FULL):
             return self._count("max_peers")
         return None
 
