@@ -334,7 +334,11 @@ def _kb(n: int) -> str:
 @json_flag
 @pass_ctx
 def disconnect(ctx: CliContext, peer: str) -> None:
-    """Drop the link to PEER and stop redialing it until the next start."""
+    """Drop the link to PEER; this side stops redialing it until the next start.
+
+    A peer that dials us reconnects on its own schedule: `relay forget PEER`
+    ends the pairing for good.
+    """
     result = call_service(ctx, C.Disconnect, peer=peer)
     if result is None:
         raise CliError("the relay service is not running, so there is no link to drop")
