@@ -63,7 +63,7 @@ log = Logger()
 SYNC_STATE = "sync_state.json"
 #: How often the service looks for changes of knowledge.jsonl made by others
 #: (one stat() call).
-POLL_SECS = 0.1
+POLL_SECS = 0.05
 #: After a link to a peer of this project comes up we answer its
 #: knowledge_request first; a push round follows after this delay in case the
 #: peer never asks.
