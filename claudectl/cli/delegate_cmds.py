@@ -23,8 +23,9 @@ from claudectl.cli.base import CliContext, CliError, cli, pass_ctx, relay
 from claudectl.cli.base import json_flag as _json_option
 from claudectl.cli.base import remote_error_text as _error_text
 from claudectl.delegation import commands as C
+from claudectl.delegation.taskrun import FINISHED_STATES
 
-TERMINAL = ("completed", "failed", "stopped")
+TERMINAL = FINISHED_STATES
 WATCH_SECS = 30.0
 PROGRESS_MIN_SECS = 2.0
 

@@ -32,11 +32,12 @@ from twisted.logger import Logger
 
 from claudectl.delegation import payloads
 from claudectl.delegation.store import TaskStore, safe_name
+from claudectl.delegation.taskrun import FINISHED_STATES
 from claudectl.relay.codec import ACK, DELEGATE_TASK, TASK_INTERRUPT, Envelope, MessageIds
 from claudectl.relay.interfaces import IMesh
 
 DELEGATED = "delegated"
-TERMINAL = frozenset({"completed", "failed", "stopped"})
+TERMINAL = FINISHED_STATES
 MAX_WAIT_SECS = 300
 DEFAULT_ANSWER_TIMEOUT_SECS = 120
 

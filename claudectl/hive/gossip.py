@@ -52,7 +52,7 @@ from claudectl.hive.store import (
     store_transaction,
 )
 from claudectl.hive.trust import load_trust, log_collisions, trust_level, trust_transaction
-from claudectl.hive.units import SNAPSHOT_PAGE_BYTES, KnowledgeUnit
+from claudectl.hive.units import SNAPSHOT_PAGE_BYTES, KnowledgeUnit, paginate
 from claudectl.home import Home
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
@@ -185,20 +185,9 @@ def _encode_all(units: list[KnowledgeUnit]) -> list[Encoded]:
     return out
 
 
-def _paginate(encoded: list[Encoded], limit: int = SNAPSHOT_PAGE_BYTES) -> list[list[Encoded]]:
-    """claudectl's paging (hive.md 6.6) over pre-sized units."""
-    pages: list[list[Encoded]] = []
-    page: list[Encoded] = []
-    size = 0
-    for item in encoded:
-        if page and size + item[2] > limit:
-            pages.append(page)
-            page, size = [], 0
-        page.append(item)
-        size += item[2]
-    if page:
-        pages.append(page)
-    return pages
+def _paginate(encoded: list[Encoded]) -> list[list[Encoded]]:
+    """claudectl's paging over units whose sizes are already known."""
+    return paginate(encoded, SNAPSHOT_PAGE_BYTES, size=lambda item: item[2])
 
 
 class Gossip:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 DAY = 86_400
 U8_MAX = 2**8 - 1
@@ -750,23 +750,27 @@ def unit_json_len(unit: KnowledgeUnit) -> int:
     return len(_dumps(unit.to_json(), sort_keys=True).encode("utf-8"))
 
 
-def paginate(units: Iterable[KnowledgeUnit],
-             limit: int = SNAPSHOT_PAGE_BYTES) -> list[list[KnowledgeUnit]]:
+T = TypeVar("T")
+
+
+def paginate(items: Iterable[T], limit: int = SNAPSHOT_PAGE_BYTES,
+             size: Callable[[T], int] = unit_json_len) -> list[list[T]]:  # type: ignore[assignment]
     """
     Split units into snapshot pages as claudectl does (hive.md 6.6): a page
     closes before a unit that would take it past ``limit`` bytes; an oversize
-    unit gets a page of its own.  No units gives no pages.
+    unit gets a page of its own.  No units gives no pages.  ``size`` gives an
+    item's bytes (callers that already know them pass their own).
     """
-    pages: list[list[KnowledgeUnit]] = []
-    page: list[KnowledgeUnit] = []
-    size = 0
-    for unit in units:
-        n = unit_json_len(unit)
-        if page and size + n > limit:
+    pages: list[list[T]] = []
+    page: list[T] = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if page and total + n > limit:
             pages.append(page)
-            page, size = [], 0
-        page.append(unit)
-        size += n
+            page, total = [], 0
+        page.append(item)
+        total += n
     if page:
         pages.append(page)
     return pages
