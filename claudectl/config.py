@@ -111,6 +111,7 @@ class RelayConfig:
     lan_broadcast_addr: str = "255.255.255.255"
     lan_announce_interval: int = 10
     invite_ttl_hours: int = 24
+    require_encryption: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class DelegationConfig:
     task_timeout_secs: int = 0
     allowed_git_remotes: tuple[str, ...] = ()
     answer_timeout_secs: int = 120
+    allow_plaintext_tasks: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ SCHEMA: dict[str, tuple[type, list[Key]]] = {
         Key("lan_broadcast_addr", _nonempty_str, "an IPv4 address such as \"255.255.255.255\""),
         Key("lan_announce_interval", _int(1, 86400), "an integer number of seconds 1-86400"),
         Key("invite_ttl_hours", _int(1, 24 * 365), "an integer number of hours 1-8760"),
+        Key("require_encryption", _bool, "true or false"),
     ]),
     "hive": (HiveConfig, [
         Key("enabled", _bool, "true or false"),
@@ -212,6 +215,7 @@ SCHEMA: dict[str, tuple[type, list[Key]]] = {
             "a list of git remote URLs or URL prefixes (\"*\" = any)"),
         Key("answer_timeout_secs", _int(0),
             "a non-negative integer number of seconds (0 = wait forever)"),
+        Key("allow_plaintext_tasks", _bool, "true or false"),
     ]),
 }
 
