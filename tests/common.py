@@ -64,6 +64,8 @@ class FakeMesh:
                  peers: list[str] | None = None) -> None:
         self.identity = identity
         self.peers: dict[str, str] = {p: "mutual" for p in (peers or [])}
+        #: ``peer_transport`` answers; peers not listed are "tls1.3".
+        self.transports: dict[str, str] = {}
         self.sent: list[tuple[str, str, Any]] = []
         self.handlers: dict[str, list[Any]] = {}
         self.up: list[Any] = []
@@ -91,6 +93,11 @@ class FakeMesh:
     def peer_mode(self, peer_id: str) -> str | None:
         return self.peers.get(peer_id)
 
+    def peer_transport(self, peer_id: str) -> str | None:
+        if peer_id not in self.peers:
+            return None
+        return self.transports.get(peer_id, "tls1.3")
+
     # --- test drivers ---
     def connect(self, peer_id: str, mode: str = "mutual") -> None:
         self.peers[peer_id] = mode
@@ -112,8 +119,13 @@ class FakeMesh:
 
 
 def make_node(testcase: Any, identity: str, reactor: Any = None, home: Home | None = None,
-              **relay: Any) -> Any:
-    """A RelayNode in a fresh temporary home, on ``reactor`` (default: a MemoryReactorClock)."""
+              tls: bool = False, **relay: Any) -> Any:
+    """
+    A RelayNode in a fresh temporary home, on ``reactor`` (default: a
+    MemoryReactorClock).  TLS is off unless asked for: the in-memory
+    transports (StringTransport, iosim) cannot run a real TLS handshake; the
+    TLS tests use real TCP on loopback.
+    """
     import dataclasses
 
     from twisted.internet.testing import MemoryReactorClock
@@ -127,7 +139,7 @@ def make_node(testcase: Any, identity: str, reactor: Any = None, home: Home | No
     relay.setdefault("lan_discovery", False)
     config = dataclasses.replace(config, relay=dataclasses.replace(config.relay, **relay))
     node = RelayNode(home or temp_home(testcase), config, reactor, identity=identity,
-                     jitter=lambda: 0.0)
+                     jitter=lambda: 0.0, tls=tls)
     return node
 
 

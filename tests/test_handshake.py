@@ -93,6 +93,12 @@ class StoreKeys:
     def is_mutual(self, peer_id: str) -> bool:
         return self.ks.is_mutual(peer_id)
 
+    def is_tls(self, peer_id: str) -> bool:
+        return self.ks.is_tls(peer_id)
+
+    def closed_candidates(self) -> Sequence[tuple[str, bytes]]:
+        return []
+
 
 class Wire:
     """Mutable wall clock plus envelope factories for both sides."""

@@ -278,6 +278,12 @@ class WithHandshake(SynchronousTestCase):
             def is_mutual(self, peer_id: str) -> bool:
                 return False
 
+            def is_tls(self, peer_id: str) -> bool:
+                return False
+
+            def closed_candidates(self) -> list[tuple[str, bytes]]:
+                return []
+
         listener = self.hs.ListenerHandshake(EnvelopeFactory("desk-1", clock.seconds), Keys(),
                                              pake=PakeResponder(store, clock))
         connector = self.hs.ConnectorHandshake(EnvelopeFactory("laptop-1", clock.seconds),

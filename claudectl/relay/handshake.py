@@ -48,6 +48,14 @@ from claudectl.relay import codec
 from claudectl.relay.codec import Envelope, EnvelopeFactory
 from claudectl.relay.crypto import RandomBytes, new_nonce, proof, verify_proof
 from claudectl.relay.keystore import is_remote_peer_id
+from claudectl.relay.tls import (
+    CAP_TLS,
+    CONNECTOR_ROLE,
+    LISTENER_ROLE,
+    PLAINTEXT,
+    TLS13,
+    channel_proof,
+)
 
 CAP_MUTUAL = "mutual-v1"
 CAP_PAKE = "pake-v1"
@@ -84,6 +92,8 @@ class Authenticated:
     mode: str  # MUTUAL or ONEWAY
     #: How the key was found: "stored", "pending", "invite:<id>", "pake".
     via: str = "stored"
+    #: ``"tls1.3"`` or ``"plaintext"``.
+    transport: str = PLAINTEXT
 
 
 @dataclass
@@ -93,6 +103,12 @@ class Step:
     send: list[Envelope] = field(default_factory=list)
     done: Authenticated | None = None
     failed: str | None = None
+    #: Start TLS on this connection once ``send`` is written (listener: as
+    #: the TLS server; connector: as the client), then call
+    #: ``tls_established`` with the exporter value.
+    start_tls: bool = False
+    #: The failure is a reflection attempt (logged as such).
+    reflected: bool = False
 
     @property
     def finished(self) -> bool:
@@ -118,6 +134,28 @@ class KeyLookup(Protocol):
 
     def is_mutual(self, peer_id: str) -> bool: ...
 
+    def is_tls(self, peer_id: str) -> bool:
+        """This peer has authenticated over TLS before (plaintext is a downgrade)."""
+
+    def closed_candidates(self) -> Sequence[tuple[str, bytes]]:
+        """``(state, psk)`` of closed invite links: to tell a joiner why."""
+
+
+def _never(_value: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What this node offers and insists on (``[relay]`` config, node state)."""
+
+    #: Offer / ask for TLS (peers of this project).
+    tls: bool = False
+    #: ``[relay] require_encryption``: refuse every plaintext link.
+    require_encryption: bool = False
+    #: ``is_own_nonce(nonce)``: we issued this nonce (or cnonce) recently.
+    is_own_nonce: Callable[[str], bool] = _never
+
 
 class PakeResponse(Protocol):
     messages: list[bytes]
@@ -131,37 +169,58 @@ class PakeResponderLike(Protocol):
 
 class ListenerState(Enum):
     AWAIT_HANDSHAKE = "await_handshake"
+    AWAIT_TLS = "await_tls"
     AWAIT_PAKE_CONFIRM = "await_pake_confirm"
     DONE = "done"
 
 
 class ListenerHandshake:
-    """The accepting side: challenge, verify, ack."""
+    """
+    The accepting side: challenge, verify, ack.
+
+    With TLS (both sides of this project) the exchange is::
+
+        challenge {nonce, caps:[…, tls-v1], identity}    (plaintext)
+        handshake {starttls: "tls-v1", caps, version}    (plaintext)
+        handshake_ack {status: "starttls"}               (plaintext)
+        ---- TLS 1.3 handshake; everything after it is encrypted ----
+        handshake {proof, cnonce, caps, version}          proof = channel_proof(connector)
+        handshake_ack {status: "ok", sproof, caps}        sproof = channel_proof(listener)
+    """
 
     def __init__(self, envelopes: EnvelopeFactory, keys: KeyLookup,
                  random: RandomBytes = os.urandom,
-                 pake: PakeResponderLike | None = None) -> None:
+                 pake: PakeResponderLike | None = None,
+                 policy: Policy = Policy()) -> None:
         self._env = envelopes
         self._keys = keys
         self._random = random
         self._pake = pake
+        self._policy = policy
         self.state = ListenerState.AWAIT_HANDSHAKE
         self.nonce = new_nonce(random)
         self._pake_response: PakeResponse | None = None
         self._pake_peer: str | None = None
         #: The id the connector claimed (for logs and rate limiting), if any.
         self.claimed_id: str | None = None
+        #: The TLS exporter value once TLS is up (None: plaintext).
+        self.exporter: bytes | None = None
+
+    def _caps(self) -> list[str]:
+        return list(OUR_CAPS) + ([CAP_TLS] if self._policy.tls else [])
 
     def start(self) -> list[Envelope]:
-        challenge = self._env.make(codec.CHALLENGE,
-                                   {"nonce": self.nonce, "caps": list(OUR_CAPS)},
-                                   from_peer="")
-        return [challenge]
+        payload: dict[str, Any] = {"nonce": self.nonce, "caps": self._caps()}
+        if self._policy.tls:
+            # Tells a connector of this project which key to use before it
+            # answers (claudectl ignores the field).
+            payload["identity"] = self._env.identity
+        return [self._env.make(codec.CHALLENGE, payload, from_peer="")]
 
     def _ack(self, status: str, **extra: Any) -> Envelope:
         return self._env.make(codec.HANDSHAKE_ACK, {"status": status, **extra})
 
-    def _deny(self, reason: str, tell: str | None = None) -> Step:
+    def _deny(self, reason: str, tell: str | None = None, reflected: bool = False) -> Step:
         """
         Refuse.  ``tell`` is a short reason word for peers of this project
         (``used``, ``expired``, ``burned``, ``wrong_code``…) in a payload field
@@ -169,11 +228,19 @@ class ListenerHandshake:
         """
         self.state = ListenerState.DONE
         extra = {"reason": tell} if tell else {}
-        return Step(send=[self._ack("denied", **extra)], failed=reason)
+        return Step(send=[self._ack("denied", **extra)], failed=reason, reflected=reflected)
+
+    def tls_established(self, exporter: bytes) -> None:
+        """TLS is up on this connection: proofs from now on bind ``exporter``."""
+        if self.state is ListenerState.AWAIT_TLS:
+            self.exporter = exporter
+            self.state = ListenerState.AWAIT_HANDSHAKE
 
     def receive(self, env: Envelope) -> Step:
         if self.state is ListenerState.DONE:
             return Step(failed="handshake already finished")
+        if self.state is ListenerState.AWAIT_TLS:
+            return self._deny("frame before the TLS handshake finished")
         if env.msg_type != codec.HANDSHAKE:
             return self._deny(f"expected handshake, got {env.msg_type}")
         payload = env.payload if isinstance(env.payload, dict) else {}
@@ -181,38 +248,73 @@ class ListenerHandshake:
         self.claimed_id = peer if isinstance(peer, str) else None
         if not is_remote_peer_id(peer):
             return self._deny("invalid peer id")
+        if self.exporter is None and "starttls" in payload:
+            return self._start_tls(payload)
+        if self.exporter is None:
+            refusal = self._plaintext_refusal(peer, payload)
+            if refusal is not None:
+                return refusal
+        cnonce = payload.get("cnonce")
+        if isinstance(cnonce, str) and self._policy.is_own_nonce(cnonce):
+            return self._deny(f"reflection attempt: {peer} sent back a nonce we issued",
+                              reflected=True)
         if self.state is ListenerState.AWAIT_PAKE_CONFIRM:
             return self._pake_confirm(peer, payload)
         if isinstance(payload.get("pake"), dict):
             return self._pake_start(peer, payload)
         return self._key_handshake(peer, payload)
 
+    def _start_tls(self, payload: dict[str, Any]) -> Step:
+        if not self._policy.tls or payload.get("starttls") != CAP_TLS:
+            return self._deny(f"cannot start TLS {payload.get('starttls')!r}", "no_tls")
+        self.state = ListenerState.AWAIT_TLS
+        return Step(send=[self._ack("starttls", caps=self._caps())], start_tls=True)
+
+    def _plaintext_refusal(self, peer: str, payload: dict[str, Any]) -> Step | None:
+        if self._policy.require_encryption:
+            return self._deny("plaintext handshake refused: [relay] require_encryption is true",
+                              "encryption_required")
+        if self._keys.is_tls(peer):
+            return self._deny(f"downgrade refused: {peer} has used TLS before", "downgrade")
+        if isinstance(payload.get("pake"), dict) and self._policy.tls:
+            return self._deny("short-code pairing needs TLS", "no_tls")
+        return None
+
+    def _verify(self, psk: bytes, peer: str, candidate: str, cnonce: Any) -> bool:
+        if self.exporter is None:
+            return verify_proof(psk, self.nonce, candidate)
+        expected = channel_proof(psk, CONNECTOR_ROLE, self.exporter, self.nonce, cnonce,
+                                 peer, self._env.identity)
+        return hmac.compare_digest(expected.encode(), candidate.encode("utf-8", "replace"))
+
     def _key_handshake(self, peer: str, payload: dict[str, Any]) -> Step:
         candidate = payload.get("proof")
         if not isinstance(candidate, str):
             return self._deny("proof missing")
+        cnonce = payload.get("cnonce")
+        mutual = _is_nonce(cnonce)
+        if self.exporter is not None and not mutual:
+            return self._deny("TLS handshake without a valid cnonce")
         stored = self._keys.stored_key(peer)
         match: tuple[str, bytes] | None = None
         if stored is not None:
-            if verify_proof(stored, self.nonce, candidate):
+            if self._verify(stored, peer, candidate, cnonce):
                 match = ("stored", stored)
         else:
             for label, psk in self._keys.pending_candidates():
-                if verify_proof(psk, self.nonce, candidate):
+                if self._verify(psk, peer, candidate, cnonce):
                     match = (label, psk)
                     break
         if match is None:
             if stored is not None:
                 return self._deny("wrong proof")
             tell = None
-            for state, psk in getattr(self._keys, "closed_candidates", lambda: [])():
-                if verify_proof(psk, self.nonce, candidate):
+            for state, psk in self._keys.closed_candidates():
+                if self._verify(psk, peer, candidate, cnonce):
                     tell = state
                     break
             return self._deny(f"no key for this peer ({tell or 'unknown key'})", tell)
         label, psk = match
-        cnonce = payload.get("cnonce")
-        mutual = _is_nonce(cnonce)
         if not mutual and self._keys.is_mutual(peer):
             return self._deny("downgrade to one-way authentication refused")
         if label != "stored" and not self._keys.claim(peer, label, psk):
@@ -224,10 +326,16 @@ class ListenerHandshake:
                 cnonce: str | None) -> Step:
         self.state = ListenerState.DONE
         extra: dict[str, Any] = {}
-        if cnonce is not None:
-            extra = {"sproof": listener_proof(psk, cnonce, self.nonce), "caps": list(OUR_CAPS)}
+        transport = PLAINTEXT
+        if cnonce is not None and self.exporter is not None:
+            transport = TLS13
+            extra = {"sproof": channel_proof(psk, LISTENER_ROLE, self.exporter, self.nonce,
+                                             cnonce, peer, self._env.identity),
+                     "caps": self._caps()}
+        elif cnonce is not None:
+            extra = {"sproof": listener_proof(psk, cnonce, self.nonce), "caps": self._caps()}
         return Step(send=[self._ack("ok", **extra)],
-                    done=Authenticated(peer, psk, mode, via))
+                    done=Authenticated(peer, psk, mode, via, transport))
 
     def _pake_start(self, peer: str, payload: dict[str, Any]) -> Step:
         if self._pake is None:
@@ -254,14 +362,7 @@ class ListenerHandshake:
         if peer != self._pake_peer:
             return self._deny("peer id changed during pairing")
         pake = payload.get("pake")
-        confirms_raw = pake.get("confirm") if isinstance(pake, dict) else None
-        confirms: list[bytes] = []
-        if isinstance(confirms_raw, list):
-            for c in confirms_raw[:64]:
-                try:
-                    confirms.append(bytes.fromhex(c) if isinstance(c, str) else b"")
-                except ValueError:
-                    confirms.append(b"")
+        confirms = _hex_list(pake.get("confirm") if isinstance(pake, dict) else None)
         cnonce = payload.get("cnonce")
         if not _is_nonce(cnonce):
             # Checked before finish(): a denied pairing stores no key.
@@ -270,9 +371,28 @@ class ListenerHandshake:
         if psk is None:
             tell = getattr(self._pake_response, "failure", None) or "wrong_code"
             return self._deny(f"short code refused ({tell})", tell)
+        if self.exporter is not None:
+            # The joiner proves the new key on this very connection too, so
+            # a PAKE relayed between two TLS sessions gives nobody a link.
+            proofs = pake.get("proofs") if isinstance(pake, dict) else None
+            if not isinstance(proofs, list) or not any(
+                    isinstance(p, str) and self._verify(psk, peer, p, cnonce)
+                    for p in proofs[:MAX_PAKE_CANDIDATES]):
+                return self._deny("short-code pairing not bound to this connection")
         if not self._keys.store_new_key(peer, psk):
             return self._deny("could not store the new key")
         return self._accept(peer, psk, MUTUAL, "pake", cnonce)
+
+
+def _hex_list(raw: Any, limit: int = 64) -> list[bytes]:
+    out: list[bytes] = []
+    if isinstance(raw, list):
+        for c in raw[:limit]:
+            try:
+                out.append(bytes.fromhex(c) if isinstance(c, str) else b"")
+            except ValueError:
+                out.append(b"")
+    return out
 
 
 # --- connector -------------------------------------------------------------------
@@ -303,6 +423,8 @@ class PakeAuth:
 
 class ConnectorState(Enum):
     AWAIT_CHALLENGE = "await_challenge"
+    AWAIT_STARTTLS = "await_starttls"
+    AWAIT_TLS = "await_tls"
     AWAIT_ACK = "await_ack"
     DONE = "done"
 
@@ -314,48 +436,140 @@ class ConnectorHandshake:
                  is_mutual: Callable[[str], bool] = lambda _peer: False,
                  random: RandomBytes = os.urandom,
                  version: str = COMPAT_VERSION,
-                 stored_key: Callable[[str], bytes | None] = lambda _peer: None) -> None:
+                 stored_key: Callable[[str], bytes | None] = lambda _peer: None,
+                 is_tls: Callable[[str], bool] = lambda _peer: False,
+                 policy: Policy = Policy()) -> None:
         self._env = envelopes
         self._auth = auth
         self._is_mutual = is_mutual
+        self._is_tls = is_tls
         self._stored_key = stored_key
         self._version = version
+        self._policy = policy
         self.cnonce = new_nonce(random)
         self.nonce: str | None = None
         self.state = ConnectorState.AWAIT_CHALLENGE
         self._pake_round = 0
         self.remote_caps: list[str] = []
+        #: The listener's identity as it announced it before TLS (TLS only).
+        self.listener_id: str | None = None
+        #: The TLS exporter value once TLS is up (None: plaintext).
+        self.exporter: bytes | None = None
 
-    def _fail(self, reason: str) -> Step:
+    def _fail(self, reason: str, reflected: bool = False) -> Step:
         self.state = ConnectorState.DONE
-        return Step(failed=reason)
+        return Step(failed=reason, reflected=reflected)
 
     def receive(self, env: Envelope) -> Step:
         if self.state is ConnectorState.AWAIT_CHALLENGE:
             return self._on_challenge(env)
+        if self.state is ConnectorState.AWAIT_STARTTLS:
+            return self._on_starttls(env)
         if self.state is ConnectorState.AWAIT_ACK:
             return self._on_ack(env)
+        if self.state is ConnectorState.AWAIT_TLS:
+            return self._fail("frame before the TLS handshake finished")
         return Step(failed="handshake already finished")
+
+    def _expected(self) -> str | None:
+        return self._auth.expected_peer if isinstance(self._auth, KeyAuth) else None
 
     def _on_challenge(self, env: Envelope) -> Step:
         payload = env.payload if isinstance(env.payload, dict) else {}
         nonce = payload.get("nonce")
         if not isinstance(nonce, str):
             return self._fail("challenge missing nonce")
+        if self._policy.is_own_nonce(nonce):
+            # Someone handed us a challenge our own listener issued, to make
+            # us answer it for them (a reflection attack).
+            return self._fail("reflection attempt: the challenge carries a nonce we issued",
+                              reflected=True)
         self.nonce = nonce
         caps = payload.get("caps")
         self.remote_caps = [c for c in caps if isinstance(c, str)] if isinstance(caps, list) else []
-        body: dict[str, Any] = {"version": self._version, "cnonce": self.cnonce,
-                                "caps": list(OUR_CAPS)}
-        if isinstance(self._auth, KeyAuth):
-            body["proof"] = proof(self._auth.psk, nonce)
-        else:
+        if self._policy.tls and CAP_TLS in self.remote_caps:
+            self.state = ConnectorState.AWAIT_STARTTLS
+            return Step(send=[self._env.make(codec.HANDSHAKE, {
+                "starttls": CAP_TLS, "version": self._version, "caps": self._caps()})])
+        refusal = self._plaintext_refusal(self._expected())
+        if refusal is not None:
+            return refusal
+        return self._answer()
+
+    def _caps(self) -> list[str]:
+        return list(OUR_CAPS) + ([CAP_TLS] if self._policy.tls else [])
+
+    def _plaintext_refusal(self, peer: str | None) -> Step | None:
+        if self._policy.require_encryption:
+            return self._fail("the listener offers no encryption (a claudectl 0.64 peer?) and "
+                              "[relay] require_encryption is true")
+        if peer is not None and self._is_tls(peer):
+            return self._fail(f"downgrade refused: {peer} has used TLS before, but the listener "
+                              "offers no encryption")
+        if isinstance(self._auth, PakeAuth):
             if CAP_PAKE not in self.remote_caps:
                 return self._fail("the listener does not support short codes "
                                   "(a claudectl 0.64 listener?); use the invite link")
+            if self._policy.tls:
+                return self._fail("the listener offers no encryption: short codes need it")
+        return None
+
+    def _on_starttls(self, env: Envelope) -> Step:
+        if env.msg_type != codec.HANDSHAKE_ACK:
+            return self._fail(f"expected handshake_ack, got {env.msg_type}")
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        status = payload.get("status")
+        if status != "starttls":
+            return self._denied(payload)
+        remote = env.from_peer
+        if not is_remote_peer_id(remote):
+            return self._fail(f"listener sent an invalid identity {remote!r}")
+        expected = self._expected()
+        if expected not in (None, remote):
+            return self._fail(f"remote identity mismatch: expected {expected}, got {remote}")
+        self.listener_id = remote
+        self.state = ConnectorState.AWAIT_TLS
+        return Step(start_tls=True)
+
+    def tls_established(self, exporter: bytes) -> Step:
+        """TLS is up: send the handshake, bound to this connection."""
+        if self.state is not ConnectorState.AWAIT_TLS:
+            return self._fail("TLS started at the wrong moment")
+        self.exporter = exporter
+        return self._answer()
+
+    def _proof(self, psk: bytes) -> str:
+        assert self.nonce is not None
+        if self.exporter is None:
+            return proof(psk, self.nonce)
+        assert self.listener_id is not None
+        return channel_proof(psk, CONNECTOR_ROLE, self.exporter, self.nonce, self.cnonce,
+                             self._env.identity, self.listener_id)
+
+    def _sproof(self, psk: bytes, remote: str) -> str:
+        assert self.nonce is not None
+        if self.exporter is None:
+            return listener_proof(psk, self.cnonce, self.nonce)
+        return channel_proof(psk, LISTENER_ROLE, self.exporter, self.nonce, self.cnonce,
+                             self._env.identity, remote)
+
+    def _answer(self) -> Step:
+        body: dict[str, Any] = {"version": self._version, "cnonce": self.cnonce,
+                                "caps": self._caps()}
+        if isinstance(self._auth, KeyAuth):
+            body["proof"] = self._proof(self._auth.psk)
+        else:
             body["pake"] = {"msg": self._auth.initiator.start().hex()}
         self.state = ConnectorState.AWAIT_ACK
         return Step(send=[self._env.make(codec.HANDSHAKE, body)])
+
+    def _denied(self, payload: dict[str, Any]) -> Step:
+        status = payload.get("status")
+        text = f"handshake denied: {status if isinstance(status, str) else 'unknown'}"
+        why = payload.get("reason")
+        if isinstance(why, str) and why.replace("_", "").isalnum() and len(why) <= 32:
+            text += f" ({why})"
+        return self._fail(text)
 
     def _on_ack(self, env: Envelope) -> Step:
         if env.msg_type != codec.HANDSHAKE_ACK:
@@ -365,43 +579,49 @@ class ConnectorHandshake:
         if status == "pake" and isinstance(self._auth, PakeAuth) and self._pake_round == 0:
             return self._on_pake_messages(payload)
         if status != "ok":
-            text = f"handshake denied: {status if isinstance(status, str) else 'unknown'}"
-            why = payload.get("reason")
-            if isinstance(why, str) and why.replace("_", "").isalnum() and len(why) <= 32:
-                text += f" ({why})"
-            return self._fail(text)
+            return self._denied(payload)
         remote = env.from_peer
         if not is_remote_peer_id(remote):
             return self._fail(f"listener sent an invalid identity {remote!r}")
-        if isinstance(self._auth, KeyAuth) and self._auth.expected_peer not in (None, remote):
-            return self._fail(f"remote identity mismatch: expected {self._auth.expected_peer}, "
-                              f"got {remote}")
-        assert self.nonce is not None
+        expected = self._expected()
+        if expected not in (None, remote):
+            return self._fail(f"remote identity mismatch: expected {expected}, got {remote}")
+        if self.listener_id not in (None, remote):
+            return self._fail(f"the listener changed its identity during the handshake "
+                              f"({self.listener_id} → {remote})")
         sproof = payload.get("sproof")
         candidates = ([self._auth.psk] if isinstance(self._auth, KeyAuth)
                       else self._auth.initiator.candidate_psks())
+        via = "pake" if isinstance(self._auth, PakeAuth) else "stored"
         if isinstance(sproof, str):
             for psk in candidates:
-                if hmac.compare_digest(listener_proof(psk, self.cnonce, self.nonce).encode(),
+                if hmac.compare_digest(self._sproof(psk, remote).encode(),
                                        sproof.encode("utf-8", "replace")):
-                    via = "pake" if isinstance(self._auth, PakeAuth) else "stored"
-                    return self._done(remote, psk, MUTUAL, via)
+                    transport = PLAINTEXT if self.exporter is None else TLS13
+                    return self._done(remote, psk, MUTUAL, via, transport)
             return self._fail("the listener could not prove it holds the key")
         if isinstance(self._auth, PakeAuth):
             return self._fail("the listener did not confirm the pairing")
+        if self.exporter is not None:
+            return self._fail("the listener did not prove the key over TLS")
+        refusal = self._plaintext_refusal(remote)
+        if refusal is not None:
+            return refusal
         if self._is_mutual(remote):
             return self._fail(f"downgrade refused: {remote} has authenticated mutually before")
-        return self._done(remote, self._auth.psk, ONEWAY, "stored")
+        return self._done(remote, self._auth.psk, ONEWAY, "stored", PLAINTEXT)
 
-    def _done(self, remote: str, psk: bytes, mode: str, via: str) -> Step:
+    def _done(self, remote: str, psk: bytes, mode: str, via: str, transport: str) -> Step:
         # Whoever hands us an invite must not take over the key of a peer we
         # already trust by claiming its identity.
         existing = self._stored_key(remote)
         if existing is not None and existing != psk:
             return self._fail(f"already paired with {remote} under a different key; run "
                               f"`claudectl relay forget {remote}` first to pair again")
+        if transport == PLAINTEXT and self._is_tls(remote):
+            return self._fail(f"downgrade refused: {remote} has used TLS before")
         self.state = ConnectorState.DONE
-        return Step(done=Authenticated(remote, psk, mode, via))
+        return Step(done=Authenticated(remote, psk, mode, via, transport))
 
     def _on_pake_messages(self, payload: dict[str, Any]) -> Step:
         assert isinstance(self._auth, PakeAuth)
@@ -420,6 +640,10 @@ class ConnectorHandshake:
             confirms = self._auth.initiator.confirmations(msgs)
         except Exception as e:  # a hostile reply must not crash us
             return self._fail(f"pake failed: {e}")
-        body = {"version": self._version, "cnonce": self.cnonce, "caps": list(OUR_CAPS),
-                "pake": {"confirm": [c.hex() for c in confirms]}}
+        body_pake: dict[str, Any] = {"confirm": [c.hex() for c in confirms]}
+        if self.exporter is not None:
+            body_pake["proofs"] = [self._proof(psk)
+                                   for psk in self._auth.initiator.candidate_psks()]
+        body = {"version": self._version, "cnonce": self.cnonce, "caps": self._caps(),
+                "pake": body_pake}
         return Step(send=[self._env.make(codec.HANDSHAKE, body)])

@@ -43,6 +43,9 @@ class IMesh(Interface):
     def peer_mode(peer_id: str) -> str | None:
         """``"mutual"`` (a peer of this project), ``"oneway"`` (claudectl 0.64) or None."""
 
+    def peer_transport(peer_id: str) -> str | None:
+        """``"tls1.3"``, ``"plaintext"`` (the link is not encrypted) or None (no link)."""
+
 
 class ISubsystem(Interface):
     """Something ``makeService`` attaches to a node (gossip, delegation)."""

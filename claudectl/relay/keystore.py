@@ -10,6 +10,8 @@ Identity and per-peer files under ``~/.claudectl/relay/`` (wire.md 6).
   2-space indent and no trailing newline.
 * ``peers/<id>.mutual``: our own marker -- this peer once proved the key in
   both directions, so a later one-way handshake from it is a downgrade.
+* ``peers/<id>.tls``: our own marker -- this peer once authenticated over
+  TLS, so a later plaintext handshake under its identity is a downgrade.
 
 All writes are atomic and key files are always 0600 (defect W14).
 """
@@ -153,7 +155,7 @@ class KeyStore:
         if not is_valid_peer_id(peer_id):
             return False  # never build a path from "../x"
         removed = False
-        for suffix in (".key", ".meta", ".mutual"):
+        for suffix in (".key", ".meta", ".mutual", ".tls"):
             try:
                 (self.home.peers / f"{peer_id}{suffix}").unlink()
                 removed = removed or suffix == ".key"
@@ -186,3 +188,11 @@ class KeyStore:
     def mark_mutual(self, peer_id: str) -> None:
         if not self.is_mutual(peer_id):
             atomic_write(self.home.peers / f"{peer_id}.mutual", b"1", mode=0o600)
+
+    # --- TLS marker -------------------------------------------------------------------
+    def is_tls(self, peer_id: str) -> bool:
+        return is_valid_peer_id(peer_id) and (self.home.peers / f"{peer_id}.tls").exists()
+
+    def mark_tls(self, peer_id: str) -> None:
+        if not self.is_tls(peer_id):
+            atomic_write(self.home.peers / f"{peer_id}.tls", b"1", mode=0o600)

@@ -43,6 +43,8 @@ class PeerState:
     dedup: Dedup = field(default_factory=Dedup)
     counters: LinkCounters = field(default_factory=LinkCounters)
     mode: str | None = None
+    #: ``"tls1.3"`` or ``"plaintext"`` (of the current or last link).
+    transport: str | None = None
     address: str | None = None
     last_seen: float = 0.0  # epoch seconds of the last inbound frame
     connected_since: float = 0.0
@@ -117,6 +119,10 @@ class Mesh:
         link = self.links.get(peer_id)
         return link.state.mode if link is not None else None
 
+    def peer_transport(self, peer_id: str) -> str | None:
+        link = self.links.get(peer_id)
+        return link.state.transport if link is not None else None
+
     # --- for the protocol -----------------------------------------------------------
     def connected_count(self) -> int:
         return len(self.links)
@@ -165,6 +171,7 @@ class Mesh:
         link = PeerLink(protocol, st, direction)
         now = self._now()
         st.mode = result.mode
+        st.transport = result.transport
         st.last_seen = now
         st.connected_since = now
         st.last_error = None
@@ -173,8 +180,8 @@ class Mesh:
         if host is not None and direction == "inbound":
             st.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.links[peer] = link
-        log.info("{peer_id} authenticated ({direction}, {mode})", peer_id=peer,
-                 direction=direction, mode=result.mode)
+        log.info("{peer_id} authenticated ({direction}, {mode}, {transport})", peer_id=peer,
+                 direction=direction, mode=result.mode, transport=result.transport)
         if self._on_authenticated is not None:
             self._on_authenticated(link, result)
         return link

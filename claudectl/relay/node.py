@@ -38,10 +38,13 @@ from claudectl.relay.handshake import (
     KeyAuth,
     ListenerHandshake,
     PakeAuth,
+    Policy,
 )
 from claudectl.relay.keystore import PENDING, KeyStore, PeerMeta
 from claudectl.relay.mesh import Mesh, PeerLink
+from claudectl.relay.nonces import IssuedNonces
 from claudectl.relay.protocol import CONNECTOR, LISTENER, RelayProtocol
+from claudectl.relay.tls import PLAINTEXT, TLS13, TLSContexts, ensure_credentials
 from claudectl.relay.workers import WorkerTable
 
 log = Logger()
@@ -132,6 +135,9 @@ class ListenerKeys:
     def is_mutual(self, peer_id: str) -> bool:
         return self.node.keystore.is_mutual(peer_id)
 
+    def is_tls(self, peer_id: str) -> bool:
+        return self.node.keystore.is_tls(peer_id)
+
 
 class RelayFactory(Factory):
     """Builds listener-side protocols."""
@@ -221,7 +227,8 @@ class RelayNode:
     def __init__(self, home: Home, config: Config, reactor: Any,
                  random: RandomBytes = os.urandom,
                  jitter: Callable[[], float] | None = None,
-                 identity: str | None = None) -> None:
+                 identity: str | None = None,
+                 tls: bool = True) -> None:
         self.home = home
         self.config = config
         self.reactor = reactor
@@ -255,14 +262,31 @@ class RelayNode:
         #: Called with the bound TCP port once the listener is up.
         self.on_listening: list[Callable[[int], None]] = []
         self.started_at = reactor.seconds()
+        #: Nonces our listeners and connectors issued lately: one handed
+        #: back to us is a reflection attempt.
+        self.nonces = IssuedNonces(reactor.seconds,
+                                   ttl=2.0 * config.relay.handshake_timeout_secs + 5)
+        #: TLS toward peers of this project (tests of the plaintext wire
+        #: path turn it off); contexts and the certificate are made lazily.
+        self.tls: TLSContexts | None = (
+            TLSContexts(lambda: ensure_credentials(home, self.identity)) if tls else None)
+        self.policy = Policy(tls=tls, require_encryption=config.relay.require_encryption,
+                             is_own_nonce=self.nonces.issued)
+        self._plaintext_warned: set[str] = set()
 
     # --- handshake machines -----------------------------------------------------
     def listener_handshake(self) -> ListenerHandshake:
-        return ListenerHandshake(self.envelopes, ListenerKeys(self), self.random, self.pake)
+        machine = ListenerHandshake(self.envelopes, ListenerKeys(self), self.random, self.pake,
+                                    self.policy)
+        self.nonces.add(machine.nonce)
+        return machine
 
     def connector_handshake(self, auth: KeyAuth | PakeAuth) -> ConnectorHandshake:
-        return ConnectorHandshake(self.envelopes, auth, self.keystore.is_mutual, self.random,
-                                  stored_key=self.keystore.key)
+        machine = ConnectorHandshake(self.envelopes, auth, self.keystore.is_mutual, self.random,
+                                     stored_key=self.keystore.key, is_tls=self.keystore.is_tls,
+                                     policy=self.policy)
+        self.nonces.add(machine.cnonce)
+        return machine
 
     # --- link events --------------------------------------------------------------
     def _on_authenticated(self, link: PeerLink, result: Authenticated) -> None:
@@ -270,6 +294,13 @@ class RelayNode:
         ks = self.keystore
         if result.mode == MUTUAL:
             ks.mark_mutual(peer)
+        if result.transport == TLS13:
+            ks.mark_tls(peer)
+        elif peer not in self._plaintext_warned:
+            self._plaintext_warned.add(peer)
+            log.warn("link to {peer_id} is not encrypted (plaintext: a claudectl 0.64 peer); "
+                     "delegated tasks from it are refused unless [delegation] "
+                     "allow_plaintext_tasks = true", peer_id=peer)
         if link.direction == "outbound":
             address = getattr(link.protocol, "dial_address", None)
             if ks.key(peer) is None:

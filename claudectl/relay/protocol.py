@@ -14,11 +14,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITLSTransport
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope, ProtocolError
@@ -33,6 +35,7 @@ from claudectl.relay.handshake import (
     Step,
 )
 from claudectl.relay.session import Disconnect, FrameFilter, Liveness
+from claudectl.relay.tls import exporter_of, is_tls13
 
 if TYPE_CHECKING:
     from claudectl.relay.mesh import PeerLink
@@ -49,6 +52,13 @@ ONEWAY_QUIET_SECS = 1.0
 CLAUDECTL_HEARTBEAT_SECS = 30
 
 
+def _describe(reason: Failure) -> str:
+    """A short, secret-free description of why a connection ended."""
+    value = reason.value
+    text = str(value).strip() or type(value).__name__
+    return text[:200]
+
+
 def peer_ip(transport: Any) -> str:
     try:
         peer = transport.getPeer()
@@ -57,6 +67,7 @@ def peer_ip(transport: Any) -> str:
     return getattr(peer, "host", None) or "unix"
 
 
+@implementer(IHandshakeListener)
 class RelayProtocol(LineReceiver):
     delimiter = b"\n"
     #: 1 MiB excluding the ``\n`` (a trailing ``\r`` counts).
@@ -95,6 +106,9 @@ class RelayProtocol(LineReceiver):
         self._closed: list[defer.Deferred[None]] = []
         self.is_closed = False
         self._got_handshake_frame = False
+        #: Set while switching to TLS: the rest of the plaintext read is not ours.
+        self._tls_switching = False
+        self._tls_started = False
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the connection is gone."""
@@ -137,19 +151,30 @@ class RelayProtocol(LineReceiver):
                 call.cancel()
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
+        if self.result is None and self._closing_reason is None and self._tls_started:
+            # The TLS handshake failed (or the peer hung up during it).
+            self._closing_reason = f"TLS handshake failed ({_describe(reason)})"
+            self._log.info("handshake with {peer} at {ip} failed: {reason}",
+                           peer=self._claimed_peer(), ip=self.ip, reason=self._closing_reason)
+            if self.role == LISTENER and not self._admitted:
+                self.node.admission.failure(self.ip)
         if self._admitted:
             self._admitted = False
             self.node.admission.handshake_ended(self.ip)
-            if self._got_handshake_frame and self._closing_reason is None:
+            if self._got_handshake_frame and (self._closing_reason is None
+                                              or self._closing_reason.startswith("TLS")):
                 # Hanging up in the middle of a handshake (after the PAKE
-                # messages, say) counts as a failed attempt.
+                # messages, or during TLS, say) counts as a failed attempt.
                 self.node.admission.failure(self.ip)
         if self.result is None:
             if not self.authenticated.called:
                 self.authenticated.errback(HandshakeFailed(
                     self._closing_reason or "connection closed during the handshake"))
         elif self.link is not None:
-            self.node.mesh.link_lost(self.link, self._closing_reason or "connection closed")
+            why = self._closing_reason
+            if why is None and self._tls_started and not reason.check(ConnectionDone):
+                why = f"TLS error ({_describe(reason)})"
+            self.node.mesh.link_lost(self.link, why or "connection closed")
         waiting, self._closed = self._closed, []
         for d in waiting:
             d.callback(None)
@@ -206,7 +231,7 @@ class RelayProtocol(LineReceiver):
         buffer = self._buffer + data if self._buffer else data
         lines = buffer.split(b"\n")
         self._buffer = lines.pop()
-        for line in lines:
+        for i, line in enumerate(lines):
             if self._closing_reason is not None:
                 self._buffer = b""
                 return
@@ -214,6 +239,14 @@ class RelayProtocol(LineReceiver):
                 self.lineLengthExceeded(line)
             else:
                 self.lineReceived(line)
+            if self._tls_switching:
+                # Everything after the starttls frame belongs to TLS; a peer
+                # of ours never sends anything before the switch.
+                self._tls_switching = False
+                rest, tail, self._buffer = lines[i + 1:], self._buffer, b""
+                if rest or tail:
+                    self._fail_handshake("plaintext bytes after the starttls frame")
+                return
         if len(self._buffer) > self.MAX_LENGTH:
             # An over-long line still in progress: drop it and skip its rest.
             self._buffer = b""
@@ -253,17 +286,64 @@ class RelayProtocol(LineReceiver):
     def _apply_step(self, step: Step) -> None:
         self._send_all(step.send)
         if step.failed is not None:
-            self._fail_handshake(step.failed)
+            self._fail_handshake(step.failed, step.reflected)
         elif step.done is not None:
             self._handshake_succeeded(step.done)
+        elif step.start_tls:
+            self._start_tls()
 
-    def _fail_handshake(self, reason: str) -> None:
+    def _claimed_peer(self) -> str:
+        """Who the other side says (or we expect) it is, for log lines."""
+        if self._listener is not None:
+            return self._listener.claimed_id or "?"
+        if self._connector is not None and self._connector.listener_id:
+            return self._connector.listener_id
+        if isinstance(self.auth, KeyAuth) and self.auth.expected_peer:
+            return self.auth.expected_peer
+        return "?"
+
+    def _fail_handshake(self, reason: str, reflected: bool = False) -> None:
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
-        self._log.info("handshake with {ip} failed: {reason}", ip=self.ip, reason=reason)
+        if reflected:
+            self._log.warn("reflection attempt refused: {peer} at {ip}: {reason}",
+                           peer=self._claimed_peer(), ip=self.ip, reason=reason)
+        else:
+            self._log.info("handshake with {peer} at {ip} failed: {reason}",
+                           peer=self._claimed_peer(), ip=self.ip, reason=reason)
         if self.role == LISTENER:
             self.node.admission.failure(self.ip)
         self.close(reason)
+
+    # --- TLS ------------------------------------------------------------------------
+    def _start_tls(self) -> None:
+        tls = self.node.tls
+        if tls is None or not ITLSTransport.providedBy(self.transport):
+            self._fail_handshake("TLS is not available on this connection")
+            return
+        self._tls_switching = True
+        self._tls_started = True
+        try:
+            self.transport.startTLS(tls.server() if self.role == LISTENER else tls.client())
+        except Exception as e:
+            self._fail_handshake(f"cannot start TLS: {type(e).__name__}: {e}")
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake finished (``IHandshakeListener``)."""
+        if self.result is not None or self._closing_reason is not None:
+            return
+        try:
+            conn = self.transport.getHandle()
+            if not is_tls13(conn):
+                raise ValueError("not TLS 1.3")
+            exporter = exporter_of(conn)
+        except Exception as e:
+            self._fail_handshake(f"TLS channel binding unavailable: {e}")
+            return
+        if self._listener is not None:
+            self._listener.tls_established(exporter)
+        elif self._connector is not None:
+            self._apply_step(self._connector.tls_established(exporter))
 
     def _handshake_timed_out(self) -> None:
         self._fail_handshake("handshake timed out")

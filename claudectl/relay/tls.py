@@ -1,0 +1,212 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+TLS 1.3 for links between two instances of this project (protocol.md,
+"Encrypted links").
+
+No certificate authority and no pinning: each instance makes one long-lived
+ECDSA P-256 key and a self-signed certificate the first time it listens
+(``~/.claudectl/relay/tls_key.pem`` and ``tls_cert.pem``, mode 0600).  The
+certificate only lets the TLS handshake run; who is at the other end is
+proved by the pairing key, with HMACs over the connection's TLS exporter
+value (RFC 9266 ``tls-exporter``: label ``EXPORTER-Channel-Binding``, empty
+context, 32 bytes).  A proof made on one connection is worthless on any
+other, so a proof cannot be reflected or relayed, and a man-in-the-middle
+that terminates TLS on both sides sees two different exporter values.
+
+This module makes and loads the files and builds the OpenSSL contexts; the
+handshake machine (:mod:`claudectl.relay.handshake`) computes the proofs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.logger import Logger
+
+from claudectl.atomic import atomic_write, locked
+from claudectl.home import Home
+
+log = Logger()
+
+#: The capability a listener offers and a connector asks for.
+CAP_TLS = "tls-v1"
+#: What ``relay peers`` shows for each kind of link.
+TLS13 = "tls1.3"
+PLAINTEXT = "plaintext"
+
+#: RFC 9266 tls-exporter channel binding.
+EXPORTER_LABEL = b"EXPORTER-Channel-Binding"
+EXPORTER_BYTES = 32
+
+_PROOF_LABEL = "claudectl-tls-v1"
+CONNECTOR_ROLE = "connector"
+LISTENER_ROLE = "listener"
+
+KEY_FILE = "tls_key.pem"
+CERT_FILE = "tls_cert.pem"
+
+
+def channel_proof(psk: bytes, role: str, exporter: bytes, nonce: str, cnonce: str,
+                  connector_id: str, listener_id: str) -> str:
+    """
+    ``hex(HMAC-SHA256(psk, "claudectl-tls-v1|<role>|<hex exporter>|<nonce>|
+    <cnonce>|<connector id>|<listener id>"))``: one side's proof on one TLS
+    connection.  ``role`` is ``connector`` or ``listener``, so neither proof
+    can stand in for the other.
+    """
+    msg = "|".join((_PROOF_LABEL, role, exporter.hex(), nonce, cnonce,
+                    connector_id, listener_id)).encode("ascii")
+    return hmac.new(psk, msg, hashlib.sha256).hexdigest()
+
+
+def exporter_of(connection: Any) -> bytes:
+    """The RFC 9266 exporter value of an established pyOpenSSL connection."""
+    value: bytes = connection.export_keying_material(EXPORTER_LABEL, EXPORTER_BYTES, None)
+    return value
+
+
+def is_tls13(connection: Any) -> bool:
+    try:
+        return bool(connection.get_protocol_version_name() == "TLSv1.3")
+    except Exception:
+        return False
+
+
+# --- key and certificate ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    key_pem: bytes
+    cert_pem: bytes
+
+    def fingerprint(self) -> str:
+        cert = x509.load_pem_x509_certificate(self.cert_pem)
+        return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def make_credentials(common_name: str) -> Credentials:
+    """A fresh P-256 key and a self-signed certificate valid for 100 years."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64] or "claudectl")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=36500))
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return Credentials(key_pem, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _load(key_path: Path, cert_path: Path) -> Credentials:
+    creds = Credentials(key_path.read_bytes(), cert_path.read_bytes())
+    # Both must parse and belong together, or the files are re-made.
+    key = crypto.load_privatekey(crypto.FILETYPE_PEM, creds.key_pem)
+    cert = crypto.load_certificate(crypto.FILETYPE_PEM, creds.cert_pem)
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.use_privatekey(key)
+    ctx.use_certificate(cert)
+    ctx.check_privatekey()
+    return creds
+
+
+def ensure_credentials(home: Home, common_name: str) -> Credentials:
+    """
+    This instance's TLS key and certificate, made on first use.  A missing,
+    unreadable or mismatched pair is made again (and logged): the pairing
+    key, not the certificate, authenticates a peer, so nothing is lost.
+    """
+    key_path, cert_path = home.relay / KEY_FILE, home.relay / CERT_FILE
+    with locked(key_path):
+        try:
+            return _load(key_path, cert_path)
+        except FileNotFoundError:
+            if key_path.exists() or cert_path.exists():
+                log.warn("TLS key or certificate missing under {dir}: making a new pair",
+                         dir=str(home.relay))
+        except Exception as e:
+            log.warn("TLS key or certificate under {dir} unusable ({error}): making a new pair",
+                     dir=str(home.relay), error=type(e).__name__)
+        creds = make_credentials(common_name)
+        # Certificate first: a crash in between leaves a key that does not
+        # match, which the next start detects and replaces.
+        atomic_write(cert_path, creds.cert_pem, mode=0o600)
+        atomic_write(key_path, creds.key_pem, mode=0o600)
+        return creds
+
+
+# --- OpenSSL contexts -----------------------------------------------------------------
+
+
+def _base_context() -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    # Idle links give their read/write buffers back (memory per idle link).
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    # No resumption: every link runs the full handshake (and no tickets).
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return ctx
+
+
+class _ContextFactory:
+    """What ``ITLSTransport.startTLS`` takes: an object with ``getContext()``."""
+
+    def __init__(self, context: SSL.Context) -> None:
+        self._context = context
+
+    def getContext(self) -> SSL.Context:
+        return self._context
+
+
+class TLSContexts:
+    """One server and one client context per node, made once."""
+
+    def __init__(self, credentials_source: Any) -> None:
+        #: ``() -> Credentials``; called the first time we act as a TLS server.
+        self._credentials_source = credentials_source
+        self._server: _ContextFactory | None = None
+        self._client: _ContextFactory | None = None
+
+    def server(self) -> _ContextFactory:
+        if self._server is None:
+            creds: Credentials = self._credentials_source()
+            ctx = _base_context()
+            ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, creds.key_pem))
+            ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, creds.cert_pem))
+            ctx.check_privatekey()
+            self._server = _ContextFactory(ctx)
+        return self._server
+
+    def client(self) -> _ContextFactory:
+        if self._client is None:
+            ctx = _base_context()
+            # The certificate is not what authenticates the listener: its
+            # proof over this connection's exporter value is (see above).
+            ctx.set_verify(SSL.VERIFY_NONE, lambda *_a: True)
+            self._client = _ContextFactory(ctx)
+        return self._client
+
+
+def remove_credentials(home: Home) -> None:
+    """For tests and ``relay identity --reset``-style tools."""
+    for name in (KEY_FILE, CERT_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (home.relay / name).unlink()
