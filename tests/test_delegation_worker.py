@@ -114,6 +114,19 @@ class ValidationTests(WorkerTestsBase):
         self.delegate()
         self.assertIn("trust 0.30, below [delegation] min_trust 0.50", self.refusal())
 
+    def test_plaintext_link_refused_by_default(self):
+        self.mesh.transports["ctl-1"] = "plaintext"
+        self.delegate()
+        summary = self.refusal()
+        self.assertIn("is not encrypted", summary)
+        self.assertIn("allow_plaintext_tasks = true", summary)
+
+    def test_plaintext_link_allowed_when_configured(self):
+        self.mesh.transports["ctl-1"] = "plaintext"
+        self.worker = self.make_worker(allow_plaintext_tasks=True)
+        self.delegate()
+        self.assertEqual(len(self.spawner.calls), 1)
+
     def test_cwd_outside_allowed_dirs(self):
         self.delegate(cwd=str(self.home.root))
         self.assertIn("is not under [delegation] allowed_dirs", self.refusal())

@@ -267,14 +267,15 @@ def peers(ctx: CliContext) -> None:
         ctx.out("No peers yet. Pair with `claudectl relay invite` / `relay join`, or "
                 "`relay pair` / `relay accept`.")
         return
-    ctx.out(f"{'IDENTITY':<24}{'STATE':<14}{'ADDRESS':<24}{'LAST SEEN':<14}{'TRUST':<7}"
-            f"{'UNITS ↑/↓':>12}{'BYTES ↑':>10}{'BYTES ↓':>10}")
-    ctx.out("─" * 115)
+    ctx.out(f"{'IDENTITY':<24}{'STATE':<14}{'LINK':<11}{'ADDRESS':<24}{'LAST SEEN':<14}"
+            f"{'TRUST':<7}{'UNITS ↑/↓':>12}{'BYTES ↑':>10}{'BYTES ↓':>10}")
+    ctx.out("─" * 126)
     for r in rows:
         trust = "" if r.get("trust") is None else f"{r['trust']:.2f}"
         dot = "●" if r["state"] == "connected" else "○"
         units = f"{r.get('units_up', 0)}/{r.get('units_down', 0)}"
-        ctx.out(f"{dot} {r['identity']:<22}{r['state']:<14}{(r['address'] or '-'):<24}"
+        link = {"tls1.3": "TLS 1.3", "plaintext": "plaintext"}.get(r.get("transport") or "", "-")
+        ctx.out(f"{dot} {r['identity']:<22}{r['state']:<14}{link:<11}{(r['address'] or '-'):<24}"
                 f"{_ago(r['last_seen']):<14}{trust:<7}{units:>12}{_kb(r['bytes_up']):>10}"
                 f"{_kb(r['bytes_down']):>10}")
     if not live:

@@ -72,6 +72,7 @@ from claudectl.delegation.claude_process import (
 from claudectl.delegation.store import TaskStore, incoming_key
 from claudectl.delegation.taskrun import FINISHED_STATES, QUEUED, RUNNING, RunOutcome, TaskRun
 from claudectl.process.sweep import RUN_ID_ENV
+from claudectl.relay.binding import TLS13
 from claudectl.relay.codec import TASK_HANDOFF, TASK_STATUS, Envelope
 from claudectl.relay.interfaces import IMesh
 
@@ -325,6 +326,7 @@ class DelegationWorker:
                 self._send_status(existing)
             return
         try:
+            self._check_link(peer)
             cwd, git_source = self._check(peer, request)
             waiting = sum(1 for k in self.queue if self.tasks[k].peer == peer)
             if waiting >= MAX_QUEUED_PER_PEER:
@@ -489,6 +491,14 @@ class DelegationWorker:
                 except (ValueError, OSError):
                     continue
         return roots
+
+    def _check_link(self, peer: str) -> None:
+        """A task arrives only over an encrypted link, unless the owner allows plaintext."""
+        if self.mesh.peer_transport(peer) != TLS13 and not self.config.allow_plaintext_tasks:
+            raise Refused(f"the link from {peer} to {self.identity} is not encrypted (plaintext: "
+                          f"a claudectl 0.64 peer?), and anyone on the path could forge or read "
+                          f"a task; {self.identity}'s owner can accept tasks over plaintext "
+                          f"links with [delegation] allow_plaintext_tasks = true")
 
     def _check(self, peer: str, request: payloads.DelegateTask) -> tuple[str, str | None]:
         """``(cwd, git source or None)`` for an acceptable task; raises :class:`Refused`."""

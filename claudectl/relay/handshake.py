@@ -45,10 +45,7 @@ from typing import Any, Protocol
 
 from claudectl import COMPAT_VERSION
 from claudectl.relay import codec
-from claudectl.relay.codec import Envelope, EnvelopeFactory
-from claudectl.relay.crypto import RandomBytes, new_nonce, proof, verify_proof
-from claudectl.relay.keystore import is_remote_peer_id
-from claudectl.relay.tls import (
+from claudectl.relay.binding import (
     CAP_TLS,
     CONNECTOR_ROLE,
     LISTENER_ROLE,
@@ -56,6 +53,9 @@ from claudectl.relay.tls import (
     TLS13,
     channel_proof,
 )
+from claudectl.relay.codec import Envelope, EnvelopeFactory
+from claudectl.relay.crypto import RandomBytes, new_nonce, proof, verify_proof
+from claudectl.relay.keystore import is_remote_peer_id
 
 CAP_MUTUAL = "mutual-v1"
 CAP_PAKE = "pake-v1"

@@ -29,6 +29,7 @@ from claudectl.config import Config
 from claudectl.home import Home
 from claudectl.relay.address import client_endpoint_string, parse_address
 from claudectl.relay.admission import Admission
+from claudectl.relay.binding import TLS13
 from claudectl.relay.codec import HEARTBEAT, EnvelopeFactory, now_ms
 from claudectl.relay.crypto import RandomBytes
 from claudectl.relay.handshake import (
@@ -44,7 +45,7 @@ from claudectl.relay.keystore import PENDING, KeyStore, PeerMeta
 from claudectl.relay.mesh import Mesh, PeerLink
 from claudectl.relay.nonces import IssuedNonces
 from claudectl.relay.protocol import CONNECTOR, LISTENER, RelayProtocol
-from claudectl.relay.tls import PLAINTEXT, TLS13, TLSContexts, ensure_credentials
+from claudectl.relay.tls import TLSContexts, ensure_credentials
 from claudectl.relay.workers import WorkerTable
 
 log = Logger()

@@ -27,6 +27,8 @@ def peer_rows(keystore: KeyStore, mesh: Mesh | None = None,
             "last_seen": (meta.last_seen // 1000) if meta is not None and meta.last_seen else 0,
             "has_psk": keystore.key(peer) is not None,
             "mode": "mutual" if keystore.is_mutual(peer) else None,
+            #: "tls1.3" / "plaintext" for a live link, None when not connected.
+            "transport": None,
             "trust": trust_of(peer) if trust_of is not None else None,
             "bytes_up": 0,
             "bytes_down": 0,
@@ -34,6 +36,8 @@ def peer_rows(keystore: KeyStore, mesh: Mesh | None = None,
         if mesh is not None and peer in mesh.states:
             st = mesh.states[peer]
             row["mode"] = st.mode or row["mode"]
+            if peer in mesh.links:
+                row["transport"] = st.transport
             if st.address:
                 row["address"] = st.address
             if st.last_seen:

@@ -93,6 +93,7 @@ class RelayProtocol(LineReceiver):
         self._connector: ConnectorHandshake | None = None
         self._admitted = False
         self._timeout: IDelayedCall | None = None
+        self._quiet_call: IDelayedCall | None = None
         self._heartbeat: LoopingCall | None = None
         self._liveness: Liveness | None = None
         self._dead_check: IDelayedCall | None = None
@@ -146,7 +147,7 @@ class RelayProtocol(LineReceiver):
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
         self.is_closed = True
         self.node.protocols.discard(self)
-        for call in (self._timeout, self._dead_check):
+        for call in (self._timeout, self._dead_check, self._quiet_call):
             if call is not None and call.active():
                 call.cancel()
         if self._heartbeat is not None and self._heartbeat.running:
@@ -377,7 +378,7 @@ class RelayProtocol(LineReceiver):
             interval = min(interval, CLAUDECTL_HEARTBEAT_SECS)
         if self.role == LISTENER and result.mode == ONEWAY:
             self._quiet_until = clock.seconds() + ONEWAY_QUIET_SECS
-            clock.callLater(ONEWAY_QUIET_SECS, self._flush_queue)
+            self._quiet_call = clock.callLater(ONEWAY_QUIET_SECS, self._flush_queue)
         self._heartbeat = LoopingCall(self._send_heartbeat)
         self._heartbeat.clock = clock
         self._heartbeat.start(interval, now=False)

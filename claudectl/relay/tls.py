@@ -14,15 +14,13 @@ other, so a proof cannot be reflected or relayed, and a man-in-the-middle
 that terminates TLS on both sides sees two different exporter values.
 
 This module makes and loads the files and builds the OpenSSL contexts; the
-handshake machine (:mod:`claudectl.relay.handshake`) computes the proofs.
+proofs are :mod:`claudectl.relay.binding`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
-import hmac
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,42 +30,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from claudectl.atomic import atomic_write, locked
 from claudectl.home import Home
+from claudectl.relay.binding import EXPORTER_BYTES, EXPORTER_LABEL
 
 log = Logger()
 
-#: The capability a listener offers and a connector asks for.
-CAP_TLS = "tls-v1"
-#: What ``relay peers`` shows for each kind of link.
-TLS13 = "tls1.3"
-PLAINTEXT = "plaintext"
-
-#: RFC 9266 tls-exporter channel binding.
-EXPORTER_LABEL = b"EXPORTER-Channel-Binding"
-EXPORTER_BYTES = 32
-
-_PROOF_LABEL = "claudectl-tls-v1"
-CONNECTOR_ROLE = "connector"
-LISTENER_ROLE = "listener"
-
 KEY_FILE = "tls_key.pem"
 CERT_FILE = "tls_cert.pem"
-
-
-def channel_proof(psk: bytes, role: str, exporter: bytes, nonce: str, cnonce: str,
-                  connector_id: str, listener_id: str) -> str:
-    """
-    ``hex(HMAC-SHA256(psk, "claudectl-tls-v1|<role>|<hex exporter>|<nonce>|
-    <cnonce>|<connector id>|<listener id>"))``: one side's proof on one TLS
-    connection.  ``role`` is ``connector`` or ``listener``, so neither proof
-    can stand in for the other.
-    """
-    msg = "|".join((_PROOF_LABEL, role, exporter.hex(), nonce, cnonce,
-                    connector_id, listener_id)).encode("ascii")
-    return hmac.new(psk, msg, hashlib.sha256).hexdigest()
 
 
 def exporter_of(connection: Any) -> bytes:
@@ -100,7 +77,7 @@ def make_credentials(common_name: str) -> Credentials:
     """A fresh P-256 key and a self-signed certificate valid for 100 years."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64] or "claudectl")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(name).issuer_name(name)
             .public_key(key.public_key())
@@ -166,14 +143,21 @@ def _base_context() -> SSL.Context:
     return ctx
 
 
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLClientConnectionCreator)
 class _ContextFactory:
-    """What ``ITLSTransport.startTLS`` takes: an object with ``getContext()``."""
+    """What ``ITLSTransport.startTLS`` takes: makes one connection per link."""
 
     def __init__(self, context: SSL.Context) -> None:
         self._context = context
 
     def getContext(self) -> SSL.Context:
         return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
 
 
 class TLSContexts:
