@@ -138,6 +138,11 @@ class StoryTests(SynchronousTestCase):
 
         self.assertEqual(state(ha, idb), "connected")
         self.assertEqual(state(hb, ida), "connected")
+        # Two instances of this project: the link is TLS 1.3 on both sides.
+        for home, peer in ((ha, idb), (hb, ida)):
+            rows = json.loads(ok(run_cli(home, "relay", "peers", "--json")))
+            self.assertEqual({r["identity"]: r["transport"] for r in rows}[peer], "tls1.3")
+        self.assertIn("TLS 1.3", ok(run_cli(ha, "relay", "peers")))
         # The pending key was claimed by B's identity.
         self.assertFalse((ha.peers / "_pending.key").exists())
         self.assertTrue((ha.peers / f"{idb}.key").exists())
@@ -155,3 +160,37 @@ class StoryTests(SynchronousTestCase):
             time.sleep(0.5)
         a2.expect(f"{idb} authenticated")
         self.assertEqual(b.stop(), 0)
+
+
+class ClaudectlPeerTests(SynchronousTestCase):
+    """A claudectl 0.64-style connector (plaintext, one-way proof) against a real service."""
+
+    def test_plaintext_peer_pairs_connects_and_is_labelled(self) -> None:
+        import socket
+
+        from claudectl.relay.crypto import proof, psk_from_code
+
+        home = temp_home(self)
+        out = ok(run_cli(home, "relay", "pair"))
+        code = out.splitlines()[2].split("PAIR CODE: ")[1]
+        serve = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(serve.stop)
+        port = serve.port()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(sock.close)
+        reader = sock.makefile("rb")
+        challenge = json.loads(reader.readline())
+        self.assertIn("tls-v1", challenge["payload"]["caps"])
+        frame = {"id": "msg_1_0", "msg_type": "handshake", "from_peer": "claude-rs-01",
+                 "timestamp": 1, "payload": {"proof": proof(psk_from_code(code),
+                                                            challenge["payload"]["nonce"]),
+                                             "version": "0.64.0"}}
+        sock.sendall(json.dumps(frame, separators=(",", ":")).encode() + b"\n")
+        ack = json.loads(reader.readline())
+        self.assertEqual(ack["payload"], {"status": "ok"})
+        serve.expect("claude-rs-01 authenticated")
+        rows = json.loads(ok(run_cli(home, "relay", "peers", "--json")))
+        row = {r["identity"]: r for r in rows}["claude-rs-01"]
+        self.assertEqual((row["state"], row["transport"], row["mode"]),
+                         ("connected", "plaintext", "oneway"))
+        serve.expect("link to claude-rs-01 is not encrypted")
