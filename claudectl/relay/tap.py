@@ -94,6 +94,15 @@ class RelayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self.node.tls is not None:
+            # Make (or load) the TLS key and certificate now, not during the
+            # first peer's handshake.  A failure is logged, not fatal: links
+            # that need TLS then fail their handshake with the reason.
+            try:
+                self.node.tls.server()
+            except Exception as e:
+                log.error("TLS key and certificate unavailable ({error}); encrypted links "
+                          "cannot be accepted", error=f"{type(e).__name__}: {e}")
         targets = self.node.auto_connect_targets()
         for peer, address in targets:
             log.info("keeping a link to {peer_id} at {address}", peer_id=peer, address=address)
