@@ -110,6 +110,7 @@ class RelayProtocol(LineReceiver):
         #: Set while switching to TLS: the rest of the plaintext read is not ours.
         self._tls_switching = False
         self._tls_started = False
+        self._failure_counted = False
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the connection is gone."""
@@ -157,16 +158,14 @@ class RelayProtocol(LineReceiver):
             self._closing_reason = f"TLS handshake failed ({_describe(reason)})"
             self._log.info("handshake with {peer} at {ip} failed: {reason}",
                            peer=self._claimed_peer(), ip=self.ip, reason=self._closing_reason)
-            if self.role == LISTENER and not self._admitted:
-                self.node.admission.failure(self.ip)
+            self._count_failure()
         if self._admitted:
             self._admitted = False
             self.node.admission.handshake_ended(self.ip)
-            if self._got_handshake_frame and (self._closing_reason is None
-                                              or self._closing_reason.startswith("TLS")):
+            if self._got_handshake_frame and self._closing_reason is None:
                 # Hanging up in the middle of a handshake (after the PAKE
-                # messages, or during TLS, say) counts as a failed attempt.
-                self.node.admission.failure(self.ip)
+                # messages, say) counts as a failed attempt.
+                self._count_failure()
         if self.result is None:
             if not self.authenticated.called:
                 self.authenticated.errback(HandshakeFailed(
@@ -312,9 +311,14 @@ class RelayProtocol(LineReceiver):
         else:
             self._log.info("handshake with {peer} at {ip} failed: {reason}",
                            peer=self._claimed_peer(), ip=self.ip, reason=reason)
-        if self.role == LISTENER:
-            self.node.admission.failure(self.ip)
+        self._count_failure()
         self.close(reason)
+
+    def _count_failure(self) -> None:
+        """One failed handshake for this address (listener side, at most once)."""
+        if self.role == LISTENER and not self._failure_counted:
+            self._failure_counted = True
+            self.node.admission.failure(self.ip)
 
     # --- TLS ------------------------------------------------------------------------
     def _start_tls(self) -> None:
