@@ -371,6 +371,39 @@ class DowngradeTests(TwoNodes):
         self.assertIn("downgrade refused", str(e.exception))
 
 
+class TLSFailureTests(TwoNodes):
+    async def test_junk_instead_of_a_client_hello_is_one_counted_failure(self) -> None:
+        client = FrameClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
+                              client)
+        await client.next_line()  # challenge
+        client.sendLine(line(codec.HANDSHAKE, {"starttls": "tls-v1", "version": "x"},
+                             "beta-2222").rstrip(b"\n"))
+        ack = json.loads(await client.next_line())
+        self.assertEqual(ack["payload"]["status"], "starttls")
+        closed: defer.Deferred[None] = defer.Deferred()
+        client.connectionLost = lambda reason=None: closed.callback(None)  # type: ignore
+        client.transport.write(b"\x16\x03\x01\x00\x05hello" + b"\x00" * 64)
+        await closed
+        await self.settle()
+        self.assertIn("handshake with beta-2222 at 127.0.0.1 failed: TLS handshake failed",
+                      self.log.text())
+        self.assertEqual(len(self.a.admission._ips["127.0.0.1"].failures), 1)
+        self.assertEqual(self.a.admission.inflight, 0)
+
+    async def test_plaintext_after_starttls_is_refused(self) -> None:
+        client = FrameClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
+                              client)
+        await client.next_line()
+        closed: defer.Deferred[None] = defer.Deferred()
+        client.connectionLost = lambda reason=None: closed.callback(None)  # type: ignore
+        client.transport.write(line(codec.HANDSHAKE, {"starttls": "tls-v1"}, "beta-2222")
+                               + line(codec.HANDSHAKE, {"proof": "0" * 64}, "beta-2222"))
+        await closed
+        self.assertIn("plaintext bytes after the starttls frame", self.log.text())
+
+
 class CredentialsTests(SynchronousTestCase):
     def test_made_once_then_reused(self) -> None:
         home = temp_home(self)
