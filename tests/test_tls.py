@@ -256,6 +256,12 @@ class ReflectionTests(TwoNodes):
         for node in (self.a, self.b):
             node.policy = type(node.policy)(tls=False, require_encryption=False,
                                             is_own_nonce=node.nonces.issued)
+        await self.reflect_challenge()
+
+    async def test_frame_reflection_with_tls_offered_is_refused(self) -> None:
+        await self.reflect_challenge()
+
+    async def reflect_challenge(self) -> None:
         listener_side: defer.Deferred[list[bytes]] = defer.Deferred()
         to_listener = FrameClient()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
