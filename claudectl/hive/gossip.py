@@ -42,7 +42,8 @@ from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
 from claudectl.config import Config
-from claudectl.hive.merge import merge_batch, write_merge_logs
+from claudectl.hive.delivery import DeliveryBook, load_delivery, save_delivery
+from claudectl.hive.merge import CLUSTER_UNIONED, BatchResult, merge_batch, write_merge_logs
 from claudectl.hive.sharing import ShareContext
 from claudectl.hive.store import (
     KNOWLEDGE,
@@ -52,11 +53,18 @@ from claudectl.hive.store import (
     store_transaction,
 )
 from claudectl.hive.trust import load_trust, log_collisions, trust_level, trust_transaction
-from claudectl.hive.units import SNAPSHOT_PAGE_BYTES, KnowledgeUnit, paginate
+from claudectl.hive.units import (
+    SNAPSHOT_PAGE_BYTES,
+    ApproachCluster,
+    KnowledgeUnit,
+    UnitError,
+    paginate,
+)
 from claudectl.home import Home
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
 from claudectl.relay.interfaces import IMesh
+from claudectl.relay.keystore import is_remote_peer_id
 
 log = Logger()
 
@@ -188,6 +196,52 @@ def _encode_all(units: list[KnowledgeUnit]) -> list[Encoded]:
 def _paginate(encoded: list[Encoded]) -> list[list[Encoded]]:
     """claudectl's paging over units whose sizes are already known."""
     return paginate(encoded, SNAPSHOT_PAGE_BYTES, size=lambda item: item[2])
+
+
+def check_peer_fields(unit: KnowledgeUnit) -> None:
+    """
+    Refuse (UnitError) a received unit whose origin (``source_peer``) or a
+    cluster variant's ``contributing_peers`` is not a well-formed peer id:
+    such a name could never be a peer we trust, and it is shown to people.
+    """
+    if not is_remote_peer_id(unit.source_peer):
+        raise UnitError(f"source_peer {unit.source_peer[:80]!r} is not a valid peer id")
+    if isinstance(unit.content, ApproachCluster):
+        for v in unit.content.variants:
+            for p in v.contributing_peers:
+                if not is_remote_peer_id(p):
+                    raise UnitError(f"contributing_peers entry {p[:80]!r} is not a valid "
+                                    "peer id")
+
+
+def record_deliveries(home: Home, existing: dict[str, KnowledgeUnit], result: BatchResult,
+                      peer_id: str, stored: list[KnowledgeUnit]) -> None:
+    """
+    Remember ``peer_id`` as the deliverer of every unit this batch stored
+    (``delivery.json``; call it holding the store's lock).  A unioned
+    cluster keeps the deliverers of the cluster it was merged into as well.
+    """
+    book = load_delivery(home)
+    before = book.to_json()
+    current = dict(existing)
+    for _, outcome in result.outcomes:
+        unit = outcome.store
+        if unit is None:
+            continue
+        via: tuple[str, ...] = (peer_id,)
+        prior = current.get(unit.semantic_key)
+        if outcome.result == CLUSTER_UNIONED and prior is not None:
+            via = (*_delivered_by(book, prior), peer_id)
+        book.record(unit, via)
+        current[unit.semantic_key] = unit
+    book.keep_only(stored)
+    if book.to_json() != before:
+        save_delivery(home, book)
+
+
+def _delivered_by(book: DeliveryBook, unit: KnowledgeUnit) -> tuple[str, ...]:
+    # No entry: the unit counts as delivered by its origin.
+    return book.deliverers(unit) or (unit.source_peer,)
 
 
 class Gossip:
@@ -471,6 +525,7 @@ class Gossip:
         for n, raw in enumerate(raw_units):
             try:
                 unit = KnowledgeUnit.from_json(raw)
+                check_peer_fields(unit)
             except Exception as e:  # UnitError, or anything a hostile value provokes
                 bad += 1
                 log.info("rejected knowledge unit {index} from {peer_id}: {error}",
@@ -512,6 +567,8 @@ class Gossip:
                                    now=now) as store:
                 existing = store.by_key()
                 result = merge_batch(store, good, self.identity, now)
+                # Who delivered what, written before the store itself.
+                record_deliveries(self.home, existing, result, peer_id, store.units())
             # What we just wrote is the store now: no need to parse it again.
             self._units_cache = (self._signature(), store.units())
             write_merge_logs(self.home, result)

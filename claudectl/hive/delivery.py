@@ -1,0 +1,149 @@
+# -*- test-case-name: tests.test_hive_delivery -*-
+"""
+Who delivered each peer unit to us: ``$HIVE/delivery.json`` (trust by path).
+
+A unit names its origin in ``source_peer``, but any peer can write any name
+there.  What we know for certain is which authenticated peer handed the unit
+to us -- its *deliverer*.  A unit is therefore trusted no more than the
+lower of its origin's trust and its deliverers' (:func:`path_peers`, used by
+the prompt): a peer at 0.2 that relays a unit naming a 0.9 peer gets it
+labelled at 0.2's tier, never at 0.9's.
+
+The deliverer is kept beside the unit, not in it, because claudectl 0.64
+drops unknown keys whenever it rewrites ``knowledge.jsonl`` (its brain does
+on every injection) -- ``knowledge.jsonl`` stays byte for byte claudectl's.
+``delivery.json`` is a pretty JSON object::
+
+    {"version": 1, "units": {"<fingerprint>": {"id": "ku_..", "source_peer": "peer-b",
+                                               "delivered_by": ["peer-c"]}}}
+
+The fingerprint is a hash of what the unit *says* (id, origin, version,
+scope, category, content, numbers, timestamps) and leaves out what the
+brain's feedback and the hop count change, so an entry follows its unit
+through claudectl's rewrites but never applies to a different unit that
+reuses the id.  A unit with no entry (received by claudectl's own relay,
+imported by hand, stored before this file existed) counts as delivered by
+its origin, as in claudectl.  Only gossip writes the file, under the lock of
+``knowledge.jsonl``, before the store itself is written; entries of units
+no longer stored are dropped on each write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from twisted.logger import Logger
+
+from claudectl.atomic import atomic_write
+from claudectl.hive.units import KnowledgeUnit
+from claudectl.home import Home
+
+log = Logger()
+
+DELIVERY = "delivery.json"
+FORMAT_VERSION = 1
+#: Deliverers remembered per unit (a unioned cluster collects them).
+MAX_DELIVERERS = 16
+
+#: Fields whose change makes it another unit as far as trust goes.
+_FINGERPRINT_FIELDS = ("id", "source_peer", "version", "scope", "category", "content",
+                       "evidence_count", "confidence", "originated_at", "last_validated_at",
+                       "revalidation_interval_secs")
+
+
+#: Fingerprints by unit object (units are immutable, and the store hands out
+#: the same objects for unchanged lines); the entry keeps the unit alive, so
+#: an id() is never reused while it is cached.
+_FP_CACHE: dict[int, tuple[KnowledgeUnit, str]] = {}
+_FP_CACHE_MAX = 20_000
+
+
+def fingerprint(unit: KnowledgeUnit) -> str:
+    hit = _FP_CACHE.get(id(unit))
+    if hit is not None and hit[0] is unit:
+        return hit[1]
+    data = unit.to_json()
+    text = json.dumps({k: data[k] for k in _FINGERPRINT_FIELDS}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    fp = hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
+    if len(_FP_CACHE) >= _FP_CACHE_MAX:
+        _FP_CACHE.clear()
+    _FP_CACHE[id(unit)] = (unit, fp)
+    return fp
+
+
+class DeliveryBook:
+    """Fingerprint -> the peers that delivered that unit to us."""
+
+    def __init__(self, entries: Mapping[str, dict[str, Any]] | None = None) -> None:
+        self.entries: dict[str, dict[str, Any]] = dict(entries or {})
+
+    def deliverers(self, unit: KnowledgeUnit) -> tuple[str, ...]:
+        """The recorded deliverers of ``unit`` (empty when unknown)."""
+        entry = self.entries.get(fingerprint(unit))
+        if entry is None:
+            return ()
+        return tuple(entry["delivered_by"])
+
+    def record(self, unit: KnowledgeUnit, deliverers: Iterable[str]) -> None:
+        peers = list(dict.fromkeys(deliverers))[:MAX_DELIVERERS]
+        if peers:
+            self.entries[fingerprint(unit)] = {"id": unit.id, "source_peer": unit.source_peer,
+                                               "delivered_by": peers}
+
+    def keep_only(self, units: Iterable[KnowledgeUnit]) -> None:
+        """Drop the entries of units that are no longer stored."""
+        live = {fingerprint(u) for u in units}
+        self.entries = {fp: e for fp, e in self.entries.items() if fp in live}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION, "units": dict(sorted(self.entries.items()))}
+
+    @classmethod
+    def from_json(cls, value: Any) -> DeliveryBook:
+        entries: dict[str, dict[str, Any]] = {}
+        units = value.get("units") if isinstance(value, dict) else None
+        if isinstance(units, dict):
+            for fp, e in units.items():
+                if not isinstance(e, dict):
+                    continue
+                peers = e.get("delivered_by")
+                if (isinstance(peers, list) and peers
+                        and all(isinstance(p, str) for p in peers)):
+                    entries[fp] = {"id": e.get("id"), "source_peer": e.get("source_peer"),
+                                   "delivered_by": peers[:MAX_DELIVERERS]}
+        return cls(entries)
+
+
+def delivery_path(home: Home) -> Any:
+    return home.hive / DELIVERY
+
+
+def load_delivery(home: Home) -> DeliveryBook:
+    """Read ``delivery.json``; missing or unreadable gives an empty book (logged)."""
+    path = delivery_path(home)
+    try:
+        return DeliveryBook.from_json(json.loads(path.read_bytes()))
+    except FileNotFoundError:
+        return DeliveryBook()
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        log.warn("ignoring unreadable {path}: {error}", path=str(path), error=str(e))
+        return DeliveryBook()
+
+
+def save_delivery(home: Home, book: DeliveryBook) -> None:
+    """Write ``delivery.json`` atomically (call it holding the store's lock)."""
+    atomic_write(delivery_path(home), json.dumps(book.to_json(), indent=2),
+                 mode=0o600)
+
+
+def path_peers(unit: KnowledgeUnit, book: DeliveryBook) -> tuple[str, ...]:
+    """Every peer whose trust bounds ``unit``'s: its origin, then its deliverers."""
+    return tuple(dict.fromkeys((unit.source_peer, *book.deliverers(unit))))
+
+
+__all__ = ["DeliveryBook", "fingerprint", "load_delivery", "save_delivery", "path_peers",
+           "DELIVERY"]
