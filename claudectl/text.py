@@ -75,8 +75,8 @@ def _escape(m: re.Match[str]) -> str:
     n = ord(ch)
     if n > 0xFFFF:  # a UTF-16 surrogate pair, as JSON spells it
         n -= 0x10000
-        return "\\u%04x\\u%04x" % (0xD800 + (n >> 10), 0xDC00 + (n & 0x3FF))
-    return "\\u%04x" % n
+        return f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}"
+    return f"\\u{n:04x}"
 
 
 def json_safe(encoded: str) -> str:

@@ -312,4 +312,4 @@ class DoneWhenStoryTests(SynchronousTestCase):
         run_cli(homes[2], "hive", "trust", ids[0], "0.9")
         self.assertIn(expected, run_cli(homes[2], "hive", "prompt").stdout)
         run_cli(homes[2], "hive", "trust", ids[1], "0.9")
-        self.assertIn(f"- [hive] [Bash, cargo test]", run_cli(homes[2], "hive", "prompt").stdout)
+        self.assertIn("- [hive] [Bash, cargo test]", run_cli(homes[2], "hive", "prompt").stdout)

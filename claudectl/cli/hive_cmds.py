@@ -20,6 +20,7 @@ import click
 
 from claudectl.cli.base import CliContext, CliError, hive, pass_ctx
 from claudectl.hive import archive as archive_mod
+from claudectl.hive.delivery import load_delivery
 from claudectl.hive.distill import CURSOR, Cursor, maybe_distill
 from claudectl.hive.exchange import (
     ImportProblem,
@@ -186,11 +187,13 @@ def knowledge(ctx: CliContext, from_: str | None, scope: str | None, type_: str 
         ctx.out("No knowledge units.")
         return
     now = _now()
+    delivery = load_delivery(ctx.home)
+    # VIA: the peers that delivered a unit to us (trust by path, docs/hive.md).
     rows = [(u.id, u.scope.display(), u.type, f"{u.effective_confidence(now):.2f}",
-             u.evidence_count, u.source_peer,
+             u.evidence_count, u.source_peer, ",".join(delivery.deliverers(u)) or "-",
              u.summary() + (" [stale]" if u.is_stale(now) else ""))
             for u in units]
-    _table(ctx, ("ID", "SCOPE", "TYPE", "CONF", "EVID", "FROM", "SUMMARY"), rows)
+    _table(ctx, ("ID", "SCOPE", "TYPE", "CONF", "EVID", "FROM", "VIA", "SUMMARY"), rows)
     ctx.out(f"{len(units)} unit(s)")
 
 
