@@ -42,8 +42,14 @@ from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
 from claudectl.config import Config
-from claudectl.hive.delivery import DeliveryBook, load_delivery, save_delivery
-from claudectl.hive.merge import CLUSTER_UNIONED, BatchResult, merge_batch, write_merge_logs
+from claudectl.hive.delivery import DeliveryBook, fingerprint, load_delivery, save_delivery
+from claudectl.hive.merge import (
+    CLUSTER_UNIONED,
+    DUPLICATE,
+    BatchResult,
+    merge_batch,
+    write_merge_logs,
+)
 from claudectl.hive.sharing import ShareContext
 from claudectl.hive.store import (
     KNOWLEDGE,
@@ -224,9 +230,14 @@ def record_deliveries(home: Home, existing: dict[str, KnowledgeUnit], result: Ba
     book = load_delivery(home)
     before = book.to_json()
     current = dict(existing)
-    for _, outcome in result.outcomes:
+    for inc, outcome in result.outcomes:
         unit = outcome.store
         if unit is None:
+            held = current.get(inc.semantic_key)
+            if (outcome.result == DUPLICATE and inc.source_peer == peer_id
+                    and held is not None and fingerprint(held) == fingerprint(inc)):
+                # The origin itself sent what we hold: the best path there is.
+                book.record(held, (peer_id,))
             continue
         via: tuple[str, ...] = (peer_id,)
         prior = current.get(unit.semantic_key)
@@ -555,7 +566,7 @@ class Gossip:
                      count=excess, peer_id=peer_id, cap=cfg.max_units_per_peer_per_day)
             good = good[:allowance]
         self._unrecorded[peer_id] = self._unrecorded.get(peer_id, 0) + len(good)
-        if good and self._all_known(good):
+        if good and self._all_known(good, peer_id):
             # Copies of what we hold (other paths of the same gossip): no
             # store transaction, no file rewrite; counted in trust.json later.
             stats["duplicates"] = len(good)
@@ -629,13 +640,16 @@ class Gossip:
         with trust_transaction(self.home, self.config.hive.default_trust) as book:
             self._record_counts(book, self.now())
 
-    def _all_known(self, units: list[KnowledgeUnit]) -> bool:
-        """True when every unit is already stored at that version by no shorter path."""
+    def _all_known(self, units: list[KnowledgeUnit], peer_id: str) -> bool:
+        """True when every unit is already stored at that version by no shorter path
+        (and none comes straight from its origin, whose delivery record may improve)."""
         cache = self._units_cache
         if cache is None or cache[0] is None or cache[0] != self._signature():
             return False
         held = {u.id: u for u in cache[1]}
         for u in units:
+            if u.source_peer == peer_id:
+                return False  # from its origin: its delivery record may improve
             h = held.get(u.id)
             if h is None or h.version < u.version or (
                     h.version == u.version and h.propagation_count > u.propagation_count):
