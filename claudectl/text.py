@@ -18,6 +18,8 @@ text is cleaned where it is shown:
   Unicode (accents, CJK, emoji with their joiners) passes unchanged.
 * :func:`clean_line` -- the same, and every line break and tab becomes a
   space: for one line of the prompt, a table cell, a ``Label: value`` line.
+* :class:`CleanWriter` -- a stream wrapper for log observers that write to
+  a terminal (the foreground ``relay serve``).
 * :func:`json_safe` -- for JSON already encoded with ``ensure_ascii=False``:
   writes the same characters as ``\\uXXXX`` escapes instead, so the data is
   unchanged for a JSON reader and nothing reaches the terminal raw.
@@ -26,6 +28,7 @@ text is cleaned where it is shown:
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # Whole escape sequences, 7-bit (ESC ...) and 8-bit (C1) forms.  An
 # unterminated string sequence (OSC, DCS, ...) runs to the end of the text,
@@ -89,4 +92,18 @@ def json_safe(encoded: str) -> str:
     return _JSON_UNSAFE.sub(_escape, encoded)
 
 
-__all__ = ["clean_text", "clean_line", "json_safe"]
+class CleanWriter:
+    """A text stream whose every write goes through :func:`clean_text`
+    (for log observers that write to a terminal)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(clean_text(text))  # type: ignore[no-any-return]
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+__all__ = ["clean_text", "clean_line", "json_safe", "CleanWriter"]

@@ -108,3 +108,22 @@ class CleanTextTests(SynchronousTestCase):
         safe = json_safe(encoded)
         self.assertEqual(json.loads(safe), value)
         self.assertEqual(_controls(safe) - {"\n"}, set())
+
+
+class CleanWriterTests(SynchronousTestCase):
+    def test_log_observer_of_the_foreground_service(self) -> None:
+        """`relay serve` logs to the terminal: events carrying peer text are cleaned."""
+        import io
+
+        from twisted.logger import Logger
+
+        from claudectl.cli.relay_cmds import _clean_stdout_observer
+
+        out = io.StringIO()
+        self.patch(__import__("sys"), "stdout", out)
+        observer = _clean_stdout_observer()
+        Logger(observer=observer).info("task from {peer}: {summary}", peer="w-1",
+                                       summary="ok\x1b]0;pwned\x07\x1b[2J\u202e")
+        text = out.getvalue()
+        self.assertIn("task from w-1: ok", text)
+        self.assertEqual(_controls(text) - {"\n"}, set())

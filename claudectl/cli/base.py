@@ -23,7 +23,7 @@ import click
 
 from claudectl.config import Config, ConfigError, load_config
 from claudectl.home import Home
-from claudectl.text import clean_text, json_safe
+from claudectl.text import CleanWriter, clean_text, json_safe
 
 
 class CliError(Exception):
@@ -159,7 +159,7 @@ def cli(click_ctx: click.Context, home: str | None, json_: bool,
     if verbose:
         from twisted.logger import globalLogBeginner, textFileLogObserver
 
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(CleanWriter(sys.stderr))],
                                          redirectStandardIO=False)
     click_ctx.obj = CliContext(home=Home.resolve(home), json=json_, verbose=verbose,
                                config_files=config_files)
