@@ -12,7 +12,7 @@ labelled at 0.2's tier, never at 0.9's.
 The deliverer is kept beside the unit, not in it, because claudectl 0.64
 drops unknown keys whenever it rewrites ``knowledge.jsonl`` (its brain does
 on every injection) -- ``knowledge.jsonl`` stays byte for byte claudectl's.
-``delivery.json`` is a pretty JSON object::
+``delivery.json`` is one compact JSON object (shown pretty here)::
 
     {"version": 1, "units": {"<fingerprint>": {"id": "ku_..", "source_peer": "peer-b",
                                                "delivered_by": ["peer-c"]}}}
@@ -48,10 +48,7 @@ FORMAT_VERSION = 1
 #: Deliverers remembered per unit (a unioned cluster collects them).
 MAX_DELIVERERS = 16
 
-#: Fields whose change makes it another unit as far as trust goes.
-_FINGERPRINT_FIELDS = ("id", "source_peer", "version", "scope", "category", "content",
-                       "evidence_count", "confidence", "originated_at", "last_validated_at",
-                       "revalidation_interval_secs")
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
 
 
 #: Fingerprints by unit object (units are immutable, and the store hands out
@@ -65,9 +62,12 @@ def fingerprint(unit: KnowledgeUnit) -> str:
     hit = _FP_CACHE.get(id(unit))
     if hit is not None and hit[0] is unit:
         return hit[1]
-    data = unit.to_json()
-    text = json.dumps({k: data[k] for k in _FINGERPRINT_FIELDS}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    # What makes it another unit as far as trust goes (content keys in
+    # claudectl's fixed order); not rollout state, feedback or hops.
+    text = _ENCODE([unit.id, unit.source_peer, unit.version, unit.scope.to_json(),
+                    unit.category, unit.content.to_json(), unit.evidence_count,
+                    unit.confidence, unit.originated_at, unit.last_validated_at,
+                    unit.revalidation_interval_secs])
     fp = hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
     if len(_FP_CACHE) >= _FP_CACHE_MAX:
         _FP_CACHE.clear()
@@ -80,6 +80,8 @@ class DeliveryBook:
 
     def __init__(self, entries: Mapping[str, dict[str, Any]] | None = None) -> None:
         self.entries: dict[str, dict[str, Any]] = dict(entries or {})
+        #: Set by every change (the file is written only then).
+        self.changed = False
 
     def deliverers(self, unit: KnowledgeUnit) -> tuple[str, ...]:
         """The recorded deliverers of ``unit`` (empty when unknown)."""
@@ -90,14 +92,21 @@ class DeliveryBook:
 
     def record(self, unit: KnowledgeUnit, deliverers: Iterable[str]) -> None:
         peers = list(dict.fromkeys(deliverers))[:MAX_DELIVERERS]
-        if peers:
-            self.entries[fingerprint(unit)] = {"id": unit.id, "source_peer": unit.source_peer,
-                                               "delivered_by": peers}
+        if not peers:
+            return
+        entry = {"id": unit.id, "source_peer": unit.source_peer, "delivered_by": peers}
+        fp = fingerprint(unit)
+        if self.entries.get(fp) != entry:
+            self.entries[fp] = entry
+            self.changed = True
 
     def keep_only(self, units: Iterable[KnowledgeUnit]) -> None:
         """Drop the entries of units that are no longer stored."""
         live = {fingerprint(u) for u in units}
-        self.entries = {fp: e for fp, e in self.entries.items() if fp in live}
+        kept = {fp: e for fp, e in self.entries.items() if fp in live}
+        if len(kept) != len(self.entries):
+            self.entries = kept
+            self.changed = True
 
     def to_json(self) -> dict[str, Any]:
         return {"version": FORMAT_VERSION, "units": dict(sorted(self.entries.items()))}
@@ -136,8 +145,9 @@ def load_delivery(home: Home) -> DeliveryBook:
 
 def save_delivery(home: Home, book: DeliveryBook) -> None:
     """Write ``delivery.json`` atomically (call it holding the store's lock)."""
-    atomic_write(delivery_path(home), json.dumps(book.to_json(), indent=2),
+    atomic_write(delivery_path(home), json.dumps(book.to_json(), separators=(",", ":")),
                  mode=0o600)
+    book.changed = False
 
 
 def path_peers(unit: KnowledgeUnit, book: DeliveryBook) -> tuple[str, ...]:

@@ -228,7 +228,6 @@ def record_deliveries(home: Home, existing: dict[str, KnowledgeUnit], result: Ba
     cluster keeps the deliverers of the cluster it was merged into as well.
     """
     book = load_delivery(home)
-    before = book.to_json()
     current = dict(existing)
     for inc, outcome in result.outcomes:
         unit = outcome.store
@@ -246,7 +245,7 @@ def record_deliveries(home: Home, existing: dict[str, KnowledgeUnit], result: Ba
         book.record(unit, via)
         current[unit.semantic_key] = unit
     book.keep_only(stored)
-    if book.to_json() != before:
+    if book.changed:
         save_delivery(home, book)
 
 
