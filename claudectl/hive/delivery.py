@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -117,13 +118,10 @@ class DeliveryBook:
         units = value.get("units") if isinstance(value, dict) else None
         if isinstance(units, dict):
             for fp, e in units.items():
-                if not isinstance(e, dict):
-                    continue
-                peers = e.get("delivered_by")
-                if (isinstance(peers, list) and peers
+                peers = e.get("delivered_by") if isinstance(e, dict) else None
+                if (isinstance(peers, list) and peers and len(peers) <= MAX_DELIVERERS
                         and all(isinstance(p, str) for p in peers)):
-                    entries[fp] = {"id": e.get("id"), "source_peer": e.get("source_peer"),
-                                   "delivered_by": peers[:MAX_DELIVERERS]}
+                    entries[fp] = e
         return cls(entries)
 
 
@@ -150,10 +148,40 @@ def save_delivery(home: Home, book: DeliveryBook) -> None:
     book.changed = False
 
 
+class DeliveryFile:
+    """
+    ``delivery.json`` for its one writer (the gossip engine): the book is
+    parsed again only when the file changed under it.
+    """
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self._book: DeliveryBook | None = None
+        self._sig: tuple[int, int, int] | None = None
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(delivery_path(self.home))
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> DeliveryBook:
+        sig = self._signature()
+        if self._book is None or sig is None or sig != self._sig:
+            self._book = load_delivery(self.home)
+            self._sig = sig
+        return self._book
+
+    def save(self, book: DeliveryBook) -> None:
+        save_delivery(self.home, book)
+        self._book, self._sig = book, self._signature()
+
+
 def path_peers(unit: KnowledgeUnit, book: DeliveryBook) -> tuple[str, ...]:
     """Every peer whose trust bounds ``unit``'s: its origin, then its deliverers."""
     return tuple(dict.fromkeys((unit.source_peer, *book.deliverers(unit))))
 
 
-__all__ = ["DeliveryBook", "fingerprint", "load_delivery", "save_delivery", "path_peers",
+__all__ = ["DeliveryBook", "DeliveryFile", "fingerprint", "load_delivery", "save_delivery", "path_peers",
            "DELIVERY"]

@@ -42,7 +42,7 @@ from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
 from claudectl.config import Config
-from claudectl.hive.delivery import DeliveryBook, fingerprint, load_delivery, save_delivery
+from claudectl.hive.delivery import DeliveryBook, DeliveryFile, fingerprint
 from claudectl.hive.merge import (
     CLUSTER_UNIONED,
     DUPLICATE,
@@ -220,14 +220,14 @@ def check_peer_fields(unit: KnowledgeUnit) -> None:
                                     "peer id")
 
 
-def record_deliveries(home: Home, existing: dict[str, KnowledgeUnit], result: BatchResult,
-                      peer_id: str, stored: list[KnowledgeUnit]) -> None:
+def record_deliveries(file: DeliveryFile, existing: dict[str, KnowledgeUnit],
+                      result: BatchResult, peer_id: str, stored: list[KnowledgeUnit]) -> None:
     """
     Remember ``peer_id`` as the deliverer of every unit this batch stored
     (``delivery.json``; call it holding the store's lock).  A unioned
     cluster keeps the deliverers of the cluster it was merged into as well.
     """
-    book = load_delivery(home)
+    book = file.load()
     current = dict(existing)
     for inc, outcome in result.outcomes:
         unit = outcome.store
@@ -246,7 +246,7 @@ def record_deliveries(home: Home, existing: dict[str, KnowledgeUnit], result: Ba
         current[unit.semantic_key] = unit
     book.keep_only(stored)
     if book.changed:
-        save_delivery(home, book)
+        file.save(book)
 
 
 def _delivered_by(book: DeliveryBook, unit: KnowledgeUnit) -> tuple[str, ...]:
@@ -269,6 +269,7 @@ class Gossip:
         #: (reactor-free tests).
         self._call_later = call_later
         self.state = SyncState(home)
+        self.delivery = DeliveryFile(home)
         self._file_sig: tuple[int, int, int] | None = self._signature()
         self._units_cache: tuple[tuple[int, int, int] | None, list[KnowledgeUnit]] | None = None
         self._push_scheduled = False
@@ -578,7 +579,7 @@ class Gossip:
                 existing = store.by_key()
                 result = merge_batch(store, good, self.identity, now)
                 # Who delivered what, written before the store itself.
-                record_deliveries(self.home, existing, result, peer_id, store.units())
+                record_deliveries(self.delivery, existing, result, peer_id, store.units())
             # What we just wrote is the store now: no need to parse it again.
             self._units_cache = (self._signature(), store.units())
             write_merge_logs(self.home, result)
