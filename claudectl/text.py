@@ -28,7 +28,7 @@ text is cleaned where it is shown:
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import IO, cast
 
 # Whole escape sequences, 7-bit (ESC ...) and 8-bit (C1) forms.  An
 # unterminated string sequence (OSC, DCS, ...) runs to the end of the text,
@@ -96,11 +96,16 @@ class CleanWriter:
     """A text stream whose every write goes through :func:`clean_text`
     (for log observers that write to a terminal)."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
 
+    @classmethod
+    def wrap(cls, stream: IO[str]) -> IO[str]:
+        """``stream`` cleaned, typed as the stream it stands for."""
+        return cast(IO[str], cls(stream))
+
     def write(self, text: str) -> int:
-        return self._stream.write(clean_text(text))  # type: ignore[no-any-return]
+        return self._stream.write(clean_text(text))
 
     def flush(self) -> None:
         self._stream.flush()

@@ -159,7 +159,7 @@ def cli(click_ctx: click.Context, home: str | None, json_: bool,
     if verbose:
         from twisted.logger import globalLogBeginner, textFileLogObserver
 
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(CleanWriter(sys.stderr))],
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(CleanWriter.wrap(sys.stderr))],
                                          redirectStandardIO=False)
     click_ctx.obj = CliContext(home=Home.resolve(home), json=json_, verbose=verbose,
                                config_files=config_files)

@@ -103,7 +103,7 @@ def _clean_stdout_observer() -> Any:
 
     from claudectl.text import CleanWriter
 
-    return textFileLogObserver(CleanWriter(sys.stdout))
+    return textFileLogObserver(CleanWriter.wrap(sys.stdout))
 
 
 class _Plugin:
