@@ -306,6 +306,10 @@ class DoneWhenStoryTests(SynchronousTestCase):
                 break
             self.assertLess(time.monotonic() - started, 20, out)
             time.sleep(0.1)
-        # Raising A's trust on C changes the label.
+        # Raising A's trust on C alone does not change the label: B delivered
+        # the unit, and a unit is trusted no more than its deliverer (trust
+        # by path).  Raising B's too does.
         run_cli(homes[2], "hive", "trust", ids[0], "0.9")
-        self.assertIn(f"- [hive] [Bash, cargo test]", run_cli(homes[2], "hive", "prompt").stdout)
+        self.assertIn(expected, run_cli(homes[2], "hive", "prompt").stdout)
+        run_cli(homes[2], "hive", "trust", ids[1], "0.9")
+        self.assertIn("- [hive] [Bash, cargo test]", run_cli(homes[2], "hive", "prompt").stdout)

@@ -13,6 +13,7 @@ import sys
 import click
 
 from claudectl.cli.base import CliError, cli
+from claudectl.text import clean_text
 
 COMMAND_MODULES = (
     "claudectl.cli.relay_cmds",
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         # Without standalone mode click *returns* the code of ctx.exit(n).
         code = group.main(args=argv, prog_name="claudectl", standalone_mode=False)
     except CliError as e:
-        sys.stderr.write(f"Error: {e.message}\n")
+        sys.stderr.write(f"Error: {clean_text(e.message)}\n")
         sys.exit(e.code)
     except click.exceptions.Abort:
         sys.stderr.write("Aborted.\n")

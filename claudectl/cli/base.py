@@ -23,6 +23,7 @@ import click
 
 from claudectl.config import Config, ConfigError, load_config
 from claudectl.home import Home
+from claudectl.text import CleanWriter, clean_text, json_safe
 
 
 class CliError(Exception):
@@ -54,16 +55,23 @@ class CliContext:
                 raise CliError(str(e)) from None
         return self._config
 
+    # Everything a command prints goes through clean_text: no escape
+    # sequence or control character from a peer ever reaches the terminal.
+    # (Single-line fields are cleaned with clean_line where they are built.)
     def out(self, text: str = "") -> None:
-        self.stdout.write(text + "\n")
+        self.stdout.write(clean_text(text) + "\n")
         self.stdout.flush()
 
     def err(self, text: str = "") -> None:
-        self.stderr.write(text + "\n")
+        self.stderr.write(clean_text(text) + "\n")
         self.stderr.flush()
 
+    def out_json_text(self, encoded: str) -> None:
+        """Print already-encoded JSON, unsafe characters as escapes (same data)."""
+        self.out(json_safe(encoded))
+
     def emit_json(self, value: Any) -> None:
-        self.out(json.dumps(value, indent=2, ensure_ascii=False))
+        self.out_json_text(json.dumps(value, indent=2, ensure_ascii=False))
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """
@@ -151,7 +159,7 @@ def cli(click_ctx: click.Context, home: str | None, json_: bool,
     if verbose:
         from twisted.logger import globalLogBeginner, textFileLogObserver
 
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(CleanWriter.wrap(sys.stderr))],
                                          redirectStandardIO=False)
     click_ctx.obj = CliContext(home=Home.resolve(home), json=json_, verbose=verbose,
                                config_files=config_files)

@@ -24,6 +24,7 @@ from claudectl.cli.base import json_flag as _json_option
 from claudectl.cli.base import remote_error_text as _error_text
 from claudectl.delegation import commands as C
 from claudectl.delegation.taskrun import FINISHED_STATES
+from claudectl.text import clean_line
 
 TERMINAL = FINISHED_STATES
 WATCH_SECS = 30.0
@@ -84,8 +85,8 @@ def _duration(secs: float | int) -> str:
 
 
 def _progress_line(task: dict[str, Any]) -> str:
-    msg = task.get("last_message") or ""
-    return (f"{task['state']:<9} {_duration(task['elapsed_secs']):>7}  "
+    msg = clean_line(task.get("last_message") or "")
+    return (f"{clean_line(task['state']):<9} {_duration(task['elapsed_secs']):>7}  "
             f"{task['tokens']:,} tokens  ${task['cost_usd']:.4f}  {msg}").rstrip()
 
 
@@ -168,7 +169,8 @@ def delegate(ctx: CliContext, peer: str, prompt: tuple[str, ...], cwd: str | Non
         if ctx.json:
             ctx.emit_json(final)
         else:
-            ctx.out(f"Task {final['task_id']} {final['state']}: {final.get('summary') or ''}")
+            ctx.out(f"Task {clean_line(final['task_id'])} {clean_line(final['state'])}: "
+                    f"{clean_line(final.get('summary') or '')}")
         if final["state"] != "completed":
             raise CliError(f"task {final['task_id']} did not complete ({final['state']})")
 
@@ -212,7 +214,8 @@ def status(ctx: CliContext, task_id: str | None) -> None:
                 ("Prompt", t["prompt"]), ("Last", t.get("last_message")),
                 ("Summary", t.get("summary"))):
             if value:
-                ctx.out(f"{label + ':':<11} {value}")
+                # Summaries, messages and file names come from the worker peer.
+                ctx.out(f"{label + ':':<11} {clean_line(value)}")
         return
     if not tasks:
         ctx.out("No delegated tasks. Delegate one with `claudectl relay delegate <peer> <prompt>`.")
@@ -220,11 +223,11 @@ def status(ctx: CliContext, task_id: str | None) -> None:
     ctx.out(f"{'TASK':<36} {'PEER':<20} {'STATE':<9} {'ELAPSED':>7} {'TOKENS':>9} "
             f"{'COST':>8}  LAST MESSAGE")
     for t in tasks:
-        msg = (t.get("last_message") or "").replace("\n", " ")
+        msg = clean_line(t.get("last_message") or "")
         if len(msg) > 60:
             msg = msg[:59] + "…"
-        peer = t["peer"] if t["peer_connected"] else t["peer"] + "*"
-        ctx.out(f"{t['task_id']:<36} {peer:<20} {t['state']:<9} "
+        peer = clean_line(t["peer"]) + ("" if t["peer_connected"] else "*")
+        ctx.out(f"{clean_line(t['task_id']):<36} {peer:<20} {clean_line(t['state']):<9} "
                 f"{_duration(t['elapsed_secs']):>7} {t['tokens']:>9,} "
                 f"{'$' + format(t['cost_usd'], '.4f'):>8}  {msg}".rstrip())
     if any(not t["peer_connected"] for t in tasks):
@@ -292,7 +295,8 @@ def run_file(ctx: CliContext, file: str, parallel: bool) -> None:
 
     def report(line: str) -> None:
         if not ctx.json:
-            ctx.out(f"{time.strftime('%H:%M:%S')} {line}")
+            # Lines carry task summaries (a peer's text): one line each.
+            ctx.out(f"{time.strftime('%H:%M:%S')} {clean_line(line)}")
 
     remote_tasks: dict[str, str] = {}  # delegated task id -> peer, until it ended
 
@@ -419,7 +423,7 @@ def _remote_runner(reactor: Any, ctx: CliContext, in_flight: dict[str, str]) -> 
             text = view.get("last_message")
             if text and text != last["text"] and view["state"] not in TERMINAL:
                 last["text"] = text
-                progress(f"{view['state']}: {text}")
+                progress(f"{clean_line(view['state'])}: {clean_line(text)}")
 
         in_flight[r["task_id"]] = task.peer
         try:

@@ -20,6 +20,7 @@ import click
 
 from claudectl.cli.base import CliContext, CliError, hive, pass_ctx
 from claudectl.hive import archive as archive_mod
+from claudectl.hive.delivery import load_delivery
 from claudectl.hive.distill import CURSOR, Cursor, maybe_distill
 from claudectl.hive.exchange import (
     ImportProblem,
@@ -42,6 +43,7 @@ from claudectl.hive.store import (
 from claudectl.hive.trust import PeerTrust, TrustBook, load_trust, tier_for, trust_transaction
 from claudectl.hive.units import KnowledgeUnit, Scope
 from claudectl.relay.keystore import KeyStore, is_valid_peer_id
+from claudectl.text import clean_line, json_safe
 
 json_option = click.option("--json", "json_", is_flag=True, help="Machine-readable JSON output.")
 
@@ -65,7 +67,8 @@ def _when(epoch: int | None) -> str:
 
 
 def _table(ctx: CliContext, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in row] for row in rows]
+    # Cells hold peer text (ids, summaries): one line each, nothing raw.
+    cells = [[clean_line(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     ctx.out("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     ctx.out("  ".join("\u2500" * w for w in widths))
@@ -135,11 +138,12 @@ def status(ctx: CliContext, json_: bool) -> None:
     if units:
         ctx.out("  by type:   " + ", ".join(f"{t} {n}" for t, n in info["by_type"].items()))
     if peers:
-        ctx.out("  by peer:   " + ", ".join(f"{p} {n}" for p, n in peers.most_common()))
+        ctx.out("  by peer:   " + ", ".join(f"{clean_line(p)} {n}"
+                                            for p, n in peers.most_common()))
     ctx.out(f"Trust:       {len(book.records)} peer record(s)"
-            + (f", frozen: {', '.join(frozen)}" if frozen else ""))
+            + (f", frozen: {clean_line(', '.join(frozen))}" if frozen else ""))
     for peer_id, rec in sorted(book.records.items()):
-        ctx.out(f"  {peer_id}: trust {rec.trust_level:.2f}, accepted "
+        ctx.out(f"  {clean_line(peer_id)}: trust {rec.trust_level:.2f}, accepted "
                 f"{rec.knowledge_accepted}, conflicted {rec.knowledge_conflicted}, "
                 f"last sync {_when(rec.last_sync)}")
     ctx.out(f"Archive:     {info['archived_units']} unit(s)")
@@ -177,17 +181,19 @@ def knowledge(ctx: CliContext, from_: str | None, scope: str | None, type_: str 
     if type_ is not None:
         units = [u for u in units if u.type == type_]
     if _wants_json(ctx, json_):
-        ctx.out(export_json(units))
+        ctx.out_json_text(export_json(units))
         return
     if not units:
         ctx.out("No knowledge units.")
         return
     now = _now()
+    delivery = load_delivery(ctx.home)
+    # VIA: the peers that delivered a unit to us (trust by path, docs/hive.md).
     rows = [(u.id, u.scope.display(), u.type, f"{u.effective_confidence(now):.2f}",
-             u.evidence_count, u.source_peer,
+             u.evidence_count, u.source_peer, ",".join(delivery.deliverers(u)) or "-",
              u.summary() + (" [stale]" if u.is_stale(now) else ""))
             for u in units]
-    _table(ctx, ("ID", "SCOPE", "TYPE", "CONF", "EVID", "FROM", "SUMMARY"), rows)
+    _table(ctx, ("ID", "SCOPE", "TYPE", "CONF", "EVID", "FROM", "VIA", "SUMMARY"), rows)
     ctx.out(f"{len(units)} unit(s)")
 
 
@@ -201,7 +207,8 @@ def knowledge(ctx: CliContext, from_: str | None, scope: str | None, type_: str 
 def export(ctx: CliContext, fmt: str) -> None:
     """Print all knowledge units (personal ones included) for `hive import`."""
     units = _loaded_units(ctx)
-    text = export_json(units) if fmt == "json" else export_yaml(units)
+    # JSON: claudectl's form, C1/bidi characters as \u escapes (same data).
+    text = json_safe(export_json(units)) if fmt == "json" else export_yaml(units)
     ctx.stdout.write(text if text.endswith("\n") else text + "\n")
     ctx.stdout.flush()
 
@@ -248,7 +255,7 @@ def forget(ctx: CliContext, unit_id: str, json_: bool) -> None:
         ctx.emit_json({"removed": [u.to_json() for u in gone]})
         return
     for u in gone:
-        ctx.out(f"Removed {u.id}: {u.summary()}")
+        ctx.out(f"Removed {clean_line(u.id)}: {clean_line(u.summary())}")
 
 
 # --- trust ----------------------------------------------------------------------------------
@@ -323,7 +330,7 @@ def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
                     f"{it['knowledge_conflicted']}, first seen {_when(it['first_seen'])}, "
                     f"last sync {_when(it['last_sync'])}")
             if it["frozen"]:
-                ctx.out(f"  frozen: {it['freeze_reason']} (clear with --unfreeze)")
+                ctx.out(f"  frozen: {clean_line(it['freeze_reason'])} (clear with --unfreeze)")
             if it["quarantined"]:
                 ctx.out(f"  quarantined until {_when(it['quarantined_until'])}")
         return
@@ -385,7 +392,8 @@ def archive_cmd(ctx: CliContext, prune: str | None, json_: bool) -> None:
     if stats.units:
         ctx.out(f"  validated between {_when(stats.oldest)} and {_when(stats.newest)}")
         ctx.out("  by type: " + ", ".join(f"{t} {n}" for t, n in stats.by_type.items()))
-        ctx.out("  by peer: " + ", ".join(f"{p} {n}" for p, n in stats.by_peer.items()))
+        ctx.out("  by peer: " + ", ".join(f"{clean_line(p)} {n}"
+                                          for p, n in stats.by_peer.items()))
     if stats.unreadable:
         ctx.out(f"  {stats.unreadable} unreadable line(s) (moved to quarantine on prune)")
 
@@ -428,7 +436,7 @@ def curriculum(ctx: CliContext, json_: bool) -> None:
     """Show the distilled curriculum (written by `hive distill`)."""
     cur = archive_mod.read_curriculum(ctx.home)
     if _wants_json(ctx, json_):
-        ctx.out(export_json(cur.units))
+        ctx.out_json_text(export_json(cur.units))
         return
     if not cur.meta and not cur.units:
         ctx.out("No curriculum yet; run `claudectl hive distill`.")

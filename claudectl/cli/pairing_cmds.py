@@ -38,6 +38,7 @@ from claudectl.pairing.invites import (
     public_view,
 )
 from claudectl.relay.keystore import KeyStore
+from claudectl.text import clean_line
 
 #: Where the "UDP connect" trick points to learn the primary address (no
 #: packet is sent by connecting a UDP socket).
@@ -374,4 +375,6 @@ def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
     ctx.out("  " + "─" * 56)
     for r in rows:
         paired = " (paired)" if keystore.key(r.identity) is not None else ""
-        ctx.out(f"  {r.identity:<20}{r.address:<24}{_version_label(r.version)}{paired}")
+        # Identity and version come from unauthenticated datagrams.
+        ctx.out(f"  {clean_line(r.identity):<20}{clean_line(r.address):<24}"
+                f"{clean_line(_version_label(r.version))}{paired}")

@@ -84,12 +84,26 @@ def _run_app(config: Any) -> None:
 
     from twisted.internet.error import CannotListenError
 
+    if config.get("logfile") in ("-", "") and not config.get("logger"):
+        # The log goes to the terminal: events carry peers' text.
+        config["logger"] = _clean_stdout_observer
     runner = twistd._SomeApplicationRunner(config)
     try:
         runner.run()
     except CannotListenError as e:
         raise CliError(f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: "
                        f"{e.socketError}") from None
+
+
+def _clean_stdout_observer() -> Any:
+    """twistd's stdout log observer, with every line through clean_text."""
+    import sys
+
+    from twisted.logger import textFileLogObserver
+
+    from claudectl.text import CleanWriter
+
+    return textFileLogObserver(CleanWriter.wrap(sys.stdout))
 
 
 class _Plugin:

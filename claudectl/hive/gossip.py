@@ -42,7 +42,14 @@ from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
 from claudectl.config import Config
-from claudectl.hive.merge import merge_batch, write_merge_logs
+from claudectl.hive.delivery import DeliveryBook, DeliveryFile, fingerprint
+from claudectl.hive.merge import (
+    CLUSTER_UNIONED,
+    DUPLICATE,
+    BatchResult,
+    merge_batch,
+    write_merge_logs,
+)
 from claudectl.hive.sharing import ShareContext
 from claudectl.hive.store import (
     KNOWLEDGE,
@@ -52,11 +59,18 @@ from claudectl.hive.store import (
     store_transaction,
 )
 from claudectl.hive.trust import load_trust, log_collisions, trust_level, trust_transaction
-from claudectl.hive.units import SNAPSHOT_PAGE_BYTES, KnowledgeUnit, paginate
+from claudectl.hive.units import (
+    SNAPSHOT_PAGE_BYTES,
+    ApproachCluster,
+    KnowledgeUnit,
+    UnitError,
+    paginate,
+)
 from claudectl.home import Home
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
 from claudectl.relay.interfaces import IMesh
+from claudectl.relay.keystore import is_remote_peer_id
 
 log = Logger()
 
@@ -190,6 +204,56 @@ def _paginate(encoded: list[Encoded]) -> list[list[Encoded]]:
     return paginate(encoded, SNAPSHOT_PAGE_BYTES, size=lambda item: item[2])
 
 
+def check_peer_fields(unit: KnowledgeUnit) -> None:
+    """
+    Refuse (UnitError) a received unit whose origin (``source_peer``) or a
+    cluster variant's ``contributing_peers`` is not a well-formed peer id:
+    such a name could never be a peer we trust, and it is shown to people.
+    """
+    if not is_remote_peer_id(unit.source_peer):
+        raise UnitError(f"source_peer {unit.source_peer[:80]!r} is not a valid peer id")
+    if isinstance(unit.content, ApproachCluster):
+        for v in unit.content.variants:
+            for p in v.contributing_peers:
+                if not is_remote_peer_id(p):
+                    raise UnitError(f"contributing_peers entry {p[:80]!r} is not a valid "
+                                    "peer id")
+
+
+def record_deliveries(file: DeliveryFile, existing: dict[str, KnowledgeUnit],
+                      result: BatchResult, peer_id: str, stored: list[KnowledgeUnit]) -> None:
+    """
+    Remember ``peer_id`` as the deliverer of every unit this batch stored
+    (``delivery.json``; call it holding the store's lock).  A unioned
+    cluster keeps the deliverers of the cluster it was merged into as well.
+    """
+    book = file.load()
+    current = dict(existing)
+    for inc, outcome in result.outcomes:
+        unit = outcome.store
+        if unit is None:
+            held = current.get(inc.semantic_key)
+            if (outcome.result == DUPLICATE and inc.source_peer == peer_id
+                    and held is not None and fingerprint(held) == fingerprint(inc)):
+                # The origin itself sent what we hold: the best path there is.
+                book.record(held, (peer_id,))
+            continue
+        via: tuple[str, ...] = (peer_id,)
+        prior = current.get(unit.semantic_key)
+        if outcome.result == CLUSTER_UNIONED and prior is not None:
+            via = (*_delivered_by(book, prior), peer_id)
+        book.record(unit, via)
+        current[unit.semantic_key] = unit
+    book.keep_only(stored)
+    if book.changed:
+        file.save(book)
+
+
+def _delivered_by(book: DeliveryBook, unit: KnowledgeUnit) -> tuple[str, ...]:
+    # No entry: the unit counts as delivered by its origin.
+    return book.deliverers(unit) or (unit.source_peer,)
+
+
 class Gossip:
     """The gossip engine of one node (reactor-free apart from the injected clock)."""
 
@@ -205,6 +269,7 @@ class Gossip:
         #: (reactor-free tests).
         self._call_later = call_later
         self.state = SyncState(home)
+        self.delivery = DeliveryFile(home)
         self._file_sig: tuple[int, int, int] | None = self._signature()
         self._units_cache: tuple[tuple[int, int, int] | None, list[KnowledgeUnit]] | None = None
         self._push_scheduled = False
@@ -471,6 +536,7 @@ class Gossip:
         for n, raw in enumerate(raw_units):
             try:
                 unit = KnowledgeUnit.from_json(raw)
+                check_peer_fields(unit)
             except Exception as e:  # UnitError, or anything a hostile value provokes
                 bad += 1
                 log.info("rejected knowledge unit {index} from {peer_id}: {error}",
@@ -500,7 +566,7 @@ class Gossip:
                      count=excess, peer_id=peer_id, cap=cfg.max_units_per_peer_per_day)
             good = good[:allowance]
         self._unrecorded[peer_id] = self._unrecorded.get(peer_id, 0) + len(good)
-        if good and self._all_known(good):
+        if good and self._all_known(good, peer_id):
             # Copies of what we hold (other paths of the same gossip): no
             # store transaction, no file rewrite; counted in trust.json later.
             stats["duplicates"] = len(good)
@@ -512,6 +578,8 @@ class Gossip:
                                    now=now) as store:
                 existing = store.by_key()
                 result = merge_batch(store, good, self.identity, now)
+                # Who delivered what, written before the store itself.
+                record_deliveries(self.delivery, existing, result, peer_id, store.units())
             # What we just wrote is the store now: no need to parse it again.
             self._units_cache = (self._signature(), store.units())
             write_merge_logs(self.home, result)
@@ -572,13 +640,16 @@ class Gossip:
         with trust_transaction(self.home, self.config.hive.default_trust) as book:
             self._record_counts(book, self.now())
 
-    def _all_known(self, units: list[KnowledgeUnit]) -> bool:
-        """True when every unit is already stored at that version by no shorter path."""
+    def _all_known(self, units: list[KnowledgeUnit], peer_id: str) -> bool:
+        """True when every unit is already stored at that version by no shorter path
+        (and none comes straight from its origin, whose delivery record may improve)."""
         cache = self._units_cache
         if cache is None or cache[0] is None or cache[0] != self._signature():
             return False
         held = {u.id: u for u in cache[1]}
         for u in units:
+            if u.source_peer == peer_id:
+                return False  # from its origin: its delivery record may improve
             h = held.get(u.id)
             if h is None or h.version < u.version or (
                     h.version == u.version and h.propagation_count > u.propagation_count):

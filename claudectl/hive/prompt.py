@@ -11,12 +11,18 @@ What is shown, and why (the mission's rules, where claudectl differs):
 * only peers' knowledge -- local knowledge is the brain's own -- and never a
   peer unit about something a local unit or local preference already
   covers: local preferences are never overridden;
-* each unit labelled with its peer's tier; Ignored peers (< 0.2) and frozen
-  peers are never shown, nor units decayed below 0.1 (H9); with
-  ``inject_unverified = false`` Unverified and quarantined peers are left
-  out too;
-* ranked by effective confidence x evidence x the peer's trust (trust
-  weighting, H9), at most ``max_prompt_units`` (0 = all).
+* trust by path: a unit counts at the lower of its origin's trust and the
+  trust of every peer that delivered it to us (:mod:`claudectl.hive.delivery`),
+  so nobody borrows a better-trusted peer's name;
+* each unit labelled with that tier; units whose path has an Ignored
+  (< 0.2) peer, and frozen peers' own units, are never shown, nor units
+  decayed below 0.1 (H9); with ``inject_unverified = false`` Unverified
+  tiers and quarantined origins are left out too;
+* ranked by effective confidence x evidence x the path's trust (trust
+  weighting, H9), at most ``max_prompt_units`` (0 = all);
+* every piece of peer text on one line, without control characters
+  (:func:`claudectl.text.clean_line`): a peer cannot start a line, a
+  heading or an escape sequence of its own.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from claudectl.config import HiveConfig
+from claudectl.hive.delivery import DeliveryBook, load_delivery, path_peers
 from claudectl.hive.distill import read_preferences
 from claudectl.hive.store import load_store
-from claudectl.hive.trust import Tier, TrustBook, load_trust
+from claudectl.hive.trust import Tier, TrustBook, load_trust, tier_for
 from claudectl.hive.units import (
     ApproachCluster,
     ApproachOutcome,
@@ -38,6 +45,7 @@ from claudectl.hive.units import (
     rollout_admits,
 )
 from claudectl.home import Home
+from claudectl.text import clean_line
 
 HIDDEN_TYPES = frozenset({"skill", "command", "hook_config"})
 CONFIDENCE_FLOOR = 0.1
@@ -75,13 +83,15 @@ def render(items: list[PromptItem], total: int | None = None) -> str:
     more = f" (showing top {shown} of {total})" if shown < total else ""
     lines = [f"## Hive Knowledge ({peers} peers, {shown} units{more})"]
     for item in items:
-        line = (f"- [{item.tier_label}] {item.summary} \u2014 {item.evidence_count} "
-                f"decisions from {item.source_peer}")
+        line = (f"- [{item.tier_label}] {clean_line(item.summary)} \u2014 {item.evidence_count} "
+                f"decisions from {clean_line(item.source_peer)}")
         lines.append(line + (" [stale]" if item.stale else ""))
         variants = sorted(item.variants, key=lambda v: -v.evidence)
         for letter, v in zip("ABC", variants[:MAX_VARIANT_LINES], strict=False):
-            when = f" [when: {', '.join(v.conditions)}]" if v.conditions else ""
-            lines.append(f"    ({letter}) {v.approach_summary} \u2014 n={v.evidence}{when}")
+            when = (f" [when: {clean_line(', '.join(v.conditions))}]" if v.conditions
+                    else "")
+            lines.append(f"    ({letter}) {clean_line(v.approach_summary)} \u2014 "
+                         f"n={v.evidence}{when}")
         if len(variants) > MAX_VARIANT_LINES:
             lines.append(f"    (\u2026 {len(variants) - MAX_VARIANT_LINES} more variants)")
     return "\n".join(lines)
@@ -131,9 +141,15 @@ def local_coverage(units: Iterable[KnowledgeUnit], local_id: str,
 def select(units: Iterable[KnowledgeUnit], *, trust: TrustBook, config: HiveConfig,
            local_id: str, now: int, pid: int | None = None, tool: str | None = None,
            command: str | None = None, project: str | None = None,
-           local_keys: set[str] | None = None) -> tuple[list[PromptItem], int]:
-    """The prompt items to show (best first) and how many qualified in all."""
+           local_keys: set[str] | None = None,
+           delivery: DeliveryBook | None = None) -> tuple[list[PromptItem], int]:
+    """
+    The prompt items to show (best first) and how many qualified in all.
+    ``delivery`` says who delivered each unit (none: every unit counts as
+    delivered by its origin).
+    """
     units = list(units)
+    delivery = delivery or DeliveryBook()
     covered = local_coverage(units, local_id) if local_keys is None else local_keys
     scored: list[tuple[float, str, KnowledgeUnit, Tier, bool]] = []
     for unit in units:
@@ -142,7 +158,11 @@ def select(units: Iterable[KnowledgeUnit], *, trust: TrustBook, config: HiveConf
             continue
         if unit.content.key_part() in covered:
             continue
-        tier = trust.tier(peer)
+        path = path_peers(unit, delivery)
+        level = min(trust.level(p) for p in path)
+        tier = tier_for(level)
+        # A freeze (the sybil checks) hides the frozen peer's own knowledge;
+        # what it relayed is held down by its tier like anyone's.
         if tier is Tier.IGNORED or trust.is_frozen(peer):
             continue
         if not config.inject_unverified and (
@@ -155,7 +175,7 @@ def select(units: Iterable[KnowledgeUnit], *, trust: TrustBook, config: HiveConf
             continue
         if not relevant(unit, tool, command, project):
             continue
-        score = eff * unit.evidence_count * trust.level(peer)
+        score = eff * unit.evidence_count * level
         scored.append((score, unit.id, unit, tier, unit.is_stale(now)))
     scored.sort(key=lambda s: (-s[0], s[1]))
     total = len(scored)
@@ -181,5 +201,5 @@ def build_prompt(home: Home, config: HiveConfig, local_id: str, now: int,
     keys = local_coverage(units, local_id, read_preferences(home))
     items, total = select(units, trust=load_trust(home, config.default_trust), config=config,
                           local_id=local_id, now=now, pid=pid, tool=tool, command=command,
-                          project=project, local_keys=keys)
+                          project=project, local_keys=keys, delivery=load_delivery(home))
     return render(items, total)

@@ -1,0 +1,187 @@
+# -*- test-case-name: tests.test_hive_delivery -*-
+"""
+Who delivered each peer unit to us: ``$HIVE/delivery.json`` (trust by path).
+
+A unit names its origin in ``source_peer``, but any peer can write any name
+there.  What we know for certain is which authenticated peer handed the unit
+to us -- its *deliverer*.  A unit is therefore trusted no more than the
+lower of its origin's trust and its deliverers' (:func:`path_peers`, used by
+the prompt): a peer at 0.2 that relays a unit naming a 0.9 peer gets it
+labelled at 0.2's tier, never at 0.9's.
+
+The deliverer is kept beside the unit, not in it, because claudectl 0.64
+drops unknown keys whenever it rewrites ``knowledge.jsonl`` (its brain does
+on every injection) -- ``knowledge.jsonl`` stays byte for byte claudectl's.
+``delivery.json`` is one compact JSON object (shown pretty here)::
+
+    {"version": 1, "units": {"<fingerprint>": {"id": "ku_..", "source_peer": "peer-b",
+                                               "delivered_by": ["peer-c"]}}}
+
+The fingerprint is a hash of what the unit *says* (id, origin, version,
+scope, category, content, numbers, timestamps) and leaves out what the
+brain's feedback and the hop count change, so an entry follows its unit
+through claudectl's rewrites but never applies to a different unit that
+reuses the id.  A unit with no entry (received by claudectl's own relay,
+imported by hand, stored before this file existed) counts as delivered by
+its origin, as in claudectl.  Only gossip writes the file, under the lock of
+``knowledge.jsonl``, before the store itself is written; entries of units
+no longer stored are dropped on each write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from twisted.logger import Logger
+
+from claudectl.atomic import atomic_write
+from claudectl.hive.units import KnowledgeUnit
+from claudectl.home import Home
+
+log = Logger()
+
+DELIVERY = "delivery.json"
+FORMAT_VERSION = 1
+#: Deliverers remembered per unit (a unioned cluster collects them).
+MAX_DELIVERERS = 16
+
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+
+
+#: Fingerprints by unit object (units are immutable, and the store hands out
+#: the same objects for unchanged lines); the entry keeps the unit alive, so
+#: an id() is never reused while it is cached.
+_FP_CACHE: dict[int, tuple[KnowledgeUnit, str]] = {}
+_FP_CACHE_MAX = 20_000
+
+
+def fingerprint(unit: KnowledgeUnit) -> str:
+    hit = _FP_CACHE.get(id(unit))
+    if hit is not None and hit[0] is unit:
+        return hit[1]
+    # What makes it another unit as far as trust goes (content keys in
+    # claudectl's fixed order); not rollout state, feedback or hops.
+    text = _ENCODE([unit.id, unit.source_peer, unit.version, unit.scope.to_json(),
+                    unit.category, unit.content.to_json(), unit.evidence_count,
+                    unit.confidence, unit.originated_at, unit.last_validated_at,
+                    unit.revalidation_interval_secs])
+    fp = hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
+    if len(_FP_CACHE) >= _FP_CACHE_MAX:
+        _FP_CACHE.clear()
+    _FP_CACHE[id(unit)] = (unit, fp)
+    return fp
+
+
+class DeliveryBook:
+    """Fingerprint -> the peers that delivered that unit to us."""
+
+    def __init__(self, entries: Mapping[str, dict[str, Any]] | None = None) -> None:
+        self.entries: dict[str, dict[str, Any]] = dict(entries or {})
+        #: Set by every change (the file is written only then).
+        self.changed = False
+
+    def deliverers(self, unit: KnowledgeUnit) -> tuple[str, ...]:
+        """The recorded deliverers of ``unit`` (empty when unknown)."""
+        entry = self.entries.get(fingerprint(unit))
+        if entry is None:
+            return ()
+        return tuple(entry["delivered_by"])
+
+    def record(self, unit: KnowledgeUnit, deliverers: Iterable[str]) -> None:
+        peers = list(dict.fromkeys(deliverers))[:MAX_DELIVERERS]
+        if not peers:
+            return
+        entry = {"id": unit.id, "source_peer": unit.source_peer, "delivered_by": peers}
+        fp = fingerprint(unit)
+        if self.entries.get(fp) != entry:
+            self.entries[fp] = entry
+            self.changed = True
+
+    def keep_only(self, units: Iterable[KnowledgeUnit]) -> None:
+        """Drop the entries of units that are no longer stored."""
+        live = {fingerprint(u) for u in units}
+        kept = {fp: e for fp, e in self.entries.items() if fp in live}
+        if len(kept) != len(self.entries):
+            self.entries = kept
+            self.changed = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION, "units": dict(sorted(self.entries.items()))}
+
+    @classmethod
+    def from_json(cls, value: Any) -> DeliveryBook:
+        entries: dict[str, dict[str, Any]] = {}
+        units = value.get("units") if isinstance(value, dict) else None
+        if isinstance(units, dict):
+            for fp, e in units.items():
+                peers = e.get("delivered_by") if isinstance(e, dict) else None
+                if (isinstance(peers, list) and peers and len(peers) <= MAX_DELIVERERS
+                        and all(isinstance(p, str) for p in peers)):
+                    entries[fp] = e
+        return cls(entries)
+
+
+def delivery_path(home: Home) -> Any:
+    return home.hive / DELIVERY
+
+
+def load_delivery(home: Home) -> DeliveryBook:
+    """Read ``delivery.json``; missing or unreadable gives an empty book (logged)."""
+    path = delivery_path(home)
+    try:
+        return DeliveryBook.from_json(json.loads(path.read_bytes()))
+    except FileNotFoundError:
+        return DeliveryBook()
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        log.warn("ignoring unreadable {path}: {error}", path=str(path), error=str(e))
+        return DeliveryBook()
+
+
+def save_delivery(home: Home, book: DeliveryBook) -> None:
+    """Write ``delivery.json`` atomically (call it holding the store's lock)."""
+    atomic_write(delivery_path(home), json.dumps(book.to_json(), separators=(",", ":")),
+                 mode=0o600)
+    book.changed = False
+
+
+class DeliveryFile:
+    """
+    ``delivery.json`` for its one writer (the gossip engine): the book is
+    parsed again only when the file changed under it.
+    """
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self._book: DeliveryBook | None = None
+        self._sig: tuple[int, int, int] | None = None
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(delivery_path(self.home))
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> DeliveryBook:
+        sig = self._signature()
+        if self._book is None or sig is None or sig != self._sig:
+            self._book = load_delivery(self.home)
+            self._sig = sig
+        return self._book
+
+    def save(self, book: DeliveryBook) -> None:
+        save_delivery(self.home, book)
+        self._book, self._sig = book, self._signature()
+
+
+def path_peers(unit: KnowledgeUnit, book: DeliveryBook) -> tuple[str, ...]:
+    """Every peer whose trust bounds ``unit``'s: its origin, then its deliverers."""
+    return tuple(dict.fromkeys((unit.source_peer, *book.deliverers(unit))))
+
+
+__all__ = ["DeliveryBook", "DeliveryFile", "fingerprint", "load_delivery", "save_delivery", "path_peers",
+           "DELIVERY"]
