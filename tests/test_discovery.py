@@ -12,6 +12,7 @@ import textwrap
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import FakeDatagramTransport
 from twisted.internet.utils import getProcessOutputAndValue
@@ -61,6 +62,8 @@ class UDPClock(Clock):
     def __init__(self) -> None:
         super().__init__()
         self.udp: list[tuple[int, Any, FakeUDPPort, RecordingTransport]] = []
+        self.shared: list[tuple[int, Any, FakeUDPPort, RecordingTransport]] = []
+        self.busy: set[int] = set()
 
     def listenUDP(self, port: int, proto: Any, interface: str = "",
                   maxPacketSize: int = 8192) -> FakeUDPPort:
@@ -68,6 +71,18 @@ class UDPClock(Clock):
         proto.makeConnection(transport)
         p = FakeUDPPort(proto)
         self.udp.append((port, proto, p, transport))
+        return p
+
+    def listenMulticast(self, port: int, proto: Any, interface: str = "",
+                        maxPacketSize: int = 8192, listenMultiple: bool = False) -> FakeUDPPort:
+        """A shared port (``listenMultiple``), as the query responder binds it."""
+        if port in self.busy:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        assert listenMultiple, "the query port must be shareable"
+        transport = RecordingTransport()
+        proto.makeConnection(transport)
+        p = FakeUDPPort(proto)
+        self.shared.append((port, proto, p, transport))
         return p
 
 
@@ -132,8 +147,11 @@ class AnnouncerServiceTests(SynchronousTestCase):
         clock.advance(0.1)
         clock.advance(10)
         self.assertEqual(len(transport.written), 3)
+        [(qport, _, responder_udp, _)] = clock.shared
+        self.assertEqual(qport, 9849, "queries are answered on the announcement port + 1")
         svc.stopService()
         self.assertTrue(udp.stopped)
+        self.assertTrue(responder_udp.stopped)
         clock.advance(60)
         self.assertEqual(len(transport.written), 3)
 

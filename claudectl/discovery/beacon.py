@@ -9,7 +9,7 @@ carries no secret: only who is there and which TCP port they listen on.
 
 Parsing accepts what claudectl sends (extra keys ignored, ``version``
 optional) and rejects, with a counted reason, anything malformed: no magic,
-not one JSON object, over 1024 bytes, an identity that is not a valid peer id
+not one JSON object (or nested too deep to decode), over 1024 bytes, an identity that is not a valid peer id
 (it is printed in a terminal), a port outside 1-65535 (claudectl would wrap
 it to 16 bits; we refuse it), or a non-integer port.
 
@@ -62,16 +62,28 @@ def _clean_version(value: object) -> str:
     return text or UNKNOWN_VERSION
 
 
+def loads_bounded(body: bytes) -> object:
+    """
+    One JSON value from at most 1 KiB of UTF-8, or :class:`BeaconError`.
+
+    Deep nesting (``[[[[…``, ~1000 levels fit in 1 KiB) makes the decoder
+    raise RecursionError; that is a malformed datagram like any other.
+    """
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BeaconError("not json") from None
+    except RecursionError:
+        raise BeaconError("too nested") from None
+
+
 def parse_beacon(data: bytes) -> Beacon:
     """A :class:`Beacon`, or :class:`BeaconError` with a short reason."""
     if len(data) > MAX_DATAGRAM_BYTES:
         raise BeaconError("oversized")
     if len(data) < len(MAGIC) + 1 or not data.startswith(MAGIC):
         raise BeaconError("no magic")
-    try:
-        value = json.loads(data[len(MAGIC):].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise BeaconError("not json") from None
+    value = loads_bounded(data[len(MAGIC):])
     if not isinstance(value, dict):
         raise BeaconError("not an object")
     identity = value.get("identity")
@@ -124,6 +136,7 @@ class DiscoveryTable:
         self.accepted = 0
         #: Rejected datagrams by reason.
         self.rejected: Counter[str] = Counter()
+        self.last_rejected = ""
 
     def observe(self, data: bytes, source: tuple[str, int], now: float) -> Row | None:
         """Feed one datagram; the row it produced, or None (rejected or our own)."""
@@ -131,6 +144,7 @@ class DiscoveryTable:
             beacon = parse_beacon(data)
         except BeaconError as e:
             self.rejected[e.reason] += 1
+            self.last_rejected = e.reason
             return None
         self.accepted += 1
         if beacon.identity == self.own_identity:
