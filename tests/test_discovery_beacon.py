@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.discovery.beacon import (
     MAX_DATAGRAM_BYTES,
+    MAX_JSON_DEPTH,
     Beacon,
     BeaconError,
     DiscoveryTable,
@@ -80,6 +81,17 @@ class Parsing(SynchronousTestCase):
         self.assertEqual(self.reason(b'CCTL{"identity":"a-1","port":9847.0}'), "no port")
         self.assertEqual(self.reason(b'CCTL{"identity":"a-1","port":75383}'), "bad port")
         self.assertEqual(self.reason(b'CCTL{"identity":"a-1","port":0}'), "bad port")
+
+    def test_nesting(self) -> None:
+        """Issue 11: a 1,004-byte datagram nested 1,000 deep raised RecursionError."""
+        self.assertEqual(self.reason(b"CCTL" + b"[" * 1000), "too nested")
+        self.assertEqual(self.reason(b"CCTL" + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH),
+                         "not an object")
+        deep = b'{"a":' * (MAX_JSON_DEPTH + 1) + b"1" + b"}" * (MAX_JSON_DEPTH + 1)
+        self.assertEqual(self.reason(b"CCTL" + deep), "too nested")
+        # Brackets inside strings are text, not nesting (claudectl accepts these).
+        b = parse_beacon(b'CCTL{"identity":"a-1","port":1,"version":"' + b"[{\\\"" * 40 + b'"}')
+        self.assertEqual(b.identity, "a-1")
 
     def test_version_is_made_printable(self) -> None:
         b = parse_beacon(b'CCTL{"identity":"a-1","port":1,"version":"1.0\\u001b[2J' + b"x" * 60

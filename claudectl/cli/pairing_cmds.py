@@ -10,8 +10,9 @@
 * ``relay join`` detects and decodes any of the four forms
   (:func:`claudectl.pairing.detect.decode_join`) and hands the result to
   the relay core's ``claudectl.relay.client.join_peer``.
-* ``relay discover`` listens for LAN beacons and prints the table; with
-  ``--json`` stdout holds nothing but JSON (defect P10).
+* ``relay discover`` broadcasts a discovery query, listens for answers and
+  LAN beacons, and prints the table; with ``--json`` stdout holds nothing but
+  JSON (defect P10), each row with its ``paired`` flag.
 """
 
 from __future__ import annotations
@@ -343,11 +344,16 @@ def _version_label(version: str) -> str:
 
 @relay.command()
 @click.option("--timeout", type=click.FloatRange(0.1, 60.0), default=3.0, show_default=True,
-              help="Seconds to listen for announcements.")
+              help="Seconds to wait for answers and announcements.")
 @_json_option
 @pass_ctx
 def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
-    """List claudectl instances announcing themselves on the LAN."""
+    """List claudectl instances on the LAN.
+
+    Broadcasts a discovery query that running instances of this project
+    answer at once, and listens for the periodic announcements of any
+    instance (claudectl's included).
+    """
     from claudectl.discovery.protocol import DiscoveryError, scan
 
     as_json = ctx.json or json_
@@ -362,8 +368,9 @@ def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
         rows = ctx.run(scan, relay_cfg, timeout, own)
     except DiscoveryError as e:
         raise CliError(str(e)) from None
+    paired = {r.identity: keystore.key(r.identity) is not None for r in rows}
     if as_json:
-        ctx.emit_json([r.to_json() for r in rows])
+        ctx.emit_json([{**r.to_json(), "paired": paired[r.identity]} for r in rows])
         return
     if not rows:
         ctx.out("No instances found.")
@@ -373,5 +380,5 @@ def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
     ctx.out(f"  {'IDENTITY':<20}{'ADDRESS':<24}VERSION")
     ctx.out("  " + "─" * 56)
     for r in rows:
-        paired = " (paired)" if keystore.key(r.identity) is not None else ""
-        ctx.out(f"  {r.identity:<20}{r.address:<24}{_version_label(r.version)}{paired}")
+        mark = " (paired)" if paired[r.identity] else ""
+        ctx.out(f"  {r.identity:<20}{r.address:<24}{_version_label(r.version)}{mark}")

@@ -31,6 +31,8 @@ MAX_DATAGRAM_BYTES = 1024
 STALE_AFTER_SECS = 30.0
 UNKNOWN_VERSION = "unknown"
 MAX_VERSION_CHARS = 32
+#: Arrays/objects nested deeper than this are refused before decoding.
+MAX_JSON_DEPTH = 32
 
 
 class BeaconError(ValueError):
@@ -62,18 +64,50 @@ def _clean_version(value: object) -> str:
     return text or UNKNOWN_VERSION
 
 
+def _deeper_than(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` nests arrays/objects more than ``limit`` deep."""
+    depth = 0
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in "]}":
+            depth -= 1
+    return False
+
+
 def loads_bounded(body: bytes) -> object:
     """
     One JSON value from at most 1 KiB of UTF-8, or :class:`BeaconError`.
 
-    Deep nesting (``[[[[…``, ~1000 levels fit in 1 KiB) makes the decoder
-    raise RecursionError; that is a malformed datagram like any other.
+    ~1000 levels of ``[[[[…`` fit in 1 KiB and make the decoder raise
+    RecursionError (issue 11: a traceback).  Values nested more than
+    :data:`MAX_JSON_DEPTH` deep are refused before decoding ("too nested");
+    brackets inside strings do not count.
     """
     try:
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
         raise BeaconError("not json") from None
-    except RecursionError:
+    if (text.count("[") + text.count("{") > MAX_JSON_DEPTH
+            and _deeper_than(text, MAX_JSON_DEPTH)):
+        raise BeaconError("too nested")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise BeaconError("not json") from None
+    except RecursionError:  # cannot happen below MAX_JSON_DEPTH; never let it out
         raise BeaconError("too nested") from None
 
 
