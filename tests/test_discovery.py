@@ -238,10 +238,13 @@ SCANNER = textwrap.dedent("""
 ANNOUNCER = textwrap.dedent("""
     import sys
     from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
     from claudectl.config import RelayConfig
     from claudectl.discovery.protocol import announcer_service
 
-    cfg = RelayConfig(lan_broadcast_port=int(sys.argv[1]), lan_announce_interval=1)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    interval = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    cfg = RelayConfig(lan_broadcast_port=int(sys.argv[1]), lan_announce_interval=interval)
     svc = announcer_service(cfg, "netns-peer-1", 9847, reactor)
     svc.startService()
     reactor.callLater(float(sys.argv[2]), reactor.stop)
@@ -315,3 +318,73 @@ class NetnsBroadcast(TestCase):
         rows = json.loads(out.decode())
         self.assertEqual(rows, [{"identity": "netns-peer-1", "addr": "10.77.0.2:9847",
                                  "version": "0.64.0"}])
+
+    @defer.inlineCallbacks
+    def test_query_finds_a_rare_announcer_in_the_other_namespace(self) -> Any:
+        """An instance announcing every 600 s is found by a 1 s scan: it answers the query."""
+        env = subprocess_env(temp_home(self))
+        port = "9848"
+        announcer = getProcessOutputAndValue(
+            "ip", ["netns", "exec", self.ns[1], sys.executable, "-c", ANNOUNCER, port, "4",
+                   "600"], env=env, reactor=reactor)
+        yield deferLater(reactor, 1.5, lambda: None)  # its one announcement is long gone
+        out, err, code = yield getProcessOutputAndValue(
+            "ip", ["netns", "exec", self.ns[0], sys.executable, "-c", SCANNER, port, "1"],
+            env=env, reactor=reactor)
+        a_out, a_err, a_code = yield announcer
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(a_code, 0, a_err.decode())
+        self.assertEqual(json.loads(out.decode()), [
+            {"identity": "netns-peer-1", "addr": "10.77.0.2:9847", "version": "0.64.0"}])
+
+
+class NetnsNoRoute(TestCase):
+    """An announcer in a namespace with no route at all, then with one."""
+
+    timeout = 40
+
+    def setUp(self) -> None:
+        reason = _netns_skip_reason()
+        if reason:
+            raise self.skipTest(reason)
+        self.ns = f"cctl-n{os.getpid() % 100000}"
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", self.ns],
+                        capture_output=True, timeout=10)
+        result = subprocess.run(["ip", "netns", "add", self.ns], capture_output=True,
+                                text=True, timeout=10)
+        if result.returncode != 0:
+            raise self.skipTest(f"cannot add a network namespace: {result.stderr.strip()}")
+
+    def add_route(self) -> str | None:
+        """Give the namespace a default route (a veth pair inside it); an error text or None."""
+        for cmd in (["link", "add", "cnra", "type", "veth", "peer", "name", "cnrb"],
+                    ["addr", "add", "10.78.0.1/24", "dev", "cnra"],
+                    ["link", "set", "cnrb", "up"],
+                    ["link", "set", "cnra", "up"],
+                    ["route", "add", "default", "dev", "cnra"]):
+            result = subprocess.run(["ip", "-n", self.ns, *cmd], capture_output=True,
+                                    text=True, timeout=10)
+            if result.returncode != 0:
+                return f"ip {' '.join(cmd)}: {result.stderr.strip()}"
+        return None
+
+    @defer.inlineCallbacks
+    def test_one_warning_then_one_recovery_line(self) -> Any:
+        env = subprocess_env(temp_home(self))
+        announcer = getProcessOutputAndValue(
+            "ip", ["netns", "exec", self.ns, sys.executable, "-c", ANNOUNCER, "9848", "6"],
+            env=env, reactor=reactor)
+        yield deferLater(reactor, 3.3, lambda: None)  # ~3 failed announcements
+        error = self.add_route()
+        out, err, code = yield announcer
+        if error:
+            raise self.skipTest(f"cannot add a route: {error}")
+        self.assertEqual(code, 0, err.decode())
+        lines = out.decode().splitlines()
+        failed = [ln for ln in lines if "Announcer#" in ln and "failed" in ln]
+        warned = [ln for ln in lines if "Announcer#warn" in ln]
+        recovered = [ln for ln in lines if "Announcer#info" in ln and "work again" in ln]
+        self.assertGreaterEqual(len(failed), 2, out.decode())
+        self.assertEqual(len(warned), 1, out.decode())
+        self.assertIn("Network is unreachable", warned[0])
+        self.assertEqual(len(recovered), 1, out.decode())

@@ -113,8 +113,8 @@ class Announcer(DatagramProtocol):
                                 target=target, error=str(e))
             else:
                 self.failing = True
-                self._log.warn("LAN announcement to {target} failed: {error} (will keep "
-                               "trying; said once until it works again)",
+                self._log.warn("LAN announcement to {target} failed: {error} (retrying; "
+                               "no further warning until announcements work again)",
                                target=target, error=str(e))
             return
         except Exception:
