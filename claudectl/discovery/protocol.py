@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
+from typing import Any
 
 from twisted.application.internet import TimerService, UDPServer
 from twisted.application.service import IService, MultiService, Service
@@ -267,7 +268,7 @@ class QueryResponderService(Service):
         self.proto = proto
         self._reactor = reactor
         self.interface = interface
-        self._listening: object = None
+        self._listening: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -286,7 +287,7 @@ class QueryResponderService(Service):
         port, self._listening = self._listening, None
         if port is None:
             return succeed(None)
-        return maybeDeferred(port.stopListening)  # type: ignore[attr-defined]
+        return maybeDeferred(port.stopListening)
 
 
 def scan(reactor: object, config: RelayConfig, timeout: float,
