@@ -105,6 +105,33 @@ class QueryFormat(SynchronousTestCase):
         parse_query(b'CCTQ{"v":2,"future":[1,2]}')  # members are reserved, ignored
 
 
+class DocumentedNumbers(SynchronousTestCase):
+    """docs/pairing.md describes the query for other implementations: keep it true."""
+
+    def test_doc_matches_the_code(self) -> None:
+        from pathlib import Path
+
+        from claudectl.discovery import beacon, protocol, query
+
+        doc = " ".join((Path(__file__).parent.parent / "docs" / "pairing.md")
+                       .read_text(encoding="utf-8").split())
+        longest = encode_beacon("x" * 128, 65535, "0.64.0")
+        for text in (
+            "padding the datagram to **256 bytes**",
+            "we send `{\"v\":1}`",
+            f"nested at most {beacon.MAX_JSON_DEPTH} deep",
+            f"our beacon is at most {len(longest)} bytes",
+            f"fewer than {query.ANSWERS_PER_SOURCE} answers in the current "
+            f"{query.ANSWER_WINDOW_SECS:g} s window, and fewer than {query.ANSWERS_TOTAL} "
+            f"answers in all (it tracks at most {query.MAX_TRACKED_SOURCES} source",
+            f"the query's source port is {query.MIN_SOURCE_PORT}–65535",
+            f"again after {protocol.QUERY_REPEAT_AFTER_SECS:g} s",
+        ):
+            self.assertIn(text, doc)
+        self.assertEqual(encode_query(), b'CCTQ{"v":1}'.ljust(QUERY_BYTES))
+        self.assertEqual(QUERY_BYTES, 256)
+
+
 class Answering(SynchronousTestCase):
     def answer(self, a: QueryAnswerer, data: bytes = b"", source: tuple[str, int] = ("10.0.0.9", 40000),
                now: float = 0.0, beacon: bytes | None = BEACON) -> bytes | None:
