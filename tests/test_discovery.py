@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,7 +13,8 @@ import textwrap
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import FakeDatagramTransport
 from twisted.internet.utils import getProcessOutputAndValue
@@ -324,18 +326,63 @@ class NetnsBroadcast(TestCase):
         """An instance announcing every 600 s is found by a 1 s scan: it answers the query."""
         env = subprocess_env(temp_home(self))
         port = "9848"
-        announcer = getProcessOutputAndValue(
-            "ip", ["netns", "exec", self.ns[1], sys.executable, "-c", ANNOUNCER, port, "4",
-                   "600"], env=env, reactor=reactor)
-        yield deferLater(reactor, 1.5, lambda: None)  # its one announcement is long gone
+        announcer = Watched.spawn(self, env, "ip", "netns", "exec", self.ns[1], sys.executable,
+                                  "-c", ANNOUNCER, port, "60", "600")
+        yield announcer.wait_for("QueryResponder starting on")  # it has announced already
+        yield deferLater(reactor, 0.3, lambda: None)
         out, err, code = yield getProcessOutputAndValue(
             "ip", ["netns", "exec", self.ns[0], sys.executable, "-c", SCANNER, port, "1"],
             env=env, reactor=reactor)
-        a_out, a_err, a_code = yield announcer
+        a_out, a_code = yield announcer.stop()
         self.assertEqual(code, 0, err.decode())
-        self.assertEqual(a_code, 0, a_err.decode())
+        self.assertEqual(a_code, 0, a_out)
         self.assertEqual(json.loads(out.decode()), [
             {"identity": "netns-peer-1", "addr": "10.77.0.2:9847", "version": "0.64.0"}])
+
+
+class Watched(ProcessProtocol):
+    """A child process whose output (stdout and stderr together) a test can wait on."""
+
+    def __init__(self) -> None:
+        self.output = ""
+        self._waiting: list[tuple[str, defer.Deferred[None]]] = []
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    @classmethod
+    def spawn(cls, testcase: TestCase, env: dict[str, str], *argv: str) -> Watched:
+        proto = cls()
+        reactor.spawnProcess(proto, argv[0], list(argv), env=env)
+        testcase.addCleanup(proto.stop)
+        return proto
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+        for item in [w for w in self._waiting if w[0] in self.output]:
+            self._waiting.remove(item)
+            item[1].callback(None)
+
+    def wait_for(self, text: str) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if text in self.output:
+            d.callback(None)
+        else:
+            self._waiting.append((text, d))
+        return d
+
+    def processEnded(self, reason: Any) -> None:
+        for _, d in self._waiting:
+            d.errback(AssertionError(f"the process ended; output:\n{self.output}"))
+        self._waiting.clear()
+        self.ended.callback(reason.value.exitCode)
+
+    def stop(self) -> defer.Deferred[tuple[str, int]]:
+        """SIGTERM (the reactor stops cleanly); fires with (output, exit code)."""
+        if not self.ended.called:
+            with contextlib.suppress(ProcessExitedAlready):
+                self.transport.signalProcess("TERM")
+        d: defer.Deferred[tuple[str, int]] = defer.Deferred()
+        self.ended.addBoth(lambda code: (d.callback((self.output, code)), code)[1])
+        return d
 
 
 class NetnsNoRoute(TestCase):
@@ -371,20 +418,23 @@ class NetnsNoRoute(TestCase):
     @defer.inlineCallbacks
     def test_one_warning_then_one_recovery_line(self) -> Any:
         env = subprocess_env(temp_home(self))
-        announcer = getProcessOutputAndValue(
-            "ip", ["netns", "exec", self.ns, sys.executable, "-c", ANNOUNCER, "9848", "6"],
-            env=env, reactor=reactor)
-        yield deferLater(reactor, 3.3, lambda: None)  # ~3 failed announcements
+        announcer = Watched.spawn(self, env, "ip", "netns", "exec", self.ns, sys.executable,
+                                  "-c", ANNOUNCER, "9848", "60")
+        yield announcer.wait_for("failed again")  # two failed announcements at least
+        yield deferLater(reactor, 1.1, lambda: None)  # and a third
         error = self.add_route()
-        out, err, code = yield announcer
+        if error is None:
+            yield announcer.wait_for("work again")
+            yield deferLater(reactor, 1.1, lambda: None)  # and it stays quiet
+        out, code = yield announcer.stop()
         if error:
             raise self.skipTest(f"cannot add a route: {error}")
-        self.assertEqual(code, 0, err.decode())
-        lines = out.decode().splitlines()
+        self.assertEqual(code, 0, out)
+        lines = out.splitlines()
         failed = [ln for ln in lines if "Announcer#" in ln and "failed" in ln]
         warned = [ln for ln in lines if "Announcer#warn" in ln]
         recovered = [ln for ln in lines if "Announcer#info" in ln and "work again" in ln]
-        self.assertGreaterEqual(len(failed), 2, out.decode())
-        self.assertEqual(len(warned), 1, out.decode())
+        self.assertGreaterEqual(len(failed), 3, out)
+        self.assertEqual(len(warned), 1, out)
         self.assertIn("Network is unreachable", warned[0])
-        self.assertEqual(len(recovered), 1, out.decode())
+        self.assertEqual(len(recovered), 1, out)
