@@ -140,6 +140,19 @@ class Table(SynchronousTestCase):
         self.assertEqual(t.rejected["oversized"], 1)
         self.assertEqual(t.rows(0.0), [])
 
+    def test_bounded(self) -> None:
+        """A flood of made-up identities stops at max_rows; known ones still update."""
+        t = DiscoveryTable(max_rows=3)
+        for i in range(10):
+            t.observe(encode_beacon(f"fake-{i}", 9847, "x"), ("10.0.0.66", 1), 0.0)
+        self.assertEqual([r.identity for r in t.rows(0.0)], ["fake-0", "fake-1", "fake-2"])
+        self.assertEqual(t.rejected["table full"], 7)
+        t.observe(encode_beacon("fake-1", 9900, "x"), ("10.0.0.66", 1), 1.0)
+        self.assertEqual(t.rows(1.0)[1].port, 9900)
+        t.observe(encode_beacon("new-1", 9847, "x"), ("10.0.0.7", 1), 30.5)
+        self.assertEqual([r.identity for r in t.rows(30.5)], ["fake-1", "new-1"],
+                         "stale rows make room")
+
     def test_stale_rows_forgotten(self) -> None:
         t = DiscoveryTable()
         t.observe(encode_beacon("a-1", 9847, "x"), ("10.0.0.1", 1), 0.0)

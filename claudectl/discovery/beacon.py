@@ -14,8 +14,9 @@ not one JSON object (or nested too deep to decode), over 1024 bytes, an identity
 it to 16 bits; we refuse it), or a non-integer port.
 
 :class:`DiscoveryTable` keeps one row per identity (the newest announcement
-wins), leaves out our own identity, connects to the datagram's *source* IP
-with the *announced* port, and drops rows not heard from for 30 s.
+wins; at most :data:`MAX_ROWS` identities), leaves out our own identity,
+connects to the datagram's *source* IP with the *announced* port, and drops
+rows not heard from for 30 s.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ MAX_DATAGRAM_BYTES = 1024
 STALE_AFTER_SECS = 30.0
 UNKNOWN_VERSION = "unknown"
 MAX_VERSION_CHARS = 32
+#: Rows a scanner keeps; a flood of made-up identities cannot grow it further.
+MAX_ROWS = 1024
 #: Arrays/objects nested deeper than this are refused before decoding.
 MAX_JSON_DEPTH = 32
 
@@ -163,9 +166,10 @@ class DiscoveryTable:
     """What a scanner has heard, one row per identity."""
 
     def __init__(self, own_identity: str | None = None,
-                 stale_after: float = STALE_AFTER_SECS) -> None:
+                 stale_after: float = STALE_AFTER_SECS, max_rows: int = MAX_ROWS) -> None:
         self.own_identity = own_identity
         self.stale_after = stale_after
+        self.max_rows = max_rows
         self._rows: dict[str, Row] = {}
         self.accepted = 0
         #: Rejected datagrams by reason.
@@ -183,6 +187,12 @@ class DiscoveryTable:
         self.accepted += 1
         if beacon.identity == self.own_identity:
             return None
+        if beacon.identity not in self._rows and len(self._rows) >= self.max_rows:
+            self.rows(now)  # forget stale rows first
+            if len(self._rows) >= self.max_rows:
+                self.rejected["table full"] += 1
+                self.last_rejected = "table full"
+                return None
         row = Row(beacon.identity, source[0], beacon.port, beacon.version, now)
         self._rows[beacon.identity] = row
         return row
