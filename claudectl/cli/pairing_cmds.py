@@ -368,9 +368,9 @@ def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
         rows = ctx.run(scan, relay_cfg, timeout, own)
     except DiscoveryError as e:
         raise CliError(str(e)) from None
-    paired = {r.identity: keystore.key(r.identity) is not None for r in rows}
     if as_json:
-        ctx.emit_json([{**r.to_json(), "paired": paired[r.identity]} for r in rows])
+        ctx.emit_json([{**r.to_json(), "paired": keystore.key(r.identity) is not None}
+                       for r in rows])
         return
     if not rows:
         ctx.out("No instances found.")
@@ -380,5 +380,5 @@ def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
     ctx.out(f"  {'IDENTITY':<20}{'ADDRESS':<24}VERSION")
     ctx.out("  " + "─" * 56)
     for r in rows:
-        mark = " (paired)" if paired[r.identity] else ""
-        ctx.out(f"  {r.identity:<20}{r.address:<24}{_version_label(r.version)}{mark}")
+        paired = " (paired)" if keystore.key(r.identity) is not None else ""
+        ctx.out(f"  {r.identity:<20}{r.address:<24}{_version_label(r.version)}{paired}")

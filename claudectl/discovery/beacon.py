@@ -9,9 +9,9 @@ carries no secret: only who is there and which TCP port they listen on.
 
 Parsing accepts what claudectl sends (extra keys ignored, ``version``
 optional) and rejects, with a counted reason, anything malformed: no magic,
-not one JSON object (or nested too deep to decode), over 1024 bytes, an identity that is not a valid peer id
-(it is printed in a terminal), a port outside 1-65535 (claudectl would wrap
-it to 16 bits; we refuse it), or a non-integer port.
+not one JSON object, nested over 32 deep, over 1024 bytes, an identity that
+is not a valid peer id (it is printed in a terminal), a port outside 1-65535
+(claudectl would wrap it to 16 bits; we refuse it), or a non-integer port.
 
 :class:`DiscoveryTable` keeps one row per identity (the newest announcement
 wins; at most :data:`MAX_ROWS` identities), leaves out our own identity,
@@ -175,6 +175,7 @@ class DiscoveryTable:
         #: Rejected datagrams by reason.
         self.rejected: Counter[str] = Counter()
         self.last_rejected = ""
+        self._pruned_at = float("-inf")
 
     def observe(self, data: bytes, source: tuple[str, int], now: float) -> Row | None:
         """Feed one datagram; the row it produced, or None (rejected or our own)."""
@@ -188,7 +189,9 @@ class DiscoveryTable:
         if beacon.identity == self.own_identity:
             return None
         if beacon.identity not in self._rows and len(self._rows) >= self.max_rows:
-            self.rows(now)  # forget stale rows first
+            if now - self._pruned_at >= 1.0:  # a flood cannot make every datagram O(rows)
+                self._pruned_at = now
+                self._prune(now)
             if len(self._rows) >= self.max_rows:
                 self.rejected["table full"] += 1
                 self.last_rejected = "table full"
@@ -197,10 +200,13 @@ class DiscoveryTable:
         self._rows[beacon.identity] = row
         return row
 
-    def rows(self, now: float) -> list[Row]:
-        """Fresh rows, by identity; stale ones are forgotten."""
+    def _prune(self, now: float) -> None:
         for ident in [i for i, r in self._rows.items() if r.is_stale(now, self.stale_after)]:
             del self._rows[ident]
+
+    def rows(self, now: float) -> list[Row]:
+        """Fresh rows, by identity; stale ones are forgotten."""
+        self._prune(now)
         return sorted(self._rows.values(), key=lambda r: r.identity)
 
     @property
