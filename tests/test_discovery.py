@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,8 @@ import textwrap
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import FakeDatagramTransport
 from twisted.internet.utils import getProcessOutputAndValue
@@ -61,6 +64,8 @@ class UDPClock(Clock):
     def __init__(self) -> None:
         super().__init__()
         self.udp: list[tuple[int, Any, FakeUDPPort, RecordingTransport]] = []
+        self.shared: list[tuple[int, Any, FakeUDPPort, RecordingTransport]] = []
+        self.busy: set[int] = set()
 
     def listenUDP(self, port: int, proto: Any, interface: str = "",
                   maxPacketSize: int = 8192) -> FakeUDPPort:
@@ -68,6 +73,18 @@ class UDPClock(Clock):
         proto.makeConnection(transport)
         p = FakeUDPPort(proto)
         self.udp.append((port, proto, p, transport))
+        return p
+
+    def listenMulticast(self, port: int, proto: Any, interface: str = "",
+                        maxPacketSize: int = 8192, listenMultiple: bool = False) -> FakeUDPPort:
+        """A shared port (``listenMultiple``), as the query responder binds it."""
+        if port in self.busy:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        assert listenMultiple, "the query port must be shareable"
+        transport = RecordingTransport()
+        proto.makeConnection(transport)
+        p = FakeUDPPort(proto)
+        self.shared.append((port, proto, p, transport))
         return p
 
 
@@ -132,8 +149,11 @@ class AnnouncerServiceTests(SynchronousTestCase):
         clock.advance(0.1)
         clock.advance(10)
         self.assertEqual(len(transport.written), 3)
+        [(qport, _, responder_udp, _)] = clock.shared
+        self.assertEqual(qport, 9849, "queries are answered on the announcement port + 1")
         svc.stopService()
         self.assertTrue(udp.stopped)
+        self.assertTrue(responder_udp.stopped)
         clock.advance(60)
         self.assertEqual(len(transport.written), 3)
 
@@ -220,10 +240,13 @@ SCANNER = textwrap.dedent("""
 ANNOUNCER = textwrap.dedent("""
     import sys
     from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
     from claudectl.config import RelayConfig
     from claudectl.discovery.protocol import announcer_service
 
-    cfg = RelayConfig(lan_broadcast_port=int(sys.argv[1]), lan_announce_interval=1)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    interval = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    cfg = RelayConfig(lan_broadcast_port=int(sys.argv[1]), lan_announce_interval=interval)
     svc = announcer_service(cfg, "netns-peer-1", 9847, reactor)
     svc.startService()
     reactor.callLater(float(sys.argv[2]), reactor.stop)
@@ -297,3 +320,121 @@ class NetnsBroadcast(TestCase):
         rows = json.loads(out.decode())
         self.assertEqual(rows, [{"identity": "netns-peer-1", "addr": "10.77.0.2:9847",
                                  "version": "0.64.0"}])
+
+    @defer.inlineCallbacks
+    def test_query_finds_a_rare_announcer_in_the_other_namespace(self) -> Any:
+        """An instance announcing every 600 s is found by a 1 s scan: it answers the query."""
+        env = subprocess_env(temp_home(self))
+        port = "9848"
+        announcer = Watched.spawn(self, env, "ip", "netns", "exec", self.ns[1], sys.executable,
+                                  "-c", ANNOUNCER, port, "60", "600")
+        yield announcer.wait_for("QueryResponder starting on")  # it has announced already
+        yield deferLater(reactor, 0.3, lambda: None)
+        out, err, code = yield getProcessOutputAndValue(
+            "ip", ["netns", "exec", self.ns[0], sys.executable, "-c", SCANNER, port, "1"],
+            env=env, reactor=reactor)
+        a_out, a_code = yield announcer.stop()
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(a_code, 0, a_out)
+        self.assertEqual(json.loads(out.decode()), [
+            {"identity": "netns-peer-1", "addr": "10.77.0.2:9847", "version": "0.64.0"}])
+
+
+class Watched(ProcessProtocol):
+    """A child process whose output (stdout and stderr together) a test can wait on."""
+
+    def __init__(self) -> None:
+        self.output = ""
+        self._waiting: list[tuple[str, defer.Deferred[None]]] = []
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    @classmethod
+    def spawn(cls, testcase: TestCase, env: dict[str, str], *argv: str) -> Watched:
+        proto = cls()
+        reactor.spawnProcess(proto, argv[0], list(argv), env=env)
+        testcase.addCleanup(proto.stop)
+        return proto
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+        for item in [w for w in self._waiting if w[0] in self.output]:
+            self._waiting.remove(item)
+            item[1].callback(None)
+
+    def wait_for(self, text: str) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if text in self.output:
+            d.callback(None)
+        else:
+            self._waiting.append((text, d))
+        return d
+
+    def processEnded(self, reason: Any) -> None:
+        for _, d in self._waiting:
+            d.errback(AssertionError(f"the process ended; output:\n{self.output}"))
+        self._waiting.clear()
+        self.ended.callback(reason.value.exitCode)
+
+    def stop(self) -> defer.Deferred[tuple[str, int]]:
+        """SIGTERM (the reactor stops cleanly); fires with (output, exit code)."""
+        if not self.ended.called:
+            with contextlib.suppress(ProcessExitedAlready):
+                self.transport.signalProcess("TERM")
+        d: defer.Deferred[tuple[str, int]] = defer.Deferred()
+        self.ended.addBoth(lambda code: (d.callback((self.output, code)), code)[1])
+        return d
+
+
+class NetnsNoRoute(TestCase):
+    """An announcer in a namespace with no route at all, then with one."""
+
+    timeout = 40
+
+    def setUp(self) -> None:
+        reason = _netns_skip_reason()
+        if reason:
+            raise self.skipTest(reason)
+        self.ns = f"cctl-n{os.getpid() % 100000}"
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", self.ns],
+                        capture_output=True, timeout=10)
+        result = subprocess.run(["ip", "netns", "add", self.ns], capture_output=True,
+                                text=True, timeout=10)
+        if result.returncode != 0:
+            raise self.skipTest(f"cannot add a network namespace: {result.stderr.strip()}")
+
+    def add_route(self) -> str | None:
+        """Give the namespace a default route (a veth pair inside it); an error text or None."""
+        for cmd in (["link", "add", "cnra", "type", "veth", "peer", "name", "cnrb"],
+                    ["addr", "add", "10.78.0.1/24", "dev", "cnra"],
+                    ["link", "set", "cnrb", "up"],
+                    ["link", "set", "cnra", "up"],
+                    ["route", "add", "default", "dev", "cnra"]):
+            result = subprocess.run(["ip", "-n", self.ns, *cmd], capture_output=True,
+                                    text=True, timeout=10)
+            if result.returncode != 0:
+                return f"ip {' '.join(cmd)}: {result.stderr.strip()}"
+        return None
+
+    @defer.inlineCallbacks
+    def test_one_warning_then_one_recovery_line(self) -> Any:
+        env = subprocess_env(temp_home(self))
+        announcer = Watched.spawn(self, env, "ip", "netns", "exec", self.ns, sys.executable,
+                                  "-c", ANNOUNCER, "9848", "60")
+        yield announcer.wait_for("failed again")  # two failed announcements at least
+        yield deferLater(reactor, 1.1, lambda: None)  # and a third
+        error = self.add_route()
+        if error is None:
+            yield announcer.wait_for("work again")
+            yield deferLater(reactor, 1.1, lambda: None)  # and it stays quiet
+        out, code = yield announcer.stop()
+        if error:
+            raise self.skipTest(f"cannot add a route: {error}")
+        self.assertEqual(code, 0, out)
+        lines = out.splitlines()
+        failed = [ln for ln in lines if "Announcer#" in ln and "failed" in ln]
+        warned = [ln for ln in lines if "Announcer#warn" in ln]
+        recovered = [ln for ln in lines if "Announcer#info" in ln and "work again" in ln]
+        self.assertGreaterEqual(len(failed), 3, out)
+        self.assertEqual(len(warned), 1, out)
+        self.assertIn("Network is unreachable", warned[0])
+        self.assertEqual(len(recovered), 1, out)

@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.discovery.beacon import (
     MAX_DATAGRAM_BYTES,
+    MAX_JSON_DEPTH,
     Beacon,
     BeaconError,
     DiscoveryTable,
@@ -81,6 +82,17 @@ class Parsing(SynchronousTestCase):
         self.assertEqual(self.reason(b'CCTL{"identity":"a-1","port":75383}'), "bad port")
         self.assertEqual(self.reason(b'CCTL{"identity":"a-1","port":0}'), "bad port")
 
+    def test_nesting(self) -> None:
+        """Issue 11: a 1,004-byte datagram nested 1,000 deep raised RecursionError."""
+        self.assertEqual(self.reason(b"CCTL" + b"[" * 1000), "too nested")
+        self.assertEqual(self.reason(b"CCTL" + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH),
+                         "not an object")
+        deep = b'{"a":' * (MAX_JSON_DEPTH + 1) + b"1" + b"}" * (MAX_JSON_DEPTH + 1)
+        self.assertEqual(self.reason(b"CCTL" + deep), "too nested")
+        # Brackets inside strings are text, not nesting (claudectl accepts these).
+        b = parse_beacon(b'CCTL{"identity":"a-1","port":1,"version":"' + b"[{\\\"" * 40 + b'"}')
+        self.assertEqual(b.identity, "a-1")
+
     def test_version_is_made_printable(self) -> None:
         b = parse_beacon(b'CCTL{"identity":"a-1","port":1,"version":"1.0\\u001b[2J' + b"x" * 60
                          + b'"}')
@@ -127,6 +139,19 @@ class Table(SynchronousTestCase):
         self.assertEqual(t.rejected["no magic"], 3)
         self.assertEqual(t.rejected["oversized"], 1)
         self.assertEqual(t.rows(0.0), [])
+
+    def test_bounded(self) -> None:
+        """A flood of made-up identities stops at max_rows; known ones still update."""
+        t = DiscoveryTable(max_rows=3)
+        for i in range(10):
+            t.observe(encode_beacon(f"fake-{i}", 9847, "x"), ("10.0.0.66", 1), 0.0)
+        self.assertEqual([r.identity for r in t.rows(0.0)], ["fake-0", "fake-1", "fake-2"])
+        self.assertEqual(t.rejected["table full"], 7)
+        t.observe(encode_beacon("fake-1", 9900, "x"), ("10.0.0.66", 1), 1.0)
+        self.assertEqual(t.rows(1.0)[1].port, 9900)
+        t.observe(encode_beacon("new-1", 9847, "x"), ("10.0.0.7", 1), 30.5)
+        self.assertEqual([r.identity for r in t.rows(30.5)], ["fake-1", "new-1"],
+                         "stale rows make room")
 
     def test_stale_rows_forgotten(self) -> None:
         t = DiscoveryTable()

@@ -347,7 +347,8 @@ class DiscoverCommand(TestCase):
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.home = temp_home(self)
-        write_config(self.home, lan_broadcast_port=self.port)
+        write_config(self.home, lan_broadcast_port=self.port,
+                     lan_broadcast_addr="127.255.255.255")  # queries stay on loopback
         KeyStore(self.home).save_key("desk-1", bytes(32))
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -389,6 +390,8 @@ class DiscoverCommand(TestCase):
         out, err, code = yield self.run_discover("--json")
         self.assertEqual(code, 0, err)
         self.assertEqual(json.loads(out.decode("utf-8")), [
-            {"identity": "desk-1", "addr": "127.0.0.1:9847", "version": "0.64.0"},
-            {"identity": "lab-2", "addr": "127.0.0.1:9900", "version": "0.64.0"},
+            {"identity": "desk-1", "addr": "127.0.0.1:9847", "version": "0.64.0",
+             "paired": True},
+            {"identity": "lab-2", "addr": "127.0.0.1:9900", "version": "0.64.0",
+             "paired": False},
         ])

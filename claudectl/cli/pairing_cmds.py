@@ -10,8 +10,9 @@
 * ``relay join`` detects and decodes any of the four forms
   (:func:`claudectl.pairing.detect.decode_join`) and hands the result to
   the relay core's ``claudectl.relay.client.join_peer``.
-* ``relay discover`` listens for LAN beacons and prints the table; with
-  ``--json`` stdout holds nothing but JSON (defect P10).
+* ``relay discover`` broadcasts a discovery query, listens for answers and
+  LAN beacons, and prints the table; with ``--json`` stdout holds nothing but
+  JSON (defect P10), each row with its ``paired`` flag.
 """
 
 from __future__ import annotations
@@ -344,11 +345,16 @@ def _version_label(version: str) -> str:
 
 @relay.command()
 @click.option("--timeout", type=click.FloatRange(0.1, 60.0), default=3.0, show_default=True,
-              help="Seconds to listen for announcements.")
+              help="Seconds to wait for answers and announcements.")
 @_json_option
 @pass_ctx
 def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
-    """List claudectl instances announcing themselves on the LAN."""
+    """List claudectl instances on the LAN.
+
+    Broadcasts a discovery query that running instances of this project
+    answer at once, and listens for the periodic announcements of any
+    instance (claudectl's included).
+    """
     from claudectl.discovery.protocol import DiscoveryError, scan
 
     as_json = ctx.json or json_
@@ -364,7 +370,8 @@ def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
     except DiscoveryError as e:
         raise CliError(str(e)) from None
     if as_json:
-        ctx.emit_json([r.to_json() for r in rows])
+        ctx.emit_json([{**r.to_json(), "paired": keystore.key(r.identity) is not None}
+                       for r in rows])
         return
     if not rows:
         ctx.out("No instances found.")
