@@ -119,11 +119,19 @@ class AdmissionTests(SynchronousTestCase):
         self.clock.t += 30
         self.assertEqual(self.adm.check_accept(IP, 0), "rate_limited")
 
-    def test_success_clears(self) -> None:
-        self.fail_n(4)
-        self.adm.success(IP)
+    def test_success_does_not_clear(self) -> None:
+        """Issue 11 item 4: 4 wrong proofs, 1 right one, repeated, still blocks."""
         self.assertEqual(self.fail_n(4), [False] * 4)
-        self.assertIsNone(self.adm.check_accept(IP, 0))
+        self.adm.success(IP)
+        self.assertTrue(self.adm.failure(IP))  # the 5th wrong guess in the window
+        self.assertEqual(self.adm.check_accept(IP, 0), "rate_limited")
+        # Spread out: successes in between never reset the sliding window.
+        self.clock.t += COOLDOWN_SECS
+        for _ in range(4):
+            self.assertFalse(self.adm.failure(IP))
+            self.clock.t += 1
+            self.adm.success(IP)
+        self.assertTrue(self.adm.failure(IP))
 
     def test_records_expire(self) -> None:
         self.fail_n(3)

@@ -14,6 +14,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.relay import codec
+from claudectl.relay.admission import FIRST_FRAME_TIMEOUT_SECS
 from claudectl.relay.crypto import proof, psk_from_code
 from claudectl.relay.handshake import MUTUAL, ONEWAY, KeyAuth, listener_proof
 from claudectl.relay.node import RelayFactory
@@ -115,11 +116,38 @@ class ListenerTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_handshake_timeout(self) -> None:
+        # A socket that sends nothing has FIRST_FRAME_TIMEOUT_SECS (5 s), not 30.
         _proto, transport = self.connect()
-        self.reactor.advance(self.node.config.relay.handshake_timeout_secs - 1)
+        self.reactor.advance(FIRST_FRAME_TIMEOUT_SECS - 0.1)
         self.assertFalse(transport.disconnecting)
-        self.reactor.advance(2)
+        self.reactor.advance(0.2)
         self.assertTrue(transport.disconnecting)
+
+    def test_whole_handshake_keeps_its_own_deadline(self) -> None:
+        self.node = make_node(self, "desk-9f8e7d6c", self.reactor, handshake_timeout_secs=3)
+        _proto, transport = self.connect()
+        self.reactor.advance(2.9)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_wrong_right_wrong_still_blocked(self) -> None:
+        """Issue 11 item 4: a success between wrong proofs does not clear the count."""
+        ip = "192.0.2.77"
+        for _round in range(2):
+            for _ in range(4 if _round == 0 else 1):
+                proto, transport = self.connect(ip)
+                self.assertEqual(self.authenticate_oneway(proto, transport, psk=b"y" * 32)
+                                 ["payload"]["status"], "denied")
+                proto.connectionLost()
+            if _round == 0:
+                proto, transport = self.connect(ip)
+                self.assertEqual(self.authenticate_oneway(proto, transport)["payload"]["status"],
+                                 "ok")
+        # The fifth wrong guess within 60 s: the address is refused, the good link stays.
+        _p, t = self.connect(ip)
+        self.assertEqual(t.value(), b"")
+        self.assertEqual(self.node.admission.rejections.get("rate_limited"), 1)
 
     def test_garbage_before_handshake_closes_without_ack(self) -> None:
         proto, transport = self.connect()
@@ -168,12 +196,55 @@ class ListenerTests(SynchronousTestCase):
         del held
 
     def test_max_inflight_handshakes(self) -> None:
+        # 16 sockets that are busy handshaking (each just made progress):
+        # nothing is sheddable, so a newcomer is refused at once.
         conns = [self.connect() for _ in range(16)]
+        for proto, _t in conns:
+            self.node.admission.progress(proto._preauth)
         _p, t = self.connect()
         self.assertEqual(t.value(), b"")
+        self.assertEqual(self.node.admission.rejections.get("too_many_handshakes"), 1)
         conns[0][0].connectionLost()
         _p, t = self.connect()
         self.assertEqual(frames(t)[0]["msg_type"], "challenge")
+
+    def test_idle_sockets_are_shed_for_a_newcomer(self) -> None:
+        """Issue 11 item 3: 16 idle sockets no longer lock every handshake out."""
+        idle = [self.connect("127.0.0.5") for _ in range(15)]
+        self.reactor.advance(0.5)
+        mine = self.connect("127.0.0.1")
+        self.reactor.advance(0.5)
+        # Full.  A newcomer sheds the oldest idle socket of the most-represented address.
+        proto, transport = self.connect("127.0.0.1")
+        self.assertIn(b'"msg_type":"challenge"', transport.value())
+        self.assertTrue(idle[0][1].disconnected)
+        self.assertFalse(mine[1].disconnected)
+        self.assertEqual(self.node.admission.rejections, {"idle_shed": 1})
+        # The newcomer authenticates; the shed socket's hang-up is no failure.
+        self.assertEqual(self.authenticate_oneway(proto, transport)["payload"]["status"], "ok")
+        idle[0][0].connectionLost()
+        self.assertFalse(self.node.admission.blocked("127.0.0.5"))
+        self.assertEqual(self.node.admission.inflight, 15)
+
+    def test_stalled_sockets_are_shed_after_idle_ones(self) -> None:
+        conns = [self.connect("192.0.2.%d" % (i // 4 + 1)) for i in range(16)]
+        for proto, _t in conns:
+            self.node.admission.progress(proto._preauth)
+        self.reactor.advance(1.0)
+        _p, t = self.connect("192.0.2.50")
+        self.assertEqual(t.value(), b"")  # everyone made progress a second ago
+        self.reactor.advance(1.5)  # now all are stalled (STALLED_SECS = 2)
+        _p, t = self.connect("192.0.2.50")
+        self.assertEqual(frames(t)[0]["msg_type"], "challenge")
+        self.assertEqual(sum(1 for _p, tr in conns if tr.disconnected), 1)
+        self.assertEqual(self.node.admission.rejections.get("stalled_shed"), 1)
+
+    def test_per_address_cap_sheds_own_idle_socket(self) -> None:
+        conns = [self.connect("192.0.2.9") for _ in range(4)]
+        _p, t = self.connect("192.0.2.9")
+        self.assertEqual(frames(t)[0]["msg_type"], "challenge")
+        self.assertTrue(conns[0][1].disconnected)
+        self.assertEqual(self.node.admission.preauth_counts(), {"192.0.2.9": 4})
 
     def authenticated(self) -> tuple[RelayProtocol, StringTransport]:
         proto, transport = self.connect()

@@ -23,6 +23,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from claudectl.relay import codec
+from claudectl.relay.admission import (
+    FIRST_FRAME_TIMEOUT_SECS,
+    TLS_HANDSHAKE_TIMEOUT_SECS,
+    PreAuth,
+)
 from claudectl.relay.codec import Envelope, ProtocolError
 from claudectl.relay.handshake import (
     ONEWAY,
@@ -91,8 +96,12 @@ class RelayProtocol(LineReceiver):
             self.authenticated.addErrback(lambda _f: None)
         self._listener: ListenerHandshake | None = None
         self._connector: ConnectorHandshake | None = None
-        self._admitted = False
+        #: Our admission slot while unauthenticated (listener only).
+        self._preauth: PreAuth | None = None
         self._timeout: IDelayedCall | None = None
+        #: The short deadline of the current pre-authentication step (the
+        #: first frame, the TLS handshake); listener only.
+        self._step_timeout: IDelayedCall | None = None
         self._quiet_call: IDelayedCall | None = None
         self._heartbeat: LoopingCall | None = None
         self._liveness: Liveness | None = None
@@ -125,19 +134,20 @@ class RelayProtocol(LineReceiver):
         self.node.protocols.add(self)
         clock = self.node.clock
         if self.role == LISTENER:
-            reason = self.node.admission.check_accept(self.ip, self.node.mesh.connected_count())
-            if reason is not None:
+            ticket = self.node.admission.admit(self.ip, self.node.mesh.connected_count(),
+                                               self._shed)
+            if isinstance(ticket, str):
                 # Debug only: a flood of refused connections must not fill the
                 # disk with log lines (the counters and the cooldown warning
                 # say what happened).
                 self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip,
-                                reason=reason)
+                                reason=ticket)
                 self.transport.abortConnection()
                 return
-            self.node.admission.handshake_started(self.ip)
-            self._admitted = True
+            self._preauth = ticket
             self._listener = self.node.listener_handshake()
             self._send_all(self._listener.start())
+            self._step_deadline(FIRST_FRAME_TIMEOUT_SECS, "no handshake frame")
         else:
             assert self.auth is not None
             self._connector = self.node.connector_handshake(self.auth)
@@ -147,7 +157,7 @@ class RelayProtocol(LineReceiver):
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
         self.is_closed = True
         self.node.protocols.discard(self)
-        for call in (self._timeout, self._dead_check, self._quiet_call):
+        for call in (self._timeout, self._step_timeout, self._dead_check, self._quiet_call):
             if call is not None and call.active():
                 call.cancel()
         if self._heartbeat is not None and self._heartbeat.running:
@@ -157,11 +167,11 @@ class RelayProtocol(LineReceiver):
             self._closing_reason = f"TLS handshake failed ({_describe(reason)})"
             self._log.info("handshake with {peer} at {ip} failed: {reason}",
                            peer=self._claimed_peer(), ip=self.ip, reason=self._closing_reason)
-            if self.role == LISTENER and not self._admitted:
+            if self.role == LISTENER and self._preauth is None:
                 self.node.admission.failure(self.ip)
-        if self._admitted:
-            self._admitted = False
-            self.node.admission.handshake_ended(self.ip)
+        if self._preauth is not None:
+            self.node.admission.release(self._preauth)
+            self._preauth = None
             if self._got_handshake_frame and (self._closing_reason is None
                                               or self._closing_reason.startswith("TLS")):
                 # Hanging up in the middle of a handshake (after the PAKE
@@ -281,6 +291,9 @@ class RelayProtocol(LineReceiver):
         machine = self._listener or self._connector
         assert machine is not None
         self._got_handshake_frame = True
+        if self._preauth is not None:
+            self.node.admission.progress(self._preauth)
+            self._cancel_step_deadline()
         step = machine.receive(env)
         self._apply_step(step)
 
@@ -303,9 +316,30 @@ class RelayProtocol(LineReceiver):
             return self.auth.expected_peer
         return "?"
 
+    def _step_deadline(self, secs: float, what: str) -> None:
+        """The peer must do ``what`` within ``secs`` (capped by the handshake's own deadline)."""
+        self._cancel_step_deadline()
+        secs = min(secs, self.node.config.relay.handshake_timeout_secs)
+        self._step_timeout = self.node.clock.callLater(
+            secs, self._fail_handshake, f"{what} within {secs:g} s")
+
+    def _cancel_step_deadline(self) -> None:
+        if self._step_timeout is not None and self._step_timeout.active():
+            self._step_timeout.cancel()
+        self._step_timeout = None
+
+    def _shed(self) -> None:
+        """Admission closes this idle or stalled socket to make room for a newcomer."""
+        if self._closing_reason is None:
+            self._closing_reason = "shed: idle before authentication while the slots were full"
+        self._preauth = None  # admission already released it
+        if self.transport is not None:
+            self.transport.abortConnection()
+
     def _fail_handshake(self, reason: str, reflected: bool = False) -> None:
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
+        self._cancel_step_deadline()
         if reflected:
             self._log.warn("reflection attempt refused: {peer} at {ip}: {reason}",
                            peer=self._claimed_peer(), ip=self.ip, reason=reason)
@@ -324,6 +358,8 @@ class RelayProtocol(LineReceiver):
             return
         self._tls_switching = True
         self._tls_started = True
+        if self._preauth is not None:
+            self._step_deadline(TLS_HANDSHAKE_TIMEOUT_SECS, "no TLS handshake")
         try:
             self.transport.startTLS(tls.server() if self.role == LISTENER else tls.client())
         except Exception as e:
@@ -333,6 +369,9 @@ class RelayProtocol(LineReceiver):
         """The TLS handshake finished (``IHandshakeListener``)."""
         if self.result is not None or self._closing_reason is not None:
             return
+        if self._preauth is not None:
+            self._cancel_step_deadline()
+            self.node.admission.progress(self._preauth, frame=False)
         try:
             conn = self.transport.getHandle()
             if not is_tls13(conn):
@@ -352,9 +391,10 @@ class RelayProtocol(LineReceiver):
     def _handshake_succeeded(self, result: Authenticated) -> None:
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
-        if self._admitted:
-            self._admitted = False
-            self.node.admission.handshake_ended(self.ip)
+        self._cancel_step_deadline()
+        if self._preauth is not None:
+            self.node.admission.release(self._preauth)
+            self._preauth = None
         if self.role == LISTENER:
             self.node.admission.success(self.ip)
         self.result = result
