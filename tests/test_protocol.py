@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
+from claudectl.control.server import RelayLocator
 from claudectl.relay import codec
 from claudectl.relay.admission import FIRST_FRAME_TIMEOUT_SECS
 from claudectl.relay.crypto import proof, psk_from_code
@@ -270,6 +271,41 @@ class ListenerTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertIn("bad frames", self.node.mesh.states["claude-rs-01"].last_error or
                       proto._closing_reason or "")
+
+    def test_one_valid_frame_every_nineteen_bad_lines_closes_the_link(self) -> None:
+        """Issue 11 item 2: a high bad-frame ratio closes the link (and is counted)."""
+        proto, transport = self.authenticated()
+        for n in range(10):
+            if transport.disconnecting:
+                break
+            proto.dataReceived(b"garbage\n" * 19
+                               + line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0},
+                                      msg_id=f"m{n}"))
+        self.assertTrue(transport.disconnecting)
+        self.assertLessEqual(n, 4)  # closed within the 64-line window
+        self.assertIn("of the last 64 frames were bad", proto._closing_reason or "")
+        status = json.loads(RelayLocator(self.node).status()["status_json"])
+        self.assertEqual(status["rejections"].get("bad_frame_ratio"), 1)
+
+    def test_bad_frame_log_lines_are_rate_limited(self) -> None:
+        """Issue 11 item 2: 835 KB of bad lines no longer become megabytes of log."""
+        from twisted.logger import capturedLogs
+
+        proto, transport = self.authenticated()
+        bad = b"x" * 400 + b"\n"
+        with capturedLogs() as events:
+            for n in range(1000):  # ~ 400 KB of bad lines, kept under the ratio limit
+                proto.dataReceived(bad + line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0},
+                                              msg_id=f"a{n}"))
+            self.assertFalse(transport.disconnecting)
+            proto.connectionLost()
+        texts = [e.get("log_format", "") for e in events]
+        self.assertEqual(sum(1 for t in texts if t.startswith("bad frame from")), 5)
+        summaries = [e for e in events if "were not logged" in e.get("log_format", "")]
+        self.assertEqual([e["count"] for e in summaries], [995])
+        self.assertLess(sum(len(str(e.get("reason", ""))) for e in events), 5_000)
+        status = json.loads(RelayLocator(self.node).status()["status_json"])
+        self.assertEqual(status["rejections"].get("log_lines_suppressed"), 995)
 
     def test_overlong_line_skipped_following_frame_kept(self) -> None:
         proto, transport = self.authenticated()

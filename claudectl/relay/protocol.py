@@ -182,6 +182,8 @@ class RelayProtocol(LineReceiver):
                 self.authenticated.errback(HandshakeFailed(
                     self._closing_reason or "connection closed during the handshake"))
         elif self.link is not None:
+            if self._filter is not None:
+                self._filter.flush_suppressed()
             why = self._closing_reason
             if why is None and self._tls_started and not reason.check(ConnectionDone):
                 why = f"TLS error ({_describe(reason)})"
@@ -275,8 +277,18 @@ class RelayProtocol(LineReceiver):
         try:
             self._filter.bad(reason)
         except Disconnect as e:
-            self._log.warn("disconnecting {peer_id}: {reason}", peer_id=self.peer_id, reason=str(e))
-            self.close(str(e))
+            self._disconnect_bad(e)
+
+    def _disconnect_bad(self, e: Disconnect) -> None:
+        self.node.admission.count(e.kind)
+        self._log.warn("disconnecting {peer_id}: {reason}", peer_id=self.peer_id, reason=str(e))
+        self.close(str(e))
+
+    def _bad_frames_suppressed(self, count: int) -> None:
+        """The summary line of a peer's rate-limited bad-frame log lines."""
+        self.node.admission.count("log_lines_suppressed", count)
+        self._log.info("{count} more bad frames from {peer_id} were not logged",
+                       count=count, peer_id=self.peer_id)
 
     def _handshake_line(self, line: bytes) -> None:
         if not line.strip():
@@ -408,7 +420,9 @@ class RelayProtocol(LineReceiver):
         self._filter = FrameFilter(link.state.dedup, link.counters,
                                    on_bad=lambda r: self._log.info(
                                        "bad frame from {peer_id}: {reason}",
-                                       peer_id=self.peer_id, reason=r))
+                                       peer_id=self.peer_id, reason=r),
+                                   now=self.node.clock.seconds,
+                                   on_suppressed=self._bad_frames_suppressed)
         clock = self.node.clock
         interval = self.node.config.relay.heartbeat_interval_secs
         self._liveness = Liveness(clock.seconds, interval)
@@ -433,8 +447,7 @@ class RelayProtocol(LineReceiver):
         try:
             env = self._filter.feed(line)
         except Disconnect as e:
-            self._log.warn("disconnecting {peer_id}: {reason}", peer_id=self.peer_id, reason=str(e))
-            self.close(str(e))
+            self._disconnect_bad(e)
             return
         if self._filter.counters.frames_in != frames_before:
             # Any valid frame proves the peer is alive, duplicates included;
