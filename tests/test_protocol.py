@@ -228,7 +228,7 @@ class ListenerTests(SynchronousTestCase):
         self.assertEqual(self.node.admission.inflight, 15)
 
     def test_stalled_sockets_are_shed_after_idle_ones(self) -> None:
-        conns = [self.connect("192.0.2.%d" % (i // 4 + 1)) for i in range(16)]
+        conns = [self.connect(f"192.0.2.{i // 4 + 1}") for i in range(16)]
         for proto, _t in conns:
             self.node.admission.progress(proto._preauth)
         self.reactor.advance(1.0)
