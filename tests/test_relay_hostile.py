@@ -119,3 +119,14 @@ class SlowlorisTests(TestCase):
         self.assertEqual(self.a.admission.inflight, 16)
         self.assertLess(await self.timed_dial(), 1.0)
         self.assertGreaterEqual(self.a.admission.rejections.get("stalled_shed", 0), 1)
+
+    async def test_flood_while_a_peer_handshakes(self) -> None:
+        # A peer dials while 120 idle sockets arrive from four other addresses.
+        dial = defer.ensureDeferred(self.timed_dial())
+        flood = defer.ensureDeferred(
+            self.attack(120, ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]))
+        elapsed = await dial
+        await flood
+        self.assertLess(elapsed, 1.0)
+        self.assertEqual(self.a.mesh.connected_peers(), ["beta-2222"])
+        self.assertLessEqual(self.a.admission.inflight, MAX_INFLIGHT_HANDSHAKES)

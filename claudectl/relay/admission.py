@@ -160,15 +160,15 @@ class Admission:
         rec = self._ips.get(ip)
         if rec is not None and rec.blocked_until > now:
             return self._count("rate_limited")
+        if connected_peers >= self.max_peers and (
+                self.max_peers == 0 or self.inflight >= SPARE_HANDSHAKES_WHEN_FULL):
+            return self._count("max_peers")
         if (self._inflight_by_ip.get(ip, 0) >= MAX_INFLIGHT_PER_IP
                 and not _is_loopback(ip)):
             if not self._shed_one(now, only_ip=ip):
                 return self._count("too_many_handshakes_from_ip")
         if self.inflight >= self.max_inflight and not self._shed_one(now):
             return self._count("too_many_handshakes")
-        if connected_peers >= self.max_peers and (
-                self.max_peers == 0 or self.inflight >= SPARE_HANDSHAKES_WHEN_FULL):
-            return self._count("max_peers")
         ticket = PreAuth(ip, now, shed)
         self._preauth[ticket] = None
         self.handshake_started(ip)
