@@ -111,6 +111,15 @@ class PakeTests(SynchronousTestCase):
                              [len(m) for m in real.messages])
         self.assertEqual({self.store.get(i.id).state for i in invites}, {OPEN})
 
+    def test_unusable_message_refused_alike_whatever_the_selector(self) -> None:
+        """No oracle: a junk SPAKE2 element is refused the same way, named invite or not."""
+        inv = self.invite()
+        junk = b"A" + b"\xff" * 32
+        other = (inv.selector + 1) % 256
+        self.assertIsNone(self.responder.respond("laptop-1", bytes([2, inv.selector]) + junk))
+        self.assertIsNone(self.responder.respond("laptop-1", bytes([2, other]) + junk))
+        self.assertEqual(self.store.get(inv.id).state, OPEN)
+
     def test_joiner_from_before_selectors_is_refused_without_burning(self) -> None:
         from spake2 import SPAKE2_A
 

@@ -314,10 +314,23 @@ class PakeResponder:
                                  derive_psk(key, joiner_msg, listener_msg))]
         return PakeResponse([listener_msg], self._store, self._clock, joiner_id, candidates)
 
-    def _decoy(self, joiner_id: str, joiner_msg: bytes, refusal: str) -> PakeResponse:
-        """A listener message under a random password: it looks like a real one."""
+    def _decoy(self, joiner_id: str, joiner_msg: bytes, refusal: str) -> PakeResponse | None:
+        """
+        A listener message under a random password: it looks like a real one,
+        costs the same work, and an unusable joiner message is refused the
+        same way as for a real invite -- nothing tells a prober whether its
+        selector named an invite.
+        """
         side = SPAKE2_B(_password(self._entropy(4)), idA=ID_JOINER, idB=ID_LISTENER,
                         entropy_f=self._entropy)
         message = side.start()
+        try:
+            key = side.finish(joiner_msg[2:] if refusal == "wrong_code" else joiner_msg)
+            joiner_confirmation(key, joiner_msg, message)
+            derive_psk(key, joiner_msg, message)
+        except Exception:  # hostile bytes: spake2 raises several types
+            if refusal == "wrong_code":
+                log.info("unusable PAKE message from {peer_id}", peer_id=joiner_id)
+                return None
         return PakeResponse([message], self._store, self._clock, joiner_id, [],
                             _refusal=refusal)

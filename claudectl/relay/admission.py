@@ -130,23 +130,11 @@ class Admission:
             del self._ips[ip]
 
     def check_accept(self, ip: str, connected_peers: int) -> str | None:
-        """None to proceed, else the reason to drop the connection silently."""
-        now = self._now()
-        rec = self._ips.get(ip)
-        if rec is not None and rec.blocked_until > now:
-            return self._count("rate_limited")
-        if self.inflight >= self.max_inflight:
-            return self._count("too_many_handshakes")
-        if (self._inflight_by_ip.get(ip, 0) >= MAX_INFLIGHT_PER_IP
-                and not _is_loopback(ip)):
-            return self._count("too_many_handshakes_from_ip")
-        # When full, a couple of handshakes may still run: a connected peer
-        # that restarted must be able to replace its own (stale) link.  After
-        # authentication the mesh refuses anyone else.
-        if connected_peers >= self.max_peers and (
-                self.max_peers == 0 or self.inflight >= SPARE_HANDSHAKES_WHEN_FULL):
-            return self._count("max_peers")
-        return None
+        """
+        None if a newcomer from ``ip`` would be admitted without shedding
+        anyone, else the reason it would be dropped (and counted).
+        """
+        return self._refusal(ip, connected_peers, shed=False)
 
     def admit(self, ip: str, connected_peers: int,
               shed: Callable[[], None]) -> PreAuth | str:
@@ -156,23 +144,31 @@ class Admission:
         When the slots are full, an idle or stalled socket is shed (its
         ``shed`` callable is called, and it is released) to make room.
         """
+        reason = self._refusal(ip, connected_peers, shed=True)
+        if reason is not None:
+            return reason
+        ticket = PreAuth(ip, self._now(), shed)
+        self._preauth[ticket] = None
+        self.handshake_started(ip)
+        return ticket
+
+    def _refusal(self, ip: str, connected_peers: int, shed: bool) -> str | None:
         now = self._now()
         rec = self._ips.get(ip)
         if rec is not None and rec.blocked_until > now:
             return self._count("rate_limited")
+        # When full, a couple of handshakes may still run: a connected peer
+        # that restarted must be able to replace its own (stale) link.  After
+        # authentication the mesh refuses anyone else.
         if connected_peers >= self.max_peers and (
                 self.max_peers == 0 or self.inflight >= SPARE_HANDSHAKES_WHEN_FULL):
             return self._count("max_peers")
-        if (self._inflight_by_ip.get(ip, 0) >= MAX_INFLIGHT_PER_IP
-                and not _is_loopback(ip)):
-            if not self._shed_one(now, only_ip=ip):
-                return self._count("too_many_handshakes_from_ip")
-        if self.inflight >= self.max_inflight and not self._shed_one(now):
+        if (self._inflight_by_ip.get(ip, 0) >= MAX_INFLIGHT_PER_IP and not _is_loopback(ip)
+                and not (shed and self._shed_one(now, only_ip=ip))):
+            return self._count("too_many_handshakes_from_ip")
+        if self.inflight >= self.max_inflight and not (shed and self._shed_one(now)):
             return self._count("too_many_handshakes")
-        ticket = PreAuth(ip, now, shed)
-        self._preauth[ticket] = None
-        self.handshake_started(ip)
-        return ticket
+        return None
 
     def _shed_one(self, now: float, only_ip: str | None = None) -> bool:
         """Close the best sheddable socket; False if there is none."""
