@@ -218,8 +218,8 @@ class PakeResponse:
     def finish(self, confirms: list[bytes]) -> bytes | None:
         """
         Check the joiner's confirmations.  A match with an open invite marks
-        it used and returns the new PSK.  No match burns every open invite
-        that was tried.  A match with an already-closed invite changes
+        it used and returns the new PSK.  No match burns the invite that was
+        tried, if it was open (a decoy answer burns nothing).  A match with an already-closed invite changes
         nothing and sets :attr:`failure` to its state.
         """
         if self._finished:
