@@ -143,6 +143,26 @@ def make_node(testcase: Any, identity: str, reactor: Any = None, home: Home | No
     return node
 
 
+def wrong_password_naming(password: bytes, host: str = "10.0.0.1", port: int = 9900,
+                          other: bool = False) -> bytes:
+    """
+    A wrong code password whose invite selector is the same as ``password``'s
+    (a mistyped code that still names the invite), or with ``other`` a
+    different one (a code that names no invite).  Its relay code is unambiguous.
+    """
+    from claudectl.pairing import codes
+    from claudectl.pairing.detect import relay_code_is_ambiguous
+    from claudectl.pairing.invites import invite_selector
+
+    want = invite_selector(password)
+    for n in range(1, 1 << 20):
+        candidate = bytes(a ^ b for a, b in zip(password, n.to_bytes(4, "big"), strict=True))
+        if (invite_selector(candidate) == want) != other and not relay_code_is_ambiguous(
+                codes.relay_code(host, port, candidate)):
+            return candidate
+    raise AssertionError("no such password")
+
+
 def pair_nodes(a: Any, b: Any, psk: bytes = b"k" * 32) -> bytes:
     """Store the same key on both sides, each under the other's identity."""
     a.keystore.save_key(b.identity, psk)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.relay.admission import (
@@ -9,6 +11,7 @@ from claudectl.relay.admission import (
     FAILURE_WINDOW_SECS,
     MAX_FAILURES,
     MAX_INFLIGHT_HANDSHAKES,
+    STALLED_SECS,
     Admission,
 )
 
@@ -119,11 +122,19 @@ class AdmissionTests(SynchronousTestCase):
         self.clock.t += 30
         self.assertEqual(self.adm.check_accept(IP, 0), "rate_limited")
 
-    def test_success_clears(self) -> None:
-        self.fail_n(4)
-        self.adm.success(IP)
+    def test_success_does_not_clear(self) -> None:
+        """Issue 11 item 4: 4 wrong proofs, 1 right one, repeated, still blocks."""
         self.assertEqual(self.fail_n(4), [False] * 4)
-        self.assertIsNone(self.adm.check_accept(IP, 0))
+        self.adm.success(IP)
+        self.assertTrue(self.adm.failure(IP))  # the 5th wrong guess in the window
+        self.assertEqual(self.adm.check_accept(IP, 0), "rate_limited")
+        # Spread out: successes in between never reset the sliding window.
+        self.clock.t += COOLDOWN_SECS
+        for _ in range(4):
+            self.assertFalse(self.adm.failure(IP))
+            self.clock.t += 1
+            self.adm.success(IP)
+        self.assertTrue(self.adm.failure(IP))
 
     def test_records_expire(self) -> None:
         self.fail_n(3)
@@ -158,7 +169,8 @@ class AdmissionTests(SynchronousTestCase):
         for _ in range(16):
             self.adm.handshake_started()
         self.assertEqual(self.adm.check_accept(IP, 8), "rate_limited")
-        self.assertEqual(self.adm.check_accept(OTHER, 8), "too_many_handshakes")
+        self.assertEqual(self.adm.check_accept(OTHER, 8), "max_peers")
+        self.assertEqual(self.adm.check_accept(OTHER, 0), "too_many_handshakes")
 
 
 class PerAddressInflightTests(SynchronousTestCase):
@@ -181,3 +193,57 @@ class PerAddressInflightTests(SynchronousTestCase):
         for _ in range(10):
             self.assertIsNone(adm.check_accept("127.0.0.1", 0))
             adm.handshake_started("127.0.0.1")
+
+
+class SheddingTests(SynchronousTestCase):
+    """Issue 11 item 3: idle pre-auth sockets are shed first, by address, oldest first."""
+
+    def setUp(self) -> None:
+        self.clock = _Clock()
+        self.adm = Admission(self.clock, max_peers=8)
+        self.shed: list[str] = []
+
+    def admit(self, name: str, ip: str) -> Any:
+        ticket = self.adm.admit(ip, 0, lambda: self.shed.append(name))
+        self.assertNotIsInstance(ticket, str)
+        self.clock.t += 0.01
+        return ticket
+
+    def test_most_represented_address_oldest_idle_first(self) -> None:
+        tickets = {}
+        for i in range(3):
+            tickets[f"a{i}"] = self.admit(f"a{i}", "127.0.0.2")
+        for i in range(13):
+            tickets[f"b{i}"] = self.admit(f"b{i}", f"10.0.{i}.1")
+        # Full: 127.0.0.2 holds the most sockets, and a0 is its oldest idle one.
+        self.admit("new1", "10.9.9.9")
+        self.assertEqual(self.shed, ["a0"])
+        # a1 answered the challenge (progress): a2 goes next, idle before busy.
+        self.adm.progress(tickets["a1"])
+        self.admit("new2", "10.9.9.8")
+        self.assertEqual(self.shed, ["a0", "a2"])
+        self.assertEqual(self.adm.inflight, MAX_INFLIGHT_HANDSHAKES)
+        self.assertEqual(self.adm.rejections, {"idle_shed": 2})
+        # Releasing a shed ticket again changes nothing.
+        self.adm.release(tickets["a0"])
+        self.assertEqual(self.adm.inflight, MAX_INFLIGHT_HANDSHAKES)
+
+    def test_busy_sockets_are_not_shed_until_stalled(self) -> None:
+        tickets = [self.admit(f"t{i}", f"10.0.{i}.1") for i in range(16)]
+        for t in tickets:
+            self.adm.progress(t)
+        self.assertEqual(self.adm.admit("10.9.9.9", 0, lambda: None), "too_many_handshakes")
+        self.clock.t += STALLED_SECS
+        self.adm.admit("10.9.9.9", 0, lambda: self.shed.append("new"))
+        self.assertEqual(self.shed, ["t0"])
+        self.assertEqual(self.adm.rejections, {"too_many_handshakes": 1, "stalled_shed": 1})
+
+    def test_a_refused_newcomer_sheds_nobody(self) -> None:
+        for i in range(4):
+            self.admit(f"t{i}", "192.0.2.1")
+        self.adm.failure("192.0.2.9")
+        for _ in range(4):
+            self.adm.failure("192.0.2.9")
+        self.assertEqual(self.adm.admit("192.0.2.9", 0, lambda: None), "rate_limited")
+        self.assertEqual(self.adm.admit("192.0.2.9", 8, lambda: None), "rate_limited")
+        self.assertEqual(self.shed, [])

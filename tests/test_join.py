@@ -19,7 +19,7 @@ from claudectl.pairing.detect import decode_join
 from claudectl.pairing.invites import InviteStore
 from claudectl.relay.client import JoinFailed, join_peer
 from claudectl.relay.keystore import KeyStore
-from tests.common import temp_home
+from tests.common import temp_home, wrong_password_naming
 from tests.test_services import RunningService, wait_for
 
 
@@ -111,9 +111,9 @@ class JoinTests(TestCase):
 
     async def test_wrong_code_burns_invite(self) -> None:
         inv = self.invite()
-        wrong = bytearray(inv.code_password)
-        wrong[0] ^= 0xFF
-        target = dataclasses.replace(decode_join(inv.relay_code), pake_password=bytes(wrong))
+        # A mistyped code that still names this invite (same selector).
+        wrong = wrong_password_naming(inv.code_password)
+        target = dataclasses.replace(decode_join(inv.relay_code), pake_password=wrong)
         with self.assertRaises(JoinFailed) as cm:
             await join_peer(reactor, self.joiner_home, Config(), target)
         self.assertIn("denied (wrong_code)", str(cm.exception))

@@ -29,7 +29,7 @@ from claudectl.pairing import codes
 from claudectl.pairing.detect import RELAY_CODE, WORD_PHRASE, decode_join, detect_join_format
 from claudectl.pairing.invites import InviteStore
 from claudectl.relay.keystore import KeyStore
-from tests.common import ServeProcess, run_cli, subprocess_env, temp_home
+from tests.common import ServeProcess, run_cli, subprocess_env, temp_home, wrong_password_naming
 
 
 def invoke(home: Home, *args: str) -> tuple[int, str, str]:
@@ -317,7 +317,9 @@ class JoinEndToEnd(SynchronousTestCase):
         write_config(ha, listen_addr="127.0.0.1", listen_port=port)
         data = json.loads(run_cli(ha, "--json", "relay", "invite").stdout)
         good = codes.decode_relay_code(data["relay_code"])
-        wrong = codes.relay_code(good.ip, good.port, bytes(b ^ 0x5A for b in good.secret))
+        # A mistyped code that still names the invite (the same selector) burns it.
+        wrong = codes.relay_code(good.ip, good.port,
+                                 wrong_password_naming(good.secret, good.ip, good.port))
         a = ServeProcess.serve(ha)
         self.addCleanup(a.stop)
         a.port()

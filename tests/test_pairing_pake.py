@@ -15,6 +15,7 @@ from claudectl.pairing.invites import (
     USED,
     InviteStore,
     describe_failure,
+    invite_selector,
 )
 from claudectl.pairing.pake import (
     PakeError,
@@ -25,14 +26,10 @@ from claudectl.pairing.pake import (
     listener_confirmation,
 )
 from claudectl.relay.keystore import KeyStore
-from tests.common import temp_home
+from tests.common import temp_home, wrong_password_naming
 
 T0 = 1_714_000_000.0
 DAY = 86400
-
-
-def no_shuffle(items: list[Any]) -> None:
-    pass
 
 
 class PakeTests(SynchronousTestCase):
@@ -41,7 +38,7 @@ class PakeTests(SynchronousTestCase):
         self.store = InviteStore(self.home)
         self.clock = Clock()
         self.clock.advance(T0)
-        self.responder = PakeResponder(self.store, self.clock, shuffle=no_shuffle)
+        self.responder = PakeResponder(self.store, self.clock)
 
     def invite(self, ttl: int = DAY) -> Any:
         return self.store.create("desk-1", "192.168.1.50", 9900, ttl, self.clock.seconds())
@@ -74,7 +71,7 @@ class PakeTests(SynchronousTestCase):
 
     def test_wrong_code_burns(self) -> None:
         inv = self.invite()
-        wrong = bytes(b ^ 1 for b in inv.code_password)
+        wrong = wrong_password_naming(inv.code_password)  # a typo that still names it
         init, response, psk = self.attempt(wrong)
         self.assertIsNone(psk)
         self.assertEqual(response.failure, "wrong_code")
@@ -86,12 +83,74 @@ class PakeTests(SynchronousTestCase):
         self.assertIsNone(psk)
         self.assertEqual(response.failure, BURNED)
 
-    def test_wrong_code_burns_every_candidate(self) -> None:
+    def test_wrong_code_burns_only_the_invite_it_names(self) -> None:
+        """Issue 11 item 5a: one junk code no longer burns every open invite."""
         invites = [self.invite() for _ in range(3)]
-        _, response, psk = self.attempt(b"\x00\x00\x00\x00")
+        self.assertEqual(len({i.selector for i in invites}), 3)
+        _, response, psk = self.attempt(wrong_password_naming(invites[1].code_password))
         self.assertIsNone(psk)
-        self.assertEqual(len(response.messages), 3)
-        self.assertEqual({self.store.get(i.id).state for i in invites}, {BURNED})
+        self.assertEqual(len(response.messages), 1)
+        self.assertEqual(response.failure, "wrong_code")
+        self.assertEqual([self.store.get(i.id).state for i in invites], [OPEN, BURNED, OPEN])
+        # The others still pair.
+        self.assertIsNotNone(self.attempt(invites[0].code_password)[2])
+        self.assertIsNotNone(self.attempt(invites[2].code_password)[2])
+
+    def test_junk_code_naming_no_invite_burns_nothing(self) -> None:
+        invites = [self.invite() for _ in range(3)]
+        taken = {i.selector for i in invites}
+        junk = [p for p in (n.to_bytes(4, "big") for n in range(2000))
+                if invite_selector(p) not in taken][:50]
+        real = self.responder.respond("laptop-1", PakeInitiator(invites[0].code_password).start())
+        for password in junk:
+            _, response, psk = self.attempt(password)
+            self.assertIsNone(psk)
+            self.assertEqual(response.failure, "wrong_code")
+            # A decoy looks like a real answer: one message of the same size.
+            self.assertEqual([len(m) for m in response.messages],
+                             [len(m) for m in real.messages])
+        self.assertEqual({self.store.get(i.id).state for i in invites}, {OPEN})
+
+    def test_unusable_message_refused_alike_whatever_the_selector(self) -> None:
+        """No oracle: a junk SPAKE2 element is refused the same way, named invite or not."""
+        inv = self.invite()
+        junk = b"A" + b"\xff" * 32
+        other = (inv.selector + 1) % 256
+        self.assertIsNone(self.responder.respond("laptop-1", bytes([2, inv.selector]) + junk))
+        self.assertIsNone(self.responder.respond("laptop-1", bytes([2, other]) + junk))
+        self.assertEqual(self.store.get(inv.id).state, OPEN)
+
+    def test_joiner_from_before_selectors_is_refused_without_burning(self) -> None:
+        from spake2 import SPAKE2_A
+
+        inv = self.invite()
+        old_style = SPAKE2_A(b"claudectl-pake-v1:password:" + inv.code_password,
+                             idA=b"claudectl-pake-v1:joiner",
+                             idB=b"claudectl-pake-v1:listener").start()
+        response = self.responder.respond("laptop-1", old_style)
+        self.assertEqual(len(response.messages), 1)
+        self.assertIsNone(response.finish([bytes(32)]))
+        self.assertEqual(response.failure, "outdated")
+        self.assertEqual(self.store.get(inv.id).state, OPEN)
+
+    def test_joiner_answers_exactly_one_listener_message(self) -> None:
+        """An impostor inviter gets one offline guess, not one per message it sends."""
+        init = PakeInitiator(b"abcd")
+        init.start()
+        e = self.assertRaises(PakeError, init.confirmations,
+                              [self._listener_msg(), self._listener_msg()])
+        self.assertIn("2 PAKE messages", str(e))
+        self.assertEqual(init.candidate_psks(), [])
+
+    def test_selectors_of_answered_invites_are_unique(self) -> None:
+        made = [self.invite() for _ in range(60)]
+        self.assertEqual(len({i.selector for i in made}), 60)
+        # Every one of them pairs with its own code, and only its own invite is used.
+        inv = made[17]
+        init, response, psk = self.attempt(inv.code_password)
+        self.assertIsNotNone(psk)
+        self.assertEqual(response.invite_id, inv.id)
+        self.assertEqual(sum(1 for i in made if self.store.get(i.id).state == USED), 1)
 
     def test_no_confirmations_burn(self) -> None:
         inv = self.invite()
@@ -104,24 +163,10 @@ class PakeTests(SynchronousTestCase):
         a, b, c = (self.invite() for _ in range(3))
         init, response, psk = self.attempt(b.code_password)
         self.assertIsNotNone(psk)
-        self.assertEqual(len(response.messages), 3)
+        self.assertEqual(len(response.messages), 1)
         self.assertIn(psk, init.candidate_psks())
         self.assertEqual(init.candidate_psks().count(psk), 1)
         self.assertEqual([self.store.get(i.id).state for i in (a, b, c)], [OPEN, USED, OPEN])
-
-    def test_messages_are_shuffled(self) -> None:
-        for _ in range(2):
-            self.invite()
-        calls = []
-
-        def reverse(items: list[Any]) -> None:
-            calls.append([c.invite_id for c in items])
-            items.reverse()
-
-        responder = PakeResponder(self.store, self.clock, shuffle=reverse)
-        response = responder.respond("laptop-1", PakeInitiator(b"abcd").start())
-        self.assertEqual(len(calls), 1)
-        self.assertEqual([c.invite_id for c in response._candidates], calls[0][::-1])
 
     def test_expired(self) -> None:
         inv = self.invite(ttl=60)
@@ -161,7 +206,7 @@ class PakeTests(SynchronousTestCase):
 
     def test_burned_invite_is_reported(self) -> None:
         inv = self.invite()
-        self.attempt(b"\xff\xff\xff\xff")
+        self.attempt(wrong_password_naming(inv.code_password))
         other = self.invite()
         _, response, psk = self.attempt(inv.code_password)
         self.assertIsNone(psk)
@@ -202,21 +247,24 @@ class PakeTests(SynchronousTestCase):
 
     def test_malformed_joiner_message(self) -> None:
         inv = self.invite()
-        for msg in (b"", b"A", b"B" + bytes(32), b"A" + b"\xff" * 32, b"x" * 5000):
-            self.assertIsNone(self.responder.respond("laptop-1", msg))
+        sel = bytes([2, inv.selector])
+        for msg in (b"", b"B" + bytes(32), b"x" * 5000, b"\x02", sel, sel + b"A" + b"\xff" * 32):
+            self.assertIsNone(self.responder.respond("laptop-1", msg), msg[:4])
+        for msg in (b"A", b"A" + b"\xff" * 32):  # old style: refused at finish
+            response = self.responder.respond("laptop-1", msg)
+            self.assertIsNone(response.finish([]))
+            self.assertEqual(response.failure, "outdated")
         self.assertEqual(self.store.get(inv.id).state, OPEN, "a malformed message is no guess")
 
     def test_malformed_listener_messages(self) -> None:
-        init = PakeInitiator(b"abcd")
-        init.start()
-        self.assertRaises(PakeError, init.confirmations, [b"", b"B" + b"\xff" * 32])
-        # One unusable message among good ones keeps the order aligned.
+        for bad in ([], [b""], [b"B" + b"\xff" * 32], [b"junk", self._listener_msg()]):
+            init = PakeInitiator(b"abcd")
+            init.start()
+            self.assertRaises(PakeError, init.confirmations, bad)
+        # A message reflected back to us is unusable too.
         init = PakeInitiator(b"abcd")
         reflected = init.start()
-        confirms = init.confirmations([b"junk", self._listener_msg(), reflected])
-        self.assertEqual(len(confirms), 3)
-        self.assertEqual(len(init.candidate_psks()), 3)
-        self.assertEqual(len(set(init.candidate_psks())), 3)
+        self.assertRaises(PakeError, init.confirmations, [reflected])
 
     def _listener_msg(self) -> bytes:
         from spake2 import SPAKE2_B
@@ -322,7 +370,8 @@ class WithHandshake(SynchronousTestCase):
         clock.advance(T0)
         store = InviteStore(temp_home(self))
         inv = store.create("desk-1", "192.168.1.50", 9900, DAY, T0)
-        result, stored = self.run_handshake(b"\x00\x01\x02\x03", store, clock)
+        result, stored = self.run_handshake(wrong_password_naming(inv.code_password),
+                                            store, clock)
         self.assertIsNotNone(result["listener"].failed)
         self.assertEqual(stored, {})
         self.assertEqual(store.get(inv.id).state, BURNED)

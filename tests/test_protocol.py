@@ -13,7 +13,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
+from claudectl.control.server import RelayLocator
 from claudectl.relay import codec
+from claudectl.relay.admission import FIRST_FRAME_TIMEOUT_SECS
 from claudectl.relay.crypto import proof, psk_from_code
 from claudectl.relay.handshake import MUTUAL, ONEWAY, KeyAuth, listener_proof
 from claudectl.relay.node import RelayFactory
@@ -115,11 +117,38 @@ class ListenerTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_handshake_timeout(self) -> None:
+        # A socket that sends nothing has FIRST_FRAME_TIMEOUT_SECS (5 s), not 30.
         _proto, transport = self.connect()
-        self.reactor.advance(self.node.config.relay.handshake_timeout_secs - 1)
+        self.reactor.advance(FIRST_FRAME_TIMEOUT_SECS - 0.1)
         self.assertFalse(transport.disconnecting)
-        self.reactor.advance(2)
+        self.reactor.advance(0.2)
         self.assertTrue(transport.disconnecting)
+
+    def test_whole_handshake_keeps_its_own_deadline(self) -> None:
+        self.node = make_node(self, "desk-9f8e7d6c", self.reactor, handshake_timeout_secs=3)
+        _proto, transport = self.connect()
+        self.reactor.advance(2.9)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_wrong_right_wrong_still_blocked(self) -> None:
+        """Issue 11 item 4: a success between wrong proofs does not clear the count."""
+        ip = "192.0.2.77"
+        for _round in range(2):
+            for _ in range(4 if _round == 0 else 1):
+                proto, transport = self.connect(ip)
+                self.assertEqual(self.authenticate_oneway(proto, transport, psk=b"y" * 32)
+                                 ["payload"]["status"], "denied")
+                proto.connectionLost()
+            if _round == 0:
+                proto, transport = self.connect(ip)
+                self.assertEqual(self.authenticate_oneway(proto, transport)["payload"]["status"],
+                                 "ok")
+        # The fifth wrong guess within 60 s: the address is refused, the good link stays.
+        _p, t = self.connect(ip)
+        self.assertEqual(t.value(), b"")
+        self.assertEqual(self.node.admission.rejections.get("rate_limited"), 1)
 
     def test_garbage_before_handshake_closes_without_ack(self) -> None:
         proto, transport = self.connect()
@@ -168,12 +197,55 @@ class ListenerTests(SynchronousTestCase):
         del held
 
     def test_max_inflight_handshakes(self) -> None:
+        # 16 sockets that are busy handshaking (each just made progress):
+        # nothing is sheddable, so a newcomer is refused at once.
         conns = [self.connect() for _ in range(16)]
+        for proto, _t in conns:
+            self.node.admission.progress(proto._preauth)
         _p, t = self.connect()
         self.assertEqual(t.value(), b"")
+        self.assertEqual(self.node.admission.rejections.get("too_many_handshakes"), 1)
         conns[0][0].connectionLost()
         _p, t = self.connect()
         self.assertEqual(frames(t)[0]["msg_type"], "challenge")
+
+    def test_idle_sockets_are_shed_for_a_newcomer(self) -> None:
+        """Issue 11 item 3: 16 idle sockets no longer lock every handshake out."""
+        idle = [self.connect("127.0.0.5") for _ in range(15)]
+        self.reactor.advance(0.5)
+        mine = self.connect("127.0.0.1")
+        self.reactor.advance(0.5)
+        # Full.  A newcomer sheds the oldest idle socket of the most-represented address.
+        proto, transport = self.connect("127.0.0.1")
+        self.assertIn(b'"msg_type":"challenge"', transport.value())
+        self.assertTrue(idle[0][1].disconnected)
+        self.assertFalse(mine[1].disconnected)
+        self.assertEqual(self.node.admission.rejections, {"idle_shed": 1})
+        # The newcomer authenticates; the shed socket's hang-up is no failure.
+        self.assertEqual(self.authenticate_oneway(proto, transport)["payload"]["status"], "ok")
+        idle[0][0].connectionLost()
+        self.assertFalse(self.node.admission.blocked("127.0.0.5"))
+        self.assertEqual(self.node.admission.inflight, 15)
+
+    def test_stalled_sockets_are_shed_after_idle_ones(self) -> None:
+        conns = [self.connect(f"192.0.2.{i // 4 + 1}") for i in range(16)]
+        for proto, _t in conns:
+            self.node.admission.progress(proto._preauth)
+        self.reactor.advance(1.0)
+        _p, t = self.connect("192.0.2.50")
+        self.assertEqual(t.value(), b"")  # everyone made progress a second ago
+        self.reactor.advance(1.5)  # now all are stalled (STALLED_SECS = 2)
+        _p, t = self.connect("192.0.2.50")
+        self.assertEqual(frames(t)[0]["msg_type"], "challenge")
+        self.assertEqual(sum(1 for _p, tr in conns if tr.disconnected), 1)
+        self.assertEqual(self.node.admission.rejections.get("stalled_shed"), 1)
+
+    def test_per_address_cap_sheds_own_idle_socket(self) -> None:
+        conns = [self.connect("192.0.2.9") for _ in range(4)]
+        _p, t = self.connect("192.0.2.9")
+        self.assertEqual(frames(t)[0]["msg_type"], "challenge")
+        self.assertTrue(conns[0][1].disconnected)
+        self.assertEqual(self.node.admission.preauth_counts(), {"192.0.2.9": 4})
 
     def authenticated(self) -> tuple[RelayProtocol, StringTransport]:
         proto, transport = self.connect()
@@ -199,6 +271,41 @@ class ListenerTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertIn("bad frames", self.node.mesh.states["claude-rs-01"].last_error or
                       proto._closing_reason or "")
+
+    def test_one_valid_frame_every_nineteen_bad_lines_closes_the_link(self) -> None:
+        """Issue 11 item 2: a high bad-frame ratio closes the link (and is counted)."""
+        proto, transport = self.authenticated()
+        for n in range(10):
+            if transport.disconnecting:
+                break
+            proto.dataReceived(b"garbage\n" * 19
+                               + line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0},
+                                      msg_id=f"m{n}"))
+        self.assertTrue(transport.disconnecting)
+        self.assertLessEqual(n, 4)  # closed within the 64-line window
+        self.assertIn("of the last 64 frames were bad", proto._closing_reason or "")
+        status = json.loads(RelayLocator(self.node).status()["status_json"])
+        self.assertEqual(status["rejections"].get("bad_frame_ratio"), 1)
+
+    def test_bad_frame_log_lines_are_rate_limited(self) -> None:
+        """Issue 11 item 2: 835 KB of bad lines no longer become megabytes of log."""
+        from twisted.logger import capturedLogs
+
+        proto, transport = self.authenticated()
+        bad = b"x" * 400 + b"\n"
+        with capturedLogs() as events:
+            for n in range(1000):  # ~ 400 KB of bad lines, kept under the ratio limit
+                proto.dataReceived(bad + line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0},
+                                              msg_id=f"a{n}"))
+            self.assertFalse(transport.disconnecting)
+            proto.connectionLost()
+        texts = [e.get("log_format", "") for e in events]
+        self.assertEqual(sum(1 for t in texts if t.startswith("bad frame from")), 5)
+        summaries = [e for e in events if "were not logged" in e.get("log_format", "")]
+        self.assertEqual([e["count"] for e in summaries], [995])
+        self.assertLess(sum(len(str(e.get("reason", ""))) for e in events), 5_000)
+        status = json.loads(RelayLocator(self.node).status()["status_json"])
+        self.assertEqual(status["rejections"].get("log_lines_suppressed"), 995)
 
     def test_overlong_line_skipped_following_frame_kept(self) -> None:
         proto, transport = self.authenticated()

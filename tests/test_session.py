@@ -8,13 +8,17 @@ from twisted.trial.unittest import SynchronousTestCase
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope, encode
 from claudectl.relay.session import (
+    BAD_RATIO_WINDOW,
     DEDUP_CAPACITY,
+    LOG_BURST,
+    LOG_INTERVAL_SECS,
     MAX_BAD_STRIKES,
     Dedup,
     Disconnect,
     FrameFilter,
     LinkCounters,
     Liveness,
+    LogGate,
 )
 from tests.common import vector
 
@@ -189,3 +193,86 @@ class LongIdTests(SynchronousTestCase):
         self.assertIsNone(f.feed(line))
         self.assertEqual(f.counters.bad_frames, 1)
         self.assertEqual(len(f.dedup._ids), 0)
+
+
+class BadRatioTests(SynchronousTestCase):
+    """Issue 11 item 2: a high bad-frame ratio closes the link."""
+
+    def test_one_valid_frame_every_nineteen_bad_lines_closes(self) -> None:
+        f = FrameFilter(Dedup(), LinkCounters())
+        sent = 0
+        with self.assertRaises(Disconnect) as cm:
+            for n in range(10_000):
+                for _ in range(19):
+                    sent += 1
+                    f.feed(b"garbage")
+                sent += 1
+                f.feed(frame(f"ok{n}"))
+        self.assertEqual(cm.exception.kind, "bad_frame_ratio")
+        self.assertLessEqual(sent, BAD_RATIO_WINDOW + 1)
+        self.assertIn(f"of the last {BAD_RATIO_WINDOW} frames were bad", str(cm.exception))
+
+    def test_half_bad_is_tolerated_more_is_not(self) -> None:
+        f = FrameFilter(Dedup(), LinkCounters())
+        for n in range(1000):  # exactly half bad: never closed
+            f.feed(b"garbage")
+            f.feed(frame(f"ok{n}"))
+        self.assertFalse(f.ratio_exceeded())
+        g = FrameFilter(Dedup(), LinkCounters())
+        with self.assertRaises(Disconnect):
+            for n in range(1000):  # two bad for each good one
+                g.feed(b"garbage")
+                g.feed(b"garbage")
+                g.feed(frame(f"ok{n}"))
+
+    def test_early_bad_lines_do_not_close_a_young_link(self) -> None:
+        f = FrameFilter(Dedup(), LinkCounters())
+        for _ in range(MAX_BAD_STRIKES - 1):
+            f.feed(b"garbage")
+        for n in range(200):
+            f.feed(frame(f"ok{n}"))
+        self.assertFalse(f.ratio_exceeded())
+        self.assertEqual(BAD_RATIO_WINDOW, 64)
+
+
+class LogGateTests(SynchronousTestCase):
+    """Issue 11 item 2: log lines a peer causes are rate-limited per peer."""
+
+    def test_burst_then_summary_per_interval(self) -> None:
+        gate = LogGate(burst=5, interval=60.0)
+        allowed = [gate.allow(0.0) for _ in range(100)]
+        self.assertEqual(allowed[:5], [(True, 0)] * 5)
+        self.assertEqual(set(allowed[5:]), {(False, 0)})
+        # The next window: the first line logged carries the count suppressed.
+        self.assertEqual(gate.allow(60.0), (True, 95))
+        self.assertEqual(gate.suppressed_total, 95)
+        self.assertEqual(gate.pending(), 0)
+
+    def test_filter_logs_at_most_a_burst_and_summarises(self) -> None:
+        clock = Clock()
+        logged: list[str] = []
+        summaries: list[int] = []
+        counters = LinkCounters()
+        f = FrameFilter(Dedup(), counters, on_bad=logged.append, now=clock.seconds,
+                        on_suppressed=summaries.append)
+        for n in range(300):  # one bad line per two good ones: the link stays up
+            f.feed(b"garbage")
+            f.feed(frame(f"a{n}"))
+            f.feed(frame(f"b{n}"))
+        self.assertEqual(len(logged), LOG_BURST)
+        self.assertEqual(summaries, [])
+        clock.advance(LOG_INTERVAL_SECS)
+        f.feed(b"garbage")
+        self.assertEqual(summaries, [300 - LOG_BURST])
+        self.assertEqual(len(logged), LOG_BURST + 1)
+        f.feed(b"garbage")
+        f.flush_suppressed()
+        self.assertEqual(summaries, [300 - LOG_BURST])  # nothing more was suppressed
+        # The budget is the peer's: a replacement link's filter shares it.
+        g = FrameFilter(Dedup(), counters, on_bad=logged.append, now=clock.seconds,
+                        on_suppressed=summaries.append)
+        for _ in range(5):
+            g.bad("line too long")
+        g.flush_suppressed()
+        self.assertEqual(len(logged), 2 * LOG_BURST)
+        self.assertEqual(summaries, [300 - LOG_BURST, 2])

@@ -12,6 +12,13 @@ Each invite carries two independent secrets:
   word phrase.  It is never a key: it only feeds the PAKE
   (:mod:`claudectl.pairing.pake`), which derives a fresh 32-byte key.
 
+The code password also names its invite: :func:`invite_selector` (8 bits
+of a hash of it) travels in the joiner's first PAKE message, so the listener
+runs the PAKE against that one invite only, and a wrong code burns at most
+the invite it names (issue 11, item 5a).  No two invites the listener still
+answers for share a selector: :meth:`InviteStore.create` draws the password
+again until its selector is free.
+
 An invite is ``open`` until it is ``used`` (by whichever format comes
 first), ``burned`` (a wrong PAKE attempt), ``revoked`` or ``expired``
 (``relay.invite_ttl_hours``).  Closing an invite also removes
@@ -26,6 +33,7 @@ overwritten.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -57,6 +65,22 @@ DAY = 24 * HOUR
 CLOSED_RETENTION_SECS = 7 * DAY
 FILE_VERSION = 1
 INVITE_ID_BYTES = 4
+#: How long after an invite closed a late joiner is still told why (the
+#: listener answers its PAKE for this long, so its selector stays taken).
+CLOSED_ANSWER_SECS = 600
+_SELECTOR_LABEL = b"claudectl-pake-v1:invite-selector:"
+#: A password is drawn at most this often to find a free selector.
+_SELECTOR_DRAWS = 4096
+
+
+def invite_selector(code_password: bytes) -> int:
+    """
+    The non-secret byte that names an invite: the first byte of
+    SHA-256(label ‖ password).  It reveals 8 of the password's 32 bits to
+    whoever receives the joiner's first message (inside TLS: the inviter,
+    or an impostor posing as it).
+    """
+    return hashlib.sha256(_SELECTOR_LABEL + code_password).digest()[0]
 
 
 class InviteStoreError(Exception):
@@ -101,6 +125,19 @@ class Invite:
     @property
     def address(self) -> str:
         return codes.format_socket_address(self.host, self.port)
+
+    @property
+    def selector(self) -> int:
+        return invite_selector(self.code_password)
+
+    def answered_at(self, now: float) -> bool:
+        """The listener still runs its PAKE: open, or closed less than CLOSED_ANSWER_SECS ago."""
+        if not self.has_code:
+            return False
+        if self.is_open(now):
+            return True
+        closed = self.closed_at if self.closed_at is not None else self.expires_at
+        return now - closed <= CLOSED_ANSWER_SECS
 
     @property
     def pair_code(self) -> str:
@@ -256,11 +293,10 @@ class InviteStore:
             raise ValueError("an invite needs a positive lifetime")
         raw = self._random(8)
         has_code = codes.not_carried_reason(host, port) is None
-        password = self._random(codes.SECRET_BYTES)
-        while has_code and relay_code_is_ambiguous(codes.relay_code(host, port, password)):
-            password = self._random(codes.SECRET_BYTES)
         with self._editing() as invites:
             self._sweep(invites, now)
+            password = self._draw_password(host, port, has_code, {
+                i.selector for i in invites if i.answered_at(now)})
             taken = {i.id for i in invites}
             invite_id = self._random(INVITE_ID_BYTES).hex()
             while invite_id in taken:
@@ -274,6 +310,21 @@ class InviteStore:
         log.info("invite {invite_id} created for {address}, open for {ttl} s",
                  invite_id=invite.id, address=invite.address, ttl=ttl_secs)
         return invite
+
+    def _draw_password(self, host: str, port: int, has_code: bool,
+                       taken_selectors: set[int]) -> bytes:
+        """A code password whose code is unambiguous and whose selector is free."""
+        for _ in range(_SELECTOR_DRAWS):
+            password = self._random(codes.SECRET_BYTES)
+            if not has_code:
+                return password
+            if relay_code_is_ambiguous(codes.relay_code(host, port, password)):
+                continue
+            if invite_selector(password) not in taken_selectors:
+                return password
+        raise InviteStoreError(
+            f"too many invites with a relay code are open ({len(taken_selectors)}); "
+            f"revoke some first (claudectl relay invite --list, --revoke ID)")
 
     def list(self, now: float) -> list[Invite]:
         """Every remembered invite, oldest first, with expiry applied."""
@@ -403,8 +454,9 @@ class InviteStore:
 
 FAILURE_TEXT = {
     "wrong_code": ("wrong code: it matches no open invite of the inviter. Each invite allows "
-                   "one wrong attempt, so the invites it was tried against are now burned; "
-                   "ask for a new one (claudectl relay invite)"),
+                   "one wrong attempt: if a mistyped code still named one of the inviter's "
+                   "invites, that invite is now burned; check the code, or ask for a new one "
+                   "(claudectl relay invite)"),
     "no_invite": "the inviter has no open invite for a relay code or word phrase",
     "already_paired": ("the inviter is already paired with this machine: connect with "
                        "`claudectl relay connect <host:port>`, or run `claudectl relay forget` "

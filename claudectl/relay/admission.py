@@ -2,11 +2,23 @@
 """
 Who may start a handshake (wire.md 5; mission "Security").
 
-* At most :data:`MAX_INFLIGHT_HANDSHAKES` (16) handshakes at once.
+* At most :data:`MAX_INFLIGHT_HANDSHAKES` (16) handshakes at once, and
+  :data:`MAX_INFLIGHT_PER_IP` (4) from one address (loopback exempt).
+* Slowloris (issue 11, item 3): a pre-authentication socket that has sent no
+  frame yet (*idle*), or that made no progress for :data:`STALLED_SECS`
+  (a TLS handshake that never finishes, say), is *sheddable*.  When the
+  global or the per-address cap is reached, the newcomer is not refused:
+  the oldest sheddable socket of the most-represented address is closed
+  instead (idle ones before stalled ones).  Only when nothing is sheddable
+  is the newcomer closed at once.  The protocol adds a short deadline for
+  the first frame (:data:`FIRST_FRAME_TIMEOUT_SECS`) and for the TLS
+  handshake (:data:`TLS_HANDSHAKE_TIMEOUT_SECS`).
 * Per source IP: 5 failed handshakes within 60 s give that IP a 60 s
   cooldown counted from the 5th failure.  The window slides (defect W11:
   claudectl anchors it at the first failure, never resets and never
-  expires entries); a success clears the IP's record; idle records expire.
+  expires entries).  A success does **not** clear the record (issue 11,
+  item 4: four wrong proofs and one right one, repeated, must still
+  block); idle records expire.
 * ``max_peers`` connected peers; checked at accept and again after
   authentication (a new link for an already connected peer replaces it and
   does not count twice).
@@ -31,6 +43,15 @@ MAX_INFLIGHT_HANDSHAKES = 16
 MAX_INFLIGHT_PER_IP = 4
 #: Handshakes admitted while max_peers links are up (replacements only).
 SPARE_HANDSHAKES_WHEN_FULL = 2
+#: A listener socket must send its first complete frame within this many
+#: seconds of the TCP accept (a config-free constant; the whole handshake
+#: keeps ``handshake_timeout_secs``).
+FIRST_FRAME_TIMEOUT_SECS = 5.0
+#: ... and finish the TLS handshake within this many seconds of ``starttls``.
+TLS_HANDSHAKE_TIMEOUT_SECS = 5.0
+#: A pre-authentication socket that made no progress (no frame, no finished
+#: TLS handshake) for this long may be shed when the slots are full.
+STALLED_SECS = 2.0
 MAX_FAILURES = 5
 FAILURE_WINDOW_SECS = 60.0
 COOLDOWN_SECS = 60.0
@@ -40,6 +61,33 @@ COOLDOWN_SECS = 60.0
 class _IpRecord:
     failures: deque[float] = field(default_factory=deque)
     blocked_until: float = 0.0
+
+
+class PreAuth:
+    """
+    One admitted pre-authentication socket, as admission sees it.  The
+    protocol reports progress (a complete handshake frame, a finished TLS
+    handshake) and releases it when the socket authenticates or closes.
+    """
+
+    __slots__ = ("ip", "opened_at", "progressed_at", "frames", "_shed", "released")
+
+    def __init__(self, ip: str, now: float, shed: Callable[[], None]) -> None:
+        self.ip = ip
+        self.opened_at = now
+        self.progressed_at = now
+        #: Complete handshake frames received so far (0: the socket is idle).
+        self.frames = 0
+        self._shed = shed
+        self.released = False
+
+    def sheddable(self, now: float) -> int | None:
+        """0 if idle, 1 if stalled, None if it is making progress."""
+        if self.frames == 0:
+            return 0
+        if now - self.progressed_at >= STALLED_SECS:
+            return 1
+        return None
 
 
 def _is_loopback(ip: str) -> bool:
@@ -57,13 +105,19 @@ class Admission:
         self.max_inflight = max_inflight
         self.inflight = 0
         self._inflight_by_ip: dict[str, int] = {}
+        #: Admitted pre-authentication sockets, oldest first.
+        self._preauth: dict[PreAuth, None] = {}
         self._ips: dict[str, _IpRecord] = {}
         #: Counters by reason, for logs and ``relay status``.
         self.rejections: dict[str, int] = {}
 
-    def _count(self, reason: str) -> str:
-        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+    def _count(self, reason: str, n: int = 1) -> str:
+        self.rejections[reason] = self.rejections.get(reason, 0) + n
         return reason
+
+    def count(self, reason: str, n: int = 1) -> None:
+        """Count a refusal decided elsewhere (bad-frame ratio, suppressed log lines…)."""
+        self._count(reason, n)
 
     def _expire(self, now: float) -> None:
         if len(self._ips) < 1024:
@@ -76,23 +130,88 @@ class Admission:
             del self._ips[ip]
 
     def check_accept(self, ip: str, connected_peers: int) -> str | None:
-        """None to proceed, else the reason to drop the connection silently."""
+        """
+        None if a newcomer from ``ip`` would be admitted without shedding
+        anyone, else the reason it would be dropped (and counted).
+        """
+        return self._refusal(ip, connected_peers, shed=False)
+
+    def admit(self, ip: str, connected_peers: int,
+              shed: Callable[[], None]) -> PreAuth | str:
+        """
+        Admit a new listener socket: a :class:`PreAuth` to report progress on
+        and :meth:`release`, or the reason to drop the newcomer silently.
+        When the slots are full, an idle or stalled socket is shed (its
+        ``shed`` callable is called, and it is released) to make room.
+        """
+        reason = self._refusal(ip, connected_peers, shed=True)
+        if reason is not None:
+            return reason
+        ticket = PreAuth(ip, self._now(), shed)
+        self._preauth[ticket] = None
+        self.handshake_started(ip)
+        return ticket
+
+    def _refusal(self, ip: str, connected_peers: int, shed: bool) -> str | None:
         now = self._now()
         rec = self._ips.get(ip)
         if rec is not None and rec.blocked_until > now:
             return self._count("rate_limited")
-        if self.inflight >= self.max_inflight:
-            return self._count("too_many_handshakes")
-        if (self._inflight_by_ip.get(ip, 0) >= MAX_INFLIGHT_PER_IP
-                and not _is_loopback(ip)):
-            return self._count("too_many_handshakes_from_ip")
         # When full, a couple of handshakes may still run: a connected peer
         # that restarted must be able to replace its own (stale) link.  After
         # authentication the mesh refuses anyone else.
         if connected_peers >= self.max_peers and (
                 self.max_peers == 0 or self.inflight >= SPARE_HANDSHAKES_WHEN_FULL):
             return self._count("max_peers")
+        if (self._inflight_by_ip.get(ip, 0) >= MAX_INFLIGHT_PER_IP and not _is_loopback(ip)
+                and not (shed and self._shed_one(now, only_ip=ip))):
+            return self._count("too_many_handshakes_from_ip")
+        if self.inflight >= self.max_inflight and not (shed and self._shed_one(now)):
+            return self._count("too_many_handshakes")
         return None
+
+    def _shed_one(self, now: float, only_ip: str | None = None) -> bool:
+        """Close the best sheddable socket; False if there is none."""
+        best: tuple[int, int, float] | None = None
+        victim: PreAuth | None = None
+        for t in self._preauth:
+            if only_ip is not None and t.ip != only_ip:
+                continue
+            tier = t.sheddable(now)
+            if tier is None:
+                continue
+            # Idle before stalled; the most-represented address first; oldest first.
+            key = (tier, -self._inflight_by_ip.get(t.ip, 0), t.progressed_at)
+            if best is None or key < best:
+                best, victim = key, t
+        if victim is None:
+            return False
+        self.release(victim)
+        self._count("idle_shed" if best is not None and best[0] == 0 else "stalled_shed")
+        log.debug("shed a pre-authentication socket from {ip} to make room", ip=victim.ip)
+        try:
+            victim._shed()
+        except Exception:
+            log.failure("shedding a socket failed")
+        return True
+
+    def progress(self, ticket: PreAuth, frame: bool = True) -> None:
+        """The socket sent a complete handshake frame (or finished TLS)."""
+        ticket.progressed_at = self._now()
+        if frame:
+            ticket.frames += 1
+
+    def release(self, ticket: PreAuth) -> None:
+        """The socket authenticated or closed (idempotent)."""
+        if ticket.released:
+            return
+        ticket.released = True
+        self._preauth.pop(ticket, None)
+        self.handshake_ended(ticket.ip)
+
+    def preauth_counts(self) -> dict[str, int]:
+        """Pre-authentication sockets by address (for tests and status)."""
+        return dict(self._inflight_by_ip)
 
     def handshake_started(self, ip: str | None = None) -> None:
         self.inflight += 1
@@ -125,7 +244,10 @@ class Admission:
         return False
 
     def success(self, ip: str) -> None:
-        self._ips.pop(ip, None)
+        """
+        A handshake from ``ip`` succeeded.  Its failures still count: the
+        window only slides (issue 11, item 4).
+        """
 
     def blocked(self, ip: str) -> bool:
         rec = self._ips.get(ip)

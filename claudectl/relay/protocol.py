@@ -23,6 +23,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from claudectl.relay import codec
+from claudectl.relay.admission import (
+    FIRST_FRAME_TIMEOUT_SECS,
+    TLS_HANDSHAKE_TIMEOUT_SECS,
+    PreAuth,
+)
 from claudectl.relay.codec import Envelope, ProtocolError
 from claudectl.relay.handshake import (
     ONEWAY,
@@ -91,8 +96,12 @@ class RelayProtocol(LineReceiver):
             self.authenticated.addErrback(lambda _f: None)
         self._listener: ListenerHandshake | None = None
         self._connector: ConnectorHandshake | None = None
-        self._admitted = False
+        #: Our admission slot while unauthenticated (listener only).
+        self._preauth: PreAuth | None = None
         self._timeout: IDelayedCall | None = None
+        #: The short deadline of the current pre-authentication step (the
+        #: first frame, the TLS handshake); listener only.
+        self._step_timeout: IDelayedCall | None = None
         self._quiet_call: IDelayedCall | None = None
         self._heartbeat: LoopingCall | None = None
         self._liveness: Liveness | None = None
@@ -126,19 +135,20 @@ class RelayProtocol(LineReceiver):
         self.node.protocols.add(self)
         clock = self.node.clock
         if self.role == LISTENER:
-            reason = self.node.admission.check_accept(self.ip, self.node.mesh.connected_count())
-            if reason is not None:
+            ticket = self.node.admission.admit(self.ip, self.node.mesh.connected_count(),
+                                               self._shed)
+            if isinstance(ticket, str):
                 # Debug only: a flood of refused connections must not fill the
                 # disk with log lines (the counters and the cooldown warning
                 # say what happened).
                 self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip,
-                                reason=reason)
+                                reason=ticket)
                 self.transport.abortConnection()
                 return
-            self.node.admission.handshake_started(self.ip)
-            self._admitted = True
+            self._preauth = ticket
             self._listener = self.node.listener_handshake()
             self._send_all(self._listener.start())
+            self._step_deadline(FIRST_FRAME_TIMEOUT_SECS, "no handshake frame")
         else:
             assert self.auth is not None
             self._connector = self.node.connector_handshake(self.auth)
@@ -148,7 +158,7 @@ class RelayProtocol(LineReceiver):
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
         self.is_closed = True
         self.node.protocols.discard(self)
-        for call in (self._timeout, self._dead_check, self._quiet_call):
+        for call in (self._timeout, self._step_timeout, self._dead_check, self._quiet_call):
             if call is not None and call.active():
                 call.cancel()
         if self._heartbeat is not None and self._heartbeat.running:
@@ -159,9 +169,9 @@ class RelayProtocol(LineReceiver):
             self._log.info("handshake with {peer} at {ip} failed: {reason}",
                            peer=self._claimed_peer(), ip=self.ip, reason=self._closing_reason)
             self._count_failure()
-        if self._admitted:
-            self._admitted = False
-            self.node.admission.handshake_ended(self.ip)
+        if self._preauth is not None:
+            self.node.admission.release(self._preauth)
+            self._preauth = None
             if self._got_handshake_frame and self._closing_reason is None:
                 # Hanging up in the middle of a handshake (after the PAKE
                 # messages, say) counts as a failed attempt.
@@ -171,6 +181,8 @@ class RelayProtocol(LineReceiver):
                 self.authenticated.errback(HandshakeFailed(
                     self._closing_reason or "connection closed during the handshake"))
         elif self.link is not None:
+            if self._filter is not None:
+                self._filter.flush_suppressed()
             why = self._closing_reason
             if why is None and self._tls_started and not reason.check(ConnectionDone):
                 why = f"TLS error ({_describe(reason)})"
@@ -264,8 +276,18 @@ class RelayProtocol(LineReceiver):
         try:
             self._filter.bad(reason)
         except Disconnect as e:
-            self._log.warn("disconnecting {peer_id}: {reason}", peer_id=self.peer_id, reason=str(e))
-            self.close(str(e))
+            self._disconnect_bad(e)
+
+    def _disconnect_bad(self, e: Disconnect) -> None:
+        self.node.admission.count(e.kind)
+        self._log.warn("disconnecting {peer_id}: {reason}", peer_id=self.peer_id, reason=str(e))
+        self.close(str(e))
+
+    def _bad_frames_suppressed(self, count: int) -> None:
+        """The summary line of a peer's rate-limited bad-frame log lines."""
+        self.node.admission.count("log_lines_suppressed", count)
+        self._log.info("{count} more bad frames from {peer_id} were not logged",
+                       count=count, peer_id=self.peer_id)
 
     def _handshake_line(self, line: bytes) -> None:
         if not line.strip():
@@ -280,6 +302,9 @@ class RelayProtocol(LineReceiver):
         machine = self._listener or self._connector
         assert machine is not None
         self._got_handshake_frame = True
+        if self._preauth is not None:
+            self.node.admission.progress(self._preauth)
+            self._cancel_step_deadline()
         step = machine.receive(env)
         self._apply_step(step)
 
@@ -302,9 +327,30 @@ class RelayProtocol(LineReceiver):
             return self.auth.expected_peer
         return "?"
 
+    def _step_deadline(self, secs: float, what: str) -> None:
+        """The peer must do ``what`` within ``secs`` (capped by the handshake's own deadline)."""
+        self._cancel_step_deadline()
+        secs = min(secs, self.node.config.relay.handshake_timeout_secs)
+        self._step_timeout = self.node.clock.callLater(
+            secs, self._fail_handshake, f"{what} within {secs:g} s")
+
+    def _cancel_step_deadline(self) -> None:
+        if self._step_timeout is not None and self._step_timeout.active():
+            self._step_timeout.cancel()
+        self._step_timeout = None
+
+    def _shed(self) -> None:
+        """Admission closes this idle or stalled socket to make room for a newcomer."""
+        if self._closing_reason is None:
+            self._closing_reason = "shed: idle before authentication while the slots were full"
+        self._preauth = None  # admission already released it
+        if self.transport is not None:
+            self.transport.abortConnection()
+
     def _fail_handshake(self, reason: str, reflected: bool = False) -> None:
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
+        self._cancel_step_deadline()
         if reflected:
             self._log.warn("reflection attempt refused: {peer} at {ip}: {reason}",
                            peer=self._claimed_peer(), ip=self.ip, reason=reason)
@@ -328,6 +374,8 @@ class RelayProtocol(LineReceiver):
             return
         self._tls_switching = True
         self._tls_started = True
+        if self._preauth is not None:
+            self._step_deadline(TLS_HANDSHAKE_TIMEOUT_SECS, "no TLS handshake")
         try:
             self.transport.startTLS(tls.server() if self.role == LISTENER else tls.client())
         except Exception as e:
@@ -337,6 +385,9 @@ class RelayProtocol(LineReceiver):
         """The TLS handshake finished (``IHandshakeListener``)."""
         if self.result is not None or self._closing_reason is not None:
             return
+        if self._preauth is not None:
+            self._cancel_step_deadline()
+            self.node.admission.progress(self._preauth, frame=False)
         try:
             conn = self.transport.getHandle()
             if not is_tls13(conn):
@@ -356,9 +407,10 @@ class RelayProtocol(LineReceiver):
     def _handshake_succeeded(self, result: Authenticated) -> None:
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
-        if self._admitted:
-            self._admitted = False
-            self.node.admission.handshake_ended(self.ip)
+        self._cancel_step_deadline()
+        if self._preauth is not None:
+            self.node.admission.release(self._preauth)
+            self._preauth = None
         if self.role == LISTENER:
             self.node.admission.success(self.ip)
         self.result = result
@@ -372,7 +424,9 @@ class RelayProtocol(LineReceiver):
         self._filter = FrameFilter(link.state.dedup, link.counters,
                                    on_bad=lambda r: self._log.info(
                                        "bad frame from {peer_id}: {reason}",
-                                       peer_id=self.peer_id, reason=r))
+                                       peer_id=self.peer_id, reason=r),
+                                   now=self.node.clock.seconds,
+                                   on_suppressed=self._bad_frames_suppressed)
         clock = self.node.clock
         interval = self.node.config.relay.heartbeat_interval_secs
         self._liveness = Liveness(clock.seconds, interval)
@@ -397,8 +451,7 @@ class RelayProtocol(LineReceiver):
         try:
             env = self._filter.feed(line)
         except Disconnect as e:
-            self._log.warn("disconnecting {peer_id}: {reason}", peer_id=self.peer_id, reason=str(e))
-            self.close(str(e))
+            self._disconnect_bad(e)
             return
         if self._filter.counters.frames_in != frames_before:
             # Any valid frame proves the peer is alive, duplicates included;

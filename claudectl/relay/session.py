@@ -5,7 +5,13 @@ What happens to frames on an authenticated link, sans I/O.
 * Bad input never stalls a link (defect W2): a line that is not valid JSON,
   not an envelope, of an unknown type, or over 1 MiB is counted and skipped.
   A peer that sends :data:`MAX_BAD_STRIKES` bad lines in a row (with no good
-  frame in between) is disconnected with a logged reason.
+  frame in between) is disconnected with a logged reason, and so is a link
+  whose bad-frame ratio stays high: more than :data:`BAD_RATIO_LIMIT` of
+  the last :data:`BAD_RATIO_WINDOW` lines bad (issue 11, item 2: one valid
+  frame every 19 bad lines used to keep a link open forever).
+* Log lines a peer causes are rate-limited per peer (:class:`LogGate`): the
+  first :data:`LOG_BURST` in each :data:`LOG_INTERVAL_SECS`, then one summary
+  with the number suppressed.
 * Empty and whitespace-only lines are ignored (defect W3).
 * The last :data:`DEDUP_CAPACITY` message ids are remembered **per peer**
   (defect W8); a repeated id is dropped.
@@ -15,7 +21,7 @@ What happens to frames on an authenticated link, sans I/O.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +33,14 @@ DEDUP_CAPACITY = 1000
 #: the dedup window keeps ids, so their size must be bounded.
 MAX_ID_CHARS = 256
 MAX_BAD_STRIKES = 20
+#: The bad-frame ratio rule: a link is closed once more than half
+#: (:data:`BAD_RATIO_LIMIT`) of its last :data:`BAD_RATIO_WINDOW` non-empty
+#: lines were bad.
+BAD_RATIO_WINDOW = 64
+BAD_RATIO_LIMIT = 0.5
+#: Per peer: this many log lines per interval, then one summary line.
+LOG_BURST = 5
+LOG_INTERVAL_SECS = 60.0
 #: A link is dead after this many heartbeat intervals without inbound traffic.
 MISSED_INTERVALS = 3
 
@@ -54,6 +68,47 @@ class Dedup:
 class Disconnect(Exception):
     """The peer misbehaved often enough that the link should close."""
 
+    def __init__(self, message: str, kind: str = "bad_frames_in_a_row") -> None:
+        super().__init__(message)
+        #: The counter it is reported under (``relay status`` rejections).
+        self.kind = kind
+
+
+class LogGate:
+    """
+    A per-peer budget for log lines: :data:`LOG_BURST` lines per
+    :data:`LOG_INTERVAL_SECS` window.  :meth:`allow` says whether to log the
+    next line, and how many earlier lines were suppressed (to be mentioned
+    once, in the next line logged).
+    """
+
+    def __init__(self, burst: int = LOG_BURST, interval: float = LOG_INTERVAL_SECS) -> None:
+        self.burst = burst
+        self.interval = interval
+        self._window_start: float | None = None
+        self._logged = 0
+        self._suppressed = 0
+        #: Lines suppressed over the gate's whole life.
+        self.suppressed_total = 0
+
+    def allow(self, now: float) -> tuple[bool, int]:
+        """``(log it?, lines suppressed since the last line logged)``."""
+        if self._window_start is None or now - self._window_start >= self.interval:
+            self._window_start = now
+            self._logged = 0
+        if self._logged < self.burst:
+            self._logged += 1
+            suppressed, self._suppressed = self._suppressed, 0
+            return True, suppressed
+        self._suppressed += 1
+        self.suppressed_total += 1
+        return False, 0
+
+    def pending(self) -> int:
+        """Suppressed lines not yet reported (say so when the link closes)."""
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed
+
 
 @dataclass
 class LinkCounters:
@@ -65,6 +120,8 @@ class LinkCounters:
     duplicates: int = 0
     ignored: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    #: The peer's log budget (kept across its links, like the counters).
+    log_gate: LogGate = field(default_factory=LogGate, repr=False, compare=False)
 
 
 class FrameFilter:
@@ -72,22 +129,63 @@ class FrameFilter:
 
     def __init__(self, dedup: Dedup, counters: LinkCounters,
                  on_bad: Callable[[str], None] = lambda reason: None,
-                 max_strikes: int = MAX_BAD_STRIKES) -> None:
+                 max_strikes: int = MAX_BAD_STRIKES,
+                 now: Callable[[], float] = lambda: 0.0,
+                 on_suppressed: Callable[[int], None] = lambda count: None,
+                 ratio_window: int = BAD_RATIO_WINDOW) -> None:
+        """
+        ``on_bad(reason)`` is called for the bad lines the peer's log budget
+        allows.  ``on_suppressed(n)`` is the summary: ``n`` lines were not
+        logged since the last one that was; it is called just before the next
+        allowed ``on_bad`` and by :meth:`flush_suppressed` (when the link
+        closes).
+        """
         self.dedup = dedup
         self.counters = counters
         self._on_bad = on_bad
+        self._on_suppressed = on_suppressed
         self._max_strikes = max_strikes
+        self._now = now
         self._strikes = 0
+        #: True for each recent bad line, False for each good one.
+        self._recent: deque[bool] = deque(maxlen=ratio_window)
+        self._recent_bad = 0
+
+    def _remember(self, bad: bool) -> None:
+        if len(self._recent) == self._recent.maxlen and self._recent[0]:
+            self._recent_bad -= 1
+        self._recent.append(bad)
+        if bad:
+            self._recent_bad += 1
+
+    def ratio_exceeded(self) -> bool:
+        window = self._recent.maxlen or 0
+        return len(self._recent) >= window and self._recent_bad > window * BAD_RATIO_LIMIT
 
     def bad(self, reason: str) -> None:
-        """Count one bad line; raise :class:`Disconnect` past the limit."""
+        """Count one bad line; raise :class:`Disconnect` past the limits."""
         self.counters.bad_frames += 1
         key = reason.split(":", 1)[0]
         self.counters.reasons[key] = self.counters.reasons.get(key, 0) + 1
         self._strikes += 1
-        self._on_bad(reason)
+        self._remember(True)
+        log_it, earlier = self.counters.log_gate.allow(self._now())
+        if earlier:
+            self._on_suppressed(earlier)
+        if log_it:
+            self._on_bad(reason)
         if self._strikes >= self._max_strikes:
             raise Disconnect(f"{self._strikes} bad frames in a row (last: {reason})")
+        if self.ratio_exceeded():
+            window = self._recent.maxlen
+            raise Disconnect(f"{self._recent_bad} of the last {window} frames were bad "
+                             f"(last: {reason})", kind="bad_frame_ratio")
+
+    def flush_suppressed(self) -> None:
+        """Report lines suppressed since the last one logged (link closing)."""
+        n = self.counters.log_gate.pending()
+        if n:
+            self._on_suppressed(n)
 
     def feed(self, line: bytes) -> Envelope | None:
         self.counters.bytes_in += len(line) + 1
@@ -102,6 +200,7 @@ class FrameFilter:
             self.bad(f"message id longer than {MAX_ID_CHARS} characters")
             return None
         self._strikes = 0
+        self._remember(False)
         self.counters.frames_in += 1
         if env.msg_type in codec.HANDSHAKE_TYPES:
             self.counters.ignored += 1
