@@ -114,9 +114,13 @@ class TwoServicesTests(TestCase):
     async def test_connect_unpaired_address_is_an_error(self) -> None:
         await self.start_both()
         KeyStore(self.b.home).forget(self.ida)
-        with self.assertRaises(C.NotPairedError):
+        # A announces its identity; B holds no key for it and sends no proof.
+        with self.assertRaises(C.LinkFailed) as cm:
             await call_control(reactor, self.b.home, C.Connect,
                                address=f"127.0.0.1:{self.a.port}")
+        self.assertIn(f"is {self.ida}, a peer this instance is not paired with",
+                      str(cm.exception))
+        self.assertEqual(self.a.node.mesh.connected_peers(), [])
 
     async def test_wrong_key_is_refused(self) -> None:
         await self.start_both()
