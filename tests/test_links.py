@@ -214,7 +214,7 @@ class AutoConnectTests(SynchronousTestCase):
         a2 = ServeProcess.serve(ha, "--listen", f"tcp:{port}:interface=127.0.0.1")
         self.addCleanup(a2.stop)
         a2.port()
-        a2.expect(f"{idb} authenticated", timeout=30)
+        a2.expect(f"{idb} authenticated", timeout=60)
 
     def test_unpaired_identity_is_not_dialed_with_any_key(self) -> None:
         ha, hb = temp_home(self), temp_home(self)

@@ -241,8 +241,8 @@ class Dialer:
         )
         self.service.setName(f"dialer:{peer_id or address}")
 
-    def _prepare(self, proto: RelayProtocol) -> defer.Deferred[RelayProtocol]:
-        d = proto.authenticated
+    def _prepare(self, proto: Any) -> defer.Deferred[RelayProtocol]:
+        d: defer.Deferred[RelayProtocol] = proto.authenticated
         if self.peer_id is None:
             def proved(result: Any) -> Any:
                 peer = proved_peer(proto)
@@ -621,15 +621,13 @@ class RelayNode:
             peer_hint, _, address = entry.rpartition("@")
             try:
                 parse_address(address)
-                if peer_hint:
-                    peer: str | None = self.choose_peer_for(address, peer_hint)
-                else:
-                    peer = self.peer_last_seen_at(address)
+                named = (self.choose_peer_for(address, peer_hint) if peer_hint
+                         else self.peer_last_seen_at(address))
             except (NotPaired, ValueError) as e:
                 log.warn("auto_connect {entry}: {error}", entry=entry, error=str(e))
                 continue
-            if peer is not None:
-                targets[peer] = address
+            if named is not None:
+                targets[named] = address
             elif address not in unknown:
                 unknown.append(address)
         known = set(targets.values())
