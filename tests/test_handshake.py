@@ -851,6 +851,21 @@ class RobustnessTests(HandshakeTestBase):
             step = con.receive(Envelope("m", msg_type, remote, 0, ack))
             self.assertIsInstance(step, Step)
 
+    @given(st.dictionaries(st.sampled_from(["nonce", "caps", "identity", "x"]),
+                           json_values | st.just(["tls-v1"]) | st.just("ab" * 32)
+                           | st.just(LISTENER_ID), max_size=4),
+           st.sampled_from(codec.MSG_TYPES), st.text(max_size=12), handshake_payloads)
+    def test_key_by_identity_never_raises(self, challenge, msg_type, remote, ack) -> None:
+        auth = KeyByIdentity(lambda p: PSK if p == LISTENER_ID else None,
+                             lambda: (LISTENER_ID, PSK))
+        con = ConnectorHandshake(self.wire.factory(CONNECTOR_ID), auth,
+                                 random=counter_random(), policy=Policy(tls=True))
+        step = con.receive(Envelope("m", codec.CHALLENGE, "", 0, challenge))
+        for env in step.send:
+            encode(env)
+        step = con.receive(Envelope("m", msg_type, remote, 0, ack))
+        self.assertIsInstance(step, Step)
+
     @given(st.integers(0, 63), st.sampled_from("0123456789abcdefABCDEF"))
     def test_any_changed_proof_char_denied(self, i: int, c: str) -> None:
         if self.ks.key(CONNECTOR_ID) is None:  # setUp runs once for all examples

@@ -138,7 +138,8 @@ class ConnectAddressTests(TwoServices):
         r = run_cli(self.hb, "relay", "connect", wrong, "--peer", self.ida)
         self.assertEqual(r.returncode, 1, (r.stdout, r.stderr))
         self.assertEqual(r.stdout, "")
-        self.assertIn(f"Error: connect to {wrong}", r.stderr)
+        self.assertIn(f"Error: connect to {wrong}: ", r.stderr)
+        self.assertIn("Nothing changed: ", r.stderr)
         self.assertIn(f"the link to {self.ida} stays up and the service keeps dialing "
                       f"{self.where}", r.stderr)
         time.sleep(1.0)  # a redirected dialer would have dropped the link by now

@@ -151,7 +151,8 @@ class TwoServicesTests(TestCase):
         await self.start_both()
         await call_control(reactor, self.b.home, C.Connect, address=f"127.0.0.1:{self.a.port}")
         r = await call_control(reactor, self.b.home, C.Disconnect, peer=self.ida)
-        self.assertTrue(r["was_connected"])
+        self.assertEqual((r["was_connected"], r["dropped_link"], r["stopped_dialer"]),
+                         (True, True, True))
         await wait_for(lambda: not self.a.node.mesh.is_connected(self.idb))
         self.assertNotIn(self.ida, self.b.node.dialers)
         self.assertEqual(running_port(self.b.home), self.b.port)

@@ -77,9 +77,10 @@ class RelayLocator(amp.CommandLocator):
         except ValueError as e:
             raise C.BadRequest(str(e)) from None
         except HandshakeFailed as e:
-            raise C.LinkFailed(f"auth failed: {e}{_kept(node, peer)}") from None
+            raise C.LinkFailed(f"auth failed: {_sentence(e)}{_kept(node, peer)}") from None
         except Exception as e:
-            raise C.LinkFailed(f"connect to {address}: {e}{_kept(node, peer)}") from None
+            raise C.LinkFailed(f"connect to {address}: {_sentence(e)}{_kept(node, peer)}"
+                               ) from None
         return {"peer": outcome.peer, "mode": outcome.mode, "already": outcome.already,
                 "address": outcome.address, "previous": outcome.previous or ""}
 
@@ -129,16 +130,20 @@ class RelayLocator(amp.CommandLocator):
         return {}
 
 
+def _sentence(e: Exception) -> str:
+    return str(e).strip().rstrip(".") or type(e).__name__
+
+
 def _kept(node: RelayNode, peer: str | None) -> str:
     """What a failed ``relay connect`` left as it was (for the error text)."""
     if peer is None:
         return ""
     where = node.dial_address(peer)
     if node.mesh.is_connected(peer):
-        return (f"; the link to {peer} stays up" + (f" and the service keeps dialing {where}"
-                                                      if where else ""))
+        return (f". Nothing changed: the link to {peer} stays up"
+                + (f" and the service keeps dialing {where}" if where else ""))
     if peer in node.dialers and where:
-        return f"; the service keeps dialing {peer} at {where}"
+        return f". Nothing changed: the service keeps dialing {peer} at {where}"
     return ""
 
 
