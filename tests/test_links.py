@@ -304,3 +304,33 @@ class ClaudectlListenerKeyTests(TestCase):
         self.assertIn("does not announce its identity", str(cm.exception))
         self.assertIn("several paired peers have no address yet", str(cm.exception))
         self.assertEqual(self.a.mesh.connected_peers(), [])
+
+
+class AddressDialerTests(SynchronousTestCase):
+    """The dialer of an auto_connect address becomes its peer's dialer, never a second one."""
+
+    def test_connect_to_the_same_address_adopts_it(self) -> None:
+        from twisted.application.service import MultiService
+        from twisted.internet.testing import MemoryReactorClock
+
+        node = make_node(self, "me-1111", MemoryReactorClock())
+        node.keystore.save_key("peer-a", b"a" * 32)
+        node.keystore.save_key("peer-b", b"b" * 32)
+        node.keystore.save_meta("peer-a", PeerMeta("127.0.0.1:7001", 0))
+        parent = MultiService()
+        parent.startService()
+        self.addCleanup(parent.stopService)
+        old = node.ensure_dialer("peer-a", "127.0.0.1:7001", parent)
+        pending = node.ensure_dialer(None, "127.0.0.1:7002", parent)
+        self.assertIsNone(pending.peer_id)
+        self.assertEqual(node.mesh.peer_status("peer-a"), "connecting")
+        # The handshake at 127.0.0.1:7002 proved peer-a (relay connect, say).
+        self.assertIs(node.ensure_dialer("peer-a", "127.0.0.1:7002", parent), pending)
+        self.assertEqual((pending.peer_id, node.address_dialers), ("peer-a", {}))
+        self.assertEqual(node.dialers, {"peer-a": pending})
+        self.assertNotIn(old.service, list(parent))
+        self.assertEqual(node.mesh.state("peer-a").address, "127.0.0.1:7002")
+        meta = node.keystore.meta("peer-a")
+        assert meta is not None
+        self.assertEqual(meta.addr, "127.0.0.1:7002")
+        self.assertEqual(node.dial_address("peer-a"), "127.0.0.1:7002")

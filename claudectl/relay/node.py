@@ -558,9 +558,14 @@ class RelayNode:
             dialer.service.setServiceParent(parent)
             return dialer
         existing = self.dialers.get(peer_id)
+        if existing is not None and existing.address == address:
+            return existing
+        unresolved = self.address_dialers.get(address)
+        if unresolved is not None:
+            # An auto_connect dialer to that address: it is this peer's now.
+            self.adopt_dialer(unresolved, peer_id)
+            return unresolved
         if existing is not None:
-            if existing.address == address:
-                return existing
             self.remove_dialer(peer_id)
         dialer = Dialer(self, peer_id, address)
         self._register_dialer(peer_id, dialer)
