@@ -29,9 +29,11 @@ from claudectl.relay.handshake import (
     ConnectorHandshake,
     ConnectorState,
     KeyAuth,
+    KeyByIdentity,
     ListenerHandshake,
     ListenerState,
     PakeAuth,
+    Policy,
     Step,
     listener_proof,
 )
@@ -695,6 +697,137 @@ handshake_payloads = st.dictionaries(
     max_size=5) | json_values
 
 
+class KeyByIdentityTests(HandshakeTestBase):
+    """
+    The connector picks one key by the identity a TLS listener announces in
+    its challenge; toward a listener that announces none it uses the node's
+    fallback rule.  Never a search through the keys.
+    """
+
+    EXPORTER = b"\x42" * 32
+
+    def tls_listener(self) -> ListenerHandshake:
+        return ListenerHandshake(self.wire.factory(LISTENER_ID), self.keys, random=seq_random,
+                                 policy=Policy(tls=True))
+
+    def tls_connector(self, auth: object) -> ConnectorHandshake:
+        return ConnectorHandshake(self.wire.factory(CONNECTOR_ID), auth,  # type: ignore[arg-type]
+                                  random=counter_random(), policy=Policy(tls=True))
+
+    def by_identity(self, keys: dict[str, bytes],
+                    fallback: object = "no fallback here") -> tuple[KeyByIdentity, list]:
+        looked_up: list[str] = []
+        chosen: list[tuple[str, str]] = []
+
+        def key_for(peer: str) -> bytes | None:
+            looked_up.append(peer)
+            return keys.get(peer)
+
+        auth = KeyByIdentity(key_for, lambda: fallback,  # type: ignore[arg-type,return-value]
+                             lambda peer, how: chosen.append((peer, how)))
+        return auth, [looked_up, chosen]
+
+    def run_tls(self, listener: ListenerHandshake, connector: ConnectorHandshake
+                ) -> tuple[Step, Step]:
+        [challenge] = listener.start()
+        self.assertEqual(challenge.payload["identity"], LISTENER_ID)
+        c1 = connector.receive(over_the_wire(challenge))
+        self.assertIsNone(c1.failed)
+        [starttls] = c1.send
+        l1 = listener.receive(over_the_wire(starttls))
+        self.assertTrue(l1.start_tls)
+        [ack] = l1.send
+        c2 = connector.receive(over_the_wire(ack))
+        self.assertTrue(c2.start_tls)
+        listener.tls_established(self.EXPORTER)
+        c3 = connector.tls_established(self.EXPORTER)
+        [handshake] = c3.send
+        l2 = listener.receive(over_the_wire(handshake))
+        [ok] = l2.send
+        return l2, connector.receive(over_the_wire(ok))
+
+    def test_key_of_the_announced_identity(self) -> None:
+        self.ks.save_key(CONNECTOR_ID, PSK)
+        auth, (looked_up, chosen) = self.by_identity({LISTENER_ID: PSK, "other-1": OTHER_PSK})
+        l_step, c_step = self.run_tls(self.tls_listener(), self.tls_connector(auth))
+        self.assertEqual(l_step.done, Authenticated(CONNECTOR_ID, PSK, MUTUAL, "stored",
+                                                    "tls1.3"))
+        assert c_step.done is not None
+        self.assertEqual((c_step.done.peer_id, c_step.done.transport), (LISTENER_ID, "tls1.3"))
+        # One lookup, of the announced identity; no other key was tried.
+        self.assertEqual(looked_up, [LISTENER_ID])
+        self.assertEqual(chosen, [(LISTENER_ID, "announced")])
+
+    def test_no_key_for_the_announced_identity_sends_nothing(self) -> None:
+        auth, (looked_up, _) = self.by_identity({"other-1": OTHER_PSK})
+        listener = self.tls_listener()
+        [challenge] = listener.start()
+        step = self.tls_connector(auth).receive(over_the_wire(challenge))
+        self.assertEqual(step.send, [])
+        assert step.failed is not None
+        self.assertIn(f"is {LISTENER_ID}, a peer this instance is not paired with", step.failed)
+        self.assertEqual(looked_up, [LISTENER_ID])
+
+    def test_invalid_announced_identity_refused(self) -> None:
+        auth, (looked_up, _) = self.by_identity({})
+        challenge = Envelope("msg_1_0", codec.CHALLENGE, "", 1,
+                             {"nonce": "ab" * 32, "caps": ["mutual-v1", "tls-v1"],
+                              "identity": "../../etc/passwd"})
+        step = self.tls_connector(auth).receive(over_the_wire(challenge))
+        self.assertEqual((step.send, step.failed),
+                         ([], "the listener announced an invalid identity"))
+        self.assertEqual(looked_up, [])
+
+    def test_listener_cannot_switch_identity_after_announcing(self) -> None:
+        # The starttls ack must come from the identity the challenge announced.
+        auth, _ = self.by_identity({LISTENER_ID: PSK})
+        connector = self.tls_connector(auth)
+        challenge = Envelope("msg_1_0", codec.CHALLENGE, "", 1,
+                             {"nonce": "ab" * 32, "caps": ["mutual-v1", "tls-v1"],
+                              "identity": LISTENER_ID})
+        self.assertIsNone(connector.receive(over_the_wire(challenge)).failed)
+        ack = Envelope("msg_1_1", codec.HANDSHAKE_ACK, "someone-else", 1,
+                       {"status": "starttls"})
+        step = connector.receive(over_the_wire(ack))
+        assert step.failed is not None
+        self.assertIn("mismatch", step.failed)
+
+    def test_claudectl_listener_gets_the_fallback_key(self) -> None:
+        # A claudectl 0.64 listener: plaintext, no identity in the challenge.
+        self.ks.save_key(CONNECTOR_ID, PSK)
+        auth, (looked_up, chosen) = self.by_identity({}, fallback=(LISTENER_ID, PSK))
+        l_step, c_step = self.run_pair(self.listener(), self.connector(auth))
+        assert l_step.done is not None and c_step.done is not None
+        self.assertEqual(c_step.done.peer_id, LISTENER_ID)
+        self.assertEqual(looked_up, [])
+        self.assertEqual(chosen, [(LISTENER_ID, "fallback")])
+
+    def test_claudectl_listener_without_fallback_fails_clearly(self) -> None:
+        auth, _ = self.by_identity({LISTENER_ID: PSK},
+                                   fallback="no paired peer was seen there")
+        [challenge] = self.listener().start()
+        step = self.connector(auth).receive(over_the_wire(challenge))
+        self.assertEqual((step.send, step.failed), ([], "no paired peer was seen there"))
+
+    def test_identity_ignored_without_tls(self) -> None:
+        # Over plaintext the announcement picks no key: the fallback does.
+        auth, (looked_up, chosen) = self.by_identity({"liar-1": OTHER_PSK},
+                                                     fallback=(LISTENER_ID, PSK))
+        challenge = Envelope("msg_1_0", codec.CHALLENGE, "", 1,
+                             {"nonce": "ab" * 32, "caps": ["mutual-v1"], "identity": "liar-1"})
+        step = self.connector(auth).receive(over_the_wire(challenge))
+        self.assertIsNone(step.failed)
+        self.assertEqual((looked_up, chosen), ([], [(LISTENER_ID, "fallback")]))
+
+    def test_known_peer_at_a_wrong_address_fails_before_sending(self) -> None:
+        # KeyAuth for X, but the listener there announces Y: nothing is sent.
+        [challenge] = self.tls_listener().start()
+        step = self.tls_connector(KeyAuth(PSK, "desk-x")).receive(over_the_wire(challenge))
+        self.assertEqual(step.send, [])
+        assert step.failed is not None
+        self.assertIn(f"the listener at this address is {LISTENER_ID}, not desk-x", step.failed)
+
+
 class RobustnessTests(HandshakeTestBase):
     @given(st.sampled_from(codec.MSG_TYPES), st.text(max_size=12), handshake_payloads,
            handshake_payloads)
@@ -717,6 +850,21 @@ class RobustnessTests(HandshakeTestBase):
                 encode(env)
             step = con.receive(Envelope("m", msg_type, remote, 0, ack))
             self.assertIsInstance(step, Step)
+
+    @given(st.dictionaries(st.sampled_from(["nonce", "caps", "identity", "x"]),
+                           json_values | st.just(["tls-v1"]) | st.just("ab" * 32)
+                           | st.just(LISTENER_ID), max_size=4),
+           st.sampled_from(codec.MSG_TYPES), st.text(max_size=12), handshake_payloads)
+    def test_key_by_identity_never_raises(self, challenge, msg_type, remote, ack) -> None:
+        auth = KeyByIdentity(lambda p: PSK if p == LISTENER_ID else None,
+                             lambda: (LISTENER_ID, PSK))
+        con = ConnectorHandshake(self.wire.factory(CONNECTOR_ID), auth,
+                                 random=counter_random(), policy=Policy(tls=True))
+        step = con.receive(Envelope("m", codec.CHALLENGE, "", 0, challenge))
+        for env in step.send:
+            encode(env)
+        step = con.receive(Envelope("m", msg_type, remote, 0, ack))
+        self.assertIsInstance(step, Step)
 
     @given(st.integers(0, 63), st.sampled_from("0123456789abcdefABCDEF"))
     def test_any_changed_proof_char_denied(self, i: int, c: str) -> None:

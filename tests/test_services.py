@@ -114,9 +114,13 @@ class TwoServicesTests(TestCase):
     async def test_connect_unpaired_address_is_an_error(self) -> None:
         await self.start_both()
         KeyStore(self.b.home).forget(self.ida)
-        with self.assertRaises(C.NotPairedError):
+        # A announces its identity; B holds no key for it and sends no proof.
+        with self.assertRaises(C.LinkFailed) as cm:
             await call_control(reactor, self.b.home, C.Connect,
                                address=f"127.0.0.1:{self.a.port}")
+        self.assertIn(f"is {self.ida}, a peer this instance is not paired with",
+                      str(cm.exception))
+        self.assertEqual(self.a.node.mesh.connected_peers(), [])
 
     async def test_wrong_key_is_refused(self) -> None:
         await self.start_both()
@@ -147,7 +151,8 @@ class TwoServicesTests(TestCase):
         await self.start_both()
         await call_control(reactor, self.b.home, C.Connect, address=f"127.0.0.1:{self.a.port}")
         r = await call_control(reactor, self.b.home, C.Disconnect, peer=self.ida)
-        self.assertTrue(r["was_connected"])
+        self.assertEqual((r["was_connected"], r["dropped_link"], r["stopped_dialer"]),
+                         (True, True, True))
         await wait_for(lambda: not self.a.node.mesh.is_connected(self.idb))
         self.assertNotIn(self.ida, self.b.node.dialers)
         self.assertEqual(running_port(self.b.home), self.b.port)

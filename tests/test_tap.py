@@ -107,8 +107,12 @@ class MakeServiceTests(SynchronousTestCase):
         svc.startService()
         self.addCleanup(svc.stopService)
         dialed = sorted((host, port) for host, port, *_ in self.reactor.tcpClients)
-        self.assertEqual(dialed, [("127.0.0.1", 7001), ("127.0.0.1", 7002), ("127.0.0.1", 7003)])
+        self.assertEqual(dialed, [("127.0.0.1", 7001), ("127.0.0.1", 7002), ("127.0.0.1", 7003),
+                                  ("127.0.0.2", 1)])
         self.assertEqual(sorted(svc.node.dialers), ["peer-a", "peer-b", "peer-c"])
+        # Nobody was seen at 127.0.0.2:1: its key is chosen by the identity
+        # the listener there announces.
+        self.assertEqual(sorted(svc.node.address_dialers), ["127.0.0.2:1"])
 
 
 class BackoffTests(SynchronousTestCase):

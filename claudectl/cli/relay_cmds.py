@@ -208,15 +208,20 @@ def connect(ctx: CliContext, address: str, peer: str | None) -> None:
     address = format_address(host, port)
     result = ctx.run(_connect, ctx, address, peer)
     if result["kept_by_service"]:
+        previous = result.get("previous") or None
         if ctx.json:
             ctx.emit_json({"peer": result["peer"], "address": address, "mode": result["mode"],
-                           "state": "connected", "kept_by_service": True})
+                           "state": "connected", "kept_by_service": True,
+                           "already": result["already"], "previous_address": previous})
         elif result["already"]:
-            ctx.out(f"Already connected to {result['peer']}; the service keeps the link to "
-                    f"{address}.")
+            ctx.out(f"Already connected to {result['peer']} at {address}; the service keeps "
+                    "the link up.")
         else:
             ctx.out(f"Connected to {result['peer']} ({address}), {result['mode']} "
                     "authentication. The relay service keeps the link up.")
+            if previous:
+                ctx.out(f"{result['peer']} answered at {address}: the service dials it there "
+                        f"from now on (instead of {previous}).")
         return
     if ctx.json:
         ctx.emit_json({"peer": result["peer"], "address": address, "mode": result["mode"],
@@ -242,25 +247,32 @@ async def _connect(reactor: Any, ctx: CliContext, address: str,
 
 async def _one_shot_connect(reactor: Any, ctx: CliContext, address: str,
                             peer: str | None) -> tuple[str, str]:
-    from claudectl.relay.handshake import HandshakeFailed, KeyAuth
+    from claudectl.relay.handshake import HandshakeFailed, KeyAuth, KeyByIdentity
     from claudectl.relay.node import NotPaired, RelayNode
 
     node = RelayNode(ctx.home, ctx.config, reactor)
+    auth: KeyAuth | KeyByIdentity
     try:
-        peer_id = node.choose_peer_for(address, peer)
+        peer_id = peer or node.peer_last_seen_at(address)
+        if peer_id is None:
+            # The key of the identity the listener announces (one key).
+            auth = node.key_by_identity(address)
+        else:
+            node.choose_peer_for(address, peer_id)
+            psk = node.keystore.key(peer_id)
+            assert psk is not None
+            auth = KeyAuth(psk, peer_id)
     except NotPaired as e:
         raise CliError(str(e)) from None
-    psk = node.keystore.key(peer_id)
-    assert psk is not None
     try:
-        proto = await node.open_link(address, KeyAuth(psk, peer_id))
+        proto = await node.open_link(address, auth)
     except HandshakeFailed as e:
         raise CliError(f"connection failed: auth failed: {e}") from None
     except Exception as e:
         raise CliError(f"connection failed: connect to {address}: {e}") from None
     assert proto.result is not None
     proto.close("one-shot connection done")
-    return peer_id, proto.result.mode
+    return proto.result.peer_id, proto.result.mode
 
 
 @relay.command()
@@ -357,12 +369,23 @@ def disconnect(ctx: CliContext, peer: str) -> None:
     result = call_service(ctx, C.Disconnect, peer=peer)
     if result is None:
         raise CliError("the relay service is not running, so there is no link to drop")
+    dropped = bool(result.get("dropped_link", result["was_connected"]))
+    stopped = bool(result.get("stopped_dialer", False))
     if ctx.json:
-        ctx.emit_json({"peer": peer, "was_connected": result["was_connected"]})
-    elif result["was_connected"]:
-        ctx.out(f"Disconnected from {peer}.")
+        ctx.emit_json({"peer": peer, "was_connected": result["was_connected"],
+                       "dropped_link": dropped, "stopped_dialer": stopped})
+    elif dropped and stopped:
+        ctx.out(f"Disconnected from {peer}; the service stopped redialing it (until it "
+                "restarts).")
+    elif dropped:
+        ctx.out(f"Disconnected from {peer}. The service was not dialing it: {peer} dialed "
+                "this side and may reconnect on its own (`relay forget` ends the pairing).")
+    elif stopped:
+        ctx.out(f"{peer} was not connected; the service stopped redialing it (until it "
+                "restarts).")
     else:
-        ctx.out(f"{peer} was not connected.")
+        ctx.out(f"{peer} was not connected, and the service was not dialing it: nothing to "
+                "do.")
 
 
 @relay.command()

@@ -59,7 +59,11 @@ class Connect(amp.Command):
 
     arguments = [(b"address", amp.Unicode()), (b"peer", amp.Unicode(optional=True))]
     response = [(b"peer", amp.Unicode()), (b"mode", amp.Unicode()),
-                (b"already", amp.Boolean())]
+                (b"already", amp.Boolean()),
+                # The address the service dials from now on, and the one a
+                # confirmed new address replaced ("" if none).
+                (b"address", amp.Unicode(optional=True)),
+                (b"previous", amp.Unicode(optional=True))]
     errors = ERRORS
 
 
@@ -82,7 +86,10 @@ class Disconnect(amp.Command):
     """Drop the link to a peer and stop redialing it (the pairing stays)."""
 
     arguments = [(b"peer", amp.Unicode())]
-    response = [(b"was_connected", amp.Boolean())]
+    response = [(b"was_connected", amp.Boolean()),
+                # What the service did: dropped a link, stopped a dialer.
+                (b"dropped_link", amp.Boolean(optional=True)),
+                (b"stopped_dialer", amp.Boolean(optional=True))]
     errors = ERRORS
 
 

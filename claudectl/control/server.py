@@ -71,26 +71,18 @@ class RelayLocator(amp.CommandLocator):
     async def connect(self, address: str, peer: str | None = None) -> dict[str, Any]:
         node = self.node
         try:
-            peer_id = node.choose_peer_for(address, peer)
+            outcome = await node.connect(address, peer, self.parent)
         except NotPaired as e:
             raise C.NotPairedError(str(e)) from None
         except ValueError as e:
             raise C.BadRequest(str(e)) from None
-        if node.mesh.is_connected(peer_id):
-            node.ensure_dialer(peer_id, address, self.parent)
-            return {"peer": peer_id, "mode": node.mesh.peer_mode(peer_id) or "",
-                    "already": True}
-        psk = node.keystore.key(peer_id)
-        assert psk is not None
-        try:
-            proto = await node.open_link(address, KeyAuth(psk, peer_id))
         except HandshakeFailed as e:
-            raise C.LinkFailed(f"auth failed: {e}") from None
+            raise C.LinkFailed(f"auth failed: {_sentence(e)}{_kept(node, peer)}") from None
         except Exception as e:
-            raise C.LinkFailed(f"connect to {address}: {e}") from None
-        node.ensure_dialer(peer_id, address, self.parent)
-        assert proto.result is not None
-        return {"peer": peer_id, "mode": proto.result.mode, "already": False}
+            raise C.LinkFailed(f"connect to {address}: {_sentence(e)}{_kept(node, peer)}"
+                               ) from None
+        return {"peer": outcome.peer, "mode": outcome.mode, "already": outcome.already,
+                "address": outcome.address, "previous": outcome.previous or ""}
 
     @C.Join.responder
     async def join(self, address: str, kind: str, secret_hex: str,
@@ -122,9 +114,12 @@ class RelayLocator(amp.CommandLocator):
 
     @C.Disconnect.responder
     async def disconnect(self, peer: str) -> dict[str, Any]:
+        # Look before acting: stopping a dialer drops the link it holds.
+        linked = self.node.mesh.is_connected(peer)
+        dialed = peer in self.node.dialers
         await self.node.remove_dialer(peer)
-        was = self.node.mesh.disconnect(peer)
-        return {"was_connected": was}
+        self.node.mesh.disconnect(peer)
+        return {"was_connected": linked, "dropped_link": linked, "stopped_dialer": dialed}
 
     @C.Forgotten.responder
     async def forgotten(self, peer: str) -> dict[str, Any]:
@@ -133,6 +128,23 @@ class RelayLocator(amp.CommandLocator):
         if not self.node.mesh.is_connected(peer):
             self.node.mesh.states.pop(peer, None)
         return {}
+
+
+def _sentence(e: Exception) -> str:
+    return str(e).strip().rstrip(".") or type(e).__name__
+
+
+def _kept(node: RelayNode, peer: str | None) -> str:
+    """What a failed ``relay connect`` left as it was (for the error text)."""
+    if peer is None:
+        return ""
+    where = node.dial_address(peer)
+    if node.mesh.is_connected(peer):
+        return (f". Nothing changed: the link to {peer} stays up"
+                + (f" and the service keeps dialing {where}" if where else ""))
+    if peer in node.dialers and where:
+        return f". Nothing changed: the service keeps dialing {peer} at {where}"
+    return ""
 
 
 class _Locators:

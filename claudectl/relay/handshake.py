@@ -408,6 +408,34 @@ class KeyAuth:
     expected_peer: str | None = None
 
 
+@dataclass
+class KeyByIdentity:
+    """
+    Authenticate with the key of the peer the listener says it is.
+
+    A listener of this project that offers TLS announces its identity in the
+    challenge (``"identity"``).  The connector then looks up that one key --
+    it never tries its keys in turn -- and, with no key for that identity,
+    fails before it sends anything.  The announcement is unauthenticated, but
+    the proof that follows is bound to the TLS connection and to both
+    identities (channel binding) and the listener must prove the same key
+    back, so a listener that lies gains nothing.
+
+    A listener that announces no identity over TLS (a claudectl 0.64 peer,
+    which speaks plaintext) gets the key ``fallback()`` picks (the node's
+    rule: the peer last seen at that address, or the only paired peer
+    without an address), or the handshake fails with ``fallback``'s reason.
+    """
+
+    #: ``key_for(peer_id)``: the stored key of that peer, or None.
+    key_for: Callable[[str], bytes | None]
+    #: ``fallback()``: ``(peer_id, psk)``, or a sentence saying why there is none.
+    fallback: Callable[[], tuple[str, bytes] | str] = (
+        lambda: "the listener did not say who it is")
+    #: Called with ``(peer_id, how)`` once a key is chosen (for the node's log).
+    chosen: Callable[[str, str], None] = lambda _peer, _how: None
+
+
 class PakeInitiatorLike(Protocol):
     def start(self) -> bytes: ...
 
@@ -432,7 +460,7 @@ class ConnectorState(Enum):
 class ConnectorHandshake:
     """The connecting side: answer the challenge, check the ack."""
 
-    def __init__(self, envelopes: EnvelopeFactory, auth: KeyAuth | PakeAuth,
+    def __init__(self, envelopes: EnvelopeFactory, auth: KeyAuth | KeyByIdentity | PakeAuth,
                  is_mutual: Callable[[str], bool] = lambda _peer: False,
                  random: RandomBytes = os.urandom,
                  version: str = COMPAT_VERSION,
@@ -440,7 +468,14 @@ class ConnectorHandshake:
                  is_tls: Callable[[str], bool] = lambda _peer: False,
                  policy: Policy = Policy()) -> None:
         self._env = envelopes
-        self._auth = auth
+        self._auth: KeyAuth | PakeAuth
+        #: Resolved into a KeyAuth when the challenge arrives.
+        self._by_identity: KeyByIdentity | None = None
+        if isinstance(auth, KeyByIdentity):
+            self._by_identity = auth
+            self._auth = KeyAuth(b"", None)
+        else:
+            self._auth = auth
         self._is_mutual = is_mutual
         self._is_tls = is_tls
         self._stored_key = stored_key
@@ -455,6 +490,14 @@ class ConnectorHandshake:
         self.listener_id: str | None = None
         #: The TLS exporter value once TLS is up (None: plaintext).
         self.exporter: bytes | None = None
+        #: What the handshake proved, once it did (kept even if the link is
+        #: refused afterwards, e.g. because the peer is connected already).
+        self.result: Authenticated | None = None
+
+    @property
+    def auth(self) -> KeyAuth | PakeAuth:
+        """The credentials in use (a :class:`KeyByIdentity` resolves at the challenge)."""
+        return self._auth
 
     def _fail(self, reason: str, reflected: bool = False) -> Step:
         self.state = ConnectorState.DONE
@@ -487,7 +530,20 @@ class ConnectorHandshake:
         self.nonce = nonce
         caps = payload.get("caps")
         self.remote_caps = [c for c in caps if isinstance(c, str)] if isinstance(caps, list) else []
-        if self._policy.tls and CAP_TLS in self.remote_caps:
+        will_tls = self._policy.tls and CAP_TLS in self.remote_caps
+        announced = payload.get("identity") if will_tls else None
+        if announced is not None and not is_remote_peer_id(announced):
+            return self._fail("the listener announced an invalid identity")
+        if self._by_identity is not None:
+            failure = self._choose_key(announced)
+            if failure is not None:
+                return self._fail(failure)
+        expected = self._expected()
+        if announced is not None and expected is not None and announced != expected:
+            # A wrong address (or port): say so before sending anything.
+            return self._fail(f"remote identity mismatch: the listener at this address is "
+                              f"{announced}, not {expected}")
+        if will_tls:
             self.state = ConnectorState.AWAIT_STARTTLS
             return Step(send=[self._env.make(codec.HANDSHAKE, {
                 "starttls": CAP_TLS, "version": self._version, "caps": self._caps()})])
@@ -495,6 +551,28 @@ class ConnectorHandshake:
         if refusal is not None:
             return refusal
         return self._answer()
+
+    def _choose_key(self, announced: str | None) -> str | None:
+        """Resolve a :class:`KeyByIdentity` into one key; a reason on failure."""
+        by_identity = self._by_identity
+        assert by_identity is not None
+        if announced is not None:
+            if announced == self._env.identity:
+                return "the listener at this address is this instance itself"
+            psk = by_identity.key_for(announced)
+            if psk is None:
+                return (f"the listener at this address is {announced}, a peer this "
+                        "instance is not paired with (no key stored for it); pair first")
+            self._auth = KeyAuth(psk, announced)
+            by_identity.chosen(announced, "announced")
+            return None
+        picked = by_identity.fallback()
+        if isinstance(picked, str):
+            return picked
+        peer, psk = picked
+        self._auth = KeyAuth(psk, peer)
+        by_identity.chosen(peer, "fallback")
+        return None
 
     def _caps(self) -> list[str]:
         return list(OUR_CAPS) + ([CAP_TLS] if self._policy.tls else [])
@@ -621,7 +699,8 @@ class ConnectorHandshake:
         if transport == PLAINTEXT and self._is_tls(remote):
             return self._fail(f"downgrade refused: {remote} has used TLS before")
         self.state = ConnectorState.DONE
-        return Step(done=Authenticated(remote, psk, mode, via, transport))
+        self.result = Authenticated(remote, psk, mode, via, transport)
+        return Step(done=self.result)
 
     def _on_pake_messages(self, payload: dict[str, Any]) -> Step:
         assert isinstance(self._auth, PakeAuth)

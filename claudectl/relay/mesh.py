@@ -45,6 +45,8 @@ class PeerState:
     mode: str | None = None
     #: ``"tls1.3"`` or ``"plaintext"`` (of the current or last link).
     transport: str | None = None
+    #: What ``relay peers`` shows: the address the service dials (or last
+    #: dialed), else where an inbound link came from.
     address: str | None = None
     last_seen: float = 0.0  # epoch seconds of the last inbound frame
     connected_since: float = 0.0
@@ -81,8 +83,8 @@ class Mesh:
         self._handlers: dict[str, list[MessageHandler]] = {}
         self._up: list[LinkObserver] = []
         self._down: list[LinkObserver] = []
-        #: Peers a dialer is trying to reach (set by the node).
-        self.dialing: set[str] = set()
+        #: Peers a dialer keeps a link to, and the address it dials (set by the node).
+        self.dialing: dict[str, str] = {}
 
     @property
     def identity(self) -> str:
@@ -177,7 +179,9 @@ class Mesh:
         st.last_error = None
         host = getattr(protocol.transport.getPeer(), "host", None) if protocol.transport else None
         port = getattr(protocol.transport.getPeer(), "port", None) if protocol.transport else None
-        if host is not None and direction == "inbound":
+        if host is not None and direction == "inbound" and peer not in self.dialing:
+            # Where it connected from -- unless we dial it: then `relay
+            # peers` shows the address the service dials.
             st.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.links[peer] = link
         log.info("{peer_id} authenticated ({direction}, {mode}, {transport})", peer_id=peer,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.internet import ClientService
@@ -36,12 +37,14 @@ from claudectl.relay.handshake import (
     MUTUAL,
     Authenticated,
     ConnectorHandshake,
+    HandshakeFailed,
     KeyAuth,
+    KeyByIdentity,
     ListenerHandshake,
     PakeAuth,
     Policy,
 )
-from claudectl.relay.keystore import PENDING, KeyStore, PeerMeta
+from claudectl.relay.keystore import PENDING, KeyStore, PeerMeta, is_remote_peer_id
 from claudectl.relay.mesh import Mesh, PeerLink
 from claudectl.relay.nonces import IssuedNonces
 from claudectl.relay.protocol import CONNECTOR, LISTENER, RelayProtocol
@@ -153,17 +156,22 @@ class RelayFactory(Factory):
 
 
 class _DialFactory(Factory):
-    def __init__(self, node: RelayNode, peer_id: str, address: str) -> None:
+    def __init__(self, node: RelayNode, dialer: Dialer) -> None:
         self.node = node
-        self.peer_id = peer_id
-        self.address = address
+        self.dialer = dialer
 
     def buildProtocol(self, addr: Any) -> RelayProtocol | None:
-        psk = self.node.keystore.key(self.peer_id)
-        if psk is None:
-            return None
-        p = RelayProtocol(self.node, CONNECTOR, KeyAuth(psk, self.peer_id))
-        p.dial_address = self.address  # type: ignore[attr-defined]
+        peer = self.dialer.peer_id
+        auth: KeyAuth | KeyByIdentity
+        if peer is None:
+            auth = self.node.key_by_identity(self.dialer.address)
+        else:
+            psk = self.node.keystore.key(peer)
+            if psk is None:
+                return None
+            auth = KeyAuth(psk, peer)
+        p = RelayProtocol(self.node, CONNECTOR, auth)  # type: ignore[arg-type]
+        p.dial_address = self.dialer.address  # type: ignore[attr-defined]
         p.factory = self
         return p
 
@@ -173,26 +181,30 @@ class _GuardedEndpoint:
     """
     Dials only when it makes sense: never while the peer is already
     connected (through a link it opened to us, say) -- then it waits for that
-    link to drop -- and never without a key.
+    link to drop -- and never without a key.  A dialer whose peer is not
+    known yet (an ``auto_connect`` address) just dials.
     """
 
-    def __init__(self, node: RelayNode, peer_id: str, endpoint: Any) -> None:
+    def __init__(self, node: RelayNode, dialer: Dialer, endpoint: Any) -> None:
         self.node = node
-        self.peer_id = peer_id
+        self.dialer = dialer
         self.endpoint = endpoint
 
     def __repr__(self) -> str:
-        return f"<peer {self.peer_id}>"
+        return f"<peer {self.dialer.peer_id or '?'} at {self.dialer.address}>"
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
-        if self.node.keystore.key(self.peer_id) is None:
-            return defer.fail(ConnectError(string=f"not paired with {self.peer_id}"))
-        if not self.node.mesh.is_connected(self.peer_id):
+        peer_id = self.dialer.peer_id
+        if peer_id is None:
+            return self.endpoint.connect(factory)
+        if self.node.keystore.key(peer_id) is None:
+            return defer.fail(ConnectError(string=f"not paired with {peer_id}"))
+        if not self.node.mesh.is_connected(peer_id):
             return self.endpoint.connect(factory)
         waiting: defer.Deferred[Any]
 
         def cancel(_: Any) -> None:
-            self.node.cancel_wait_for_down(self.peer_id, resume)
+            self.node.cancel_wait_for_down(peer_id, resume)
 
         waiting = defer.Deferred(cancel)
 
@@ -200,26 +212,70 @@ class _GuardedEndpoint:
             if not waiting.called:
                 self.endpoint.connect(factory).chainDeferred(waiting)
 
-        self.node.wait_for_down(self.peer_id, resume)
+        self.node.wait_for_down(peer_id, resume)
         return waiting
 
 
 class Dialer:
-    """Keeps an outbound link to one peer up, with backoff (ClientService)."""
+    """
+    Keeps an outbound link to one peer up, with backoff (ClientService).
 
-    def __init__(self, node: RelayNode, peer_id: str, address: str) -> None:
+    ``peer_id`` None: an ``auto_connect`` address whose peer is not known
+    yet.  Each attempt then picks the key by the identity the listener
+    announces (:class:`KeyByIdentity`); the first handshake that proves a
+    peer makes the dialer that peer's (:meth:`RelayNode.adopt_dialer`).
+    """
+
+    def __init__(self, node: RelayNode, peer_id: str | None, address: str) -> None:
+        self.node = node
         self.peer_id = peer_id
         self.address = address
         host, port = parse_address(address)
         endpoint = clientFromString(node.reactor, client_endpoint_string(host, port))
         self.service = ClientService(
-            _GuardedEndpoint(node, peer_id, endpoint),
-            _DialFactory(node, peer_id, address),
+            _GuardedEndpoint(node, self, endpoint),
+            _DialFactory(node, self),
             retryPolicy=reconnect_policy(node.config.relay.reconnect_max_secs, node.jitter),
             clock=node.clock,
-            prepareConnection=lambda proto: proto.authenticated,
+            prepareConnection=self._prepare,
         )
-        self.service.setName(f"dialer:{peer_id}")
+        self.service.setName(f"dialer:{peer_id or address}")
+
+    def _prepare(self, proto: Any) -> defer.Deferred[RelayProtocol]:
+        d: defer.Deferred[RelayProtocol] = proto.authenticated
+        if self.peer_id is None:
+            def proved(result: Any) -> Any:
+                peer = proved_peer(proto)
+                if self.peer_id is None and peer is not None:
+                    self.node.adopt_dialer(self, peer)
+                return result
+
+            d.addBoth(proved)
+        return d
+
+
+def proved_peer(proto: RelayProtocol) -> str | None:
+    """
+    The peer an outbound handshake proved, even if the link was refused
+    afterwards (the peer was connected through another link already).
+    """
+    machine = getattr(proto, "_connector", None)
+    result = getattr(machine, "result", None)
+    return result.peer_id if result is not None else None
+
+
+@dataclass(frozen=True)
+class ConnectOutcome:
+    """What :meth:`RelayNode.connect` did."""
+
+    peer: str
+    mode: str
+    #: The peer was connected already and the address is the one dialed.
+    already: bool
+    #: The address the service dials from now on.
+    address: str
+    #: The address it dialed before, when a confirmed new one replaced it.
+    previous: str | None = None
 
 
 class RelayNode:
@@ -248,6 +304,8 @@ class RelayNode:
         self.invites = _load_invites(home, config)
         self.pake = _load_pake(self.invites, reactor)
         self.dialers: dict[str, Dialer] = {}
+        #: ``auto_connect`` addresses whose peer is not known yet.
+        self.address_dialers: dict[str, Dialer] = {}
         #: Every open relay connection (handshaking or authenticated).
         self.protocols: set[RelayProtocol] = set()
         #: AMP ``CommandLocator``s of the layers (delegation, …) for the control socket.
@@ -282,7 +340,7 @@ class RelayNode:
         self.nonces.add(machine.nonce)
         return machine
 
-    def connector_handshake(self, auth: KeyAuth | PakeAuth) -> ConnectorHandshake:
+    def connector_handshake(self, auth: KeyAuth | KeyByIdentity | PakeAuth) -> ConnectorHandshake:
         machine = ConnectorHandshake(self.envelopes, auth, self.keystore.is_mutual, self.random,
                                      stored_key=self.keystore.key, is_tls=self.keystore.is_tls,
                                      policy=self.policy)
@@ -334,15 +392,58 @@ class RelayNode:
             waiters.remove(fn)
 
     # --- outbound -------------------------------------------------------------------
-    def open_link(self, address: str, auth: KeyAuth | PakeAuth) -> defer.Deferred[RelayProtocol]:
+    def open_link(self, address: str, auth: KeyAuth | KeyByIdentity | PakeAuth,
+                  ) -> defer.Deferred[RelayProtocol]:
         """Connect once, authenticate, register the link; fires with the protocol."""
+        return self._dial_once(address, auth)[1]
+
+    def _dial_once(self, address: str, auth: KeyAuth | KeyByIdentity | PakeAuth,
+                   ) -> tuple[RelayProtocol, defer.Deferred[RelayProtocol]]:
         host, port = parse_address(address)
         endpoint = clientFromString(self.reactor, client_endpoint_string(host, port))
-        proto = RelayProtocol(self, CONNECTOR, auth)
+        proto = RelayProtocol(self, CONNECTOR, auth)  # type: ignore[arg-type]
         proto.dial_address = address  # type: ignore[attr-defined]
         d = connectProtocol(endpoint, proto)
         d.addCallback(lambda p: p.authenticated)
-        return d
+        return proto, d
+
+    def key_by_identity(self, address: str) -> KeyByIdentity:
+        """
+        Credentials for an address whose peer we do not know for sure: the
+        key of the identity the listener announces (TLS listeners of this
+        project); toward a listener that announces none (claudectl 0.64), the
+        key of the peer last seen there or of the only peer without an
+        address.  Never a search through every key.
+        """
+        ks = self.keystore
+
+        def key_for(peer: str) -> bytes | None:
+            if not is_remote_peer_id(peer) or peer == self.identity:
+                return None
+            return ks.key(peer)
+
+        def fallback() -> tuple[str, bytes] | str:
+            try:
+                peer = self.choose_peer_for(address)
+            except (NotPaired, ValueError) as e:
+                return (f"the listener at {address} does not announce its identity (a "
+                        f"claudectl 0.64 peer?), so the key cannot be chosen by it; {e}")
+            psk = ks.key(peer)
+            if psk is None:
+                return f"no key stored for {peer}"
+            return peer, psk
+
+        def chosen(peer: str, how: str) -> None:
+            if how == "announced":
+                log.info("{address} announces itself as {peer_id}: using that peer's key",
+                         address=address, peer_id=peer)
+            else:
+                log.info("{address} does not announce its identity (a claudectl 0.64 "
+                         "listener?): using the key of {peer_id}, the paired peer last seen "
+                         "there or the only one without an address", address=address,
+                         peer_id=peer)
+
+        return KeyByIdentity(key_for, fallback, chosen)
 
     def choose_peer_for(self, address: str, peer_id: str | None = None,
                         allow_unaddressed: bool = True) -> str:
@@ -357,19 +458,10 @@ class RelayNode:
                 raise NotPaired(f"peer '{peer_id}' is not paired — run `claudectl relay accept "
                                 f"<code> {peer_id}` or `claudectl relay join <invite>` first")
             return peer_id
-        host, port = parse_address(address)
-        norm = (host, port)
-        without_meta = []
-        for peer in ks.known_peers():
-            meta = ks.meta(peer)
-            if meta is None:
-                without_meta.append(peer)
-                continue
-            try:
-                if parse_address(meta.addr) == norm:
-                    return peer
-            except ValueError:
-                continue
+        found = self.peer_last_seen_at(address)
+        if found is not None:
+            return found
+        without_meta = [peer for peer in ks.known_peers() if ks.meta(peer) is None]
         if len(without_meta) == 1 and allow_unaddressed:
             return without_meta[0]
         if not without_meta or not allow_unaddressed:
@@ -378,22 +470,133 @@ class RelayNode:
         raise NotPaired(f"several paired peers have no address yet ({', '.join(without_meta)}); "
                         "say which one is at this address with --peer")
 
-    def ensure_dialer(self, peer_id: str, address: str, parent: Any) -> Dialer:
-        """Keep an outbound link to ``peer_id`` at ``address`` (replacing an old address)."""
-        existing = self.dialers.get(peer_id)
-        if existing is not None:
-            if existing.address == address:
+    def peer_last_seen_at(self, address: str) -> str | None:
+        """The paired peer whose stored address is ``address``, if any."""
+        ks = self.keystore
+        norm = parse_address(address)
+        for peer in ks.known_peers():
+            meta = ks.meta(peer)
+            if meta is None or not meta.addr:
+                continue
+            try:
+                if parse_address(meta.addr) == norm:
+                    return peer
+            except ValueError:
+                continue
+        return None
+
+    def dial_address(self, peer_id: str) -> str | None:
+        """Where the service dials ``peer_id`` (or would at its next start)."""
+        dialer = self.dialers.get(peer_id)
+        if dialer is not None:
+            return dialer.address
+        meta = self.keystore.meta(peer_id)
+        return meta.addr if meta is not None and meta.addr else None
+
+    async def connect(self, address: str, peer_id: str | None, parent: Any) -> ConnectOutcome:
+        """
+        ``relay connect``: authenticate to ``address`` once, then keep a link
+        to the peer there.  An address replaces the one a peer is dialed at
+        only once a handshake there proved that peer: a failed attempt (a
+        mistyped port, another instance) raises and changes nothing -- the
+        working link and the dialed address stay.
+        """
+        ks = self.keystore
+        if peer_id is None:
+            peer_id = self.peer_last_seen_at(address)
+        auth: KeyAuth | KeyByIdentity
+        if peer_id is not None:
+            self.choose_peer_for(address, peer_id)  # raises NotPaired
+            psk = ks.key(peer_id)
+            assert psk is not None
+            if self.mesh.is_connected(peer_id) and _same_address(self.dial_address(peer_id),
+                                                                 address):
+                self.ensure_dialer(peer_id, address, parent)
+                return ConnectOutcome(peer_id, self.mesh.peer_mode(peer_id) or "", True,
+                                      address)
+            auth = KeyAuth(psk, peer_id)
+        else:
+            auth = self.key_by_identity(address)
+        proto, d = self._dial_once(address, auth)
+        try:
+            await d
+        except HandshakeFailed:
+            proved = proved_peer(proto)
+            if proved is None or not self.mesh.is_connected(proved):
+                raise
+            # The handshake proved the peer, but the mesh kept the link it
+            # already had (the one the peer dialed): the address is confirmed.
+        peer = proved_peer(proto)
+        assert peer is not None
+        previous = self.dial_address(peer)
+        self.ensure_dialer(peer, address, parent)
+        meta = ks.meta(peer)
+        if meta is None or meta.addr != address:
+            ks.save_meta(peer, PeerMeta(address, now_ms(self.clock.seconds)))
+        mode = proto.result.mode if proto.result is not None else (
+            self.mesh.peer_mode(peer) or "")
+        if previous is not None and _same_address(previous, address):
+            previous = None
+        if previous is not None:
+            log.info("{peer_id} confirmed at {address}: dialed there from now on (was "
+                     "{previous})", peer_id=peer, address=address, previous=previous)
+        return ConnectOutcome(peer, mode, False, address, previous)
+
+    def ensure_dialer(self, peer_id: str | None, address: str, parent: Any) -> Dialer:
+        """
+        Keep an outbound link to ``peer_id`` at ``address`` (replacing an old
+        address: callers confirm it first).  ``peer_id`` None: the peer at an
+        ``auto_connect`` address is not known yet; the key is chosen by the
+        identity the listener announces.
+        """
+        if peer_id is None:
+            existing = self.address_dialers.get(address)
+            if existing is not None:
                 return existing
+            dialer = Dialer(self, None, address)
+            self.address_dialers[address] = dialer
+            dialer.service.setServiceParent(parent)
+            return dialer
+        existing = self.dialers.get(peer_id)
+        if existing is not None and existing.address == address:
+            return existing
+        unresolved = self.address_dialers.get(address)
+        if unresolved is not None:
+            # An auto_connect dialer to that address: it is this peer's now.
+            self.adopt_dialer(unresolved, peer_id)
+            return unresolved
+        if existing is not None:
             self.remove_dialer(peer_id)
         dialer = Dialer(self, peer_id, address)
-        self.dialers[peer_id] = dialer
-        self.mesh.dialing.add(peer_id)
+        self._register_dialer(peer_id, dialer)
         dialer.service.setServiceParent(parent)
         return dialer
 
+    def _register_dialer(self, peer_id: str, dialer: Dialer) -> None:
+        self.dialers[peer_id] = dialer
+        self.mesh.dialing[peer_id] = dialer.address
+        # What `relay peers` shows is what the service dials.
+        self.mesh.state(peer_id).address = dialer.address
+
+    def adopt_dialer(self, dialer: Dialer, peer_id: str) -> None:
+        """An address dialer's handshake proved ``peer_id``: it is that peer's dialer now."""
+        if self.address_dialers.get(dialer.address) is dialer:
+            del self.address_dialers[dialer.address]
+        old = self.dialers.get(peer_id)
+        if old is not None and old is not dialer:
+            self.remove_dialer(peer_id)
+        dialer.peer_id = peer_id
+        self._register_dialer(peer_id, dialer)
+        meta = self.keystore.meta(peer_id)
+        if meta is None or meta.addr != dialer.address:
+            self.keystore.save_meta(peer_id, PeerMeta(dialer.address,
+                                                      now_ms(self.clock.seconds)))
+        log.info("auto_connect {address}: the peer there is {peer_id}; keeping the link up",
+                 address=dialer.address, peer_id=peer_id)
+
     def remove_dialer(self, peer_id: str) -> defer.Deferred[None]:
         dialer = self.dialers.pop(peer_id, None)
-        self.mesh.dialing.discard(peer_id)
+        self.mesh.dialing.pop(peer_id, None)
         if dialer is None:
             return defer.succeed(None)
         return defer.maybeDeferred(dialer.service.disownServiceParent)
@@ -406,26 +609,45 @@ class RelayNode:
             proto.close(reason)
         return defer.gatherResults(waits, consumeErrors=True)
 
-    def auto_connect_targets(self) -> list[tuple[str, str]]:
-        """``(peer, address)`` to dial at start: peers we dialed before + ``auto_connect``."""
+    def auto_connect_targets(self) -> list[tuple[str | None, str]]:
+        """
+        ``(peer, address)`` to dial at start: peers we dialed before, then
+        ``auto_connect``.  A plain ``"host:port"`` entry where no paired peer
+        was seen yet comes as ``(None, address)``: its dialer picks the key by
+        the identity the listener announces.
+        """
         targets: dict[str, str] = {}
         for peer in self.keystore.known_peers():
             meta = self.keystore.meta(peer)
             if meta is not None and meta.addr:
                 targets[peer] = meta.addr
+        unknown: list[str] = []
         for entry in self.config.relay.auto_connect:
             peer_hint, _, address = entry.rpartition("@")
             try:
-                peer = self.choose_peer_for(address, peer_hint or None,
-                                            allow_unaddressed=False)
+                parse_address(address)
+                named = (self.choose_peer_for(address, peer_hint) if peer_hint
+                         else self.peer_last_seen_at(address))
             except (NotPaired, ValueError) as e:
-                hint = ("" if peer_hint else
-                        f"; name the peer as \"<peer id>@{address}\" in [relay] auto_connect")
-                log.warn("auto_connect {entry}: {error}{hint}", entry=entry, error=str(e),
-                         hint=hint)
+                log.warn("auto_connect {entry}: {error}", entry=entry, error=str(e))
                 continue
-            targets[peer] = address
-        return sorted(targets.items())
+            if named is not None:
+                targets[named] = address
+            elif address not in unknown:
+                unknown.append(address)
+        known = set(targets.values())
+        out: list[tuple[str | None, str]] = list(sorted(targets.items()))
+        out += [(None, address) for address in unknown if address not in known]
+        return out
+
+
+def _same_address(a: str | None, b: str) -> bool:
+    if a is None:
+        return False
+    try:
+        return parse_address(a) == parse_address(b)
+    except ValueError:
+        return a == b
 
 
 def _load_invites(home: Home, config: Config) -> Any:

@@ -105,7 +105,12 @@ class RelayService(MultiService):
                           "cannot be accepted", error=f"{type(e).__name__}: {e}")
         targets = self.node.auto_connect_targets()
         for peer, address in targets:
-            log.info("keeping a link to {peer_id} at {address}", peer_id=peer, address=address)
+            if peer is None:
+                log.info("auto_connect {address}: dialing; the key is chosen by the identity "
+                         "the listener announces", address=address)
+            else:
+                log.info("keeping a link to {peer_id} at {address}", peer_id=peer,
+                         address=address)
             self.node.ensure_dialer(peer, address, self)
         # Under twistd, startService runs before the reactor (and its signal
         # handlers): say "ready" only once it really runs.
