@@ -62,6 +62,22 @@ class CliTests(TestCase):
         self.assertIn("Not logged in", r.stdout)
         self.assertIn("[b] skipped: dependency failed: a", r.stdout)
 
+    def test_local_tasks_that_cannot_start(self):
+        """Issue 12 item 1: two local tasks, `claude` not found: both fail
+        cleanly, no AlreadyCalledError, no bogus second line for t1."""
+        self.home.config_file.write_text(
+            '[delegation]\nclaude_command = "claude-not-installed-here"\n')
+        f = self.write("tasks.json", {"tasks": [{"name": "t1", "prompt": "a"},
+                                                {"name": "t2", "prompt": "b"}]})
+        r = self.claudectl("run", f)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertNotIn("Traceback", r.stdout + r.stderr)
+        self.assertNotIn("AlreadyCalled", r.stdout + r.stderr)
+        self.assertEqual(r.stdout.count("[t1] failed"), 1, r.stdout)
+        self.assertIn("[t2] failed", r.stdout)
+        self.assertIn("could not start Claude Code", r.stdout)
+        self.assertIn("Error: 2 of 2 task(s) did not complete", r.stderr)
+
     def test_validation_before_anything_starts(self):
         f = self.write("tasks.json", {"tasks": [
             {"name": "a", "prompt": "fake:edit", "peer": "nobody-1"}]})
