@@ -229,6 +229,11 @@ def _check_share_categories(values: tuple[str, ...], where: str) -> tuple[str, .
     return values
 
 
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _apply(section: str, current: Any, table: dict[str, Any], where: str) -> Any:
     cls, keys = SCHEMA[section]
     by_name = {}
@@ -247,7 +252,8 @@ def _apply(section: str, current: Any, table: dict[str, Any], where: str) -> Any
             checked = key.check(value)
         except ValueError:
             raise ConfigError(
-                f"{where}: key '{section}.{raw_name}' is {value!r}; expected {key.allowed}"
+                f"{where}: key '{section}.{raw_name}' is {_short_repr(value)}; "
+                f"expected {key.allowed}"
             ) from None
         if section == "hive" and key.name == "share_categories":
             checked = _check_share_categories(checked, where)
@@ -263,6 +269,9 @@ def parse_toml(text: str, where: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not a usable config: arrays or tables are nested too "
+                          f"deeply") from None
 
 
 def overlay(config: Config, data: dict[str, Any], where: str) -> Config:

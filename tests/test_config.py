@@ -198,6 +198,24 @@ class LoadTests(SynchronousTestCase):
         self.assertIn(str(path), str(cm.exception))
         self.assertIn("not valid TOML", str(cm.exception))
 
+    def test_deeply_nested_toml_is_a_config_error(self) -> None:
+        """Issue 11 item 10: not a RecursionError in every command."""
+        for text in ("a = " + "[" * 5000 + "]" * 5000 + "\n",
+                     "[relay]\nauto_connect = " + "[" * 500 + "]" * 500 + "\n",
+                     "x = " + "{a=" * 3000 + "1" + "}" * 3000 + "\n"):
+            path = self.project(text)
+            with self.assertRaises(ConfigError) as cm:
+                load_config(self.home, self.cwd)
+            self.assertIn(str(path), str(cm.exception))
+            self.assertIn("nested too deeply", str(cm.exception))
+
+    def test_long_wrong_value_is_cut_in_the_message(self) -> None:
+        self.project('[relay]\nlisten_port = "' + "9" * 10_000 + '"\n')
+        with self.assertRaises(ConfigError) as cm:
+            load_config(self.home, self.cwd)
+        self.assertLess(len(str(cm.exception)), 400)
+        self.assertIn("relay.listen_port", str(cm.exception))
+
     def test_hash_inside_string_is_not_a_comment(self) -> None:
         """Defect W19: values are parsed as real TOML."""
         self.project('[relay]\nlisten_addr = "a#b"\n')

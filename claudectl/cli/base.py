@@ -112,6 +112,13 @@ async def _maybe_coro(value: Any) -> Any:
 
 pass_ctx = click.make_pass_decorator(CliContext)
 
+_current: list[CliContext] = []
+
+
+def current_context() -> CliContext | None:
+    """The context of the command being run (for :func:`claudectl.cli.main`'s errors)."""
+    return _current[-1] if _current else None
+
 
 def json_flag(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A local ``--json`` after the command, meaning the same as the global one."""
@@ -153,8 +160,13 @@ def cli(click_ctx: click.Context, home: str | None, json_: bool,
 
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
                                          redirectStandardIO=False)
-    click_ctx.obj = CliContext(home=Home.resolve(home), json=json_, verbose=verbose,
-                               config_files=config_files)
+    ctx = CliContext(home=Home.resolve(home), json=json_, verbose=verbose,
+                     config_files=config_files)
+    _current[:] = [ctx]
+    click_ctx.obj = ctx
+    if ctx.home.root.exists() and not ctx.home.root.is_dir():
+        raise CliError(f"home {ctx.home.root} is not a directory (check --home / "
+                       f"CLAUDECTL_HOME)")
 
 
 @cli.group()

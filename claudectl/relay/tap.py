@@ -83,6 +83,53 @@ class Options(usage.Options):
             self["port"] = port
         if self["listen"] is not None and self["port"] is not None:
             raise usage.UsageError("give --listen or --port, not both")
+        # Every ordinary mistake (home, config, listen endpoint) is a usage
+        # error here, before twistd starts anything: twistd prints it as one
+        # line instead of a traceback from makeService.
+        home, config = resolve_config(self)
+        self.resolved = (home, config, listen_string(self, config))
+
+
+def check_home(home: Home) -> None:
+    """Refuse a home that is a file, or whose data directory cannot be created or written."""
+    import os
+
+    if home.root.exists() and not home.root.is_dir():
+        raise usage.UsageError(f"home {home.root} is not a directory (check --home / "
+                               f"CLAUDECTL_HOME)")
+    path = home.relay
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise usage.UsageError(f"{path} is not a directory, so {home.data} cannot be used")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise usage.UsageError(f"{path} is not writable: claudectl keeps its data in "
+                               f"{home.data}")
+
+
+def listen_string(options: Any, config: Config) -> str:
+    """The endpoint to listen on (--listen, else the config), checked by parsing it."""
+    listen = options.get("listen")
+    what = "--listen"
+    if listen is None:
+        what = "[relay] listen_addr / listen_port"
+        try:
+            listen = listen_endpoint_string(config.relay.listen_addr, config.relay.listen_port)
+        except AddressError as e:
+            where = ", ".join(config.sources) or "config"
+            raise usage.UsageError(f"{where}: [relay] {e}; use an IP address such as "
+                                   f"\"0.0.0.0\" or \"::\"") from None
+    try:
+        # Parsing builds the endpoint without listening (ssl: reads its files).
+        serverFromString(None, listen)
+    except ImportError as e:
+        raise usage.UsageError(f"{what} {listen!r} needs a module that is not installed "
+                               f"({e.name or e}); for ssl: install pyOpenSSL") from None
+    except Exception as e:  # each endpoint parser has its own errors
+        detail = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) else str(e)
+        raise usage.UsageError(f"{what} {listen!r} is not a usable endpoint: {detail} "
+                               f"(e.g. tcp:9847:interface=0.0.0.0)") from None
+    return listen
 
 
 class RelayService(MultiService):
@@ -144,6 +191,7 @@ class _ListeningService(StreamServerEndpointService):
 
 def resolve_config(options: Any) -> tuple[Home, Config]:
     home = Home.resolve(options.get("home"))
+    check_home(home)
     try:
         config = load_config(home, Path.cwd(), options.get("config") or [])
     except ConfigError as e:
@@ -161,13 +209,11 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    home, config = resolve_config(options)
-    listen = options.get("listen")
-    if listen is None:
-        try:
-            listen = listen_endpoint_string(config.relay.listen_addr, config.relay.listen_port)
-        except AddressError as e:
-            raise usage.UsageError(str(e)) from None
+    resolved = getattr(options, "resolved", None)
+    if resolved is None:  # options built by hand, not parsed
+        home, config = resolve_config(options)
+        resolved = (home, config, listen_string(options, config))
+    home, config, listen = resolved
     node = RelayNode(home, config, reactor)
     top = RelayService(node)
 
