@@ -96,6 +96,15 @@ class OfflineCommandsTests(SynchronousTestCase):
         self.assertEqual(r.returncode, 1)
         self.assertIn("not running", r.stderr)
 
+    def test_unknown_config_key_warns(self) -> None:
+        """Issue 12 item 6: a typo'd key is named, with the key it probably meant."""
+        self.home.config_file.parent.mkdir(parents=True)
+        self.home.config_file.write_text("[hive]\nmax_unit = 3\n")
+        r = run_cli(self.home, "hive", "status")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stderr, f"Warning: {self.home.config_file}: unknown key "
+                                   f"'hive.max_unit' is ignored; did you mean 'hive.max_units'?\n")
+
     def test_bad_config_names_key_and_file(self) -> None:
         self.home.config_file.parent.mkdir(parents=True)
         self.home.config_file.write_text("[relay]\nheartbeat_interval_secs = -3\n")

@@ -272,3 +272,50 @@ class OrdinaryMistakeProcessTests(SynchronousTestCase):
                          "relay", "identity")
         self.assertEqual(r.returncode, 1)
         self.assertIn("Not a directory", json.loads(r.stdout)["error"])
+
+
+class StartWarningTests(SynchronousTestCase):
+    """Issue 12 item 6 / issue 11 item 11: what the service warns about at start."""
+
+    def start(self, home, *args: str) -> list[str]:  # type: ignore[no-untyped-def]
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        class Reactor(MemoryReactorClock):
+            """Its ports report the interface they were asked for."""
+
+            def listenTCP(self, port, factory, backlog=50, interface=""):  # type: ignore
+                from twisted.internet.address import IPv4Address
+                from twisted.internet.testing import _FakePort
+
+                super().listenTCP(port, factory, backlog, interface)
+                return _FakePort(IPv4Address("TCP", interface or "0.0.0.0", port))
+
+        reactor = Reactor()
+        svc = tap.makeService(parse("--home", str(home.root), "--no-discovery", *args),
+                              reactor=reactor)
+        with capturedLogs() as events:
+            svc.privilegedStartService()
+            svc.startService()
+        self.addCleanup(svc.stopService)
+        return [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+
+    def test_unknown_keys_and_risky_settings(self) -> None:
+        home = temp_home(self)
+        home.config_file.parent.mkdir(parents=True)
+        home.config_file.write_text('[relay]\nlisten_prot = 9900\n'
+                                    '[delegation]\nallowed_dirs = ["/"]\n')
+        warnings = self.start(home, "--listen", "tcp:0:interface=127.0.0.1")
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn("unknown key 'relay.listen_prot' is ignored; did you mean "
+                      "'relay.listen_port'?", warnings[0])
+        self.assertIn("allowed_dirs contains '/'", warnings[1])
+
+    def test_every_interface_without_require_encryption(self) -> None:
+        home = temp_home(self)
+        [warning] = self.start(home, "--listen", "tcp:0")
+        self.assertIn("listening on every interface (0.0.0.0:0) while [relay] "
+                      "require_encryption is off", warning)
+        self.assertEqual(self.start(home, "--listen", "tcp:0:interface=127.0.0.1"), [])
+        home.config_file.parent.mkdir(parents=True)
+        home.config_file.write_text("[relay]\nrequire_encryption = true\n")
+        self.assertEqual(self.start(home, "--listen", "tcp:0"), [])

@@ -52,6 +52,8 @@ class CliContext:
                 self._config = load_config(self.home, self.cwd, self.config_files)
             except ConfigError as e:
                 raise CliError(str(e)) from None
+            for warning in self._config.warnings:
+                self.err(f"Warning: {warning}")
         return self._config
 
     def out(self, text: str = "") -> None:

@@ -30,7 +30,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from claudectl.config import Config, ConfigError, load_config
+from claudectl.config import Config, ConfigError, load_config, risky_settings
 from claudectl.home import Home
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
 from claudectl.relay.node import RelayFactory, RelayNode
@@ -140,6 +140,11 @@ class RelayService(MultiService):
         self.node = node
 
     def startService(self) -> None:
+        # (not a "warning" field: the legacy observers take that for a Python warning)
+        for problem in self.node.config.warnings:
+            log.warn("{problem}", problem=problem)
+        for problem in risky_settings(self.node.config, self.node.home.root):
+            log.warn("{problem}", problem=problem)
         super().startService()
         targets = self.node.auto_connect_targets()
         for peer, address in targets:
@@ -182,6 +187,12 @@ class _ListeningService(StreamServerEndpointService):
                      address=format_address(addr.host, addr.port))
             write_runinfo(self.node.home, self.node.identity,
                           [p.getHost().port for p in self.node.listening_ports])
+            if addr.host in ("0.0.0.0", "::") and not self.node.config.relay.require_encryption:
+                log.warn("listening on every interface ({address}) while [relay] "
+                         "require_encryption is off: anyone who can reach this port may try "
+                         "to connect, and links to peers without TLS are not encrypted. Set "
+                         "[relay] require_encryption = true, or listen_addr to one address "
+                         "(e.g. \"127.0.0.1\")", address=format_address(addr.host, addr.port))
             for cb in list(self.node.on_listening):
                 cb(addr.port)
         else:
