@@ -164,3 +164,68 @@ class StoryTests(SynchronousTestCase):
             time.sleep(0.5)
         a2.expect(f"{idb} authenticated")
         self.assertEqual(b.stop(), 0)
+
+
+class OneServicePerHomeTests(SynchronousTestCase):
+    """Issue 12 items 7 and 10: a second `relay serve`, `-v`, a quiet log."""
+
+    def test_second_serve_and_verbose_log(self) -> None:
+        home = temp_home(self)
+        a = ServeProcess(home, ["-m", "claudectl", "-v", "--home", str(home.root), "relay",
+                                "serve", "--no-discovery", "--listen",
+                                "tcp:0:interface=127.0.0.1"])
+        self.addCleanup(a.stop)
+        port = a.port()
+        ident = KeyStore(home).identity()
+        r = run_cli(home, "relay", "serve", "--port", "0")
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(
+            r.stderr,
+            f"Error: the relay service ({ident}) is already running for home {home.root} "
+            f"(pid {a.proc.pid}, listening on port {port}); stop it with Ctrl+C in its "
+            f"terminal or `kill {a.proc.pid}`, or use another --home\n")
+        self.assertNotIn("--pidfile", r.stdout + r.stderr)
+        ok(run_cli(home, "relay", "peers"))
+        ok(run_cli(home, "relay", "status"))
+        self.assertEqual(a.stop(), 0)
+        log = "\n".join(a.lines)
+        self.assertNotIn("selected twice", log)
+        self.assertEqual(log.count("listening on 127.0.0.1"), 1, log)
+        self.assertEqual(log.count("Server Shut Down"), 1, log)
+        self.assertNotIn("connection established", log)
+        self.assertNotIn("connection lost", log)
+        self.assertNotIn("Starting factory", log)
+
+
+class DaemonLogfileTests(SynchronousTestCase):
+    def test_daemon_logfile_is_private(self) -> None:
+        """Issue 12 item 10: twistd opens its log before its 0077 umask."""
+        import signal
+        import subprocess
+        import sys
+
+        from tests.common import subprocess_env
+        from tests.test_twistd import TWISTD
+
+        home = temp_home(self)
+        pidfile, logfile = home.root / "relay.pid", home.root / "relay.log"
+        r = subprocess.run([sys.executable, "-c", TWISTD, f"--pidfile={pidfile}",
+                            f"--logfile={logfile}", "--umask=0022", "claudectl-relay",
+                            "--home", str(home.root), "--no-discovery",
+                            "--listen", "tcp:0:interface=127.0.0.1"],
+                           capture_output=True, text=True, env=subprocess_env(home),
+                           cwd=str(home.root), timeout=60)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        deadline = time.monotonic() + 20
+        while not pidfile.exists():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        pid = int(pidfile.read_text())
+        self.addCleanup(lambda: os.path.exists(f"/proc/{pid}") and os.kill(pid, signal.SIGKILL))
+        self.assertEqual(stat.S_IMODE(os.stat(logfile).st_mode), 0o600)
+        while "ready" not in logfile.read_text():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGTERM)
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -44,6 +44,8 @@ class CliContext:
     stdout: IO[str] = field(default_factory=lambda: sys.stdout)
     stderr: IO[str] = field(default_factory=lambda: sys.stderr)
     _config: Config | None = None
+    #: The ``-v`` observer (removed when twistd takes over logging).
+    log_observer: Any = None
 
     @property
     def config(self) -> Config:
@@ -157,13 +159,16 @@ def cli(click_ctx: click.Context, home: str | None, json_: bool,
         config_files: tuple[str, ...], verbose: bool) -> None:
     """claudectl relay & hive mind: pair machines, share what brains learn,
     delegate tasks to Claude Code on a peer."""
-    if verbose:
-        from twisted.logger import globalLogBeginner, textFileLogObserver
-
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
-                                         redirectStandardIO=False)
     ctx = CliContext(home=Home.resolve(home), json=json_, verbose=verbose,
                      config_files=config_files)
+    if verbose:
+        # An observer, not globalLogBeginner.beginLoggingTo: `relay serve`
+        # hands logging to twistd, which begins it (twice would log every
+        # line twice and warn "primary log target selected twice").
+        from twisted.logger import globalLogPublisher, textFileLogObserver
+
+        ctx.log_observer = textFileLogObserver(sys.stderr)
+        globalLogPublisher.addObserver(ctx.log_observer)
     _current[:] = [ctx]
     click_ctx.obj = ctx
     if ctx.home.root.exists() and not ctx.home.root.is_dir():

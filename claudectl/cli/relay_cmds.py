@@ -59,6 +59,7 @@ def serve(ctx: CliContext, port: int | None, listen: str | None, no_discovery: b
     This is `twistd -n claudectl-relay` with this home; for a daemon use
     twistd directly (see docs/running.md).
     """
+    _refuse_second_service(ctx)
     args = ["--nodaemon", f"--logfile={logfile}"]
     ctx.home.ensure_private_dir(ctx.home.run_dir)
     args.append(f"--pidfile={ctx.home.run_dir / 'relay.pid'}")
@@ -71,7 +72,35 @@ def serve(ctx: CliContext, port: int | None, listen: str | None, no_discovery: b
         args += ["--listen", listen]
     if no_discovery:
         args.append("--no-discovery")
+    if ctx.log_observer is not None:  # twistd logs to --logfile, -v or not
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(ctx.log_observer)
+        ctx.log_observer = None
     run_twistd(args, _run_app)
+
+
+def _refuse_second_service(ctx: CliContext) -> None:
+    """One service per home: say which one runs and how to stop it (not twistd's
+    advice about --pidfile, an option `relay serve` does not have)."""
+    import os
+
+    from claudectl.relay.runinfo import read_runinfo
+
+    info = read_runinfo(ctx.home) or {}
+    pid = info.get("pid")
+    if not isinstance(pid, int):
+        try:  # starting, not listening yet: only the pid file tells
+            pid = int((ctx.home.run_dir / "relay.pid").read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return
+    ports = [p for p in info.get("ports", []) if isinstance(p, int)]
+    where = f", listening on port {', '.join(map(str, ports))}" if ports else ""
+    ident = f" ({info['identity']})" if isinstance(info.get("identity"), str) else ""
+    raise CliError(f"the relay service{ident} is already running for home {ctx.home.root} "
+                   f"(pid {pid}{where}); stop it with Ctrl+C in its terminal or "
+                   f"`kill {pid}`, or use another --home")
 
 
 def _run_app(config: Any) -> None:

@@ -149,14 +149,30 @@ class _Locators:
         return None
 
 
+class ControlAMP(amp.AMP):
+    """AMP without its two info lines per connection: every CLI command is one
+    connection, and "AMP connection established/lost" filled the service log."""
+
+    def makeConnection(self, transport: Any) -> None:
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Any) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
 class ControlFactory(Factory):
+    noisy = False  # no "Starting factory" / "Stopping factory" lines
+
     def __init__(self, node: RelayNode, parent: Any = None) -> None:
         self.node = node
         self.parent = parent
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
         locators = [RelayLocator(self.node, self.parent), *self.node.control_locators]
-        return amp.AMP(locator=_Locators(locators))
+        return ControlAMP(locator=_Locators(locators))
 
 
 class _ControlService(StreamServerEndpointService):

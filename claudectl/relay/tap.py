@@ -225,11 +225,13 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         home, config = resolve_config(options)
         resolved = (home, config, listen_string(options, config))
     home, config, listen = resolved
+    _create_private_logfile(options)
     node = RelayNode(home, config, reactor)
     top = RelayService(node)
 
-    listener = _ListeningService(node, serverFromString(reactor, listen), RelayFactory(node),
-                                 "relay")
+    factory = RelayFactory(node)
+    factory.noisy = False  # no "Starting factory" / "Stopping factory" lines
+    listener = _ListeningService(node, serverFromString(reactor, listen), factory, "relay")
     listener.setName("listener")
     listener.setServiceParent(top)
 
@@ -249,6 +251,28 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     if config.relay.lan_discovery:
         _attach_announcer(node, top)
     return top
+
+
+def _create_private_logfile(options: Any) -> None:
+    """
+    Create twistd's ``--logfile`` with mode 0600 if it does not exist yet.
+
+    twistd opens the log before it applies its daemon umask (0077), so the
+    file would be created 0644; makeService runs before that, and files made by
+    rotation later are created under the umask.
+    """
+    import os
+
+    parent = getattr(options, "parent", None)
+    if parent is None or not hasattr(parent, "get") or parent.get("syslog"):
+        return
+    name = parent.get("logfile")
+    if not name or name == "-" or (parent.get("nodaemon") and not name):
+        return
+    try:
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    except OSError as e:
+        raise usage.UsageError(f"cannot create the log file {name}: {e.strerror}") from None
 
 
 def _attach_announcer(node: RelayNode, parent: MultiService) -> None:
