@@ -163,6 +163,12 @@ class StoryTests(SynchronousTestCase):
             self.assertLess(time.monotonic(), deadline, "link did not come back")
             time.sleep(0.5)
         a2.expect(f"{idb} authenticated")
+        # Issue 12 item 11: the link B re-dialed by itself is dropped, and said so.
+        self.assertEqual(ok(run_cli(hb, "relay", "disconnect", ida)),
+                         f"Disconnected from {ida}.\n")
+        self.assertEqual(state(hb, ida), "disconnected")
+        self.assertEqual(ok(run_cli(hb, "relay", "disconnect", ida)),
+                         f"{ida} was not connected.\n")
         self.assertEqual(b.stop(), 0)
 
 

@@ -122,9 +122,12 @@ class RelayLocator(amp.CommandLocator):
 
     @C.Disconnect.responder
     async def disconnect(self, peer: str) -> dict[str, Any]:
+        # Stopping our dialer closes the link it made: ask before, or a link
+        # the service re-dialed by itself would be reported as "not connected".
+        was = self.node.mesh.is_connected(peer)
         await self.node.remove_dialer(peer)
-        was = self.node.mesh.disconnect(peer)
-        return {"was_connected": was}
+        dropped = self.node.mesh.disconnect(peer)
+        return {"was_connected": was or dropped}
 
     @C.Forgotten.responder
     async def forgotten(self, peer: str) -> dict[str, Any]:
