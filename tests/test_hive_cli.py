@@ -118,8 +118,9 @@ class HiveCliTests(SynchronousTestCase):
     def test_trust_errors_and_unfreeze(self) -> None:
         self.assertEqual(run(self.home, "hive", "trust", "p", "high")[0], 1)
         self.assertEqual(run(self.home, "hive", "trust", "bad id!")[0], 1)
-        self.assertIn("no record yet", self.ok("hive", "trust", "p"))
         self.assertIn("No peers yet", self.ok("hive", "trust"))
+        KeyStore(self.home).save_key("p", b"k" * 32)  # paired: known, no trust record
+        self.assertIn("no record yet", self.ok("hive", "trust", "p"))
         self.ok("hive", "trust", "p", "0.6")
         from claudectl.hive.trust import trust_transaction
         with trust_transaction(self.home) as book:
@@ -127,6 +128,28 @@ class HiveCliTests(SynchronousTestCase):
         self.assertIn("frozen: test", self.ok("hive", "trust", "p"))
         self.assertIn("p unfrozen.", self.ok("hive", "trust", "p", "--unfreeze"))
         self.assertFalse(load_trust(self.home).is_frozen("p"))
+
+    def test_trust_refuses_unknown_peers_and_resolves_prefixes(self) -> None:
+        """Issue 12 item 5: a typo does not create a trust record."""
+        code, _, err = run(self.home, "hive", "trust", "laptop-a3f2", "0.9")
+        self.assertEqual(code, 1)
+        self.assertIn("Error: unknown peer 'laptop-a3f2'; no peers yet", err)
+        ks = KeyStore(self.home)
+        ks.save_key("laptop-a3f29b1c", b"k" * 32)
+        ks.save_key("laptop-b0000000", b"k" * 32)
+        ks.save_key("ci-runner-1", b"k" * 32)
+        code, _, err = run(self.home, "hive", "trust", "laptpo-a3f29b1c", "0.9")
+        self.assertEqual(code, 1)
+        self.assertIn("unknown peer 'laptpo-a3f29b1c'; did you mean laptop-a3f29b1c?", err)
+        code, _, err = run(self.home, "hive", "trust", "laptop", "0.9")
+        self.assertEqual(code, 1)
+        self.assertIn("'laptop' matches several peers: laptop-a3f29b1c, laptop-b0000000", err)
+        self.assertFalse(load_trust(self.home).records)
+        out = self.ok("hive", "trust", "laptop-a", "0.9")
+        self.assertIn("Trust for laptop-a3f29b1c set to 0.90 (Confirmed)", out)
+        self.assertEqual(sorted(load_trust(self.home).records), ["laptop-a3f29b1c"])
+        self.assertIn("laptop-a3f29b1c: trust 0.90", self.ok("hive", "trust", "laptop-a"))
+        self.assertEqual(run(self.home, "hive", "trust", "nobody", "--unfreeze")[0], 1)
 
     def test_archive_command(self) -> None:
         self.assertIn("Archive: 0 unit(s)", self.ok("hive", "archive"))

@@ -9,6 +9,8 @@ scripts.  Every change goes through the locked, atomic writers of
 
 from __future__ import annotations
 
+import difflib
+
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -286,9 +288,7 @@ def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
         if unfreeze:
             raise CliError("--unfreeze needs a peer")
         book = load_trust(ctx.home, cfg.default_trust)
-        me = _identity(ctx)
-        seen = {u.source_peer for u in load_store(ctx.home).store if u.source_peer != me}
-        peers = sorted(set(book.records) | set(KeyStore(ctx.home).known_peers()) | seen)
+        peers = _known_peers(ctx, book)
         items = [_trust_json(book.get(p), p, book, now) for p in peers]
         if _wants_json(ctx, json_):
             ctx.emit_json(items)
@@ -310,6 +310,7 @@ def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
                          _when(it.get("last_sync")), ",".join(flags) or "-"))
         _table(ctx, ("PEER", "TRUST", "TIER", "AGREED", "DISAGREED", "LAST SYNC", "FLAGS"), rows)
         return
+    peer = _resolve_known_peer(ctx, peer, load_trust(ctx.home, cfg.default_trust))
     if level is None and not unfreeze:
         book = load_trust(ctx.home, cfg.default_trust)
         it = _trust_json(book.get(peer), peer, book, now)
@@ -349,6 +350,36 @@ def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
         clamped = f" (clamped from {level})" if rec is not None and rec.trust_level != value \
             else ""
         ctx.out(f"Trust for {peer} set to {it['trust_level']:.2f} ({it['tier']}){clamped}.")
+
+
+def _known_peers(ctx: CliContext, book: Any) -> list[str]:
+    """Peers this home knows: paired, with a trust record, or the source of a unit."""
+    me = _identity(ctx)
+    seen = {u.source_peer for u in load_store(ctx.home).store if u.source_peer != me}
+    return sorted(set(book.records) | set(KeyStore(ctx.home).known_peers()) | seen)
+
+
+def _resolve_known_peer(ctx: CliContext, text: str, book: Any) -> str:
+    """A known peer id, or the one known id that ``text`` is a prefix of; else an error
+    (a typo must not create a trust record for a peer that does not exist)."""
+    known = _known_peers(ctx, book)
+    if text in known:
+        return text
+    matches = [p for p in known if p.startswith(text)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise CliError(f"{text!r} matches several peers: {', '.join(matches)}; "
+                       f"give more of the id")
+    hint = ""
+    near = difflib.get_close_matches(text, known, n=1, cutoff=0.6)
+    if near:
+        hint = f"; did you mean {near[0]}?"
+    elif known:
+        hint = f"; known peers: {', '.join(known[:10])}{' …' if len(known) > 10 else ''}"
+    else:
+        hint = "; no peers yet: pair first (`claudectl relay invite` / `relay join`)"
+    raise CliError(f"unknown peer {text!r}{hint} (see `claudectl hive trust`)")
 
 
 # --- archive, distill, curriculum ---------------------------------------------------------------
