@@ -87,7 +87,11 @@ class CliTests(TestCase):
         self.assertFalse((self.work / "fake-claude.txt").exists())
 
     def test_relay_commands_need_the_service(self):
-        for args in (["relay", "status"], ["relay", "delegate", "p-1", "hi"],
+        r = self.claudectl("relay", "status")  # shows the stored tasks instead
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("The relay service is not running", r.stdout)
+        self.assertIn("No delegated tasks", r.stdout)
+        for args in (["relay", "delegate", "p-1", "hi"],
                      ["relay", "interrupt", "task_1", "stop"]):
             r = self.claudectl(*args)
             self.assertEqual(r.returncode, 1, args)
