@@ -235,3 +235,42 @@ class DaemonLogfileTests(SynchronousTestCase):
         os.kill(pid, signal.SIGTERM)
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+class SeveralPairCodesTests(SynchronousTestCase):
+    """Issue 12 item 15: a second `relay pair` does not void the first, unused code."""
+
+    def test_two_codes_both_pair(self) -> None:
+        ha, hb, hc = temp_home(self), temp_home(self), temp_home(self)
+        first = run_cli(ha, "relay", "pair")
+        code1 = ok(first).splitlines()[2].split("PAIR CODE: ")[1]
+        self.assertEqual(first.stderr, "")
+        second = run_cli(ha, "relay", "pair")
+        code2 = ok(second).splitlines()[2].split("PAIR CODE: ")[1]
+        self.assertIn("Note: 1 earlier unused pair code(s) stay valid", second.stderr)
+        ida = ok(run_cli(ha, "relay", "identity")).strip()
+        ok(run_cli(hb, "relay", "accept", code1, ida))
+        ok(run_cli(hc, "relay", "accept", code2, ida))
+        listed = json.loads(ok(run_cli(ha, "relay", "invite", "--list", "--json")))
+        self.assertEqual([(i["kind"], i["state"]) for i in listed],
+                         [("pair", "open"), ("pair", "open")])
+
+        a = ServeProcess.serve(ha, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(a.stop)
+        port = a.port()
+        idb = ok(run_cli(hb, "relay", "identity")).strip()
+        idc = ok(run_cli(hc, "relay", "identity")).strip()
+        # B holds the first (older) code: no longer in _pending.key, still accepted.
+        r = run_cli(hb, "relay", "connect", f"127.0.0.1:{port}")
+        self.assertIn(f"{ida}", ok(r))
+        a.expect(f"{idb} authenticated")
+        r = run_cli(hc, "relay", "connect", f"127.0.0.1:{port}")
+        self.assertIn(f"{ida}", ok(r))
+        a.expect(f"{idc} authenticated")
+        ks = KeyStore(ha)
+        self.assertEqual(ks.key(idb), psk_from_code(code1))
+        self.assertEqual(ks.key(idc), psk_from_code(code2))
+        self.assertFalse((ha.peers / "_pending.key").exists())
+        listed = json.loads(ok(run_cli(ha, "relay", "invite", "--list", "--json")))
+        self.assertEqual(sorted((i["state"], i["used_by"]) for i in listed),
+                         sorted([("used", idb), ("used", idc)]))

@@ -159,10 +159,28 @@ def run_twistd(args: list[str], run_app: Any) -> None:
 @pass_ctx
 def pair(ctx: CliContext) -> None:
     """Generate a pair code; the peer runs `claudectl relay accept <code> <your id>`."""
+    from claudectl.pairing.invites import InviteStore, InviteStoreError
+
     ks = KeyStore(ctx.home)
     ident = ks.ensure_identity()
     code, psk = new_pair_code()
+    ttl_secs = ctx.config.relay.invite_ttl_hours * 3600
+    # Every code stays valid until it is used or expires (kept as an invite
+    # record); `_pending.key` holds the newest, as claudectl writes it.
+    earlier: list[Any] = []
+    kept = True
+    try:
+        _, earlier = InviteStore(ctx.home, ks).remember_pair_code(ident, psk, ttl_secs,
+                                                                  time.time())
+    except InviteStoreError as e:
+        kept = False
+        ctx.err(f"Warning: {e}; only this new code is valid now: an earlier unused pair code "
+                f"no longer works")
     ks.save_pending_key(psk)
+    if kept and earlier:  # on stderr: stdout is claudectl's exact text / JSON
+        ctx.err(f"Note: {len(earlier)} earlier unused pair code(s) stay valid until used or "
+                f"{ctx.config.relay.invite_ttl_hours} h after they were made "
+                f"(`claudectl relay invite --list`, `--revoke ID`).")
     if ctx.json:
         ctx.emit_json({"identity": ident, "pair_code": code})
         return
