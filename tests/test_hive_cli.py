@@ -46,7 +46,8 @@ class HiveCliTests(SynchronousTestCase):
                   + [decision(20 + i, tool="Read", command="/x/a.rs") for i in range(5)])
         self.assertIn("Distilled 15 decision(s): 3 new", self.ok("hive", "distill"))
         table = self.ok("hive", "knowledge")
-        self.assertIn("[Bash, cargo test] approve (100%)", table)
+        # The table says what the percentage is (issue 12 item 14: not `deny (0%)`).
+        self.assertIn("[Bash, cargo test] approve (100% accepted over 10)", table)
         self.assertIn("3 unit(s)", table)
         units = json.loads(self.ok("hive", "knowledge", "--json"))
         self.assertEqual(len(units), 3)

@@ -87,6 +87,23 @@ def _duration(secs: float | int) -> str:
     return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
 
 
+class ProgressPrinter:
+    """Prints a followed task's progress line when what it says changed: not
+    again for a new state or elapsed time alone (a status that only moved the
+    task from queued to running printed "preparing a git checkout" twice)."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self._last: tuple[Any, ...] | None = None
+
+    def __call__(self, view: dict[str, Any]) -> None:
+        key = (view.get("last_message"), view.get("tokens"), view.get("cost_usd"))
+        if key == self._last:
+            return
+        self._last = key
+        self.out(f"  {_progress_line(view)}")
+
+
 def _progress_line(task: dict[str, Any]) -> str:
     msg = task.get("last_message") or ""
     return (f"{task['state']:<9} {_duration(task['elapsed_secs']):>7}  "
@@ -151,9 +168,11 @@ def delegate(ctx: CliContext, peer: str, prompt: tuple[str, ...], cwd: str | Non
             state["done"] = True
             return None
 
+        printer = ProgressPrinter(ctx.out)
+
         def emit(view: dict[str, Any]) -> None:
             if not ctx.json:
-                ctx.out(f"  {_progress_line(view)}")
+                printer(view)
 
         final = await follow(reactor, ctx, r["task_id"], emit, task["version"] - 1)
         state["done"] = True

@@ -187,7 +187,7 @@ def knowledge(ctx: CliContext, from_: str | None, scope: str | None, type_: str 
     now = _now()
     rows = [(u.id, u.scope.display(), u.type, f"{u.effective_confidence(now):.2f}",
              u.evidence_count, u.source_peer,
-             u.summary() + (" [stale]" if u.is_stale(now) else ""))
+             _shown(u) + (" [stale]" if u.is_stale(now) else ""))
             for u in units]
     _table(ctx, ("ID", "SCOPE", "TYPE", "CONF", "EVID", "FROM", "SUMMARY"), rows)
     ctx.out(f"{len(units)} unit(s)")
@@ -250,10 +250,23 @@ def forget(ctx: CliContext, unit_id: str, json_: bool) -> None:
         ctx.emit_json({"removed": [u.to_json() for u in gone]})
         return
     for u in gone:
-        ctx.out(f"Removed {u.id}: {u.summary()}")
+        ctx.out(f"Removed {u.id}: {_shown(u)}")
 
 
 # --- trust ----------------------------------------------------------------------------------
+
+
+def _shown(unit: KnowledgeUnit) -> str:
+    """A unit's summary for the CLI's tables.  A pattern says what its percentage
+    is: claudectl's summary (kept byte for byte in prompts) writes ``deny (0%)``
+    for "denied every time", which reads like "0% sure"."""
+    from claudectl.hive.units import Pattern, pct
+
+    c = unit.content
+    if isinstance(c, Pattern):
+        return (f"[{c.tool}, {c.command_pattern or '*'}] {c.preferred_action} "
+                f"({pct(c.accept_rate)}% accepted over {c.sample_count})")
+    return unit.summary()
 
 
 def _trust_json(rec: PeerTrust | None, peer: str, book: TrustBook, now: int) -> dict[str, Any]:
@@ -264,6 +277,7 @@ def _trust_json(rec: PeerTrust | None, peer: str, book: TrustBook, now: int) -> 
         out.update(rec.to_json())
         out["tier"] = rec.tier.display
         out["quarantined"] = rec.is_quarantined(now)
+    out["trust_level"] = round(out["trust_level"], 4)  # not 0.3999999999999999
     return out
 
 
@@ -468,7 +482,7 @@ def curriculum(ctx: CliContext, json_: bool) -> None:
             f"{len(cur.units)} unit(s), from {cur.meta.get('source_archive_units', 0)} "
             "archived unit(s) and the store")
     if cur.units:
-        rows = [(i, f"{u.confidence:.2f}", u.evidence_count, u.source_peer, u.summary())
+        rows = [(i, f"{u.confidence:.2f}", u.evidence_count, u.source_peer, _shown(u))
                 for i, u in enumerate(cur.units, 1)]
         _table(ctx, ("#", "CONF", "EVID", "FROM", "LESSON"), rows)
 

@@ -192,6 +192,18 @@ def pair(ctx: CliContext) -> None:
     ctx.out(f"They should run: claudectl relay accept {code} {ident}")
 
 
+def explain_code_error(code: str, message: str) -> str:
+    """claudectl's message ("... got N") plus what was ignored to get N."""
+    ignored = sorted({c for c in code if c not in "0123456789abcdefABCDEF" and c not in "-: "})
+    if not ignored:
+        return message
+    shown = ", ".join(repr(c) for c in ignored[:6]) + (" …" if len(ignored) > 6 else "")
+    return (f"{message} ({shown} {'is not a hex digit' if len(ignored) == 1 else 'are not hex digits'} "
+            f"and {'was' if len(ignored) == 1 else 'were'} ignored). A pair code from "
+            f"`relay pair` has 16 hex digits, like a3f2-9b1c-d4e5-f678; a relay code, word "
+            f"phrase or invite link goes to `claudectl relay join`")
+
+
 @relay.command()
 @click.argument("code")
 @click.argument("peer")
@@ -205,7 +217,7 @@ def accept(ctx: CliContext, code: str, peer: str, force: bool) -> None:
     try:
         psk = psk_from_code(code)
     except CodeError as e:
-        raise CliError(str(e)) from None
+        raise CliError(explain_code_error(code, str(e))) from None
     ks = KeyStore(ctx.home)
     ident = ks.ensure_identity()
     if peer == ident:
@@ -371,9 +383,14 @@ def _ago(epoch: int) -> str:
 
 
 def _kb(n: int) -> str:
+    """A byte count with one unit system: ``329 B``, ``2.0 KiB``, ``1.5 MiB``."""
     if n < 1024:
         return f"{n} B"
-    return f"{n / 1024:.0f} kb"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 @relay.command()

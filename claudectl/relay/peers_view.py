@@ -27,7 +27,8 @@ def peer_rows(keystore: KeyStore, mesh: Mesh | None = None,
             "last_seen": (meta.last_seen // 1000) if meta is not None and meta.last_seen else 0,
             "has_psk": keystore.key(peer) is not None,
             "mode": "mutual" if keystore.is_mutual(peer) else None,
-            "trust": trust_of(peer) if trust_of is not None else None,
+            # Rounded: sums of drifts print as 0.3999999999999999 otherwise.
+            "trust": round(trust_of(peer), 4) if trust_of is not None else None,
             "bytes_up": 0,
             "bytes_down": 0,
         }
