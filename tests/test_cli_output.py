@@ -50,3 +50,51 @@ class OutputTests(SynchronousTestCase):
         show(view("completed", 6, "Edit src/a.rs", 12))
         self.assertEqual(len(lines), 3, lines)
         self.assertEqual(sum("preparing a git checkout" in ln for ln in lines), 1)
+
+
+class JsonEverywhereTests(SynchronousTestCase):
+    """Issue 12 item 13: the README's `--json` claims are true."""
+
+    def test_every_command_but_serve_takes_json_after_it(self) -> None:
+        import click
+
+        from claudectl.cli import load_commands
+
+        missing = []
+
+        def walk(cmd: click.Command, path: list[str]) -> None:
+            if isinstance(cmd, click.Group):
+                for name, sub in cmd.commands.items():
+                    walk(sub, path + [name])
+            elif not any("--json" in getattr(p, "opts", []) for p in cmd.params):
+                missing.append(" ".join(path))
+
+        walk(load_commands(), [])
+        self.assertEqual(missing, ["relay serve"])
+
+    def test_errors_are_json_under_json(self) -> None:
+        import json
+
+        from tests.common import run_cli
+
+        home = temp_home(self)
+        for args in (["--json", "relay", "accept", "zzzz", "peer-1"],
+                     ["relay", "accept", "zzzz", "peer-1", "--json"],
+                     ["hive", "trust", "nobody", "0.5", "--json"],
+                     ["relay", "interrupt", "task_1", "stop", "--json"]):
+            r = run_cli(home, *args)
+            self.assertEqual(r.returncode, 1, args)
+            self.assertEqual(r.stderr, "", args)
+            err = json.loads(r.stdout)
+            self.assertEqual((err["kind"], err["exit_code"]), ("error", 1), args)
+            self.assertTrue(err["error"], args)
+        r = run_cli(home, "--json", "relay", "no-such-command")
+        self.assertEqual(r.returncode, 2)
+        self.assertEqual(json.loads(r.stdout)["kind"], "usage")
+        r = run_cli(home, "relay", "accept", "zzzz", "peer-1")
+        self.assertTrue(r.stderr.startswith("Error: invalid PSK code"), r.stderr)
+        self.assertEqual(r.stdout, "")
+        out = run_cli(home, "hive", "export", "--json")
+        self.assertEqual((out.returncode, json.loads(out.stdout)), (0, []))
+        r = run_cli(home, "hive", "export", "--json", "--format", "yaml")
+        self.assertEqual(r.returncode, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -151,6 +152,38 @@ class HiveCliTests(SynchronousTestCase):
         self.assertEqual(sorted(load_trust(self.home).records), ["laptop-a3f29b1c"])
         self.assertIn("laptop-a3f29b1c: trust 0.90", self.ok("hive", "trust", "laptop-a"))
         self.assertEqual(run(self.home, "hive", "trust", "nobody", "--unfreeze")[0], 1)
+
+    def test_fresh_home_explains_and_record_feeds_distill(self) -> None:
+        """Issue 12 item 16: where decisions come from, and a way to make some."""
+        out = self.ok("hive", "distill")
+        self.assertIn("Distilled 0 decision(s)", out)
+        self.assertIn(f"No decision log yet ({self.home.brain / 'decisions.jsonl'})", out)
+        self.assertIn('claudectl hive record --tool Bash --command "cargo test" --count 10', out)
+        out = self.ok("hive", "record", "--tool", "Bash", "--command", "cargo test",
+                      "--count", "10")
+        self.assertIn("Recorded 10 decision(s)", out)
+        self.ok("hive", "record", "--tool", "Bash", "--command", "rm -rf build", "--user",
+                "reject", "--count", "6")
+        path = self.home.brain / "decisions.jsonl"
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        records = [json.loads(ln) for ln in path.read_text().splitlines()]
+        self.assertEqual(len(records), 16)
+        # claudectl 0.64's shape (hive.md 5.1).
+        first = records[0]
+        self.assertIsInstance(first["ts"], str)
+        self.assertRegex(first["decision_id"], r"^dec_\d+_\d+_0$")
+        for key in ("pid", "project", "tool", "command", "brain_action", "brain_confidence",
+                    "brain_reasoning", "user_action", "decision_type", "suggested_at",
+                    "resolved_at", "decision_id"):
+            self.assertIn(key, first)
+        self.assertEqual((records[-1]["user_action"], records[-1]["brain_action"]),
+                         ("reject", "deny"))
+        out = self.ok("hive", "distill")
+        self.assertIn("Distilled 16 decision(s): 3 new", out)
+        self.assertNotIn("No decision log yet", out)
+        table = self.ok("hive", "knowledge")
+        self.assertIn("[Bash, cargo test] approve (100% accepted over 10)", table)
+        self.assertIn("[Bash, rm] deny (0% accepted over 6)", table)
 
     def test_archive_command(self) -> None:
         self.assertIn("Archive: 0 unit(s)", self.ok("hive", "archive"))

@@ -316,6 +316,7 @@ def _stored_tasks(ctx: CliContext) -> tuple[list[dict[str, Any]], list[dict[str,
 @click.argument("task_id")
 @click.argument("interrupt_type", type=click.Choice(["nudge", "stop"]))
 @click.argument("reason", nargs=-1)
+@_json_option
 @pass_ctx
 def interrupt(ctx: CliContext, task_id: str, interrupt_type: str, reason: tuple[str, ...]) -> None:
     """Nudge or stop a delegated task; it goes to the peer that runs it.

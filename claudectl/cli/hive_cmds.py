@@ -10,7 +10,8 @@ scripts.  Every change goes through the locked, atomic writers of
 from __future__ import annotations
 
 import difflib
-
+import json
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -199,9 +200,15 @@ def knowledge(ctx: CliContext, from_: str | None, scope: str | None, type_: str 
 @hive.command()
 @click.option("--format", "fmt", type=click.Choice(["json", "yaml"]), default="json",
               show_default=True, help="Output format.")
+@json_option
 @pass_ctx
-def export(ctx: CliContext, fmt: str) -> None:
-    """Print all knowledge units (personal ones included) for `hive import`."""
+def export(ctx: CliContext, fmt: str, json_: bool) -> None:
+    """Print all knowledge units (personal ones included) for `hive import`.
+
+    The output is JSON unless --format yaml (--json says the same as the default).
+    """
+    if _wants_json(ctx, json_) and fmt == "yaml":
+        raise CliError("--json asks for JSON but --format yaml for YAML: give one of them")
     units = _loaded_units(ctx)
     text = export_json(units) if fmt == "json" else export_yaml(units)
     ctx.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -464,6 +471,79 @@ def distill(ctx: CliContext, json_: bool) -> None:
         ctx.out(f"Trust adjusted {res.drift} time(s) from new decisions.")
     ctx.out(f"Curriculum v{cur.meta['version']}: {cur.meta['unit_count']} unit(s) from "
             f"{cur.meta['source_archive_units']} archived + the store.")
+    log_path = ctx.home.brain / "decisions.jsonl"
+    if report.decisions == 0 and not log_path.exists():
+        ctx.out()
+        ctx.out(f"No decision log yet ({log_path}). claudectl's brain writes one line there "
+                f"for every tool call you approve or deny.")
+        ctx.out("To try the hive without it, record some decisions, then distil again:")
+        ctx.out('  claudectl hive record --tool Bash --command "cargo test" --count 10')
+        ctx.out('  claudectl hive record --tool Bash --command "rm -rf build" --user reject '
+                '--count 6')
+
+
+_USER_ACTIONS = ("accept", "reject", "auto", "user_approve", "rule_approve",
+                 "deny_rule_override", "rule_deny", "conflict_deny")
+
+
+@hive.command(name="record")
+@click.option("--tool", required=True, metavar="TOOL", help="The tool, e.g. Bash, Write, Read.")
+@click.option("--command", "command_", metavar="TEXT", default=None,
+              help="The command or file path, e.g. \"cargo test --all\" or /src/Cargo.lock.")
+@click.option("--user", "user_action", type=click.Choice(_USER_ACTIONS), default="accept",
+              show_default=True, help="What the user did (accept/auto/... count as approval, "
+                                      "reject/rule_deny/... as denial).")
+@click.option("--brain", "brain_action", type=click.Choice(["approve", "deny"]), default=None,
+              help="What the brain suggested (default: what the user did).")
+@click.option("--project", default="example", show_default=True, help="The project name.")
+@click.option("--count", type=click.IntRange(1, 10_000), default=1, show_default=True,
+              help="How many identical decisions to record.")
+@json_option
+@pass_ctx
+def record(ctx: CliContext, tool: str, command_: str | None, user_action: str,
+           brain_action: str | None, project: str, count: int, json_: bool) -> None:
+    """Record decisions in the brain's log, as claudectl's brain would.
+
+    claudectl's brain appends one line to ~/.claudectl/brain/decisions.jsonl
+    for every tool call you approve or deny; `hive distill` turns that log into
+    knowledge.  Without claudectl's brain, record a few decisions here to try
+    the hive, e.g. `hive record --tool Bash --command "cargo test" --count 10`.
+    """
+    from claudectl.hive.trust import NEGATIVE_ACTIONS
+
+    if brain_action is None:
+        brain_action = "deny" if user_action in NEGATIVE_ACTIONS else "approve"
+    now = _now()
+    pid = os.getpid()
+    lines = []
+    for n in range(count):
+        # claudectl 0.64's record (hive.md 5.1): ts is a string, ids dec_<epoch>_<pid>_<n>.
+        rec = {"ts": str(now), "pid": pid, "project": project, "tool": tool,
+               "command": command_, "brain_action": brain_action, "brain_confidence": 0.8,
+               "brain_reasoning": "recorded with claudectl hive record",
+               "user_action": user_action, "decision_type": "session", "suggested_at": now,
+               "resolved_at": now, "brain_decision_ms": None, "override_reason": None,
+               "rule_name": None, "cache_hit": False, "decision_id": f"dec_{now}_{pid}_{n}",
+               "decision_source": "llm", "few_shot_ids": []}
+        lines.append(json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n")
+    path = ctx.home.brain / "decisions.jsonl"
+    ctx.home.ensure_private_dir(ctx.home.brain)
+    # Append-only, as the brain writes it: whole lines in one write.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, "".join(lines).encode("utf-8"))
+    finally:
+        os.close(fd)
+    if _wants_json(ctx, json_):
+        ctx.emit_json({"recorded": count, "path": str(path), "tool": tool,
+                       "command": command_, "user_action": user_action,
+                       "brain_action": brain_action})
+        return
+    what = f"{tool} {command_!r}" if command_ else tool
+    ctx.out(f"Recorded {count} decision(s) in {path}: {what}, user {user_action}, "
+            f"brain {brain_action}.")
+    ctx.out("Run `claudectl hive distill` to turn them into knowledge units "
+            f"(a pattern needs {ctx.config.hive.export_min_evidence} decisions).")
 
 
 @hive.command()
