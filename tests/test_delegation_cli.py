@@ -98,6 +98,10 @@ class CliTests(TestCase):
             self.assertIn("Error: the relay service is not running", r.stderr)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class InterruptedRunTests(SynchronousTestCase):
     """S4: Ctrl-C or SIGTERM during `claudectl run` leaves no Claude Code behind."""
 
@@ -115,9 +119,12 @@ class InterruptedRunTests(SynchronousTestCase):
             {"name": "local", "prompt": prompt}]}))
         marker = {"CLAUDE_FAKE_LOG": str(home.root / "fake.log")}  # reaches the fake's tree
         self.addCleanup(sweep.kill_tagged, marker)
+        # A suite started with SIGINT ignored (a background job, `trap '' INT`)
+        # passes that on, and a process that starts with SIGINT ignored keeps
+        # ignoring it: give the child the default disposition, as a terminal would.
         p = subprocess.Popen([sys.executable, "-m", "claudectl", "run", "tasks.json"], cwd=work,
                              env=subprocess_env(home, **marker), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
         self.addCleanup(lambda: p.poll() is None and p.kill())
         expected = 1 + prompt.count("+") + 1  # the fake, its extras, the hang grandchild
         deadline = time.monotonic() + 20
