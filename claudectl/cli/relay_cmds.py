@@ -95,6 +95,15 @@ def _refuse_second_service(ctx: CliContext) -> None:
             os.kill(pid, 0)
         except (OSError, ValueError):
             return
+    if os.path.isdir("/proc/self"):  # else (no /proc) trust the pid
+        # A pid left by a killed service may belong to another program by now.
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            return  # gone meanwhile
+        if b"claudectl" not in cmdline and b"twistd" not in cmdline:
+            return
     ports = [p for p in info.get("ports", []) if isinstance(p, int)]
     where = f", listening on port {', '.join(map(str, ports))}" if ports else ""
     ident = f" ({info['identity']})" if isinstance(info.get("identity"), str) else ""
