@@ -277,3 +277,17 @@ class SeveralPairCodesTests(SynchronousTestCase):
         listed = json.loads(ok(run_cli(ha, "relay", "invite", "--list", "--json")))
         self.assertEqual(sorted((i["state"], i["used_by"]) for i in listed),
                          sorted([("used", idb), ("used", idc)]))
+
+
+class StalePidTests(SynchronousTestCase):
+    def test_pid_of_another_program_does_not_block(self) -> None:
+        from claudectl.cli.base import CliContext
+        from claudectl.cli.relay_cmds import _refuse_second_service
+
+        home = temp_home(self)
+        home.ensure_private_dir(home.run_dir)
+        # This test process is alive but is not a relay service.
+        (home.run_dir / "relay.pid").write_text(f"{os.getpid()}\n")
+        _refuse_second_service(CliContext(home=home))
+        (home.run_dir / "relay.pid").write_text("999999999\n")  # no such process
+        _refuse_second_service(CliContext(home=home))
