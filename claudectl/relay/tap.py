@@ -267,7 +267,9 @@ def _create_private_logfile(options: Any) -> None:
     if parent is None or not hasattr(parent, "get") or parent.get("syslog"):
         return
     name = parent.get("logfile")
-    if not name or name == "-" or (parent.get("nodaemon") and not name):
+    if not name and not parent.get("nodaemon"):
+        name = "twistd.log"  # twistd's default for a daemon
+    if not name or name == "-":
         return
     try:
         os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
