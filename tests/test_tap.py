@@ -181,12 +181,11 @@ class OrdinaryMistakeTests(SynchronousTestCase):
 
     def test_ssl_without_pyopenssl(self) -> None:
         import sys
+        from unittest import mock
 
         import twisted.internet
 
         # As if pyOpenSSL were missing: importing twisted.internet.ssl fails.
-        from unittest import mock
-
         patcher = mock.patch.dict(sys.modules, {"twisted.internet.ssl": None})
         patcher.start()
         self.addCleanup(patcher.stop)
