@@ -395,10 +395,11 @@ def _kb(n: int) -> str:
     """A byte count with one unit system: ``329 B``, ``2.0 KiB``, ``1.5 MiB``."""
     if n < 1024:
         return f"{n} B"
+    size = float(n)
     for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}"
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}"
     raise AssertionError("unreachable")
 
 
