@@ -14,6 +14,8 @@ file and what is allowed.  Command-line options are applied on top with
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -158,6 +160,8 @@ class Config:
     delegation: DelegationConfig = field(default_factory=DelegationConfig)
     #: The files that were read, in order (for messages and ``--help``).
     sources: tuple[str, ...] = ()
+    #: Unknown keys in our sections, each with the nearest known key.
+    warnings: tuple[str, ...] = ()
 
 
 _CATEGORIES = ("best_practice", "technique", "workflow", "workflow_pattern", "personal")
@@ -220,6 +224,26 @@ SCHEMA: dict[str, tuple[type, list[Key]]] = {
 }
 
 
+#: claudectl 0.64 keys in our sections that this implementation does not use
+#: (its HTTP coordinator API): no "unknown key" warning for them.
+CLAUDECTL_ONLY_KEYS = {"relay": frozenset({"http_port", "auth_token"})}
+
+
+def _unknown_key_warning(section: str, raw_name: str, known: Iterable[str], where: str) -> str:
+    near = difflib.get_close_matches(raw_name, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean '{section}.{near[0]}'?" if near else ""
+    return f"{where}: unknown key '{section}.{raw_name}' is ignored{hint}"
+
+
+def _check_allowed_dirs(values: tuple[str, ...], where: str) -> tuple[str, ...]:
+    for v in values:
+        if not (os.path.isabs(v) or v == "~" or v.startswith("~/")):
+            raise ConfigError(
+                f"{where}: key 'delegation.allowed_dirs' has the relative path {v!r}; "
+                f"write absolute paths (or ~/… for this home), e.g. [\"/srv/proj\"]")
+    return values
+
+
 def _check_share_categories(values: tuple[str, ...], where: str) -> tuple[str, ...]:
     for v in values:
         if v not in _CATEGORIES:
@@ -229,7 +253,13 @@ def _check_share_categories(values: tuple[str, ...], where: str) -> tuple[str, .
     return values
 
 
-def _apply(section: str, current: Any, table: dict[str, Any], where: str) -> Any:
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _apply(section: str, current: Any, table: dict[str, Any], where: str,
+           warnings: list[str] | None = None) -> Any:
     cls, keys = SCHEMA[section]
     by_name = {}
     for k in keys:
@@ -241,16 +271,21 @@ def _apply(section: str, current: Any, table: dict[str, Any], where: str) -> Any
         key = by_name.get(raw_name)
         if key is None:
             # claudectl ignores unknown keys; so do we (it keeps both tools'
-            # configs compatible), but keys of ours never go unchecked.
+            # configs compatible), but say so: a typo must not pass silently.
+            if warnings is not None and raw_name not in CLAUDECTL_ONLY_KEYS.get(section, ()):
+                warnings.append(_unknown_key_warning(section, raw_name, by_name, where))
             continue
         try:
             checked = key.check(value)
         except ValueError:
             raise ConfigError(
-                f"{where}: key '{section}.{raw_name}' is {value!r}; expected {key.allowed}"
+                f"{where}: key '{section}.{raw_name}' is {_short_repr(value)}; "
+                f"expected {key.allowed}"
             ) from None
         if section == "hive" and key.name == "share_categories":
             checked = _check_share_categories(checked, where)
+        if section == "delegation" and key.name == "allowed_dirs":
+            checked = _check_allowed_dirs(checked, where)
         if isinstance(checked, tuple) and not checked and getattr(current, key.name):
             # As in claudectl: an empty array never overrides a non-empty one.
             continue
@@ -263,19 +298,41 @@ def parse_toml(text: str, where: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not a usable config: arrays or tables are nested too "
+                          f"deeply") from None
 
 
 def overlay(config: Config, data: dict[str, Any], where: str) -> Config:
     """Return ``config`` with the sections found in ``data`` applied."""
     sections: dict[str, Any] = {}
+    warnings: list[str] = []
     for section in SCHEMA:
         table = data.get(section)
         if table is None:
             continue
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: '{section}' must be a table ([{section}])")
-        sections[section] = _apply(section, getattr(config, section), table, where)
-    return dataclasses.replace(config, sources=config.sources + (where,), **sections)
+        sections[section] = _apply(section, getattr(config, section), table, where, warnings)
+    return dataclasses.replace(config, sources=config.sources + (where,),
+                               warnings=config.warnings + tuple(warnings), **sections)
+
+
+def risky_settings(config: Config, home_root: Path | None = None) -> list[str]:
+    """Settings that work but expose more than a user may expect (logged at start)."""
+    found = []
+    for d in config.delegation.allowed_dirs:
+        path = Path(str(home_root) + d[1:]) if d.startswith("~") and home_root else Path(d)
+        path = Path(os.path.normpath(path))
+        homes = {Path("/root")} | ({home_root} if home_root is not None else set())
+        if path == Path("/"):
+            found.append(f"[delegation] allowed_dirs contains {d!r}: peers may run tasks "
+                         f"anywhere on this machine; list project directories instead")
+        elif path in homes or path.parent in (Path("/home"), Path("/Users")):
+            found.append(f"[delegation] allowed_dirs contains the home directory {d!r}: "
+                         f"peers may run tasks over all of it (dotfiles, keys); list project "
+                         f"directories instead")
+    return found
 
 
 def config_files(home: Home, cwd: Path | None = None,

@@ -198,6 +198,24 @@ class LoadTests(SynchronousTestCase):
         self.assertIn(str(path), str(cm.exception))
         self.assertIn("not valid TOML", str(cm.exception))
 
+    def test_deeply_nested_toml_is_a_config_error(self) -> None:
+        """Issue 11 item 10: not a RecursionError in every command."""
+        for text in ("a = " + "[" * 5000 + "]" * 5000 + "\n",
+                     "[relay]\nauto_connect = " + "[" * 500 + "]" * 500 + "\n",
+                     "x = " + "{a=" * 3000 + "1" + "}" * 3000 + "\n"):
+            path = self.project(text)
+            with self.assertRaises(ConfigError) as cm:
+                load_config(self.home, self.cwd)
+            self.assertIn(str(path), str(cm.exception))
+            self.assertIn("nested too deeply", str(cm.exception))
+
+    def test_long_wrong_value_is_cut_in_the_message(self) -> None:
+        self.project('[relay]\nlisten_port = "' + "9" * 10_000 + '"\n')
+        with self.assertRaises(ConfigError) as cm:
+            load_config(self.home, self.cwd)
+        self.assertLess(len(str(cm.exception)), 400)
+        self.assertIn("relay.listen_port", str(cm.exception))
+
     def test_hash_inside_string_is_not_a_comment(self) -> None:
         """Defect W19: values are parsed as real TOML."""
         self.project('[relay]\nlisten_addr = "a#b"\n')
@@ -233,6 +251,54 @@ class LoadTests(SynchronousTestCase):
         self.project('[relay]\nhttp_port = 8080\nauth_token = "x"\nfuture = 1\n'
                      "[tui]\ntheme = 'dark'\n[brain]\nmodel = 'x'\n")
         self.assertEqual(load_config(self.home, self.cwd).relay, RelayConfig())
+
+    def test_unknown_key_warns_with_the_nearest_known_one(self) -> None:
+        """Issue 12 item 6: `listen_prot = 9900` is not silently ignored."""
+        path = self.project('[relay]\nlisten_prot = 9900\nhttp_port = 8080\nauth_token = "x"\n'
+                            '[delegation]\nalowed_dirs = ["/srv"]\nrequire_encryption = 1\n'
+                            '[hive]\nzzzzzz = 1\n[brain]\nmodel = "x"\n')
+        config = load_config(self.home, self.cwd)
+        self.assertEqual(config.relay.listen_port, 9847)
+        self.assertEqual(config.warnings, (
+            f"{path}: unknown key 'relay.listen_prot' is ignored; did you mean "
+            f"'relay.listen_port'?",
+            f"{path}: unknown key 'hive.zzzzzz' is ignored",
+            f"{path}: unknown key 'delegation.alowed_dirs' is ignored; did you mean "
+            f"'delegation.allowed_dirs'?",
+            f"{path}: unknown key 'delegation.require_encryption' is ignored",
+        ))
+        self.assertEqual(load_config(self.home, None).warnings, ())
+
+    def test_new_keys_are_known(self) -> None:
+        self.project("[relay]\nrequire_encryption = true\n"
+                     "[delegation]\nallow_plaintext_tasks = true\n")
+        config = load_config(self.home, self.cwd)
+        self.assertEqual(config.warnings, ())
+        self.assertTrue(config.relay.require_encryption)
+        self.assertTrue(config.delegation.allow_plaintext_tasks)
+
+    def test_relative_allowed_dirs_are_refused(self) -> None:
+        """Issue 11 item 11: not silently ignored."""
+        path = self.project('[delegation]\nallowed_dirs = ["/srv/a", "proj"]\n')
+        with self.assertRaises(ConfigError) as cm:
+            load_config(self.home, self.cwd)
+        self.assertIn(str(path), str(cm.exception))
+        self.assertIn("relative path 'proj'", str(cm.exception))
+        self.project('[delegation]\nallowed_dirs = ["/srv/a", "~", "~/p"]\n')
+        self.assertEqual(load_config(self.home, self.cwd).delegation.allowed_dirs,
+                         ("/srv/a", "~", "~/p"))
+
+    def test_risky_allowed_dirs(self) -> None:
+        from claudectl.config import risky_settings
+
+        self.project(f'[delegation]\nallowed_dirs = ["/", "~", "/home/alice/", '
+                     f'"{self.home.root}", "/srv/proj", "~/proj"]\n')
+        found = risky_settings(load_config(self.home, self.cwd), self.home.root)
+        self.assertEqual(len(found), 4, found)
+        self.assertIn("allowed_dirs contains '/': peers may run tasks anywhere", found[0])
+        self.assertIn("home directory '~'", found[1])
+        self.assertIn("home directory '/home/alice/'", found[2])
+        self.assertEqual(risky_settings(Config(), self.home.root), [])
 
     def test_float_accepted_for_trust(self) -> None:
         self.project("[hive]\ndefault_trust = 1\n[delegation]\nmin_trust = 0.25\n")

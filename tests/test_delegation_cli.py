@@ -62,6 +62,22 @@ class CliTests(TestCase):
         self.assertIn("Not logged in", r.stdout)
         self.assertIn("[b] skipped: dependency failed: a", r.stdout)
 
+    def test_local_tasks_that_cannot_start(self):
+        """Issue 12 item 1: two local tasks, `claude` not found: both fail
+        cleanly, no AlreadyCalledError, no bogus second line for t1."""
+        self.home.config_file.write_text(
+            '[delegation]\nclaude_command = "claude-not-installed-here"\n')
+        f = self.write("tasks.json", {"tasks": [{"name": "t1", "prompt": "a"},
+                                                {"name": "t2", "prompt": "b"}]})
+        r = self.claudectl("run", f)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertNotIn("Traceback", r.stdout + r.stderr)
+        self.assertNotIn("AlreadyCalled", r.stdout + r.stderr)
+        self.assertEqual(r.stdout.count("[t1] failed"), 1, r.stdout)
+        self.assertIn("[t2] failed", r.stdout)
+        self.assertIn("could not start Claude Code", r.stdout)
+        self.assertIn("Error: 2 of 2 task(s) did not complete", r.stderr)
+
     def test_validation_before_anything_starts(self):
         f = self.write("tasks.json", {"tasks": [
             {"name": "a", "prompt": "fake:edit", "peer": "nobody-1"}]})
@@ -71,11 +87,19 @@ class CliTests(TestCase):
         self.assertFalse((self.work / "fake-claude.txt").exists())
 
     def test_relay_commands_need_the_service(self):
-        for args in (["relay", "status"], ["relay", "delegate", "p-1", "hi"],
+        r = self.claudectl("relay", "status")  # shows the stored tasks instead
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("The relay service is not running", r.stdout)
+        self.assertIn("No delegated tasks", r.stdout)
+        for args in (["relay", "delegate", "p-1", "hi"],
                      ["relay", "interrupt", "task_1", "stop"]):
             r = self.claudectl(*args)
             self.assertEqual(r.returncode, 1, args)
             self.assertIn("Error: the relay service is not running", r.stderr)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class InterruptedRunTests(SynchronousTestCase):
@@ -95,9 +119,12 @@ class InterruptedRunTests(SynchronousTestCase):
             {"name": "local", "prompt": prompt}]}))
         marker = {"CLAUDE_FAKE_LOG": str(home.root / "fake.log")}  # reaches the fake's tree
         self.addCleanup(sweep.kill_tagged, marker)
+        # A suite started with SIGINT ignored (a background job, `trap '' INT`)
+        # passes that on, and a process that starts with SIGINT ignored keeps
+        # ignoring it: give the child the default disposition, as a terminal would.
         p = subprocess.Popen([sys.executable, "-m", "claudectl", "run", "tasks.json"], cwd=work,
                              env=subprocess_env(home, **marker), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
         self.addCleanup(lambda: p.poll() is None and p.kill())
         expected = 1 + prompt.count("+") + 1  # the fake, its extras, the hang grandchild
         deadline = time.monotonic() + 20

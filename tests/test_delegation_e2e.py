@@ -78,6 +78,34 @@ class DelegationEndToEndTests(SynchronousTestCase):
         self.assertTrue((self.proj / "fake-claude.txt").exists())
         text = ok(run_cli(self.ctl, "relay", "status"))
         self.assertIn(task["task_id"], text)
+        self.assertIn("Delegated by this machine (outgoing):", text)
+        self.assertNotIn("(incoming)", text)
+        # Issue 12 item 8: the worker sees the task it ran for the controller.
+        cid = ok(run_cli(self.ctl, "relay", "identity")).strip()
+        text = ok(run_cli(self.worker, "relay", "status"))
+        self.assertIn("Run here for peers (incoming):", text)
+        self.assertNotIn("(outgoing)", text)
+        self.assertIn(task["task_id"], text)
+        self.assertIn(cid, text)
+        data = json.loads(ok(run_cli(self.worker, "--json", "relay", "status")))
+        self.assertEqual(data["tasks"], [])
+        self.assertTrue(data["service_running"])
+        [theirs] = data["incoming"]
+        self.assertEqual((theirs["task_id"], theirs["peer"], theirs["state"], theirs["direction"]),
+                         (task["task_id"], cid, "completed", "incoming"))
+        one = json.loads(ok(run_cli(self.worker, "--json", "relay", "status", task["task_id"])))
+        self.assertEqual(one["direction"], "incoming")
+        # Stopped services: both sides still show their stored tasks (issue 12 item 14).
+        self.assertEqual(self.w.stop(), 0)
+        text = ok(run_cli(self.worker, "relay", "status"))
+        self.assertIn("The relay service is not running: stored tasks, as last saved.", text)
+        self.assertIn("Run here for peers (incoming):", text)
+        self.assertIn(task["task_id"], text)
+        self.assertEqual(self.c.stop(), 0)
+        data = json.loads(ok(run_cli(self.ctl, "--json", "relay", "status")))
+        self.assertFalse(data["service_running"])
+        self.assertEqual([t["task_id"] for t in data["tasks"]], [task["task_id"]])
+        self.assertEqual(data["tasks"][0]["state"], "completed")
 
     def test_refused_outside_allowed_dirs(self) -> None:
         other = Path(self.mktemp()).absolute()

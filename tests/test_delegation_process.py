@@ -381,6 +381,11 @@ class RealSpawnTests(TestCase):
         self.assertEqual((o.state, o.summary), ("stopped", "Stopped by controller: no longer needed"))
         self.assertEqual(o.signal, signal.SIGKILL)
         # The grandchild (sleep 600) is gone too: nothing of the group is alive.
+        # A killed process closes its pipes (which ends the run) a moment before
+        # it is a zombie; under load (trial -j2) that moment is visible: wait.
+        deadline = reactor.seconds() + 10
+        while live_group_members(pgid) and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(live_group_members(pgid), [])
 
     async def test_exec_failure_is_reported_by_the_trampoline(self):

@@ -67,3 +67,27 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual(states["b"].message, "dependency failed: a")
         self.assertEqual(states["a"].attempts, 2)
         self.assertFalse(r.all_completed)
+
+    def test_tasks_that_end_at_once_fire_the_result_once(self):
+        """Issue 12 item 1: a task that cannot start ends synchronously; the
+        next one starts from inside that ending, and the run ends once."""
+        from twisted.internet.defer import succeed
+
+        def cannot_start(task, prompt, progress):
+            self.calls.append(task.name)
+            return succeed(R.AttemptResult(False, "", "could not start Claude Code"))
+
+        for parallel in (False, True):
+            self.calls.clear()
+            tf = TF.parse({"tasks": [{"name": "t1", "prompt": "a"},
+                                     {"name": "t2", "prompt": "b"},
+                                     {"name": "t3", "prompt": "c", "depends_on": ["t1"]}]})
+            lines = []
+            r = R.TaskFileRunner(tf, cannot_start, cannot_start, self.clock, lines.append,
+                                 parallel)
+            states = self.successResultOf(r.run())
+            self.assertEqual(self.calls, ["t1", "t2"])
+            self.assertEqual([states[n].status for n in ("t1", "t2", "t3")],
+                             ["failed", "failed", "skipped"])
+            self.assertEqual([ln for ln in lines if "failed:" in ln and "[t1]" in ln], [])
+            self.assertEqual(self.flushLoggedErrors(), [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -46,7 +47,8 @@ class HiveCliTests(SynchronousTestCase):
                   + [decision(20 + i, tool="Read", command="/x/a.rs") for i in range(5)])
         self.assertIn("Distilled 15 decision(s): 3 new", self.ok("hive", "distill"))
         table = self.ok("hive", "knowledge")
-        self.assertIn("[Bash, cargo test] approve (100%)", table)
+        # The table says what the percentage is (issue 12 item 14: not `deny (0%)`).
+        self.assertIn("[Bash, cargo test] approve (100% accepted over 10)", table)
         self.assertIn("3 unit(s)", table)
         units = json.loads(self.ok("hive", "knowledge", "--json"))
         self.assertEqual(len(units), 3)
@@ -118,8 +120,9 @@ class HiveCliTests(SynchronousTestCase):
     def test_trust_errors_and_unfreeze(self) -> None:
         self.assertEqual(run(self.home, "hive", "trust", "p", "high")[0], 1)
         self.assertEqual(run(self.home, "hive", "trust", "bad id!")[0], 1)
-        self.assertIn("no record yet", self.ok("hive", "trust", "p"))
         self.assertIn("No peers yet", self.ok("hive", "trust"))
+        KeyStore(self.home).save_key("p", b"k" * 32)  # paired: known, no trust record
+        self.assertIn("no record yet", self.ok("hive", "trust", "p"))
         self.ok("hive", "trust", "p", "0.6")
         from claudectl.hive.trust import trust_transaction
         with trust_transaction(self.home) as book:
@@ -127,6 +130,60 @@ class HiveCliTests(SynchronousTestCase):
         self.assertIn("frozen: test", self.ok("hive", "trust", "p"))
         self.assertIn("p unfrozen.", self.ok("hive", "trust", "p", "--unfreeze"))
         self.assertFalse(load_trust(self.home).is_frozen("p"))
+
+    def test_trust_refuses_unknown_peers_and_resolves_prefixes(self) -> None:
+        """Issue 12 item 5: a typo does not create a trust record."""
+        code, _, err = run(self.home, "hive", "trust", "laptop-a3f2", "0.9")
+        self.assertEqual(code, 1)
+        self.assertIn("Error: unknown peer 'laptop-a3f2'; no peers yet", err)
+        ks = KeyStore(self.home)
+        ks.save_key("laptop-a3f29b1c", b"k" * 32)
+        ks.save_key("laptop-b0000000", b"k" * 32)
+        ks.save_key("ci-runner-1", b"k" * 32)
+        code, _, err = run(self.home, "hive", "trust", "laptpo-a3f29b1c", "0.9")
+        self.assertEqual(code, 1)
+        self.assertIn("unknown peer 'laptpo-a3f29b1c'; did you mean laptop-a3f29b1c?", err)
+        code, _, err = run(self.home, "hive", "trust", "laptop", "0.9")
+        self.assertEqual(code, 1)
+        self.assertIn("'laptop' matches several peers: laptop-a3f29b1c, laptop-b0000000", err)
+        self.assertFalse(load_trust(self.home).records)
+        out = self.ok("hive", "trust", "laptop-a", "0.9")
+        self.assertIn("Trust for laptop-a3f29b1c set to 0.90 (Confirmed)", out)
+        self.assertEqual(sorted(load_trust(self.home).records), ["laptop-a3f29b1c"])
+        self.assertIn("laptop-a3f29b1c: trust 0.90", self.ok("hive", "trust", "laptop-a"))
+        self.assertEqual(run(self.home, "hive", "trust", "nobody", "--unfreeze")[0], 1)
+
+    def test_fresh_home_explains_and_record_feeds_distill(self) -> None:
+        """Issue 12 item 16: where decisions come from, and a way to make some."""
+        out = self.ok("hive", "distill")
+        self.assertIn("Distilled 0 decision(s)", out)
+        self.assertIn(f"No decision log yet ({self.home.brain / 'decisions.jsonl'})", out)
+        self.assertIn('claudectl hive record --tool Bash --command "cargo test" --count 10', out)
+        out = self.ok("hive", "record", "--tool", "Bash", "--command", "cargo test",
+                      "--count", "10")
+        self.assertIn("Recorded 10 decision(s)", out)
+        self.ok("hive", "record", "--tool", "Bash", "--command", "rm -rf build", "--user",
+                "reject", "--count", "6")
+        path = self.home.brain / "decisions.jsonl"
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        records = [json.loads(ln) for ln in path.read_text().splitlines()]
+        self.assertEqual(len(records), 16)
+        # claudectl 0.64's shape (hive.md 5.1).
+        first = records[0]
+        self.assertIsInstance(first["ts"], str)
+        self.assertRegex(first["decision_id"], r"^dec_\d+_\d+_0$")
+        for key in ("pid", "project", "tool", "command", "brain_action", "brain_confidence",
+                    "brain_reasoning", "user_action", "decision_type", "suggested_at",
+                    "resolved_at", "decision_id"):
+            self.assertIn(key, first)
+        self.assertEqual((records[-1]["user_action"], records[-1]["brain_action"]),
+                         ("reject", "deny"))
+        out = self.ok("hive", "distill")
+        self.assertIn("Distilled 16 decision(s): 3 new", out)
+        self.assertNotIn("No decision log yet", out)
+        table = self.ok("hive", "knowledge")
+        self.assertIn("[Bash, cargo test] approve (100% accepted over 10)", table)
+        self.assertIn("[Bash, rm] deny (0% accepted over 6)", table)
 
     def test_archive_command(self) -> None:
         self.assertIn("Archive: 0 unit(s)", self.ok("hive", "archive"))

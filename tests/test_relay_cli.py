@@ -60,6 +60,9 @@ class OfflineCommandsTests(SynchronousTestCase):
         r = run_cli(self.home, "relay", "accept", "abcd", "desk")
         self.assertEqual(r.returncode, 1)
         self.assertIn("Error: invalid PSK code: expected 16 hex chars, got 4", r.stderr)
+        r = run_cli(self.home, "relay", "accept", "zzzz-1234", "desk")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("got 4 ('z' is not a hex digit and was ignored)", r.stderr)
         r = run_cli(self.home, "relay", "accept", "0123456789abcdef", "../etc")
         self.assertEqual(r.returncode, 1)
         self.assertIn("invalid peer id", r.stderr)
@@ -95,6 +98,15 @@ class OfflineCommandsTests(SynchronousTestCase):
         r = run_cli(self.home, "relay", "disconnect", "desk")
         self.assertEqual(r.returncode, 1)
         self.assertIn("not running", r.stderr)
+
+    def test_unknown_config_key_warns(self) -> None:
+        """Issue 12 item 6: a typo'd key is named, with the key it probably meant."""
+        self.home.config_file.parent.mkdir(parents=True)
+        self.home.config_file.write_text("[hive]\nmax_unit = 3\n")
+        r = run_cli(self.home, "hive", "status")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stderr, f"Warning: {self.home.config_file}: unknown key "
+                                   f"'hive.max_unit' is ignored; did you mean 'hive.max_units'?\n")
 
     def test_bad_config_names_key_and_file(self) -> None:
         self.home.config_file.parent.mkdir(parents=True)
@@ -159,6 +171,12 @@ class StoryTests(SynchronousTestCase):
             self.assertLess(time.monotonic(), deadline, "link did not come back")
             time.sleep(0.5)
         a2.expect(f"{idb} authenticated")
+        # Issue 12 item 11: the link B re-dialed by itself is dropped, and said so.
+        self.assertEqual(ok(run_cli(hb, "relay", "disconnect", ida)),
+                         f"Disconnected from {ida}.\n")
+        self.assertEqual(state(hb, ida), "disconnected")
+        self.assertEqual(ok(run_cli(hb, "relay", "disconnect", ida)),
+                         f"{ida} was not connected.\n")
         self.assertEqual(b.stop(), 0)
 
 
@@ -194,3 +212,121 @@ class ClaudectlPeerTests(SynchronousTestCase):
         self.assertEqual((row["state"], row["transport"], row["mode"]),
                          ("connected", "plaintext", "oneway"))
         serve.expect("link to claude-rs-01 is not encrypted")
+
+
+class OneServicePerHomeTests(SynchronousTestCase):
+    """Issue 12 items 7 and 10: a second `relay serve`, `-v`, a quiet log."""
+
+    def test_second_serve_and_verbose_log(self) -> None:
+        home = temp_home(self)
+        a = ServeProcess(home, ["-m", "claudectl", "-v", "--home", str(home.root), "relay",
+                                "serve", "--no-discovery", "--listen",
+                                "tcp:0:interface=127.0.0.1"])
+        self.addCleanup(a.stop)
+        port = a.port()
+        ident = KeyStore(home).identity()
+        r = run_cli(home, "relay", "serve", "--port", "0")
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(
+            r.stderr,
+            f"Error: the relay service ({ident}) is already running for home {home.root} "
+            f"(pid {a.proc.pid}, listening on port {port}); stop it with Ctrl+C in its "
+            f"terminal or `kill {a.proc.pid}`, or use another --home\n")
+        self.assertNotIn("--pidfile", r.stdout + r.stderr)
+        ok(run_cli(home, "relay", "peers"))
+        ok(run_cli(home, "relay", "status"))
+        self.assertEqual(a.stop(), 0)
+        log = "\n".join(a.lines)
+        self.assertNotIn("selected twice", log)
+        self.assertEqual(log.count("listening on 127.0.0.1"), 1, log)
+        self.assertEqual(log.count("Server Shut Down"), 1, log)
+        self.assertNotIn("connection established", log)
+        self.assertNotIn("connection lost", log)
+        self.assertNotIn("Starting factory", log)
+
+
+class DaemonLogfileTests(SynchronousTestCase):
+    def test_daemon_logfile_is_private(self) -> None:
+        """Issue 12 item 10: twistd opens its log before its 0077 umask."""
+        import signal
+        import subprocess
+        import sys
+
+        from tests.common import subprocess_env
+        from tests.test_twistd import TWISTD
+
+        home = temp_home(self)
+        pidfile, logfile = home.root / "relay.pid", home.root / "relay.log"
+        r = subprocess.run([sys.executable, "-c", TWISTD, f"--pidfile={pidfile}",
+                            f"--logfile={logfile}", "--umask=0022", "claudectl-relay",
+                            "--home", str(home.root), "--no-discovery",
+                            "--listen", "tcp:0:interface=127.0.0.1"],
+                           capture_output=True, text=True, env=subprocess_env(home),
+                           cwd=str(home.root), timeout=60)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        deadline = time.monotonic() + 20
+        while not pidfile.exists():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        pid = int(pidfile.read_text())
+        self.addCleanup(lambda: os.path.exists(f"/proc/{pid}") and os.kill(pid, signal.SIGKILL))
+        self.assertEqual(stat.S_IMODE(os.stat(logfile).st_mode), 0o600)
+        while "ready" not in logfile.read_text():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGTERM)
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class SeveralPairCodesTests(SynchronousTestCase):
+    """Issue 12 item 15: a second `relay pair` does not void the first, unused code."""
+
+    def test_two_codes_both_pair(self) -> None:
+        ha, hb, hc = temp_home(self), temp_home(self), temp_home(self)
+        first = run_cli(ha, "relay", "pair")
+        code1 = ok(first).splitlines()[2].split("PAIR CODE: ")[1]
+        self.assertEqual(first.stderr, "")
+        second = run_cli(ha, "relay", "pair")
+        code2 = ok(second).splitlines()[2].split("PAIR CODE: ")[1]
+        self.assertIn("Note: 1 earlier unused pair code(s) stay valid", second.stderr)
+        ida = ok(run_cli(ha, "relay", "identity")).strip()
+        ok(run_cli(hb, "relay", "accept", code1, ida))
+        ok(run_cli(hc, "relay", "accept", code2, ida))
+        listed = json.loads(ok(run_cli(ha, "relay", "invite", "--list", "--json")))
+        self.assertEqual([(i["kind"], i["state"]) for i in listed],
+                         [("pair", "open"), ("pair", "open")])
+
+        a = ServeProcess.serve(ha, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(a.stop)
+        port = a.port()
+        idb = ok(run_cli(hb, "relay", "identity")).strip()
+        idc = ok(run_cli(hc, "relay", "identity")).strip()
+        # B holds the first (older) code: no longer in _pending.key, still accepted.
+        r = run_cli(hb, "relay", "connect", f"127.0.0.1:{port}")
+        self.assertIn(f"{ida}", ok(r))
+        a.expect(f"{idb} authenticated")
+        r = run_cli(hc, "relay", "connect", f"127.0.0.1:{port}")
+        self.assertIn(f"{ida}", ok(r))
+        a.expect(f"{idc} authenticated")
+        ks = KeyStore(ha)
+        self.assertEqual(ks.key(idb), psk_from_code(code1))
+        self.assertEqual(ks.key(idc), psk_from_code(code2))
+        self.assertFalse((ha.peers / "_pending.key").exists())
+        listed = json.loads(ok(run_cli(ha, "relay", "invite", "--list", "--json")))
+        self.assertEqual(sorted((i["state"], i["used_by"]) for i in listed),
+                         sorted([("used", idb), ("used", idc)]))
+
+
+class StalePidTests(SynchronousTestCase):
+    def test_pid_of_another_program_does_not_block(self) -> None:
+        from claudectl.cli.base import CliContext
+        from claudectl.cli.relay_cmds import _refuse_second_service
+
+        home = temp_home(self)
+        home.ensure_private_dir(home.run_dir)
+        # This test process is alive but is not a relay service.
+        (home.run_dir / "relay.pid").write_text(f"{os.getpid()}\n")
+        _refuse_second_service(CliContext(home=home))
+        (home.run_dir / "relay.pid").write_text("999999999\n")  # no such process
+        _refuse_second_service(CliContext(home=home))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
@@ -142,3 +144,181 @@ class BackoffTests(SynchronousTestCase):
             delays.append(delay)
             reactor.advance(delay)
         return delays
+
+
+class OrdinaryMistakeTests(SynchronousTestCase):
+    """Issue 12 item 3: every ordinary mistake is a usage error when the
+    options are parsed, before twistd (or `relay serve`) starts anything."""
+
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+
+    def config(self, text: str) -> None:
+        self.home.config_file.parent.mkdir(parents=True, exist_ok=True)
+        self.home.config_file.write_text(text)
+
+    def refused(self, *args: str) -> str:
+        e = self.assertRaises(usage.UsageError, parse, "--home", str(self.home.root), *args)
+        return str(e)
+
+    def test_config_mistakes(self) -> None:
+        for text, expect in [
+            ("[relay\n", "not valid TOML"),
+            ('[relay]\nmax_peers = "lots"\n', "relay.max_peers"),
+            ("[relay]\nlisten_port = 99999\n", "relay.listen_port"),
+            ('[relay]\nlisten_addr = "not-an-ip"\n', "listen_addr 'not-an-ip' is not an IP"),
+            ("[relay]\nheartbeat_interval_secs = 0\n", "relay.heartbeat_interval_secs"),
+            ("a = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        ]:
+            self.config(text)
+            message = self.refused()
+            self.assertIn(expect, message)
+            self.assertIn(str(self.home.config_file), message)
+
+    def test_listen_mistakes(self) -> None:
+        for listen, expect in [("garbage", "Unknown endpoint type"),
+                               ("tcp:abc", "invalid literal"),
+                               ("ssl:0:privateKey=/nonexistent/k.pem", "/nonexistent/k.pem")]:
+            message = self.refused("--listen", listen)
+            self.assertIn(f"--listen {listen!r} is not a usable endpoint", message)
+            self.assertIn(expect, message)
+
+    def test_ssl_without_pyopenssl(self) -> None:
+        import sys
+        from unittest import mock
+
+        import twisted.internet
+
+        # As if pyOpenSSL were missing: importing twisted.internet.ssl fails.
+        patcher = mock.patch.dict(sys.modules, {"twisted.internet.ssl": None})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        if hasattr(twisted.internet, "ssl"):
+            saved = twisted.internet.ssl
+            del twisted.internet.ssl
+            self.addCleanup(setattr, twisted.internet, "ssl", saved)
+        message = self.refused("--listen", "ssl:0")
+        self.assertIn("--listen 'ssl:0' needs a module that is not installed", message)
+        self.assertIn("install pyOpenSSL", message)
+
+    def test_home_is_a_file(self) -> None:
+        f = self.home.root / "file"
+        f.write_text("")
+        e = self.assertRaises(usage.UsageError, parse, "--home", str(f))
+        self.assertIn(f"home {f} is not a directory", str(e))
+
+    def test_read_only_home(self) -> None:
+        import os
+
+        self.patch(os, "access", lambda path, mode: False)
+        self.assertIn("is not writable", self.refused())
+
+    def test_good_options_keep_what_they_resolved(self) -> None:
+        opts = parse("--home", str(self.home.root), "--listen", "tcp:0:interface=127.0.0.1")
+        home, config, listen = opts.resolved
+        self.assertEqual((home.root, listen), (self.home.root, "tcp:0:interface=127.0.0.1"))
+
+
+class OrdinaryMistakeProcessTests(SynchronousTestCase):
+    """The same mistakes through the real commands: one line, no traceback."""
+
+    def run_cli(self, home, *args: str):  # type: ignore[no-untyped-def]
+        import subprocess
+        import sys
+
+        from tests.common import subprocess_env
+
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                              env=subprocess_env(home), cwd=str(home.root), timeout=60)
+
+    def test_relay_serve_and_twistd(self) -> None:
+        from tests.test_twistd import TWISTD
+
+        home = temp_home(self)
+        home.config_file.parent.mkdir(parents=True)
+        cases = [('[relay]\nmax_peers = "lots"\n', [], "relay.max_peers"),
+                 ('[relay]\nlisten_addr = "not-an-ip"\n', [], "not an IP address"),
+                 ("", ["--listen", "tcp:abc"], "--listen 'tcp:abc' is not a usable endpoint")]
+        for text, extra, expect in cases:
+            home.config_file.write_text(text)
+            r = self.run_cli(home, "-m", "claudectl", "--home", str(home.root), "relay",
+                             "serve", "--no-discovery", *extra)
+            self.assertEqual(r.returncode, 1, r.stderr)
+            self.assertNotIn("Traceback", r.stdout + r.stderr)
+            [line] = r.stderr.splitlines()
+            self.assertTrue(line.startswith("Error: "), line)
+            self.assertIn(expect, line)
+            r = self.run_cli(home, "-c", TWISTD, "-n", "--pidfile=", "claudectl-relay", "--home",
+                             str(home.root), "--no-discovery", *extra)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertNotIn("Traceback", r.stdout + r.stderr)
+            self.assertIn(expect, r.stdout + r.stderr)
+
+    def test_home_that_is_a_file_or_holds_a_file(self) -> None:
+        home = temp_home(self)
+        afile = home.root / "afile"
+        afile.write_text("")
+        for args in (["relay", "pair"], ["relay", "peers"], ["hive", "status"],
+                     ["relay", "serve", "--port", "0"]):
+            r = self.run_cli(home, "-m", "claudectl", "--home", str(afile), *args)
+            self.assertEqual(r.returncode, 1, args)
+            self.assertEqual(r.stderr, f"Error: home {afile} is not a directory "
+                                       f"(check --home / CLAUDECTL_HOME)\n")
+        # A home whose .claudectl is a file: the OS error, in one line.
+        (home.root / ".claudectl").write_text("")
+        r = self.run_cli(home, "-m", "claudectl", "--home", str(home.root), "relay", "pair")
+        self.assertEqual(r.returncode, 1)
+        self.assertNotIn("Traceback", r.stderr)
+        [line] = r.stderr.splitlines()
+        self.assertIn("Error: Not a directory", line)
+        r = self.run_cli(home, "-m", "claudectl", "--home", str(home.root), "--json",
+                         "relay", "identity")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("Not a directory", json.loads(r.stdout)["error"])
+
+
+class StartWarningTests(SynchronousTestCase):
+    """Issue 12 item 6 / issue 11 item 11: what the service warns about at start."""
+
+    def start(self, home, *args: str) -> list[str]:  # type: ignore[no-untyped-def]
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        class Reactor(MemoryReactorClock):
+            """Its ports report the interface they were asked for."""
+
+            def listenTCP(self, port, factory, backlog=50, interface=""):  # type: ignore
+                from twisted.internet.address import IPv4Address
+                from twisted.internet.testing import _FakePort
+
+                super().listenTCP(port, factory, backlog, interface)
+                return _FakePort(IPv4Address("TCP", interface or "0.0.0.0", port))
+
+        reactor = Reactor()
+        svc = tap.makeService(parse("--home", str(home.root), "--no-discovery", *args),
+                              reactor=reactor)
+        with capturedLogs() as events:
+            svc.privilegedStartService()
+            svc.startService()
+        self.addCleanup(svc.stopService)
+        return [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+
+    def test_unknown_keys_and_risky_settings(self) -> None:
+        home = temp_home(self)
+        home.config_file.parent.mkdir(parents=True)
+        home.config_file.write_text('[relay]\nlisten_prot = 9900\n'
+                                    '[delegation]\nallowed_dirs = ["/"]\n')
+        warnings = self.start(home, "--listen", "tcp:0:interface=127.0.0.1")
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn("unknown key 'relay.listen_prot' is ignored; did you mean "
+                      "'relay.listen_port'?", warnings[0])
+        self.assertIn("allowed_dirs contains '/'", warnings[1])
+
+    def test_every_interface_without_require_encryption(self) -> None:
+        home = temp_home(self)
+        [warning] = self.start(home, "--listen", "tcp:0")
+        self.assertIn("listening on every interface (0.0.0.0:0) while [relay] "
+                      "require_encryption is off", warning)
+        self.assertEqual(self.start(home, "--listen", "tcp:0:interface=127.0.0.1"), [])
+        home.config_file.parent.mkdir(parents=True)
+        home.config_file.write_text("[relay]\nrequire_encryption = true\n")
+        self.assertEqual(self.start(home, "--listen", "tcp:0"), [])

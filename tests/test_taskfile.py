@@ -84,3 +84,16 @@ class TaskFileTests(SynchronousTestCase):
         self.assertEqual(loaded[0].attempts(loaded[0].tasks[0]), 2)
         (d / "bad.yaml").write_text("tasks: [")
         self.assertRaises(TF.TaskFileError, TF.load, d / "bad.yaml")
+
+    def test_empty_task_file_is_an_error(self):
+        """Issue 12 item 14: not a silent exit 0."""
+        e = self.assertRaises(TF.TaskFileError, TF.parse, {"tasks": []}, "t.json")
+        self.assertEqual(str(e), "t.json: the 'tasks' list is empty: nothing to run")
+        d = Path(self.mktemp())
+        d.mkdir()
+        for name in ("e.json", "e.yaml", "e.toml"):
+            (d / name).write_text(" \n")
+            e = self.assertRaises(TF.TaskFileError, TF.load, d / name)
+            self.assertEqual(str(e), f"{d / name}: the file is empty: nothing to run")
+        (d / "t.yaml").write_text("tasks: []\n")
+        self.assertIn("empty", str(self.assertRaises(TF.TaskFileError, TF.load, d / "t.yaml")))

@@ -45,6 +45,8 @@ class CliContext:
     stdout: IO[str] = field(default_factory=lambda: sys.stdout)
     stderr: IO[str] = field(default_factory=lambda: sys.stderr)
     _config: Config | None = None
+    #: The ``-v`` observer (removed when twistd takes over logging).
+    log_observer: Any = None
 
     @property
     def config(self) -> Config:
@@ -53,6 +55,8 @@ class CliContext:
                 self._config = load_config(self.home, self.cwd, self.config_files)
             except ConfigError as e:
                 raise CliError(str(e)) from None
+            for warning in self._config.warnings:
+                self.err(f"Warning: {warning}")
         return self._config
 
     # Everything a command prints goes through clean_text: no escape
@@ -120,6 +124,13 @@ async def _maybe_coro(value: Any) -> Any:
 
 pass_ctx = click.make_pass_decorator(CliContext)
 
+_current: list[CliContext] = []
+
+
+def current_context() -> CliContext | None:
+    """The context of the command being run (for :func:`claudectl.cli.main`'s errors)."""
+    return _current[-1] if _current else None
+
 
 def json_flag(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A local ``--json`` after the command, meaning the same as the global one."""
@@ -156,13 +167,21 @@ def cli(click_ctx: click.Context, home: str | None, json_: bool,
         config_files: tuple[str, ...], verbose: bool) -> None:
     """claudectl relay & hive mind: pair machines, share what brains learn,
     delegate tasks to Claude Code on a peer."""
+    ctx = CliContext(home=Home.resolve(home), json=json_, verbose=verbose,
+                     config_files=config_files)
     if verbose:
-        from twisted.logger import globalLogBeginner, textFileLogObserver
+        # An observer, not globalLogBeginner.beginLoggingTo: `relay serve`
+        # hands logging to twistd, which begins it (twice would log every
+        # line twice and warn "primary log target selected twice").
+        from twisted.logger import globalLogPublisher, textFileLogObserver
 
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(CleanWriter.wrap(sys.stderr))],
-                                         redirectStandardIO=False)
-    click_ctx.obj = CliContext(home=Home.resolve(home), json=json_, verbose=verbose,
-                               config_files=config_files)
+        ctx.log_observer = textFileLogObserver(CleanWriter.wrap(sys.stderr))
+        globalLogPublisher.addObserver(ctx.log_observer)
+    _current[:] = [ctx]
+    click_ctx.obj = ctx
+    if ctx.home.root.exists() and not ctx.home.root.is_dir():
+        raise CliError(f"home {ctx.home.root} is not a directory (check --home / "
+                       f"CLAUDECTL_HOME)")
 
 
 @cli.group()

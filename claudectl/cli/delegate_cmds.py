@@ -31,8 +31,10 @@ WATCH_SECS = 30.0
 PROGRESS_MIN_SECS = 2.0
 
 
-async def _call(reactor: Any, ctx: CliContext, command: type, **kwargs: Any) -> dict[str, Any]:
-    """One control-channel call; service and command errors become CliError."""
+async def _call(reactor: Any, ctx: CliContext, command: type, *, absent_ok: bool = False,
+                **kwargs: Any) -> dict[str, Any]:
+    """One control-channel call; service and command errors become CliError
+    (``absent_ok``: a service that is not running raises ServiceNotRunning)."""
     try:
         from claudectl.control.client import ServiceNotRunning, call_control
     except ImportError:  # pragma: no cover - the relay core is part of the package
@@ -42,6 +44,8 @@ async def _call(reactor: Any, ctx: CliContext, command: type, **kwargs: Any) -> 
     try:
         return await call_control(reactor, ctx.home, command, **kwargs)
     except ServiceNotRunning as e:
+        if absent_ok:
+            raise
         raise CliError(str(e)) from None
     except tuple(C.ERRORS) as e:
         raise CliError(_error_text(e)) from None
@@ -82,6 +86,23 @@ def _duration(secs: float | int) -> str:
     if secs < 3600:
         return f"{secs // 60}m{secs % 60:02d}s"
     return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
+
+
+class ProgressPrinter:
+    """Prints a followed task's progress line when what it says changed: not
+    again for a new state or elapsed time alone (a status that only moved the
+    task from queued to running printed "preparing a git checkout" twice)."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self._last: tuple[Any, ...] | None = None
+
+    def __call__(self, view: dict[str, Any]) -> None:
+        key = (view.get("last_message"), view.get("tokens"), view.get("cost_usd"))
+        if key == self._last:
+            return
+        self._last = key
+        self.out(f"  {_progress_line(view)}")
 
 
 def _progress_line(task: dict[str, Any]) -> str:
@@ -148,9 +169,11 @@ def delegate(ctx: CliContext, peer: str, prompt: tuple[str, ...], cwd: str | Non
             state["done"] = True
             return None
 
+        printer = ProgressPrinter(ctx.out)
+
         def emit(view: dict[str, Any]) -> None:
             if not ctx.json:
-                ctx.out(f"  {_progress_line(view)}")
+                printer(view)
 
         final = await follow(reactor, ctx, r["task_id"], emit, task["version"] - 1)
         state["done"] = True
@@ -183,30 +206,52 @@ def delegate(ctx: CliContext, peer: str, prompt: tuple[str, ...], cwd: str | Non
 @_json_option
 @pass_ctx
 def status(ctx: CliContext, task_id: str | None) -> None:
-    """Show delegated tasks: live state, elapsed time, tokens, cost, last message."""
+    """Show delegated tasks in both directions: those this machine delegated to
+    peers (outgoing) and those peers delegated to this machine (incoming) --
+    state, elapsed time, tokens, cost, last message.
 
-    async def go(reactor: Any) -> list[dict[str, Any]]:
+    Without a running service it shows the stored tasks.
+    """
+    from claudectl.control.client import ServiceNotRunning
+
+    async def fetch(reactor: Any, direction: str) -> list[dict[str, Any]]:
         tasks: list[dict[str, Any]] = []
         offset = 0
         while offset >= 0:
             kwargs: dict[str, Any] = {"offset": offset}
-            if task_id:
-                kwargs["task_id"] = task_id
-            r = await _call(reactor, ctx, C.ListTasks, **kwargs)
+            if direction != "outgoing":
+                kwargs["direction"] = direction
+            r = await _call(reactor, ctx, C.ListTasks, absent_ok=True, **kwargs)
             tasks.extend(json.loads(r["tasks_json"]))
             offset = r["next_offset"]
         return tasks
 
-    tasks = ctx.run(go)
-    if ctx.json:
-        ctx.emit_json(tasks[0] if task_id else {"tasks": tasks})
-        return
+    async def go(reactor: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+        try:
+            return await fetch(reactor, "outgoing"), await fetch(reactor, "incoming")
+        except ServiceNotRunning:
+            return None
+
+    fetched = ctx.run(go)
+    running = fetched is not None
+    outgoing, incoming = fetched if fetched is not None else _stored_tasks(ctx)
     if task_id:
-        t = tasks[0]
+        found = [t for t in outgoing + incoming if t["task_id"] == task_id]
+        if not found:
+            raise CliError(f"no delegated task {task_id!r} (see `claudectl relay status`)")
+        t = found[0]
+        if ctx.json:
+            ctx.emit_json(t)
+            return
+        peer_label = "Peer" if t["direction"] == "outgoing" else "From"
         for label, value in (
-                ("Task", t["task_id"]), ("Peer", t["peer"] + ("" if t["peer_connected"]
-                                                              else " (not connected)")),
-                ("State", t["state"]), ("Elapsed", _duration(t["elapsed_secs"])),
+                ("Task", t["task_id"]),
+                ("Direction", "delegated to a peer (outgoing)" if t["direction"] == "outgoing"
+                 else "run here for a peer (incoming)"),
+                (peer_label, t["peer"] + ("" if t["peer_connected"] else " (not connected)")),
+                ("State", t["state"] + ("" if running else " (stored; the relay service is "
+                                                           "not running)")),
+                ("Elapsed", _duration(t["elapsed_secs"])),
                 ("Tokens", f"{t['tokens']:,}"), ("Cost", f"${t['cost_usd']:.4f}"),
                 ("Context", f"{t['context_pct']}%"), ("CWD", t.get("cwd") or "(peer default)"),
                 ("Git ref", t.get("git_ref")), ("Result ref", t.get("result_git_ref")),
@@ -217,21 +262,54 @@ def status(ctx: CliContext, task_id: str | None) -> None:
                 # Summaries, messages and file names come from the worker peer.
                 ctx.out(f"{label + ':':<11} {clean_line(value)}")
         return
-    if not tasks:
+    if ctx.json:
+        ctx.emit_json({"tasks": outgoing, "incoming": incoming, "service_running": running})
+        return
+    if not running:
+        ctx.out("The relay service is not running: stored tasks, as last saved.")
+    if not outgoing and not incoming:
         ctx.out("No delegated tasks. Delegate one with `claudectl relay delegate <peer> <prompt>`.")
         return
-    ctx.out(f"{'TASK':<36} {'PEER':<20} {'STATE':<9} {'ELAPSED':>7} {'TOKENS':>9} "
-            f"{'COST':>8}  LAST MESSAGE")
-    for t in tasks:
-        msg = clean_line(t.get("last_message") or "")
-        if len(msg) > 60:
-            msg = msg[:59] + "…"
-        peer = clean_line(t["peer"]) + ("" if t["peer_connected"] else "*")
-        ctx.out(f"{clean_line(t['task_id']):<36} {peer:<20} {clean_line(t['state']):<9} "
-                f"{_duration(t['elapsed_secs']):>7} {t['tokens']:>9,} "
-                f"{'$' + format(t['cost_usd'], '.4f'):>8}  {msg}".rstrip())
-    if any(not t["peer_connected"] for t in tasks):
+    sections = [("Delegated by this machine (outgoing)", "PEER", outgoing),
+                ("Run here for peers (incoming)", "FROM", incoming)]
+    first = True
+    for title, peer_col, tasks in sections:
+        if not tasks:
+            continue
+        if not first:
+            ctx.out()
+        first = False
+        ctx.out(f"{title}:")
+        ctx.out(f"{'TASK':<36} {peer_col:<20} {'STATE':<9} {'ELAPSED':>7} {'TOKENS':>9} "
+                f"{'COST':>8}  LAST MESSAGE")
+        for t in tasks:
+            msg = clean_line(t.get("last_message") or "")
+            if len(msg) > 60:
+                msg = msg[:59] + "…"
+            peer = clean_line(t["peer"]) + ("" if t["peer_connected"] else "*")
+            ctx.out(f"{clean_line(t['task_id']):<36} {peer:<20} {clean_line(t['state']):<9} "
+                    f"{_duration(t['elapsed_secs']):>7} {t['tokens']:>9,} "
+                    f"{'$' + format(t['cost_usd'], '.4f'):>8}  {msg}".rstrip())
+    if any(not t["peer_connected"] for t in outgoing + incoming):
         ctx.out("* peer not connected now")
+
+
+def _stored_tasks(ctx: CliContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Both directions from the task files, for when the service is not running."""
+    from claudectl.delegation.controller import outgoing_view
+    from claudectl.delegation.store import INCOMING, OUTGOING, TaskStore
+    from claudectl.delegation.worker import incoming_view
+
+    now = time.time()
+    out: dict[str, list[dict[str, Any]]] = {OUTGOING: [], INCOMING: []}
+    for kind, view in ((OUTGOING, outgoing_view), (INCOMING, incoming_view)):
+        for rec in TaskStore(ctx.home.tasks, kind).load_all().values():
+            try:
+                out[kind].append(view(rec, now, False))
+            except (KeyError, TypeError, ValueError):
+                continue  # not a record this version can show
+        out[kind].sort(key=lambda v: (v["created_at"], v["task_id"]))
+    return out[OUTGOING], out[INCOMING]
 
 
 # --- relay interrupt ----------------------------------------------------------------
@@ -241,6 +319,7 @@ def status(ctx: CliContext, task_id: str | None) -> None:
 @click.argument("task_id")
 @click.argument("interrupt_type", type=click.Choice(["nudge", "stop"]))
 @click.argument("reason", nargs=-1)
+@_json_option
 @pass_ctx
 def interrupt(ctx: CliContext, task_id: str, interrupt_type: str, reason: tuple[str, ...]) -> None:
     """Nudge or stop a delegated task; it goes to the peer that runs it.

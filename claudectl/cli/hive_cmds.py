@@ -9,6 +9,9 @@ scripts.  Every change goes through the locked, atomic writers of
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -191,7 +194,7 @@ def knowledge(ctx: CliContext, from_: str | None, scope: str | None, type_: str 
     # VIA: the peers that delivered a unit to us (trust by path, docs/hive.md).
     rows = [(u.id, u.scope.display(), u.type, f"{u.effective_confidence(now):.2f}",
              u.evidence_count, u.source_peer, ",".join(delivery.deliverers(u)) or "-",
-             u.summary() + (" [stale]" if u.is_stale(now) else ""))
+             _shown(u) + (" [stale]" if u.is_stale(now) else ""))
             for u in units]
     _table(ctx, ("ID", "SCOPE", "TYPE", "CONF", "EVID", "FROM", "VIA", "SUMMARY"), rows)
     ctx.out(f"{len(units)} unit(s)")
@@ -203,9 +206,15 @@ def knowledge(ctx: CliContext, from_: str | None, scope: str | None, type_: str 
 @hive.command()
 @click.option("--format", "fmt", type=click.Choice(["json", "yaml"]), default="json",
               show_default=True, help="Output format.")
+@json_option
 @pass_ctx
-def export(ctx: CliContext, fmt: str) -> None:
-    """Print all knowledge units (personal ones included) for `hive import`."""
+def export(ctx: CliContext, fmt: str, json_: bool) -> None:
+    """Print all knowledge units (personal ones included) for `hive import`.
+
+    The output is JSON unless --format yaml (--json says the same as the default).
+    """
+    if _wants_json(ctx, json_) and fmt == "yaml":
+        raise CliError("--json asks for JSON but --format yaml for YAML: give one of them")
     units = _loaded_units(ctx)
     # JSON: claudectl's form, C1/bidi characters as \u escapes (same data).
     text = json_safe(export_json(units)) if fmt == "json" else export_yaml(units)
@@ -255,10 +264,23 @@ def forget(ctx: CliContext, unit_id: str, json_: bool) -> None:
         ctx.emit_json({"removed": [u.to_json() for u in gone]})
         return
     for u in gone:
-        ctx.out(f"Removed {clean_line(u.id)}: {clean_line(u.summary())}")
+        ctx.out(f"Removed {clean_line(u.id)}: {clean_line(_shown(u))}")
 
 
 # --- trust ----------------------------------------------------------------------------------
+
+
+def _shown(unit: KnowledgeUnit) -> str:
+    """A unit's summary for the CLI's tables.  A pattern says what its percentage
+    is: claudectl's summary (kept byte for byte in prompts) writes ``deny (0%)``
+    for "denied every time", which reads like "0% sure"."""
+    from claudectl.hive.units import Pattern, pct
+
+    c = unit.content
+    if isinstance(c, Pattern):
+        return (f"[{c.tool}, {c.command_pattern or '*'}] {c.preferred_action} "
+                f"({pct(c.accept_rate)}% accepted over {c.sample_count})")
+    return unit.summary()
 
 
 def _trust_json(rec: PeerTrust | None, peer: str, book: TrustBook, now: int) -> dict[str, Any]:
@@ -269,6 +291,7 @@ def _trust_json(rec: PeerTrust | None, peer: str, book: TrustBook, now: int) -> 
         out.update(rec.to_json())
         out["tier"] = rec.tier.display
         out["quarantined"] = rec.is_quarantined(now)
+    out["trust_level"] = round(out["trust_level"], 4)  # not 0.3999999999999999
     return out
 
 
@@ -293,9 +316,7 @@ def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
         if unfreeze:
             raise CliError("--unfreeze needs a peer")
         book = load_trust(ctx.home, cfg.default_trust)
-        me = _identity(ctx)
-        seen = {u.source_peer for u in load_store(ctx.home).store if u.source_peer != me}
-        peers = sorted(set(book.records) | set(KeyStore(ctx.home).known_peers()) | seen)
+        peers = _known_peers(ctx, book)
         items = [_trust_json(book.get(p), p, book, now) for p in peers]
         if _wants_json(ctx, json_):
             ctx.emit_json(items)
@@ -317,6 +338,7 @@ def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
                          _when(it.get("last_sync")), ",".join(flags) or "-"))
         _table(ctx, ("PEER", "TRUST", "TIER", "AGREED", "DISAGREED", "LAST SYNC", "FLAGS"), rows)
         return
+    peer = _resolve_known_peer(ctx, peer, load_trust(ctx.home, cfg.default_trust))
     if level is None and not unfreeze:
         book = load_trust(ctx.home, cfg.default_trust)
         it = _trust_json(book.get(peer), peer, book, now)
@@ -356,6 +378,36 @@ def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
         clamped = f" (clamped from {level})" if rec is not None and rec.trust_level != value \
             else ""
         ctx.out(f"Trust for {peer} set to {it['trust_level']:.2f} ({it['tier']}){clamped}.")
+
+
+def _known_peers(ctx: CliContext, book: Any) -> list[str]:
+    """Peers this home knows: paired, with a trust record, or the source of a unit."""
+    me = _identity(ctx)
+    seen = {u.source_peer for u in load_store(ctx.home).store if u.source_peer != me}
+    return sorted(set(book.records) | set(KeyStore(ctx.home).known_peers()) | seen)
+
+
+def _resolve_known_peer(ctx: CliContext, text: str, book: Any) -> str:
+    """A known peer id, or the one known id that ``text`` is a prefix of; else an error
+    (a typo must not create a trust record for a peer that does not exist)."""
+    known = _known_peers(ctx, book)
+    if text in known:
+        return text
+    matches = [p for p in known if p.startswith(text)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise CliError(f"{text!r} matches several peers: {', '.join(matches)}; "
+                       f"give more of the id")
+    hint = ""
+    near = difflib.get_close_matches(text, known, n=1, cutoff=0.6)
+    if near:
+        hint = f"; did you mean {near[0]}?"
+    elif known:
+        hint = f"; known peers: {', '.join(known[:10])}{' …' if len(known) > 10 else ''}"
+    else:
+        hint = "; no peers yet: pair first (`claudectl relay invite` / `relay join`)"
+    raise CliError(f"unknown peer {text!r}{hint} (see `claudectl hive trust`)")
 
 
 # --- archive, distill, curriculum ---------------------------------------------------------------
@@ -427,6 +479,79 @@ def distill(ctx: CliContext, json_: bool) -> None:
         ctx.out(f"Trust adjusted {res.drift} time(s) from new decisions.")
     ctx.out(f"Curriculum v{cur.meta['version']}: {cur.meta['unit_count']} unit(s) from "
             f"{cur.meta['source_archive_units']} archived + the store.")
+    log_path = ctx.home.brain / "decisions.jsonl"
+    if report.decisions == 0 and not log_path.exists():
+        ctx.out()
+        ctx.out(f"No decision log yet ({log_path}). claudectl's brain writes one line there "
+                f"for every tool call you approve or deny.")
+        ctx.out("To try the hive without it, record some decisions, then distil again:")
+        ctx.out('  claudectl hive record --tool Bash --command "cargo test" --count 10')
+        ctx.out('  claudectl hive record --tool Bash --command "rm -rf build" --user reject '
+                '--count 6')
+
+
+_USER_ACTIONS = ("accept", "reject", "auto", "user_approve", "rule_approve",
+                 "deny_rule_override", "rule_deny", "conflict_deny")
+
+
+@hive.command(name="record")
+@click.option("--tool", required=True, metavar="TOOL", help="The tool, e.g. Bash, Write, Read.")
+@click.option("--command", "command_", metavar="TEXT", default=None,
+              help="The command or file path, e.g. \"cargo test --all\" or /src/Cargo.lock.")
+@click.option("--user", "user_action", type=click.Choice(_USER_ACTIONS), default="accept",
+              show_default=True, help="What the user did (accept/auto/... count as approval, "
+                                      "reject/rule_deny/... as denial).")
+@click.option("--brain", "brain_action", type=click.Choice(["approve", "deny"]), default=None,
+              help="What the brain suggested (default: what the user did).")
+@click.option("--project", default="example", show_default=True, help="The project name.")
+@click.option("--count", type=click.IntRange(1, 10_000), default=1, show_default=True,
+              help="How many identical decisions to record.")
+@json_option
+@pass_ctx
+def record(ctx: CliContext, tool: str, command_: str | None, user_action: str,
+           brain_action: str | None, project: str, count: int, json_: bool) -> None:
+    """Record decisions in the brain's log, as claudectl's brain would.
+
+    claudectl's brain appends one line to ~/.claudectl/brain/decisions.jsonl
+    for every tool call you approve or deny; `hive distill` turns that log into
+    knowledge.  Without claudectl's brain, record a few decisions here to try
+    the hive, e.g. `hive record --tool Bash --command "cargo test" --count 10`.
+    """
+    from claudectl.hive.trust import NEGATIVE_ACTIONS
+
+    if brain_action is None:
+        brain_action = "deny" if user_action in NEGATIVE_ACTIONS else "approve"
+    now = _now()
+    pid = os.getpid()
+    lines = []
+    for n in range(count):
+        # claudectl 0.64's record (hive.md 5.1): ts is a string, ids dec_<epoch>_<pid>_<n>.
+        rec = {"ts": str(now), "pid": pid, "project": project, "tool": tool,
+               "command": command_, "brain_action": brain_action, "brain_confidence": 0.8,
+               "brain_reasoning": "recorded with claudectl hive record",
+               "user_action": user_action, "decision_type": "session", "suggested_at": now,
+               "resolved_at": now, "brain_decision_ms": None, "override_reason": None,
+               "rule_name": None, "cache_hit": False, "decision_id": f"dec_{now}_{pid}_{n}",
+               "decision_source": "llm", "few_shot_ids": []}
+        lines.append(json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n")
+    path = ctx.home.brain / "decisions.jsonl"
+    ctx.home.ensure_private_dir(ctx.home.brain)
+    # Append-only, as the brain writes it: whole lines in one write.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, "".join(lines).encode("utf-8"))
+    finally:
+        os.close(fd)
+    if _wants_json(ctx, json_):
+        ctx.emit_json({"recorded": count, "path": str(path), "tool": tool,
+                       "command": command_, "user_action": user_action,
+                       "brain_action": brain_action})
+        return
+    what = f"{tool} {command_!r}" if command_ else tool
+    ctx.out(f"Recorded {count} decision(s) in {path}: {what}, user {user_action}, "
+            f"brain {brain_action}.")
+    ctx.out("Run `claudectl hive distill` to turn them into knowledge units "
+            f"(a pattern needs {ctx.config.hive.export_min_evidence} decisions).")
 
 
 @hive.command()
@@ -445,7 +570,7 @@ def curriculum(ctx: CliContext, json_: bool) -> None:
             f"{len(cur.units)} unit(s), from {cur.meta.get('source_archive_units', 0)} "
             "archived unit(s) and the store")
     if cur.units:
-        rows = [(i, f"{u.confidence:.2f}", u.evidence_count, u.source_peer, u.summary())
+        rows = [(i, f"{u.confidence:.2f}", u.evidence_count, u.source_peer, _shown(u))
                 for i, u in enumerate(cur.units, 1)]
         _table(ctx, ("#", "CONF", "EVID", "FROM", "LESSON"), rows)
 

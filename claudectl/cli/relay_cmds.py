@@ -59,6 +59,7 @@ def serve(ctx: CliContext, port: int | None, listen: str | None, no_discovery: b
     This is `twistd -n claudectl-relay` with this home; for a daemon use
     twistd directly (see docs/running.md).
     """
+    _refuse_second_service(ctx)
     args = ["--nodaemon", f"--logfile={logfile}"]
     ctx.home.ensure_private_dir(ctx.home.run_dir)
     args.append(f"--pidfile={ctx.home.run_dir / 'relay.pid'}")
@@ -71,7 +72,44 @@ def serve(ctx: CliContext, port: int | None, listen: str | None, no_discovery: b
         args += ["--listen", listen]
     if no_discovery:
         args.append("--no-discovery")
+    if ctx.log_observer is not None:  # twistd logs to --logfile, -v or not
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(ctx.log_observer)
+        ctx.log_observer = None
     run_twistd(args, _run_app)
+
+
+def _refuse_second_service(ctx: CliContext) -> None:
+    """One service per home: say which one runs and how to stop it (not twistd's
+    advice about --pidfile, an option `relay serve` does not have)."""
+    import os
+
+    from claudectl.relay.runinfo import read_runinfo
+
+    info = read_runinfo(ctx.home) or {}
+    pid = info.get("pid")
+    if not isinstance(pid, int):
+        try:  # starting, not listening yet: only the pid file tells
+            pid = int((ctx.home.run_dir / "relay.pid").read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return
+    if os.path.isdir("/proc/self"):  # else (no /proc) trust the pid
+        # A pid left by a killed service may belong to another program by now.
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            return  # gone meanwhile
+        if b"claudectl" not in cmdline and b"twistd" not in cmdline:
+            return
+    ports = [p for p in info.get("ports", []) if isinstance(p, int)]
+    where = f", listening on port {', '.join(map(str, ports))}" if ports else ""
+    ident = f" ({info['identity']})" if isinstance(info.get("identity"), str) else ""
+    raise CliError(f"the relay service{ident} is already running for home {ctx.home.root} "
+                   f"(pid {pid}{where}); stop it with Ctrl+C in its terminal or "
+                   f"`kill {pid}`, or use another --home")
 
 
 def _run_app(config: Any) -> None:
@@ -80,9 +118,8 @@ def _run_app(config: Any) -> None:
     SIGTERM/SIGINT, twistd re-raises the signal to die by it; the foreground
     command exits with status 0 instead.
     """
-    from twisted.scripts import twistd
-
     from twisted.internet.error import CannotListenError
+    from twisted.scripts import twistd
 
     if config.get("logfile") in ("-", "") and not config.get("logger"):
         # The log goes to the terminal: events carry peers' text.
@@ -144,10 +181,28 @@ def run_twistd(args: list[str], run_app: Any) -> None:
 @pass_ctx
 def pair(ctx: CliContext) -> None:
     """Generate a pair code; the peer runs `claudectl relay accept <code> <your id>`."""
+    from claudectl.pairing.invites import InviteStore, InviteStoreError
+
     ks = KeyStore(ctx.home)
     ident = ks.ensure_identity()
     code, psk = new_pair_code()
+    ttl_secs = ctx.config.relay.invite_ttl_hours * 3600
+    # Every code stays valid until it is used or expires (kept as an invite
+    # record); `_pending.key` holds the newest, as claudectl writes it.
+    earlier: list[Any] = []
+    kept = True
+    try:
+        _, earlier = InviteStore(ctx.home, ks).remember_pair_code(ident, psk, ttl_secs,
+                                                                  time.time())
+    except InviteStoreError as e:
+        kept = False
+        ctx.err(f"Warning: {e}; only this new code is valid now: an earlier unused pair code "
+                f"no longer works")
     ks.save_pending_key(psk)
+    if kept and earlier:  # on stderr: stdout is claudectl's exact text / JSON
+        ctx.err(f"Note: {len(earlier)} earlier unused pair code(s) stay valid until used or "
+                f"{ctx.config.relay.invite_ttl_hours} h after they were made "
+                f"(`claudectl relay invite --list`, `--revoke ID`).")
     if ctx.json:
         ctx.emit_json({"identity": ident, "pair_code": code})
         return
@@ -157,6 +212,18 @@ def pair(ctx: CliContext) -> None:
     ctx.out()
     ctx.out("Share this code with the peer you want to connect.")
     ctx.out(f"They should run: claudectl relay accept {code} {ident}")
+
+
+def explain_code_error(code: str, message: str) -> str:
+    """claudectl's message ("... got N") plus what was ignored to get N."""
+    ignored = sorted({c for c in code if c not in "0123456789abcdefABCDEF" and c not in "-: "})
+    if not ignored:
+        return message
+    shown = ", ".join(repr(c) for c in ignored[:6]) + (" …" if len(ignored) > 6 else "")
+    return (f"{message} ({shown} {'is not a hex digit' if len(ignored) == 1 else 'are not hex digits'} "
+            f"and {'was' if len(ignored) == 1 else 'were'} ignored). A pair code from "
+            f"`relay pair` has 16 hex digits, like a3f2-9b1c-d4e5-f678; a relay code, word "
+            f"phrase or invite link goes to `claudectl relay join`")
 
 
 @relay.command()
@@ -172,7 +239,7 @@ def accept(ctx: CliContext, code: str, peer: str, force: bool) -> None:
     try:
         psk = psk_from_code(code)
     except CodeError as e:
-        raise CliError(str(e)) from None
+        raise CliError(explain_code_error(code, str(e))) from None
     ks = KeyStore(ctx.home)
     ident = ks.ensure_identity()
     if peer == ident:
@@ -351,9 +418,15 @@ def _ago(epoch: int) -> str:
 
 
 def _kb(n: int) -> str:
+    """A byte count with one unit system: ``329 B``, ``2.0 KiB``, ``1.5 MiB``."""
     if n < 1024:
         return f"{n} B"
-    return f"{n / 1024:.0f} kb"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 @relay.command()

@@ -14,9 +14,10 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from claudectl import __version__
 from claudectl.control import commands as C
@@ -161,14 +162,30 @@ class _Locators:
         return None
 
 
+class ControlAMP(amp.AMP):
+    """AMP without its two info lines per connection: every CLI command is one
+    connection, and "AMP connection established/lost" filled the service log."""
+
+    def makeConnection(self, transport: Any) -> None:
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
 class ControlFactory(Factory):
+    noisy = False  # no "Starting factory" / "Stopping factory" lines
+
     def __init__(self, node: RelayNode, parent: Any = None) -> None:
         self.node = node
         self.parent = parent
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
         locators = [RelayLocator(self.node, self.parent), *self.node.control_locators]
-        return amp.AMP(locator=_Locators(locators))
+        return ControlAMP(locator=_Locators(locators))
 
 
 class _ControlService(StreamServerEndpointService):

@@ -47,12 +47,16 @@ class Delegate(amp.Command):
 
 
 class ListTasks(amp.Command):
-    """Delegated tasks (or one), as a JSON list, from ``offset`` on."""
+    """Delegated tasks (or one), as a JSON list, from ``offset`` on.
+
+    ``direction``: ``outgoing`` (default: tasks this machine delegated) or
+    ``incoming`` (tasks peers delegated to this machine)."""
 
     commandName = b"delegation.list"
     arguments = [
         (b"task_id", amp.Unicode(optional=True)),
         (b"offset", amp.Integer(optional=True)),
+        (b"direction", amp.Unicode(optional=True)),
     ]
     response = [
         (b"tasks_json", amp.Unicode()),

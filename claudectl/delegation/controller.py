@@ -38,6 +38,27 @@ from claudectl.relay.interfaces import IMesh
 
 DELEGATED = "delegated"
 TERMINAL = FINISHED_STATES
+
+
+def outgoing_view(rec: dict[str, Any], now: float, connected: bool) -> dict[str, Any]:
+    """A task this machine delegated, as ``relay status`` shows it (also from a
+    stored record when the service is not running)."""
+    end = rec.get("ended_at") if rec["state"] in TERMINAL else None
+    elapsed = int((end if end is not None else now) - rec["created_at"])
+    stats = rec.get("stats") or {}
+    return {
+        "direction": "outgoing",
+        "task_id": rec["task_id"], "peer": rec["peer"], "state": rec["state"],
+        "prompt": rec["prompt"], "cwd": rec.get("cwd"), "git_ref": rec.get("git_ref"),
+        "created_at": rec["created_at"], "updated_at": rec["updated_at"],
+        "elapsed_secs": max(0, elapsed), "tokens": stats.get("tokens_used", 0),
+        "cost_usd": stats.get("cost_usd", 0.0), "context_pct": stats.get("context_pct", 0),
+        "files_modified": stats.get("files_modified", []),
+        "last_message": rec.get("last_message"), "summary": rec.get("summary"),
+        "result_git_ref": (rec.get("handoff") or {}).get("git_ref"),
+        "peer_connected": connected,
+        "version": rec["version"],
+    }
 MAX_WAIT_SECS = 300
 DEFAULT_ANSWER_TIMEOUT_SECS = 120
 
@@ -202,22 +223,8 @@ class DelegationController:
 
     def view(self, rec: dict[str, Any]) -> dict[str, Any]:
         """A record as ``relay status`` shows it (with elapsed and connectivity)."""
-        now = self.clock.seconds()
-        end = rec.get("ended_at") if rec["state"] in TERMINAL else None
-        elapsed = int((end if end is not None else now) - rec["created_at"])
-        stats = rec.get("stats") or {}
-        return {
-            "task_id": rec["task_id"], "peer": rec["peer"], "state": rec["state"],
-            "prompt": rec["prompt"], "cwd": rec.get("cwd"), "git_ref": rec.get("git_ref"),
-            "created_at": rec["created_at"], "updated_at": rec["updated_at"],
-            "elapsed_secs": max(0, elapsed), "tokens": stats.get("tokens_used", 0),
-            "cost_usd": stats.get("cost_usd", 0.0), "context_pct": stats.get("context_pct", 0),
-            "files_modified": stats.get("files_modified", []),
-            "last_message": rec.get("last_message"), "summary": rec.get("summary"),
-            "result_git_ref": (rec.get("handoff") or {}).get("git_ref"),
-            "peer_connected": rec["peer"] in self.mesh.connected_peers(),
-            "version": rec["version"],
-        }
+        return outgoing_view(rec, self.clock.seconds(),
+                             rec["peer"] in self.mesh.connected_peers())
 
     def list(self) -> list[dict[str, Any]]:
         recs = sorted(self.records.values(), key=lambda r: (r["created_at"], r["task_id"]))

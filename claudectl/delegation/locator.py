@@ -9,7 +9,7 @@ from typing import Any
 from twisted.protocols import amp
 
 from claudectl.delegation import commands as C
-from claudectl.delegation.controller import BadRequest, DelegationController
+from claudectl.delegation.controller import BadRequest, DelegationController, TaskUnknown
 from claudectl.delegation.text import cut_utf8
 
 #: Budget for one page of the task list (AMP values are capped at 65,535).
@@ -34,9 +34,10 @@ def _dumps(value: Any) -> str:
 
 
 class DelegationLocator(amp.CommandLocator):
-    def __init__(self, controller: DelegationController) -> None:
+    def __init__(self, controller: DelegationController, worker: Any = None) -> None:
         super().__init__()
         self.controller = controller
+        self.worker = worker
 
     @C.Delegate.responder
     def delegate(self, peer: str, prompt: str, cwd: str | None = None,
@@ -48,8 +49,17 @@ class DelegationLocator(amp.CommandLocator):
                 "task_json": _dumps(_compact(self.controller.view(rec)))}
 
     @C.ListTasks.responder
-    def list_tasks(self, task_id: str | None = None, offset: int | None = None) -> dict[str, Any]:
-        if task_id:
+    def list_tasks(self, task_id: str | None = None, offset: int | None = None,
+                   direction: str | None = None) -> dict[str, Any]:
+        if direction == "incoming":
+            views = self.worker.views() if self.worker is not None else []
+            if task_id:
+                views = [v for v in views if v["task_id"] == task_id]
+                if not views:
+                    raise TaskUnknown(f"no task {task_id} was delegated to this machine")
+        elif direction not in (None, "", "outgoing"):
+            raise BadRequest(f"direction must be outgoing or incoming, not {direction!r}")
+        elif task_id:
             views = [self.controller.view(self.controller.get(task_id))]
         else:
             views = self.controller.list()

@@ -73,6 +73,11 @@ class TaskFileRunner:
         self.parallel = parallel
         self.states = {t.name: TaskState(t) for t in taskfile.tasks}
         self._done: Deferred[dict[str, TaskState]] = Deferred()
+        #: A task that ends synchronously (it could not start) re-enters
+        #: :meth:`_schedule` from inside it; the inner call only asks the
+        #: outer one for another pass, so ``_done`` fires exactly once.
+        self._scheduling = False
+        self._again = False
 
     def run(self) -> Deferred[dict[str, TaskState]]:
         self._schedule()
@@ -83,8 +88,19 @@ class TaskFileRunner:
         return all(s.status == COMPLETED for s in self.states.values())
 
     def _schedule(self) -> None:
-        if self._done.called:
+        if self._scheduling:
+            self._again = True
             return
+        self._scheduling = True
+        try:
+            self._again = True
+            while self._again and not self._done.called:
+                self._again = False
+                self._schedule_pass()
+        finally:
+            self._scheduling = False
+
+    def _schedule_pass(self) -> None:
         changed = True
         while changed:  # skipping one task can make others skippable
             changed = False

@@ -82,7 +82,7 @@ def attach(node: Any, parent: Any) -> DelegationService:
     mesh.add_handler(TASK_HANDOFF, controller.on_handoff)
     mesh.add_link_observer(worker.on_link_up, None)
     mesh.add_link_observer(controller.on_link_up, None)
-    node.control_locators.append(DelegationLocator(controller))
+    node.control_locators.append(DelegationLocator(controller, worker))
     service = DelegationService(worker, controller)
     providers = getattr(node, "status_providers", None)
     if isinstance(providers, list):

@@ -87,6 +87,8 @@ def expand_template(prompt: str, outputs: dict[str, str]) -> str:
 
 def _parse_text(text: str, path: str) -> Any:
     suffix = Path(path).suffix.lower()
+    if not text.strip():
+        raise TaskFileError(f"{path}: the file is empty: nothing to run")
     try:
         if suffix in (".yaml", ".yml"):
             import yaml
@@ -125,6 +127,8 @@ def parse(data: Any, path: str = "<tasks>",
                             f"(allowed: retries, tasks)")
     if not isinstance(data.get("tasks"), list):
         raise TaskFileError(f"{path}: 'tasks' must be a list")
+    if not data["tasks"]:
+        raise TaskFileError(f"{path}: the 'tasks' list is empty: nothing to run")
     file_retries = _opt_int(data.get("retries"), path)
     tasks: list[TaskDef] = []
     for i, raw in enumerate(data["tasks"]):

@@ -132,6 +132,29 @@ class WorkerTask:
         }
 
 
+def incoming_view(rec: dict[str, Any], now: float, connected: bool) -> dict[str, Any]:
+    """A task a peer delegated to this machine (a worker record), shaped like
+    the controller's view so ``relay status`` shows both directions."""
+    stats = rec.get("stats") or {}
+    handoff = rec.get("handoff") or {}
+    start = rec.get("accepted_at") or now
+    end = rec.get("ended_at")
+    finished = rec.get("state") in FINISHED_STATES
+    elapsed = int(((end if finished and end is not None else now)) - start)
+    return {
+        "direction": "incoming",
+        "task_id": rec["task_id"], "peer": rec.get("peer", ""), "state": rec.get("state", ""),
+        "prompt": rec.get("prompt") or "", "cwd": rec.get("cwd"), "git_ref": rec.get("git_ref"),
+        "created_at": start, "updated_at": end if end is not None else start,
+        "elapsed_secs": max(0, elapsed), "tokens": stats.get("tokens_used", 0),
+        "cost_usd": stats.get("cost_usd", 0.0), "context_pct": stats.get("context_pct", 0),
+        "files_modified": stats.get("files_modified", []),
+        "last_message": stats.get("last_activity"), "summary": handoff.get("summary"),
+        "result_git_ref": handoff.get("git_ref"), "peer_connected": connected,
+        "version": 0,
+    }
+
+
 class DelegationWorker:
     _log = Logger()
 
@@ -580,6 +603,14 @@ class DelegationWorker:
         return real
 
     # --- running ---------------------------------------------------------------------
+    def views(self) -> list[dict[str, Any]]:
+        """Every task peers delegated here that is still kept (recovered at start
+        too, see :meth:`recover`), oldest first."""
+        now = self.clock.seconds()
+        connected = set(self.mesh.connected_peers())
+        views = [incoming_view(t.record(), now, t.peer in connected) for t in self.tasks.values()]
+        return sorted(views, key=lambda v: (v["created_at"], v["task_id"]))
+
     def running_count(self) -> int:
         return sum(1 for t in self.tasks.values() if t.run.state == RUNNING)
 

@@ -64,6 +64,7 @@ HOUR = 3600
 DAY = 24 * HOUR
 CLOSED_RETENTION_SECS = 7 * DAY
 FILE_VERSION = 1
+PAIR_CODE = "pair"
 INVITE_ID_BYTES = 4
 #: How long after an invite closed a late joiner is still told why (the
 #: listener answers its PAKE for this long, so its selector stays taken).
@@ -110,6 +111,9 @@ class Invite:
     state: str = OPEN
     used_by: str | None = None
     closed_at: int | None = None
+    #: ``invite`` (``relay invite``) or ``pair`` (a raw ``relay pair`` code:
+    #: only its link key, no address, no relay code).
+    kind: str = "invite"
 
     def __repr__(self) -> str:  # secrets stay out of logs and tracebacks
         return f"Invite(id={self.id!r}, state={self.state!r}, address={self.address!r})"
@@ -124,6 +128,8 @@ class Invite:
 
     @property
     def address(self) -> str:
+        if self.kind == PAIR_CODE:
+            return "(relay pair code)"
         return codes.format_socket_address(self.host, self.port)
 
     @property
@@ -181,6 +187,7 @@ class Invite:
             "state": self.state,
             "used_by": self.used_by,
             "closed_at": self.closed_at,
+            "kind": self.kind,
         }
 
     @classmethod
@@ -201,7 +208,8 @@ class Invite:
                    host=str(data["host"]), port=data["port"], link_psk=link_psk,
                    code_password=password, has_code=bool(data.get("has_code", True)),
                    state=data["state"], used_by=data.get("used_by"),
-                   closed_at=data.get("closed_at"))
+                   closed_at=data.get("closed_at"),
+                   kind=PAIR_CODE if data.get("kind") == PAIR_CODE else "invite")
 
 
 def public_view(invite: Invite, now: float) -> dict[str, Any]:
@@ -213,6 +221,7 @@ def public_view(invite: Invite, now: float) -> dict[str, Any]:
         "created_at": invite.created_at,
         "expires_at": invite.expires_at,
         "used_by": invite.used_by,
+        "kind": invite.kind,
     }
 
 
@@ -279,7 +288,8 @@ class InviteStore:
         for inv in invites:
             if inv.state == OPEN and inv.state_at(now) == EXPIRED:
                 inv = replace(inv, state=EXPIRED, closed_at=inv.expires_at)
-                self._drop_pending(inv)
+                if inv.kind != PAIR_CODE:  # the newest pair code never expires (claudectl)
+                    self._drop_pending(inv)
             if inv.state != OPEN and (inv.closed_at or 0) + CLOSED_RETENTION_SECS < now:
                 continue
             keep.append(inv)
@@ -325,6 +335,33 @@ class InviteStore:
         raise InviteStoreError(
             f"too many invites with a relay code are open ({len(taken_selectors)}); "
             f"revoke some first (claudectl relay invite --list, --revoke ID)")
+
+    def remember_pair_code(self, identity: str, psk: bytes, ttl_secs: int,
+                           now: float) -> tuple[Invite, list[Invite]]:
+        """
+        Keep a ``relay pair`` code's key as an open invite, so that it stays
+        valid after the next ``relay pair`` overwrites ``_pending.key`` (the
+        listener accepts the link key of every open invite).  Returns the new
+        record and the earlier pair codes that are still open.  The caller
+        writes ``_pending.key`` itself.
+        """
+        if ttl_secs <= 0:
+            raise ValueError("a pair code needs a positive lifetime")
+        with self._editing() as invites:
+            self._sweep(invites, now)
+            self._reconcile(invites, now)
+            taken = {i.id for i in invites}
+            invite_id = self._random(INVITE_ID_BYTES).hex()
+            while invite_id in taken:
+                invite_id = self._random(INVITE_ID_BYTES).hex()
+            earlier = [i for i in invites if i.kind == PAIR_CODE and i.is_open(now)]
+            record = Invite(id=invite_id, created_at=int(now), expires_at=int(now + ttl_secs),
+                            identity=identity, host="", port=0, link_psk=psk,
+                            code_password=self._random(codes.SECRET_BYTES), has_code=False,
+                            kind=PAIR_CODE)
+            invites.append(record)
+        log.info("pair code {invite_id} open for {ttl} s", invite_id=record.id, ttl=ttl_secs)
+        return record, earlier
 
     def list(self, now: float) -> list[Invite]:
         """Every remembered invite, oldest first, with expiry applied."""

@@ -29,7 +29,8 @@ def peer_rows(keystore: KeyStore, mesh: Mesh | None = None,
             "mode": "mutual" if keystore.is_mutual(peer) else None,
             #: "tls1.3" / "plaintext" for a live link, None when not connected.
             "transport": None,
-            "trust": trust_of(peer) if trust_of is not None else None,
+            # Rounded: sums of drifts print as 0.3999999999999999 otherwise.
+            "trust": round(trust_of(peer), 4) if trust_of is not None else None,
             "bytes_up": 0,
             "bytes_down": 0,
         }

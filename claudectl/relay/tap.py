@@ -30,7 +30,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from claudectl.config import Config, ConfigError, load_config
+from claudectl.config import Config, ConfigError, load_config, risky_settings
 from claudectl.home import Home
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
 from claudectl.relay.node import RelayFactory, RelayNode
@@ -83,6 +83,53 @@ class Options(usage.Options):
             self["port"] = port
         if self["listen"] is not None and self["port"] is not None:
             raise usage.UsageError("give --listen or --port, not both")
+        # Every ordinary mistake (home, config, listen endpoint) is a usage
+        # error here, before twistd starts anything: twistd prints it as one
+        # line instead of a traceback from makeService.
+        home, config = resolve_config(self)
+        self.resolved = (home, config, listen_string(self, config))
+
+
+def check_home(home: Home) -> None:
+    """Refuse a home that is a file, or whose data directory cannot be created or written."""
+    import os
+
+    if home.root.exists() and not home.root.is_dir():
+        raise usage.UsageError(f"home {home.root} is not a directory (check --home / "
+                               f"CLAUDECTL_HOME)")
+    path = home.relay
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise usage.UsageError(f"{path} is not a directory, so {home.data} cannot be used")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise usage.UsageError(f"{path} is not writable: claudectl keeps its data in "
+                               f"{home.data}")
+
+
+def listen_string(options: Any, config: Config) -> str:
+    """The endpoint to listen on (--listen, else the config), checked by parsing it."""
+    listen = options.get("listen")
+    what = "--listen"
+    if listen is None:
+        what = "[relay] listen_addr / listen_port"
+        try:
+            listen = listen_endpoint_string(config.relay.listen_addr, config.relay.listen_port)
+        except AddressError as e:
+            where = ", ".join(config.sources) or "config"
+            raise usage.UsageError(f"{where}: [relay] {e}; use an IP address such as "
+                                   f"\"0.0.0.0\" or \"::\"") from None
+    try:
+        # Parsing builds the endpoint without listening (ssl: reads its files).
+        serverFromString(None, listen)
+    except ImportError as e:
+        raise usage.UsageError(f"{what} {listen!r} needs a module that is not installed "
+                               f"({e.name or e}); for ssl: install pyOpenSSL") from None
+    except Exception as e:  # each endpoint parser has its own errors
+        detail = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) else str(e)
+        raise usage.UsageError(f"{what} {listen!r} is not a usable endpoint: {detail} "
+                               f"(e.g. tcp:9847:interface=0.0.0.0)") from None
+    return listen
 
 
 class RelayService(MultiService):
@@ -93,6 +140,11 @@ class RelayService(MultiService):
         self.node = node
 
     def startService(self) -> None:
+        # (not a "warning" field: the legacy observers take that for a Python warning)
+        for problem in self.node.config.warnings:
+            log.warn("{problem}", problem=problem)
+        for problem in risky_settings(self.node.config, self.node.home.root):
+            log.warn("{problem}", problem=problem)
         super().startService()
         if self.node.tls is not None:
             # Make (or load) the TLS key and certificate now, not during the
@@ -149,6 +201,12 @@ class _ListeningService(StreamServerEndpointService):
                      address=format_address(addr.host, addr.port))
             write_runinfo(self.node.home, self.node.identity,
                           [p.getHost().port for p in self.node.listening_ports])
+            if addr.host in ("0.0.0.0", "::") and not self.node.config.relay.require_encryption:
+                log.warn("listening on every interface ({address}) while [relay] "
+                         "require_encryption is off: anyone who can reach this port may try "
+                         "to connect, and links to peers without TLS are not encrypted. Set "
+                         "[relay] require_encryption = true, or listen_addr to one address "
+                         "(e.g. \"127.0.0.1\")", address=format_address(addr.host, addr.port))
             for cb in list(self.node.on_listening):
                 cb(addr.port)
         else:
@@ -158,6 +216,7 @@ class _ListeningService(StreamServerEndpointService):
 
 def resolve_config(options: Any) -> tuple[Home, Config]:
     home = Home.resolve(options.get("home"))
+    check_home(home)
     try:
         config = load_config(home, Path.cwd(), options.get("config") or [])
     except ConfigError as e:
@@ -175,18 +234,18 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    home, config = resolve_config(options)
-    listen = options.get("listen")
-    if listen is None:
-        try:
-            listen = listen_endpoint_string(config.relay.listen_addr, config.relay.listen_port)
-        except AddressError as e:
-            raise usage.UsageError(str(e)) from None
+    resolved = getattr(options, "resolved", None)
+    if resolved is None:  # options built by hand, not parsed
+        home, config = resolve_config(options)
+        resolved = (home, config, listen_string(options, config))
+    home, config, listen = resolved
+    _create_private_logfile(options)
     node = RelayNode(home, config, reactor)
     top = RelayService(node)
 
-    listener = _ListeningService(node, serverFromString(reactor, listen), RelayFactory(node),
-                                 "relay")
+    factory = RelayFactory(node)
+    factory.noisy = False  # no "Starting factory" / "Stopping factory" lines
+    listener = _ListeningService(node, serverFromString(reactor, listen), factory, "relay")
     listener.setName("listener")
     listener.setServiceParent(top)
 
@@ -206,6 +265,30 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     if config.relay.lan_discovery:
         _attach_announcer(node, top)
     return top
+
+
+def _create_private_logfile(options: Any) -> None:
+    """
+    Create twistd's ``--logfile`` with mode 0600 if it does not exist yet.
+
+    twistd opens the log before it applies its daemon umask (0077), so the
+    file would be created 0644; makeService runs before that, and files made by
+    rotation later are created under the umask.
+    """
+    import os
+
+    parent = getattr(options, "parent", None)
+    if parent is None or not hasattr(parent, "get") or parent.get("syslog"):
+        return
+    name = parent.get("logfile")
+    if not name and not parent.get("nodaemon"):
+        name = "twistd.log"  # twistd's default for a daemon
+    if not name or name == "-":
+        return
+    try:
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    except OSError as e:
+        raise usage.UsageError(f"cannot create the log file {name}: {e.strerror}") from None
 
 
 def _attach_announcer(node: RelayNode, parent: MultiService) -> None:
