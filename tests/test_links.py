@@ -158,8 +158,9 @@ class ConnectAddressTests(TwoServices):
         wrong = f"127.0.0.1:{c.port()}"
         r = run_cli(self.hb, "relay", "connect", wrong, "--peer", self.ida, "--json")
         self.assertEqual(r.returncode, 1, (r.stdout, r.stderr))
-        self.assertIn(f"the listener at this address is {idc}, not {self.ida}", r.stderr)
-        self.assertIn(f"the link to {self.ida} stays up", r.stderr)
+        error = json.loads(r.stdout)["error"]  # --json: the error is JSON on stdout
+        self.assertIn(f"the listener at this address is {idc}, not {self.ida}", error)
+        self.assertIn(f"the link to {self.ida} stays up", error)
         self.assert_untouched()
         # C never saw a proof: the connector hung up after the challenge.
         self.assertFalse(any("wrong proof" in line or "authenticated" in line

@@ -158,12 +158,13 @@ class RelayStatusTests(SynchronousTestCase, OutputChecks):
         self.assertEqual(table.returncode, 0, table.stderr)
         self.assertClean(table.stdout, "relay status")
         self.assertIn(task, table.stdout)
-        self.assertEqual(len(table.stdout.splitlines()), 3, table.stdout)  # header, task, *
+        # section title, header, task, "*" note
+        self.assertEqual(len(table.stdout.splitlines()), 4, table.stdout)
         one = run_cli(home, "relay", "status", task)
         self.assertEqual(one.returncode, 0, one.stderr)
         self.assertClean(one.stdout, "relay status TASK")
         labels = [ln.split(":", 1)[0] for ln in one.stdout.splitlines()]
-        self.assertEqual(labels, ["Task", "Peer", "State", "Elapsed", "Tokens", "Cost",
+        self.assertEqual(labels, ["Task", "Direction", "Peer", "State", "Elapsed", "Tokens", "Cost",
                                   "Context", "CWD", "Result ref", "Files", "Prompt", "Last",
                                   "Summary"])
         self.assertIn("all good Error: fake line  ## Injected heading", one.stdout)

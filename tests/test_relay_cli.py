@@ -173,10 +173,12 @@ class StoryTests(SynchronousTestCase):
         a2.expect(f"{idb} authenticated")
         # Issue 12 item 11: the link B re-dialed by itself is dropped, and said so.
         self.assertEqual(ok(run_cli(hb, "relay", "disconnect", ida)),
-                         f"Disconnected from {ida}.\n")
+                         f"Disconnected from {ida}; the service stopped redialing it (until it "
+                         f"restarts).\n")
         self.assertEqual(state(hb, ida), "disconnected")
         self.assertEqual(ok(run_cli(hb, "relay", "disconnect", ida)),
-                         f"{ida} was not connected.\n")
+                         f"{ida} was not connected, and the service was not dialing it: "
+                         f"nothing to do.\n")
         self.assertEqual(b.stop(), 0)
 
 
