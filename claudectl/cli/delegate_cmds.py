@@ -437,8 +437,11 @@ class LocalSessions:
         done: Deferred[None] = Deferred()
         waits = DeferredList([p.stop("claudectl run was interrupted") for p in list(self.live)],
                              consumeErrors=True)
-        timer = self.reactor.callLater(self.grace + DRAIN_SECS + 5,
-                                       lambda: done.called or done.callback(None))
+        def give_up() -> None:
+            if not done.called:
+                done.callback(None)
+
+        timer = self.reactor.callLater(self.grace + DRAIN_SECS + 5, give_up)
 
         def ended(_: Any) -> None:
             if timer.active():
@@ -462,7 +465,7 @@ def _local_runner(reactor: Any, ctx: CliContext, config: Any, sessions: LocalSes
         if not cwd.is_dir():
             return AttemptResult(False, "", f"cwd {cwd} does not exist")
         taskrun = TaskRun(task.name, reactor.seconds)
-        last = {"text": None, "at": 0.0}
+        last: dict[str, Any] = {"text": None, "at": 0.0}
 
         def changed() -> None:
             text = taskrun.stats().last_activity

@@ -139,7 +139,8 @@ def status(ctx: CliContext, json_: bool) -> None:
     ctx.out(f"Knowledge:   {len(units)} units{cap}: {len(local)} local, "
             f"{info['peer_units']} from {len(peers)} peer(s)")
     if units:
-        ctx.out("  by type:   " + ", ".join(f"{t} {n}" for t, n in info["by_type"].items()))
+        by_type: dict[str, int] = info["by_type"]  # type: ignore[assignment]
+        ctx.out("  by type:   " + ", ".join(f"{t} {n}" for t, n in by_type.items()))
     if peers:
         ctx.out("  by peer:   " + ", ".join(f"{clean_line(p)} {n}"
                                             for p, n in peers.most_common()))

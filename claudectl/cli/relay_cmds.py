@@ -349,7 +349,7 @@ def peers(ctx: CliContext) -> None:
     """List known peers: state, address, last seen, trust, traffic."""
     result = call_service(ctx, C.Peers)
     live = result is not None
-    if live:
+    if result is not None:
         rows = json.loads(result["peers_json"])
     else:
         rows = peer_rows(KeyStore(ctx.home), None, _trust_reader(ctx), [_sync_reader(ctx)])

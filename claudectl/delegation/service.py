@@ -29,7 +29,7 @@ from claudectl.relay.keystore import is_remote_peer_id
 
 class DelegationService(Service):
     _log = Logger()
-    name = "delegation"
+    name = "delegation"  # type: ignore[assignment]  # Service declares name as None
 
     def __init__(self, worker: DelegationWorker, controller: DelegationController) -> None:
         self.worker = worker

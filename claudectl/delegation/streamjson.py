@@ -131,7 +131,8 @@ class StreamProgress:
         if isinstance(event.get("error"), str):
             self.error = event["error"]
         usage = message.get("usage")
-        msg_id = message.get("id") if isinstance(message.get("id"), str) else f"#{len(self._usage_by_message)}"
+        raw_id = message.get("id")
+        msg_id = raw_id if isinstance(raw_id, str) else f"#{len(self._usage_by_message)}"
         # With --verbose a message may come as several events with one id:
         # count its usage once, with the latest numbers.
         self._usage_by_message[msg_id] = usage_total(usage)
@@ -151,7 +152,8 @@ class StreamProgress:
                         self.last_activity = shorten(block["text"])
                 elif block.get("type") == "tool_use" and isinstance(block.get("name"), str):
                     name = block["name"]
-                    inputs = block.get("input") if isinstance(block.get("input"), dict) else {}
+                    raw_input = block.get("input")
+                    inputs = raw_input if isinstance(raw_input, dict) else {}
                     path = inputs.get("file_path") or inputs.get("notebook_path")
                     if name in FILE_TOOLS and isinstance(path, str):
                         if path not in self.files_modified:

@@ -89,7 +89,7 @@ READ_CHUNK = 1 << 20
 FINGERPRINT_BYTES = 4096
 
 _SIGNS: dict[str, int] = {**{a: 1 for a in POSITIVE_ACTIONS}, **{a: -1 for a in NEGATIVE_ACTIONS}}
-_SCAN = json.JSONDecoder().scan_once  # what json.loads() uses, minus its wrapping
+_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # what json.loads() uses, minus its wrapping
 _JSON_SPACE = " \t\n\r"
 #: Distinct (tool, command) pairs remembered by :meth:`Tallies.feed`.
 _PATTERN_CACHE_MAX = 4096

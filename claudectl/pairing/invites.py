@@ -33,6 +33,8 @@ overwritten.
 
 from __future__ import annotations
 
+import builtins
+
 import hashlib
 import json
 import os
@@ -385,7 +387,7 @@ class InviteStore:
         raise InviteNotFound(f"no invite with id {invite_id!r} (see claudectl relay invite --list)")
 
     # --- what the listener calls ----------------------------------------------------
-    def _reconcile(self, invites: list[Invite], now: float) -> None:
+    def _reconcile(self, invites: builtins.list[Invite], now: float) -> None:
         """
         Mark invites used whose link key some peer already holds: that peer
         claimed ``_pending.key`` (for instance through a claudectl listener
@@ -401,7 +403,7 @@ class InviteStore:
                              invite_id=inv.id, peer_id=peer)
                     break
 
-    def _safe_edit(self, now: float, action: Callable[[list[Invite]], Any]) -> Any:
+    def _safe_edit(self, now: float, action: Callable[[builtins.list[Invite]], Any]) -> Any:
         try:
             with self._editing() as invites:
                 self._sweep(invites, now)
@@ -410,25 +412,25 @@ class InviteStore:
             log.error("invites unavailable: {error}", error=str(e))
             return None
 
-    def open_link_keys(self, now: float) -> list[tuple[str, bytes]]:
+    def open_link_keys(self, now: float) -> builtins.list[tuple[str, bytes]]:
         """``(invite_id, link psk)`` of every open invite (newest first)."""
-        def action(invites: list[Invite]) -> list[tuple[str, bytes]]:
+        def action(invites: builtins.list[Invite]) -> builtins.list[tuple[str, bytes]]:
             self._reconcile(invites, now)
             return [(i.id, i.link_psk) for i in reversed(invites) if i.is_open(now)]
 
         return self._safe_edit(now, action) or []
 
-    def open_code_invites(self, now: float) -> list[Invite]:
+    def open_code_invites(self, now: float) -> builtins.list[Invite]:
         """Open invites whose relay code / word phrase was handed out (newest first)."""
-        def action(invites: list[Invite]) -> list[Invite]:
+        def action(invites: builtins.list[Invite]) -> builtins.list[Invite]:
             self._reconcile(invites, now)
             return [i for i in reversed(invites) if i.is_open(now) and i.has_code]
 
         return self._safe_edit(now, action) or []
 
-    def closed_code_invites(self, now: float) -> list[Invite]:
+    def closed_code_invites(self, now: float) -> builtins.list[Invite]:
         """Recently closed code invites (newest first), to tell a late joiner why."""
-        def action(invites: list[Invite]) -> list[Invite]:
+        def action(invites: builtins.list[Invite]) -> builtins.list[Invite]:
             return [i for i in reversed(invites) if not i.is_open(now) and i.has_code]
 
         return self._safe_edit(now, action) or []
@@ -438,7 +440,7 @@ class InviteStore:
         if not is_remote_peer_id(peer_id):
             return False
 
-        def action(invites: list[Invite]) -> bool:
+        def action(invites: builtins.list[Invite]) -> bool:
             for n, inv in enumerate(invites):
                 if inv.id == invite_id and inv.is_open(now):
                     invites[n] = self._close(inv, USED, now, used_by=peer_id)
@@ -456,11 +458,11 @@ class InviteStore:
                 return invite_id
         return None
 
-    def burn(self, invite_ids: Iterable[str], now: float) -> list[str]:
+    def burn(self, invite_ids: Iterable[str], now: float) -> builtins.list[str]:
         """Close every still-open invite of ``invite_ids`` as burned."""
         wanted = set(invite_ids)
 
-        def action(invites: list[Invite]) -> list[str]:
+        def action(invites: builtins.list[Invite]) -> builtins.list[str]:
             burned = []
             for n, inv in enumerate(invites):
                 if inv.id in wanted and inv.is_open(now):

@@ -31,7 +31,7 @@ from claudectl.home import Home
 from claudectl.relay.address import client_endpoint_string, parse_address
 from claudectl.relay.admission import Admission
 from claudectl.relay.binding import TLS13
-from claudectl.relay.codec import HEARTBEAT, EnvelopeFactory, now_ms
+from claudectl.relay.codec import HEARTBEAT, Envelope, EnvelopeFactory, now_ms
 from claudectl.relay.crypto import RandomBytes
 from claudectl.relay.handshake import (
     MUTUAL,
@@ -300,8 +300,8 @@ class RelayNode:
                          on_authenticated=self._on_authenticated)
         self.mesh.add_link_observer(None, self._on_link_down)
         self.workers = WorkerTable(reactor.seconds, config.relay.heartbeat_interval_secs)
-        self.mesh.add_handler(HEARTBEAT, lambda peer, env: self.workers.heartbeat(peer, env.payload))
-        self.invites = _load_invites(home, config)
+        self.mesh.add_handler(HEARTBEAT, self._on_heartbeat)
+        self.invites = _load_invites(home)
         self.pake = _load_pake(self.invites, reactor)
         self.dialers: dict[str, Dialer] = {}
         #: ``auto_connect`` addresses whose peer is not known yet.
@@ -332,6 +332,9 @@ class RelayNode:
         self.policy = Policy(tls=tls, require_encryption=config.relay.require_encryption,
                              is_own_nonce=self.nonces.issued)
         self._plaintext_warned: set[str] = set()
+
+    def _on_heartbeat(self, peer: str, env: Envelope) -> None:
+        self.workers.heartbeat(peer, env.payload)
 
     # --- handshake machines -----------------------------------------------------
     def listener_handshake(self) -> ListenerHandshake:
@@ -650,22 +653,14 @@ def _same_address(a: str | None, b: str) -> bool:
         return a == b
 
 
-def _load_invites(home: Home, config: Config) -> Any:
-    try:
-        from claudectl.pairing.invites import InviteStore
-    except ImportError:
-        return None
-    try:
-        return InviteStore(home)
-    except TypeError:
-        return InviteStore(home, config.relay)  # type: ignore[call-arg]
+def _load_invites(home: Home) -> Any:
+    # Imported here: the pairing layer builds on this module.
+    from claudectl.pairing.invites import InviteStore
+
+    return InviteStore(home)
 
 
 def _load_pake(invites: Any, reactor: Any) -> Any:
-    if invites is None:
-        return None
-    try:
-        from claudectl.pairing.pake import PakeResponder
-    except ImportError:
-        return None
+    from claudectl.pairing.pake import PakeResponder
+
     return PakeResponder(invites, reactor)

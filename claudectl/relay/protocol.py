@@ -79,6 +79,8 @@ class RelayProtocol(LineReceiver):
     MAX_LENGTH = codec.MAX_LINE_BYTES
 
     _log = Logger()
+    #: A TCP transport (``ITCPTransport``; ``ITLSTransport`` once TLS starts).
+    transport: Any
 
     def __init__(self, node: RelayNode, role: str,
                  auth: KeyAuth | PakeAuth | None = None) -> None:
