@@ -67,15 +67,23 @@ def _fsync_dir(directory: Path) -> None:
 
 def append_line(path: Path | str, line: bytes | str, mode: int = 0o600) -> None:
     """Append one complete line (a log record) and fsync it."""
-    path = Path(path)
     if isinstance(line, str):
         line = line.encode("utf-8")
     if not line.endswith(b"\n"):
         line += b"\n"
+    fsync_append(path, line, mode)
+
+
+def fsync_append(path: Path | str, data: bytes, mode: int = 0o600) -> None:
+    """Append complete lines in one write and fsync them."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
     try:
-        os.write(fd, line)
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -253,3 +253,33 @@ class DeliveryTests(SynchronousTestCase):
         clock.advance(g._confirm_secs() + 1)
         self.assertEqual(g.state.peer("cc").sent, {"ku_1": 1})
         g.stop()
+
+
+class LogBoundTests(SynchronousTestCase):
+    """Item 2 (hive part): logs a peer can make grow are bounded."""
+
+    def test_conflict_and_resolution_logs_rotate(self) -> None:
+        home, mesh, g = make(self, max_log_bytes=8192)
+        put(home, "me-1", unit_json("ku_local", "me-1", confidence=0.6, evidence=5))
+        mesh.connect("evil")
+        for n in range(300):  # every unit loses to the local one: one record each
+            mesh.deliver("evil", "knowledge_sync", {"sync_epoch": NOW, "units": [
+                unit_json(f"ku_{n}", "evil", confidence=0.99, evidence=100)]})
+        for name in ("conflicts.jsonl", "resolutions.jsonl"):
+            path = home.hive / name
+            old = home.hive / (name + ".1")
+            self.assertLessEqual(path.stat().st_size, 8192)
+            self.assertLessEqual(old.stat().st_size, 8192)
+            for p in (path, old):  # every line is still a whole record
+                for line in p.read_text().splitlines():
+                    json.loads(line)
+        last = json.loads((home.hive / "conflicts.jsonl").read_text().splitlines()[-1])
+        self.assertEqual(last["incoming_id"], "ku_299")
+
+    def test_config_key(self) -> None:
+        from claudectl.config import ConfigError, overlay
+
+        c = overlay(Config(), {"hive": {"max_log_bytes": 1 << 20}}, "t")
+        self.assertEqual(c.hive.max_log_bytes, 1 << 20)
+        self.assertEqual(Config().hive.max_log_bytes, 16 * 1024 * 1024)
+        self.assertRaises(ConfigError, overlay, Config(), {"hive": {"max_log_bytes": 10}}, "t")

@@ -684,7 +684,7 @@ class Gossip:
                 result = merge_batch(store, good, self.identity, now, budget=allowance)
             # What we just wrote is the store now: no need to parse it again.
             self._units_cache = (self._signature(), store.units())
-            write_merge_logs(self.home, result)
+            write_merge_logs(self.home, result, cfg.max_log_bytes)
             stats.update(result.stats())
             excess = len(result.left_out)
             if excess:
@@ -704,7 +704,7 @@ class Gossip:
                 rec.knowledge_accepted += result.accepted + result.updated
                 rec.knowledge_conflicted += result.rejected
             if collisions:
-                log_collisions(self.home, collisions)
+                log_collisions(self.home, collisions, cfg.max_log_bytes)
         else:
             self._record_soon()
         self._ack(peer_id, ack_id, have)

@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from claudectl.atomic import append_line
-from claudectl.hive.store import CONFLICTS, RESOLUTIONS, KnowledgeStore, hive_file
+from claudectl.config import HiveConfig
+from claudectl.hive.store import CONFLICTS, RESOLUTIONS, KnowledgeStore, append_log
 from claudectl.hive.units import (
     U32_MAX,
     ApproachCluster,
@@ -247,9 +247,11 @@ def merge_batch(store: KnowledgeStore, incoming: Iterable[KnowledgeUnit], local_
     return out
 
 
-def write_merge_logs(home: Home, result: BatchResult) -> None:
-    """Append the batch's records to ``conflicts.jsonl`` / ``resolutions.jsonl``."""
-    for rec in result.conflicts:
-        append_line(hive_file(home, CONFLICTS), dumps_record(rec))
-    for rec in result.resolutions:
-        append_line(hive_file(home, RESOLUTIONS), dumps_record(rec))
+def write_merge_logs(home: Home, result: BatchResult,
+                     max_bytes: int = HiveConfig.max_log_bytes) -> None:
+    """
+    Append the batch's records to ``conflicts.jsonl`` / ``resolutions.jsonl``
+    (each rotated past ``max_bytes``, ``[hive] max_log_bytes``).
+    """
+    append_log(home, CONFLICTS, (dumps_record(r) for r in result.conflicts), max_bytes)
+    append_log(home, RESOLUTIONS, (dumps_record(r) for r in result.resolutions), max_bytes)

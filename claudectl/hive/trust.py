@@ -28,7 +28,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from claudectl.atomic import append_line, atomic_write, locked
+from claudectl.atomic import atomic_write, locked
+from claudectl.hive.store import COLLISIONS, append_log
 from claudectl.hive.units import (
     DAY,
     U64_MAX,
@@ -473,9 +474,10 @@ def trust_transaction(home: Home, default_trust: float = 0.5) -> Iterator[TrustB
             save_trust(home, book)
 
 
-def log_collisions(home: Home, collisions: Iterable[Collision]) -> None:
-    for col in collisions:
-        append_line(home.hive / "collisions.jsonl", dumps_record(col.to_record()))
+def log_collisions(home: Home, collisions: Iterable[Collision],
+                   max_bytes: int = 16 * 1024 * 1024) -> None:
+    """Append to ``collisions.jsonl`` (rotated past ``max_bytes``)."""
+    append_log(home, COLLISIONS, (dumps_record(c.to_record()) for c in collisions), max_bytes)
 
 
 def trust_level(home: Home, peer_id: str, default: float = 0.5) -> float:
