@@ -30,6 +30,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from claudectl.atomic import sweep_temp_files
 from claudectl.config import Config, ConfigError, load_config
 from claudectl.home import Home
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
@@ -93,6 +94,9 @@ class RelayService(MultiService):
         self.node = node
 
     def startService(self) -> None:
+        # Temporary files of writes a kill -9 interrupted (none of a live writer).
+        for path in sweep_temp_files(self.node.home.state_dirs()):
+            log.info("removed {path}, left by an interrupted write", path=str(path))
         super().startService()
         targets = self.node.auto_connect_targets()
         for peer, address in targets:
