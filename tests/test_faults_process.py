@@ -89,3 +89,41 @@ class KillDuringMergeTests(SynchronousTestCase):
         serve.port()
         self.assertEqual(temp_files(home), [])
         self.assertEqual(serve.stop(), 0)
+
+
+def fake_peers(home: Home, count: int) -> list[str]:
+    """``count`` paired peers and their trust records (files written directly, no fsync)."""
+    home.peers.mkdir(parents=True, exist_ok=True)
+    ids = [f"host{i:04d}-{i:08x}" for i in range(count)]
+    trust = {}
+    for i, peer in enumerate(ids):
+        # No .meta: a service would dial every peer with an address.
+        (home.peers / f"{peer}.key").write_text(f"{i:064x}")
+        trust[peer] = {"peer_id": peer, "trust_level": 0.5, "knowledge_accepted": 0,
+                       "knowledge_conflicted": 0, "first_seen": 1, "last_sync": 1,
+                       "quarantined_until": 0, "frozen": False, "freeze_reason": None,
+                       "daily_received": {}, "last_anomaly_at": None}
+    home.hive.mkdir(parents=True, exist_ok=True)
+    (home.hive / "trust.json").write_text(json.dumps(trust))
+    return ids
+
+
+class BigControlAnswerTests(SynchronousTestCase):
+    """`relay peers --json` with 1,000 known peers against a real service (item 9)."""
+
+    def test_thousand_peers(self) -> None:
+        home = temp_home(self)
+        KeyStore(home).ensure_identity()
+        ids = fake_peers(home, 1000)
+        serve = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(serve.stop)
+        serve.port()
+        started = time.monotonic()
+        r = run_cli(home, "relay", "peers", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        rows = json.loads(r.stdout)
+        self.assertEqual([row["identity"] for row in rows], ids)
+        self.assertGreater(len(r.stdout), 2 * 65_535)  # several AMP values' worth
+        self.assertTrue(all(row["trust"] == 0.5 for row in rows))
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertEqual(serve.stop(), 0)

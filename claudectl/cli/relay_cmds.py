@@ -19,7 +19,7 @@ import click
 from claudectl.cli.base import CliContext, CliError, json_flag, pass_ctx, relay
 from claudectl.cli.base import remote_error_text as _amp_error
 from claudectl.control import commands as C
-from claudectl.control.client import ServiceNotRunning, call_control
+from claudectl.control.client import ServiceNotRunning, call_control, call_paged
 from claudectl.relay.address import AddressError, format_address, parse_address
 from claudectl.relay.crypto import CodeError, new_pair_code, psk_from_code
 from claudectl.relay.keystore import KeyStore, is_remote_peer_id
@@ -254,11 +254,18 @@ async def _one_shot_connect(reactor: Any, ctx: CliContext, address: str,
 @pass_ctx
 def peers(ctx: CliContext) -> None:
     """List known peers: state, address, last seen, trust, traffic."""
-    result = call_service(ctx, C.Peers)
-    live = result is not None
-    if live:
-        rows = json.loads(result["peers_json"])
-    else:
+
+    async def fetch(reactor: Any) -> Any:
+        return await call_paged(reactor, ctx.home, C.Peers, "peers_json")
+
+    try:
+        rows = ctx.run(fetch)
+    except ServiceNotRunning:
+        rows = None
+    except (C.NotPairedError, C.LinkFailed, C.NoSuchPeer, C.BadRequest, ValueError) as e:
+        raise CliError(_amp_error(e)) from None
+    live = rows is not None
+    if rows is None:
         rows = peer_rows(KeyStore(ctx.home), None, _trust_reader(ctx), [_sync_reader(ctx)])
     if ctx.json:
         ctx.emit_json(rows)

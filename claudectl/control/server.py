@@ -33,9 +33,30 @@ class RelayLocator(amp.CommandLocator):
         super().__init__()
         self.node = node
         self.parent = parent
+        #: The JSON text of a paged answer, per command, while it is read.
+        self._paged: dict[str, str] = {}
+
+    def _page(self, key: str, offset: int | None, make: Any) -> dict[str, Any]:
+        """One page of a JSON answer; offset 0 (or none) takes a new snapshot."""
+        if not offset or key not in self._paged:
+            self._paged[key] = json.dumps(make())
+            offset = 0
+        text = self._paged[key]
+        if offset < 0 or offset > len(text):
+            raise C.BadRequest(f"offset {offset} is outside the answer")
+        end = min(len(text), offset + C.PAGE_CHARS)
+        out: dict[str, Any] = {key: text[offset:end]}
+        if end < len(text):
+            out["next_offset"] = end
+        else:
+            del self._paged[key]
+        return out
 
     @C.Status.responder
-    def status(self) -> dict[str, Any]:
+    def status(self, offset: int | None = None) -> dict[str, Any]:
+        return self._page("status_json", offset, self._status)
+
+    def _status(self) -> dict[str, Any]:
         node = self.node
         ports = []
         for p in node.listening_ports:
@@ -59,13 +80,13 @@ class RelayLocator(amp.CommandLocator):
                 data.update(provider())
             except Exception:
                 log.failure("status provider failed")
-        return {"status_json": json.dumps(data)}
+        return data
 
     @C.Peers.responder
-    def peers(self) -> dict[str, Any]:
-        rows = peer_rows(self.node.keystore, self.node.mesh, self.node.trust_of,
-                         self.node.peer_info_providers)
-        return {"peers_json": json.dumps(rows)}
+    def peers(self, offset: int | None = None) -> dict[str, Any]:
+        return self._page("peers_json", offset, lambda: peer_rows(
+            self.node.keystore, self.node.mesh, self.node.trust_of,
+            self.node.peer_info_providers))
 
     @C.Connect.responder
     async def connect(self, address: str, peer: str | None = None) -> dict[str, Any]:

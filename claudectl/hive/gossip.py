@@ -51,7 +51,7 @@ from claudectl.hive.store import (
     read_units_file,
     store_transaction,
 )
-from claudectl.hive.trust import load_trust, log_collisions, trust_level, trust_transaction
+from claudectl.hive.trust import TrustReader, load_trust, log_collisions, trust_transaction
 from claudectl.hive.units import SNAPSHOT_PAGE_BYTES, KnowledgeUnit, paginate
 from claudectl.home import Home
 from claudectl.relay import codec
@@ -826,7 +826,7 @@ def attach(node: Any, parent: MultiService) -> Gossip:
                     node.clock.callLater)
     gossip.register()
     default = node.config.hive.default_trust
-    node.trust_of = lambda peer: trust_level(node.home, peer, default)
+    node.trust_of = TrustReader(node.home, default)
     node.peer_info_providers.append(gossip.peer_info)
     node.status_providers.append(lambda: {"hive": dict(gossip.counters)})
     node.gossip = gossip
