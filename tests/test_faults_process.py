@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from claudectl.hive.store import hive_file, read_units_file
 from claudectl.home import Home
@@ -127,3 +127,89 @@ class BigControlAnswerTests(SynchronousTestCase):
         self.assertTrue(all(row["trust"] == 0.5 for row in rows))
         self.assertLess(time.monotonic() - started, 20)
         self.assertEqual(serve.stop(), 0)
+
+
+class ControlSocketFaultTests(SynchronousTestCase):
+    """Item 10 (control part): bad control frames, a squatted socket directory."""
+
+    def squat(self, home: Home, how: str) -> Path:
+        import shutil
+
+        from claudectl.control.paths import control_socket_path
+
+        directory = control_socket_path(home).parent
+        self.assertNotEqual(directory, home.run_dir)  # the temp-dir fallback is in use
+        if how == "file":
+            directory.write_text("mine")
+            self.addCleanup(directory.unlink)
+        else:
+            directory.mkdir(mode=0o700)
+            self.addCleanup(shutil.rmtree, directory, True)
+            if os.getuid() != 0:
+                raise self.skipTest("needs root to give the directory to another user")
+            os.chown(directory, 54321, 54321)
+        return directory
+
+    def test_squatted_fallback_directory_is_one_error_line(self) -> None:
+        for how in ("file", "other user"):
+            home = temp_home(self)
+            KeyStore(home).ensure_identity()
+            directory = self.squat(home, how)
+            r = run_cli(home, "relay", "serve", "--listen", "tcp:0:interface=127.0.0.1",
+                        "--no-discovery", timeout=30)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertNotIn("Traceback", r.stdout + r.stderr)
+            errors = [line for line in r.stderr.splitlines() if line.strip()]
+            self.assertEqual(len(errors), 1, r.stderr)
+            self.assertTrue(errors[0].startswith("Error: "), errors[0])
+            self.assertIn(str(directory), errors[0])
+
+
+class MalformedControlFrameTests(TestCase):
+    timeout = 60
+
+    async def test_bad_frames_are_one_log_line_and_the_service_keeps_serving(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Protocol
+        from twisted.logger import globalLogPublisher
+        from twisted.test.proto_helpers import EventLoggingObserver
+
+        from claudectl.control import commands as C
+        from claudectl.control.client import call_control
+        from claudectl.control.paths import control_socket_path
+        from tests.test_services import RunningService, wait_for
+
+        home = temp_home(self)
+        KeyStore(home).ensure_identity()
+        svc = RunningService(home)
+        svc.start()
+        self.addCleanup(svc.stop)
+        path = control_socket_path(home)
+        await wait_for(path.exists)
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        frames = [
+            b"\x00\x05hello\x00\x03abc\x00\x00",           # a box that is not a command
+            b"\x00\x06_error\x00\x011\x00\x00",            # an error for no question
+            b"\x00\x07_answer\x00\x0299\x00\x00",          # an answer for no question
+            b"\xff\xff" + b"x" * 100,                      # a key longer than AMP allows
+        ]
+        for frame in frames:
+            closed: list[bool] = []
+
+            class Raw(Protocol):
+                def connectionMade(self) -> None:
+                    self.transport.write(frame)
+
+                def connectionLost(self, reason: Any = None) -> None:
+                    closed.append(True)
+
+            from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+
+            await connectProtocol(UNIXClientEndpoint(reactor, str(path)), Raw())
+            await wait_for(lambda: bool(closed))
+        lines = [e for e in observer if "malformed control frame" in e.get("log_format", "")]
+        self.assertEqual(len(lines), len(frames))
+        self.assertEqual([e for e in observer if "log_failure" in e], [])
+        # Still serving.
+        r = await call_control(reactor, home, C.Status)
+        self.assertIn("identity", json.loads(r["status_json"]))

@@ -13,6 +13,7 @@ import sys
 import click
 
 from claudectl.cli.base import CliError, cli
+from claudectl.control.paths import UnsafeSocketDir
 
 COMMAND_MODULES = (
     "claudectl.cli.relay_cmds",
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     except CliError as e:
         sys.stderr.write(f"Error: {e.message}\n")
         sys.exit(e.code)
+    except UnsafeSocketDir as e:
+        # From any command that talks to the service's control socket.
+        sys.stderr.write(f"Error: {e}\n")
+        sys.exit(1)
     except click.exceptions.Abort:
         sys.stderr.write("Aborted.\n")
         sys.exit(130)

@@ -11,6 +11,7 @@ they did.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -84,12 +85,18 @@ def _run_app(config: Any) -> None:
 
     from twisted.internet.error import CannotListenError
 
+    from claudectl.control.paths import UnsafeSocketDir
+
     runner = twistd._SomeApplicationRunner(config)
     try:
         runner.run()
     except CannotListenError as e:
         raise CliError(f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: "
                        f"{e.socketError}") from None
+    except UnsafeSocketDir as e:
+        # twistd has sent stderr into its log by now: say it where the user looks.
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        raise CliError(str(e)) from None
 
 
 class _Plugin:

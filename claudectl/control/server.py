@@ -170,6 +170,37 @@ class _Locators:
         return None
 
 
+class ControlProtocol(amp.AMP):
+    """
+    AMP that survives malformed frames: one log line and the connection is
+    closed, instead of an exception escaping ``dataReceived`` (which the
+    reactor logs as a critical traceback).
+    """
+
+    _log = Logger()
+    _broken = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            super().dataReceived(data)
+        except Exception as e:
+            self._bad_frame(f"{type(e).__name__}: {str(e)[:200]}")
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self._bad_frame(f"a value of {length} bytes")
+
+    def _bad_frame(self, what: str) -> None:
+        if self._broken:
+            return
+        self._broken = True
+        self._log.warn("malformed control frame ({what}): closing that control connection",
+                       what=what)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
 class ControlFactory(Factory):
     def __init__(self, node: RelayNode, parent: Any = None) -> None:
         self.node = node
@@ -177,7 +208,7 @@ class ControlFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
         locators = [RelayLocator(self.node, self.parent), *self.node.control_locators]
-        return amp.AMP(locator=_Locators(locators))
+        return ControlProtocol(locator=_Locators(locators))
 
 
 class _ControlService(StreamServerEndpointService):
