@@ -213,3 +213,70 @@ class MalformedControlFrameTests(TestCase):
         # Still serving.
         r = await call_control(reactor, home, C.Status)
         self.assertIn("identity", json.loads(r["status_json"]))
+
+
+class LostUnitTests(SynchronousTestCase):
+    """
+    Items 8 and 12 with real processes: the receiver is paused (SIGSTOP), the
+    sender imports units, queues them all, and is killed (kill -9); after the
+    receiver resumes and the sender restarts, every unit arrives.
+    """
+
+    UNITS = 4000
+
+    def test_units_queued_when_the_sender_dies_arrive_after_its_restart(self) -> None:
+        a, b = temp_home(self), temp_home(self)
+        ida, idb = KeyStore(a).ensure_identity(), KeyStore(b).ensure_identity()
+        psk = bytes(range(32))
+        KeyStore(a).save_key(idb, psk)
+        KeyStore(b).save_key(ida, psk)
+        b.config_file.parent.mkdir(parents=True, exist_ok=True)
+        b.config_file.write_text("[hive]\nmax_units = 0\nmax_units_per_peer_per_day = 1000000\n")
+        now = int(time.time())
+        doc = a.root / "units.json"
+        # ~2.5 KB a unit, ~10 MB in all: more than the kernel's socket buffers hold.
+        doc.write_text(json.dumps([unit_json(f"ku_{i}", ida, cmd=f"step {i} " + "z" * 2400,
+                                             validated=now - 100) for i in range(self.UNITS)]))
+        sb = ServeProcess.serve(b, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(sb.stop)
+        port = sb.port()
+        sa = ServeProcess.serve(a, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(sa.stop)
+        sa.port()
+        r = run_cli(a, "relay", "connect", f"127.0.0.1:{port}")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        sb.expect(f"{ida} authenticated")
+        time.sleep(0.5)
+        os.kill(sb.proc.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: sb.proc.poll() is None and os.kill(sb.proc.pid, signal.SIGCONT))
+        r = run_cli(a, "hive", "import", str(doc))
+        self.assertEqual(r.returncode, 0, r.stderr)
+
+        def queued() -> int:
+            try:
+                state = json.loads((a.hive / "sync_state.json").read_text())
+            except (OSError, ValueError):
+                return 0
+            return int(state.get(idb, {}).get("stats", {}).get("units_up", 0))
+
+        deadline = time.monotonic() + 30
+        while queued() < self.UNITS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(queued(), self.UNITS)
+        sa.stop(signal.SIGKILL)
+        os.kill(sb.proc.pid, signal.SIGCONT)
+
+        def held() -> int:
+            loaded = read_units_file(hive_file(b, "knowledge.jsonl"))
+            return sum(1 for u in loaded.store.units() if u.source_peer == ida)
+
+        time.sleep(2)
+        before = held()
+        self.assertLess(before, self.UNITS, "everything fit in the socket buffers")
+        sa = ServeProcess.serve(a, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(sa.stop)
+        sa.port()
+        deadline = time.monotonic() + 60
+        while held() < self.UNITS and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.assertEqual(held(), self.UNITS)
