@@ -9,16 +9,22 @@ has not had from us yet goes out in ``knowledge_sync`` frames (pages of at
 most 512,000 bytes of unit JSON).  Push rounds run when a link comes up,
 when ``knowledge.jsonl`` changes (distillation, import, forget -- by any
 process), and after a batch from a peer was merged (which is how accepted
-units travel on).  What was sent to whom (id -> version) and the request
-cursors live in ``sync_state.json``, so a restart neither resends
-everything nor misses an update.
+units travel on).  What each peer is known to have (id -> version) and
+the request cursors live in ``sync_state.json``, so a restart neither
+resends everything nor misses an update.  A unit counts as delivered only
+when the peer has it: a peer of this project acknowledges what it merged
+(``ack`` frames), a claudectl 0.64 ``relay serve`` we dialed has it once the
+link outlived its liveness deadline, and a claudectl ``connect``/``join``
+client (it only prints knowledge frames) is sent nothing.  What is still in
+flight when a link drops or the service restarts is offered again.
 
 Receiving: each unit of a batch is validated on its own (a bad unit is
 rejected, logged and counted; the rest are merged -- defect H5), gets
 ``propagation_count + 1``, passes the per-peer daily rate cap, and is merged
-with the store's rules (local always wins, conflicts logged).  A unit
-received from a peer counts as sent to that peer, so it is never echoed
-back.  Only units that may leave the machine are ever sent, in syncs and in
+with the store's rules (local always wins, conflicts logged); the cap
+counts new units only.  A unit received from a peer counts as sent to that
+peer, so it is never echoed back.  Snapshot pages are buffered in bytes,
+with a per-peer budget per request.  Only units that may leave the machine are ever sent, in syncs and in
 snapshots (defect H4), and only while ``propagation_count <
 max_propagation`` and not older than ``knowledge_ttl_days``.
 
