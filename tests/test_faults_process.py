@@ -22,7 +22,7 @@ from claudectl.hive.store import hive_file, read_units_file
 from claudectl.home import Home
 from claudectl.relay.keystore import KeyStore
 from tests.common import ServeProcess, run_cli, subprocess_env, temp_home
-from tests.test_gossip import NOW, put, unit_json
+from tests.test_gossip import put, unit_json
 
 
 def temp_files(home: Home) -> list[str]:
@@ -193,20 +193,23 @@ class MalformedControlFrameTests(TestCase):
             b"\x00\x07_answer\x00\x0299\x00\x00",          # an answer for no question
             b"\xff\xff" + b"x" * 100,                      # a key longer than AMP allows
         ]
+        from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+
+        class Raw(Protocol):
+            def __init__(self, frame: bytes) -> None:
+                self.frame = frame
+                self.closed = False
+
+            def connectionMade(self) -> None:
+                self.transport.write(self.frame)
+
+            def connectionLost(self, reason: Any = None) -> None:
+                self.closed = True
+
         for frame in frames:
-            closed: list[bool] = []
-
-            class Raw(Protocol):
-                def connectionMade(self) -> None:
-                    self.transport.write(frame)
-
-                def connectionLost(self, reason: Any = None) -> None:
-                    closed.append(True)
-
-            from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-
-            await connectProtocol(UNIXClientEndpoint(reactor, str(path)), Raw())
-            await wait_for(lambda: bool(closed))
+            raw = Raw(frame)
+            await connectProtocol(UNIXClientEndpoint(reactor, str(path)), raw)
+            await wait_for(lambda r=raw: r.closed)  # type: ignore[misc]
         lines = [e for e in observer if "malformed control frame" in e.get("log_format", "")]
         self.assertEqual(len(lines), len(frames))
         self.assertEqual([e for e in observer if "log_failure" in e], [])
