@@ -283,3 +283,67 @@ class LostUnitTests(SynchronousTestCase):
         while held() < self.UNITS and time.monotonic() < deadline:
             time.sleep(0.2)
         self.assertEqual(held(), self.UNITS)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM) in MiB."""
+    for text in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if text.startswith("VmHWM:"):
+            return int(text.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+class SnapshotFloodProcessTests(TestCase):
+    """
+    Item 1 against a real service: a paired peer sends snapshot pages that
+    never end (about 1 MB each).  The service drops the link once the pages
+    answering one request pass 64 MiB, its memory stays bounded, and a peer
+    still connects within a second afterwards.
+    """
+
+    timeout = 120
+    RSS_BOUND_MB = 200
+
+    async def test_endless_snapshot_pages(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        from claudectl.relay.handshake import KeyAuth
+        from tests.test_services import RunningService, wait_for
+
+        if not Path("/proc/self/status").exists():
+            raise self.skipTest("needs /proc")
+        a, b = temp_home(self), temp_home(self)
+        ida, idb = KeyStore(a).ensure_identity(), KeyStore(b).ensure_identity()
+        psk = bytes(range(32))
+        KeyStore(a).save_key(idb, psk)
+        KeyStore(b).save_key(ida, psk)
+        sb = ServeProcess.serve(b, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(sb.stop)
+        port = await deferLater(reactor, 0, sb.port)
+        sa = RunningService(a)
+        sa.start()
+        self.addCleanup(sa.stop)
+        address = f"127.0.0.1:{port}"
+        proto = await sa.node.open_link(address, KeyAuth(psk, idb))
+        junk = ["x" * 100_000] * 10
+        sent = 0
+        for n in range(1, 400):
+            if not sa.node.mesh.is_connected(idb):
+                break
+            sa.node.mesh.send(idb, "knowledge_snapshot",
+                              {"page": n, "total_pages": 10**9, "units": junk})
+            sent += 1
+            await deferLater(reactor, 0.01, lambda: None)
+        await wait_for(lambda: not sa.node.mesh.is_connected(idb), timeout=60)
+        self.assertLess(sent, 200)
+        sb.expect("snapshot pages for one request: pages dropped, link closed")
+        print("PEAK", peak_rss_mb(sb.proc.pid), "SENT", sent)
+        self.assertLess(peak_rss_mb(sb.proc.pid), self.RSS_BOUND_MB)
+        # The service still serves: a peer connects within a second.
+        started = time.monotonic()
+        proto = await sa.node.open_link(address, KeyAuth(psk, idb))
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertTrue(sa.node.mesh.is_connected(idb))
+        self.assertIsNone(sb.proc.poll())
+        proto.close("done")

@@ -249,6 +249,7 @@ class Gossip:
         #: new link these are offered again).
         self._inflight: dict[str, dict[str, tuple[int, float]]] = {}
         self._confirm_scheduled: set[str] = set()
+        self._stopped = False
         self._timers: set[Any] = set()
         self._oversize: set[tuple[str, int]] = set()
         #: Counters for ``relay status``.
@@ -273,6 +274,8 @@ class Gossip:
         if self._call_later is None:
             fn(*args)
             return None
+        if self._stopped:
+            return None  # links closing after stop() schedule nothing
         box: list[Any] = []
 
         def run() -> None:
@@ -286,6 +289,7 @@ class Gossip:
 
     def stop(self) -> None:
         """Cancel everything scheduled (the service is stopping)."""
+        self._stopped = True
         for call in list(self._timers):
             if call.active():
                 call.cancel()
