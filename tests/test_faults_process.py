@@ -338,7 +338,6 @@ class SnapshotFloodProcessTests(TestCase):
         await wait_for(lambda: not sa.node.mesh.is_connected(idb), timeout=60)
         self.assertLess(sent, 200)
         sb.expect("snapshot pages for one request: pages dropped, link closed")
-        print("PEAK", peak_rss_mb(sb.proc.pid), "SENT", sent)
         self.assertLess(peak_rss_mb(sb.proc.pid), self.RSS_BOUND_MB)
         # The service still serves: a peer connects within a second.
         started = time.monotonic()
