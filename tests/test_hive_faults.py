@@ -283,3 +283,21 @@ class LogBoundTests(SynchronousTestCase):
         self.assertEqual(c.hive.max_log_bytes, 1 << 20)
         self.assertEqual(Config().hive.max_log_bytes, 16 * 1024 * 1024)
         self.assertRaises(ConfigError, overlay, Config(), {"hive": {"max_log_bytes": 10}}, "t")
+
+
+class PeerLogRateTests(SynchronousTestCase):
+    def test_bad_input_warnings_are_rate_limited_per_peer(self) -> None:
+        home, mesh, g = make(self)
+        mesh.connect("evil")
+        mesh.connect("good")
+        with capturedLogs() as events:
+            for _ in range(100):
+                mesh.deliver("evil", "knowledge_sync", {"sync_epoch": NOW, "units": [[]]})
+                mesh.deliver("evil", "knowledge_sync", {"sync_epoch": NOW, "units": "x"})
+            mesh.deliver("good", "knowledge_sync", {"sync_epoch": NOW, "units": [[]]})
+        bad = [e for e in events if e.get("log_format", "").startswith("rejected ")
+               or "without a units list" in e.get("log_format", "")]
+        self.assertEqual(len([e for e in bad if e.get("peer_id") == "evil"]),
+                         G.PEER_WARNINGS_PER_MINUTE)
+        self.assertEqual(len([e for e in bad if e.get("peer_id") == "good"]), 1)
+        self.assertEqual(g.counters["bad_units"], 201)  # still counted

@@ -98,6 +98,9 @@ SNAPSHOT_ENTRY_CHARGE = 64
 SNAPSHOT_PAGE_CHARGE = 16 * 1024
 #: (id, version) pairs per ``ack`` frame.
 ACK_MAX_PAIRS = 4096
+#: Warnings a peer's bad input causes (invalid units, the daily cap): at most
+#: this many lines per peer per minute, then one "suppressed" line.
+PEER_WARNINGS_PER_MINUTE = 10
 
 #: How a link delivers what we send (see ``Gossip.delivery``).
 ACKS = "acks"        # a peer of this project: delivered when it acknowledges
@@ -250,6 +253,8 @@ class Gossip:
         self._inflight: dict[str, dict[str, tuple[int, float]]] = {}
         self._confirm_scheduled: set[str] = set()
         self._stopped = False
+        #: peer -> (minute, warnings logged in it)
+        self._warned: dict[str, tuple[int, int]] = {}
         self._timers: set[Any] = set()
         self._oversize: set[tuple[str, int]] = set()
         #: Counters for ``relay status``.
@@ -581,13 +586,26 @@ class Gossip:
         if not isinstance(raw_units, list):
             self.counters["bad_units"] += 1
             self.state.peer(peer_id).rejected += 1
-            log.info("{msg_type} from {peer_id} without a units list", msg_type=env.msg_type,
-                     peer_id=peer_id)
+            if self._may_warn(peer_id):
+                log.info("{msg_type} from {peer_id} without a units list",
+                         msg_type=env.msg_type, peer_id=peer_id)
             return
         if env.msg_type == codec.KNOWLEDGE_SNAPSHOT:
             self._snapshot_page(peer_id, payload, raw_units, env.id)
             return
         self.receive(peer_id, raw_units, ack_id=env.id)
+
+    def _may_warn(self, peer_id: str) -> bool:
+        """Rate-limit the log lines a peer's bad input causes (per peer, per minute)."""
+        minute = int(self._now()) // 60
+        seen, count = self._warned.get(peer_id, (minute, 0))
+        if seen != minute:
+            count = 0
+        self._warned[peer_id] = (minute, count + 1)
+        if count == PEER_WARNINGS_PER_MINUTE:
+            log.info("{peer_id}: more bad knowledge this minute; not logging it",
+                     peer_id=peer_id)
+        return count < PEER_WARNINGS_PER_MINUTE
 
     def buffered_bytes(self, peer_id: str) -> int:
         """What the snapshot pages buffered for ``peer_id`` are charged."""
@@ -659,7 +677,7 @@ class Gossip:
                 continue
             good.append(dataclasses.replace(unit, propagation_count=min(
                 unit.propagation_count + 1, 2**32 - 1)))
-        if bad:
+        if bad and self._may_warn(peer_id):
             # One line per batch, however many bad units it holds.
             log.info("rejected {count} knowledge unit(s) from {peer_id} (first {error})",
                      count=bad, peer_id=peer_id, error=first_error)
@@ -701,8 +719,10 @@ class Gossip:
                 self.counters["dropped_rate_cap"] += excess
                 ps.dropped += excess
                 stats["dropped"] = excess
-                log.warn("rate cap: dropped {count} new unit(s) from {peer_id} ({cap} per day)",
-                         count=excess, peer_id=peer_id, cap=cfg.max_units_per_peer_per_day)
+                if self._may_warn(peer_id):
+                    log.warn("rate cap: dropped {count} new unit(s) from {peer_id} "
+                             "({cap} per day)", count=excess, peer_id=peer_id,
+                             cap=cfg.max_units_per_peer_per_day)
                 left = {id(u) for u in result.left_out}
                 have = [u for u in good if id(u) not in left]
             # Crossing the cap is counted too: that is what freezes the sender.
