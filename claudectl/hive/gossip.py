@@ -619,7 +619,7 @@ class Gossip:
             return  # over budget: the link is closing, ignore what still arrives
         try:
             size = _unit_bytes(raw_units)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+        except Exception:  # RecursionError on absurd nesting: charge a whole line
             size = codec.MAX_LINE_BYTES
         charge = size + SNAPSHOT_ENTRY_CHARGE * len(raw_units) + SNAPSHOT_PAGE_CHARGE
         spent += charge
