@@ -79,7 +79,7 @@ class KillDuringMergeTests(SynchronousTestCase):
             round_ids = {i for i in ids if i.startswith(f"ku_{r}_")}
             self.assertIn(len(round_ids), (0, self.UNITS))
             accepted |= round_ids
-        self.assertLess(time.monotonic() - started, 40)
+        self.assertLess(time.monotonic() - started, 60)  # ~10 s when the machine is idle
         self.assertGreater(left_behind, 0, "no kill landed inside a write: the test proved nothing")
         self.assertFalse((home.hive / "quarantine.jsonl").exists())
         # The next start sweeps what the killed writers left.

@@ -24,9 +24,10 @@ rejected, logged and counted; the rest are merged -- defect H5), gets
 with the store's rules (local always wins, conflicts logged); the cap
 counts new units only.  A unit received from a peer counts as sent to that
 peer, so it is never echoed back.  Snapshot pages are buffered in bytes,
-with a per-peer budget per request.  Only units that may leave the machine are ever sent, in syncs and in
-snapshots (defect H4), and only while ``propagation_count <
-max_propagation`` and not older than ``knowledge_ttl_days``.
+with a per-peer budget per request.  Only units that may leave the machine
+are ever sent, in syncs and in snapshots (defect H4), and only while
+``propagation_count < max_propagation`` and not older than
+``knowledge_ttl_days``.
 
 After authentication each side asks the other with ``knowledge_request``
 ``{"since_epoch": cursor}`` -- claudectl 0.64 never asks nor pushes by
@@ -652,11 +653,12 @@ class Gossip:
         if timer is not None and timer.active():
             timer.cancel()
         self._page_bytes.pop(peer_id, None)
+        self._page_ack.pop(peer_id, None)
         return self._pages.pop(peer_id, [])
 
     def _flush_pages(self, peer_id: str) -> None:
+        ack_id = self._page_ack.get(peer_id, "")
         units = self._drop_pages(peer_id)
-        ack_id = self._page_ack.pop(peer_id, "")
         if units:
             self.receive(peer_id, units, ack_id=ack_id)
 
