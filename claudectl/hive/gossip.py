@@ -744,7 +744,7 @@ class Gossip:
             # The peer has this (id, version): never echo it back.
             ps.sent[u.id] = max(ps.sent.get(u.id, 0), u.version)
         for u in have:
-            # Units cut by the rate cap stay behind the cursor: asked for again.
+            # The cursor follows only the units we kept (not those the cap cut).
             ps.cursor = max(ps.cursor, u.last_validated_at)
         ps.units_down += len(have)
         ps.last_sync_epoch = now
