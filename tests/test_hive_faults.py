@@ -301,3 +301,45 @@ class PeerLogRateTests(SynchronousTestCase):
                          G.PEER_WARNINGS_PER_MINUTE)
         self.assertEqual(len([e for e in bad if e.get("peer_id") == "good"]), 1)
         self.assertEqual(g.counters["bad_units"], 201)  # still counted
+
+
+class EngineFuzzTests(SynchronousTestCase):
+    """Any JSON a peer can send to the hive handlers: nothing escapes, nothing piles up."""
+
+    def test_arbitrary_payloads(self) -> None:
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        from claudectl.relay.codec import Envelope
+
+        json_values = st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False,
+                                                                  allow_infinity=False)
+            | st.text(max_size=20),
+            lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
+                st.text(max_size=10), inner, max_size=5),
+            max_leaves=30)
+        unitish = st.fixed_dictionaries({}, optional={
+            k: json_values for k in ("id", "version", "source_peer", "content", "scope",
+                                     "confidence", "evidence_count", "category")})
+        payloads = st.one_of(
+            json_values,
+            st.fixed_dictionaries({"units": st.lists(unitish | json_values, max_size=8)},
+                                  optional={"page": json_values, "total_pages": json_values,
+                                            "sync_epoch": json_values}),
+            st.fixed_dictionaries({}, optional={"since_epoch": json_values}),
+            st.fixed_dictionaries({"ack_id": json_values, "knowledge": json_values}))
+        home, mesh, g = make(self)
+        put(home, "me-1", unit_json("ku_1", "me-1"))
+        mesh.connect("p")
+        kinds = ["knowledge_sync", "knowledge_snapshot", "knowledge_request", "ack"]
+
+        @settings(max_examples=150)
+        @given(st.sampled_from(kinds), payloads)
+        def one(kind: str, payload: Any) -> None:
+            env = Envelope("msg_fuzz_1", kind, "p", 0, payload)
+            for handler in mesh.handlers[kind]:
+                handler("p", env)  # raises if anything escapes
+            self.assertLessEqual(g.buffered_bytes("p"), G.SNAPSHOT_FLUSH_BYTES + 1_100_000)
+
+        one()
