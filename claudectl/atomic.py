@@ -10,6 +10,12 @@ the old file or the new one, never half of one.
 :func:`locked` takes an advisory ``flock`` on ``<file>.lock`` so that the CLI
 and the running service do read-modify-write cycles one at a time instead of
 losing each other's updates.
+
+A writer killed half-way (kill -9, power loss) leaves its temporary file
+behind: ``.<name>.<8 random characters>.tmp``.  The writer holds an
+exclusive ``flock`` on it from creation to rename, so
+:func:`sweep_temp_files` (run when the service starts) removes exactly the
+files of that pattern whose writer is gone.
 """
 
 from __future__ import annotations
@@ -17,9 +23,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
+import stat
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+#: The names :func:`atomic_write` gives its temporary files (mkstemp's
+#: random part is 8 characters of ``[a-z0-9_]``).
+TEMP_NAME = re.compile(r"\A\..+\.[a-z0-9_]{8}\.tmp\Z", re.DOTALL)
+#: A temporary file younger than this is left alone by the sweep (its
+#: writer may be between creating and locking it).
+TEMP_MIN_AGE_SECS = 1.0
 
 
 def atomic_write(path: Path | str, data: bytes | str, mode: int = 0o600,
@@ -38,18 +54,62 @@ def atomic_write(path: Path | str, data: bytes | str, mode: int = 0o600,
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            # Held until the rename: tells the sweep this writer is alive.
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), mode)
             if durable:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+def sweep_temp_files(directories: Iterable[Path | str],
+                     min_age: float = TEMP_MIN_AGE_SECS) -> list[Path]:
+    """
+    Remove the temporary files of interrupted :func:`atomic_write` calls in
+    ``directories`` (not recursive): regular files of our own naming pattern,
+    owned by us, older than ``min_age`` seconds, that no live writer holds
+    locked.  Returns what was removed; never raises for a file it skips.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    uid = os.getuid()
+    for directory in directories:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if not TEMP_NAME.match(name):
+                continue
+            path = Path(directory) / name
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if (not stat.S_ISREG(st.st_mode) or st.st_uid != uid
+                        or now - st.st_mtime < min_age):
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a writer is alive and busy with it
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -67,15 +127,23 @@ def _fsync_dir(directory: Path) -> None:
 
 def append_line(path: Path | str, line: bytes | str, mode: int = 0o600) -> None:
     """Append one complete line (a log record) and fsync it."""
-    path = Path(path)
     if isinstance(line, str):
         line = line.encode("utf-8")
     if not line.endswith(b"\n"):
         line += b"\n"
+    fsync_append(path, line, mode)
+
+
+def fsync_append(path: Path | str, data: bytes, mode: int = 0o600) -> None:
+    """Append complete lines in one write and fsync them."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
     try:
-        os.write(fd, line)
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -135,6 +135,8 @@ class HiveConfig:
     exclude_content_types: tuple[str, ...] = ()
     share_mode: str = "auto"
     max_units_per_peer_per_day: int = 1000
+    #: conflicts/resolutions/collisions .jsonl: rotated to ``<name>.1`` past this.
+    max_log_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,7 @@ SCHEMA: dict[str, tuple[type, list[Key]]] = {
         Key("exclude_content_types", _str_list, "a list of content types"),
         Key("share_mode", _choice("auto", "manual"), "\"auto\" or \"manual\""),
         Key("max_units_per_peer_per_day", _int(1), "a positive integer"),
+        Key("max_log_bytes", _int(4096), "an integer number of bytes, at least 4096"),
     ]),
     "delegation": (DelegationConfig, [
         Key("allowed_dirs", _str_list, "a list of directory paths"),

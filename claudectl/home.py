@@ -83,6 +83,17 @@ class Home:
     def brain(self) -> Path:
         return self.data / "brain"
 
+    def state_dirs(self) -> list[Path]:
+        """Every directory where stored state is written (atomic writes land here)."""
+        dirs = [self.data, self.relay, self.peers, self.invites, self.run_dir, self.hive,
+                self.brain, self.tasks, self.config_file.parent]
+        try:
+            dirs.extend(p for p in sorted(self.tasks.iterdir())
+                        if p.is_dir() and not p.is_symlink() and p.name != "workspaces")
+        except OSError:
+            pass
+        return dirs
+
     # --- configuration ----------------------------------------------------------
     @property
     def config_file(self) -> Path:

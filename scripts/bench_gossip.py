@@ -346,7 +346,9 @@ class Bus:
         while self.queue and rounds < max_rounds:
             current, self.queue = self.queue, []
             self.rnd.shuffle(current)
-            rounds += 1
+            # Acknowledgements are bookkeeping, not a round of gossip.
+            if any(env.msg_type != codec.ACK for _, _, env in current):
+                rounds += 1
             for frm, to, env in current:
                 for handler in self.meshes[to].handlers.get(env.msg_type, []):
                     handler(frm, env)

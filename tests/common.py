@@ -66,6 +66,10 @@ class FakeMesh:
         self.peers: dict[str, str] = {p: "mutual" for p in (peers or [])}
         #: ``peer_transport`` answers; peers not listed are "tls1.3".
         self.transports: dict[str, str] = {}
+        #: peer -> "outbound" (we dialed) / "inbound"; unset = unknown.
+        self.directions: dict[str, str] = {}
+        #: (peer, reason) of every disconnect the layer above asked for.
+        self.closed: list[tuple[str, str]] = []
         self.sent: list[tuple[str, str, Any]] = []
         self.handlers: dict[str, list[Any]] = {}
         self.up: list[Any] = []
@@ -98,15 +102,24 @@ class FakeMesh:
             return None
         return self.transports.get(peer_id, "tls1.3")
 
-    # --- test drivers ---
-    def connect(self, peer_id: str, mode: str = "mutual") -> None:
-        self.peers[peer_id] = mode
-        for cb in self.up:
+    def peer_direction(self, peer_id: str) -> str | None:
+        return self.directions.get(peer_id) if peer_id in self.peers else None
+
+    def disconnect(self, peer_id: str, reason: str = "test") -> None:
+        if peer_id in self.peers:
+            self.closed.append((peer_id, reason))
+        self.peers.pop(peer_id, None)
+        self.directions.pop(peer_id, None)
+        for cb in self.down:
             cb(peer_id)
 
-    def disconnect(self, peer_id: str) -> None:
-        self.peers.pop(peer_id, None)
-        for cb in self.down:
+    # --- test drivers ---
+    def connect(self, peer_id: str, mode: str = "mutual",
+                direction: str | None = None) -> None:
+        self.peers[peer_id] = mode
+        if direction is not None:
+            self.directions[peer_id] = direction
+        for cb in self.up:
             cb(peer_id)
 
     def deliver(self, peer_id: str, msg_type: str, payload: Any,

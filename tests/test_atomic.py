@@ -154,3 +154,63 @@ class LockTests(SynchronousTestCase):
         with locked(path, shared=True):
             subprocess.run([sys.executable, "-c", code, str(path) + ".lock"],
                            check=True, timeout=30)
+
+
+class SweepTests(SynchronousTestCase):
+    """Temp files of interrupted writes are removed; nothing else is (issue 11, item 6)."""
+
+    def test_removes_only_stale_unlocked_temp_files_of_our_pattern(self) -> None:
+        import fcntl
+        import time
+
+        from claudectl.atomic import sweep_temp_files
+
+        d = Path(self.mktemp())
+        d.mkdir()
+        old = time.time() - 60
+        names = {
+            "dead": ".knowledge.jsonl.ab12cd_9.tmp",   # a killed writer's: removed
+            "fresh": ".trust.json.zz99yy88.tmp",       # just created: kept
+            "alive": ".sync_state.json.q1w2e3r4.tmp",  # a live writer holds it: kept
+            "foreign": ".notes.tmp",                    # not our pattern: kept
+            "other": "knowledge.jsonl",                 # the real file: kept
+            "long": ".x.abcdefghi.tmp",                 # 9 random characters: kept
+        }
+        for key, name in names.items():
+            (d / name).write_text(key)
+            if key != "fresh":
+                os.utime(d / name, (old, old))
+        (d / ".dir.abcdefgh.tmp").mkdir()
+        os.utime(d / ".dir.abcdefgh.tmp", (old, old))
+        (d / ".link.abcdefgh.tmp").symlink_to(d / "knowledge.jsonl")
+        fd = os.open(d / names["alive"], os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        removed = sweep_temp_files([d, d / "missing"])
+        self.assertEqual(removed, [d / names["dead"]])
+        left = set(os.listdir(d))
+        self.assertEqual(left, set(names.values()) - {names["dead"]}
+                         | {".dir.abcdefgh.tmp", ".link.abcdefgh.tmp"})
+
+    def test_a_writer_holds_its_temp_file_locked(self) -> None:
+        import fcntl
+
+        d = Path(self.mktemp())
+        seen: list[bool] = []
+        real_replace = os.replace
+
+        def replace(src: str, dst: object) -> None:
+            # During the write the temp file cannot be locked by anyone else.
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append(False)
+            except OSError:
+                seen.append(True)
+            finally:
+                os.close(fd)
+            real_replace(src, dst)  # type: ignore[arg-type]
+
+        self.patch(os, "replace", replace)
+        atomic_write(d / "f", "x")
+        self.assertEqual(seen, [True])

@@ -44,6 +44,13 @@ def put(home: Any, local_id: str, *units: dict[str, Any]) -> None:
             store.insert(KnowledgeUnit.from_json(u))
 
 
+def ack_all(mesh: FakeMesh, peer: str) -> None:
+    """``peer`` (of this project) acknowledges every unit sent to it so far."""
+    pairs = [[u["id"], u["version"]] for (to, t, p) in mesh.sent
+             if to == peer and t in ("knowledge_sync", "knowledge_snapshot") for u in p["units"]]
+    mesh.deliver(peer, "ack", {"ack_id": "msg_x", "knowledge": pairs})
+
+
 def stored(home: Any) -> dict[str, KnowledgeUnit]:
     return {u.id: u for u in read_units_file(hive_file(home, "knowledge.jsonl")).store.units()}
 
@@ -185,6 +192,13 @@ class EngineTests(SynchronousTestCase):
         # The older unit it has not had follows in a sync; nothing is sent twice.
         [sync] = self.sent("knowledge_sync")
         self.assertEqual([u["id"] for u in sync["units"]], ["old"])
+        # Asked again before acknowledging: what was only queued is offered again.
+        self.mesh.sent.clear()
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": NOW - 100})
+        [snap] = self.sent("knowledge_snapshot")
+        self.assertEqual([u["id"] for u in snap["units"]], ["new"])
+        # Once it acknowledged them, nothing is sent twice.
+        ack_all(self.mesh, "peer-a")
         self.mesh.sent.clear()
         self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": NOW - 100})
         [snap] = self.sent("knowledge_snapshot")
@@ -195,6 +209,8 @@ class EngineTests(SynchronousTestCase):
         self.mesh.connect("peer-a")
         self.mesh.deliver("peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [
             unit_json("ku_r", "peer-a", cmd="make", validated=NOW - 7)]})
+        ack_all(self.mesh, "peer-a")
+        self.gossip.stop()
         # A new process on the same home.
         mesh2 = FakeMesh("me-1")
         g2 = Gossip(self.home, Config(), mesh2, "me-1", lambda: NOW)

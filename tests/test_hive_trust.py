@@ -164,8 +164,35 @@ class BookTests(SynchronousTestCase):
         self.assertEqual(len(cols), 1)
         self.assertAlmostEqual(cols[0].confidence_delta,
                                vector("hive.trust.collision")["expected"]["confidence_delta"])
-        self.assertTrue(book.is_frozen("peer-a") and book.is_frozen("peer-b"))
-        self.assertIn("collision on universal/pattern:Bash:cmd1", book.records["peer-b"].freeze_reason)
+        # One unit is not enough evidence to freeze anyone (issue 11, item 5).
+        self.assertFalse(book.is_frozen("peer-a") or book.is_frozen("peer-b"))
+        self.assertEqual(book.records["peer-b"].collided_on, ["universal/pattern:Bash:cmd1"])
+        self.assertEqual(book.records["peer-a"].contradicted_by, ["peer-b"])
+
+    def test_collision_freeze_needs_evidence_from_more_than_one_unit(self) -> None:
+        ex1 = make_unit(1, source_peer="victim", confidence=0.9)
+        ex2 = make_unit(2, source_peer="victim", confidence=0.9)
+        bad1 = make_unit(1, id="ku_x1", source_peer="liar", confidence=0.1)
+        bad2 = make_unit(2, id="ku_x2", source_peer="liar", confidence=0.1)
+        existing = {ex1.semantic_key: ex1, ex2.semantic_key: ex2}
+        book = TrustBook()
+        book.check_collisions(existing, [bad1], "liar", "me", NOW)
+        # The same key again is no new evidence.
+        book.check_collisions(existing, [bad1], "liar", "me", NOW)
+        self.assertFalse(book.is_frozen("liar") or book.is_frozen("victim"))
+        # A second key: the sender is frozen, its victim is not (one accuser).
+        book.check_collisions(existing, [bad2], "liar", "me", NOW)
+        self.assertTrue(book.is_frozen("liar"))
+        self.assertIn("collision on universal/pattern:Bash:cmd2", book.records["liar"].freeze_reason)
+        self.assertFalse(book.is_frozen("victim"))
+        # A second, independent peer contradicting it freezes the victim.
+        bad3 = make_unit(1, id="ku_y1", source_peer="other", confidence=0.1)
+        book.check_collisions(existing, [bad3], "other", "me", NOW)
+        self.assertTrue(book.is_frozen("victim"))
+        self.assertFalse(book.is_frozen("other"))
+        # The evidence survives trust.json.
+        again = TrustBook.from_json(json.loads(json.dumps(book.to_json())))
+        self.assertEqual(again.records["victim"].contradicted_by, ["liar", "other"])
 
     def test_no_collision_within_threshold(self) -> None:
         book, cols = self._collide("hive.trust.no_collision_within_threshold")
@@ -177,6 +204,9 @@ class BookTests(SynchronousTestCase):
         inc = make_unit(1, id="ku_2", source_peer="peer-b", confidence=0.1)
         book = TrustBook()
         book.check_collisions({ex.semantic_key: ex}, [inc], "peer-b", "me", NOW)
+        ex2 = make_unit(2, source_peer="me", confidence=0.9)
+        inc2 = make_unit(2, id="ku_3", source_peer="peer-b", confidence=0.1)
+        book.check_collisions({ex2.semantic_key: ex2}, [inc2], "peer-b", "me", NOW)
         self.assertNotIn("me", book.records)
         self.assertTrue(book.is_frozen("peer-b"))
         self.assertTrue(book.unfreeze("peer-b"))

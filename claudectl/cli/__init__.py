@@ -17,6 +17,7 @@ import click
 from claudectl.cli import base
 from claudectl.cli.base import CliError, cli
 from claudectl.text import clean_text, json_safe
+from claudectl.control.paths import UnsafeSocketDir
 
 COMMAND_MODULES = (
     "claudectl.cli.relay_cmds",
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         code = group.main(args=argv, prog_name="claudectl", standalone_mode=False)
     except CliError as e:
         _fail(args, e.message, e.code)
+    except UnsafeSocketDir as e:
+        # From any command that talks to the service's control socket.
+        _fail(args, str(e), 1)
     except click.exceptions.Abort:
         sys.stderr.write("Aborted.\n")
         sys.exit(130)

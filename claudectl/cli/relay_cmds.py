@@ -11,6 +11,7 @@ they did.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ import click
 from claudectl.cli.base import CliContext, CliError, json_flag, pass_ctx, relay
 from claudectl.cli.base import remote_error_text as _amp_error
 from claudectl.control import commands as C
-from claudectl.control.client import ServiceNotRunning, call_control
+from claudectl.control.client import ServiceNotRunning, call_control, call_paged
 from claudectl.relay.address import AddressError, format_address, parse_address
 from claudectl.relay.crypto import CodeError, new_pair_code, psk_from_code
 from claudectl.relay.keystore import KeyStore, is_remote_peer_id
@@ -121,6 +122,8 @@ def _run_app(config: Any) -> None:
     from twisted.internet.error import CannotListenError
     from twisted.scripts import twistd
 
+    from claudectl.control.paths import UnsafeSocketDir
+
     if config.get("logfile") in ("-", "") and not config.get("logger"):
         # The log goes to the terminal: events carry peers' text.
         config["logger"] = _clean_stdout_observer
@@ -130,6 +133,10 @@ def _run_app(config: Any) -> None:
     except CannotListenError as e:
         raise CliError(f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: "
                        f"{e.socketError}") from None
+    except UnsafeSocketDir as e:
+        # twistd has sent stderr into its log by now: say it where the user looks.
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        raise CliError(str(e)) from None
 
 
 def _clean_stdout_observer() -> Any:
@@ -347,11 +354,18 @@ async def _one_shot_connect(reactor: Any, ctx: CliContext, address: str,
 @pass_ctx
 def peers(ctx: CliContext) -> None:
     """List known peers: state, address, last seen, trust, traffic."""
-    result = call_service(ctx, C.Peers)
-    live = result is not None
-    if result is not None:
-        rows = json.loads(result["peers_json"])
-    else:
+
+    async def fetch(reactor: Any) -> Any:
+        return await call_paged(reactor, ctx.home, C.Peers, "peers_json")
+
+    try:
+        rows = ctx.run(fetch)
+    except ServiceNotRunning:
+        rows = None
+    except (C.NotPairedError, C.LinkFailed, C.NoSuchPeer, C.BadRequest, ValueError) as e:
+        raise CliError(_amp_error(e)) from None
+    live = rows is not None
+    if rows is None:
         rows = peer_rows(KeyStore(ctx.home), None, _trust_reader(ctx), [_sync_reader(ctx)])
     if ctx.json:
         ctx.emit_json(rows)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
@@ -39,6 +40,35 @@ async def call_control(reactor: Any, home: Home, command: type[amp.Command],
     proto = await open_control(reactor, home)
     try:
         return await proto.callRemote(command, **kwargs)
+    finally:
+        proto.transport.loseConnection()
+
+
+#: A paged answer longer than this many pages is refused (a runaway service).
+MAX_PAGES = 10_000
+
+
+async def call_paged(reactor: Any, home: Home, command: type[amp.Command], key: str,
+                     **kwargs: Any) -> Any:
+    """
+    Run a paged AMP command (``offset`` / ``next_offset``, see
+    :mod:`claudectl.control.commands`) on one connection and return the
+    decoded JSON of the whole answer; raises ServiceNotRunning.
+    """
+    proto = await open_control(reactor, home)
+    try:
+        parts: list[str] = []
+        offset = 0
+        for _ in range(MAX_PAGES):
+            result = await proto.callRemote(command, offset=offset, **kwargs)
+            parts.append(result[key])
+            nxt = result.get("next_offset")
+            if nxt is None:
+                return json.loads("".join(parts))
+            if nxt <= offset:
+                break
+            offset = nxt
+        raise ValueError(f"the service's {key} answer does not end")
     finally:
         proto.transport.loseConnection()
 

@@ -2,8 +2,12 @@
 """
 AMP commands of the relay core's control channel (``claudectl relay …`` ↔
 the running service).  Structured results travel as JSON text in a
-``Unicode`` value; each value stays far below AMP's 65,535-byte limit (the
-peer list is bounded by ``max_peers`` plus the paired peers).
+``Unicode`` value.  AMP caps a value at 65,535 bytes, so the answers that
+grow with the number of peers (``Status``, ``Peers``) are paged: the first
+call (``offset`` 0 or absent) takes a snapshot of the whole JSON text on
+that connection and returns its first :data:`PAGE_CHARS` characters; while
+``next_offset`` is present, the caller asks again with it and concatenates
+(:func:`claudectl.control.client.call_paged`).
 
 Layers define their own commands next to their code (for example
 :mod:`claudectl.delegation.commands`) and register a locator on the node.
@@ -12,6 +16,10 @@ Layers define their own commands next to their code (for example
 from __future__ import annotations
 
 from twisted.protocols import amp
+
+#: Characters of JSON text per paged answer (json.dumps writes ASCII only,
+#: so this is also its size in bytes, under AMP's 65,535).
+PAGE_CHARS = 60_000
 
 
 class NotPairedError(Exception):
@@ -41,16 +49,16 @@ ERRORS: dict[type[Exception], bytes] = {
 class Status(amp.Command):
     """The node: identity, listening addresses, uptime, counters (JSON)."""
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
-    response = [(b"status_json", amp.Unicode())]
+    arguments = [(b"offset", amp.Integer(optional=True))]
+    response = [(b"status_json", amp.Unicode()), (b"next_offset", amp.Integer(optional=True))]
     errors = ERRORS
 
 
 class Peers(amp.Command):
     """Every known peer with its live state (JSON array)."""
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
-    response = [(b"peers_json", amp.Unicode())]
+    arguments = [(b"offset", amp.Integer(optional=True))]
+    response = [(b"peers_json", amp.Unicode()), (b"next_offset", amp.Integer(optional=True))]
     errors = ERRORS
 
 

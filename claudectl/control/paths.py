@@ -42,11 +42,22 @@ def check_socket_dir(directory: Path) -> None:
 
 
 def ensure_socket_dir(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = os.lstat(path.parent)
-    if st.st_uid == os.getuid():
-        os.chmod(path.parent, 0o700)
-    check_socket_dir(path.parent)
+    """Create the socket's directory 0700, or raise UnsafeSocketDir (one clear line)."""
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(directory)
+        if st.st_uid == os.getuid() and not os.path.islink(directory):
+            os.chmod(directory, 0o700)
+    except OSError as e:
+        raise UnsafeSocketDir(f"cannot use {directory} for the control socket: "
+                              f"{e.strerror or e}") from None
+    try:
+        check_socket_dir(directory)
+    except UnsafeSocketDir as e:
+        hint = ("" if directory.name == "run" else
+                " (someone else made it: remove it, or use a home with a shorter path)")
+        raise UnsafeSocketDir(f"{e}{hint}") from None
 
 
 def remove_fallback_dir(home: Home) -> None:

@@ -34,9 +34,30 @@ class RelayLocator(amp.CommandLocator):
         super().__init__()
         self.node = node
         self.parent = parent
+        #: The JSON text of a paged answer, per command, while it is read.
+        self._paged: dict[str, str] = {}
+
+    def _page(self, key: str, offset: int | None, make: Any) -> dict[str, Any]:
+        """One page of a JSON answer; offset 0 (or none) takes a new snapshot."""
+        if not offset or key not in self._paged:
+            self._paged[key] = json.dumps(make())
+            offset = 0
+        text = self._paged[key]
+        if offset < 0 or offset > len(text):
+            raise C.BadRequest(f"offset {offset} is outside the answer")
+        end = min(len(text), offset + C.PAGE_CHARS)
+        out: dict[str, Any] = {key: text[offset:end]}
+        if end < len(text):
+            out["next_offset"] = end
+        else:
+            del self._paged[key]
+        return out
 
     @C.Status.responder
-    def status(self) -> dict[str, Any]:
+    def status(self, offset: int | None = None) -> dict[str, Any]:
+        return self._page("status_json", offset, self._status)
+
+    def _status(self) -> dict[str, Any]:
         node = self.node
         ports = []
         for p in node.listening_ports:
@@ -60,13 +81,13 @@ class RelayLocator(amp.CommandLocator):
                 data.update(provider())
             except Exception:
                 log.failure("status provider failed")
-        return {"status_json": json.dumps(data)}
+        return data
 
     @C.Peers.responder
-    def peers(self) -> dict[str, Any]:
-        rows = peer_rows(self.node.keystore, self.node.mesh, self.node.trust_of,
-                         self.node.peer_info_providers)
-        return {"peers_json": json.dumps(rows)}
+    def peers(self, offset: int | None = None) -> dict[str, Any]:
+        return self._page("peers_json", offset, lambda: peer_rows(
+            self.node.keystore, self.node.mesh, self.node.trust_of,
+            self.node.peer_info_providers))
 
     @C.Connect.responder
     async def connect(self, address: str, peer: str | None = None) -> dict[str, Any]:
@@ -162,7 +183,7 @@ class _Locators:
         return None
 
 
-class ControlAMP(amp.AMP):
+class _QuietAMP(amp.AMP):
     """AMP without its two info lines per connection: every CLI command is one
     connection, and "AMP connection established/lost" filled the service log."""
 
@@ -176,6 +197,37 @@ class ControlAMP(amp.AMP):
         self.transport = None
 
 
+class ControlProtocol(_QuietAMP):
+    """
+    AMP that survives malformed frames: one log line and the connection is
+    closed, instead of an exception escaping ``dataReceived`` (which the
+    reactor logs as a critical traceback).
+    """
+
+    _log = Logger()
+    _broken = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            super().dataReceived(data)
+        except Exception as e:
+            self._bad_frame(f"{type(e).__name__}: {str(e)[:200]}")
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self._bad_frame(f"a value of {length} bytes")
+
+    def _bad_frame(self, what: str) -> None:
+        if self._broken:
+            return
+        self._broken = True
+        self._log.warn("malformed control frame ({what}): closing that control connection",
+                       what=what)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
 class ControlFactory(Factory):
     noisy = False  # no "Starting factory" / "Stopping factory" lines
 
@@ -185,7 +237,7 @@ class ControlFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
         locators = [RelayLocator(self.node, self.parent), *self.node.control_locators]
-        return ControlAMP(locator=_Locators(locators))
+        return ControlProtocol(locator=_Locators(locators))
 
 
 class _ControlService(StreamServerEndpointService):

@@ -83,5 +83,5 @@ def import_units(home: Home, units: list[KnowledgeUnit], *, local_id: str,
     """Merge ``units`` into the store and log conflicts and resolutions."""
     with store_transaction(home, local_id=local_id, config=config, now=now) as store:
         result = merge_batch(store, units, local_id, now, allow_local_origin=True)
-    write_merge_logs(home, result)
+    write_merge_logs(home, result, config.max_log_bytes)
     return result

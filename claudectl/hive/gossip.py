@@ -9,18 +9,25 @@ has not had from us yet goes out in ``knowledge_sync`` frames (pages of at
 most 512,000 bytes of unit JSON).  Push rounds run when a link comes up,
 when ``knowledge.jsonl`` changes (distillation, import, forget -- by any
 process), and after a batch from a peer was merged (which is how accepted
-units travel on).  What was sent to whom (id -> version) and the request
-cursors live in ``sync_state.json``, so a restart neither resends
-everything nor misses an update.
+units travel on).  What each peer is known to have (id -> version) and
+the request cursors live in ``sync_state.json``, so a restart neither
+resends everything nor misses an update.  A unit counts as delivered only
+when the peer has it: a peer of this project acknowledges what it merged
+(``ack`` frames), a claudectl 0.64 ``relay serve`` we dialed has it once the
+link outlived its liveness deadline, and a claudectl ``connect``/``join``
+client (it only prints knowledge frames) is sent nothing.  What is still in
+flight when a link drops or the service restarts is offered again.
 
 Receiving: each unit of a batch is validated on its own (a bad unit is
 rejected, logged and counted; the rest are merged -- defect H5), gets
 ``propagation_count + 1``, passes the per-peer daily rate cap, and is merged
-with the store's rules (local always wins, conflicts logged).  A unit
-received from a peer counts as sent to that peer, so it is never echoed
-back.  Only units that may leave the machine are ever sent, in syncs and in
-snapshots (defect H4), and only while ``propagation_count <
-max_propagation`` and not older than ``knowledge_ttl_days``.
+with the store's rules (local always wins, conflicts logged); the cap
+counts new units only.  A unit received from a peer counts as sent to that
+peer, so it is never echoed back.  Snapshot pages are buffered in bytes,
+with a per-peer budget per request.  Only units that may leave the machine
+are ever sent, in syncs and in snapshots (defect H4), and only while
+``propagation_count < max_propagation`` and not older than
+``knowledge_ttl_days``.
 
 After authentication each side asks the other with ``knowledge_request``
 ``{"since_epoch": cursor}`` -- claudectl 0.64 never asks nor pushes by
@@ -58,7 +65,7 @@ from claudectl.hive.store import (
     read_units_file,
     store_transaction,
 )
-from claudectl.hive.trust import load_trust, log_collisions, trust_level, trust_transaction
+from claudectl.hive.trust import TrustReader, load_trust, log_collisions, trust_transaction
 from claudectl.hive.units import (
     SNAPSHOT_PAGE_BYTES,
     ApproachCluster,
@@ -92,6 +99,28 @@ RECORD_FLUSH_SECS = 5.0
 MAX_UNIT_BYTES = codec.MAX_LINE_BYTES - 16_384
 #: How often the service checks the brain's decision log (distil every 10).
 DISTILL_POLL_SECS = 5.0
+
+# --- bounds against hostile peers (docs/security.md, "Bounds against hostile peers") ---
+#: Snapshot pages buffered for one peer are merged once they are charged this
+#: much, so the buffer of a peer never holds much more than this.
+SNAPSHOT_FLUSH_BYTES = 4 * 1024 * 1024
+#: What the snapshot pages answering one of our requests may be charged in
+#: all; a peer crossing it loses its buffered pages and the link.
+SNAPSHOT_BUDGET_BYTES = 64 * 1024 * 1024
+#: Charged per entry of a page on top of its JSON (an empty list ``[]`` is 2
+#: bytes on the wire but a Python object of ~56), and per page.
+SNAPSHOT_ENTRY_CHARGE = 64
+SNAPSHOT_PAGE_CHARGE = 16 * 1024
+#: (id, version) pairs per ``ack`` frame.
+ACK_MAX_PAIRS = 4096
+#: Warnings a peer's bad input causes (invalid units, the daily cap): at most
+#: this many lines per peer per minute, then one "suppressed" line.
+PEER_WARNINGS_PER_MINUTE = 10
+
+#: How a link delivers what we send (see ``Gossip.delivery``).
+ACKS = "acks"        # a peer of this project: delivered when it acknowledges
+SERVES = "serves"    # a claudectl 0.64 ``relay serve`` we dialed: merges syncs
+PRINTS = "prints"    # a claudectl 0.64 ``connect``/``join`` client: only prints them
 
 
 @dataclass
@@ -279,7 +308,19 @@ class Gossip:
         self._unrecorded: dict[str, int] = {}
         self._state_dirty = False
         self._pages: dict[str, list[Any]] = {}
+        #: Charge of the buffered pages, and of all pages since our last request.
+        self._page_bytes: dict[str, int] = {}
+        self._snapshot_bytes: dict[str, int] = {}
         self._page_timers: dict[str, Any] = {}
+        self._page_ack: dict[str, str] = {}
+        #: Per peer, unit id -> (version, when queued) sent on the current link
+        #: and not yet known to have arrived (memory only: after a restart or a
+        #: new link these are offered again).
+        self._inflight: dict[str, dict[str, tuple[int, float]]] = {}
+        self._confirm_scheduled: set[str] = set()
+        self._stopped = False
+        #: peer -> (minute, warnings logged in it)
+        self._warned: dict[str, tuple[int, int]] = {}
         self._timers: set[Any] = set()
         self._oversize: set[tuple[str, int]] = set()
         #: Counters for ``relay status``.
@@ -290,6 +331,7 @@ class Gossip:
         self.mesh.add_handler(codec.KNOWLEDGE_SYNC, self.on_batch)
         self.mesh.add_handler(codec.KNOWLEDGE_SNAPSHOT, self.on_batch)
         self.mesh.add_handler(codec.KNOWLEDGE_REQUEST, self.on_request)
+        self.mesh.add_handler(codec.ACK, self.on_ack)
         self.mesh.add_link_observer(self.on_link_up, self.on_link_down)
 
     def now(self) -> int:
@@ -303,6 +345,8 @@ class Gossip:
         if self._call_later is None:
             fn(*args)
             return None
+        if self._stopped:
+            return None  # links closing after stop() schedule nothing
         box: list[Any] = []
 
         def run() -> None:
@@ -316,11 +360,13 @@ class Gossip:
 
     def stop(self) -> None:
         """Cancel everything scheduled (the service is stopping)."""
+        self._stopped = True
         for call in list(self._timers):
             if call.active():
                 call.cancel()
         self._timers.clear()
         self._page_timers.clear()
+        self._confirm_scheduled.clear()
         self._record_scheduled = False
         self.flush_counts()
         if self._state_dirty:
@@ -359,11 +405,19 @@ class Gossip:
         self._later(0, self._link_up, peer_id)
 
     def _link_up(self, peer_id: str) -> None:
+        # A new link: whatever was in flight on an old one may be lost.
+        self._inflight.pop(peer_id, None)
+        self._snapshot_bytes.pop(peer_id, None)
         if not self.active() or peer_id not in self.mesh.connected_peers():
+            return
+        delivery = self.delivery(peer_id)
+        if delivery == PRINTS:
+            # A claudectl connect/join client prints knowledge frames and
+            # never merges or answers them: nothing to send it.
             return
         ps = self.state.peer(peer_id)
         self.mesh.send(peer_id, codec.KNOWLEDGE_REQUEST, {"since_epoch": ps.cursor})
-        if self.mesh.peer_mode(peer_id) == "oneway" or self._call_later is None:
+        if delivery == SERVES or self._call_later is None:
             # claudectl 0.64 never asks: push what it has not had from us.
             self.push(peer_id)
         else:
@@ -373,8 +427,109 @@ class Gossip:
 
     def on_link_down(self, peer_id: str) -> None:
         """Merge what arrived of an unfinished snapshot; drop the buffer."""
+        # Queued but not known to have arrived: offered again on the next link.
+        self._inflight.pop(peer_id, None)
+        self._snapshot_bytes.pop(peer_id, None)
         if peer_id in self._pages:
             self._flush_pages(peer_id)
+
+    # --- delivery -----------------------------------------------------------------------
+    def _direction(self, peer_id: str) -> str | None:
+        """``"outbound"`` (we dialed), ``"inbound"`` or None (unknown)."""
+        fn = getattr(self.mesh, "peer_direction", None)
+        if callable(fn):
+            return fn(peer_id)
+        link = getattr(self.mesh, "links", {}).get(peer_id)
+        return getattr(link, "direction", None)
+
+    def delivery(self, peer_id: str) -> str:
+        """
+        When a unit sent on this link counts as delivered: a peer of this
+        project acknowledges what it merged (:data:`ACKS`); a claudectl 0.64
+        peer never acks, but its ``relay serve`` (the side we dialed) merges
+        what it reads (:data:`SERVES`), while its ``connect``/``join`` client
+        (the side that dialed us) only prints it (:data:`PRINTS`).
+        """
+        if self.mesh.peer_mode(peer_id) != "oneway":
+            return ACKS
+        return PRINTS if self._direction(peer_id) == "inbound" else SERVES
+
+    def _queued(self, peer_id: str, page: list[Encoded]) -> None:
+        """``page`` went out to ``peer_id``: in flight until it is known to have arrived."""
+        ps = self.state.peer(peer_id)
+        flying = self._inflight.setdefault(peer_id, {})
+        now = self._now()
+        for u, _, size in page:
+            flying[u.id] = (u.version, now)
+            ps.bytes_up += size
+        ps.units_up += len(page)
+        if page and self.delivery(peer_id) == SERVES:
+            self._confirm_later(peer_id)
+
+    def _delivered(self, peer_id: str, pairs: list[tuple[str, int]]) -> int:
+        """Move acknowledged (id, version) pairs from in flight to sent."""
+        flying = self._inflight.get(peer_id)
+        if not flying:
+            return 0
+        ps = self.state.peer(peer_id)
+        n = 0
+        for uid, version in pairs:
+            held = flying.get(uid)
+            if held is not None and held[0] == version:
+                del flying[uid]
+                ps.sent[uid] = version
+                n += 1
+        if n:
+            self._save_soon()
+        return n
+
+    def _confirm_secs(self) -> float:
+        # Longer than the link's liveness deadline: a claudectl serve that
+        # stopped reading (paused, hung) loses its link before this.
+        return 3 * self.config.relay.heartbeat_interval_secs + 5.0
+
+    def _confirm_later(self, peer_id: str) -> None:
+        if peer_id in self._confirm_scheduled:
+            return
+        self._confirm_scheduled.add(peer_id)
+        self._later(0 if self._call_later is None else self._confirm_secs(),
+                    self._confirm, peer_id)
+
+    def _confirm(self, peer_id: str) -> None:
+        """A claudectl serve link stayed up: what it had long enough is delivered."""
+        self._confirm_scheduled.discard(peer_id)
+        flying = self._inflight.get(peer_id)
+        if not flying or peer_id not in self.mesh.connected_peers():
+            return
+        limit = self._now() - (0 if self._call_later is None else self._confirm_secs())
+        done = [(uid, v) for uid, (v, t) in flying.items() if t <= limit]
+        self._delivered(peer_id, done)
+        if flying:
+            self._confirm_later(peer_id)
+
+    def on_ack(self, peer_id: str, env: Envelope) -> None:
+        """
+        ``ack {"ack_id": <frame id>, "knowledge": [[id, version], ...]}`` from
+        a peer of this project: these units arrived and were merged.  (The
+        delegation layer reads acks too; it ignores those without a task.)
+        """
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        pairs = payload.get("knowledge")
+        if not isinstance(pairs, list):
+            return
+        good = [(p[0], p[1]) for p in pairs[:ACK_MAX_PAIRS]
+                if isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                and isinstance(p[1], int) and not isinstance(p[1], bool)]
+        self._delivered(peer_id, good)
+
+    def _ack(self, peer_id: str, ack_id: str, units: list[KnowledgeUnit]) -> None:
+        """Tell a peer of this project which of its units we now have."""
+        if not units or self.delivery(peer_id) != ACKS:
+            return
+        pairs = [[u.id, u.version] for u in units]
+        for i in range(0, len(pairs), ACK_MAX_PAIRS):
+            self.mesh.send(peer_id, codec.ACK,
+                           {"ack_id": ack_id, "knowledge": pairs[i:i + ACK_MAX_PAIRS]})
 
     def _push_if_connected(self, peer_id: str) -> None:
         if peer_id in self.mesh.connected_peers():
@@ -436,8 +591,12 @@ class Gossip:
     def _push(self, peer_id: str, units: list[KnowledgeUnit], ctx: ShareContext) -> int:
         now = self.now()
         ps = self.state.peer(peer_id)
+        if self.delivery(peer_id) == PRINTS:
+            return 0
+        flying = self._inflight.get(peer_id, {})
         todo = self._sendable([u for u in units
                                if ps.sent.get(u.id) != u.version
+                               and flying.get(u.id, (None,))[0] != u.version
                                and ctx.shareable(u, peer_id, now)])
         if not todo:
             return 0
@@ -446,10 +605,7 @@ class Gossip:
             payload = {"sync_epoch": now, "units": [j for _, j, _ in page]}
             if not self.mesh.send(peer_id, codec.KNOWLEDGE_SYNC, payload):
                 break
-            for u, _, size in page:
-                ps.sent[u.id] = u.version
-                ps.bytes_up += size
-            ps.units_up += len(page)
+            self._queued(peer_id, page)
             sent += len(page)
         if sent:
             ps.last_sync_epoch = now
@@ -468,7 +624,8 @@ class Gossip:
         ctx = ShareContext.load(self.home, self.identity, self.config.hive)
         ps = self.state.peer(peer_id)
         # since_epoch 0 means "I have nothing": send everything.  Otherwise
-        # what this peer already had from us (same version) is left out.
+        # what this peer is known to have (acknowledged, same version) is
+        # left out -- never what we merely queued for it once.
         units = self._sendable([u for u in self._load_units()
                                 if u.last_validated_at >= since
                                 and ctx.shareable(u, peer_id, now)
@@ -478,10 +635,7 @@ class Gossip:
             body = {"page": n, "total_pages": len(pages), "units": [j for _, j, _ in page]}
             if not self.mesh.send(peer_id, codec.KNOWLEDGE_SNAPSHOT, body):
                 return
-            for u, _, size in page:
-                ps.sent[u.id] = u.version
-                ps.bytes_up += size
-            ps.units_up += len(page)
+            self._queued(peer_id, page)
         ps.last_sync_epoch = now
         self._state_dirty = True
         log.info("answered a knowledge request from {peer_id}: {count} unit(s) in {pages} page(s)",
@@ -498,77 +652,123 @@ class Gossip:
         if not isinstance(raw_units, list):
             self.counters["bad_units"] += 1
             self.state.peer(peer_id).rejected += 1
-            log.info("{msg_type} from {peer_id} without a units list", msg_type=env.msg_type,
-                     peer_id=peer_id)
+            if self._may_warn(peer_id):
+                log.info("{msg_type} from {peer_id} without a units list",
+                         msg_type=env.msg_type, peer_id=peer_id)
             return
         if env.msg_type == codec.KNOWLEDGE_SNAPSHOT:
-            self._snapshot_page(peer_id, payload, raw_units)
+            self._snapshot_page(peer_id, payload, raw_units, env.id)
             return
-        self.receive(peer_id, raw_units)
+        self.receive(peer_id, raw_units, ack_id=env.id)
 
-    def _snapshot_page(self, peer_id: str, payload: dict[str, Any], raw_units: list[Any]) -> None:
-        """Collect a snapshot's pages and merge them in one go."""
+    def _may_warn(self, peer_id: str) -> bool:
+        """Rate-limit the log lines a peer's bad input causes (per peer, per minute)."""
+        minute = int(self._now()) // 60
+        seen, count = self._warned.get(peer_id, (minute, 0))
+        if seen != minute:
+            count = 0
+        self._warned[peer_id] = (minute, count + 1)
+        if count == PEER_WARNINGS_PER_MINUTE:
+            log.info("{peer_id}: more bad knowledge this minute; not logging it",
+                     peer_id=peer_id)
+        return count < PEER_WARNINGS_PER_MINUTE
+
+    def buffered_bytes(self, peer_id: str) -> int:
+        """What the snapshot pages buffered for ``peer_id`` are charged."""
+        return self._page_bytes.get(peer_id, 0)
+
+    def _snapshot_page(self, peer_id: str, payload: dict[str, Any], raw_units: list[Any],
+                       ack_id: str = "") -> None:
+        """Collect a snapshot's pages and merge them in one go (bounded in bytes)."""
+        spent = self._snapshot_bytes.get(peer_id, 0)
+        if spent > SNAPSHOT_BUDGET_BYTES:
+            return  # over budget: the link is closing, ignore what still arrives
+        try:
+            size = _unit_bytes(raw_units)  # type: ignore[arg-type]
+        except Exception:  # RecursionError on absurd nesting: charge a whole line
+            size = codec.MAX_LINE_BYTES
+        charge = size + SNAPSHOT_ENTRY_CHARGE * len(raw_units) + SNAPSHOT_PAGE_CHARGE
+        spent += charge
+        self._snapshot_bytes[peer_id] = spent
+        if spent > SNAPSHOT_BUDGET_BYTES:
+            self._drop_pages(peer_id)
+            log.warn("{peer_id} sent more than {budget} bytes of snapshot pages for one "
+                     "request: pages dropped, link closed", peer_id=peer_id,
+                     budget=SNAPSHOT_BUDGET_BYTES)
+            disconnect = getattr(self.mesh, "disconnect", None)
+            if callable(disconnect):
+                disconnect(peer_id, "snapshot budget exceeded")
+            return
         page, total = payload.get("page"), payload.get("total_pages")
         buffered = self._pages.setdefault(peer_id, [])
         buffered.extend(raw_units)
+        self._page_bytes[peer_id] = self._page_bytes.get(peer_id, 0) + charge
+        self._page_ack[peer_id] = ack_id
         last = (not isinstance(page, int) or not isinstance(total, int) or page >= total)
-        # Never hold more than a day's allowance of a peer's units in memory.
-        if last or len(buffered) >= self.config.hive.max_units_per_peer_per_day:
+        # Never hold more than a few MiB, nor a day's allowance, of a peer's units.
+        if (last or self._page_bytes[peer_id] >= SNAPSHOT_FLUSH_BYTES
+                or len(buffered) >= self.config.hive.max_units_per_peer_per_day):
             self._flush_pages(peer_id)
         elif peer_id not in self._page_timers and self._call_later is not None:
             self._page_timers[peer_id] = self._later(SNAPSHOT_FLUSH_SECS,
                                                      self._flush_pages, peer_id)
 
-    def _flush_pages(self, peer_id: str) -> None:
+    def _drop_pages(self, peer_id: str) -> list[Any]:
         timer = self._page_timers.pop(peer_id, None)
         if timer is not None and timer.active():
             timer.cancel()
-        units = self._pages.pop(peer_id, [])
-        if units:
-            self.receive(peer_id, units)
+        self._page_bytes.pop(peer_id, None)
+        self._page_ack.pop(peer_id, None)
+        return self._pages.pop(peer_id, [])
 
-    def receive(self, peer_id: str, raw_units: list[Any]) -> dict[str, int]:
+    def _flush_pages(self, peer_id: str) -> None:
+        ack_id = self._page_ack.get(peer_id, "")
+        units = self._drop_pages(peer_id)
+        if units:
+            self.receive(peer_id, units, ack_id=ack_id)
+
+    def receive(self, peer_id: str, raw_units: list[Any], ack_id: str = "") -> dict[str, int]:
         """Validate, rate-limit and merge one batch from ``peer_id``; then pass it on."""
         now = self.now()
         ps = self.state.peer(peer_id)
         good: list[KnowledgeUnit] = []
         bad = 0
+        first_error = ""
         for n, raw in enumerate(raw_units):
             try:
                 unit = KnowledgeUnit.from_json(raw)
                 check_peer_fields(unit)
             except Exception as e:  # UnitError, or anything a hostile value provokes
                 bad += 1
-                log.info("rejected knowledge unit {index} from {peer_id}: {error}",
-                         index=n, peer_id=peer_id, error=str(e))
+                if not first_error:
+                    first_error = f"#{n}: {str(e)[:200]}"
                 continue
             good.append(dataclasses.replace(unit, propagation_count=min(
                 unit.propagation_count + 1, 2**32 - 1)))
+        if bad and self._may_warn(peer_id):
+            # One line per batch, however many bad units it holds.
+            log.info("rejected {count} knowledge unit(s) from {peer_id} (first {error})",
+                     count=bad, peer_id=peer_id, error=first_error)
         self.counters["bad_units"] += bad
         ps.rejected += bad
         stats = {"received": len(raw_units), "bad": bad, "dropped": 0, "accepted": 0,
                  "updated": 0, "rejected": 0, "duplicates": 0}
         cfg = self.config.hive
-        # The daily rate cap: what trust.json counted plus what this process
-        # counted but has not written yet.  (A frozen peer still gossips:
-        # freezing keeps its knowledge out of the prompt, not off the mesh.)
+        # The daily rate cap counts new units only (accepted or updated):
+        # duplicates and echoes are free.  What trust.json counted plus what
+        # this process counted but has not written yet.  (A frozen peer still
+        # gossips: freezing keeps its knowledge out of the prompt, not off
+        # the mesh.)
         day = str(now // 86400)
         rec_ro = load_trust(self.home, cfg.default_trust).get(peer_id)
         already = (rec_ro.daily_received.get(day, 0) if rec_ro is not None else 0)
         already += self._unrecorded.get(peer_id, 0)
         allowance = max(0, cfg.max_units_per_peer_per_day - already)
-        if len(good) > allowance:
-            excess = len(good) - allowance
-            self.counters["dropped_rate_cap"] += excess
-            ps.dropped += excess
-            stats["dropped"] += excess
-            log.warn("rate cap: dropped {count} unit(s) from {peer_id} ({cap} per day)",
-                     count=excess, peer_id=peer_id, cap=cfg.max_units_per_peer_per_day)
-            good = good[:allowance]
-        self._unrecorded[peer_id] = self._unrecorded.get(peer_id, 0) + len(good)
+        have = good
+        self._unrecorded.setdefault(peer_id, 0)  # marks the contact
         if good and self._all_known(good, peer_id):
             # Copies of what we hold (other paths of the same gossip): no
-            # store transaction, no file rewrite; counted in trust.json later.
+            # store transaction, no file rewrite, nothing counted.
             stats["duplicates"] = len(good)
             self._record_soon()
         elif good:
@@ -577,13 +777,26 @@ class Gossip:
             with store_transaction(self.home, local_id=self.identity, config=cfg,
                                    now=now) as store:
                 existing = store.by_key()
-                result = merge_batch(store, good, self.identity, now)
+                result = merge_batch(store, good, self.identity, now, budget=allowance)
                 # Who delivered what, written before the store itself.
                 record_deliveries(self.delivery, existing, result, peer_id, store.units())
             # What we just wrote is the store now: no need to parse it again.
             self._units_cache = (self._signature(), store.units())
-            write_merge_logs(self.home, result)
+            write_merge_logs(self.home, result, cfg.max_log_bytes)
             stats.update(result.stats())
+            excess = len(result.left_out)
+            if excess:
+                self.counters["dropped_rate_cap"] += excess
+                ps.dropped += excess
+                stats["dropped"] = excess
+                if self._may_warn(peer_id):
+                    log.warn("rate cap: dropped {count} new unit(s) from {peer_id} "
+                             "({cap} per day)", count=excess, peer_id=peer_id,
+                             cap=cfg.max_units_per_peer_per_day)
+                left = {id(u) for u in result.left_out}
+                have = [u for u in good if id(u) not in left]
+            # Crossing the cap is counted too: that is what freezes the sender.
+            self._unrecorded[peer_id] += result.accepted + result.updated + excess
             with trust_transaction(self.home, cfg.default_trust) as book:
                 self._record_counts(book, now)
                 collisions = book.check_collisions(existing, good, peer_id, self.identity, now)
@@ -591,14 +804,17 @@ class Gossip:
                 rec.knowledge_accepted += result.accepted + result.updated
                 rec.knowledge_conflicted += result.rejected
             if collisions:
-                log_collisions(self.home, collisions)
+                log_collisions(self.home, collisions, cfg.max_log_bytes)
         else:
             self._record_soon()
+        self._ack(peer_id, ack_id, have)
         for u in good:
             # The peer has this (id, version): never echo it back.
             ps.sent[u.id] = max(ps.sent.get(u.id, 0), u.version)
+        for u in have:
+            # The cursor follows only the units we kept (not those the cap cut).
             ps.cursor = max(ps.cursor, u.last_validated_at)
-        ps.units_down += len(good)
+        ps.units_down += len(have)
         ps.last_sync_epoch = now
         self._save_soon()
         self.counters["merged_batches"] += 1
@@ -713,7 +929,7 @@ def attach(node: Any, parent: MultiService) -> Gossip:
                     node.clock.callLater)
     gossip.register()
     default = node.config.hive.default_trust
-    node.trust_of = lambda peer: trust_level(node.home, peer, default)
+    node.trust_of = TrustReader(node.home, default)
     node.peer_info_providers.append(gossip.peer_info)
     node.status_providers.append(lambda: {"hive": dict(gossip.counters)})
     node.gossip = gossip

@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from claudectl.atomic import append_line
-from claudectl.hive.store import CONFLICTS, RESOLUTIONS, KnowledgeStore, hive_file
+from claudectl.config import HiveConfig
+from claudectl.hive.store import CONFLICTS, RESOLUTIONS, KnowledgeStore, append_log
 from claudectl.hive.units import (
     U32_MAX,
     ApproachCluster,
@@ -191,6 +191,8 @@ class BatchResult:
     updated: int = 0
     rejected: int = 0
     duplicates: int = 0
+    #: New units left out because the batch's budget was used up.
+    left_out: list[KnowledgeUnit] = field(default_factory=list)
     outcomes: list[tuple[KnowledgeUnit, MergeOutcome]] = field(default_factory=list)
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     resolutions: list[dict[str, Any]] = field(default_factory=list)
@@ -205,12 +207,28 @@ class BatchResult:
                 "rejected": self.rejected, "duplicates": self.duplicates}
 
 
+#: Results that bring something new into the store (what a budget counts).
+NEW_RESULTS = frozenset({ACCEPTED, UPDATED, CLUSTER_UNIONED})
+
+
 def merge_batch(store: KnowledgeStore, incoming: Iterable[KnowledgeUnit], local_id: str,
-                now: int, allow_local_origin: bool = False) -> BatchResult:
-    """Merge each unit in turn into ``store`` (in memory) and count the results."""
+                now: int, allow_local_origin: bool = False,
+                budget: int | None = None) -> BatchResult:
+    """
+    Merge each unit in turn into ``store`` (in memory) and count the results.
+
+    With a ``budget``, at most that many units that would bring something
+    new (accepted, updated, unioned) are merged; the rest are left out and
+    listed in ``left_out``.  Duplicates and rejected units cost nothing.
+    """
     out = BatchResult()
     for inc in incoming:
         o = merge_unit(store.get(inc.semantic_key), inc, local_id, now, allow_local_origin)
+        if budget is not None and o.result in NEW_RESULTS:
+            if budget <= 0:
+                out.left_out.append(inc)
+                continue
+            budget -= 1
         out.outcomes.append((inc, o))
         if o.store is not None:
             store.insert(o.store)
@@ -229,9 +247,11 @@ def merge_batch(store: KnowledgeStore, incoming: Iterable[KnowledgeUnit], local_
     return out
 
 
-def write_merge_logs(home: Home, result: BatchResult) -> None:
-    """Append the batch's records to ``conflicts.jsonl`` / ``resolutions.jsonl``."""
-    for rec in result.conflicts:
-        append_line(hive_file(home, CONFLICTS), dumps_record(rec))
-    for rec in result.resolutions:
-        append_line(hive_file(home, RESOLUTIONS), dumps_record(rec))
+def write_merge_logs(home: Home, result: BatchResult,
+                     max_bytes: int = HiveConfig.max_log_bytes) -> None:
+    """
+    Append the batch's records to ``conflicts.jsonl`` / ``resolutions.jsonl``
+    (each rotated past ``max_bytes``, ``[hive] max_log_bytes``).
+    """
+    append_log(home, CONFLICTS, (dumps_record(r) for r in result.conflicts), max_bytes)
+    append_log(home, RESOLUTIONS, (dumps_record(r) for r in result.resolutions), max_bytes)

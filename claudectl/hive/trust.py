@@ -28,7 +28,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from claudectl.atomic import append_line, atomic_write, locked
+from claudectl.atomic import atomic_write, locked
+from claudectl.hive.store import COLLISIONS, append_log
 from claudectl.hive.units import (
     DAY,
     U64_MAX,
@@ -47,6 +48,14 @@ QUARANTINE_SECS = 7 * DAY
 DRIFT_STEP = 0.01
 QUARANTINE_DRIFT_CAP = 0.5
 COLLISION_DELTA = 0.3
+#: A collision freeze needs this much independent evidence: the peer that
+#: sent the contradicting unit is frozen once it contradicted stored
+#: knowledge on this many distinct semantic keys; the peer whose unit was
+#: contradicted, once this many distinct peers contradicted it.  One unit
+#: from one peer never freezes anyone (issue 11, item 5).
+COLLISION_EVIDENCE = 2
+#: Evidence kept per peer (distinct keys or peers), newest last.
+COLLISION_EVIDENCE_KEEP = 32
 DAILY_KEEP_DAYS = 30
 DEFAULT_RATE_CAP = 1000
 
@@ -111,6 +120,11 @@ class PeerTrust:
     freeze_reason: str | None = None
     daily_received: dict[str, int] = field(default_factory=dict)
     last_anomaly_at: int | None = None
+    #: Collision evidence (ours; claudectl ignores these keys): the semantic
+    #: keys on which this peer's units contradicted stored knowledge, and
+    #: the peers whose units contradicted this peer's.
+    collided_on: list[str] = field(default_factory=list)
+    contradicted_by: list[str] = field(default_factory=list)
 
     @classmethod
     def new(cls, peer_id: str, level: float, now: int) -> PeerTrust:
@@ -153,9 +167,16 @@ class PeerTrust:
             raise UnitError(f"{where}.daily_received must map day numbers to integers")
         if anomaly is not None and (isinstance(anomaly, bool) or not isinstance(anomaly, int)):
             raise UnitError(f"{where}.last_anomaly_at must be an integer or null")
+        def strings(key: str) -> list[str]:
+            v = value.get(key, [])
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise UnitError(f"{where}.{key} must be a list of strings")
+            return list(v[-COLLISION_EVIDENCE_KEEP:])
+
         return cls(peer_id, float(level), uint("knowledge_accepted"),
                    uint("knowledge_conflicted"), uint("first_seen"), uint("last_sync"),
-                   uint("quarantined_until", 0), frozen, reason, dict(daily), anomaly)
+                   uint("quarantined_until", 0), frozen, reason, dict(daily), anomaly,
+                   strings("collided_on"), strings("contradicted_by"))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -166,7 +187,20 @@ class PeerTrust:
             "quarantined_until": self.quarantined_until, "frozen": self.frozen,
             "freeze_reason": self.freeze_reason, "daily_received": dict(self.daily_received),
             "last_anomaly_at": self.last_anomaly_at,
+            # Ours, after claudectl's keys, and only once there is evidence.
+            **({"collided_on": list(self.collided_on)} if self.collided_on else {}),
+            **({"contradicted_by": list(self.contradicted_by)}
+               if self.contradicted_by else {}),
         }
+
+    def add_evidence(self, kind: str, item: str) -> int:
+        """Remember one piece of collision evidence; returns how many distinct ones."""
+        items: list[str] = getattr(self, kind)
+        if item in items:
+            items.remove(item)
+        items.append(item)
+        del items[:-COLLISION_EVIDENCE_KEEP]
+        return len(items)
 
     @property
     def tier(self) -> Tier:
@@ -312,8 +346,13 @@ class TrustBook:
                          local_id: str, now: int) -> list[Collision]:
         """
         Compare each incoming unit with the stored unit of its semantic key;
-        a different source whose confidence differs by more than 0.3 freezes
-        both peers (never the local identity).  ``existing`` maps key -> unit.
+        a different source whose confidence differs by more than 0.3 (or a
+        different type) is a collision, logged and counted as evidence.  A
+        freeze needs evidence from more than one unit (never the local
+        identity): the sending peer ``from_peer`` is frozen once it collided
+        on :data:`COLLISION_EVIDENCE` distinct keys, the peer whose unit was
+        contradicted once that many distinct peers contradicted it.
+        ``existing`` maps key -> unit.
         """
         found = []
         for unit in incoming:
@@ -327,9 +366,14 @@ class TrustBook:
                             round(delta, 6), now)
             found.append(col)
             reason = f"collision on {unit.semantic_key} (\u0394conf {delta:.2f}) with {ex.source_peer}"
-            for peer in {ex.source_peer, from_peer}:
-                if peer != local_id:
-                    self.ensure(peer, now).freeze(reason, now)
+            if from_peer != local_id and from_peer != ex.source_peer:
+                rec = self.ensure(from_peer, now)
+                if rec.add_evidence("collided_on", unit.semantic_key) >= COLLISION_EVIDENCE:
+                    rec.freeze(reason, now)
+            if ex.source_peer != local_id and ex.source_peer != from_peer:
+                rec = self.ensure(ex.source_peer, now)
+                if rec.add_evidence("contradicted_by", from_peer) >= COLLISION_EVIDENCE:
+                    rec.freeze(reason, now)
             log.warn("collision on {key} between {a} and {b}", key=unit.semantic_key,
                      a=ex.source_peer, b=from_peer)
         return found
@@ -430,9 +474,35 @@ def trust_transaction(home: Home, default_trust: float = 0.5) -> Iterator[TrustB
             save_trust(home, book)
 
 
-def log_collisions(home: Home, collisions: Iterable[Collision]) -> None:
-    for col in collisions:
-        append_line(home.hive / "collisions.jsonl", dumps_record(col.to_record()))
+def log_collisions(home: Home, collisions: Iterable[Collision],
+                   max_bytes: int = 16 * 1024 * 1024) -> None:
+    """Append to ``collisions.jsonl`` (rotated past ``max_bytes``)."""
+    append_log(home, COLLISIONS, (dumps_record(c.to_record()) for c in collisions), max_bytes)
+
+
+class TrustReader:
+    """
+    ``reader(peer) -> level``, reading ``trust.json`` again only when it
+    changed (one ``stat()`` per call): listing a thousand peers must not
+    parse the file a thousand times.
+    """
+
+    def __init__(self, home: Home, default: float = 0.5) -> None:
+        self.home = home
+        self.default = default
+        self._sig: tuple[int, int, int] | None = None
+        self._book: TrustBook | None = None
+
+    def __call__(self, peer_id: str) -> float:
+        try:
+            st = trust_path(self.home).stat()
+            sig: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            sig = None
+        if self._book is None or sig is None or sig != self._sig:
+            self._book = load_trust(self.home, self.default)
+            self._sig = sig
+        return self._book.level(peer_id)
 
 
 def trust_level(home: Home, peer_id: str, default: float = 0.5) -> float:

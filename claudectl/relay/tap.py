@@ -30,6 +30,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from claudectl.atomic import sweep_temp_files
 from claudectl.config import Config, ConfigError, load_config, risky_settings
 from claudectl.home import Home
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
@@ -145,6 +146,9 @@ class RelayService(MultiService):
             log.warn("{problem}", problem=problem)
         for problem in risky_settings(self.node.config, self.node.home.root):
             log.warn("{problem}", problem=problem)
+        # Temporary files of writes a kill -9 interrupted (none of a live writer).
+        for path in sweep_temp_files(self.node.home.state_dirs()):
+            log.info("removed {path}, left by an interrupted write", path=str(path))
         super().startService()
         if self.node.tls is not None:
             # Make (or load) the TLS key and certificate now, not during the
