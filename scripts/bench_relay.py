@@ -55,6 +55,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+import twisted  # noqa: E402
 from twisted.internet import defer, stdio, task  # noqa: E402
 from twisted.internet.endpoints import serverFromString  # noqa: E402
 from twisted.internet.protocol import ProcessProtocol  # noqa: E402
@@ -67,7 +68,6 @@ from twisted.logger import (  # noqa: E402
 )
 from twisted.protocols.basic import LineReceiver  # noqa: E402
 
-import twisted  # noqa: E402
 from claudectl.config import Config  # noqa: E402
 from claudectl.home import Home  # noqa: E402
 from claudectl.relay import codec  # noqa: E402

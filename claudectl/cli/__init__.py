@@ -16,8 +16,8 @@ import click
 
 from claudectl.cli import base
 from claudectl.cli.base import CliError, cli
-from claudectl.text import clean_text, json_safe
 from claudectl.control.paths import UnsafeSocketDir
+from claudectl.text import clean_text, json_safe
 
 COMMAND_MODULES = (
     "claudectl.cli.relay_cmds",

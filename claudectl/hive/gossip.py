@@ -298,7 +298,7 @@ class Gossip:
         #: (reactor-free tests).
         self._call_later = call_later
         self.state = SyncState(home)
-        self.delivery = DeliveryFile(home)
+        self.delivery_file = DeliveryFile(home)
         self._file_sig: tuple[int, int, int] | None = self._signature()
         self._units_cache: tuple[tuple[int, int, int] | None, list[KnowledgeUnit]] | None = None
         self._push_scheduled = False
@@ -779,7 +779,7 @@ class Gossip:
                 existing = store.by_key()
                 result = merge_batch(store, good, self.identity, now, budget=allowance)
                 # Who delivered what, written before the store itself.
-                record_deliveries(self.delivery, existing, result, peer_id, store.units())
+                record_deliveries(self.delivery_file, existing, result, peer_id, store.units())
             # What we just wrote is the store now: no need to parse it again.
             self._units_cache = (self._signature(), store.units())
             write_merge_logs(self.home, result, cfg.max_log_bytes)

@@ -34,7 +34,6 @@ overwritten.
 from __future__ import annotations
 
 import builtins
-
 import hashlib
 import json
 import os
