@@ -436,11 +436,7 @@ class Gossip:
     # --- delivery -----------------------------------------------------------------------
     def _direction(self, peer_id: str) -> str | None:
         """``"outbound"`` (we dialed), ``"inbound"`` or None (unknown)."""
-        fn = getattr(self.mesh, "peer_direction", None)
-        if callable(fn):
-            return fn(peer_id)
-        link = getattr(self.mesh, "links", {}).get(peer_id)
-        return getattr(link, "direction", None)
+        return self.mesh.peer_direction(peer_id)
 
     def delivery(self, peer_id: str) -> str:
         """

@@ -46,6 +46,9 @@ class IMesh(Interface):
     def peer_transport(peer_id: str) -> str | None:
         """``"tls1.3"``, ``"plaintext"`` (the link is not encrypted) or None (no link)."""
 
+    def peer_direction(peer_id: str) -> str | None:
+        """``"outbound"`` (we dialed), ``"inbound"`` (it dialed us) or None (no link)."""
+
 
 class ISubsystem(Interface):
     """Something ``makeService`` attaches to a node (gossip, delegation)."""

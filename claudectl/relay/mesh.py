@@ -125,6 +125,10 @@ class Mesh:
         link = self.links.get(peer_id)
         return link.state.transport if link is not None else None
 
+    def peer_direction(self, peer_id: str) -> str | None:
+        link = self.links.get(peer_id)
+        return link.direction if link is not None else None
+
     # --- for the protocol -----------------------------------------------------------
     def connected_count(self) -> int:
         return len(self.links)
