@@ -173,7 +173,7 @@ SCHEMA: dict[str, tuple[type, list[Key]]] = {
         Key("enabled", _bool, "true or false"),
         Key("listen_port", _int(0, 65535), "an integer port 0-65535", ("port",)),
         Key("listen_addr", _nonempty_str, "an IP address such as \"0.0.0.0\" or \"::\"", ("addr",)),
-        Key("max_peers", _int(0, 255), "an integer 0-255"),
+        Key("max_peers", _int(0, 4096), "an integer 0-4096"),
         Key("heartbeat_interval_secs", _int(1, 86400), "an integer number of seconds 1-86400",
             ("heartbeat_interval",)),
         Key("reconnect_max_secs", _int(1, 86400), "an integer number of seconds 1-86400",

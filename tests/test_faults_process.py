@@ -348,3 +348,47 @@ class SnapshotFloodProcessTests(TestCase):
         self.assertTrue(sa.node.mesh.is_connected(idb))
         self.assertIsNone(sb.proc.poll())
         proto.close("done")
+
+
+class ManyLiveLinksTests(TestCase):
+    """`relay peers --json` with 1,000 known peers and 500 live links (item 9)."""
+
+    timeout = 240
+    LINKS = 500
+
+    async def test_five_hundred_live_links(self) -> None:
+        import tempfile
+
+        from twisted.internet import reactor
+        from twisted.internet.defer import gatherResults
+        from twisted.internet.threads import deferToThread
+
+        from claudectl.relay.handshake import KeyAuth
+        from tests.common import make_node
+
+        home = temp_home(self)
+        server_id = KeyStore(home).ensure_identity()
+        ids = fake_peers(home, 1000)
+        home.config_file.parent.mkdir(parents=True, exist_ok=True)
+        home.config_file.write_text("[relay]\nmax_peers = 600\n")
+        serve = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(serve.stop)
+        port = await deferToThread(serve.port)
+        nodes = []
+        for i in range(self.LINKS):
+            root = Path(tempfile.mkdtemp(prefix="cctl-link-"))
+            self.addCleanup(__import__("shutil").rmtree, root, True)
+            nodes.append(make_node(self, ids[i], reactor, home=Home(root), tls=True))
+        for start in range(0, self.LINKS, 16):  # 16 handshakes in flight at most
+            await gatherResults([
+                n.open_link(f"127.0.0.1:{port}", KeyAuth(bytes.fromhex(f"{i:064x}"), server_id))
+                for i, n in list(enumerate(nodes))[start:start + 16]])
+        for n in nodes:
+            self.addCleanup(n.close_all)
+        r = await deferToThread(run_cli, home, "relay", "peers", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        rows = json.loads(r.stdout)
+        self.assertEqual(len(rows), 1000)
+        live = [row for row in rows if row["state"] == "connected"]
+        self.assertEqual(sorted(row["identity"] for row in live), sorted(ids[:self.LINKS]))
+        self.assertTrue(all(row["transport"] == "tls1.3" for row in live))
