@@ -159,7 +159,7 @@ class LoadTests(SynchronousTestCase):
             ('[relay]\nlisten_port = "9847"', "relay.listen_port", "0-65535"),
             ("[relay]\nlisten_port = 70000", "relay.listen_port", "0-65535"),
             ("[relay]\nport = -1", "relay.port", "0-65535"),
-            ("[relay]\nmax_peers = 256", "relay.max_peers", "0-255"),
+            ("[relay]\nmax_peers = 4097", "relay.max_peers", "0-4096"),
             ('[relay]\nenabled = "yes"', "relay.enabled", "true or false"),
             ("[relay]\nenabled = 1", "relay.enabled", "true or false"),
             ("[relay]\nheartbeat_interval_secs = 0", "relay.heartbeat_interval_secs", "1-86400"),
