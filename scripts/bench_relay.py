@@ -89,7 +89,8 @@ from twisted.logger import (  # noqa: E402
 import twisted  # noqa: E402
 from claudectl.config import Config  # noqa: E402
 from claudectl.control import commands as C  # noqa: E402
-from claudectl.control.client import call_control  # noqa: E402
+from claudectl.control.client import ServiceNotRunning, call_control  # noqa: E402
+from claudectl.control.paths import control_socket_path  # noqa: E402
 from claudectl.home import Home  # noqa: E402
 from claudectl.relay import codec  # noqa: E402
 from claudectl.relay.binding import PLAINTEXT, TLS13  # noqa: E402
@@ -219,10 +220,18 @@ class BenchError(Exception):
 
 
 def child_env(home: Path) -> dict[str, str]:
-    """A minimal environment for a CLI child: this checkout, the given home, nothing of ~."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
-            "CLAUDECTL_HOME": str(home), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": str(_REPO), "HOSTNAME": home.name}
+    """
+    A minimal environment for a CLI child: this checkout, the given home,
+    nothing of ~.  TMPDIR is passed on: a home too deep for a UNIX socket
+    path has its control socket under the temp dir, and both sides must
+    agree on it.
+    """
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+           "CLAUDECTL_HOME": str(home), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(_REPO), "HOSTNAME": home.name}
+    if "TMPDIR" in os.environ:
+        env["TMPDIR"] = os.environ["TMPDIR"]
+    return env
 
 
 def cli(home: Path, *args: str) -> Any:
@@ -241,6 +250,8 @@ class Children:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        #: Every pid we started (the smoke test checks that none is left).
+        self.started: list[int] = []
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
         if proc.poll() is None:
@@ -261,6 +272,8 @@ class Children:
 
 
 CHILDREN = Children()
+#: Control socket directories: outside the home when its path is too long.
+SOCKET_DIRS: list[Path] = []
 
 
 @dataclass
@@ -312,6 +325,7 @@ class Service:
 def new_home(tmp: Path, name: str, config: str | None = None) -> Home:
     home = Home(tmp / name)
     home.root.mkdir(parents=True)
+    SOCKET_DIRS.append(control_socket_path(home).parent)
     if config is not None:
         home.config_file.parent.mkdir(parents=True)
         home.config_file.write_text(config, encoding="utf-8")
@@ -329,6 +343,7 @@ async def start_service(reactor: Any, home: Home, profile_out: Path | None = Non
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     CHILDREN.procs.append(proc)
+    CHILDREN.started.append(proc.pid)
     info_path = home.run_dir / "service.json"
 
     def ready() -> dict[str, Any] | None:
@@ -344,10 +359,16 @@ async def start_service(reactor: Any, home: Home, profile_out: Path | None = Non
     info = await until(reactor, ready, 60, "relay serve to listen", step=0.05)
     service = Service(home, info["identity"], proc, int(info["ports"][0]), log)
     async def answers() -> bool:
-        await service.peers(reactor)
+        try:
+            await service.peers(reactor)
+        except ServiceNotRunning:
+            return False  # service.json is written before the control socket is up
         return True
 
-    await until(reactor, answers, 30, "the control socket", step=0.05)
+    try:
+        await until(reactor, answers, 30, "the control socket", step=0.05)
+    except BenchError as e:
+        raise BenchError(f"{e}; the service's log ends:\n{service.tail()}") from None
     return service
 
 
@@ -528,8 +549,9 @@ async def measure_one_way(reactor: Any, service: Service, client: Client, proto:
         row = await service.row(reactor, client.identity)
         return row if row["bytes_down"] >= want else None
 
+    # Each poll is a control-socket call the service answers: not too often.
     row = await until(reactor, arrived, PHASE_TIMEOUT_SECS, "the heartbeats to arrive",
-                      step=0.005)
+                      step=0.02)
     elapsed = time.perf_counter() - t0
     if row.get("frames_bad", 0) != before.get("frames_bad", 0):
         raise BenchError("the service counted bad frames among the heartbeats")
@@ -817,6 +839,7 @@ def cpu_text(row: Row) -> str:
 
 def report_json(run: Run, meta: dict[str, Any]) -> dict[str, Any]:
     return {**meta, "sizes": vars(run.sizes), "setup": run.setup,
+            "service_pids": CHILDREN.started,
             "rows": [{"key": r.key, "title": r.title, "unit": r.unit,
                       **{t: {**r.stats(t), "target": r.target(t), "passed": r.passed(t)}
                          for t in TRANSPORTS}} for r in run.rows.values()],
@@ -929,6 +952,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("Error: interrupted", file=sys.stderr)
     finally:
         CHILDREN.stop_all()
+        for d in SOCKET_DIRS:
+            if tmp not in d.parents:
+                shutil.rmtree(d, ignore_errors=True)
         if args.keep:
             print(f"(kept {tmp})", file=sys.stderr)
         else:
