@@ -77,7 +77,9 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+import twisted  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
+from twisted.internet.error import ConnectionDone, ConnectionLost  # noqa: E402
 from twisted.logger import (  # noqa: E402
     FilteringLogObserver,
     LogLevel,
@@ -86,7 +88,6 @@ from twisted.logger import (  # noqa: E402
     textFileLogObserver,
 )
 
-import twisted  # noqa: E402
 from claudectl.config import Config  # noqa: E402
 from claudectl.control import commands as C  # noqa: E402
 from claudectl.control.client import ServiceNotRunning, call_control  # noqa: E402
@@ -318,8 +319,16 @@ class Service:
                 return r
         raise BenchError(f"the service does not list {peer}")
 
+    async def status(self, reactor: Any) -> dict[str, Any]:
+        reply = await within(defer.Deferred.fromCoroutine(
+            call_control(reactor, self.home, C.Status)), STEP_TIMEOUT_SECS, reactor)
+        data: dict[str, Any] = json.loads(reply["status_json"])
+        return data
+
     async def connected(self, reactor: Any) -> int:
-        return sum(1 for r in await self.peers(reactor) if r["state"] == "connected")
+        # Status, not Peers: with a few hundred known peers the Peers answer
+        # is longer than an AMP value may be (64 KiB).
+        return len((await self.status(reactor))["connected"])
 
 
 def new_home(tmp: Path, name: str, config: str | None = None) -> Home:
@@ -360,9 +369,10 @@ async def start_service(reactor: Any, home: Home, profile_out: Path | None = Non
     service = Service(home, info["identity"], proc, int(info["ports"][0]), log)
     async def answers() -> bool:
         try:
-            await service.peers(reactor)
-        except ServiceNotRunning:
-            return False  # service.json is written before the control socket is up
+            await service.status(reactor)
+        except (ServiceNotRunning, ConnectionDone, ConnectionLost):
+            # service.json is written before the control socket is up.
+            return False
         return True
 
     try:
@@ -869,6 +879,33 @@ def print_table(run: Run, meta: dict[str, Any]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if j == 0:
             print("  ".join("-" * w for w in widths))
+    for line in notes(run):
+        print(line)
+
+
+def notes(run: Run) -> list[str]:
+    """Figures that do not depend on the load: CPU time, what it allows."""
+    out = []
+    one_way = run.rows["msgs_per_s"]
+    caps = []
+    for t in TRANSPORTS:
+        us = one_way.stats(t).get("server_cpu_us_per_op")
+        if us:
+            caps.append(f"{'TLS' if t == TLS13 else 'plain'} {1e6 / us:,.0f} msg/s")
+    if caps:
+        out.append("service CPU-bound capacity, one way (1 / its CPU time per message): "
+                   + ", ".join(caps))
+    for key in ("setup_p50_ms", "request_p50_ms", "msgs_per_s"):
+        row = run.rows[key]
+        parts = []
+        for t in TRANSPORTS:
+            st = row.stats(t)
+            if "client_cpu_us_per_op" in st:
+                parts.append(f"{'TLS' if t == TLS13 else 'plain'} "
+                             f"{st['client_cpu_us_per_op']:,.1f} µs")
+        if parts:
+            out.append(f"client (this process) CPU {row.cpu_label}: " + " / ".join(parts))
+    return out
 
 
 def dump_profile(path: Path, title: str, limit: int = 30) -> str:
