@@ -382,8 +382,20 @@ async def start_service(reactor: Any, home: Home, profile_out: Path | None = Non
     return service
 
 
-def stop_service(service: Service) -> None:
-    CHILDREN.stop(service.proc)
+async def stop_service(reactor: Any, service: Service, timeout: float = 20.0) -> None:
+    """
+    SIGTERM, and keep the reactor running while the service shuts down: it
+    closes its links gracefully (a TLS close_notify each), which our side
+    of those links has to answer.
+    """
+    proc = service.proc
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(BenchError):
+            await until(reactor, lambda: proc.poll() is not None, timeout,
+                        "relay serve to stop", step=0.05)
+    CHILDREN.stop(proc)  # SIGKILL if it is still there; forget it
 
 
 # --- clients ---------------------------------------------------------------------------
@@ -602,10 +614,12 @@ async def measure_idle_memory(reactor: Any, home: Home, fleet: list[Client],
             raise BenchError(f"{connected} of {len(fleet)} idle links stayed up")
         for proto in protos:
             proto.transport.loseConnection()
+        await until(reactor, lambda: _count_is(reactor, service, 0), STEP_TIMEOUT_SECS,
+                    "the idle links to close", step=0.05)
         return Sample({"kib_per_idle_link": (after - before) / len(fleet),
                        "rss_before_kib": before, "rss_after_kib": after})
     finally:
-        stop_service(service)
+        await stop_service(reactor, service)
 
 
 async def _count_is(reactor: Any, service: Service, n: int) -> bool:
@@ -776,7 +790,7 @@ async def bench(reactor: Any, tmp: Path, sizes: Sizes, profile: bool,
         for t in TRANSPORTS:
             await clients[t].close(reactor, protos[t])
     finally:
-        stop_service(service)
+        await stop_service(reactor, service)
     if prof_s is not None:
         run.profiles.append(("relay serve S (set-up, requests, one-way)", prof_s))
 
