@@ -990,9 +990,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         status.append(0 if all_passed(run) else 1)
 
     def failed(reason: Any) -> None:
+        # One line for the user; the traceback goes to the log in the temporary
+        # directory (kept with --keep).
         print(f"Error: benchmark failed: {reason.getErrorMessage()}", file=sys.stderr)
-        if not isinstance(reason.value, BenchError):
-            reason.printTraceback(file=sys.stderr)
+        with contextlib.suppress(OSError), open(tmp / "client.log", "a") as f:
+            reason.printTraceback(file=f)
         status.append(2)
 
     try:
