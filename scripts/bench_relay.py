@@ -267,9 +267,10 @@ class Children:
         if proc in self.procs:
             self.procs.remove(proc)
 
-    def stop_all(self) -> None:
+    def stop_all(self, timeout: float = 5.0) -> None:
+        """The last resort, with the reactor stopped: SIGTERM, then SIGKILL."""
         for proc in list(self.procs):
-            self.stop(proc)
+            self.stop(proc, timeout)
 
 
 CHILDREN = Children()
@@ -1012,6 +1013,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"(kept {tmp})", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    if not status:
+        print("Error: the benchmark was stopped before it finished", file=sys.stderr)
     return status[0] if status else 2
 
 

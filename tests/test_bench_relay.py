@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
@@ -75,4 +78,36 @@ class QuickRunTests(TestCase):
         for pid in pids:
             self.assertFalse(os.path.exists(f"/proc/{pid}"), pid)
         # The temporary homes are removed afterwards.
+        self.assertEqual(list(tmp.iterdir()), [])
+
+
+class InterruptedRunTests(TestCase):
+    def test_sigterm_mid_run_exits_2_and_leaves_nothing(self) -> None:
+        home = temp_home(self)
+        tmp = Path(tempfile.mkdtemp(prefix="cb-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        env = subprocess_env(home, TMPDIR=str(tmp))
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--quick"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        assert proc.stderr is not None
+        pid = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            found = re.search(r"service \S+ on 127\.0\.0\.1:\d+ \(pid (\d+)\)", line)
+            if found:
+                pid = int(found.group(1))
+                break
+        self.assertIsNotNone(pid, "the benchmark never started its service")
+        self.assertTrue(os.path.exists(f"/proc/{pid}"))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 2, err)
+        self.assertIn("Error: the benchmark was stopped before it finished", err)
+        self.assertNotIn("Traceback", err)
+        # The service is gone (reaped: no zombie left either) and so are the homes.
+        self.assertFalse(os.path.exists(f"/proc/{pid}"))
         self.assertEqual(list(tmp.iterdir()), [])
