@@ -1,30 +1,51 @@
 #!/usr/bin/env python3
 """
-Loopback benchmark of the relay core (issue 2, "Performance").
+Loopback benchmark of real ``claudectl relay serve`` processes, plaintext and
+TLS 1.3 side by side (issues 10 and 16; figures in docs/performance.md).
 
-Measures, on 127.0.0.1 only and in throw-away homes under a temporary
-directory (never ``~``):
+The server is the real service, started and paired through the real CLI in
+a throw-away home under a ``tempfile.mkdtemp()`` directory (never ``~``)::
 
-* handshake latency: TCP connect until the link is authenticated (mutual
-  mode), sequential, each link closed before the next;
-* request -> reply latency: a ``knowledge_request`` answered by an ``ack``
-  on one authenticated link, sequential;
-* one-way throughput: heartbeat-size frames on one link, counted by the
-  receiver's mesh handler;
-* memory per idle authenticated link: growth of the listener's ``VmRSS``
-  (``/proc/self/status``, after ``gc.collect()``) over N idle links.
+    python -m claudectl --home S relay serve --no-discovery \\
+        --listen tcp:0:interface=127.0.0.1
 
-The listener runs in a child process (this script with ``--role server``),
-so the numbers include real cross-process loopback TCP and the listener's
-memory is measured without the clients in it.  The parent is the client and
-talks to the child over its stdin/stdout (one command per line).
+S's hive is seeded with ``claudectl --home S hive import units.json``.  Each
+measuring client has its own home, paired with ``relay pair`` on S and
+``relay accept <code> <S id>`` on the client's home, and its first connect
+claims the pair code.  The client runs in this process: a ``RelayNode`` on
+the real reactor, ``tls=True`` for the TLS rows and ``tls=False`` for the
+plaintext rows (a plaintext connector: S then links in plaintext).  Plaintext
+and TLS use separate client identities: S refuses a plaintext link from an
+identity it has seen over TLS (no downgrade).
+
+Rows, each for plaintext and TLS, each the median and range (min-max) over
+``--runs`` runs (default 5), next to the server's CPU time per operation
+(``/proc/<pid>/stat`` utime + stime: steady on a loaded machine):
+
+1. link set-up: TCP connect until authenticated both ways, sequential
+   connects (each closed before the next), p50 and p99 per run;
+2. request -> reply: ``knowledge_request`` ``{"since_epoch": 0}`` answered by
+   the service's gossip layer with a ``knowledge_snapshot`` of its store;
+3. one-way heartbeats per second parsed by the service: frames encoded
+   beforehand and written in bulk on one link; the service's count is read
+   from its control socket (``Peers``: the link's ``bytes_down``);
+4. memory per idle authenticated link: growth of a fresh service's
+   ``VmRSS`` (``/proc/<pid>/status``) over N idle links, each from its own
+   identity, opened after a warm-up.  That service has an empty hive and a
+   config file raising ``[relay] max_peers``; the fleet's keys are written as
+   files (``peers/<id>.key``, mode 0600: what ``relay accept`` writes, and
+   what S writes when a pair code is claimed).
 
 Run from the repository root::
 
-    python scripts/bench_relay.py            # full run, about a minute
-    python scripts/bench_relay.py --quick    # smaller counts, a few seconds
-    python scripts/bench_relay.py --json     # machine-readable results
-    python scripts/bench_relay.py --profile  # cProfile both processes
+    python scripts/bench_relay.py             # full run, a few minutes
+    python scripts/bench_relay.py --quick     # small counts, used by the smoke test
+    python scripts/bench_relay.py --json      # machine-readable results
+    python scripts/bench_relay.py --runs 7    # more runs per row
+    python scripts/bench_relay.py --profile   # S under cProfile; prints its hot spots
+
+Everything is on 127.0.0.1, every count and wait is bounded, and the child
+processes and the temporary directory are removed on every way out.
 
 Exit status: 0 when every target is met, 1 when one is missed, 2 when the
 benchmark itself failed.
@@ -33,9 +54,7 @@ benchmark itself failed.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import dataclasses
-import gc
+import contextlib
 import io
 import json
 import math
@@ -43,6 +62,9 @@ import os
 import platform
 import pstats
 import shutil
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,9 +78,8 @@ if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 import twisted  # noqa: E402
-from twisted.internet import defer, stdio, task  # noqa: E402
-from twisted.internet.endpoints import serverFromString  # noqa: E402
-from twisted.internet.protocol import ProcessProtocol  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
+from twisted.internet.error import ConnectionDone, ConnectionLost  # noqa: E402
 from twisted.logger import (  # noqa: E402
     FilteringLogObserver,
     LogLevel,
@@ -66,57 +87,61 @@ from twisted.logger import (  # noqa: E402
     globalLogBeginner,
     textFileLogObserver,
 )
-from twisted.protocols.basic import LineReceiver  # noqa: E402
 
 from claudectl.config import Config  # noqa: E402
+from claudectl.control import commands as C  # noqa: E402
+from claudectl.control.client import ServiceNotRunning, call_control  # noqa: E402
+from claudectl.control.paths import control_socket_path  # noqa: E402
 from claudectl.home import Home  # noqa: E402
 from claudectl.relay import codec  # noqa: E402
+from claudectl.relay.binding import PLAINTEXT, TLS13  # noqa: E402
 from claudectl.relay.codec import Envelope  # noqa: E402
 from claudectl.relay.handshake import MUTUAL, KeyAuth  # noqa: E402
 from claudectl.relay.keystore import KeyStore  # noqa: E402
-from claudectl.relay.node import RelayFactory, RelayNode  # noqa: E402
+from claudectl.relay.node import RelayNode  # noqa: E402
 
-SERVER_ID = "bench-server"
-CLIENT_ID = "bench-client"
-IDLE_PREFIX = "bench-idle-"
+TRANSPORTS = (PLAINTEXT, TLS13)
+LISTEN = "tcp:0:interface=127.0.0.1"
+#: Links the service opens and closes before the idle-memory baseline.
 WARMUP_IDLE = 16
-#: The listener admits at most 16 handshakes in flight.
+#: The service admits at most 16 handshakes in flight.
 BATCH = 16
-PHASE_TIMEOUT_SECS = 120.0
+#: Heartbeats per write (one write per reactor turn).
+WRITE_FRAMES = 1000
+#: The gossip layer's push round after a link comes up (LINKUP_PUSH_DELAY_SECS)
+#: has run by then: the idle links are measured in their steady state.
+IDLE_SETTLE_SECS = 3.5
+STEP_TIMEOUT_SECS = 30.0
+PHASE_TIMEOUT_SECS = 300.0
+CLI_TIMEOUT_SECS = 60.0
 
-#: Targets on the 2-core reference machine (issue 2).
-HANDSHAKE_P50_MS = 3.0
-RTT_P50_MS = 1.0
-THROUGHPUT_MSGS = 50_000.0
-IDLE_LINK_KIB = 64.0
+#: Targets.  TLS: issue 10.  Plaintext: issue 2's (the first round), where
+#: it set one; request -> reply on a real snapshot has no target yet.
+TARGETS: dict[str, dict[str, tuple[str, float]]] = {
+    "setup_p50_ms": {TLS13: ("<=", 3.0), PLAINTEXT: ("<=", 3.0)},
+    "msgs_per_s": {TLS13: (">=", 100_000.0), PLAINTEXT: (">=", 50_000.0)},
+    "kib_per_idle_link": {TLS13: ("<=", 64.0), PLAINTEXT: ("<=", 64.0)},
+}
 
 
 @dataclass(frozen=True)
 class Sizes:
-    handshakes: int
-    round_trips: int
-    messages: int
-    idle_links: int
-    repeats: int = 3
-    send_batch: int = 1000
+    connects: int  # sequential link set-ups per run and transport
+    requests: int  # knowledge_request round trips per run and transport
+    messages: int  # one-way heartbeats per run and transport
+    idle_links: int  # idle links per run and transport
+    units: int  # knowledge units in S's store
+    runs: int
+    warmup_connects: int = 10
+    warmup_requests: int = 20
 
 
-FULL = Sizes(handshakes=500, round_trips=2000, messages=100_000, idle_links=200)
-QUICK = Sizes(handshakes=100, round_trips=500, messages=20_000, idle_links=50, repeats=1)
-#: Just enough to prove the script still works (the test suite runs this).
-SMOKE = Sizes(handshakes=5, round_trips=20, messages=500, idle_links=4, repeats=1,
-              send_batch=100)
+FULL = Sizes(connects=200, requests=300, messages=200_000, idle_links=200, units=20, runs=5)
+QUICK = Sizes(connects=15, requests=20, messages=5_000, idle_links=8, units=20, runs=1,
+              warmup_connects=3, warmup_requests=3)
 
 
-@dataclass
-class Row:
-    metric: str
-    value: str
-    target: str
-    passed: bool
-    data: dict[str, Any] = field(default_factory=dict)
-    #: CPU time per operation in each process: robust on a busy machine.
-    cpu: str = ""
+# --- small helpers ---------------------------------------------------------------------
 
 
 def percentile(samples: Sequence[float], pct: float) -> float:
@@ -126,604 +151,872 @@ def percentile(samples: Sequence[float], pct: float) -> float:
     return ordered[rank - 1]
 
 
-def rss_kib() -> int:
-    """This process's resident set size (``VmRSS``) in KiB."""
-    with open("/proc/self/status", encoding="ascii") as f:
+def proc_rss_kib(pid: int) -> int:
+    """``VmRSS`` of a process, in KiB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu_secs(pid: int) -> float:
+    """utime + stime of a process (``/proc/<pid>/stat``), in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of stat(5); the list starts at field 3 (state).
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def machine() -> dict[str, str]:
     model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpus": str(os.cpu_count()), "cpu": model,
-            "python": platform.python_version(), "twisted": twisted.__version__}
-
-
-def relay_config(max_peers: int) -> Config:
-    base = Config()
-    relay = dataclasses.replace(base.relay, max_peers=max_peers, lan_discovery=False)
-    return dataclasses.replace(base, relay=relay)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": str(os.cpu_count()), "cpu": model, "python": platform.python_version(),
+            "twisted": twisted.__version__, "system": f"{platform.system()} {platform.machine()}"}
 
 
 def start_logging(path: Path) -> None:
-    """Info and up to a file, as ``twistd --logfile`` would; nothing kept in memory."""
+    """The client's log (info and up) goes to a file in the temporary directory."""
     out = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
     observer = FilteringLogObserver(textFileLogObserver(out),
                                     [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
-def dump_profile(source: cProfile.Profile | str, title: str, limit: int = 25) -> str:
-    """The ``limit`` functions with the most own time, from a profiler or a stats file."""
-    buf = io.StringIO()
-    stats = pstats.Stats(source, stream=buf)
-    stats.strip_dirs().sort_stats("tottime").print_stats(limit)
-    return f"--- cProfile: {title} (sorted by tottime) ---\n{buf.getvalue()}"
+async def sleep(reactor: Any, secs: float) -> None:
+    await task.deferLater(reactor, secs, lambda: None)
 
 
-# --- the listener (child process) ------------------------------------------------------
+def within(d: defer.Deferred[Any], secs: float, reactor: Any) -> defer.Deferred[Any]:
+    return d.addTimeout(secs, reactor)
 
 
-class ServerCommands(LineReceiver):
+async def until(reactor: Any, check: Callable[[], Any], timeout: float, what: str,
+                step: float = 0.02) -> Any:
+    """Poll ``check`` (sync or async) until it returns something true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if isinstance(value, defer.Deferred) or hasattr(value, "__await__"):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
+        await sleep(reactor, step)
+
+
+class BenchError(Exception):
+    """The benchmark could not measure something."""
+
+
+# --- the service and the CLI ----------------------------------------------------------
+
+
+def child_env(home: Path) -> dict[str, str]:
     """
-    The child's stdin/stdout: one command per line, one answer per line.
-
-    ``rss`` -> ``rss <KiB>`` after a full collection; ``links`` -> ``links
-    <n>``; ``cpu`` -> ``cpu <seconds>`` (this process's CPU time so far); ``expect <n>`` -> ``got <n> <first> <last> <cpu>`` once ``n``
-    heartbeats arrived since the ``expect`` (monotonic seconds of the first and
-    the last, CPU seconds this process used meanwhile); ``quit``.
+    A minimal environment for a CLI child: this checkout, the given home,
+    nothing of ~.  TMPDIR is passed on: a home too deep for a UNIX socket
+    path has its control socket under the temp dir, and both sides must
+    agree on it.
     """
-
-    delimiter = b"\n"
-
-    def __init__(self, node: RelayNode, port: int, reactor: Any,
-                 profiler: cProfile.Profile | None, profile_out: str | None) -> None:
-        self.node = node
-        self.port = port
-        self.reactor = reactor
-        self.profiler = profiler
-        self.profile_out = profile_out
-        self.count = 0
-        self.first = 0.0
-        self.last = 0.0
-        self.expected: int | None = None
-        self.cpu_start = 0.0
-        self.finished: defer.Deferred[None] = defer.Deferred()
-        node.mesh.add_handler(codec.KNOWLEDGE_REQUEST, self._answer)
-        node.mesh.add_handler(codec.HEARTBEAT, self._count)
-
-    def connectionMade(self) -> None:
-        self._say(f"port {self.port}")
-
-    def connectionLost(self, reason: Any = None) -> None:
-        # The parent said quit, or went away: stop.
-        if not self.finished.called:
-            self.finished.callback(None)
-
-    def _say(self, text: str) -> None:
-        self.transport.write(text.encode("ascii") + b"\n")
-
-    def _answer(self, peer_id: str, env: Envelope) -> None:
-        self.node.mesh.send(peer_id, codec.ACK, {"ack_id": env.id})
-
-    def _count(self, peer_id: str, env: Envelope) -> None:
-        now = time.monotonic()
-        if self.count == 0:
-            self.first = now
-        self.count += 1
-        self.last = now
-        if self.expected is not None and self.count >= self.expected:
-            self.expected = None
-            cpu = time.process_time() - self.cpu_start
-            self._say(f"got {self.count} {self.first!r} {self.last!r} {cpu!r}")
-
-    def lineReceived(self, line: bytes) -> None:
-        cmd, _, arg = line.decode("ascii").strip().partition(" ")
-        if cmd == "rss":
-            gc.collect()
-            self._say(f"rss {rss_kib()}")
-        elif cmd == "cpu":
-            self._say(f"cpu {time.process_time()!r}")
-        elif cmd == "links":
-            self._say(f"links {self.node.mesh.connected_count()}")
-        elif cmd == "expect":
-            self.count = 0
-            self.expected = int(arg)
-            self.cpu_start = time.process_time()
-        elif cmd == "quit":
-            if self.profiler is not None and self.profile_out:
-                self.profiler.disable()
-                self.profiler.dump_stats(self.profile_out)
-            self._say("bye")
-            self.transport.loseConnection()
-        else:
-            self._say(f"error unknown command {cmd!r}")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+           "CLAUDECTL_HOME": str(home), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(_REPO), "HOSTNAME": home.name}
+    if "TMPDIR" in os.environ:
+        env["TMPDIR"] = os.environ["TMPDIR"]
+    return env
 
 
-async def run_server(reactor: Any, args: argparse.Namespace) -> None:
-    home = Home(Path(args.home))
-    start_logging(Path(args.home) / "relay.log")
-    profiler = cProfile.Profile() if args.profile_out else None
-    node = RelayNode(home, relay_config(args.max_peers), reactor, identity=SERVER_ID)
-    listening = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        RelayFactory(node))
-    commands = ServerCommands(node, listening.getHost().port, reactor, profiler, args.profile_out)
-    stdio.StandardIO(commands, reactor=reactor)
-    if profiler is not None:
-        profiler.enable()
-    await commands.finished
+def cli(home: Path, *args: str) -> Any:
+    """``python -m claudectl --home HOME ARGS --json``: the parsed answer."""
+    argv = [sys.executable, "-m", "claudectl", "--home", str(home), *args, "--json"]
+    done = subprocess.run(argv, env=child_env(home), cwd=str(home), capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_SECS, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise BenchError(f"`claudectl {' '.join(args)}` exited {done.returncode}: "
+                         f"{(done.stderr or done.stdout).strip()[-300:]}")
+    return json.loads(done.stdout) if done.stdout.strip() else None
 
 
-# --- the client (parent process) -------------------------------------------------------
-
-
-class ServerProcess(ProcessProtocol):
-    """The parent's handle on the child listener."""
+class Children:
+    """Every service we started; all of them are stopped on every way out."""
 
     def __init__(self) -> None:
-        self._buffer = b""
-        self._waiting: list[defer.Deferred[str]] = []
-        self.port: defer.Deferred[int] = defer.Deferred()
-        self.exited: defer.Deferred[int] = defer.Deferred()
-        self.stderr = b""
+        self.procs: list[subprocess.Popen[bytes]] = []
+        #: Every pid we started (the smoke test checks that none is left).
+        self.started: list[int] = []
 
-    def outReceived(self, data: bytes) -> None:
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            text = line.decode("ascii")
-            if text.startswith("port ") and not self.port.called:
-                self.port.callback(int(text.split()[1]))
-            elif self._waiting:
-                self._waiting.pop(0).callback(text)
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if proc in self.procs:
+            self.procs.remove(proc)
 
-    def errReceived(self, data: bytes) -> None:
-        self.stderr += data
-        sys.stderr.buffer.write(data)
-
-    def processEnded(self, reason: Any) -> None:
-        code = getattr(reason.value, "exitCode", None)
-        for d in [self.port, *self._waiting]:
-            if not d.called:
-                d.errback(RuntimeError(f"benchmark listener exited ({code})"))
-        self._waiting = []
-        self.exited.callback(code or 0)
-
-    def ask(self, command: str) -> defer.Deferred[str]:
-        d: defer.Deferred[str] = defer.Deferred()
-        self._waiting.append(d)
-        self.transport.write(command.encode("ascii") + b"\n")
-        return d
+    def stop_all(self, timeout: float = 5.0) -> None:
+        """The last resort, with the reactor stopped: SIGTERM, then SIGKILL."""
+        for proc in list(self.procs):
+            self.stop(proc, timeout)
 
 
-async def spawn_server(reactor: Any, tmp: Path, name: str, max_peers: int,
-                       profile_out: Path | None,
-                       no_fsync: bool = False) -> tuple[ServerProcess, int]:
-    home = tmp / name
-    argv = [sys.executable, str(Path(__file__).resolve()), "--role", "server",
-            "--home", str(home), "--max-peers", str(max_peers)]
-    if profile_out is not None:
-        argv += ["--profile-out", str(profile_out)]
-    if no_fsync:
-        argv.append("--no-fsync")
-    env = dict(os.environ, HOME=str(home), CLAUDECTL_HOME=str(home))
-    proc = ServerProcess()
-    reactor.spawnProcess(proc, sys.executable, argv, env=env)
-    port = await proc.port.addTimeout(30, reactor)
-    return proc, port
+CHILDREN = Children()
+#: Control socket directories: outside the home when its path is too long.
+SOCKET_DIRS: list[Path] = []
 
 
-async def stop_server(proc: ServerProcess, reactor: Any) -> None:
-    with_timeout = proc.exited.addTimeout(30, reactor)
+@dataclass
+class Service:
+    """One running ``claudectl relay serve``."""
+
+    home: Home
+    identity: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu(self) -> float:
+        return proc_cpu_secs(self.pid)
+
+    def rss(self) -> int:
+        return proc_rss_kib(self.pid)
+
+    def tail(self, n: int = 12) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    async def peers(self, reactor: Any) -> list[dict[str, Any]]:
+        reply = await within(defer.Deferred.fromCoroutine(
+            call_control(reactor, self.home, C.Peers)), STEP_TIMEOUT_SECS, reactor)
+        rows: list[dict[str, Any]] = json.loads(reply["peers_json"])
+        return rows
+
+    async def row(self, reactor: Any, peer: str) -> dict[str, Any]:
+        for r in await self.peers(reactor):
+            if r["identity"] == peer:
+                return r
+        raise BenchError(f"the service does not list {peer}")
+
+    async def status(self, reactor: Any) -> dict[str, Any]:
+        reply = await within(defer.Deferred.fromCoroutine(
+            call_control(reactor, self.home, C.Status)), STEP_TIMEOUT_SECS, reactor)
+        data: dict[str, Any] = json.loads(reply["status_json"])
+        return data
+
+    async def connected(self, reactor: Any) -> int:
+        # Status, not Peers: with a few hundred known peers the Peers answer
+        # is longer than an AMP value may be (64 KiB).
+        return len((await self.status(reactor))["connected"])
+
+
+def new_home(tmp: Path, name: str, config: str | None = None) -> Home:
+    home = Home(tmp / name)
+    home.root.mkdir(parents=True)
+    SOCKET_DIRS.append(control_socket_path(home).parent)
+    if config is not None:
+        home.config_file.parent.mkdir(parents=True)
+        home.config_file.write_text(config, encoding="utf-8")
+    return home
+
+
+async def start_service(reactor: Any, home: Home, profile_out: Path | None = None) -> Service:
+    """Start ``relay serve`` in ``home``; wait until its control socket answers."""
+    log = home.root / "serve.log"
+    prefix = ["-m", "cProfile", "-o", str(profile_out)] if profile_out is not None else []
+    argv = [sys.executable, *prefix, "-m", "claudectl", "--home", str(home.root), "relay",
+            "serve", "--no-discovery", "--listen", LISTEN]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, env=child_env(home.root), cwd=str(home.root),
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    CHILDREN.procs.append(proc)
+    CHILDREN.started.append(proc.pid)
+    info_path = home.run_dir / "service.json"
+
+    def ready() -> dict[str, Any] | None:
+        if proc.poll() is not None:
+            raise BenchError(f"relay serve exited ({proc.returncode}):\n"
+                             + log.read_text(errors="replace")[-1500:])
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return info if info.get("pid") == proc.pid and info.get("ports") else None
+
+    info = await until(reactor, ready, 60, "relay serve to listen", step=0.05)
+    service = Service(home, info["identity"], proc, int(info["ports"][0]), log)
+    async def answers() -> bool:
+        try:
+            await service.status(reactor)
+        except (ServiceNotRunning, ConnectionDone, ConnectionLost):
+            # service.json is written before the control socket is up.
+            return False
+        return True
+
     try:
-        await proc.ask("quit")
-    except Exception:
-        pass
-    await with_timeout
+        await until(reactor, answers, 30, "the control socket", step=0.05)
+    except BenchError as e:
+        raise BenchError(f"{e}; the service's log ends:\n{service.tail()}") from None
+    return service
 
 
-class LinkWatch:
-    """Fires a Deferred when a node's link to a peer goes down."""
+async def stop_service(reactor: Any, service: Service, timeout: float = 20.0) -> None:
+    """
+    SIGTERM, and keep the reactor running while the service shuts down: it
+    closes its links gracefully (a TLS close_notify each), which our side
+    of those links has to answer.
+    """
+    proc = service.proc
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(BenchError):
+            await until(reactor, lambda: proc.poll() is not None, timeout,
+                        "relay serve to stop", step=0.05)
+    CHILDREN.stop(proc)  # SIGKILL if it is still there; forget it
 
-    def __init__(self, node: RelayNode) -> None:
-        self._waiting: dict[str, defer.Deferred[None]] = {}
-        node.mesh.add_link_observer(None, self._down)
 
-    def expect_down(self, peer_id: str) -> defer.Deferred[None]:
-        d: defer.Deferred[None] = defer.Deferred()
-        self._waiting[peer_id] = d
-        return d
+# --- clients ---------------------------------------------------------------------------
+
+
+def client_config() -> Config:
+    base = Config()
+    import dataclasses
+
+    return dataclasses.replace(base, relay=dataclasses.replace(base.relay, lan_discovery=False))
+
+
+@dataclass
+class Client:
+    """A measuring client: a RelayNode in its own home, paired with S."""
+
+    transport: str
+    home: Home
+    node: RelayNode
+    server_id: str
+    psk: bytes
+    downs: dict[str, list[defer.Deferred[None]]] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, reactor: Any, transport: str, home: Home, server_id: str,
+             identity: str | None = None) -> Client:
+        node = RelayNode(home, client_config(), reactor, identity=identity,
+                         tls=transport == TLS13)
+        psk = KeyStore(home).key(server_id)
+        if psk is None:
+            raise BenchError(f"{home.root} holds no key for {server_id}")
+        client = cls(transport, home, node, server_id, psk)
+        node.mesh.add_link_observer(None, client._down)
+        return client
+
+    @property
+    def identity(self) -> str:
+        return self.node.identity
 
     def _down(self, peer_id: str) -> None:
-        d = self._waiting.pop(peer_id, None)
-        if d is not None:
+        for d in self.downs.pop(peer_id, []):
             d.callback(None)
 
+    async def open(self, reactor: Any, address: str) -> Any:
+        proto = await within(self.node.open_link(address, KeyAuth(self.psk, self.server_id)),
+                             STEP_TIMEOUT_SECS, reactor)
+        if proto.result is None or proto.result.mode != MUTUAL:
+            raise BenchError(f"link from {self.identity} is not mutual: {proto.result}")
+        if proto.result.transport != self.transport:
+            raise BenchError(f"{self.identity} expected a {self.transport} link, "
+                             f"got {proto.result.transport}")
+        return proto
 
-async def close_cleanly(proto: Any, watch: LinkWatch, reactor: Any) -> None:
-    """Half-close our side and wait until the listener has closed its side too."""
-    down = watch.expect_down(SERVER_ID)
-    proto.transport.loseWriteConnection()
-    await down.addTimeout(10, reactor)
-
-
-def client_node(home: Home, reactor: Any, identity: str) -> RelayNode:
-    return RelayNode(home, relay_config(8), reactor, identity=identity)
-
-
-class CpuMeter:
-    """CPU seconds used by this process and by the listener between two points."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        self.server = server
-        self.ours = self.theirs = 0.0
-
-    async def _theirs(self) -> float:
-        return float((await self.server.ask("cpu")).split()[1])
-
-    async def start(self) -> None:
-        self.ours, self.theirs = time.process_time(), await self._theirs()
-
-    async def stop(self, n: int) -> dict[str, float]:
-        ours = time.process_time() - self.ours
-        theirs = await self._theirs() - self.theirs
-        return {"client_cpu_us_per_op": ours / n * 1e6, "listener_cpu_us_per_op": theirs / n * 1e6}
-
-
-def cpu_text(d: dict[str, float]) -> str:
-    return (f"client {d['client_cpu_us_per_op']:.0f} us, "
-            f"listener {d['listener_cpu_us_per_op']:.0f} us")
-
-
-async def bench_handshakes(reactor: Any, home: Home, address: str, psk: bytes,
-                           server: ServerProcess, n: int, warmup: int = 20) -> Row:
-    """Sequential handshakes; each link is closed (by both sides) before the next."""
-    node = client_node(home, reactor, CLIENT_ID)
-    watch = LinkWatch(node)
-    samples: list[float] = []
-    modes: set[str] = set()
-    meter = CpuMeter(server)
-    for i in range(warmup + n):
-        if i == warmup:
-            await meter.start()
-        t0 = time.perf_counter()
-        proto = await node.open_link(address, KeyAuth(psk, SERVER_ID)).addTimeout(10, reactor)
-        elapsed = time.perf_counter() - t0
-        assert proto.result is not None
-        modes.add(proto.result.mode)
-        await close_cleanly(proto, watch, reactor)
-        if i >= warmup:
-            samples.append(elapsed)
-    cpu = await meter.stop(n)
-    p50, p99 = percentile(samples, 50) * 1e3, percentile(samples, 99) * 1e3
-    return Row(f"handshake, connect -> authenticated (n={n})",
-               f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", f"p50 <= {HANDSHAKE_P50_MS:g} ms",
-               p50 <= HANDSHAKE_P50_MS and modes == {MUTUAL},
-               {"n": n, "p50_ms": p50, "p99_ms": p99, "mean_ms": sum(samples) / n * 1e3,
-                "modes": sorted(modes), **cpu},
-               cpu_text(cpu) + " per connect+close")
-
-
-async def open_one(reactor: Any, home: Home, address: str, psk: bytes,
-                   identity: str) -> tuple[RelayNode, Any]:
-    node = client_node(home, reactor, identity)
-    proto = await node.open_link(address, KeyAuth(psk, SERVER_ID)).addTimeout(10, reactor)
-    return node, proto
-
-
-async def bench_round_trips(reactor: Any, node: RelayNode, server: ServerProcess,
-                            n: int, warmup: int = 100) -> Row:
-    pending: list[defer.Deferred[str]] = []
-
-    def on_ack(peer_id: str, env: Envelope) -> None:
-        if pending:
-            pending.pop().callback(env.payload.get("ack_id"))
-
-    node.mesh.add_handler(codec.ACK, on_ack)
-    samples: list[float] = []
-    meter = CpuMeter(server)
-    for i in range(warmup + n):
-        if i == warmup:
-            await meter.start()
-        d: defer.Deferred[str] = defer.Deferred()
-        pending.append(d)
-        t0 = time.perf_counter()
-        if not node.mesh.send(SERVER_ID, codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}):
-            raise RuntimeError("link to the listener is down")
-        await d.addTimeout(10, reactor)
-        if i >= warmup:
-            samples.append(time.perf_counter() - t0)
-    cpu = await meter.stop(n)
-    p50, p99 = percentile(samples, 50) * 1e3, percentile(samples, 99) * 1e3
-    return Row(f"request -> reply, knowledge_request/ack (n={n})",
-               f"p50 {p50:.3f} ms, p99 {p99:.3f} ms", f"p50 <= {RTT_P50_MS:g} ms",
-               p50 <= RTT_P50_MS,
-               {"n": n, "p50_ms": p50, "p99_ms": p99, "mean_ms": sum(samples) / n * 1e3, **cpu},
-               cpu_text(cpu) + " per round trip")
-
-
-async def _one_way(reactor: Any, server: ServerProcess, n: int,
-                   send_batch: Callable[[int], None], batch: int) -> dict[str, float]:
-    """Send ``n`` heartbeats in batches; the listener's handler times their arrival."""
-    got = server.ask(f"expect {n}")
-    await task.deferLater(reactor, 0.05)  # the child has read the command
-    start, cpu_start = time.monotonic(), time.process_time()
-    sent = 0
-    while sent < n:
-        k = min(batch, n - sent)
-        send_batch(k)
-        sent += k
-        await task.deferLater(reactor, 0)  # let the reactor write
-    sender_done = time.monotonic()
-    answer = await got.addTimeout(PHASE_TIMEOUT_SECS, reactor)
-    sender_cpu = time.process_time() - cpu_start
-    _, count, first, last, cpu = answer.split()
-    count_i, first_f, last_f = int(count), float(first), float(last)
-    return {"receiver_msgs_per_s": (count_i - 1) / (last_f - first_f),
-            "end_to_end_msgs_per_s": count_i / (last_f - start),
-            "sender_secs": sender_done - start, "receiver_secs": last_f - first_f,
-            "client_cpu_us_per_op": sender_cpu / n * 1e6,
-            "listener_cpu_us_per_op": float(cpu) / count_i * 1e6}
-
-
-def _median_run(runs: list[dict[str, float]]) -> dict[str, Any]:
-    ordered = sorted(runs, key=lambda r: r["receiver_msgs_per_s"])
-    best = dict(ordered[len(ordered) // 2])
-    best["all_receiver_msgs_per_s"] = [r["receiver_msgs_per_s"] for r in runs]
-    return best
-
-
-async def bench_throughput(reactor: Any, node: RelayNode, server: ServerProcess,
-                           n: int, batch: int, repeats: int) -> Row:
-    """The real path: ``mesh.send`` (make, encode, write) to the listener's handler."""
-    def send(k: int) -> None:
-        for _ in range(k):
-            node.mesh.send(SERVER_ID, codec.HEARTBEAT, {})
-
-    runs = [await _one_way(reactor, server, n, send, batch) for _ in range(repeats)]
-    m = _median_run(runs)
-    frame = len(codec.encode(node.envelopes.make(codec.HEARTBEAT, {})))
-    rate = m["receiver_msgs_per_s"]
-    return Row(f"one-way throughput, mesh.send of {frame}-byte heartbeats (n={n}, "
-               f"median of {repeats})",
-               f"{rate:,.0f} msg/s at the receiver ({m['end_to_end_msgs_per_s']:,.0f} end to end)",
-               f">= {THROUGHPUT_MSGS:,.0f} msg/s", rate >= THROUGHPUT_MSGS,
-               {"n": n, "frame_bytes": frame, "repeats": repeats, **m},
-               f"sender {m['client_cpu_us_per_op']:.1f} us, "
-               f"receiver {m['listener_cpu_us_per_op']:.1f} us per message")
-
-
-def _writer(proto: Any, chunks: list[bytes]) -> Callable[[int], None]:
-    it = iter(chunks)
-    return lambda _count: proto.transport.write(next(it))
-
-
-async def bench_receive_path(reactor: Any, node: RelayNode, proto: Any, server: ServerProcess,
-                             n: int, batch: int, repeats: int) -> Row:
-    """
-    The listener's receive path alone: frames encoded before the clock starts
-    and written in bulk, so the sender is never the bottleneck.  Informative
-    (no target): it shows how much of the throughput the receiver could take.
-    """
-    runs = []
-    for _ in range(repeats):
-        chunks = [b"".join(codec.encode(node.envelopes.make(codec.HEARTBEAT, {}))
-                           for _ in range(min(batch, n - i)))
-                  for i in range(0, n, batch)]
-        runs.append(await _one_way(reactor, server, n, _writer(proto, chunks), batch))
-    m = _median_run(runs)
-    rate = m["receiver_msgs_per_s"]
-    return Row(f"receive path only, pre-encoded heartbeats (n={n}, median of {repeats})",
-               f"{rate:,.0f} msg/s at the receiver", "(information)", True,
-               {"n": n, "repeats": repeats, "informational": True, **m},
-               f"receiver {m['listener_cpu_us_per_op']:.1f} us per message")
-
-
-async def open_batch(reactor: Any, home: Home, address: str, psk: bytes,
-                     ids: Sequence[str]) -> list[tuple[RelayNode, Any]]:
-    links: list[tuple[RelayNode, Any]] = []
-    for i in range(0, len(ids), BATCH):
-        chunk = ids[i:i + BATCH]
-        results = await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(open_one(reactor, home, address, psk, ident))
-             for ident in chunk], consumeErrors=True)
-        links.extend(results)
-    return links
-
-
-async def wait_links(server: ServerProcess, reactor: Any, want: int) -> int:
-    for _ in range(200):
-        answer = await server.ask("links")
-        have = int(answer.split()[1])
-        if have == want:
-            return have
-        await task.deferLater(reactor, 0.05)
-    return have
-
-
-async def bench_idle_memory(reactor: Any, home: Home, address: str, psk: bytes,
-                            server: ServerProcess, n: int) -> Row:
-    # Warm up: import and cache everything a link touches, then let go.
-    warm = await open_batch(reactor, home, address, psk,
-                            [f"{IDLE_PREFIX}w{i:03d}" for i in range(WARMUP_IDLE)])
-    for _, proto in warm:
-        proto.transport.loseConnection()
-    await wait_links(server, reactor, 0)
-    before = int((await server.ask("rss")).split()[1])
-    links = await open_batch(reactor, home, address, psk,
-                             [f"{IDLE_PREFIX}{i:03d}" for i in range(n)])
-    await task.deferLater(reactor, 0.5)
-    connected = await wait_links(server, reactor, n)
-    after = int((await server.ask("rss")).split()[1])
-    per_link = (after - before) / n
-    for _, proto in links:
-        proto.transport.loseConnection()
-    await wait_links(server, reactor, 0)
-    return Row(f"memory per idle authenticated link (n={n})",
-               f"{per_link:.1f} KiB (listener VmRSS {before} -> {after} KiB)",
-               f"<= {IDLE_LINK_KIB:g} KiB", per_link <= IDLE_LINK_KIB and connected == n,
-               {"n": n, "connected": connected, "rss_before_kib": before,
-                "rss_after_kib": after, "kib_per_link": per_link})
-
-
-def prepare_homes(tmp: Path, psk: bytes, idle: int) -> tuple[Home, Home, Home]:
-    """Pair the client home with both listener homes (same key, known ids)."""
-    client, server, idle_server = Home(tmp / "client"), Home(tmp / "server"), Home(tmp / "idle")
-    KeyStore(client).save_key(SERVER_ID, psk)
-    KeyStore(server).save_key(CLIENT_ID, psk)
-    idle_keys = KeyStore(idle_server)
-    for ident in ([f"{IDLE_PREFIX}w{i:03d}" for i in range(WARMUP_IDLE)]
-                  + [f"{IDLE_PREFIX}{i:03d}" for i in range(idle)]):
-        idle_keys.save_key(ident, psk)
-    return client, server, idle_server
-
-
-async def run_client(reactor: Any, args: argparse.Namespace) -> int:
-    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
-    load_start = os.getloadavg()
-    tmp = Path(tempfile.mkdtemp(prefix="claudectl-bench-"))
-    profiler = cProfile.Profile() if args.profile else None
-    rows: list[Row] = []
-    try:
-        start_logging(tmp / "client.log")
-        psk = os.urandom(32)
-        client_home, _, _ = prepare_homes(tmp, psk, sizes.idle_links)
-        prof_a = tmp / "server-a.prof" if args.profile else None
-        prof_b = tmp / "idle-b.prof" if args.profile else None
-
-        server, port = await spawn_server(reactor, tmp, "server", 8, prof_a, args.no_fsync)
-        address = f"127.0.0.1:{port}"
-        if profiler is not None:
-            profiler.enable()
-        rows.append(await bench_handshakes(reactor, client_home, address, psk, server,
-                                           sizes.handshakes))
-        node, proto = await open_one(reactor, client_home, address, psk, CLIENT_ID)
-        rows.append(await bench_round_trips(reactor, node, server, sizes.round_trips))
-        rows.append(await bench_throughput(reactor, node, server, sizes.messages,
-                                           sizes.send_batch, sizes.repeats))
-        rows.append(await bench_receive_path(reactor, node, proto, server, sizes.messages,
-                                             sizes.send_batch, sizes.repeats))
-        if profiler is not None:
-            profiler.disable()
-        proto.transport.loseConnection()
-        await stop_server(server, reactor)
-
-        server, port = await spawn_server(reactor, tmp, "idle", sizes.idle_links + WARMUP_IDLE,
-                                          prof_b, args.no_fsync)
-        rows.append(await bench_idle_memory(reactor, client_home, f"127.0.0.1:{port}", psk,
-                                            server, sizes.idle_links))
-        await stop_server(server, reactor)
-        report(rows, args, load_start, os.getloadavg())
-        if profiler is not None:
-            print(dump_profile(profiler, "client (handshake, round trips, throughput)"))
-            for path, title in ((prof_a, "listener (handshake, round trips, throughput)"),
-                                (prof_b, "listener (idle links)")):
-                if path is not None and path.exists():
-                    print(dump_profile(str(path), title))
-    finally:
-        if args.keep:
-            print(f"(kept {tmp})", file=sys.stderr)
+    async def close(self, reactor: Any, proto: Any) -> None:
+        """
+        Close and wait until the service has closed its side too: a half-close
+        in plaintext (the service answers EOF by closing), a TLS close_notify
+        exchange on TLS links (ours completes when the service's arrives).
+        """
+        down: defer.Deferred[None] = defer.Deferred()
+        self.downs.setdefault(self.server_id, []).append(down)
+        if self.transport == TLS13:
+            proto.transport.loseConnection()
         else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return 0 if all(r.passed for r in rows) else 1
+            proto.transport.loseWriteConnection()
+        await within(down, STEP_TIMEOUT_SECS, reactor)
+        await within(proto.when_closed(), STEP_TIMEOUT_SECS, reactor)
 
 
-def report(rows: list[Row], args: argparse.Namespace,
-           load_start: tuple[float, float, float], load_end: tuple[float, float, float]) -> None:
-    info = machine()
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    if args.json:
-        print(json.dumps({"machine": info, "mode": mode, "profiled": bool(args.profile),
-                          "fsync_disabled": bool(args.no_fsync),
-                          "date": time.strftime("%Y-%m-%d"),
-                          "load_average_start": load_start, "load_average_end": load_end,
-                          "results": [dataclasses.asdict(r) for r in rows]}, indent=2))
-        return
-    flags = (", under cProfile" if args.profile else "") + (", fsync disabled" if args.no_fsync else "")
-    print(f"claudectl relay benchmark ({mode} run{flags})"
-          f" on {info['cpus']} CPU(s), {info['cpu']}, Python {info['python']},"
-          f" Twisted {info['twisted']}; {time.strftime('%Y-%m-%d %H:%M')}")
-    print("load average (1/5/15 min): start " + " ".join(f"{x:.2f}" for x in load_start)
-          + ", end " + " ".join(f"{x:.2f}" for x in load_end)
-          + (" -- other work was running, expect noise" if load_start[0] > 0.5 else ""))
-    headers = ("metric", "result", "target", "", "CPU time (client/sender, listener)")
-    table = [headers] + [(r.metric, r.value, r.target,
-                          "info" if r.data.get("informational") else
-                          "PASS" if r.passed else "FAIL", r.cpu) for r in rows]
+async def pair_client(reactor: Any, service: Service, home: Home, transport: str) -> Client:
+    """
+    ``relay pair`` on S, ``relay accept <code> <S id>`` on the client's home,
+    then a first connect that claims the code (only one pending code exists
+    at a time: it is claimed before the next one is made).
+    """
+    code = cli(service.home.root, "relay", "pair")["pair_code"]
+    cli(home.root, "relay", "accept", code, service.identity)
+    client = Client.make(reactor, transport, home, service.identity)
+    proto = await client.open(reactor, service.address)
+    await client.close(reactor, proto)
+    return client
+
+
+# --- measurements ------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One run of one row for one transport."""
+
+    values: dict[str, float]
+    server_cpu_us: float | None = None
+    client_cpu_us: float | None = None
+
+
+async def measure_setup(reactor: Any, service: Service, client: Client, n: int,
+                        warmup: int) -> Sample:
+    """Sequential connects; each link is closed on both sides before the next."""
+    samples: list[float] = []
+    cpu0 = ours0 = 0.0
+    for i in range(warmup + n):
+        if i == warmup:
+            cpu0, ours0 = service.cpu(), time.process_time()
+        t0 = time.perf_counter()
+        proto = await client.open(reactor, service.address)
+        elapsed = time.perf_counter() - t0
+        await client.close(reactor, proto)
+        if i >= warmup:
+            samples.append(elapsed * 1e3)
+    return Sample({"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99)},
+                  (service.cpu() - cpu0) / n * 1e6, (time.process_time() - ours0) / n * 1e6)
+
+
+class SnapshotWaiter:
+    """Fires the waiting Deferred on the last page of a knowledge_snapshot."""
+
+    def __init__(self, client: Client) -> None:
+        self.waiting: defer.Deferred[int] | None = None
+        self.units = 0
+        client.node.mesh.add_handler(codec.KNOWLEDGE_SNAPSHOT, self._page)
+
+    def _page(self, peer_id: str, env: Envelope) -> None:
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        self.units += len(payload.get("units") or [])
+        if payload.get("page") == payload.get("total_pages") and self.waiting is not None:
+            d, self.waiting = self.waiting, None
+            units, self.units = self.units, 0
+            d.callback(units)
+
+
+async def measure_requests(reactor: Any, service: Service, client: Client,
+                           waiter: SnapshotWaiter, n: int, warmup: int,
+                           units: int) -> Sample:
+    samples: list[float] = []
+    cpu0 = ours0 = 0.0
+    for i in range(warmup + n):
+        if i == warmup:
+            cpu0, ours0 = service.cpu(), time.process_time()
+        d: defer.Deferred[int] = defer.Deferred()
+        waiter.waiting = d
+        t0 = time.perf_counter()
+        if not client.node.mesh.send(service.identity, codec.KNOWLEDGE_REQUEST,
+                                     {"since_epoch": 0}):
+            raise BenchError("the link to the service is down")
+        got = await within(d, STEP_TIMEOUT_SECS, reactor)
+        if i >= warmup:
+            samples.append((time.perf_counter() - t0) * 1e3)
+        if got != units:
+            raise BenchError(f"the snapshot held {got} unit(s), not {units}")
+    return Sample({"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99)},
+                  (service.cpu() - cpu0) / n * 1e6, (time.process_time() - ours0) / n * 1e6)
+
+
+async def measure_one_way(reactor: Any, service: Service, client: Client, proto: Any,
+                          n: int) -> Sample:
+    """
+    ``n`` heartbeats encoded before the clock starts, written in bulk
+    (``WRITE_FRAMES`` per reactor turn); done when the service's count of
+    bytes received on the link (parsed lines) reaches the total.
+    """
+    frames = [codec.encode(client.node.envelopes.make(codec.HEARTBEAT, {})) for _ in range(n)]
+    chunks = [b"".join(frames[i:i + WRITE_FRAMES]) for i in range(0, n, WRITE_FRAMES)]
+    total = sum(len(c) for c in chunks)
+    before = await service.row(reactor, client.identity)
+    want = before["bytes_down"] + total
+    cpu0, ours0 = service.cpu(), time.process_time()
+    t0 = time.perf_counter()
+    for chunk in chunks:
+        proto.transport.write(chunk)
+        await sleep(reactor, 0)
+
+    async def arrived() -> dict[str, Any] | None:
+        row = await service.row(reactor, client.identity)
+        return row if row["bytes_down"] >= want else None
+
+    # Each poll is a control-socket call the service answers: not too often.
+    row = await until(reactor, arrived, PHASE_TIMEOUT_SECS, "the heartbeats to arrive",
+                      step=0.02)
+    elapsed = time.perf_counter() - t0
+    if row.get("frames_bad", 0) != before.get("frames_bad", 0):
+        raise BenchError("the service counted bad frames among the heartbeats")
+    return Sample({"msgs_per_s": n / elapsed, "secs": elapsed, "frame_bytes": total / n},
+                  (service.cpu() - cpu0) / n * 1e6, (time.process_time() - ours0) / n * 1e6)
+
+
+async def open_many(reactor: Any, clients: Sequence[Client], address: str) -> list[Any]:
+    protos: list[Any] = []
+    for i in range(0, len(clients), BATCH):
+        batch = clients[i:i + BATCH]
+        protos += await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(c.open(reactor, address)) for c in batch],
+            consumeErrors=True)
+    return protos
+
+
+async def measure_idle_memory(reactor: Any, home: Home, fleet: list[Client],
+                              warm: list[Client], profile_out: Path | None) -> Sample:
+    """A fresh service: warm-up links opened and closed, then ``len(fleet)`` idle links."""
+    service = await start_service(reactor, home, profile_out)
+    try:
+        for c in warm + fleet:
+            c.server_id = service.identity
+        for proto in await open_many(reactor, warm, service.address):
+            proto.transport.loseConnection()
+        await until(reactor, lambda: _count_is(reactor, service, 0), STEP_TIMEOUT_SECS,
+                    "the warm-up links to close", step=0.05)
+        await sleep(reactor, 0.5)
+        before = service.rss()
+        protos = await open_many(reactor, fleet, service.address)
+        await until(reactor, lambda: _count_is(reactor, service, len(fleet)), STEP_TIMEOUT_SECS,
+                    "the idle links to be up", step=0.05)
+        await sleep(reactor, IDLE_SETTLE_SECS)
+        after = service.rss()
+        connected = await service.connected(reactor)
+        if connected != len(fleet):
+            raise BenchError(f"{connected} of {len(fleet)} idle links stayed up")
+        for proto in protos:
+            proto.transport.loseConnection()
+        await until(reactor, lambda: _count_is(reactor, service, 0), STEP_TIMEOUT_SECS,
+                    "the idle links to close", step=0.05)
+        return Sample({"kib_per_idle_link": (after - before) / len(fleet),
+                       "rss_before_kib": before, "rss_after_kib": after})
+    finally:
+        await stop_service(reactor, service)
+
+
+async def _count_is(reactor: Any, service: Service, n: int) -> bool:
+    return await service.connected(reactor) == n
+
+
+# --- rows --------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    key: str
+    title: str
+    unit: str
+    samples: dict[str, list[Sample]] = field(default_factory=lambda: {t: [] for t in TRANSPORTS})
+    value_key: str = ""
+    cpu_label: str = ""
+
+    def values(self, transport: str) -> list[float]:
+        return [s.values[self.value_key] for s in self.samples[transport]]
+
+    def stats(self, transport: str) -> dict[str, Any]:
+        vals = self.values(transport)
+        cpus = [s.server_cpu_us for s in self.samples[transport] if s.server_cpu_us is not None]
+        ours = [s.client_cpu_us for s in self.samples[transport] if s.client_cpu_us is not None]
+        out: dict[str, Any] = {"median": statistics.median(vals), "min": min(vals),
+                               "max": max(vals), "runs": vals}
+        if cpus:
+            out["server_cpu_us_per_op"] = statistics.median(cpus)
+            out["server_cpu_us_runs"] = cpus
+        if ours:
+            out["client_cpu_us_per_op"] = statistics.median(ours)
+        extra = [s.values for s in self.samples[transport]]
+        out["detail"] = extra
+        return out
+
+    def target(self, transport: str) -> tuple[str, float] | None:
+        return TARGETS.get(self.key, {}).get(transport)
+
+    def passed(self, transport: str) -> bool | None:
+        tgt = self.target(transport)
+        if tgt is None:
+            return None
+        op, limit = tgt
+        med = self.stats(transport)["median"]
+        return med <= limit if op == "<=" else med >= limit
+
+
+def make_rows(sizes: Sizes) -> dict[str, Row]:
+    return {
+        "setup_p50_ms": Row("setup_p50_ms", "link set-up p50, TCP connect -> authenticated "
+                            f"both ways ({sizes.connects} sequential per run)", "ms",
+                            value_key="p50_ms", cpu_label="per set-up + close"),
+        "setup_p99_ms": Row("setup_p99_ms", "link set-up p99", "ms", value_key="p99_ms"),
+        "request_p50_ms": Row("request_p50_ms", "knowledge_request -> knowledge_snapshot "
+                              f"({sizes.units} units) p50 ({sizes.requests} per run)", "ms",
+                              value_key="p50_ms", cpu_label="per request"),
+        "request_p99_ms": Row("request_p99_ms", "knowledge_request -> knowledge_snapshot p99",
+                              "ms", value_key="p99_ms"),
+        "msgs_per_s": Row("msgs_per_s", "one-way heartbeats parsed by the service "
+                          f"({sizes.messages:,} per run)", "msg/s", value_key="msgs_per_s",
+                          cpu_label="per message"),
+        "kib_per_idle_link": Row("kib_per_idle_link", "memory per idle authenticated link "
+                                 f"({sizes.idle_links} links, VmRSS growth)", "KiB",
+                                 value_key="kib_per_idle_link"),
+    }
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def unit_records(origin: str, n: int, now: int) -> list[dict[str, Any]]:
+    """Shareable pattern units that originated at S (``hive import`` of one's own export)."""
+    return [{"id": f"ku_bench_{i:04d}", "scope": {"type": "universal"},
+             "category": "best_practice",
+             "content": {"type": "pattern", "tool": "Bash",
+                         "command_pattern": f"bench command {i} --flag",
+                         "preferred_action": "approve", "accept_rate": 0.9,
+                         "sample_count": 12, "conditions": []},
+             "evidence_count": 12, "confidence": 0.9, "source_peer": origin,
+             "originated_at": now, "last_validated_at": now, "propagation_count": 0,
+             "version": 1} for i in range(n)]
+
+
+def fleet_clients(reactor: Any, tmp: Path, transport: str, server_home: Home, prefix: str,
+                  count: int) -> list[Client]:
+    """
+    Idle-link identities whose keys are written as files: ``peers/<id>.key``
+    on the service's home (what claiming a pair code writes there) and
+    ``peers/<S id>.key`` on the fleet's home (what ``relay accept`` writes).
+    """
+    home = new_home(tmp, f"fleet-{transport}-{prefix}")
+    server_id = KeyStore(server_home).ensure_identity(environ={"HOSTNAME": "bench-idle"})
+    psk = os.urandom(32)
+    KeyStore(home).save_key(server_id, psk)
+    clients = []
+    for i in range(count):
+        ident = f"bench-{prefix}-{'tls' if transport == TLS13 else 'plain'}-{i:03d}"
+        KeyStore(server_home).save_key(ident, psk)
+        clients.append(Client.make(reactor, transport, home, server_id, identity=ident))
+    return clients
+
+
+@dataclass
+class Run:
+    sizes: Sizes
+    rows: dict[str, Row]
+    setup: dict[str, Any] = field(default_factory=dict)
+    profiles: list[tuple[str, Path]] = field(default_factory=list)
+
+
+async def bench(reactor: Any, tmp: Path, sizes: Sizes, profile: bool,
+                say: Callable[[str], None]) -> Run:
+    run = Run(sizes, make_rows(sizes))
+    rows = run.rows
+    now = int(time.time())
+
+    # S: a home, a hive seeded through `hive import`, the service.
+    shome = new_home(tmp, "server")
+    sid = cli(shome.root, "relay", "identity")["identity"]
+    units_file = tmp / "units.json"
+    units_file.write_text(json.dumps({"units": unit_records(sid, sizes.units, now)}))
+    cli(shome.root, "hive", "import", str(units_file))
+    prof_s = tmp / "server.prof" if profile else None
+    service = await start_service(reactor, shome, prof_s)
+    say(f"service {sid} on {service.address} (pid {service.pid})")
+    run.setup["server"] = {"identity": sid, "units": sizes.units}
+    try:
+        clients = {t: await pair_client(reactor, service, new_home(tmp, f"client-{t}"), t)
+                   for t in TRANSPORTS}
+        seen = {r["identity"]: r for r in cli(shome.root, "relay", "peers")}
+        run.setup["clients"] = {t: {"identity": c.identity,
+                                    "relay_peers_mode": seen[c.identity]["mode"]}
+                                for t, c in clients.items()}
+
+        def order(i: int) -> Sequence[str]:
+            return TRANSPORTS if i % 2 == 0 else TRANSPORTS[::-1]
+
+        # 1. Link set-up.
+        for i in range(sizes.runs):
+            for t in order(i):
+                s = await measure_setup(reactor, service, clients[t], sizes.connects,
+                                        sizes.warmup_connects)
+                rows["setup_p50_ms"].samples[t].append(s)
+                rows["setup_p99_ms"].samples[t].append(s)
+            say(f"link set-up run {i + 1}/{sizes.runs} done")
+
+        # 2 and 3 on one link per transport.
+        protos = {t: await clients[t].open(reactor, service.address) for t in TRANSPORTS}
+        peers_now = {r["identity"]: r for r in cli(shome.root, "relay", "peers")}
+        for t, c in clients.items():
+            shown = peers_now[c.identity]["transport"]
+            run.setup["clients"][t]["relay_peers_transport"] = shown
+            if shown != t:
+                raise BenchError(f"relay peers shows {shown} for the {t} client")
+        waiters = {t: SnapshotWaiter(clients[t]) for t in TRANSPORTS}
+        for i in range(sizes.runs):
+            for t in order(i):
+                s = await measure_requests(reactor, service, clients[t], waiters[t],
+                                           sizes.requests, sizes.warmup_requests, sizes.units)
+                rows["request_p50_ms"].samples[t].append(s)
+                rows["request_p99_ms"].samples[t].append(s)
+            for t in order(i):
+                rows["msgs_per_s"].samples[t].append(
+                    await measure_one_way(reactor, service, clients[t], protos[t],
+                                          sizes.messages))
+            say(f"request and one-way run {i + 1}/{sizes.runs} done")
+        for t in TRANSPORTS:
+            await clients[t].close(reactor, protos[t])
+    finally:
+        await stop_service(reactor, service)
+    if prof_s is not None:
+        run.profiles.append(("relay serve S (set-up, requests, one-way)", prof_s))
+
+    # 4. Memory per idle link: a fresh service per run and transport.
+    mhome = new_home(tmp, "idle",
+                     f"[relay]\nmax_peers = {sizes.idle_links + WARMUP_IDLE + 8}\n")
+    fleets = {t: fleet_clients(reactor, tmp, t, mhome, "idle", sizes.idle_links)
+              for t in TRANSPORTS}
+    warms = {t: fleet_clients(reactor, tmp, t, mhome, "warm", WARMUP_IDLE) for t in TRANSPORTS}
+    run.setup["idle"] = {"max_peers": sizes.idle_links + WARMUP_IDLE + 8,
+                         "warmup_links": WARMUP_IDLE, "settle_secs": IDLE_SETTLE_SECS}
+    for i in range(sizes.runs):
+        for t in order(i):
+            prof_m = tmp / f"idle-{t}-{i}.prof" if profile and i == 0 else None
+            rows["kib_per_idle_link"].samples[t].append(
+                await measure_idle_memory(reactor, mhome, fleets[t], warms[t], prof_m))
+            if prof_m is not None:
+                run.profiles.append((f"relay serve, idle links ({t})", prof_m))
+        say(f"idle-link run {i + 1}/{sizes.runs} done")
+    return run
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def fmt(value: float, unit: str) -> str:
+    if unit == "msg/s":
+        return f"{value:,.0f}"
+    if unit == "KiB":
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
+def cell(row: Row, t: str) -> str:
+    st = row.stats(t)
+    if len(st["runs"]) == 1:
+        return fmt(st["median"], row.unit)
+    return f"{fmt(st['median'], row.unit)} ({fmt(st['min'], row.unit)}-{fmt(st['max'], row.unit)})"
+
+
+def target_text(row: Row) -> str:
+    parts = []
+    for t in (TLS13, PLAINTEXT):
+        tgt = row.target(t)
+        if tgt is not None:
+            parts.append(f"{'TLS' if t == TLS13 else 'plain'} {tgt[0]} {fmt(tgt[1], row.unit)}")
+    return ", ".join(parts)
+
+
+def verdict(row: Row) -> str:
+    out = []
+    for t in TRANSPORTS:
+        p = row.passed(t)
+        if p is not None:
+            out.append(f"{'TLS' if t == TLS13 else 'plain'} {'pass' if p else 'MISS'}")
+    return ", ".join(out)
+
+
+def cpu_text(row: Row) -> str:
+    if not row.cpu_label:
+        return ""
+    parts = []
+    for t in TRANSPORTS:
+        st = row.stats(t)
+        if "server_cpu_us_per_op" in st:
+            us = st["server_cpu_us_per_op"]
+            parts.append(f"{'TLS' if t == TLS13 else 'plain'} {us:,.1f} µs")
+    return " / ".join(parts) + f" {row.cpu_label}"
+
+
+def report_json(run: Run, meta: dict[str, Any]) -> dict[str, Any]:
+    return {**meta, "sizes": vars(run.sizes), "setup": run.setup,
+            "service_pids": CHILDREN.started,
+            "rows": [{"key": r.key, "title": r.title, "unit": r.unit,
+                      **{t: {**r.stats(t), "target": r.target(t), "passed": r.passed(t)}
+                         for t in TRANSPORTS}} for r in run.rows.values()],
+            "passed": all_passed(run)}
+
+
+def all_passed(run: Run) -> bool:
+    return all(r.passed(t) is not False for r in run.rows.values() for t in TRANSPORTS)
+
+
+def print_table(run: Run, meta: dict[str, Any]) -> None:
+    m = meta["machine"]
+    print(f"claudectl relay benchmark ({meta['mode']}, {run.sizes.runs} run(s) per row): "
+          f"{meta['date']}; {m['nproc']} CPU(s), {m['cpu']}, Python {m['python']}, "
+          f"Twisted {m['twisted']}")
+    la0, la1 = meta["load_average_start"], meta["load_average_end"]
+    print("load average (1/5/15 min): start " + " ".join(f"{x:.2f}" for x in la0)
+          + ", end " + " ".join(f"{x:.2f}" for x in la1))
+    print(f"command: {meta['command']}")
+    print("cells: median (min-max) over the runs")
+    headers = ("measure", "unit", "plaintext", "TLS 1.3", "target", "result",
+               "server CPU per operation (median)")
+    table = [headers] + [(r.title, r.unit, cell(r, PLAINTEXT), cell(r, TLS13), target_text(r),
+                          verdict(r), cpu_text(r)) for r in run.rows.values()]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     for j, row in enumerate(table):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if j == 0:
             print("  ".join("-" * w for w in widths))
+    for line in notes(run):
+        print(line)
 
 
-# --- entry point -----------------------------------------------------------------------
+def notes(run: Run) -> list[str]:
+    """Figures that do not depend on the load: CPU time, what it allows."""
+    out = []
+    one_way = run.rows["msgs_per_s"]
+    caps = []
+    for t in TRANSPORTS:
+        us = one_way.stats(t).get("server_cpu_us_per_op")
+        if us:
+            caps.append(f"{'TLS' if t == TLS13 else 'plain'} {1e6 / us:,.0f} msg/s")
+    if caps:
+        out.append("service CPU-bound capacity, one way (1 / its CPU time per message): "
+                   + ", ".join(caps))
+    for key in ("setup_p50_ms", "request_p50_ms", "msgs_per_s"):
+        row = run.rows[key]
+        parts = []
+        for t in TRANSPORTS:
+            st = row.stats(t)
+            if "client_cpu_us_per_op" in st:
+                parts.append(f"{'TLS' if t == TLS13 else 'plain'} "
+                             f"{st['client_cpu_us_per_op']:,.1f} µs")
+        if parts:
+            out.append(f"client (this process) CPU {row.cpu_label}: " + " / ".join(parts))
+    return out
+
+
+def dump_profile(path: Path, title: str, limit: int = 30) -> str:
+    buf = io.StringIO()
+    stats = pstats.Stats(str(path), stream=buf)
+    stats.strip_dirs().sort_stats("tottime").print_stats(limit)
+    return f"--- cProfile: {title} (sorted by own time) ---\n{buf.getvalue()}"
+
+
+# --- entry point -------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help=f"smaller run: {QUICK.handshakes} handshakes, {QUICK.round_trips} "
-                        f"round trips, {QUICK.messages:,} messages, {QUICK.idle_links} idle links")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny run that only checks the benchmark works (numbers meaningless)")
+                   help="small counts and one run (a few seconds of measuring; the smoke "
+                        "test runs this): the figures are not meaningful")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--runs", type=int, default=None, metavar="N",
+                   help=f"runs per row (default {FULL.runs}; {QUICK.runs} with --quick)")
     p.add_argument("--profile", action="store_true",
-                   help="run both processes under cProfile and print the hot spots "
-                        "(the timings then include the profiler's overhead)")
-    p.add_argument("--no-fsync", action="store_true",
-                   help="diagnostic: make os.fsync a no-op in both processes, to tell disk "
-                        "latency (key and meta files are written with fsync) from relay cost")
+                   help="run the services under cProfile (python -m cProfile -o; written "
+                        "when SIGTERM stops them) and print their hot spots; timings then "
+                        "include the profiler's overhead")
     p.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
-    # Internal: the listener child.
-    p.add_argument("--role", choices=("client", "server"), default="client",
-                   help=argparse.SUPPRESS)
-    p.add_argument("--home", help=argparse.SUPPRESS)
-    p.add_argument("--max-peers", type=int, default=8, help=argparse.SUPPRESS)
-    p.add_argument("--profile-out", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.runs is not None and not 1 <= args.runs <= 50:
+        p.error("--runs must be between 1 and 50")
+    return args
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.no_fsync:
-        os.fsync = lambda fd: None  # diagnostic only; these homes are thrown away
-    if args.role == "server":
-        task.react(lambda reactor: defer.Deferred.fromCoroutine(run_server(reactor, args)))
-        return
     if not sys.platform.startswith("linux"):
-        sys.exit("bench_relay.py reads /proc/self/status: Linux only")
-    status: list[int] = []
+        print("Error: bench_relay.py reads /proc/<pid>/status and stat: Linux only",
+              file=sys.stderr)
+        return 2
+    sizes = QUICK if args.quick else FULL
+    if args.runs is not None:
+        import dataclasses
 
-    async def client(reactor: Any) -> None:
-        status.append(await run_client(reactor, args))
+        sizes = dataclasses.replace(sizes, runs=args.runs)
+    tmp = Path(tempfile.mkdtemp(prefix="claudectl-bench-relay-"))
+    status: list[int] = []
+    load_start = os.getloadavg()
+    command = "python scripts/bench_relay.py" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+
+    def say(text: str) -> None:
+        if not args.json:
+            print(f"  [{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    async def go(reactor: Any) -> None:
+        start_logging(tmp / "client.log")
+        run = await bench(reactor, tmp, sizes, args.profile, say)
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "mode": "quick" if args.quick else "full", "machine": machine(),
+                "load_average_start": load_start, "load_average_end": os.getloadavg(),
+                "command": command, "profiled": args.profile}
+        if args.json:
+            print(json.dumps(report_json(run, meta), indent=2))
+        else:
+            print_table(run, meta)
+        for title, path in run.profiles:
+            if path.exists():
+                print(dump_profile(path, title), file=sys.stderr if args.json else sys.stdout)
+        status.append(0 if all_passed(run) else 1)
 
     def failed(reason: Any) -> None:
-        print(f"benchmark failed: {reason.getErrorMessage()}", file=sys.stderr)
-        reason.printTraceback(file=sys.stderr)
+        # One line for the user; the traceback goes to the log in the temporary
+        # directory (kept with --keep).
+        print(f"Error: benchmark failed: {reason.getErrorMessage()}", file=sys.stderr)
+        with contextlib.suppress(OSError), open(tmp / "client.log", "a") as f:
+            reason.printTraceback(file=f)
         status.append(2)
 
-    def go(reactor: Any) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(client(reactor)).addErrback(failed)
-
     try:
-        task.react(go)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise
-    sys.exit(status[0] if status else 2)
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(go(reactor)).addErrback(failed))
+    except SystemExit:
+        pass
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+    finally:
+        CHILDREN.stop_all()
+        for d in SOCKET_DIRS:
+            if tmp not in d.parents:
+                shutil.rmtree(d, ignore_errors=True)
+        if args.keep:
+            print(f"(kept {tmp})", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not status:
+        print("Error: the benchmark was stopped before it finished", file=sys.stderr)
+    return status[0] if status else 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
