@@ -733,12 +733,12 @@ class KeyByIdentityTests(HandshakeTestBase):
         self.assertEqual(challenge.payload["identity"], LISTENER_ID)
         c1 = connector.receive(over_the_wire(challenge))
         self.assertIsNone(c1.failed)
+        # The connector switches right behind its starttls frame; no answer.
+        self.assertTrue(c1.start_tls)
         [starttls] = c1.send
         l1 = listener.receive(over_the_wire(starttls))
         self.assertTrue(l1.start_tls)
-        [ack] = l1.send
-        c2 = connector.receive(over_the_wire(ack))
-        self.assertTrue(c2.start_tls)
+        self.assertEqual(l1.send, [])
         listener.tls_established(self.EXPORTER)
         c3 = connector.tls_established(self.EXPORTER)
         [handshake] = c3.send
@@ -779,15 +779,19 @@ class KeyByIdentityTests(HandshakeTestBase):
         self.assertEqual(looked_up, [])
 
     def test_listener_cannot_switch_identity_after_announcing(self) -> None:
-        # The starttls ack must come from the identity the challenge announced.
+        # The final ack must come from the identity the challenge announced
+        # (and the proofs bind that identity too).
         auth, _ = self.by_identity({LISTENER_ID: PSK})
         connector = self.tls_connector(auth)
         challenge = Envelope("msg_1_0", codec.CHALLENGE, "", 1,
                              {"nonce": "ab" * 32, "caps": ["mutual-v1", "tls-v1"],
                               "identity": LISTENER_ID})
-        self.assertIsNone(connector.receive(over_the_wire(challenge)).failed)
+        first = connector.receive(over_the_wire(challenge))
+        self.assertIsNone(first.failed)
+        self.assertTrue(first.start_tls)
+        self.assertFalse(connector.tls_established(self.EXPORTER).failed)
         ack = Envelope("msg_1_1", codec.HANDSHAKE_ACK, "someone-else", 1,
-                       {"status": "starttls"})
+                       {"status": "ok", "sproof": "00" * 32})
         step = connector.receive(over_the_wire(ack))
         assert step.failed is not None
         self.assertIn("mismatch", step.failed)

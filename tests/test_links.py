@@ -174,8 +174,15 @@ class ConnectAddressTests(TwoServices):
         out = ok(run_cli(self.hb, "relay", "connect", new, "--peer", self.ida))
         self.assertIn(f"Connected to {self.ida} ({new})", out)
         self.assertIn(f"the service dials it there from now on (instead of {self.where})", out)
-        # What `relay peers` shows is what the service dials, and is stored.
-        row = peer_row(self.hb, self.ida)
+        # What `relay peers` shows is what the service dials, and is stored
+        # (the old link may still be closing when the command returns).
+        deadline = time.monotonic() + 10
+        while True:
+            row = peer_row(self.hb, self.ida)
+            if (row["state"], row["address"]) == ("connected", new) or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         self.assertEqual((row["state"], row["address"]), ("connected", new))
         meta = KeyStore(self.hb).meta(self.ida)
         assert meta is not None

@@ -196,10 +196,10 @@ class TLSLinkTests(TwoNodes):
         # Connector -> listener: one plaintext line (the starttls request), then TLS.
         [starttls], up_rest = split_first_flight(bytes(self.proxy_check(proxy.up)), 1)
         self.assertEqual(json.loads(starttls)["payload"]["starttls"], "tls-v1")
-        # Listener -> connector: challenge and the starttls ack, then TLS.
-        [challenge, ack], down_rest = split_first_flight(bytes(proxy.down), 2)
-        self.assertEqual(json.loads(ack)["payload"]["status"], "starttls")
+        # Listener -> connector: the challenge, then TLS.
+        [challenge], down_rest = split_first_flight(bytes(proxy.down), 1)
         self.assertIn("tls-v1", json.loads(challenge)["payload"]["caps"])
+        self.assertEqual(json.loads(challenge)["payload"]["identity"], "alpha-1111")
         for rest in (up_rest, down_rest):
             self.assertIn(23, tls_records(rest))  # application data records
             self.assertNotIn(b"msg_type", rest)
@@ -383,13 +383,12 @@ class TLSFailureTests(TwoNodes):
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
                               client)
         await client.next_line()  # challenge
-        client.sendLine(line(codec.HANDSHAKE, {"starttls": "tls-v1", "version": "x"},
-                             "beta-2222").rstrip(b"\n"))
-        ack = json.loads(await client.next_line())
-        self.assertEqual(ack["payload"]["status"], "starttls")
         closed: defer.Deferred[None] = defer.Deferred()
         client.connectionLost = lambda reason=None: closed.callback(None)  # type: ignore
-        client.transport.write(b"\x16\x03\x01\x00\x05hello" + b"\x00" * 64)
+        # The starttls frame, then bytes that are not a TLS ClientHello.
+        client.transport.write(line(codec.HANDSHAKE, {"starttls": "tls-v1", "version": "x"},
+                                    "beta-2222")
+                               + b"\x16\x03\x01\x00\x05hello" + b"\x00" * 64)
         await closed
         await self.settle()
         self.assertIn("handshake with beta-2222 at 127.0.0.1 failed: TLS handshake failed",
@@ -397,7 +396,7 @@ class TLSFailureTests(TwoNodes):
         self.assertEqual(len(self.a.admission._ips["127.0.0.1"].failures), 1)
         self.assertEqual(self.a.admission.inflight, 0)
 
-    async def test_plaintext_after_starttls_is_refused(self) -> None:
+    async def test_plaintext_after_starttls_is_a_tls_failure(self) -> None:
         client = FrameClient()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
                               client)
@@ -407,7 +406,9 @@ class TLSFailureTests(TwoNodes):
         client.transport.write(line(codec.HANDSHAKE, {"starttls": "tls-v1"}, "beta-2222")
                                + line(codec.HANDSHAKE, {"proof": "0" * 64}, "beta-2222"))
         await closed
-        self.assertIn("plaintext bytes after the starttls frame", self.log.text())
+        await self.settle()
+        self.assertIn("failed: TLS handshake failed", self.log.text())
+        self.assertEqual(self.a.mesh.connected_peers(), [])
 
 
 class CredentialsTests(SynchronousTestCase):

@@ -181,8 +181,8 @@ class ListenerHandshake:
     With TLS (both sides of this project) the exchange is::
 
         challenge {nonce, caps:[…, tls-v1], identity}    (plaintext)
-        handshake {starttls: "tls-v1", caps, version}    (plaintext)
-        handshake_ack {status: "starttls"}               (plaintext)
+        handshake {starttls: "tls-v1", caps, version}    (plaintext; no answer:
+                                                          the ClientHello follows)
         ---- TLS 1.3 handshake; everything after it is encrypted ----
         handshake {proof, cnonce, caps, version}          proof = channel_proof(connector)
         handshake_ack {status: "ok", sproof, caps}        sproof = channel_proof(listener)
@@ -266,9 +266,12 @@ class ListenerHandshake:
 
     def _start_tls(self, payload: dict[str, Any]) -> Step:
         if not self._policy.tls or payload.get("starttls") != CAP_TLS:
-            return self._deny(f"cannot start TLS {payload.get('starttls')!r}", "no_tls")
+            # Closed without an answer: the connector already speaks TLS.
+            self.state = ListenerState.DONE
+            return Step(failed=f"cannot start TLS {str(payload.get('starttls'))[:40]!r}")
         self.state = ListenerState.AWAIT_TLS
-        return Step(send=[self._ack("starttls", caps=self._caps())], start_tls=True)
+        # No plaintext answer: the connector's ClientHello follows its frame.
+        return Step(start_tls=True)
 
     def _plaintext_refusal(self, peer: str, payload: dict[str, Any]) -> Step | None:
         if self._policy.require_encryption:
@@ -451,7 +454,6 @@ class PakeAuth:
 
 class ConnectorState(Enum):
     AWAIT_CHALLENGE = "await_challenge"
-    AWAIT_STARTTLS = "await_starttls"
     AWAIT_TLS = "await_tls"
     AWAIT_ACK = "await_ack"
     DONE = "done"
@@ -506,8 +508,6 @@ class ConnectorHandshake:
     def receive(self, env: Envelope) -> Step:
         if self.state is ConnectorState.AWAIT_CHALLENGE:
             return self._on_challenge(env)
-        if self.state is ConnectorState.AWAIT_STARTTLS:
-            return self._on_starttls(env)
         if self.state is ConnectorState.AWAIT_ACK:
             return self._on_ack(env)
         if self.state is ConnectorState.AWAIT_TLS:
@@ -544,9 +544,15 @@ class ConnectorHandshake:
             return self._fail(f"remote identity mismatch: the listener at this address is "
                               f"{announced}, not {expected}")
         if will_tls:
-            self.state = ConnectorState.AWAIT_STARTTLS
+            if announced is None:
+                return self._fail("the listener offers TLS but does not name itself")
+            # No answer is awaited: the TLS ClientHello follows the frame at
+            # once (one round trip less); the listener switches on reading it.
+            self.listener_id = announced
+            self.state = ConnectorState.AWAIT_TLS
             return Step(send=[self._env.make(codec.HANDSHAKE, {
-                "starttls": CAP_TLS, "version": self._version, "caps": self._caps()})])
+                "starttls": CAP_TLS, "version": self._version, "caps": self._caps()})],
+                start_tls=True)
         refusal = self._plaintext_refusal(self._expected())
         if refusal is not None:
             return refusal
@@ -591,23 +597,6 @@ class ConnectorHandshake:
             if self._policy.tls:
                 return self._fail("the listener offers no encryption: short codes need it")
         return None
-
-    def _on_starttls(self, env: Envelope) -> Step:
-        if env.msg_type != codec.HANDSHAKE_ACK:
-            return self._fail(f"expected handshake_ack, got {env.msg_type}")
-        payload = env.payload if isinstance(env.payload, dict) else {}
-        status = payload.get("status")
-        if status != "starttls":
-            return self._denied(payload)
-        remote = env.from_peer
-        if not is_remote_peer_id(remote):
-            return self._fail(f"listener sent an invalid identity {remote!r}")
-        expected = self._expected()
-        if expected not in (None, remote):
-            return self._fail(f"remote identity mismatch: expected {expected}, got {remote}")
-        self.listener_id = remote
-        self.state = ConnectorState.AWAIT_TLS
-        return Step(start_tls=True)
 
     def tls_established(self, exporter: bytes) -> Step:
         """TLS is up: send the handshake, bound to this connection."""

@@ -254,12 +254,13 @@ class RelayProtocol(LineReceiver):
             else:
                 self.lineReceived(line)
             if self._tls_switching:
-                # Everything after the starttls frame belongs to TLS; a peer
-                # of ours never sends anything before the switch.
+                # Everything after the starttls frame belongs to TLS (the
+                # connector sends its ClientHello right behind the frame).
                 self._tls_switching = False
-                rest, tail, self._buffer = lines[i + 1:], self._buffer, b""
-                if rest or tail:
-                    self._fail_handshake("plaintext bytes after the starttls frame")
+                rest = b"\n".join(lines[i + 1:] + [self._buffer])
+                self._buffer = b""
+                if rest and self.transport is not None and self.connected:
+                    self.transport.protocol.dataReceived(rest)
                 return
         if len(self._buffer) > self.MAX_LENGTH:
             # An over-long line still in progress: drop it and skip its rest.
