@@ -156,7 +156,9 @@ class ControlFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
         locators = [RelayLocator(self.node, self.parent), *self.node.control_locators]
-        return amp.AMP(locator=_Locators(locators))
+        proto = amp.AMP(locator=_Locators(locators))
+        locators.extend(make(proto) for make in self.node.connection_locators)
+        return proto
 
 
 class _ControlService(StreamServerEndpointService):

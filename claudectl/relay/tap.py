@@ -42,6 +42,7 @@ log = Logger()
 SUBSYSTEMS = (
     "claudectl.hive.gossip",
     "claudectl.delegation.service",
+    "claudectl.control.events",  # after the layers it reports on
 )
 
 
