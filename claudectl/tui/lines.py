@@ -30,11 +30,12 @@ ID_WIDTH_MAX = 28
 
 
 def kb(n: Any) -> str:
-    """Kilobytes, rounded (the mission's ``↑12 ↓8 kb``)."""
+    """Kilobytes (the mission's ``↑12 ↓8 kb``); one decimal below 1 kb."""
     try:
-        return str(round(max(0, int(n)) / 1024))
+        v = max(0, int(n)) / 1024
     except (TypeError, ValueError):
         return "0"
+    return f"{v:.1f}" if v < 1 else str(round(v))
 
 
 def trust_text(level: Any) -> str:
@@ -99,10 +100,10 @@ def fit(essential: str, extras: list[str], width: int, sep: str = "  ") -> str:
         if not extra:
             continue
         candidate = line + sep + extra
-        if len(candidate) > width:
+        if len(candidate.rstrip()) > width:
             break
         line = candidate
-    return line
+    return line.rstrip()
 
 
 def fill(essential: str, free_text: str, width: int, sep: str = "  ") -> str:
