@@ -254,8 +254,7 @@ class Dashboard:
             pass
         self.pile.contents[:] = [(self.panels[n].box,
                                   self.pile.options("weight", PANEL_WEIGHTS[n])) for n in shown]
-        if focus_name in shown:
-            self.pile.focus_position = shown.index(focus_name)
+        self.pile.focus_position = shown.index(focus_name) if focus_name in shown else 0
 
     def toggle(self, name: str) -> None:
         self.visible[name] = not self.visible[name]
@@ -474,6 +473,11 @@ class _Top(urwid.WidgetWrap):
     def __init__(self, app: Dashboard) -> None:
         super().__init__(app.frame)
         self.app = app
+
+    def selectable(self) -> bool:
+        # urwid gives keys only to a selectable root; a question with no
+        # input field must still get its y / n.
+        return True
 
     def keypress(self, size: Any, key: str) -> str | None:
         try:
