@@ -35,9 +35,10 @@ def start_tui(testcase: SynchronousTestCase, home: Home, cols: int = 80, rows: i
     return term
 
 
-def peer_line(peer: str, state: str) -> str:
+def peer_line(peer: str, state: str, trust: str = "0.5") -> str:
     glyph = {"connected": "●", "connecting": "◐", "offline": "○"}[state]
-    return rf"{glyph} {re.escape(peer)}\s+{state}\s+trust:0\.5\s+↑[\d.]+ ↓[\d.]+ kb"
+    return (rf"{glyph} {re.escape(peer)}\s+{state}\s+trust:{re.escape(trust)}\s+"
+            r"↑[\d.]+ ↓[\d.]+ kb")
 
 
 class Uncut:
@@ -94,21 +95,28 @@ class PeersPanelStoryTests(SynchronousTestCase, Uncut):
         term.settle()
         self.assert_uncut(term)
 
+        term.send("T")  # set trust from the keyboard: written, then pushed back
+        term.wait_for(r"Trust for .* 0\.0 - 1\.0")
+        term.send("0.9\r")
+        term.wait_for(re.escape(self.idb) + r"\s+connected\s+trust:0\.9\s")
+        self.assertIn("0.9", (self.ha.hive / "trust.json").read_text())
+
         term.send("p")  # hide ...
         term.wait_for(lambda s: "Peers (" not in s and self.idb + " " not in s.split(
             "Hive")[0] and "Remote tasks" in s)
         term.send("p")  # ... and show again
-        term.wait_for(peer_line(self.idb, "connected"))
+        term.wait_for(peer_line(self.idb, "connected", "0.9"))
 
         self.assertEqual(self.b.stop(), 0)  # the other service goes away
-        term.wait_for(peer_line(self.idb, "offline") + "|" + peer_line(self.idb, "connecting"))
+        offline = peer_line(self.idb, "offline", "0.9")
+        term.wait_for(offline)
 
         term.resize(200, 60)
         term.wait_for(lambda s: len(term.lines()[1]) == 200)
         term.settle()
         self.assert_uncut(term)
         # At 200 columns the address shows too.
-        term.wait_for(peer_line(self.idb, "offline") + r"\s+-\s+seen \d+s ago\s+127\.0\.0\.1:\d+")
+        term.wait_for(offline + r"\s+-\s+seen \d+s ago\s+127\.0\.0\.1:\d+")
 
         term.resize(80, 24)
         term.wait_for(lambda s: len(term.lines()[1]) == 80)
