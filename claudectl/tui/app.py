@@ -302,14 +302,14 @@ class Dashboard:
         p = self.panels["peers"]
         old = p.selected()
         p.data = data
-        rows = [r for r in data.get("rows") or [] if isinstance(r, dict)]
+        rows = L.rows_of(data)
         p.set_title(L.peers_title(data))
         if not rows:
             self._placeholder("peers", "No peers yet: press i to make an invite.")
             return
         idw = L.id_width(rows)
         widgets = [FitLine(lambda w, r=r: L.peer_line(r, self.now(), w, idw), r) for r in rows]
-        more = data.get("total", len(rows)) - len(rows)
+        more = L.total_of(data, rows) - len(rows)
         if more > 0:
             widgets.append(urwid.Text(("dim", f" … and {more} more"), wrap="clip"))
         p.set_lines(widgets, None if old is None else
@@ -319,9 +319,9 @@ class Dashboard:
         p = self.panels["tasks"]
         old = p.selected()
         p.data = data
-        rows = [r for r in data.get("rows") or [] if isinstance(r, dict)]
+        rows = L.rows_of(data)
         active = sum(1 for r in rows if r.get("state") in ("running", "queued", "delegated"))
-        p.set_title(f"Remote tasks ({active} active, {data.get('total', len(rows))} total)")
+        p.set_title(f"Remote tasks ({active} active, {L.total_of(data, rows)} total)")
         if not rows:
             self._placeholder("tasks", "No remote tasks." if data.get("available", True)
                               else "Delegation is not part of this service.")

@@ -35,6 +35,8 @@ def kb(n: Any) -> str:
         v = max(0, int(n)) / 1024
     except (TypeError, ValueError):
         return "0"
+    if v == 0:
+        return "0"
     return f"{v:.1f}" if v < 1 else str(round(v))
 
 
@@ -138,12 +140,23 @@ def peer_line(row: dict[str, Any], now: float, width: int, idw: int) -> tuple[st
     return attr, fit(essential, extras, width)
 
 
+def rows_of(panel: Any) -> list[dict[str, Any]]:
+    """The well-formed rows of a panel (anything else is skipped)."""
+    rows = panel.get("rows") if isinstance(panel, dict) else None
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def total_of(panel: Any, rows: list[dict[str, Any]]) -> int:
+    total = panel.get("total") if isinstance(panel, dict) else None
+    return total if isinstance(total, int) and total >= len(rows) else len(rows)
+
+
 def peers_title(panel: dict[str, Any] | None) -> str:
     if not panel:
         return "Peers"
-    rows = panel.get("rows") or []
+    rows = rows_of(panel)
     up = sum(1 for r in rows if r.get("state") == "connected")
-    total = panel.get("total", len(rows))
+    total = total_of(panel, rows)
     return f"Peers ({total})" if up == total else f"Peers ({up}/{total} connected)"
 
 
@@ -182,7 +195,7 @@ def task_detail_lines(d: dict[str, Any], now: float) -> list[str]:
 
 
 def hive_lines(panel: dict[str, Any], now: float, width: int) -> list[tuple[str, str]]:
-    rows = panel.get("rows") or []
+    rows = rows_of(panel)
     total = panel.get("units", 0)
     local = panel.get("local_units", 0)
     peers = [r for r in rows if not r.get("local")]
@@ -197,12 +210,12 @@ def hive_lines(panel: dict[str, Any], now: float, width: int) -> list[tuple[str,
                          f"{clean(r.get('tier'), 12) + ' ' + trust_text(r.get('trust'))[6:]:<16}"
                          f" {r.get('units', 0):>5} units")
         out.append(("body", fit(essential, [], width)))
-    syncs = panel.get("last_sync") or []
+    syncs = [s for s in panel.get("last_sync") or [] if isinstance(s, dict)]
     if syncs:
         parts = [f"{clean(s.get('peer'), ID_WIDTH_MAX)} {ago(s.get('last_sync'), now)}"
                  for s in syncs]
         out.append(("dim", fit("last sync:", parts, width, sep=" ")))
-    for rec in panel.get("recent") or []:
+    for rec in [r for r in panel.get("recent") or [] if isinstance(r, dict)]:
         kind = "conflict" if rec.get("kind") == "conflict" else "merged"
         attr = "warn" if kind == "conflict" else "dim"
         text = (f"{'⚠' if kind == 'conflict' else '✓'} {kind:<8} "
