@@ -164,7 +164,7 @@ class WithoutServiceTests(SynchronousTestCase, Uncut):
         term.wait_for(r"claudectl relay serve")
         term.wait_for(r"Hive \(3 units\)")
         term.wait_for(r"3 units: 2 local, 1 from 1 peer\(s\)")
-        term.wait_for(r"laptop-a3f29b1c\s+Suggested 0\.5\s+1 units")
+        term.wait_for(r"laptop-a3f29b1c\s+Suggested 0\.5\s+1 unit\b")
         self.assert_uncut(term)
         # NO_COLOR: no colour escapes at all (bold/reverse only).
         self.assertIsNone(re.search(rb"\x1b\[[0-9;]*(3[0-7]|9[0-7]|38;5)[;m]", bytes(term.raw)))

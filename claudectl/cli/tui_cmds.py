@@ -7,8 +7,6 @@ import os
 import sys
 from typing import Any
 
-import click
-
 from claudectl.cli.base import CliContext, CliError, cli, pass_ctx
 
 LOG_NAME = "tui.log"

@@ -416,12 +416,12 @@ def attach(node: Any, parent: Any) -> EventHub:
     from twisted.application.service import Service
 
     class _EventsService(Service):
-        name = "events"
-
         def stopService(self) -> Any:
             hub.stop()
             return super().stopService()
 
-    _EventsService().setServiceParent(parent)
+    service = _EventsService()
+    service.setName("events")
+    service.setServiceParent(parent)
     return hub
 

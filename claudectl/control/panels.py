@@ -191,9 +191,9 @@ def hive_panel(home: Home, identity: str, default_trust: float = 0.5,
         sync = {p: s.last_sync_epoch for p, s in SyncState(home).peers.items()}
     except Exception:
         sync = {}
-    for peer, rec in book.records.items():
-        if rec.last_sync and rec.last_sync > sync.get(peer, 0):
-            sync[peer] = rec.last_sync
+    for peer, trust_rec in book.records.items():
+        if trust_rec.last_sync and trust_rec.last_sync > sync.get(peer, 0):
+            sync[peer] = trust_rec.last_sync
     last_sync = [{"peer": p, "last_sync": t} for p, t in
                  sorted(sync.items(), key=lambda kv: -kv[1]) if t][:MAX_ROWS // 4]
     recent = []
@@ -221,7 +221,7 @@ def local_tasks_panel(home: Home, now: float) -> dict[str, Any]:
     out: list[dict[str, Any]] = []
     inc: list[dict[str, Any]] = []
     for key, rec in TaskStore(home.tasks, OUTGOING).load_all().items():
-        stats = rec.get("stats") if isinstance(rec.get("stats"), dict) else {}
+        stats: dict[str, Any] = rec["stats"] if isinstance(rec.get("stats"), dict) else {}
         start = rec.get("created_at") or 0
         end = rec.get("ended_at") or rec.get("updated_at") or start
         out.append({"dir": "out", "key": str(rec.get("task_id", key)),
@@ -233,7 +233,7 @@ def local_tasks_panel(home: Home, now: float) -> dict[str, Any]:
                     "version": rec.get("version", 0), "created_at": start,
                     "prompt": _cut(rec.get("prompt"), 2_000), "cwd": rec.get("cwd")})
     for key, rec in TaskStore(home.tasks, INCOMING).load_all().items():
-        stats = rec.get("stats") if isinstance(rec.get("stats"), dict) else {}
+        stats = rec["stats"] if isinstance(rec.get("stats"), dict) else {}
         start = rec.get("accepted_at") or 0
         end = rec.get("ended_at") or start
         inc.append({"dir": "in", "key": key, "task_id": rec.get("task_id"),

@@ -95,23 +95,23 @@ class FitLine(urwid.Widget):
         self.make = make
         self.payload = payload
 
-    def rows(self, size: tuple[int], focus: bool = False) -> int:
+    def rows(self, size: Any, focus: bool = False) -> int:
         return 1
 
-    def render(self, size: tuple[int], focus: bool = False) -> Any:
+    def render(self, size: Any, focus: bool = False) -> Any:
         (maxcol,) = size
         attr, text = self.make(max(1, maxcol - 1))
         return urwid.Text(("focus" if focus else attr, " " + text), wrap="clip").render(
             (maxcol,), focus)
 
-    def keypress(self, size: tuple[int], key: str) -> str:
+    def keypress(self, size: Any, key: str) -> str:
         return key
 
 
 class Panel:
     def __init__(self, name: str) -> None:
         self.name = name
-        self.walker = urwid.SimpleFocusListWalker([])
+        self.walker: urwid.SimpleFocusListWalker[Any] = urwid.SimpleFocusListWalker([])
         self.listbox = urwid.ListBox(self.walker)
         self.box = urwid.LineBox(self.listbox, title=PANEL_TITLES[name], title_align="left",
                                  title_attr="title")
@@ -124,11 +124,12 @@ class Panel:
         w = self.listbox.focus
         return getattr(w, "payload", None)
 
-    def set_lines(self, widgets: list[urwid.Widget], keep: Callable[[Any], bool] | None) -> None:
+    def set_lines(self, widgets: list[Any], keep: Callable[[Any], bool] | None) -> None:
         pos = 0
         if keep is not None:
             for i, w in enumerate(widgets):
-                if getattr(w, "payload", None) is not None and keep(w.payload):
+                payload = getattr(w, "payload", None)
+                if payload is not None and keep(payload):
                     pos = i
                     break
         else:
@@ -214,7 +215,7 @@ class Dashboard:
         self.loop = urwid.MainLoop(self.top, palette(self.colour), screen=screen,
                                    event_loop=ev, handle_mouse=False)
         if not self.colour:
-            self.loop.screen.set_terminal_properties(colors=1)
+            getattr(self.loop.screen, "set_terminal_properties", lambda **kw: None)(colors=1)
         self.loop.start()
 
     def stop(self) -> None:
@@ -308,7 +309,11 @@ class Dashboard:
             self._placeholder("peers", "No peers yet: press i to make an invite.")
             return
         idw = L.id_width(rows)
-        widgets = [FitLine(lambda w, r=r: L.peer_line(r, self.now(), w, idw), r) for r in rows]
+
+        def peer(r: dict[str, Any]) -> FitLine:
+            return FitLine(lambda w: L.peer_line(r, self.now(), w, idw), r)
+
+        widgets: list[Any] = [peer(r) for r in rows]
         more = L.total_of(data, rows) - len(rows)
         if more > 0:
             widgets.append(urwid.Text(("dim", f" … and {more} more"), wrap="clip"))
@@ -327,7 +332,11 @@ class Dashboard:
                               else "Delegation is not part of this service.")
         else:
             idw = L.id_width(rows, "peer")
-            widgets = [FitLine(lambda w, r=r: L.task_line(r, w, idw), r) for r in rows]
+
+            def task(r: dict[str, Any]) -> FitLine:
+                return FitLine(lambda w: L.task_line(r, w, idw), r)
+
+            widgets = [task(r) for r in rows]
             p.set_lines(widgets, None if old is None else
                         (lambda r: (r.get("dir"), r.get("key")) == (old.get("dir"),
                                                                     old.get("key"))))
@@ -343,11 +352,12 @@ class Dashboard:
         p = self.panels["hive"]
         p.data = data
         p.set_title(f"Hive ({data.get('units', 0)} units)")
-        entries = L.hive_lines(data, self.now(), 10_000)
-        widgets = []
-        for i, _ in enumerate(entries):
-            widgets.append(FitLine(lambda w, i=i: L.hive_lines(data, self.now(), w)[i], i))
-        p.set_lines(widgets, None)
+        count = len(L.hive_lines(data, self.now(), 10_000))
+
+        def line(i: int) -> FitLine:
+            return FitLine(lambda w: L.hive_lines(data, self.now(), w)[i], i)
+
+        p.set_lines([line(i) for i in range(count)], None)
 
     # --- dialogs --------------------------------------------------------------------------
     def open_dialog(self, dialog: Dialog, height: int | None = None) -> None:

@@ -80,6 +80,7 @@ async def open_feed(reactor: Any, home: Home, on_update: UpdateHandler,
     try:
         answer = await proto.callRemote(Subscribe, panels=list(panels))
     except Exception:
-        proto.transport.loseConnection()
+        if proto.transport is not None:
+            proto.transport.loseConnection()
         raise
     return proto, str(answer["identity"])

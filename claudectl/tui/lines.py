@@ -194,6 +194,11 @@ def task_detail_lines(d: dict[str, Any], now: float) -> list[str]:
 # --- hive ----------------------------------------------------------------------------
 
 
+def _units(n: Any) -> str:
+    n = n if isinstance(n, int) else 0
+    return f"{n:>5} unit" + ("" if n == 1 else "s")
+
+
 def hive_lines(panel: dict[str, Any], now: float, width: int) -> list[tuple[str, str]]:
     rows = rows_of(panel)
     total = panel.get("units", 0)
@@ -204,11 +209,11 @@ def hive_lines(panel: dict[str, Any], now: float, width: int) -> list[tuple[str,
     idw = id_width([{"identity": r.get("origin")} for r in rows] or [{}])
     for r in rows:
         if r.get("local"):
-            essential = f"  {'local':<{idw}} {'(this machine)':<16} {r.get('units', 0):>5} units"
+            essential = f"  {'local':<{idw}} {'(this machine)':<16} {_units(r.get('units'))}"
         else:
             essential = (f"  {clean(r.get('origin'), ID_WIDTH_MAX):<{idw}} "
                          f"{clean(r.get('tier'), 12) + ' ' + trust_text(r.get('trust'))[6:]:<16}"
-                         f" {r.get('units', 0):>5} units")
+                         f" {_units(r.get('units'))}")
         out.append(("body", fit(essential, [], width)))
     syncs = [s for s in panel.get("last_sync") or [] if isinstance(s, dict)]
     if syncs:
