@@ -29,8 +29,14 @@ class PtyScreen:
         master, slave = os.openpty()
         self._winsize(slave, cols, rows)
         env = dict(env, TERM="xterm-256color", COLUMNS=str(cols), LINES=str(rows))
+        def controlling_tty() -> None:
+            # A session of its own with the pty as controlling terminal, as a
+            # login shell has: Ctrl+C then raises SIGINT, resizes SIGWINCH.
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                                     cwd=cwd, start_new_session=True, close_fds=True)
+                                     cwd=cwd, preexec_fn=controlling_tty, close_fds=True)
         os.close(slave)
         self.master = master
         self.raw = bytearray()

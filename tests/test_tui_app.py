@@ -190,6 +190,32 @@ class WithoutServiceTests(SynchronousTestCase, Uncut):
         r = run_cli(home, "relay", "status")
         self.assertIn("not running", r.stdout + r.stderr)
 
+    def test_ctrl_c_and_sigterm_restore_the_terminal(self) -> None:
+        import os
+        import signal
+        import time
+
+        for stop in ("ctrl-c", "sigterm"):
+            home = temp_home(self)
+            term = start_tui(self, home)
+            term.wait_for(r"Hive \(0 units\)")
+            term.settle()
+            if stop == "ctrl-c":
+                term.send("\x03")
+            else:
+                os.kill(term.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while term.proc.poll() is None and time.monotonic() < deadline:
+                term.pump(0.05)
+            self.assertEqual(term.proc.poll(), 0, stop)
+            term.stop()
+            raw = bytes(term.raw)
+            # The alternate screen is left and the cursor shown again, last.
+            self.assertIn(b"\x1b[?1049l", raw[-80:], stop)
+            self.assertTrue(raw.rstrip().endswith(b"\x1b[?25h"), stop)
+            self.assertNotIn(b"Traceback", raw)
+            self.assertNotIn(b"Error", raw[raw.rfind(b"\x1b[?1049l"):])
+
     def test_needs_a_terminal(self) -> None:
         r = run_cli(temp_home(self), "tui")
         self.assertEqual(r.returncode, 1)

@@ -371,12 +371,29 @@ async def run_dashboard(reactor: Any, home: Home, config: Any, config_files: tup
     backend = Backend(reactor, home, config, config_files)
     ui = Dashboard(backend, colour=colour)
     backend.ui = ui
-    trigger = reactor.addSystemEventTrigger("before", "shutdown", ui.stop)
+    cleaned: list[bool] = []
+
+    def cleanup() -> defer.Deferred[None]:
+        """Restore the terminal, then stop what we started (once)."""
+        if cleaned:
+            return defer.succeed(None)
+        cleaned.append(True)
+        ui.stop()
+        d = defer.ensureDeferred(backend.stop())
+        d.addErrback(lambda f: log.failure("stopping the dashboard failed", f))
+        return d
+
+    # SIGINT / SIGTERM stop the reactor: the terminal is restored and an
+    # in-process service stopped before it exits.
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", cleanup)
     ui.start(reactor, screen)
     try:
         await backend.start()
         await ui.done
     finally:
-        ui.stop()
-        reactor.removeSystemEventTrigger(trigger)
-        await backend.stop()
+        if not cleaned:  # quit from the keyboard (or an error)
+            try:
+                reactor.removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError, TypeError):
+                pass
+            await cleanup()
