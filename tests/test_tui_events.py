@@ -173,6 +173,14 @@ class ControlSocketTests(SynchronousTestCase):
         self.assertEqual([(p, d["rows"][0]["state"]) for p, d in self.updates],
                          [("peers", "connecting")])
 
+    def test_status_counts_dashboards(self) -> None:
+        from claudectl.control import commands as C
+
+        self.subscribe()
+        d = self.client.callRemote(C.Status)
+        self.settle()
+        self.assertEqual(json.loads(self.successResultOf(d)["status_json"])["dashboards"], 1)
+
     def test_closed_connection_unsubscribes(self) -> None:
         self.subscribe()
         self.settle()
