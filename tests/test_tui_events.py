@@ -88,6 +88,25 @@ class HubTests(SynchronousTestCase):
         self.assertIsNone(self.hub._watch)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_paused_subscription_gets_the_latest_state_once_drained(self) -> None:
+        sub = self.hub.subscribe(self.sink, ["peers", "hive"])
+        self.clock.advance(1)
+        self.sent.clear()
+        self.hub.pause(sub)
+        for n in range(1, 6):
+            self.data["peers"]["n"] = n
+            self.hub.changed("peers")
+            self.clock.advance(0.2)
+        self.assertEqual(self.sent, [])
+        self.assertEqual(sub.owed, {"peers"})
+        self.hub.resume(sub)
+        self.assertEqual([(p, d["n"]) for _, p, d in self.sent], [("peers", 5)])
+
+    def test_bounded_number_of_dashboards(self) -> None:
+        for _ in range(E.MAX_SUBSCRIPTIONS):
+            self.hub.subscribe(self.sink, ["peers"])
+        self.assertRaises(E.TooManyDashboards, self.hub.subscribe, self.sink, ["peers"])
+
     def test_failing_sink_dropped(self) -> None:
         def broken(panel: str, data: str, seq: int) -> None:
             raise ConnectionError("gone")
@@ -172,6 +191,17 @@ class ControlSocketTests(SynchronousTestCase):
         self.settle(0)  # no watch period: the observer scheduled the push itself
         self.assertEqual([(p, d["rows"][0]["state"]) for p, d in self.updates],
                          [("peers", "connecting")])
+
+    def test_subscribing_again_replaces_and_registers_backpressure(self) -> None:
+        self.subscribe()
+        self.subscribe()
+        self.assertEqual(len(self.hub.subscriptions), 1)
+        producer = self.server.transport.producer
+        self.assertIsNotNone(producer)
+        producer.pauseProducing()
+        self.assertTrue(self.hub.subscriptions[0].paused)
+        producer.resumeProducing()
+        self.assertFalse(self.hub.subscriptions[0].paused)
 
     def test_status_counts_dashboards(self) -> None:
         from claudectl.control import commands as C

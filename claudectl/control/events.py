@@ -51,6 +51,8 @@ log = Logger()
 PUSH_INTERVAL_SECS = 0.1
 #: How often the signatures are compared while someone is subscribed.
 WATCH_SECS = 0.05
+#: Dashboards attached at once (each costs a watch share and pushes).
+MAX_SUBSCRIPTIONS = 16
 PANELS = ("peers", "tasks", "hive")
 
 
@@ -62,9 +64,14 @@ class BadPanel(Exception):
     pass
 
 
+class TooManyDashboards(Exception):
+    pass
+
+
 ERRORS: dict[type[Exception], bytes] = {
     NoSuchTask: b"NO_SUCH_TASK",
     BadPanel: b"BAD_PANEL",
+    TooManyDashboards: b"TOO_MANY_DASHBOARDS",
 }
 
 
@@ -117,6 +124,10 @@ class Subscription:
     panels: frozenset[str]
     alive: Callable[[], bool] = lambda: True
     sent: dict[str, str] = field(default_factory=dict)
+    #: The connection's buffer is full (a dashboard that stopped reading):
+    #: nothing is sent until it drains; then the owed panels go out.
+    paused: bool = False
+    owed: set[str] = field(default_factory=set)
 
 
 class EventHub:
@@ -151,6 +162,8 @@ class EventHub:
         unknown = [p for p in panels if p not in self.builders]
         if unknown:
             raise BadPanel(f"unknown panel(s): {', '.join(unknown)}")
+        if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
+            raise TooManyDashboards(f"{MAX_SUBSCRIPTIONS} dashboards are attached already")
         sub = Subscription(sink, frozenset(panels), alive)
         self.subscriptions.append(sub)
         # The current state of each panel, after the Subscribe answer.
@@ -199,9 +212,24 @@ class EventHub:
             self._log.failure("building the {panel} panel failed", panel=panel)
             return None
 
+    def pause(self, sub: Subscription) -> None:
+        sub.paused = True
+
+    def resume(self, sub: Subscription) -> None:
+        sub.paused = False
+        owed, sub.owed = sub.owed, set()
+        for panel in PANELS:
+            if panel in owed and sub in self.subscriptions:
+                data = self._build(panel)
+                if data is not None and sub.sent.get(panel) != data:
+                    self._send(sub, panel, data)
+
     def _send(self, sub: Subscription, panel: str, data: str) -> None:
         if not sub.alive():
             self.unsubscribe(sub)
+            return
+        if sub.paused:
+            sub.owed.add(panel)  # the latest state goes out once it drains
             return
         self.seq += 1
         try:
@@ -272,6 +300,8 @@ class EventsLocator(amp.CommandLocator):
         self.proto = proto
         self.identity = identity
         self.tasks = tasks
+        self.subscription: Subscription | None = None
+        self._producer: _Backpressure | None = None
 
     def _alive(self) -> bool:
         return self.proto.transport is not None
@@ -281,7 +311,14 @@ class EventsLocator(amp.CommandLocator):
 
     @Subscribe.responder
     def subscribe(self, panels: list[str]) -> dict[str, Any]:
-        self.hub.subscribe(self._sink, list(panels), self._alive)
+        if self.subscription is not None:  # again on this connection: replace it
+            self.hub.unsubscribe(self.subscription)
+        self.subscription = self.hub.subscribe(self._sink, list(panels), self._alive)
+        transport = self.proto.transport
+        if self._producer is None and transport is not None and \
+                getattr(transport, "producer", None) is None:
+            self._producer = _Backpressure(self)
+            transport.registerProducer(self._producer, True)
         return {"identity": self.identity}
 
     @TaskDetail.responder
@@ -296,6 +333,30 @@ class EventsLocator(amp.CommandLocator):
         if self.tasks is None:
             raise NoSuchTask("delegation is not part of this service")
         return {"peer": self.tasks.act(direction, key, action, reason or "")}
+
+
+class _Backpressure:
+    """
+    A streaming producer on the dashboard's connection: Twisted pauses it when
+    the connection's write buffer is full, so a dashboard that stops reading
+    (suspended with Ctrl+Z, say) costs at most one buffer and one owed update
+    per panel, not an ever-growing queue.
+    """
+
+    def __init__(self, locator: EventsLocator) -> None:
+        self.locator = locator
+
+    def pauseProducing(self) -> None:
+        if self.locator.subscription is not None:
+            self.locator.hub.pause(self.locator.subscription)
+
+    def resumeProducing(self) -> None:
+        if self.locator.subscription is not None:
+            self.locator.hub.resume(self.locator.subscription)
+
+    def stopProducing(self) -> None:
+        if self.locator.subscription is not None:
+            self.locator.hub.unsubscribe(self.locator.subscription)
 
 
 class TaskAccess:
