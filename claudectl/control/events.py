@@ -314,7 +314,7 @@ class EventsLocator(amp.CommandLocator):
         if self.subscription is not None:  # again on this connection: replace it
             self.hub.unsubscribe(self.subscription)
         self.subscription = self.hub.subscribe(self._sink, list(panels), self._alive)
-        transport = self.proto.transport
+        transport: Any = self.proto.transport  # an IConsumer too (a stream transport)
         if self._producer is None and transport is not None and \
                 getattr(transport, "producer", None) is None:
             self._producer = _Backpressure(self)
