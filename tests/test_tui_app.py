@@ -216,6 +216,43 @@ class WithoutServiceTests(SynchronousTestCase, Uncut):
             self.assertNotIn(b"Traceback", raw)
             self.assertNotIn(b"Error", raw[raw.rfind(b"\x1b[?1049l"):])
 
+    def test_enabled_but_the_port_is_taken(self) -> None:
+        import socket
+
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        self.addCleanup(holder.close)
+        home = temp_home(self)
+        home.config_file.parent.mkdir(parents=True, exist_ok=True)
+        home.config_file.write_text(
+            "[relay]\nenabled = true\nlisten_addr = \"127.0.0.1\"\n"
+            f"listen_port = {holder.getsockname()[1]}\nlan_discovery = false\n")
+        term = start_tui(self, home)
+        term.wait_for(r"relay service: not running")
+        term.wait_for(r"claudectl relay serve")  # falls back to the files, says how
+        log = (home.run_dir / "tui.log").read_text()
+        self.assertIn("starting the relay service in the dashboard failed", log)
+        self.assertEqual(term.stop(), 0)
+        self.assertNotIn(b"Traceback", bytes(term.raw))
+
+    def test_reattaches_when_the_service_comes_back(self) -> None:
+        home = temp_home(self)
+        serve = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(serve.stop)
+        serve.port()
+        term = start_tui(self, home)
+        term.wait_for(r"relay service: attached")
+        self.assertEqual(serve.stop(), 0)
+        term.wait_for(r"relay service: not running")
+        term.wait_for(r"The relay service stopped; showing the files")
+        again = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(again.stop)
+        again.port()
+        term.wait_for(r"Attached to the relay service again", timeout=30)
+        term.wait_for(r"relay service: attached")
+        self.assertEqual(term.stop(), 0)
+
     def test_needs_a_terminal(self) -> None:
         r = run_cli(temp_home(self), "tui")
         self.assertEqual(r.returncode, 1)
