@@ -125,6 +125,18 @@ class PeersPanelStoryTests(SynchronousTestCase, Uncut):
         self.assertEqual(term.stop(), 0)
         self.assertNotIn(b"Traceback", bytes(term.raw))
 
+    def test_dialer_side_shows_connecting_then_connected_again(self) -> None:
+        self.connect()  # B dials A and keeps dialing it
+        term = start_tui(self, self.hb)
+        term.wait_for(peer_line(self.ida, "connected"))
+        self.assertEqual(self.a.stop(), 0)
+        term.wait_for(peer_line(self.ida, "connecting"))
+        again = ServeProcess.serve(self.ha, "--listen", f"tcp:{self.port}:interface=127.0.0.1")
+        self.addCleanup(again.stop)
+        again.port()
+        term.wait_for(peer_line(self.ida, "connected"), timeout=30)  # B's backoff: 5 s
+        self.assertEqual(term.stop(), 0)
+
     def test_task_state_changes_on_screen(self) -> None:
         self.connect()
         term = start_tui(self, self.ha)
