@@ -89,6 +89,8 @@ class FitLine(urwid.Widget):
     _sizing = frozenset([urwid.Sizing.FLOW])
     _selectable = True
     ignore_focus = False
+    #: The text depends on the width and the clock ("seen 5s ago"): never reuse a canvas.
+    no_cache = ["render"]
 
     def __init__(self, make: Callable[[int], tuple[str, str]], payload: Any = None) -> None:
         super().__init__()
