@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "claudectl.cli.pairing_cmds",
     "claudectl.cli.hive_cmds",
     "claudectl.cli.delegate_cmds",
+    "claudectl.cli.tui_cmds",
 )
 
 

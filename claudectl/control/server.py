@@ -237,7 +237,9 @@ class ControlFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
         locators = [RelayLocator(self.node, self.parent), *self.node.control_locators]
-        return ControlProtocol(locator=_Locators(locators))
+        proto = ControlProtocol(locator=_Locators(locators))
+        locators.extend(make(proto) for make in self.node.connection_locators)
+        return proto
 
 
 class _ControlService(StreamServerEndpointService):

@@ -310,6 +310,8 @@ class RelayNode:
         self.protocols: set[RelayProtocol] = set()
         #: AMP ``CommandLocator``s of the layers (delegation, …) for the control socket.
         self.control_locators: list[Any] = []
+        #: ``make(amp_protocol) -> CommandLocator``: locators that need their connection.
+        self.connection_locators: list[Callable[[Any], Any]] = []
         self._down_waiters: dict[str, list[Callable[[], None]]] = {}
         #: ``trust_of(peer_id) -> float``; the hive layer replaces it.
         self.trust_of: Callable[[str], float] = lambda _peer: config.hive.default_trust

@@ -43,6 +43,7 @@ log = Logger()
 SUBSYSTEMS = (
     "claudectl.hive.gossip",
     "claudectl.delegation.service",
+    "claudectl.control.events",  # after the layers it reports on
 )
 
 
