@@ -38,8 +38,9 @@ TEMP_NAME = re.compile(r"\A\..+\.[a-z0-9_]{8}\.tmp\Z", re.DOTALL)
 TEMP_MIN_AGE_SECS = 1.0
 
 
-def atomic_write(path: Path | str, data: bytes | str, mode: int = 0o600,
-                 durable: bool = True) -> None:
+def atomic_write(
+    path: Path | str, data: bytes | str, mode: int = 0o600, durable: bool = True
+) -> None:
     """
     Replace ``path`` with ``data`` atomically; the file gets ``mode``.
 
@@ -70,8 +71,9 @@ def atomic_write(path: Path | str, data: bytes | str, mode: int = 0o600,
         _fsync_dir(path.parent)
 
 
-def sweep_temp_files(directories: Iterable[Path | str],
-                     min_age: float = TEMP_MIN_AGE_SECS) -> list[Path]:
+def sweep_temp_files(
+    directories: Iterable[Path | str], min_age: float = TEMP_MIN_AGE_SECS
+) -> list[Path]:
     """
     Remove the temporary files of interrupted :func:`atomic_write` calls in
     ``directories`` (not recursive): regular files of our own naming pattern,
@@ -96,8 +98,7 @@ def sweep_temp_files(directories: Iterable[Path | str],
                 continue
             try:
                 st = os.fstat(fd)
-                if (not stat.S_ISREG(st.st_mode) or st.st_uid != uid
-                        or now - st.st_mtime < min_age):
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or now - st.st_mtime < min_age:
                     continue
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -169,61 +169,85 @@ class Config:
 _CATEGORIES = ("best_practice", "technique", "workflow", "workflow_pattern", "personal")
 
 SCHEMA: dict[str, tuple[type, list[Key]]] = {
-    "relay": (RelayConfig, [
-        Key("enabled", _bool, "true or false"),
-        Key("listen_port", _int(0, 65535), "an integer port 0-65535", ("port",)),
-        Key("listen_addr", _nonempty_str, "an IP address such as \"0.0.0.0\" or \"::\"", ("addr",)),
-        Key("max_peers", _int(0, 4096), "an integer 0-4096"),
-        Key("heartbeat_interval_secs", _int(1, 86400), "an integer number of seconds 1-86400",
-            ("heartbeat_interval",)),
-        Key("reconnect_max_secs", _int(1, 86400), "an integer number of seconds 1-86400",
-            ("reconnect_max",)),
-        Key("auto_connect", _str_list, "a list of \"host:port\" strings"),
-        Key("handshake_timeout_secs", _int(1, 3600), "an integer number of seconds 1-3600"),
-        Key("lan_discovery", _bool, "true or false"),
-        Key("lan_broadcast_port", _int(0, 65535), "an integer port 0-65535"),
-        Key("lan_broadcast_addr", _nonempty_str, "an IPv4 address such as \"255.255.255.255\""),
-        Key("lan_announce_interval", _int(1, 86400), "an integer number of seconds 1-86400"),
-        Key("invite_ttl_hours", _int(1, 24 * 365), "an integer number of hours 1-8760"),
-        Key("require_encryption", _bool, "true or false"),
-    ]),
-    "hive": (HiveConfig, [
-        Key("enabled", _bool, "true or false"),
-        Key("default_trust", _float(0.0, 1.0), "a number from 0.0 to 1.0"),
-        Key("auto_trust_drift", _bool, "true or false"),
-        Key("max_propagation", _int(0, 2**32 - 1), "a non-negative integer"),
-        Key("export_min_evidence", _int(0, 2**32 - 1), "a non-negative integer"),
-        Key("export_min_tool_decisions", _int(0, 2**32 - 1), "a non-negative integer"),
-        Key("knowledge_ttl_days", _int(0, 2**32 - 1), "a non-negative integer number of days"),
-        Key("inject_unverified", _bool, "true or false"),
-        Key("max_units", _int(0), "a non-negative integer (0 = no cap)"),
-        Key("max_prompt_units", _int(0), "a non-negative integer (0 = all)"),
-        Key("stale_peer_days", _int(0, 2**32 - 1), "a non-negative integer number of days"),
-        Key("share_categories", _str_list,
-            "a list of categories: " + ", ".join(_CATEGORIES)),
-        Key("exclude_tools", _str_list, "a list of tool names"),
-        Key("exclude_commands", _str_list, "a list of command patterns"),
-        Key("exclude_content_types", _str_list, "a list of content types"),
-        Key("share_mode", _choice("auto", "manual"), "\"auto\" or \"manual\""),
-        Key("max_units_per_peer_per_day", _int(1), "a positive integer"),
-        Key("max_log_bytes", _int(4096), "an integer number of bytes, at least 4096"),
-    ]),
-    "delegation": (DelegationConfig, [
-        Key("allowed_dirs", _str_list, "a list of directory paths"),
-        Key("min_trust", _float(0.0, 1.0), "a number from 0.0 to 1.0"),
-        Key("max_concurrent", _int(1, 256), "an integer 1-256"),
-        Key("claude_command", _nonempty_str, "a program name or path"),
-        Key("claude_args", _str_list, "a list of extra arguments"),
-        Key("max_prompt_bytes", _int(1), "a positive integer"),
-        Key("stop_grace_secs", _int(0, 3600), "an integer number of seconds 0-3600"),
-        Key("status_interval_secs", _int(1, 3600), "an integer number of seconds 1-3600"),
-        Key("task_timeout_secs", _int(0), "a non-negative integer number of seconds (0 = none)"),
-        Key("allowed_git_remotes", _str_list,
-            "a list of git remote URLs or URL prefixes (\"*\" = any)"),
-        Key("answer_timeout_secs", _int(0),
-            "a non-negative integer number of seconds (0 = wait forever)"),
-        Key("allow_plaintext_tasks", _bool, "true or false"),
-    ]),
+    "relay": (
+        RelayConfig,
+        [
+            Key("enabled", _bool, "true or false"),
+            Key("listen_port", _int(0, 65535), "an integer port 0-65535", ("port",)),
+            Key("listen_addr", _nonempty_str, 'an IP address such as "0.0.0.0" or "::"', ("addr",)),
+            Key("max_peers", _int(0, 4096), "an integer 0-4096"),
+            Key(
+                "heartbeat_interval_secs",
+                _int(1, 86400),
+                "an integer number of seconds 1-86400",
+                ("heartbeat_interval",),
+            ),
+            Key(
+                "reconnect_max_secs",
+                _int(1, 86400),
+                "an integer number of seconds 1-86400",
+                ("reconnect_max",),
+            ),
+            Key("auto_connect", _str_list, 'a list of "host:port" strings'),
+            Key("handshake_timeout_secs", _int(1, 3600), "an integer number of seconds 1-3600"),
+            Key("lan_discovery", _bool, "true or false"),
+            Key("lan_broadcast_port", _int(0, 65535), "an integer port 0-65535"),
+            Key("lan_broadcast_addr", _nonempty_str, 'an IPv4 address such as "255.255.255.255"'),
+            Key("lan_announce_interval", _int(1, 86400), "an integer number of seconds 1-86400"),
+            Key("invite_ttl_hours", _int(1, 24 * 365), "an integer number of hours 1-8760"),
+            Key("require_encryption", _bool, "true or false"),
+        ],
+    ),
+    "hive": (
+        HiveConfig,
+        [
+            Key("enabled", _bool, "true or false"),
+            Key("default_trust", _float(0.0, 1.0), "a number from 0.0 to 1.0"),
+            Key("auto_trust_drift", _bool, "true or false"),
+            Key("max_propagation", _int(0, 2**32 - 1), "a non-negative integer"),
+            Key("export_min_evidence", _int(0, 2**32 - 1), "a non-negative integer"),
+            Key("export_min_tool_decisions", _int(0, 2**32 - 1), "a non-negative integer"),
+            Key("knowledge_ttl_days", _int(0, 2**32 - 1), "a non-negative integer number of days"),
+            Key("inject_unverified", _bool, "true or false"),
+            Key("max_units", _int(0), "a non-negative integer (0 = no cap)"),
+            Key("max_prompt_units", _int(0), "a non-negative integer (0 = all)"),
+            Key("stale_peer_days", _int(0, 2**32 - 1), "a non-negative integer number of days"),
+            Key("share_categories", _str_list, "a list of categories: " + ", ".join(_CATEGORIES)),
+            Key("exclude_tools", _str_list, "a list of tool names"),
+            Key("exclude_commands", _str_list, "a list of command patterns"),
+            Key("exclude_content_types", _str_list, "a list of content types"),
+            Key("share_mode", _choice("auto", "manual"), '"auto" or "manual"'),
+            Key("max_units_per_peer_per_day", _int(1), "a positive integer"),
+            Key("max_log_bytes", _int(4096), "an integer number of bytes, at least 4096"),
+        ],
+    ),
+    "delegation": (
+        DelegationConfig,
+        [
+            Key("allowed_dirs", _str_list, "a list of directory paths"),
+            Key("min_trust", _float(0.0, 1.0), "a number from 0.0 to 1.0"),
+            Key("max_concurrent", _int(1, 256), "an integer 1-256"),
+            Key("claude_command", _nonempty_str, "a program name or path"),
+            Key("claude_args", _str_list, "a list of extra arguments"),
+            Key("max_prompt_bytes", _int(1), "a positive integer"),
+            Key("stop_grace_secs", _int(0, 3600), "an integer number of seconds 0-3600"),
+            Key("status_interval_secs", _int(1, 3600), "an integer number of seconds 1-3600"),
+            Key(
+                "task_timeout_secs", _int(0), "a non-negative integer number of seconds (0 = none)"
+            ),
+            Key(
+                "allowed_git_remotes",
+                _str_list,
+                'a list of git remote URLs or URL prefixes ("*" = any)',
+            ),
+            Key(
+                "answer_timeout_secs",
+                _int(0),
+                "a non-negative integer number of seconds (0 = wait forever)",
+            ),
+            Key("allow_plaintext_tasks", _bool, "true or false"),
+        ],
+    ),
 }
 
 
@@ -243,7 +267,8 @@ def _check_allowed_dirs(values: tuple[str, ...], where: str) -> tuple[str, ...]:
         if not (os.path.isabs(v) or v == "~" or v.startswith("~/")):
             raise ConfigError(
                 f"{where}: key 'delegation.allowed_dirs' has the relative path {v!r}; "
-                f"write absolute paths (or ~/… for this home), e.g. [\"/srv/proj\"]")
+                f'write absolute paths (or ~/… for this home), e.g. ["/srv/proj"]'
+            )
     return values
 
 
@@ -252,7 +277,8 @@ def _check_share_categories(values: tuple[str, ...], where: str) -> tuple[str, .
         if v not in _CATEGORIES:
             raise ConfigError(
                 f"{where}: key 'hive.share_categories' has unknown category {v!r}; "
-                f"allowed: {', '.join(_CATEGORIES)}")
+                f"allowed: {', '.join(_CATEGORIES)}"
+            )
     return values
 
 
@@ -261,8 +287,9 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _apply(section: str, current: Any, table: dict[str, Any], where: str,
-           warnings: list[str] | None = None) -> Any:
+def _apply(
+    section: str, current: Any, table: dict[str, Any], where: str, warnings: list[str] | None = None
+) -> Any:
     cls, keys = SCHEMA[section]
     by_name = {}
     for k in keys:
@@ -302,8 +329,9 @@ def parse_toml(text: str, where: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: not valid TOML: {e}") from None
     except RecursionError:
-        raise ConfigError(f"{where}: not a usable config: arrays or tables are nested too "
-                          f"deeply") from None
+        raise ConfigError(
+            f"{where}: not a usable config: arrays or tables are nested too deeply"
+        ) from None
 
 
 def overlay(config: Config, data: dict[str, Any], where: str) -> Config:
@@ -317,8 +345,12 @@ def overlay(config: Config, data: dict[str, Any], where: str) -> Config:
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: '{section}' must be a table ([{section}])")
         sections[section] = _apply(section, getattr(config, section), table, where, warnings)
-    return dataclasses.replace(config, sources=config.sources + (where,),
-                               warnings=config.warnings + tuple(warnings), **sections)
+    return dataclasses.replace(
+        config,
+        sources=config.sources + (where,),
+        warnings=config.warnings + tuple(warnings),
+        **sections,
+    )
 
 
 def risky_settings(config: Config, home_root: Path | None = None) -> list[str]:
@@ -329,17 +361,20 @@ def risky_settings(config: Config, home_root: Path | None = None) -> list[str]:
         path = Path(os.path.normpath(path))
         homes = {Path("/root")} | ({home_root} if home_root is not None else set())
         if path == Path("/"):
-            found.append(f"[delegation] allowed_dirs contains {d!r}: peers may run tasks "
-                         f"anywhere on this machine; list project directories instead")
+            found.append(
+                f"[delegation] allowed_dirs contains {d!r}: peers may run tasks "
+                f"anywhere on this machine; list project directories instead"
+            )
         elif path in homes or path.parent in (Path("/home"), Path("/Users")):
-            found.append(f"[delegation] allowed_dirs contains the home directory {d!r}: "
-                         f"peers may run tasks over all of it (dotfiles, keys); list project "
-                         f"directories instead")
+            found.append(
+                f"[delegation] allowed_dirs contains the home directory {d!r}: "
+                f"peers may run tasks over all of it (dotfiles, keys); list project "
+                f"directories instead"
+            )
     return found
 
 
-def config_files(home: Home, cwd: Path | None = None,
-                 extra: Iterable[Path] = ()) -> list[Path]:
+def config_files(home: Home, cwd: Path | None = None, extra: Iterable[Path] = ()) -> list[Path]:
     """The files that make up the configuration, lowest precedence first."""
     files = [home.config_file]
     if cwd is not None:
@@ -348,8 +383,7 @@ def config_files(home: Home, cwd: Path | None = None,
     return files
 
 
-def load_config(home: Home, cwd: Path | None = None,
-                extra: Iterable[Path | str] = ()) -> Config:
+def load_config(home: Home, cwd: Path | None = None, extra: Iterable[Path | str] = ()) -> Config:
     """
     Read the user config, then ``<cwd>/.claudectl.toml``, then each of
     ``extra`` (which must exist).  Missing default files are skipped.

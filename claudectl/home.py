@@ -28,8 +28,9 @@ class Home:
     root: Path
 
     @classmethod
-    def resolve(cls, explicit: str | os.PathLike[str] | None = None,
-                environ: dict[str, str] | None = None) -> Home:
+    def resolve(
+        cls, explicit: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None
+    ) -> Home:
         """
         Pick the home: an explicit path, else ``$CLAUDECTL_HOME``, else the
         user's home directory (looked up only now, never at import time).
@@ -85,11 +86,23 @@ class Home:
 
     def state_dirs(self) -> list[Path]:
         """Every directory where stored state is written (atomic writes land here)."""
-        dirs = [self.data, self.relay, self.peers, self.invites, self.run_dir, self.hive,
-                self.brain, self.tasks, self.config_file.parent]
+        dirs = [
+            self.data,
+            self.relay,
+            self.peers,
+            self.invites,
+            self.run_dir,
+            self.hive,
+            self.brain,
+            self.tasks,
+            self.config_file.parent,
+        ]
         try:
-            dirs.extend(p for p in sorted(self.tasks.iterdir())
-                        if p.is_dir() and not p.is_symlink() and p.name != "workspaces")
+            dirs.extend(
+                p
+                for p in sorted(self.tasks.iterdir())
+                if p.is_dir() and not p.is_symlink() and p.name != "workspaces"
+            )
         except OSError:
             pass
         return dirs

@@ -34,10 +34,10 @@ from typing import IO, cast
 # unterminated string sequence (OSC, DCS, ...) runs to the end of the text,
 # as a terminal would swallow it.
 _SEQUENCES = re.compile(
-    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"                # CSI
-    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"   # OSC, ends BEL or ST
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"  # CSI
+    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # OSC, ends BEL or ST
     r"|(?:\x1b[PX^_]|[\x90\x98\x9e\x9f])[^\x1b\x9c]*(?:\x1b\\|\x9c)?"  # DCS SOS PM APC
-    r"|\x1b[ -/]*[0-~]?"                                 # other ESC sequences, lone ESC
+    r"|\x1b[ -/]*[0-~]?"  # other ESC sequences, lone ESC
 )
 
 _BREAKS = re.compile("\r\n|[\r\n\x0b\x0c\x85\u2028\u2029]")
@@ -48,13 +48,15 @@ _BREAKS = re.compile("\r\n|[\r\n\x0b\x0c\x85\u2028\u2029]")
 _UNSAFE = re.compile(
     "[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f"
     "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
-    "\ud800-\udfff\U000e0000-\U000e007f]")
+    "\ud800-\udfff\U000e0000-\U000e007f]"
+)
 
 #: Characters :func:`json_safe` writes as escapes (ASCII controls are escaped
 #: by the JSON encoder itself).
 _JSON_UNSAFE = re.compile(
     "[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-    "\ud800-\udfff\U000e0000-\U000e007f]")
+    "\ud800-\udfff\U000e0000-\U000e007f]"
+)
 
 
 def _text(value: object) -> str:

@@ -111,13 +111,25 @@ NOW = 1_800_000_000  # the fixed clock of the in-process simulations
 def unit_json(uid: str, source: str, command: str, now: int) -> dict[str, Any]:
     """A shareable local pattern unit (enough evidence to leave the machine)."""
     return {
-        "id": uid, "scope": {"type": "universal"}, "category": "best_practice",
-        "content": {"type": "pattern", "tool": "Bash", "command_pattern": command,
-                    "preferred_action": "approve", "accept_rate": 0.9,
-                    "sample_count": 12, "conditions": []},
-        "evidence_count": 12, "confidence": 0.9, "source_peer": source,
-        "originated_at": now, "last_validated_at": now,
-        "propagation_count": 0, "version": 1,
+        "id": uid,
+        "scope": {"type": "universal"},
+        "category": "best_practice",
+        "content": {
+            "type": "pattern",
+            "tool": "Bash",
+            "command_pattern": command,
+            "preferred_action": "approve",
+            "accept_rate": 0.9,
+            "sample_count": 12,
+            "conditions": [],
+        },
+        "evidence_count": 12,
+        "confidence": 0.9,
+        "source_peer": source,
+        "originated_at": now,
+        "last_validated_at": now,
+        "propagation_count": 0,
+        "version": 1,
     }
 
 
@@ -140,8 +152,7 @@ def add_units(home: Home, local_id: str, units: list[dict[str, Any]], now: int) 
             store.insert(KnowledgeUnit.from_json(u))
 
 
-def random_mesh(n: int, dials: int, max_degree: int, rnd: random.Random
-                ) -> list[tuple[int, int]]:
+def random_mesh(n: int, dials: int, max_degree: int, rnd: random.Random) -> list[tuple[int, int]]:
     """
     Undirected edges ``(dialer, listener)``: every node dials up to ``dials``
     random others, no node exceeds ``max_degree`` links, the graph is connected.
@@ -224,12 +235,20 @@ def sync_frame_bytes(unit: dict[str, Any], sender: str) -> int:
     """Bytes on the wire of a knowledge_sync frame carrying ``unit`` (NDJSON line)."""
     stored = KnowledgeUnit.from_json(unit).to_json()  # the unit as the engine sends it
     env = codec.EnvelopeFactory(sender, clock=lambda: NOW).make(
-        codec.KNOWLEDGE_SYNC, {"sync_epoch": NOW, "units": [stored]})
+        codec.KNOWLEDGE_SYNC, {"sync_epoch": NOW, "units": [stored]}
+    )
     return len(codec.encode(env))
 
 
-def simulate_model(n: int, edges: list[tuple[int, int]], source: int, max_prop: int,
-                   frame_bytes: int, rnd: random.Random, coalesce: bool = False) -> SimResult:
+def simulate_model(
+    n: int,
+    edges: list[tuple[int, int]],
+    source: int,
+    max_prop: int,
+    frame_bytes: int,
+    rnd: random.Random,
+    coalesce: bool = False,
+) -> SimResult:
     """
     The push-round rule of gossip.py, one round per network hop:
 
@@ -282,8 +301,16 @@ def simulate_model(n: int, edges: list[tuple[int, int]], source: int, max_prop: 
         for node in accepted:
             push(node)
     within = sum(1 for d in distances(n, edges, source) if d is not None and d <= max_prop)
-    return SimResult(n, len(edges), rounds, messages, messages * frame_bytes, len(stored),
-                     within, max(stored.values()))
+    return SimResult(
+        n,
+        len(edges),
+        rounds,
+        messages,
+        messages * frame_bytes,
+        len(stored),
+        within,
+        max(stored.values()),
+    )
 
 
 @implementer(IMesh)
@@ -356,8 +383,14 @@ class Bus:
         return rounds
 
 
-def simulate_engine(n: int, edges: list[tuple[int, int]], source: int, base: Path,
-                    rnd: random.Random, coalesce: bool = False) -> SimResult:
+def simulate_engine(
+    n: int,
+    edges: list[tuple[int, int]],
+    source: int,
+    base: Path,
+    rnd: random.Random,
+    coalesce: bool = False,
+) -> SimResult:
     """
     The same experiment with one real Gossip engine (and home) per node;
     with ``coalesce`` the engines get the bus clock's ``callLater``, as in
@@ -371,16 +404,21 @@ def simulate_engine(n: int, edges: list[tuple[int, int]], source: int, base: Pat
         mesh = BusMesh(bus, ident)
         bus.meshes[ident] = mesh
         home = Home(base / f"n{i:04d}")
-        engine = Gossip(home, config, mesh, ident, lambda: NOW,
-                        bus.clock.callLater if coalesce else None)
+        engine = Gossip(
+            home, config, mesh, ident, lambda: NOW, bus.clock.callLater if coalesce else None
+        )
         engine.register()
         engines.append(engine)
     for a, b in edges:
         bus.meshes[ids[a]].peers.append(ids[b])
         bus.meshes[ids[b]].peers.append(ids[a])
     uid = "ku_sim_1"
-    add_units(engines[source].home, ids[source],
-              [unit_json(uid, ids[source], "cargo test --sim", NOW)], NOW)
+    add_units(
+        engines[source].home,
+        ids[source],
+        [unit_json(uid, ids[source], "cargo test --sim", NOW)],
+        NOW,
+    )
     engines[source].push_all()
     rounds = bus.run()
     reached = 0
@@ -390,8 +428,7 @@ def simulate_engine(n: int, edges: list[tuple[int, int]], source: int, base: Pat
         if uid in units:
             reached += 1
             max_hops = max(max_hops, units[uid].propagation_count)
-    within = sum(1 for d in distances(n, edges, source)
-                 if d is not None and d <= MAX_PROPAGATION)
+    within = sum(1 for d in distances(n, edges, source) if d is not None and d <= MAX_PROPAGATION)
     return SimResult(n, len(edges), rounds, bus.messages, bus.bytes, reached, within, max_hops)
 
 
@@ -492,8 +529,9 @@ def hop_cost(base: Path, runs: int, profile: bool, store_units: int = 0) -> HopC
     if set(forwarded) != {4}:
         raise RuntimeError(f"engine hop: forwarded to {forwarded} peers, expected 4 each time")
     f, c = min(first), min(copy)
-    return HopCost(f[0], f[1], f[2], c[0], c[1], c[2],
-                   profile_text(prof) if prof is not None else "")
+    return HopCost(
+        f[0], f[1], f[2], c[0], c[1], c[2], profile_text(prof) if prof is not None else ""
+    )
 
 
 @dataclasses.dataclass
@@ -504,8 +542,7 @@ class EngineSnapshot:
     profile: str
 
 
-def snapshot_in_process(base: Path, profile: bool, units: int = SNAPSHOT_UNITS
-                        ) -> EngineSnapshot:
+def snapshot_in_process(base: Path, profile: bool, units: int = SNAPSHOT_UNITS) -> EngineSnapshot:
     """
     The snapshot with two real engines and no sockets: X holds ``units``,
     Y is new; the link comes up on both sides, frames are delivered until
@@ -513,18 +550,24 @@ def snapshot_in_process(base: Path, profile: bool, units: int = SNAPSHOT_UNITS
     engines alone (JSON, merge, files).
     """
     bus = Bus(random.Random(2))
-    roomy = dataclasses.replace(Config(), hive=dataclasses.replace(
-        HiveConfig(), max_units=0, max_units_per_peer_per_day=1_000_000))
+    roomy = dataclasses.replace(
+        Config(),
+        hive=dataclasses.replace(HiveConfig(), max_units=0, max_units_per_peer_per_day=1_000_000),
+    )
     engines = {}
     for ident in ("snap-x", "snap-y"):
         mesh = BusMesh(bus, ident)
         bus.meshes[ident] = mesh
-        engines[ident] = Gossip(Home(base / ident), roomy, mesh, ident, lambda: NOW,
-                                bus.clock.callLater)
+        engines[ident] = Gossip(
+            Home(base / ident), roomy, mesh, ident, lambda: NOW, bus.clock.callLater
+        )
         engines[ident].register()
-    add_units(engines["snap-x"].home, "snap-x",
-              [unit_json(f"ku_snap_{i}", "snap-x", f"snapshot command {i}", NOW)
-               for i in range(units)], NOW)
+    add_units(
+        engines["snap-x"].home,
+        "snap-x",
+        [unit_json(f"ku_snap_{i}", "snap-x", f"snapshot command {i}", NOW) for i in range(units)],
+        NOW,
+    )
     bus.meshes["snap-x"].peers.append("snap-y")
     bus.meshes["snap-y"].peers.append("snap-x")
     prof = cProfile.Profile() if profile else None
@@ -545,8 +588,9 @@ def snapshot_in_process(base: Path, profile: bool, units: int = SNAPSHOT_UNITS
     units_sent = engines["snap-x"].state.peer("snap-y").units_up
     for e in engines.values():
         e.stop()
-    return EngineSnapshot(elapsed, dict(bus.frames), units_sent,
-                          profile_text(prof, 25) if prof is not None else "")
+    return EngineSnapshot(
+        elapsed, dict(bus.frames), units_sent, profile_text(prof, 25) if prof is not None else ""
+    )
 
 
 # --- child processes -------------------------------------------------------------------
@@ -568,9 +612,15 @@ class Child:
             "PYTHONPATH": str(ROOT),
         }
         self.proc = subprocess.Popen(
-            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, cwd=str(home.root), text=True,
-            start_new_session=True)
+            [sys.executable, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=str(home.root),
+            text=True,
+            start_new_session=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -632,14 +682,17 @@ class Child:
 def batch_rx(peer: str | None) -> str:
     """Gossip.receive's log line for a batch from ``peer`` (None: any): groups 1-6 are its counts."""
     who = r"\S+" if peer is None else re.escape(peer)
-    return (r"knowledge from " + who + r": (\d+) new, (\d+) updated, "
-            r"(\d+) rejected, (\d+) duplicate, (\d+) invalid, (\d+) dropped")
+    return (
+        r"knowledge from " + who + r": (\d+) new, (\d+) updated, "
+        r"(\d+) rejected, (\d+) duplicate, (\d+) invalid, (\d+) dropped"
+    )
 
 
 def answer_rx(peer: str) -> str:
     """Gossip.on_request's log line: group 1 = units, group 2 = pages."""
-    return (r"answered a knowledge request from " + re.escape(peer)
-            + r": (\d+) unit\(s\) in (\d+) page")
+    return (
+        r"answered a knowledge request from " + re.escape(peer) + r": (\d+) unit\(s\) in (\d+) page"
+    )
 
 
 def sent_rx(peer: str) -> str:
@@ -654,9 +707,21 @@ class Fleet:
         self.children: list[Child] = []
 
     def serve(self, name: str, home: Home) -> Child:
-        child = Child(name, home, [
-            "-m", "claudectl", "--home", str(home.root), "relay", "serve",
-            "--listen", "tcp:0:interface=127.0.0.1", "--no-discovery"])
+        child = Child(
+            name,
+            home,
+            [
+                "-m",
+                "claudectl",
+                "--home",
+                str(home.root),
+                "relay",
+                "serve",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--no-discovery",
+            ],
+        )
         self.children.append(child)
         return child
 
@@ -678,8 +743,9 @@ class Timeout(Exception):
     pass
 
 
-async def until(reactor: Any, cond: Callable[[], Any], timeout: float, what: str,
-                step: float = 0.02) -> Any:
+async def until(
+    reactor: Any, cond: Callable[[], Any], timeout: float, what: str, step: float = 0.02
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
@@ -692,6 +758,7 @@ async def until(reactor: Any, cond: Callable[[], Any], timeout: float, what: str
 
 async def wait_ready(reactor: Any, children: list[Child], timeout: float) -> dict[str, int]:
     """Wait for every child's "listening on" and "ready" lines; return the ports."""
+
     def ready() -> bool:
         for c in children:
             if not c.alive():
@@ -796,8 +863,9 @@ class Mesh:
     children: list[Child]
 
 
-async def bench_convergence(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
-                            rnd: random.Random) -> Convergence:
+async def bench_convergence(
+    reactor: Any, tmp: Path, fleet: Fleet, runs: int, rnd: random.Random
+) -> Convergence:
     """
     Start the mesh, then time ``runs`` units with empty stores and ``runs``
     more after every store got FILL_UNITS units that stay local.
@@ -814,9 +882,13 @@ async def bench_convergence(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
         pair(homes[a], ids[a], homes[b], ids[b], rnd)
     children = [fleet.serve(f"node{i:02d}", h) for i, h in enumerate(homes)]
     ports = await wait_ready(reactor, children, 90)
-    await defer.gatherResults([
-        defer.ensureDeferred(connect(reactor, homes[a], ports[f"node{b:02d}"], ids[b]))
-        for a, b in edges], consumeErrors=True)
+    await defer.gatherResults(
+        [
+            defer.ensureDeferred(connect(reactor, homes[a], ports[f"node{b:02d}"], ids[b]))
+            for a, b in edges
+        ],
+        consumeErrors=True,
+    )
     degree = [len(x) for x in adjacency(MESH_NODES, edges)]
 
     async def all_links_up() -> bool:
@@ -840,12 +912,14 @@ async def bench_convergence(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
     await task.deferLater(reactor, 3 * gossip_mod.POLL_SECS + 0.3, lambda: None)  # polls
     phases.append(await convergence_runs(reactor, mesh, runs, rnd, FILL_UNITS))
     fleet.stop(children)
-    return Convergence(len(edges), (min(degree), max(degree), sum(degree) / len(degree)),
-                       setup, phases)
+    return Convergence(
+        len(edges), (min(degree), max(degree), sum(degree) / len(degree)), setup, phases
+    )
 
 
-async def convergence_runs(reactor: Any, mesh: Mesh, runs: int, rnd: random.Random,
-                           store_units: int) -> ConvPhase:
+async def convergence_runs(
+    reactor: Any, mesh: Mesh, runs: int, rnd: random.Random, store_units: int
+) -> ConvPhase:
     homes, ids, edges, children = mesh.homes, mesh.ids, mesh.edges, mesh.children
     watches = [FileWatch(h) for h in homes]
     from_write: list[float] = []
@@ -877,8 +951,9 @@ async def convergence_runs(reactor: Any, mesh: Mesh, runs: int, rnd: random.Rand
             await task.deferLater(reactor, POLL_STEP, lambda: None)
         t_all = max(seen.values())
         # The reader thread may lag a little behind the files.
-        sent = await until(reactor, partial(children[src].find, SENT_RX, marks[src]), 2,
-                           "the source's sent line")
+        sent = await until(
+            reactor, partial(children[src].find, SENT_RX, marks[src]), 2, "the source's sent line"
+        )
         await task.deferLater(reactor, 0.3, lambda: None)  # let the last copies arrive
         if run == 0:
             bytes_before = await total_bytes(reactor, homes)
@@ -895,14 +970,27 @@ async def convergence_runs(reactor: Any, mesh: Mesh, runs: int, rnd: random.Rand
         from_send.append(t_all - sent[0])
         first_peer.append(min(seen.values()) - sent[0])
         frames += sum(c.count(SENT_RX, m) for c, m in zip(children, marks, strict=True))
-        copies += sum(int(m.group(4)) for c, mk in zip(children, marks, strict=True)
-                      for _, m in c.matches(batch_rx(None), mk))
+        copies += sum(
+            int(m.group(4))
+            for c, mk in zip(children, marks, strict=True)
+            for _, m in c.matches(batch_rx(None), mk)
+        )
         await task.deferLater(reactor, rnd.uniform(0.0, 0.5), lambda: None)
     bytes_after = await total_bytes(reactor, homes)
     resolutions = count_lines(homes, RESOLUTIONS) - resolutions_before
-    return ConvPhase(store_units, from_write, from_send, first_peer, hops_above, hops_total,
-                     copies / runs, resolutions, ecc, frames / runs,
-                     (bytes_after - bytes_before) / runs)
+    return ConvPhase(
+        store_units,
+        from_write,
+        from_send,
+        first_peer,
+        hops_above,
+        hops_total,
+        copies / runs,
+        resolutions,
+        ecc,
+        frames / runs,
+        (bytes_after - bytes_before) / runs,
+    )
 
 
 def count_lines(homes: list[Home], name: str) -> int:
@@ -944,8 +1032,9 @@ ROOMY_CONFIG = "[hive]\nmax_units = 0\nmax_units_per_peer_per_day = 1000000\n"
 SNAPSHOT_WATCH_SECS = gossip_mod.LINKUP_PUSH_DELAY_SECS + 1.0
 
 
-async def bench_snapshot(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
-                         rnd: random.Random, with_defaults: bool) -> Snapshot:
+async def bench_snapshot(
+    reactor: Any, tmp: Path, fleet: Fleet, runs: int, rnd: random.Random, with_defaults: bool
+) -> Snapshot:
     """
     X starts empty; a first new node connects to it (the baseline connect
     time), then X gets 5,000 units and each further new node connects in
@@ -955,8 +1044,11 @@ async def bench_snapshot(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
     new node's merged batches (new / duplicate units).
     """
     xhome, xid = new_home(tmp, "snapx")
-    names = ["snapy-base"] + [f"snapy{r}" for r in range(runs)] + (
-        ["snapy-defaults"] if with_defaults else [])
+    names = (
+        ["snapy-base"]
+        + [f"snapy{r}" for r in range(runs)]
+        + (["snapy-defaults"] if with_defaults else [])
+    )
     ys: dict[str, tuple[Home, str]] = {}
     for name in names:
         yhome, yid = new_home(tmp, name)
@@ -978,8 +1070,15 @@ async def bench_snapshot(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
     baseline = time.monotonic() - t0
     fleet.stop([children.pop("snapy-base")])
     now = int(time.time())
-    add_units(xhome, xid, [unit_json(f"ku_snap_{i}", xid, f"snapshot command {i}", now)
-                           for i in range(SNAPSHOT_UNITS)], now)
+    add_units(
+        xhome,
+        xid,
+        [
+            unit_json(f"ku_snap_{i}", xid, f"snapshot command {i}", now)
+            for i in range(SNAPSHOT_UNITS)
+        ],
+        now,
+    )
     await task.deferLater(reactor, 3 * gossip_mod.POLL_SECS + 0.2, lambda: None)  # X's poll
 
     result = Snapshot([], [], [], baseline, [], 0, 0, 0, 0, 0, None)
@@ -991,14 +1090,27 @@ async def bench_snapshot(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
         await connect(reactor, yhome, xport, xid)
         t_auth = time.monotonic()
         if name != "snapy-defaults":
-            await until(reactor, partial(holds, watch, SNAPSHOT_UNITS), 30,
-                        "5,000 units on the new node", step=POLL_STEP)
+            await until(
+                reactor,
+                partial(holds, watch, SNAPSHOT_UNITS),
+                30,
+                "5,000 units on the new node",
+                step=POLL_STEP,
+            )
             result.seconds.append(time.monotonic() - t0)
             result.auth_secs.append(t_auth - t0)
-        await until(reactor, partial(x.find, answer_rx(yid), xmark), 30,
-                    "the old node's answer to the knowledge request")
-        await until(reactor, partial(y.find, batch_rx(xid), ymark), 30,
-                    "a knowledge batch merged on the new node")
+        await until(
+            reactor,
+            partial(x.find, answer_rx(yid), xmark),
+            30,
+            "the old node's answer to the knowledge request",
+        )
+        await until(
+            reactor,
+            partial(y.find, batch_rx(xid), ymark),
+            30,
+            "a knowledge batch merged on the new node",
+        )
         # Watch on past the fallback push round: whatever else crosses is counted.
         rest = t0 + SNAPSHOT_WATCH_SECS - time.monotonic()
         if rest > 0:
@@ -1012,15 +1124,15 @@ async def bench_snapshot(reactor: Any, tmp: Path, fleet: Fleet, runs: int,
             result.quiet_secs.append(batches[-1][0] - t0)
             result.batches.append(len(batches))
             rows = await peers_of(reactor, yhome)
-            result.bytes_down = max(result.bytes_down,
-                                    sum(r.get("bytes_down", 0) for r in rows))
+            result.bytes_down = max(result.bytes_down, sum(r.get("bytes_down", 0) for r in rows))
             result.pushed_units = max(result.pushed_units, pushed)
-            result.answered_units = max(result.answered_units,
-                                        sum(int(m.group(1)) for m in answers))
-            result.answered_pages = max(result.answered_pages,
-                                        sum(int(m.group(2)) for m in answers))
-            result.duplicates = max(result.duplicates,
-                                    sum(int(m.group(4)) for _, m in batches))
+            result.answered_units = max(
+                result.answered_units, sum(int(m.group(1)) for m in answers)
+            )
+            result.answered_pages = max(
+                result.answered_pages, sum(int(m.group(2)) for m in answers)
+            )
+            result.duplicates = max(result.duplicates, sum(int(m.group(4)) for _, m in batches))
         fleet.stop([y])
     fleet.stop([x])
     return result
@@ -1042,8 +1154,10 @@ def machine_line() -> str:
                 break
     import twisted
 
-    return (f"{os.cpu_count()} CPU(s) (nproc), {cpu}, Python {platform.python_version()}, "
-            f"Twisted {twisted.__version__}, {platform.system()} {platform.machine()}")
+    return (
+        f"{os.cpu_count()} CPU(s) (nproc), {cpu}, Python {platform.python_version()}, "
+        f"Twisted {twisted.__version__}, {platform.system()} {platform.machine()}"
+    )
 
 
 def load_average() -> str:
@@ -1080,45 +1194,71 @@ def render(r: Results) -> list[str]:
 
     for ph in conv.phases:
         stores = "empty stores" if not ph.store_units else f"stores of {ph.store_units} units"
-        row(f"convergence, {stores}: write into one node's knowledge.jsonl -> on all "
-            f"{MESH_NODES} nodes ({r.conv_runs} runs)", ph.from_write, TARGET_CONVERGENCE_P50)
-        row(f"convergence, {stores}: source service's first send -> on all nodes",
-            ph.from_send, TARGET_CONVERGENCE_P50)
-        row(f"convergence, {stores}: first send -> on the first neighbour (one hop)",
-            ph.first_peer)
-    row(f"snapshot: connect -> 5,000 units stored on the new node ({len(snap.seconds)} "
-        "run(s))", snap.seconds, TARGET_SNAPSHOT)
-    row("snapshot: connect -> link authenticated (empty store: "
-        f"{ms(snap.baseline_auth)})", snap.auth_secs)
+        row(
+            f"convergence, {stores}: write into one node's knowledge.jsonl -> on all "
+            f"{MESH_NODES} nodes ({r.conv_runs} runs)",
+            ph.from_write,
+            TARGET_CONVERGENCE_P50,
+        )
+        row(
+            f"convergence, {stores}: source service's first send -> on all nodes",
+            ph.from_send,
+            TARGET_CONVERGENCE_P50,
+        )
+        row(f"convergence, {stores}: first send -> on the first neighbour (one hop)", ph.first_peer)
+    row(
+        f"snapshot: connect -> 5,000 units stored on the new node ({len(snap.seconds)} run(s))",
+        snap.seconds,
+        TARGET_SNAPSHOT,
+    )
+    row(
+        f"snapshot: connect -> link authenticated (empty store: {ms(snap.baseline_auth)})",
+        snap.auth_secs,
+    )
     batches = ", ".join(str(b) for b in snap.batches)
-    row(f"snapshot: connect -> last knowledge batch merged (batches per run: {batches})",
-        snap.quiet_secs)
-    out.append(f"| snapshot, engines alone (in one process, no sockets): link-up -> 5,000 "
-               f"units stored | {ms(r.inproc.seconds)} | | | |")
-    for label, h, tmpfs in (("empty store", r.hop_disk, r.hop_tmpfs),
-                            (f"store of {FILL_UNITS} units", r.hop_loaded, None)):
+    row(
+        f"snapshot: connect -> last knowledge batch merged (batches per run: {batches})",
+        snap.quiet_secs,
+    )
+    out.append(
+        f"| snapshot, engines alone (in one process, no sockets): link-up -> 5,000 "
+        f"units stored | {ms(r.inproc.seconds)} | | | |"
+    )
+    for label, h, tmpfs in (
+        ("empty store", r.hop_disk, r.hop_tmpfs),
+        (f"store of {FILL_UNITS} units", r.hop_loaded, None),
+    ):
         tm = f"; tmpfs: {tmpfs.ms:.1f} / {tmpfs.duplicate_ms:.1f} ms" if tmpfs else ""
-        out.append(f"| engine, one hop, {label}: merge 1 new unit + forward to 4 peers / a "
-                   f"copy by a longer path | {h.ms:.1f} ms / {h.duplicate_ms:.1f} ms | | | "
-                   f"{h.fsyncs} / {h.duplicate_fsyncs} fsyncs, {h.writes} / "
-                   f"{h.duplicate_writes} file writes{tm} |")
-    out += ["", "| simulated peers (links) | rounds | sync frames: push at once / coalesced | "
-                "bytes (at once) | reached | within 5 hops | max stored hops | real engine, "
-                "same graph and source (at once / coalesced) | coverage from "
-                f"{SIM_SOURCES} other sources: mean (min-max) |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        out.append(
+            f"| engine, one hop, {label}: merge 1 new unit + forward to 4 peers / a "
+            f"copy by a longer path | {h.ms:.1f} ms / {h.duplicate_ms:.1f} ms | | | "
+            f"{h.fsyncs} / {h.duplicate_fsyncs} fsyncs, {h.writes} / "
+            f"{h.duplicate_writes} file writes{tm} |"
+        )
+    out += [
+        "",
+        "| simulated peers (links) | rounds | sync frames: push at once / coalesced | "
+        "bytes (at once) | reached | within 5 hops | max stored hops | real engine, "
+        "same graph and source (at once / coalesced) | coverage from "
+        f"{SIM_SOURCES} other sources: mean (min-max) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for sim in r.sims:
         model, co, cov = sim.model, sim.coalesced, sim.coverages
         check = ""
         if sim.engine is not None and sim.engine_coalesced is not None:
             e, ec = sim.engine, sim.engine_coalesced
-            check = (f"{e.rounds} / {ec.rounds} rounds, {e.messages:,} / {ec.messages:,} "
-                     f"frames, {e.bytes:,} / {ec.bytes:,} B, {e.reached:,} / {ec.reached:,} "
-                     f"reached, max hops {e.max_hops} / {ec.max_hops}")
-        out.append(f"| {sim.label} ({model.links:,}) | {model.rounds} | {model.messages:,} / "
-                   f"{co.messages:,} | {model.bytes:,} | {model.reached:,} "
-                   f"({model.coverage:.1%}) | {model.within_limit:,} | {model.max_hops} | "
-                   f"{check} | {sum(cov) / len(cov):.1%} ({min(cov):.1%}-{max(cov):.1%}) |")
+            check = (
+                f"{e.rounds} / {ec.rounds} rounds, {e.messages:,} / {ec.messages:,} "
+                f"frames, {e.bytes:,} / {ec.bytes:,} B, {e.reached:,} / {ec.reached:,} "
+                f"reached, max hops {e.max_hops} / {ec.max_hops}"
+            )
+        out.append(
+            f"| {sim.label} ({model.links:,}) | {model.rounds} | {model.messages:,} / "
+            f"{co.messages:,} | {model.bytes:,} | {model.reached:,} "
+            f"({model.coverage:.1%}) | {model.within_limit:,} | {model.max_hops} | "
+            f"{check} | {sum(cov) / len(cov):.1%} ({min(cov):.1%}-{max(cov):.1%}) |"
+        )
     return out
 
 
@@ -1132,12 +1272,14 @@ def notes_for(r: Results) -> list[str]:
         return f"{percentile(ph.from_send, 50) * 1000 / max(1, ph.eccentricity):.0f} ms"
 
     def traffic(ph: ConvPhase) -> str:
-        return (f"{ph.frames_per_run:.0f} knowledge_sync frames per run (a unit reaches each "
-                f"node {ph.frames_per_run / (MESH_NODES - 1):.1f} times; "
-                f"{ph.copies_per_run:.0f} copies merged as duplicates), "
-                f"{ph.bytes_per_run:,.0f} bytes on all links, {ph.resolutions} lines added to "
-                f"resolutions.jsonl, and in {ph.hops_above} of {ph.hops_total} node-runs a "
-                "stored `propagation_count` above the node's hop distance")
+        return (
+            f"{ph.frames_per_run:.0f} knowledge_sync frames per run (a unit reaches each "
+            f"node {ph.frames_per_run / (MESH_NODES - 1):.1f} times; "
+            f"{ph.copies_per_run:.0f} copies merged as duplicates), "
+            f"{ph.bytes_per_run:,.0f} bytes on all links, {ph.resolutions} lines added to "
+            f"resolutions.jsonl, and in {ph.hops_above} of {ph.hops_total} node-runs a "
+            "stored `propagation_count` above the node's hop distance"
+        )
 
     notes = [
         f"* Mesh: {MESH_NODES} `relay serve` processes, {conv.links} links (each node "
@@ -1152,10 +1294,10 @@ def notes_for(r: Results) -> list[str]:
         f"{traffic(loaded)}. A stored count above the hop distance means a node's first "
         "copy came the long way and was forwarded with that count before the shorter copy "
         "arrived: the shorter count is kept where it arrives but not sent again.",
-        f"* \"From the write\" includes the service's {gossip_mod.POLL_SECS:g} s poll of "
+        f'* "From the write" includes the service\'s {gossip_mod.POLL_SECS:g} s poll of '
         "knowledge.jsonl (half a period on average): units written by another process "
-        "(distillation, `hive import`) wait for it. \"From the first send\" starts at the "
-        "source's first \"sent ... knowledge unit(s)\" log line and ends at the last "
+        '(distillation, `hive import`) wait for it. "From the first send" starts at the '
+        'source\'s first "sent ... knowledge unit(s)" log line and ends at the last '
         f"node's store write: about {per_hop(empty)} per hop with empty stores, "
         f"{per_hop(loaded)} with {loaded.store_units} units.",
         f"* One hop inside the engine (a node with 5 peers, on disk) costs {h.ms:.0f} ms, "
@@ -1167,7 +1309,7 @@ def notes_for(r: Results) -> list[str]:
         "sync_state.json); the store is not rewritten. With "
         f"{FILL_UNITS} units in the store (and in sync_state.json as sent to all 5 peers) "
         f"the same hop costs {hl.ms:.0f} ms and a copy {hl.duplicate_ms:.0f} ms: see "
-        "\"Where the time goes\".",
+        '"Where the time goes".',
     ]
     twice = snap.pushed_units + snap.answered_units > SNAPSHOT_UNITS or snap.duplicates
     batches = ", ".join(str(b) for b in snap.batches)
@@ -1186,24 +1328,27 @@ def notes_for(r: Results) -> list[str]:
         f"knowledge_request, {r.inproc.frames.get(codec.KNOWLEDGE_SNAPSHOT, 0)} "
         f"knowledge_snapshot and {r.inproc.frames.get(codec.KNOWLEDGE_SYNC, 0)} "
         f"knowledge_sync frames ({r.inproc.units_sent:,} units sent), fallback push "
-        "included.")
+        "included."
+    )
     base, auth = snap.baseline_auth, percentile(snap.auth_secs, 50)
     if auth > 3 * base:
         notes.append(
             f"* Authentication toward the node holding 5,000 units took {ms(auth)} against "
-            f"{ms(base)} when its store was empty.")
+            f"{ms(base)} when its store was empty."
+        )
     if snap.default_config_kept is not None:
         notes.append(
             f"* With the default `[hive]` settings a new node keeps "
             f"{snap.default_config_kept:,} of the 5,000 units: `max_units_per_peer_per_day` "
-            "(1,000) drops the rest of the batch and `max_units` (500) evicts beyond 500.")
+            "(1,000) drops the rest of the batch and `max_units` (500) evicts beyond 500."
+        )
     notes.append(
         "* Simulation: a round model of the push rule (one round per network hop; a node "
         "pushes a unit to every neighbour that has not had it from it, except its "
         "originator; a receiver keeps a new unit with `propagation_count + 1` and pushes "
         f"on while that is below `max_propagation` = {MAX_PROPAGATION}; later copies are "
-        "not pushed on, a shorter path's count is kept). \"At once\": a node pushes as "
-        "soon as it accepts a unit; \"coalesced\": after all of the round's frames arrived "
+        'not pushed on, a shorter path\'s count is kept). "At once": a node pushes as '
+        'soon as it accepts a unit; "coalesced": after all of the round\'s frames arrived '
         "(the engine's `callLater(0)` push round when every copy comes in one reactor "
         "turn, the best case; the services are in between). Graphs: each node dials up "
         "to 3 random others (2 in the sparse row, about 4 links per node), at most 8 "
@@ -1212,29 +1357,41 @@ def notes_for(r: Results) -> list[str]:
         "clock for its push rounds. Bytes are whole NDJSON frames of one unit. "
         "`max_propagation` bounds reach: nodes more than 5 hops from the source never "
         "get the unit"
-        + "".join(f"; on the {sim.label} mesh a unit reaches "
-                  f"{sum(sim.coverages) / len(sim.coverages):.0%} of the nodes on average"
-                  for sim in r.sims if min(sim.coverages) < 1.0) + ".")
+        + "".join(
+            f"; on the {sim.label} mesh a unit reaches "
+            f"{sum(sim.coverages) / len(sim.coverages):.0%} of the nodes on average"
+            for sim in r.sims
+            if min(sim.coverages) < 1.0
+        )
+        + "."
+    )
     notes.append(
         "* `--quick` runs fewer rounds (under a minute); `--profile` adds cProfile output "
         "for one engine hop and for the 5,000-unit snapshot between two in-process "
         "engines; `--no-write` leaves this file alone. Homes live in a temporary "
         "directory, every service listens on 127.0.0.1 only, and every child process is "
-        "stopped when the script ends, fails or is interrupted.")
+        "stopped when the script ends, fails or is interrupted."
+    )
     return notes
 
 
-def write_section(table: list[str], notes: list[str], header: str,
-                  path: Path = ROOT / "docs" / "performance.md") -> Path:
+def write_section(
+    table: list[str], notes: list[str], header: str, path: Path = ROOT / "docs" / "performance.md"
+) -> Path:
     """
     Replace (or add) the generated part of the ``## Gossip`` section: from
     its heading to its first ``###`` subsection (hand-written analysis,
     kept) or the next ``##`` section.  Everything else stays as it is.
     """
     section = "\n".join(["## Gossip", "", header, "", *table, "", *notes, ""])
-    text = path.read_text(encoding="utf-8") if path.exists() else (
-        "# Performance\n\nBenchmarks of claudectl's relay and hive, run by the scripts in "
-        "`scripts/`. Each section names its command, machine and date.\n")
+    text = (
+        path.read_text(encoding="utf-8")
+        if path.exists()
+        else (
+            "# Performance\n\nBenchmarks of claudectl's relay and hive, run by the scripts in "
+            "`scripts/`. Each section names its command, machine and date.\n"
+        )
+    )
     pattern = re.compile(r"^## Gossip\n.*?(?=^##[# ]|\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text).rstrip("\n") + "\n"
@@ -1260,31 +1417,46 @@ class Sim:
     coverages: list[float]  # the model from SIM_SOURCES other random sources
 
 
-def run_simulation(tmp: Path, quick: bool, rnd: random.Random
-                   ) -> tuple[list[Sim], HopCost | None]:
+def run_simulation(tmp: Path, quick: bool, rnd: random.Random) -> tuple[list[Sim], HopCost | None]:
     base = engine_base_dir(tmp)
     try:
-        frame = sync_frame_bytes(unit_json("ku_sim_1", "sim0000", "cargo test --sim", NOW),
-                                 "sim0000")
+        frame = sync_frame_bytes(
+            unit_json("ku_sim_1", "sim0000", "cargo test --sim", NOW), "sim0000"
+        )
         sims: list[Sim] = []
-        for n, dials, with_engine in [(10, 3, True), (100, 3, True), (1000, 3, not quick),
-                                      (1000, 2, False)]:
+        for n, dials, with_engine in [
+            (10, 3, True),
+            (100, 3, True),
+            (1000, 3, not quick),
+            (1000, 2, False),
+        ]:
             edges = random_mesh(n, dials, MAX_PEERS, rnd)
             src = rnd.randrange(n)
             seed = rnd.getrandbits(32)  # the same delivery order for model and engine
             model = simulate_model(n, edges, src, MAX_PROPAGATION, frame, random.Random(seed))
-            coalesced = simulate_model(n, edges, src, MAX_PROPAGATION, frame,
-                                       random.Random(seed), coalesce=True)
+            coalesced = simulate_model(
+                n, edges, src, MAX_PROPAGATION, frame, random.Random(seed), coalesce=True
+            )
             engine = engine_co = None
             if with_engine:
-                engine = simulate_engine(n, edges, src, base / f"g{n}-{dials}",
-                                         random.Random(seed))
-                engine_co = simulate_engine(n, edges, src, base / f"g{n}-{dials}-c",
-                                            random.Random(seed), coalesce=True)
-            others = [simulate_model(n, edges, rnd.randrange(n), MAX_PROPAGATION, frame, rnd)
-                      for _ in range(SIM_SOURCES)]
-            sims.append(Sim(f"{n:,}" + (" sparse" if dials == 2 else ""), model, coalesced,
-                            engine, engine_co, [o.coverage for o in others]))
+                engine = simulate_engine(n, edges, src, base / f"g{n}-{dials}", random.Random(seed))
+                engine_co = simulate_engine(
+                    n, edges, src, base / f"g{n}-{dials}-c", random.Random(seed), coalesce=True
+                )
+            others = [
+                simulate_model(n, edges, rnd.randrange(n), MAX_PROPAGATION, frame, rnd)
+                for _ in range(SIM_SOURCES)
+            ]
+            sims.append(
+                Sim(
+                    f"{n:,}" + (" sparse" if dials == 2 else ""),
+                    model,
+                    coalesced,
+                    engine,
+                    engine_co,
+                    [o.coverage for o in others],
+                )
+            )
         hop_tmpfs = hop_cost(base, 3, False) if str(base).startswith("/dev/shm") else None
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -1292,10 +1464,14 @@ def run_simulation(tmp: Path, quick: bool, rnd: random.Random
 
 
 def targets_met(r: Results) -> bool:
-    return (all(percentile(ph.from_write, 50) <= TARGET_CONVERGENCE_P50
-                and percentile(ph.from_send, 50) <= TARGET_CONVERGENCE_P50
-                for ph in r.conv.phases)
-            and percentile(r.snap.seconds, 50) <= TARGET_SNAPSHOT)
+    return (
+        all(
+            percentile(ph.from_write, 50) <= TARGET_CONVERGENCE_P50
+            and percentile(ph.from_send, 50) <= TARGET_CONVERGENCE_P50
+            for ph in r.conv.phases
+        )
+        and percentile(r.snap.seconds, 50) <= TARGET_SNAPSHOT
+    )
 
 
 async def run_all(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: Fleet) -> int:
@@ -1318,17 +1494,18 @@ async def run_all(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: Flee
     step(f"convergence: {MESH_NODES} services, {conv_runs} runs ...")
     conv = await bench_convergence(reactor, tmp, fleet, conv_runs, rnd)
     step(f"snapshot: {snap_runs} run(s) ...")
-    snap = await bench_snapshot(reactor, tmp, fleet, snap_runs, rnd,
-                                with_defaults=not args.quick)
+    snap = await bench_snapshot(reactor, tmp, fleet, snap_runs, rnd, with_defaults=not args.quick)
     step("done")
 
     results = Results(conv, snap, sims, hop_disk, hop_loaded, hop_tmpfs, inproc, conv_runs)
     machine = machine_line()
     date = datetime.date.today().isoformat()
     command = "python scripts/bench_gossip.py" + (" --quick" if args.quick else "")
-    header = (f"`{command}` on {date}; {machine}; load average {load_before} before the "
-              f"run, {load_average()} after (the machine was shared); "
-              f"{time.monotonic() - t0:.0f} s in all.")
+    header = (
+        f"`{command}` on {date}; {machine}; load average {load_before} before the "
+        f"run, {load_average()} after (the machine was shared); "
+        f"{time.monotonic() - t0:.0f} s in all."
+    )
     table = render(results)
     notes = notes_for(results)
     print(f"\n{header}\n")
@@ -1336,20 +1513,30 @@ async def run_all(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: Flee
     print()
     print("\n".join(notes))
     for ph in conv.phases:
-        print(f"\nstores of {ph.store_units} units: convergence from the write (ms):",
-              [round(x * 1000) for x in ph.from_write])
-        print(f"stores of {ph.store_units} units: convergence from the send  (ms):",
-              [round(x * 1000) for x in ph.from_send])
+        print(
+            f"\nstores of {ph.store_units} units: convergence from the write (ms):",
+            [round(x * 1000) for x in ph.from_write],
+        )
+        print(
+            f"stores of {ph.store_units} units: convergence from the send  (ms):",
+            [round(x * 1000) for x in ph.from_send],
+        )
     print("snapshot (ms):", [round(x * 1000) for x in snap.seconds])
     if args.profile:
-        print("\nprofile of one engine hop (new unit, then a copy; on disk):\n"
-              + hop_cost(tmp / "profile", 5, True).profile)
-        print(f"profile of one engine hop with {FILL_UNITS} units in the store:\n"
-              + hop_cost(tmp / "profile", 5, True, FILL_UNITS).profile)
+        print(
+            "\nprofile of one engine hop (new unit, then a copy; on disk):\n"
+            + hop_cost(tmp / "profile", 5, True).profile
+        )
+        print(
+            f"profile of one engine hop with {FILL_UNITS} units in the store:\n"
+            + hop_cost(tmp / "profile", 5, True, FILL_UNITS).profile
+        )
         profiled = snapshot_in_process(tmp / "inproc-profile", True)
-        print(f"profile of the 5,000-unit snapshot between two engines, no sockets "
-              f"({profiled.seconds:.1f} s under the profiler, frames {profiled.frames}):\n"
-              + profiled.profile)
+        print(
+            f"profile of the 5,000-unit snapshot between two engines, no sockets "
+            f"({profiled.seconds:.1f} s under the profiler, frames {profiled.frames}):\n"
+            + profiled.profile
+        )
     if not args.no_write:
         print(f"updated {write_section(table, notes, header)}")
     return 0 if targets_met(results) else 1
@@ -1357,12 +1544,16 @@ async def run_all(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: Flee
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    ap.add_argument("--quick", action="store_true",
-                    help="fewer runs, smaller simulation checks (about a minute)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer runs, smaller simulation checks (about a minute)",
+    )
     ap.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
     ap.add_argument("--seed", type=int, default=6, help="random seed (graphs, sources, keys)")
-    ap.add_argument("--profile", action="store_true",
-                    help="print a cProfile of one engine hop on disk")
+    ap.add_argument(
+        "--profile", action="store_true", help="print a cProfile of one engine hop on disk"
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-gossip-"))

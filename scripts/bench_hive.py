@@ -42,10 +42,21 @@ from claudectl.hive.units import KnowledgeUnit, Pattern, Scope  # noqa: E402
 from claudectl.home import Home  # noqa: E402
 
 NOW = 1_800_000_000
-TOOLS = [("Bash", c) for c in ("cargo test", "cargo build", "git push origin main", "git status",
-                               "npm test", "rm -rf target", "ls -la", "make", "pytest -q",
-                               "docker compose up")] + \
-        [("Write", "/src/Cargo.lock"), ("Edit", "/src/main.rs"), ("Read", "/README.md")]
+TOOLS = [
+    ("Bash", c)
+    for c in (
+        "cargo test",
+        "cargo build",
+        "git push origin main",
+        "git status",
+        "npm test",
+        "rm -rf target",
+        "ls -la",
+        "make",
+        "pytest -q",
+        "docker compose up",
+    )
+] + [("Write", "/src/Cargo.lock"), ("Edit", "/src/main.rs"), ("Read", "/README.md")]
 ACTIONS = ["accept", "accept", "accept", "reject", "auto", "user_approve", "rule_deny"]
 
 
@@ -53,24 +64,41 @@ def make_decisions(n: int, rnd: random.Random) -> bytes:
     lines = []
     for i in range(n):
         tool, command = TOOLS[rnd.randrange(len(TOOLS))]
-        rec = {"ts": str(NOW - n + i), "pid": 1000 + i % 7, "project": f"p{i % 5}",
-               "tool": tool, "command": command,
-               "brain_action": "approve" if rnd.random() < 0.8 else "deny",
-               "brain_confidence": round(rnd.random(), 2), "brain_reasoning": "bench",
-               "user_action": ACTIONS[rnd.randrange(len(ACTIONS))],
-               "decision_type": "session", "suggested_at": NOW - n + i,
-               "resolved_at": NOW - n + i + 1, "brain_decision_ms": 150,
-               "override_reason": None, "rule_name": None, "cache_hit": False,
-               "decision_id": f"dec_{NOW - n + i}_42_{i}", "decision_source": "llm",
-               "few_shot_ids": [],
-               "context": {"cost_usd": round(rnd.random() * 8, 2),
-                           "context_pct": rnd.randrange(100),
-                           "last_tool_error": rnd.random() < 0.1,
-                           "model": "claude-sonnet", "elapsed_secs": i % 3600,
-                           "files_modified_count": 3, "total_tool_calls": 40,
-                           "has_file_conflict": False, "status": "running",
-                           "burn_rate_per_hr": 1.5, "recent_error_count": rnd.randrange(5),
-                           "subagent_count": 0}}
+        rec = {
+            "ts": str(NOW - n + i),
+            "pid": 1000 + i % 7,
+            "project": f"p{i % 5}",
+            "tool": tool,
+            "command": command,
+            "brain_action": "approve" if rnd.random() < 0.8 else "deny",
+            "brain_confidence": round(rnd.random(), 2),
+            "brain_reasoning": "bench",
+            "user_action": ACTIONS[rnd.randrange(len(ACTIONS))],
+            "decision_type": "session",
+            "suggested_at": NOW - n + i,
+            "resolved_at": NOW - n + i + 1,
+            "brain_decision_ms": 150,
+            "override_reason": None,
+            "rule_name": None,
+            "cache_hit": False,
+            "decision_id": f"dec_{NOW - n + i}_42_{i}",
+            "decision_source": "llm",
+            "few_shot_ids": [],
+            "context": {
+                "cost_usd": round(rnd.random() * 8, 2),
+                "context_pct": rnd.randrange(100),
+                "last_tool_error": rnd.random() < 0.1,
+                "model": "claude-sonnet",
+                "elapsed_secs": i % 3600,
+                "files_modified_count": 3,
+                "total_tool_calls": 40,
+                "has_file_conflict": False,
+                "status": "running",
+                "burn_rate_per_hr": 1.5,
+                "recent_error_count": rnd.randrange(5),
+                "subagent_count": 0,
+            },
+        }
         lines.append(json.dumps(rec, separators=(",", ":")))
     return ("\n".join(lines) + "\n").encode()
 
@@ -79,10 +107,16 @@ def unit(i: int, peer: str, rnd: random.Random, keys: int) -> KnowledgeUnit:
     conf = rnd.random()
     ev = rnd.randrange(1, 200)
     return KnowledgeUnit(
-        id=f"ku_{NOW}_{peer}_{i}", scope=Scope(),
+        id=f"ku_{NOW}_{peer}_{i}",
+        scope=Scope(),
         content=Pattern("Bash", f"cmd {rnd.randrange(keys)}", "approve", conf, ev, ()),
-        evidence_count=ev, confidence=conf, source_peer=peer, originated_at=NOW,
-        last_validated_at=NOW, version=rnd.randrange(1, 4))
+        evidence_count=ev,
+        confidence=conf,
+        source_peer=peer,
+        originated_at=NOW,
+        last_validated_at=NOW,
+        version=rnd.randrange(1, 4),
+    )
 
 
 def best_of(runs: int, fn) -> float:
@@ -114,15 +148,23 @@ def main() -> int:
 
         store = KnowledgeStore()
         while len(store) < 500:
-            store.insert(unit(len(store), "peer-a" if len(store) % 2 else "bench-0000", rnd,
-                              10_000))
+            store.insert(
+                unit(len(store), "peer-a" if len(store) % 2 else "bench-0000", rnd, 10_000)
+            )
         t_save = best_of(args.runs, lambda: save_store(home, store))
         t_load = best_of(args.runs, lambda: load_store(home))
         size = (home.hive / "knowledge.jsonl").stat().st_size
 
         incoming = [unit(i, f"peer-{i % 9}", rnd, 1_000) for i in range(5_000)]
-        base = [u for u in store if u.content.command_pattern  # type: ignore[attr-defined]
-                in {f"cmd {k}" for k in range(1_000)}] + list(store)[:250]
+        base = (
+            [
+                u
+                for u in store
+                if u.content.command_pattern  # type: ignore[attr-defined]
+                in {f"cmd {k}" for k in range(1_000)}
+            ]
+            + list(store)[:250]
+        )
 
         def merge() -> None:
             merge_batch(KnowledgeStore(base), incoming, "bench-0000", NOW)
@@ -143,9 +185,11 @@ def main() -> int:
         tgt = "" if target is None else f"<= {target * 1000:.0f} ms"
         table.append(f"| {name} | {t * 1000:.1f} ms | {tgt} | {verdict} |")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    machine = (f"{os.cpu_count()} CPU(s) (nproc), Python {platform.python_version()} "
-               f"({platform.python_implementation()}), {platform.system()} "
-               f"{platform.machine()}, load average {load} at the end of the run")
+    machine = (
+        f"{os.cpu_count()} CPU(s) (nproc), Python {platform.python_version()} "
+        f"({platform.python_implementation()}), {platform.system()} "
+        f"{platform.machine()}, load average {load} at the end of the run"
+    )
     date = datetime.date.today().isoformat()
     print(f"Hive benchmark, best of {args.runs} -- {machine}, {date}")
     print("\n".join(table))
@@ -156,13 +200,20 @@ def main() -> int:
 
 def write_section(table: list[str], machine: str, date: str, runs: int) -> None:
     path = ROOT / "docs" / "performance.md"
-    section = "\n".join([
-        "## Hive", "",
-        f"`python scripts/bench_hive.py` on {date}; {machine}; best of {runs} runs.", "",
-        *table, "",
-        "Distillation reads a synthetic claudectl-format `decisions.jsonl` (13 tool/command "
-        "pairs, full session context on every line). The merge runs against a 500-unit "
-        "store, with 5,000 units from 9 peers over 1,000 semantic keys.", ""])
+    section = "\n".join(
+        [
+            "## Hive",
+            "",
+            f"`python scripts/bench_hive.py` on {date}; {machine}; best of {runs} runs.",
+            "",
+            *table,
+            "",
+            "Distillation reads a synthetic claudectl-format `decisions.jsonl` (13 tool/command "
+            "pairs, full session context on every line). The merge runs against a 500-unit "
+            "store, with 5,000 units from 9 peers over 1,000 semantic keys.",
+            "",
+        ]
+    )
     text = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n\n"
     pattern = re.compile(r"^## Hive\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):

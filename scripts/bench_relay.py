@@ -137,8 +137,16 @@ class Sizes:
 
 
 FULL = Sizes(connects=200, requests=300, messages=200_000, idle_links=200, units=20, runs=5)
-QUICK = Sizes(connects=15, requests=20, messages=5_000, idle_links=8, units=20, runs=1,
-              warmup_connects=3, warmup_requests=3)
+QUICK = Sizes(
+    connects=15,
+    requests=20,
+    messages=5_000,
+    idle_links=8,
+    units=20,
+    runs=1,
+    warmup_connects=3,
+    warmup_requests=3,
+)
 
 
 # --- small helpers ---------------------------------------------------------------------
@@ -178,15 +186,21 @@ def machine() -> dict[str, str]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return {"nproc": str(os.cpu_count()), "cpu": model, "python": platform.python_version(),
-            "twisted": twisted.__version__, "system": f"{platform.system()} {platform.machine()}"}
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "system": f"{platform.system()} {platform.machine()}",
+    }
 
 
 def start_logging(path: Path) -> None:
     """The client's log (info and up) goes to a file in the temporary directory."""
     out = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
-    observer = FilteringLogObserver(textFileLogObserver(out),
-                                    [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])
+    observer = FilteringLogObserver(
+        textFileLogObserver(out), [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)]
+    )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
@@ -198,8 +212,9 @@ def within(d: defer.Deferred[Any], secs: float, reactor: Any) -> defer.Deferred[
     return d.addTimeout(secs, reactor)
 
 
-async def until(reactor: Any, check: Callable[[], Any], timeout: float, what: str,
-                step: float = 0.02) -> Any:
+async def until(
+    reactor: Any, check: Callable[[], Any], timeout: float, what: str, step: float = 0.02
+) -> Any:
     """Poll ``check`` (sync or async) until it returns something true."""
     deadline = time.monotonic() + timeout
     while True:
@@ -227,9 +242,15 @@ def child_env(home: Path) -> dict[str, str]:
     path has its control socket under the temp dir, and both sides must
     agree on it.
     """
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
-           "CLAUDECTL_HOME": str(home), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": str(_REPO), "HOSTNAME": home.name}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "CLAUDECTL_HOME": str(home),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(_REPO),
+        "HOSTNAME": home.name,
+    }
     if "TMPDIR" in os.environ:
         env["TMPDIR"] = os.environ["TMPDIR"]
     return env
@@ -238,11 +259,20 @@ def child_env(home: Path) -> dict[str, str]:
 def cli(home: Path, *args: str) -> Any:
     """``python -m claudectl --home HOME ARGS --json``: the parsed answer."""
     argv = [sys.executable, "-m", "claudectl", "--home", str(home), *args, "--json"]
-    done = subprocess.run(argv, env=child_env(home), cwd=str(home), capture_output=True,
-                          text=True, timeout=CLI_TIMEOUT_SECS, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        argv,
+        env=child_env(home),
+        cwd=str(home),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_SECS,
+        stdin=subprocess.DEVNULL,
+    )
     if done.returncode != 0:
-        raise BenchError(f"`claudectl {' '.join(args)}` exited {done.returncode}: "
-                         f"{(done.stderr or done.stdout).strip()[-300:]}")
+        raise BenchError(
+            f"`claudectl {' '.join(args)}` exited {done.returncode}: "
+            f"{(done.stderr or done.stdout).strip()[-300:]}"
+        )
     return json.loads(done.stdout) if done.stdout.strip() else None
 
 
@@ -309,8 +339,11 @@ class Service:
             return "(no log)"
 
     async def peers(self, reactor: Any) -> list[dict[str, Any]]:
-        reply = await within(defer.Deferred.fromCoroutine(
-            call_control(reactor, self.home, C.Peers)), STEP_TIMEOUT_SECS, reactor)
+        reply = await within(
+            defer.Deferred.fromCoroutine(call_control(reactor, self.home, C.Peers)),
+            STEP_TIMEOUT_SECS,
+            reactor,
+        )
         rows: list[dict[str, Any]] = json.loads(reply["peers_json"])
         return rows
 
@@ -321,8 +354,11 @@ class Service:
         raise BenchError(f"the service does not list {peer}")
 
     async def status(self, reactor: Any) -> dict[str, Any]:
-        reply = await within(defer.Deferred.fromCoroutine(
-            call_control(reactor, self.home, C.Status)), STEP_TIMEOUT_SECS, reactor)
+        reply = await within(
+            defer.Deferred.fromCoroutine(call_control(reactor, self.home, C.Status)),
+            STEP_TIMEOUT_SECS,
+            reactor,
+        )
         data: dict[str, Any] = json.loads(reply["status_json"])
         return data
 
@@ -346,20 +382,39 @@ async def start_service(reactor: Any, home: Home, profile_out: Path | None = Non
     """Start ``relay serve`` in ``home``; wait until its control socket answers."""
     log = home.root / "serve.log"
     prefix = ["-m", "cProfile", "-o", str(profile_out)] if profile_out is not None else []
-    argv = [sys.executable, *prefix, "-m", "claudectl", "--home", str(home.root), "relay",
-            "serve", "--no-discovery", "--listen", LISTEN]
+    argv = [
+        sys.executable,
+        *prefix,
+        "-m",
+        "claudectl",
+        "--home",
+        str(home.root),
+        "relay",
+        "serve",
+        "--no-discovery",
+        "--listen",
+        LISTEN,
+    ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=child_env(home.root), cwd=str(home.root),
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=child_env(home.root),
+            cwd=str(home.root),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     CHILDREN.procs.append(proc)
     CHILDREN.started.append(proc.pid)
     info_path = home.run_dir / "service.json"
 
     def ready() -> dict[str, Any] | None:
         if proc.poll() is not None:
-            raise BenchError(f"relay serve exited ({proc.returncode}):\n"
-                             + log.read_text(errors="replace")[-1500:])
+            raise BenchError(
+                f"relay serve exited ({proc.returncode}):\n"
+                + log.read_text(errors="replace")[-1500:]
+            )
         try:
             info = json.loads(info_path.read_text())
         except (OSError, ValueError):
@@ -368,6 +423,7 @@ async def start_service(reactor: Any, home: Home, profile_out: Path | None = Non
 
     info = await until(reactor, ready, 60, "relay serve to listen", step=0.05)
     service = Service(home, info["identity"], proc, int(info["ports"][0]), log)
+
     async def answers() -> bool:
         try:
             await service.status(reactor)
@@ -394,8 +450,9 @@ async def stop_service(reactor: Any, service: Service, timeout: float = 20.0) ->
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(BenchError):
-            await until(reactor, lambda: proc.poll() is not None, timeout,
-                        "relay serve to stop", step=0.05)
+            await until(
+                reactor, lambda: proc.poll() is not None, timeout, "relay serve to stop", step=0.05
+            )
     CHILDREN.stop(proc)  # SIGKILL if it is still there; forget it
 
 
@@ -421,10 +478,10 @@ class Client:
     downs: dict[str, list[defer.Deferred[None]]] = field(default_factory=dict)
 
     @classmethod
-    def make(cls, reactor: Any, transport: str, home: Home, server_id: str,
-             identity: str | None = None) -> Client:
-        node = RelayNode(home, client_config(), reactor, identity=identity,
-                         tls=transport == TLS13)
+    def make(
+        cls, reactor: Any, transport: str, home: Home, server_id: str, identity: str | None = None
+    ) -> Client:
+        node = RelayNode(home, client_config(), reactor, identity=identity, tls=transport == TLS13)
         psk = KeyStore(home).key(server_id)
         if psk is None:
             raise BenchError(f"{home.root} holds no key for {server_id}")
@@ -441,13 +498,17 @@ class Client:
             d.callback(None)
 
     async def open(self, reactor: Any, address: str) -> Any:
-        proto = await within(self.node.open_link(address, KeyAuth(self.psk, self.server_id)),
-                             STEP_TIMEOUT_SECS, reactor)
+        proto = await within(
+            self.node.open_link(address, KeyAuth(self.psk, self.server_id)),
+            STEP_TIMEOUT_SECS,
+            reactor,
+        )
         if proto.result is None or proto.result.mode != MUTUAL:
             raise BenchError(f"link from {self.identity} is not mutual: {proto.result}")
         if proto.result.transport != self.transport:
-            raise BenchError(f"{self.identity} expected a {self.transport} link, "
-                             f"got {proto.result.transport}")
+            raise BenchError(
+                f"{self.identity} expected a {self.transport} link, got {proto.result.transport}"
+            )
         return proto
 
     async def close(self, reactor: Any, proto: Any) -> None:
@@ -492,8 +553,9 @@ class Sample:
     client_cpu_us: float | None = None
 
 
-async def measure_setup(reactor: Any, service: Service, client: Client, n: int,
-                        warmup: int) -> Sample:
+async def measure_setup(
+    reactor: Any, service: Service, client: Client, n: int, warmup: int
+) -> Sample:
     """Sequential connects; each link is closed on both sides before the next."""
     samples: list[float] = []
     cpu0 = ours0 = 0.0
@@ -506,8 +568,11 @@ async def measure_setup(reactor: Any, service: Service, client: Client, n: int,
         await client.close(reactor, proto)
         if i >= warmup:
             samples.append(elapsed * 1e3)
-    return Sample({"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99)},
-                  (service.cpu() - cpu0) / n * 1e6, (time.process_time() - ours0) / n * 1e6)
+    return Sample(
+        {"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99)},
+        (service.cpu() - cpu0) / n * 1e6,
+        (time.process_time() - ours0) / n * 1e6,
+    )
 
 
 class SnapshotWaiter:
@@ -527,9 +592,15 @@ class SnapshotWaiter:
             d.callback(units)
 
 
-async def measure_requests(reactor: Any, service: Service, client: Client,
-                           waiter: SnapshotWaiter, n: int, warmup: int,
-                           units: int) -> Sample:
+async def measure_requests(
+    reactor: Any,
+    service: Service,
+    client: Client,
+    waiter: SnapshotWaiter,
+    n: int,
+    warmup: int,
+    units: int,
+) -> Sample:
     samples: list[float] = []
     cpu0 = ours0 = 0.0
     for i in range(warmup + n):
@@ -538,27 +609,30 @@ async def measure_requests(reactor: Any, service: Service, client: Client,
         d: defer.Deferred[int] = defer.Deferred()
         waiter.waiting = d
         t0 = time.perf_counter()
-        if not client.node.mesh.send(service.identity, codec.KNOWLEDGE_REQUEST,
-                                     {"since_epoch": 0}):
+        if not client.node.mesh.send(service.identity, codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}):
             raise BenchError("the link to the service is down")
         got = await within(d, STEP_TIMEOUT_SECS, reactor)
         if i >= warmup:
             samples.append((time.perf_counter() - t0) * 1e3)
         if got != units:
             raise BenchError(f"the snapshot held {got} unit(s), not {units}")
-    return Sample({"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99)},
-                  (service.cpu() - cpu0) / n * 1e6, (time.process_time() - ours0) / n * 1e6)
+    return Sample(
+        {"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99)},
+        (service.cpu() - cpu0) / n * 1e6,
+        (time.process_time() - ours0) / n * 1e6,
+    )
 
 
-async def measure_one_way(reactor: Any, service: Service, client: Client, proto: Any,
-                          n: int) -> Sample:
+async def measure_one_way(
+    reactor: Any, service: Service, client: Client, proto: Any, n: int
+) -> Sample:
     """
     ``n`` heartbeats encoded before the clock starts, written in bulk
     (``WRITE_FRAMES`` per reactor turn); done when the service's count of
     bytes received on the link (parsed lines) reaches the total.
     """
     frames = [codec.encode(client.node.envelopes.make(codec.HEARTBEAT, {})) for _ in range(n)]
-    chunks = [b"".join(frames[i:i + WRITE_FRAMES]) for i in range(0, n, WRITE_FRAMES)]
+    chunks = [b"".join(frames[i : i + WRITE_FRAMES]) for i in range(0, n, WRITE_FRAMES)]
     total = sum(len(c) for c in chunks)
     before = await service.row(reactor, client.identity)
     want = before["bytes_down"] + total
@@ -573,27 +647,31 @@ async def measure_one_way(reactor: Any, service: Service, client: Client, proto:
         return row if row["bytes_down"] >= want else None
 
     # Each poll is a control-socket call the service answers: not too often.
-    row = await until(reactor, arrived, PHASE_TIMEOUT_SECS, "the heartbeats to arrive",
-                      step=0.02)
+    row = await until(reactor, arrived, PHASE_TIMEOUT_SECS, "the heartbeats to arrive", step=0.02)
     elapsed = time.perf_counter() - t0
     if row.get("frames_bad", 0) != before.get("frames_bad", 0):
         raise BenchError("the service counted bad frames among the heartbeats")
-    return Sample({"msgs_per_s": n / elapsed, "secs": elapsed, "frame_bytes": total / n},
-                  (service.cpu() - cpu0) / n * 1e6, (time.process_time() - ours0) / n * 1e6)
+    return Sample(
+        {"msgs_per_s": n / elapsed, "secs": elapsed, "frame_bytes": total / n},
+        (service.cpu() - cpu0) / n * 1e6,
+        (time.process_time() - ours0) / n * 1e6,
+    )
 
 
 async def open_many(reactor: Any, clients: Sequence[Client], address: str) -> list[Any]:
     protos: list[Any] = []
     for i in range(0, len(clients), BATCH):
-        batch = clients[i:i + BATCH]
+        batch = clients[i : i + BATCH]
         protos += await defer.gatherResults(
             [defer.Deferred.fromCoroutine(c.open(reactor, address)) for c in batch],
-            consumeErrors=True)
+            consumeErrors=True,
+        )
     return protos
 
 
-async def measure_idle_memory(reactor: Any, home: Home, fleet: list[Client],
-                              warm: list[Client], profile_out: Path | None) -> Sample:
+async def measure_idle_memory(
+    reactor: Any, home: Home, fleet: list[Client], warm: list[Client], profile_out: Path | None
+) -> Sample:
     """A fresh service: warm-up links opened and closed, then ``len(fleet)`` idle links."""
     service = await start_service(reactor, home, profile_out)
     try:
@@ -601,13 +679,23 @@ async def measure_idle_memory(reactor: Any, home: Home, fleet: list[Client],
             c.server_id = service.identity
         for proto in await open_many(reactor, warm, service.address):
             proto.transport.loseConnection()
-        await until(reactor, lambda: _count_is(reactor, service, 0), STEP_TIMEOUT_SECS,
-                    "the warm-up links to close", step=0.05)
+        await until(
+            reactor,
+            lambda: _count_is(reactor, service, 0),
+            STEP_TIMEOUT_SECS,
+            "the warm-up links to close",
+            step=0.05,
+        )
         await sleep(reactor, 0.5)
         before = service.rss()
         protos = await open_many(reactor, fleet, service.address)
-        await until(reactor, lambda: _count_is(reactor, service, len(fleet)), STEP_TIMEOUT_SECS,
-                    "the idle links to be up", step=0.05)
+        await until(
+            reactor,
+            lambda: _count_is(reactor, service, len(fleet)),
+            STEP_TIMEOUT_SECS,
+            "the idle links to be up",
+            step=0.05,
+        )
         await sleep(reactor, IDLE_SETTLE_SECS)
         after = service.rss()
         connected = await service.connected(reactor)
@@ -615,10 +703,20 @@ async def measure_idle_memory(reactor: Any, home: Home, fleet: list[Client],
             raise BenchError(f"{connected} of {len(fleet)} idle links stayed up")
         for proto in protos:
             proto.transport.loseConnection()
-        await until(reactor, lambda: _count_is(reactor, service, 0), STEP_TIMEOUT_SECS,
-                    "the idle links to close", step=0.05)
-        return Sample({"kib_per_idle_link": (after - before) / len(fleet),
-                       "rss_before_kib": before, "rss_after_kib": after})
+        await until(
+            reactor,
+            lambda: _count_is(reactor, service, 0),
+            STEP_TIMEOUT_SECS,
+            "the idle links to close",
+            step=0.05,
+        )
+        return Sample(
+            {
+                "kib_per_idle_link": (after - before) / len(fleet),
+                "rss_before_kib": before,
+                "rss_after_kib": after,
+            }
+        )
     finally:
         await stop_service(reactor, service)
 
@@ -646,8 +744,12 @@ class Row:
         vals = self.values(transport)
         cpus = [s.server_cpu_us for s in self.samples[transport] if s.server_cpu_us is not None]
         ours = [s.client_cpu_us for s in self.samples[transport] if s.client_cpu_us is not None]
-        out: dict[str, Any] = {"median": statistics.median(vals), "min": min(vals),
-                               "max": max(vals), "runs": vals}
+        out: dict[str, Any] = {
+            "median": statistics.median(vals),
+            "min": min(vals),
+            "max": max(vals),
+            "runs": vals,
+        }
         if cpus:
             out["server_cpu_us_per_op"] = statistics.median(cpus)
             out["server_cpu_us_runs"] = cpus
@@ -671,21 +773,42 @@ class Row:
 
 def make_rows(sizes: Sizes) -> dict[str, Row]:
     return {
-        "setup_p50_ms": Row("setup_p50_ms", "link set-up p50, TCP connect -> authenticated "
-                            f"both ways ({sizes.connects} sequential per run)", "ms",
-                            value_key="p50_ms", cpu_label="per set-up + close"),
+        "setup_p50_ms": Row(
+            "setup_p50_ms",
+            "link set-up p50, TCP connect -> authenticated "
+            f"both ways ({sizes.connects} sequential per run)",
+            "ms",
+            value_key="p50_ms",
+            cpu_label="per set-up + close",
+        ),
         "setup_p99_ms": Row("setup_p99_ms", "link set-up p99", "ms", value_key="p99_ms"),
-        "request_p50_ms": Row("request_p50_ms", "knowledge_request -> knowledge_snapshot "
-                              f"({sizes.units} units) p50 ({sizes.requests} per run)", "ms",
-                              value_key="p50_ms", cpu_label="per request"),
-        "request_p99_ms": Row("request_p99_ms", "knowledge_request -> knowledge_snapshot p99",
-                              "ms", value_key="p99_ms"),
-        "msgs_per_s": Row("msgs_per_s", "one-way heartbeats parsed by the service "
-                          f"({sizes.messages:,} per run)", "msg/s", value_key="msgs_per_s",
-                          cpu_label="per message"),
-        "kib_per_idle_link": Row("kib_per_idle_link", "memory per idle authenticated link "
-                                 f"({sizes.idle_links} links, VmRSS growth)", "KiB",
-                                 value_key="kib_per_idle_link"),
+        "request_p50_ms": Row(
+            "request_p50_ms",
+            "knowledge_request -> knowledge_snapshot "
+            f"({sizes.units} units) p50 ({sizes.requests} per run)",
+            "ms",
+            value_key="p50_ms",
+            cpu_label="per request",
+        ),
+        "request_p99_ms": Row(
+            "request_p99_ms",
+            "knowledge_request -> knowledge_snapshot p99",
+            "ms",
+            value_key="p99_ms",
+        ),
+        "msgs_per_s": Row(
+            "msgs_per_s",
+            f"one-way heartbeats parsed by the service ({sizes.messages:,} per run)",
+            "msg/s",
+            value_key="msgs_per_s",
+            cpu_label="per message",
+        ),
+        "kib_per_idle_link": Row(
+            "kib_per_idle_link",
+            f"memory per idle authenticated link ({sizes.idle_links} links, VmRSS growth)",
+            "KiB",
+            value_key="kib_per_idle_link",
+        ),
     }
 
 
@@ -694,19 +817,35 @@ def make_rows(sizes: Sizes) -> dict[str, Row]:
 
 def unit_records(origin: str, n: int, now: int) -> list[dict[str, Any]]:
     """Shareable pattern units that originated at S (``hive import`` of one's own export)."""
-    return [{"id": f"ku_bench_{i:04d}", "scope": {"type": "universal"},
-             "category": "best_practice",
-             "content": {"type": "pattern", "tool": "Bash",
-                         "command_pattern": f"bench command {i} --flag",
-                         "preferred_action": "approve", "accept_rate": 0.9,
-                         "sample_count": 12, "conditions": []},
-             "evidence_count": 12, "confidence": 0.9, "source_peer": origin,
-             "originated_at": now, "last_validated_at": now, "propagation_count": 0,
-             "version": 1} for i in range(n)]
+    return [
+        {
+            "id": f"ku_bench_{i:04d}",
+            "scope": {"type": "universal"},
+            "category": "best_practice",
+            "content": {
+                "type": "pattern",
+                "tool": "Bash",
+                "command_pattern": f"bench command {i} --flag",
+                "preferred_action": "approve",
+                "accept_rate": 0.9,
+                "sample_count": 12,
+                "conditions": [],
+            },
+            "evidence_count": 12,
+            "confidence": 0.9,
+            "source_peer": origin,
+            "originated_at": now,
+            "last_validated_at": now,
+            "propagation_count": 0,
+            "version": 1,
+        }
+        for i in range(n)
+    ]
 
 
-def fleet_clients(reactor: Any, tmp: Path, transport: str, server_home: Home, prefix: str,
-                  count: int) -> list[Client]:
+def fleet_clients(
+    reactor: Any, tmp: Path, transport: str, server_home: Home, prefix: str, count: int
+) -> list[Client]:
     """
     Idle-link identities whose keys are written as files: ``peers/<id>.key``
     on the service's home (what claiming a pair code writes there) and
@@ -732,8 +871,9 @@ class Run:
     profiles: list[tuple[str, Path]] = field(default_factory=list)
 
 
-async def bench(reactor: Any, tmp: Path, sizes: Sizes, profile: bool,
-                say: Callable[[str], None]) -> Run:
+async def bench(
+    reactor: Any, tmp: Path, sizes: Sizes, profile: bool, say: Callable[[str], None]
+) -> Run:
     run = Run(sizes, make_rows(sizes))
     rows = run.rows
     now = int(time.time())
@@ -749,12 +889,15 @@ async def bench(reactor: Any, tmp: Path, sizes: Sizes, profile: bool,
     say(f"service {sid} on {service.address} (pid {service.pid})")
     run.setup["server"] = {"identity": sid, "units": sizes.units}
     try:
-        clients = {t: await pair_client(reactor, service, new_home(tmp, f"client-{t}"), t)
-                   for t in TRANSPORTS}
+        clients = {
+            t: await pair_client(reactor, service, new_home(tmp, f"client-{t}"), t)
+            for t in TRANSPORTS
+        }
         seen = {r["identity"]: r for r in cli(shome.root, "relay", "peers")}
-        run.setup["clients"] = {t: {"identity": c.identity,
-                                    "relay_peers_mode": seen[c.identity]["mode"]}
-                                for t, c in clients.items()}
+        run.setup["clients"] = {
+            t: {"identity": c.identity, "relay_peers_mode": seen[c.identity]["mode"]}
+            for t, c in clients.items()
+        }
 
         def order(i: int) -> Sequence[str]:
             return TRANSPORTS if i % 2 == 0 else TRANSPORTS[::-1]
@@ -762,8 +905,9 @@ async def bench(reactor: Any, tmp: Path, sizes: Sizes, profile: bool,
         # 1. Link set-up.
         for i in range(sizes.runs):
             for t in order(i):
-                s = await measure_setup(reactor, service, clients[t], sizes.connects,
-                                        sizes.warmup_connects)
+                s = await measure_setup(
+                    reactor, service, clients[t], sizes.connects, sizes.warmup_connects
+                )
                 rows["setup_p50_ms"].samples[t].append(s)
                 rows["setup_p99_ms"].samples[t].append(s)
             say(f"link set-up run {i + 1}/{sizes.runs} done")
@@ -779,14 +923,21 @@ async def bench(reactor: Any, tmp: Path, sizes: Sizes, profile: bool,
         waiters = {t: SnapshotWaiter(clients[t]) for t in TRANSPORTS}
         for i in range(sizes.runs):
             for t in order(i):
-                s = await measure_requests(reactor, service, clients[t], waiters[t],
-                                           sizes.requests, sizes.warmup_requests, sizes.units)
+                s = await measure_requests(
+                    reactor,
+                    service,
+                    clients[t],
+                    waiters[t],
+                    sizes.requests,
+                    sizes.warmup_requests,
+                    sizes.units,
+                )
                 rows["request_p50_ms"].samples[t].append(s)
                 rows["request_p99_ms"].samples[t].append(s)
             for t in order(i):
                 rows["msgs_per_s"].samples[t].append(
-                    await measure_one_way(reactor, service, clients[t], protos[t],
-                                          sizes.messages))
+                    await measure_one_way(reactor, service, clients[t], protos[t], sizes.messages)
+                )
             say(f"request and one-way run {i + 1}/{sizes.runs} done")
         for t in TRANSPORTS:
             await clients[t].close(reactor, protos[t])
@@ -796,18 +947,22 @@ async def bench(reactor: Any, tmp: Path, sizes: Sizes, profile: bool,
         run.profiles.append(("relay serve S (set-up, requests, one-way)", prof_s))
 
     # 4. Memory per idle link: a fresh service per run and transport.
-    mhome = new_home(tmp, "idle",
-                     f"[relay]\nmax_peers = {sizes.idle_links + WARMUP_IDLE + 8}\n")
-    fleets = {t: fleet_clients(reactor, tmp, t, mhome, "idle", sizes.idle_links)
-              for t in TRANSPORTS}
+    mhome = new_home(tmp, "idle", f"[relay]\nmax_peers = {sizes.idle_links + WARMUP_IDLE + 8}\n")
+    fleets = {
+        t: fleet_clients(reactor, tmp, t, mhome, "idle", sizes.idle_links) for t in TRANSPORTS
+    }
     warms = {t: fleet_clients(reactor, tmp, t, mhome, "warm", WARMUP_IDLE) for t in TRANSPORTS}
-    run.setup["idle"] = {"max_peers": sizes.idle_links + WARMUP_IDLE + 8,
-                         "warmup_links": WARMUP_IDLE, "settle_secs": IDLE_SETTLE_SECS}
+    run.setup["idle"] = {
+        "max_peers": sizes.idle_links + WARMUP_IDLE + 8,
+        "warmup_links": WARMUP_IDLE,
+        "settle_secs": IDLE_SETTLE_SECS,
+    }
     for i in range(sizes.runs):
         for t in order(i):
             prof_m = tmp / f"idle-{t}-{i}.prof" if profile and i == 0 else None
             rows["kib_per_idle_link"].samples[t].append(
-                await measure_idle_memory(reactor, mhome, fleets[t], warms[t], prof_m))
+                await measure_idle_memory(reactor, mhome, fleets[t], warms[t], prof_m)
+            )
             if prof_m is not None:
                 run.profiles.append((f"relay serve, idle links ({t})", prof_m))
         say(f"idle-link run {i + 1}/{sizes.runs} done")
@@ -863,12 +1018,25 @@ def cpu_text(row: Row) -> str:
 
 
 def report_json(run: Run, meta: dict[str, Any]) -> dict[str, Any]:
-    return {**meta, "sizes": vars(run.sizes), "setup": run.setup,
-            "service_pids": CHILDREN.started,
-            "rows": [{"key": r.key, "title": r.title, "unit": r.unit,
-                      **{t: {**r.stats(t), "target": r.target(t), "passed": r.passed(t)}
-                         for t in TRANSPORTS}} for r in run.rows.values()],
-            "passed": all_passed(run)}
+    return {
+        **meta,
+        "sizes": vars(run.sizes),
+        "setup": run.setup,
+        "service_pids": CHILDREN.started,
+        "rows": [
+            {
+                "key": r.key,
+                "title": r.title,
+                "unit": r.unit,
+                **{
+                    t: {**r.stats(t), "target": r.target(t), "passed": r.passed(t)}
+                    for t in TRANSPORTS
+                },
+            }
+            for r in run.rows.values()
+        ],
+        "passed": all_passed(run),
+    }
 
 
 def all_passed(run: Run) -> bool:
@@ -877,18 +1045,41 @@ def all_passed(run: Run) -> bool:
 
 def print_table(run: Run, meta: dict[str, Any]) -> None:
     m = meta["machine"]
-    print(f"claudectl relay benchmark ({meta['mode']}, {run.sizes.runs} run(s) per row): "
-          f"{meta['date']}; {m['nproc']} CPU(s), {m['cpu']}, Python {m['python']}, "
-          f"Twisted {m['twisted']}")
+    print(
+        f"claudectl relay benchmark ({meta['mode']}, {run.sizes.runs} run(s) per row): "
+        f"{meta['date']}; {m['nproc']} CPU(s), {m['cpu']}, Python {m['python']}, "
+        f"Twisted {m['twisted']}"
+    )
     la0, la1 = meta["load_average_start"], meta["load_average_end"]
-    print("load average (1/5/15 min): start " + " ".join(f"{x:.2f}" for x in la0)
-          + ", end " + " ".join(f"{x:.2f}" for x in la1))
+    print(
+        "load average (1/5/15 min): start "
+        + " ".join(f"{x:.2f}" for x in la0)
+        + ", end "
+        + " ".join(f"{x:.2f}" for x in la1)
+    )
     print(f"command: {meta['command']}")
     print("cells: median (min-max) over the runs")
-    headers = ("measure", "unit", "plaintext", "TLS 1.3", "target", "result",
-               "server CPU per operation (median)")
-    table = [headers] + [(r.title, r.unit, cell(r, PLAINTEXT), cell(r, TLS13), target_text(r),
-                          verdict(r), cpu_text(r)) for r in run.rows.values()]
+    headers = (
+        "measure",
+        "unit",
+        "plaintext",
+        "TLS 1.3",
+        "target",
+        "result",
+        "server CPU per operation (median)",
+    )
+    table = [headers] + [
+        (
+            r.title,
+            r.unit,
+            cell(r, PLAINTEXT),
+            cell(r, TLS13),
+            target_text(r),
+            verdict(r),
+            cpu_text(r),
+        )
+        for r in run.rows.values()
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     for j, row in enumerate(table):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -908,16 +1099,18 @@ def notes(run: Run) -> list[str]:
         if us:
             caps.append(f"{'TLS' if t == TLS13 else 'plain'} {1e6 / us:,.0f} msg/s")
     if caps:
-        out.append("service CPU-bound capacity, one way (1 / its CPU time per message): "
-                   + ", ".join(caps))
+        out.append(
+            "service CPU-bound capacity, one way (1 / its CPU time per message): " + ", ".join(caps)
+        )
     for key in ("setup_p50_ms", "request_p50_ms", "msgs_per_s"):
         row = run.rows[key]
         parts = []
         for t in TRANSPORTS:
             st = row.stats(t)
             if "client_cpu_us_per_op" in st:
-                parts.append(f"{'TLS' if t == TLS13 else 'plain'} "
-                             f"{st['client_cpu_us_per_op']:,.1f} µs")
+                parts.append(
+                    f"{'TLS' if t == TLS13 else 'plain'} {st['client_cpu_us_per_op']:,.1f} µs"
+                )
         if parts:
             out.append(f"client (this process) CPU {row.cpu_label}: " + " / ".join(parts))
     return out
@@ -934,18 +1127,30 @@ def dump_profile(path: Path, title: str, limit: int = 30) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="small counts and one run (a few seconds of measuring; the smoke "
-                        "test runs this): the figures are not meaningful")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small counts and one run (a few seconds of measuring; the smoke "
+        "test runs this): the figures are not meaningful",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--runs", type=int, default=None, metavar="N",
-                   help=f"runs per row (default {FULL.runs}; {QUICK.runs} with --quick)")
-    p.add_argument("--profile", action="store_true",
-                   help="run the services under cProfile (python -m cProfile -o; written "
-                        "when SIGTERM stops them) and print their hot spots; timings then "
-                        "include the profiler's overhead")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"runs per row (default {FULL.runs}; {QUICK.runs} with --quick)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the services under cProfile (python -m cProfile -o; written "
+        "when SIGTERM stops them) and print their hot spots; timings then "
+        "include the profiler's overhead",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
     args = p.parse_args(argv)
     if args.runs is not None and not 1 <= args.runs <= 50:
@@ -956,8 +1161,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not sys.platform.startswith("linux"):
-        print("Error: bench_relay.py reads /proc/<pid>/status and stat: Linux only",
-              file=sys.stderr)
+        print(
+            "Error: bench_relay.py reads /proc/<pid>/status and stat: Linux only", file=sys.stderr
+        )
         return 2
     sizes = QUICK if args.quick else FULL
     if args.runs is not None:
@@ -968,7 +1174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status: list[int] = []
     load_start = os.getloadavg()
     command = "python scripts/bench_relay.py" + "".join(
-        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv)
+    )
 
     def say(text: str) -> None:
         if not args.json:
@@ -977,10 +1184,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def go(reactor: Any) -> None:
         start_logging(tmp / "client.log")
         run = await bench(reactor, tmp, sizes, args.profile, say)
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "mode": "quick" if args.quick else "full", "machine": machine(),
-                "load_average_start": load_start, "load_average_end": os.getloadavg(),
-                "command": command, "profiled": args.profile}
+        meta = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "mode": "quick" if args.quick else "full",
+            "machine": machine(),
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg(),
+            "command": command,
+            "profiled": args.profile,
+        }
         if args.json:
             print(json.dumps(report_json(run, meta), indent=2))
         else:

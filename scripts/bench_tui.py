@@ -90,10 +90,18 @@ class AmpClient:
     def call(self, command: str, **args: str) -> dict[bytes, bytes]:
         self.n += 1
         ask = str(self.n).encode()
-        box = {b"_command": command.encode(), b"_ask": ask,
-               **{k.encode(): v.encode() for k, v in args.items()}}
-        self.sock.sendall(b"".join(struct.pack("!H", len(k)) + k + struct.pack("!H", len(v)) + v
-                                   for k, v in box.items()) + b"\x00\x00")
+        box = {
+            b"_command": command.encode(),
+            b"_ask": ask,
+            **{k.encode(): v.encode() for k, v in args.items()},
+        }
+        self.sock.sendall(
+            b"".join(
+                struct.pack("!H", len(k)) + k + struct.pack("!H", len(v)) + v
+                for k, v in box.items()
+            )
+            + b"\x00\x00"
+        )
         while True:
             reply = self._box()
             if reply.get(b"_answer") == ask:
@@ -106,15 +114,26 @@ class AmpClient:
 
 
 def env_for(home: Path) -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
-            "CLAUDECTL_HOME": str(home), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": str(ROOT), "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "CLAUDECTL_HOME": str(home),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ROOT),
+        "TMPDIR": os.environ.get("TMPDIR", "/tmp"),
+    }
 
 
 def cli(home: Path, *args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "claudectl", "--home", str(home), *args],
-                       capture_output=True, text=True, timeout=60, env=env_for(home),
-                       cwd=str(home))
+    r = subprocess.run(
+        [sys.executable, "-m", "claudectl", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env_for(home),
+        cwd=str(home),
+    )
     if r.returncode != 0:
         raise RuntimeError(f"claudectl {' '.join(args)}: {r.stderr.strip()}")
     return r.stdout
@@ -124,10 +143,25 @@ class Serve:
     def __init__(self, home: Path) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "claudectl", "--home", str(home), "relay", "serve",
-             "--no-discovery", "--listen", "tcp:0:interface=127.0.0.1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env_for(home), cwd=str(home), text=True)
+            [
+                sys.executable,
+                "-m",
+                "claudectl",
+                "--home",
+                str(home),
+                "relay",
+                "serve",
+                "--no-discovery",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env_for(home),
+            cwd=str(home),
+            text=True,
+        )
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -162,9 +196,14 @@ class Terminal:
         self.stream = pyte.ByteStream(self.screen)
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
-                                     env=dict(env, TERM="xterm-256color"),
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=dict(env, TERM="xterm-256color"),
+            start_new_session=True,
+        )
         os.close(slave)
         self.master = master
 
@@ -176,8 +215,9 @@ class Terminal:
                 return self.last_read
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RuntimeError(f"screen never showed {pattern!r}:\n"
-                                   + "\n".join(self.screen.display))
+                raise RuntimeError(
+                    f"screen never showed {pattern!r}:\n" + "\n".join(self.screen.display)
+                )
             r, _, _ = select.select([self.master], [], [], min(left, 0.05))
             if r:
                 data = os.read(self.master, 65536)
@@ -203,9 +243,13 @@ def pct(values: list[float], p: float) -> float:
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), "p50_ms": round(statistics.median(values), 1),
-            "p90_ms": round(pct(values, 90), 1), "max_ms": round(max(values), 1),
-            "min_ms": round(min(values), 1)}
+    return {
+        "n": len(values),
+        "p50_ms": round(statistics.median(values), 1),
+        "p90_ms": round(pct(values, 90), 1),
+        "max_ms": round(max(values), 1),
+        "min_ms": round(min(values), 1),
+    }
 
 
 def run(rounds: int) -> dict[str, Any]:
@@ -223,8 +267,9 @@ def run(rounds: int) -> dict[str, Any]:
         procs += [a, b]
         port = a.port()
         b.port()
-        term = Terminal([sys.executable, "-m", "claudectl", "--home", str(ha), "tui"],
-                        env_for(ha), 120, 30)
+        term = Terminal(
+            [sys.executable, "-m", "claudectl", "--home", str(ha), "tui"], env_for(ha), 120, 30
+        )
         procs.append(term)
         term.wait_for("relay service: attached")
         sys.path.insert(0, str(ROOT))
@@ -250,12 +295,14 @@ def run(rounds: int) -> dict[str, Any]:
             up_req.append((t1 - t0) * 1000)
             up_ans.append(max(0.0, (t1 - t_ans) * 1000))
             time.sleep(0.2)
-        return {"rounds": rounds,
-                "up_from_connect_request": summary(up_req),
-                "up_from_connect_answer": summary(up_ans),
-                "down_from_disconnect_request": summary(down),
-                "goal_p50_ms": GOAL_P50_MS,
-                "loadavg": os.getloadavg()}
+        return {
+            "rounds": rounds,
+            "up_from_connect_request": summary(up_req),
+            "up_from_connect_answer": summary(up_ans),
+            "down_from_disconnect_request": summary(down),
+            "goal_p50_ms": GOAL_P50_MS,
+            "loadavg": os.getloadavg(),
+        }
     finally:
         for p in reversed(procs):
             try:
@@ -282,15 +329,20 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"TUI push latency, {rounds} rounds (load average "
-              f"{', '.join(f'{x:.2f}' for x in result['loadavg'])})")
-        for key, label in (("up_from_connect_request", "link up: connect request -> screen"),
-                           ("up_from_connect_answer", "link up: B connected -> screen"),
-                           ("down_from_disconnect_request",
-                            "link down: disconnect request -> screen")):
+        print(
+            f"TUI push latency, {rounds} rounds (load average "
+            f"{', '.join(f'{x:.2f}' for x in result['loadavg'])})"
+        )
+        for key, label in (
+            ("up_from_connect_request", "link up: connect request -> screen"),
+            ("up_from_connect_answer", "link up: B connected -> screen"),
+            ("down_from_disconnect_request", "link down: disconnect request -> screen"),
+        ):
             s = result[key]
-            print(f"  {label:<42} p50 {s['p50_ms']:7.1f} ms  p90 {s['p90_ms']:7.1f} ms  "
-                  f"max {s['max_ms']:7.1f} ms")
+            print(
+                f"  {label:<42} p50 {s['p50_ms']:7.1f} ms  p90 {s['p90_ms']:7.1f} ms  "
+                f"max {s['max_ms']:7.1f} ms"
+            )
         print(f"  goal: p50 <= {GOAL_P50_MS:.0f} ms: {'met' if met else 'MISSED'}")
     return 0 if met else 1
 

@@ -22,8 +22,8 @@ try:
     from hypothesis import HealthCheck, settings
 
     settings.register_profile(
-        "ci", deadline=None, max_examples=100,
-        suppress_health_check=[HealthCheck.too_slow])
+        "ci", deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow]
+    )
     settings.load_profile("ci")
 except ImportError:  # pragma: no cover - hypothesis is a dev dependency
     pass

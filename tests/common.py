@@ -24,8 +24,11 @@ SHARED_VECTORS_FILE = _HERE.parent.parent / "shared" / "spec" / "vectors.json"
 def vectors(area: str | None = None, kind: str | None = None) -> dict[str, dict[str, Any]]:
     """The vectors (by name) of one area and kind."""
     data = json.loads(VECTORS_FILE.read_text(encoding="utf-8"))
-    return {v["name"]: v for v in data["vectors"]
-            if (area is None or v["area"] == area) and (kind is None or v["kind"] == kind)}
+    return {
+        v["name"]: v
+        for v in data["vectors"]
+        if (area is None or v["area"] == area) and (kind is None or v["kind"] == kind)
+    }
 
 
 def vector(name: str) -> dict[str, Any]:
@@ -52,6 +55,10 @@ def subprocess_env(home: Home, **extra: str) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(p for p in [str(_HERE.parent)] + sys.path if p),
     }
+    for name in ("COVERAGE_PROCESS_START", "COVERAGE_FILE"):
+        # .ci/run measures the children too (see .coveragerc).
+        if name in os.environ:
+            env[name] = os.environ[name]
     env.update(extra)
     return env
 
@@ -60,8 +67,7 @@ def subprocess_env(home: Home, **extra: str) -> dict[str, str]:
 class FakeMesh:
     """An in-memory IMesh: records what is sent, lets tests deliver frames."""
 
-    def __init__(self, identity: str = "me-00000000",
-                 peers: list[str] | None = None) -> None:
+    def __init__(self, identity: str = "me-00000000", peers: list[str] | None = None) -> None:
         self.identity = identity
         self.peers: dict[str, str] = {p: "mutual" for p in (peers or [])}
         #: ``peer_transport`` answers; peers not listed are "tls1.3".
@@ -114,25 +120,36 @@ class FakeMesh:
             cb(peer_id)
 
     # --- test drivers ---
-    def connect(self, peer_id: str, mode: str = "mutual",
-                direction: str | None = None) -> None:
+    def connect(self, peer_id: str, mode: str = "mutual", direction: str | None = None) -> None:
         self.peers[peer_id] = mode
         if direction is not None:
             self.directions[peer_id] = direction
         for cb in self.up:
             cb(peer_id)
 
-    def deliver(self, peer_id: str, msg_type: str, payload: Any,
-                from_peer: str | None = None) -> None:
+    def deliver(
+        self, peer_id: str, msg_type: str, payload: Any, from_peer: str | None = None
+    ) -> None:
         self._seq += 1
-        env = Envelope(f"msg_test_{self._seq}", msg_type,
-                       peer_id if from_peer is None else from_peer, 0, payload)
+        env = Envelope(
+            f"msg_test_{self._seq}",
+            msg_type,
+            peer_id if from_peer is None else from_peer,
+            0,
+            payload,
+        )
         for h in self.handlers.get(msg_type, []):
             h(peer_id, env)
 
 
-def make_node(testcase: Any, identity: str, reactor: Any = None, home: Home | None = None,
-              tls: bool = False, **relay: Any) -> Any:
+def make_node(
+    testcase: Any,
+    identity: str,
+    reactor: Any = None,
+    home: Home | None = None,
+    tls: bool = False,
+    **relay: Any,
+) -> Any:
     """
     A RelayNode in a fresh temporary home, on ``reactor`` (default: a
     MemoryReactorClock).  TLS is off unless asked for: the in-memory
@@ -151,13 +168,15 @@ def make_node(testcase: Any, identity: str, reactor: Any = None, home: Home | No
     config = Config()
     relay.setdefault("lan_discovery", False)
     config = dataclasses.replace(config, relay=dataclasses.replace(config.relay, **relay))
-    node = RelayNode(home or temp_home(testcase), config, reactor, identity=identity,
-                     jitter=lambda: 0.0, tls=tls)
+    node = RelayNode(
+        home or temp_home(testcase), config, reactor, identity=identity, jitter=lambda: 0.0, tls=tls
+    )
     return node
 
 
-def wrong_password_naming(password: bytes, host: str = "10.0.0.1", port: int = 9900,
-                          other: bool = False) -> bytes:
+def wrong_password_naming(
+    password: bytes, host: str = "10.0.0.1", port: int = 9900, other: bool = False
+) -> bytes:
     """
     A wrong code password whose invite selector is the same as ``password``'s
     (a mistyped code that still names the invite), or with ``other`` a
@@ -171,7 +190,8 @@ def wrong_password_naming(password: bytes, host: str = "10.0.0.1", port: int = 9
     for n in range(1, 1 << 20):
         candidate = bytes(a ^ b for a, b in zip(password, n.to_bytes(4, "big"), strict=True))
         if (invite_selector(candidate) == want) != other and not relay_code_is_ambiguous(
-                codes.relay_code(host, port, candidate)):
+            codes.relay_code(host, port, candidate)
+        ):
             return candidate
     raise AssertionError("no such password")
 
@@ -195,16 +215,32 @@ class ServeProcess:
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env or subprocess_env(home), cwd=str(home.root),
-            text=True)
+            [sys.executable, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env or subprocess_env(home),
+            cwd=str(home.root),
+            text=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     @classmethod
     def serve(cls, home: Home, *args: str) -> ServeProcess:
-        return cls(home, ["-m", "claudectl", "--home", str(home.root), "relay", "serve",
-                          "--no-discovery", *args])
+        return cls(
+            home,
+            [
+                "-m",
+                "claudectl",
+                "--home",
+                str(home.root),
+                "relay",
+                "serve",
+                "--no-discovery",
+                *args,
+            ],
+        )
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -257,12 +293,23 @@ class ServeProcess:
         return self.proc.returncode
 
 
-def run_cli(home: Home, *args: str, timeout: float = 60, input: str | None = None,
-            env: dict[str, str] | None = None) -> Any:
+def run_cli(
+    home: Home,
+    *args: str,
+    timeout: float = 60,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Any:
     """Run ``python -m claudectl --home HOME ARGS`` and return the CompletedProcess."""
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "claudectl", "--home", str(home.root), *args],
-                          capture_output=True, text=True, timeout=timeout, input=input,
-                          env=env or subprocess_env(home), cwd=str(home.root))
+    return subprocess.run(
+        [sys.executable, "-m", "claudectl", "--home", str(home.root), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        env=env or subprocess_env(home),
+        cwd=str(home.root),
+    )

@@ -63,23 +63,50 @@ def assistant(text=None, tool=None, msg_id=None, tokens=(10, 5)):
         content.append({"type": "text", "text": text})
     if tool is not None:
         content.append({"type": "tool_use", "id": "toolu_1", "name": tool[0], "input": tool[1]})
-    return {"type": "assistant", "message": {
-        "id": msg_id or str(uuid.uuid4()), "model": "claude-fake", "role": "assistant",
-        "stop_reason": None, "type": "message",
-        "usage": {"input_tokens": tokens[0], "output_tokens": tokens[1],
-                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
-        "content": content}, "parent_tool_use_id": None, "session_id": SESSION,
-        "uuid": str(uuid.uuid4())}
+    return {
+        "type": "assistant",
+        "message": {
+            "id": msg_id or str(uuid.uuid4()),
+            "model": "claude-fake",
+            "role": "assistant",
+            "stop_reason": None,
+            "type": "message",
+            "usage": {
+                "input_tokens": tokens[0],
+                "output_tokens": tokens[1],
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
+            "content": content,
+        },
+        "parent_tool_use_id": None,
+        "session_id": SESSION,
+        "uuid": str(uuid.uuid4()),
+    }
 
 
 def result(text, is_error=False, cost=0.0123, turns=2):
-    return {"type": "result", "subtype": "success", "is_error": is_error, "duration_ms": 1234,
-            "duration_api_ms": 1000, "num_turns": turns, "result": text,
-            "stop_reason": "end_turn", "session_id": SESSION, "total_cost_usd": cost,
-            "usage": {"input_tokens": 100, "cache_creation_input_tokens": 20,
-                      "cache_read_input_tokens": 30, "output_tokens": 50},
-            "permission_denials": [], "terminal_reason": "completed",
-            "uuid": str(uuid.uuid4())}
+    return {
+        "type": "result",
+        "subtype": "success",
+        "is_error": is_error,
+        "duration_ms": 1234,
+        "duration_api_ms": 1000,
+        "num_turns": turns,
+        "result": text,
+        "stop_reason": "end_turn",
+        "session_id": SESSION,
+        "total_cost_usd": cost,
+        "usage": {
+            "input_tokens": 100,
+            "cache_creation_input_tokens": 20,
+            "cache_read_input_tokens": 30,
+            "output_tokens": 50,
+        },
+        "permission_denials": [],
+        "terminal_reason": "completed",
+        "uuid": str(uuid.uuid4()),
+    }
 
 
 def main(argv):
@@ -88,27 +115,55 @@ def main(argv):
     log = os.environ.get("FAKE_CLAUDE_LOG") or os.environ.get("CLAUDE_FAKE_LOG")
     if log:
         with open(log, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"argv": argv, "prompt": prompt, "cwd": os.getcwd(),
-                                "env": sorted(os.environ)}) + "\n")
+            f.write(
+                json.dumps(
+                    {"argv": argv, "prompt": prompt, "cwd": os.getcwd(), "env": sorted(os.environ)}
+                )
+                + "\n"
+            )
     match = re.search(r"fake:([a-z-]+)", prompt or "")
     variant = match.group(1) if match else "succeed"
-    emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": SESSION,
-          "tools": ["Bash", "Edit", "Read", "Write"], "mcp_servers": [], "model": "claude-fake",
-          "permissionMode": "default", "apiKeySource": "none",
-          "claude_code_version": "0.0.0-fake", "uuid": str(uuid.uuid4())})
+    emit(
+        {
+            "type": "system",
+            "subtype": "init",
+            "cwd": os.getcwd(),
+            "session_id": SESSION,
+            "tools": ["Bash", "Edit", "Read", "Write"],
+            "mcp_servers": [],
+            "model": "claude-fake",
+            "permissionMode": "default",
+            "apiKeySource": "none",
+            "claude_code_version": "0.0.0-fake",
+            "uuid": str(uuid.uuid4()),
+        }
+    )
     pause = 0.3 if variant == "slow" else 0.0
     if "+daemon" in (prompt or ""):
-        subprocess.Popen([sys.executable, "-c", "import signal, time; "
-                          "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import signal, time; "
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     if "+escape" in (prompt or ""):
-        subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); time.sleep(600)"],
-                         stdin=subprocess.DEVNULL)
+        subprocess.Popen(
+            [sys.executable, "-c", "import os, time; os.setsid(); time.sleep(600)"],
+            stdin=subprocess.DEVNULL,
+        )
 
     if variant == "fail":
-        emit(dict(assistant("Not logged in · Please run /login", tokens=(0, 0)),
-                  error="authentication_failed"))
+        emit(
+            dict(
+                assistant("Not logged in · Please run /login", tokens=(0, 0)),
+                error="authentication_failed",
+            )
+        )
         emit(result("Not logged in · Please run /login", is_error=True, cost=0, turns=1))
         return 0
     if variant == "crash":
@@ -140,11 +195,25 @@ def main(argv):
     if "fake:edit" in (prompt or ""):
         with open(path, "w", encoding="utf-8") as f:
             f.write("edited by the fake claude\n")
-    emit(assistant(None, tool=("Edit", {"file_path": path, "old_string": "a",
-                                        "new_string": "b"}), msg_id="msg_a"))
-    emit({"type": "user", "message": {"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}]},
-        "parent_tool_use_id": None, "session_id": SESSION, "uuid": str(uuid.uuid4())})
+    emit(
+        assistant(
+            None,
+            tool=("Edit", {"file_path": path, "old_string": "a", "new_string": "b"}),
+            msg_id="msg_a",
+        )
+    )
+    emit(
+        {
+            "type": "user",
+            "message": {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}],
+            },
+            "parent_tool_use_id": None,
+            "session_id": SESSION,
+            "uuid": str(uuid.uuid4()),
+        }
+    )
     time.sleep(pause)
     emit(assistant("All done", msg_id="msg_b"))
     time.sleep(pause)

@@ -21,22 +21,37 @@ import pyte
 
 
 class PtyScreen:
-    def __init__(self, argv: list[str], env: dict[str, str], cols: int = 80, rows: int = 24,
-                 cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cols: int = 80,
+        rows: int = 24,
+        cwd: str | None = None,
+    ) -> None:
         self.cols, self.rows = cols, rows
         self.screen = pyte.Screen(cols, rows)
         self.stream = pyte.ByteStream(self.screen)
         master, slave = os.openpty()
         self._winsize(slave, cols, rows)
         env = dict(env, TERM="xterm-256color", COLUMNS=str(cols), LINES=str(rows))
+
         def controlling_tty() -> None:
             # A session of its own with the pty as controlling terminal, as a
             # login shell has: Ctrl+C then raises SIGINT, resizes SIGWINCH.
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                                     cwd=cwd, preexec_fn=controlling_tty, close_fds=True)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=cwd,
+            preexec_fn=controlling_tty,
+            close_fds=True,
+        )
         os.close(slave)
         self.master = master
         self.raw = bytearray()
@@ -79,12 +94,16 @@ class PtyScreen:
             if found:
                 return found
             if time.monotonic() > deadline:
-                raise AssertionError(f"screen never matched {check!r}; screen:\n{text}\n"
-                                     f"tail of output: {bytes(self.raw[-400:])!r}")
+                raise AssertionError(
+                    f"screen never matched {check!r}; screen:\n{text}\n"
+                    f"tail of output: {bytes(self.raw[-400:])!r}"
+                )
             if not self.pump(0.05) and self.proc.poll() is not None:
-                raise AssertionError(f"the program exited ({self.proc.returncode}) before "
-                                     f"{check!r}; screen:\n{text}\nraw tail: "
-                                     f"{bytes(self.raw[-800:])!r}")
+                raise AssertionError(
+                    f"the program exited ({self.proc.returncode}) before "
+                    f"{check!r}; screen:\n{text}\nraw tail: "
+                    f"{bytes(self.raw[-800:])!r}"
+                )
 
     def settle(self, quiet: float = 0.3, timeout: float = 5.0) -> None:
         """Pump until nothing new arrives for ``quiet`` seconds."""

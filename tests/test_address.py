@@ -36,10 +36,26 @@ class ParseTests(SynchronousTestCase):
         self.assertRaises(AddressError, parse_address, "[::1]")
 
     def test_invalid(self) -> None:
-        for text in ("", "   ", ":9847", "host:", "host:0", "host:65536", "host:-1",
-                     "host:+1", "host:x", "::1:9847", "[::1:9847", "[::1]9847",
-                     "[]:9847", "a:b:c", "host:٩٨٤٧", "host:²", "host:" + "9" * 5000,
-                     "host: 1"):
+        for text in (
+            "",
+            "   ",
+            ":9847",
+            "host:",
+            "host:0",
+            "host:65536",
+            "host:-1",
+            "host:+1",
+            "host:x",
+            "::1:9847",
+            "[::1:9847",
+            "[::1]9847",
+            "[]:9847",
+            "a:b:c",
+            "host:٩٨٤٧",
+            "host:²",
+            "host:" + "9" * 5000,
+            "host: 1",
+        ):
             with self.subTest(text):
                 self.assertRaises(AddressError, parse_address, text)
 
@@ -97,8 +113,9 @@ class EndpointTests(SynchronousTestCase):
             ep = serverFromString(MemoryReactor(), s)
             self.assertEqual(ep._interface, addr.strip("[]"))
             self.assertEqual(ep._port, 9847)
-        self.assertEqual(serverFromString(MemoryReactor(),
-                                          listen_endpoint_string("127.0.0.1", 0))._port, 0)
+        self.assertEqual(
+            serverFromString(MemoryReactor(), listen_endpoint_string("127.0.0.1", 0))._port, 0
+        )
 
     def test_listen_addr_must_be_ip(self) -> None:
         for addr in ("localhost", "", "1.2.3", "0.0.0.0:9847"):

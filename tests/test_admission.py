@@ -40,8 +40,10 @@ class AdmissionTests(SynchronousTestCase):
         return out
 
     def test_constants_match_mission(self) -> None:
-        self.assertEqual((MAX_INFLIGHT_HANDSHAKES, MAX_FAILURES, FAILURE_WINDOW_SECS,
-                          COOLDOWN_SECS), (16, 5, 60.0, 60.0))
+        self.assertEqual(
+            (MAX_INFLIGHT_HANDSHAKES, MAX_FAILURES, FAILURE_WINDOW_SECS, COOLDOWN_SECS),
+            (16, 5, 60.0, 60.0),
+        )
 
     def test_fresh_ip_admitted(self) -> None:
         self.assertIsNone(self.adm.check_accept(IP, 0))

@@ -115,8 +115,10 @@ class LockTests(SynchronousTestCase):
         counter = directory / "counter"
         counter.write_text("0")
         root = str(Path(__file__).resolve().parent.parent)
-        procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(counter), "100", root])
-                 for _ in range(2)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _WORKER, str(counter), "100", root])
+            for _ in range(2)
+        ]
         for p in procs:
             self.assertEqual(p.wait(timeout=60), 0)
         self.assertEqual(counter.read_text(), "200")
@@ -131,29 +133,38 @@ class LockTests(SynchronousTestCase):
                 raise ValueError
         # Another process can take it now (a held flock would block it).
         root = str(Path(__file__).resolve().parent.parent)
-        code = ("import sys; sys.path.insert(0, sys.argv[2]); import fcntl, os; "
-                "fd = os.open(sys.argv[1], os.O_RDWR); "
-                "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
-        subprocess.run([sys.executable, "-c", code, str(path) + ".lock", root],
-                       check=True, timeout=30)
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[2]); import fcntl, os; "
+            "fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+        )
+        subprocess.run(
+            [sys.executable, "-c", code, str(path) + ".lock", root], check=True, timeout=30
+        )
 
     def test_held_lock_blocks_other_process(self) -> None:
         path = Path(self.mktemp()) / "f"
-        code = ("import sys, fcntl, os; fd = os.open(sys.argv[1], os.O_RDWR); "
-                "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+        code = (
+            "import sys, fcntl, os; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+        )
         with locked(path):
-            result = subprocess.run([sys.executable, "-c", code, str(path) + ".lock"],
-                                    capture_output=True, timeout=30)
+            result = subprocess.run(
+                [sys.executable, "-c", code, str(path) + ".lock"], capture_output=True, timeout=30
+            )
             self.assertNotEqual(result.returncode, 0)
             self.assertIn(b"BlockingIOError", result.stderr)
 
     def test_shared_locks_coexist(self) -> None:
         path = Path(self.mktemp()) / "f"
-        code = ("import sys, fcntl, os; fd = os.open(sys.argv[1], os.O_RDWR); "
-                "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)")
+        code = (
+            "import sys, fcntl, os; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)"
+        )
         with locked(path, shared=True):
-            subprocess.run([sys.executable, "-c", code, str(path) + ".lock"],
-                           check=True, timeout=30)
+            subprocess.run(
+                [sys.executable, "-c", code, str(path) + ".lock"], check=True, timeout=30
+            )
 
 
 class SweepTests(SynchronousTestCase):
@@ -169,12 +180,12 @@ class SweepTests(SynchronousTestCase):
         d.mkdir()
         old = time.time() - 60
         names = {
-            "dead": ".knowledge.jsonl.ab12cd_9.tmp",   # a killed writer's: removed
-            "fresh": ".trust.json.zz99yy88.tmp",       # just created: kept
+            "dead": ".knowledge.jsonl.ab12cd_9.tmp",  # a killed writer's: removed
+            "fresh": ".trust.json.zz99yy88.tmp",  # just created: kept
             "alive": ".sync_state.json.q1w2e3r4.tmp",  # a live writer holds it: kept
-            "foreign": ".notes.tmp",                    # not our pattern: kept
-            "other": "knowledge.jsonl",                 # the real file: kept
-            "long": ".x.abcdefghi.tmp",                 # 9 random characters: kept
+            "foreign": ".notes.tmp",  # not our pattern: kept
+            "other": "knowledge.jsonl",  # the real file: kept
+            "long": ".x.abcdefghi.tmp",  # 9 random characters: kept
         }
         for key, name in names.items():
             (d / name).write_text(key)
@@ -189,8 +200,10 @@ class SweepTests(SynchronousTestCase):
         removed = sweep_temp_files([d, d / "missing"])
         self.assertEqual(removed, [d / names["dead"]])
         left = set(os.listdir(d))
-        self.assertEqual(left, set(names.values()) - {names["dead"]}
-                         | {".dir.abcdefgh.tmp", ".link.abcdefgh.tmp"})
+        self.assertEqual(
+            left,
+            set(names.values()) - {names["dead"]} | {".dir.abcdefgh.tmp", ".link.abcdefgh.tmp"},
+        )
 
     def test_a_writer_holds_its_temp_file_locked(self) -> None:
         import fcntl

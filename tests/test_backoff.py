@@ -29,8 +29,9 @@ def claudectl_delay(attempts: int) -> int:
 class PolicyTests(SynchronousTestCase):
     def test_claudectl_vector_is_what_claudectl_does(self) -> None:
         v = vector("wire.backoff.delay_table")
-        self.assertEqual([claudectl_delay(a) for a in v["input"]["attempts"]],
-                         v["expected"]["delay_secs"])
+        self.assertEqual(
+            [claudectl_delay(a) for a in v["input"]["attempts"]], v["expected"]["delay_secs"]
+        )
 
     def test_mission_schedule(self) -> None:
         """Ours, for ClientService's failure counts 1..6 (defect W5 fixed)."""
@@ -55,8 +56,7 @@ class PolicyTests(SynchronousTestCase):
         }
         for max_secs, expected in cases.items():
             policy = reconnect_policy(max_secs, jitter=lambda: 0)
-            self.assertEqual([policy(n) for n in range(1, len(expected) + 1)], expected,
-                             max_secs)
+            self.assertEqual([policy(n) for n in range(1, len(expected) + 1)], expected, max_secs)
 
     def test_huge_attempt_counts(self) -> None:
         policy = reconnect_policy(60, jitter=lambda: 0)
@@ -92,9 +92,12 @@ class ClientServiceScheduleTests(SynchronousTestCase):
     def schedule(self, max_secs: int, until: float) -> list[float]:
         clock = Clock()
         endpoint = _Refused(clock)
-        service = ClientService(endpoint, Factory.forProtocol(Protocol),
-                                retryPolicy=reconnect_policy(max_secs, jitter=lambda: 0),
-                                clock=clock)
+        service = ClientService(
+            endpoint,
+            Factory.forProtocol(Protocol),
+            retryPolicy=reconnect_policy(max_secs, jitter=lambda: 0),
+            clock=clock,
+        )
         service.startService()
         while clock.seconds() < until:
             clock.advance(1)

@@ -67,10 +67,17 @@ class GraphTests(SynchronousTestCase):
 
 
 class ModelTests(SynchronousTestCase):
-    def model(self, n: int, edges: list[tuple[int, int]], source: int = 0,
-              max_prop: int = 5, coalesce: bool = False) -> Any:
-        return bench.simulate_model(n, edges, source, max_prop, 100, random.Random(1),
-                                    coalesce=coalesce)
+    def model(
+        self,
+        n: int,
+        edges: list[tuple[int, int]],
+        source: int = 0,
+        max_prop: int = 5,
+        coalesce: bool = False,
+    ) -> Any:
+        return bench.simulate_model(
+            n, edges, source, max_prop, 100, random.Random(1), coalesce=coalesce
+        )
 
     def test_line_stops_at_max_propagation(self) -> None:
         for coalesce in (False, True):
@@ -105,18 +112,21 @@ class ModelTests(SynchronousTestCase):
         rnd = random.Random(11)
         edges = bench.random_mesh(12, 3, 8, rnd)
         frame = bench.sync_frame_bytes(
-            bench.unit_json("ku_sim_1", "sim0004", "cargo test --sim", bench.NOW), "sim0004")
+            bench.unit_json("ku_sim_1", "sim0004", "cargo test --sim", bench.NOW), "sim0004"
+        )
         for coalesce in (False, True):
             base = Path(self.mktemp())
             base.mkdir()
-            engine = bench.simulate_engine(12, edges, 4, base, random.Random(5),
-                                           coalesce=coalesce)
-            model = bench.simulate_model(12, edges, 4, 5, frame, random.Random(5),
-                                         coalesce=coalesce)
+            engine = bench.simulate_engine(12, edges, 4, base, random.Random(5), coalesce=coalesce)
+            model = bench.simulate_model(
+                12, edges, 4, 5, frame, random.Random(5), coalesce=coalesce
+            )
             self.assertEqual(engine.reached, 12)
             self.assertEqual(
                 (engine.rounds, engine.messages, engine.reached, engine.max_hops),
-                (model.rounds, model.messages, model.reached, model.max_hops), coalesce)
+                (model.rounds, model.messages, model.reached, model.max_hops),
+                coalesce,
+            )
             # Frame ids differ in length by a few bytes; the sizes agree closely.
             self.assertLess(abs(engine.bytes - model.bytes), model.messages * 8)
 
@@ -164,13 +174,17 @@ class LogLineTests(SynchronousTestCase):
             mesh = bench.BusMesh(bus, ident)
             mesh.peers.append("log-y" if ident == "log-x" else "log-x")
             bus.meshes[ident] = mesh
-            engines[ident] = Gossip(Home(Path(self.mktemp())), Config(), mesh, ident,
-                                    lambda: bench.NOW)
+            engines[ident] = Gossip(
+                Home(Path(self.mktemp())), Config(), mesh, ident, lambda: bench.NOW
+            )
             engines[ident].register()
         x = engines["log-x"]
-        bench.add_units(x.home, "log-x",
-                        [bench.unit_json(f"ku_log_{i}", "log-x", f"cmd {i}", bench.NOW)
-                         for i in range(3)], bench.NOW)
+        bench.add_units(
+            x.home,
+            "log-x",
+            [bench.unit_json(f"ku_log_{i}", "log-x", f"cmd {i}", bench.NOW) for i in range(3)],
+            bench.NOW,
+        )
         text = "\n".join(self.lines(lambda: (x.push_all(), bus.run())))
         sent = re.search(bench.sent_rx("log-y"), text)
         batch = re.search(bench.batch_rx("log-x"), text)
@@ -181,7 +195,8 @@ class LogLineTests(SynchronousTestCase):
         self.assertIsNotNone(re.search(bench.SENT_RX, text))
 
         env = codec.EnvelopeFactory("log-y", clock=lambda: bench.NOW).make(
-            codec.KNOWLEDGE_REQUEST, {"since_epoch": 0})
+            codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}
+        )
         text = "\n".join(self.lines(lambda: (x.on_request("log-y", env), bus.run())))
         answer = re.search(bench.answer_rx("log-y"), text)
         batch = re.search(bench.batch_rx("log-x"), text)
@@ -205,13 +220,18 @@ class SectionTests(SynchronousTestCase):
 
     def test_keeps_hand_written_subsections(self) -> None:
         path = Path(self.mktemp())
-        path.write_text("# Performance\n\n## Gossip\n\nold numbers\n\n"
-                        "### Where the time goes\n\nanalysis\n\n## Hive\n\nhive stays\n")
+        path.write_text(
+            "# Performance\n\n## Gossip\n\nold numbers\n\n"
+            "### Where the time goes\n\nanalysis\n\n## Hive\n\nhive stays\n"
+        )
         bench.write_section(["| a |"], ["* note"], "header", path=path)
         text = path.read_text()
         self.assertNotIn("old numbers", text)
-        self.assertIn("## Gossip\n\nheader\n\n| a |\n\n* note\n\n"
-                      "### Where the time goes\n\nanalysis\n\n## Hive\n", text)
+        self.assertIn(
+            "## Gossip\n\nheader\n\n| a |\n\n* note\n\n"
+            "### Where the time goes\n\nanalysis\n\n## Hive\n",
+            text,
+        )
 
     def test_creates_the_file_with_an_intro(self) -> None:
         path = Path(self.mktemp())

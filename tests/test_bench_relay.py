@@ -27,8 +27,14 @@ from twisted.trial.unittest import TestCase
 from tests.common import subprocess_env, temp_home
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_relay.py"
-ROWS = ["setup_p50_ms", "setup_p99_ms", "request_p50_ms", "request_p99_ms", "msgs_per_s",
-        "kib_per_idle_link"]
+ROWS = [
+    "setup_p50_ms",
+    "setup_p99_ms",
+    "request_p50_ms",
+    "request_p99_ms",
+    "msgs_per_s",
+    "kib_per_idle_link",
+]
 
 
 class QuickRunTests(TestCase):
@@ -39,8 +45,13 @@ class QuickRunTests(TestCase):
         tmp = Path(tempfile.mkdtemp(prefix="cb-"))
         self.addCleanup(shutil.rmtree, tmp, True)
         env = subprocess_env(home, TMPDIR=str(tmp))
-        done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json"],
-                              env=env, capture_output=True, text=True, timeout=400)
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), "--quick", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         # 0: targets met, 1: a target missed (a loaded machine); 2 would be a failure.
         self.assertIn(done.returncode, (0, 1), done.stderr)
         report = json.loads(done.stdout)
@@ -56,8 +67,9 @@ class QuickRunTests(TestCase):
                 self.assertLessEqual(cell["min"], cell["median"])
                 self.assertLessEqual(cell["median"], cell["max"])
         for transport in ("plaintext", "tls1.3"):
-            self.assertLessEqual(rows["setup_p50_ms"][transport]["median"],
-                                 rows["setup_p99_ms"][transport]["median"])
+            self.assertLessEqual(
+                rows["setup_p50_ms"][transport]["median"], rows["setup_p99_ms"][transport]["median"]
+            )
             self.assertIn("server_cpu_us_per_op", rows["msgs_per_s"][transport])
             # The target of the TLS rows is the issue's.
         self.assertEqual(rows["msgs_per_s"]["tls1.3"]["target"], [">=", 100000.0])
@@ -87,8 +99,13 @@ class InterruptedRunTests(TestCase):
         tmp = Path(tempfile.mkdtemp(prefix="cb-"))
         self.addCleanup(shutil.rmtree, tmp, True)
         env = subprocess_env(home, TMPDIR=str(tmp))
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--quick"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--quick"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
         assert proc.stderr is not None
         pid = None

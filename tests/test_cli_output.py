@@ -14,8 +14,10 @@ from tests.common import temp_home
 
 class OutputTests(SynchronousTestCase):
     def test_byte_counts_use_one_unit_system(self) -> None:
-        self.assertEqual([_kb(n) for n in (0, 329, 1023, 1024, 2048, 1536 * 1024, 3 << 30)],
-                         ["0 B", "329 B", "1023 B", "1.0 KiB", "2.0 KiB", "1.5 MiB", "3.0 GiB"])
+        self.assertEqual(
+            [_kb(n) for n in (0, 329, 1023, 1024, 2048, 1536 * 1024, 3 << 30)],
+            ["0 B", "329 B", "1023 B", "1.0 KiB", "2.0 KiB", "1.5 MiB", "3.0 GiB"],
+        )
 
     def test_trust_in_peer_rows_is_rounded(self) -> None:
         home = temp_home(self)
@@ -26,22 +28,34 @@ class OutputTests(SynchronousTestCase):
     def test_pair_code_error_says_what_was_ignored(self) -> None:
         e = self.assertRaises(CodeError, psk_from_code, "zzzz-1234")
         text = explain_code_error("zzzz-1234", str(e))
-        self.assertTrue(text.startswith("invalid PSK code: expected 16 hex chars, got 4 "
-                                        "('z' is not a hex digit and was ignored)"), text)
+        self.assertTrue(
+            text.startswith(
+                "invalid PSK code: expected 16 hex chars, got 4 "
+                "('z' is not a hex digit and was ignored)"
+            ),
+            text,
+        )
         self.assertIn("like a3f2-9b1c-d4e5-f678", text)
         self.assertIn("`claudectl relay join`", text)
         # Only separators dropped: claudectl's message alone.
         e = self.assertRaises(CodeError, psk_from_code, "a3f2-9b1c")
-        self.assertEqual(explain_code_error("a3f2-9b1c", str(e)),
-                         "invalid PSK code: expected 16 hex chars, got 8")
+        self.assertEqual(
+            explain_code_error("a3f2-9b1c", str(e)),
+            "invalid PSK code: expected 16 hex chars, got 8",
+        )
 
     def test_progress_line_once_per_change(self) -> None:
         lines: list[str] = []
         show = ProgressPrinter(lines.append)
 
         def view(state: str, secs: int, msg: str | None, tokens: int = 0) -> dict:  # type: ignore[type-arg]
-            return {"state": state, "elapsed_secs": secs, "tokens": tokens, "cost_usd": 0.0,
-                    "last_message": msg}
+            return {
+                "state": state,
+                "elapsed_secs": secs,
+                "tokens": tokens,
+                "cost_usd": 0.0,
+                "last_message": msg,
+            }
 
         show(view("queued", 0, "preparing a git checkout"))
         show(view("running", 1, "preparing a git checkout"))
@@ -78,10 +92,12 @@ class JsonEverywhereTests(SynchronousTestCase):
         from tests.common import run_cli
 
         home = temp_home(self)
-        for args in (["--json", "relay", "accept", "zzzz", "peer-1"],
-                     ["relay", "accept", "zzzz", "peer-1", "--json"],
-                     ["hive", "trust", "nobody", "0.5", "--json"],
-                     ["relay", "interrupt", "task_1", "stop", "--json"]):
+        for args in (
+            ["--json", "relay", "accept", "zzzz", "peer-1"],
+            ["relay", "accept", "zzzz", "peer-1", "--json"],
+            ["hive", "trust", "nobody", "0.5", "--json"],
+            ["relay", "interrupt", "task_1", "stop", "--json"],
+        ):
             r = run_cli(home, *args)
             self.assertEqual(r.returncode, 1, args)
             self.assertEqual(r.stderr, "", args)

@@ -21,8 +21,7 @@ class TypoReachTests(SynchronousTestCase):
         self.good = codes.decode_relay_code(CODE)
 
     def test_last_character_unused_bits_pair_anyway(self) -> None:
-        same = [c for c in BASE32_ALPHABET
-                if codes.decode_relay_code(CODE[:-1] + c) == self.good]
+        same = [c for c in BASE32_ALPHABET if codes.decode_relay_code(CODE[:-1] + c) == self.good]
         self.assertEqual("".join(same), "ABCDEFGH")
         self.assertEqual(CODE[-1], "A")
 
@@ -30,7 +29,7 @@ class TypoReachTests(SynchronousTestCase):
         chars = CODE.replace("-", "")
         for i in range(15):
             other = "B" if chars[i] != "B" else "C"
-            typo = codes.decode_relay_code(chars[:i] + other + chars[i + 1:])
+            typo = codes.decode_relay_code(chars[:i] + other + chars[i + 1 :])
             if i < 8:  # characters 1-8: address and port
                 self.assertNotEqual((typo.ip, typo.port), (self.good.ip, self.good.port), i)
                 self.assertEqual(typo.secret, self.good.secret, i)
@@ -50,8 +49,7 @@ class TypoReachTests(SynchronousTestCase):
         for c in "0189":
             self.assertRaises(RelayCodeError, codes.decode_relay_code, CODE[:-1] + c)
         self.assertRaises(RelayCodeError, codes.decode_relay_code, CODE[:-4])
-        self.assertRaises(WordPhraseError, codes.decode_word_phrase,
-                          PHRASE.replace("cap", "zzz"))
+        self.assertRaises(WordPhraseError, codes.decode_word_phrase, PHRASE.replace("cap", "zzz"))
         self.assertRaises(WordPhraseError, codes.decode_word_phrase, PHRASE.rsplit("-", 1)[0])
         self.assertEqual(codes.decode_relay_code(CODE + "-ABC"), self.good)
         self.assertEqual(codes.decode_word_phrase(PHRASE + "-ace"), self.good)

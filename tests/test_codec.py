@@ -21,15 +21,12 @@ from claudectl.relay.codec import (
 )
 from tests.common import vector, vectors
 
-FRAME_VECTORS = {n: v for n, v in vectors("wire", "COMPAT").items()
-                 if n.startswith("wire.frame.")}
-PARSE_VECTORS = {n: v for n, v in vectors("wire", "COMPAT").items()
-                 if n.startswith("wire.parse.")}
+FRAME_VECTORS = {n: v for n, v in vectors("wire", "COMPAT").items() if n.startswith("wire.frame.")}
+PARSE_VECTORS = {n: v for n, v in vectors("wire", "COMPAT").items() if n.startswith("wire.parse.")}
 
 
 def _env_from_input(inp: dict) -> Envelope:
-    return Envelope(inp["id"], inp["msg_type"], inp["from_peer"], inp["timestamp"],
-                    inp["payload"])
+    return Envelope(inp["id"], inp["msg_type"], inp["from_peer"], inp["timestamp"], inp["payload"])
 
 
 class FrameVectorTests(SynchronousTestCase):
@@ -67,20 +64,24 @@ class FrameVectorTests(SynchronousTestCase):
 
     def test_heartbeat_vectors_decode(self) -> None:
         """Both heartbeat shapes claudectl knows are valid frames for us."""
-        for name in ("wire.heartbeat.stores_worker_state",
-                     "wire.heartbeat.empty_payload_liveness_only"):
+        for name in (
+            "wire.heartbeat.stores_worker_state",
+            "wire.heartbeat.empty_payload_liveness_only",
+        ):
             payload = vector(name)["input"]["payload"]
             line = encode(Envelope("msg_1", codec.HEARTBEAT, "worker-01", 1, payload))
             env = decode(line)
             self.assertEqual(env.msg_type, "heartbeat")
             self.assertEqual(env.payload, payload)
         stored = vector("wire.heartbeat.stores_worker_state")
-        payload = decode(encode(Envelope("m", "heartbeat", "w", 1,
-                                         stored["input"]["payload"]))).payload
+        payload = decode(
+            encode(Envelope("m", "heartbeat", "w", 1, stored["input"]["payload"]))
+        ).payload
         self.assertEqual(payload["worker_id"], stored["expected"]["worker_id"])
         self.assertEqual(len(payload["sessions"]), stored["expected"]["session_count"])
-        self.assertNotIn("sessions", vector(
-            "wire.heartbeat.empty_payload_liveness_only")["input"]["payload"])
+        self.assertNotIn(
+            "sessions", vector("wire.heartbeat.empty_payload_liveness_only")["input"]["payload"]
+        )
 
 
 class ParseVectorTests(SynchronousTestCase):
@@ -95,8 +96,11 @@ class ParseVectorTests(SynchronousTestCase):
             with self.subTest(name):
                 if v["expected"]["claudectl_accepts"]:
                     env = decode(line)
-                    self.assertEqual((env.id, env.msg_type, env.from_peer, env.timestamp),
-                                     ("m", "ack", "p", 1), name)
+                    self.assertEqual(
+                        (env.id, env.msg_type, env.from_peer, env.timestamp),
+                        ("m", "ack", "p", 1),
+                        name,
+                    )
                 else:
                     self.assertRaises(ProtocolError, decode, line)
 
@@ -120,15 +124,14 @@ class EncodeTests(SynchronousTestCase):
         self.assertEqual(
             line,
             b'{"id":"i","msg_type":"ack","from_peer":"p","timestamp":7,'
-            b'"payload":{"a":{"c":[3],"d":2},"b":1}}\n')
+            b'"payload":{"a":{"c":[3],"d":2},"b":1}}\n',
+        )
 
     def test_escaping_like_serde(self) -> None:
         """Only quote, backslash and controls are escaped; non-ASCII, '/', DEL raw."""
-        env = Envelope("i", "ack", "p", 0,
-                       {"s": 'q"b\\/\x7f\u2028é\U0001f600\n\t\x01'})
+        env = Envelope("i", "ack", "p", 0, {"s": 'q"b\\/\x7f\u2028é\U0001f600\n\t\x01'})
         line = encode(env)
-        self.assertIn('"s":"q\\"b\\\\/\x7f\u2028é\U0001f600\\n\\t\\u0001"'.encode("utf-8"),
-                      line)
+        self.assertIn('"s":"q\\"b\\\\/\x7f\u2028é\U0001f600\\n\\t\\u0001"'.encode("utf-8"), line)
         self.assertEqual(line.count(b"\n"), 1)
         self.assertTrue(line.endswith(b"}\n"))
 
@@ -166,13 +169,22 @@ class DecodeTests(SynchronousTestCase):
 
     def test_rejections(self) -> None:
         bad = [
-            b"", b"   ", b"\n", b"[1,2]", b'"x"', b"null", b"{", b"\xff\xfe",
+            b"",
+            b"   ",
+            b"\n",
+            b"[1,2]",
+            b'"x"',
+            b"null",
+            b"{",
+            b"\xff\xfe",
             b'["m","ack","p",1,{}]',  # claudectl oddity; we never rely on it
             b'{"id":"m","msg_type":"ack","from_peer":"p","timestamp":true,"payload":{}}',
             b'{"id":"m","msg_type":null,"from_peer":"p","timestamp":1,"payload":{}}',
             b'{"msg_type":"ack","from_peer":"p","timestamp":1,"payload":{}}',
             b'{"id":"m","msg_type":"ack","timestamp":1,"payload":{}}',
-            self.ok % b"NaN", self.ok % b"Infinity", self.ok % b"-Infinity",
+            self.ok % b"NaN",
+            self.ok % b"Infinity",
+            self.ok % b"-Infinity",
             self.ok % b'{"a":1,"a":2}',  # duplicate member at depth
             self.ok % b"{}\n{}",
         ]
@@ -190,13 +202,14 @@ class DecodeTests(SynchronousTestCase):
         """serde_json refuses lone surrogate escapes; they could not be re-encoded."""
         self.assertRaises(ProtocolError, decode, self.ok % b'{"x":"\\ud800"}')
         self.assertRaises(ProtocolError, decode, self.ok % b'["\\udc00"]')
-        self.assertRaises(ProtocolError, decode,
-                          b'{"id":"\\ud83d","msg_type":"ack","from_peer":"p",'
-                          b'"timestamp":1,"payload":{}}')
+        self.assertRaises(
+            ProtocolError,
+            decode,
+            b'{"id":"\\ud83d","msg_type":"ack","from_peer":"p","timestamp":1,"payload":{}}',
+        )
         self.assertRaises(ProtocolError, decode, self.ok % b'{"\\udfff":1}')
         # A proper pair is fine, and so is an escaped backslash before "ud800".
-        self.assertEqual(decode(self.ok % b'{"x":"\\ud83d\\ude00"}').payload,
-                         {"x": "\U0001f600"})
+        self.assertEqual(decode(self.ok % b'{"x":"\\ud83d\\ude00"}').payload, {"x": "\U0001f600"})
         self.assertEqual(decode(self.ok % b'{"x":"\\\\ud800"}').payload, {"x": "\\ud800"})
 
     def test_big_int_and_deep_nesting(self) -> None:
@@ -232,8 +245,10 @@ class DecodeTests(SynchronousTestCase):
 class IdTests(SynchronousTestCase):
     def test_message_ids_shape_and_sequence(self) -> None:
         ids = MessageIds(clock=lambda: 1714000000.0, start=0)
-        self.assertEqual([ids.next(), ids.next(), ids.next("task")],
-                         ["msg_1714000000000_0", "msg_1714000000000_1", "task_1714000000000_2"])
+        self.assertEqual(
+            [ids.next(), ids.next(), ids.next("task")],
+            ["msg_1714000000000_0", "msg_1714000000000_1", "task_1714000000000_2"],
+        )
 
     def test_two_processes_do_not_collide(self) -> None:
         """Defect W9: claudectl starts every process at 0; we start at random."""
@@ -242,11 +257,15 @@ class IdTests(SynchronousTestCase):
         self.assertNotEqual(a.next(), b.next())
 
     def test_factory(self) -> None:
-        f = EnvelopeFactory("desk-9f8e7d6c", clock=lambda: 1714000000.06,
-                            ids=MessageIds(clock=lambda: 1714000000.06, start=1))
+        f = EnvelopeFactory(
+            "desk-9f8e7d6c",
+            clock=lambda: 1714000000.06,
+            ids=MessageIds(clock=lambda: 1714000000.06, start=1),
+        )
         env = f.make(codec.HANDSHAKE_ACK, {"status": "ok"})
-        self.assertEqual(encode(env),
-                         vector("wire.frame.handshake_ack_ok")["expected"]["line"].encode())
+        self.assertEqual(
+            encode(env), vector("wire.frame.handshake_ack_ok")["expected"]["line"].encode()
+        )
         self.assertEqual(f.make(codec.CHALLENGE, {}, from_peer="").from_peer, "")
 
     def test_now_ms_truncates(self) -> None:
@@ -255,13 +274,20 @@ class IdTests(SynchronousTestCase):
 
 # --- property tests -----------------------------------------------------------
 
-json_scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-                | st.floats(allow_nan=False, allow_infinity=False) | st.text())
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=8), children, max_size=5),
-    max_leaves=20)
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=20,
+)
 envelopes = st.builds(
     Envelope,
     id=st.text(),
@@ -283,11 +309,23 @@ class PropertyTests(SynchronousTestCase):
     @given(envelopes)
     def test_encode_is_what_the_spec_says(self, env: Envelope) -> None:
         """wire.md 2.3's Python equivalent, member by member."""
+
         def d(v, sort=False):
             return json.dumps(v, separators=(",", ":"), ensure_ascii=False, sort_keys=sort)
-        expected = ('{"id":' + d(env.id) + ',"msg_type":' + d(env.msg_type)
-                    + ',"from_peer":' + d(env.from_peer) + ',"timestamp":' + d(env.timestamp)
-                    + ',"payload":' + d(env.payload, True) + "}\n")
+
+        expected = (
+            '{"id":'
+            + d(env.id)
+            + ',"msg_type":'
+            + d(env.msg_type)
+            + ',"from_peer":'
+            + d(env.from_peer)
+            + ',"timestamp":'
+            + d(env.timestamp)
+            + ',"payload":'
+            + d(env.payload, True)
+            + "}\n"
+        )
         self.assertEqual(encode(env), expected.encode("utf-8"))
 
     @given(st.binary(max_size=300))

@@ -22,13 +22,31 @@ from claudectl.config import (
 from tests.common import temp_home
 
 # The [relay] and [hive] blocks of the mission's "Configuration" section.
-MISSION_RELAY = dict(enabled=True, listen_port=9847, listen_addr="0.0.0.0", max_peers=8,
-                     heartbeat_interval_secs=30, reconnect_max_secs=60, auto_connect=())
-MISSION_HIVE = dict(enabled=True, default_trust=0.5, auto_trust_drift=True, max_propagation=5,
-                    export_min_evidence=5, export_min_tool_decisions=10,
-                    knowledge_ttl_days=30, inject_unverified=True, max_units=500,
-                    max_prompt_units=20, stale_peer_days=90, share_categories=(),
-                    exclude_tools=(), exclude_commands=())
+MISSION_RELAY = dict(
+    enabled=True,
+    listen_port=9847,
+    listen_addr="0.0.0.0",
+    max_peers=8,
+    heartbeat_interval_secs=30,
+    reconnect_max_secs=60,
+    auto_connect=(),
+)
+MISSION_HIVE = dict(
+    enabled=True,
+    default_trust=0.5,
+    auto_trust_drift=True,
+    max_propagation=5,
+    export_min_evidence=5,
+    export_min_tool_decisions=10,
+    knowledge_ttl_days=30,
+    inject_unverified=True,
+    max_units=500,
+    max_prompt_units=20,
+    stale_peer_days=90,
+    share_categories=(),
+    exclude_tools=(),
+    exclude_commands=(),
+)
 
 
 class DefaultTests(SynchronousTestCase):
@@ -49,7 +67,7 @@ class DefaultTests(SynchronousTestCase):
 
     def test_mission_block_parses_to_mission_values(self) -> None:
         """The mission's example, comments included, is a valid file."""
-        text = '''
+        text = """
 [relay]
 enabled = true # start relay with TUI/brain
 listen_port = 9847 # TCP port for peer connections
@@ -73,7 +91,7 @@ stale_peer_days = 90 # prune knowledge from peers gone this long
 share_categories = [] # empty = share all (or: ["best_practice", "technique"])
 exclude_tools = [] # tools to never share (e.g., ["Write"])
 exclude_commands = [] # command patterns to never share
-'''
+"""
         config = overlay(Config(), parse_toml(text, "mission"), "mission")
         for key, value in MISSION_RELAY.items():
             self.assertEqual(getattr(config.relay, key), value, key)
@@ -115,14 +133,17 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(config.sources, ())
 
     def test_user_file_location(self) -> None:
-        self.assertEqual(self.home.config_file,
-                         self.home.root / ".config" / "claudectl" / "config.toml")
-        self.assertEqual(config_files(self.home, self.cwd),
-                         [self.home.config_file, self.cwd / ".claudectl.toml"])
+        self.assertEqual(
+            self.home.config_file, self.home.root / ".config" / "claudectl" / "config.toml"
+        )
+        self.assertEqual(
+            config_files(self.home, self.cwd), [self.home.config_file, self.cwd / ".claudectl.toml"]
+        )
 
     def test_project_overlays_user_per_key(self) -> None:
-        user = self.user("[relay]\nlisten_port = 1111\nmax_peers = 3\n"
-                         "[hive]\ndefault_trust = 0.9\n")
+        user = self.user(
+            "[relay]\nlisten_port = 1111\nmax_peers = 3\n[hive]\ndefault_trust = 0.9\n"
+        )
         proj = self.project("[relay]\nlisten_port = 2222\n")
         config = load_config(self.home, self.cwd)
         self.assertEqual(config.relay.listen_port, 2222)
@@ -143,11 +164,19 @@ class LoadTests(SynchronousTestCase):
         self.assertIn("not found", str(cm.exception))
 
     def test_aliases(self) -> None:
-        self.project('[relay]\nport = 7777\naddr = "::"\nheartbeat_interval = 5\n'
-                     'reconnect_max = 120\n')
+        self.project(
+            '[relay]\nport = 7777\naddr = "::"\nheartbeat_interval = 5\nreconnect_max = 120\n'
+        )
         relay = load_config(self.home, self.cwd).relay
-        self.assertEqual((relay.listen_port, relay.listen_addr, relay.heartbeat_interval_secs,
-                          relay.reconnect_max_secs), (7777, "::", 5, 120))
+        self.assertEqual(
+            (
+                relay.listen_port,
+                relay.listen_addr,
+                relay.heartbeat_interval_secs,
+                relay.reconnect_max_secs,
+            ),
+            (7777, "::", 5, 120),
+        )
 
     def test_alias_in_project_overrides_full_name_in_user(self) -> None:
         self.user("[relay]\nlisten_port = 1111\n")
@@ -163,8 +192,7 @@ class LoadTests(SynchronousTestCase):
             ('[relay]\nenabled = "yes"', "relay.enabled", "true or false"),
             ("[relay]\nenabled = 1", "relay.enabled", "true or false"),
             ("[relay]\nheartbeat_interval_secs = 0", "relay.heartbeat_interval_secs", "1-86400"),
-            ("[relay]\nheartbeat_interval_secs = 1.5", "relay.heartbeat_interval_secs",
-             "1-86400"),
+            ("[relay]\nheartbeat_interval_secs = 1.5", "relay.heartbeat_interval_secs", "1-86400"),
             ("[relay]\nreconnect_max_secs = true", "relay.reconnect_max_secs", "1-86400"),
             ('[relay]\nauto_connect = "h:1"', "relay.auto_connect", "host:port"),
             ("[relay]\nauto_connect = [1]", "relay.auto_connect", "host:port"),
@@ -200,9 +228,11 @@ class LoadTests(SynchronousTestCase):
 
     def test_deeply_nested_toml_is_a_config_error(self) -> None:
         """Issue 11 item 10: not a RecursionError in every command."""
-        for text in ("a = " + "[" * 5000 + "]" * 5000 + "\n",
-                     "[relay]\nauto_connect = " + "[" * 500 + "]" * 500 + "\n",
-                     "x = " + "{a=" * 3000 + "1" + "}" * 3000 + "\n"):
+        for text in (
+            "a = " + "[" * 5000 + "]" * 5000 + "\n",
+            "[relay]\nauto_connect = " + "[" * 500 + "]" * 500 + "\n",
+            "x = " + "{a=" * 3000 + "1" + "}" * 3000 + "\n",
+        ):
             path = self.project(text)
             with self.assertRaises(ConfigError) as cm:
                 load_config(self.home, self.cwd)
@@ -222,7 +252,7 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(load_config(self.home, self.cwd).relay.listen_addr, "a#b")
 
     def test_not_utf8(self) -> None:
-        (self.cwd / ".claudectl.toml").write_bytes(b"[relay]\nlisten_addr = \"\xff\"\n")
+        (self.cwd / ".claudectl.toml").write_bytes(b'[relay]\nlisten_addr = "\xff"\n')
         with self.assertRaises(ConfigError) as cm:
             load_config(self.home, self.cwd)
         self.assertIn(".claudectl.toml", str(cm.exception))
@@ -234,8 +264,7 @@ class LoadTests(SynchronousTestCase):
         self.assertIn("'relay' must be a table", str(cm.exception))
 
     def test_empty_array_does_not_override(self) -> None:
-        self.user('[relay]\nauto_connect = ["10.0.0.1:9847"]\n'
-                  '[hive]\nexclude_tools = ["Write"]\n')
+        self.user('[relay]\nauto_connect = ["10.0.0.1:9847"]\n[hive]\nexclude_tools = ["Write"]\n')
         self.project("[relay]\nauto_connect = []\n[hive]\nexclude_tools = []\n")
         config = load_config(self.home, self.cwd)
         self.assertEqual(config.relay.auto_connect, ("10.0.0.1:9847",))
@@ -244,34 +273,43 @@ class LoadTests(SynchronousTestCase):
     def test_non_empty_array_overrides(self) -> None:
         self.user('[relay]\nauto_connect = ["10.0.0.1:9847"]\n')
         self.project('[relay]\nauto_connect = ["10.0.0.2:9847", "[::1]:1"]\n')
-        self.assertEqual(load_config(self.home, self.cwd).relay.auto_connect,
-                         ("10.0.0.2:9847", "[::1]:1"))
+        self.assertEqual(
+            load_config(self.home, self.cwd).relay.auto_connect, ("10.0.0.2:9847", "[::1]:1")
+        )
 
     def test_unknown_keys_and_sections_ignored(self) -> None:
-        self.project('[relay]\nhttp_port = 8080\nauth_token = "x"\nfuture = 1\n'
-                     "[tui]\ntheme = 'dark'\n[brain]\nmodel = 'x'\n")
+        self.project(
+            '[relay]\nhttp_port = 8080\nauth_token = "x"\nfuture = 1\n'
+            "[tui]\ntheme = 'dark'\n[brain]\nmodel = 'x'\n"
+        )
         self.assertEqual(load_config(self.home, self.cwd).relay, RelayConfig())
 
     def test_unknown_key_warns_with_the_nearest_known_one(self) -> None:
         """Issue 12 item 6: `listen_prot = 9900` is not silently ignored."""
-        path = self.project('[relay]\nlisten_prot = 9900\nhttp_port = 8080\nauth_token = "x"\n'
-                            '[delegation]\nalowed_dirs = ["/srv"]\nrequire_encryption = 1\n'
-                            '[hive]\nzzzzzz = 1\n[brain]\nmodel = "x"\n')
+        path = self.project(
+            '[relay]\nlisten_prot = 9900\nhttp_port = 8080\nauth_token = "x"\n'
+            '[delegation]\nalowed_dirs = ["/srv"]\nrequire_encryption = 1\n'
+            '[hive]\nzzzzzz = 1\n[brain]\nmodel = "x"\n'
+        )
         config = load_config(self.home, self.cwd)
         self.assertEqual(config.relay.listen_port, 9847)
-        self.assertEqual(config.warnings, (
-            f"{path}: unknown key 'relay.listen_prot' is ignored; did you mean "
-            f"'relay.listen_port'?",
-            f"{path}: unknown key 'hive.zzzzzz' is ignored",
-            f"{path}: unknown key 'delegation.alowed_dirs' is ignored; did you mean "
-            f"'delegation.allowed_dirs'?",
-            f"{path}: unknown key 'delegation.require_encryption' is ignored",
-        ))
+        self.assertEqual(
+            config.warnings,
+            (
+                f"{path}: unknown key 'relay.listen_prot' is ignored; did you mean "
+                f"'relay.listen_port'?",
+                f"{path}: unknown key 'hive.zzzzzz' is ignored",
+                f"{path}: unknown key 'delegation.alowed_dirs' is ignored; did you mean "
+                f"'delegation.allowed_dirs'?",
+                f"{path}: unknown key 'delegation.require_encryption' is ignored",
+            ),
+        )
         self.assertEqual(load_config(self.home, None).warnings, ())
 
     def test_new_keys_are_known(self) -> None:
-        self.project("[relay]\nrequire_encryption = true\n"
-                     "[delegation]\nallow_plaintext_tasks = true\n")
+        self.project(
+            "[relay]\nrequire_encryption = true\n[delegation]\nallow_plaintext_tasks = true\n"
+        )
         config = load_config(self.home, self.cwd)
         self.assertEqual(config.warnings, ())
         self.assertTrue(config.relay.require_encryption)
@@ -285,14 +323,17 @@ class LoadTests(SynchronousTestCase):
         self.assertIn(str(path), str(cm.exception))
         self.assertIn("relative path 'proj'", str(cm.exception))
         self.project('[delegation]\nallowed_dirs = ["/srv/a", "~", "~/p"]\n')
-        self.assertEqual(load_config(self.home, self.cwd).delegation.allowed_dirs,
-                         ("/srv/a", "~", "~/p"))
+        self.assertEqual(
+            load_config(self.home, self.cwd).delegation.allowed_dirs, ("/srv/a", "~", "~/p")
+        )
 
     def test_risky_allowed_dirs(self) -> None:
         from claudectl.config import risky_settings
 
-        self.project(f'[delegation]\nallowed_dirs = ["/", "~", "/home/alice/", '
-                     f'"{self.home.root}", "/srv/proj", "~/proj"]\n')
+        self.project(
+            f'[delegation]\nallowed_dirs = ["/", "~", "/home/alice/", '
+            f'"{self.home.root}", "/srv/proj", "~/proj"]\n'
+        )
         found = risky_settings(load_config(self.home, self.cwd), self.home.root)
         self.assertEqual(len(found), 4, found)
         self.assertIn("allowed_dirs contains '/': peers may run tasks anywhere", found[0])
@@ -315,8 +356,9 @@ class LoadTests(SynchronousTestCase):
         """Command-line options go on top with dataclasses.replace."""
         self.project("[relay]\nlisten_port = 1111\n")
         config = load_config(self.home, self.cwd)
-        config = dataclasses.replace(config,
-                                     relay=dataclasses.replace(config.relay, listen_port=9847))
+        config = dataclasses.replace(
+            config, relay=dataclasses.replace(config.relay, listen_port=9847)
+        )
         self.assertEqual(config.relay.listen_port, 9847)
 
     def test_config_is_frozen(self) -> None:

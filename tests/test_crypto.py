@@ -26,8 +26,9 @@ from claudectl.relay.crypto import (
 from tests.common import vector, vectors
 
 WIRE = vectors("wire", "COMPAT")
-PSK_VECTORS = {n: v for n, v in vectors("pairing", "COMPAT").items()
-               if n.startswith("pairing.psk.")}
+PSK_VECTORS = {
+    n: v for n, v in vectors("pairing", "COMPAT").items() if n.startswith("pairing.psk.")
+}
 
 
 def _bytes(inp: dict, prefix: str) -> bytes:
@@ -44,8 +45,11 @@ class PrimitiveVectorTests(SynchronousTestCase):
         self.assertGreaterEqual(len(names), 10)
         for name in names:
             v = WIRE[name]
-            self.assertEqual(hashlib.sha256(_bytes(v["input"], "data")).hexdigest(),
-                             v["expected"]["sha256_hex"], name)
+            self.assertEqual(
+                hashlib.sha256(_bytes(v["input"], "data")).hexdigest(),
+                v["expected"]["sha256_hex"],
+                name,
+            )
 
     def test_hmac(self) -> None:
         names = [n for n in WIRE if n.startswith("wire.hmac.")]
@@ -96,8 +100,18 @@ class ProofVectorTests(SynchronousTestCase):
         inp = vector("wire.proof.0123_seqnonce")["input"]
         psk = bytes.fromhex(inp["psk_hex"])
         good = vector("wire.proof.0123_seqnonce")["expected"]["proof"]
-        for bad in (None, 5, [good], {"p": good}, b"", "", good[:-1], good + "0", "é" * 64,
-                    good[:-1] + "\u0660"):
+        for bad in (
+            None,
+            5,
+            [good],
+            {"p": good},
+            b"",
+            "",
+            good[:-1],
+            good + "0",
+            "é" * 64,
+            good[:-1] + "\u0660",
+        ):
             self.assertFalse(verify_proof(psk, inp["nonce"], bad), repr(bad))
 
     def test_wrong_key_or_nonce(self) -> None:
@@ -107,8 +121,10 @@ class ProofVectorTests(SynchronousTestCase):
         self.assertFalse(verify_proof(psk_from_code("0123-4567-89ab-cdef"), inp["nonce"], good))
         self.assertFalse(verify_proof(psk, "0" * 64, good))
         # The nonce is HMACed as a string: its hex is not decoded.
-        self.assertNotEqual(proof(psk, inp["nonce"]),
-                            hmac.new(psk, bytes.fromhex(inp["nonce"]), "sha256").hexdigest())
+        self.assertNotEqual(
+            proof(psk, inp["nonce"]),
+            hmac.new(psk, bytes.fromhex(inp["nonce"]), "sha256").hexdigest(),
+        )
 
 
 class PairCodeVectorTests(SynchronousTestCase):
@@ -120,8 +136,9 @@ class PairCodeVectorTests(SynchronousTestCase):
     def test_canonical_psk(self) -> None:
         for name, v in PSK_VECTORS.items():
             if "pair_code" in v["input"] and "psk_hex" in v["expected"]:
-                self.assertEqual(psk_from_code(v["input"]["pair_code"]).hex(),
-                                 v["expected"]["psk_hex"], name)
+                self.assertEqual(
+                    psk_from_code(v["input"]["pair_code"]).hex(), v["expected"]["psk_hex"], name
+                )
 
     def test_format(self) -> None:
         v = PSK_VECTORS["pairing.psk.format"]
@@ -143,8 +160,13 @@ class PairCodeVectorTests(SynchronousTestCase):
 
     def test_spaces_and_colons(self) -> None:
         ref = psk_from_code("0123-4567-89ab-cdef")
-        for code in ("0123456789abcdef", "0123 4567 89ab cdef", "0123:4567:89ab:cdef",
-                     "0123-4567-89AB-CDEF", "  0123-4567-89ab-cdef\n"):
+        for code in (
+            "0123456789abcdef",
+            "0123 4567 89ab cdef",
+            "0123:4567:89ab:cdef",
+            "0123-4567-89AB-CDEF",
+            "  0123-4567-89ab-cdef\n",
+        ):
             self.assertEqual(psk_from_code(code), ref, code)
 
     def test_canonical_psk_needs_8_bytes(self) -> None:
@@ -210,7 +232,7 @@ class KeyHexTests(SynchronousTestCase):
         """claudectl's hex decoder refuses spaces inside the key: 'not paired'."""
         h = vector("wire.key_file")["input"]["psk_hex"]
         self.assertIsNone(key_from_hex(h[:32] + " " + h[32:]))
-        self.assertIsNone(key_from_hex(" ".join(h[i:i + 2] for i in range(0, 64, 2))))
+        self.assertIsNone(key_from_hex(" ".join(h[i : i + 2] for i in range(0, 64, 2))))
 
 
 # --- property tests -----------------------------------------------------------
@@ -235,16 +257,16 @@ class PropertyTests(SynchronousTestCase):
             return
         self.assertEqual(len(raw), 8)
 
-    @given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32),
-           st.data())
-    def test_flipping_any_char_fails(self, psk: bytes, nonce_raw: bytes,
-                                     data: st.DataObject) -> None:
+    @given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32), st.data())
+    def test_flipping_any_char_fails(
+        self, psk: bytes, nonce_raw: bytes, data: st.DataObject
+    ) -> None:
         nonce = nonce_raw.hex()
         good = proof(psk, nonce)
         self.assertTrue(verify_proof(psk, nonce, good))
         i = data.draw(st.integers(0, len(good) - 1))
         c = data.draw(st.characters().filter(lambda ch: ch != good[i]))
-        self.assertFalse(verify_proof(psk, nonce, good[:i] + c + good[i + 1:]))
+        self.assertFalse(verify_proof(psk, nonce, good[:i] + c + good[i + 1 :]))
 
     @given(st.binary(min_size=32, max_size=32))
     def test_key_hex_roundtrip(self, psk: bytes) -> None:

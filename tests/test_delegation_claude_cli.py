@@ -26,12 +26,19 @@ class RealClaudeTests(TestCase):
         project.mkdir()
         mesh = FakeMesh("worker-1", peers=["ctl-1"])
         worker = DelegationWorker(
-            identity="worker-1", config=DelegationConfig(allowed_dirs=(str(project),),
-                                                         claude_command=CLAUDE),
-            mesh=mesh, store=TaskStore(home.tasks, INCOMING), trust_of=lambda p: 0.5,
-            clock=reactor, spawner=reactor.spawnProcess, home_root=home.root,
-            environ={"PATH": "/usr/local/bin:/usr/bin:/bin:" + CLAUDE.rsplit("/", 1)[0],
-                     "HOME": str(home.root)})
+            identity="worker-1",
+            config=DelegationConfig(allowed_dirs=(str(project),), claude_command=CLAUDE),
+            mesh=mesh,
+            store=TaskStore(home.tasks, INCOMING),
+            trust_of=lambda p: 0.5,
+            clock=reactor,
+            spawner=reactor.spawnProcess,
+            home_root=home.root,
+            environ={
+                "PATH": "/usr/local/bin:/usr/bin:/bin:" + CLAUDE.rsplit("/", 1)[0],
+                "HOME": str(home.root),
+            },
+        )
         mesh.add_handler("delegate_task", worker.on_delegate)
         worker.start()
         self.addCleanup(worker.stop)

@@ -27,14 +27,20 @@ class CliTests(TestCase):
         self.home.config_file.write_text(
             "[delegation]\n"
             f"claude_command = {json.dumps(sys.executable)}\n"
-            f"claude_args = [{json.dumps(FAKE_CLAUDE)}]\n")
+            f"claude_args = [{json.dumps(FAKE_CLAUDE)}]\n"
+        )
         self.work = self.home.root / "work"
         self.work.mkdir()
 
     def claudectl(self, *args):
-        return subprocess.run([sys.executable, "-m", "claudectl", *args], cwd=self.work,
-                              env=subprocess_env(self.home), capture_output=True, text=True,
-                              timeout=50)
+        return subprocess.run(
+            [sys.executable, "-m", "claudectl", *args],
+            cwd=self.work,
+            env=subprocess_env(self.home),
+            capture_output=True,
+            text=True,
+            timeout=50,
+        )
 
     def write(self, name, data):
         path = self.work / name
@@ -42,9 +48,15 @@ class CliTests(TestCase):
         return str(path)
 
     def test_run_local_tasks_with_a_dependency(self):
-        f = self.write("tasks.json", {"tasks": [
-            {"name": "analyze", "prompt": "list issues"},
-            {"name": "fix", "prompt": "Fix: {{analyze.stdout}}", "depends_on": ["analyze"]}]})
+        f = self.write(
+            "tasks.json",
+            {
+                "tasks": [
+                    {"name": "analyze", "prompt": "list issues"},
+                    {"name": "fix", "prompt": "Fix: {{analyze.stdout}}", "depends_on": ["analyze"]},
+                ]
+            },
+        )
         r = self.claudectl("--json", "run", f)
         self.assertEqual(r.returncode, 0, r.stderr)
         out = json.loads(r.stdout)
@@ -54,8 +66,11 @@ class CliTests(TestCase):
         self.assertAlmostEqual(fix["cost_usd"], 0.0123)
 
     def test_run_failure_sets_the_exit_status_and_skips_dependents(self):
-        f = self.write("tasks.yaml", "tasks:\n  - name: a\n    prompt: 'fake:fail'\n"
-                                     "  - name: b\n    prompt: x\n    depends_on: [a]\n")
+        f = self.write(
+            "tasks.yaml",
+            "tasks:\n  - name: a\n    prompt: 'fake:fail'\n"
+            "  - name: b\n    prompt: x\n    depends_on: [a]\n",
+        )
         r = self.claudectl("run", f)
         self.assertEqual(r.returncode, 1)
         self.assertIn("[a] failed", r.stdout)
@@ -66,9 +81,11 @@ class CliTests(TestCase):
         """Issue 12 item 1: two local tasks, `claude` not found: both fail
         cleanly, no AlreadyCalledError, no bogus second line for t1."""
         self.home.config_file.write_text(
-            '[delegation]\nclaude_command = "claude-not-installed-here"\n')
-        f = self.write("tasks.json", {"tasks": [{"name": "t1", "prompt": "a"},
-                                                {"name": "t2", "prompt": "b"}]})
+            '[delegation]\nclaude_command = "claude-not-installed-here"\n'
+        )
+        f = self.write(
+            "tasks.json", {"tasks": [{"name": "t1", "prompt": "a"}, {"name": "t2", "prompt": "b"}]}
+        )
         r = self.claudectl("run", f)
         self.assertEqual(r.returncode, 1, r.stderr)
         self.assertNotIn("Traceback", r.stdout + r.stderr)
@@ -79,8 +96,9 @@ class CliTests(TestCase):
         self.assertIn("Error: 2 of 2 task(s) did not complete", r.stderr)
 
     def test_validation_before_anything_starts(self):
-        f = self.write("tasks.json", {"tasks": [
-            {"name": "a", "prompt": "fake:edit", "peer": "nobody-1"}]})
+        f = self.write(
+            "tasks.json", {"tasks": [{"name": "a", "prompt": "fake:edit", "peer": "nobody-1"}]}
+        )
         r = self.claudectl("run", f)
         self.assertEqual(r.returncode, 1)
         self.assertIn("Error: Task 'a': peer 'nobody-1' is not paired", r.stderr)
@@ -91,8 +109,7 @@ class CliTests(TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("The relay service is not running", r.stdout)
         self.assertIn("No delegated tasks", r.stdout)
-        for args in (["relay", "delegate", "p-1", "hi"],
-                     ["relay", "interrupt", "task_1", "stop"]):
+        for args in (["relay", "delegate", "p-1", "hi"], ["relay", "interrupt", "task_1", "stop"]):
             r = self.claudectl(*args)
             self.assertEqual(r.returncode, 1, args)
             self.assertIn("Error: the relay service is not running", r.stderr)
@@ -112,19 +129,27 @@ class InterruptedRunTests(SynchronousTestCase):
             "[delegation]\n"
             f"claude_command = {json.dumps(sys.executable)}\n"
             f"claude_args = [{json.dumps(FAKE_CLAUDE)}]\n"
-            "stop_grace_secs = 1\n")
+            "stop_grace_secs = 1\n"
+        )
         work = home.root / "work"
         work.mkdir()
-        (work / "tasks.json").write_text(json.dumps({"tasks": [
-            {"name": "local", "prompt": prompt}]}))
+        (work / "tasks.json").write_text(
+            json.dumps({"tasks": [{"name": "local", "prompt": prompt}]})
+        )
         marker = {"CLAUDE_FAKE_LOG": str(home.root / "fake.log")}  # reaches the fake's tree
         self.addCleanup(sweep.kill_tagged, marker)
         # A suite started with SIGINT ignored (a background job, `trap '' INT`)
         # passes that on, and a process that starts with SIGINT ignored keeps
         # ignoring it: give the child the default disposition, as a terminal would.
-        p = subprocess.Popen([sys.executable, "-m", "claudectl", "run", "tasks.json"], cwd=work,
-                             env=subprocess_env(home, **marker), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "claudectl", "run", "tasks.json"],
+            cwd=work,
+            env=subprocess_env(home, **marker),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_default_sigint,
+        )
         self.addCleanup(lambda: p.poll() is None and p.kill())
         expected = 1 + prompt.count("+") + 1  # the fake, its extras, the hang grandchild
         deadline = time.monotonic() + 20
@@ -167,20 +192,37 @@ class WaitInterruptedTests(TestCase):
 
         home = temp_home(self)
         mesh = FakeMesh("laptop-1", peers=["ci-1"])
-        controller = DelegationController(mesh=mesh, store=TaskStore(home.tasks, OUTGOING),
-                                          clock=reactor, is_paired=lambda p: True)
+        controller = DelegationController(
+            mesh=mesh,
+            store=TaskStore(home.tasks, OUTGOING),
+            clock=reactor,
+            is_paired=lambda p: True,
+        )
         self.addCleanup(controller.stop)
         sock = control_socket_path(home)
         sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.addCleanup(remove_fallback_dir, home)
         port = await UNIXServerEndpoint(reactor, str(sock)).listen(
-            Factory.forProtocol(lambda: amp.AMP(locator=DelegationLocator(controller))))
+            Factory.forProtocol(lambda: amp.AMP(locator=DelegationLocator(controller)))
+        )
         self.addCleanup(port.stopListening)
         proto = Collect()
         transport = reactor.spawnProcess(
-            proto, sys.executable, [sys.executable, "-m", "claudectl", "relay", "delegate",
-                                    "ci-1", "--wait", "fake:hang x"],
-            env=subprocess_env(home), path=str(home.root))
+            proto,
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "claudectl",
+                "relay",
+                "delegate",
+                "ci-1",
+                "--wait",
+                "fake:hang x",
+            ],
+            env=subprocess_env(home),
+            path=str(home.root),
+        )
         while not controller._waiters:  # it follows the task now
             await deferLater(reactor, 0.05, lambda: None)
         transport.signalProcess("INT")

@@ -22,9 +22,13 @@ class ControllerTestsBase(SynchronousTestCase):
 
     def make(self, **kwargs):
         ctl = C.DelegationController(
-            mesh=self.mesh, store=TaskStore(self.home.tasks, OUTGOING), clock=self.clock,
+            mesh=self.mesh,
+            store=TaskStore(self.home.tasks, OUTGOING),
+            clock=self.clock,
             is_paired=lambda p: p in ("ci-1", "evil-2", "offline-3"),
-            ids=MessageIds(self.clock.seconds, start=0), **kwargs)
+            ids=MessageIds(self.clock.seconds, start=0),
+            **kwargs,
+        )
         ctl.load()
         self.mesh.handlers = {"task_status": [ctl.on_status], "task_handoff": [ctl.on_handoff]}
         self.mesh.up = [ctl.on_link_up]
@@ -36,9 +40,21 @@ class ControllerTests(ControllerTestsBase):
     def test_delegate_sends_the_claudectl_payload(self):
         rec = self.ctl.delegate("ci-1", "Fix the tests")
         self.assertEqual(rec["task_id"], "task_1714000040000_0")
-        self.assertEqual(self.mesh.sent, [("ci-1", "delegate_task", {
-            "context": {"dependency_graph": {"blocked_by": [], "blocks": []}}, "cwd": None,
-            "prompt": "Fix the tests", "task_id": "task_1714000040000_0"})])
+        self.assertEqual(
+            self.mesh.sent,
+            [
+                (
+                    "ci-1",
+                    "delegate_task",
+                    {
+                        "context": {"dependency_graph": {"blocked_by": [], "blocks": []}},
+                        "cwd": None,
+                        "prompt": "Fix the tests",
+                        "task_id": "task_1714000040000_0",
+                    },
+                )
+            ],
+        )
         self.ctl.delegate("ci-1", "x", "/srv/proj", "feat/auth")
         self.assertEqual(self.mesh.sent[1][2]["context"]["git_ref"], "feat/auth")
 
@@ -52,18 +68,28 @@ class ControllerTests(ControllerTestsBase):
         tid = self.ctl.delegate("ci-1", "p")["task_id"]
         d = self.ctl.wait_change(tid, 1, 30)
         self.assertNoResult(d)
-        self.mesh.deliver("ci-1", "task_status", P.build_task_status(
-            tid, "running", P.TaskStats(1500, 0.1, 3, ("a.py",), 12, "Edit a.py")))
+        self.mesh.deliver(
+            "ci-1",
+            "task_status",
+            P.build_task_status(
+                tid, "running", P.TaskStats(1500, 0.1, 3, ("a.py",), 12, "Edit a.py")
+            ),
+        )
         view = self.successResultOf(d)
-        self.assertEqual((view["state"], view["tokens"], view["cost_usd"], view["last_message"]),
-                         ("running", 1500, 0.1, "Edit a.py"))
+        self.assertEqual(
+            (view["state"], view["tokens"], view["cost_usd"], view["last_message"]),
+            ("running", 1500, 0.1, "Edit a.py"),
+        )
         self.clock.advance(20)
         self.assertEqual(self.ctl.view(self.ctl.get(tid))["elapsed_secs"], 20)
-        self.mesh.deliver("ci-1", "task_handoff", P.build_handoff(
-            tid, "Fixed", ["a.py"], "abc123", 0.5, 4000))
+        self.mesh.deliver(
+            "ci-1", "task_handoff", P.build_handoff(tid, "Fixed", ["a.py"], "abc123", 0.5, 4000)
+        )
         view = self.ctl.view(self.ctl.get(tid))
-        self.assertEqual((view["state"], view["summary"], view["tokens"], view["result_git_ref"]),
-                         ("completed", "Fixed", 4000, "abc123"))
+        self.assertEqual(
+            (view["state"], view["summary"], view["tokens"], view["result_git_ref"]),
+            ("completed", "Fixed", 4000, "abc123"),
+        )
         self.assertEqual(self.mesh.sent[-1], ("ci-1", "ack", {"ack_id": tid}))
         # Late status after the end is ignored; a repeated handoff is acked again.
         self.mesh.deliver("ci-1", "task_status", P.build_task_status(tid, "running", P.TaskStats()))
@@ -79,15 +105,19 @@ class ControllerTests(ControllerTestsBase):
     def test_frames_from_another_peer_are_ignored(self):
         tid = self.ctl.delegate("ci-1", "p")["task_id"]
         self.mesh.deliver("evil-2", "task_handoff", P.build_failure(tid, "ha"))
-        self.mesh.deliver("evil-2", "task_status", P.build_task_status(tid, "running", P.TaskStats(9)))
+        self.mesh.deliver(
+            "evil-2", "task_status", P.build_task_status(tid, "running", P.TaskStats(9))
+        )
         self.assertEqual(self.ctl.get(tid)["state"], "delegated")
         self.assertNotIn(("evil-2", "ack", {"ack_id": tid}), self.mesh.sent)
 
     def test_interrupt_routes_to_owner(self):
         tid = self.ctl.delegate("ci-1", "p")["task_id"]
         self.assertEqual(self.ctl.interrupt(tid, "nudge", "go")["peer"], "ci-1")
-        self.assertEqual(self.mesh.sent[-1], ("ci-1", "task_interrupt", {
-            "interrupt_type": "nudge", "reason": "go", "task_id": tid}))
+        self.assertEqual(
+            self.mesh.sent[-1],
+            ("ci-1", "task_interrupt", {"interrupt_type": "nudge", "reason": "go", "task_id": tid}),
+        )
         self.assertRaises(C.BadRequest, self.ctl.interrupt, tid, "reroute")
         self.assertRaises(C.TaskUnknown, self.ctl.interrupt, "nope", "stop")
         self.mesh.disconnect("ci-1")
@@ -98,12 +128,16 @@ class ControllerTests(ControllerTestsBase):
 
     def test_records_survive_a_restart(self):
         tid = self.ctl.delegate("ci-1", "p")["task_id"]
-        self.mesh.deliver("ci-1", "task_status", P.build_task_status(tid, "running", P.TaskStats(7)))
+        self.mesh.deliver(
+            "ci-1", "task_status", P.build_task_status(tid, "running", P.TaskStats(7))
+        )
         ctl2 = self.make()
         self.assertEqual(ctl2.get(tid)["stats"]["tokens_used"], 7)
         self.mesh.deliver("ci-1", "task_handoff", P.build_handoff(tid, "ok"))
-        self.assertEqual(json.loads((self.home.tasks / "outgoing" / f"{tid}.json").read_text())
-                         ["state"], "completed")
+        self.assertEqual(
+            json.loads((self.home.tasks / "outgoing" / f"{tid}.json").read_text())["state"],
+            "completed",
+        )
 
     def test_wait_times_out_with_the_current_view(self):
         tid = self.ctl.delegate("ci-1", "p")["task_id"]
@@ -128,8 +162,9 @@ class NoAnswerTests(ControllerTestsBase):
         self.clock.advance(1)
         view = self.successResultOf(d)
         self.assertEqual(view["state"], "failed")
-        self.assertTrue(view["summary"].startswith("no answer from ci-1 within 120 s"),
-                        view["summary"])
+        self.assertTrue(
+            view["summary"].startswith("no answer from ci-1 within 120 s"), view["summary"]
+        )
         rec = json.loads((self.home.tasks / "outgoing" / f"{tid}.json").read_text())
         self.assertEqual((rec["state"], rec["no_answer"]), ("failed", True))
 
@@ -158,8 +193,11 @@ class NoAnswerTests(ControllerTestsBase):
     def test_a_late_answer_revives_the_record(self):
         tid = self.ctl.delegate("ci-1", "p")["task_id"]
         self.clock.advance(120)
-        self.mesh.deliver("ci-1", "task_status", P.build_task_status(
-            tid, "running", P.TaskStats(last_activity="working")))
+        self.mesh.deliver(
+            "ci-1",
+            "task_status",
+            P.build_task_status(tid, "running", P.TaskStats(last_activity="working")),
+        )
         rec = self.ctl.get(tid)
         self.assertEqual((rec["state"], rec["summary"], rec["ended_at"]), ("running", None, None))
         self.assertNotIn("no_answer", rec)

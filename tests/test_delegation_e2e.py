@@ -32,7 +32,8 @@ def write_config(home: Any, proj: Path) -> None:
         f"allowed_dirs = [{json.dumps(str(proj))}]\n"
         f"claude_command = {json.dumps(sys.executable)}\n"
         f"claude_args = [{json.dumps(FAKE_CLAUDE)}]\n"
-        "stop_grace_secs = 2\n")
+        "stop_grace_secs = 2\n"
+    )
 
 
 class DelegationEndToEndTests(SynchronousTestCase):
@@ -68,8 +69,16 @@ class DelegationEndToEndTests(SynchronousTestCase):
             time.sleep(0.3)
 
     def test_delegate_follow_status(self) -> None:
-        r = run_cli(self.ctl, "relay", "delegate", self.wid, "--cwd", str(self.proj), "--wait",
-                    "fake:succeed fake:edit write the file")
+        r = run_cli(
+            self.ctl,
+            "relay",
+            "delegate",
+            self.wid,
+            "--cwd",
+            str(self.proj),
+            "--wait",
+            "fake:succeed fake:edit write the file",
+        )
         out = ok(r)
         self.assertIn("completed", out)
         [task] = self.status()
@@ -91,8 +100,10 @@ class DelegationEndToEndTests(SynchronousTestCase):
         self.assertEqual(data["tasks"], [])
         self.assertTrue(data["service_running"])
         [theirs] = data["incoming"]
-        self.assertEqual((theirs["task_id"], theirs["peer"], theirs["state"], theirs["direction"]),
-                         (task["task_id"], cid, "completed", "incoming"))
+        self.assertEqual(
+            (theirs["task_id"], theirs["peer"], theirs["state"], theirs["direction"]),
+            (task["task_id"], cid, "completed", "incoming"),
+        )
         one = json.loads(ok(run_cli(self.worker, "--json", "relay", "status", task["task_id"])))
         self.assertEqual(one["direction"], "incoming")
         # Stopped services: both sides still show their stored tasks (issue 12 item 14).
@@ -110,16 +121,36 @@ class DelegationEndToEndTests(SynchronousTestCase):
     def test_refused_outside_allowed_dirs(self) -> None:
         other = Path(self.mktemp()).absolute()
         other.mkdir()
-        r = run_cli(self.ctl, "relay", "delegate", self.wid, "--cwd", str(other), "--wait",
-                    "fake:succeed hi")
+        r = run_cli(
+            self.ctl,
+            "relay",
+            "delegate",
+            self.wid,
+            "--cwd",
+            str(other),
+            "--wait",
+            "fake:succeed hi",
+        )
         self.assertNotEqual(r.returncode, 0)
         [task] = self.status()
         self.assertEqual(task["state"], "failed")
         self.assertIn("allowed_dirs", json.dumps(task))
 
     def test_nudge_and_stop(self) -> None:
-        out = json.loads(ok(run_cli(self.ctl, "--json", "relay", "delegate", self.wid, "--cwd",
-                                    str(self.proj), "fake:hang forever")))
+        out = json.loads(
+            ok(
+                run_cli(
+                    self.ctl,
+                    "--json",
+                    "relay",
+                    "delegate",
+                    self.wid,
+                    "--cwd",
+                    str(self.proj),
+                    "fake:hang forever",
+                )
+            )
+        )
         task = out["task_id"]
         self.wait_state(task, {"running"})
         ok(run_cli(self.ctl, "relay", "interrupt", task, "nudge", "dependency", "resolved"))
@@ -128,11 +159,18 @@ class DelegationEndToEndTests(SynchronousTestCase):
         self.assertIn("stop", json.dumps(rec).lower())
 
     def test_task_file_mixing_local_and_remote(self) -> None:
-        tasks = {"tasks": [
-            {"name": "local-first", "prompt": "fake:succeed prepare", "cwd": str(self.proj)},
-            {"name": "remote-second", "prompt": "fake:succeed use {{local-first.stdout}}",
-             "cwd": str(self.proj), "peer": self.wid, "depends_on": ["local-first"]},
-        ]}
+        tasks = {
+            "tasks": [
+                {"name": "local-first", "prompt": "fake:succeed prepare", "cwd": str(self.proj)},
+                {
+                    "name": "remote-second",
+                    "prompt": "fake:succeed use {{local-first.stdout}}",
+                    "cwd": str(self.proj),
+                    "peer": self.wid,
+                    "depends_on": ["local-first"],
+                },
+            ]
+        }
         f = Path(self.mktemp()).absolute()
         f.write_text(json.dumps(tasks))
         r = run_cli(self.ctl, "run", str(f), timeout=120)
@@ -143,10 +181,16 @@ class DelegationEndToEndTests(SynchronousTestCase):
 
     def test_task_file_errors_before_anything_starts(self) -> None:
         f = Path(self.mktemp()).absolute()
-        f.write_text(json.dumps({"tasks": [
-            {"name": "a", "prompt": "x", "depends_on": ["b"]},
-            {"name": "b", "prompt": "y", "depends_on": ["a"]},
-        ]}))
+        f.write_text(
+            json.dumps(
+                {
+                    "tasks": [
+                        {"name": "a", "prompt": "x", "depends_on": ["b"]},
+                        {"name": "b", "prompt": "y", "depends_on": ["a"]},
+                    ]
+                }
+            )
+        )
         r = run_cli(self.ctl, "run", str(f))
         self.assertEqual(r.returncode, 1)
         self.assertIn("cycle", r.stderr)

@@ -26,8 +26,9 @@ GIT = shutil.which("git")
 class SourceTests(SynchronousTestCase):
     def test_file_urls_are_local_paths(self):
         self.assertEqual(gitws.parse_source("file:///srv/proj"), (gitws.LOCAL, "/srv/proj"))
-        self.assertEqual(gitws.parse_source("FILE://localhost/srv/a%20b"),
-                         (gitws.LOCAL, "/srv/a b"))
+        self.assertEqual(
+            gitws.parse_source("FILE://localhost/srv/a%20b"), (gitws.LOCAL, "/srv/a b")
+        )
         self.assertEqual(gitws.parse_source("/srv/proj"), (gitws.LOCAL, "/srv/proj"))
         # "host:path" without a user is not a remote here: not absolute, so refused later.
         self.assertEqual(gitws.parse_source("host:repo"), (gitws.LOCAL, "host:repo"))
@@ -37,20 +38,40 @@ class SourceTests(SynchronousTestCase):
             self.assertEqual(gitws.parse_source(url), (gitws.REMOTE, url))
 
     def test_refused_sources(self):
-        for source in ("", "-u", "ext::sh -c id", "http://h/r", "ftp://h/r",
-                       "file://other-host/srv/x", "file:///srv/x?q", "/srv/\0x", "/srv/\nx",
-                       "file:///srv/%00x"):
+        for source in (
+            "",
+            "-u",
+            "ext::sh -c id",
+            "http://h/r",
+            "ftp://h/r",
+            "file://other-host/srv/x",
+            "file:///srv/x?q",
+            "/srv/\0x",
+            "/srv/\nx",
+            "file:///srv/%00x",
+        ):
             self.assertRaises(gitws.WorkspaceError, gitws.parse_source, source)
 
     def test_allowed_git_remotes(self):
         allowed = ["https://git.example/org", "git@git.example:", "ssh://h/team/"]
-        yes = ["https://git.example/org", "https://git.example/org/r.git",
-               "git@git.example:any/r.git", "ssh://h/team/r"]
-        no = ["https://git.example/org-evil/r", "https://git.example/orgx",
-              "https://git.example/org/../evil/r", "https://git.example/org/./r",
-              "https://git.example/org/%2E%2E/evil", "https://git.example/org/a%2fb",
-              "git@git.example.evil:r", "ssh://h/team", "https://evil/org/r",
-              "https://git.example/org/r x"]
+        yes = [
+            "https://git.example/org",
+            "https://git.example/org/r.git",
+            "git@git.example:any/r.git",
+            "ssh://h/team/r",
+        ]
+        no = [
+            "https://git.example/org-evil/r",
+            "https://git.example/orgx",
+            "https://git.example/org/../evil/r",
+            "https://git.example/org/./r",
+            "https://git.example/org/%2E%2E/evil",
+            "https://git.example/org/a%2fb",
+            "git@git.example.evil:r",
+            "ssh://h/team",
+            "https://evil/org/r",
+            "https://git.example/org/r x",
+        ]
         for url in yes:
             self.assertTrue(gitws.remote_allowed(url, allowed), url)
         for url in no:
@@ -60,10 +81,17 @@ class SourceTests(SynchronousTestCase):
 
     def test_git_env(self):
         env = gitws.git_env({"PATH": "/bin", "HOME": "/h", "SECRET": "s", "SSH_AUTH_SOCK": "/a"})
-        self.assertEqual(env, {"PATH": "/bin", "HOME": "/h", "SSH_AUTH_SOCK": "/a",
-                               "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
-                               "GIT_TERMINAL_PROMPT": "0",
-                               "GIT_ALLOW_PROTOCOL": "https:ssh:git:file"})
+        self.assertEqual(
+            env,
+            {
+                "PATH": "/bin",
+                "HOME": "/h",
+                "SSH_AUTH_SOCK": "/a",
+                "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
+                "GIT_TERMINAL_PROMPT": "0",
+                "GIT_ALLOW_PROTOCOL": "https:ssh:git:file",
+            },
+        )
 
     def test_refs_and_commits(self):
         for ref in ("-x", "a b", "a..b", ""):
@@ -77,8 +105,21 @@ def make_repo(path, name, content):
     subprocess.run([GIT, "init", "-q", "-b", "main", str(path)], check=True)
     (path / name).write_text(content)
     subprocess.run([GIT, "-C", str(path), "add", "."], check=True)
-    subprocess.run([GIT, "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t",
-                    "commit", "-qm", "init"], check=True)
+    subprocess.run(
+        [
+            GIT,
+            "-C",
+            str(path),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            "init",
+        ],
+        check=True,
+    )
 
 
 class RealGitTests(TestCase):
@@ -90,12 +131,18 @@ class RealGitTests(TestCase):
         self.mesh = FakeMesh("worker-1", peers=["ctl-1"])
         self.spawner = Spawner()
         w = DelegationWorker(
-            identity="worker-1", config=DelegationConfig(allowed_dirs=(str(project),),
-                                                         claude_command="/bin/sh"),
-            mesh=self.mesh, store=TaskStore(home.tasks, INCOMING), trust_of=lambda p: 1.0,
-            clock=reactor, spawner=self.spawner, home_root=home.root,
-            run_git=gitws.default_git_runner(reactor), kill=lambda *a: None,
-            sweep=lambda tags: [])
+            identity="worker-1",
+            config=DelegationConfig(allowed_dirs=(str(project),), claude_command="/bin/sh"),
+            mesh=self.mesh,
+            store=TaskStore(home.tasks, INCOMING),
+            trust_of=lambda p: 1.0,
+            clock=reactor,
+            spawner=self.spawner,
+            home_root=home.root,
+            run_git=gitws.default_git_runner(reactor),
+            kill=lambda *a: None,
+            sweep=lambda tags: [],
+        )
         w.start()
         self.addCleanup(lambda: w._loop.running and w._loop.stop())
         return w
@@ -109,15 +156,39 @@ class RealGitTests(TestCase):
         inside = project / "repo"
         make_repo(inside, "README", "hello\n")
         w = self.worker(home, project)
-        w.on_delegate("ctl-1", type("E", (), {"payload": P.build_delegate_task(
-            "t1", "read SECRET.txt", str(project),
-            P.TaskContext(git_remote="file://" + str(secret), git_ref="main"))})())
+        w.on_delegate(
+            "ctl-1",
+            type(
+                "E",
+                (),
+                {
+                    "payload": P.build_delegate_task(
+                        "t1",
+                        "read SECRET.txt",
+                        str(project),
+                        P.TaskContext(git_remote="file://" + str(secret), git_ref="main"),
+                    )
+                },
+            )(),
+        )
         (h,) = [p for _, t, p in self.mesh.sent if t == "task_handoff"]
         self.assertIn("is not under [delegation] allowed_dirs", h["summary"])
         # The same through a file:// URL inside allowed_dirs works.
-        w.on_delegate("ctl-1", type("E", (), {"payload": P.build_delegate_task(
-            "t2", "read README", str(project),
-            P.TaskContext(git_remote="file://" + str(inside), git_ref="main"))})())
+        w.on_delegate(
+            "ctl-1",
+            type(
+                "E",
+                (),
+                {
+                    "payload": P.build_delegate_task(
+                        "t2",
+                        "read README",
+                        str(project),
+                        P.TaskContext(git_remote="file://" + str(inside), git_ref="main"),
+                    )
+                },
+            )(),
+        )
         for _ in range(200):
             if self.spawner.calls:
                 break

@@ -20,14 +20,21 @@ class LocatorTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.mesh = FakeMesh("me-1", peers=["ci-1"])
-        self.ctl = DelegationController(mesh=self.mesh, store=TaskStore(temp_home(self).tasks, OUTGOING),
-                                        clock=self.clock, is_paired=lambda p: p in ("ci-1", "off-2"))
-        self.mesh.handlers = {"task_status": [self.ctl.on_status],
-                              "task_handoff": [self.ctl.on_handoff]}
+        self.ctl = DelegationController(
+            mesh=self.mesh,
+            store=TaskStore(temp_home(self).tasks, OUTGOING),
+            clock=self.clock,
+            is_paired=lambda p: p in ("ci-1", "off-2"),
+        )
+        self.mesh.handlers = {
+            "task_status": [self.ctl.on_status],
+            "task_handoff": [self.ctl.on_handoff],
+        }
         server = amp.AMP(locator=L.DelegationLocator(self.ctl))
         client = amp.AMP()
         self.client, self.server, self.pump = iosim.connectedServerAndClient(
-            lambda: server, lambda: client)
+            lambda: server, lambda: client
+        )
 
     def call(self, command, **kw):
         # Chain a fresh Deferred before pumping so a failure is captured, not dropped.
@@ -42,13 +49,17 @@ class LocatorTests(SynchronousTestCase):
         self.assertEqual(json.loads(r["task_json"])["state"], "delegated")
         d = self.call(C.WatchTask, task_id=tid, version=1, timeout=30.0)
         self.assertNoResult(d)
-        self.mesh.deliver("ci-1", "task_status", P.build_task_status(
-            tid, "running", P.TaskStats(10, 0.01, last_activity="Edit a.py")))
+        self.mesh.deliver(
+            "ci-1",
+            "task_status",
+            P.build_task_status(tid, "running", P.TaskStats(10, 0.01, last_activity="Edit a.py")),
+        )
         self.pump.flush()
         view = json.loads(self.successResultOf(d)["task_json"])
         self.assertEqual((view["state"], view["last_message"]), ("running", "Edit a.py"))
-        r = self.successResultOf(self.call(C.Interrupt, task_id=tid, interrupt_type="stop",
-                                           reason="done"))
+        r = self.successResultOf(
+            self.call(C.Interrupt, task_id=tid, interrupt_type="stop", reason="done")
+        )
         self.assertEqual(r["peer"], "ci-1")
         r = self.successResultOf(self.call(C.ListTasks))
         self.assertEqual([t["task_id"] for t in json.loads(r["tasks_json"])], [tid])

@@ -16,14 +16,22 @@ def dumps(payload):
 class VectorTests(SynchronousTestCase):
     def test_every_compat_vector_is_covered(self):
         covered = {
-            "delegation.frame.delegate_task", "delegation.payload.delegate_task_cwd_gitref",
-            "delegation.frame.task_status_initial", "delegation.payload.handoff_completed",
-            "delegation.payload.handoff_failed", "delegation.payload.handoff_stopped",
-            "delegation.payload.handoff_failure_builder", "delegation.payload.handoff_builder",
-            "delegation.payload.task_interrupt", "delegation.task_id_from_msg_id",
-            "delegation.relevant_files_cap", "delegation.relevant_files_oversized",
-            "delegation.context_defaults", "delegation.orchestrator.attempts",
-            "delegation.orchestrator.template", "delegation.orchestrator.reject_unknown_key",
+            "delegation.frame.delegate_task",
+            "delegation.payload.delegate_task_cwd_gitref",
+            "delegation.frame.task_status_initial",
+            "delegation.payload.handoff_completed",
+            "delegation.payload.handoff_failed",
+            "delegation.payload.handoff_stopped",
+            "delegation.payload.handoff_failure_builder",
+            "delegation.payload.handoff_builder",
+            "delegation.payload.task_interrupt",
+            "delegation.task_id_from_msg_id",
+            "delegation.relevant_files_cap",
+            "delegation.relevant_files_oversized",
+            "delegation.context_defaults",
+            "delegation.orchestrator.attempts",
+            "delegation.orchestrator.template",
+            "delegation.orchestrator.reject_unknown_key",
             "delegation.orchestrator.slug",
         }
         self.assertEqual(set(vectors("delegation", "COMPAT")), covered)
@@ -41,17 +49,20 @@ class VectorTests(SynchronousTestCase):
     def test_delegate_task_cwd_gitref(self):
         v = vector("delegation.payload.delegate_task_cwd_gitref")
         p = v["input"]["payload"]
-        payload = P.build_delegate_task(p["task_id"], p["prompt"], p["cwd"],
-                                        P.TaskContext(git_ref="feat/auth"))
+        payload = P.build_delegate_task(
+            p["task_id"], p["prompt"], p["cwd"], P.TaskContext(git_ref="feat/auth")
+        )
         self.assertEqual(dumps(payload), v["expected"]["payload_json"])
         self.assertEqual(P.parse_delegate_task(p).context.git_ref, "feat/auth")
 
     def test_full_context_roundtrip(self):
-        text = ('{"brain_context":{"project_preferences":"prefers small diffs","recent_insights":'
-                '["error loops in auth"]},"dependency_graph":{"blocked_by":[],"blocks":'
-                '["deploy-staging"]},"git_commit":"abc123","git_ref":"feat/auth-rewrite",'
-                '"git_remote":"git@github.com:team/project.git","relevant_files":'
-                '{"src/auth/middleware.rs":"fn check() {}"}}')
+        text = (
+            '{"brain_context":{"project_preferences":"prefers small diffs","recent_insights":'
+            '["error loops in auth"]},"dependency_graph":{"blocked_by":[],"blocks":'
+            '["deploy-staging"]},"git_commit":"abc123","git_ref":"feat/auth-rewrite",'
+            '"git_remote":"git@github.com:team/project.git","relevant_files":'
+            '{"src/auth/middleware.rs":"fn check() {}"}}'
+        )
         ctx = P.parse_context(json.loads(text))
         self.assertEqual(ctx.git_remote, "git@github.com:team/project.git")
         self.assertEqual(ctx.brain_context.recent_insights, ("error loops in auth",))
@@ -78,22 +89,37 @@ class VectorTests(SynchronousTestCase):
 
     def test_handoff_completed_failed_stopped(self):
         tid = "task_1745539200123_0"
-        self.assertEqual(dumps(P.build_handoff(tid, P.SUMMARY_COMPLETED)),
-                         vector("delegation.payload.handoff_completed")["expected"]["payload_json"])
-        self.assertEqual(dumps(P.build_failure(tid, P.SUMMARY_NONZERO)),
-                         vector("delegation.payload.handoff_failed")["expected"]["payload_json"])
-        self.assertEqual(dumps(P.build_failure(tid, P.SUMMARY_STOPPED)),
-                         vector("delegation.payload.handoff_stopped")["expected"]["payload_json"])
+        self.assertEqual(
+            dumps(P.build_handoff(tid, P.SUMMARY_COMPLETED)),
+            vector("delegation.payload.handoff_completed")["expected"]["payload_json"],
+        )
+        self.assertEqual(
+            dumps(P.build_failure(tid, P.SUMMARY_NONZERO)),
+            vector("delegation.payload.handoff_failed")["expected"]["payload_json"],
+        )
+        self.assertEqual(
+            dumps(P.build_failure(tid, P.SUMMARY_STOPPED)),
+            vector("delegation.payload.handoff_stopped")["expected"]["payload_json"],
+        )
 
     def test_handoff_builders(self):
         v = vector("delegation.payload.handoff_failure_builder")["input"]
         self.assertEqual(
-            dumps(P.build_failure(v["task_id"], v["reason"], v["total_cost_usd"],
-                                  v["total_tokens"])),
-            vector("delegation.payload.handoff_failure_builder")["expected"]["payload_json"])
+            dumps(
+                P.build_failure(v["task_id"], v["reason"], v["total_cost_usd"], v["total_tokens"])
+            ),
+            vector("delegation.payload.handoff_failure_builder")["expected"]["payload_json"],
+        )
         v = vector("delegation.payload.handoff_builder")["input"]
-        h = P.TaskHandoff(v["task_id"], "completed", v["summary"], tuple(v["artifacts"]),
-                          v["git_ref"], v["total_cost_usd"], v["total_tokens"])
+        h = P.TaskHandoff(
+            v["task_id"],
+            "completed",
+            v["summary"],
+            tuple(v["artifacts"]),
+            v["git_ref"],
+            v["total_cost_usd"],
+            v["total_tokens"],
+        )
         expected = vector("delegation.payload.handoff_builder")["expected"]["payload_json"]
         self.assertEqual(dumps(h.to_payload()), expected)
         self.assertEqual(P.parse_handoff(json.loads(expected)), h)
@@ -105,10 +131,14 @@ class VectorTests(SynchronousTestCase):
     def test_interrupt(self):
         v = vector("delegation.payload.task_interrupt")
         p = v["input"]["payload"]
-        self.assertEqual(dumps(P.build_interrupt(p["task_id"], p["interrupt_type"], p["reason"])),
-                         v["expected"]["payload_json"])
-        self.assertEqual(P.parse_interrupt({"task_id": "t", "interrupt_type": "nudge"}),
-                         P.TaskInterrupt("t", "nudge", ""))
+        self.assertEqual(
+            dumps(P.build_interrupt(p["task_id"], p["interrupt_type"], p["reason"])),
+            v["expected"]["payload_json"],
+        )
+        self.assertEqual(
+            P.parse_interrupt({"task_id": "t", "interrupt_type": "nudge"}),
+            P.TaskInterrupt("t", "nudge", ""),
+        )
         self.assertRaises(P.PayloadError, P.parse_interrupt, {"task_id": "t"})
 
     def test_task_id_from_msg_id(self):
@@ -117,8 +147,9 @@ class VectorTests(SynchronousTestCase):
 
     def test_relevant_files_cap(self):
         v = vector("delegation.relevant_files_cap")
-        for n, accepted in zip(v["input"]["relevant_files_content_bytes"],
-                               v["expected"]["sender_accepts"], strict=True):
+        for n, accepted in zip(
+            v["input"]["relevant_files_content_bytes"], v["expected"]["sender_accepts"], strict=True
+        ):
             ctx = P.TaskContext(relevant_files={"a.txt": "x" * (n - 1), "b": "y"})
             if accepted:
                 P.build_delegate_task("t", "p", None, ctx)
@@ -128,7 +159,9 @@ class VectorTests(SynchronousTestCase):
 
     def test_relevant_files_oversized(self):
         ctx = P.TaskContext(relevant_files={"big.txt": "x" * 60000})
-        self.assertFalse(vector("delegation.relevant_files_oversized")["expected"]["sender_accepts"])
+        self.assertFalse(
+            vector("delegation.relevant_files_oversized")["expected"]["sender_accepts"]
+        )
         self.assertRaises(P.PayloadError, P.build_delegate_task, "t", "p", None, ctx)
 
     def test_multibyte_content_counts_bytes(self):

@@ -38,6 +38,7 @@ def live_group_members(pgid):
 def tagged(proc, timeout=3.0):
     """Live processes carrying ``proc``'s run tag (waits a little for them to die)."""
     import time
+
     deadline = time.monotonic() + timeout
     while True:
         pids = sweep.pids_with_env(proc.tags)
@@ -85,18 +86,46 @@ class FakeSpawner:
 
 class ArgvEnvTests(SynchronousTestCase):
     def test_argv_never_carries_the_prompt(self):
-        self.assertEqual(CP.claude_argv("claude", ["--model", "x"]), [
-            "claude", "--model", "x", "-p", "--output-format", "stream-json", "--verbose",
-            "--input-format", "stream-json"])
+        self.assertEqual(
+            CP.claude_argv("claude", ["--model", "x"]),
+            [
+                "claude",
+                "--model",
+                "x",
+                "-p",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--input-format",
+                "stream-json",
+            ],
+        )
         self.assertEqual(CP.claude_argv("claude", resume="abc")[-2:], ["--resume", "abc"])
 
     def test_child_env_is_explicit(self):
-        env = CP.child_env({"PATH": "/bin", "HOME": "/h", "ANTHROPIC_API_KEY": "k",
-                            "CLAUDE_CONFIG_DIR": "/c", "AWS_REGION": "r", "SECRET_TOKEN": "s",
-                            "PYTHONPATH": "/evil"}, {"CLAUDECTL_TASK_ID": "t"})
-        self.assertEqual(env, {"PATH": "/bin", "HOME": "/h", "ANTHROPIC_API_KEY": "k",
-                               "CLAUDE_CONFIG_DIR": "/c", "AWS_REGION": "r",
-                               "CLAUDECTL_TASK_ID": "t"})
+        env = CP.child_env(
+            {
+                "PATH": "/bin",
+                "HOME": "/h",
+                "ANTHROPIC_API_KEY": "k",
+                "CLAUDE_CONFIG_DIR": "/c",
+                "AWS_REGION": "r",
+                "SECRET_TOKEN": "s",
+                "PYTHONPATH": "/evil",
+            },
+            {"CLAUDECTL_TASK_ID": "t"},
+        )
+        self.assertEqual(
+            env,
+            {
+                "PATH": "/bin",
+                "HOME": "/h",
+                "ANTHROPIC_API_KEY": "k",
+                "CLAUDE_CONFIG_DIR": "/c",
+                "AWS_REGION": "r",
+                "CLAUDECTL_TASK_ID": "t",
+            },
+        )
         self.assertEqual(CP.child_env({})["PATH"], CP.DEFAULT_PATH)
 
     def test_user_message(self):
@@ -114,10 +143,19 @@ class ByHandTests(SynchronousTestCase):
         self.changes = []
         self.sweeps = []
         self.proc = CP.ClaudeProcess(
-            self.run, CP.claude_argv(sys.executable), "/tmp", {"PATH": os.environ["PATH"]},
-            self.spawner, self.clock, stop_grace_secs=5,
-            on_change=lambda: self.changes.append(1), kill=self.kill, run_id="run-1",
-            sweep=self.sweep, drain_secs=2)
+            self.run,
+            CP.claude_argv(sys.executable),
+            "/tmp",
+            {"PATH": os.environ["PATH"]},
+            self.spawner,
+            self.clock,
+            stop_grace_secs=5,
+            on_change=lambda: self.changes.append(1),
+            kill=self.kill,
+            run_id="run-1",
+            sweep=self.sweep,
+            drain_secs=2,
+        )
 
     def sweep(self, tags):
         self.sweeps.append(dict(tags))
@@ -198,6 +236,7 @@ class ByHandTests(SynchronousTestCase):
     def test_vanished_group_is_tolerated(self):
         def gone(pid, sig):
             raise ProcessLookupError()
+
         self.proc._kill = gone
         self.proc.start("p")
         self.proc.stop()
@@ -247,17 +286,25 @@ class ByHandTests(SynchronousTestCase):
         self.assertIsNone(self.proc.pid)
 
     def test_every_run_gets_its_own_tag(self):
-        other = CP.ClaudeProcess(TaskRun("t2", self.clock.seconds), ["x"], "/tmp", {},
-                                 self.spawner, self.clock)
-        third = CP.ClaudeProcess(TaskRun("t3", self.clock.seconds), ["x"], "/tmp", {},
-                                 self.spawner, self.clock)
+        other = CP.ClaudeProcess(
+            TaskRun("t2", self.clock.seconds), ["x"], "/tmp", {}, self.spawner, self.clock
+        )
+        third = CP.ClaudeProcess(
+            TaskRun("t3", self.clock.seconds), ["x"], "/tmp", {}, self.spawner, self.clock
+        )
         self.assertNotEqual(other.run_id, third.run_id)
         self.assertEqual(other.env, {"CLAUDECTL_RUN_ID": other.run_id})
         self.assertEqual(len(other.run_id), 24)
 
     def test_missing_program(self):
-        proc = CP.ClaudeProcess(self.run, ["no-such-claude-xyz", "-p"], "/tmp", {"PATH": "/nope"},
-                                self.spawner, self.clock)
+        proc = CP.ClaudeProcess(
+            self.run,
+            ["no-such-claude-xyz", "-p"],
+            "/tmp",
+            {"PATH": "/nope"},
+            self.spawner,
+            self.clock,
+        )
         o = self.successResultOf(proc.start("p"))
         self.assertEqual(o.state, "failed")
         self.assertIn("'no-such-claude-xyz' was not found", o.summary)
@@ -284,8 +331,14 @@ class SweepTests(SynchronousTestCase):
         return root
 
     def test_finds_only_processes_with_every_tag(self):
-        root = self.fake_proc({10: [b"A=1", b"B=2"], 11: [b"A=1"], 12: [b"A=12", b"B=2"],
-                               os.getpid(): [b"A=1", b"B=2"]})
+        root = self.fake_proc(
+            {
+                10: [b"A=1", b"B=2"],
+                11: [b"A=1"],
+                12: [b"A=12", b"B=2"],
+                os.getpid(): [b"A=1", b"B=2"],
+            }
+        )
         self.assertEqual(sweep.pids_with_env({"A": "1", "B": "2"}, root), [10])
         self.assertEqual(sweep.pids_with_env({"A": "1"}, root), [10, 11])
         self.assertEqual(sweep.pids_with_env({}, root), [])
@@ -305,14 +358,17 @@ class SweepTests(SynchronousTestCase):
 
     def test_kills_a_real_tagged_process(self):
         import subprocess
+
         tag = {"CLAUDECTL_RUN_ID": f"sweep-test-{os.getpid()}"}
-        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                             env=dict(os.environ, **tag))
+        p = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)"], env=dict(os.environ, **tag)
+        )
         self.addCleanup(lambda: p.poll() is None and p.kill())
         for _ in range(100):
             if sweep.pids_with_env(tag):
                 break
             import time
+
             time.sleep(0.02)
         self.assertEqual(sweep.kill_tagged(tag), [p.pid])
         self.assertEqual(p.wait(5), -signal.SIGKILL)
@@ -326,9 +382,16 @@ class RealSpawnTests(TestCase):
     def start(self, prompt, grace=5, env_extra=None, drain=CP.DRAIN_SECS):
         run = TaskRun("real", reactor.seconds)
         env = CP.child_env(extra=env_extra)
-        proc = CP.ClaudeProcess(run, CP.claude_argv(sys.executable, [FAKE_CLAUDE]),
-                                self.mktemp_dir(), env, reactor.spawnProcess, reactor,
-                                stop_grace_secs=grace, drain_secs=drain)
+        proc = CP.ClaudeProcess(
+            run,
+            CP.claude_argv(sys.executable, [FAKE_CLAUDE]),
+            self.mktemp_dir(),
+            env,
+            reactor.spawnProcess,
+            reactor,
+            stop_grace_secs=grace,
+            drain_secs=drain,
+        )
         self.addCleanup(kill_leftovers, proc.tags)
         return proc, proc.start(prompt)
 
@@ -360,7 +423,9 @@ class RealSpawnTests(TestCase):
     async def test_crash(self):
         proc, d = self.start("fake:crash")
         o = await d
-        self.assertEqual(o.summary, "Claude Code exited with status 3: fatal: the fake claude crashed")
+        self.assertEqual(
+            o.summary, "Claude Code exited with status 3: fatal: the fake claude crashed"
+        )
 
     async def test_nudge_reaches_the_session(self):
         proc, d = self.start("fake:nudge")
@@ -378,7 +443,9 @@ class RealSpawnTests(TestCase):
         self.assertEqual(os.getpgid(pgid), pgid)  # its own group, via setsid
         proc.stop("no longer needed")
         o = await d
-        self.assertEqual((o.state, o.summary), ("stopped", "Stopped by controller: no longer needed"))
+        self.assertEqual(
+            (o.state, o.summary), ("stopped", "Stopped by controller: no longer needed")
+        )
         self.assertEqual(o.signal, signal.SIGKILL)
         # The grandchild (sleep 600) is gone too: nothing of the group is alive.
         # A killed process closes its pipes (which ends the run) a moment before
@@ -393,8 +460,9 @@ class RealSpawnTests(TestCase):
         target = Path(self.mktemp()).absolute()
         target.write_text("#!/nonexistent/interpreter\n")
         target.chmod(0o755)
-        proc = CP.ClaudeProcess(run, [str(target)], self.mktemp_dir(), CP.child_env(),
-                                reactor.spawnProcess, reactor)
+        proc = CP.ClaudeProcess(
+            run, [str(target)], self.mktemp_dir(), CP.child_env(), reactor.spawnProcess, reactor
+        )
         o = await proc.start("p")
         self.assertEqual(o.state, "failed")
         self.assertTrue(o.summary.startswith(f"could not start Claude Code: {target}: "), o.summary)

@@ -21,21 +21,37 @@ class RunnerTests(SynchronousTestCase):
             d = Deferred()
             self.pending.setdefault(task.name, []).append(d)
             return d
+
         return run
 
     def runner(self, data, parallel=False):
         tf = TF.parse(data)
-        r = R.TaskFileRunner(tf, self.attempt("local"), self.attempt("remote"), self.clock,
-                             self.lines.append, parallel)
+        r = R.TaskFileRunner(
+            tf,
+            self.attempt("local"),
+            self.attempt("remote"),
+            self.clock,
+            self.lines.append,
+            parallel,
+        )
         return r, r.run()
 
     def finish(self, name, ok=True, output="", message="m"):
         self.pending[name].pop(0).callback(R.AttemptResult(ok, output, message))
 
     def test_dependency_across_local_and_remote(self):
-        r, d = self.runner({"tasks": [
-            {"name": "analyze", "prompt": "find issues", "peer": "ci-1"},
-            {"name": "fix", "prompt": "Fix these:\n{{analyze.stdout}}", "depends_on": ["analyze"]}]})
+        r, d = self.runner(
+            {
+                "tasks": [
+                    {"name": "analyze", "prompt": "find issues", "peer": "ci-1"},
+                    {
+                        "name": "fix",
+                        "prompt": "Fix these:\n{{analyze.stdout}}",
+                        "depends_on": ["analyze"],
+                    },
+                ]
+            }
+        )
         self.assertEqual(self.calls, [("remote", "analyze", "find issues")])
         self.finish("analyze", output="issue 1\nissue 2\n")
         self.assertEqual(self.calls[1], ("local", "fix", "Fix these:\nissue 1\nissue 2"))
@@ -54,9 +70,16 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual(len(self.calls), 2)
 
     def test_retry_then_fail_and_skip_dependents(self):
-        r, d = self.runner({"retries": 1, "tasks": [
-            {"name": "a", "prompt": "x"}, {"name": "b", "prompt": "y", "depends_on": ["a"]},
-            {"name": "c", "prompt": "z", "depends_on": ["b"]}]})
+        r, d = self.runner(
+            {
+                "retries": 1,
+                "tasks": [
+                    {"name": "a", "prompt": "x"},
+                    {"name": "b", "prompt": "y", "depends_on": ["a"]},
+                    {"name": "c", "prompt": "z", "depends_on": ["b"]},
+                ],
+            }
+        )
         self.finish("a", ok=False, message="boom")
         self.assertEqual(len(self.calls), 1)
         self.clock.advance(1)
@@ -79,15 +102,21 @@ class RunnerTests(SynchronousTestCase):
 
         for parallel in (False, True):
             self.calls.clear()
-            tf = TF.parse({"tasks": [{"name": "t1", "prompt": "a"},
-                                     {"name": "t2", "prompt": "b"},
-                                     {"name": "t3", "prompt": "c", "depends_on": ["t1"]}]})
+            tf = TF.parse(
+                {
+                    "tasks": [
+                        {"name": "t1", "prompt": "a"},
+                        {"name": "t2", "prompt": "b"},
+                        {"name": "t3", "prompt": "c", "depends_on": ["t1"]},
+                    ]
+                }
+            )
             lines = []
-            r = R.TaskFileRunner(tf, cannot_start, cannot_start, self.clock, lines.append,
-                                 parallel)
+            r = R.TaskFileRunner(tf, cannot_start, cannot_start, self.clock, lines.append, parallel)
             states = self.successResultOf(r.run())
             self.assertEqual(self.calls, ["t1", "t2"])
-            self.assertEqual([states[n].status for n in ("t1", "t2", "t3")],
-                             ["failed", "failed", "skipped"])
+            self.assertEqual(
+                [states[n].status for n in ("t1", "t2", "t3")], ["failed", "failed", "skipped"]
+            )
             self.assertEqual([ln for ln in lines if "failed:" in ln and "[t1]" in ln], [])
             self.assertEqual(self.flushLoggedErrors(), [])

@@ -14,8 +14,9 @@ from tests.common import FakeMesh, temp_home
 class Node:
     def __init__(self, home, project):
         self.home = home
-        self.config = Config(delegation=DelegationConfig(allowed_dirs=(str(project),),
-                                                         answer_timeout_secs=60))
+        self.config = Config(
+            delegation=DelegationConfig(allowed_dirs=(str(project),), answer_timeout_secs=60)
+        )
         self.identity = "worker-1"
         self.mesh = FakeMesh("worker-1", peers=["ctl-1"])
         self.reactor = Clock()  # no IReactorProcess: tasks fail clearly
@@ -44,8 +45,9 @@ class ServiceTests(SynchronousTestCase):
         node.mesh.deliver("ctl-1", "delegate_task", P.build_delegate_task("t2", "p", str(project)))
         h = [p for _, t, p in node.mesh.sent if t == "task_handoff"][-1]
         self.assertEqual(h["summary"], "this worker cannot start processes")
-        self.assertEqual(node.status_providers[0]()["delegation"]["allowed_dirs"],
-                         [str(project.resolve())])
+        self.assertEqual(
+            node.status_providers[0]()["delegation"]["allowed_dirs"], [str(project.resolve())]
+        )
         self.successResultOf(parent.stopService())
         self.assertFalse(svc.running)
 

@@ -15,10 +15,29 @@ NOT_LOGGED_IN = [
 
 
 def assistant(msg_id, content, usage=(10, 5, 0, 0)):
-    return json.dumps({"type": "assistant", "session_id": "s1", "message": {
-        "id": msg_id, "role": "assistant", "content": content,
-        "usage": dict(zip(("input_tokens", "output_tokens", "cache_creation_input_tokens",
-                           "cache_read_input_tokens"), usage, strict=True))}})
+    return json.dumps(
+        {
+            "type": "assistant",
+            "session_id": "s1",
+            "message": {
+                "id": msg_id,
+                "role": "assistant",
+                "content": content,
+                "usage": dict(
+                    zip(
+                        (
+                            "input_tokens",
+                            "output_tokens",
+                            "cache_creation_input_tokens",
+                            "cache_read_input_tokens",
+                        ),
+                        usage,
+                        strict=True,
+                    )
+                ),
+            },
+        }
+    )
 
 
 class StreamProgressTests(SynchronousTestCase):
@@ -40,25 +59,48 @@ class StreamProgressTests(SynchronousTestCase):
         p = StreamProgress()
         p.feed(assistant("m1", [{"type": "text", "text": "Looking"}]))
         # The same message again (verbose mode): counted once, latest usage wins.
-        p.feed(assistant("m1", [{"type": "tool_use", "name": "Edit",
-                                 "input": {"file_path": "/p/a.py"}}], (10, 7, 0, 0)))
-        p.feed(assistant("m2", [{"type": "tool_use", "name": "Write",
-                                 "input": {"file_path": "/p/b.py"}},
-                                {"type": "tool_use", "name": "Edit",
-                                 "input": {"file_path": "/p/a.py"}},
-                                {"type": "tool_use", "name": "Bash", "input": {"command": "ls"}}],
-                          (100, 1, 20, 30)))
+        p.feed(
+            assistant(
+                "m1",
+                [{"type": "tool_use", "name": "Edit", "input": {"file_path": "/p/a.py"}}],
+                (10, 7, 0, 0),
+            )
+        )
+        p.feed(
+            assistant(
+                "m2",
+                [
+                    {"type": "tool_use", "name": "Write", "input": {"file_path": "/p/b.py"}},
+                    {"type": "tool_use", "name": "Edit", "input": {"file_path": "/p/a.py"}},
+                    {"type": "tool_use", "name": "Bash", "input": {"command": "ls"}},
+                ],
+                (100, 1, 20, 30),
+            )
+        )
         self.assertEqual(p.tokens_used, 17 + 151)
         self.assertEqual(p.files_modified, ["/p/a.py", "/p/b.py"])
         self.assertEqual(p.last_activity, "using Bash")
         self.assertEqual(p.last_text, "Looking")
         self.assertFalse(p.has_result)
         self.assertFalse(p.succeeded)
-        p.feed(json.dumps({"type": "result", "is_error": False, "result": "Fixed it",
-                           "total_cost_usd": 0.25, "num_turns": 3, "duration_ms": 900,
-                           "usage": {"input_tokens": 1000, "output_tokens": 50,
-                                     "cache_creation_input_tokens": 0,
-                                     "cache_read_input_tokens": 0}}))
+        p.feed(
+            json.dumps(
+                {
+                    "type": "result",
+                    "is_error": False,
+                    "result": "Fixed it",
+                    "total_cost_usd": 0.25,
+                    "num_turns": 3,
+                    "duration_ms": 900,
+                    "usage": {
+                        "input_tokens": 1000,
+                        "output_tokens": 50,
+                        "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 0,
+                    },
+                }
+            )
+        )
         self.assertTrue(p.succeeded)
         self.assertEqual((p.tokens_used, p.cost_usd, p.num_turns), (1050, 0.25, 3))
         self.assertEqual(p.last_activity, "Fixed it")

@@ -22,10 +22,14 @@ from tests.common import FakeMesh, temp_home
 from tests.test_delegation_process import FAKE_CLAUDE, FakeTransport, kill_leftovers, tagged
 
 INIT = b'{"type":"system","subtype":"init","session_id":"sess-1","model":"m"}\n'
-EDIT = (b'{"type":"assistant","message":{"id":"m1","content":[{"type":"tool_use","name":"Edit",'
-        b'"input":{"file_path":"/x/a.py"}}],"usage":{"input_tokens":10,"output_tokens":5}}}\n')
-RESULT = (b'{"type":"result","is_error":false,"result":"Fixed the tests","total_cost_usd":0.42,'
-          b'"usage":{"input_tokens":100,"output_tokens":20}}\n')
+EDIT = (
+    b'{"type":"assistant","message":{"id":"m1","content":[{"type":"tool_use","name":"Edit",'
+    b'"input":{"file_path":"/x/a.py"}}],"usage":{"input_tokens":10,"output_tokens":5}}}\n'
+)
+RESULT = (
+    b'{"type":"result","is_error":false,"result":"Fixed the tests","total_cost_usd":0.42,'
+    b'"usage":{"input_tokens":100,"output_tokens":20}}\n'
+)
 
 
 class Spawner:
@@ -54,20 +58,34 @@ class WorkerTestsBase(SynchronousTestCase):
         self.sweeps = []
         self.leftovers = []  # pids the fake sweep "finds"
         self.trust = {"ctl-1": 0.5, "other-2": 0.9}
-        self.config = DelegationConfig(allowed_dirs=(str(self.project),), max_concurrent=1,
-                                       claude_command="/bin/sh", stop_grace_secs=5)
+        self.config = DelegationConfig(
+            allowed_dirs=(str(self.project),),
+            max_concurrent=1,
+            claude_command="/bin/sh",
+            stop_grace_secs=5,
+        )
         self.worker = self.make_worker()
 
     def make_worker(self, **config):
         cfg = dataclasses.replace(self.config, **config)
         w = DelegationWorker(
-            identity="worker-1", config=cfg, mesh=self.mesh,
-            store=TaskStore(self.home.tasks, INCOMING), trust_of=lambda p: self.trust.get(p, 0.0),
-            clock=self.clock, spawner=self.spawner, home_root=self.home.root,
-            kill=lambda pid, sig: self.kills.append((pid, sig)), sweep=self.sweep,
-            run_git=self.git if getattr(self, "git", None) else None)
-        for t, h in (("delegate_task", w.on_delegate), ("task_interrupt", w.on_interrupt),
-                     ("ack", w.on_ack)):
+            identity="worker-1",
+            config=cfg,
+            mesh=self.mesh,
+            store=TaskStore(self.home.tasks, INCOMING),
+            trust_of=lambda p: self.trust.get(p, 0.0),
+            clock=self.clock,
+            spawner=self.spawner,
+            home_root=self.home.root,
+            kill=lambda pid, sig: self.kills.append((pid, sig)),
+            sweep=self.sweep,
+            run_git=self.git if getattr(self, "git", None) else None,
+        )
+        for t, h in (
+            ("delegate_task", w.on_delegate),
+            ("task_interrupt", w.on_interrupt),
+            ("ack", w.on_ack),
+        ):
             self.mesh.handlers[t] = [h]
         self.mesh.up = [w.on_link_up]  # the newest worker only (restarts)
         w.start()
@@ -79,8 +97,13 @@ class WorkerTestsBase(SynchronousTestCase):
         return list(self.leftovers)
 
     def delegate(self, task_id="task_1", prompt="Fix it", cwd=None, peer="ctl-1", **ctx):
-        self.mesh.deliver(peer, "delegate_task", P.build_delegate_task(
-            task_id, prompt, str(self.project) if cwd is None else cwd, P.TaskContext(**ctx)))
+        self.mesh.deliver(
+            peer,
+            "delegate_task",
+            P.build_delegate_task(
+                task_id, prompt, str(self.project) if cwd is None else cwd, P.TaskContext(**ctx)
+            ),
+        )
 
     def sent(self, msg_type=None):
         return [(peer, t, p) for peer, t, p in self.mesh.sent if msg_type in (None, t)]
@@ -152,9 +175,10 @@ class ValidationTests(WorkerTestsBase):
         payload = P.build_delegate_task("task_1", "p", str(self.project))
         payload["context"]["relevant_files"] = {"a": "x" * 51_201}
         self.mesh.deliver("ctl-1", "delegate_task", payload)
-        self.assertEqual(self.refusal(),
-                         "refused by worker-1: relevant_files payload too large: 51201 bytes "
-                         "(max 51200)")
+        self.assertEqual(
+            self.refusal(),
+            "refused by worker-1: relevant_files payload too large: 51201 bytes (max 51200)",
+        )
 
     def test_bad_payload_with_task_id_is_told(self):
         self.mesh.deliver("ctl-1", "delegate_task", {"task_id": "t9"})
@@ -205,9 +229,18 @@ class RunTests(WorkerTestsBase):
         self.assertTrue(call["t"].stdin_closed)
         proto.processEnded(Failure(ProcessDone(0)))
         (h,) = self.handoffs()
-        self.assertEqual(h, {"artifacts": ["/x/a.py"], "git_ref": None, "state": "completed",
-                             "summary": "Fixed the tests", "task_id": "task_1",
-                             "total_cost_usd": 0.42, "total_tokens": 120})
+        self.assertEqual(
+            h,
+            {
+                "artifacts": ["/x/a.py"],
+                "git_ref": None,
+                "state": "completed",
+                "summary": "Fixed the tests",
+                "task_id": "task_1",
+                "total_cost_usd": 0.42,
+                "total_tokens": 120,
+            },
+        )
         rec = json.loads((self.home.tasks / "incoming" / "ctl-1--task_1.json").read_text())
         self.assertEqual((rec["state"], rec["handoff_acked"]), ("completed", False))
         self.mesh.deliver("ctl-1", "ack", {"ack_id": "task_1"})
@@ -269,7 +302,9 @@ class InterruptTests(WorkerTestsBase):
         self.assertEqual(self.kills[-1], (1001, signal.SIGKILL))
         self.spawner.calls[0]["proto"].processEnded(Failure(ProcessTerminated(signal=9)))
         (h,) = self.handoffs()
-        self.assertEqual((h["state"], h["summary"]), ("failed", "Stopped by controller: no longer needed"))
+        self.assertEqual(
+            (h["state"], h["summary"]), ("failed", "Stopped by controller: no longer needed")
+        )
 
     def test_stop_queued(self):
         self.delegate("a")
@@ -294,7 +329,9 @@ class InterruptTests(WorkerTestsBase):
         self.interrupt("nudge", "dependency resolved")
         t = self.spawner.calls[0]["t"]
         self.assertEqual(len(t.written), 2)
-        self.assertIn("dependency resolved", json.loads(t.written[1])["message"]["content"][0]["text"])
+        self.assertIn(
+            "dependency resolved", json.loads(t.written[1])["message"]["content"][0]["text"]
+        )
         st = self.sent("task_status")[-1][2]
         self.assertEqual(st["stats"]["last_activity"], "nudge delivered: dependency resolved")
 
@@ -433,23 +470,29 @@ class GitSourceTests(GitTestsBase):
         secret = self.home.root / "secret"
         secret.mkdir()
         self.delegate(git_ref="main", git_remote="file://" + str(secret))
-        self.assertIn(f"git_remote {secret.resolve()} is not under [delegation] allowed_dirs",
-                      self.refusal())
+        self.assertIn(
+            f"git_remote {secret.resolve()} is not under [delegation] allowed_dirs", self.refusal()
+        )
 
     def test_file_url_inside_is_cloned_from_its_real_path(self):
         repo = self.project / "sub"
         self.delegate(git_ref="main", git_remote="FILE://localhost" + str(repo))
         args, cwd, _ = self.git.calls[0]
         dest = self.home.tasks / "workspaces" / "ctl-1--task_1"
-        self.assertEqual(args, ["clone", "--quiet", "--no-checkout", "--", str(repo.resolve()),
-                                str(dest)])
+        self.assertEqual(
+            args, ["clone", "--quiet", "--no-checkout", "--", str(repo.resolve()), str(dest)]
+        )
         self.git.checkout()
         self.assertEqual(self.spawner.calls[0]["path"], str(dest))
 
     def test_network_remotes_are_refused_unless_allowed(self):
-        for i, remote in enumerate(["https://git.example/org/repo.git",
-                                    "ssh://git@git.example/org/repo.git",
-                                    "git@git.example:org/repo.git"]):
+        for i, remote in enumerate(
+            [
+                "https://git.example/org/repo.git",
+                "ssh://git@git.example/org/repo.git",
+                "git@git.example:org/repo.git",
+            ]
+        ):
             self.mesh.sent.clear()
             self.delegate(task_id=f"t{i}", git_ref="main", git_remote=remote)
             summary = self.refusal()
@@ -457,24 +500,30 @@ class GitSourceTests(GitTestsBase):
             self.assertIn("allowed_git_remotes (now: none)", summary)
 
     def test_allowed_git_remotes(self):
-        self.worker = self.make_worker(allowed_git_remotes=("https://git.example/org",),
-                                       max_concurrent=5)
+        self.worker = self.make_worker(
+            allowed_git_remotes=("https://git.example/org",), max_concurrent=5
+        )
         self.delegate("ok", git_ref="main", git_remote="https://git.example/org/repo.git")
         self.assertEqual(self.git.calls[0][0][4], "https://git.example/org/repo.git")
-        for task_id, remote in (("other", "https://git.example/org-evil/repo.git"),
-                                ("dots", "https://git.example/org/../evil/repo.git"),
-                                ("encoded", "https://git.example/org/%2e%2e/evil/repo.git")):
+        for task_id, remote in (
+            ("other", "https://git.example/org-evil/repo.git"),
+            ("dots", "https://git.example/org/../evil/repo.git"),
+            ("encoded", "https://git.example/org/%2e%2e/evil/repo.git"),
+        ):
             self.delegate(task_id, git_ref="main", git_remote=remote)
             self.assertIn("is a network remote", self.handoffs()[-1]["summary"])
         self.assertEqual(len(self.git.calls), 1)
 
     def test_bad_sources(self):
-        for i, (remote, why) in enumerate([
+        for i, (remote, why) in enumerate(
+            [
                 ("ext::sh -c touch% /tmp/pwned", "is not allowed"),
                 ("--upload-pack=evil", "is not allowed"),
                 ("http://git.example/x", "only https, ssh and git URLs"),
                 ("file://evil.example/srv/x", "only file:///absolute/path URLs"),
-                ("relative/repo", "is not an absolute path")]):
+                ("relative/repo", "is not an absolute path"),
+            ]
+        ):
             self.mesh.sent.clear()
             self.delegate(task_id=f"t{i}", git_ref="main", git_remote=remote)
             self.assertIn(why, self.refusal())
@@ -528,8 +577,10 @@ class PrepareTests(GitTestsBase):
         self.assertEqual(self.handoffs(), [])
         self.clock.advance(1)
         (h,) = self.handoffs()
-        self.assertEqual(h["summary"], "timed out after 5 s ([delegation] task_timeout_secs) "
-                                       "while preparing the git checkout")
+        self.assertEqual(
+            h["summary"],
+            "timed out after 5 s ([delegation] task_timeout_secs) while preparing the git checkout",
+        )
         self.assertEqual(self.git.cancelled, ["clone"])
         self.assertEqual(self.spawner.calls, [])
 
@@ -537,8 +588,11 @@ class PrepareTests(GitTestsBase):
         self.delegate(git_ref="main")
         self.workspace().mkdir(parents=True)
         self.git.answer(code=128, err=b"fatal: repository not found\n")
-        self.assertEqual(self.handoffs()[0]["summary"], "git checkout failed: git clone of "
-                         f"{self.project.resolve()} failed: fatal: repository not found")
+        self.assertEqual(
+            self.handoffs()[0]["summary"],
+            "git checkout failed: git clone of "
+            f"{self.project.resolve()} failed: fatal: repository not found",
+        )
         self.assertFalse(self.workspace().exists())
 
 
@@ -575,14 +629,14 @@ class RecheckTests(WorkerTestsBase):
         self.trust["ctl-1"] = 0.0
         other = self.home.root / "other"
         other.mkdir()
-        self.config = dataclasses.replace(self.config, allowed_dirs=(str(other),),
-                                          max_concurrent=2)
+        self.config = dataclasses.replace(self.config, allowed_dirs=(str(other),), max_concurrent=2)
         self.mesh.sent.clear()
         self.worker = self.make_worker()
         self.assertEqual(len(self.spawner.calls), 1)
         h = [p for p in self.handoffs() if p["task_id"] == "t2"][0]
-        self.assertTrue(h["summary"].startswith("refused by worker-1: peer ctl-1 has trust"),
-                        h["summary"])
+        self.assertTrue(
+            h["summary"].startswith("refused by worker-1: peer ctl-1 has trust"), h["summary"]
+        )
         self.assertEqual(self.worker.tasks["ctl-1--t2"].run.state, "failed")
 
     def test_trust_dropped_while_queued(self):
@@ -622,6 +676,7 @@ class HostileInputTests(WorkerTestsBase):
     def test_an_unexpected_error_is_a_refusal(self):
         def broken(peer):
             raise RuntimeError("trust store exploded")
+
         self.worker.trust_of = broken
         self.delegate()
         self.assertIn("could not be checked", self.handoffs()[0]["summary"])
@@ -629,12 +684,15 @@ class HostileInputTests(WorkerTestsBase):
 
     def test_queue_is_capped_per_peer(self):
         from claudectl.delegation.worker import MAX_QUEUED_PER_PEER
+
         for i in range(MAX_QUEUED_PER_PEER + 1):  # one runs, the others wait
             self.delegate(f"t{i}")
         self.assertEqual(self.handoffs(), [])
         self.delegate("one-too-many")
-        self.assertIn(f"{MAX_QUEUED_PER_PEER} tasks from ctl-1 are already waiting",
-                      self.handoffs()[0]["summary"])
+        self.assertIn(
+            f"{MAX_QUEUED_PER_PEER} tasks from ctl-1 are already waiting",
+            self.handoffs()[0]["summary"],
+        )
         self.assertNotIn("ctl-1--one-too-many", self.worker.tasks)
         self.delegate("theirs", peer="other-2")  # another peer's tasks still queue
         self.assertEqual(len(self.handoffs()), 1)
@@ -669,8 +727,9 @@ class LeftoverTests(WorkerTestsBase):
 
     def test_older_records_use_task_id_and_peer(self):
         self.crash_and_restart(lambda rec: rec.pop("run_id"))
-        self.assertEqual(self.sweeps, [{"CLAUDECTL_TASK_ID": "task_1",
-                                        "CLAUDECTL_TASK_PEER": "ctl-1"}])
+        self.assertEqual(
+            self.sweeps, [{"CLAUDECTL_TASK_ID": "task_1", "CLAUDECTL_TASK_PEER": "ctl-1"}]
+        )
         self.assertEqual(self.kills, [])  # the recorded pgid is not ours any more
 
     def test_workspaces_go_with_their_records(self):
@@ -678,9 +737,15 @@ class LeftoverTests(WorkerTestsBase):
         for name in ("ctl-1--old", "ctl-1--orphan", "ctl-1--kept"):
             (ws / name).mkdir(parents=True)
         store = TaskStore(self.home.tasks, INCOMING)
-        base = {"role": "worker", "peer": "ctl-1", "prompt": "p", "cwd": str(self.project),
-                "state": "completed", "handoff": P.build_handoff("x", "ok"),
-                "handoff_acked": True}
+        base = {
+            "role": "worker",
+            "peer": "ctl-1",
+            "prompt": "p",
+            "cwd": str(self.project),
+            "state": "completed",
+            "handoff": P.build_handoff("x", "ok"),
+            "handoff_acked": True,
+        }
         store.save("ctl-1--old", dict(base, task_id="old", ended_at=1.0))
         store.save("ctl-1--kept", dict(base, task_id="kept", ended_at=self.clock.seconds()))
         self.make_worker()
@@ -699,16 +764,29 @@ class RealShutdownTests(TestCase):
         project.mkdir()
         mesh = FakeMesh("worker-1", peers=["ctl-1"])
         worker = DelegationWorker(
-            identity="worker-1", config=DelegationConfig(
-                allowed_dirs=(str(project),), claude_command=sys.executable,
-                claude_args=(FAKE_CLAUDE,), stop_grace_secs=1),
-            mesh=mesh, store=TaskStore(home.tasks, INCOMING), trust_of=lambda p: 1.0,
-            clock=reactor, spawner=reactor.spawnProcess, home_root=home.root, drain_secs=0.3)
+            identity="worker-1",
+            config=DelegationConfig(
+                allowed_dirs=(str(project),),
+                claude_command=sys.executable,
+                claude_args=(FAKE_CLAUDE,),
+                stop_grace_secs=1,
+            ),
+            mesh=mesh,
+            store=TaskStore(home.tasks, INCOMING),
+            trust_of=lambda p: 1.0,
+            clock=reactor,
+            spawner=reactor.spawnProcess,
+            home_root=home.root,
+            drain_secs=0.3,
+        )
         mesh.add_handler("delegate_task", worker.on_delegate)
         worker.start()
         self.addCleanup(lambda: worker._loop.running and worker._loop.stop())
-        mesh.deliver("ctl-1", "delegate_task",
-                     P.build_delegate_task("t1", "fake:hang-hard +escape", str(project)))
+        mesh.deliver(
+            "ctl-1",
+            "delegate_task",
+            P.build_delegate_task("t1", "fake:hang-hard +escape", str(project)),
+        )
         task = worker.tasks["ctl-1--t1"]
         self.addCleanup(kill_leftovers, task.process.tags)
         while task.run.progress.last_text != "Working on it":

@@ -67,16 +67,23 @@ class UDPClock(Clock):
         self.shared: list[tuple[int, Any, FakeUDPPort, RecordingTransport]] = []
         self.busy: set[int] = set()
 
-    def listenUDP(self, port: int, proto: Any, interface: str = "",
-                  maxPacketSize: int = 8192) -> FakeUDPPort:
+    def listenUDP(
+        self, port: int, proto: Any, interface: str = "", maxPacketSize: int = 8192
+    ) -> FakeUDPPort:
         transport = RecordingTransport()
         proto.makeConnection(transport)
         p = FakeUDPPort(proto)
         self.udp.append((port, proto, p, transport))
         return p
 
-    def listenMulticast(self, port: int, proto: Any, interface: str = "",
-                        maxPacketSize: int = 8192, listenMultiple: bool = False) -> FakeUDPPort:
+    def listenMulticast(
+        self,
+        port: int,
+        proto: Any,
+        interface: str = "",
+        maxPacketSize: int = 8192,
+        listenMultiple: bool = False,
+    ) -> FakeUDPPort:
         """A shared port (``listenMultiple``), as the query responder binds it."""
         if port in self.busy:
             raise CannotListenError(interface, port, OSError(98, "Address already in use"))
@@ -101,8 +108,9 @@ class AnnouncerUnit(SynchronousTestCase):
         a.makeConnection(t)
         self.assertTrue(t.broadcast)
         a.announce()
-        self.assertEqual(t.written, [(encode_beacon("desk-1", 9847, "0.64.0"),
-                                      ("255.255.255.255", 9848))])
+        self.assertEqual(
+            t.written, [(encode_beacon("desk-1", 9847, "0.64.0"), ("255.255.255.255", 9848))]
+        )
         self.assertEqual(a.sent, 1)
 
     def test_port_callable(self) -> None:
@@ -129,15 +137,15 @@ class AnnouncerUnit(SynchronousTestCase):
     def test_broadcast_target_must_be_ipv4(self) -> None:
         self.assertEqual(broadcast_target(RelayConfig()), ("255.255.255.255", 9848))
         for bad in ("my-lan", "ff02::1", "300.1.1.1"):
-            self.assertRaises(DiscoveryError, broadcast_target,
-                              RelayConfig(lan_broadcast_addr=bad))
+            self.assertRaises(DiscoveryError, broadcast_target, RelayConfig(lan_broadcast_addr=bad))
 
 
 class AnnouncerServiceTests(SynchronousTestCase):
     def test_announces_every_interval_until_stopped(self) -> None:
         clock = UDPClock()
-        cfg = RelayConfig(lan_broadcast_addr="192.168.1.255", lan_broadcast_port=9848,
-                          lan_announce_interval=10)
+        cfg = RelayConfig(
+            lan_broadcast_addr="192.168.1.255", lan_broadcast_port=9848, lan_announce_interval=10
+        )
         svc = announcer_service(cfg, "desk-1", 9847, clock)
         svc.startService()
         [(port, proto, udp, transport)] = clock.udp
@@ -158,8 +166,14 @@ class AnnouncerServiceTests(SynchronousTestCase):
         self.assertEqual(len(transport.written), 3)
 
     def test_bad_address_fails_at_build_time(self) -> None:
-        self.assertRaises(DiscoveryError, announcer_service,
-                          RelayConfig(lan_broadcast_addr="lan"), "desk-1", 9847, UDPClock())
+        self.assertRaises(
+            DiscoveryError,
+            announcer_service,
+            RelayConfig(lan_broadcast_addr="lan"),
+            "desk-1",
+            9847,
+            UDPClock(),
+        )
 
 
 class ListenerUnit(SynchronousTestCase):
@@ -180,8 +194,9 @@ class Loopback(TestCase):
     timeout = 20
 
     def config(self, port: int) -> RelayConfig:
-        return RelayConfig(lan_broadcast_addr="127.255.255.255", lan_broadcast_port=port,
-                           lan_announce_interval=1)
+        return RelayConfig(
+            lan_broadcast_addr="127.255.255.255", lan_broadcast_port=port, lan_announce_interval=1
+        )
 
     @defer.inlineCallbacks
     def test_announce_and_scan(self) -> Any:
@@ -199,8 +214,10 @@ class Loopback(TestCase):
             yield svc.stopService()
             yield own.stopService()
         for rows in results:
-            self.assertEqual([(r.identity, r.address, r.version) for r in rows],
-                             [("desk-1a2b", "127.0.0.1:9870", "0.64.0")])
+            self.assertEqual(
+                [(r.identity, r.address, r.version) for r in rows],
+                [("desk-1a2b", "127.0.0.1:9870", "0.64.0")],
+            )
 
     @defer.inlineCallbacks
     def test_scan_ignores_garbage(self) -> Any:
@@ -281,11 +298,26 @@ class NetnsBroadcast(TestCase):
         commands = [
             ["ip", "netns", "add", self.ns[0]],
             ["ip", "netns", "add", self.ns[1]],
-            ["ip", "link", "add", veth[0], "netns", self.ns[0], "type", "veth",
-             "peer", "name", veth[1], "netns", self.ns[1]],
+            [
+                "ip",
+                "link",
+                "add",
+                veth[0],
+                "netns",
+                self.ns[0],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                veth[1],
+                "netns",
+                self.ns[1],
+            ],
         ]
-        for ns, dev, ip in ((self.ns[0], veth[0], "10.77.0.1/24"),
-                            (self.ns[1], veth[1], "10.77.0.2/24")):
+        for ns, dev, ip in (
+            (self.ns[0], veth[0], "10.77.0.1/24"),
+            (self.ns[1], veth[1], "10.77.0.2/24"),
+        ):
             commands += [
                 ["ip", "-n", ns, "link", "set", "lo", "up"],
                 ["ip", "-n", ns, "addr", "add", ip, "dev", dev],
@@ -295,8 +327,9 @@ class NetnsBroadcast(TestCase):
         for cmd in commands:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
             if result.returncode != 0:
-                raise self.skipTest(f"cannot set up network namespaces: {' '.join(cmd)}: "
-                                    f"{result.stderr.strip()}")
+                raise self.skipTest(
+                    f"cannot set up network namespaces: {' '.join(cmd)}: {result.stderr.strip()}"
+                )
 
     def _cleanup(self) -> None:
         for ns in self.ns:
@@ -307,37 +340,61 @@ class NetnsBroadcast(TestCase):
         env = subprocess_env(temp_home(self))
         port = "9848"
         scanner = getProcessOutputAndValue(
-            "ip", ["netns", "exec", self.ns[0], sys.executable, "-c", SCANNER, port, "3"],
-            env=env, reactor=reactor)
+            "ip",
+            ["netns", "exec", self.ns[0], sys.executable, "-c", SCANNER, port, "3"],
+            env=env,
+            reactor=reactor,
+        )
         yield deferLater(reactor, 0.3, lambda: None)
         announcer = getProcessOutputAndValue(
-            "ip", ["netns", "exec", self.ns[1], sys.executable, "-c", ANNOUNCER, port, "3.5"],
-            env=env, reactor=reactor)
+            "ip",
+            ["netns", "exec", self.ns[1], sys.executable, "-c", ANNOUNCER, port, "3.5"],
+            env=env,
+            reactor=reactor,
+        )
         out, err, code = yield scanner
         a_out, a_err, a_code = yield announcer
         self.assertEqual(code, 0, err.decode())
         self.assertEqual(a_code, 0, a_err.decode())
         rows = json.loads(out.decode())
-        self.assertEqual(rows, [{"identity": "netns-peer-1", "addr": "10.77.0.2:9847",
-                                 "version": "0.64.0"}])
+        self.assertEqual(
+            rows, [{"identity": "netns-peer-1", "addr": "10.77.0.2:9847", "version": "0.64.0"}]
+        )
 
     @defer.inlineCallbacks
     def test_query_finds_a_rare_announcer_in_the_other_namespace(self) -> Any:
         """An instance announcing every 600 s is found by a 1 s scan: it answers the query."""
         env = subprocess_env(temp_home(self))
         port = "9848"
-        announcer = Watched.spawn(self, env, "ip", "netns", "exec", self.ns[1], sys.executable,
-                                  "-c", ANNOUNCER, port, "60", "600")
+        announcer = Watched.spawn(
+            self,
+            env,
+            "ip",
+            "netns",
+            "exec",
+            self.ns[1],
+            sys.executable,
+            "-c",
+            ANNOUNCER,
+            port,
+            "60",
+            "600",
+        )
         yield announcer.wait_for("QueryResponder starting on")  # it has announced already
         yield deferLater(reactor, 0.3, lambda: None)
         out, err, code = yield getProcessOutputAndValue(
-            "ip", ["netns", "exec", self.ns[0], sys.executable, "-c", SCANNER, port, "1"],
-            env=env, reactor=reactor)
+            "ip",
+            ["netns", "exec", self.ns[0], sys.executable, "-c", SCANNER, port, "1"],
+            env=env,
+            reactor=reactor,
+        )
         a_out, a_code = yield announcer.stop()
         self.assertEqual(code, 0, err.decode())
         self.assertEqual(a_code, 0, a_out)
-        self.assertEqual(json.loads(out.decode()), [
-            {"identity": "netns-peer-1", "addr": "10.77.0.2:9847", "version": "0.64.0"}])
+        self.assertEqual(
+            json.loads(out.decode()),
+            [{"identity": "netns-peer-1", "addr": "10.77.0.2:9847", "version": "0.64.0"}],
+        )
 
 
 class Watched(ProcessProtocol):
@@ -395,22 +452,27 @@ class NetnsNoRoute(TestCase):
         if reason:
             raise self.skipTest(reason)
         self.ns = f"cctl-n{os.getpid() % 100000}"
-        self.addCleanup(subprocess.run, ["ip", "netns", "del", self.ns],
-                        capture_output=True, timeout=10)
-        result = subprocess.run(["ip", "netns", "add", self.ns], capture_output=True,
-                                text=True, timeout=10)
+        self.addCleanup(
+            subprocess.run, ["ip", "netns", "del", self.ns], capture_output=True, timeout=10
+        )
+        result = subprocess.run(
+            ["ip", "netns", "add", self.ns], capture_output=True, text=True, timeout=10
+        )
         if result.returncode != 0:
             raise self.skipTest(f"cannot add a network namespace: {result.stderr.strip()}")
 
     def add_route(self) -> str | None:
         """Give the namespace a default route (a veth pair inside it); an error text or None."""
-        for cmd in (["link", "add", "cnra", "type", "veth", "peer", "name", "cnrb"],
-                    ["addr", "add", "10.78.0.1/24", "dev", "cnra"],
-                    ["link", "set", "cnrb", "up"],
-                    ["link", "set", "cnra", "up"],
-                    ["route", "add", "default", "dev", "cnra"]):
-            result = subprocess.run(["ip", "-n", self.ns, *cmd], capture_output=True,
-                                    text=True, timeout=10)
+        for cmd in (
+            ["link", "add", "cnra", "type", "veth", "peer", "name", "cnrb"],
+            ["addr", "add", "10.78.0.1/24", "dev", "cnra"],
+            ["link", "set", "cnrb", "up"],
+            ["link", "set", "cnra", "up"],
+            ["route", "add", "default", "dev", "cnra"],
+        ):
+            result = subprocess.run(
+                ["ip", "-n", self.ns, *cmd], capture_output=True, text=True, timeout=10
+            )
             if result.returncode != 0:
                 return f"ip {' '.join(cmd)}: {result.stderr.strip()}"
         return None
@@ -418,8 +480,9 @@ class NetnsNoRoute(TestCase):
     @defer.inlineCallbacks
     def test_one_warning_then_one_recovery_line(self) -> Any:
         env = subprocess_env(temp_home(self))
-        announcer = Watched.spawn(self, env, "ip", "netns", "exec", self.ns, sys.executable,
-                                  "-c", ANNOUNCER, "9848", "60")
+        announcer = Watched.spawn(
+            self, env, "ip", "netns", "exec", self.ns, sys.executable, "-c", ANNOUNCER, "9848", "60"
+        )
         yield announcer.wait_for("failed again")  # two failed announcements at least
         yield deferLater(reactor, 1.1, lambda: None)  # and a third
         error = self.add_route()

@@ -41,8 +41,11 @@ class BeaconVectors(SynchronousTestCase):
         v = vector("pairing.lan.connect_address")
         host, port = v["input"]["source"].rsplit(":", 1)
         table = DiscoveryTable()
-        row = table.observe(encode_beacon("laptop-1", v["input"]["announced_port"], "0.64.0"),
-                            (host, int(port)), 0.0)
+        row = table.observe(
+            encode_beacon("laptop-1", v["input"]["announced_port"], "0.64.0"),
+            (host, int(port)),
+            0.0,
+        )
         self.assertEqual(row.address, v["expected"]["connect_addr"])
         self.assertEqual(connect_address("fe80::1", 9847), "[fe80::1]:9847")
 
@@ -62,8 +65,9 @@ class Parsing(SynchronousTestCase):
         # Extra keys and any key order are fine; version is optional.
         b = parse_beacon(b'CCTL{"type":"announce","port":9847,"identity":"a-1","paired_count":2}')
         self.assertEqual(b, Beacon("a-1", 9847, "unknown"))
-        self.assertEqual(parse_beacon(b'CCTL{"identity":"a-1","port":1,"version":7}').version,
-                         "unknown")
+        self.assertEqual(
+            parse_beacon(b'CCTL{"identity":"a-1","port":1,"version":7}').version, "unknown"
+        )
         self.assertEqual(parse_beacon(b'CCTL {"identity":"a-1","port":1}\n').identity, "a-1")
 
     def test_reasons(self) -> None:
@@ -85,23 +89,29 @@ class Parsing(SynchronousTestCase):
     def test_nesting(self) -> None:
         """Issue 11: a 1,004-byte datagram nested 1,000 deep raised RecursionError."""
         self.assertEqual(self.reason(b"CCTL" + b"[" * 1000), "too nested")
-        self.assertEqual(self.reason(b"CCTL" + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH),
-                         "not an object")
+        self.assertEqual(
+            self.reason(b"CCTL" + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH), "not an object"
+        )
         deep = b'{"a":' * (MAX_JSON_DEPTH + 1) + b"1" + b"}" * (MAX_JSON_DEPTH + 1)
         self.assertEqual(self.reason(b"CCTL" + deep), "too nested")
         # Brackets inside strings are text, not nesting (claudectl accepts these).
-        b = parse_beacon(b'CCTL{"identity":"a-1","port":1,"version":"' + b"[{\\\"" * 40 + b'"}')
+        b = parse_beacon(b'CCTL{"identity":"a-1","port":1,"version":"' + b'[{\\"' * 40 + b'"}')
         self.assertEqual(b.identity, "a-1")
 
     def test_version_is_made_printable(self) -> None:
-        b = parse_beacon(b'CCTL{"identity":"a-1","port":1,"version":"1.0\\u001b[2J' + b"x" * 60
-                         + b'"}')
+        b = parse_beacon(
+            b'CCTL{"identity":"a-1","port":1,"version":"1.0\\u001b[2J' + b"x" * 60 + b'"}'
+        )
         self.assertTrue(b.version.isprintable())
         self.assertLessEqual(len(b.version), 32)
 
-    @given(identity=IDENTITY, port=st.integers(1, 65535),
-           version=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126),
-                           min_size=1, max_size=20))
+    @given(
+        identity=IDENTITY,
+        port=st.integers(1, 65535),
+        version=st.text(
+            alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=20
+        ),
+    )
     def test_roundtrip(self, identity: str, port: int, version: str) -> None:
         data = encode_beacon(identity, port, version)
         self.assertEqual(parse_beacon(data), Beacon(identity, port, version))
@@ -122,8 +132,10 @@ class Table(SynchronousTestCase):
         t.observe(encode_beacon("a-1", 9847, "0.63.0"), ("10.0.0.1", 9848), 2.0)
         t.observe(encode_beacon("a-1", 9900, "0.64.0"), ("10.0.0.9", 40000), 3.0)
         rows = t.rows(4.0)
-        self.assertEqual([(r.identity, r.address, r.version) for r in rows],
-                         [("a-1", "10.0.0.9:9900", "0.64.0"), ("b-2", "10.0.0.2:9847", "0.64.0")])
+        self.assertEqual(
+            [(r.identity, r.address, r.version) for r in rows],
+            [("a-1", "10.0.0.9:9900", "0.64.0"), ("b-2", "10.0.0.2:9847", "0.64.0")],
+        )
         self.assertEqual(t.accepted, 3)
 
     def test_leaves_itself_out(self) -> None:
@@ -150,8 +162,9 @@ class Table(SynchronousTestCase):
         t.observe(encode_beacon("fake-1", 9900, "x"), ("10.0.0.66", 1), 1.0)
         self.assertEqual(t.rows(1.0)[1].port, 9900)
         t.observe(encode_beacon("new-1", 9847, "x"), ("10.0.0.7", 1), 30.5)
-        self.assertEqual([r.identity for r in t.rows(30.5)], ["fake-1", "new-1"],
-                         "stale rows make room")
+        self.assertEqual(
+            [r.identity for r in t.rows(30.5)], ["fake-1", "new-1"], "stale rows make room"
+        )
 
     def test_stale_rows_forgotten(self) -> None:
         t = DiscoveryTable()
@@ -162,5 +175,6 @@ class Table(SynchronousTestCase):
 
     def test_json_view(self) -> None:
         row = Row("a-1", "10.0.0.1", 9847, "0.64.0", 0.0)
-        self.assertEqual(row.to_json(), {"identity": "a-1", "addr": "10.0.0.1:9847",
-                                         "version": "0.64.0"})
+        self.assertEqual(
+            row.to_json(), {"identity": "a-1", "addr": "10.0.0.1:9847", "version": "0.64.0"}
+        )

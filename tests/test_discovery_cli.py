@@ -24,15 +24,28 @@ class DiscoverFindsServe(TestCase):
 
     def setUp(self) -> None:
         self.port = free_port_pair()
-        self.settings = {"lan_broadcast_port": self.port,
-                         "lan_broadcast_addr": "127.255.255.255",  # stay on loopback
-                         "lan_announce_interval": 600}
+        self.settings = {
+            "lan_broadcast_port": self.port,
+            "lan_broadcast_addr": "127.255.255.255",  # stay on loopback
+            "lan_announce_interval": 600,
+        }
         self.servers = []
         for _ in range(2):
             home = temp_home(self)
             write_config(home, **self.settings)
-            proc = ServeProcess(home, ["-m", "claudectl", "--home", str(home.root), "relay",
-                                       "serve", "--listen", "tcp:0:interface=127.0.0.1"])
+            proc = ServeProcess(
+                home,
+                [
+                    "-m",
+                    "claudectl",
+                    "--home",
+                    str(home.root),
+                    "relay",
+                    "serve",
+                    "--listen",
+                    "tcp:0:interface=127.0.0.1",
+                ],
+            )
             self.addCleanup(proc.stop)
             self.servers.append((proc, home))
         self.tcp_ports = [proc.port() for proc, _ in self.servers]
@@ -47,22 +60,36 @@ class DiscoverFindsServe(TestCase):
         result = yield threads.deferToThread(run_cli, self.home, "relay", "discover", "--json")
         self.assertEqual(result.returncode, 0, result.stderr)
         rows = json.loads(result.stdout)
-        expected = sorted([
-            {"identity": self.ids[0], "addr": f"127.0.0.1:{self.tcp_ports[0]}",
-             "version": "0.64.0", "paired": True},
-            {"identity": self.ids[1], "addr": f"127.0.0.1:{self.tcp_ports[1]}",
-             "version": "0.64.0", "paired": False},
-        ], key=lambda r: r["identity"])
+        expected = sorted(
+            [
+                {
+                    "identity": self.ids[0],
+                    "addr": f"127.0.0.1:{self.tcp_ports[0]}",
+                    "version": "0.64.0",
+                    "paired": True,
+                },
+                {
+                    "identity": self.ids[1],
+                    "addr": f"127.0.0.1:{self.tcp_ports[1]}",
+                    "version": "0.64.0",
+                    "paired": False,
+                },
+            ],
+            key=lambda r: r["identity"],
+        )
         self.assertEqual(rows, expected)
 
     @defer.inlineCallbacks
     def test_text_table_marks_the_paired_one(self) -> Any:
-        result = yield threads.deferToThread(run_cli, self.home, "relay", "discover",
-                                             "--timeout", "1")
+        result = yield threads.deferToThread(
+            run_cli, self.home, "relay", "discover", "--timeout", "1"
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         lines = result.stdout.splitlines()
-        self.assertEqual(lines[:3], ["Scanning LAN for claudectl instances (1 second)...", "",
-                                     "Found 2 instance(s):"])
+        self.assertEqual(
+            lines[:3],
+            ["Scanning LAN for claudectl instances (1 second)...", "", "Found 2 instance(s):"],
+        )
         mine = [ln for ln in lines if ln.strip().startswith(self.ids[0])]
         theirs = [ln for ln in lines if ln.strip().startswith(self.ids[1])]
         self.assertTrue(mine[0].endswith("v0.64.0 (paired)"), lines)

@@ -75,7 +75,7 @@ class QueryFormat(SynchronousTestCase):
         q = encode_query()
         self.assertEqual(len(q), QUERY_BYTES)
         self.assertTrue(q.startswith(b'CCTQ{"v":1}'))
-        self.assertEqual(q[len(b'CCTQ{"v":1}'):], b" " * (QUERY_BYTES - 11))
+        self.assertEqual(q[len(b'CCTQ{"v":1}') :], b" " * (QUERY_BYTES - 11))
         parse_query(q)
 
     def test_never_listed_as_an_instance(self) -> None:
@@ -113,12 +113,15 @@ class DocumentedNumbers(SynchronousTestCase):
 
         from claudectl.discovery import beacon, protocol, query
 
-        doc = " ".join((Path(__file__).parent.parent / "docs" / "pairing.md")
-                       .read_text(encoding="utf-8").split())
+        doc = " ".join(
+            (Path(__file__).parent.parent / "docs" / "pairing.md")
+            .read_text(encoding="utf-8")
+            .split()
+        )
         longest = encode_beacon("x" * 128, 65535, "0.64.0")
         for text in (
             "padding the datagram to **256 bytes**",
-            "we send `{\"v\":1}`",
+            'we send `{"v":1}`',
             f"nested at most {beacon.MAX_JSON_DEPTH} deep",
             f"our beacon is at most {len(longest)} bytes",
             f"fewer than {query.ANSWERS_PER_SOURCE} answers in the current "
@@ -133,8 +136,14 @@ class DocumentedNumbers(SynchronousTestCase):
 
 
 class Answering(SynchronousTestCase):
-    def answer(self, a: QueryAnswerer, data: bytes = b"", source: tuple[str, int] = ("10.0.0.9", 40000),
-               now: float = 0.0, beacon: bytes | None = BEACON) -> bytes | None:
+    def answer(
+        self,
+        a: QueryAnswerer,
+        data: bytes = b"",
+        source: tuple[str, int] = ("10.0.0.9", 40000),
+        now: float = 0.0,
+        beacon: bytes | None = BEACON,
+    ) -> bytes | None:
         return a.answer(data or encode_query(), source, lambda: beacon, now)
 
     def test_answers_with_the_beacon(self) -> None:
@@ -165,8 +174,10 @@ class Answering(SynchronousTestCase):
         a = QueryAnswerer()
         got = [self.answer(a, now=0.1 * i) for i in range(ANSWERS_PER_SOURCE + 5)]
         self.assertEqual(sum(g is not None for g in got), ANSWERS_PER_SOURCE)
-        self.assertIsNotNone(self.answer(a, source=("10.0.0.10", 40000), now=1.0),
-                             "another source has its own budget")
+        self.assertIsNotNone(
+            self.answer(a, source=("10.0.0.10", 40000), now=1.0),
+            "another source has its own budget",
+        )
         self.assertIsNotNone(self.answer(a, now=ANSWER_WINDOW_SECS + 0.1))
 
     def test_total_and_source_table_bounds(self) -> None:
@@ -177,9 +188,11 @@ class Answering(SynchronousTestCase):
         self.assertTrue(limiter.allow("10.0.0.1", 1.0) is False)
         self.assertTrue(limiter.allow("10.0.0.99", 10.0), "a new window, the table expired")
 
-    @given(data=st.binary(max_size=1100)
-           | st.integers(0, 400).map(lambda n: b"CCTQ{}" + b" " * n),
-           port=st.integers(0, 65535), repeats=st.integers(1, 30))
+    @given(
+        data=st.binary(max_size=1100) | st.integers(0, 400).map(lambda n: b"CCTQ{}" + b" " * n),
+        port=st.integers(0, 65535),
+        repeats=st.integers(1, 30),
+    )
     def test_no_amplification(self, data: bytes, port: int, repeats: int) -> None:
         """Bytes out never exceed bytes in, for any datagram, however often sent."""
         a = QueryAnswerer()
@@ -267,8 +280,9 @@ class AnnouncerWarnsOnce(SynchronousTestCase):
         with capturedLogs() as events:
             for _ in range(30):  # five minutes of 10 s announcements
                 a.announce()
-        self.assertEqual([e["log_level"] for e in events if e["log_level"] > LogLevel.debug],
-                         [LogLevel.warn])
+        self.assertEqual(
+            [e["log_level"] for e in events if e["log_level"] > LogLevel.debug], [LogLevel.warn]
+        )
         self.assertEqual(a.errors, 30)
         with capturedLogs() as events:
             t.fail_with = None
@@ -280,8 +294,11 @@ class AnnouncerWarnsOnce(SynchronousTestCase):
             t.fail_with = OSError(101, "Network is unreachable")
             a.announce()
             a.announce()
-        self.assertEqual([e["log_level"] for e in events if e["log_level"] > LogLevel.debug],
-                         [LogLevel.warn], "a new streak warns again")
+        self.assertEqual(
+            [e["log_level"] for e in events if e["log_level"] > LogLevel.debug],
+            [LogLevel.warn],
+            "a new streak warns again",
+        )
 
 
 class BusyQueryPort(SynchronousTestCase):
@@ -303,9 +320,11 @@ class BusyQueryPort(SynchronousTestCase):
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
-                                                               max_size=4),
-    max_leaves=20)
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -315,15 +334,20 @@ def _json_bytes(value: Any) -> bytes:
 DATAGRAMS = st.one_of(
     st.binary(max_size=2000),
     st.tuples(st.sampled_from([b"CCTL", b"CCTQ", b"CCT", b""]), st.binary(max_size=1100)).map(
-        lambda t: t[0] + t[1]),
+        lambda t: t[0] + t[1]
+    ),
     st.tuples(st.sampled_from([b"CCTL", b"CCTQ"]), JSON.map(_json_bytes)).map(
-        lambda t: t[0] + t[1]),
+        lambda t: t[0] + t[1]
+    ),
     # Deep nesting; a datagram over 1024 bytes is refused before decoding.
-    st.tuples(st.sampled_from([b"CCTL", b"CCTQ"]), st.integers(1, 1100) | st.integers(995, 1020),
-              st.sampled_from([b"[", b"{\"a\":", b"[{\"identity\":"])).map(
-        lambda t: t[0] + t[2] * t[1]),
+    st.tuples(
+        st.sampled_from([b"CCTL", b"CCTQ"]),
+        st.integers(1, 1100) | st.integers(995, 1020),
+        st.sampled_from([b"[", b'{"a":', b'[{"identity":']),
+    ).map(lambda t: t[0] + t[2] * t[1]),
     st.fixed_dictionaries({"identity": JSON, "port": JSON, "version": JSON}).map(
-        lambda d: b"CCTL" + _json_bytes(d)),
+        lambda d: b"CCTL" + _json_bytes(d)
+    ),
     st.just(NESTED),
 )
 ADDRS = st.tuples(st.ip_addresses(v=4).map(str), st.integers(0, 65535))
@@ -348,8 +372,9 @@ class Fuzz(SynchronousTestCase):
                 for proto in (listener, sender, responder):
                     proto.datagramReceived(data, addr)
                 clock.advance(0.5)
-        self.assertEqual([e for e in events if e["log_level"] > LogLevel.debug
-                          or "log_failure" in e], [])
+        self.assertEqual(
+            [e for e in events if e["log_level"] > LogLevel.debug or "log_failure" in e], []
+        )
         self.assertLessEqual(len(events), 3 * len(datagrams))
         for packet, to in out.written:
             self.assertEqual(to, addr)
@@ -384,8 +409,9 @@ class OnDemandLoopback(TestCase):
     timeout = 30
 
     def config(self, port: int) -> RelayConfig:
-        return RelayConfig(lan_broadcast_addr="127.255.255.255", lan_broadcast_port=port,
-                           lan_announce_interval=600)
+        return RelayConfig(
+            lan_broadcast_addr="127.255.255.255", lan_broadcast_port=port, lan_announce_interval=600
+        )
 
     def start(self, cfg: RelayConfig, identity: str, tcp_port: int) -> Any:
         svc = announcer_service(cfg, identity, tcp_port, reactor)
@@ -401,15 +427,21 @@ class OnDemandLoopback(TestCase):
         self.start(cfg, "me-0000", 9869)  # the scanning machine's own service
         # Their one announcement at start is over; the next is 10 minutes away.
         yield deferLater(reactor, 0.5, lambda: None)
-        passive, active = yield defer.gatherResults([
-            scan(reactor, cfg, 1.0, "me-0000", query=False),
-            scan(reactor, cfg, 1.0, "me-0000"),
-        ])
+        passive, active = yield defer.gatherResults(
+            [
+                scan(reactor, cfg, 1.0, "me-0000", query=False),
+                scan(reactor, cfg, 1.0, "me-0000"),
+            ]
+        )
         self.assertEqual(passive, [], "nobody announced during the scan")
-        self.assertEqual([(r.identity, r.address, r.version) for r in active],
-                         [(f"peer-{i}", f"127.0.0.1:{9870 + i}", "0.64.0") for i in range(3)])
-        self.assertTrue(all(s.responder.answerer.answered >= 1 for s in svcs),
-                        "all three share the query port and each answered")
+        self.assertEqual(
+            [(r.identity, r.address, r.version) for r in active],
+            [(f"peer-{i}", f"127.0.0.1:{9870 + i}", "0.64.0") for i in range(3)],
+        )
+        self.assertTrue(
+            all(s.responder.answerer.answered >= 1 for s in svcs),
+            "all three share the query port and each answered",
+        )
 
     @defer.inlineCallbacks
     def test_answer_is_unicast_to_the_querier(self) -> Any:
@@ -431,8 +463,9 @@ class OnDemandLoopback(TestCase):
             except BlockingIOError:
                 break
         self.assertEqual(got, [encode_beacon("desk-1", 9847, "0.64.0")])
-        self.assertEqual(svc.responder.answerer.dropped,
-                         {"too nested": 1, "no magic": 1, "query too short": 1})
+        self.assertEqual(
+            svc.responder.answerer.dropped, {"too nested": 1, "no magic": 1, "query too short": 1}
+        )
 
     @defer.inlineCallbacks
     def test_scan_survives_the_nested_datagram(self) -> Any:

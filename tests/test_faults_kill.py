@@ -24,8 +24,9 @@ from tests.test_faults_process import fake_peers, temp_files
 ROUNDS = 20
 
 
-def kill_during(proc: subprocess.Popen[bytes], directory: str, prefix: str,
-                rng: random.Random, r: int) -> int:
+def kill_during(
+    proc: subprocess.Popen[bytes], directory: str, prefix: str, rng: random.Random, r: int
+) -> int:
     """SIGKILL ``proc`` once a temp file starting with ``prefix`` shows (or at random)."""
     if r % 4 == 3:
         time.sleep(rng.uniform(0.05, 0.6))  # anywhere: start-up, lock, write, rename
@@ -64,8 +65,21 @@ class KillDuringTrustUpdateTests(SynchronousTestCase):
             peer = peers[r]
             level = round(0.1 + 0.04 * r, 2)
             proc = subprocess.Popen(
-                [sys.executable, "-m", "claudectl", "--home", str(home.root), "hive", "trust",
-                 peer, str(level)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                [
+                    sys.executable,
+                    "-m",
+                    "claudectl",
+                    "--home",
+                    str(home.root),
+                    "hive",
+                    "trust",
+                    peer,
+                    str(level),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
             rc = kill_during(proc, str(home.hive), ".trust.json.", rng, r)
             landed += bool(temp_files(home))
             data = json.loads((home.hive / "trust.json").read_text())  # always parses
@@ -93,9 +107,21 @@ class KillDuringKeyWriteTests(SynchronousTestCase):
             code = f"{r:04x}-{rng.getrandbits(16):04x}-{rng.getrandbits(16):04x}-0000"
             peer = f"keypeer-{r:02d}"
             proc = subprocess.Popen(
-                [sys.executable, "-m", "claudectl", "--home", str(home.root), "relay",
-                 "accept", code, peer], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env=env)
+                [
+                    sys.executable,
+                    "-m",
+                    "claudectl",
+                    "--home",
+                    str(home.root),
+                    "relay",
+                    "accept",
+                    code,
+                    peer,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
             rc = kill_during(proc, str(home.peers), f".{peer}.key.", rng, r)
             key = ks.key(peer)
             if rc == 0:

@@ -26,8 +26,13 @@ from tests.test_gossip import put, unit_json
 
 
 def temp_files(home: Home) -> list[str]:
-    return sorted(str(p) for d in home.state_dirs() if d.is_dir()
-                  for p in d.iterdir() if p.name.endswith(".tmp"))
+    return sorted(
+        str(p)
+        for d in home.state_dirs()
+        if d.is_dir()
+        for p in d.iterdir()
+        if p.name.endswith(".tmp")
+    )
 
 
 class KillDuringMergeTests(SynchronousTestCase):
@@ -44,8 +49,14 @@ class KillDuringMergeTests(SynchronousTestCase):
         docs = []
         for r in range(self.ROUNDS):
             path = home.root / f"import-{r}.json"
-            path.write_text(json.dumps([unit_json(f"ku_{r}_{i}", me, cmd=f"round {r} {i} "
-                                                  + "x" * 300) for i in range(self.UNITS)]))
+            path.write_text(
+                json.dumps(
+                    [
+                        unit_json(f"ku_{r}_{i}", me, cmd=f"round {r} {i} " + "x" * 300)
+                        for i in range(self.UNITS)
+                    ]
+                )
+            )
             docs.append(path)
         rng = random.Random(11)
         accepted = {u["id"] for u in base}
@@ -54,8 +65,20 @@ class KillDuringMergeTests(SynchronousTestCase):
         env = subprocess_env(home)
         for r, doc in enumerate(docs):
             proc = subprocess.Popen(
-                [sys.executable, "-m", "claudectl", "--home", str(home.root), "hive", "import",
-                 str(doc)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                [
+                    sys.executable,
+                    "-m",
+                    "claudectl",
+                    "--home",
+                    str(home.root),
+                    "hive",
+                    "import",
+                    str(doc),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
             if r % 4 == 3:
                 time.sleep(rng.uniform(0.2, 1.0))  # anywhere: parse, lock, merge, write
             else:
@@ -99,10 +122,19 @@ def fake_peers(home: Home, count: int) -> list[str]:
     for i, peer in enumerate(ids):
         # No .meta: a service would dial every peer with an address.
         (home.peers / f"{peer}.key").write_text(f"{i:064x}")
-        trust[peer] = {"peer_id": peer, "trust_level": 0.5, "knowledge_accepted": 0,
-                       "knowledge_conflicted": 0, "first_seen": 1, "last_sync": 1,
-                       "quarantined_until": 0, "frozen": False, "freeze_reason": None,
-                       "daily_received": {}, "last_anomaly_at": None}
+        trust[peer] = {
+            "peer_id": peer,
+            "trust_level": 0.5,
+            "knowledge_accepted": 0,
+            "knowledge_conflicted": 0,
+            "first_seen": 1,
+            "last_sync": 1,
+            "quarantined_until": 0,
+            "frozen": False,
+            "freeze_reason": None,
+            "daily_received": {},
+            "last_anomaly_at": None,
+        }
     home.hive.mkdir(parents=True, exist_ok=True)
     (home.hive / "trust.json").write_text(json.dumps(trust))
     return ids
@@ -155,8 +187,15 @@ class ControlSocketFaultTests(SynchronousTestCase):
             home = temp_home(self)
             KeyStore(home).ensure_identity()
             directory = self.squat(home, how)
-            r = run_cli(home, "relay", "serve", "--listen", "tcp:0:interface=127.0.0.1",
-                        "--no-discovery", timeout=30)
+            r = run_cli(
+                home,
+                "relay",
+                "serve",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--no-discovery",
+                timeout=30,
+            )
             self.assertNotEqual(r.returncode, 0)
             self.assertNotIn("Traceback", r.stdout + r.stderr)
             errors = [line for line in r.stderr.splitlines() if line.strip()]
@@ -188,10 +227,10 @@ class MalformedControlFrameTests(TestCase):
         await wait_for(path.exists)
         observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         frames = [
-            b"\x00\x05hello\x00\x03abc\x00\x00",           # a box that is not a command
-            b"\x00\x06_error\x00\x011\x00\x00",            # an error for no question
-            b"\x00\x07_answer\x00\x0299\x00\x00",          # an answer for no question
-            b"\xff\xff" + b"x" * 100,                      # a key longer than AMP allows
+            b"\x00\x05hello\x00\x03abc\x00\x00",  # a box that is not a command
+            b"\x00\x06_error\x00\x011\x00\x00",  # an error for no question
+            b"\x00\x07_answer\x00\x0299\x00\x00",  # an answer for no question
+            b"\xff\xff" + b"x" * 100,  # a key longer than AMP allows
         ]
         from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 
@@ -238,8 +277,14 @@ class LostUnitTests(SynchronousTestCase):
         now = int(time.time())
         doc = a.root / "units.json"
         # ~2.5 KB a unit, ~10 MB in all: more than the kernel's socket buffers hold.
-        doc.write_text(json.dumps([unit_json(f"ku_{i}", ida, cmd=f"step {i} " + "z" * 2400,
-                                             validated=now - 100) for i in range(self.UNITS)]))
+        doc.write_text(
+            json.dumps(
+                [
+                    unit_json(f"ku_{i}", ida, cmd=f"step {i} " + "z" * 2400, validated=now - 100)
+                    for i in range(self.UNITS)
+                ]
+            )
+        )
         sb = ServeProcess.serve(b, "--listen", "tcp:0:interface=127.0.0.1")
         self.addCleanup(sb.stop)
         port = sb.port()
@@ -331,8 +376,9 @@ class SnapshotFloodProcessTests(TestCase):
         for n in range(1, 400):
             if not sa.node.mesh.is_connected(idb):
                 break
-            sa.node.mesh.send(idb, "knowledge_snapshot",
-                              {"page": n, "total_pages": 10**9, "units": junk})
+            sa.node.mesh.send(
+                idb, "knowledge_snapshot", {"page": n, "total_pages": 10**9, "units": junk}
+            )
             sent += 1
             await deferLater(reactor, 0.01, lambda: None)
         await wait_for(lambda: not sa.node.mesh.is_connected(idb), timeout=60)
@@ -380,9 +426,12 @@ class ManyLiveLinksTests(TestCase):
             self.addCleanup(__import__("shutil").rmtree, root, True)
             nodes.append(make_node(self, ids[i], reactor, home=Home(root), tls=True))
         for start in range(0, self.LINKS, 16):  # 16 handshakes in flight at most
-            await gatherResults([
-                n.open_link(f"127.0.0.1:{port}", KeyAuth(bytes.fromhex(f"{i:064x}"), server_id))
-                for i, n in list(enumerate(nodes))[start:start + 16]])
+            await gatherResults(
+                [
+                    n.open_link(f"127.0.0.1:{port}", KeyAuth(bytes.fromhex(f"{i:064x}"), server_id))
+                    for i, n in list(enumerate(nodes))[start : start + 16]
+                ]
+            )
         for n in nodes:
             self.addCleanup(n.close_all)
         r = await deferToThread(run_cli, home, "relay", "peers", "--json")
@@ -390,5 +439,5 @@ class ManyLiveLinksTests(TestCase):
         rows = json.loads(r.stdout)
         self.assertEqual(len(rows), 1000)
         live = [row for row in rows if row["state"] == "connected"]
-        self.assertEqual(sorted(row["identity"] for row in live), sorted(ids[:self.LINKS]))
+        self.assertEqual(sorted(row["identity"] for row in live), sorted(ids[: self.LINKS]))
         self.assertTrue(all(row["transport"] == "tls1.3" for row in live))

@@ -24,17 +24,37 @@ from tests.test_services import RunningService, wait_for
 NOW = 1_800_000_000
 
 
-def unit_json(uid: str, source: str, cmd: str = "cargo test", confidence: float = 0.9,
-              evidence: int = 10, category: str = "best_practice", version: int = 1,
-              hops: int = 0, validated: int = NOW - 100) -> dict[str, Any]:
+def unit_json(
+    uid: str,
+    source: str,
+    cmd: str = "cargo test",
+    confidence: float = 0.9,
+    evidence: int = 10,
+    category: str = "best_practice",
+    version: int = 1,
+    hops: int = 0,
+    validated: int = NOW - 100,
+) -> dict[str, Any]:
     return {
-        "id": uid, "scope": {"type": "universal"}, "category": category,
-        "content": {"type": "pattern", "tool": "Bash", "command_pattern": cmd,
-                    "preferred_action": "approve", "accept_rate": confidence,
-                    "sample_count": evidence, "conditions": []},
-        "evidence_count": evidence, "confidence": confidence, "source_peer": source,
-        "originated_at": validated, "last_validated_at": validated,
-        "propagation_count": hops, "version": version,
+        "id": uid,
+        "scope": {"type": "universal"},
+        "category": category,
+        "content": {
+            "type": "pattern",
+            "tool": "Bash",
+            "command_pattern": cmd,
+            "preferred_action": "approve",
+            "accept_rate": confidence,
+            "sample_count": evidence,
+            "conditions": [],
+        },
+        "evidence_count": evidence,
+        "confidence": confidence,
+        "source_peer": source,
+        "originated_at": validated,
+        "last_validated_at": validated,
+        "propagation_count": hops,
+        "version": version,
     }
 
 
@@ -46,8 +66,12 @@ def put(home: Any, local_id: str, *units: dict[str, Any]) -> None:
 
 def ack_all(mesh: FakeMesh, peer: str) -> None:
     """``peer`` (of this project) acknowledges every unit sent to it so far."""
-    pairs = [[u["id"], u["version"]] for (to, t, p) in mesh.sent
-             if to == peer and t in ("knowledge_sync", "knowledge_snapshot") for u in p["units"]]
+    pairs = [
+        [u["id"], u["version"]]
+        for (to, t, p) in mesh.sent
+        if to == peer and t in ("knowledge_sync", "knowledge_snapshot")
+        for u in p["units"]
+    ]
     mesh.deliver(peer, "ack", {"ack_id": "msg_x", "knowledge": pairs})
 
 
@@ -86,8 +110,12 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(self.gossip.push_all(), 1)
 
     def test_private_units_never_leave(self) -> None:
-        put(self.home, "me-1", unit_json("ku_p", "me-1", category="personal"),
-            unit_json("ku_s", "me-1", cmd="ls"))
+        put(
+            self.home,
+            "me-1",
+            unit_json("ku_p", "me-1", category="personal"),
+            unit_json("ku_s", "me-1", cmd="ls"),
+        )
         self.mesh.connect("peer-a")
         ids = [u["id"] for s in self.sent("knowledge_sync") for u in s["units"]]
         self.assertEqual(ids, ["ku_s"])
@@ -115,8 +143,14 @@ class EngineTests(SynchronousTestCase):
     def test_local_always_wins(self) -> None:
         put(self.home, "me-1", unit_json("ku_local", "me-1", confidence=0.6, evidence=5))
         self.mesh.connect("peer-a")
-        self.mesh.deliver("peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [
-            unit_json("ku_r1", "peer-a", confidence=0.99, evidence=100)]})
+        self.mesh.deliver(
+            "peer-a",
+            "knowledge_sync",
+            {
+                "sync_epoch": NOW,
+                "units": [unit_json("ku_r1", "peer-a", confidence=0.99, evidence=100)],
+            },
+        )
         units = stored(self.home)
         self.assertEqual(sorted(units), ["ku_local"])
         conflicts = (self.home.hive / "conflicts.jsonl").read_text().splitlines()
@@ -129,8 +163,11 @@ class EngineTests(SynchronousTestCase):
         self.mesh.connect("peer-a")
         self.mesh.connect("peer-b")
         self.mesh.sent.clear()
-        self.mesh.deliver("peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [
-            unit_json("ku_far", "peer-z", hops=2)]})
+        self.mesh.deliver(
+            "peer-a",
+            "knowledge_sync",
+            {"sync_epoch": NOW, "units": [unit_json("ku_far", "peer-z", hops=2)]},
+        )
         self.assertEqual(stored(self.home)["ku_far"].propagation_count, 3)
         self.assertEqual(self.sent("knowledge_sync", "peer-b"), [])
 
@@ -143,8 +180,11 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(self.gossip.counters["dropped_rate_cap"], 5)
 
     def test_snapshot_pages(self) -> None:
-        put(self.home, "me-1", *[unit_json(f"ku_{i}", "me-1", cmd=f"command number {i}")
-                                 for i in range(5000)])
+        put(
+            self.home,
+            "me-1",
+            *[unit_json(f"ku_{i}", "me-1", cmd=f"command number {i}") for i in range(5000)],
+        )
         self.mesh.connect("peer-a")
         self.mesh.sent.clear()
         self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
@@ -159,11 +199,14 @@ class EngineTests(SynchronousTestCase):
 
     def test_snapshot_pages_merge_together(self) -> None:
         self.mesh.connect("peer-a")
-        pages = [[unit_json(f"ku_{p}_{i}", "peer-a", cmd=f"c{p} {i}") for i in range(3)]
-                 for p in range(3)]
+        pages = [
+            [unit_json(f"ku_{p}_{i}", "peer-a", cmd=f"c{p} {i}") for i in range(3)]
+            for p in range(3)
+        ]
         for n, units in enumerate(pages, 1):
-            self.mesh.deliver("peer-a", "knowledge_snapshot",
-                              {"page": n, "total_pages": 3, "units": units})
+            self.mesh.deliver(
+                "peer-a", "knowledge_snapshot", {"page": n, "total_pages": 3, "units": units}
+            )
             # Nothing is merged before the last page.
             self.assertEqual(len(stored(self.home)), 9 if n == 3 else 0)
         self.assertEqual(self.gossip.counters["merged_batches"], 1)
@@ -171,20 +214,33 @@ class EngineTests(SynchronousTestCase):
     def test_same_unit_by_a_longer_path_is_a_duplicate(self) -> None:
         self.mesh.connect("peer-a")
         self.mesh.connect("peer-b")
-        self.mesh.deliver("peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [
-            unit_json("ku_x", "peer-z", hops=2)]})
+        self.mesh.deliver(
+            "peer-a",
+            "knowledge_sync",
+            {"sync_epoch": NOW, "units": [unit_json("ku_x", "peer-z", hops=2)]},
+        )
         self.mesh.sent.clear()
-        self.mesh.deliver("peer-b", "knowledge_sync", {"sync_epoch": NOW, "units": [
-            unit_json("ku_x", "peer-z", hops=0)]})
+        self.mesh.deliver(
+            "peer-b",
+            "knowledge_sync",
+            {"sync_epoch": NOW, "units": [unit_json("ku_x", "peer-z", hops=0)]},
+        )
         self.assertEqual(stored(self.home)["ku_x"].propagation_count, 1)  # the shorter path
-        self.mesh.deliver("peer-b", "knowledge_sync", {"sync_epoch": NOW, "units": [
-            unit_json("ku_x", "peer-z", hops=4)]})
+        self.mesh.deliver(
+            "peer-b",
+            "knowledge_sync",
+            {"sync_epoch": NOW, "units": [unit_json("ku_x", "peer-z", hops=4)]},
+        )
         self.assertEqual(stored(self.home)["ku_x"].propagation_count, 1)
         self.assertFalse((self.home.hive / "resolutions.jsonl").exists())
 
     def test_request_since_epoch(self) -> None:
-        put(self.home, "me-1", unit_json("old", "me-1", cmd="a", validated=NOW - 5000),
-            unit_json("new", "me-1", cmd="b", validated=NOW - 10))
+        put(
+            self.home,
+            "me-1",
+            unit_json("old", "me-1", cmd="a", validated=NOW - 5000),
+            unit_json("new", "me-1", cmd="b", validated=NOW - 10),
+        )
         self.mesh.peers["peer-a"] = "mutual"  # connected, no link-up push yet
         self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": NOW - 100})
         [snap] = self.sent("knowledge_snapshot")
@@ -207,8 +263,14 @@ class EngineTests(SynchronousTestCase):
     def test_restart_resumes_from_cursors(self) -> None:
         put(self.home, "me-1", unit_json("ku_1", "me-1"))
         self.mesh.connect("peer-a")
-        self.mesh.deliver("peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [
-            unit_json("ku_r", "peer-a", cmd="make", validated=NOW - 7)]})
+        self.mesh.deliver(
+            "peer-a",
+            "knowledge_sync",
+            {
+                "sync_epoch": NOW,
+                "units": [unit_json("ku_r", "peer-a", cmd="make", validated=NOW - 7)],
+            },
+        )
         ack_all(self.mesh, "peer-a")
         self.gossip.stop()
         # A new process on the same home.
@@ -222,8 +284,11 @@ class EngineTests(SynchronousTestCase):
 
     def test_claudectl_sync_state_file_is_readable(self) -> None:
         (self.home.hive).mkdir(parents=True, exist_ok=True)
-        (self.home.hive / "sync_state.json").write_text(json.dumps(
-            {"peer-a": {"peer_id": "peer-a", "last_sync_epoch": 5, "units_sent": ["ku_1"]}}))
+        (self.home.hive / "sync_state.json").write_text(
+            json.dumps(
+                {"peer-a": {"peer_id": "peer-a", "last_sync_epoch": 5, "units_sent": ["ku_1"]}}
+            )
+        )
         g = Gossip(self.home, Config(), FakeMesh("me-1"), "me-1", lambda: NOW)
         self.assertEqual(g.state.peer("peer-a").sent, {"ku_1": 0})
         g.state.save()
@@ -258,8 +323,13 @@ class LineOfThreeTests(TestCase):
             KeyStore(sx.home).save_key(ids[y], key)
             KeyStore(sy.home).save_key(ids[x], key)
         # C already has its own opinion about "git push".
-        put(c.home, ids["c"], unit_json("ku_c_local", ids["c"], cmd="git push", confidence=0.6,
-                                        validated=int(time.time())))
+        put(
+            c.home,
+            ids["c"],
+            unit_json(
+                "ku_c_local", ids["c"], cmd="git push", confidence=0.6, validated=int(time.time())
+            ),
+        )
         for s in (a, b, c):
             s.start()
             self.addCleanup(s.stop)
@@ -268,10 +338,14 @@ class LineOfThreeTests(TestCase):
         await call_control(reactor, c.home, C.Connect, address=f"127.0.0.1:{b.port}")
         await wait_for(lambda: len(b.node.mesh.connected_peers()) == 2)
         now = int(time.time())
-        put(a.home, ids["a"],
+        put(
+            a.home,
+            ids["a"],
             unit_json("ku_a1", ids["a"], validated=now),
-            unit_json("ku_a2", ids["a"], cmd="git push", confidence=0.99, evidence=50,
-                      validated=now))
+            unit_json(
+                "ku_a2", ids["a"], cmd="git push", confidence=0.99, evidence=50, validated=now
+            ),
+        )
         await wait_for(lambda: "ku_a1" in stored(c.home), timeout=30)
         on_c = stored(c.home)
         self.assertEqual(on_c["ku_a1"].propagation_count, 2)
@@ -281,8 +355,10 @@ class LineOfThreeTests(TestCase):
         self.assertNotIn("ku_a2", on_c)
         # It shows in C's brain prompt with A's trust tier (no record: Suggested).
         prompt = build_prompt(c.home, HiveConfig(), ids["c"], int(time.time()))
-        self.assertIn(f"- [hive, suggested] [Bash, cargo test] approve (90%) — 10 decisions "
-                      f"from {ids['a']}", prompt)
+        self.assertIn(
+            f"- [hive, suggested] [Bash, cargo test] approve (90%) — 10 decisions from {ids['a']}",
+            prompt,
+        )
 
 
 class DoneWhenStoryTests(SynchronousTestCase):
@@ -315,7 +391,9 @@ class DoneWhenStoryTests(SynchronousTestCase):
         r = run_cli(homes[0], "hive", "distill")
         self.assertEqual(r.returncode, 0, r.stderr)
         started = time.monotonic()
-        expected = f"[hive, suggested] [Bash, cargo test] approve (100%) — 12 decisions from {ids[0]}"
+        expected = (
+            f"[hive, suggested] [Bash, cargo test] approve (100%) — 12 decisions from {ids[0]}"
+        )
         while True:
             out = run_cli(homes[2], "hive", "prompt").stdout
             if expected in out:

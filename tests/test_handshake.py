@@ -112,8 +112,9 @@ class Wire:
         return self.t
 
     def factory(self, identity: str, start: int = 0) -> EnvelopeFactory:
-        return EnvelopeFactory(identity, clock=self.clock,
-                               ids=MessageIds(clock=self.clock, start=start))
+        return EnvelopeFactory(
+            identity, clock=self.clock, ids=MessageIds(clock=self.clock, start=start)
+        )
 
 
 def over_the_wire(env: Envelope) -> Envelope:
@@ -128,24 +129,35 @@ class HandshakeTestBase(SynchronousTestCase):
         self.wire = Wire()
 
     def listener(self, random=seq_random, pake=None) -> ListenerHandshake:
-        return ListenerHandshake(self.wire.factory(LISTENER_ID), self.keys, random=random,
-                                 pake=pake)
+        return ListenerHandshake(
+            self.wire.factory(LISTENER_ID), self.keys, random=random, pake=pake
+        )
 
-    def connector(self, auth, is_mutual=lambda _p: False, identity: str = CONNECTOR_ID,
-                  random=None) -> ConnectorHandshake:
-        return ConnectorHandshake(self.wire.factory(identity), auth, is_mutual=is_mutual,
-                                  random=random or counter_random())
+    def connector(
+        self, auth, is_mutual=lambda _p: False, identity: str = CONNECTOR_ID, random=None
+    ) -> ConnectorHandshake:
+        return ConnectorHandshake(
+            self.wire.factory(identity),
+            auth,
+            is_mutual=is_mutual,
+            random=random or counter_random(),
+        )
 
-    def claudectl_handshake(self, nonce: str, psk: bytes = PSK, peer: str = CONNECTOR_ID,
-                            proof_text: str | None = None) -> Envelope:
+    def claudectl_handshake(
+        self, nonce: str, psk: bytes = PSK, peer: str = CONNECTOR_ID, proof_text: str | None = None
+    ) -> Envelope:
         """A handshake exactly as claudectl 0.64 writes it (no cnonce, no caps)."""
-        body = {"proof": proof(psk, nonce) if proof_text is None else proof_text,
-                "version": "0.64.0"}
-        return over_the_wire(Envelope("msg_1714000000050_0", codec.HANDSHAKE, peer,
-                                      1714000000050, body))
+        body = {
+            "proof": proof(psk, nonce) if proof_text is None else proof_text,
+            "version": "0.64.0",
+        }
+        return over_the_wire(
+            Envelope("msg_1714000000050_0", codec.HANDSHAKE, peer, 1714000000050, body)
+        )
 
-    def run_pair(self, listener: ListenerHandshake, connector: ConnectorHandshake
-                 ) -> tuple[Step, Step]:
+    def run_pair(
+        self, listener: ListenerHandshake, connector: ConnectorHandshake
+    ) -> tuple[Step, Step]:
         """Drive both machines to the end; returns (listener step, connector step)."""
         [challenge] = listener.start()
         c_step = connector.receive(over_the_wire(challenge))
@@ -200,24 +212,25 @@ class ClaudectlConnectorTests(HandshakeTestBase):
         # No start(): the id sequence goes straight to 2 for the ack.
         step = lis.receive(decode(vector_line("wire.frame.handshake")))
         self.assertEqual(step.failed, "wrong proof")
-        self.assertEqual([encode(e) for e in step.send],
-                         [vector_line("wire.frame.handshake_ack_denied")])
+        self.assertEqual(
+            [encode(e) for e in step.send], [vector_line("wire.frame.handshake_ack_denied")]
+        )
 
     def test_handshake_without_version_id_or_timestamp_content(self) -> None:
         """The listener reads neither version, id nor timestamp."""
         self.ks.save_key(CONNECTOR_ID, PSK)
         lis = self.listener()
         lis.start()
-        env = Envelope("", codec.HANDSHAKE, CONNECTOR_ID, 0,
-                       {"proof": proof(PSK, VECTOR_NONCE)})
+        env = Envelope("", codec.HANDSHAKE, CONNECTOR_ID, 0, {"proof": proof(PSK, VECTOR_NONCE)})
         self.assertEqual(lis.receive(over_the_wire(env)).done.mode, ONEWAY)
 
     def test_wrong_proof(self) -> None:
         self.ks.save_key(CONNECTOR_ID, PSK)
         lis = self.listener()
         lis.start()
-        self.assert_denied(lis.receive(self.claudectl_handshake(lis.nonce, OTHER_PSK)),
-                           "wrong proof")
+        self.assert_denied(
+            lis.receive(self.claudectl_handshake(lis.nonce, OTHER_PSK)), "wrong proof"
+        )
         self.assertEqual(lis.state, ListenerState.DONE)
 
     def test_uppercase_proof(self) -> None:
@@ -225,14 +238,14 @@ class ClaudectlConnectorTests(HandshakeTestBase):
         lis = self.listener()
         lis.start()
         upper = proof(PSK, lis.nonce).upper()
-        self.assert_denied(lis.receive(self.claudectl_handshake(lis.nonce, proof_text=upper)),
-                           "wrong proof")
+        self.assert_denied(
+            lis.receive(self.claudectl_handshake(lis.nonce, proof_text=upper)), "wrong proof"
+        )
 
     def test_no_key(self) -> None:
         lis = self.listener()
         lis.start()
-        self.assert_denied(lis.receive(self.claudectl_handshake(lis.nonce)),
-                           "no key for this peer")
+        self.assert_denied(lis.receive(self.claudectl_handshake(lis.nonce)), "no key for this peer")
 
     def test_invalid_and_pending_ids(self) -> None:
         self.ks.save_pending_key(PSK)
@@ -240,16 +253,24 @@ class ClaudectlConnectorTests(HandshakeTestBase):
             with self.subTest(peer):
                 lis = self.listener()
                 lis.start()
-                self.assert_denied(lis.receive(self.claudectl_handshake(lis.nonce, peer=peer)),
-                                   "invalid peer id")
+                self.assert_denied(
+                    lis.receive(self.claudectl_handshake(lis.nonce, peer=peer)), "invalid peer id"
+                )
         # The pending key is untouched.
         self.assertEqual(self.ks.pending_key(), PSK)
         self.assertEqual(self.keys.claims, [])
 
     def test_proof_missing_or_not_a_string(self) -> None:
         self.ks.save_key(CONNECTOR_ID, PSK)
-        for payload in ({}, {"proof": None}, {"proof": 5}, {"proof": [proof(PSK, VECTOR_NONCE)]},
-                        None, [], "proof"):
+        for payload in (
+            {},
+            {"proof": None},
+            {"proof": 5},
+            {"proof": [proof(PSK, VECTOR_NONCE)]},
+            None,
+            [],
+            "proof",
+        ):
             with self.subTest(payload):
                 lis = self.listener()
                 lis.start()
@@ -306,8 +327,10 @@ class ClaudectlConnectorTests(HandshakeTestBase):
         self.assertIsNone(self.ks.pending_key())
         self.assertFalse((self.home.peers / "_pending.meta").exists())
         # A second claimer with another id is denied: no key any more.
-        self.assert_denied(second.receive(self.claudectl_handshake(second.nonce, peer="laptop-2")),
-                           "no key for this peer")
+        self.assert_denied(
+            second.receive(self.claudectl_handshake(second.nonce, peer="laptop-2")),
+            "no key for this peer",
+        )
         self.assertIsNone(self.ks.key("laptop-2"))
 
     def test_pending_claim_race_lost(self) -> None:
@@ -320,8 +343,10 @@ class ClaudectlConnectorTests(HandshakeTestBase):
         snapshot = list(self.keys.pending_candidates())
         self.keys.pending_candidates = lambda: snapshot  # type: ignore[method-assign]
         self.assertIsNotNone(a.receive(self.claudectl_handshake(a.nonce, peer="laptop-1")).done)
-        self.assert_denied(b.receive(self.claudectl_handshake(b.nonce, peer="laptop-2")),
-                           "pending key already claimed")
+        self.assert_denied(
+            b.receive(self.claudectl_handshake(b.nonce, peer="laptop-2")),
+            "pending key already claimed",
+        )
         self.assertIsNone(self.ks.key("laptop-2"))
 
     def test_downgrade_refused_by_listener(self) -> None:
@@ -329,8 +354,10 @@ class ClaudectlConnectorTests(HandshakeTestBase):
         self.ks.mark_mutual(CONNECTOR_ID)
         lis = self.listener()
         lis.start()
-        self.assert_denied(lis.receive(self.claudectl_handshake(lis.nonce)),
-                           "downgrade to one-way authentication refused")
+        self.assert_denied(
+            lis.receive(self.claudectl_handshake(lis.nonce)),
+            "downgrade to one-way authentication refused",
+        )
 
     def test_malformed_cnonce_is_one_way(self) -> None:
         self.ks.save_key(CONNECTOR_ID, PSK)
@@ -338,8 +365,13 @@ class ClaudectlConnectorTests(HandshakeTestBase):
             with self.subTest(cnonce):
                 lis = self.listener()
                 lis.start()
-                env = Envelope("m", codec.HANDSHAKE, CONNECTOR_ID, 0,
-                               {"proof": proof(PSK, lis.nonce), "cnonce": cnonce})
+                env = Envelope(
+                    "m",
+                    codec.HANDSHAKE,
+                    CONNECTOR_ID,
+                    0,
+                    {"proof": proof(PSK, lis.nonce), "cnonce": cnonce},
+                )
                 step = lis.receive(over_the_wire(env))
                 self.assertEqual(step.done.mode, ONEWAY)
                 self.assertNotIn("sproof", step.send[0].payload)
@@ -355,8 +387,9 @@ class ClaudectlListenerTests(HandshakeTestBase):
         [hs] = step.send
         self.assertEqual(hs.msg_type, codec.HANDSHAKE)
         self.assertEqual(hs.from_peer, CONNECTOR_ID)
-        self.assertEqual(hs.payload["proof"], vector("wire.frame.handshake")["input"]
-                         ["payload"]["proof"])
+        self.assertEqual(
+            hs.payload["proof"], vector("wire.frame.handshake")["input"]["payload"]["proof"]
+        )
         self.assertEqual(hs.payload["version"], COMPAT_VERSION)
         self.assertEqual(hs.payload["cnonce"], con.cnonce)
         self.assertEqual(len(con.cnonce), 64)
@@ -369,8 +402,10 @@ class ClaudectlListenerTests(HandshakeTestBase):
     def test_first_contact_takes_ack_identity(self) -> None:
         con = self.connector(KeyAuth(PSK))
         con.receive(decode(vector_line("wire.frame.challenge")))
-        self.assertEqual(con.receive(decode(vector_line("wire.frame.handshake_ack_ok")))
-                         .done.peer_id, LISTENER_ID)
+        self.assertEqual(
+            con.receive(decode(vector_line("wire.frame.handshake_ack_ok"))).done.peer_id,
+            LISTENER_ID,
+        )
 
     def test_denied(self) -> None:
         con = self.connector(KeyAuth(PSK))
@@ -381,11 +416,13 @@ class ClaudectlListenerTests(HandshakeTestBase):
         self.assertEqual(con.state, ConnectorState.DONE)
 
     def test_status_missing_or_odd(self) -> None:
-        for payload, reason in (({}, "handshake denied: unknown"),
-                                (None, "handshake denied: unknown"),
-                                ({"status": 1}, "handshake denied: unknown"),
-                                ({"status": "OK"}, "handshake denied: OK"),
-                                ({"status": "pake"}, "handshake denied: pake")):
+        for payload, reason in (
+            ({}, "handshake denied: unknown"),
+            (None, "handshake denied: unknown"),
+            ({"status": 1}, "handshake denied: unknown"),
+            ({"status": "OK"}, "handshake denied: OK"),
+            ({"status": "pake"}, "handshake denied: pake"),
+        ):
             with self.subTest(payload):
                 con = self.connector(KeyAuth(PSK))
                 con.receive(decode(vector_line("wire.frame.challenge")))
@@ -402,8 +439,7 @@ class ClaudectlListenerTests(HandshakeTestBase):
         for payload in ({}, None, {"nonce": 5}, {"nonce": None}, [VECTOR_NONCE]):
             with self.subTest(payload):
                 con = self.connector(KeyAuth(PSK))
-                step = con.receive(over_the_wire(
-                    Envelope("m", codec.CHALLENGE, "", 0, payload)))
+                step = con.receive(over_the_wire(Envelope("m", codec.CHALLENGE, "", 0, payload)))
                 self.assertEqual(step.failed, "challenge missing nonce")
                 self.assertEqual(step.send, [])
 
@@ -418,8 +454,9 @@ class ClaudectlListenerTests(HandshakeTestBase):
         con.receive(decode(vector_line("wire.frame.challenge")))
         step = con.receive(decode(vector_line("wire.frame.handshake_ack_ok")))
         self.assertIsNone(step.done)
-        self.assertEqual(step.failed, "remote identity mismatch: expected desk-00000000, "
-                                      f"got {LISTENER_ID}")
+        self.assertEqual(
+            step.failed, f"remote identity mismatch: expected desk-00000000, got {LISTENER_ID}"
+        )
 
     def test_invalid_listener_identity(self) -> None:
         for remote in ("", PENDING, "../x"):
@@ -430,20 +467,24 @@ class ClaudectlListenerTests(HandshakeTestBase):
                 self.assertIn("invalid identity", con.receive(over_the_wire(ack)).failed)
 
     def test_downgrade_refused_by_connector(self) -> None:
-        con = self.connector(KeyAuth(PSK, expected_peer=LISTENER_ID),
-                             is_mutual=lambda p: p == LISTENER_ID)
+        con = self.connector(
+            KeyAuth(PSK, expected_peer=LISTENER_ID), is_mutual=lambda p: p == LISTENER_ID
+        )
         con.receive(decode(vector_line("wire.frame.challenge")))
         step = con.receive(decode(vector_line("wire.frame.handshake_ack_ok")))
         self.assertIsNone(step.done)
-        self.assertEqual(step.failed,
-                         f"downgrade refused: {LISTENER_ID} has authenticated mutually before")
+        self.assertEqual(
+            step.failed, f"downgrade refused: {LISTENER_ID} has authenticated mutually before"
+        )
 
     def test_after_done(self) -> None:
         con = self.connector(KeyAuth(PSK))
         con.receive(decode(vector_line("wire.frame.challenge")))
         con.receive(decode(vector_line("wire.frame.handshake_ack_ok")))
-        self.assertEqual(con.receive(decode(vector_line("wire.frame.handshake_ack_ok"))).failed,
-                         "handshake already finished")
+        self.assertEqual(
+            con.receive(decode(vector_line("wire.frame.handshake_ack_ok"))).failed,
+            "handshake already finished",
+        )
 
 
 class MutualTests(HandshakeTestBase):
@@ -466,15 +507,17 @@ class MutualTests(HandshakeTestBase):
         """The reverse proof cannot be replayed from the forward one."""
         n = "ab" * 32
         self.assertNotEqual(listener_proof(PSK, n, n), proof(PSK, n))
-        self.assertNotEqual(listener_proof(PSK, "a" * 64, "b" * 64),
-                            listener_proof(PSK, "b" * 64, "a" * 64))
+        self.assertNotEqual(
+            listener_proof(PSK, "a" * 64, "b" * 64), listener_proof(PSK, "b" * 64, "a" * 64)
+        )
 
     def test_mutual_peer_stays_mutual(self) -> None:
         """A peer marked mutual passes again in mutual mode (no false downgrade)."""
         self.ks.save_key(CONNECTOR_ID, PSK)
         self.ks.mark_mutual(CONNECTOR_ID)
         l_step, c_step = self.run_pair(
-            self.listener(), self.connector(KeyAuth(PSK), is_mutual=lambda _p: True))
+            self.listener(), self.connector(KeyAuth(PSK), is_mutual=lambda _p: True)
+        )
         self.assertEqual((l_step.done.mode, c_step.done.mode), (MUTUAL, MUTUAL))
 
     def test_mutual_pending_claim(self) -> None:
@@ -491,25 +534,35 @@ class MutualTests(HandshakeTestBase):
         [hs] = con.receive(over_the_wire(challenge)).send
         good = lis.receive(over_the_wire(hs)).send[0]
         sproof = good.payload["sproof"]
-        for bad in (sproof.upper(), sproof[:-1] + ("0" if sproof[-1] != "0" else "1"), "",
-                    listener_proof(OTHER_PSK, con.cnonce, lis.nonce),
-                    proof(PSK, lis.nonce), "é" * 64):
+        for bad in (
+            sproof.upper(),
+            sproof[:-1] + ("0" if sproof[-1] != "0" else "1"),
+            "",
+            listener_proof(OTHER_PSK, con.cnonce, lis.nonce),
+            proof(PSK, lis.nonce),
+            "é" * 64,
+        ):
             with self.subTest(bad):
                 c2 = self.connector(KeyAuth(PSK), random=lambda n: bytes.fromhex(con.cnonce))
                 c2.receive(over_the_wire(challenge))
-                ack = Envelope(good.id, good.msg_type, good.from_peer, good.timestamp,
-                               {**good.payload, "sproof": bad})
+                ack = Envelope(
+                    good.id,
+                    good.msg_type,
+                    good.from_peer,
+                    good.timestamp,
+                    {**good.payload, "sproof": bad},
+                )
                 step = c2.receive(over_the_wire(ack))
                 self.assertIsNone(step.done)
                 self.assertEqual(step.failed, "the listener could not prove it holds the key")
 
     def test_impostor_listener_cannot_claim_mutual(self) -> None:
         """A listener without the key can only ack one-way, which a mutual peer refuses."""
-        con = self.connector(KeyAuth(PSK, expected_peer=LISTENER_ID),
-                             is_mutual=lambda _p: True)
+        con = self.connector(KeyAuth(PSK, expected_peer=LISTENER_ID), is_mutual=lambda _p: True)
         con.receive(over_the_wire(Envelope("m", codec.CHALLENGE, "", 0, {"nonce": "0" * 64})))
-        step = con.receive(over_the_wire(
-            Envelope("m", codec.HANDSHAKE_ACK, LISTENER_ID, 0, {"status": "ok"})))
+        step = con.receive(
+            over_the_wire(Envelope("m", codec.HANDSHAKE_ACK, LISTENER_ID, 0, {"status": "ok"}))
+        )
         self.assertIsNone(step.done)
 
 
@@ -567,8 +620,9 @@ class PakeTests(HandshakeTestBase):
             return l1, Step()
         self.assertEqual(lis.state, ListenerState.AWAIT_PAKE_CONFIRM)
         [reply] = l1.send
-        self.assertEqual(reply.payload, {"status": "pake",
-                                         "pake": {"msgs": [b"B1".hex(), b"B2".hex()]}})
+        self.assertEqual(
+            reply.payload, {"status": "pake", "pake": {"msgs": [b"B1".hex(), b"B2".hex()]}}
+        )
         [hs2] = con.receive(over_the_wire(reply)).send
         l2 = lis.receive(over_the_wire(hs2))
         [ack] = l2.send
@@ -578,8 +632,8 @@ class PakeTests(HandshakeTestBase):
         new = b"n" * 32
         responder = FakeResponder(new)
         l_step, c_step = self.exchange(
-            self.listener(pake=responder),
-            self.connector(PakeAuth(FakeInitiator([OTHER_PSK, new]))))
+            self.listener(pake=responder), self.connector(PakeAuth(FakeInitiator([OTHER_PSK, new])))
+        )
         self.assertEqual(l_step.done, Authenticated(CONNECTOR_ID, new, MUTUAL, "pake"))
         self.assertEqual(c_step.done, Authenticated(LISTENER_ID, new, MUTUAL, "pake"))
         self.assertEqual(responder.responded, [(CONNECTOR_ID, b"A")])
@@ -588,26 +642,30 @@ class PakeTests(HandshakeTestBase):
     def test_wrong_code(self) -> None:
         l_step, c_step = self.exchange(
             self.listener(pake=FakeResponder(b"n" * 32)),
-            self.connector(PakeAuth(FakeInitiator([b"n" * 32], corrupt=True))))
+            self.connector(PakeAuth(FakeInitiator([b"n" * 32], corrupt=True))),
+        )
         self.assert_denied(l_step, "wrong_code")
         self.assertEqual(c_step.failed, "handshake denied: denied (wrong_code)")
         self.assertIsNone(self.ks.key(CONNECTOR_ID))
 
     def test_no_open_invite(self) -> None:
-        l_step, _ = self.exchange(self.listener(pake=FakeResponder(None)),
-                                  self.connector(PakeAuth(FakeInitiator([]))))
+        l_step, _ = self.exchange(
+            self.listener(pake=FakeResponder(None)), self.connector(PakeAuth(FakeInitiator([])))
+        )
         self.assert_denied(l_step, "no open invite")
 
     def test_listener_without_pake(self) -> None:
-        l_step, _ = self.exchange(self.listener(pake=None),
-                                  self.connector(PakeAuth(FakeInitiator([]))))
+        l_step, _ = self.exchange(
+            self.listener(pake=None), self.connector(PakeAuth(FakeInitiator([])))
+        )
         self.assert_denied(l_step, "short-code pairing is not available")
 
     def test_already_paired_id(self) -> None:
         self.ks.save_key(CONNECTOR_ID, PSK)
         responder = FakeResponder(b"n" * 32)
-        l_step, _ = self.exchange(self.listener(pake=responder),
-                                  self.connector(PakeAuth(FakeInitiator([]))))
+        l_step, _ = self.exchange(
+            self.listener(pake=responder), self.connector(PakeAuth(FakeInitiator([])))
+        )
         self.assert_denied(l_step, "already paired")
         self.assertEqual(responder.responded, [])
         self.assertEqual(self.ks.key(CONNECTOR_ID), PSK)
@@ -630,8 +688,15 @@ class PakeTests(HandshakeTestBase):
         lis = self.listener(pake=FakeResponder(b"n" * 32))
         lis.start()
         lis.receive(Envelope("m", codec.HANDSHAKE, CONNECTOR_ID, 0, {"pake": {"msg": "41"}}))
-        step = lis.receive(Envelope("m", codec.HANDSHAKE, "someone-else", 0,
-                                    {"pake": {"confirm": []}, "cnonce": "0" * 64}))
+        step = lis.receive(
+            Envelope(
+                "m",
+                codec.HANDSHAKE,
+                "someone-else",
+                0,
+                {"pake": {"confirm": []}, "cnonce": "0" * 64},
+            )
+        )
         self.assert_denied(step, "peer id changed")
 
     def test_confirm_without_cnonce_stores_nothing(self) -> None:
@@ -640,8 +705,15 @@ class PakeTests(HandshakeTestBase):
         lis = self.listener(pake=responder)
         lis.start()
         lis.receive(Envelope("m", codec.HANDSHAKE, CONNECTOR_ID, 0, {"pake": {"msg": "41"}}))
-        step = lis.receive(Envelope("m", codec.HANDSHAKE, CONNECTOR_ID, 0,
-                                    {"pake": {"confirm": [b"CB1".hex(), b"CB2".hex()]}}))
+        step = lis.receive(
+            Envelope(
+                "m",
+                codec.HANDSHAKE,
+                CONNECTOR_ID,
+                0,
+                {"pake": {"confirm": [b"CB1".hex(), b"CB2".hex()]}},
+            )
+        )
         self.assert_denied(step, "without cnonce")
         self.assertIsNone(self.ks.key(CONNECTOR_ID))
         self.assertEqual(self.keys.new_keys, [])
@@ -651,19 +723,30 @@ class PakeTests(HandshakeTestBase):
         self.keys.store_ok = False
         l_step, c_step = self.exchange(
             self.listener(pake=FakeResponder(b"n" * 32)),
-            self.connector(PakeAuth(FakeInitiator([b"n" * 32]))))
+            self.connector(PakeAuth(FakeInitiator([b"n" * 32]))),
+        )
         self.assert_denied(l_step, "could not store")
         self.assertIsNotNone(c_step.failed)
 
     def test_malformed_pake_reply(self) -> None:
-        for pake in (None, {}, {"msgs": []}, {"msgs": ["zz"]}, {"msgs": [5]},
-                     {"msgs": ["00"] * 65}):
+        for pake in (
+            None,
+            {},
+            {"msgs": []},
+            {"msgs": ["zz"]},
+            {"msgs": [5]},
+            {"msgs": ["00"] * 65},
+        ):
             with self.subTest(pake):
                 con = self.connector(PakeAuth(FakeInitiator([])))
-                con.receive(Envelope("m", codec.CHALLENGE, "", 0,
-                                     {"nonce": "0" * 64, "caps": [CAP_PAKE]}))
-                step = con.receive(Envelope("m", codec.HANDSHAKE_ACK, LISTENER_ID, 0,
-                                            {"status": "pake", "pake": pake}))
+                con.receive(
+                    Envelope("m", codec.CHALLENGE, "", 0, {"nonce": "0" * 64, "caps": [CAP_PAKE]})
+                )
+                step = con.receive(
+                    Envelope(
+                        "m", codec.HANDSHAKE_ACK, LISTENER_ID, 0, {"status": "pake", "pake": pake}
+                    )
+                )
                 self.assertEqual(step.failed, "malformed pake reply")
 
     def test_initiator_error_is_a_failure(self) -> None:
@@ -673,8 +756,15 @@ class PakeTests(HandshakeTestBase):
 
         con = self.connector(PakeAuth(Boom([])))
         con.receive(Envelope("m", codec.CHALLENGE, "", 0, {"nonce": "0" * 64, "caps": [CAP_PAKE]}))
-        step = con.receive(Envelope("m", codec.HANDSHAKE_ACK, LISTENER_ID, 0,
-                                    {"status": "pake", "pake": {"msgs": ["00"]}}))
+        step = con.receive(
+            Envelope(
+                "m",
+                codec.HANDSHAKE_ACK,
+                LISTENER_ID,
+                0,
+                {"status": "pake", "pake": {"msgs": ["00"]}},
+            )
+        )
         self.assertEqual(step.failed, "pake failed: bad point")
 
     def test_ok_without_sproof_refused(self) -> None:
@@ -689,12 +779,17 @@ class PakeTests(HandshakeTestBase):
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=70),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-    max_leaves=10)
-handshake_payloads = st.dictionaries(
-    st.sampled_from(["proof", "cnonce", "caps", "version", "pake", "x"]),
-    json_values | st.fixed_dictionaries({}, optional={"msg": json_values,
-                                                      "confirm": json_values}),
-    max_size=5) | json_values
+    max_leaves=10,
+)
+handshake_payloads = (
+    st.dictionaries(
+        st.sampled_from(["proof", "cnonce", "caps", "version", "pake", "x"]),
+        json_values
+        | st.fixed_dictionaries({}, optional={"msg": json_values, "confirm": json_values}),
+        max_size=5,
+    )
+    | json_values
+)
 
 
 class KeyByIdentityTests(HandshakeTestBase):
@@ -707,15 +802,21 @@ class KeyByIdentityTests(HandshakeTestBase):
     EXPORTER = b"\x42" * 32
 
     def tls_listener(self) -> ListenerHandshake:
-        return ListenerHandshake(self.wire.factory(LISTENER_ID), self.keys, random=seq_random,
-                                 policy=Policy(tls=True))
+        return ListenerHandshake(
+            self.wire.factory(LISTENER_ID), self.keys, random=seq_random, policy=Policy(tls=True)
+        )
 
     def tls_connector(self, auth: object) -> ConnectorHandshake:
-        return ConnectorHandshake(self.wire.factory(CONNECTOR_ID), auth,  # type: ignore[arg-type]
-                                  random=counter_random(), policy=Policy(tls=True))
+        return ConnectorHandshake(
+            self.wire.factory(CONNECTOR_ID),
+            auth,  # type: ignore[arg-type]
+            random=counter_random(),
+            policy=Policy(tls=True),
+        )
 
-    def by_identity(self, keys: dict[str, bytes],
-                    fallback: object = "no fallback here") -> tuple[KeyByIdentity, list]:
+    def by_identity(
+        self, keys: dict[str, bytes], fallback: object = "no fallback here"
+    ) -> tuple[KeyByIdentity, list]:
         looked_up: list[str] = []
         chosen: list[tuple[str, str]] = []
 
@@ -723,12 +824,16 @@ class KeyByIdentityTests(HandshakeTestBase):
             looked_up.append(peer)
             return keys.get(peer)
 
-        auth = KeyByIdentity(key_for, lambda: fallback,  # type: ignore[arg-type,return-value]
-                             lambda peer, how: chosen.append((peer, how)))
+        auth = KeyByIdentity(
+            key_for,
+            lambda: fallback,  # type: ignore[arg-type,return-value]
+            lambda peer, how: chosen.append((peer, how)),
+        )
         return auth, [looked_up, chosen]
 
-    def run_tls(self, listener: ListenerHandshake, connector: ConnectorHandshake
-                ) -> tuple[Step, Step]:
+    def run_tls(
+        self, listener: ListenerHandshake, connector: ConnectorHandshake
+    ) -> tuple[Step, Step]:
         [challenge] = listener.start()
         self.assertEqual(challenge.payload["identity"], LISTENER_ID)
         c1 = connector.receive(over_the_wire(challenge))
@@ -750,8 +855,7 @@ class KeyByIdentityTests(HandshakeTestBase):
         self.ks.save_key(CONNECTOR_ID, PSK)
         auth, (looked_up, chosen) = self.by_identity({LISTENER_ID: PSK, "other-1": OTHER_PSK})
         l_step, c_step = self.run_tls(self.tls_listener(), self.tls_connector(auth))
-        self.assertEqual(l_step.done, Authenticated(CONNECTOR_ID, PSK, MUTUAL, "stored",
-                                                    "tls1.3"))
+        self.assertEqual(l_step.done, Authenticated(CONNECTOR_ID, PSK, MUTUAL, "stored", "tls1.3"))
         assert c_step.done is not None
         self.assertEqual((c_step.done.peer_id, c_step.done.transport), (LISTENER_ID, "tls1.3"))
         # One lookup, of the announced identity; no other key was tried.
@@ -770,12 +874,17 @@ class KeyByIdentityTests(HandshakeTestBase):
 
     def test_invalid_announced_identity_refused(self) -> None:
         auth, (looked_up, _) = self.by_identity({})
-        challenge = Envelope("msg_1_0", codec.CHALLENGE, "", 1,
-                             {"nonce": "ab" * 32, "caps": ["mutual-v1", "tls-v1"],
-                              "identity": "../../etc/passwd"})
+        challenge = Envelope(
+            "msg_1_0",
+            codec.CHALLENGE,
+            "",
+            1,
+            {"nonce": "ab" * 32, "caps": ["mutual-v1", "tls-v1"], "identity": "../../etc/passwd"},
+        )
         step = self.tls_connector(auth).receive(over_the_wire(challenge))
-        self.assertEqual((step.send, step.failed),
-                         ([], "the listener announced an invalid identity"))
+        self.assertEqual(
+            (step.send, step.failed), ([], "the listener announced an invalid identity")
+        )
         self.assertEqual(looked_up, [])
 
     def test_listener_cannot_switch_identity_after_announcing(self) -> None:
@@ -783,15 +892,20 @@ class KeyByIdentityTests(HandshakeTestBase):
         # (and the proofs bind that identity too).
         auth, _ = self.by_identity({LISTENER_ID: PSK})
         connector = self.tls_connector(auth)
-        challenge = Envelope("msg_1_0", codec.CHALLENGE, "", 1,
-                             {"nonce": "ab" * 32, "caps": ["mutual-v1", "tls-v1"],
-                              "identity": LISTENER_ID})
+        challenge = Envelope(
+            "msg_1_0",
+            codec.CHALLENGE,
+            "",
+            1,
+            {"nonce": "ab" * 32, "caps": ["mutual-v1", "tls-v1"], "identity": LISTENER_ID},
+        )
         first = connector.receive(over_the_wire(challenge))
         self.assertIsNone(first.failed)
         self.assertTrue(first.start_tls)
         self.assertFalse(connector.tls_established(self.EXPORTER).failed)
-        ack = Envelope("msg_1_1", codec.HANDSHAKE_ACK, "someone-else", 1,
-                       {"status": "ok", "sproof": "00" * 32})
+        ack = Envelope(
+            "msg_1_1", codec.HANDSHAKE_ACK, "someone-else", 1, {"status": "ok", "sproof": "00" * 32}
+        )
         step = connector.receive(over_the_wire(ack))
         assert step.failed is not None
         self.assertIn("mismatch", step.failed)
@@ -807,18 +921,23 @@ class KeyByIdentityTests(HandshakeTestBase):
         self.assertEqual(chosen, [(LISTENER_ID, "fallback")])
 
     def test_claudectl_listener_without_fallback_fails_clearly(self) -> None:
-        auth, _ = self.by_identity({LISTENER_ID: PSK},
-                                   fallback="no paired peer was seen there")
+        auth, _ = self.by_identity({LISTENER_ID: PSK}, fallback="no paired peer was seen there")
         [challenge] = self.listener().start()
         step = self.connector(auth).receive(over_the_wire(challenge))
         self.assertEqual((step.send, step.failed), ([], "no paired peer was seen there"))
 
     def test_identity_ignored_without_tls(self) -> None:
         # Over plaintext the announcement picks no key: the fallback does.
-        auth, (looked_up, chosen) = self.by_identity({"liar-1": OTHER_PSK},
-                                                     fallback=(LISTENER_ID, PSK))
-        challenge = Envelope("msg_1_0", codec.CHALLENGE, "", 1,
-                             {"nonce": "ab" * 32, "caps": ["mutual-v1"], "identity": "liar-1"})
+        auth, (looked_up, chosen) = self.by_identity(
+            {"liar-1": OTHER_PSK}, fallback=(LISTENER_ID, PSK)
+        )
+        challenge = Envelope(
+            "msg_1_0",
+            codec.CHALLENGE,
+            "",
+            1,
+            {"nonce": "ab" * 32, "caps": ["mutual-v1"], "identity": "liar-1"},
+        )
         step = self.connector(auth).receive(over_the_wire(challenge))
         self.assertIsNone(step.failed)
         self.assertEqual((looked_up, chosen), ([], [(LISTENER_ID, "fallback")]))
@@ -833,8 +952,12 @@ class KeyByIdentityTests(HandshakeTestBase):
 
 
 class RobustnessTests(HandshakeTestBase):
-    @given(st.sampled_from(codec.MSG_TYPES), st.text(max_size=12), handshake_payloads,
-           handshake_payloads)
+    @given(
+        st.sampled_from(codec.MSG_TYPES),
+        st.text(max_size=12),
+        handshake_payloads,
+        handshake_payloads,
+    )
     def test_listener_never_raises(self, msg_type, peer, payload1, payload2) -> None:
         lis = self.listener(pake=FakeResponder(b"n" * 32))
         lis.start()
@@ -844,8 +967,12 @@ class RobustnessTests(HandshakeTestBase):
             for env in step.send:
                 encode(env)
 
-    @given(handshake_payloads, st.sampled_from(codec.MSG_TYPES), st.text(max_size=12),
-           handshake_payloads)
+    @given(
+        handshake_payloads,
+        st.sampled_from(codec.MSG_TYPES),
+        st.text(max_size=12),
+        handshake_payloads,
+    )
     def test_connector_never_raises(self, challenge, msg_type, remote, ack) -> None:
         for auth in (KeyAuth(PSK), PakeAuth(FakeInitiator([PSK]))):
             con = self.connector(auth)
@@ -855,15 +982,23 @@ class RobustnessTests(HandshakeTestBase):
             step = con.receive(Envelope("m", msg_type, remote, 0, ack))
             self.assertIsInstance(step, Step)
 
-    @given(st.dictionaries(st.sampled_from(["nonce", "caps", "identity", "x"]),
-                           json_values | st.just(["tls-v1"]) | st.just("ab" * 32)
-                           | st.just(LISTENER_ID), max_size=4),
-           st.sampled_from(codec.MSG_TYPES), st.text(max_size=12), handshake_payloads)
+    @given(
+        st.dictionaries(
+            st.sampled_from(["nonce", "caps", "identity", "x"]),
+            json_values | st.just(["tls-v1"]) | st.just("ab" * 32) | st.just(LISTENER_ID),
+            max_size=4,
+        ),
+        st.sampled_from(codec.MSG_TYPES),
+        st.text(max_size=12),
+        handshake_payloads,
+    )
     def test_key_by_identity_never_raises(self, challenge, msg_type, remote, ack) -> None:
-        auth = KeyByIdentity(lambda p: PSK if p == LISTENER_ID else None,
-                             lambda: (LISTENER_ID, PSK))
-        con = ConnectorHandshake(self.wire.factory(CONNECTOR_ID), auth,
-                                 random=counter_random(), policy=Policy(tls=True))
+        auth = KeyByIdentity(
+            lambda p: PSK if p == LISTENER_ID else None, lambda: (LISTENER_ID, PSK)
+        )
+        con = ConnectorHandshake(
+            self.wire.factory(CONNECTOR_ID), auth, random=counter_random(), policy=Policy(tls=True)
+        )
         step = con.receive(Envelope("m", codec.CHALLENGE, "", 0, challenge))
         for env in step.send:
             encode(env)
@@ -879,6 +1014,7 @@ class RobustnessTests(HandshakeTestBase):
             return
         lis = self.listener()
         lis.start()
-        bad = good[:i] + c + good[i + 1:]
-        self.assert_denied(lis.receive(self.claudectl_handshake(lis.nonce, proof_text=bad)),
-                           "wrong proof")
+        bad = good[:i] + c + good[i + 1 :]
+        self.assert_denied(
+            lis.receive(self.claudectl_handshake(lis.nonce, proof_text=bad)), "wrong proof"
+        )

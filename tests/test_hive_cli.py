@@ -43,8 +43,11 @@ class HiveCliTests(SynchronousTestCase):
         return out
 
     def test_distill_then_list_filter_and_status(self) -> None:
-        write_log(self.home, [decision(i) for i in range(10)]
-                  + [decision(20 + i, tool="Read", command="/x/a.rs") for i in range(5)])
+        write_log(
+            self.home,
+            [decision(i) for i in range(10)]
+            + [decision(20 + i, tool="Read", command="/x/a.rs") for i in range(5)],
+        )
         self.assertIn("Distilled 15 decision(s): 3 new", self.ok("hive", "distill"))
         table = self.ok("hive", "knowledge")
         # The table says what the percentage is (issue 12 item 14: not `deny (0%)`).
@@ -54,13 +57,16 @@ class HiveCliTests(SynchronousTestCase):
         self.assertEqual(len(units), 3)
         self.assertEqual(list(units[0])[:4], ["id", "scope", "category", "content"])
         self.assertEqual(json.loads(self.ok("--json", "hive", "knowledge", "--from", "nobody")), [])
-        self.assertEqual(len(json.loads(self.ok("hive", "knowledge", "--json", "--from",
-                                                self.me[:4]))), 3)
-        self.assertEqual(json.loads(self.ok("hive", "knowledge", "--json", "--scope",
-                                            "project:x")), [])
+        self.assertEqual(
+            len(json.loads(self.ok("hive", "knowledge", "--json", "--from", self.me[:4]))), 3
+        )
+        self.assertEqual(
+            json.loads(self.ok("hive", "knowledge", "--json", "--scope", "project:x")), []
+        )
         status = json.loads(self.ok("hive", "status", "--json"))
-        self.assertEqual((status["units"], status["local_units"], status["identity"]),
-                         (3, 3, self.me))
+        self.assertEqual(
+            (status["units"], status["local_units"], status["identity"]), (3, 3, self.me)
+        )
         self.assertIn("Knowledge:   3 units", self.ok("hive", "status"))
         self.assertIn("Curriculum v2", self.ok("hive", "distill"))
         self.assertIn("LESSON", self.ok("hive", "curriculum"))
@@ -77,8 +83,11 @@ class HiveCliTests(SynchronousTestCase):
         self.assertIn("Imported 2 new knowledge units.", out)
         prompt = run(other, "hive", "prompt")[1]
         self.assertTrue(prompt.startswith("## Hive Knowledge (1 peers, 2 units)"))
-        self.assertIn(f"- [hive, suggested] [Bash, cargo test] approve (100%) \u2014 10 "
-                      f"decisions from {self.me}", prompt)
+        self.assertIn(
+            f"- [hive, suggested] [Bash, cargo test] approve (100%) \u2014 10 "
+            f"decisions from {self.me}",
+            prompt,
+        )
         self.assertIn("set to 0.90 (Confirmed)", run(other, "hive", "trust", self.me, "0.9")[1])
         self.assertIn("- [hive] [Bash, cargo test]", run(other, "hive", "prompt")[1])
         self.assertIn("(Ignored)", run(other, "hive", "trust", self.me, "0.1")[1])
@@ -125,6 +134,7 @@ class HiveCliTests(SynchronousTestCase):
         self.assertIn("no record yet", self.ok("hive", "trust", "p"))
         self.ok("hive", "trust", "p", "0.6")
         from claudectl.hive.trust import trust_transaction
+
         with trust_transaction(self.home) as book:
             book.records["p"].freeze("test", 1)
         self.assertIn("frozen: test", self.ok("hive", "trust", "p"))
@@ -159,11 +169,22 @@ class HiveCliTests(SynchronousTestCase):
         self.assertIn("Distilled 0 decision(s)", out)
         self.assertIn(f"No decision log yet ({self.home.brain / 'decisions.jsonl'})", out)
         self.assertIn('claudectl hive record --tool Bash --command "cargo test" --count 10', out)
-        out = self.ok("hive", "record", "--tool", "Bash", "--command", "cargo test",
-                      "--count", "10")
+        out = self.ok(
+            "hive", "record", "--tool", "Bash", "--command", "cargo test", "--count", "10"
+        )
         self.assertIn("Recorded 10 decision(s)", out)
-        self.ok("hive", "record", "--tool", "Bash", "--command", "rm -rf build", "--user",
-                "reject", "--count", "6")
+        self.ok(
+            "hive",
+            "record",
+            "--tool",
+            "Bash",
+            "--command",
+            "rm -rf build",
+            "--user",
+            "reject",
+            "--count",
+            "6",
+        )
         path = self.home.brain / "decisions.jsonl"
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         records = [json.loads(ln) for ln in path.read_text().splitlines()]
@@ -172,12 +193,24 @@ class HiveCliTests(SynchronousTestCase):
         first = records[0]
         self.assertIsInstance(first["ts"], str)
         self.assertRegex(first["decision_id"], r"^dec_\d+_\d+_0$")
-        for key in ("pid", "project", "tool", "command", "brain_action", "brain_confidence",
-                    "brain_reasoning", "user_action", "decision_type", "suggested_at",
-                    "resolved_at", "decision_id"):
+        for key in (
+            "pid",
+            "project",
+            "tool",
+            "command",
+            "brain_action",
+            "brain_confidence",
+            "brain_reasoning",
+            "user_action",
+            "decision_type",
+            "suggested_at",
+            "resolved_at",
+            "decision_id",
+        ):
             self.assertIn(key, first)
-        self.assertEqual((records[-1]["user_action"], records[-1]["brain_action"]),
-                         ("reject", "deny"))
+        self.assertEqual(
+            (records[-1]["user_action"], records[-1]["brain_action"]), ("reject", "deny")
+        )
         out = self.ok("hive", "distill")
         self.assertIn("Distilled 16 decision(s): 3 new", out)
         self.assertNotIn("No decision log yet", out)
@@ -197,8 +230,18 @@ class HiveCliTests(SynchronousTestCase):
 
     def test_help_lists_commands(self) -> None:
         out = self.ok("hive", "--help")
-        for cmd in ("status", "knowledge", "export", "import", "forget", "trust", "archive",
-                    "distill", "curriculum", "prompt"):
+        for cmd in (
+            "status",
+            "knowledge",
+            "export",
+            "import",
+            "forget",
+            "trust",
+            "archive",
+            "distill",
+            "curriculum",
+            "prompt",
+        ):
             self.assertIn(cmd, out)
 
 
@@ -207,8 +250,18 @@ class SubprocessTests(SynchronousTestCase):
         home = temp_home(self)
         write_log(home, [decision(i) for i in range(10)])
         env = subprocess_env(home)
-        subprocess.run([sys.executable, "-m", "claudectl", "hive", "distill"], env=env,
-                       check=True, capture_output=True, timeout=60)
-        out = subprocess.run([sys.executable, "-m", "claudectl", "--json", "hive", "export"],
-                             env=env, check=True, capture_output=True, timeout=60).stdout
+        subprocess.run(
+            [sys.executable, "-m", "claudectl", "hive", "distill"],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        out = subprocess.run(
+            [sys.executable, "-m", "claudectl", "--json", "hive", "export"],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        ).stdout
         self.assertEqual(len(json.loads(out)), 2)

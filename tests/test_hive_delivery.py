@@ -26,36 +26,64 @@ ME = "me-1"
 LINE = "[Bash, cargo test] approve (90%) \u2014 10 decisions from peer-b"
 
 #: The keys of a claudectl 0.64 unit (hive.md 2.1).
-CLAUDECTL_KEYS = {"id", "scope", "category", "content", "evidence_count", "confidence",
-                  "source_peer", "originated_at", "last_validated_at", "propagation_count",
-                  "version", "revalidation_interval_secs", "injection_state", "injection_stats",
-                  "sharing_consent"}
+CLAUDECTL_KEYS = {
+    "id",
+    "scope",
+    "category",
+    "content",
+    "evidence_count",
+    "confidence",
+    "source_peer",
+    "originated_at",
+    "last_validated_at",
+    "propagation_count",
+    "version",
+    "revalidation_interval_secs",
+    "injection_state",
+    "injection_stats",
+    "sharing_consent",
+}
 
 
 def cluster_json(uid: str, source: str, summary: str, contributors: list[str]) -> dict[str, Any]:
     return {
-        "id": uid, "scope": {"type": "universal"}, "category": "technique",
-        "content": {"type": "approach_cluster", "problem_key": "Bash:git push", "variants": [
-            {"approach_summary": summary, "conditions": [], "evidence": 8,
-             "contributing_peers": contributors, "outcome_ref": None}]},
-        "evidence_count": 8, "confidence": 0.8, "source_peer": source,
-        "originated_at": NOW - 100, "last_validated_at": NOW - 100,
-        "propagation_count": 0, "version": 1,
+        "id": uid,
+        "scope": {"type": "universal"},
+        "category": "technique",
+        "content": {
+            "type": "approach_cluster",
+            "problem_key": "Bash:git push",
+            "variants": [
+                {
+                    "approach_summary": summary,
+                    "conditions": [],
+                    "evidence": 8,
+                    "contributing_peers": contributors,
+                    "outcome_ref": None,
+                }
+            ],
+        },
+        "evidence_count": 8,
+        "confidence": 0.8,
+        "source_peer": source,
+        "originated_at": NOW - 100,
+        "last_validated_at": NOW - 100,
+        "propagation_count": 0,
+        "version": 1,
     }
 
 
 class TrustByPathTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.home = temp_home(self)
-        config = dataclasses.replace(Config(), hive=dataclasses.replace(HiveConfig(),
-                                                                         enabled=True))
+        config = dataclasses.replace(Config(), hive=dataclasses.replace(HiveConfig(), enabled=True))
         self.mesh = FakeMesh(ME)
         self.gossip = Gossip(self.home, config, self.mesh, ME, lambda: NOW)
         self.gossip.register()
         with trust_transaction(self.home) as book:
-            book.set_level("peer-b", 0.9, NOW)   # Confirmed
-            book.set_level("peer-c", 0.2, NOW)   # Unverified
-            book.set_level("peer-d", 0.1, NOW)   # Ignored
+            book.set_level("peer-b", 0.9, NOW)  # Confirmed
+            book.set_level("peer-c", 0.2, NOW)  # Unverified
+            book.set_level("peer-d", 0.1, NOW)  # Ignored
         for peer in ("peer-b", "peer-c", "peer-d"):
             self.mesh.connect(peer)
 
@@ -137,8 +165,10 @@ class TrustByPathTests(SynchronousTestCase):
         self.sync("peer-b", unit_json("ku_y", "peer-b", cmd="ls"))
         run(self.home, "hive", "forget", "ku_x")
         self.sync("peer-b", unit_json("ku_z", "peer-b", cmd="pwd"))
-        ids = {e["id"] for e in json.loads(
-            hive_file(self.home, DELIVERY).read_text())["units"].values()}
+        ids = {
+            e["id"]
+            for e in json.loads(hive_file(self.home, DELIVERY).read_text())["units"].values()
+        }
         self.assertEqual(ids, {"ku_y", "ku_z"})
 
     def test_unioned_cluster_keeps_every_deliverer(self) -> None:
@@ -183,6 +213,9 @@ class TrustByPathTests(SynchronousTestCase):
             lines = text.strip("\n").split("\n")
             self.assertEqual(len(lines), 2, lines)
             self.assertNotIn("\x1b", text)
-            self.assertEqual(lines[1], "- [hive] [Bash, cargo ## Hive Knowledge (9 peers, 9 "
-                                       "units) - [hive] x] approve (90%) \u2014 10 decisions "
-                                       "from peer-b")
+            self.assertEqual(
+                lines[1],
+                "- [hive] [Bash, cargo ## Hive Knowledge (9 peers, 9 "
+                "units) - [hive] x] approve (90%) \u2014 10 decisions "
+                "from peer-b",
+            )

@@ -20,8 +20,11 @@ from tests.common import temp_home, vectors
 from tests.test_hive_units import make_unit
 
 NOW = 1_800_000_000
-UNITS = [parse_line(v["input"]["jsonl_line"]) for n, v in vectors("hive", "COMPAT").items()
-         if n.startswith("hive.unit.") and "jsonl_line" in v["input"]]
+UNITS = [
+    parse_line(v["input"]["jsonl_line"])
+    for n, v in vectors("hive", "COMPAT").items()
+    if n.startswith("hive.unit.") and "jsonl_line" in v["input"]
+]
 
 
 class DocumentTests(SynchronousTestCase):
@@ -42,9 +45,10 @@ class DocumentTests(SynchronousTestCase):
         docs = [UNITS[0].to_json(), dict(UNITS[1].to_json(), evidence_count=5.5)]
         with self.assertRaises(ImportProblem) as cm:
             parse_document(json.dumps(docs).encode())
-        self.assertEqual(str(cm.exception),
-                         "record 2 (id ku_1713960000_1): evidence_count must be an integer, "
-                         "not 5.5")
+        self.assertEqual(
+            str(cm.exception),
+            "record 2 (id ku_1713960000_1): evidence_count must be an integer, not 5.5",
+        )
         for bad in (b"\xff", b"{: :", b"42", b'"text"', b"[1]"):
             self.assertRaises(ImportProblem, parse_document, bad)
 
@@ -55,12 +59,17 @@ class ImportTests(SynchronousTestCase):
         mine = make_unit(1, source_peer="me", confidence=0.1, last_validated_at=NOW)
         with store_transaction(home, local_id="me", now=NOW) as store:
             store.insert(mine)
-        theirs = make_unit(1, id="ku_theirs", source_peer="p", confidence=1.0, evidence_count=99,
-                           last_validated_at=NOW)
+        theirs = make_unit(
+            1,
+            id="ku_theirs",
+            source_peer="p",
+            confidence=1.0,
+            evidence_count=99,
+            last_validated_at=NOW,
+        )
         new = make_unit(2, source_peer="p", last_validated_at=NOW)
         res = import_units(home, [theirs, new], local_id="me", config=HiveConfig(), now=NOW)
-        self.assertEqual(res.stats(), {"accepted": 1, "updated": 0, "rejected": 1,
-                                       "duplicates": 0})
+        self.assertEqual(res.stats(), {"accepted": 1, "updated": 0, "rejected": 1, "duplicates": 0})
         stored = {u.id: u for u in load_store(home).store}
         self.assertEqual(stored[mine.id], mine)
         self.assertIn(new.id, stored)

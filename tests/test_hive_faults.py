@@ -25,20 +25,26 @@ from tests.test_gossip import NOW, ack_all, put, stored, unit_json
 from tests.test_hive_cli import run
 
 
-def make(testcase: Any, home: Any = None, clock: Clock | None = None,
-         **hive: Any) -> tuple[Any, FakeMesh, Gossip]:
+def make(
+    testcase: Any, home: Any = None, clock: Clock | None = None, **hive: Any
+) -> tuple[Any, FakeMesh, Gossip]:
     home = home or temp_home(testcase)
     config = dataclasses.replace(Config(), hive=dataclasses.replace(HiveConfig(), **hive))
     mesh = FakeMesh("me-1")
-    g = Gossip(home, config, mesh, "me-1", clock.seconds if clock else (lambda: NOW),
-               clock.callLater if clock else None)
+    g = Gossip(
+        home,
+        config,
+        mesh,
+        "me-1",
+        clock.seconds if clock else (lambda: NOW),
+        clock.callLater if clock else None,
+    )
     g.register()
     return home, mesh, g
 
 
 def sent_ids(mesh: FakeMesh, peer: str, msg_type: str = "knowledge_sync") -> list[str]:
-    return [u["id"] for (to, t, p) in mesh.sent if to == peer and t == msg_type
-            for u in p["units"]]
+    return [u["id"] for (to, t, p) in mesh.sent if to == peer and t == msg_type for u in p["units"]]
 
 
 class SnapshotBudgetTests(SynchronousTestCase):
@@ -53,8 +59,9 @@ class SnapshotBudgetTests(SynchronousTestCase):
             for n in range(1, 200):
                 if "evil" not in mesh.peers:
                     break
-                mesh.deliver("evil", "knowledge_snapshot",
-                             {"page": n, "total_pages": 10**9, "units": junk})
+                mesh.deliver(
+                    "evil", "knowledge_snapshot", {"page": n, "total_pages": 10**9, "units": junk}
+                )
                 peak = max(peak, g.buffered_bytes("evil"))
         # Bounded in bytes: never much more than the flush threshold plus one page.
         self.assertLessEqual(peak, G.SNAPSHOT_FLUSH_BYTES + 1_100_000)
@@ -75,8 +82,11 @@ class SnapshotBudgetTests(SynchronousTestCase):
             for n in range(1, 100):
                 if "evil" not in mesh.peers:
                     break
-                mesh.deliver("evil", "knowledge_snapshot",
-                             {"page": n, "total_pages": 10**9, "units": entries})
+                mesh.deliver(
+                    "evil",
+                    "knowledge_snapshot",
+                    {"page": n, "total_pages": 10**9, "units": entries},
+                )
                 # The buffer is charged per entry: it never holds more than
                 # the flush threshold's worth of entries plus one page.
                 self.assertLessEqual(len(g._pages.get("evil", [])), 2 * len(entries))
@@ -92,19 +102,25 @@ class SnapshotBudgetTests(SynchronousTestCase):
         for n in range(1, pages):
             if "evil" not in mesh.peers:
                 break
-            mesh.deliver("evil", "knowledge_snapshot",
-                         {"page": n, "total_pages": 10**9, "units": []})
+            mesh.deliver(
+                "evil", "knowledge_snapshot", {"page": n, "total_pages": 10**9, "units": []}
+            )
         self.assertEqual(mesh.closed, [("evil", "snapshot budget exceeded")])
 
     def test_a_big_honest_snapshot_is_merged_in_parts(self) -> None:
         home, mesh, g = make(self, max_units=0, max_units_per_peer_per_day=100_000)
         mesh.connect("p")
-        units = [unit_json(f"ku_{i}", "p", cmd=f"some command number {i} " + "y" * 400)
-                 for i in range(12_000)]
+        units = [
+            unit_json(f"ku_{i}", "p", cmd=f"some command number {i} " + "y" * 400)
+            for i in range(12_000)
+        ]
         pages = G._paginate(G._encode_all([KnowledgeUnit.from_json(u) for u in units]))
         for n, page in enumerate(pages, 1):
-            mesh.deliver("p", "knowledge_snapshot", {"page": n, "total_pages": len(pages),
-                                                     "units": [j for _, j, _ in page]})
+            mesh.deliver(
+                "p",
+                "knowledge_snapshot",
+                {"page": n, "total_pages": len(pages), "units": [j for _, j, _ in page]},
+            )
             self.assertLessEqual(g.buffered_bytes("p"), G.SNAPSHOT_FLUSH_BYTES + 600_000)
         self.assertEqual(mesh.closed, [])
         self.assertEqual(len(stored(home)), 12_000)
@@ -207,16 +223,25 @@ class DeliveryTests(SynchronousTestCase):
         self.assertTrue(ack[1]["ack_id"].startswith("msg_"))
         # A claudectl peer never gets an ack (it would only log it).
         mesh.sent.clear()
-        mesh.deliver("old", "knowledge_sync", {"sync_epoch": NOW, "units": [
-            unit_json("ku_b", "old", cmd="b")]})
+        mesh.deliver(
+            "old",
+            "knowledge_sync",
+            {"sync_epoch": NOW, "units": [unit_json("ku_b", "old", cmd="b")]},
+        )
         self.assertEqual([t for (_, t, _) in mesh.sent if t == "ack"], [])
 
     def test_a_hostile_ack_marks_only_what_was_in_flight(self) -> None:
         home, mesh, g = make(self)
         put(home, "me-1", unit_json("ku_1", "me-1"))
         mesh.connect("p")
-        mesh.deliver("p", "ack", {"ack_id": "m", "knowledge": [
-            ["ku_1", 2], ["ku_fake", 1], "junk", [1, 2], ["ku_x", True]]})
+        mesh.deliver(
+            "p",
+            "ack",
+            {
+                "ack_id": "m",
+                "knowledge": [["ku_1", 2], ["ku_fake", 1], "junk", [1, 2], ["ku_x", True]],
+            },
+        )
         self.assertEqual(g.state.peer("p").sent, {})
 
     def test_claudectl_client_gets_nothing_its_serve_gets_everything(self) -> None:
@@ -263,8 +288,14 @@ class LogBoundTests(SynchronousTestCase):
         put(home, "me-1", unit_json("ku_local", "me-1", confidence=0.6, evidence=5))
         mesh.connect("evil")
         for n in range(300):  # every unit loses to the local one: one record each
-            mesh.deliver("evil", "knowledge_sync", {"sync_epoch": NOW, "units": [
-                unit_json(f"ku_{n}", "evil", confidence=0.99, evidence=100)]})
+            mesh.deliver(
+                "evil",
+                "knowledge_sync",
+                {
+                    "sync_epoch": NOW,
+                    "units": [unit_json(f"ku_{n}", "evil", confidence=0.99, evidence=100)],
+                },
+            )
         for name in ("conflicts.jsonl", "resolutions.jsonl"):
             path = home.hive / name
             old = home.hive / (name + ".1")
@@ -295,10 +326,15 @@ class PeerLogRateTests(SynchronousTestCase):
                 mesh.deliver("evil", "knowledge_sync", {"sync_epoch": NOW, "units": [[]]})
                 mesh.deliver("evil", "knowledge_sync", {"sync_epoch": NOW, "units": "x"})
             mesh.deliver("good", "knowledge_sync", {"sync_epoch": NOW, "units": [[]]})
-        bad = [e for e in events if e.get("log_format", "").startswith("rejected ")
-               or "without a units list" in e.get("log_format", "")]
-        self.assertEqual(len([e for e in bad if e.get("peer_id") == "evil"]),
-                         G.PEER_WARNINGS_PER_MINUTE)
+        bad = [
+            e
+            for e in events
+            if e.get("log_format", "").startswith("rejected ")
+            or "without a units list" in e.get("log_format", "")
+        ]
+        self.assertEqual(
+            len([e for e in bad if e.get("peer_id") == "evil"]), G.PEER_WARNINGS_PER_MINUTE
+        )
         self.assertEqual(len([e for e in bad if e.get("peer_id") == "good"]), 1)
         self.assertEqual(g.counters["bad_units"], 201)  # still counted
 
@@ -313,22 +349,46 @@ class EngineFuzzTests(SynchronousTestCase):
         from claudectl.relay.codec import Envelope
 
         json_values = st.recursive(
-            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False,
-                                                                  allow_infinity=False)
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats(allow_nan=False, allow_infinity=False)
             | st.text(max_size=20),
-            lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
-                st.text(max_size=10), inner, max_size=5),
-            max_leaves=30)
-        unitish = st.fixed_dictionaries({}, optional={
-            k: json_values for k in ("id", "version", "source_peer", "content", "scope",
-                                     "confidence", "evidence_count", "category")})
+            lambda inner: (
+                st.lists(inner, max_size=5)
+                | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+            ),
+            max_leaves=30,
+        )
+        unitish = st.fixed_dictionaries(
+            {},
+            optional={
+                k: json_values
+                for k in (
+                    "id",
+                    "version",
+                    "source_peer",
+                    "content",
+                    "scope",
+                    "confidence",
+                    "evidence_count",
+                    "category",
+                )
+            },
+        )
         payloads = st.one_of(
             json_values,
-            st.fixed_dictionaries({"units": st.lists(unitish | json_values, max_size=8)},
-                                  optional={"page": json_values, "total_pages": json_values,
-                                            "sync_epoch": json_values}),
+            st.fixed_dictionaries(
+                {"units": st.lists(unitish | json_values, max_size=8)},
+                optional={
+                    "page": json_values,
+                    "total_pages": json_values,
+                    "sync_epoch": json_values,
+                },
+            ),
             st.fixed_dictionaries({}, optional={"since_epoch": json_values}),
-            st.fixed_dictionaries({"ack_id": json_values, "knowledge": json_values}))
+            st.fixed_dictionaries({"ack_id": json_values, "knowledge": json_values}),
+        )
         home, mesh, g = make(self)
         put(home, "me-1", unit_json("ku_1", "me-1"))
         mesh.connect("p")

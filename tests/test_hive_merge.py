@@ -36,9 +36,14 @@ def unit_from(spec: dict, key_cmd: str = "test", tool: str = "Bash") -> Knowledg
         conf, evidence = spec["score"] / 5, 5
     else:
         conf, evidence = spec["confidence"], spec["evidence_count"]
-    return make_unit(id=spec["id"], source_peer=spec["source_peer"], confidence=conf,
-                     evidence_count=evidence, version=spec.get("version", 1),
-                     content=Pattern(tool, key_cmd, "approve", 0.9, 5, ()))
+    return make_unit(
+        id=spec["id"],
+        source_peer=spec["source_peer"],
+        confidence=conf,
+        evidence_count=evidence,
+        version=spec.get("version", 1),
+        content=Pattern(tool, key_cmd, "approve", 0.9, 5, ()),
+    )
 
 
 class MergeVectorTests(SynchronousTestCase):
@@ -81,12 +86,25 @@ class MergeVectorTests(SynchronousTestCase):
         v = vector("hive.merge.batch_stats")
         inp = v["input"]
         store = KnowledgeStore(
-            make_unit(id=f"ku_l{i}", content=Pattern(s["tool"], None, "approve", 0.9, 5, ()),
-                      confidence=s["confidence"], evidence_count=s["evidence_count"],
-                      source_peer=s["source_peer"]) for i, s in enumerate(inp["store"]))
-        incoming = [make_unit(id=f"ku_p{i}", content=Pattern(s["tool"], None, "approve", 0.9, 5, ()),
-                              confidence=s["confidence"], evidence_count=s["evidence_count"],
-                              source_peer="peer-a") for i, s in enumerate(inp["incoming_from_peer"])]
+            make_unit(
+                id=f"ku_l{i}",
+                content=Pattern(s["tool"], None, "approve", 0.9, 5, ()),
+                confidence=s["confidence"],
+                evidence_count=s["evidence_count"],
+                source_peer=s["source_peer"],
+            )
+            for i, s in enumerate(inp["store"])
+        )
+        incoming = [
+            make_unit(
+                id=f"ku_p{i}",
+                content=Pattern(s["tool"], None, "approve", 0.9, 5, ()),
+                confidence=s["confidence"],
+                evidence_count=s["evidence_count"],
+                source_peer="peer-a",
+            )
+            for i, s in enumerate(inp["incoming_from_peer"])
+        ]
         result = merge_batch(store, incoming, inp["local_identity"], NOW)
         self.assertEqual(result.stats(), v["expected"])
         self.assertEqual(len(result.stored), 2)
@@ -97,8 +115,13 @@ class MergeVectorTests(SynchronousTestCase):
         inp, exp = v["input"], v["expected"]
 
         def cluster(uid: str, peer: str, variants: list) -> KnowledgeUnit:
-            return make_unit(id=uid, source_peer=peer, content=ApproachCluster(
-                "Bash:git push", tuple(ApproachVariant.from_json(x) for x in variants)))
+            return make_unit(
+                id=uid,
+                source_peer=peer,
+                content=ApproachCluster(
+                    "Bash:git push", tuple(ApproachVariant.from_json(x) for x in variants)
+                ),
+            )
 
         ex = cluster("ku_a", "peer-a", inp["existing_variants"])
         inc = cluster("ku_b", "peer-b", inp["incoming_variants"])
@@ -107,15 +130,19 @@ class MergeVectorTests(SynchronousTestCase):
         merged = out.store
         assert merged is not None and isinstance(merged.content, ApproachCluster)
         self.assertEqual(len(merged.content.variants), exp["variant_count"])
-        approve = [x for x in merged.content.variants if x.approach_summary.startswith("approve")][0]
+        approve = [x for x in merged.content.variants if x.approach_summary.startswith("approve")][
+            0
+        ]
         self.assertEqual(approve.evidence, exp["approve_evidence"])
         self.assertEqual(list(approve.contributing_peers), exp["approve_contributing_peers"])
         self.assertEqual(merged.id, "ku_a")
         self.assertEqual(merged.evidence_count, 17)
         self.assertEqual(merged.version, 2)
         self.assertEqual(merged.content.variants[0].evidence, 12)  # sorted by evidence
-        self.assertEqual(out.resolution["rationale"],  # type: ignore[index]
-                         "cluster union: 1 + 2 \u2192 2 variants")
+        self.assertEqual(
+            out.resolution["rationale"],  # type: ignore[index]
+            "cluster union: 1 + 2 \u2192 2 variants",
+        )
 
 
 class MergeLogVectorTests(SynchronousTestCase):
@@ -135,14 +162,22 @@ class MergeLogVectorTests(SynchronousTestCase):
         v = vector(name)
         inp, exp = v["input"], v["expected"]
         tool = inp["semantic_key"].split(":")[1]
-        ex = make_unit(id=inp["existing"]["id"], source_peer=inp["existing"]["source_peer"],
-                       confidence=inp["existing"]["score"] / 5, evidence_count=5,
-                       version=inp["existing"].get("version", 1),
-                       content=Pattern(tool, None, "approve", 0.9, 5, ()))
-        inc = make_unit(id=inp["incoming"]["id"], source_peer=inp["incoming"]["source_peer"],
-                        confidence=inp["incoming"]["score"] / 5, evidence_count=5,
-                        version=inp["incoming"].get("version", 1),
-                        content=Pattern(tool, None, "approve", 0.9, 5, ()))
+        ex = make_unit(
+            id=inp["existing"]["id"],
+            source_peer=inp["existing"]["source_peer"],
+            confidence=inp["existing"]["score"] / 5,
+            evidence_count=5,
+            version=inp["existing"].get("version", 1),
+            content=Pattern(tool, None, "approve", 0.9, 5, ()),
+        )
+        inc = make_unit(
+            id=inp["incoming"]["id"],
+            source_peer=inp["incoming"]["source_peer"],
+            confidence=inp["incoming"]["score"] / 5,
+            evidence_count=5,
+            version=inp["incoming"].get("version", 1),
+            content=Pattern(tool, None, "approve", 0.9, 5, ()),
+        )
         out = merge_unit(ex, inc, "me", inp["now"])
         self.assertEqual(out.result, exp["result"])
         self.assertEqual(dumps_record(out.resolution), exp["resolutions_jsonl_line"])  # type: ignore[arg-type]
@@ -156,8 +191,9 @@ class MergeLogVectorTests(SynchronousTestCase):
     def test_logs_are_appended(self) -> None:
         home = temp_home(self)
         store = KnowledgeStore([make_unit(1, source_peer="me")])
-        result = merge_batch(store, [make_unit(1, id="ku_x", source_peer="p", confidence=1.0)],
-                             "me", NOW)
+        result = merge_batch(
+            store, [make_unit(1, id="ku_x", source_peer="p", confidence=1.0)], "me", NOW
+        )
         write_merge_logs(home, result)
         write_merge_logs(home, result)
         self.assertEqual(len((home.hive / "conflicts.jsonl").read_text().splitlines()), 2)
@@ -168,8 +204,7 @@ class MergeRuleTests(SynchronousTestCase):
     def test_unit_claiming_local_identity_is_rejected_from_peers(self) -> None:
         inc = make_unit(source_peer="me")
         self.assertEqual(merge_unit(None, inc, "me", NOW).result, REJECTED_PEER)
-        self.assertEqual(merge_unit(None, inc, "me", NOW, allow_local_origin=True).result,
-                         ACCEPTED)
+        self.assertEqual(merge_unit(None, inc, "me", NOW, allow_local_origin=True).result, ACCEPTED)
 
     def test_own_unit_echo_is_duplicate(self) -> None:
         mine = make_unit(source_peer="me")
@@ -189,8 +224,9 @@ class MergeRuleTests(SynchronousTestCase):
     def test_local_cluster_is_unioned(self) -> None:
         var = ApproachVariant("approve", 3)
         ex = make_unit(source_peer="me", content=ApproachCluster("k", (var,)))
-        inc = make_unit(id="ku_o", source_peer="p",
-                        content=ApproachCluster("k", (ApproachVariant("deny", 2),)))
+        inc = make_unit(
+            id="ku_o", source_peer="p", content=ApproachCluster("k", (ApproachVariant("deny", 2),))
+        )
         out = merge_unit(ex, inc, "me", NOW)
         self.assertEqual(out.result, CLUSTER_UNIONED)
         self.assertEqual(out.store.source_peer, "me")  # type: ignore[union-attr]
@@ -201,14 +237,32 @@ class MergeRuleTests(SynchronousTestCase):
 _peers = st.sampled_from(["me", "peer-a", "peer-b", "peer-c"])
 _incoming = st.builds(
     lambda i, k, peer, conf, ev, ver: make_unit(
-        i, id=f"ku_{i % 7}", source_peer=peer, confidence=conf, evidence_count=ev,
-        version=ver, content=Pattern("Bash", f"k{k}", "approve", 0.5, 1, ())),
-    st.integers(0, 50), st.integers(0, 3), st.sampled_from(["peer-a", "peer-b", "peer-c"]),
-    st.sampled_from([0.1, 0.5, 0.9, 1.0]), st.integers(0, 20), st.integers(1, 3))
+        i,
+        id=f"ku_{i % 7}",
+        source_peer=peer,
+        confidence=conf,
+        evidence_count=ev,
+        version=ver,
+        content=Pattern("Bash", f"k{k}", "approve", 0.5, 1, ()),
+    ),
+    st.integers(0, 50),
+    st.integers(0, 3),
+    st.sampled_from(["peer-a", "peer-b", "peer-c"]),
+    st.sampled_from([0.1, 0.5, 0.9, 1.0]),
+    st.integers(0, 20),
+    st.integers(1, 3),
+)
 _local = st.builds(
-    lambda k, conf: make_unit(100 + k, id=f"ku_local{k}", source_peer="me", confidence=conf,
-                              content=Pattern("Bash", f"k{k}", "approve", 0.5, 1, ())),
-    st.integers(0, 3), st.sampled_from([0.0, 0.3]))
+    lambda k, conf: make_unit(
+        100 + k,
+        id=f"ku_local{k}",
+        source_peer="me",
+        confidence=conf,
+        content=Pattern("Bash", f"k{k}", "approve", 0.5, 1, ()),
+    ),
+    st.integers(0, 3),
+    st.sampled_from([0.0, 0.3]),
+)
 
 
 class MergePropertyTests(SynchronousTestCase):

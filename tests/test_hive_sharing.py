@@ -61,7 +61,9 @@ class FilterTests(SynchronousTestCase):
 
     def test_excluded_commands(self) -> None:
         f = SharingFilter.from_config(HiveConfig(exclude_commands=("secret",)))
-        self.assertFalse(f.allows(make_unit(content=Pattern("Bash", "run secret-job", "deny", 0.0, 5, ()))))
+        self.assertFalse(
+            f.allows(make_unit(content=Pattern("Bash", "run secret-job", "deny", 0.0, 5, ())))
+        )
         self.assertFalse(f.allows(make_unit(content=Command("secret", "d", None, "b"))))
         self.assertFalse(f.allows(make_unit(content=ApproachCluster("Bash:secret", ()))))
         self.assertTrue(f.allows(make_unit(content=Pattern("Bash", "ls", "approve", 1.0, 5, ()))))
@@ -109,18 +111,22 @@ class ShareContextTests(SynchronousTestCase):
         ctx = self.ctx()
         unit = make_unit(source_peer="me", last_validated_at=NOW)
         self.assertTrue(ctx.shareable(unit, "peer-x", NOW))
-        self.assertEqual(ctx.refusal(unit.with_(source_peer="peer-x"), "peer-x", NOW),
-                         "originated at that peer")
-        self.assertEqual(ctx.refusal(unit.with_(last_validated_at=NOW - 31 * DAY), "p", NOW),
-                         "expired")
+        self.assertEqual(
+            ctx.refusal(unit.with_(source_peer="peer-x"), "peer-x", NOW), "originated at that peer"
+        )
+        self.assertEqual(
+            ctx.refusal(unit.with_(last_validated_at=NOW - 31 * DAY), "p", NOW), "expired"
+        )
         # A frozen peer (sybil checks) is kept out of prompts, not out of the mesh,
         # but its own units are not passed on (H19).
         self.assertIsNone(ctx.refusal(unit, "bad", NOW))
         # A collision freeze does not stop its units; a flooding freeze does.
         self.assertIsNone(ctx.refusal(unit.with_(source_peer="bad"), "peer-x", NOW))
         ctx.trust.records["bad"].freeze_reason = "rate cap exceeded: 1200 units in 24h"
-        self.assertEqual(ctx.refusal(unit.with_(source_peer="bad"), "peer-x", NOW),
-                         "source peer is frozen (rate cap)")
+        self.assertEqual(
+            ctx.refusal(unit.with_(source_peer="bad"), "peer-x", NOW),
+            "source peer is frozen (rate cap)",
+        )
         gated = unit.with_(sharing_consent=SharingConsent(min_trust_tier="suggested"))
         self.assertFalse(ctx.shareable(gated, "low", NOW))
         self.assertTrue(ctx.shareable(gated, "no-record-peer", NOW))  # default 0.5: Suggested
@@ -129,8 +135,10 @@ class ShareContextTests(SynchronousTestCase):
     def test_function_form_reads_home(self) -> None:
         home = temp_home(self)
         unit = make_unit(source_peer="me", last_validated_at=NOW)
-        self.assertTrue(shareable(unit, "p", home=home, local_id="me", config=HiveConfig(),
-                                  now=NOW))
+        self.assertTrue(
+            shareable(unit, "p", home=home, local_id="me", config=HiveConfig(), now=NOW)
+        )
         set_exposure(home, unit.id, "hide")
-        self.assertFalse(shareable(unit, "p", home=home, local_id="me", config=HiveConfig(),
-                                   now=NOW))
+        self.assertFalse(
+            shareable(unit, "p", home=home, local_id="me", config=HiveConfig(), now=NOW)
+        )

@@ -25,9 +25,13 @@ from tests.common import subprocess_env, temp_home, vectors
 from tests.test_hive_units import make_unit
 
 NOW = 1_800_000_000
-LINES = [v["input"]["jsonl_line"] for n, v in vectors("hive", "COMPAT").items()
-         if n.startswith("hive.unit.") and "jsonl_line" in v["input"]
-         and n != "hive.unit.legacy_defaults"]
+LINES = [
+    v["input"]["jsonl_line"]
+    for n, v in vectors("hive", "COMPAT").items()
+    if n.startswith("hive.unit.")
+    and "jsonl_line" in v["input"]
+    and n != "hive.unit.legacy_defaults"
+]
 
 
 class FileFormatTests(SynchronousTestCase):
@@ -85,7 +89,8 @@ class QuarantineTests(SynchronousTestCase):
         good = dumps_line(make_unit(1, source_peer="me"))
         bad = '{"id":"ku_bad","scope":"language:rust"}'
         (home.hive / "knowledge.jsonl").write_bytes(
-            (good + bad + "\n").encode() + b"\xff\xfe\n" + good.replace("cmd1", "cmd2").encode())
+            (good + bad + "\n").encode() + b"\xff\xfe\n" + good.replace("cmd1", "cmd2").encode()
+        )
         loaded = load_store(home)
         self.assertEqual([b.lineno for b in loaded.bad], [2, 3])
         self.assertEqual(len(loaded.store), 2)
@@ -117,36 +122,43 @@ class QuarantineTests(SynchronousTestCase):
 class BoundsTests(SynchronousTestCase):
     def test_ttl_expires_only_peer_units(self) -> None:
         old = NOW - 31 * DAY
-        units = [make_unit(1, source_peer="me", last_validated_at=old),
-                 make_unit(2, source_peer="p", last_validated_at=old),
-                 make_unit(3, source_peer="p", last_validated_at=NOW - DAY)]
+        units = [
+            make_unit(1, source_peer="me", last_validated_at=old),
+            make_unit(2, source_peer="p", last_validated_at=old),
+            make_unit(3, source_peer="p", last_validated_at=NOW - DAY),
+        ]
         kept, ev = compact(units, local_id="me", config=HiveConfig(), last_contact={}, now=NOW)
         self.assertEqual([u.id for u in kept], ["ku_1_1", "ku_1_3"])
         self.assertEqual([(e.unit.id, e.reason) for e in ev], [("ku_1_2", "ttl")])
 
     def test_stale_peers_by_last_contact(self) -> None:
-        units = [make_unit(1, source_peer="gone", last_validated_at=NOW),
-                 make_unit(2, source_peer="here", last_validated_at=NOW),
-                 make_unit(3, source_peer="unknown", last_validated_at=NOW)]
+        units = [
+            make_unit(1, source_peer="gone", last_validated_at=NOW),
+            make_unit(2, source_peer="here", last_validated_at=NOW),
+            make_unit(3, source_peer="unknown", last_validated_at=NOW),
+        ]
         contact = {"gone": NOW - 91 * DAY, "here": NOW - 89 * DAY}
-        kept, ev = compact(units, local_id="me", config=HiveConfig(), last_contact=contact,
-                           now=NOW)
+        kept, ev = compact(units, local_id="me", config=HiveConfig(), last_contact=contact, now=NOW)
         self.assertEqual([e.reason for e in ev], ["stale_peer"])
         self.assertEqual({u.source_peer for u in kept}, {"here", "unknown"})
 
     def test_max_units_evicts_lowest_weight_peer_units_never_local(self) -> None:
         cfg = HiveConfig(max_units=3)
-        units = [make_unit(i, source_peer="me", confidence=0.01, last_validated_at=NOW)
-                 for i in range(2)]
-        units += [make_unit(10 + i, source_peer="p", confidence=0.1 * (i + 1),
-                            last_validated_at=NOW) for i in range(4)]
+        units = [
+            make_unit(i, source_peer="me", confidence=0.01, last_validated_at=NOW) for i in range(2)
+        ]
+        units += [
+            make_unit(10 + i, source_peer="p", confidence=0.1 * (i + 1), last_validated_at=NOW)
+            for i in range(4)
+        ]
         kept, ev = compact(units, local_id="me", config=cfg, last_contact={}, now=NOW)
         self.assertEqual(len(kept), 3)
         self.assertEqual(sum(u.source_peer == "me" for u in kept), 2)
         self.assertEqual([u.id for u in kept if u.source_peer == "p"], ["ku_1_13"])
         # all local: the cap cannot evict them
-        kept, _ = compact(units[:2], local_id="me", config=HiveConfig(max_units=1),
-                          last_contact={}, now=NOW)
+        kept, _ = compact(
+            units[:2], local_id="me", config=HiveConfig(max_units=1), last_contact={}, now=NOW
+        )
         self.assertEqual(len(kept), 2)
 
     def test_transaction_applies_bounds_and_archives(self) -> None:
@@ -193,9 +205,14 @@ class ConcurrencyTests(SynchronousTestCase):
             "home, w = Home(Path(sys.argv[1])), int(sys.argv[2])\n"
             "for i in range(20):\n"
             "    with store_transaction(home, local_id='me', now=1800000000) as s:\n"
-            "        s.insert(make_unit(w * 100 + i, source_peer='me'))\n")
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(home.root), str(w)],
-                                  env=subprocess_env(home)) for w in range(3)]
+            "        s.insert(make_unit(w * 100 + i, source_peer='me'))\n"
+        )
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(home.root), str(w)], env=subprocess_env(home)
+            )
+            for w in range(3)
+        ]
         self.assertEqual([p.wait(60) for p in procs], [0, 0, 0])
         self.assertEqual(len(load_store(home).store), 60)
 

@@ -29,13 +29,15 @@ NOW = 1_800_000_000
 class TierTests(SynchronousTestCase):
     def test_tiers_vector(self) -> None:
         v = vector("hive.trust.tiers")
-        self.assertEqual([tier_for(x).display for x in v["input"]["trust_level"]],
-                         v["expected"]["tier"])
+        self.assertEqual(
+            [tier_for(x).display for x in v["input"]["trust_level"]], v["expected"]["tier"]
+        )
 
     def test_labels_and_ranks(self) -> None:
-        self.assertEqual([(t.label, t.rank) for t in Tier],
-                         [("hive", 4), ("hive, suggested", 3), ("hive, unverified", 2),
-                          ("hive, ignored", 1)])
+        self.assertEqual(
+            [(t.label, t.rank) for t in Tier],
+            [("hive", 4), ("hive, suggested", 3), ("hive, unverified", 2), ("hive, ignored", 1)],
+        )
 
 
 class RecordTests(SynchronousTestCase):
@@ -49,16 +51,37 @@ class RecordTests(SynchronousTestCase):
 
     def test_record_field_order(self) -> None:
         rec = PeerTrust.new("ci-runner-9d1e", 0.5, 1713900000)
-        self.assertEqual(list(rec.to_json()), [
-            "peer_id", "trust_level", "knowledge_accepted", "knowledge_conflicted",
-            "first_seen", "last_sync", "quarantined_until", "frozen", "freeze_reason",
-            "daily_received", "last_anomaly_at"])
+        self.assertEqual(
+            list(rec.to_json()),
+            [
+                "peer_id",
+                "trust_level",
+                "knowledge_accepted",
+                "knowledge_conflicted",
+                "first_seen",
+                "last_sync",
+                "quarantined_until",
+                "frozen",
+                "freeze_reason",
+                "daily_received",
+                "last_anomaly_at",
+            ],
+        )
         self.assertEqual(rec.quarantined_until, 1714504800)
 
     def test_bad_records_rejected(self) -> None:
-        for bad in ({"peer_id": "a"}, {"peer_id": "a", "trust_level": "high"},
-                    {"peer_id": 1, "trust_level": 0.5, "knowledge_accepted": 0,
-                     "knowledge_conflicted": 0, "first_seen": 0, "last_sync": 0}):
+        for bad in (
+            {"peer_id": "a"},
+            {"peer_id": "a", "trust_level": "high"},
+            {
+                "peer_id": 1,
+                "trust_level": 0.5,
+                "knowledge_accepted": 0,
+                "knowledge_conflicted": 0,
+                "first_seen": 0,
+                "last_sync": 0,
+            },
+        ):
             self.assertRaises(ValueError, PeerTrust.from_json, bad)
 
 
@@ -79,8 +102,9 @@ class DriftTests(SynchronousTestCase):
 
     def test_quarantine_caps_drift(self) -> None:
         rec = self._drift("hive.trust.quarantine_caps_drift")
-        self.assertEqual(rec.trust_level, vector("hive.trust.quarantine_caps_drift")
-                         ["expected"]["trust_level"])
+        self.assertEqual(
+            rec.trust_level, vector("hive.trust.quarantine_caps_drift")["expected"]["trust_level"]
+        )
 
     def test_quarantine_never_lowers_a_higher_level(self) -> None:
         rec = PeerTrust("p", 0.7, quarantined_until=NOW + 1)
@@ -96,13 +120,14 @@ class DriftTests(SynchronousTestCase):
 
     def test_decisions_drift_matching_peers(self) -> None:
         book = TrustBook(default_trust=0.6)
-        units = [make_unit(1, source_peer="a",
-                           content=Pattern("Bash", "cargo test", "approve", 0.9, 9, ())),
-                 make_unit(2, source_peer="b",
-                           content=Pattern("Bash", None, "deny", 0.1, 9, ())),
-                 make_unit(3, source_peer="me",
-                           content=Pattern("Bash", None, "approve", 0.9, 9, ())),
-                 make_unit(4, source_peer="c", content=ToolAccuracy("Bash", 1, 1, 0.5))]
+        units = [
+            make_unit(
+                1, source_peer="a", content=Pattern("Bash", "cargo test", "approve", 0.9, 9, ())
+            ),
+            make_unit(2, source_peer="b", content=Pattern("Bash", None, "deny", 0.1, 9, ())),
+            make_unit(3, source_peer="me", content=Pattern("Bash", None, "approve", 0.9, 9, ())),
+            make_unit(4, source_peer="c", content=ToolAccuracy("Bash", 1, 1, 0.5)),
+        ]
         votes = book.apply_decision("Bash", "cargo test --all", "accept", units, "me", NOW)
         self.assertEqual(votes, {"a": 1, "b": -1})
         self.assertAlmostEqual(book.level("a"), 0.6, places=9)  # capped: quarantined, >= 0.5
@@ -151,19 +176,26 @@ class BookTests(SynchronousTestCase):
 
     def _collide(self, name: str) -> tuple[TrustBook, list]:
         inp = vector(name)["input"]
-        ex = make_unit(1, source_peer=inp["existing"]["source_peer"],
-                       confidence=inp["existing"]["confidence"])
-        inc = make_unit(1, id="ku_2", source_peer=inp["incoming"]["source_peer"],
-                        confidence=inp["incoming"]["confidence"])
+        ex = make_unit(
+            1, source_peer=inp["existing"]["source_peer"], confidence=inp["existing"]["confidence"]
+        )
+        inc = make_unit(
+            1,
+            id="ku_2",
+            source_peer=inp["incoming"]["source_peer"],
+            confidence=inp["incoming"]["confidence"],
+        )
         book = TrustBook()
-        return book, book.check_collisions({ex.semantic_key: ex}, [inc],
-                                           inp["incoming"]["source_peer"], "me", NOW)
+        return book, book.check_collisions(
+            {ex.semantic_key: ex}, [inc], inp["incoming"]["source_peer"], "me", NOW
+        )
 
     def test_collision(self) -> None:
         book, cols = self._collide("hive.trust.collision")
         self.assertEqual(len(cols), 1)
-        self.assertAlmostEqual(cols[0].confidence_delta,
-                               vector("hive.trust.collision")["expected"]["confidence_delta"])
+        self.assertAlmostEqual(
+            cols[0].confidence_delta, vector("hive.trust.collision")["expected"]["confidence_delta"]
+        )
         # One unit is not enough evidence to freeze anyone (issue 11, item 5).
         self.assertFalse(book.is_frozen("peer-a") or book.is_frozen("peer-b"))
         self.assertEqual(book.records["peer-b"].collided_on, ["universal/pattern:Bash:cmd1"])
@@ -183,7 +215,9 @@ class BookTests(SynchronousTestCase):
         # A second key: the sender is frozen, its victim is not (one accuser).
         book.check_collisions(existing, [bad2], "liar", "me", NOW)
         self.assertTrue(book.is_frozen("liar"))
-        self.assertIn("collision on universal/pattern:Bash:cmd2", book.records["liar"].freeze_reason)
+        self.assertIn(
+            "collision on universal/pattern:Bash:cmd2", book.records["liar"].freeze_reason
+        )
         self.assertFalse(book.is_frozen("victim"))
         # A second, independent peer contradicting it freezes the victim.
         bad3 = make_unit(1, id="ku_y1", source_peer="other", confidence=0.1)
@@ -264,4 +298,5 @@ class FileTests(SynchronousTestCase):
             (home.hive / "collisions.jsonl").read_text(),
             '{"confidence_delta":0.4,"existing_peer":"peer-a","existing_unit_id":"ku_a",'
             '"incoming_peer":"peer-b","incoming_unit_id":"ku_b",'
-            '"semantic_key":"universal/pattern:Bash:cmd1","ts":7}\n')
+            '"semantic_key":"universal/pattern:Bash:cmd1","ts":7}\n',
+        )

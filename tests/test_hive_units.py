@@ -37,10 +37,15 @@ HIVE = vectors("hive", "COMPAT")
 
 def make_unit(i: int = 0, **kw: object) -> KnowledgeUnit:
     base: dict[str, object] = dict(
-        id=f"ku_1_{i}", scope=Scope(),
+        id=f"ku_1_{i}",
+        scope=Scope(),
         content=Pattern("Bash", f"cmd{i}", "approve", 0.9, 10, ()),
-        evidence_count=10, confidence=0.9, source_peer="peer-a", originated_at=1,
-        last_validated_at=1)
+        evidence_count=10,
+        confidence=0.9,
+        source_peer="peer-a",
+        originated_at=1,
+        last_validated_at=1,
+    )
     base.update(kw)
     return KnowledgeUnit(**base)  # type: ignore[arg-type]
 
@@ -108,7 +113,8 @@ class UnitLineVectorTests(SynchronousTestCase):
 
     def test_non_finite_and_bad_json_rejected(self) -> None:
         line = vector("hive.unit.pattern")["input"]["jsonl_line"].replace(
-            '"confidence":0.05', '"confidence":NaN')
+            '"confidence":0.05', '"confidence":NaN'
+        )
         self.assertRaises(UnitError, parse_line, line)
         self.assertRaises(UnitError, parse_line, "{not json")
         self.assertRaises(UnitError, parse_line, "[1]")
@@ -118,7 +124,9 @@ class UnitLineVectorTests(SynchronousTestCase):
         obj["future"] = 1
         obj["content"]["future"] = {"x": 1}
         unit = KnowledgeUnit.from_json(obj)
-        self.assertEqual(dumps_line(unit), vector("hive.unit.pattern")["expected"]["reserialized_line"])
+        self.assertEqual(
+            dumps_line(unit), vector("hive.unit.pattern")["expected"]["reserialized_line"]
+        )
 
     def test_conditions_required_for_pattern(self) -> None:
         obj = self._base()
@@ -133,20 +141,27 @@ class KeyAndSummaryVectorTests(SynchronousTestCase):
     def test_semantic_keys(self) -> None:
         names = [n for n in HIVE if n.startswith("hive.semantic_key.")]
         self.assertEqual(len(names), 9)
-        fills = {"pattern": {"preferred_action": "approve", "accept_rate": 1.0,
-                             "sample_count": 1, "conditions": []},
-                 "tool_accuracy": {"total": 1, "correct": 1, "confidence_threshold": 0.5},
-                 "skill": {"description": "d", "version": "1", "body": "b"},
-                 "command": {"description": "d", "body": "b"},
-                 "hook_config": {"description": "d", "config_json": "{}"},
-                 "insight": {"severity": "warning"}}
+        fills = {
+            "pattern": {
+                "preferred_action": "approve",
+                "accept_rate": 1.0,
+                "sample_count": 1,
+                "conditions": [],
+            },
+            "tool_accuracy": {"total": 1, "correct": 1, "confidence_threshold": 0.5},
+            "skill": {"description": "d", "version": "1", "body": "b"},
+            "command": {"description": "d", "body": "b"},
+            "hook_config": {"description": "d", "config_json": "{}"},
+            "insight": {"severity": "warning"},
+        }
         for name in names:
             inp = HIVE[name]["input"]
             content = dict(inp["content_fields"])
             for k, val in fills.get(content["type"], {}).items():
                 content.setdefault(k, val)
-            unit = make_unit(scope=Scope.from_json(inp["scope"]),
-                             content=content_from_json(content))
+            unit = make_unit(
+                scope=Scope.from_json(inp["scope"]), content=content_from_json(content)
+            )
             self.assertEqual(unit.semantic_key, HIVE[name]["expected"]["semantic_key"], name)
 
     def test_command_without_args_summary(self) -> None:
@@ -184,20 +199,28 @@ class DecayVectorTests(SynchronousTestCase):
         for name in names:
             inp, exp = HIVE[name]["input"], HIVE[name]["expected"]
             content = Pattern("Bash", None, "approve", 1.0, 1, ())
-            unit = make_unit(content=content, confidence=inp["confidence"],
-                             last_validated_at=inp["last_validated_at"],
-                             revalidation_interval_secs=inp["revalidation_interval_secs"])
-            self.assertAlmostEqual(unit.effective_confidence(inp["now"]),
-                                   exp["effective_confidence"], delta=exp["tolerance"],
-                                   msg=name)
+            unit = make_unit(
+                content=content,
+                confidence=inp["confidence"],
+                last_validated_at=inp["last_validated_at"],
+                revalidation_interval_secs=inp["revalidation_interval_secs"],
+            )
+            self.assertAlmostEqual(
+                unit.effective_confidence(inp["now"]),
+                exp["effective_confidence"],
+                delta=exp["tolerance"],
+                msg=name,
+            )
 
     def test_default_intervals(self) -> None:
         self.assertEqual(DEFAULT_INTERVALS, vector("hive.default_interval")["expected"])
 
     def test_is_stale(self) -> None:
         v = vector("hive.is_stale")
-        unit = make_unit(last_validated_at=v["input"]["last_validated_at"],
-                         revalidation_interval_secs=v["input"]["revalidation_interval_secs"])
+        unit = make_unit(
+            last_validated_at=v["input"]["last_validated_at"],
+            revalidation_interval_secs=v["input"]["revalidation_interval_secs"],
+        )
         self.assertEqual([unit.is_stale(t) for t in v["input"]["now"]], v["expected"]["stale"])
 
 
@@ -205,8 +228,7 @@ class ConsentVectorTests(SynchronousTestCase):
     def test_expires(self) -> None:
         v = vector("hive.consent.expires")
         c = SharingConsent(expires_at=v["input"]["expires_at"])
-        self.assertEqual([c.allows("p", 4, t) for t in v["input"]["now"]],
-                         v["expected"]["allowed"])
+        self.assertEqual([c.allows("p", 4, t) for t in v["input"]["now"]], v["expected"]["allowed"])
 
     def test_allow_list(self) -> None:
         v = vector("hive.consent.allow_list")
@@ -217,15 +239,18 @@ class ConsentVectorTests(SynchronousTestCase):
 
     def test_exclude_wins(self) -> None:
         v = vector("hive.consent.exclude_wins")
-        c = SharingConsent(allow_peers=tuple(v["input"]["allow_peers"]),
-                           exclude_peers=tuple(v["input"]["exclude_peers"]))
+        c = SharingConsent(
+            allow_peers=tuple(v["input"]["allow_peers"]),
+            exclude_peers=tuple(v["input"]["exclude_peers"]),
+        )
         self.assertEqual(c.allows(v["input"]["peer"], 4, 0), v["expected"]["allowed"])
 
     def test_min_tier(self) -> None:
         v = vector("hive.consent.min_tier")
         c = SharingConsent(min_trust_tier=v["input"]["min_trust_tier"])
-        self.assertEqual([c.allows("p", r, 0) for r in v["input"]["peer_rank"]],
-                         v["expected"]["allowed"])
+        self.assertEqual(
+            [c.allows("p", r, 0) for r in v["input"]["peer_rank"]], v["expected"]["allowed"]
+        )
 
     def test_serialize_omits_none(self) -> None:
         v = vector("hive.consent.serialize_omits_none")
@@ -238,8 +263,11 @@ class ConsentVectorTests(SynchronousTestCase):
 
 class RolloutVectorTests(SynchronousTestCase):
     def test_hashes(self) -> None:
-        for name in ("hive.rollout.hash_42_ku_repro", "hive.rollout.hash_1234_ku_1713960000_42",
-                     "hive.rollout.hash_1_ku_x"):
+        for name in (
+            "hive.rollout.hash_42_ku_repro",
+            "hive.rollout.hash_1234_ku_1713960000_42",
+            "hive.rollout.hash_1_ku_x",
+        ):
             inp, exp = HIVE[name]["input"], HIVE[name]["expected"]
             h = rollout_hash(inp["pid"], inp["unit_id"])
             self.assertEqual(h, exp["hash"], name)
@@ -248,10 +276,14 @@ class RolloutVectorTests(SynchronousTestCase):
     def test_sampling(self) -> None:
         v = vector("hive.rollout.sampling_ku_x")
         uid = v["input"]["unit_id"]
-        self.assertEqual([p for p in range(40) if rollout_admits("canary", uid, p)],
-                         v["expected"]["canary_injects"])
-        self.assertEqual([p for p in range(40) if rollout_admits("staged", uid, p)],
-                         v["expected"]["staged_injects"])
+        self.assertEqual(
+            [p for p in range(40) if rollout_admits("canary", uid, p)],
+            v["expected"]["canary_injects"],
+        )
+        self.assertEqual(
+            [p for p in range(40) if rollout_admits("staged", uid, p)],
+            v["expected"]["staged_injects"],
+        )
         self.assertFalse(any(rollout_admits("draft", uid, p) for p in range(40)))
         self.assertTrue(all(rollout_admits("live", uid, p) for p in range(40)))
         self.assertTrue(rollout_admits("draft", uid, None))
@@ -261,9 +293,11 @@ class RolloutVectorTests(SynchronousTestCase):
         self.assertEqual(len(names), 7)
         for name in names:
             inp = HIVE[name]["input"]
-            self.assertEqual(advance_state(inp["state"], inp["accepted_count"],
-                                           inp["overridden_count"]),
-                             HIVE[name]["expected"]["state"], name)
+            self.assertEqual(
+                advance_state(inp["state"], inp["accepted_count"], inp["overridden_count"]),
+                HIVE[name]["expected"]["state"],
+                name,
+            )
 
     def test_version_gte(self) -> None:
         v = vector("hive.version_gte")
@@ -279,15 +313,18 @@ class PaginationAndFrameTests(SynchronousTestCase):
         v = vector("hive.snapshot.pagination")
         n = v["input"]["units"]
         pad = "x" * (v["input"]["approx_unit_json_bytes"] - 330)
-        units = [make_unit(i, content=Pattern("Bash", f"c{i}{pad}", "approve", 0.9, 10, ()))
-                 for i in range(n)]
+        units = [
+            make_unit(i, content=Pattern("Bash", f"c{i}{pad}", "approve", 0.9, 10, ()))
+            for i in range(n)
+        ]
         pages = paginate(units, v["input"]["page_limit_bytes"])
         self.assertGreater(len(pages), v["expected"]["pages_more_than"])
         self.assertEqual(sum(len(p) for p in pages), v["expected"]["units_covered"])
         self.assertEqual([u for p in pages for u in p], units)
         for page in pages:
-            self.assertLessEqual(sum(unit_json_len(u) for u in page),
-                                 v["input"]["page_limit_bytes"])
+            self.assertLessEqual(
+                sum(unit_json_len(u) for u in page), v["input"]["page_limit_bytes"]
+            )
 
     def test_oversize_unit_gets_own_page(self) -> None:
         big = make_unit(1, content=Pattern("Bash", "y" * 2000, "approve", 0.9, 10, ()))
@@ -318,17 +355,28 @@ class CommandMatchTests(SynchronousTestCase):
 
 _text = st.text(max_size=20)
 _units = st.builds(
-    make_unit, st.integers(0, 1000),
+    make_unit,
+    st.integers(0, 1000),
     scope=st.sampled_from([Scope(), Scope("language", "rust"), Scope("project", "p/q")]),
-    content=st.builds(Pattern, _text, st.none() | _text, _text,
-                      st.floats(0, 1), st.integers(0, 2**32 - 1),
-                      st.lists(_text, max_size=3).map(tuple)),
+    content=st.builds(
+        Pattern,
+        _text,
+        st.none() | _text,
+        _text,
+        st.floats(0, 1),
+        st.integers(0, 2**32 - 1),
+        st.lists(_text, max_size=3).map(tuple),
+    ),
     evidence_count=st.integers(0, 2**32 - 1),
     confidence=st.floats(-1e6, 1e6, allow_nan=False),
     version=st.integers(0, 2**32 - 1),
-    sharing_consent=st.none() | st.builds(
-        SharingConsent, st.none() | st.integers(0, 2**64 - 1),
-        st.none() | st.lists(_text, max_size=2).map(tuple)))
+    sharing_consent=st.none()
+    | st.builds(
+        SharingConsent,
+        st.none() | st.integers(0, 2**64 - 1),
+        st.none() | st.lists(_text, max_size=2).map(tuple),
+    ),
+)
 
 
 class RoundTripPropertyTests(SynchronousTestCase):

@@ -35,8 +35,7 @@ class ResolveTests(SynchronousTestCase):
 
     def test_fallback_is_user_home(self) -> None:
         # tests/__init__ points HOME at a throw-away directory.
-        self.assertEqual(Home.resolve(None, environ={HOME_ENV: ""}).root,
-                         Path(os.environ["HOME"]))
+        self.assertEqual(Home.resolve(None, environ={HOME_ENV: ""}).root, Path(os.environ["HOME"]))
         self.assertNotEqual(str(Home.resolve(None, environ={}).root), "~")
 
     def test_default_environ_is_os_environ(self) -> None:
@@ -74,14 +73,19 @@ class CliResolutionTests(SynchronousTestCase):
     def run_identity(self, env: dict[str, str], *args: str) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "claudectl", *args, "relay", "identity"],
-            env=env, capture_output=True, text=True, timeout=60)
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         return result.stdout.strip()
 
     def test_home_option_beats_env(self) -> None:
         env_home, opt_home = temp_home(self), temp_home(self)
-        ident = self.run_identity(subprocess_env(env_home, HOSTNAME="boxa"),
-                                  "--home", str(opt_home.root))
+        ident = self.run_identity(
+            subprocess_env(env_home, HOSTNAME="boxa"), "--home", str(opt_home.root)
+        )
         self.assertRegex(ident, r"^boxa-[0-9a-f]{8}$")
         self.assertEqual(opt_home.identity_file.read_text(), ident)
         self.assertFalse(env_home.data.exists())

@@ -169,11 +169,15 @@ class KeyTakeoverTests(TestCase):
         KeyStore(joiner).ensure_identity()
         honest = b"\x07" * 32
         KeyStore(joiner).save_key("trusted-peer", honest)
-        forms = (lambda i: i.relay_code, lambda i: f"{i.pair_code} 127.0.0.1:{port}",
-                 lambda i: i.link)
+        forms = (
+            lambda i: i.relay_code,
+            lambda i: f"{i.pair_code} 127.0.0.1:{port}",
+            lambda i: i.link,
+        )
         for form in forms:
-            inv = InviteStore(evil.home).create("trusted-peer", "127.0.0.1", port, 3600,
-                                                time.time())
+            inv = InviteStore(evil.home).create(
+                "trusted-peer", "127.0.0.1", port, 3600, time.time()
+            )
             text = form(inv)
             with self.assertRaises(JoinFailed) as cm:
                 await join_peer(reactor, joiner, Config(), decode_join(text))

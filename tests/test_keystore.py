@@ -41,8 +41,19 @@ class PeerIdTests(SynchronousTestCase):
     def test_lengths_and_charset(self) -> None:
         self.assertTrue(is_remote_peer_id("a" * 128))
         self.assertFalse(is_valid_peer_id("a" * 129))
-        for bad in ("peer.key", "peer key", "peer\n", "péer", "peer\x00", ".", "..",
-                    "a" * 127 + "é", None, 5, b"peer"):
+        for bad in (
+            "peer.key",
+            "peer key",
+            "peer\n",
+            "péer",
+            "peer\x00",
+            ".",
+            "..",
+            "a" * 127 + "é",
+            None,
+            5,
+            b"peer",
+        ):
             self.assertFalse(is_valid_peer_id(bad), repr(bad))
         # Case-sensitive, and other cases of _pending are ordinary ids.
         self.assertTrue(is_remote_peer_id("_Pending"))
@@ -87,12 +98,12 @@ class IdentityTests(SynchronousTestCase):
 
     def test_generated_once(self) -> None:
         self.assertIsNone(self.ks.identity())
-        ident = self.ks.ensure_identity(random=lambda n: b"\xa3\xf2\x9b\x1c"[:n],
-                                        environ={"HOSTNAME": "Laptop.local"})
+        ident = self.ks.ensure_identity(
+            random=lambda n: b"\xa3\xf2\x9b\x1c"[:n], environ={"HOSTNAME": "Laptop.local"}
+        )
         self.assertEqual(ident, "laptop-a3f29b1c")
         self.assertEqual(self.home.identity_file.read_bytes(), b"laptop-a3f29b1c")
-        again = self.ks.ensure_identity(random=lambda n: b"\x00" * n,
-                                        environ={"HOSTNAME": "other"})
+        again = self.ks.ensure_identity(random=lambda n: b"\x00" * n, environ={"HOSTNAME": "other"})
         self.assertEqual(again, ident)
 
     def test_existing_identity_read_trimmed_verbatim(self) -> None:
@@ -167,8 +178,9 @@ class KeyFileTests(SynchronousTestCase):
         self.ks.save_meta("desk", PeerMeta("10.0.0.1:9847", 5))
         self.ks.mark_mutual("desk")
         self.assertTrue(self.ks.forget("desk"))
-        self.assertEqual(sorted(p.name for p in self.home.peers.iterdir()
-                                if not p.name.endswith(".lock")), [])
+        self.assertEqual(
+            sorted(p.name for p in self.home.peers.iterdir() if not p.name.endswith(".lock")), []
+        )
         self.assertFalse(self.ks.forget("desk"))
 
     def test_forget_meta_only_reports_false(self) -> None:
@@ -234,10 +246,13 @@ class MetaTests(SynchronousTestCase):
     def test_meta_file_vector(self) -> None:
         v = vector("wire.meta_file")
         self.ks.save_meta("desk", PeerMeta(v["input"]["addr"], v["input"]["last_seen"]))
-        self.assertEqual((self.home.peers / "desk.meta").read_bytes(),
-                         v["expected"]["file_bytes"].encode("utf-8"))
-        self.assertEqual(self.ks.meta("desk"),
-                         PeerMeta(v["input"]["addr"], v["input"]["last_seen"]))
+        self.assertEqual(
+            (self.home.peers / "desk.meta").read_bytes(),
+            v["expected"]["file_bytes"].encode("utf-8"),
+        )
+        self.assertEqual(
+            self.ks.meta("desk"), PeerMeta(v["input"]["addr"], v["input"]["last_seen"])
+        )
 
     def test_ipv6_meta(self) -> None:
         self.ks.save_meta("v6", PeerMeta("[::1]:9847", 1))
@@ -250,9 +265,13 @@ class MetaTests(SynchronousTestCase):
 
     def test_bad_meta_is_none(self) -> None:
         self.home.peers.mkdir(parents=True)
-        for name, text in {"a": "not json", "b": "[]", "c": '{"addr": 5}',
-                           "d": '{"last_seen": 5}', "e": '{"addr": "h:1", "last_seen": "x"}'
-                           }.items():
+        for name, text in {
+            "a": "not json",
+            "b": "[]",
+            "c": '{"addr": 5}',
+            "d": '{"last_seen": 5}',
+            "e": '{"addr": "h:1", "last_seen": "x"}',
+        }.items():
             (self.home.peers / f"{name}.meta").write_text(text)
             self.assertIsNone(self.ks.meta(name), name)
         self.assertIsNone(self.ks.meta("missing"))

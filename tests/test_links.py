@@ -129,8 +129,10 @@ class ConnectAddressTests(TwoServices):
         meta = KeyStore(self.hb).meta(self.ida)
         assert meta is not None
         self.assertEqual(meta.addr, self.where)
-        self.assertFalse(any(f"{self.ida} disconnected" in line for line in self.b.lines),
-                         "\n".join(self.b.lines))
+        self.assertFalse(
+            any(f"{self.ida} disconnected" in line for line in self.b.lines),
+            "\n".join(self.b.lines),
+        )
 
     def test_wrong_port_fails_and_keeps_the_link(self) -> None:
         self.start()
@@ -140,8 +142,9 @@ class ConnectAddressTests(TwoServices):
         self.assertEqual(r.stdout, "")
         self.assertIn(f"Error: connect to {wrong}: ", r.stderr)
         self.assertIn("Nothing changed: ", r.stderr)
-        self.assertIn(f"the link to {self.ida} stays up and the service keeps dialing "
-                      f"{self.where}", r.stderr)
+        self.assertIn(
+            f"the link to {self.ida} stays up and the service keeps dialing {self.where}", r.stderr
+        )
         time.sleep(1.0)  # a redirected dialer would have dropped the link by now
         self.assert_untouched()
         # Asking for the address it has is still "already connected".
@@ -163,8 +166,10 @@ class ConnectAddressTests(TwoServices):
         self.assertIn(f"the link to {self.ida} stays up", error)
         self.assert_untouched()
         # C never saw a proof: the connector hung up after the challenge.
-        self.assertFalse(any("wrong proof" in line or "authenticated" in line
-                             for line in c.lines), "\n".join(c.lines))
+        self.assertFalse(
+            any("wrong proof" in line or "authenticated" in line for line in c.lines),
+            "\n".join(c.lines),
+        )
 
     def test_confirmed_new_address_replaces_the_old(self) -> None:
         self.start()
@@ -179,8 +184,7 @@ class ConnectAddressTests(TwoServices):
         deadline = time.monotonic() + 10
         while True:
             row = peer_row(self.hb, self.ida)
-            if (row["state"], row["address"]) == ("connected", new) or \
-                    time.monotonic() > deadline:
+            if (row["state"], row["address"]) == ("connected", new) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         self.assertEqual((row["state"], row["address"]), ("connected", new))
@@ -212,8 +216,10 @@ class AutoConnectTests(SynchronousTestCase):
         a.expect(f"{idb} authenticated")
         b.expect(f"auto_connect 127.0.0.1:{port}: the peer there is {ida}")
         row = peer_row(hb, ida)
-        self.assertEqual((row["state"], row["address"], row["transport"]),
-                         ("connected", f"127.0.0.1:{port}", "tls1.3"))
+        self.assertEqual(
+            (row["state"], row["address"], row["transport"]),
+            ("connected", f"127.0.0.1:{port}", "tls1.3"),
+        )
         meta = KeyStore(hb).meta(ida)
         assert meta is not None
         self.assertEqual(meta.addr, f"127.0.0.1:{port}")
@@ -238,8 +244,10 @@ class AutoConnectTests(SynchronousTestCase):
         self.addCleanup(b.stop)
         b.port()
         b.expect(f"is {ida}, a peer this instance is not paired with")
-        self.assertFalse(any("wrong proof" in line or "no key for this peer" in line
-                             for line in a.lines), "\n".join(a.lines))
+        self.assertFalse(
+            any("wrong proof" in line or "no key for this peer" in line for line in a.lines),
+            "\n".join(a.lines),
+        )
 
 
 class DisconnectTests(TwoServices):
@@ -252,22 +260,31 @@ class DisconnectTests(TwoServices):
         self.b = ServeProcess.serve(self.hb, "--listen", "tcp:0:interface=127.0.0.1")
         self.addCleanup(self.b.stop)
         self.b.port()
-        wait_until(lambda: peer_row(self.hb, self.ida)["state"] == "connected",
-                   what="B redials A")
+        wait_until(lambda: peer_row(self.hb, self.ida)["state"] == "connected", what="B redials A")
         out = ok(run_cli(self.hb, "relay", "disconnect", self.ida))
-        self.assertEqual(out.strip(), f"Disconnected from {self.ida}; the service stopped "
-                                      "redialing it (until it restarts).")
+        self.assertEqual(
+            out.strip(),
+            f"Disconnected from {self.ida}; the service stopped redialing it (until it restarts).",
+        )
         self.assertEqual(peer_row(self.hb, self.ida)["state"], "disconnected")
         again = json.loads(ok(run_cli(self.hb, "relay", "disconnect", self.ida, "--json")))
-        self.assertEqual(again, {"peer": self.ida, "was_connected": False,
-                                 "dropped_link": False, "stopped_dialer": False})
-        self.assertIn("was not connected, and the service was not dialing it",
-                      ok(run_cli(self.hb, "relay", "disconnect", self.ida)))
+        self.assertEqual(
+            again,
+            {
+                "peer": self.ida,
+                "was_connected": False,
+                "dropped_link": False,
+                "stopped_dialer": False,
+            },
+        )
+        self.assertIn(
+            "was not connected, and the service was not dialing it",
+            ok(run_cli(self.hb, "relay", "disconnect", self.ida)),
+        )
 
     def test_link_the_peer_dialed(self) -> None:
         self.start()
-        wait_until(lambda: peer_row(self.ha, self.idb)["state"] == "connected",
-                   what="A sees B")
+        wait_until(lambda: peer_row(self.ha, self.idb)["state"] == "connected", what="A sees B")
         out = ok(run_cli(self.ha, "relay", "disconnect", self.idb))
         self.assertIn(f"Disconnected from {self.idb}. The service was not dialing it", out)
 
@@ -302,8 +319,9 @@ class ClaudectlListenerKeyTests(TestCase):
         self.b.keystore.save_key("elsewhere-3", b"\x09" * 32)
         self.b.keystore.save_meta("elsewhere-3", PeerMeta("127.0.0.1:1", 0))
         proto = await self.b.open_link(self.address, self.b.key_by_identity(self.address))
-        self.assertEqual((proto.result.peer_id, proto.result.transport),
-                         (self.a.identity, "plaintext"))
+        self.assertEqual(
+            (proto.result.peer_id, proto.result.transport), (self.a.identity, "plaintext")
+        )
 
     async def test_ambiguous_fails_clearly(self) -> None:
         self.b.keystore.save_key("unaddressed-3", b"\x09" * 32)

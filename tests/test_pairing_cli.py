@@ -37,7 +37,11 @@ def invoke(home: Home, *args: str) -> tuple[int, str, str]:
     runner = CliRunner()
     result = runner.invoke(load_commands(), ["--home", str(home.root), *args])
     if isinstance(result.exception, CliError):
-        return result.exception.code, result.stdout, result.stderr + f"Error: {result.exception.message}\n"
+        return (
+            result.exception.code,
+            result.stdout,
+            result.stderr + f"Error: {result.exception.message}\n",
+        )
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
@@ -75,7 +79,7 @@ class InviteCommand(SynchronousTestCase):
             f"  claudectl relay join {inv.link}",
             "",
         ]
-        self.assertEqual(out.splitlines()[:len(expected)], expected)
+        self.assertEqual(out.splitlines()[: len(expected)], expected)
         self.assertIn(f"Invite {inv.id}: single use, expires in 24h", out)
         self.assertTrue(inv.link.startswith(f"cctl://{ident}@192.168.1.50:9900/k/"))
         # Every printed form decodes to this invite.
@@ -94,8 +98,9 @@ class InviteCommand(SynchronousTestCase):
             code, out, err = invoke(self.home, *args)
             self.assertEqual(code, 0, err)
             data = json.loads(out)
-            self.assertTrue({"identity", "invite_link", "relay_code", "word_phrase",
-                             "addr"} <= set(data))
+            self.assertTrue(
+                {"identity", "invite_link", "relay_code", "word_phrase", "addr"} <= set(data)
+            )
             self.assertEqual(data["addr"], "192.168.1.50:9900")
             inv = InviteStore(self.home).get(data["invite_id"])
             self.assertEqual(inv.link, data["invite_link"])
@@ -103,12 +108,12 @@ class InviteCommand(SynchronousTestCase):
             self.assertEqual(detect_join_format(data["relay_code"]), RELAY_CODE)
             self.assertEqual(detect_join_format(data["word_phrase"]), WORD_PHRASE)
             self.assertEqual(KeyStore(self.home).pending_key(), inv.link_psk)
-            self.assertEqual(stat.S_IMODE(os.stat(self.home.peers / "_pending.key").st_mode),
-                             0o600)
+            self.assertEqual(stat.S_IMODE(os.stat(self.home.peers / "_pending.key").st_mode), 0o600)
 
     def test_ttl_and_host(self) -> None:
-        code, out, err = invoke(self.home, "relay", "invite", "--ttl", "30m", "--host",
-                                "10.1.2.3", "--json")
+        code, out, err = invoke(
+            self.home, "relay", "invite", "--ttl", "30m", "--host", "10.1.2.3", "--json"
+        )
         self.assertEqual(code, 0, err)
         data = json.loads(out)
         self.assertEqual(data["addr"], "10.1.2.3:9900")
@@ -130,8 +135,10 @@ class InviteCommand(SynchronousTestCase):
         self.assertIn("RELAY CODE:  (none: port 12345 cannot be carried", out)
         self.assertIn("share the invite link instead", out)
         self.assertNotIn("WORD PHRASE", out)
-        self.assertEqual([line for line in out.splitlines() if "relay join" in line],
-                         [f"  claudectl relay join {InviteStore(self.home).list(time.time())[0].link}"])
+        self.assertEqual(
+            [line for line in out.splitlines() if "relay join" in line],
+            [f"  claudectl relay join {InviteStore(self.home).list(time.time())[0].link}"],
+        )
         code, out, _ = invoke(self.home, "relay", "invite", "--json")
         data = json.loads(out)
         self.assertIsNone(data["relay_code"])
@@ -165,8 +172,9 @@ class InviteCommand(SynchronousTestCase):
         self.assertEqual([(r[0], r[1]) for r in rows], [(a.id, "revoked"), (b.id, "open")])
         code, out, _ = invoke(self.home, "--json", "relay", "invite", "--list")
         listed = json.loads(out)
-        self.assertEqual([(i["id"], i["state"]) for i in listed],
-                         [(a.id, "revoked"), (b.id, "open")])
+        self.assertEqual(
+            [(i["id"], i["state"]) for i in listed], [(a.id, "revoked"), (b.id, "open")]
+        )
         self.assertNotIn(b.link_psk.hex()[:16], out)
         code, _, err = invoke(self.home, "relay", "invite", "--revoke", a.id)
         self.assertEqual(code, 1)
@@ -186,13 +194,12 @@ class InviteCommand(SynchronousTestCase):
 
 class InviteAddress(SynchronousTestCase):
     def test_choice(self) -> None:
-        self.assertEqual(invite_host("0.0.0.0", None, lambda: "192.168.7.7"),
-                         ("192.168.7.7", None))
+        self.assertEqual(invite_host("0.0.0.0", None, lambda: "192.168.7.7"), ("192.168.7.7", None))
         self.assertEqual(invite_host("::", None, lambda: "10.0.0.2"), ("10.0.0.2", None))
-        self.assertEqual(invite_host("10.9.9.9", None, lambda: "192.168.7.7"),
-                         ("10.9.9.9", None))
-        self.assertEqual(invite_host("0.0.0.0", "172.16.0.4", lambda: "192.168.7.7"),
-                         ("172.16.0.4", None))
+        self.assertEqual(invite_host("10.9.9.9", None, lambda: "192.168.7.7"), ("10.9.9.9", None))
+        self.assertEqual(
+            invite_host("0.0.0.0", "172.16.0.4", lambda: "192.168.7.7"), ("172.16.0.4", None)
+        )
         host, warning = invite_host("0.0.0.0", None, lambda: None)
         self.assertEqual(host, "127.0.0.1")
         self.assertIn("--host", warning)
@@ -231,10 +238,18 @@ class JoinCommand(SynchronousTestCase):
             self.assertEqual(code, 0, err)
             self.assertIn(f"Format:   {kind}", out)
             self.assertIn("Address:  192.168.1.50:9847", out)
-        code, out, _ = invoke(self.home, "--json", "relay", "join", "--check",
-                              "cctl://laptop-a3f2@192.168.1.50:9847/k/a3f29b1cd4e5f678")
-        self.assertEqual(json.loads(out), {"format": "link", "addr": "192.168.1.50:9847",
-                                           "expected_identity": "laptop-a3f2"})
+        code, out, _ = invoke(
+            self.home,
+            "--json",
+            "relay",
+            "join",
+            "--check",
+            "cctl://laptop-a3f2@192.168.1.50:9847/k/a3f29b1cd4e5f678",
+        )
+        self.assertEqual(
+            json.loads(out),
+            {"format": "link", "addr": "192.168.1.50:9847", "expected_identity": "laptop-a3f2"},
+        )
 
     def test_mistyped_code_fails_clearly(self) -> None:
         code, _, err = invoke(self.home, "relay", "join", "YCU-ACM-UAU-PZJ-WH1")
@@ -251,11 +266,14 @@ class JoinCommand(SynchronousTestCase):
 
         code = decode_join("YCU-ACM-UAU-PZJ-WHA")
         link = decode_join("cctl://x-1@1.2.3.4:9847/k/a3f29b1cd4e5f678")
-        self.assertIn("ask for a new invite",
-                      join_failure_message(code, "handshake denied: denied"))
+        self.assertIn(
+            "ask for a new invite", join_failure_message(code, "handshake denied: denied")
+        )
         self.assertIn("expired", join_failure_message(code, "handshake denied: expired"))
-        self.assertEqual(join_failure_message(link, "Connection refused"),
-                         "connection failed: Connection refused")
+        self.assertEqual(
+            join_failure_message(link, "Connection refused"),
+            "connection failed: Connection refused",
+        )
 
     def test_needs_an_argument(self) -> None:
         code, _, err = invoke(self.home, "relay", "join")
@@ -285,7 +303,9 @@ class JoinEndToEnd(SynchronousTestCase):
         try:
             import claudectl.relay.client  # noqa: F401
         except ImportError:
-            raise self.skipTest("the relay client (claudectl.relay.client) is not built yet") from None
+            raise self.skipTest(
+                "the relay client (claudectl.relay.client) is not built yet"
+            ) from None
 
     def pair(self, pick: Any) -> None:
         ha, hb = temp_home(self), temp_home(self)
@@ -318,8 +338,9 @@ class JoinEndToEnd(SynchronousTestCase):
         data = json.loads(run_cli(ha, "--json", "relay", "invite").stdout)
         good = codes.decode_relay_code(data["relay_code"])
         # A mistyped code that still names the invite (the same selector) burns it.
-        wrong = codes.relay_code(good.ip, good.port,
-                                 wrong_password_naming(good.secret, good.ip, good.port))
+        wrong = codes.relay_code(
+            good.ip, good.port, wrong_password_naming(good.secret, good.ip, good.port)
+        )
         a = ServeProcess.serve(ha)
         self.addCleanup(a.stop)
         a.port()
@@ -349,8 +370,9 @@ class DiscoverCommand(TestCase):
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.home = temp_home(self)
-        write_config(self.home, lan_broadcast_port=self.port,
-                     lan_broadcast_addr="127.255.255.255")  # queries stay on loopback
+        write_config(
+            self.home, lan_broadcast_port=self.port, lan_broadcast_addr="127.255.255.255"
+        )  # queries stay on loopback
         KeyStore(self.home).save_key("desk-1", bytes(32))
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -358,8 +380,7 @@ class DiscoverCommand(TestCase):
 
     def beacons(self) -> None:
         for ident, port in (("desk-1", 9847), ("lab-2", 9900)):
-            self.sock.sendto(encode_beacon(ident, port, "0.64.0"),
-                             ("127.255.255.255", self.port))
+            self.sock.sendto(encode_beacon(ident, port, "0.64.0"), ("127.255.255.255", self.port))
 
     def run_discover(self, *args: str) -> defer.Deferred[tuple[bytes, bytes, int]]:
         import sys
@@ -367,9 +388,21 @@ class DiscoverCommand(TestCase):
         loop = LoopingCall(self.beacons)
         loop.start(0.1)
         d = getProcessOutputAndValue(
-            sys.executable, ["-m", "claudectl", "--home", str(self.home.root), "relay",
-                             "discover", "--timeout", "1.5", *args],
-            env=subprocess_env(self.home), reactor=reactor)
+            sys.executable,
+            [
+                "-m",
+                "claudectl",
+                "--home",
+                str(self.home.root),
+                "relay",
+                "discover",
+                "--timeout",
+                "1.5",
+                *args,
+            ],
+            env=subprocess_env(self.home),
+            reactor=reactor,
+        )
         return d.addBoth(lambda r: (loop.stop(), r)[1])
 
     @defer.inlineCallbacks
@@ -377,23 +410,44 @@ class DiscoverCommand(TestCase):
         out, err, code = yield self.run_discover()
         self.assertEqual(code, 0, err)
         lines = out.decode("utf-8").splitlines()
-        self.assertEqual(lines[:4], ["Scanning LAN for claudectl instances (1.5 seconds)...", "",
-                                     "Found 2 instance(s):", ""])
+        self.assertEqual(
+            lines[:4],
+            [
+                "Scanning LAN for claudectl instances (1.5 seconds)...",
+                "",
+                "Found 2 instance(s):",
+                "",
+            ],
+        )
         self.assertEqual(lines[4], "  IDENTITY            ADDRESS                 VERSION")
         self.assertEqual(lines[5], "  " + "─" * 56)
-        self.assertEqual(lines[6:], [
-            "  desk-1              127.0.0.1:9847          v0.64.0 (paired)",
-            "  lab-2               127.0.0.1:9900          v0.64.0",
-        ])
+        self.assertEqual(
+            lines[6:],
+            [
+                "  desk-1              127.0.0.1:9847          v0.64.0 (paired)",
+                "  lab-2               127.0.0.1:9900          v0.64.0",
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_json_is_pure(self) -> Any:
         """Defect P10: nothing but JSON on stdout."""
         out, err, code = yield self.run_discover("--json")
         self.assertEqual(code, 0, err)
-        self.assertEqual(json.loads(out.decode("utf-8")), [
-            {"identity": "desk-1", "addr": "127.0.0.1:9847", "version": "0.64.0",
-             "paired": True},
-            {"identity": "lab-2", "addr": "127.0.0.1:9900", "version": "0.64.0",
-             "paired": False},
-        ])
+        self.assertEqual(
+            json.loads(out.decode("utf-8")),
+            [
+                {
+                    "identity": "desk-1",
+                    "addr": "127.0.0.1:9847",
+                    "version": "0.64.0",
+                    "paired": True,
+                },
+                {
+                    "identity": "lab-2",
+                    "addr": "127.0.0.1:9900",
+                    "version": "0.64.0",
+                    "paired": False,
+                },
+            ],
+        )

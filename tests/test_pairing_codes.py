@@ -40,14 +40,19 @@ class PairCodeVectors(SynchronousTestCase):
     """pairing.psk.*: parse and format pair codes (claudectl.relay.crypto)."""
 
     def test_canonical_psks(self) -> None:
-        names = [n for n in PAIRING if n.startswith("pairing.psk.")
-                 and "pair_code" in PAIRING[n]["input"]
-                 and "psk_hex" in PAIRING[n]["expected"]]
+        names = [
+            n
+            for n in PAIRING
+            if n.startswith("pairing.psk.")
+            and "pair_code" in PAIRING[n]["input"]
+            and "psk_hex" in PAIRING[n]["expected"]
+        ]
         self.assertEqual(len(names), 6)
         for name in names:
             v = PAIRING[name]
-            self.assertEqual(psk_from_code(v["input"]["pair_code"]).hex(),
-                             v["expected"]["psk_hex"], name)
+            self.assertEqual(
+                psk_from_code(v["input"]["pair_code"]).hex(), v["expected"]["psk_hex"], name
+            )
 
     def test_format(self) -> None:
         v = vector("pairing.psk.format")
@@ -67,8 +72,9 @@ class LinkVectors(SynchronousTestCase):
     def test_build(self) -> None:
         v = vector("pairing.invite_link.build")
         host, port = v["input"]["addr"].rsplit(":", 1)
-        link = codes.build_link(v["input"]["identity"], host, int(port),
-                                bytes.fromhex(v["input"]["psk_hex"]))
+        link = codes.build_link(
+            v["input"]["identity"], host, int(port), bytes.fromhex(v["input"]["psk_hex"])
+        )
         self.assertEqual(link, v["expected"]["link"])
 
     def test_parse(self) -> None:
@@ -91,8 +97,12 @@ class LinkVectors(SynchronousTestCase):
             self.assertEqual(str(self.assertRaises(LinkError, codes.parse_link, text)), message)
 
     def test_exact_error_messages(self) -> None:
-        for name in ("reject_hostname", "reject_leading_zero_octet", "reject_dashed_key",
-                     "reject_uppercase_scheme"):
+        for name in (
+            "reject_hostname",
+            "reject_leading_zero_octet",
+            "reject_dashed_key",
+            "reject_uppercase_scheme",
+        ):
             v = vector(f"pairing.invite_link.{name}")
             e = self.assertRaises(LinkError, codes.parse_link, v["input"]["link"])
             self.assertEqual(str(e), v["expected"]["error"], name)
@@ -109,14 +119,29 @@ class LinkVectors(SynchronousTestCase):
         self.assertEqual(mapped.address.host, "::ffff:10.0.0.1")
 
     def test_address_syntax(self) -> None:
-        ok = {"1.2.3.4:0": ("1.2.3.4", 0), "0.0.0.0:00009847": ("0.0.0.0", 9847),
-              "255.255.255.255:65535": ("255.255.255.255", 65535)}
+        ok = {
+            "1.2.3.4:0": ("1.2.3.4", 0),
+            "0.0.0.0:00009847": ("0.0.0.0", 9847),
+            "255.255.255.255:65535": ("255.255.255.255", 65535),
+        }
         for text, expected in ok.items():
             a = codes.parse_socket_address(text)
             self.assertEqual((a.host, a.port), expected)
-        for bad in ("1.2.3.4", "1.2.3.4:", "1.2.3.4:+1", "1.2.3.4:65536", "256.1.1.1:1",
-                    "1.2.3:1", "::1:9847", "[::1]", "[::1%eth0]:1", "[zz::1]:1",
-                    "1.2.3.4:１", "host.local:9847", " 1.2.3.4:1"):
+        for bad in (
+            "1.2.3.4",
+            "1.2.3.4:",
+            "1.2.3.4:+1",
+            "1.2.3.4:65536",
+            "256.1.1.1:1",
+            "1.2.3:1",
+            "::1:9847",
+            "[::1]",
+            "[::1%eth0]:1",
+            "[zz::1]:1",
+            "1.2.3.4:１",
+            "host.local:9847",
+            " 1.2.3.4:1",
+        ):
             e = self.assertRaises(LinkError, codes.parse_socket_address, bad)
             self.assertEqual(str(e), f"invalid address '{bad}': invalid socket address syntax")
 
@@ -132,21 +157,28 @@ class LinkVectors(SynchronousTestCase):
             self.assertIn("ASCII", str(e))
 
     def test_key_trimmed_then_exactly_16(self) -> None:
-        self.assertEqual(codes.parse_link("cctl://x@1.2.3.4:1/k/ a3f29b1cd4e5f678 \n").psk,
-                         psk_from_code("a3f29b1cd4e5f678"))
+        self.assertEqual(
+            codes.parse_link("cctl://x@1.2.3.4:1/k/ a3f29b1cd4e5f678 \n").psk,
+            psk_from_code("a3f29b1cd4e5f678"),
+        )
         e = self.assertRaises(LinkError, codes.parse_link, "cctl://x@1.2.3.4:1/k/a3f29b1cd4e5f678/")
         self.assertEqual(str(e), "invalid PSK code length: expected 16, got 17")
         e = self.assertRaises(LinkError, codes.parse_link, "cctl://x@1.2.3.4:1/k/a3f29b1cd4e5f6zz")
         self.assertEqual(str(e), "invalid PSK code: expected 16 hex chars, got 14")
 
-    @given(identity=st.from_regex(r"[A-Za-z0-9_-]{0,40}", fullmatch=True),
-           host=st.one_of(IPV4, IPV6), port=st.integers(0, 65535),
-           raw=st.binary(min_size=8, max_size=8))
+    @given(
+        identity=st.from_regex(r"[A-Za-z0-9_-]{0,40}", fullmatch=True),
+        host=st.one_of(IPV4, IPV6),
+        port=st.integers(0, 65535),
+        raw=st.binary(min_size=8, max_size=8),
+    )
     def test_link_roundtrip(self, identity: str, host: str, port: int, raw: bytes) -> None:
         psk = canonical_psk(raw)
         link = codes.parse_link(codes.build_link(identity, host, port, psk))
-        self.assertEqual((link.identity, link.address.host, link.address.port, link.psk),
-                         (identity, host, port, psk))
+        self.assertEqual(
+            (link.identity, link.address.host, link.address.port, link.psk),
+            (identity, host, port, psk),
+        )
 
     @given(st.text(max_size=80))
     def test_parse_link_only_raises_link_error(self, text: str) -> None:
@@ -160,8 +192,9 @@ class LinkVectors(SynchronousTestCase):
 class Base32Vectors(SynchronousTestCase):
     def test_known_value(self) -> None:
         v = vector("pairing.base32.known_value")
-        self.assertEqual(codes.base32_encode(v["input"]["data_utf8"].encode()),
-                         v["expected"]["base32"])
+        self.assertEqual(
+            codes.base32_encode(v["input"]["data_utf8"].encode()), v["expected"]["base32"]
+        )
 
     def test_roundtrip(self) -> None:
         v = vector("pairing.base32.roundtrip")
@@ -171,15 +204,13 @@ class Base32Vectors(SynchronousTestCase):
 
     def test_group3(self) -> None:
         v = vector("pairing.base32.group3")
-        self.assertEqual([codes.group3(t) for t in v["input"]["texts"]],
-                         v["expected"]["grouped"])
+        self.assertEqual([codes.group3(t) for t in v["input"]["texts"]], v["expected"]["grouped"])
 
     @given(st.binary(max_size=40))
     def test_matches_rfc4648(self, data: bytes) -> None:
         import base64
 
-        self.assertEqual(codes.base32_encode(data),
-                         base64.b32encode(data).decode().rstrip("="))
+        self.assertEqual(codes.base32_encode(data), base64.b32encode(data).decode().rstrip("="))
 
 
 class RelayCodeVectors(SynchronousTestCase):
@@ -187,12 +218,18 @@ class RelayCodeVectors(SynchronousTestCase):
         v = vector("pairing.relay_code.payload_bytes")
         host, port = v["input"]["addr"].rsplit(":", 1)
         secret = bytes.fromhex(v["input"]["psk_hex"])[:4]
-        self.assertEqual(codes.encode_payload(host, int(port), secret).hex(),
-                         v["expected"]["payload_hex"])
+        self.assertEqual(
+            codes.encode_payload(host, int(port), secret).hex(), v["expected"]["payload_hex"]
+        )
 
     def test_codes_and_phrases(self) -> None:
-        names = [n for n, v in PAIRING.items() if n.startswith("pairing.relay_code.")
-                 and v["kind"] == "COMPAT" and "relay_code" in v["expected"]]
+        names = [
+            n
+            for n, v in PAIRING.items()
+            if n.startswith("pairing.relay_code.")
+            and v["kind"] == "COMPAT"
+            and "relay_code" in v["expected"]
+        ]
         self.assertEqual(len(names), 5)
         for name in names:
             v = PAIRING[name]
@@ -200,26 +237,36 @@ class RelayCodeVectors(SynchronousTestCase):
             secret = bytes.fromhex(i["psk_first4_hex"])
             self.assertEqual(codes.relay_code(i["ip"], i["port"], secret), e["relay_code"], name)
             self.assertEqual(codes.word_phrase(i["ip"], i["port"], secret), e["word_phrase"], name)
-            for decoded in (codes.decode_relay_code(e["relay_code"]),
-                            codes.decode_word_phrase(e["word_phrase"])):
-                self.assertEqual((decoded.ip, decoded.port), (e["decodes_to"]["ip"],
-                                                              e["decodes_to"]["port"]), name)
+            for decoded in (
+                codes.decode_relay_code(e["relay_code"]),
+                codes.decode_word_phrase(e["word_phrase"]),
+            ):
+                self.assertEqual(
+                    (decoded.ip, decoded.port),
+                    (e["decodes_to"]["ip"], e["decodes_to"]["port"]),
+                    name,
+                )
                 self.assertEqual(decoded.secret, secret, name)
 
     def test_lenient_decoding(self) -> None:
-        for name in ("decode_lowercase", "decode_nonzero_pad_bits", "decode_extra_chars",
-                     "decode_spaces"):
+        for name in (
+            "decode_lowercase",
+            "decode_nonzero_pad_bits",
+            "decode_extra_chars",
+            "decode_spaces",
+        ):
             v = vector(f"pairing.relay_code.{name}")
             p = codes.decode_relay_code(v["input"]["relay_code"])
-            self.assertEqual((p.ip, p.port, p.secret.hex()),
-                             (v["expected"]["ip"], v["expected"]["port"],
-                              v["expected"]["seed_hex"]), name)
+            self.assertEqual(
+                (p.ip, p.port, p.secret.hex()),
+                (v["expected"]["ip"], v["expected"]["port"], v["expected"]["seed_hex"]),
+                name,
+            )
 
     def test_decode_errors(self) -> None:
         for name in ("decode_bad_char", "docs_example_too_short"):
             v = vector(f"pairing.relay_code.{name}")
-            e = self.assertRaises(RelayCodeError, codes.decode_relay_code,
-                                  v["input"]["relay_code"])
+            e = self.assertRaises(RelayCodeError, codes.decode_relay_code, v["input"]["relay_code"])
             self.assertEqual(str(e), v["expected"]["error"], name)
         for c in "0189":
             e = self.assertRaises(RelayCodeError, codes.decode_relay_code, "YCUACMUAUPZJWH" + c)
@@ -227,8 +274,12 @@ class RelayCodeVectors(SynchronousTestCase):
 
     def test_address_loss_refused(self) -> None:
         """Defect P3: claudectl silently encodes these to another address; we refuse."""
-        for name in ("port_9975_collides", "port_below_range", "port_above_range",
-                     "ipv6_becomes_loopback4"):
+        for name in (
+            "port_9975_collides",
+            "port_below_range",
+            "port_above_range",
+            "ipv6_becomes_loopback4",
+        ):
             v = vector(f"pairing.relay_code.{name}")
             i = v["input"]
             secret = bytes.fromhex(i["psk_first4_hex"])
@@ -243,8 +294,13 @@ class RelayCodeVectors(SynchronousTestCase):
             self.assertEqual(codes.decode_word_phrase(v["expected"]["word_phrase"]), decoded)
         for name in ("port_roundtrip_9000", "port_roundtrip_10200"):
             v = vector(f"pairing.relay_code.{name}")
-            self.assertRaises(NotCarriedError, codes.encode_payload, v["input"]["ip"],
-                              v["input"]["port"], bytes(4))
+            self.assertRaises(
+                NotCarriedError,
+                codes.encode_payload,
+                v["input"]["ip"],
+                v["input"]["port"],
+                bytes(4),
+            )
 
     def test_9975_message_says_why(self) -> None:
         e = self.assertRaises(NotCarriedError, codes.port_byte, 9975)
@@ -256,12 +312,17 @@ class RelayCodeVectors(SynchronousTestCase):
     def test_claudectl_seed_key_is_not_ours(self) -> None:
         """Defect P1: claudectl derives a key from the 4 seed bytes; it never
         matches the inviter's key.  We never derive a key from a code."""
-        for name in ("pairing.relay_code.claudectl_derived_key",
-                     "pairing.relay_code.claudectl_derived_key_fixture"):
+        for name in (
+            "pairing.relay_code.claudectl_derived_key",
+            "pairing.relay_code.claudectl_derived_key_fixture",
+        ):
             v = vector(name)
             code = v["input"].get("relay_code")
-            seed = (codes.decode_relay_code(code).secret if code
-                    else bytes.fromhex(v["input"]["seed_hex"]))
+            seed = (
+                codes.decode_relay_code(code).secret
+                if code
+                else bytes.fromhex(v["input"]["seed_hex"])
+            )
             import hashlib
 
             claudectl_key = seed + hashlib.sha256(seed).digest()[4:]
@@ -269,10 +330,13 @@ class RelayCodeVectors(SynchronousTestCase):
             if "canonical_psk_hex" in v["expected"]:
                 self.assertNotEqual(claudectl_key.hex(), v["expected"]["canonical_psk_hex"])
         v = vector("pairing.proof.seed_key_zerononce")
-        self.assertEqual(proof(bytes.fromhex(v["input"]["psk_hex"]), v["input"]["nonce"]),
-                         v["expected"]["proof"])
-        self.assertEqual(proof(psk_from_code("a3f2-9b1c-d4e5-f678"), v["input"]["nonce"]),
-                         v["expected"]["differs_from_canonical_proof"])
+        self.assertEqual(
+            proof(bytes.fromhex(v["input"]["psk_hex"]), v["input"]["nonce"]), v["expected"]["proof"]
+        )
+        self.assertEqual(
+            proof(psk_from_code("a3f2-9b1c-d4e5-f678"), v["input"]["nonce"]),
+            v["expected"]["differs_from_canonical_proof"],
+        )
 
     @given(ip=IPV4, port=CODE_PORTS, secret=SECRET)
     def test_code_and_phrase_roundtrip(self, ip: str, port: int, secret: bytes) -> None:
@@ -315,31 +379,43 @@ class WordPhraseVectors(SynchronousTestCase):
     def test_decode_upper_extra(self) -> None:
         v = vector("pairing.word_phrase.decode_upper_extra")
         p = codes.decode_word_phrase(v["input"]["word_phrase"])
-        self.assertEqual((p.ip, p.port, p.secret.hex()),
-                         (v["expected"]["ip"], v["expected"]["port"], v["expected"]["seed_hex"]))
+        self.assertEqual(
+            (p.ip, p.port, p.secret.hex()),
+            (v["expected"]["ip"], v["expected"]["port"], v["expected"]["seed_hex"]),
+        )
 
     def test_errors(self) -> None:
-        for name in ("reject_too_short_8", "reject_unknown_zzz", "reject_too_short_3",
-                     "reject_unknown_zzzzz"):
+        for name in (
+            "reject_too_short_8",
+            "reject_unknown_zzz",
+            "reject_too_short_3",
+            "reject_unknown_zzzzz",
+        ):
             v = vector(f"pairing.word_phrase.{name}")
-            e = self.assertRaises(WordPhraseError, codes.decode_word_phrase,
-                                  v["input"]["word_phrase"])
+            e = self.assertRaises(
+                WordPhraseError, codes.decode_word_phrase, v["input"]["word_phrase"]
+            )
             self.assertEqual(str(e), v["expected"]["error"], name)
 
     def test_unknown_word_as_typed(self) -> None:
-        e = self.assertRaises(WordPhraseError, codes.decode_word_phrase,
-                              "nut-may-act-dub-jag-mad-ray-let-Zzz")
+        e = self.assertRaises(
+            WordPhraseError, codes.decode_word_phrase, "nut-may-act-dub-jag-mad-ray-let-Zzz"
+        )
         self.assertEqual(str(e), "unknown word: 'Zzz'")
         # Pieces are not trimmed, as in claudectl.
-        e = self.assertRaises(WordPhraseError, codes.decode_word_phrase,
-                              "nut-may-act-dub-jag-mad-ray-let- cap")
+        e = self.assertRaises(
+            WordPhraseError, codes.decode_word_phrase, "nut-may-act-dub-jag-mad-ray-let- cap"
+        )
         self.assertEqual(str(e), "unknown word: ' cap'")
 
     def test_docs_example(self) -> None:
         """The claudectl docs' phrase decodes, but to an address unrelated to its link (P12)."""
         v = vector("pairing.word_phrase.docs_example")
         p = codes.decode_word_phrase(v["input"]["word_phrase"])
-        self.assertEqual([INDEX[w] for w in v["input"]["word_phrase"].split("-")],
-                         v["expected"]["indices"])
-        self.assertEqual((p.ip, p.port, p.secret.hex()),
-                         (v["expected"]["ip"], v["expected"]["port"], v["expected"]["seed_hex"]))
+        self.assertEqual(
+            [INDEX[w] for w in v["input"]["word_phrase"].split("-")], v["expected"]["indices"]
+        )
+        self.assertEqual(
+            (p.ip, p.port, p.secret.hex()),
+            (v["expected"]["ip"], v["expected"]["port"], v["expected"]["seed_hex"]),
+        )

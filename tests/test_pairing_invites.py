@@ -56,8 +56,13 @@ class InviteStoreTests(SynchronousTestCase):
         self.store = InviteStore(self.home)
 
     def create(self, **kw: object) -> object:
-        args = {"identity": "desk-1a2b3c4d", "host": "192.168.1.50", "port": 9847,
-                "ttl_secs": DAY, "now": T0}
+        args = {
+            "identity": "desk-1a2b3c4d",
+            "host": "192.168.1.50",
+            "port": 9847,
+            "ttl_secs": DAY,
+            "now": T0,
+        }
         args.update(kw)
         return self.store.create(**args)  # type: ignore[arg-type]
 
@@ -68,8 +73,10 @@ class InviteStoreTests(SynchronousTestCase):
         self.assertEqual(len(inv.code_password), 4)
         # The link is claudectl's: the canonical PSK of its pair code...
         link = codes.parse_link(inv.link)
-        self.assertEqual((link.identity, str(link.address), link.psk),
-                         ("desk-1a2b3c4d", "192.168.1.50:9847", inv.link_psk))
+        self.assertEqual(
+            (link.identity, str(link.address), link.psk),
+            ("desk-1a2b3c4d", "192.168.1.50:9847", inv.link_psk),
+        )
         # ...which is also the pending key, 0600, for a claudectl listener.
         self.assertEqual(self.keys.pending_key(), inv.link_psk)
         mode = stat.S_IMODE(os.stat(self.home.peers / "_pending.key").st_mode)
@@ -78,8 +85,9 @@ class InviteStoreTests(SynchronousTestCase):
         for text, kind in ((inv.relay_code, RELAY_CODE), (inv.word_phrase, WORD_PHRASE)):
             self.assertEqual(detect_join_format(text), kind)
             target = decode_join(text)
-            self.assertEqual((target.address, target.pake_password),
-                             ("192.168.1.50:9847", inv.code_password))
+            self.assertEqual(
+                (target.address, target.pake_password), ("192.168.1.50:9847", inv.code_password)
+            )
         self.assertNotEqual(inv.code_password, inv.link_psk[:4])
 
     def test_file_is_private_and_round_trips(self) -> None:
@@ -95,8 +103,9 @@ class InviteStoreTests(SynchronousTestCase):
         self.assertNotEqual(a.id, b.id)
         self.assertNotEqual(a.link_psk, b.link_psk)
         self.assertEqual([i.id for i in self.store.list(T0 + 10)], [a.id, b.id])
-        self.assertEqual(self.store.open_link_keys(T0 + 10),
-                         [(b.id, b.link_psk), (a.id, a.link_psk)])
+        self.assertEqual(
+            self.store.open_link_keys(T0 + 10), [(b.id, b.link_psk), (a.id, a.link_psk)]
+        )
         self.assertEqual([i.id for i in self.store.open_code_invites(T0 + 10)], [b.id, a.id])
         # The newest invite owns the single claudectl pending slot.
         self.assertEqual(self.keys.pending_key(), b.link_psk)

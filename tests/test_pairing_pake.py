@@ -99,16 +99,18 @@ class PakeTests(SynchronousTestCase):
     def test_junk_code_naming_no_invite_burns_nothing(self) -> None:
         invites = [self.invite() for _ in range(3)]
         taken = {i.selector for i in invites}
-        junk = [p for p in (n.to_bytes(4, "big") for n in range(2000))
-                if invite_selector(p) not in taken][:50]
+        junk = [
+            p
+            for p in (n.to_bytes(4, "big") for n in range(2000))
+            if invite_selector(p) not in taken
+        ][:50]
         real = self.responder.respond("laptop-1", PakeInitiator(invites[0].code_password).start())
         for password in junk:
             _, response, psk = self.attempt(password)
             self.assertIsNone(psk)
             self.assertEqual(response.failure, "wrong_code")
             # A decoy looks like a real answer: one message of the same size.
-            self.assertEqual([len(m) for m in response.messages],
-                             [len(m) for m in real.messages])
+            self.assertEqual([len(m) for m in response.messages], [len(m) for m in real.messages])
         self.assertEqual({self.store.get(i.id).state for i in invites}, {OPEN})
 
     def test_unusable_message_refused_alike_whatever_the_selector(self) -> None:
@@ -124,9 +126,11 @@ class PakeTests(SynchronousTestCase):
         from spake2 import SPAKE2_A
 
         inv = self.invite()
-        old_style = SPAKE2_A(b"claudectl-pake-v1:password:" + inv.code_password,
-                             idA=b"claudectl-pake-v1:joiner",
-                             idB=b"claudectl-pake-v1:listener").start()
+        old_style = SPAKE2_A(
+            b"claudectl-pake-v1:password:" + inv.code_password,
+            idA=b"claudectl-pake-v1:joiner",
+            idB=b"claudectl-pake-v1:listener",
+        ).start()
         response = self.responder.respond("laptop-1", old_style)
         self.assertEqual(len(response.messages), 1)
         self.assertIsNone(response.finish([bytes(32)]))
@@ -137,8 +141,9 @@ class PakeTests(SynchronousTestCase):
         """An impostor inviter gets one offline guess, not one per message it sends."""
         init = PakeInitiator(b"abcd")
         init.start()
-        e = self.assertRaises(PakeError, init.confirmations,
-                              [self._listener_msg(), self._listener_msg()])
+        e = self.assertRaises(
+            PakeError, init.confirmations, [self._listener_msg(), self._listener_msg()]
+        )
         self.assertIn("2 PAKE messages", str(e))
         self.assertEqual(init.candidate_psks(), [])
 
@@ -280,8 +285,12 @@ class PakeTests(SynchronousTestCase):
 
     def test_derivations_are_distinct(self) -> None:
         key, a, b = bytes(32), b"A1", b"B2"
-        values = {joiner_confirmation(key, a, b), listener_confirmation(key, a, b),
-                  derive_psk(key, a, b), derive_psk(key, b, a)}
+        values = {
+            joiner_confirmation(key, a, b),
+            listener_confirmation(key, a, b),
+            derive_psk(key, a, b),
+            derive_psk(key, b, a),
+        }
         self.assertEqual(len(values), 4)
 
     def test_pending_link_key_dropped_after_code_use(self) -> None:
@@ -332,10 +341,12 @@ class WithHandshake(SynchronousTestCase):
             def closed_candidates(self) -> list[tuple[str, bytes]]:
                 return []
 
-        listener = self.hs.ListenerHandshake(EnvelopeFactory("desk-1", clock.seconds), Keys(),
-                                             pake=PakeResponder(store, clock))
-        connector = self.hs.ConnectorHandshake(EnvelopeFactory("laptop-1", clock.seconds),
-                                               self.hs.PakeAuth(PakeInitiator(password)))
+        listener = self.hs.ListenerHandshake(
+            EnvelopeFactory("desk-1", clock.seconds), Keys(), pake=PakeResponder(store, clock)
+        )
+        connector = self.hs.ConnectorHandshake(
+            EnvelopeFactory("laptop-1", clock.seconds), self.hs.PakeAuth(PakeInitiator(password))
+        )
         outbox = listener.start()
         side, other = connector, listener
         result: dict[str, Any] = {}
@@ -370,8 +381,7 @@ class WithHandshake(SynchronousTestCase):
         clock.advance(T0)
         store = InviteStore(temp_home(self))
         inv = store.create("desk-1", "192.168.1.50", 9900, DAY, T0)
-        result, stored = self.run_handshake(wrong_password_naming(inv.code_password),
-                                            store, clock)
+        result, stored = self.run_handshake(wrong_password_naming(inv.code_password), store, clock)
         self.assertIsNotNone(result["listener"].failed)
         self.assertEqual(stored, {})
         self.assertEqual(store.get(inv.id).state, BURNED)

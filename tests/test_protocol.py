@@ -29,8 +29,9 @@ def frames(transport: StringTransport) -> list[dict[str, Any]]:
     return out
 
 
-def line(msg_type: str, payload: Any, from_peer: str = "claude-rs-01",
-         msg_id: str = "msg_1_0") -> bytes:
+def line(
+    msg_type: str, payload: Any, from_peer: str = "claude-rs-01", msg_id: str = "msg_1_0"
+) -> bytes:
     return codec.encode(codec.Envelope(msg_id, msg_type, from_peer, 1, payload))
 
 
@@ -41,8 +42,9 @@ class ListenerTests(SynchronousTestCase):
         self.psk = psk_from_code("0123-4567-89ab-cdef")
         self.node.keystore.save_key("claude-rs-01", self.psk)
         self.received: list[tuple[str, codec.Envelope]] = []
-        self.node.mesh.add_handler(codec.KNOWLEDGE_REQUEST,
-                                   lambda peer, env: self.received.append((peer, env)))
+        self.node.mesh.add_handler(
+            codec.KNOWLEDGE_REQUEST, lambda peer, env: self.received.append((peer, env))
+        )
 
     def connect(self, ip: str = "127.0.0.1") -> tuple[RelayProtocol, StringTransport]:
         proto = RelayFactory(self.node).buildProtocol(None)
@@ -50,14 +52,23 @@ class ListenerTests(SynchronousTestCase):
         proto.makeConnection(transport)
         return proto, transport
 
-    def authenticate_oneway(self, proto: RelayProtocol, transport: StringTransport,
-                            peer: str = "claude-rs-01", psk: bytes | None = None) -> dict:
+    def authenticate_oneway(
+        self,
+        proto: RelayProtocol,
+        transport: StringTransport,
+        peer: str = "claude-rs-01",
+        psk: bytes | None = None,
+    ) -> dict:
         challenge = frames(transport)[0]
         nonce = challenge["payload"]["nonce"]
         # Exactly what a claudectl 0.64 connector sends: no cnonce, no caps.
-        proto.dataReceived(line(codec.HANDSHAKE,
-                                {"proof": proof(psk or self.psk, nonce), "version": "0.64.0"},
-                                from_peer=peer))
+        proto.dataReceived(
+            line(
+                codec.HANDSHAKE,
+                {"proof": proof(psk or self.psk, nonce), "version": "0.64.0"},
+                from_peer=peer,
+            )
+        )
         return frames(transport)[0]
 
     def test_challenge_on_connect(self) -> None:
@@ -101,8 +112,11 @@ class ListenerTests(SynchronousTestCase):
         proto, transport = self.connect()
         nonce = frames(transport)[0]["payload"]["nonce"]
         cnonce = "ab" * 32
-        proto.dataReceived(line(codec.HANDSHAKE, {"proof": proof(self.psk, nonce),
-                                                  "cnonce": cnonce, "version": "x"}))
+        proto.dataReceived(
+            line(
+                codec.HANDSHAKE, {"proof": proof(self.psk, nonce), "cnonce": cnonce, "version": "x"}
+            )
+        )
         ack = frames(transport)[0]
         self.assertEqual(ack["payload"]["status"], "ok")
         self.assertEqual(ack["payload"]["sproof"], listener_proof(self.psk, cnonce, nonce))
@@ -138,13 +152,16 @@ class ListenerTests(SynchronousTestCase):
         for _round in range(2):
             for _ in range(4 if _round == 0 else 1):
                 proto, transport = self.connect(ip)
-                self.assertEqual(self.authenticate_oneway(proto, transport, psk=b"y" * 32)
-                                 ["payload"]["status"], "denied")
+                self.assertEqual(
+                    self.authenticate_oneway(proto, transport, psk=b"y" * 32)["payload"]["status"],
+                    "denied",
+                )
                 proto.connectionLost()
             if _round == 0:
                 proto, transport = self.connect(ip)
-                self.assertEqual(self.authenticate_oneway(proto, transport)["payload"]["status"],
-                                 "ok")
+                self.assertEqual(
+                    self.authenticate_oneway(proto, transport)["payload"]["status"], "ok"
+                )
         # The fifth wrong guess within 60 s: the address is refused, the good link stays.
         _p, t = self.connect(ip)
         self.assertEqual(t.value(), b"")
@@ -256,10 +273,15 @@ class ListenerTests(SynchronousTestCase):
 
     def test_bad_lines_skipped_link_survives(self) -> None:
         proto, transport = self.authenticated()
-        unknown = (b'{"id":"u","msg_type":"pair_request","from_peer":"p","timestamp":1,'
-                   b'"payload":{}}\n')
-        proto.dataReceived(b"{not json}\n" + unknown + b"\n\n  \n"
-                           + line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}, msg_id="m1"))
+        unknown = (
+            b'{"id":"u","msg_type":"pair_request","from_peer":"p","timestamp":1,"payload":{}}\n'
+        )
+        proto.dataReceived(
+            b"{not json}\n"
+            + unknown
+            + b"\n\n  \n"
+            + line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}, msg_id="m1")
+        )
         self.assertEqual(len(self.received), 1)
         self.assertFalse(transport.disconnecting)
         st = self.node.mesh.states["claude-rs-01"]
@@ -269,8 +291,10 @@ class ListenerTests(SynchronousTestCase):
         proto, transport = self.authenticated()
         proto.dataReceived(b"garbage\n" * 20)
         self.assertTrue(transport.disconnecting)
-        self.assertIn("bad frames", self.node.mesh.states["claude-rs-01"].last_error or
-                      proto._closing_reason or "")
+        self.assertIn(
+            "bad frames",
+            self.node.mesh.states["claude-rs-01"].last_error or proto._closing_reason or "",
+        )
 
     def test_one_valid_frame_every_nineteen_bad_lines_closes_the_link(self) -> None:
         """Issue 11 item 2: a high bad-frame ratio closes the link (and is counted)."""
@@ -278,9 +302,10 @@ class ListenerTests(SynchronousTestCase):
         for n in range(10):
             if transport.disconnecting:
                 break
-            proto.dataReceived(b"garbage\n" * 19
-                               + line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0},
-                                      msg_id=f"m{n}"))
+            proto.dataReceived(
+                b"garbage\n" * 19
+                + line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}, msg_id=f"m{n}")
+            )
         self.assertTrue(transport.disconnecting)
         self.assertLessEqual(n, 4)  # closed within the 64-line window
         self.assertIn("of the last 64 frames were bad", proto._closing_reason or "")
@@ -295,8 +320,9 @@ class ListenerTests(SynchronousTestCase):
         bad = b"x" * 400 + b"\n"
         with capturedLogs() as events:
             for n in range(1000):  # ~ 400 KB of bad lines, kept under the ratio limit
-                proto.dataReceived(bad + line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0},
-                                              msg_id=f"a{n}"))
+                proto.dataReceived(
+                    bad + line(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}, msg_id=f"a{n}")
+                )
             self.assertFalse(transport.disconnecting)
             proto.connectionLost()
         texts = [e.get("log_format", "") for e in events]
@@ -348,8 +374,9 @@ class ListenerTests(SynchronousTestCase):
     def test_oneway_quiet_period(self) -> None:
         proto, transport = self.connect()
         self.authenticate_oneway(proto, transport)
-        self.assertTrue(self.node.mesh.send("claude-rs-01", codec.KNOWLEDGE_REQUEST,
-                                            {"since_epoch": 0}))
+        self.assertTrue(
+            self.node.mesh.send("claude-rs-01", codec.KNOWLEDGE_REQUEST, {"since_epoch": 0})
+        )
         self.assertEqual(transport.value(), b"")
         self.reactor.advance(ONEWAY_QUIET_SECS)
         self.assertEqual(frames(transport)[0]["msg_type"], "knowledge_request")
@@ -393,10 +420,12 @@ class TwoNodesTests(SynchronousTestCase):
         server = RelayProtocol(self.a, LISTENER)
         client = RelayProtocol(self.b, CONNECTOR, auth)
         client.dial_address = "127.0.0.1:9847"  # type: ignore[attr-defined]
-        s_t = iosim.FakeTransport(server, isServer=True,
-                                  peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
-        c_t = iosim.FakeTransport(client, isServer=False,
-                                  peerAddress=IPv4Address("TCP", "127.0.0.1", 9847))
+        s_t = iosim.FakeTransport(
+            server, isServer=True, peerAddress=IPv4Address("TCP", "127.0.0.1", 5000)
+        )
+        c_t = iosim.FakeTransport(
+            client, isServer=False, peerAddress=IPv4Address("TCP", "127.0.0.1", 9847)
+        )
         pump = iosim.connect(server, s_t, client, c_t)
         return server, client, pump
 
@@ -443,10 +472,12 @@ class BothDialTests(SynchronousTestCase):
             server = RelayProtocol(listener_node, LISTENER)
             client = RelayProtocol(connector_node, CONNECTOR, KeyAuth(psk, expect))
             client.dial_address = "127.0.0.1:1"  # type: ignore[attr-defined]
-            s_t = iosim.FakeTransport(server, isServer=True,
-                                      peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
-            c_t = iosim.FakeTransport(client, isServer=False,
-                                      peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
+            s_t = iosim.FakeTransport(
+                server, isServer=True, peerAddress=IPv4Address("TCP", "127.0.0.1", 5000)
+            )
+            c_t = iosim.FakeTransport(
+                client, isServer=False, peerAddress=IPv4Address("TCP", "127.0.0.1", 1)
+            )
             return server, client, iosim.connect(server, s_t, client, c_t)
 
         # B's dial (B -> A) completes first, then A's (A -> B).

@@ -31,8 +31,9 @@ class OfflineCommandsTests(SynchronousTestCase):
         self.assertRegex(first, r"^[a-z0-9_-]+-[0-9a-f]{8}$")
         self.assertEqual(ok(run_cli(self.home, "relay", "identity")).strip(), first)
         self.assertEqual(self.home.identity_file.read_text(), first)  # no trailing newline
-        self.assertEqual(json.loads(ok(run_cli(self.home, "--json", "relay", "identity"))),
-                         {"identity": first})
+        self.assertEqual(
+            json.loads(ok(run_cli(self.home, "--json", "relay", "identity"))), {"identity": first}
+        )
 
     def test_pair_writes_pending_key(self) -> None:
         out = ok(run_cli(self.home, "relay", "pair"))
@@ -52,8 +53,9 @@ class OfflineCommandsTests(SynchronousTestCase):
         out = ok(run_cli(self.home, "relay", "accept", "0123-4567-89AB-CDEF", "desk-9f8e7d6c"))
         self.assertIn("Paired with peer: desk-9f8e7d6c", out)
         key = self.home.peers / "desk-9f8e7d6c.key"
-        self.assertEqual(key.read_text(),
-                         "0123456789abcdef0cefa825d0c8e8e9532ee8a118abe7d8570762cd38be9818")
+        self.assertEqual(
+            key.read_text(), "0123456789abcdef0cefa825d0c8e8e9532ee8a118abe7d8570762cd38be9818"
+        )
         self.assertEqual(stat.S_IMODE(os.stat(key).st_mode), 0o600)
 
     def test_accept_errors(self) -> None:
@@ -105,8 +107,11 @@ class OfflineCommandsTests(SynchronousTestCase):
         self.home.config_file.write_text("[hive]\nmax_unit = 3\n")
         r = run_cli(self.home, "hive", "status")
         self.assertEqual(r.returncode, 0, r.stderr)
-        self.assertEqual(r.stderr, f"Warning: {self.home.config_file}: unknown key "
-                                   f"'hive.max_unit' is ignored; did you mean 'hive.max_units'?\n")
+        self.assertEqual(
+            r.stderr,
+            f"Warning: {self.home.config_file}: unknown key "
+            f"'hive.max_unit' is ignored; did you mean 'hive.max_units'?\n",
+        )
 
     def test_bad_config_names_key_and_file(self) -> None:
         self.home.config_file.parent.mkdir(parents=True)
@@ -172,13 +177,15 @@ class StoryTests(SynchronousTestCase):
             time.sleep(0.5)
         a2.expect(f"{idb} authenticated")
         # Issue 12 item 11: the link B re-dialed by itself is dropped, and said so.
-        self.assertEqual(ok(run_cli(hb, "relay", "disconnect", ida)),
-                         f"Disconnected from {ida}; the service stopped redialing it (until it "
-                         f"restarts).\n")
+        self.assertEqual(
+            ok(run_cli(hb, "relay", "disconnect", ida)),
+            f"Disconnected from {ida}; the service stopped redialing it (until it restarts).\n",
+        )
         self.assertEqual(state(hb, ida), "disconnected")
-        self.assertEqual(ok(run_cli(hb, "relay", "disconnect", ida)),
-                         f"{ida} was not connected, and the service was not dialing it: "
-                         f"nothing to do.\n")
+        self.assertEqual(
+            ok(run_cli(hb, "relay", "disconnect", ida)),
+            f"{ida} was not connected, and the service was not dialing it: nothing to do.\n",
+        )
         self.assertEqual(b.stop(), 0)
 
 
@@ -201,18 +208,25 @@ class ClaudectlPeerTests(SynchronousTestCase):
         reader = sock.makefile("rb")
         challenge = json.loads(reader.readline())
         self.assertIn("tls-v1", challenge["payload"]["caps"])
-        frame = {"id": "msg_1_0", "msg_type": "handshake", "from_peer": "claude-rs-01",
-                 "timestamp": 1, "payload": {"proof": proof(psk_from_code(code),
-                                                            challenge["payload"]["nonce"]),
-                                             "version": "0.64.0"}}
+        frame = {
+            "id": "msg_1_0",
+            "msg_type": "handshake",
+            "from_peer": "claude-rs-01",
+            "timestamp": 1,
+            "payload": {
+                "proof": proof(psk_from_code(code), challenge["payload"]["nonce"]),
+                "version": "0.64.0",
+            },
+        }
         sock.sendall(json.dumps(frame, separators=(",", ":")).encode() + b"\n")
         ack = json.loads(reader.readline())
         self.assertEqual(ack["payload"], {"status": "ok"})
         serve.expect("claude-rs-01 authenticated")
         rows = json.loads(ok(run_cli(home, "relay", "peers", "--json")))
         row = {r["identity"]: r for r in rows}["claude-rs-01"]
-        self.assertEqual((row["state"], row["transport"], row["mode"]),
-                         ("connected", "plaintext", "oneway"))
+        self.assertEqual(
+            (row["state"], row["transport"], row["mode"]), ("connected", "plaintext", "oneway")
+        )
         serve.expect("link to claude-rs-01 is not encrypted")
 
 
@@ -221,9 +235,21 @@ class OneServicePerHomeTests(SynchronousTestCase):
 
     def test_second_serve_and_verbose_log(self) -> None:
         home = temp_home(self)
-        a = ServeProcess(home, ["-m", "claudectl", "-v", "--home", str(home.root), "relay",
-                                "serve", "--no-discovery", "--listen",
-                                "tcp:0:interface=127.0.0.1"])
+        a = ServeProcess(
+            home,
+            [
+                "-m",
+                "claudectl",
+                "-v",
+                "--home",
+                str(home.root),
+                "relay",
+                "serve",
+                "--no-discovery",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            ],
+        )
         self.addCleanup(a.stop)
         port = a.port()
         ident = KeyStore(home).identity()
@@ -233,7 +259,8 @@ class OneServicePerHomeTests(SynchronousTestCase):
             r.stderr,
             f"Error: the relay service ({ident}) is already running for home {home.root} "
             f"(pid {a.proc.pid}, listening on port {port}); stop it with Ctrl+C in its "
-            f"terminal or `kill {a.proc.pid}`, or use another --home\n")
+            f"terminal or `kill {a.proc.pid}`, or use another --home\n",
+        )
         self.assertNotIn("--pidfile", r.stdout + r.stderr)
         ok(run_cli(home, "relay", "peers"))
         ok(run_cli(home, "relay", "status"))
@@ -259,12 +286,27 @@ class DaemonLogfileTests(SynchronousTestCase):
 
         home = temp_home(self)
         pidfile, logfile = home.root / "relay.pid", home.root / "relay.log"
-        r = subprocess.run([sys.executable, "-c", TWISTD, f"--pidfile={pidfile}",
-                            f"--logfile={logfile}", "--umask=0022", "claudectl-relay",
-                            "--home", str(home.root), "--no-discovery",
-                            "--listen", "tcp:0:interface=127.0.0.1"],
-                           capture_output=True, text=True, env=subprocess_env(home),
-                           cwd=str(home.root), timeout=60)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                TWISTD,
+                f"--pidfile={pidfile}",
+                f"--logfile={logfile}",
+                "--umask=0022",
+                "claudectl-relay",
+                "--home",
+                str(home.root),
+                "--no-discovery",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            ],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(home),
+            cwd=str(home.root),
+            timeout=60,
+        )
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         deadline = time.monotonic() + 20
         while not pidfile.exists():
@@ -296,8 +338,9 @@ class SeveralPairCodesTests(SynchronousTestCase):
         ok(run_cli(hb, "relay", "accept", code1, ida))
         ok(run_cli(hc, "relay", "accept", code2, ida))
         listed = json.loads(ok(run_cli(ha, "relay", "invite", "--list", "--json")))
-        self.assertEqual([(i["kind"], i["state"]) for i in listed],
-                         [("pair", "open"), ("pair", "open")])
+        self.assertEqual(
+            [(i["kind"], i["state"]) for i in listed], [("pair", "open"), ("pair", "open")]
+        )
 
         a = ServeProcess.serve(ha, "--listen", "tcp:0:interface=127.0.0.1")
         self.addCleanup(a.stop)
@@ -316,8 +359,10 @@ class SeveralPairCodesTests(SynchronousTestCase):
         self.assertEqual(ks.key(idc), psk_from_code(code2))
         self.assertFalse((ha.peers / "_pending.key").exists())
         listed = json.loads(ok(run_cli(ha, "relay", "invite", "--list", "--json")))
-        self.assertEqual(sorted((i["state"], i["used_by"]) for i in listed),
-                         sorted([("used", idb), ("used", idc)]))
+        self.assertEqual(
+            sorted((i["state"], i["used_by"]) for i in listed),
+            sorted([("used", idb), ("used", idc)]),
+        )
 
 
 class StalePidTests(SynchronousTestCase):

@@ -38,9 +38,17 @@ class Silent(protocol.Protocol):
         if self.starttls and b"\n" in self.received:
             # Ask for TLS like a peer of this project, then never speak TLS.
             self.starttls = False
-            self.transport.write(codec.encode(codec.Envelope(
-                "msg_1_0", codec.HANDSHAKE, "mallory-6666", 1,
-                {"starttls": CAP_TLS, "version": "0.64.0", "caps": [CAP_TLS]})))
+            self.transport.write(
+                codec.encode(
+                    codec.Envelope(
+                        "msg_1_0",
+                        codec.HANDSHAKE,
+                        "mallory-6666",
+                        1,
+                        {"starttls": CAP_TLS, "version": "0.64.0", "caps": [CAP_TLS]},
+                    )
+                )
+            )
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(None)
@@ -74,8 +82,9 @@ class SlowlorisTests(TestCase):
             s = Silent(starttls)
             self.attackers.append(s)
             src = sources[i % len(sources)]
-            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port,
-                                                     bindAddress=(src, 0)), s)
+            await connectProtocol(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(src, 0)), s
+            )
         for _ in range(200):
             await deferLater(reactor, 0.01, lambda: None)
             if self.a.admission.inflight >= min(n, MAX_INFLIGHT_HANDSHAKES):
@@ -83,8 +92,9 @@ class SlowlorisTests(TestCase):
 
     async def timed_dial(self) -> float:
         start = time.monotonic()
-        proto = await self.b.open_link(f"127.0.0.1:{self.port.getHost().port}",
-                                       KeyAuth(self.psk, "alpha-1111"))
+        proto = await self.b.open_link(
+            f"127.0.0.1:{self.port.getHost().port}", KeyAuth(self.psk, "alpha-1111")
+        )
         elapsed = time.monotonic() - start
         self.assertEqual(proto.peer_id, "alpha-1111")
         return elapsed
@@ -124,7 +134,8 @@ class SlowlorisTests(TestCase):
         # A peer dials while 120 idle sockets arrive from four other addresses.
         dial = defer.ensureDeferred(self.timed_dial())
         flood = defer.ensureDeferred(
-            self.attack(120, ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]))
+            self.attack(120, ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"])
+        )
         elapsed = await dial
         await flood
         self.assertLess(elapsed, 1.0)

@@ -40,8 +40,9 @@ class RunningService:
 
     def start(self) -> tap.RelayService:
         opts = tap.Options()
-        opts.parseOptions(["--home", str(self.home.root), "--listen", self.listen,
-                           "--no-discovery"])
+        opts.parseOptions(
+            ["--home", str(self.home.root), "--listen", self.listen, "--no-discovery"]
+        )
         svc = tap.makeService(opts, reactor=reactor)
         assert isinstance(svc, tap.RelayService)
         svc.privilegedStartService()
@@ -93,22 +94,22 @@ class TwoServicesTests(TestCase):
 
     async def test_connect_and_see_each_other(self) -> None:
         await self.start_both()
-        r = await call_control(reactor, self.b.home, C.Connect,
-                               address=f"127.0.0.1:{self.a.port}")
+        r = await call_control(reactor, self.b.home, C.Connect, address=f"127.0.0.1:{self.a.port}")
         self.assertEqual((r["peer"], r["mode"], r["already"]), (self.ida, "mutual", False))
         await wait_for(lambda: self.a.node.mesh.is_connected(self.idb))
         [pa] = await self.peers(self.a)
         [pb] = await self.peers(self.b)
         self.assertEqual((pa["identity"], pa["state"]), (self.idb, "connected"))
-        self.assertEqual((pb["identity"], pb["state"], pb["address"]),
-                         (self.ida, "connected", f"127.0.0.1:{self.a.port}"))
+        self.assertEqual(
+            (pb["identity"], pb["state"], pb["address"]),
+            (self.ida, "connected", f"127.0.0.1:{self.a.port}"),
+        )
         # The connector remembered the address (claudectl's .meta format).
         meta = KeyStore(self.b.home).meta(self.ida)
         assert meta is not None
         self.assertEqual(meta.addr, f"127.0.0.1:{self.a.port}")
         # Asking again is harmless.
-        r2 = await call_control(reactor, self.b.home, C.Connect,
-                                address=f"127.0.0.1:{self.a.port}")
+        r2 = await call_control(reactor, self.b.home, C.Connect, address=f"127.0.0.1:{self.a.port}")
         self.assertTrue(r2["already"])
 
     async def test_connect_unpaired_address_is_an_error(self) -> None:
@@ -116,18 +117,15 @@ class TwoServicesTests(TestCase):
         KeyStore(self.b.home).forget(self.ida)
         # A announces its identity; B holds no key for it and sends no proof.
         with self.assertRaises(C.LinkFailed) as cm:
-            await call_control(reactor, self.b.home, C.Connect,
-                               address=f"127.0.0.1:{self.a.port}")
-        self.assertIn(f"is {self.ida}, a peer this instance is not paired with",
-                      str(cm.exception))
+            await call_control(reactor, self.b.home, C.Connect, address=f"127.0.0.1:{self.a.port}")
+        self.assertIn(f"is {self.ida}, a peer this instance is not paired with", str(cm.exception))
         self.assertEqual(self.a.node.mesh.connected_peers(), [])
 
     async def test_wrong_key_is_refused(self) -> None:
         await self.start_both()
         KeyStore(self.b.home).save_key(self.ida, b"\x01" * 32)
         with self.assertRaises(C.LinkFailed) as cm:
-            await call_control(reactor, self.b.home, C.Connect,
-                               address=f"127.0.0.1:{self.a.port}")
+            await call_control(reactor, self.b.home, C.Connect, address=f"127.0.0.1:{self.a.port}")
         self.assertIn("denied", str(cm.exception))
         self.assertEqual(self.a.node.mesh.connected_peers(), [])
 
@@ -151,8 +149,9 @@ class TwoServicesTests(TestCase):
         await self.start_both()
         await call_control(reactor, self.b.home, C.Connect, address=f"127.0.0.1:{self.a.port}")
         r = await call_control(reactor, self.b.home, C.Disconnect, peer=self.ida)
-        self.assertEqual((r["was_connected"], r["dropped_link"], r["stopped_dialer"]),
-                         (True, True, True))
+        self.assertEqual(
+            (r["was_connected"], r["dropped_link"], r["stopped_dialer"]), (True, True, True)
+        )
         await wait_for(lambda: not self.a.node.mesh.is_connected(self.idb))
         self.assertNotIn(self.ida, self.b.node.dialers)
         self.assertEqual(running_port(self.b.home), self.b.port)

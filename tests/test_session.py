@@ -25,8 +25,9 @@ from tests.common import vector
 
 def frame(msg_id: str, msg_type: str = codec.HEARTBEAT, payload: object = None) -> bytes:
     """One encoded frame without its newline (as LineReceiver delivers it)."""
-    return encode(Envelope(msg_id, msg_type, "desk-1", 1, {} if payload is None else payload)
-                  ).rstrip(b"\n")
+    return encode(
+        Envelope(msg_id, msg_type, "desk-1", 1, {} if payload is None else payload)
+    ).rstrip(b"\n")
 
 
 class DedupVectorTests(SynchronousTestCase):
@@ -80,8 +81,13 @@ class FrameFilterTests(SynchronousTestCase):
         self.assertEqual(self.counters.bad_frames, 0)
 
     def test_bad_lines_counted_and_skipped(self) -> None:
-        bad = [b"not json", b'{"id":"m"}', frame("x").replace(b"heartbeat", b"HeartBeat"),
-               b"\xff", b'{"id":"m","msg_type":"ack","from_peer":"p","timestamp":1.5,"payload":{}}']
+        bad = [
+            b"not json",
+            b'{"id":"m"}',
+            frame("x").replace(b"heartbeat", b"HeartBeat"),
+            b"\xff",
+            b'{"id":"m","msg_type":"ack","from_peer":"p","timestamp":1.5,"payload":{}}',
+        ]
         for line in bad:
             self.assertIsNone(self.filter.feed(line))
         self.assertEqual(self.counters.bad_frames, len(bad))
@@ -253,8 +259,13 @@ class LogGateTests(SynchronousTestCase):
         logged: list[str] = []
         summaries: list[int] = []
         counters = LinkCounters()
-        f = FrameFilter(Dedup(), counters, on_bad=logged.append, now=clock.seconds,
-                        on_suppressed=summaries.append)
+        f = FrameFilter(
+            Dedup(),
+            counters,
+            on_bad=logged.append,
+            now=clock.seconds,
+            on_suppressed=summaries.append,
+        )
         for n in range(300):  # one bad line per two good ones: the link stays up
             f.feed(b"garbage")
             f.feed(frame(f"a{n}"))
@@ -269,8 +280,13 @@ class LogGateTests(SynchronousTestCase):
         f.flush_suppressed()
         self.assertEqual(summaries, [300 - LOG_BURST])  # nothing more was suppressed
         # The budget is the peer's: a replacement link's filter shares it.
-        g = FrameFilter(Dedup(), counters, on_bad=logged.append, now=clock.seconds,
-                        on_suppressed=summaries.append)
+        g = FrameFilter(
+            Dedup(),
+            counters,
+            on_bad=logged.append,
+            now=clock.seconds,
+            on_suppressed=summaries.append,
+        )
         for _ in range(5):
             g.bad("line too long")
         g.flush_suppressed()

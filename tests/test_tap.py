@@ -47,8 +47,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
 
     def make(self, *args: str) -> tap.RelayService:
-        svc = tap.makeService(parse("--home", str(self.home.root), "--no-discovery", *args),
-                              reactor=self.reactor)
+        svc = tap.makeService(
+            parse("--home", str(self.home.root), "--no-discovery", *args), reactor=self.reactor
+        )
         assert isinstance(svc, tap.RelayService)
         return svc
 
@@ -70,7 +71,9 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_config_port_and_addr(self) -> None:
         self.home.config_file.parent.mkdir(parents=True)
-        self.home.config_file.write_text('[relay]\nlisten_port = 19001\nlisten_addr = "127.0.0.1"\n')
+        self.home.config_file.write_text(
+            '[relay]\nlisten_port = 19001\nlisten_addr = "127.0.0.1"\n'
+        )
         svc = self.make()
         svc.privilegedStartService()
         svc.startService()
@@ -89,7 +92,7 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_bad_config_is_a_usage_error(self) -> None:
         self.home.config_file.parent.mkdir(parents=True)
-        self.home.config_file.write_text("[relay]\nmax_peers = \"lots\"\n")
+        self.home.config_file.write_text('[relay]\nmax_peers = "lots"\n')
         e = self.assertRaises(usage.UsageError, self.make)
         self.assertIn("relay.max_peers", str(e))
         self.assertIn(str(self.home.config_file), str(e))
@@ -103,14 +106,17 @@ class MakeServiceTests(SynchronousTestCase):
         ks.save_key("peer-c", b"c" * 32)  # no address: listener-only peer
         self.home.config_file.parent.mkdir(parents=True)
         self.home.config_file.write_text(
-            '[relay]\nauto_connect = ["peer-c@127.0.0.1:7003", "127.0.0.2:1"]\n')
+            '[relay]\nauto_connect = ["peer-c@127.0.0.1:7003", "127.0.0.2:1"]\n'
+        )
         svc = self.make("--port", "0")
         svc.privilegedStartService()
         svc.startService()
         self.addCleanup(svc.stopService)
         dialed = sorted((host, port) for host, port, *_ in self.reactor.tcpClients)
-        self.assertEqual(dialed, [("127.0.0.1", 7001), ("127.0.0.1", 7002), ("127.0.0.1", 7003),
-                                  ("127.0.0.2", 1)])
+        self.assertEqual(
+            dialed,
+            [("127.0.0.1", 7001), ("127.0.0.1", 7002), ("127.0.0.1", 7003), ("127.0.0.2", 1)],
+        )
         self.assertEqual(sorted(svc.node.dialers), ["peer-a", "peer-b", "peer-c"])
         # Nobody was seen at 127.0.0.2:1: its key is chosen by the identity
         # the listener there announces.
@@ -176,9 +182,11 @@ class OrdinaryMistakeTests(SynchronousTestCase):
             self.assertIn(str(self.home.config_file), message)
 
     def test_listen_mistakes(self) -> None:
-        for listen, expect in [("garbage", "Unknown endpoint type"),
-                               ("tcp:abc", "invalid literal"),
-                               ("ssl:0:privateKey=/nonexistent/k.pem", "/nonexistent/k.pem")]:
+        for listen, expect in [
+            ("garbage", "Unknown endpoint type"),
+            ("tcp:abc", "invalid literal"),
+            ("ssl:0:privateKey=/nonexistent/k.pem", "/nonexistent/k.pem"),
+        ]:
             message = self.refused("--listen", listen)
             self.assertIn(f"--listen {listen!r} is not a usable endpoint", message)
             self.assertIn(expect, message)
@@ -228,28 +236,55 @@ class OrdinaryMistakeProcessTests(SynchronousTestCase):
 
         from tests.common import subprocess_env
 
-        return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                              env=subprocess_env(home), cwd=str(home.root), timeout=60)
+        return subprocess.run(
+            [sys.executable, *args],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(home),
+            cwd=str(home.root),
+            timeout=60,
+        )
 
     def test_relay_serve_and_twistd(self) -> None:
         from tests.test_twistd import TWISTD
 
         home = temp_home(self)
         home.config_file.parent.mkdir(parents=True)
-        cases = [('[relay]\nmax_peers = "lots"\n', [], "relay.max_peers"),
-                 ('[relay]\nlisten_addr = "not-an-ip"\n', [], "not an IP address"),
-                 ("", ["--listen", "tcp:abc"], "--listen 'tcp:abc' is not a usable endpoint")]
+        cases = [
+            ('[relay]\nmax_peers = "lots"\n', [], "relay.max_peers"),
+            ('[relay]\nlisten_addr = "not-an-ip"\n', [], "not an IP address"),
+            ("", ["--listen", "tcp:abc"], "--listen 'tcp:abc' is not a usable endpoint"),
+        ]
         for text, extra, expect in cases:
             home.config_file.write_text(text)
-            r = self.run_cli(home, "-m", "claudectl", "--home", str(home.root), "relay",
-                             "serve", "--no-discovery", *extra)
+            r = self.run_cli(
+                home,
+                "-m",
+                "claudectl",
+                "--home",
+                str(home.root),
+                "relay",
+                "serve",
+                "--no-discovery",
+                *extra,
+            )
             self.assertEqual(r.returncode, 1, r.stderr)
             self.assertNotIn("Traceback", r.stdout + r.stderr)
             [line] = r.stderr.splitlines()
             self.assertTrue(line.startswith("Error: "), line)
             self.assertIn(expect, line)
-            r = self.run_cli(home, "-c", TWISTD, "-n", "--pidfile=", "claudectl-relay", "--home",
-                             str(home.root), "--no-discovery", *extra)
+            r = self.run_cli(
+                home,
+                "-c",
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "claudectl-relay",
+                "--home",
+                str(home.root),
+                "--no-discovery",
+                *extra,
+            )
             self.assertNotEqual(r.returncode, 0)
             self.assertNotIn("Traceback", r.stdout + r.stderr)
             self.assertIn(expect, r.stdout + r.stderr)
@@ -258,12 +293,18 @@ class OrdinaryMistakeProcessTests(SynchronousTestCase):
         home = temp_home(self)
         afile = home.root / "afile"
         afile.write_text("")
-        for args in (["relay", "pair"], ["relay", "peers"], ["hive", "status"],
-                     ["relay", "serve", "--port", "0"]):
+        for args in (
+            ["relay", "pair"],
+            ["relay", "peers"],
+            ["hive", "status"],
+            ["relay", "serve", "--port", "0"],
+        ):
             r = self.run_cli(home, "-m", "claudectl", "--home", str(afile), *args)
             self.assertEqual(r.returncode, 1, args)
-            self.assertEqual(r.stderr, f"Error: home {afile} is not a directory "
-                                       f"(check --home / CLAUDECTL_HOME)\n")
+            self.assertEqual(
+                r.stderr,
+                f"Error: home {afile} is not a directory (check --home / CLAUDECTL_HOME)\n",
+            )
         # A home whose .claudectl is a file: the OS error, in one line.
         (home.root / ".claudectl").write_text("")
         r = self.run_cli(home, "-m", "claudectl", "--home", str(home.root), "relay", "pair")
@@ -271,8 +312,9 @@ class OrdinaryMistakeProcessTests(SynchronousTestCase):
         self.assertNotIn("Traceback", r.stderr)
         [line] = r.stderr.splitlines()
         self.assertIn("Error: Not a directory", line)
-        r = self.run_cli(home, "-m", "claudectl", "--home", str(home.root), "--json",
-                         "relay", "identity")
+        r = self.run_cli(
+            home, "-m", "claudectl", "--home", str(home.root), "--json", "relay", "identity"
+        )
         self.assertEqual(r.returncode, 1)
         self.assertIn("Not a directory", json.loads(r.stdout)["error"])
 
@@ -294,8 +336,9 @@ class StartWarningTests(SynchronousTestCase):
                 return _FakePort(IPv4Address("TCP", interface or "0.0.0.0", port))
 
         reactor = Reactor()
-        svc = tap.makeService(parse("--home", str(home.root), "--no-discovery", *args),
-                              reactor=reactor)
+        svc = tap.makeService(
+            parse("--home", str(home.root), "--no-discovery", *args), reactor=reactor
+        )
         with capturedLogs() as events:
             svc.privilegedStartService()
             svc.startService()
@@ -305,19 +348,24 @@ class StartWarningTests(SynchronousTestCase):
     def test_unknown_keys_and_risky_settings(self) -> None:
         home = temp_home(self)
         home.config_file.parent.mkdir(parents=True)
-        home.config_file.write_text('[relay]\nlisten_prot = 9900\n'
-                                    '[delegation]\nallowed_dirs = ["/"]\n')
+        home.config_file.write_text(
+            '[relay]\nlisten_prot = 9900\n[delegation]\nallowed_dirs = ["/"]\n'
+        )
         warnings = self.start(home, "--listen", "tcp:0:interface=127.0.0.1")
         self.assertEqual(len(warnings), 2, warnings)
-        self.assertIn("unknown key 'relay.listen_prot' is ignored; did you mean "
-                      "'relay.listen_port'?", warnings[0])
+        self.assertIn(
+            "unknown key 'relay.listen_prot' is ignored; did you mean 'relay.listen_port'?",
+            warnings[0],
+        )
         self.assertIn("allowed_dirs contains '/'", warnings[1])
 
     def test_every_interface_without_require_encryption(self) -> None:
         home = temp_home(self)
         [warning] = self.start(home, "--listen", "tcp:0")
-        self.assertIn("listening on every interface (0.0.0.0:0) while [relay] "
-                      "require_encryption is off", warning)
+        self.assertIn(
+            "listening on every interface (0.0.0.0:0) while [relay] require_encryption is off",
+            warning,
+        )
         self.assertEqual(self.start(home, "--listen", "tcp:0:interface=127.0.0.1"), [])
         home.config_file.parent.mkdir(parents=True)
         home.config_file.write_text("[relay]\nrequire_encryption = true\n")

@@ -9,10 +9,17 @@ from claudectl.delegation import taskfile as TF
 from claudectl.delegation.text import cut_utf8
 from tests.common import vector
 
-MISSION = {"tasks": [
-    {"name": "fix-tests", "prompt": "Fix the failing auth tests", "cwd": "/path/to/project",
-     "peer": "ci-runner-9d1e"},
-    {"name": "update-docs", "prompt": "Update the API docs", "cwd": "/path/to/project"}]}
+MISSION = {
+    "tasks": [
+        {
+            "name": "fix-tests",
+            "prompt": "Fix the failing auth tests",
+            "cwd": "/path/to/project",
+            "peer": "ci-runner-9d1e",
+        },
+        {"name": "update-docs", "prompt": "Update the API docs", "cwd": "/path/to/project"},
+    ]
+}
 
 
 class TaskFileTests(SynchronousTestCase):
@@ -23,8 +30,10 @@ class TaskFileTests(SynchronousTestCase):
 
     def test_vector_template(self):
         v = vector("delegation.orchestrator.template")["input"]
-        self.assertEqual(TF.expand_template(v["prompt"], {"analyze": v["analyze_stdout"]}),
-                         vector("delegation.orchestrator.template")["expected"]["expanded"])
+        self.assertEqual(
+            TF.expand_template(v["prompt"], {"analyze": v["analyze_stdout"]}),
+            vector("delegation.orchestrator.template")["expected"]["expanded"],
+        )
         self.assertEqual(TF.expand_template("a {{ x.stdout }} b", {"x": " y "}), "a y b")
 
     def test_vector_unknown_key(self):
@@ -54,30 +63,62 @@ class TaskFileTests(SynchronousTestCase):
     def test_errors(self):
         def err(tasks):
             return str(self.assertRaises(TF.TaskFileError, TF.parse, {"tasks": tasks}))
-        self.assertEqual(err([{"name": "a", "prompt": ""}, {"name": "a", "prompt": ""}]),
-                         "Duplicate task name: 'a'")
-        self.assertEqual(err([{"name": "a", "prompt": "", "depends_on": ["z"]}]),
-                         "Task 'a' depends on 'z' which doesn't exist")
-        self.assertEqual(err([{"name": "a", "prompt": "", "depends_on": ["b"]},
-                              {"name": "b", "prompt": "", "depends_on": ["a"]}]),
-                         "Task dependencies contain a cycle: a -> b -> a")
-        self.assertIn("not in its depends_on", err([{"name": "a", "prompt": "{{b.stdout}}"},
-                                                    {"name": "b", "prompt": ""}]))
-        self.assertIn("not supported", err([{"name": "a", "prompt": "{{b.stderr}}",
-                                             "depends_on": ["b"]}, {"name": "b", "prompt": ""}]))
+
+        self.assertEqual(
+            err([{"name": "a", "prompt": ""}, {"name": "a", "prompt": ""}]),
+            "Duplicate task name: 'a'",
+        )
+        self.assertEqual(
+            err([{"name": "a", "prompt": "", "depends_on": ["z"]}]),
+            "Task 'a' depends on 'z' which doesn't exist",
+        )
+        self.assertEqual(
+            err(
+                [
+                    {"name": "a", "prompt": "", "depends_on": ["b"]},
+                    {"name": "b", "prompt": "", "depends_on": ["a"]},
+                ]
+            ),
+            "Task dependencies contain a cycle: a -> b -> a",
+        )
+        self.assertIn(
+            "not in its depends_on",
+            err([{"name": "a", "prompt": "{{b.stdout}}"}, {"name": "b", "prompt": ""}]),
+        )
+        self.assertIn(
+            "not supported",
+            err(
+                [
+                    {"name": "a", "prompt": "{{b.stderr}}", "depends_on": ["b"]},
+                    {"name": "b", "prompt": ""},
+                ]
+            ),
+        )
         self.assertIn("retries", err([{"name": "a", "prompt": "", "retries": -1}]))
 
     def test_yaml_and_toml(self):
         d = Path(self.mktemp())
         d.mkdir()
-        (d / "t.yaml").write_text("retries: 1\ntasks:\n  - name: a\n    prompt: hi\n"
-                                  "  - name: b\n    prompt: '{{a.stdout}}'\n    depends_on: [a]\n")
-        (d / "t.toml").write_text('retries = 1\n[[tasks]]\nname = "a"\nprompt = "hi"\n'
-                                  '[[tasks]]\nname = "b"\nprompt = "{{a.stdout}}"\n'
-                                  'depends_on = ["a"]\n')
-        (d / "t.json").write_text(json.dumps({"retries": 1, "tasks": [
-            {"name": "a", "prompt": "hi"},
-            {"name": "b", "prompt": "{{a.stdout}}", "depends_on": ["a"]}]}))
+        (d / "t.yaml").write_text(
+            "retries: 1\ntasks:\n  - name: a\n    prompt: hi\n"
+            "  - name: b\n    prompt: '{{a.stdout}}'\n    depends_on: [a]\n"
+        )
+        (d / "t.toml").write_text(
+            'retries = 1\n[[tasks]]\nname = "a"\nprompt = "hi"\n'
+            '[[tasks]]\nname = "b"\nprompt = "{{a.stdout}}"\n'
+            'depends_on = ["a"]\n'
+        )
+        (d / "t.json").write_text(
+            json.dumps(
+                {
+                    "retries": 1,
+                    "tasks": [
+                        {"name": "a", "prompt": "hi"},
+                        {"name": "b", "prompt": "{{a.stdout}}", "depends_on": ["a"]},
+                    ],
+                }
+            )
+        )
         loaded = [TF.load(d / n) for n in ("t.yaml", "t.toml", "t.json")]
         self.assertEqual(loaded[0].tasks, loaded[1].tasks)
         self.assertEqual(loaded[1].tasks, loaded[2].tasks)

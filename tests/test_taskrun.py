@@ -35,8 +35,10 @@ class TaskRunTests(SynchronousTestCase):
         self.assertNoResult(self.run.result)
         self.run.ended(0, None)
         o = self.outcome()
-        self.assertEqual((o.state, o.summary, o.cost_usd, o.tokens, o.duration_secs),
-                         ("completed", "All good", 0.5, 7, 42))
+        self.assertEqual(
+            (o.state, o.summary, o.cost_usd, o.tokens, o.duration_secs),
+            ("completed", "All good", 0.5, 7, 42),
+        )
         self.assertEqual(o.wire_state, "completed")
         self.assertEqual(o.result_text, "All good")
         self.assertIsNone(self.run.ended(1, None))  # only once
@@ -61,8 +63,9 @@ class TaskRunTests(SynchronousTestCase):
         self.run.stderr_received(b"warming up\nfatal: bad thing\n")
         self.run.line_received(OK)
         self.run.ended(3, None)
-        self.assertEqual(self.outcome().summary,
-                         "Claude Code exited with status 3: fatal: bad thing")
+        self.assertEqual(
+            self.outcome().summary, "Claude Code exited with status 3: fatal: bad thing"
+        )
 
     def test_signal(self):
         self.run.started()
@@ -73,16 +76,19 @@ class TaskRunTests(SynchronousTestCase):
         self.run.started()
         self.run.stderr_received(b"claudectl-spawn-error: claude: No such file or directory\n")
         self.run.ended(127, None)
-        self.assertEqual(self.outcome().summary,
-                         "could not start Claude Code: claude: No such file or directory")
+        self.assertEqual(
+            self.outcome().summary, "could not start Claude Code: claude: No such file or directory"
+        )
 
     def test_stop(self):
         self.run.started()
         self.run.request_stop("no longer needed")
         self.run.ended(None, 15)
         o = self.outcome()
-        self.assertEqual((o.state, o.summary, o.wire_state),
-                         ("stopped", "Stopped by controller: no longer needed", "failed"))
+        self.assertEqual(
+            (o.state, o.summary, o.wire_state),
+            ("stopped", "Stopped by controller: no longer needed", "failed"),
+        )
 
     def test_stop_without_reason_is_claudectls_text(self):
         self.assertEqual(self.run.cancel("").summary, "Stopped by controller")
@@ -103,12 +109,13 @@ class TaskRunTests(SynchronousTestCase):
         self.run.set_note("nudge delivered: hi")
         self.assertGreater(self.run.version, v)
         s = self.run.stats()
-        self.assertEqual((s.elapsed_secs, s.tokens_used, s.cost_usd, s.last_activity),
-                         (5, 7, 0.5, "nudge delivered: hi"))
+        self.assertEqual(
+            (s.elapsed_secs, s.tokens_used, s.cost_usd, s.last_activity),
+            (5, 7, 0.5, "nudge delivered: hi"),
+        )
 
     def test_long_summary_is_cut(self):
         self.run.started()
-        self.run.line_received('{"type":"result","is_error":false,"result":"%s"}'
-                               % ("é" * 40000))
+        self.run.line_received('{"type":"result","is_error":false,"result":"%s"}' % ("é" * 40000))
         self.run.ended(0, None)
         self.assertLessEqual(len(self.outcome().summary.encode()), T.MAX_SUMMARY_BYTES)

@@ -18,31 +18,68 @@ BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u
 # Text biased towards what attacks are made of: escape sequence pieces,
 # controls of every kind, bidi and line-separator characters.
 hostile_chars = st.sampled_from(
-    ["\x1b", "[", "]", "P", "\\", "\x07", "\x9b", "\x9c", "\x9d", "\x90", "0", ";", "2J",
-     "m", "\r", "\n", "\t", "\x00", "\x7f", "\x85", "\u2028", "\u2029", "\u202e", "\u2066",
-     "\U000e0041", "\ud800", "#", "a", "é", "中", "\u200d"])
+    [
+        "\x1b",
+        "[",
+        "]",
+        "P",
+        "\\",
+        "\x07",
+        "\x9b",
+        "\x9c",
+        "\x9d",
+        "\x90",
+        "0",
+        ";",
+        "2J",
+        "m",
+        "\r",
+        "\n",
+        "\t",
+        "\x00",
+        "\x7f",
+        "\x85",
+        "\u2028",
+        "\u2029",
+        "\u202e",
+        "\u2066",
+        "\U000e0041",
+        "\ud800",
+        "#",
+        "a",
+        "é",
+        "中",
+        "\u200d",
+    ]
+)
 hostile_text = st.one_of(
-    st.text(),
-    st.lists(st.one_of(hostile_chars, st.text(max_size=3)), max_size=40).map("".join))
+    st.text(), st.lists(st.one_of(hostile_chars, st.text(max_size=3)), max_size=40).map("".join)
+)
 
 
 def _controls(text: str) -> set[str]:
-    return {c for c in text if unicodedata.category(c) in ("Cc", "Cs") or c in BIDI
-            or 0xE0000 <= ord(c) <= 0xE007F or c in "\u2028\u2029"}
+    return {
+        c
+        for c in text
+        if unicodedata.category(c) in ("Cc", "Cs")
+        or c in BIDI
+        or 0xE0000 <= ord(c) <= 0xE007F
+        or c in "\u2028\u2029"
+    }
 
 
 class CleanTextTests(SynchronousTestCase):
     def test_escape_sequences_go_whole(self) -> None:
         cases = {
-            "a\x1b[2Jb": "ab",                    # clear screen (CSI)
+            "a\x1b[2Jb": "ab",  # clear screen (CSI)
             "a\x1b[38;5;196mred\x1b[0m": "ared",  # colours
-            "x\x1b]0;owned\x07y": "xy",           # window title (OSC, BEL)
-            "x\x1b]2;owned\x1b\\y": "xy",         # window title (OSC, ST)
-            "x\x1b]8;;http://evil\x1b\\": "x",    # hyperlink, unterminated after
-            "x\x1bP+q544e\x1b\\y": "xy",          # DCS
-            "a\x9b2Jb": "ab",                     # 8-bit CSI
-            "a\x9d0;t\x9cb": "ab",                # 8-bit OSC
-            "e\x1bc": "e",                        # full reset
+            "x\x1b]0;owned\x07y": "xy",  # window title (OSC, BEL)
+            "x\x1b]2;owned\x1b\\y": "xy",  # window title (OSC, ST)
+            "x\x1b]8;;http://evil\x1b\\": "x",  # hyperlink, unterminated after
+            "x\x1bP+q544e\x1b\\y": "xy",  # DCS
+            "a\x9b2Jb": "ab",  # 8-bit CSI
+            "a\x9d0;t\x9cb": "ab",  # 8-bit OSC
+            "e\x1bc": "e",  # full reset
             "e\x1b(Bz": "ez",
             "trailing\x1b": "trailing",
         }
@@ -50,7 +87,9 @@ class CleanTextTests(SynchronousTestCase):
             self.assertEqual(clean_text(raw), want, repr(raw))
 
     def test_controls_bidi_tags_and_surrogates_dropped(self) -> None:
-        self.assertEqual(clean_text("a\x00b\x08c\x7fd\x91e\x9fz"), "abcde")  # \x9f (APC) runs to the end
+        self.assertEqual(
+            clean_text("a\x00b\x08c\x7fd\x91e\x9fz"), "abcde"
+        )  # \x9f (APC) runs to the end
         self.assertEqual(clean_text("evil\u202eexe.txt"), "evilexe.txt")
         self.assertEqual(clean_text("\u2066x\u2069\u200f"), "x")
         self.assertEqual(clean_text("hi\U000e0049\U000e0047"), "hi")  # invisible tag text
@@ -61,8 +100,13 @@ class CleanTextTests(SynchronousTestCase):
         self.assertEqual(clean_line("a\r\nb\n## Fake\tc\u2029d"), "a b ## Fake c d")
 
     def test_ordinary_unicode_unchanged(self) -> None:
-        for text in ("café 中文 日本語", "emoji 👨\u200d👩\u200d👧 ok", "Ελληνικά — “quotes”",
-                     "[Bash, cargo test] approve (95%)", ""):
+        for text in (
+            "café 中文 日本語",
+            "emoji 👨\u200d👩\u200d👧 ok",
+            "Ελληνικά — “quotes”",
+            "[Bash, cargo test] approve (95%)",
+            "",
+        ):
             self.assertEqual(clean_text(text), text)
             self.assertEqual(clean_line(text), text)
 
@@ -83,8 +127,7 @@ class CleanTextTests(SynchronousTestCase):
         self.assertEqual(clean_text(out), out)
         self.assertEqual(line, out.replace("\n", " ").replace("\t", " "))
 
-    @given(st.text(alphabet=st.characters(
-        blacklist_categories=("Cc", "Cs", "Cf", "Zl", "Zp"))))
+    @given(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Cf", "Zl", "Zp"))))
     def test_printable_text_passes(self, text: str) -> None:
         self.assertEqual(clean_line(text), text)
 
@@ -100,9 +143,15 @@ class CleanTextTests(SynchronousTestCase):
         self.assertEqual(screen.title, "")
         self.assertGreaterEqual(screen.cursor.y, 1)
 
-    @given(st.recursive(st.none() | st.booleans() | hostile_text,
-                        lambda kids: st.lists(kids, max_size=3)
-                        | st.dictionaries(hostile_text, kids, max_size=3), max_leaves=10))
+    @given(
+        st.recursive(
+            st.none() | st.booleans() | hostile_text,
+            lambda kids: (
+                st.lists(kids, max_size=3) | st.dictionaries(hostile_text, kids, max_size=3)
+            ),
+            max_leaves=10,
+        )
+    )
     def test_json_safe_keeps_the_data(self, value: object) -> None:
         encoded = json.dumps(value, indent=2, ensure_ascii=False)
         safe = json_safe(encoded)
@@ -122,8 +171,9 @@ class CleanWriterTests(SynchronousTestCase):
         out = io.StringIO()
         self.patch(__import__("sys"), "stdout", out)
         observer = _clean_stdout_observer()
-        Logger(observer=observer).info("task from {peer}: {summary}", peer="w-1",
-                                       summary="ok\x1b]0;pwned\x07\x1b[2J\u202e")
+        Logger(observer=observer).info(
+            "task from {peer}: {summary}", peer="w-1", summary="ok\x1b]0;pwned\x07\x1b[2J\u202e"
+        )
         text = out.getvalue()
         self.assertIn("task from w-1: ok", text)
         self.assertEqual(_controls(text) - {"\n"}, set())

@@ -86,9 +86,13 @@ def tls_records(data: bytes) -> list[int]:
     i = 0
     while i < len(data):
         assert i + 5 <= len(data), "truncated TLS record header"
-        ctype, major, minor, length = data[i], data[i + 1], data[i + 2], int.from_bytes(
-            data[i + 3:i + 5], "big")
-        assert ctype in (20, 21, 22, 23), f"not a TLS record at offset {i}: {data[i:i + 20]!r}"
+        ctype, major, minor, length = (
+            data[i],
+            data[i + 1],
+            data[i + 2],
+            int.from_bytes(data[i + 3 : i + 5], "big"),
+        )
+        assert ctype in (20, 21, 22, 23), f"not a TLS record at offset {i}: {data[i : i + 20]!r}"
         assert (major, minor) in ((3, 1), (3, 3)), f"bad record version {major}.{minor}"
         types.append(ctype)
         i += 5 + length
@@ -101,7 +105,7 @@ def split_first_flight(data: bytes, lines: int) -> tuple[list[bytes], bytes]:
     for _ in range(lines):
         nl = data.index(b"\n")
         out.append(data[:nl])
-        data = data[nl + 1:]
+        data = data[nl + 1 :]
     return out, data
 
 
@@ -139,11 +143,13 @@ class TwoNodes(TestCase):
     def tearDown(self) -> Any:
         return defer.gatherResults([self.a.close_all(), self.b.close_all()])
 
-    async def dial(self, port: int | None = None, node: Any = None,
-                   expect: str = "alpha-1111") -> Any:
+    async def dial(
+        self, port: int | None = None, node: Any = None, expect: str = "alpha-1111"
+    ) -> Any:
         node = node or self.b
-        return await node.open_link(f"127.0.0.1:{port or self.port.getHost().port}",
-                                    KeyAuth(self.psk, expect))
+        return await node.open_link(
+            f"127.0.0.1:{port or self.port.getHost().port}", KeyAuth(self.psk, expect)
+        )
 
     async def settle(self, secs: float = 0.05) -> None:
         await deferLater(reactor, secs, lambda: None)
@@ -180,8 +186,7 @@ class TLSLinkTests(TwoNodes):
         self.assertIn("denied", str(e.exception))
         await self.settle()
         self.assertEqual(self.a.mesh.connected_peers(), [])
-        self.assertIn("handshake with beta-2222 at 127.0.0.1 failed: wrong proof",
-                      self.log.text())
+        self.assertIn("handshake with beta-2222 at 127.0.0.1 failed: wrong proof", self.log.text())
 
     async def test_capturing_proxy_sees_only_tls_after_first_flight(self) -> None:
         proxy = Proxy(self.port.getHost().port)
@@ -189,8 +194,9 @@ class TLSLinkTests(TwoNodes):
         self.addCleanup(pport.stopListening)
         await self.dial(pport.getHost().port)
         secret = "SECRET-UNIT-TEXT-approve cargo test"
-        self.b.mesh.send("alpha-1111", codec.KNOWLEDGE_SYNC,
-                         {"units": [{"content": secret}], "sync_epoch": 1})
+        self.b.mesh.send(
+            "alpha-1111", codec.KNOWLEDGE_SYNC, {"units": [{"content": secret}], "sync_epoch": 1}
+        )
         self.a.mesh.send("beta-2222", codec.TASK_STATUS, {"summary": secret})
         await self.settle(0.2)
         # Connector -> listener: one plaintext line (the starttls request), then TLS.
@@ -242,8 +248,9 @@ class ReflectionTests(TwoNodes):
         pport = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(proxy)
         self.addCleanup(pport.stopListening)
         with self.assertRaises(HandshakeFailed):
-            await self.a.open_link(f"127.0.0.1:{pport.getHost().port}",
-                                   KeyAuth(self.psk, "beta-2222"))
+            await self.a.open_link(
+                f"127.0.0.1:{pport.getHost().port}", KeyAuth(self.psk, "beta-2222")
+            )
         await self.settle()
         self.assertEqual(self.a.mesh.connected_peers(), [])
 
@@ -254,8 +261,9 @@ class ReflectionTests(TwoNodes):
         outgoing side (dialing the attacker), and passes answers back.
         """
         for node in (self.a, self.b):
-            node.policy = type(node.policy)(tls=False, require_encryption=False,
-                                            is_own_nonce=node.nonces.issued)
+            node.policy = type(node.policy)(
+                tls=False, require_encryption=False, is_own_nonce=node.nonces.issued
+            )
         await self.reflect_challenge()
 
     async def test_frame_reflection_with_tls_offered_is_refused(self) -> None:
@@ -264,8 +272,9 @@ class ReflectionTests(TwoNodes):
     async def reflect_challenge(self) -> None:
         listener_side: defer.Deferred[list[bytes]] = defer.Deferred()
         to_listener = FrameClient()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
-                              to_listener)
+        await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), to_listener
+        )
         challenge = await to_listener.next_line()
 
         class Attacker(LineReceiver):
@@ -281,8 +290,9 @@ class ReflectionTests(TwoNodes):
         aport = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(server)
         self.addCleanup(aport.stopListening)
         with self.assertRaises(HandshakeFailed) as e:
-            await self.a.open_link(f"127.0.0.1:{aport.getHost().port}",
-                                   KeyAuth(self.psk, "beta-2222"))
+            await self.a.open_link(
+                f"127.0.0.1:{aport.getHost().port}", KeyAuth(self.psk, "beta-2222")
+            )
         self.assertIn("reflection", str(e.exception))
         self.assertFalse(listener_side.called)  # the node never answered it
         self.assertIn("reflection attempt refused", self.log.text())
@@ -312,17 +322,26 @@ class FrameClient(LineReceiver):
 
 
 class DowngradeTests(TwoNodes):
-    async def claudectl_connect(self, peer: str = "beta-2222",
-                                psk: bytes | None = None) -> dict[str, Any]:
+    async def claudectl_connect(
+        self, peer: str = "beta-2222", psk: bytes | None = None
+    ) -> dict[str, Any]:
         """Exactly what a claudectl 0.64 connector sends: a plaintext proof."""
         client = FrameClient()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
-                              client)
+        await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), client
+        )
         self.addCleanup(client.transport.loseConnection)
         challenge = json.loads(await client.next_line())
-        client.sendLine(line(codec.HANDSHAKE, {"proof": proof(psk or self.psk,
-                                                              challenge["payload"]["nonce"]),
-                                               "version": "0.64.0"}, peer).rstrip(b"\n"))
+        client.sendLine(
+            line(
+                codec.HANDSHAKE,
+                {
+                    "proof": proof(psk or self.psk, challenge["payload"]["nonce"]),
+                    "version": "0.64.0",
+                },
+                peer,
+            ).rstrip(b"\n")
+        )
         return json.loads(await client.next_line())
 
     async def test_claudectl_connector_still_plaintext_and_labelled(self) -> None:
@@ -358,7 +377,8 @@ class DowngradeTests(TwoNodes):
         plain = make_node(self, "plain-3333", reactor, tls=False)
         pair_nodes(plain, self.b, self.psk)
         port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            RelayFactory(plain))
+            RelayFactory(plain)
+        )
         self.addCleanup(port.stopListening)
         self.addCleanup(plain.close_all)
         self.b.policy = dataclasses.replace(self.b.policy, require_encryption=True)
@@ -380,31 +400,38 @@ class DowngradeTests(TwoNodes):
 class TLSFailureTests(TwoNodes):
     async def test_junk_instead_of_a_client_hello_is_one_counted_failure(self) -> None:
         client = FrameClient()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
-                              client)
+        await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), client
+        )
         await client.next_line()  # challenge
         closed: defer.Deferred[None] = defer.Deferred()
         client.connectionLost = lambda reason=None: closed.callback(None)  # type: ignore
         # The starttls frame, then bytes that are not a TLS ClientHello.
-        client.transport.write(line(codec.HANDSHAKE, {"starttls": "tls-v1", "version": "x"},
-                                    "beta-2222")
-                               + b"\x16\x03\x01\x00\x05hello" + b"\x00" * 64)
+        client.transport.write(
+            line(codec.HANDSHAKE, {"starttls": "tls-v1", "version": "x"}, "beta-2222")
+            + b"\x16\x03\x01\x00\x05hello"
+            + b"\x00" * 64
+        )
         await closed
         await self.settle()
-        self.assertIn("handshake with beta-2222 at 127.0.0.1 failed: TLS handshake failed",
-                      self.log.text())
+        self.assertIn(
+            "handshake with beta-2222 at 127.0.0.1 failed: TLS handshake failed", self.log.text()
+        )
         self.assertEqual(len(self.a.admission._ips["127.0.0.1"].failures), 1)
         self.assertEqual(self.a.admission.inflight, 0)
 
     async def test_plaintext_after_starttls_is_a_tls_failure(self) -> None:
         client = FrameClient()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
-                              client)
+        await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), client
+        )
         await client.next_line()
         closed: defer.Deferred[None] = defer.Deferred()
         client.connectionLost = lambda reason=None: closed.callback(None)  # type: ignore
-        client.transport.write(line(codec.HANDSHAKE, {"starttls": "tls-v1"}, "beta-2222")
-                               + line(codec.HANDSHAKE, {"proof": "0" * 64}, "beta-2222"))
+        client.transport.write(
+            line(codec.HANDSHAKE, {"starttls": "tls-v1"}, "beta-2222")
+            + line(codec.HANDSHAKE, {"proof": "0" * 64}, "beta-2222")
+        )
         await closed
         await self.settle()
         self.assertIn("failed: TLS handshake failed", self.log.text())
@@ -432,8 +459,13 @@ class CredentialsTests(SynchronousTestCase):
         base = channel_proof(*args)  # type: ignore[arg-type]
         for i in range(len(args)):
             changed = list(args)
-            changed[i] = (b"x" * 32 if isinstance(args[i], bytes) else "listener"
-                          if i == 1 else str(args[i]) + "x")
+            changed[i] = (
+                b"x" * 32
+                if isinstance(args[i], bytes)
+                else "listener"
+                if i == 1
+                else str(args[i]) + "x"
+            )
             self.assertNotEqual(channel_proof(*changed), base, i)  # type: ignore[arg-type]
 
 

@@ -57,7 +57,8 @@ class BackendActionTests(SynchronousTestCase):
         factory = ControlFactory(self.node)
         self.client, self.server, self.pump = connectedServerAndClient(
             ServerClass=lambda: factory.buildProtocol(None),
-            ClientClass=lambda: FeedProtocol(lambda p, d: None))
+            ClientClass=lambda: FeedProtocol(lambda p, d: None),
+        )
         self.backend = Backend(self.node.reactor, self.node.home, Config())
         self.ui = FakeUI()
         self.backend.ui = self.ui  # type: ignore[assignment]

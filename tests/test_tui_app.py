@@ -27,18 +27,26 @@ def ok(result: Any) -> str:
     return result.stdout  # type: ignore[no-any-return]
 
 
-def start_tui(testcase: SynchronousTestCase, home: Home, cols: int = 80, rows: int = 24,
-              **env: str) -> PtyScreen:
-    term = PtyScreen([sys.executable, "-m", "claudectl", "--home", str(home.root), "tui"],
-                     subprocess_env(home, **env), cols, rows, cwd=str(home.root))
+def start_tui(
+    testcase: SynchronousTestCase, home: Home, cols: int = 80, rows: int = 24, **env: str
+) -> PtyScreen:
+    term = PtyScreen(
+        [sys.executable, "-m", "claudectl", "--home", str(home.root), "tui"],
+        subprocess_env(home, **env),
+        cols,
+        rows,
+        cwd=str(home.root),
+    )
     testcase.addCleanup(term.stop)
     return term
 
 
 def peer_line(peer: str, state: str, trust: str = "0.5") -> str:
     glyph = {"connected": "●", "connecting": "◐", "offline": "○"}[state]
-    return (rf"{glyph} {re.escape(peer)}\s+{state}\s+trust:{re.escape(trust)}\s+"
-            r"↑[\d.]+ ↓[\d.]+ kb")
+    return (
+        rf"{glyph} {re.escape(peer)}\s+{state}\s+trust:{re.escape(trust)}\s+"
+        r"↑[\d.]+ ↓[\d.]+ kb"
+    )
 
 
 class Uncut:
@@ -69,7 +77,8 @@ class PeersPanelStoryTests(SynchronousTestCase, Uncut):
                 f"allowed_dirs = [{json.dumps(str(self.proj))}]\n"
                 f"claude_command = {json.dumps(sys.executable)}\n"
                 f"claude_args = [{json.dumps(FAKE_CLAUDE)}]\n"
-                "stop_grace_secs = 2\n")
+                "stop_grace_secs = 2\n"
+            )
         code = ok(run_cli(self.ha, "relay", "pair")).splitlines()[2].split("PAIR CODE: ")[1]
         self.ida = ok(run_cli(self.ha, "relay", "identity")).strip()
         self.idb = ok(run_cli(self.hb, "relay", "identity")).strip()
@@ -102,8 +111,13 @@ class PeersPanelStoryTests(SynchronousTestCase, Uncut):
         self.assertIn("0.9", (self.ha.hive / "trust.json").read_text())
 
         term.send("p")  # hide ...
-        term.wait_for(lambda s: "Peers (" not in s and self.idb + " " not in s.split(
-            "Hive")[0] and "Remote tasks" in s)
+        term.wait_for(
+            lambda s: (
+                "Peers (" not in s
+                and self.idb + " " not in s.split("Hive")[0]
+                and "Remote tasks" in s
+            )
+        )
         term.send("p")  # ... and show again
         term.wait_for(peer_line(self.idb, "connected", "0.9"))
 
@@ -141,8 +155,20 @@ class PeersPanelStoryTests(SynchronousTestCase, Uncut):
         self.connect()
         term = start_tui(self, self.ha)
         term.wait_for(peer_line(self.idb, "connected"))
-        out = json.loads(ok(run_cli(self.ha, "--json", "relay", "delegate", self.idb, "--cwd",
-                                    str(self.proj), "fake:hang forever")))
+        out = json.loads(
+            ok(
+                run_cli(
+                    self.ha,
+                    "--json",
+                    "relay",
+                    "delegate",
+                    self.idb,
+                    "--cwd",
+                    str(self.proj),
+                    "fake:hang forever",
+                )
+            )
+        )
         task = out["task_id"]
         term.wait_for(r"→ running\s+" + re.escape(self.idb))
         term.send("\t")  # to the tasks panel
@@ -168,8 +194,11 @@ class WithoutServiceTests(SynchronousTestCase, Uncut):
         home = temp_home(self)
         me = ok(run_cli(home, "relay", "identity")).strip()
         home.hive.mkdir(parents=True, exist_ok=True)
-        units = [make_unit(1, source_peer=me), make_unit(2, source_peer=me),
-                 make_unit(3, source_peer="laptop-a3f29b1c")]
+        units = [
+            make_unit(1, source_peer=me),
+            make_unit(2, source_peer=me),
+            make_unit(3, source_peer="laptop-a3f29b1c"),
+        ]
         (home.hive / "knowledge.jsonl").write_text("".join(dumps_line(u) for u in units))
         term = start_tui(self, home, NO_COLOR="1")
         term.wait_for(r"relay service: not running")
@@ -191,8 +220,10 @@ class WithoutServiceTests(SynchronousTestCase, Uncut):
     def test_enabled_starts_the_service_in_its_own_process(self) -> None:
         home = temp_home(self)
         home.config_file.parent.mkdir(parents=True, exist_ok=True)
-        home.config_file.write_text("[relay]\nenabled = true\nlisten_addr = \"127.0.0.1\"\n"
-                                    "listen_port = 0\nlan_discovery = false\n")
+        home.config_file.write_text(
+            '[relay]\nenabled = true\nlisten_addr = "127.0.0.1"\n'
+            "listen_port = 0\nlan_discovery = false\n"
+        )
         term = start_tui(self, home)
         term.wait_for(r"relay service: running in this process")
         running = run_cli(home, "relay", "status")
@@ -226,7 +257,7 @@ class WithoutServiceTests(SynchronousTestCase, Uncut):
             self.assertIn(b"\x1b[?1049l", raw[-80:], stop)
             self.assertTrue(raw.rstrip().endswith(b"\x1b[?25h"), stop)
             self.assertNotIn(b"Traceback", raw)
-            self.assertNotIn(b"Error", raw[raw.rfind(b"\x1b[?1049l"):])
+            self.assertNotIn(b"Error", raw[raw.rfind(b"\x1b[?1049l") :])
 
     def test_enabled_but_the_port_is_taken(self) -> None:
         import socket
@@ -238,8 +269,9 @@ class WithoutServiceTests(SynchronousTestCase, Uncut):
         home = temp_home(self)
         home.config_file.parent.mkdir(parents=True, exist_ok=True)
         home.config_file.write_text(
-            "[relay]\nenabled = true\nlisten_addr = \"127.0.0.1\"\n"
-            f"listen_port = {holder.getsockname()[1]}\nlan_discovery = false\n")
+            '[relay]\nenabled = true\nlisten_addr = "127.0.0.1"\n'
+            f"listen_port = {holder.getsockname()[1]}\nlan_discovery = false\n"
+        )
         term = start_tui(self, home)
         term.wait_for(r"relay service: not running")
         term.wait_for(r"claudectl relay serve")  # falls back to the files, says how

@@ -27,15 +27,23 @@ class SmokeRunTests(SynchronousTestCase):
         # (AF_UNIX paths are limited to about 104 bytes).
         tmp = Path(tempfile.mkdtemp(prefix="tb"))
         self.addCleanup(shutil.rmtree, tmp, True)
-        done = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "2", "--json"],
-                              env=subprocess_env(home, TMPDIR=str(tmp)), capture_output=True,
-                              text=True, timeout=180)
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), "--rounds", "2", "--json"],
+            env=subprocess_env(home, TMPDIR=str(tmp)),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         self.assertIn(done.returncode, (0, 1), done.stderr)
         result = json.loads(done.stdout)
-        for key in ("up_from_connect_request", "up_from_connect_answer",
-                    "down_from_disconnect_request"):
+        for key in (
+            "up_from_connect_request",
+            "up_from_connect_answer",
+            "down_from_disconnect_request",
+        ):
             self.assertEqual(result[key]["n"], 2)
             self.assertGreaterEqual(result[key]["min_ms"], 0)
-        self.assertGreaterEqual(result["up_from_connect_request"]["min_ms"],
-                                result["up_from_connect_answer"]["min_ms"])
+        self.assertGreaterEqual(
+            result["up_from_connect_request"]["min_ms"], result["up_from_connect_answer"]["min_ms"]
+        )
         self.assertEqual(list(tmp.iterdir()), [])  # its temporary homes are gone

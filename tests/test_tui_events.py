@@ -28,8 +28,10 @@ class HubTests(SynchronousTestCase):
         self.sig = {"peers": 0}
         self.sent: list[tuple[float, str, dict[str, Any]]] = []
         self.hub = E.EventHub(
-            self.clock, {p: (lambda p=p: json.dumps(self.data[p])) for p in self.data},
-            {"peers": lambda: self.sig["peers"]})
+            self.clock,
+            {p: (lambda p=p: json.dumps(self.data[p])) for p in self.data},
+            {"peers": lambda: self.sig["peers"]},
+        )
 
     def sink(self, panel: str, data: str, seq: int) -> None:
         self.sent.append((self.clock.seconds(), panel, json.loads(data)))
@@ -148,7 +150,8 @@ class ControlSocketTests(SynchronousTestCase):
         factory = ControlFactory(self.node)
         self.client, self.server, self.pump = connectedServerAndClient(
             ServerClass=lambda: factory.buildProtocol(None),
-            ClientClass=lambda: FeedProtocol(lambda p, d: self.updates.append((p, d))))
+            ClientClass=lambda: FeedProtocol(lambda p, d: self.updates.append((p, d))),
+        )
 
     def settle(self, secs: float = 0.0) -> None:
         self.pump.flush()
@@ -165,15 +168,18 @@ class ControlSocketTests(SynchronousTestCase):
         self.settle()
         self.assertEqual(sorted(p for p, _ in self.updates), ["hive", "peers", "tasks"])
         peers = dict(self.updates)["peers"]
-        self.assertEqual((peers["identity"], peers["rows"], peers["live"]),
-                         ("me-00000001", [], True))
+        self.assertEqual(
+            (peers["identity"], peers["rows"], peers["live"]), ("me-00000001", [], True)
+        )
         self.updates.clear()
         # A peer is paired (another process wrote its key), then a dialer starts.
         self.node.keystore.save_key("laptop-a3f29b1c", b"k" * 32)
         self.settle(E.WATCH_SECS)
         self.settle(E.PUSH_INTERVAL_SECS)
-        self.assertEqual([(r["identity"], r["state"]) for r in self.updates[-1][1]["rows"]],
-                         [("laptop-a3f29b1c", "disconnected")])
+        self.assertEqual(
+            [(r["identity"], r["state"]) for r in self.updates[-1][1]["rows"]],
+            [("laptop-a3f29b1c", "disconnected")],
+        )
         self.node.mesh.dialing.add("laptop-a3f29b1c")
         self.settle(E.WATCH_SECS)
         self.settle(E.PUSH_INTERVAL_SECS)
@@ -189,8 +195,9 @@ class ControlSocketTests(SynchronousTestCase):
         for cb in self.node.mesh._up:  # what Mesh.link_ready calls
             cb("laptop-a3f29b1c")
         self.settle(0)  # no watch period: the observer scheduled the push itself
-        self.assertEqual([(p, d["rows"][0]["state"]) for p, d in self.updates],
-                         [("peers", "connecting")])
+        self.assertEqual(
+            [(p, d["rows"][0]["state"]) for p, d in self.updates], [("peers", "connecting")]
+        )
 
     def test_subscribing_again_replaces_and_registers_backpressure(self) -> None:
         self.subscribe()

@@ -11,19 +11,60 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.tui.app import Dashboard
 
-PEERS = {"identity": "me-00000001", "live": True, "total": 2, "rows": [
-    {"identity": "laptop-a3f2", "state": "connected", "trust": 0.8, "bytes_up": 12288,
-     "bytes_down": 8192, "transport": "tls1.3", "last_seen": 95, "address": "10.0.0.2:9847"},
-    {"identity": "ci-runner-9d1e", "state": "connecting", "trust": 0.5, "bytes_up": 43008,
-     "bytes_down": 0, "transport": None, "last_seen": 0, "address": "10.0.0.3:9847"}]}
-TASKS = {"total": 1, "rows": [
-    {"dir": "out", "key": "task_1", "task_id": "task_1", "peer": "laptop-a3f2",
-     "state": "running", "elapsed": 65, "tokens": 12345, "cost": 0.04,
-     "summary": "Running the tests", "version": 3}]}
-HIVE = {"units": 3, "local_units": 2, "rows": [
-    {"origin": "me-00000001", "local": True, "units": 2},
-    {"origin": "laptop-a3f2", "local": False, "tier": "Confirmed", "trust": 0.8, "units": 1}],
-    "last_sync": [], "recent": []}
+PEERS = {
+    "identity": "me-00000001",
+    "live": True,
+    "total": 2,
+    "rows": [
+        {
+            "identity": "laptop-a3f2",
+            "state": "connected",
+            "trust": 0.8,
+            "bytes_up": 12288,
+            "bytes_down": 8192,
+            "transport": "tls1.3",
+            "last_seen": 95,
+            "address": "10.0.0.2:9847",
+        },
+        {
+            "identity": "ci-runner-9d1e",
+            "state": "connecting",
+            "trust": 0.5,
+            "bytes_up": 43008,
+            "bytes_down": 0,
+            "transport": None,
+            "last_seen": 0,
+            "address": "10.0.0.3:9847",
+        },
+    ],
+}
+TASKS = {
+    "total": 1,
+    "rows": [
+        {
+            "dir": "out",
+            "key": "task_1",
+            "task_id": "task_1",
+            "peer": "laptop-a3f2",
+            "state": "running",
+            "elapsed": 65,
+            "tokens": 12345,
+            "cost": 0.04,
+            "summary": "Running the tests",
+            "version": 3,
+        }
+    ],
+}
+HIVE = {
+    "units": 3,
+    "local_units": 2,
+    "rows": [
+        {"origin": "me-00000001", "local": True, "units": 2},
+        {"origin": "laptop-a3f2", "local": False, "tier": "Confirmed", "trust": 0.8, "units": 1},
+    ],
+    "last_sync": [],
+    "recent": [],
+}
 
 
 class FakeBackend:
@@ -85,9 +126,14 @@ class DashboardTests(SynchronousTestCase):
         self.key("c")
         self.key("T", "0", ".", "7", "enter")
         self.key("i")
-        self.assertEqual(self.backend.calls, [("connect", "laptop-a3f2", "10.0.0.2:9847"),
-                                              ("set_trust", "laptop-a3f2", "0.7"),
-                                              ("make_invite",)])
+        self.assertEqual(
+            self.backend.calls,
+            [
+                ("connect", "laptop-a3f2", "10.0.0.2:9847"),
+                ("set_trust", "laptop-a3f2", "0.7"),
+                ("make_invite",),
+            ],
+        )
 
     def test_task_keys(self) -> None:
         self.key("tab", "enter")
@@ -95,9 +141,13 @@ class DashboardTests(SynchronousTestCase):
         self.assertEqual(self.backend.calls, [("open_task", "out", "task_1")])
         self.key("y")
         self.key("n", *"hurry", "enter")
-        self.assertEqual(self.backend.calls[1:],
-                         [("task_action", "out", "task_1", "stop", "stopped from the dashboard"),
-                          ("task_action", "out", "task_1", "nudge", "hurry")])
+        self.assertEqual(
+            self.backend.calls[1:],
+            [
+                ("task_action", "out", "task_1", "stop", "stopped from the dashboard"),
+                ("task_action", "out", "task_1", "nudge", "hurry"),
+            ],
+        )
 
     def test_an_error_goes_to_the_status_line(self) -> None:
         self.ui.apply("peers", {"rows": [dict(PEERS["rows"][0], identity="boom")], "total": 1})

@@ -7,9 +7,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from claudectl.tui import lines as L
 from claudectl.tui.clean import clean
 
-ROW = {"identity": "laptop-a3f2", "state": "connected", "trust": 0.8, "bytes_up": 12 * 1024,
-       "bytes_down": 8 * 1024, "transport": "tls1.3", "last_seen": 95,
-       "address": "127.0.0.1:9847"}
+ROW = {
+    "identity": "laptop-a3f2",
+    "state": "connected",
+    "trust": 0.8,
+    "bytes_up": 12 * 1024,
+    "bytes_down": 8 * 1024,
+    "transport": "tls1.3",
+    "last_seen": 95,
+    "address": "127.0.0.1:9847",
+}
 
 
 class CleanTests(SynchronousTestCase):
@@ -32,14 +39,31 @@ class PeerLineTests(SynchronousTestCase):
     def test_the_missions_line(self) -> None:
         attr, text = L.peer_line(ROW, 100, 200, 11)
         self.assertEqual(attr, "good")
-        self.assertEqual(text.split(),
-                         ["●", "laptop-a3f2", "connected", "trust:0.8", "↑12", "↓8", "kb",
-                          "TLS", "1.3", "seen", "5s", "ago", "127.0.0.1:9847"])
+        self.assertEqual(
+            text.split(),
+            [
+                "●",
+                "laptop-a3f2",
+                "connected",
+                "trust:0.8",
+                "↑12",
+                "↓8",
+                "kb",
+                "TLS",
+                "1.3",
+                "seen",
+                "5s",
+                "ago",
+                "127.0.0.1:9847",
+            ],
+        )
 
     def test_states_read_without_colour(self) -> None:
-        for state, glyph, word in (("connected", "●", "connected"),
-                                   ("connecting", "◐", "connecting"),
-                                   ("disconnected", "○", "offline")):
+        for state, glyph, word in (
+            ("connected", "●", "connected"),
+            ("connecting", "◐", "connecting"),
+            ("disconnected", "○", "offline"),
+        ):
             _, text = L.peer_line(dict(ROW, state=state), 100, 80, 11)
             self.assertTrue(text.startswith(f"{glyph} laptop-a3f2 {word}"), text)
 
@@ -69,25 +93,50 @@ class PeerLineTests(SynchronousTestCase):
 
 class TaskAndHiveLineTests(SynchronousTestCase):
     def test_task_line(self) -> None:
-        row = {"dir": "out", "state": "running", "peer": "ci-runner-9d1e", "elapsed": 65,
-               "tokens": 12_345, "cost": 0.041, "summary": "Fixing\x1b[31m the tests"}
+        row = {
+            "dir": "out",
+            "state": "running",
+            "peer": "ci-runner-9d1e",
+            "elapsed": 65,
+            "tokens": 12_345,
+            "cost": 0.041,
+            "summary": "Fixing\x1b[31m the tests",
+        }
         attr, text = L.task_line(row, 80, 14)
         self.assertEqual(attr, "good")
-        self.assertEqual(text.split()[:8],
-                         ["→", "running", "ci-runner-9d1e", "1m05s", "12.3k", "tok", "$0.04",
-                          "Fixing"])
+        self.assertEqual(
+            text.split()[:8],
+            ["→", "running", "ci-runner-9d1e", "1m05s", "12.3k", "tok", "$0.04", "Fixing"],
+        )
         self.assertNotIn("\x1b", text)
         _, narrow = L.task_line(row, 60, 14)
         self.assertLessEqual(len(narrow), 60)
 
     def test_hive_lines(self) -> None:
-        panel = {"units": 12, "local_units": 8,
-                 "rows": [{"origin": "me-1", "local": True, "units": 8},
-                          {"origin": "laptop-a3f2", "local": False, "tier": "Confirmed",
-                           "trust": 0.8, "units": 4}],
-                 "last_sync": [{"peer": "laptop-a3f2", "last_sync": 70}],
-                 "recent": [{"kind": "conflict", "ts": 90, "key": "tool:Bash:npm test",
-                             "peer": "laptop-a3f2", "other": "me-1"}]}
+        panel = {
+            "units": 12,
+            "local_units": 8,
+            "rows": [
+                {"origin": "me-1", "local": True, "units": 8},
+                {
+                    "origin": "laptop-a3f2",
+                    "local": False,
+                    "tier": "Confirmed",
+                    "trust": 0.8,
+                    "units": 4,
+                },
+            ],
+            "last_sync": [{"peer": "laptop-a3f2", "last_sync": 70}],
+            "recent": [
+                {
+                    "kind": "conflict",
+                    "ts": 90,
+                    "key": "tool:Bash:npm test",
+                    "peer": "laptop-a3f2",
+                    "other": "me-1",
+                }
+            ],
+        }
         texts = [t for _, t in L.hive_lines(panel, 100, 80)]
         self.assertEqual(texts[0], "12 units: 8 local, 4 from 1 peer(s)")
         self.assertIn("local", texts[1])

@@ -23,25 +23,49 @@ TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import
 class TwistdTests(SynchronousTestCase):
     def test_help_lists_plugin(self) -> None:
         home = temp_home(self)
-        r = subprocess.run([sys.executable, "-c", TWISTD, "--help"], capture_output=True,
-                           text=True, env=subprocess_env(home), cwd=str(home.root), timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-c", TWISTD, "--help"],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(home),
+            cwd=str(home.root),
+            timeout=60,
+        )
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("claudectl-relay", r.stdout)
 
     def test_plugin_help(self) -> None:
         home = temp_home(self)
-        r = subprocess.run([sys.executable, "-c", TWISTD, "claudectl-relay", "--help"],
-                           capture_output=True, text=True, env=subprocess_env(home),
-                           cwd=str(home.root), timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-c", TWISTD, "claudectl-relay", "--help"],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(home),
+            cwd=str(home.root),
+            timeout=60,
+        )
         self.assertEqual(r.returncode, 0, r.stderr)
         for opt in ("--listen", "--port", "--config", "--home", "--no-discovery"):
             self.assertIn(opt, r.stdout)
 
     def test_foreground_run_and_sigterm(self) -> None:
         home = temp_home(self)
-        proc = ServeProcess(home, ["-c", TWISTD, "-n", "--pidfile=", "--logfile=-",
-                                   "claudectl-relay", "--home", str(home.root),
-                                   "--listen", "tcp:0:interface=127.0.0.1", "--no-discovery"])
+        proc = ServeProcess(
+            home,
+            [
+                "-c",
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "--logfile=-",
+                "claudectl-relay",
+                "--home",
+                str(home.root),
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--no-discovery",
+            ],
+        )
         self.addCleanup(proc.stop)
         port = proc.port()
         self.assertGreater(port, 0)
@@ -64,26 +88,56 @@ class InstalledDropinTests(SynchronousTestCase):
         # virtualenv's own packages are not "system site packages").
         nested_site = subprocess.run(
             [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            capture_output=True, text=True, check=True).stdout.strip()
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         outer = sysconfig.get_paths()["purelib"]
         Path(nested_site, "_claudectl_test_outer.pth").write_text(outer + "\n")
-        r = subprocess.run([py, "-m", "pip", "install", "--quiet", "--no-deps",
-                            "--disable-pip-version-check", str(REPO)],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                py,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--disable-pip-version-check",
+                str(REPO),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-        site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        site = subprocess.run(
+            [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         self.assertTrue((Path(site) / "twisted" / "plugins" / "claudectl_relay.py").exists())
         self.assertFalse((Path(site) / "twisted" / "plugins" / "__init__.py").exists())
         # Run from an unrelated directory so the checkout is not on sys.path.
         elsewhere = Path(self.mktemp()).absolute()
         elsewhere.mkdir()
         env = {"PATH": "/usr/bin:/bin", "HOME": str(elsewhere)}
-        r = subprocess.run([py, "-c", TWISTD, "--help"], capture_output=True, text=True,
-                           cwd=str(elsewhere), env=env, timeout=60)
+        r = subprocess.run(
+            [py, "-c", TWISTD, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=str(elsewhere),
+            env=env,
+            timeout=60,
+        )
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("claudectl-relay", r.stdout)
-        r = subprocess.run([str(target / "bin" / "claudectl"), "--home", str(elsewhere),
-                            "relay", "identity"], capture_output=True, text=True,
-                           cwd=str(elsewhere), env=env, timeout=60)
+        r = subprocess.run(
+            [str(target / "bin" / "claudectl"), "--home", str(elsewhere), "relay", "identity"],
+            capture_output=True,
+            text=True,
+            cwd=str(elsewhere),
+            env=env,
+            timeout=60,
+        )
         self.assertEqual(r.returncode, 0, r.stderr)

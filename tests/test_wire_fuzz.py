@@ -30,21 +30,61 @@ from tests.common import make_node
 PEER = "fuzz-peer-01"
 PSK = b"f" * 32
 
-MSG_TYPES = [codec.CHALLENGE, codec.HANDSHAKE, codec.HANDSHAKE_ACK, codec.HEARTBEAT, codec.ACK,
-             codec.DELEGATE_TASK, codec.TASK_STATUS, codec.TASK_HANDOFF, codec.TASK_INTERRUPT,
-             codec.KNOWLEDGE_SYNC, codec.KNOWLEDGE_REQUEST, codec.KNOWLEDGE_SNAPSHOT]
+MSG_TYPES = [
+    codec.CHALLENGE,
+    codec.HANDSHAKE,
+    codec.HANDSHAKE_ACK,
+    codec.HEARTBEAT,
+    codec.ACK,
+    codec.DELEGATE_TASK,
+    codec.TASK_STATUS,
+    codec.TASK_HANDOFF,
+    codec.TASK_INTERRUPT,
+    codec.KNOWLEDGE_SYNC,
+    codec.KNOWLEDGE_REQUEST,
+    codec.KNOWLEDGE_SNAPSHOT,
+]
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False) | st.text(max_size=40),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=12), children, max_size=5),
-    max_leaves=25)
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
+    max_leaves=25,
+)
 
-payload_keys = st.sampled_from([
-    "units", "unit", "nonce", "proof", "cnonce", "caps", "starttls", "pake", "task_id",
-    "prompt", "cwd", "state", "summary", "page", "total_pages", "since_epoch", "sync_epoch",
-    "ack_id", "knowledge", "status", "kind", "message", "sessions", "worker_id"])
+payload_keys = st.sampled_from(
+    [
+        "units",
+        "unit",
+        "nonce",
+        "proof",
+        "cnonce",
+        "caps",
+        "starttls",
+        "pake",
+        "task_id",
+        "prompt",
+        "cwd",
+        "state",
+        "summary",
+        "page",
+        "total_pages",
+        "since_epoch",
+        "sync_epoch",
+        "ack_id",
+        "knowledge",
+        "status",
+        "kind",
+        "message",
+        "sessions",
+        "worker_id",
+    ]
+)
 
 payloads = st.dictionaries(payload_keys, json_values, max_size=6) | json_values
 
@@ -56,11 +96,13 @@ def frames(draw: Any) -> bytes:
         return draw(st.binary(max_size=300))
     if kind == 1:  # JSON that is not an envelope
         return json.dumps(draw(json_values)).encode() + b"\n"
-    env = {"id": draw(st.text(max_size=20) | st.just("msg_1_1")),
-           "msg_type": draw(st.sampled_from(MSG_TYPES) | st.text(max_size=10)),
-           "from_peer": draw(st.sampled_from([PEER, "", "other-peer"]) | st.text(max_size=10)),
-           "timestamp": draw(st.integers(-1, 2**64) | st.just(1)),
-           "payload": draw(payloads)}
+    env = {
+        "id": draw(st.text(max_size=20) | st.just("msg_1_1")),
+        "msg_type": draw(st.sampled_from(MSG_TYPES) | st.text(max_size=10)),
+        "from_peer": draw(st.sampled_from([PEER, "", "other-peer"]) | st.text(max_size=10)),
+        "timestamp": draw(st.integers(-1, 2**64) | st.just(1)),
+        "payload": draw(payloads),
+    }
     if kind == 3:  # drop or scramble a member
         env.pop(draw(st.sampled_from(sorted(env))), None)
     return json.dumps(env, ensure_ascii=draw(st.booleans())).encode() + b"\n"
@@ -97,9 +139,17 @@ class WireFuzzTests(SynchronousTestCase):
         proto, transport = self.connect()
         challenge = json.loads(transport.value().split(b"\n")[0])
         transport.clear()
-        proto.dataReceived(codec.encode(codec.Envelope(
-            "msg_1_0", codec.HANDSHAKE, PEER, 1,
-            {"proof": proof(PSK, challenge["payload"]["nonce"]), "version": "0.64.0"})))
+        proto.dataReceived(
+            codec.encode(
+                codec.Envelope(
+                    "msg_1_0",
+                    codec.HANDSHAKE,
+                    PEER,
+                    1,
+                    {"proof": proof(PSK, challenge["payload"]["nonce"]), "version": "0.64.0"},
+                )
+            )
+        )
         ack = json.loads(transport.value().split(b"\n")[0])
         self.assertEqual(ack["payload"]["status"], "ok")
         return proto, transport
@@ -117,8 +167,11 @@ class WireFuzzTests(SynchronousTestCase):
             proto.dataReceived(chunk)  # must never raise
             self.assertLessEqual(len(proto._buffer), proto.MAX_LENGTH)
 
-    @settings(max_examples=150, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=150,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(st.lists(frames(), max_size=12), st.lists(st.integers(0, 10_000), max_size=6))
     def test_before_the_handshake(self, items: list[bytes], cuts: list[int]) -> None:
         proto, transport = self.connect()
@@ -126,12 +179,16 @@ class WireFuzzTests(SynchronousTestCase):
         proto.connectionLost()
         self.assertEqual(self.node.admission.inflight, 0)
         # The fuzzing address may now be cooling down; a fresh one is not.
-        self.node.admission = type(self.node.admission)(self.reactor.seconds,
-                                                        self.node.config.relay.max_peers)
+        self.node.admission = type(self.node.admission)(
+            self.reactor.seconds, self.node.config.relay.max_peers
+        )
         self.assert_still_serving()
 
-    @settings(max_examples=150, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=150,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(st.lists(frames(), max_size=25), st.lists(st.integers(0, 10_000), max_size=6))
     def test_after_the_handshake(self, items: list[bytes], cuts: list[int]) -> None:
         proto, transport = self.authenticate()

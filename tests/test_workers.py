@@ -25,8 +25,9 @@ class WorkerTableTests(SynchronousTestCase):
         self.assertEqual(self.table.current(), [])
 
     def test_worker_id_defaults_to_link_id_and_expires(self) -> None:
-        self.table.heartbeat("peer-a", {"sessions": [{"pid": 1, "project": "x",
-                                                      "status": "Bogus"}, "junk"]})
+        self.table.heartbeat(
+            "peer-a", {"sessions": [{"pid": 1, "project": "x", "status": "Bogus"}, "junk"]}
+        )
         [w] = self.table.current()
         self.assertEqual((w.worker_id, w.peer_id), ("peer-a", "peer-a"))
         self.assertEqual(w.sessions, [{"pid": 1, "project": "x", "status": "Idle"}])
@@ -36,8 +37,10 @@ class WorkerTableTests(SynchronousTestCase):
     def test_peers_cannot_overwrite_each_other_and_are_bounded(self) -> None:
         from claudectl.relay.workers import MAX_WORKERS_PER_PEER
 
-        self.table.heartbeat("honest", {"worker_id": "w1", "sessions": [
-            {"pid": 1, "project": "a", "status": "Idle"}]})
+        self.table.heartbeat(
+            "honest",
+            {"worker_id": "w1", "sessions": [{"pid": 1, "project": "a", "status": "Idle"}]},
+        )
         self.table.heartbeat("evil", {"worker_id": "w1", "sessions": []})
         mine = [w for w in self.table.current() if w.peer_id == "honest"]
         self.assertEqual(len(mine[0].sessions), 1)

@@ -50,8 +50,12 @@ def _json_mode(argv: list[str]) -> bool:
 def _fail(argv: list[str], message: str, code: int, kind: str = "error") -> None:
     """One ``Error: ...`` line on stderr (a JSON object on stdout under ``--json``)."""
     if _json_mode(argv):
-        sys.stdout.write(json_safe(json.dumps({"error": message, "kind": kind,
-                                               "exit_code": code}, ensure_ascii=False)) + "\n")
+        sys.stdout.write(
+            json_safe(
+                json.dumps({"error": message, "kind": kind, "exit_code": code}, ensure_ascii=False)
+            )
+            + "\n"
+        )
         sys.stdout.flush()
     else:
         sys.stderr.write(f"Error: {clean_text(message)}\n")
@@ -64,8 +68,10 @@ def _os_error_text(e: OSError) -> str:
         what = f"{what}: {e.filename}"
     ctx = base.current_context()
     where = f" (home: {ctx.home.root})" if ctx is not None else ""
-    return f"{what}{where}; check that the home directory (--home / CLAUDECTL_HOME) is a " \
-           f"writable directory"
+    return (
+        f"{what}{where}; check that the home directory (--home / CLAUDECTL_HOME) is a "
+        f"writable directory"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

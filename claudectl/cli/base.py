@@ -139,8 +139,14 @@ def json_flag(fn: Callable[..., Any]) -> Callable[..., Any]:
         if value:
             click_ctx.ensure_object(CliContext).json = True
 
-    return click.option("--json", "json_local", is_flag=True, expose_value=False,
-                        callback=callback, help="Machine-readable JSON output.")(fn)
+    return click.option(
+        "--json",
+        "json_local",
+        is_flag=True,
+        expose_value=False,
+        callback=callback,
+        help="Machine-readable JSON output.",
+    )(fn)
 
 
 def remote_error_text(e: Exception) -> str:
@@ -154,21 +160,37 @@ def remote_error_text(e: Exception) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", "home", metavar="DIR", envvar="CLAUDECTL_HOME",
-              help="Use DIR as the home directory: data in DIR/.claudectl, config in "
-                   "DIR/.config/claudectl/config.toml (default: $CLAUDECTL_HOME, else ~).")
+@click.option(
+    "--home",
+    "home",
+    metavar="DIR",
+    envvar="CLAUDECTL_HOME",
+    help="Use DIR as the home directory: data in DIR/.claudectl, config in "
+    "DIR/.config/claudectl/config.toml (default: $CLAUDECTL_HOME, else ~).",
+)
 @click.option("--json", "json_", is_flag=True, help="Machine-readable JSON output.")
-@click.option("--config", "config_files", metavar="FILE", multiple=True,
-              help="Extra TOML config file, read after the user and project configs.")
+@click.option(
+    "--config",
+    "config_files",
+    metavar="FILE",
+    multiple=True,
+    help="Extra TOML config file, read after the user and project configs.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
 @click.version_option(package_name="claudectl-relay", prog_name="claudectl")
 @click.pass_context
-def cli(click_ctx: click.Context, home: str | None, json_: bool,
-        config_files: tuple[str, ...], verbose: bool) -> None:
+def cli(
+    click_ctx: click.Context,
+    home: str | None,
+    json_: bool,
+    config_files: tuple[str, ...],
+    verbose: bool,
+) -> None:
     """claudectl relay & hive mind: pair machines, share what brains learn,
     delegate tasks to Claude Code on a peer."""
-    ctx = CliContext(home=Home.resolve(home), json=json_, verbose=verbose,
-                     config_files=config_files)
+    ctx = CliContext(
+        home=Home.resolve(home), json=json_, verbose=verbose, config_files=config_files
+    )
     if verbose:
         # An observer, not globalLogBeginner.beginLoggingTo: `relay serve`
         # hands logging to twistd, which begins it (twice would log every
@@ -180,8 +202,7 @@ def cli(click_ctx: click.Context, home: str | None, json_: bool,
     _current[:] = [ctx]
     click_ctx.obj = ctx
     if ctx.home.root.exists() and not ctx.home.root.is_dir():
-        raise CliError(f"home {ctx.home.root} is not a directory (check --home / "
-                       f"CLAUDECTL_HOME)")
+        raise CliError(f"home {ctx.home.root} is not a directory (check --home / CLAUDECTL_HOME)")
 
 
 @cli.group()

@@ -31,8 +31,9 @@ WATCH_SECS = 30.0
 PROGRESS_MIN_SECS = 2.0
 
 
-async def _call(reactor: Any, ctx: CliContext, command: type, *, absent_ok: bool = False,
-                **kwargs: Any) -> dict[str, Any]:
+async def _call(
+    reactor: Any, ctx: CliContext, command: type, *, absent_ok: bool = False, **kwargs: Any
+) -> dict[str, Any]:
     """One control-channel call; service and command errors become CliError
     (``absent_ok``: a service that is not running raises ServiceNotRunning)."""
     try:
@@ -50,8 +51,9 @@ async def _call(reactor: Any, ctx: CliContext, command: type, *, absent_ok: bool
     except tuple(C.ERRORS) as e:
         raise CliError(_error_text(e)) from None
     except ConnectionClosed:
-        raise CliError("lost the connection to the relay service (interrupted, or the "
-                       "service stopped)") from None
+        raise CliError(
+            "lost the connection to the relay service (interrupted, or the service stopped)"
+        ) from None
 
 
 def _until_interrupted(fn: Any) -> Any:
@@ -63,8 +65,9 @@ def _until_interrupted(fn: Any) -> Any:
 
     async def run(reactor: Any) -> Any:
         flag = {"stopping": False}
-        trigger = reactor.addSystemEventTrigger("before", "shutdown", flag.__setitem__,
-                                                "stopping", True)
+        trigger = reactor.addSystemEventTrigger(
+            "before", "shutdown", flag.__setitem__, "stopping", True
+        )
         try:
             result = await fn(reactor)
         except Exception:
@@ -107,16 +110,20 @@ class ProgressPrinter:
 
 def _progress_line(task: dict[str, Any]) -> str:
     msg = clean_line(task.get("last_message") or "")
-    return (f"{clean_line(task['state']):<9} {_duration(task['elapsed_secs']):>7}  "
-            f"{task['tokens']:,} tokens  ${task['cost_usd']:.4f}  {msg}").rstrip()
+    return (
+        f"{clean_line(task['state']):<9} {_duration(task['elapsed_secs']):>7}  "
+        f"{task['tokens']:,} tokens  ${task['cost_usd']:.4f}  {msg}"
+    ).rstrip()
 
 
-async def follow(reactor: Any, ctx: CliContext, task_id: str, emit: Any,
-                 version: int = 0) -> dict[str, Any]:
+async def follow(
+    reactor: Any, ctx: CliContext, task_id: str, emit: Any, version: int = 0
+) -> dict[str, Any]:
     """Follow a delegated task until it ends; ``emit(view)`` on every change."""
     while True:
-        r = await _call(reactor, ctx, C.WatchTask, task_id=task_id, version=version,
-                        timeout=WATCH_SECS)
+        r = await _call(
+            reactor, ctx, C.WatchTask, task_id=task_id, version=version, timeout=WATCH_SECS
+        )
         task = json.loads(r["task_json"])
         if task["version"] != version:
             version = task["version"]
@@ -131,17 +138,34 @@ async def follow(reactor: Any, ctx: CliContext, task_id: str, emit: Any,
 @relay.command()
 @click.argument("peer")
 @click.argument("prompt", nargs=-1, required=True)
-@click.option("--cwd", metavar="DIR", default=None,
-              help="Directory on the peer to run in (must be in its [delegation] allowed_dirs; "
-                   "default: the peer's first allowed dir).")
-@click.option("--git-ref", metavar="REF", default=None,
-              help="Run in a fresh checkout of REF (made on the peer from --cwd's repository).")
-@click.option("--wait", is_flag=True, help="Follow the task live until it ends; the exit "
-                                           "status says whether it completed.")
+@click.option(
+    "--cwd",
+    metavar="DIR",
+    default=None,
+    help="Directory on the peer to run in (must be in its [delegation] allowed_dirs; "
+    "default: the peer's first allowed dir).",
+)
+@click.option(
+    "--git-ref",
+    metavar="REF",
+    default=None,
+    help="Run in a fresh checkout of REF (made on the peer from --cwd's repository).",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Follow the task live until it ends; the exit status says whether it completed.",
+)
 @_json_option
 @pass_ctx
-def delegate(ctx: CliContext, peer: str, prompt: tuple[str, ...], cwd: str | None,
-             git_ref: str | None, wait: bool) -> None:
+def delegate(
+    ctx: CliContext,
+    peer: str,
+    prompt: tuple[str, ...],
+    cwd: str | None,
+    git_ref: str | None,
+    wait: bool,
+) -> None:
     """Run PROMPT with Claude Code on PEER (through the running relay service).
 
     Words after PEER form the prompt; use `--` before a prompt that starts
@@ -151,13 +175,20 @@ def delegate(ctx: CliContext, peer: str, prompt: tuple[str, ...], cwd: str | Non
     state: dict[str, Any] = {}
 
     async def go(reactor: Any) -> dict[str, Any] | None:
-        r = await _call(reactor, ctx, C.Delegate, peer=peer, prompt=text, cwd=cwd,
-                        git_ref=git_ref)
+        r = await _call(reactor, ctx, C.Delegate, peer=peer, prompt=text, cwd=cwd, git_ref=git_ref)
         state["task_id"] = r["task_id"]
         task = json.loads(r["task_json"])
         if ctx.json and not wait:
-            ctx.emit_json({"task_id": r["task_id"], "peer": peer, "prompt": text, "cwd": cwd,
-                           "status": "delegated", "error": None})
+            ctx.emit_json(
+                {
+                    "task_id": r["task_id"],
+                    "peer": peer,
+                    "prompt": text,
+                    "cwd": cwd,
+                    "status": "delegated",
+                    "error": None,
+                }
+            )
         elif not ctx.json:
             ctx.out(f"Task {r['task_id']} delegated to peer {peer}")
             ctx.out(f"  Prompt: {text}")
@@ -185,15 +216,20 @@ def delegate(ctx: CliContext, peer: str, prompt: tuple[str, ...], cwd: str | Non
         task_id = state.get("task_id")
         if task_id is None:
             raise CliError("interrupted", code=130)
-        raise CliError(f"interrupted; task {task_id} keeps running on {peer}: follow it with "
-                       f"`claudectl relay status {task_id}`, stop it with "
-                       f"`claudectl relay interrupt {task_id} stop`", code=130)
+        raise CliError(
+            f"interrupted; task {task_id} keeps running on {peer}: follow it with "
+            f"`claudectl relay status {task_id}`, stop it with "
+            f"`claudectl relay interrupt {task_id} stop`",
+            code=130,
+        )
     if final is not None:
         if ctx.json:
             ctx.emit_json(final)
         else:
-            ctx.out(f"Task {clean_line(final['task_id'])} {clean_line(final['state'])}: "
-                    f"{clean_line(final.get('summary') or '')}")
+            ctx.out(
+                f"Task {clean_line(final['task_id'])} {clean_line(final['state'])}: "
+                f"{clean_line(final.get('summary') or '')}"
+            )
         if final["state"] != "completed":
             raise CliError(f"task {final['task_id']} did not complete ({final['state']})")
 
@@ -245,19 +281,30 @@ def status(ctx: CliContext, task_id: str | None) -> None:
             return
         peer_label = "Peer" if t["direction"] == "outgoing" else "From"
         for label, value in (
-                ("Task", t["task_id"]),
-                ("Direction", "delegated to a peer (outgoing)" if t["direction"] == "outgoing"
-                 else "run here for a peer (incoming)"),
-                (peer_label, t["peer"] + ("" if t["peer_connected"] else " (not connected)")),
-                ("State", t["state"] + ("" if running else " (stored; the relay service is "
-                                                           "not running)")),
-                ("Elapsed", _duration(t["elapsed_secs"])),
-                ("Tokens", f"{t['tokens']:,}"), ("Cost", f"${t['cost_usd']:.4f}"),
-                ("Context", f"{t['context_pct']}%"), ("CWD", t.get("cwd") or "(peer default)"),
-                ("Git ref", t.get("git_ref")), ("Result ref", t.get("result_git_ref")),
-                ("Files", ", ".join(t.get("files_modified") or []) or None),
-                ("Prompt", t["prompt"]), ("Last", t.get("last_message")),
-                ("Summary", t.get("summary"))):
+            ("Task", t["task_id"]),
+            (
+                "Direction",
+                "delegated to a peer (outgoing)"
+                if t["direction"] == "outgoing"
+                else "run here for a peer (incoming)",
+            ),
+            (peer_label, t["peer"] + ("" if t["peer_connected"] else " (not connected)")),
+            (
+                "State",
+                t["state"] + ("" if running else " (stored; the relay service is not running)"),
+            ),
+            ("Elapsed", _duration(t["elapsed_secs"])),
+            ("Tokens", f"{t['tokens']:,}"),
+            ("Cost", f"${t['cost_usd']:.4f}"),
+            ("Context", f"{t['context_pct']}%"),
+            ("CWD", t.get("cwd") or "(peer default)"),
+            ("Git ref", t.get("git_ref")),
+            ("Result ref", t.get("result_git_ref")),
+            ("Files", ", ".join(t.get("files_modified") or []) or None),
+            ("Prompt", t["prompt"]),
+            ("Last", t.get("last_message")),
+            ("Summary", t.get("summary")),
+        ):
             if value:
                 # Summaries, messages and file names come from the worker peer.
                 ctx.out(f"{label + ':':<11} {clean_line(value)}")
@@ -270,8 +317,10 @@ def status(ctx: CliContext, task_id: str | None) -> None:
     if not outgoing and not incoming:
         ctx.out("No delegated tasks. Delegate one with `claudectl relay delegate <peer> <prompt>`.")
         return
-    sections = [("Delegated by this machine (outgoing)", "PEER", outgoing),
-                ("Run here for peers (incoming)", "FROM", incoming)]
+    sections = [
+        ("Delegated by this machine (outgoing)", "PEER", outgoing),
+        ("Run here for peers (incoming)", "FROM", incoming),
+    ]
     first = True
     for title, peer_col, tasks in sections:
         if not tasks:
@@ -280,16 +329,20 @@ def status(ctx: CliContext, task_id: str | None) -> None:
             ctx.out()
         first = False
         ctx.out(f"{title}:")
-        ctx.out(f"{'TASK':<36} {peer_col:<20} {'STATE':<9} {'ELAPSED':>7} {'TOKENS':>9} "
-                f"{'COST':>8}  LAST MESSAGE")
+        ctx.out(
+            f"{'TASK':<36} {peer_col:<20} {'STATE':<9} {'ELAPSED':>7} {'TOKENS':>9} "
+            f"{'COST':>8}  LAST MESSAGE"
+        )
         for t in tasks:
             msg = clean_line(t.get("last_message") or "")
             if len(msg) > 60:
                 msg = msg[:59] + "…"
             peer = clean_line(t["peer"]) + ("" if t["peer_connected"] else "*")
-            ctx.out(f"{clean_line(t['task_id']):<36} {peer:<20} {clean_line(t['state']):<9} "
-                    f"{_duration(t['elapsed_secs']):>7} {t['tokens']:>9,} "
-                    f"{'$' + format(t['cost_usd'], '.4f'):>8}  {msg}".rstrip())
+            ctx.out(
+                f"{clean_line(t['task_id']):<36} {peer:<20} {clean_line(t['state']):<9} "
+                f"{_duration(t['elapsed_secs']):>7} {t['tokens']:>9,} "
+                f"{'$' + format(t['cost_usd'], '.4f'):>8}  {msg}".rstrip()
+            )
     if any(not t["peer_connected"] for t in outgoing + incoming):
         ctx.out("* peer not connected now")
 
@@ -330,13 +383,21 @@ def interrupt(ctx: CliContext, task_id: str, interrupt_type: str, reason: tuple[
     text = " ".join(reason)
 
     async def go(reactor: Any) -> dict[str, Any]:
-        return await _call(reactor, ctx, C.Interrupt, task_id=task_id,
-                           interrupt_type=interrupt_type, reason=text)
+        return await _call(
+            reactor, ctx, C.Interrupt, task_id=task_id, interrupt_type=interrupt_type, reason=text
+        )
 
     r = ctx.run(go)
     if ctx.json:
-        ctx.emit_json({"task_id": task_id, "peer": r["peer"], "interrupt_type": interrupt_type,
-                       "reason": text, "status": "sent"})
+        ctx.emit_json(
+            {
+                "task_id": task_id,
+                "peer": r["peer"],
+                "interrupt_type": interrupt_type,
+                "reason": text,
+                "status": "sent",
+            }
+        )
         return
     ctx.out(f"Interrupt sent for task {task_id} to peer {r['peer']}")
     ctx.out(f"  Type: {interrupt_type}")
@@ -349,8 +410,11 @@ def interrupt(ctx: CliContext, task_id: str, interrupt_type: str, reason: tuple[
 
 @cli.command(name="run")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--parallel", is_flag=True, help="Start every task whose dependencies are done "
-                                               "(default: one at a time, in file order).")
+@click.option(
+    "--parallel",
+    is_flag=True,
+    help="Start every task whose dependencies are done (default: one at a time, in file order).",
+)
 @_json_option
 @pass_ctx
 def run_file(ctx: CliContext, file: str, parallel: bool) -> None:
@@ -393,20 +457,35 @@ def run_file(ctx: CliContext, file: str, parallel: bool) -> None:
         # Interrupted (Ctrl-C, SIGTERM): local sessions were stopped on the way out.
         lines = ["interrupted; local Claude Code sessions were stopped"]
         for task_id, peer in sorted(remote_tasks.items()):
-            lines.append(f"  task {task_id} keeps running on {peer}; stop it with "
-                         f"`claudectl relay interrupt {task_id} stop`")
+            lines.append(
+                f"  task {task_id} keeps running on {peer}; stop it with "
+                f"`claudectl relay interrupt {task_id} stop`"
+            )
         raise CliError("\n".join(lines), code=130)
     counts: dict[str, int] = {}
     for st in states.values():
         counts[st.status] = counts.get(st.status, 0) + 1
     ok = all(st.status == "completed" for st in states.values())
     if ctx.json:
-        ctx.emit_json({"status": "completed" if ok else "failed", "parallel": parallel,
-                       "counts": counts, "tasks": [
-                           {"name": st.task.name, "peer": st.task.peer, "status": st.status,
-                            "message": st.message, "attempts": st.attempts,
-                            "cost_usd": st.cost_usd, "tokens": st.tokens}
-                           for st in states.values()]})
+        ctx.emit_json(
+            {
+                "status": "completed" if ok else "failed",
+                "parallel": parallel,
+                "counts": counts,
+                "tasks": [
+                    {
+                        "name": st.task.name,
+                        "peer": st.task.peer,
+                        "status": st.status,
+                        "message": st.message,
+                        "attempts": st.attempts,
+                        "cost_usd": st.cost_usd,
+                        "tokens": st.tokens,
+                    }
+                    for st in states.values()
+                ],
+            }
+        )
     else:
         ctx.out(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     if not ok:
@@ -435,8 +514,10 @@ class LocalSessions:
         if not self.live:
             return None
         done: Deferred[None] = Deferred()
-        waits = DeferredList([p.stop("claudectl run was interrupted") for p in list(self.live)],
-                             consumeErrors=True)
+        waits = DeferredList(
+            [p.stop("claudectl run was interrupted") for p in list(self.live)], consumeErrors=True
+        )
+
         def give_up() -> None:
             if not done.called:
                 done.callback(None)
@@ -474,17 +555,28 @@ def _local_runner(reactor: Any, ctx: CliContext, config: Any, sessions: LocalSes
                 last.update(text=text, at=now)
                 progress(text)
 
-        proc = ClaudeProcess(taskrun, claude_argv(config.claude_command, config.claude_args,
-                                                  task.resume),
-                             str(cwd.resolve()), child_env(), reactor.spawnProcess, reactor,
-                             config.stop_grace_secs, on_change=changed)
+        proc = ClaudeProcess(
+            taskrun,
+            claude_argv(config.claude_command, config.claude_args, task.resume),
+            str(cwd.resolve()),
+            child_env(),
+            reactor.spawnProcess,
+            reactor,
+            config.stop_grace_secs,
+            on_change=changed,
+        )
         sessions.live.add(proc)
         try:
             outcome = await proc.start(prompt)
         finally:
             sessions.live.discard(proc)
-        return AttemptResult(outcome.state == "completed", outcome.result_text, outcome.summary,
-                             outcome.cost_usd, outcome.tokens)
+        return AttemptResult(
+            outcome.state == "completed",
+            outcome.result_text,
+            outcome.summary,
+            outcome.cost_usd,
+            outcome.tokens,
+        )
 
     return run
 
@@ -494,8 +586,7 @@ def _remote_runner(reactor: Any, ctx: CliContext, in_flight: dict[str, str]) -> 
 
     async def run(task: Any, prompt: str, progress: Any) -> AttemptResult:
         try:
-            r = await _call(reactor, ctx, C.Delegate, peer=task.peer, prompt=prompt,
-                            cwd=task.cwd)
+            r = await _call(reactor, ctx, C.Delegate, peer=task.peer, prompt=prompt, cwd=task.cwd)
         except CliError as e:
             return AttemptResult(False, "", e.message)
         progress(f"delegated as {r['task_id']}")
@@ -514,9 +605,12 @@ def _remote_runner(reactor: Any, ctx: CliContext, in_flight: dict[str, str]) -> 
             return AttemptResult(False, "", e.message)
         in_flight.pop(r["task_id"], None)
         summary = final.get("summary") or ""
-        return AttemptResult(final["state"] == "completed", summary, summary,
-                             final.get("cost_usd", 0.0), final.get("tokens", 0))
+        return AttemptResult(
+            final["state"] == "completed",
+            summary,
+            summary,
+            final.get("cost_usd", 0.0),
+            final.get("tokens", 0),
+        )
 
     return run
-
-

@@ -90,8 +90,10 @@ def _count_lines(path: Path) -> int:
 def _loaded_units(ctx: CliContext) -> list[KnowledgeUnit]:
     loaded = load_store(ctx.home)
     if loaded.bad:
-        ctx.err(f"Warning: {len(loaded.bad)} unreadable line(s) in knowledge.jsonl "
-                "(they will be moved to quarantine.jsonl at the next write).")
+        ctx.err(
+            f"Warning: {len(loaded.bad)} unreadable line(s) in knowledge.jsonl "
+            "(they will be moved to quarantine.jsonl at the next write)."
+        )
     return loaded.store.units()
 
 
@@ -116,11 +118,16 @@ def status(ctx: CliContext, json_: bool) -> None:
     except (FileNotFoundError, UnicodeDecodeError):
         mode = None
     info = {
-        "active": hive_active(ctx.home, cfg), "mode_file": mode, "identity": me,
-        "units": len(units), "local_units": len(local), "peer_units": sum(peers.values()),
+        "active": hive_active(ctx.home, cfg),
+        "mode_file": mode,
+        "identity": me,
+        "units": len(units),
+        "local_units": len(local),
+        "peer_units": sum(peers.values()),
         "by_type": dict(Counter(u.type for u in units).most_common()),
         "by_peer": dict(peers.most_common()),
-        "trust_records": len(book.records), "frozen_peers": frozen,
+        "trust_records": len(book.records),
+        "frozen_peers": frozen,
         "archived_units": _count_lines(hive_file(ctx.home, ARCHIVE)),
         "quarantined_lines": _count_lines(hive_file(ctx.home, QUARANTINE)),
         "conflicts_logged": _count_lines(hive_file(ctx.home, CONFLICTS)),
@@ -131,33 +138,44 @@ def status(ctx: CliContext, json_: bool) -> None:
     if _wants_json(ctx, json_):
         ctx.emit_json(info)
         return
-    why = f"mode file says {mode}" if mode in ("on", "off") else \
-        f"[hive] enabled = {'true' if cfg.enabled else 'false'}"
+    why = (
+        f"mode file says {mode}"
+        if mode in ("on", "off")
+        else f"[hive] enabled = {'true' if cfg.enabled else 'false'}"
+    )
     ctx.out(f"Hive:        {'active' if info['active'] else 'inactive'} ({why})")
     ctx.out(f"Identity:    {me}")
     cap = f" (cap {cfg.max_units})" if cfg.max_units else ""
-    ctx.out(f"Knowledge:   {len(units)} units{cap}: {len(local)} local, "
-            f"{info['peer_units']} from {len(peers)} peer(s)")
+    ctx.out(
+        f"Knowledge:   {len(units)} units{cap}: {len(local)} local, "
+        f"{info['peer_units']} from {len(peers)} peer(s)"
+    )
     if units:
         by_type: dict[str, int] = info["by_type"]  # type: ignore[assignment]
         ctx.out("  by type:   " + ", ".join(f"{t} {n}" for t, n in by_type.items()))
     if peers:
-        ctx.out("  by peer:   " + ", ".join(f"{clean_line(p)} {n}"
-                                            for p, n in peers.most_common()))
-    ctx.out(f"Trust:       {len(book.records)} peer record(s)"
-            + (f", frozen: {clean_line(', '.join(frozen))}" if frozen else ""))
+        ctx.out("  by peer:   " + ", ".join(f"{clean_line(p)} {n}" for p, n in peers.most_common()))
+    ctx.out(
+        f"Trust:       {len(book.records)} peer record(s)"
+        + (f", frozen: {clean_line(', '.join(frozen))}" if frozen else "")
+    )
     for peer_id, rec in sorted(book.records.items()):
-        ctx.out(f"  {clean_line(peer_id)}: trust {rec.trust_level:.2f}, accepted "
-                f"{rec.knowledge_accepted}, conflicted {rec.knowledge_conflicted}, "
-                f"last sync {_when(rec.last_sync)}")
+        ctx.out(
+            f"  {clean_line(peer_id)}: trust {rec.trust_level:.2f}, accepted "
+            f"{rec.knowledge_accepted}, conflicted {rec.knowledge_conflicted}, "
+            f"last sync {_when(rec.last_sync)}"
+        )
     ctx.out(f"Archive:     {info['archived_units']} unit(s)")
     if info["quarantined_lines"]:
-        ctx.out(f"Quarantine:  {info['quarantined_lines']} unreadable line(s) kept in "
-                f"{hive_file(ctx.home, QUARANTINE)}")
+        ctx.out(
+            f"Quarantine:  {info['quarantined_lines']} unreadable line(s) kept in "
+            f"{hive_file(ctx.home, QUARANTINE)}"
+        )
     ctx.out(f"Conflicts:   {info['conflicts_logged']} logged")
     if cursor:
-        ctx.out(f"Distilled:   {_when(cursor.last_distill)} "
-                f"({cursor.pending} new decision(s) since)")
+        ctx.out(
+            f"Distilled:   {_when(cursor.last_distill)} ({cursor.pending} new decision(s) since)"
+        )
     else:
         ctx.out("Distilled:   never (run `claudectl hive distill`)")
 
@@ -166,15 +184,18 @@ def status(ctx: CliContext, json_: bool) -> None:
 
 
 @hive.command()
-@click.option("--from", "from_", metavar="PEER",
-              help="Only units from this peer (an id or the start of one).")
-@click.option("--scope", metavar="SCOPE",
-              help="Only units of this scope: universal, language:X or project:X.")
+@click.option(
+    "--from", "from_", metavar="PEER", help="Only units from this peer (an id or the start of one)."
+)
+@click.option(
+    "--scope", metavar="SCOPE", help="Only units of this scope: universal, language:X or project:X."
+)
 @click.option("--type", "type_", metavar="TYPE", help="Only units of this content type.")
 @json_option
 @pass_ctx
-def knowledge(ctx: CliContext, from_: str | None, scope: str | None, type_: str | None,
-              json_: bool) -> None:
+def knowledge(
+    ctx: CliContext, from_: str | None, scope: str | None, type_: str | None, json_: bool
+) -> None:
     """List knowledge units (--json: an array of units in claudectl's form)."""
     units = _loaded_units(ctx)
     if from_ is not None:
@@ -193,10 +214,19 @@ def knowledge(ctx: CliContext, from_: str | None, scope: str | None, type_: str 
     now = _now()
     delivery = load_delivery(ctx.home)
     # VIA: the peers that delivered a unit to us (trust by path, docs/hive.md).
-    rows = [(u.id, u.scope.display(), u.type, f"{u.effective_confidence(now):.2f}",
-             u.evidence_count, u.source_peer, ",".join(delivery.deliverers(u)) or "-",
-             _shown(u) + (" [stale]" if u.is_stale(now) else ""))
-            for u in units]
+    rows = [
+        (
+            u.id,
+            u.scope.display(),
+            u.type,
+            f"{u.effective_confidence(now):.2f}",
+            u.evidence_count,
+            u.source_peer,
+            ",".join(delivery.deliverers(u)) or "-",
+            _shown(u) + (" [stale]" if u.is_stale(now) else ""),
+        )
+        for u in units
+    ]
     _table(ctx, ("ID", "SCOPE", "TYPE", "CONF", "EVID", "FROM", "VIA", "SUMMARY"), rows)
     ctx.out(f"{len(units)} unit(s)")
 
@@ -205,8 +235,14 @@ def knowledge(ctx: CliContext, from_: str | None, scope: str | None, type_: str 
 
 
 @hive.command()
-@click.option("--format", "fmt", type=click.Choice(["json", "yaml"]), default="json",
-              show_default=True, help="Output format.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "yaml"]),
+    default="json",
+    show_default=True,
+    help="Output format.",
+)
 @json_option
 @pass_ctx
 def export(ctx: CliContext, fmt: str, json_: bool) -> None:
@@ -240,14 +276,17 @@ def import_(ctx: CliContext, file: str, json_: bool) -> None:
         units = parse_document(data)
     except ImportProblem as e:
         raise CliError(f"{file}: {e}; nothing was imported") from None
-    result = import_units(ctx.home, units, local_id=_identity(ctx), config=ctx.config.hive,
-                          now=_now())
+    result = import_units(
+        ctx.home, units, local_id=_identity(ctx), config=ctx.config.hive, now=_now()
+    )
     if _wants_json(ctx, json_):
         ctx.emit_json(result.stats())
         return
     ctx.out(f"Imported {result.accepted} new knowledge units.")
-    ctx.out(f"  updated {result.updated}, rejected {result.rejected} "
-            f"(local knowledge wins), duplicates {result.duplicates}")
+    ctx.out(
+        f"  updated {result.updated}, rejected {result.rejected} "
+        f"(local knowledge wins), duplicates {result.duplicates}"
+    )
 
 
 @hive.command()
@@ -279,15 +318,21 @@ def _shown(unit: KnowledgeUnit) -> str:
 
     c = unit.content
     if isinstance(c, Pattern):
-        return (f"[{c.tool}, {c.command_pattern or '*'}] {c.preferred_action} "
-                f"({pct(c.accept_rate)}% accepted over {c.sample_count})")
+        return (
+            f"[{c.tool}, {c.command_pattern or '*'}] {c.preferred_action} "
+            f"({pct(c.accept_rate)}% accepted over {c.sample_count})"
+        )
     return unit.summary()
 
 
 def _trust_json(rec: PeerTrust | None, peer: str, book: TrustBook, now: int) -> dict[str, Any]:
     level = book.level(peer)
-    out: dict[str, Any] = {"peer_id": peer, "trust_level": level,
-                           "tier": tier_for(level).display, "record": rec is not None}
+    out: dict[str, Any] = {
+        "peer_id": peer,
+        "trust_level": level,
+        "tier": tier_for(level).display,
+        "record": rec is not None,
+    }
     if rec is not None:
         out.update(rec.to_json())
         out["tier"] = rec.tier.display
@@ -302,8 +347,9 @@ def _trust_json(rec: PeerTrust | None, peer: str, book: TrustBook, now: int) -> 
 @click.option("--unfreeze", is_flag=True, help="Clear a freeze set by the sybil checks.")
 @json_option
 @pass_ctx
-def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
-          json_: bool) -> None:
+def trust(
+    ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool, json_: bool
+) -> None:
     """Show peers' trust, show one peer's, or set it (0.0-1.0, clamped).
 
     Tiers: Confirmed >= 0.8 [hive], Suggested >= 0.5 [hive, suggested],
@@ -334,9 +380,17 @@ def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
                 flags.append("quarantined")
             if not it["record"]:
                 flags.append("default")
-            rows.append((it["peer_id"], f"{it['trust_level']:.2f}", it["tier"],
-                         it.get("knowledge_accepted", 0), it.get("knowledge_conflicted", 0),
-                         _when(it.get("last_sync")), ",".join(flags) or "-"))
+            rows.append(
+                (
+                    it["peer_id"],
+                    f"{it['trust_level']:.2f}",
+                    it["tier"],
+                    it.get("knowledge_accepted", 0),
+                    it.get("knowledge_conflicted", 0),
+                    _when(it.get("last_sync")),
+                    ",".join(flags) or "-",
+                )
+            )
         _table(ctx, ("PEER", "TRUST", "TIER", "AGREED", "DISAGREED", "LAST SYNC", "FLAGS"), rows)
         return
     peer = _resolve_known_peer(ctx, peer, load_trust(ctx.home, cfg.default_trust))
@@ -346,12 +400,16 @@ def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
         if _wants_json(ctx, json_):
             ctx.emit_json(it)
             return
-        ctx.out(f"{peer}: trust {it['trust_level']:.2f} ({it['tier']})"
-                + ("" if it["record"] else " -- no record yet, default trust"))
+        ctx.out(
+            f"{peer}: trust {it['trust_level']:.2f} ({it['tier']})"
+            + ("" if it["record"] else " -- no record yet, default trust")
+        )
         if it["record"]:
-            ctx.out(f"  agreed {it['knowledge_accepted']}, disagreed "
-                    f"{it['knowledge_conflicted']}, first seen {_when(it['first_seen'])}, "
-                    f"last sync {_when(it['last_sync'])}")
+            ctx.out(
+                f"  agreed {it['knowledge_accepted']}, disagreed "
+                f"{it['knowledge_conflicted']}, first seen {_when(it['first_seen'])}, "
+                f"last sync {_when(it['last_sync'])}"
+            )
             if it["frozen"]:
                 ctx.out(f"  frozen: {clean_line(it['freeze_reason'])} (clear with --unfreeze)")
             if it["quarantined"]:
@@ -362,8 +420,7 @@ def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
         try:
             value = float(level)
         except ValueError:
-            raise CliError(f"trust level must be a number from 0.0 to 1.0, not {level!r}") \
-                from None
+            raise CliError(f"trust level must be a number from 0.0 to 1.0, not {level!r}") from None
         if value != value:  # NaN
             raise CliError("trust level must be a number from 0.0 to 1.0")
     with trust_transaction(ctx.home, cfg.default_trust) as book:
@@ -376,8 +433,7 @@ def trust(ctx: CliContext, peer: str | None, level: str | None, unfreeze: bool,
     if unfreeze:
         ctx.out(f"{peer} unfrozen." if unfrozen else f"{peer} was not frozen.")
     if value is not None:
-        clamped = f" (clamped from {level})" if rec is not None and rec.trust_level != value \
-            else ""
+        clamped = f" (clamped from {level})" if rec is not None and rec.trust_level != value else ""
         ctx.out(f"Trust for {peer} set to {it['trust_level']:.2f} ({it['tier']}){clamped}.")
 
 
@@ -398,8 +454,7 @@ def _resolve_known_peer(ctx: CliContext, text: str, book: Any) -> str:
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise CliError(f"{text!r} matches several peers: {', '.join(matches)}; "
-                       f"give more of the id")
+        raise CliError(f"{text!r} matches several peers: {', '.join(matches)}; give more of the id")
     hint = ""
     near = difflib.get_close_matches(text, known, n=1, cutoff=0.6)
     if near:
@@ -415,8 +470,11 @@ def _resolve_known_peer(ctx: CliContext, text: str, book: Any) -> str:
 
 
 @hive.command(name="archive")
-@click.option("--prune", metavar="AGE",
-              help="Remove archived units last validated longer ago than AGE (e.g. 90d).")
+@click.option(
+    "--prune",
+    metavar="AGE",
+    help="Remove archived units last validated longer ago than AGE (e.g. 90d).",
+)
 @json_option
 @pass_ctx
 def archive_cmd(ctx: CliContext, prune: str | None, json_: bool) -> None:
@@ -438,15 +496,15 @@ def archive_cmd(ctx: CliContext, prune: str | None, json_: bool) -> None:
         ctx.emit_json(out)
         return
     if pruned is not None:
-        ctx.out(f"Pruned {pruned['removed']} archived unit(s) older than {prune}; "
-                f"{pruned['kept']} kept.")
-    ctx.out(f"Archive: {stats.units} unit(s), {stats.bytes} bytes "
-            f"({hive_file(ctx.home, ARCHIVE)})")
+        ctx.out(
+            f"Pruned {pruned['removed']} archived unit(s) older than {prune}; "
+            f"{pruned['kept']} kept."
+        )
+    ctx.out(f"Archive: {stats.units} unit(s), {stats.bytes} bytes ({hive_file(ctx.home, ARCHIVE)})")
     if stats.units:
         ctx.out(f"  validated between {_when(stats.oldest)} and {_when(stats.newest)}")
         ctx.out("  by type: " + ", ".join(f"{t} {n}" for t, n in stats.by_type.items()))
-        ctx.out("  by peer: " + ", ".join(f"{clean_line(p)} {n}"
-                                          for p, n in stats.by_peer.items()))
+        ctx.out("  by peer: " + ", ".join(f"{clean_line(p)} {n}" for p, n in stats.by_peer.items()))
     if stats.unreadable:
         ctx.out(f"  {stats.unreadable} unreadable line(s) (moved to quarantine on prune)")
 
@@ -469,48 +527,92 @@ def distill(ctx: CliContext, json_: bool) -> None:
     report = res.report
     assert report is not None
     if _wants_json(ctx, json_):
-        ctx.emit_json({"distill": report.to_json(), "trust_drift": res.drift,
-                       "curriculum": cur.meta})
+        ctx.emit_json(
+            {"distill": report.to_json(), "trust_drift": res.drift, "curriculum": cur.meta}
+        )
         return
-    ctx.out(f"Distilled {report.decisions} decision(s): {report.new} new, "
-            f"{report.updated} updated, {report.unchanged} unchanged unit(s)"
-            + (f", {report.replaced_peer} peer unit(s) superseded" if report.replaced_peer
-               else "") + ".")
+    ctx.out(
+        f"Distilled {report.decisions} decision(s): {report.new} new, "
+        f"{report.updated} updated, {report.unchanged} unchanged unit(s)"
+        + (f", {report.replaced_peer} peer unit(s) superseded" if report.replaced_peer else "")
+        + "."
+    )
     if res.drift:
         ctx.out(f"Trust adjusted {res.drift} time(s) from new decisions.")
-    ctx.out(f"Curriculum v{cur.meta['version']}: {cur.meta['unit_count']} unit(s) from "
-            f"{cur.meta['source_archive_units']} archived + the store.")
+    ctx.out(
+        f"Curriculum v{cur.meta['version']}: {cur.meta['unit_count']} unit(s) from "
+        f"{cur.meta['source_archive_units']} archived + the store."
+    )
     log_path = ctx.home.brain / "decisions.jsonl"
     if report.decisions == 0 and not log_path.exists():
         ctx.out()
-        ctx.out(f"No decision log yet ({log_path}). claudectl's brain writes one line there "
-                f"for every tool call you approve or deny.")
+        ctx.out(
+            f"No decision log yet ({log_path}). claudectl's brain writes one line there "
+            f"for every tool call you approve or deny."
+        )
         ctx.out("To try the hive without it, record some decisions, then distil again:")
         ctx.out('  claudectl hive record --tool Bash --command "cargo test" --count 10')
-        ctx.out('  claudectl hive record --tool Bash --command "rm -rf build" --user reject '
-                '--count 6')
+        ctx.out(
+            '  claudectl hive record --tool Bash --command "rm -rf build" --user reject --count 6'
+        )
 
 
-_USER_ACTIONS = ("accept", "reject", "auto", "user_approve", "rule_approve",
-                 "deny_rule_override", "rule_deny", "conflict_deny")
+_USER_ACTIONS = (
+    "accept",
+    "reject",
+    "auto",
+    "user_approve",
+    "rule_approve",
+    "deny_rule_override",
+    "rule_deny",
+    "conflict_deny",
+)
 
 
 @hive.command(name="record")
 @click.option("--tool", required=True, metavar="TOOL", help="The tool, e.g. Bash, Write, Read.")
-@click.option("--command", "command_", metavar="TEXT", default=None,
-              help="The command or file path, e.g. \"cargo test --all\" or /src/Cargo.lock.")
-@click.option("--user", "user_action", type=click.Choice(_USER_ACTIONS), default="accept",
-              show_default=True, help="What the user did (accept/auto/... count as approval, "
-                                      "reject/rule_deny/... as denial).")
-@click.option("--brain", "brain_action", type=click.Choice(["approve", "deny"]), default=None,
-              help="What the brain suggested (default: what the user did).")
+@click.option(
+    "--command",
+    "command_",
+    metavar="TEXT",
+    default=None,
+    help='The command or file path, e.g. "cargo test --all" or /src/Cargo.lock.',
+)
+@click.option(
+    "--user",
+    "user_action",
+    type=click.Choice(_USER_ACTIONS),
+    default="accept",
+    show_default=True,
+    help="What the user did (accept/auto/... count as approval, reject/rule_deny/... as denial).",
+)
+@click.option(
+    "--brain",
+    "brain_action",
+    type=click.Choice(["approve", "deny"]),
+    default=None,
+    help="What the brain suggested (default: what the user did).",
+)
 @click.option("--project", default="example", show_default=True, help="The project name.")
-@click.option("--count", type=click.IntRange(1, 10_000), default=1, show_default=True,
-              help="How many identical decisions to record.")
+@click.option(
+    "--count",
+    type=click.IntRange(1, 10_000),
+    default=1,
+    show_default=True,
+    help="How many identical decisions to record.",
+)
 @json_option
 @pass_ctx
-def record(ctx: CliContext, tool: str, command_: str | None, user_action: str,
-           brain_action: str | None, project: str, count: int, json_: bool) -> None:
+def record(
+    ctx: CliContext,
+    tool: str,
+    command_: str | None,
+    user_action: str,
+    brain_action: str | None,
+    project: str,
+    count: int,
+    json_: bool,
+) -> None:
     """Record decisions in the brain's log, as claudectl's brain would.
 
     claudectl's brain appends one line to ~/.claudectl/brain/decisions.jsonl
@@ -527,13 +629,27 @@ def record(ctx: CliContext, tool: str, command_: str | None, user_action: str,
     lines = []
     for n in range(count):
         # claudectl 0.64's record (hive.md 5.1): ts is a string, ids dec_<epoch>_<pid>_<n>.
-        rec = {"ts": str(now), "pid": pid, "project": project, "tool": tool,
-               "command": command_, "brain_action": brain_action, "brain_confidence": 0.8,
-               "brain_reasoning": "recorded with claudectl hive record",
-               "user_action": user_action, "decision_type": "session", "suggested_at": now,
-               "resolved_at": now, "brain_decision_ms": None, "override_reason": None,
-               "rule_name": None, "cache_hit": False, "decision_id": f"dec_{now}_{pid}_{n}",
-               "decision_source": "llm", "few_shot_ids": []}
+        rec = {
+            "ts": str(now),
+            "pid": pid,
+            "project": project,
+            "tool": tool,
+            "command": command_,
+            "brain_action": brain_action,
+            "brain_confidence": 0.8,
+            "brain_reasoning": "recorded with claudectl hive record",
+            "user_action": user_action,
+            "decision_type": "session",
+            "suggested_at": now,
+            "resolved_at": now,
+            "brain_decision_ms": None,
+            "override_reason": None,
+            "rule_name": None,
+            "cache_hit": False,
+            "decision_id": f"dec_{now}_{pid}_{n}",
+            "decision_source": "llm",
+            "few_shot_ids": [],
+        }
         lines.append(json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n")
     path = ctx.home.brain / "decisions.jsonl"
     ctx.home.ensure_private_dir(ctx.home.brain)
@@ -544,15 +660,25 @@ def record(ctx: CliContext, tool: str, command_: str | None, user_action: str,
     finally:
         os.close(fd)
     if _wants_json(ctx, json_):
-        ctx.emit_json({"recorded": count, "path": str(path), "tool": tool,
-                       "command": command_, "user_action": user_action,
-                       "brain_action": brain_action})
+        ctx.emit_json(
+            {
+                "recorded": count,
+                "path": str(path),
+                "tool": tool,
+                "command": command_,
+                "user_action": user_action,
+                "brain_action": brain_action,
+            }
+        )
         return
     what = f"{tool} {command_!r}" if command_ else tool
-    ctx.out(f"Recorded {count} decision(s) in {path}: {what}, user {user_action}, "
-            f"brain {brain_action}.")
-    ctx.out("Run `claudectl hive distill` to turn them into knowledge units "
-            f"(a pattern needs {ctx.config.hive.export_min_evidence} decisions).")
+    ctx.out(
+        f"Recorded {count} decision(s) in {path}: {what}, user {user_action}, brain {brain_action}."
+    )
+    ctx.out(
+        "Run `claudectl hive distill` to turn them into knowledge units "
+        f"(a pattern needs {ctx.config.hive.export_min_evidence} decisions)."
+    )
 
 
 @hive.command()
@@ -567,12 +693,16 @@ def curriculum(ctx: CliContext, json_: bool) -> None:
     if not cur.meta and not cur.units:
         ctx.out("No curriculum yet; run `claudectl hive distill`.")
         return
-    ctx.out(f"Curriculum v{cur.meta.get('version', '?')} ({_when(cur.meta.get('timestamp'))}): "
-            f"{len(cur.units)} unit(s), from {cur.meta.get('source_archive_units', 0)} "
-            "archived unit(s) and the store")
+    ctx.out(
+        f"Curriculum v{cur.meta.get('version', '?')} ({_when(cur.meta.get('timestamp'))}): "
+        f"{len(cur.units)} unit(s), from {cur.meta.get('source_archive_units', 0)} "
+        "archived unit(s) and the store"
+    )
     if cur.units:
-        rows = [(i, f"{u.confidence:.2f}", u.evidence_count, u.source_peer, _shown(u))
-                for i, u in enumerate(cur.units, 1)]
+        rows = [
+            (i, f"{u.confidence:.2f}", u.evidence_count, u.source_peer, _shown(u))
+            for i, u in enumerate(cur.units, 1)
+        ]
         _table(ctx, ("#", "CONF", "EVID", "FROM", "LESSON"), rows)
 
 
@@ -583,21 +713,31 @@ def curriculum(ctx: CliContext, json_: bool) -> None:
 @click.option("--tool", metavar="TOOL", help="Only knowledge about this tool (e.g. Bash).")
 @click.option("--command", "command_", metavar="CMD", help="Only knowledge covering CMD.")
 @click.option("--project", metavar="NAME", help="Leave out units scoped to other projects.")
-@click.option("--pid", type=int, metavar="PID",
-              help="Apply rollout sampling as for the session with this pid.")
+@click.option(
+    "--pid",
+    type=int,
+    metavar="PID",
+    help="Apply rollout sampling as for the session with this pid.",
+)
 @json_option
 @pass_ctx
-def prompt(ctx: CliContext, tool: str | None, command_: str | None, project: str | None,
-           pid: int | None, json_: bool) -> None:
+def prompt(
+    ctx: CliContext,
+    tool: str | None,
+    command_: str | None,
+    project: str | None,
+    pid: int | None,
+    json_: bool,
+) -> None:
     """Print the `## Hive Knowledge` section the brain would get."""
     cfg = ctx.config.hive
-    text = build_prompt(ctx.home, cfg, _identity(ctx), _now(), pid=pid, tool=tool,
-                        command=command_, project=project)
+    text = build_prompt(
+        ctx.home, cfg, _identity(ctx), _now(), pid=pid, tool=tool, command=command_, project=project
+    )
     if _wants_json(ctx, json_):
         ctx.emit_json({"text": text})
         return
     if not text:
-        ctx.err("No hive knowledge to inject (no peer units pass the trust and "
-                "relevance filters).")
+        ctx.err("No hive knowledge to inject (no peer units pass the trust and relevance filters).")
         return
     ctx.out(text)

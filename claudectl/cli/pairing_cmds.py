@@ -51,8 +51,12 @@ MAX_TTL_SECS = 365 * 86400
 
 
 def _json_option(fn: Any) -> Any:
-    return click.option("--json", "json_", is_flag=True,
-                        help="Machine-readable JSON output (same as the global --json).")(fn)
+    return click.option(
+        "--json",
+        "json_",
+        is_flag=True,
+        help="Machine-readable JSON output (same as the global --json).",
+    )(fn)
 
 
 def primary_ipv4(probe: tuple[str, int] = _ROUTE_PROBE) -> str | None:
@@ -67,15 +71,18 @@ def primary_ipv4(probe: tuple[str, int] = _ROUTE_PROBE) -> str | None:
     return None if ip.is_loopback or ip.is_unspecified else addr
 
 
-def invite_host(listen_addr: str, explicit: str | None,
-                find_primary: Callable[[], str | None] = primary_ipv4) -> tuple[str, str | None]:
+def invite_host(
+    listen_addr: str, explicit: str | None, find_primary: Callable[[], str | None] = primary_ipv4
+) -> tuple[str, str | None]:
     """``(host, warning)``: ``--host``, else a specific ``listen_addr``, else the primary IPv4."""
     if explicit is not None:
         try:
             return codes.parse_ip(explicit), None
         except ValueError:
-            raise CliError(f"--host must be an IP address (an invite link cannot carry host "
-                           f"names), not {explicit!r}") from None
+            raise CliError(
+                f"--host must be an IP address (an invite link cannot carry host "
+                f"names), not {explicit!r}"
+            ) from None
     if listen_addr.strip() not in _UNSPECIFIED:
         try:
             return codes.parse_ip(listen_addr.strip()), None
@@ -83,8 +90,10 @@ def invite_host(listen_addr: str, explicit: str | None,
             pass
     primary = find_primary()
     if primary is None:
-        return "127.0.0.1", ("no non-loopback IPv4 address found; the invite uses 127.0.0.1, "
-                             "which only this machine can reach (use --host ADDR)")
+        return "127.0.0.1", (
+            "no non-loopback IPv4 address found; the invite uses 127.0.0.1, "
+            "which only this machine can reach (use --host ADDR)"
+        )
     return primary, None
 
 
@@ -128,21 +137,42 @@ def qr_text(data: str) -> str:
 @relay.command()
 @click.option("--qr", is_flag=True, help="Also draw the invite link as a QR code.")
 @click.option("--words", is_flag=True, help="Also print the word phrase.")
-@click.option("--ttl", metavar="DURATION", default=None,
-              help="How long the invite stays valid: 30m, 24h, 7d "
-                   "(default: relay.invite_ttl_hours, 24h).")
-@click.option("--host", metavar="ADDR", default=None,
-              help="The IP address peers should connect to (default: listen_addr when "
-                   "specific, else this machine's primary IPv4).")
-@click.option("--port", "port", type=click.IntRange(1, 65535), default=None,
-              help="The port peers should connect to (default: the running service's port, "
-                   "else relay.listen_port).")
+@click.option(
+    "--ttl",
+    metavar="DURATION",
+    default=None,
+    help="How long the invite stays valid: 30m, 24h, 7d (default: relay.invite_ttl_hours, 24h).",
+)
+@click.option(
+    "--host",
+    metavar="ADDR",
+    default=None,
+    help="The IP address peers should connect to (default: listen_addr when "
+    "specific, else this machine's primary IPv4).",
+)
+@click.option(
+    "--port",
+    "port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="The port peers should connect to (default: the running service's port, "
+    "else relay.listen_port).",
+)
 @click.option("--list", "list_", is_flag=True, help="List remembered invites and their state.")
 @click.option("--revoke", metavar="ID", default=None, help="Revoke an open invite.")
 @_json_option
 @pass_ctx
-def invite(ctx: CliContext, qr: bool, words: bool, ttl: str | None, host: str | None,
-           port: int | None, list_: bool, revoke: str | None, json_: bool) -> None:
+def invite(
+    ctx: CliContext,
+    qr: bool,
+    words: bool,
+    ttl: str | None,
+    host: str | None,
+    port: int | None,
+    list_: bool,
+    revoke: str | None,
+    json_: bool,
+) -> None:
     """Create a single-use invite: a relay code, a word phrase and an invite link.
 
     The peer runs `claudectl relay join <any of them>` while this machine's
@@ -165,14 +195,15 @@ def invite(ctx: CliContext, qr: bool, words: bool, ttl: str | None, host: str | 
             else:
                 ctx.out(f"Invite {inv.id} revoked.")
             return
-        ttl_secs = (parse_ttl(ttl) if ttl is not None
-                    else ctx.config.relay.invite_ttl_hours * 3600)
+        ttl_secs = parse_ttl(ttl) if ttl is not None else ctx.config.relay.invite_ttl_hours * 3600
         relay_cfg = ctx.config.relay
         if port is None:
             port = _service_port(ctx) or relay_cfg.listen_port
         if not port:
-            raise CliError("relay.listen_port is 0 (a random port): set a fixed port so an "
-                           "invite can name it, or pass --port")
+            raise CliError(
+                "relay.listen_port is 0 (a random port): set a fixed port so an "
+                "invite can name it, or pass --port"
+            )
         address, warning = invite_host(relay_cfg.listen_addr, host)
         identity = KeyStore(ctx.home).ensure_identity()
         inv = store.create(identity, address, port, ttl_secs, now)
@@ -233,8 +264,10 @@ def _print_invite(ctx: CliContext, inv: Invite, words: bool, now: float) -> None
         ctx.out(f"  claudectl relay join {phrase}")
     ctx.out(f"  claudectl relay join {inv.link}")
     ctx.out()
-    ctx.out(f"Invite {inv.id}: single use, expires in {_duration(inv.expires_at - inv.created_at)}. "
-            f"Keep `claudectl relay serve` running here until the peer has joined.")
+    ctx.out(
+        f"Invite {inv.id}: single use, expires in {_duration(inv.expires_at - inv.created_at)}. "
+        f"Keep `claudectl relay serve` running here until the peer has joined."
+    )
     ctx.out()
 
 
@@ -258,14 +291,18 @@ def _list_invites(ctx: CliContext, store: InviteStore, now: float, as_json: bool
 
 
 def _describe_target(target: JoinTarget) -> dict[str, Any]:
-    return {"format": target.kind, "addr": target.address,
-            "expected_identity": target.expected_identity}
+    return {
+        "format": target.kind,
+        "addr": target.address,
+        "expected_identity": target.expected_identity,
+    }
 
 
 @relay.command()
 @click.argument("invite_text", nargs=-1, required=True, metavar="INVITE...")
-@click.option("--check", is_flag=True,
-              help="Only decode the invite and show what it holds; do not connect.")
+@click.option(
+    "--check", is_flag=True, help="Only decode the invite and show what it holds; do not connect."
+)
 @_json_option
 @pass_ctx
 def join(ctx: CliContext, invite_text: tuple[str, ...], check: bool, json_: bool) -> None:
@@ -297,8 +334,9 @@ def join(ctx: CliContext, invite_text: tuple[str, ...], check: bool, json_: bool
     try:
         from claudectl.relay.client import join_peer
     except ImportError:
-        raise CliError("this build has no relay client (claudectl.relay.client); "
-                       "cannot connect") from None
+        raise CliError(
+            "this build has no relay client (claudectl.relay.client); cannot connect"
+        ) from None
     if not as_json:
         ctx.out(f"Connecting to {target.address}...")
     try:
@@ -320,8 +358,10 @@ def join(ctx: CliContext, invite_text: tuple[str, ...], check: bool, json_: bool
     if kept is True:
         ctx.out("The link stays up through the running relay service.")
     elif kept is False:
-        ctx.out(f"No relay service runs here; start one (claudectl relay serve) to stay "
-                f"connected to {peer_id}.")
+        ctx.out(
+            f"No relay service runs here; start one (claudectl relay serve) to stay "
+            f"connected to {peer_id}."
+        )
 
 
 def join_failure_message(target: JoinTarget, error: str) -> str:
@@ -331,8 +371,10 @@ def join_failure_message(target: JoinTarget, error: str) -> str:
         if re.search(rf"\b{reason}\b", error):
             return f"{message}: {describe_failure(reason)}"
     if target.pake_password is not None and "denied" in error:
-        return (f"{message}. The code may be mistyped, or the invite used, expired, revoked "
-                f"or burned (each invite allows one attempt); ask for a new invite")
+        return (
+            f"{message}. The code may be mistyped, or the invite used, expired, revoked "
+            f"or burned (each invite allows one attempt); ask for a new invite"
+        )
     return message
 
 
@@ -344,8 +386,13 @@ def _version_label(version: str) -> str:
 
 
 @relay.command()
-@click.option("--timeout", type=click.FloatRange(0.1, 60.0), default=3.0, show_default=True,
-              help="Seconds to wait for answers and announcements.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 60.0),
+    default=3.0,
+    show_default=True,
+    help="Seconds to wait for answers and announcements.",
+)
 @_json_option
 @pass_ctx
 def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
@@ -370,8 +417,9 @@ def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
     except DiscoveryError as e:
         raise CliError(str(e)) from None
     if as_json:
-        ctx.emit_json([{**r.to_json(), "paired": keystore.key(r.identity) is not None}
-                       for r in rows])
+        ctx.emit_json(
+            [{**r.to_json(), "paired": keystore.key(r.identity) is not None} for r in rows]
+        )
         return
     if not rows:
         ctx.out("No instances found.")
@@ -383,5 +431,7 @@ def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
     for r in rows:
         paired = " (paired)" if keystore.key(r.identity) is not None else ""
         # Identity and version come from unauthenticated datagrams.
-        ctx.out(f"  {clean_line(r.identity):<20}{clean_line(r.address):<24}"
-                f"{clean_line(_version_label(r.version))}{paired}")
+        ctx.out(
+            f"  {clean_line(r.identity):<20}{clean_line(r.address):<24}"
+            f"{clean_line(_version_label(r.version))}{paired}"
+        )

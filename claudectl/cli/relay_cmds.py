@@ -45,16 +45,27 @@ def call_service(ctx: CliContext, command: type, **kwargs: Any) -> dict[str, Any
 
 
 @relay.command()
-@click.option("--port", "-p", type=click.IntRange(0, 65535), default=None,
-              help="TCP port (default: [relay] listen_port, 9847).")
-@click.option("--listen", metavar="ENDPOINT", default=None,
-              help="Twisted endpoint to listen on, e.g. tcp:9847:interface=0.0.0.0.")
+@click.option(
+    "--port",
+    "-p",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="TCP port (default: [relay] listen_port, 9847).",
+)
+@click.option(
+    "--listen",
+    metavar="ENDPOINT",
+    default=None,
+    help="Twisted endpoint to listen on, e.g. tcp:9847:interface=0.0.0.0.",
+)
 @click.option("--no-discovery", is_flag=True, help="Do not announce on the LAN.")
-@click.option("--logfile", metavar="FILE", default="-", show_default=True,
-              help="Where to log ('-' = stdout).")
+@click.option(
+    "--logfile", metavar="FILE", default="-", show_default=True, help="Where to log ('-' = stdout)."
+)
 @pass_ctx
-def serve(ctx: CliContext, port: int | None, listen: str | None, no_discovery: bool,
-          logfile: str) -> None:
+def serve(
+    ctx: CliContext, port: int | None, listen: str | None, no_discovery: bool, logfile: str
+) -> None:
     """Run the relay service in the foreground (Ctrl+C stops it).
 
     This is `twistd -n claudectl-relay` with this home; for a daemon use
@@ -108,9 +119,11 @@ def _refuse_second_service(ctx: CliContext) -> None:
     ports = [p for p in info.get("ports", []) if isinstance(p, int)]
     where = f", listening on port {', '.join(map(str, ports))}" if ports else ""
     ident = f" ({info['identity']})" if isinstance(info.get("identity"), str) else ""
-    raise CliError(f"the relay service{ident} is already running for home {ctx.home.root} "
-                   f"(pid {pid}{where}); stop it with Ctrl+C in its terminal or "
-                   f"`kill {pid}`, or use another --home")
+    raise CliError(
+        f"the relay service{ident} is already running for home {ctx.home.root} "
+        f"(pid {pid}{where}); stop it with Ctrl+C in its terminal or "
+        f"`kill {pid}`, or use another --home"
+    )
 
 
 def _run_app(config: Any) -> None:
@@ -131,8 +144,9 @@ def _run_app(config: Any) -> None:
     try:
         runner.run()
     except CannotListenError as e:
-        raise CliError(f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: "
-                       f"{e.socketError}") from None
+        raise CliError(
+            f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: {e.socketError}"
+        ) from None
     except UnsafeSocketDir as e:
         # twistd has sent stderr into its log by now: say it where the user looks.
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
@@ -199,17 +213,20 @@ def pair(ctx: CliContext) -> None:
     earlier: list[Any] = []
     kept = True
     try:
-        _, earlier = InviteStore(ctx.home, ks).remember_pair_code(ident, psk, ttl_secs,
-                                                                  time.time())
+        _, earlier = InviteStore(ctx.home, ks).remember_pair_code(ident, psk, ttl_secs, time.time())
     except InviteStoreError as e:
         kept = False
-        ctx.err(f"Warning: {e}; only this new code is valid now: an earlier unused pair code "
-                f"no longer works")
+        ctx.err(
+            f"Warning: {e}; only this new code is valid now: an earlier unused pair code "
+            f"no longer works"
+        )
     ks.save_pending_key(psk)
     if kept and earlier:  # on stderr: stdout is claudectl's exact text / JSON
-        ctx.err(f"Note: {len(earlier)} earlier unused pair code(s) stay valid until used or "
-                f"{ctx.config.relay.invite_ttl_hours} h after they were made "
-                f"(`claudectl relay invite --list`, `--revoke ID`).")
+        ctx.err(
+            f"Note: {len(earlier)} earlier unused pair code(s) stay valid until used or "
+            f"{ctx.config.relay.invite_ttl_hours} h after they were made "
+            f"(`claudectl relay invite --list`, `--revoke ID`)."
+        )
     if ctx.json:
         ctx.emit_json({"identity": ident, "pair_code": code})
         return
@@ -227,10 +244,12 @@ def explain_code_error(code: str, message: str) -> str:
     if not ignored:
         return message
     shown = ", ".join(repr(c) for c in ignored[:6]) + (" …" if len(ignored) > 6 else "")
-    return (f"{message} ({shown} {'is not a hex digit' if len(ignored) == 1 else 'are not hex digits'} "
-            f"and {'was' if len(ignored) == 1 else 'were'} ignored). A pair code from "
-            f"`relay pair` has 16 hex digits, like a3f2-9b1c-d4e5-f678; a relay code, word "
-            f"phrase or invite link goes to `claudectl relay join`")
+    return (
+        f"{message} ({shown} {'is not a hex digit' if len(ignored) == 1 else 'are not hex digits'} "
+        f"and {'was' if len(ignored) == 1 else 'were'} ignored). A pair code from "
+        f"`relay pair` has 16 hex digits, like a3f2-9b1c-d4e5-f678; a relay code, word "
+        f"phrase or invite link goes to `claudectl relay join`"
+    )
 
 
 @relay.command()
@@ -253,8 +272,10 @@ def accept(ctx: CliContext, code: str, peer: str, force: bool) -> None:
         raise CliError("that is this instance's own identity")
     existing = ks.key(peer)
     if existing is not None and existing != psk and not force:
-        raise CliError(f"peer '{peer}' is already paired with another key; "
-                       f"run `claudectl relay forget {peer}` first or pass --force")
+        raise CliError(
+            f"peer '{peer}' is already paired with another key; "
+            f"run `claudectl relay forget {peer}` first or pass --force"
+        )
     ks.save_key(peer, psk)
     if ctx.json:
         ctx.emit_json({"identity": ident, "peer": peer, "stored": True})
@@ -269,8 +290,12 @@ def accept(ctx: CliContext, code: str, peer: str, force: bool) -> None:
 
 @relay.command()
 @click.argument("address", metavar="HOST:PORT")
-@click.option("--peer", metavar="ID", default=None,
-              help="Which paired peer is at that address (needed when it is ambiguous).")
+@click.option(
+    "--peer",
+    metavar="ID",
+    default=None,
+    help="Which paired peer is at that address (needed when it is ambiguous).",
+)
 @json_flag
 @pass_ctx
 def connect(ctx: CliContext, address: str, peer: str | None) -> None:
@@ -284,31 +309,52 @@ def connect(ctx: CliContext, address: str, peer: str | None) -> None:
     if result["kept_by_service"]:
         previous = result.get("previous") or None
         if ctx.json:
-            ctx.emit_json({"peer": result["peer"], "address": address, "mode": result["mode"],
-                           "state": "connected", "kept_by_service": True,
-                           "already": result["already"], "previous_address": previous})
+            ctx.emit_json(
+                {
+                    "peer": result["peer"],
+                    "address": address,
+                    "mode": result["mode"],
+                    "state": "connected",
+                    "kept_by_service": True,
+                    "already": result["already"],
+                    "previous_address": previous,
+                }
+            )
         elif result["already"]:
-            ctx.out(f"Already connected to {result['peer']} at {address}; the service keeps "
-                    "the link up.")
+            ctx.out(
+                f"Already connected to {result['peer']} at {address}; the service keeps "
+                "the link up."
+            )
         else:
-            ctx.out(f"Connected to {result['peer']} ({address}), {result['mode']} "
-                    "authentication. The relay service keeps the link up.")
+            ctx.out(
+                f"Connected to {result['peer']} ({address}), {result['mode']} "
+                "authentication. The relay service keeps the link up."
+            )
             if previous:
-                ctx.out(f"{result['peer']} answered at {address}: the service dials it there "
-                        f"from now on (instead of {previous}).")
+                ctx.out(
+                    f"{result['peer']} answered at {address}: the service dials it there "
+                    f"from now on (instead of {previous})."
+                )
         return
     if ctx.json:
-        ctx.emit_json({"peer": result["peer"], "address": address, "mode": result["mode"],
-                       "state": "verified", "kept_by_service": False})
+        ctx.emit_json(
+            {
+                "peer": result["peer"],
+                "address": address,
+                "mode": result["mode"],
+                "state": "verified",
+                "kept_by_service": False,
+            }
+        )
         return
     ctx.out(f"Authenticated with {result['peer']} ({address}), {result['mode']} authentication.")
     ctx.out("No relay service is running for this home, so the link was closed again.")
-    ctx.out(f"Start it with `claudectl relay serve`: it reconnects to {result['peer']} "
-            "automatically.")
+    ctx.out(
+        f"Start it with `claudectl relay serve`: it reconnects to {result['peer']} automatically."
+    )
 
 
-async def _connect(reactor: Any, ctx: CliContext, address: str,
-                   peer: str | None) -> dict[str, Any]:
+async def _connect(reactor: Any, ctx: CliContext, address: str, peer: str | None) -> dict[str, Any]:
     try:
         r = await call_control(reactor, ctx.home, C.Connect, address=address, peer=peer)
     except ServiceNotRunning:
@@ -319,8 +365,9 @@ async def _connect(reactor: Any, ctx: CliContext, address: str,
     return {**r, "kept_by_service": True}
 
 
-async def _one_shot_connect(reactor: Any, ctx: CliContext, address: str,
-                            peer: str | None) -> tuple[str, str]:
+async def _one_shot_connect(
+    reactor: Any, ctx: CliContext, address: str, peer: str | None
+) -> tuple[str, str]:
     from claudectl.relay.handshake import HandshakeFailed, KeyAuth, KeyByIdentity
     from claudectl.relay.node import NotPaired, RelayNode
 
@@ -371,20 +418,26 @@ def peers(ctx: CliContext) -> None:
         ctx.emit_json(rows)
         return
     if not rows:
-        ctx.out("No peers yet. Pair with `claudectl relay invite` / `relay join`, or "
-                "`relay pair` / `relay accept`.")
+        ctx.out(
+            "No peers yet. Pair with `claudectl relay invite` / `relay join`, or "
+            "`relay pair` / `relay accept`."
+        )
         return
-    ctx.out(f"{'IDENTITY':<24}{'STATE':<14}{'LINK':<11}{'ADDRESS':<24}{'LAST SEEN':<14}"
-            f"{'TRUST':<7}{'UNITS ↑/↓':>12}{'BYTES ↑':>10}{'BYTES ↓':>10}")
+    ctx.out(
+        f"{'IDENTITY':<24}{'STATE':<14}{'LINK':<11}{'ADDRESS':<24}{'LAST SEEN':<14}"
+        f"{'TRUST':<7}{'UNITS ↑/↓':>12}{'BYTES ↑':>10}{'BYTES ↓':>10}"
+    )
     ctx.out("─" * 126)
     for r in rows:
         trust = "" if r.get("trust") is None else f"{r['trust']:.2f}"
         dot = "●" if r["state"] == "connected" else "○"
         units = f"{r.get('units_up', 0)}/{r.get('units_down', 0)}"
         link = {"tls1.3": "TLS 1.3", "plaintext": "plaintext"}.get(r.get("transport") or "", "-")
-        ctx.out(f"{dot} {r['identity']:<22}{r['state']:<14}{link:<11}{(r['address'] or '-'):<24}"
-                f"{_ago(r['last_seen']):<14}{trust:<7}{units:>12}{_kb(r['bytes_up']):>10}"
-                f"{_kb(r['bytes_down']):>10}")
+        ctx.out(
+            f"{dot} {r['identity']:<22}{r['state']:<14}{link:<11}{(r['address'] or '-'):<24}"
+            f"{_ago(r['last_seen']):<14}{trust:<7}{units:>12}{_kb(r['bytes_up']):>10}"
+            f"{_kb(r['bytes_down']):>10}"
+        )
     if not live:
         ctx.out()
         ctx.out("(the relay service is not running: states are from the files)")
@@ -459,20 +512,25 @@ def disconnect(ctx: CliContext, peer: str) -> None:
     dropped = bool(result.get("dropped_link", result["was_connected"]))
     stopped = bool(result.get("stopped_dialer", False))
     if ctx.json:
-        ctx.emit_json({"peer": peer, "was_connected": result["was_connected"],
-                       "dropped_link": dropped, "stopped_dialer": stopped})
+        ctx.emit_json(
+            {
+                "peer": peer,
+                "was_connected": result["was_connected"],
+                "dropped_link": dropped,
+                "stopped_dialer": stopped,
+            }
+        )
     elif dropped and stopped:
-        ctx.out(f"Disconnected from {peer}; the service stopped redialing it (until it "
-                "restarts).")
+        ctx.out(f"Disconnected from {peer}; the service stopped redialing it (until it restarts).")
     elif dropped:
-        ctx.out(f"Disconnected from {peer}. The service was not dialing it: {peer} dialed "
-                "this side and may reconnect on its own (`relay forget` ends the pairing).")
+        ctx.out(
+            f"Disconnected from {peer}. The service was not dialing it: {peer} dialed "
+            "this side and may reconnect on its own (`relay forget` ends the pairing)."
+        )
     elif stopped:
-        ctx.out(f"{peer} was not connected; the service stopped redialing it (until it "
-                "restarts).")
+        ctx.out(f"{peer} was not connected; the service stopped redialing it (until it restarts).")
     else:
-        ctx.out(f"{peer} was not connected, and the service was not dialing it: nothing to "
-                "do.")
+        ctx.out(f"{peer} was not connected, and the service was not dialing it: nothing to do.")
 
 
 @relay.command()
@@ -503,4 +561,3 @@ def identity(ctx: CliContext) -> None:
         ctx.out(json.dumps({"identity": ident}))
     else:
         ctx.out(ident)
-

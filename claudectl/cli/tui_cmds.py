@@ -22,8 +22,9 @@ def _begin_logging(ctx: CliContext) -> str:
     path = run_dir / LOG_NAME
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     stream = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(stream)], redirectStandardIO=False,
-                                     discardBuffer=True)
+    globalLogBeginner.beginLoggingTo(
+        [textFileLogObserver(stream)], redirectStandardIO=False, discardBuffer=True
+    )
     tlog = Logger(namespace="urwid")
 
     class _ToTwisted(logging.Handler):
@@ -47,8 +48,10 @@ def tui(ctx: CliContext) -> None:
     follows NO_COLOR; the log goes to ~/.claudectl/relay/run/tui.log.
     """
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise CliError("claudectl tui needs a terminal (use `claudectl relay peers`, "
-                       "`relay status` or `hive status` in scripts)")
+        raise CliError(
+            "claudectl tui needs a terminal (use `claudectl relay peers`, "
+            "`relay status` or `hive status` in scripts)"
+        )
     try:
         import urwid  # noqa: F401
     except ImportError:

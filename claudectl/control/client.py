@@ -20,7 +20,8 @@ class ServiceNotRunning(Exception):
     def __init__(self, home: Home) -> None:
         super().__init__(
             "the relay service is not running for this home "
-            f"({home.root}); start it with `claudectl relay serve`")
+            f"({home.root}); start it with `claudectl relay serve`"
+        )
 
 
 async def open_control(reactor: Any, home: Home) -> amp.AMP:
@@ -34,22 +35,24 @@ async def open_control(reactor: Any, home: Home) -> amp.AMP:
         raise ServiceNotRunning(home) from None
 
 
-async def call_control(reactor: Any, home: Home, command: type[amp.Command],
-                       **kwargs: Any) -> dict[str, Any]:
+async def call_control(
+    reactor: Any, home: Home, command: type[amp.Command], **kwargs: Any
+) -> dict[str, Any]:
     """Run one AMP command against the service; raises ServiceNotRunning."""
     proto = await open_control(reactor, home)
     try:
         return await proto.callRemote(command, **kwargs)
     finally:
-        proto.transport.loseConnection()
+        _close(proto)
 
 
 #: A paged answer longer than this many pages is refused (a runaway service).
 MAX_PAGES = 10_000
 
 
-async def call_paged(reactor: Any, home: Home, command: type[amp.Command], key: str,
-                     **kwargs: Any) -> Any:
+async def call_paged(
+    reactor: Any, home: Home, command: type[amp.Command], key: str, **kwargs: Any
+) -> Any:
     """
     Run a paged AMP command (``offset`` / ``next_offset``, see
     :mod:`claudectl.control.commands`) on one connection and return the
@@ -70,7 +73,7 @@ async def call_paged(reactor: Any, home: Home, command: type[amp.Command], key: 
             offset = nxt
         raise ValueError(f"the service's {key} answer does not end")
     finally:
-        proto.transport.loseConnection()
+        _close(proto)
 
 
 async def service_running(reactor: Any, home: Home) -> bool:
@@ -78,5 +81,10 @@ async def service_running(reactor: Any, home: Home) -> bool:
         proto = await open_control(reactor, home)
     except ServiceNotRunning:
         return False
-    proto.transport.loseConnection()
+    _close(proto)
     return True
+
+
+def _close(proto: Any) -> None:
+    if proto.transport is not None:
+        proto.transport.loseConnection()

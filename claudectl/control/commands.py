@@ -15,6 +15,8 @@ Layers define their own commands next to their code (for example
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from twisted.protocols import amp
 
 #: Characters of JSON text per paged answer (json.dumps writes ASCII only,
@@ -66,12 +68,15 @@ class Connect(amp.Command):
     """Authenticate to ``address`` and keep the link up (a dialer)."""
 
     arguments = [(b"address", amp.Unicode()), (b"peer", amp.Unicode(optional=True))]
-    response = [(b"peer", amp.Unicode()), (b"mode", amp.Unicode()),
-                (b"already", amp.Boolean()),
-                # The address the service dials from now on, and the one a
-                # confirmed new address replaced ("" if none).
-                (b"address", amp.Unicode(optional=True)),
-                (b"previous", amp.Unicode(optional=True))]
+    response = [
+        (b"peer", amp.Unicode()),
+        (b"mode", amp.Unicode()),
+        (b"already", amp.Boolean()),
+        # The address the service dials from now on, and the one a
+        # confirmed new address replaced ("" if none).
+        (b"address", amp.Unicode(optional=True)),
+        (b"previous", amp.Unicode(optional=True)),
+    ]
     errors = ERRORS
 
 
@@ -83,9 +88,12 @@ class Join(amp.Command):
     address are stored and the link is kept up.
     """
 
-    arguments = [(b"address", amp.Unicode()), (b"kind", amp.Unicode()),
-                 (b"secret_hex", amp.Unicode()),
-                 (b"expected_peer", amp.Unicode(optional=True))]
+    arguments = [
+        (b"address", amp.Unicode()),
+        (b"kind", amp.Unicode()),
+        (b"secret_hex", amp.Unicode()),
+        (b"expected_peer", amp.Unicode(optional=True)),
+    ]
     response = [(b"peer", amp.Unicode()), (b"mode", amp.Unicode())]
     errors = ERRORS
 
@@ -94,10 +102,12 @@ class Disconnect(amp.Command):
     """Drop the link to a peer and stop redialing it (the pairing stays)."""
 
     arguments = [(b"peer", amp.Unicode())]
-    response = [(b"was_connected", amp.Boolean()),
-                # What the service did: dropped a link, stopped a dialer.
-                (b"dropped_link", amp.Boolean(optional=True)),
-                (b"stopped_dialer", amp.Boolean(optional=True))]
+    response = [
+        (b"was_connected", amp.Boolean()),
+        # What the service did: dropped a link, stopped a dialer.
+        (b"dropped_link", amp.Boolean(optional=True)),
+        (b"stopped_dialer", amp.Boolean(optional=True)),
+    ]
     errors = ERRORS
 
 
@@ -105,5 +115,5 @@ class Forgotten(amp.Command):
     """The CLI removed a peer's key: drop its link and dialer."""
 
     arguments = [(b"peer", amp.Unicode())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     errors = ERRORS

@@ -88,8 +88,7 @@ class PanelUpdate(amp.Command):
     """Service → dashboard: the new data of one panel (JSON, ≤ 60,000 bytes)."""
 
     commandName = b"events.update"
-    arguments = [(b"panel", amp.Unicode()), (b"data_json", amp.Unicode()),
-                 (b"seq", amp.Integer())]
+    arguments = [(b"panel", amp.Unicode()), (b"data_json", amp.Unicode()), (b"seq", amp.Integer())]
     requiresAnswer = False
 
 
@@ -106,8 +105,12 @@ class TaskAction(amp.Command):
     """``stop`` or ``nudge`` a task, whichever side runs it."""
 
     commandName = b"events.task_action"
-    arguments = [(b"direction", amp.Unicode()), (b"key", amp.Unicode()),
-                 (b"action", amp.Unicode()), (b"reason", amp.Unicode(optional=True))]
+    arguments = [
+        (b"direction", amp.Unicode()),
+        (b"key", amp.Unicode()),
+        (b"action", amp.Unicode()),
+        (b"reason", amp.Unicode(optional=True)),
+    ]
     response = [(b"peer", amp.Unicode())]
     errors = ERRORS
 
@@ -139,10 +142,14 @@ class EventHub:
 
     _log = Logger()
 
-    def __init__(self, clock: Any, builders: dict[str, Callable[[], str]],
-                 signatures: dict[str, Callable[[], Any]] | None = None,
-                 push_interval: float = PUSH_INTERVAL_SECS,
-                 watch_secs: float = WATCH_SECS) -> None:
+    def __init__(
+        self,
+        clock: Any,
+        builders: dict[str, Callable[[], str]],
+        signatures: dict[str, Callable[[], Any]] | None = None,
+        push_interval: float = PUSH_INTERVAL_SECS,
+        watch_secs: float = WATCH_SECS,
+    ) -> None:
         self.clock = clock
         self.builders = builders
         self.signatures = signatures or {}
@@ -157,8 +164,9 @@ class EventHub:
         self._watch: LoopingCall | None = None
 
     # --- subscriptions -------------------------------------------------------------
-    def subscribe(self, sink: Sink, panels: list[str],
-                  alive: Callable[[], bool] = lambda: True) -> Subscription:
+    def subscribe(
+        self, sink: Sink, panels: list[str], alive: Callable[[], bool] = lambda: True
+    ) -> Subscription:
         unknown = [p for p in panels if p not in self.builders]
         if unknown:
             raise BadPanel(f"unknown panel(s): {', '.join(unknown)}")
@@ -293,8 +301,9 @@ class EventHub:
 class EventsLocator(amp.CommandLocator):
     """One per control connection: it knows the connection to push to."""
 
-    def __init__(self, hub: EventHub, proto: amp.AMP, identity: str,
-                 tasks: TaskAccess | None) -> None:
+    def __init__(
+        self, hub: EventHub, proto: amp.AMP, identity: str, tasks: TaskAccess | None
+    ) -> None:
         super().__init__()
         self.hub = hub
         self.proto = proto
@@ -315,8 +324,11 @@ class EventsLocator(amp.CommandLocator):
             self.hub.unsubscribe(self.subscription)
         self.subscription = self.hub.subscribe(self._sink, list(panels), self._alive)
         transport: Any = self.proto.transport  # an IConsumer too (a stream transport)
-        if self._producer is None and transport is not None and \
-                getattr(transport, "producer", None) is None:
+        if (
+            self._producer is None
+            and transport is not None
+            and getattr(transport, "producer", None) is None
+        ):
             self._producer = _Backpressure(self)
             transport.registerProducer(self._producer, True)
         return {"identity": self.identity}
@@ -328,8 +340,9 @@ class EventsLocator(amp.CommandLocator):
         return {"detail_json": P.bounded_detail(self.tasks.detail(direction, key))}
 
     @TaskAction.responder
-    def task_action(self, direction: str, key: str, action: str,
-                    reason: str | None = None) -> dict[str, Any]:
+    def task_action(
+        self, direction: str, key: str, action: str, reason: str | None = None
+    ) -> dict[str, Any]:
         if self.tasks is None:
             raise NoSuchTask("delegation is not part of this service")
         return {"peer": self.tasks.act(direction, key, action, reason or "")}
@@ -372,8 +385,10 @@ class TaskAccess:
         return P.bounded(P.tasks_panel(out, inc))
 
     def signature(self) -> Any:
-        return (tuple((k, r.get("version")) for k, r in self.controller.records.items()),
-                tuple((k, t.run.state, t.run.version) for k, t in self.worker.tasks.items()))
+        return (
+            tuple((k, r.get("version")) for k, r in self.controller.records.items()),
+            tuple((k, t.run.state, t.run.version) for k, t in self.worker.tasks.items()),
+        )
 
     def _incoming(self, key: str) -> Any:
         task = self.worker.tasks.get(key)
@@ -437,41 +452,71 @@ def attach(node: Any, parent: Any) -> EventHub:
         return P.bounded(P.peers_panel(rows, node.identity, True))
 
     def peers_sig() -> Any:
-        states = tuple(sorted(
-            (p, st.counters.bytes_in, st.counters.bytes_out, st.last_error, st.transport,
-             st.address) for p, st in mesh.states.items()))
-        return (states, tuple(sorted(mesh.links)), tuple(sorted(mesh.dialing)),
-                _stat(home.peers), _stat(home.hive / "trust.json"),
-                _stat(home.hive / "sync_state.json"))
+        states = tuple(
+            sorted(
+                (
+                    p,
+                    st.counters.bytes_in,
+                    st.counters.bytes_out,
+                    st.last_error,
+                    st.transport,
+                    st.address,
+                )
+                for p, st in mesh.states.items()
+            )
+        )
+        return (
+            states,
+            tuple(sorted(mesh.links)),
+            tuple(sorted(mesh.dialing)),
+            _stat(home.peers),
+            _stat(home.hive / "trust.json"),
+            _stat(home.hive / "sync_state.json"),
+        )
 
     def hive() -> str:
-        return P.bounded(P.hive_panel(home, node.identity, node.config.hive.default_trust,
-                                      node.trust_of))
+        return P.bounded(
+            P.hive_panel(home, node.identity, node.config.hive.default_trust, node.trust_of)
+        )
 
     def hive_sig() -> Any:
-        return tuple(_stat(home.hive / name) for name in (
-            "knowledge.jsonl", "trust.json", "sync_state.json", "conflicts.jsonl",
-            "resolutions.jsonl"))
+        return tuple(
+            _stat(home.hive / name)
+            for name in (
+                "knowledge.jsonl",
+                "trust.json",
+                "sync_state.json",
+                "conflicts.jsonl",
+                "resolutions.jsonl",
+            )
+        )
 
     def no_tasks() -> str:
         return P.bounded(P.tasks_panel([], [], available=False))
 
     builders: dict[str, Callable[[], str]] = {
-        "peers": peers, "hive": hive, "tasks": tasks.rows if tasks is not None else no_tasks}
+        "peers": peers,
+        "hive": hive,
+        "tasks": tasks.rows if tasks is not None else no_tasks,
+    }
     signatures: dict[str, Callable[[], Any]] = {"peers": peers_sig, "hive": hive_sig}
     if tasks is not None:
         signatures["tasks"] = tasks.signature
     hub = EventHub(node.reactor, builders, signatures)
 
     mesh.add_link_observer(lambda _peer: hub.changed("peers"), lambda _peer: hub.changed("peers"))
-    for msg_type, panel in ((codec.HEARTBEAT, "peers"), (codec.TASK_STATUS, "tasks"),
-                            (codec.TASK_HANDOFF, "tasks"), (codec.DELEGATE_TASK, "tasks"),
-                            (codec.TASK_INTERRUPT, "tasks"), (codec.KNOWLEDGE_SYNC, "hive"),
-                            (codec.KNOWLEDGE_SNAPSHOT, "hive")):
+    for msg_type, panel in (
+        (codec.HEARTBEAT, "peers"),
+        (codec.TASK_STATUS, "tasks"),
+        (codec.TASK_HANDOFF, "tasks"),
+        (codec.DELEGATE_TASK, "tasks"),
+        (codec.TASK_INTERRUPT, "tasks"),
+        (codec.KNOWLEDGE_SYNC, "hive"),
+        (codec.KNOWLEDGE_SNAPSHOT, "hive"),
+    ):
         mesh.add_handler(msg_type, lambda _peer, _env, panel=panel: hub.changed(panel))
 
-    node.connection_locators.append(
-        lambda proto: EventsLocator(hub, proto, node.identity, tasks))
+    node.connection_locators.append(lambda proto: EventsLocator(hub, proto, node.identity, tasks))
     node.status_providers.append(lambda: {"dashboards": len(hub.subscriptions)})
 
     from twisted.application.service import Service
@@ -485,4 +530,3 @@ def attach(node: Any, parent: Any) -> EventHub:
     service.setName("events")
     service.setServiceParent(parent)
     return hub
-

@@ -61,8 +61,20 @@ def _cut(text: Any, limit: int = MAX_TEXT) -> str | None:
 
 def peers_panel(rows: list[dict[str, Any]], identity: str, live: bool) -> dict[str, Any]:
     """``rows`` are ``relay peers --json`` rows (:func:`claudectl.relay.peers_view.peer_rows`)."""
-    keep = ("identity", "state", "trust", "bytes_up", "bytes_down", "transport", "last_seen",
-            "address", "mode", "units_up", "units_down", "last_error")
+    keep = (
+        "identity",
+        "state",
+        "trust",
+        "bytes_up",
+        "bytes_down",
+        "transport",
+        "last_seen",
+        "address",
+        "mode",
+        "units_up",
+        "units_down",
+        "last_error",
+    )
     out = []
     for r in rows:
         row = {k: r.get(k) for k in keep}
@@ -77,12 +89,17 @@ def peers_panel(rows: list[dict[str, Any]], identity: str, live: bool) -> dict[s
 def outgoing_row(view: dict[str, Any]) -> dict[str, Any]:
     """A delegated task (the controller's ``view``)."""
     return {
-        "dir": "out", "key": view["task_id"], "task_id": view["task_id"],
-        "peer": view["peer"], "state": view["state"],
+        "dir": "out",
+        "key": view["task_id"],
+        "task_id": view["task_id"],
+        "peer": view["peer"],
+        "state": view["state"],
         "elapsed": int(view.get("elapsed_secs") or 0),
-        "tokens": int(view.get("tokens") or 0), "cost": float(view.get("cost_usd") or 0.0),
+        "tokens": int(view.get("tokens") or 0),
+        "cost": float(view.get("cost_usd") or 0.0),
         "summary": _cut(view.get("last_message") or view.get("summary") or view.get("prompt")),
-        "version": view.get("version", 0), "created_at": view.get("created_at", 0),
+        "version": view.get("version", 0),
+        "created_at": view.get("created_at", 0),
     }
 
 
@@ -94,16 +111,23 @@ def incoming_row(task: Any) -> dict[str, Any]:
     if task.handoff:
         summary = task.handoff.get("summary")
     return {
-        "dir": "in", "key": task.key, "task_id": task.task_id, "peer": task.peer,
-        "state": run.state, "elapsed": run.elapsed(), "tokens": int(stats.tokens_used),
+        "dir": "in",
+        "key": task.key,
+        "task_id": task.task_id,
+        "peer": task.peer,
+        "state": run.state,
+        "elapsed": run.elapsed(),
+        "tokens": int(stats.tokens_used),
         "cost": float(stats.cost_usd),
         "summary": _cut(stats.last_activity or summary or task.request.prompt),
-        "version": run.version, "created_at": run.accepted_at,
+        "version": run.version,
+        "created_at": run.accepted_at,
     }
 
 
-def tasks_panel(outgoing: list[dict[str, Any]], incoming: list[dict[str, Any]],
-                available: bool = True) -> dict[str, Any]:
+def tasks_panel(
+    outgoing: list[dict[str, Any]], incoming: list[dict[str, Any]], available: bool = True
+) -> dict[str, Any]:
     """Newest first; running and queued tasks before finished ones."""
     rows = outgoing + incoming
     active = {"running", "queued", "delegated"}
@@ -112,25 +136,43 @@ def tasks_panel(outgoing: list[dict[str, Any]], incoming: list[dict[str, Any]],
 
 
 def outgoing_detail(view: dict[str, Any]) -> dict[str, Any]:
-    return {"dir": "out", "task_id": view["task_id"], "peer": view["peer"],
-            "state": view["state"], "elapsed": view.get("elapsed_secs", 0),
-            "tokens": view.get("tokens", 0), "cost": view.get("cost_usd", 0.0),
-            "context_pct": view.get("context_pct", 0), "prompt": view.get("prompt"),
-            "cwd": view.get("cwd"), "last_message": view.get("last_message"),
-            "summary": view.get("summary"),
-            "files": list(view.get("files_modified") or [])[:50],
-            "version": view.get("version", 0)}
+    return {
+        "dir": "out",
+        "task_id": view["task_id"],
+        "peer": view["peer"],
+        "state": view["state"],
+        "elapsed": view.get("elapsed_secs", 0),
+        "tokens": view.get("tokens", 0),
+        "cost": view.get("cost_usd", 0.0),
+        "context_pct": view.get("context_pct", 0),
+        "prompt": view.get("prompt"),
+        "cwd": view.get("cwd"),
+        "last_message": view.get("last_message"),
+        "summary": view.get("summary"),
+        "files": list(view.get("files_modified") or [])[:50],
+        "version": view.get("version", 0),
+    }
 
 
 def incoming_detail(task: Any) -> dict[str, Any]:
     run = task.run
     stats = run.stats()
-    return {"dir": "in", "task_id": task.task_id, "peer": task.peer, "state": run.state,
-            "elapsed": run.elapsed(), "tokens": stats.tokens_used, "cost": stats.cost_usd,
-            "context_pct": stats.context_pct, "prompt": task.request.prompt,
-            "cwd": task.cwd, "last_message": stats.last_activity,
-            "summary": (task.handoff or {}).get("summary"),
-            "files": list(stats.files_modified)[:50], "version": run.version}
+    return {
+        "dir": "in",
+        "task_id": task.task_id,
+        "peer": task.peer,
+        "state": run.state,
+        "elapsed": run.elapsed(),
+        "tokens": stats.tokens_used,
+        "cost": stats.cost_usd,
+        "context_pct": stats.context_pct,
+        "prompt": task.request.prompt,
+        "cwd": task.cwd,
+        "last_message": stats.last_activity,
+        "summary": (task.handoff or {}).get("summary"),
+        "files": list(stats.files_modified)[:50],
+        "version": run.version,
+    }
 
 
 def bounded_detail(detail: dict[str, Any]) -> str:
@@ -156,7 +198,7 @@ def _tail_records(path: Any, n: int) -> list[dict[str, Any]]:
     except OSError:
         return []
     out = []
-    for line in data.splitlines()[-n * 2:]:
+    for line in data.splitlines()[-n * 2 :]:
         try:
             rec = json.loads(line)
         except ValueError:
@@ -166,8 +208,12 @@ def _tail_records(path: Any, n: int) -> list[dict[str, Any]]:
     return out[-n:]
 
 
-def hive_panel(home: Home, identity: str, default_trust: float = 0.5,
-               trust_of: Callable[[str], float] | None = None) -> dict[str, Any]:
+def hive_panel(
+    home: Home,
+    identity: str,
+    default_trust: float = 0.5,
+    trust_of: Callable[[str], float] | None = None,
+) -> dict[str, Any]:
     """Units by origin and tier, last sync per peer, recent merges and conflicts."""
     from claudectl.hive.store import CONFLICTS, RESOLUTIONS, hive_file, load_store
     from claudectl.hive.trust import load_trust, tier_for
@@ -176,15 +222,20 @@ def hive_panel(home: Home, identity: str, default_trust: float = 0.5,
     book = load_trust(home, default_trust)
     origins = Counter(u.source_peer for u in units)
     by_origin = []
-    for origin, count in sorted(origins.items(), key=lambda kv: (kv[0] != identity, -kv[1],
-                                                                 kv[0])):
+    for origin, count in sorted(origins.items(), key=lambda kv: (kv[0] != identity, -kv[1], kv[0])):
         if origin == identity:
             by_origin.append({"origin": origin, "local": True, "tier": "local", "units": count})
         else:
             level = trust_of(origin) if trust_of is not None else book.level(origin)
-            by_origin.append({"origin": origin, "local": False,
-                              "tier": tier_for(level).display, "trust": level,
-                              "units": count})
+            by_origin.append(
+                {
+                    "origin": origin,
+                    "local": False,
+                    "tier": tier_for(level).display,
+                    "trust": level,
+                    "units": count,
+                }
+            )
     try:
         from claudectl.hive.gossip import SyncState
 
@@ -194,24 +245,40 @@ def hive_panel(home: Home, identity: str, default_trust: float = 0.5,
     for peer, trust_rec in book.records.items():
         if trust_rec.last_sync and trust_rec.last_sync > sync.get(peer, 0):
             sync[peer] = trust_rec.last_sync
-    last_sync = [{"peer": p, "last_sync": t} for p, t in
-                 sorted(sync.items(), key=lambda kv: -kv[1]) if t][:MAX_ROWS // 4]
+    last_sync = [
+        {"peer": p, "last_sync": t} for p, t in sorted(sync.items(), key=lambda kv: -kv[1]) if t
+    ][: MAX_ROWS // 4]
     recent = []
     for rec in _tail_records(hive_file(home, CONFLICTS), RECENT_RECORDS):
-        recent.append({"kind": "conflict", "ts": rec.get("ts", 0),
-                       "key": _cut(rec.get("semantic_key"), 80),
-                       "peer": _cut(rec.get("incoming_peer"), 80),
-                       "other": _cut(rec.get("local_peer"), 80)})
+        recent.append(
+            {
+                "kind": "conflict",
+                "ts": rec.get("ts", 0),
+                "key": _cut(rec.get("semantic_key"), 80),
+                "peer": _cut(rec.get("incoming_peer"), 80),
+                "other": _cut(rec.get("local_peer"), 80),
+            }
+        )
     for rec in _tail_records(hive_file(home, RESOLUTIONS), RECENT_RECORDS):
-        recent.append({"kind": "merge", "ts": rec.get("ts", 0),
-                       "key": _cut(rec.get("semantic_key"), 80),
-                       "peer": _cut(rec.get("winner_peer"), 80),
-                       "other": _cut(rec.get("loser_peer"), 80),
-                       "result": _cut(rec.get("result"), 40)})
+        recent.append(
+            {
+                "kind": "merge",
+                "ts": rec.get("ts", 0),
+                "key": _cut(rec.get("semantic_key"), 80),
+                "peer": _cut(rec.get("winner_peer"), 80),
+                "other": _cut(rec.get("loser_peer"), 80),
+                "result": _cut(rec.get("result"), 40),
+            }
+        )
     recent.sort(key=lambda r: -(r["ts"] if isinstance(r["ts"], (int, float)) else 0))
-    return {"identity": identity, "units": len(units),
-            "local_units": origins.get(identity, 0), "rows": by_origin,
-            "last_sync": last_sync, "recent": recent[:RECENT_RECORDS]}
+    return {
+        "identity": identity,
+        "units": len(units),
+        "local_units": origins.get(identity, 0),
+        "rows": by_origin,
+        "last_sync": last_sync,
+        "recent": recent[:RECENT_RECORDS],
+    }
 
 
 def local_tasks_panel(home: Home, now: float) -> dict[str, Any]:
@@ -224,27 +291,48 @@ def local_tasks_panel(home: Home, now: float) -> dict[str, Any]:
         stats: dict[str, Any] = rec["stats"] if isinstance(rec.get("stats"), dict) else {}
         start = rec.get("created_at") or 0
         end = rec.get("ended_at") or rec.get("updated_at") or start
-        out.append({"dir": "out", "key": str(rec.get("task_id", key)),
-                    "task_id": rec.get("task_id"), "peer": rec.get("peer"),
-                    "state": rec.get("state"), "elapsed": _elapsed(start, end),
-                    "tokens": stats.get("tokens_used", 0), "cost": stats.get("cost_usd", 0.0),
-                    "summary": _cut(rec.get("last_message") or rec.get("summary")
-                                    or rec.get("prompt")),
-                    "version": rec.get("version", 0), "created_at": start,
-                    "prompt": _cut(rec.get("prompt"), 2_000), "cwd": rec.get("cwd")})
+        out.append(
+            {
+                "dir": "out",
+                "key": str(rec.get("task_id", key)),
+                "task_id": rec.get("task_id"),
+                "peer": rec.get("peer"),
+                "state": rec.get("state"),
+                "elapsed": _elapsed(start, end),
+                "tokens": stats.get("tokens_used", 0),
+                "cost": stats.get("cost_usd", 0.0),
+                "summary": _cut(rec.get("last_message") or rec.get("summary") or rec.get("prompt")),
+                "version": rec.get("version", 0),
+                "created_at": start,
+                "prompt": _cut(rec.get("prompt"), 2_000),
+                "cwd": rec.get("cwd"),
+            }
+        )
     for key, rec in TaskStore(home.tasks, INCOMING).load_all().items():
         stats = rec["stats"] if isinstance(rec.get("stats"), dict) else {}
         start = rec.get("accepted_at") or 0
         end = rec.get("ended_at") or start
-        inc.append({"dir": "in", "key": key, "task_id": rec.get("task_id"),
-                    "peer": rec.get("peer"), "state": rec.get("state"),
-                    "elapsed": _elapsed(start, end), "tokens": stats.get("tokens_used", 0),
-                    "cost": stats.get("cost_usd", 0.0),
-                    "summary": _cut(stats.get("last_activity")
-                                    or (rec.get("handoff") or {}).get("summary")
-                                    or rec.get("prompt")),
-                    "version": 0, "created_at": start,
-                    "prompt": _cut(rec.get("prompt"), 2_000), "cwd": rec.get("cwd")})
+        inc.append(
+            {
+                "dir": "in",
+                "key": key,
+                "task_id": rec.get("task_id"),
+                "peer": rec.get("peer"),
+                "state": rec.get("state"),
+                "elapsed": _elapsed(start, end),
+                "tokens": stats.get("tokens_used", 0),
+                "cost": stats.get("cost_usd", 0.0),
+                "summary": _cut(
+                    stats.get("last_activity")
+                    or (rec.get("handoff") or {}).get("summary")
+                    or rec.get("prompt")
+                ),
+                "version": 0,
+                "created_at": start,
+                "prompt": _cut(rec.get("prompt"), 2_000),
+                "cwd": rec.get("cwd"),
+            }
+        )
     return tasks_panel(out, inc)
 
 

@@ -35,10 +35,11 @@ def check_socket_dir(directory: Path) -> None:
     import stat
 
     st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(
-            st.st_mode) & 0o077:
-        raise UnsafeSocketDir(f"{directory} is not a private directory of this user "
-                              "(owner and mode 0700); refusing to use it")
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise UnsafeSocketDir(
+            f"{directory} is not a private directory of this user "
+            "(owner and mode 0700); refusing to use it"
+        )
 
 
 def ensure_socket_dir(path: Path) -> None:
@@ -50,13 +51,17 @@ def ensure_socket_dir(path: Path) -> None:
         if st.st_uid == os.getuid() and not os.path.islink(directory):
             os.chmod(directory, 0o700)
     except OSError as e:
-        raise UnsafeSocketDir(f"cannot use {directory} for the control socket: "
-                              f"{e.strerror or e}") from None
+        raise UnsafeSocketDir(
+            f"cannot use {directory} for the control socket: {e.strerror or e}"
+        ) from None
     try:
         check_socket_dir(directory)
     except UnsafeSocketDir as e:
-        hint = ("" if directory.name == "run" else
-                " (someone else made it: remove it, or use a home with a shorter path)")
+        hint = (
+            ""
+            if directory.name == "run"
+            else " (someone else made it: remove it, or use a home with a shorter path)"
+        )
         raise UnsafeSocketDir(f"{e}{hint}") from None
 
 

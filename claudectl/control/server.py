@@ -72,9 +72,15 @@ class RelayLocator(amp.CommandLocator):
             "dialing": sorted(node.dialers),
             "rejections": dict(node.admission.rejections),
             "home": str(node.home.root),
-            "workers": [{"worker_id": w.worker_id, "peer": w.peer_id,
-                         "sessions": w.sessions, "updated_at": int(w.updated_at)}
-                        for w in node.workers.current()],
+            "workers": [
+                {
+                    "worker_id": w.worker_id,
+                    "peer": w.peer_id,
+                    "sessions": w.sessions,
+                    "updated_at": int(w.updated_at),
+                }
+                for w in node.workers.current()
+            ],
         }
         for provider in node.status_providers:
             try:
@@ -85,9 +91,16 @@ class RelayLocator(amp.CommandLocator):
 
     @C.Peers.responder
     def peers(self, offset: int | None = None) -> dict[str, Any]:
-        return self._page("peers_json", offset, lambda: peer_rows(
-            self.node.keystore, self.node.mesh, self.node.trust_of,
-            self.node.peer_info_providers))
+        return self._page(
+            "peers_json",
+            offset,
+            lambda: peer_rows(
+                self.node.keystore,
+                self.node.mesh,
+                self.node.trust_of,
+                self.node.peer_info_providers,
+            ),
+        )
 
     @C.Connect.responder
     async def connect(self, address: str, peer: str | None = None) -> dict[str, Any]:
@@ -101,14 +114,19 @@ class RelayLocator(amp.CommandLocator):
         except HandshakeFailed as e:
             raise C.LinkFailed(f"auth failed: {_sentence(e)}{_kept(node, peer)}") from None
         except Exception as e:
-            raise C.LinkFailed(f"connect to {address}: {_sentence(e)}{_kept(node, peer)}"
-                               ) from None
-        return {"peer": outcome.peer, "mode": outcome.mode, "already": outcome.already,
-                "address": outcome.address, "previous": outcome.previous or ""}
+            raise C.LinkFailed(f"connect to {address}: {_sentence(e)}{_kept(node, peer)}") from None
+        return {
+            "peer": outcome.peer,
+            "mode": outcome.mode,
+            "already": outcome.already,
+            "address": outcome.address,
+            "previous": outcome.previous or "",
+        }
 
     @C.Join.responder
-    async def join(self, address: str, kind: str, secret_hex: str,
-                   expected_peer: str | None = None) -> dict[str, Any]:
+    async def join(
+        self, address: str, kind: str, secret_hex: str, expected_peer: str | None = None
+    ) -> dict[str, Any]:
         node = self.node
         try:
             secret = bytes.fromhex(secret_hex)
@@ -162,8 +180,9 @@ def _kept(node: RelayNode, peer: str | None) -> str:
         return ""
     where = node.dial_address(peer)
     if node.mesh.is_connected(peer):
-        return (f". Nothing changed: the link to {peer} stays up"
-                + (f" and the service keeps dialing {where}" if where else ""))
+        return f". Nothing changed: the link to {peer} stays up" + (
+            f" and the service keeps dialing {where}" if where else ""
+        )
     if peer in node.dialers and where:
         return f". Nothing changed: the service keeps dialing {peer} at {where}"
     return ""
@@ -222,8 +241,9 @@ class ControlProtocol(_QuietAMP):
         if self._broken:
             return
         self._broken = True
-        self._log.warn("malformed control frame ({what}): closing that control connection",
-                       what=what)
+        self._log.warn(
+            "malformed control frame ({what}): closing that control connection", what=what
+        )
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -266,7 +286,12 @@ class _ControlService(StreamServerEndpointService):
 
     def stopService(self) -> Any:
         d = defer.maybeDeferred(super().stopService)
-        d.addBoth(lambda r: (remove_fallback_dir(self.node.home), r)[1])
+
+        def cleanup(result: Any) -> Any:
+            remove_fallback_dir(self.node.home)
+            return result
+
+        d.addBoth(cleanup)
         return d
 
 

@@ -58,12 +58,35 @@ DRAIN_SECS = 2.0
 SETSID_EXEC = str(Path(setsid_exec.__file__).resolve())
 
 #: Environment passed to Claude Code: these names, and names with these prefixes.
-CHILD_ENV_NAMES = frozenset({
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TERM",
-    "TMPDIR", "TZ", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME",
-    "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-    "NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "SSL_CERT_DIR", "GOOGLE_APPLICATION_CREDENTIALS",
-})
+CHILD_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LC_ALL",
+        "LC_CTYPE",
+        "TERM",
+        "TMPDIR",
+        "TZ",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+        "XDG_CACHE_HOME",
+        "XDG_STATE_HOME",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "NODE_EXTRA_CA_CERTS",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    }
+)
 CHILD_ENV_PREFIXES = ("ANTHROPIC_", "CLAUDE_", "AWS_", "CLOUD_ML_", "VERTEX_")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -77,21 +100,30 @@ def new_run_id() -> str:
     return secrets.token_hex(12)
 
 
-def claude_argv(command: str, extra_args: tuple[str, ...] | list[str] = (),
-                resume: str | None = None) -> list[str]:
-    argv = [command, *extra_args, "-p", "--output-format", "stream-json", "--verbose",
-            "--input-format", "stream-json"]
+def claude_argv(
+    command: str, extra_args: tuple[str, ...] | list[str] = (), resume: str | None = None
+) -> list[str]:
+    argv = [
+        command,
+        *extra_args,
+        "-p",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--input-format",
+        "stream-json",
+    ]
     if resume:
         argv += ["--resume", resume]
     return argv
 
 
-def child_env(environ: Mapping[str, str] | None = None,
-              extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def child_env(
+    environ: Mapping[str, str] | None = None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """An explicit environment for Claude Code (never everything we have)."""
     env = os.environ if environ is None else environ
-    out = {k: v for k, v in env.items()
-           if k in CHILD_ENV_NAMES or k.startswith(CHILD_ENV_PREFIXES)}
+    out = {k: v for k, v in env.items() if k in CHILD_ENV_NAMES or k.startswith(CHILD_ENV_PREFIXES)}
     out.setdefault("PATH", DEFAULT_PATH)
     if extra:
         out.update(extra)
@@ -100,8 +132,12 @@ def child_env(environ: Mapping[str, str] | None = None,
 
 def user_message(text: str) -> bytes:
     """One stream-json user message line for Claude Code's stdin."""
-    event = {"type": "user", "session_id": "", "parent_tool_use_id": None,
-             "message": {"role": "user", "content": [{"type": "text", "text": text}]}}
+    event = {
+        "type": "user",
+        "session_id": "",
+        "parent_tool_use_id": None,
+        "message": {"role": "user", "content": [{"type": "text", "text": text}]},
+    }
     return (json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
 
 
@@ -110,9 +146,14 @@ class ClaudeProcessProtocol(ProcessProtocol):
 
     _log = Logger()
 
-    def __init__(self, run: TaskRun, on_change: Callable[[], None],
-                 on_exited: Callable[[], None], on_ended: Callable[[], None],
-                 max_line: int = MAX_LINE_BYTES) -> None:
+    def __init__(
+        self,
+        run: TaskRun,
+        on_change: Callable[[], None],
+        on_exited: Callable[[], None],
+        on_ended: Callable[[], None],
+        max_line: int = MAX_LINE_BYTES,
+    ) -> None:
         self.run = run
         self._on_change = on_change
         self._on_exited = on_exited
@@ -149,8 +190,11 @@ class ClaudeProcessProtocol(ProcessProtocol):
 
     def _overlong(self) -> None:
         self.overlong_lines += 1
-        self._log.warn("task {task_id}: skipped a stdout line longer than {limit} bytes",
-                       task_id=self.run.task_id, limit=self.max_line)
+        self._log.warn(
+            "task {task_id}: skipped a stdout line longer than {limit} bytes",
+            task_id=self.run.task_id,
+            limit=self.max_line,
+        )
 
     def _line(self, line: bytes) -> None:
         had_result = self.run.progress.has_result
@@ -186,12 +230,22 @@ class ClaudeProcess:
 
     _log = Logger()
 
-    def __init__(self, run: TaskRun, argv: list[str], cwd: str, env: dict[str, str],
-                 spawner: Spawner, clock: IReactorTime, stop_grace_secs: float = 10,
-                 on_change: Callable[[], None] = lambda: None,
-                 kill: Killer = os.killpg, python: str = sys.executable,
-                 run_id: str | None = None, sweep: Sweeper | None = None,
-                 drain_secs: float = DRAIN_SECS) -> None:
+    def __init__(
+        self,
+        run: TaskRun,
+        argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        spawner: Spawner,
+        clock: IReactorTime,
+        stop_grace_secs: float = 10,
+        on_change: Callable[[], None] = lambda: None,
+        kill: Killer = os.killpg,
+        python: str = sys.executable,
+        run_id: str | None = None,
+        sweep: Sweeper | None = None,
+        drain_secs: float = DRAIN_SECS,
+    ) -> None:
         self.run = run
         self.argv = argv
         self.cwd = cwd
@@ -228,16 +282,18 @@ class ClaudeProcess:
             return self.run.result
         program = self.argv[0]
         if shutil.which(program, path=self.env.get("PATH", DEFAULT_PATH)) is None:
-            self.run.abort(f"could not start Claude Code: {program!r} was not found or is "
-                           f"not executable (PATH={self.env.get('PATH', '')}); set "
-                           f"[delegation] claude_command")
+            self.run.abort(
+                f"could not start Claude Code: {program!r} was not found or is "
+                f"not executable (PATH={self.env.get('PATH', '')}); set "
+                f"[delegation] claude_command"
+            )
             return self.run.result
-        self.protocol = ClaudeProcessProtocol(self.run, self._on_change,
-                                              self._exited, self._ended)
+        self.protocol = ClaudeProcessProtocol(self.run, self._on_change, self._exited, self._ended)
         args = [self._python, "-I", SETSID_EXEC, "--", *self.argv]
         try:
-            transport = self._spawner(self.protocol, self._python, args,
-                                      env=self.env, path=self.cwd)
+            transport = self._spawner(
+                self.protocol, self._python, args, env=self.env, path=self.cwd
+            )
         except Exception as e:  # OSError, or a bad cwd
             self.run.abort(f"could not start Claude Code: {e}")
             return self.run.result
@@ -245,15 +301,24 @@ class ClaudeProcess:
         self.run.started()
         self._stdin_open = True
         transport.writeToChild(0, user_message(prompt))
-        self._log.info("task {task_id}: started Claude Code (pid {pid}) in {cwd}",
-                       task_id=self.run.task_id, pid=self.pid, cwd=self.cwd)
+        self._log.info(
+            "task {task_id}: started Claude Code (pid {pid}) in {cwd}",
+            task_id=self.run.task_id,
+            pid=self.pid,
+            cwd=self.cwd,
+        )
         self._on_change()
         return self.run.result
 
     @property
     def can_take_input(self) -> bool:
-        return (self._stdin_open and not self.run.finished and self.protocol is not None
-                and not self.run.progress.has_result and self.protocol.transport is not None)
+        return (
+            self._stdin_open
+            and not self.run.finished
+            and self.protocol is not None
+            and not self.run.progress.has_result
+            and self.protocol.transport is not None
+        )
 
     @property
     def ended(self) -> bool:
@@ -298,8 +363,11 @@ class ClaudeProcess:
         except ProcessLookupError:
             pass
         except PermissionError:
-            self._log.warn("task {task_id}: not allowed to signal group {pid}",
-                           task_id=self.run.task_id, pid=self.pid)
+            self._log.warn(
+                "task {task_id}: not allowed to signal group {pid}",
+                task_id=self.run.task_id,
+                pid=self.pid,
+            )
 
     def _exited(self) -> None:
         """The direct child is gone: nothing left in its group may live on."""
@@ -317,16 +385,21 @@ class ClaudeProcess:
         if self._ended_flag:
             return
         killed = self._sweep_quietly()
-        self._log.warn("task {task_id}: Claude Code exited {secs} s ago but its output "
-                       "pipes are still held; killed {n} leftover process(es) and closed them",
-                       task_id=self.run.task_id, secs=self.drain_secs, n=len(killed))
+        self._log.warn(
+            "task {task_id}: Claude Code exited {secs} s ago but its output "
+            "pipes are still held; killed {n} leftover process(es) and closed them",
+            task_id=self.run.task_id,
+            secs=self.drain_secs,
+            n=len(killed),
+        )
         transport = self.protocol.transport if self.protocol is not None else None
         if transport is not None:
             try:
                 transport.loseConnection()
             except Exception:
-                self._log.failure("task {task_id}: closing the pipes failed",
-                                  task_id=self.run.task_id)
+                self._log.failure(
+                    "task {task_id}: closing the pipes failed", task_id=self.run.task_id
+                )
 
     def _ended(self) -> None:
         self._ended_flag = True
@@ -340,15 +413,19 @@ class ClaudeProcess:
         # Daemons that left the group (setsid) and closed their stdio.
         killed = self._sweep_quietly()
         if killed:
-            self._log.info("task {task_id}: killed {n} process(es) the session left behind",
-                           task_id=self.run.task_id, n=len(killed))
+            self._log.info(
+                "task {task_id}: killed {n} process(es) the session left behind",
+                task_id=self.run.task_id,
+                n=len(killed),
+            )
 
     def _sweep_quietly(self) -> list[int]:
         try:
             return list(self._sweep(self.tags) or [])
         except Exception:
-            self._log.failure("task {task_id}: looking for leftover processes failed",
-                              task_id=self.run.task_id)
+            self._log.failure(
+                "task {task_id}: looking for leftover processes failed", task_id=self.run.task_id
+            )
             return []
 
     @staticmethod

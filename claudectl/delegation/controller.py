@@ -48,17 +48,27 @@ def outgoing_view(rec: dict[str, Any], now: float, connected: bool) -> dict[str,
     stats = rec.get("stats") or {}
     return {
         "direction": "outgoing",
-        "task_id": rec["task_id"], "peer": rec["peer"], "state": rec["state"],
-        "prompt": rec["prompt"], "cwd": rec.get("cwd"), "git_ref": rec.get("git_ref"),
-        "created_at": rec["created_at"], "updated_at": rec["updated_at"],
-        "elapsed_secs": max(0, elapsed), "tokens": stats.get("tokens_used", 0),
-        "cost_usd": stats.get("cost_usd", 0.0), "context_pct": stats.get("context_pct", 0),
+        "task_id": rec["task_id"],
+        "peer": rec["peer"],
+        "state": rec["state"],
+        "prompt": rec["prompt"],
+        "cwd": rec.get("cwd"),
+        "git_ref": rec.get("git_ref"),
+        "created_at": rec["created_at"],
+        "updated_at": rec["updated_at"],
+        "elapsed_secs": max(0, elapsed),
+        "tokens": stats.get("tokens_used", 0),
+        "cost_usd": stats.get("cost_usd", 0.0),
+        "context_pct": stats.get("context_pct", 0),
         "files_modified": stats.get("files_modified", []),
-        "last_message": rec.get("last_message"), "summary": rec.get("summary"),
+        "last_message": rec.get("last_message"),
+        "summary": rec.get("summary"),
         "result_git_ref": (rec.get("handoff") or {}).get("git_ref"),
         "peer_connected": connected,
         "version": rec["version"],
     }
+
+
 MAX_WAIT_SECS = 300
 DEFAULT_ANSWER_TIMEOUT_SECS = 120
 
@@ -98,9 +108,16 @@ def handoff_state(handoff: payloads.TaskHandoff) -> str:
 class DelegationController:
     _log = Logger()
 
-    def __init__(self, *, mesh: IMesh, store: TaskStore, clock: Any,
-                 is_paired: Callable[[str], bool], ids: MessageIds | None = None,
-                 answer_timeout_secs: float = DEFAULT_ANSWER_TIMEOUT_SECS) -> None:
+    def __init__(
+        self,
+        *,
+        mesh: IMesh,
+        store: TaskStore,
+        clock: Any,
+        is_paired: Callable[[str], bool],
+        ids: MessageIds | None = None,
+        answer_timeout_secs: float = DEFAULT_ANSWER_TIMEOUT_SECS,
+    ) -> None:
         self.mesh = mesh
         self.store = store
         self.clock = clock
@@ -129,25 +146,46 @@ class DelegationController:
                 d.callback(self.view(self.records[task_id]))
 
     # --- commands from the CLI -------------------------------------------------------
-    def delegate(self, peer: str, prompt: str, cwd: str | None = None,
-                 git_ref: str | None = None, source: str = "cli") -> dict[str, Any]:
+    def delegate(
+        self,
+        peer: str,
+        prompt: str,
+        cwd: str | None = None,
+        git_ref: str | None = None,
+        source: str = "cli",
+    ) -> dict[str, Any]:
         if not prompt.strip():
             raise BadRequest("the prompt is empty")
         if not self.is_paired(peer):
-            raise PeerUnknown(f"peer '{peer}' is not paired — run `claudectl relay pair` or "
-                              f"`claudectl relay join` first")
+            raise PeerUnknown(
+                f"peer '{peer}' is not paired — run `claudectl relay pair` or "
+                f"`claudectl relay join` first"
+            )
         if peer not in self.mesh.connected_peers():
-            raise PeerNotConnected(f"peer '{peer}' is not connected; check `claudectl relay "
-                                   f"peers` and try again when it is")
+            raise PeerNotConnected(
+                f"peer '{peer}' is not connected; check `claudectl relay "
+                f"peers` and try again when it is"
+            )
         task_id = self.ids.next("task")
         context = payloads.TaskContext(git_ref=git_ref or None)
         payload = payloads.build_delegate_task(task_id, prompt, cwd, context)
         now = self.clock.seconds()
         rec: dict[str, Any] = {
-            "role": "controller", "task_id": task_id, "peer": peer, "prompt": prompt,
-            "cwd": cwd, "git_ref": git_ref, "state": DELEGATED, "created_at": now,
-            "updated_at": now, "ended_at": None, "stats": payloads.TaskStats().to_payload(),
-            "last_message": None, "summary": None, "handoff": None, "version": 1,
+            "role": "controller",
+            "task_id": task_id,
+            "peer": peer,
+            "prompt": prompt,
+            "cwd": cwd,
+            "git_ref": git_ref,
+            "state": DELEGATED,
+            "created_at": now,
+            "updated_at": now,
+            "ended_at": None,
+            "stats": payloads.TaskStats().to_payload(),
+            "last_message": None,
+            "summary": None,
+            "handoff": None,
+            "version": 1,
             "source": source,
         }
         self.records[task_id] = rec
@@ -167,11 +205,15 @@ class DelegationController:
             if rec["peer"] != peer or rec["state"] != DELEGATED:
                 continue
             context = payloads.TaskContext(git_ref=rec.get("git_ref") or None)
-            payload = payloads.build_delegate_task(rec["task_id"], rec["prompt"],
-                                                   rec.get("cwd"), context)
+            payload = payloads.build_delegate_task(
+                rec["task_id"], rec["prompt"], rec.get("cwd"), context
+            )
             if self.mesh.send(peer, DELEGATE_TASK, payload):
-                self._log.info("sent task {task_id} to {peer} again (no answer yet)",
-                               task_id=rec["task_id"], peer=peer)
+                self._log.info(
+                    "sent task {task_id} to {peer} again (no answer yet)",
+                    task_id=rec["task_id"],
+                    peer=peer,
+                )
                 self._arm(rec)
 
     def _arm(self, rec: dict[str, Any]) -> None:
@@ -179,7 +221,8 @@ class DelegationController:
         self._disarm(task_id)
         if self.answer_timeout_secs and self.answer_timeout_secs > 0:
             self._answer_timers[task_id] = self.clock.callLater(
-                self.answer_timeout_secs, self._no_answer, task_id)
+                self.answer_timeout_secs, self._no_answer, task_id
+            )
 
     def _disarm(self, task_id: str) -> None:
         timer = self._answer_timers.pop(task_id, None)
@@ -194,13 +237,19 @@ class DelegationController:
         secs = int(self.answer_timeout_secs)
         rec["state"] = "failed"
         rec["no_answer"] = True
-        rec["summary"] = (f"no answer from {rec['peer']} within {secs} s of sending the task "
-                          f"([delegation] answer_timeout_secs); the peer may have refused it "
-                          f"without saying so (claudectl 0.64 does) or the message was lost")
+        rec["summary"] = (
+            f"no answer from {rec['peer']} within {secs} s of sending the task "
+            f"([delegation] answer_timeout_secs); the peer may have refused it "
+            f"without saying so (claudectl 0.64 does) or the message was lost"
+        )
         rec["last_message"] = f"no answer from {rec['peer']}"
         rec["ended_at"] = self.clock.seconds()
-        self._log.warn("task {task_id}: no answer from {peer} within {secs} s",
-                       task_id=task_id, peer=rec["peer"], secs=secs)
+        self._log.warn(
+            "task {task_id}: no answer from {peer} within {secs} s",
+            task_id=task_id,
+            peer=rec["peer"],
+            secs=secs,
+        )
         self._changed(rec)
 
     def interrupt(self, task_id: str, kind: str, reason: str = "") -> dict[str, Any]:
@@ -209,10 +258,13 @@ class DelegationController:
             raise BadRequest(f"unknown interrupt type {kind!r}: use nudge or stop")
         if rec["state"] in TERMINAL:
             raise TaskFinished(f"task {task_id} already {rec['state']}")
-        if not self.mesh.send(rec["peer"], TASK_INTERRUPT,
-                              payloads.build_interrupt(task_id, kind, reason)):
-            raise PeerNotConnected(f"peer '{rec['peer']}' (which runs task {task_id}) is not "
-                                   f"connected; try again when it is")
+        if not self.mesh.send(
+            rec["peer"], TASK_INTERRUPT, payloads.build_interrupt(task_id, kind, reason)
+        ):
+            raise PeerNotConnected(
+                f"peer '{rec['peer']}' (which runs task {task_id}) is not "
+                f"connected; try again when it is"
+            )
         return rec
 
     def get(self, task_id: str) -> dict[str, Any]:
@@ -223,8 +275,7 @@ class DelegationController:
 
     def view(self, rec: dict[str, Any]) -> dict[str, Any]:
         """A record as ``relay status`` shows it (with elapsed and connectivity)."""
-        return outgoing_view(rec, self.clock.seconds(),
-                             rec["peer"] in self.mesh.connected_peers())
+        return outgoing_view(rec, self.clock.seconds(), rec["peer"] in self.mesh.connected_peers())
 
     def list(self) -> list[dict[str, Any]]:
         recs = sorted(self.records.values(), key=lambda r: (r["created_at"], r["task_id"]))
@@ -239,8 +290,9 @@ class DelegationController:
             return d
         d = Deferred()
         self._waiters.setdefault(task_id, []).append(d)
-        call = self.clock.callLater(min(max(timeout, 0.0), MAX_WAIT_SECS), self._timeout,
-                                    task_id, d)
+        call = self.clock.callLater(
+            min(max(timeout, 0.0), MAX_WAIT_SECS), self._timeout, task_id, d
+        )
         d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
         return d
 
@@ -275,14 +327,21 @@ class DelegationController:
             return
         rec = self.records.get(handoff.task_id)
         if rec is not None and rec["peer"] != peer:
-            self._log.warn("ignored task_handoff for {task_id} from {peer}: the task was "
-                           "delegated to {owner}", task_id=handoff.task_id, peer=peer,
-                           owner=rec["peer"])
+            self._log.warn(
+                "ignored task_handoff for {task_id} from {peer}: the task was delegated to {owner}",
+                task_id=handoff.task_id,
+                peer=peer,
+                owner=rec["peer"],
+            )
             return
         self.mesh.send(peer, ACK, payloads.build_ack(handoff.task_id))
         if rec is None:
-            self._log.info("task_handoff for unknown task {task_id} from {peer}: {summary}",
-                           task_id=handoff.task_id, peer=peer, summary=handoff.summary[:200])
+            self._log.info(
+                "task_handoff for unknown task {task_id} from {peer}: {summary}",
+                task_id=handoff.task_id,
+                peer=peer,
+                summary=handoff.summary[:200],
+            )
             return
         if rec["state"] in TERMINAL and not rec.get("no_answer"):
             return  # a re-sent handoff: already recorded
@@ -297,19 +356,32 @@ class DelegationController:
         rec["last_message"] = handoff.summary.splitlines()[0][:200] if handoff.summary else None
         rec["handoff"] = handoff.to_payload()
         rec["ended_at"] = self.clock.seconds()
-        self._log.info("task {task_id} on {peer} {state}", task_id=handoff.task_id, peer=peer,
-                       state=rec["state"])
+        self._log.info(
+            "task {task_id} on {peer} {state}",
+            task_id=handoff.task_id,
+            peer=peer,
+            state=rec["state"],
+        )
         self._changed(rec)
 
     def _owned(self, peer: str, task_id: str, what: str) -> dict[str, Any] | None:
         rec = self.records.get(task_id)
         if rec is None:
-            self._log.debug("{what} for unknown task {task_id} from {peer}", what=what,
-                            task_id=task_id, peer=peer)
+            self._log.debug(
+                "{what} for unknown task {task_id} from {peer}",
+                what=what,
+                task_id=task_id,
+                peer=peer,
+            )
             return None
         if rec["peer"] != peer:
-            self._log.warn("ignored {what} for {task_id} from {peer}: the task was delegated "
-                           "to {owner}", what=what, task_id=task_id, peer=peer, owner=rec["peer"])
+            self._log.warn(
+                "ignored {what} for {task_id} from {peer}: the task was delegated to {owner}",
+                what=what,
+                task_id=task_id,
+                peer=peer,
+                owner=rec["peer"],
+            )
             return None
         return rec
 
@@ -317,8 +389,11 @@ class DelegationController:
         """The peer answered: stop waiting, and undo an earlier "no answer"."""
         self._disarm(rec["task_id"])
         if rec.pop("no_answer", None):
-            self._log.info("task {task_id}: {peer} answered after all", task_id=rec["task_id"],
-                           peer=rec["peer"])
+            self._log.info(
+                "task {task_id}: {peer} answered after all",
+                task_id=rec["task_id"],
+                peer=rec["peer"],
+            )
             rec["summary"] = None
             rec["ended_at"] = None
 

@@ -70,8 +70,9 @@ class WorkspaceError(Exception):
 
 def git_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     env = os.environ if environ is None else environ
-    out = {k: env[k] for k in ("PATH", "HOME", "LANG", "SSH_AUTH_SOCK", "GIT_SSH_COMMAND")
-           if k in env}
+    out = {
+        k: env[k] for k in ("PATH", "HOME", "LANG", "SSH_AUTH_SOCK", "GIT_SSH_COMMAND") if k in env
+    }
     out.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
     out.update({"GIT_TERMINAL_PROMPT": "0", "GIT_ALLOW_PROTOCOL": "https:ssh:git:file"})
     return out
@@ -95,9 +96,12 @@ class _GitProtocol(ProcessProtocol):
         self.done.callback((bytes(self.out), bytes(self.err), 128 if code is None else code))
 
 
-def default_git_runner(reactor: Any, environ: dict[str, str] | None = None,
-                       kill: Callable[[int, int], None] = os.killpg,
-                       python: str = sys.executable) -> GitRunner:
+def default_git_runner(
+    reactor: Any,
+    environ: dict[str, str] | None = None,
+    kill: Callable[[int, int], None] = os.killpg,
+    python: str = sys.executable,
+) -> GitRunner:
     """Run git through the setsid trampoline; cancelling kills its whole group."""
 
     def run(args: list[str], cwd: str) -> Deferred[tuple[bytes, bytes, int]]:
@@ -117,8 +121,12 @@ def default_git_runner(reactor: Any, environ: dict[str, str] | None = None,
         d: Deferred[tuple[bytes, bytes, int]] = Deferred(cancel)
         proto = _GitProtocol(d)
         holder["transport"] = reactor.spawnProcess(
-            proto, python, [python, "-I", SETSID_EXEC, "--", git, *args],
-            env=git_env(environ), path=cwd)
+            proto,
+            python,
+            [python, "-I", SETSID_EXEC, "--", git, *args],
+            env=git_env(environ),
+            path=cwd,
+        )
         return d
 
     return run
@@ -137,8 +145,9 @@ def parse_source(source: str) -> tuple[str, str]:
     if _FILE_URL.match(source):
         parts = urlsplit(source)
         if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
-            raise WorkspaceError(f"git_remote {source!r}: only file:///absolute/path URLs "
-                                 f"are allowed")
+            raise WorkspaceError(
+                f"git_remote {source!r}: only file:///absolute/path URLs are allowed"
+            )
         path = unquote(parts.path)
         if "\0" in path:
             raise WorkspaceError("git_remote contains control characters")
@@ -146,8 +155,9 @@ def parse_source(source: str) -> tuple[str, str]:
     if _NETWORK_URL.match(source) or _SCP.match(source):
         return REMOTE, source
     if _ANY_URL.match(source):
-        raise WorkspaceError(f"git_remote {source!r}: only https, ssh and git URLs or local "
-                             f"paths are allowed")
+        raise WorkspaceError(
+            f"git_remote {source!r}: only https, ssh and git URLs or local paths are allowed"
+        )
     return LOCAL, source
 
 
@@ -196,8 +206,9 @@ def check_remote(source: str) -> None:
     parse_source(source)
 
 
-async def prepare(run_git: GitRunner, source: str, dest: Path, ref: str | None,
-                  commit: str | None) -> str:
+async def prepare(
+    run_git: GitRunner, source: str, dest: Path, ref: str | None, commit: str | None
+) -> str:
     """Clone ``source`` into ``dest`` and detach at ``commit``/``ref``; return HEAD."""
     check_remote(source)
     if ref:
@@ -207,21 +218,24 @@ async def prepare(run_git: GitRunner, source: str, dest: Path, ref: str | None,
     if dest.exists():
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    out, err, code = await run_git(["clone", "--quiet", "--no-checkout", "--", source, str(dest)],
-                                   str(dest.parent))
+    out, err, code = await run_git(
+        ["clone", "--quiet", "--no-checkout", "--", source, str(dest)], str(dest.parent)
+    )
     if code != 0:
         raise WorkspaceError(f"git clone of {source} failed: {_last_line(err)}")
     target = None
     candidates = [commit] if commit else [ref, f"origin/{ref}"] if ref else ["HEAD"]
     for c in candidates:
-        out, err, code = await run_git(["rev-parse", "--verify", "--quiet", f"{c}^{{commit}}"],
-                                       str(dest))
+        out, err, code = await run_git(
+            ["rev-parse", "--verify", "--quiet", f"{c}^{{commit}}"], str(dest)
+        )
         if code == 0:
             target = out.decode().strip()
             break
     if target is None:
-        raise WorkspaceError(f"{'commit ' + commit if commit else 'ref ' + str(ref)} "
-                             f"not found in {source}")
+        raise WorkspaceError(
+            f"{'commit ' + commit if commit else 'ref ' + str(ref)} not found in {source}"
+        )
     out, err, code = await run_git(["checkout", "--quiet", "--detach", target], str(dest))
     if code != 0:
         raise WorkspaceError(f"git checkout of {target} failed: {_last_line(err)}")

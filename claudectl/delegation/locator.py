@@ -40,17 +40,18 @@ class DelegationLocator(amp.CommandLocator):
         self.worker = worker
 
     @C.Delegate.responder
-    def delegate(self, peer: str, prompt: str, cwd: str | None = None,
-                 git_ref: str | None = None) -> dict[str, Any]:
+    def delegate(
+        self, peer: str, prompt: str, cwd: str | None = None, git_ref: str | None = None
+    ) -> dict[str, Any]:
         if len(prompt.encode("utf-8")) > C.MAX_CONTROL_PROMPT_BYTES:
             raise BadRequest(f"the prompt is longer than {C.MAX_CONTROL_PROMPT_BYTES} bytes")
         rec = self.controller.delegate(peer, prompt, cwd or None, git_ref or None)
-        return {"task_id": rec["task_id"],
-                "task_json": _dumps(_compact(self.controller.view(rec)))}
+        return {"task_id": rec["task_id"], "task_json": _dumps(_compact(self.controller.view(rec)))}
 
     @C.ListTasks.responder
-    def list_tasks(self, task_id: str | None = None, offset: int | None = None,
-                   direction: str | None = None) -> dict[str, Any]:
+    def list_tasks(
+        self, task_id: str | None = None, offset: int | None = None, direction: str | None = None
+    ) -> dict[str, Any]:
         if direction == "incoming":
             views = self.worker.views() if self.worker is not None else []
             if task_id:
@@ -75,12 +76,16 @@ class DelegationLocator(amp.CommandLocator):
             page.append(item)
             size += n
             i += 1
-        return {"tasks_json": _dumps(page), "next_offset": i if i < len(views) else -1,
-                "total": len(views)}
+        return {
+            "tasks_json": _dumps(page),
+            "next_offset": i if i < len(views) else -1,
+            "total": len(views),
+        }
 
     @C.Interrupt.responder
-    def interrupt(self, task_id: str, interrupt_type: str,
-                  reason: str | None = None) -> dict[str, Any]:
+    def interrupt(
+        self, task_id: str, interrupt_type: str, reason: str | None = None
+    ) -> dict[str, Any]:
         rec = self.controller.interrupt(task_id, interrupt_type, reason or "")
         return {"peer": rec["peer"]}
 

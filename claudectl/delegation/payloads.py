@@ -77,7 +77,7 @@ def _require_str(payload: Any, name: str) -> str:
 def task_id_from_msg_id(msg_id: str) -> str:
     """``msg_<ms>_<n>`` -> ``task_<ms>_<n>`` (how ``relay delegate`` names tasks)."""
     if msg_id.startswith("msg_"):
-        return "task_" + msg_id[len("msg_"):]
+        return "task_" + msg_id[len("msg_") :]
     return "task_" + msg_id
 
 
@@ -99,8 +99,10 @@ class BrainContext:
     recent_insights: tuple[str, ...] = ()
 
     def to_payload(self) -> dict[str, Any]:
-        return {"project_preferences": self.project_preferences,
-                "recent_insights": list(self.recent_insights)}
+        return {
+            "project_preferences": self.project_preferences,
+            "recent_insights": list(self.recent_insights),
+        }
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,8 @@ def check_relevant_files(files: dict[str, str]) -> None:
     n = relevant_files_bytes(files)
     if n > MAX_RELEVANT_FILES_BYTES:
         raise PayloadError(
-            f"relevant_files payload too large: {n} bytes (max {MAX_RELEVANT_FILES_BYTES})")
+            f"relevant_files payload too large: {n} bytes (max {MAX_RELEVANT_FILES_BYTES})"
+        )
 
 
 def _parse_graph(v: Any) -> DependencyGraph:
@@ -174,10 +177,13 @@ def _parse_context_strict(v: Any) -> TaskContext:
     brain = v.get("brain_context")
     graph = v.get("dependency_graph")
     return TaskContext(
-        git_remote=strs["git_remote"], git_ref=strs["git_ref"], git_commit=strs["git_commit"],
+        git_remote=strs["git_remote"],
+        git_ref=strs["git_ref"],
+        git_commit=strs["git_commit"],
         relevant_files=dict(files),
         brain_context=None if brain is None else _parse_brain(brain),
-        dependency_graph=DependencyGraph() if graph is None else _parse_graph(graph))
+        dependency_graph=DependencyGraph() if graph is None else _parse_graph(graph),
+    )
 
 
 def parse_context(v: Any) -> TaskContext:
@@ -199,8 +205,9 @@ class DelegateTask:
         return build_delegate_task(self.task_id, self.prompt, self.cwd, self.context)
 
 
-def build_delegate_task(task_id: str, prompt: str, cwd: str | None = None,
-                        context: TaskContext | None = None) -> dict[str, Any]:
+def build_delegate_task(
+    task_id: str, prompt: str, cwd: str | None = None, context: TaskContext | None = None
+) -> dict[str, Any]:
     """The ``delegate_task`` payload; raises :class:`PayloadError` if files are too big."""
     context = context or TaskContext()
     check_relevant_files(context.relevant_files)
@@ -211,9 +218,12 @@ def parse_delegate_task(payload: Any) -> DelegateTask:
     task_id = _require_str(payload, "task_id")
     prompt = _require_str(payload, "prompt")
     cwd = payload.get("cwd")
-    return DelegateTask(task_id=task_id, prompt=prompt,
-                        cwd=cwd if isinstance(cwd, str) else None,
-                        context=parse_context(payload.get("context")))
+    return DelegateTask(
+        task_id=task_id,
+        prompt=prompt,
+        cwd=cwd if isinstance(cwd, str) else None,
+        context=parse_context(payload.get("context")),
+    )
 
 
 # --- task_status --------------------------------------------------------------------
@@ -302,27 +312,55 @@ class TaskHandoff:
 
     def to_payload(self) -> dict[str, Any]:
         if self.state == STATE_COMPLETED:
-            return build_handoff(self.task_id, self.summary, list(self.artifacts),
-                                 self.git_ref, self.total_cost_usd, self.total_tokens)
-        return build_failure(self.task_id, self.summary, self.total_cost_usd,
-                             self.total_tokens, list(self.artifacts))
+            return build_handoff(
+                self.task_id,
+                self.summary,
+                list(self.artifacts),
+                self.git_ref,
+                self.total_cost_usd,
+                self.total_tokens,
+            )
+        return build_failure(
+            self.task_id, self.summary, self.total_cost_usd, self.total_tokens, list(self.artifacts)
+        )
 
 
-def build_handoff(task_id: str, summary: str, artifacts: list[str] | None = None,
-                  git_ref: str | None = None, total_cost_usd: float = 0.0,
-                  total_tokens: int = 0) -> dict[str, Any]:
+def build_handoff(
+    task_id: str,
+    summary: str,
+    artifacts: list[str] | None = None,
+    git_ref: str | None = None,
+    total_cost_usd: float = 0.0,
+    total_tokens: int = 0,
+) -> dict[str, Any]:
     """A completed handoff (``git_ref`` is always present, maybe null)."""
-    return {"artifacts": list(artifacts or []), "git_ref": git_ref, "state": STATE_COMPLETED,
-            "summary": summary, "task_id": task_id,
-            "total_cost_usd": float(total_cost_usd), "total_tokens": int(total_tokens)}
+    return {
+        "artifacts": list(artifacts or []),
+        "git_ref": git_ref,
+        "state": STATE_COMPLETED,
+        "summary": summary,
+        "task_id": task_id,
+        "total_cost_usd": float(total_cost_usd),
+        "total_tokens": int(total_tokens),
+    }
 
 
-def build_failure(task_id: str, reason: str, total_cost_usd: float = 0.0,
-                  total_tokens: int = 0, artifacts: list[str] | None = None) -> dict[str, Any]:
+def build_failure(
+    task_id: str,
+    reason: str,
+    total_cost_usd: float = 0.0,
+    total_tokens: int = 0,
+    artifacts: list[str] | None = None,
+) -> dict[str, Any]:
     """A failed handoff: no ``git_ref`` key, the reason as the summary."""
-    return {"artifacts": list(artifacts or []), "state": STATE_FAILED, "summary": reason,
-            "task_id": task_id, "total_cost_usd": float(total_cost_usd),
-            "total_tokens": int(total_tokens)}
+    return {
+        "artifacts": list(artifacts or []),
+        "state": STATE_FAILED,
+        "summary": reason,
+        "task_id": task_id,
+        "total_cost_usd": float(total_cost_usd),
+        "total_tokens": int(total_tokens),
+    }
 
 
 def parse_handoff(payload: Any) -> TaskHandoff:
@@ -334,12 +372,14 @@ def parse_handoff(payload: Any) -> TaskHandoff:
     cost = payload.get("total_cost_usd", 0.0)
     tokens = payload.get("total_tokens", 0)
     return TaskHandoff(
-        task_id=task_id, state=state,
+        task_id=task_id,
+        state=state,
         summary=summary if isinstance(summary, str) else "",
         artifacts=tuple(artifacts) if _is_str_list(artifacts) else (),
         git_ref=git_ref if isinstance(git_ref, str) else None,
         total_cost_usd=float(cost) if _is_number(cost) else 0.0,
-        total_tokens=tokens if _is_int(tokens) and tokens >= 0 else 0)
+        total_tokens=tokens if _is_int(tokens) and tokens >= 0 else 0,
+    )
 
 
 # --- task_interrupt and ack ---------------------------------------------------------

@@ -63,8 +63,15 @@ class TaskState:
 class TaskFileRunner:
     _log = Logger()
 
-    def __init__(self, taskfile: TaskFile, run_local: RunAttempt, run_remote: RunAttempt,
-                 clock: Any, report: Callable[[str], None], parallel: bool = False) -> None:
+    def __init__(
+        self,
+        taskfile: TaskFile,
+        run_local: RunAttempt,
+        run_remote: RunAttempt,
+        clock: Any,
+        report: Callable[[str], None],
+        parallel: bool = False,
+    ) -> None:
         self.taskfile = taskfile
         self.run_local = run_local
         self.run_remote = run_remote
@@ -166,13 +173,17 @@ class TaskFileRunner:
                 break
             delay = max(1, min(st.attempts, 3))
             st.status = RETRYING
-            self.report(f"[{task.name}] attempt {st.attempts} failed: {result.message}; "
-                        f"retrying in {delay} s")
+            self.report(
+                f"[{task.name}] attempt {st.attempts} failed: {result.message}; "
+                f"retrying in {delay} s"
+            )
             await deferLater(self.clock, delay, lambda: None)
         st.ended_at = self.clock.seconds()
         elapsed = int(st.ended_at - (st.started_at or st.ended_at))
-        self.report(f"[{task.name}] {st.status} in {elapsed} s "
-                    f"(${st.cost_usd:.4f}, {st.tokens} tokens): {first_line(st.message)}")
+        self.report(
+            f"[{task.name}] {st.status} in {elapsed} s "
+            f"(${st.cost_usd:.4f}, {st.tokens} tokens): {first_line(st.message)}"
+        )
         self._schedule()
 
 

@@ -39,8 +39,11 @@ class DelegationService(Service):
         super().startService()
         self.controller.load()
         self.worker.start()
-        self._log.info("delegation ready: {n} stored task(s) here, {m} delegated",
-                       n=len(self.worker.tasks), m=len(self.controller.records))
+        self._log.info(
+            "delegation ready: {n} stored task(s) here, {m} delegated",
+            n=len(self.worker.tasks),
+            m=len(self.controller.records),
+        )
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -49,11 +52,16 @@ class DelegationService(Service):
 
     def status(self) -> dict[str, Any]:
         w = self.worker
-        return {"delegation": {
-            "running": w.running_count(), "queued": len(w.queue),
-            "max_concurrent": w.config.max_concurrent,
-            "allowed_dirs": w.allowed_roots(), "counters": dict(w.counters),
-            "delegated": len(self.controller.records)}}
+        return {
+            "delegation": {
+                "running": w.running_count(),
+                "queued": len(w.queue),
+                "max_concurrent": w.config.max_concurrent,
+                "allowed_dirs": w.allowed_roots(),
+                "counters": dict(w.counters),
+                "delegated": len(self.controller.records),
+            }
+        }
 
 
 def attach(node: Any, parent: Any) -> DelegationService:
@@ -68,13 +76,24 @@ def attach(node: Any, parent: Any) -> DelegationService:
         return is_remote_peer_id(peer) and (home.peers / f"{peer}.key").exists()
 
     worker = DelegationWorker(
-        identity=node.identity, config=config, mesh=mesh,
-        store=TaskStore(home.tasks, INCOMING), trust_of=lambda peer: node.trust_of(peer), clock=reactor,
-        spawner=spawner, home_root=home.root, config_hint=str(home.config_file),
-        run_git=run_git)
-    controller = DelegationController(mesh=mesh, store=TaskStore(home.tasks, OUTGOING),
-                                      clock=reactor, is_paired=is_paired,
-                                      answer_timeout_secs=config.answer_timeout_secs)
+        identity=node.identity,
+        config=config,
+        mesh=mesh,
+        store=TaskStore(home.tasks, INCOMING),
+        trust_of=lambda peer: node.trust_of(peer),
+        clock=reactor,
+        spawner=spawner,
+        home_root=home.root,
+        config_hint=str(home.config_file),
+        run_git=run_git,
+    )
+    controller = DelegationController(
+        mesh=mesh,
+        store=TaskStore(home.tasks, OUTGOING),
+        clock=reactor,
+        is_paired=is_paired,
+        answer_timeout_secs=config.answer_timeout_secs,
+    )
     mesh.add_handler(DELEGATE_TASK, worker.on_delegate)
     mesh.add_handler(TASK_INTERRUPT, worker.on_interrupt)
     mesh.add_handler(ACK, worker.on_ack)

@@ -86,7 +86,9 @@ class TaskStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            log.warn("ignoring unreadable task record {path}: {error}", path=str(path), error=str(e))
+            log.warn(
+                "ignoring unreadable task record {path}: {error}", path=str(path), error=str(e)
+            )
             return None
         if not isinstance(record, dict) or not isinstance(record.get("task_id"), str):
             log.warn("ignoring task record {path}: not a task record", path=str(path))

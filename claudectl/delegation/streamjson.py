@@ -25,8 +25,12 @@ FILE_TOOLS = frozenset({"Edit", "Write", "MultiEdit", "NotebookEdit"})
 MAX_ACTIVITY_CHARS = 200
 DEFAULT_CONTEXT_WINDOW = 200_000
 LARGE_CONTEXT_WINDOW = 1_000_000
-_USAGE_KEYS = ("input_tokens", "output_tokens",
-               "cache_creation_input_tokens", "cache_read_input_tokens")
+_USAGE_KEYS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
 
 
 def _num(v: Any) -> float:
@@ -45,8 +49,12 @@ def usage_total(usage: Any) -> int:
 def _context_tokens(usage: Any) -> int:
     if not isinstance(usage, dict):
         return 0
-    return int(sum(_num(usage.get(k)) for k in
-                   ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")))
+    return int(
+        sum(
+            _num(usage.get(k))
+            for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        )
+    )
 
 
 def shorten(text: str, limit: int = MAX_ACTIVITY_CHARS) -> str:
@@ -136,8 +144,7 @@ class StreamProgress:
         # With --verbose a message may come as several events with one id:
         # count its usage once, with the latest numbers.
         self._usage_by_message[msg_id] = usage_total(usage)
-        window = (LARGE_CONTEXT_WINDOW if "[1m]" in (self.model or "")
-                  else DEFAULT_CONTEXT_WINDOW)
+        window = LARGE_CONTEXT_WINDOW if "[1m]" in (self.model or "") else DEFAULT_CONTEXT_WINDOW
         ctx = _context_tokens(usage)
         if ctx:
             self.context_pct = min(100, ctx * 100 // window)

@@ -75,6 +75,7 @@ def slug(name: str) -> str:
 
 def expand_template(prompt: str, outputs: dict[str, str]) -> str:
     """Replace ``{{name.stdout}}`` with the (cut, trimmed) output of ``name``."""
+
     def sub(m: re.Match[str]) -> str:
         name, _, _field = m.group(1).partition(".")
         text, cut = cut_utf8(outputs.get(name.strip(), ""), MAX_TEMPLATE_BYTES)
@@ -117,14 +118,16 @@ def _opt_str(v: Any, where: str, key: str) -> str | None:
     return v
 
 
-def parse(data: Any, path: str = "<tasks>",
-          is_paired: Callable[[str], bool] | None = None) -> TaskFile:
+def parse(
+    data: Any, path: str = "<tasks>", is_paired: Callable[[str], bool] | None = None
+) -> TaskFile:
     if not isinstance(data, dict):
         raise TaskFileError(f"{path}: expected an object with a 'tasks' list")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
-        raise TaskFileError(f"{path}: unknown key(s) {', '.join(unknown)} "
-                            f"(allowed: retries, tasks)")
+        raise TaskFileError(
+            f"{path}: unknown key(s) {', '.join(unknown)} (allowed: retries, tasks)"
+        )
     if not isinstance(data.get("tasks"), list):
         raise TaskFileError(f"{path}: 'tasks' must be a list")
     if not data["tasks"]:
@@ -137,8 +140,10 @@ def parse(data: Any, path: str = "<tasks>",
             raise TaskFileError(f"{where}: must be an object")
         unknown = sorted(set(raw) - _TASK_KEYS)
         if unknown:
-            raise TaskFileError(f"{where}: unknown key(s) {', '.join(unknown)} "
-                                f"(allowed: {', '.join(sorted(_TASK_KEYS))})")
+            raise TaskFileError(
+                f"{where}: unknown key(s) {', '.join(unknown)} "
+                f"(allowed: {', '.join(sorted(_TASK_KEYS))})"
+            )
         name = raw.get("name")
         prompt = raw.get("prompt")
         if not isinstance(name, str) or not name:
@@ -148,12 +153,17 @@ def parse(data: Any, path: str = "<tasks>",
         deps = raw.get("depends_on") or []
         if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
             raise TaskFileError(f"Task '{name}': depends_on must be a list of task names")
-        tasks.append(TaskDef(
-            name=name, prompt=prompt, cwd=_opt_str(raw.get("cwd"), f"Task '{name}'", "cwd"),
-            depends_on=tuple(deps),
-            resume=_opt_str(raw.get("resume"), f"Task '{name}'", "resume"),
-            retries=_opt_int(raw.get("retries"), f"Task '{name}'"),
-            peer=_opt_str(raw.get("peer"), f"Task '{name}'", "peer")))
+        tasks.append(
+            TaskDef(
+                name=name,
+                prompt=prompt,
+                cwd=_opt_str(raw.get("cwd"), f"Task '{name}'", "cwd"),
+                depends_on=tuple(deps),
+                resume=_opt_str(raw.get("resume"), f"Task '{name}'", "resume"),
+                retries=_opt_int(raw.get("retries"), f"Task '{name}'"),
+                peer=_opt_str(raw.get("peer"), f"Task '{name}'", "peer"),
+            )
+        )
     by_name: dict[str, TaskDef] = {}
     for t in tasks:
         if t.name in by_name:
@@ -166,14 +176,20 @@ def parse(data: Any, path: str = "<tasks>",
         for m in _TEMPLATE.finditer(t.prompt):
             name, dot, fld = m.group(1).partition(".")
             if not dot or fld.strip() != "stdout":
-                raise TaskFileError(f"Task '{t.name}': template {m.group(0)} is not supported "
-                                    f"(use {{{{<task>.stdout}}}})")
+                raise TaskFileError(
+                    f"Task '{t.name}': template {m.group(0)} is not supported "
+                    f"(use {{{{<task>.stdout}}}})"
+                )
             if name.strip() not in t.depends_on:
-                raise TaskFileError(f"Task '{t.name}': template {m.group(0)} names "
-                                    f"'{name.strip()}', which is not in its depends_on")
+                raise TaskFileError(
+                    f"Task '{t.name}': template {m.group(0)} names "
+                    f"'{name.strip()}', which is not in its depends_on"
+                )
         if t.peer is not None and is_paired is not None and not is_paired(t.peer):
-            raise TaskFileError(f"Task '{t.name}': peer '{t.peer}' is not paired (no "
-                                f"peers/{t.peer}.key); pair it first or remove 'peer'")
+            raise TaskFileError(
+                f"Task '{t.name}': peer '{t.peer}' is not paired (no "
+                f"peers/{t.peer}.key); pair it first or remove 'peer'"
+            )
     cycle = _find_cycle(tasks, by_name)
     if cycle:
         raise TaskFileError("Task dependencies contain a cycle: " + " -> ".join(cycle))
@@ -189,7 +205,7 @@ def _find_cycle(tasks: list[TaskDef], by_name: dict[str, TaskDef]) -> list[str] 
         stack.append(name)
         for d in by_name[name].depends_on:
             if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state:
                 found = visit(d)
                 if found:

@@ -165,23 +165,33 @@ class TaskRun:
             return self._finish(FAILED, self._failure, exit_code, signal)
         spawn_error = self._spawn_error()
         if spawn_error is not None:
-            return self._finish(FAILED, f"could not start Claude Code: {spawn_error}",
-                                exit_code, signal)
+            return self._finish(
+                FAILED, f"could not start Claude Code: {spawn_error}", exit_code, signal
+            )
         if p.has_result and p.is_error:
             text = p.result_text or "Claude Code reported an error"
             return self._finish(FAILED, text, exit_code, signal)
         if exit_code not in (0, None) or (exit_code is None and signal is None):
-            what = (f"Claude Code exited with status {exit_code}" if exit_code is not None
-                    else "Claude Code ended for an unknown reason")
+            what = (
+                f"Claude Code exited with status {exit_code}"
+                if exit_code is not None
+                else "Claude Code ended for an unknown reason"
+            )
             return self._finish(FAILED, self._with_stderr(what), exit_code, signal)
         if signal is not None:
-            return self._finish(FAILED, self._with_stderr(
-                f"Claude Code was killed by {_signal_name(signal)}"), exit_code, signal)
+            return self._finish(
+                FAILED,
+                self._with_stderr(f"Claude Code was killed by {_signal_name(signal)}"),
+                exit_code,
+                signal,
+            )
         if not p.has_result:
-            return self._finish(FAILED, self._with_stderr(
-                "Claude Code exited without a result"), exit_code, signal)
-        return self._finish(COMPLETED, p.result_text or payloads.SUMMARY_COMPLETED,
-                            exit_code, signal)
+            return self._finish(
+                FAILED, self._with_stderr("Claude Code exited without a result"), exit_code, signal
+            )
+        return self._finish(
+            COMPLETED, p.result_text or payloads.SUMMARY_COMPLETED, exit_code, signal
+        )
 
     # --- views -----------------------------------------------------------------------
     def elapsed(self) -> int:
@@ -195,9 +205,13 @@ class TaskRun:
         if self.state == QUEUED and activity is None:
             activity = "queued"
         return payloads.TaskStats(
-            tokens_used=p.tokens_used, cost_usd=p.cost_usd, context_pct=p.context_pct,
-            files_modified=tuple(p.files_modified), elapsed_secs=self.elapsed(),
-            last_activity=activity)
+            tokens_used=p.tokens_used,
+            cost_usd=p.cost_usd,
+            context_pct=p.context_pct,
+            files_modified=tuple(p.files_modified),
+            elapsed_secs=self.elapsed(),
+            last_activity=activity,
+        )
 
     # --- internals -------------------------------------------------------------------
     def _stopped_summary(self) -> str:
@@ -207,24 +221,32 @@ class TaskRun:
     def _spawn_error(self) -> str | None:
         for line in self.stderr_tail().splitlines():
             if line.startswith(SPAWN_ERROR_MARKER):
-                return line[len(SPAWN_ERROR_MARKER):].strip()
+                return line[len(SPAWN_ERROR_MARKER) :].strip()
         return None
 
     def _with_stderr(self, what: str) -> str:
         lines = [ln.strip() for ln in self.stderr_tail().splitlines() if ln.strip()]
         return f"{what}: {shorten(lines[-1], 300)}" if lines else what
 
-    def _finish(self, state: str, summary: str, exit_code: int | None = None,
-                signal: int | None = None) -> RunOutcome:
+    def _finish(
+        self, state: str, summary: str, exit_code: int | None = None, signal: int | None = None
+    ) -> RunOutcome:
         self.state = state
         self.ended_at = self._now()
         p = self.progress
         summary, _ = cut_utf8(summary, MAX_SUMMARY_BYTES)
         self.outcome = RunOutcome(
-            state=state, summary=summary, cost_usd=p.cost_usd, tokens=p.tokens_used,
-            files_modified=tuple(p.files_modified), duration_secs=self.elapsed(),
-            session_id=p.session_id, exit_code=exit_code, signal=signal,
-            result_text=p.result_text or "")
+            state=state,
+            summary=summary,
+            cost_usd=p.cost_usd,
+            tokens=p.tokens_used,
+            files_modified=tuple(p.files_modified),
+            duration_secs=self.elapsed(),
+            session_id=p.session_id,
+            exit_code=exit_code,
+            signal=signal,
+            result_text=p.result_text or "",
+        )
         self.version += 1
         self.result.callback(self.outcome)
         return self.outcome

@@ -121,14 +121,25 @@ class WorkerTask:
     def record(self) -> dict[str, Any]:
         r = self.run
         return {
-            "role": "worker", "peer": self.peer, "task_id": self.task_id,
-            "prompt": self.request.prompt, "requested_cwd": self.request.cwd, "cwd": self.cwd,
-            "context": self.request.context.to_payload(), "state": r.state,
-            "accepted_at": r.accepted_at, "started_at": r.started_at, "ended_at": r.ended_at,
-            "stats": r.stats().to_payload(), "session_id": r.progress.session_id,
-            "workspace": self.workspace, "git_ref": self.git_ref, "pgid": self.pgid,
+            "role": "worker",
+            "peer": self.peer,
+            "task_id": self.task_id,
+            "prompt": self.request.prompt,
+            "requested_cwd": self.request.cwd,
+            "cwd": self.cwd,
+            "context": self.request.context.to_payload(),
+            "state": r.state,
+            "accepted_at": r.accepted_at,
+            "started_at": r.started_at,
+            "ended_at": r.ended_at,
+            "stats": r.stats().to_payload(),
+            "session_id": r.progress.session_id,
+            "workspace": self.workspace,
+            "git_ref": self.git_ref,
+            "pgid": self.pgid,
             "run_id": self.run_id,
-            "handoff": self.handoff, "handoff_acked": self.handoff_acked,
+            "handoff": self.handoff,
+            "handoff_acked": self.handoff_acked,
         }
 
 
@@ -140,17 +151,26 @@ def incoming_view(rec: dict[str, Any], now: float, connected: bool) -> dict[str,
     start = rec.get("accepted_at") or now
     end = rec.get("ended_at")
     finished = rec.get("state") in FINISHED_STATES
-    elapsed = int(((end if finished and end is not None else now)) - start)
+    elapsed = int((end if finished and end is not None else now) - start)
     return {
         "direction": "incoming",
-        "task_id": rec["task_id"], "peer": rec.get("peer", ""), "state": rec.get("state", ""),
-        "prompt": rec.get("prompt") or "", "cwd": rec.get("cwd"), "git_ref": rec.get("git_ref"),
-        "created_at": start, "updated_at": end if end is not None else start,
-        "elapsed_secs": max(0, elapsed), "tokens": stats.get("tokens_used", 0),
-        "cost_usd": stats.get("cost_usd", 0.0), "context_pct": stats.get("context_pct", 0),
+        "task_id": rec["task_id"],
+        "peer": rec.get("peer", ""),
+        "state": rec.get("state", ""),
+        "prompt": rec.get("prompt") or "",
+        "cwd": rec.get("cwd"),
+        "git_ref": rec.get("git_ref"),
+        "created_at": start,
+        "updated_at": end if end is not None else start,
+        "elapsed_secs": max(0, elapsed),
+        "tokens": stats.get("tokens_used", 0),
+        "cost_usd": stats.get("cost_usd", 0.0),
+        "context_pct": stats.get("context_pct", 0),
         "files_modified": stats.get("files_modified", []),
-        "last_message": stats.get("last_activity"), "summary": handoff.get("summary"),
-        "result_git_ref": handoff.get("git_ref"), "peer_connected": connected,
+        "last_message": stats.get("last_activity"),
+        "summary": handoff.get("summary"),
+        "result_git_ref": handoff.get("git_ref"),
+        "peer_connected": connected,
         "version": 0,
     }
 
@@ -158,13 +178,24 @@ def incoming_view(rec: dict[str, Any], now: float, connected: bool) -> dict[str,
 class DelegationWorker:
     _log = Logger()
 
-    def __init__(self, *, identity: str, config: DelegationConfig, mesh: IMesh,
-                 store: TaskStore, trust_of: Callable[[str], float], clock: Any,
-                 spawner: Spawner | None, home_root: Path, config_hint: str = "",
-                 environ: dict[str, str] | None = None,
-                 run_git: gitws.GitRunner | None = None,
-                 kill: Callable[[int, int], None] = os.killpg,
-                 sweep: Sweeper = sweep_tagged, drain_secs: float = DRAIN_SECS) -> None:
+    def __init__(
+        self,
+        *,
+        identity: str,
+        config: DelegationConfig,
+        mesh: IMesh,
+        store: TaskStore,
+        trust_of: Callable[[str], float],
+        clock: Any,
+        spawner: Spawner | None,
+        home_root: Path,
+        config_hint: str = "",
+        environ: dict[str, str] | None = None,
+        run_git: gitws.GitRunner | None = None,
+        kill: Callable[[int, int], None] = os.killpg,
+        sweep: Sweeper = sweep_tagged,
+        drain_secs: float = DRAIN_SECS,
+    ) -> None:
         self.identity = identity
         self.config = config
         self.mesh = mesh
@@ -181,8 +212,7 @@ class DelegationWorker:
         self.drain_secs = drain_secs
         self.tasks: dict[str, WorkerTask] = {}
         self.queue: list[str] = []
-        self.counters = {"accepted": 0, "refused": 0, "bad_payload": 0,
-                         "interrupts_refused": 0}
+        self.counters = {"accepted": 0, "refused": 0, "bad_payload": 0, "interrupts_refused": 0}
         self._loop: LoopingCall | None = None
         self._stopping = False
         self._starting = False
@@ -221,18 +251,26 @@ class DelegationWorker:
             waits.append(task.done)
         if not waits:
             return succeed(None)
-        return self._bounded(DeferredList(waits, consumeErrors=True),
-                             self.config.stop_grace_secs + self.drain_secs
-                             + STOP_DEADLINE_EXTRA_SECS)
+        return self._bounded(
+            DeferredList(waits, consumeErrors=True),
+            self.config.stop_grace_secs + self.drain_secs + STOP_DEADLINE_EXTRA_SECS,
+        )
 
     def _bounded(self, d: Deferred[Any], secs: float) -> Deferred[None]:
         out: Deferred[None] = Deferred()
 
         def give_up() -> None:
-            left = [t.task_id for t in self.tasks.values() if not t.done.called
-                    and t.run.state != QUEUED]
-            self._log.warn("delegation: gave up waiting for {n} task(s) to end after "
-                           "{secs} s: {tasks}", n=len(left), secs=secs, tasks=left)
+            left = [
+                t.task_id
+                for t in self.tasks.values()
+                if not t.done.called and t.run.state != QUEUED
+            ]
+            self._log.warn(
+                "delegation: gave up waiting for {n} task(s) to end after {secs} s: {tasks}",
+                n=len(left),
+                secs=secs,
+                tasks=left,
+            )
             if not out.called:
                 out.callback(None)
 
@@ -275,17 +313,26 @@ class DelegationWorker:
 
     def _from_record(self, key: str, rec: dict[str, Any]) -> WorkerTask:
         request = payloads.DelegateTask(
-            task_id=rec["task_id"], prompt=rec["prompt"], cwd=rec.get("requested_cwd"),
-            context=payloads.parse_context(rec.get("context")))
+            task_id=rec["task_id"],
+            prompt=rec["prompt"],
+            cwd=rec.get("requested_cwd"),
+            context=payloads.parse_context(rec.get("context")),
+        )
         run = TaskRun(rec["task_id"], self.clock.seconds)
         run.accepted_at = float(rec.get("accepted_at") or self.clock.seconds())
-        task = WorkerTask(peer=rec["peer"], request=request, cwd=rec["cwd"], run=run, key=key,
-                          workspace=rec.get("workspace"), git_ref=rec.get("git_ref"),
-                          handoff=rec.get("handoff"),
-                          handoff_acked=bool(rec.get("handoff_acked")),
-                          pgid=rec.get("pgid") if isinstance(rec.get("pgid"), int) else None,
-                          run_id=rec.get("run_id") if isinstance(rec.get("run_id"), str)
-                          else None)
+        task = WorkerTask(
+            peer=rec["peer"],
+            request=request,
+            cwd=rec["cwd"],
+            run=run,
+            key=key,
+            workspace=rec.get("workspace"),
+            git_ref=rec.get("git_ref"),
+            handoff=rec.get("handoff"),
+            handoff_acked=bool(rec.get("handoff_acked")),
+            pgid=rec.get("pgid") if isinstance(rec.get("pgid"), int) else None,
+            run_id=rec.get("run_id") if isinstance(rec.get("run_id"), str) else None,
+        )
         if rec.get("state") in FINISHED_STATES:
             run.state = rec["state"]
             run.started_at = rec.get("started_at")
@@ -308,13 +355,16 @@ class DelegationWorker:
         if isinstance(run_id, str) and run_id:
             tags = {RUN_ID_ENV: run_id}
         else:
-            tags = {"CLAUDECTL_TASK_ID": str(rec.get("task_id")),
-                    "CLAUDECTL_TASK_PEER": str(rec.get("peer"))}
+            tags = {
+                "CLAUDECTL_TASK_ID": str(rec.get("task_id")),
+                "CLAUDECTL_TASK_PEER": str(rec.get("peer")),
+            }
         try:
             killed = list(self.sweep(tags) or [])
         except Exception:
-            self._log.failure("looking for leftovers of task {task_id} failed",
-                              task_id=rec.get("task_id"))
+            self._log.failure(
+                "looking for leftovers of task {task_id} failed", task_id=rec.get("task_id")
+            )
             return
         pgid = rec.get("pgid")
         if isinstance(pgid, int) and pgid > 1 and pgid in killed:
@@ -323,8 +373,11 @@ class DelegationWorker:
             except (ProcessLookupError, PermissionError):
                 pass
         if killed:
-            self._log.info("killed {n} leftover process(es) of task {task_id}", n=len(killed),
-                           task_id=rec.get("task_id"))
+            self._log.info(
+                "killed {n} leftover process(es) of task {task_id}",
+                n=len(killed),
+                task_id=rec.get("task_id"),
+            )
 
     # --- inbound frames --------------------------------------------------------------
     def on_delegate(self, peer: str, env: Envelope) -> None:
@@ -335,14 +388,22 @@ class DelegationWorker:
             task_id = env.payload.get("task_id") if isinstance(env.payload, dict) else None
             self._log.warn("bad delegate_task from {peer}: {error}", peer=peer, error=str(e))
             if isinstance(task_id, str):
-                self._send(peer, TASK_HANDOFF, payloads.build_failure(
-                    task_id, f"refused by {self.identity}: bad delegate_task: {e}"))
+                self._send(
+                    peer,
+                    TASK_HANDOFF,
+                    payloads.build_failure(
+                        task_id, f"refused by {self.identity}: bad delegate_task: {e}"
+                    ),
+                )
             return
         key = incoming_key(peer, request.task_id)
         existing = self.tasks.get(key)
         if existing is not None:
-            self._log.info("task {task_id} from {peer} is already known; re-sending its state",
-                           task_id=request.task_id, peer=peer)
+            self._log.info(
+                "task {task_id} from {peer} is already known; re-sending its state",
+                task_id=request.task_id,
+                peer=peer,
+            )
             if existing.run.finished and existing.handoff is not None:
                 self._send_handoff(existing)
             else:
@@ -353,40 +414,57 @@ class DelegationWorker:
             cwd, git_source = self._check(peer, request)
             waiting = sum(1 for k in self.queue if self.tasks[k].peer == peer)
             if waiting >= MAX_QUEUED_PER_PEER:
-                raise Refused(f"{waiting} tasks from {peer} are already waiting in the queue "
-                              f"(at most {MAX_QUEUED_PER_PEER}); try again when some ended")
+                raise Refused(
+                    f"{waiting} tasks from {peer} are already waiting in the queue "
+                    f"(at most {MAX_QUEUED_PER_PEER}); try again when some ended"
+                )
         except Refused as e:
             self._refuse(peer, request.task_id, str(e))
             return
         except Exception:
-            self._log.failure("checking task {task_id} from {peer} failed",
-                              task_id=request.task_id, peer=peer)
-            self._refuse(peer, request.task_id, "the task could not be checked (see the "
-                                                "worker's log)")
+            self._log.failure(
+                "checking task {task_id} from {peer} failed", task_id=request.task_id, peer=peer
+            )
+            self._refuse(
+                peer, request.task_id, "the task could not be checked (see the worker's log)"
+            )
             return
         run = TaskRun(request.task_id, self.clock.seconds)
-        task = WorkerTask(peer=peer, request=request, cwd=cwd, run=run, key=key,
-                          git_source=git_source)
+        task = WorkerTask(
+            peer=peer, request=request, cwd=cwd, run=run, key=key, git_source=git_source
+        )
         run.result.addCallback(self._finished, task)
         self.tasks[key] = task
         self.queue.append(key)
         self.counters["accepted"] += 1
-        self._log.info("accepted task {task_id} from {peer} in {cwd}",
-                       task_id=request.task_id, peer=peer, cwd=cwd)
+        self._log.info(
+            "accepted task {task_id} from {peer} in {cwd}",
+            task_id=request.task_id,
+            peer=peer,
+            cwd=cwd,
+        )
         self._save(task)
         self._start_queued()
         if task.run.state == QUEUED:
             position = self.queue.index(key) + 1
-            run.set_note(f"queued: {position} waiting, {self.config.max_concurrent} running "
-                         f"(max_concurrent)")
+            run.set_note(
+                f"queued: {position} waiting, {self.config.max_concurrent} running (max_concurrent)"
+            )
             self._send_status(task)
 
     def _refuse(self, peer: str, task_id: str, reason: str) -> None:
         self.counters["refused"] += 1
-        self._log.info("refused task {task_id} from {peer}: {reason}",
-                       task_id=task_id, peer=peer, reason=reason)
-        self._send(peer, TASK_HANDOFF, payloads.build_failure(
-            task_id, f"refused by {self.identity}: {reason}"))
+        self._log.info(
+            "refused task {task_id} from {peer}: {reason}",
+            task_id=task_id,
+            peer=peer,
+            reason=reason,
+        )
+        self._send(
+            peer,
+            TASK_HANDOFF,
+            payloads.build_failure(task_id, f"refused by {self.identity}: {reason}"),
+        )
 
     def on_interrupt(self, peer: str, env: Envelope) -> None:
         try:
@@ -400,15 +478,27 @@ class DelegationWorker:
             owners = [t.peer for t in self.tasks.values() if t.task_id == req.task_id]
             if owners:
                 self.counters["interrupts_refused"] += 1
-                self._log.warn("refused {kind} of task {task_id} from {peer}: the task "
-                               "belongs to another peer", kind=req.interrupt_type,
-                               task_id=req.task_id, peer=peer)
+                self._log.warn(
+                    "refused {kind} of task {task_id} from {peer}: the task "
+                    "belongs to another peer",
+                    kind=req.interrupt_type,
+                    task_id=req.task_id,
+                    peer=peer,
+                )
             else:
-                self._log.info("{kind} for unknown task {task_id} from {peer} ignored",
-                               kind=req.interrupt_type, task_id=req.task_id, peer=peer)
+                self._log.info(
+                    "{kind} for unknown task {task_id} from {peer} ignored",
+                    kind=req.interrupt_type,
+                    task_id=req.task_id,
+                    peer=peer,
+                )
             return
-        self._log.info("{kind} for task {task_id} from {peer}", kind=req.interrupt_type,
-                       task_id=req.task_id, peer=peer)
+        self._log.info(
+            "{kind} for task {task_id} from {peer}",
+            kind=req.interrupt_type,
+            task_id=req.task_id,
+            peer=peer,
+        )
         if task.run.finished:
             if task.handoff is not None:
                 self._send_handoff(task)
@@ -418,8 +508,9 @@ class DelegationWorker:
         elif req.interrupt_type == payloads.INTERRUPT_NUDGE:
             self.nudge_task(task, req.reason)
         else:
-            task.run.set_note(f"interrupt {req.interrupt_type!r} is not supported "
-                              f"(only stop and nudge)")
+            task.run.set_note(
+                f"interrupt {req.interrupt_type!r} is not supported (only stop and nudge)"
+            )
             self._send_status(task)
 
     def on_ack(self, peer: str, env: Envelope) -> None:
@@ -458,7 +549,8 @@ class DelegationWorker:
     def nudge_task(self, task: WorkerTask, reason: str) -> None:
         text = reason.strip() or "(no message)"
         if task.process is not None and task.process.send_user_message(
-                f"Message from {task.peer}, who delegated this task: {text}"):
+            f"Message from {task.peer}, who delegated this task: {text}"
+        ):
             task.run.set_note(f"nudge delivered: {text}")
         elif task.run.state == QUEUED:
             task.run.set_note(f"nudge not delivered: the task is still queued ({text})")
@@ -476,8 +568,13 @@ class DelegationWorker:
                 run = task.run
                 if run.finished:
                     continue
-                if (timeout and run.state == RUNNING and run.started_at is not None
-                        and now - run.started_at >= timeout and not run.stop_requested):
+                if (
+                    timeout
+                    and run.state == RUNNING
+                    and run.started_at is not None
+                    and now - run.started_at >= timeout
+                    and not run.stop_requested
+                ):
                     self._time_out(task, timeout)
                     if run.finished:
                         continue
@@ -518,30 +615,38 @@ class DelegationWorker:
     def _check_link(self, peer: str) -> None:
         """A task arrives only over an encrypted link, unless the owner allows plaintext."""
         if self.mesh.peer_transport(peer) != TLS13 and not self.config.allow_plaintext_tasks:
-            raise Refused(f"the link from {peer} to {self.identity} is not encrypted (plaintext: "
-                          f"a claudectl 0.64 peer?), and anyone on the path could forge or read "
-                          f"a task; {self.identity}'s owner can accept tasks over plaintext "
-                          f"links with [delegation] allow_plaintext_tasks = true")
+            raise Refused(
+                f"the link from {peer} to {self.identity} is not encrypted (plaintext: "
+                f"a claudectl 0.64 peer?), and anyone on the path could forge or read "
+                f"a task; {self.identity}'s owner can accept tasks over plaintext "
+                f"links with [delegation] allow_plaintext_tasks = true"
+            )
 
     def _check(self, peer: str, request: payloads.DelegateTask) -> tuple[str, str | None]:
         """``(cwd, git source or None)`` for an acceptable task; raises :class:`Refused`."""
         trust = self.trust_of(peer)
         if trust < self.config.min_trust:
-            raise Refused(f"peer {peer} has trust {trust:.2f}, below [delegation] min_trust "
-                          f"{self.config.min_trust:.2f}; raise it on {self.identity} with "
-                          f"`claudectl hive trust {peer} <level>`")
+            raise Refused(
+                f"peer {peer} has trust {trust:.2f}, below [delegation] min_trust "
+                f"{self.config.min_trust:.2f}; raise it on {self.identity} with "
+                f"`claudectl hive trust {peer} <level>`"
+            )
         roots = self.allowed_roots()
         if not roots:
-            raise Refused(f"delegation is disabled on {self.identity}: no directory is allowed. "
-                          f"To allow tasks in a project, add it to [delegation] allowed_dirs "
-                          f"in {self.config_hint} (for example allowed_dirs = [\"/srv/proj\"]) "
-                          f"and restart the relay")
+            raise Refused(
+                f"delegation is disabled on {self.identity}: no directory is allowed. "
+                f"To allow tasks in a project, add it to [delegation] allowed_dirs "
+                f'in {self.config_hint} (for example allowed_dirs = ["/srv/proj"]) '
+                f"and restart the relay"
+            )
         if any(ord(c) < 32 for c in request.task_id):
             raise Refused("the task id contains control characters")
         size = len(request.prompt.encode("utf-8"))
         if size > self.config.max_prompt_bytes:
-            raise Refused(f"prompt is {size} bytes, more than [delegation] max_prompt_bytes "
-                          f"{self.config.max_prompt_bytes}")
+            raise Refused(
+                f"prompt is {size} bytes, more than [delegation] max_prompt_bytes "
+                f"{self.config.max_prompt_bytes}"
+            )
         if not request.prompt.strip():
             raise Refused("the prompt is empty")
         try:
@@ -571,10 +676,12 @@ class DelegationWorker:
             return self._check_dir(where, roots, "git_remote")
         if not gitws.remote_allowed(where, self.config.allowed_git_remotes):
             listed = ", ".join(self.config.allowed_git_remotes) or "none"
-            raise Refused(f"git_remote {where} is a network remote and {self.identity} only "
-                          f"fetches from [delegation] allowed_git_remotes (now: {listed}); "
-                          f"to allow it, add it (or a prefix) to allowed_git_remotes in "
-                          f"{self.config_hint}")
+            raise Refused(
+                f"git_remote {where} is a network remote and {self.identity} only "
+                f"fetches from [delegation] allowed_git_remotes (now: {listed}); "
+                f"to allow it, add it (or a prefix) to allowed_git_remotes in "
+                f"{self.config_hint}"
+            )
         return where
 
     def _check_dir(self, path: str, roots: list[str], what: str) -> str:
@@ -590,16 +697,19 @@ class DelegationWorker:
         except (ValueError, OSError):
             raise Refused(f"{what} {path!r} is not a valid path") from None
         if not any(os.path.commonpath([root, real]) == root for root in roots):
-            raise Refused(f"{what} {path} is not under [delegation] allowed_dirs on "
-                          f"{self.identity} ({', '.join(roots)}); add it to allowed_dirs in "
-                          f"{self.config_hint}")
+            raise Refused(
+                f"{what} {path} is not under [delegation] allowed_dirs on "
+                f"{self.identity} ({', '.join(roots)}); add it to allowed_dirs in "
+                f"{self.config_hint}"
+            )
         try:
             is_dir = os.path.isdir(real)
         except (ValueError, OSError):
             is_dir = False
         if not is_dir:
-            raise Refused(f"{what} {path} does not exist on {self.identity} (or is not a "
-                          f"directory)")
+            raise Refused(
+                f"{what} {path} does not exist on {self.identity} (or is not a directory)"
+            )
         return real
 
     # --- running ---------------------------------------------------------------------
@@ -626,15 +736,17 @@ class DelegationWorker:
                 try:
                     task.cwd, task.git_source = self._check(task.peer, task.request)
                 except Refused as e:
-                    self._log.info("queued task {task_id} from {peer} no longer passes the "
-                                   "checks: {reason}", task_id=task.task_id, peer=task.peer,
-                                   reason=str(e))
+                    self._log.info(
+                        "queued task {task_id} from {peer} no longer passes the checks: {reason}",
+                        task_id=task.task_id,
+                        peer=task.peer,
+                        reason=str(e),
+                    )
                     self.counters["refused"] += 1
                     task.run.abort(f"refused by {self.identity}: {e}")
                     continue
                 except Exception as e:
-                    self._log.failure("checking queued task {task_id} failed",
-                                      task_id=task.task_id)
+                    self._log.failure("checking queued task {task_id} failed", task_id=task.task_id)
                     task.run.abort(f"could not start the task: {e}")
                     continue
                 task.run.started()
@@ -680,8 +792,9 @@ class DelegationWorker:
             self._send_status(task)
             dest = self.store.workspace(task.key)
             try:
-                await gitws.prepare(self._git_for(task), task.git_source, dest,
-                                    ctx.git_ref, ctx.git_commit)
+                await gitws.prepare(
+                    self._git_for(task), task.git_source, dest, ctx.git_ref, ctx.git_commit
+                )
             except CancelledError:
                 self._remove_workspace(task.key)
                 return  # whoever cancelled it ended the run
@@ -701,11 +814,20 @@ class DelegationWorker:
         cfg = self.config
         task.run_id = new_run_id()
         task.process = ClaudeProcess(
-            task.run, claude_argv(cfg.claude_command, cfg.claude_args), cwd,
-            child_env(self.environ, {"CLAUDECTL_TASK_ID": task.task_id,
-                                     "CLAUDECTL_TASK_PEER": task.peer}),
-            self.spawner, self.clock, cfg.stop_grace_secs, kill=self.kill,
-            run_id=task.run_id, sweep=self.sweep, drain_secs=self.drain_secs)
+            task.run,
+            claude_argv(cfg.claude_command, cfg.claude_args),
+            cwd,
+            child_env(
+                self.environ, {"CLAUDECTL_TASK_ID": task.task_id, "CLAUDECTL_TASK_PEER": task.peer}
+            ),
+            self.spawner,
+            self.clock,
+            cfg.stop_grace_secs,
+            kill=self.kill,
+            run_id=task.run_id,
+            sweep=self.sweep,
+            drain_secs=self.drain_secs,
+        )
         self._save(task)  # the run id first: a crash right after the spawn can be cleaned up
         task.process.start(task.request.prompt)
         task.pgid = task.process.pid
@@ -731,13 +853,23 @@ class DelegationWorker:
             git_ref = await gitws.head(self.run_git, task.workspace or task.cwd)
         task.git_ref = git_ref
         handoff = payloads.TaskHandoff(
-            task_id=task.task_id, state=outcome.wire_state, summary=outcome.summary,
-            artifacts=outcome.files_modified, git_ref=git_ref,
-            total_cost_usd=outcome.cost_usd, total_tokens=outcome.tokens)
+            task_id=task.task_id,
+            state=outcome.wire_state,
+            summary=outcome.summary,
+            artifacts=outcome.files_modified,
+            git_ref=git_ref,
+            total_cost_usd=outcome.cost_usd,
+            total_tokens=outcome.tokens,
+        )
         task.handoff = handoff.to_payload()
         task.handoff_acked = False
-        self._log.info("task {task_id} from {peer} {state}: {summary}", task_id=task.task_id,
-                       peer=task.peer, state=outcome.state, summary=outcome.summary[:200])
+        self._log.info(
+            "task {task_id} from {peer} {state}: {summary}",
+            task_id=task.task_id,
+            peer=task.peer,
+            state=outcome.state,
+            summary=outcome.summary[:200],
+        )
         self._save(task)
         self._send_handoff(task)
         self._start_queued()
@@ -759,8 +891,9 @@ class DelegationWorker:
             if self.store.path(entry.name).exists() or entry.name in self.tasks:
                 continue
             if entry.is_dir() and not entry.is_symlink():
-                self._log.info("removing the workspace {path}: its task record is gone",
-                               path=str(entry))
+                self._log.info(
+                    "removing the workspace {path}: its task record is gone", path=str(entry)
+                )
                 shutil.rmtree(entry, ignore_errors=True)
 
     # --- sending ---------------------------------------------------------------------
@@ -776,8 +909,9 @@ class DelegationWorker:
         state = payloads.STATE_QUEUED if run.state == QUEUED else payloads.STATE_RUNNING
         task.last_status_at = self.clock.seconds()
         task.sent_version = run.version
-        self._send(task.peer, TASK_STATUS,
-                   payloads.build_task_status(task.task_id, state, run.stats()))
+        self._send(
+            task.peer, TASK_STATUS, payloads.build_task_status(task.task_id, state, run.stats())
+        )
 
     def _send_handoff(self, task: WorkerTask) -> None:
         assert task.handoff is not None
@@ -796,5 +930,3 @@ class DelegationWorker:
 
 class Refused(Exception):
     """A delegate_task the worker will not run; the message is the reason."""
-
-

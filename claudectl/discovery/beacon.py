@@ -55,8 +55,11 @@ class Beacon:
 
 def encode_beacon(identity: str, port: int, version: str) -> bytes:
     """The datagram claudectl sends, byte for byte."""
-    body = json.dumps({"identity": identity, "port": port, "version": version},
-                      separators=(",", ":"), ensure_ascii=False)
+    body = json.dumps(
+        {"identity": identity, "port": port, "version": version},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
     return MAGIC + body.encode("utf-8")
 
 
@@ -103,8 +106,7 @@ def loads_bounded(body: bytes) -> object:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise BeaconError("not json") from None
-    if (text.count("[") + text.count("{") > MAX_JSON_DEPTH
-            and _deeper_than(text, MAX_JSON_DEPTH)):
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(text, MAX_JSON_DEPTH):
         raise BeaconError("too nested")
     try:
         return json.loads(text)
@@ -120,7 +122,7 @@ def parse_beacon(data: bytes) -> Beacon:
         raise BeaconError("oversized")
     if len(data) < len(MAGIC) + 1 or not data.startswith(MAGIC):
         raise BeaconError("no magic")
-    value = loads_bounded(data[len(MAGIC):])
+    value = loads_bounded(data[len(MAGIC) :])
     if not isinstance(value, dict):
         raise BeaconError("not an object")
     identity = value.get("identity")
@@ -165,8 +167,12 @@ class Row:
 class DiscoveryTable:
     """What a scanner has heard, one row per identity."""
 
-    def __init__(self, own_identity: str | None = None,
-                 stale_after: float = STALE_AFTER_SECS, max_rows: int = MAX_ROWS) -> None:
+    def __init__(
+        self,
+        own_identity: str | None = None,
+        stale_after: float = STALE_AFTER_SECS,
+        max_rows: int = MAX_ROWS,
+    ) -> None:
         self.own_identity = own_identity
         self.stale_after = stale_after
         self.max_rows = max_rows

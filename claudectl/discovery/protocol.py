@@ -63,7 +63,8 @@ def broadcast_target(config: RelayConfig) -> tuple[str, int]:
     except ValueError:
         raise DiscoveryError(
             f"relay.lan_broadcast_addr must be an IPv4 address such as 255.255.255.255, "
-            f"not {config.lan_broadcast_addr!r}") from None
+            f"not {config.lan_broadcast_addr!r}"
+        ) from None
     return str(ip), config.lan_broadcast_port
 
 
@@ -72,8 +73,13 @@ class Announcer(DatagramProtocol):
 
     _log = Logger()
 
-    def __init__(self, target: tuple[str, int], identity: str,
-                 port: int | Callable[[], int | None], version: str = COMPAT_VERSION) -> None:
+    def __init__(
+        self,
+        target: tuple[str, int],
+        identity: str,
+        port: int | Callable[[], int | None],
+        version: str = COMPAT_VERSION,
+    ) -> None:
         self.target = target
         self.identity = identity
         self._port = port
@@ -104,27 +110,36 @@ class Announcer(DatagramProtocol):
             self.sent += 1
             if self.failing:
                 self.failing = False
-                self._log.info("LAN announcements to {target} work again",
-                               target=f"{self.target[0]}:{self.target[1]}")
+                self._log.info(
+                    "LAN announcements to {target} work again",
+                    target=f"{self.target[0]}:{self.target[1]}",
+                )
         except OSError as e:
             self.errors += 1
             target = f"{self.target[0]}:{self.target[1]}"
             if self.failing:
-                self._log.debug("LAN announcement to {target} failed again: {error}",
-                                target=target, error=str(e))
+                self._log.debug(
+                    "LAN announcement to {target} failed again: {error}",
+                    target=target,
+                    error=str(e),
+                )
             else:
                 self.failing = True
-                self._log.warn("LAN announcement to {target} failed: {error} (retrying; "
-                               "no further warning until announcements work again)",
-                               target=target, error=str(e))
+                self._log.warn(
+                    "LAN announcement to {target} failed: {error} (retrying; "
+                    "no further warning until announcements work again)",
+                    target=target,
+                    error=str(e),
+                )
             return
         except Exception:
             self.errors += 1
             self._log.failure("LAN announcement failed")
 
 
-def announcer_service(config: RelayConfig, identity: str,
-                      port: int | Callable[[], int | None], reactor: object = None) -> IService:
+def announcer_service(
+    config: RelayConfig, identity: str, port: int | Callable[[], int | None], reactor: object = None
+) -> IService:
     """
     A service announcing ``identity`` and the relay's TCP ``port`` (an int,
     or a callable returning the port once listening) every
@@ -153,8 +168,9 @@ def announcer_service(config: RelayConfig, identity: str,
 class _DropLog:
     """Counts dropped datagrams; one debug line per ``every`` seconds at most."""
 
-    def __init__(self, log: Logger, clock: object, what: str,
-                 every: float = DROP_LOG_EVERY_SECS) -> None:
+    def __init__(
+        self, log: Logger, clock: object, what: str, every: float = DROP_LOG_EVERY_SECS
+    ) -> None:
         self._log = log
         self._clock = clock
         self._what = what
@@ -167,9 +183,13 @@ class _DropLog:
         now = self._clock.seconds()  # type: ignore[attr-defined]
         if now - self._last < self._every:
             return
-        self._log.debug("dropped {count} {what} datagram(s); the latest from {host}: {reason}",
-                        count=self.pending, what=self._what, host=str(host)[:64],
-                        reason=reason)
+        self._log.debug(
+            "dropped {count} {what} datagram(s); the latest from {host}: {reason}",
+            count=self.pending,
+            what=self._what,
+            host=str(host)[:64],
+            reason=reason,
+        )
         self._last = now
         self.pending = 0
 
@@ -195,8 +215,9 @@ class BeaconListener(DatagramProtocol):
             self.drops.note(_host(addr), f"unexpected {type(e).__name__}")
             return
         if row is not None:
-            self._log.debug("heard {identity} at {address}", identity=row.identity,
-                            address=row.address)
+            self._log.debug(
+                "heard {identity} at {address}", identity=row.identity, address=row.address
+            )
         elif self.table.last_rejected:
             self.drops.note(_host(addr), self.table.last_rejected)
             self.table.last_rejected = ""
@@ -221,8 +242,11 @@ class QuerySender(BeaconListener):
             self.transport.write(encode_query(), self.target)
             self.sent += 1
         except OSError as e:
-            self._log.debug("discovery query to {target} failed: {error}",
-                            target=f"{self.target[0]}:{self.target[1]}", error=str(e))
+            self._log.debug(
+                "discovery query to {target} failed: {error}",
+                target=f"{self.target[0]}:{self.target[1]}",
+                error=str(e),
+            )
 
 
 class QueryResponder(DatagramProtocol):
@@ -230,8 +254,12 @@ class QueryResponder(DatagramProtocol):
 
     _log = Logger()
 
-    def __init__(self, beacon: Callable[[], bytes | None], clock: object = None,
-                 answerer: QueryAnswerer | None = None) -> None:
+    def __init__(
+        self,
+        beacon: Callable[[], bytes | None],
+        clock: object = None,
+        answerer: QueryAnswerer | None = None,
+    ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self._beacon = beacon
@@ -241,8 +269,7 @@ class QueryResponder(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
         try:
-            reply = self.answerer.answer(datagram, addr, self._beacon,
-                                         self.clock.seconds())  # type: ignore[attr-defined]
+            reply = self.answerer.answer(datagram, addr, self._beacon, self.clock.seconds())  # type: ignore[attr-defined]
             if reply is None:
                 self.drops.note(_host(addr), self.answerer.last_drop)
                 return
@@ -262,8 +289,9 @@ class QueryResponderService(Service):
 
     _log = Logger()
 
-    def __init__(self, port: int, proto: QueryResponder, reactor: object = None,
-                 interface: str = "") -> None:
+    def __init__(
+        self, port: int, proto: QueryResponder, reactor: object = None, interface: str = ""
+    ) -> None:
         self.port = port
         self.proto = proto
         self._reactor = reactor
@@ -277,10 +305,14 @@ class QueryResponderService(Service):
             from twisted.internet import reactor
         try:
             self._listening = reactor.listenMulticast(  # type: ignore[attr-defined]
-                self.port, self.proto, interface=self.interface, listenMultiple=True)
+                self.port, self.proto, interface=self.interface, listenMultiple=True
+            )
         except CannotListenError as e:
-            self._log.warn("cannot answer LAN discovery queries on UDP port {port}: {error}; "
-                           "announcing only", port=self.port, error=str(e.socketError))
+            self._log.warn(
+                "cannot answer LAN discovery queries on UDP port {port}: {error}; announcing only",
+                port=self.port,
+                error=str(e.socketError),
+            )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -290,9 +322,14 @@ class QueryResponderService(Service):
         return maybeDeferred(port.stopListening)
 
 
-def scan(reactor: object, config: RelayConfig, timeout: float,
-         own_identity: str | None, interface: str = "",
-         query: bool = True) -> Deferred[list[Row]]:
+def scan(
+    reactor: object,
+    config: RelayConfig,
+    timeout: float,
+    own_identity: str | None,
+    interface: str = "",
+    query: bool = True,
+) -> Deferred[list[Row]]:
     """
     Listen on ``lan_broadcast_port`` for ``timeout`` seconds and, unless
     ``query`` is false, broadcast a discovery query to
@@ -310,10 +347,14 @@ def scan(reactor: object, config: RelayConfig, timeout: float,
             return fail(e)
     try:
         udp = reactor.listenMulticast(  # type: ignore[attr-defined]
-            config.lan_broadcast_port, listener, interface=interface, listenMultiple=True)
+            config.lan_broadcast_port, listener, interface=interface, listenMultiple=True
+        )
     except CannotListenError as e:
-        return fail(DiscoveryError(
-            f"cannot listen on UDP port {config.lan_broadcast_port}: {e.socketError}"))
+        return fail(
+            DiscoveryError(
+                f"cannot listen on UDP port {config.lan_broadcast_port}: {e.socketError}"
+            )
+        )
     ports = [udp]
     repeat = None
     if target is not None:
@@ -321,12 +362,14 @@ def scan(reactor: object, config: RelayConfig, timeout: float,
         try:
             ports.append(reactor.listenUDP(0, sender, interface=interface))  # type: ignore
         except CannotListenError as e:
-            BeaconListener._log.debug("cannot send discovery queries: {error}",
-                                      error=str(e.socketError))
+            BeaconListener._log.debug(
+                "cannot send discovery queries: {error}", error=str(e.socketError)
+            )
         else:
             sender.send()
             repeat = reactor.callLater(  # type: ignore[attr-defined]
-                min(QUERY_REPEAT_AFTER_SECS, timeout / 2), sender.send)
+                min(QUERY_REPEAT_AFTER_SECS, timeout / 2), sender.send
+            )
 
     def done(_: object) -> Deferred[list[Row]]:
         if repeat is not None and repeat.active():

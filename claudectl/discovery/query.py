@@ -62,7 +62,7 @@ def parse_query(data: bytes) -> None:
         raise BeaconError("oversized")
     if len(data) < len(QUERY_MAGIC) + 1 or not data.startswith(QUERY_MAGIC):
         raise BeaconError("no magic")
-    if not isinstance(loads_bounded(data[len(QUERY_MAGIC):]), dict):
+    if not isinstance(loads_bounded(data[len(QUERY_MAGIC) :]), dict):
         raise BeaconError("not an object")
 
 
@@ -75,9 +75,13 @@ class _Window:
 class AnswerLimiter:
     """Per-source and total answer budgets over a fixed window."""
 
-    def __init__(self, per_source: int = ANSWERS_PER_SOURCE, total: int = ANSWERS_TOTAL,
-                 window: float = ANSWER_WINDOW_SECS,
-                 max_sources: int = MAX_TRACKED_SOURCES) -> None:
+    def __init__(
+        self,
+        per_source: int = ANSWERS_PER_SOURCE,
+        total: int = ANSWERS_TOTAL,
+        window: float = ANSWER_WINDOW_SECS,
+        max_sources: int = MAX_TRACKED_SOURCES,
+    ) -> None:
         self.per_source = per_source
         self.window = window
         self.max_sources = max_sources
@@ -130,8 +134,9 @@ class QueryAnswerer:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         self.last_drop = reason
 
-    def answer(self, data: bytes, source: tuple[str, int],
-               beacon: Callable[[], bytes | None], now: float) -> bytes | None:
+    def answer(
+        self, data: bytes, source: tuple[str, int], beacon: Callable[[], bytes | None], now: float
+    ) -> bytes | None:
         try:
             parse_query(data)
         except BeaconError as e:

@@ -94,9 +94,15 @@ class ArchiveStats:
     newest: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"units": self.units, "bytes": self.bytes, "unreadable": self.unreadable,
-                "by_type": self.by_type, "by_peer": self.by_peer,
-                "oldest_validated_at": self.oldest, "newest_validated_at": self.newest}
+        return {
+            "units": self.units,
+            "bytes": self.bytes,
+            "unreadable": self.unreadable,
+            "by_type": self.by_type,
+            "by_peer": self.by_peer,
+            "oldest_validated_at": self.oldest,
+            "newest_validated_at": self.newest,
+        }
 
 
 def archive_stats(home: Home) -> ArchiveStats:
@@ -104,11 +110,14 @@ def archive_stats(home: Home) -> ArchiveStats:
     units, bad = read_archive(home)
     stamps = [u.last_validated_at for u in units]
     return ArchiveStats(
-        units=len(units), bytes=path.stat().st_size if path.exists() else 0,
+        units=len(units),
+        bytes=path.stat().st_size if path.exists() else 0,
         unreadable=len(bad),
         by_type=dict(Counter(u.type for u in units).most_common()),
         by_peer=dict(Counter(u.source_peer for u in units).most_common()),
-        oldest=min(stamps) if stamps else None, newest=max(stamps) if stamps else None)
+        oldest=min(stamps) if stamps else None,
+        newest=max(stamps) if stamps else None,
+    )
 
 
 def prune_archive(home: Home, older_than: int, now: int) -> tuple[int, int]:
@@ -143,24 +152,32 @@ def _condense(best: dict[str, KnowledgeUnit], source: str, now: int) -> None:
     by_tool: dict[tuple[str, str], list[KnowledgeUnit]] = {}
     for unit in best.values():
         c = unit.content
-        if (isinstance(c, Pattern) and c.command_pattern and c.preferred_action == "approve"
-                and c.accept_rate > CONDENSE_MIN_RATE):
+        if (
+            isinstance(c, Pattern)
+            and c.command_pattern
+            and c.preferred_action == "approve"
+            and c.accept_rate > CONDENSE_MIN_RATE
+        ):
             by_tool.setdefault((unit.scope.key_prefix(), c.tool), []).append(unit)
     for (_, tool), members in by_tool.items():
         if len(members) < CONDENSE_MIN:
             continue
         samples = sum(m.content.sample_count for m in members)  # type: ignore[attr-defined]
-        rate = sum(m.content.accept_rate * m.content.sample_count  # type: ignore[attr-defined]
-                   for m in members) / max(samples, 1)
+        rate = sum(
+            m.content.accept_rate * m.content.sample_count  # type: ignore[attr-defined]
+            for m in members
+        ) / max(samples, 1)
         first = max(members, key=lambda m: m.score)
         condensed = first.with_(
-            id=f"{first.id}_c", source_peer=source,
+            id=f"{first.id}_c",
+            source_peer=source,
             content=Pattern(tool, None, "approve", rate, min(samples, U32_MAX), ()),
             evidence_count=min(sum(m.evidence_count for m in members), U32_MAX),
             confidence=sum(m.confidence for m in members) / len(members),
             last_validated_at=max(m.last_validated_at for m in members),
             originated_at=min(m.originated_at for m in members),
-            sharing_consent=None)
+            sharing_consent=None,
+        )
         for m in members:
             best.pop(m.semantic_key, None)
         old = best.get(condensed.semantic_key)
@@ -168,8 +185,7 @@ def _condense(best: dict[str, KnowledgeUnit], source: str, now: int) -> None:
             best[condensed.semantic_key] = condensed
 
 
-def cold_distill(units: Iterable[KnowledgeUnit], source: str, now: int
-                 ) -> list[KnowledgeUnit]:
+def cold_distill(units: Iterable[KnowledgeUnit], source: str, now: int) -> list[KnowledgeUnit]:
     """The curriculum from ``units`` (archive then store), best first."""
     best: dict[str, KnowledgeUnit] = {}
     for unit in units:
@@ -189,9 +205,12 @@ def cold_distill(units: Iterable[KnowledgeUnit], source: str, now: int
                 winners[k] = unit
         else:
             rest.append(unit)
-    chosen = [u for u in list(winners.values()) + rest
-              if u.confidence >= (CURRICULUM_MIN_DENY_CONFIDENCE if _is_deny(u)
-                                  else CURRICULUM_MIN_CONFIDENCE)]
+    chosen = [
+        u
+        for u in list(winners.values()) + rest
+        if u.confidence
+        >= (CURRICULUM_MIN_DENY_CONFIDENCE if _is_deny(u) else CURRICULUM_MIN_CONFIDENCE)
+    ]
     chosen.sort(key=lambda u: (not _is_deny(u), -u.score, u.id))
     return [u.with_(version=min(u.version + 1, U32_MAX)) for u in chosen[:CURRICULUM_MAX]]
 
@@ -223,8 +242,12 @@ def write_curriculum(home: Home, source: str, now: int) -> CurriculumResult:
         stored = load_store(home).store.units()
         units = cold_distill(archived + stored, source, now)
         prev = read_curriculum(home).meta.get("version", 0)
-        meta = {"version": (prev if isinstance(prev, int) else 0) + 1, "timestamp": now,
-                "unit_count": len(units), "source_archive_units": len(archived)}
+        meta = {
+            "version": (prev if isinstance(prev, int) else 0) + 1,
+            "timestamp": now,
+            "unit_count": len(units),
+            "source_archive_units": len(archived),
+        }
         atomic_write(path, dumps_pretty([u.to_json() for u in units]), mode=0o600)
         atomic_write(hive_file(home, CURRICULUM_META), dumps_pretty(meta), mode=0o600)
     return CurriculumResult(units, meta)

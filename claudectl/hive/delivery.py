@@ -65,10 +65,21 @@ def fingerprint(unit: KnowledgeUnit) -> str:
         return hit[1]
     # What makes it another unit as far as trust goes (content keys in
     # claudectl's fixed order); not rollout state, feedback or hops.
-    text = _ENCODE([unit.id, unit.source_peer, unit.version, unit.scope.to_json(),
-                    unit.category, unit.content.to_json(), unit.evidence_count,
-                    unit.confidence, unit.originated_at, unit.last_validated_at,
-                    unit.revalidation_interval_secs])
+    text = _ENCODE(
+        [
+            unit.id,
+            unit.source_peer,
+            unit.version,
+            unit.scope.to_json(),
+            unit.category,
+            unit.content.to_json(),
+            unit.evidence_count,
+            unit.confidence,
+            unit.originated_at,
+            unit.last_validated_at,
+            unit.revalidation_interval_secs,
+        ]
+    )
     fp = hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
     if len(_FP_CACHE) >= _FP_CACHE_MAX:
         _FP_CACHE.clear()
@@ -119,8 +130,12 @@ class DeliveryBook:
         if isinstance(units, dict):
             for fp, e in units.items():
                 peers = e.get("delivered_by") if isinstance(e, dict) else None
-                if (isinstance(peers, list) and peers and len(peers) <= MAX_DELIVERERS
-                        and all(isinstance(p, str) for p in peers)):
+                if (
+                    isinstance(peers, list)
+                    and peers
+                    and len(peers) <= MAX_DELIVERERS
+                    and all(isinstance(p, str) for p in peers)
+                ):
                     entries[fp] = e
         return cls(entries)
 
@@ -143,8 +158,7 @@ def load_delivery(home: Home) -> DeliveryBook:
 
 def save_delivery(home: Home, book: DeliveryBook) -> None:
     """Write ``delivery.json`` atomically (call it holding the store's lock)."""
-    atomic_write(delivery_path(home), json.dumps(book.to_json(), separators=(",", ":")),
-                 mode=0o600)
+    atomic_write(delivery_path(home), json.dumps(book.to_json(), separators=(",", ":")), mode=0o600)
     book.changed = False
 
 
@@ -183,5 +197,12 @@ def path_peers(unit: KnowledgeUnit, book: DeliveryBook) -> tuple[str, ...]:
     return tuple(dict.fromkeys((unit.source_peer, *book.deliverers(unit))))
 
 
-__all__ = ["DeliveryBook", "DeliveryFile", "fingerprint", "load_delivery", "save_delivery", "path_peers",
-           "DELIVERY"]
+__all__ = [
+    "DeliveryBook",
+    "DeliveryFile",
+    "fingerprint",
+    "load_delivery",
+    "save_delivery",
+    "path_peers",
+    "DELIVERY",
+]

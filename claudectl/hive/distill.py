@@ -136,8 +136,9 @@ class LogSegment:
     file is an empty segment.
     """
 
-    def __init__(self, path: Path, start: int = 0, stop: int | None = None,
-                 chunk: int = READ_CHUNK) -> None:
+    def __init__(
+        self, path: Path, start: int = 0, stop: int | None = None, chunk: int = READ_CHUNK
+    ) -> None:
         self.path = path
         self.start = start
         self.stop = stop
@@ -244,8 +245,12 @@ def condition_label(cond: Any) -> str | None:
         return ("cost<$" if kind == "cost_below" else "cost>$") + format(value, ".0f")
     if kind in ("context_below", "context_above") and isinstance(value, int):
         return ("ctx<" if kind == "context_below" else "ctx>") + f"{value}%"
-    fixed = {"no_errors": "no errors", "has_errors": "errors",
-             "no_file_conflict": "no conflict", "has_file_conflict": "conflict"}
+    fixed = {
+        "no_errors": "no errors",
+        "has_errors": "errors",
+        "no_file_conflict": "no conflict",
+        "has_file_conflict": "conflict",
+    }
     if kind in fixed:
         return fixed[kind]
     if kind == "hour_range":
@@ -424,7 +429,8 @@ class Tallies:
     # Lists keep the dicts' order, which is the order units come out in.
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": self.VERSION, "records": self.records,
+            "version": self.VERSION,
+            "records": self.records,
             "patterns": [[t, c, *v] for (t, c), v in self.patterns.items()],
             "accuracy": [[t, *v] for t, v in self.accuracy.items()],
             "temporal": self.temporal,
@@ -441,19 +447,25 @@ class Tallies:
                 raise StateError(f"version {doc['version']!r}")
             new = cls()
             new.records = _count(doc["records"])
-            new.patterns = {_key(e): [_count(e[2]), _count(e[3])]
-                            for e in _rows(doc["patterns"], 4)}
+            new.patterns = {
+                _key(e): [_count(e[2]), _count(e[3])] for e in _rows(doc["patterns"], 4)
+            }
             for e in _rows(doc["accuracy"], 4):
-                if not isinstance(e[0], str) or not isinstance(e[3], (int, float)) \
-                        or isinstance(e[3], bool) or not _finite(e[3]):
+                if (
+                    not isinstance(e[0], str)
+                    or not isinstance(e[3], (int, float))
+                    or isinstance(e[3], bool)
+                    or not _finite(e[3])
+                ):
                     raise StateError("bad accuracy row")
                 new.accuracy[e[0]] = [_count(e[1]), _count(e[2]), float(e[3])]
             temporal = doc["temporal"]
             if not isinstance(temporal, list) or len(temporal) != 6:
                 raise StateError("bad temporal counts")
             new.temporal = [_count(x) for x in temporal]
-            new.friction = {_key(e): [_count(e[2]), _count(e[3])]
-                            for e in _rows(doc["friction"], 4)}
+            new.friction = {
+                _key(e): [_count(e[2]), _count(e[3])] for e in _rows(doc["friction"], 4)
+            }
             new.loops = {_key(e): [_count(e[2]), _count(e[3])] for e in _rows(doc["loops"], 4)}
             for e in _rows(doc["runs"], 4):
                 new.runs[e[0]] = (_key(e[1:]), _count(e[3]))
@@ -469,8 +481,7 @@ def _count(x: Any) -> int:
 
 
 def _rows(rows: Any, width: int) -> list[list[Any]]:
-    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == width
-                                             for r in rows):
+    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == width for r in rows):
         raise StateError("bad rows")
     return rows
 
@@ -490,21 +501,34 @@ class Distiller:
     config: HiveConfig = field(default_factory=HiveConfig)
     ids: UnitIds = field(default_factory=UnitIds)
 
-    def _unit(self, content: Any, evidence: int, confidence: float, category: str,
-              now: int) -> KnowledgeUnit:
-        return KnowledgeUnit(id=self.ids.new(), scope=Scope(), content=content,
-                             evidence_count=min(evidence, U32_MAX), confidence=confidence,
-                             source_peer=self.local_id, originated_at=now,
-                             last_validated_at=now, category=category)
+    def _unit(
+        self, content: Any, evidence: int, confidence: float, category: str, now: int
+    ) -> KnowledgeUnit:
+        return KnowledgeUnit(
+            id=self.ids.new(),
+            scope=Scope(),
+            content=content,
+            evidence_count=min(evidence, U32_MAX),
+            confidence=confidence,
+            source_peer=self.local_id,
+            originated_at=now,
+            last_validated_at=now,
+            category=category,
+        )
 
-    def distill(self, decisions: Iterable[Mapping[str, Any]], now: int,
-                preferences: Mapping[str, Any] | None = None) -> list[KnowledgeUnit]:
+    def distill(
+        self,
+        decisions: Iterable[Mapping[str, Any]],
+        now: int,
+        preferences: Mapping[str, Any] | None = None,
+    ) -> list[KnowledgeUnit]:
         tallies = Tallies()
         tallies.feed(decisions)
         return self.units(tallies, now, preferences)
 
-    def units(self, tallies: Tallies, now: int,
-              preferences: Mapping[str, Any] | None = None) -> list[KnowledgeUnit]:
+    def units(
+        self, tallies: Tallies, now: int, preferences: Mapping[str, Any] | None = None
+    ) -> list[KnowledgeUnit]:
         """The units ``tallies`` (and ``preferences``) support under this config."""
         cfg = self.config
         units: dict[str, KnowledgeUnit] = {}
@@ -521,17 +545,33 @@ class Distiller:
             # Confidence in the preferred action (claudectl uses the accept rate,
             # which makes strong deny patterns look weak -- see H14).
             conf = rate if approve else 1.0 - rate
-            add(self._unit(Pattern(tool, cp, "approve" if approve else "deny", rate, n, ()),
-                           n, conf, "best_practice", now))
+            add(
+                self._unit(
+                    Pattern(tool, cp, "approve" if approve else "deny", rate, n, ()),
+                    n,
+                    conf,
+                    "best_practice",
+                    now,
+                )
+            )
         for tool, (total, correct, conf_sum) in tallies.accuracy.items():
             if total == 0 or total < cfg.export_min_tool_decisions:
                 continue
-            add(self._unit(ToolAccuracy(tool, total, correct, round(conf_sum / total, 2)),
-                           total, correct / total, "best_practice", now))
+            add(
+                self._unit(
+                    ToolAccuracy(tool, total, correct, round(conf_sum / total, 2)),
+                    total,
+                    correct / total,
+                    "best_practice",
+                    now,
+                )
+            )
         t = tallies.temporal
-        for label, pos, neg in (("After 3+ errors", t[0], t[1]),
-                                (f"Above {HIGH_CONTEXT_PCT}% context", t[2], t[3]),
-                                (f"Above ${HIGH_COST_USD:.0f} spent", t[4], t[5])):
+        for label, pos, neg in (
+            ("After 3+ errors", t[0], t[1]),
+            (f"Above {HIGH_CONTEXT_PCT}% context", t[2], t[3]),
+            (f"Above ${HIGH_COST_USD:.0f} spent", t[4], t[5]),
+        ):
             n = pos + neg
             if n == 0 or n < cfg.export_min_evidence:
                 continue
@@ -540,15 +580,25 @@ class Distiller:
                 continue
             verb = "approves" if pos >= neg else "denies"
             desc = f"{label}: user usually {verb} (n={n})"
-            add(self._unit(Temporal(desc, strength), n, strength,
-                           _temporal_category(desc), now))
+            add(self._unit(Temporal(desc, strength), n, strength, _temporal_category(desc), now))
         for (tool, cp), (n_loops, failures) in tallies.loops.items():
             what = f"{tool} {cp}" if cp else tool
             severity = "critical" if n_loops >= 3 else "warning"
-            add(self._unit(Insight("error_loop", severity, f"Repeated failures: {what}",
-                                   f"{n_loops} streak(s) of {ERROR_LOOP_RUN}+ failures; "
-                                   "change approach instead of retrying"),
-                           failures, min(1.0, 0.5 + 0.1 * n_loops), "technique", now))
+            add(
+                self._unit(
+                    Insight(
+                        "error_loop",
+                        severity,
+                        f"Repeated failures: {what}",
+                        f"{n_loops} streak(s) of {ERROR_LOOP_RUN}+ failures; "
+                        "change approach instead of retrying",
+                    ),
+                    failures,
+                    min(1.0, 0.5 + 0.1 * n_loops),
+                    "technique",
+                    now,
+                )
+            )
         for (tool, cp), (approvals, overridden) in tallies.friction.items():
             if overridden < FRICTION_MIN_OVERRIDES or approvals == 0:
                 continue
@@ -556,10 +606,21 @@ class Distiller:
             if rate < FRICTION_MIN_RATE:
                 continue
             what = f"{tool} {cp}" if cp else tool
-            add(self._unit(Insight("friction", "warning", f"Approvals overridden: {what}",
-                                   f"user rejected {overridden} of {approvals} "
-                                   f"approvals ({pct(rate)}%); do not auto-approve"),
-                           approvals, rate, "best_practice", now))
+            add(
+                self._unit(
+                    Insight(
+                        "friction",
+                        "warning",
+                        f"Approvals overridden: {what}",
+                        f"user rejected {overridden} of {approvals} "
+                        f"approvals ({pct(rate)}%); do not auto-approve",
+                    ),
+                    approvals,
+                    rate,
+                    "best_practice",
+                    now,
+                )
+            )
         if preferences is not None:
             for unit in self.from_preferences(preferences, now):
                 add(unit)
@@ -581,11 +642,17 @@ class Distiller:
             cp = p.get("command_pattern") if isinstance(p.get("command_pattern"), str) else None
             raw = [c for c in p.get("conditions") or () if isinstance(c, Mapping)]
             labels = tuple(lbl for lbl in map(condition_label, raw) if lbl)
-            personal = any(c.get("type") in ("cost_below", "cost_above", "hour_range")
-                           for c in raw)
+            personal = any(c.get("type") in ("cost_below", "cost_above", "hour_range") for c in raw)
             conf = rate if action == "approve" else 1.0 - rate
-            out.append(self._unit(Pattern(tool, cp, action, rate, n, labels), n, conf,
-                                  "personal" if personal else "best_practice", now))
+            out.append(
+                self._unit(
+                    Pattern(tool, cp, action, rate, n, labels),
+                    n,
+                    conf,
+                    "personal" if personal else "best_practice",
+                    now,
+                )
+            )
         for a in prefs.get("tool_accuracy") or ():
             try:
                 tool, total, correct = str(a["tool"]), int(a["total"]), int(a["correct"])
@@ -594,8 +661,15 @@ class Distiller:
                 continue
             if total == 0 or total < cfg.export_min_tool_decisions:
                 continue
-            out.append(self._unit(ToolAccuracy(tool, total, correct, thr), total,
-                                  correct / total, "best_practice", now))
+            out.append(
+                self._unit(
+                    ToolAccuracy(tool, total, correct, thr),
+                    total,
+                    correct / total,
+                    "best_practice",
+                    now,
+                )
+            )
         for t in prefs.get("temporal") or ():
             try:
                 desc, n, s = str(t["description"]), int(t["sample_count"]), float(t["strength"])
@@ -620,18 +694,31 @@ class Distiller:
                 continue
             variants = []
             for m in members:
-                labels = tuple(lbl for lbl in map(condition_label, m.get("conditions") or ())
-                               if lbl)
+                labels = tuple(
+                    lbl for lbl in map(condition_label, m.get("conditions") or ()) if lbl
+                )
                 rate = float(m.get("accept_rate", 0.0))
-                variants.append(ApproachVariant(
-                    f"{m.get('preferred_action')} ({pct(rate)}% accept over "
-                    f"{m['sample_count']})", m["sample_count"], labels, (self.local_id,),
-                    f"pattern:{problem}"))
+                variants.append(
+                    ApproachVariant(
+                        f"{m.get('preferred_action')} ({pct(rate)}% accept over "
+                        f"{m['sample_count']})",
+                        m["sample_count"],
+                        labels,
+                        (self.local_id,),
+                        f"pattern:{problem}",
+                    )
+                )
             variants.sort(key=lambda v: (-v.evidence, v.approach_summary))
             confs = [float(m.get("confidence", 0.0)) for m in members]
-            out.append(self._unit(ApproachCluster(problem, tuple(variants)),
-                                  sum(v.evidence for v in variants), sum(confs) / len(confs),
-                                  "technique", now))
+            out.append(
+                self._unit(
+                    ApproachCluster(problem, tuple(variants)),
+                    sum(v.evidence for v in variants),
+                    sum(confs) / len(confs),
+                    "technique",
+                    now,
+                )
+            )
         return out
 
 
@@ -647,17 +734,27 @@ class DistillReport:
     decisions: int = 0
 
     def to_json(self) -> dict[str, int]:
-        return {"decisions": self.decisions, "new": self.new, "updated": self.updated,
-                "unchanged": self.unchanged, "replaced_peer": self.replaced_peer}
+        return {
+            "decisions": self.decisions,
+            "new": self.new,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "replaced_peer": self.replaced_peer,
+        }
 
 
 def _same_knowledge(a: KnowledgeUnit, b: KnowledgeUnit) -> bool:
-    return (a.content == b.content and a.confidence == b.confidence
-            and a.evidence_count == b.evidence_count and a.category == b.category)
+    return (
+        a.content == b.content
+        and a.confidence == b.confidence
+        and a.evidence_count == b.evidence_count
+        and a.category == b.category
+    )
 
 
-def redistill(store: KnowledgeStore, fresh: Iterable[KnowledgeUnit], local_id: str,
-              now: int) -> DistillReport:
+def redistill(
+    store: KnowledgeStore, fresh: Iterable[KnowledgeUnit], local_id: str, now: int
+) -> DistillReport:
     """
     Fold freshly distilled units into ``store`` (hive.md 5.3 "stable
     re-distillation"): a key already held by a local unit keeps that unit's
@@ -673,12 +770,18 @@ def redistill(store: KnowledgeStore, fresh: Iterable[KnowledgeUnit], local_id: s
             if _same_knowledge(ex, unit) and now - ex.last_validated_at < REVALIDATE_SECS:
                 report.unchanged += 1
                 continue
-            store.insert(unit.with_(
-                id=ex.id, originated_at=ex.originated_at,
-                propagation_count=ex.propagation_count, injection_state=ex.injection_state,
-                injection_stats=ex.injection_stats, sharing_consent=ex.sharing_consent,
-                revalidation_interval_secs=ex.revalidation_interval_secs,
-                version=min(ex.version + 1, U32_MAX)))
+            store.insert(
+                unit.with_(
+                    id=ex.id,
+                    originated_at=ex.originated_at,
+                    propagation_count=ex.propagation_count,
+                    injection_state=ex.injection_state,
+                    injection_stats=ex.injection_stats,
+                    sharing_consent=ex.sharing_consent,
+                    revalidation_interval_secs=ex.revalidation_interval_secs,
+                    version=min(ex.version + 1, U32_MAX),
+                )
+            )
             report.updated += 1
         elif ex is None:
             store.insert(unit.with_(injection_state="canary"))
@@ -689,16 +792,20 @@ def redistill(store: KnowledgeStore, fresh: Iterable[KnowledgeUnit], local_id: s
     return report
 
 
-
-def fold_tallies(home: Home, config: HiveConfig, local_id: str, now: int,
-                 tallies: Tallies) -> DistillReport:
+def fold_tallies(
+    home: Home, config: HiveConfig, local_id: str, now: int, tallies: Tallies
+) -> DistillReport:
     """Turn ``tallies`` into units and fold them into the store (under its lock)."""
     fresh = Distiller(local_id, config).units(tallies, now, read_preferences(home))
     with store_transaction(home, local_id=local_id, config=config, now=now) as store:
         report = redistill(store, fresh, local_id, now)
     report.decisions = tallies.records
-    log.info("distilled {decisions} decisions: {new} new, {updated} updated units",
-             decisions=report.decisions, new=report.new, updated=report.updated)
+    log.info(
+        "distilled {decisions} decisions: {new} new, {updated} updated units",
+        decisions=report.decisions,
+        new=report.new,
+        updated=report.updated,
+    )
     return report
 
 
@@ -713,8 +820,13 @@ def log_tallies(path: Path) -> Tallies:
     return tallies
 
 
-def distill_home(home: Home, config: HiveConfig, local_id: str, now: int | None = None,
-                 decisions: Iterable[Mapping[str, Any]] | None = None) -> DistillReport:
+def distill_home(
+    home: Home,
+    config: HiveConfig,
+    local_id: str,
+    now: int | None = None,
+    decisions: Iterable[Mapping[str, Any]] | None = None,
+) -> DistillReport:
     """Distil the whole decision log (or ``decisions``) into the store."""
     t = now_epoch() if now is None else now
     if decisions is None:
@@ -743,8 +855,10 @@ class Cursor:
             return None
 
     def to_bytes(self) -> str:
-        return json.dumps({"last_distill": self.last_distill, "offset": self.offset,
-                           "pending": self.pending}, indent=2)
+        return json.dumps(
+            {"last_distill": self.last_distill, "offset": self.offset, "pending": self.pending},
+            indent=2,
+        )
 
 
 def _fingerprint(path: Path, offset: int) -> str:
@@ -779,8 +893,9 @@ class DistillState:
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError, RecursionError) as e:  # StateError too
-            log.warn("ignoring unusable distillation state {path}: {error}", path=str(path),
-                     error=str(e))
+            log.warn(
+                "ignoring unusable distillation state {path}: {error}", path=str(path), error=str(e)
+            )
             return None
         if state.offset != offset:
             return None
@@ -794,9 +909,18 @@ class DistillState:
 
     def save(self, path: Path, log_path: Path) -> None:
         self.fingerprint = _fingerprint(log_path, self.offset)
-        atomic_write(path, json.dumps({"offset": self.offset, "fingerprint": self.fingerprint,
-                                       "tallies": self.tallies.to_json()},
-                                      separators=(",", ":")), mode=0o600)
+        atomic_write(
+            path,
+            json.dumps(
+                {
+                    "offset": self.offset,
+                    "fingerprint": self.fingerprint,
+                    "tallies": self.tallies.to_json(),
+                },
+                separators=(",", ":"),
+            ),
+            mode=0o600,
+        )
 
 
 @dataclass
@@ -806,16 +930,23 @@ class TriggerResult:
     report: DistillReport | None
 
 
-def _keeping(records: Iterable[dict[str, Any]], into: list[dict[str, Any]]
-             ) -> Iterator[dict[str, Any]]:
+def _keeping(
+    records: Iterable[dict[str, Any]], into: list[dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
     for rec in records:
         into.append(rec)
         yield rec
 
 
-def maybe_distill(home: Home, config: HiveConfig, now: int | None = None, *,
-                  local_id: str | None = None, force: bool = False,
-                  every: int = DISTILL_EVERY) -> TriggerResult:
+def maybe_distill(
+    home: Home,
+    config: HiveConfig,
+    now: int | None = None,
+    *,
+    local_id: str | None = None,
+    force: bool = False,
+    every: int = DISTILL_EVERY,
+) -> TriggerResult:
     """
     Look at the decisions logged since the last call: drift peers' trust
     for each (with ``auto_trust_drift``), add them to the running tallies and
@@ -826,6 +957,7 @@ def maybe_distill(home: Home, config: HiveConfig, now: int | None = None, *,
     t = now_epoch() if now is None else now
     if local_id is None:
         from claudectl.relay.keystore import KeyStore
+
         local_id = KeyStore(home).ensure_identity()
     cursor_path = home.hive / CURSOR
     state_path = home.hive / STATE
@@ -870,16 +1002,23 @@ def maybe_distill(home: Home, config: HiveConfig, now: int | None = None, *,
     return TriggerResult(count, drift, report)
 
 
-def apply_drift(home: Home, config: HiveConfig, decisions: Iterable[Mapping[str, Any]],
-                local_id: str, now: int) -> int:
+def apply_drift(
+    home: Home, config: HiveConfig, decisions: Iterable[Mapping[str, Any]], local_id: str, now: int
+) -> int:
     """Move peers' trust for each decision that matches one of their units."""
-    peer_units = [u for u in load_store(home).store if u.source_peer != local_id
-                  and isinstance(u.content, Pattern)]
+    peer_units = [
+        u
+        for u in load_store(home).store
+        if u.source_peer != local_id and isinstance(u.content, Pattern)
+    ]
     if not peer_units:
         return 0
     moved = 0
     with trust_transaction(home, config.default_trust) as book:
         for d in decisions:
-            moved += len(book.apply_decision(d.get("tool"), d.get("command"),
-                                             d.get("user_action"), peer_units, local_id, now))
+            moved += len(
+                book.apply_decision(
+                    d.get("tool"), d.get("command"), d.get("user_action"), peer_units, local_id, now
+                )
+            )
     return moved

@@ -35,8 +35,9 @@ def export_json(units: Iterable[KnowledgeUnit]) -> str:
 
 
 def export_yaml(units: Iterable[KnowledgeUnit]) -> str:
-    return yaml.safe_dump([u.to_json() for u in units], sort_keys=False,
-                          allow_unicode=True, default_flow_style=False)
+    return yaml.safe_dump(
+        [u.to_json() for u in units], sort_keys=False, allow_unicode=True, default_flow_style=False
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -78,8 +79,9 @@ def parse_document(data: bytes) -> list[KnowledgeUnit]:
     return units
 
 
-def import_units(home: Home, units: list[KnowledgeUnit], *, local_id: str,
-                 config: HiveConfig, now: int) -> BatchResult:
+def import_units(
+    home: Home, units: list[KnowledgeUnit], *, local_id: str, config: HiveConfig, now: int
+) -> BatchResult:
     """Merge ``units`` into the store and log conflicts and resolutions."""
     with store_transaction(home, local_id=local_id, config=config, now=now) as store:
         result = merge_batch(store, units, local_id, now, allow_local_origin=True)

@@ -118,9 +118,9 @@ ACK_MAX_PAIRS = 4096
 PEER_WARNINGS_PER_MINUTE = 10
 
 #: How a link delivers what we send (see ``Gossip.delivery``).
-ACKS = "acks"        # a peer of this project: delivered when it acknowledges
-SERVES = "serves"    # a claudectl 0.64 ``relay serve`` we dialed: merges syncs
-PRINTS = "prints"    # a claudectl 0.64 ``connect``/``join`` client: only prints them
+ACKS = "acks"  # a peer of this project: delivered when it acknowledges
+SERVES = "serves"  # a claudectl 0.64 ``relay serve`` we dialed: merges syncs
+PRINTS = "prints"  # a claudectl 0.64 ``connect``/``join`` client: only prints them
 
 
 @dataclass
@@ -145,9 +145,13 @@ class PeerSync:
             "units_sent": sorted(self.sent),
             "sent_versions": dict(sorted(self.sent.items())),
             "cursor": self.cursor,
-            "stats": {"units_up": self.units_up, "units_down": self.units_down,
-                      "bytes_up": self.bytes_up,
-                      "rejected": self.rejected, "dropped": self.dropped},
+            "stats": {
+                "units_up": self.units_up,
+                "units_down": self.units_down,
+                "bytes_up": self.bytes_up,
+                "rejected": self.rejected,
+                "dropped": self.dropped,
+            },
         }
 
     @classmethod
@@ -169,9 +173,17 @@ class PeerSync:
             v = d.get(k, 0) if isinstance(d, dict) else 0
             return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
-        return cls(peer_id, n(value, "last_sync_epoch"), sent, n(value, "cursor"),
-                   n(stats, "units_up"), n(stats, "units_down"), n(stats, "bytes_up"),
-                   n(stats, "rejected"), n(stats, "dropped"))
+        return cls(
+            peer_id,
+            n(value, "last_sync_epoch"),
+            sent,
+            n(value, "cursor"),
+            n(stats, "units_up"),
+            n(stats, "units_down"),
+            n(stats, "bytes_up"),
+            n(stats, "rejected"),
+            n(stats, "dropped"),
+        )
 
 
 class SyncState:
@@ -192,8 +204,9 @@ class SyncState:
             log.warn("ignoring unreadable {path}: {error}", path=str(self.path), error=str(e))
             return
         if isinstance(data, dict):
-            self.peers = {k: PeerSync.from_json(k, v) for k, v in data.items()
-                          if isinstance(k, str)}
+            self.peers = {
+                k: PeerSync.from_json(k, v) for k, v in data.items() if isinstance(k, str)
+            }
 
     def peer(self, peer_id: str) -> PeerSync:
         ps = self.peers.get(peer_id)
@@ -205,8 +218,9 @@ class SyncState:
         data = {k: v.to_json() for k, v in sorted(self.peers.items())}
         with locked(self.path):
             # A lost update only costs resends that the receiver's merge drops.
-            atomic_write(self.path, json.dumps(data, indent=2, ensure_ascii=False), mode=0o600,
-                         durable=False)
+            atomic_write(
+                self.path, json.dumps(data, indent=2, ensure_ascii=False), mode=0o600, durable=False
+            )
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -245,12 +259,16 @@ def check_peer_fields(unit: KnowledgeUnit) -> None:
         for v in unit.content.variants:
             for p in v.contributing_peers:
                 if not is_remote_peer_id(p):
-                    raise UnitError(f"contributing_peers entry {p[:80]!r} is not a valid "
-                                    "peer id")
+                    raise UnitError(f"contributing_peers entry {p[:80]!r} is not a valid peer id")
 
 
-def record_deliveries(file: DeliveryFile, existing: dict[str, KnowledgeUnit],
-                      result: BatchResult, peer_id: str, stored: list[KnowledgeUnit]) -> None:
+def record_deliveries(
+    file: DeliveryFile,
+    existing: dict[str, KnowledgeUnit],
+    result: BatchResult,
+    peer_id: str,
+    stored: list[KnowledgeUnit],
+) -> None:
     """
     Remember ``peer_id`` as the deliverer of every unit this batch stored
     (``delivery.json``; call it holding the store's lock).  A unioned
@@ -262,8 +280,12 @@ def record_deliveries(file: DeliveryFile, existing: dict[str, KnowledgeUnit],
         unit = outcome.store
         if unit is None:
             held = current.get(inc.semantic_key)
-            if (outcome.result == DUPLICATE and inc.source_peer == peer_id
-                    and held is not None and fingerprint(held) == fingerprint(inc)):
+            if (
+                outcome.result == DUPLICATE
+                and inc.source_peer == peer_id
+                and held is not None
+                and fingerprint(held) == fingerprint(inc)
+            ):
                 # The origin itself sent what we hold: the best path there is.
                 book.record(held, (peer_id,))
             continue
@@ -286,9 +308,15 @@ def _delivered_by(book: DeliveryBook, unit: KnowledgeUnit) -> tuple[str, ...]:
 class Gossip:
     """The gossip engine of one node (reactor-free apart from the injected clock)."""
 
-    def __init__(self, home: Home, config: Config, mesh: Any, identity: str,
-                 now: Callable[[], float],
-                 call_later: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self,
+        home: Home,
+        config: Config,
+        mesh: Any,
+        identity: str,
+        now: Callable[[], float],
+        call_later: Callable[..., Any] | None = None,
+    ) -> None:
         self.home = home
         self.config = config
         self.mesh = mesh
@@ -488,8 +516,7 @@ class Gossip:
         if peer_id in self._confirm_scheduled:
             return
         self._confirm_scheduled.add(peer_id)
-        self._later(0 if self._call_later is None else self._confirm_secs(),
-                    self._confirm, peer_id)
+        self._later(0 if self._call_later is None else self._confirm_secs(), self._confirm, peer_id)
 
     def _confirm(self, peer_id: str) -> None:
         """A claudectl serve link stayed up: what it had long enough is delivered."""
@@ -513,9 +540,15 @@ class Gossip:
         pairs = payload.get("knowledge")
         if not isinstance(pairs, list):
             return
-        good = [(p[0], p[1]) for p in pairs[:ACK_MAX_PAIRS]
-                if isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
-                and isinstance(p[1], int) and not isinstance(p[1], bool)]
+        good = [
+            (p[0], p[1])
+            for p in pairs[:ACK_MAX_PAIRS]
+            if isinstance(p, list)
+            and len(p) == 2
+            and isinstance(p[0], str)
+            and isinstance(p[1], int)
+            and not isinstance(p[1], bool)
+        ]
         self._delivered(peer_id, good)
 
     def _ack(self, peer_id: str, ack_id: str, units: list[KnowledgeUnit]) -> None:
@@ -524,8 +557,9 @@ class Gossip:
             return
         pairs = [[u.id, u.version] for u in units]
         for i in range(0, len(pairs), ACK_MAX_PAIRS):
-            self.mesh.send(peer_id, codec.ACK,
-                           {"ack_id": ack_id, "knowledge": pairs[i:i + ACK_MAX_PAIRS]})
+            self.mesh.send(
+                peer_id, codec.ACK, {"ack_id": ack_id, "knowledge": pairs[i : i + ACK_MAX_PAIRS]}
+            )
 
     def _push_if_connected(self, peer_id: str) -> None:
         if peer_id in self.mesh.connected_peers():
@@ -580,8 +614,11 @@ class Gossip:
             elif (unit.id, unit.version) not in self._oversize:
                 self._oversize.add((unit.id, unit.version))
                 self.counters["oversize_units"] = self.counters.get("oversize_units", 0) + 1
-                log.warn("knowledge unit {unit_id} is too big to send ({size} bytes)",
-                         unit_id=unit.id, size=size)
+                log.warn(
+                    "knowledge unit {unit_id} is too big to send ({size} bytes)",
+                    unit_id=unit.id,
+                    size=size,
+                )
         return out
 
     def _push(self, peer_id: str, units: list[KnowledgeUnit], ctx: ShareContext) -> int:
@@ -590,10 +627,15 @@ class Gossip:
         if self.delivery(peer_id) == PRINTS:
             return 0
         flying = self._inflight.get(peer_id, {})
-        todo = self._sendable([u for u in units
-                               if ps.sent.get(u.id) != u.version
-                               and flying.get(u.id, (None,))[0] != u.version
-                               and ctx.shareable(u, peer_id, now)])
+        todo = self._sendable(
+            [
+                u
+                for u in units
+                if ps.sent.get(u.id) != u.version
+                and flying.get(u.id, (None,))[0] != u.version
+                and ctx.shareable(u, peer_id, now)
+            ]
+        )
         if not todo:
             return 0
         sent = 0
@@ -622,10 +664,15 @@ class Gossip:
         # since_epoch 0 means "I have nothing": send everything.  Otherwise
         # what this peer is known to have (acknowledged, same version) is
         # left out -- never what we merely queued for it once.
-        units = self._sendable([u for u in self._load_units()
-                                if u.last_validated_at >= since
-                                and ctx.shareable(u, peer_id, now)
-                                and (since == 0 or ps.sent.get(u.id) != u.version)])
+        units = self._sendable(
+            [
+                u
+                for u in self._load_units()
+                if u.last_validated_at >= since
+                and ctx.shareable(u, peer_id, now)
+                and (since == 0 or ps.sent.get(u.id) != u.version)
+            ]
+        )
         pages = _paginate(units) or [[]]
         for n, page in enumerate(pages, 1):
             body = {"page": n, "total_pages": len(pages), "units": [j for _, j, _ in page]}
@@ -634,8 +681,12 @@ class Gossip:
             self._queued(peer_id, page)
         ps.last_sync_epoch = now
         self._state_dirty = True
-        log.info("answered a knowledge request from {peer_id}: {count} unit(s) in {pages} page(s)",
-                 peer_id=peer_id, count=len(units), pages=len(pages))
+        log.info(
+            "answered a knowledge request from {peer_id}: {count} unit(s) in {pages} page(s)",
+            peer_id=peer_id,
+            count=len(units),
+            pages=len(pages),
+        )
         # Older units it has not had (outside since_epoch) go in a sync.
         self.push(peer_id)
 
@@ -649,8 +700,11 @@ class Gossip:
             self.counters["bad_units"] += 1
             self.state.peer(peer_id).rejected += 1
             if self._may_warn(peer_id):
-                log.info("{msg_type} from {peer_id} without a units list",
-                         msg_type=env.msg_type, peer_id=peer_id)
+                log.info(
+                    "{msg_type} from {peer_id} without a units list",
+                    msg_type=env.msg_type,
+                    peer_id=peer_id,
+                )
             return
         if env.msg_type == codec.KNOWLEDGE_SNAPSHOT:
             self._snapshot_page(peer_id, payload, raw_units, env.id)
@@ -665,16 +719,16 @@ class Gossip:
             count = 0
         self._warned[peer_id] = (minute, count + 1)
         if count == PEER_WARNINGS_PER_MINUTE:
-            log.info("{peer_id}: more bad knowledge this minute; not logging it",
-                     peer_id=peer_id)
+            log.info("{peer_id}: more bad knowledge this minute; not logging it", peer_id=peer_id)
         return count < PEER_WARNINGS_PER_MINUTE
 
     def buffered_bytes(self, peer_id: str) -> int:
         """What the snapshot pages buffered for ``peer_id`` are charged."""
         return self._page_bytes.get(peer_id, 0)
 
-    def _snapshot_page(self, peer_id: str, payload: dict[str, Any], raw_units: list[Any],
-                       ack_id: str = "") -> None:
+    def _snapshot_page(
+        self, peer_id: str, payload: dict[str, Any], raw_units: list[Any], ack_id: str = ""
+    ) -> None:
         """Collect a snapshot's pages and merge them in one go (bounded in bytes)."""
         spent = self._snapshot_bytes.get(peer_id, 0)
         if spent > SNAPSHOT_BUDGET_BYTES:
@@ -688,9 +742,12 @@ class Gossip:
         self._snapshot_bytes[peer_id] = spent
         if spent > SNAPSHOT_BUDGET_BYTES:
             self._drop_pages(peer_id)
-            log.warn("{peer_id} sent more than {budget} bytes of snapshot pages for one "
-                     "request: pages dropped, link closed", peer_id=peer_id,
-                     budget=SNAPSHOT_BUDGET_BYTES)
+            log.warn(
+                "{peer_id} sent more than {budget} bytes of snapshot pages for one "
+                "request: pages dropped, link closed",
+                peer_id=peer_id,
+                budget=SNAPSHOT_BUDGET_BYTES,
+            )
             disconnect = getattr(self.mesh, "disconnect", None)
             if callable(disconnect):
                 disconnect(peer_id, "snapshot budget exceeded")
@@ -700,14 +757,18 @@ class Gossip:
         buffered.extend(raw_units)
         self._page_bytes[peer_id] = self._page_bytes.get(peer_id, 0) + charge
         self._page_ack[peer_id] = ack_id
-        last = (not isinstance(page, int) or not isinstance(total, int) or page >= total)
+        last = not isinstance(page, int) or not isinstance(total, int) or page >= total
         # Never hold more than a few MiB, nor a day's allowance, of a peer's units.
-        if (last or self._page_bytes[peer_id] >= SNAPSHOT_FLUSH_BYTES
-                or len(buffered) >= self.config.hive.max_units_per_peer_per_day):
+        if (
+            last
+            or self._page_bytes[peer_id] >= SNAPSHOT_FLUSH_BYTES
+            or len(buffered) >= self.config.hive.max_units_per_peer_per_day
+        ):
             self._flush_pages(peer_id)
         elif peer_id not in self._page_timers and self._call_later is not None:
-            self._page_timers[peer_id] = self._later(SNAPSHOT_FLUSH_SECS,
-                                                     self._flush_pages, peer_id)
+            self._page_timers[peer_id] = self._later(
+                SNAPSHOT_FLUSH_SECS, self._flush_pages, peer_id
+            )
 
     def _drop_pages(self, peer_id: str) -> list[Any]:
         timer = self._page_timers.pop(peer_id, None)
@@ -739,16 +800,30 @@ class Gossip:
                 if not first_error:
                     first_error = f"#{n}: {str(e)[:200]}"
                 continue
-            good.append(dataclasses.replace(unit, propagation_count=min(
-                unit.propagation_count + 1, 2**32 - 1)))
+            good.append(
+                dataclasses.replace(
+                    unit, propagation_count=min(unit.propagation_count + 1, 2**32 - 1)
+                )
+            )
         if bad and self._may_warn(peer_id):
             # One line per batch, however many bad units it holds.
-            log.info("rejected {count} knowledge unit(s) from {peer_id} (first {error})",
-                     count=bad, peer_id=peer_id, error=first_error)
+            log.info(
+                "rejected {count} knowledge unit(s) from {peer_id} (first {error})",
+                count=bad,
+                peer_id=peer_id,
+                error=first_error,
+            )
         self.counters["bad_units"] += bad
         ps.rejected += bad
-        stats = {"received": len(raw_units), "bad": bad, "dropped": 0, "accepted": 0,
-                 "updated": 0, "rejected": 0, "duplicates": 0}
+        stats = {
+            "received": len(raw_units),
+            "bad": bad,
+            "dropped": 0,
+            "accepted": 0,
+            "updated": 0,
+            "rejected": 0,
+            "duplicates": 0,
+        }
         cfg = self.config.hive
         # The daily rate cap counts new units only (accepted or updated):
         # duplicates and echoes are free.  What trust.json counted plus what
@@ -757,7 +832,7 @@ class Gossip:
         # the mesh.)
         day = str(now // 86400)
         rec_ro = load_trust(self.home, cfg.default_trust).get(peer_id)
-        already = (rec_ro.daily_received.get(day, 0) if rec_ro is not None else 0)
+        already = rec_ro.daily_received.get(day, 0) if rec_ro is not None else 0
         already += self._unrecorded.get(peer_id, 0)
         allowance = max(0, cfg.max_units_per_peer_per_day - already)
         have = good
@@ -770,8 +845,7 @@ class Gossip:
         elif good:
             # Two short transactions, never nested (no lock-order deadlocks
             # with the CLI): the merge, then the bookkeeping.
-            with store_transaction(self.home, local_id=self.identity, config=cfg,
-                                   now=now) as store:
+            with store_transaction(self.home, local_id=self.identity, config=cfg, now=now) as store:
                 existing = store.by_key()
                 result = merge_batch(store, good, self.identity, now, budget=allowance)
                 # Who delivered what, written before the store itself.
@@ -786,9 +860,12 @@ class Gossip:
                 ps.dropped += excess
                 stats["dropped"] = excess
                 if self._may_warn(peer_id):
-                    log.warn("rate cap: dropped {count} new unit(s) from {peer_id} "
-                             "({cap} per day)", count=excess, peer_id=peer_id,
-                             cap=cfg.max_units_per_peer_per_day)
+                    log.warn(
+                        "rate cap: dropped {count} new unit(s) from {peer_id} ({cap} per day)",
+                        count=excess,
+                        peer_id=peer_id,
+                        cap=cfg.max_units_per_peer_per_day,
+                    )
                 left = {id(u) for u in result.left_out}
                 have = [u for u in good if id(u) not in left]
             # Crossing the cap is counted too: that is what freezes the sender.
@@ -814,10 +891,15 @@ class Gossip:
         ps.last_sync_epoch = now
         self._save_soon()
         self.counters["merged_batches"] += 1
-        log.info("knowledge from {peer_id}: {accepted} new, {updated} updated, "
-                 "{rejected} rejected, {duplicates} duplicate, {bad} invalid, {dropped} dropped",
-                 peer_id=peer_id, **{k: stats[k] for k in (
-                     "accepted", "updated", "rejected", "duplicates", "bad", "dropped")})
+        log.info(
+            "knowledge from {peer_id}: {accepted} new, {updated} updated, "
+            "{rejected} rejected, {duplicates} duplicate, {bad} invalid, {dropped} dropped",
+            peer_id=peer_id,
+            **{
+                k: stats[k]
+                for k in ("accepted", "updated", "rejected", "duplicates", "bad", "dropped")
+            },
+        )
         if stats["accepted"] or stats["updated"]:
             self._file_sig = self._signature()
             self.schedule_push_all()
@@ -863,8 +945,11 @@ class Gossip:
             if u.source_peer == peer_id:
                 return False  # from its origin: its delivery record may improve
             h = held.get(u.id)
-            if h is None or h.version < u.version or (
-                    h.version == u.version and h.propagation_count > u.propagation_count):
+            if (
+                h is None
+                or h.version < u.version
+                or (h.version == u.version and h.propagation_count > u.propagation_count)
+            ):
                 return False
         return True
 
@@ -892,14 +977,17 @@ class Gossip:
         ps = self.state.peers.get(peer_id)
         if ps is None:
             return {}
-        return {"units_up": ps.units_up, "units_down": ps.units_down,
-                "last_sync": ps.last_sync_epoch}
+        return {
+            "units_up": ps.units_up,
+            "units_down": ps.units_down,
+            "last_sync": ps.last_sync_epoch,
+        }
 
 
 class _GossipService(Service):
     """Stops the engine's timers with the service."""
 
-    name = "gossip"
+    name = "gossip"  # type: ignore[assignment]  # Service declares name as None
 
     def __init__(self, gossip: Gossip) -> None:
         self.gossip = gossip
@@ -913,16 +1001,18 @@ def _distill_tick(node: Any) -> None:
     try:
         from claudectl.hive.distill import maybe_distill
 
-        maybe_distill(node.home, node.config.hive, int(node.clock.seconds()),
-                      local_id=node.identity)
+        maybe_distill(
+            node.home, node.config.hive, int(node.clock.seconds()), local_id=node.identity
+        )
     except Exception:
         log.failure("distillation failed")
 
 
 def attach(node: Any, parent: MultiService) -> Gossip:
     """Hang the gossip engine (and its timers) on a relay node."""
-    gossip = Gossip(node.home, node.config, node.mesh, node.identity, node.clock.seconds,
-                    node.clock.callLater)
+    gossip = Gossip(
+        node.home, node.config, node.mesh, node.identity, node.clock.seconds, node.clock.callLater
+    )
     gossip.register()
     default = node.config.hive.default_trust
     node.trust_of = TrustReader(node.home, default)

@@ -75,19 +75,39 @@ def outranks(a: KnowledgeUnit, b: KnowledgeUnit) -> bool:
 
 
 def _conflict(ex: KnowledgeUnit, inc: KnowledgeUnit, now: int) -> dict[str, Any]:
-    return {"incoming_confidence": inc.confidence, "incoming_id": inc.id,
-            "incoming_peer": inc.source_peer, "local_confidence": ex.confidence,
-            "local_id": ex.id, "local_peer": ex.source_peer,
-            "semantic_key": inc.semantic_key, "ts": now}
+    return {
+        "incoming_confidence": inc.confidence,
+        "incoming_id": inc.id,
+        "incoming_peer": inc.source_peer,
+        "local_confidence": ex.confidence,
+        "local_id": ex.id,
+        "local_peer": ex.source_peer,
+        "semantic_key": inc.semantic_key,
+        "ts": now,
+    }
 
 
-def _resolution(result: str, winner: KnowledgeUnit, loser: KnowledgeUnit, rationale: str,
-                now: int, scores: tuple[float, float] | None = None) -> dict[str, Any]:
+def _resolution(
+    result: str,
+    winner: KnowledgeUnit,
+    loser: KnowledgeUnit,
+    rationale: str,
+    now: int,
+    scores: tuple[float, float] | None = None,
+) -> dict[str, Any]:
     ws, ls = scores if scores is not None else (winner.score, loser.score)
-    return {"loser_id": loser.id, "loser_peer": loser.source_peer, "loser_score": ls,
-            "rationale": rationale, "result": result, "semantic_key": winner.semantic_key,
-            "ts": now, "winner_id": winner.id, "winner_peer": winner.source_peer,
-            "winner_score": ws}
+    return {
+        "loser_id": loser.id,
+        "loser_peer": loser.source_peer,
+        "loser_score": ls,
+        "rationale": rationale,
+        "result": result,
+        "semantic_key": winner.semantic_key,
+        "ts": now,
+        "winner_id": winner.id,
+        "winner_peer": winner.source_peer,
+        "winner_score": ws,
+    }
 
 
 def union_clusters(ex: KnowledgeUnit, inc: KnowledgeUnit) -> KnowledgeUnit:
@@ -100,31 +120,39 @@ def union_clusters(ex: KnowledgeUnit, inc: KnowledgeUnit) -> KnowledgeUnit:
             merged[v.match_key] = v
             continue
         peers = old.contributing_peers + tuple(
-            p for i, p in enumerate(v.contributing_peers)
-            if p not in old.contributing_peers and p not in v.contributing_peers[:i])
+            p
+            for i, p in enumerate(v.contributing_peers)
+            if p not in old.contributing_peers and p not in v.contributing_peers[:i]
+        )
         # Evidence adds up only when the incoming variant brings a contributor
         # the stored one has not counted yet; otherwise it is the same
         # evidence coming back (gossip echoes it) and the larger count stands.
         # This keeps the union idempotent, so two nodes converge.
         new_contributors = len(peers) > len(old.contributing_peers) or not v.contributing_peers
-        evidence = (old.evidence + v.evidence if new_contributors
-                    else max(old.evidence, v.evidence))
+        evidence = old.evidence + v.evidence if new_contributors else max(old.evidence, v.evidence)
         merged[v.match_key] = ApproachVariant(
             approach_summary=old.approach_summary,
             evidence=min(evidence, U32_MAX),
             conditions=old.conditions,
             contributing_peers=peers,
-            outcome_ref=old.outcome_ref or v.outcome_ref)
+            outcome_ref=old.outcome_ref or v.outcome_ref,
+        )
     variants = tuple(sorted(merged.values(), key=lambda v: (-v.evidence, v.approach_summary)))
     return ex.with_(
         content=ApproachCluster(ex.content.problem_key, variants),
         evidence_count=min(sum(v.evidence for v in variants), U32_MAX),
         last_validated_at=max(ex.last_validated_at, inc.last_validated_at),
-        version=min(max(ex.version, inc.version) + 1, U32_MAX))
+        version=min(max(ex.version, inc.version) + 1, U32_MAX),
+    )
 
 
-def merge_unit(existing: KnowledgeUnit | None, inc: KnowledgeUnit, local_id: str, now: int,
-               allow_local_origin: bool = False) -> MergeOutcome:
+def merge_unit(
+    existing: KnowledgeUnit | None,
+    inc: KnowledgeUnit,
+    local_id: str,
+    now: int,
+    allow_local_origin: bool = False,
+) -> MergeOutcome:
     """
     Decide one incoming unit against ``existing`` (the unit holding its
     semantic key, or None).  ``allow_local_origin`` admits units that claim
@@ -139,8 +167,12 @@ def merge_unit(existing: KnowledgeUnit | None, inc: KnowledgeUnit, local_id: str
         return MergeOutcome(REJECTED_PEER, rationale="incoming unit claims the local identity")
     if ex is None:
         return MergeOutcome(ACCEPTED, store=inc)
-    if ex.id == inc.id and ex.version == inc.version and ex.propagation_count != inc.propagation_count \
-            and ex.with_(propagation_count=inc.propagation_count) == inc:
+    if (
+        ex.id == inc.id
+        and ex.version == inc.version
+        and ex.propagation_count != inc.propagation_count
+        and ex.with_(propagation_count=inc.propagation_count) == inc
+    ):
         # The same unit reached us along another path: a duplicate.  Keep the
         # shorter path (so the result does not depend on arrival order, and
         # the hop count stays the true distance).
@@ -149,27 +181,45 @@ def merge_unit(existing: KnowledgeUnit | None, inc: KnowledgeUnit, local_id: str
         return MergeOutcome(DUPLICATE)
     if ex.id == inc.id and ex.version >= inc.version and not outranks(inc, ex):
         return MergeOutcome(DUPLICATE)
-    if (isinstance(ex.content, ApproachCluster) and isinstance(inc.content, ApproachCluster)
-            and ex.id == inc.id and inc.version > ex.version and ex.source_peer != local_id):
+    if (
+        isinstance(ex.content, ApproachCluster)
+        and isinstance(inc.content, ApproachCluster)
+        and ex.id == inc.id
+        and inc.version > ex.version
+        and ex.source_peer != local_id
+    ):
         # The originator re-distilled its cluster: the new version replaces
         # the old one (a union would count the same evidence twice).
         why = f"newer version v{inc.version} of the same cluster"
-        return MergeOutcome(UPDATED, store=inc, rationale=why,
-                            resolution=_resolution(UPDATED, inc, ex, why, now))
+        return MergeOutcome(
+            UPDATED, store=inc, rationale=why, resolution=_resolution(UPDATED, inc, ex, why, now)
+        )
     if isinstance(ex.content, ApproachCluster) and isinstance(inc.content, ApproachCluster):
         merged = union_clusters(ex, inc)
-        if (merged.content == ex.content and merged.evidence_count == ex.evidence_count
-                and merged.last_validated_at == ex.last_validated_at):
+        if (
+            merged.content == ex.content
+            and merged.evidence_count == ex.evidence_count
+            and merged.last_validated_at == ex.last_validated_at
+        ):
             return MergeOutcome(DUPLICATE)  # nothing new: no version bump, no echo
-        why = (f"cluster union: {len(ex.content.variants)} + {len(inc.content.variants)} "
-               f"\u2192 {len(merged.content.variants)} variants")  # type: ignore[attr-defined]
-        return MergeOutcome(CLUSTER_UNIONED, store=merged, rationale=why,
-                            resolution=_resolution(CLUSTER_UNIONED, merged, inc, why, now,
-                                                   (0.0, 0.0)))
+        why = (
+            f"cluster union: {len(ex.content.variants)} + {len(inc.content.variants)} "
+            f"\u2192 {len(merged.content.variants)} variants"
+        )  # type: ignore[attr-defined]
+        return MergeOutcome(
+            CLUSTER_UNIONED,
+            store=merged,
+            rationale=why,
+            resolution=_resolution(CLUSTER_UNIONED, merged, inc, why, now, (0.0, 0.0)),
+        )
     if ex.source_peer == local_id:
         why = "local-originated unit wins by policy"
-        return MergeOutcome(REJECTED_LOCAL, rationale=why, conflict=_conflict(ex, inc, now),
-                            resolution=_resolution(REJECTED_LOCAL, ex, inc, why, now))
+        return MergeOutcome(
+            REJECTED_LOCAL,
+            rationale=why,
+            conflict=_conflict(ex, inc, now),
+            resolution=_resolution(REJECTED_LOCAL, ex, inc, why, now),
+        )
     if outranks(inc, ex):
         r_inc, r_ex = rank(inc), rank(ex)
         if r_inc[0] > r_ex[0]:
@@ -178,11 +228,16 @@ def merge_unit(existing: KnowledgeUnit | None, inc: KnowledgeUnit, local_id: str
             why = f"scores tied at {inc.score:.2f}; newer version v{inc.version} > v{ex.version}"
         else:
             why = f"scores tied at {inc.score:.2f}, same version v{inc.version}; tie broken by id"
-        return MergeOutcome(UPDATED, store=inc, rationale=why,
-                            resolution=_resolution(UPDATED, inc, ex, why, now))
+        return MergeOutcome(
+            UPDATED, store=inc, rationale=why, resolution=_resolution(UPDATED, inc, ex, why, now)
+        )
     why = f"existing score {ex.score:.2f} \u2265 incoming {inc.score:.2f}"
-    return MergeOutcome(REJECTED_PEER, rationale=why, conflict=_conflict(ex, inc, now),
-                        resolution=_resolution(REJECTED_PEER, ex, inc, why, now))
+    return MergeOutcome(
+        REJECTED_PEER,
+        rationale=why,
+        conflict=_conflict(ex, inc, now),
+        resolution=_resolution(REJECTED_PEER, ex, inc, why, now),
+    )
 
 
 @dataclass
@@ -203,17 +258,26 @@ class BatchResult:
         return [o.store for _, o in self.outcomes if o.store is not None]
 
     def stats(self) -> dict[str, int]:
-        return {"accepted": self.accepted, "updated": self.updated,
-                "rejected": self.rejected, "duplicates": self.duplicates}
+        return {
+            "accepted": self.accepted,
+            "updated": self.updated,
+            "rejected": self.rejected,
+            "duplicates": self.duplicates,
+        }
 
 
 #: Results that bring something new into the store (what a budget counts).
 NEW_RESULTS = frozenset({ACCEPTED, UPDATED, CLUSTER_UNIONED})
 
 
-def merge_batch(store: KnowledgeStore, incoming: Iterable[KnowledgeUnit], local_id: str,
-                now: int, allow_local_origin: bool = False,
-                budget: int | None = None) -> BatchResult:
+def merge_batch(
+    store: KnowledgeStore,
+    incoming: Iterable[KnowledgeUnit],
+    local_id: str,
+    now: int,
+    allow_local_origin: bool = False,
+    budget: int | None = None,
+) -> BatchResult:
     """
     Merge each unit in turn into ``store`` (in memory) and count the results.
 
@@ -247,8 +311,9 @@ def merge_batch(store: KnowledgeStore, incoming: Iterable[KnowledgeUnit], local_
     return out
 
 
-def write_merge_logs(home: Home, result: BatchResult,
-                     max_bytes: int = HiveConfig.max_log_bytes) -> None:
+def write_merge_logs(
+    home: Home, result: BatchResult, max_bytes: int = HiveConfig.max_log_bytes
+) -> None:
     """
     Append the batch's records to ``conflicts.jsonl`` / ``resolutions.jsonl``
     (each rotated past ``max_bytes``, ``[hive] max_log_bytes``).

@@ -83,15 +83,17 @@ def render(items: list[PromptItem], total: int | None = None) -> str:
     more = f" (showing top {shown} of {total})" if shown < total else ""
     lines = [f"## Hive Knowledge ({peers} peers, {shown} units{more})"]
     for item in items:
-        line = (f"- [{item.tier_label}] {clean_line(item.summary)} \u2014 {item.evidence_count} "
-                f"decisions from {clean_line(item.source_peer)}")
+        line = (
+            f"- [{item.tier_label}] {clean_line(item.summary)} \u2014 {item.evidence_count} "
+            f"decisions from {clean_line(item.source_peer)}"
+        )
         lines.append(line + (" [stale]" if item.stale else ""))
         variants = sorted(item.variants, key=lambda v: -v.evidence)
         for letter, v in zip("ABC", variants[:MAX_VARIANT_LINES], strict=False):
-            when = (f" [when: {clean_line(', '.join(v.conditions))}]" if v.conditions
-                    else "")
-            lines.append(f"    ({letter}) {clean_line(v.approach_summary)} \u2014 "
-                         f"n={v.evidence}{when}")
+            when = f" [when: {clean_line(', '.join(v.conditions))}]" if v.conditions else ""
+            lines.append(
+                f"    ({letter}) {clean_line(v.approach_summary)} \u2014 n={v.evidence}{when}"
+            )
         if len(variants) > MAX_VARIANT_LINES:
             lines.append(f"    (\u2026 {len(variants) - MAX_VARIANT_LINES} more variants)")
     return "\n".join(lines)
@@ -114,8 +116,9 @@ def _unit_tool(unit: KnowledgeUnit) -> tuple[str | None, str | None]:
     return tool, (None if cmd in ("", "*") else cmd)
 
 
-def relevant(unit: KnowledgeUnit, tool: str | None, command: str | None,
-             project: str | None) -> bool:
+def relevant(
+    unit: KnowledgeUnit, tool: str | None, command: str | None, project: str | None
+) -> bool:
     """Is ``unit`` about this tool / command / project (unset = anything)?"""
     if project is not None and unit.scope.kind == "project" and unit.scope.value != project:
         return False
@@ -127,8 +130,9 @@ def relevant(unit: KnowledgeUnit, tool: str | None, command: str | None,
     return True
 
 
-def local_coverage(units: Iterable[KnowledgeUnit], local_id: str,
-                   preferences: Mapping[str, object] | None = None) -> set[str]:
+def local_coverage(
+    units: Iterable[KnowledgeUnit], local_id: str, preferences: Mapping[str, object] | None = None
+) -> set[str]:
     """Key parts (without scope) that local knowledge already speaks about."""
     keys = {u.content.key_part() for u in units if u.source_peer == local_id}
     for p in (preferences or {}).get("patterns") or ():  # type: ignore[attr-defined]
@@ -138,11 +142,20 @@ def local_coverage(units: Iterable[KnowledgeUnit], local_id: str,
     return keys
 
 
-def select(units: Iterable[KnowledgeUnit], *, trust: TrustBook, config: HiveConfig,
-           local_id: str, now: int, pid: int | None = None, tool: str | None = None,
-           command: str | None = None, project: str | None = None,
-           local_keys: set[str] | None = None,
-           delivery: DeliveryBook | None = None) -> tuple[list[PromptItem], int]:
+def select(
+    units: Iterable[KnowledgeUnit],
+    *,
+    trust: TrustBook,
+    config: HiveConfig,
+    local_id: str,
+    now: int,
+    pid: int | None = None,
+    tool: str | None = None,
+    command: str | None = None,
+    project: str | None = None,
+    local_keys: set[str] | None = None,
+    delivery: DeliveryBook | None = None,
+) -> tuple[list[PromptItem], int]:
     """
     The prompt items to show (best first) and how many qualified in all.
     ``delivery`` says who delivered each unit (none: every unit counts as
@@ -166,7 +179,8 @@ def select(units: Iterable[KnowledgeUnit], *, trust: TrustBook, config: HiveConf
         if tier is Tier.IGNORED or trust.is_frozen(peer):
             continue
         if not config.inject_unverified and (
-                tier is Tier.UNVERIFIED or trust.is_blocked(peer, now)):
+            tier is Tier.UNVERIFIED or trust.is_blocked(peer, now)
+        ):
             continue
         eff = unit.effective_confidence(now)
         if eff < CONFIDENCE_FLOOR:
@@ -186,20 +200,48 @@ def select(units: Iterable[KnowledgeUnit], *, trust: TrustBook, config: HiveConf
     for score, _, unit, tier, stale in scored:
         variants: tuple[VariantLine, ...] = ()
         if isinstance(unit.content, ApproachCluster):
-            variants = tuple(VariantLine(v.approach_summary, v.evidence, v.conditions)
-                             for v in unit.content.variants)
-        items.append(PromptItem(tier.label, unit.summary(), unit.evidence_count,
-                                unit.source_peer, stale, score, variants))
+            variants = tuple(
+                VariantLine(v.approach_summary, v.evidence, v.conditions)
+                for v in unit.content.variants
+            )
+        items.append(
+            PromptItem(
+                tier.label,
+                unit.summary(),
+                unit.evidence_count,
+                unit.source_peer,
+                stale,
+                score,
+                variants,
+            )
+        )
     return items, total
 
 
-def build_prompt(home: Home, config: HiveConfig, local_id: str, now: int,
-                 pid: int | None = None, tool: str | None = None, command: str | None = None,
-                 project: str | None = None) -> str:
+def build_prompt(
+    home: Home,
+    config: HiveConfig,
+    local_id: str,
+    now: int,
+    pid: int | None = None,
+    tool: str | None = None,
+    command: str | None = None,
+    project: str | None = None,
+) -> str:
     """The section for this home's store and trust records ("" when nothing qualifies)."""
     units = load_store(home).store.units()
     keys = local_coverage(units, local_id, read_preferences(home))
-    items, total = select(units, trust=load_trust(home, config.default_trust), config=config,
-                          local_id=local_id, now=now, pid=pid, tool=tool, command=command,
-                          project=project, local_keys=keys, delivery=load_delivery(home))
+    items, total = select(
+        units,
+        trust=load_trust(home, config.default_trust),
+        config=config,
+        local_id=local_id,
+        now=now,
+        pid=pid,
+        tool=tool,
+        command=command,
+        project=project,
+        local_keys=keys,
+        delivery=load_delivery(home),
+    )
     return render(items, total)

@@ -48,7 +48,7 @@ CONTENT_TYPE_LABELS = {"hook": "hook_config"}
 def _ref_parts(ref: str) -> tuple[str, str | None]:
     """``pattern:<tool>:<cmd>`` or ``<tool>:<cmd>`` -> (tool, cmd or None)."""
     if ref.startswith("pattern:"):
-        ref = ref[len("pattern:"):]
+        ref = ref[len("pattern:") :]
     tool, _, cmd = ref.partition(":")
     return tool, (None if cmd in ("", "*") else cmd)
 
@@ -65,9 +65,12 @@ class SharingFilter:
         cats = set()
         for c in config.share_categories:
             cats.add("workflow" if c == "workflow_pattern" else c)
-        return cls(frozenset(cats), frozenset(config.exclude_tools),
-                   tuple(c for c in config.exclude_commands if c),
-                   frozenset(CONTENT_TYPE_LABELS.get(t, t) for t in config.exclude_content_types))
+        return cls(
+            frozenset(cats),
+            frozenset(config.exclude_tools),
+            tuple(c for c in config.exclude_commands if c),
+            frozenset(CONTENT_TYPE_LABELS.get(t, t) for t in config.exclude_content_types),
+        )
 
     def _tool_excluded(self, tool: str) -> bool:
         return tool in self.exclude_tools
@@ -155,8 +158,9 @@ def set_exposure(home: Home, unit_id: str, value: str | None) -> None:
         atomic_write(path, dumps_pretty(data), mode=0o600)
 
 
-def is_exposed(unit: KnowledgeUnit, local_id: str, exposure: Mapping[str, str],
-               share_mode: str) -> bool:
+def is_exposed(
+    unit: KnowledgeUnit, local_id: str, exposure: Mapping[str, str], share_mode: str
+) -> bool:
     """Local units follow ``exposure.json``, else ``share_mode``; peer units pass."""
     if unit.source_peer != local_id:
         return True
@@ -180,8 +184,7 @@ class ShareContext:
 
     @classmethod
     def load(cls, home: Home, local_id: str, config: HiveConfig) -> ShareContext:
-        return cls(local_id, config, load_trust(home, config.default_trust),
-                   load_exposure(home))
+        return cls(local_id, config, load_trust(home, config.default_trust), load_exposure(home))
 
     def __post_init__(self) -> None:
         self.filter = SharingFilter.from_config(self.config)
@@ -208,8 +211,7 @@ class ShareContext:
 
     def _flooding(self, peer_id: str) -> bool:
         rec = self.trust.get(peer_id)
-        return (rec is not None and rec.frozen
-                and (rec.freeze_reason or "").startswith("rate cap"))
+        return rec is not None and rec.frozen and (rec.freeze_reason or "").startswith("rate cap")
 
     def refusal(self, unit: KnowledgeUnit, peer_id: str, now: int) -> str | None:
         """Why ``unit`` must not go to ``peer_id`` now, or None if it may."""
@@ -227,7 +229,8 @@ class ShareContext:
         return self.refusal(unit, peer_id, now) is None
 
 
-def shareable(unit: KnowledgeUnit, peer_id: str, *, home: Home, local_id: str,
-              config: HiveConfig, now: int) -> bool:
+def shareable(
+    unit: KnowledgeUnit, peer_id: str, *, home: Home, local_id: str, config: HiveConfig, now: int
+) -> bool:
     """One-off form of :meth:`ShareContext.shareable` (loads trust and exposure)."""
     return ShareContext.load(home, local_id, config).shareable(unit, peer_id, now)

@@ -125,8 +125,13 @@ class BadLine:
     raw: str
 
     def to_record(self, source: str, now: int) -> dict[str, object]:
-        return {"line": self.raw, "lineno": self.lineno, "reason": self.reason,
-                "source": source, "ts": now}
+        return {
+            "line": self.raw,
+            "lineno": self.lineno,
+            "reason": self.reason,
+            "source": source,
+            "ts": now,
+        }
 
 
 @dataclass
@@ -181,8 +186,7 @@ def parse_units(data: bytes) -> LoadResult:
         try:
             unit = _parse_cached(raw)
         except UnicodeDecodeError:
-            result.bad.append(BadLine(lineno, "not UTF-8",
-                                      raw.decode("utf-8", "backslashreplace")))
+            result.bad.append(BadLine(lineno, "not UTF-8", raw.decode("utf-8", "backslashreplace")))
             continue
         except UnitError as e:
             result.bad.append(BadLine(lineno, str(e), raw.decode("utf-8")))
@@ -228,16 +232,23 @@ def append_log(home: Home, name: str, lines: Iterable[str], max_bytes: int) -> N
             size = 0
         if size and size + len(data) > max_bytes:
             path.replace(path.with_name(name + ".1"))
-            log.info("{name} reached {max_bytes} bytes: rotated to {name}.1", name=name,
-                     max_bytes=max_bytes)
+            log.info(
+                "{name} reached {max_bytes} bytes: rotated to {name}.1",
+                name=name,
+                max_bytes=max_bytes,
+            )
         fsync_append(path, data.encode("utf-8"))
 
 
 def quarantine_lines(home: Home, bad: Iterable[BadLine], source: str, now: int) -> None:
     for b in bad:
         append_line(hive_file(home, QUARANTINE), dumps_record(b.to_record(source, now)))
-        log.warn("unreadable line {lineno} of {source} moved to quarantine: {reason}",
-                 lineno=b.lineno, source=source, reason=b.reason)
+        log.warn(
+            "unreadable line {lineno} of {source} moved to quarantine: {reason}",
+            lineno=b.lineno,
+            source=source,
+            reason=b.reason,
+        )
 
 
 def archive_units(home: Home, units: Iterable[KnowledgeUnit]) -> int:
@@ -257,9 +268,14 @@ class Eviction:
     reason: str  # "ttl", "stale_peer" or "max_units"
 
 
-def compact(units: Iterable[KnowledgeUnit], *, local_id: str, config: HiveConfig,
-            last_contact: Mapping[str, int], now: int
-            ) -> tuple[list[KnowledgeUnit], list[Eviction]]:
+def compact(
+    units: Iterable[KnowledgeUnit],
+    *,
+    local_id: str,
+    config: HiveConfig,
+    last_contact: Mapping[str, int],
+    now: int,
+) -> tuple[list[KnowledgeUnit], list[Eviction]]:
     """
     Apply the store bounds; local units are never evicted.
 
@@ -286,8 +302,10 @@ def compact(units: Iterable[KnowledgeUnit], *, local_id: str, config: HiveConfig
             kept.append(unit)
     cap = config.max_units
     if cap and len(kept) > cap:
-        peer_units = sorted((u for u in kept if u.source_peer != local_id),
-                            key=lambda u: (u.weight(now), u.last_validated_at, u.id))
+        peer_units = sorted(
+            (u for u in kept if u.source_peer != local_id),
+            key=lambda u: (u.weight(now), u.last_validated_at, u.id),
+        )
         over = len(kept) - cap
         drop = {id(u) for u in peer_units[:over]}
         evicted.extend(Eviction(u, "max_units") for u in kept if id(u) in drop)
@@ -316,9 +334,14 @@ def last_contact(home: Home, records: Mapping[str, int] | None = None) -> dict[s
 
 
 @contextlib.contextmanager
-def store_transaction(home: Home, *, local_id: str, config: HiveConfig | None = None,
-                      now: int | None = None, apply_bounds: bool = True
-                      ) -> Iterator[KnowledgeStore]:
+def store_transaction(
+    home: Home,
+    *,
+    local_id: str,
+    config: HiveConfig | None = None,
+    now: int | None = None,
+    apply_bounds: bool = True,
+) -> Iterator[KnowledgeStore]:
     """
     Read-modify-write ``knowledge.jsonl`` under its lock.
 
@@ -336,8 +359,13 @@ def store_transaction(home: Home, *, local_id: str, config: HiveConfig | None = 
         yield store
         evicted: list[Eviction] = []
         if apply_bounds:
-            kept, evicted = compact(store.units(), local_id=local_id, config=config,
-                                    last_contact=last_contact(home), now=t)
+            kept, evicted = compact(
+                store.units(),
+                local_id=local_id,
+                config=config,
+                last_contact=last_contact(home),
+                now=t,
+            )
             if evicted:
                 store.replace_all(kept)
         changed = store.snapshot() != before

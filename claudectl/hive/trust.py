@@ -128,8 +128,13 @@ class PeerTrust:
 
     @classmethod
     def new(cls, peer_id: str, level: float, now: int) -> PeerTrust:
-        return cls(peer_id, clamp01(level), first_seen=now, last_sync=now,
-                   quarantined_until=now + QUARANTINE_SECS)
+        return cls(
+            peer_id,
+            clamp01(level),
+            first_seen=now,
+            last_sync=now,
+            quarantined_until=now + QUARANTINE_SECS,
+        )
 
     @classmethod
     def from_json(cls, value: Any, where: str = "record") -> PeerTrust:
@@ -163,34 +168,50 @@ class PeerTrust:
         if reason is not None and not isinstance(reason, str):
             raise UnitError(f"{where}.freeze_reason must be a string or null")
         if not isinstance(daily, Mapping) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in daily.values()):
+            isinstance(v, int) and not isinstance(v, bool) for v in daily.values()
+        ):
             raise UnitError(f"{where}.daily_received must map day numbers to integers")
         if anomaly is not None and (isinstance(anomaly, bool) or not isinstance(anomaly, int)):
             raise UnitError(f"{where}.last_anomaly_at must be an integer or null")
+
         def strings(key: str) -> list[str]:
             v = value.get(key, [])
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise UnitError(f"{where}.{key} must be a list of strings")
             return list(v[-COLLISION_EVIDENCE_KEEP:])
 
-        return cls(peer_id, float(level), uint("knowledge_accepted"),
-                   uint("knowledge_conflicted"), uint("first_seen"), uint("last_sync"),
-                   uint("quarantined_until", 0), frozen, reason, dict(daily), anomaly,
-                   strings("collided_on"), strings("contradicted_by"))
+        return cls(
+            peer_id,
+            float(level),
+            uint("knowledge_accepted"),
+            uint("knowledge_conflicted"),
+            uint("first_seen"),
+            uint("last_sync"),
+            uint("quarantined_until", 0),
+            frozen,
+            reason,
+            dict(daily),
+            anomaly,
+            strings("collided_on"),
+            strings("contradicted_by"),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "peer_id": self.peer_id, "trust_level": self.trust_level,
+            "peer_id": self.peer_id,
+            "trust_level": self.trust_level,
             "knowledge_accepted": self.knowledge_accepted,
             "knowledge_conflicted": self.knowledge_conflicted,
-            "first_seen": self.first_seen, "last_sync": self.last_sync,
-            "quarantined_until": self.quarantined_until, "frozen": self.frozen,
-            "freeze_reason": self.freeze_reason, "daily_received": dict(self.daily_received),
+            "first_seen": self.first_seen,
+            "last_sync": self.last_sync,
+            "quarantined_until": self.quarantined_until,
+            "frozen": self.frozen,
+            "freeze_reason": self.freeze_reason,
+            "daily_received": dict(self.daily_received),
             "last_anomaly_at": self.last_anomaly_at,
             # Ours, after claudectl's keys, and only once there is evidence.
             **({"collided_on": list(self.collided_on)} if self.collided_on else {}),
-            **({"contradicted_by": list(self.contradicted_by)}
-               if self.contradicted_by else {}),
+            **({"contradicted_by": list(self.contradicted_by)} if self.contradicted_by else {}),
         }
 
     def add_evidence(self, kind: str, item: str) -> int:
@@ -243,10 +264,15 @@ class Collision:
     ts: int
 
     def to_record(self) -> dict[str, Any]:
-        return {"confidence_delta": self.confidence_delta, "existing_peer": self.existing_peer,
-                "existing_unit_id": self.existing_unit_id, "incoming_peer": self.incoming_peer,
-                "incoming_unit_id": self.incoming_unit_id, "semantic_key": self.semantic_key,
-                "ts": self.ts}
+        return {
+            "confidence_delta": self.confidence_delta,
+            "existing_peer": self.existing_peer,
+            "existing_unit_id": self.existing_unit_id,
+            "incoming_peer": self.incoming_peer,
+            "incoming_unit_id": self.incoming_unit_id,
+            "semantic_key": self.semantic_key,
+            "ts": self.ts,
+        }
 
 
 def unit_matches_decision(unit: KnowledgeUnit, tool: Any, command: Any) -> bool:
@@ -260,8 +286,9 @@ def unit_matches_decision(unit: KnowledgeUnit, tool: Any, command: Any) -> bool:
 class TrustBook:
     """Every peer's trust record, plus the rules that change them."""
 
-    def __init__(self, records: Mapping[str, PeerTrust] | None = None,
-                 default_trust: float = 0.5) -> None:
+    def __init__(
+        self, records: Mapping[str, PeerTrust] | None = None, default_trust: float = 0.5
+    ) -> None:
         self.records: dict[str, PeerTrust] = dict(records or {})
         self.default_trust = clamp01(default_trust)
 
@@ -295,8 +322,11 @@ class TrustBook:
         rec = self.records.get(peer_id)
         if rec is None:
             rec = self.records[peer_id] = PeerTrust.new(peer_id, self.default_trust, now)
-            log.info("new trust record for {peer_id} at {trust_level}", peer_id=peer_id,
-                     trust_level=rec.trust_level)
+            log.info(
+                "new trust record for {peer_id} at {trust_level}",
+                peer_id=peer_id,
+                trust_level=rec.trust_level,
+            )
         return rec
 
     def set_level(self, peer_id: str, level: float, now: int) -> PeerTrust:
@@ -318,8 +348,7 @@ class TrustBook:
         rec.freeze_reason = None
         return True
 
-    def record_batch(self, peer_id: str, count: int, now: int,
-                     cap: int = DEFAULT_RATE_CAP) -> bool:
+    def record_batch(self, peer_id: str, count: int, now: int, cap: int = DEFAULT_RATE_CAP) -> bool:
         """
         Count ``count`` units received from ``peer_id`` today; freeze the peer
         when this batch takes it past ``cap`` units in one day.  Also marks
@@ -331,19 +360,26 @@ class TrustBook:
         before = rec.daily_received.get(key, 0)
         after = before + count
         rec.daily_received[key] = after
-        rec.daily_received = {d: n for d, n in rec.daily_received.items()
-                              if d.isdigit() and today - int(d) < DAILY_KEEP_DAYS}
+        rec.daily_received = {
+            d: n
+            for d, n in rec.daily_received.items()
+            if d.isdigit() and today - int(d) < DAILY_KEEP_DAYS
+        }
         rec.last_sync = max(rec.last_sync, now)
         if before <= cap < after:
             rec.freeze(f"rate cap exceeded: {after} units in 24h", now)
-            log.warn("peer {peer_id} frozen: {count} units in 24h", peer_id=peer_id,
-                     count=after)
+            log.warn("peer {peer_id} frozen: {count} units in 24h", peer_id=peer_id, count=after)
             return True
         return False
 
-    def check_collisions(self, existing: Mapping[str, KnowledgeUnit],
-                         incoming: Iterable[KnowledgeUnit], from_peer: str,
-                         local_id: str, now: int) -> list[Collision]:
+    def check_collisions(
+        self,
+        existing: Mapping[str, KnowledgeUnit],
+        incoming: Iterable[KnowledgeUnit],
+        from_peer: str,
+        local_id: str,
+        now: int,
+    ) -> list[Collision]:
         """
         Compare each incoming unit with the stored unit of its semantic key;
         a different source whose confidence differs by more than 0.3 (or a
@@ -362,10 +398,13 @@ class TrustBook:
             delta = abs(ex.confidence - unit.confidence)
             if ex.type == unit.type and delta <= COLLISION_DELTA:
                 continue
-            col = Collision(unit.semantic_key, ex.source_peer, ex.id, from_peer, unit.id,
-                            round(delta, 6), now)
+            col = Collision(
+                unit.semantic_key, ex.source_peer, ex.id, from_peer, unit.id, round(delta, 6), now
+            )
             found.append(col)
-            reason = f"collision on {unit.semantic_key} (\u0394conf {delta:.2f}) with {ex.source_peer}"
+            reason = (
+                f"collision on {unit.semantic_key} (\u0394conf {delta:.2f}) with {ex.source_peer}"
+            )
             if from_peer != local_id and from_peer != ex.source_peer:
                 rec = self.ensure(from_peer, now)
                 if rec.add_evidence("collided_on", unit.semantic_key) >= COLLISION_EVIDENCE:
@@ -374,12 +413,23 @@ class TrustBook:
                 rec = self.ensure(ex.source_peer, now)
                 if rec.add_evidence("contradicted_by", from_peer) >= COLLISION_EVIDENCE:
                     rec.freeze(reason, now)
-            log.warn("collision on {key} between {a} and {b}", key=unit.semantic_key,
-                     a=ex.source_peer, b=from_peer)
+            log.warn(
+                "collision on {key} between {a} and {b}",
+                key=unit.semantic_key,
+                a=ex.source_peer,
+                b=from_peer,
+            )
         return found
 
-    def apply_decision(self, tool: Any, command: Any, user_action: Any,
-                       units: Iterable[KnowledgeUnit], local_id: str, now: int) -> dict[str, int]:
+    def apply_decision(
+        self,
+        tool: Any,
+        command: Any,
+        user_action: Any,
+        units: Iterable[KnowledgeUnit],
+        local_id: str,
+        now: int,
+    ) -> dict[str, int]:
         """
         Drift trust for one logged decision: each peer with a matching
         pattern unit moves +0.01 if the user agreed with it, -0.01 if not
@@ -425,8 +475,7 @@ def trust_path(home: Home) -> Path:
     return home.hive / "trust.json"
 
 
-def load_trust(home: Home, default_trust: float = 0.5, *,
-               repair: bool = False) -> TrustBook:
+def load_trust(home: Home, default_trust: float = 0.5, *, repair: bool = False) -> TrustBook:
     """
     Read ``trust.json``.  An unreadable file gives an empty book (with a
     logged warning).  Only with ``repair`` -- inside :func:`trust_transaction`,
@@ -448,14 +497,21 @@ def load_trust(home: Home, default_trust: float = 0.5, *,
             if attempt == 0:
                 time.sleep(0.05)  # a writer may be half-way: look again once
     if not repair:
-        log.warn("cannot read {path} ({reason}); using default trust levels",
-                 path=str(path), reason=str(error))
+        log.warn(
+            "cannot read {path} ({reason}); using default trust levels",
+            path=str(path),
+            reason=str(error),
+        )
         return TrustBook(default_trust=default_trust)
     aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
     with contextlib.suppress(OSError):
         path.rename(aside)
-    log.error("unreadable {path} moved to {aside}: {reason}", path=str(path),
-              aside=str(aside), reason=str(error))
+    log.error(
+        "unreadable {path} moved to {aside}: {reason}",
+        path=str(path),
+        aside=str(aside),
+        reason=str(error),
+    )
     return TrustBook(default_trust=default_trust)
 
 
@@ -474,8 +530,9 @@ def trust_transaction(home: Home, default_trust: float = 0.5) -> Iterator[TrustB
             save_trust(home, book)
 
 
-def log_collisions(home: Home, collisions: Iterable[Collision],
-                   max_bytes: int = 16 * 1024 * 1024) -> None:
+def log_collisions(
+    home: Home, collisions: Iterable[Collision], max_bytes: int = 16 * 1024 * 1024
+) -> None:
     """Append to ``collisions.jsonl`` (rotated past ``max_bytes``)."""
     append_log(home, COLLISIONS, (dumps_record(c.to_record()) for c in collisions), max_bytes)
 

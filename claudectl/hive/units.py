@@ -35,8 +35,12 @@ U64_MAX = 2**64 - 1
 
 CATEGORIES = ("best_practice", "technique", "workflow_pattern", "personal")
 #: Config/CLI labels of the categories (``workflow`` means ``workflow_pattern``).
-CATEGORY_LABELS = {"best_practice": "best_practice", "technique": "technique",
-                   "workflow_pattern": "workflow", "personal": "personal"}
+CATEGORY_LABELS = {
+    "best_practice": "best_practice",
+    "technique": "technique",
+    "workflow_pattern": "workflow",
+    "personal": "personal",
+}
 INJECTION_STATES = ("draft", "canary", "staged", "live")
 TRUST_TIERS = ("confirmed", "suggested", "unverified", "any")
 
@@ -172,7 +176,8 @@ class Requires:
         return cls(
             cli=() if cli is None else _str_list(cli, _where(path, "cli")),
             os=() if os_ is None else _str_list(os_, _where(path, "os")),
-            min_version=None if mv is None else _str(mv, _where(path, "min_version")))
+            min_version=None if mv is None else _str(mv, _where(path, "min_version")),
+        )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -251,9 +256,13 @@ def pct(x: float) -> str:
 class Pattern(Content):
     TYPE: ClassVar[str] = "pattern"
     _SPEC: ClassVar[tuple[_FieldSpec, ...]] = (
-        ("tool", "str", _MISSING), ("command_pattern", "str?", None),
-        ("preferred_action", "str", _MISSING), ("accept_rate", "f64", _MISSING),
-        ("sample_count", "u32", _MISSING), ("conditions", "strs", _MISSING))
+        ("tool", "str", _MISSING),
+        ("command_pattern", "str?", None),
+        ("preferred_action", "str", _MISSING),
+        ("accept_rate", "f64", _MISSING),
+        ("sample_count", "u32", _MISSING),
+        ("conditions", "strs", _MISSING),
+    )
     tool: str
     command_pattern: str | None
     preferred_action: str
@@ -265,16 +274,21 @@ class Pattern(Content):
         return f"pattern:{self.tool}:{self.command_pattern or '*'}"
 
     def summary(self) -> str:
-        return (f"[{self.tool}, {self.command_pattern or '*'}] {self.preferred_action} "
-                f"({pct(self.accept_rate)}%)")
+        return (
+            f"[{self.tool}, {self.command_pattern or '*'}] {self.preferred_action} "
+            f"({pct(self.accept_rate)}%)"
+        )
 
 
 @dataclass(frozen=True)
 class ToolAccuracy(Content):
     TYPE: ClassVar[str] = "tool_accuracy"
     _SPEC: ClassVar[tuple[_FieldSpec, ...]] = (
-        ("tool", "str", _MISSING), ("total", "u32", _MISSING),
-        ("correct", "u32", _MISSING), ("confidence_threshold", "f64", _MISSING))
+        ("tool", "str", _MISSING),
+        ("total", "u32", _MISSING),
+        ("correct", "u32", _MISSING),
+        ("confidence_threshold", "f64", _MISSING),
+    )
     tool: str
     total: int
     correct: int
@@ -292,7 +306,9 @@ class ToolAccuracy(Content):
 class Temporal(Content):
     TYPE: ClassVar[str] = "temporal"
     _SPEC: ClassVar[tuple[_FieldSpec, ...]] = (
-        ("description", "str", _MISSING), ("strength", "f64", _MISSING))
+        ("description", "str", _MISSING),
+        ("strength", "f64", _MISSING),
+    )
     description: str
     strength: float
 
@@ -307,8 +323,11 @@ class Temporal(Content):
 class Insight(Content):
     TYPE: ClassVar[str] = "insight"
     _SPEC: ClassVar[tuple[_FieldSpec, ...]] = (
-        ("category", "str", _MISSING), ("severity", "str", _MISSING),
-        ("summary", "str", _MISSING), ("suggestion", "str?", None))
+        ("category", "str", _MISSING),
+        ("severity", "str", _MISSING),
+        ("summary", "str", _MISSING),
+        ("suggestion", "str?", None),
+    )
     category: str
     severity: str
     summary_text: str
@@ -321,8 +340,13 @@ class Insight(Content):
         return cls(vals["category"], vals["severity"], vals["summary"], vals["suggestion"])
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "category": self.category, "severity": self.severity,
-                "summary": self.summary_text, "suggestion": self.suggestion}
+        return {
+            "type": self.TYPE,
+            "category": self.category,
+            "severity": self.severity,
+            "summary": self.summary_text,
+            "suggestion": self.suggestion,
+        }
 
     def key_part(self) -> str:
         return f"insight:{self.category}:{self.summary_text[:40]}"
@@ -335,7 +359,9 @@ class Insight(Content):
 class PromotedRule(Content):
     TYPE: ClassVar[str] = "promoted_rule"
     _SPEC: ClassVar[tuple[_FieldSpec, ...]] = (
-        ("rule", "str", _MISSING), ("source_type", "str", _MISSING))
+        ("rule", "str", _MISSING),
+        ("source_type", "str", _MISSING),
+    )
     rule: str
     source_type: str
 
@@ -350,9 +376,12 @@ class PromotedRule(Content):
 class Skill(Content):
     TYPE: ClassVar[str] = "skill"
     _SPEC: ClassVar[tuple[_FieldSpec, ...]] = (
-        ("name", "str", _MISSING), ("description", "str", _MISSING),
-        ("version", "str", _MISSING), ("body", "str", _MISSING),
-        ("requires", "requires", Requires()))
+        ("name", "str", _MISSING),
+        ("description", "str", _MISSING),
+        ("version", "str", _MISSING),
+        ("body", "str", _MISSING),
+        ("requires", "requires", Requires()),
+    )
     name: str
     description: str
     version: str
@@ -370,9 +399,12 @@ class Skill(Content):
 class Command(Content):
     TYPE: ClassVar[str] = "command"
     _SPEC: ClassVar[tuple[_FieldSpec, ...]] = (
-        ("name", "str", _MISSING), ("description", "str", _MISSING),
-        ("args", "str?", None), ("body", "str", _MISSING),
-        ("requires", "requires", Requires()))
+        ("name", "str", _MISSING),
+        ("description", "str", _MISSING),
+        ("args", "str?", None),
+        ("body", "str", _MISSING),
+        ("requires", "requires", Requires()),
+    )
     name: str
     description: str
     args: str | None
@@ -390,9 +422,12 @@ class Command(Content):
 class HookConfig(Content):
     TYPE: ClassVar[str] = "hook_config"
     _SPEC: ClassVar[tuple[_FieldSpec, ...]] = (
-        ("event", "str", _MISSING), ("matcher", "str", _MISSING),
-        ("description", "str", _MISSING), ("config_json", "str", _MISSING),
-        ("requires", "requires", Requires()))
+        ("event", "str", _MISSING),
+        ("matcher", "str", _MISSING),
+        ("description", "str", _MISSING),
+        ("config_json", "str", _MISSING),
+        ("requires", "requires", Requires()),
+    )
     event: str
     matcher: str
     description: str
@@ -410,9 +445,13 @@ class HookConfig(Content):
 class ApproachOutcome(Content):
     TYPE: ClassVar[str] = "approach_outcome"
     _SPEC: ClassVar[tuple[_FieldSpec, ...]] = (
-        ("approach_ref", "str", _MISSING), ("success_rate", "f64", _MISSING),
-        ("sample_count", "u32", _MISSING), ("median_cost_usd", "f64?", None),
-        ("median_duration_ms", "u64?", None), ("conditions", "strs", ()))
+        ("approach_ref", "str", _MISSING),
+        ("success_rate", "f64", _MISSING),
+        ("sample_count", "u32", _MISSING),
+        ("median_cost_usd", "f64?", None),
+        ("median_duration_ms", "u64?", None),
+        ("conditions", "strs", ()),
+    )
     approach_ref: str
     success_rate: float
     sample_count: int
@@ -424,15 +463,19 @@ class ApproachOutcome(Content):
         return f"outcome:{self.approach_ref}"
 
     def summary(self) -> str:
-        return (f"outcome: {self.approach_ref} \u2014 {pct(self.success_rate)}% "
-                f"over {self.sample_count}")
+        return (
+            f"outcome: {self.approach_ref} \u2014 {pct(self.success_rate)}% "
+            f"over {self.sample_count}"
+        )
 
 
 @dataclass(frozen=True)
 class ApproachCluster(Content):
     TYPE: ClassVar[str] = "approach_cluster"
     _SPEC: ClassVar[tuple[_FieldSpec, ...]] = (
-        ("problem_key", "str", _MISSING), ("variants", "variants", _MISSING))
+        ("problem_key", "str", _MISSING),
+        ("variants", "variants", _MISSING),
+    )
     problem_key: str
     variants: tuple[ApproachVariant, ...]
 
@@ -444,15 +487,33 @@ class ApproachCluster(Content):
 
 
 CONTENT_TYPES: dict[str, type[Content]] = {
-    c.TYPE: c for c in (Pattern, ToolAccuracy, Temporal, Insight, PromotedRule, Skill,
-                        Command, HookConfig, ApproachOutcome, ApproachCluster)}
+    c.TYPE: c
+    for c in (
+        Pattern,
+        ToolAccuracy,
+        Temporal,
+        Insight,
+        PromotedRule,
+        Skill,
+        Command,
+        HookConfig,
+        ApproachOutcome,
+        ApproachCluster,
+    )
+}
 
 #: Default revalidation interval per content type, seconds (hive.md 2.6).
 DEFAULT_INTERVALS: dict[str, int] = {
-    "pattern": 30 * DAY, "tool_accuracy": 30 * DAY, "promoted_rule": 30 * DAY,
-    "approach_cluster": 30 * DAY, "approach_outcome": 14 * DAY,
-    "temporal": 7 * DAY, "insight": 7 * DAY,
-    "skill": 90 * DAY, "command": 90 * DAY, "hook_config": 90 * DAY,
+    "pattern": 30 * DAY,
+    "tool_accuracy": 30 * DAY,
+    "promoted_rule": 30 * DAY,
+    "approach_cluster": 30 * DAY,
+    "approach_outcome": 14 * DAY,
+    "temporal": 7 * DAY,
+    "insight": 7 * DAY,
+    "skill": 90 * DAY,
+    "command": 90 * DAY,
+    "hook_config": 90 * DAY,
 }
 
 
@@ -475,8 +536,11 @@ class Scope:
     kind: str = "universal"
     value: str | None = None
 
-    KINDS: ClassVar[dict[str, str]] = {"universal": "universal", "language": "lang",
-                                       "project": "proj"}
+    KINDS: ClassVar[dict[str, str]] = {
+        "universal": "universal",
+        "language": "lang",
+        "project": "proj",
+    }
 
     @classmethod
     def from_json(cls, value: Any, path: str = "scope") -> Scope:
@@ -497,7 +561,7 @@ class Scope:
             return cls()
         for kind in ("language", "project"):
             if text.startswith(kind + ":"):
-                return cls(kind, text[len(kind) + 1:])
+                return cls(kind, text[len(kind) + 1 :])
         return cls("project", text)
 
     def to_json(self) -> dict[str, Any]:
@@ -535,13 +599,15 @@ class SharingConsent:
         excl = obj.get("exclude_peers")
         tier = obj.get("min_trust_tier", "any")
         if tier not in TIER_RANK:
-            raise UnitError(f"{path}.min_trust_tier {tier!r} is not one of "
-                            + ", ".join(TRUST_TIERS))
+            raise UnitError(
+                f"{path}.min_trust_tier {tier!r} is not one of " + ", ".join(TRUST_TIERS)
+            )
         return cls(
             expires_at=None if exp is None else _int(exp, f"{path}.expires_at", U64_MAX),
             allow_peers=None if allow is None else _str_list(allow, f"{path}.allow_peers"),
             exclude_peers=None if excl is None else _str_list(excl, f"{path}.exclude_peers"),
-            min_trust_tier=tier)
+            min_trust_tier=tier,
+        )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -579,8 +645,9 @@ class InjectionStats:
     @classmethod
     def from_json(cls, value: Any, path: str = "injection_stats") -> InjectionStats:
         obj = _obj(value, path)
-        return cls(**{f.name: _int(obj.get(f.name, 0), f"{path}.{f.name}", U64_MAX)
-                      for f in fields(cls)})
+        return cls(
+            **{f.name: _int(obj.get(f.name, 0), f"{path}.{f.name}", U64_MAX) for f in fields(cls)}
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -615,8 +682,9 @@ class KnowledgeUnit:
             raise UnitError(f"category {category!r} is not one of {', '.join(CATEGORIES)}")
         state = _get(obj, "injection_state", "", "live")
         if state not in INJECTION_STATES:
-            raise UnitError(f"injection_state {state!r} is not one of "
-                            + ", ".join(INJECTION_STATES))
+            raise UnitError(
+                f"injection_state {state!r} is not one of " + ", ".join(INJECTION_STATES)
+            )
         consent = obj.get("sharing_consent")
         return cls(
             id=_str(_get(obj, "id", ""), "id"),
@@ -627,13 +695,16 @@ class KnowledgeUnit:
             confidence=_float(_get(obj, "confidence", ""), "confidence"),
             source_peer=_str(_get(obj, "source_peer", ""), "source_peer"),
             originated_at=_int(_get(obj, "originated_at", ""), "originated_at", U64_MAX),
-            last_validated_at=_int(_get(obj, "last_validated_at", ""), "last_validated_at",
-                                   U64_MAX),
-            propagation_count=_int(_get(obj, "propagation_count", ""), "propagation_count",
-                                   U32_MAX),
+            last_validated_at=_int(
+                _get(obj, "last_validated_at", ""), "last_validated_at", U64_MAX
+            ),
+            propagation_count=_int(
+                _get(obj, "propagation_count", ""), "propagation_count", U32_MAX
+            ),
             version=_int(_get(obj, "version", ""), "version", U32_MAX),
-            revalidation_interval_secs=_int(obj.get("revalidation_interval_secs", 0),
-                                            "revalidation_interval_secs", U64_MAX),
+            revalidation_interval_secs=_int(
+                obj.get("revalidation_interval_secs", 0), "revalidation_interval_secs", U64_MAX
+            ),
             injection_state=state,
             injection_stats=InjectionStats.from_json(obj.get("injection_stats", {})),
             sharing_consent=None if consent is None else SharingConsent.from_json(consent),
@@ -707,8 +778,9 @@ class KnowledgeUnit:
 
 
 def _dumps(value: Any, sort_keys: bool = False) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
-                      sort_keys=sort_keys, allow_nan=False)
+    return json.dumps(
+        value, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys, allow_nan=False
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -753,8 +825,9 @@ def unit_json_len(unit: KnowledgeUnit) -> int:
 T = TypeVar("T")
 
 
-def paginate(items: Iterable[T], limit: int = SNAPSHOT_PAGE_BYTES,
-             size: Callable[[T], int] = unit_json_len) -> list[list[T]]:  # type: ignore[assignment]
+def paginate(
+    items: Iterable[T], limit: int = SNAPSHOT_PAGE_BYTES, size: Callable[[T], int] = unit_json_len
+) -> list[list[T]]:  # type: ignore[assignment]
     """
     Split units into snapshot pages as claudectl does (hive.md 6.6): a page
     closes before a unit that would take it past ``limit`` bytes; an oversize
@@ -788,8 +861,9 @@ class UnitIds:
     starts at a random 32-bit value, so ids are unique in practice.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time,
-                 random: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, random: Callable[[int], bytes] = os.urandom
+    ) -> None:
         self._clock = clock
         self._next = int.from_bytes(random(4), "big")
 
@@ -851,13 +925,15 @@ def command_matches(pattern: str | None, command: object) -> bool:
     if not isinstance(command, str):
         return False
     if any(ch in pattern for ch in "*?["):
-        return (fnmatch.fnmatchcase(command, pattern)
-                or fnmatch.fnmatchcase(command.rsplit("/", 1)[-1], pattern))
+        return fnmatch.fnmatchcase(command, pattern) or fnmatch.fnmatchcase(
+            command.rsplit("/", 1)[-1], pattern
+        )
     return pattern in command
 
 
 def version_gte(have: str, want: str) -> bool:
     """Dotted-triple comparison; missing or non-numeric parts count as 0."""
+
     def triple(v: str) -> tuple[int, int, int]:
         parts = v.split(".")
         nums = []

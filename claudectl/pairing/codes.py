@@ -73,8 +73,10 @@ class NotCarriedError(InviteCodeError):
 
 # --- socket addresses (Rust's SocketAddr syntax) ------------------------------------
 
-_IPV4 = re.compile(r"^(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\."
-                   r"(0|[1-9][0-9]{0,2})$")
+_IPV4 = re.compile(
+    r"^(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\."
+    r"(0|[1-9][0-9]{0,2})$"
+)
 _PORT = re.compile(r"^[0-9]+$")
 _SCOPE = re.compile(r"^[0-9]+$")
 
@@ -167,15 +169,17 @@ def build_link(identity: str, host: str, port: int, psk: bytes) -> str:
     """
     if len(psk) < PAIR_CODE_BYTES:
         raise ValueError("the link key needs the 8 pair-code bytes")
-    return (f"{LINK_SCHEME}{identity}@{format_socket_address(host, port)}"
-            f"{KEY_MARKER}{psk[:PAIR_CODE_BYTES].hex()}")
+    return (
+        f"{LINK_SCHEME}{identity}@{format_socket_address(host, port)}"
+        f"{KEY_MARKER}{psk[:PAIR_CODE_BYTES].hex()}"
+    )
 
 
 def parse_link(text: str) -> InviteLink:
     """Parse an invite link with claudectl 0.64's rules and messages."""
     if not text.startswith(LINK_SCHEME):
         raise LinkError("invite link must start with cctl://")
-    rest = text[len(LINK_SCHEME):]
+    rest = text[len(LINK_SCHEME) :]
     left, sep, key = rest.partition(KEY_MARKER)
     if not sep:
         raise LinkError("missing /k/ in invite link")
@@ -220,11 +224,13 @@ def port_byte(port: int) -> int:
     if offset == DEFAULT_PORT_BYTE:
         raise NotCarriedError(
             f"port {port} cannot be carried by a relay code or word phrase "
-            f"(it would read back as {BASE_PORT}); share the invite link instead")
+            f"(it would read back as {BASE_PORT}); share the invite link instead"
+        )
     raise NotCarriedError(
         f"port {port} cannot be carried by a relay code or word phrase (only "
         f"{LOWEST_CODE_PORT}-{HIGHEST_CODE_PORT} except {BASE_PORT + DEFAULT_PORT_BYTE}); "
-        f"share the invite link instead")
+        f"share the invite link instead"
+    )
 
 
 def port_from_byte(value: int) -> int:
@@ -249,11 +255,13 @@ def encode_payload(host: str, port: int, secret: bytes) -> bytes:
     except ValueError:
         raise NotCarriedError(
             f"a relay code or word phrase carries an IPv4 address, not {host!r}; "
-            f"share the invite link instead") from None
+            f"share the invite link instead"
+        ) from None
     if ip.version != 4:
         raise NotCarriedError(
             f"a relay code or word phrase cannot carry the IPv6 address {host}; "
-            f"share the invite link instead")
+            f"share the invite link instead"
+        )
     return ip.packed + bytes([port_byte(port)]) + secret
 
 
@@ -286,7 +294,7 @@ def base32_encode(data: bytes) -> str:
 
 def group3(text: str) -> str:
     """``ABCDEFGH`` -> ``ABC-DEF-GH``."""
-    return "-".join(text[i:i + 3] for i in range(0, len(text), 3))
+    return "-".join(text[i : i + 3] for i in range(0, len(text), 3))
 
 
 def encode_relay_code(payload: bytes) -> str:

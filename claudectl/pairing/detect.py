@@ -92,8 +92,11 @@ def detect_join_format(text: str) -> str:
         return PAIR_CODE
     if _looks_like_phrase(tokens):
         return WORD_PHRASE
-    if (compact.isascii() and compact.isalnum()
-            and MIN_RELAY_CODE_CHARS <= len(compact) <= MAX_RELAY_CODE_CHARS):
+    if (
+        compact.isascii()
+        and compact.isalnum()
+        and MIN_RELAY_CODE_CHARS <= len(compact) <= MAX_RELAY_CODE_CHARS
+    ):
         return RELAY_CODE
     if not stripped:
         raise JoinFormatError(f"no invite given; {ACCEPTED_FORMS}")
@@ -119,8 +122,10 @@ class JoinTarget:
         return format_socket_address(self.host, self.port)
 
     def __repr__(self) -> str:  # never show secrets in logs or tracebacks
-        return (f"JoinTarget(kind={self.kind!r}, address={self.address!r}, "
-                f"expected_identity={self.expected_identity!r})")
+        return (
+            f"JoinTarget(kind={self.kind!r}, address={self.address!r}, "
+            f"expected_identity={self.expected_identity!r})"
+        )
 
 
 def _split_address(text: str) -> tuple[str, str | None]:
@@ -156,20 +161,23 @@ def decode_join(text: str) -> JoinTarget:
     if address is not None and kind != PAIR_CODE:
         raise JoinFormatError(
             f"only a pair code is followed by an address; a {kind.replace('_', ' ')} "
-            f"carries its own (remove '{address}')")
+            f"carries its own (remove '{address}')"
+        )
     if kind == LINK:
         link_text = body.strip()
-        link = codes.parse_link(codes.LINK_SCHEME + link_text[len(codes.LINK_SCHEME):])
+        link = codes.parse_link(codes.LINK_SCHEME + link_text[len(codes.LINK_SCHEME) :])
         identity = link.identity or None
         if identity is not None and not is_remote_peer_id(identity):
             raise InviteCodeError(f"the invite link names an invalid identity '{identity}'")
-        return JoinTarget(LINK, link.address.host, link.address.port,
-                          expected_identity=identity, psk=link.psk)
+        return JoinTarget(
+            LINK, link.address.host, link.address.port, expected_identity=identity, psk=link.psk
+        )
     if kind == PAIR_CODE:
         if address is None:
             raise JoinFormatError(
                 "a pair code carries no address: add the inviter's host:port, e.g. "
-                f"claudectl relay join {EXAMPLE_PAIR_CODE}")
+                f"claudectl relay join {EXAMPLE_PAIR_CODE}"
+            )
         host, port = _parse_host_port(address)
         try:
             psk = psk_from_code(body)

@@ -204,13 +204,21 @@ class Invite:
         for name in ("created_at", "expires_at", "port"):
             if isinstance(data[name], bool) or not isinstance(data[name], int):
                 raise ValueError(f"{name} must be an integer")
-        return cls(id=str(data["id"]), created_at=data["created_at"],
-                   expires_at=data["expires_at"], identity=str(data["identity"]),
-                   host=str(data["host"]), port=data["port"], link_psk=link_psk,
-                   code_password=password, has_code=bool(data.get("has_code", True)),
-                   state=data["state"], used_by=data.get("used_by"),
-                   closed_at=data.get("closed_at"),
-                   kind=PAIR_CODE if data.get("kind") == PAIR_CODE else "invite")
+        return cls(
+            id=str(data["id"]),
+            created_at=data["created_at"],
+            expires_at=data["expires_at"],
+            identity=str(data["identity"]),
+            host=str(data["host"]),
+            port=data["port"],
+            link_psk=link_psk,
+            code_password=password,
+            has_code=bool(data.get("has_code", True)),
+            state=data["state"],
+            used_by=data.get("used_by"),
+            closed_at=data.get("closed_at"),
+            kind=PAIR_CODE if data.get("kind") == PAIR_CODE else "invite",
+        )
 
 
 def public_view(invite: Invite, now: float) -> dict[str, Any]:
@@ -229,8 +237,9 @@ def public_view(invite: Invite, now: float) -> dict[str, Any]:
 class InviteStore:
     """Outstanding invites of one home."""
 
-    def __init__(self, home: Home, keystore: KeyStore | None = None,
-                 random: RandomBytes = os.urandom) -> None:
+    def __init__(
+        self, home: Home, keystore: KeyStore | None = None, random: RandomBytes = os.urandom
+    ) -> None:
         self.home = home
         self.keystore = keystore if keystore is not None else KeyStore(home)
         self._random = random
@@ -255,7 +264,8 @@ class InviteStore:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise InviteStoreError(
                 f"{self.path} is damaged ({e}); move it away to start afresh "
-                f"(no invite has been changed)") from None
+                f"(no invite has been changed)"
+            ) from None
 
     def _write(self, invites: Iterable[Invite]) -> None:
         self.home.ensure_private_dir(self.home.invites)
@@ -273,8 +283,7 @@ class InviteStore:
             if invites != before:
                 self._write(invites)
 
-    def _close(self, invite: Invite, state: str, now: float,
-               used_by: str | None = None) -> Invite:
+    def _close(self, invite: Invite, state: str, now: float, used_by: str | None = None) -> Invite:
         closed = replace(invite, state=state, used_by=used_by, closed_at=int(now))
         self._drop_pending(invite)
         return closed
@@ -297,8 +306,7 @@ class InviteStore:
         invites[:] = keep
 
     # --- creating and listing -------------------------------------------------------
-    def create(self, identity: str, host: str, port: int, ttl_secs: int,
-               now: float) -> Invite:
+    def create(self, identity: str, host: str, port: int, ttl_secs: int, now: float) -> Invite:
         """A new open invite; its link key also becomes ``_pending.key``."""
         if ttl_secs <= 0:
             raise ValueError("an invite needs a positive lifetime")
@@ -306,24 +314,37 @@ class InviteStore:
         has_code = codes.not_carried_reason(host, port) is None
         with self._editing() as invites:
             self._sweep(invites, now)
-            password = self._draw_password(host, port, has_code, {
-                i.selector for i in invites if i.answered_at(now)})
+            password = self._draw_password(
+                host, port, has_code, {i.selector for i in invites if i.answered_at(now)}
+            )
             taken = {i.id for i in invites}
             invite_id = self._random(INVITE_ID_BYTES).hex()
             while invite_id in taken:
                 invite_id = self._random(INVITE_ID_BYTES).hex()
-            invite = Invite(id=invite_id, created_at=int(now), expires_at=int(now + ttl_secs),
-                            identity=identity, host=host, port=port,
-                            link_psk=canonical_psk(raw), code_password=password,
-                            has_code=has_code)
+            invite = Invite(
+                id=invite_id,
+                created_at=int(now),
+                expires_at=int(now + ttl_secs),
+                identity=identity,
+                host=host,
+                port=port,
+                link_psk=canonical_psk(raw),
+                code_password=password,
+                has_code=has_code,
+            )
             invites.append(invite)
             self.keystore.save_pending_key(invite.link_psk)
-        log.info("invite {invite_id} created for {address}, open for {ttl} s",
-                 invite_id=invite.id, address=invite.address, ttl=ttl_secs)
+        log.info(
+            "invite {invite_id} created for {address}, open for {ttl} s",
+            invite_id=invite.id,
+            address=invite.address,
+            ttl=ttl_secs,
+        )
         return invite
 
-    def _draw_password(self, host: str, port: int, has_code: bool,
-                       taken_selectors: set[int]) -> bytes:
+    def _draw_password(
+        self, host: str, port: int, has_code: bool, taken_selectors: set[int]
+    ) -> bytes:
         """A code password whose code is unambiguous and whose selector is free."""
         for _ in range(_SELECTOR_DRAWS):
             password = self._random(codes.SECRET_BYTES)
@@ -335,10 +356,12 @@ class InviteStore:
                 return password
         raise InviteStoreError(
             f"too many invites with a relay code are open ({len(taken_selectors)}); "
-            f"revoke some first (claudectl relay invite --list, --revoke ID)")
+            f"revoke some first (claudectl relay invite --list, --revoke ID)"
+        )
 
-    def remember_pair_code(self, identity: str, psk: bytes, ttl_secs: int,
-                           now: float) -> tuple[Invite, list[Invite]]:
+    def remember_pair_code(
+        self, identity: str, psk: bytes, ttl_secs: int, now: float
+    ) -> tuple[Invite, list[Invite]]:
         """
         Keep a ``relay pair`` code's key as an open invite, so that it stays
         valid after the next ``relay pair`` overwrites ``_pending.key`` (the
@@ -356,10 +379,18 @@ class InviteStore:
             while invite_id in taken:
                 invite_id = self._random(INVITE_ID_BYTES).hex()
             earlier = [i for i in invites if i.kind == PAIR_CODE and i.is_open(now)]
-            record = Invite(id=invite_id, created_at=int(now), expires_at=int(now + ttl_secs),
-                            identity=identity, host="", port=0, link_psk=psk,
-                            code_password=self._random(codes.SECRET_BYTES), has_code=False,
-                            kind=PAIR_CODE)
+            record = Invite(
+                id=invite_id,
+                created_at=int(now),
+                expires_at=int(now + ttl_secs),
+                identity=identity,
+                host="",
+                port=0,
+                link_psk=psk,
+                code_password=self._random(codes.SECRET_BYTES),
+                has_code=False,
+                kind=PAIR_CODE,
+            )
             invites.append(record)
         log.info("pair code {invite_id} open for {ttl} s", invite_id=record.id, ttl=ttl_secs)
         return record, earlier
@@ -398,8 +429,11 @@ class InviteStore:
             for peer in self.keystore.known_peers():
                 if self.keystore.key(peer) == inv.link_psk:
                     invites[n] = self._close(inv, USED, now, used_by=peer)
-                    log.info("invite {invite_id} was claimed by {peer_id} via the pending key",
-                             invite_id=inv.id, peer_id=peer)
+                    log.info(
+                        "invite {invite_id} was claimed by {peer_id} via the pending key",
+                        invite_id=inv.id,
+                        peer_id=peer,
+                    )
                     break
 
     def _safe_edit(self, now: float, action: Callable[[builtins.list[Invite]], Any]) -> Any:
@@ -413,6 +447,7 @@ class InviteStore:
 
     def open_link_keys(self, now: float) -> builtins.list[tuple[str, bytes]]:
         """``(invite_id, link psk)`` of every open invite (newest first)."""
+
         def action(invites: builtins.list[Invite]) -> builtins.list[tuple[str, bytes]]:
             self._reconcile(invites, now)
             return [(i.id, i.link_psk) for i in reversed(invites) if i.is_open(now)]
@@ -421,6 +456,7 @@ class InviteStore:
 
     def open_code_invites(self, now: float) -> builtins.list[Invite]:
         """Open invites whose relay code / word phrase was handed out (newest first)."""
+
         def action(invites: builtins.list[Invite]) -> builtins.list[Invite]:
             self._reconcile(invites, now)
             return [i for i in reversed(invites) if i.is_open(now) and i.has_code]
@@ -429,6 +465,7 @@ class InviteStore:
 
     def closed_code_invites(self, now: float) -> builtins.list[Invite]:
         """Recently closed code invites (newest first), to tell a late joiner why."""
+
         def action(invites: builtins.list[Invite]) -> builtins.list[Invite]:
             return [i for i in reversed(invites) if not i.is_open(now) and i.has_code]
 
@@ -443,8 +480,9 @@ class InviteStore:
             for n, inv in enumerate(invites):
                 if inv.id == invite_id and inv.is_open(now):
                     invites[n] = self._close(inv, USED, now, used_by=peer_id)
-                    log.info("invite {invite_id} used by {peer_id}",
-                             invite_id=invite_id, peer_id=peer_id)
+                    log.info(
+                        "invite {invite_id} used by {peer_id}", invite_id=invite_id, peer_id=peer_id
+                    )
                     return True
             return False
 
@@ -468,8 +506,9 @@ class InviteStore:
                     invites[n] = self._close(inv, BURNED, now)
                     burned.append(inv.id)
             if burned:
-                log.warn("wrong short code: burned invite(s) {invite_ids}",
-                         invite_ids=",".join(burned))
+                log.warn(
+                    "wrong short code: burned invite(s) {invite_ids}", invite_ids=",".join(burned)
+                )
             return burned
 
         return self._safe_edit(now, action) or []
@@ -491,18 +530,23 @@ class InviteStore:
 
 
 FAILURE_TEXT = {
-    "wrong_code": ("wrong code: it matches no open invite of the inviter. Each invite allows "
-                   "one wrong attempt: if a mistyped code still named one of the inviter's "
-                   "invites, that invite is now burned; check the code, or ask for a new one "
-                   "(claudectl relay invite)"),
+    "wrong_code": (
+        "wrong code: it matches no open invite of the inviter. Each invite allows "
+        "one wrong attempt: if a mistyped code still named one of the inviter's "
+        "invites, that invite is now burned; check the code, or ask for a new one "
+        "(claudectl relay invite)"
+    ),
     "no_invite": "the inviter has no open invite for a relay code or word phrase",
-    "already_paired": ("the inviter is already paired with this machine: connect with "
-                       "`claudectl relay connect <host:port>`, or run `claudectl relay forget` "
-                       "on both sides to pair again"),
+    "already_paired": (
+        "the inviter is already paired with this machine: connect with "
+        "`claudectl relay connect <host:port>`, or run `claudectl relay forget` "
+        "on both sides to pair again"
+    ),
     USED: "this invite was already used; ask for a new one (claudectl relay invite)",
     EXPIRED: "this invite has expired; ask for a new one (claudectl relay invite)",
-    BURNED: ("this invite was burned by a wrong attempt; ask for a new one "
-             "(claudectl relay invite)"),
+    BURNED: (
+        "this invite was burned by a wrong attempt; ask for a new one (claudectl relay invite)"
+    ),
     REVOKED: "this invite was revoked by the inviter",
 }
 

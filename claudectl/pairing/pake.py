@@ -100,14 +100,16 @@ def _hkdf(key: bytes, salt: bytes, info: bytes, length: int = PSK_BYTES) -> byte
 
 def joiner_confirmation(spake_key: bytes, joiner_msg: bytes, listener_msg: bytes) -> bytes:
     """The joiner's proof that it derived ``spake_key`` (HMAC over the transcript)."""
-    return hmac.new(spake_key, _CONFIRM_LABEL + _transcript(joiner_msg, listener_msg),
-                    hashlib.sha256).digest()
+    return hmac.new(
+        spake_key, _CONFIRM_LABEL + _transcript(joiner_msg, listener_msg), hashlib.sha256
+    ).digest()
 
 
 def listener_confirmation(spake_key: bytes, joiner_msg: bytes, listener_msg: bytes) -> bytes:
     """An optional listener proof; the mutual handshake's ``sproof`` already covers it."""
-    return hmac.new(spake_key, _LISTENER_CONFIRM_LABEL + _transcript(joiner_msg, listener_msg),
-                    hashlib.sha256).digest()
+    return hmac.new(
+        spake_key, _LISTENER_CONFIRM_LABEL + _transcript(joiner_msg, listener_msg), hashlib.sha256
+    ).digest()
 
 
 def derive_psk(spake_key: bytes, joiner_msg: bytes, listener_msg: bytes) -> bytes:
@@ -134,8 +136,9 @@ class PakeInitiator:
         """Our SPAKE2 message (call once)."""
         if self._msg is not None:
             raise PakeError("start() may be called only once")
-        side = SPAKE2_A(_password(self._password), idA=ID_JOINER, idB=ID_LISTENER,
-                        entropy_f=self._entropy)
+        side = SPAKE2_A(
+            _password(self._password), idA=ID_JOINER, idB=ID_LISTENER, entropy_f=self._entropy
+        )
         # The whole message, selector included, is the transcript.
         self._msg = bytes([JOINER_MSG_V2, invite_selector(self._password)]) + side.start()
         self._state = side.serialize()
@@ -153,8 +156,10 @@ class PakeInitiator:
         if self._psks:
             raise PakeError("confirmations() may be called only once")
         if len(listener_messages) != 1:
-            raise PakeError(f"the listener sent {len(listener_messages)} PAKE messages instead "
-                            f"of one (an older claudectl relay, or not the inviter)")
+            raise PakeError(
+                f"the listener sent {len(listener_messages)} PAKE messages instead "
+                f"of one (an older claudectl relay, or not the inviter)"
+            )
         confirms: list[bytes] = []
         psks: list[bytes] = []
         usable = 0
@@ -230,8 +235,11 @@ class PakeResponse:
         if self._refusal is not None:
             # Nothing was tried, so nothing is burned.
             self.failure = self._refusal
-            log.info("pairing attempt by {peer_id} refused ({reason}); no invite tried",
-                     peer_id=self._joiner_id, reason=self._refusal)
+            log.info(
+                "pairing attempt by {peer_id} refused ({reason}); no invite tried",
+                peer_id=self._joiner_id,
+                reason=self._refusal,
+            )
             return None
         match: _Candidate | None = None
         for i, cand in enumerate(self._candidates):
@@ -241,8 +249,9 @@ class PakeResponse:
         if match is None:
             self._store.burn([c.invite_id for c in self._candidates if c.state == "open"], now)
             self.failure = "wrong_code"
-            log.warn("pairing attempt by {peer_id} with a wrong short code",
-                     peer_id=self._joiner_id)
+            log.warn(
+                "pairing attempt by {peer_id} with a wrong short code", peer_id=self._joiner_id
+            )
             return None
         if match.state != "open":
             self.failure = match.state
@@ -251,16 +260,20 @@ class PakeResponse:
             self.failure = self._store.state_of(match.invite_id, now) or "wrong_code"
             return None
         self.invite_id = match.invite_id
-        log.info("{peer_id} paired through invite {invite_id} (short code)",
-                 peer_id=self._joiner_id, invite_id=match.invite_id)
+        log.info(
+            "{peer_id} paired through invite {invite_id} (short code)",
+            peer_id=self._joiner_id,
+            invite_id=match.invite_id,
+        )
         return match.psk
 
 
 class PakeResponder:
     """The listener's side (SPAKE2 side B), over the open invites of a store."""
 
-    def __init__(self, store: InviteStore, clock: IReactorTime,
-                 entropy: RandomBytes = os.urandom) -> None:
+    def __init__(
+        self, store: InviteStore, clock: IReactorTime, entropy: RandomBytes = os.urandom
+    ) -> None:
         self._store = store
         self._clock = clock
         self._entropy = entropy
@@ -283,8 +296,11 @@ class PakeResponder:
         # joiner learns its invite was used, expired, revoked or burned.
         # ... but only for a while: an old invite must not keep the door open
         # to unauthenticated callers.
-        invites += [(inv, inv.state_at(now)) for inv in self._store.closed_code_invites(now)
-                    if now - (inv.closed_at or inv.expires_at) <= CLOSED_ANSWER_SECS]
+        invites += [
+            (inv, inv.state_at(now))
+            for inv in self._store.closed_code_invites(now)
+            if now - (inv.closed_at or inv.expires_at) <= CLOSED_ANSWER_SECS
+        ]
         if not invites:
             return None
         if joiner_msg[0] != JOINER_MSG_V2 or len(joiner_msg) < 3:
@@ -301,17 +317,24 @@ class PakeResponder:
         if named is None:
             return self._decoy(joiner_id, joiner_msg, "wrong_code")
         inv, state = named
-        side = SPAKE2_B(_password(inv.code_password), idA=ID_JOINER, idB=ID_LISTENER,
-                        entropy_f=self._entropy)
+        side = SPAKE2_B(
+            _password(inv.code_password), idA=ID_JOINER, idB=ID_LISTENER, entropy_f=self._entropy
+        )
         listener_msg = side.start()
         try:
             key = side.finish(joiner_msg[2:])
         except Exception:  # hostile bytes: spake2 raises several types
             log.info("unusable PAKE message from {peer_id}", peer_id=joiner_id)
             return None
-        candidates = [_Candidate(inv.id, state, listener_msg,
-                                 joiner_confirmation(key, joiner_msg, listener_msg),
-                                 derive_psk(key, joiner_msg, listener_msg))]
+        candidates = [
+            _Candidate(
+                inv.id,
+                state,
+                listener_msg,
+                joiner_confirmation(key, joiner_msg, listener_msg),
+                derive_psk(key, joiner_msg, listener_msg),
+            )
+        ]
         return PakeResponse([listener_msg], self._store, self._clock, joiner_id, candidates)
 
     def _decoy(self, joiner_id: str, joiner_msg: bytes, refusal: str) -> PakeResponse | None:
@@ -321,8 +344,9 @@ class PakeResponder:
         same way as for a real invite -- nothing tells a prober whether its
         selector named an invite.
         """
-        side = SPAKE2_B(_password(self._entropy(4)), idA=ID_JOINER, idB=ID_LISTENER,
-                        entropy_f=self._entropy)
+        side = SPAKE2_B(
+            _password(self._entropy(4)), idA=ID_JOINER, idB=ID_LISTENER, entropy_f=self._entropy
+        )
         message = side.start()
         try:
             key = side.finish(joiner_msg[2:] if refusal == "wrong_code" else joiner_msg)
@@ -332,5 +356,4 @@ class PakeResponder:
             if refusal == "wrong_code":
                 log.info("unusable PAKE message from {peer_id}", peer_id=joiner_id)
                 return None
-        return PakeResponse([message], self._store, self._clock, joiner_id, [],
-                            _refusal=refusal)
+        return PakeResponse([message], self._store, self._clock, joiner_id, [], _refusal=refusal)

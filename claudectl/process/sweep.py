@@ -48,8 +48,9 @@ def pids_with_env(tags: Mapping[str, str], proc: Path = PROC) -> list[int]:
     return sorted(found)
 
 
-def kill_tagged(tags: Mapping[str, str], kill: Callable[[int, int], None] = os.kill,
-                proc: Path = PROC) -> list[int]:
+def kill_tagged(
+    tags: Mapping[str, str], kill: Callable[[int, int], None] = os.kill, proc: Path = PROC
+) -> list[int]:
     """SIGKILL every process tagged with ``tags``; returns the pids signalled."""
     killed = []
     for pid in pids_with_env(tags, proc):

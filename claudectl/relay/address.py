@@ -23,7 +23,7 @@ def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]
         end = text.find("]")
         if end < 0:
             raise AddressError(f"invalid address {text!r}: missing ']'")
-        host, rest = text[1:end], text[end + 1:]
+        host, rest = text[1:end], text[end + 1 :]
         if rest.startswith(":"):
             port_text = rest[1:]
         elif not rest and default_port is not None:
@@ -42,8 +42,11 @@ def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]
         raise AddressError(f"invalid address {text!r}: missing host")
     # isdigit() alone admits "²" and Arabic-Indic digits; int() of a very long
     # string raises ValueError: only short ASCII decimals get that far.
-    if (not (port_text.isascii() and port_text.isdigit())
-            or len(port_text.lstrip("0")) > 5 or not 0 < int(port_text) < 65536):
+    if (
+        not (port_text.isascii() and port_text.isdigit())
+        or len(port_text.lstrip("0")) > 5
+        or not 0 < int(port_text) < 65536
+    ):
         raise AddressError(f"invalid address {text!r}: port must be 1-65535")
     return host, int(port_text)
 
@@ -53,8 +56,7 @@ def format_address(host: str, port: int) -> str:
 
 
 def client_endpoint_string(host: str, port: int) -> str:
-    return (f"tcp:host={quoteStringArgument(host)}:port={port}"
-            f":timeout={CONNECT_TIMEOUT_SECS}")
+    return f"tcp:host={quoteStringArgument(host)}:port={port}:timeout={CONNECT_TIMEOUT_SECS}"
 
 
 def listen_endpoint_string(addr: str, port: int) -> str:

@@ -98,8 +98,9 @@ def _is_loopback(ip: str) -> bool:
 
 
 class Admission:
-    def __init__(self, now: Callable[[], float], max_peers: int,
-                 max_inflight: int = MAX_INFLIGHT_HANDSHAKES) -> None:
+    def __init__(
+        self, now: Callable[[], float], max_peers: int, max_inflight: int = MAX_INFLIGHT_HANDSHAKES
+    ) -> None:
         self._now = now
         self.max_peers = max_peers
         self.max_inflight = max_inflight
@@ -121,9 +122,12 @@ class Admission:
 
     def _expire(self, now: float) -> None:
         if len(self._ips) < 1024:
-            stale = [ip for ip, r in self._ips.items()
-                     if r.blocked_until <= now and (not r.failures
-                                                    or now - r.failures[-1] > FAILURE_WINDOW_SECS)]
+            stale = [
+                ip
+                for ip, r in self._ips.items()
+                if r.blocked_until <= now
+                and (not r.failures or now - r.failures[-1] > FAILURE_WINDOW_SECS)
+            ]
         else:  # under attack: still bounded
             stale = [ip for ip, r in self._ips.items() if r.blocked_until <= now]
         for ip in stale:
@@ -136,8 +140,7 @@ class Admission:
         """
         return self._refusal(ip, connected_peers, shed=False)
 
-    def admit(self, ip: str, connected_peers: int,
-              shed: Callable[[], None]) -> PreAuth | str:
+    def admit(self, ip: str, connected_peers: int, shed: Callable[[], None]) -> PreAuth | str:
         """
         Admit a new listener socket: a :class:`PreAuth` to report progress on
         and :meth:`release`, or the reason to drop the newcomer silently.
@@ -161,10 +164,14 @@ class Admission:
         # that restarted must be able to replace its own (stale) link.  After
         # authentication the mesh refuses anyone else.
         if connected_peers >= self.max_peers and (
-                self.max_peers == 0 or self.inflight >= SPARE_HANDSHAKES_WHEN_FULL):
+            self.max_peers == 0 or self.inflight >= SPARE_HANDSHAKES_WHEN_FULL
+        ):
             return self._count("max_peers")
-        if (self._inflight_by_ip.get(ip, 0) >= MAX_INFLIGHT_PER_IP and not _is_loopback(ip)
-                and not (shed and self._shed_one(now, only_ip=ip))):
+        if (
+            self._inflight_by_ip.get(ip, 0) >= MAX_INFLIGHT_PER_IP
+            and not _is_loopback(ip)
+            and not (shed and self._shed_one(now, only_ip=ip))
+        ):
             return self._count("too_many_handshakes_from_ip")
         if self.inflight >= self.max_inflight and not (shed and self._shed_one(now)):
             return self._count("too_many_handshakes")
@@ -238,8 +245,13 @@ class Admission:
         if len(rec.failures) >= MAX_FAILURES:
             rec.blocked_until = now + COOLDOWN_SECS
             rec.failures.clear()
-            log.warn("{ip}: {count} failed handshakes in {window:.0f} s; refused for {secs:.0f} s",
-                     ip=ip, count=MAX_FAILURES, window=FAILURE_WINDOW_SECS, secs=COOLDOWN_SECS)
+            log.warn(
+                "{ip}: {count} failed handshakes in {window:.0f} s; refused for {secs:.0f} s",
+                ip=ip,
+                count=MAX_FAILURES,
+                window=FAILURE_WINDOW_SECS,
+                secs=COOLDOWN_SECS,
+            )
             return True
         return False
 

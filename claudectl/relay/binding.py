@@ -33,14 +33,22 @@ CONNECTOR_ROLE = "connector"
 LISTENER_ROLE = "listener"
 
 
-def channel_proof(psk: bytes, role: str, exporter: bytes, nonce: str, cnonce: str,
-                  connector_id: str, listener_id: str) -> str:
+def channel_proof(
+    psk: bytes,
+    role: str,
+    exporter: bytes,
+    nonce: str,
+    cnonce: str,
+    connector_id: str,
+    listener_id: str,
+) -> str:
     """
     ``hex(HMAC-SHA256(psk, "claudectl-tls-v1|<role>|<hex exporter>|<nonce>|
     <cnonce>|<connector id>|<listener id>"))``: one side's proof on one TLS
     connection.  ``role`` is ``connector`` or ``listener``, so neither proof
     can stand in for the other.
     """
-    msg = "|".join((_PROOF_LABEL, role, exporter.hex(), nonce, cnonce,
-                    connector_id, listener_id)).encode("ascii")
+    msg = "|".join(
+        (_PROOF_LABEL, role, exporter.hex(), nonce, cnonce, connector_id, listener_id)
+    ).encode("ascii")
     return hmac.new(psk, msg, hashlib.sha256).hexdigest()

@@ -51,9 +51,15 @@ async def join_peer(reactor: Any, home: Home, config: Config, target: Any) -> Jo
     else:
         raise JoinFailed("the code carries no secret")
     try:
-        r = await call_control(reactor, home, C.Join, address=address, kind=kind,
-                               secret_hex=secret.hex(),
-                               expected_peer=target.expected_identity or None)
+        r = await call_control(
+            reactor,
+            home,
+            C.Join,
+            address=address,
+            kind=kind,
+            secret_hex=secret.hex(),
+            expected_peer=target.expected_identity or None,
+        )
     except ServiceNotRunning:
         pass
     except (C.LinkFailed, C.BadRequest, C.NotPairedError) as e:

@@ -42,9 +42,18 @@ KNOWLEDGE_SNAPSHOT = "knowledge_snapshot"
 
 #: All 12 message types, in claudectl's order.
 MSG_TYPES: tuple[str, ...] = (
-    CHALLENGE, HANDSHAKE, HANDSHAKE_ACK, HEARTBEAT, ACK,
-    DELEGATE_TASK, TASK_STATUS, TASK_HANDOFF, TASK_INTERRUPT,
-    KNOWLEDGE_SYNC, KNOWLEDGE_REQUEST, KNOWLEDGE_SNAPSHOT,
+    CHALLENGE,
+    HANDSHAKE,
+    HANDSHAKE_ACK,
+    HEARTBEAT,
+    ACK,
+    DELEGATE_TASK,
+    TASK_STATUS,
+    TASK_HANDOFF,
+    TASK_INTERRUPT,
+    KNOWLEDGE_SYNC,
+    KNOWLEDGE_REQUEST,
+    KNOWLEDGE_SNAPSHOT,
 )
 _MSG_TYPE_SET = frozenset(MSG_TYPES)
 HANDSHAKE_TYPES = frozenset({CHALLENGE, HANDSHAKE, HANDSHAKE_ACK})
@@ -65,10 +74,10 @@ class Envelope:
 
 # One encoder and one decoder for every frame: json.dumps/json.loads with
 # keyword arguments build a new one per call, which dominates a small frame.
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
-                           allow_nan=False).encode
-_ENCODE_SORTED = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
-                                  allow_nan=False, sort_keys=True).encode
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_ENCODE_SORTED = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=True
+).encode
 
 
 def _dumps(value: Any, sort_keys: bool = False) -> str:
@@ -79,19 +88,29 @@ def encode(env: Envelope) -> bytes:
     """The frame for ``env``, byte for byte as claudectl writes it."""
     if env.msg_type not in _MSG_TYPE_SET:
         raise ValueError(f"unknown msg_type {env.msg_type!r}")
-    if (isinstance(env.timestamp, bool) or not isinstance(env.timestamp, int)
-            or not 0 <= env.timestamp <= MAX_TIMESTAMP):
+    if (
+        isinstance(env.timestamp, bool)
+        or not isinstance(env.timestamp, int)
+        or not 0 <= env.timestamp <= MAX_TIMESTAMP
+    ):
         raise ValueError("timestamp must be an integer 0..2^64-1")
     # msg_type is one of the 12 plain ASCII names and timestamp an int:
     # neither needs escaping.
-    text = "".join((
-        '{"id":', _ENCODE(env.id),
-        ',"msg_type":"', env.msg_type,
-        '","from_peer":', _ENCODE(env.from_peer),
-        ',"timestamp":', str(env.timestamp),
-        ',"payload":', _ENCODE_SORTED(env.payload),
-        "}\n",
-    ))
+    text = "".join(
+        (
+            '{"id":',
+            _ENCODE(env.id),
+            ',"msg_type":"',
+            env.msg_type,
+            '","from_peer":',
+            _ENCODE(env.from_peer),
+            ',"timestamp":',
+            str(env.timestamp),
+            ',"payload":',
+            _ENCODE_SORTED(env.payload),
+            "}\n",
+        )
+    )
     return text.encode("utf-8")
 
 
@@ -117,8 +136,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates,
-                            parse_constant=_reject_constant, parse_float=_finite_float)
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
+)
 
 #: A JSON \u escape of a UTF-16 surrogate (prefilter for _has_lone_surrogate).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -197,8 +217,7 @@ class MessageIds:
     claudectl shape while making ids unique in practice.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time,
-                 start: int | None = None) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, start: int | None = None) -> None:
         self._clock = clock
         self._seq = int.from_bytes(os.urandom(6), "big") if start is None else start
 
@@ -211,13 +230,18 @@ class MessageIds:
 class EnvelopeFactory:
     """Builds outgoing envelopes for one local identity."""
 
-    def __init__(self, identity: str, clock: Callable[[], float] = time.time,
-                 ids: MessageIds | None = None) -> None:
+    def __init__(
+        self, identity: str, clock: Callable[[], float] = time.time, ids: MessageIds | None = None
+    ) -> None:
         self.identity = identity
         self.clock = clock
         self.ids = ids or MessageIds(clock)
 
     def make(self, msg_type: str, payload: Any, from_peer: str | None = None) -> Envelope:
-        return Envelope(self.ids.next(), msg_type,
-                        self.identity if from_peer is None else from_peer,
-                        now_ms(self.clock), payload)
+        return Envelope(
+            self.ids.next(),
+            msg_type,
+            self.identity if from_peer is None else from_peer,
+            now_ms(self.clock),
+            payload,
+        )

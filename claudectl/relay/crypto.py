@@ -52,7 +52,7 @@ def psk_from_code(code: str) -> bytes:
 
 def format_pair_code(code_bytes: bytes) -> str:
     h = code_bytes[:PAIR_CODE_BYTES].hex()
-    return "-".join(h[i:i + 4] for i in range(0, 16, 4))
+    return "-".join(h[i : i + 4] for i in range(0, 16, 4))
 
 
 def new_pair_code(random: RandomBytes = os.urandom) -> tuple[str, bytes]:

@@ -77,8 +77,9 @@ def listener_proof(psk: bytes, cnonce: str, nonce: str) -> str:
 
 
 def _is_nonce(value: object) -> bool:
-    return (isinstance(value, str) and len(value) == 64
-            and all(c in "0123456789abcdef" for c in value))
+    return (
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    )
 
 
 class HandshakeFailed(Exception):
@@ -188,10 +189,14 @@ class ListenerHandshake:
         handshake_ack {status: "ok", sproof, caps}        sproof = channel_proof(listener)
     """
 
-    def __init__(self, envelopes: EnvelopeFactory, keys: KeyLookup,
-                 random: RandomBytes = os.urandom,
-                 pake: PakeResponderLike | None = None,
-                 policy: Policy = Policy()) -> None:
+    def __init__(
+        self,
+        envelopes: EnvelopeFactory,
+        keys: KeyLookup,
+        random: RandomBytes = os.urandom,
+        pake: PakeResponderLike | None = None,
+        policy: Policy = Policy(),
+    ) -> None:
         self._env = envelopes
         self._keys = keys
         self._random = random
@@ -256,8 +261,9 @@ class ListenerHandshake:
                 return refusal
         cnonce = payload.get("cnonce")
         if isinstance(cnonce, str) and self._policy.is_own_nonce(cnonce):
-            return self._deny(f"reflection attempt: {peer} sent back a nonce we issued",
-                              reflected=True)
+            return self._deny(
+                f"reflection attempt: {peer} sent back a nonce we issued", reflected=True
+            )
         if self.state is ListenerState.AWAIT_PAKE_CONFIRM:
             return self._pake_confirm(peer, payload)
         if isinstance(payload.get("pake"), dict):
@@ -275,8 +281,10 @@ class ListenerHandshake:
 
     def _plaintext_refusal(self, peer: str, payload: dict[str, Any]) -> Step | None:
         if self._policy.require_encryption:
-            return self._deny("plaintext handshake refused: [relay] require_encryption is true",
-                              "encryption_required")
+            return self._deny(
+                "plaintext handshake refused: [relay] require_encryption is true",
+                "encryption_required",
+            )
         if self._keys.is_tls(peer):
             return self._deny(f"downgrade refused: {peer} has used TLS before", "downgrade")
         if isinstance(payload.get("pake"), dict) and self._policy.tls:
@@ -286,8 +294,9 @@ class ListenerHandshake:
     def _verify(self, psk: bytes, peer: str, candidate: str, cnonce: Any) -> bool:
         if self.exporter is None:
             return verify_proof(psk, self.nonce, candidate)
-        expected = channel_proof(psk, CONNECTOR_ROLE, self.exporter, self.nonce, cnonce,
-                                 peer, self._env.identity)
+        expected = channel_proof(
+            psk, CONNECTOR_ROLE, self.exporter, self.nonce, cnonce, peer, self._env.identity
+        )
         return hmac.compare_digest(expected.encode(), candidate.encode("utf-8", "replace"))
 
     def _key_handshake(self, peer: str, payload: dict[str, Any]) -> Step:
@@ -322,23 +331,27 @@ class ListenerHandshake:
             return self._deny("downgrade to one-way authentication refused")
         if label != "stored" and not self._keys.claim(peer, label, psk):
             return self._deny("pending key already claimed")
-        return self._accept(peer, psk, MUTUAL if mutual else ONEWAY, label,
-                            cnonce if mutual else None)
+        return self._accept(
+            peer, psk, MUTUAL if mutual else ONEWAY, label, cnonce if mutual else None
+        )
 
-    def _accept(self, peer: str, psk: bytes, mode: str, via: str,
-                cnonce: str | None) -> Step:
+    def _accept(self, peer: str, psk: bytes, mode: str, via: str, cnonce: str | None) -> Step:
         self.state = ListenerState.DONE
         extra: dict[str, Any] = {}
         transport = PLAINTEXT
         if cnonce is not None and self.exporter is not None:
             transport = TLS13
-            extra = {"sproof": channel_proof(psk, LISTENER_ROLE, self.exporter, self.nonce,
-                                             cnonce, peer, self._env.identity),
-                     "caps": self._caps()}
+            extra = {
+                "sproof": channel_proof(
+                    psk, LISTENER_ROLE, self.exporter, self.nonce, cnonce, peer, self._env.identity
+                ),
+                "caps": self._caps(),
+            }
         elif cnonce is not None:
             extra = {"sproof": listener_proof(psk, cnonce, self.nonce), "caps": self._caps()}
-        return Step(send=[self._ack("ok", **extra)],
-                    done=Authenticated(peer, psk, mode, via, transport))
+        return Step(
+            send=[self._ack("ok", **extra)], done=Authenticated(peer, psk, mode, via, transport)
+        )
 
     def _pake_start(self, peer: str, payload: dict[str, Any]) -> Step:
         if self._pake is None:
@@ -379,8 +392,9 @@ class ListenerHandshake:
             # a PAKE relayed between two TLS sessions gives nobody a link.
             proofs = pake.get("proofs") if isinstance(pake, dict) else None
             if not isinstance(proofs, list) or not any(
-                    isinstance(p, str) and self._verify(psk, peer, p, cnonce)
-                    for p in proofs[:MAX_PAKE_CANDIDATES]):
+                isinstance(p, str) and self._verify(psk, peer, p, cnonce)
+                for p in proofs[:MAX_PAKE_CANDIDATES]
+            ):
                 return self._deny("short-code pairing not bound to this connection")
         if not self._keys.store_new_key(peer, psk):
             return self._deny("could not store the new key")
@@ -433,8 +447,7 @@ class KeyByIdentity:
     #: ``key_for(peer_id)``: the stored key of that peer, or None.
     key_for: Callable[[str], bytes | None]
     #: ``fallback()``: ``(peer_id, psk)``, or a sentence saying why there is none.
-    fallback: Callable[[], tuple[str, bytes] | str] = (
-        lambda: "the listener did not say who it is")
+    fallback: Callable[[], tuple[str, bytes] | str] = lambda: "the listener did not say who it is"
     #: Called with ``(peer_id, how)`` once a key is chosen (for the node's log).
     chosen: Callable[[str, str], None] = lambda _peer, _how: None
 
@@ -462,13 +475,17 @@ class ConnectorState(Enum):
 class ConnectorHandshake:
     """The connecting side: answer the challenge, check the ack."""
 
-    def __init__(self, envelopes: EnvelopeFactory, auth: KeyAuth | KeyByIdentity | PakeAuth,
-                 is_mutual: Callable[[str], bool] = lambda _peer: False,
-                 random: RandomBytes = os.urandom,
-                 version: str = COMPAT_VERSION,
-                 stored_key: Callable[[str], bytes | None] = lambda _peer: None,
-                 is_tls: Callable[[str], bool] = lambda _peer: False,
-                 policy: Policy = Policy()) -> None:
+    def __init__(
+        self,
+        envelopes: EnvelopeFactory,
+        auth: KeyAuth | KeyByIdentity | PakeAuth,
+        is_mutual: Callable[[str], bool] = lambda _peer: False,
+        random: RandomBytes = os.urandom,
+        version: str = COMPAT_VERSION,
+        stored_key: Callable[[str], bytes | None] = lambda _peer: None,
+        is_tls: Callable[[str], bool] = lambda _peer: False,
+        policy: Policy = Policy(),
+    ) -> None:
         self._env = envelopes
         self._auth: KeyAuth | PakeAuth
         #: Resolved into a KeyAuth when the challenge arrives.
@@ -525,8 +542,9 @@ class ConnectorHandshake:
         if self._policy.is_own_nonce(nonce):
             # Someone handed us a challenge our own listener issued, to make
             # us answer it for them (a reflection attack).
-            return self._fail("reflection attempt: the challenge carries a nonce we issued",
-                              reflected=True)
+            return self._fail(
+                "reflection attempt: the challenge carries a nonce we issued", reflected=True
+            )
         self.nonce = nonce
         caps = payload.get("caps")
         self.remote_caps = [c for c in caps if isinstance(c, str)] if isinstance(caps, list) else []
@@ -541,8 +559,10 @@ class ConnectorHandshake:
         expected = self._expected()
         if announced is not None and expected is not None and announced != expected:
             # A wrong address (or port): say so before sending anything.
-            return self._fail(f"remote identity mismatch: the listener at this address is "
-                              f"{announced}, not {expected}")
+            return self._fail(
+                f"remote identity mismatch: the listener at this address is "
+                f"{announced}, not {expected}"
+            )
         if will_tls:
             if announced is None:
                 return self._fail("the listener offers TLS but does not name itself")
@@ -550,9 +570,15 @@ class ConnectorHandshake:
             # once (one round trip less); the listener switches on reading it.
             self.listener_id = announced
             self.state = ConnectorState.AWAIT_TLS
-            return Step(send=[self._env.make(codec.HANDSHAKE, {
-                "starttls": CAP_TLS, "version": self._version, "caps": self._caps()})],
-                start_tls=True)
+            return Step(
+                send=[
+                    self._env.make(
+                        codec.HANDSHAKE,
+                        {"starttls": CAP_TLS, "version": self._version, "caps": self._caps()},
+                    )
+                ],
+                start_tls=True,
+            )
         refusal = self._plaintext_refusal(self._expected())
         if refusal is not None:
             return refusal
@@ -567,8 +593,10 @@ class ConnectorHandshake:
                 return "the listener at this address is this instance itself"
             psk = by_identity.key_for(announced)
             if psk is None:
-                return (f"the listener at this address is {announced}, a peer this "
-                        "instance is not paired with (no key stored for it); pair first")
+                return (
+                    f"the listener at this address is {announced}, a peer this "
+                    "instance is not paired with (no key stored for it); pair first"
+                )
             self._auth = KeyAuth(psk, announced)
             by_identity.chosen(announced, "announced")
             return None
@@ -585,15 +613,21 @@ class ConnectorHandshake:
 
     def _plaintext_refusal(self, peer: str | None) -> Step | None:
         if self._policy.require_encryption:
-            return self._fail("the listener offers no encryption (a claudectl 0.64 peer?) and "
-                              "[relay] require_encryption is true")
+            return self._fail(
+                "the listener offers no encryption (a claudectl 0.64 peer?) and "
+                "[relay] require_encryption is true"
+            )
         if peer is not None and self._is_tls(peer):
-            return self._fail(f"downgrade refused: {peer} has used TLS before, but the listener "
-                              "offers no encryption")
+            return self._fail(
+                f"downgrade refused: {peer} has used TLS before, but the listener "
+                "offers no encryption"
+            )
         if isinstance(self._auth, PakeAuth):
             if CAP_PAKE not in self.remote_caps:
-                return self._fail("the listener does not support short codes "
-                                  "(a claudectl 0.64 listener?); use the invite link")
+                return self._fail(
+                    "the listener does not support short codes "
+                    "(a claudectl 0.64 listener?); use the invite link"
+                )
             if self._policy.tls:
                 return self._fail("the listener offers no encryption: short codes need it")
         return None
@@ -610,19 +644,30 @@ class ConnectorHandshake:
         if self.exporter is None:
             return proof(psk, self.nonce)
         assert self.listener_id is not None
-        return channel_proof(psk, CONNECTOR_ROLE, self.exporter, self.nonce, self.cnonce,
-                             self._env.identity, self.listener_id)
+        return channel_proof(
+            psk,
+            CONNECTOR_ROLE,
+            self.exporter,
+            self.nonce,
+            self.cnonce,
+            self._env.identity,
+            self.listener_id,
+        )
 
     def _sproof(self, psk: bytes, remote: str) -> str:
         assert self.nonce is not None
         if self.exporter is None:
             return listener_proof(psk, self.cnonce, self.nonce)
-        return channel_proof(psk, LISTENER_ROLE, self.exporter, self.nonce, self.cnonce,
-                             self._env.identity, remote)
+        return channel_proof(
+            psk, LISTENER_ROLE, self.exporter, self.nonce, self.cnonce, self._env.identity, remote
+        )
 
     def _answer(self) -> Step:
-        body: dict[str, Any] = {"version": self._version, "cnonce": self.cnonce,
-                                "caps": self._caps()}
+        body: dict[str, Any] = {
+            "version": self._version,
+            "cnonce": self.cnonce,
+            "caps": self._caps(),
+        }
         if isinstance(self._auth, KeyAuth):
             body["proof"] = self._proof(self._auth.psk)
         else:
@@ -654,16 +699,22 @@ class ConnectorHandshake:
         if expected not in (None, remote):
             return self._fail(f"remote identity mismatch: expected {expected}, got {remote}")
         if self.listener_id not in (None, remote):
-            return self._fail(f"the listener changed its identity during the handshake "
-                              f"({self.listener_id} → {remote})")
+            return self._fail(
+                f"the listener changed its identity during the handshake "
+                f"({self.listener_id} → {remote})"
+            )
         sproof = payload.get("sproof")
-        candidates = ([self._auth.psk] if isinstance(self._auth, KeyAuth)
-                      else self._auth.initiator.candidate_psks())
+        candidates = (
+            [self._auth.psk]
+            if isinstance(self._auth, KeyAuth)
+            else self._auth.initiator.candidate_psks()
+        )
         via = "pake" if isinstance(self._auth, PakeAuth) else "stored"
         if isinstance(sproof, str):
             for psk in candidates:
-                if hmac.compare_digest(self._sproof(psk, remote).encode(),
-                                       sproof.encode("utf-8", "replace")):
+                if hmac.compare_digest(
+                    self._sproof(psk, remote).encode(), sproof.encode("utf-8", "replace")
+                ):
                     transport = PLAINTEXT if self.exporter is None else TLS13
                     return self._done(remote, psk, MUTUAL, via, transport)
             return self._fail("the listener could not prove it holds the key")
@@ -683,8 +734,10 @@ class ConnectorHandshake:
         # already trust by claiming its identity.
         existing = self._stored_key(remote)
         if existing is not None and existing != psk:
-            return self._fail(f"already paired with {remote} under a different key; run "
-                              f"`claudectl relay forget {remote}` first to pair again")
+            return self._fail(
+                f"already paired with {remote} under a different key; run "
+                f"`claudectl relay forget {remote}` first to pair again"
+            )
         if transport == PLAINTEXT and self._is_tls(remote):
             return self._fail(f"downgrade refused: {remote} has used TLS before")
         self.state = ConnectorState.DONE
@@ -710,8 +763,13 @@ class ConnectorHandshake:
             return self._fail(f"pake failed: {e}")
         body_pake: dict[str, Any] = {"confirm": [c.hex() for c in confirms]}
         if self.exporter is not None:
-            body_pake["proofs"] = [self._proof(psk)
-                                   for psk in self._auth.initiator.candidate_psks()]
-        body = {"version": self._version, "cnonce": self.cnonce, "caps": self._caps(),
-                "pake": body_pake}
+            body_pake["proofs"] = [
+                self._proof(psk) for psk in self._auth.initiator.candidate_psks()
+            ]
+        body = {
+            "version": self._version,
+            "cnonce": self.cnonce,
+            "caps": self._caps(),
+            "pake": body_pake,
+        }
         return Step(send=[self._env.make(codec.HANDSHAKE, body)])

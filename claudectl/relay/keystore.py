@@ -46,8 +46,9 @@ def is_remote_peer_id(peer_id: object) -> bool:
     return is_valid_peer_id(peer_id) and peer_id != PENDING
 
 
-def host_label(environ: Mapping[str, str] | None = None,
-               hostname: Callable[[], str] = socket.gethostname) -> str:
+def host_label(
+    environ: Mapping[str, str] | None = None, hostname: Callable[[], str] = socket.gethostname
+) -> str:
     """The host part of a new identity, sanitised as claudectl does."""
     env = os.environ if environ is None else environ
     if "HOSTNAME" in env:
@@ -69,8 +70,9 @@ class PeerMeta:
     last_seen: int  # ms
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"addr": self.addr, "last_seen": self.last_seen},
-                          indent=2, ensure_ascii=False).encode("utf-8")
+        return json.dumps(
+            {"addr": self.addr, "last_seen": self.last_seen}, indent=2, ensure_ascii=False
+        ).encode("utf-8")
 
 
 class KeyStore:
@@ -87,8 +89,9 @@ class KeyStore:
             return None
         return text or None
 
-    def ensure_identity(self, random: Callable[[int], bytes] = os.urandom,
-                        environ: Mapping[str, str] | None = None) -> str:
+    def ensure_identity(
+        self, random: Callable[[int], bytes] = os.urandom, environ: Mapping[str, str] | None = None
+    ) -> str:
         """The identity, generated as ``<host>-<8 hex>`` the first time."""
         with locked(self.home.identity_file):
             existing = self.identity()

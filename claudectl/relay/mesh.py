@@ -71,9 +71,13 @@ class PeerLink:
 
 @implementer(IMesh)
 class Mesh:
-    def __init__(self, envelopes: EnvelopeFactory, max_peers: int,
-                 now: Callable[[], float],
-                 on_authenticated: Callable[[PeerLink, Authenticated], None] | None = None) -> None:
+    def __init__(
+        self,
+        envelopes: EnvelopeFactory,
+        max_peers: int,
+        now: Callable[[], float],
+        on_authenticated: Callable[[PeerLink, Authenticated], None] | None = None,
+    ) -> None:
         self._env = envelopes
         self.max_peers = max_peers
         self._now = now
@@ -152,13 +156,17 @@ class Mesh:
             return None
         existing = self.links.get(peer)
         if existing is None and len(self.links) >= self.max_peers:
-            log.warn("refusing {peer_id}: max_peers ({max}) reached", peer_id=peer,
-                     max=self.max_peers)
+            log.warn(
+                "refusing {peer_id}: max_peers ({max}) reached", peer_id=peer, max=self.max_peers
+            )
             return None
         st = self.state(peer)
         direction = "outbound" if protocol.role == CONNECTOR else "inbound"
-        if existing is not None and existing.direction != direction and not \
-                existing.protocol.is_closed:
+        if (
+            existing is not None
+            and existing.direction != direction
+            and not existing.protocol.is_closed
+        ):
             # Both sides dialed each other: keep the link dialed by the smaller
             # identity, on both sides alike, instead of each side keeping its
             # newest link (and both dropping the one the other kept).
@@ -166,8 +174,11 @@ class Mesh:
                 return self.identity if d == "outbound" else peer
 
             if dialer(existing.direction) < dialer(direction):
-                log.info("{peer_id}: keeping the link dialed by {dialer}", peer_id=peer,
-                         dialer=dialer(existing.direction))
+                log.info(
+                    "{peer_id}: keeping the link dialed by {dialer}",
+                    peer_id=peer,
+                    dialer=dialer(existing.direction),
+                )
                 return None
         if existing is not None:
             st.links_replaced += 1
@@ -188,8 +199,13 @@ class Mesh:
             # peers` shows the address the service dials.
             st.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.links[peer] = link
-        log.info("{peer_id} authenticated ({direction}, {mode}, {transport})", peer_id=peer,
-                 direction=direction, mode=result.mode, transport=result.transport)
+        log.info(
+            "{peer_id} authenticated ({direction}, {mode}, {transport})",
+            peer_id=peer,
+            direction=direction,
+            mode=result.mode,
+            transport=result.transport,
+        )
         if self._on_authenticated is not None:
             self._on_authenticated(link, result)
         return link
@@ -219,15 +235,21 @@ class Mesh:
         handlers = self._handlers.get(env.msg_type)
         if not handlers:
             link.counters.ignored += 1
-            log.debug("{msg_type} from {peer_id} (no handler)", msg_type=env.msg_type,
-                      peer_id=link.peer_id)
+            log.debug(
+                "{msg_type} from {peer_id} (no handler)",
+                msg_type=env.msg_type,
+                peer_id=link.peer_id,
+            )
             return
         for h in handlers:
             try:
                 h(link.peer_id, env)
             except Exception:
-                log.failure("handler for {msg_type} from {peer_id} failed",
-                            msg_type=env.msg_type, peer_id=link.peer_id)
+                log.failure(
+                    "handler for {msg_type} from {peer_id} failed",
+                    msg_type=env.msg_type,
+                    peer_id=link.peer_id,
+                )
 
     def disconnect(self, peer_id: str, reason: str = "disconnected by the user") -> bool:
         link = self.links.get(peer_id)

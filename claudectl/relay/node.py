@@ -57,8 +57,9 @@ log = Logger()
 FIRST_RETRY_SECS = 5.0
 
 
-def reconnect_policy(max_secs: float,
-                     jitter: Callable[[], float] | None = None) -> Callable[[int], float]:
+def reconnect_policy(
+    max_secs: float, jitter: Callable[[], float] | None = None
+) -> Callable[[int], float]:
     """
     ``ClientService`` retry policy: attempt ``n`` (1-based: ClientService
     counts the failure before asking) waits ``min(5 * 2**(n-1), max)`` s plus
@@ -244,6 +245,7 @@ class Dialer:
     def _prepare(self, proto: Any) -> defer.Deferred[RelayProtocol]:
         d: defer.Deferred[RelayProtocol] = proto.authenticated
         if self.peer_id is None:
+
             def proved(result: Any) -> Any:
                 peer = proved_peer(proto)
                 if self.peer_id is None and peer is not None:
@@ -281,11 +283,16 @@ class ConnectOutcome:
 class RelayNode:
     """Everything one running relay instance knows and does."""
 
-    def __init__(self, home: Home, config: Config, reactor: Any,
-                 random: RandomBytes = os.urandom,
-                 jitter: Callable[[], float] | None = None,
-                 identity: str | None = None,
-                 tls: bool = True) -> None:
+    def __init__(
+        self,
+        home: Home,
+        config: Config,
+        reactor: Any,
+        random: RandomBytes = os.urandom,
+        jitter: Callable[[], float] | None = None,
+        identity: str | None = None,
+        tls: bool = True,
+    ) -> None:
         self.home = home
         self.config = config
         self.reactor = reactor
@@ -296,8 +303,12 @@ class RelayNode:
         self.identity = identity or self.keystore.ensure_identity(random)
         self.envelopes = EnvelopeFactory(self.identity, clock=reactor.seconds)
         self.admission = Admission(reactor.seconds, config.relay.max_peers)
-        self.mesh = Mesh(self.envelopes, config.relay.max_peers, reactor.seconds,
-                         on_authenticated=self._on_authenticated)
+        self.mesh = Mesh(
+            self.envelopes,
+            config.relay.max_peers,
+            reactor.seconds,
+            on_authenticated=self._on_authenticated,
+        )
         self.mesh.add_link_observer(None, self._on_link_down)
         self.workers = WorkerTable(reactor.seconds, config.relay.heartbeat_interval_secs)
         self.mesh.add_handler(HEARTBEAT, self._on_heartbeat)
@@ -325,14 +336,19 @@ class RelayNode:
         self.started_at = reactor.seconds()
         #: Nonces our listeners and connectors issued lately: one handed
         #: back to us is a reflection attempt.
-        self.nonces = IssuedNonces(reactor.seconds,
-                                   ttl=2.0 * config.relay.handshake_timeout_secs + 5)
+        self.nonces = IssuedNonces(
+            reactor.seconds, ttl=2.0 * config.relay.handshake_timeout_secs + 5
+        )
         #: TLS toward peers of this project (tests of the plaintext wire
         #: path turn it off); contexts and the certificate are made lazily.
         self.tls: TLSContexts | None = (
-            TLSContexts(lambda: ensure_credentials(home, self.identity)) if tls else None)
-        self.policy = Policy(tls=tls, require_encryption=config.relay.require_encryption,
-                             is_own_nonce=self.nonces.issued)
+            TLSContexts(lambda: ensure_credentials(home, self.identity)) if tls else None
+        )
+        self.policy = Policy(
+            tls=tls,
+            require_encryption=config.relay.require_encryption,
+            is_own_nonce=self.nonces.issued,
+        )
         self._plaintext_warned: set[str] = set()
 
     def _on_heartbeat(self, peer: str, env: Envelope) -> None:
@@ -340,15 +356,22 @@ class RelayNode:
 
     # --- handshake machines -----------------------------------------------------
     def listener_handshake(self) -> ListenerHandshake:
-        machine = ListenerHandshake(self.envelopes, ListenerKeys(self), self.random, self.pake,
-                                    self.policy)
+        machine = ListenerHandshake(
+            self.envelopes, ListenerKeys(self), self.random, self.pake, self.policy
+        )
         self.nonces.add(machine.nonce)
         return machine
 
     def connector_handshake(self, auth: KeyAuth | KeyByIdentity | PakeAuth) -> ConnectorHandshake:
-        machine = ConnectorHandshake(self.envelopes, auth, self.keystore.is_mutual, self.random,
-                                     stored_key=self.keystore.key, is_tls=self.keystore.is_tls,
-                                     policy=self.policy)
+        machine = ConnectorHandshake(
+            self.envelopes,
+            auth,
+            self.keystore.is_mutual,
+            self.random,
+            stored_key=self.keystore.key,
+            is_tls=self.keystore.is_tls,
+            policy=self.policy,
+        )
         self.nonces.add(machine.cnonce)
         return machine
 
@@ -362,9 +385,12 @@ class RelayNode:
             ks.mark_tls(peer)
         elif peer not in self._plaintext_warned:
             self._plaintext_warned.add(peer)
-            log.warn("link to {peer_id} is not encrypted (plaintext: a claudectl 0.64 peer); "
-                     "delegated tasks from it are refused unless [delegation] "
-                     "allow_plaintext_tasks = true", peer_id=peer)
+            log.warn(
+                "link to {peer_id} is not encrypted (plaintext: a claudectl 0.64 peer); "
+                "delegated tasks from it are refused unless [delegation] "
+                "allow_plaintext_tasks = true",
+                peer_id=peer,
+            )
         if link.direction == "outbound":
             address = getattr(link.protocol, "dial_address", None)
             if ks.key(peer) is None:
@@ -397,13 +423,19 @@ class RelayNode:
             waiters.remove(fn)
 
     # --- outbound -------------------------------------------------------------------
-    def open_link(self, address: str, auth: KeyAuth | KeyByIdentity | PakeAuth,
-                  ) -> defer.Deferred[RelayProtocol]:
+    def open_link(
+        self,
+        address: str,
+        auth: KeyAuth | KeyByIdentity | PakeAuth,
+    ) -> defer.Deferred[RelayProtocol]:
         """Connect once, authenticate, register the link; fires with the protocol."""
         return self._dial_once(address, auth)[1]
 
-    def _dial_once(self, address: str, auth: KeyAuth | KeyByIdentity | PakeAuth,
-                   ) -> tuple[RelayProtocol, defer.Deferred[RelayProtocol]]:
+    def _dial_once(
+        self,
+        address: str,
+        auth: KeyAuth | KeyByIdentity | PakeAuth,
+    ) -> tuple[RelayProtocol, defer.Deferred[RelayProtocol]]:
         host, port = parse_address(address)
         endpoint = clientFromString(self.reactor, client_endpoint_string(host, port))
         proto = RelayProtocol(self, CONNECTOR, auth)  # type: ignore[arg-type]
@@ -431,8 +463,10 @@ class RelayNode:
             try:
                 peer = self.choose_peer_for(address)
             except (NotPaired, ValueError) as e:
-                return (f"the listener at {address} does not announce its identity (a "
-                        f"claudectl 0.64 peer?), so the key cannot be chosen by it; {e}")
+                return (
+                    f"the listener at {address} does not announce its identity (a "
+                    f"claudectl 0.64 peer?), so the key cannot be chosen by it; {e}"
+                )
             psk = ks.key(peer)
             if psk is None:
                 return f"no key stored for {peer}"
@@ -440,18 +474,25 @@ class RelayNode:
 
         def chosen(peer: str, how: str) -> None:
             if how == "announced":
-                log.info("{address} announces itself as {peer_id}: using that peer's key",
-                         address=address, peer_id=peer)
+                log.info(
+                    "{address} announces itself as {peer_id}: using that peer's key",
+                    address=address,
+                    peer_id=peer,
+                )
             else:
-                log.info("{address} does not announce its identity (a claudectl 0.64 "
-                         "listener?): using the key of {peer_id}, the paired peer last seen "
-                         "there or the only one without an address", address=address,
-                         peer_id=peer)
+                log.info(
+                    "{address} does not announce its identity (a claudectl 0.64 "
+                    "listener?): using the key of {peer_id}, the paired peer last seen "
+                    "there or the only one without an address",
+                    address=address,
+                    peer_id=peer,
+                )
 
         return KeyByIdentity(key_for, fallback, chosen)
 
-    def choose_peer_for(self, address: str, peer_id: str | None = None,
-                        allow_unaddressed: bool = True) -> str:
+    def choose_peer_for(
+        self, address: str, peer_id: str | None = None, allow_unaddressed: bool = True
+    ) -> str:
         """
         Which stored key to use toward ``address`` (defect W12: never try every
         key): the named peer; else the peer last seen at that address; else the
@@ -460,8 +501,10 @@ class RelayNode:
         ks = self.keystore
         if peer_id is not None:
             if ks.key(peer_id) is None:
-                raise NotPaired(f"peer '{peer_id}' is not paired — run `claudectl relay accept "
-                                f"<code> {peer_id}` or `claudectl relay join <invite>` first")
+                raise NotPaired(
+                    f"peer '{peer_id}' is not paired — run `claudectl relay accept "
+                    f"<code> {peer_id}` or `claudectl relay join <invite>` first"
+                )
             return peer_id
         found = self.peer_last_seen_at(address)
         if found is not None:
@@ -470,10 +513,14 @@ class RelayNode:
         if len(without_meta) == 1 and allow_unaddressed:
             return without_meta[0]
         if not without_meta or not allow_unaddressed:
-            raise NotPaired(f"no paired peer is known at {address} — pair first "
-                            "(`claudectl relay pair` / `relay accept`, or `relay join <invite>`)")
-        raise NotPaired(f"several paired peers have no address yet ({', '.join(without_meta)}); "
-                        "say which one is at this address with --peer")
+            raise NotPaired(
+                f"no paired peer is known at {address} — pair first "
+                "(`claudectl relay pair` / `relay accept`, or `relay join <invite>`)"
+            )
+        raise NotPaired(
+            f"several paired peers have no address yet ({', '.join(without_meta)}); "
+            "say which one is at this address with --peer"
+        )
 
     def peer_last_seen_at(self, address: str) -> str | None:
         """The paired peer whose stored address is ``address``, if any."""
@@ -514,11 +561,11 @@ class RelayNode:
             self.choose_peer_for(address, peer_id)  # raises NotPaired
             psk = ks.key(peer_id)
             assert psk is not None
-            if self.mesh.is_connected(peer_id) and _same_address(self.dial_address(peer_id),
-                                                                 address):
+            if self.mesh.is_connected(peer_id) and _same_address(
+                self.dial_address(peer_id), address
+            ):
                 self.ensure_dialer(peer_id, address, parent)
-                return ConnectOutcome(peer_id, self.mesh.peer_mode(peer_id) or "", True,
-                                      address)
+                return ConnectOutcome(peer_id, self.mesh.peer_mode(peer_id) or "", True, address)
             auth = KeyAuth(psk, peer_id)
         else:
             auth = self.key_by_identity(address)
@@ -538,13 +585,16 @@ class RelayNode:
         meta = ks.meta(peer)
         if meta is None or meta.addr != address:
             ks.save_meta(peer, PeerMeta(address, now_ms(self.clock.seconds)))
-        mode = proto.result.mode if proto.result is not None else (
-            self.mesh.peer_mode(peer) or "")
+        mode = proto.result.mode if proto.result is not None else (self.mesh.peer_mode(peer) or "")
         if previous is not None and _same_address(previous, address):
             previous = None
         if previous is not None:
-            log.info("{peer_id} confirmed at {address}: dialed there from now on (was "
-                     "{previous})", peer_id=peer, address=address, previous=previous)
+            log.info(
+                "{peer_id} confirmed at {address}: dialed there from now on (was {previous})",
+                peer_id=peer,
+                address=address,
+                previous=previous,
+            )
         return ConnectOutcome(peer, mode, False, address, previous)
 
     def ensure_dialer(self, peer_id: str | None, address: str, parent: Any) -> Dialer:
@@ -594,10 +644,12 @@ class RelayNode:
         self._register_dialer(peer_id, dialer)
         meta = self.keystore.meta(peer_id)
         if meta is None or meta.addr != dialer.address:
-            self.keystore.save_meta(peer_id, PeerMeta(dialer.address,
-                                                      now_ms(self.clock.seconds)))
-        log.info("auto_connect {address}: the peer there is {peer_id}; keeping the link up",
-                 address=dialer.address, peer_id=peer_id)
+            self.keystore.save_meta(peer_id, PeerMeta(dialer.address, now_ms(self.clock.seconds)))
+        log.info(
+            "auto_connect {address}: the peer there is {peer_id}; keeping the link up",
+            address=dialer.address,
+            peer_id=peer_id,
+        )
 
     def remove_dialer(self, peer_id: str) -> defer.Deferred[None]:
         dialer = self.dialers.pop(peer_id, None)
@@ -631,8 +683,11 @@ class RelayNode:
             peer_hint, _, address = entry.rpartition("@")
             try:
                 parse_address(address)
-                named = (self.choose_peer_for(address, peer_hint) if peer_hint
-                         else self.peer_last_seen_at(address))
+                named = (
+                    self.choose_peer_for(address, peer_hint)
+                    if peer_hint
+                    else self.peer_last_seen_at(address)
+                )
             except (NotPaired, ValueError) as e:
                 log.warn("auto_connect {entry}: {error}", entry=entry, error=str(e))
                 continue

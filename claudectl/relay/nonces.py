@@ -15,8 +15,9 @@ from collections.abc import Callable
 class IssuedNonces:
     """A bounded, expiring set of nonces."""
 
-    def __init__(self, now: Callable[[], float], ttl: float = 65.0,
-                 max_entries: int = 65536) -> None:
+    def __init__(
+        self, now: Callable[[], float], ttl: float = 65.0, max_entries: int = 65536
+    ) -> None:
         self._now = now
         self._ttl = ttl
         self._max = max_entries

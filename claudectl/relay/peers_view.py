@@ -10,9 +10,12 @@ from claudectl.relay.keystore import KeyStore
 from claudectl.relay.mesh import DISCONNECTED, Mesh
 
 
-def peer_rows(keystore: KeyStore, mesh: Mesh | None = None,
-              trust_of: Callable[[str], float] | None = None,
-              extra: list[Callable[[str], dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+def peer_rows(
+    keystore: KeyStore,
+    mesh: Mesh | None = None,
+    trust_of: Callable[[str], float] | None = None,
+    extra: list[Callable[[str], dict[str, Any]]] | None = None,
+) -> list[dict[str, Any]]:
     """One dict per known peer, sorted by identity."""
     peers = set(keystore.known_peers())
     if mesh is not None:

@@ -82,8 +82,7 @@ class RelayProtocol(LineReceiver):
     #: A TCP transport (``ITCPTransport``; ``ITLSTransport`` once TLS starts).
     transport: Any
 
-    def __init__(self, node: RelayNode, role: str,
-                 auth: KeyAuth | PakeAuth | None = None) -> None:
+    def __init__(self, node: RelayNode, role: str, auth: KeyAuth | PakeAuth | None = None) -> None:
         self.node = node
         self.role = role
         self.auth = auth
@@ -137,14 +136,14 @@ class RelayProtocol(LineReceiver):
         self.node.protocols.add(self)
         clock = self.node.clock
         if self.role == LISTENER:
-            ticket = self.node.admission.admit(self.ip, self.node.mesh.connected_count(),
-                                               self._shed)
+            ticket = self.node.admission.admit(
+                self.ip, self.node.mesh.connected_count(), self._shed
+            )
             if isinstance(ticket, str):
                 # Debug only: a flood of refused connections must not fill the
                 # disk with log lines (the counters and the cooldown warning
                 # say what happened).
-                self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip,
-                                reason=ticket)
+                self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip, reason=ticket)
                 self.transport.abortConnection()
                 return
             self._preauth = ticket
@@ -154,8 +153,9 @@ class RelayProtocol(LineReceiver):
         else:
             assert self.auth is not None
             self._connector = self.node.connector_handshake(self.auth)
-        self._timeout = clock.callLater(self.node.config.relay.handshake_timeout_secs,
-                                        self._handshake_timed_out)
+        self._timeout = clock.callLater(
+            self.node.config.relay.handshake_timeout_secs, self._handshake_timed_out
+        )
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
         self.is_closed = True
@@ -168,8 +168,12 @@ class RelayProtocol(LineReceiver):
         if self.result is None and self._closing_reason is None and self._tls_started:
             # The TLS handshake failed (or the peer hung up during it).
             self._closing_reason = f"TLS handshake failed ({_describe(reason)})"
-            self._log.info("handshake with {peer} at {ip} failed: {reason}",
-                           peer=self._claimed_peer(), ip=self.ip, reason=self._closing_reason)
+            self._log.info(
+                "handshake with {peer} at {ip} failed: {reason}",
+                peer=self._claimed_peer(),
+                ip=self.ip,
+                reason=self._closing_reason,
+            )
             self._count_failure()
         if self._preauth is not None:
             self.node.admission.release(self._preauth)
@@ -180,8 +184,11 @@ class RelayProtocol(LineReceiver):
                 self._count_failure()
         if self.result is None:
             if not self.authenticated.called:
-                self.authenticated.errback(HandshakeFailed(
-                    self._closing_reason or "connection closed during the handshake"))
+                self.authenticated.errback(
+                    HandshakeFailed(
+                        self._closing_reason or "connection closed during the handshake"
+                    )
+                )
         elif self.link is not None:
             if self._filter is not None:
                 self._filter.flush_suppressed()
@@ -241,7 +248,7 @@ class RelayProtocol(LineReceiver):
             if nl < 0:
                 return  # still inside an over-long line
             self._discarding = False
-            data = data[nl + 1:]
+            data = data[nl + 1 :]
         buffer = self._buffer + data if self._buffer else data
         lines = buffer.split(b"\n")
         self._buffer = lines.pop()
@@ -257,7 +264,7 @@ class RelayProtocol(LineReceiver):
                 # Everything after the starttls frame belongs to TLS (the
                 # connector sends its ClientHello right behind the frame).
                 self._tls_switching = False
-                rest = b"\n".join(lines[i + 1:] + [self._buffer])
+                rest = b"\n".join(lines[i + 1 :] + [self._buffer])
                 self._buffer = b""
                 if rest and self.transport is not None and self.connected:
                     self.transport.protocol.dataReceived(rest)
@@ -289,8 +296,11 @@ class RelayProtocol(LineReceiver):
     def _bad_frames_suppressed(self, count: int) -> None:
         """The summary line of a peer's rate-limited bad-frame log lines."""
         self.node.admission.count("log_lines_suppressed", count)
-        self._log.info("{count} more bad frames from {peer_id} were not logged",
-                       count=count, peer_id=self.peer_id)
+        self._log.info(
+            "{count} more bad frames from {peer_id} were not logged",
+            count=count,
+            peer_id=self.peer_id,
+        )
 
     def _handshake_line(self, line: bytes) -> None:
         if not line.strip():
@@ -335,7 +345,8 @@ class RelayProtocol(LineReceiver):
         self._cancel_step_deadline()
         secs = min(secs, self.node.config.relay.handshake_timeout_secs)
         self._step_timeout = self.node.clock.callLater(
-            secs, self._fail_handshake, f"{what} within {secs:g} s")
+            secs, self._fail_handshake, f"{what} within {secs:g} s"
+        )
 
     def _cancel_step_deadline(self) -> None:
         if self._step_timeout is not None and self._step_timeout.active():
@@ -355,11 +366,19 @@ class RelayProtocol(LineReceiver):
             self._timeout.cancel()
         self._cancel_step_deadline()
         if reflected:
-            self._log.warn("reflection attempt refused: {peer} at {ip}: {reason}",
-                           peer=self._claimed_peer(), ip=self.ip, reason=reason)
+            self._log.warn(
+                "reflection attempt refused: {peer} at {ip}: {reason}",
+                peer=self._claimed_peer(),
+                ip=self.ip,
+                reason=reason,
+            )
         else:
-            self._log.info("handshake with {peer} at {ip} failed: {reason}",
-                           peer=self._claimed_peer(), ip=self.ip, reason=reason)
+            self._log.info(
+                "handshake with {peer} at {ip} failed: {reason}",
+                peer=self._claimed_peer(),
+                ip=self.ip,
+                reason=reason,
+            )
         self._count_failure()
         self.close(reason)
 
@@ -424,12 +443,15 @@ class RelayProtocol(LineReceiver):
             self.close("refused by the mesh")
             return
         self.link = link
-        self._filter = FrameFilter(link.state.dedup, link.counters,
-                                   on_bad=lambda r: self._log.info(
-                                       "bad frame from {peer_id}: {reason}",
-                                       peer_id=self.peer_id, reason=r),
-                                   now=self.node.clock.seconds,
-                                   on_suppressed=self._bad_frames_suppressed)
+        self._filter = FrameFilter(
+            link.state.dedup,
+            link.counters,
+            on_bad=lambda r: self._log.info(
+                "bad frame from {peer_id}: {reason}", peer_id=self.peer_id, reason=r
+            ),
+            now=self.node.clock.seconds,
+            on_suppressed=self._bad_frames_suppressed,
+        )
         clock = self.node.clock
         interval = self.node.config.relay.heartbeat_interval_secs
         self._liveness = Liveness(clock.seconds, interval)
@@ -474,8 +496,11 @@ class RelayProtocol(LineReceiver):
         if remaining >= 0:
             self._dead_check = self.node.clock.callLater(remaining + 0.001, self._check_alive)
             return
-        self._log.warn("no traffic from {peer_id} for {secs:.0f} s: link is dead",
-                       peer_id=self.peer_id, secs=self._liveness.deadline)
+        self._log.warn(
+            "no traffic from {peer_id} for {secs:.0f} s: link is dead",
+            peer_id=self.peer_id,
+            secs=self._liveness.deadline,
+        )
         self.close("heartbeat timeout")
         if self.transport is not None:
             # A dead peer may never answer our FIN.

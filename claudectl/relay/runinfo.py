@@ -24,8 +24,11 @@ def _path(home: Home) -> Any:
 
 def write_runinfo(home: Home, identity: str, ports: list[int]) -> None:
     home.ensure_private_dir(home.run_dir)
-    atomic_write(_path(home), json.dumps({"pid": os.getpid(), "identity": identity,
-                                          "ports": ports}), mode=0o600)
+    atomic_write(
+        _path(home),
+        json.dumps({"pid": os.getpid(), "identity": identity, "ports": ports}),
+        mode=0o600,
+    )
 
 
 def remove_runinfo(home: Home) -> None:

@@ -127,12 +127,16 @@ class LinkCounters:
 class FrameFilter:
     """Turns inbound lines of one authenticated link into envelopes to act on."""
 
-    def __init__(self, dedup: Dedup, counters: LinkCounters,
-                 on_bad: Callable[[str], None] = lambda reason: None,
-                 max_strikes: int = MAX_BAD_STRIKES,
-                 now: Callable[[], float] = lambda: 0.0,
-                 on_suppressed: Callable[[int], None] = lambda count: None,
-                 ratio_window: int = BAD_RATIO_WINDOW) -> None:
+    def __init__(
+        self,
+        dedup: Dedup,
+        counters: LinkCounters,
+        on_bad: Callable[[str], None] = lambda reason: None,
+        max_strikes: int = MAX_BAD_STRIKES,
+        now: Callable[[], float] = lambda: 0.0,
+        on_suppressed: Callable[[int], None] = lambda count: None,
+        ratio_window: int = BAD_RATIO_WINDOW,
+    ) -> None:
         """
         ``on_bad(reason)`` is called for the bad lines the peer's log budget
         allows.  ``on_suppressed(n)`` is the summary: ``n`` lines were not
@@ -178,8 +182,10 @@ class FrameFilter:
             raise Disconnect(f"{self._strikes} bad frames in a row (last: {reason})")
         if self.ratio_exceeded():
             window = self._recent.maxlen
-            raise Disconnect(f"{self._recent_bad} of the last {window} frames were bad "
-                             f"(last: {reason})", kind="bad_frame_ratio")
+            raise Disconnect(
+                f"{self._recent_bad} of the last {window} frames were bad (last: {reason})",
+                kind="bad_frame_ratio",
+            )
 
     def flush_suppressed(self) -> None:
         """Report lines suppressed since the last one logged (link closing)."""

@@ -49,15 +49,25 @@ SUBSYSTEMS = (
 
 class Options(usage.Options):
     synopsis = "[options]"
-    longdesc = ("Run the claudectl relay: accept authenticated peers, keep links to "
-                "paired peers up, gossip hive knowledge and run delegated tasks.")
+    longdesc = (
+        "Run the claudectl relay: accept authenticated peers, keep links to "
+        "paired peers up, gossip hive knowledge and run delegated tasks."
+    )
     optParameters = [
-        ["home", None, None,
-         "Home directory (data in HOME/.claudectl, config in HOME/.config/claudectl). "
-         "Default: $CLAUDECTL_HOME, else ~."],
-        ["listen", None, None,
-         "Endpoint to listen on, e.g. tcp:9847:interface=0.0.0.0 "
-         "(default: from [relay] listen_addr / listen_port)."],
+        [
+            "home",
+            None,
+            None,
+            "Home directory (data in HOME/.claudectl, config in HOME/.config/claudectl). "
+            "Default: $CLAUDECTL_HOME, else ~.",
+        ],
+        [
+            "listen",
+            None,
+            None,
+            "Endpoint to listen on, e.g. tcp:9847:interface=0.0.0.0 "
+            "(default: from [relay] listen_addr / listen_port).",
+        ],
         ["port", "p", None, "TCP port to listen on (overrides [relay] listen_port)."],
     ]
     optFlags = [
@@ -97,16 +107,16 @@ def check_home(home: Home) -> None:
     import os
 
     if home.root.exists() and not home.root.is_dir():
-        raise usage.UsageError(f"home {home.root} is not a directory (check --home / "
-                               f"CLAUDECTL_HOME)")
+        raise usage.UsageError(
+            f"home {home.root} is not a directory (check --home / CLAUDECTL_HOME)"
+        )
     path = home.relay
     while not path.exists():
         path = path.parent
     if not path.is_dir():
         raise usage.UsageError(f"{path} is not a directory, so {home.data} cannot be used")
     if not os.access(path, os.W_OK | os.X_OK):
-        raise usage.UsageError(f"{path} is not writable: claudectl keeps its data in "
-                               f"{home.data}")
+        raise usage.UsageError(f"{path} is not writable: claudectl keeps its data in {home.data}")
 
 
 def listen_string(options: Any, config: Config) -> str:
@@ -119,18 +129,23 @@ def listen_string(options: Any, config: Config) -> str:
             listen = listen_endpoint_string(config.relay.listen_addr, config.relay.listen_port)
         except AddressError as e:
             where = ", ".join(config.sources) or "config"
-            raise usage.UsageError(f"{where}: [relay] {e}; use an IP address such as "
-                                   f"\"0.0.0.0\" or \"::\"") from None
+            raise usage.UsageError(
+                f'{where}: [relay] {e}; use an IP address such as "0.0.0.0" or "::"'
+            ) from None
     try:
         # Parsing builds the endpoint without listening (ssl: reads its files).
         serverFromString(None, listen)
     except ImportError as e:
-        raise usage.UsageError(f"{what} {listen!r} needs a module that is not installed "
-                               f"({e.name or e}); for ssl: install pyOpenSSL") from None
+        raise usage.UsageError(
+            f"{what} {listen!r} needs a module that is not installed "
+            f"({e.name or e}); for ssl: install pyOpenSSL"
+        ) from None
     except Exception as e:  # each endpoint parser has its own errors
         detail = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) else str(e)
-        raise usage.UsageError(f"{what} {listen!r} is not a usable endpoint: {detail} "
-                               f"(e.g. tcp:9847:interface=0.0.0.0)") from None
+        raise usage.UsageError(
+            f"{what} {listen!r} is not a usable endpoint: {detail} "
+            f"(e.g. tcp:9847:interface=0.0.0.0)"
+        ) from None
     return listen
 
 
@@ -158,22 +173,30 @@ class RelayService(MultiService):
             try:
                 self.node.tls.server()
             except Exception as e:
-                log.error("TLS key and certificate unavailable ({error}); encrypted links "
-                          "cannot be accepted", error=f"{type(e).__name__}: {e}")
+                log.error(
+                    "TLS key and certificate unavailable ({error}); encrypted links "
+                    "cannot be accepted",
+                    error=f"{type(e).__name__}: {e}",
+                )
         targets = self.node.auto_connect_targets()
         for peer, address in targets:
             if peer is None:
-                log.info("auto_connect {address}: dialing; the key is chosen by the identity "
-                         "the listener announces", address=address)
+                log.info(
+                    "auto_connect {address}: dialing; the key is chosen by the identity "
+                    "the listener announces",
+                    address=address,
+                )
             else:
-                log.info("keeping a link to {peer_id} at {address}", peer_id=peer,
-                         address=address)
+                log.info("keeping a link to {peer_id} at {address}", peer_id=peer, address=address)
             self.node.ensure_dialer(peer, address, self)
         # Under twistd, startService runs before the reactor (and its signal
         # handlers): say "ready" only once it really runs.
         self.node.reactor.callWhenRunning(
-            log.info, "claudectl relay {identity} ready ({count} outbound link(s) to keep)",
-            identity=self.node.identity, count=len(targets))
+            log.info,
+            "claudectl relay {identity} ready ({count} outbound link(s) to keep)",
+            identity=self.node.identity,
+            count=len(targets),
+        )
 
     def stopService(self) -> Any:
         # Children first (listeners stop accepting, dialers stop redialing),
@@ -201,17 +224,25 @@ class _ListeningService(StreamServerEndpointService):
         addr = port.getHost()
         if self.what == "relay":
             self.node.listening_ports.append(port)
-            log.info("claudectl relay {identity} listening on {address}",
-                     identity=self.node.identity,
-                     address=format_address(addr.host, addr.port))
-            write_runinfo(self.node.home, self.node.identity,
-                          [p.getHost().port for p in self.node.listening_ports])
+            log.info(
+                "claudectl relay {identity} listening on {address}",
+                identity=self.node.identity,
+                address=format_address(addr.host, addr.port),
+            )
+            write_runinfo(
+                self.node.home,
+                self.node.identity,
+                [p.getHost().port for p in self.node.listening_ports],
+            )
             if addr.host in ("0.0.0.0", "::") and not self.node.config.relay.require_encryption:
-                log.warn("listening on every interface ({address}) while [relay] "
-                         "require_encryption is off: anyone who can reach this port may try "
-                         "to connect, and links to peers without TLS are not encrypted. Set "
-                         "[relay] require_encryption = true, or listen_addr to one address "
-                         "(e.g. \"127.0.0.1\")", address=format_address(addr.host, addr.port))
+                log.warn(
+                    "listening on every interface ({address}) while [relay] "
+                    "require_encryption is off: anyone who can reach this port may try "
+                    "to connect, and links to peers without TLS are not encrypted. Set "
+                    "[relay] require_encryption = true, or listen_addr to one address "
+                    '(e.g. "127.0.0.1")',
+                    address=format_address(addr.host, addr.port),
+                )
             for cb in list(self.node.on_listening):
                 cb(addr.port)
         else:

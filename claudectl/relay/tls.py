@@ -78,16 +78,19 @@ def make_credentials(common_name: str) -> Credentials:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64] or "claudectl")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=36500))
-            .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=36500))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return Credentials(key_pem, cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -115,11 +118,16 @@ def ensure_credentials(home: Home, common_name: str) -> Credentials:
             return _load(key_path, cert_path)
         except FileNotFoundError:
             if key_path.exists() or cert_path.exists():
-                log.warn("TLS key or certificate missing under {dir}: making a new pair",
-                         dir=str(home.relay))
+                log.warn(
+                    "TLS key or certificate missing under {dir}: making a new pair",
+                    dir=str(home.relay),
+                )
         except Exception as e:
-            log.warn("TLS key or certificate under {dir} unusable ({error}): making a new pair",
-                     dir=str(home.relay), error=type(e).__name__)
+            log.warn(
+                "TLS key or certificate under {dir} unusable ({error}): making a new pair",
+                dir=str(home.relay),
+                error=type(e).__name__,
+            )
         creds = make_credentials(common_name)
         # Certificate first: a crash in between leaves a key that does not
         # match, which the next start detects and replaces.

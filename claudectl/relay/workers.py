@@ -34,8 +34,12 @@ def parse_sessions(value: Any) -> list[dict[str, Any]] | None:
         return None
     out = []
     for s in value:
-        if (isinstance(s, dict) and isinstance(s.get("pid"), int)
-                and not isinstance(s.get("pid"), bool) and isinstance(s.get("project"), str)):
+        if (
+            isinstance(s, dict)
+            and isinstance(s.get("pid"), int)
+            and not isinstance(s.get("pid"), bool)
+            and isinstance(s.get("project"), str)
+        ):
             status = s.get("status")
             out.append({**s, "status": status if status in STATUSES else "Idle"})
     return out
@@ -58,8 +62,10 @@ class WorkerTable:
         worker_id = wid[:128] if isinstance(wid, str) and wid else peer_id
         self._expire()
         key = (peer_id, worker_id)  # a peer can only ever update its own workers
-        if key not in self._workers and sum(
-                1 for p, _ in self._workers if p == peer_id) >= MAX_WORKERS_PER_PEER:
+        if (
+            key not in self._workers
+            and sum(1 for p, _ in self._workers if p == peer_id) >= MAX_WORKERS_PER_PEER
+        ):
             return None
         state = WorkerState(worker_id, peer_id, sessions[:MAX_SESSIONS_PER_WORKER], self._now())
         self._workers[key] = state

@@ -104,7 +104,8 @@ class FitLine(urwid.Widget):
         (maxcol,) = size
         attr, text = self.make(max(1, maxcol - 1))
         return urwid.Text(("focus" if focus else attr, " " + text), wrap="clip").render(
-            (maxcol,), focus)
+            (maxcol,), focus
+        )
 
     def keypress(self, size: Any, key: str) -> str:
         return key
@@ -115,8 +116,9 @@ class Panel:
         self.name = name
         self.walker: urwid.SimpleFocusListWalker[Any] = urwid.SimpleFocusListWalker([])
         self.listbox = urwid.ListBox(self.walker)
-        self.box = urwid.LineBox(self.listbox, title=PANEL_TITLES[name], title_align="left",
-                                 title_attr="title")
+        self.box = urwid.LineBox(
+            self.listbox, title=PANEL_TITLES[name], title_align="left", title_attr="title"
+        )
         self.data: dict[str, Any] | None = None
 
     def set_title(self, text: str) -> None:
@@ -147,9 +149,16 @@ class Panel:
 class Dialog:
     """What is shown over the panels: text to read, a question, or an input."""
 
-    def __init__(self, title: str, body: list[str] | str, kind: str = "info",
-                 on_yes: Callable[[Any], Any] | None = None, prompt: str = "",
-                 refresh: Callable[[], Any] | None = None, key: Any = None) -> None:
+    def __init__(
+        self,
+        title: str,
+        body: list[str] | str,
+        kind: str = "info",
+        on_yes: Callable[[Any], Any] | None = None,
+        prompt: str = "",
+        refresh: Callable[[], Any] | None = None,
+        key: Any = None,
+    ) -> None:
         self.kind = kind
         self.on_yes = on_yes
         self.key = key
@@ -157,21 +166,28 @@ class Dialog:
         self.edit: urwid.Edit | None = None
         texts = body if isinstance(body, list) else body.splitlines()
         self.walker = urwid.SimpleFocusListWalker(
-            [urwid.Text(t, wrap="any") for t in texts] or [urwid.Text("")])
+            [urwid.Text(t, wrap="any") for t in texts] or [urwid.Text("")]
+        )
         items: list[Any] = [urwid.ListBox(self.walker)]
         if kind == "confirm":
             items = [("pack", urwid.Text(t)) for t in texts] + [
-                ("pack", urwid.Divider()), ("pack", urwid.Text("y = yes    n / Esc = no"))]
+                ("pack", urwid.Divider()),
+                ("pack", urwid.Text("y = yes    n / Esc = no")),
+            ]
         elif kind == "input":
             self.edit = urwid.Edit(prompt)
             items = [("pack", urwid.Text(t)) for t in texts] + [
-                ("pack", urwid.Divider()), ("pack", self.edit), ("pack", urwid.Divider()),
-                ("pack", urwid.Text("Enter = OK    Esc = cancel"))]
+                ("pack", urwid.Divider()),
+                ("pack", self.edit),
+                ("pack", urwid.Divider()),
+                ("pack", urwid.Text("Enter = OK    Esc = cancel")),
+            ]
         else:
             items.append(("pack", urwid.Text("Esc / q / Enter = close    ↑ ↓ scroll")))
         self.pile = urwid.Pile(items)
-        self.widget = urwid.AttrMap(urwid.LineBox(self.pile, title=title, title_align="left"),
-                                    "dialog")
+        self.widget = urwid.AttrMap(
+            urwid.LineBox(self.pile, title=title, title_align="left"), "dialog"
+        )
 
     def set_body(self, texts: list[str]) -> None:
         pos = self.walker.focus or 0
@@ -186,8 +202,9 @@ class Dashboard:
     calls :meth:`apply` with panel data.
     """
 
-    def __init__(self, backend: Any, colour: bool = True,
-                 now: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, backend: Any, colour: bool = True, now: Callable[[], float] = time.time
+    ) -> None:
         self.backend = backend
         self.colour = colour
         self.now = now
@@ -196,12 +213,15 @@ class Dashboard:
         self.header = urwid.Text("claudectl", wrap="clip")
         self.status_text = urwid.Text("")
         self.status_attr = urwid.AttrMap(self.status_text, "status")
-        self.hints = urwid.Text("p peers  t tasks  h hive  Tab next  Enter open  ? help  q quit",
-                                wrap="clip")
+        self.hints = urwid.Text(
+            "p peers  t tasks  h hive  Tab next  Enter open  ? help  q quit", wrap="clip"
+        )
         self.pile = urwid.Pile([])
         self.frame = urwid.Frame(
-            self.pile, header=urwid.AttrMap(self.header, "header"),
-            footer=urwid.Pile([self.status_attr, urwid.AttrMap(self.hints, "footer")]))
+            self.pile,
+            header=urwid.AttrMap(self.header, "header"),
+            footer=urwid.Pile([self.status_attr, urwid.AttrMap(self.hints, "footer")]),
+        )
         self.top = _Top(self)
         self.dialog: Dialog | None = None
         self.loop: urwid.MainLoop | None = None
@@ -214,8 +234,9 @@ class Dashboard:
     # --- screen ----------------------------------------------------------------------
     def start(self, reactor: Any, screen: Any = None) -> None:
         ev = urwid.TwistedEventLoop(reactor=reactor, manage_reactor=False)
-        self.loop = urwid.MainLoop(self.top, palette(self.colour), screen=screen,
-                                   event_loop=ev, handle_mouse=False)
+        self.loop = urwid.MainLoop(
+            self.top, palette(self.colour), screen=screen, event_loop=ev, handle_mouse=False
+        )
         if not self.colour:
             getattr(self.loop.screen, "set_terminal_properties", lambda **kw: None)(colors=1)
         self.loop.start()
@@ -243,8 +264,13 @@ class Dashboard:
     def _relayout(self) -> None:
         shown = [n for n in PANEL_TITLES if self.visible[n]]
         if not shown:
-            body: list[Any] = [urwid.Filler(urwid.Text(
-                "All panels are hidden: press p, t or h to show one.", align="center"))]
+            body: list[Any] = [
+                urwid.Filler(
+                    urwid.Text(
+                        "All panels are hidden: press p, t or h to show one.", align="center"
+                    )
+                )
+            ]
             self.pile.contents[:] = [(w, self.pile.options("weight", 1)) for w in body]
             return
         focus_name = None
@@ -255,8 +281,9 @@ class Dashboard:
                     focus_name = n
         except (IndexError, AttributeError):
             pass
-        self.pile.contents[:] = [(self.panels[n].box,
-                                  self.pile.options("weight", PANEL_WEIGHTS[n])) for n in shown]
+        self.pile.contents[:] = [
+            (self.panels[n].box, self.pile.options("weight", PANEL_WEIGHTS[n])) for n in shown
+        ]
         self.pile.focus_position = shown.index(focus_name) if focus_name in shown else 0
 
     def toggle(self, name: str) -> None:
@@ -319,8 +346,9 @@ class Dashboard:
         more = L.total_of(data, rows) - len(rows)
         if more > 0:
             widgets.append(urwid.Text(("dim", f" … and {more} more"), wrap="clip"))
-        p.set_lines(widgets, None if old is None else
-                    (lambda r: r.get("identity") == old.get("identity")))
+        p.set_lines(
+            widgets, None if old is None else (lambda r: r.get("identity") == old.get("identity"))
+        )
 
     def _apply_tasks(self, data: dict[str, Any]) -> None:
         p = self.panels["tasks"]
@@ -330,8 +358,12 @@ class Dashboard:
         active = sum(1 for r in rows if r.get("state") in ("running", "queued", "delegated"))
         p.set_title(f"Remote tasks ({active} active, {L.total_of(data, rows)} total)")
         if not rows:
-            self._placeholder("tasks", "No remote tasks." if data.get("available", True)
-                              else "Delegation is not part of this service.")
+            self._placeholder(
+                "tasks",
+                "No remote tasks."
+                if data.get("available", True)
+                else "Delegation is not part of this service.",
+            )
         else:
             idw = L.id_width(rows, "peer")
 
@@ -339,11 +371,17 @@ class Dashboard:
                 return FitLine(lambda w: L.task_line(r, w, idw), r)
 
             widgets = [task(r) for r in rows]
-            p.set_lines(widgets, None if old is None else
-                        (lambda r: (r.get("dir"), r.get("key")) == (old.get("dir"),
-                                                                    old.get("key"))))
-        if self.dialog is not None and self.detail_key is not None and \
-                self.dialog.refresh is not None:
+            p.set_lines(
+                widgets,
+                None
+                if old is None
+                else (lambda r: (r.get("dir"), r.get("key")) == (old.get("dir"), old.get("key"))),
+            )
+        if (
+            self.dialog is not None
+            and self.detail_key is not None
+            and self.dialog.refresh is not None
+        ):
             for r in rows:
                 if (r.get("dir"), r.get("key")) == self.detail_key:
                     if r.get("version") != getattr(self.dialog, "version", None):
@@ -368,8 +406,16 @@ class Dashboard:
             h: Any = ("relative", 90)
         else:
             h = height or "pack"
-        overlay = urwid.Overlay(dialog.widget, self.frame, "center", ("relative", 90),
-                                "middle", h, min_width=30, min_height=5)
+        overlay = urwid.Overlay(
+            dialog.widget,
+            self.frame,
+            "center",
+            ("relative", 90),
+            "middle",
+            h,
+            min_width=30,
+            min_height=5,
+        )
         self.top._w = overlay
         self.redraw()
 
@@ -380,12 +426,12 @@ class Dashboard:
         self.redraw()
 
     def confirm(self, question: str, action: Callable[[], Any]) -> None:
-        self.open_dialog(Dialog("Confirm", question, "confirm", on_yes=lambda _v: action()),
-                         height=7)
+        self.open_dialog(
+            Dialog("Confirm", question, "confirm", on_yes=lambda _v: action()), height=7
+        )
 
     def ask(self, title: str, question: str, prompt: str, action: Callable[[str], Any]) -> None:
-        self.open_dialog(Dialog(title, question, "input", on_yes=action, prompt=prompt),
-                         height=9)
+        self.open_dialog(Dialog(title, question, "input", on_yes=action, prompt=prompt), height=9)
 
     def show(self, title: str, text: list[str] | str) -> Dialog:
         d = Dialog(title, text)
@@ -455,14 +501,23 @@ class Dashboard:
         if key == "c":
             b.connect(peer, row.get("address"))
         elif key == "d":
-            self.confirm(f"Disconnect from {shown}? This side stops redialing it until the "
-                         "next start.", lambda: b.disconnect(peer))
+            self.confirm(
+                f"Disconnect from {shown}? This side stops redialing it until the next start.",
+                lambda: b.disconnect(peer),
+            )
         elif key == "f":
-            self.confirm(f"Forget {shown}? Its key and address are removed; you must pair "
-                         "again to reconnect.", lambda: b.forget(peer))
+            self.confirm(
+                f"Forget {shown}? Its key and address are removed; you must pair "
+                "again to reconnect.",
+                lambda: b.forget(peer),
+            )
         elif key == "T":
-            self.ask("Set trust", f"Trust for {shown} (now {L.trust_text(row.get('trust'))[6:]}),"
-                     " 0.0 - 1.0:", "trust: ", lambda v: b.set_trust(peer, v))
+            self.ask(
+                "Set trust",
+                f"Trust for {shown} (now {L.trust_text(row.get('trust'))[6:]}), 0.0 - 1.0:",
+                "trust: ",
+                lambda v: b.set_trust(peer, v),
+            )
 
     def _task_action(self, key: str, row: dict[str, Any]) -> None:
         direction, k = str(row.get("dir")), str(row.get("key"))
@@ -471,12 +526,17 @@ class Dashboard:
         if key == "enter":
             b.open_task(direction, k)
         elif key == "s":
-            self.confirm(f"Stop task {label} on {clean(row.get('peer'), L.ID_WIDTH_MAX)}?",
-                         lambda: b.task_action(direction, k, "stop", "stopped from the "
-                                               "dashboard"))
+            self.confirm(
+                f"Stop task {label} on {clean(row.get('peer'), L.ID_WIDTH_MAX)}?",
+                lambda: b.task_action(direction, k, "stop", "stopped from the dashboard"),
+            )
         elif key == "n":
-            self.ask("Nudge", f"A message for the Claude Code session of task {label}:",
-                     "> ", lambda v: b.task_action(direction, k, "nudge", v))
+            self.ask(
+                "Nudge",
+                f"A message for the Claude Code session of task {label}:",
+                "> ",
+                lambda v: b.task_action(direction, k, "nudge", v),
+            )
 
 
 class _Top(urwid.WidgetWrap):

@@ -19,11 +19,13 @@ import unicodedata
 
 #: CSI, OSC, DCS/PM/APC/SOS strings and two-byte ESC sequences, 7- and 8-bit.
 _ESCAPES = re.compile(
-    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"            # CSI ... final byte
-    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])"     # OSC / DCS / SOS / PM / APC ...
-    r".*?(?:\x07|\x1b\\|\x9c|$)"                    # ... up to BEL or ST (or the end)
-    r"|\x1b[@-Z\\-_]"                               # other two-byte ESC sequences
-    r"|\x1b", re.DOTALL)
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"  # CSI ... final byte
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])"  # OSC / DCS / SOS / PM / APC ...
+    r".*?(?:\x07|\x1b\\|\x9c|$)"  # ... up to BEL or ST (or the end)
+    r"|\x1b[@-Z\\-_]"  # other two-byte ESC sequences
+    r"|\x1b",
+    re.DOTALL,
+)
 
 #: Unicode categories never shown: controls, format characters (bidi
 #: overrides, zero-width joiners), surrogates, private use, unassigned.

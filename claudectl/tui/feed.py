@@ -30,8 +30,9 @@ UpdateHandler = Callable[[str, Any], None]
 class FeedProtocol(amp.AMP):
     """An AMP client that also answers the service's ``events.update``."""
 
-    def __init__(self, on_update: UpdateHandler,
-                 on_lost: Callable[[Failure], None] = lambda reason: None) -> None:
+    def __init__(
+        self, on_update: UpdateHandler, on_lost: Callable[[Failure], None] = lambda reason: None
+    ) -> None:
         super().__init__()
         self.on_update = on_update
         self.on_lost = on_lost
@@ -64,9 +65,13 @@ class FeedProtocol(amp.AMP):
             log.failure("connection-lost handler failed")
 
 
-async def open_feed(reactor: Any, home: Home, on_update: UpdateHandler,
-                    on_lost: Callable[[Failure], None] = lambda reason: None,
-                    panels: tuple[str, ...] = PANELS) -> tuple[FeedProtocol, str]:
+async def open_feed(
+    reactor: Any,
+    home: Home,
+    on_update: UpdateHandler,
+    on_lost: Callable[[Failure], None] = lambda reason: None,
+    panels: tuple[str, ...] = PANELS,
+) -> tuple[FeedProtocol, str]:
     """Connect and subscribe; returns the protocol and the service's identity."""
     path = control_socket_path(home)
     if not path.exists():

@@ -24,8 +24,14 @@ PEER_STATES = {
     "disconnected": ("○", "offline", "dim"),
 }
 TRANSPORTS = {"tls1.3": "TLS 1.3", "plaintext": "plaintext"}
-TASK_ATTRS = {"running": "good", "queued": "warn", "delegated": "warn", "completed": "dim",
-              "failed": "bad", "stopped": "dim"}
+TASK_ATTRS = {
+    "running": "good",
+    "queued": "warn",
+    "delegated": "warn",
+    "completed": "dim",
+    "failed": "bad",
+    "stopped": "dim",
+}
 ID_WIDTH_MAX = 28
 
 
@@ -131,12 +137,16 @@ def peer_line(row: dict[str, Any], now: float, width: int, idw: int) -> tuple[st
     """``(attribute, text)`` of one peer."""
     glyph, word, attr = PEER_STATES.get(str(row.get("state")), ("?", "unknown", "dim"))
     ident = clean(row.get("identity"), ID_WIDTH_MAX)
-    essential = (f"{glyph} {ident:<{idw}} {word:<10} {trust_text(row.get('trust')):<10} "
-                 f"↑{kb(row.get('bytes_up'))} ↓{kb(row.get('bytes_down'))} kb")
+    essential = (
+        f"{glyph} {ident:<{idw}} {word:<10} {trust_text(row.get('trust')):<10} "
+        f"↑{kb(row.get('bytes_up'))} ↓{kb(row.get('bytes_down'))} kb"
+    )
     transport = TRANSPORTS.get(str(row.get("transport") or ""), "")
-    extras = [f"{transport:<9}" if transport else "-        ",
-              f"seen {ago(row.get('last_seen'), now)}",
-              clean(row.get("address"), 60)]
+    extras = [
+        f"{transport:<9}" if transport else "-        ",
+        f"seen {ago(row.get('last_seen'), now)}",
+        clean(row.get("address"), 60),
+    ]
     return attr, fit(essential, extras, width)
 
 
@@ -167,26 +177,30 @@ def task_line(row: dict[str, Any], width: int, idw: int) -> tuple[str, str]:
     arrow = "→" if row.get("dir") == "out" else "←"
     state = clean(row.get("state"), 10)
     peer = clean(row.get("peer"), ID_WIDTH_MAX)
-    essential = (f"{arrow} {state:<9} {peer:<{idw}} {duration(row.get('elapsed')):>7} "
-                 f"{tokens(row.get('tokens')):>10} {cost(row.get('cost')):>6}")
+    essential = (
+        f"{arrow} {state:<9} {peer:<{idw}} {duration(row.get('elapsed')):>7} "
+        f"{tokens(row.get('tokens')):>10} {cost(row.get('cost')):>6}"
+    )
     return TASK_ATTRS.get(state, "body"), fill(essential, clean(row.get("summary"), 240), width)
 
 
 def task_detail_lines(d: dict[str, Any], now: float) -> list[str]:
     who = "delegated to" if d.get("dir") == "out" else "run here for"
-    out = [f"Task {clean(d.get('task_id'), 80)} — {who} {clean(d.get('peer'), ID_WIDTH_MAX)}",
-           f"State: {clean(d.get('state'), 20)}   elapsed {duration(d.get('elapsed'))}   "
-           f"{tokens(d.get('tokens'))}   {cost(d.get('cost'))}   "
-           f"context {clean(d.get('context_pct'), 5)}%",
-           f"Directory: {clean(d.get('cwd'), 300) or '-'}", "",
-           "Latest: " + (clean(d.get("last_message"), 2000) or "-"), ""]
+    out = [
+        f"Task {clean(d.get('task_id'), 80)} — {who} {clean(d.get('peer'), ID_WIDTH_MAX)}",
+        f"State: {clean(d.get('state'), 20)}   elapsed {duration(d.get('elapsed'))}   "
+        f"{tokens(d.get('tokens'))}   {cost(d.get('cost'))}   "
+        f"context {clean(d.get('context_pct'), 5)}%",
+        f"Directory: {clean(d.get('cwd'), 300) or '-'}",
+        "",
+        "Latest: " + (clean(d.get("last_message"), 2000) or "-"),
+        "",
+    ]
     if d.get("summary"):
-        out += ["Summary:", *[clean(line, 500) for line in
-                              str(d["summary"]).splitlines()[:40]], ""]
+        out += ["Summary:", *[clean(line, 500) for line in str(d["summary"]).splitlines()[:40]], ""]
     files = d.get("files") or []
     if files:
-        out += [f"Files modified ({len(files)}):", *[f"  {clean(f, 300)}" for f in files[:20]],
-                ""]
+        out += [f"Files modified ({len(files)}):", *[f"  {clean(f, 300)}" for f in files[:20]], ""]
     out += ["Prompt:", *[clean(line, 500) for line in str(d.get("prompt") or "").splitlines()[:20]]]
     return out
 
@@ -204,27 +218,40 @@ def hive_lines(panel: dict[str, Any], now: float, width: int) -> list[tuple[str,
     total = panel.get("units", 0)
     local = panel.get("local_units", 0)
     peers = [r for r in rows if not r.get("local")]
-    out = [("body", fit(f"{total} units: {local} local, {total - local} from "
-                        f"{len(peers)} peer(s)", [], width))]
+    out = [
+        (
+            "body",
+            fit(
+                f"{total} units: {local} local, {total - local} from {len(peers)} peer(s)",
+                [],
+                width,
+            ),
+        )
+    ]
     idw = id_width([{"identity": r.get("origin")} for r in rows] or [{}])
     for r in rows:
         if r.get("local"):
             essential = f"  {'local':<{idw}} {'(this machine)':<16} {_units(r.get('units'))}"
         else:
-            essential = (f"  {clean(r.get('origin'), ID_WIDTH_MAX):<{idw}} "
-                         f"{clean(r.get('tier'), 12) + ' ' + trust_text(r.get('trust'))[6:]:<16}"
-                         f" {_units(r.get('units'))}")
+            essential = (
+                f"  {clean(r.get('origin'), ID_WIDTH_MAX):<{idw}} "
+                f"{clean(r.get('tier'), 12) + ' ' + trust_text(r.get('trust'))[6:]:<16}"
+                f" {_units(r.get('units'))}"
+            )
         out.append(("body", fit(essential, [], width)))
     syncs = [s for s in panel.get("last_sync") or [] if isinstance(s, dict)]
     if syncs:
-        parts = [f"{clean(s.get('peer'), ID_WIDTH_MAX)} {ago(s.get('last_sync'), now)}"
-                 for s in syncs]
+        parts = [
+            f"{clean(s.get('peer'), ID_WIDTH_MAX)} {ago(s.get('last_sync'), now)}" for s in syncs
+        ]
         out.append(("dim", fit("last sync:", parts, width, sep=" ")))
     for rec in [r for r in panel.get("recent") or [] if isinstance(r, dict)]:
         kind = "conflict" if rec.get("kind") == "conflict" else "merged"
         attr = "warn" if kind == "conflict" else "dim"
-        text = (f"{'⚠' if kind == 'conflict' else '✓'} {kind:<8} "
-                f"{clean(rec.get('peer'), ID_WIDTH_MAX)} vs {clean(rec.get('other'), ID_WIDTH_MAX)}"
-                f"  {ago(rec.get('ts'), now)}")
+        text = (
+            f"{'⚠' if kind == 'conflict' else '✓'} {kind:<8} "
+            f"{clean(rec.get('peer'), ID_WIDTH_MAX)} vs {clean(rec.get('other'), ID_WIDTH_MAX)}"
+            f"  {ago(rec.get('ts'), now)}"
+        )
         out.append((attr, fill(text, clean(rec.get("key"), 80), width)))
     return out

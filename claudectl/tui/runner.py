@@ -32,8 +32,10 @@ log = Logger()
 #: Reattach delays after the service went away (seconds; the last repeats).
 REATTACH_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
-NOT_RUNNING = ("The relay service is not running: start it with `claudectl relay serve` "
-               "([relay] enabled = true starts it with the dashboard). Showing the files.")
+NOT_RUNNING = (
+    "The relay service is not running: start it with `claudectl relay serve` "
+    "([relay] enabled = true starts it with the dashboard). Showing the files."
+)
 
 
 def _error_text(e: BaseException) -> str:
@@ -44,8 +46,9 @@ def _error_text(e: BaseException) -> str:
 
 
 class Backend:
-    def __init__(self, reactor: Any, home: Home, config: Any,
-                 config_files: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, reactor: Any, home: Home, config: Any, config_files: tuple[str, ...] = ()
+    ) -> None:
         self.reactor = reactor
         self.home = home
         self.config = config
@@ -64,13 +67,15 @@ class Backend:
         """Subscribe to the service's pushes; False when none answers."""
         try:
             self.proto, self.identity = await open_feed(
-                self.reactor, self.home, self._on_update, self._on_lost)
+                self.reactor, self.home, self._on_update, self._on_lost
+            )
         except ServiceNotRunning:
             return False
         except Exception as e:
             log.failure("attaching to the service failed")
-            self._status(f"the relay service did not accept the dashboard: {_error_text(e)}",
-                         error=True)
+            self._status(
+                f"the relay service did not accept the dashboard: {_error_text(e)}", error=True
+            )
             return False
         self._reattach_n = 0
         self._header()
@@ -85,8 +90,10 @@ class Backend:
         if self.config.relay.enabled:
             if self._start_service_here() and await self.attach():
                 self.mode = "running in this process"
-                self._status("Started the relay service in this process ([relay] enabled = "
-                             "true); it stops when you quit.")
+                self._status(
+                    "Started the relay service in this process ([relay] enabled = "
+                    "true); it stops when you quit."
+                )
                 self._header()
                 return
         self.mode = "not running"
@@ -98,16 +105,20 @@ class Backend:
 
         from claudectl.relay import tap
 
-        options = {"home": str(self.home.root), "config": list(self.config_files),
-                   "listen": None, "port": None, "no-discovery": False}
+        options = {
+            "home": str(self.home.root),
+            "config": list(self.config_files),
+            "listen": None,
+            "port": None,
+            "no-discovery": False,
+        }
         try:
             service = tap.makeService(options, self.reactor)
             service.privilegedStartService()
             service.startService()
         except (usage.UsageError, Exception) as e:
             log.failure("starting the relay service in the dashboard failed")
-            self._status(f"could not start the relay service here: {_error_text(e)}",
-                         error=True)
+            self._status(f"could not start the relay service here: {_error_text(e)}", error=True)
             return False
         self.service = service
         return True
@@ -122,8 +133,9 @@ class Backend:
             return
         self.mode = "not running"
         self._header()
-        self._status("The relay service stopped; showing the files. Reattaching when it is "
-                     "back.", error=True)
+        self._status(
+            "The relay service stopped; showing the files. Reattaching when it is back.", error=True
+        )
         self.show_files()
         self._schedule_reattach()
 
@@ -170,8 +182,9 @@ class Backend:
             self._header()
             self.ui.apply("peers", self._file_peers())
             self.ui.apply("tasks", P.local_tasks_panel(self.home, time.time()))
-            self.ui.apply("hive", P.hive_panel(self.home, self.identity,
-                                               self.config.hive.default_trust))
+            self.ui.apply(
+                "hive", P.hive_panel(self.home, self.identity, self.config.hive.default_trust)
+            )
         except Exception as e:
             log.failure("reading the files failed")
             self._status(f"could not read the files: {_error_text(e)}", error=True)
@@ -189,8 +202,9 @@ class Backend:
             ps = state.peers.get(peer)
             return {} if ps is None else {"units_up": ps.units_up, "units_down": ps.units_down}
 
-        rows = peer_rows(KeyStore(self.home), None,
-                         lambda peer: trust_level(self.home, peer, default), [sync])
+        rows = peer_rows(
+            KeyStore(self.home), None, lambda peer: trust_level(self.home, peer, default), [sync]
+        )
         return P.peers_panel(rows, self.identity, False)
 
     # --- screen helpers ------------------------------------------------------------------
@@ -207,6 +221,7 @@ class Backend:
 
     def _run(self, what: str, d: Any, done: Any = None) -> None:
         """Run an action's Deferred/coroutine; its outcome goes to the status line."""
+
         def ok(result: Any) -> None:
             if done is not None:
                 try:
@@ -224,8 +239,9 @@ class Backend:
 
     def _need_service(self, what: str) -> bool:
         if self.proto is None:
-            self._status(f"{what} needs the relay service: start it with `claudectl relay "
-                         "serve`", error=True)
+            self._status(
+                f"{what} needs the relay service: start it with `claudectl relay serve`", error=True
+            )
             return False
         return True
 
@@ -240,22 +256,35 @@ class Backend:
         if not self._need_service("connecting"):
             return
         if not address:
-            self._status(f"no address is known for {clean(peer, 40)}: connect once with "
-                         "`claudectl relay connect HOST:PORT`", error=True)
+            self._status(
+                f"no address is known for {clean(peer, 40)}: connect once with "
+                "`claudectl relay connect HOST:PORT`",
+                error=True,
+            )
             return
         self._status(f"connecting to {clean(peer, 40)} at {clean(address, 60)}…")
-        self._run("connect", self._call(C.Connect, address=str(address), peer=peer),
-                  lambda r: self._status(
-                      f"{clean(peer, 40)} is connected ({r['mode']})" if not r["already"]
-                      else f"{clean(peer, 40)} was already connected"))
+        self._run(
+            "connect",
+            self._call(C.Connect, address=str(address), peer=peer),
+            lambda r: self._status(
+                f"{clean(peer, 40)} is connected ({r['mode']})"
+                if not r["already"]
+                else f"{clean(peer, 40)} was already connected"
+            ),
+        )
 
     def disconnect(self, peer: str) -> None:
         if not self._need_service("disconnecting"):
             return
-        self._run("disconnect", self._call(C.Disconnect, peer=peer),
-                  lambda r: self._status(f"disconnected from {clean(peer, 40)}"
-                                         if r["was_connected"]
-                                         else f"{clean(peer, 40)} was not connected"))
+        self._run(
+            "disconnect",
+            self._call(C.Disconnect, peer=peer),
+            lambda r: self._status(
+                f"disconnected from {clean(peer, 40)}"
+                if r["was_connected"]
+                else f"{clean(peer, 40)} was not connected"
+            ),
+        )
 
     def forget(self, peer: str) -> None:
         from claudectl.relay.keystore import KeyStore
@@ -275,16 +304,22 @@ class Backend:
             try:
                 value = float(text.strip())
             except ValueError:
-                raise ValueError(f"trust must be a number from 0.0 to 1.0, not "
-                                 f"{clean(text, 20)!r}") from None
+                raise ValueError(
+                    f"trust must be a number from 0.0 to 1.0, not {clean(text, 20)!r}"
+                ) from None
             if value != value:
                 raise ValueError("trust must be a number from 0.0 to 1.0")
             with trust_transaction(self.home, self.config.hive.default_trust) as book:
                 rec = book.set_level(peer, value, int(time.time()))
             return float(rec.trust_level)
 
-        self._run("set trust", go(), lambda level: self._status(
-            f"trust for {clean(peer, 40)} set to {L.trust_text(level)[6:]}"))
+        self._run(
+            "set trust",
+            go(),
+            lambda level: self._status(
+                f"trust for {clean(peer, 40)} set to {L.trust_text(level)[6:]}"
+            ),
+        )
 
     def make_invite(self) -> None:
         from claudectl.cli.pairing_cmds import invite_host, qr_text
@@ -296,15 +331,20 @@ class Backend:
             relay_cfg = self.config.relay
             port = running_port(self.home) or relay_cfg.listen_port
             if not port:
-                raise ValueError("relay.listen_port is 0: set a fixed port so an invite can "
-                                 "name it")
+                raise ValueError(
+                    "relay.listen_port is 0: set a fixed port so an invite can name it"
+                )
             host, warning = invite_host(relay_cfg.listen_addr, None)
             identity = KeyStore(self.home).ensure_identity()
             now = time.time()
-            inv = InviteStore(self.home).create(identity, host, port,
-                                                relay_cfg.invite_ttl_hours * 3600, now)
-            out = [f"Single use, valid {relay_cfg.invite_ttl_hours} h. The peer runs "
-                   "`claudectl relay join <any of these>`:", ""]
+            inv = InviteStore(self.home).create(
+                identity, host, port, relay_cfg.invite_ttl_hours * 3600, now
+            )
+            out = [
+                f"Single use, valid {relay_cfg.invite_ttl_hours} h. The peer runs "
+                "`claudectl relay join <any of these>`:",
+                "",
+            ]
             if inv.relay_code is not None:
                 out.append(f"  RELAY CODE:  {inv.relay_code}")
             else:
@@ -334,11 +374,13 @@ class Backend:
             return
         ui = self.ui
         if self.proto is None:
-            rows = ((ui.panels["tasks"].data or {}).get("rows") or [])
-            row = next((r for r in rows if (r.get("dir"), r.get("key")) == (direction, key)),
-                       None)
-            ui.show("Task", L.task_detail_lines(row or {}, time.time()) + [
-                "", "(from the files: the relay service is not running)"])
+            rows = (ui.panels["tasks"].data or {}).get("rows") or []
+            row = next((r for r in rows if (r.get("dir"), r.get("key")) == (direction, key)), None)
+            ui.show(
+                "Task",
+                L.task_detail_lines(row or {}, time.time())
+                + ["", "(from the files: the relay service is not running)"],
+            )
             return
         dialog = ui.show("Task", ["loading…"])
         ui.detail_key = (direction, key)
@@ -361,13 +403,21 @@ class Backend:
     def task_action(self, direction: str, key: str, action: str, reason: str) -> None:
         if not self._need_service(f"{action} a task"):
             return
-        self._run(action, self._call(TaskAction, direction=direction, key=key, action=action,
-                                     reason=reason),
-                  lambda r: self._status(f"{action} sent to {clean(r['peer'], 40)}"))
+        self._run(
+            action,
+            self._call(TaskAction, direction=direction, key=key, action=action, reason=reason),
+            lambda r: self._status(f"{action} sent to {clean(r['peer'], 40)}"),
+        )
 
 
-async def run_dashboard(reactor: Any, home: Home, config: Any, config_files: tuple[str, ...],
-                        colour: bool, screen: Any = None) -> None:
+async def run_dashboard(
+    reactor: Any,
+    home: Home,
+    config: Any,
+    config_files: tuple[str, ...],
+    colour: bool,
+    screen: Any = None,
+) -> None:
     backend = Backend(reactor, home, config, config_files)
     ui = Dashboard(backend, colour=colour)
     backend.ui = ui
