@@ -75,7 +75,7 @@ class BackendActionTests(SynchronousTestCase):
         self.assertEqual(self.ui.statuses[-1], (f"{PEER} was not connected", False))
 
     def test_forget_removes_the_key_and_tells_the_service(self) -> None:
-        self.node.mesh.dialing.add(PEER)
+        self.node.mesh.dialing[PEER] = "127.0.0.1:9847"
         self.backend.forget(PEER)
         self.settle()
         self.assertIsNone(KeyStore(self.node.home).key(PEER))

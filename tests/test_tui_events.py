@@ -180,7 +180,7 @@ class ControlSocketTests(SynchronousTestCase):
             [(r["identity"], r["state"]) for r in self.updates[-1][1]["rows"]],
             [("laptop-a3f29b1c", "disconnected")],
         )
-        self.node.mesh.dialing.add("laptop-a3f29b1c")
+        self.node.mesh.dialing["laptop-a3f29b1c"] = "127.0.0.1:9847"
         self.settle(E.WATCH_SECS)
         self.settle(E.PUSH_INTERVAL_SECS)
         self.assertEqual(self.updates[-1][1]["rows"][0]["state"], "connecting")
@@ -191,7 +191,7 @@ class ControlSocketTests(SynchronousTestCase):
         self.subscribe()
         self.settle(1)
         self.updates.clear()
-        self.node.mesh.dialing.add("laptop-a3f29b1c")
+        self.node.mesh.dialing["laptop-a3f29b1c"] = "127.0.0.1:9847"
         for cb in self.node.mesh._up:  # what Mesh.link_ready calls
             cb("laptop-a3f29b1c")
         self.settle(0)  # no watch period: the observer scheduled the push itself

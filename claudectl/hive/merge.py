@@ -204,8 +204,8 @@ def merge_unit(
             return MergeOutcome(DUPLICATE)  # nothing new: no version bump, no echo
         why = (
             f"cluster union: {len(ex.content.variants)} + {len(inc.content.variants)} "
-            f"\u2192 {len(merged.content.variants)} variants"
-        )  # type: ignore[attr-defined]
+            f"\u2192 {len(merged.content.variants)} variants"  # type: ignore[attr-defined]
+        )
         return MergeOutcome(
             CLUSTER_UNIONED,
             store=merged,

@@ -826,8 +826,10 @@ T = TypeVar("T")
 
 
 def paginate(
-    items: Iterable[T], limit: int = SNAPSHOT_PAGE_BYTES, size: Callable[[T], int] = unit_json_len
-) -> list[list[T]]:  # type: ignore[assignment]
+    items: Iterable[T],
+    limit: int = SNAPSHOT_PAGE_BYTES,
+    size: Callable[[T], int] = unit_json_len,  # type: ignore[assignment]
+) -> list[list[T]]:
     """
     Split units into snapshot pages as claudectl does (hive.md 6.6): a page
     closes before a unit that would take it past ``limit`` bytes; an oversize
