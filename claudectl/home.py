@@ -15,6 +15,7 @@ never looks at ``~`` itself.
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,44 +44,44 @@ class Home:
         return cls(Path(os.path.expanduser("~")))
 
     # --- data under ~/.claudectl -------------------------------------------------
-    @property
+    @cached_property
     def data(self) -> Path:
         return self.root / ".claudectl"
 
-    @property
+    @cached_property
     def relay(self) -> Path:
         return self.data / "relay"
 
-    @property
+    @cached_property
     def peers(self) -> Path:
         return self.relay / "peers"
 
-    @property
+    @cached_property
     def identity_file(self) -> Path:
         return self.relay / "identity"
 
-    @property
+    @cached_property
     def tasks(self) -> Path:
         return self.relay / "tasks"
 
-    @property
+    @cached_property
     def invites(self) -> Path:
         return self.relay / "invites"
 
-    @property
+    @cached_property
     def run_dir(self) -> Path:
         """Private directory (0700) for the control socket."""
         return self.relay / "run"
 
-    @property
+    @cached_property
     def control_socket(self) -> Path:
         return self.run_dir / "ctl.sock"
 
-    @property
+    @cached_property
     def hive(self) -> Path:
         return self.data / "hive"
 
-    @property
+    @cached_property
     def brain(self) -> Path:
         return self.data / "brain"
 
@@ -108,7 +109,7 @@ class Home:
         return dirs
 
     # --- configuration ----------------------------------------------------------
-    @property
+    @cached_property
     def config_file(self) -> Path:
         return self.root / ".config" / "claudectl" / "config.toml"
 

@@ -120,6 +120,39 @@ class IdentityTests(SynchronousTestCase):
         self.assertRegex(ident, r"^box-[0-9a-f]{8}$")
 
 
+class KeyCacheTests(SynchronousTestCase):
+    """Keys are read once and again only when their file changes."""
+
+    def test_rewritten_key_is_read_again(self) -> None:
+        home = temp_home(self)
+        ks, other = KeyStore(home), KeyStore(home)  # e.g. the service and the CLI
+        other.save_key("peer-1", b"a" * 32)
+        self.assertEqual(ks.key("peer-1"), b"a" * 32)
+        other.save_key("peer-1", b"b" * 32)
+        self.assertEqual(ks.key("peer-1"), b"b" * 32)
+        other.forget("peer-1")
+        self.assertIsNone(ks.key("peer-1"))
+
+    def test_unchanged_file_is_not_read_again(self) -> None:
+        home = temp_home(self)
+        ks = KeyStore(home)
+        ks.save_key("peer-1", b"a" * 32)
+        self.assertEqual(ks.key("peer-1"), b"a" * 32)
+        reads = []
+        real_open = open
+
+        def counting_open(*args, **kwargs):  # type: ignore[no-untyped-def]
+            reads.append(args[0])
+            return real_open(*args, **kwargs)
+
+        import builtins
+
+        self.patch(builtins, "open", counting_open)
+        for _ in range(3):
+            self.assertEqual(ks.key("peer-1"), b"a" * 32)
+        self.assertEqual(reads, [])
+
+
 class KeyFileTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.home = temp_home(self)

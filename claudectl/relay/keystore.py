@@ -32,6 +32,8 @@ from claudectl.home import Home
 from claudectl.relay.crypto import key_from_hex, key_to_hex
 
 PENDING = "_pending"
+#: Keys kept in memory by :meth:`KeyStore.key` (cleared when full).
+_KEY_CACHE_MAX = 8192
 #: Used with fullmatch: ``$`` alone would also accept a trailing newline.
 _PEER_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
@@ -80,6 +82,9 @@ class KeyStore:
 
     def __init__(self, home: Home) -> None:
         self.home = home
+        self._peers_dir = str(home.peers)
+        #: peer -> ((inode, size, mtime_ns), key) of keys read (see :meth:`key`).
+        self._key_cache: dict[str, tuple[tuple[int, int, int], bytes]] = {}
 
     # --- identity ---------------------------------------------------------------
     def identity(self) -> str | None:
@@ -108,10 +113,39 @@ class KeyStore:
         return self.home.peers / f"{peer_id}.key"
 
     def key(self, peer_id: str) -> bytes | None:
-        try:
-            return key_from_hex(self._key_path(peer_id).read_text(encoding="ascii"))
-        except (FileNotFoundError, UnicodeDecodeError, ValueError):
+        """
+        The peer's key.  Read once and kept while the file is unchanged
+        (same inode, size and mtime): a handshake costs one ``stat``, and a
+        key the CLI (or claudectl) rewrites is read again.
+        """
+        if not is_valid_peer_id(peer_id):
             return None
+        path = self._file(peer_id, ".key")
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            self._key_cache.pop(peer_id, None)
+            return None
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._key_cache.get(peer_id)
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        try:
+            with open(path, encoding="ascii") as f:
+                psk = key_from_hex(f.read())
+        except (FileNotFoundError, UnicodeDecodeError, ValueError):
+            self._key_cache.pop(peer_id, None)
+            return None
+        if len(self._key_cache) >= _KEY_CACHE_MAX:
+            self._key_cache.clear()
+        self._key_cache[peer_id] = (sig, psk)
+        return psk
+
+    def _file(self, peer_id: str, suffix: str) -> str:
+        """``peers/<id><suffix>`` as a string (the id is checked first)."""
+        if not is_valid_peer_id(peer_id):
+            raise ValueError(f"invalid peer id {peer_id!r}")
+        return f"{self._peers_dir}/{peer_id}{suffix}"
 
     def save_key(self, peer_id: str, psk: bytes) -> None:
         atomic_write(self._key_path(peer_id), key_to_hex(psk), mode=0o600)
@@ -186,7 +220,7 @@ class KeyStore:
 
     # --- mutual-auth marker -------------------------------------------------------
     def is_mutual(self, peer_id: str) -> bool:
-        return is_valid_peer_id(peer_id) and (self.home.peers / f"{peer_id}.mutual").exists()
+        return is_valid_peer_id(peer_id) and os.path.exists(self._file(peer_id, ".mutual"))
 
     def mark_mutual(self, peer_id: str) -> None:
         if not self.is_mutual(peer_id):
@@ -194,7 +228,7 @@ class KeyStore:
 
     # --- TLS marker -------------------------------------------------------------------
     def is_tls(self, peer_id: str) -> bool:
-        return is_valid_peer_id(peer_id) and (self.home.peers / f"{peer_id}.tls").exists()
+        return is_valid_peer_id(peer_id) and os.path.exists(self._file(peer_id, ".tls"))
 
     def mark_tls(self, peer_id: str) -> None:
         if not self.is_tls(peer_id):
