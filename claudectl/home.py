@@ -15,8 +15,8 @@ never looks at ``~`` itself.
 from __future__ import annotations
 
 import os
-from functools import cached_property
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 HOME_ENV = "CLAUDECTL_HOME"

@@ -134,6 +134,8 @@ class KeyStore:
             with open(path, encoding="ascii") as f:
                 psk = key_from_hex(f.read())
         except (FileNotFoundError, UnicodeDecodeError, ValueError):
+            psk = None
+        if psk is None:
             self._key_cache.pop(peer_id, None)
             return None
         if len(self._key_cache) >= _KEY_CACHE_MAX:
