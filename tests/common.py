@@ -14,7 +14,7 @@ from claudectl.relay.codec import Envelope
 from claudectl.relay.interfaces import IMesh
 
 _HERE = Path(__file__).resolve().parent
-#: A copy of ``../shared/spec/vectors.json`` (claudectl 0.64), kept in the
+#: A copy of the shared spec's ``vectors.json`` (claudectl 0.64), kept in the
 #: repository so the suite runs on any checkout; ``test_vectors_copy`` checks
 #: it still matches the shared one when that is present.
 VECTORS_FILE = _HERE / "data" / "vectors.json"

@@ -3,7 +3,7 @@ The repository's copy of the claudectl 0.64 test vectors is the shared one.
 
 Every test reads the in-repo copy (``tests/data/vectors.json``), so the suite
 runs the same on any clone.  Its SHA-256 is recorded beside it: that check
-always runs; the byte comparison with ``../shared/spec/vectors.json`` runs
+always runs; the byte comparison with the shared spec's copy runs
 too when that folder exists (it does not in a user's clone), instead of a
 skip.
 """
