@@ -114,3 +114,17 @@ class CleanWriter:
 
 
 __all__ = ["clean_text", "clean_line", "json_safe", "CleanWriter"]
+
+
+def ago(epoch: object, now: float) -> str:
+    """How long ago ``epoch`` (Unix seconds) was: ``12s ago``, ``3m ago`` … or ``never``."""
+    if not isinstance(epoch, (int, float)) or isinstance(epoch, bool) or not epoch:
+        return "never"
+    delta = max(0, int(now - epoch))
+    if delta < 60:
+        return f"{delta}s ago"
+    if delta < 3600:
+        return f"{delta // 60}m ago"
+    if delta < 86400:
+        return f"{delta // 3600}h ago"
+    return f"{delta // 86400}d ago"

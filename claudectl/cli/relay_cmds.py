@@ -25,6 +25,7 @@ from claudectl.relay.address import AddressError, format_address, parse_address
 from claudectl.relay.crypto import CodeError, new_pair_code, psk_from_code
 from claudectl.relay.keystore import KeyStore, is_remote_peer_id
 from claudectl.relay.peers_view import peer_rows
+from claudectl.text import ago
 
 
 def call_service(ctx: CliContext, command: type, **kwargs: Any) -> dict[str, Any] | None:
@@ -435,7 +436,7 @@ def peers(ctx: CliContext) -> None:
         link = {"tls1.3": "TLS 1.3", "plaintext": "plaintext"}.get(r.get("transport") or "", "-")
         ctx.out(
             f"{dot} {r['identity']:<22}{r['state']:<14}{link:<11}{(r['address'] or '-'):<24}"
-            f"{_ago(r['last_seen']):<14}{trust:<7}{units:>12}{_kb(r['bytes_up']):>10}"
+            f"{ago(r['last_seen'], time.time()):<14}{trust:<7}{units:>12}{_kb(r['bytes_up']):>10}"
             f"{_kb(r['bytes_down']):>10}"
         )
     if not live:
@@ -469,19 +470,6 @@ def _sync_reader(ctx: CliContext) -> Any:
         return {} if ps is None else {"units_up": ps.units_up, "units_down": ps.units_down}
 
     return read
-
-
-def _ago(epoch: int) -> str:
-    if not epoch:
-        return "never"
-    delta = max(0, int(time.time()) - int(epoch))
-    if delta < 60:
-        return f"{delta}s ago"
-    if delta < 3600:
-        return f"{delta // 60}m ago"
-    if delta < 86400:
-        return f"{delta // 3600}h ago"
-    return f"{delta // 86400}d ago"
 
 
 def _kb(n: int) -> str:

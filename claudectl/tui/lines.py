@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from claudectl.text import ago
 from claudectl.tui.clean import clean
 
 #: State -> (glyph, word, attribute).  The glyph and the word carry the
@@ -53,19 +54,6 @@ def trust_text(level: Any) -> str:
     if s.endswith("0"):
         s = s[:-1]
     return f"trust:{s}"
-
-
-def ago(epoch: Any, now: float) -> str:
-    if not isinstance(epoch, (int, float)) or not epoch:
-        return "never"
-    delta = max(0, int(now - epoch))
-    if delta < 60:
-        return f"{delta}s ago"
-    if delta < 3600:
-        return f"{delta // 60}m ago"
-    if delta < 86400:
-        return f"{delta // 3600}h ago"
-    return f"{delta // 86400}d ago"
 
 
 def duration(secs: Any) -> str:
