@@ -467,6 +467,13 @@ class RelayProtocol(LineReceiver):
         self._heartbeat.start(interval, now=False)
         self._dead_check = clock.callLater(self._liveness.deadline + 0.001, self._check_alive)
         self.authenticated.callback(self)
+        if self.role == LISTENER and self._quiet_call is None:
+            # Put the ack on the wire before the layers' link-up work (a
+            # knowledge request, a push of units...) runs: otherwise the
+            # reactor sends it only once all of that is done.
+            flush = getattr(self.transport, "doWrite", None)
+            if callable(flush):
+                flush()
         self.node.mesh.link_ready(link)
 
     # --- session ----------------------------------------------------------------
