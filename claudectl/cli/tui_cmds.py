@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -57,6 +58,11 @@ def tui(ctx: CliContext) -> None:
     except ImportError:
         raise CliError("claudectl tui needs urwid: pip install urwid") from None
     config = ctx.config
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started from a shell or script that ignores SIGINT: an interactive
+        # dashboard still quits on Ctrl+C (the reactor installs its handler
+        # only over the default one).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     _begin_logging(ctx)
     from claudectl.tui.app import colour_wanted
     from claudectl.tui.runner import run_dashboard
