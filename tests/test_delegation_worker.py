@@ -909,14 +909,18 @@ class LiveTailTests(WorkerTestsBase):
         (frame,) = self.tail_frames()
         self.assertEqual(frame["tail"][0]["text"], "Fixing the bug")
 
-    def test_no_tail_while_disconnected_and_none_after_stop(self):
+    def test_tail_waits_for_the_link_and_stops_with_the_worker(self):
         self.delegate()
         proto = self.spawner.calls[0]["proto"]
         self.mesh.disconnect("ctl-1")
         proto.childDataReceived(1, text_event(1))
         self.clock.advance(1)
         self.assertEqual(self.sent("task_status", tail="only"), [])
-        self.mesh.connect("ctl-1")
+        self.mesh.connect("ctl-1")  # the lines of the outage follow the link up
+        self.clock.advance(0)
+        (frame,) = self.sent("task_status", tail="only")
+        self.assertEqual([line["text"] for line in frame[2]["tail"]], ["step 1"])
+        self.mesh.sent.clear()
         proto.childDataReceived(1, text_event(2))
         self.worker.stop()
         self.clock.advance(1)

@@ -554,6 +554,7 @@ class DelegationWorker:
                     self._send_handoff(task)
             else:
                 self._send_status(task)
+                self._tail_soon(task)  # lines that came while the link was down
 
     # --- actions ---------------------------------------------------------------------
     def stop_task(self, task: WorkerTask, reason: str = "") -> None:
