@@ -15,7 +15,8 @@ The variant is picked by a word ``fake:<variant>`` in the prompt:
 * ``hang`` -- starts a grandchild and sleeps until killed (ignores SIGTERM
   with ``fake:hang-hard``);
 * ``nudge`` -- waits for a second user message and answers with its text;
-* ``slow`` -- like ``succeed`` but pauses 0.3 s between events.
+* ``slow`` -- like ``succeed`` but pauses 0.3 s between events;
+* ``busy`` -- a few tool uses and a text with escape sequences, then ``hang``.
 
 Extra words start leftovers before the variant runs (process-cleanup tests):
 
@@ -173,6 +174,12 @@ def main(argv):
     if variant == "noresult":
         emit(assistant("I will just stop"))
         return 0
+    if variant == "busy":
+        # Some visible work (for the live tail), then hang.
+        emit(assistant(None, tool=("Bash", {"command": "pytest -q tests/"})))
+        emit(assistant("Running the tests \x1b[31mnow\x1b[0m\x1b]0;pwned\x07"))
+        emit(assistant(None, tool=("Read", {"file_path": "/srv/proj/a.py"})))
+        variant = "hang"
     if variant.startswith("hang"):
         if variant == "hang-hard":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

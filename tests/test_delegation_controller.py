@@ -219,3 +219,74 @@ class NoAnswerTests(ControllerTestsBase):
         self.assertEqual(ctl2.get(tid)["state"], "delegated")
         self.clock.advance(1)
         self.assertEqual(ctl2.get(tid)["state"], "failed")
+
+
+def tail_frame(task_id, lines, state="running"):
+    payload = P.build_task_status(task_id, state, P.TaskStats(5, 0.01, 1, (), 3, "x"))
+    payload["tail"] = lines
+    return payload
+
+
+class LiveTailTests(ControllerTestsBase):
+    def test_tail_lines_are_kept_in_memory_cleaned(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        self.mesh.deliver("ci-1", "task_status", P.build_task_status(tid, "running", P.TaskStats()))
+        version = self.ctl.get(tid)["version"]
+        stored = (self.home.tasks / "outgoing").glob("*.json")
+        before = {p.name: p.read_bytes() for p in stored}
+        self.mesh.deliver(
+            "ci-1",
+            "task_status",
+            tail_frame(
+                tid,
+                [
+                    {"at": 1_714_000_041.5, "text": "Bash: \x1b[2Jpytest\u202e"},
+                    {"at": 1_714_000_042, "text": "w" * 900},
+                ],
+            ),
+        )
+        self.assertEqual(self.ctl.tail(tid)[0], {"at": 1_714_000_041.5, "text": "Bash: pytest"})
+        self.assertEqual(len(self.ctl.tail(tid)[1]["text"]), 200)
+        self.assertEqual(self.ctl.tail_seq(tid), 2)
+        # Memory only: the stored record and its version are untouched.
+        self.assertEqual(self.ctl.get(tid)["version"], version)
+        after = {p.name: p.read_bytes() for p in (self.home.tasks / "outgoing").glob("*.json")}
+        self.assertEqual(after, before)
+        self.assertNotIn("tail", json.dumps(self.ctl.view(self.ctl.get(tid))))
+
+    def test_storage_is_bounded(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        for i in range(30):
+            self.mesh.deliver(
+                "ci-1",
+                "task_status",
+                tail_frame(tid, [{"at": 1_714_000_041, "text": f"l{i}-{j}"} for j in range(25)]),
+            )
+        tail = self.ctl.tail(tid)
+        self.assertEqual(len(tail), 200)  # the last 200 lines
+        self.assertEqual(tail[-1]["text"], "l29-19")  # 20 lines per frame at most
+        self.assertEqual(self.ctl.counters["tail_dropped"], 30 * 5)
+        # Tails of at most TAIL_TASKS tasks are kept (the most recently active).
+        ids = [self.ctl.delegate("ci-1", f"p{i}")["task_id"] for i in range(C.TAIL_TASKS + 5)]
+        for t in ids:
+            self.mesh.deliver("ci-1", "task_status", tail_frame(t, [{"text": "hi"}]))
+        self.assertEqual(len(self.ctl.tails), C.TAIL_TASKS)
+        self.assertEqual(self.ctl.tail(tid), [])
+        self.assertEqual(self.ctl.tail(ids[-1])[0]["text"], "hi")
+
+    def test_a_tail_from_the_wrong_peer_or_for_no_task_is_ignored(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        self.mesh.deliver("evil-2", "task_status", tail_frame(tid, [{"text": "forged"}]))
+        self.mesh.deliver("evil-2", "task_status", tail_frame("task_nope", [{"text": "x"}]))
+        self.assertEqual(self.ctl.tail(tid), [])
+        self.assertEqual(self.ctl.counters["tail_ignored"], 2)
+        self.assertEqual(self.ctl.get(tid)["state"], "delegated")
+
+    def test_a_tail_frame_counts_as_an_answer_and_late_lines_are_kept(self):
+        tid = self.ctl.delegate("ci-1", "p")["task_id"]
+        self.mesh.deliver("ci-1", "task_status", tail_frame(tid, [{"text": "session started"}]))
+        self.assertEqual(self.ctl.get(tid)["state"], "running")
+        self.mesh.deliver("ci-1", "task_handoff", P.build_handoff(tid, "Done", [], None, 0.1, 9))
+        self.mesh.deliver("ci-1", "task_status", tail_frame(tid, [{"text": "done: Done"}]))
+        self.assertEqual(self.ctl.get(tid)["state"], "completed")
+        self.assertEqual([t["text"] for t in self.ctl.tail(tid)], ["session started", "done: Done"])

@@ -36,7 +36,9 @@ def write_config(home: Any, proj: Path) -> None:
     )
 
 
-class DelegationEndToEndTests(SynchronousTestCase):
+class TwoServicesBase(SynchronousTestCase):
+    """A worker and a controller service, paired and connected."""
+
     def setUp(self) -> None:
         self.worker, self.ctl = temp_home(self), temp_home(self)
         self.proj = Path(self.mktemp()).absolute()
@@ -68,6 +70,8 @@ class DelegationEndToEndTests(SynchronousTestCase):
             self.assertLess(time.monotonic(), deadline, f"task stuck: {rec}")
             time.sleep(0.3)
 
+
+class DelegationEndToEndTests(TwoServicesBase):
     def test_delegate_follow_status(self) -> None:
         r = run_cli(
             self.ctl,
@@ -195,3 +199,49 @@ class DelegationEndToEndTests(SynchronousTestCase):
         self.assertEqual(r.returncode, 1)
         self.assertIn("cycle", r.stderr)
         self.assertEqual(self.status(), [])
+
+
+class LiveTailEndToEndTests(TwoServicesBase):
+    """Issue 14: the live tail of a running task reaches the delegating side."""
+
+    def test_status_shows_the_live_tail_while_the_task_runs(self) -> None:
+        out = json.loads(
+            ok(
+                run_cli(
+                    self.ctl,
+                    "--json",
+                    "relay",
+                    "delegate",
+                    self.wid,
+                    "--cwd",
+                    str(self.proj),
+                    "fake:busy then hang",
+                )
+            )
+        )
+        task = out["task_id"]
+        want = ["session started", "Bash: pytest -q tests/", "Running the tests now"]
+        want += ["Read: /srv/proj/a.py", "Working on it"]
+        deadline = time.monotonic() + 30
+        while True:
+            rec = self.status(task)
+            texts = [line["text"] for line in rec.get("tail", [])]
+            if texts == want:
+                break
+            self.assertLess(time.monotonic(), deadline, f"no tail: {rec}")
+            time.sleep(0.3)
+        self.assertEqual(rec["state"], "running")
+        self.assertTrue(all(isinstance(line["at"], float) for line in rec["tail"]))
+        text = ok(run_cli(self.ctl, "relay", "status", task))
+        self.assertIn("Recent activity:", text)
+        self.assertIn("Bash: pytest -q tests/", text)
+        self.assertIn("Running the tests now", text)
+        self.assertNotIn("\x1b", text)
+        # The worker shows its own tail of the task it runs.
+        text = ok(run_cli(self.worker, "relay", "status", task))
+        self.assertIn("Recent activity:", text)
+        self.assertIn("Read: /srv/proj/a.py", text)
+        ok(run_cli(self.ctl, "relay", "interrupt", task, "stop", "enough"))
+        self.wait_state(task, {"failed", "stopped"})
+        # After the end the tail stays (memory of the running service).
+        self.assertEqual([line["text"] for line in self.status(task)["tail"]][:5], want)

@@ -43,6 +43,24 @@ class LocatorTests(SynchronousTestCase):
         self.pump.flush()
         return d
 
+    def test_tail_of_a_task(self):
+        tid = self.successResultOf(self.call(C.Delegate, peer="ci-1", prompt="p"))["task_id"]
+        payload = P.build_task_status(tid, "running", P.TaskStats())
+        for i in range(15):
+            payload["tail"] = [{"at": 5.0, "text": f"{i}-{j} " + "ü" * 300} for j in range(20)]
+            self.mesh.deliver("ci-1", "task_status", dict(payload))
+        r = self.successResultOf(self.call(C.TaskTail, task_id=tid))
+        self.assertLessEqual(len(r["tail_json"].encode("utf-8")), C.TAIL_BYTES)
+        lines = json.loads(r["tail_json"])
+        self.assertGreater(len(lines), 50)
+        self.assertTrue(lines[-1]["text"].startswith("14-19 "))
+        f = self.failureResultOf(self.call(C.TaskTail, task_id="task_nope"), TaskUnknown)
+        self.assertIn("task_nope", str(f.value))
+        f = self.failureResultOf(self.call(C.TaskTail, task_id=tid, direction="sideways"))
+        self.assertIn("direction", str(f.value))
+        # Incoming, without a worker: unknown.
+        self.failureResultOf(self.call(C.TaskTail, task_id=tid, direction="incoming"), TaskUnknown)
+
     def test_delegate_list_watch_interrupt(self):
         r = self.successResultOf(self.call(C.Delegate, peer="ci-1", prompt="-p fix", cwd="/srv"))
         tid = r["task_id"]

@@ -48,6 +48,11 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(
             node.status_providers[0]()["delegation"]["allowed_dirs"], [str(project.resolve())]
         )
+        # A tail for a task we never delegated: ignored and counted.
+        tail = dict(P.build_task_status("nope", "running", P.TaskStats()), tail=[{"text": "x"}])
+        node.mesh.deliver("ctl-1", "task_status", tail)
+        status = node.status_providers[0]()["delegation"]
+        self.assertEqual(status["controller_counters"]["tail_ignored"], 1)
         self.successResultOf(parent.stopService())
         self.assertFalse(svc.running)
 

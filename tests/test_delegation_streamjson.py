@@ -129,3 +129,49 @@ class StreamProgressTests(SynchronousTestCase):
     def test_shorten(self):
         self.assertEqual(shorten("a\n  b"), "a b")
         self.assertEqual(len(shorten("x" * 500)), 200)
+
+
+class ActivityLineTests(SynchronousTestCase):
+    def test_activity_lines_name_what_claude_does(self):
+        p = StreamProgress()
+        p.feed(json.dumps({"type": "system", "subtype": "init", "session_id": "s"}))
+        p.feed(
+            assistant(
+                "m1",
+                [
+                    {"type": "text", "text": "Let me look\nat the tests"},
+                    {"type": "tool_use", "name": "Bash", "input": {"command": "pytest -q"}},
+                    {"type": "tool_use", "name": "Read", "input": {"file_path": "/p/a.py"}},
+                    {"type": "tool_use", "name": "Edit", "input": {"file_path": "/p/b.py"}},
+                    {"type": "tool_use", "name": "TodoWrite", "input": {"todos": []}},
+                    {"type": "tool_use", "name": "Grep", "input": {"pattern": "x" * 500}},
+                ],
+            )
+        )
+        p.feed(json.dumps({"type": "result", "is_error": False, "result": "All green"}))
+        lines = list(p.activity)
+        self.assertEqual(
+            lines[:6],
+            [
+                "session started",
+                "Let me look at the tests",
+                "Bash: pytest -q",
+                "Read: /p/a.py",
+                "Edit: /p/b.py",
+                "using TodoWrite",
+            ],
+        )
+        self.assertTrue(lines[6].startswith("Grep: xxx"))
+        self.assertEqual(len(lines[6]), 200)
+        self.assertEqual(lines[7], "done: All green")
+        self.assertEqual(p.activity_count, 8)
+        # last_activity keeps its old, shorter form.
+        self.assertEqual(p.last_activity, "All green")
+
+    def test_the_queue_is_bounded(self):
+        p = StreamProgress()
+        for i in range(120):
+            p.feed(assistant(f"m{i}", [{"type": "text", "text": f"line {i}"}]))
+        self.assertEqual(p.activity_count, 120)
+        self.assertEqual(len(p.activity), 50)
+        self.assertEqual(p.activity[-1], "line 119")

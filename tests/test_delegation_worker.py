@@ -105,8 +105,14 @@ class WorkerTestsBase(SynchronousTestCase):
             ),
         )
 
-    def sent(self, msg_type=None):
-        return [(peer, t, p) for peer, t, p in self.mesh.sent if msg_type in (None, t)]
+    def sent(self, msg_type=None, tail=False):
+        """Frames sent (live-tail frames only with ``tail=True``: ``"only"`` for just them)."""
+        out = []
+        for peer, t, p in self.mesh.sent:
+            is_tail = isinstance(p, dict) and "tail" in p
+            if msg_type in (None, t) and (tail is True or (tail == "only") == is_tail):
+                out.append((peer, t, p))
+        return out
 
     def handoffs(self):
         return [p for _, _, p in self.sent("task_handoff")]
@@ -797,3 +803,125 @@ class RealShutdownTests(TestCase):
         (h,) = [p for _, t, p in mesh.sent if t == "task_handoff"]
         self.assertEqual(h["summary"], "the worker shut down while the task was running")
         self.assertEqual(tagged(task.process), [])
+
+
+def text_event(i, text=None):
+    return (
+        json.dumps(
+            {
+                "type": "assistant",
+                "message": {
+                    "id": f"t{i}",
+                    "content": [{"type": "text", "text": text or f"step {i}"}],
+                },
+            }
+        ).encode()
+        + b"\n"
+    )
+
+
+class LiveTailTests(WorkerTestsBase):
+    """Extra task_status frames with a "tail" member: mutual peers only, bounded."""
+
+    def tail_frames(self, peer="ctl-1"):
+        return [p for to, _, p in self.sent("task_status", tail="only") if to == peer]
+
+    def test_tail_frames_go_to_a_peer_of_this_project(self):
+        self.delegate()
+        proto = self.spawner.calls[0]["proto"]
+        proto.childDataReceived(1, INIT + EDIT)
+        self.clock.advance(0)
+        (frame,) = self.tail_frames()
+        self.assertEqual((frame["task_id"], frame["state"]), ("task_1", "running"))
+        self.assertEqual(frame["stats"]["tokens_used"], 15)  # a full status besides
+        self.assertEqual(
+            frame["tail"],
+            [
+                {"at": 1_700_000_000.0, "text": "session started"},
+                {"at": 1_700_000_000.0, "text": "Edit: /x/a.py"},
+            ],
+        )
+        # The regular statuses carry no tail.
+        self.assertTrue(all("tail" not in p for _, _, p in self.sent("task_status")))
+        self.assertEqual(self.worker.tail_lines("ctl-1--task_1")[-1]["text"], "Edit: /x/a.py")
+
+    def test_no_tail_frames_to_a_claudectl_peer(self):
+        self.mesh.connect("old-3", mode="oneway")
+        self.trust["old-3"] = 0.9
+        self.delegate(peer="old-3")
+        proto = self.spawner.calls[0]["proto"]
+        for i in range(30):
+            proto.childDataReceived(1, text_event(i))
+            self.clock.advance(0.3)
+        self.assertEqual(self.sent("task_status", tail="only"), [])
+        self.assertGreater(len([s for s in self.sent("task_status") if s[0] == "old-3"]), 1)
+        # The worker still keeps it (for its own dashboard).
+        self.assertEqual(len(self.worker.tail_lines("old-3--task_1")), 30)
+        self.finish()
+        self.assertEqual(self.handoffs()[0]["state"], "completed")
+
+    def test_rate_and_size_bounds(self):
+        self.delegate()
+        proto = self.spawner.calls[0]["proto"]
+        stamps = []
+        send = self.mesh.send
+
+        def timed(peer, msg_type, payload):
+            if "tail" in payload:
+                stamps.append(self.clock.seconds())
+            return send(peer, msg_type, payload)
+
+        self.mesh.send = timed
+        # A steady stream: a line every 0.1 s for 6 s.
+        for i in range(60):
+            proto.childDataReceived(1, text_event(i))
+            self.clock.advance(0.1)
+        frames = self.tail_frames()
+        self.assertGreaterEqual(len(frames), 10)
+        # A burst: 130 lines at once go out 20 per frame, in order, 0.5 s apart.
+        burst = b"".join(text_event(100 + i, "z" * 1000) for i in range(130))
+        before = len(frames)
+        proto.childDataReceived(1, burst)
+        self.clock.advance(0)
+        for _ in range(30):
+            self.clock.advance(0.25)
+        frames = self.tail_frames()
+        new = frames[before:]
+        self.assertEqual(len(new), 7)  # 130 + the leftovers of the steady stream
+        self.assertTrue(all(len(f["tail"]) <= 20 for f in frames))
+        self.assertTrue(all(len(line["text"]) <= 200 for f in frames for line in f["tail"]))
+        texts = [line["text"] for f in frames for line in f["tail"]]
+        self.assertEqual(texts[:60], [f"step {i}" for i in range(60)])
+        self.assertEqual(len(texts), 190)
+        self.assertEqual(self.worker.counters["tail_frames"], len(frames))
+        # Never two frames of one task within 0.5 s: at most 2 per second.
+        self.assertEqual(len(stamps), len(frames))
+        gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        self.assertGreaterEqual(min(gaps), 0.5 - 1e-6)
+
+    def test_lines_are_cleaned(self):
+        self.delegate()
+        proto = self.spawner.calls[0]["proto"]
+        proto.childDataReceived(
+            1, text_event(1, "\x1b[2J\x1b]0;title\x07Fixing\u202e the\rbug\x9b31m")
+        )
+        self.clock.advance(0)
+        (frame,) = self.tail_frames()
+        self.assertEqual(frame["tail"][0]["text"], "Fixing the bug")
+
+    def test_tail_waits_for_the_link_and_stops_with_the_worker(self):
+        self.delegate()
+        proto = self.spawner.calls[0]["proto"]
+        self.mesh.disconnect("ctl-1")
+        proto.childDataReceived(1, text_event(1))
+        self.clock.advance(1)
+        self.assertEqual(self.sent("task_status", tail="only"), [])
+        self.mesh.connect("ctl-1")  # the lines of the outage follow the link up
+        self.clock.advance(0)
+        (frame,) = self.sent("task_status", tail="only")
+        self.assertEqual([line["text"] for line in frame[2]["tail"]], ["step 1"])
+        self.mesh.sent.clear()
+        proto.childDataReceived(1, text_event(2))
+        self.worker.stop()
+        self.clock.advance(1)
+        self.assertEqual(self.sent("task_status", tail="only"), [])

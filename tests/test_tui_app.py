@@ -185,6 +185,45 @@ class PeersPanelStoryTests(SynchronousTestCase, Uncut):
         term.wait_for(r"→ (stopped|failed)\s+" + re.escape(self.idb))
         self.assertEqual(term.stop(), 0)
 
+    def test_task_window_shows_the_live_tail(self) -> None:
+        self.connect()
+        term = start_tui(self, self.ha)
+        term.wait_for(peer_line(self.idb, "connected"))
+        out = json.loads(
+            ok(
+                run_cli(
+                    self.ha,
+                    "--json",
+                    "relay",
+                    "delegate",
+                    self.idb,
+                    "--cwd",
+                    str(self.proj),
+                    "fake:busy then hang",
+                )
+            )
+        )
+        task = out["task_id"]
+        term.wait_for(r"→ running\s+" + re.escape(self.idb))
+        term.send("\t")  # to the tasks panel
+        term.settle()
+        term.send("\r")  # open the task
+        term.wait_for(r"State: running")
+        term.wait_for(r"Recent activity:")
+        term.wait_for(r"\d\d:\d\d:\d\d  Bash: pytest -q tests/")
+        term.wait_for(r"\d\d:\d\d:\d\d  Running the tests now")
+        term.wait_for(r"\d\d:\d\d:\d\d  Working on it")
+        # A line that appears while the window is open is pushed into it.
+        ok(run_cli(self.ha, "relay", "interrupt", task, "nudge", "hello", "there"))
+        term.wait_for(r"\d\d:\d\d:\d\d  nudge delivered: hello there")
+        self.assertIn(task, term.text())
+        term.send(ESC)
+        term.settle()
+        ok(run_cli(self.ha, "relay", "interrupt", task, "stop", "enough"))
+        term.wait_for(r"→ (stopped|failed)\s+" + re.escape(self.idb))
+        self.assertEqual(term.stop(), 0)
+        self.assertNotIn(b"Traceback", bytes(term.raw))
+
 
 class WithoutServiceTests(SynchronousTestCase, Uncut):
     def test_says_how_to_start_and_shows_the_local_hive(self) -> None:

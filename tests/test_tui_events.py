@@ -138,6 +138,16 @@ class BoundsTests(SynchronousTestCase):
         self.assertLess(len(data["rows"]), 500)
         self.assertGreater(len(data["rows"]), 0)
 
+    def test_task_detail_with_a_long_tail_fits_one_amp_value(self) -> None:
+        tail = [{"at": 1.0 * i, "text": f"{i} " + "é\x1b" * 400} for i in range(500)]
+        text = P.bounded_detail({"task_id": "t", "prompt": "p", "files": [], "tail": tail})
+        self.assertLessEqual(len(text.encode("utf-8")), P.MAX_PANEL_BYTES)
+        data = json.loads(text)
+        self.assertGreater(len(data["tail"]), 20)
+        self.assertLessEqual(len(data["tail"]), P.MAX_ROWS)
+        self.assertTrue(data["tail"][-1]["text"].startswith("499 "))  # the newest kept
+        self.assertLessEqual(max(len(t["text"]) for t in data["tail"]), 300)
+
 
 class ControlSocketTests(SynchronousTestCase):
     """The real control factory of a node with the events layer attached."""

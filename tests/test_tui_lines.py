@@ -145,3 +145,22 @@ class TaskAndHiveLineTests(SynchronousTestCase):
         self.assertEqual(texts[3], "last sync: laptop-a3f2 30s ago")
         self.assertTrue(texts[4].startswith("⚠ conflict"), texts[4])
         self.assertTrue(all(len(t) <= 80 for t in texts))
+
+
+class TaskDetailTailTests(SynchronousTestCase):
+    def test_recent_activity_block_newest_lines_cleaned(self) -> None:
+        import time
+
+        at = time.mktime((2026, 12, 7, 3, 4, 5, 0, 0, -1))
+        tail = [{"at": at, "text": f"line {i}"} for i in range(60)]
+        tail.append({"at": "later", "text": "Bash: \x1b]0;x\x07ls"})
+        out = L.task_detail_lines({"dir": "out", "task_id": "t", "tail": tail}, 0)
+        start = out.index("Recent activity:")
+        block = out[start + 1 : out.index("", start)]
+        self.assertEqual(len(block), L.DETAIL_TAIL_LINES)
+        self.assertEqual(block[0], "  03:04:05  line 21")
+        self.assertEqual(block[-1], "  --:--:--  Bash: ls")
+
+    def test_no_block_without_a_tail(self) -> None:
+        out = L.task_detail_lines({"dir": "in", "task_id": "t"}, 0)
+        self.assertNotIn("Recent activity:", out)

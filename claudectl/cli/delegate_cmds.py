@@ -236,6 +236,20 @@ def delegate(
 
 # --- relay status -------------------------------------------------------------------
 
+#: Live-tail lines ``relay status <task>`` prints (``--json`` has them all).
+STATUS_TAIL_LINES = 20
+
+
+def _clock(epoch: Any) -> str:
+    import time
+
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
+        return "--:--:--"
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(epoch))
+    except (OverflowError, OSError, ValueError):
+        return "--:--:--"
+
 
 @relay.command()
 @click.argument("task_id", required=False)
@@ -262,11 +276,33 @@ def status(ctx: CliContext, task_id: str | None) -> None:
             offset = r["next_offset"]
         return tasks
 
+    async def fetch_tail(reactor: Any, t: dict[str, Any]) -> list[dict[str, Any]]:
+        try:
+            r = await _call(
+                reactor,
+                ctx,
+                C.TaskTail,
+                absent_ok=True,
+                task_id=t["task_id"],
+                direction=t["direction"],
+            )
+            lines = json.loads(r["tail_json"])
+        except Exception:  # optional: an older service, or it stopped meanwhile
+            return []
+        return [x for x in lines if isinstance(x, dict)] if isinstance(lines, list) else []
+
+    tail: list[dict[str, Any]] = []
+
     async def go(reactor: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         try:
-            return await fetch(reactor, "outgoing"), await fetch(reactor, "incoming")
+            found = await fetch(reactor, "outgoing"), await fetch(reactor, "incoming")
         except ServiceNotRunning:
             return None
+        for t in found[0] + found[1] if task_id else []:
+            if t["task_id"] == task_id:
+                tail.extend(await fetch_tail(reactor, t))
+                break
+        return found
 
     fetched = ctx.run(go)
     running = fetched is not None
@@ -277,7 +313,7 @@ def status(ctx: CliContext, task_id: str | None) -> None:
             raise CliError(f"no delegated task {task_id!r} (see `claudectl relay status`)")
         t = found[0]
         if ctx.json:
-            ctx.emit_json(t)
+            ctx.emit_json(dict(t, tail=tail) if running else t)
             return
         peer_label = "Peer" if t["direction"] == "outgoing" else "From"
         for label, value in (
@@ -308,6 +344,13 @@ def status(ctx: CliContext, task_id: str | None) -> None:
             if value:
                 # Summaries, messages and file names come from the worker peer.
                 ctx.out(f"{label + ':':<11} {clean_line(value)}")
+        if tail:
+            shown = tail[-STATUS_TAIL_LINES:]
+            more = f" (the last {len(shown)} of {len(tail)})" if len(tail) > len(shown) else ""
+            ctx.out()
+            ctx.out(f"Recent activity{more}:")
+            for line in shown:
+                ctx.out(f"  {_clock(line.get('at'))}  {clean_line(line.get('text', ''))[:200]}")
         return
     if ctx.json:
         ctx.emit_json({"tasks": outgoing, "incoming": incoming, "service_running": running})

@@ -380,14 +380,24 @@ class TaskAccess:
         self.worker = worker
 
     def rows(self) -> str:
-        out = [P.outgoing_row(v) for v in self.controller.list()]
+        out = []
+        for v in self.controller.list():
+            row = P.outgoing_row(v)
+            row["tail_seq"] = self.controller.tail_seq(v["task_id"])
+            out.append(row)
         inc = [P.incoming_row(t) for t in self.worker.tasks.values()]
         return P.bounded(P.tasks_panel(out, inc))
 
     def signature(self) -> Any:
         return (
-            tuple((k, r.get("version")) for k, r in self.controller.records.items()),
-            tuple((k, t.run.state, t.run.version) for k, t in self.worker.tasks.items()),
+            tuple(
+                (k, r.get("version"), self.controller.tail_seq(k))
+                for k, r in self.controller.records.items()
+            ),
+            tuple(
+                (k, t.run.state, t.run.version, t.run.tail.seq)
+                for k, t in self.worker.tasks.items()
+            ),
         )
 
     def _incoming(self, key: str) -> Any:
@@ -401,8 +411,13 @@ class TaskAccess:
             rec = self.controller.records.get(key)
             if rec is None:
                 raise NoSuchTask(f"no delegated task {key!r}")
-            return P.outgoing_detail(self.controller.view(rec))
-        return P.incoming_detail(self._incoming(key))
+            detail = P.outgoing_detail(self.controller.view(rec))
+            detail["tail"] = self.controller.tail(key)
+            return detail
+        task = self._incoming(key)
+        detail = P.incoming_detail(task)
+        detail["tail"] = task.run.tail.view()
+        return detail
 
     def act(self, direction: str, key: str, action: str, reason: str) -> str:
         if action not in ("stop", "nudge"):

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from claudectl.delegation.tail import bounded as bounded_tail
 from claudectl.home import Home
 
 #: A panel's JSON stays under this (AMP's value limit is 65,535 bytes).
@@ -122,6 +123,7 @@ def incoming_row(task: Any) -> dict[str, Any]:
         "summary": _cut(stats.last_activity or summary or task.request.prompt),
         "version": run.version,
         "created_at": run.accepted_at,
+        "tail_seq": run.tail.seq,
     }
 
 
@@ -182,6 +184,14 @@ def bounded_detail(detail: dict[str, Any]) -> str:
         if detail.get(key):
             detail[key] = _cut(detail[key], limit)
     detail["files"] = [_cut(f, 300) for f in detail.get("files") or []]
+    lines = [
+        {"at": line.get("at"), "text": _cut(line.get("text"), 300)}
+        for line in list(detail.get("tail") or [])[-MAX_ROWS:]
+        if isinstance(line, dict)
+    ]
+    detail["tail"] = []
+    room = MAX_PANEL_BYTES - len(dumps(detail).encode("utf-8"))
+    detail["tail"] = bounded_tail(lines, room)
     return dumps(detail)
 
 

@@ -3,6 +3,7 @@ Remote task delegation: run Claude Code on a peer and follow it live.
 
 * :mod:`.payloads` -- the COMPAT wire payloads (``delegate_task`` & co).
 * :mod:`.streamjson` -- Claude Code's ``stream-json`` output into progress.
+* :mod:`.tail` -- the live tail of a task (optional ``task_status`` member).
 * :mod:`.taskrun` -- one run of Claude Code as a reactor-free model.
 * :mod:`.claude_process` -- spawning Claude Code (thin ProcessProtocol).
 * :mod:`.store` -- task records under ``~/.claudectl/relay/tasks/``.

@@ -90,3 +90,21 @@ class WatchTask(amp.Command):
     ]
     response = [(b"task_json", amp.Unicode())]
     errors = ERRORS
+
+
+class TaskTail(amp.Command):
+    """The live tail of one task (``direction`` ``outgoing``, the default, or
+    ``incoming``): a JSON list of ``{"at", "text"}``, oldest first, under
+    ``TAIL_BYTES``."""
+
+    commandName = b"delegation.tail"
+    arguments = [
+        (b"task_id", amp.Unicode()),
+        (b"direction", amp.Unicode(optional=True)),
+    ]
+    response = [(b"tail_json", amp.Unicode())]
+    errors = ERRORS
+
+
+#: Budget of a ``delegation.tail`` answer (AMP values are capped at 65,535).
+TAIL_BYTES = 56_000

@@ -19,10 +19,20 @@ never runs it twice), and is marked failed -- "no answer from <peer>" --
 ``[delegation] answer_timeout_secs`` after the last send (a claudectl 0.64
 worker refuses silently, a frame may be lost).  Should the peer answer after
 all, the record follows it again.
+
+A peer of this project also sends the live tail of a running task: extra
+``task_status`` frames with a ``"tail"`` member
+(:mod:`~claudectl.delegation.tail`).  Their lines, cleaned and bounded
+again, are kept in memory only -- the last ``TAIL_KEEP`` per task, for the
+:data:`TAIL_TASKS` most recently active tasks -- and never change the stored
+record.  A tail for a task that is not ours, or from a peer that does not
+run it, is ignored and counted (``counters["tail_ignored"]``).
 """
 
 from __future__ import annotations
 
+import builtins
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +42,7 @@ from twisted.logger import Logger
 
 from claudectl.delegation import payloads
 from claudectl.delegation.store import TaskStore, safe_name
+from claudectl.delegation.tail import Tail, parse_tail
 from claudectl.delegation.taskrun import FINISHED_STATES
 from claudectl.relay.codec import ACK, DELEGATE_TASK, TASK_INTERRUPT, Envelope, MessageIds
 from claudectl.relay.interfaces import IMesh
@@ -70,6 +81,8 @@ def outgoing_view(rec: dict[str, Any], now: float, connected: bool) -> dict[str,
 
 
 MAX_WAIT_SECS = 300
+#: Tasks whose live tail is kept (the most recently active ones).
+TAIL_TASKS = 64
 DEFAULT_ANSWER_TIMEOUT_SECS = 120
 
 
@@ -127,6 +140,9 @@ class DelegationController:
         self.records: dict[str, dict[str, Any]] = {}
         self._waiters: dict[str, list[Deferred[dict[str, Any]]]] = {}
         self._answer_timers: dict[str, IDelayedCall] = {}
+        #: task id -> its live tail (memory only; see the module docstring).
+        self.tails: OrderedDict[str, Tail] = OrderedDict()
+        self.counters = {"tail_lines": 0, "tail_dropped": 0, "tail_ignored": 0}
 
     def load(self) -> None:
         for rec in self.store.load_all().values():
@@ -310,6 +326,13 @@ class DelegationController:
             self._log.warn("bad task_status from {peer}: {error}", peer=peer, error=str(e))
             return
         rec = self._owned(peer, status.task_id, "task_status")
+        if "tail" in env.payload:
+            if rec is None:
+                self.counters["tail_ignored"] += 1
+                return
+            self._add_tail(rec["task_id"], env.payload["tail"])
+            if rec["state"] != DELEGATED and not rec.get("no_answer"):
+                return  # a tail frame: the regular statuses carry the state
         if rec is None or (rec["state"] in TERMINAL and not rec.get("no_answer")):
             return
         self._revive(rec)
@@ -318,6 +341,31 @@ class DelegationController:
         if status.stats.last_activity is not None:
             rec["last_message"] = status.stats.last_activity
         self._changed(rec)
+
+    def _add_tail(self, task_id: str, value: Any) -> None:
+        now = self.clock.seconds()
+        lines, dropped = parse_tail(value, now)
+        self.counters["tail_dropped"] += dropped
+        if not lines:
+            return
+        tail = self.tails.get(task_id)
+        if tail is None:
+            tail = self.tails[task_id] = Tail()
+            while len(self.tails) > TAIL_TASKS:
+                self.tails.popitem(last=False)
+        self.tails.move_to_end(task_id)
+        for at, text in lines:
+            tail.add(at, text)
+        self.counters["tail_lines"] += len(lines)
+
+    def tail(self, task_id: str) -> builtins.list[dict[str, Any]]:
+        """The live tail of a delegated task ([] when none arrived)."""
+        tail = self.tails.get(task_id)
+        return tail.view() if tail is not None else []
+
+    def tail_seq(self, task_id: str) -> int:
+        tail = self.tails.get(task_id)
+        return tail.seq if tail is not None else 0
 
     def on_handoff(self, peer: str, env: Envelope) -> None:
         try:

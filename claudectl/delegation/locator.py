@@ -10,6 +10,7 @@ from twisted.protocols import amp
 
 from claudectl.delegation import commands as C
 from claudectl.delegation.controller import BadRequest, DelegationController, TaskUnknown
+from claudectl.delegation.tail import bounded as bounded_tail
 from claudectl.delegation.text import cut_utf8
 
 #: Budget for one page of the task list (AMP values are capped at 65,535).
@@ -93,3 +94,18 @@ class DelegationLocator(amp.CommandLocator):
     async def watch(self, task_id: str, version: int, timeout: float) -> dict[str, Any]:
         view = await self.controller.wait_change(task_id, version, timeout)
         return {"task_json": _dumps(_compact(view))}
+
+    @C.TaskTail.responder
+    def tail(self, task_id: str, direction: str | None = None) -> dict[str, Any]:
+        if direction == "incoming":
+            tasks = self.worker.tasks.values() if self.worker is not None else []
+            found = [t for t in tasks if t.task_id == task_id]
+            if not found:
+                raise TaskUnknown(f"no task {task_id} was delegated to this machine")
+            lines = found[0].run.tail.view()
+        elif direction in (None, "", "outgoing"):
+            self.controller.get(task_id)  # TaskUnknown if it is not ours
+            lines = self.controller.tail(task_id)
+        else:
+            raise BadRequest(f"direction must be outgoing or incoming, not {direction!r}")
+        return {"tail_json": _dumps(bounded_tail(lines, C.TAIL_BYTES))}

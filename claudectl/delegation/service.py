@@ -60,6 +60,7 @@ class DelegationService(Service):
                 "allowed_dirs": w.allowed_roots(),
                 "counters": dict(w.counters),
                 "delegated": len(self.controller.records),
+                "controller_counters": dict(self.controller.counters),
             }
         }
 

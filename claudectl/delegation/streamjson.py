@@ -16,6 +16,7 @@ when a ``result`` event arrived with ``is_error`` false.
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,20 @@ from typing import Any
 FILE_TOOLS = frozenset({"Edit", "Write", "MultiEdit", "NotebookEdit"})
 #: Longest ``last_activity`` text kept (characters).
 MAX_ACTIVITY_CHARS = 200
+#: Recent activity lines kept (:attr:`StreamProgress.activity`).
+ACTIVITY_KEEP = 50
+#: Tool inputs that name what a tool works on, in order of preference.
+TARGET_KEYS = (
+    "file_path",
+    "notebook_path",
+    "path",
+    "command",
+    "pattern",
+    "url",
+    "query",
+    "description",
+    "prompt",
+)
 DEFAULT_CONTEXT_WINDOW = 200_000
 LARGE_CONTEXT_WINDOW = 1_000_000
 _USAGE_KEYS = (
@@ -65,6 +80,15 @@ def shorten(text: str, limit: int = MAX_ACTIVITY_CHARS) -> str:
     return text
 
 
+def tool_line(name: str, inputs: dict[str, Any]) -> str:
+    """A tool use with its target: ``Bash: pytest -q``, ``Read: /src/a.py``."""
+    for key in TARGET_KEYS:
+        value = inputs.get(key)
+        if isinstance(value, str) and value.strip():
+            return shorten(f"{name}: {value}")
+    return shorten(f"using {name}")
+
+
 @dataclass
 class StreamProgress:
     session_id: str | None = None
@@ -83,6 +107,11 @@ class StreamProgress:
     error: str | None = None
     #: Lines that were not JSON objects (counted, otherwise ignored).
     bad_lines: int = 0
+    #: The latest activity lines (what Claude is doing: assistant text, tool
+    #: uses with their target, the result), each shortened to one line;
+    #: :attr:`activity_count` counts every line ever added.
+    activity: deque[str] = field(default_factory=lambda: deque(maxlen=ACTIVITY_KEEP))
+    activity_count: int = 0
     _usage_by_message: dict[str, int] = field(default_factory=dict)
     _result_tokens: int | None = None
 
@@ -120,6 +149,11 @@ class StreamProgress:
             return self._result(event)
         return False
 
+    def _note(self, line: str) -> None:
+        if line:
+            self.activity.append(line)
+            self.activity_count += 1
+
     def _system(self, event: dict[str, Any]) -> bool:
         if event.get("subtype") != "init":
             return False
@@ -128,6 +162,7 @@ class StreamProgress:
         if isinstance(event.get("model"), str):
             self.model = event["model"]
         self.last_activity = "session started"
+        self._note("session started")
         return True
 
     def _assistant(self, event: dict[str, Any]) -> bool:
@@ -157,6 +192,7 @@ class StreamProgress:
                     if block["text"].strip():
                         self.last_text = block["text"]
                         self.last_activity = shorten(block["text"])
+                        self._note(self.last_activity)
                 elif block.get("type") == "tool_use" and isinstance(block.get("name"), str):
                     name = block["name"]
                     raw_input = block.get("input")
@@ -168,6 +204,7 @@ class StreamProgress:
                         self.last_activity = shorten(f"{name} {path}")
                     else:
                         self.last_activity = shorten(f"using {name}")
+                    self._note(tool_line(name, inputs))
         return True
 
     def _result(self, event: dict[str, Any]) -> bool:
@@ -192,4 +229,5 @@ class StreamProgress:
             self._result_tokens = usage_total(event["usage"])
         if self.result_text:
             self.last_activity = shorten(self.result_text)
+        self._note(shorten(f"{'failed' if self.is_error else 'done'}: {self.result_text or ''}"))
         return True

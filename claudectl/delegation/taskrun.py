@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred
 
 from claudectl.delegation import payloads
 from claudectl.delegation.streamjson import StreamProgress, shorten
+from claudectl.delegation.tail import Tail
 from claudectl.delegation.text import cut_utf8
 
 QUEUED = "queued"
@@ -88,6 +89,10 @@ class TaskRun:
         self._stderr = bytearray()
         #: Bumped on every change a controller could see.
         self.version = 0
+        #: What Claude is doing, line by line (the live tail; memory only).
+        self.tail = Tail()
+        #: Called after new lines were added to :attr:`tail`.
+        self.on_tail: Callable[[], None] | None = None
 
     # --- inputs ----------------------------------------------------------------------
     def started(self) -> None:
@@ -99,10 +104,21 @@ class TaskRun:
         self.version += 1
 
     def line_received(self, line: bytes | str) -> bool:
+        before = self.progress.activity_count
         changed = self.progress.feed(line)
         if changed:
             self.version += 1
+        new = min(self.progress.activity_count - before, len(self.progress.activity))
+        if new > 0:
+            now = self._now()
+            for text in list(self.progress.activity)[-new:]:
+                self.tail.add(now, text)
+            self._tail_changed()
         return changed
+
+    def _tail_changed(self) -> None:
+        if self.on_tail is not None:
+            self.on_tail()
 
     def stderr_received(self, data: bytes) -> None:
         self._stderr += data
@@ -112,6 +128,8 @@ class TaskRun:
         """Something to show as the latest activity (e.g. a nudge delivered)."""
         self.note = shorten(note)
         self.version += 1
+        if self.tail.add(self._now(), self.note):
+            self._tail_changed()
 
     def request_stop(self, reason: str = "") -> None:
         """The controller asked to stop; the caller terminates the process."""

@@ -21,6 +21,12 @@ The worker side: run Claude Code for peers that delegate tasks to us.
 * **Live stats** (D4): from Claude Code's stream-json output.  ``task_status``
   goes out at the start, on changes (at most every
   :data:`CHANGE_STATUS_MIN_SECS`) and every ``status_interval_secs``.
+* **Live tail**: what Claude is doing (tool uses with their target, its
+  text, the result), as extra ``task_status`` frames with a ``"tail"``
+  member, to peers of this project only (``mutual`` links): at most one
+  frame per task every :data:`~claudectl.delegation.tail.TAIL_MIN_INTERVAL_SECS`,
+  at most 20 cleaned lines of at most 200 characters each
+  (:mod:`~claudectl.delegation.tail`).  claudectl 0.64 peers never get one.
 * **Interrupts** (D6, D7): only the peer that delegated a task may interrupt
   it; ``nudge`` is written to the session's stdin; ``stop`` ends the process
   group and the task with a failed ``Stopped by controller`` handoff.
@@ -70,6 +76,7 @@ from claudectl.delegation.claude_process import (
     sweep_tagged,
 )
 from claudectl.delegation.store import TaskStore, incoming_key
+from claudectl.delegation.tail import TAIL_FRAME_LINES, TAIL_MIN_INTERVAL_SECS, frame_lines
 from claudectl.delegation.taskrun import FINISHED_STATES, QUEUED, RUNNING, RunOutcome, TaskRun
 from claudectl.process.sweep import RUN_ID_ENV
 from claudectl.relay.binding import TLS13
@@ -113,6 +120,11 @@ class WorkerTask:
     #: Fires once the task ended and its handoff was stored.
     done: Deferred[None] = field(default_factory=Deferred)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Sequence number of the newest tail line sent, and when the last tail
+    #: frame went out; the pending tail frame (rate limit).
+    tail_sent: int = 0
+    tail_at: float | None = None
+    tail_call: Any = None
 
     @property
     def task_id(self) -> str:
@@ -212,7 +224,13 @@ class DelegationWorker:
         self.drain_secs = drain_secs
         self.tasks: dict[str, WorkerTask] = {}
         self.queue: list[str] = []
-        self.counters = {"accepted": 0, "refused": 0, "bad_payload": 0, "interrupts_refused": 0}
+        self.counters = {
+            "accepted": 0,
+            "refused": 0,
+            "bad_payload": 0,
+            "interrupts_refused": 0,
+            "tail_frames": 0,
+        }
         self._loop: LoopingCall | None = None
         self._stopping = False
         self._starting = False
@@ -238,6 +256,8 @@ class DelegationWorker:
         self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        for task in self.tasks.values():
+            self._cancel_tail(task)
         waits = []
         for task in list(self.tasks.values()):
             if task.run.state == QUEUED or task.run.finished:
@@ -345,6 +365,7 @@ class DelegationWorker:
             task.done.callback(None)
         else:
             run.result.addCallback(self._finished, task)
+            self._watch_tail(task)
         return task
 
     def _kill_leftover(self, rec: dict[str, Any]) -> None:
@@ -434,6 +455,7 @@ class DelegationWorker:
             peer=peer, request=request, cwd=cwd, run=run, key=key, git_source=git_source
         )
         run.result.addCallback(self._finished, task)
+        self._watch_tail(task)
         self.tasks[key] = task
         self.queue.append(key)
         self.counters["accepted"] += 1
@@ -532,6 +554,7 @@ class DelegationWorker:
                     self._send_handoff(task)
             else:
                 self._send_status(task)
+                self._tail_soon(task)  # lines that came while the link was down
 
     # --- actions ---------------------------------------------------------------------
     def stop_task(self, task: WorkerTask, reason: str = "") -> None:
@@ -912,6 +935,50 @@ class DelegationWorker:
         self._send(
             task.peer, TASK_STATUS, payloads.build_task_status(task.task_id, state, run.stats())
         )
+
+    # --- the live tail ---------------------------------------------------------------
+    def _watch_tail(self, task: WorkerTask) -> None:
+        task.run.on_tail = lambda: self._tail_soon(task)
+
+    def _tail_soon(self, task: WorkerTask) -> None:
+        """New tail lines: send them now, or once the rate limit allows."""
+        if self._stopping or (task.tail_call is not None and task.tail_call.active()):
+            return
+        if self.mesh.peer_mode(task.peer) != "mutual":
+            return  # claudectl 0.64 (or not connected): no tail frames
+        wait = 0.0
+        if task.tail_at is not None:
+            wait = max(0.0, task.tail_at + TAIL_MIN_INTERVAL_SECS - self.clock.seconds())
+        task.tail_call = self.clock.callLater(wait, self._send_tail, task)
+
+    def _cancel_tail(self, task: WorkerTask) -> None:
+        if task.tail_call is not None and task.tail_call.active():
+            task.tail_call.cancel()
+        task.tail_call = None
+
+    def _send_tail(self, task: WorkerTask) -> None:
+        task.tail_call = None
+        if self.mesh.peer_mode(task.peer) != "mutual":
+            return
+        lines = task.run.tail.since(task.tail_sent, TAIL_FRAME_LINES)
+        if not lines:
+            return
+        run = task.run
+        state = payloads.STATE_QUEUED if run.state == QUEUED else payloads.STATE_RUNNING
+        payload = payloads.build_task_status(task.task_id, state, run.stats())
+        payload["tail"] = frame_lines(lines)
+        task.tail_at = self.clock.seconds()
+        if not self._send(task.peer, TASK_STATUS, payload):
+            return  # the link is down: the next line tries again
+        self.counters["tail_frames"] += 1
+        task.tail_sent = lines[-1][0]
+        if run.tail.since(task.tail_sent, 1):
+            self._tail_soon(task)  # more than one frame's worth: the rest in turn
+
+    def tail_lines(self, key: str) -> list[dict[str, Any]]:
+        """The live tail of a task run here (``key`` as in :attr:`tasks`)."""
+        task = self.tasks.get(key)
+        return task.run.tail.view() if task is not None else []
 
     def _send_handoff(self, task: WorkerTask) -> None:
         assert task.handoff is not None

@@ -384,8 +384,9 @@ class Dashboard:
         ):
             for r in rows:
                 if (r.get("dir"), r.get("key")) == self.detail_key:
-                    if r.get("version") != getattr(self.dialog, "version", None):
-                        self.dialog.version = r.get("version")  # type: ignore[attr-defined]
+                    seen = (r.get("version"), r.get("tail_seq"))
+                    if seen != getattr(self.dialog, "version", None):
+                        self.dialog.version = seen  # type: ignore[attr-defined]
                         self.dialog.refresh()
 
     def _apply_hive(self, data: dict[str, Any]) -> None:

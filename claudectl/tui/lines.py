@@ -12,6 +12,7 @@ in the middle.  Every string that came from a peer passes through
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from claudectl.text import ago
@@ -172,6 +173,20 @@ def task_line(row: dict[str, Any], width: int, idw: int) -> tuple[str, str]:
     return TASK_ATTRS.get(state, "body"), fill(essential, clean(row.get("summary"), 240), width)
 
 
+#: Live tail lines shown in a task's window (the newest).
+DETAIL_TAIL_LINES = 40
+
+
+def clock(epoch: Any) -> str:
+    """``HH:MM:SS`` (local time) of an epoch, or ``--:--:--``."""
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
+        return "--:--:--"
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(epoch))
+    except (OverflowError, OSError, ValueError):
+        return "--:--:--"
+
+
 def task_detail_lines(d: dict[str, Any], now: float) -> list[str]:
     who = "delegated to" if d.get("dir") == "out" else "run here for"
     out = [
@@ -184,6 +199,13 @@ def task_detail_lines(d: dict[str, Any], now: float) -> list[str]:
         "Latest: " + (clean(d.get("last_message"), 2000) or "-"),
         "",
     ]
+    tail = [t for t in d.get("tail") or [] if isinstance(t, dict)][-DETAIL_TAIL_LINES:]
+    if tail:
+        out += [
+            "Recent activity:",
+            *[f"  {clock(t.get('at'))}  {clean(t.get('text'), 300)}" for t in tail],
+            "",
+        ]
     if d.get("summary"):
         out += ["Summary:", *[clean(line, 500) for line in str(d["summary"]).splitlines()[:40]], ""]
     files = d.get("files") or []
