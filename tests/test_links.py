@@ -187,7 +187,9 @@ class ConnectAddressTests(TwoServices):
             if (row["state"], row["address"]) == ("connected", new) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        self.assertEqual((row["state"], row["address"]), ("connected", new))
+        self.assertEqual(
+            (row["state"], row["address"]), ("connected", new), "\n".join(self.b.lines)
+        )
         meta = KeyStore(self.hb).meta(self.ida)
         assert meta is not None
         self.assertEqual(meta.addr, new)

@@ -231,6 +231,10 @@ class Dialer:
         self.node = node
         self.peer_id = peer_id
         self.address = address
+        #: Removed from the node (another address replaced it, the user
+        #: disconnected): a connection it still had in flight must not
+        #: become the peer's link.
+        self.retired = False
         host, port = parse_address(address)
         endpoint = clientFromString(node.reactor, client_endpoint_string(host, port))
         self.service = ClientService(
@@ -656,6 +660,7 @@ class RelayNode:
         self.mesh.dialing.pop(peer_id, None)
         if dialer is None:
             return defer.succeed(None)
+        dialer.retired = True
         return defer.maybeDeferred(dialer.service.disownServiceParent)
 
     def close_all(self, reason: str = "service stopping") -> defer.Deferred[Any]:

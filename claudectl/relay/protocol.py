@@ -437,6 +437,13 @@ class RelayProtocol(LineReceiver):
             self.node.admission.success(self.ip)
         self.result = result
         self.peer_id = result.peer_id
+        dialer = getattr(self.factory, "dialer", None)
+        if dialer is not None and dialer.retired:
+            # The dialer that made this connection was removed meanwhile
+            # (its peer moved to another address): not the peer's link.
+            self.result = None
+            self.close("its dialer was removed")
+            return
         link = self.node.mesh.link_up(self, result)
         if link is None:
             self.result = None
