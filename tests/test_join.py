@@ -45,13 +45,24 @@ class JoinTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self.port = free_code_port()
-        self.inviter = RunningService(temp_home(self), f"tcp:{self.port}:interface=127.0.0.1")
+        from twisted.internet.error import CannotListenError
+
+        home = temp_home(self)
+        for attempt in range(10):
+            # The port was free a moment ago; another process may take it
+            # before we listen (parallel test runs): pick another one then.
+            self.port = free_code_port()
+            self.inviter = RunningService(home, f"tcp:{self.port}:interface=127.0.0.1")
+            try:
+                self.inviter.start()
+                break
+            except CannotListenError:
+                if attempt == 9:
+                    raise
+        self.addCleanup(self.inviter.stop)
         self.joiner_home = temp_home(self)
         self.inviter_id = KeyStore(self.inviter.home).ensure_identity()
         self.joiner_id = KeyStore(self.joiner_home).ensure_identity()
-        self.inviter.start()
-        self.addCleanup(self.inviter.stop)
         self.invites = InviteStore(self.inviter.home)
 
     def invite(self, ttl: int = 3600) -> Any:
