@@ -119,8 +119,17 @@ def permission_request(
     assert tool is not None
     command = tool_command(payload.get("tool_input"))
     output: dict[str, Any] | None = None
-    config = load_hive_config(home, payload)
-    if config.gate != "off":
+    from claudectl.config import ConfigError
+
+    try:
+        config = load_hive_config(home, payload)
+    except ConfigError as e:
+        # Still record the user's decision; only the gate is off.
+        from claudectl.hooks.entry import log_error
+
+        log_error(home, "PermissionRequest", f"{e} (the gate is off)")
+        config = None
+    if config is not None and config.gate != "off":
         from claudectl.hive.store import hive_active
 
         if hive_active(home, config):
