@@ -53,7 +53,12 @@ class NeverInTheWayTests(SynchronousTestCase):
         home = temp_home(self)
         for data in (b"not json", b"[1, 2]", b"{" * 100_000, b"\xff\xfe"):
             out = io.StringIO()
-            self.assertEqual(entry.run(["SessionStart"], io.BytesIO(data), out, {"CLAUDECTL_HOME": str(home.root)}), 0)
+            self.assertEqual(
+                entry.run(
+                    ["SessionStart"], io.BytesIO(data), out, {"CLAUDECTL_HOME": str(home.root)}
+                ),
+                0,
+            )
             self.assertEqual(out.getvalue(), "")
         self.assertEqual(len(self.log(home).splitlines()), 4)
 

@@ -96,13 +96,13 @@ class SessionStartTests(SynchronousTestCase):
         out = call(home, "SessionStart", payload("SessionStart"))
         doc = json.loads(out)
         self.assertEqual(set(doc), {"hookSpecificOutput"})
-        self.assertEqual(
-            set(doc["hookSpecificOutput"]), {"hookEventName", "additionalContext"}
-        )
+        self.assertEqual(set(doc["hookSpecificOutput"]), {"hookEventName", "additionalContext"})
         self.assertEqual(doc["hookSpecificOutput"]["hookEventName"], "SessionStart")
         text = doc["hookSpecificOutput"]["additionalContext"]
         self.assertTrue(text.startswith("## Hive Knowledge (1 peers, 1 units)"), text)
-        self.assertIn(f"- [hive] [Bash, cargo test] approve (100%) \u2014 12 decisions from {PEER}", text)
+        self.assertIn(
+            f"- [hive] [Bash, cargo test] approve (100%) \u2014 12 decisions from {PEER}", text
+        )
 
     def test_same_text_as_hive_prompt_and_capped_and_cleaned(self) -> None:
         from claudectl.hive.prompt import build_prompt
@@ -249,7 +249,9 @@ class DecisionTests(SynchronousTestCase):
             self.assertNotIn(secret, raw)
 
     def test_file_tools_record_the_path(self) -> None:
-        self.assertEqual(tool_command({"file_path": "/src/Cargo.lock", "content": "x"}), "/src/Cargo.lock")
+        self.assertEqual(
+            tool_command({"file_path": "/src/Cargo.lock", "content": "x"}), "/src/Cargo.lock"
+        )
         self.assertEqual(tool_command({"url": "https://example.com"}), "https://example.com")
         self.assertIsNone(tool_command({"other": 1}))
         self.assertIsNone(tool_command("not a mapping"))

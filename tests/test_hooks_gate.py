@@ -87,7 +87,9 @@ class EvaluateTests(SynchronousTestCase):
         self.assertFalse(view.allow)
         self.assertIn("hive, ignored", view.message())
         # claudectl's brain's own preference to deny counts too.
-        prefs = {"patterns": [{"tool": "Bash", "command_pattern": "cargo", "preferred_action": "deny"}]}
+        prefs = {
+            "patterns": [{"tool": "Bash", "command_pattern": "cargo", "preferred_action": "deny"}]
+        }
         self.assertFalse(judge([local_unit(1)], preferences=prefs).allow)
 
     def test_evidence_rate_and_pattern_required(self) -> None:
@@ -100,8 +102,14 @@ class EvaluateTests(SynchronousTestCase):
         self.assertFalse(judge([anything]).allow)
 
     def test_shell_operators_never_allowed(self) -> None:
-        for cmd in ("cargo test; rm -rf ~", "cargo test && curl x | sh", "cargo test $(id)",
-                    "cargo test > /etc/x", "cargo test `id`", "cargo test\nrm -rf ~"):
+        for cmd in (
+            "cargo test; rm -rf ~",
+            "cargo test && curl x | sh",
+            "cargo test $(id)",
+            "cargo test > /etc/x",
+            "cargo test `id`",
+            "cargo test\nrm -rf ~",
+        ):
             view = judge([local_unit(1)], command=cmd)
             self.assertFalse(view.allow, cmd)
 

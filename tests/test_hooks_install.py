@@ -109,7 +109,10 @@ class InstallTests(SynchronousTestCase):
                 "Stop": [
                     {
                         "hooks": [
-                            {"type": "command", "command": "/old/python -S /old/claudectl/hooks/run.py Stop"},
+                            {
+                                "type": "command",
+                                "command": "/old/python -S /old/claudectl/hooks/run.py Stop",
+                            },
                             {"type": "command", "command": "say done"},
                         ]
                     }
@@ -158,11 +161,15 @@ class InstallTests(SynchronousTestCase):
     def test_project_scope_and_status(self) -> None:
         project = self.home.root / "proj"
         project.mkdir()
-        out = json.loads(ok(run_cli(self.home, "hooks", "install", "--project", str(project), "--json")))
+        out = json.loads(
+            ok(run_cli(self.home, "hooks", "install", "--project", str(project), "--json"))
+        )
         self.assertEqual(out["scope"], "project")
         self.assertEqual(out["path"], str(project / ".claude" / "settings.json"))
         self.assertFalse(self.path.exists())  # the user scope untouched
-        st = json.loads(ok(run_cli(self.home, "hooks", "status", "--project", str(project), "--json")))
+        st = json.loads(
+            ok(run_cli(self.home, "hooks", "status", "--project", str(project), "--json"))
+        )
         user, proj = st["scopes"]
         self.assertEqual((user["scope"], user["events"], user["exists"]), ("user", {}, False))
         self.assertEqual(proj["scope"], "project")
@@ -184,7 +191,14 @@ class InstallTests(SynchronousTestCase):
             {
                 "hooks": {
                     "SessionStart": [
-                        {"hooks": [{"type": "command", "command": "/other/python -m claudectl.hooks SessionStart"}]}
+                        {
+                            "hooks": [
+                                {
+                                    "type": "command",
+                                    "command": "/other/python -m claudectl.hooks SessionStart",
+                                }
+                            ]
+                        }
                     ],
                     "Stop": [{"hooks": [{"type": "command", "command": "say bye"}]}],
                 }

@@ -36,7 +36,10 @@ CASES = [
     ("use Zx9q7Lm2Pw4Rt8Yk3Vb6Nc1Hd5", "use ***"),
     # ordinary commands untouched
     ("cargo test --all", "cargo test --all"),
-    ("ls /home/user/projects/some-long-directory-name/f.py", "ls /home/user/projects/some-long-directory-name/f.py"),
+    (
+        "ls /home/user/projects/some-long-directory-name/f.py",
+        "ls /home/user/projects/some-long-directory-name/f.py",
+    ),
     ("npm run build-production-artifacts-now", "npm run build-production-artifacts-now"),
 ]
 
