@@ -76,7 +76,7 @@ class NeverInTheWayTests(SynchronousTestCase):
             out = io.StringIO()
             entry.run([*argv, "--home", str(home.root)], io.BytesIO(data), out, {})
             self.assertEqual(out.getvalue(), "")
-        self.assertFalse((home.data / "hooks").exists())
+        self.assertEqual(self.log(home), "")
 
     def test_broken_store_prints_nothing(self) -> None:
         home = temp_home(self)

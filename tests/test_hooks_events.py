@@ -23,6 +23,7 @@ from claudectl.hive.units import KnowledgeUnit, Pattern, Scope
 from claudectl.home import Home
 from claudectl.hooks import entry, pending
 from claudectl.hooks.events import tool_command
+from claudectl.hooks.files import HookHome
 from tests.common import temp_home
 
 FIXTURES = json.loads(
@@ -51,6 +52,18 @@ def call(home: Home, event: str, p: dict[str, Any], now: int = NOW) -> str:
     )
     assert code == 0
     return out.getvalue()
+
+
+def hook_home(home: Home) -> HookHome:
+    return HookHome(str(home.root))
+
+
+def pending_file(home: Home) -> Path:
+    return Path(pending.pending_path(hook_home(home)))
+
+
+def waiting(home: Home) -> list[dict[str, Any]]:
+    return pending.read_pending(hook_home(home))
 
 
 def decisions(home: Home) -> list[dict[str, Any]]:
@@ -144,12 +157,53 @@ class SessionStartTests(SynchronousTestCase):
         self.assertEqual(call(home, "SessionStart", payload("SessionStart")), "")
 
 
+class ContextCacheTests(SynchronousTestCase):
+    def test_reused_until_an_input_changes_or_it_expires(self) -> None:
+        from claudectl.hooks import events
+
+        home = temp_home(self)
+        set_identity(home)
+        store_units(home, peer_unit(1))
+        built: list[str] = []
+        real = events.build_context
+
+        def counting(*a: Any) -> str:
+            built.append("x")
+            return real(*a)
+
+        self.patch(events, "build_context", counting)
+        first = call(home, "SessionStart", payload("SessionStart"))
+        self.assertIn("[Bash, cargo test]", first)
+        self.assertEqual(call(home, "SessionStart", payload("SessionStart"), NOW + 5), first)
+        self.assertEqual(len(built), 1)
+        # Another project is built on its own.
+        call(home, "SessionStart", payload("SessionStart", cwd="/x/other"), NOW + 5)
+        self.assertEqual(len(built), 2)
+        # New knowledge: built again.
+        store_units(home, peer_unit(2, command="make"))
+        self.assertIn("[Bash, make]", call(home, "SessionStart", payload("SessionStart"), NOW + 6))
+        self.assertEqual(len(built), 3)
+        # Trust changed: built again, with the new label.
+        with trust_transaction(home) as book:
+            book.set_level(PEER, 0.9, NOW)
+        self.assertIn("- [hive] ", call(home, "SessionStart", payload("SessionStart"), NOW + 7))
+        self.assertEqual(len(built), 4)
+        # Expired.
+        later = NOW + 7 + events.CONTEXT_CACHE_SECS
+        call(home, "SessionStart", payload("SessionStart"), later)
+        self.assertEqual(len(built), 5)
+        # A broken cache file is rebuilt, not an error.
+        Path(events._cache_path(hook_home(home))).write_text("{broken")
+        self.assertIn("[Bash, make]", call(home, "SessionStart", payload("SessionStart"), later))
+        self.assertEqual(len(built), 6)
+
+
 class DecisionTests(SynchronousTestCase):
     def test_allowed_request_becomes_an_accept_line(self) -> None:
         home = temp_home(self)
         self.assertEqual(call(home, "PermissionRequest", payload("PermissionRequest")), "")
         self.assertEqual(decisions(home), [])
-        self.assertTrue(pending.pending_path(home).exists())
+        self.assertTrue(pending_file(home).exists())
         self.assertEqual(call(home, "PostToolUse", payload("PostToolUse"), NOW + 3), "")
         [line] = decisions(home)
         # hive.md 5.1, an observation: exactly these fields.
@@ -176,7 +230,7 @@ class DecisionTests(SynchronousTestCase):
         self.assertIsNone(line["brain_action"])
         self.assertEqual(line["user_action"], "accept")
         self.assertRegex(line["decision_id"], r"^dec_\d+_\d+_0$")
-        self.assertFalse(pending.pending_path(home).exists())
+        self.assertFalse(pending_file(home).exists())
         # The line is compact JSON, one per line, as claudectl writes it.
         raw = (home.brain / "decisions.jsonl").read_text()
         self.assertNotIn(": ", raw)
@@ -205,8 +259,8 @@ class DecisionTests(SynchronousTestCase):
             self.assertEqual(call(home, ender, payload(ender)), "")
             self.assertEqual([d["user_action"] for d in decisions(home)], ["reject"], ender)
             # The other session's request still waits.
-            [left] = pending._read(home)
-            self.assertEqual(left.session, "another")
+            [left] = waiting(home)
+            self.assertEqual(left["session"], "another")
 
     def test_outcomes_without_a_request_record_nothing(self) -> None:
         home = temp_home(self)
@@ -228,11 +282,11 @@ class DecisionTests(SynchronousTestCase):
                 "PermissionRequest",
                 payload("PermissionRequest", tool_input={"command": f"echo {i}"}),
             )
-        self.assertEqual(len(pending._read(home)), pending.MAX_PENDING)
+        self.assertEqual(len(waiting(home)), pending.MAX_PENDING)
         # The oldest went first.
-        self.assertEqual(pending._read(home)[0].command, "echo 20")
+        self.assertEqual(waiting(home)[0]["command"], "echo 20")
         call(home, "PostToolUse", payload("PostToolUse"), now=NOW + pending.PENDING_TTL + 1)
-        self.assertFalse(pending.pending_path(home).exists())
+        self.assertFalse(pending_file(home).exists())
         self.assertEqual(decisions(home), [])
 
     def test_secrets_are_not_recorded(self) -> None:
@@ -240,7 +294,7 @@ class DecisionTests(SynchronousTestCase):
         cmd = "GITHUB_TOKEN=ghp_abcdefghijklmnop1234 deploy --password hunter2 https://u:pw@h/x"
         req = payload("PermissionRequest", tool_input={"command": cmd})
         call(home, "PermissionRequest", req)
-        self.assertNotIn("hunter2", pending.pending_path(home).read_text())
+        self.assertNotIn("hunter2", pending_file(home).read_text())
         call(home, "PostToolUse", payload("PostToolUse", tool_input={"command": cmd}))
         [line] = decisions(home)
         self.assertEqual(line["command"], "GITHUB_TOKEN=*** deploy --password *** https://***@h/x")

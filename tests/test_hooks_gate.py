@@ -6,6 +6,7 @@ local knowledge with nothing saying deny; peer knowledge never allows.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,6 +23,7 @@ from tests.test_hooks_events import (
     PEER,
     call,
     decisions,
+    hook_home,
     payload,
     peer_unit,
     set_identity,
@@ -145,7 +147,9 @@ class GateHookTests(SynchronousTestCase):
             {"hookEventName": "PermissionRequest", "decision": {"behavior": "allow"}},
         )
         self.assertIn("[local] [Bash, cargo test]", out["systemMessage"])
-        [logged] = [json.loads(x) for x in gate_log_path(home).read_text().splitlines()]
+        [logged] = [
+            json.loads(x) for x in Path(gate_log_path(hook_home(home))).read_text().splitlines()
+        ]
         self.assertEqual(logged["decision"], "allow")
         self.assertEqual(logged["command"], "cargo test --all")
         self.assertEqual(logged["units"], [f"ku_{NOW}_1"])
@@ -161,7 +165,7 @@ class GateHookTests(SynchronousTestCase):
         out = json.loads(call(home, "PermissionRequest", payload("PermissionRequest")))
         self.assertNotIn("hookSpecificOutput", out)  # no decision: the dialog is shown
         self.assertIn(f"from {PEER}", out["systemMessage"])
-        self.assertFalse(gate_log_path(home).exists())
+        self.assertFalse(Path(gate_log_path(hook_home(home))).exists())
         call(home, "PostToolUse", payload("PostToolUse"))
         self.assertEqual([d["user_action"] for d in decisions(home)], ["accept"])
 

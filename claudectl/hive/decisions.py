@@ -6,7 +6,8 @@ Writing claudectl's decision log, ``~/.claudectl/brain/decisions.jsonl``
 claudectl's brain is the main writer of that log; ``claudectl hive record``
 and the Claude Code hooks (:mod:`claudectl.hooks`) write lines of the same
 format so that ``hive distill`` (and claudectl's own tools) read them alike.
-Imports no Twisted: the hooks use it.
+Imports nothing but :mod:`json` and :mod:`os`: the hooks use it on every
+tool call.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from claudectl.home import Home
+if TYPE_CHECKING:
+    from claudectl.home import Home
+    from claudectl.hooks.files import HookHome
 
 
-def decisions_file(home: Home) -> Path:
-    return home.brain / "decisions.jsonl"
+def decisions_file(home: Home | HookHome) -> str:
+    # os.path, not pathlib: the hooks pass a HookHome (strings), the CLI a Home.
+    return os.path.join(home.brain, "decisions.jsonl")
 
 
 def decision_id(now: int, pid: int, n: int) -> str:
@@ -101,7 +104,7 @@ def encode(record: Mapping[str, Any]) -> str:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
-def append_decisions(home: Home, records: Iterable[Mapping[str, Any]]) -> Path:
+def append_decisions(home: Home | HookHome, records: Iterable[Mapping[str, Any]]) -> str:
     """
     Append ``records`` to the log (created 0600 in a 0700 directory).
     Append-only, as the brain writes it: whole lines in one ``write`` with
@@ -111,7 +114,7 @@ def append_decisions(home: Home, records: Iterable[Mapping[str, Any]]) -> Path:
     data = "".join(encode(r) for r in records).encode("utf-8")
     if not data:
         return path
-    home.ensure_private_dir(home.brain)
+    os.makedirs(home.brain, mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, data)

@@ -15,13 +15,18 @@ imported here; each event imports what it needs.
 
 from __future__ import annotations
 
-import json
+# Only what Python has loaded at start-up anyway: the rest is imported by the
+# events that need it (the hook of most tool calls returns before any).
 import os
-import signal
 import sys
-import time
-from collections.abc import Mapping, Sequence
-from typing import IO, Any
+
+from claudectl.hooks.files import HookHome, append_bounded
+
+#: typing is not imported at run time (it costs a start-up of its own).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import IO, Any
 
 #: The events this command handles (installed by ``claudectl hooks install``).
 EVENTS = (
@@ -42,11 +47,33 @@ _OUTCOME_EVENTS = frozenset(
 MAX_INPUT_BYTES = 4 * 1024 * 1024
 MAX_LOG_BYTES = 256 * 1024
 DEADLINE_SECS = 8
-HOME_ENV = "CLAUDECTL_HOME"
 
 
 class _Deadline(Exception):
     pass
+
+
+#: Set by :func:`main` only (never in a test's own process): the slow paths may
+#: arm a SIGALRM deadline, and may finish work in a detached child.
+_deadline_allowed: list[bool] = [False]
+_may_detach = False
+
+
+def may_detach() -> bool:
+    return _may_detach
+
+
+def arm_deadline() -> None:
+    """Give up after :data:`DEADLINE_SECS` (slow paths only: signal imports enum)."""
+    if not _deadline_allowed[0]:
+        return
+    import signal
+
+    try:
+        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.alarm(DEADLINE_SECS)
+    except (ValueError, OSError, AttributeError):
+        pass
 
 
 def _parse_args(argv: Sequence[str]) -> tuple[str | None, str | None]:
@@ -64,39 +91,23 @@ def _parse_args(argv: Sequence[str]) -> tuple[str | None, str | None]:
     return event, home
 
 
-def _resolve_home(explicit: str | None, environ: Mapping[str, str]) -> Any:
-    from claudectl.home import Home
-
-    return Home.resolve(explicit, dict(environ))
-
-
 def log_error(home: Any, event: str | None, message: str) -> None:
     """One line in ``hooks.log``; a failure to log is ignored too."""
     try:
-        path = home.data / "hooks" / "hooks.log"
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        import time
+
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         line = f"{stamp} {event or '?'}: {message}".replace("\n", " ")[:2000] + "\n"
-        try:
-            if path.stat().st_size + len(line) > MAX_LOG_BYTES:
-                os.replace(path, path.with_name(path.name + ".1"))
-        except FileNotFoundError:
-            pass
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode("utf-8", "replace"))
-        finally:
-            os.close(fd)
+        path = os.path.join(str(home.data), "hooks", "hooks.log")
+        append_bounded(path, line.encode("utf-8", "replace"), MAX_LOG_BYTES)
     except Exception:
         pass
 
 
-def handle(event: str, payload: Mapping[str, Any], home: Any, now: int) -> dict[str, Any] | None:
+def handle(
+    event: str, payload: Mapping[str, Any], home: HookHome, now: int
+) -> dict[str, Any] | None:
     """The output object for one event (None: print nothing)."""
-    if event in _OUTCOME_EVENTS:
-        # On every tool call: leave at once unless a request waits.
-        if not (home.data / "hooks" / "pending.json").exists():
-            return None
     from claudectl.hooks import events
 
     if event == "SessionStart":
@@ -119,17 +130,29 @@ def run(
     stdout: IO[str],
     environ: Mapping[str, str],
     now: int | None = None,
+    deadline: bool = False,
 ) -> int:
-    """Handle one hook call; always returns 0."""
+    """Handle one hook call; always returns 0 (``deadline``: give up after :data:`DEADLINE_SECS`)."""
     event, home_arg = _parse_args(argv)
     try:
-        home = _resolve_home(home_arg, environ)
+        home = HookHome.resolve(home_arg, environ)
     except Exception:
         return 0
     try:
         data = stdin.read(MAX_INPUT_BYTES + 1)
+        if event in _OUTCOME_EVENTS and not os.path.exists(
+            os.path.join(home.hooks, "pending.json")
+        ):
+            # The hook of almost every tool call: no request waits, nothing to do.
+            return 0
+        global _may_detach
+        _deadline_allowed[:] = [deadline]
+        _may_detach = deadline
         if len(data) > MAX_INPUT_BYTES:
             raise ValueError(f"hook input over {MAX_INPUT_BYTES} bytes")
+        import json
+        import time
+
         payload = json.loads(data) if data.strip() else {}
         if not isinstance(payload, dict):
             raise ValueError("hook input is not a JSON object")
@@ -157,19 +180,12 @@ def _on_alarm(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
-        signal.signal(signal.SIGALRM, _on_alarm)
-        signal.alarm(DEADLINE_SECS)
-    except (ValueError, OSError, AttributeError):
-        pass
-    try:
-        run(sys.argv[1:] if argv is None else argv, sys.stdin.buffer, sys.stdout, os.environ)
+        args = sys.argv[1:] if argv is None else argv
+        run(args, sys.stdin.buffer, sys.stdout, os.environ, deadline=True)
+        if "signal" in sys.modules:  # armed: disarm
+            sys.modules["signal"].alarm(0)
     except BaseException:
         pass
-    finally:
-        try:
-            signal.alarm(0)
-        except (ValueError, OSError, AttributeError):
-            pass
     # Never a traceback at exit (a closed stdout, say): exit 0 quietly.
     try:
         sys.stdout.flush()
