@@ -20,6 +20,7 @@ from tests.common import subprocess_env, temp_home
 from tests.test_hooks_events import (
     FIXTURES,
     NOW,
+    PEER,
     call,
     decisions,
     payload,
@@ -27,6 +28,14 @@ from tests.test_hooks_events import (
     set_identity,
     store_units,
 )
+
+
+def store_units_at(home, now: int, *units) -> None:
+    from claudectl.hive.store import store_transaction
+
+    with store_transaction(home, local_id="me-00000001", now=now) as store:
+        for u in units:
+            store.insert(u)
 
 
 def run_hook(home, event: str, stdin: bytes, env_extra: dict | None = None):
@@ -116,6 +125,35 @@ class RealProcessTests(SynchronousTestCase):
         self.assertEqual(r.stderr, b"")
         doc = json.loads(r.stdout)
         self.assertIn("[Bash, cargo test]", doc["hookSpecificOutput"]["additionalContext"])
+
+    def test_new_units_are_shown_after_a_background_refresh(self) -> None:
+        import time
+
+        home = temp_home(self)
+        set_identity(home)
+        now = int(time.time())
+        store_units_at(home, now, peer_unit(1, originated_at=now, last_validated_at=now))
+        start = json.dumps(dict(FIXTURES["SessionStart"])).encode()
+        first = run_hook(home, "SessionStart", start)
+        self.assertIn(b"[Bash, cargo test]", first.stdout)
+        # New units arrive (gossip): the next session gets the cached text at
+        # once, and a detached child rebuilds it for the one after.
+        store_units_at(
+            home, now, peer_unit(2, command="make", originated_at=now, last_validated_at=now)
+        )
+        second = run_hook(home, "SessionStart", start)
+        self.assertEqual((second.returncode, second.stderr), (0, b""))
+        self.assertEqual(second.stdout, first.stdout)
+        deadline = time.monotonic() + 30
+        while b"[Bash, make]" not in run_hook(home, "SessionStart", start).stdout:
+            self.assertLess(time.monotonic(), deadline, "the context was never refreshed")
+            time.sleep(0.1)
+        # A trust change is never served stale: rebuilt before answering.
+        from claudectl.hive.trust import trust_transaction
+
+        with trust_transaction(home) as book:
+            book.set_level(PEER, 0.9, now)
+        self.assertIn(b"- [hive] [Bash, cargo test]", run_hook(home, "SessionStart", start).stdout)
 
     def test_no_twisted_on_any_event(self) -> None:
         home = temp_home(self)
