@@ -231,6 +231,9 @@ def _refresh_detached(
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
+        from claudectl.hooks.entry import arm_deadline
+
+        arm_deadline()
         _store_context(home, key, now, build_context(payload, home, now, project))
     except BaseException as e:
         from claudectl.hooks.entry import log_error
