@@ -176,6 +176,12 @@ class ContextCacheTests(SynchronousTestCase):
         self.assertIn("[Bash, cargo test]", first)
         self.assertEqual(call(home, "SessionStart", payload("SessionStart"), NOW + 5), first)
         self.assertEqual(len(built), 1)
+        # The service rewrites trust.json on every batch (sync time, counts): no rebuild.
+        with trust_transaction(home) as book:
+            book.ensure(PEER, NOW).last_sync = NOW + 5
+            book.ensure(PEER, NOW).knowledge_accepted += 3
+        self.assertEqual(call(home, "SessionStart", payload("SessionStart"), NOW + 5), first)
+        self.assertEqual(len(built), 1)
         # Another project is built on its own.
         call(home, "SessionStart", payload("SessionStart", cwd="/x/other"), NOW + 5)
         self.assertEqual(len(built), 2)

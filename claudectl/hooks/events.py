@@ -119,16 +119,38 @@ def load_hive_config(home: HookHome, payload: Mapping[str, Any]) -> Any:
 # --- context in ------------------------------------------------------------------------
 
 
-def _context_key(home: HookHome, payload: Mapping[str, Any], project: str) -> list[Any]:
+def _trust_key(path: str, now: int) -> Any:
+    """
+    What of ``trust.json`` the section depends on: each peer's level, freeze
+    and quarantine.  The service rewrites the file on every batch it
+    receives (sync times, counts); that alone does not change the section.
+    """
+    try:
+        with open(path, "rb") as f:
+            book = json.loads(f.read())
+        return sorted(
+            [
+                peer,
+                rec.get("trust_level"),
+                rec.get("frozen"),
+                (rec.get("quarantined_until") or 0) > now,
+            ]
+            for peer, rec in book.items()
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return stat_key(path)  # unreadable: any change counts
+
+
+def _context_key(home: HookHome, payload: Mapping[str, Any], project: str, now: int) -> list[Any]:
     import claudectl
 
-    files = [
-        os.path.join(home.hive, name)
-        for name in ("knowledge.jsonl", "trust.json", "delivery.json", "mode")
-    ]
+    files = [os.path.join(home.hive, name) for name in ("knowledge.jsonl", "delivery.json", "mode")]
     files += [os.path.join(home.brain, "preferences.json"), home.identity_file]
     files += _config_paths(home, payload)
-    return [claudectl.__version__, project, [stat_key(f) for f in files]]
+    trust = _trust_key(os.path.join(home.hive, "trust.json"), now)
+    return [claudectl.__version__, project, [stat_key(f) for f in files], trust]
 
 
 def _cache_path(home: HookHome) -> str:
@@ -170,13 +192,15 @@ def _store_context(home: HookHome, key: list[Any], now: int, text: str) -> None:
 
 def _only_new_knowledge(old: object, new: list[Any]) -> bool:
     """Do the keys differ only in ``knowledge.jsonl`` / ``delivery.json`` (new units)?"""
-    if not isinstance(old, list) or len(old) != 3 or old[:2] != new[:2]:
+    if not isinstance(old, list) or len(old) != len(new) or old[:2] != new[:2]:
+        return False
+    if old[3:] != new[3:]:  # trust
         return False
     old_stats, new_stats = old[2], new[2]
     if not isinstance(old_stats, list) or len(old_stats) != len(new_stats):
         return False
     return all(
-        a == b for i, (a, b) in enumerate(zip(old_stats, new_stats, strict=True)) if i not in (0, 2)
+        a == b for i, (a, b) in enumerate(zip(old_stats, new_stats, strict=True)) if i not in (0, 1)
     )
 
 
@@ -195,7 +219,7 @@ def session_start(payload: Mapping[str, Any], home: HookHome, now: int) -> dict[
     from claudectl.hooks.entry import arm_deadline, may_detach
 
     project = project_name(payload)
-    key = _context_key(home, payload, project)
+    key = _context_key(home, payload, project, now)
     entry = _cache_entry(home, project)
     if entry is not None and entry.get("key") == key and now < entry["until"]:
         text = entry["text"]
