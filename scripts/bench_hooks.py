@@ -10,7 +10,7 @@ default 300) and ten local ones, and the hook command exactly as
 way Claude Code runs it -- ``/bin/sh -c COMMAND`` with the event's JSON on
 stdin -- ``--calls`` times per case (default 40).  The cases:
 
-* ``SessionStart``: cold (trust changed since the last session, so the
+* ``SessionStart``: cold (a peer's trust level changed since the last session, so the
   ``## Hive Knowledge`` section is built from the store before answering),
   new units (only the store changed: the cached section is printed and
   rebuilt in a detached child) and warm (the cached section is valid);
@@ -171,11 +171,17 @@ def run(calls: int, units: int) -> dict[str, Any]:
 
         trust = home.hive / "trust.json"
         knowledge = home.hive / "knowledge.jsonl"
+
+        def retrust(i: int) -> None:
+            book = json.loads(trust.read_text())
+            book["peer-0000000a"]["trust_level"] = 0.4 + 0.01 * (i % 2)
+            trust.write_text(json.dumps(book))
+
         case(
             "SessionStart (cold: built from the store)",
             cmd["SessionStart"],
             lambda i: start,
-            toucher(trust),
+            retrust,
         )
         case(
             "SessionStart (new units: cached, refreshed)",

@@ -172,6 +172,8 @@ class ContextCacheTests(SynchronousTestCase):
             return real(*a)
 
         self.patch(events, "build_context", counting)
+        with trust_transaction(home) as book:
+            book.ensure(PEER, NOW)
         first = call(home, "SessionStart", payload("SessionStart"))
         self.assertIn("[Bash, cargo test]", first)
         self.assertEqual(call(home, "SessionStart", payload("SessionStart"), NOW + 5), first)
