@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
 
+#: typing is not imported at run time (the hooks pay for every import).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+    from typing import Any
+
     from claudectl.home import Home
     from claudectl.hooks.files import HookHome
 

@@ -249,9 +249,11 @@ def _refresh_detached(
     sys.stdout.flush()
     if os.fork() != 0:
         return
-    # The child: off Claude Code's pipes (it waits for them to close) and session.
+    # The child: off Claude Code's pipes (it waits for them to close) and session,
+    # and behind the session that is starting (it may share few CPUs).
     try:
         os.setsid()
+        os.nice(10)
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
