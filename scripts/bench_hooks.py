@@ -26,8 +26,9 @@ Run from the repository root::
     python scripts/bench_hooks.py --runs 3   # the median and range of three runs
     python scripts/bench_hooks.py --json
 
-``--runs N`` repeats the whole measurement and reports the median and the
-p50 of each run.  Besides wall time it reports the CPU time (user + system)
+``--runs N`` repeats the whole measurement and reports the median of the
+runs' p50 and p90, the p50 of each run, and the minimum and maximum of all
+calls.  Besides wall time it reports the CPU time (user + system)
 of the call's processes, which depends much less on what else the machine
 runs.
 
@@ -165,7 +166,7 @@ def run(calls: int, units: int) -> dict[str, Any]:
         def toucher(path: Path) -> Any:
             def touch(i: int) -> None:
                 os.utime(path, ns=(time.time_ns(), time.time_ns()))
-                time.sleep(0.05)  # let the previous call's background refresh finish
+                time.sleep(0.3)  # let the previous call's background refresh finish
 
             return touch
 
@@ -269,6 +270,10 @@ def main() -> int:
             p50s = [r["cases"][name]["p50"] for r in runs]
             s["runs_p50"] = p50s
             s["p50"] = round(statistics.median(p50s), 1)
+            s["p90"] = round(statistics.median(r["cases"][name]["p90"] for r in runs), 1)
+            s["min"] = min(r["cases"][name]["min"] for r in runs)
+            s["max"] = max(r["cases"][name]["max"] for r in runs)
+            s["calls"] = sum(r["cases"][name]["calls"] for r in runs)
             s["cpu_p50"] = round(statistics.median(r["cases"][name]["cpu_p50"] for r in runs), 1)
         result["load_average"] = [r["load_average"] for r in runs]
     hooks = {k: v for k, v in result["cases"].items() if not k.startswith("python")}
