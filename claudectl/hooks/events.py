@@ -354,6 +354,9 @@ def _gate(
     tool: str,
     command: str | None,
 ) -> tuple[dict[str, Any] | None, bool]:
+    from claudectl.hooks.entry import arm_deadline
+
+    arm_deadline()
     from claudectl.hive.delivery import load_delivery
     from claudectl.hive.distill import read_preferences
     from claudectl.hive.store import load_store
