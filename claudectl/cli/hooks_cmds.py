@@ -86,7 +86,7 @@ def install(ctx: CliContext, project: Path | None) -> None:
 @json_flag
 @pass_ctx
 def uninstall(ctx: CliContext, project: Path | None) -> None:
-    """Remove this project's hooks, leaving every other setting as it was."""
+    """Remove claudectl's hooks, leaving every other setting as it was."""
     scope, path = _target(ctx, project)
     try:
         change = hook_settings.uninstall(path)
