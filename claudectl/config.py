@@ -137,6 +137,8 @@ class HiveConfig:
     max_units_per_peer_per_day: int = 1000
     #: conflicts/resolutions/collisions .jsonl: rotated to ``<name>.1`` past this.
     max_log_bytes: int = 16 * 1024 * 1024
+    #: The Claude Code permission gate (docs/claude-code.md): off, suggest or auto.
+    gate: str = "off"
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,7 @@ SCHEMA: dict[str, tuple[type, list[Key]]] = {
             Key("share_mode", _choice("auto", "manual"), '"auto" or "manual"'),
             Key("max_units_per_peer_per_day", _int(1), "a positive integer"),
             Key("max_log_bytes", _int(4096), "an integer number of bytes, at least 4096"),
+            Key("gate", _choice("off", "suggest", "auto"), '"off", "suggest" or "auto"'),
         ],
     ),
     "delegation": (

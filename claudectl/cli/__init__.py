@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "claudectl.cli.hive_cmds",
     "claudectl.cli.delegate_cmds",
     "claudectl.cli.tui_cmds",
+    "claudectl.cli.hooks_cmds",
 )
 
 

@@ -10,7 +10,6 @@ scripts.  Every change goes through the locked, atomic writers of
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ import click
 
 from claudectl.cli.base import CliContext, CliError, hive, pass_ctx
 from claudectl.hive import archive as archive_mod
+from claudectl.hive.decisions import append_decisions, brain_decision
 from claudectl.hive.delivery import load_delivery
 from claudectl.hive.distill import CURSOR, Cursor, maybe_distill
 from claudectl.hive.exchange import (
@@ -626,39 +626,21 @@ def record(
         brain_action = "deny" if user_action in NEGATIVE_ACTIONS else "approve"
     now = _now()
     pid = os.getpid()
-    lines = []
-    for n in range(count):
-        # claudectl 0.64's record (hive.md 5.1): ts is a string, ids dec_<epoch>_<pid>_<n>.
-        rec = {
-            "ts": str(now),
-            "pid": pid,
-            "project": project,
-            "tool": tool,
-            "command": command_,
-            "brain_action": brain_action,
-            "brain_confidence": 0.8,
-            "brain_reasoning": "recorded with claudectl hive record",
-            "user_action": user_action,
-            "decision_type": "session",
-            "suggested_at": now,
-            "resolved_at": now,
-            "brain_decision_ms": None,
-            "override_reason": None,
-            "rule_name": None,
-            "cache_hit": False,
-            "decision_id": f"dec_{now}_{pid}_{n}",
-            "decision_source": "llm",
-            "few_shot_ids": [],
-        }
-        lines.append(json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n")
-    path = ctx.home.brain / "decisions.jsonl"
-    ctx.home.ensure_private_dir(ctx.home.brain)
-    # Append-only, as the brain writes it: whole lines in one write.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, "".join(lines).encode("utf-8"))
-    finally:
-        os.close(fd)
+    records = [
+        brain_decision(
+            tool=tool,
+            command=command_,
+            project=project,
+            user_action=user_action,
+            brain_action=brain_action,
+            now=now,
+            pid=pid,
+            n=n,
+            reasoning="recorded with claudectl hive record",
+        )
+        for n in range(count)
+    ]
+    path = append_decisions(ctx.home, records)
     if _wants_json(ctx, json_):
         ctx.emit_json(
             {

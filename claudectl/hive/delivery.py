@@ -36,13 +36,12 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from twisted.logger import Logger
-
 from claudectl.atomic import atomic_write
 from claudectl.hive.units import KnowledgeUnit
 from claudectl.home import Home
+from claudectl.lazylog import LazyLogger
 
-log = Logger()
+log = LazyLogger(__name__)
 
 DELIVERY = "delivery.json"
 FORMAT_VERSION = 1

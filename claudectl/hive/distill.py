@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import Logger
-
 from claudectl.atomic import atomic_write, locked
 from claudectl.config import HiveConfig
 from claudectl.hive.store import (
@@ -65,8 +63,9 @@ from claudectl.hive.units import (
     pct,
 )
 from claudectl.home import Home
+from claudectl.lazylog import LazyLogger
 
-log = Logger()
+log = LazyLogger(__name__)
 
 DISTILL_EVERY = 10
 TEMPORAL_MIN_STRENGTH = 0.7

@@ -22,8 +22,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twisted.logger import Logger
-
 from claudectl.atomic import append_line, atomic_write, fsync_append, locked
 from claudectl.config import HiveConfig
 from claudectl.hive.units import (
@@ -35,8 +33,9 @@ from claudectl.hive.units import (
     parse_line,
 )
 from claudectl.home import Home
+from claudectl.lazylog import LazyLogger
 
-log = Logger()
+log = LazyLogger(__name__)
 
 KNOWLEDGE = "knowledge.jsonl"
 QUARANTINE = "quarantine.jsonl"

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import Logger
-
 from claudectl.atomic import atomic_write, locked
 from claudectl.hive.store import COLLISIONS, append_log
 from claudectl.hive.units import (
@@ -41,8 +39,9 @@ from claudectl.hive.units import (
     dumps_record,
 )
 from claudectl.home import Home
+from claudectl.lazylog import LazyLogger
 
-log = Logger()
+log = LazyLogger(__name__)
 
 QUARANTINE_SECS = 7 * DAY
 DRIFT_STEP = 0.01
