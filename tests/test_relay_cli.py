@@ -365,6 +365,28 @@ class SeveralPairCodesTests(SynchronousTestCase):
         )
 
 
+class RelayServiceCmdlineTests(SynchronousTestCase):
+    def test_only_relay_services_count(self) -> None:
+        from claudectl.cli.relay_cmds import _is_relay_service
+
+        def cmd(*args: str) -> bytes:
+            return b"\0".join(a.encode() for a in args) + b"\0"
+
+        for yes in (
+            cmd("/v/bin/python", "/v/bin/claudectl", "--home", "/h", "relay", "serve"),
+            cmd("python3", "-m", "claudectl", "relay", "serve", "--port", "0"),
+            cmd("/usr/bin/python3", "/v/bin/twistd", "-n", "claudectl-relay", "--home", "/h"),
+        ):
+            self.assertTrue(_is_relay_service(yes), yes)
+        for no in (
+            # A test runner whose temp directory is named after the project.
+            cmd("python", "-m", "twisted.trial", "--temp-directory=/tmp/claudectl-ci", "tests"),
+            cmd("/v/bin/claudectl", "relay", "peers"),
+            cmd("vim", "claudectl/relay/serve.py"),
+        ):
+            self.assertFalse(_is_relay_service(no), no)
+
+
 class StalePidTests(SynchronousTestCase):
     def test_pid_of_another_program_does_not_block(self) -> None:
         from claudectl.cli.base import CliContext

@@ -11,6 +11,7 @@ they did.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -93,6 +94,23 @@ def serve(
     run_twistd(args, _run_app)
 
 
+def _is_relay_service(cmdline: bytes) -> bool:
+    """
+    Whether a process's ``/proc/<pid>/cmdline`` is a relay service: ``claudectl
+    … relay serve`` (the program or ``-m claudectl``) or ``twistd …
+    claudectl-relay``.  Arguments are compared whole: a path that merely
+    contains "claudectl" (a temp directory, say) does not count.
+    """
+    args = [a.decode("utf-8", "replace") for a in cmdline.split(b"\0") if a]
+    names = {os.path.basename(a) for a in args}
+    if "claudectl-relay" in args and any(n.startswith("twist") for n in names):
+        return True
+    runs_claudectl = "claudectl" in names or any(
+        a == "-m" and b == "claudectl" for a, b in zip(args, args[1:], strict=False)
+    )
+    return runs_claudectl and "relay" in args and "serve" in args
+
+
 def _refuse_second_service(ctx: CliContext) -> None:
     """One service per home: say which one runs and how to stop it (not twistd's
     advice about --pidfile, an option `relay serve` does not have)."""
@@ -115,7 +133,7 @@ def _refuse_second_service(ctx: CliContext) -> None:
                 cmdline = f.read()
         except OSError:
             return  # gone meanwhile
-        if b"claudectl" not in cmdline and b"twistd" not in cmdline:
+        if not _is_relay_service(cmdline):
             return
     ports = [p for p in info.get("ports", []) if isinstance(p, int)]
     where = f", listening on port {', '.join(map(str, ports))}" if ports else ""
