@@ -11,6 +11,7 @@ liveness), :mod:`~claudectl.relay.admission` (limits) and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -22,6 +23,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from claudectl.lines import LineSplitter
 from claudectl.relay import codec
 from claudectl.relay.admission import (
     FIRST_FRAME_TIMEOUT_SECS,
@@ -39,7 +41,7 @@ from claudectl.relay.handshake import (
     PakeAuth,
     Step,
 )
-from claudectl.relay.session import Disconnect, FrameFilter, Liveness
+from claudectl.relay.session import Disconnect, FrameFilter, LinkCounters, Liveness
 from claudectl.relay.tls import exporter_of, is_tls13
 
 if TYPE_CHECKING:
@@ -108,7 +110,11 @@ class RelayProtocol(LineReceiver):
         self._liveness: Liveness | None = None
         self._dead_check: IDelayedCall | None = None
         self._filter: FrameFilter | None = None
-        self._discarding = False
+        #: The shared bounded line splitter (:mod:`claudectl.lines`).
+        self._lines = LineSplitter(self.MAX_LENGTH)
+        #: ``FrameFilter.feed`` and its counters once authenticated.
+        self._filter_feed: Callable[[bytes], Envelope | None] | None = None
+        self._counters: LinkCounters | None = None
         self._closing_reason: str | None = None
         self._quiet_until = 0.0
         self._queued: list[bytes] = []
@@ -238,42 +244,35 @@ class RelayProtocol(LineReceiver):
 
     def dataReceived(self, data: bytes) -> None:
         """
-        Split everything that arrived at once (LineReceiver's own loop splits
-        one line at a time and copies the rest of the buffer each time).
-        Lines after a handshake frame are kept for the session: pipelined
-        bytes are never lost (defect W17).
+        Split everything that arrived at once with the shared bounded
+        splitter (:mod:`claudectl.lines`: one pass over the read).  Lines
+        after a handshake frame are kept for the session: pipelined bytes are
+        never lost (defect W17).
         """
-        if self._discarding:
-            nl = data.find(b"\n")
-            if nl < 0:
-                return  # still inside an over-long line
-            self._discarding = False
-            data = data[nl + 1 :]
-        buffer = self._buffer + data if self._buffer else data
-        lines = buffer.split(b"\n")
-        self._buffer = lines.pop()
+        lines = self._lines.feed(data)
+        if self.result is not None:
+            self._session_lines(lines)
+            return
         for i, line in enumerate(lines):
             if self._closing_reason is not None:
-                self._buffer = b""
+                self._lines.take()
                 return
-            if len(line) > self.MAX_LENGTH:
-                self.lineLengthExceeded(line)
+            if line is None:  # OVERLONG
+                self.lineLengthExceeded(b"")
+            elif self.result is None:
+                self._handshake_line(line)
             else:
-                self.lineReceived(line)
+                self._session_lines(lines[i:])
+                return
             if self._tls_switching:
                 # Everything after the starttls frame belongs to TLS (the
                 # connector sends its ClientHello right behind the frame).
                 self._tls_switching = False
-                rest = b"\n".join(lines[i + 1 :] + [self._buffer])
-                self._buffer = b""
+                rest = b"".join(ln + b"\n" for ln in lines[i + 1 :] if ln is not None)
+                rest += self._lines.take()
                 if rest and self.transport is not None and self.connected:
                     self.transport.protocol.dataReceived(rest)
                 return
-        if len(self._buffer) > self.MAX_LENGTH:
-            # An over-long line still in progress: drop it and skip its rest.
-            self._buffer = b""
-            self._discarding = True
-            self.lineLengthExceeded(b"")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self.result is None:
@@ -459,6 +458,8 @@ class RelayProtocol(LineReceiver):
             now=self.node.clock.seconds,
             on_suppressed=self._bad_frames_suppressed,
         )
+        self._filter_feed = self._filter.feed
+        self._counters = self._filter.counters
         clock = self.node.clock
         interval = self.node.config.relay.heartbeat_interval_secs
         self._liveness = Liveness(clock.seconds, interval)
@@ -484,22 +485,34 @@ class RelayProtocol(LineReceiver):
         self.node.mesh.link_ready(link)
 
     # --- session ----------------------------------------------------------------
-    def _session_line(self, line: bytes) -> None:
-        assert self._filter is not None and self._liveness is not None
-        frames_before = self._filter.counters.frames_in
+    def _session_lines(self, lines: list[bytes | None]) -> None:
+        """The lines of one read on an authenticated link, in bulk."""
+        feed = self._filter_feed
+        counters = self._counters
+        deliver = self.node.mesh.deliver
+        link = self.link
+        assert feed is not None and counters is not None and link is not None
+        frames_before = counters.frames_in
         try:
-            env = self._filter.feed(line)
+            for line in lines:
+                if self._closing_reason is not None:
+                    self._lines.take()
+                    break
+                if line is None:  # OVERLONG
+                    self._bad("line too long")
+                    continue
+                env = feed(line)
+                if env is not None:
+                    deliver(link, env)
         except Disconnect as e:
             self._disconnect_bad(e)
-            return
-        if self._filter.counters.frames_in != frames_before:
+        if counters.frames_in != frames_before and self._liveness is not None:
             # Any valid frame proves the peer is alive, duplicates included;
             # a bad line does not.
             self._liveness.touch()
-        if env is None:
-            return
-        assert self.link is not None
-        self.node.mesh.deliver(self.link, env)
+
+    def _session_line(self, line: bytes) -> None:
+        self._session_lines([line])
 
     def _send_heartbeat(self) -> None:
         self.send(self.node.envelopes.make(codec.HEARTBEAT, {}))
