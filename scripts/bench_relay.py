@@ -1155,10 +1155,10 @@ def storm(
             a: _Attempt = key.data
             try:
                 data = a.sock.recv(1 << 16)
-            except (ConnectionResetError, ConnectionRefusedError):
-                data = None
             except BlockingIOError:
                 continue
+            except OSError:  # reset, refused
+                data = None
             if not data:
                 if not a.done:
                     resets += 1  # reset, or closed before the ack: tried again
@@ -1172,7 +1172,10 @@ def storm(
                     continue
                 step = a.machine.receive(codec.decode(line))
                 if step.send:
-                    a.sock.send(b"".join(codec.encode(e) for e in step.send))
+                    try:
+                        a.sock.send(b"".join(codec.encode(e) for e in step.send))
+                    except OSError:
+                        break  # reset: the next read says so
                 if step.failed is not None:
                     raise BenchError(f"handshake refused in the storm: {step.failed}")
                 if step.done is not None:

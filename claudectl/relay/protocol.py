@@ -127,6 +127,8 @@ class RelayProtocol(LineReceiver):
         self._tls_switching = False
         self._tls_started = False
         self._failure_counted = False
+        #: In the accept pacer's waiting room (listener only).
+        self._waiting = False
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the connection is gone."""
@@ -140,32 +142,69 @@ class RelayProtocol(LineReceiver):
     def connectionMade(self) -> None:
         self.ip = peer_ip(self.transport)
         self.node.protocols.add(self)
-        clock = self.node.clock
         if self.role == LISTENER:
-            ticket = self.node.admission.admit(
-                self.ip, self.node.mesh.connected_count(), self._shed
+            verdict = self.node.admission.pacing(self.node.clock).arrive(
+                self, self.node.mesh.connected_count()
             )
-            if isinstance(ticket, str):
-                # Debug only: a flood of refused connections must not fill the
-                # disk with log lines (the counters and the cooldown warning
-                # say what happened).
-                self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip, reason=ticket)
-                self.transport.abortConnection()
-                return
-            self._preauth = ticket
-            self._listener = self.node.listener_handshake()
-            self._send_all(self._listener.start())
-            self._step_deadline(FIRST_FRAME_TIMEOUT_SECS, "no handshake frame")
-        else:
-            assert self.auth is not None
-            self._connector = self.node.connector_handshake(self.auth)
-        self._timeout = clock.callLater(
+            if isinstance(verdict, str):
+                self._refuse(verdict)
+            elif verdict:
+                # The handshake slots are busy: wait (reads paused, no
+                # challenge yet) until admit_now() is called.
+                self._waiting = True
+                self.transport.pauseProducing()
+            else:
+                self.admit_now()
+            return
+        assert self.auth is not None
+        self._connector = self.node.connector_handshake(self.auth)
+        self._arm_handshake_timeout()
+
+    def _arm_handshake_timeout(self) -> None:
+        self._timeout = self.node.clock.callLater(
             self.node.config.relay.handshake_timeout_secs, self._handshake_timed_out
         )
+
+    def _refuse(self, reason: str) -> None:
+        # Debug only: a flood of refused connections must not fill the disk
+        # with log lines (the counters and the cooldown warning say what
+        # happened).
+        self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip, reason=reason)
+        self.transport.abortConnection()
+
+    # --- the waiting room (admission.AcceptPacer's Waiter) ---------------------------
+    def admit_now(self) -> None:
+        """Take a handshake slot (listener): the challenge goes out."""
+        if self.is_closed:
+            return
+        if self._waiting:
+            self._waiting = False
+            self.transport.resumeProducing()
+        ticket = self.node.admission.admit(self.ip, self.node.mesh.connected_count(), self._shed)
+        if isinstance(ticket, str):
+            self._refuse(ticket)
+            return
+        self._preauth = ticket
+        self._listener = self.node.listener_handshake()
+        self._send_all(self._listener.start())
+        self._step_deadline(FIRST_FRAME_TIMEOUT_SECS, "no handshake frame")
+        self._arm_handshake_timeout()
+
+    def drop_waiting(self, reason: str) -> None:
+        self._waiting = False
+        self._closing_reason = reason
+        self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip, reason=reason)
+        self.transport.abortConnection()
+
+    def listening_port(self) -> Any:
+        return getattr(self.transport, "server", None)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
         self.is_closed = True
         self.node.protocols.discard(self)
+        if self._waiting:
+            self._waiting = False
+            self.node.admission.pacing(self.node.clock).leave(self)
         for call in (self._timeout, self._step_timeout, self._dead_check, self._quiet_call):
             if call is not None and call.active():
                 call.cancel()
