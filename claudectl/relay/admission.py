@@ -75,9 +75,23 @@ MAX_WAITING_PER_IP = 16
 MAX_WAIT_SECS = 10.0
 #: How often the waiting room looks for aged idle slot holders and old waiters.
 WAIT_TICK_SECS = 0.05
+#: The kernel's queue of connections not accepted yet (Twisted's default
+#: is 50: a burst of 100 peers would see SYNs dropped and retried after 1 s).
+LISTEN_BACKLOG = 1024
 MAX_FAILURES = 5
 FAILURE_WINDOW_SECS = 60.0
 COOLDOWN_SECS = 60.0
+
+
+def with_listen_backlog(listen: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """
+    A ``tcp:``/``ssl:`` server endpoint string with ``backlog=`` set to
+    ``backlog`` unless it sets one itself; other strings unchanged.
+    """
+    kind = listen.split(":", 1)[0].lower()
+    if kind not in ("tcp", "tcp6", "ssl") or ":backlog=" in listen.lower():
+        return listen
+    return f"{listen}:backlog={backlog}"
 
 
 @dataclass

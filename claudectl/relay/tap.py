@@ -34,6 +34,7 @@ from claudectl.atomic import sweep_temp_files
 from claudectl.config import Config, ConfigError, load_config, risky_settings
 from claudectl.home import Home
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
+from claudectl.relay.admission import with_listen_backlog
 from claudectl.relay.node import RelayFactory, RelayNode
 from claudectl.relay.runinfo import remove_runinfo, write_runinfo
 
@@ -281,7 +282,9 @@ def makeService(options: Any, reactor: Any = None) -> IService:
 
     factory = RelayFactory(node)
     factory.noisy = False  # no "Starting factory" / "Stopping factory" lines
-    listener = _ListeningService(node, serverFromString(reactor, listen), factory, "relay")
+    listener = _ListeningService(
+        node, serverFromString(reactor, with_listen_backlog(listen)), factory, "relay"
+    )
     listener.setName("listener")
     listener.setServiceParent(top)
 
