@@ -199,10 +199,7 @@ class Mesh:
             # peers` shows the address the service dials.
             st.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.links[peer] = link
-        # Debug: the link's line is written when it goes down, at info if it
-        # went down for a reason worth knowing (issue 16: two info lines per
-        # link were 19 % of a handshake's CPU).
-        log.debug(
+        log.info(
             "{peer_id} authenticated ({direction}, {mode}, {transport})",
             peer_id=peer,
             direction=direction,
@@ -226,10 +223,7 @@ class Mesh:
         if self.links.get(link.peer_id) is not link:
             return  # replaced: the peer is still connected
         del self.links[link.peer_id]
-        # An ordinary close (the peer hung up) at debug, anything else at info:
-        # link churn costs no formatted line (issue 16), problems still do.
-        emit = log.debug if reason == "connection closed" else log.info
-        emit(
+        log.info(
             "{peer_id} disconnected after {secs:.1f} s ({direction}, {mode}, {transport}): {reason}",
             peer_id=link.peer_id,
             secs=max(0.0, self._now() - (st.connected_since or self._now())),
