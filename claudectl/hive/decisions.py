@@ -19,13 +19,17 @@ import os
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
-    from typing import Any
+    from typing import Any, Protocol
 
-    from claudectl.home import Home
-    from claudectl.hooks.files import HookHome
+    class BrainHome(Protocol):
+        """A home that knows its brain directory: :class:`claudectl.home.Home`
+        (a Path) or the hooks' lighter ``HookHome`` (a str)."""
+
+        @property
+        def brain(self) -> str | os.PathLike[str]: ...
 
 
-def decisions_file(home: Home | HookHome) -> str:
+def decisions_file(home: BrainHome) -> str:
     # os.path, not pathlib: the hooks pass a HookHome (strings), the CLI a Home.
     return os.path.join(home.brain, "decisions.jsonl")
 
@@ -107,7 +111,7 @@ def encode(record: Mapping[str, Any]) -> str:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
-def append_decisions(home: Home | HookHome, records: Iterable[Mapping[str, Any]]) -> str:
+def append_decisions(home: BrainHome, records: Iterable[Mapping[str, Any]]) -> str:
     """
     Append ``records`` to the log (created 0600 in a 0700 directory).
     Append-only, as the brain writes it: whole lines in one ``write`` with

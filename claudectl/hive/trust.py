@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from claudectl.atomic import atomic_write, locked
-from claudectl.hive.store import COLLISIONS, append_log
+from claudectl.hive.logs import COLLISIONS, append_log
 from claudectl.hive.units import (
     DAY,
     U64_MAX,
