@@ -198,13 +198,6 @@ class LogSegment:
         return parse_record(self.tail.decode("utf-8", "replace")) if self.tail else None
 
 
-def read_decisions(home: Home) -> list[Mapping[str, Any]]:
-    try:
-        return list(parse_decisions(decisions_path(home).read_bytes()))
-    except FileNotFoundError:
-        return []
-
-
 def read_preferences(home: Home) -> Mapping[str, Any] | None:
     try:
         data = json.loads(preferences_path(home).read_bytes())

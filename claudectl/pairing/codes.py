@@ -88,10 +88,6 @@ class SocketAddress:
     host: str
     port: int
 
-    @property
-    def is_ipv6(self) -> bool:
-        return ":" in self.host
-
     def __str__(self) -> str:
         return format_socket_address(self.host, self.port)
 
