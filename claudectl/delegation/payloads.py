@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_delegation_payloads -*-
 """
 The delegation payloads, exactly as claudectl 0.64 shapes them
-(delegation.md section 2).
+(docs/delegation.md).
 
 Builders return plain dicts (the codec sorts the keys when it encodes the
 envelope); parsers take whatever arrived in an envelope's ``payload`` and

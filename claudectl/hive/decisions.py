@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_hooks_decisions -*-
 """
 Writing claudectl's decision log, ``~/.claudectl/brain/decisions.jsonl``
-(hive.md 5.1): one compact JSON object per line, appended.
+(docs/hive.md, Distillation): one compact JSON object per line, appended.
 
 claudectl's brain is the main writer of that log; ``claudectl hive record``
 and the Claude Code hooks (:mod:`claudectl.hooks`) write lines of the same
@@ -53,7 +53,8 @@ def brain_decision(
     confidence: float = 0.8,
 ) -> dict[str, Any]:
     """A full decision record, as claudectl's brain writes after a suggestion."""
-    # claudectl 0.64's record (hive.md 5.1): ts is a string, ids dec_<epoch>_<pid>_<n>.
+    # claudectl 0.64's record (docs/hive.md, Distillation): ts is a string, ids
+    # dec_<epoch>_<pid>_<n>.
     return {
         "ts": str(now),
         "pid": pid,
@@ -90,7 +91,7 @@ def observation(
 ) -> dict[str, Any]:
     """
     An observation record: what the user did without a brain suggestion
-    (hive.md 5.1 lists exactly these fields).  ``pid`` is the session's,
+    (docs/hive.md, Distillation, lists these fields).  ``pid`` is the session's,
     ``id_pid`` the writing process's (for the decision id).
     """
     return {

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_gossip -*-
 """
 Hive gossip: knowledge spreads across the mesh, local always wins
-(hive.md section 6, issue "Hive gossip").
+(docs/gossip.md).
 
 One mechanism does all the sending -- a *push round* to a peer: every unit
 of the store that may go to that peer and whose ``(id, version)`` that peer

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_hive_store -*-
 """
-The knowledge store: ``$HIVE/knowledge.jsonl`` (hive.md sections 3 and 4).
+The knowledge store: ``$HIVE/knowledge.jsonl`` (docs/hive.md, Files).
 
 :class:`KnowledgeStore` is the in-memory model: one unit per semantic key
 (inserting a unit replaces the unit of its key, as in claudectl).  Unlike

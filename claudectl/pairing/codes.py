@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_pairing_codes -*-
 """
-The three invite formats of claudectl 0.64 (pairing.md 3-5), pure functions.
+The three invite formats of claudectl 0.64 (docs/pairing.md, The formats),
+pure functions.
 
 * **Invite link** ``cctl://<identity>@<ip>:<port>/k/<16 hex>``: the
   identity, the address and the pair code whose canonical PSK the inviter

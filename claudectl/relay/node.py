@@ -87,7 +87,7 @@ class NotPaired(Exception):
 
 
 class ListenerKeys:
-    """Key lookups for the listener handshake (wire.md 3.3 plus invites)."""
+    """Key lookups for the listener handshake (docs/protocol.md), plus invites."""
 
     def __init__(self, node: RelayNode) -> None:
         self.node = node

@@ -48,7 +48,7 @@ __all__ = ["CONNECTOR", "LISTENER", "RelayProtocol"]
 
 #: Toward a claudectl 0.64 connector, nothing may follow ``handshake_ack``
 #: for about a second: its reader drops bytes that arrive with the ack
-#: (wire.md 3.6).
+#: (docs/protocol.md, Compatibility notes).
 ONEWAY_QUIET_SECS = 1.0
 #: claudectl's own heartbeat interval (it declares a link dead after 3 of them).
 CLAUDECTL_HEARTBEAT_SECS = 30
