@@ -208,6 +208,20 @@ class CompositionRootTests(SynchronousTestCase):
         self.assertEqual(node.keystore.key("joiner-0a1b2c3d"), invite.link_psk)
         self.assertEqual(node.invites.list(node.clock.seconds())[0].used_by, "joiner-0a1b2c3d")
 
+    def test_seams_are_provided(self) -> None:
+        """The node, its invite store and its protocols provide the relay's seams."""
+        from zope.interface.verify import verifyObject
+
+        from claudectl.relay.interfaces import IInviteBook, ILinkHost, IMesh
+        from claudectl.relay.links import ILink
+        from claudectl.relay.node import RelayFactory
+
+        node = self.make(MemoryReactorClock(), "--no-discovery").node
+        self.assertTrue(verifyObject(ILinkHost, node))
+        self.assertTrue(verifyObject(IMesh, node.mesh))
+        self.assertTrue(verifyObject(IInviteBook, node.invites))
+        self.assertTrue(verifyObject(ILink, RelayFactory(node).buildProtocol(None)))
+
     def test_lan_discovery_starts_once_the_listener_is_bound(self) -> None:
         reactor = UDPMemoryReactor()
         svc = self.make(reactor)
