@@ -448,6 +448,8 @@ class AcceptPacer:
 
     def _tick(self) -> None:
         self._tick_call = None
+        if not self.waiting:
+            return
         cutoff = self.clock.seconds() - MAX_WAIT_SECS
         for ip in list(self._turns):
             queue = self._queues[ip]
@@ -471,6 +473,12 @@ class AcceptPacer:
             )
 
     def _maybe_resume(self) -> None:
+        if not self.waiting:
+            # Nobody waits: no timer left behind.
+            for call in (self._tick_call, self._promote_call):
+                if call is not None and call.active():
+                    call.cancel()
+            self._tick_call = self._promote_call = None
         if self._paused and self.waiting < MAX_WAITING // 2:
             paused, self._paused = self._paused, []
             for port in paused:

@@ -11,7 +11,6 @@ liveness), :mod:`~claudectl.relay.admission` (limits) and
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -43,7 +42,7 @@ from claudectl.relay.handshake import (
 )
 from claudectl.relay.interfaces import ILinkHost
 from claudectl.relay.links import CONNECTOR, LISTENER, ILink, PeerLink
-from claudectl.relay.session import Disconnect, FrameFilter, LinkCounters, Liveness
+from claudectl.relay.session import Disconnect, FrameFilter, Liveness
 from claudectl.relay.tls import exporter_of, is_tls13
 
 __all__ = ["CONNECTOR", "LISTENER", "RelayProtocol"]
@@ -110,9 +109,6 @@ class RelayProtocol(LineReceiver):
         self._filter: FrameFilter | None = None
         #: The shared bounded line splitter (:mod:`claudectl.lines`).
         self._lines = LineSplitter(self.MAX_LENGTH)
-        #: ``FrameFilter.feed`` and its counters once authenticated.
-        self._filter_feed: Callable[[bytes], Envelope | None] | None = None
-        self._counters: LinkCounters | None = None
         self._closing_reason: str | None = None
         self._quiet_until = 0.0
         self._queued: list[bytes] = []
@@ -495,8 +491,6 @@ class RelayProtocol(LineReceiver):
             now=self.node.clock.seconds,
             on_suppressed=self._bad_frames_suppressed,
         )
-        self._filter_feed = self._filter.feed
-        self._counters = self._filter.counters
         clock = self.node.clock
         interval = self.node.heartbeat_interval_secs
         self._liveness = Liveness(clock.seconds, interval)
@@ -524,29 +518,23 @@ class RelayProtocol(LineReceiver):
     # --- session ----------------------------------------------------------------
     def _session_lines(self, lines: list[bytes | None]) -> None:
         """The lines of one read on an authenticated link, in bulk."""
-        feed = self._filter_feed
-        counters = self._counters
-        deliver = self.node.deliver
-        link = self.link
-        assert feed is not None and counters is not None and link is not None
+        assert self._filter is not None and self.link is not None
+        counters = self._filter.counters
         frames_before = counters.frames_in
-        try:
-            for line in lines:
-                if self._closing_reason is not None:
-                    self._lines.take()
-                    break
-                if line is None:  # OVERLONG
-                    self._bad("line too long")
-                    continue
-                env = feed(line)
-                if env is not None:
-                    deliver(link, env)
-        except Disconnect as e:
-            self._disconnect_bad(e)
+        envs, stop = self._filter.feed_many(lines)
         if counters.frames_in != frames_before and self._liveness is not None:
             # Any valid frame proves the peer is alive, duplicates included;
             # a bad line does not.
             self._liveness.touch()
+        deliver, link = self.node.deliver, self.link
+        for env in envs:
+            if self._closing_reason is not None:
+                break
+            deliver(link, env)
+        if stop is not None:
+            self._disconnect_bad(stop)
+        if self._closing_reason is not None:
+            self._lines.take()
 
     def _session_line(self, line: bytes) -> None:
         self._session_lines([line])
