@@ -275,6 +275,40 @@ class ListenerTests(SynchronousTestCase):
         self.assertEqual(frames(t)[0]["msg_type"], "challenge")
         self.assertEqual(self.node.admission.pacing(self.reactor).waiting, 0)
 
+    def test_a_full_waiting_room_pauses_the_listening_socket(self) -> None:
+        from claudectl.relay import admission
+
+        self.patch(admission, "MAX_WAITING", 4)
+
+        class Port:
+            reading = True
+            connected = True
+
+            def stopReading(self) -> None:
+                self.reading = False
+
+            def startReading(self) -> None:
+                self.reading = True
+
+        port = Port()
+        conns = [self.connect() for _ in range(16)]
+        for proto, _t in conns:
+            self.node.admission.progress(proto._preauth)
+        waiting = []
+        for i in range(4):
+            proto = RelayFactory(self.node).buildProtocol(None)
+            t = StringTransport(peerAddress=IPv4Address("TCP", f"10.0.2.{i}", 40000))
+            t.server = port  # type: ignore[attr-defined]  # what tcp.Server has
+            proto.makeConnection(t)
+            waiting.append(t)
+        self.assertFalse(port.reading)
+        # Three slots free: three wait no more; below half of the room, accepting resumes.
+        for proto, _t in conns[:3]:
+            proto.connectionLost()
+        self.reactor.advance(0)
+        self.assertEqual(sum(1 for t in waiting if t.value()), 3)
+        self.assertTrue(port.reading)
+
     def test_a_socket_waits_at_most_max_wait_secs(self) -> None:
         from claudectl.relay.admission import MAX_WAIT_SECS, WAIT_TICK_SECS
 
