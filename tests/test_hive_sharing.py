@@ -75,6 +75,29 @@ class FilterTests(SynchronousTestCase):
         self.assertTrue(f.allows(make_unit(content=Command("c", "d", None, "b"))))
 
 
+class VerdictCacheTests(SynchronousTestCase):
+    """Gossip asks the filter about every unit on every request: verdicts are remembered."""
+
+    def test_one_filter_per_config_object(self) -> None:
+        cfg = HiveConfig(exclude_tools=("Write",))
+        self.assertIs(ShareContext("me", cfg).filter, ShareContext("me", cfg).filter)
+        other = HiveConfig(exclude_tools=("Read",))
+        self.assertIsNot(ShareContext("me", other).filter, ShareContext("me", cfg).filter)
+
+    def test_verdicts_follow_the_unit_and_the_filter(self) -> None:
+        write = make_unit(content=Pattern("Write", None, "approve", 1.0, 5, ()))
+        bash = make_unit(content=Pattern("Bash", None, "approve", 1.0, 5, ()))
+        no_write = ShareContext("me", HiveConfig(exclude_tools=("Write",))).filter
+        no_bash = ShareContext("me", HiveConfig(exclude_tools=("Bash",))).filter
+        for _ in range(2):  # the second round answers from the cache
+            self.assertEqual(no_write.reason(write), "tool Write excluded")
+            self.assertIsNone(no_write.reason(bash))
+            self.assertIsNone(no_bash.reason(write))
+            self.assertEqual(no_bash.reason(bash), "tool Bash excluded")
+        # An equal unit that is another object is judged on its own.
+        self.assertEqual(no_write.reason(write.with_(version=2)), "tool Write excluded")
+
+
 class ExposureTests(SynchronousTestCase):
     def test_local_units_follow_exposure_then_share_mode(self) -> None:
         mine, theirs = make_unit(1, source_peer="me"), make_unit(2, source_peer="p")
