@@ -607,30 +607,49 @@ def snapshot_in_process(base: Path, profile: bool, units: int = SNAPSHOT_UNITS) 
 class Child:
     """One ``claudectl relay serve`` process; its output lines carry arrival times."""
 
-    def __init__(self, name: str, home: Home, argv: list[str]) -> None:
+    def __init__(
+        self, name: str, home: Home, argv: list[str], log_path: Path | None = None
+    ) -> None:
         self.name = name
         self.home = home
         self.lines: list[tuple[float, str]] = []
         self._lock = threading.Lock()
+        #: With a log file (as a daemon's) no thread of ours reads the output
+        #: while the service is timed; its lines are read when asked for.
+        self.log_path = log_path
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(home.root),
             "CLAUDECTL_HOME": str(home.root),
             "LANG": "C.UTF-8",
             "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
         }
+        out: Any = subprocess.PIPE if log_path is None else open(log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, *argv],
-            stdout=subprocess.PIPE,
+            stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
             cwd=str(home.root),
-            text=True,
+            text=log_path is None,
             start_new_session=True,
         )
+        if log_path is not None:
+            out.close()
         self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        if log_path is None:
+            self._reader.start()
+
+    def _from_file(self) -> None:
+        if self.log_path is None:
+            return
+        with contextlib.suppress(OSError):
+            text = self.log_path.read_text(errors="replace").splitlines()
+            with self._lock:
+                stamp = time.monotonic()
+                self.lines.extend((stamp, t) for t in text[len(self.lines) :])
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -640,6 +659,7 @@ class Child:
                 self.lines.append((stamp, text.rstrip("\n")))
 
     def find(self, pattern: str, start: int = 0) -> tuple[float, re.Match[str]] | None:
+        self._from_file()
         rx = re.compile(pattern)
         with self._lock:
             lines = self.lines[start:]
@@ -683,7 +703,8 @@ class Child:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        self._reader.join(2)
+        if self._reader.is_alive():
+            self._reader.join(2)
 
 
 # The services' log lines the benchmark reads (claudectl/hive/gossip.py):
@@ -714,7 +735,7 @@ class Fleet:
     def __init__(self) -> None:
         self.children: list[Child] = []
 
-    def serve(self, name: str, home: Home) -> Child:
+    def serve(self, name: str, home: Home, log_path: Path | None = None) -> Child:
         child = Child(
             name,
             home,
@@ -729,6 +750,7 @@ class Fleet:
                 "tcp:0:interface=127.0.0.1",
                 "--no-discovery",
             ],
+            log_path,
         )
         self.children.append(child)
         return child
@@ -1862,7 +1884,7 @@ async def bench_request(
         env=child_env(shome),
         start_new_session=True,
     )
-    s = fleet.serve("req-s", shome)
+    s = fleet.serve("req-s", shome, tmp / "req-s.log")
     try:
         assert floor_proc.stdout is not None
         floor_port = int(floor_proc.stdout.readline())

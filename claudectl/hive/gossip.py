@@ -661,13 +661,15 @@ class Gossip:
             return 0
         flying = self._inflight.get(peer_id, {})
         todo = self._sendable(
-            [
-                u
-                for u in units
-                if ps.sent.get(u.id) != u.version
-                and flying.get(u.id, (None,))[0] != u.version
-                and ctx.shareable(u, peer_id, now)
-            ]
+            ctx.shareable_units(
+                [
+                    u
+                    for u in units
+                    if ps.sent.get(u.id) != u.version and flying.get(u.id, (None,))[0] != u.version
+                ],
+                peer_id,
+                now,
+            )
         )
         if not todo:
             return 0
@@ -697,15 +699,13 @@ class Gossip:
         # since_epoch 0 means "I have nothing": send everything.  Otherwise
         # what this peer is known to have (acknowledged, same version) is
         # left out -- never what we merely queued for it once.
-        units = self._sendable(
-            [
-                u
-                for u in self._load_units()
-                if u.last_validated_at >= since
-                and ctx.shareable(u, peer_id, now)
-                and (since == 0 or ps.sent.get(u.id) != u.version)
-            ]
-        )
+        stored = self._load_units()
+        wanted = [
+            u
+            for u in stored
+            if u.last_validated_at >= since and (since == 0 or ps.sent.get(u.id) != u.version)
+        ]
+        units = self._sendable(ctx.shareable_units(wanted, peer_id, now))
         pages = _paginate(units) or [[]]
         for n, page in enumerate(pages, 1):
             body = _units_payload({"page": n, "total_pages": len(pages)}, page)
@@ -721,7 +721,9 @@ class Gossip:
             pages=len(pages),
         )
         # Older units it has not had (outside since_epoch) go in a sync.
-        self.push(peer_id)
+        # The state is saved with the next save (or at stop), not per request:
+        # this only moved counters and the units in flight.
+        self._push(peer_id, stored, ctx)
 
     # --- receiving ----------------------------------------------------------------------
     def on_batch(self, peer_id: str, env: Envelope) -> None:

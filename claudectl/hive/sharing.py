@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from claudectl.atomic import atomic_write, locked
@@ -257,6 +257,46 @@ class ShareContext:
 
     def shareable(self, unit: KnowledgeUnit, peer_id: str, now: int) -> bool:
         return self.refusal(unit, peer_id, now) is None
+
+    def shareable_units(
+        self, units: Iterable[KnowledgeUnit], peer_id: str, now: int
+    ) -> list[KnowledgeUnit]:
+        """
+        ``[u for u in units if self.shareable(u, peer_id, now)]``, with the
+        per-call lookups hoisted out of the loop (gossip filters the whole
+        store for every request and push round).
+        """
+        reason = self.filter.reason
+        max_hops = self.config.max_propagation
+        ttl = self.config.knowledge_ttl_days * DAY
+        oldest = now - ttl if ttl else None
+        local = self.local_id
+        exposure = self.exposure
+        manual = self.config.share_mode == "manual"
+        flooding: dict[str, bool] = {}
+        out = []
+        for u in units:
+            source = u.source_peer
+            if source == peer_id or u.propagation_count >= max_hops:
+                continue
+            if oldest is not None and u.last_validated_at < oldest:
+                continue
+            if source == local:
+                explicit = exposure.get(u.id)
+                if (explicit != EXPOSE) if explicit is not None else manual:
+                    continue
+            else:
+                frozen = flooding.get(source)
+                if frozen is None:
+                    frozen = flooding[source] = self._flooding(source)
+                if frozen:
+                    continue
+            if reason(u) is not None:
+                continue
+            if u.sharing_consent is not None and self.refusal(u, peer_id, now) is not None:
+                continue
+            out.append(u)
+        return out
 
 
 def shareable(
