@@ -1563,7 +1563,7 @@ def cli(home: Home, *args: str) -> Any:
 
 
 def make_home(tmp: Path, name: str, config: str | None = None) -> Home:
-    home = Home(tmp / name)
+    home = Home((tmp / name).resolve())  # the CLI runners' working directory is elsewhere
     home.root.mkdir(parents=True)
     if config is not None:
         home.config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -1627,6 +1627,13 @@ def nested_mesh(n: int, dials: int, max_degree: int, rnd: random.Random) -> list
             degree[i] += 1
             degree[j] += 1
     return edges
+
+
+def proc_cpu_secs(pid: int) -> float:
+    """User + system CPU time of a process (``/proc/<pid>/stat``), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def import_units(home: Home, units: list[dict[str, Any]]) -> None:
@@ -1758,8 +1765,11 @@ async def bench_snapshot_scaling(
             ports = await wait_ready(reactor, [x, *ys], 120)
             await task.deferLater(reactor, 3 * gossip_mod.POLL_SECS + 0.2, lambda: None)
             secs: list[float] = []
+            cpu_x: list[float] = []
+            cpu_y: list[float] = []
             for r, yhome in enumerate(yhomes):
                 watch = FileWatch(yhome)
+                cx, cy = proc_cpu_secs(x.proc.pid), proc_cpu_secs(ys[r].proc.pid)
                 t0 = time.monotonic()
                 await connect(reactor, yhome, ports[x.name], ids[0])
                 await until(
@@ -1770,8 +1780,11 @@ async def bench_snapshot_scaling(
                     step=POLL_STEP,
                 )
                 secs.append(time.monotonic() - t0)
+                # CPU moves much less with the machine's load than wall time.
+                cpu_x.append(proc_cpu_secs(x.proc.pid) - cx)
+                cpu_y.append(proc_cpu_secs(ys[r].proc.pid) - cy)
                 fleet.stop([ys[r]])
-            out[units] = {"seconds": secs}
+            out[units] = {"seconds": secs, "cpu_old_node": cpu_x, "cpu_new_node": cpu_y}
             say(f"snapshot of {units:,} units: p50 {statistics.median(secs) * 1000:.0f} ms")
         finally:
             fleet.stop([x, *ys])
@@ -1994,6 +2007,8 @@ def issue16_json(r: Issue16) -> dict[str, Any]:
         med_s = statistics.median(v["seconds"])
         out["snapshot"][str(units)] = {
             "ms": spread([x * 1000 for x in v["seconds"]]),
+            "cpu_ms_old_node": spread([x * 1000 for x in v.get("cpu_old_node", [0.0])]),
+            "cpu_ms_new_node": spread([x * 1000 for x in v.get("cpu_new_node", [0.0])]),
             "us_per_unit": med_s / units * 1e6,
             "target_ms": None if target is None else target * 1000,
             "met": None if target is None else med_s <= target,
@@ -2039,7 +2054,9 @@ def issue16_table(data: dict[str, Any]) -> list[str]:
         goal = "" if v["target_ms"] is None else f"\u2264 {v['target_ms']:,.0f} ms"
         lines.append(
             f"| snapshot merged by a new peer: connect \u2192 {int(units):,} units stored | "
-            f"{cell(v['ms'])}; {v['us_per_unit']:,.0f} \u00b5s/unit | {goal} | {met(v['met'])} |"
+            f"{cell(v['ms'])}; {v['us_per_unit']:,.0f} \u00b5s/unit; CPU: old node "
+            f"{cell(v['cpu_ms_old_node'])}, new node {cell(v['cpu_ms_new_node'])} | "
+            f"{goal} | {met(v['met'])} |"
         )
     for size, v in data["convergence"].items():
         goal = "" if v["target_ms"] is None else f"\u2264 {v['target_ms']:,.0f} ms"
