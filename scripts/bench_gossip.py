@@ -2201,7 +2201,7 @@ async def run_all(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: Flee
             f"({profiled.seconds:.1f} s under the profiler, frames {profiled.frames}):\n"
             + profiled.profile
         )
-    if not args.no_write:
+    if args.write:
         print(f"updated {write_section(table, notes, header)}")
     return 0 if targets_met(results) else 1
 
@@ -2270,9 +2270,13 @@ def main() -> int:
         "--legacy",
         action="store_true",
         help="the 2026-11-26 measurements instead: 16-service mesh, 5,000-unit snapshot, "
-        "engine hop and the round-model simulation (rewrites docs/performance.md's table)",
+        "engine hop and the round-model simulation",
     )
-    ap.add_argument("--no-write", action="store_true", help="--legacy: leave the docs alone")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="--legacy: put its table right under docs/performance.md's '## Gossip' heading",
+    )
     ap.add_argument("--profile", action="store_true", help="--legacy: print cProfile output")
     args = ap.parse_args()
 
