@@ -14,14 +14,11 @@ import time
 from typing import Any
 
 import click
-from click.testing import CliRunner
 from twisted.internet import defer, reactor
 from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from claudectl.cli import load_commands
-from claudectl.cli.base import CliError
 from claudectl.cli.pairing_cmds import invite_host, parse_ttl, qr_text
 from claudectl.discovery.beacon import encode_beacon
 from claudectl.home import Home
@@ -29,22 +26,14 @@ from claudectl.pairing import codes
 from claudectl.pairing.detect import RELAY_CODE, WORD_PHRASE, decode_join, detect_join_format
 from claudectl.pairing.invites import InviteStore
 from claudectl.relay.keystore import KeyStore
+from tests.cli_harness import run_now
 from tests.common import ServeProcess, run_cli, subprocess_env, temp_home, wrong_password_naming
 
 
 def invoke(home: Home, *args: str) -> tuple[int, str, str]:
     """Run the CLI in-process: ``(exit code, stdout, stderr)`` as ``main`` reports them."""
-    runner = CliRunner()
-    result = runner.invoke(load_commands(), ["--home", str(home.root), *args])
-    if isinstance(result.exception, CliError):
-        return (
-            result.exception.code,
-            result.stdout,
-            result.stderr + f"Error: {result.exception.message}\n",
-        )
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
+    r = run_now(home, *args)
+    return r.code, r.out, r.err
 
 
 def write_config(home: Home, **relay: Any) -> None:
