@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -57,14 +58,17 @@ def _argv(home: Home, args: tuple[str, ...]) -> list[str]:
     return ["--home", str(home.root), *args]
 
 
-def run_command(home: Home, *args: str, reactor: Any = None) -> Deferred[CliResult]:
-    """``claudectl --home HOME ARGS`` in-process: a Deferred of its result."""
+def run_command(
+    home: Home, *args: str, reactor: Any = None, cwd: Path | None = None
+) -> Deferred[CliResult]:
+    """``claudectl --home HOME ARGS`` in-process, as if started in ``cwd``
+    (default: the home): a Deferred of its result."""
     if reactor is None:
         from twisted.internet import reactor as default
 
         reactor = default
     out, err = io.StringIO(), io.StringIO()
-    d = dispatch(reactor, _argv(home, args), stdout=out, stderr=err, cwd=home.root)
+    d = dispatch(reactor, _argv(home, args), stdout=out, stderr=err, cwd=cwd or home.root)
     return d.addCallback(lambda code: CliResult(code, out.getvalue(), err.getvalue()))
 
 

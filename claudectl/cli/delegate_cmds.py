@@ -464,11 +464,13 @@ async def run_file(ctx: CliContext, file: str, parallel: bool) -> None:
 
     async def go(reactor: Any) -> dict[str, Any]:
         sessions = LocalSessions(reactor, config.stop_grace_secs)
-        reactor.addSystemEventTrigger("before", "shutdown", sessions.stop_all)
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", sessions.stop_all)
         local = _local_runner(reactor, ctx, config, sessions)
         remote = _remote_runner(reactor, ctx, remote_tasks)
         runner = R.TaskFileRunner(tf, local, remote, reactor, report, parallel)
         states = await runner.run()
+        # Not left behind on a reactor that goes on (a test's, in-process).
+        reactor.removeSystemEventTrigger(trigger)
         return states
 
     def interrupted() -> CliError:
