@@ -131,16 +131,17 @@ class StoryTests(SynchronousTestCase):
     The issue's "done when": two instances (two homes, two ports), paired with
     `relay pair` / `relay accept`, connected, both connected in `relay peers`;
     one is killed and restarted and the link comes back on the backoff
-    schedule.
+    schedule.  Real `relay serve` processes and real `claudectl` processes for
+    everything that talks to them (the offline pairing steps run in-process).
     """
 
     def test_pair_connect_kill_restart(self) -> None:
         ha, hb = temp_home(self), temp_home(self)
-        out = ok(run_cli(ha, "relay", "pair"))
+        out = ok(run_now(ha, "relay", "pair"))
         code = out.splitlines()[2].split("PAIR CODE: ")[1]
-        ida = ok(run_cli(ha, "relay", "identity")).strip()
-        idb = ok(run_cli(hb, "relay", "identity")).strip()
-        ok(run_cli(hb, "relay", "accept", code, ida))
+        ida = ok(run_now(ha, "relay", "identity")).strip()
+        idb = ok(run_now(hb, "relay", "identity")).strip()
+        ok(run_now(hb, "relay", "accept", code, ida))
 
         a = ServeProcess.serve(ha, "--listen", "tcp:0:interface=127.0.0.1")
         self.addCleanup(a.stop)
@@ -202,7 +203,7 @@ class ClaudectlPeerTests(SynchronousTestCase):
         from claudectl.relay.crypto import proof, psk_from_code
 
         home = temp_home(self)
-        out = ok(run_cli(home, "relay", "pair"))
+        out = ok(run_now(home, "relay", "pair"))
         code = out.splitlines()[2].split("PAIR CODE: ")[1]
         serve = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
         self.addCleanup(serve.stop)
@@ -332,16 +333,16 @@ class SeveralPairCodesTests(SynchronousTestCase):
 
     def test_two_codes_both_pair(self) -> None:
         ha, hb, hc = temp_home(self), temp_home(self), temp_home(self)
-        first = run_cli(ha, "relay", "pair")
+        first = run_now(ha, "relay", "pair")
         code1 = ok(first).splitlines()[2].split("PAIR CODE: ")[1]
         self.assertEqual(first.stderr, "")
-        second = run_cli(ha, "relay", "pair")
+        second = run_now(ha, "relay", "pair")
         code2 = ok(second).splitlines()[2].split("PAIR CODE: ")[1]
         self.assertIn("Note: 1 earlier unused pair code(s) stay valid", second.stderr)
-        ida = ok(run_cli(ha, "relay", "identity")).strip()
-        ok(run_cli(hb, "relay", "accept", code1, ida))
-        ok(run_cli(hc, "relay", "accept", code2, ida))
-        listed = json.loads(ok(run_cli(ha, "relay", "invite", "--list", "--json")))
+        ida = ok(run_now(ha, "relay", "identity")).strip()
+        ok(run_now(hb, "relay", "accept", code1, ida))
+        ok(run_now(hc, "relay", "accept", code2, ida))
+        listed = json.loads(ok(run_now(ha, "relay", "invite", "--list", "--json")))
         self.assertEqual(
             [(i["kind"], i["state"]) for i in listed], [("pair", "open"), ("pair", "open")]
         )
@@ -349,8 +350,8 @@ class SeveralPairCodesTests(SynchronousTestCase):
         a = ServeProcess.serve(ha, "--listen", "tcp:0:interface=127.0.0.1")
         self.addCleanup(a.stop)
         port = a.port()
-        idb = ok(run_cli(hb, "relay", "identity")).strip()
-        idc = ok(run_cli(hc, "relay", "identity")).strip()
+        idb = ok(run_now(hb, "relay", "identity")).strip()
+        idc = ok(run_now(hc, "relay", "identity")).strip()
         # B holds the first (older) code: no longer in _pending.key, still accepted.
         r = run_cli(hb, "relay", "connect", f"127.0.0.1:{port}")
         self.assertIn(f"{ida}", ok(r))
@@ -362,7 +363,7 @@ class SeveralPairCodesTests(SynchronousTestCase):
         self.assertEqual(ks.key(idb), psk_from_code(code1))
         self.assertEqual(ks.key(idc), psk_from_code(code2))
         self.assertFalse((ha.peers / "_pending.key").exists())
-        listed = json.loads(ok(run_cli(ha, "relay", "invite", "--list", "--json")))
+        listed = json.loads(ok(run_now(ha, "relay", "invite", "--list", "--json")))
         self.assertEqual(
             sorted((i["state"], i["used_by"]) for i in listed),
             sorted([("used", idb), ("used", idc)]),
