@@ -76,15 +76,6 @@ async def call_paged(
         _close(proto)
 
 
-async def service_running(reactor: Any, home: Home) -> bool:
-    try:
-        proto = await open_control(reactor, home)
-    except ServiceNotRunning:
-        return False
-    _close(proto)
-    return True
-
-
 def _close(proto: Any) -> None:
     if proto.transport is not None:
         proto.transport.loseConnection()
