@@ -224,8 +224,13 @@ def _interruptible(reactor: Any, command: Deferred[int], args: list[str], stream
 
 
 async def _react_main(reactor: Any, pending: Any, args: list[str], streams: Streams) -> None:
-    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.defer import Deferred, ensureDeferred
 
+    # react() calls us before reactor.run(): start the command (its child
+    # processes, say) only once the reactor runs and handles SIGINT/SIGTERM.
+    running: Deferred[None] = Deferred()
+    reactor.callWhenRunning(running.callback, None)
+    await running
     command = ensureDeferred(finish(reactor, pending, args, streams))
     code = await _interruptible(reactor, command, args, streams)
     if code:
