@@ -16,7 +16,6 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from claudectl import cli as cli_module
-from claudectl.cli import base
 from claudectl.cli.base import CliContext, CliError, Streams, pass_ctx
 from tests.cli_harness import run_command, run_now
 from tests.common import temp_home
@@ -204,12 +203,12 @@ class InterruptTests(SynchronousTestCase):
         self.out, self.err = io.StringIO(), io.StringIO()
 
     def interrupt(self, on_interrupt: Any = None) -> tuple[Deferred[int], Deferred[int]]:
-        base._current[:] = [CliContext(home=self.home)]
-        self.addCleanup(base._current.clear)
+        ctx = CliContext(home=self.home)
         if on_interrupt is not None:
-            base._current[0].on_interrupt = on_interrupt
+            ctx.on_interrupt = on_interrupt
         command: Deferred[int] = Deferred()
-        result = cli_module._interruptible(self.reactor, command, [], Streams(self.out, self.err))
+        streams = Streams(self.out, self.err, context=ctx)
+        result = cli_module._interruptible(self.reactor, command, [], streams)
         return command, result
 
     def shutdown(self) -> None:

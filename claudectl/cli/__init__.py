@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from claudectl.cli import base
-from claudectl.cli.base import CliError, Streams, cli
+from claudectl.cli.base import CliContext, CliError, Streams, cli
 from claudectl.control.paths import UnsafeSocketDir
 from claudectl.text import clean_text, json_safe
 
@@ -46,8 +46,8 @@ def load_commands() -> click.Group:
     return cli
 
 
-def _json_mode(argv: list[str]) -> bool:
-    ctx = base.current_context()
+def _json_mode(streams: Streams, argv: list[str]) -> bool:
+    ctx = streams.context
     if ctx is not None and ctx.json:
         return True
     # An error while parsing arguments comes before the flag was applied.
@@ -57,7 +57,7 @@ def _json_mode(argv: list[str]) -> bool:
 
 def _fail(streams: Streams, argv: list[str], message: str, code: int, kind: str = "error") -> int:
     """One ``Error: ...`` line on stderr (a JSON object on stdout under ``--json``)."""
-    if _json_mode(argv):
+    if _json_mode(streams, argv):
         streams.stdout.write(
             json_safe(
                 json.dumps({"error": message, "kind": kind, "exit_code": code}, ensure_ascii=False)
@@ -71,11 +71,10 @@ def _fail(streams: Streams, argv: list[str], message: str, code: int, kind: str 
     return code
 
 
-def _os_error_text(e: OSError) -> str:
+def _os_error_text(e: OSError, ctx: CliContext | None) -> str:
     what = e.strerror or str(e)
     if e.filename is not None:
         what = f"{what}: {e.filename}"
-    ctx = base.current_context()
     where = f" (home: {ctx.home.root})" if ctx is not None else ""
     return (
         f"{what}{where}; check that the home directory (--home / CLAUDECTL_HOME) is a "
@@ -94,7 +93,7 @@ def _exit_code(e: BaseException, args: list[str], streams: Streams) -> int:
         streams.stderr.write("Aborted.\n")
         return 130
     if isinstance(e, click.ClickException):
-        if _json_mode(args):
+        if _json_mode(streams, args):
             return _fail(streams, args, e.format_message(), e.exit_code, "usage")
         e.show(file=streams.stderr)
         return e.exit_code
@@ -105,13 +104,13 @@ def _exit_code(e: BaseException, args: list[str], streams: Streams) -> int:
     if isinstance(e, KeyboardInterrupt):
         return 130
     if isinstance(e, OSError):
-        return _fail(streams, args, _os_error_text(e), 1)
+        return _fail(streams, args, _os_error_text(e, streams.context), 1)
     if isinstance(e, RecursionError):
         return _fail(streams, args, "input nested too deeply", 1)
     if not isinstance(e, Exception):
         raise e  # GeneratorExit and the like: not ours to report
     # A bug: still one line, the traceback under -v.
-    ctx = base.current_context()
+    ctx = streams.context
     if ctx is not None and ctx.verbose:
         traceback.print_exception(e, file=streams.stderr)
     text = f"internal error: {type(e).__name__}: {e} (run with -v for details)"
@@ -131,7 +130,6 @@ def parse(args: list[str], streams: Streams) -> tuple[int, Any]:
     :func:`finish` on a reactor.
     """
     group = load_commands()
-    base._current.clear()
     try:
         # click writes help and usage errors to sys.stdout/sys.stderr itself.
         with redirect_stdout(streams.stdout), redirect_stderr(streams.stderr):
@@ -146,7 +144,7 @@ def parse(args: list[str], streams: Streams) -> tuple[int, Any]:
 
 async def finish(reactor: Any, pending: Any, args: list[str], streams: Streams) -> int:
     """Drive an asynchronous command's awaitable on ``reactor``; its exit code."""
-    ctx = base.current_context()
+    ctx = streams.context
     if ctx is not None:
         ctx.reactor = reactor
     try:
@@ -155,8 +153,8 @@ async def finish(reactor: Any, pending: Any, args: list[str], streams: Streams) 
         return _exit_code(e, args, streams)
 
 
-def _stop_verbose_logging() -> None:
-    ctx = base.current_context()
+def _stop_verbose_logging(streams: Streams) -> None:
+    ctx = streams.context
     if ctx is not None and ctx.log_observer is not None:
         from twisted.logger import globalLogPublisher
 
@@ -184,12 +182,12 @@ def dispatch(
     streams = Streams(stdout or sys.stdout, stderr or sys.stderr, cwd)
     code, pending = parse(args, streams)
     if pending is None:
-        _stop_verbose_logging()
+        _stop_verbose_logging(streams)
         return succeed(code)
     d = ensureDeferred(finish(reactor, pending, args, streams))
 
     def done(code: int) -> int:
-        _stop_verbose_logging()
+        _stop_verbose_logging(streams)
         return code
 
     return d.addCallback(done)
@@ -208,7 +206,7 @@ def _interruptible(reactor: Any, command: Deferred[int], args: list[str], stream
     def on_shutdown() -> None:
         if result.called:
             return
-        ctx = base.current_context()
+        ctx = streams.context
         error = ctx.on_interrupt() if ctx is not None else base.interrupted()
         result.callback(0 if error is None else _exit_code(error, args, streams))
 

@@ -55,6 +55,8 @@ class Streams:
     stdout: IO[str]
     stderr: IO[str]
     cwd: Path | None = None
+    #: The context the command got (set by the ``claudectl`` group).
+    context: CliContext | None = None
 
 
 @dataclass
@@ -128,13 +130,6 @@ async def _maybe_coro(value: Any) -> Any:
 
 pass_ctx = click.make_pass_decorator(CliContext)
 
-_current: list[CliContext] = []
-
-
-def current_context() -> CliContext | None:
-    """The context of the command being run (for :func:`claudectl.cli.main`'s errors)."""
-    return _current[-1] if _current else None
-
 
 def json_flag(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A local ``--json`` after the command, meaning the same as the global one."""
@@ -199,6 +194,7 @@ def cli(
         ctx.stdout, ctx.stderr = click_ctx.obj.stdout, click_ctx.obj.stderr
         if click_ctx.obj.cwd is not None:
             ctx.cwd = click_ctx.obj.cwd
+        click_ctx.obj.context = ctx
     if verbose:
         # An observer, not globalLogBeginner.beginLoggingTo: `relay serve`
         # hands logging to twistd, which begins it (twice would log every
@@ -207,7 +203,6 @@ def cli(
 
         ctx.log_observer = textFileLogObserver(CleanWriter.wrap(ctx.stderr))
         globalLogPublisher.addObserver(ctx.log_observer)
-    _current[:] = [ctx]
     click_ctx.obj = ctx
     if ctx.home.root.exists() and not ctx.home.root.is_dir():
         raise CliError(f"home {ctx.home.root} is not a directory (check --home / CLAUDECTL_HOME)")
