@@ -11,8 +11,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from claudectl.hooks import entry
 from claudectl.hooks import events as E
+from claudectl.hooks import runtime
 from claudectl.hooks.files import HookHome
 from tests.common import temp_home
 
@@ -95,7 +95,10 @@ class SessionStartCacheTests(SynchronousTestCase):
 
         self.patch(E, "build_context", build)
         self.patch(E, "_refresh_detached", lambda *args: self.refreshed.append(args))
-        self.addCleanup(setattr, entry, "_may_detach", False)
+        # As under the real hook command when detach is set; never a real SIGALRM here.
+        self.detach = False
+        self.patch(runtime, "may_detach", lambda: self.detach)
+        self.patch(runtime, "arm_deadline", lambda: None)
 
     def context(self, now: int) -> str | None:
         out = E.session_start(self.payload, self.home, now)
@@ -118,7 +121,7 @@ class SessionStartCacheTests(SynchronousTestCase):
     def test_new_units_show_the_cached_text_and_refresh_it_in_the_background(self) -> None:
         first = self.context(NOW)
         self.plant_new_knowledge_key()
-        entry._may_detach = True  # as under the real hook command
+        self.detach = True
         self.assertEqual(self.context(NOW + 20), first)
         self.assertEqual(self.built, [NOW])
         self.assertEqual(len(self.refreshed), 1)
@@ -132,7 +135,7 @@ class SessionStartCacheTests(SynchronousTestCase):
     def test_too_stale_is_rebuilt(self) -> None:
         self.context(NOW)
         self.plant_new_knowledge_key()
-        entry._may_detach = True
+        self.detach = True
         later = NOW + E.CONTEXT_CACHE_SECS + E.STALE_CONTEXT_SECS + 1
         self.assertEqual(self.context(later), f"## Hive Knowledge built at {later}")
         self.assertEqual(self.refreshed, [])

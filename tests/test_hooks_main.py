@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from claudectl.hooks import entry
+from claudectl.hooks import entry, runtime
 from claudectl.hooks.files import HookHome
 from tests.common import temp_home
 
@@ -31,11 +31,8 @@ class MainTests(SynchronousTestCase):
         self.home = temp_home(self)
         self.log = self.home.root / ".claudectl" / "hooks" / "hooks.log"
 
-        def restore() -> None:
-            entry._deadline_allowed[:] = [False]
-            entry._may_detach = False
-
-        self.addCleanup(restore)
+        # main allows the slow paths a real SIGALRM: never left on in trial's process.
+        self.addCleanup(runtime.allow, False)
 
     def main(self, argv: list[str], stdin: bytes) -> tuple[int, str]:
         out = io.StringIO()
@@ -52,11 +49,11 @@ class MainTests(SynchronousTestCase):
             "SessionStart: ValueError: hook input is not a JSON object", self.log.read_text()
         )
         # main let the slow paths arm a deadline and detach.
-        self.assertEqual((entry._deadline_allowed, entry.may_detach()), ([True], True))
+        self.assertEqual((runtime._deadline_allowed, runtime.may_detach()), ([True], True))
 
     def test_deadline_is_logged(self) -> None:
         def slow(*args: Any) -> None:
-            entry._on_alarm(signal.SIGALRM, None)
+            runtime._on_alarm(signal.SIGALRM, None)
 
         self.patch(entry, "handle", slow)
         code, out = self.main(["SessionStart", "--home", str(self.home.root)], b"{}")
@@ -67,13 +64,13 @@ class MainTests(SynchronousTestCase):
         calls: list[Any] = []
         self.patch(signal, "signal", lambda *a: calls.append(("signal", *a)))
         self.patch(signal, "alarm", lambda secs: calls.append(("alarm", secs)))
-        entry.arm_deadline()
+        runtime.arm_deadline()
         self.assertEqual(calls, [])
-        entry._deadline_allowed[:] = [True]
-        entry.arm_deadline()
+        runtime.allow(True)
+        runtime.arm_deadline()
         self.assertEqual(
             calls,
-            [("signal", signal.SIGALRM, entry._on_alarm), ("alarm", entry.DEADLINE_SECS)],
+            [("signal", signal.SIGALRM, runtime._on_alarm), ("alarm", runtime.DEADLINE_SECS)],
         )
 
     def test_an_unusable_home_is_no_error(self) -> None:
@@ -91,7 +88,7 @@ class MainTests(SynchronousTestCase):
             def data(self) -> str:
                 raise OSError("read-only")
 
-        entry.log_error(NoData(), "Stop", "something")  # does not raise
+        runtime.log_error(NoData(), "Stop", "something")  # does not raise
         self.assertFalse(self.log.exists())
 
 
