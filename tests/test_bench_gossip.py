@@ -313,3 +313,11 @@ class Issue16PartsTests(SynchronousTestCase):
             finally:
                 bench.CLI_POOL.remove(pool)
                 pool.close()
+
+    def test_the_relay_benchmark_client_it_borrows_is_there(self) -> None:
+        # bench_request measures with scripts/bench_relay.py's client: a rename
+        # there must fail here, not in the middle of a benchmark run.
+        relay = bench.load_relay_bench()
+        for name in ("Client", "SnapshotWaiter", "Service", "PLAINTEXT"):
+            self.assertTrue(hasattr(relay, name), name)
+        self.assertTrue(callable(relay.Client.make))
