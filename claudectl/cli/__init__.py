@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "claudectl.cli.delegate_cmds",
     "claudectl.cli.tui_cmds",
     "claudectl.cli.hooks_cmds",
+    "claudectl.cli.hub_cmds",
 )
 
 

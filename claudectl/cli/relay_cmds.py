@@ -452,8 +452,9 @@ def peers(ctx: CliContext) -> None:
         dot = "●" if r["state"] == "connected" else "○"
         units = f"{r.get('units_up', 0)}/{r.get('units_down', 0)}"
         link = {"tls1.3": "TLS 1.3", "plaintext": "plaintext"}.get(r.get("transport") or "", "-")
+        address = f"via {r['via']}" if r.get("via") else (r["address"] or "-")
         ctx.out(
-            f"{dot} {r['identity']:<22}{r['state']:<14}{link:<11}{(r['address'] or '-'):<24}"
+            f"{dot} {r['identity']:<22}{r['state']:<14}{link:<11}{address:<24}"
             f"{ago(r['last_seen'], time.time()):<14}{trust:<7}{units:>12}{_kb(r['bytes_up']):>10}"
             f"{_kb(r['bytes_down']):>10}"
         )

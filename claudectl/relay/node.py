@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.application.internet import ClientService
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from claudectl.config import Config
 from claudectl.home import Home
-from claudectl.relay.address import client_endpoint_string, parse_address
+from claudectl.relay.address import parse_address
 from claudectl.relay.admission import Admission
 from claudectl.relay.binding import TLS13
 from claudectl.relay.codec import HEARTBEAT, Envelope, EnvelopeFactory, now_ms
@@ -235,8 +235,7 @@ class Dialer:
         #: disconnected): a connection it still had in flight must not
         #: become the peer's link.
         self.retired = False
-        host, port = parse_address(address)
-        endpoint = clientFromString(node.reactor, client_endpoint_string(host, port))
+        endpoint = node.client_endpoint(address, lambda: self.peer_id)
         self.service = ClientService(
             _GuardedEndpoint(node, self, endpoint),
             _DialFactory(node, self),
@@ -440,13 +439,23 @@ class RelayNode:
         address: str,
         auth: KeyAuth | KeyByIdentity | PakeAuth,
     ) -> tuple[RelayProtocol, defer.Deferred[RelayProtocol]]:
-        host, port = parse_address(address)
-        endpoint = clientFromString(self.reactor, client_endpoint_string(host, port))
+        expected = auth.expected_peer if isinstance(auth, KeyAuth) else None
+        endpoint = self.client_endpoint(address, lambda: expected)
         proto = RelayProtocol(self, CONNECTOR, auth)  # type: ignore[arg-type]
         proto.dial_address = address  # type: ignore[attr-defined]
         d = connectProtocol(endpoint, proto)
         d.addCallback(lambda p: p.authenticated)
         return proto, d
+
+    def client_endpoint(self, address: str, peer_of: Callable[[], str | None]) -> Any:
+        """
+        The endpoint toward ``address``: direct, or through a hub when the
+        address is one or cannot be reached (``[relay] hubs``; docs/hub.md).
+        """
+        parse_address(address)  # a bad address fails here, as before
+        from claudectl.hub.peer import client_endpoint
+
+        return client_endpoint(self, address, peer_of)
 
     def key_by_identity(self, address: str) -> KeyByIdentity:
         """

@@ -399,7 +399,11 @@ class RelayProtocol(LineReceiver):
         if self._preauth is not None:
             self._step_deadline(TLS_HANDSHAKE_TIMEOUT_SECS, "no TLS handshake")
         try:
-            self.transport.startTLS(tls.server() if self.role == LISTENER else tls.client())
+            if self.role == LISTENER and getattr(self.transport, "_tlsClientDefault", False):
+                # The listener on a socket it dialed (a hub channel): still the TLS server.
+                self.transport.startTLS(tls.server(), False)
+            else:
+                self.transport.startTLS(tls.server() if self.role == LISTENER else tls.client())
         except Exception as e:
             self._fail_handshake(f"cannot start TLS: {type(e).__name__}: {e}")
 

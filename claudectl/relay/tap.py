@@ -222,6 +222,11 @@ class _ListeningService(StreamServerEndpointService):
 
     def _bound(self, port: Any) -> Any:
         addr = port.getHost()
+        if self.what == "relay" and not hasattr(addr, "port"):
+            # A UNIX socket (no TCP listener): peers reach us through a hub only.
+            log.info("claudectl relay {identity} listening on {address} (no TCP port)",
+                     identity=self.node.identity, address=str(getattr(addr, "name", addr)))
+            return port
         if self.what == "relay":
             self.node.listening_ports.append(port)
             log.info(
@@ -298,6 +303,9 @@ def makeService(options: Any, reactor: Any = None) -> IService:
             raise
         module.attach(node, top)
 
+    from claudectl.hub.peer import attach as attach_hubs
+
+    attach_hubs(node, top)  # registrations at [relay] hubs; `via` in relay peers
     if config.relay.lan_discovery:
         _attach_announcer(node, top)
     return top
