@@ -90,9 +90,7 @@ class HubStoryTests(SynchronousTestCase):
         ):
             home.config_file.parent.mkdir(parents=True, exist_ok=True)
             home.config_file.write_text(
-                "[relay]\nreconnect_max_secs = 2\n"
-                + extra
-                + "[delegation]\n"
+                "[relay]\nreconnect_max_secs = 2\n" + extra + "[delegation]\n"
                 f"allowed_dirs = [{json.dumps(str(proj))}]\n"
                 f"claude_command = {json.dumps(sys.executable)}\n"
                 f"claude_args = [{json.dumps(FAKE_CLAUDE)}]\n"
@@ -119,14 +117,22 @@ class HubStoryTests(SynchronousTestCase):
             return next(r for r in rows if r["identity"] == peer)
 
         row = peer_row(b, a_id)
-        self.assertEqual((row["state"], row["transport"], row["via"]), ("connected", "tls1.3", hub_addr))
+        self.assertEqual(
+            (row["state"], row["transport"], row["via"]), ("connected", "tls1.3", hub_addr)
+        )
         self.assertEqual(row["address"], hub_addr)  # the only address B knows for A
         row = peer_row(a, b_id)
-        self.assertEqual((row["state"], row["transport"], row["via"]), ("connected", "tls1.3", hub_addr))
+        self.assertEqual(
+            (row["state"], row["transport"], row["via"]), ("connected", "tls1.3", hub_addr)
+        )
         self.assertIn(f"via {hub_addr}", ok(run_cli(b, "relay", "peers")))
 
         # Gossip: A distills a unit, B receives it over the spliced link.
-        ok(run_cli(a, "hive", "record", "--tool", "Bash", "--command", "cargo test", "--count", "10"))
+        ok(
+            run_cli(
+                a, "hive", "record", "--tool", "Bash", "--command", "cargo test", "--count", "10"
+            )
+        )
         ok(run_cli(a, "hive", "distill"))
         deadline = time.monotonic() + 30
         while True:
@@ -140,7 +146,13 @@ class HubStoryTests(SynchronousTestCase):
         # A delegated task: B asks A to run the fake Claude Code.
         out = ok(
             run_cli(
-                b, "relay", "delegate", a_id, "--cwd", str(proj), "--wait",
+                b,
+                "relay",
+                "delegate",
+                a_id,
+                "--cwd",
+                str(proj),
+                "--wait",
                 "fake:succeed fake:edit write the file",
             )
         )

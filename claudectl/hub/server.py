@@ -262,7 +262,7 @@ class Hub:
         for side, name in ((dialer, "dialer"), (conn, "target")):
             if self.capture_dir is not None:
                 side.capture = open(  # noqa: SIM115 -- closed in connectionLost
-                    self.capture_dir / f"channel-{self._capture_seq}-{name}.bin", "wb"
+                    self.capture_dir / f"channel-{self._capture_seq}-{name}.bin", "wb", buffering=0
                 )
         dialer.splice(conn)
         conn.splice(dialer)

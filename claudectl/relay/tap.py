@@ -224,8 +224,11 @@ class _ListeningService(StreamServerEndpointService):
         addr = port.getHost()
         if self.what == "relay" and not hasattr(addr, "port"):
             # A UNIX socket (no TCP listener): peers reach us through a hub only.
-            log.info("claudectl relay {identity} listening on {address} (no TCP port)",
-                     identity=self.node.identity, address=str(getattr(addr, "name", addr)))
+            log.info(
+                "claudectl relay {identity} listening on {address} (no TCP port)",
+                identity=self.node.identity,
+                address=str(getattr(addr, "name", addr)),
+            )
             return port
         if self.what == "relay":
             self.node.listening_ports.append(port)
