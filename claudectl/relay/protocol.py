@@ -401,7 +401,7 @@ class RelayProtocol(LineReceiver):
         try:
             if self.role == LISTENER and getattr(self.transport, "_tlsClientDefault", False):
                 # The listener on a socket it dialed (a hub channel): still the TLS server.
-                self.transport.startTLS(tls.server(), False)
+                self.transport.startTLS(tls.server(), False)  # type: ignore[call-arg]
             else:
                 self.transport.startTLS(tls.server() if self.role == LISTENER else tls.client())
         except Exception as e:
