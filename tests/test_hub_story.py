@@ -159,6 +159,28 @@ class HubStoryTests(SynchronousTestCase):
         self.assertIn("completed", out)
         self.assertTrue((proj / "fake-claude.txt").exists())
 
+        # The operator's view: registrations, channels, bytes.
+        status = json.loads(
+            ok(
+                run_cli(
+                    hub_home,
+                    "--json",
+                    "relay",
+                    "hub",
+                    "--status",
+                    "--hub",
+                    hub_addr,
+                    "--token",
+                    TOKEN,
+                )
+            )
+        )
+        self.assertEqual((status["registrations"], status["channels"]), (1, 1))
+        self.assertGreater(status["bytes_forwarded"], 1000)
+        refused = run_cli(hub_home, "relay", "hub", "--status", "--hub", hub_addr, "--token", "x")
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("bad_token", refused.stderr)
+
         # The hub saw the first flight (challenge, starttls line), then TLS records only.
         self.check_capture(capture)
 
