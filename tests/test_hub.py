@@ -207,6 +207,8 @@ class LimitTests(SynchronousTestCase):
         self.assertTrue(
             dt.value().endswith(wire.encode({"op": "spliced", "channel": channel}) + b"challenge\n")
         )
+        # The target learns the dialer's address (its relay admission counts that).
+        self.assertEqual(json.loads(at.value().splitlines()[1])["peer"], "10.0.0.9")
         d.dataReceived(b"x" * 1500)  # over one second's budget
         self.assertTrue(at.value().endswith(b"x" * 1500))
         self.assertEqual(dt.producerState, "paused")
@@ -301,6 +303,40 @@ class LoopbackTests(TestCase):
         yield b.close_all()
         yield a.close_all()
         yield until(lambda: not hub.spliced)
+
+    @defer.inlineCallbacks
+    def test_a_hub_that_does_not_know_the_peer_is_passed_over_for_the_next(self) -> Any:
+        """The peer's address is a hub it left; the next listed hub has it."""
+        hubs, addrs = [], []
+        for _ in range(2):
+            hub = Hub(reactor, "tok")
+            port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+                HubFactory(hub)
+            )
+            self.addCleanup(port.stopListening)
+            hubs.append(hub)
+            addrs.append(f"127.0.0.1:{port.getHost().port}")
+        a = make_node(self, A, reactor, tls=True, hubs=(addrs[1],), hub_token="tok")
+        b = make_node(self, B, reactor, tls=True, hubs=(addrs[1],))
+        pair_nodes(a, b)
+        from twisted.application.service import MultiService
+
+        from claudectl.hub.peer import attach
+
+        top = MultiService()
+        attach(a, top)
+        top.startService()
+        self.addCleanup(top.stopService)
+        yield until(lambda: A in hubs[1].registrations)
+        proto = yield b.open_link(addrs[0], KeyAuth(b"k" * 32, A))
+        self.assertEqual((proto.result.peer_id, proto.hub_via), (A, addrs[1]))
+        self.assertEqual(hubs[0].stats.refused, {"not_registered": 1})
+        yield until(lambda: a.mesh.is_connected(B))
+        [inbound] = [p for p in a.protocols if p.result is not None]
+        self.assertEqual((inbound.hub_peer_ip, inbound.ip), ("127.0.0.1", "127.0.0.1"))
+        yield b.close_all()
+        yield a.close_all()
+        yield until(lambda: not hubs[1].spliced)
 
     @defer.inlineCallbacks
     def test_bulk_bytes_flow_both_ways_through_a_real_splice(self) -> Any:

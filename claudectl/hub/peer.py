@@ -58,10 +58,13 @@ def hub_endpoint(reactor: Any, address: str) -> Any:
     return clientFromString(reactor, client_endpoint_string(host, port))
 
 
-def hand_over(transport: Any, proto: Any, rest: bytes, via: str | None) -> None:
+def hand_over(
+    transport: Any, proto: Any, rest: bytes, via: str | None, peer_ip: str | None = None
+) -> None:
     """Give a connected socket to ``proto`` (a relay protocol, maybe behind a proxy)."""
     inner = getattr(proto, "_protocol", proto)  # ClientService's proxy
     inner.hub_via = via
+    inner.hub_peer_ip = peer_ip
     transport.protocol = proto
     proto.makeConnection(transport)
     if rest:
@@ -361,7 +364,7 @@ class _Accept(_Lines):
         from claudectl.relay.node import RelayFactory
 
         proto = RelayFactory(self.node).buildProtocol(self.transport.getPeer())
-        hand_over(self.transport, proto, self.take_rest(), self.hub)
+        hand_over(self.transport, proto, self.take_rest(), self.hub, msg.get("peer"))
 
 
 class _Registration(_Lines):

@@ -454,7 +454,11 @@ class HubConnection(LineReceiver, TimeoutMixin):
         self.partner = partner
         self.state = State.SPLICED
         self.hub.spliced.add(self)
-        self.send({"op": wire.SPLICED, "channel": self.channel})
+        message: dict[str, Any] = {"op": wire.SPLICED, "channel": self.channel}
+        if self.role == "target":
+            # The target's relay admission counts the dialer's address, not the hub's.
+            message["peer"] = partner.address.rsplit(":", 1)[0]
+        self.send(message)
         self.setTimeout(self.hub.limits.channel_idle_secs)
         # Our writes come from the partner: a full buffer here pauses its reads.
         self.transport.registerProducer(_Valve(partner), True)

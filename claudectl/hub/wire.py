@@ -76,6 +76,18 @@ def is_channel_id(value: object) -> bool:
     )
 
 
+def _is_ip(value: object) -> bool:
+    import ipaddress
+
+    if not isinstance(value, str) or len(value) > 64:
+        return False
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def _token(data: dict[str, Any]) -> str:
     token = data.get("token", "")
     if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
@@ -110,6 +122,8 @@ def decode(line: bytes) -> dict[str, Any]:
     elif op in (ACCEPT, INCOMING, SPLICED):
         if not is_channel_id(data.get("channel")):
             raise HubProtocolError(f"{op}: channel is not {2 * CHANNEL_ID_BYTES} hex digits")
+        if op == SPLICED and "peer" in data and not _is_ip(data["peer"]):
+            raise HubProtocolError("spliced: peer is not an IP address")
     elif op == STATUS:
         _token(data)
     elif op in (PING, PONG, REGISTERED):

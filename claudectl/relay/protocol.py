@@ -132,7 +132,9 @@ class RelayProtocol(LineReceiver):
 
     # --- connection lifecycle -------------------------------------------------
     def connectionMade(self) -> None:
-        self.ip = peer_ip(self.transport)
+        # A link spliced through a hub: the dialer's address as the hub saw it
+        # (admission counts it, not the hub's, which carries everyone's links).
+        self.ip = getattr(self, "hub_peer_ip", None) or peer_ip(self.transport)
         self.node.protocols.add(self)
         clock = self.node.clock
         if self.role == LISTENER:
