@@ -266,6 +266,34 @@ class OptionsTests(SynchronousTestCase):
                 tap.Options().parseOptions(bad)
 
 
+class PeerSideTests(SynchronousTestCase):
+    def test_unusable_hub_entries_are_skipped_with_a_warning(self) -> None:
+        from twisted.application.service import MultiService
+
+        from claudectl.hub.peer import attach, usable_hubs
+
+        self.assertEqual(
+            usable_hubs(["hub.example.org:9849", "no port:x", "10.0.0.1"]),
+            ["hub.example.org:9849", "10.0.0.1"],
+        )
+        node = make_node(self, A, hubs=("bad:port:x", "127.0.0.1:9849"))
+        top = MultiService()
+        with capturedLogs() as events:
+            attach(node, top)
+        self.assertEqual([s.name for s in top], ["hub:127.0.0.1:9849"])
+        self.assertTrue(any("bad:port:x" in str(e.get("hub")) for e in events))
+
+    def test_token_file(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("secret-token\n")
+        o = tap.Options()
+        o.parseOptions(["--token-file", path])
+        self.assertEqual(o["token"], "secret-token")
+        with self.assertRaises(usage.UsageError):
+            tap.Options().parseOptions(["--token-file", path + ".missing"])
+
+
 class LoopbackTests(TestCase):
     """Real TCP on 127.0.0.1: a relay link spliced through a hub, TLS end to end."""
 

@@ -467,9 +467,28 @@ def via_of(node: RelayNode, peer_id: str) -> str | None:
     return getattr(link.protocol, "hub_via", None)
 
 
+def usable_hubs(hubs: Sequence[str]) -> list[str]:
+    """The ``[relay] hubs`` entries that parse as ``host:port`` (others are skipped)."""
+    out = []
+    for hub in hubs:
+        try:
+            parse_address(hub, wire.DEFAULT_HUB_PORT)
+        except ValueError:
+            continue
+        out.append(hub)
+    return out
+
+
 def attach(node: RelayNode, parent: Any) -> None:
     """Registrations for ``[relay] hubs`` and the ``via`` field of ``relay peers``."""
+    usable = usable_hubs(node.config.relay.hubs)
     for hub in node.config.relay.hubs:
+        if hub not in usable:
+            log.warn(
+                '[relay] hubs: "{hub}" is not a "host:port" address; not registering there',
+                hub=hub,
+            )
+    for hub in usable:
         registration_service(node, hub, node.config.relay.hub_token).setServiceParent(parent)
     node.peer_info_providers.append(lambda peer: {"via": via_of(node, peer)})
 
@@ -485,7 +504,7 @@ def client_endpoint(
         direct,
         address,
         peer_of,
-        node.config.relay.hubs,
+        usable_hubs(node.config.relay.hubs),
         node.config.relay.hub_token,
         float(node.config.relay.handshake_timeout_secs),
     )
