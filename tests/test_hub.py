@@ -367,6 +367,39 @@ class LoopbackTests(TestCase):
         yield until(lambda: not hubs[1].spliced)
 
     @defer.inlineCallbacks
+    def test_a_squatter_with_the_token_denies_service_but_cannot_authenticate(self) -> Any:
+        from twisted.application.service import MultiService
+
+        from claudectl.hub.peer import attach
+        from claudectl.relay.handshake import HandshakeFailed
+
+        hub = Hub(reactor, "tok")
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(HubFactory(hub))
+        self.addCleanup(port.stopListening)
+        hub_addr = f"127.0.0.1:{port.getHost().port}"
+        real = make_node(self, A, reactor, tls=True, hubs=(hub_addr,), hub_token="tok")
+        squatter = make_node(self, A, reactor, tls=True, hubs=(hub_addr,), hub_token="tok")
+        b = make_node(self, B, reactor, tls=True)
+        pair_nodes(real, b)
+        squatter.keystore.save_key(B, b"s" * 32)  # its own idea of a key: not B's
+        with capturedLogs() as events:
+            for n, node in enumerate((real, squatter), start=1):
+                top = MultiService()
+                attach(node, top)
+                top.startService()
+                self.addCleanup(top.stopService)
+                yield until(lambda n=n: hub.stats.registrations_total == n)
+        self.assertEqual(len(hub.registrations), 1)
+        self.assertTrue(any("registered again" in e.get("log_format", "") for e in events))
+        with self.assertRaises(HandshakeFailed):
+            yield b.open_link(hub_addr, KeyAuth(b"k" * 32, A))
+        self.assertFalse(b.mesh.is_connected(A))
+        self.assertFalse(squatter.mesh.is_connected(B))
+        yield b.close_all()
+        yield squatter.close_all()
+        yield until(lambda: not hub.spliced)
+
+    @defer.inlineCallbacks
     def test_bulk_bytes_flow_both_ways_through_a_real_splice(self) -> Any:
         hub = Hub(reactor, "")
         port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(HubFactory(hub))
