@@ -314,6 +314,8 @@ class HubAwareEndpoint:
                 errors.append(f.getErrorMessage())
                 if i + 1 < len(plan) and not f.check(defer.CancelledError):
                     attempt(i + 1)
+                elif len(errors) == 1:
+                    result.errback(f)  # one attempt: its own error, unchanged
                 else:
                     result.errback(ConnectError(string="; ".join(errors)))
 
