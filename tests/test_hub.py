@@ -294,6 +294,27 @@ class PeerSideTests(SynchronousTestCase):
             tap.Options().parseOptions(["--token-file", path + ".missing"])
 
 
+class ServiceTests(SynchronousTestCase):
+    def test_make_service_listens_and_logs_status_when_it_changes(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        r = MemoryReactorClock()
+        o = tap.Options()
+        o.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--token", "t"])
+        svc = tap.makeService(o, reactor=r)
+        self.assertEqual(r.tcpServers, [])  # nothing before startService
+        with capturedLogs() as events:
+            svc.startService()
+            self.assertEqual(len(r.tcpServers), 1)
+            r.advance(tap.STATUS_LOG_INTERVAL_SECS)
+            svc.hub.stats.bytes_forwarded = 5  # type: ignore[attr-defined]
+            r.advance(tap.STATUS_LOG_INTERVAL_SECS)
+            r.advance(tap.STATUS_LOG_INTERVAL_SECS)  # unchanged: not logged again
+        status_lines = [e for e in events if "hub status" in e.get("log_format", "")]
+        self.assertEqual([e["bytes_forwarded"] for e in status_lines], [0, 5])
+        svc.stopService()
+
+
 class LoopbackTests(TestCase):
     """Real TCP on 127.0.0.1: a relay link spliced through a hub, TLS end to end."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -22,6 +22,8 @@ from claudectl.hub.server import Hub, HubFactory, HubLimits
 log = Logger()
 
 DEFAULT_LISTEN = f"tcp:{wire.DEFAULT_HUB_PORT}"
+#: The hub logs its counters this often (when they changed).
+STATUS_LOG_INTERVAL_SECS = 600.0
 
 
 def _positive_int(name: str, text: str, low: int = 0) -> int:
@@ -127,5 +129,24 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     listener = _HubListener(serverFromString(reactor, options["listen"]), HubFactory(hub), hub)
     listener.setName("listener")
     listener.setServiceParent(top)
+    last: list[dict[str, Any]] = [{}]
+
+    def log_status() -> None:
+        try:
+            status = hub.status()
+            if status != last[0]:
+                last[0] = status
+                log.info(
+                    "hub status: {registrations} registration(s), {channels} channel(s), "
+                    "{pending} waiting, {bytes_forwarded} bytes forwarded, refused {refused}",
+                    **status,
+                )
+        except Exception:  # the LoopingCall under TimerService stops at the first error
+            log.failure("hub status log failed")
+
+    timer = TimerService(STATUS_LOG_INTERVAL_SECS, log_status)
+    timer.clock = reactor
+    timer.setName("status-log")
+    timer.setServiceParent(top)
     top.hub = hub  # type: ignore[attr-defined]
     return top
