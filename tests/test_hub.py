@@ -421,6 +421,39 @@ class LoopbackTests(TestCase):
         yield until(lambda: not hub.spliced)
 
     @defer.inlineCallbacks
+    def test_relay_connect_to_a_hub_address_needs_the_peer_named(self) -> Any:
+        from twisted.application.service import MultiService
+
+        from claudectl.hub.peer import attach
+
+        hub = Hub(reactor, "tok")
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(HubFactory(hub))
+        self.addCleanup(port.stopListening)
+        hub_addr = f"127.0.0.1:{port.getHost().port}"
+        a = make_node(self, A, reactor, tls=True, hubs=(hub_addr,), hub_token="tok")
+        b = make_node(self, B, reactor, tls=True)
+        pair_nodes(a, b)
+        top = MultiService()
+        attach(a, top)
+        top.startService()
+        self.addCleanup(top.stopService)
+        yield until(lambda: A in hub.registrations)
+        parent = MultiService()
+        parent.startService()
+        self.addCleanup(parent.stopService)
+        b.keystore.save_key("other-cccc3333", b"o" * 32)  # two peers: no guessing
+        with self.assertRaises(Exception) as caught:
+            yield defer.Deferred.fromCoroutine(b.connect(hub_addr, None, parent))
+        self.assertIn("is a claudectl hub: name the peer", str(caught.exception))
+        outcome = yield defer.Deferred.fromCoroutine(b.connect(hub_addr, A, parent))
+        self.assertEqual((outcome.peer, outcome.address), (A, hub_addr))
+        self.assertEqual(b.dialers[A].address, hub_addr)
+        yield b.remove_dialer(A)
+        yield b.close_all()
+        yield a.close_all()
+        yield until(lambda: not hub.spliced)
+
+    @defer.inlineCallbacks
     def test_bulk_bytes_flow_both_ways_through_a_real_splice(self) -> Any:
         hub = Hub(reactor, "")
         port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(HubFactory(hub))
