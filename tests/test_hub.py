@@ -21,10 +21,21 @@ from twisted.logger import capturedLogs
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from claudectl.control.server import ControlRegistry
 from claudectl.hub import tap, wire
 from claudectl.hub.server import Hub, HubFactory, HubLimits
 from claudectl.relay.handshake import KeyAuth
 from tests.common import make_node, pair_nodes
+
+
+def hub_node(testcase: Any, identity: str, **relay: Any) -> Any:
+    """A TLS node on the real reactor that dials through hubs (as the service's does)."""
+    from claudectl.hub.peer import client_endpoint
+
+    node = make_node(testcase, identity, reactor, tls=True, **relay)
+    node.dial_via = client_endpoint
+    return node
+
 
 A, B = "laptop-aaaa1111", "desk-bbbb2222"
 
@@ -279,7 +290,7 @@ class PeerSideTests(SynchronousTestCase):
         node = make_node(self, A, hubs=("bad:port:x", "127.0.0.1:9849"))
         top = MultiService()
         with capturedLogs() as events:
-            attach(node, top)
+            attach(node, ControlRegistry(), top)
         self.assertEqual([s.name for s in top], ["hub:127.0.0.1:9849"])
         self.assertTrue(any("bad:port:x" in str(e.get("hub")) for e in events))
 
@@ -330,15 +341,16 @@ class LoopbackTests(TestCase):
         )
         dead_addr = f"127.0.0.1:{closed.getHost().port}"
         yield closed.stopListening()
-        a = make_node(self, A, reactor, tls=True, hubs=(hub_addr,), hub_token="tok")
-        b = make_node(self, B, reactor, tls=True, hubs=(hub_addr,), hub_token="")
+        a = hub_node(self, A, hubs=(hub_addr,), hub_token="tok")
+        b = hub_node(self, B, hubs=(hub_addr,), hub_token="")
         pair_nodes(a, b)
         from twisted.application.service import MultiService
 
         from claudectl.hub.peer import attach
 
         top = MultiService()
-        attach(a, top)
+        registry = ControlRegistry()
+        attach(a, registry, top)
         top.startService()
         self.addCleanup(top.stopService)
         yield until(lambda: A in hub.registrations)
@@ -347,7 +359,7 @@ class LoopbackTests(TestCase):
         self.assertEqual(proto.result.transport, "tls1.3")
         self.assertEqual(proto.hub_via, hub_addr)
         yield until(lambda: a.mesh.is_connected(B))
-        self.assertEqual(a.peer_info_providers[-1](B), {"via": hub_addr})
+        self.assertEqual(registry.peer_info_providers[-1](B), {"via": hub_addr})
         self.assertEqual(hub.status()["channels"], 1)
         yield b.close_all()
         yield a.close_all()
@@ -365,15 +377,15 @@ class LoopbackTests(TestCase):
             self.addCleanup(port.stopListening)
             hubs.append(hub)
             addrs.append(f"127.0.0.1:{port.getHost().port}")
-        a = make_node(self, A, reactor, tls=True, hubs=(addrs[1],), hub_token="tok")
-        b = make_node(self, B, reactor, tls=True, hubs=(addrs[1],))
+        a = hub_node(self, A, hubs=(addrs[1],), hub_token="tok")
+        b = hub_node(self, B, hubs=(addrs[1],))
         pair_nodes(a, b)
         from twisted.application.service import MultiService
 
         from claudectl.hub.peer import attach
 
         top = MultiService()
-        attach(a, top)
+        attach(a, ControlRegistry(), top)
         top.startService()
         self.addCleanup(top.stopService)
         yield until(lambda: A in hubs[1].registrations)
@@ -398,15 +410,15 @@ class LoopbackTests(TestCase):
         port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(HubFactory(hub))
         self.addCleanup(port.stopListening)
         hub_addr = f"127.0.0.1:{port.getHost().port}"
-        real = make_node(self, A, reactor, tls=True, hubs=(hub_addr,), hub_token="tok")
-        squatter = make_node(self, A, reactor, tls=True, hubs=(hub_addr,), hub_token="tok")
-        b = make_node(self, B, reactor, tls=True)
+        real = hub_node(self, A, hubs=(hub_addr,), hub_token="tok")
+        squatter = hub_node(self, A, hubs=(hub_addr,), hub_token="tok")
+        b = hub_node(self, B)
         pair_nodes(real, b)
         squatter.keystore.save_key(B, b"s" * 32)  # its own idea of a key: not B's
         with capturedLogs() as events:
             for n, node in enumerate((real, squatter), start=1):
                 top = MultiService()
-                attach(node, top)
+                attach(node, ControlRegistry(), top)
                 top.startService()
                 self.addCleanup(top.stopService)
                 yield until(lambda n=n: hub.stats.registrations_total == n)
@@ -430,11 +442,11 @@ class LoopbackTests(TestCase):
         port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(HubFactory(hub))
         self.addCleanup(port.stopListening)
         hub_addr = f"127.0.0.1:{port.getHost().port}"
-        a = make_node(self, A, reactor, tls=True, hubs=(hub_addr,), hub_token="tok")
-        b = make_node(self, B, reactor, tls=True)
+        a = hub_node(self, A, hubs=(hub_addr,), hub_token="tok")
+        b = hub_node(self, B)
         pair_nodes(a, b)
         top = MultiService()
-        attach(a, top)
+        attach(a, ControlRegistry(), top)
         top.startService()
         self.addCleanup(top.stopService)
         yield until(lambda: A in hub.registrations)

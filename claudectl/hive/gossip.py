@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_gossip -*-
 """
 Hive gossip: knowledge spreads across the mesh, local always wins
-(hive.md section 6, issue "Hive gossip").
+(docs/gossip.md).
 
 One mechanism does all the sending -- a *push round* to a peer: every unit
 of the store that may go to that peer and whose ``(id, version)`` that peer
@@ -48,7 +48,7 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
-from claudectl.config import Config
+from claudectl.config import Config, HiveConfig
 from claudectl.hive.delivery import DeliveryBook, DeliveryFile, fingerprint
 from claudectl.hive.merge import (
     CLUSTER_UNIONED,
@@ -65,7 +65,7 @@ from claudectl.hive.store import (
     read_units_file,
     store_transaction,
 )
-from claudectl.hive.trust import TrustReader, load_trust, log_collisions, trust_transaction
+from claudectl.hive.trust import load_trust, log_collisions, trust_transaction
 from claudectl.hive.units import (
     SNAPSHOT_PAGE_BYTES,
     ApproachCluster,
@@ -997,39 +997,37 @@ class _GossipService(Service):
         return super().stopService()
 
 
-def _distill_tick(node: Any) -> None:
+def _distill_tick(home: Home, hive: HiveConfig, clock: Any, identity: str) -> None:
     try:
         from claudectl.hive.distill import maybe_distill
 
-        maybe_distill(
-            node.home, node.config.hive, int(node.clock.seconds()), local_id=node.identity
-        )
+        maybe_distill(home, hive, int(clock.seconds()), local_id=identity)
     except Exception:
         log.failure("distillation failed")
 
 
-def attach(node: Any, parent: MultiService) -> Gossip:
-    """Hang the gossip engine (and its timers) on a relay node."""
-    gossip = Gossip(
-        node.home, node.config, node.mesh, node.identity, node.clock.seconds, node.clock.callLater
-    )
-    gossip.register()
-    default = node.config.hive.default_trust
-    node.trust_of = TrustReader(node.home, default)
-    node.peer_info_providers.append(gossip.peer_info)
-    node.status_providers.append(lambda: {"hive": dict(gossip.counters)})
-    node.gossip = gossip
-    _GossipService(gossip).setServiceParent(parent)
+def hive_service(gossip: Gossip, clock: Any) -> MultiService:
+    """
+    The hive layer's services: the gossip engine's lifetime (``gossip``),
+    its poll of ``knowledge.jsonl`` (``gossip-poll``) and the distillation
+    timer (``hive-distill``).  The caller registers the engine's handlers on
+    the mesh (:meth:`Gossip.register`).
+    """
+    top = MultiService()
+    top.setName("hive")
+    _GossipService(gossip).setServiceParent(top)
     poll = TimerService(POLL_SECS, gossip.poll)
-    poll.clock = node.clock
+    poll.clock = clock
     poll.setName("gossip-poll")
-    poll.setServiceParent(parent)
-    distill = TimerService(DISTILL_POLL_SECS, _distill_tick, node)
-    distill.clock = node.clock
+    poll.setServiceParent(top)
+    distill = TimerService(
+        DISTILL_POLL_SECS, _distill_tick, gossip.home, gossip.config.hive, clock, gossip.identity
+    )
+    distill.clock = clock
     distill.setName("hive-distill")
-    distill.setServiceParent(parent)
-    return gossip
+    distill.setServiceParent(top)
+    return top
 
 
-__all__ = ["Gossip", "SyncState", "PeerSync", "attach"]
+__all__ = ["Gossip", "SyncState", "PeerSync", "hive_service"]
 _ = IMesh

@@ -481,7 +481,7 @@ def usable_hubs(hubs: Sequence[str]) -> list[str]:
     return out
 
 
-def attach(node: RelayNode, parent: Any) -> None:
+def attach(node: RelayNode, registry: Any, parent: Any) -> None:
     """Registrations for ``[relay] hubs`` and the ``via`` field of ``relay peers``."""
     usable = usable_hubs(node.config.relay.hubs)
     for hub in node.config.relay.hubs:
@@ -492,7 +492,7 @@ def attach(node: RelayNode, parent: Any) -> None:
             )
     for hub in usable:
         registration_service(node, hub, node.config.relay.hub_token).setServiceParent(parent)
-    node.peer_info_providers.append(lambda peer: {"via": via_of(node, peer)})
+    registry.add_peer_info(lambda peer: {"via": via_of(node, peer)})
 
 
 def client_endpoint(

@@ -3,11 +3,13 @@
 A relay node: one identity, its keys, its mesh of links, and the dialers
 that keep outbound links up.
 
-``makeService`` builds one :class:`RelayNode` and hangs the listeners,
-dialers, timers and upper layers (gossip, delegation) under a
-``MultiService``.  The CLI builds one too for one-shot work (``relay
-connect`` without a running service).  Nothing here does I/O before it is
-asked to.
+The composition root (:func:`claudectl.service.compose.makeService`) builds
+one :class:`RelayNode`, hands it the pairing layer's invite store and PAKE
+responder, and hangs the listeners, dialers, timers and upper layers
+(gossip, delegation) under a ``MultiService``.  The CLI builds one too for
+one-shot work (``relay connect`` without a running service).  Nothing here
+does I/O before it is asked to.  The node's protocols see it only through
+:class:`~claudectl.relay.interfaces.ILinkHost`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from twisted.application.internet import ClientService
 from twisted.internet import defer
-from twisted.internet.endpoints import connectProtocol
+from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -28,7 +30,7 @@ from zope.interface import implementer
 
 from claudectl.config import Config
 from claudectl.home import Home
-from claudectl.relay.address import parse_address
+from claudectl.relay.address import client_endpoint_string, parse_address
 from claudectl.relay.admission import Admission
 from claudectl.relay.binding import TLS13
 from claudectl.relay.codec import HEARTBEAT, Envelope, EnvelopeFactory, now_ms
@@ -42,12 +44,15 @@ from claudectl.relay.handshake import (
     KeyByIdentity,
     ListenerHandshake,
     PakeAuth,
+    PakeResponderLike,
     Policy,
 )
+from claudectl.relay.interfaces import IInviteBook, ILinkHost
 from claudectl.relay.keystore import PENDING, KeyStore, PeerMeta, is_remote_peer_id
-from claudectl.relay.mesh import Mesh, PeerLink
+from claudectl.relay.links import CONNECTOR, LISTENER, ILink, PeerLink
+from claudectl.relay.mesh import Mesh
 from claudectl.relay.nonces import IssuedNonces
-from claudectl.relay.protocol import CONNECTOR, LISTENER, RelayProtocol
+from claudectl.relay.protocol import RelayProtocol
 from claudectl.relay.tls import TLSContexts, ensure_credentials
 from claudectl.relay.workers import WorkerTable
 
@@ -77,12 +82,17 @@ def reconnect_policy(
     return policy
 
 
+#: ``dial_via(node, address, peer_of) -> IStreamClientEndpoint``: how a node
+#: reaches an address (``peer_of()`` names the peer expected there, if known).
+DialVia = Callable[["RelayNode", str, Callable[[], "str | None"]], Any]
+
+
 class NotPaired(Exception):
     """There is no key for the peer (or no peer for the address)."""
 
 
 class ListenerKeys:
-    """Key lookups for the listener handshake (wire.md 3.3 plus invites)."""
+    """Key lookups for the listener handshake (docs/protocol.md), plus invites."""
 
     def __init__(self, node: RelayNode) -> None:
         self.node = node
@@ -283,8 +293,16 @@ class ConnectOutcome:
     previous: str | None = None
 
 
+@implementer(ILinkHost)
 class RelayNode:
-    """Everything one running relay instance knows and does."""
+    """
+    Everything one running relay instance knows and does.
+
+    ``invites`` and ``pake`` come from the pairing layer (the composition
+    root builds them over this node's ``keystore``); without them the
+    listener accepts stored and pending keys only -- enough for one-shot
+    outbound work.
+    """
 
     def __init__(
         self,
@@ -295,6 +313,10 @@ class RelayNode:
         jitter: Callable[[], float] | None = None,
         identity: str | None = None,
         tls: bool = True,
+        keystore: KeyStore | None = None,
+        invites: IInviteBook | None = None,
+        pake: PakeResponderLike | None = None,
+        dial_via: DialVia | None = None,
     ) -> None:
         self.home = home
         self.config = config
@@ -302,7 +324,7 @@ class RelayNode:
         self.clock = reactor
         self.random = random
         self.jitter = jitter
-        self.keystore = KeyStore(home)
+        self.keystore = keystore if keystore is not None else KeyStore(home)
         self.identity = identity or self.keystore.ensure_identity(random)
         self.envelopes = EnvelopeFactory(self.identity, clock=reactor.seconds)
         self.admission = Admission(reactor.seconds, config.relay.max_peers)
@@ -315,27 +337,21 @@ class RelayNode:
         self.mesh.add_link_observer(None, self._on_link_down)
         self.workers = WorkerTable(reactor.seconds, config.relay.heartbeat_interval_secs)
         self.mesh.add_handler(HEARTBEAT, self._on_heartbeat)
-        self.invites = _load_invites(home)
-        self.pake = _load_pake(self.invites, reactor)
+        self.invites = invites
+        self.pake = pake
+        #: Builds the endpoint toward an address (the hub layer's, which
+        #: splices through a NAT hub; docs/hub.md).  None: direct TCP only.
+        self.dial_via = dial_via
         self.dialers: dict[str, Dialer] = {}
         #: ``auto_connect`` addresses whose peer is not known yet.
         self.address_dialers: dict[str, Dialer] = {}
         #: Every open relay connection (handshaking or authenticated).
         self.protocols: set[RelayProtocol] = set()
-        #: AMP ``CommandLocator``s of the layers (delegation, …) for the control socket.
-        self.control_locators: list[Any] = []
-        #: ``make(amp_protocol) -> CommandLocator``: locators that need their connection.
-        self.connection_locators: list[Callable[[Any], Any]] = []
         self._down_waiters: dict[str, list[Callable[[], None]]] = {}
-        #: ``trust_of(peer_id) -> float``; the hive layer replaces it.
-        self.trust_of: Callable[[str], float] = lambda _peer: config.hive.default_trust
         #: Where this node listens (filled in by makeService once bound).
         self.listening_ports: list[Any] = []
-        #: Extra fields for ``relay status`` / ``relay peers`` from the layers.
-        self.status_providers: list[Callable[[], dict[str, Any]]] = []
-        self.peer_info_providers: list[Callable[[str], dict[str, Any]]] = []
-        #: Called with the bound TCP port once the listener is up.
-        self.on_listening: list[Callable[[int], None]] = []
+        self.handshake_timeout_secs = config.relay.handshake_timeout_secs
+        self.heartbeat_interval_secs = config.relay.heartbeat_interval_secs
         self.started_at = reactor.seconds()
         #: Nonces our listeners and connectors issued lately: one handed
         #: back to us is a reflection attempt.
@@ -356,6 +372,31 @@ class RelayNode:
 
     def _on_heartbeat(self, peer: str, env: Envelope) -> None:
         self.workers.heartbeat(peer, env.payload)
+
+    # --- ILinkHost: what a link's protocol sees of the node --------------------------
+    def connection_opened(self, protocol: ILink) -> None:
+        self.protocols.add(protocol)  # type: ignore[arg-type]
+
+    def connection_closed(self, protocol: ILink) -> None:
+        self.protocols.discard(protocol)  # type: ignore[arg-type]
+
+    def connected_count(self) -> int:
+        return self.mesh.connected_count()
+
+    def heartbeat(self) -> Envelope:
+        return self.envelopes.make(HEARTBEAT, {})
+
+    def link_up(self, protocol: ILink, result: Authenticated) -> PeerLink | None:
+        return self.mesh.link_up(protocol, result)
+
+    def link_ready(self, link: PeerLink) -> None:
+        self.mesh.link_ready(link)
+
+    def link_lost(self, link: PeerLink, reason: str) -> None:
+        self.mesh.link_lost(link, reason)
+
+    def deliver(self, link: PeerLink, env: Envelope) -> None:
+        self.mesh.deliver(link, env)
 
     # --- handshake machines -----------------------------------------------------
     def listener_handshake(self) -> ListenerHandshake:
@@ -449,13 +490,13 @@ class RelayNode:
 
     def client_endpoint(self, address: str, peer_of: Callable[[], str | None]) -> Any:
         """
-        The endpoint toward ``address``: direct, or through a hub when the
-        address is one or cannot be reached (``[relay] hubs``; docs/hub.md).
+        The endpoint toward ``address``: direct TCP, or what ``dial_via``
+        builds (through a hub when the address is one or cannot be reached).
         """
-        parse_address(address)  # a bad address fails here, as before
-        from claudectl.hub.peer import client_endpoint
-
-        return client_endpoint(self, address, peer_of)
+        host, port = parse_address(address)  # a bad address fails here, as before
+        if self.dial_via is not None:
+            return self.dial_via(self, address, peer_of)
+        return clientFromString(self.reactor, client_endpoint_string(host, port))
 
     def key_by_identity(self, address: str) -> KeyByIdentity:
         """
@@ -722,16 +763,3 @@ def _same_address(a: str | None, b: str) -> bool:
         return parse_address(a) == parse_address(b)
     except ValueError:
         return a == b
-
-
-def _load_invites(home: Home) -> Any:
-    # Imported here: the pairing layer builds on this module.
-    from claudectl.pairing.invites import InviteStore
-
-    return InviteStore(home)
-
-
-def _load_pake(invites: Any, reactor: Any) -> Any:
-    from claudectl.pairing.pake import PakeResponder
-
-    return PakeResponder(invites, reactor)
