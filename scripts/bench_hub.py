@@ -67,6 +67,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # no
 from twisted.internet.protocol import Protocol  # noqa: E402
 
 from claudectl.hub import wire  # noqa: E402
+from claudectl.hub.peer import client_endpoint  # noqa: E402
 from claudectl.relay.binding import TLS13  # noqa: E402
 
 TOKEN = "bench-hub-token"
@@ -317,6 +318,7 @@ async def bench(
         clients, waiters, protos = {}, {}, {}
         for how, address in (("direct", service.address), ("hub", hub.address)):
             c = await br.pair_client(reactor, service, br.new_home(tmp, f"client-{how}"), TLS13)
+            c.node.dial_via = client_endpoint  # as the service's dialers: hubs understood
             clients[how], waiters[how] = c, br.SnapshotWaiter(c)
             protos[how] = await c.open(reactor, address)
             want = None if how == "direct" else hub.address
