@@ -169,6 +169,22 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(lines(t)[-1]["reason"], "too_many")
         self.assertEqual(sorted(h.hub.registrations), [B, A])
 
+    def test_silent_connections_are_capped(self) -> None:
+        h = Harness(max_unidentified=2)
+        (p1, _), (p2, _) = h.connect(), h.connect()
+        p3, t3 = h.connect()
+        self.assertTrue(t3.disconnecting)
+        self.assertEqual(h.hub.status()["refused"], {"too_many_connections": 1})
+        p3.connectionLost(None)
+        h.send(p1, {"op": "register", "identity": A, "token": "tok"})  # p1 identified
+        p4, t4 = h.connect()
+        self.assertFalse(t4.disconnecting)
+        h.send(p2, b"junk\n")  # refused: its slot is free once it is gone
+        p2.connectionLost(None)
+        p4.connectionLost(None)
+        p1.connectionLost(None)
+        self.assertEqual(h.hub.unidentified, 0)
+
     def test_second_registration_replaces_the_first_and_is_logged(self) -> None:
         h = Harness()
         first, t1 = h.register(A)

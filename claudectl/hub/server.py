@@ -64,6 +64,9 @@ class HubLimits:
     first_line_timeout_secs: float = 10.0
     #: A registration that sends nothing (peers ping every 30 s) is closed.
     registration_idle_secs: float = 120.0
+    #: Connections that have not sent their first line yet, at most; more
+    #: are closed at once (a flood of silent sockets cannot hold the hub).
+    max_unidentified: int = 1024
 
 
 class State(Enum):
@@ -146,6 +149,8 @@ class Hub:
         self.buckets: dict[str, _RateBucket] = {}
         self.stats = HubStats()
         self._capture_seq = 0
+        #: Connections still in AWAIT_FIRST.
+        self.unidentified = 0
 
     # --- checks -------------------------------------------------------------------
     def token_ok(self, offered: str) -> bool:
@@ -321,16 +326,31 @@ class HubConnection(LineReceiver, TimeoutMixin):
         self.partner: HubConnection | None = None
         self.capture: IO[bytes] | None = None
         self._paused: set[str] = set()
+        self._unidentified = False
         self.callLater = hub.clock.callLater  # type: ignore[method-assign]  # TimeoutMixin's clock
 
     # --- lifecycle ------------------------------------------------------------------
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.address = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        if self.hub.unidentified >= self.hub.limits.max_unidentified:
+            self.state = State.CLOSED
+            self.hub.stats.refuse("too_many_connections")
+            self.transport.abortConnection()
+            return
+        self.hub.unidentified += 1
+        self._unidentified = True
         self.transport.write(wire.greeting())
         self.setTimeout(self.hub.limits.first_line_timeout_secs)
 
+    def _identified(self) -> None:
+        """The first line arrived (or the connection ended before it)."""
+        if self._unidentified:
+            self._unidentified = False
+            self.hub.unidentified -= 1
+
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._identified()
         previous, self.state = self.state, State.CLOSED
         self.setTimeout(None)
         if previous == State.REGISTERED:
@@ -396,6 +416,7 @@ class HubConnection(LineReceiver, TimeoutMixin):
         if op not in ALLOWED[self.state]:
             self._malformed(f"{op!r} not allowed now")
             return
+        self._identified()
         if op == wire.PING:
             self.resetTimeout()
             self.send({"op": wire.PONG})
