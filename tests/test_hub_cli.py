@@ -51,3 +51,37 @@ class InviteHubTests(SynchronousTestCase):
         self.assertEqual(r.returncode, 1)
         self.assertIn("not a usable endpoint", r.stderr)
         self.assertNotIn("Traceback", r.stderr)
+
+
+class TwistdHubTests(SynchronousTestCase):
+    def test_twistd_claudectl_hub_runs_in_the_foreground_and_stops_on_sigterm(self) -> None:
+        from tests.common import ServeProcess
+        from tests.test_twistd import TWISTD
+
+        home = temp_home(self)
+        proc = ServeProcess(
+            home,
+            [
+                "-c",
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "--logfile=-",
+                "claudectl-hub",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--token",
+                "t",
+            ],
+        )
+        self.addCleanup(proc.stop)
+        line = proc.expect("claudectl hub listening on 127.0.0.1:")
+        port = int(line.rsplit(":", 1)[1])
+        proc.expect("hub status: 0 registration")  # the reactor runs
+        r = run_cli(
+            home, "--json", "relay", "hub", "--status", "--hub", f"127.0.0.1:{port}", "--token", "t"
+        )
+        self.assertEqual(json.loads(r.stdout)["registrations"], 0)
+        self.assertIn(proc.stop(), (0, -15))
+        proc.expect("Server Shut Down")
+        self.assertNotIn("Traceback", "\n".join(proc.lines))
