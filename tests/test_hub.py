@@ -370,6 +370,7 @@ class LoopbackTests(TestCase):
         top.startService()
         self.addCleanup(top.stopService)
         yield until(lambda: A in hub.registrations)
+        yield until(lambda: registry.status_providers[0]()["hubs"][0]["state"] == "registered")
         proto = yield b.open_link(dead_addr, KeyAuth(b"k" * 32, A))
         self.assertEqual(proto.result.peer_id, A)
         self.assertEqual(proto.result.transport, "tls1.3")

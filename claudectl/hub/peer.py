@@ -372,11 +372,15 @@ class _Accept(_Lines):
 class _Registration(_Lines):
     """The long-lived registration link to one hub."""
 
-    def __init__(self, node: RelayNode, hub: str, token: str) -> None:
+    def __init__(
+        self, node: RelayNode, hub: str, token: str, states: dict[str, str] | None = None
+    ) -> None:
         super().__init__()
         self.node = node
         self.hub = hub
         self.token = token
+        #: ``relay status``: "registered" / "connecting" / the last refusal, per hub.
+        self.states = states if states is not None else {}
         self.registered: defer.Deferred[None] = defer.Deferred()
         self.pinger: LoopingCall | None = None
 
@@ -400,6 +404,7 @@ class _Registration(_Lines):
             self.pinger = LoopingCall(self._ping)
             self.pinger.clock = self.node.clock
             self.pinger.start(PING_INTERVAL_SECS, now=False)
+            self.states[self.hub] = "registered"
             self.registered.callback(None)
         elif op == wire.INCOMING and self.registered.called:
             connectProtocol(
@@ -419,6 +424,7 @@ class _Registration(_Lines):
                 hub=self.hub,
                 reason=str(reason)[:64],
             )
+            self.states[self.hub] = f"refused: {str(reason)[:64]}"
             if not self.registered.called:
                 self.registered.errback(HubRefused(self.hub, str(reason), "registration refused"))
             self.transport.loseConnection()
@@ -431,6 +437,8 @@ class _Registration(_Lines):
         super().bad_line(why)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.states.get(self.hub) == "registered":
+            self.states[self.hub] = "connecting"
         if self.pinger is not None and self.pinger.running:
             self.pinger.stop()
         if not self.registered.called:
@@ -438,21 +446,25 @@ class _Registration(_Lines):
 
 
 class _RegistrationFactory(Factory):
-    def __init__(self, node: RelayNode, hub: str, token: str) -> None:
-        self.node, self.hub, self.token = node, hub, token
+    def __init__(
+        self, node: RelayNode, hub: str, token: str, states: dict[str, str] | None
+    ) -> None:
+        self.node, self.hub, self.token, self.states = node, hub, token, states
         self.noisy = False
 
     def buildProtocol(self, addr: Any) -> _Registration:
-        return _Registration(self.node, self.hub, self.token)
+        return _Registration(self.node, self.hub, self.token, self.states)
 
 
-def registration_service(node: RelayNode, hub: str, token: str) -> ClientService:
+def registration_service(
+    node: RelayNode, hub: str, token: str, states: dict[str, str] | None = None
+) -> ClientService:
     """Keep one registration link to ``hub`` up, with the peer links' backoff."""
     from claudectl.relay.node import reconnect_policy
 
     service = ClientService(
         hub_endpoint(node.reactor, hub),
-        _RegistrationFactory(node, hub, token),
+        _RegistrationFactory(node, hub, token, states),
         retryPolicy=reconnect_policy(node.config.relay.reconnect_max_secs, node.jitter),
         clock=node.clock,
         prepareConnection=lambda proto: proto.registered,  # type: ignore[attr-defined]
@@ -490,8 +502,14 @@ def attach(node: RelayNode, registry: Any, parent: Any) -> None:
                 '[relay] hubs: "{hub}" is not a "host:port" address; not registering there',
                 hub=hub,
             )
+    states = {hub: "connecting" for hub in usable}
     for hub in usable:
-        registration_service(node, hub, node.config.relay.hub_token).setServiceParent(parent)
+        service = registration_service(node, hub, node.config.relay.hub_token, states)
+        service.setServiceParent(parent)
+    if usable:
+        registry.add_status(
+            lambda: {"hubs": [{"address": h, "state": s} for h, s in states.items()]}
+        )
     registry.add_peer_info(lambda peer: {"via": via_of(node, peer)})
 
 
