@@ -97,6 +97,21 @@ async def fetch_status(reactor: Any, address: str, token: str, timeout: float = 
     return answer
 
 
+async def show_status(ctx: CliContext, address: str, token: str) -> None:
+    """``relay hub --status``: one exchange with the hub, then the counters."""
+    data = await ctx.run(fetch_status, address, token)
+    if ctx.json:
+        ctx.emit_json(data)
+        return
+    ctx.out(f"Hub {address}")
+    ctx.out(f"  registrations: {data.get('registrations')}")
+    ctx.out(f"  channels:      {data.get('channels')} open, {data.get('pending')} waiting")
+    ctx.out(f"  bytes:         {data.get('bytes_forwarded')} forwarded")
+    refused = data.get("refused") or {}
+    if refused:
+        ctx.out(f"  refused:       {json.dumps(refused, sort_keys=True)}")
+
+
 def _status_address(listen: str, hub: str | None) -> str:
     if hub:
         return hub
@@ -136,7 +151,7 @@ def hub(
     rate: int | None,
     capture_dir: str | None,
     logfile: str,
-) -> None:
+) -> Any:
     """Run a NAT hub in the foreground (see docs/hub.md), or --status of one."""
     if status:
         if token_file is not None:
@@ -148,19 +163,8 @@ def hub(
                 token = read_token_file(token_file)
             except usage.UsageError as e:
                 raise CliError(str(e)) from None
-        address = _status_address(listen, hub)
-        data = ctx.run(fetch_status, address, token or "")
-        if ctx.json:
-            ctx.emit_json(data)
-            return
-        ctx.out(f"Hub {address}")
-        ctx.out(f"  registrations: {data.get('registrations')}")
-        ctx.out(f"  channels:      {data.get('channels')} open, {data.get('pending')} waiting")
-        ctx.out(f"  bytes:         {data.get('bytes_forwarded')} forwarded")
-        refused = data.get("refused") or {}
-        if refused:
-            ctx.out(f"  refused:       {json.dumps(refused, sort_keys=True)}")
-        return
+        # Asynchronous: the dispatcher drives the coroutine on its reactor.
+        return show_status(ctx, _status_address(listen, hub), token or "")
     from claudectl.cli.relay_cmds import _run_app
 
     args = ["--nodaemon", f"--logfile={logfile}", "--pidfile=", "claudectl-hub", "--listen", listen]
