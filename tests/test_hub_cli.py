@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from claudectl.pairing import codes
 from tests.common import run_cli, temp_home
@@ -85,3 +85,32 @@ class TwistdHubTests(SynchronousTestCase):
         self.assertIn(proc.stop(), (0, -15))
         proc.expect("Server Shut Down")
         self.assertNotIn("Traceback", "\n".join(proc.lines))
+
+
+class InProcessStatusTests(TestCase):
+    """``relay hub --status`` through the CLI dispatcher, against a hub on loopback."""
+
+    async def test_status_text_and_json(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+
+        from claudectl.hub.server import Hub, HubFactory
+        from tests.cli_harness import run_command
+
+        hub = Hub(reactor, "tok")
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(HubFactory(hub))
+        self.addCleanup(port.stopListening)
+        hub.stats.bytes_forwarded = 1234
+        address = f"127.0.0.1:{port.getHost().port}"
+        home = temp_home(self)
+        r = await run_command(home, "relay", "hub", "--status", "--hub", address, "--token", "tok")
+        self.assertEqual(r.code, 0, r.err)
+        self.assertIn(f"Hub {address}", r.out)
+        self.assertIn("1234 forwarded", r.out)
+        r = await run_command(
+            home, "--json", "relay", "hub", "--status", "--hub", address, "--token", "tok"
+        )
+        self.assertEqual(r.json()["bytes_forwarded"], 1234)
+        r = await run_command(home, "relay", "hub", "--status", "--hub", address)
+        self.assertEqual(r.code, 1)
+        self.assertIn("refused: wrong hub token (bad_token)", r.err)
