@@ -29,14 +29,14 @@ from claudectl.relay.peers_view import peer_rows
 from claudectl.text import ago
 
 
-def call_service(ctx: CliContext, command: type, **kwargs: Any) -> dict[str, Any] | None:
+async def call_service(ctx: CliContext, command: type, **kwargs: Any) -> dict[str, Any] | None:
     """Run an AMP command; None when no service is running."""
 
     async def go(reactor: Any) -> dict[str, Any]:
         return await call_control(reactor, ctx.home, command, **kwargs)
 
     try:
-        return ctx.run(go)
+        return await ctx.run(go)  # type: ignore[no-any-return]
     except ServiceNotRunning:
         return None
     except (C.NotPairedError, C.LinkFailed, C.NoSuchPeer, C.BadRequest) as e:
@@ -330,14 +330,14 @@ def accept(ctx: CliContext, code: str, peer: str, force: bool) -> None:
 )
 @json_flag
 @pass_ctx
-def connect(ctx: CliContext, address: str, peer: str | None) -> None:
+async def connect(ctx: CliContext, address: str, peer: str | None) -> None:
     """Connect to a paired peer and keep the link up (through the running service)."""
     try:
         host, port = parse_address(address)
     except AddressError as e:
         raise CliError(str(e)) from None
     address = format_address(host, port)
-    result = ctx.run(_connect, ctx, address, peer)
+    result = await ctx.run(_connect, ctx, address, peer)
     if result["kept_by_service"]:
         previous = result.get("previous") or None
         if ctx.json:
@@ -400,10 +400,11 @@ async def _connect(reactor: Any, ctx: CliContext, address: str, peer: str | None
 async def _one_shot_connect(
     reactor: Any, ctx: CliContext, address: str, peer: str | None
 ) -> tuple[str, str]:
+    from claudectl.hub.peer import client_endpoint
     from claudectl.relay.handshake import HandshakeFailed, KeyAuth, KeyByIdentity
     from claudectl.relay.node import NotPaired, RelayNode
 
-    node = RelayNode(ctx.home, ctx.config, reactor)
+    node = RelayNode(ctx.home, ctx.config, reactor, dial_via=client_endpoint)
     auth: KeyAuth | KeyByIdentity
     try:
         peer_id = peer or node.peer_last_seen_at(address)
@@ -431,14 +432,14 @@ async def _one_shot_connect(
 @relay.command()
 @json_flag
 @pass_ctx
-def peers(ctx: CliContext) -> None:
+async def peers(ctx: CliContext) -> None:
     """List known peers: state, address, last seen, trust, traffic."""
 
     async def fetch(reactor: Any) -> Any:
         return await call_paged(reactor, ctx.home, C.Peers, "peers_json")
 
     try:
-        rows = ctx.run(fetch)
+        rows = await ctx.run(fetch)
     except ServiceNotRunning:
         rows = None
     except (C.NotPairedError, C.LinkFailed, C.NoSuchPeer, C.BadRequest, ValueError) as e:
@@ -465,8 +466,9 @@ def peers(ctx: CliContext) -> None:
         dot = "●" if r["state"] == "connected" else "○"
         units = f"{r.get('units_up', 0)}/{r.get('units_down', 0)}"
         link = {"tls1.3": "TLS 1.3", "plaintext": "plaintext"}.get(r.get("transport") or "", "-")
+        address = f"via {r['via']}" if r.get("via") else (r["address"] or "-")
         ctx.out(
-            f"{dot} {r['identity']:<22}{r['state']:<14}{link:<11}{(r['address'] or '-'):<24}"
+            f"{dot} {r['identity']:<22}{r['state']:<14}{link:<11}{address:<24}"
             f"{ago(r['last_seen'], time.time()):<14}{trust:<7}{units:>12}{_kb(r['bytes_up']):>10}"
             f"{_kb(r['bytes_down']):>10}"
         )
@@ -515,13 +517,13 @@ def _kb(n: int) -> str:
 @click.argument("peer")
 @json_flag
 @pass_ctx
-def disconnect(ctx: CliContext, peer: str) -> None:
+async def disconnect(ctx: CliContext, peer: str) -> None:
     """Drop the link to PEER; this side stops redialing it until the next start.
 
     A peer that dials us reconnects on its own schedule: `relay forget PEER`
     ends the pairing for good.
     """
-    result = call_service(ctx, C.Disconnect, peer=peer)
+    result = await call_service(ctx, C.Disconnect, peer=peer)
     if result is None:
         raise CliError("the relay service is not running, so there is no link to drop")
     dropped = bool(result.get("dropped_link", result["was_connected"]))
@@ -552,14 +554,14 @@ def disconnect(ctx: CliContext, peer: str) -> None:
 @click.argument("peer")
 @json_flag
 @pass_ctx
-def forget(ctx: CliContext, peer: str) -> None:
+async def forget(ctx: CliContext, peer: str) -> None:
     """Remove PEER's key and address (pair again to reconnect)."""
     if not is_remote_peer_id(peer):
         raise CliError(f"invalid peer id {peer!r}")
     ks = KeyStore(ctx.home)
     if not ks.forget(peer):
         raise CliError(f"unknown peer '{peer}'")
-    call_service(ctx, C.Forgotten, peer=peer)
+    await call_service(ctx, C.Forgotten, peer=peer)
     if ctx.json:
         ctx.emit_json({"peer": peer, "forgotten": True})
     else:
