@@ -43,7 +43,7 @@ from claudectl.relay.handshake import (
 from claudectl.relay.interfaces import ILinkHost
 from claudectl.relay.links import CONNECTOR, LISTENER, ILink, PeerLink
 from claudectl.relay.session import Disconnect, FrameFilter, Liveness
-from claudectl.relay.tls import exporter_of, is_tls13
+from claudectl.relay.tls import exporter_of, flush_tls, is_tls13, start_tls
 
 __all__ = ["CONNECTOR", "LISTENER", "RelayProtocol"]
 
@@ -433,11 +433,12 @@ class RelayProtocol(LineReceiver):
         if self._preauth is not None:
             self._step_deadline(TLS_HANDSHAKE_TIMEOUT_SECS, "no TLS handshake")
         try:
-            if self.role == LISTENER and getattr(self.transport, "_tlsClientDefault", False):
-                # The listener on a socket it dialed (a hub channel): still the TLS server.
-                self.transport.startTLS(tls.server(), False)  # type: ignore[call-arg]
+            if self.role == LISTENER:
+                # Also on a socket it dialed (a hub channel): still the TLS server.
+                start_tls(self.transport, tls.server(), client=False)
             else:
-                self.transport.startTLS(tls.server() if self.role == LISTENER else tls.client())
+                client = bool(getattr(self.transport, "_tlsClientDefault", True))
+                start_tls(self.transport, tls.client(), client=client)
         except Exception as e:
             self._fail_handshake(f"cannot start TLS: {type(e).__name__}: {e}")
 
@@ -460,6 +461,8 @@ class RelayProtocol(LineReceiver):
             self._listener.tls_established(exporter)
         elif self._connector is not None:
             self._apply_step(self._connector.tls_established(exporter))
+            # The proof goes out with our TLS Finished, in one TCP write.
+            flush_tls(self.transport)
 
     def _handshake_timed_out(self) -> None:
         self._fail_handshake("handshake timed out")
@@ -516,6 +519,7 @@ class RelayProtocol(LineReceiver):
             # Put the ack on the wire before the layers' link-up work (a
             # knowledge request, a push of units...) runs: otherwise the
             # reactor sends it only once all of that is done.
+            flush_tls(self.transport)
             flush = getattr(self.transport, "doWrite", None)
             if callable(flush):
                 flush()
