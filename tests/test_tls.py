@@ -243,6 +243,42 @@ class TLSLinkTests(TwoNodes):
         self.assertEqual(len(reads), 2, [tls_records(r) for r in reads[1:]])
         self.assertEqual(tls_records(reads[1])[-2:], [23, 23])  # Finished, proof
 
+    async def test_known_tls_peer_gets_starttls_before_any_challenge(self) -> None:
+        first = await self.dial()  # writes alpha's .tls marker on beta's side
+        first.close("test")
+        await first.when_closed()
+        got = bytearray()
+
+        class Silent(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                got.extend(data)
+
+        silent = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            protocol.Factory.forProtocol(Silent)
+        )
+        self.addCleanup(silent.stopListening)
+        d = self.b.open_link(f"127.0.0.1:{silent.getHost().port}", KeyAuth(self.psk, "alpha-1111"))
+        d.addErrback(lambda _f: None)
+
+        def first_record() -> bytes | None:
+            rest = bytes(got).split(b"\n", 1)[1] if b"\n" in got else b""
+            if len(rest) < 5 or len(rest) < 5 + int.from_bytes(rest[3:5], "big"):
+                return None
+            return rest[: 5 + int.from_bytes(rest[3:5], "big")]
+
+        for _ in range(250):
+            if first_record() is not None:
+                break
+            await self.settle(0.02)
+        # No challenge was sent, yet the starttls request and a ClientHello came.
+        [starttls], _rest = split_first_flight(bytes(got), 1)
+        self.assertEqual(json.loads(starttls)["payload"]["starttls"], "tls-v1")
+        hello = first_record()
+        assert hello is not None
+        self.assertEqual(tls_records(hello), [22])
+        for proto in list(self.b.protocols):
+            proto.transport.abortConnection()
+
     async def test_links_share_one_tls_factory_per_side(self) -> None:
         first = await self.dial()
         layer = first.transport.protocol

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,15 +212,85 @@ class LinkTLS(BufferingTLSTransport):
         self._aggregator.flush()
 
 
-def start_tls(transport: Any, creator: _ContextFactory, client: bool) -> None:
+#: The longest plaintext line read ahead of TLS (a challenge is ~300 bytes).
+MAX_PREFACE_BYTES = 4096
+
+
+class _Preface:
+    """
+    Stands in front of a link's TLS layer until one plaintext line has come
+    (the listener's challenge, when the connector started TLS before it:
+    ``ConnectorHandshake.early_tls``): that line goes to ``on_line``, every
+    byte after it to TLS.  ``on_line(None)``: no line within
+    :data:`MAX_PREFACE_BYTES`.
+    """
+
+    def __init__(self, conn: Any, tls: LinkTLS, on_line: Callable[[bytes | None], None]) -> None:
+        self._conn = conn
+        self._tls = tls
+        self._on_line = on_line
+        self._buf = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        buf = self._buf + data
+        nl = buf.find(b"\n")
+        if nl < 0:
+            self._buf = buf
+            if len(buf) > MAX_PREFACE_BYTES:
+                self._buf = b""
+                self._conn.protocol = self._tls
+                self._on_line(None)
+            return
+        self._buf = b""
+        self._conn.protocol = self._tls
+        self._on_line(buf[:nl])
+        rest = buf[nl + 1 :]
+        if rest and self._conn.connected and not self._conn.disconnecting:
+            self._tls.dataReceived(rest)
+
+    def drop(self) -> None:
+        self._conn.protocol = self._tls
+
+    def connectionLost(self, reason: Any) -> None:
+        self._conn.protocol = self._tls
+        self._tls.connectionLost(reason)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tls, name)
+
+
+def drop_preface(transport: Any) -> None:
+    """The plaintext line came another way (see RelayProtocol.dataReceived): TLS reads now."""
+    layer = getattr(transport, "protocol", None)
+    if isinstance(layer, _Preface):
+        layer.drop()
+
+
+def can_preface(transport: Any) -> bool:
+    """:func:`start_tls` can read a plaintext line ahead of TLS on ``transport``."""
+    return isinstance(transport, ConnectionMixin) and isinstance(transport, FileDescriptor)
+
+
+def start_tls(
+    transport: Any,
+    creator: _ContextFactory,
+    client: bool,
+    preface: Callable[[bytes | None], None] | None = None,
+) -> None:
     """
     What ``transport.startTLS(creator)`` does on a TCP connection
     (``twisted.internet._newtls.startTLS``), with the per-link work it does
     again and again done once: one ``TLSMemoryBIOFactory`` per context and
     side, no interface copying (see :class:`_Bypass`).  Any other transport
     (not a Twisted TCP connection) goes through its own ``startTLS``.
+
+    ``preface``: one plaintext line is still to come before the peer's TLS
+    bytes; it is given to ``preface`` (see :class:`_Preface`).  Only on a
+    TCP connection (``ValueError`` otherwise).
     """
-    if not (isinstance(transport, ConnectionMixin) and isinstance(transport, FileDescriptor)):
+    if not can_preface(transport):
+        if preface is not None:
+            raise ValueError("a plaintext preface needs a TCP connection")
         if client == bool(getattr(transport, "_tlsClientDefault", False)):
             transport.startTLS(creator)
         else:
@@ -237,6 +308,8 @@ def start_tls(transport: Any, creator: _ContextFactory, client: bool) -> None:
     directlyProvides(conn, ISSLTransport)
     conn.TLS = True
     tls_protocol.makeConnection(_Bypass(FileDescriptor, conn))
+    if preface is not None and conn.protocol is tls_protocol:
+        conn.protocol = _Preface(conn, tls_protocol, preface)
     if producer is not None:
         transport.registerProducer(producer, streaming)
 
