@@ -84,11 +84,11 @@ import twisted  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.internet.error import ConnectionDone, ConnectionLost  # noqa: E402
 from twisted.logger import (  # noqa: E402
+    FileLogObserver,
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogBeginner,
-    textFileLogObserver,
 )
 
 from claudectl.config import Config  # noqa: E402
@@ -108,6 +108,7 @@ from claudectl.relay.handshake import (  # noqa: E402
 )
 from claudectl.relay.keystore import KeyStore  # noqa: E402
 from claudectl.relay.node import RelayNode  # noqa: E402
+from claudectl.text import classic_log_text  # noqa: E402
 
 TRANSPORTS = (PLAINTEXT, TLS13)
 LISTEN = "tcp:0:interface=127.0.0.1"
@@ -223,8 +224,11 @@ def machine() -> dict[str, str]:
 def start_logging(path: Path) -> None:
     """The client's log (info and up) goes to a file in the temporary directory."""
     out = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
+    # The lines `relay serve` writes, formatted as it does (the client stands
+    # for a dialing service).
     observer = FilteringLogObserver(
-        textFileLogObserver(out), [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)]
+        FileLogObserver(out, classic_log_text),
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
