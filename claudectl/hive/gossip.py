@@ -39,15 +39,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
+from claudectl.changes import ChangeWatcher
 from claudectl.config import Config
 from claudectl.hive.delivery import DeliveryBook, DeliveryFile, fingerprint
 from claudectl.hive.merge import (
@@ -65,7 +68,7 @@ from claudectl.hive.store import (
     read_units_file,
     store_transaction,
 )
-from claudectl.hive.trust import TrustReader, load_trust, log_collisions, trust_transaction
+from claudectl.hive.trust import TrustBook, load_trust, log_collisions, trust_transaction
 from claudectl.hive.units import (
     SNAPSHOT_PAGE_BYTES,
     ApproachCluster,
@@ -78,13 +81,15 @@ from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
 from claudectl.relay.interfaces import IMesh
 from claudectl.relay.keystore import is_remote_peer_id
+from claudectl.statestore import StateWriter, logged
 
 log = Logger()
 
 SYNC_STATE = "sync_state.json"
-#: How often the service looks for changes of knowledge.jsonl made by others
-#: (one stat() call).
-POLL_SECS = 0.05
+TRUST = "trust.json"
+#: sync_state.json is written at most this often (and when the service
+#: stops), not once per request: a lost update only costs resends.
+STATE_SAVE_SECS = 5.0
 #: After a link to a peer of this project comes up we answer its
 #: knowledge_request first; a push round follows after this delay in case the
 #: peer never asks.
@@ -214,13 +219,18 @@ class SyncState:
             ps = self.peers[peer_id] = PeerSync(peer_id)
         return ps
 
-    def save(self) -> None:
+    def encode(self) -> bytes:
+        """The file's bytes now (taken on the reactor, written on the writer thread)."""
         data = {k: v.to_json() for k, v in sorted(self.peers.items())}
+        return json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
+
+    def write(self, data: bytes) -> None:
         with locked(self.path):
             # A lost update only costs resends that the receiver's merge drops.
-            atomic_write(
-                self.path, json.dumps(data, indent=2, ensure_ascii=False), mode=0o600, durable=False
-            )
+            atomic_write(self.path, data, mode=0o600, durable=False)
+
+    def save(self) -> None:
+        self.write(self.encode())
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -316,8 +326,14 @@ class Gossip:
         identity: str,
         now: Callable[[], float],
         call_later: Callable[..., Any] | None = None,
+        writer: StateWriter | None = None,
     ) -> None:
         self.home = home
+        #: File work goes through the writer (inline when there is no service).
+        self.writer = writer or StateWriter()
+        #: True once change notices keep the caches below current
+        #: (:meth:`watch`); else the store file is stat()ed when read.
+        self._watched = False
         self.config = config
         self.mesh = mesh
         self.identity = identity
@@ -329,6 +345,12 @@ class Gossip:
         self.delivery_file = DeliveryFile(home)
         self._file_sig: tuple[int, int, int] | None = self._signature()
         self._units_cache: tuple[tuple[int, int, int] | None, list[KnowledgeUnit]] | None = None
+        #: trust.json as last read or written by us (the reactor's copy).
+        self._trust: TrustBook = load_trust(home, config.hive.default_trust)
+        #: Batches waiting for the merge before them (one merge at a time).
+        self._merges: deque[tuple[str, list[KnowledgeUnit], str, dict[str, int]]] = deque()
+        self._merging = False
+        self._distilling = False
         self._push_scheduled = False
         self._save_scheduled = False
         self._record_scheduled = False
@@ -396,12 +418,15 @@ class Gossip:
         self._page_timers.clear()
         self._confirm_scheduled.clear()
         self._record_scheduled = False
+        self._save_scheduled = False
         self.flush_counts()
         if self._state_dirty:
             self._save_state()
 
     def _load_units(self) -> list[KnowledgeUnit]:
         """The store's units, parsed again only when the file changed."""
+        if self._watched and self._units_cache is not None:
+            return self._units_cache[1]  # change notices keep it current
         sig = self._signature()
         if self._units_cache is not None and sig is not None and self._units_cache[0] == sig:
             return self._units_cache[1]
@@ -410,15 +435,19 @@ class Gossip:
         return units
 
     def _save_state(self) -> None:
-        self.state.save()
+        """Hand sync_state.json's bytes to the writer thread."""
         self._state_dirty = False
+        d = self.writer.run(self.state.write, self.state.encode())
+        d.addErrback(logged("saving " + SYNC_STATE))
 
     def _save_soon(self) -> None:
-        """Save sync_state.json once for everything that happens in this turn."""
-        if self._save_scheduled and self._call_later is not None:
-            self._state_dirty = True
-            return
+        """Save sync_state.json within STATE_SAVE_SECS, once for all changes meanwhile."""
         self._state_dirty = True
+        if self._stopped:
+            self._save_state()
+            return
+        if self._save_scheduled:
+            return
         self._save_scheduled = True
 
         def run() -> None:
@@ -426,7 +455,7 @@ class Gossip:
             if self._state_dirty:
                 self._save_state()
 
-        self._later(0, run)
+        self._later(STATE_SAVE_SECS, run)
 
     def on_link_up(self, peer_id: str) -> None:
         # Not inside the authentication callback: a big store must not stall it.
@@ -593,7 +622,7 @@ class Gossip:
         ctx = ShareContext.load(self.home, self.identity, self.config.hive)
         sent = sum(self._push(p, units, ctx) for p in peers)
         if self._state_dirty:
-            self._save_state()
+            self._save_soon()
         return sent
 
     def push(self, peer_id: str) -> int:
@@ -601,7 +630,7 @@ class Gossip:
         ctx = ShareContext.load(self.home, self.identity, self.config.hive)
         sent = self._push(peer_id, units, ctx)
         if self._state_dirty:
-            self._save_state()
+            self._save_soon()
         return sent
 
     def _sendable(self, units: list[KnowledgeUnit]) -> list[Encoded]:
@@ -786,7 +815,6 @@ class Gossip:
 
     def receive(self, peer_id: str, raw_units: list[Any], ack_id: str = "") -> dict[str, int]:
         """Validate, rate-limit and merge one batch from ``peer_id``; then pass it on."""
-        now = self.now()
         ps = self.state.peer(peer_id)
         good: list[KnowledgeUnit] = []
         bad = 0
@@ -824,6 +852,29 @@ class Gossip:
             "rejected": 0,
             "duplicates": 0,
         }
+        self._merges.append((peer_id, good, ack_id, stats))
+        self._next_merge()
+        return stats
+
+    def _next_merge(self) -> None:
+        """Merge the next waiting batch; the one after it waits for its commit."""
+        if self._merging or not self._merges:
+            return
+        self._merging = True
+        batch = self._merges.popleft()
+        d = defer.maybeDeferred(self._merge, *batch)
+        d.addErrback(logged("merging knowledge from " + batch[0]))
+
+        def next_one(_: Any) -> None:
+            self._merging = False
+            self._next_merge()
+
+        d.addBoth(next_one)
+
+    def _merge(
+        self, peer_id: str, good: list[KnowledgeUnit], ack_id: str, stats: dict[str, int]
+    ) -> defer.Deferred[Any] | None:
+        now = self.now()
         cfg = self.config.hive
         # The daily rate cap counts new units only (accepted or updated):
         # duplicates and echoes are free.  What trust.json counted plus what
@@ -831,55 +882,104 @@ class Gossip:
         # gossips: freezing keeps its knowledge out of the prompt, not off
         # the mesh.)
         day = str(now // 86400)
-        rec_ro = load_trust(self.home, cfg.default_trust).get(peer_id)
+        rec_ro = self._trust.get(peer_id)
         already = rec_ro.daily_received.get(day, 0) if rec_ro is not None else 0
         already += self._unrecorded.get(peer_id, 0)
         allowance = max(0, cfg.max_units_per_peer_per_day - already)
-        have = good
         self._unrecorded.setdefault(peer_id, 0)  # marks the contact
         if good and self._all_known(good, peer_id):
             # Copies of what we hold (other paths of the same gossip): no
             # store transaction, no file rewrite, nothing counted.
             stats["duplicates"] = len(good)
             self._record_soon()
-        elif good:
-            # Two short transactions, never nested (no lock-order deadlocks
-            # with the CLI): the merge, then the bookkeeping.
-            with store_transaction(self.home, local_id=self.identity, config=cfg, now=now) as store:
-                existing = store.by_key()
-                result = merge_batch(store, good, self.identity, now, budget=allowance)
-                # Who delivered what, written before the store itself.
-                record_deliveries(self.delivery_file, existing, result, peer_id, store.units())
-            # What we just wrote is the store now: no need to parse it again.
-            self._units_cache = (self._signature(), store.units())
-            write_merge_logs(self.home, result, cfg.max_log_bytes)
-            stats.update(result.stats())
-            excess = len(result.left_out)
-            if excess:
-                self.counters["dropped_rate_cap"] += excess
-                ps.dropped += excess
-                stats["dropped"] = excess
-                if self._may_warn(peer_id):
-                    log.warn(
-                        "rate cap: dropped {count} new unit(s) from {peer_id} ({cap} per day)",
-                        count=excess,
-                        peer_id=peer_id,
-                        cap=cfg.max_units_per_peer_per_day,
-                    )
-                left = {id(u) for u in result.left_out}
-                have = [u for u in good if id(u) not in left]
-            # Crossing the cap is counted too: that is what freezes the sender.
-            self._unrecorded[peer_id] += result.accepted + result.updated + excess
-            with trust_transaction(self.home, cfg.default_trust) as book:
-                self._record_counts(book, now)
-                collisions = book.check_collisions(existing, good, peer_id, self.identity, now)
-                rec = book.ensure(peer_id, now)
-                rec.knowledge_accepted += result.accepted + result.updated
-                rec.knowledge_conflicted += result.rejected
-            if collisions:
-                log_collisions(self.home, collisions, cfg.max_log_bytes)
-        else:
+            self._merged(peer_id, good, good, ack_id, stats, now)
+            return None
+        if not good:
             self._record_soon()
+            self._merged(peer_id, good, good, ack_id, stats, now)
+            return None
+        # The counts so far go to trust.json with this batch's.
+        counts, self._unrecorded = self._unrecorded, {}
+        d = self.writer.run(self._commit, peer_id, good, allowance, now, counts)
+        d.addCallback(self._committed, peer_id, good, ack_id, stats, now)
+        return d
+
+    def _commit(
+        self,
+        peer_id: str,
+        good: list[KnowledgeUnit],
+        allowance: int,
+        now: int,
+        counts: dict[str, int],
+    ) -> tuple[BatchResult, list[KnowledgeUnit], Any, TrustBook]:
+        """The file work of one batch (on the writer thread): merge, logs, trust."""
+        cfg = self.config.hive
+        # Two short transactions, never nested (no lock-order deadlocks
+        # with the CLI): the merge, then the bookkeeping.
+        with store_transaction(self.home, local_id=self.identity, config=cfg, now=now) as store:
+            existing = store.by_key()
+            result = merge_batch(store, good, self.identity, now, budget=allowance)
+            # Who delivered what, written before the store itself.
+            record_deliveries(self.delivery_file, existing, result, peer_id, store.units())
+        units = store.units()
+        sig = self._signature()
+        write_merge_logs(self.home, result, cfg.max_log_bytes)
+        # Crossing the cap is counted too: that is what freezes the sender.
+        counts[peer_id] = counts.get(peer_id, 0) + result.accepted + result.updated
+        counts[peer_id] += len(result.left_out)
+        with trust_transaction(self.home, cfg.default_trust) as book:
+            self._write_counts(book, counts, now)
+            collisions = book.check_collisions(existing, good, peer_id, self.identity, now)
+            rec = book.ensure(peer_id, now)
+            rec.knowledge_accepted += result.accepted + result.updated
+            rec.knowledge_conflicted += result.rejected
+        if collisions:
+            log_collisions(self.home, collisions, cfg.max_log_bytes)
+        return result, units, sig, book
+
+    def _committed(
+        self,
+        done: tuple[BatchResult, list[KnowledgeUnit], Any, TrustBook],
+        peer_id: str,
+        good: list[KnowledgeUnit],
+        ack_id: str,
+        stats: dict[str, int],
+        now: int,
+    ) -> None:
+        result, units, sig, book = done
+        # What we just wrote is the store now: no need to parse it again.
+        self._units_cache = (sig, units)
+        self._trust = book
+        stats.update(result.stats())
+        have = good
+        excess = len(result.left_out)
+        if excess:
+            cfg = self.config.hive
+            self.counters["dropped_rate_cap"] += excess
+            self.state.peer(peer_id).dropped += excess
+            stats["dropped"] = excess
+            if self._may_warn(peer_id):
+                log.warn(
+                    "rate cap: dropped {count} new unit(s) from {peer_id} ({cap} per day)",
+                    count=excess,
+                    peer_id=peer_id,
+                    cap=cfg.max_units_per_peer_per_day,
+                )
+            left = {id(u) for u in result.left_out}
+            have = [u for u in good if id(u) not in left]
+        self._merged(peer_id, good, have, ack_id, stats, now)
+
+    def _merged(
+        self,
+        peer_id: str,
+        good: list[KnowledgeUnit],
+        have: list[KnowledgeUnit],
+        ack_id: str,
+        stats: dict[str, int],
+        now: int,
+    ) -> None:
+        """A batch is merged (or was nothing new): ack, cursors, pass it on."""
+        ps = self.state.peer(peer_id)
         self._ack(peer_id, ack_id, have)
         for u in good:
             # The peer has this (id, version): never echo it back.
@@ -901,23 +1001,24 @@ class Gossip:
             },
         )
         if stats["accepted"] or stats["updated"]:
-            self._file_sig = self._signature()
+            self._file_sig = self._units_cache[0] if self._units_cache else self._signature()
             self.schedule_push_all()
-        return stats
 
-    def _record_counts(self, book: Any, now: int) -> None:
-        """Write the daily receive counts held in memory into ``book``."""
+    def _write_counts(self, book: TrustBook, counts: dict[str, int], now: int) -> None:
+        """Write daily receive counts into ``book`` (on the writer thread)."""
         cap = self.config.hive.max_units_per_peer_per_day
-        for peer, count in self._unrecorded.items():
+        for peer, count in counts.items():
             if count:
                 book.record_batch(peer, count, now, cap=cap)
             else:
                 rec = book.ensure(peer, now)
                 rec.last_sync = max(rec.last_sync, now)
-        self._unrecorded.clear()
 
     def _record_soon(self) -> None:
         """Flush the receive counts to trust.json within a few seconds."""
+        if self._stopped:
+            self.flush_counts()
+            return
         if self._record_scheduled:
             return
         self._record_scheduled = True
@@ -928,11 +1029,23 @@ class Gossip:
 
         self._later(RECORD_FLUSH_SECS, run)
 
-    def flush_counts(self) -> None:
+    def flush_counts(self) -> defer.Deferred[Any] | None:
+        """Hand the receive counts held in memory to the writer thread."""
         if not self._unrecorded:
-            return
+            return None
+        counts, self._unrecorded = self._unrecorded, {}
+        d = self.writer.run(self._flush_counts, counts, self.now())
+        d.addCallback(self._trust_read)
+        d.addErrback(logged("recording receive counts"))
+        return d
+
+    def _flush_counts(self, counts: dict[str, int], now: int) -> TrustBook:
         with trust_transaction(self.home, self.config.hive.default_trust) as book:
-            self._record_counts(book, self.now())
+            self._write_counts(book, counts, now)
+        return book
+
+    def _trust_read(self, book: TrustBook) -> None:
+        self._trust = book
 
     def _all_known(self, units: list[KnowledgeUnit], peer_id: str) -> bool:
         """True when every unit is already stored at that version by no shorter path
@@ -962,7 +1075,7 @@ class Gossip:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def poll(self) -> None:
-        """Called on a timer: push when knowledge.jsonl changed."""
+        """Push when knowledge.jsonl changed (reactor-free callers and tests)."""
         try:
             sig = self._signature()
             if sig != self._file_sig:
@@ -970,8 +1083,63 @@ class Gossip:
                 self._load_units()  # parse now, not when a request arrives
                 self.schedule_push_all()
         except Exception:
-            # A LoopingCall stops at the first exception: keep polling.
             log.failure("gossip poll failed")
+
+    def watch(self, changes: ChangeWatcher) -> None:
+        """Keep the caches current through change notices (the service)."""
+        self._watched = True
+        changes.on(self.home.hive, KNOWLEDGE, self.on_store_changed)
+        changes.on(self.home.hive, TRUST, self.on_trust_changed)
+
+    def on_store_changed(self, _name: str = KNOWLEDGE) -> defer.Deferred[Any] | None:
+        """knowledge.jsonl was replaced: read it on the writer thread, then push."""
+        if self._signature() == self._file_sig:
+            return None  # our own write: the cache already holds it
+        path = hive_file(self.home, KNOWLEDGE)
+
+        def read() -> tuple[Any, list[KnowledgeUnit]]:
+            sig = self._signature()
+            return sig, read_units_file(path).store.units()
+
+        def loaded(result: tuple[Any, list[KnowledgeUnit]]) -> None:
+            sig, units = result
+            self._units_cache = (sig, units)
+            if sig != self._file_sig:
+                self._file_sig = sig
+                self.schedule_push_all()
+
+        d = self.writer.run(read)
+        d.addCallback(loaded)
+        d.addErrback(logged("reading " + KNOWLEDGE))
+        return d
+
+    def on_trust_changed(self, _name: str = TRUST) -> defer.Deferred[Any]:
+        d = self.writer.run(load_trust, self.home, self.config.hive.default_trust)
+        d.addCallback(self._trust_read)
+        d.addErrback(logged("reading " + TRUST))
+        return d
+
+    def trust_level(self, peer_id: str) -> float:
+        """A peer's trust level from the reactor's copy of trust.json."""
+        return self._trust.level(peer_id)
+
+    def distill_tick(self) -> defer.Deferred[Any] | None:
+        """The distillation timer: look at the decision log on the writer thread."""
+        if self._distilling:
+            return None  # the last tick is still running
+        self._distilling = True
+        from claudectl.hive.distill import maybe_distill
+
+        d = self.writer.run(
+            maybe_distill, self.home, self.config.hive, self.now(), local_id=self.identity
+        )
+
+        def done(_: Any) -> None:
+            self._distilling = False
+
+        d.addErrback(logged("distillation"))
+        d.addBoth(done)
+        return d
 
     def peer_info(self, peer_id: str) -> dict[str, Any]:
         ps = self.state.peers.get(peer_id)
@@ -997,34 +1165,25 @@ class _GossipService(Service):
         return super().stopService()
 
 
-def _distill_tick(node: Any) -> None:
-    try:
-        from claudectl.hive.distill import maybe_distill
-
-        maybe_distill(
-            node.home, node.config.hive, int(node.clock.seconds()), local_id=node.identity
-        )
-    except Exception:
-        log.failure("distillation failed")
-
-
 def attach(node: Any, parent: MultiService) -> Gossip:
     """Hang the gossip engine (and its timers) on a relay node."""
     gossip = Gossip(
-        node.home, node.config, node.mesh, node.identity, node.clock.seconds, node.clock.callLater
+        node.home,
+        node.config,
+        node.mesh,
+        node.identity,
+        node.clock.seconds,
+        node.clock.callLater,
+        writer=node.writer,
     )
     gossip.register()
-    default = node.config.hive.default_trust
-    node.trust_of = TrustReader(node.home, default)
+    gossip.watch(node.changes)
+    node.trust_of = gossip.trust_level
     node.peer_info_providers.append(gossip.peer_info)
     node.status_providers.append(lambda: {"hive": dict(gossip.counters)})
     node.gossip = gossip
     _GossipService(gossip).setServiceParent(parent)
-    poll = TimerService(POLL_SECS, gossip.poll)
-    poll.clock = node.clock
-    poll.setName("gossip-poll")
-    poll.setServiceParent(parent)
-    distill = TimerService(DISTILL_POLL_SECS, _distill_tick, node)
+    distill = TimerService(DISTILL_POLL_SECS, gossip.distill_tick)
     distill.clock = node.clock
     distill.setName("hive-distill")
     distill.setServiceParent(parent)

@@ -484,7 +484,7 @@ def load_trust(home: Home, default_trust: float = 0.5, *, repair: bool = False) 
     """
     path = trust_path(home)
     error: Exception | None = None
-    for attempt in range(2):
+    for _attempt in range(2):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -493,8 +493,10 @@ def load_trust(home: Home, default_trust: float = 0.5, *, repair: bool = False) 
             return TrustBook.from_json(json.loads(data), default_trust)
         except (ValueError, UnicodeDecodeError) as e:
             error = e
-            if attempt == 0:
-                time.sleep(0.05)  # a writer may be half-way: look again once
+            # A writer may be half-way (claudectl rewrites in place): the
+            # second read may see it done.  No sleep: the service reads on
+            # its writer thread and reads again when the write's change
+            # notice arrives.
     if not repair:
         log.warn(
             "cannot read {path} ({reason}); using default trust levels",

@@ -26,6 +26,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from claudectl.changes import ChangeWatcher
 from claudectl.config import Config
 from claudectl.home import Home
 from claudectl.relay.address import client_endpoint_string, parse_address
@@ -50,6 +51,7 @@ from claudectl.relay.nonces import IssuedNonces
 from claudectl.relay.protocol import CONNECTOR, LISTENER, RelayProtocol
 from claudectl.relay.tls import TLSContexts, ensure_credentials
 from claudectl.relay.workers import WorkerTable
+from claudectl.statestore import StateWriter
 
 log = Logger()
 
@@ -338,6 +340,10 @@ class RelayNode:
         #: Called with the bound TCP port once the listener is up.
         self.on_listening: list[Callable[[int], None]] = []
         self.started_at = reactor.seconds()
+        #: File work of the layers runs on one writer thread (issue 13), and
+        #: changes other processes make to state files are noticed here.
+        self.writer = StateWriter(reactor)
+        self.changes = ChangeWatcher(reactor, reactor)
         #: Nonces our listeners and connectors issued lately: one handed
         #: back to us is a reflection attempt.
         self.nonces = IssuedNonces(

@@ -31,11 +31,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from claudectl.atomic import sweep_temp_files
+from claudectl.changes import ChangeWatcherService
 from claudectl.config import Config, ConfigError, load_config, risky_settings
 from claudectl.home import Home
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
 from claudectl.relay.node import RelayFactory, RelayNode
 from claudectl.relay.runinfo import remove_runinfo, write_runinfo
+from claudectl.statestore import StateWriterService
 
 log = Logger()
 
@@ -278,6 +280,10 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     _create_private_logfile(options)
     node = RelayNode(home, config, reactor)
     top = RelayService(node)
+    # First children, so they stop last: the writer waits for what the
+    # layers queue while they stop.
+    StateWriterService(node.writer).setServiceParent(top)
+    ChangeWatcherService(node.changes).setServiceParent(top)
 
     factory = RelayFactory(node)
     factory.noisy = False  # no "Starting factory" / "Stopping factory" lines
