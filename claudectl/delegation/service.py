@@ -80,7 +80,7 @@ def attach(node: Any, parent: Any) -> DelegationService:
         identity=node.identity,
         config=config,
         mesh=mesh,
-        store=TaskStore(home.tasks, INCOMING),
+        store=TaskStore(home.tasks, INCOMING, node.writer),
         trust_of=lambda peer: node.trust_of(peer),
         clock=reactor,
         spawner=spawner,
@@ -90,7 +90,7 @@ def attach(node: Any, parent: Any) -> DelegationService:
     )
     controller = DelegationController(
         mesh=mesh,
-        store=TaskStore(home.tasks, OUTGOING),
+        store=TaskStore(home.tasks, OUTGOING, node.writer),
         clock=reactor,
         is_paired=is_paired,
         answer_timeout_secs=config.answer_timeout_secs,
