@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from claudectl import lagprobe
 from claudectl.atomic import sweep_temp_files
 from claudectl.changes import ChangeWatcherService
 from claudectl.config import Config, ConfigError, load_config, risky_settings
+from claudectl.control.notice import NoticeLocator
 from claudectl.home import Home
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
 from claudectl.relay.node import RelayFactory, RelayNode
@@ -284,6 +287,11 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     # layers queue while they stop.
     StateWriterService(node.writer).setServiceParent(top)
     ChangeWatcherService(node.changes).setServiceParent(top)
+    node.control_locators.append(NoticeLocator(node.changes))
+    if os.environ.get(lagprobe.ENV_VAR) == "1":  # scripts/bench_stall.py
+        probe = lagprobe.LagProbe(reactor)
+        lagprobe.LagProbeService(probe).setServiceParent(top)
+        node.control_locators.append(lagprobe.LagLocator(probe))
 
     factory = RelayFactory(node)
     factory.noisy = False  # no "Starting factory" / "Stopping factory" lines
