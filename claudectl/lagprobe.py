@@ -58,6 +58,8 @@ class LagProbe:
     def reset(self) -> None:
         self.samples.clear()
         self.max_lag = 0.0
+        # The time spent reporting is not the next period's lag.
+        self._last = None
 
     def report(self) -> dict[str, Any]:
         ordered = sorted(self.samples)

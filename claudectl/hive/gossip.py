@@ -315,6 +315,62 @@ def _delivered_by(book: DeliveryBook, unit: KnowledgeUnit) -> tuple[str, ...]:
     return book.deliverers(unit) or (unit.source_peer,)
 
 
+def validate_batch(raw_units: list[Any]) -> tuple[list[KnowledgeUnit], int, str]:
+    """A peer's units, each checked on its own: (good ones, how many bad, the first error)."""
+    good: list[KnowledgeUnit] = []
+    bad = 0
+    first_error = ""
+    for n, raw in enumerate(raw_units):
+        try:
+            unit = KnowledgeUnit.from_json(raw)
+            check_peer_fields(unit)
+        except Exception as e:  # UnitError, or anything a hostile value provokes
+            bad += 1
+            if not first_error:
+                first_error = f"#{n}: {str(e)[:200]}"
+            continue
+        good.append(
+            dataclasses.replace(unit, propagation_count=min(unit.propagation_count + 1, 2**32 - 1))
+        )
+    return good, bad, first_error
+
+
+def _all_known(
+    cache: tuple[Any, list[KnowledgeUnit]] | None,
+    sig: Any,
+    units: list[KnowledgeUnit],
+    peer_id: str,
+) -> bool:
+    """True when every unit is already stored at that version by no shorter path
+    (and none comes straight from its origin, whose delivery record may improve)."""
+    if cache is None or cache[0] is None or cache[0] != sig:
+        return False
+    held = {u.id: u for u in cache[1]}
+    for u in units:
+        if u.source_peer == peer_id:
+            return False  # from its origin: its delivery record may improve
+        h = held.get(u.id)
+        if (
+            h is None
+            or h.version < u.version
+            or (h.version == u.version and h.propagation_count > u.propagation_count)
+        ):
+            return False
+    return True
+
+
+@dataclass
+class _Commit:
+    """What the writer thread did with one batch."""
+
+    counts: dict[str, int]
+    good: list[KnowledgeUnit]
+    bad: int
+    first_error: str
+    #: (merge result, the store's units, its file signature, trust.json) if written.
+    committed: tuple[BatchResult, list[KnowledgeUnit], Any, TrustBook] | None = None
+
+
 class Gossip:
     """The gossip engine of one node (reactor-free apart from the injected clock)."""
 
@@ -348,7 +404,7 @@ class Gossip:
         #: trust.json as last read or written by us (the reactor's copy).
         self._trust: TrustBook = load_trust(home, config.hive.default_trust)
         #: Batches waiting for the merge before them (one merge at a time).
-        self._merges: deque[tuple[str, list[KnowledgeUnit], str, dict[str, int]]] = deque()
+        self._merges: deque[tuple[str, list[Any], str, dict[str, int]]] = deque()
         self._merging = False
         self._distilling = False
         self._push_scheduled = False
@@ -814,45 +870,24 @@ class Gossip:
             self.receive(peer_id, units, ack_id=ack_id)
 
     def receive(self, peer_id: str, raw_units: list[Any], ack_id: str = "") -> dict[str, int]:
-        """Validate, rate-limit and merge one batch from ``peer_id``; then pass it on."""
-        ps = self.state.peer(peer_id)
-        good: list[KnowledgeUnit] = []
-        bad = 0
-        first_error = ""
-        for n, raw in enumerate(raw_units):
-            try:
-                unit = KnowledgeUnit.from_json(raw)
-                check_peer_fields(unit)
-            except Exception as e:  # UnitError, or anything a hostile value provokes
-                bad += 1
-                if not first_error:
-                    first_error = f"#{n}: {str(e)[:200]}"
-                continue
-            good.append(
-                dataclasses.replace(
-                    unit, propagation_count=min(unit.propagation_count + 1, 2**32 - 1)
-                )
-            )
-        if bad and self._may_warn(peer_id):
-            # One line per batch, however many bad units it holds.
-            log.info(
-                "rejected {count} knowledge unit(s) from {peer_id} (first {error})",
-                count=bad,
-                peer_id=peer_id,
-                error=first_error,
-            )
-        self.counters["bad_units"] += bad
-        ps.rejected += bad
+        """
+        Validate, rate-limit and merge one batch from ``peer_id``; then pass it on.
+
+        The batch waits for the one before it; validation and the file work
+        run on the writer thread (the reactor only plans and bookkeeps).  The
+        returned counts are filled in once the batch is merged -- at once
+        when there is no writer thread (reactor-free callers and tests).
+        """
         stats = {
             "received": len(raw_units),
-            "bad": bad,
+            "bad": 0,
             "dropped": 0,
             "accepted": 0,
             "updated": 0,
             "rejected": 0,
             "duplicates": 0,
         }
-        self._merges.append((peer_id, good, ack_id, stats))
+        self._merges.append((peer_id, raw_units, ack_id, stats))
         self._next_merge()
         return stats
 
@@ -872,8 +907,8 @@ class Gossip:
         d.addBoth(next_one)
 
     def _merge(
-        self, peer_id: str, good: list[KnowledgeUnit], ack_id: str, stats: dict[str, int]
-    ) -> defer.Deferred[Any] | None:
+        self, peer_id: str, raw_units: list[Any], ack_id: str, stats: dict[str, int]
+    ) -> defer.Deferred[Any]:
         now = self.now()
         cfg = self.config.hive
         # The daily rate cap counts new units only (accepted or updated):
@@ -887,32 +922,30 @@ class Gossip:
         already += self._unrecorded.get(peer_id, 0)
         allowance = max(0, cfg.max_units_per_peer_per_day - already)
         self._unrecorded.setdefault(peer_id, 0)  # marks the contact
-        if good and self._all_known(good, peer_id):
-            # Copies of what we hold (other paths of the same gossip): no
-            # store transaction, no file rewrite, nothing counted.
-            stats["duplicates"] = len(good)
-            self._record_soon()
-            self._merged(peer_id, good, good, ack_id, stats, now)
-            return None
-        if not good:
-            self._record_soon()
-            self._merged(peer_id, good, good, ack_id, stats, now)
-            return None
-        # The counts so far go to trust.json with this batch's.
+        # The counts so far go to trust.json with this batch's (or come back).
         counts, self._unrecorded = self._unrecorded, {}
-        d = self.writer.run(self._commit, peer_id, good, allowance, now, counts)
-        d.addCallback(self._committed, peer_id, good, ack_id, stats, now)
+        d = self.writer.run(
+            self._commit, peer_id, raw_units, allowance, now, counts, self._units_cache
+        )
+        d.addCallback(self._committed, peer_id, ack_id, stats, now)
         return d
 
     def _commit(
         self,
         peer_id: str,
-        good: list[KnowledgeUnit],
+        raw_units: list[Any],
         allowance: int,
         now: int,
         counts: dict[str, int],
-    ) -> tuple[BatchResult, list[KnowledgeUnit], Any, TrustBook]:
-        """The file work of one batch (on the writer thread): merge, logs, trust."""
+        cache: tuple[Any, list[KnowledgeUnit]] | None,
+    ) -> _Commit:
+        """One batch on the writer thread: validate; merge, logs, trust if anything is new."""
+        out = _Commit(counts, *validate_batch(raw_units))
+        good = out.good
+        if not good or _all_known(cache, self._signature(), good, peer_id):
+            # Copies of what we hold (other paths of the same gossip): no
+            # store transaction, no file rewrite, nothing counted.
+            return out
         cfg = self.config.hive
         # Two short transactions, never nested (no lock-order deadlocks
         # with the CLI): the merge, then the bookkeeping.
@@ -935,18 +968,34 @@ class Gossip:
             rec.knowledge_conflicted += result.rejected
         if collisions:
             log_collisions(self.home, collisions, cfg.max_log_bytes)
-        return result, units, sig, book
+        out.committed = (result, units, sig, book)
+        return out
 
     def _committed(
-        self,
-        done: tuple[BatchResult, list[KnowledgeUnit], Any, TrustBook],
-        peer_id: str,
-        good: list[KnowledgeUnit],
-        ack_id: str,
-        stats: dict[str, int],
-        now: int,
+        self, out: _Commit, peer_id: str, ack_id: str, stats: dict[str, int], now: int
     ) -> None:
-        result, units, sig, book = done
+        ps = self.state.peer(peer_id)
+        good = out.good
+        if out.bad and self._may_warn(peer_id):
+            # One line per batch, however many bad units it holds.
+            log.info(
+                "rejected {count} knowledge unit(s) from {peer_id} (first {error})",
+                count=out.bad,
+                peer_id=peer_id,
+                error=out.first_error,
+            )
+        self.counters["bad_units"] += out.bad
+        ps.rejected += out.bad
+        stats["bad"] = out.bad
+        if out.committed is None:
+            # Nothing written: the counts wait for the next write.
+            for peer, count in out.counts.items():
+                self._unrecorded[peer] = self._unrecorded.get(peer, 0) + count
+            stats["duplicates"] = len(good)
+            self._record_soon()
+            self._merged(peer_id, good, good, ack_id, stats, now)
+            return
+        result, units, sig, book = out.committed
         # What we just wrote is the store now: no need to parse it again.
         self._units_cache = (sig, units)
         self._trust = book
@@ -956,7 +1005,7 @@ class Gossip:
         if excess:
             cfg = self.config.hive
             self.counters["dropped_rate_cap"] += excess
-            self.state.peer(peer_id).dropped += excess
+            ps.dropped += excess
             stats["dropped"] = excess
             if self._may_warn(peer_id):
                 log.warn(
@@ -1046,25 +1095,6 @@ class Gossip:
 
     def _trust_read(self, book: TrustBook) -> None:
         self._trust = book
-
-    def _all_known(self, units: list[KnowledgeUnit], peer_id: str) -> bool:
-        """True when every unit is already stored at that version by no shorter path
-        (and none comes straight from its origin, whose delivery record may improve)."""
-        cache = self._units_cache
-        if cache is None or cache[0] is None or cache[0] != self._signature():
-            return False
-        held = {u.id: u for u in cache[1]}
-        for u in units:
-            if u.source_peer == peer_id:
-                return False  # from its origin: its delivery record may improve
-            h = held.get(u.id)
-            if (
-                h is None
-                or h.version < u.version
-                or (h.version == u.version and h.propagation_count > u.propagation_count)
-            ):
-                return False
-        return True
 
     # --- noticing changes by other processes -------------------------------------------------
     def _signature(self) -> tuple[int, int, int] | None:
