@@ -7,8 +7,10 @@ Set-up, all through the real CLI in temporary homes: a service S
 (``relay serve`` with ``CLAUDECTL_LAG_PROBE=1``: it measures its own event
 loop with a 1 ms timer and reports the lag over the control socket), and two
 clients paired with it by ``relay pair`` / ``relay accept``: a *loader* (a
-peer that sends knowledge) and a *prober* (opens a link, then closes it,
-every 20 ms: the handshake latency a peer sees).
+peer of this project that sends knowledge) and a *prober*: a one-way client
+as claudectl 0.64's ``connect`` (S sends it no knowledge) that makes a
+handshake, closes, asks ``relay status`` over the control socket, and again
+every 20 ms -- the latency a peer and the CLI see.
 
 Each run, on a fresh S:
   quiet    nothing happens (the baseline)
@@ -47,13 +49,17 @@ sys.path.insert(0, str(_HERE))
 
 import bench_relay as br  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # noqa: E402
 from twisted.internet.threads import deferToThread  # noqa: E402
+from twisted.protocols.basic import LineReceiver  # noqa: E402
 
 from claudectl.control import commands as C  # noqa: E402
 from claudectl.control.client import call_control  # noqa: E402
 from claudectl.hive.distill import decisions_path  # noqa: E402
 from claudectl.relay import codec  # noqa: E402
 from claudectl.relay.binding import PLAINTEXT  # noqa: E402
+from claudectl.relay.crypto import proof  # noqa: E402
+from claudectl.relay.keystore import KeyStore  # noqa: E402
 
 LAG_TARGET_MS = 10.0
 #: A loaded handshake p50 may be this many times the quiet one.
@@ -165,29 +171,61 @@ async def read_lag(reactor: Any, service: br.Service, reset: bool) -> dict[str, 
     return data
 
 
+class OnewayHandshake(LineReceiver):
+    """
+    One handshake as a claudectl 0.64 ``connect`` client makes it (one-way:
+    no cnonce), written from docs/protocol.md: challenge -> handshake ->
+    handshake_ack.  S treats such a client as one that only prints knowledge
+    frames, so probing sends it nothing but the handshake.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = codec.MAX_LINE_BYTES
+
+    def __init__(self, identity: str, psk: bytes) -> None:
+        self.envelopes = codec.EnvelopeFactory(identity)
+        self.psk = psk
+        self.done: defer.Deferred[str] = defer.Deferred()
+
+    def lineReceived(self, line: bytes) -> None:
+        env = codec.decode(line)
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        if env.msg_type == codec.CHALLENGE:
+            body = {"proof": proof(self.psk, payload["nonce"]), "version": "0.64.0"}
+            self.sendLine(codec.encode(self.envelopes.make(codec.HANDSHAKE, body)).rstrip(b"\n"))
+        elif env.msg_type == codec.HANDSHAKE_ACK and not self.done.called:
+            self.done.callback(str(payload.get("status")))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.done.called:
+            self.done.errback(br.BenchError("S closed the probe's connection"))
+
+
 class Prober:
     """Handshakes and control calls, one after another, while a phase runs."""
 
-    def __init__(self, reactor: Any, service: br.Service, client: br.Client) -> None:
+    def __init__(self, reactor: Any, service: br.Service, identity: str, psk: bytes) -> None:
         self.reactor = reactor
         self.service = service
-        self.client = client
-        # Like a peer of this project, acknowledge what S pushes (else S
-        # offers the whole store again on every new link).
-        for msg_type in (codec.KNOWLEDGE_SYNC, codec.KNOWLEDGE_SNAPSHOT):
-            client.node.mesh.add_handler(msg_type, self._ack)
+        self.identity = identity
+        self.psk = psk
         self.handshakes: list[float] = []
         self.controls: list[float] = []
         self._running = False
         self._done: defer.Deferred[None] | None = None
 
-    def _ack(self, peer: str, env: Any) -> None:
-        units = env.payload.get("units") if isinstance(env.payload, dict) else None
-        pairs = [[u.get("id"), u.get("version")] for u in units or () if isinstance(u, dict)]
-        for i in range(0, len(pairs), 4096):
-            self.client.node.mesh.send(
-                peer, codec.ACK, {"ack_id": env.id, "knowledge": pairs[i : i + 4096]}
-            )
+    async def handshake(self) -> float:
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.service.port)
+        t0 = time.perf_counter()
+        proto = OnewayHandshake(self.identity, self.psk)
+        await br.within(connectProtocol(endpoint, proto), br.STEP_TIMEOUT_SECS, self.reactor)
+        status = await br.within(proto.done, br.STEP_TIMEOUT_SECS, self.reactor)
+        took = (time.perf_counter() - t0) * 1000
+        if status != "ok":
+            raise br.BenchError(f"S refused the probe's handshake: {status}")
+        assert proto.transport is not None
+        proto.transport.loseConnection()
+        return took
 
     def start(self) -> None:
         self._running = True
@@ -201,14 +239,24 @@ class Prober:
 
     async def _loop(self) -> None:
         while self._running:
-            t0 = time.perf_counter()
-            proto = await self.client.open(self.reactor, self.service.address)
-            self.handshakes.append((time.perf_counter() - t0) * 1000)
-            await self.client.close(self.reactor, proto)
+            self.handshakes.append(await self.handshake())
             t0 = time.perf_counter()
             await self.service.status(self.reactor)
             self.controls.append((time.perf_counter() - t0) * 1000)
             await br.sleep(self.reactor, PROBE_GAP_SECS)
+
+
+async def pair_prober(reactor: Any, service: br.Service, home: Any) -> Prober:
+    """``relay pair`` on S, ``relay accept`` for the prober; its first handshake claims the code."""
+    code = br.cli(service.home.root, "relay", "pair")["pair_code"]
+    identity = br.cli(home.root, "relay", "identity")["identity"]
+    br.cli(home.root, "relay", "accept", code, service.identity)
+    psk = KeyStore(home).key(service.identity)
+    if psk is None:
+        raise br.BenchError("relay accept stored no key")
+    prober = Prober(reactor, service, identity, psk)
+    await prober.handshake()
+    return prober
 
 
 @dataclasses.dataclass
@@ -260,11 +308,7 @@ async def one_run(
     results: dict[str, PhaseResult] = {}
     try:
         loader = await br.pair_client(reactor, service, br.new_home(base, "loader"), PLAINTEXT)
-        prober = Prober(
-            reactor,
-            service,
-            await br.pair_client(reactor, service, br.new_home(base, "prober"), PLAINTEXT),
-        )
+        prober = await pair_prober(reactor, service, br.new_home(base, "prober"))
         now = int(time.time())
 
         async def quiet() -> None:

@@ -231,9 +231,9 @@ class IdleWritesTests(SynchronousTestCase):
         put(home, "me-1", unit_json("ku_1", "me-1"))
         mesh.peers["peer-a"] = "mutual"
         path = home.hive / gossip_mod.SYNC_STATE
-        writes: list[bytes] = []
+        writes: list[Any] = []
         real = g.state.write
-        g.state.write = lambda data: (writes.append(data), real(data))  # type: ignore[method-assign]
+        g.state.write = lambda peers: (writes.append(peers), real(peers))  # type: ignore[method-assign]
         for _ in range(20):
             mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
             clock.advance(0.1)

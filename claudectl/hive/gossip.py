@@ -219,18 +219,24 @@ class SyncState:
             ps = self.peers[peer_id] = PeerSync(peer_id)
         return ps
 
-    def encode(self) -> bytes:
-        """The file's bytes now (taken on the reactor, written on the writer thread)."""
-        data = {k: v.to_json() for k, v in sorted(self.peers.items())}
+    def snapshot(self) -> list[PeerSync]:
+        """A copy to hand to the writer thread (the reactor goes on changing its own)."""
+        return [dataclasses.replace(v, sent=dict(v.sent)) for v in self.peers.values()]
+
+    @staticmethod
+    def encode(peers: list[PeerSync]) -> bytes:
+        data = {p.peer_id: p.to_json() for p in sorted(peers, key=lambda p: p.peer_id)}
         return json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
 
-    def write(self, data: bytes) -> None:
+    def write(self, peers: list[PeerSync]) -> None:
+        """Encode and write a snapshot (on the writer thread)."""
+        data = self.encode(peers)
         with locked(self.path):
             # A lost update only costs resends that the receiver's merge drops.
             atomic_write(self.path, data, mode=0o600, durable=False)
 
     def save(self) -> None:
-        self.write(self.encode())
+        self.write(self.snapshot())
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -493,7 +499,7 @@ class Gossip:
     def _save_state(self) -> None:
         """Hand sync_state.json's bytes to the writer thread."""
         self._state_dirty = False
-        d = self.writer.run(self.state.write, self.state.encode())
+        d = self.writer.run(self.state.write, self.state.snapshot())
         d.addErrback(logged("saving " + SYNC_STATE))
 
     def _save_soon(self) -> None:
