@@ -65,8 +65,6 @@ LAG_TARGET_MS = 10.0
 #: A loaded handshake p50 may be this many times the quiet one.
 LATENCY_RATIO_TARGET = 2.0
 PROBE_GAP_SECS = 0.02
-#: After a CLI command returns, S still reads what it wrote (change notice).
-SETTLE_SECS = 1.0
 #: Units per knowledge_sync frame (about 450 bytes each: ~250 KB frames).
 PAGE_UNITS = 500
 S_CONFIG = """\
@@ -89,10 +87,21 @@ class Sizes:
     import_units: int
     decisions: int
     quiet_secs: float
+    #: After a CLI command returns, S still reads what it wrote (change notice).
+    settle_secs: float
 
 
-FULL = Sizes(runs=5, merge_units=5_000, import_units=10_000, decisions=100_000, quiet_secs=2.0)
-QUICK = Sizes(runs=1, merge_units=200, import_units=300, decisions=2_000, quiet_secs=0.3)
+FULL = Sizes(
+    runs=5,
+    merge_units=5_000,
+    import_units=10_000,
+    decisions=100_000,
+    quiet_secs=2.0,
+    settle_secs=1.0,
+)
+QUICK = Sizes(
+    runs=1, merge_units=200, import_units=300, decisions=2_000, quiet_secs=0.2, settle_secs=0.1
+)
 
 
 def unit_records(origin: str, tag: str, n: int, now: int) -> list[dict[str, Any]]:
@@ -249,9 +258,10 @@ class Prober:
 async def pair_prober(reactor: Any, service: br.Service, home: Any) -> Prober:
     """``relay pair`` on S, ``relay accept`` for the prober; its first handshake claims the code."""
     code = br.cli(service.home.root, "relay", "pair")["pair_code"]
-    identity = br.cli(home.root, "relay", "identity")["identity"]
     br.cli(home.root, "relay", "accept", code, service.identity)
-    psk = KeyStore(home).key(service.identity)
+    keys = KeyStore(home)
+    identity = keys.ensure_identity()  # made by relay accept
+    psk = keys.key(service.identity)
     if psk is None:
         raise br.BenchError("relay accept stored no key")
     prober = Prober(reactor, service, identity, psk)
@@ -302,7 +312,6 @@ async def one_run(
     base = tmp / f"run{n}"
     base.mkdir()
     s_home = br.new_home(base, "s", S_CONFIG)
-    br.cli(s_home.root, "relay", "identity")
     profile_out = tmp / f"profile-{n}.out" if profile else None
     service = await br.start_service(reactor, s_home, profile_out, env={"CLAUDECTL_LAG_PROBE": "1"})
     results: dict[str, PhaseResult] = {}
@@ -323,7 +332,7 @@ async def one_run(
 
         async def distill() -> None:
             await deferToThread(br.cli, s_home.root, "hive", "distill")
-            await br.sleep(reactor, SETTLE_SECS)
+            await br.sleep(reactor, sizes.settle_secs)
 
         say(f"run {n}: hive distill over {sizes.decisions} decisions")
         results["distill"] = await measure(reactor, service, prober, distill)
@@ -362,7 +371,7 @@ async def one_run(
 
         async def import_() -> None:
             await deferToThread(br.cli, s_home.root, "hive", "import", str(doc))
-            await br.sleep(reactor, SETTLE_SECS)
+            await br.sleep(reactor, sizes.settle_secs)
 
         say(f"run {n}: hive import of {sizes.import_units} units")
         results["import"] = await measure(reactor, service, prober, import_)
