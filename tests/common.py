@@ -161,6 +161,9 @@ def make_node(
     from twisted.internet.testing import MemoryReactorClock
 
     from claudectl.config import Config
+    from claudectl.pairing.invites import InviteStore
+    from claudectl.pairing.pake import PakeResponder
+    from claudectl.relay.keystore import KeyStore
     from claudectl.relay.node import RelayNode
 
     if reactor is None:
@@ -168,8 +171,20 @@ def make_node(
     config = Config()
     relay.setdefault("lan_discovery", False)
     config = dataclasses.replace(config, relay=dataclasses.replace(config.relay, **relay))
+    home = home or temp_home(testcase)
+    # Wired as the composition root wires it: invites over the node's keys.
+    keystore = KeyStore(home)
+    invites = InviteStore(home, keystore)
     node = RelayNode(
-        home or temp_home(testcase), config, reactor, identity=identity, jitter=lambda: 0.0, tls=tls
+        home,
+        config,
+        reactor,
+        identity=identity,
+        jitter=lambda: 0.0,
+        tls=tls,
+        keystore=keystore,
+        invites=invites,
+        pake=PakeResponder(invites, reactor),
     )
     return node
 
@@ -313,3 +328,20 @@ def run_cli(
         env=env or subprocess_env(home),
         cwd=str(home.root),
     )
+
+
+def control_with_events(node: Any, tasks: Any = None) -> tuple[Any, Any]:
+    """
+    ``(event_hub, control_factory)`` of ``node`` wired as the composition
+    root wires them (without the hive's trust book: every peer has the
+    configured default trust).
+    """
+    from claudectl.control import events as E
+    from claudectl.control.server import ControlFactory, ControlRegistry
+
+    default = node.config.hive.default_trust
+    registry = ControlRegistry(trust_of=lambda _peer: default)
+    events = E.events_service(node, registry, tasks)
+    registry.add_connection_locator(events.locator_for)
+    registry.add_status(events.status)
+    return events.hub, ControlFactory(node, registry=registry)

@@ -1,4 +1,4 @@
-"""attach(node, parent): handlers, link observer, locator, service lifecycle."""
+"""delegation_service(...): handlers, link observers, locator, status, service lifecycle."""
 
 from twisted.application.service import MultiService
 from twisted.internet.task import Clock
@@ -7,7 +7,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from claudectl.config import Config, DelegationConfig
 from claudectl.delegation import payloads as P
 from claudectl.delegation.locator import DelegationLocator
-from claudectl.delegation.service import attach
+from claudectl.delegation.service import DelegationService, delegation_service
 from tests.common import FakeMesh, temp_home
 
 
@@ -20,9 +20,21 @@ class Node:
         self.identity = "worker-1"
         self.mesh = FakeMesh("worker-1", peers=["ctl-1"])
         self.reactor = Clock()  # no IReactorProcess: tasks fail clearly
-        self.control_locators = []
-        self.status_providers = []
-        self.trust_of = lambda peer: 0.5
+        self.trust = 0.5
+
+
+def attach(node: Node, parent: MultiService) -> DelegationService:
+    """The service as the composition root builds it, trust read late from ``node``."""
+    svc = delegation_service(
+        node.home,
+        node.config.delegation,
+        node.mesh,
+        node.identity,
+        node.reactor,
+        lambda peer: node.trust,
+    )
+    svc.setServiceParent(parent)
+    return svc
 
 
 class ServiceTests(SynchronousTestCase):
@@ -33,25 +45,23 @@ class ServiceTests(SynchronousTestCase):
         node = Node(home, project)
         parent = MultiService()
         svc = attach(node, parent)
-        self.assertIsInstance(node.control_locators[0], DelegationLocator)
+        self.assertIsInstance(svc.locator, DelegationLocator)
         for t in ("delegate_task", "task_interrupt", "ack", "task_status", "task_handoff"):
             self.assertEqual(len(node.mesh.handlers[t]), 1, t)
         parent.startService()
-        node.trust_of = lambda peer: 0.1  # the hive layer replaced it after attach
+        node.trust = 0.1  # trust_of is asked at each delegation
         node.mesh.deliver("ctl-1", "delegate_task", P.build_delegate_task("t1", "p", str(project)))
         (h,) = [p for _, t, p in node.mesh.sent if t == "task_handoff"]
         self.assertIn("trust 0.10", h["summary"])
-        node.trust_of = lambda peer: 0.5
+        node.trust = 0.5
         node.mesh.deliver("ctl-1", "delegate_task", P.build_delegate_task("t2", "p", str(project)))
         h = [p for _, t, p in node.mesh.sent if t == "task_handoff"][-1]
         self.assertEqual(h["summary"], "this worker cannot start processes")
-        self.assertEqual(
-            node.status_providers[0]()["delegation"]["allowed_dirs"], [str(project.resolve())]
-        )
+        self.assertEqual(svc.status()["delegation"]["allowed_dirs"], [str(project.resolve())])
         # A tail for a task we never delegated: ignored and counted.
         tail = dict(P.build_task_status("nope", "running", P.TaskStats()), tail=[{"text": "x"}])
         node.mesh.deliver("ctl-1", "task_status", tail)
-        status = node.status_providers[0]()["delegation"]
+        status = svc.status()["delegation"]
         self.assertEqual(status["controller_counters"]["tail_ignored"], 1)
         self.successResultOf(parent.stopService())
         self.assertFalse(svc.running)

@@ -14,6 +14,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.hooks import entry
+from claudectl.hooks.runtime import Deadline
 from claudectl.hooks.settings import hook_command
 from claudectl.lazylog import LazyLogger
 from tests.common import subprocess_env, temp_home
@@ -106,7 +107,7 @@ class NeverInTheWayTests(SynchronousTestCase):
         home = temp_home(self)
 
         def slow(*a: object) -> None:
-            raise entry._Deadline()
+            raise Deadline()
 
         self.patch(entry, "handle", slow)
         out = io.StringIO()

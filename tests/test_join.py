@@ -15,9 +15,9 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from claudectl.config import Config
+from claudectl.control.join import JoinFailed, join_peer
 from claudectl.pairing.detect import decode_join
 from claudectl.pairing.invites import InviteStore
-from claudectl.relay.client import JoinFailed, join_peer
 from claudectl.relay.keystore import KeyStore
 from tests.common import temp_home, wrong_password_naming
 from tests.test_services import RunningService, wait_for

@@ -15,9 +15,9 @@ from twisted.trial.unittest import TestCase
 from claudectl.control import commands as C
 from claudectl.control.client import ServiceNotRunning, call_control
 from claudectl.home import Home
-from claudectl.relay import tap
 from claudectl.relay.keystore import KeyStore
 from claudectl.relay.runinfo import running_port
+from claudectl.service import compose as tap
 from tests.common import temp_home
 
 

@@ -24,17 +24,33 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from claudectl import changes
 from claudectl.atomic import atomic_write
 from claudectl.config import Config
+from claudectl.control.lagprobe import LagProbe
 from claudectl.control.notice import NoticeLocator, notify_service
 from claudectl.hive import gossip as gossip_mod
 from claudectl.hive.distill import CURSOR
 from claudectl.hive.gossip import Gossip
-from claudectl.lagprobe import LagProbe
 from claudectl.relay.handshake import KeyAuth
 from claudectl.relay.keystore import KeyStore
 from claudectl.statestore import THREAD_NAME, StateWriter
 from tests.common import FakeMesh, ServeProcess, make_node, run_cli, temp_home
 from tests.test_gossip import NOW, put, stored, unit_json
 from tests.test_services import RunningService
+
+
+def writer_of(s: RunningService) -> StateWriter:
+    assert s.svc is not None
+    return s.svc.getServiceNamed("state-writer").writer  # type: ignore[attr-defined, no-any-return]
+
+
+def watcher_of(s: RunningService) -> changes.ChangeWatcher:
+    assert s.svc is not None
+    return s.svc.getServiceNamed("state-watcher").watcher  # type: ignore[attr-defined, no-any-return]
+
+
+def gossip_of(s: RunningService) -> Gossip:
+    assert s.svc is not None
+    hive = s.svc.getServiceNamed("hive")
+    return hive.getServiceNamed("gossip").gossip  # type: ignore[attr-defined, no-any-return]
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
@@ -309,7 +325,7 @@ class ServiceTests(TestCase):
         sender.mesh.send(
             s.node.identity, "knowledge_sync", {"sync_epoch": int(time.time()), "units": [unit]}
         )
-        await wait_for(lambda: s.node.writer.pending() > 0, 5, "the merge to be queued")
+        await wait_for(lambda: writer_of(s).pending() > 0, 5, "the merge to be queued")
         prober, auth2 = self.peer(s, "peer-probe")
         started = time.monotonic()
         await self.link(s, prober, auth2)
@@ -332,12 +348,13 @@ class ServiceTests(TestCase):
         s.start()
         self.addCleanup(s.stop)
         # Forget inotify for this service: only the notice can tell it.
-        s.node.changes.stop()
-        s.node.changes._reactor = None
-        s.node.changes.start()
-        self.assertEqual(s.node.changes.mode, "poll")
+        watcher = watcher_of(s)
+        watcher.stop()
+        watcher._reactor = None
+        watcher.start()
+        self.assertEqual(watcher.mode, "poll")
         await wait_for(lambda: s.node.listening_ports, 10, "the listener")
-        g = s.node.gossip
+        g = gossip_of(s)
         g._load_units()
         doc = Path(self.mktemp()).absolute()
         doc.write_text(json.dumps([unit_json("ku_cli", "peer-x", validated=int(time.time()))]))

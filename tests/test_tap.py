@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
@@ -11,8 +12,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.control.paths import control_socket_path
-from claudectl.relay import tap
 from claudectl.relay.keystore import KeyStore, PeerMeta
+from claudectl.service import compose as tap
 from tests.common import make_node, temp_home
 
 
@@ -121,6 +122,143 @@ class MakeServiceTests(SynchronousTestCase):
         # Nobody was seen at 127.0.0.2:1: its key is chosen by the identity
         # the listener there announces.
         self.assertEqual(sorted(svc.node.address_dialers), ["127.0.0.2:1"])
+
+
+class UDPMemoryReactor(MemoryReactorClock):
+    """A MemoryReactorClock that can also 'listen' on UDP (LAN discovery)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udp: list[tuple[int, Any]] = []
+
+    def listenUDP(
+        self, port: int, proto: Any, interface: str = "", maxPacketSize: int = 8192
+    ) -> Any:
+        return self._udp(port, proto)
+
+    def listenMulticast(
+        self,
+        port: int,
+        proto: Any,
+        interface: str = "",
+        maxPacketSize: int = 8192,
+        listenMultiple: bool = False,
+    ) -> Any:
+        return self._udp(port, proto)
+
+    def _udp(self, port: int, proto: Any) -> Any:
+        from twisted.internet.testing import FakeDatagramTransport
+
+        class Port:
+            def stopListening(self) -> None:
+                proto.doStop()
+
+        transport = FakeDatagramTransport()
+        transport.setBroadcastAllowed = lambda enabled: None  # type: ignore[attr-defined]
+        proto.makeConnection(transport)
+        self.udp.append((port, proto))
+        return Port()
+
+
+class CompositionRootTests(SynchronousTestCase):
+    """What the one makeService builds, and how the pieces are handed to each other."""
+
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+
+    def make(self, reactor: Any, *args: str) -> tap.RelayService:
+        svc = tap.makeService(
+            parse("--home", str(self.home.root), "--listen", "tcp:0:interface=127.0.0.1", *args),
+            reactor=reactor,
+        )
+        assert isinstance(svc, tap.RelayService)
+        return svc
+
+    def test_service_tree(self) -> None:
+        svc = self.make(MemoryReactorClock(), "--no-discovery")
+        self.assertEqual(
+            [child.name for child in svc],
+            [
+                "state-writer",
+                "state-watcher",
+                "listener",
+                "control",
+                "hive",
+                "delegation",
+                "events",
+            ],
+        )
+        hive = svc.getServiceNamed("hive")
+        self.assertEqual(
+            [child.name for child in hive],  # type: ignore[attr-defined]
+            ["gossip", "hive-distill"],  # change notices, no poll
+        )
+
+    def test_invites_are_kept_over_the_node_keystore(self) -> None:
+        """
+        The listener accepts a joiner through an invite made on the node's
+        own invite store (an invite store built over anything but the
+        node's keystore -- a config, say -- fails here).
+        """
+        from claudectl.pairing.invites import InviteStore
+        from claudectl.pairing.pake import PakeResponder
+        from claudectl.relay.node import ListenerKeys
+
+        node = self.make(MemoryReactorClock(), "--no-discovery").node
+        self.assertIsInstance(node.invites, InviteStore)
+        assert isinstance(node.invites, InviteStore)
+        self.assertIs(node.invites.keystore, node.keystore)
+        self.assertIsInstance(node.pake, PakeResponder)
+        invite = node.invites.create(node.identity, "127.0.0.1", 9900, 600, node.clock.seconds())
+        keys = ListenerKeys(node)
+        [label] = [lab for lab, psk in keys.pending_candidates() if psk == invite.link_psk]
+        self.assertTrue(keys.claim("joiner-0a1b2c3d", label, invite.link_psk))
+        self.assertEqual(node.keystore.key("joiner-0a1b2c3d"), invite.link_psk)
+        self.assertEqual(node.invites.list(node.clock.seconds())[0].used_by, "joiner-0a1b2c3d")
+
+    def test_seams_are_provided(self) -> None:
+        """The node, its invite store and its protocols provide the relay's seams."""
+        from zope.interface.verify import verifyObject
+
+        from claudectl.relay.interfaces import IInviteBook, ILinkHost, IMesh
+        from claudectl.relay.links import ILink
+        from claudectl.relay.node import RelayFactory
+
+        node = self.make(MemoryReactorClock(), "--no-discovery").node
+        self.assertTrue(verifyObject(ILinkHost, node))
+        self.assertTrue(verifyObject(IMesh, node.mesh))
+        self.assertTrue(verifyObject(IInviteBook, node.invites))
+        self.assertTrue(verifyObject(ILink, RelayFactory(node).buildProtocol(None)))
+
+    def test_lan_discovery_starts_once_the_listener_is_bound(self) -> None:
+        reactor = UDPMemoryReactor()
+        svc = self.make(reactor)
+        self.assertNotIn("announcer", [child.name for child in svc])
+        svc.privilegedStartService()
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        self.assertIn("announcer", [child.name for child in svc])
+        self.assertTrue(svc.getServiceNamed("announcer").running)
+        self.assertGreaterEqual(len(reactor.udp), 1)
+
+    def test_no_discovery(self) -> None:
+        reactor = UDPMemoryReactor()
+        svc = self.make(reactor, "--no-discovery")
+        svc.privilegedStartService()
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        self.assertNotIn("announcer", [child.name for child in svc])
+        self.assertEqual(reactor.udp, [])
+
+    def test_layers_registered_with_the_control_socket(self) -> None:
+        svc = self.make(MemoryReactorClock(), "--no-discovery")
+        control = svc.getServiceNamed("control")
+        locator = control.factory.buildProtocol(None).locator  # type: ignore[attr-defined]
+        answer = self.successResultOf(locator.locateResponder(b"Status")({}))
+        status = json.loads(answer[b"status_json"])
+        self.assertIn("hive", status)
+        self.assertIn("delegation", status)
+        self.assertEqual(status["dashboards"], 0)
 
 
 class BackoffTests(SynchronousTestCase):

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import MultiService
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.config import Config
-from claudectl.control import events as E
-from claudectl.control.server import ControlFactory
 from claudectl.hive.trust import trust_level
 from claudectl.relay.keystore import KeyStore
 from claudectl.tui.feed import FeedProtocol
 from claudectl.tui.runner import Backend
-from tests.common import make_node
+from tests.common import control_with_events, make_node
 
 PEER = "laptop-a3f29b1c"
 
@@ -53,8 +50,7 @@ class BackendActionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.node = make_node(self, "me-00000001")
         self.node.keystore.save_key(PEER, b"k" * 32)
-        E.attach(self.node, MultiService())
-        factory = ControlFactory(self.node)
+        _hub, factory = control_with_events(self.node)
         self.client, self.server, self.pump = connectedServerAndClient(
             ServerClass=lambda: factory.buildProtocol(None),
             ClientClass=lambda: FeedProtocol(lambda p, d: None),

@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.application.service import MultiService
 from twisted.internet.task import Clock
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.control import events as E
 from claudectl.control import panels as P
-from claudectl.control.server import ControlFactory
 from claudectl.tui.feed import FeedProtocol
-from tests.common import make_node, temp_home
+from tests.common import control_with_events, make_node, temp_home
 
 
 class HubTests(SynchronousTestCase):
@@ -155,9 +153,8 @@ class ControlSocketTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.node = make_node(self, "me-00000001")
         self.clock = self.node.reactor
-        self.hub = E.attach(self.node, MultiService())
+        self.hub, factory = control_with_events(self.node)
         self.updates: list[tuple[str, dict[str, Any]]] = []
-        factory = ControlFactory(self.node)
         self.client, self.server, self.pump = connectedServerAndClient(
             ServerClass=lambda: factory.buildProtocol(None),
             ClientClass=lambda: FeedProtocol(lambda p, d: self.updates.append((p, d))),

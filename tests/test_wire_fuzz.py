@@ -20,11 +20,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from claudectl.delegation import service as delegation_service
-from claudectl.hive import gossip
+from claudectl.control.server import ControlRegistry
 from claudectl.relay import codec
 from claudectl.relay.crypto import proof
 from claudectl.relay.node import RelayFactory
+from claudectl.service.compose import compose_layers
 from tests.common import make_node
 
 PEER = "fuzz-peer-01"
@@ -124,8 +124,7 @@ class WireFuzzTests(SynchronousTestCase):
         self.node = make_node(self, "fuzz-listener", self.reactor)
         self.node.keystore.save_key(PEER, PSK)
         self.parent = MultiService()
-        gossip.attach(self.node, self.parent)
-        delegation_service.attach(self.node, self.parent)
+        compose_layers(self.node, ControlRegistry(), self.parent)
         self.ports = 40000
 
     def connect(self) -> tuple[Any, StringTransport]:

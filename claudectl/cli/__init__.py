@@ -30,12 +30,9 @@ COMMAND_MODULES = (
 
 
 def load_commands() -> click.Group:
+    """The ``claudectl`` group with every command module's commands registered."""
     for name in COMMAND_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
+        importlib.import_module(name)
     return cli
 
 

@@ -149,16 +149,6 @@ def json_flag(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def remote_error_text(e: Exception) -> str:
-    """The message of an error from the service (an AMP remote error's description)."""
-    description = getattr(e, "description", None)
-    if isinstance(description, bytes):
-        return description.decode("utf-8", "replace")
-    if description:
-        return str(description)
-    return str(e)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--home",

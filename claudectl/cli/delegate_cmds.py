@@ -21,7 +21,7 @@ import click
 
 from claudectl.cli.base import CliContext, CliError, cli, pass_ctx, relay
 from claudectl.cli.base import json_flag as _json_option
-from claudectl.cli.base import remote_error_text as _error_text
+from claudectl.control.client import remote_error_text as _error_text
 from claudectl.delegation import commands as C
 from claudectl.delegation.taskrun import FINISHED_STATES
 from claudectl.text import clean_line
@@ -36,11 +36,9 @@ async def _call(
 ) -> dict[str, Any]:
     """One control-channel call; service and command errors become CliError
     (``absent_ok``: a service that is not running raises ServiceNotRunning)."""
-    try:
-        from claudectl.control.client import ServiceNotRunning, call_control
-    except ImportError:  # pragma: no cover - the relay core is part of the package
-        raise CliError("the relay service is not available in this installation") from None
     from twisted.internet.error import ConnectionClosed
+
+    from claudectl.control.client import ServiceNotRunning, call_control
 
     try:
         return await call_control(reactor, ctx.home, command, **kwargs)

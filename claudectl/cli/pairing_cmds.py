@@ -9,7 +9,7 @@
   outstanding invites.
 * ``relay join`` detects and decodes any of the four forms
   (:func:`claudectl.pairing.detect.decode_join`) and hands the result to
-  the relay core's ``claudectl.relay.client.join_peer``.
+  ``claudectl.control.join.join_peer``.
 * ``relay discover`` broadcasts a discovery query, listens for answers and
   LAN beacons, and prints the table; with ``--json`` stdout holds nothing but
   JSON (defect P10), each row with its ``paired`` flag.
@@ -17,19 +17,15 @@
 
 from __future__ import annotations
 
-import io
-import ipaddress
 import re
-import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from claudectl.cli.base import CliContext, CliError, pass_ctx, relay
-from claudectl.pairing import codes
 from claudectl.pairing.detect import JoinTarget, decode_join
+from claudectl.pairing.hosts import InviteHostError, invite_host, qr_text
 from claudectl.pairing.invites import (
     FAILURE_TEXT,
     Invite,
@@ -41,10 +37,6 @@ from claudectl.pairing.invites import (
 from claudectl.relay.keystore import KeyStore
 from claudectl.text import clean_line
 
-#: Where the "UDP connect" trick points to learn the primary address (no
-#: packet is sent by connecting a UDP socket).
-_ROUTE_PROBE = ("8.8.8.8", 80)
-_UNSPECIFIED = {"0.0.0.0", "::", "[::]", ""}
 _TTL = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$", re.IGNORECASE)
 _TTL_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 3600}
 MAX_TTL_SECS = 365 * 86400
@@ -57,44 +49,6 @@ def _json_option(fn: Any) -> Any:
         is_flag=True,
         help="Machine-readable JSON output (same as the global --json).",
     )(fn)
-
-
-def primary_ipv4(probe: tuple[str, int] = _ROUTE_PROBE) -> str | None:
-    """This machine's primary non-loopback IPv4 address, found without sending a packet."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(probe)
-            addr = s.getsockname()[0]
-    except OSError:
-        return None
-    ip = ipaddress.IPv4Address(addr)
-    return None if ip.is_loopback or ip.is_unspecified else addr
-
-
-def invite_host(
-    listen_addr: str, explicit: str | None, find_primary: Callable[[], str | None] = primary_ipv4
-) -> tuple[str, str | None]:
-    """``(host, warning)``: ``--host``, else a specific ``listen_addr``, else the primary IPv4."""
-    if explicit is not None:
-        try:
-            return codes.parse_ip(explicit), None
-        except ValueError:
-            raise CliError(
-                f"--host must be an IP address (an invite link cannot carry host "
-                f"names), not {explicit!r}"
-            ) from None
-    if listen_addr.strip() not in _UNSPECIFIED:
-        try:
-            return codes.parse_ip(listen_addr.strip()), None
-        except ValueError:
-            pass
-    primary = find_primary()
-    if primary is None:
-        return "127.0.0.1", (
-            "no non-loopback IPv4 address found; the invite uses 127.0.0.1, "
-            "which only this machine can reach (use --host ADDR)"
-        )
-    return primary, None
 
 
 def parse_ttl(text: str) -> int:
@@ -117,18 +71,6 @@ def _duration(secs: float) -> str:
     if secs >= 60:
         return f"{secs // 60}m"
     return f"{secs}s"
-
-
-def qr_text(data: str) -> str:
-    """A QR code of ``data`` drawn with half-block characters (no external program)."""
-    import qrcode
-
-    qr = qrcode.QRCode(border=1)
-    qr.add_data(data)
-    qr.make(fit=True)
-    buf = io.StringIO()
-    qr.print_ascii(out=buf, invert=True)
-    return buf.getvalue().rstrip("\n")
 
 
 # --- relay invite ---------------------------------------------------------------------
@@ -204,7 +146,10 @@ def invite(
                 "relay.listen_port is 0 (a random port): set a fixed port so an "
                 "invite can name it, or pass --port"
             )
-        address, warning = invite_host(relay_cfg.listen_addr, host)
+        try:
+            address, warning = invite_host(relay_cfg.listen_addr, host)
+        except InviteHostError as e:
+            raise CliError(str(e)) from None
         identity = KeyStore(ctx.home).ensure_identity()
         inv = store.create(identity, address, port, ttl_secs, now)
     except InviteStoreError as e:
@@ -331,12 +276,8 @@ def join(ctx: CliContext, invite_text: tuple[str, ...], check: bool, json_: bool
             if target.expected_identity:
                 ctx.out(f"Identity: {target.expected_identity}")
         return
-    try:
-        from claudectl.relay.client import join_peer
-    except ImportError:
-        raise CliError(
-            "this build has no relay client (claudectl.relay.client); cannot connect"
-        ) from None
+    from claudectl.control.join import join_peer
+
     if not as_json:
         ctx.out(f"Connecting to {target.address}...")
     try:

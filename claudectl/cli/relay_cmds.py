@@ -19,9 +19,9 @@ from typing import Any
 import click
 
 from claudectl.cli.base import CliContext, CliError, json_flag, pass_ctx, relay
-from claudectl.cli.base import remote_error_text as _amp_error
 from claudectl.control import commands as C
 from claudectl.control.client import ServiceNotRunning, call_control, call_paged
+from claudectl.control.client import remote_error_text as _amp_error
 from claudectl.relay.address import AddressError, format_address, parse_address
 from claudectl.relay.crypto import CodeError, new_pair_code, psk_from_code
 from claudectl.relay.keystore import KeyStore, is_remote_peer_id
@@ -189,9 +189,9 @@ class _Plugin:
     tapname = "claudectl-relay"
 
     def makeService(self, options: Any) -> Any:
-        from claudectl.relay import tap
+        from claudectl.service import compose
 
-        return tap.makeService(options)
+        return compose.makeService(options)
 
 
 def run_twistd(args: list[str], run_app: Any) -> None:
@@ -199,10 +199,10 @@ def run_twistd(args: list[str], run_app: Any) -> None:
     from twisted.python import usage
     from twisted.scripts import twistd
 
-    from claudectl.relay import tap
+    from claudectl.service import compose
 
     class _ServerOptions(twistd.ServerOptions):
-        subCommands = [("claudectl-relay", None, tap.Options, "the claudectl relay")]
+        subCommands = [("claudectl-relay", None, compose.Options, "the claudectl relay")]
 
     config = _ServerOptions()
     try:
@@ -463,10 +463,8 @@ def peers(ctx: CliContext) -> None:
 
 
 def _trust_reader(ctx: CliContext) -> Any:
-    try:
-        from claudectl.hive.trust import trust_level
-    except ImportError:
-        return None
+    from claudectl.hive.trust import trust_level
+
     default = ctx.config.hive.default_trust
 
     def read(peer: str) -> float:
@@ -477,10 +475,8 @@ def _trust_reader(ctx: CliContext) -> Any:
 
 def _sync_reader(ctx: CliContext) -> Any:
     """Per-peer gossip counters from sync_state.json (when no service runs)."""
-    try:
-        from claudectl.hive.gossip import SyncState
-    except ImportError:
-        return lambda _peer: {}
+    from claudectl.hive.gossip import SyncState
+
     state = SyncState(ctx.home)
 
     def read(peer: str) -> dict[str, Any]:

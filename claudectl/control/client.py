@@ -24,6 +24,16 @@ class ServiceNotRunning(Exception):
         )
 
 
+def remote_error_text(e: Exception) -> str:
+    """The message of an error from the service (an AMP remote error's description)."""
+    description = getattr(e, "description", None)
+    if isinstance(description, bytes):
+        return description.decode("utf-8", "replace")
+    if description:
+        return str(description)
+    return str(e)
+
+
 async def open_control(reactor: Any, home: Home) -> amp.AMP:
     path = control_socket_path(home)
     if not path.exists():
@@ -74,15 +84,6 @@ async def call_paged(
         raise ValueError(f"the service's {key} answer does not end")
     finally:
         _close(proto)
-
-
-async def service_running(reactor: Any, home: Home) -> bool:
-    try:
-        proto = await open_control(reactor, home)
-    except ServiceNotRunning:
-        return False
-    _close(proto)
-    return True
 
 
 def _close(proto: Any) -> None:

@@ -135,7 +135,7 @@ class ReactorLag(amp.Command):
     """
     The service's event-loop lag since the last reset, as JSON (``max_ms``,
     ``p99_ms``, ``p50_ms``, ``samples``); only when the service runs with
-    ``CLAUDECTL_LAG_PROBE=1`` (see :mod:`claudectl.lagprobe`).
+    ``CLAUDECTL_LAG_PROBE=1`` (see :mod:`claudectl.control.lagprobe`).
     """
 
     arguments = [(b"reset", amp.Boolean(optional=True))]

@@ -39,11 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
 
 from claudectl.control import panels as P
+from claudectl.control.server import ControlRegistry
+from claudectl.relay import codec
+from claudectl.relay.node import RelayNode
+from claudectl.relay.peers_view import peer_rows
 
 log = Logger()
 
@@ -448,22 +453,52 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def attach(node: Any, parent: Any) -> EventHub:
-    """Hang the push channel on a relay node (after the gossip and delegation layers)."""
-    from claudectl.relay import codec
-    from claudectl.relay.peers_view import peer_rows
+def _marks_changed(hub: EventHub, panel: str) -> Callable[[str, Any], None]:
+    """A frame handler that marks ``panel`` changed."""
 
+    def handler(_peer: str, _env: Any) -> None:
+        hub.changed(panel)
+
+    return handler
+
+
+class EventsService(Service):
+    """The push channel's lifetime: its hub stops watching on stop."""
+
+    name = "events"  # type: ignore[assignment]  # Service declares name as None
+
+    def __init__(self, hub: EventHub, identity: str, tasks: TaskAccess | None) -> None:
+        self.hub = hub
+        self.identity = identity
+        self.tasks = tasks
+
+    def locator_for(self, proto: amp.AMP) -> EventsLocator:
+        """The events locator of one control connection."""
+        return EventsLocator(self.hub, proto, self.identity, self.tasks)
+
+    def status(self) -> dict[str, Any]:
+        return {"dashboards": len(self.hub.subscriptions)}
+
+    def stopService(self) -> Any:
+        self.hub.stop()
+        return super().stopService()
+
+
+def events_service(
+    node: RelayNode, registry: ControlRegistry, tasks: TaskAccess | None
+) -> EventsService:
+    """
+    The push channel of ``node``: panels built from the node's mesh and keys,
+    ``registry``'s trust and per-peer fields, and ``tasks`` (None: this
+    service runs no delegation layer).  The composition root registers the
+    service's :meth:`~EventsService.locator_for` and status.
+    """
     home = node.home
     mesh = node.mesh
-    tasks: TaskAccess | None = None
-    try:
-        delegation = parent.getServiceNamed("delegation")
-        tasks = TaskAccess(delegation.controller, delegation.worker)
-    except Exception:
-        tasks = None
+    trust_of = registry.trust_of
 
     def peers() -> str:
-        rows = peer_rows(node.keystore, mesh, node.trust_of, node.peer_info_providers)
+        rows = peer_rows(node.keystore, mesh, trust_of, registry.peer_info_providers)
         return P.bounded(P.peers_panel(rows, node.identity, True))
 
     def peers_sig() -> Any:
@@ -491,7 +526,7 @@ def attach(node: Any, parent: Any) -> EventHub:
 
     def hive() -> str:
         return P.bounded(
-            P.hive_panel(home, node.identity, node.config.hive.default_trust, node.trust_of)
+            P.hive_panel(home, node.identity, node.config.hive.default_trust, trust_of)
         )
 
     def hive_sig() -> Any:
@@ -529,19 +564,6 @@ def attach(node: Any, parent: Any) -> EventHub:
         (codec.KNOWLEDGE_SYNC, "hive"),
         (codec.KNOWLEDGE_SNAPSHOT, "hive"),
     ):
-        mesh.add_handler(msg_type, lambda _peer, _env, panel=panel: hub.changed(panel))
+        mesh.add_handler(msg_type, _marks_changed(hub, panel))
 
-    node.connection_locators.append(lambda proto: EventsLocator(hub, proto, node.identity, tasks))
-    node.status_providers.append(lambda: {"dashboards": len(hub.subscriptions)})
-
-    from twisted.application.service import Service
-
-    class _EventsService(Service):
-        def stopService(self) -> Any:
-            hub.stop()
-            return super().stopService()
-
-    service = _EventsService()
-    service.setName("events")
-    service.setServiceParent(parent)
-    return hub
+    return EventsService(hub, node.identity, tasks)

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from claudectl.delegation import taskstate
 from claudectl.delegation.tail import bounded as bounded_tail
 from claudectl.home import Home
 
@@ -132,8 +133,7 @@ def tasks_panel(
 ) -> dict[str, Any]:
     """Newest first; running and queued tasks before finished ones."""
     rows = outgoing + incoming
-    active = {"running", "queued", "delegated"}
-    rows.sort(key=lambda r: (r["state"] not in active, -(r.get("created_at") or 0)))
+    rows.sort(key=lambda r: (r["state"] not in taskstate.ACTIVE, -(r.get("created_at") or 0)))
     return {"rows": rows, "total": len(rows), "available": available}
 
 

@@ -8,6 +8,7 @@ Responders wrap the node; the layers' locators are consulted in turn.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -29,11 +30,46 @@ from claudectl.relay.peers_view import peer_rows
 log = Logger()
 
 
+class ControlRegistry:
+    """
+    What the layers above the relay add to the control socket: their AMP
+    locators, their fields in ``relay status`` / ``relay peers``, and the
+    trust level shown per peer.  The composition root fills it with explicit
+    registration calls; nothing else changes it.
+    """
+
+    def __init__(self, trust_of: Callable[[str], float] | None = None) -> None:
+        #: ``trust_of(peer_id) -> float`` for ``relay peers`` (the hive's trust book).
+        self.trust_of = trust_of
+        #: AMP ``CommandLocator``s of the layers (delegation, …).
+        self.locators: list[amp.CommandLocator] = []
+        #: ``make(amp_protocol) -> CommandLocator``: locators that need their connection.
+        self.connection_locators: list[Callable[[amp.AMP], amp.CommandLocator]] = []
+        #: Extra fields for ``relay status`` and per peer for ``relay peers``.
+        self.status_providers: list[Callable[[], dict[str, Any]]] = []
+        self.peer_info_providers: list[Callable[[str], dict[str, Any]]] = []
+
+    def add_locator(self, locator: amp.CommandLocator) -> None:
+        self.locators.append(locator)
+
+    def add_connection_locator(self, make: Callable[[amp.AMP], amp.CommandLocator]) -> None:
+        self.connection_locators.append(make)
+
+    def add_status(self, provider: Callable[[], dict[str, Any]]) -> None:
+        self.status_providers.append(provider)
+
+    def add_peer_info(self, provider: Callable[[str], dict[str, Any]]) -> None:
+        self.peer_info_providers.append(provider)
+
+
 class RelayLocator(amp.CommandLocator):
-    def __init__(self, node: RelayNode, parent: Any = None) -> None:
+    def __init__(
+        self, node: RelayNode, parent: Any = None, registry: ControlRegistry | None = None
+    ) -> None:
         super().__init__()
         self.node = node
         self.parent = parent
+        self.registry = registry if registry is not None else ControlRegistry()
         #: The JSON text of a paged answer, per command, while it is read.
         self._paged: dict[str, str] = {}
 
@@ -82,7 +118,7 @@ class RelayLocator(amp.CommandLocator):
                 for w in node.workers.current()
             ],
         }
-        for provider in node.status_providers:
+        for provider in self.registry.status_providers:
             try:
                 data.update(provider())
             except Exception:
@@ -97,8 +133,8 @@ class RelayLocator(amp.CommandLocator):
             lambda: peer_rows(
                 self.node.keystore,
                 self.node.mesh,
-                self.node.trust_of,
-                self.node.peer_info_providers,
+                self.registry.trust_of,
+                self.registry.peer_info_providers,
             ),
         )
 
@@ -251,23 +287,27 @@ class ControlProtocol(_QuietAMP):
 class ControlFactory(Factory):
     noisy = False  # no "Starting factory" / "Stopping factory" lines
 
-    def __init__(self, node: RelayNode, parent: Any = None) -> None:
+    def __init__(
+        self, node: RelayNode, parent: Any = None, registry: ControlRegistry | None = None
+    ) -> None:
         self.node = node
         self.parent = parent
+        self.registry = registry if registry is not None else ControlRegistry()
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
-        locators = [RelayLocator(self.node, self.parent), *self.node.control_locators]
+        registry = self.registry
+        locators = [RelayLocator(self.node, self.parent, registry), *registry.locators]
         proto = ControlProtocol(locator=_Locators(locators))
-        locators.extend(make(proto) for make in self.node.connection_locators)
+        locators.extend(make(proto) for make in registry.connection_locators)
         return proto
 
 
 class _ControlService(StreamServerEndpointService):
-    def __init__(self, node: RelayNode) -> None:
+    def __init__(self, node: RelayNode, registry: ControlRegistry) -> None:
         self.node = node
         self.path = control_socket_path(node.home)
         endpoint = serverFromString(node.reactor, f"unix:{self.path}:mode=600:lockfile=1")
-        super().__init__(endpoint, ControlFactory(node))
+        super().__init__(endpoint, ControlFactory(node, registry=registry))
         self._raiseSynchronously = True
 
     def setServiceParent(self, parent: Any) -> Any:
@@ -295,7 +335,7 @@ class _ControlService(StreamServerEndpointService):
         return d
 
 
-def control_service(node: RelayNode) -> IService:
-    svc = _ControlService(node)
+def control_service(node: RelayNode, registry: ControlRegistry) -> IService:
+    svc = _ControlService(node, registry)
     svc.setName("control")
     return svc

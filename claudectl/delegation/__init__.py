@@ -10,6 +10,7 @@ Remote task delegation: run Claude Code on a peer and follow it live.
 * :mod:`.worker` -- the side that runs tasks for peers.
 * :mod:`.controller` -- the side that delegates and follows tasks.
 * :mod:`.commands`, :mod:`.locator` -- the AMP control-channel commands.
-* :mod:`.service` -- ``attach(node, parent)`` wires it all to a node.
+* :mod:`.service` -- ``delegation_service(...)`` builds it over a mesh (the
+  composition root, :mod:`claudectl.service.compose`, hangs it in the tree).
 * :mod:`.taskfile`, :mod:`.runner` -- ``claudectl run <file>``.
 """

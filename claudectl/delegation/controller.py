@@ -43,18 +43,23 @@ from twisted.logger import Logger
 from claudectl.delegation import payloads
 from claudectl.delegation.store import TaskStore, safe_name
 from claudectl.delegation.tail import Tail, parse_tail
-from claudectl.delegation.taskrun import FINISHED_STATES
+from claudectl.delegation.taskstate import (
+    COMPLETED,
+    DELEGATED,
+    FAILED,
+    FINISHED,
+    RUNNING,
+    STOPPED,
+    WIRE_STATUS,
+)
 from claudectl.relay.codec import ACK, DELEGATE_TASK, TASK_INTERRUPT, Envelope, MessageIds
 from claudectl.relay.interfaces import IMesh
-
-DELEGATED = "delegated"
-TERMINAL = FINISHED_STATES
 
 
 def outgoing_view(rec: dict[str, Any], now: float, connected: bool) -> dict[str, Any]:
     """A task this machine delegated, as ``relay status`` shows it (also from a
     stored record when the service is not running)."""
-    end = rec.get("ended_at") if rec["state"] in TERMINAL else None
+    end = rec.get("ended_at") if rec["state"] in FINISHED else None
     elapsed = int((end if end is not None else now) - rec["created_at"])
     stats = rec.get("stats") or {}
     return {
@@ -111,11 +116,11 @@ class BadRequest(DelegationError):
 
 
 def handoff_state(handoff: payloads.TaskHandoff) -> str:
-    if handoff.state == payloads.STATE_COMPLETED:
-        return "completed"
+    if handoff.state == COMPLETED:
+        return COMPLETED
     if handoff.summary.startswith(payloads.SUMMARY_STOPPED):
-        return "stopped"
-    return "failed"
+        return STOPPED
+    return FAILED
 
 
 class DelegationController:
@@ -251,7 +256,7 @@ class DelegationController:
         if rec is None or rec["state"] != DELEGATED:
             return
         secs = int(self.answer_timeout_secs)
-        rec["state"] = "failed"
+        rec["state"] = FAILED
         rec["no_answer"] = True
         rec["summary"] = (
             f"no answer from {rec['peer']} within {secs} s of sending the task "
@@ -272,7 +277,7 @@ class DelegationController:
         rec = self.get(task_id)
         if kind not in (payloads.INTERRUPT_STOP, payloads.INTERRUPT_NUDGE):
             raise BadRequest(f"unknown interrupt type {kind!r}: use nudge or stop")
-        if rec["state"] in TERMINAL:
+        if rec["state"] in FINISHED:
             raise TaskFinished(f"task {task_id} already {rec['state']}")
         if not self.mesh.send(
             rec["peer"], TASK_INTERRUPT, payloads.build_interrupt(task_id, kind, reason)
@@ -300,7 +305,7 @@ class DelegationController:
     def wait_change(self, task_id: str, version: int, timeout: float) -> Deferred[dict[str, Any]]:
         """Fires with the record's view once its version passes ``version`` (or on timeout)."""
         rec = self.get(task_id)
-        if rec["version"] > version or rec["state"] in TERMINAL:
+        if rec["version"] > version or rec["state"] in FINISHED:
             d: Deferred[dict[str, Any]] = Deferred()
             d.callback(self.view(rec))
             return d
@@ -333,10 +338,10 @@ class DelegationController:
             self._add_tail(rec["task_id"], env.payload["tail"])
             if rec["state"] != DELEGATED and not rec.get("no_answer"):
                 return  # a tail frame: the regular statuses carry the state
-        if rec is None or (rec["state"] in TERMINAL and not rec.get("no_answer")):
+        if rec is None or (rec["state"] in FINISHED and not rec.get("no_answer")):
             return
         self._revive(rec)
-        rec["state"] = status.state if status.state in ("queued", "running") else "running"
+        rec["state"] = status.state if status.state in WIRE_STATUS else RUNNING
         rec["stats"] = status.stats.to_payload()
         if status.stats.last_activity is not None:
             rec["last_message"] = status.stats.last_activity
@@ -391,7 +396,7 @@ class DelegationController:
                 summary=handoff.summary[:200],
             )
             return
-        if rec["state"] in TERMINAL and not rec.get("no_answer"):
+        if rec["state"] in FINISHED and not rec.get("no_answer"):
             return  # a re-sent handoff: already recorded
         self._revive(rec)
         rec["state"] = handoff_state(handoff)

@@ -188,10 +188,6 @@ def remote_allowed(url: str, allowed: Iterable[str]) -> bool:
     return False
 
 
-def is_remote_url(source: str) -> bool:
-    return bool(_NETWORK_URL.match(source) or _SCP.match(source))
-
-
 def check_ref(ref: str, what: str = "git_ref") -> None:
     if not ref or ref.startswith("-") or any(c in ref for c in "\0\n\r ") or ".." in ref:
         raise WorkspaceError(f"{what} {ref!r} is not a valid git ref")

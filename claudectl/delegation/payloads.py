@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_delegation_payloads -*-
 """
 The delegation payloads, exactly as claudectl 0.64 shapes them
-(delegation.md section 2).
+(docs/delegation.md).
 
 Builders return plain dicts (the codec sorts the keys when it encodes the
 envelope); parsers take whatever arrived in an envelope's ``payload`` and
@@ -23,14 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from claudectl.delegation.taskstate import COMPLETED, FAILED
+
 #: Sender-side (and, here, receiver-side) cap on the summed content bytes of
 #: ``context.relevant_files`` (keys are not counted); exactly this passes.
 MAX_RELEVANT_FILES_BYTES = 51_200
-
-STATE_RUNNING = "running"
-STATE_QUEUED = "queued"
-STATE_COMPLETED = "completed"
-STATE_FAILED = "failed"
 
 #: claudectl's fixed handoff summaries (used when we have nothing better).
 SUMMARY_COMPLETED = "Task completed successfully"
@@ -311,7 +308,7 @@ class TaskHandoff:
     total_tokens: int = 0
 
     def to_payload(self) -> dict[str, Any]:
-        if self.state == STATE_COMPLETED:
+        if self.state == COMPLETED:
             return build_handoff(
                 self.task_id,
                 self.summary,
@@ -337,7 +334,7 @@ def build_handoff(
     return {
         "artifacts": list(artifacts or []),
         "git_ref": git_ref,
-        "state": STATE_COMPLETED,
+        "state": COMPLETED,
         "summary": summary,
         "task_id": task_id,
         "total_cost_usd": float(total_cost_usd),
@@ -355,7 +352,7 @@ def build_failure(
     """A failed handoff: no ``git_ref`` key, the reason as the summary."""
     return {
         "artifacts": list(artifacts or []),
-        "state": STATE_FAILED,
+        "state": FAILED,
         "summary": reason,
         "task_id": task_id,
         "total_cost_usd": float(total_cost_usd),

@@ -23,14 +23,15 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from claudectl.delegation.taskfile import TaskDef, TaskFile, expand_template
-
-PENDING = "pending"
-RUNNING = "running"
-RETRYING = "retrying"
-COMPLETED = "completed"
-FAILED = "failed"
-SKIPPED = "skipped"
-DONE = frozenset({COMPLETED, FAILED, SKIPPED})
+from claudectl.delegation.taskstate import (
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RETRYING,
+    RUNNING,
+    SKIPPED,
+    TASKFILE_DONE,
+)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class TaskFileRunner:
                 break
             self._start(st)
             busy = True
-        if all(s.status in DONE for s in self.states.values()):
+        if all(s.status in TASKFILE_DONE for s in self.states.values()):
             self._done.callback(self.states)
 
     def _start(self, st: TaskState) -> None:

@@ -1,16 +1,18 @@
 # -*- test-case-name: tests.test_delegation_service -*-
 """
-Wiring the delegation layer to a relay node: :func:`attach`.
+The delegation layer as one service: :func:`delegation_service`.
 
-``attach(node, parent)`` builds the worker and the controller, registers
-their handlers on ``node.mesh`` and a link observer, appends the control
-locator to ``node.control_locators`` and adds a :class:`DelegationService`
-under ``parent`` that recovers stored tasks on start and stops running ones
-(whole process groups, bounded in time) on stop.
+It builds the worker and the controller over a mesh, registers their
+handlers and link observers on it, and returns a :class:`DelegationService`
+that recovers stored tasks on start and stops running ones (whole process
+groups, bounded in time) on stop.  The composition root hangs it in the tree
+and registers its :attr:`~DelegationService.locator` and
+:meth:`~DelegationService.status` with the control socket.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -18,13 +20,17 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 
+from claudectl.config import DelegationConfig
 from claudectl.delegation import gitws
 from claudectl.delegation.controller import DelegationController
 from claudectl.delegation.locator import DelegationLocator
 from claudectl.delegation.store import INCOMING, OUTGOING, TaskStore
 from claudectl.delegation.worker import DelegationWorker
+from claudectl.home import Home
 from claudectl.relay.codec import ACK, DELEGATE_TASK, TASK_HANDOFF, TASK_INTERRUPT, TASK_STATUS
+from claudectl.relay.interfaces import IMesh
 from claudectl.relay.keystore import is_remote_peer_id
+from claudectl.statestore import StateWriter
 
 
 class DelegationService(Service):
@@ -34,6 +40,8 @@ class DelegationService(Service):
     def __init__(self, worker: DelegationWorker, controller: DelegationController) -> None:
         self.worker = worker
         self.controller = controller
+        #: The AMP locator of the ``delegate`` commands.
+        self.locator = DelegationLocator(controller, worker)
 
     def startService(self) -> None:
         super().startService()
@@ -65,11 +73,23 @@ class DelegationService(Service):
         }
 
 
-def attach(node: Any, parent: Any) -> DelegationService:
-    home = node.home
-    mesh = node.mesh
-    reactor = node.reactor
-    config = node.config.delegation
+def delegation_service(
+    home: Home,
+    config: DelegationConfig,
+    mesh: IMesh,
+    identity: str,
+    reactor: Any,
+    trust_of: Callable[[str], float],
+    writer: StateWriter | None = None,
+) -> DelegationService:
+    """
+    The worker (tasks peers delegate here) and the controller (tasks
+    delegated from here) over ``mesh``; ``trust_of`` is the hive's trust
+    level of a peer.  Processes are spawned through ``reactor`` when it
+    provides ``IReactorProcess`` (else every task fails clearly).  Task
+    records and checkout removal go through ``writer`` (the service's
+    writer thread; inline without one).
+    """
     spawner = reactor.spawnProcess if IReactorProcess.providedBy(reactor) else None
     run_git = gitws.default_git_runner(reactor) if spawner is not None else None
 
@@ -77,11 +97,11 @@ def attach(node: Any, parent: Any) -> DelegationService:
         return is_remote_peer_id(peer) and (home.peers / f"{peer}.key").exists()
 
     worker = DelegationWorker(
-        identity=node.identity,
+        identity=identity,
         config=config,
         mesh=mesh,
-        store=TaskStore(home.tasks, INCOMING, node.writer),
-        trust_of=lambda peer: node.trust_of(peer),
+        store=TaskStore(home.tasks, INCOMING, writer),
+        trust_of=trust_of,
         clock=reactor,
         spawner=spawner,
         home_root=home.root,
@@ -90,7 +110,7 @@ def attach(node: Any, parent: Any) -> DelegationService:
     )
     controller = DelegationController(
         mesh=mesh,
-        store=TaskStore(home.tasks, OUTGOING, node.writer),
+        store=TaskStore(home.tasks, OUTGOING, writer),
         clock=reactor,
         is_paired=is_paired,
         answer_timeout_secs=config.answer_timeout_secs,
@@ -102,10 +122,4 @@ def attach(node: Any, parent: Any) -> DelegationService:
     mesh.add_handler(TASK_HANDOFF, controller.on_handoff)
     mesh.add_link_observer(worker.on_link_up, None)
     mesh.add_link_observer(controller.on_link_up, None)
-    node.control_locators.append(DelegationLocator(controller, worker))
-    service = DelegationService(worker, controller)
-    providers = getattr(node, "status_providers", None)
-    if isinstance(providers, list):
-        providers.append(service.status)
-    service.setServiceParent(parent)
-    return service
+    return DelegationService(worker, controller)

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_delegation_streamjson -*-
 """
 Claude Code's ``--output-format stream-json --verbose`` output, one JSON
-object per line (delegation.md 6.2), folded into live progress.
+object per line (docs/delegation.md, How a task runs), folded into live progress.
 
 :class:`StreamProgress` is fed line by line and keeps what a controller wants
 to see: the session id, model, token and cost counters, the number of turns,

@@ -10,7 +10,7 @@ frames that carry an optional payload member ``"tail"``::
 
 No new message type: claudectl 0.64 rejects an unknown ``msg_type`` (a bad
 frame, twenty drop the link), but it never parses an inbound
-``task_status`` (one receipt log line, delegation.md 3.9), so the extra
+``task_status`` (one receipt log line, docs/delegation.md, The live tail), so the extra
 member cannot hurt it.  Tail frames still go to peers of this project only
 (links in ``mutual`` mode), at most :data:`TAIL_MIN_INTERVAL_SECS` apart per
 task, with at most :data:`TAIL_FRAME_LINES` lines of at most

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_taskfile -*-
 """
 Task files for ``claudectl run <file>``: claudectl's JSON format
-(delegation.md 5), and the same structure in YAML or TOML.
+(docs/delegation.md, Task files), and the same structure in YAML or TOML.
 
 Everything is validated before anything starts: unknown keys (at both
 levels), types, duplicate names, unknown dependencies, cycles, templates that

@@ -26,14 +26,19 @@ from twisted.internet.defer import Deferred
 from claudectl.delegation import payloads
 from claudectl.delegation.streamjson import StreamProgress, shorten
 from claudectl.delegation.tail import Tail
+from claudectl.delegation.taskstate import (
+    COMPLETED,
+    FAILED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    STOPPED,
+    wire_handoff_state,
+)
 from claudectl.delegation.text import cut_utf8
 
-QUEUED = "queued"
-RUNNING = "running"
-COMPLETED = "completed"
-FAILED = "failed"
-STOPPED = "stopped"
-FINISHED_STATES = frozenset({COMPLETED, FAILED, STOPPED})
+#: (the name callers imported before :mod:`~claudectl.delegation.taskstate`)
+FINISHED_STATES = FINISHED
 
 #: How much of the child's stderr is kept for failure messages.
 STDERR_TAIL_BYTES = 4096
@@ -67,7 +72,7 @@ class RunOutcome:
     @property
     def wire_state(self) -> str:
         """``task_handoff.state``: only completed or failed exist on the wire."""
-        return payloads.STATE_COMPLETED if self.state == COMPLETED else payloads.STATE_FAILED
+        return wire_handoff_state(self.state)
 
 
 class TaskRun:
@@ -221,7 +226,7 @@ class TaskRun:
         p = self.progress
         activity = self.note or p.last_activity
         if self.state == QUEUED and activity is None:
-            activity = "queued"
+            activity = QUEUED
         return payloads.TaskStats(
             tokens_used=p.tokens_used,
             cost_usd=p.cost_usd,

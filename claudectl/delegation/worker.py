@@ -76,7 +76,8 @@ from claudectl.delegation.claude_process import (
 )
 from claudectl.delegation.store import TaskStore, incoming_key
 from claudectl.delegation.tail import TAIL_FRAME_LINES, TAIL_MIN_INTERVAL_SECS, frame_lines
-from claudectl.delegation.taskrun import FINISHED_STATES, QUEUED, RUNNING, RunOutcome, TaskRun
+from claudectl.delegation.taskrun import RunOutcome, TaskRun
+from claudectl.delegation.taskstate import COMPLETED, FINISHED, QUEUED, RUNNING, status_state
 from claudectl.process.sweep import RUN_ID_ENV
 from claudectl.relay.binding import TLS13
 from claudectl.relay.codec import TASK_HANDOFF, TASK_STATUS, Envelope
@@ -161,7 +162,7 @@ def incoming_view(rec: dict[str, Any], now: float, connected: bool) -> dict[str,
     handoff = rec.get("handoff") or {}
     start = rec.get("accepted_at") or now
     end = rec.get("ended_at")
-    finished = rec.get("state") in FINISHED_STATES
+    finished = rec.get("state") in FINISHED
     elapsed = int((end if finished and end is not None else now) - start)
     return {
         "direction": "incoming",
@@ -313,7 +314,7 @@ class DelegationWorker:
                 self._log.warn("ignoring task record {key}: {error}", key=key, error=str(e))
                 continue
             state = rec.get("state")
-            if state in FINISHED_STATES:
+            if state in FINISHED:
                 ended = rec.get("ended_at") or 0
                 if task.handoff_acked and now - ended > FINISHED_RETENTION_SECS:
                     self.store.delete(key)
@@ -352,7 +353,7 @@ class DelegationWorker:
             pgid=rec.get("pgid") if isinstance(rec.get("pgid"), int) else None,
             run_id=rec.get("run_id") if isinstance(rec.get("run_id"), str) else None,
         )
-        if rec.get("state") in FINISHED_STATES:
+        if rec.get("state") in FINISHED:
             run.state = rec["state"]
             run.started_at = rec.get("started_at")
             run.ended_at = rec.get("ended_at")
@@ -873,7 +874,7 @@ class DelegationWorker:
         if task.key in self.queue:
             self.queue.remove(task.key)
         git_ref = None
-        if outcome.state == "completed" and self.run_git is not None:
+        if outcome.state == COMPLETED and self.run_git is not None:
             git_ref = await gitws.head(self.run_git, task.workspace or task.cwd)
         task.git_ref = git_ref
         handoff = payloads.TaskHandoff(
@@ -930,7 +931,7 @@ class DelegationWorker:
 
     def _send_status(self, task: WorkerTask) -> None:
         run = task.run
-        state = payloads.STATE_QUEUED if run.state == QUEUED else payloads.STATE_RUNNING
+        state = status_state(run.state)
         task.last_status_at = self.clock.seconds()
         task.sent_version = run.version
         self._send(
@@ -965,7 +966,7 @@ class DelegationWorker:
         if not lines:
             return
         run = task.run
-        state = payloads.STATE_QUEUED if run.state == QUEUED else payloads.STATE_RUNNING
+        state = status_state(run.state)
         payload = payloads.build_task_status(task.task_id, state, run.stats())
         payload["tail"] = frame_lines(lines)
         task.tail_at = self.clock.seconds()

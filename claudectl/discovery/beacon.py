@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_discovery_beacon -*-
 """
-claudectl's LAN announcement (pairing.md 7) and the table a scanner keeps.
+claudectl's LAN announcement (docs/pairing.md, LAN discovery) and the table a
+scanner keeps.
 
 A beacon is the ASCII bytes ``CCTL`` followed by compact JSON
 ``{"identity":…,"port":…,"version":…}`` (keys in this order), e.g.

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_hive_archive -*-
 """
-Cold storage and the curriculum (hive.md section 3).
+Cold storage and the curriculum (docs/hive.md, Files).
 
 ``archive.jsonl`` receives every unit the store evicts (expired, from stale
 peers, over the cap) and every stored duplicate, one unit per line.

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_hooks_decisions -*-
 """
 Writing claudectl's decision log, ``~/.claudectl/brain/decisions.jsonl``
-(hive.md 5.1): one compact JSON object per line, appended.
+(docs/hive.md, Distillation): one compact JSON object per line, appended.
 
 claudectl's brain is the main writer of that log; ``claudectl hive record``
 and the Claude Code hooks (:mod:`claudectl.hooks`) write lines of the same
@@ -19,13 +19,17 @@ import os
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
-    from typing import Any
+    from typing import Any, Protocol
 
-    from claudectl.home import Home
-    from claudectl.hooks.files import HookHome
+    class BrainHome(Protocol):
+        """A home that knows its brain directory: :class:`claudectl.home.Home`
+        (a Path) or the hooks' lighter ``HookHome`` (a str)."""
+
+        @property
+        def brain(self) -> str | os.PathLike[str]: ...
 
 
-def decisions_file(home: Home | HookHome) -> str:
+def decisions_file(home: BrainHome) -> str:
     # os.path, not pathlib: the hooks pass a HookHome (strings), the CLI a Home.
     return os.path.join(home.brain, "decisions.jsonl")
 
@@ -49,7 +53,8 @@ def brain_decision(
     confidence: float = 0.8,
 ) -> dict[str, Any]:
     """A full decision record, as claudectl's brain writes after a suggestion."""
-    # claudectl 0.64's record (hive.md 5.1): ts is a string, ids dec_<epoch>_<pid>_<n>.
+    # claudectl 0.64's record (docs/hive.md, Distillation): ts is a string, ids
+    # dec_<epoch>_<pid>_<n>.
     return {
         "ts": str(now),
         "pid": pid,
@@ -86,7 +91,7 @@ def observation(
 ) -> dict[str, Any]:
     """
     An observation record: what the user did without a brain suggestion
-    (hive.md 5.1 lists exactly these fields).  ``pid`` is the session's,
+    (docs/hive.md, Distillation, lists these fields).  ``pid`` is the session's,
     ``id_pid`` the writing process's (for the decision id).
     """
     return {
@@ -107,7 +112,7 @@ def encode(record: Mapping[str, Any]) -> str:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
-def append_decisions(home: Home | HookHome, records: Iterable[Mapping[str, Any]]) -> str:
+def append_decisions(home: BrainHome, records: Iterable[Mapping[str, Any]]) -> str:
     """
     Append ``records`` to the log (created 0600 in a 0700 directory).
     Append-only, as the brain writes it: whole lines in one ``write`` with

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_hive_distill -*-
 """
-Distillation: from the brain's decision log to knowledge units (hive.md 5).
+Distillation: from the brain's decision log to knowledge units (docs/hive.md, Distillation).
 
 Input is claudectl's ``~/.claudectl/brain/decisions.jsonl`` (5.1) and, when
 present, the brain's ``preferences.json`` (5.2).  Distillation has two
@@ -198,13 +198,6 @@ class LogSegment:
         return parse_record(self.tail.decode("utf-8", "replace")) if self.tail else None
 
 
-def read_decisions(home: Home) -> list[Mapping[str, Any]]:
-    try:
-        return list(parse_decisions(decisions_path(home).read_bytes()))
-    except FileNotFoundError:
-        return []
-
-
 def read_preferences(home: Home) -> Mapping[str, Any] | None:
     try:
         data = json.loads(preferences_path(home).read_bytes())
@@ -289,7 +282,7 @@ class Tallies:
     so feeding a log in several pieces gives the same counts as feeding it
     at once, and they survive a round trip through :meth:`to_json`.
 
-    Records are mappings as in hive.md 5.1; anything malformed in one is
+    Records are mappings as in docs/hive.md (Distillation); anything malformed in one is
     ignored field by field (a non-string tool skips the record, a
     non-numeric or non-finite confidence is not summed, an unhashable
     ``pid`` takes no part in error-loop tracking).
@@ -626,7 +619,7 @@ class Distiller:
         return list(units.values())
 
     def from_preferences(self, prefs: Mapping[str, Any], now: int) -> list[KnowledgeUnit]:
-        """Units from the brain's ``preferences.json`` (hive.md 5.2/5.3)."""
+        """Units from the brain's ``preferences.json`` (docs/hive.md, Distillation)."""
         cfg = self.config
         out: list[KnowledgeUnit] = []
         pats = [p for p in prefs.get("patterns") or () if isinstance(p, Mapping)]
@@ -755,7 +748,7 @@ def redistill(
     store: KnowledgeStore, fresh: Iterable[KnowledgeUnit], local_id: str, now: int
 ) -> DistillReport:
     """
-    Fold freshly distilled units into ``store`` (hive.md 5.3 "stable
+    Fold freshly distilled units into ``store`` (docs/hive.md, Distillation: "stable
     re-distillation"): a key already held by a local unit keeps that unit's
     id, origin time, hop count, rollout state and stats and gets version + 1
     (only when the knowledge changed, or daily to re-validate it); a new key

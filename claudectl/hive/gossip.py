@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_gossip -*-
 """
 Hive gossip: knowledge spreads across the mesh, local always wins
-(hive.md section 6, issue "Hive gossip").
+(docs/gossip.md).
 
 One mechanism does all the sending -- a *push round* to a peer: every unit
 of the store that may go to that peer and whose ``(id, version)`` that peer
@@ -90,6 +90,8 @@ TRUST = "trust.json"
 #: sync_state.json is written at most this often (and when the service
 #: stops), not once per request: a lost update only costs resends.
 STATE_SAVE_SECS = 5.0
+#: Without change notices (no watcher): how often knowledge.jsonl is stat()ed.
+POLL_SECS = 3.0
 #: After a link to a peer of this project comes up we answer its
 #: knowledge_request first; a push round follows after this delay in case the
 #: peer never asks.
@@ -1201,30 +1203,31 @@ class _GossipService(Service):
         return super().stopService()
 
 
-def attach(node: Any, parent: MultiService) -> Gossip:
-    """Hang the gossip engine (and its timers) on a relay node."""
-    gossip = Gossip(
-        node.home,
-        node.config,
-        node.mesh,
-        node.identity,
-        node.clock.seconds,
-        node.clock.callLater,
-        writer=node.writer,
-    )
-    gossip.register()
-    gossip.watch(node.changes)
-    node.trust_of = gossip.trust_level
-    node.peer_info_providers.append(gossip.peer_info)
-    node.status_providers.append(lambda: {"hive": dict(gossip.counters)})
-    node.gossip = gossip
-    _GossipService(gossip).setServiceParent(parent)
+def hive_service(gossip: Gossip, clock: Any, changes: ChangeWatcher | None = None) -> MultiService:
+    """
+    The hive layer's services: the gossip engine's lifetime (``gossip``) and
+    the distillation timer (``hive-distill``, its work on the engine's
+    writer thread).  With ``changes``, the engine hears of changes to
+    knowledge.jsonl and trust.json from it (inotify, or the CLI's notice);
+    without, a poll of knowledge.jsonl (``gossip-poll``) stands in.  The
+    caller registers the engine's handlers on the mesh (:meth:`Gossip.register`).
+    """
+    top = MultiService()
+    top.setName("hive")
+    _GossipService(gossip).setServiceParent(top)
+    if changes is not None:
+        gossip.watch(changes)
+    else:
+        poll = TimerService(POLL_SECS, gossip.poll)
+        poll.clock = clock
+        poll.setName("gossip-poll")
+        poll.setServiceParent(top)
     distill = TimerService(DISTILL_POLL_SECS, gossip.distill_tick)
-    distill.clock = node.clock
+    distill.clock = clock
     distill.setName("hive-distill")
-    distill.setServiceParent(parent)
-    return gossip
+    distill.setServiceParent(top)
+    return top
 
 
-__all__ = ["Gossip", "SyncState", "PeerSync", "attach"]
+__all__ = ["Gossip", "SyncState", "PeerSync", "hive_service"]
 _ = IMesh

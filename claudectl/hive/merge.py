@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.test_hive_merge -*-
 """
-Merging incoming knowledge into the store: local always wins (hive.md 7).
+Merging incoming knowledge into the store: local always wins (docs/hive.md, Merging).
 
 :func:`merge_unit` decides one unit against the unit that holds its semantic
-key and returns a :class:`MergeOutcome` with the log records of hive.md 7.2;
+key and returns a :class:`MergeOutcome` with the log records of docs/hive.md (Merging);
 :func:`merge_batch` applies a batch to an in-memory
 :class:`~claudectl.hive.store.KnowledgeStore`.  Neither touches files:
 :func:`write_merge_logs` appends the records to ``conflicts.jsonl`` and
@@ -111,7 +111,7 @@ def _resolution(
 
 
 def union_clusters(ex: KnowledgeUnit, inc: KnowledgeUnit) -> KnowledgeUnit:
-    """``ex`` with ``inc``'s variants folded in (hive.md 7.1 step 3)."""
+    """``ex`` with ``inc``'s variants folded in (docs/hive.md, Merging)."""
     assert isinstance(ex.content, ApproachCluster) and isinstance(inc.content, ApproachCluster)
     merged: dict[str, ApproachVariant] = {v.match_key: v for v in ex.content.variants}
     for v in inc.content.variants:

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_hive_prompt -*-
 """
-The ``## Hive Knowledge`` section of the brain prompt (hive.md section 9).
+The ``## Hive Knowledge`` section of the brain prompt (docs/hive.md, The prompt section).
 
 :func:`select` picks and orders the peer units to show; :func:`render` writes
 the text exactly as claudectl does, except that the header counts units

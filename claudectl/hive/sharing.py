@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_hive_sharing -*-
 """
-What may leave this machine, and to whom (hive.md sections 2.4, 6.3, 10).
+What may leave this machine, and to whom (docs/hive.md, Sharing).
 
 * :class:`SharingFilter`: the ``[hive]`` settings ``share_categories``,
   ``exclude_tools``, ``exclude_commands`` and ``exclude_content_types``.
@@ -190,7 +190,7 @@ class ShareContext:
         self.filter = SharingFilter.from_config(self.config)
 
     def propagatable(self, unit: KnowledgeUnit, now: int) -> str | None:
-        """Why the unit may go to nobody, or None (hive.md 6.3 items 3-4)."""
+        """Why the unit may go to nobody, or None (docs/hive.md, Sharing)."""
         why = self.filter.reason(unit)
         if why:
             return why

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_hive_store -*-
 """
-The knowledge store: ``$HIVE/knowledge.jsonl`` (hive.md sections 3 and 4).
+The knowledge store: ``$HIVE/knowledge.jsonl`` (docs/hive.md, Files).
 
 :class:`KnowledgeStore` is the in-memory model: one unit per semantic key
 (inserting a unit replaces the unit of its key, as in claudectl).  Unlike
@@ -22,8 +22,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from claudectl.atomic import append_line, atomic_write, fsync_append, locked
+from claudectl.atomic import append_line, atomic_write, locked
 from claudectl.config import HiveConfig
+from claudectl.hive.logs import COLLISIONS as COLLISIONS  # re-exported
+from claudectl.hive.logs import append_log as append_log  # re-exported
 from claudectl.hive.units import (
     DAY,
     KnowledgeUnit,
@@ -42,7 +44,6 @@ QUARANTINE = "quarantine.jsonl"
 ARCHIVE = "archive.jsonl"
 CONFLICTS = "conflicts.jsonl"
 RESOLUTIONS = "resolutions.jsonl"
-COLLISIONS = "collisions.jsonl"
 MODE = "mode"
 
 
@@ -211,32 +212,6 @@ def load_store(home: Home) -> LoadResult:
 
 def save_store(home: Home, store: KnowledgeStore) -> None:
     atomic_write(hive_file(home, KNOWLEDGE), store.to_bytes(), mode=0o600)
-
-
-def append_log(home: Home, name: str, lines: Iterable[str], max_bytes: int) -> None:
-    """
-    Append ``lines`` to the log ``$HIVE/<name>`` (one write, one fsync) and
-    keep it bounded: once it holds ``max_bytes`` or more, it is renamed to
-    ``<name>.1`` (replacing the previous one) and a new log is started, so a
-    log never takes more than about twice ``max_bytes`` of disk.
-    """
-    data = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
-    if not data:
-        return
-    path = hive_file(home, name)
-    with locked(path):
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            size = 0
-        if size and size + len(data) > max_bytes:
-            path.replace(path.with_name(name + ".1"))
-            log.info(
-                "{name} reached {max_bytes} bytes: rotated to {name}.1",
-                name=name,
-                max_bytes=max_bytes,
-            )
-        fsync_append(path, data.encode("utf-8"))
 
 
 def quarantine_lines(home: Home, bad: Iterable[BadLine], source: str, now: int) -> None:

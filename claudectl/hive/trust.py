@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_hive_trust -*-
 """
-Trust in peers (hive.md section 8): the ``trust.json`` records, tiers,
+Trust in peers (docs/hive.md, Trust): the ``trust.json`` records, tiers,
 drift, and the sybil checks run on every inbound batch.
 
 :class:`TrustBook` is the in-memory model (no I/O, the clock is an argument).
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from claudectl.atomic import atomic_write, locked
-from claudectl.hive.store import COLLISIONS, append_log
+from claudectl.hive.logs import COLLISIONS, append_log
 from claudectl.hive.units import (
     DAY,
     U64_MAX,
@@ -230,7 +230,7 @@ class PeerTrust:
         return self.quarantined_until > now
 
     def is_blocked(self, now: int) -> bool:
-        """Kept out of prompts unless ``inject_unverified`` (hive.md 8.4)."""
+        """Kept out of prompts unless ``inject_unverified`` (docs/hive.md, Trust)."""
         return self.frozen or self.is_quarantined(now)
 
     def drift_up(self, now: int) -> None:

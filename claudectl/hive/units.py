@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_hive_units -*-
 """
-Knowledge units, exactly as claudectl 0.64 writes them (hive.md section 2).
+Knowledge units, exactly as claudectl 0.64 writes them (docs/hive.md,
+Knowledge units).
 
 A :class:`KnowledgeUnit` holds a :class:`Scope`, a content object (one of the
 ten content dataclasses below, tagged by ``type`` on disk) and the bookkeeping
@@ -44,10 +45,11 @@ CATEGORY_LABELS = {
 INJECTION_STATES = ("draft", "canary", "staged", "live")
 TRUST_TIERS = ("confirmed", "suggested", "unverified", "any")
 
-#: Decay per overdue interval and its cap (hive.md 2.6).
+#: Decay per overdue interval and its cap (docs/hive.md, Knowledge units).
 DECAY = 0.9
 MAX_DECAY_STEPS = 50
-#: Snapshot page budget in bytes of compact unit JSON (hive.md 6.6).
+#: Snapshot page budget in bytes of compact unit JSON (docs/gossip.md,
+#: Asking: requests and snapshots).
 SNAPSHOT_PAGE_BYTES = 512_000
 
 
@@ -216,7 +218,7 @@ class ApproachVariant:
 
     @property
     def match_key(self) -> str:
-        """Variants of two clusters are the same when this is equal (hive.md 7.1)."""
+        """Variants of two clusters are the same when this is equal (docs/hive.md)."""
         return self.approach_summary + "|" + ",".join(sorted(self.conditions))
 
 
@@ -248,7 +250,7 @@ class Content:
 
 
 def pct(x: float) -> str:
-    """``x`` as a whole percentage, ties to even (hive.md 2.7)."""
+    """``x`` as a whole percentage, ties to even (docs/hive.md, Knowledge units)."""
     return format(x * 100.0, ".0f")
 
 
@@ -502,7 +504,7 @@ CONTENT_TYPES: dict[str, type[Content]] = {
     )
 }
 
-#: Default revalidation interval per content type, seconds (hive.md 2.6).
+#: Default revalidation interval per content type, seconds (docs/hive.md, Knowledge units).
 DEFAULT_INTERVALS: dict[str, int] = {
     "pattern": 30 * DAY,
     "tool_accuracy": 30 * DAY,
@@ -584,7 +586,7 @@ TIER_RANK = {"confirmed": 4, "suggested": 3, "unverified": 2, "any": 1}
 
 @dataclass(frozen=True)
 class SharingConsent:
-    """Per-unit outbound gate that travels with the unit (hive.md 2.4)."""
+    """Per-unit outbound gate that travels with the unit (docs/hive.md, Sharing)."""
 
     expires_at: int | None = None
     allow_peers: tuple[str, ...] | None = None
@@ -748,7 +750,7 @@ class KnowledgeUnit:
 
     @property
     def score(self) -> float:
-        """Raw merge score: confidence times evidence (hive.md 7.1)."""
+        """Raw merge score: confidence times evidence (docs/hive.md, Merging)."""
         return self.confidence * self.evidence_count
 
     def interval(self) -> int:
@@ -808,7 +810,7 @@ def parse_line(line: str | bytes) -> KnowledgeUnit:
 
 
 def dumps_record(record: Mapping[str, Any]) -> str:
-    """A log record line: compact, sorted keys (hive.md 2.9)."""
+    """A log record line: compact, sorted keys (docs/hive.md, Files)."""
     return _dumps(record, sort_keys=True) + "\n"
 
 
@@ -831,7 +833,7 @@ def paginate(
     size: Callable[[T], int] = unit_json_len,  # type: ignore[assignment]
 ) -> list[list[T]]:
     """
-    Split units into snapshot pages as claudectl does (hive.md 6.6): a page
+    Split units into snapshot pages as claudectl does (docs/gossip.md): a page
     closes before a unit that would take it past ``limit`` bytes; an oversize
     unit gets a page of its own.  No units gives no pages.  ``size`` gives an
     item's bytes (callers that already know them pass their own).
@@ -875,7 +877,7 @@ class UnitIds:
         return f"ku_{int(self._clock())}_{n}"
 
 
-# --- rollout (hive.md 9.3) ----------------------------------------------------------------
+# --- rollout (docs/hive.md, The prompt section) ---------------------------------------------------
 
 ROLLOUT_OFFSET_BASIS = 0x14650FB0739D0383
 ROLLOUT_PRIME = 1099511628211
@@ -902,7 +904,7 @@ def rollout_admits(state: str, unit_id: str, pid: int | None) -> bool:
 
 
 def advance_state(state: str, accepted: int, overridden: int) -> str:
-    """The rollout state after feedback (hive.md 9.4)."""
+    """The rollout state after feedback (docs/hive.md, The prompt section)."""
     decided = accepted + overridden
     win = accepted / decided if decided else 0.0
     if state == "draft":

@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 import sys
 
-from claudectl.hooks.files import HookHome, append_bounded
+from claudectl.hooks.files import HookHome
+from claudectl.hooks.runtime import DEADLINE_SECS, MAX_LOG_BYTES, Deadline, allow, log_error
 
 #: typing is not imported at run time (it costs a start-up of its own).
 TYPE_CHECKING = False
@@ -45,35 +46,7 @@ _OUTCOME_EVENTS = frozenset(
     | {"SessionEnd"}
 )
 MAX_INPUT_BYTES = 4 * 1024 * 1024
-MAX_LOG_BYTES = 256 * 1024
-DEADLINE_SECS = 8
-
-
-class _Deadline(Exception):
-    pass
-
-
-#: Set by :func:`main` only (never in a test's own process): the slow paths may
-#: arm a SIGALRM deadline, and may finish work in a detached child.
-_deadline_allowed: list[bool] = [False]
-_may_detach = False
-
-
-def may_detach() -> bool:
-    return _may_detach
-
-
-def arm_deadline() -> None:
-    """Give up after :data:`DEADLINE_SECS` (slow paths only: signal imports enum)."""
-    if not _deadline_allowed[0]:
-        return
-    import signal
-
-    try:
-        signal.signal(signal.SIGALRM, _on_alarm)
-        signal.alarm(DEADLINE_SECS)
-    except (ValueError, OSError, AttributeError):
-        pass
+__all__ = ["DEADLINE_SECS", "EVENTS", "MAX_LOG_BYTES", "handle", "log_error", "main", "run"]
 
 
 def _parse_args(argv: Sequence[str]) -> tuple[str | None, str | None]:
@@ -89,19 +62,6 @@ def _parse_args(argv: Sequence[str]) -> tuple[str | None, str | None]:
         elif event is None and not arg.startswith("-"):
             event = arg
     return event, home
-
-
-def log_error(home: Any, event: str | None, message: str) -> None:
-    """One line in ``hooks.log``; a failure to log is ignored too."""
-    try:
-        import time
-
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        line = f"{stamp} {event or '?'}: {message}".replace("\n", " ")[:2000] + "\n"
-        path = os.path.join(str(home.data), "hooks", "hooks.log")
-        append_bounded(path, line.encode("utf-8", "replace"), MAX_LOG_BYTES)
-    except Exception:
-        pass
 
 
 def handle(
@@ -145,9 +105,7 @@ def run(
         ):
             # The hook of almost every tool call: no request waits, nothing to do.
             return 0
-        global _may_detach
-        _deadline_allowed[:] = [deadline]
-        _may_detach = deadline
+        allow(deadline)
         if len(data) > MAX_INPUT_BYTES:
             raise ValueError(f"hook input over {MAX_INPUT_BYTES} bytes")
         import json
@@ -165,17 +123,13 @@ def run(
         if out is not None:
             stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
             stdout.flush()
-    except _Deadline:
+    except Deadline:
         log_error(home, event, f"gave up after {DEADLINE_SECS}s")
     except RecursionError:
         log_error(home, event, "input nested too deeply")
     except Exception as e:
         log_error(home, event, f"{type(e).__name__}: {e}")
     return 0
-
-
-def _on_alarm(signum: int, frame: Any) -> None:
-    raise _Deadline()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

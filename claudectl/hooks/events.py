@@ -216,7 +216,7 @@ def session_start(payload: Mapping[str, Any], home: HookHome, now: int) -> dict[
     it is printed at once and rebuilt in a detached child for the next
     session; any other change (trust, config, mode) rebuilds it first.
     """
-    from claudectl.hooks.entry import arm_deadline, may_detach
+    from claudectl.hooks.runtime import arm_deadline, may_detach
 
     project = project_name(payload)
     key = _context_key(home, payload, project, now)
@@ -257,12 +257,12 @@ def _refresh_detached(
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        from claudectl.hooks.entry import arm_deadline
+        from claudectl.hooks.runtime import arm_deadline
 
         arm_deadline()
         _store_context(home, key, now, build_context(payload, home, now, project))
     except BaseException as e:
-        from claudectl.hooks.entry import log_error
+        from claudectl.hooks.runtime import log_error
 
         log_error(home, "SessionStart", f"background refresh: {type(e).__name__}: {e}")
     os._exit(0)
@@ -317,7 +317,7 @@ def permission_request(
             config = load_hive_config(home, payload)
         except ConfigError as e:
             # Still record the user's decision; only the gate is off.
-            from claudectl.hooks.entry import log_error
+            from claudectl.hooks.runtime import log_error
 
             log_error(home, "PermissionRequest", f"{e} (the gate is off)")
             config = None
@@ -354,7 +354,7 @@ def _gate(
     tool: str,
     command: str | None,
 ) -> tuple[dict[str, Any] | None, bool]:
-    from claudectl.hooks.entry import arm_deadline
+    from claudectl.hooks.runtime import arm_deadline
 
     arm_deadline()
     from claudectl.hive.delivery import load_delivery

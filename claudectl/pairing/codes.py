@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_pairing_codes -*-
 """
-The three invite formats of claudectl 0.64 (pairing.md 3-5), pure functions.
+The three invite formats of claudectl 0.64 (docs/pairing.md, The formats),
+pure functions.
 
 * **Invite link** ``cctl://<identity>@<ip>:<port>/k/<16 hex>``: the
   identity, the address and the pair code whose canonical PSK the inviter
@@ -87,10 +88,6 @@ class SocketAddress:
 
     host: str
     port: int
-
-    @property
-    def is_ipv6(self) -> bool:
-        return ":" in self.host
 
     def __str__(self) -> str:
         return format_socket_address(self.host, self.port)

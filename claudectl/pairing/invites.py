@@ -44,12 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from claudectl.atomic import atomic_write, locked
 from claudectl.home import Home
 from claudectl.pairing import codes
 from claudectl.pairing.detect import relay_code_is_ambiguous
 from claudectl.relay.crypto import RandomBytes, canonical_psk, format_pair_code, key_from_hex
+from claudectl.relay.interfaces import IInvite, IInviteBook
 from claudectl.relay.keystore import KeyStore, is_remote_peer_id
 
 log = Logger()
@@ -97,6 +99,7 @@ class InviteNotOpen(InviteStoreError):
     pass
 
 
+@implementer(IInvite)
 @dataclass(frozen=True)
 class Invite:
     id: str
@@ -234,6 +237,7 @@ def public_view(invite: Invite, now: float) -> dict[str, Any]:
     }
 
 
+@implementer(IInviteBook)
 class InviteStore:
     """Outstanding invites of one home."""
 

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_pairing_codes -*-
 """
-The 256 three-letter words of claudectl's word phrase (pairing.md 5).
+The 256 three-letter words of claudectl's word phrase (docs/pairing.md, The
+formats).
 
 Byte ``b`` of a 9-byte invite payload is written as ``WORDS[b]``.  The list
 is claudectl 0.64's, in its order; changing it breaks every phrase.

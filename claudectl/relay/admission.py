@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_admission -*-
 """
-Who may start a handshake (wire.md 5; mission "Security").
+Who may start a handshake (docs/protocol.md, Admission; docs/security.md).
 
 * At most :data:`MAX_INFLIGHT_HANDSHAKES` (16) handshakes at once, and
   :data:`MAX_INFLIGHT_PER_IP` (4) from one address (loopback exempt).

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_codec -*-
 """
-The NDJSON envelope of the claudectl relay protocol (wire.md sections 1-2).
+The NDJSON envelope of the claudectl relay protocol (docs/protocol.md, Framing).
 
 Every frame is one compact JSON object with exactly five members, in this
 order: ``id``, ``msg_type``, ``from_peer``, ``timestamp`` (ms), ``payload``;

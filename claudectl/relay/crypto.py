@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_crypto -*-
 """
-Pair codes, the canonical PSK, nonces and HMAC proofs (wire.md 3.2,
-pairing.md 1).
+Pair codes, the canonical PSK, nonces and HMAC proofs (docs/protocol.md,
+Handshake; docs/pairing.md, The formats).
 
 * A pair code is 8 random bytes as ``xxxx-xxxx-xxxx-xxxx`` (lowercase hex).
 * The canonical PSK is ``P || SHA-256(P)[8:32]`` (32 bytes).

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_handshake -*-
 """
-The challenge / handshake / handshake_ack exchange (wire.md 3), sans I/O.
+The challenge / handshake / handshake_ack exchange (docs/protocol.md,
+Handshake), sans I/O.
 
 claudectl 0.64 authenticates one way only: the connector proves it holds the
 PSK by answering the listener's nonce with ``hex(HMAC-SHA256(psk, nonce))``

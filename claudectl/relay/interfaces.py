@@ -1,21 +1,43 @@
 """
-The seams between the relay core and the layers above it (hive gossip,
-remote delegation).
+The seams of the relay core.
 
-A layer receives an :class:`IMesh` and never touches sockets: it registers a
-handler per message type, hears when authenticated links come and go, and
-sends payloads to a peer id.  Tests give it :class:`claudectl.testing.FakeMesh`
-style objects; the service gives it the real :class:`claudectl.relay.mesh.Mesh`.
+* :class:`IMesh`: what the layers above (hive gossip, delegation, the
+  control socket's event hub) see of the links.  A layer registers a handler
+  per message type, hears when authenticated links come and go, and sends
+  payloads to a peer id; it never touches sockets.  Tests give it a small
+  recording fake; the service gives it the real
+  :class:`claudectl.relay.mesh.Mesh`.
+* :class:`ILinkHost`: what one connection's protocol
+  (:class:`claudectl.relay.protocol.RelayProtocol`) sees of the node that
+  accepted or dialed it -- admission, the handshake machines, the mesh's
+  link events and two timeouts -- and nothing else.
+  :class:`claudectl.relay.node.RelayNode` provides it.
+* :class:`~claudectl.relay.links.ILink` (in :mod:`claudectl.relay.links`):
+  what the mesh sees of a connection (send, close, role).
+* :class:`IInviteBook`: what the listener's key lookups need of the pairing
+  layer's invite store.  The relay core never imports the pairing layer; the
+  composition root (:mod:`claudectl.service.compose`) hands a store in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
 
 from claudectl.relay.codec import Envelope
+from claudectl.relay.links import ILink, PeerLink
+
+if TYPE_CHECKING:
+    from claudectl.relay.handshake import (
+        Authenticated,
+        ConnectorHandshake,
+        KeyAuth,
+        KeyByIdentity,
+        ListenerHandshake,
+        PakeAuth,
+    )
 
 #: ``handler(peer_id, envelope)``; ``peer_id`` is the *authenticated* link id.
 MessageHandler = Callable[[str, Envelope], None]
@@ -50,8 +72,68 @@ class IMesh(Interface):
         """``"outbound"`` (we dialed), ``"inbound"`` (it dialed us) or None (no link)."""
 
 
-class ISubsystem(Interface):
-    """Something ``makeService`` attaches to a node (gossip, delegation)."""
+class ILinkHost(Interface):
+    """What a link's protocol needs of the node it belongs to."""
 
-    def attach(node: Any, parent: Any) -> None:
-        """Register handlers on ``node.mesh`` and child services under ``parent``."""
+    clock = Attribute("The IReactorTime the protocol's timers run on.")
+    admission = Attribute(
+        "The :class:`claudectl.relay.admission.Admission` of unauthenticated connections."
+    )
+    tls = Attribute(
+        "The :class:`claudectl.relay.tls.TLSContexts` (None: TLS is off for this node)."
+    )
+    handshake_timeout_secs = Attribute("Seconds a handshake may take in all ([relay]).")
+    heartbeat_interval_secs = Attribute("Seconds between heartbeats on a link ([relay]).")
+
+    def connection_opened(protocol: ILink) -> None:
+        """A connection (not yet authenticated) is open."""
+
+    def connection_closed(protocol: ILink) -> None:
+        """The connection is gone."""
+
+    def connected_count() -> int:
+        """How many authenticated links are up (admission sheds load on it)."""
+
+    def listener_handshake() -> ListenerHandshake:
+        """A fresh listener-side handshake machine."""
+
+    def connector_handshake(auth: KeyAuth | KeyByIdentity | PakeAuth) -> ConnectorHandshake:
+        """A fresh connector-side handshake machine for ``auth``."""
+
+    def heartbeat() -> Envelope:
+        """A heartbeat envelope from this node."""
+
+    def link_up(protocol: ILink, result: Authenticated) -> PeerLink | None:
+        """Register an authenticated link; None if it must be refused."""
+
+    def link_ready(link: PeerLink) -> None:
+        """The link may carry frames now (after the quiet time toward 0.64)."""
+
+    def link_lost(link: PeerLink, reason: str) -> None:
+        """The authenticated link is gone."""
+
+    def deliver(link: PeerLink, env: Envelope) -> None:
+        """One accepted inbound frame of an authenticated link."""
+
+
+class IInvite(Interface):
+    link_psk = Attribute("The invite link's pre-shared key (bytes).")
+
+    def state_at(now: float) -> str:
+        """``open``, ``used``, ``expired``, ``revoked`` or ``burned`` at ``now``."""
+
+    def is_open(now: float) -> bool:
+        """Whether a joiner may still use it at ``now``."""
+
+
+class IInviteBook(Interface):
+    """The outstanding invites the listener accepts joiners through."""
+
+    def open_link_keys(now: float) -> Iterable[tuple[str, bytes]]:
+        """``(invite_id, link_psk)`` of the invites open at ``now``."""
+
+    def list(now: float) -> Sequence[IInvite]:
+        """Every stored invite."""
+
+    def mark_used(invite_id: str, peer_id: str, now: float) -> Any:
+        """A joiner authenticated with the invite's key: it is used."""

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_keystore -*-
 """
-Identity and per-peer files under ``~/.claudectl/relay/`` (wire.md 6).
+Identity and per-peer files under ``~/.claudectl/relay/`` (docs/protocol.md;
+the key files: docs/pairing.md).
 
 * ``identity``: the peer id, no trailing newline.
 * ``peers/<id>.key``: the 32-byte PSK as 64 lowercase hex, no newline, 0600.

@@ -14,8 +14,7 @@ layers above (hive gossip, delegation).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -23,50 +22,13 @@ from zope.interface import implementer
 from claudectl.relay.codec import Envelope, EnvelopeFactory
 from claudectl.relay.handshake import MUTUAL, Authenticated
 from claudectl.relay.interfaces import IMesh, LinkObserver, MessageHandler
-from claudectl.relay.session import Dedup, LinkCounters
-
-if TYPE_CHECKING:
-    from claudectl.relay.protocol import RelayProtocol
+from claudectl.relay.links import CONNECTOR, ILink, PeerLink, PeerState
 
 log = Logger()
 
 CONNECTED = "connected"
 CONNECTING = "connecting"
 DISCONNECTED = "disconnected"
-
-
-@dataclass
-class PeerState:
-    """What we know of a peer across its links (for this service's life)."""
-
-    peer_id: str
-    dedup: Dedup = field(default_factory=Dedup)
-    counters: LinkCounters = field(default_factory=LinkCounters)
-    mode: str | None = None
-    #: ``"tls1.3"`` or ``"plaintext"`` (of the current or last link).
-    transport: str | None = None
-    #: What ``relay peers`` shows: the address the service dials (or last
-    #: dialed), else where an inbound link came from.
-    address: str | None = None
-    last_seen: float = 0.0  # epoch seconds of the last inbound frame
-    connected_since: float = 0.0
-    last_error: str | None = None
-    links_replaced: int = 0
-
-
-@dataclass
-class PeerLink:
-    protocol: RelayProtocol
-    state: PeerState
-    direction: str  # "inbound" / "outbound"
-
-    @property
-    def peer_id(self) -> str:
-        return self.state.peer_id
-
-    @property
-    def counters(self) -> LinkCounters:
-        return self.state.counters
 
 
 @implementer(IMesh)
@@ -146,10 +108,8 @@ class Mesh:
             st = self.states[peer_id] = PeerState(peer_id)
         return st
 
-    def link_up(self, protocol: RelayProtocol, result: Authenticated) -> PeerLink | None:
+    def link_up(self, protocol: ILink, result: Authenticated) -> PeerLink | None:
         """Register a freshly authenticated link; None if it must be refused."""
-        from claudectl.relay.protocol import CONNECTOR
-
         peer = result.peer_id
         if peer == self.identity:
             log.warn("refusing a link to ourselves ({peer_id})", peer_id=peer)

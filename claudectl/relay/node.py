@@ -3,11 +3,13 @@
 A relay node: one identity, its keys, its mesh of links, and the dialers
 that keep outbound links up.
 
-``makeService`` builds one :class:`RelayNode` and hangs the listeners,
-dialers, timers and upper layers (gossip, delegation) under a
-``MultiService``.  The CLI builds one too for one-shot work (``relay
-connect`` without a running service).  Nothing here does I/O before it is
-asked to.
+The composition root (:func:`claudectl.service.compose.makeService`) builds
+one :class:`RelayNode`, hands it the pairing layer's invite store and PAKE
+responder, and hangs the listeners, dialers, timers and upper layers
+(gossip, delegation) under a ``MultiService``.  The CLI builds one too for
+one-shot work (``relay connect`` without a running service).  Nothing here
+does I/O before it is asked to.  The node's protocols see it only through
+:class:`~claudectl.relay.interfaces.ILinkHost`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from claudectl.changes import ChangeWatcher
 from claudectl.config import Config
 from claudectl.home import Home
 from claudectl.relay.address import client_endpoint_string, parse_address
@@ -43,15 +44,17 @@ from claudectl.relay.handshake import (
     KeyByIdentity,
     ListenerHandshake,
     PakeAuth,
+    PakeResponderLike,
     Policy,
 )
+from claudectl.relay.interfaces import IInviteBook, ILinkHost
 from claudectl.relay.keystore import PENDING, KeyStore, PeerMeta, is_remote_peer_id
-from claudectl.relay.mesh import Mesh, PeerLink
+from claudectl.relay.links import CONNECTOR, LISTENER, ILink, PeerLink
+from claudectl.relay.mesh import Mesh
 from claudectl.relay.nonces import IssuedNonces
-from claudectl.relay.protocol import CONNECTOR, LISTENER, RelayProtocol
+from claudectl.relay.protocol import RelayProtocol
 from claudectl.relay.tls import TLSContexts, ensure_credentials
 from claudectl.relay.workers import WorkerTable
-from claudectl.statestore import StateWriter
 
 log = Logger()
 
@@ -84,7 +87,7 @@ class NotPaired(Exception):
 
 
 class ListenerKeys:
-    """Key lookups for the listener handshake (wire.md 3.3 plus invites)."""
+    """Key lookups for the listener handshake (docs/protocol.md), plus invites."""
 
     def __init__(self, node: RelayNode) -> None:
         self.node = node
@@ -286,8 +289,16 @@ class ConnectOutcome:
     previous: str | None = None
 
 
+@implementer(ILinkHost)
 class RelayNode:
-    """Everything one running relay instance knows and does."""
+    """
+    Everything one running relay instance knows and does.
+
+    ``invites`` and ``pake`` come from the pairing layer (the composition
+    root builds them over this node's ``keystore``); without them the
+    listener accepts stored and pending keys only -- enough for one-shot
+    outbound work.
+    """
 
     def __init__(
         self,
@@ -298,6 +309,9 @@ class RelayNode:
         jitter: Callable[[], float] | None = None,
         identity: str | None = None,
         tls: bool = True,
+        keystore: KeyStore | None = None,
+        invites: IInviteBook | None = None,
+        pake: PakeResponderLike | None = None,
     ) -> None:
         self.home = home
         self.config = config
@@ -305,7 +319,7 @@ class RelayNode:
         self.clock = reactor
         self.random = random
         self.jitter = jitter
-        self.keystore = KeyStore(home)
+        self.keystore = keystore if keystore is not None else KeyStore(home)
         self.identity = identity or self.keystore.ensure_identity(random)
         self.envelopes = EnvelopeFactory(self.identity, clock=reactor.seconds)
         self.admission = Admission(reactor.seconds, config.relay.max_peers)
@@ -318,32 +332,19 @@ class RelayNode:
         self.mesh.add_link_observer(None, self._on_link_down)
         self.workers = WorkerTable(reactor.seconds, config.relay.heartbeat_interval_secs)
         self.mesh.add_handler(HEARTBEAT, self._on_heartbeat)
-        self.invites = _load_invites(home)
-        self.pake = _load_pake(self.invites, reactor)
+        self.invites = invites
+        self.pake = pake
         self.dialers: dict[str, Dialer] = {}
         #: ``auto_connect`` addresses whose peer is not known yet.
         self.address_dialers: dict[str, Dialer] = {}
         #: Every open relay connection (handshaking or authenticated).
         self.protocols: set[RelayProtocol] = set()
-        #: AMP ``CommandLocator``s of the layers (delegation, …) for the control socket.
-        self.control_locators: list[Any] = []
-        #: ``make(amp_protocol) -> CommandLocator``: locators that need their connection.
-        self.connection_locators: list[Callable[[Any], Any]] = []
         self._down_waiters: dict[str, list[Callable[[], None]]] = {}
-        #: ``trust_of(peer_id) -> float``; the hive layer replaces it.
-        self.trust_of: Callable[[str], float] = lambda _peer: config.hive.default_trust
         #: Where this node listens (filled in by makeService once bound).
         self.listening_ports: list[Any] = []
-        #: Extra fields for ``relay status`` / ``relay peers`` from the layers.
-        self.status_providers: list[Callable[[], dict[str, Any]]] = []
-        self.peer_info_providers: list[Callable[[str], dict[str, Any]]] = []
-        #: Called with the bound TCP port once the listener is up.
-        self.on_listening: list[Callable[[int], None]] = []
+        self.handshake_timeout_secs = config.relay.handshake_timeout_secs
+        self.heartbeat_interval_secs = config.relay.heartbeat_interval_secs
         self.started_at = reactor.seconds()
-        #: File work of the layers runs on one writer thread (issue 13), and
-        #: changes other processes make to state files are noticed here.
-        self.writer = StateWriter(reactor)
-        self.changes = ChangeWatcher(reactor, reactor)
         #: Nonces our listeners and connectors issued lately: one handed
         #: back to us is a reflection attempt.
         self.nonces = IssuedNonces(
@@ -363,6 +364,31 @@ class RelayNode:
 
     def _on_heartbeat(self, peer: str, env: Envelope) -> None:
         self.workers.heartbeat(peer, env.payload)
+
+    # --- ILinkHost: what a link's protocol sees of the node --------------------------
+    def connection_opened(self, protocol: ILink) -> None:
+        self.protocols.add(protocol)  # type: ignore[arg-type]
+
+    def connection_closed(self, protocol: ILink) -> None:
+        self.protocols.discard(protocol)  # type: ignore[arg-type]
+
+    def connected_count(self) -> int:
+        return self.mesh.connected_count()
+
+    def heartbeat(self) -> Envelope:
+        return self.envelopes.make(HEARTBEAT, {})
+
+    def link_up(self, protocol: ILink, result: Authenticated) -> PeerLink | None:
+        return self.mesh.link_up(protocol, result)
+
+    def link_ready(self, link: PeerLink) -> None:
+        self.mesh.link_ready(link)
+
+    def link_lost(self, link: PeerLink, reason: str) -> None:
+        self.mesh.link_lost(link, reason)
+
+    def deliver(self, link: PeerLink, env: Envelope) -> None:
+        self.mesh.deliver(link, env)
 
     # --- handshake machines -----------------------------------------------------
     def listener_handshake(self) -> ListenerHandshake:
@@ -719,16 +745,3 @@ def _same_address(a: str | None, b: str) -> bool:
         return parse_address(a) == parse_address(b)
     except ValueError:
         return a == b
-
-
-def _load_invites(home: Home) -> Any:
-    # Imported here: the pairing layer builds on this module.
-    from claudectl.pairing.invites import InviteStore
-
-    return InviteStore(home)
-
-
-def _load_pake(invites: Any, reactor: Any) -> Any:
-    from claudectl.pairing.pake import PakeResponder
-
-    return PakeResponder(invites, reactor)

@@ -11,7 +11,7 @@ liveness), :mod:`~claudectl.relay.admission` (limits) and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -39,19 +39,16 @@ from claudectl.relay.handshake import (
     PakeAuth,
     Step,
 )
+from claudectl.relay.interfaces import ILinkHost
+from claudectl.relay.links import CONNECTOR, LISTENER, ILink, PeerLink
 from claudectl.relay.session import Disconnect, FrameFilter, Liveness
 from claudectl.relay.tls import exporter_of, is_tls13
 
-if TYPE_CHECKING:
-    from claudectl.relay.mesh import PeerLink
-    from claudectl.relay.node import RelayNode
-
-LISTENER = "listener"
-CONNECTOR = "connector"
+__all__ = ["CONNECTOR", "LISTENER", "RelayProtocol"]
 
 #: Toward a claudectl 0.64 connector, nothing may follow ``handshake_ack``
 #: for about a second: its reader drops bytes that arrive with the ack
-#: (wire.md 3.6).
+#: (docs/protocol.md, Compatibility notes).
 ONEWAY_QUIET_SECS = 1.0
 #: claudectl's own heartbeat interval (it declares a link dead after 3 of them).
 CLAUDECTL_HEARTBEAT_SECS = 30
@@ -72,7 +69,7 @@ def peer_ip(transport: Any) -> str:
     return getattr(peer, "host", None) or "unix"
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, ILink)
 class RelayProtocol(LineReceiver):
     delimiter = b"\n"
     #: 1 MiB excluding the ``\n`` (a trailing ``\r`` counts).
@@ -82,7 +79,8 @@ class RelayProtocol(LineReceiver):
     #: A TCP transport (``ITCPTransport``; ``ITLSTransport`` once TLS starts).
     transport: Any
 
-    def __init__(self, node: RelayNode, role: str, auth: KeyAuth | PakeAuth | None = None) -> None:
+    def __init__(self, node: ILinkHost, role: str, auth: KeyAuth | PakeAuth | None = None) -> None:
+        #: The node, seen through the narrow :class:`ILinkHost` only.
         self.node = node
         self.role = role
         self.auth = auth
@@ -133,12 +131,10 @@ class RelayProtocol(LineReceiver):
     # --- connection lifecycle -------------------------------------------------
     def connectionMade(self) -> None:
         self.ip = peer_ip(self.transport)
-        self.node.protocols.add(self)
+        self.node.connection_opened(self)
         clock = self.node.clock
         if self.role == LISTENER:
-            ticket = self.node.admission.admit(
-                self.ip, self.node.mesh.connected_count(), self._shed
-            )
+            ticket = self.node.admission.admit(self.ip, self.node.connected_count(), self._shed)
             if isinstance(ticket, str):
                 # Debug only: a flood of refused connections must not fill the
                 # disk with log lines (the counters and the cooldown warning
@@ -153,13 +149,11 @@ class RelayProtocol(LineReceiver):
         else:
             assert self.auth is not None
             self._connector = self.node.connector_handshake(self.auth)
-        self._timeout = clock.callLater(
-            self.node.config.relay.handshake_timeout_secs, self._handshake_timed_out
-        )
+        self._timeout = clock.callLater(self.node.handshake_timeout_secs, self._handshake_timed_out)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
         self.is_closed = True
-        self.node.protocols.discard(self)
+        self.node.connection_closed(self)
         for call in (self._timeout, self._step_timeout, self._dead_check, self._quiet_call):
             if call is not None and call.active():
                 call.cancel()
@@ -195,7 +189,7 @@ class RelayProtocol(LineReceiver):
             why = self._closing_reason
             if why is None and self._tls_started and not reason.check(ConnectionDone):
                 why = f"TLS error ({_describe(reason)})"
-            self.node.mesh.link_lost(self.link, why or "connection closed")
+            self.node.link_lost(self.link, why or "connection closed")
         waiting, self._closed = self._closed, []
         for d in waiting:
             d.callback(None)
@@ -343,7 +337,7 @@ class RelayProtocol(LineReceiver):
     def _step_deadline(self, secs: float, what: str) -> None:
         """The peer must do ``what`` within ``secs`` (capped by the handshake's own deadline)."""
         self._cancel_step_deadline()
-        secs = min(secs, self.node.config.relay.handshake_timeout_secs)
+        secs = min(secs, self.node.handshake_timeout_secs)
         self._step_timeout = self.node.clock.callLater(
             secs, self._fail_handshake, f"{what} within {secs:g} s"
         )
@@ -444,7 +438,7 @@ class RelayProtocol(LineReceiver):
             self.result = None
             self.close("its dialer was removed")
             return
-        link = self.node.mesh.link_up(self, result)
+        link = self.node.link_up(self, result)
         if link is None:
             self.result = None
             self.close("refused by the mesh")
@@ -460,7 +454,7 @@ class RelayProtocol(LineReceiver):
             on_suppressed=self._bad_frames_suppressed,
         )
         clock = self.node.clock
-        interval = self.node.config.relay.heartbeat_interval_secs
+        interval = self.node.heartbeat_interval_secs
         self._liveness = Liveness(clock.seconds, interval)
         if result.mode == ONEWAY:
             # A claudectl 0.64 peer drops a link after 90 s without a
@@ -481,7 +475,7 @@ class RelayProtocol(LineReceiver):
             flush = getattr(self.transport, "doWrite", None)
             if callable(flush):
                 flush()
-        self.node.mesh.link_ready(link)
+        self.node.link_ready(link)
 
     # --- session ----------------------------------------------------------------
     def _session_line(self, line: bytes) -> None:
@@ -499,10 +493,10 @@ class RelayProtocol(LineReceiver):
         if env is None:
             return
         assert self.link is not None
-        self.node.mesh.deliver(self.link, env)
+        self.node.deliver(self.link, env)
 
     def _send_heartbeat(self) -> None:
-        self.send(self.node.envelopes.make(codec.HEARTBEAT, {}))
+        self.send(self.node.heartbeat())
 
     def _check_alive(self) -> None:
         assert self._liveness is not None

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_workers -*-
 """
-Worker state from session-carrying heartbeats (wire.md 4.1).
+Worker state from session-carrying heartbeats (docs/protocol.md, Session).
 
 A heartbeat whose payload holds a ``sessions`` array reports the Claude Code
 sessions of a worker.  The state is stored under the *authenticated* link id

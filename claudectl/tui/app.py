@@ -23,6 +23,7 @@ import urwid
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from claudectl.delegation import taskstate
 from claudectl.tui import lines as L
 from claudectl.tui.clean import clean
 
@@ -355,7 +356,7 @@ class Dashboard:
         old = p.selected()
         p.data = data
         rows = L.rows_of(data)
-        active = sum(1 for r in rows if r.get("state") in ("running", "queued", "delegated"))
+        active = sum(1 for r in rows if r.get("state") in taskstate.ACTIVE)
         p.set_title(f"Remote tasks ({active} active, {L.total_of(data, rows)} total)")
         if not rows:
             self._placeholder(

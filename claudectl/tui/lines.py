@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from claudectl.delegation import taskstate
 from claudectl.text import ago
 from claudectl.tui.clean import clean
 
@@ -27,12 +28,12 @@ PEER_STATES = {
 }
 TRANSPORTS = {"tls1.3": "TLS 1.3", "plaintext": "plaintext"}
 TASK_ATTRS = {
-    "running": "good",
-    "queued": "warn",
-    "delegated": "warn",
-    "completed": "dim",
-    "failed": "bad",
-    "stopped": "dim",
+    taskstate.RUNNING: "good",
+    taskstate.QUEUED: "warn",
+    taskstate.DELEGATED: "warn",
+    taskstate.COMPLETED: "dim",
+    taskstate.FAILED: "bad",
+    taskstate.STOPPED: "dim",
 }
 ID_WIDTH_MAX = 28
 

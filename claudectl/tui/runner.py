@@ -103,7 +103,7 @@ class Backend:
     def _start_service_here(self) -> bool:
         from twisted.python import usage
 
-        from claudectl.relay import tap
+        from claudectl.service import compose
 
         options = {
             "home": str(self.home.root),
@@ -113,7 +113,7 @@ class Backend:
             "no-discovery": False,
         }
         try:
-            service = tap.makeService(options, self.reactor)
+            service = compose.makeService(options, self.reactor)
             service.privilegedStartService()
             service.startService()
         except (usage.UsageError, Exception) as e:
@@ -322,7 +322,7 @@ class Backend:
         )
 
     def make_invite(self) -> None:
-        from claudectl.cli.pairing_cmds import invite_host, qr_text
+        from claudectl.pairing.hosts import invite_host, qr_text
         from claudectl.pairing.invites import InviteStore
         from claudectl.relay.keystore import KeyStore
         from claudectl.relay.runinfo import running_port

@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 claudectlRelay = ServiceMaker(
     "claudectl relay",
-    "claudectl.relay.tap",
+    "claudectl.service.compose",
     "The claudectl relay & hive mind: authenticated peer links, knowledge gossip, "
     "remote task delegation.",
     "claudectl-relay",

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_join -*-
 """
-Client-side operations of the CLI that reach a peer: ``relay join``.
+``relay join``: reach the peer an invite names.
 
 With a running service the service does the work (and keeps the link up);
 without one, a one-shot node authenticates, stores the key and address, and
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from claudectl.cli.base import remote_error_text
 from claudectl.config import Config
 from claudectl.control import commands as C
-from claudectl.control.client import ServiceNotRunning, call_control
+from claudectl.control.client import ServiceNotRunning, call_control, remote_error_text
 from claudectl.home import Home
+from claudectl.pairing.pake import PakeInitiator
 from claudectl.relay.handshake import HandshakeFailed, KeyAuth, PakeAuth
+from claudectl.relay.node import RelayNode
 
 
 class JoinFailed(Exception):
@@ -67,15 +68,11 @@ async def join_peer(reactor: Any, home: Home, config: Config, target: Any) -> Jo
     else:
         return JoinResult(r["peer"], address, r["mode"], True)
 
-    from claudectl.relay.node import RelayNode
-
     node = RelayNode(home, config, reactor)
     auth: KeyAuth | PakeAuth
     if kind == "key":
         auth = KeyAuth(secret, target.expected_identity or None)
     else:
-        from claudectl.pairing.pake import PakeInitiator
-
         auth = PakeAuth(PakeInitiator(secret))
     try:
         proto = await node.open_link(address, auth)

@@ -1,26 +1,33 @@
 # -*- test-case-name: tests.test_tap -*-
 """
-``twistd claudectl-relay``: the options and the one ``makeService`` that both
-twistd and ``claudectl relay serve`` use.
+The composition root: ``twistd claudectl-relay``'s options and the one
+``makeService`` that both twistd and ``claudectl relay serve`` use.
 
-The service tree::
+It sits above every layer it wires and only composes: it builds the relay
+node, hands it the pairing layer's invite store and PAKE responder, builds
+the hive gossip, delegation, LAN discovery and control socket, gives each
+the narrow collaborators it needs in its constructor, and registers what
+they add to the control socket.  The service tree::
 
     RelayService (MultiService)
-    ├── listener     StreamServerEndpointService(--listen, RelayFactory)
-    ├── control      StreamServerEndpointService(unix:…/ctl.sock:mode=600, AMP)
-    ├── dialer:<id>  ClientService per peer we dial (added at start)
-    ├── announcer    LAN discovery beacons (when [relay] lan_discovery)
-    └── …            the hive gossip and delegation layers
+    ├── listener         StreamServerEndpointService(--listen, RelayFactory)
+    ├── control          StreamServerEndpointService(unix:…/ctl.sock:mode=600, AMP)
+    ├── hive             MultiService: gossip, gossip-poll, hive-distill
+    ├── delegation       DelegationService (worker and controller)
+    ├── events           EventsService (the dashboard's push channel)
+    ├── dialer:<id>      ClientService per peer we dial (added at start)
+    └── announcer        LAN discovery beacons, once the listener is bound
+                         (when [relay] lan_discovery)
 
 ``makeService`` reads configuration and builds objects; nothing listens or
-connects before ``startService``.
+connects before ``startService``.  See docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +38,26 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from claudectl import lagprobe
 from claudectl.atomic import sweep_temp_files
-from claudectl.changes import ChangeWatcherService
+from claudectl.changes import ChangeWatcher, ChangeWatcherService
 from claudectl.config import Config, ConfigError, load_config, risky_settings
+from claudectl.control import lagprobe
+from claudectl.control.events import TaskAccess, events_service
 from claudectl.control.notice import NoticeLocator
+from claudectl.control.server import ControlRegistry, control_service
+from claudectl.delegation.service import delegation_service
+from claudectl.discovery.protocol import announcer_service
+from claudectl.hive.gossip import Gossip, hive_service
 from claudectl.home import Home
+from claudectl.pairing.invites import InviteStore
+from claudectl.pairing.pake import PakeResponder
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
+from claudectl.relay.keystore import KeyStore
 from claudectl.relay.node import RelayFactory, RelayNode
 from claudectl.relay.runinfo import remove_runinfo, write_runinfo
-from claudectl.statestore import StateWriterService
+from claudectl.statestore import StateWriter, StateWriterService
 
 log = Logger()
-
-#: Layers attached to every node, by module name; each has ``attach(node, parent)``.
-SUBSYSTEMS = (
-    "claudectl.hive.gossip",
-    "claudectl.delegation.service",
-    "claudectl.control.events",  # after the layers it reports on
-)
 
 
 class Options(usage.Options):
@@ -220,6 +228,8 @@ class _ListeningService(StreamServerEndpointService):
         self.node = node
         self.what = what
         self._raiseSynchronously = True
+        #: Called with the bound TCP port once the listener is up.
+        self.on_bound: list[Callable[[int], None]] = []
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -248,7 +258,7 @@ class _ListeningService(StreamServerEndpointService):
                     '(e.g. "127.0.0.1")',
                     address=format_address(addr.host, addr.port),
                 )
-            for cb in list(self.node.on_listening):
+            for cb in list(self.on_bound):
                 cb(addr.port)
         else:
             log.info("control socket at {path}", path=getattr(addr, "name", addr))
@@ -281,17 +291,26 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         resolved = (home, config, listen_string(options, config))
     home, config, listen = resolved
     _create_private_logfile(options)
-    node = RelayNode(home, config, reactor)
+
+    # The relay core, with the pairing layer's invites over the same keys.
+    keystore = KeyStore(home)
+    invites = InviteStore(home, keystore)
+    node = RelayNode(
+        home,
+        config,
+        reactor,
+        keystore=keystore,
+        invites=invites,
+        pake=PakeResponder(invites, reactor),
+    )
     top = RelayService(node)
-    # First children, so they stop last: the writer waits for what the
-    # layers queue while they stop.
-    StateWriterService(node.writer).setServiceParent(top)
-    ChangeWatcherService(node.changes).setServiceParent(top)
-    node.control_locators.append(NoticeLocator(node.changes))
-    if os.environ.get(lagprobe.ENV_VAR) == "1":  # scripts/bench_stall.py
-        probe = lagprobe.LagProbe(reactor)
-        lagprobe.LagProbeService(probe).setServiceParent(top)
-        node.control_locators.append(lagprobe.LagLocator(probe))
+    # The state files' writer thread and change notices (issue 13): first
+    # children, so they stop last -- the writer waits for what the layers
+    # queue while they stop.
+    writer = StateWriter(reactor)
+    changes = ChangeWatcher(reactor, reactor)
+    StateWriterService(writer).setServiceParent(top)
+    ChangeWatcherService(changes).setServiceParent(top)
 
     factory = RelayFactory(node)
     factory.noisy = False  # no "Starting factory" / "Stopping factory" lines
@@ -299,22 +318,67 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     listener.setName("listener")
     listener.setServiceParent(top)
 
-    from claudectl.control.server import control_service
-
-    control_service(node).setServiceParent(top)
-
-    for name in SUBSYSTEMS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name is not None and name.startswith(e.name):
-                continue  # that layer is not part of this build
-            raise
-        module.attach(node, top)
+    # What the layers add to the control socket, registered below.
+    registry = ControlRegistry()
+    registry.add_locator(NoticeLocator(changes))
+    if os.environ.get(lagprobe.ENV_VAR) == "1":  # scripts/bench_stall.py
+        probe = lagprobe.LagProbe(reactor)
+        lagprobe.LagProbeService(probe).setServiceParent(top)
+        registry.add_locator(lagprobe.LagLocator(probe))
+    control_service(node, registry).setServiceParent(top)
+    compose_layers(node, registry, top, writer, changes)
 
     if config.relay.lan_discovery:
-        _attach_announcer(node, top)
+        listener.on_bound.append(_announcer_starter(node, top))
     return top
+
+
+def compose_layers(
+    node: RelayNode,
+    registry: ControlRegistry,
+    parent: MultiService,
+    writer: StateWriter | None = None,
+    changes: ChangeWatcher | None = None,
+) -> None:
+    """
+    The layers above the relay core, over ``node``'s mesh, under ``parent``:
+    hive gossip, delegation and the dashboard's push channel.  Each
+    registers with ``registry`` what it adds to the control socket.  Their
+    file work goes through ``writer`` (one writer thread), and ``changes``
+    tells the hive what other processes changed; the trust level delegation
+    and ``relay peers`` see is the hive's copy of trust.json
+    (``registry.trust_of`` when the caller set one).
+    """
+    home, config, reactor = node.home, node.config, node.reactor
+    gossip = Gossip(
+        home,
+        config,
+        node.mesh,
+        node.identity,
+        reactor.seconds,
+        reactor.callLater,
+        writer=writer,
+    )
+    gossip.register()
+    hive_service(gossip, reactor, changes).setServiceParent(parent)
+    registry.add_peer_info(gossip.peer_info)
+    registry.add_status(lambda: {"hive": dict(gossip.counters)})
+    if registry.trust_of is None:
+        registry.trust_of = gossip.trust_level
+    trust_of = registry.trust_of
+
+    delegation = delegation_service(
+        home, config.delegation, node.mesh, node.identity, reactor, trust_of, writer
+    )
+    delegation.setServiceParent(parent)
+    registry.add_locator(delegation.locator)
+    registry.add_status(delegation.status)
+
+    # After the layers it reports on: its frame handlers run after theirs.
+    events = events_service(node, registry, TaskAccess(delegation.controller, delegation.worker))
+    events.setServiceParent(parent)
+    registry.add_connection_locator(events.locator_for)
+    registry.add_status(events.status)
 
 
 def _create_private_logfile(options: Any) -> None:
@@ -341,15 +405,12 @@ def _create_private_logfile(options: Any) -> None:
         raise usage.UsageError(f"cannot create the log file {name}: {e.strerror}") from None
 
 
-def _attach_announcer(node: RelayNode, parent: MultiService) -> None:
-    try:
-        from claudectl.discovery.protocol import announcer_service
-    except ImportError:
-        return
+def _announcer_starter(node: RelayNode, parent: MultiService) -> Callable[[int], None]:
+    """LAN discovery beacons for ``node``, started once its listener knows its port."""
 
     def start(port: int) -> None:
         svc = announcer_service(node.config.relay, node.identity, port, node.reactor)
         svc.setName("announcer")
         svc.setServiceParent(parent)
 
-    node.on_listening.append(start)
+    return start

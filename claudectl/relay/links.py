@@ -1,0 +1,67 @@
+"""
+What one link is: the two roles of a connection, the :class:`ILink` the
+mesh drives, and the records the mesh keeps per peer (:class:`PeerState`,
+across links) and per authenticated link (:class:`PeerLink`).  Below the
+mesh, the protocol and the seams in :mod:`claudectl.relay.interfaces`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zope.interface import Attribute, Interface
+
+from claudectl.relay.codec import Envelope
+from claudectl.relay.session import Dedup, LinkCounters
+
+#: The two roles of a link's protocol: it accepted the connection, or dialed it.
+LISTENER = "listener"
+CONNECTOR = "connector"
+
+
+class ILink(Interface):
+    """One connection as the mesh drives it."""
+
+    role = Attribute(":data:`LISTENER` or :data:`CONNECTOR`.")
+    is_closed = Attribute("True once the connection is gone.")
+    transport = Attribute("The connection's transport (``getPeer()``), or None.")
+
+    def send(env: Envelope) -> None:
+        """Write one envelope to the peer."""
+
+    def close(reason: str) -> None:
+        """Close the connection, recording ``reason``."""
+
+
+@dataclass
+class PeerState:
+    """What we know of a peer across its links (for this service's life)."""
+
+    peer_id: str
+    dedup: Dedup = field(default_factory=Dedup)
+    counters: LinkCounters = field(default_factory=LinkCounters)
+    mode: str | None = None
+    #: ``"tls1.3"`` or ``"plaintext"`` (of the current or last link).
+    transport: str | None = None
+    #: What ``relay peers`` shows: the address the service dials (or last
+    #: dialed), else where an inbound link came from.
+    address: str | None = None
+    last_seen: float = 0.0  # epoch seconds of the last inbound frame
+    connected_since: float = 0.0
+    last_error: str | None = None
+    links_replaced: int = 0
+
+
+@dataclass
+class PeerLink:
+    protocol: ILink
+    state: PeerState
+    direction: str  # "inbound" / "outbound"
+
+    @property
+    def peer_id(self) -> str:
+        return self.state.peer_id
+
+    @property
+    def counters(self) -> LinkCounters:
+        return self.state.counters

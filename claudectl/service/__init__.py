@@ -1,0 +1,1 @@
+"""The composition root: :mod:`claudectl.service.compose` builds the running service."""
