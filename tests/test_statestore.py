@@ -365,6 +365,18 @@ class ServiceTests(TestCase):
         )
         self.assertTrue(me)
 
+    async def test_stopping_writes_what_was_queued(self) -> None:
+        """A sync-state change still waiting for its 5 s save is on disk once stop fires."""
+        s = await self.start_service()
+        g, writer = gossip_of(s), writer_of(s)
+        g.state.peer("peer-late").cursor = 1234
+        g._save_soon()
+        path = s.home.hive / gossip_mod.SYNC_STATE
+        self.assertFalse(path.exists())
+        await s.stop()
+        self.assertEqual(json.loads(path.read_text())["peer-late"]["cursor"], 1234)
+        self.assertFalse(writer.threaded)  # the thread ended after the queue
+
     async def test_notify_without_a_service_does_nothing(self) -> None:
         home = temp_home(self)
         started = time.monotonic()

@@ -538,31 +538,6 @@ def log_collisions(
     append_log(home, COLLISIONS, (dumps_record(c.to_record()) for c in collisions), max_bytes)
 
 
-class TrustReader:
-    """
-    ``reader(peer) -> level``, reading ``trust.json`` again only when it
-    changed (one ``stat()`` per call): listing a thousand peers must not
-    parse the file a thousand times.
-    """
-
-    def __init__(self, home: Home, default: float = 0.5) -> None:
-        self.home = home
-        self.default = default
-        self._sig: tuple[int, int, int] | None = None
-        self._book: TrustBook | None = None
-
-    def __call__(self, peer_id: str) -> float:
-        try:
-            st = trust_path(self.home).stat()
-            sig: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            sig = None
-        if self._book is None or sig is None or sig != self._sig:
-            self._book = load_trust(self.home, self.default)
-            self._sig = sig
-        return self._book.level(peer_id)
-
-
 def trust_level(home: Home, peer_id: str, default: float = 0.5) -> float:
     """A peer's trust level, or ``default`` when it has no record."""
     book = load_trust(home, default)
