@@ -90,7 +90,7 @@ class JsonEverywhereTests(SynchronousTestCase):
     def test_errors_are_json_under_json(self) -> None:
         import json
 
-        from tests.common import run_cli
+        from tests.cli_harness import run_now as run_cli
 
         home = temp_home(self)
         for args in (

@@ -1,4 +1,9 @@
-"""The delegation commands as a user runs them (subprocesses, temp homes)."""
+"""
+The delegation commands as a user runs them, in temp homes: in-process
+(tests.cli_harness, real child processes of the fake Claude Code) for what
+they print and exit with, and real ``claudectl`` processes for Ctrl-C and
+SIGTERM.
+"""
 
 import json
 import signal
@@ -13,6 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from claudectl.process import sweep
+from tests.cli_harness import run_command
 from tests.common import FakeMesh, subprocess_env, temp_home
 
 FAKE_CLAUDE = str(Path(__file__).with_name("fake_claude.py"))
@@ -33,21 +39,14 @@ class CliTests(TestCase):
         self.work.mkdir()
 
     def claudectl(self, *args):
-        return subprocess.run(
-            [sys.executable, "-m", "claudectl", *args],
-            cwd=self.work,
-            env=subprocess_env(self.home),
-            capture_output=True,
-            text=True,
-            timeout=50,
-        )
+        return run_command(self.home, *args, cwd=self.work)
 
     def write(self, name, data):
         path = self.work / name
         path.write_text(json.dumps(data) if name.endswith(".json") else data)
         return str(path)
 
-    def test_run_local_tasks_with_a_dependency(self):
+    async def test_run_local_tasks_with_a_dependency(self):
         f = self.write(
             "tasks.json",
             {
@@ -57,7 +56,7 @@ class CliTests(TestCase):
                 ]
             },
         )
-        r = self.claudectl("--json", "run", f)
+        r = await self.claudectl("--json", "run", f)
         self.assertEqual(r.returncode, 0, r.stderr)
         out = json.loads(r.stdout)
         self.assertEqual(out["status"], "completed")
@@ -65,19 +64,19 @@ class CliTests(TestCase):
         self.assertEqual(fix["message"], "Done: Fix: Done: list issues")
         self.assertAlmostEqual(fix["cost_usd"], 0.0123)
 
-    def test_run_failure_sets_the_exit_status_and_skips_dependents(self):
+    async def test_run_failure_sets_the_exit_status_and_skips_dependents(self):
         f = self.write(
             "tasks.yaml",
             "tasks:\n  - name: a\n    prompt: 'fake:fail'\n"
             "  - name: b\n    prompt: x\n    depends_on: [a]\n",
         )
-        r = self.claudectl("run", f)
+        r = await self.claudectl("run", f)
         self.assertEqual(r.returncode, 1)
         self.assertIn("[a] failed", r.stdout)
         self.assertIn("Not logged in", r.stdout)
         self.assertIn("[b] skipped: dependency failed: a", r.stdout)
 
-    def test_local_tasks_that_cannot_start(self):
+    async def test_local_tasks_that_cannot_start(self):
         """Issue 12 item 1: two local tasks, `claude` not found: both fail
         cleanly, no AlreadyCalledError, no bogus second line for t1."""
         self.home.config_file.write_text(
@@ -86,7 +85,7 @@ class CliTests(TestCase):
         f = self.write(
             "tasks.json", {"tasks": [{"name": "t1", "prompt": "a"}, {"name": "t2", "prompt": "b"}]}
         )
-        r = self.claudectl("run", f)
+        r = await self.claudectl("run", f)
         self.assertEqual(r.returncode, 1, r.stderr)
         self.assertNotIn("Traceback", r.stdout + r.stderr)
         self.assertNotIn("AlreadyCalled", r.stdout + r.stderr)
@@ -95,22 +94,22 @@ class CliTests(TestCase):
         self.assertIn("could not start Claude Code", r.stdout)
         self.assertIn("Error: 2 of 2 task(s) did not complete", r.stderr)
 
-    def test_validation_before_anything_starts(self):
+    async def test_validation_before_anything_starts(self):
         f = self.write(
             "tasks.json", {"tasks": [{"name": "a", "prompt": "fake:edit", "peer": "nobody-1"}]}
         )
-        r = self.claudectl("run", f)
+        r = await self.claudectl("run", f)
         self.assertEqual(r.returncode, 1)
         self.assertIn("Error: Task 'a': peer 'nobody-1' is not paired", r.stderr)
         self.assertFalse((self.work / "fake-claude.txt").exists())
 
-    def test_relay_commands_need_the_service(self):
-        r = self.claudectl("relay", "status")  # shows the stored tasks instead
+    async def test_relay_commands_need_the_service(self):
+        r = await self.claudectl("relay", "status")  # shows the stored tasks instead
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("The relay service is not running", r.stdout)
         self.assertIn("No delegated tasks", r.stdout)
         for args in (["relay", "delegate", "p-1", "hi"], ["relay", "interrupt", "task_1", "stop"]):
-            r = self.claudectl(*args)
+            r = await self.claudectl(*args)
             self.assertEqual(r.returncode, 1, args)
             self.assertIn("Error: the relay service is not running", r.stderr)
 

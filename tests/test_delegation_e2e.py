@@ -1,8 +1,10 @@
 """
-Remote delegation end to end, as a user runs it: two `claudectl relay serve`
-processes on loopback (two homes), the fake `claude` on the worker, and the
-CLI on the controller -- delegate and follow, status, nudge, stop, and a task
-file mixing local and remote tasks with a dependency between them.
+Remote delegation end to end, as a user runs it: two services on loopback
+(two homes), the fake `claude` on the worker, and the CLI on the controller
+-- delegate and follow, status, nudge, stop, and a task file mixing local and
+remote tasks with a dependency between them.  The first story runs real
+`claudectl relay serve` and `claudectl` processes; the others run the
+services and the CLI in-process (faster, same commands).
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.cli_harness import run_command, run_now
 from tests.common import ServeProcess, run_cli, temp_home
+from tests.test_services import RunningService
 
 FAKE_CLAUDE = str(Path(__file__).resolve().parent / "fake_claude.py")
 
@@ -45,9 +51,9 @@ class TwoServicesBase(SynchronousTestCase):
         self.proj.mkdir()
         write_config(self.worker, self.proj)
         write_config(self.ctl, self.proj)
-        code = ok(run_cli(self.worker, "relay", "pair")).splitlines()[2].split(": ")[1]
-        self.wid = ok(run_cli(self.worker, "relay", "identity")).strip()
-        ok(run_cli(self.ctl, "relay", "accept", code, self.wid))
+        code = ok(run_now(self.worker, "relay", "pair")).splitlines()[2].split(": ")[1]
+        self.wid = ok(run_now(self.worker, "relay", "identity")).strip()
+        ok(run_now(self.ctl, "relay", "accept", code, self.wid))
         self.w = ServeProcess.serve(self.worker, "--listen", "tcp:0:interface=127.0.0.1")
         self.addCleanup(self.w.stop)
         self.c = ServeProcess.serve(self.ctl, "--listen", "tcp:0:interface=127.0.0.1")
@@ -122,10 +128,52 @@ class DelegationEndToEndTests(TwoServicesBase):
         self.assertEqual([t["task_id"] for t in data["tasks"]], [task["task_id"]])
         self.assertEqual(data["tasks"][0]["state"], "completed")
 
-    def test_refused_outside_allowed_dirs(self) -> None:
+
+class InProcessServicesBase(TestCase):
+    """
+    The same worker and controller, their services and the CLI in this
+    process (tests.cli_harness; the fake `claude` is a real child process).
+    """
+
+    timeout = 120
+
+    async def setUp(self) -> None:
+        self.worker, self.ctl = temp_home(self), temp_home(self)
+        self.proj = Path(self.mktemp()).absolute()
+        self.proj.mkdir()
+        write_config(self.worker, self.proj)
+        write_config(self.ctl, self.proj)
+        code = ok(run_now(self.worker, "relay", "pair")).splitlines()[2].split(": ")[1]
+        self.wid = ok(run_now(self.worker, "relay", "identity")).strip()
+        ok(run_now(self.ctl, "relay", "accept", code, self.wid))
+        self.w = RunningService(self.worker)
+        self.w.start()
+        self.addCleanup(self.w.stop)
+        self.c = RunningService(self.ctl)
+        self.c.start()
+        self.addCleanup(self.c.stop)
+        ok(await run_command(self.ctl, "relay", "connect", f"127.0.0.1:{self.w.port}"))
+
+    async def status(self, task: str | None = None) -> Any:
+        args = ["relay", "status", "--json"] + ([task] if task else [])
+        data = json.loads(ok(await run_command(self.ctl, *args)))
+        return data if task else data["tasks"]
+
+    async def wait_state(self, task: str, states: set[str], timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = await self.status(task)
+            if rec.get("state") in states:
+                return rec  # type: ignore[no-any-return]
+            self.assertLess(time.monotonic(), deadline, f"task stuck: {rec}")
+            await deferLater(reactor, 0.2, lambda: None)
+
+
+class DelegationInProcessTests(InProcessServicesBase):
+    async def test_refused_outside_allowed_dirs(self) -> None:
         other = Path(self.mktemp()).absolute()
         other.mkdir()
-        r = run_cli(
+        r = await run_command(
             self.ctl,
             "relay",
             "delegate",
@@ -136,14 +184,14 @@ class DelegationEndToEndTests(TwoServicesBase):
             "fake:succeed hi",
         )
         self.assertNotEqual(r.returncode, 0)
-        [task] = self.status()
+        [task] = await self.status()
         self.assertEqual(task["state"], "failed")
         self.assertIn("allowed_dirs", json.dumps(task))
 
-    def test_nudge_and_stop(self) -> None:
+    async def test_nudge_and_stop(self) -> None:
         out = json.loads(
             ok(
-                run_cli(
+                await run_command(
                     self.ctl,
                     "--json",
                     "relay",
@@ -156,13 +204,21 @@ class DelegationEndToEndTests(TwoServicesBase):
             )
         )
         task = out["task_id"]
-        self.wait_state(task, {"running"})
-        ok(run_cli(self.ctl, "relay", "interrupt", task, "nudge", "dependency", "resolved"))
-        ok(run_cli(self.ctl, "relay", "interrupt", task, "stop", "no", "longer", "needed"))
-        rec = self.wait_state(task, {"failed", "stopped"})
+        await self.wait_state(task, {"running"})
+        ok(
+            await run_command(
+                self.ctl, "relay", "interrupt", task, "nudge", "dependency", "resolved"
+            )
+        )
+        ok(
+            await run_command(
+                self.ctl, "relay", "interrupt", task, "stop", "no", "longer", "needed"
+            )
+        )
+        rec = await self.wait_state(task, {"failed", "stopped"})
         self.assertIn("stop", json.dumps(rec).lower())
 
-    def test_task_file_mixing_local_and_remote(self) -> None:
+    async def test_task_file_mixing_local_and_remote(self) -> None:
         tasks = {
             "tasks": [
                 {"name": "local-first", "prompt": "fake:succeed prepare", "cwd": str(self.proj)},
@@ -177,13 +233,13 @@ class DelegationEndToEndTests(TwoServicesBase):
         }
         f = Path(self.mktemp()).absolute()
         f.write_text(json.dumps(tasks))
-        r = run_cli(self.ctl, "run", str(f), timeout=120)
+        r = await run_command(self.ctl, "run", str(f))
         out = ok(r)
         self.assertIn("remote-second", out)
-        remote = [t for t in self.status() if t["peer"] == self.wid]
+        remote = [t for t in await self.status() if t["peer"] == self.wid]
         self.assertEqual([t["state"] for t in remote], ["completed"])
 
-    def test_task_file_errors_before_anything_starts(self) -> None:
+    async def test_task_file_errors_before_anything_starts(self) -> None:
         f = Path(self.mktemp()).absolute()
         f.write_text(
             json.dumps(
@@ -195,19 +251,19 @@ class DelegationEndToEndTests(TwoServicesBase):
                 }
             )
         )
-        r = run_cli(self.ctl, "run", str(f))
+        r = await run_command(self.ctl, "run", str(f))
         self.assertEqual(r.returncode, 1)
         self.assertIn("cycle", r.stderr)
-        self.assertEqual(self.status(), [])
+        self.assertEqual(await self.status(), [])
 
 
-class LiveTailEndToEndTests(TwoServicesBase):
+class LiveTailTests(InProcessServicesBase):
     """Issue 14: the live tail of a running task reaches the delegating side."""
 
-    def test_status_shows_the_live_tail_while_the_task_runs(self) -> None:
+    async def test_status_shows_the_live_tail_while_the_task_runs(self) -> None:
         out = json.loads(
             ok(
-                run_cli(
+                await run_command(
                     self.ctl,
                     "--json",
                     "relay",
@@ -224,24 +280,24 @@ class LiveTailEndToEndTests(TwoServicesBase):
         want += ["Read: /srv/proj/a.py", "Working on it"]
         deadline = time.monotonic() + 30
         while True:
-            rec = self.status(task)
+            rec = await self.status(task)
             texts = [line["text"] for line in rec.get("tail", [])]
             if texts == want:
                 break
             self.assertLess(time.monotonic(), deadline, f"no tail: {rec}")
-            time.sleep(0.3)
+            await deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(rec["state"], "running")
         self.assertTrue(all(isinstance(line["at"], float) for line in rec["tail"]))
-        text = ok(run_cli(self.ctl, "relay", "status", task))
+        text = ok(await run_command(self.ctl, "relay", "status", task))
         self.assertIn("Recent activity:", text)
         self.assertIn("Bash: pytest -q tests/", text)
         self.assertIn("Running the tests now", text)
         self.assertNotIn("\x1b", text)
         # The worker shows its own tail of the task it runs.
-        text = ok(run_cli(self.worker, "relay", "status", task))
+        text = ok(await run_command(self.worker, "relay", "status", task))
         self.assertIn("Recent activity:", text)
         self.assertIn("Read: /srv/proj/a.py", text)
-        ok(run_cli(self.ctl, "relay", "interrupt", task, "stop", "enough"))
-        self.wait_state(task, {"failed", "stopped"})
+        ok(await run_command(self.ctl, "relay", "interrupt", task, "stop", "enough"))
+        await self.wait_state(task, {"failed", "stopped"})
         # After the end the tail stays (memory of the running service).
-        self.assertEqual([line["text"] for line in self.status(task)["tail"]][:5], want)
+        self.assertEqual([line["text"] for line in (await self.status(task))["tail"]][:5], want)

@@ -1,5 +1,5 @@
 """
-`relay discover` against a real `relay serve`, both real processes on
+`relay discover` (in-process) against real `relay serve` processes on
 loopback: the default scan finds a service that announces only every 600 s,
 and `--json` carries the paired flag.
 """
@@ -7,14 +7,14 @@ and `--json` carries the paired flag.
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from claudectl.relay.keystore import KeyStore
-from tests.common import ServeProcess, run_cli, temp_home
+from tests.cli_harness import run_command
+from tests.common import ServeProcess, temp_home
 from tests.test_discovery_query import free_port_pair
 from tests.test_pairing_cli import write_config
 
@@ -54,10 +54,11 @@ class DiscoverFindsServe(TestCase):
         write_config(self.home, **self.settings)
         KeyStore(self.home).save_key(self.ids[0], bytes(32))
 
-    @defer.inlineCallbacks
-    def test_default_scan_finds_every_instance(self) -> Any:
-        yield deferLater(reactor, 0.5, lambda: None)  # their first announcement is over
-        result = yield threads.deferToThread(run_cli, self.home, "relay", "discover", "--json")
+    async def test_default_scan_finds_every_instance_and_marks_the_paired_one(self) -> None:
+        """One test for both forms: each test starts two real services (the
+        slow part); `discover` itself runs in-process (tests.cli_harness)."""
+        await deferLater(reactor, 0.5, lambda: None)  # their first announcement is over
+        result = await run_command(self.home, "relay", "discover", "--json")
         self.assertEqual(result.returncode, 0, result.stderr)
         rows = json.loads(result.stdout)
         expected = sorted(
@@ -79,11 +80,7 @@ class DiscoverFindsServe(TestCase):
         )
         self.assertEqual(rows, expected)
 
-    @defer.inlineCallbacks
-    def test_text_table_marks_the_paired_one(self) -> Any:
-        result = yield threads.deferToThread(
-            run_cli, self.home, "relay", "discover", "--timeout", "1"
-        )
+        result = await run_command(self.home, "relay", "discover", "--timeout", "1")
         self.assertEqual(result.returncode, 0, result.stderr)
         lines = result.stdout.splitlines()
         self.assertEqual(

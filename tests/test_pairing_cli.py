@@ -14,14 +14,10 @@ import time
 from typing import Any
 
 import click
-from click.testing import CliRunner
 from twisted.internet import defer, reactor
-from twisted.internet.task import LoopingCall
-from twisted.internet.utils import getProcessOutputAndValue
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from claudectl.cli import load_commands
-from claudectl.cli.base import CliError
 from claudectl.cli.pairing_cmds import parse_ttl
 from claudectl.discovery.beacon import encode_beacon
 from claudectl.home import Home
@@ -30,22 +26,15 @@ from claudectl.pairing.detect import RELAY_CODE, WORD_PHRASE, decode_join, detec
 from claudectl.pairing.hosts import invite_host, qr_text
 from claudectl.pairing.invites import InviteStore
 from claudectl.relay.keystore import KeyStore
-from tests.common import ServeProcess, run_cli, subprocess_env, temp_home, wrong_password_naming
+from tests.cli_harness import run_command, run_now
+from tests.common import ServeProcess, run_cli, temp_home, wrong_password_naming
+from tests.test_services import RunningService
 
 
 def invoke(home: Home, *args: str) -> tuple[int, str, str]:
     """Run the CLI in-process: ``(exit code, stdout, stderr)`` as ``main`` reports them."""
-    runner = CliRunner()
-    result = runner.invoke(load_commands(), ["--home", str(home.root), *args])
-    if isinstance(result.exception, CliError):
-        return (
-            result.exception.code,
-            result.stdout,
-            result.stderr + f"Error: {result.exception.message}\n",
-        )
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
+    r = run_now(home, *args)
+    return r.code, r.out, r.err
 
 
 def write_config(home: Home, **relay: Any) -> None:
@@ -322,39 +311,70 @@ class JoinEndToEnd(SynchronousTestCase):
         self.assertEqual(InviteStore(ha).get(data["invite_id"]).state, "used")
 
     def test_relay_code(self) -> None:
+        """The story: real `relay serve` and `relay join` processes."""
         self.pair(lambda d: d["relay_code"])
 
-    def test_wrong_code_fails_clearly_and_burns(self) -> None:
+
+class JoinInProcess(TestCase):
+    """The other invite forms and a wrong code: the same two homes, A's service
+    and B's `relay join` in this process (tests.cli_harness)."""
+
+    timeout = 60
+
+    async def serve(self, home: Home, port: int) -> None:
+        service = RunningService(home, listen=f"tcp:{port}:interface=127.0.0.1")
+        service.start()
+        self.addCleanup(service.stop)
+
+    async def pair(self, pick: Any) -> None:
         ha, hb = temp_home(self), temp_home(self)
         port = _free_code_port()
         write_config(ha, listen_addr="127.0.0.1", listen_port=port)
-        data = json.loads(run_cli(ha, "--json", "relay", "invite").stdout)
+        data = run_now(ha, "--json", "relay", "invite", "--words").json()
+        await self.serve(ha, port)
+        result = await run_command(hb, "relay", "join", *pick(data).split(" "))
+        self.assertEqual(result.code, 0, result.out + result.err)
+        ida = KeyStore(ha).identity()
+        idb = KeyStore(hb).identity()
+        self.assertIn(f"Paired with {ida}", result.out)
+        key_b = KeyStore(hb).key(ida)
+        self.assertIsNotNone(key_b)
+        for _ in range(100):
+            if KeyStore(ha).key(idb) is not None:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(KeyStore(ha).key(idb), key_b)
+        self.assertEqual(InviteStore(ha).get(data["invite_id"]).state, "used")
+
+    async def test_wrong_code_fails_clearly_and_burns(self) -> None:
+        ha, hb = temp_home(self), temp_home(self)
+        port = _free_code_port()
+        write_config(ha, listen_addr="127.0.0.1", listen_port=port)
+        data = run_now(ha, "--json", "relay", "invite").json()
         good = codes.decode_relay_code(data["relay_code"])
         # A mistyped code that still names the invite (the same selector) burns it.
         wrong = codes.relay_code(
             good.ip, good.port, wrong_password_naming(good.secret, good.ip, good.port)
         )
-        a = ServeProcess.serve(ha)
-        self.addCleanup(a.stop)
-        a.port()
-        result = run_cli(hb, "relay", "join", wrong, timeout=60)
-        self.assertEqual(result.returncode, 1, result.stdout)
-        self.assertIn("Error: connection failed", result.stderr)
+        await self.serve(ha, port)
+        result = await run_command(hb, "relay", "join", wrong)
+        self.assertEqual(result.code, 1, result.out)
+        self.assertIn("Error: connection failed", result.err)
         self.assertEqual(InviteStore(ha).get(data["invite_id"]).state, "burned")
         self.assertEqual(KeyStore(hb).known_peers(), [])
         # The right code cannot be tried any more.
-        result = run_cli(hb, "relay", "join", data["relay_code"], timeout=60)
-        self.assertEqual(result.returncode, 1, result.stdout)
+        result = await run_command(hb, "relay", "join", data["relay_code"])
+        self.assertEqual(result.code, 1, result.out)
 
-    def test_word_phrase_with_spaces(self) -> None:
-        self.pair(lambda d: d["word_phrase"].replace("-", " "))
+    async def test_word_phrase_with_spaces(self) -> None:
+        await self.pair(lambda d: d["word_phrase"].replace("-", " "))
 
-    def test_link(self) -> None:
-        self.pair(lambda d: d["invite_link"])
+    async def test_link(self) -> None:
+        await self.pair(lambda d: d["invite_link"])
 
 
 class DiscoverCommand(TestCase):
-    """`relay discover` in a real process, hearing beacons sent on loopback."""
+    """`relay discover` (in-process), hearing beacons sent on loopback."""
 
     timeout = 30
 
@@ -376,26 +396,10 @@ class DiscoverCommand(TestCase):
             self.sock.sendto(encode_beacon(ident, port, "0.64.0"), ("127.255.255.255", self.port))
 
     def run_discover(self, *args: str) -> defer.Deferred[tuple[bytes, bytes, int]]:
-        import sys
-
         loop = LoopingCall(self.beacons)
         loop.start(0.1)
-        d = getProcessOutputAndValue(
-            sys.executable,
-            [
-                "-m",
-                "claudectl",
-                "--home",
-                str(self.home.root),
-                "relay",
-                "discover",
-                "--timeout",
-                "1.5",
-                *args,
-            ],
-            env=subprocess_env(self.home),
-            reactor=reactor,
-        )
+        d = run_command(self.home, "relay", "discover", "--timeout", "1.5", *args)
+        d.addCallback(lambda r: (r.out.encode("utf-8"), r.err.encode("utf-8"), r.code))
         return d.addBoth(lambda r: (loop.stop(), r)[1])
 
     @defer.inlineCallbacks

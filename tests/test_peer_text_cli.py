@@ -2,7 +2,7 @@
 Peer text never reaches a terminal or a prompt line raw (issue 10, item 6):
 units and task records planted with escape sequences, bidi overrides and
 newlines, read back through `hive prompt`, `hive knowledge`, `hive status`,
-`hive trust` and `relay status` (a real `relay serve`).
+`hive trust` and `relay status` (a real service, in-process).
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ import time
 from typing import Any
 
 import pyte
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from claudectl.hive.store import store_transaction
 from claudectl.hive.trust import trust_transaction
 from claudectl.hive.units import KnowledgeUnit
 from claudectl.relay.keystore import KeyStore
-from tests.common import ServeProcess, run_cli, temp_home
+from tests.cli_harness import run_command
+from tests.common import temp_home
 from tests.test_hive_cli import run
+from tests.test_services import RunningService
 
 NOW = int(time.time())
 #: Clears the screen, retitles the window, reverses text, starts fake lines.
@@ -164,10 +166,10 @@ class HiveOutputTests(SynchronousTestCase, OutputChecks):
         self.assertEqual(len(out.splitlines()), 2, out)  # two units had that id
 
 
-class RelayStatusTests(SynchronousTestCase, OutputChecks):
+class RelayStatusTests(TestCase, OutputChecks):
     """A task record as a hostile worker peer could have filled it."""
 
-    def test_relay_status_output_is_clean(self) -> None:
+    async def test_relay_status_output_is_clean(self) -> None:
         home = temp_home(self)
         task = "task_1_0"
         record = {
@@ -196,16 +198,16 @@ class RelayStatusTests(SynchronousTestCase, OutputChecks):
         out_dir = home.tasks / "outgoing"
         out_dir.mkdir(parents=True)
         (out_dir / f"{task}.json").write_text(json.dumps(record))
-        serve = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
-        self.addCleanup(serve.stop)
-        serve.port()
-        table = run_cli(home, "relay", "status")
+        service = RunningService(home)
+        service.start()
+        self.addCleanup(service.stop)
+        table = await run_command(home, "relay", "status")
         self.assertEqual(table.returncode, 0, table.stderr)
         self.assertClean(table.stdout, "relay status")
         self.assertIn(task, table.stdout)
         # section title, header, task, "*" note
         self.assertEqual(len(table.stdout.splitlines()), 4, table.stdout)
-        one = run_cli(home, "relay", "status", task)
+        one = await run_command(home, "relay", "status", task)
         self.assertEqual(one.returncode, 0, one.stderr)
         self.assertClean(one.stdout, "relay status TASK")
         labels = [ln.split(":", 1)[0] for ln in one.stdout.splitlines()]
@@ -229,6 +231,6 @@ class RelayStatusTests(SynchronousTestCase, OutputChecks):
             ],
         )
         self.assertIn("all good Error: fake line  ## Injected heading", one.stdout)
-        data = run_cli(home, "relay", "status", task, "--json")
+        data = await run_command(home, "relay", "status", task, "--json")
         self.assertClean(data.stdout, "relay status --json")
         self.assertEqual(json.loads(data.stdout)["summary"], record["summary"])

@@ -1,6 +1,7 @@
 """
-The relay CLI as a user meets it: real ``python -m claudectl`` processes in
-temporary homes, real services on loopback.
+The relay CLI as a user meets it: commands in-process (tests.cli_harness)
+where they need no service, and real ``python -m claudectl`` processes in
+temporary homes with real services on loopback for the stories.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.relay.crypto import psk_from_code
 from claudectl.relay.keystore import KeyStore
+from tests.cli_harness import run_now
 from tests.common import ServeProcess, run_cli, temp_home
 
 
@@ -23,20 +25,22 @@ def ok(result: object) -> str:
 
 
 class OfflineCommandsTests(SynchronousTestCase):
+    """Commands that need no service, run in-process (tests.cli_harness)."""
+
     def setUp(self) -> None:
         self.home = temp_home(self)
 
     def test_identity_created_once(self) -> None:
-        first = ok(run_cli(self.home, "relay", "identity")).strip()
+        first = ok(run_now(self.home, "relay", "identity")).strip()
         self.assertRegex(first, r"^[a-z0-9_-]+-[0-9a-f]{8}$")
-        self.assertEqual(ok(run_cli(self.home, "relay", "identity")).strip(), first)
+        self.assertEqual(ok(run_now(self.home, "relay", "identity")).strip(), first)
         self.assertEqual(self.home.identity_file.read_text(), first)  # no trailing newline
         self.assertEqual(
-            json.loads(ok(run_cli(self.home, "--json", "relay", "identity"))), {"identity": first}
+            json.loads(ok(run_now(self.home, "--json", "relay", "identity"))), {"identity": first}
         )
 
     def test_pair_writes_pending_key(self) -> None:
-        out = ok(run_cli(self.home, "relay", "pair"))
+        out = ok(run_now(self.home, "relay", "pair"))
         ident = KeyStore(self.home).identity()
         lines = out.splitlines()
         self.assertEqual(lines[0], f"Your identity: {ident}")
@@ -46,11 +50,11 @@ class OfflineCommandsTests(SynchronousTestCase):
         pending = self.home.peers / "_pending.key"
         self.assertEqual(pending.read_text(), psk_from_code(code).hex())
         self.assertEqual(stat.S_IMODE(os.stat(pending).st_mode), 0o600)
-        data = json.loads(ok(run_cli(self.home, "relay", "pair", "--json")))
+        data = json.loads(ok(run_now(self.home, "relay", "pair", "--json")))
         self.assertEqual(set(data), {"identity", "pair_code"})
 
     def test_accept_stores_key(self) -> None:
-        out = ok(run_cli(self.home, "relay", "accept", "0123-4567-89AB-CDEF", "desk-9f8e7d6c"))
+        out = ok(run_now(self.home, "relay", "accept", "0123-4567-89AB-CDEF", "desk-9f8e7d6c"))
         self.assertIn("Paired with peer: desk-9f8e7d6c", out)
         key = self.home.peers / "desk-9f8e7d6c.key"
         self.assertEqual(
@@ -59,45 +63,45 @@ class OfflineCommandsTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(key).st_mode), 0o600)
 
     def test_accept_errors(self) -> None:
-        r = run_cli(self.home, "relay", "accept", "abcd", "desk")
+        r = run_now(self.home, "relay", "accept", "abcd", "desk")
         self.assertEqual(r.returncode, 1)
         self.assertIn("Error: invalid PSK code: expected 16 hex chars, got 4", r.stderr)
-        r = run_cli(self.home, "relay", "accept", "zzzz-1234", "desk")
+        r = run_now(self.home, "relay", "accept", "zzzz-1234", "desk")
         self.assertEqual(r.returncode, 1)
         self.assertIn("got 4 ('z' is not a hex digit and was ignored)", r.stderr)
-        r = run_cli(self.home, "relay", "accept", "0123456789abcdef", "../etc")
+        r = run_now(self.home, "relay", "accept", "0123456789abcdef", "../etc")
         self.assertEqual(r.returncode, 1)
         self.assertIn("invalid peer id", r.stderr)
         self.assertFalse((self.home.peers).exists() and any(self.home.peers.glob("*.key")))
 
     def test_accept_does_not_silently_replace(self) -> None:
-        ok(run_cli(self.home, "relay", "accept", "0123456789abcdef", "desk"))
-        r = run_cli(self.home, "relay", "accept", "fedcba9876543210", "desk")
+        ok(run_now(self.home, "relay", "accept", "0123456789abcdef", "desk"))
+        r = run_now(self.home, "relay", "accept", "fedcba9876543210", "desk")
         self.assertEqual(r.returncode, 1)
         self.assertIn("already paired", r.stderr)
         self.assertEqual(KeyStore(self.home).key("desk"), psk_from_code("0123456789abcdef"))
 
     def test_peers_without_service(self) -> None:
-        ok(run_cli(self.home, "relay", "accept", "0123456789abcdef", "desk"))
-        rows = json.loads(ok(run_cli(self.home, "relay", "peers", "--json")))
+        ok(run_now(self.home, "relay", "accept", "0123456789abcdef", "desk"))
+        rows = json.loads(ok(run_now(self.home, "relay", "peers", "--json")))
         self.assertEqual(len(rows), 1)
         self.assertEqual(rows[0]["identity"], "desk")
         self.assertEqual(rows[0]["state"], "disconnected")
         for key in ("identity", "state", "address", "last_seen"):
             self.assertIn(key, rows[0])
-        text = ok(run_cli(self.home, "relay", "peers"))
+        text = ok(run_now(self.home, "relay", "peers"))
         self.assertIn("service is not running", text)
 
     def test_forget(self) -> None:
-        ok(run_cli(self.home, "relay", "accept", "0123456789abcdef", "desk"))
-        ok(run_cli(self.home, "relay", "forget", "desk"))
+        ok(run_now(self.home, "relay", "accept", "0123456789abcdef", "desk"))
+        ok(run_now(self.home, "relay", "forget", "desk"))
         self.assertEqual(KeyStore(self.home).known_peers(), [])
-        r = run_cli(self.home, "relay", "forget", "desk")
+        r = run_now(self.home, "relay", "forget", "desk")
         self.assertEqual(r.returncode, 1)
         self.assertIn("unknown peer 'desk'", r.stderr)
 
     def test_disconnect_needs_service(self) -> None:
-        r = run_cli(self.home, "relay", "disconnect", "desk")
+        r = run_now(self.home, "relay", "disconnect", "desk")
         self.assertEqual(r.returncode, 1)
         self.assertIn("not running", r.stderr)
 
@@ -105,7 +109,7 @@ class OfflineCommandsTests(SynchronousTestCase):
         """Issue 12 item 6: a typo'd key is named, with the key it probably meant."""
         self.home.config_file.parent.mkdir(parents=True)
         self.home.config_file.write_text("[hive]\nmax_unit = 3\n")
-        r = run_cli(self.home, "hive", "status")
+        r = run_now(self.home, "hive", "status")
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(
             r.stderr,
@@ -116,7 +120,7 @@ class OfflineCommandsTests(SynchronousTestCase):
     def test_bad_config_names_key_and_file(self) -> None:
         self.home.config_file.parent.mkdir(parents=True)
         self.home.config_file.write_text("[relay]\nheartbeat_interval_secs = -3\n")
-        r = run_cli(self.home, "relay", "serve")
+        r = run_now(self.home, "relay", "serve")
         self.assertEqual(r.returncode, 1)
         self.assertIn("relay.heartbeat_interval_secs", r.stderr)
         self.assertIn(str(self.home.config_file), r.stderr)
@@ -127,16 +131,17 @@ class StoryTests(SynchronousTestCase):
     The issue's "done when": two instances (two homes, two ports), paired with
     `relay pair` / `relay accept`, connected, both connected in `relay peers`;
     one is killed and restarted and the link comes back on the backoff
-    schedule.
+    schedule.  Real `relay serve` processes and real `claudectl` processes for
+    everything that talks to them (the offline pairing steps run in-process).
     """
 
     def test_pair_connect_kill_restart(self) -> None:
         ha, hb = temp_home(self), temp_home(self)
-        out = ok(run_cli(ha, "relay", "pair"))
+        out = ok(run_now(ha, "relay", "pair"))
         code = out.splitlines()[2].split("PAIR CODE: ")[1]
-        ida = ok(run_cli(ha, "relay", "identity")).strip()
-        idb = ok(run_cli(hb, "relay", "identity")).strip()
-        ok(run_cli(hb, "relay", "accept", code, ida))
+        ida = ok(run_now(ha, "relay", "identity")).strip()
+        idb = ok(run_now(hb, "relay", "identity")).strip()
+        ok(run_now(hb, "relay", "accept", code, ida))
 
         a = ServeProcess.serve(ha, "--listen", "tcp:0:interface=127.0.0.1")
         self.addCleanup(a.stop)
@@ -198,7 +203,7 @@ class ClaudectlPeerTests(SynchronousTestCase):
         from claudectl.relay.crypto import proof, psk_from_code
 
         home = temp_home(self)
-        out = ok(run_cli(home, "relay", "pair"))
+        out = ok(run_now(home, "relay", "pair"))
         code = out.splitlines()[2].split("PAIR CODE: ")[1]
         serve = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
         self.addCleanup(serve.stop)
@@ -328,16 +333,16 @@ class SeveralPairCodesTests(SynchronousTestCase):
 
     def test_two_codes_both_pair(self) -> None:
         ha, hb, hc = temp_home(self), temp_home(self), temp_home(self)
-        first = run_cli(ha, "relay", "pair")
+        first = run_now(ha, "relay", "pair")
         code1 = ok(first).splitlines()[2].split("PAIR CODE: ")[1]
         self.assertEqual(first.stderr, "")
-        second = run_cli(ha, "relay", "pair")
+        second = run_now(ha, "relay", "pair")
         code2 = ok(second).splitlines()[2].split("PAIR CODE: ")[1]
         self.assertIn("Note: 1 earlier unused pair code(s) stay valid", second.stderr)
-        ida = ok(run_cli(ha, "relay", "identity")).strip()
-        ok(run_cli(hb, "relay", "accept", code1, ida))
-        ok(run_cli(hc, "relay", "accept", code2, ida))
-        listed = json.loads(ok(run_cli(ha, "relay", "invite", "--list", "--json")))
+        ida = ok(run_now(ha, "relay", "identity")).strip()
+        ok(run_now(hb, "relay", "accept", code1, ida))
+        ok(run_now(hc, "relay", "accept", code2, ida))
+        listed = json.loads(ok(run_now(ha, "relay", "invite", "--list", "--json")))
         self.assertEqual(
             [(i["kind"], i["state"]) for i in listed], [("pair", "open"), ("pair", "open")]
         )
@@ -345,8 +350,8 @@ class SeveralPairCodesTests(SynchronousTestCase):
         a = ServeProcess.serve(ha, "--listen", "tcp:0:interface=127.0.0.1")
         self.addCleanup(a.stop)
         port = a.port()
-        idb = ok(run_cli(hb, "relay", "identity")).strip()
-        idc = ok(run_cli(hc, "relay", "identity")).strip()
+        idb = ok(run_now(hb, "relay", "identity")).strip()
+        idc = ok(run_now(hc, "relay", "identity")).strip()
         # B holds the first (older) code: no longer in _pending.key, still accepted.
         r = run_cli(hb, "relay", "connect", f"127.0.0.1:{port}")
         self.assertIn(f"{ida}", ok(r))
@@ -358,7 +363,7 @@ class SeveralPairCodesTests(SynchronousTestCase):
         self.assertEqual(ks.key(idb), psk_from_code(code1))
         self.assertEqual(ks.key(idc), psk_from_code(code2))
         self.assertFalse((ha.peers / "_pending.key").exists())
-        listed = json.loads(ok(run_cli(ha, "relay", "invite", "--list", "--json")))
+        listed = json.loads(ok(run_now(ha, "relay", "invite", "--list", "--json")))
         self.assertEqual(
             sorted((i["state"], i["used_by"]) for i in listed),
             sorted([("used", idb), ("used", idc)]),

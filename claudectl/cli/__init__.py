@@ -8,16 +8,23 @@ when imported; :data:`COMMAND_MODULES` lists them.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import sys
 import traceback
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from claudectl.cli import base
-from claudectl.cli.base import CliError, cli
+from claudectl.cli.base import CliContext, CliError, Streams, cli
 from claudectl.control.paths import UnsafeSocketDir
 from claudectl.text import clean_text, json_safe
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 COMMAND_MODULES = (
     "claudectl.cli.relay_cmds",
@@ -36,8 +43,8 @@ def load_commands() -> click.Group:
     return cli
 
 
-def _json_mode(argv: list[str]) -> bool:
-    ctx = base.current_context()
+def _json_mode(streams: Streams, argv: list[str]) -> bool:
+    ctx = streams.context
     if ctx is not None and ctx.json:
         return True
     # An error while parsing arguments comes before the flag was applied.
@@ -45,26 +52,26 @@ def _json_mode(argv: list[str]) -> bool:
     return "--json" in args
 
 
-def _fail(argv: list[str], message: str, code: int, kind: str = "error") -> None:
+def _fail(streams: Streams, argv: list[str], message: str, code: int, kind: str = "error") -> int:
     """One ``Error: ...`` line on stderr (a JSON object on stdout under ``--json``)."""
-    if _json_mode(argv):
-        sys.stdout.write(
+    if _json_mode(streams, argv):
+        streams.stdout.write(
             json_safe(
                 json.dumps({"error": message, "kind": kind, "exit_code": code}, ensure_ascii=False)
             )
             + "\n"
         )
-        sys.stdout.flush()
+        streams.stdout.flush()
     else:
-        sys.stderr.write(f"Error: {clean_text(message)}\n")
-    sys.exit(code)
+        streams.stderr.write(f"Error: {clean_text(message)}\n")
+        streams.stderr.flush()
+    return code
 
 
-def _os_error_text(e: OSError) -> str:
+def _os_error_text(e: OSError, ctx: CliContext | None) -> str:
     what = e.strerror or str(e)
     if e.filename is not None:
         what = f"{what}: {e.filename}"
-    ctx = base.current_context()
     where = f" (home: {ctx.home.root})" if ctx is not None else ""
     return (
         f"{what}{where}; check that the home directory (--home / CLAUDECTL_HOME) is a "
@@ -72,36 +79,171 @@ def _os_error_text(e: OSError) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    group = load_commands()
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        # Without standalone mode click *returns* the code of ctx.exit(n).
-        code = group.main(args=argv, prog_name="claudectl", standalone_mode=False)
-    except CliError as e:
-        _fail(args, e.message, e.code)
-    except UnsafeSocketDir as e:
+def _exit_code(e: BaseException, args: list[str], streams: Streams) -> int:
+    """Report what a command raised (never a traceback) and return its exit code."""
+    if isinstance(e, CliError):
+        return _fail(streams, args, e.message, e.code)
+    if isinstance(e, UnsafeSocketDir):
         # From any command that talks to the service's control socket.
-        _fail(args, str(e), 1)
-    except click.exceptions.Abort:
-        sys.stderr.write("Aborted.\n")
-        sys.exit(130)
-    except click.ClickException as e:
-        if _json_mode(args):
-            _fail(args, e.format_message(), e.exit_code, "usage")
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except OSError as e:
-        _fail(args, _os_error_text(e), 1)
-    except RecursionError:
-        _fail(args, "input nested too deeply", 1)
-    except Exception as e:  # a bug: still one line, the traceback under -v
-        ctx = base.current_context()
-        if ctx is not None and ctx.verbose:
-            traceback.print_exc()
-        _fail(args, f"internal error: {type(e).__name__}: {e} (run with -v for details)", 1)
-    sys.exit(code if isinstance(code, int) else 0)
+        return _fail(streams, args, str(e), 1)
+    if isinstance(e, click.exceptions.Abort):
+        streams.stderr.write("Aborted.\n")
+        return 130
+    if isinstance(e, click.ClickException):
+        if _json_mode(streams, args):
+            return _fail(streams, args, e.format_message(), e.exit_code, "usage")
+        e.show(file=streams.stderr)
+        return e.exit_code
+    if isinstance(e, click.exceptions.Exit):
+        return e.exit_code
+    if isinstance(e, SystemExit):
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    if isinstance(e, OSError):
+        return _fail(streams, args, _os_error_text(e, streams.context), 1)
+    if isinstance(e, RecursionError):
+        return _fail(streams, args, "input nested too deeply", 1)
+    if not isinstance(e, Exception):
+        raise e  # GeneratorExit and the like: not ours to report
+    # A bug: still one line, the traceback under -v.
+    ctx = streams.context
+    if ctx is not None and ctx.verbose:
+        traceback.print_exception(e, file=streams.stderr)
+    text = f"internal error: {type(e).__name__}: {e} (run with -v for details)"
+    return _fail(streams, args, text, 1)
+
+
+def _code_of(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def parse(args: list[str], streams: Streams) -> tuple[int, Any]:
+    """
+    Parse ``args`` and run the command's synchronous part, without a reactor.
+
+    Returns ``(exit code, None)`` for a blocking command (it has run), or
+    ``(0, awaitable)`` for an asynchronous one, still to be driven by
+    :func:`finish` on a reactor.
+    """
+    group = load_commands()
+    try:
+        # click writes help and usage errors to sys.stdout/sys.stderr itself.
+        with redirect_stdout(streams.stdout), redirect_stderr(streams.stderr):
+            # Without standalone mode click *returns* the code of ctx.exit(n).
+            rv = group.main(args=args, prog_name="claudectl", standalone_mode=False, obj=streams)
+    except BaseException as e:
+        return _exit_code(e, args, streams), None
+    if inspect.isawaitable(rv):
+        return 0, rv
+    return _code_of(rv), None
+
+
+async def finish(reactor: Any, pending: Any, args: list[str], streams: Streams) -> int:
+    """Drive an asynchronous command's awaitable on ``reactor``; its exit code."""
+    ctx = streams.context
+    if ctx is not None:
+        ctx.reactor = reactor
+    try:
+        return _code_of(await pending)
+    except BaseException as e:
+        return _exit_code(e, args, streams)
+
+
+def _stop_verbose_logging(streams: Streams) -> None:
+    ctx = streams.context
+    if ctx is not None and ctx.log_observer is not None:
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(ctx.log_observer)
+        ctx.log_observer = None
+
+
+def dispatch(
+    reactor: Any,
+    argv: list[str],
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+    cwd: Path | None = None,
+) -> Deferred[int]:
+    """
+    Run one ``claudectl`` command line on a running ``reactor``: a Deferred
+    of its exit code.  Errors are reported on ``stderr`` (JSON on ``stdout``
+    under ``--json``) and never raised.  This is what tests call in-process
+    (see ``tests/cli_harness.py``); it neither stops the reactor nor installs
+    signal handlers.
+    """
+    from twisted.internet.defer import ensureDeferred, succeed
+
+    args = list(argv)
+    streams = Streams(stdout or sys.stdout, stderr or sys.stderr, cwd)
+    code, pending = parse(args, streams)
+    if pending is None:
+        _stop_verbose_logging(streams)
+        return succeed(code)
+    d = ensureDeferred(finish(reactor, pending, args, streams))
+
+    def done(code: int) -> int:
+        _stop_verbose_logging(streams)
+        return code
+
+    return d.addCallback(done)
+
+
+def _interruptible(reactor: Any, command: Deferred[int], args: list[str], streams: Streams) -> Any:
+    """
+    ``command``'s exit code, or, if the reactor shuts down first (Ctrl+C,
+    SIGTERM), what the command's ``on_interrupt`` says (its late result is
+    then dropped).
+    """
+    from twisted.internet.defer import Deferred
+
+    result: Deferred[int] = Deferred()
+
+    def on_shutdown() -> None:
+        if result.called:
+            return
+        ctx = streams.context
+        error = ctx.on_interrupt() if ctx is not None else base.interrupted()
+        result.callback(0 if error is None else _exit_code(error, args, streams))
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+
+    def done(code: int) -> None:
+        if not result.called:
+            reactor.removeSystemEventTrigger(trigger)
+            result.callback(code)
+
+    command.addCallback(done)
+    return result
+
+
+async def _react_main(reactor: Any, pending: Any, args: list[str], streams: Streams) -> None:
+    from twisted.internet.defer import Deferred, ensureDeferred
+
+    # react() calls us before reactor.run(): start the command (its child
+    # processes, say) only once the reactor runs and handles SIGINT/SIGTERM.
+    running: Deferred[None] = Deferred()
+    reactor.callWhenRunning(running.callback, None)
+    await running
+    command = ensureDeferred(finish(reactor, pending, args, streams))
+    code = await _interruptible(reactor, command, args, streams)
+    if code:
+        raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """
+    The ``claudectl`` program: parse ``argv``; a blocking command runs at
+    once, an asynchronous one under :func:`twisted.internet.task.react`
+    (which owns the reactor and its Ctrl+C/SIGTERM handling).  Exits with
+    the command's status.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    streams = Streams(sys.stdout, sys.stderr)
+    code, pending = parse(args, streams)
+    if pending is None:
+        sys.exit(code)
+    from twisted.internet.task import react
+
+    react(_react_main, [pending, args, streams])

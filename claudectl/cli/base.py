@@ -6,8 +6,15 @@ Each command receives a :class:`CliContext` (``@pass_ctx``) carrying the
 resolved :class:`~claudectl.home.Home`, the global ``--json`` flag and the
 output streams.  Commands raise :class:`CliError` for anything the user
 should read; :func:`claudectl.cli.main` turns it into ``Error: <message>`` on
-stderr and exit status 1.  Commands that need the reactor call
-:meth:`CliContext.run`, which runs a coroutine/Deferred under ``react``.
+stderr and exit status 1.
+
+A command that needs the reactor is an ``async def``: its click callback
+returns a coroutine, which :func:`claudectl.cli.dispatch` drives on the
+reactor it is given (``react`` in the ``claudectl`` program, trial's reactor
+in a test), and :meth:`CliContext.run` calls ``fn(reactor, *args)`` there.
+Such a command never starts or stops the reactor nor installs signal
+handlers: :func:`claudectl.cli.main` owns those.  Blocking-only commands stay
+plain functions, run before any reactor starts.
 """
 
 from __future__ import annotations
@@ -35,6 +42,23 @@ class CliError(Exception):
         self.code = code
 
 
+def interrupted() -> CliError | None:
+    """What a command says when Ctrl+C or SIGTERM stops the reactor under it."""
+    return CliError("interrupted", code=130)
+
+
+@dataclass
+class Streams:
+    """Where a run's output goes, and the directory it counts as its working
+    directory (passed as click's ``obj`` by the dispatcher)."""
+
+    stdout: IO[str]
+    stderr: IO[str]
+    cwd: Path | None = None
+    #: The context the command got (set by the ``claudectl`` group).
+    context: CliContext | None = None
+
+
 @dataclass
 class CliContext:
     home: Home
@@ -47,6 +71,11 @@ class CliContext:
     _config: Config | None = None
     #: The ``-v`` observer (removed when twistd takes over logging).
     log_observer: Any = None
+    #: The reactor an asynchronous command runs on (set by the dispatcher).
+    reactor: Any = None
+    #: Called when the reactor shuts down (Ctrl+C, SIGTERM) before the
+    #: command finished: the error to report, or None for a quiet exit 0.
+    on_interrupt: Callable[[], CliError | None] = interrupted
 
     @property
     def config(self) -> Config:
@@ -79,37 +108,14 @@ class CliContext:
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """
-        Run ``fn(reactor, *args)`` (returning a Deferred or coroutine) under
-        the reactor and return its result; a failure is re-raised here.
+        Call ``fn(reactor, *args)`` (returning a Deferred, a coroutine or a
+        value) on the command's reactor; a Deferred of its result, to await.
         """
-        from twisted.internet import reactor as _reactor
         from twisted.internet.defer import ensureDeferred
 
-        result: dict[str, Any] = {}
-
-        def _go() -> None:
-            d = ensureDeferred(_maybe_coro(fn(_reactor, *args)))
-
-            def ok(value: Any) -> None:
-                result["value"] = value
-
-            def bad(f: Any) -> None:
-                result["failure"] = f
-
-            d.addCallbacks(ok, bad)
-
-            def stop(_: Any) -> None:
-                # A signal (Ctrl+C) may have stopped the reactor already.
-                if _reactor.running:  # type: ignore[attr-defined]
-                    _reactor.stop()  # type: ignore[attr-defined]
-
-            d.addBoth(stop)
-
-        _reactor.callWhenRunning(_go)  # type: ignore[attr-defined]
-        _reactor.run()  # type: ignore[attr-defined]
-        if "failure" in result:
-            result["failure"].raiseException()
-        return result.get("value")
+        if self.reactor is None:
+            raise RuntimeError("CliContext.run outside claudectl.cli.dispatch")
+        return ensureDeferred(_maybe_coro(fn(self.reactor, *args)))
 
 
 async def _maybe_coro(value: Any) -> Any:
@@ -123,13 +129,6 @@ async def _maybe_coro(value: Any) -> Any:
 
 
 pass_ctx = click.make_pass_decorator(CliContext)
-
-_current: list[CliContext] = []
-
-
-def current_context() -> CliContext | None:
-    """The context of the command being run (for :func:`claudectl.cli.main`'s errors)."""
-    return _current[-1] if _current else None
 
 
 def json_flag(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -181,15 +180,19 @@ def cli(
     ctx = CliContext(
         home=Home.resolve(home), json=json_, verbose=verbose, config_files=config_files
     )
+    if isinstance(click_ctx.obj, Streams):  # from claudectl.cli.dispatch
+        ctx.stdout, ctx.stderr = click_ctx.obj.stdout, click_ctx.obj.stderr
+        if click_ctx.obj.cwd is not None:
+            ctx.cwd = click_ctx.obj.cwd
+        click_ctx.obj.context = ctx
     if verbose:
         # An observer, not globalLogBeginner.beginLoggingTo: `relay serve`
         # hands logging to twistd, which begins it (twice would log every
         # line twice and warn "primary log target selected twice").
         from twisted.logger import globalLogPublisher, textFileLogObserver
 
-        ctx.log_observer = textFileLogObserver(CleanWriter.wrap(sys.stderr))
+        ctx.log_observer = textFileLogObserver(CleanWriter.wrap(ctx.stderr))
         globalLogPublisher.addObserver(ctx.log_observer)
-    _current[:] = [ctx]
     click_ctx.obj = ctx
     if ctx.home.root.exists() and not ctx.home.root.is_dir():
         raise CliError(f"home {ctx.home.root} is not a directory (check --home / CLAUDECTL_HOME)")

@@ -54,32 +54,6 @@ async def _call(
         ) from None
 
 
-def _until_interrupted(fn: Any) -> Any:
-    """Wrap ``fn(reactor)`` for :meth:`CliContext.run` so that, if the reactor
-    starts shutting down first (Ctrl-C, SIGTERM), its late result or error is
-    dropped: ``ctx.run`` then returns None and the command says "interrupted"
-    instead of reporting what the shutdown itself caused."""
-    from twisted.internet.defer import Deferred
-
-    async def run(reactor: Any) -> Any:
-        flag = {"stopping": False}
-        trigger = reactor.addSystemEventTrigger(
-            "before", "shutdown", flag.__setitem__, "stopping", True
-        )
-        try:
-            result = await fn(reactor)
-        except Exception:
-            if flag["stopping"]:
-                await Deferred()  # never fires: the reactor is going away
-            raise
-        if flag["stopping"]:
-            await Deferred()
-        reactor.removeSystemEventTrigger(trigger)
-        return result
-
-    return run
-
-
 def _duration(secs: float | int) -> str:
     secs = int(secs)
     if secs < 60:
@@ -156,7 +130,7 @@ async def follow(
 )
 @_json_option
 @pass_ctx
-def delegate(
+async def delegate(
     ctx: CliContext,
     peer: str,
     prompt: tuple[str, ...],
@@ -195,7 +169,6 @@ def delegate(
             if git_ref:
                 ctx.out(f"  Git ref: {git_ref}")
         if not wait:
-            state["done"] = True
             return None
 
         printer = ProgressPrinter(ctx.out)
@@ -205,21 +178,22 @@ def delegate(
                 printer(view)
 
         final = await follow(reactor, ctx, r["task_id"], emit, task["version"] - 1)
-        state["done"] = True
         return final
 
-    final = ctx.run(_until_interrupted(go))
-    if not state.get("done"):
-        # The reactor stopped under us (Ctrl-C, SIGTERM) before the end.
+    def interrupted() -> CliError:
+        # The reactor stops under us (Ctrl-C, SIGTERM) before the end.
         task_id = state.get("task_id")
         if task_id is None:
-            raise CliError("interrupted", code=130)
-        raise CliError(
+            return CliError("interrupted", code=130)
+        return CliError(
             f"interrupted; task {task_id} keeps running on {peer}: follow it with "
             f"`claudectl relay status {task_id}`, stop it with "
             f"`claudectl relay interrupt {task_id} stop`",
             code=130,
         )
+
+    ctx.on_interrupt = interrupted
+    final = await ctx.run(go)
     if final is not None:
         if ctx.json:
             ctx.emit_json(final)
@@ -253,7 +227,7 @@ def _clock(epoch: Any) -> str:
 @click.argument("task_id", required=False)
 @_json_option
 @pass_ctx
-def status(ctx: CliContext, task_id: str | None) -> None:
+async def status(ctx: CliContext, task_id: str | None) -> None:
     """Show delegated tasks in both directions: those this machine delegated to
     peers (outgoing) and those peers delegated to this machine (incoming) --
     state, elapsed time, tokens, cost, last message.
@@ -302,7 +276,7 @@ def status(ctx: CliContext, task_id: str | None) -> None:
                 break
         return found
 
-    fetched = ctx.run(go)
+    fetched = await ctx.run(go)
     running = fetched is not None
     outgoing, incoming = fetched if fetched is not None else _stored_tasks(ctx)
     if task_id:
@@ -415,7 +389,9 @@ def _stored_tasks(ctx: CliContext) -> tuple[list[dict[str, Any]], list[dict[str,
 @click.argument("reason", nargs=-1)
 @_json_option
 @pass_ctx
-def interrupt(ctx: CliContext, task_id: str, interrupt_type: str, reason: tuple[str, ...]) -> None:
+async def interrupt(
+    ctx: CliContext, task_id: str, interrupt_type: str, reason: tuple[str, ...]
+) -> None:
     """Nudge or stop a delegated task; it goes to the peer that runs it.
 
     A nudge is written into the running Claude Code session as a message; stop
@@ -428,7 +404,7 @@ def interrupt(ctx: CliContext, task_id: str, interrupt_type: str, reason: tuple[
             reactor, ctx, C.Interrupt, task_id=task_id, interrupt_type=interrupt_type, reason=text
         )
 
-    r = ctx.run(go)
+    r = await ctx.run(go)
     if ctx.json:
         ctx.emit_json(
             {
@@ -458,7 +434,7 @@ def interrupt(ctx: CliContext, task_id: str, interrupt_type: str, reason: tuple[
 )
 @_json_option
 @pass_ctx
-def run_file(ctx: CliContext, file: str, parallel: bool) -> None:
+async def run_file(ctx: CliContext, file: str, parallel: bool) -> None:
     """Run a task file (JSON, YAML or TOML): local tasks here, `peer` tasks delegated.
 
     Everything is checked before anything starts.  Exit status 0 only if every
@@ -486,23 +462,27 @@ def run_file(ctx: CliContext, file: str, parallel: bool) -> None:
 
     async def go(reactor: Any) -> dict[str, Any]:
         sessions = LocalSessions(reactor, config.stop_grace_secs)
-        reactor.addSystemEventTrigger("before", "shutdown", sessions.stop_all)
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", sessions.stop_all)
         local = _local_runner(reactor, ctx, config, sessions)
         remote = _remote_runner(reactor, ctx, remote_tasks)
         runner = R.TaskFileRunner(tf, local, remote, reactor, report, parallel)
         states = await runner.run()
+        # Not left behind on a reactor that goes on (a test's, in-process).
+        reactor.removeSystemEventTrigger(trigger)
         return states
 
-    states = ctx.run(_until_interrupted(go))
-    if states is None:
-        # Interrupted (Ctrl-C, SIGTERM): local sessions were stopped on the way out.
+    def interrupted() -> CliError:
+        # Ctrl-C, SIGTERM: local sessions are stopped on the way out.
         lines = ["interrupted; local Claude Code sessions were stopped"]
         for task_id, peer in sorted(remote_tasks.items()):
             lines.append(
                 f"  task {task_id} keeps running on {peer}; stop it with "
                 f"`claudectl relay interrupt {task_id} stop`"
             )
-        raise CliError("\n".join(lines), code=130)
+        return CliError("\n".join(lines), code=130)
+
+    ctx.on_interrupt = interrupted
+    states = await ctx.run(go)
     counts: dict[str, int] = {}
     for st in states.values():
         counts[st.status] = counts.get(st.status, 0) + 1

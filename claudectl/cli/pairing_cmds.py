@@ -250,7 +250,7 @@ def _describe_target(target: JoinTarget) -> dict[str, Any]:
 )
 @_json_option
 @pass_ctx
-def join(ctx: CliContext, invite_text: tuple[str, ...], check: bool, json_: bool) -> None:
+async def join(ctx: CliContext, invite_text: tuple[str, ...], check: bool, json_: bool) -> None:
     """Pair with the peer that gave you an invite, in any of its forms:
 
     \b
@@ -281,7 +281,7 @@ def join(ctx: CliContext, invite_text: tuple[str, ...], check: bool, json_: bool
     if not as_json:
         ctx.out(f"Connecting to {target.address}...")
     try:
-        result = ctx.run(join_peer, ctx.home, ctx.config, target)
+        result = await ctx.run(join_peer, ctx.home, ctx.config, target)
     except CliError:
         raise
     except Exception as e:  # the relay core's errors explain themselves
@@ -336,7 +336,7 @@ def _version_label(version: str) -> str:
 )
 @_json_option
 @pass_ctx
-def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
+async def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
     """List claudectl instances on the LAN.
 
     Broadcasts a discovery query that running instances of this project
@@ -354,7 +354,7 @@ def discover(ctx: CliContext, timeout: float, json_: bool) -> None:
         ctx.out(f"Scanning LAN for claudectl instances ({seconds})...")
         ctx.out()
     try:
-        rows = ctx.run(scan, relay_cfg, timeout, own)
+        rows = await ctx.run(scan, relay_cfg, timeout, own)
     except DiscoveryError as e:
         raise CliError(str(e)) from None
     if as_json:

@@ -29,14 +29,14 @@ from claudectl.relay.peers_view import peer_rows
 from claudectl.text import ago
 
 
-def call_service(ctx: CliContext, command: type, **kwargs: Any) -> dict[str, Any] | None:
+async def call_service(ctx: CliContext, command: type, **kwargs: Any) -> dict[str, Any] | None:
     """Run an AMP command; None when no service is running."""
 
     async def go(reactor: Any) -> dict[str, Any]:
         return await call_control(reactor, ctx.home, command, **kwargs)
 
     try:
-        return ctx.run(go)
+        return await ctx.run(go)  # type: ignore[no-any-return]
     except ServiceNotRunning:
         return None
     except (C.NotPairedError, C.LinkFailed, C.NoSuchPeer, C.BadRequest) as e:
@@ -317,14 +317,14 @@ def accept(ctx: CliContext, code: str, peer: str, force: bool) -> None:
 )
 @json_flag
 @pass_ctx
-def connect(ctx: CliContext, address: str, peer: str | None) -> None:
+async def connect(ctx: CliContext, address: str, peer: str | None) -> None:
     """Connect to a paired peer and keep the link up (through the running service)."""
     try:
         host, port = parse_address(address)
     except AddressError as e:
         raise CliError(str(e)) from None
     address = format_address(host, port)
-    result = ctx.run(_connect, ctx, address, peer)
+    result = await ctx.run(_connect, ctx, address, peer)
     if result["kept_by_service"]:
         previous = result.get("previous") or None
         if ctx.json:
@@ -418,14 +418,14 @@ async def _one_shot_connect(
 @relay.command()
 @json_flag
 @pass_ctx
-def peers(ctx: CliContext) -> None:
+async def peers(ctx: CliContext) -> None:
     """List known peers: state, address, last seen, trust, traffic."""
 
     async def fetch(reactor: Any) -> Any:
         return await call_paged(reactor, ctx.home, C.Peers, "peers_json")
 
     try:
-        rows = ctx.run(fetch)
+        rows = await ctx.run(fetch)
     except ServiceNotRunning:
         rows = None
     except (C.NotPairedError, C.LinkFailed, C.NoSuchPeer, C.BadRequest, ValueError) as e:
@@ -502,13 +502,13 @@ def _kb(n: int) -> str:
 @click.argument("peer")
 @json_flag
 @pass_ctx
-def disconnect(ctx: CliContext, peer: str) -> None:
+async def disconnect(ctx: CliContext, peer: str) -> None:
     """Drop the link to PEER; this side stops redialing it until the next start.
 
     A peer that dials us reconnects on its own schedule: `relay forget PEER`
     ends the pairing for good.
     """
-    result = call_service(ctx, C.Disconnect, peer=peer)
+    result = await call_service(ctx, C.Disconnect, peer=peer)
     if result is None:
         raise CliError("the relay service is not running, so there is no link to drop")
     dropped = bool(result.get("dropped_link", result["was_connected"]))
@@ -539,14 +539,14 @@ def disconnect(ctx: CliContext, peer: str) -> None:
 @click.argument("peer")
 @json_flag
 @pass_ctx
-def forget(ctx: CliContext, peer: str) -> None:
+async def forget(ctx: CliContext, peer: str) -> None:
     """Remove PEER's key and address (pair again to reconnect)."""
     if not is_remote_peer_id(peer):
         raise CliError(f"invalid peer id {peer!r}")
     ks = KeyStore(ctx.home)
     if not ks.forget(peer):
         raise CliError(f"unknown peer '{peer}'")
-    call_service(ctx, C.Forgotten, peer=peer)
+    await call_service(ctx, C.Forgotten, peer=peer)
     if ctx.json:
         ctx.emit_json({"peer": peer, "forgotten": True})
     else:

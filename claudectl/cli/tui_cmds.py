@@ -40,7 +40,7 @@ def _begin_logging(ctx: CliContext) -> str:
 
 @cli.command()
 @pass_ctx
-def tui(ctx: CliContext) -> None:
+async def tui(ctx: CliContext) -> None:
     """Full-screen dashboard: peers (p), remote tasks (t), hive (h), live.
 
     Attaches to the running relay service and shows its changes as they
@@ -70,4 +70,5 @@ def tui(ctx: CliContext) -> None:
     def go(reactor: Any) -> Any:
         return run_dashboard(reactor, ctx.home, config, ctx.config_files, colour_wanted())
 
-    ctx.run(go)
+    ctx.on_interrupt = lambda: None  # Ctrl+C quits the dashboard: exit 0
+    await ctx.run(go)

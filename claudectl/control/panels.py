@@ -133,7 +133,7 @@ def tasks_panel(
 ) -> dict[str, Any]:
     """Newest first; running and queued tasks before finished ones."""
     rows = outgoing + incoming
-    rows.sort(key=lambda r: (r["state"] not in taskstate.ACTIVE, -(r.get("created_at") or 0)))
+    rows.sort(key=lambda r: (r["state"] not in taskstate.ACTIVE, -_number(r.get("created_at"))))
     return {"rows": rows, "total": len(rows), "available": available}
 
 
@@ -344,6 +344,13 @@ def local_tasks_panel(home: Home, now: float) -> dict[str, Any]:
             }
         )
     return tasks_panel(out, inc)
+
+
+def _number(value: Any) -> float:
+    """A stored record's time as a number (0 for a damaged or missing one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    return float(value)
 
 
 def _elapsed(start: Any, end: Any) -> int:
