@@ -333,6 +333,14 @@ class ServiceTests(TestCase):
         started = time.monotonic()
         await call_control(reactor, s.home, C.Status)
         self.assertLess(time.monotonic() - started, 2.0)
+        # A heartbeat from the sender is processed meanwhile (its sessions are recorded).
+        sessions = [{"pid": 7, "project": "demo", "status": "Idle"}]
+        sender.mesh.send(s.node.identity, "heartbeat", {"worker_id": "w-1", "sessions": sessions})
+        await wait_for(
+            lambda: [w.worker_id for w in s.node.workers.current()] == ["w-1"],
+            2,
+            "the heartbeat",
+        )
         # The batch is still waiting for the lock: nothing merged, nothing acked.
         self.assertNotIn("ku_locked", stored(s.home))
         self.assertEqual(acks, [])
