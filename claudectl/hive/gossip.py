@@ -1129,9 +1129,12 @@ class Gossip:
         changes.on(self.home.hive, KNOWLEDGE, self.on_store_changed)
         changes.on(self.home.hive, TRUST, self.on_trust_changed)
 
-    def on_store_changed(self, _name: str = KNOWLEDGE) -> defer.Deferred[Any] | None:
-        """knowledge.jsonl was replaced: read it on the writer thread, then push."""
-        if self._signature() == self._file_sig:
+    def on_store_changed(
+        self, _name: str = KNOWLEDGE, *, first: bool = False
+    ) -> defer.Deferred[Any] | None:
+        """knowledge.jsonl was replaced: read it on the writer thread, then push.
+        ``first``: the service starts -- read it now, not at the first request."""
+        if not first and self._signature() == self._file_sig:
             return None  # our own write: the cache already holds it
         path = hive_file(self.home, KNOWLEDGE)
 
@@ -1197,6 +1200,11 @@ class _GossipService(Service):
 
     def __init__(self, gossip: Gossip) -> None:
         self.gossip = gossip
+
+    def startService(self) -> None:
+        super().startService()
+        if self.gossip._watched:
+            self.gossip.on_store_changed(first=True)
 
     def stopService(self) -> Any:
         self.gossip.stop()
