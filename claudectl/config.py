@@ -114,6 +114,9 @@ class RelayConfig:
     lan_announce_interval: int = 10
     invite_ttl_hours: int = 24
     require_encryption: bool = False
+    #: NAT hubs (docs/hub.md): register there, and reach peers through them.
+    hubs: tuple[str, ...] = ()
+    hub_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,8 @@ SCHEMA: dict[str, tuple[type, list[Key]]] = {
             Key("lan_announce_interval", _int(1, 86400), "an integer number of seconds 1-86400"),
             Key("invite_ttl_hours", _int(1, 24 * 365), "an integer number of hours 1-8760"),
             Key("require_encryption", _bool, "true or false"),
+            Key("hubs", _str_list, 'a list of "host:port" strings'),
+            Key("hub_token", _str, "a string"),
         ],
     ),
     "hive": (

@@ -55,6 +55,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from twisted.internet import defer, task  # noqa: E402
+from twisted.internet import defer, endpoints, task  # noqa: E402
+from twisted.protocols.basic import LineReceiver  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
 from claudectl.config import Config, HiveConfig  # noqa: E402
@@ -83,7 +85,7 @@ from claudectl.hive.store import (  # noqa: E402
     read_units_file,
     store_transaction,
 )
-from claudectl.hive.units import KnowledgeUnit  # noqa: E402
+from claudectl.hive.units import KnowledgeUnit, paginate  # noqa: E402
 from claudectl.home import Home  # noqa: E402
 from claudectl.relay import codec  # noqa: E402
 from claudectl.relay.interfaces import IMesh  # noqa: E402
@@ -357,8 +359,11 @@ class Bus:
     round's deliveries, as a reactor runs them after the reads of one turn.
     """
 
-    def __init__(self, rnd: random.Random) -> None:
+    def __init__(self, rnd: random.Random, ordered: bool = False) -> None:
         self.rnd = rnd
+        #: Deliver each round's frames in the order sent (as one TCP link
+        #: does) instead of shuffled across links.
+        self.ordered = ordered
         self.clock = task.Clock()
         self.meshes: dict[str, BusMesh] = {}
         self.queue: list[tuple[str, str, codec.Envelope]] = []
@@ -372,7 +377,8 @@ class Bus:
         self.clock.advance(0)
         while self.queue and rounds < max_rounds:
             current, self.queue = self.queue, []
-            self.rnd.shuffle(current)
+            if not self.ordered:
+                self.rnd.shuffle(current)
             # Acknowledgements are bookkeeping, not a round of gossip.
             if any(env.msg_type != codec.ACK for _, _, env in current):
                 rounds += 1
@@ -549,7 +555,9 @@ def snapshot_in_process(base: Path, profile: bool, units: int = SNAPSHOT_UNITS) 
     none are left, then the clock passes the fallback push delay.  Times the
     engines alone (JSON, merge, files).
     """
-    bus = Bus(random.Random(2))
+    # Two engines, one link: frames arrive in the order they were sent
+    # (shuffled, a snapshot's last page could overtake the others).
+    bus = Bus(random.Random(2), ordered=True)
     roomy = dataclasses.replace(
         Config(),
         hive=dataclasses.replace(HiveConfig(), max_units=0, max_units_per_peer_per_day=1_000_000),
@@ -599,30 +607,49 @@ def snapshot_in_process(base: Path, profile: bool, units: int = SNAPSHOT_UNITS) 
 class Child:
     """One ``claudectl relay serve`` process; its output lines carry arrival times."""
 
-    def __init__(self, name: str, home: Home, argv: list[str]) -> None:
+    def __init__(
+        self, name: str, home: Home, argv: list[str], log_path: Path | None = None
+    ) -> None:
         self.name = name
         self.home = home
         self.lines: list[tuple[float, str]] = []
         self._lock = threading.Lock()
+        #: With a log file (as a daemon's) no thread of ours reads the output
+        #: while the service is timed; its lines are read when asked for.
+        self.log_path = log_path
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(home.root),
             "CLAUDECTL_HOME": str(home.root),
             "LANG": "C.UTF-8",
             "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
         }
+        out: Any = subprocess.PIPE if log_path is None else open(log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, *argv],
-            stdout=subprocess.PIPE,
+            stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
             cwd=str(home.root),
-            text=True,
+            text=log_path is None,
             start_new_session=True,
         )
+        if log_path is not None:
+            out.close()
         self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        if log_path is None:
+            self._reader.start()
+
+    def _from_file(self) -> None:
+        if self.log_path is None:
+            return
+        with contextlib.suppress(OSError):
+            text = self.log_path.read_text(errors="replace").splitlines()
+            with self._lock:
+                stamp = time.monotonic()
+                self.lines.extend((stamp, t) for t in text[len(self.lines) :])
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -632,6 +659,7 @@ class Child:
                 self.lines.append((stamp, text.rstrip("\n")))
 
     def find(self, pattern: str, start: int = 0) -> tuple[float, re.Match[str]] | None:
+        self._from_file()
         rx = re.compile(pattern)
         with self._lock:
             lines = self.lines[start:]
@@ -675,7 +703,8 @@ class Child:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        self._reader.join(2)
+        if self._reader.is_alive():
+            self._reader.join(2)
 
 
 # The services' log lines the benchmark reads (claudectl/hive/gossip.py):
@@ -706,7 +735,7 @@ class Fleet:
     def __init__(self) -> None:
         self.children: list[Child] = []
 
-    def serve(self, name: str, home: Home) -> Child:
+    def serve(self, name: str, home: Home, log_path: Path | None = None) -> Child:
         child = Child(
             name,
             home,
@@ -721,6 +750,7 @@ class Fleet:
                 "tcp:0:interface=127.0.0.1",
                 "--no-discovery",
             ],
+            log_path,
         )
         self.children.append(child)
         return child
@@ -918,9 +948,16 @@ async def bench_convergence(
 
 
 async def convergence_runs(
-    reactor: Any, mesh: Mesh, runs: int, rnd: random.Random, store_units: int
+    reactor: Any,
+    mesh: Mesh,
+    runs: int,
+    rnd: random.Random,
+    store_units: int,
+    pause: float = 0.5,
+    timeout: float = 15.0,
 ) -> ConvPhase:
     homes, ids, edges, children = mesh.homes, mesh.ids, mesh.edges, mesh.children
+    nodes = len(homes)
     watches = [FileWatch(h) for h in homes]
     from_write: list[float] = []
     from_send: list[float] = []
@@ -931,8 +968,8 @@ async def convergence_runs(
     bytes_before = await total_bytes(reactor, homes)
     resolutions_before = count_lines(homes, RESOLUTIONS)
     for run in range(runs + 1):  # run 0 warms up every node's code paths
-        src = rnd.randrange(MESH_NODES)
-        dist = distances(MESH_NODES, edges, src)
+        src = rnd.randrange(nodes)
+        dist = distances(nodes, edges, src)
         uid = f"ku_bench_{store_units}_{run}_{rnd.getrandbits(32):08x}"
         needle = f'"{uid}"'.encode()
         marks = [c.mark() for c in children]
@@ -940,13 +977,13 @@ async def convergence_runs(
         add_units(homes[src], ids[src], [unit_json(uid, ids[src], f"bench cmd {uid}", now)], now)
         t_write = time.monotonic()
         seen: dict[int, float] = {}
-        deadline = t_write + 15
-        while len(seen) < MESH_NODES - 1:
+        deadline = t_write + timeout
+        while len(seen) < nodes - 1:
             for i, w in enumerate(watches):
                 if i != src and i not in seen and needle in w.refresh():
                     seen[i] = time.monotonic()
             if time.monotonic() > deadline:
-                missing = [ids[i] for i in range(MESH_NODES) if i != src and i not in seen]
+                missing = [ids[i] for i in range(nodes) if i != src and i not in seen]
                 raise Timeout(f"unit {uid} never reached {missing}")
             await task.deferLater(reactor, POLL_STEP, lambda: None)
         t_all = max(seen.values())
@@ -959,7 +996,7 @@ async def convergence_runs(
             bytes_before = await total_bytes(reactor, homes)
             resolutions_before = count_lines(homes, RESOLUTIONS)
             continue
-        for i in range(MESH_NODES):
+        for i in range(nodes):
             if i == src:
                 continue
             u = {x.id: x for x in read_units_file(watches[i].path).store.units()}[uid]
@@ -975,7 +1012,7 @@ async def convergence_runs(
             for c, mk in zip(children, marks, strict=True)
             for _, m in c.matches(batch_rx(None), mk)
         )
-        await task.deferLater(reactor, rnd.uniform(0.0, 0.5), lambda: None)
+        await task.deferLater(reactor, rnd.uniform(0.0, pause), lambda: None)
     bytes_after = await total_bytes(reactor, homes)
     resolutions = count_lines(homes, RESOLUTIONS) - resolutions_before
     return ConvPhase(
@@ -1404,6 +1441,633 @@ def write_section(
     return path
 
 
+# --- issue 16: real services set up through the CLI -------------------------------------
+
+#: claudectl 0.64 on the same machine (issue 16): knowledge_request -> snapshot.
+ANCHOR_REQUEST_MS = 1000.0
+#: Issue 16's goals.
+TARGET_REQUEST_FLOOR_RATIO = 1.3
+TARGET_SNAPSHOT_SECS = {5_000: 0.15, 50_000: 1.5}
+TARGET_CONVERGENCE_SECS = {16: 0.040, 64: 0.150}
+CONV_SIZES = (4, 8, 16, 32, 64)
+SNAP_SIZES = (500, 5_000, 50_000)
+REQUEST_UNITS = 500
+CLI_WORKERS = 4  # CLI processes at once while pairing
+CLI_TIMEOUT_SECS = 120.0
+
+
+def child_env(home: Home) -> dict[str, str]:
+    """A CLI or service child's whole environment: this checkout and ``home``, nothing of ~."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home.root),
+        "CLAUDECTL_HOME": str(home.root),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": str(ROOT),
+        "HOSTNAME": home.root.name,
+    }
+    if "TMPDIR" in os.environ:  # a long home puts its control socket there
+        env["TMPDIR"] = os.environ["TMPDIR"]
+    return env
+
+
+#: A persistent CLI process: reads JSON argv lines, runs ``claudectl``'s own
+#: entry point (``claudectl.cli.main``) on each, answers one JSON line.  The
+#: same commands as ``python -m claudectl ...`` without an interpreter start
+#: per call (pairing a 64-node mesh takes hundreds of calls).
+CLI_RUNNER = r"""
+import contextlib, io, json, sys
+from claudectl.cli import main
+for line in sys.stdin:
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(json.loads(line))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    sys.__stdout__.write(json.dumps([code, out.getvalue(), err.getvalue()]) + "\n")
+    sys.__stdout__.flush()
+"""
+
+
+class CliPool:
+    """A few CLI runner processes; ``run`` hands a command to a free one."""
+
+    def __init__(self, size: int, env_home: Home) -> None:
+        import queue
+
+        self.free: queue.Queue[subprocess.Popen[str]] = queue.Queue()
+        self.procs = []
+        for _ in range(size):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", CLI_RUNNER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=child_env(env_home),
+                cwd=str(env_home.root),
+                start_new_session=True,
+            )
+            self.procs.append(proc)
+            self.free.put(proc)
+
+    def run(self, home: Home, *args: str) -> Any:
+        proc = self.free.get(timeout=CLI_TIMEOUT_SECS)
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps(["--home", str(home.root), *args, "--json"]) + "\n")
+            proc.stdin.flush()
+            code, out, err = json.loads(proc.stdout.readline())
+        finally:
+            self.free.put(proc)
+        if code != 0:
+            raise RuntimeError(
+                f"`claudectl {' '.join(args)}` exited {code}: {(err or out).strip()[-300:]}"
+            )
+        return json.loads(out) if out.strip() else None
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+#: The pool every CLI call of the benchmark goes through (set up by main).
+CLI_POOL: list[CliPool] = []
+
+
+def cli(home: Home, *args: str) -> Any:
+    """``claudectl --home HOME ARGS --json``: its parsed answer."""
+    if CLI_POOL:
+        return CLI_POOL[0].run(home, *args)
+    done = subprocess.run(
+        [sys.executable, "-m", "claudectl", "--home", str(home.root), *args, "--json"],
+        env=child_env(home),
+        cwd=str(home.root),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_SECS,
+        stdin=subprocess.DEVNULL,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"`claudectl {' '.join(args)}` exited {done.returncode}: "
+            f"{(done.stderr or done.stdout).strip()[-300:]}"
+        )
+    return json.loads(done.stdout) if done.stdout.strip() else None
+
+
+def make_home(tmp: Path, name: str, config: str | None = None) -> Home:
+    home = Home((tmp / name).resolve())  # the CLI runners' working directory is elsewhere
+    home.root.mkdir(parents=True)
+    if config is not None:
+        home.config_file.parent.mkdir(parents=True, exist_ok=True)
+        home.config_file.write_text(config, encoding="utf-8")
+    return home
+
+
+def pair_edges(homes: list[Home], edges: list[tuple[int, int]]) -> list[str]:
+    """
+    Pair every ``(dialer, listener)`` edge through the CLI: ``relay pair`` on
+    the listener, ``relay accept <code> <listener id>`` on the dialer (the
+    code is claimed by the dialer's first connect).  Calls on one home run
+    one after another; different homes in parallel.  Returns the identities.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids: list[str] = [""] * len(homes)
+    codes: dict[tuple[int, int], str] = {}
+    by_listener: dict[int, list[int]] = collections.defaultdict(list)
+    by_dialer: dict[int, list[int]] = collections.defaultdict(list)
+    for a, b in edges:
+        by_listener[b].append(a)
+        by_dialer[a].append(b)
+
+    def make_codes(b: int) -> None:
+        for a in by_listener[b]:
+            reply = cli(homes[b], "relay", "pair")
+            ids[b] = reply["identity"]
+            codes[(a, b)] = reply["pair_code"]
+
+    def accept(a: int) -> None:
+        for b in by_dialer[a]:
+            ids[a] = cli(homes[a], "relay", "accept", codes[(a, b)], ids[b])["identity"]
+
+    with ThreadPoolExecutor(CLI_WORKERS) as pool:
+        list(pool.map(make_codes, list(by_listener)))
+        list(pool.map(accept, list(by_dialer)))
+        missing = [i for i, ident in enumerate(ids) if not ident]
+        for i, reply in zip(
+            missing, pool.map(lambda i: cli(homes[i], "relay", "identity"), missing), strict=True
+        ):
+            ids[i] = reply["identity"]
+    return ids
+
+
+def nested_mesh(n: int, dials: int, max_degree: int, rnd: random.Random) -> list[tuple[int, int]]:
+    """
+    Edges ``(dialer, listener)`` where node ``i`` dials up to ``dials``
+    random nodes among ``0..i-1`` (at most ``max_degree`` links each): the
+    first ``k`` nodes form a connected mesh for every ``k``, so one pairing
+    serves every mesh size.
+    """
+    degree = [0] * n
+    edges: list[tuple[int, int]] = []
+    for i in range(1, n):
+        free = [j for j in range(i) if degree[j] < max_degree]
+        if not free:
+            free = list(range(i))
+        for j in rnd.sample(free, min(dials, len(free))):
+            edges.append((i, j))
+            degree[i] += 1
+            degree[j] += 1
+    return edges
+
+
+def proc_cpu_secs(pid: int) -> float:
+    """User + system CPU time of a process (``/proc/<pid>/stat``), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def import_units(home: Home, units: list[dict[str, Any]]) -> None:
+    """``claudectl hive import`` of units that originated at ``home``."""
+    path = home.root / "units.json"
+    path.write_text(json.dumps({"units": units}), encoding="utf-8")
+    cli(home, "hive", "import", str(path))
+    path.unlink()
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median and range of per-run figures."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": [round(v, 6) for v in values],
+    }
+
+
+async def settle_links(
+    reactor: Any, homes: list[Home], degree: list[int], timeout: float = 60.0
+) -> None:
+    """Wait until every node lists exactly ``degree[i]`` connected peers."""
+
+    async def up() -> bool:
+        for home, want in zip(homes, degree, strict=True):
+            rows = await peers_of(reactor, home)
+            if sum(1 for r in rows if r["state"] == "connected") != want:
+                return False
+        return True
+
+    deadline = time.monotonic() + timeout
+    while not await up():
+        if time.monotonic() > deadline:
+            raise Timeout("links did not all come up")
+        await task.deferLater(reactor, 0.2, lambda: None)
+
+
+async def bench_convergence_scaling(
+    reactor: Any,
+    tmp: Path,
+    fleet: Fleet,
+    sizes: tuple[int, ...],
+    runs: int,
+    rnd: random.Random,
+    say: Callable[[str], None],
+) -> dict[int, ConvPhase]:
+    """
+    One nested mesh of ``max(sizes)`` nodes, paired through the CLI; every
+    store holds FILL_UNITS units that stay local.  The first ``sizes[0]``
+    services start and link up, their convergence is timed, then the next
+    nodes join, and so on: each size is a connected mesh of real services.
+    """
+    n = max(sizes)
+    homes = [make_home(tmp, f"conv{i:02d}") for i in range(n)]
+    edges = nested_mesh(n, DIALS_PER_NODE, MAX_PEERS, rnd)
+    t0 = time.monotonic()
+    ids = pair_edges(homes, edges)
+    say(f"paired {len(edges)} links through the CLI in {time.monotonic() - t0:.0f} s")
+    now = int(time.time())
+    for home, ident in zip(homes, ids, strict=True):
+        add_units(home, ident, filler_units(FILL_UNITS, now), now)
+    children: list[Child] = []
+    ports: dict[str, int] = {}
+    phases: dict[int, ConvPhase] = {}
+    try:
+        for size in sizes:
+            new = [fleet.serve(f"conv{i:02d}", homes[i]) for i in range(len(children), size)]
+            ports.update(await wait_ready(reactor, new, 120))
+            old = len(children)
+            children += new
+            links = [(a, b) for a, b in edges if a < size and b < size and max(a, b) >= old]
+            await defer.gatherResults(
+                [
+                    defer.ensureDeferred(connect(reactor, homes[a], ports[f"conv{b:02d}"], ids[b]))
+                    for a, b in links
+                ],
+                consumeErrors=True,
+            )
+            sub = [(a, b) for a, b in edges if a < size and b < size]
+            await settle_links(reactor, homes[:size], [len(x) for x in adjacency(size, sub)])
+            # Past the link-up requests and the fallback push round.
+            await task.deferLater(reactor, gossip_mod.LINKUP_PUSH_DELAY_SECS + 0.5, lambda: None)
+            mesh = Mesh(homes[:size], ids[:size], sub, children)
+            phases[size] = await convergence_runs(
+                reactor, mesh, runs, rnd, FILL_UNITS, pause=0.2, timeout=30.0
+            )
+            ph = phases[size]
+            say(
+                f"{size} services: from the first send p50 "
+                f"{statistics.median(ph.from_send) * 1000:.0f} ms, from the write "
+                f"{statistics.median(ph.from_write) * 1000:.0f} ms"
+            )
+    finally:
+        fleet.stop(children)
+    return phases
+
+
+ROOMY = "[hive]\nmax_units = 0\nmax_units_per_peer_per_day = 1000000\n"
+
+
+async def bench_snapshot_scaling(
+    reactor: Any,
+    tmp: Path,
+    fleet: Fleet,
+    sizes: tuple[int, ...],
+    runs: int,
+    say: Callable[[str], None],
+) -> dict[int, dict[str, list[float]]]:
+    """
+    Per size: X holds that many units (``hive import``); ``runs`` new nodes,
+    each paired with X through the CLI, connect one after another; each is
+    timed from the connect request until its knowledge.jsonl holds every unit.
+    """
+    out: dict[int, dict[str, list[float]]] = {}
+    for units in sizes:
+        xhome = make_home(tmp, f"snapx-{units}")
+        yhomes = [make_home(tmp, f"snapy-{units}-{r}", ROOMY) for r in range(runs)]
+        ids = pair_edges([xhome, *yhomes], [(r + 1, 0) for r in range(runs)])
+        now = int(time.time())
+        import_units(
+            xhome,
+            [unit_json(f"ku_snap_{i}", ids[0], f"snapshot command {i}", now) for i in range(units)],
+        )
+        x = fleet.serve(f"snapx-{units}", xhome)
+        ys = [fleet.serve(f"snapy-{units}-{r}", h) for r, h in enumerate(yhomes)]
+        try:
+            ports = await wait_ready(reactor, [x, *ys], 120)
+            await task.deferLater(reactor, 3 * gossip_mod.POLL_SECS + 0.2, lambda: None)
+            secs: list[float] = []
+            cpu_x: list[float] = []
+            cpu_y: list[float] = []
+            for r, yhome in enumerate(yhomes):
+                watch = FileWatch(yhome)
+                cx, cy = proc_cpu_secs(x.proc.pid), proc_cpu_secs(ys[r].proc.pid)
+                t0 = time.monotonic()
+                await connect(reactor, yhome, ports[x.name], ids[0])
+                await until(
+                    reactor,
+                    partial(holds, watch, units),
+                    120,
+                    f"{units:,} units on the new node",
+                    step=POLL_STEP,
+                )
+                secs.append(time.monotonic() - t0)
+                # CPU moves much less with the machine's load than wall time.
+                cpu_x.append(proc_cpu_secs(x.proc.pid) - cx)
+                cpu_y.append(proc_cpu_secs(ys[r].proc.pid) - cy)
+                fleet.stop([ys[r]])
+            out[units] = {"seconds": secs, "cpu_old_node": cpu_x, "cpu_new_node": cpu_y}
+            say(f"snapshot of {units:,} units: p50 {statistics.median(secs) * 1000:.0f} ms")
+        finally:
+            fleet.stop([x, *ys])
+    return out
+
+
+FLOOR_SERVER = r"""
+import sys
+from twisted.internet import protocol, reactor
+from twisted.protocols.basic import LineReceiver
+frames = open(sys.argv[1], "rb").read()
+class Bare(LineReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = 1 << 20
+    def lineReceived(self, line):
+        self.transport.write(frames)
+f = protocol.Factory.forProtocol(Bare)
+port = reactor.listenTCP(0, f, interface="127.0.0.1")
+print(port.getHost().port, flush=True)
+reactor.run()
+"""
+
+
+class FloorClient(LineReceiver):
+    """Asks with one line and parses every page with the codec, as a peer does."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = codec.MAX_LINE_BYTES
+
+    def __init__(self) -> None:
+        self.waiting: defer.Deferred[int] | None = None
+        self.units = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        payload = codec.decode(line).payload
+        self.units += len(payload["units"])
+        if payload["page"] == payload["total_pages"] and self.waiting is not None:
+            d, self.waiting, units, self.units = self.waiting, None, self.units, 0
+            d.callback(units)
+
+
+async def timed_requests(
+    reactor: Any,
+    send: Callable[[], Any],
+    arm: Callable[[defer.Deferred[int]], None],
+    n: int,
+    warmup: int,
+    units: int,
+) -> float:
+    """p50 in seconds of ``n`` request -> last page round trips after ``warmup``."""
+    samples: list[float] = []
+    for i in range(warmup + n):
+        d: defer.Deferred[int] = defer.Deferred()
+        arm(d)
+        t0 = time.perf_counter()
+        send()
+        got = await d
+        if got != units:
+            raise RuntimeError(f"a snapshot held {got} unit(s), not {units}")
+        if i >= warmup:
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+async def bench_request(
+    reactor: Any,
+    tmp: Path,
+    fleet: Fleet,
+    runs: int,
+    n: int,
+    warmup: int,
+    say: Callable[[str], None],
+) -> dict[str, list[float]]:
+    """
+    knowledge_request -> knowledge_snapshot of REQUEST_UNITS units: a measuring
+    RelayNode (scripts/bench_relay.py's client, plaintext like a claudectl 0.64
+    peer) against a real ``relay serve``, and the floor: a bare LineReceiver
+    child writing the same pages pre-encoded, read by a client that parses
+    each page with the codec.  Per run: the p50 of ``n`` sequential requests.
+    """
+    relay_bench = load_relay_bench()
+    shome = make_home(tmp, "req-s")
+    chome = make_home(tmp, "req-c")
+    sid, _ = pair_edges([shome, chome], [(1, 0)])
+    now = int(time.time())
+    records = [
+        unit_json(f"ku_req_{i:04d}", sid, f"request command {i} --flag", now)
+        for i in range(REQUEST_UNITS)
+    ]
+    import_units(shome, records)
+    # The floor's pages: what the service sends, encoded once up front.
+    pages = paginate(
+        [KnowledgeUnit.from_json(u).to_json() for u in records],
+        size=lambda j: len(json.dumps(j, separators=(",", ":")).encode()),
+    )
+    factory = codec.EnvelopeFactory(sid)
+    frames = b"".join(
+        codec.encode(
+            factory.make(
+                codec.KNOWLEDGE_SNAPSHOT, {"page": k, "total_pages": len(pages), "units": p}
+            )
+        )
+        for k, p in enumerate(pages, 1)
+    )
+    (tmp / "floor.ndjson").write_bytes(frames)
+    floor_proc = subprocess.Popen(
+        [sys.executable, "-c", FLOOR_SERVER, str(tmp / "floor.ndjson")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(shome),
+        start_new_session=True,
+    )
+    s = fleet.serve("req-s", shome, tmp / "req-s.log")
+    try:
+        assert floor_proc.stdout is not None
+        floor_port = int(floor_proc.stdout.readline())
+        ports = await wait_ready(reactor, [s], 60)
+        service = relay_bench.Service(shome, sid, s.proc, ports["req-s"], shome.root / "none")
+        client = relay_bench.Client.make(reactor, relay_bench.PLAINTEXT, chome, sid)
+        await client.open(reactor, service.address)
+        waiter = relay_bench.SnapshotWaiter(client)
+        floor = await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", floor_port), FloorClient()
+        )
+        ask = codec.encode(
+            codec.EnvelopeFactory("floor").make(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0})
+        )
+
+        def arm_floor(d: defer.Deferred[int]) -> None:
+            floor.waiting = d
+
+        def arm_ours(d: defer.Deferred[int]) -> None:
+            waiter.waiting = d
+
+        ours: list[float] = []
+        floors: list[float] = []
+        for r in range(runs):
+            # Alternate which goes first.
+            order = ("ours", "floor") if r % 2 == 0 else ("floor", "ours")
+            for which in order:
+                if which == "floor":
+                    floors.append(
+                        await timed_requests(
+                            reactor,
+                            lambda: floor.transport.write(ask),
+                            arm_floor,
+                            n,
+                            warmup,
+                            REQUEST_UNITS,
+                        )
+                    )
+                else:
+                    ours.append(
+                        await timed_requests(
+                            reactor,
+                            lambda: client.node.mesh.send(
+                                sid, codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}
+                            ),
+                            arm_ours,
+                            n,
+                            warmup,
+                            REQUEST_UNITS,
+                        )
+                    )
+            say(
+                f"request -> snapshot run {r + 1}: {ours[-1] * 1000:.2f} ms "
+                f"(floor {floors[-1] * 1000:.2f} ms)"
+            )
+        floor.transport.loseConnection()
+        return {"ours": ours, "floor": floors, "bytes": [float(len(frames))]}
+    finally:
+        fleet.stop([s])
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(floor_proc.pid, signal.SIGTERM)
+        floor_proc.wait(10)
+
+
+def load_relay_bench() -> Any:
+    """scripts/bench_relay.py, for its measuring client (one client for both benchmarks)."""
+    import importlib.util
+
+    path = ROOT / "scripts" / "bench_relay.py"
+    spec = importlib.util.spec_from_file_location("bench_relay", path)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules.get("bench_relay")
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_relay"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@dataclasses.dataclass
+class Issue16:
+    request: dict[str, list[float]]
+    snapshots: dict[int, dict[str, list[float]]]
+    convergence: dict[int, ConvPhase]
+
+
+def issue16_json(r: Issue16) -> dict[str, Any]:
+    ours, floor = r.request["ours"], r.request["floor"]
+    ratios = [o / f for o, f in zip(ours, floor, strict=True)]
+    med = statistics.median(ours) * 1000
+    out: dict[str, Any] = {
+        "request_snapshot_500": {
+            "ms": spread([x * 1000 for x in ours]),
+            "floor_ms": spread([x * 1000 for x in floor]),
+            "ratio_to_floor": spread(ratios),
+            "target_ratio_to_floor": TARGET_REQUEST_FLOOR_RATIO,
+            "met": statistics.median(ratios) <= TARGET_REQUEST_FLOOR_RATIO,
+            "claudectl_064_ms": ANCHOR_REQUEST_MS,
+            "times_faster_than_claudectl_064": ANCHOR_REQUEST_MS / med,
+            "frame_bytes": int(r.request["bytes"][0]),
+        },
+        "snapshot": {},
+        "convergence": {},
+    }
+    for units, v in r.snapshots.items():
+        target = TARGET_SNAPSHOT_SECS.get(units)
+        med_s = statistics.median(v["seconds"])
+        out["snapshot"][str(units)] = {
+            "ms": spread([x * 1000 for x in v["seconds"]]),
+            "cpu_ms_old_node": spread([x * 1000 for x in v.get("cpu_old_node", [0.0])]),
+            "cpu_ms_new_node": spread([x * 1000 for x in v.get("cpu_new_node", [0.0])]),
+            "us_per_unit": med_s / units * 1e6,
+            "target_ms": None if target is None else target * 1000,
+            "met": None if target is None else med_s <= target,
+        }
+    for size, ph in r.convergence.items():
+        target = TARGET_CONVERGENCE_SECS.get(size)
+        med_s = statistics.median(ph.from_send)
+        out["convergence"][str(size)] = {
+            "from_first_send_ms": spread([x * 1000 for x in ph.from_send]),
+            "from_write_ms": spread([x * 1000 for x in ph.from_write]),
+            "one_hop_ms": spread([x * 1000 for x in ph.first_peer]),
+            "max_hops": ph.eccentricity,
+            "sync_frames_per_run": ph.frames_per_run,
+            "target_ms": None if target is None else target * 1000,
+            "met": None if target is None else med_s <= target,
+        }
+    return out
+
+
+def issue16_table(data: dict[str, Any]) -> list[str]:
+    TIMES = "\u00d7"
+
+    def cell(v: dict[str, Any], unit: str = "ms") -> str:
+        return f"{v['median']:,.1f} {unit} ({v['min']:,.1f}\u2013{v['max']:,.1f})"
+
+    def met(v: bool | None) -> str:
+        return "" if v is None else ("yes" if v else "**no**")
+
+    req = data["request_snapshot_500"]
+    lines = [
+        "| row | median (range) | goal | met? |",
+        "|---|---|---|---|",
+        f"| knowledge_request \u2192 snapshot, {REQUEST_UNITS} units, `relay serve` | "
+        f"{cell(req['ms'])} | | |",
+        f"| the same from the floor (bare LineReceiver, pre-encoded pages) | "
+        f"{cell(req['floor_ms'])} | | |",
+        f"| ratio to the floor (per run) | {cell(req['ratio_to_floor'], TIMES)} | "
+        f"\u2264 {TARGET_REQUEST_FLOOR_RATIO}\u00d7 | {met(req['met'])} |",
+        f"| claudectl 0.64: {ANCHOR_REQUEST_MS:,.0f} ms | "
+        f"{req['times_faster_than_claudectl_064']:,.0f}\u00d7 faster | | |",
+    ]
+    for units, v in data["snapshot"].items():
+        goal = "" if v["target_ms"] is None else f"\u2264 {v['target_ms']:,.0f} ms"
+        lines.append(
+            f"| snapshot merged by a new peer: connect \u2192 {int(units):,} units stored | "
+            f"{cell(v['ms'])}; {v['us_per_unit']:,.0f} \u00b5s/unit; CPU: old node "
+            f"{cell(v['cpu_ms_old_node'])}, new node {cell(v['cpu_ms_new_node'])} | "
+            f"{goal} | {met(v['met'])} |"
+        )
+    for size, v in data["convergence"].items():
+        goal = "" if v["target_ms"] is None else f"\u2264 {v['target_ms']:,.0f} ms"
+        lines.append(
+            f"| convergence, {size} processes, {FILL_UNITS}-unit stores: first send \u2192 "
+            f"on all (write \u2192 on all: {cell(v['from_write_ms'])}; {v['max_hops']} hops max) | "
+            f"{cell(v['from_first_send_ms'])} | {goal} | {met(v['met'])} |"
+        )
+    return lines
+
+
 # --- main --------------------------------------------------------------------------------
 
 
@@ -1537,9 +2201,59 @@ async def run_all(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: Flee
             f"({profiled.seconds:.1f} s under the profiler, frames {profiled.frames}):\n"
             + profiled.profile
         )
-    if not args.no_write:
+    if args.write:
         print(f"updated {write_section(table, notes, header)}")
     return 0 if targets_met(results) else 1
+
+
+async def run_issue16(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: Fleet) -> int:
+    """Issue 16's rows: request -> snapshot, snapshot scaling, convergence scaling."""
+    rnd = random.Random(args.seed)
+    runs = args.runs or (2 if args.quick else 5)
+    conv_sizes = (4, 8) if args.quick else CONV_SIZES
+    snap_sizes = (500,) if args.quick else SNAP_SIZES
+    t0 = time.monotonic()
+    load_before = os.getloadavg()
+
+    def say(text: str) -> None:
+        if not args.json:
+            print(f"  [{time.monotonic() - t0:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    say(f"knowledge_request -> snapshot of {REQUEST_UNITS} units, {runs} runs ...")
+    request = await bench_request(
+        reactor, tmp, fleet, runs, 20 if args.quick else 100, 5 if args.quick else 20, say
+    )
+    say(f"snapshots of {', '.join(f'{u:,}' for u in snap_sizes)} units, {runs} runs each ...")
+    snaps = await bench_snapshot_scaling(reactor, tmp, fleet, snap_sizes, runs, say)
+    say(f"convergence at {', '.join(map(str, conv_sizes))} services, {runs} runs each ...")
+    conv = await bench_convergence_scaling(reactor, tmp, fleet, conv_sizes, runs, rnd, say)
+    data = issue16_json(Issue16(request, snaps, conv))
+    data["meta"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python scripts/bench_gossip.py" + "".join(f" {a}" for a in sys.argv[1:]),
+        "machine": machine_line(),
+        "load_average_start": [round(x, 2) for x in load_before],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "runs": runs,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        meta = data["meta"]
+        print(
+            f"\n`{meta['command']}` at {meta['date']}; {meta['machine']}; load average "
+            f"{meta['load_average_start']} at the start, {meta['load_average_end']} at the "
+            f"end; {meta['seconds']:.0f} s. Cells: median (min\u2013max) over {runs} runs.\n"
+        )
+        print("\n".join(issue16_table(data)))
+    met = [
+        v["met"]
+        for group in (data["snapshot"], data["convergence"])
+        for v in group.values()
+        if v["met"] is not None
+    ] + [data["request_snapshot_500"]["met"]]
+    return 0 if all(met) else 1
 
 
 def main() -> int:
@@ -1547,13 +2261,23 @@ def main() -> int:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="fewer runs, smaller simulation checks (about a minute)",
+        help="smoke test: 2 runs, 4 and 8 services, a 500-unit snapshot (about a minute)",
     )
-    ap.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--runs", type=int, default=None, help="runs per row (default 5)")
     ap.add_argument("--seed", type=int, default=6, help="random seed (graphs, sources, keys)")
     ap.add_argument(
-        "--profile", action="store_true", help="print a cProfile of one engine hop on disk"
+        "--legacy",
+        action="store_true",
+        help="the 2026-11-26 measurements instead: 16-service mesh, 5,000-unit snapshot, "
+        "engine hop and the round-model simulation",
     )
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="--legacy: put its table right under docs/performance.md's '## Gossip' heading",
+    )
+    ap.add_argument("--profile", action="store_true", help="--legacy: print cProfile output")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-gossip-"))
@@ -1561,21 +2285,25 @@ def main() -> int:
 
     def cleanup() -> None:
         fleet.stop_all()
+        while CLI_POOL:
+            CLI_POOL.pop().close()
         shutil.rmtree(tmp, ignore_errors=True)
 
     atexit.register(cleanup)
-    status = [1]
+    status = [2]
 
     async def body(reactor: Any) -> None:
         reactor.addSystemEventTrigger("before", "shutdown", fleet.stop_all)
         try:
-            status[0] = await run_all(reactor, args, tmp, fleet)
-        except Timeout as e:
-            print(f"benchmark failed: {e}", file=sys.stderr)
+            runner_home = make_home(tmp, "cli-runner")
+            CLI_POOL.append(CliPool(CLI_WORKERS, runner_home))
+            run = run_all if args.legacy else run_issue16
+            status[0] = await run(reactor, args, tmp, fleet)
+        except Exception as e:
+            print(f"Error: benchmark failed: {e}", file=sys.stderr)
             for c in fleet.children:
-                if c.alive():
-                    continue
-                print(f"--- {c.name} exited early:\n{c.tail()}", file=sys.stderr)
+                if not c.alive():
+                    print(f"--- {c.name} exited early:\n{c.tail()}", file=sys.stderr)
             status[0] = 2
         finally:
             fleet.stop_all()
@@ -1585,6 +2313,8 @@ def main() -> int:
     except SystemExit as e:
         if e.code not in (0, None):
             return int(e.code) if isinstance(e.code, int) else 2
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
     finally:
         cleanup()
     return status[0]

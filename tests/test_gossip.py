@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import time
 from typing import Any
@@ -13,10 +14,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from claudectl.config import Config, HiveConfig
 from claudectl.control import commands as C
 from claudectl.control.client import call_control
+from claudectl.hive import gossip as gossip_mod
 from claudectl.hive.gossip import Gossip
 from claudectl.hive.prompt import build_prompt
+from claudectl.hive.sharing import ShareContext
 from claudectl.hive.store import hive_file, read_units_file, store_transaction
-from claudectl.hive.units import KnowledgeUnit
+from claudectl.hive.units import KnowledgeUnit, paginate
+from claudectl.relay import codec
 from claudectl.relay.keystore import KeyStore
 from tests.common import FakeMesh, temp_home, vector
 from tests.test_services import RunningService, wait_for
@@ -407,3 +411,117 @@ class DoneWhenStoryTests(SynchronousTestCase):
         self.assertIn(expected, run_cli(homes[2], "hive", "prompt").stdout)
         run_cli(homes[2], "hive", "trust", ids[1], "0.9")
         self.assertIn("- [hive] [Bash, cargo test]", run_cli(homes[2], "hive", "prompt").stdout)
+
+
+class FrameSpliceTests(SynchronousTestCase):
+    """
+    Sync and snapshot payloads carry their frame text, spliced from each
+    unit's cached JSON: the frame must be byte for byte what encoding the
+    same payload as a plain dict gives (what claudectl 0.64 reads).
+    """
+
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+        self.mesh = FakeMesh("me-1")
+        self.gossip = Gossip(self.home, Config(), self.mesh, "me-1", lambda: NOW)
+        self.gossip.register()
+
+    def frames(self, msg_type: str) -> list[Any]:
+        return [p for (_, t, p) in self.mesh.sent if t == msg_type]
+
+    def assert_spliced(self, payload: Any) -> None:
+        self.assertIsInstance(payload, codec.EncodedPayload)
+        env = codec.Envelope("msg_1_2", "knowledge_sync", "me-1", 12, payload)
+        plain = codec.Envelope("msg_1_2", "knowledge_sync", "me-1", 12, json.loads(payload.json))
+        self.assertEqual(codec.encode(env), codec.encode(plain))
+        self.assertEqual(json.loads(payload.json), dict(payload))
+        self.assertEqual(codec.decode(codec.encode(env)).payload, dict(payload))
+
+    def test_sync_and_snapshot_frames_are_exact(self) -> None:
+        units = [
+            unit_json("ku_1", "me-1", cmd='grep -r "caf\u00e9" \u2014 \U0001f600'),
+            dict(unit_json("ku_2", "me-1", cmd="make \\ x"), sharing_consent={"expires_at": NOW}),
+            unit_json("ku_3", "me-1", cmd="ls\t-la", confidence=1e-7),
+        ]
+        put(self.home, "me-1", *units)
+        self.mesh.connect("peer-a")
+        [sync] = self.frames("knowledge_sync")
+        self.assert_spliced(sync)
+        self.assertEqual(sorted(u["id"] for u in sync["units"]), ["ku_1", "ku_2", "ku_3"])
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        [snap] = self.frames("knowledge_snapshot")
+        self.assert_spliced(snap)
+        self.assertEqual((snap["page"], snap["total_pages"]), (1, 1))
+
+    def test_pages_split_as_before(self) -> None:
+        # Units of ~40 KB: 13 fit a 512,000-byte page.
+        big = [unit_json(f"ku_{i}", "me-1", cmd=f"{i} " + "x" * 40_000) for i in range(30)]
+        put(self.home, "me-1", *big)
+        self.mesh.connect("peer-a")
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        snaps = self.frames("knowledge_snapshot")
+        sizes = [len(u) for u in paginate(read_units(self.home))]
+        self.assertEqual([len(s["units"]) for s in snaps], sizes)
+        self.assertEqual([s["page"] for s in snaps], list(range(1, len(snaps) + 1)))
+        for s in snaps:
+            self.assert_spliced(s)
+            self.assertEqual(s["total_pages"], len(snaps))
+
+    def test_empty_snapshot_is_one_empty_page(self) -> None:
+        self.mesh.connect("peer-a")
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        [snap] = self.frames("knowledge_snapshot")
+        self.assert_spliced(snap)
+        self.assertEqual(snap.json, '{"page":1,"total_pages":1,"units":[]}')
+
+    def test_a_unit_that_cannot_be_encoded_is_left_out(self) -> None:
+        put(self.home, "me-1", unit_json("ku_ok", "me-1"))
+        nan = dataclasses.replace(
+            KnowledgeUnit.from_json(unit_json("ku_nan", "me-1", cmd="nan")),
+            confidence=float("nan"),
+        )
+        self.mesh.connect("peer-a")
+        self.mesh.sent.clear()
+        self.assertEqual(self.gossip._push("peer-a", [nan], ShareContext("me-1", Config().hive)), 0)
+        self.assertEqual(self.frames("knowledge_sync"), [])
+
+
+def read_units(home: Any) -> list[KnowledgeUnit]:
+    return read_units_file(hive_file(home, "knowledge.jsonl")).store.units()
+
+
+class BulkBatchTests(SynchronousTestCase):
+    def test_collector_paused_for_big_batches_only(self) -> None:
+        seen: list[bool] = []
+        home = temp_home(self)
+        roomy = dataclasses.replace(
+            Config(),
+            hive=dataclasses.replace(HiveConfig(), max_units=0, max_units_per_peer_per_day=10_000),
+        )
+        g = Gossip(home, roomy, FakeMesh("me-1"), "me-1", lambda: NOW)
+        # What runs with the collector paused: a batch's work on the writer thread.
+        real = g._commit_batch
+
+        def spy(*args: Any) -> Any:
+            seen.append(gc.isenabled())
+            return real(*args)
+
+        g._commit_batch = spy  # type: ignore[method-assign]
+        small = [unit_json(f"ku_s{i}", "peer-a", cmd=f"s{i}") for i in range(3)]
+        big = [unit_json(f"ku_b{i}", "peer-a", cmd=f"b{i}") for i in range(gossip_mod.BULK_UNITS)]
+        g.receive("peer-a", small)
+        g.receive("peer-a", big)
+        self.assertEqual(seen, [True, False])
+        self.assertTrue(gc.isenabled())
+        self.assertEqual(len(stored(home)), 3 + gossip_mod.BULK_UNITS)
+
+    def test_collector_back_on_after_an_error(self) -> None:
+        g = Gossip(temp_home(self), Config(), FakeMesh("me-1"), "me-1", lambda: NOW)
+
+        def boom(*args: Any) -> Any:
+            raise RuntimeError("boom")
+
+        g._commit_batch = boom  # type: ignore[method-assign]
+        g.receive("peer-a", [{}] * gossip_mod.BULK_UNITS)  # the failure is logged
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(gc.isenabled())

@@ -114,12 +114,12 @@ class SnapshotBudgetTests(SynchronousTestCase):
             unit_json(f"ku_{i}", "p", cmd=f"some command number {i} " + "y" * 400)
             for i in range(12_000)
         ]
-        pages = G._paginate(G._encode_all([KnowledgeUnit.from_json(u) for u in units]))
+        pages = G._paginate([(u, u.wire_size) for u in map(KnowledgeUnit.from_json, units)])
         for n, page in enumerate(pages, 1):
             mesh.deliver(
                 "p",
                 "knowledge_snapshot",
-                {"page": n, "total_pages": len(pages), "units": [j for _, j, _ in page]},
+                {"page": n, "total_pages": len(pages), "units": [u.to_json() for u, _ in page]},
             )
             self.assertLessEqual(g.buffered_bytes("p"), G.SNAPSHOT_FLUSH_BYTES + 600_000)
         self.assertEqual(mesh.closed, [])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.config import HiveConfig
@@ -75,6 +79,29 @@ class FilterTests(SynchronousTestCase):
         self.assertTrue(f.allows(make_unit(content=Command("c", "d", None, "b"))))
 
 
+class VerdictCacheTests(SynchronousTestCase):
+    """Gossip asks the filter about every unit on every request: verdicts are remembered."""
+
+    def test_one_filter_per_config_object(self) -> None:
+        cfg = HiveConfig(exclude_tools=("Write",))
+        self.assertIs(ShareContext("me", cfg).filter, ShareContext("me", cfg).filter)
+        other = HiveConfig(exclude_tools=("Read",))
+        self.assertIsNot(ShareContext("me", other).filter, ShareContext("me", cfg).filter)
+
+    def test_verdicts_follow_the_unit_and_the_filter(self) -> None:
+        write = make_unit(content=Pattern("Write", None, "approve", 1.0, 5, ()))
+        bash = make_unit(content=Pattern("Bash", None, "approve", 1.0, 5, ()))
+        no_write = ShareContext("me", HiveConfig(exclude_tools=("Write",))).filter
+        no_bash = ShareContext("me", HiveConfig(exclude_tools=("Bash",))).filter
+        for _ in range(2):  # the second round answers from the cache
+            self.assertEqual(no_write.reason(write), "tool Write excluded")
+            self.assertIsNone(no_write.reason(bash))
+            self.assertIsNone(no_bash.reason(write))
+            self.assertEqual(no_bash.reason(bash), "tool Bash excluded")
+        # An equal unit that is another object is judged on its own.
+        self.assertEqual(no_write.reason(write.with_(version=2)), "tool Write excluded")
+
+
 class ExposureTests(SynchronousTestCase):
     def test_local_units_follow_exposure_then_share_mode(self) -> None:
         mine, theirs = make_unit(1, source_peer="me"), make_unit(2, source_peer="p")
@@ -141,4 +168,56 @@ class ShareContextTests(SynchronousTestCase):
         set_exposure(home, unit.id, "hide")
         self.assertFalse(
             shareable(unit, "p", home=home, local_id="me", config=HiveConfig(), now=NOW)
+        )
+
+
+class ShareableUnitsTests(SynchronousTestCase):
+    """The bulk filter gossip uses decides exactly as ``shareable`` does, unit by unit."""
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["me", "peer-x", "low", "bad", "other"]),  # source
+                st.integers(0, 6),  # hops
+                st.sampled_from([NOW, NOW - 31 * DAY, NOW - 5 * DAY]),  # validated
+                st.sampled_from(["best_practice", "personal", "technique"]),
+                st.sampled_from([None, "expose", "hide"]),  # exposure of its id
+                st.sampled_from(
+                    [None, SharingConsent(min_trust_tier="suggested"), SharingConsent(NOW - 1)]
+                ),
+                st.sampled_from(["Bash", "Write"]),
+            ),
+            max_size=12,
+        ),
+        st.sampled_from(["peer-x", "low", "bad"]),
+        st.sampled_from(["auto", "manual"]),
+        st.booleans(),
+    )
+    def test_same_verdicts_as_shareable(
+        self, specs: list[Any], peer: str, mode: str, flooding: bool
+    ) -> None:
+        book = TrustBook()
+        book.set_level("low", 0.3, NOW)
+        book.set_level("bad", 0.9, NOW)
+        book.records["bad"].frozen = True
+        if flooding:
+            book.records["bad"].freeze_reason = "rate cap exceeded"
+        cfg = HiveConfig(share_mode=mode, exclude_tools=("Write",))
+        units, exposure = [], {}
+        for i, (source, hops, validated, category, exposed, consent, tool) in enumerate(specs):
+            unit = make_unit(
+                i,
+                source_peer=source,
+                propagation_count=hops,
+                last_validated_at=validated,
+                category=category,
+                sharing_consent=consent,
+                content=Pattern(tool, f"cmd{i}", "approve", 0.9, 3, ()),
+            )
+            units.append(unit)
+            if exposed is not None:
+                exposure[unit.id] = exposed
+        ctx = ShareContext("me", cfg, book, exposure)
+        self.assertEqual(
+            ctx.shareable_units(units, peer, NOW), [u for u in units if ctx.shareable(u, peer, NOW)]
         )

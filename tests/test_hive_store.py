@@ -234,3 +234,26 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual((len(res.store), res.bad), (1, []))
         unit = make_unit(1, content=Pattern("Bash", "x", "approve", 0.5, 1, ()))
         self.assertEqual(unit.semantic_key, "universal/pattern:Bash:x")
+
+
+class LineCacheTests(SynchronousTestCase):
+    # Units validated long ago: no bounds, or the TTL would evict them.
+    def test_a_written_line_reads_back_as_the_same_unit(self) -> None:
+        home = temp_home(self)
+        unit = make_unit(77, content=Pattern("Bash", "written-once", "approve", 0.5, 1, ()))
+        with store_transaction(home, local_id="me", apply_bounds=False) as store:
+            store.insert(unit)
+        [read] = load_store(home).store.units()
+        # No second parse: the reader finds the line the writer produced.
+        self.assertIs(read, unit)
+        self.assertEqual(dumps_line(read), dumps_line(unit))
+
+    def test_a_changed_line_is_parsed_again(self) -> None:
+        home = temp_home(self)
+        unit = make_unit(78)
+        with store_transaction(home, local_id="me", apply_bounds=False) as store:
+            store.insert(unit)
+        path = home.hive / "knowledge.jsonl"
+        path.write_text(dumps_line(unit).replace('"evidence_count":10', '"evidence_count":11'))
+        [read] = load_store(home).store.units()
+        self.assertEqual(read.evidence_count, 11)

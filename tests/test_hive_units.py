@@ -393,3 +393,72 @@ class RoundTripPropertyTests(SynchronousTestCase):
             parse_line(data)
         except UnitError:
             pass
+
+
+class WireFormTests(SynchronousTestCase):
+    """The cached forms a unit carries for frames and lines."""
+
+    @given(_units)
+    def test_wire_json_is_the_frame_encoding(self, unit: KnowledgeUnit) -> None:
+        expected = json.dumps(
+            unit.to_json(), separators=(",", ":"), ensure_ascii=False, sort_keys=True
+        )
+        self.assertEqual(unit.wire_json, expected)
+        self.assertEqual(unit.wire_size, len(expected.encode("utf-8")))
+        self.assertEqual(unit.wire_dict, unit.to_json())
+        self.assertEqual(unit_json_len(unit), unit.wire_size)
+
+    def test_cached_forms_follow_a_changed_copy(self) -> None:
+        unit = make_unit(1)
+        before = unit.wire_json
+        moved = unit.with_(propagation_count=3)
+        self.assertIn('"propagation_count":0', before)
+        self.assertIn('"propagation_count":3', moved.wire_json)
+        self.assertIn('"propagation_count":3', dumps_line(moved))
+        self.assertEqual(unit.wire_json, before)
+
+    def test_non_ascii_size_counts_bytes(self) -> None:
+        unit = make_unit(1, content=Pattern("Bash", "caf\u00e9 \U0001f600", "approve", 0.9, 1, ()))
+        self.assertEqual(unit.wire_size, len(unit.wire_json.encode("utf-8")))
+        self.assertGreater(unit.wire_size, len(unit.wire_json))
+
+    @given(_units, st.integers(min_value=0, max_value=5))
+    def test_hops_added_on_reading(self, unit: KnowledgeUnit, hops: int) -> None:
+        read = KnowledgeUnit.from_json(unit.to_json(), hops=hops)
+        self.assertEqual(
+            read, unit.with_(propagation_count=min(unit.propagation_count + hops, 2**32 - 1))
+        )
+
+    def test_hops_capped(self) -> None:
+        top = make_unit(1, propagation_count=2**32 - 1).to_json()
+        self.assertEqual(KnowledgeUnit.from_json(top, hops=1).propagation_count, 2**32 - 1)
+
+    def test_errors_name_the_field(self) -> None:
+        good = make_unit(1).to_json()
+        cases = {
+            "id": (None, "id must be a string"),
+            "evidence_count": (-1, "evidence_count must be an integer 0..4294967295"),
+            "confidence": ("high", "confidence must be a number"),
+            "source_peer": (7, "source_peer must be a string"),
+            "version": (True, "version must be an integer"),
+            "revalidation_interval_secs": (1.5, "revalidation_interval_secs must be an integer"),
+            "injection_stats": (None, "injection_stats must be a JSON object"),
+        }
+        for key, (value, message) in cases.items():
+            with self.assertRaises(UnitError) as e:
+                KnowledgeUnit.from_json(dict(good, **{key: value}))
+            self.assertIn(message, str(e.exception), key)
+        for key in ("id", "evidence_count", "propagation_count", "version", "content"):
+            missing = {k: v for k, v in good.items() if k != key}
+            with self.assertRaises(UnitError) as e:
+                KnowledgeUnit.from_json(missing)
+            self.assertIn(f"{key} is missing", str(e.exception))
+        content = dict(good["content"], sample_count=2**32)
+        with self.assertRaises(UnitError) as e:
+            KnowledgeUnit.from_json(dict(good, content=content))
+        self.assertIn("content.sample_count must be an integer 0..4294967295", str(e.exception))
+        # Optional keys left out take their defaults.
+        bare = {k: v for k, v in good.items() if k not in ("injection_stats", "category")}
+        unit = KnowledgeUnit.from_json(bare)
+        self.assertEqual((unit.category, unit.revalidation_interval_secs), ("best_practice", 0))
+        self.assertEqual(unit.injection_stats.to_json()["injected_count"], 0)

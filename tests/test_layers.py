@@ -38,6 +38,7 @@ LAYERS: list[dict[str, frozenset[str]]] = [
         "discovery": frozenset({"discovery"}),
         "hive": frozenset({"hive"}),
         "delegation": frozenset({"delegation"}),
+        "hub": frozenset({"hub"}),
     },
     {"control": frozenset({"control"}), "hooks": frozenset({"hooks"})},
     {"service": frozenset({"service"})},
@@ -318,10 +319,10 @@ class CheckerTests(SynchronousTestCase):
         self.assertEqual(problems(root), [])
 
     def test_a_new_package_must_be_placed(self) -> None:
-        root = self.package({"hub/server.py": "from claudectl.relay import node\n"})
+        root = self.package({"newpkg/server.py": "from claudectl.relay import node\n"})
         (root / "relay").mkdir()
         (root / "relay" / "node.py").write_text("")
         found = problems(root)
-        self.assertEqual(len(found), 2, found)  # claudectl.hub and claudectl.hub.server
-        self.assertIn("claudectl.hub.server", found[1])
+        self.assertEqual(len(found), 2, found)  # claudectl.newpkg and claudectl.newpkg.server
+        self.assertIn("claudectl.newpkg.server", found[1])
         self.assertIn("belongs to no layer", found[1])

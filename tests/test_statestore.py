@@ -253,11 +253,14 @@ class IdleWritesTests(SynchronousTestCase):
         for _ in range(20):
             mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
             clock.advance(0.1)
+            g._save_soon()  # as every change of the state asks
         self.assertEqual(writes, [])
         self.assertFalse(path.exists())
         clock.advance(gossip_mod.STATE_SAVE_SECS)
         self.assertEqual(len(writes), 1)
         self.assertIn("peer-a", json.loads(path.read_text()))
+        clock.advance(gossip_mod.STATE_SAVE_SECS * 3)  # nothing changed since
+        self.assertEqual(len(writes), 1)
         # Stopping writes what changed since.
         mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
         g.stop()

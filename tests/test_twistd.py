@@ -33,6 +33,7 @@ class TwistdTests(SynchronousTestCase):
         )
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("claudectl-relay", r.stdout)
+        self.assertIn("claudectl-hub", r.stdout)
 
     def test_plugin_help(self) -> None:
         home = temp_home(self)
@@ -132,6 +133,7 @@ class InstalledDropinTests(SynchronousTestCase):
         )
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("claudectl-relay", r.stdout)
+        self.assertIn("claudectl-hub", r.stdout)  # the second dropin (issue 17)
         r = subprocess.run(
             [str(target / "bin" / "claudectl"), "--home", str(elsewhere), "relay", "identity"],
             capture_output=True,

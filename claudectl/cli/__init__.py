@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "claudectl.cli.delegate_cmds",
     "claudectl.cli.tui_cmds",
     "claudectl.cli.hooks_cmds",
+    "claudectl.cli.hub_cmds",
 )
 
 

@@ -100,6 +100,13 @@ def _duration(secs: float) -> str:
     help="The port peers should connect to (default: the running service's port, "
     "else relay.listen_port).",
 )
+@click.option(
+    "--hub",
+    metavar="IP:PORT",
+    default=None,
+    help="Name the NAT hub this machine is reachable through (one of [relay] hubs; "
+    "docs/hub.md) instead of its own address.  The invite then has a link only.",
+)
 @click.option("--list", "list_", is_flag=True, help="List remembered invites and their state.")
 @click.option("--revoke", metavar="ID", default=None, help="Revoke an open invite.")
 @_json_option
@@ -114,6 +121,7 @@ def invite(
     list_: bool,
     revoke: str | None,
     json_: bool,
+    hub: str | None = None,
 ) -> None:
     """Create a single-use invite: a relay code, a word phrase and an invite link.
 
@@ -139,19 +147,23 @@ def invite(
             return
         ttl_secs = parse_ttl(ttl) if ttl is not None else ctx.config.relay.invite_ttl_hours * 3600
         relay_cfg = ctx.config.relay
-        if port is None:
-            port = _service_port(ctx) or relay_cfg.listen_port
-        if not port:
-            raise CliError(
-                "relay.listen_port is 0 (a random port): set a fixed port so an "
-                "invite can name it, or pass --port"
-            )
-        try:
-            address, warning = invite_host(relay_cfg.listen_addr, host)
-        except InviteHostError as e:
-            raise CliError(str(e)) from None
+        warning: str | None = None
+        if hub is not None:
+            address, port = _hub_address(hub, relay_cfg.hubs)
+        else:
+            if port is None:
+                port = _service_port(ctx) or relay_cfg.listen_port
+            if not port:
+                raise CliError(
+                    "relay.listen_port is 0 (a random port): set a fixed port so an "
+                    "invite can name it, or pass --port"
+                )
+            try:
+                address, warning = invite_host(relay_cfg.listen_addr, host)
+            except InviteHostError as e:
+                raise CliError(str(e)) from None
         identity = KeyStore(ctx.home).ensure_identity()
-        inv = store.create(identity, address, port, ttl_secs, now)
+        inv = store.create(identity, address, port, ttl_secs, now, via_hub=hub is not None)
     except InviteStoreError as e:
         raise CliError(str(e)) from None
     if warning:
@@ -165,6 +177,29 @@ def invite(
         ctx.out()
         ctx.out(qr_text(inv.link))
         ctx.out()
+
+
+def _hub_address(hub: str, configured: tuple[str, ...]) -> tuple[str, int]:
+    """``--hub``: an IP address and port (an invite link cannot carry a host name)."""
+    import ipaddress
+
+    from claudectl.hub.wire import DEFAULT_HUB_PORT
+    from claudectl.relay.address import parse_address
+
+    try:
+        host, port = parse_address(hub, DEFAULT_HUB_PORT)
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise CliError(
+            f"--hub {hub!r}: give the hub's IP address and port (an invite link cannot "
+            f"carry a host name), e.g. 203.0.113.7:{DEFAULT_HUB_PORT}"
+        ) from None
+    if not configured:
+        raise CliError(
+            "--hub: this machine registers at no hub, so nobody could reach it there; "
+            'add it to [relay] hubs (and hub_token) first, e.g. hubs = ["' + hub + '"]'
+        )
+    return host, port
 
 
 def _service_port(ctx: CliContext) -> int | None:

@@ -387,10 +387,11 @@ async def _connect(reactor: Any, ctx: CliContext, address: str, peer: str | None
 async def _one_shot_connect(
     reactor: Any, ctx: CliContext, address: str, peer: str | None
 ) -> tuple[str, str]:
+    from claudectl.hub.peer import client_endpoint
     from claudectl.relay.handshake import HandshakeFailed, KeyAuth, KeyByIdentity
     from claudectl.relay.node import NotPaired, RelayNode
 
-    node = RelayNode(ctx.home, ctx.config, reactor)
+    node = RelayNode(ctx.home, ctx.config, reactor, dial_via=client_endpoint)
     auth: KeyAuth | KeyByIdentity
     try:
         peer_id = peer or node.peer_last_seen_at(address)
@@ -452,8 +453,9 @@ async def peers(ctx: CliContext) -> None:
         dot = "●" if r["state"] == "connected" else "○"
         units = f"{r.get('units_up', 0)}/{r.get('units_down', 0)}"
         link = {"tls1.3": "TLS 1.3", "plaintext": "plaintext"}.get(r.get("transport") or "", "-")
+        address = f"via {r['via']}" if r.get("via") else (r["address"] or "-")
         ctx.out(
-            f"{dot} {r['identity']:<22}{r['state']:<14}{link:<11}{(r['address'] or '-'):<24}"
+            f"{dot} {r['identity']:<22}{r['state']:<14}{link:<11}{address:<24}"
             f"{ago(r['last_seen'], time.time()):<14}{trust:<7}{units:>12}{_kb(r['bytes_up']):>10}"
             f"{_kb(r['bytes_down']):>10}"
         )

@@ -68,7 +68,9 @@ async def join_peer(reactor: Any, home: Home, config: Config, target: Any) -> Jo
     else:
         return JoinResult(r["peer"], address, r["mode"], True)
 
-    node = RelayNode(home, config, reactor)
+    from claudectl.hub.peer import client_endpoint
+
+    node = RelayNode(home, config, reactor, dial_via=client_endpoint)
     auth: KeyAuth | PakeAuth
     if kind == "key":
         auth = KeyAuth(secret, target.expected_identity or None)

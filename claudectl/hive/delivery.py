@@ -55,7 +55,7 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=F
 #: the same objects for unchanged lines); the entry keeps the unit alive, so
 #: an id() is never reused while it is cached.
 _FP_CACHE: dict[int, tuple[KnowledgeUnit, str]] = {}
-_FP_CACHE_MAX = 20_000
+_FP_CACHE_MAX = 200_000
 
 
 def fingerprint(unit: KnowledgeUnit) -> str:
@@ -64,14 +64,15 @@ def fingerprint(unit: KnowledgeUnit) -> str:
         return hit[1]
     # What makes it another unit as far as trust goes (content keys in
     # claudectl's fixed order); not rollout state, feedback or hops.
+    as_json = unit.wire_dict  # built once per unit object
     text = _ENCODE(
         [
             unit.id,
             unit.source_peer,
             unit.version,
-            unit.scope.to_json(),
+            as_json["scope"],
             unit.category,
-            unit.content.to_json(),
+            as_json["content"],
             unit.evidence_count,
             unit.confidence,
             unit.originated_at,

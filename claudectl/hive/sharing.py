@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from claudectl.atomic import atomic_write, locked
@@ -41,6 +41,11 @@ from claudectl.hive.units import (
 )
 from claudectl.home import Home
 
+#: Verdicts a filter remembers (about the largest store a node keeps).
+_MAX_VERDICTS = 100_000
+#: One filter per config object (configs are frozen), so its verdicts last.
+_FILTERS: dict[int, tuple[HiveConfig, SharingFilter]] = {}
+
 #: exclude_content_types labels -> content type tags.
 CONTENT_TYPE_LABELS = {"hook": "hook_config"}
 
@@ -59,6 +64,12 @@ class SharingFilter:
     exclude_tools: frozenset[str] = frozenset()
     exclude_commands: tuple[str, ...] = ()
     exclude_content_types: frozenset[str] = frozenset()
+    #: unit object id -> (unit, reason): units are immutable, so a unit's
+    #: verdict is computed once per filter (gossip asks for every unit on
+    #: every request and push round).
+    _verdicts: dict[int, tuple[KnowledgeUnit, str | None]] = field(
+        default_factory=dict, compare=False, repr=False, hash=False
+    )
 
     @classmethod
     def from_config(cls, config: HiveConfig) -> SharingFilter:
@@ -85,6 +96,16 @@ class SharingFilter:
 
     def reason(self, unit: KnowledgeUnit) -> str | None:
         """Why ``unit`` must not be shared, or None if the filter lets it pass."""
+        hit = self._verdicts.get(id(unit))
+        if hit is not None and hit[0] is unit:
+            return hit[1]
+        why = self._reason(unit)
+        if len(self._verdicts) >= _MAX_VERDICTS:
+            self._verdicts.clear()
+        self._verdicts[id(unit)] = (unit, why)
+        return why
+
+    def _reason(self, unit: KnowledgeUnit) -> str | None:
         if unit.category == "personal":
             return "personal"
         label = CATEGORY_LABELS[unit.category]
@@ -128,6 +149,15 @@ class SharingFilter:
 
     def allows(self, unit: KnowledgeUnit) -> bool:
         return self.reason(unit) is None
+
+
+def _filter_for(config: HiveConfig) -> SharingFilter:
+    hit = _FILTERS.get(id(config))
+    if hit is None or hit[0] is not config:
+        if len(_FILTERS) >= 64:
+            _FILTERS.clear()
+        hit = _FILTERS[id(config)] = (config, SharingFilter.from_config(config))
+    return hit[1]
 
 
 # --- exposure ------------------------------------------------------------------------
@@ -187,7 +217,7 @@ class ShareContext:
         return cls(local_id, config, load_trust(home, config.default_trust), load_exposure(home))
 
     def __post_init__(self) -> None:
-        self.filter = SharingFilter.from_config(self.config)
+        self.filter = _filter_for(self.config)
 
     def propagatable(self, unit: KnowledgeUnit, now: int) -> str | None:
         """Why the unit may go to nobody, or None (docs/hive.md, Sharing)."""
@@ -227,6 +257,46 @@ class ShareContext:
 
     def shareable(self, unit: KnowledgeUnit, peer_id: str, now: int) -> bool:
         return self.refusal(unit, peer_id, now) is None
+
+    def shareable_units(
+        self, units: Iterable[KnowledgeUnit], peer_id: str, now: int
+    ) -> list[KnowledgeUnit]:
+        """
+        ``[u for u in units if self.shareable(u, peer_id, now)]``, with the
+        per-call lookups hoisted out of the loop (gossip filters the whole
+        store for every request and push round).
+        """
+        reason = self.filter.reason
+        max_hops = self.config.max_propagation
+        ttl = self.config.knowledge_ttl_days * DAY
+        oldest = now - ttl if ttl else None
+        local = self.local_id
+        exposure = self.exposure
+        manual = self.config.share_mode == "manual"
+        flooding: dict[str, bool] = {}
+        out = []
+        for u in units:
+            source = u.source_peer
+            if source == peer_id or u.propagation_count >= max_hops:
+                continue
+            if oldest is not None and u.last_validated_at < oldest:
+                continue
+            if source == local:
+                explicit = exposure.get(u.id)
+                if (explicit != EXPOSE) if explicit is not None else manual:
+                    continue
+            else:
+                frozen = flooding.get(source)
+                if frozen is None:
+                    frozen = flooding[source] = self._flooding(source)
+                if frozen:
+                    continue
+            if reason(u) is not None:
+                continue
+            if u.sharing_consent is not None and self.refusal(u, peer_id, now) is not None:
+                continue
+            out.append(u)
+        return out
 
 
 def shareable(

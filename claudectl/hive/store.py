@@ -146,7 +146,10 @@ class LoadResult:
 #: lines are read again and again (every transaction re-reads the file), so
 #: only changed lines pay for JSON parsing and validation.
 _LINE_CACHE: dict[bytes, KnowledgeUnit] = {}
-_LINE_CACHE_MAX = 20_000
+#: Enough for the largest stores gossip meets (a 50,000-unit snapshot is
+#: merged in several batches, each re-reading the file: misses would make
+#: that quadratic).
+_LINE_CACHE_MAX = 200_000
 
 
 def _parse_cached(raw: bytes) -> KnowledgeUnit:
@@ -171,9 +174,13 @@ def _line_for(unit: KnowledgeUnit) -> bytes:
     if hit is not None and hit[0] is unit:
         return hit[1]
     line = dumps_line(unit).encode("utf-8")
-    if len(_BYTES_OF) >= _LINE_CACHE_MAX:
+    if len(_BYTES_OF) >= _LINE_CACHE_MAX or len(_LINE_CACHE) >= _LINE_CACHE_MAX:
         _BYTES_OF.clear()
+        _LINE_CACHE.clear()
     _BYTES_OF[id(unit)] = (unit, line)
+    # The next read of the file we are writing finds this line parsed: a
+    # unit read back from its own line is this unit (no second validation).
+    _LINE_CACHE.setdefault(line[:-1], unit)
     return line
 
 

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, ClassVar, TypeVar
 
@@ -119,7 +119,38 @@ def _str_list(value: Any, where: str) -> tuple[str, ...]:
 _FieldSpec = tuple[str, str, Any]
 
 
+#: Kinds whose well-formed values pass through :func:`_read_field` with one
+#: type check (the common case); anything else takes the checked path below,
+#: which gives the exact error.
+_U_MAX = {"u32": U32_MAX, "u32?": U32_MAX, "u64": U64_MAX, "u64?": U64_MAX}
+_STR_KINDS = frozenset({"str", "str?"})
+_F64_KINDS = frozenset({"f64", "f64?"})
+_isfinite = math.isfinite
+
+
 def _read_field(obj: Mapping[str, Any], spec: _FieldSpec, path: str) -> Any:
+    name, kind, default = spec
+    value = obj.get(name, _MISSING)
+    t = type(value)
+    if t is str:
+        if kind in _STR_KINDS:
+            return value
+    elif t is float:
+        if kind in _F64_KINDS and _isfinite(value):
+            return value
+    elif t is int:
+        hi = _U_MAX.get(kind)
+        if hi is not None and 0 <= value <= hi:
+            return value
+    elif t is list and kind == "strs":
+        if all(type(v) is str for v in value):
+            return tuple(value)
+    elif value is _MISSING and default is not _MISSING:
+        return default
+    return _read_field_checked(obj, spec, path)
+
+
+def _read_field_checked(obj: Mapping[str, Any], spec: _FieldSpec, path: str) -> Any:
     name, kind, default = spec
     where = _where(path, name)
     optional = kind.endswith("?")
@@ -644,18 +675,40 @@ class InjectionStats:
     last_injected_at: int = 0
     last_outcome_at: int = 0
 
+    _NAMES: ClassVar[tuple[str, ...]] = (
+        "injected_count",
+        "accepted_count",
+        "overridden_count",
+        "last_injected_at",
+        "last_outcome_at",
+    )
+
     @classmethod
     def from_json(cls, value: Any, path: str = "injection_stats") -> InjectionStats:
         obj = _obj(value, path)
-        return cls(
-            **{f.name: _int(obj.get(f.name, 0), f"{path}.{f.name}", U64_MAX) for f in fields(cls)}
-        )
+        return cls(*[_int(obj.get(name, 0), f"{path}.{name}", U64_MAX) for name in cls._NAMES])
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in self._NAMES}
 
 
 # --- the unit -------------------------------------------------------------------------
+
+_ID: _FieldSpec = ("id", "str", _MISSING)
+#: The unit's checked scalar fields after ``content``, in claudectl's order.
+_UNIT_NUMBERS: tuple[_FieldSpec, ...] = (
+    ("evidence_count", "u32", _MISSING),
+    ("confidence", "f64", _MISSING),
+    ("source_peer", "str", _MISSING),
+    ("originated_at", "u64", _MISSING),
+    ("last_validated_at", "u64", _MISSING),
+    ("propagation_count", "u32", _MISSING),
+    ("version", "u32", _MISSING),
+    ("revalidation_interval_secs", "u64", 0),
+)
+
+
+_NO_STATS = InjectionStats()
 
 
 @dataclass(frozen=True)
@@ -677,7 +730,11 @@ class KnowledgeUnit:
     sharing_consent: SharingConsent | None = None
 
     @classmethod
-    def from_json(cls, value: Any) -> KnowledgeUnit:
+    def from_json(cls, value: Any, hops: int = 0) -> KnowledgeUnit:
+        """
+        Read and check a unit; ``hops`` is added to its ``propagation_count``
+        (capped at 2^32-1): a unit received from a peer travelled one more hop.
+        """
         obj = _obj(value, "")
         category = _get(obj, "category", "", "best_practice")
         if category not in CATEGORIES:
@@ -688,29 +745,29 @@ class KnowledgeUnit:
                 f"injection_state {state!r} is not one of " + ", ".join(INJECTION_STATES)
             )
         consent = obj.get("sharing_consent")
-        return cls(
-            id=_str(_get(obj, "id", ""), "id"),
-            scope=Scope.from_json(_get(obj, "scope", "")),
-            category=category,
-            content=content_from_json(_get(obj, "content", "")),
-            evidence_count=_int(_get(obj, "evidence_count", ""), "evidence_count", U32_MAX),
-            confidence=_float(_get(obj, "confidence", ""), "confidence"),
-            source_peer=_str(_get(obj, "source_peer", ""), "source_peer"),
-            originated_at=_int(_get(obj, "originated_at", ""), "originated_at", U64_MAX),
-            last_validated_at=_int(
-                _get(obj, "last_validated_at", ""), "last_validated_at", U64_MAX
-            ),
-            propagation_count=_int(
-                _get(obj, "propagation_count", ""), "propagation_count", U32_MAX
-            ),
-            version=_int(_get(obj, "version", ""), "version", U32_MAX),
-            revalidation_interval_secs=_int(
-                obj.get("revalidation_interval_secs", 0), "revalidation_interval_secs", U64_MAX
-            ),
-            injection_state=state,
-            injection_stats=InjectionStats.from_json(obj.get("injection_stats", {})),
-            sharing_consent=None if consent is None else SharingConsent.from_json(consent),
+        # The fields in claudectl's order, each checked by _read_field (one
+        # type check when well-formed; the exact error otherwise).
+        fields_ = {
+            "id": _read_field(obj, _ID, ""),
+            "scope": Scope.from_json(_get(obj, "scope", "")),
+            "content": content_from_json(_get(obj, "content", "")),
+        }
+        for spec in _UNIT_NUMBERS:
+            fields_[spec[0]] = _read_field(obj, spec, "")
+        if hops:
+            fields_["propagation_count"] = min(fields_["propagation_count"] + hops, U32_MAX)
+        fields_["category"] = category
+        fields_["injection_state"] = state
+        stats = obj.get("injection_stats", _MISSING)
+        fields_["injection_stats"] = (
+            _NO_STATS if stats is _MISSING else InjectionStats.from_json(stats)
         )
+        fields_["sharing_consent"] = None if consent is None else SharingConsent.from_json(consent)
+        # Every field is checked above: fill the frozen instance directly
+        # rather than through __init__'s 15 object.__setattr__ calls.
+        unit = object.__new__(cls)
+        unit.__dict__.update(fields_)
+        return unit
 
     def to_json(self) -> dict[str, Any]:
         """The unit as a dict in claudectl's field order."""
@@ -733,6 +790,26 @@ class KnowledgeUnit:
         if self.sharing_consent is not None:
             out["sharing_consent"] = self.sharing_consent.to_json()
         return out
+
+    # --- the unit on the wire -------------------------------------------------
+    # Cached per unit object (frozen: dataclasses.replace() makes a new one
+    # with empty caches).  Not by (id, version): two units may share an id
+    # (defect H16), and a shorter path changes propagation_count alone.
+    @cached_property
+    def wire_dict(self) -> dict[str, Any]:
+        """:meth:`to_json`, built once; shared, so callers must not change it."""
+        return self.to_json()
+
+    @cached_property
+    def wire_json(self) -> str:
+        """The unit as it appears inside a frame: compact, keys sorted, no NaN."""
+        return _WIRE_ENCODE(self.wire_dict)
+
+    @cached_property
+    def wire_size(self) -> int:
+        """Bytes of :attr:`wire_json` in UTF-8 (what snapshot pages count)."""
+        text = self.wire_json
+        return len(text) if text.isascii() else len(text.encode("utf-8"))
 
     # --- derived values ---------------------------------------------------------
     @property
@@ -779,10 +856,17 @@ class KnowledgeUnit:
 # --- serialization -----------------------------------------------------------------------
 
 
+#: The frame encoder's settings (claudectl/relay/codec.py), made once.
+_WIRE_ENCODE = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, sort_keys=True, allow_nan=False
+).encode
+
+
+_LINE_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def _dumps(value: Any, sort_keys: bool = False) -> str:
-    return json.dumps(
-        value, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys, allow_nan=False
-    )
+    return _WIRE_ENCODE(value) if sort_keys else _LINE_ENCODE(value)
 
 
 def _reject_constant(name: str) -> Any:
@@ -801,7 +885,7 @@ def loads_json(text: str | bytes) -> Any:
 
 def dumps_line(unit: KnowledgeUnit) -> str:
     """One ``knowledge.jsonl`` line (compact, struct order, with ``\\n``)."""
-    return _dumps(unit.to_json()) + "\n"
+    return _LINE_ENCODE(unit.wire_dict) + "\n"
 
 
 def parse_line(line: str | bytes) -> KnowledgeUnit:
@@ -821,7 +905,7 @@ def dumps_pretty(value: Any) -> str:
 
 def unit_json_len(unit: KnowledgeUnit) -> int:
     """Bytes of the unit's compact JSON, as counted for snapshot pages."""
-    return len(_dumps(unit.to_json(), sort_keys=True).encode("utf-8"))
+    return unit.wire_size
 
 
 T = TypeVar("T")

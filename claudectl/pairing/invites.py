@@ -118,6 +118,10 @@ class Invite:
     #: ``invite`` (``relay invite``) or ``pair`` (a raw ``relay pair`` code:
     #: only its link key, no address, no relay code).
     kind: str = "invite"
+    #: The address is a NAT hub's (``relay invite --hub``; docs/hub.md): the
+    #: joiner asks it for a channel to ``identity``.  Codes cannot name an
+    #: identity, so such an invite has the link only.
+    via_hub: bool = False
 
     def __repr__(self) -> str:  # secrets stay out of logs and tracebacks
         return f"Invite(id={self.id!r}, state={self.state!r}, address={self.address!r})"
@@ -159,6 +163,11 @@ class Invite:
 
     @property
     def not_carried_reason(self) -> str | None:
+        if self.via_hub:
+            return (
+                "the invite names a hub, and a code cannot carry the identity a hub "
+                "needs; share the invite link instead"
+            )
         return codes.not_carried_reason(self.host, self.port)
 
     def _payload(self) -> bytes | None:
@@ -192,6 +201,7 @@ class Invite:
             "used_by": self.used_by,
             "closed_at": self.closed_at,
             "kind": self.kind,
+            "via_hub": self.via_hub,
         }
 
     @classmethod
@@ -221,6 +231,7 @@ class Invite:
             used_by=data.get("used_by"),
             closed_at=data.get("closed_at"),
             kind=PAIR_CODE if data.get("kind") == PAIR_CODE else "invite",
+            via_hub=data.get("via_hub") is True,
         )
 
 
@@ -310,12 +321,20 @@ class InviteStore:
         invites[:] = keep
 
     # --- creating and listing -------------------------------------------------------
-    def create(self, identity: str, host: str, port: int, ttl_secs: int, now: float) -> Invite:
+    def create(
+        self,
+        identity: str,
+        host: str,
+        port: int,
+        ttl_secs: int,
+        now: float,
+        via_hub: bool = False,
+    ) -> Invite:
         """A new open invite; its link key also becomes ``_pending.key``."""
         if ttl_secs <= 0:
             raise ValueError("an invite needs a positive lifetime")
         raw = self._random(8)
-        has_code = codes.not_carried_reason(host, port) is None
+        has_code = not via_hub and codes.not_carried_reason(host, port) is None
         with self._editing() as invites:
             self._sweep(invites, now)
             password = self._draw_password(
@@ -335,6 +354,7 @@ class InviteStore:
                 link_psk=canonical_psk(raw),
                 code_password=password,
                 has_code=has_code,
+                via_hub=via_hub,
             )
             invites.append(invite)
             self.keystore.save_pending_key(invite.link_psk)

@@ -84,6 +84,22 @@ def _dumps(value: Any, sort_keys: bool = False) -> str:
     return _ENCODE_SORTED(value) if sort_keys else _ENCODE(value)
 
 
+class EncodedPayload(dict):  # type: ignore[type-arg]
+    """
+    A payload that already knows its frame text: ``json`` is exactly what
+    the sorted compact encoder would write for this dict, so :func:`encode`
+    splices it in instead of encoding again (the hive builds snapshot and
+    sync pages from each unit's cached JSON).  In-process readers see an
+    ordinary dict.  The caller vouches that the two agree.
+    """
+
+    __slots__ = ("json",)
+
+    def __init__(self, value: dict[str, Any], json_text: str) -> None:
+        super().__init__(value)
+        self.json = json_text
+
+
 def encode(env: Envelope) -> bytes:
     """The frame for ``env``, byte for byte as claudectl writes it."""
     if env.msg_type not in _MSG_TYPE_SET:
@@ -107,7 +123,9 @@ def encode(env: Envelope) -> bytes:
             ',"timestamp":',
             str(env.timestamp),
             ',"payload":',
-            _ENCODE_SORTED(env.payload),
+            env.payload.json
+            if type(env.payload) is EncodedPayload
+            else _ENCODE_SORTED(env.payload),
             "}\n",
         )
     )

@@ -82,6 +82,11 @@ def reconnect_policy(
     return policy
 
 
+#: ``dial_via(node, address, peer_of) -> IStreamClientEndpoint``: how a node
+#: reaches an address (``peer_of()`` names the peer expected there, if known).
+DialVia = Callable[["RelayNode", str, Callable[[], "str | None"]], Any]
+
+
 class NotPaired(Exception):
     """There is no key for the peer (or no peer for the address)."""
 
@@ -240,8 +245,7 @@ class Dialer:
         #: disconnected): a connection it still had in flight must not
         #: become the peer's link.
         self.retired = False
-        host, port = parse_address(address)
-        endpoint = clientFromString(node.reactor, client_endpoint_string(host, port))
+        endpoint = node.client_endpoint(address, lambda: self.peer_id)
         self.service = ClientService(
             _GuardedEndpoint(node, self, endpoint),
             _DialFactory(node, self),
@@ -312,6 +316,7 @@ class RelayNode:
         keystore: KeyStore | None = None,
         invites: IInviteBook | None = None,
         pake: PakeResponderLike | None = None,
+        dial_via: DialVia | None = None,
     ) -> None:
         self.home = home
         self.config = config
@@ -334,6 +339,9 @@ class RelayNode:
         self.mesh.add_handler(HEARTBEAT, self._on_heartbeat)
         self.invites = invites
         self.pake = pake
+        #: Builds the endpoint toward an address (the hub layer's, which
+        #: splices through a NAT hub; docs/hub.md).  None: direct TCP only.
+        self.dial_via = dial_via
         self.dialers: dict[str, Dialer] = {}
         #: ``auto_connect`` addresses whose peer is not known yet.
         self.address_dialers: dict[str, Dialer] = {}
@@ -472,13 +480,23 @@ class RelayNode:
         address: str,
         auth: KeyAuth | KeyByIdentity | PakeAuth,
     ) -> tuple[RelayProtocol, defer.Deferred[RelayProtocol]]:
-        host, port = parse_address(address)
-        endpoint = clientFromString(self.reactor, client_endpoint_string(host, port))
+        expected = auth.expected_peer if isinstance(auth, KeyAuth) else None
+        endpoint = self.client_endpoint(address, lambda: expected)
         proto = RelayProtocol(self, CONNECTOR, auth)  # type: ignore[arg-type]
         proto.dial_address = address  # type: ignore[attr-defined]
         d = connectProtocol(endpoint, proto)
         d.addCallback(lambda p: p.authenticated)
         return proto, d
+
+    def client_endpoint(self, address: str, peer_of: Callable[[], str | None]) -> Any:
+        """
+        The endpoint toward ``address``: direct TCP, or what ``dial_via``
+        builds (through a hub when the address is one or cannot be reached).
+        """
+        host, port = parse_address(address)  # a bad address fails here, as before
+        if self.dial_via is not None:
+            return self.dial_via(self, address, peer_of)
+        return clientFromString(self.reactor, client_endpoint_string(host, port))
 
     def key_by_identity(self, address: str) -> KeyByIdentity:
         """

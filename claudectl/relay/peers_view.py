@@ -36,6 +36,8 @@ def peer_rows(
             "trust": round(trust_of(peer), 4) if trust_of is not None else None,
             "bytes_up": 0,
             "bytes_down": 0,
+            #: The hub a live link is spliced through ("host:port"), None when direct.
+            "via": None,
         }
         if mesh is not None and peer in mesh.states:
             st = mesh.states[peer]

@@ -130,7 +130,9 @@ class RelayProtocol(LineReceiver):
 
     # --- connection lifecycle -------------------------------------------------
     def connectionMade(self) -> None:
-        self.ip = peer_ip(self.transport)
+        # A link spliced through a hub: the dialer's address as the hub saw it
+        # (admission counts it, not the hub's, which carries everyone's links).
+        self.ip = getattr(self, "hub_peer_ip", None) or peer_ip(self.transport)
         self.node.connection_opened(self)
         clock = self.node.clock
         if self.role == LISTENER:
@@ -393,7 +395,11 @@ class RelayProtocol(LineReceiver):
         if self._preauth is not None:
             self._step_deadline(TLS_HANDSHAKE_TIMEOUT_SECS, "no TLS handshake")
         try:
-            self.transport.startTLS(tls.server() if self.role == LISTENER else tls.client())
+            if self.role == LISTENER and getattr(self.transport, "_tlsClientDefault", False):
+                # The listener on a socket it dialed (a hub channel): still the TLS server.
+                self.transport.startTLS(tls.server(), False)  # type: ignore[call-arg]
+            else:
+                self.transport.startTLS(tls.server() if self.role == LISTENER else tls.client())
         except Exception as e:
             self._fail_handshake(f"cannot start TLS: {type(e).__name__}: {e}")
 

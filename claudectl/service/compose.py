@@ -49,6 +49,8 @@ from claudectl.delegation.service import delegation_service
 from claudectl.discovery.protocol import announcer_service
 from claudectl.hive.gossip import Gossip, hive_service
 from claudectl.home import Home
+from claudectl.hub.peer import attach as attach_hubs
+from claudectl.hub.peer import client_endpoint as hub_client_endpoint
 from claudectl.pairing.invites import InviteStore
 from claudectl.pairing.pake import PakeResponder
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
@@ -237,6 +239,14 @@ class _ListeningService(StreamServerEndpointService):
 
     def _bound(self, port: Any) -> Any:
         addr = port.getHost()
+        if self.what == "relay" and not hasattr(addr, "port"):
+            # A UNIX socket (no TCP listener): peers reach us through a hub only.
+            log.info(
+                "claudectl relay {identity} listening on {address} (no TCP port)",
+                identity=self.node.identity,
+                address=str(getattr(addr, "name", addr)),
+            )
+            return port
         if self.what == "relay":
             self.node.listening_ports.append(port)
             log.info(
@@ -302,6 +312,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         keystore=keystore,
         invites=invites,
         pake=PakeResponder(invites, reactor),
+        dial_via=hub_client_endpoint,
     )
     top = RelayService(node)
     # The state files' writer thread and change notices (issue 13): first
@@ -328,6 +339,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     control_service(node, registry).setServiceParent(top)
     compose_layers(node, registry, top, writer, changes)
 
+    attach_hubs(node, registry, top)  # registrations at [relay] hubs; `via` in relay peers
     if config.relay.lan_discovery:
         listener.on_bound.append(_announcer_starter(node, top))
     return top

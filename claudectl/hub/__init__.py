@@ -1,0 +1,1 @@
+"""The NAT hub: a byte-forwarding rendezvous for peers that cannot reach each other (docs/hub.md)."""
