@@ -54,6 +54,7 @@ benchmark itself failed.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import json
@@ -61,8 +62,10 @@ import math
 import os
 import platform
 import pstats
+import selectors
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -93,10 +96,16 @@ from claudectl.control import commands as C  # noqa: E402
 from claudectl.control.client import ServiceNotRunning, call_control  # noqa: E402
 from claudectl.control.paths import control_socket_path  # noqa: E402
 from claudectl.home import Home  # noqa: E402
+from claudectl.lines import LineSplitter  # noqa: E402
 from claudectl.relay import codec  # noqa: E402
 from claudectl.relay.binding import PLAINTEXT, TLS13  # noqa: E402
-from claudectl.relay.codec import Envelope  # noqa: E402
-from claudectl.relay.handshake import MUTUAL, KeyAuth  # noqa: E402
+from claudectl.relay.codec import Envelope, EnvelopeFactory  # noqa: E402
+from claudectl.relay.handshake import (  # noqa: E402
+    MUTUAL,
+    ConnectorHandshake,
+    KeyAuth,
+    ListenerHandshake,
+)
 from claudectl.relay.keystore import KeyStore  # noqa: E402
 from claudectl.relay.node import RelayNode  # noqa: E402
 
@@ -114,6 +123,12 @@ IDLE_SETTLE_SECS = 3.5
 STEP_TIMEOUT_SECS = 30.0
 PHASE_TIMEOUT_SECS = 300.0
 CLI_TIMEOUT_SECS = 60.0
+
+#: claudectl 0.64 on loopback (a local build of its relay code; issue 16's anchors).
+ANCHOR_HANDSHAKE_MS = 150.0
+ANCHOR_REQUEST_MS = 1000.0
+#: Concurrency levels of the handshake scaling table.
+STORM_LEVELS = (1, 10, 100)
 
 #: Targets.  TLS: issue 10.  Plaintext: issue 2's (the first round), where
 #: it set one; request -> reply on a real snapshot has no target yet.
@@ -134,18 +149,28 @@ class Sizes:
     runs: int
     warmup_connects: int = 10
     warmup_requests: int = 20
+    mini_connects: int = 500  # sequential minimal-client handshakes per run
+    mini_messages: int = 1_000_000  # one-way heartbeats per run (minimal client)
+    storm_levels: tuple[int, ...] = STORM_LEVELS
+    storm_rounds: int = 10  # handshakes per client at each concurrency level
+    storm_min: int = 300  # ... and at least this many
 
 
-FULL = Sizes(connects=200, requests=300, messages=200_000, idle_links=200, units=20, runs=5)
+FULL = Sizes(connects=200, requests=100, messages=200_000, idle_links=200, units=500, runs=5)
 QUICK = Sizes(
     connects=15,
-    requests=20,
+    requests=10,
     messages=5_000,
     idle_links=8,
     units=20,
     runs=1,
     warmup_connects=3,
     warmup_requests=3,
+    mini_connects=20,
+    mini_messages=5_000,
+    storm_levels=(1, 10),
+    storm_rounds=2,
+    storm_min=10,
 )
 
 
@@ -283,6 +308,8 @@ class Children:
         self.procs: list[subprocess.Popen[bytes]] = []
         #: Every pid we started (the smoke test checks that none is left).
         self.started: list[int] = []
+        #: The floor's pids (issue 16).
+        self.floor_started: list[int] = []
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
         if proc.poll() is None:
@@ -871,17 +898,24 @@ class Run:
     rows: dict[str, Row]
     setup: dict[str, Any] = field(default_factory=dict)
     profiles: list[tuple[str, Path]] = field(default_factory=list)
+    mini: dict[str, MiniRow] = field(default_factory=dict)
 
 
 async def bench(
-    reactor: Any, tmp: Path, sizes: Sizes, profile: bool, say: Callable[[str], None]
+    reactor: Any,
+    tmp: Path,
+    sizes: Sizes,
+    profile: bool,
+    say: Callable[[str], None],
+    only_floor: bool = False,
 ) -> Run:
-    run = Run(sizes, make_rows(sizes))
+    run = Run(sizes, make_rows(sizes), mini=make_mini_rows(sizes))
     rows = run.rows
     now = int(time.time())
 
     # S: a home, a hive seeded through `hive import`, the service.
-    shome = new_home(tmp, "server")
+    # max_peers: the storm rows link up to 100 minimal clients at once.
+    shome = new_home(tmp, "server", f"[relay]\nmax_peers = {max(sizes.storm_levels) + 32}\n")
     sid = cli(shome.root, "relay", "identity")["identity"]
     units_file = tmp / "units.json"
     units_file.write_text(json.dumps({"units": unit_records(sid, sizes.units, now)}))
@@ -891,6 +925,9 @@ async def bench(
     say(f"service {sid} on {service.address} (pid {service.pid})")
     run.setup["server"] = {"identity": sid, "units": sizes.units}
     try:
+        await bench_mini(reactor, tmp, sizes, service, run, say)
+        if only_floor:
+            return run
         clients = {
             t: await pair_client(reactor, service, new_home(tmp, f"client-{t}"), t)
             for t in TRANSPORTS
@@ -945,8 +982,8 @@ async def bench(
             await clients[t].close(reactor, protos[t])
     finally:
         await stop_service(reactor, service)
-    if prof_s is not None:
-        run.profiles.append(("relay serve S (set-up, requests, one-way)", prof_s))
+        if prof_s is not None:
+            run.profiles.append(("relay serve S (set-up, requests, one-way)", prof_s))
 
     # 4. Memory per idle link: a fresh service per run and transport.
     mhome = new_home(tmp, "idle", f"[relay]\nmax_peers = {sizes.idle_links + WARMUP_IDLE + 8}\n")
@@ -971,12 +1008,498 @@ async def bench(
     return run
 
 
+# --- issue 16: a minimal client, the floor, handshake storms ----------------------------
+
+#: Issue 16's goals for the minimal-client rows: (op, limit, limit as a multiple of the floor).
+MINI_TARGETS: dict[str, tuple[str, float | None, float | None]] = {
+    "mini_handshake_p50_ms": ("<=", 0.25, 2.0),
+    "mini_handshake_cpu_us": ("<=", 120.0, None),
+    "mini_request_p50_ms": ("<=", None, 1.3),
+    "mini_msgs_per_s": (">=", 500_000.0, None),
+    "storm_100_resets": ("<=", 0.0, None),
+    "storm_100_p99_ms": ("<=", 50.0, None),
+    "storm_100_per_s": (">=", 3000.0, None),
+}
+
+
+class MiniLink:
+    """One blocking socket and the shared line splitter."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lines = LineSplitter(codec.MAX_LINE_BYTES)
+        self.queue: collections.deque[bytes] = collections.deque()
+
+    def read_line(self) -> bytes:
+        while not self.queue:
+            data = self.sock.recv(1 << 18)
+            if not data:
+                raise BenchError("the server closed the link")
+            self.queue.extend(ln for ln in self.lines.feed(data) if ln)
+        return self.queue.popleft()
+
+    def close(self) -> None:
+        """Half-close, read to the server's EOF (it closes on ours), close."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+            while self.sock.recv(1 << 18):
+                pass
+        self.sock.close()
+
+
+class MiniClient:
+    """
+    A minimal client written from docs/protocol.md: a blocking socket per
+    link, the sans-IO connector handshake (plaintext, mutual), no reactor,
+    no logging, no files.  It measures ``relay serve`` and the floor alike.
+    """
+
+    def __init__(self, identity: str, psk: bytes, server_id: str) -> None:
+        self.identity = identity
+        self.psk = psk
+        self.server_id = server_id
+        self.envelopes = EnvelopeFactory(identity)
+
+    def machine(self) -> ConnectorHandshake:
+        return ConnectorHandshake(self.envelopes, KeyAuth(self.psk, self.server_id))
+
+    def connect(self, address: tuple[str, int]) -> tuple[MiniLink, float]:
+        """A new authenticated link and the time it took (TCP connect included)."""
+        t0 = time.perf_counter()
+        sock = socket.create_connection(address, timeout=STEP_TIMEOUT_SECS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = MiniLink(sock)
+        machine = self.machine()
+        while True:
+            step = machine.receive(codec.decode(link.read_line()))
+            if step.send:
+                sock.sendall(b"".join(codec.encode(e) for e in step.send))
+            if step.failed is not None:
+                sock.close()
+                raise BenchError(f"handshake refused: {step.failed}")
+            if step.done is not None:
+                return link, time.perf_counter() - t0
+
+    def request(self, link: MiniLink) -> tuple[float, int, list[bytes]]:
+        """knowledge_request -> the last snapshot page: (secs, units, the pages' lines)."""
+        frame = codec.encode(self.envelopes.make(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}))
+        t0 = time.perf_counter()
+        link.sock.sendall(frame)
+        units, pages = 0, []
+        while True:
+            line = link.read_line()
+            env = codec.decode(line)
+            if env.msg_type != codec.KNOWLEDGE_SNAPSHOT:
+                continue
+            pages.append(line)
+            payload = env.payload if isinstance(env.payload, dict) else {}
+            units += len(payload.get("units") or [])
+            if payload.get("page") == payload.get("total_pages"):
+                return time.perf_counter() - t0, units, pages
+
+    def one_way(self, link: MiniLink, n: int) -> float:
+        """``n`` empty heartbeats written in bulk, then a request: secs until its reply."""
+        frames = [codec.encode(self.envelopes.make(codec.HEARTBEAT, {})) for _ in range(n)]
+        chunks = [b"".join(frames[i : i + WRITE_FRAMES]) for i in range(0, n, WRITE_FRAMES)]
+        t0 = time.perf_counter()
+        for chunk in chunks:
+            link.sock.sendall(chunk)
+        self.request(link)
+        return time.perf_counter() - t0
+
+
+@dataclass
+class _Attempt:
+    client: MiniClient
+    sock: socket.socket
+    machine: ConnectorHandshake
+    lines: LineSplitter
+    t0: float
+    done: bool = False
+
+
+def storm(
+    clients: Sequence[MiniClient], address: tuple[str, int], concurrency: int, total: int
+) -> dict[str, float]:
+    """
+    ``concurrency`` links in set-up at every moment (one per client, each
+    client reconnecting once its previous link is closed) until ``total``
+    succeeded: per-handshake p50/p99, handshakes per second, connections
+    reset or closed by the server before the ack.
+    """
+    sel = selectors.DefaultSelector()
+    idle = collections.deque(clients[:concurrency])
+    times: list[float] = []
+    resets = 0
+    started = time.perf_counter()
+    deadline = started + PHASE_TIMEOUT_SECS
+
+    def start(client: MiniClient) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        a = _Attempt(client, sock, client.machine(), LineSplitter(codec.MAX_LINE_BYTES), 0.0)
+        a.t0 = time.perf_counter()
+        sock.connect_ex(address)
+        sel.register(sock, selectors.EVENT_READ, a)
+
+    def finish(a: _Attempt) -> None:
+        sel.unregister(a.sock)
+        a.sock.close()
+        idle.append(a.client)
+
+    in_flight = 0
+    while len(times) < total:
+        while idle and in_flight + len(times) < total and in_flight < concurrency:
+            start(idle.popleft())
+            in_flight += 1
+        if time.perf_counter() > deadline:
+            raise BenchError(f"handshake storm ({concurrency} at once) timed out")
+        for key, _ in sel.select(1.0):
+            a: _Attempt = key.data
+            try:
+                data = a.sock.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError:  # reset, refused
+                data = None
+            if not data:
+                if not a.done:
+                    resets += 1  # reset, or closed before the ack: tried again
+                    in_flight -= 1
+                finish(a)
+                continue
+            if a.done:
+                continue  # frames after the ack; waiting for the server's EOF
+            for line in a.lines.feed(data):
+                if not line:
+                    continue
+                step = a.machine.receive(codec.decode(line))
+                if step.send:
+                    try:
+                        a.sock.send(b"".join(codec.encode(e) for e in step.send))
+                    except OSError:
+                        break  # reset: the next read says so
+                if step.failed is not None:
+                    raise BenchError(f"handshake refused in the storm: {step.failed}")
+                if step.done is not None:
+                    times.append((time.perf_counter() - a.t0) * 1e3)
+                    a.done = True
+                    in_flight -= 1
+                    with contextlib.suppress(OSError):
+                        a.sock.shutdown(socket.SHUT_WR)
+                    break
+    elapsed = time.perf_counter() - started
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()  # type: ignore[union-attr]
+    sel.close()
+    return {
+        "p50_ms": percentile(times, 50),
+        "p99_ms": percentile(times, 99),
+        "per_s": len(times) / elapsed,
+        "resets": float(resets),
+        "resets_per_success": resets / len(times),
+    }
+
+
+# --- the floor ---------------------------------------------------------------------------
+
+
+def floor_main(config_path: str) -> int:
+    """
+    The floor (``--floor CONFIG``, started by the benchmark): a bare
+    LineReceiver speaking the same exchange as ``relay serve`` -- the sans-IO
+    listener handshake with in-memory keys, a pre-encoded snapshot (the
+    service's own reply, recorded), ``json.loads`` per heartbeat -- with no
+    logging, no files, no admission, no checks beyond the handshake's.
+    """
+    from twisted.internet import protocol, reactor
+    from twisted.protocols.basic import LineReceiver
+
+    cfg = json.loads(Path(config_path).read_text())
+    keys = {peer: bytes.fromhex(k) for peer, k in cfg["keys"].items()}
+    snapshot = b"".join(ln + b"\n" for ln in map(bytes.fromhex, cfg["snapshot_lines"]))
+    envelopes = EnvelopeFactory(cfg["identity"])
+
+    class Keys:
+        stored_key = staticmethod(keys.get)
+
+        def pending_candidates(self) -> list[tuple[str, bytes]]:
+            return []
+
+        def claim(self, peer_id: str, label: str, psk: bytes) -> bool:
+            return False
+
+        def store_new_key(self, peer_id: str, psk: bytes) -> bool:
+            return False
+
+        def is_mutual(self, peer_id: str) -> bool:
+            return False
+
+        def is_tls(self, peer_id: str) -> bool:
+            return False
+
+        def closed_candidates(self) -> list[tuple[str, bytes]]:
+            return []
+
+    lookup = Keys()
+    loads = json.loads
+
+    class Floor(LineReceiver):
+        delimiter = b"\n"
+        MAX_LENGTH = codec.MAX_LINE_BYTES
+
+        def connectionMade(self) -> None:
+            self.machine: ListenerHandshake | None = ListenerHandshake(envelopes, lookup)
+            self.transport.write(b"".join(codec.encode(e) for e in self.machine.start()))
+
+        def lineReceived(self, line: bytes) -> None:
+            if self.machine is None:
+                if loads(line)["msg_type"] == codec.KNOWLEDGE_REQUEST:
+                    self.transport.write(snapshot)
+                return
+            step = self.machine.receive(codec.decode(line))
+            if step.send:
+                self.transport.write(b"".join(codec.encode(e) for e in step.send))
+            if step.failed is not None:
+                self.transport.loseConnection()
+            elif step.done is not None:
+                self.machine = None
+
+    factory = protocol.Factory.forProtocol(Floor)
+    port = reactor.listenTCP(0, factory, backlog=1024, interface="127.0.0.1")  # type: ignore[attr-defined]
+    tmp = Path(cfg["port_file"] + ".tmp")
+    tmp.write_text(str(port.getHost().port))
+    tmp.replace(cfg["port_file"])
+    reactor.run()  # type: ignore[attr-defined]
+    return 0
+
+
+async def start_floor(
+    reactor: Any, tmp: Path, identity: str, keys: dict[str, bytes], snapshot_lines: list[bytes]
+) -> tuple[subprocess.Popen[bytes], int]:
+    cfg = tmp / "floor.json"
+    port_file = tmp / "floor.port"
+    cfg.write_text(
+        json.dumps(
+            {
+                "identity": identity,
+                "keys": {p: k.hex() for p, k in keys.items()},
+                "snapshot_lines": [ln.hex() for ln in snapshot_lines],
+                "port_file": str(port_file),
+            }
+        )
+    )
+    with open(tmp / "floor.log", "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--floor", str(cfg)],
+            env=child_env(tmp),
+            cwd=str(tmp),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    CHILDREN.procs.append(proc)
+    CHILDREN.floor_started.append(proc.pid)
+
+    def ready() -> int | None:
+        if proc.poll() is not None:
+            raise BenchError("the floor exited:\n" + (tmp / "floor.log").read_text()[-1000:])
+        try:
+            return int(port_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    port = await until(reactor, ready, 30, "the floor to listen", step=0.05)
+    return proc, port
+
+
+@dataclass
+class MiniRow:
+    """An issue-16 row: the service and the floor, each a list of per-run values."""
+
+    key: str
+    title: str
+    unit: str
+    anchor: float | None = None
+    values: dict[str, list[float]] = field(default_factory=lambda: {"service": [], "floor": []})
+
+    def stats(self, who: str) -> dict[str, Any]:
+        vals = self.values[who]
+        return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "runs": vals}
+
+    def ratio(self) -> float | None:
+        floor = statistics.median(self.values["floor"]) if self.values["floor"] else 0.0
+        if not floor:
+            return None
+        return statistics.median(self.values["service"]) / floor
+
+    def anchor_ratio(self) -> float | None:
+        if self.anchor is None:
+            return None
+        return statistics.median(self.values["service"]) / self.anchor
+
+    def target(self) -> tuple[str, float | None, float | None] | None:
+        return MINI_TARGETS.get(self.key)
+
+    def passed(self) -> bool | None:
+        tgt = self.target()
+        if tgt is None:
+            return None
+        op, limit, floor_x = tgt
+        med = statistics.median(self.values["service"])
+        ok = True
+        if limit is not None:
+            ok = ok and (med <= limit if op == "<=" else med >= limit)
+        ratio = self.ratio()
+        if floor_x is not None and ratio is not None:
+            ok = ok and (ratio <= floor_x if op == "<=" else ratio >= floor_x)
+        return ok
+
+    def goal_text(self) -> str:
+        tgt = self.target()
+        if tgt is None:
+            return ""
+        op, limit, floor_x = tgt
+        parts = []
+        if limit is not None:
+            parts.append(f"{op} {fmt(limit, self.unit)}")
+        if floor_x is not None:
+            parts.append(f"{op} {floor_x:g}x floor")
+        return ", ".join(parts)
+
+
+def make_mini_rows(sizes: Sizes) -> dict[str, MiniRow]:
+    rows = [
+        MiniRow(
+            "mini_handshake_p50_ms",
+            f"handshake p50, minimal client ({sizes.mini_connects} sequential)",
+            "ms",
+            ANCHOR_HANDSHAKE_MS,
+        ),
+        MiniRow("mini_handshake_p99_ms", "handshake p99, minimal client", "ms"),
+        MiniRow("mini_handshake_cpu_us", "server CPU per handshake + close", "µs"),
+        MiniRow(
+            "mini_request_p50_ms",
+            f"knowledge_request -> snapshot of {sizes.units} units p50 ({sizes.requests} per run)",
+            "ms",
+            ANCHOR_REQUEST_MS,
+        ),
+        MiniRow("mini_request_cpu_us", "server CPU per request", "µs"),
+        MiniRow(
+            "mini_msgs_per_s",
+            f"one-way empty heartbeats parsed ({sizes.mini_messages:,} per run)",
+            "msg/s",
+        ),
+    ]
+    for c in sizes.storm_levels:
+        rows += [
+            MiniRow(f"storm_{c}_p50_ms", f"{c} clients at once: handshake p50", "ms"),
+            MiniRow(f"storm_{c}_p99_ms", f"{c} clients at once: handshake p99", "ms"),
+            MiniRow(f"storm_{c}_per_s", f"{c} clients at once: handshakes per second", "/s"),
+            MiniRow(f"storm_{c}_resets", f"{c} clients at once: connections reset", "n"),
+        ]
+    return {r.key: r for r in rows}
+
+
+def mini_runs(
+    rows: dict[str, MiniRow],
+    who: str,
+    address: tuple[str, int],
+    pid: int,
+    clients: Sequence[MiniClient],
+    sizes: Sizes,
+) -> None:
+    """One run of every minimal-client row against one server (blocking)."""
+    client = clients[0]
+    times: list[float] = []
+    for i in range(sizes.warmup_connects + sizes.mini_connects):
+        if i == sizes.warmup_connects:
+            cpu0 = proc_cpu_secs(pid)
+        link, secs = client.connect(address)
+        link.close()
+        if i >= sizes.warmup_connects:
+            times.append(secs * 1e3)
+    rows["mini_handshake_cpu_us"].values[who].append(
+        (proc_cpu_secs(pid) - cpu0) / sizes.mini_connects * 1e6
+    )
+    rows["mini_handshake_p50_ms"].values[who].append(percentile(times, 50))
+    rows["mini_handshake_p99_ms"].values[who].append(percentile(times, 99))
+
+    link, _ = client.connect(address)
+    try:
+        times = []
+        for i in range(sizes.warmup_requests + sizes.requests):
+            if i == sizes.warmup_requests:
+                cpu0 = proc_cpu_secs(pid)
+            secs, units, _ = client.request(link)
+            if units != sizes.units:
+                raise BenchError(f"{who}: the snapshot held {units} unit(s), not {sizes.units}")
+            if i >= sizes.warmup_requests:
+                times.append(secs * 1e3)
+        rows["mini_request_cpu_us"].values[who].append(
+            (proc_cpu_secs(pid) - cpu0) / sizes.requests * 1e6
+        )
+        rows["mini_request_p50_ms"].values[who].append(percentile(times, 50))
+        rows["mini_msgs_per_s"].values[who].append(
+            sizes.mini_messages / client.one_way(link, sizes.mini_messages)
+        )
+    finally:
+        link.close()
+    for c in sizes.storm_levels:
+        got = storm(clients, address, c, max(c * sizes.storm_rounds, sizes.storm_min))
+        rows[f"storm_{c}_p50_ms"].values[who].append(got["p50_ms"])
+        rows[f"storm_{c}_p99_ms"].values[who].append(got["p99_ms"])
+        rows[f"storm_{c}_per_s"].values[who].append(got["per_s"])
+        rows[f"storm_{c}_resets"].values[who].append(got["resets"])
+
+
+async def bench_mini(
+    reactor: Any, tmp: Path, sizes: Sizes, service: Service, run: Run, say: Callable[[str], None]
+) -> None:
+    """The issue-16 rows: a minimal client against ``relay serve`` and the floor."""
+    count = max(sizes.storm_levels)
+    clients = [
+        MiniClient(f"bench-mini-{i:03d}", os.urandom(32), service.identity) for i in range(count)
+    ]
+    ks = KeyStore(service.home)
+    for c in clients:
+        ks.save_key(c.identity, c.psk)  # what claiming a pair code writes on S
+    address = ("127.0.0.1", service.port)
+    # Each identity's first link writes its mutual marker (once per new
+    # peer, with an fsync): done before measuring, the rows are the steady state.
+    for c in clients:
+        link, _ = c.connect(address)
+        link.close()
+    link, _ = clients[0].connect(address)
+    _, units, pages = clients[0].request(link)
+    link.close()
+    if units != sizes.units:
+        raise BenchError(f"the service's snapshot held {units} unit(s), not {sizes.units}")
+    proc, fport = await start_floor(
+        reactor, tmp, service.identity, {c.identity: c.psk for c in clients}, pages
+    )
+    try:
+        targets = {"service": (address, service.pid), "floor": (("127.0.0.1", fport), proc.pid)}
+        for i in range(sizes.runs):
+            for who in ("service", "floor") if i % 2 == 0 else ("floor", "service"):
+                addr, pid = targets[who]
+                mini_runs(run.mini, who, addr, pid, clients, sizes)
+                await sleep(reactor, 0)
+            say(f"minimal-client run {i + 1}/{sizes.runs} done (service and floor)")
+    finally:
+        CHILDREN.stop(proc)
+
+
 # --- report ------------------------------------------------------------------------------
 
 
 def fmt(value: float, unit: str) -> str:
-    if unit == "msg/s":
+    if unit in ("msg/s", "/s", "n"):
         return f"{value:,.0f}"
+    if unit == "µs":
+        return f"{value:,.1f}"
     if unit == "KiB":
         return f"{value:.1f}"
     return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
@@ -1036,13 +1559,82 @@ def report_json(run: Run, meta: dict[str, Any]) -> dict[str, Any]:
                 },
             }
             for r in run.rows.values()
+            if r.values(PLAINTEXT)
         ],
+        "floor_rows": [
+            {
+                "key": r.key,
+                "title": r.title,
+                "unit": r.unit,
+                "service": r.stats("service"),
+                "floor": r.stats("floor"),
+                "ratio_to_floor": r.ratio(),
+                "anchor": r.anchor,
+                "ratio_to_anchor": r.anchor_ratio(),
+                "target": r.target(),
+                "passed": r.passed(),
+            }
+            for r in run.mini.values()
+            if r.values["service"]
+        ],
+        "floor_pids": CHILDREN.floor_started,
         "passed": all_passed(run),
     }
 
 
 def all_passed(run: Run) -> bool:
-    return all(r.passed(t) is not False for r in run.rows.values() for t in TRANSPORTS)
+    return all(
+        r.passed(t) is not False for r in run.rows.values() for t in TRANSPORTS if r.values(t)
+    ) and all(r.passed() is not False for r in run.mini.values() if r.values["service"])
+
+
+def mini_cell(row: MiniRow, who: str) -> str:
+    st = row.stats(who)
+    if len(st["runs"]) == 1:
+        return fmt(st["median"], row.unit)
+    return f"{fmt(st['median'], row.unit)} ({fmt(st['min'], row.unit)}-{fmt(st['max'], row.unit)})"
+
+
+def print_mini_table(run: Run) -> None:
+    rows = [r for r in run.mini.values() if r.values["service"]]
+    if not rows:
+        return
+    print()
+    print(
+        "issue 16 rows: a minimal client (blocking socket, sans-IO handshake, plaintext) "
+        "against relay serve and the floor, same run, alternating"
+    )
+    headers = (
+        "measure",
+        "unit",
+        "relay serve",
+        "floor",
+        "x floor",
+        "x claudectl 0.64",
+        "goal",
+        "met?",
+    )
+    table = [headers]
+    for r in rows:
+        ratio, anchor = r.ratio(), r.anchor_ratio()
+        passed = r.passed()
+        table.append(
+            (
+                r.title,
+                r.unit,
+                mini_cell(r, "service"),
+                mini_cell(r, "floor"),
+                "" if ratio is None else f"{ratio:.2f}",
+                "" if anchor is None else f"{anchor:.4f} (anchor {fmt(r.anchor or 0, r.unit)})",
+                r.goal_text(),
+                "" if passed is None else ("pass" if passed else "MISS"),
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    for j, row in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
 
 
 def print_table(run: Run, meta: dict[str, Any]) -> None:
@@ -1061,6 +1653,9 @@ def print_table(run: Run, meta: dict[str, Any]) -> None:
     )
     print(f"command: {meta['command']}")
     print("cells: median (min-max) over the runs")
+    if not run.rows["setup_p50_ms"].values(PLAINTEXT):  # --only-floor
+        print_mini_table(run)
+        return
     headers = (
         "measure",
         "unit",
@@ -1089,6 +1684,7 @@ def print_table(run: Run, meta: dict[str, Any]) -> None:
             print("  ".join("-" * w for w in widths))
     for line in notes(run):
         print(line)
+    print_mini_table(run)
 
 
 def notes(run: Run) -> list[str]:
@@ -1154,6 +1750,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "include the profiler's overhead",
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
+    p.add_argument(
+        "--only-floor",
+        action="store_true",
+        help="only the issue-16 rows (minimal client against relay serve and the floor)",
+    )
+    p.add_argument("--floor", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.runs is not None and not 1 <= args.runs <= 50:
         p.error("--runs must be between 1 and 50")
@@ -1162,6 +1764,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.floor:
+        return floor_main(args.floor)
     if not sys.platform.startswith("linux"):
         print(
             "Error: bench_relay.py reads /proc/<pid>/status and stat: Linux only", file=sys.stderr
@@ -1185,7 +1789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def go(reactor: Any) -> None:
         start_logging(tmp / "client.log")
-        run = await bench(reactor, tmp, sizes, args.profile, say)
+        run = await bench(reactor, tmp, sizes, args.profile, say, args.only_floor)
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "mode": "quick" if args.quick else "full",

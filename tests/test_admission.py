@@ -249,3 +249,16 @@ class SheddingTests(SynchronousTestCase):
         self.assertEqual(self.adm.admit("192.0.2.9", 0, lambda: None), "rate_limited")
         self.assertEqual(self.adm.admit("192.0.2.9", 8, lambda: None), "rate_limited")
         self.assertEqual(self.shed, [])
+
+
+class ListenBacklogTests(SynchronousTestCase):
+    def test_backlog_added_to_tcp_strings_only(self) -> None:
+        from claudectl.relay.admission import LISTEN_BACKLOG, with_listen_backlog
+
+        self.assertEqual(LISTEN_BACKLOG, 1024)
+        self.assertEqual(
+            with_listen_backlog("tcp:0:interface=127.0.0.1"),
+            "tcp:0:interface=127.0.0.1:backlog=1024",
+        )
+        self.assertEqual(with_listen_backlog("tcp:1:backlog=5"), "tcp:1:backlog=5")
+        self.assertEqual(with_listen_backlog("unix:/tmp/s"), "unix:/tmp/s")

@@ -89,6 +89,28 @@ class QuickRunTests(TestCase):
         self.assertEqual(len(pids), 3)
         for pid in pids:
             self.assertFalse(os.path.exists(f"/proc/{pid}"), pid)
+        # Issue 16: the minimal client measured the service and the floor in
+        # the same run; every row has both, and a ratio to the floor.
+        floor = {r["key"]: r for r in report["floor_rows"]}
+        for key in (
+            "mini_handshake_p50_ms",
+            "mini_request_p50_ms",
+            "mini_msgs_per_s",
+            "storm_1_p50_ms",
+            "storm_10_resets",
+        ):
+            self.assertIn(key, floor)
+            for who in ("service", "floor"):
+                self.assertEqual(len(floor[key][who]["runs"]), 1, (key, who))
+        for key in ("mini_handshake_p50_ms", "mini_request_p50_ms", "mini_msgs_per_s"):
+            self.assertGreater(floor[key]["floor"]["median"], 0, key)
+            self.assertGreater(floor[key]["ratio_to_floor"], 0, key)
+        self.assertEqual(floor["mini_handshake_p50_ms"]["anchor"], 150.0)
+        self.assertEqual(floor["mini_request_p50_ms"]["anchor"], 1000.0)
+        self.assertEqual(floor["mini_handshake_p50_ms"]["target"], ["<=", 0.25, 2.0])
+        # The floor process is gone too.
+        self.assertEqual(len(report["floor_pids"]), 1)
+        self.assertFalse(os.path.exists(f"/proc/{report['floor_pids'][0]}"))
         # The temporary homes are removed afterwards.
         self.assertEqual(list(tmp.iterdir()), [])
 

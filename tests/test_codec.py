@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.relay import codec
 from claudectl.relay.codec import (
+    HEARTBEAT,
     MAX_LINE_BYTES,
     MAX_TIMESTAMP,
     Envelope,
@@ -355,3 +356,69 @@ class PropertyTests(SynchronousTestCase):
         except ProtocolError:
             return
         encode(got)
+
+
+def _full_decode(line: bytes) -> codec.Envelope:
+    """The general path alone (what decode does without the heartbeat shortcut)."""
+    saved = codec._EMPTY_HEARTBEAT
+    codec._EMPTY_HEARTBEAT = lambda _line: None  # type: ignore[assignment]
+    try:
+        return codec.decode(line)
+    finally:
+        codec._EMPTY_HEARTBEAT = saved
+
+
+class HeartbeatFastPathTests(SynchronousTestCase):
+    """The empty-heartbeat shortcut gives what the JSON path gives, or defers to it."""
+
+    LINE = (
+        b'{"id":"msg_1_2","msg_type":"heartbeat","from_peer":"host-1a2b",'
+        b'"timestamp":1700000000000,"payload":{}}'
+    )
+
+    def test_shortcut_is_taken_and_agrees(self) -> None:
+        self.assertIsNotNone(codec._EMPTY_HEARTBEAT(self.LINE))
+        self.assertIsNotNone(codec._EMPTY_HEARTBEAT(self.LINE + b"\n"))
+        self.assertEqual(codec.decode(self.LINE), _full_decode(self.LINE))
+        env = codec.decode(self.LINE + b"\r\n")
+        self.assertEqual(env, Envelope("msg_1_2", HEARTBEAT, "host-1a2b", 1700000000000, {}))
+
+    def test_each_payload_is_a_new_dict(self) -> None:
+        a, b = codec.decode(self.LINE), codec.decode(self.LINE)
+        self.assertIsNot(a.payload, b.payload)
+
+    def test_defects_still_refused(self) -> None:
+        for bad in (
+            self.LINE.replace(b"1700000000000", b"18446744073709551616"),  # > 2^64-1
+            self.LINE.replace(b'"payload":{}', b'"payload":{},"payload":{}'),
+            self.LINE.replace(b'"id":"msg_1_2"', b'"id":"msg_1_2","id":"x"'),
+            self.LINE.replace(b"heartbeat", b"heartbeats"),
+        ):
+            self.assertRaises(ProtocolError, codec.decode, bad)
+
+    @given(
+        st.text('abc_-.:\\"é1', max_size=12),
+        st.text('abc_-.:\\"é1', max_size=12),
+        st.integers(0, 2**66),
+        st.sampled_from([b"", b"\n", b"\r\n", b" ", b"\t\n"]),
+    )
+    def test_agrees_with_the_json_path(self, msg_id: str, peer: str, ts: int, end: bytes) -> None:
+        line = (
+            b'{"id":'
+            + json.dumps(msg_id).encode()
+            + b',"msg_type":"heartbeat","from_peer":'
+            + json.dumps(peer).encode()
+            + b',"timestamp":'
+            + str(ts).encode()
+            + b',"payload":{}}'
+            + end
+        )
+        try:
+            want: codec.Envelope | str = _full_decode(line)
+        except ProtocolError:
+            want = "refused"
+        try:
+            got: codec.Envelope | str = codec.decode(line)
+        except ProtocolError:
+            got = "refused"
+        self.assertEqual(got, want)

@@ -287,6 +287,32 @@ class MetaTests(SynchronousTestCase):
             self.ks.meta("desk"), PeerMeta(v["input"]["addr"], v["input"]["last_seen"])
         )
 
+    def test_meta_is_read_once_while_the_file_is_unchanged(self) -> None:
+        """Issue 16: no meta read per link-down; anyone's rewrite is seen."""
+        reads: list[str] = []
+        from claudectl.relay import keystore
+
+        real = keystore._read_meta
+
+        def counting(path: str) -> PeerMeta | None:
+            reads.append(path)
+            return real(path)
+
+        self.patch(keystore, "_read_meta", counting)
+        self.ks.save_meta("desk", PeerMeta("10.0.0.1:9847", 1))
+        for _ in range(3):
+            self.assertEqual(self.ks.meta("desk"), PeerMeta("10.0.0.1:9847", 1))
+        self.assertEqual(len(reads), 1)
+        # Another process (the CLI, claudectl) rewrites it: read again.
+        KeyStore(self.home).save_meta("desk", PeerMeta("10.0.0.2:9847", 2))
+        self.assertEqual(self.ks.meta("desk"), PeerMeta("10.0.0.2:9847", 2))
+        # Our own write, and a removal.
+        self.ks.save_meta("desk", PeerMeta("10.0.0.3:9847", 3))
+        self.assertEqual(self.ks.meta("desk"), PeerMeta("10.0.0.3:9847", 3))
+        (self.home.peers / "desk.meta").unlink()
+        self.assertIsNone(self.ks.meta("desk"))
+        self.assertEqual(len(reads), 3)
+
     def test_ipv6_meta(self) -> None:
         self.ks.save_meta("v6", PeerMeta("[::1]:9847", 1))
         self.assertEqual(self.ks.meta("v6"), PeerMeta("[::1]:9847", 1))

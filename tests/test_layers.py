@@ -29,7 +29,18 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "claudectl"
 LAYERS: list[dict[str, frozenset[str]]] = [
     {
         "base": frozenset(
-            {"", "atomic", "changes", "config", "home", "lazylog", "process", "statestore", "text"}
+            {
+                "",
+                "atomic",
+                "changes",
+                "config",
+                "home",
+                "lazylog",
+                "lines",
+                "process",
+                "statestore",
+                "text",
+            }
         )
     },
     {"relay": frozenset({"relay"})},

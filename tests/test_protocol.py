@@ -213,18 +213,131 @@ class ListenerTests(SynchronousTestCase):
         self.assertEqual(self.node.admission.rejections.get("max_peers"), 1)
         del held
 
+    def test_link_log_lines_say_how_the_link_was_and_how_long(self) -> None:
+        from twisted.logger import capturedLogs
+
+        with capturedLogs() as events:
+            proto, transport = self.connect()
+            self.authenticate_oneway(proto, transport)
+            self.reactor.advance(2.5)
+            proto.close("heartbeat timeout")
+            proto.connectionLost()
+        [down] = [e for e in events if e["log_format"].startswith("{peer_id} disconnected")]
+        self.assertEqual(
+            (down["direction"], down["mode"], down["transport"], down["reason"]),
+            ("inbound", "oneway", "plaintext", "heartbeat timeout"),
+        )
+        self.assertGreaterEqual(down["secs"], 0.0)
+
     def test_max_inflight_handshakes(self) -> None:
         # 16 sockets that are busy handshaking (each just made progress):
-        # nothing is sheddable, so a newcomer is refused at once.
+        # nothing is sheddable, so a newcomer waits (issue 16's accept
+        # pacing): no challenge, its reads paused, nobody shed or refused.
         conns = [self.connect() for _ in range(16)]
         for proto, _t in conns:
             self.node.admission.progress(proto._preauth)
         _p, t = self.connect()
         self.assertEqual(t.value(), b"")
-        self.assertEqual(self.node.admission.rejections.get("too_many_handshakes"), 1)
+        self.assertFalse(t.disconnecting)
+        self.assertEqual(t.producerState, "paused")
+        self.assertEqual(self.node.admission.rejections, {})
+        self.assertEqual(self.node.admission.inflight, 16)
+        # A slot frees: the waiting socket gets its challenge.
         conns[0][0].connectionLost()
-        _p, t = self.connect()
+        self.reactor.advance(0)
         self.assertEqual(frames(t)[0]["msg_type"], "challenge")
+        self.assertEqual(t.producerState, "producing")
+        self.assertEqual(self.node.admission.inflight, 16)
+
+    def test_waiting_sockets_take_turns_by_address(self) -> None:
+        conns = [self.connect() for _ in range(16)]
+        for proto, _t in conns:
+            self.node.admission.progress(proto._preauth)
+        a = [self.connect("10.0.0.1") for _ in range(3)]
+        b = self.connect("10.0.0.2")
+        order = []
+        for proto, _t in conns[:4]:
+            proto.connectionLost()
+            self.reactor.advance(0)
+            order += [i for i, (_p, t) in enumerate([*a, b]) if t.value() and i not in order]
+        # 10.0.0.1, then 10.0.0.2 (its turn), then the rest of 10.0.0.1.
+        self.assertEqual(order, [0, 3, 1, 2])
+
+    def test_a_waiting_socket_that_closes_leaves_the_room(self) -> None:
+        conns = [self.connect() for _ in range(16)]
+        for proto, _t in conns:
+            self.node.admission.progress(proto._preauth)
+        gone, _t = self.connect("10.0.0.1")
+        nxt, t = self.connect("10.0.0.2")
+        gone.connectionLost()
+        conns[0][0].connectionLost()
+        self.reactor.advance(0)
+        self.assertEqual(frames(t)[0]["msg_type"], "challenge")
+        self.assertEqual(self.node.admission.pacing(self.reactor).waiting, 0)
+
+    def test_a_full_waiting_room_pauses_the_listening_socket(self) -> None:
+        from claudectl.relay import admission
+
+        self.patch(admission, "MAX_WAITING", 4)
+
+        class Port:
+            reading = True
+            connected = True
+
+            def stopReading(self) -> None:
+                self.reading = False
+
+            def startReading(self) -> None:
+                self.reading = True
+
+        port = Port()
+        conns = [self.connect() for _ in range(16)]
+        for proto, _t in conns:
+            self.node.admission.progress(proto._preauth)
+        waiting = []
+        for i in range(4):
+            proto = RelayFactory(self.node).buildProtocol(None)
+            t = StringTransport(peerAddress=IPv4Address("TCP", f"10.0.2.{i}", 40000))
+            t.server = port  # type: ignore[attr-defined]  # what tcp.Server has
+            proto.makeConnection(t)
+            waiting.append(t)
+        self.assertFalse(port.reading)
+        # Three slots free: three wait no more; below half of the room, accepting resumes.
+        for proto, _t in conns[:3]:
+            proto.connectionLost()
+        self.reactor.advance(0)
+        self.assertEqual(sum(1 for t in waiting if t.value()), 3)
+        self.assertTrue(port.reading)
+
+    def test_a_socket_waits_at_most_max_wait_secs(self) -> None:
+        from claudectl.relay.admission import MAX_WAIT_SECS, WAIT_TICK_SECS
+
+        conns = [self.connect() for _ in range(16)]
+        for proto, _t in conns:
+            self.node.admission.progress(proto._preauth)
+        _p, t = self.connect("10.0.0.1")
+        for _ in range(int(MAX_WAIT_SECS / WAIT_TICK_SECS) + 2):
+            # The slot holders stay busy (progress) but never finish.
+            for proto, _t in conns:
+                self.node.admission.progress(proto._preauth)
+            self.reactor.advance(WAIT_TICK_SECS)
+        self.assertTrue(t.disconnecting or t.disconnected)
+        self.assertEqual(t.value(), b"")
+        self.assertEqual(self.node.admission.rejections.get("waited_too_long"), 1)
+
+    def test_an_idle_slot_holder_past_the_grace_is_shed_for_a_waiting_socket(self) -> None:
+        from claudectl.relay.admission import IDLE_GRACE_SECS
+
+        idle = [self.connect(f"10.0.1.{i}") for i in range(16)]
+        _p, t = self.connect("10.0.0.6")
+        # Fresh idle sockets (a storm of real peers about to answer) are not shed...
+        self.assertEqual(t.value(), b"")
+        self.assertFalse(any(i[1].disconnecting for i in idle))
+        # ... but once idle past the grace period, they are (slowloris).
+        self.reactor.advance(IDLE_GRACE_SECS + 0.1)
+        self.assertEqual(frames(t)[0]["msg_type"], "challenge")
+        self.assertEqual(sum(1 for i in idle if i[1].disconnecting), 1)
+        self.assertEqual(self.node.admission.rejections, {"idle_shed": 1})
 
     def test_idle_sockets_are_shed_for_a_newcomer(self) -> None:
         """Issue 11 item 3: 16 idle sockets no longer lock every handshake out."""

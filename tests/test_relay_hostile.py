@@ -141,3 +141,61 @@ class SlowlorisTests(TestCase):
         self.assertLess(elapsed, 1.0)
         self.assertEqual(self.a.mesh.connected_peers(), ["beta-2222"])
         self.assertLessEqual(self.a.admission.inflight, MAX_INFLIGHT_HANDSHAKES)
+
+
+class _StormClient(protocol.Protocol):
+    """A minimal connector: the sans-IO handshake over one real socket."""
+
+    def __init__(self, identity: str, psk: bytes, listener: str) -> None:
+        from claudectl.lines import LineSplitter
+        from claudectl.relay.codec import EnvelopeFactory
+        from claudectl.relay.handshake import ConnectorHandshake
+
+        self.machine = ConnectorHandshake(EnvelopeFactory(identity), KeyAuth(psk, listener))
+        self.lines = LineSplitter(codec.MAX_LINE_BYTES)
+        self.ok = False
+        self.lost: defer.Deferred[bool] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        for ln in self.lines.feed(data):
+            if self.ok or not ln:
+                continue
+            step = self.machine.receive(codec.decode(ln))
+            self.transport.write(b"".join(codec.encode(e) for e in step.send))
+            if step.done is not None:
+                self.ok = True
+                self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(self.ok)
+
+
+class HandshakeStormTests(TestCase):
+    async def test_sixty_clients_at_once_are_paced_not_reset(self) -> None:
+        """
+        Issue 16: 60 real peers connecting at once (more than the 16 handshake
+        slots) all authenticate; none is reset or shed: the ones beyond the
+        slots wait for one.
+        """
+        node = make_node(self, "alpha-1111", reactor, max_peers=128)
+        self.addCleanup(node.close_all)
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            RelayFactory(node)
+        )
+        self.addCleanup(port.stopListening)
+        clients = []
+        for i in range(60):
+            psk = bytes([i]) * 32
+            node.keystore.save_key(f"storm-{i:03d}", psk)
+            clients.append(_StormClient(f"storm-{i:03d}", psk, "alpha-1111"))
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        await defer.gatherResults([connectProtocol(endpoint, c) for c in clients])
+        results = await defer.gatherResults([c.lost for c in clients])
+        self.assertEqual(results, [True] * 60)
+        rejections = node.admission.rejections
+        for reason in ("idle_shed", "stalled_shed", "too_many_handshakes", "waited_too_long"):
+            self.assertNotIn(reason, rejections)
+        for _ in range(100):
+            if not node.protocols:
+                break
+            await deferLater(reactor, 0.01, lambda: None)

@@ -292,3 +292,66 @@ class LogGateTests(SynchronousTestCase):
         g.flush_suppressed()
         self.assertEqual(len(logged), 2 * LOG_BURST)
         self.assertEqual(summaries, [300 - LOG_BURST, 2])
+
+
+class FeedManyTests(SynchronousTestCase):
+    """A whole read at once: the same counts, dedup and bad-frame rules as line by line."""
+
+    def lines(self, *frames: bytes | None) -> list[bytes | None]:
+        return [None if f is None else f.rstrip(b"\n") for f in frames]
+
+    def test_heartbeat_runs_are_counted_each_and_delivered_once(self) -> None:
+        counters = LinkCounters()
+        ff = FrameFilter(Dedup(), counters)
+        read = self.lines(
+            frame("h1"),
+            frame("h2"),
+            frame("h2"),  # a duplicate
+            frame("k1", codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}),
+            frame("h3"),
+        )
+        envs, stop = ff.feed_many(read)
+        self.assertIsNone(stop)
+        self.assertEqual([e.id for e in envs], ["h2", "k1", "h3"])
+        self.assertEqual(envs[0], codec.decode(frame("h2")))
+        self.assertEqual((counters.frames_in, counters.duplicates), (5, 1))
+        self.assertEqual(counters.bytes_in, sum(len(f) + 1 for f in read if f is not None))
+        # Every id is remembered: a repeat in the next read is a duplicate.
+        envs, _ = ff.feed_many(self.lines(frame("h1"), frame("h3")))
+        self.assertEqual(envs, [])
+        self.assertEqual(counters.duplicates, 3)
+
+    def test_same_as_line_by_line_for_other_frames(self) -> None:
+        read = self.lines(
+            frame("a", codec.ACK, {"x": 1}),
+            b"not json",
+            b"",
+            frame("b", codec.KNOWLEDGE_SYNC, {"units": []}),
+            frame("a", codec.ACK, {"x": 1}),
+        )
+        one = FrameFilter(Dedup(), LinkCounters())
+        many = FrameFilter(Dedup(), LinkCounters())
+        by_line = [e for e in (one.feed(x) for x in read if x is not None) if e is not None]
+        envs, stop = many.feed_many(read)
+        self.assertIsNone(stop)
+        self.assertEqual(envs, by_line)
+        self.assertEqual(many.counters, one.counters)
+
+    def test_bad_run_disconnects_after_delivering_what_came_before(self) -> None:
+        ff = FrameFilter(Dedup(), LinkCounters(), max_strikes=3)
+        read = self.lines(frame("h1"), b"x", b"y", None, b"never reached")
+        envs, stop = ff.feed_many(read)
+        self.assertEqual([e.id for e in envs], ["h1"])
+        self.assertIsInstance(stop, Disconnect)
+        self.assertEqual(ff.counters.bad_frames, 3)
+
+    def test_good_heartbeats_reset_the_strikes_and_the_ratio_window(self) -> None:
+        ff = FrameFilter(Dedup(), LinkCounters(), max_strikes=3, ratio_window=8)
+        _envs, stop = ff.feed_many(self.lines(b"x", b"y"))
+        self.assertIsNone(stop)
+        self.assertEqual(ff._recent_bad, 2)
+        _envs, stop = ff.feed_many(self.lines(*[frame(f"h{i}") for i in range(10)]))
+        self.assertIsNone(stop)
+        self.assertEqual((ff._strikes, ff._recent_bad, len(ff._recent)), (0, 0, 8))
+        _envs, stop = ff.feed_many(self.lines(b"x", b"y"))
+        self.assertIsNone(stop)  # two strikes again, not four

@@ -64,8 +64,10 @@ class MakeServiceTests(SynchronousTestCase):
         svc.privilegedStartService()
         svc.startService()
         self.addCleanup(svc.stopService)
-        [(port, _factory, _backlog, interface)] = self.reactor.tcpServers
+        [(port, _factory, backlog, interface)] = self.reactor.tcpServers
         self.assertEqual((port, interface), (0, "127.0.0.1"))
+        # A burst of peers waits in the kernel's queue, not in SYN retries.
+        self.assertEqual(backlog, 1024)
         [unix] = self.reactor.unixServers
         self.assertEqual(unix[0], str(control_socket_path(self.home)))
         self.assertEqual(unix[3], 0o600)

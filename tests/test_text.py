@@ -177,3 +177,6 @@ class CleanWriterTests(SynchronousTestCase):
         text = out.getvalue()
         self.assertIn("task from w-1: ok", text)
         self.assertEqual(_controls(text) - {"\n"}, set())
+        # Debug events are not written (nor formatted): issue 16.
+        Logger(observer=observer).debug("dropped connection from {ip}", ip="203.0.113.9")
+        self.assertNotIn("203.0.113.9", out.getvalue())

@@ -164,7 +164,7 @@ class WireFuzzTests(SynchronousTestCase):
             if proto.is_closed or proto.transport.disconnecting:
                 break
             proto.dataReceived(chunk)  # must never raise
-            self.assertLessEqual(len(proto._buffer), proto.MAX_LENGTH)
+            self.assertLessEqual(proto._lines.pending, proto.MAX_LENGTH)
 
     @settings(
         max_examples=150,

@@ -173,14 +173,27 @@ def _run_app(config: Any) -> None:
 
 
 def _clean_stdout_observer() -> Any:
-    """twistd's stdout log observer, with every line through clean_text."""
+    """
+    twistd's stdout log observer, with every line through clean_text, info
+    and up: debug events (a refused connection, a link coming up) are not
+    formatted at all (issue 16: formatting them was a large part of a
+    handshake's CPU, and a flood must not fill the log).
+    """
     import sys
 
-    from twisted.logger import textFileLogObserver
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        textFileLogObserver,
+    )
 
     from claudectl.text import CleanWriter
 
-    return textFileLogObserver(CleanWriter.wrap(sys.stdout))
+    return FilteringLogObserver(
+        textFileLogObserver(CleanWriter.wrap(sys.stdout)),
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+    )
 
 
 class _Plugin:

@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from claudectl.delegation.taskrun import RunOutcome, TaskRun
+from claudectl.lines import OVERLONG, LineSplitter
 from claudectl.process import setsid_exec, sweep
 from claudectl.process.sweep import RUN_ID_ENV
 
@@ -158,10 +159,17 @@ class ClaudeProcessProtocol(ProcessProtocol):
         self._on_change = on_change
         self._on_exited = on_exited
         self._on_ended = on_ended
-        self.max_line = max_line
-        self._buffer = b""
-        self._skipping = False
+        self._lines = LineSplitter(max_line)
         self.overlong_lines = 0
+
+    @property
+    def max_line(self) -> int:
+        """The longest stdout line kept (longer ones are skipped and counted)."""
+        return self._lines.max_length
+
+    @max_line.setter
+    def max_line(self, value: int) -> None:
+        self._lines.max_length = value
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 1:
@@ -170,23 +178,11 @@ class ClaudeProcessProtocol(ProcessProtocol):
             self.run.stderr_received(data)
 
     def _stdout(self, data: bytes) -> None:
-        self._buffer += data
-        while True:
-            line, sep, rest = self._buffer.partition(b"\n")
-            if not sep:
-                if len(self._buffer) > self.max_line:
-                    self._overlong()
-                    self._buffer = b""
-                    self._skipping = True
-                return
-            self._buffer = rest
-            if self._skipping:
-                self._skipping = False
-                continue
-            if len(line) > self.max_line:
+        for line in self._lines.feed(data):
+            if line is OVERLONG:
                 self._overlong()
-                continue
-            self._line(line)
+            else:
+                self._line(line)
 
     def _overlong(self) -> None:
         self.overlong_lines += 1
@@ -208,9 +204,9 @@ class ClaudeProcessProtocol(ProcessProtocol):
         self._on_exited()
 
     def processEnded(self, reason: Failure) -> None:
-        if self._buffer and not self._skipping:
-            self._line(self._buffer)
-        self._buffer = b""
+        last = self._lines.finish()
+        if last is not None:
+            self._line(last)
         value = reason.value
         exit_code = getattr(value, "exitCode", None)
         sig = getattr(value, "signal", None)

@@ -22,6 +22,18 @@ Who may start a handshake (docs/protocol.md, Admission; docs/security.md).
 * ``max_peers`` connected peers; checked at accept and again after
   authentication (a new link for an already connected peer replaces it and
   does not count twice).
+* Accept pacing (issue 16): a newcomer that finds the handshake slots full
+  of sockets that are busy, or idle for less than :data:`IDLE_GRACE_SECS`
+  (a storm of real peers, each still about to answer its challenge), is
+  neither refused nor allowed to shed one of them: it waits in
+  :class:`AcceptPacer`'s waiting room (its reads paused, no challenge sent)
+  and is admitted when a slot frees, addresses taking turns.  Once a slot
+  holder has been idle for the grace period (or stalled), the slowloris rule
+  above applies again: the whole room is admitted, each newcomer shedding
+  one.  A waiting socket is closed after :data:`MAX_WAIT_SECS`; at most
+  :data:`MAX_WAITING` sockets wait (:data:`MAX_WAITING_PER_IP` per address,
+  loopback exempt), and while the room is full the listening socket is not
+  read (the kernel's backlog holds the next ones).
 
 Plain object with an injected ``now()``.
 """
@@ -32,6 +44,7 @@ import ipaddress
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 
@@ -52,9 +65,33 @@ TLS_HANDSHAKE_TIMEOUT_SECS = 5.0
 #: A pre-authentication socket that made no progress (no frame, no finished
 #: TLS handshake) for this long may be shed when the slots are full.
 STALLED_SECS = 2.0
+#: An idle pre-authentication socket younger than this is not shed for a
+#: waiting newcomer (a real peer answers its challenge within a round trip).
+IDLE_GRACE_SECS = 0.3
+#: Sockets waiting for a handshake slot, in all and from one address.
+MAX_WAITING = 256
+MAX_WAITING_PER_IP = 16
+#: A socket waits at most this long for a slot, then it is closed.
+MAX_WAIT_SECS = 10.0
+#: How often the waiting room looks for aged idle slot holders and old waiters.
+WAIT_TICK_SECS = 0.05
+#: The kernel's queue of connections not accepted yet (Twisted's default
+#: is 50: a burst of 100 peers would see SYNs dropped and retried after 1 s).
+LISTEN_BACKLOG = 1024
 MAX_FAILURES = 5
 FAILURE_WINDOW_SECS = 60.0
 COOLDOWN_SECS = 60.0
+
+
+def with_listen_backlog(listen: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """
+    A ``tcp:``/``ssl:`` server endpoint string with ``backlog=`` set to
+    ``backlog`` unless it sets one itself; other strings unchanged.
+    """
+    kind = listen.split(":", 1)[0].lower()
+    if kind not in ("tcp", "tcp6", "ssl") or ":backlog=" in listen.lower():
+        return listen
+    return f"{listen}:backlog={backlog}"
 
 
 @dataclass
@@ -111,6 +148,36 @@ class Admission:
         self._ips: dict[str, _IpRecord] = {}
         #: Counters by reason, for logs and ``relay status``.
         self.rejections: dict[str, int] = {}
+        self._pacer: AcceptPacer | None = None
+
+    def pacing(self, clock: Any) -> AcceptPacer:
+        """The accept pacer of this admission (made on first use with ``clock``)."""
+        if self._pacer is None:
+            self._pacer = AcceptPacer(self, clock)
+        return self._pacer
+
+    def immediate_refusal(self, ip: str, connected_peers: int) -> str | None:
+        """
+        The reasons to drop a newcomer that do not depend on the handshake
+        slots (a cooling-down address, max_peers), counted; else None.
+        """
+        rec = self._ips.get(ip)
+        if rec is not None and rec.blocked_until > self._now():
+            return self._count("rate_limited")
+        if connected_peers >= self.max_peers and (
+            self.max_peers == 0 or self.inflight >= SPARE_HANDSHAKES_WHEN_FULL
+        ):
+            return self._count("max_peers")
+        return None
+
+    def has_aged_sheddable(self, grace: float = IDLE_GRACE_SECS) -> bool:
+        """A slot holder is stalled, or idle for at least ``grace`` seconds."""
+        now = self._now()
+        for t in self._preauth:
+            tier = t.sheddable(now)
+            if tier == 1 or (tier == 0 and now - t.opened_at >= grace):
+                return True
+        return False
 
     def _count(self, reason: str, n: int = 1) -> str:
         self.rejections[reason] = self.rejections.get(reason, 0) + n
@@ -233,6 +300,8 @@ class Admission:
                 self._inflight_by_ip[ip] = left
             else:
                 self._inflight_by_ip.pop(ip, None)
+        if self._pacer is not None:
+            self._pacer.slot_freed()
 
     def failure(self, ip: str) -> bool:
         """Record a failed handshake; True if the IP is now cooling down."""
@@ -264,3 +333,154 @@ class Admission:
     def blocked(self, ip: str) -> bool:
         rec = self._ips.get(ip)
         return rec is not None and rec.blocked_until > self._now()
+
+
+class Waiter(Protocol):
+    """A socket in the waiting room (the listener side of a relay link)."""
+
+    ip: str
+
+    def admit_now(self) -> None:
+        """Leave the room: take the admission path (which may still refuse)."""
+
+    def drop_waiting(self, reason: str) -> None:
+        """Close the socket without a word (it waited too long)."""
+
+    def listening_port(self) -> Any:
+        """The listening port it came through (None if unknown)."""
+
+
+class AcceptPacer:
+    """
+    The waiting room in front of the handshake slots (see the module
+    docstring).  Plain object: the admission, and a clock with
+    ``seconds()`` and ``callLater()``.
+    """
+
+    def __init__(self, admission: Admission, clock: Any) -> None:
+        self.admission = admission
+        self.clock = clock
+        #: Waiting sockets per address (arrival order); the addresses in turn order.
+        self._queues: dict[str, deque[tuple[Waiter, float]]] = {}
+        self._turns: deque[str] = deque()
+        self.waiting = 0
+        self._paused: list[Any] = []
+        self._promote_call: Any = None
+        self._tick_call: Any = None
+
+    def arrive(self, w: Waiter, connected_peers: int) -> str | bool:
+        """
+        A new listener socket: a reason to drop it at once (counted), True if
+        it waits in the room, False if it may take the admission path now.
+        """
+        adm = self.admission
+        reason = adm.immediate_refusal(w.ip, connected_peers)
+        if reason is not None:
+            return reason
+        if self.waiting == 0 and (adm.inflight < adm.max_inflight or adm.has_aged_sheddable()):
+            return False
+        queue = self._queues.get(w.ip)
+        if self.waiting >= MAX_WAITING or (
+            queue is not None and len(queue) >= MAX_WAITING_PER_IP and not _is_loopback(w.ip)
+        ):
+            # No room: the old rule (shed an idle one, or be refused).
+            return False
+        if queue is None:
+            queue = self._queues[w.ip] = deque()
+            self._turns.append(w.ip)
+        queue.append((w, self.clock.seconds()))
+        self.waiting += 1
+        if self.waiting >= MAX_WAITING:
+            self._pause(w.listening_port())
+        self._arm_tick()
+        return True
+
+    def leave(self, w: Waiter) -> None:
+        """A waiting socket closed."""
+        queue = self._queues.get(w.ip)
+        if queue is None:
+            return
+        for item in queue:
+            if item[0] is w:
+                queue.remove(item)
+                self.waiting -= 1
+                break
+        if not queue:
+            self._drop_address(w.ip)
+        self._maybe_resume()
+
+    def slot_freed(self) -> None:
+        """A handshake slot freed: admit the next waiter (after this call stack)."""
+        if self.waiting and self._promote_call is None:
+            self._promote_call = self.clock.callLater(0, self._promote)
+
+    def _drop_address(self, ip: str) -> None:
+        self._queues.pop(ip, None)
+        try:
+            self._turns.remove(ip)
+        except ValueError:
+            pass
+
+    def _next(self) -> Waiter:
+        ip = self._turns.popleft()
+        queue = self._queues[ip]
+        w, _ = queue.popleft()
+        self.waiting -= 1
+        if queue:
+            self._turns.append(ip)
+        else:
+            del self._queues[ip]
+        return w
+
+    def _promote(self) -> None:
+        self._promote_call = None
+        adm = self.admission
+        # A slot holder idle past the grace period (or stalled): slowloris
+        # pressure, so everyone waiting goes in, each shedding one if need be.
+        drain = adm.has_aged_sheddable()
+        while self.waiting and (adm.inflight < adm.max_inflight or drain):
+            self._next().admit_now()
+        self._maybe_resume()
+
+    def _arm_tick(self) -> None:
+        if self._tick_call is None and self.waiting:
+            self._tick_call = self.clock.callLater(WAIT_TICK_SECS, self._tick)
+
+    def _tick(self) -> None:
+        self._tick_call = None
+        if not self.waiting:
+            return
+        cutoff = self.clock.seconds() - MAX_WAIT_SECS
+        for ip in list(self._turns):
+            queue = self._queues[ip]
+            while queue and queue[0][1] <= cutoff:
+                w, _ = queue.popleft()
+                self.waiting -= 1
+                self.admission.count("waited_too_long")
+                w.drop_waiting(f"no handshake slot within {MAX_WAIT_SECS:g} s")
+            if not queue:
+                self._drop_address(ip)
+        self._promote()
+        self._arm_tick()
+
+    def _pause(self, port: Any) -> None:
+        if port is not None and port not in self._paused and hasattr(port, "stopReading"):
+            port.stopReading()
+            self._paused.append(port)
+            log.info(
+                "{count} connections wait for a handshake slot: not accepting more for now",
+                count=self.waiting,
+            )
+
+    def _maybe_resume(self) -> None:
+        if not self.waiting:
+            # Nobody waits: no timer left behind.
+            for call in (self._tick_call, self._promote_call):
+                if call is not None and call.active():
+                    call.cancel()
+            self._tick_call = self._promote_call = None
+        if self._paused and self.waiting < MAX_WAITING // 2:
+            paused, self._paused = self._paused, []
+            for port in paused:
+                if getattr(port, "connected", True):
+                    port.startReading()

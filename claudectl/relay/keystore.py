@@ -78,6 +78,18 @@ class PeerMeta:
         ).encode("utf-8")
 
 
+def _read_meta(path: str) -> PeerMeta | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.loads(f.read())
+        addr, last_seen = data["addr"], data.get("last_seen", 0)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+    if not isinstance(addr, str) or not isinstance(last_seen, int):
+        return None
+    return PeerMeta(addr, last_seen)
+
+
 class KeyStore:
     """Reads and writes one home's identity and peer key files."""
 
@@ -86,6 +98,8 @@ class KeyStore:
         self._peers_dir = str(home.peers)
         #: peer -> ((inode, size, mtime_ns), key) of keys read (see :meth:`key`).
         self._key_cache: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+        #: peer -> ((inode, size, mtime_ns), meta) of meta files read (see :meth:`meta`).
+        self._meta_cache: dict[str, tuple[tuple[int, int, int], PeerMeta | None]] = {}
 
     # --- identity ---------------------------------------------------------------
     def identity(self) -> str | None:
@@ -205,20 +219,33 @@ class KeyStore:
 
     # --- meta ---------------------------------------------------------------------
     def meta(self, peer_id: str) -> PeerMeta | None:
+        """
+        The peer's meta file.  Like :meth:`key`, kept in memory while the
+        file is unchanged (one ``stat`` per call; read again after our own
+        writes and anyone else's).
+        """
         if not is_valid_peer_id(peer_id):
             return None
+        path = self._file(peer_id, ".meta")
         try:
-            data = json.loads((self.home.peers / f"{peer_id}.meta").read_text(encoding="utf-8"))
-            addr, last_seen = data["addr"], data.get("last_seen", 0)
-        except (FileNotFoundError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            self._meta_cache.pop(peer_id, None)
             return None
-        if not isinstance(addr, str) or not isinstance(last_seen, int):
-            return None
-        return PeerMeta(addr, last_seen)
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._meta_cache.get(peer_id)
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        meta = _read_meta(path)
+        if len(self._meta_cache) >= _KEY_CACHE_MAX:
+            self._meta_cache.clear()
+        self._meta_cache[peer_id] = (sig, meta)
+        return meta
 
     def save_meta(self, peer_id: str, meta: PeerMeta) -> None:
         if not is_valid_peer_id(peer_id):
             raise ValueError(f"invalid peer id {peer_id!r}")
+        self._meta_cache.pop(peer_id, None)
         atomic_write(self.home.peers / f"{peer_id}.meta", meta.to_bytes(), mode=0o644)
 
     # --- mutual-auth marker -------------------------------------------------------

@@ -183,7 +183,15 @@ class Mesh:
         if self.links.get(link.peer_id) is not link:
             return  # replaced: the peer is still connected
         del self.links[link.peer_id]
-        log.info("{peer_id} disconnected: {reason}", peer_id=link.peer_id, reason=reason)
+        log.info(
+            "{peer_id} disconnected after {secs:.1f} s ({direction}, {mode}, {transport}): {reason}",
+            peer_id=link.peer_id,
+            secs=max(0.0, self._now() - (st.connected_since or self._now())),
+            direction=link.direction,
+            mode=st.mode,
+            transport=st.transport,
+            reason=reason,
+        )
         for cb in list(self._down):
             try:
                 cb(link.peer_id)

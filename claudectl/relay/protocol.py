@@ -22,6 +22,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from claudectl.lines import LineSplitter
 from claudectl.relay import codec
 from claudectl.relay.admission import (
     FIRST_FRAME_TIMEOUT_SECS,
@@ -106,7 +107,8 @@ class RelayProtocol(LineReceiver):
         self._liveness: Liveness | None = None
         self._dead_check: IDelayedCall | None = None
         self._filter: FrameFilter | None = None
-        self._discarding = False
+        #: The shared bounded line splitter (:mod:`claudectl.lines`).
+        self._lines = LineSplitter(self.MAX_LENGTH)
         self._closing_reason: str | None = None
         self._quiet_until = 0.0
         self._queued: list[bytes] = []
@@ -119,6 +121,8 @@ class RelayProtocol(LineReceiver):
         self._tls_switching = False
         self._tls_started = False
         self._failure_counted = False
+        #: In the accept pacer's waiting room (listener only).
+        self._waiting = False
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the connection is gone."""
@@ -134,28 +138,69 @@ class RelayProtocol(LineReceiver):
         # (admission counts it, not the hub's, which carries everyone's links).
         self.ip = getattr(self, "hub_peer_ip", None) or peer_ip(self.transport)
         self.node.connection_opened(self)
-        clock = self.node.clock
         if self.role == LISTENER:
-            ticket = self.node.admission.admit(self.ip, self.node.connected_count(), self._shed)
-            if isinstance(ticket, str):
-                # Debug only: a flood of refused connections must not fill the
-                # disk with log lines (the counters and the cooldown warning
-                # say what happened).
-                self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip, reason=ticket)
-                self.transport.abortConnection()
-                return
-            self._preauth = ticket
-            self._listener = self.node.listener_handshake()
-            self._send_all(self._listener.start())
-            self._step_deadline(FIRST_FRAME_TIMEOUT_SECS, "no handshake frame")
-        else:
-            assert self.auth is not None
-            self._connector = self.node.connector_handshake(self.auth)
-        self._timeout = clock.callLater(self.node.handshake_timeout_secs, self._handshake_timed_out)
+            verdict = self.node.admission.pacing(self.node.clock).arrive(
+                self, self.node.connected_count()
+            )
+            if isinstance(verdict, str):
+                self._refuse(verdict)
+            elif verdict:
+                # The handshake slots are busy: wait (reads paused, no
+                # challenge yet) until admit_now() is called.
+                self._waiting = True
+                self.transport.pauseProducing()
+            else:
+                self.admit_now()
+            return
+        assert self.auth is not None
+        self._connector = self.node.connector_handshake(self.auth)
+        self._arm_handshake_timeout()
+
+    def _arm_handshake_timeout(self) -> None:
+        self._timeout = self.node.clock.callLater(
+            self.node.handshake_timeout_secs, self._handshake_timed_out
+        )
+
+    def _refuse(self, reason: str) -> None:
+        # Debug only: a flood of refused connections must not fill the disk
+        # with log lines (the counters and the cooldown warning say what
+        # happened).
+        self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip, reason=reason)
+        self.transport.abortConnection()
+
+    # --- the waiting room (admission.AcceptPacer's Waiter) ---------------------------
+    def admit_now(self) -> None:
+        """Take a handshake slot (listener): the challenge goes out."""
+        if self.is_closed:
+            return
+        if self._waiting:
+            self._waiting = False
+            self.transport.resumeProducing()
+        ticket = self.node.admission.admit(self.ip, self.node.connected_count(), self._shed)
+        if isinstance(ticket, str):
+            self._refuse(ticket)
+            return
+        self._preauth = ticket
+        self._listener = self.node.listener_handshake()
+        self._send_all(self._listener.start())
+        self._step_deadline(FIRST_FRAME_TIMEOUT_SECS, "no handshake frame")
+        self._arm_handshake_timeout()
+
+    def drop_waiting(self, reason: str) -> None:
+        self._waiting = False
+        self._closing_reason = reason
+        self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip, reason=reason)
+        self.transport.abortConnection()
+
+    def listening_port(self) -> Any:
+        return getattr(self.transport, "server", None)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
         self.is_closed = True
         self.node.connection_closed(self)
+        if self._waiting:
+            self._waiting = False
+            self.node.admission.pacing(self.node.clock).leave(self)
         for call in (self._timeout, self._step_timeout, self._dead_check, self._quiet_call):
             if call is not None and call.active():
                 call.cancel()
@@ -234,42 +279,35 @@ class RelayProtocol(LineReceiver):
 
     def dataReceived(self, data: bytes) -> None:
         """
-        Split everything that arrived at once (LineReceiver's own loop splits
-        one line at a time and copies the rest of the buffer each time).
-        Lines after a handshake frame are kept for the session: pipelined
-        bytes are never lost (defect W17).
+        Split everything that arrived at once with the shared bounded
+        splitter (:mod:`claudectl.lines`: one pass over the read).  Lines
+        after a handshake frame are kept for the session: pipelined bytes are
+        never lost (defect W17).
         """
-        if self._discarding:
-            nl = data.find(b"\n")
-            if nl < 0:
-                return  # still inside an over-long line
-            self._discarding = False
-            data = data[nl + 1 :]
-        buffer = self._buffer + data if self._buffer else data
-        lines = buffer.split(b"\n")
-        self._buffer = lines.pop()
+        lines = self._lines.feed(data)
+        if self.result is not None:
+            self._session_lines(lines)
+            return
         for i, line in enumerate(lines):
             if self._closing_reason is not None:
-                self._buffer = b""
+                self._lines.take()
                 return
-            if len(line) > self.MAX_LENGTH:
-                self.lineLengthExceeded(line)
+            if line is None:  # OVERLONG
+                self.lineLengthExceeded(b"")
+            elif self.result is None:
+                self._handshake_line(line)
             else:
-                self.lineReceived(line)
+                self._session_lines(lines[i:])
+                return
             if self._tls_switching:
                 # Everything after the starttls frame belongs to TLS (the
                 # connector sends its ClientHello right behind the frame).
                 self._tls_switching = False
-                rest = b"\n".join(lines[i + 1 :] + [self._buffer])
-                self._buffer = b""
+                rest = b"".join(ln + b"\n" for ln in lines[i + 1 :] if ln is not None)
+                rest += self._lines.take()
                 if rest and self.transport is not None and self.connected:
                     self.transport.protocol.dataReceived(rest)
                 return
-        if len(self._buffer) > self.MAX_LENGTH:
-            # An over-long line still in progress: drop it and skip its rest.
-            self._buffer = b""
-            self._discarding = True
-            self.lineLengthExceeded(b"")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self.result is None:
@@ -484,22 +522,28 @@ class RelayProtocol(LineReceiver):
         self.node.link_ready(link)
 
     # --- session ----------------------------------------------------------------
-    def _session_line(self, line: bytes) -> None:
-        assert self._filter is not None and self._liveness is not None
-        frames_before = self._filter.counters.frames_in
-        try:
-            env = self._filter.feed(line)
-        except Disconnect as e:
-            self._disconnect_bad(e)
-            return
-        if self._filter.counters.frames_in != frames_before:
+    def _session_lines(self, lines: list[bytes | None]) -> None:
+        """The lines of one read on an authenticated link, in bulk."""
+        assert self._filter is not None and self.link is not None
+        counters = self._filter.counters
+        frames_before = counters.frames_in
+        envs, stop = self._filter.feed_many(lines)
+        if counters.frames_in != frames_before and self._liveness is not None:
             # Any valid frame proves the peer is alive, duplicates included;
             # a bad line does not.
             self._liveness.touch()
-        if env is None:
-            return
-        assert self.link is not None
-        self.node.deliver(self.link, env)
+        deliver, link = self.node.deliver, self.link
+        for env in envs:
+            if self._closing_reason is not None:
+                break
+            deliver(link, env)
+        if stop is not None:
+            self._disconnect_bad(stop)
+        if self._closing_reason is not None:
+            self._lines.take()
+
+    def _session_line(self, line: bytes) -> None:
+        self._session_lines([line])
 
     def _send_heartbeat(self) -> None:
         self.send(self.node.heartbeat())

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope, ProtocolError
@@ -124,6 +125,11 @@ class LinkCounters:
     log_gate: LogGate = field(default_factory=LogGate, repr=False, compare=False)
 
 
+def _heartbeat_envelope(m: Any) -> Envelope:
+    """The envelope of an ``EMPTY_HEARTBEAT_MATCH`` match (what ``decode`` gives)."""
+    return Envelope(m[1].decode("ascii"), codec.HEARTBEAT, m[2].decode("ascii"), int(m[3]), {})
+
+
 class FrameFilter:
     """Turns inbound lines of one authenticated link into envelopes to act on."""
 
@@ -192,6 +198,76 @@ class FrameFilter:
         n = self.counters.log_gate.pending()
         if n:
             self._on_suppressed(n)
+
+    def _good(self, n: int, nbytes: int) -> None:
+        """``n`` valid frames in a row, ``nbytes`` in all (the rules' view of them)."""
+        self.counters.bytes_in += nbytes
+        self._strikes = 0
+        window = self._recent.maxlen or 0
+        if n >= window:
+            self._recent.clear()
+            self._recent.extend([False] * window)
+            self._recent_bad = 0
+        else:
+            for _ in range(n):
+                self._remember(False)
+        self.counters.frames_in += n
+
+    def feed_many(self, lines: list[bytes | None]) -> tuple[list[Envelope], Disconnect | None]:
+        """
+        The lines of one read, in bulk: the envelopes to act on, in order,
+        and the :class:`Disconnect` that ended the read early, if any
+        (``None`` lines are over-long ones).
+
+        Empty heartbeats in the exact shape ``codec.encode`` writes skip the
+        JSON parser, and a run of them in one read is delivered once (the
+        last new one): each is still counted and remembered for dedup, and
+        a heartbeat carries nothing but "alive" (issue 16).  Anything else
+        goes through :meth:`feed`.
+        """
+        out: list[Envelope] = []
+        counters = self.counters
+        match = codec.EMPTY_HEARTBEAT_MATCH
+        dedup = self.dedup
+        ids, capacity = dedup._ids, dedup.capacity
+        good = nbytes = 0
+        last_hb: Any = None
+        try:
+            for line in lines:
+                m = match(line) if line is not None else None
+                if m is not None and (len(m[3]) < 20 or int(m[3]) <= codec.MAX_TIMESTAMP):
+                    # The ids are at most 256 characters (MAX_ID_CHARS) here.
+                    nbytes += len(m.string) + 1
+                    good += 1
+                    msg_id = m[1].decode("ascii")
+                    if msg_id in ids:
+                        counters.duplicates += 1
+                    else:
+                        ids[msg_id] = None
+                        if len(ids) > capacity:
+                            ids.popitem(last=False)
+                        last_hb = m
+                    continue
+                if good:
+                    self._good(good, nbytes)
+                    good = nbytes = 0
+                if last_hb is not None:
+                    out.append(_heartbeat_envelope(last_hb))
+                    last_hb = None
+                if line is None:
+                    self.bad("line too long")
+                    continue
+                env = self.feed(line)
+                if env is not None:
+                    out.append(env)
+        except Disconnect as e:
+            return out, e
+        finally:
+            if good:
+                self._good(good, nbytes)
+        if last_hb is not None:
+            out.append(_heartbeat_envelope(last_hb))
+        return out, None
 
     def feed(self, line: bytes) -> Envelope | None:
         self.counters.bytes_in += len(line) + 1

@@ -54,6 +54,7 @@ from claudectl.hub.peer import client_endpoint as hub_client_endpoint
 from claudectl.pairing.invites import InviteStore
 from claudectl.pairing.pake import PakeResponder
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
+from claudectl.relay.admission import with_listen_backlog
 from claudectl.relay.keystore import KeyStore
 from claudectl.relay.node import RelayFactory, RelayNode
 from claudectl.relay.runinfo import remove_runinfo, write_runinfo
@@ -325,7 +326,9 @@ def makeService(options: Any, reactor: Any = None) -> IService:
 
     factory = RelayFactory(node)
     factory.noisy = False  # no "Starting factory" / "Stopping factory" lines
-    listener = _ListeningService(node, serverFromString(reactor, listen), factory, "relay")
+    listener = _ListeningService(
+        node, serverFromString(reactor, with_listen_backlog(listen)), factory, "relay"
+    )
     listener.setName("listener")
     listener.setServiceParent(top)
 
