@@ -410,7 +410,9 @@ def new_home(tmp: Path, name: str, config: str | None = None) -> Home:
     return home
 
 
-async def start_service(reactor: Any, home: Home, profile_out: Path | None = None) -> Service:
+async def start_service(
+    reactor: Any, home: Home, profile_out: Path | None = None, env: dict[str, str] | None = None
+) -> Service:
     """Start ``relay serve`` in ``home``; wait until its control socket answers."""
     log = home.root / "serve.log"
     prefix = ["-m", "cProfile", "-o", str(profile_out)] if profile_out is not None else []
@@ -430,7 +432,7 @@ async def start_service(reactor: Any, home: Home, profile_out: Path | None = Non
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             argv,
-            env=child_env(home.root),
+            env={**child_env(home.root), **(env or {})},
             cwd=str(home.root),
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -27,7 +27,22 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "claudectl"
 #: may import its own component and any component of a lower layer; never a
 #: higher layer, never a sibling component of its own layer.
 LAYERS: list[dict[str, frozenset[str]]] = [
-    {"base": frozenset({"", "atomic", "config", "home", "lazylog", "lines", "process", "text"})},
+    {
+        "base": frozenset(
+            {
+                "",
+                "atomic",
+                "changes",
+                "config",
+                "home",
+                "lazylog",
+                "lines",
+                "process",
+                "statestore",
+                "text",
+            }
+        )
+    },
     {"relay": frozenset({"relay"})},
     {
         "pairing": frozenset({"pairing"}),

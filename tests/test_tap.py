@@ -180,12 +180,20 @@ class CompositionRootTests(SynchronousTestCase):
         svc = self.make(MemoryReactorClock(), "--no-discovery")
         self.assertEqual(
             [child.name for child in svc],
-            ["listener", "control", "hive", "delegation", "events"],
+            [
+                "state-writer",
+                "state-watcher",
+                "listener",
+                "control",
+                "hive",
+                "delegation",
+                "events",
+            ],
         )
         hive = svc.getServiceNamed("hive")
         self.assertEqual(
             [child.name for child in hive],  # type: ignore[attr-defined]
-            ["gossip", "gossip-poll", "hive-distill"],
+            ["gossip", "hive-distill"],  # change notices, no poll
         )
 
     def test_invites_are_kept_over_the_node_keystore(self) -> None:

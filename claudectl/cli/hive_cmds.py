@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from claudectl.cli.base import CliContext, CliError, hive, pass_ctx
+from claudectl.control.notice import notify_service
 from claudectl.hive import archive as archive_mod
 from claudectl.hive.decisions import append_decisions, brain_decision
 from claudectl.hive.delivery import load_delivery
@@ -279,6 +280,7 @@ def import_(ctx: CliContext, file: str, json_: bool) -> None:
     result = import_units(
         ctx.home, units, local_id=_identity(ctx), config=ctx.config.hive, now=_now()
     )
+    notify_service(ctx.home, ["knowledge.jsonl", "trust.json"])
     if _wants_json(ctx, json_):
         ctx.emit_json(result.stats())
         return
@@ -298,6 +300,7 @@ def forget(ctx: CliContext, unit_id: str, json_: bool) -> None:
     cfg = ctx.config.hive
     with store_transaction(ctx.home, local_id=_identity(ctx), config=cfg) as store:
         gone = store.remove_id(unit_id)
+    notify_service(ctx.home, ["knowledge.jsonl"])
     if not gone:
         raise CliError(f"no knowledge unit with id {unit_id}")
     if _wants_json(ctx, json_):
@@ -427,6 +430,8 @@ def trust(
         unfrozen = book.unfreeze(peer) if unfreeze else False
         rec = book.set_level(peer, value, now) if value is not None else book.get(peer)
         it = _trust_json(rec, peer, book, now)
+    if unfreeze or value is not None:
+        notify_service(ctx.home, ["trust.json"])
     if _wants_json(ctx, json_):
         ctx.emit_json(it)
         return
@@ -523,6 +528,7 @@ def distill(ctx: CliContext, json_: bool) -> None:
     me = _identity(ctx)
     now = _now()
     res = maybe_distill(ctx.home, cfg, now, local_id=me, force=True)
+    notify_service(ctx.home, ["knowledge.jsonl", "trust.json"])
     cur = archive_mod.write_curriculum(ctx.home, me, now)
     report = res.report
     assert report is not None

@@ -117,3 +117,27 @@ class Forgotten(amp.Command):
     arguments = [(b"peer", amp.Unicode())]
     response: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     errors = ERRORS
+
+
+class StateChanged(amp.Command):
+    """
+    The CLI changed state files (``hive import``, ``hive distill --force``,
+    ``hive trust``…): the service reads them again now instead of waiting
+    for the change notice (:mod:`claudectl.control.notice`).
+    """
+
+    arguments = [(b"names", amp.ListOf(amp.Unicode()))]
+    response = [(b"watched", amp.Integer())]
+    errors = ERRORS
+
+
+class ReactorLag(amp.Command):
+    """
+    The service's event-loop lag since the last reset, as JSON (``max_ms``,
+    ``p99_ms``, ``p50_ms``, ``samples``); only when the service runs with
+    ``CLAUDECTL_LAG_PROBE=1`` (see :mod:`claudectl.control.lagprobe`).
+    """
+
+    arguments = [(b"reset", amp.Boolean(optional=True))]
+    response = [(b"lag_json", amp.Unicode())]
+    errors = ERRORS

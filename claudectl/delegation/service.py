@@ -30,6 +30,7 @@ from claudectl.home import Home
 from claudectl.relay.codec import ACK, DELEGATE_TASK, TASK_HANDOFF, TASK_INTERRUPT, TASK_STATUS
 from claudectl.relay.interfaces import IMesh
 from claudectl.relay.keystore import is_remote_peer_id
+from claudectl.statestore import StateWriter
 
 
 class DelegationService(Service):
@@ -79,12 +80,15 @@ def delegation_service(
     identity: str,
     reactor: Any,
     trust_of: Callable[[str], float],
+    writer: StateWriter | None = None,
 ) -> DelegationService:
     """
     The worker (tasks peers delegate here) and the controller (tasks
     delegated from here) over ``mesh``; ``trust_of`` is the hive's trust
     level of a peer.  Processes are spawned through ``reactor`` when it
-    provides ``IReactorProcess`` (else every task fails clearly).
+    provides ``IReactorProcess`` (else every task fails clearly).  Task
+    records and checkout removal go through ``writer`` (the service's
+    writer thread; inline without one).
     """
     spawner = reactor.spawnProcess if IReactorProcess.providedBy(reactor) else None
     run_git = gitws.default_git_runner(reactor) if spawner is not None else None
@@ -96,7 +100,7 @@ def delegation_service(
         identity=identity,
         config=config,
         mesh=mesh,
-        store=TaskStore(home.tasks, INCOMING),
+        store=TaskStore(home.tasks, INCOMING, writer),
         trust_of=trust_of,
         clock=reactor,
         spawner=spawner,
@@ -106,7 +110,7 @@ def delegation_service(
     )
     controller = DelegationController(
         mesh=mesh,
-        store=TaskStore(home.tasks, OUTGOING),
+        store=TaskStore(home.tasks, OUTGOING, writer),
         clock=reactor,
         is_paired=is_paired,
         answer_timeout_secs=config.answer_timeout_secs,

@@ -11,6 +11,11 @@ Task records on disk, under ``~/.claudectl/relay/tasks/``.
 One pretty JSON object per file, written atomically (temp file, fsync,
 rename), mode 0600.  A file that cannot be read is logged and left alone --
 never deleted or overwritten by a load.
+
+In the service, writes, deletions and checkout removals go to the writer
+thread (:class:`claudectl.statestore.StateWriter`, in the order they were
+asked for) and return Deferreds; the record is encoded on the caller's
+thread, so the thread only sees bytes.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write
+from claudectl.statestore import StateWriter, logged
 
 INCOMING = "incoming"
 OUTGOING = "outgoing"
@@ -48,26 +56,37 @@ def incoming_key(peer_id: str, task_id: str) -> str:
 class TaskStore:
     """JSON records in one directory (``incoming`` or ``outgoing``)."""
 
-    def __init__(self, tasks_root: Path, kind: str) -> None:
+    def __init__(self, tasks_root: Path, kind: str, writer: StateWriter | None = None) -> None:
         self.root = tasks_root
         self.dir = tasks_root / kind
+        self.writer = writer or StateWriter()
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
 
-    def save(self, key: str, record: dict[str, Any]) -> None:
+    def save(self, key: str, record: dict[str, Any]) -> Deferred[None]:
+        data = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        d = self.writer.run(self._write, self.path(key), data.encode("utf-8"))
+        d.addErrback(logged(f"saving task record {key}"))
+        return d
+
+    def _write(self, path: Path, data: bytes) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False)
-        atomic_write(self.path(key), data + "\n")
+        atomic_write(path, data)
 
     def load(self, key: str) -> dict[str, Any] | None:
         return self._read(self.path(key))
 
-    def delete(self, key: str) -> None:
-        try:
-            os.unlink(self.path(key))
-        except FileNotFoundError:
-            pass
+    def delete(self, key: str) -> Deferred[None]:
+        d = self.writer.run(_unlink, self.path(key))
+        d.addErrback(logged(f"deleting task record {key}"))
+        return d
+
+    def remove_workspace(self, path: Path) -> Deferred[None]:
+        """``rmtree`` a checkout on the writer thread (never on the reactor)."""
+        d = self.writer.run(shutil.rmtree, path, ignore_errors=True)
+        d.addErrback(logged(f"removing {path}"))
+        return d
 
     def load_all(self) -> dict[str, dict[str, Any]]:
         """Every readable record by key; unreadable files are logged and kept."""
@@ -97,3 +116,10 @@ class TaskStore:
 
     def workspace(self, key: str) -> Path:
         return self.root / WORKSPACES / key
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -45,7 +45,6 @@ The worker side: run Claude Code for peers that delegate tasks to us.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -816,6 +815,8 @@ class DelegationWorker:
             self._send_status(task)
             dest = self.store.workspace(task.key)
             try:
+                if dest.exists():  # a leftover checkout goes on the writer thread
+                    await self.store.remove_workspace(dest)
                 await gitws.prepare(
                     self._git_for(task), task.git_source, dest, ctx.git_ref, ctx.git_commit
                 )
@@ -902,7 +903,7 @@ class DelegationWorker:
     def _remove_workspace(self, key: str) -> None:
         path = self.store.workspace(key)
         if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
+            self.store.remove_workspace(path)
 
     def _prune_workspaces(self) -> None:
         """Delete checkouts whose task record is gone (deleted, or never saved)."""
@@ -918,7 +919,7 @@ class DelegationWorker:
                 self._log.info(
                     "removing the workspace {path}: its task record is gone", path=str(entry)
                 )
-                shutil.rmtree(entry, ignore_errors=True)
+                self.store.remove_workspace(entry)
 
     # --- sending ---------------------------------------------------------------------
     def _send(self, peer: str, msg_type: str, payload: dict[str, Any]) -> bool:
@@ -990,10 +991,8 @@ class DelegationWorker:
             self._save(task)
 
     def _save(self, task: WorkerTask) -> None:
-        try:
-            self.store.save(task.key, task.record())
-        except OSError:
-            self._log.failure("could not save task {task_id}", task_id=task.task_id)
+        # On the writer thread; a failure is logged there.
+        self.store.save(task.key, task.record())
 
 
 class Refused(Exception):

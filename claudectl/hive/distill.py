@@ -958,6 +958,7 @@ def maybe_distill(
         cursor = Cursor.load(cursor_path)
         first_run = cursor is None
         cursor = cursor or Cursor()
+        before = None if first_run else cursor.to_bytes()
         try:
             size = os.path.getsize(log_path)
         except FileNotFoundError:
@@ -990,7 +991,8 @@ def maybe_distill(
             report = fold_tallies(home, config, local_id, t, tallies)
             cursor.pending = 0
             cursor.last_distill = t
-        atomic_write(cursor_path, cursor.to_bytes(), mode=0o600)
+        if cursor.to_bytes() != before:  # an idle tick writes nothing (issue 16)
+            atomic_write(cursor_path, cursor.to_bytes(), mode=0o600)
     return TriggerResult(count, drift, report)
 
 

@@ -37,19 +37,23 @@ itself (H1), but it answers requests and accepts syncs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
-from claudectl.config import Config, HiveConfig
+from claudectl.changes import ChangeWatcher
+from claudectl.config import Config
 from claudectl.hive.delivery import DeliveryBook, DeliveryFile, fingerprint
 from claudectl.hive.merge import (
     CLUSTER_UNIONED,
@@ -66,7 +70,7 @@ from claudectl.hive.store import (
     read_units_file,
     store_transaction,
 )
-from claudectl.hive.trust import load_trust, log_collisions, trust_transaction
+from claudectl.hive.trust import TrustBook, load_trust, log_collisions, trust_transaction
 from claudectl.hive.units import (
     SNAPSHOT_PAGE_BYTES,
     ApproachCluster,
@@ -79,13 +83,17 @@ from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
 from claudectl.relay.interfaces import IMesh
 from claudectl.relay.keystore import is_remote_peer_id
+from claudectl.statestore import StateWriter, logged
 
 log = Logger()
 
 SYNC_STATE = "sync_state.json"
-#: How often the service looks for changes of knowledge.jsonl made by others
-#: (one stat() call).
-POLL_SECS = 0.05
+TRUST = "trust.json"
+#: sync_state.json is written at most this often (and when the service
+#: stops), not once per request: a lost update only costs resends.
+STATE_SAVE_SECS = 5.0
+#: Without change notices (no watcher): how often knowledge.jsonl is stat()ed.
+POLL_SECS = 3.0
 #: After a link to a peer of this project comes up we answer its
 #: knowledge_request first; a push round follows after this delay in case the
 #: peer never asks.
@@ -218,13 +226,24 @@ class SyncState:
             ps = self.peers[peer_id] = PeerSync(peer_id)
         return ps
 
-    def save(self) -> None:
-        data = {k: v.to_json() for k, v in sorted(self.peers.items())}
+    def snapshot(self) -> list[PeerSync]:
+        """A copy to hand to the writer thread (the reactor goes on changing its own)."""
+        return [dataclasses.replace(v, sent=dict(v.sent)) for v in self.peers.values()]
+
+    @staticmethod
+    def encode(peers: list[PeerSync]) -> bytes:
+        data = {p.peer_id: p.to_json() for p in sorted(peers, key=lambda p: p.peer_id)}
+        return json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
+
+    def write(self, peers: list[PeerSync]) -> None:
+        """Encode and write a snapshot (on the writer thread)."""
+        data = self.encode(peers)
         with locked(self.path):
             # A lost update only costs resends that the receiver's merge drops.
-            atomic_write(
-                self.path, json.dumps(data, indent=2, ensure_ascii=False), mode=0o600, durable=False
-            )
+            atomic_write(self.path, data, mode=0o600, durable=False)
+
+    def save(self) -> None:
+        self.write(self.snapshot())
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -335,6 +354,61 @@ def _delivered_by(book: DeliveryBook, unit: KnowledgeUnit) -> tuple[str, ...]:
     return book.deliverers(unit) or (unit.source_peer,)
 
 
+def validate_batch(raw_units: list[Any]) -> tuple[list[KnowledgeUnit], int, str]:
+    """A peer's units, each checked on its own: (good ones, how many bad, the first error)."""
+    good: list[KnowledgeUnit] = []
+    bad = 0
+    first_error = ""
+    for n, raw in enumerate(raw_units):
+        try:
+            # One more hop: the count it is stored and passed on with.
+            unit = KnowledgeUnit.from_json(raw, hops=1)
+            check_peer_fields(unit)
+        except Exception as e:  # UnitError, or anything a hostile value provokes
+            bad += 1
+            if not first_error:
+                first_error = f"#{n}: {str(e)[:200]}"
+            continue
+        good.append(unit)
+    return good, bad, first_error
+
+
+def _all_known(
+    cache: tuple[Any, list[KnowledgeUnit]] | None,
+    sig: Any,
+    units: list[KnowledgeUnit],
+    peer_id: str,
+) -> bool:
+    """True when every unit is already stored at that version by no shorter path
+    (and none comes straight from its origin, whose delivery record may improve)."""
+    if cache is None or cache[0] is None or cache[0] != sig:
+        return False
+    held = {u.id: u for u in cache[1]}
+    for u in units:
+        if u.source_peer == peer_id:
+            return False  # from its origin: its delivery record may improve
+        h = held.get(u.id)
+        if (
+            h is None
+            or h.version < u.version
+            or (h.version == u.version and h.propagation_count > u.propagation_count)
+        ):
+            return False
+    return True
+
+
+@dataclass
+class _Commit:
+    """What the writer thread did with one batch."""
+
+    counts: dict[str, int]
+    good: list[KnowledgeUnit]
+    bad: int
+    first_error: str
+    #: (merge result, the store's units, its file signature, trust.json) if written.
+    committed: tuple[BatchResult, list[KnowledgeUnit], Any, TrustBook] | None = None
+
+
 class Gossip:
     """The gossip engine of one node (reactor-free apart from the injected clock)."""
 
@@ -346,8 +420,14 @@ class Gossip:
         identity: str,
         now: Callable[[], float],
         call_later: Callable[..., Any] | None = None,
+        writer: StateWriter | None = None,
     ) -> None:
         self.home = home
+        #: File work goes through the writer (inline when there is no service).
+        self.writer = writer or StateWriter()
+        #: True once change notices keep the caches below current
+        #: (:meth:`watch`); else the store file is stat()ed when read.
+        self._watched = False
         self.config = config
         self.mesh = mesh
         self.identity = identity
@@ -359,6 +439,12 @@ class Gossip:
         self.delivery_file = DeliveryFile(home)
         self._file_sig: tuple[int, int, int] | None = self._signature()
         self._units_cache: tuple[tuple[int, int, int] | None, list[KnowledgeUnit]] | None = None
+        #: trust.json as last read or written by us (the reactor's copy).
+        self._trust: TrustBook = load_trust(home, config.hive.default_trust)
+        #: Batches waiting for the merge before them (one merge at a time).
+        self._merges: deque[tuple[str, list[Any], str, dict[str, int]]] = deque()
+        self._merging = False
+        self._distilling = False
         self._push_scheduled = False
         self._save_scheduled = False
         self._record_scheduled = False
@@ -426,12 +512,15 @@ class Gossip:
         self._page_timers.clear()
         self._confirm_scheduled.clear()
         self._record_scheduled = False
+        self._save_scheduled = False
         self.flush_counts()
         if self._state_dirty:
             self._save_state()
 
     def _load_units(self) -> list[KnowledgeUnit]:
         """The store's units, parsed again only when the file changed."""
+        if self._watched and self._units_cache is not None:
+            return self._units_cache[1]  # change notices keep it current
         sig = self._signature()
         if self._units_cache is not None and sig is not None and self._units_cache[0] == sig:
             return self._units_cache[1]
@@ -440,15 +529,19 @@ class Gossip:
         return units
 
     def _save_state(self) -> None:
-        self.state.save()
+        """Hand sync_state.json's bytes to the writer thread."""
         self._state_dirty = False
+        d = self.writer.run(self.state.write, self.state.snapshot())
+        d.addErrback(logged("saving " + SYNC_STATE))
 
     def _save_soon(self) -> None:
-        """Save sync_state.json once for everything that happens in this turn."""
-        if self._save_scheduled and self._call_later is not None:
-            self._state_dirty = True
-            return
+        """Save sync_state.json within STATE_SAVE_SECS, once for all changes meanwhile."""
         self._state_dirty = True
+        if self._stopped:
+            self._save_state()
+            return
+        if self._save_scheduled:
+            return
         self._save_scheduled = True
 
         def run() -> None:
@@ -456,7 +549,7 @@ class Gossip:
             if self._state_dirty:
                 self._save_state()
 
-        self._later(0, run)
+        self._later(STATE_SAVE_SECS, run)
 
     def on_link_up(self, peer_id: str) -> None:
         # Not inside the authentication callback: a big store must not stall it.
@@ -623,7 +716,7 @@ class Gossip:
         ctx = ShareContext.load(self.home, self.identity, self.config.hive)
         sent = sum(self._push(p, units, ctx) for p in peers)
         if self._state_dirty:
-            self._save_state()
+            self._save_soon()
         return sent
 
     def push(self, peer_id: str) -> int:
@@ -631,7 +724,7 @@ class Gossip:
         ctx = ShareContext.load(self.home, self.identity, self.config.hive)
         sent = self._push(peer_id, units, ctx)
         if self._state_dirty:
-            self._save_state()
+            self._save_soon()
         return sent
 
     def _sendable(self, units: list[KnowledgeUnit]) -> list[Encoded]:
@@ -820,46 +913,46 @@ class Gossip:
             self.receive(peer_id, units, ack_id=ack_id)
 
     def receive(self, peer_id: str, raw_units: list[Any], ack_id: str = "") -> dict[str, int]:
-        """Validate, rate-limit and merge one batch from ``peer_id``; then pass it on."""
-        with _collector_paused(len(raw_units)):
-            return self._receive(peer_id, raw_units, ack_id)
+        """
+        Validate, rate-limit and merge one batch from ``peer_id``; then pass it on.
 
-    def _receive(self, peer_id: str, raw_units: list[Any], ack_id: str) -> dict[str, int]:
-        now = self.now()
-        ps = self.state.peer(peer_id)
-        good: list[KnowledgeUnit] = []
-        bad = 0
-        first_error = ""
-        for n, raw in enumerate(raw_units):
-            try:
-                # One more hop: the count it is stored and passed on with.
-                unit = KnowledgeUnit.from_json(raw, hops=1)
-                check_peer_fields(unit)
-            except Exception as e:  # UnitError, or anything a hostile value provokes
-                bad += 1
-                if not first_error:
-                    first_error = f"#{n}: {str(e)[:200]}"
-                continue
-            good.append(unit)
-        if bad and self._may_warn(peer_id):
-            # One line per batch, however many bad units it holds.
-            log.info(
-                "rejected {count} knowledge unit(s) from {peer_id} (first {error})",
-                count=bad,
-                peer_id=peer_id,
-                error=first_error,
-            )
-        self.counters["bad_units"] += bad
-        ps.rejected += bad
+        The batch waits for the one before it; validation and the file work
+        run on the writer thread (the reactor only plans and bookkeeps).  The
+        returned counts are filled in once the batch is merged -- at once
+        when there is no writer thread (reactor-free callers and tests).
+        """
         stats = {
             "received": len(raw_units),
-            "bad": bad,
+            "bad": 0,
             "dropped": 0,
             "accepted": 0,
             "updated": 0,
             "rejected": 0,
             "duplicates": 0,
         }
+        self._merges.append((peer_id, raw_units, ack_id, stats))
+        self._next_merge()
+        return stats
+
+    def _next_merge(self) -> None:
+        """Merge the next waiting batch; the one after it waits for its commit."""
+        if self._merging or not self._merges:
+            return
+        self._merging = True
+        batch = self._merges.popleft()
+        d = defer.maybeDeferred(self._merge, *batch)
+        d.addErrback(logged("merging knowledge from " + batch[0]))
+
+        def next_one(_: Any) -> None:
+            self._merging = False
+            self._next_merge()
+
+        d.addBoth(next_one)
+
+    def _merge(
+        self, peer_id: str, raw_units: list[Any], ack_id: str, stats: dict[str, int]
+    ) -> defer.Deferred[Any]:
+        now = self.now()
         cfg = self.config.hive
         # The daily rate cap counts new units only (accepted or updated):
         # duplicates and echoes are free.  What trust.json counted plus what
@@ -867,55 +960,130 @@ class Gossip:
         # gossips: freezing keeps its knowledge out of the prompt, not off
         # the mesh.)
         day = str(now // 86400)
-        rec_ro = load_trust(self.home, cfg.default_trust).get(peer_id)
+        rec_ro = self._trust.get(peer_id)
         already = rec_ro.daily_received.get(day, 0) if rec_ro is not None else 0
         already += self._unrecorded.get(peer_id, 0)
         allowance = max(0, cfg.max_units_per_peer_per_day - already)
-        have = good
         self._unrecorded.setdefault(peer_id, 0)  # marks the contact
-        if good and self._all_known(good, peer_id):
+        # The counts so far go to trust.json with this batch's (or come back).
+        counts, self._unrecorded = self._unrecorded, {}
+        d = self.writer.run(
+            self._commit, peer_id, raw_units, allowance, now, counts, self._units_cache
+        )
+        d.addCallback(self._committed, peer_id, ack_id, stats, now)
+        return d
+
+    def _commit(
+        self,
+        peer_id: str,
+        raw_units: list[Any],
+        allowance: int,
+        now: int,
+        counts: dict[str, int],
+        cache: tuple[Any, list[KnowledgeUnit]] | None,
+    ) -> _Commit:
+        """One batch on the writer thread: validate; merge, logs, trust if anything is new."""
+        with _collector_paused(len(raw_units)):
+            return self._commit_batch(peer_id, raw_units, allowance, now, counts, cache)
+
+    def _commit_batch(
+        self,
+        peer_id: str,
+        raw_units: list[Any],
+        allowance: int,
+        now: int,
+        counts: dict[str, int],
+        cache: tuple[Any, list[KnowledgeUnit]] | None,
+    ) -> _Commit:
+        out = _Commit(counts, *validate_batch(raw_units))
+        good = out.good
+        if not good or _all_known(cache, self._signature(), good, peer_id):
             # Copies of what we hold (other paths of the same gossip): no
             # store transaction, no file rewrite, nothing counted.
+            return out
+        cfg = self.config.hive
+        # Two short transactions, never nested (no lock-order deadlocks
+        # with the CLI): the merge, then the bookkeeping.
+        with store_transaction(self.home, local_id=self.identity, config=cfg, now=now) as store:
+            existing = store.by_key()
+            result = merge_batch(store, good, self.identity, now, budget=allowance)
+            # Who delivered what, written before the store itself.
+            record_deliveries(self.delivery_file, existing, result, peer_id, store.units())
+        units = store.units()
+        sig = self._signature()
+        write_merge_logs(self.home, result, cfg.max_log_bytes)
+        # Crossing the cap is counted too: that is what freezes the sender.
+        counts[peer_id] = counts.get(peer_id, 0) + result.accepted + result.updated
+        counts[peer_id] += len(result.left_out)
+        with trust_transaction(self.home, cfg.default_trust) as book:
+            self._write_counts(book, counts, now)
+            collisions = book.check_collisions(existing, good, peer_id, self.identity, now)
+            rec = book.ensure(peer_id, now)
+            rec.knowledge_accepted += result.accepted + result.updated
+            rec.knowledge_conflicted += result.rejected
+        if collisions:
+            log_collisions(self.home, collisions, cfg.max_log_bytes)
+        out.committed = (result, units, sig, book)
+        return out
+
+    def _committed(
+        self, out: _Commit, peer_id: str, ack_id: str, stats: dict[str, int], now: int
+    ) -> None:
+        ps = self.state.peer(peer_id)
+        good = out.good
+        if out.bad and self._may_warn(peer_id):
+            # One line per batch, however many bad units it holds.
+            log.info(
+                "rejected {count} knowledge unit(s) from {peer_id} (first {error})",
+                count=out.bad,
+                peer_id=peer_id,
+                error=out.first_error,
+            )
+        self.counters["bad_units"] += out.bad
+        ps.rejected += out.bad
+        stats["bad"] = out.bad
+        if out.committed is None:
+            # Nothing written: the counts wait for the next write.
+            for peer, count in out.counts.items():
+                self._unrecorded[peer] = self._unrecorded.get(peer, 0) + count
             stats["duplicates"] = len(good)
             self._record_soon()
-        elif good:
-            # Two short transactions, never nested (no lock-order deadlocks
-            # with the CLI): the merge, then the bookkeeping.
-            with store_transaction(self.home, local_id=self.identity, config=cfg, now=now) as store:
-                existing = store.by_key()
-                result = merge_batch(store, good, self.identity, now, budget=allowance)
-                # Who delivered what, written before the store itself.
-                record_deliveries(self.delivery_file, existing, result, peer_id, store.units())
-            # What we just wrote is the store now: no need to parse it again.
-            self._units_cache = (self._signature(), store.units())
-            write_merge_logs(self.home, result, cfg.max_log_bytes)
-            stats.update(result.stats())
-            excess = len(result.left_out)
-            if excess:
-                self.counters["dropped_rate_cap"] += excess
-                ps.dropped += excess
-                stats["dropped"] = excess
-                if self._may_warn(peer_id):
-                    log.warn(
-                        "rate cap: dropped {count} new unit(s) from {peer_id} ({cap} per day)",
-                        count=excess,
-                        peer_id=peer_id,
-                        cap=cfg.max_units_per_peer_per_day,
-                    )
-                left = {id(u) for u in result.left_out}
-                have = [u for u in good if id(u) not in left]
-            # Crossing the cap is counted too: that is what freezes the sender.
-            self._unrecorded[peer_id] += result.accepted + result.updated + excess
-            with trust_transaction(self.home, cfg.default_trust) as book:
-                self._record_counts(book, now)
-                collisions = book.check_collisions(existing, good, peer_id, self.identity, now)
-                rec = book.ensure(peer_id, now)
-                rec.knowledge_accepted += result.accepted + result.updated
-                rec.knowledge_conflicted += result.rejected
-            if collisions:
-                log_collisions(self.home, collisions, cfg.max_log_bytes)
-        else:
-            self._record_soon()
+            self._merged(peer_id, good, good, ack_id, stats, now)
+            return
+        result, units, sig, book = out.committed
+        # What we just wrote is the store now: no need to parse it again.
+        self._units_cache = (sig, units)
+        self._trust = book
+        stats.update(result.stats())
+        have = good
+        excess = len(result.left_out)
+        if excess:
+            cfg = self.config.hive
+            self.counters["dropped_rate_cap"] += excess
+            ps.dropped += excess
+            stats["dropped"] = excess
+            if self._may_warn(peer_id):
+                log.warn(
+                    "rate cap: dropped {count} new unit(s) from {peer_id} ({cap} per day)",
+                    count=excess,
+                    peer_id=peer_id,
+                    cap=cfg.max_units_per_peer_per_day,
+                )
+            left = {id(u) for u in result.left_out}
+            have = [u for u in good if id(u) not in left]
+        self._merged(peer_id, good, have, ack_id, stats, now)
+
+    def _merged(
+        self,
+        peer_id: str,
+        good: list[KnowledgeUnit],
+        have: list[KnowledgeUnit],
+        ack_id: str,
+        stats: dict[str, int],
+        now: int,
+    ) -> None:
+        """A batch is merged (or was nothing new): ack, cursors, pass it on."""
+        ps = self.state.peer(peer_id)
         self._ack(peer_id, ack_id, have)
         for u in good:
             # The peer has this (id, version): never echo it back.
@@ -937,23 +1105,24 @@ class Gossip:
             },
         )
         if stats["accepted"] or stats["updated"]:
-            self._file_sig = self._signature()
+            self._file_sig = self._units_cache[0] if self._units_cache else self._signature()
             self.schedule_push_all()
-        return stats
 
-    def _record_counts(self, book: Any, now: int) -> None:
-        """Write the daily receive counts held in memory into ``book``."""
+    def _write_counts(self, book: TrustBook, counts: dict[str, int], now: int) -> None:
+        """Write daily receive counts into ``book`` (on the writer thread)."""
         cap = self.config.hive.max_units_per_peer_per_day
-        for peer, count in self._unrecorded.items():
+        for peer, count in counts.items():
             if count:
                 book.record_batch(peer, count, now, cap=cap)
             else:
                 rec = book.ensure(peer, now)
                 rec.last_sync = max(rec.last_sync, now)
-        self._unrecorded.clear()
 
     def _record_soon(self) -> None:
         """Flush the receive counts to trust.json within a few seconds."""
+        if self._stopped:
+            self.flush_counts()
+            return
         if self._record_scheduled:
             return
         self._record_scheduled = True
@@ -964,30 +1133,23 @@ class Gossip:
 
         self._later(RECORD_FLUSH_SECS, run)
 
-    def flush_counts(self) -> None:
+    def flush_counts(self) -> defer.Deferred[Any] | None:
+        """Hand the receive counts held in memory to the writer thread."""
         if not self._unrecorded:
-            return
-        with trust_transaction(self.home, self.config.hive.default_trust) as book:
-            self._record_counts(book, self.now())
+            return None
+        counts, self._unrecorded = self._unrecorded, {}
+        d = self.writer.run(self._flush_counts, counts, self.now())
+        d.addCallback(self._trust_read)
+        d.addErrback(logged("recording receive counts"))
+        return d
 
-    def _all_known(self, units: list[KnowledgeUnit], peer_id: str) -> bool:
-        """True when every unit is already stored at that version by no shorter path
-        (and none comes straight from its origin, whose delivery record may improve)."""
-        cache = self._units_cache
-        if cache is None or cache[0] is None or cache[0] != self._signature():
-            return False
-        held = {u.id: u for u in cache[1]}
-        for u in units:
-            if u.source_peer == peer_id:
-                return False  # from its origin: its delivery record may improve
-            h = held.get(u.id)
-            if (
-                h is None
-                or h.version < u.version
-                or (h.version == u.version and h.propagation_count > u.propagation_count)
-            ):
-                return False
-        return True
+    def _flush_counts(self, counts: dict[str, int], now: int) -> TrustBook:
+        with trust_transaction(self.home, self.config.hive.default_trust) as book:
+            self._write_counts(book, counts, now)
+        return book
+
+    def _trust_read(self, book: TrustBook) -> None:
+        self._trust = book
 
     # --- noticing changes by other processes -------------------------------------------------
     def _signature(self) -> tuple[int, int, int] | None:
@@ -998,7 +1160,7 @@ class Gossip:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def poll(self) -> None:
-        """Called on a timer: push when knowledge.jsonl changed."""
+        """Push when knowledge.jsonl changed (reactor-free callers and tests)."""
         try:
             sig = self._signature()
             if sig != self._file_sig:
@@ -1006,8 +1168,66 @@ class Gossip:
                 self._load_units()  # parse now, not when a request arrives
                 self.schedule_push_all()
         except Exception:
-            # A LoopingCall stops at the first exception: keep polling.
             log.failure("gossip poll failed")
+
+    def watch(self, changes: ChangeWatcher) -> None:
+        """Keep the caches current through change notices (the service)."""
+        self._watched = True
+        changes.on(self.home.hive, KNOWLEDGE, self.on_store_changed)
+        changes.on(self.home.hive, TRUST, self.on_trust_changed)
+
+    def on_store_changed(
+        self, _name: str = KNOWLEDGE, *, first: bool = False
+    ) -> defer.Deferred[Any] | None:
+        """knowledge.jsonl was replaced: read it on the writer thread, then push.
+        ``first``: the service starts -- read it now, not at the first request."""
+        if not first and self._signature() == self._file_sig:
+            return None  # our own write: the cache already holds it
+        path = hive_file(self.home, KNOWLEDGE)
+
+        def read() -> tuple[Any, list[KnowledgeUnit]]:
+            sig = self._signature()
+            return sig, read_units_file(path).store.units()
+
+        def loaded(result: tuple[Any, list[KnowledgeUnit]]) -> None:
+            sig, units = result
+            self._units_cache = (sig, units)
+            if sig != self._file_sig:
+                self._file_sig = sig
+                self.schedule_push_all()
+
+        d = self.writer.run(read)
+        d.addCallback(loaded)
+        d.addErrback(logged("reading " + KNOWLEDGE))
+        return d
+
+    def on_trust_changed(self, _name: str = TRUST) -> defer.Deferred[Any]:
+        d = self.writer.run(load_trust, self.home, self.config.hive.default_trust)
+        d.addCallback(self._trust_read)
+        d.addErrback(logged("reading " + TRUST))
+        return d
+
+    def trust_level(self, peer_id: str) -> float:
+        """A peer's trust level from the reactor's copy of trust.json."""
+        return self._trust.level(peer_id)
+
+    def distill_tick(self) -> defer.Deferred[Any] | None:
+        """The distillation timer: look at the decision log on the writer thread."""
+        if self._distilling:
+            return None  # the last tick is still running
+        self._distilling = True
+        from claudectl.hive.distill import maybe_distill
+
+        d = self.writer.run(
+            maybe_distill, self.home, self.config.hive, self.now(), local_id=self.identity
+        )
+
+        def done(_: Any) -> None:
+            self._distilling = False
+
+        d.addErrback(logged("distillation"))
+        d.addBoth(done)
+        return d
 
     def peer_info(self, peer_id: str) -> dict[str, Any]:
         ps = self.state.peers.get(peer_id)
@@ -1028,37 +1248,36 @@ class _GossipService(Service):
     def __init__(self, gossip: Gossip) -> None:
         self.gossip = gossip
 
+    def startService(self) -> None:
+        super().startService()
+        if self.gossip._watched:
+            self.gossip.on_store_changed(first=True)
+
     def stopService(self) -> Any:
         self.gossip.stop()
         return super().stopService()
 
 
-def _distill_tick(home: Home, hive: HiveConfig, clock: Any, identity: str) -> None:
-    try:
-        from claudectl.hive.distill import maybe_distill
-
-        maybe_distill(home, hive, int(clock.seconds()), local_id=identity)
-    except Exception:
-        log.failure("distillation failed")
-
-
-def hive_service(gossip: Gossip, clock: Any) -> MultiService:
+def hive_service(gossip: Gossip, clock: Any, changes: ChangeWatcher | None = None) -> MultiService:
     """
-    The hive layer's services: the gossip engine's lifetime (``gossip``),
-    its poll of ``knowledge.jsonl`` (``gossip-poll``) and the distillation
-    timer (``hive-distill``).  The caller registers the engine's handlers on
-    the mesh (:meth:`Gossip.register`).
+    The hive layer's services: the gossip engine's lifetime (``gossip``) and
+    the distillation timer (``hive-distill``, its work on the engine's
+    writer thread).  With ``changes``, the engine hears of changes to
+    knowledge.jsonl and trust.json from it (inotify, or the CLI's notice);
+    without, a poll of knowledge.jsonl (``gossip-poll``) stands in.  The
+    caller registers the engine's handlers on the mesh (:meth:`Gossip.register`).
     """
     top = MultiService()
     top.setName("hive")
     _GossipService(gossip).setServiceParent(top)
-    poll = TimerService(POLL_SECS, gossip.poll)
-    poll.clock = clock
-    poll.setName("gossip-poll")
-    poll.setServiceParent(top)
-    distill = TimerService(
-        DISTILL_POLL_SECS, _distill_tick, gossip.home, gossip.config.hive, clock, gossip.identity
-    )
+    if changes is not None:
+        gossip.watch(changes)
+    else:
+        poll = TimerService(POLL_SECS, gossip.poll)
+        poll.clock = clock
+        poll.setName("gossip-poll")
+        poll.setServiceParent(top)
+    distill = TimerService(DISTILL_POLL_SECS, gossip.distill_tick)
     distill.clock = clock
     distill.setName("hive-distill")
     distill.setServiceParent(top)

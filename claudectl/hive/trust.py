@@ -484,7 +484,7 @@ def load_trust(home: Home, default_trust: float = 0.5, *, repair: bool = False) 
     """
     path = trust_path(home)
     error: Exception | None = None
-    for attempt in range(2):
+    for _attempt in range(2):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -493,8 +493,10 @@ def load_trust(home: Home, default_trust: float = 0.5, *, repair: bool = False) 
             return TrustBook.from_json(json.loads(data), default_trust)
         except (ValueError, UnicodeDecodeError) as e:
             error = e
-            if attempt == 0:
-                time.sleep(0.05)  # a writer may be half-way: look again once
+            # A writer may be half-way (claudectl rewrites in place): the
+            # second read may see it done.  No sleep: the service reads on
+            # its writer thread and reads again when the write's change
+            # notice arrives.
     if not repair:
         log.warn(
             "cannot read {path} ({reason}); using default trust levels",
@@ -534,31 +536,6 @@ def log_collisions(
 ) -> None:
     """Append to ``collisions.jsonl`` (rotated past ``max_bytes``)."""
     append_log(home, COLLISIONS, (dumps_record(c.to_record()) for c in collisions), max_bytes)
-
-
-class TrustReader:
-    """
-    ``reader(peer) -> level``, reading ``trust.json`` again only when it
-    changed (one ``stat()`` per call): listing a thousand peers must not
-    parse the file a thousand times.
-    """
-
-    def __init__(self, home: Home, default: float = 0.5) -> None:
-        self.home = home
-        self.default = default
-        self._sig: tuple[int, int, int] | None = None
-        self._book: TrustBook | None = None
-
-    def __call__(self, peer_id: str) -> float:
-        try:
-            st = trust_path(self.home).stat()
-            sig: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            sig = None
-        if self._book is None or sig is None or sig != self._sig:
-            self._book = load_trust(self.home, self.default)
-            self._sig = sig
-        return self._book.level(peer_id)
 
 
 def trust_level(home: Home, peer_id: str, default: float = 0.5) -> float:

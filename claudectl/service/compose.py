@@ -26,6 +26,7 @@ connects before ``startService``.  See docs/architecture.md.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,15 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from claudectl.atomic import sweep_temp_files
+from claudectl.changes import ChangeWatcher, ChangeWatcherService
 from claudectl.config import Config, ConfigError, load_config, risky_settings
+from claudectl.control import lagprobe
 from claudectl.control.events import TaskAccess, events_service
+from claudectl.control.notice import NoticeLocator
 from claudectl.control.server import ControlRegistry, control_service
 from claudectl.delegation.service import delegation_service
 from claudectl.discovery.protocol import announcer_service
 from claudectl.hive.gossip import Gossip, hive_service
-from claudectl.hive.trust import TrustReader
 from claudectl.home import Home
 from claudectl.hub.peer import attach as attach_hubs
 from claudectl.hub.peer import client_endpoint as hub_client_endpoint
@@ -55,6 +58,7 @@ from claudectl.relay.admission import with_listen_backlog
 from claudectl.relay.keystore import KeyStore
 from claudectl.relay.node import RelayFactory, RelayNode
 from claudectl.relay.runinfo import remove_runinfo, write_runinfo
+from claudectl.statestore import StateWriter, StateWriterService
 
 log = Logger()
 
@@ -312,6 +316,13 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         dial_via=hub_client_endpoint,
     )
     top = RelayService(node)
+    # The state files' writer thread and change notices (issue 13): first
+    # children, so they stop last -- the writer waits for what the layers
+    # queue while they stop.
+    writer = StateWriter(reactor)
+    changes = ChangeWatcher(reactor, reactor)
+    StateWriterService(writer).setServiceParent(top)
+    ChangeWatcherService(changes).setServiceParent(top)
 
     factory = RelayFactory(node)
     factory.noisy = False  # no "Starting factory" / "Stopping factory" lines
@@ -322,9 +333,14 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     listener.setServiceParent(top)
 
     # What the layers add to the control socket, registered below.
-    registry = ControlRegistry(trust_of=TrustReader(home, config.hive.default_trust))
+    registry = ControlRegistry()
+    registry.add_locator(NoticeLocator(changes))
+    if os.environ.get(lagprobe.ENV_VAR) == "1":  # scripts/bench_stall.py
+        probe = lagprobe.LagProbe(reactor)
+        lagprobe.LagProbeService(probe).setServiceParent(top)
+        registry.add_locator(lagprobe.LagLocator(probe))
     control_service(node, registry).setServiceParent(top)
-    compose_layers(node, registry, top)
+    compose_layers(node, registry, top, writer, changes)
 
     attach_hubs(node, registry, top)  # registrations at [relay] hubs; `via` in relay peers
     if config.relay.lan_discovery:
@@ -332,26 +348,42 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     return top
 
 
-def compose_layers(node: RelayNode, registry: ControlRegistry, parent: MultiService) -> None:
+def compose_layers(
+    node: RelayNode,
+    registry: ControlRegistry,
+    parent: MultiService,
+    writer: StateWriter | None = None,
+    changes: ChangeWatcher | None = None,
+) -> None:
     """
     The layers above the relay core, over ``node``'s mesh, under ``parent``:
     hive gossip, delegation and the dashboard's push channel.  Each
-    registers with ``registry`` what it adds to the control socket;
-    ``registry.trust_of`` is the trust level delegation sees.
+    registers with ``registry`` what it adds to the control socket.  Their
+    file work goes through ``writer`` (one writer thread), and ``changes``
+    tells the hive what other processes changed; the trust level delegation
+    and ``relay peers`` see is the hive's copy of trust.json
+    (``registry.trust_of`` when the caller set one).
     """
     home, config, reactor = node.home, node.config, node.reactor
-    trust_of = registry.trust_of
-    if trust_of is None:
-        trust_of = TrustReader(home, config.hive.default_trust)
-
-    gossip = Gossip(home, config, node.mesh, node.identity, reactor.seconds, reactor.callLater)
+    gossip = Gossip(
+        home,
+        config,
+        node.mesh,
+        node.identity,
+        reactor.seconds,
+        reactor.callLater,
+        writer=writer,
+    )
     gossip.register()
-    hive_service(gossip, reactor).setServiceParent(parent)
+    hive_service(gossip, reactor, changes).setServiceParent(parent)
     registry.add_peer_info(gossip.peer_info)
     registry.add_status(lambda: {"hive": dict(gossip.counters)})
+    if registry.trust_of is None:
+        registry.trust_of = gossip.trust_level
+    trust_of = registry.trust_of
 
     delegation = delegation_service(
-        home, config.delegation, node.mesh, node.identity, reactor, trust_of
+        home, config.delegation, node.mesh, node.identity, reactor, trust_of, writer
     )
     delegation.setServiceParent(parent)
     registry.add_locator(delegation.locator)

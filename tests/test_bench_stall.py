@@ -1,0 +1,51 @@
+"""
+``scripts/bench_stall.py --quick`` still runs against a real ``relay serve``.
+
+Not a timed test: the quick sizes measure nothing meaningful.  It checks
+that every phase was measured (the service's own lag probe answered, the
+probe's handshakes succeeded), that the JSON report has its shape, and that
+no temporary directory is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from tests.common import subprocess_env, temp_home
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_stall.py"
+
+
+class QuickRunTests(TestCase):
+    def test_quick_run_measures_every_phase(self) -> None:
+        home = temp_home(self)
+        tmp = Path(tempfile.mkdtemp(prefix="cb-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), "--quick", "--json"],
+            env=subprocess_env(home, TMPDIR=str(tmp)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        # 0: targets met, 1: missed (a loaded machine); 2 would be a failure.
+        self.assertIn(done.returncode, (0, 1), done.stderr)
+        report = json.loads(done.stdout)
+        self.assertEqual(report["mode"], "quick")
+        self.assertEqual(report["passed"], done.returncode == 0)
+        self.assertEqual(list(report["phases"]), ["quiet", "distill", "merge", "import"])
+        for phase, row in report["phases"].items():
+            for key in ("lag_max_ms", "lag_p99_ms", "handshake_p50_ms", "control_p50_ms"):
+                value = row[key]["median"]
+                self.assertGreaterEqual(value, 0.0, (phase, key))
+                self.assertLess(value, 60_000.0, (phase, key))
+            self.assertGreaterEqual(row["lag_max_ms"]["median"], row["lag_p99_ms"]["median"])
+        self.assertEqual(os.listdir(tmp), [])
