@@ -97,6 +97,7 @@ from claudectl.control import commands as C  # noqa: E402
 from claudectl.control.client import ServiceNotRunning, call_control  # noqa: E402
 from claudectl.control.paths import control_socket_path  # noqa: E402
 from claudectl.home import Home  # noqa: E402
+from claudectl.hub.peer import client_endpoint  # noqa: E402
 from claudectl.lines import LineSplitter  # noqa: E402
 from claudectl.relay import codec  # noqa: E402
 from claudectl.relay.binding import PLAINTEXT, TLS13  # noqa: E402
@@ -515,7 +516,16 @@ class Client:
     def make(
         cls, reactor: Any, transport: str, home: Home, server_id: str, identity: str | None = None
     ) -> Client:
-        node = RelayNode(home, client_config(), reactor, identity=identity, tls=transport == TLS13)
+        # Dials as relay serve's dialer does: through the hub-aware endpoint
+        # (it reads the listener's first line before the relay protocol runs).
+        node = RelayNode(
+            home,
+            client_config(),
+            reactor,
+            identity=identity,
+            tls=transport == TLS13,
+            dial_via=client_endpoint,
+        )
         psk = KeyStore(home).key(server_id)
         if psk is None:
             raise BenchError(f"{home.root} holds no key for {server_id}")
