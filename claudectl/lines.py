@@ -9,8 +9,10 @@ stream-json stdout) goes through :class:`LineSplitter`:
   rescanning of the buffer, no copy of the rest after each line (the
   quadratic cost of ``partition`` in a loop, or of LineReceiver's
   line-at-a-time loop on a big read);
-* a line that arrives over many reads is kept as a list of pieces and joined
-  once, when its ``\\n`` arrives (no ``+=`` of a growing buffer);
+* a line that arrives over many reads is gathered in one ``bytearray``
+  (amortised appends: linear in its length, and no per-read object kept, so
+  a peer sending a line two bytes at a time costs no more memory than the
+  bytes themselves);
 * a line longer than ``max_length`` (the ``\\n`` not counted) is never kept:
   it is reported once, as :data:`OVERLONG` in the output, as soon as it is
   known to be too long, and the rest of it is skipped up to its ``\\n``.
@@ -32,22 +34,21 @@ Line = bytes | None
 class LineSplitter:
     """Splits a byte stream into lines of at most ``max_length`` bytes."""
 
-    __slots__ = ("max_length", "_pieces", "_pending", "_skipping")
+    __slots__ = ("max_length", "_partial", "_skipping")
 
     def __init__(self, max_length: int) -> None:
         if max_length < 1:
             raise ValueError("max_length must be at least 1")
         self.max_length = max_length
-        #: The start of the line in progress, one piece per read.
-        self._pieces: list[bytes] = []
-        self._pending = 0
+        #: The start of the line in progress.
+        self._partial = bytearray()
         #: Inside an over-long line (already reported): drop up to its ``\n``.
         self._skipping = False
 
     @property
     def pending(self) -> int:
         """Bytes of the unfinished line kept so far."""
-        return self._pending
+        return len(self._partial)
 
     def feed(self, data: bytes) -> list[Line]:
         """
@@ -57,19 +58,19 @@ class LineSplitter:
         lines = data.split(b"\n")
         tail = lines.pop()
         limit = self.max_length
-        prior = self._pending
+        partial = self._partial
+        prior = len(partial)
         if lines:
             first = lines[0]
             if self._skipping:
                 # The end of an over-long line already reported.
                 self._skipping = False
                 del lines[0]
-            elif self._pieces:
-                self._pieces.append(first)
-                lines[0] = b"".join(self._pieces)
-            if self._pieces:
-                self._pieces = []
-                self._pending = 0
+            elif partial:
+                partial += first
+                lines[0] = bytes(partial)
+            if partial:
+                self._partial = bytearray()
             if len(data) + prior > limit:
                 # Only a read longer than the limit can hold a long line.
                 out: list[Line] = [line if len(line) <= limit else OVERLONG for line in lines]
@@ -78,20 +79,19 @@ class LineSplitter:
         else:
             out = []
         if tail and not self._skipping:
-            self._pieces.append(tail)
-            self._pending += len(tail)
-            if self._pending > limit:
-                self._pieces = []
-                self._pending = 0
+            partial = self._partial
+            if len(partial) + len(tail) > limit:
+                self._partial = bytearray()
                 self._skipping = True
                 out.append(OVERLONG)
+            else:
+                partial += tail
         return out
 
     def take(self) -> bytes:
         """The unfinished line so far (nothing is kept): for a switch of protocol."""
-        rest = b"".join(self._pieces)
-        self._pieces = []
-        self._pending = 0
+        rest = bytes(self._partial)
+        self._partial = bytearray()
         self._skipping = False
         return rest
 

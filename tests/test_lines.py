@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -45,7 +46,7 @@ class LineSplitterTests(SynchronousTestCase):
         self.assertEqual(set(lines), {b'{"msg_type":"heartbeat"}'})
 
     def test_line_split_across_many_reads(self) -> None:
-        """A 1 MiB line one byte... one KiB at a time: kept as pieces, joined once."""
+        """A 1 MiB line one KiB at a time: gathered, given out whole once."""
         line = bytes(range(256)).replace(b"\n", b"x") * 4096
         s = LineSplitter(len(line))
         out = feed_all(s, [line[i : i + 1024] for i in range(0, len(line), 1024)])
@@ -53,6 +54,25 @@ class LineSplitterTests(SynchronousTestCase):
         self.assertEqual(s.pending, len(line))
         self.assertEqual(s.feed(b"\nnext"), [line])
         self.assertEqual(s.feed(b"\n"), [b"next"])
+
+    def test_tiny_reads_cost_no_more_memory_than_their_bytes(self) -> None:
+        """
+        A peer sending a 256 KiB line two bytes at a time: what the splitter
+        holds stays near the line's size (one object per read: several times it).
+        """
+        size = 256 * 1024
+        s = LineSplitter(size * 2)
+        chunk = b"ab"
+        tracemalloc.start()
+        try:
+            for _ in range(size // 2):
+                s.feed(chunk)
+            current, _peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(s.pending, size)
+        self.assertLess(current, size * 2)
+        self.assertEqual(s.feed(b"\n"), [b"ab" * (size // 2)])
 
     def test_split_between_every_byte(self) -> None:
         data = b"one\ntwo\r\n\nthree\n"
