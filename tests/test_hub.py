@@ -185,6 +185,19 @@ class LimitTests(SynchronousTestCase):
         p1.connectionLost(None)
         self.assertEqual(h.hub.unidentified, 0)
 
+    def test_pings_in_a_loop_get_one_answer_a_second(self) -> None:
+        """A client that pings and never reads cannot grow the hub's buffers."""
+        h = Harness()
+        p, t = h.register(A)
+        t.clear()
+        for _ in range(1000):
+            h.send(p, {"op": "ping"})
+        self.assertEqual([m["op"] for m in lines(t)], ["pong"])
+        h.clock.advance(1.0)
+        h.send(p, {"op": "ping"})
+        self.assertEqual([m["op"] for m in lines(t)], ["pong", "pong"])
+        self.assertFalse(t.disconnecting)
+
     def test_second_registration_replaces_the_first_and_is_logged(self) -> None:
         h = Harness()
         first, t1 = h.register(A)

@@ -327,6 +327,7 @@ class HubConnection(LineReceiver, TimeoutMixin):
         self.capture: IO[bytes] | None = None
         self._paused: set[str] = set()
         self._unidentified = False
+        self._last_pong = float("-inf")
         self.callLater = hub.clock.callLater  # type: ignore[method-assign]  # TimeoutMixin's clock
 
     # --- lifecycle ------------------------------------------------------------------
@@ -419,7 +420,12 @@ class HubConnection(LineReceiver, TimeoutMixin):
         self._identified()
         if op == wire.PING:
             self.resetTimeout()
-            self.send({"op": wire.PONG})
+            # One answer a second at most: a client that pings in a loop and
+            # never reads cannot make the hub buffer answers without bound.
+            now = self.hub.clock.seconds()
+            if now - self._last_pong >= 1.0:
+                self._last_pong = now
+                self.send({"op": wire.PONG})
         elif op == wire.REGISTER:
             self._on_register(msg)
         elif op == wire.OPEN:
