@@ -323,6 +323,41 @@ class PeerSideTests(SynchronousTestCase):
         self.assertEqual([s.name for s in top], ["hub:127.0.0.1:9849"])
         self.assertTrue(any("bad:port:x" in str(e.get("hub")) for e in events))
 
+    def test_a_hub_cannot_make_the_peer_hold_sockets_without_end(self) -> None:
+        """
+        ``incoming`` lines in a flood open at most MAX_PENDING_ACCEPTS channel
+        connections at once; each unspliced one is closed after the handshake
+        timeout, and frees its slot.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from claudectl.hub.peer import MAX_PENDING_ACCEPTS, _Registration
+
+        mem = MemoryReactorClock()
+        node = make_node(self, A, mem)
+        reg = _Registration(node, "127.0.0.1:9849", "tok")
+        reg.makeConnection(StringTransport())
+        reg.dataReceived(wire.greeting() + wire.encode({"op": "registered"}))
+        self.assertTrue(reg.registered.called)
+        for i in range(MAX_PENDING_ACCEPTS * 4):
+            reg.dataReceived(wire.encode({"op": "incoming", "channel": f"{i:032x}"}))
+        self.assertEqual(len(mem.tcpClients), MAX_PENDING_ACCEPTS)
+        # The hub never answers on them: connected, then timed out.
+        accepts = []
+        for _host, _port, factory, _t, _b in mem.tcpClients:
+            proto = factory.buildProtocol(None)
+            t = StringTransport()
+            proto.makeConnection(t)
+            accepts.append((proto, t))
+        mem.advance(float(node.handshake_timeout_secs) + 1)
+        for proto, t in accepts:
+            self.assertTrue(t.disconnecting)
+            proto.connectionLost(None)
+        self.assertEqual(reg.accepting, 0)
+        reg.dataReceived(wire.encode({"op": "incoming", "channel": "f" * 32}))
+        self.assertEqual(len(mem.tcpClients), MAX_PENDING_ACCEPTS + 1)
+        reg.connectionLost(None)
+
     def test_token_file(self) -> None:
         path = self.mktemp()
         with open(path, "w") as f:

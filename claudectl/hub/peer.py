@@ -43,6 +43,9 @@ log = Logger()
 
 #: The registration link pings this often (the hub closes a silent one after 120 s).
 PING_INTERVAL_SECS = 30.0
+#: Channel connections a registration keeps open at once before their splice
+#: (what the hub itself allows waiting per registration).
+MAX_PENDING_ACCEPTS = 16
 
 
 class HubRefused(ConnectError):
@@ -336,14 +339,48 @@ def _same(a: str, b: str) -> bool:
 
 
 class _Accept(_Lines):
-    """This node's connection for one incoming channel: then the relay listener runs on it."""
+    """
+    This node's connection for one incoming channel: then the relay listener
+    runs on it.  Until the hub says ``spliced`` it holds one of the
+    registration's few accept slots and has the handshake timeout to get
+    there: a hostile hub cannot make this node keep sockets open without end.
+    """
 
-    def __init__(self, node: RelayNode, hub: str, channel: str) -> None:
+    def __init__(
+        self,
+        node: RelayNode,
+        hub: str,
+        channel: str,
+        release: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__()
         self.node = node
         self.hub = hub
         self.channel = channel
         self.state = "greeting"
+        self._release: Callable[[], None] | None = release
+        self.timer: Any = None
+
+    def connectionMade(self) -> None:
+        self.timer = self.node.clock.callLater(
+            float(self.node.handshake_timeout_secs), self._timed_out
+        )
+
+    def _timed_out(self) -> None:
+        log.info("channel through hub {hub}: no splice in time", hub=self.hub)
+        self._lines = False
+        self.transport.abortConnection()
+
+    def done(self) -> None:
+        """The slot is free again (spliced, refused or closed); idempotent."""
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.done()
 
     def line(self, line: bytes) -> None:
         if self.state == "greeting":
@@ -365,6 +402,7 @@ class _Accept(_Lines):
             return
         from claudectl.relay.node import RelayFactory
 
+        self.done()
         proto = RelayFactory(self.node).buildProtocol(self.transport.getPeer())
         hand_over(self.transport, proto, self.take_rest(), self.hub, msg.get("peer"))
 
@@ -383,6 +421,8 @@ class _Registration(_Lines):
         self.states = states if states is not None else {}
         self.registered: defer.Deferred[None] = defer.Deferred()
         self.pinger: LoopingCall | None = None
+        #: Channel connections opened for the hub and not spliced yet.
+        self.accepting = 0
 
     def line(self, line: bytes) -> None:
         if not self.registered.called and wire.is_greeting(line):
@@ -407,16 +447,7 @@ class _Registration(_Lines):
             self.states[self.hub] = "registered"
             self.registered.callback(None)
         elif op == wire.INCOMING and self.registered.called:
-            connectProtocol(
-                hub_endpoint(self.node.reactor, self.hub),
-                _Accept(self.node, self.hub, msg["channel"]),
-            ).addErrback(
-                lambda f: log.info(
-                    "channel through hub {hub} failed: {error}",
-                    hub=self.hub,
-                    error=f.getErrorMessage(),
-                )
-            )
+            self._incoming(msg["channel"])
         elif op == wire.ERROR:
             reason = msg.get("reason")
             log.warn(
@@ -428,6 +459,31 @@ class _Registration(_Lines):
             if not self.registered.called:
                 self.registered.errback(HubRefused(self.hub, str(reason), "registration refused"))
             self.transport.loseConnection()
+
+    def _incoming(self, channel: str) -> None:
+        if self.accepting >= MAX_PENDING_ACCEPTS:
+            log.info(
+                "hub {hub} asked for another channel while {count} wait: ignored",
+                hub=self.hub,
+                count=self.accepting,
+            )
+            return
+        self.accepting += 1
+
+        def release() -> None:
+            self.accepting -= 1
+
+        accept = _Accept(self.node, self.hub, channel, release)
+
+        def failed(f: Failure) -> None:
+            accept.done()
+            log.info(
+                "channel through hub {hub} failed: {error}",
+                hub=self.hub,
+                error=f.getErrorMessage(),
+            )
+
+        connectProtocol(hub_endpoint(self.node.reactor, self.hub), accept).addErrback(failed)
 
     def _ping(self) -> None:
         self.transport.write(wire.encode({"op": wire.PING}))
