@@ -459,7 +459,14 @@ class LoopbackTests(TestCase):
         self.assertEqual(hubs[0].stats.refused, {"not_registered": 1})
         yield until(lambda: a.mesh.is_connected(B))
         [inbound] = [p for p in a.protocols if p.result is not None]
-        self.assertEqual((inbound.hub_peer_ip, inbound.ip), ("127.0.0.1", "127.0.0.1"))
+        # Admission counts the dialer's address as the hub saw it, kept apart
+        # from direct addresses (never loopback-exempt, no shared cooldown).
+        self.assertEqual(
+            (inbound.hub_peer_ip, inbound.ip), ("127.0.0.1", f"hub:{addrs[1]}/127.0.0.1")
+        )
+        from claudectl.relay.admission import _is_loopback
+
+        self.assertFalse(_is_loopback(inbound.ip))
         yield b.close_all()
         yield a.close_all()
         yield until(lambda: not hubs[1].spliced)

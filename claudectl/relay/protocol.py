@@ -143,9 +143,17 @@ class RelayProtocol(LineReceiver):
 
     # --- connection lifecycle -------------------------------------------------
     def connectionMade(self) -> None:
-        # A link spliced through a hub: the dialer's address as the hub saw it
-        # (admission counts it, not the hub's, which carries everyone's links).
-        self.ip = getattr(self, "hub_peer_ip", None) or peer_ip(self.transport)
+        # A link spliced through a hub: admission counts the dialer's address
+        # as the hub saw it (not the hub's, which carries everyone's links),
+        # kept apart from direct addresses: a hub could name any address, so
+        # what it says never counts as loopback (exempt from the per-address
+        # caps) nor puts a direct peer's address into its cooldown.
+        via = getattr(self, "hub_via", None)
+        self.ip = (
+            f"hub:{via}/{getattr(self, 'hub_peer_ip', None) or '?'}"
+            if via
+            else peer_ip(self.transport)
+        )
         self.node.connection_opened(self)
         if self.role == LISTENER:
             verdict = self.node.admission.pacing(self.node.clock).arrive(
