@@ -83,7 +83,7 @@ from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
 from claudectl.relay.interfaces import IMesh
 from claudectl.relay.keystore import is_remote_peer_id
-from claudectl.statestore import StateWriter, logged
+from claudectl.statestore import StateWriter, bulk_work, logged
 
 log = Logger()
 
@@ -289,11 +289,14 @@ def _collector_paused(units: int) -> Iterator[None]:
     if units < BULK_UNITS or not gc.isenabled():
         yield
         return
-    gc.disable()
-    try:
+    with bulk_work():  # also keeps the merged units out of later collections
         yield
-    finally:
-        gc.enable()
+
+
+def _in_bulk(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` as :func:`bulk_work` (on the writer thread)."""
+    with bulk_work():
+        return fn(*args, **kwargs)
 
 
 def check_peer_fields(unit: KnowledgeUnit) -> None:
@@ -1186,8 +1189,9 @@ class Gossip:
         path = hive_file(self.home, KNOWLEDGE)
 
         def read() -> tuple[Any, list[KnowledgeUnit]]:
-            sig = self._signature()
-            return sig, read_units_file(path).store.units()
+            with bulk_work():  # a whole store's worth of objects
+                sig = self._signature()
+                return sig, read_units_file(path).store.units()
 
         def loaded(result: tuple[Any, list[KnowledgeUnit]]) -> None:
             sig, units = result
@@ -1219,7 +1223,7 @@ class Gossip:
         from claudectl.hive.distill import maybe_distill
 
         d = self.writer.run(
-            maybe_distill, self.home, self.config.hive, self.now(), local_id=self.identity
+            _in_bulk, maybe_distill, self.home, self.config.hive, self.now(), local_id=self.identity
         )
 
         def done(_: Any) -> None:
