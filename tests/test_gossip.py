@@ -515,6 +515,20 @@ class BulkBatchTests(SynchronousTestCase):
         self.assertTrue(gc.isenabled())
         self.assertEqual(len(stored(home)), 3 + gossip_mod.BULK_UNITS)
 
+    def test_reloaded_units_come_encoded(self) -> None:
+        # Their wire JSON is made where the store is read (the writer thread),
+        # not by the next push round on the reactor.
+        home = temp_home(self)
+        put(home, "me-1", *[unit_json(f"ku_w{i}", "peer-a", cmd=f"w{i}") for i in range(5)])
+        g = Gossip(home, Config(), FakeMesh("me-1"), "me-1", lambda: NOW)
+        g.on_store_changed(first=True)
+        assert g._units_cache is not None
+        units = g._units_cache[1]
+        self.assertEqual(len(units), 5)
+        for u in units:
+            self.assertIn("wire_json", u.__dict__)
+            self.assertEqual(json.loads(u.__dict__["wire_json"]), u.to_json())
+
     def test_collector_back_on_after_an_error(self) -> None:
         g = Gossip(temp_home(self), Config(), FakeMesh("me-1"), "me-1", lambda: NOW)
 
