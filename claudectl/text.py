@@ -28,7 +28,7 @@ text is cleaned where it is shown:
 from __future__ import annotations
 
 import re
-from typing import IO, cast
+from typing import IO, Any, cast
 
 # Whole escape sequences, 7-bit (ESC ...) and 8-bit (C1) forms.  An
 # unterminated string sequence (OSC, DCS, ...) runs to the end of the text,
@@ -113,7 +113,52 @@ class CleanWriter:
         self._stream.flush()
 
 
-__all__ = ["clean_text", "clean_line", "json_safe", "CleanWriter"]
+#: (whole second, its RFC 3339 text) of the last log event formatted.
+_log_second: list[Any] = [None, ""]
+
+
+def classic_log_text(event: dict[str, Any]) -> str | None:
+    """
+    ``twisted.logger.formatEventAsClassicLogText``, character for character,
+    in a tenth of the time or less for the events a service logs per link:
+    a plain format (``{name}``, ``{secs:.1f}``) goes through ``str.format_map``
+    and the timestamp is made once per second.  Anything else (a traceback, a
+    ``{call()}`` or ``{a[0]}`` field, a field that fails) is Twisted's own.
+    """
+    fmt = event.get("log_format")
+    when = event.get("log_time")
+    level = event.get("log_level")
+    if (
+        type(fmt) is str
+        and type(when) is float
+        and level is not None
+        and "log_failure" not in event
+        and "log_system" not in event
+        and "()" not in fmt
+        and "[" not in fmt
+    ):
+        try:
+            text = fmt.format_map(event)
+        except Exception:
+            text = None
+        if text is not None:
+            if not text:
+                return None
+            second = int(when)
+            if _log_second[0] != second:
+                from twisted.logger import formatTime
+
+                _log_second[1] = formatTime(when)
+                _log_second[0] = second
+            system = f"{event.get('log_namespace', '-')}#{level.name}"
+            line = f"{_log_second[1]} [{system}] {text}"
+            return line.replace("\n", "\n\t") + "\n"
+    from twisted.logger import formatEventAsClassicLogText
+
+    return formatEventAsClassicLogText(event)
+
+
+__all__ = ["clean_text", "clean_line", "json_safe", "CleanWriter", "classic_log_text"]
 
 
 def ago(epoch: object, now: float) -> str:

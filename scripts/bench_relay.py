@@ -43,6 +43,7 @@ Run from the repository root::
     python scripts/bench_relay.py --json      # machine-readable results
     python scripts/bench_relay.py --runs 7    # more runs per row
     python scripts/bench_relay.py --profile   # S under cProfile; prints its hot spots
+    python scripts/bench_relay.py --only-setup   # the link set-up rows alone
 
 Everything is on 127.0.0.1, every count and wait is bounded, and the child
 processes and the temporary directory are removed on every way out.
@@ -84,11 +85,11 @@ import twisted  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.internet.error import ConnectionDone, ConnectionLost  # noqa: E402
 from twisted.logger import (  # noqa: E402
+    FileLogObserver,
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogBeginner,
-    textFileLogObserver,
 )
 
 from claudectl.config import Config  # noqa: E402
@@ -108,6 +109,7 @@ from claudectl.relay.handshake import (  # noqa: E402
 )
 from claudectl.relay.keystore import KeyStore  # noqa: E402
 from claudectl.relay.node import RelayNode  # noqa: E402
+from claudectl.text import classic_log_text  # noqa: E402
 
 TRANSPORTS = (PLAINTEXT, TLS13)
 LISTEN = "tcp:0:interface=127.0.0.1"
@@ -223,8 +225,11 @@ def machine() -> dict[str, str]:
 def start_logging(path: Path) -> None:
     """The client's log (info and up) goes to a file in the temporary directory."""
     out = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
+    # The lines `relay serve` writes, formatted as it does (the client stands
+    # for a dialing service).
     observer = FilteringLogObserver(
-        textFileLogObserver(out), [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)]
+        FileLogObserver(out, classic_log_text),
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
@@ -908,6 +913,7 @@ async def bench(
     profile: bool,
     say: Callable[[str], None],
     only_floor: bool = False,
+    only_setup: bool = False,
 ) -> Run:
     run = Run(sizes, make_rows(sizes), mini=make_mini_rows(sizes))
     rows = run.rows
@@ -925,7 +931,8 @@ async def bench(
     say(f"service {sid} on {service.address} (pid {service.pid})")
     run.setup["server"] = {"identity": sid, "units": sizes.units}
     try:
-        await bench_mini(reactor, tmp, sizes, service, run, say)
+        if not only_setup:
+            await bench_mini(reactor, tmp, sizes, service, run, say)
         if only_floor:
             return run
         clients = {
@@ -950,6 +957,8 @@ async def bench(
                 rows["setup_p50_ms"].samples[t].append(s)
                 rows["setup_p99_ms"].samples[t].append(s)
             say(f"link set-up run {i + 1}/{sizes.runs} done")
+        if only_setup:
+            return run
 
         # 2 and 3 on one link per transport.
         protos = {t: await clients[t].open(reactor, service.address) for t in TRANSPORTS}
@@ -1676,6 +1685,7 @@ def print_table(run: Run, meta: dict[str, Any]) -> None:
             cpu_text(r),
         )
         for r in run.rows.values()
+        if r.values(PLAINTEXT)  # --only-setup: the set-up rows alone
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     for j, row in enumerate(table):
@@ -1693,7 +1703,7 @@ def notes(run: Run) -> list[str]:
     one_way = run.rows["msgs_per_s"]
     caps = []
     for t in TRANSPORTS:
-        us = one_way.stats(t).get("server_cpu_us_per_op")
+        us = one_way.stats(t).get("server_cpu_us_per_op") if one_way.values(t) else None
         if us:
             caps.append(f"{'TLS' if t == TLS13 else 'plain'} {1e6 / us:,.0f} msg/s")
     if caps:
@@ -1704,6 +1714,8 @@ def notes(run: Run) -> list[str]:
         row = run.rows[key]
         parts = []
         for t in TRANSPORTS:
+            if not row.values(t):
+                continue
             st = row.stats(t)
             if "client_cpu_us_per_op" in st:
                 parts.append(
@@ -1751,6 +1763,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
     p.add_argument(
+        "--only-setup",
+        action="store_true",
+        help="only the link set-up rows (plaintext and TLS), for A/B runs of issue 10's target",
+    )
+    p.add_argument(
         "--only-floor",
         action="store_true",
         help="only the issue-16 rows (minimal client against relay serve and the floor)",
@@ -1789,7 +1806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def go(reactor: Any) -> None:
         start_logging(tmp / "client.log")
-        run = await bench(reactor, tmp, sizes, args.profile, say, args.only_floor)
+        run = await bench(reactor, tmp, sizes, args.profile, say, args.only_floor, args.only_setup)
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "mode": "quick" if args.quick else "full",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -1018,3 +1019,102 @@ class RobustnessTests(HandshakeTestBase):
         self.assert_denied(
             lis.receive(self.claudectl_handshake(lis.nonce, proof_text=bad)), "wrong proof"
         )
+
+
+class EarlyTLSTests(HandshakeTestBase):
+    """
+    Toward a peer with a ``.tls`` marker the connector sends ``starttls`` (and
+    its ClientHello) before the challenge comes; the challenge is still
+    checked before any proof is made, and binds the proofs as always.
+    """
+
+    EXPORTER = b"\x42" * 32
+
+    def tls_listener(self) -> ListenerHandshake:
+        return ListenerHandshake(
+            self.wire.factory(LISTENER_ID), self.keys, random=seq_random, policy=Policy(tls=True)
+        )
+
+    def early_connector(
+        self, tls_peers: tuple[str, ...] = (LISTENER_ID,), own: tuple[str, ...] = ()
+    ) -> ConnectorHandshake:
+        return ConnectorHandshake(
+            self.wire.factory(CONNECTOR_ID),
+            KeyAuth(PSK, LISTENER_ID),
+            random=counter_random(),
+            is_tls=lambda peer: peer in tls_peers,
+            policy=Policy(tls=True, is_own_nonce=lambda n: n in own),
+        )
+
+    def test_early_starttls_then_the_challenge_then_proofs(self) -> None:
+        self.ks.save_key(CONNECTOR_ID, PSK)
+        listener, connector = self.tls_listener(), self.early_connector()
+        early = connector.early_tls()
+        assert early is not None
+        self.assertTrue(early.start_tls)
+        [starttls] = early.send
+        self.assertEqual(starttls.payload["starttls"], "tls-v1")
+        # The listener's challenge went out at accept; the starttls frame
+        # reaches a listener of any version in its usual state.
+        [challenge] = listener.start()
+        l1 = listener.receive(over_the_wire(starttls))
+        self.assertTrue(l1.start_tls)
+        c1 = connector.receive(over_the_wire(challenge))
+        self.assertEqual((c1.send, c1.failed, c1.start_tls), ([], None, False))
+        listener.tls_established(self.EXPORTER)
+        [handshake] = connector.tls_established(self.EXPORTER).send
+        l2 = listener.receive(over_the_wire(handshake))
+        self.assertEqual(l2.done, Authenticated(CONNECTOR_ID, PSK, MUTUAL, "stored", "tls1.3"))
+        [ack] = l2.send
+        c2 = connector.receive(over_the_wire(ack))
+        assert c2.done is not None
+        self.assertEqual((c2.done.peer_id, c2.done.transport), (LISTENER_ID, "tls1.3"))
+
+    def test_only_toward_a_known_tls_peer(self) -> None:
+        self.assertIsNone(self.early_connector(tls_peers=()).early_tls())
+        plain = ConnectorHandshake(
+            self.wire.factory(CONNECTOR_ID),
+            KeyAuth(PSK, LISTENER_ID),
+            random=counter_random(),
+            is_tls=lambda _p: True,
+        )
+        self.assertIsNone(plain.early_tls())  # this node does not speak TLS
+        first_contact = ConnectorHandshake(
+            self.wire.factory(CONNECTOR_ID),
+            KeyAuth(PSK, None),
+            random=counter_random(),
+            is_tls=lambda _p: True,
+            policy=Policy(tls=True),
+        )
+        self.assertIsNone(first_contact.early_tls())
+
+    def early_then(self, challenge: Envelope, **kw: Any) -> Step:
+        connector = self.early_connector(**kw)
+        self.assertIsNotNone(connector.early_tls())
+        return connector.receive(over_the_wire(challenge))
+
+    def test_reflected_challenge_is_refused(self) -> None:
+        [challenge] = self.tls_listener().start()
+        step = self.early_then(challenge, own=(challenge.payload["nonce"],))
+        self.assertTrue(step.reflected)
+        self.assertIn("reflection attempt", step.failed or "")
+
+    def test_listener_without_tls_is_a_downgrade(self) -> None:
+        [challenge] = self.listener().start()
+        step = self.early_then(challenge)
+        self.assertIn("downgrade refused", step.failed or "")
+
+    def test_another_identity_at_the_address_is_refused(self) -> None:
+        other = ListenerHandshake(
+            self.wire.factory("other-1234"), self.keys, random=seq_random, policy=Policy(tls=True)
+        )
+        [challenge] = other.start()
+        step = self.early_then(challenge)
+        self.assertIn("the listener at this address is other-1234, not", step.failed or "")
+
+    def test_tls_before_the_challenge_fails(self) -> None:
+        connector = self.early_connector()
+        self.assertIsNotNone(connector.early_tls())
+        step = connector.tls_established(self.EXPORTER)
+        self.assertEqual(step.send, [])
+        self.assertIn("before the listener's challenge", step.failed or "")

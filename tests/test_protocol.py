@@ -6,6 +6,7 @@ edge cases, iosim for two real protocol stacks talking to each other.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -556,6 +557,30 @@ class TwoNodesTests(SynchronousTestCase):
         self.b.mesh.send("alpha-1", codec.KNOWLEDGE_SYNC, {"units": [], "sync_epoch": 1})
         pump.flush()
         self.assertEqual(got, ["beta-2"])
+
+    def test_link_down_saves_last_seen_without_fsync(self) -> None:
+        """The dialer's link-down updates last_seen atomically but without an fsync."""
+        _s, client, pump = self.link(KeyAuth(self.psk, "alpha-1"))
+        pump.flush()
+        before = self.b.keystore.meta("alpha-1")
+        assert before is not None
+        fsyncs: list[int] = []
+        real_fsync = os.fsync
+
+        def counting_fsync(fd: int) -> None:
+            fsyncs.append(fd)
+            real_fsync(fd)
+
+        self.patch(os, "fsync", counting_fsync)
+        self.reactor.advance(3)
+        client.close("test")
+        pump.flush()
+        self.assertTrue(client.is_closed)
+        after = self.b.keystore.meta("alpha-1")
+        assert after is not None
+        self.assertEqual(after.addr, before.addr)
+        self.assertEqual(after.last_seen, before.last_seen + 3000)
+        self.assertEqual(fsyncs, [])
 
     def test_impostor_listener_refused(self) -> None:
         # The listener holds a different key: it cannot produce the sproof...

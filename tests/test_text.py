@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from claudectl.text import clean_line, clean_text, json_safe
+from claudectl.text import classic_log_text, clean_line, clean_text, json_safe
 
 #: Characters no cleaned text may hold, besides the C0/C1 controls.
 BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -180,3 +180,51 @@ class CleanWriterTests(SynchronousTestCase):
         # Debug events are not written (nor formatted): issue 16.
         Logger(observer=observer).debug("dropped connection from {ip}", ip="203.0.113.9")
         self.assertNotIn("203.0.113.9", out.getvalue())
+
+
+class ClassicLogTextTests(SynchronousTestCase):
+    """The service's log lines are Twisted's own, character for character."""
+
+    def test_same_as_twisted(self) -> None:
+        from twisted.logger import LogLevel, formatEventAsClassicLogText
+        from twisted.python.failure import Failure
+
+        failure = Failure(ZeroDivisionError("division by zero"))
+
+        class Obj:
+            name = "attr"
+
+            def hello(self) -> str:
+                return "called"
+
+        base = {"log_time": 1_765_000_000.75, "log_level": LogLevel.info, "log_namespace": "ns"}
+        events = [
+            {
+                "log_format": "{peer_id} authenticated ({direction}, {mode})",
+                "peer_id": "p-1",
+                "direction": "inbound",
+                "mode": "mutual",
+            },
+            {
+                "log_format": "{p} after {secs:.1f} s: {reason!r}",
+                "p": "x",
+                "secs": 2.345,
+                "reason": "bye",
+            },
+            {"log_format": "two\nlines {x}", "x": "a\nb"},
+            {"log_format": "{o.name} {o.hello()} {l[0]}", "o": Obj(), "l": ["zero"]},
+            {"log_format": "missing {nope}"},
+            {"log_format": "literal {{braces}}"},
+            {"log_format": ""},
+            {"log_format": "failed", "log_failure": failure},
+            {"log_format": "sys", "log_system": "custom"},
+            {"no_format": 1},
+        ]
+        for extra in events:
+            for when in (1_765_000_000.75, 1_765_000_000.99, 1_765_000_001.0):
+                event = {**base, "log_time": when, **extra}
+                self.assertEqual(
+                    classic_log_text(dict(event)), formatEventAsClassicLogText(dict(event)), extra
+                )
+        no_level = {"log_format": "x", "log_time": 1.5}
+        self.assertEqual(classic_log_text(no_level), formatEventAsClassicLogText(no_level))

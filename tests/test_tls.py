@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 from typing import Any
 
@@ -27,7 +28,7 @@ from claudectl.relay.crypto import proof
 from claudectl.relay.handshake import MUTUAL, ONEWAY, HandshakeFailed, KeyAuth
 from claudectl.relay.node import RelayFactory
 from claudectl.relay.nonces import IssuedNonces
-from claudectl.relay.tls import CERT_FILE, KEY_FILE, ensure_credentials
+from claudectl.relay.tls import CERT_FILE, KEY_FILE, LinkTLS, ensure_credentials
 from tests.common import make_node, pair_nodes, temp_home
 
 
@@ -42,9 +43,12 @@ class Pipe(protocol.Protocol):
         self.log = log
         self.other: Pipe | None = None
         self.pending: list[bytes] = []
+        #: Each read, as it came.
+        self.reads: list[bytes] = []
 
     def dataReceived(self, data: bytes) -> None:
         self.log.extend(data)
+        self.reads.append(data)
         if self.other is not None and self.other.transport is not None:
             self.other.transport.write(data)
         else:
@@ -211,6 +215,79 @@ class TLSLinkTests(TwoNodes):
             self.assertNotIn(b"msg_type", rest)
             self.assertNotIn(b"SECRET", rest)
             self.assertNotIn(b"proof", rest)
+
+    async def test_proof_rides_with_finished_and_ack_leaves_before_link_up_work(self) -> None:
+        proxy = Proxy(self.port.getHost().port)
+        pport = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(proxy)
+        self.addCleanup(pport.stopListening)
+        waiting: list[int] = []
+
+        def up(peer: str) -> None:
+            # The listener's link-up work runs: its handshake_ack (a TLS
+            # record) must already be in the kernel, at the proxy's socket.
+            sock = proxy.client_sides[0].other.transport.getHandle()  # type: ignore[union-attr]
+            try:
+                waiting.append(len(sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)))
+            except BlockingIOError:
+                waiting.append(0)
+
+        self.a.mesh.add_link_observer(up, None)
+        await self.dial(pport.getHost().port)
+        self.assertEqual(len(waiting), 1)
+        self.assertGreater(waiting[0], 0)
+        # Connector -> listener: starttls + ClientHello, then one write holding
+        # its Finished and the proof (application data), nothing after it.
+        reads = proxy.client_sides[0].reads
+        [_starttls], hello = split_first_flight(reads[0], 1)
+        self.assertEqual(tls_records(hello), [22])
+        self.assertEqual(len(reads), 2, [tls_records(r) for r in reads[1:]])
+        self.assertEqual(tls_records(reads[1])[-2:], [23, 23])  # Finished, proof
+
+    async def test_known_tls_peer_gets_starttls_before_any_challenge(self) -> None:
+        first = await self.dial()  # writes alpha's .tls marker on beta's side
+        first.close("test")
+        await first.when_closed()
+        got = bytearray()
+
+        class Silent(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                got.extend(data)
+
+        silent = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            protocol.Factory.forProtocol(Silent)
+        )
+        self.addCleanup(silent.stopListening)
+        d = self.b.open_link(f"127.0.0.1:{silent.getHost().port}", KeyAuth(self.psk, "alpha-1111"))
+        d.addErrback(lambda _f: None)
+
+        def first_record() -> bytes | None:
+            rest = bytes(got).split(b"\n", 1)[1] if b"\n" in got else b""
+            if len(rest) < 5 or len(rest) < 5 + int.from_bytes(rest[3:5], "big"):
+                return None
+            return rest[: 5 + int.from_bytes(rest[3:5], "big")]
+
+        for _ in range(250):
+            if first_record() is not None:
+                break
+            await self.settle(0.02)
+        # No challenge was sent, yet the starttls request and a ClientHello came.
+        [starttls], _rest = split_first_flight(bytes(got), 1)
+        self.assertEqual(json.loads(starttls)["payload"]["starttls"], "tls-v1")
+        hello = first_record()
+        assert hello is not None
+        self.assertEqual(tls_records(hello), [22])
+        for proto in list(self.b.protocols):
+            proto.transport.abortConnection()
+
+    async def test_links_share_one_tls_factory_per_side(self) -> None:
+        first = await self.dial()
+        layer = first.transport.protocol
+        self.assertIsInstance(layer, LinkTLS)
+        first.close("test")
+        await first.when_closed()
+        second = await self.dial()
+        self.assertIs(second.transport.protocol.factory, layer.factory)
+        self.assertEqual(second.transport.getHandle().get_protocol_version_name(), "TLSv1.3")
 
     def proxy_check(self, data: bytearray) -> bytearray:
         self.assertTrue(data, "nothing passed the proxy")

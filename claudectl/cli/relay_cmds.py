@@ -182,16 +182,17 @@ def _clean_stdout_observer() -> Any:
     import sys
 
     from twisted.logger import (
+        FileLogObserver,
         FilteringLogObserver,
         LogLevel,
         LogLevelFilterPredicate,
-        textFileLogObserver,
     )
 
-    from claudectl.text import CleanWriter
+    from claudectl.text import CleanWriter, classic_log_text
 
+    # textFileLogObserver's lines, made faster (two per link: issue 10).
     return FilteringLogObserver(
-        textFileLogObserver(CleanWriter.wrap(sys.stdout)),
+        FileLogObserver(CleanWriter.wrap(sys.stdout), classic_log_text),
         [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
     )
 

@@ -513,6 +513,8 @@ class ConnectorHandshake:
         #: What the handshake proved, once it did (kept even if the link is
         #: refused afterwards, e.g. because the peer is connected already).
         self.result: Authenticated | None = None
+        #: TLS was started before the challenge came (see :meth:`early_tls`).
+        self.early = False
 
     @property
     def auth(self) -> KeyAuth | PakeAuth:
@@ -523,32 +525,90 @@ class ConnectorHandshake:
         self.state = ConnectorState.DONE
         return Step(failed=reason, reflected=reflected)
 
+    def early_tls(self) -> Step | None:
+        """
+        Toward a peer that has authenticated over TLS before (its ``.tls``
+        marker: a plaintext link to it would be refused as a downgrade
+        anyway), the ``starttls`` request and the ClientHello go out as soon
+        as the connection is up, without waiting for the challenge: one
+        round trip less.  The challenge still comes first on the wire, in
+        plaintext, and is checked as always before any proof is made
+        (:meth:`receive`).  None: wait for the challenge.
+        """
+        expected = self._expected()
+        if (
+            self.state is not ConnectorState.AWAIT_CHALLENGE
+            or not self._policy.tls
+            or self._by_identity is not None
+            or expected is None
+            or not self._is_tls(expected)
+        ):
+            return None
+        self.early = True
+        self.listener_id = expected
+        self.state = ConnectorState.AWAIT_TLS
+        return Step(send=[self._starttls()], start_tls=True)
+
+    def _starttls(self) -> Envelope:
+        return self._env.make(
+            codec.HANDSHAKE, {"starttls": CAP_TLS, "version": self._version, "caps": self._caps()}
+        )
+
     def receive(self, env: Envelope) -> Step:
         if self.state is ConnectorState.AWAIT_CHALLENGE:
             return self._on_challenge(env)
         if self.state is ConnectorState.AWAIT_ACK:
             return self._on_ack(env)
         if self.state is ConnectorState.AWAIT_TLS:
+            if self.early and self.nonce is None and env.msg_type == codec.CHALLENGE:
+                return self._on_early_challenge(env)
             return self._fail("frame before the TLS handshake finished")
         return Step(failed="handshake already finished")
 
     def _expected(self) -> str | None:
         return self._auth.expected_peer if isinstance(self._auth, KeyAuth) else None
 
-    def _on_challenge(self, env: Envelope) -> Step:
+    def _take_challenge(self, env: Envelope) -> tuple[dict[str, Any], Step | None]:
+        """The challenge's payload, its nonce and caps taken; a Step on failure."""
         payload = env.payload if isinstance(env.payload, dict) else {}
         nonce = payload.get("nonce")
         if not isinstance(nonce, str):
-            return self._fail("challenge missing nonce")
+            return payload, self._fail("challenge missing nonce")
         if self._policy.is_own_nonce(nonce):
             # Someone handed us a challenge our own listener issued, to make
             # us answer it for them (a reflection attack).
-            return self._fail(
+            return payload, self._fail(
                 "reflection attempt: the challenge carries a nonce we issued", reflected=True
             )
         self.nonce = nonce
         caps = payload.get("caps")
         self.remote_caps = [c for c in caps if isinstance(c, str)] if isinstance(caps, list) else []
+        return payload, None
+
+    def _on_early_challenge(self, env: Envelope) -> Step:
+        """The challenge, after our early ``starttls`` (see :meth:`early_tls`)."""
+        payload, failed = self._take_challenge(env)
+        if failed is not None:
+            return failed
+        expected = self.listener_id
+        if CAP_TLS not in self.remote_caps:
+            return self._fail(
+                f"downgrade refused: {expected} has used TLS before, but the listener "
+                "offers no encryption"
+            )
+        announced = payload.get("identity")
+        if announced != expected:
+            shown = announced if is_remote_peer_id(announced) else "another identity"
+            return self._fail(
+                f"remote identity mismatch: the listener at this address is {shown}, not {expected}"
+            )
+        # Nothing to send: our ClientHello is on its way already.
+        return Step()
+
+    def _on_challenge(self, env: Envelope) -> Step:
+        payload, failed = self._take_challenge(env)
+        if failed is not None:
+            return failed
         will_tls = self._policy.tls and CAP_TLS in self.remote_caps
         announced = payload.get("identity") if will_tls else None
         if announced is not None and not is_remote_peer_id(announced):
@@ -571,15 +631,7 @@ class ConnectorHandshake:
             # once (one round trip less); the listener switches on reading it.
             self.listener_id = announced
             self.state = ConnectorState.AWAIT_TLS
-            return Step(
-                send=[
-                    self._env.make(
-                        codec.HANDSHAKE,
-                        {"starttls": CAP_TLS, "version": self._version, "caps": self._caps()},
-                    )
-                ],
-                start_tls=True,
-            )
+            return Step(send=[self._starttls()], start_tls=True)
         refusal = self._plaintext_refusal(self._expected())
         if refusal is not None:
             return refusal
@@ -637,6 +689,9 @@ class ConnectorHandshake:
         """TLS is up: send the handshake, bound to this connection."""
         if self.state is not ConnectorState.AWAIT_TLS:
             return self._fail("TLS started at the wrong moment")
+        if self.nonce is None:
+            # Early TLS: the listener's challenge precedes its TLS flight.
+            return self._fail("TLS finished before the listener's challenge")
         self.exporter = exporter
         return self._answer()
 

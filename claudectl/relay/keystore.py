@@ -242,11 +242,17 @@ class KeyStore:
         self._meta_cache[peer_id] = (sig, meta)
         return meta
 
-    def save_meta(self, peer_id: str, meta: PeerMeta) -> None:
+    def save_meta(self, peer_id: str, meta: PeerMeta, durable: bool = True) -> None:
+        """
+        ``durable=False``: no fsync (still atomic).  For a ``last_seen``
+        update alone, which a crash may only set back to the previous one.
+        """
         if not is_valid_peer_id(peer_id):
             raise ValueError(f"invalid peer id {peer_id!r}")
         self._meta_cache.pop(peer_id, None)
-        atomic_write(self.home.peers / f"{peer_id}.meta", meta.to_bytes(), mode=0o644)
+        atomic_write(
+            self.home.peers / f"{peer_id}.meta", meta.to_bytes(), mode=0o644, durable=durable
+        )
 
     # --- mutual-auth marker -------------------------------------------------------
     def is_mutual(self, peer_id: str) -> bool:

@@ -43,7 +43,14 @@ from claudectl.relay.handshake import (
 from claudectl.relay.interfaces import ILinkHost
 from claudectl.relay.links import CONNECTOR, LISTENER, ILink, PeerLink
 from claudectl.relay.session import Disconnect, FrameFilter, Liveness
-from claudectl.relay.tls import exporter_of, is_tls13
+from claudectl.relay.tls import (
+    can_preface,
+    drop_preface,
+    exporter_of,
+    flush_tls,
+    is_tls13,
+    start_tls,
+)
 
 __all__ = ["CONNECTOR", "LISTENER", "RelayProtocol"]
 
@@ -120,6 +127,8 @@ class RelayProtocol(LineReceiver):
         #: Set while switching to TLS: the rest of the plaintext read is not ours.
         self._tls_switching = False
         self._tls_started = False
+        #: Early TLS: the challenge has not come yet (start_tls reads it ahead of TLS).
+        self._preface_pending = False
         self._failure_counted = False
         #: In the accept pacer's waiting room (listener only).
         self._waiting = False
@@ -155,6 +164,10 @@ class RelayProtocol(LineReceiver):
         assert self.auth is not None
         self._connector = self.node.connector_handshake(self.auth)
         self._arm_handshake_timeout()
+        if self.node.tls is not None and can_preface(self.transport):
+            early = self._connector.early_tls()
+            if early is not None:
+                self._apply_step(early)
 
     def _arm_handshake_timeout(self) -> None:
         self._timeout = self.node.clock.callLater(
@@ -284,6 +297,13 @@ class RelayProtocol(LineReceiver):
         after a handshake frame are kept for the session: pipelined bytes are
         never lost (defect W17).
         """
+        if self._preface_pending:
+            # Early TLS, and the challenge reaches us directly (the hub
+            # dialer's sniffer reads it before handing the socket over), not
+            # through start_tls's preface: the rest of this read is TLS's.
+            self._preface_pending = False
+            self._tls_switching = True
+            drop_preface(self.transport)
         lines = self._lines.feed(data)
         if self.result is not None:
             self._session_lines(lines)
@@ -428,18 +448,33 @@ class RelayProtocol(LineReceiver):
         if tls is None or not ITLSTransport.providedBy(self.transport):
             self._fail_handshake("TLS is not available on this connection")
             return
-        self._tls_switching = True
+        early = self._connector is not None and self._connector.early
+        # Early TLS (the connector's, before the challenge): the challenge is
+        # read ahead of TLS by start_tls; otherwise the rest of this read is
+        # TLS's (see dataReceived).
+        self._tls_switching = not early
         self._tls_started = True
         if self._preauth is not None:
             self._step_deadline(TLS_HANDSHAKE_TIMEOUT_SECS, "no TLS handshake")
         try:
-            if self.role == LISTENER and getattr(self.transport, "_tlsClientDefault", False):
-                # The listener on a socket it dialed (a hub channel): still the TLS server.
-                self.transport.startTLS(tls.server(), False)  # type: ignore[call-arg]
+            if self.role == LISTENER:
+                # Also on a socket it dialed (a hub channel): still the TLS server.
+                start_tls(self.transport, tls.server(), client=False)
             else:
-                self.transport.startTLS(tls.server() if self.role == LISTENER else tls.client())
+                client = bool(getattr(self.transport, "_tlsClientDefault", True))
+                preface = self._early_challenge if early else None
+                self._preface_pending = early
+                start_tls(self.transport, tls.client(), client=client, preface=preface)
         except Exception as e:
             self._fail_handshake(f"cannot start TLS: {type(e).__name__}: {e}")
+
+    def _early_challenge(self, line: bytes | None) -> None:
+        """The listener's challenge, read ahead of its TLS flight (early TLS)."""
+        self._preface_pending = False
+        if line is None:
+            self.lineLengthExceeded(b"")
+        elif self.result is None and self._closing_reason is None:
+            self._handshake_line(line)
 
     def handshakeCompleted(self) -> None:
         """The TLS handshake finished (``IHandshakeListener``)."""
@@ -460,6 +495,8 @@ class RelayProtocol(LineReceiver):
             self._listener.tls_established(exporter)
         elif self._connector is not None:
             self._apply_step(self._connector.tls_established(exporter))
+            # The proof goes out with our TLS Finished, in one TCP write.
+            flush_tls(self.transport)
 
     def _handshake_timed_out(self) -> None:
         self._fail_handshake("handshake timed out")
@@ -516,6 +553,7 @@ class RelayProtocol(LineReceiver):
             # Put the ack on the wire before the layers' link-up work (a
             # knowledge request, a push of units...) runs: otherwise the
             # reactor sends it only once all of that is done.
+            flush_tls(self.transport)
             flush = getattr(self.transport, "doWrite", None)
             if callable(flush):
                 flush()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
+from twisted.internet._newtls import ConnectionMixin, _BypassTLS
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
+    ISSLTransport,
 )
 from twisted.logger import Logger
-from zope.interface import implementer
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from zope.interface import directlyProvides, implementer
 
 from claudectl.atomic import atomic_write, locked
 from claudectl.home import Home
@@ -157,6 +162,15 @@ class _ContextFactory:
 
     def __init__(self, context: SSL.Context) -> None:
         self._context = context
+        #: client? -> the TLSMemoryBIOFactory every link of that side shares.
+        self._factories: dict[bool, TLSMemoryBIOFactory] = {}
+
+    def tls_factory(self, client: bool) -> TLSMemoryBIOFactory:
+        factory = self._factories.get(client)
+        if factory is None:
+            factory = self._factories[client] = TLSMemoryBIOFactory(self, client, None)  # type: ignore[arg-type]
+            factory.protocol = LinkTLS
+        return factory
 
     def getContext(self) -> SSL.Context:
         return self._context
@@ -166,6 +180,145 @@ class _ContextFactory:
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         return SSL.Connection(self._context, None)
+
+
+# --- starting TLS on a link ----------------------------------------------------------
+
+
+@implementer()
+class _Bypass(_BypassTLS):
+    """
+    Twisted's pass-through transport for the TLS layer, declaring no
+    interfaces of its own.  ``TLSMemoryBIOProtocol.makeConnection`` copies
+    the interfaces of its transport one ``directlyProvides`` call at a time
+    (ten for a TCP connection, each replacing the one before, so only the
+    last survived anyway): nothing reads them on a link's TLS layer (our
+    protocol keeps the TCP transport), and they cost about a tenth of a
+    millisecond per link.
+    """
+
+
+class LinkTLS(BufferingTLSTransport):
+    """The TLS layer of one link (Twisted's, with a way to send at once)."""
+
+    def flush_now(self) -> None:
+        """
+        Encrypt what the link wrote so far now, not on the next reactor turn
+        (the layer gathers small writes on a ``callLater(0)``): the
+        connector's proof then leaves in the same TCP write as its TLS
+        Finished, and the listener's ``handshake_ack`` before the link-up
+        work runs.
+        """
+        self._aggregator.flush()
+
+
+#: The longest plaintext line read ahead of TLS (a challenge is ~300 bytes).
+MAX_PREFACE_BYTES = 4096
+
+
+class _Preface:
+    """
+    Stands in front of a link's TLS layer until one plaintext line has come
+    (the listener's challenge, when the connector started TLS before it:
+    ``ConnectorHandshake.early_tls``): that line goes to ``on_line``, every
+    byte after it to TLS.  ``on_line(None)``: no line within
+    :data:`MAX_PREFACE_BYTES`.
+    """
+
+    def __init__(self, conn: Any, tls: LinkTLS, on_line: Callable[[bytes | None], None]) -> None:
+        self._conn = conn
+        self._tls = tls
+        self._on_line = on_line
+        self._buf = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        buf = self._buf + data
+        nl = buf.find(b"\n")
+        if nl < 0:
+            self._buf = buf
+            if len(buf) > MAX_PREFACE_BYTES:
+                self._buf = b""
+                self._conn.protocol = self._tls
+                self._on_line(None)
+            return
+        self._buf = b""
+        self._conn.protocol = self._tls
+        self._on_line(buf[:nl])
+        rest = buf[nl + 1 :]
+        if rest and self._conn.connected and not self._conn.disconnecting:
+            self._tls.dataReceived(rest)
+
+    def drop(self) -> None:
+        self._conn.protocol = self._tls
+
+    def connectionLost(self, reason: Any) -> None:
+        self._conn.protocol = self._tls
+        self._tls.connectionLost(reason)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tls, name)
+
+
+def drop_preface(transport: Any) -> None:
+    """The plaintext line came another way (see RelayProtocol.dataReceived): TLS reads now."""
+    layer = getattr(transport, "protocol", None)
+    if isinstance(layer, _Preface):
+        layer.drop()
+
+
+def can_preface(transport: Any) -> bool:
+    """:func:`start_tls` can read a plaintext line ahead of TLS on ``transport``."""
+    return isinstance(transport, ConnectionMixin) and isinstance(transport, FileDescriptor)
+
+
+def start_tls(
+    transport: Any,
+    creator: _ContextFactory,
+    client: bool,
+    preface: Callable[[bytes | None], None] | None = None,
+) -> None:
+    """
+    What ``transport.startTLS(creator)`` does on a TCP connection
+    (``twisted.internet._newtls.startTLS``), with the per-link work it does
+    again and again done once: one ``TLSMemoryBIOFactory`` per context and
+    side, no interface copying (see :class:`_Bypass`).  Any other transport
+    (not a Twisted TCP connection) goes through its own ``startTLS``.
+
+    ``preface``: one plaintext line is still to come before the peer's TLS
+    bytes; it is given to ``preface`` (see :class:`_Preface`).  Only on a
+    TCP connection (``ValueError`` otherwise).
+    """
+    if not can_preface(transport):
+        if preface is not None:
+            raise ValueError("a plaintext preface needs a TCP connection")
+        if client == bool(getattr(transport, "_tlsClientDefault", False)):
+            transport.startTLS(creator)
+        else:
+            transport.startTLS(creator, False)
+        return
+    conn: Any = transport  # a tcp.Connection (its attributes are not typed)
+    producer, streaming = transport.producer, transport.streamingProducer
+    if producer is not None:
+        transport.unregisterProducer()
+    factory = creator.tls_factory(client)
+    tls_protocol = factory.protocol(factory, conn.protocol, False)
+    conn.protocol = tls_protocol
+    conn.getHandle = tls_protocol.getHandle
+    conn.getPeerCertificate = tls_protocol.getPeerCertificate
+    directlyProvides(conn, ISSLTransport)
+    conn.TLS = True
+    tls_protocol.makeConnection(_Bypass(FileDescriptor, conn))
+    if preface is not None and conn.protocol is tls_protocol:
+        conn.protocol = _Preface(conn, tls_protocol, preface)
+    if producer is not None:
+        transport.registerProducer(producer, streaming)
+
+
+def flush_tls(transport: Any) -> None:
+    """Encrypt and queue a TLS link's pending writes now (see :meth:`LinkTLS.flush_now`)."""
+    layer = getattr(transport, "protocol", None)
+    if isinstance(layer, LinkTLS):
+        layer.flush_now()
 
 
 class TLSContexts:
