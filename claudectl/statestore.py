@@ -24,8 +24,11 @@ queued -- also what queued work queues in turn -- so nothing is lost on stop.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
@@ -126,6 +129,56 @@ class StateWriterService(Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
+
+
+_bulk = threading.local()
+
+
+@contextlib.contextmanager
+def bulk_work() -> Iterator[None]:
+    """
+    Run a big piece of work (parsing or merging thousands of units) without
+    the cyclic garbage collector, and keep what it leaves out of later
+    collections.
+
+    A collection runs holding the GIL, whichever thread triggers it, and a
+    full one walks every object the process holds: with a store of 15,000
+    units in memory that is tens to hundreds of milliseconds during which
+    the reactor cannot run (docs/performance.md, "Reactor stalls").  So:
+
+    * first, one collection of what is not frozen (small: what the service
+      allocated since the last bulk work), so no cyclic garbage is frozen;
+    * the work, with the collector paused;
+    * then ``gc.freeze()``: what the work left (the units now cached) goes
+      to the permanent generation, which no collection walks.  Frozen
+      objects are still freed by reference counting when the cache drops
+      them (units hold no reference cycles).
+
+    Nested uses act as one.  The collector is left as it was found.
+    """
+    if getattr(_bulk, "depth", 0) or not gc.isenabled():
+        _bulk.depth = getattr(_bulk, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _bulk.depth -= 1
+        return
+    gc.collect()
+    gc.disable()
+    _bulk.depth = 1
+    try:
+        yield
+    finally:
+        _bulk.depth = 0
+        gc.freeze()
+        gc.enable()
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then freeze what the service holds after its start
+    (modules, classes, configuration): later collections skip it."""
+    gc.collect()
+    gc.freeze()
 
 
 def logged(what: str) -> Callable[[Any], None]:

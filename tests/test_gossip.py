@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from claudectl.config import Config, HiveConfig
@@ -490,6 +491,69 @@ def read_units(home: Any) -> list[KnowledgeUnit]:
     return read_units_file(hive_file(home, "knowledge.jsonl")).store.units()
 
 
+class PacedPushTests(SynchronousTestCase):
+    """A push of many frames sends one frame per reactor turn, in order (issue 13)."""
+
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+        roomy = dataclasses.replace(Config(), hive=dataclasses.replace(HiveConfig(), max_units=0))
+        # 500 units (the store's default cap), big enough for several 512 kB frames.
+        units = [unit_json(f"ku_p{i:04d}", "peer-b", cmd="x" * 4000 + str(i)) for i in range(500)]
+        put(self.home, "me-1", *units)
+        self.mesh = FakeMesh("me-1", ["peer-a"])
+        self.clock = Clock()
+
+        # One reactor turn = 1 ms of this clock (Clock.advance(0) would also
+        # run the calls that calls made during it schedule).
+        def call_later(delay: float, fn: Any, *args: Any) -> Any:
+            return self.clock.callLater(delay or 0.001, fn, *args)
+
+        self.gossip = Gossip(
+            self.home, roomy, self.mesh, "me-1", lambda: NOW, call_later=call_later
+        )
+
+    def turns(self) -> list[int]:
+        """Frames sent per turn until nothing more goes out."""
+        counts = []
+        while True:
+            before = len(self.mesh.sent)
+            self.clock.advance(0.001)
+            if len(self.mesh.sent) == before:
+                return counts
+            counts.append(len(self.mesh.sent) - before)
+
+    def test_one_frame_per_turn_in_order(self) -> None:
+        self.assertEqual(self.gossip.push("peer-a"), 500)
+        self.assertEqual(len(self.mesh.sent), 1)  # the first frame at once
+        later = self.turns()
+        self.assertGreaterEqual(len(later), 3)
+        self.assertEqual(set(later), {1})
+        ids = [u["id"] for _, t, p in self.mesh.sent for u in p["units"]]
+        self.assertEqual(sorted(ids), sorted(f"ku_p{i:04d}" for i in range(500)))
+        self.assertEqual(len(ids), 500)
+        # Each frame is exactly what the encoder would make of its payload.
+        for _, msg_type, payload in self.mesh.sent:
+            self.assertEqual(msg_type, codec.KNOWLEDGE_SYNC)
+            self.assertEqual(json.loads(payload.json), json.loads(json.dumps(dict(payload))))
+
+    def test_snapshot_pages_keep_their_order(self) -> None:
+        request = codec.Envelope(
+            "msg_1_1", codec.KNOWLEDGE_REQUEST, "peer-a", 1, {"since_epoch": 0}
+        )
+        self.gossip.on_request("peer-a", request)
+        self.turns()
+        pages = [(p["page"], p["total_pages"]) for _, t, p in self.mesh.sent if "page" in p]
+        total = pages[0][1]
+        self.assertGreaterEqual(total, 2)
+        self.assertEqual(pages, [(n, total) for n in range(1, total + 1)])
+
+    def test_link_down_drops_the_queued_frames(self) -> None:
+        self.gossip.push("peer-a")
+        self.gossip.on_link_down("peer-a")
+        self.assertEqual(self.turns(), [])
+        self.assertEqual(len(self.mesh.sent), 1)
+
+
 class BulkBatchTests(SynchronousTestCase):
     def test_collector_paused_for_big_batches_only(self) -> None:
         seen: list[bool] = []
@@ -514,6 +578,20 @@ class BulkBatchTests(SynchronousTestCase):
         self.assertEqual(seen, [True, False])
         self.assertTrue(gc.isenabled())
         self.assertEqual(len(stored(home)), 3 + gossip_mod.BULK_UNITS)
+
+    def test_reloaded_units_come_encoded(self) -> None:
+        # Their wire JSON is made where the store is read (the writer thread),
+        # not by the next push round on the reactor.
+        home = temp_home(self)
+        put(home, "me-1", *[unit_json(f"ku_w{i}", "peer-a", cmd=f"w{i}") for i in range(5)])
+        g = Gossip(home, Config(), FakeMesh("me-1"), "me-1", lambda: NOW)
+        g.on_store_changed(first=True)
+        assert g._units_cache is not None
+        units = g._units_cache[1]
+        self.assertEqual(len(units), 5)
+        for u in units:
+            self.assertIn("wire_json", u.__dict__)
+            self.assertEqual(json.loads(u.__dict__["wire_json"]), u.to_json())
 
     def test_collector_back_on_after_an_error(self) -> None:
         g = Gossip(temp_home(self), Config(), FakeMesh("me-1"), "me-1", lambda: NOW)

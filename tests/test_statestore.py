@@ -5,6 +5,7 @@ nothing blocking the reactor, nothing written by an idle service.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -31,7 +32,7 @@ from claudectl.hive.distill import CURSOR
 from claudectl.hive.gossip import Gossip
 from claudectl.relay.handshake import KeyAuth
 from claudectl.relay.keystore import KeyStore
-from claudectl.statestore import THREAD_NAME, StateWriter
+from claudectl.statestore import THREAD_NAME, StateWriter, bulk_work
 from tests.common import FakeMesh, ServeProcess, make_node, run_cli, temp_home
 from tests.test_gossip import NOW, put, stored, unit_json
 from tests.test_services import RunningService
@@ -167,6 +168,53 @@ def release(proc: subprocess.Popen[str]) -> None:
     assert proc.stdin is not None
     proc.stdin.close()
     proc.wait(5)
+
+
+class BulkWorkTests(SynchronousTestCase):
+    """The collector is paused during bulk work, and what it leaves is frozen."""
+
+    def setUp(self) -> None:
+        self.addCleanup(gc.unfreeze)
+
+    def test_paused_then_frozen(self) -> None:
+        kept: list[Any] = []
+        with bulk_work():
+            self.assertFalse(gc.isenabled())
+            with bulk_work():  # nested: one bulk work
+                kept.extend({"unit": i} for i in range(1000))
+            self.assertFalse(gc.isenabled())
+            frozen_inside = gc.get_freeze_count()
+        self.assertTrue(gc.isenabled())
+        self.assertGreaterEqual(gc.get_freeze_count(), frozen_inside + 1000)
+        walked = {id(o) for o in gc.get_objects()}  # what collections walk
+        self.assertNotIn(id(kept[0]), walked)
+
+    def test_cyclic_garbage_collected_before_freezing(self) -> None:
+        class Node:
+            other: Any = None
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = __import__("weakref").ref(a)
+        del a, b
+        with bulk_work():
+            pass
+        self.assertIsNone(gone())
+
+    def test_collector_back_on_after_an_error(self) -> None:
+        with self.assertRaises(RuntimeError):
+            with bulk_work():
+                raise RuntimeError("boom")
+        self.assertTrue(gc.isenabled())
+
+    def test_leaves_a_paused_collector_alone(self) -> None:
+        gc.disable()
+        self.addCleanup(gc.enable)
+        before = gc.get_freeze_count()
+        with bulk_work():
+            pass
+        self.assertFalse(gc.isenabled())
+        self.assertEqual(gc.get_freeze_count(), before)
 
 
 class ChangeWatcherTests(SynchronousTestCase):

@@ -62,7 +62,7 @@ from claudectl.hive.merge import (
     merge_batch,
     write_merge_logs,
 )
-from claudectl.hive.sharing import ShareContext
+from claudectl.hive.sharing import ShareContext, precompute_verdicts
 from claudectl.hive.store import (
     KNOWLEDGE,
     hive_active,
@@ -83,7 +83,7 @@ from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
 from claudectl.relay.interfaces import IMesh
 from claudectl.relay.keystore import is_remote_peer_id
-from claudectl.statestore import StateWriter, logged
+from claudectl.statestore import StateWriter, bulk_work, logged
 
 log = Logger()
 
@@ -108,7 +108,7 @@ RECORD_FLUSH_SECS = 5.0
 MAX_UNIT_BYTES = codec.MAX_LINE_BYTES - 16_384
 #: A batch of at least this many units is worked through with the cyclic
 #: garbage collector paused (see :func:`_collector_paused`).
-BULK_UNITS = 1000
+BULK_UNITS = 100
 #: How often the service checks the brain's decision log (distil every 10).
 DISTILL_POLL_SECS = 5.0
 
@@ -289,11 +289,29 @@ def _collector_paused(units: int) -> Iterator[None]:
     if units < BULK_UNITS or not gc.isenabled():
         yield
         return
-    gc.disable()
-    try:
+    with bulk_work():  # also keeps the merged units out of later collections
         yield
-    finally:
-        gc.enable()
+
+
+def _warm_wire(units: list[KnowledgeUnit]) -> None:
+    """
+    Encode the units' wire JSON now (on the writer thread) that the next
+    push round or snapshot would otherwise encode on the reactor: 10,000
+    freshly imported units took the loop about 100 ms in one turn.  Cached
+    per unit object, so units already encoded cost a lookup.
+    """
+    for u in units:
+        if "wire_size" not in u.__dict__:
+            try:
+                u.wire_size  # noqa: B018  # fills the cached properties
+            except ValueError:
+                pass  # not encodable: _sendable leaves it out
+
+
+def _in_bulk(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` as :func:`bulk_work` (on the writer thread)."""
+    with bulk_work():
+        return fn(*args, **kwargs)
 
 
 def check_peer_fields(unit: KnowledgeUnit) -> None:
@@ -462,6 +480,9 @@ class Gossip:
         #: new link these are offered again).
         self._inflight: dict[str, dict[str, tuple[int, float]]] = {}
         self._confirm_scheduled: set[str] = set()
+        #: Per peer, unit frames waiting to go out, one per reactor turn (see
+        #: :meth:`_send_page`); present while a drain is scheduled.
+        self._outbox: dict[str, deque[tuple[str, dict[str, int], list[Encoded]]]] = {}
         self._stopped = False
         #: peer -> (minute, warnings logged in it)
         self._warned: dict[str, tuple[int, int]] = {}
@@ -558,6 +579,7 @@ class Gossip:
     def _link_up(self, peer_id: str) -> None:
         # A new link: whatever was in flight on an old one may be lost.
         self._inflight.pop(peer_id, None)
+        self._outbox.pop(peer_id, None)
         self._snapshot_bytes.pop(peer_id, None)
         if not self.active() or peer_id not in self.mesh.connected_peers():
             return
@@ -580,6 +602,7 @@ class Gossip:
         """Merge what arrived of an unfinished snapshot; drop the buffer."""
         # Queued but not known to have arrived: offered again on the next link.
         self._inflight.pop(peer_id, None)
+        self._outbox.pop(peer_id, None)
         self._snapshot_bytes.pop(peer_id, None)
         if peer_id in self._pages:
             self._flush_pages(peer_id)
@@ -600,6 +623,38 @@ class Gossip:
         if self.mesh.peer_mode(peer_id) != "oneway":
             return ACKS
         return PRINTS if self._direction(peer_id) == "inbound" else SERVES
+
+    def _send_page(
+        self, peer_id: str, msg_type: str, head: dict[str, int], page: list[Encoded]
+    ) -> bool:
+        """
+        Send one frame of units -- or, if one went to ``peer_id`` in this
+        reactor turn, queue it for a later turn (in order): a push round or
+        a snapshot of thousands of units is many ~256 KiB frames, each
+        joined and signed on the reactor, and must not stall it in one turn
+        (issue 13).  False when the link is gone.
+        """
+        box = self._outbox.get(peer_id)
+        if box is not None:
+            box.append((msg_type, head, page))
+            return True
+        if not self.mesh.send(peer_id, msg_type, _units_payload(head, page)):
+            return False
+        if self._call_later is not None and not self._stopped:
+            self._outbox[peer_id] = deque()
+            self._later(0, self._drain_outbox, peer_id)
+        return True
+
+    def _drain_outbox(self, peer_id: str) -> None:
+        box = self._outbox.get(peer_id)
+        if not box:
+            self._outbox.pop(peer_id, None)
+            return
+        msg_type, head, page = box.popleft()
+        if not self.mesh.send(peer_id, msg_type, _units_payload(head, page)):
+            self._outbox.pop(peer_id, None)  # the link is gone: offered again on the next
+            return
+        self._later(0, self._drain_outbox, peer_id)
 
     def _queued(self, peer_id: str, page: list[Encoded]) -> None:
         """``page`` went out to ``peer_id``: in flight until it is known to have arrived."""
@@ -768,8 +823,7 @@ class Gossip:
             return 0
         sent = 0
         for page in _paginate(todo):
-            payload = _units_payload({"sync_epoch": now}, page)
-            if not self.mesh.send(peer_id, codec.KNOWLEDGE_SYNC, payload):
+            if not self._send_page(peer_id, codec.KNOWLEDGE_SYNC, {"sync_epoch": now}, page):
                 break
             self._queued(peer_id, page)
             sent += len(page)
@@ -801,8 +855,8 @@ class Gossip:
         units = self._sendable(ctx.shareable_units(wanted, peer_id, now))
         pages = _paginate(units) or [[]]
         for n, page in enumerate(pages, 1):
-            body = _units_payload({"page": n, "total_pages": len(pages)}, page)
-            if not self.mesh.send(peer_id, codec.KNOWLEDGE_SNAPSHOT, body):
+            head = {"page": n, "total_pages": len(pages)}
+            if not self._send_page(peer_id, codec.KNOWLEDGE_SNAPSHOT, head, page):
                 return
             self._queued(peer_id, page)
         ps.last_sync_epoch = now
@@ -1010,6 +1064,8 @@ class Gossip:
             # Who delivered what, written before the store itself.
             record_deliveries(self.delivery_file, existing, result, peer_id, store.units())
         units = store.units()
+        _warm_wire(units)
+        precompute_verdicts(cfg, units)
         sig = self._signature()
         write_merge_logs(self.home, result, cfg.max_log_bytes)
         # Crossing the cap is counted too: that is what freezes the sender.
@@ -1186,8 +1242,12 @@ class Gossip:
         path = hive_file(self.home, KNOWLEDGE)
 
         def read() -> tuple[Any, list[KnowledgeUnit]]:
-            sig = self._signature()
-            return sig, read_units_file(path).store.units()
+            with bulk_work():  # a whole store's worth of objects
+                sig = self._signature()
+                units = read_units_file(path).store.units()
+                _warm_wire(units)
+                precompute_verdicts(self.config.hive, units)
+                return sig, units
 
         def loaded(result: tuple[Any, list[KnowledgeUnit]]) -> None:
             sig, units = result
@@ -1219,7 +1279,7 @@ class Gossip:
         from claudectl.hive.distill import maybe_distill
 
         d = self.writer.run(
-            maybe_distill, self.home, self.config.hive, self.now(), local_id=self.identity
+            _in_bulk, maybe_distill, self.home, self.config.hive, self.now(), local_id=self.identity
         )
 
         def done(_: Any) -> None:

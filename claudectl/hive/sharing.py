@@ -160,6 +160,18 @@ def _filter_for(config: HiveConfig) -> SharingFilter:
     return hit[1]
 
 
+def precompute_verdicts(config: HiveConfig, units: Iterable[KnowledgeUnit]) -> None:
+    """
+    Work out the sharing filter's verdict on ``units`` now (the service does
+    it on its writer thread when it reads or merges the store), so a push
+    round or a snapshot answer on the reactor finds them cached: about 4 us
+    a unit, 40 ms for 10,000 just-imported units (issue 13).
+    """
+    reason = _filter_for(config).reason
+    for unit in units:
+        reason(unit)
+
+
 # --- exposure ------------------------------------------------------------------------
 
 EXPOSE = "expose"

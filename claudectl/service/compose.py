@@ -58,7 +58,7 @@ from claudectl.relay.admission import with_listen_backlog
 from claudectl.relay.keystore import KeyStore
 from claudectl.relay.node import RelayFactory, RelayNode
 from claudectl.relay.runinfo import remove_runinfo, write_runinfo
-from claudectl.statestore import StateWriter, StateWriterService
+from claudectl.statestore import StateWriter, StateWriterService, freeze_startup_heap
 
 log = Logger()
 
@@ -205,6 +205,9 @@ class RelayService(MultiService):
             else:
                 log.info("keeping a link to {peer_id} at {address}", peer_id=peer, address=address)
             self.node.ensure_dialer(peer, address, self)
+        # What start-up built (modules, classes, configuration) lives as long
+        # as the service: out of the collector's walks (issue 13's stall budget).
+        self.node.reactor.callWhenRunning(freeze_startup_heap)
         # Under twistd, startService runs before the reactor (and its signal
         # handlers): say "ready" only once it really runs.
         self.node.reactor.callWhenRunning(
