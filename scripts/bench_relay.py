@@ -531,7 +531,25 @@ class Client:
             raise BenchError(f"{home.root} holds no key for {server_id}")
         client = cls(transport, home, node, server_id, psk)
         node.mesh.add_link_observer(None, client._down)
+        node.mesh.add_handler(codec.KNOWLEDGE_SYNC, client._ack_sync)
         return client
+
+    def _ack_sync(self, peer_id: str, env: Envelope) -> None:
+        """
+        Acknowledge pushed units as a peer of this project does once it has
+        merged them (``ack``, docs/gossip.md): S then counts them delivered
+        and does not push its whole store again at every new link.
+        """
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        pairs = [
+            [u.get("id"), u.get("version")]
+            for u in payload.get("units") or []
+            if isinstance(u, dict)
+        ]
+        for i in range(0, len(pairs), 4096):
+            self.node.mesh.send(
+                peer_id, codec.ACK, {"ack_id": env.id, "knowledge": pairs[i : i + 4096]}
+            )
 
     @property
     def identity(self) -> str:
