@@ -877,17 +877,20 @@ def make_rows(sizes: Sizes) -> dict[str, Row]:
 # --- the run -----------------------------------------------------------------------------
 
 
-def unit_records(origin: str, n: int, now: int) -> list[dict[str, Any]]:
-    """Shareable pattern units that originated at S (``hive import`` of one's own export)."""
+def unit_records(origin: str, n: int, now: int, tag: str = "bench") -> list[dict[str, Any]]:
+    """
+    Shareable pattern units that originated at ``origin`` (``hive import`` of
+    one's own export); ``tag`` makes them new (another id) for every set.
+    """
     return [
         {
-            "id": f"ku_bench_{i:04d}",
+            "id": f"ku_{tag}_{i:06d}",
             "scope": {"type": "universal"},
             "category": "best_practice",
             "content": {
                 "type": "pattern",
                 "tool": "Bash",
-                "command_pattern": f"bench command {i} --flag",
+                "command_pattern": f"{tag} command {i} --flag",
                 "preferred_action": "approve",
                 "accept_rate": 0.9,
                 "sample_count": 12,

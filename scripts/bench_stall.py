@@ -104,34 +104,6 @@ QUICK = Sizes(
 )
 
 
-def unit_records(origin: str, tag: str, n: int, now: int) -> list[dict[str, Any]]:
-    """Shareable pattern units, new on every run (``tag``)."""
-    return [
-        {
-            "id": f"ku_{tag}_{i:06d}",
-            "scope": {"type": "universal"},
-            "category": "best_practice",
-            "content": {
-                "type": "pattern",
-                "tool": "Bash",
-                "command_pattern": f"stall {tag} command {i} --flag",
-                "preferred_action": "approve",
-                "accept_rate": 0.9,
-                "sample_count": 12,
-                "conditions": [],
-            },
-            "evidence_count": 12,
-            "confidence": 0.9,
-            "source_peer": origin,
-            "originated_at": now,
-            "last_validated_at": now,
-            "propagation_count": 0,
-            "version": 1,
-        }
-        for i in range(n)
-    ]
-
-
 def decision_lines(n: int, start: int) -> bytes:
     """``n`` brain decisions in claudectl 0.64's shape, over a few hundred commands."""
     out = []
@@ -345,7 +317,7 @@ async def one_run(
 
         loader.node.mesh.add_handler(codec.ACK, on_ack)
         proto = await loader.open(reactor, service.address)
-        units = unit_records(loader.identity, f"m{n}", sizes.merge_units, now)
+        units = br.unit_records(loader.identity, sizes.merge_units, now, tag=f"stall_m{n}")
 
         async def merge() -> None:
             for i in range(0, len(units), PAGE_UNITS):
@@ -366,7 +338,9 @@ async def one_run(
 
         doc = base / "import.json"
         doc.write_text(
-            json.dumps(unit_records("peer-imported-0001", f"i{n}", sizes.import_units, now))
+            json.dumps(
+                br.unit_records("peer-imported-0001", sizes.import_units, now, tag=f"stall_i{n}")
+            )
         )
 
         async def import_() -> None:
