@@ -156,9 +156,15 @@ def _run_app(config: Any) -> None:
 
     from claudectl.control.paths import UnsafeSocketDir
 
-    if config.get("logfile") in ("-", "") and not config.get("logger"):
-        # The log goes to the terminal: events carry peers' text.
-        config["logger"] = _clean_stdout_observer
+    logfile = config.get("logfile")
+    if not config.get("logger"):
+        if logfile in ("-", ""):
+            # The log goes to the terminal: events carry peers' text.
+            config["logger"] = _clean_stdout_observer
+        elif logfile:
+            # A log file: the same info-and-up filter (one debug line per
+            # refused or silent connection would let a flood grow the file).
+            config["logger"] = lambda: _clean_file_observer(str(logfile))
     runner = twistd._SomeApplicationRunner(config)
     try:
         runner.run()
@@ -193,6 +199,24 @@ def _clean_stdout_observer() -> Any:
     # textFileLogObserver's lines, made faster (two per link: issue 10).
     return FilteringLogObserver(
         FileLogObserver(CleanWriter.wrap(sys.stdout), classic_log_text),
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+    )
+
+
+def _clean_file_observer(path: str) -> Any:
+    """:func:`_clean_stdout_observer` for ``--logfile FILE`` (rotated as twistd's)."""
+    from twisted.logger import (
+        FileLogObserver,
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+    )
+    from twisted.python.logfile import LogFile
+
+    from claudectl.text import CleanWriter, classic_log_text
+
+    return FilteringLogObserver(
+        FileLogObserver(CleanWriter.wrap(LogFile.fromFullPath(path)), classic_log_text),
         [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
     )
 
