@@ -231,6 +231,30 @@ class DecodeTests(SynchronousTestCase):
         # A \r counts towards the limit (wire.md 1).
         self.assertRaises(ProtocolError, decode, exact + b"\r\n")
 
+    def test_duplicate_members_refused_anywhere_in_a_big_page(self) -> None:
+        # The check is one dict() and a length compare per object: every
+        # object of a snapshot-sized payload is still checked, and the error
+        # names the member.
+        unit = {"id": "ku_1", "content": {"type": "pattern", "conditions": []}, "version": 1}
+        units = [dict(unit, id=f"ku_{i}") for i in range(2000)]
+        page = json.dumps({"page": 1, "total_pages": 1, "units": units}, separators=(",", ":"))
+        line = self.ok % page.encode()
+        env = decode(line)
+        self.assertEqual(len(env.payload["units"]), 2000)
+        self.assertEqual(env.wire_bytes, len(line))
+        head, _, tail = line.rpartition(b'"version":1}]')
+        last_version_twice = head + b'"version":1,"version":2}]' + tail
+        head, _, tail = line.rpartition(b'"conditions":[]}')
+        deep_type_twice = head + b'"conditions":[],"type":"x"}' + tail
+        for bad in (last_version_twice, deep_type_twice):
+            with self.assertRaises(ProtocolError) as cm:
+                decode(bad)
+            self.assertIn("duplicate member", str(cm.exception))
+        # The same value twice is a duplicate too; a key repeated in sibling
+        # objects is not.
+        self.assertRaises(ProtocolError, decode, self.ok % b'{"a":1,"b":2,"a":1}')
+        self.assertEqual(decode(self.ok % b'[{"a":1},{"a":1}]').payload, [{"a": 1}, {"a": 1}])
+
     def test_error_messages_name_the_problem(self) -> None:
         with self.assertRaises(ProtocolError) as cm:
             decode(vector("wire.parse.duplicate_member")["input"]["line"].encode())

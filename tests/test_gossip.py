@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -564,13 +564,13 @@ class BulkBatchTests(SynchronousTestCase):
         )
         g = Gossip(home, roomy, FakeMesh("me-1"), "me-1", lambda: NOW)
         # What runs with the collector paused: a batch's work on the writer thread.
-        real = g._commit_batch
+        real = g._commit_batches
 
         def spy(*args: Any) -> Any:
             seen.append(gc.isenabled())
             return real(*args)
 
-        g._commit_batch = spy  # type: ignore[method-assign]
+        g._commit_batches = spy  # type: ignore[method-assign]
         small = [unit_json(f"ku_s{i}", "peer-a", cmd=f"s{i}") for i in range(3)]
         big = [unit_json(f"ku_b{i}", "peer-a", cmd=f"b{i}") for i in range(gossip_mod.BULK_UNITS)]
         g.receive("peer-a", small)
@@ -599,7 +599,113 @@ class BulkBatchTests(SynchronousTestCase):
         def boom(*args: Any) -> Any:
             raise RuntimeError("boom")
 
-        g._commit_batch = boom  # type: ignore[method-assign]
+        g._commit_batches = boom  # type: ignore[method-assign]
         g.receive("peer-a", [{}] * gossip_mod.BULK_UNITS)  # the failure is logged
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(gc.isenabled())
+
+
+class HeldWriter:
+    """A StateWriter whose jobs run only when the test says so (one at a time)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, tuple[Any, ...], dict[str, Any], defer.Deferred[Any]]] = []
+        self.completed = 0
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.jobs.append((fn, args, kwargs, d))
+        return d
+
+    def merges(self) -> int:
+        """Merge jobs waiting (other jobs -- state saves -- are left to run later)."""
+        return sum(1 for job in self.jobs if getattr(job[0], "__name__", "") == "_commit")
+
+    def release(self) -> None:
+        """Run the first waiting merge job."""
+        [i] = [n for n, job in enumerate(self.jobs) if job[0].__name__ == "_commit"][:1]
+        fn, args, kwargs, d = self.jobs.pop(i)
+        self.completed += 1
+        d.callback(fn(*args, **kwargs))
+
+
+class CoalescedMergeTests(SynchronousTestCase):
+    """Batches that arrive while one is being merged are merged together."""
+
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+        self.mesh = FakeMesh("me-1")
+        self.writer = HeldWriter()
+        self.transactions = 0
+        real = gossip_mod.store_transaction
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.transactions += 1
+            return real(*args, **kwargs)
+
+        self.patch(gossip_mod, "store_transaction", counting)
+
+    def make(self, **hive: Any) -> Gossip:
+        config = dataclasses.replace(Config(), hive=dataclasses.replace(HiveConfig(), **hive))
+        g = Gossip(self.home, config, self.mesh, "me-1", lambda: NOW, writer=self.writer)  # type: ignore[arg-type]
+        g.register()
+        return g
+
+    def batch(self, tag: str, source: str, n: int) -> list[dict[str, Any]]:
+        return [unit_json(f"ku_{tag}{i}", source, cmd=f"{tag} {i}") for i in range(n)]
+
+    def test_waiting_batches_share_one_transaction(self) -> None:
+        g = self.make()
+        for p in ("peer-a", "peer-b"):
+            self.mesh.connect(p)
+        self.writer.jobs.clear()  # link-up bookkeeping
+        first = g.receive("peer-a", self.batch("a", "peer-a", 3), ack_id="m1")
+        second = g.receive("peer-a", self.batch("b", "peer-a", 2), ack_id="m2")
+        third = g.receive("peer-b", self.batch("c", "peer-b", 4) + [{"id": 1}], ack_id="m3")
+        self.assertEqual(self.writer.merges(), 1)  # the first batch; the others wait
+        self.writer.release()
+        self.assertEqual(first["accepted"], 3)
+        self.assertEqual(self.writer.merges(), 1)  # both waiting batches, one job
+        self.writer.release()
+        self.assertEqual(self.transactions, 2)
+        self.assertEqual((second["accepted"], third["accepted"], third["bad"]), (2, 4, 1))
+        self.assertEqual(len(stored(self.home)), 9)
+        # Each batch is acknowledged to its sender, under its own frame id.
+        acks = {(to, p["ack_id"]): len(p["knowledge"]) for to, t, p in self.mesh.sent if t == "ack"}
+        self.assertEqual(acks, {("peer-a", "m1"): 3, ("peer-a", "m2"): 2, ("peer-b", "m3"): 4})
+        # delivery.json names each batch's own peer.
+        book = json.loads((self.home.hive / "delivery.json").read_text())["units"]
+        by_id = {e["id"]: e["delivered_by"] for e in book.values()}
+        self.assertEqual(by_id["ku_b0"], ["peer-a"])
+        self.assertEqual(by_id["ku_c0"], ["peer-b"])
+
+    def test_the_daily_cap_spans_coalesced_batches(self) -> None:
+        g = self.make(max_units_per_peer_per_day=5)
+        self.mesh.connect("peer-a")
+        self.writer.jobs.clear()
+        g.receive("peer-a", self.batch("a", "peer-a", 3))
+        second = g.receive("peer-a", self.batch("b", "peer-a", 3))
+        third = g.receive("peer-a", self.batch("c", "peer-a", 3))
+        self.writer.release()
+        self.writer.release()
+        self.assertEqual((second["accepted"], second["dropped"]), (2, 1))
+        self.assertEqual((third["accepted"], third["dropped"]), (0, 3))
+        self.assertEqual(len(stored(self.home)), 5)
+        self.assertEqual(g.counters["dropped_rate_cap"], 4)
+
+    def test_known_batches_write_nothing_and_keep_their_counts(self) -> None:
+        g = self.make()
+        self.mesh.connect("peer-a")
+        self.writer.jobs.clear()
+        units = self.batch("a", "peer-b", 3)  # relayed by peer-a (not its origin)
+        g.receive("peer-a", units)
+        self.writer.release()
+        self.assertEqual(self.transactions, 1)
+        again = g.receive("peer-a", units)
+        g.receive("peer-a", units)
+        self.assertEqual(self.writer.merges(), 1)
+        self.writer.release()  # the second copy alone
+        self.writer.release()  # the third
+        self.assertEqual(self.writer.merges(), 0)
+        self.assertEqual(self.transactions, 1)
+        self.assertEqual(again["duplicates"], 3)

@@ -219,3 +219,39 @@ class TrustByPathTests(SynchronousTestCase):
                 "units) - [hive] x] approve (90%) \u2014 10 decisions "
                 "from peer-b",
             )
+
+
+class BookEncodingTests(SynchronousTestCase):
+    def units(self, n: int, start: int = 0) -> list[KnowledgeUnit]:
+        return [
+            KnowledgeUnit.from_json(unit_json(f"ku_{i}", "peer-b", cmd=f"c{i} \u00e9"))
+            for i in range(start, start + n)
+        ]
+
+    def check(self, book: DeliveryBook) -> None:
+        self.assertEqual(book.encode(), json.dumps(book.to_json(), separators=(",", ":")))
+
+    def test_encoding_follows_every_change(self) -> None:
+        # The text is built from each entry's cached text; whatever happened
+        # to the book, it is what encoding the whole object gives.
+        book = DeliveryBook()
+        self.check(book)
+        a = self.units(3)
+        for u in a:
+            book.record(u, ["peer-c"])
+        self.check(book)
+        b = self.units(2, start=3)
+        for u in b:
+            book.record(u, ["peer-d"])  # only added: put behind the last text
+        self.check(book)
+        book.record(a[1], ["peer-c", "peer-e"])  # an entry inside changes
+        self.check(book)
+        book.keep_only([*a[:1], *b])  # entries go
+        self.check(book)
+        book.record(a[2], ["peer-f"])  # and come back
+        self.check(book)
+        loaded = DeliveryBook.from_json(json.loads(book.encode()))
+        self.check(loaded)
+        self.assertEqual(loaded.entries, book.entries)
+        self.assertEqual(loaded.deliverers(a[1]), ())
+        self.assertEqual(loaded.deliverers(a[2]), ("peer-f",))

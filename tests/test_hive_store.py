@@ -13,13 +13,14 @@ from claudectl.config import HiveConfig
 from claudectl.hive.store import (
     KnowledgeStore,
     compact,
+    forget_held,
     hive_active,
     load_store,
     parse_units,
     store_transaction,
 )
 from claudectl.hive.trust import TrustBook, save_trust
-from claudectl.hive.units import DAY, Pattern, dumps_line
+from claudectl.hive.units import DAY, KnowledgeUnit, Pattern, dumps_line
 from claudectl.relay.keystore import KeyStore, PeerMeta
 from tests.common import subprocess_env, temp_home, vectors
 from tests.test_hive_units import make_unit
@@ -257,3 +258,108 @@ class LineCacheTests(SynchronousTestCase):
         path.write_text(dumps_line(unit).replace('"evidence_count":10', '"evidence_count":11'))
         [read] = load_store(home).store.units()
         self.assertEqual(read.evidence_count, 11)
+
+
+class AppendTests(SynchronousTestCase):
+    """A transaction that only adds units at new keys appends their lines."""
+
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+        self.path = self.home.hive / "knowledge.jsonl"
+        self.addCleanup(forget_held)
+
+    def add(self, *units: KnowledgeUnit) -> None:
+        with store_transaction(self.home, local_id="me", now=NOW) as store:
+            for u in units:
+                store.insert(u)
+
+    def unit(self, i: int, **kw: object) -> KnowledgeUnit:
+        return make_unit(i, source_peer="me", last_validated_at=NOW, **kw)
+
+    def test_new_units_are_appended(self) -> None:
+        self.add(self.unit(1), self.unit(2))
+        before = self.path.read_bytes()
+        ino = self.path.stat().st_ino
+        self.add(self.unit(3), self.unit(4))
+        after = self.path.read_bytes()
+        # The same file, grown by the new lines: nothing before them rewritten.
+        self.assertEqual(self.path.stat().st_ino, ino)
+        self.assertEqual(
+            after, before + dumps_line(self.unit(3)).encode() + dumps_line(self.unit(4)).encode()
+        )
+        # Byte for byte what a rewrite gives.
+        self.assertEqual(after, load_store(self.home).store.to_bytes())
+
+    def test_a_changed_unit_rewrites_the_file(self) -> None:
+        self.add(self.unit(1), self.unit(2))
+        ino = self.path.stat().st_ino
+        self.add(self.unit(1, version=2), self.unit(3))
+        self.assertNotEqual(self.path.stat().st_ino, ino)  # replaced (temp + rename)
+        store = load_store(self.home).store
+        self.assertEqual(
+            [(u.id, u.version) for u in store], [("ku_1_1", 2), ("ku_1_2", 1), ("ku_1_3", 1)]
+        )
+        self.assertEqual(self.path.read_bytes(), store.to_bytes())
+
+    def test_the_empty_store_file_is_rewritten(self) -> None:
+        with store_transaction(self.home, local_id="me", now=NOW):
+            pass
+        self.assertEqual(self.path.read_bytes(), b"\n")
+        self.add(self.unit(1))
+        self.assertEqual(self.path.read_bytes(), dumps_line(self.unit(1)).encode())
+
+    def test_a_torn_last_line_is_quarantined_not_appended_to(self) -> None:
+        # A crash in the middle of an append leaves part of a line behind.
+        self.add(self.unit(1))
+        torn = dumps_line(self.unit(2))[:40]
+        with self.path.open("ab") as f:
+            f.write(torn.encode())
+        self.add(self.unit(3))
+        self.flushLoggedErrors()
+        loaded = load_store(self.home)
+        self.assertEqual(loaded.bad, [])
+        self.assertEqual([u.id for u in loaded.store], ["ku_1_1", "ku_1_3"])
+        [record] = [
+            json.loads(x) for x in (self.home.hive / "quarantine.jsonl").read_text().splitlines()
+        ]
+        self.assertEqual(record["line"], torn)
+
+    def test_a_change_by_another_writer_is_read(self) -> None:
+        self.add(self.unit(1))
+        # Another process replaces the file (as claudectl or the CLI does).
+        other = self.unit(7)
+        (self.home.hive / "new.tmp").write_text(dumps_line(self.unit(1)) + dumps_line(other))
+        (self.home.hive / "new.tmp").replace(self.path)
+        self.add(self.unit(2))
+        self.assertEqual(
+            [u.id for u in load_store(self.home).store], ["ku_1_1", "ku_1_7", "ku_1_2"]
+        )
+
+    def test_a_same_size_edit_in_place_is_read(self) -> None:
+        self.add(self.unit(1), self.unit(2))
+        data = self.path.read_bytes()
+        edited = data.replace(b"cmd1", b"cmd9")
+        self.assertEqual(len(edited), len(data))
+        with self.path.open("r+b") as f:  # same inode, same size
+            f.write(edited)
+        self.add(self.unit(3))
+        self.assertEqual(
+            [u.content.command_pattern for u in load_store(self.home).store],  # type: ignore[attr-defined]
+            ["cmd9", "cmd2", "cmd3"],
+        )
+
+    def test_a_failed_block_leaves_the_held_store_alone(self) -> None:
+        self.add(self.unit(1))
+        with self.assertRaises(RuntimeError):
+            with store_transaction(self.home, local_id="me", now=NOW) as store:
+                store.insert(self.unit(2))
+                store.remove(self.unit(1).semantic_key)
+                raise RuntimeError("boom")
+        self.add(self.unit(3))
+        self.assertEqual([u.id for u in load_store(self.home).store], ["ku_1_1", "ku_1_3"])
+
+    def test_evictions_rewrite(self) -> None:
+        self.add(make_unit(1, source_peer="p", last_validated_at=NOW))
+        self.add(make_unit(2, source_peer="p", last_validated_at=NOW - 31 * DAY), self.unit(3))
+        self.assertEqual([u.id for u in load_store(self.home).store], ["ku_1_1", "ku_1_3"])
+        self.assertEqual(self.path.read_bytes(), load_store(self.home).store.to_bytes())

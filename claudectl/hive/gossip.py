@@ -109,6 +109,9 @@ MAX_UNIT_BYTES = codec.MAX_LINE_BYTES - 16_384
 #: A batch of at least this many units is worked through with the cyclic
 #: garbage collector paused (see :func:`_collector_paused`).
 BULK_UNITS = 100
+#: Batches waiting for the merge before them are merged together, in one
+#: store transaction, up to this many units.
+COALESCE_UNITS = 100_000
 #: How often the service checks the brain's decision log (distil every 10).
 DISTILL_POLL_SECS = 5.0
 
@@ -332,17 +335,28 @@ def check_peer_fields(unit: KnowledgeUnit) -> None:
 def record_deliveries(
     file: DeliveryFile,
     existing: dict[str, KnowledgeUnit],
-    result: BatchResult,
-    peer_id: str,
+    merged: list[tuple[str, BatchResult]],
     stored: list[KnowledgeUnit],
 ) -> None:
     """
-    Remember ``peer_id`` as the deliverer of every unit this batch stored
-    (``delivery.json``; call it holding the store's lock).  A unioned
-    cluster keeps the deliverers of the cluster it was merged into as well.
+    Remember each batch's peer as the deliverer of every unit that batch
+    stored (``merged``: (peer, result) in the order merged into ``existing``;
+    ``delivery.json``, written once; call it holding the store's lock).  A
+    unioned cluster keeps the deliverers of the cluster it was merged into
+    as well.
     """
     book = file.load()
     current = dict(existing)
+    for peer_id, result in merged:
+        _record_batch(book, current, peer_id, result)
+    book.keep_only(stored)
+    if book.changed:
+        file.save(book)
+
+
+def _record_batch(
+    book: DeliveryBook, current: dict[str, KnowledgeUnit], peer_id: str, result: BatchResult
+) -> None:
     for inc, outcome in result.outcomes:
         unit = outcome.store
         if unit is None:
@@ -362,9 +376,6 @@ def record_deliveries(
             via = (*_delivered_by(book, prior), peer_id)
         book.record(unit, via)
         current[unit.semantic_key] = unit
-    book.keep_only(stored)
-    if book.changed:
-        file.save(book)
 
 
 def _delivered_by(book: DeliveryBook, unit: KnowledgeUnit) -> tuple[str, ...]:
@@ -419,6 +430,7 @@ def _all_known(
 class _Commit:
     """What the writer thread did with one batch."""
 
+    #: Receive counts not written (they go back to the reactor's tally).
     counts: dict[str, int]
     good: list[KnowledgeUnit]
     bad: int
@@ -889,7 +901,7 @@ class Gossip:
                 )
             return
         if env.msg_type == codec.KNOWLEDGE_SNAPSHOT:
-            self._snapshot_page(peer_id, payload, raw_units, env.id)
+            self._snapshot_page(peer_id, payload, raw_units, env.id, env.wire_bytes)
             return
         self.receive(peer_id, raw_units, ack_id=env.id)
 
@@ -909,16 +921,28 @@ class Gossip:
         return self._page_bytes.get(peer_id, 0)
 
     def _snapshot_page(
-        self, peer_id: str, payload: dict[str, Any], raw_units: list[Any], ack_id: str = ""
+        self,
+        peer_id: str,
+        payload: dict[str, Any],
+        raw_units: list[Any],
+        ack_id: str = "",
+        frame_bytes: int = 0,
     ) -> None:
-        """Collect a snapshot's pages and merge them in one go (bounded in bytes)."""
+        """
+        Collect a snapshot's pages and merge them in one go (bounded in bytes).
+        A page is charged the bytes of its frame (``frame_bytes``, which hold
+        its units' JSON) or, for a frame not read off the wire, its units
+        encoded again.
+        """
         spent = self._snapshot_bytes.get(peer_id, 0)
         if spent > SNAPSHOT_BUDGET_BYTES:
             return  # over budget: the link is closing, ignore what still arrives
-        try:
-            size = _unit_bytes(raw_units)  # type: ignore[arg-type]
-        except Exception:  # RecursionError on absurd nesting: charge a whole line
-            size = codec.MAX_LINE_BYTES
+        size = frame_bytes
+        if size <= 0:
+            try:
+                size = _unit_bytes(raw_units)  # type: ignore[arg-type]
+            except Exception:  # RecursionError on absurd nesting: charge a whole line
+                size = codec.MAX_LINE_BYTES
         charge = size + SNAPSHOT_ENTRY_CHARGE * len(raw_units) + SNAPSHOT_PAGE_CHARGE
         spent += charge
         self._snapshot_bytes[peer_id] = spent
@@ -989,13 +1013,22 @@ class Gossip:
         return stats
 
     def _next_merge(self) -> None:
-        """Merge the next waiting batch; the one after it waits for its commit."""
+        """
+        Merge every batch waiting (one writer job, one store transaction for
+        all of them, up to :data:`COALESCE_UNITS` units); the batches that
+        arrive meanwhile wait for its commit and go together in the next job.
+        """
         if self._merging or not self._merges:
             return
         self._merging = True
-        batch = self._merges.popleft()
-        d = defer.maybeDeferred(self._merge, *batch)
-        d.addErrback(logged("merging knowledge from " + batch[0]))
+        batches = [self._merges.popleft()]
+        units = len(batches[0][1])
+        while self._merges and units + len(self._merges[0][1]) <= COALESCE_UNITS:
+            units += len(self._merges[0][1])
+            batches.append(self._merges.popleft())
+        d = defer.maybeDeferred(self._merge_batches, batches)
+        peers = ", ".join(dict.fromkeys(b[0] for b in batches))
+        d.addErrback(logged("merging knowledge from " + peers))
 
         def next_one(_: Any) -> None:
             self._merging = False
@@ -1003,42 +1036,62 @@ class Gossip:
 
         d.addBoth(next_one)
 
-    def _merge(
-        self, peer_id: str, raw_units: list[Any], ack_id: str, stats: dict[str, int]
-    ) -> defer.Deferred[Any]:
-        now = self.now()
-        cfg = self.config.hive
-        # The daily rate cap counts new units only (accepted or updated):
-        # duplicates and echoes are free.  What trust.json counted plus what
-        # this process counted but has not written yet.  (A frozen peer still
-        # gossips: freezing keeps its knowledge out of the prompt, not off
-        # the mesh.)
+    def _allowance(self, peer_id: str, now: int) -> int:
+        """
+        New units ``peer_id`` may still bring today.  The daily rate cap
+        counts new units only (accepted or updated): duplicates and echoes are
+        free.  What trust.json counted plus what this process counted but has
+        not written yet.  (A frozen peer still gossips: freezing keeps its
+        knowledge out of the prompt, not off the mesh.)
+        """
         day = str(now // 86400)
         rec_ro = self._trust.get(peer_id)
         already = rec_ro.daily_received.get(day, 0) if rec_ro is not None else 0
         already += self._unrecorded.get(peer_id, 0)
-        allowance = max(0, cfg.max_units_per_peer_per_day - already)
-        self._unrecorded.setdefault(peer_id, 0)  # marks the contact
-        # The counts so far go to trust.json with this batch's (or come back).
+        return max(0, self.config.hive.max_units_per_peer_per_day - already)
+
+    def _merge_batches(self, batches: list[tuple[str, list[Any], str, dict[str, int]]]) -> Any:
+        now = self.now()
+        allowances: dict[str, int] = {}
+        for peer_id, *_ in batches:
+            if peer_id not in allowances:
+                allowances[peer_id] = self._allowance(peer_id, now)
+                self._unrecorded.setdefault(peer_id, 0)  # marks the contact
+        # The counts so far go to trust.json with these batches' (or come back).
         counts, self._unrecorded = self._unrecorded, {}
         d = self.writer.run(
-            self._commit, peer_id, raw_units, allowance, now, counts, self._units_cache
+            self._commit,
+            [(b[0], b[1]) for b in batches],
+            allowances,
+            now,
+            counts,
+            self._units_cache,
         )
-        d.addCallback(self._committed, peer_id, ack_id, stats, now)
+
+        def committed(outs: list[_Commit]) -> None:
+            for out, (peer_id, _, ack_id, stats) in zip(outs, batches, strict=True):
+                self._committed(out, peer_id, ack_id, stats, now)
+
+        d.addCallback(committed)
         return d
+
+    def _merge(
+        self, peer_id: str, raw_units: list[Any], ack_id: str, stats: dict[str, int]
+    ) -> defer.Deferred[Any]:
+        """One batch on its own (see :meth:`_merge_batches`)."""
+        return defer.maybeDeferred(self._merge_batches, [(peer_id, raw_units, ack_id, stats)])
 
     def _commit(
         self,
-        peer_id: str,
-        raw_units: list[Any],
-        allowance: int,
+        batches: list[tuple[str, list[Any]]],
+        allowances: dict[str, int],
         now: int,
         counts: dict[str, int],
         cache: tuple[Any, list[KnowledgeUnit]] | None,
-    ) -> _Commit:
-        """One batch on the writer thread: validate; merge, logs, trust if anything is new."""
-        with _collector_paused(len(raw_units)):
-            return self._commit_batch(peer_id, raw_units, allowance, now, counts, cache)
+    ) -> list[_Commit]:
+        """The writer thread's job: :meth:`_commit_batches`, the collector paused if big."""
+        with _collector_paused(sum(len(raw) for _, raw in batches)):
+            return self._commit_batches(batches, allowances, now, counts, cache)
 
     def _commit_batch(
         self,
@@ -1049,38 +1102,90 @@ class Gossip:
         counts: dict[str, int],
         cache: tuple[Any, list[KnowledgeUnit]] | None,
     ) -> _Commit:
-        out = _Commit(counts, *validate_batch(raw_units))
-        good = out.good
-        if not good or _all_known(cache, self._signature(), good, peer_id):
+        """One batch from ``peer_id`` (:meth:`_commit_batches` of one)."""
+        return self._commit_batches(
+            [(peer_id, raw_units)], {peer_id: allowance}, now, counts, cache
+        )[0]
+
+    def _commit_batches(
+        self,
+        batches: list[tuple[str, list[Any]]],
+        allowances: dict[str, int],
+        now: int,
+        counts: dict[str, int],
+        cache: tuple[Any, list[KnowledgeUnit]] | None,
+    ) -> list[_Commit]:
+        """
+        Batches from one or more peers, in order, on the writer thread: each
+        validated on its own; then ONE store transaction merges them all,
+        ``delivery.json`` and ``trust.json`` are written once, and the merge
+        logs appended once.  Each batch's new units count against its peer's
+        allowance, shared by that peer's batches.  Nothing is written when
+        every batch is empty or already known.
+        """
+        outs = [_Commit({}, *validate_batch(raw)) for _, raw in batches]
+        sig0 = self._signature()
+        todo = [
+            (peer_id, out)
+            for (peer_id, _), out in zip(batches, outs, strict=True)
+            if out.good and not _all_known(cache, sig0, out.good, peer_id)
+        ]
+        if not todo:
             # Copies of what we hold (other paths of the same gossip): no
-            # store transaction, no file rewrite, nothing counted.
-            return out
+            # store transaction, no file rewrite, nothing counted.  The
+            # counts so far come back with the first batch.
+            outs[0].counts = counts
+            return outs
         cfg = self.config.hive
+        remaining = dict(allowances)
+        merged: list[tuple[str, _Commit, BatchResult, dict[str, KnowledgeUnit]]] = []
         # Two short transactions, never nested (no lock-order deadlocks
         # with the CLI): the merge, then the bookkeeping.
         with store_transaction(self.home, local_id=self.identity, config=cfg, now=now) as store:
             existing = store.by_key()
-            result = merge_batch(store, good, self.identity, now, budget=allowance)
+            for peer_id, out in todo:
+                # The store as this batch found it (collisions are per batch).
+                before = store.by_key() if merged else existing
+                left = remaining.get(peer_id, 0)
+                result = merge_batch(store, out.good, self.identity, now, budget=left)
+                remaining[peer_id] = max(0, left - result.accepted - result.updated)
+                merged.append((peer_id, out, result, before))
             # Who delivered what, written before the store itself.
-            record_deliveries(self.delivery_file, existing, result, peer_id, store.units())
+            record_deliveries(
+                self.delivery_file,
+                existing,
+                [(peer_id, result) for peer_id, _, result, _ in merged],
+                store.units(),
+            )
         units = store.units()
-        _warm_wire(units)
-        precompute_verdicts(cfg, units)
         sig = self._signature()
-        write_merge_logs(self.home, result, cfg.max_log_bytes)
-        # Crossing the cap is counted too: that is what freezes the sender.
-        counts[peer_id] = counts.get(peer_id, 0) + result.accepted + result.updated
-        counts[peer_id] += len(result.left_out)
+        logs = BatchResult()
+        for _, _, result, _ in merged:
+            logs.conflicts.extend(result.conflicts)
+            logs.resolutions.extend(result.resolutions)
+        write_merge_logs(self.home, logs, cfg.max_log_bytes)
+        collisions = []
+        for peer_id, _, result, _ in merged:
+            # Crossing the cap is counted too: that is what freezes the sender.
+            counts[peer_id] = counts.get(peer_id, 0) + result.accepted + result.updated
+            counts[peer_id] += len(result.left_out)
         with trust_transaction(self.home, cfg.default_trust) as book:
             self._write_counts(book, counts, now)
-            collisions = book.check_collisions(existing, good, peer_id, self.identity, now)
-            rec = book.ensure(peer_id, now)
-            rec.knowledge_accepted += result.accepted + result.updated
-            rec.knowledge_conflicted += result.rejected
+            for peer_id, out, result, before in merged:
+                collisions += book.check_collisions(before, out.good, peer_id, self.identity, now)
+                rec = book.ensure(peer_id, now)
+                rec.knowledge_accepted += result.accepted + result.updated
+                rec.knowledge_conflicted += result.rejected
         if collisions:
             log_collisions(self.home, collisions, cfg.max_log_bytes)
-        out.committed = (result, units, sig, book)
-        return out
+        for _, out, result, _ in merged:
+            out.committed = (result, units, sig, book)
+        # What a push round or a snapshot answer will need, made here rather
+        # than on the reactor (cached per unit object: the units stored
+        # before cost a lookup).
+        _warm_wire(units)
+        precompute_verdicts(cfg, units)
+        return outs
 
     def _committed(
         self, out: _Commit, peer_id: str, ack_id: str, stats: dict[str, int], now: int

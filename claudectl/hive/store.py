@@ -10,19 +10,26 @@ happen to share an id (defect H16) no longer overwrite each other.
 :func:`store_transaction` is the only way stored knowledge changes: it takes
 the advisory lock, loads the file, lets the caller change the store, applies
 the bounds (:func:`compact`), archives what was evicted and writes the file
-atomically.  Lines that cannot be read are appended, with the reason, to
-``quarantine.jsonl`` before the rewrite, so nothing is lost silently (H5).
+atomically -- or, when the transaction only added units at new keys to a
+file that ends in a whole line, appends their lines (one write, fsync).  A
+file this process left as it is (same signature and last bytes) is not read
+again: the transaction starts from the units it wrote.  Lines that cannot be
+read are appended, with the reason, to ``quarantine.jsonl`` before the
+rewrite, so nothing is lost silently (H5); a line torn by a crash during an
+append is such a line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from claudectl.atomic import append_line, atomic_write, locked
+from claudectl.atomic import append_line, atomic_write, fsync_append, locked
 from claudectl.config import HiveConfig
 from claudectl.hive.logs import COLLISIONS as COLLISIONS  # re-exported
 from claudectl.hive.logs import append_log as append_log  # re-exported
@@ -102,6 +109,13 @@ class KnowledgeStore:
         for unit in gone:
             del self._by_key[unit.semantic_key]
         return gone
+
+    @classmethod
+    def _of(cls, by_key: dict[str, KnowledgeUnit]) -> KnowledgeStore:
+        """A store that takes ``by_key`` as it is (units already keyed)."""
+        store = cls()
+        store._by_key = by_key
+        return store
 
     def replace_all(self, units: Iterable[KnowledgeUnit]) -> None:
         self._by_key = {}
@@ -221,6 +235,112 @@ def save_store(home: Home, store: KnowledgeStore) -> None:
     atomic_write(hive_file(home, KNOWLEDGE), store.to_bytes(), mode=0o600)
 
 
+# --- the store as this process last wrote it ------------------------------------------
+#
+# A transaction that finds knowledge.jsonl exactly as this process left it
+# (same signature, same last bytes) starts from the units it wrote instead of
+# reading and parsing the file again; and one that only adds units at new keys
+# appends their lines (one write, fsync) instead of rewriting the file.  See
+# docs/hive.md, "Appending to knowledge.jsonl".
+
+#: How many of the file's last bytes are compared before the held store is used.
+_TAIL_BYTES = 256
+
+FileSig = tuple[int, int, int, int]
+
+
+@dataclass
+class _Held:
+    sig: FileSig
+    tail: bytes
+    by_key: dict[str, KnowledgeUnit]
+
+
+#: knowledge.jsonl path -> what this process last wrote (or read clean) there.
+_HELD: dict[str, _Held] = {}
+
+
+def _file_sig(fd: int) -> FileSig:
+    st = os.fstat(fd)
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+
+
+def _tail_of(fd: int, size: int, n: int = _TAIL_BYTES) -> bytes:
+    start = max(0, size - n)
+    return os.pread(fd, size - start, start)
+
+
+def _probe(path: Path) -> tuple[FileSig, bytes] | None:
+    """The file's signature and last bytes (None when it is missing)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        sig = _file_sig(fd)
+        return sig, _tail_of(fd, sig[2])
+    finally:
+        os.close(fd)
+
+
+def _hold(path: Path, by_key: dict[str, KnowledgeUnit]) -> None:
+    """Remember ``by_key`` as what ``path`` holds now (call it holding the lock)."""
+    probe = _probe(path)
+    if probe is None:
+        _HELD.pop(str(path), None)
+        return
+    _HELD[str(path)] = _Held(probe[0], probe[1], dict(by_key))
+
+
+def _held_units(path: Path) -> dict[str, KnowledgeUnit] | None:
+    """A copy of the units of ``path`` if it is as this process left it."""
+    held = _HELD.get(str(path))
+    if held is None:
+        return None
+    probe = _probe(path)
+    if probe is None or probe[0] != held.sig or probe[1] != held.tail:
+        del _HELD[str(path)]
+        return None
+    return dict(held.by_key)
+
+
+def forget_held(path: Path | None = None) -> None:
+    """Drop what is held of ``path`` (of every file with None): read it next time."""
+    if path is None:
+        _HELD.clear()
+    else:
+        _HELD.pop(str(path), None)
+
+
+def _appended(
+    before: dict[str, KnowledgeUnit], after: dict[str, KnowledgeUnit]
+) -> list[KnowledgeUnit] | None:
+    """
+    The units ``after`` adds at new keys behind every unit of ``before``,
+    each unchanged and in place; None when ``after`` changed or dropped any.
+    """
+    n = len(before)
+    if len(after) < n:
+        return None
+    keys = list(after)
+    units = list(after.values())
+    if keys[:n] != list(before) or not all(map(operator.is_, units, before.values())):
+        return None
+    return units[n:]
+
+
+def _append_lines(path: Path, units: list[KnowledgeUnit]) -> bool:
+    """
+    Append the lines of ``units`` to ``path`` (one write, then fsync) if its
+    last byte ends a line; False (nothing written) otherwise.
+    """
+    probe = _probe(path)
+    if probe is None or probe[0][2] < 2 or not probe[1].endswith(b"\n"):
+        return False  # missing, the empty store's lone "\n", or a torn last line
+    fsync_append(path, b"".join([_line_for(u) for u in units]))
+    return True
+
+
 def quarantine_lines(home: Home, bad: Iterable[BadLine], source: str, now: int) -> None:
     for b in bad:
         append_line(hive_file(home, QUARANTINE), dumps_record(b.to_record(source, now)))
@@ -327,16 +447,19 @@ def store_transaction(
     Read-modify-write ``knowledge.jsonl`` under its lock.
 
     Unreadable lines are quarantined; superseded duplicates and evicted
-    units go to ``archive.jsonl``; the file is rewritten atomically only if
-    something changed.  If the block raises, nothing is written.
+    units go to ``archive.jsonl``; the file is written only if something
+    changed: the lines of units added at new keys are appended when nothing
+    else changed, otherwise the file is rewritten atomically.  If the block
+    raises, nothing is written.
     """
     config = config or HiveConfig()
     path = hive_file(home, KNOWLEDGE)
     with locked(path):
         t = now_epoch() if now is None else now
-        loaded = read_units_file(path)
+        held = _held_units(path)
+        loaded = read_units_file(path) if held is None else LoadResult(KnowledgeStore._of(held))
         store = loaded.store
-        before = store.snapshot()
+        before = store.by_key()
         yield store
         evicted: list[Eviction] = []
         if apply_bounds:
@@ -349,7 +472,7 @@ def store_transaction(
             )
             if evicted:
                 store.replace_all(kept)
-        changed = store.snapshot() != before
+        after = store._by_key
         if loaded.bad:
             quarantine_lines(home, loaded.bad, KNOWLEDGE, t)
         if loaded.superseded:
@@ -358,8 +481,16 @@ def store_transaction(
             archive_units(home, (e.unit for e in evicted))
             for e in evicted:
                 log.info("evicted {unit_id} ({reason})", unit_id=e.unit.id, reason=e.reason)
-        if changed or loaded.bad or loaded.superseded or not path.exists():
+        forget_held(path)  # until the file is known again
+        if loaded.bad or loaded.superseded or not path.exists():
             save_store(home, store)
+        else:
+            added = _appended(before, after)
+            if added is None:
+                save_store(home, store)  # changed or dropped units: rewrite
+            elif added and not _append_lines(path, added):
+                save_store(home, store)
+        _hold(path, after)
 
 
 def hive_active(home: Home, config: HiveConfig) -> bool:
