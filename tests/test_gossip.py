@@ -709,3 +709,33 @@ class CoalescedMergeTests(SynchronousTestCase):
         self.assertEqual(self.writer.merges(), 0)
         self.assertEqual(self.transactions, 1)
         self.assertEqual(again["duplicates"], 3)
+
+    def test_a_big_batch_is_encoded_for_sending_once_no_batch_waits(self) -> None:
+        g = self.make()
+        self.mesh.connect("peer-a")  # the only peer: nothing goes on at once
+        self.writer.jobs.clear()
+        big = gossip_mod.BULK_UNITS
+        g.receive("peer-a", self.batch("a", "peer-a", big))
+        g.receive("peer-a", self.batch("b", "peer-a", big))
+        self.writer.release()
+        names = [job[0].__name__ for job in self.writer.jobs]
+        self.assertNotIn("_in_bulk", names)  # a batch waits: it goes first
+        self.writer.release()
+        [warm] = [job for job in self.writer.jobs if job[0].__name__ == "_in_bulk"]
+        self.assertEqual(warm[1][0], g._warm_units)
+        units = warm[1][1]
+        self.assertEqual(len(units), 2 * big)
+        self.assertFalse(any("wire_json" in u.__dict__ for u in units))
+        fn, args, kwargs, d = warm
+        d.callback(fn(*args, **kwargs))
+        self.assertTrue(all("wire_json" in u.__dict__ for u in units))
+
+    def test_units_going_on_are_encoded_in_the_merge(self) -> None:
+        g = self.make()
+        self.mesh.connect("peer-a")
+        self.mesh.connect("peer-b")  # they go on to peer-b: encoded at once
+        self.writer.jobs.clear()
+        g.receive("peer-a", self.batch("a", "peer-a", gossip_mod.BULK_UNITS))
+        self.writer.release()
+        assert g._units_cache is not None
+        self.assertTrue(all("wire_json" in u.__dict__ for u in g._units_cache[1]))

@@ -6,21 +6,31 @@ Trust by path: a unit is trusted no more than the peer that delivered it
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
+from hypothesis import given
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.config import Config, HiveConfig
-from claudectl.hive.delivery import DELIVERY, DeliveryBook, fingerprint, load_delivery
+from claudectl.hive.delivery import (
+    DELIVERY,
+    DeliveryBook,
+    _text_from_line,
+    fingerprint,
+    fingerprint_text,
+    load_delivery,
+)
 from claudectl.hive.gossip import Gossip
 from claudectl.hive.prompt import build_prompt
-from claudectl.hive.store import hive_file
+from claudectl.hive.store import canonical_line, hive_file, parse_units
 from claudectl.hive.trust import trust_transaction
-from claudectl.hive.units import KnowledgeUnit
+from claudectl.hive.units import KnowledgeUnit, dumps_line
 from tests.common import FakeMesh, temp_home
 from tests.test_gossip import NOW, stored, unit_json
 from tests.test_hive_cli import run
+from tests.test_hive_units import _units
 
 ME = "me-1"
 LINE = "[Bash, cargo test] approve (90%) \u2014 10 decisions from peer-b"
@@ -255,3 +265,28 @@ class BookEncodingTests(SynchronousTestCase):
         self.assertEqual(loaded.entries, book.entries)
         self.assertEqual(loaded.deliverers(a[1]), ())
         self.assertEqual(loaded.deliverers(a[2]), ("peer-f",))
+
+
+class FingerprintTextTests(SynchronousTestCase):
+    @given(_units)
+    def test_cut_from_the_line_as_if_encoded(self, unit: KnowledgeUnit) -> None:
+        # The fingerprint is cut from the unit's line when it can be: the
+        # same text (so the same fingerprint) as encoding it.
+        fresh = KnowledgeUnit.from_json(unit.to_json())  # no cached forms yet
+        text = fingerprint_text(fresh)
+        self.assertEqual(fingerprint(fresh), hashlib.sha256(text.encode("ascii")).hexdigest()[:32])
+        cut = _text_from_line(fresh, canonical_line(fresh))
+        if cut is not None:
+            self.assertEqual(cut.decode("ascii"), text)
+
+    def test_a_line_spelled_otherwise_is_not_used(self) -> None:
+        # A line read from a file keeps its spelling (claudectl's floats,
+        # spaces): the fingerprint is still the canonical one.
+        unit = KnowledgeUnit.from_json(unit_json("ku_1", "peer-b"))
+        line = dumps_line(unit)
+        spaced = line.replace('"scope":', '"scope": ').replace(":0.9,", ":9e-1,")
+        parsed = parse_units(spaced.encode())
+        [read] = parsed.store.units()
+        self.assertEqual(fingerprint(read), fingerprint(unit))
+        cut = _text_from_line(unit, canonical_line(unit))
+        self.assertEqual(cut, fingerprint_text(unit).encode("ascii"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from claudectl.hive.units import (
     command_matches,
     content_from_json,
     dumps_line,
+    dumps_pretty,
     paginate,
     parse_line,
     rollout_admits,
@@ -462,3 +464,37 @@ class WireFormTests(SynchronousTestCase):
         unit = KnowledgeUnit.from_json(bare)
         self.assertEqual((unit.category, unit.revalidation_interval_secs), ("best_practice", 0))
         self.assertEqual(unit.injection_stats.to_json()["injected_count"], 0)
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=25,
+)
+
+
+class PrettyTests(SynchronousTestCase):
+    @given(_json_values)
+    def test_as_json_dumps_writes_it(self, value: object) -> None:
+        want = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
+        self.assertEqual(dumps_pretty(value), want)
+
+    def test_unusual_values_are_left_to_json_dumps(self) -> None:
+        for value in ({1: "a"}, [{"a": float("nan")}], {"x": OrderedDict(b=1)}):
+            try:
+                want: object = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
+            except ValueError as e:
+                want = type(e)
+            try:
+                got: object = dumps_pretty(value)
+            except ValueError as e:
+                got = type(e)
+            self.assertEqual(got, want)

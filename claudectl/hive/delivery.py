@@ -34,9 +34,11 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
+from math import isfinite
 from typing import Any
 
 from claudectl.atomic import atomic_write
+from claudectl.hive.store import canonical_line
 from claudectl.hive.units import KnowledgeUnit
 from claudectl.home import Home
 from claudectl.lazylog import LazyLogger
@@ -62,10 +64,24 @@ def fingerprint(unit: KnowledgeUnit) -> str:
     hit = _FP_CACHE.get(id(unit))
     if hit is not None and hit[0] is unit:
         return hit[1]
-    # What makes it another unit as far as trust goes (content keys in
-    # claudectl's fixed order); not rollout state, feedback or hops.
+    text = _text_from_line(unit, canonical_line(unit))
+    if text is None:
+        text = fingerprint_text(unit).encode("ascii")
+    fp = hashlib.sha256(text).hexdigest()[:32]
+    if len(_FP_CACHE) >= _FP_CACHE_MAX:
+        _FP_CACHE.clear()
+    _FP_CACHE[id(unit)] = (unit, fp)
+    return fp
+
+
+def fingerprint_text(unit: KnowledgeUnit) -> str:
+    """
+    What the fingerprint hashes: what makes it another unit as far as trust
+    goes (content keys in claudectl's fixed order); not rollout state,
+    feedback or hops.  Compact JSON, ASCII only.
+    """
     as_json = unit.wire_dict  # built once per unit object
-    text = _ENCODE(
+    return _ENCODE(
         [
             unit.id,
             unit.source_peer,
@@ -80,11 +96,59 @@ def fingerprint(unit: KnowledgeUnit) -> str:
             unit.revalidation_interval_secs,
         ]
     )
-    fp = hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
-    if len(_FP_CACHE) >= _FP_CACHE_MAX:
-        _FP_CACHE.clear()
-    _FP_CACHE[id(unit)] = (unit, fp)
-    return fp
+
+
+def _text_from_line(unit: KnowledgeUnit, line: bytes) -> bytes | None:
+    """
+    :func:`fingerprint_text` cut from the unit's canonical ``knowledge.jsonl``
+    line (compact, claudectl's key order), which holds the same JSON for the
+    scope and the content: the content is not encoded a second time.  Only
+    for an ASCII line (the fingerprint escapes everything else); None when
+    the line is not laid out as expected (then the text is encoded).
+    """
+    if not line.isascii():
+        return None
+    # The members before "evidence_count" are id, scope, category and content,
+    # in that order; a quote inside a string is escaped, so each marker is
+    # found where that member starts.
+    i = line.find(b',"scope":')
+    j = line.find(b',"category":', i)
+    k = line.find(b',"content":', j)
+    m = line.find(b',"evidence_count":', k)
+    if not (line.startswith(b'{"id":') and 0 < i < j < k < m):
+        return None
+    ints = (
+        unit.version,
+        unit.evidence_count,
+        unit.originated_at,
+        unit.last_validated_at,
+        unit.revalidation_interval_secs,
+    )
+    conf = unit.confidence
+    if any(type(n) is not int for n in ints) or type(conf) is not float or not isfinite(conf):
+        return None  # JSON's spelling of anything else is left to the encoder
+    return b"".join(
+        (
+            b"[",
+            line[6:i],
+            b",",
+            _ENCODE(unit.source_peer).encode("ascii"),
+            b",%d," % unit.version,
+            line[i + 9 : j],
+            b",",
+            line[j + 12 : k],
+            b",",
+            line[k + 11 : m],
+            b",%d,%s,%d,%d,%d]"
+            % (
+                unit.evidence_count,
+                float.__repr__(conf).encode("ascii"),
+                unit.originated_at,
+                unit.last_validated_at,
+                unit.revalidation_interval_secs,
+            ),
+        )
+    )
 
 
 class DeliveryBook:

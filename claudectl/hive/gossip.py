@@ -76,6 +76,7 @@ from claudectl.hive.units import (
     ApproachCluster,
     KnowledgeUnit,
     UnitError,
+    dumps_pretty,
     paginate,
 )
 from claudectl.home import Home
@@ -236,7 +237,9 @@ class SyncState:
     @staticmethod
     def encode(peers: list[PeerSync]) -> bytes:
         data = {p.peer_id: p.to_json() for p in sorted(peers, key=lambda p: p.peer_id)}
-        return json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
+        # json.dumps(data, indent=2, ensure_ascii=False), without the pure-Python
+        # encoder's cost per id (a second for 50,000 units sent and received).
+        return dumps_pretty(data).encode("utf-8")
 
     def write(self, peers: list[PeerSync]) -> None:
         """Encode and write a snapshot (on the writer thread)."""
@@ -469,11 +472,15 @@ class Gossip:
         self.delivery_file = DeliveryFile(home)
         self._file_sig: tuple[int, int, int] | None = self._signature()
         self._units_cache: tuple[tuple[int, int, int] | None, list[KnowledgeUnit]] | None = None
+        #: knowledge.jsonl's signature after the last merge wrote it (writer thread).
+        self._commit_sig: tuple[int, int, int] | None = None
         #: trust.json as last read or written by us (the reactor's copy).
         self._trust: TrustBook = load_trust(home, config.hive.default_trust)
         #: Batches waiting for the merge before them (one merge at a time).
         self._merges: deque[tuple[str, list[Any], str, dict[str, int]]] = deque()
         self._merging = False
+        #: Stored units wait to be encoded for sending (see :meth:`_merge_batches`).
+        self._warm_pending = False
         self._distilling = False
         self._push_scheduled = False
         self._save_scheduled = False
@@ -1033,8 +1040,25 @@ class Gossip:
         def next_one(_: Any) -> None:
             self._merging = False
             self._next_merge()
+            if not self._merging and self._warm_pending:
+                self._warm_stored()
 
         d.addBoth(next_one)
+
+    def _warm_stored(self) -> None:
+        """Encode the stored units for the push rounds and answers to come (writer thread)."""
+        self._warm_pending = False
+        if self._units_cache is None:
+            return
+        d = self.writer.run(_in_bulk, self._warm_units, self._units_cache[1])
+        d.addErrback(logged("encoding the stored units"))
+
+    def _warm_units(self, units: list[KnowledgeUnit]) -> None:
+        # What a push round or a snapshot answer will need, made on the
+        # writer thread rather than on the reactor (cached per unit object:
+        # the units stored before cost a lookup).
+        _warm_wire(units)
+        precompute_verdicts(self.config.hive, units)
 
     def _allowance(self, peer_id: str, now: int) -> int:
         """
@@ -1059,6 +1083,12 @@ class Gossip:
                 self._unrecorded.setdefault(peer_id, 0)  # marks the contact
         # The counts so far go to trust.json with these batches' (or come back).
         counts, self._unrecorded = self._unrecorded, {}
+        # The new units are encoded for sending in the same job when they go
+        # on to another peer now (or are few); else once no batch waits, so
+        # that a big snapshot's next pages are not kept waiting for it.
+        warm = sum(len(b[1]) for b in batches) < BULK_UNITS or any(
+            p not in allowances for p in self.mesh.connected_peers()
+        )
         d = self.writer.run(
             self._commit,
             [(b[0], b[1]) for b in batches],
@@ -1066,9 +1096,12 @@ class Gossip:
             now,
             counts,
             self._units_cache,
+            warm,
         )
 
         def committed(outs: list[_Commit]) -> None:
+            if not warm:
+                self._warm_pending = True
             for out, (peer_id, _, ack_id, stats) in zip(outs, batches, strict=True):
                 self._committed(out, peer_id, ack_id, stats, now)
 
@@ -1088,10 +1121,11 @@ class Gossip:
         now: int,
         counts: dict[str, int],
         cache: tuple[Any, list[KnowledgeUnit]] | None,
+        warm: bool = True,
     ) -> list[_Commit]:
         """The writer thread's job: :meth:`_commit_batches`, the collector paused if big."""
         with _collector_paused(sum(len(raw) for _, raw in batches)):
-            return self._commit_batches(batches, allowances, now, counts, cache)
+            return self._commit_batches(batches, allowances, now, counts, cache, warm)
 
     def _commit_batch(
         self,
@@ -1114,6 +1148,7 @@ class Gossip:
         now: int,
         counts: dict[str, int],
         cache: tuple[Any, list[KnowledgeUnit]] | None,
+        warm: bool = True,
     ) -> list[_Commit]:
         """
         Batches from one or more peers, in order, on the writer thread: each
@@ -1121,7 +1156,8 @@ class Gossip:
         ``delivery.json`` and ``trust.json`` are written once, and the merge
         logs appended once.  Each batch's new units count against its peer's
         allowance, shared by that peer's batches.  Nothing is written when
-        every batch is empty or already known.
+        every batch is empty or already known.  With ``warm``, the stored
+        units are encoded for sending here too (see :meth:`_warm_units`).
         """
         outs = [_Commit({}, *validate_batch(raw)) for _, raw in batches]
         sig0 = self._signature()
@@ -1158,7 +1194,7 @@ class Gossip:
                 store.units(),
             )
         units = store.units()
-        sig = self._signature()
+        sig = self._commit_sig = self._signature()
         logs = BatchResult()
         for _, _, result, _ in merged:
             logs.conflicts.extend(result.conflicts)
@@ -1180,11 +1216,8 @@ class Gossip:
             log_collisions(self.home, collisions, cfg.max_log_bytes)
         for _, out, result, _ in merged:
             out.committed = (result, units, sig, book)
-        # What a push round or a snapshot answer will need, made here rather
-        # than on the reactor (cached per unit object: the units stored
-        # before cost a lookup).
-        _warm_wire(units)
-        precompute_verdicts(cfg, units)
+        if warm:
+            self._warm_units(units)
         return outs
 
     def _committed(
@@ -1346,16 +1379,22 @@ class Gossip:
             return None  # our own write: the cache already holds it
         path = hive_file(self.home, KNOWLEDGE)
 
-        def read() -> tuple[Any, list[KnowledgeUnit]]:
+        def read() -> tuple[Any, list[KnowledgeUnit] | None]:
+            sig = self._signature()
+            if not first and sig is not None and sig == self._commit_sig:
+                # Our own merge's write (its notice came after the commit's
+                # callback was queued): the commit brought its units.
+                return sig, None
             with bulk_work():  # a whole store's worth of objects
-                sig = self._signature()
                 units = read_units_file(path).store.units()
                 _warm_wire(units)
                 precompute_verdicts(self.config.hive, units)
                 return sig, units
 
-        def loaded(result: tuple[Any, list[KnowledgeUnit]]) -> None:
+        def loaded(result: tuple[Any, list[KnowledgeUnit] | None]) -> None:
             sig, units = result
+            if units is None:
+                return
             self._units_cache = (sig, units)
             if sig != self._file_sig:
                 self._file_sig = sig

@@ -174,28 +174,48 @@ def _parse_cached(raw: bytes) -> KnowledgeUnit:
             _LINE_CACHE.clear()
             _BYTES_OF.clear()
         _LINE_CACHE[raw] = unit
-        _BYTES_OF[id(unit)] = (unit, raw + b"\n")
+        _BYTES_OF[id(unit)] = (unit, raw + b"\n", False)
     return unit
 
 
 #: The stored line of a unit object (by identity; the entry keeps the unit
-#: alive, so an id is never reused while it is cached).
-_BYTES_OF: dict[int, tuple[KnowledgeUnit, bytes]] = {}
+#: alive, so an id is never reused while it is cached), and whether it is
+#: :func:`dumps_line`'s (else: the line as read from the file, kept as it was).
+_BYTES_OF: dict[int, tuple[KnowledgeUnit, bytes, bool]] = {}
 
 
 def _line_for(unit: KnowledgeUnit) -> bytes:
     hit = _BYTES_OF.get(id(unit))
     if hit is not None and hit[0] is unit:
         return hit[1]
+    return _encode_line(unit)
+
+
+def _encode_line(unit: KnowledgeUnit) -> bytes:
     line = dumps_line(unit).encode("utf-8")
     if len(_BYTES_OF) >= _LINE_CACHE_MAX or len(_LINE_CACHE) >= _LINE_CACHE_MAX:
         _BYTES_OF.clear()
         _LINE_CACHE.clear()
-    _BYTES_OF[id(unit)] = (unit, line)
+    _BYTES_OF[id(unit)] = (unit, line, True)
     # The next read of the file we are writing finds this line parsed: a
     # unit read back from its own line is this unit (no second validation).
     _LINE_CACHE.setdefault(line[:-1], unit)
     return line
+
+
+def canonical_line(unit: KnowledgeUnit) -> bytes:
+    """
+    ``dumps_line(unit)`` as bytes, cached like the lines :func:`to_bytes`
+    writes (a unit's fingerprint is made from it, then its line is written
+    without being encoded again).  A line read from a file, which may be
+    spelled otherwise, is kept for writing; this gives the canonical one.
+    """
+    hit = _BYTES_OF.get(id(unit))
+    if hit is not None and hit[0] is unit:
+        if hit[2]:
+            return hit[1]
+        return dumps_line(unit).encode("utf-8")
+    return _encode_line(unit)
 
 
 def parse_units(data: bytes) -> LoadResult:
@@ -219,6 +239,18 @@ def parse_units(data: bytes) -> LoadResult:
 
 
 def read_units_file(path: Path) -> LoadResult:
+    """
+    Read a units file.  A ``knowledge.jsonl`` this process left as it is
+    (:func:`store_transaction`) is not read again: its units are the ones
+    written (the same objects).
+    """
+    held = _held_units(path)
+    if held is not None:
+        return LoadResult(KnowledgeStore._of(held))
+    return _read_file(path)
+
+
+def _read_file(path: Path) -> LoadResult:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -299,7 +331,8 @@ def _held_units(path: Path) -> dict[str, KnowledgeUnit] | None:
         return None
     probe = _probe(path)
     if probe is None or probe[0] != held.sig or probe[1] != held.tail:
-        del _HELD[str(path)]
+        if _HELD.get(str(path)) is held:  # (readers on other threads look too)
+            _HELD.pop(str(path), None)
         return None
     return dict(held.by_key)
 
@@ -456,8 +489,7 @@ def store_transaction(
     path = hive_file(home, KNOWLEDGE)
     with locked(path):
         t = now_epoch() if now is None else now
-        held = _held_units(path)
-        loaded = read_units_file(path) if held is None else LoadResult(KnowledgeStore._of(held))
+        loaded = read_units_file(path)
         store = loaded.store
         before = store.by_key()
         yield store

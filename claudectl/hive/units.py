@@ -899,8 +899,65 @@ def dumps_record(record: Mapping[str, Any]) -> str:
 
 
 def dumps_pretty(value: Any) -> str:
-    """Pretty JSON as claudectl prints exports: 2-space indent, UTF-8."""
-    return json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
+    """
+    Pretty JSON as claudectl prints exports: 2-space indent, UTF-8.  Exactly
+    ``json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)``,
+    without its pure-Python encoder's cost per item (the json module only
+    uses its C encoder without indent): strings, keys and numbers are encoded
+    by the C functions, the layout is put around them here.  Values of other
+    types (subclasses, non-string keys) take ``json.dumps`` itself.
+    """
+    out: list[str] = []
+    try:
+        _pretty(value, "\n", out)
+    except _NotPlain:
+        return json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
+    return "".join(out)
+
+
+class _NotPlain(Exception):
+    """A value :func:`_pretty` leaves to ``json.dumps``."""
+
+
+_ENCODE_STR = json.encoder.encode_basestring
+_ENCODE_SCALAR = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+_SCALARS = (float, bool, type(None))
+
+
+def _pretty(value: Any, newline: str, out: list[str]) -> None:
+    t = type(value)
+    if t is str:
+        out.append(_ENCODE_STR(value))
+    elif t is int:
+        out.append(int.__repr__(value))
+    elif t is dict:
+        if not value:
+            out.append("{}")
+            return
+        inner = newline + "  "
+        sep = "{" + inner
+        for k, v in value.items():
+            if type(k) is not str:
+                raise _NotPlain
+            out.append(sep + _ENCODE_STR(k) + ": ")
+            _pretty(v, inner, out)
+            sep = "," + inner
+        out.append(newline + "}")
+    elif t is list or t is tuple:
+        if not value:
+            out.append("[]")
+            return
+        inner = newline + "  "
+        sep = "[" + inner
+        for v in value:
+            out.append(sep)
+            _pretty(v, inner, out)
+            sep = "," + inner
+        out.append(newline + "]")
+    elif t in _SCALARS:
+        out.append(_ENCODE_SCALAR(value))
+    else:
+        raise _NotPlain
 
 
 def unit_json_len(unit: KnowledgeUnit) -> int:
