@@ -659,9 +659,10 @@ class CoalescedMergeTests(SynchronousTestCase):
         for p in ("peer-a", "peer-b"):
             self.mesh.connect(p)
         self.writer.jobs.clear()  # link-up bookkeeping
-        first = g.receive("peer-a", self.batch("a", "peer-a", 3), ack_id="m1")
-        second = g.receive("peer-a", self.batch("b", "peer-a", 2), ack_id="m2")
-        third = g.receive("peer-b", self.batch("c", "peer-b", 4) + [{"id": 1}], ack_id="m3")
+        # Units relayed from their origin peer-x: each gets its deliverer.
+        first = g.receive("peer-a", self.batch("a", "peer-x", 3), ack_id="m1")
+        second = g.receive("peer-a", self.batch("b", "peer-x", 2), ack_id="m2")
+        third = g.receive("peer-b", self.batch("c", "peer-x", 4) + [{"id": 1}], ack_id="m3")
         self.assertEqual(self.writer.merges(), 1)  # the first batch; the others wait
         self.writer.release()
         self.assertEqual(first["accepted"], 3)

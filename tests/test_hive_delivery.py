@@ -121,6 +121,8 @@ class TrustByPathTests(SynchronousTestCase):
     def test_unit_from_its_origin_keeps_the_origin_tier(self) -> None:
         self.sync("peer-b", unit_json("ku_b", "peer-b"))
         self.assertIn(f"- [hive] {LINE}", self.prompt())
+        # No entry (none is needed): what a unit without one counts as.
+        self.assertEqual(load_delivery(self.home).entries, {})
 
     def test_ignored_deliverer_hides_the_unit(self) -> None:
         self.sync("peer-d", unit_json("ku_d", "peer-b"))
@@ -131,9 +133,12 @@ class TrustByPathTests(SynchronousTestCase):
         # peer-c copies peer-b's unit (even claiming it made no hop) and is first.
         self.sync("peer-c", unit_json("ku_b", "peer-b"))
         self.assertIn("[hive, unverified]", self.prompt())
-        # peer-b itself then sends that very unit: the best path there is.
+        self.assertEqual(len(load_delivery(self.home).entries), 1)
+        # peer-b itself then sends that very unit: the best path there is
+        # (delivered by its origin alone: no entry, as for a unit never relayed).
         self.sync("peer-b", unit_json("ku_b", "peer-b"))
         self.assertIn(f"- [hive] {LINE}", self.prompt())
+        self.assertEqual(load_delivery(self.home).entries, {})
         # Another copy through peer-c changes nothing.
         self.sync("peer-c", unit_json("ku_b", "peer-b"))
         self.assertIn(f"- [hive] {LINE}", self.prompt())
@@ -172,9 +177,9 @@ class TrustByPathTests(SynchronousTestCase):
         self.assertNotEqual(fingerprint(other), fingerprint(held))
         self.assertEqual(book.deliverers(other), ())
         # Entries of units no longer stored are dropped at the next write.
-        self.sync("peer-b", unit_json("ku_y", "peer-b", cmd="ls"))
+        self.sync("peer-c", unit_json("ku_y", "peer-b", cmd="ls"))
         run(self.home, "hive", "forget", "ku_x")
-        self.sync("peer-b", unit_json("ku_z", "peer-b", cmd="pwd"))
+        self.sync("peer-c", unit_json("ku_z", "peer-b", cmd="pwd"))
         ids = {
             e["id"]
             for e in json.loads(hive_file(self.home, DELIVERY).read_text())["units"].values()

@@ -498,3 +498,20 @@ class PrettyTests(SynchronousTestCase):
             except ValueError as e:
                 got = type(e)
             self.assertEqual(got, want)
+
+
+class UnitEncoderTests(SynchronousTestCase):
+    @given(_units)
+    def test_as_the_json_module_encodes_them(self, unit: KnowledgeUnit) -> None:
+        d = unit.to_json()
+        line = json.dumps(d, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        wire = json.dumps(
+            d, separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=True
+        )
+        self.assertEqual(dumps_line(unit), line + "\n")
+        self.assertEqual(unit.wire_json, wire)
+
+    def test_not_a_number_is_refused_as_before(self) -> None:
+        unit = make_unit(1, confidence=float("nan"))
+        self.assertRaises(ValueError, dumps_line, unit)
+        self.assertRaises(ValueError, lambda: unit.wire_json)

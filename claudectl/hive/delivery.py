@@ -23,7 +23,9 @@ brain's feedback and the hop count change, so an entry follows its unit
 through claudectl's rewrites but never applies to a different unit that
 reuses the id.  A unit with no entry (received by claudectl's own relay,
 imported by hand, stored before this file existed) counts as delivered by
-its origin, as in claudectl.  Only gossip writes the file, under the lock of
+its origin, as in claudectl -- so a unit that only its origin delivered
+gets no entry either (a snapshot from the node that made its units writes
+no fingerprint at all).  Only gossip writes the file, under the lock of
 ``knowledge.jsonl``, before the store itself is written; entries of units
 no longer stored are dropped on each write.
 """
@@ -165,9 +167,19 @@ class DeliveryBook:
         self._body = ""
         self._covered = 0
         self._stale = True
+        #: Ids of the entries' units (built when first needed).
+        self._ids: set[str] | None = None
+
+    def entry_ids(self) -> set[str]:
+        """The unit ids that have entries (a unit with another id has none)."""
+        if self._ids is None:
+            self._ids = {e.get("id") for e in self.entries.values()}  # type: ignore[misc]
+        return self._ids
 
     def deliverers(self, unit: KnowledgeUnit) -> tuple[str, ...]:
         """The recorded deliverers of ``unit`` (empty when unknown)."""
+        if unit.id not in self.entry_ids():
+            return ()
         entry = self.entries.get(fingerprint(unit))
         if entry is None:
             return ()
@@ -177,6 +189,10 @@ class DeliveryBook:
         peers = list(dict.fromkeys(deliverers))[:MAX_DELIVERERS]
         if not peers:
             return
+        if peers == [unit.source_peer]:
+            # Delivered by its origin alone: what no entry means.
+            self._forget(unit)
+            return
         entry = {"id": unit.id, "source_peer": unit.source_peer, "delivered_by": peers}
         fp = fingerprint(unit)
         old = self.entries.get(fp)
@@ -185,14 +201,30 @@ class DeliveryBook:
             if old is not None:
                 self._stale = True  # an entry inside the encoded text changed
             self.entries[fp] = entry
+            self.entry_ids().add(unit.id)
             self.changed = True
+
+    def _forget(self, unit: KnowledgeUnit) -> None:
+        if unit.id not in self.entry_ids():
+            return
+        fp = fingerprint(unit)
+        if fp in self.entries:
+            del self.entries[fp]
+            self._ids = None
+            self.changed = True
+            self._stale = True
 
     def keep_only(self, units: Iterable[KnowledgeUnit]) -> None:
         """Drop the entries of units that are no longer stored."""
-        live = {fingerprint(u) for u in units}
+        ids = self.entry_ids()
+        if not ids:
+            return
+        # Only units with an entry's id can have its fingerprint.
+        live = {fingerprint(u) for u in units if u.id in ids}
         kept = {fp: e for fp, e in self.entries.items() if fp in live}
         if len(kept) != len(self.entries):
             self.entries = kept
+            self._ids = None
             self.changed = True
             self._stale = True
 

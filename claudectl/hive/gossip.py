@@ -42,7 +42,7 @@ import gc
 import json
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -410,14 +410,16 @@ def _all_known(
     sig: Any,
     units: list[KnowledgeUnit],
     peer_id: str,
+    recorded: Container[str] = (),
 ) -> bool:
     """True when every unit is already stored at that version by no shorter path
-    (and none comes straight from its origin, whose delivery record may improve)."""
+    (and none comes straight from its origin while ``delivery.json`` has an
+    entry for its id -- ``recorded`` -- that this better path would remove)."""
     if cache is None or cache[0] is None or cache[0] != sig:
         return False
     held = {u.id: u for u in cache[1]}
     for u in units:
-        if u.source_peer == peer_id:
+        if u.source_peer == peer_id and u.id in recorded:
             return False  # from its origin: its delivery record may improve
         h = held.get(u.id)
         if (
@@ -1161,10 +1163,11 @@ class Gossip:
         """
         outs = [_Commit({}, *validate_batch(raw)) for _, raw in batches]
         sig0 = self._signature()
+        recorded = self.delivery_file.load().entry_ids()
         todo = [
             (peer_id, out)
             for (peer_id, _), out in zip(batches, outs, strict=True)
-            if out.good and not _all_known(cache, sig0, out.good, peer_id)
+            if out.good and not _all_known(cache, sig0, out.good, peer_id, recorded)
         ]
         if not todo:
             # Copies of what we hold (other paths of the same gossip): no
