@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 
@@ -10,8 +11,10 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.hive.units import (
+    CONTENT_TYPES,
     DEFAULT_INTERVALS,
     Command,
+    Content,
     KnowledgeUnit,
     Pattern,
     Requires,
@@ -515,3 +518,27 @@ class UnitEncoderTests(SynchronousTestCase):
         unit = make_unit(1, confidence=float("nan"))
         self.assertRaises(ValueError, dumps_line, unit)
         self.assertRaises(ValueError, lambda: unit.wire_json)
+
+
+class ContentSpecTests(SynchronousTestCase):
+    def test_spec_names_every_field(self) -> None:
+        # Content is read by filling the instance from _SPEC directly (no
+        # __init__): a field missing from _SPEC would be missing on the unit.
+        shared = Content._from_obj.__func__  # type: ignore[attr-defined]
+        for tag, cls in CONTENT_TYPES.items():
+            if cls._from_obj.__func__ is not shared:  # type: ignore[attr-defined]
+                continue  # reads itself (Insight: "summary" is summary_text)
+            with self.subTest(tag):
+                names = {f.name for f in dataclasses.fields(cls)}
+                self.assertEqual(names, {s[0] for s in cls._SPEC})
+
+    def test_read_content_equals_constructed(self) -> None:
+        for name, v in HIVE.items():
+            line = v["input"].get("jsonl_line") if name.startswith("hive.unit.") else None
+            if not line or not v["expected"].get("parses"):
+                continue
+            with self.subTest(name):
+                content = parse_line(line).content
+                fields = {f.name: getattr(content, f.name) for f in dataclasses.fields(content)}
+                self.assertEqual(type(content)(**fields), content)
+                self.assertEqual(hash(type(content)(**fields)), hash(content))
