@@ -15,6 +15,7 @@ from claudectl.hive.units import (
     DEFAULT_INTERVALS,
     Command,
     Content,
+    InjectionStats,
     KnowledgeUnit,
     Pattern,
     Requires,
@@ -513,6 +514,25 @@ class UnitEncoderTests(SynchronousTestCase):
         )
         self.assertEqual(dumps_line(unit), line + "\n")
         self.assertEqual(unit.wire_json, wire)
+
+    def test_every_kind_of_unit_line(self) -> None:
+        units = [
+            parse_line(v["input"]["jsonl_line"])
+            for n, v in HIVE.items()
+            if n.startswith("hive.unit.")
+            and "jsonl_line" in v["input"]
+            and v["expected"].get("parses")
+        ]
+        units += [
+            make_unit(1, confidence=1, evidence_count=3),  # an int where a float goes
+            make_unit(2, injection_stats=InjectionStats(3, 2, 1, 99, 100)),
+            make_unit(3, scope=Scope("project", 'caf\u00e9 "x"\n'), id="ku_\u2603"),
+            make_unit(4, sharing_consent=SharingConsent(5, ("peer-b",), None, "trusted")),
+        ]
+        for unit in units:
+            with self.subTest(unit.id):
+                want = json.dumps(unit.to_json(), separators=(",", ":"), ensure_ascii=False)
+                self.assertEqual(dumps_line(unit), want + "\n")
 
     def test_not_a_number_is_refused_as_before(self) -> None:
         unit = make_unit(1, confidence=float("nan"))

@@ -67,6 +67,8 @@ def _where(path: str, key: str) -> str:
 
 
 def _obj(value: Any, path: str) -> Mapping[str, Any]:
+    if type(value) is dict:  # what JSON gives: no ABC check
+        return value
     if not isinstance(value, Mapping):
         raise UnitError(f"{path or 'unit'} must be a JSON object")
     return value
@@ -691,7 +693,14 @@ class InjectionStats:
     @classmethod
     def from_json(cls, value: Any, path: str = "injection_stats") -> InjectionStats:
         obj = _obj(value, path)
-        return cls(*[_int(obj.get(name, 0), f"{path}.{name}", U64_MAX) for name in cls._NAMES])
+        values = [obj.get(name, 0) for name in cls._NAMES]
+        if not all(type(v) is int and 0 <= v <= U64_MAX for v in values):
+            values = [_int(v, f"{path}.{n}", U64_MAX) for n, v in zip(cls._NAMES, values)]
+        if not any(values):
+            return _NO_STATS  # the usual case: nothing injected yet
+        stats = object.__new__(cls)  # checked above: no __init__ needed
+        stats.__dict__.update(zip(cls._NAMES, values))
+        return stats
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._NAMES}
@@ -926,8 +935,85 @@ def loads_json(text: str | bytes) -> Any:
 
 
 def dumps_line(unit: KnowledgeUnit) -> str:
-    """One ``knowledge.jsonl`` line (compact, struct order, with ``\\n``)."""
-    return _UNIT_LINE_ENCODE(unit.wire_dict) + "\n"
+    """
+    One ``knowledge.jsonl`` line (compact, struct order, with ``\\n``):
+    exactly what encoding :meth:`KnowledgeUnit.to_json` gives, put together
+    from the unit's fields (the scope's and the rollout stats' JSON is cached
+    by value, only the content is encoded) rather than from a dict built
+    for it: a merged snapshot writes a line per unit.
+    """
+    u = unit
+    parts = [
+        '{"id":',
+        _str_json(u.id),
+        ',"scope":',
+        _cached_json(u.scope),
+        ',"category":',
+        _str_json(u.category),
+        ',"content":',
+        _UNIT_LINE_ENCODE(u.content.to_json()),
+        ',"evidence_count":',
+        _num_json(u.evidence_count),
+        ',"confidence":',
+        _num_json(u.confidence),
+        ',"source_peer":',
+        _str_json(u.source_peer),
+        ',"originated_at":',
+        _num_json(u.originated_at),
+        ',"last_validated_at":',
+        _num_json(u.last_validated_at),
+        ',"propagation_count":',
+        _num_json(u.propagation_count),
+        ',"version":',
+        _num_json(u.version),
+        ',"revalidation_interval_secs":',
+        _num_json(u.revalidation_interval_secs),
+        ',"injection_state":',
+        _str_json(u.injection_state),
+        ',"injection_stats":',
+        _NO_STATS_JSON
+        if u.injection_stats is _NO_STATS
+        else _UNIT_LINE_ENCODE(u.injection_stats.to_json()),
+    ]
+    if u.sharing_consent is not None:
+        parts += (',"sharing_consent":', _UNIT_LINE_ENCODE(u.sharing_consent.to_json()))
+    parts.append("}\n")
+    return "".join(parts)
+
+
+_encode_basestring = json.encoder.encode_basestring
+_isfinite_float = math.isfinite
+
+
+def _str_json(value: Any) -> str:
+    if type(value) is str:
+        return _encode_basestring(value)
+    return _LINE_ENCODE(value)  # (what json makes of anything else, or its error)
+
+
+def _num_json(value: Any) -> str:
+    t = type(value)
+    if t is int:
+        return int.__repr__(value)
+    if t is float and _isfinite_float(value):
+        return float.__repr__(value)
+    return _LINE_ENCODE(value)  # (bool, None, NaN refused: as json does)
+
+
+#: The JSON of scopes by value (strings only: equal scopes encode alike);
+#: most units share a handful.
+_SCOPE_JSON: dict[Scope, str] = {}
+_NO_STATS_JSON = json.dumps(_NO_STATS.to_json(), separators=(",", ":"))
+
+
+def _cached_json(scope: Scope) -> str:
+    text = _SCOPE_JSON.get(scope)
+    if text is None:
+        text = _UNIT_LINE_ENCODE(scope.to_json())
+        if len(_SCOPE_JSON) >= 4096:
+            _SCOPE_JSON.clear()
+        _SCOPE_JSON[scope] = text
+    return text
 
 
 def parse_line(line: str | bytes) -> KnowledgeUnit:
