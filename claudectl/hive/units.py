@@ -695,11 +695,13 @@ class InjectionStats:
         obj = _obj(value, path)
         values = [obj.get(name, 0) for name in cls._NAMES]
         if not all(type(v) is int and 0 <= v <= U64_MAX for v in values):
-            values = [_int(v, f"{path}.{n}", U64_MAX) for n, v in zip(cls._NAMES, values)]
+            values = [
+                _int(v, f"{path}.{n}", U64_MAX) for n, v in zip(cls._NAMES, values, strict=True)
+            ]
         if not any(values):
             return _NO_STATS  # the usual case: nothing injected yet
         stats = object.__new__(cls)  # checked above: no __init__ needed
-        stats.__dict__.update(zip(cls._NAMES, values))
+        stats.__dict__.update(zip(cls._NAMES, values, strict=True))
         return stats
 
     def to_json(self) -> dict[str, Any]:
