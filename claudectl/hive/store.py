@@ -290,6 +290,8 @@ class _Held:
 
 #: knowledge.jsonl path -> what this process last wrote (or read clean) there.
 _HELD: dict[str, _Held] = {}
+#: Files held at most (the least recently written go first).
+_HELD_FILES = 4
 
 
 def _file_sig(fd: int) -> FileSig:
@@ -318,9 +320,12 @@ def _probe(path: Path) -> tuple[FileSig, bytes] | None:
 def _hold(path: Path, by_key: dict[str, KnowledgeUnit]) -> None:
     """Remember ``by_key`` as what ``path`` holds now (call it holding the lock)."""
     probe = _probe(path)
+    _HELD.pop(str(path), None)
     if probe is None:
-        _HELD.pop(str(path), None)
         return
+    if len(_HELD) >= _HELD_FILES:  # (one home in a service; tests make many)
+        for other in list(_HELD)[: len(_HELD) - _HELD_FILES + 1]:
+            _HELD.pop(other, None)
     _HELD[str(path)] = _Held(probe[0], probe[1], dict(by_key))
 
 
