@@ -269,7 +269,7 @@ class AppendTests(SynchronousTestCase):
         self.addCleanup(forget_held)
 
     def add(self, *units: KnowledgeUnit) -> None:
-        with store_transaction(self.home, local_id="me", now=NOW) as store:
+        with store_transaction(self.home, local_id="me", now=NOW, append=True) as store:
             for u in units:
                 store.insert(u)
 
@@ -289,6 +289,15 @@ class AppendTests(SynchronousTestCase):
         )
         # Byte for byte what a rewrite gives.
         self.assertEqual(after, load_store(self.home).store.to_bytes())
+
+    def test_without_append_the_file_is_replaced_whole(self) -> None:
+        # All or nothing (hive import): a new file renamed over the old one.
+        self.add(self.unit(1))
+        ino = self.path.stat().st_ino
+        with store_transaction(self.home, local_id="me", now=NOW) as store:
+            store.insert(self.unit(2))
+        self.assertNotEqual(self.path.stat().st_ino, ino)
+        self.assertEqual(self.path.read_bytes(), load_store(self.home).store.to_bytes())
 
     def test_a_changed_unit_rewrites_the_file(self) -> None:
         self.add(self.unit(1), self.unit(2))

@@ -1180,7 +1180,11 @@ class Gossip:
         merged: list[tuple[str, _Commit, BatchResult, dict[str, KnowledgeUnit]]] = []
         # Two short transactions, never nested (no lock-order deadlocks
         # with the CLI): the merge, then the bookkeeping.
-        with store_transaction(self.home, local_id=self.identity, config=cfg, now=now) as store:
+        # New units' lines are appended (a batch not written in full is
+        # not acknowledged, so its peer sends it again).
+        with store_transaction(
+            self.home, local_id=self.identity, config=cfg, now=now, append=True
+        ) as store:
             existing = store.by_key()
             for peer_id, out in todo:
                 # The store as this batch found it (collisions are per batch).

@@ -480,15 +480,20 @@ def store_transaction(
     config: HiveConfig | None = None,
     now: int | None = None,
     apply_bounds: bool = True,
+    append: bool = False,
 ) -> Iterator[KnowledgeStore]:
     """
     Read-modify-write ``knowledge.jsonl`` under its lock.
 
     Unreadable lines are quarantined; superseded duplicates and evicted
     units go to ``archive.jsonl``; the file is written only if something
-    changed: the lines of units added at new keys are appended when nothing
-    else changed, otherwise the file is rewritten atomically.  If the block
-    raises, nothing is written.
+    changed, atomically (all or nothing).  With ``append``, a change that
+    only adds units at new keys appends their lines instead (one write,
+    fsync): for a writer whose input is sent again when it was not written
+    in full (gossip: a batch is acknowledged after its commit), since a
+    crash during the append can store part of them and leave a torn last
+    line (quarantined by the next transaction).  If the block raises,
+    nothing is written.
     """
     config = config or HiveConfig()
     path = hive_file(home, KNOWLEDGE)
@@ -519,14 +524,11 @@ def store_transaction(
             for e in evicted:
                 log.info("evicted {unit_id} ({reason})", unit_id=e.unit.id, reason=e.reason)
         forget_held(path)  # until the file is known again
-        if loaded.bad or loaded.superseded or not path.exists():
+        added = _appended(before, after)  # None: a unit changed or went
+        if loaded.bad or loaded.superseded or not path.exists() or added is None:
             save_store(home, store)
-        else:
-            added = _appended(before, after)
-            if added is None:
-                save_store(home, store)  # changed or dropped units: rewrite
-            elif added and not _append_lines(path, added):
-                save_store(home, store)
+        elif added and not (append and _append_lines(path, added)):
+            save_store(home, store)
         _hold(path, after)
 
 
