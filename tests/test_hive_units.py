@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from claudectl.hive import units as units_mod
 from claudectl.hive.units import (
     CONTENT_TYPES,
     DEFAULT_INTERVALS,
@@ -549,7 +550,7 @@ class ContentSpecTests(SynchronousTestCase):
             if cls._from_obj.__func__ is not shared:  # type: ignore[attr-defined]
                 continue  # reads itself (Insight: "summary" is summary_text)
             with self.subTest(tag):
-                names = {f.name for f in dataclasses.fields(cls)}
+                names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
                 self.assertEqual(names, {s[0] for s in cls._SPEC})
 
     def test_read_content_equals_constructed(self) -> None:
@@ -559,6 +560,37 @@ class ContentSpecTests(SynchronousTestCase):
                 continue
             with self.subTest(name):
                 content = parse_line(line).content
-                fields = {f.name: getattr(content, f.name) for f in dataclasses.fields(content)}
+                fields = {f.name: getattr(content, f.name) for f in dataclasses.fields(content)}  # type: ignore[arg-type]
                 self.assertEqual(type(content)(**fields), content)
                 self.assertEqual(hash(type(content)(**fields)), hash(content))
+
+
+_field_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 2**64 + 5)
+    | st.floats()
+    | st.text(max_size=3)
+    | st.lists(st.text(max_size=2) | st.integers(), max_size=2)
+)
+
+
+class FieldReaderTests(SynchronousTestCase):
+    """The generated readers give what _read_field gives, errors included."""
+
+    @given(st.data())
+    def test_same_as_read_field(self, data: st.DataObject) -> None:
+        for specs in [units_mod._UNIT_NUMBERS, *(c._SPEC for c in CONTENT_TYPES.values())]:
+            names = [s[0] for s in specs]
+            obj = data.draw(st.dictionaries(st.sampled_from(names), _field_values))
+            try:
+                want: object = {s[0]: units_mod._read_field(obj, s, "p") for s in specs}
+            except UnitError as e:
+                want = str(e)
+            out: dict[str, object] = {}
+            try:
+                units_mod._field_reader(specs)(obj, "p", out)
+                got: object = out
+            except UnitError as e:
+                got = str(e)
+            self.assertEqual(got, want)
