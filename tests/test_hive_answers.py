@@ -276,7 +276,7 @@ class EngineAnswerTests(SynchronousTestCase):
         sizes = sum(KnowledgeUnit.from_json(r).wire_size for r in records)
         self.assertEqual((ps.units_up - before[0], ps.bytes_up - before[1]), (3, sizes))
         self.assertEqual(
-            {k: v[0] for k, v in self.gossip._inflight["peer-a"].items()},
+            self.gossip._inflight["peer-a"],
             {"ku_0": 1, "ku_1": 1, "ku_2": 1},
         )
         # A since_epoch 0 answer leaves nothing for a push round.

@@ -6,7 +6,7 @@ kept encoded (issue 16).
 A :class:`Page` is one ``knowledge_sync`` or ``knowledge_snapshot`` frame's
 worth of units (at most :data:`~claudectl.hive.units.SNAPSHOT_PAGE_BYTES` of
 unit JSON): its payload spliced from the units' cached wire JSON and turned
-into bytes once, and the ``(id, version)`` lists the sender's bookkeeping
+into bytes once, and the ``id -> version`` map the sender's bookkeeping
 needs, so marking a page in flight is a dict update, not a Python loop.
 
 :class:`AnswerCache` keeps, per peer, the full answer to a
@@ -70,16 +70,16 @@ class Page:
     """One frame's units, what marking them in flight needs, and its last payload."""
 
     units: list[Encoded]
-    ids: list[str] = field(init=False)
-    versions: list[int] = field(init=False)
+    #: unit id -> version: what marking the page in flight adds (one dict
+    #: update; no tuple per unit).
+    versions: dict[str, int] = field(init=False)
     #: Bytes of the units' wire JSON.
     nbytes: int = field(init=False)
     _head: dict[str, int] | None = field(default=None, init=False, repr=False)
     _payload: EncodedPayload | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.ids = [u.id for u, _ in self.units]
-        self.versions = [u.version for u, _ in self.units]
+        self.versions = {u.id: u.version for u, _ in self.units}
         self.nbytes = sum([n for _, n in self.units])
 
     def __len__(self) -> int:
@@ -93,9 +93,9 @@ class Page:
             self._head = dict(head)
         return self._payload
 
-    def in_flight(self, when: float) -> Any:
-        """``(id, (version, when))`` pairs for a dict update."""
-        return zip(self.ids, zip(self.versions, repeat(when), strict=False), strict=True)
+    def queued_at(self, when: float) -> Any:
+        """``(id, when)`` pairs for a dict update."""
+        return zip(self.versions, repeat(when))
 
 
 def pages_of(units: list[Encoded]) -> list[Page]:

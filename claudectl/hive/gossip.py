@@ -52,8 +52,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
-from claudectl.changes import ChangeWatcher
-from claudectl.config import Config
+from claudectl.changes import ChangeWatcher, Signature, signature
+from claudectl.config import Config, HiveConfig
 from claudectl.hive.answers import AnswerCache, Encoded, Page, pages_of
 from claudectl.hive.delivery import DeliveryBook, DeliveryFile, fingerprint
 from claudectl.hive.merge import (
@@ -66,6 +66,7 @@ from claudectl.hive.merge import (
 from claudectl.hive.sharing import EXPOSURE, ShareContext, ShareContexts, precompute_verdicts
 from claudectl.hive.store import (
     KNOWLEDGE,
+    MODE,
     hive_active,
     hive_file,
     read_units_file,
@@ -459,10 +460,13 @@ class Gossip:
         self._snapshot_bytes: dict[str, int] = {}
         self._page_timers: dict[str, Any] = {}
         self._page_ack: dict[str, str] = {}
-        #: Per peer, unit id -> (version, when queued) sent on the current link
-        #: and not yet known to have arrived (memory only: after a restart or a
-        #: new link these are offered again).
-        self._inflight: dict[str, dict[str, tuple[int, float]]] = {}
+        #: Per peer, unit id -> version sent on the current link and not yet
+        #: known to have arrived (memory only: after a restart or a new link
+        #: these are offered again).
+        self._inflight: dict[str, dict[str, int]] = {}
+        #: ... and for a claudectl ``relay serve`` (:data:`SERVES`), which
+        #: never acknowledges, unit id -> when it was queued.
+        self._queued_at: dict[str, dict[str, float]] = {}
         self._confirm_scheduled: set[str] = set()
         #: Per peer, unit frames waiting to go out, one per reactor turn (see
         #: :meth:`_send_page`); present while a drain is scheduled.
@@ -471,6 +475,10 @@ class Gossip:
         self._contexts = ShareContexts(home, identity)
         #: Encoded answers to ``since_epoch: 0`` per peer (issue 16).
         self._answers = AnswerCache()
+        #: ``$HIVE/mode``, its signature and the config when last read (:meth:`active`).
+        self._mode_path = str(hive_file(home, MODE))
+        self._mode_sig: tuple[Signature, HiveConfig] | None = None
+        self._active = False
         self._stopped = False
         #: peer -> (minute, warnings logged in it)
         self._warned: dict[str, tuple[int, int]] = {}
@@ -491,7 +499,13 @@ class Gossip:
         return int(self._now())
 
     def active(self) -> bool:
-        return hive_active(self.home, self.config.hive)
+        """:func:`hive_active`, read again only when ``$HIVE/mode`` changed (a
+        ``stat()``; every request asks) or the config object is another."""
+        sig = (signature(self._mode_path), self.config.hive)
+        if self._mode_sig is None or sig[0] != self._mode_sig[0] or sig[1] is not self._mode_sig[1]:
+            self._active = hive_active(self.home, self.config.hive)
+            self._mode_sig = sig
+        return self._active
 
     # --- sending ------------------------------------------------------------------------
     def _later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Any:
@@ -567,6 +581,7 @@ class Gossip:
     def _link_up(self, peer_id: str) -> None:
         # A new link: whatever was in flight on an old one may be lost.
         self._inflight.pop(peer_id, None)
+        self._queued_at.pop(peer_id, None)
         self._outbox.pop(peer_id, None)
         self._snapshot_bytes.pop(peer_id, None)
         if not self.active() or peer_id not in self.mesh.connected_peers():
@@ -590,6 +605,7 @@ class Gossip:
         """Merge what arrived of an unfinished snapshot; drop the buffer."""
         # Queued but not known to have arrived: offered again on the next link.
         self._inflight.pop(peer_id, None)
+        self._queued_at.pop(peer_id, None)
         self._answers.forget(peer_id)
         self._outbox.pop(peer_id, None)
         self._snapshot_bytes.pop(peer_id, None)
@@ -648,10 +664,11 @@ class Gossip:
         ps = self.state.peer(peer_id)
         # A dict update from the page's id and version lists: no Python loop
         # per unit on the reactor (a snapshot answer is the whole store).
-        self._inflight.setdefault(peer_id, {}).update(page.in_flight(self._now()))
+        self._inflight.setdefault(peer_id, {}).update(page.versions)
         ps.bytes_up += page.nbytes
         ps.units_up += len(page)
         if page and self.delivery(peer_id) == SERVES:
+            self._queued_at.setdefault(peer_id, {}).update(page.queued_at(self._now()))
             self._confirm_later(peer_id)
 
     def _delivered(self, peer_id: str, pairs: list[tuple[str, int]]) -> int:
@@ -660,11 +677,12 @@ class Gossip:
         if not flying:
             return 0
         ps = self.state.peer(peer_id)
+        at = self._queued_at.get(peer_id, {})
         n = 0
         for uid, version in pairs:
-            held = flying.get(uid)
-            if held is not None and held[0] == version:
+            if flying.get(uid) == version:
                 del flying[uid]
+                at.pop(uid, None)
                 ps.sent[uid] = version
                 n += 1
         if n:
@@ -689,7 +707,8 @@ class Gossip:
         if not flying or peer_id not in self.mesh.connected_peers():
             return
         limit = self._now() - (0 if self._call_later is None else self._confirm_secs())
-        done = [(uid, v) for uid, (v, t) in flying.items() if t <= limit]
+        at = self._queued_at.get(peer_id, {})
+        done = [(uid, v) for uid, v in flying.items() if at.get(uid, limit + 1) <= limit]
         self._delivered(peer_id, done)
         if flying:
             self._confirm_later(peer_id)
@@ -799,7 +818,7 @@ class Gossip:
                 [
                     u
                     for u in units
-                    if ps.sent.get(u.id) != u.version and flying.get(u.id, (None,))[0] != u.version
+                    if ps.sent.get(u.id) != u.version and flying.get(u.id) != u.version
                 ],
                 peer_id,
                 now,

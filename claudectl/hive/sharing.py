@@ -332,6 +332,7 @@ class ShareContexts:
     def __init__(self, home: Home, local_id: str) -> None:
         self.home = home
         self.local_id = local_id
+        self._paths = (str(trust_path(home)), str(exposure_path(home)))
         self._ctx: ShareContext | None = None
         self._sigs: tuple[Signature, Signature] = (None, None)
         #: Loads so far (tests and ``relay status`` figures).
@@ -341,7 +342,7 @@ class ShareContexts:
         self._ctx = None
 
     def get(self, config: HiveConfig) -> ShareContext:
-        sigs = (signature(trust_path(self.home)), signature(exposure_path(self.home)))
+        sigs = (signature(self._paths[0]), signature(self._paths[1]))
         ctx = self._ctx
         if ctx is None or ctx.config is not config or sigs != self._sigs:
             ctx = self._ctx = ShareContext.load(self.home, self.local_id, config)
