@@ -47,7 +47,7 @@ Encoded = tuple[KnowledgeUnit, int]
 #: Encoded pages the cache keeps at most (distinct answers; peers with the
 #: same answer share one copy).  A store whose answer is bigger is answered
 #: uncached.
-MAX_CACHED_BYTES = 64 * 1024 * 1024
+MAX_CACHED_BYTES = 16 * 1024 * 1024
 #: Peers the cache keeps an answer for at most.
 MAX_CACHED_PEERS = 1024
 
@@ -62,7 +62,11 @@ def units_payload(head: dict[str, int], units: list[Encoded]) -> EncodedPayload:
         [f'"{k}":{v}' for k, v in sorted(head.items())]
         + ['"units":[' + ",".join([u.wire_json for u, _ in units]) + "]"]
     )
-    return EncodedPayload({**head, "units": [u.wire_dict for u, _ in units]}, "{" + text + "}")
+    # Only the bytes are kept (what the codec writes); ``json`` decodes them
+    # again if someone asks.
+    return EncodedPayload(
+        {**head, "units": [u.wire_dict for u, _ in units]}, raw=("{" + text + "}").encode("utf-8")
+    )
 
 
 @dataclass(eq=False)
@@ -89,7 +93,6 @@ class Page:
         """The frame payload with ``head`` (kept: a snapshot page's head never changes)."""
         if self._payload is None or self._head != head:
             self._payload = units_payload(head, self.units)
-            self._payload.raw  # noqa: B018  # encoded now, once
             self._head = dict(head)
         return self._payload
 
