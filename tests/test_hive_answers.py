@@ -120,6 +120,11 @@ class AnswerCacheTests(SynchronousTestCase):
         for _ in range(2):
             small.answer("peer-a", store, self.ctx, NOW, self.select(store, "peer-a"))
         self.assertEqual(small.built, 2)  # too big to keep: never kept
+        # Two answers that do not fit together: the first is let go.
+        two = AnswerCache(max_bytes=1_700 * 7)
+        two.answer("peer-a", store, self.ctx, NOW, lambda: self.select(store, "peer-a")()[:6])
+        two.answer("peer-b", store, self.ctx, NOW, lambda: self.select(store, "peer-b")()[:5])
+        self.assertEqual(list(two._by_peer), ["peer-b"])
         few = AnswerCache(max_peers=2)
         for p in ("peer-a", "peer-b", "peer-c", "peer-a"):
             few.answer(p, store, self.ctx, NOW, self.select(store, p))

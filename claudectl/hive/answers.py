@@ -212,10 +212,10 @@ class AnswerCache:
         key = tuple([id(u) for u, _ in units])
         shared = self._by_units.get(key)
         if shared is not None:
-            if shared.good_at(now):
-                self._keep(peer_id, shared)
-                return shared
-            self._drop(key, shared)
+            # The same units as another peer's answer: the same pages.  (Good
+            # at ``now``: every unit ``select`` kept is shareable now.)
+            self._keep(peer_id, shared)
+            return shared
         self.built += 1
         answer = Answer.of(units, ctx.config.knowledge_ttl_days)
         size = answer.nbytes
@@ -227,14 +227,6 @@ class AnswerCache:
         self._bytes += size
         self._keep(peer_id, answer)
         return answer
-
-    def _drop(self, key: tuple[int, ...], answer: Answer) -> None:
-        """Forget an answer that expired, and every peer's entry holding it."""
-        del self._by_units[key]
-        self._bytes -= answer.nbytes
-        for peer, held in list(self._by_peer.items()):
-            if held is answer:
-                del self._by_peer[peer]
 
     def _keep(self, peer_id: str, answer: Answer) -> None:
         if peer_id not in self._by_peer and len(self._by_peer) >= self.max_peers:
