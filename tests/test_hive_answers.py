@@ -6,6 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl.config import Config, HiveConfig
@@ -313,3 +314,50 @@ class EngineAnswerTests(SynchronousTestCase):
         ctx = self.gossip._contexts.get(self.gossip.config.hive)
         seen[EXPOSURE](EXPOSURE)
         self.assertIsNot(self.gossip._contexts.get(self.gossip.config.hive), ctx)
+
+
+class PacedAnswerTests(SynchronousTestCase):
+    """A big answer's pages are encoded as they go out, one per reactor turn (issue 13)."""
+
+    def test_pages_are_encoded_when_sent_and_kept(self) -> None:
+        home = temp_home(self)
+        roomy = dataclasses.replace(Config(), hive=dataclasses.replace(HiveConfig(), max_units=0))
+        put(
+            home,
+            "me-1",
+            *(unit(f"ku_p{i:03d}", "peer-b", cmd="x" * 4000 + str(i)) for i in range(300)),
+        )
+        mesh = FakeMesh("me-1", ["peer-a"])
+        clock = Clock()
+        g = Gossip(
+            home,
+            roomy,
+            mesh,
+            "me-1",
+            lambda: NOW,
+            call_later=lambda d, f, *a: clock.callLater(d or 0.001, f, *a),
+        )
+        g.register()
+
+        def ask() -> list[Any]:
+            mesh.sent.clear()
+            mesh.deliver("peer-a", codec.KNOWLEDGE_REQUEST, {"since_epoch": 0})
+            first = len(mesh.sent)
+            for _ in range(20):
+                clock.advance(0.001)
+            self.assertEqual(first, 1)  # one frame in the request's turn
+            return [p for (_, t, p) in mesh.sent if t == codec.KNOWLEDGE_SNAPSHOT]
+
+        mesh.deliver("peer-a", codec.KNOWLEDGE_REQUEST, {"since_epoch": 0})
+        pages = g._answers._by_peer["peer-a"].pages
+        self.assertGreaterEqual(len(pages), 3)
+        self.assertEqual(
+            [p._payload is not None for p in pages], [True] + [False] * (len(pages) - 1)
+        )
+        for _ in range(20):
+            clock.advance(0.001)
+        first = ask()
+        again = ask()
+        self.assertEqual(len(first), len(pages))
+        self.assertEqual([id(p) for p in again], [id(p) for p in first])  # kept, not encoded again
+        self.assertEqual(sum(len(p["units"]) for p in again), 300)

@@ -128,12 +128,14 @@ class Answer:
 
     @property
     def pages(self) -> list[Page]:
-        """The snapshot pages (one empty page when there is nothing), encoded when first asked for."""
+        """
+        The snapshot pages (one empty page when there is nothing).  Each is
+        encoded when it is first sent and keeps its payload (its head never
+        changes): a big answer's pages are encoded one per reactor turn, as
+        the gossip engine sends them, not all at once.
+        """
         if self._pages is None:
-            pages = pages_of(self.units) or [Page([])]
-            for n, page in enumerate(pages, 1):
-                page.payload({"page": n, "total_pages": len(pages)})
-            self._pages = pages
+            self._pages = pages_of(self.units) or [Page([])]
         return self._pages
 
     def good_at(self, now: int) -> bool:
