@@ -361,3 +361,25 @@ class PacedAnswerTests(SynchronousTestCase):
         self.assertEqual(len(first), len(pages))
         self.assertEqual([id(p) for p in again], [id(p) for p in first])  # kept, not encoded again
         self.assertEqual(sum(len(p["units"]) for p in again), 300)
+
+
+class EncodedPayloadTests(SynchronousTestCase):
+    """codec.encode splices an EncodedPayload's bytes: the same frame as encoding the dict."""
+
+    def test_text_or_bytes_give_the_same_frame(self) -> None:
+        value = {"page": 1, "total_pages": 1, "units": [{"a": "caf\u00e9 \U0001f600", "b": 1e-7}]}
+        text = json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+        env = codec.Envelope("msg_1_2", codec.KNOWLEDGE_SNAPSHOT, "me-1", 12, value)
+        plain = codec.encode(env)
+        for payload in (
+            codec.EncodedPayload(value, text),
+            codec.EncodedPayload(value, raw=text.encode("utf-8")),
+        ):
+            self.assertEqual(codec.encode(dataclasses.replace(env, payload=payload)), plain)
+            self.assertEqual(payload.json, text)
+            self.assertEqual(payload.raw, text.encode("utf-8"))
+            self.assertEqual(dict(payload), value)
+        with self.assertRaises(TypeError):
+            codec.EncodedPayload(value)
+        with self.assertRaises(ValueError):
+            codec.encode(dataclasses.replace(env, msg_type="nope", payload=payload))
