@@ -662,7 +662,7 @@ class Gossip:
     def _queued(self, peer_id: str, page: Page) -> None:
         """``page`` went out to ``peer_id``: in flight until it is known to have arrived."""
         ps = self.state.peer(peer_id)
-        # A dict update from the page's id and version lists: no Python loop
+        # One dict update from the page's id -> version map: no Python loop
         # per unit on the reactor (a snapshot answer is the whole store).
         self._inflight.setdefault(peer_id, {}).update(page.versions)
         ps.bytes_up += page.nbytes
