@@ -80,6 +80,10 @@ def ack_all(mesh: FakeMesh, peer: str) -> None:
     mesh.deliver(peer, "ack", {"ack_id": "msg_x", "knowledge": pairs})
 
 
+def stored_all(home: Any) -> list[KnowledgeUnit]:
+    return read_units_file(hive_file(home, "knowledge.jsonl")).store.units()
+
+
 def stored(home: Any) -> dict[str, KnowledgeUnit]:
     return {u.id: u for u in read_units_file(hive_file(home, "knowledge.jsonl")).store.units()}
 
@@ -740,3 +744,17 @@ class CoalescedMergeTests(SynchronousTestCase):
         self.writer.release()
         assert g._units_cache is not None
         self.assertTrue(all("wire_json" in u.__dict__ for u in g._units_cache[1]))
+
+    def test_a_unit_sharing_an_id_with_a_stored_one_is_not_known(self) -> None:
+        # Two machines give the same ids (claudectl's counter, H16): "already
+        # known" goes by semantic key, so the other unit is still merged.
+        g = self.make()
+        self.mesh.connect("peer-a")
+        self.writer.jobs.clear()
+        g.receive("peer-a", [unit_json("ku_1_0", "peer-x", cmd="one")])
+        self.writer.release()
+        g.receive("peer-a", [unit_json("ku_1_0", "peer-x", cmd="two")])
+        self.writer.release()
+        self.assertEqual(self.transactions, 2)
+        stored_cmds = {u.content.command_pattern for u in stored_all(self.home)}  # type: ignore[attr-defined]
+        self.assertEqual(stored_cmds, {"one", "two"})

@@ -42,7 +42,7 @@ import gc
 import json
 import os
 from collections import deque
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,7 @@ from claudectl.hive.sharing import EXPOSURE, ShareContext, ShareContexts, precom
 from claudectl.hive.store import (
     KNOWLEDGE,
     MODE,
+    held_by_key,
     hive_active,
     hive_file,
     read_units_file,
@@ -391,29 +392,43 @@ def validate_batch(raw_units: list[Any]) -> tuple[list[KnowledgeUnit], int, str]
 
 
 def _all_known(
-    cache: tuple[Any, list[KnowledgeUnit]] | None,
-    sig: Any,
+    stored: Mapping[str, KnowledgeUnit] | None,
     units: list[KnowledgeUnit],
     peer_id: str,
     recorded: Container[str] = (),
 ) -> bool:
-    """True when every unit is already stored at that version by no shorter path
-    (and none comes straight from its origin while ``delivery.json`` has an
-    entry for its id -- ``recorded`` -- that this better path would remove)."""
-    if cache is None or cache[0] is None or cache[0] != sig:
+    """True when every unit is already stored (``stored``: the store by
+    semantic key) at that version by no shorter path (and none comes straight
+    from its origin while ``delivery.json`` has an entry for its id --
+    ``recorded`` -- that this better path would remove).  A batch of new
+    units is told at its first unit."""
+    if stored is None:
         return False
-    held = {u.id: u for u in cache[1]}
     for u in units:
         if u.source_peer == peer_id and u.id in recorded:
             return False  # from its origin: its delivery record may improve
-        h = held.get(u.id)
+        h = stored.get(u.semantic_key)
         if (
             h is None
+            or h.id != u.id
             or h.version < u.version
             or (h.version == u.version and h.propagation_count > u.propagation_count)
         ):
             return False
     return True
+
+
+def _stored_by_key(
+    path: Any, cache: tuple[Any, list[KnowledgeUnit]] | None, sig: Any
+) -> Mapping[str, KnowledgeUnit] | None:
+    """The store by semantic key without reading it: what this process left
+    in the file, else the reactor's copy if it is current; else None."""
+    held = held_by_key(path)
+    if held is not None:
+        return held
+    if cache is None or cache[0] is None or cache[0] != sig:
+        return None
+    return {u.semantic_key: u for u in cache[1]}
 
 
 @dataclass
@@ -1185,12 +1200,12 @@ class Gossip:
         units are encoded for sending here too (see :meth:`_warm_units`).
         """
         outs = [_Commit({}, *validate_batch(raw)) for _, raw in batches]
-        sig0 = self._signature()
+        stored = _stored_by_key(hive_file(self.home, KNOWLEDGE), cache, self._signature())
         recorded = self.delivery_file.load().entry_ids()
         todo = [
             (peer_id, out)
             for (peer_id, _), out in zip(batches, outs, strict=True)
-            if out.good and not _all_known(cache, sig0, out.good, peer_id, recorded)
+            if out.good and not _all_known(stored, out.good, peer_id, recorded)
         ]
         if not todo:
             # Copies of what we hold (other paths of the same gossip): no

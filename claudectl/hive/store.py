@@ -342,6 +342,20 @@ def _held_units(path: Path) -> dict[str, KnowledgeUnit] | None:
     return dict(held.by_key)
 
 
+def held_by_key(path: Path) -> Mapping[str, KnowledgeUnit] | None:
+    """
+    The units of ``path`` by semantic key if it is as this process left it:
+    the held mapping itself, not a copy (never change it).
+    """
+    held = _HELD.get(str(path))
+    if held is None:
+        return None
+    probe = _probe(path)
+    if probe is None or probe[0] != held.sig or probe[1] != held.tail:
+        return None
+    return held.by_key
+
+
 def forget_held(path: Path | None = None) -> None:
     """Drop what is held of ``path`` (of every file with None): read it next time."""
     if path is None:
