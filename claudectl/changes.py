@@ -10,9 +10,12 @@ changes state also tells a running service over the control socket
 (:mod:`claudectl.control.notice`), which ends in :meth:`ChangeWatcher.notice`:
 the same callbacks, at once.
 
-Bursts are coalesced: a name noticed several times within
-:data:`SETTLE_SECS` gives one call.  Callbacks run on the reactor and must
-not block: they hand file work to the :class:`~claudectl.statestore.StateWriter`.
+Bursts are coalesced on the leading edge: the first notice of a name is
+passed on in the next reactor turn (a unit written by the CLI should start
+travelling at once, issue 16), further notices within :data:`SETTLE_SECS`
+after that call give one more call at the end of that window.  Callbacks
+run on the reactor and must not block: they hand file work to the
+:class:`~claudectl.statestore.StateWriter`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ log = Logger()
 
 #: The poll period where inotify is missing.
 POLL_SECS = 3.0
-#: Notices of one name within this long are one call.
+#: After a call for a name, further notices of it within this long are one
+#: more call at the end of the window (at most one call per window).
 SETTLE_SECS = 0.05
 
 Signature = tuple[int, int, int] | None
@@ -54,7 +58,12 @@ class ChangeWatcher:
         #: (directory, name) -> callbacks
         self._watched: dict[tuple[Path, str], list[Callable[[str], object]]] = {}
         self._sigs: dict[tuple[Path, str], Signature] = {}
+        #: key -> the call due for it: the leading call (next turn), or the
+        #: end of the settle window after it (key in ``_settling``).
         self._soon: dict[tuple[Path, str], Any] = {}
+        self._settling: set[tuple[Path, str]] = set()
+        #: Keys noticed again inside their settle window.
+        self._again: set[tuple[Path, str]] = set()
         self._inotify: Any = None
         self._poll: LoopingCall | None = None
         self.mode = "stopped"
@@ -107,6 +116,8 @@ class ChangeWatcher:
             if call.active():
                 call.cancel()
         self._soon.clear()
+        self._settling.clear()
+        self._again.clear()
         self.mode = "stopped"
 
     def _event(self, _ignored: Any, path: FilePath[Any], _mask: int) -> None:
@@ -136,17 +147,28 @@ class ChangeWatcher:
                 self._schedule(key)
 
     def _schedule(self, key: tuple[Path, str]) -> None:
-        if key in self._soon:
+        if key in self._settling:
+            self._again.add(key)  # one more call when the window ends
             return
-        self._soon[key] = self.clock.callLater(SETTLE_SECS, self._fire, key)
+        if key in self._soon:
+            return  # the leading call has not run yet: it covers this notice
+        self._soon[key] = self.clock.callLater(0, self._fire, key)
 
     def _fire(self, key: tuple[Path, str]) -> None:
-        self._soon.pop(key, None)
+        self._settling.add(key)
+        self._soon[key] = self.clock.callLater(SETTLE_SECS, self._settled, key)
         for callback in list(self._watched.get(key, ())):
             try:
                 callback(key[1])
             except Exception:
                 log.failure("change callback for {name} failed", name=key[1])
+
+    def _settled(self, key: tuple[Path, str]) -> None:
+        self._soon.pop(key, None)
+        self._settling.discard(key)
+        if key in self._again:
+            self._again.discard(key)
+            self._schedule(key)
 
 
 class ChangeWatcherService(Service):
