@@ -127,14 +127,38 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(sorted(self.synced()), [("peer-b", "ku_dup"), ("peer-c", "ku_dup")])
         self.assertEqual(stored(self.home)["ku_dup"].propagation_count, 2)
-        # Every sender hears that we have it, once it is written.
-        for p in self.PEERS:
-            self.assertEqual(self.acks(p), [["ku_dup", 1]])
+        # The first sender hears that we have it, once it is written; the
+        # others got our copy, which tells them as much: no ack for crossings.
+        self.assertEqual(self.acks("peer-a"), [["ku_dup", 1]])
+        self.assertEqual(self.acks("peer-b"), [])
+        self.assertEqual(self.acks("peer-c"), [])
+
+    def test_crossing_copies_count_as_delivered_both_ways(self) -> None:
+        unit = unit_json("ku_x", "peer-z", hops=1)
+        self.sync("peer-a", unit)
+        self.writer.release()
+        self.clock.advance(0)
+        # peer-b sent its copy before ours reached it; it acks none of ours either.
+        self.sync("peer-b", dict(unit, propagation_count=2))
+        self.writer.release()
+        self.mesh.deliver("peer-b", "ack", {"ack_id": "m", "knowledge": []})
+        self.assertEqual(self.acks("peer-b"), [])
+        ps = self.gossip.state.peer("peer-b")
+        self.assertEqual(ps.sent["ku_x"], 1)  # its copy says it has it
+        # Neither a push round nor the next link sends it to peer-b again.
+        self.mesh.disconnect("peer-b")
+        self.mesh.connect("peer-b")
+        self.clock.advance(LINKUP_PUSH_DELAY_SECS + 1)
+        self.writer.release()
+        self.assertNotIn(("peer-b", "ku_x"), self.synced()[2:])
+        self.assertEqual(self.synced().count(("peer-b", "ku_x")), 1)
 
     def test_a_copy_of_a_written_unit_needs_no_writer_job(self) -> None:
         self.sync("peer-a", unit_json("ku_w", "peer-z", hops=1))
         self.writer.release()
         self.clock.advance(0)
+        # peer-b acknowledged our copy, then (after a restart, say) offers its own.
+        self.mesh.deliver("peer-b", "ack", {"ack_id": "m", "knowledge": [["ku_w", 1]]})
         self.sync("peer-b", unit_json("ku_w", "peer-z", hops=2))
         self.assertEqual(self.writer.jobs, [])
         self.assertEqual(self.acks("peer-b"), [["ku_w", 1]])  # at once: it is durable

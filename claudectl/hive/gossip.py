@@ -757,10 +757,20 @@ class Gossip:
         self._delivered(peer_id, good)
 
     def _ack(self, peer_id: str, ack_id: str, units: list[KnowledgeUnit]) -> None:
-        """Tell a peer of this project which of its units we now have."""
+        """
+        Tell a peer of this project which of its units we now have -- all
+        but those we sent it ourselves (in flight to it at that version): our
+        copies crossed on the link, and the peer counts a unit it receives
+        from us as one we have, as we count its copy (so a mesh that floods a
+        unit does not also pay an ack for every crossing).  Should our frame
+        be lost with the link, the peer offers the unit again on the next one.
+        """
         if not units or self.delivery(peer_id) != ACKS:
             return
-        pairs = [[u.id, u.version] for u in units]
+        flying = self._inflight.get(peer_id, {})
+        pairs = [[u.id, u.version] for u in units if flying.get(u.id, (None,))[0] != u.version]
+        if not pairs:
+            return
         for i in range(0, len(pairs), ACK_MAX_PAIRS):
             self.mesh.send(
                 peer_id, codec.ACK, {"ack_id": ack_id, "knowledge": pairs[i : i + ACK_MAX_PAIRS]}
