@@ -266,3 +266,56 @@ class LeadingEdgeNoticeTests(SynchronousTestCase):
         self.watcher.notice(["knowledge.jsonl"])  # a stopped watcher started again
         self.clock.advance(0)
         self.assertEqual(len(self.seen), 2)
+
+
+class StoreNoticeTests(SynchronousTestCase):
+    """Notices of knowledge.jsonl changes: our own writes and bursts cost no extra read."""
+
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+        put(self.home, "me-1", unit_json("ku_mine", "me-1", cmd="make local"))
+        self.mesh = FakeMesh("me-1", ["peer-a", "peer-b"])
+        self.clock = Clock()
+        self.writer = HeldWriter()
+        self.gossip = Gossip(
+            self.home,
+            Config(),
+            self.mesh,
+            "me-1",
+            lambda: NOW,
+            call_later=self.clock.callLater,
+            writer=self.writer,
+        )
+        self.gossip.register()
+        self.gossip._watched = True  # as under a ChangeWatcher
+        self.gossip.on_store_changed(first=True)
+        self.writer.release()
+
+    def test_a_notice_during_our_own_merge_reads_nothing(self) -> None:
+        self.mesh.deliver(
+            "peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [unit_json("ku_n", "peer-z")]}
+        )
+        job, _, d = self.writer.jobs.pop(0)
+        result = job()  # the merge writes knowledge.jsonl ...
+        self.assertIsNone(self.gossip.on_store_changed())  # ... inotify tells us first
+        d.callback(result)
+        self.assertEqual(self.writer.jobs, [])  # no read of our own write
+        self.assertIn("ku_n", [u.id for u in self.gossip._load_units()])
+
+    def test_a_burst_of_notices_during_a_read_is_one_more_look(self) -> None:
+        put(self.home, "me-1", unit_json("ku_cli1", "me-1", cmd="make one"))
+        self.assertIsNotNone(self.gossip.on_store_changed())
+        put(self.home, "me-1", unit_json("ku_cli2", "me-1", cmd="make two"))
+        for _ in range(3):
+            self.assertIsNone(self.gossip.on_store_changed())
+        self.assertEqual(len(self.writer.jobs), 1)
+        self.writer.release()  # the read sees both writes: no second read
+        self.assertEqual(self.writer.jobs, [])
+        ids = {u.id for u in self.gossip._load_units()}
+        self.assertTrue({"ku_cli1", "ku_cli2"} <= ids)
+        self.clock.advance(0)  # the push round
+        sent = {u["id"] for _, t, p in self.mesh.sent if t == "knowledge_sync" for u in p["units"]}
+        self.assertTrue({"ku_cli1", "ku_cli2"} <= sent)
+        # A change after that read is read again.
+        put(self.home, "me-1", unit_json("ku_cli3", "me-1", cmd="make three"))
+        self.assertIsNotNone(self.gossip.on_store_changed())

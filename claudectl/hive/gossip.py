@@ -488,7 +488,9 @@ class Gossip:
         self._key_index: tuple[list[KnowledgeUnit], dict[str, KnowledgeUnit]] | None = None
         #: knowledge.jsonl changed while a merge of ours was writing it: look
         #: again once that merge is done (it may have been our own write).
+        #: Also set by notices while a read of it is under way (``_reading``).
         self._store_recheck = False
+        self._reading = False
         self._distilling = False
         self._push_scheduled = False
         self._save_scheduled = False
@@ -1411,12 +1413,14 @@ class Gossip:
             if sig == self._file_sig or (cache is not None and cache[0] == sig):
                 self._file_sig = sig
                 return None  # our own write: the cache already holds it
-            if self._merging:
+            if self._merging or self._reading:
                 # Likely the merge in progress (the notice comes before its
-                # result): look again when the queue is done.
+                # result), or a read already under way: look again when it
+                # is done (a burst of notices costs one read, not several).
                 self._store_recheck = True
                 return None
         path = hive_file(self.home, KNOWLEDGE)
+        self._reading = True
 
         def read() -> tuple[Any, list[KnowledgeUnit]]:
             with bulk_work():  # a whole store's worth of objects
@@ -1433,9 +1437,16 @@ class Gossip:
                 self._file_sig = sig
                 self.schedule_push_all()
 
+        def done(_: Any) -> None:
+            self._reading = False
+            if self._store_recheck and not self._merging:
+                self._store_recheck = False
+                self.on_store_changed()
+
         d = self.writer.run(read)
         d.addCallback(loaded)
         d.addErrback(logged("reading " + KNOWLEDGE))
+        d.addBoth(done)
         return d
 
     def on_trust_changed(self, _name: str = TRUST) -> defer.Deferred[Any]:
