@@ -10,10 +10,13 @@ changes state also tells a running service over the control socket
 (:mod:`claudectl.control.notice`), which ends in :meth:`ChangeWatcher.notice`:
 the same callbacks, at once.
 
-Bursts are coalesced on the leading edge: the first notice of a name is
-passed on in the next reactor turn (a unit written by the CLI should start
-travelling at once, issue 16), further notices within :data:`SETTLE_SECS`
-after that call give one more call at the end of that window.  Callbacks
+Bursts are coalesced: a name noticed several times within
+:data:`SETTLE_SECS` gives one call, at the end of that time.  A name watched
+``at_once`` is coalesced on the leading edge instead: its first notice is
+passed on in the next reactor turn (a unit written into knowledge.jsonl
+should start travelling at once, issue 16), and further notices within
+:data:`SETTLE_SECS` after that call give one more call at the end of that
+window -- still at most one call per window.  Callbacks
 run on the reactor and must not block: they hand file work to the
 :class:`~claudectl.statestore.StateWriter`.
 """
@@ -34,8 +37,9 @@ log = Logger()
 
 #: The poll period where inotify is missing.
 POLL_SECS = 3.0
-#: After a call for a name, further notices of it within this long are one
-#: more call at the end of the window (at most one call per window).
+#: Notices of one name within this long are one call (for an ``at_once``
+#: name: after a call, further notices within this long are one more call at
+#: the end of the window).
 SETTLE_SECS = 0.05
 
 Signature = tuple[int, int, int] | None
@@ -58,8 +62,10 @@ class ChangeWatcher:
         #: (directory, name) -> callbacks
         self._watched: dict[tuple[Path, str], list[Callable[[str], object]]] = {}
         self._sigs: dict[tuple[Path, str], Signature] = {}
-        #: key -> the call due for it: the leading call (next turn), or the
-        #: end of the settle window after it (key in ``_settling``).
+        #: Keys passed on at once (leading edge).
+        self._at_once: set[tuple[Path, str]] = set()
+        #: key -> the call due for it; for an ``at_once`` key the leading
+        #: call (next turn), or the end of the window after it (``_settling``).
         self._soon: dict[tuple[Path, str], Any] = {}
         self._settling: set[tuple[Path, str]] = set()
         #: Keys noticed again inside their settle window.
@@ -68,8 +74,18 @@ class ChangeWatcher:
         self._poll: LoopingCall | None = None
         self.mode = "stopped"
 
-    def on(self, directory: Path, name: str, callback: Callable[[str], object]) -> None:
-        self._watched.setdefault((Path(directory), name), []).append(callback)
+    def on(
+        self,
+        directory: Path,
+        name: str,
+        callback: Callable[[str], object],
+        *,
+        at_once: bool = False,
+    ) -> None:
+        key = (Path(directory), name)
+        self._watched.setdefault(key, []).append(callback)
+        if at_once:
+            self._at_once.add(key)
 
     def names(self) -> list[str]:
         return sorted({name for _, name in self._watched})
@@ -151,12 +167,16 @@ class ChangeWatcher:
             self._again.add(key)  # one more call when the window ends
             return
         if key in self._soon:
-            return  # the leading call has not run yet: it covers this notice
-        self._soon[key] = self.clock.callLater(0, self._fire, key)
+            return  # the call due covers this notice
+        delay = 0 if key in self._at_once else SETTLE_SECS
+        self._soon[key] = self.clock.callLater(delay, self._fire, key)
 
     def _fire(self, key: tuple[Path, str]) -> None:
-        self._settling.add(key)
-        self._soon[key] = self.clock.callLater(SETTLE_SECS, self._settled, key)
+        if key in self._at_once:
+            self._settling.add(key)
+            self._soon[key] = self.clock.callLater(SETTLE_SECS, self._settled, key)
+        else:
+            self._soon.pop(key, None)
         for callback in list(self._watched.get(key, ())):
             try:
                 callback(key[1])

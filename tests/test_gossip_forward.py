@@ -233,8 +233,12 @@ class LeadingEdgeNoticeTests(SynchronousTestCase):
         self.watcher = changes.ChangeWatcher(self.clock)
         self.seen: list[tuple[float, str]] = []
         self.watcher.on(
-            Path("/x"), "knowledge.jsonl", lambda n: self.seen.append((self.clock.seconds(), n))
+            Path("/x"),
+            "knowledge.jsonl",
+            lambda n: self.seen.append((self.clock.seconds(), n)),
+            at_once=True,
         )
+        self.watcher.on(Path("/x"), "trust.json", lambda n: self.seen.append((-1.0, n)))
 
     def test_first_notice_at_once(self) -> None:
         self.watcher.notice(["knowledge.jsonl"])
@@ -255,6 +259,16 @@ class LeadingEdgeNoticeTests(SynchronousTestCase):
         self.assertEqual(len(self.seen), 2)
         self.clock.advance(changes.SETTLE_SECS * 4)
         self.assertEqual(len(self.seen), 2)
+
+    def test_other_names_settle_first(self) -> None:
+        self.watcher.notice(["trust.json"])
+        self.clock.advance(0)
+        self.watcher.notice(["trust.json"])
+        self.assertEqual(self.seen, [])
+        self.clock.advance(changes.SETTLE_SECS)
+        self.assertEqual(self.seen, [(-1.0, "trust.json")])
+        self.clock.advance(changes.SETTLE_SECS * 4)
+        self.assertEqual(len(self.seen), 1)
 
     def test_stop_cancels_the_window(self) -> None:
         self.watcher.notice(["knowledge.jsonl"])

@@ -1399,7 +1399,8 @@ class Gossip:
     def watch(self, changes: ChangeWatcher) -> None:
         """Keep the caches current through change notices (the service)."""
         self._watched = True
-        changes.on(self.home.hive, KNOWLEDGE, self.on_store_changed)
+        # A unit written locally should start travelling at once (issue 16).
+        changes.on(self.home.hive, KNOWLEDGE, self.on_store_changed, at_once=True)
         changes.on(self.home.hive, TRUST, self.on_trust_changed)
 
     def on_store_changed(
