@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl import changes
 from claudectl.config import Config, HiveConfig
+from claudectl.hive import gossip as gossip_mod
 from claudectl.hive.gossip import LINKUP_PUSH_DELAY_SECS, STATE_SAVE_SECS, Gossip
 from claudectl.statestore import StateWriter
 from tests.common import FakeMesh, temp_home
@@ -213,6 +214,22 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         # Once the queue is empty, early forwarding resumes.
         self.sync("peer-a", unit_json("ku_next", "peer-z", cmd="make next"))
         self.assertEqual(sorted(self.synced()), [("peer-b", "ku_next"), ("peer-c", "ku_next")])
+
+    def test_a_big_store_is_indexed_on_the_writer_thread(self) -> None:
+        self.patch(gossip_mod, "FORWARD_INDEX_INLINE", 0)  # every store is big
+        self.start()
+        self.sync("peer-a", unit_json("ku_b1", "peer-z", cmd="make b1"))
+        self.assertEqual(self.synced(), [])  # no index on the reactor: the usual path
+        self.writer.release()  # the index job, the merge, the new store's index
+        self.clock.advance(0)
+        self.assertEqual(sorted(self.synced()), [("peer-b", "ku_b1"), ("peer-c", "ku_b1")])
+        self.mesh.sent.clear()
+        self.sync("peer-a", unit_json("ku_b2", "peer-z", cmd="make b2"))
+        self.assertEqual(sorted(self.synced()), [("peer-b", "ku_b2"), ("peer-c", "ku_b2")])
+        index = self.gossip._key_index
+        cache = self.gossip._units_cache
+        assert index is not None and cache is not None
+        self.assertIs(index[0], cache[1])  # built for the store as written
 
     def test_a_failed_write_sends_no_ack(self) -> None:
         self.sync("peer-a", unit_json("ku_lost", "peer-z"))

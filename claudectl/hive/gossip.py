@@ -121,6 +121,10 @@ DISTILL_POLL_SECS = 5.0
 FORWARD_MAX_UNITS = 16
 #: Units decided early and not yet written, at most (the overlay's bound).
 FORWARD_MAX_PENDING = 10_000
+#: The store's index by semantic key (for early decisions) is built on the
+#: reactor up to this many units (about 1 ms); a bigger store's on the
+#: writer thread (issue 13's stall budget), early forwarding waiting for it.
+FORWARD_INDEX_INLINE = 5_000
 
 # --- bounds against hostile peers (docs/security.md, "Bounds against hostile peers") ---
 #: Snapshot pages buffered for one peer are merged once they are charged this
@@ -486,6 +490,7 @@ class Gossip:
         self._queued_raw: dict[str, int] = {}
         #: The unit cache by semantic key (built when first needed).
         self._key_index: tuple[list[KnowledgeUnit], dict[str, KnowledgeUnit]] | None = None
+        self._indexing: list[KnowledgeUnit] | None = None
         #: knowledge.jsonl changed while a merge of ours was writing it: look
         #: again once that merge is done (it may have been our own write).
         #: Also set by notices while a read of it is under way (``_reading``).
@@ -1092,6 +1097,9 @@ class Gossip:
             self._overlay_ok = False  # the store's bounds would take it back
             return None
         index = self._index(cache[1])
+        if index is None:
+            self._overlay_ok = False  # the index is being built
+            return None
         forward: list[KnowledgeUnit] = []
         written = True  # every unit a copy of what the written store holds
         for inc in good:
@@ -1134,11 +1142,33 @@ class Gossip:
         rec = self._trust.get(unit.source_peer)
         return bool(stale and rec is not None and now - rec.last_sync > stale)
 
-    def _index(self, units: list[KnowledgeUnit]) -> dict[str, KnowledgeUnit]:
-        """The unit cache by semantic key, built once per cache."""
-        if self._key_index is None or self._key_index[0] is not units:
+    def _prepare_index(self, units: list[KnowledgeUnit]) -> None:
+        """A big store's index is started on the writer thread as soon as
+        the store is known, so the next small batch finds it."""
+        if len(units) > FORWARD_INDEX_INLINE and self._call_later is not None:
+            self._index(units)
+
+    def _index(self, units: list[KnowledgeUnit]) -> dict[str, KnowledgeUnit] | None:
+        """The unit cache by semantic key, built once per cache -- for a big
+        store on the writer thread: None until it is there."""
+        index = self._key_index
+        if index is not None and index[0] is units:
+            return index[1]
+        if len(units) <= FORWARD_INDEX_INLINE:
             self._key_index = (units, {u.semantic_key: u for u in units})
-        return self._key_index[1]
+            return self._key_index[1]
+        if self._indexing is not units:
+            self._indexing = units
+
+            def built(by_key: dict[str, KnowledgeUnit]) -> None:
+                if self._indexing is units:
+                    self._indexing = None
+                self._key_index = (units, by_key)
+
+            d = self.writer.run(lambda: {u.semantic_key: u for u in units})
+            d.addCallback(built)
+            d.addErrback(logged("indexing " + KNOWLEDGE))
+        return None
 
     def _merge_queue_idle(self) -> None:
         """Every received batch is written: the cache holds what the overlay held."""
@@ -1273,6 +1303,7 @@ class Gossip:
         result, units, sig, book = out.committed
         # What we just wrote is the store now: no need to parse it again.
         self._units_cache = (sig, units)
+        self._prepare_index(units)
         self._trust = book
         stats.update(result.stats())
         have = good
@@ -1434,6 +1465,7 @@ class Gossip:
         def loaded(result: tuple[Any, list[KnowledgeUnit]]) -> None:
             sig, units = result
             self._units_cache = (sig, units)
+            self._prepare_index(units)
             if sig != self._file_sig:
                 self._file_sig = sig
                 self.schedule_push_all()
