@@ -231,6 +231,21 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         assert index is not None and cache is not None
         self.assertIs(index[0], cache[1])  # built for the store as written
 
+    def test_a_shorter_path_past_the_hop_limit_goes_on(self) -> None:
+        self.start(max_propagation=3)
+        unit = unit_json("ku_far", "peer-z", hops=2)
+        self.sync("peer-a", unit)  # stored at the hop limit: nobody gets it
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertEqual(self.synced(), [])
+        self.sync("peer-b", dict(unit, propagation_count=0))  # a shorter path
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertEqual(stored(self.home)["ku_far"].propagation_count, 1)
+        self.assertEqual(self.synced(), [("peer-c", "ku_far")])
+        [frame] = [p for to, t, p in self.mesh.sent if t == "knowledge_sync"]
+        self.assertEqual(frame["units"][0]["propagation_count"], 1)
+
     def test_a_failed_write_sends_no_ack(self) -> None:
         self.sync("peer-a", unit_json("ku_lost", "peer-z"))
         self.assertEqual(len(self.synced()), 2)

@@ -484,8 +484,8 @@ class Gossip:
         #: start afresh whenever the queue is empty.
         self._overlay: dict[str, KnowledgeUnit] = {}
         self._overlay_ok = True
-        #: (id, version) of the units passed on early whose batch is queued.
-        self._forwarded: set[tuple[str, int]] = set()
+        #: (id, version, hops) of the units passed on early whose batch is queued.
+        self._forwarded: set[tuple[str, int, int]] = set()
         #: Per peer, the units of its batches still queued (the rate cap's reserve).
         self._queued_raw: dict[str, int] = {}
         #: The unit cache by semantic key (built when first needed).
@@ -1123,7 +1123,7 @@ class Gossip:
             # The sender has these: never echo them back.
             ps.sent[u.id] = max(ps.sent.get(u.id, 0), u.version)
         if forward:
-            self._forwarded.update((u.id, u.version) for u in forward)
+            self._forwarded.update((u.id, u.version, u.propagation_count) for u in forward)
             # Units from peers only: exposure.json (local units) plays no part.
             ctx = ShareContext(self.identity, cfg, self._trust, {})
             for p in self.mesh.connected_peers():
@@ -1324,8 +1324,8 @@ class Gossip:
             have = [u for u in good if id(u) not in left]
         # What went out before the write needs no push round after it.
         forwarded = self._forwarded
-        push = any((u.id, u.version) not in forwarded for u in result.stored)
-        self._merged(peer_id, good, have, ack_id, stats, now, push)
+        rest = [u for u in result.stored if (u.id, u.version, u.propagation_count) not in forwarded]
+        self._merged(peer_id, good, have, ack_id, stats, now, rest)
 
     def _merged(
         self,
@@ -1335,10 +1335,16 @@ class Gossip:
         ack_id: str,
         stats: dict[str, int],
         now: int,
-        push: bool = True,
+        stored: list[KnowledgeUnit] | None = None,
     ) -> None:
-        """A batch is merged (or was nothing new): ack, cursors, pass it on
-        (unless ``push`` is False: everything it stored went out early)."""
+        """
+        A batch is merged (or was nothing new): ack, cursors, pass it on.
+        ``stored``: what the batch stored that did not go out early (None: a
+        batch that changed nothing).  New or updated units go in a push round;
+        a shorter path to a unit we hold (a duplicate that lowered its hop
+        count) goes on by itself -- at a longer path it may have been at the
+        hop limit, so peers that got nothing get it now.
+        """
         ps = self.state.peer(peer_id)
         self._ack(peer_id, ack_id, have)
         for u in good:
@@ -1362,8 +1368,12 @@ class Gossip:
         )
         if stats["accepted"] or stats["updated"]:
             self._file_sig = self._units_cache[0] if self._units_cache else self._signature()
-            if push:
+            if stored:
                 self.schedule_push_all()
+        elif stored and self.active():
+            ctx = ShareContext.load(self.home, self.identity, self.config.hive)
+            for p in self.mesh.connected_peers():
+                self._push(p, stored, ctx)
 
     def _write_counts(self, book: TrustBook, counts: dict[str, int], now: int) -> None:
         """Write daily receive counts into ``book`` (on the writer thread)."""
