@@ -84,6 +84,7 @@ from claudectl.hive.units import (
     paginate,
 )
 from claudectl.home import Home
+from claudectl.logbudget import LogBudget
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
 from claudectl.relay.interfaces import IMesh
@@ -144,6 +145,11 @@ ACK_MAX_PAIRS = 4096
 #: Warnings a peer's bad input causes (invalid units, the daily cap): at most
 #: this many lines per peer per minute, then one "suppressed" line.
 PEER_WARNINGS_PER_MINUTE = 10
+
+
+def _more_bad_knowledge(peer_id: str) -> None:
+    log.info("{peer_id}: more bad knowledge this minute; not logging it", peer_id=peer_id)
+
 
 #: How a link delivers what we send (see ``Gossip.delivery``).
 ACKS = "acks"  # a peer of this project: delivered when it acknowledges
@@ -514,8 +520,8 @@ class Gossip:
         self._mode_sig: tuple[Signature, HiveConfig] | None = None
         self._active = False
         self._stopped = False
-        #: peer -> (minute, warnings logged in it)
-        self._warned: dict[str, tuple[int, int]] = {}
+        #: Log lines a peer's bad input may cause (each is counted anyway).
+        self._warnings = LogBudget(self._now, PEER_WARNINGS_PER_MINUTE, _more_bad_knowledge)
         self._timers: set[Any] = set()
         self._oversize: set[tuple[str, int]] = set()
         #: Counters for ``relay status``.
@@ -962,14 +968,7 @@ class Gossip:
 
     def _may_warn(self, peer_id: str) -> bool:
         """Rate-limit the log lines a peer's bad input causes (per peer, per minute)."""
-        minute = int(self._now()) // 60
-        seen, count = self._warned.get(peer_id, (minute, 0))
-        if seen != minute:
-            count = 0
-        self._warned[peer_id] = (minute, count + 1)
-        if count == PEER_WARNINGS_PER_MINUTE:
-            log.info("{peer_id}: more bad knowledge this minute; not logging it", peer_id=peer_id)
-        return count < PEER_WARNINGS_PER_MINUTE
+        return self._warnings.allow(peer_id)
 
     def buffered_bytes(self, peer_id: str) -> int:
         """What the snapshot pages buffered for ``peer_id`` are charged."""
