@@ -7,6 +7,7 @@ thread makes it durable; the ack to the sender still waits for the write.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ from claudectl import changes
 from claudectl.config import Config, HiveConfig
 from claudectl.hive import gossip as gossip_mod
 from claudectl.hive.gossip import LINKUP_PUSH_DELAY_SECS, STATE_SAVE_SECS, Gossip
+from claudectl.hive.trust import trust_transaction
 from claudectl.statestore import StateWriter
 from tests.common import FakeMesh, temp_home
 from tests.test_gossip import NOW, put, stored, unit_json
+from tests.test_hive_hostile import cluster
 
 
 class HeldWriter(StateWriter):
@@ -365,3 +368,94 @@ class StoreNoticeTests(SynchronousTestCase):
         # A change after that read is read again.
         put(self.home, "me-1", unit_json("ku_cli3", "me-1", cmd="make three"))
         self.assertIsNotNone(self.gossip.on_store_changed())
+
+
+class ReviewFindingsTests(SynchronousTestCase):
+    """What a review of the early path found (each failed before its fix)."""
+
+    PEERS = ForwardBeforeWriteTests.PEERS
+    setUp = ForwardBeforeWriteTests.setUp
+    start = ForwardBeforeWriteTests.start
+    sync = ForwardBeforeWriteTests.sync
+    synced = ForwardBeforeWriteTests.synced
+    acks = ForwardBeforeWriteTests.acks
+
+    def test_hostile_cluster_union_is_not_computed_on_the_reactor(self) -> None:
+        """
+        HIGH: _forward_early runs merge_unit on the reactor; union_clusters is
+        quadratic in a variant's contributing_peers (``p not in
+        v.contributing_peers[:i]``).  A ~110 KB frame (one cluster, 10,000
+        contributors) against any stored cluster of the same problem_key and
+        approach stalls the reactor for ~1 s (20,000: ~3.5 s; measured).
+        Before the change this ran on the writer thread (GIL-shared, but the
+        reactor kept running).
+        """
+        put(self.home, "me-1", cluster("ku_held", "peer-q", [("approve", 5)]))
+        self.start()
+        evil = cluster("ku_evil", "peer-z", [("approve", 5)])
+        evil["content"]["variants"][0]["contributing_peers"] = [f"p{i:06d}" for i in range(10_000)]
+        t = time.perf_counter()
+        self.sync("peer-a", evil)  # the writer job is held: only reactor work is timed
+        spent = time.perf_counter() - t
+        self.assertLess(spent, 0.1, f"receive() spent {spent * 1e3:.0f} ms on the reactor")
+
+    def test_consent_is_decided_on_the_trust_file_not_a_stale_copy(self) -> None:
+        """
+        MEDIUM: _forward_early builds ShareContext(identity, cfg, self._trust, {})
+        from the in-memory trust book, which lags trust.json (50 ms settle plus
+        a read with inotify, 3 s when polling, and never for an in-place
+        same-size rewrite within one file-clock tick -- the case 331ba3d fixed
+        for ShareContexts).  push_all/_merged use the file (ShareContext.load /
+        self._contexts.get).  Here the user has just demoted peer-b to 0.1
+        (tier "ignored"); a unit whose consent needs "suggested" still goes
+        to peer-b early.
+        """
+        with trust_transaction(self.home) as book:
+            book.set_level("peer-b", 0.1, NOW)
+        # (no on_trust_changed yet: the notice is still settling)
+        unit = unit_json("ku_consent", "peer-z", cmd="make consent")
+        unit["sharing_consent"] = {"min_trust_tier": "suggested"}
+        self.sync("peer-a", unit)
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertNotIn(("peer-b", "ku_consent"), self.synced())
+        self.assertIn(("peer-c", "ku_consent"), self.synced())
+
+    def test_a_contradicting_noop_cluster_still_counts_as_collision_evidence(self) -> None:
+        """
+        LOW: a cluster copy under another id whose union adds nothing is
+        DUPLICATE with store=None, so it is settled on the reactor (no writer
+        job).  The old path (_all_known is by id: False) ran the trust
+        transaction, where check_collisions records contradiction evidence.
+        """
+        put(self.home, "me-1", cluster("ku_held", "peer-q", [("approve", 5)]))
+        self.start()
+        rival = cluster("ku_rival", "peer-r", [("approve", 5)])
+        rival["content"]["variants"][0]["contributing_peers"] = ["peer-q"]
+        rival["confidence"] = 0.1  # 0.6 below the held one: a collision
+        self.sync("peer-a", rival)
+        self.writer.release()
+        self.clock.advance(0)
+        from claudectl.hive.trust import load_trust
+
+        rec = load_trust(self.home).get("peer-a")
+        evidence = rec.collided_on if rec is not None else None
+        self.assertTrue(rec is not None and evidence, f"no collision evidence for peer-a: {rec}")
+
+    def test_a_peer_that_connects_while_the_unit_is_being_written_gets_it(self) -> None:
+        """
+        LOW (liveness): the push round after the write is skipped for units that
+        went out early -- but a peer whose link came up between the early push
+        and the write got neither: its request was answered and its link-up push
+        ran from the store as written before.  Before the change the push round
+        after the write covered it.
+        """
+        self.sync("peer-a", unit_json("ku_new", "peer-z", cmd="make new"))
+        self.mesh.connect("peer-d")  # comes up while the write is pending
+        self.clock.advance(0)
+        self.clock.advance(LINKUP_PUSH_DELAY_SECS)
+        self.writer.release()
+        self.clock.advance(0)
+        self.clock.advance(STATE_SAVE_SECS)
+        self.writer.release()
+        self.assertIn(("peer-d", "ku_new"), self.synced())

@@ -475,6 +475,9 @@ class Gossip:
         #: start afresh whenever the queue is empty.
         self._overlay: dict[str, KnowledgeUnit] = {}
         self._overlay_ok = True
+        #: A link came up while units that went out early were being written:
+        #: it missed them (a push round once the queue is done).
+        self._push_when_idle = False
         #: (id, version, hops) of the units passed on early whose batch is queued.
         self._forwarded: set[tuple[str, int, int]] = set()
         #: Per peer, the units of its batches still queued (the rate cap's reserve).
@@ -620,6 +623,8 @@ class Gossip:
 
     def _link_up(self, peer_id: str) -> None:
         # A new link: whatever was in flight on an old one may be lost.
+        if self._forwarded:
+            self._push_when_idle = True  # it missed what went out early
         self._inflight.pop(peer_id, None)
         self._queued_at.pop(peer_id, None)
         self._outbox.pop(peer_id, None)
@@ -1054,7 +1059,13 @@ class Gossip:
             "duplicates": 0,
         }
         self._queued_raw[peer_id] = self._queued_raw.get(peer_id, 0) + len(raw_units)
-        known = self._forward_early(peer_id, raw_units)
+        try:
+            known = self._forward_early(peer_id, raw_units)
+        except Exception:
+            # The early path is an optimisation: the writer decides anyway.
+            log.failure("deciding a batch from {peer_id} early failed", peer_id=peer_id)
+            self._overlay_ok = False
+            known = None
         if known is not None:
             # Copies of what is already written: done here, no writer job.
             self._queued_raw[peer_id] -= len(raw_units)
@@ -1128,6 +1139,16 @@ class Gossip:
             key = inc.semantic_key
             pending = key in self._overlay
             held = self._overlay[key] if pending else index.get(key)
+            if (
+                held is not None
+                and isinstance(held.content, ApproachCluster)
+                and isinstance(inc.content, ApproachCluster)
+                and (held.id, held.version) != (inc.id, inc.version)
+            ):
+                # A union is never passed on early; its cost (contributors
+                # of every variant) belongs on the writer thread.
+                self._overlay_ok = False
+                return None
             outcome = merge_unit(held, inc, self.identity, now)
             if outcome.store is not None:
                 self._overlay[key] = outcome.store
@@ -1135,6 +1156,8 @@ class Gossip:
                 forward.append(inc)
             if (
                 pending
+                or held is None
+                or held.id != inc.id  # settled by id, as _all_known (collisions)
                 or outcome.result != DUPLICATE
                 or outcome.store is not None
                 or inc.source_peer == peer_id
@@ -1146,8 +1169,8 @@ class Gossip:
             ps.sent[u.id] = max(ps.sent.get(u.id, 0), u.version)
         if forward:
             self._forwarded.update((u.id, u.version, u.propagation_count) for u in forward)
-            # Units from peers only: exposure.json (local units) plays no part.
-            ctx = ShareContext(self.identity, cfg, self._trust, {})
+            # trust.json as it is now (a demotion by the CLI counts at once).
+            ctx = self._contexts.get(cfg)
             for p in self.mesh.connected_peers():
                 self._push(p, forward, ctx)
         return _Commit({}, good, bad, error) if written else None
@@ -1198,6 +1221,9 @@ class Gossip:
         self._forwarded.clear()
         self._queued_raw.clear()
         self._overlay_ok = True
+        if self._push_when_idle:
+            self._push_when_idle = False
+            self.schedule_push_all()
 
     def _next_merge(self) -> None:
         """Merge the next waiting batch; the one after it waits for its commit."""
