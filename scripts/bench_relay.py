@@ -411,17 +411,47 @@ def new_home(tmp: Path, name: str, config: str | None = None) -> Home:
     return home
 
 
+#: ``python -c`` wrapper of a service profiled from a later point on
+#: (``--profile --after-storms``): SIGUSR1 starts cProfile, SIGUSR2 stops it
+#: and writes the profile to ``argv[1]``; then claudectl runs as ``-m`` would.
+PROFILE_ON_SIGNAL = """
+import cProfile, runpy, signal, sys
+out = sys.argv[1]
+del sys.argv[1]
+prof = cProfile.Profile()
+signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+def stop(*_):
+    prof.disable()
+    prof.dump_stats(out)
+signal.signal(signal.SIGUSR2, stop)
+sys.argv[0] = "claudectl"
+runpy.run_module("claudectl", run_name="__main__", alter_sys=True)
+"""
+
+
 async def start_service(
-    reactor: Any, home: Home, profile_out: Path | None = None, env: dict[str, str] | None = None
+    reactor: Any,
+    home: Home,
+    profile_out: Path | None = None,
+    env: dict[str, str] | None = None,
+    profile_on_signal: bool = False,
 ) -> Service:
-    """Start ``relay serve`` in ``home``; wait until its control socket answers."""
+    """
+    Start ``relay serve`` in ``home``; wait until its control socket answers.
+    ``profile_out``: under cProfile from the start (written when it stops),
+    or with ``profile_on_signal`` between SIGUSR1 and SIGUSR2.
+    """
     log = home.root / "serve.log"
-    prefix = ["-m", "cProfile", "-o", str(profile_out)] if profile_out is not None else []
+    prefix: list[str] = []
+    if profile_out is not None:
+        prefix = (
+            ["-c", PROFILE_ON_SIGNAL, str(profile_out)]
+            if profile_on_signal
+            else ["-m", "cProfile", "-o", str(profile_out), "-m", "claudectl"]
+        )
     argv = [
         sys.executable,
-        *prefix,
-        "-m",
-        "claudectl",
+        *(prefix or ["-m", "claudectl"]),
         "--home",
         str(home.root),
         "relay",
@@ -945,6 +975,7 @@ async def bench(
     say: Callable[[str], None],
     only_floor: bool = False,
     only_setup: bool = False,
+    after_storms: bool = False,
 ) -> Run:
     run = Run(sizes, make_rows(sizes), mini=make_mini_rows(sizes))
     rows = run.rows
@@ -958,11 +989,13 @@ async def bench(
     units_file.write_text(json.dumps({"units": unit_records(sid, sizes.units, now)}))
     cli(shome.root, "hive", "import", str(units_file))
     prof_s = tmp / "server.prof" if profile else None
-    service = await start_service(reactor, shome, prof_s)
+    service = await start_service(reactor, shome, prof_s, profile_on_signal=only_setup)
     say(f"service {sid} on {service.address} (pid {service.pid})")
     run.setup["server"] = {"identity": sid, "units": sizes.units}
     try:
-        if not only_setup:
+        if not only_setup or after_storms:
+            # The full run's set-up rows come after these (issue 10's figure
+            # there): --after-storms runs them first, as the full run does.
             await bench_mini(reactor, tmp, sizes, service, run, say)
         if only_floor:
             return run
@@ -979,6 +1012,9 @@ async def bench(
         def order(i: int) -> Sequence[str]:
             return TRANSPORTS if i % 2 == 0 else TRANSPORTS[::-1]
 
+        if only_setup and prof_s is not None:
+            os.kill(service.pid, signal.SIGUSR1)  # profile the set-up rows alone
+
         # 1. Link set-up.
         for i in range(sizes.runs):
             for t in order(i):
@@ -989,6 +1025,9 @@ async def bench(
                 rows["setup_p99_ms"].samples[t].append(s)
             say(f"link set-up run {i + 1}/{sizes.runs} done")
         if only_setup:
+            if prof_s is not None:
+                os.kill(service.pid, signal.SIGUSR2)
+                await until(reactor, prof_s.exists, 30, "the profile", step=0.05)
             return run
 
         # 2 and 3 on one link per transport.
@@ -1495,10 +1534,8 @@ def mini_runs(
         rows[f"storm_{c}_resets"].values[who].append(got["resets"])
 
 
-async def bench_mini(
-    reactor: Any, tmp: Path, sizes: Sizes, service: Service, run: Run, say: Callable[[str], None]
-) -> None:
-    """The issue-16 rows: a minimal client against ``relay serve`` and the floor."""
+def mini_clients(sizes: Sizes, service: Service) -> tuple[list[MiniClient], tuple[str, int]]:
+    """The minimal clients, their keys on S, each linked once; and S's address."""
     count = max(sizes.storm_levels)
     clients = [
         MiniClient(f"bench-mini-{i:03d}", os.urandom(32), service.identity) for i in range(count)
@@ -1512,6 +1549,14 @@ async def bench_mini(
     for c in clients:
         link, _ = c.connect(address)
         link.close()
+    return clients, address
+
+
+async def bench_mini(
+    reactor: Any, tmp: Path, sizes: Sizes, service: Service, run: Run, say: Callable[[str], None]
+) -> None:
+    """The issue-16 rows: a minimal client against ``relay serve`` and the floor."""
+    clients, address = mini_clients(sizes, service)
     link, _ = clients[0].connect(address)
     _, units, pages = clients[0].request(link)
     link.close()
@@ -1799,12 +1844,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="only the link set-up rows (plaintext and TLS), for A/B runs of issue 10's target",
     )
     p.add_argument(
+        "--after-storms",
+        action="store_true",
+        help="with --only-setup: run the issue-16 rows (minimal client, floor, "
+        "storms) against S first, as the full run does before its set-up rows",
+    )
+    p.add_argument(
         "--only-floor",
         action="store_true",
         help="only the issue-16 rows (minimal client against relay serve and the floor)",
     )
     p.add_argument("--floor", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.after_storms and not args.only_setup:
+        p.error("--after-storms goes with --only-setup")
     if args.runs is not None and not 1 <= args.runs <= 50:
         p.error("--runs must be between 1 and 50")
     return args
@@ -1837,7 +1890,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def go(reactor: Any) -> None:
         start_logging(tmp / "client.log")
-        run = await bench(reactor, tmp, sizes, args.profile, say, args.only_floor, args.only_setup)
+        run = await bench(
+            reactor,
+            tmp,
+            sizes,
+            args.profile,
+            say,
+            args.only_floor,
+            args.only_setup,
+            args.after_storms,
+        )
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "mode": "quick" if args.quick else "full",
