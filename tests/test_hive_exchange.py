@@ -52,6 +52,21 @@ class DocumentTests(SynchronousTestCase):
         for bad in (b"\xff", b"{: :", b"42", b'"text"', b"[1]"):
             self.assertRaises(ImportProblem, parse_document, bad)
 
+    def test_parse_errors_are_one_line_with_where(self) -> None:
+        """A broken file gets one line naming the parser's complaint and its place
+        (JSON's when the text looks like JSON, YAML's otherwise), not a multi-line dump."""
+        cases = [
+            (b'{"units": [1,2\n', "the file is not valid JSON: Expecting ',' delimiter: line 2"),
+            (b"a: b: c\n", "the file is neither JSON nor YAML: mapping values are not allowed"),
+            (b"units:\n  - a: [\n", "(line 3, column 1)"),
+        ]
+        for data, expected in cases:
+            with self.assertRaises(ImportProblem) as cm:
+                parse_document(data)
+            message = str(cm.exception)
+            self.assertIn(expected, message)
+            self.assertNotIn("\n", message)
+
 
 class ImportTests(SynchronousTestCase):
     def test_import_goes_through_merge(self) -> None:

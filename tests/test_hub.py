@@ -136,6 +136,24 @@ class RefusalTests(SynchronousTestCase):
         p.connectionLost(None)
         self.assertNotIn(A, h.hub.registrations)
 
+    def test_a_flood_of_malformed_lines_is_counted_but_logged_ten_times_a_minute(self) -> None:
+        h = Harness()
+        with capturedLogs() as events:
+            for i in range(50):
+                p, t = h.connect(port=41000 + i)
+                h.send(p, b"garbage\n")
+                self.assertEqual(lines(t)[-1]["reason"], "malformed")
+        self.assertEqual(h.hub.stats.refused["malformed"], 50)
+        texts = [e["log_format"] for e in events]
+        self.assertEqual(sum("malformed control line" in x for x in texts), 10)
+        self.assertEqual(sum("counting, not logging" in x for x in texts), 1)
+        self.assertEqual(len(events), 11)
+        h.clock.advance(60)
+        with capturedLogs() as events:
+            p, t = h.connect(port=42000)
+            h.send(p, b"garbage\n")
+        self.assertEqual(len(events), 1)  # a new minute, a new budget
+
     def test_line_too_long_and_op_out_of_state(self) -> None:
         h = Harness()
         p, t = h.connect()

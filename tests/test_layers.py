@@ -37,6 +37,7 @@ LAYERS: list[dict[str, frozenset[str]]] = [
                 "home",
                 "lazylog",
                 "lines",
+                "logbudget",
                 "process",
                 "statestore",
                 "text",

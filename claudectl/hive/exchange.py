@@ -44,6 +44,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The YAML parser's complaint on one line, with where it is."""
+    problem = getattr(error, "problem", None) or "not a YAML document"
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return str(problem)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def parse_document(data: bytes) -> list[KnowledgeUnit]:
     """
     Units from a JSON or YAML document: an array of units, an object with a
@@ -55,11 +64,14 @@ def parse_document(data: bytes) -> list[KnowledgeUnit]:
         raise ImportProblem(f"the file is not UTF-8 text ({e})") from None
     try:
         doc = json.loads(text, parse_constant=_reject_constant)
-    except ValueError:
+    except ValueError as json_error:
+        if text.lstrip().startswith(("{", "[")):
+            # Meant as JSON: the JSON parser's message says what is wrong.
+            raise ImportProblem(f"the file is not valid JSON: {json_error}") from None
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ImportProblem(f"the file is neither JSON nor YAML: {e}") from None
+            raise ImportProblem(f"the file is neither JSON nor YAML: {_yaml_problem(e)}") from None
     if isinstance(doc, dict) and isinstance(doc.get("units"), list):
         records = doc["units"]
     elif isinstance(doc, dict) and "id" in doc:

@@ -38,8 +38,18 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from claudectl.hub import wire
+from claudectl.logbudget import LogBudget
 
 log = Logger()
+
+#: Refusals (malformed control lines, refused registrations) logged per
+#: source address and minute; the rest are only counted.
+REFUSALS_LOGGED_PER_MINUTE = 10
+
+
+def _more_refusals(host: str) -> None:
+    log.info("more refusals from {host} this minute; counting, not logging them", host=host)
+
 
 MiB = 1024 * 1024
 
@@ -148,6 +158,9 @@ class Hub:
         self.spliced: set[HubConnection] = set()
         self.buckets: dict[str, _RateBucket] = {}
         self.stats = HubStats()
+        #: Log lines that connections' bad input may cause (every refusal is
+        #: counted in ``stats`` whether logged or not).
+        self.log_budget = LogBudget(clock.seconds, REFUSALS_LOGGED_PER_MINUTE, _more_refusals)
         self._capture_seq = 0
         #: Connections still in AWAIT_FIRST.
         self.unidentified = 0
@@ -391,14 +404,19 @@ class HubConnection(LineReceiver, TimeoutMixin):
         self.transport.write(wire.error(reason, message))
         self.transport.loseConnection()
 
+    def _may_log(self) -> bool:
+        """Whether this connection's address may log one more refusal this minute."""
+        return self.hub.log_budget.allow(self.address.rpartition(":")[0])
+
     def _malformed(self, why: str) -> None:
         kind = "registration " + (self.identity or "") if self.identity else "connection"
-        log.info(
-            "closing {kind} from {address}: malformed control line ({why})",
-            kind=kind.strip(),
-            address=self.address,
-            why=why,
-        )
+        if self._may_log():
+            log.info(
+                "closing {kind} from {address}: malformed control line ({why})",
+                kind=kind.strip(),
+                address=self.address,
+                why=why,
+            )
         self.hub.stats.refuse(wire.MALFORMED)
         self.refuse(wire.MALFORMED, why)
 
@@ -444,12 +462,13 @@ class HubConnection(LineReceiver, TimeoutMixin):
         refusal = self.hub.register(self, identity, msg.get("token", ""))
         if refusal is not None:
             self.hub.stats.refuse(refusal)
-            log.info(
-                "registration of {identity} from {address} refused: {reason}",
-                identity=identity,
-                address=self.address,
-                reason=refusal,
-            )
+            if self._may_log():
+                log.info(
+                    "registration of {identity} from {address} refused: {reason}",
+                    identity=identity,
+                    address=self.address,
+                    reason=refusal,
+                )
             self.refuse(refusal, "registration refused")
             return
         self.identity = identity
