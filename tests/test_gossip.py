@@ -312,6 +312,27 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(len(stored(self.home)), len(env["payload"]["units"]))
 
 
+class ActiveTests(SynchronousTestCase):
+    def test_follows_the_mode_file(self) -> None:
+        """`hive on` / `hive off` (the CLI writing $HIVE/mode) apply at the next link."""
+        from claudectl.atomic import atomic_write
+
+        home = temp_home(self)
+        g = Gossip(home, Config(), FakeMesh("me-1"), "me-1", lambda: NOW)
+        default = Config().hive.enabled
+        self.assertEqual(g.active(), default)
+        mode = home.hive / "mode"
+        mode.parent.mkdir(parents=True, exist_ok=True)
+        for text, want in (("off", False), ("on", True), ("off", False), ("on\n", True)):
+            atomic_write(mode, text)
+            self.assertEqual(g.active(), want, text)
+            self.assertEqual(g.active(), want, text)
+        mode.write_text("off\n")  # rewritten in place (another size), not replaced
+        self.assertFalse(g.active())
+        mode.unlink()
+        self.assertEqual(g.active(), default)
+
+
 class LineOfThreeTests(TestCase):
     """A–B–C on loopback: knowledge distilled on A reaches C with two hops."""
 

@@ -189,9 +189,13 @@ class _InfoLines:
     """
 
     def __init__(self, out: Any) -> None:
-        from twisted.logger import LogLevel
+        from twisted.logger import ILogObserver, LogLevel
+        from zope.interface import alsoProvides
 
         from claudectl.text import CleanWriter, classic_log_text
+
+        # Declared, or twistd wraps it as a legacy observer (costly per event).
+        alsoProvides(self, ILogObserver)
 
         self._out = CleanWriter.wrap(out)
         self._format = classic_log_text

@@ -52,7 +52,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
-from claudectl.changes import ChangeWatcher
+from claudectl.changes import ChangeWatcher, Signature, signature
 from claudectl.config import Config
 from claudectl.hive.delivery import DeliveryBook, DeliveryFile, fingerprint
 from claudectl.hive.merge import (
@@ -65,6 +65,7 @@ from claudectl.hive.merge import (
 from claudectl.hive.sharing import ShareContext, precompute_verdicts
 from claudectl.hive.store import (
     KNOWLEDGE,
+    MODE,
     hive_active,
     hive_file,
     read_units_file,
@@ -484,6 +485,9 @@ class Gossip:
         #: :meth:`_send_page`); present while a drain is scheduled.
         self._outbox: dict[str, deque[tuple[str, dict[str, int], list[Encoded]]]] = {}
         self._stopped = False
+        #: (signature of $HIVE/mode, hive_active) of the last :meth:`active`.
+        self._active_cache: tuple[Signature, bool] | None = None
+        self._mode_file = hive_file(home, MODE)
         #: peer -> (minute, warnings logged in it)
         self._warned: dict[str, tuple[int, int]] = {}
         self._timers: set[Any] = set()
@@ -503,7 +507,17 @@ class Gossip:
         return int(self._now())
 
     def active(self) -> bool:
-        return hive_active(self.home, self.config.hive)
+        """
+        :func:`hive_active`, read again only when ``$HIVE/mode`` changed: one
+        ``stat`` per call (it is asked at every link-up and push).
+        """
+        sig = signature(self._mode_file)
+        cached = self._active_cache
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        value = hive_active(self.home, self.config.hive)
+        self._active_cache = (sig, value)
+        return value
 
     # --- sending ------------------------------------------------------------------------
     def _later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Any:
