@@ -68,6 +68,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,7 @@ from twisted.logger import (  # noqa: E402
     globalLogBeginner,
 )
 
+from claudectl import COMPAT_VERSION  # noqa: E402
 from claudectl.config import Config  # noqa: E402
 from claudectl.control import commands as C  # noqa: E402
 from claudectl.control.client import ServiceNotRunning, call_control  # noqa: E402
@@ -102,11 +104,14 @@ from claudectl.lines import LineSplitter  # noqa: E402
 from claudectl.relay import codec  # noqa: E402
 from claudectl.relay.binding import PLAINTEXT, TLS13  # noqa: E402
 from claudectl.relay.codec import Envelope, EnvelopeFactory  # noqa: E402
+from claudectl.relay.crypto import proof  # noqa: E402
 from claudectl.relay.handshake import (  # noqa: E402
+    CAP_MUTUAL,
+    CAP_PAKE,
     MUTUAL,
-    ConnectorHandshake,
     KeyAuth,
     ListenerHandshake,
+    listener_proof,
 )
 from claudectl.relay.keystore import KeyStore  # noqa: E402
 from claudectl.relay.node import RelayNode  # noqa: E402
@@ -124,6 +129,8 @@ WRITE_FRAMES = 1000
 #: has run by then: the idle links are measured in their steady state.
 IDLE_SETTLE_SECS = 3.5
 STEP_TIMEOUT_SECS = 30.0
+#: SO_RCVTIMEO / SO_SNDTIMEO of the minimal client's blocking sockets.
+_TIMEVAL = struct.pack("ll", int(STEP_TIMEOUT_SECS), 0)
 PHASE_TIMEOUT_SECS = 300.0
 CLI_TIMEOUT_SECS = 60.0
 
@@ -1126,11 +1133,57 @@ class MiniLink:
         self.sock.close()
 
 
+class MiniHandshake:
+    """
+    The connector's side of the plaintext mutual handshake, written out from
+    docs/protocol.md as a minimal client would (issue 16's): the challenge's
+    nonce answered with ``proof`` and a ``cnonce``; the ack must say ``ok``
+    and carry the listener's ``sproof`` over both nonces, checked.  Frames
+    are parsed with ``json.loads`` (the sans-IO machine of this project and
+    ``codec.decode``'s checks cost the client about 30 µs per handshake, in
+    the measured time of both servers).
+    """
+
+    __slots__ = ("client", "nonce", "cnonce")
+
+    def __init__(self, client: MiniClient) -> None:
+        self.client = client
+        self.nonce = ""
+        self.cnonce = ""
+
+    def answer(self, line: bytes) -> bytes:
+        """The ``handshake`` frame answering the ``challenge`` line."""
+        msg = json.loads(line)
+        payload = msg.get("payload") if msg.get("msg_type") == codec.CHALLENGE else None
+        nonce = payload.get("nonce") if isinstance(payload, dict) else None
+        if not isinstance(nonce, str):
+            raise BenchError(f"expected a challenge, got {line[:80]!r}")
+        self.nonce, self.cnonce = nonce, os.urandom(32).hex()
+        c = self.client
+        body = {
+            "proof": proof(c.psk, nonce),
+            "cnonce": self.cnonce,
+            "version": COMPAT_VERSION,
+            "caps": [CAP_MUTUAL, CAP_PAKE],
+        }
+        return codec.encode(c.envelopes.make(codec.HANDSHAKE, body))
+
+    def check_ack(self, line: bytes) -> None:
+        """Raise unless ``line`` is the listener's ``ok`` with a valid ``sproof``."""
+        msg = json.loads(line)
+        payload = msg.get("payload") if msg.get("msg_type") == codec.HANDSHAKE_ACK else None
+        if not isinstance(payload, dict) or payload.get("status") != "ok":
+            raise BenchError(f"handshake refused: {line[:120]!r}")
+        if payload.get("sproof") != listener_proof(self.client.psk, self.cnonce, self.nonce):
+            raise BenchError("the listener's proof (sproof) is wrong")
+
+
 class MiniClient:
     """
     A minimal client written from docs/protocol.md: a blocking socket per
-    link, the sans-IO connector handshake (plaintext, mutual), no reactor,
-    no logging, no files.  It measures ``relay serve`` and the floor alike.
+    link, the plaintext mutual handshake (:class:`MiniHandshake`), no
+    reactor, no logging, no files.  It measures ``relay serve`` and the
+    floor alike.
     """
 
     def __init__(self, identity: str, psk: bytes, server_id: str) -> None:
@@ -1139,25 +1192,28 @@ class MiniClient:
         self.server_id = server_id
         self.envelopes = EnvelopeFactory(identity)
 
-    def machine(self) -> ConnectorHandshake:
-        return ConnectorHandshake(self.envelopes, KeyAuth(self.psk, self.server_id))
+    def machine(self) -> MiniHandshake:
+        return MiniHandshake(self)
 
     def connect(self, address: tuple[str, int]) -> tuple[MiniLink, float]:
         """A new authenticated link and the time it took (TCP connect included)."""
         t0 = time.perf_counter()
-        sock = socket.create_connection(address, timeout=STEP_TIMEOUT_SECS)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Blocking, with the kernel's timeouts: a Python-level timeout would
+        # poll() before every recv and send (two system calls each).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        link = MiniLink(sock)
-        machine = self.machine()
-        while True:
-            step = machine.receive(codec.decode(link.read_line()))
-            if step.send:
-                sock.sendall(b"".join(codec.encode(e) for e in step.send))
-            if step.failed is not None:
-                sock.close()
-                raise BenchError(f"handshake refused: {step.failed}")
-            if step.done is not None:
-                return link, time.perf_counter() - t0
+        try:
+            sock.connect(address)
+            link = MiniLink(sock)
+            hs = self.machine()
+            sock.sendall(hs.answer(link.read_line()))
+            hs.check_ack(link.read_line())
+        except BaseException:
+            sock.close()
+            raise
+        return link, time.perf_counter() - t0
 
     def request(self, link: MiniLink) -> tuple[float, int, list[bytes]]:
         """knowledge_request -> the last snapshot page: (secs, units, the pages' lines)."""
@@ -1191,7 +1247,7 @@ class MiniClient:
 class _Attempt:
     client: MiniClient
     sock: socket.socket
-    machine: ConnectorHandshake
+    machine: MiniHandshake
     lines: LineSplitter
     t0: float
     done: bool = False
@@ -1253,21 +1309,22 @@ def storm(
             for line in a.lines.feed(data):
                 if not line:
                     continue
-                step = a.machine.receive(codec.decode(line))
-                if step.send:
+                if not a.machine.nonce:
                     try:
-                        a.sock.send(b"".join(codec.encode(e) for e in step.send))
+                        a.sock.send(a.machine.answer(line))
                     except OSError:
                         break  # reset: the next read says so
-                if step.failed is not None:
-                    raise BenchError(f"handshake refused in the storm: {step.failed}")
-                if step.done is not None:
-                    times.append((time.perf_counter() - a.t0) * 1e3)
-                    a.done = True
-                    in_flight -= 1
-                    with contextlib.suppress(OSError):
-                        a.sock.shutdown(socket.SHUT_WR)
-                    break
+                    continue
+                try:
+                    a.machine.check_ack(line)
+                except BenchError as e:
+                    raise BenchError(f"in the storm: {e}") from None
+                times.append((time.perf_counter() - a.t0) * 1e3)
+                a.done = True
+                in_flight -= 1
+                with contextlib.suppress(OSError):
+                    a.sock.shutdown(socket.SHUT_WR)
+                break
     elapsed = time.perf_counter() - started
     for key in list(sel.get_map().values()):
         key.fileobj.close()  # type: ignore[union-attr]
