@@ -37,7 +37,7 @@ SETTLE_SECS = 0.05
 Signature = tuple[int, int, int] | None
 
 
-def signature(path: Path) -> Signature:
+def signature(path: str | Path) -> Signature:
     try:
         st = os.stat(path)
     except OSError:

@@ -1833,10 +1833,19 @@ async def timed_requests(
     n: int,
     warmup: int,
     units: int,
-) -> float:
-    """p50 in seconds of ``n`` request -> last page round trips after ``warmup``."""
+    pid: int | None = None,
+    cpu_secs: Callable[[int], float] = proc_cpu_secs,
+) -> tuple[float, float]:
+    """
+    p50 in seconds of ``n`` request -> last page round trips after ``warmup``,
+    and the CPU seconds per request of the answering process ``pid`` (0.0
+    without one).
+    """
     samples: list[float] = []
+    cpu0 = 0.0
     for i in range(warmup + n):
+        if i == warmup and pid is not None:
+            cpu0 = cpu_secs(pid)
         d: defer.Deferred[int] = defer.Deferred()
         arm(d)
         t0 = time.perf_counter()
@@ -1846,7 +1855,8 @@ async def timed_requests(
             raise RuntimeError(f"a snapshot held {got} unit(s), not {units}")
         if i >= warmup:
             samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    cpu = (cpu_secs(pid) - cpu0) / n if pid is not None else 0.0
+    return statistics.median(samples), cpu
 
 
 async def bench_request(
@@ -1921,40 +1931,51 @@ async def bench_request(
 
         ours: list[float] = []
         floors: list[float] = []
+        cpu: dict[str, list[float]] = {"ours": [], "floor": []}
         for r in range(runs):
             # Alternate which goes first.
             order = ("ours", "floor") if r % 2 == 0 else ("floor", "ours")
             for which in order:
                 if which == "floor":
-                    floors.append(
-                        await timed_requests(
-                            reactor,
-                            lambda: floor.transport.write(ask),
-                            arm_floor,
-                            n,
-                            warmup,
-                            REQUEST_UNITS,
-                        )
+                    p50, secs = await timed_requests(
+                        reactor,
+                        lambda: floor.transport.write(ask),
+                        arm_floor,
+                        n,
+                        warmup,
+                        REQUEST_UNITS,
+                        floor_proc.pid,
+                        relay_bench.proc_cpu_exact,
                     )
+                    floors.append(p50)
                 else:
-                    ours.append(
-                        await timed_requests(
-                            reactor,
-                            lambda: client.node.mesh.send(
-                                sid, codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}
-                            ),
-                            arm_ours,
-                            n,
-                            warmup,
-                            REQUEST_UNITS,
-                        )
+                    p50, secs = await timed_requests(
+                        reactor,
+                        lambda: client.node.mesh.send(
+                            sid, codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}
+                        ),
+                        arm_ours,
+                        n,
+                        warmup,
+                        REQUEST_UNITS,
+                        s.proc.pid,
+                        relay_bench.proc_cpu_exact,
                     )
+                    ours.append(p50)
+                cpu[which].append(secs)
             say(
-                f"request -> snapshot run {r + 1}: {ours[-1] * 1000:.2f} ms "
-                f"(floor {floors[-1] * 1000:.2f} ms)"
+                f"request -> snapshot run {r + 1}: {ours[-1] * 1000:.2f} ms, CPU "
+                f"{cpu['ours'][-1] * 1e6:.0f} us (floor {floors[-1] * 1000:.2f} ms, CPU "
+                f"{cpu['floor'][-1] * 1e6:.0f} us)"
             )
         floor.transport.loseConnection()
-        return {"ours": ours, "floor": floors, "bytes": [float(len(frames))]}
+        return {
+            "ours": ours,
+            "floor": floors,
+            "cpu_ours": cpu["ours"],
+            "cpu_floor": cpu["floor"],
+            "bytes": [float(len(frames))],
+        }
     finally:
         fleet.stop([s])
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -1998,6 +2019,10 @@ def issue16_json(r: Issue16) -> dict[str, Any]:
             "claudectl_064_ms": ANCHOR_REQUEST_MS,
             "times_faster_than_claudectl_064": ANCHOR_REQUEST_MS / med,
             "frame_bytes": int(r.request["bytes"][0]),
+            "cpu_us_per_request": spread([x * 1e6 for x in r.request.get("cpu_ours", [0.0])]),
+            "floor_cpu_us_per_request": spread(
+                [x * 1e6 for x in r.request.get("cpu_floor", [0.0])]
+            ),
         },
         "snapshot": {},
         "convergence": {},
@@ -2030,6 +2055,7 @@ def issue16_json(r: Issue16) -> dict[str, Any]:
 
 def issue16_table(data: dict[str, Any]) -> list[str]:
     TIMES = "\u00d7"
+    MICRO = "\u00b5s"
 
     def cell(v: dict[str, Any], unit: str = "ms") -> str:
         return f"{v['median']:,.1f} {unit} ({v['min']:,.1f}\u2013{v['max']:,.1f})"
@@ -2045,6 +2071,9 @@ def issue16_table(data: dict[str, Any]) -> list[str]:
         f"{cell(req['ms'])} | | |",
         f"| the same from the floor (bare LineReceiver, pre-encoded pages) | "
         f"{cell(req['floor_ms'])} | | |",
+        f"| CPU per request: `relay serve` / the floor | "
+        f"{cell(req['cpu_us_per_request'], MICRO)} / "
+        f"{cell(req['floor_cpu_us_per_request'], MICRO)} | | |",
         f"| ratio to the floor (per run) | {cell(req['ratio_to_floor'], TIMES)} | "
         f"\u2264 {TARGET_REQUEST_FLOOR_RATIO}\u00d7 | {met(req['met'])} |",
         f"| claudectl 0.64: {ANCHOR_REQUEST_MS:,.0f} ms | "
@@ -2223,10 +2252,13 @@ async def run_issue16(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: 
     request = await bench_request(
         reactor, tmp, fleet, runs, 20 if args.quick else 100, 5 if args.quick else 20, say
     )
-    say(f"snapshots of {', '.join(f'{u:,}' for u in snap_sizes)} units, {runs} runs each ...")
-    snaps = await bench_snapshot_scaling(reactor, tmp, fleet, snap_sizes, runs, say)
-    say(f"convergence at {', '.join(map(str, conv_sizes))} services, {runs} runs each ...")
-    conv = await bench_convergence_scaling(reactor, tmp, fleet, conv_sizes, runs, rnd, say)
+    snaps: dict[int, dict[str, list[float]]] = {}
+    conv: dict[int, ConvPhase] = {}
+    if not args.only_request:
+        say(f"snapshots of {', '.join(f'{u:,}' for u in snap_sizes)} units, {runs} runs each ...")
+        snaps = await bench_snapshot_scaling(reactor, tmp, fleet, snap_sizes, runs, say)
+        say(f"convergence at {', '.join(map(str, conv_sizes))} services, {runs} runs each ...")
+        conv = await bench_convergence_scaling(reactor, tmp, fleet, conv_sizes, runs, rnd, say)
     data = issue16_json(Issue16(request, snaps, conv))
     data["meta"] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -2266,6 +2298,11 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--runs", type=int, default=None, help="runs per row (default 5)")
     ap.add_argument("--seed", type=int, default=6, help="random seed (graphs, sources, keys)")
+    ap.add_argument(
+        "--only-request",
+        action="store_true",
+        help="only the knowledge_request -> snapshot row (relay serve and the floor)",
+    )
     ap.add_argument(
         "--legacy",
         action="store_true",

@@ -44,6 +44,8 @@ Run from the repository root::
     python scripts/bench_relay.py --runs 7    # more runs per row
     python scripts/bench_relay.py --profile   # S under cProfile; prints its hot spots
     python scripts/bench_relay.py --only-setup   # the link set-up rows alone
+    python scripts/bench_relay.py --only-floor   # the issue-16 rows (minimal client, floor)
+    python scripts/bench_relay.py --only-request # of those, request -> snapshot alone
 
 Everything is on 127.0.0.1, every count and wait is bounded, and the child
 processes and the temporary directory are removed on every way out.
@@ -212,6 +214,24 @@ def proc_cpu_secs(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     # Fields 14 and 15 of stat(5); the list starts at field 3 (state).
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def proc_cpu_exact(pid: int) -> float:
+    """
+    CPU seconds of every thread of a process so far, to the nanosecond (the
+    scheduler's ``/proc/<pid>/task/*/schedstat``): rows whose operations cost
+    well under a clock tick (``proc_cpu_secs`` counts 10 ms ticks) use it.
+    Falls back to ``proc_cpu_secs`` where schedstat is missing.
+    """
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as f:
+                    total += int(f.read().split()[0])
+    except OSError:
+        return proc_cpu_secs(pid)
+    return total / 1e9
 
 
 def machine() -> dict[str, str]:
@@ -983,6 +1003,7 @@ async def bench(
     only_floor: bool = False,
     only_setup: bool = False,
     after_storms: bool = False,
+    only_request: bool = False,
 ) -> Run:
     run = Run(sizes, make_rows(sizes), mini=make_mini_rows(sizes))
     rows = run.rows
@@ -1003,8 +1024,8 @@ async def bench(
         if not only_setup or after_storms:
             # The full run's set-up rows come after these (issue 10's figure
             # there): --after-storms runs them first, as the full run does.
-            await bench_mini(reactor, tmp, sizes, service, run, say)
-        if only_floor:
+            await bench_mini(reactor, tmp, sizes, service, run, say, only_request)
+        if only_floor or only_request:
             return run
         clients = {
             t: await pair_client(reactor, service, new_home(tmp, f"client-{t}"), t)
@@ -1546,44 +1567,47 @@ def mini_runs(
     pid: int,
     clients: Sequence[MiniClient],
     sizes: Sizes,
+    only_request: bool = False,
 ) -> None:
     """One run of every minimal-client row against one server (blocking)."""
     client = clients[0]
     times: list[float] = []
-    for i in range(sizes.warmup_connects + sizes.mini_connects):
+    for i in range(0 if only_request else sizes.warmup_connects + sizes.mini_connects):
         if i == sizes.warmup_connects:
             cpu0 = proc_cpu_secs(pid)
         link, secs = client.connect(address)
         link.close()
         if i >= sizes.warmup_connects:
             times.append(secs * 1e3)
-    rows["mini_handshake_cpu_us"].values[who].append(
-        (proc_cpu_secs(pid) - cpu0) / sizes.mini_connects * 1e6
-    )
-    rows["mini_handshake_p50_ms"].values[who].append(percentile(times, 50))
-    rows["mini_handshake_p99_ms"].values[who].append(percentile(times, 99))
+    if times:
+        rows["mini_handshake_cpu_us"].values[who].append(
+            (proc_cpu_secs(pid) - cpu0) / sizes.mini_connects * 1e6
+        )
+        rows["mini_handshake_p50_ms"].values[who].append(percentile(times, 50))
+        rows["mini_handshake_p99_ms"].values[who].append(percentile(times, 99))
 
     link, _ = client.connect(address)
     try:
         times = []
         for i in range(sizes.warmup_requests + sizes.requests):
             if i == sizes.warmup_requests:
-                cpu0 = proc_cpu_secs(pid)
+                cpu0 = proc_cpu_exact(pid)
             secs, units, _ = client.request(link)
             if units != sizes.units:
                 raise BenchError(f"{who}: the snapshot held {units} unit(s), not {sizes.units}")
             if i >= sizes.warmup_requests:
                 times.append(secs * 1e3)
         rows["mini_request_cpu_us"].values[who].append(
-            (proc_cpu_secs(pid) - cpu0) / sizes.requests * 1e6
+            (proc_cpu_exact(pid) - cpu0) / sizes.requests * 1e6
         )
         rows["mini_request_p50_ms"].values[who].append(percentile(times, 50))
-        rows["mini_msgs_per_s"].values[who].append(
-            sizes.mini_messages / client.one_way(link, sizes.mini_messages)
-        )
+        if not only_request:
+            rows["mini_msgs_per_s"].values[who].append(
+                sizes.mini_messages / client.one_way(link, sizes.mini_messages)
+            )
     finally:
         link.close()
-    for c in sizes.storm_levels:
+    for c in () if only_request else sizes.storm_levels:
         got = storm(clients, address, c, max(c * sizes.storm_rounds, sizes.storm_min))
         rows[f"storm_{c}_p50_ms"].values[who].append(got["p50_ms"])
         rows[f"storm_{c}_p99_ms"].values[who].append(got["p99_ms"])
@@ -1610,7 +1634,13 @@ def mini_clients(sizes: Sizes, service: Service) -> tuple[list[MiniClient], tupl
 
 
 async def bench_mini(
-    reactor: Any, tmp: Path, sizes: Sizes, service: Service, run: Run, say: Callable[[str], None]
+    reactor: Any,
+    tmp: Path,
+    sizes: Sizes,
+    service: Service,
+    run: Run,
+    say: Callable[[str], None],
+    only_request: bool = False,
 ) -> None:
     """The issue-16 rows: a minimal client against ``relay serve`` and the floor."""
     clients, address = mini_clients(sizes, service)
@@ -1627,7 +1657,7 @@ async def bench_mini(
         for i in range(sizes.runs):
             for who in ("service", "floor") if i % 2 == 0 else ("floor", "service"):
                 addr, pid = targets[who]
-                mini_runs(run.mini, who, addr, pid, clients, sizes)
+                mini_runs(run.mini, who, addr, pid, clients, sizes, only_request)
                 await sleep(reactor, 0)
             say(f"minimal-client run {i + 1}/{sizes.runs} done (service and floor)")
     finally:
@@ -1911,6 +1941,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="only the issue-16 rows (minimal client against relay serve and the floor)",
     )
+    p.add_argument(
+        "--only-request",
+        action="store_true",
+        help="only the minimal client's knowledge_request -> snapshot rows (relay serve "
+        "and the floor): --only-floor without the handshakes, heartbeats and storms",
+    )
     p.add_argument("--floor", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.after_storms and not args.only_setup:
@@ -1956,6 +1992,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.only_floor,
             args.only_setup,
             args.after_storms,
+            args.only_request,
         )
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -271,7 +271,13 @@ class Issue16PartsTests(SynchronousTestCase):
         )
         data = bench.issue16_json(
             bench.Issue16(
-                {"ours": [0.0030, 0.0020, 0.0025], "floor": [0.0020] * 3, "bytes": [280_000.0]},
+                {
+                    "ours": [0.0030, 0.0020, 0.0025],
+                    "floor": [0.0020] * 3,
+                    "cpu_ours": [0.0004, 0.0005, 0.0003],
+                    "cpu_floor": [0.0002] * 3,
+                    "bytes": [280_000.0],
+                },
                 {5_000: {"seconds": [0.1, 0.2, 0.12]}, 500: {"seconds": [0.05] * 3}},
                 {16: phase, 8: phase},
             )
@@ -289,6 +295,8 @@ class Issue16PartsTests(SynchronousTestCase):
         table = "\n".join(bench.issue16_table(data))
         self.assertIn("2.5 ms (2.0\u20133.0)", table)
         self.assertIn("400\u00d7 faster", table)
+        self.assertAlmostEqual(req["cpu_us_per_request"]["median"], 400.0)
+        self.assertIn("400.0 \u00b5s (300.0\u2013500.0) / 200.0 \u00b5s", table)
 
     def test_pairing_goes_through_the_cli(self) -> None:
         base = Path(self.mktemp())
@@ -318,6 +326,6 @@ class Issue16PartsTests(SynchronousTestCase):
         # bench_request measures with scripts/bench_relay.py's client: a rename
         # there must fail here, not in the middle of a benchmark run.
         relay = bench.load_relay_bench()
-        for name in ("Client", "SnapshotWaiter", "Service", "PLAINTEXT"):
+        for name in ("Client", "SnapshotWaiter", "Service", "PLAINTEXT", "proc_cpu_exact"):
             self.assertTrue(hasattr(relay, name), name)
         self.assertTrue(callable(relay.Client.make))

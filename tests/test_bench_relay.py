@@ -116,6 +116,31 @@ class QuickRunTests(TestCase):
         self.assertEqual(list(tmp.iterdir()), [])
 
 
+class OnlyRequestTests(TestCase):
+    def test_only_request_measures_the_request_rows_alone(self) -> None:
+        home = temp_home(self)
+        tmp = Path(tempfile.mkdtemp(prefix="cb-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), "--quick", "--only-request", "--json"],
+            env=subprocess_env(home, TMPDIR=str(tmp)),
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
+        self.assertIn(done.returncode, (0, 1), done.stderr)
+        report = json.loads(done.stdout)
+        self.assertEqual(report["rows"], [])
+        floor = {r["key"]: r for r in report["floor_rows"]}
+        self.assertEqual(sorted(floor), ["mini_request_cpu_us", "mini_request_p50_ms"])
+        for who in ("service", "floor"):
+            self.assertGreater(floor["mini_request_p50_ms"][who]["median"], 0, who)
+            # CPU per request from the scheduler's nanosecond counters: never 0.
+            self.assertGreater(floor["mini_request_cpu_us"][who]["median"], 0, who)
+        self.assertFalse(os.path.exists(f"/proc/{report['floor_pids'][0]}"))
+        self.assertEqual(list(tmp.iterdir()), [])
+
+
 class InterruptedRunTests(TestCase):
     def test_sigterm_mid_run_exits_2_and_leaves_nothing(self) -> None:
         home = temp_home(self)

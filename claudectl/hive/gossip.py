@@ -53,7 +53,8 @@ from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
 from claudectl.changes import ChangeWatcher, Signature, signature
-from claudectl.config import Config
+from claudectl.config import Config, HiveConfig
+from claudectl.hive.answers import AnswerCache, Encoded, Page, pages_of
 from claudectl.hive.delivery import DeliveryBook, DeliveryFile, fingerprint
 from claudectl.hive.merge import (
     CLUSTER_UNIONED,
@@ -62,7 +63,7 @@ from claudectl.hive.merge import (
     merge_batch,
     write_merge_logs,
 )
-from claudectl.hive.sharing import ShareContext, precompute_verdicts
+from claudectl.hive.sharing import EXPOSURE, ShareContext, ShareContexts, precompute_verdicts
 from claudectl.hive.store import (
     KNOWLEDGE,
     MODE,
@@ -254,27 +255,10 @@ def _unit_bytes(unit_json: dict[str, Any]) -> int:
     return len(_COMPACT(unit_json).encode("utf-8"))
 
 
-#: A unit and the bytes of its wire JSON (``KnowledgeUnit.wire_json``, cached
-#: on the unit: each unit is encoded once, not once per request and peer).
-Encoded = tuple[KnowledgeUnit, int]
-
-
 def _paginate(encoded: list[Encoded]) -> list[list[Encoded]]:
-    """claudectl's paging over units whose sizes are already known."""
+    """claudectl's paging over units whose sizes are already known (``Encoded``:
+    a unit and the bytes of its wire JSON, cached on the unit)."""
     return paginate(encoded, SNAPSHOT_PAGE_BYTES, size=lambda item: item[1])
-
-
-def _units_payload(head: dict[str, int], page: list[Encoded]) -> codec.EncodedPayload:
-    """
-    A sync or snapshot payload, its frame text spliced from the units' cached
-    JSON: byte for byte what the codec's sorted compact encoder writes (the
-    ``head`` keys sort before ``"units"``).
-    """
-    text = ",".join(
-        [f'"{k}":{v}' for k, v in sorted(head.items())]
-        + ['"units":[' + ",".join([u.wire_json for u, _ in page]) + "]"]
-    )
-    return codec.EncodedPayload({**head, "units": [u.wire_dict for u, _ in page]}, "{" + text + "}")
 
 
 @contextlib.contextmanager
@@ -476,18 +460,26 @@ class Gossip:
         self._snapshot_bytes: dict[str, int] = {}
         self._page_timers: dict[str, Any] = {}
         self._page_ack: dict[str, str] = {}
-        #: Per peer, unit id -> (version, when queued) sent on the current link
-        #: and not yet known to have arrived (memory only: after a restart or a
-        #: new link these are offered again).
-        self._inflight: dict[str, dict[str, tuple[int, float]]] = {}
+        #: Per peer, unit id -> version sent on the current link and not yet
+        #: known to have arrived (memory only: after a restart or a new link
+        #: these are offered again).
+        self._inflight: dict[str, dict[str, int]] = {}
+        #: ... and for a claudectl ``relay serve`` (:data:`SERVES`), which
+        #: never acknowledges, unit id -> when it was queued.
+        self._queued_at: dict[str, dict[str, float]] = {}
         self._confirm_scheduled: set[str] = set()
         #: Per peer, unit frames waiting to go out, one per reactor turn (see
         #: :meth:`_send_page`); present while a drain is scheduled.
-        self._outbox: dict[str, deque[tuple[str, dict[str, int], list[Encoded]]]] = {}
+        self._outbox: dict[str, deque[tuple[str, dict[str, int], Page]]] = {}
+        #: trust.json and exposure.json as a ShareContext, read again on change.
+        self._contexts = ShareContexts(home, identity)
+        #: Encoded answers to ``since_epoch: 0`` per peer (issue 16).
+        self._answers = AnswerCache()
+        #: ``$HIVE/mode``, its signature and the config when last read (:meth:`active`).
+        self._mode_path = str(hive_file(home, MODE))
+        self._mode_sig: tuple[Signature, HiveConfig] | None = None
+        self._active = False
         self._stopped = False
-        #: (signature of $HIVE/mode, hive_active) of the last :meth:`active`.
-        self._active_cache: tuple[Signature, bool] | None = None
-        self._mode_file = hive_file(home, MODE)
         #: peer -> (minute, warnings logged in it)
         self._warned: dict[str, tuple[int, int]] = {}
         self._timers: set[Any] = set()
@@ -509,17 +501,13 @@ class Gossip:
         return int(self._now())
 
     def active(self) -> bool:
-        """
-        :func:`hive_active`, read again only when ``$HIVE/mode`` changed: one
-        ``stat`` per call (it is asked at every link-up and push).
-        """
-        sig = signature(self._mode_file)
-        cached = self._active_cache
-        if cached is not None and cached[0] == sig:
-            return cached[1]
-        value = hive_active(self.home, self.config.hive)
-        self._active_cache = (sig, value)
-        return value
+        """:func:`hive_active`, read again only when ``$HIVE/mode`` changed (a
+        ``stat()``; every request asks) or the config object is another."""
+        sig = (signature(self._mode_path), self.config.hive)
+        if self._mode_sig is None or sig[0] != self._mode_sig[0] or sig[1] is not self._mode_sig[1]:
+            self._active = hive_active(self.home, self.config.hive)
+            self._mode_sig = sig
+        return self._active
 
     # --- sending ------------------------------------------------------------------------
     def _later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Any:
@@ -595,6 +583,7 @@ class Gossip:
     def _link_up(self, peer_id: str) -> None:
         # A new link: whatever was in flight on an old one may be lost.
         self._inflight.pop(peer_id, None)
+        self._queued_at.pop(peer_id, None)
         self._outbox.pop(peer_id, None)
         self._snapshot_bytes.pop(peer_id, None)
         if not self.active() or peer_id not in self.mesh.connected_peers():
@@ -622,6 +611,8 @@ class Gossip:
         self._cancel_linkup_push(peer_id)  # a storm of short links leaves no timers
         # Queued but not known to have arrived: offered again on the next link.
         self._inflight.pop(peer_id, None)
+        self._queued_at.pop(peer_id, None)
+        self._answers.forget(peer_id)
         self._outbox.pop(peer_id, None)
         self._snapshot_bytes.pop(peer_id, None)
         if peer_id in self._pages:
@@ -644,9 +635,7 @@ class Gossip:
             return ACKS
         return PRINTS if self._direction(peer_id) == "inbound" else SERVES
 
-    def _send_page(
-        self, peer_id: str, msg_type: str, head: dict[str, int], page: list[Encoded]
-    ) -> bool:
+    def _send_page(self, peer_id: str, msg_type: str, head: dict[str, int], page: Page) -> bool:
         """
         Send one frame of units -- or, if one went to ``peer_id`` in this
         reactor turn, queue it for a later turn (in order): a push round or
@@ -658,7 +647,7 @@ class Gossip:
         if box is not None:
             box.append((msg_type, head, page))
             return True
-        if not self.mesh.send(peer_id, msg_type, _units_payload(head, page)):
+        if not self.mesh.send(peer_id, msg_type, page.payload(head)):
             return False
         if self._call_later is not None and not self._stopped:
             self._outbox[peer_id] = deque()
@@ -671,21 +660,21 @@ class Gossip:
             self._outbox.pop(peer_id, None)
             return
         msg_type, head, page = box.popleft()
-        if not self.mesh.send(peer_id, msg_type, _units_payload(head, page)):
+        if not self.mesh.send(peer_id, msg_type, page.payload(head)):
             self._outbox.pop(peer_id, None)  # the link is gone: offered again on the next
             return
         self._later(0, self._drain_outbox, peer_id)
 
-    def _queued(self, peer_id: str, page: list[Encoded]) -> None:
+    def _queued(self, peer_id: str, page: Page) -> None:
         """``page`` went out to ``peer_id``: in flight until it is known to have arrived."""
         ps = self.state.peer(peer_id)
-        flying = self._inflight.setdefault(peer_id, {})
-        now = self._now()
-        for u, size in page:
-            flying[u.id] = (u.version, now)
-            ps.bytes_up += size
+        # One dict update from the page's id -> version map: no Python loop
+        # per unit on the reactor (a snapshot answer is the whole store).
+        self._inflight.setdefault(peer_id, {}).update(page.versions)
+        ps.bytes_up += page.nbytes
         ps.units_up += len(page)
         if page and self.delivery(peer_id) == SERVES:
+            self._queued_at.setdefault(peer_id, {}).update(page.queued_at(self._now()))
             self._confirm_later(peer_id)
 
     def _delivered(self, peer_id: str, pairs: list[tuple[str, int]]) -> int:
@@ -694,11 +683,12 @@ class Gossip:
         if not flying:
             return 0
         ps = self.state.peer(peer_id)
+        at = self._queued_at.get(peer_id, {})
         n = 0
         for uid, version in pairs:
-            held = flying.get(uid)
-            if held is not None and held[0] == version:
+            if flying.get(uid) == version:
                 del flying[uid]
+                at.pop(uid, None)
                 ps.sent[uid] = version
                 n += 1
         if n:
@@ -723,7 +713,8 @@ class Gossip:
         if not flying or peer_id not in self.mesh.connected_peers():
             return
         limit = self._now() - (0 if self._call_later is None else self._confirm_secs())
-        done = [(uid, v) for uid, (v, t) in flying.items() if t <= limit]
+        at = self._queued_at.get(peer_id, {})
+        done = [(uid, v) for uid, v in flying.items() if at.get(uid, limit + 1) <= limit]
         self._delivered(peer_id, done)
         if flying:
             self._confirm_later(peer_id)
@@ -840,7 +831,7 @@ class Gossip:
                 [
                     u
                     for u in units
-                    if ps.sent.get(u.id) != u.version and flying.get(u.id, (None,))[0] != u.version
+                    if ps.sent.get(u.id) != u.version and flying.get(u.id) != u.version
                 ],
                 peer_id,
                 now,
@@ -849,7 +840,7 @@ class Gossip:
         if not todo:
             return 0
         sent = 0
-        for page in _paginate(todo):
+        for page in pages_of(todo):
             if not self._send_page(peer_id, codec.KNOWLEDGE_SYNC, {"sync_epoch": now}, page):
                 break
             self._queued(peer_id, page)
@@ -868,22 +859,37 @@ class Gossip:
         if isinstance(since, bool) or not isinstance(since, int) or since < 0:
             since = 0
         now = self.now()
-        ctx = ShareContext.load(self.home, self.identity, self.config.hive)
+        ctx = self._contexts.get(self.config.hive)
         ps = self.state.peer(peer_id)
-        # since_epoch 0 means "I have nothing": send everything.  Otherwise
-        # what this peer is known to have (acknowledged, same version) is
-        # left out -- never what we merely queued for it once.
         stored = self._load_units()
-        wanted = [
-            u
-            for u in stored
-            if u.last_validated_at >= since and (since == 0 or ps.sent.get(u.id) != u.version)
-        ]
-        units = self._sendable(ctx.shareable_units(wanted, peer_id, now))
-        pages = _paginate(units) or [[]]
+        # What may go to this peer now (in store order), kept encoded per
+        # peer for this store and sharing context (claudectl/hive/answers.py).
+        answer = self._answers.answer(
+            peer_id,
+            stored,
+            ctx,
+            now,
+            lambda: self._sendable(ctx.shareable_units(stored, peer_id, now)),
+        )
+        if since == 0:
+            # "I have nothing": everything, in the pages encoded once.
+            pages = answer.pages
+            count = len(answer.units)
+        else:
+            # What this peer is known to have (acknowledged, same version) is
+            # left out -- never what we merely queued for it once.
+            units = [
+                (u, n)
+                for u, n in answer.units
+                if u.last_validated_at >= since and ps.sent.get(u.id) != u.version
+            ]
+            pages = pages_of(units) or [Page([])]
+            count = len(units)
+        total = len(pages)
         for n, page in enumerate(pages, 1):
-            head = {"page": n, "total_pages": len(pages)}
-            if not self._send_page(peer_id, codec.KNOWLEDGE_SNAPSHOT, head, page):
+            if not self._send_page(
+                peer_id, codec.KNOWLEDGE_SNAPSHOT, {"page": n, "total_pages": total}, page
+            ):
                 return
             self._queued(peer_id, page)
         ps.last_sync_epoch = now
@@ -891,13 +897,16 @@ class Gossip:
         log.info(
             "answered a knowledge request from {peer_id}: {count} unit(s) in {pages} page(s)",
             peer_id=peer_id,
-            count=len(units),
-            pages=len(pages),
+            count=count,
+            pages=total,
         )
         # Older units it has not had (outside since_epoch) go in a sync.
         # The state is saved with the next save (or at stop), not per request:
-        # this only moved counters and the units in flight.
-        self._push(peer_id, stored, ctx)
+        # this only moved counters and the units in flight.  After a
+        # since_epoch 0 answer there are none: every unit that may go to this
+        # peer is in flight at its version now.
+        if since:
+            self._push(peer_id, stored, ctx)
 
     # --- receiving ----------------------------------------------------------------------
     def on_batch(self, peer_id: str, env: Envelope) -> None:
@@ -1258,6 +1267,7 @@ class Gossip:
         self._watched = True
         changes.on(self.home.hive, KNOWLEDGE, self.on_store_changed)
         changes.on(self.home.hive, TRUST, self.on_trust_changed)
+        changes.on(self.home.hive, EXPOSURE, self._contexts.invalidate)
 
     def on_store_changed(
         self, _name: str = KNOWLEDGE, *, first: bool = False
@@ -1289,6 +1299,7 @@ class Gossip:
         return d
 
     def on_trust_changed(self, _name: str = TRUST) -> defer.Deferred[Any]:
+        self._contexts.invalidate()
         d = self.writer.run(load_trust, self.home, self.config.hive.default_trust)
         d.addCallback(self._trust_read)
         d.addErrback(logged("reading " + TRUST))

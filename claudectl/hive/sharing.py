@@ -20,10 +20,12 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from claudectl.atomic import atomic_write, locked
+from claudectl.changes import Signature, signature
 from claudectl.config import HiveConfig
-from claudectl.hive.trust import TrustBook, load_trust
+from claudectl.hive.trust import TrustBook, load_trust, trust_path
 from claudectl.hive.units import (
     CATEGORY_LABELS,
     DAY,
@@ -176,11 +178,16 @@ def precompute_verdicts(config: HiveConfig, units: Iterable[KnowledgeUnit]) -> N
 
 EXPOSE = "expose"
 HIDE = "hide"
+EXPOSURE = "exposure.json"
+
+
+def exposure_path(home: Home) -> Path:
+    return home.hive / EXPOSURE
 
 
 def load_exposure(home: Home) -> dict[str, str]:
     try:
-        data = json.loads((home.hive / "exposure.json").read_bytes())
+        data = json.loads(exposure_path(home).read_bytes())
     except (FileNotFoundError, ValueError, UnicodeDecodeError):
         return {}
     if not isinstance(data, Mapping):
@@ -190,7 +197,7 @@ def load_exposure(home: Home) -> dict[str, str]:
 
 def set_exposure(home: Home, unit_id: str, value: str | None) -> None:
     """Record ``expose``/``hide`` for one local unit (None removes the entry)."""
-    path = home.hive / "exposure.json"
+    path = exposure_path(home)
     with locked(path):
         data = load_exposure(home)
         if value is None:
@@ -309,6 +316,39 @@ class ShareContext:
                 continue
             out.append(u)
         return out
+
+
+class ShareContexts:
+    """
+    :meth:`ShareContext.load`, done again only when trust.json or
+    exposure.json changed (their ``stat()`` signatures: two system calls a
+    request instead of reading and parsing both files), when the config
+    object is another, or after :meth:`invalidate` (a change notice: it also
+    covers a rewrite too quick for the file times to tell).  Each load is a
+    new object, so caches keyed on it (:class:`~claudectl.hive.answers.AnswerCache`)
+    see every change.
+    """
+
+    def __init__(self, home: Home, local_id: str) -> None:
+        self.home = home
+        self.local_id = local_id
+        self._paths = (str(trust_path(home)), str(exposure_path(home)))
+        self._ctx: ShareContext | None = None
+        self._sigs: tuple[Signature, Signature] = (None, None)
+        #: Loads so far (tests and ``relay status`` figures).
+        self.loads = 0
+
+    def invalidate(self, _name: str = "") -> None:
+        self._ctx = None
+
+    def get(self, config: HiveConfig) -> ShareContext:
+        sigs = (signature(self._paths[0]), signature(self._paths[1]))
+        ctx = self._ctx
+        if ctx is None or ctx.config is not config or sigs != self._sigs:
+            ctx = self._ctx = ShareContext.load(self.home, self.local_id, config)
+            self._sigs = sigs
+            self.loads += 1
+        return ctx
 
 
 def shareable(

@@ -86,22 +86,43 @@ def _dumps(value: Any, sort_keys: bool = False) -> str:
 
 class EncodedPayload(dict):  # type: ignore[type-arg]
     """
-    A payload that already knows its frame text: ``json`` is exactly what
-    the sorted compact encoder would write for this dict, so :func:`encode`
-    splices it in instead of encoding again (the hive builds snapshot and
-    sync pages from each unit's cached JSON).  In-process readers see an
-    ordinary dict.  The caller vouches that the two agree.
+    A payload that already knows its frame text: ``json`` (str) and ``raw``
+    (its UTF-8 bytes) are exactly what the sorted compact encoder would
+    write for this dict, so :func:`encode` splices the bytes in instead of
+    encoding again (the hive builds snapshot and sync pages from each unit's
+    cached JSON, and keeps whole snapshot answers encoded).  Give either
+    form; the other is made when first asked for and kept.  In-process
+    readers see an ordinary dict.  The caller vouches that the two agree.
     """
 
-    __slots__ = ("json",)
+    __slots__ = ("_json", "_raw")
 
-    def __init__(self, value: dict[str, Any], json_text: str) -> None:
+    def __init__(
+        self, value: dict[str, Any], json_text: str | None = None, *, raw: bytes | None = None
+    ) -> None:
+        if json_text is None and raw is None:
+            raise TypeError("EncodedPayload needs json_text or raw")
         super().__init__(value)
-        self.json = json_text
+        self._json = json_text
+        self._raw = raw
+
+    @property
+    def json(self) -> str:
+        if self._json is None:
+            assert self._raw is not None
+            self._json = self._raw.decode("utf-8")
+        return self._json
+
+    @property
+    def raw(self) -> bytes:
+        if self._raw is None:
+            assert self._json is not None
+            self._raw = self._json.encode("utf-8")
+        return self._raw
 
 
-def encode(env: Envelope) -> bytes:
-    """The frame for ``env``, byte for byte as claudectl writes it."""
+def _head(env: Envelope) -> str:
+    """The frame's text up to its payload (checking what :func:`encode` checks)."""
     if env.msg_type not in _MSG_TYPE_SET:
         raise ValueError(f"unknown msg_type {env.msg_type!r}")
     if (
@@ -112,7 +133,7 @@ def encode(env: Envelope) -> bytes:
         raise ValueError("timestamp must be an integer 0..2^64-1")
     # msg_type is one of the 12 plain ASCII names and timestamp an int:
     # neither needs escaping.
-    text = "".join(
+    return "".join(
         (
             '{"id":',
             _ENCODE(env.id),
@@ -123,13 +144,18 @@ def encode(env: Envelope) -> bytes:
             ',"timestamp":',
             str(env.timestamp),
             ',"payload":',
-            env.payload.json
-            if type(env.payload) is EncodedPayload
-            else _ENCODE_SORTED(env.payload),
-            "}\n",
         )
     )
-    return text.encode("utf-8")
+
+
+def encode(env: Envelope) -> bytes:
+    """The frame for ``env``, byte for byte as claudectl writes it."""
+    head = _head(env)
+    payload = env.payload
+    if type(payload) is EncodedPayload:
+        # One copy of the (possibly large) encoded payload, no re-encoding.
+        return b"".join((head.encode("utf-8"), payload.raw, b"}\n"))
+    return (head + _ENCODE_SORTED(payload) + "}\n").encode("utf-8")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
