@@ -1792,7 +1792,7 @@ def print_mini_table(run: Run) -> None:
         return
     print()
     print(
-        "issue 16 rows: a minimal client (blocking socket, sans-IO handshake, plaintext) "
+        "issue 16 rows: a minimal client (blocking socket, plaintext handshake written out) "
         "against relay serve and the floor, same run, alternating"
     )
     headers = (
