@@ -307,7 +307,7 @@ class EngineAnswerTests(SynchronousTestCase):
         seen: dict[str, Any] = {}
 
         class Changes:
-            def on(self, directory: Any, name: str, callback: Any) -> None:
+            def on(self, directory: Any, name: str, callback: Any, **_: Any) -> None:
                 seen[name] = callback
 
         self.gossip.watch(Changes())  # type: ignore[arg-type]
@@ -383,3 +383,70 @@ class EncodedPayloadTests(SynchronousTestCase):
             codec.EncodedPayload(value)
         with self.assertRaises(ValueError):
             codec.encode(dataclasses.replace(env, msg_type="nope", payload=payload))
+
+
+def _rewrite_in_place_keeping_mtime(path: Any, old: bytes, new: bytes) -> None:
+    """What claudectl 0.64 does to trust.json (truncate and write the same
+    inode), within one tick of a coarse file clock: the stat() signature stays."""
+    import os
+
+    st = os.stat(path)
+    data = path.read_bytes()
+    fresh = data.replace(old, new)
+    assert old in data and len(fresh) == len(data)
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        f.write(fresh)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+class InPlaceRewriteTests(SynchronousTestCase):
+    """A same-size, same-inode rewrite inside one file-clock tick still changes
+    the answer at the next request (review of the answer cache: the stat()
+    signature alone missed it; the bytes are compared while a file is young)."""
+
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+        self.mesh = FakeMesh("me-1", ["peer-a"])
+        self.gossip = Gossip(self.home, Config(), self.mesh, "me-1", lambda: NOW)
+        self.gossip.register()
+        put(
+            self.home,
+            "me-1",
+            dict(unit("ku_secret", "me-1"), sharing_consent={"min_trust_tier": "confirmed"}),
+            unit("ku_public", "me-1"),
+        )
+        with trust_transaction(self.home) as book:
+            book.set_level("peer-a", 0.9, NOW)
+
+    def ask(self) -> list[str]:
+        self.mesh.sent.clear()
+        self.mesh.deliver("peer-a", codec.KNOWLEDGE_REQUEST, {"since_epoch": 0})
+        return sorted(
+            u["id"]
+            for (_, t, p) in self.mesh.sent
+            if t == codec.KNOWLEDGE_SNAPSHOT
+            for u in p["units"]
+        )
+
+    def test_a_demoted_peer_loses_confirmed_only_units_at_once(self) -> None:
+        from claudectl.changes import signature
+        from claudectl.hive.trust import trust_path
+
+        self.assertEqual(self.ask(), ["ku_public", "ku_secret"])
+        path = trust_path(self.home)
+        before = signature(path)
+        _rewrite_in_place_keeping_mtime(path, b'"trust_level": 0.9', b'"trust_level": 0.1')
+        self.assertEqual(signature(path), before)  # what the cache cannot see by stat()
+        self.assertEqual(self.ask(), ["ku_public"])
+
+    def test_a_unit_hidden_in_place_is_not_answered(self) -> None:
+        path = self.home.hive / EXPOSURE
+        path.write_text('{\n  "ku_public": "expose",\n  "ku_zzzzzz": "hide"\n}')
+        self.assertIn("ku_public", self.ask())
+        _rewrite_in_place_keeping_mtime(
+            path,
+            b'"ku_public": "expose",\n  "ku_zzzzzz": "hide"',
+            b'"ku_public": "hide",\n  "ku_zzzzzz": "expose"',
+        )
+        self.assertNotIn("ku_public", self.ask())

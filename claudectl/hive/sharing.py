@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +319,21 @@ class ShareContext:
         return out
 
 
+#: A file rewritten this soon after its last change may keep its ``stat()``
+#: signature (same inode and size when rewritten in place, as claudectl 0.64
+#: does; file times of 1 s on ext3, ext4 with 128-byte inodes and HFS+, 2 s
+#: on FAT, a jiffy on Linux before 6.13): compare its bytes until then.
+RACY_NS = 2_000_000_000
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 class ShareContexts:
     """
     :meth:`ShareContext.load`, done again only when trust.json or
@@ -335,6 +351,9 @@ class ShareContexts:
         self._paths = (str(trust_path(home)), str(exposure_path(home)))
         self._ctx: ShareContext | None = None
         self._sigs: tuple[Signature, Signature] = (None, None)
+        self._raw: tuple[bytes | None, bytes | None] = (None, None)
+        #: Until then (wall clock, ns) a signature is not proof of no change.
+        self._racy_until = 0
         #: Loads so far (tests and ``relay status`` figures).
         self.loads = 0
 
@@ -344,10 +363,18 @@ class ShareContexts:
     def get(self, config: HiveConfig) -> ShareContext:
         sigs = (signature(self._paths[0]), signature(self._paths[1]))
         ctx = self._ctx
-        if ctx is None or ctx.config is not config or sigs != self._sigs:
-            ctx = self._ctx = ShareContext.load(self.home, self.local_id, config)
-            self._sigs = sigs
-            self.loads += 1
+        if (
+            ctx is None
+            or ctx.config is not config
+            or sigs != self._sigs
+            or time.time_ns() < self._racy_until
+        ):
+            raw = (_read(self._paths[0]), _read(self._paths[1]))
+            if ctx is None or ctx.config is not config or raw != self._raw:
+                ctx = self._ctx = ShareContext.load(self.home, self.local_id, config)
+                self.loads += 1
+            self._sigs, self._raw = sigs, raw
+            self._racy_until = max([s[0] for s in sigs if s is not None], default=0) + RACY_NS
         return ctx
 
 
