@@ -513,6 +513,20 @@ class ListenerTests(SynchronousTestCase):
         self.reactor.advance(5)
         self.assertEqual([f["msg_type"] for f in frames(transport)], ["heartbeat"])
 
+    def test_a_close_the_peer_never_lets_finish_is_aborted(self) -> None:
+        """A closed link whose peer stops reading: aborted after the liveness deadline."""
+        proto, transport = self.authenticated()
+        aborted: list[bool] = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        proto.close("replaced by a newer link")
+        self.assertTrue(transport.disconnecting)  # ... but connectionLost never comes
+        for _ in range(90):  # a second at a time, as a reactor's clock moves
+            self.reactor.advance(1)
+        self.assertEqual(aborted, [])
+        for _ in range(7):
+            self.reactor.advance(1)
+        self.assertEqual(aborted, [True])
+
     def test_one_timer_per_link(self) -> None:
         """A handshake runs one timer (both deadlines), a link one (heartbeat, liveness)."""
 

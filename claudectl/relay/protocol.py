@@ -629,7 +629,9 @@ class RelayProtocol(LineReceiver):
             self._next_heartbeat += every * (1 + int((now - self._next_heartbeat) // every))
         remaining = self._liveness.remaining()
         if remaining >= 0:
-            if not self.is_closed and self._closing_reason is None:
+            if not self.is_closed:
+                # Also while closing: a peer that stops reading never lets a
+                # close finish; the liveness deadline then aborts the socket.
                 wait = min(self._next_heartbeat - now, remaining + 0.001)
                 self._timeout = clock.callLater(max(0.0, wait), self._tick)
             return
