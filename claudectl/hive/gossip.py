@@ -526,6 +526,8 @@ class Gossip:
         #: Log lines a peer's bad input may cause (each is counted anyway).
         self._warnings = LogBudget(self._now, PEER_WARNINGS_PER_MINUTE, _more_bad_knowledge)
         self._timers: set[Any] = set()
+        #: peer -> its link-up push round, pending (cancelled when the link drops).
+        self._linkup_push: dict[str, Any] = {}
         self._oversize: set[tuple[str, int]] = set()
         #: Counters for ``relay status``.
         self.counters = {"bad_units": 0, "merged_batches": 0, "dropped_rate_cap": 0}
@@ -644,10 +646,14 @@ class Gossip:
         else:
             # Our peers ask at once; answering that request covers them, and
             # this push round sends whatever the answer left out.
-            self._later(LINKUP_PUSH_DELAY_SECS, self._push_if_connected, peer_id)
+            self._cancel_linkup_push(peer_id)
+            call = self._later(LINKUP_PUSH_DELAY_SECS, self._push_if_connected, peer_id)
+            if call is not None:
+                self._linkup_push[peer_id] = call
 
     def on_link_down(self, peer_id: str) -> None:
         """Merge what arrived of an unfinished snapshot; drop the buffer."""
+        self._cancel_linkup_push(peer_id)  # a storm of short links leaves no timers
         # Queued but not known to have arrived: offered again on the next link.
         self._inflight.pop(peer_id, None)
         self._queued_at.pop(peer_id, None)
@@ -800,8 +806,15 @@ class Gossip:
             )
 
     def _push_if_connected(self, peer_id: str) -> None:
+        self._linkup_push.pop(peer_id, None)
         if peer_id in self.mesh.connected_peers():
             self.push(peer_id)
+
+    def _cancel_linkup_push(self, peer_id: str) -> None:
+        call = self._linkup_push.pop(peer_id, None)
+        if call is not None and call.active():
+            call.cancel()
+            self._timers.discard(call)
 
     def schedule_push_all(self) -> None:
         """One push round soon, however many batches arrive in this turn."""
