@@ -11,8 +11,14 @@ changes state also tells a running service over the control socket
 the same callbacks, at once.
 
 Bursts are coalesced: a name noticed several times within
-:data:`SETTLE_SECS` gives one call.  Callbacks run on the reactor and must
-not block: they hand file work to the :class:`~claudectl.statestore.StateWriter`.
+:data:`SETTLE_SECS` gives one call, at the end of that time.  A name watched
+``at_once`` is coalesced on the leading edge instead: its first notice is
+passed on in the next reactor turn (a unit written into knowledge.jsonl
+should start travelling at once, issue 16), and further notices within
+:data:`SETTLE_SECS` after that call give one more call at the end of that
+window -- still at most one call per window.  Callbacks
+run on the reactor and must not block: they hand file work to the
+:class:`~claudectl.statestore.StateWriter`.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ log = Logger()
 
 #: The poll period where inotify is missing.
 POLL_SECS = 3.0
-#: Notices of one name within this long are one call.
+#: Notices of one name within this long are one call (for an ``at_once``
+#: name: after a call, further notices within this long are one more call at
+#: the end of the window).
 SETTLE_SECS = 0.05
 
 Signature = tuple[int, int, int] | None
@@ -54,13 +62,30 @@ class ChangeWatcher:
         #: (directory, name) -> callbacks
         self._watched: dict[tuple[Path, str], list[Callable[[str], object]]] = {}
         self._sigs: dict[tuple[Path, str], Signature] = {}
+        #: Keys passed on at once (leading edge).
+        self._at_once: set[tuple[Path, str]] = set()
+        #: key -> the call due for it; for an ``at_once`` key the leading
+        #: call (next turn), or the end of the window after it (``_settling``).
         self._soon: dict[tuple[Path, str], Any] = {}
+        self._settling: set[tuple[Path, str]] = set()
+        #: Keys noticed again inside their settle window.
+        self._again: set[tuple[Path, str]] = set()
         self._inotify: Any = None
         self._poll: LoopingCall | None = None
         self.mode = "stopped"
 
-    def on(self, directory: Path, name: str, callback: Callable[[str], object]) -> None:
-        self._watched.setdefault((Path(directory), name), []).append(callback)
+    def on(
+        self,
+        directory: Path,
+        name: str,
+        callback: Callable[[str], object],
+        *,
+        at_once: bool = False,
+    ) -> None:
+        key = (Path(directory), name)
+        self._watched.setdefault(key, []).append(callback)
+        if at_once:
+            self._at_once.add(key)
 
     def names(self) -> list[str]:
         return sorted({name for _, name in self._watched})
@@ -107,6 +132,8 @@ class ChangeWatcher:
             if call.active():
                 call.cancel()
         self._soon.clear()
+        self._settling.clear()
+        self._again.clear()
         self.mode = "stopped"
 
     def _event(self, _ignored: Any, path: FilePath[Any], _mask: int) -> None:
@@ -136,17 +163,32 @@ class ChangeWatcher:
                 self._schedule(key)
 
     def _schedule(self, key: tuple[Path, str]) -> None:
-        if key in self._soon:
+        if key in self._settling:
+            self._again.add(key)  # one more call when the window ends
             return
-        self._soon[key] = self.clock.callLater(SETTLE_SECS, self._fire, key)
+        if key in self._soon:
+            return  # the call due covers this notice
+        delay = 0 if key in self._at_once else SETTLE_SECS
+        self._soon[key] = self.clock.callLater(delay, self._fire, key)
 
     def _fire(self, key: tuple[Path, str]) -> None:
-        self._soon.pop(key, None)
+        if key in self._at_once:
+            self._settling.add(key)
+            self._soon[key] = self.clock.callLater(SETTLE_SECS, self._settled, key)
+        else:
+            self._soon.pop(key, None)
         for callback in list(self._watched.get(key, ())):
             try:
                 callback(key[1])
             except Exception:
                 log.failure("change callback for {name} failed", name=key[1])
+
+    def _settled(self, key: tuple[Path, str]) -> None:
+        self._soon.pop(key, None)
+        self._settling.discard(key)
+        if key in self._again:
+            self._again.discard(key)
+            self._schedule(key)
 
 
 class ChangeWatcherService(Service):

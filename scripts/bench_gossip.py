@@ -11,7 +11,8 @@ on loopback only, every wait bounded:
    random others (a connected graph, at most ``max_peers`` = 8 links per
    node).  One new unit is written into one node's ``knowledge.jsonl``; we
    time until every node's store holds it -- from the write (this includes
-   the service's file poll, ``gossip.POLL_SECS``) and from the moment the
+   the service noticing the change: inotify through ``claudectl.changes``,
+   ``gossip.POLL_SECS`` only without it) and from the moment the
    first node's service sent it (its "sent ... knowledge unit(s)" log line).
    Frames, duplicate copies, bytes and resolution log lines are counted.
 2. Snapshot: a node holding 5,000 distinct units; a fresh node connects; we
@@ -875,6 +876,8 @@ class ConvPhase:
     eccentricity: int
     frames_per_run: float
     bytes_per_run: float
+    #: CPU time (user + system) all the mesh's services used per run, in seconds.
+    cpu_per_run: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -967,7 +970,9 @@ async def convergence_runs(
     frames = copies = 0
     bytes_before = await total_bytes(reactor, homes)
     resolutions_before = count_lines(homes, RESOLUTIONS)
+    cpu_runs: list[float] = []
     for run in range(runs + 1):  # run 0 warms up every node's code paths
+        cpu_before = sum(proc_cpu_secs(c.proc.pid) for c in children[:nodes])
         src = rnd.randrange(nodes)
         dist = distances(nodes, edges, src)
         uid = f"ku_bench_{store_units}_{run}_{rnd.getrandbits(32):08x}"
@@ -992,6 +997,7 @@ async def convergence_runs(
             reactor, partial(children[src].find, SENT_RX, marks[src]), 2, "the source's sent line"
         )
         await task.deferLater(reactor, 0.3, lambda: None)  # let the last copies arrive
+        cpu_runs.append(sum(proc_cpu_secs(c.proc.pid) for c in children[:nodes]) - cpu_before)
         if run == 0:
             bytes_before = await total_bytes(reactor, homes)
             resolutions_before = count_lines(homes, RESOLUTIONS)
@@ -1027,6 +1033,7 @@ async def convergence_runs(
         ecc,
         frames / runs,
         (bytes_after - bytes_before) / runs,
+        cpu_runs[1:],
     )
 
 
@@ -1726,7 +1733,8 @@ async def bench_convergence_scaling(
             say(
                 f"{size} services: from the first send p50 "
                 f"{statistics.median(ph.from_send) * 1000:.0f} ms, from the write "
-                f"{statistics.median(ph.from_write) * 1000:.0f} ms"
+                f"{statistics.median(ph.from_write) * 1000:.0f} ms; CPU of all services "
+                f"{statistics.median(ph.cpu_per_run) * 1000:.0f} ms per run"
             )
     finally:
         fleet.stop(children)
@@ -2000,17 +2008,18 @@ def load_relay_bench() -> Any:
 
 @dataclasses.dataclass
 class Issue16:
-    request: dict[str, list[float]]
+    request: dict[str, list[float]] | None  # None: not measured (--convergence)
     snapshots: dict[int, dict[str, list[float]]]
     convergence: dict[int, ConvPhase]
 
 
 def issue16_json(r: Issue16) -> dict[str, Any]:
-    ours, floor = r.request["ours"], r.request["floor"]
-    ratios = [o / f for o, f in zip(ours, floor, strict=True)]
-    med = statistics.median(ours) * 1000
-    out: dict[str, Any] = {
-        "request_snapshot_500": {
+    out: dict[str, Any] = {"snapshot": {}, "convergence": {}}
+    if r.request is not None:
+        ours, floor = r.request["ours"], r.request["floor"]
+        ratios = [o / f for o, f in zip(ours, floor, strict=True)]
+        med = statistics.median(ours) * 1000
+        out["request_snapshot_500"] = {
             "ms": spread([x * 1000 for x in ours]),
             "floor_ms": spread([x * 1000 for x in floor]),
             "ratio_to_floor": spread(ratios),
@@ -2023,10 +2032,7 @@ def issue16_json(r: Issue16) -> dict[str, Any]:
             "floor_cpu_us_per_request": spread(
                 [x * 1e6 for x in r.request.get("cpu_floor", [0.0])]
             ),
-        },
-        "snapshot": {},
-        "convergence": {},
-    }
+        }
     for units, v in r.snapshots.items():
         target = TARGET_SNAPSHOT_SECS.get(units)
         med_s = statistics.median(v["seconds"])
@@ -2047,6 +2053,7 @@ def issue16_json(r: Issue16) -> dict[str, Any]:
             "one_hop_ms": spread([x * 1000 for x in ph.first_peer]),
             "max_hops": ph.eccentricity,
             "sync_frames_per_run": ph.frames_per_run,
+            "service_cpu_ms_per_run": spread([x * 1000 for x in ph.cpu_per_run or [0.0]]),
             "target_ms": None if target is None else target * 1000,
             "met": None if target is None else med_s <= target,
         }
@@ -2063,22 +2070,22 @@ def issue16_table(data: dict[str, Any]) -> list[str]:
     def met(v: bool | None) -> str:
         return "" if v is None else ("yes" if v else "**no**")
 
-    req = data["request_snapshot_500"]
-    lines = [
-        "| row | median (range) | goal | met? |",
-        "|---|---|---|---|",
-        f"| knowledge_request \u2192 snapshot, {REQUEST_UNITS} units, `relay serve` | "
-        f"{cell(req['ms'])} | | |",
-        f"| the same from the floor (bare LineReceiver, pre-encoded pages) | "
-        f"{cell(req['floor_ms'])} | | |",
-        f"| CPU per request: `relay serve` / the floor | "
-        f"{cell(req['cpu_us_per_request'], MICRO)} / "
-        f"{cell(req['floor_cpu_us_per_request'], MICRO)} | | |",
-        f"| ratio to the floor (per run) | {cell(req['ratio_to_floor'], TIMES)} | "
-        f"\u2264 {TARGET_REQUEST_FLOOR_RATIO}\u00d7 | {met(req['met'])} |",
-        f"| claudectl 0.64: {ANCHOR_REQUEST_MS:,.0f} ms | "
-        f"{req['times_faster_than_claudectl_064']:,.0f}\u00d7 faster | | |",
-    ]
+    lines = ["| row | median (range) | goal | met? |", "|---|---|---|---|"]
+    req = data.get("request_snapshot_500")
+    if req is not None:
+        lines += [
+            f"| knowledge_request \u2192 snapshot, {REQUEST_UNITS} units, `relay serve` | "
+            f"{cell(req['ms'])} | | |",
+            f"| the same from the floor (bare LineReceiver, pre-encoded pages) | "
+            f"{cell(req['floor_ms'])} | | |",
+            f"| CPU per request: `relay serve` / the floor | "
+            f"{cell(req['cpu_us_per_request'], MICRO)} / "
+            f"{cell(req['floor_cpu_us_per_request'], MICRO)} | | |",
+            f"| ratio to the floor (per run) | {cell(req['ratio_to_floor'], TIMES)} | "
+            f"\u2264 {TARGET_REQUEST_FLOOR_RATIO}\u00d7 | {met(req['met'])} |",
+            f"| claudectl 0.64: {ANCHOR_REQUEST_MS:,.0f} ms | "
+            f"{req['times_faster_than_claudectl_064']:,.0f}\u00d7 faster | | |",
+        ]
     for units, v in data["snapshot"].items():
         goal = "" if v["target_ms"] is None else f"\u2264 {v['target_ms']:,.0f} ms"
         lines.append(
@@ -2091,7 +2098,8 @@ def issue16_table(data: dict[str, Any]) -> list[str]:
         goal = "" if v["target_ms"] is None else f"\u2264 {v['target_ms']:,.0f} ms"
         lines.append(
             f"| convergence, {size} processes, {FILL_UNITS}-unit stores: first send \u2192 "
-            f"on all (write \u2192 on all: {cell(v['from_write_ms'])}; {v['max_hops']} hops max) | "
+            f"on all (write \u2192 on all: {cell(v['from_write_ms'])}; {v['max_hops']} hops max; "
+            f"CPU of all services per run {cell(v['service_cpu_ms_per_run'])}) | "
             f"{cell(v['from_first_send_ms'])} | {goal} | {met(v['met'])} |"
         )
     return lines
@@ -2239,7 +2247,7 @@ async def run_issue16(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: 
     """Issue 16's rows: request -> snapshot, snapshot scaling, convergence scaling."""
     rnd = random.Random(args.seed)
     runs = args.runs or (2 if args.quick else 5)
-    conv_sizes = (4, 8) if args.quick else CONV_SIZES
+    conv_sizes = args.convergence or ((4, 8) if args.quick else CONV_SIZES)
     snap_sizes = (500,) if args.quick else SNAP_SIZES
     t0 = time.monotonic()
     load_before = os.getloadavg()
@@ -2248,15 +2256,18 @@ async def run_issue16(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: 
         if not args.json:
             print(f"  [{time.monotonic() - t0:6.1f} s] {text}", file=sys.stderr, flush=True)
 
-    say(f"knowledge_request -> snapshot of {REQUEST_UNITS} units, {runs} runs ...")
-    request = await bench_request(
-        reactor, tmp, fleet, runs, 20 if args.quick else 100, 5 if args.quick else 20, say
-    )
+    request = None
     snaps: dict[int, dict[str, list[float]]] = {}
     conv: dict[int, ConvPhase] = {}
-    if not args.only_request:
+    if not args.convergence:
+        say(f"knowledge_request -> snapshot of {REQUEST_UNITS} units, {runs} runs ...")
+        request = await bench_request(
+            reactor, tmp, fleet, runs, 20 if args.quick else 100, 5 if args.quick else 20, say
+        )
+    if not args.only_request and not args.convergence:
         say(f"snapshots of {', '.join(f'{u:,}' for u in snap_sizes)} units, {runs} runs each ...")
         snaps = await bench_snapshot_scaling(reactor, tmp, fleet, snap_sizes, runs, say)
+    if not args.only_request:
         say(f"convergence at {', '.join(map(str, conv_sizes))} services, {runs} runs each ...")
         conv = await bench_convergence_scaling(reactor, tmp, fleet, conv_sizes, runs, rnd, say)
     data = issue16_json(Issue16(request, snaps, conv))
@@ -2284,8 +2295,21 @@ async def run_issue16(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: 
         for group in (data["snapshot"], data["convergence"])
         for v in group.values()
         if v["met"] is not None
-    ] + [data["request_snapshot_500"]["met"]]
+    ]
+    if "request_snapshot_500" in data:
+        met.append(data["request_snapshot_500"]["met"])
     return 0 if all(met) else 1
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """``--convergence 4,8,16``: growing mesh sizes of at least 2."""
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not sizes or min(sizes) < 2 or list(sizes) != sorted(set(sizes)):
+        raise argparse.ArgumentTypeError(f"sizes must grow and be at least 2: {text!r}")
+    return sizes
 
 
 def main() -> int:
@@ -2298,6 +2322,13 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--runs", type=int, default=None, help="runs per row (default 5)")
     ap.add_argument("--seed", type=int, default=6, help="random seed (graphs, sources, keys)")
+    ap.add_argument(
+        "--convergence",
+        type=_sizes,
+        default=None,
+        metavar="N,N,...",
+        help="only the convergence rows, at these mesh sizes (e.g. 4,8,16)",
+    )
     ap.add_argument(
         "--only-request",
         action="store_true",

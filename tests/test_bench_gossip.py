@@ -298,6 +298,22 @@ class Issue16PartsTests(SynchronousTestCase):
         self.assertAlmostEqual(req["cpu_us_per_request"]["median"], 400.0)
         self.assertIn("400.0 \u00b5s (300.0\u2013500.0) / 200.0 \u00b5s", table)
 
+    def test_convergence_rows_alone(self) -> None:
+        """``--convergence 4,16``: only those rows, with the services' CPU per run."""
+        phase = bench.ConvPhase(
+            400, [0.05] * 3, [0.03] * 3, [0.01] * 3, 0, 0, 0.0, 0, 3, 10.0, 100.0, [0.2, 0.1, 0.3]
+        )
+        data = bench.issue16_json(bench.Issue16(None, {}, {4: phase, 16: phase}))
+        self.assertNotIn("request_snapshot_500", data)
+        self.assertAlmostEqual(data["convergence"]["16"]["service_cpu_ms_per_run"]["median"], 200.0)
+        table = "\n".join(bench.issue16_table(data))
+        self.assertEqual(table.count("| convergence, "), 2)
+        self.assertIn("CPU of all services per run 200.0 ms (100.0\u2013300.0)", table)
+        self.assertEqual(bench._sizes("4,8,16"), (4, 8, 16))
+        for bad in ("16,8", "1,4", "x", "4,4"):
+            with self.assertRaises(bench.argparse.ArgumentTypeError):
+                bench._sizes(bad)
+
     def test_pairing_goes_through_the_cli(self) -> None:
         base = Path(self.mktemp())
         homes = [bench.make_home(base, f"h{i}") for i in range(3)]

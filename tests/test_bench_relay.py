@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import TestCase
 
@@ -175,3 +176,99 @@ class InterruptedRunTests(TestCase):
         # The service is gone (reaped: no zombie left either) and so are the homes.
         self.assertFalse(os.path.exists(f"/proc/{pid}"))
         self.assertEqual(list(tmp.iterdir()), [])
+
+
+class SetupAfterStormsTests(TestCase):
+    def test_setup_rows_after_the_storms_profiled_alone(self) -> None:
+        """``--only-setup --after-storms --profile``: S's profile covers the set-up rows."""
+        home = temp_home(self)
+        tmp = Path(tempfile.mkdtemp(prefix="cb-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        env = subprocess_env(home, TMPDIR=str(tmp))
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(SCRIPT),
+                "--quick",
+                "--json",
+                "--only-setup",
+                "--after-storms",
+                "--profile",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        self.assertIn(done.returncode, (0, 1), done.stderr)
+        report = json.loads(done.stdout)
+        rows = {r["key"]: r for r in report["rows"]}
+        for transport in ("plaintext", "tls1.3"):
+            self.assertGreater(rows["setup_p50_ms"][transport]["median"], 0)
+        # The issue-16 rows ran first (service and floor), as in the full run.
+        floor = {r["key"]: r for r in report["floor_rows"]}
+        self.assertEqual(len(floor["storm_10_per_s"]["service"]["runs"]), 1)
+        # The profile was taken between SIGUSR1 and SIGUSR2: the set-up rows'
+        # handshakes (the QUICK sizes: 2 transports x (3 + 15) set-ups), not
+        # the storms' hundreds.
+        self.assertIn("cProfile: relay serve S", done.stderr)
+        calls = re.search(
+            r"(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+ protocol\.py:\d+\(_handshake_succeeded\)",
+            done.stderr,
+        )
+        self.assertIsNotNone(calls, done.stderr[-3000:])
+        assert calls is not None
+        self.assertEqual(int(calls.group(1)), 2 * (3 + 15))
+        self.assertEqual(list(tmp.iterdir()), [])
+
+
+class MiniHandshakeTests(TestCase):
+    """The minimal client's handshake against the listener's own machine."""
+
+    def setUp(self) -> None:
+        sys.path.insert(0, str(SCRIPT.parent))
+        self.addCleanup(sys.path.remove, str(SCRIPT.parent))
+        import bench_relay
+
+        self.bench = bench_relay
+
+    def exchange(self, client_psk: bytes, server_psk: bytes) -> tuple[Any, bytes]:
+        from claudectl.relay import codec
+        from claudectl.relay.codec import EnvelopeFactory
+        from claudectl.relay.handshake import ListenerHandshake
+
+        class Keys:
+            def stored_key(self, peer: str) -> bytes | None:
+                return server_psk if peer == "mini-1" else None
+
+            def pending_candidates(self) -> list[Any]:
+                return []
+
+            def closed_candidates(self) -> list[Any]:
+                return []
+
+            def is_mutual(self, peer: str) -> bool:
+                return False
+
+            def is_tls(self, peer: str) -> bool:
+                return False
+
+        listener = ListenerHandshake(EnvelopeFactory("server-1"), Keys())  # type: ignore[arg-type]
+        client = self.bench.MiniClient("mini-1", client_psk, "server-1")
+        hs = client.machine()
+        answer = hs.answer(codec.encode(listener.start()[0]))
+        step = listener.receive(codec.decode(answer))
+        return hs, codec.encode(step.send[0]) if step.send else b""
+
+    def test_mutual_handshake_accepted_and_checked(self) -> None:
+        hs, ack = self.exchange(b"k" * 32, b"k" * 32)
+        hs.check_ack(ack)  # a valid sproof
+
+    def test_refusal_and_a_wrong_listener_proof_raise(self) -> None:
+        hs, ack = self.exchange(b"k" * 32, b"x" * 32)
+        with self.assertRaises(self.bench.BenchError):
+            hs.check_ack(ack)  # denied
+        hs, ack = self.exchange(b"k" * 32, b"k" * 32)
+        hs.cnonce = "00" * 32  # the sproof no longer matches
+        with self.assertRaises(self.bench.BenchError):
+            hs.check_ack(ack)

@@ -307,7 +307,7 @@ class EngineAnswerTests(SynchronousTestCase):
         seen: dict[str, Any] = {}
 
         class Changes:
-            def on(self, directory: Any, name: str, callback: Any) -> None:
+            def on(self, directory: Any, name: str, callback: Any, **_: Any) -> None:
                 seen[name] = callback
 
         self.gossip.watch(Changes())  # type: ignore[arg-type]

@@ -348,3 +348,67 @@ class MutualMarkerTests(SynchronousTestCase):
         self.assertFalse(ks.is_mutual("../desk"))
         # The marker is not a key: the peer is not "known" because of it.
         self.assertEqual(ks.known_peers(), [])
+
+
+class MarkerCacheTests(SynchronousTestCase):
+    """Markers seen are remembered while the peer's key file is unchanged."""
+
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+        self.ks, self.cli = KeyStore(self.home), KeyStore(self.home)  # the service, the CLI
+        self.cli.save_key("peer-1", b"a" * 32)
+        self.assertEqual(self.ks.key("peer-1"), b"a" * 32)
+
+    def count_stats(self) -> list[str]:
+        import os
+
+        calls: list[str] = []
+        real = os.path.exists
+
+        def exists(path: str) -> bool:
+            calls.append(path)
+            return real(path)
+
+        self.patch(os.path, "exists", exists)
+        return calls
+
+    def test_seen_marker_costs_no_stat(self) -> None:
+        self.ks.mark_tls("peer-1")
+        self.ks.mark_mutual("peer-1")
+        calls = self.count_stats()
+        for _ in range(3):
+            self.assertEqual(self.ks.key("peer-1"), b"a" * 32)
+            self.assertTrue(self.ks.is_tls("peer-1"))
+            self.assertTrue(self.ks.is_mutual("peer-1"))
+        self.assertEqual(calls, [])
+
+    def test_absent_marker_is_looked_up_each_time(self) -> None:
+        # Another process (the CLI's `relay connect`) may write one meanwhile.
+        self.assertFalse(self.ks.is_tls("peer-1"))
+        self.cli.mark_tls("peer-1")
+        self.assertTrue(self.ks.is_tls("peer-1"))
+
+    def test_pairing_again_drops_what_was_seen(self) -> None:
+        """`relay forget` then pairing again (a new key file): the markers are gone."""
+        self.ks.mark_tls("peer-1")
+        self.ks.mark_mutual("peer-1")
+        self.assertTrue(self.ks.is_tls("peer-1"))
+        self.cli.forget("peer-1")
+        self.cli.save_key("peer-1", b"b" * 32)  # relay accept / a claimed code
+        self.assertEqual(self.ks.key("peer-1"), b"b" * 32)  # every handshake asks first
+        self.assertFalse(self.ks.is_tls("peer-1"))
+        self.assertFalse(self.ks.is_mutual("peer-1"))
+
+    def test_key_rewritten_with_markers_kept(self) -> None:
+        # claudectl's `relay accept` over an existing key leaves our markers:
+        # they still count (as before the cache).
+        self.ks.mark_tls("peer-1")
+        self.cli.save_key("peer-1", b"c" * 32)
+        self.assertEqual(self.ks.key("peer-1"), b"c" * 32)
+        self.assertTrue(self.ks.is_tls("peer-1"))
+
+    def test_forget_in_this_process(self) -> None:
+        self.ks.mark_tls("peer-1")
+        self.ks.forget("peer-1")
+        self.assertFalse(self.ks.is_tls("peer-1"))
+        self.assertIsNone(self.ks.key("peer-1"))

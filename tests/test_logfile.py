@@ -23,3 +23,15 @@ class LogFileObserverTests(SynchronousTestCase):
         self.assertEqual(len(text.splitlines()), 1, text)
         self.assertIn("peer said hi", text)
         self.assertNotIn("\x1b", text)
+
+    def test_twistd_takes_the_observers_as_they_are(self) -> None:
+        # Not wrapped as legacy observers (twistd does that to callables that
+        # do not declare twisted.logger.ILogObserver: a cost per event).
+        from twisted.logger import ILogObserver
+
+        from claudectl.cli.relay_cmds import _clean_stdout_observer
+
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for observer in (_clean_file_observer(str(path)), _clean_stdout_observer()):
+            self.assertTrue(ILogObserver.providedBy(observer))

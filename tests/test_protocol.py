@@ -36,6 +36,18 @@ def line(
     return codec.encode(codec.Envelope(msg_id, msg_type, from_peer, 1, payload))
 
 
+class _PakeWaiting:
+    """A PAKE responder whose exchange never finishes (for deadlines)."""
+
+    messages = [b"m" * 33]
+
+    def respond(self, joiner_id: str, joiner_msg: bytes) -> _PakeWaiting:
+        return self
+
+    def finish(self, confirms: list[bytes]) -> bytes | None:
+        return None
+
+
 class ListenerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
@@ -483,6 +495,73 @@ class ListenerTests(SynchronousTestCase):
         self.reactor.advance(89)
         self.assertFalse(transport.disconnecting)
         self.reactor.advance(3)
+        self.assertTrue(transport.disconnecting)
+
+    def test_heartbeat_each_interval_while_the_peer_talks(self) -> None:
+        proto, transport = self.authenticated()
+        for k in range(6):
+            self.reactor.advance(30)
+            self.assertEqual([f["msg_type"] for f in frames(transport)], ["heartbeat"], k)
+            proto.dataReceived(line(codec.HEARTBEAT, {}, msg_id=f"hb{k}"))
+        self.assertFalse(transport.disconnecting)
+        # Late (the reactor was busy for 100 s): one heartbeat, not a burst,
+        # and the next on the 30 s grid.
+        proto.dataReceived(line(codec.HEARTBEAT, {}, msg_id="late"))
+        self.reactor.advance(85)
+        self.assertEqual([f["msg_type"] for f in frames(transport)], ["heartbeat"])
+        proto.dataReceived(line(codec.HEARTBEAT, {}, msg_id="late2"))
+        self.reactor.advance(5)
+        self.assertEqual([f["msg_type"] for f in frames(transport)], ["heartbeat"])
+
+    def test_a_close_the_peer_never_lets_finish_is_aborted(self) -> None:
+        """A closed link whose peer stops reading: aborted after the liveness deadline."""
+        proto, transport = self.authenticated()
+        aborted: list[bool] = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        proto.close("replaced by a newer link")
+        self.assertTrue(transport.disconnecting)  # ... but connectionLost never comes
+        for _ in range(90):  # a second at a time, as a reactor's clock moves
+            self.reactor.advance(1)
+        self.assertEqual(aborted, [])
+        for _ in range(7):
+            self.reactor.advance(1)
+        self.assertEqual(aborted, [True])
+
+    def test_one_timer_per_link(self) -> None:
+        """A handshake runs one timer (both deadlines), a link one (heartbeat, liveness)."""
+
+        def timers(proto: RelayProtocol) -> int:
+            return sum(
+                1
+                for c in self.reactor.getDelayedCalls()
+                if getattr(c.func, "__self__", None) is proto
+            )
+
+        proto, transport = self.connect()
+        self.assertEqual(timers(proto), 1)
+        self.authenticate_oneway(proto, transport)
+        self.reactor.advance(ONEWAY_QUIET_SECS)
+        self.assertEqual(timers(proto), 1)
+        proto.connectionLost()
+        self.assertEqual(timers(proto), 0)
+
+    def test_first_frame_then_the_whole_deadline(self) -> None:
+        """Once the first frame came, the handshake's own deadline (30 s) still holds."""
+        # A PAKE start: the handshake waits for the joiner's confirmation.
+        self.node.pake = _PakeWaiting()
+        proto, transport = self.connect()
+        frames(transport)
+        proto.dataReceived(
+            line(
+                codec.HANDSHAKE, {"pake": {"msg": "ab" * 32}, "version": "x"}, from_peer="joiner-1"
+            )
+        )
+        self.assertEqual(frames(transport)[0]["payload"]["status"], "pake")
+        self.reactor.advance(FIRST_FRAME_TIMEOUT_SECS + 1)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(30 - FIRST_FRAME_TIMEOUT_SECS - 1.1)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(0.2)
         self.assertTrue(transport.disconnecting)
 
     def test_oneway_quiet_period(self) -> None:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from claudectl.text import classic_log_text, clean_line, clean_text, json_safe
+from claudectl.text import _clean_passes, classic_log_text, clean_line, clean_text, json_safe
 
 #: Characters no cleaned text may hold, besides the C0/C1 controls.
 BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -127,6 +127,18 @@ class CleanTextTests(SynchronousTestCase):
         self.assertEqual(clean_text(out), out)
         self.assertEqual(line, out.replace("\n", " ").replace("\t", " "))
 
+    def test_ascii_fast_path_same_as_the_passes(self) -> None:
+        # Clean ASCII text skips the three passes: every ASCII character, in
+        # every position, gives what the passes give.
+        for n in range(128):
+            c = chr(n)
+            for text in (c, f"a{c}b", f"{c}[31mx", f"x\x1b{c}", f"line{c}\n"):
+                self.assertEqual(clean_text(text), _clean_passes(text), repr(text))
+
+    @given(st.text(alphabet=st.characters(max_codepoint=127)))
+    def test_ascii_text_same_as_the_passes(self, text: str) -> None:
+        self.assertEqual(clean_text(text), _clean_passes(text))
+
     @given(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Cf", "Zl", "Zp"))))
     def test_printable_text_passes(self, text: str) -> None:
         self.assertEqual(clean_line(text), text)
@@ -180,6 +192,10 @@ class CleanWriterTests(SynchronousTestCase):
         # Debug events are not written (nor formatted): issue 16.
         Logger(observer=observer).debug("dropped connection from {ip}", ip="203.0.113.9")
         self.assertNotIn("203.0.113.9", out.getvalue())
+        # Info and up are: warn, error, critical too, each a line of its own.
+        for level in ("warn", "error", "critical"):
+            getattr(Logger(observer=observer), level)("level {name}", name=level)
+            self.assertIn(f"#{level}] level {level}\n", out.getvalue())
 
 
 class ClassicLogTextTests(SynchronousTestCase):

@@ -57,10 +57,13 @@ from claudectl.config import Config, HiveConfig
 from claudectl.hive.answers import AnswerCache, Encoded, Page, pages_of
 from claudectl.hive.delivery import DeliveryBook, DeliveryFile, fingerprint
 from claudectl.hive.merge import (
+    ACCEPTED,
     CLUSTER_UNIONED,
     DUPLICATE,
+    UPDATED,
     BatchResult,
     merge_batch,
+    merge_unit,
     write_merge_logs,
 )
 from claudectl.hive.sharing import EXPOSURE, ShareContext, ShareContexts, precompute_verdicts
@@ -83,6 +86,7 @@ from claudectl.hive.units import (
     paginate,
 )
 from claudectl.home import Home
+from claudectl.logbudget import LogBudget
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
 from claudectl.relay.interfaces import IMesh
@@ -118,6 +122,17 @@ BULK_UNITS = 100
 COALESCE_UNITS = 100_000
 #: How often the service checks the brain's decision log (distil every 10).
 DISTILL_POLL_SECS = 5.0
+#: Forward before the durable write: a batch of at most this many units is
+#: validated and decided on the reactor as it arrives, and the units it
+#: brings that are new are passed on at once, while the writer thread makes
+#: them durable (see :meth:`Gossip._forward_early`, docs/gossip.md).
+FORWARD_MAX_UNITS = 16
+#: Units decided early and not yet written, at most (the overlay's bound).
+FORWARD_MAX_PENDING = 10_000
+#: The store's index by semantic key (for early decisions) is built on the
+#: reactor up to this many units (about 1 ms); a bigger store's on the
+#: writer thread (issue 13's stall budget), early forwarding waiting for it.
+FORWARD_INDEX_INLINE = 5_000
 
 # --- bounds against hostile peers (docs/security.md, "Bounds against hostile peers") ---
 #: Snapshot pages buffered for one peer are merged once they are charged this
@@ -135,6 +150,11 @@ ACK_MAX_PAIRS = 4096
 #: Warnings a peer's bad input causes (invalid units, the daily cap): at most
 #: this many lines per peer per minute, then one "suppressed" line.
 PEER_WARNINGS_PER_MINUTE = 10
+
+
+def _more_bad_knowledge(peer_id: str) -> None:
+    log.info("{peer_id}: more bad knowledge this minute; not logging it", peer_id=peer_id)
+
 
 #: How a link delivers what we send (see ``Gossip.delivery``).
 ACKS = "acks"  # a peer of this project: delivered when it acknowledges
@@ -442,6 +462,8 @@ class _Commit:
     first_error: str
     #: (merge result, the store's units, its file signature, trust.json) if written.
     committed: tuple[BatchResult, list[KnowledgeUnit], Any, TrustBook] | None = None
+    #: Those units by semantic key, as the store module holds them (read only).
+    by_key: Mapping[str, KnowledgeUnit] | None = None
 
 
 class Gossip:
@@ -483,6 +505,29 @@ class Gossip:
         self._merging = False
         #: Stored units wait to be encoded for sending (see :meth:`_merge_batches`).
         self._warm_pending = False
+        #: Forward before the durable write (:meth:`_forward_early`): while
+        #: batches wait for the writer, semantic key -> what the store will
+        #: hold there once they are written (the units they change), on top
+        #: of the unit cache.  Valid only while ``_overlay_ok``: every batch
+        #: in the queue was decided here and the file is the cache's.  Both
+        #: start afresh whenever the queue is empty.
+        self._overlay: dict[str, KnowledgeUnit] = {}
+        self._overlay_ok = True
+        #: A link came up while units that went out early were being written:
+        #: it missed them (a push round once the queue is done).
+        self._push_when_idle = False
+        #: (id, version, hops) of the units passed on early whose batch is queued.
+        self._forwarded: set[tuple[str, int, int]] = set()
+        #: Per peer, the units of its batches still queued (the rate cap's reserve).
+        self._queued_raw: dict[str, int] = {}
+        #: The unit cache by semantic key (built when first needed).
+        self._key_index: tuple[list[KnowledgeUnit], Mapping[str, KnowledgeUnit]] | None = None
+        self._indexing: list[KnowledgeUnit] | None = None
+        #: knowledge.jsonl changed while a merge of ours was writing it: look
+        #: again once that merge is done (it may have been our own write).
+        #: Also set by notices while a read of it is under way (``_reading``).
+        self._store_recheck = False
+        self._reading = False
         self._distilling = False
         self._push_scheduled = False
         self._save_scheduled = False
@@ -516,9 +561,11 @@ class Gossip:
         self._mode_sig: tuple[Signature, HiveConfig] | None = None
         self._active = False
         self._stopped = False
-        #: peer -> (minute, warnings logged in it)
-        self._warned: dict[str, tuple[int, int]] = {}
+        #: Log lines a peer's bad input may cause (each is counted anyway).
+        self._warnings = LogBudget(self._now, PEER_WARNINGS_PER_MINUTE, _more_bad_knowledge)
         self._timers: set[Any] = set()
+        #: peer -> its link-up push round, pending (cancelled when the link drops).
+        self._linkup_push: dict[str, Any] = {}
         self._oversize: set[tuple[str, int]] = set()
         #: Counters for ``relay status``.
         self.counters = {"bad_units": 0, "merged_batches": 0, "dropped_rate_cap": 0}
@@ -616,6 +663,8 @@ class Gossip:
 
     def _link_up(self, peer_id: str) -> None:
         # A new link: whatever was in flight on an old one may be lost.
+        if self._forwarded:
+            self._push_when_idle = True  # it missed what went out early
         self._inflight.pop(peer_id, None)
         self._queued_at.pop(peer_id, None)
         self._outbox.pop(peer_id, None)
@@ -635,10 +684,14 @@ class Gossip:
         else:
             # Our peers ask at once; answering that request covers them, and
             # this push round sends whatever the answer left out.
-            self._later(LINKUP_PUSH_DELAY_SECS, self._push_if_connected, peer_id)
+            self._cancel_linkup_push(peer_id)
+            call = self._later(LINKUP_PUSH_DELAY_SECS, self._push_if_connected, peer_id)
+            if call is not None:
+                self._linkup_push[peer_id] = call
 
     def on_link_down(self, peer_id: str) -> None:
         """Merge what arrived of an unfinished snapshot; drop the buffer."""
+        self._cancel_linkup_push(peer_id)  # a storm of short links leaves no timers
         # Queued but not known to have arrived: offered again on the next link.
         self._inflight.pop(peer_id, None)
         self._queued_at.pop(peer_id, None)
@@ -771,18 +824,35 @@ class Gossip:
         self._delivered(peer_id, good)
 
     def _ack(self, peer_id: str, ack_id: str, units: list[KnowledgeUnit]) -> None:
-        """Tell a peer of this project which of its units we now have."""
+        """
+        Tell a peer of this project which of its units we now have -- all
+        but those we sent it ourselves (in flight to it at that version): our
+        copies crossed on the link, and the peer counts a unit it receives
+        from us as one we have, as we count its copy (so a mesh that floods a
+        unit does not also pay an ack for every crossing).  Should our frame
+        be lost with the link, the peer offers the unit again on the next one.
+        """
         if not units or self.delivery(peer_id) != ACKS:
             return
-        pairs = [[u.id, u.version] for u in units]
+        flying = self._inflight.get(peer_id, {})
+        pairs = [[u.id, u.version] for u in units if flying.get(u.id) != u.version]
+        if not pairs:
+            return
         for i in range(0, len(pairs), ACK_MAX_PAIRS):
             self.mesh.send(
                 peer_id, codec.ACK, {"ack_id": ack_id, "knowledge": pairs[i : i + ACK_MAX_PAIRS]}
             )
 
     def _push_if_connected(self, peer_id: str) -> None:
+        self._linkup_push.pop(peer_id, None)
         if peer_id in self.mesh.connected_peers():
             self.push(peer_id)
+
+    def _cancel_linkup_push(self, peer_id: str) -> None:
+        call = self._linkup_push.pop(peer_id, None)
+        if call is not None and call.active():
+            call.cancel()
+            self._timers.discard(call)
 
     def schedule_push_all(self) -> None:
         """One push round soon, however many batches arrive in this turn."""
@@ -954,14 +1024,7 @@ class Gossip:
 
     def _may_warn(self, peer_id: str) -> bool:
         """Rate-limit the log lines a peer's bad input causes (per peer, per minute)."""
-        minute = int(self._now()) // 60
-        seen, count = self._warned.get(peer_id, (minute, 0))
-        if seen != minute:
-            count = 0
-        self._warned[peer_id] = (minute, count + 1)
-        if count == PEER_WARNINGS_PER_MINUTE:
-            log.info("{peer_id}: more bad knowledge this minute; not logging it", peer_id=peer_id)
-        return count < PEER_WARNINGS_PER_MINUTE
+        return self._warnings.allow(peer_id)
 
     def buffered_bytes(self, peer_id: str) -> int:
         """What the snapshot pages buffered for ``peer_id`` are charged."""
@@ -1042,9 +1105,12 @@ class Gossip:
         Validate, rate-limit and merge one batch from ``peer_id``; then pass it on.
 
         The batch waits for the one before it; validation and the file work
-        run on the writer thread (the reactor only plans and bookkeeps).  The
-        returned counts are filled in once the batch is merged -- at once
-        when there is no writer thread (reactor-free callers and tests).
+        run on the writer thread (the reactor only plans and bookkeeps).  A
+        small batch is decided here first (:meth:`_forward_early`): what it
+        brings that is new goes on at once, and a batch of copies of what
+        the store already holds needs no writer job at all.  The returned
+        counts are filled in once the batch is merged -- at once when there
+        is no writer thread (reactor-free callers and tests).
         """
         stats = {
             "received": len(raw_units),
@@ -1055,9 +1121,172 @@ class Gossip:
             "rejected": 0,
             "duplicates": 0,
         }
+        self._queued_raw[peer_id] = self._queued_raw.get(peer_id, 0) + len(raw_units)
+        try:
+            known = self._forward_early(peer_id, raw_units)
+        except Exception:
+            # The early path is an optimisation: the writer decides anyway.
+            log.failure("deciding a batch from {peer_id} early failed", peer_id=peer_id)
+            self._overlay_ok = False
+            known = None
+        if known is not None:
+            # Copies of what is already written: done here, no writer job.
+            self._queued_raw[peer_id] -= len(raw_units)
+            self._unrecorded.setdefault(peer_id, 0)  # marks the contact
+            self._committed(known, peer_id, ack_id, stats, self.now())
+            return stats
         self._merges.append((peer_id, raw_units, ack_id, stats))
         self._next_merge()
         return stats
+
+    def _forward_early(self, peer_id: str, raw_units: list[Any]) -> _Commit | None:
+        """
+        Forward before the durable write: decide a small batch here on the
+        reactor, against the unit cache and what the batches queued before it
+        will change (``_overlay``), with the merge's own rules
+        (:func:`~claudectl.hive.merge.merge_unit`: local wins, version and
+        score order, local-identity claims refused), and push the units it
+        accepts or updates to the other peers at once -- the writer thread
+        makes them durable meanwhile.  The ack to ``peer_id`` still waits for
+        the write (:meth:`_merged`), so a crash before it loses nothing the
+        sender does not offer again.
+
+        Nothing goes early unless the decision is certain to match the
+        writer's: the batch is small (:data:`FORWARD_MAX_UNITS`), the cache
+        is what knowledge.jsonl holds now, every batch queued before this one
+        was decided here too, the peer's daily rate cap has room for every
+        unit queued from it, and the store stays within ``max_units`` (so no
+        eviction can take the unit back).  Otherwise the batch takes the
+        usual path (forwarded by the push round after its write) and early
+        forwarding pauses until the queue is empty.
+
+        Returns the batch's outcome when nothing in it needs the writer:
+        every unit valid or not, the valid ones copies of units the written
+        store holds (by no shorter path, none from its origin, whose delivery
+        record may improve).  Such a batch is acknowledged at once.
+        """
+        if not raw_units:
+            return None
+        cache = self._units_cache
+        cfg = self.config.hive
+        now = self.now()
+        rec = self._trust.get(peer_id)
+        counted = rec.daily_received.get(str(now // 86400), 0) if rec is not None else 0
+        counted += self._unrecorded.get(peer_id, 0) + self._queued_raw.get(peer_id, 0)
+        if (
+            not self._overlay_ok
+            or len(raw_units) > FORWARD_MAX_UNITS
+            or cache is None
+            or cache[0] is None
+            or cache[0] != self._signature()
+            or counted > cfg.max_units_per_peer_per_day
+            or (
+                cfg.max_units
+                and len(cache[1]) + len(self._overlay) + len(raw_units) > cfg.max_units
+            )
+            or len(self._overlay) >= FORWARD_MAX_PENDING
+        ):
+            self._overlay_ok = False  # this batch's effect is unknown here
+            return None
+        good, bad, error = validate_batch(raw_units)
+        if any(self._evicted_at_once(u, now) for u in good):
+            self._overlay_ok = False  # the store's bounds would take it back
+            return None
+        index = self._index(cache[1])
+        if index is None:
+            self._overlay_ok = False  # the index is being built
+            return None
+        forward: list[KnowledgeUnit] = []
+        written = True  # every unit a copy of what the written store holds
+        for inc in good:
+            key = inc.semantic_key
+            pending = key in self._overlay
+            held = self._overlay[key] if pending else index.get(key)
+            if (
+                held is not None
+                and isinstance(held.content, ApproachCluster)
+                and isinstance(inc.content, ApproachCluster)
+                and (held.id, held.version) != (inc.id, inc.version)
+            ):
+                # A union is never passed on early; its cost (contributors
+                # of every variant) belongs on the writer thread.
+                self._overlay_ok = False
+                return None
+            outcome = merge_unit(held, inc, self.identity, now)
+            if outcome.store is not None:
+                self._overlay[key] = outcome.store
+            if outcome.result in (ACCEPTED, UPDATED) and outcome.store is inc:
+                forward.append(inc)
+            if (
+                pending
+                or held is None
+                or held.id != inc.id  # settled by id, as _all_known (collisions)
+                or outcome.result != DUPLICATE
+                or outcome.store is not None
+                or inc.source_peer == peer_id
+            ):
+                written = False
+        ps = self.state.peer(peer_id)
+        for u in good:
+            # The sender has these: never echo them back.
+            ps.sent[u.id] = max(ps.sent.get(u.id, 0), u.version)
+        if forward:
+            self._forwarded.update((u.id, u.version, u.propagation_count) for u in forward)
+            # trust.json as it is now (a demotion by the CLI counts at once).
+            ctx = self._contexts.get(cfg)
+            for p in self.mesh.connected_peers():
+                self._push(p, forward, ctx)
+        return _Commit({}, good, bad, error) if written else None
+
+    def _evicted_at_once(self, unit: KnowledgeUnit, now: int) -> bool:
+        """Would the store's bounds (:func:`~claudectl.hive.store.compact`)
+        evict this peer unit as soon as it is written (expired, or its origin
+        not heard from for ``stale_peer_days`` as far as trust.json knows)?"""
+        cfg = self.config.hive
+        ttl = cfg.knowledge_ttl_days * 86400
+        if ttl and now - unit.last_validated_at > ttl:
+            return True
+        stale = cfg.stale_peer_days * 86400
+        rec = self._trust.get(unit.source_peer)
+        return bool(stale and rec is not None and now - rec.last_sync > stale)
+
+    def _prepare_index(self, units: list[KnowledgeUnit]) -> None:
+        """A big store's index is started on the writer thread as soon as
+        the store is known, so the next small batch finds it."""
+        if len(units) > FORWARD_INDEX_INLINE and self._call_later is not None:
+            self._index(units)
+
+    def _index(self, units: list[KnowledgeUnit]) -> Mapping[str, KnowledgeUnit] | None:
+        """The unit cache by semantic key, built once per cache -- for a big
+        store on the writer thread: None until it is there."""
+        index = self._key_index
+        if index is not None and index[0] is units:
+            return index[1]
+        if len(units) <= FORWARD_INDEX_INLINE:
+            self._key_index = (units, {u.semantic_key: u for u in units})
+            return self._key_index[1]
+        if self._indexing is not units:
+            self._indexing = units
+
+            def built(by_key: dict[str, KnowledgeUnit]) -> None:
+                if self._indexing is units:
+                    self._indexing = None
+                self._key_index = (units, by_key)
+
+            d = self.writer.run(lambda: {u.semantic_key: u for u in units})
+            d.addCallback(built)
+            d.addErrback(logged("indexing " + KNOWLEDGE))
+        return None
+
+    def _merge_queue_idle(self) -> None:
+        """Every received batch is written: the cache holds what the overlay held."""
+        self._overlay.clear()
+        self._forwarded.clear()
+        self._queued_raw.clear()
+        self._overlay_ok = True
+        if self._push_when_idle:
+            self._push_when_idle = False
+            self.schedule_push_all()
 
     def _next_merge(self) -> None:
         """
@@ -1079,6 +1308,11 @@ class Gossip:
 
         def next_one(_: Any) -> None:
             self._merging = False
+            if not self._merges:
+                self._merge_queue_idle()
+            if self._store_recheck:
+                self._store_recheck = False
+                self.on_store_changed()
             self._next_merge()
             if not self._merging and self._warm_pending:
                 self._warm_stored()
@@ -1142,6 +1376,12 @@ class Gossip:
         def committed(outs: list[_Commit]) -> None:
             if not warm:
                 self._warm_pending = True
+            # Every sender has its units before any push round this job's
+            # first batch may start: none goes back to the peer it came from.
+            for out, (peer_id, *_) in zip(outs, batches, strict=True):
+                sent = self.state.peer(peer_id).sent
+                for u in out.good:
+                    sent[u.id] = max(sent.get(u.id, 0), u.version)
             for out, (peer_id, _, ack_id, stats) in zip(outs, batches, strict=True):
                 self._committed(out, peer_id, ack_id, stats, now)
 
@@ -1259,8 +1499,10 @@ class Gossip:
                 rec.knowledge_conflicted += result.rejected
         if collisions:
             log_collisions(self.home, collisions, cfg.max_log_bytes)
+        by_key = held_by_key(hive_file(self.home, KNOWLEDGE))
         for _, out, result, _ in merged:
             out.committed = (result, units, sig, book)
+            out.by_key = by_key
         if warm:
             self._warm_units(units)
         return outs
@@ -1292,6 +1534,9 @@ class Gossip:
         result, units, sig, book = out.committed
         # What we just wrote is the store now: no need to parse it again.
         self._units_cache = (sig, units)
+        if out.by_key is not None and len(out.by_key) == len(units):
+            self._key_index = (units, out.by_key)  # the store's own key table
+        self._prepare_index(units)
         self._trust = book
         stats.update(result.stats())
         have = good
@@ -1310,7 +1555,10 @@ class Gossip:
                 )
             left = {id(u) for u in result.left_out}
             have = [u for u in good if id(u) not in left]
-        self._merged(peer_id, good, have, ack_id, stats, now)
+        # What went out before the write needs no push round after it.
+        forwarded = self._forwarded
+        rest = [u for u in result.stored if (u.id, u.version, u.propagation_count) not in forwarded]
+        self._merged(peer_id, good, have, ack_id, stats, now, rest)
 
     def _merged(
         self,
@@ -1320,8 +1568,16 @@ class Gossip:
         ack_id: str,
         stats: dict[str, int],
         now: int,
+        stored: list[KnowledgeUnit] | None = None,
     ) -> None:
-        """A batch is merged (or was nothing new): ack, cursors, pass it on."""
+        """
+        A batch is merged (or was nothing new): ack, cursors, pass it on.
+        ``stored``: what the batch stored that did not go out early (None: a
+        batch that changed nothing).  New or updated units go in a push round;
+        a shorter path to a unit we hold (a duplicate that lowered its hop
+        count) goes on by itself -- at a longer path it may have been at the
+        hop limit, so peers that got nothing get it now.
+        """
         ps = self.state.peer(peer_id)
         self._ack(peer_id, ack_id, have)
         for u in good:
@@ -1345,7 +1601,12 @@ class Gossip:
         )
         if stats["accepted"] or stats["updated"]:
             self._file_sig = self._units_cache[0] if self._units_cache else self._signature()
-            self.schedule_push_all()
+            if stored:
+                self.schedule_push_all()
+        elif stored and self.active():
+            ctx = self._contexts.get(self.config.hive)
+            for p in self.mesh.connected_peers():
+                self._push(p, stored, ctx)
 
     def _write_counts(self, book: TrustBook, counts: dict[str, int], now: int) -> None:
         """Write daily receive counts into ``book`` (on the writer thread)."""
@@ -1412,7 +1673,8 @@ class Gossip:
     def watch(self, changes: ChangeWatcher) -> None:
         """Keep the caches current through change notices (the service)."""
         self._watched = True
-        changes.on(self.home.hive, KNOWLEDGE, self.on_store_changed)
+        # A unit written locally should start travelling at once (issue 16).
+        changes.on(self.home.hive, KNOWLEDGE, self.on_store_changed, at_once=True)
         changes.on(self.home.hive, TRUST, self.on_trust_changed)
         changes.on(self.home.hive, EXPOSURE, self._contexts.invalidate)
 
@@ -1421,9 +1683,20 @@ class Gossip:
     ) -> defer.Deferred[Any] | None:
         """knowledge.jsonl was replaced: read it on the writer thread, then push.
         ``first``: the service starts -- read it now, not at the first request."""
-        if not first and self._signature() == self._file_sig:
-            return None  # our own write: the cache already holds it
+        if not first:
+            sig = self._signature()
+            cache = self._units_cache
+            if sig == self._file_sig or (cache is not None and cache[0] == sig):
+                self._file_sig = sig
+                return None  # our own write: the cache already holds it
+            if self._merging or self._reading:
+                # Likely the merge in progress (the notice comes before its
+                # result), or a read already under way: look again when it
+                # is done (a burst of notices costs one read, not several).
+                self._store_recheck = True
+                return None
         path = hive_file(self.home, KNOWLEDGE)
+        self._reading = True
 
         def read() -> tuple[Any, list[KnowledgeUnit] | None]:
             sig = self._signature()
@@ -1442,13 +1715,21 @@ class Gossip:
             if units is None:
                 return
             self._units_cache = (sig, units)
+            self._prepare_index(units)
             if sig != self._file_sig:
                 self._file_sig = sig
                 self.schedule_push_all()
 
+        def done(_: Any) -> None:
+            self._reading = False
+            if self._store_recheck and not self._merging:
+                self._store_recheck = False
+                self.on_store_changed()
+
         d = self.writer.run(read)
         d.addCallback(loaded)
         d.addErrback(logged("reading " + KNOWLEDGE))
+        d.addBoth(done)
         return d
 
     def on_trust_changed(self, _name: str = TRUST) -> defer.Deferred[Any]:

@@ -119,11 +119,13 @@ def union_clusters(ex: KnowledgeUnit, inc: KnowledgeUnit) -> KnowledgeUnit:
         if old is None:
             merged[v.match_key] = v
             continue
-        peers = old.contributing_peers + tuple(
-            p
-            for i, p in enumerate(v.contributing_peers)
-            if p not in old.contributing_peers and p not in v.contributing_peers[:i]
-        )
+        seen = set(old.contributing_peers)
+        extra = []
+        for p in v.contributing_peers:
+            if p not in seen:  # new here and first in v (linear, not quadratic)
+                seen.add(p)
+                extra.append(p)
+        peers = old.contributing_peers + tuple(extra)
         # Evidence adds up only when the incoming variant brings a contributor
         # the stored one has not counted yet; otherwise it is the same
         # evidence coming back (gossip echoes it) and the larger count stands.

@@ -100,6 +100,9 @@ class KeyStore:
         self._key_cache: dict[str, tuple[tuple[int, int, int], bytes]] = {}
         #: peer -> ((inode, size, mtime_ns), meta) of meta files read (see :meth:`meta`).
         self._meta_cache: dict[str, tuple[tuple[int, int, int], PeerMeta | None]] = {}
+        #: (peer, marker suffix) -> the key file's signature when the marker
+        #: was seen (see :meth:`_marked`).
+        self._marks: dict[tuple[str, str], tuple[int, int, int]] = {}
 
     # --- identity ---------------------------------------------------------------
     def identity(self) -> str | None:
@@ -208,6 +211,10 @@ class KeyStore:
         """Remove the key, meta and marker files; True if a key was removed."""
         if not is_valid_peer_id(peer_id):
             return False  # never build a path from "../x"
+        self._key_cache.pop(peer_id, None)
+        self._meta_cache.pop(peer_id, None)
+        for suffix in (".mutual", ".tls"):
+            self._marks.pop((peer_id, suffix), None)
         removed = False
         for suffix in (".key", ".meta", ".mutual", ".tls"):
             try:
@@ -254,18 +261,51 @@ class KeyStore:
             self.home.peers / f"{peer_id}.meta", meta.to_bytes(), mode=0o644, durable=durable
         )
 
+    # --- markers ----------------------------------------------------------------------
+    def _marked(self, peer_id: str, suffix: str) -> bool:
+        """
+        Whether ``peers/<id><suffix>`` exists.  A marker seen (or written by
+        us) is remembered with the signature :meth:`key` last saw of the
+        peer's key file: while that key is unchanged, no ``stat``.  Markers
+        are only ever added while a key stays (``relay forget`` removes the
+        key with them, and pairing again writes a new key file), so a key
+        that changed -- or any doubt -- means a look at the disk.  An absent
+        marker is always looked up (another process may write one).
+        """
+        if not is_valid_peer_id(peer_id):
+            return False
+        key = self._key_cache.get(peer_id)
+        seen = self._marks.get((peer_id, suffix))
+        if seen is not None and key is not None and key[0] == seen:
+            return True
+        if not os.path.exists(self._file(peer_id, suffix)):
+            self._marks.pop((peer_id, suffix), None)
+            return False
+        self._remember_mark(peer_id, suffix)
+        return True
+
+    def _remember_mark(self, peer_id: str, suffix: str) -> None:
+        key = self._key_cache.get(peer_id)
+        if key is not None:
+            if len(self._marks) >= 2 * _KEY_CACHE_MAX:
+                self._marks.clear()
+            self._marks[(peer_id, suffix)] = key[0]
+
+    def _mark(self, peer_id: str, suffix: str) -> None:
+        if not self._marked(peer_id, suffix):
+            atomic_write(self.home.peers / f"{peer_id}{suffix}", b"1", mode=0o600)
+            self._remember_mark(peer_id, suffix)
+
     # --- mutual-auth marker -------------------------------------------------------
     def is_mutual(self, peer_id: str) -> bool:
-        return is_valid_peer_id(peer_id) and os.path.exists(self._file(peer_id, ".mutual"))
+        return self._marked(peer_id, ".mutual")
 
     def mark_mutual(self, peer_id: str) -> None:
-        if not self.is_mutual(peer_id):
-            atomic_write(self.home.peers / f"{peer_id}.mutual", b"1", mode=0o600)
+        self._mark(peer_id, ".mutual")
 
     # --- TLS marker -------------------------------------------------------------------
     def is_tls(self, peer_id: str) -> bool:
-        return is_valid_peer_id(peer_id) and os.path.exists(self._file(peer_id, ".tls"))
+        return self._marked(peer_id, ".tls")
 
     def mark_tls(self, peer_id: str) -> None:
-        if not self.is_tls(peer_id):
-            atomic_write(self.home.peers / f"{peer_id}.tls", b"1", mode=0o600)
+        self._mark(peer_id, ".tls")

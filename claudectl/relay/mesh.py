@@ -152,12 +152,14 @@ class Mesh:
         st.last_seen = now
         st.connected_since = now
         st.last_error = None
-        host = getattr(protocol.transport.getPeer(), "host", None) if protocol.transport else None
-        port = getattr(protocol.transport.getPeer(), "port", None) if protocol.transport else None
-        if host is not None and direction == "inbound" and peer not in self.dialing:
+        if direction == "inbound" and peer not in self.dialing and protocol.transport:
             # Where it connected from -- unless we dial it: then `relay
             # peers` shows the address the service dials.
-            st.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            where = protocol.transport.getPeer()
+            host = getattr(where, "host", None)
+            if host is not None:
+                port = getattr(where, "port", None)
+                st.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.links[peer] = link
         log.info(
             "{peer_id} authenticated ({direction}, {mode}, {transport})",

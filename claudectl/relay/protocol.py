@@ -16,7 +16,6 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITLSTransport
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -105,14 +104,19 @@ class RelayProtocol(LineReceiver):
         self._connector: ConnectorHandshake | None = None
         #: Our admission slot while unauthenticated (listener only).
         self._preauth: PreAuth | None = None
+        #: One timer for both handshake deadlines (:meth:`_deadline_passed`):
+        #: the whole handshake's, and the short one of the current
+        #: pre-authentication step (the first frame, the TLS handshake;
+        #: listener only).  Then, once authenticated, the link's one timer
+        #: for heartbeats and liveness (:meth:`_tick`).
         self._timeout: IDelayedCall | None = None
-        #: The short deadline of the current pre-authentication step (the
-        #: first frame, the TLS handshake); listener only.
-        self._step_timeout: IDelayedCall | None = None
+        self._handshake_due = 0.0
+        #: (when, what) of the current step's deadline, if one runs.
+        self._step_due: tuple[float, str] | None = None
         self._quiet_call: IDelayedCall | None = None
-        self._heartbeat: LoopingCall | None = None
         self._liveness: Liveness | None = None
-        self._dead_check: IDelayedCall | None = None
+        self._heartbeat_every = 0.0
+        self._next_heartbeat = 0.0
         self._filter: FrameFilter | None = None
         #: The shared bounded line splitter (:mod:`claudectl.lines`).
         self._lines = LineSplitter(self.MAX_LENGTH)
@@ -178,9 +182,33 @@ class RelayProtocol(LineReceiver):
                 self._apply_step(early)
 
     def _arm_handshake_timeout(self) -> None:
-        self._timeout = self.node.clock.callLater(
-            self.node.handshake_timeout_secs, self._handshake_timed_out
-        )
+        self._handshake_due = self.node.clock.seconds() + self.node.handshake_timeout_secs
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        """The handshake's timer fires at the nearer of its two deadlines."""
+        due = self._handshake_due
+        if self._step_due is not None and self._step_due[0] < due:
+            due = self._step_due[0]
+        clock = self.node.clock
+        call = self._timeout
+        if call is None or not call.active():
+            self._timeout = clock.callLater(max(0.0, due - clock.seconds()), self._deadline_passed)
+        elif call.getTime() > due:
+            call.reset(max(0.0, due - clock.seconds()))
+
+    def _deadline_passed(self) -> None:
+        self._timeout = None
+        if self.result is not None or self.is_closed:
+            return
+        now = self.node.clock.seconds()
+        step = self._step_due
+        if step is not None and now >= step[0]:
+            self._fail_handshake(step[1])
+        elif now >= self._handshake_due:
+            self._fail_handshake("handshake timed out")
+        else:
+            self._arm_deadline()  # the step's deadline was lifted: the whole one's is later
 
     def _refuse(self, reason: str) -> None:
         # Debug only: a flood of refused connections must not fill the disk
@@ -204,8 +232,8 @@ class RelayProtocol(LineReceiver):
         self._preauth = ticket
         self._listener = self.node.listener_handshake()
         self._send_all(self._listener.start())
+        self._handshake_due = self.node.clock.seconds() + self.node.handshake_timeout_secs
         self._step_deadline(FIRST_FRAME_TIMEOUT_SECS, "no handshake frame")
-        self._arm_handshake_timeout()
 
     def drop_waiting(self, reason: str) -> None:
         self._waiting = False
@@ -222,11 +250,9 @@ class RelayProtocol(LineReceiver):
         if self._waiting:
             self._waiting = False
             self.node.admission.pacing(self.node.clock).leave(self)
-        for call in (self._timeout, self._step_timeout, self._dead_check, self._quiet_call):
+        for call in (self._timeout, self._quiet_call):
             if call is not None and call.active():
                 call.cancel()
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
         if self.result is None and self._closing_reason is None and self._tls_started:
             # The TLS handshake failed (or the peer hung up during it).
             self._closing_reason = f"TLS handshake failed ({_describe(reason)})"
@@ -404,16 +430,20 @@ class RelayProtocol(LineReceiver):
 
     def _step_deadline(self, secs: float, what: str) -> None:
         """The peer must do ``what`` within ``secs`` (capped by the handshake's own deadline)."""
-        self._cancel_step_deadline()
         secs = min(secs, self.node.handshake_timeout_secs)
-        self._step_timeout = self.node.clock.callLater(
-            secs, self._fail_handshake, f"{what} within {secs:g} s"
-        )
+        self._step_due = (self.node.clock.seconds() + secs, f"{what} within {secs:g} s")
+        self._arm_deadline()
 
     def _cancel_step_deadline(self) -> None:
-        if self._step_timeout is not None and self._step_timeout.active():
-            self._step_timeout.cancel()
-        self._step_timeout = None
+        # The timer stays: it fires at the old step deadline, finds none and
+        # waits for the handshake's own (one timer per handshake, not two).
+        self._step_due = None
+
+    def _stop_deadline(self) -> None:
+        self._step_due = None
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
 
     def _shed(self) -> None:
         """Admission closes this idle or stalled socket to make room for a newcomer."""
@@ -424,9 +454,7 @@ class RelayProtocol(LineReceiver):
             self.transport.abortConnection()
 
     def _fail_handshake(self, reason: str, reflected: bool = False) -> None:
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        self._cancel_step_deadline()
+        self._stop_deadline()
         if reflected:
             self._log.warn(
                 "reflection attempt refused: {peer} at {ip}: {reason}",
@@ -506,13 +534,8 @@ class RelayProtocol(LineReceiver):
             # The proof goes out with our TLS Finished, in one TCP write.
             flush_tls(self.transport)
 
-    def _handshake_timed_out(self) -> None:
-        self._fail_handshake("handshake timed out")
-
     def _handshake_succeeded(self, result: Authenticated) -> None:
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        self._cancel_step_deadline()
+        self._stop_deadline()
         if self._preauth is not None:
             self.node.admission.release(self._preauth)
             self._preauth = None
@@ -552,10 +575,12 @@ class RelayProtocol(LineReceiver):
         if self.role == LISTENER and result.mode == ONEWAY:
             self._quiet_until = clock.seconds() + ONEWAY_QUIET_SECS
             self._quiet_call = clock.callLater(ONEWAY_QUIET_SECS, self._flush_queue)
-        self._heartbeat = LoopingCall(self._send_heartbeat)
-        self._heartbeat.clock = clock
-        self._heartbeat.start(interval, now=False)
-        self._dead_check = clock.callLater(self._liveness.deadline + 0.001, self._check_alive)
+        # One timer per link for heartbeats and liveness (not a LoopingCall
+        # and a liveness timer): it fires at the nearer of the next heartbeat
+        # and the liveness deadline.
+        self._heartbeat_every = interval
+        self._next_heartbeat = clock.seconds() + interval
+        self._timeout = clock.callLater(min(interval, self._liveness.deadline + 0.001), self._tick)
         self.authenticated.callback(self)
         if self.role == LISTENER and self._quiet_call is None:
             # Put the ack on the wire before the layers' link-up work (a
@@ -591,14 +616,24 @@ class RelayProtocol(LineReceiver):
     def _session_line(self, line: bytes) -> None:
         self._session_lines([line])
 
-    def _send_heartbeat(self) -> None:
-        self.send(self.node.heartbeat())
-
-    def _check_alive(self) -> None:
+    def _tick(self) -> None:
+        """Heartbeat if one is due; close the link if the peer went quiet."""
+        self._timeout = None
         assert self._liveness is not None
+        clock = self.node.clock
+        now = clock.seconds()
+        if now >= self._next_heartbeat:
+            self.send(self.node.heartbeat())
+            # As LoopingCall: the next one on the grid, intervals missed skipped.
+            every = self._heartbeat_every
+            self._next_heartbeat += every * (1 + int((now - self._next_heartbeat) // every))
         remaining = self._liveness.remaining()
         if remaining >= 0:
-            self._dead_check = self.node.clock.callLater(remaining + 0.001, self._check_alive)
+            if not self.is_closed:
+                # Also while closing: a peer that stops reading never lets a
+                # close finish; the liveness deadline then aborts the socket.
+                wait = min(self._next_heartbeat - now, remaining + 0.001)
+                self._timeout = clock.callLater(max(0.0, wait), self._tick)
             return
         self._log.warn(
             "no traffic from {peer_id} for {secs:.0f} s: link is dead",

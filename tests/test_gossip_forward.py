@@ -1,0 +1,461 @@
+"""
+Forward before the durable write (issue 16): a small batch is decided on the
+reactor and what it brings that is new goes on at once, while the writer
+thread makes it durable; the ack to the sender still waits for the write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudectl import changes
+from claudectl.config import Config, HiveConfig
+from claudectl.hive import gossip as gossip_mod
+from claudectl.hive.gossip import LINKUP_PUSH_DELAY_SECS, STATE_SAVE_SECS, Gossip
+from claudectl.hive.trust import trust_transaction
+from claudectl.statestore import StateWriter
+from tests.common import FakeMesh, temp_home
+from tests.test_gossip import NOW, put, stored, unit_json
+from tests.test_hive_hostile import cluster
+
+
+class HeldWriter(StateWriter):
+    """A writer thread whose jobs run only when the test releases them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.jobs.append((lambda: fn(*args, **kwargs), (), d))
+        return d
+
+    def release(self) -> None:
+        """Run every job (and those they queue), in order."""
+        while self.jobs:
+            job, _, d = self.jobs.pop(0)
+            try:
+                result = job()
+            except Exception:
+                d.errback()
+            else:
+                d.callback(result)
+
+
+class ForwardBeforeWriteTests(SynchronousTestCase):
+    PEERS = ("peer-a", "peer-b", "peer-c")
+
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+        put(self.home, "me-1", unit_json("ku_mine", "me-1", cmd="make local"))
+        self.start()
+
+    def start(self, **hive: Any) -> None:
+        config = dataclasses.replace(Config(), hive=dataclasses.replace(HiveConfig(), **hive))
+        self.mesh = FakeMesh("me-1")
+        self.clock = Clock()
+        self.writer = HeldWriter()
+        self.gossip = Gossip(
+            self.home,
+            config,
+            self.mesh,
+            "me-1",
+            lambda: NOW,
+            call_later=self.clock.callLater,
+            writer=self.writer,
+        )
+        self.gossip.register()
+        self.gossip._load_units()  # the service reads its store at start
+        for p in self.PEERS:
+            self.mesh.connect(p)
+        self.clock.advance(0)  # link-up work (requests)
+        self.clock.advance(LINKUP_PUSH_DELAY_SECS)  # ... and the push round after it
+        self.writer.release()
+        self.mesh.sent.clear()
+
+    def sync(self, peer: str, *units: dict[str, Any]) -> None:
+        self.mesh.deliver(peer, "knowledge_sync", {"sync_epoch": NOW, "units": list(units)})
+
+    def synced(self) -> list[tuple[str, str]]:
+        """(peer, unit id) of every unit sent in knowledge_sync frames so far."""
+        return [
+            (to, u["id"])
+            for to, t, p in self.mesh.sent
+            if t == "knowledge_sync"
+            for u in p["units"]
+        ]
+
+    def acks(self, peer: str) -> list[list[Any]]:
+        return [
+            pair
+            for to, t, p in self.mesh.sent
+            if t == "ack" and to == peer
+            for pair in p["knowledge"]
+        ]
+
+    def test_new_unit_goes_on_before_its_write_and_the_ack_waits(self) -> None:
+        self.sync("peer-a", unit_json("ku_new", "peer-z", hops=1))
+        # Passed on at once, with one more hop, to everyone but the sender ...
+        self.assertEqual(sorted(self.synced()), [("peer-b", "ku_new"), ("peer-c", "ku_new")])
+        [frame] = [p for to, t, p in self.mesh.sent if to == "peer-b"]
+        self.assertEqual(frame["units"][0]["propagation_count"], 2)
+        # ... while it is not written yet, and the sender has no ack.
+        self.assertNotIn("ku_new", stored(self.home))
+        self.assertEqual(self.acks("peer-a"), [])
+        self.assertEqual(len(self.writer.jobs), 1)
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertIn("ku_new", stored(self.home))
+        self.assertEqual(self.acks("peer-a"), [["ku_new", 1]])
+        # No push round after the write sends it twice.
+        self.clock.advance(STATE_SAVE_SECS)
+        self.writer.release()
+        self.assertEqual(sorted(self.synced()), [("peer-b", "ku_new"), ("peer-c", "ku_new")])
+
+    def test_copies_are_not_forwarded_twice(self) -> None:
+        unit = unit_json("ku_dup", "peer-z", hops=1)
+        self.sync("peer-a", unit)
+        self.sync("peer-b", unit)  # another path, before the first copy is written
+        self.sync("peer-c", dict(unit, propagation_count=3))  # a longer one
+        self.assertEqual(sorted(self.synced()), [("peer-b", "ku_dup"), ("peer-c", "ku_dup")])
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertEqual(sorted(self.synced()), [("peer-b", "ku_dup"), ("peer-c", "ku_dup")])
+        self.assertEqual(stored(self.home)["ku_dup"].propagation_count, 2)
+        # The first sender hears that we have it, once it is written; the
+        # others got our copy, which tells them as much: no ack for crossings.
+        self.assertEqual(self.acks("peer-a"), [["ku_dup", 1]])
+        self.assertEqual(self.acks("peer-b"), [])
+        self.assertEqual(self.acks("peer-c"), [])
+
+    def test_crossing_copies_count_as_delivered_both_ways(self) -> None:
+        unit = unit_json("ku_x", "peer-z", hops=1)
+        self.sync("peer-a", unit)
+        self.writer.release()
+        self.clock.advance(0)
+        # peer-b sent its copy before ours reached it; it acks none of ours either.
+        self.sync("peer-b", dict(unit, propagation_count=2))
+        self.writer.release()
+        self.mesh.deliver("peer-b", "ack", {"ack_id": "m", "knowledge": []})
+        self.assertEqual(self.acks("peer-b"), [])
+        ps = self.gossip.state.peer("peer-b")
+        self.assertEqual(ps.sent["ku_x"], 1)  # its copy says it has it
+        # Neither a push round nor the next link sends it to peer-b again.
+        self.mesh.disconnect("peer-b")
+        self.mesh.connect("peer-b")
+        self.clock.advance(LINKUP_PUSH_DELAY_SECS + 1)
+        self.writer.release()
+        self.assertNotIn(("peer-b", "ku_x"), self.synced()[2:])
+        self.assertEqual(self.synced().count(("peer-b", "ku_x")), 1)
+
+    def test_a_copy_of_a_written_unit_needs_no_writer_job(self) -> None:
+        self.sync("peer-a", unit_json("ku_w", "peer-z", hops=1))
+        self.writer.release()
+        self.clock.advance(0)
+        # peer-b acknowledged our copy, then (after a restart, say) offers its own.
+        self.mesh.deliver("peer-b", "ack", {"ack_id": "m", "knowledge": [["ku_w", 1]]})
+        self.sync("peer-b", unit_json("ku_w", "peer-z", hops=2))
+        self.assertEqual(self.writer.jobs, [])
+        self.assertEqual(self.acks("peer-b"), [["ku_w", 1]])  # at once: it is durable
+        self.assertEqual(self.gossip.counters["merged_batches"], 2)
+
+    def test_units_the_merge_refuses_are_not_forwarded(self) -> None:
+        put(self.home, "me-1", unit_json("ku_held", "peer-q", cmd="make held", confidence=0.95))
+        self.start()
+        self.sync(
+            "peer-a",
+            # claims to come from this node
+            unit_json("ku_fake", "me-1", cmd="make fake"),
+            # the key of a local unit: local always wins
+            unit_json("ku_rival", "peer-z", cmd="make local", confidence=0.99, evidence=99),
+            # below the peer unit that holds its key
+            unit_json("ku_weak", "peer-z", cmd="make held", confidence=0.5),
+            # invalid
+            dict(unit_json("ku_bad", "peer-z", cmd="make bad"), evidence_count="many"),
+        )
+        self.assertEqual(self.synced(), [])
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertEqual(self.synced(), [])
+        self.assertEqual(sorted(stored(self.home)), ["ku_held", "ku_mine"])
+        self.assertEqual(self.gossip.counters["bad_units"], 1)
+
+    def test_over_the_rate_cap_nothing_goes_early(self) -> None:
+        self.start(max_units_per_peer_per_day=1)
+        self.sync(
+            "peer-a",
+            unit_json("ku_c1", "peer-z", cmd="make one"),
+            unit_json("ku_c2", "peer-z", cmd="make two"),
+        )
+        self.assertEqual(self.synced(), [])  # the cap may cut it: wait for the merge
+        self.writer.release()
+        self.clock.advance(0)
+        [(to_b, kept), (to_c, kept_c)] = sorted(self.synced())
+        self.assertEqual((to_b, to_c), ("peer-b", "peer-c"))
+        self.assertEqual(kept, kept_c)
+        self.assertIn(kept, stored(self.home))
+        self.assertEqual(self.gossip.counters["dropped_rate_cap"], 1)
+
+    def test_a_store_changed_by_another_process_waits_for_the_merge(self) -> None:
+        put(self.home, "me-1", unit_json("ku_cli", "me-1", cmd="make cli"))  # not seen yet
+        self.sync("peer-a", unit_json("ku_late", "peer-z", cmd="make cli", confidence=0.99))
+        self.assertEqual(self.synced(), [])
+        self.writer.release()
+        self.clock.advance(0)
+        # The CLI's local unit holds the key: the peer's unit is refused, never sent.
+        self.assertEqual(self.synced(), [])
+        self.assertNotIn("ku_late", stored(self.home))
+        # Once the queue is empty, early forwarding resumes.
+        self.sync("peer-a", unit_json("ku_next", "peer-z", cmd="make next"))
+        self.assertEqual(sorted(self.synced()), [("peer-b", "ku_next"), ("peer-c", "ku_next")])
+
+    def test_a_big_store_is_indexed_on_the_writer_thread(self) -> None:
+        self.patch(gossip_mod, "FORWARD_INDEX_INLINE", 0)  # every store is big
+        self.start()
+        self.sync("peer-a", unit_json("ku_b1", "peer-z", cmd="make b1"))
+        self.assertEqual(self.synced(), [])  # no index on the reactor: the usual path
+        self.writer.release()  # the index job, the merge, the new store's index
+        self.clock.advance(0)
+        self.assertEqual(sorted(self.synced()), [("peer-b", "ku_b1"), ("peer-c", "ku_b1")])
+        self.mesh.sent.clear()
+        self.sync("peer-a", unit_json("ku_b2", "peer-z", cmd="make b2"))
+        self.assertEqual(sorted(self.synced()), [("peer-b", "ku_b2"), ("peer-c", "ku_b2")])
+        index = self.gossip._key_index
+        cache = self.gossip._units_cache
+        assert index is not None and cache is not None
+        self.assertIs(index[0], cache[1])  # built for the store as written
+
+    def test_a_shorter_path_past_the_hop_limit_goes_on(self) -> None:
+        self.start(max_propagation=3)
+        unit = unit_json("ku_far", "peer-z", hops=2)
+        self.sync("peer-a", unit)  # stored at the hop limit: nobody gets it
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertEqual(self.synced(), [])
+        self.sync("peer-b", dict(unit, propagation_count=0))  # a shorter path
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertEqual(stored(self.home)["ku_far"].propagation_count, 1)
+        self.assertEqual(self.synced(), [("peer-c", "ku_far")])
+        [frame] = [p for to, t, p in self.mesh.sent if t == "knowledge_sync"]
+        self.assertEqual(frame["units"][0]["propagation_count"], 1)
+
+    def test_a_failed_write_sends_no_ack(self) -> None:
+        self.sync("peer-a", unit_json("ku_lost", "peer-z"))
+        self.assertEqual(len(self.synced()), 2)
+        job, args, d = self.writer.jobs.pop(0)
+        d.errback(OSError("disk full"))
+        self.flushLoggedErrors(OSError)
+        self.clock.advance(0)
+        self.assertEqual(self.acks("peer-a"), [])  # peer-a offers it again later
+        self.assertNotIn("ku_lost", stored(self.home))
+
+
+class LeadingEdgeNoticeTests(SynchronousTestCase):
+    """A change notice is passed on in the next turn; a burst after it gives one more call."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.watcher = changes.ChangeWatcher(self.clock)
+        self.seen: list[tuple[float, str]] = []
+        self.watcher.on(
+            Path("/x"),
+            "knowledge.jsonl",
+            lambda n: self.seen.append((self.clock.seconds(), n)),
+            at_once=True,
+        )
+        self.watcher.on(Path("/x"), "trust.json", lambda n: self.seen.append((-1.0, n)))
+
+    def test_first_notice_at_once(self) -> None:
+        self.watcher.notice(["knowledge.jsonl"])
+        self.clock.advance(0)
+        self.assertEqual(self.seen, [(0, "knowledge.jsonl")])
+        self.clock.advance(changes.SETTLE_SECS * 4)
+        self.assertEqual(len(self.seen), 1)
+
+    def test_a_burst_is_one_more_call_at_the_end_of_the_window(self) -> None:
+        self.watcher.notice(["knowledge.jsonl"])
+        self.clock.advance(0)
+        for _ in range(5):
+            self.clock.advance(changes.SETTLE_SECS / 10)
+            self.watcher.notice(["knowledge.jsonl"])
+        self.clock.advance(changes.SETTLE_SECS * 0.4)  # just before the window ends
+        self.assertEqual(len(self.seen), 1)
+        self.clock.advance(changes.SETTLE_SECS * 0.2)
+        self.assertEqual(len(self.seen), 2)
+        self.clock.advance(changes.SETTLE_SECS * 4)
+        self.assertEqual(len(self.seen), 2)
+
+    def test_other_names_settle_first(self) -> None:
+        self.watcher.notice(["trust.json"])
+        self.clock.advance(0)
+        self.watcher.notice(["trust.json"])
+        self.assertEqual(self.seen, [])
+        self.clock.advance(changes.SETTLE_SECS)
+        self.assertEqual(self.seen, [(-1.0, "trust.json")])
+        self.clock.advance(changes.SETTLE_SECS * 4)
+        self.assertEqual(len(self.seen), 1)
+
+    def test_stop_cancels_the_window(self) -> None:
+        self.watcher.notice(["knowledge.jsonl"])
+        self.clock.advance(0)
+        self.watcher.notice(["knowledge.jsonl"])
+        self.watcher.stop()
+        self.clock.advance(changes.SETTLE_SECS * 2)
+        self.assertEqual(len(self.seen), 1)
+        self.watcher.notice(["knowledge.jsonl"])  # a stopped watcher started again
+        self.clock.advance(0)
+        self.assertEqual(len(self.seen), 2)
+
+
+class StoreNoticeTests(SynchronousTestCase):
+    """Notices of knowledge.jsonl changes: our own writes and bursts cost no extra read."""
+
+    def setUp(self) -> None:
+        self.home = temp_home(self)
+        put(self.home, "me-1", unit_json("ku_mine", "me-1", cmd="make local"))
+        self.mesh = FakeMesh("me-1", ["peer-a", "peer-b"])
+        self.clock = Clock()
+        self.writer = HeldWriter()
+        self.gossip = Gossip(
+            self.home,
+            Config(),
+            self.mesh,
+            "me-1",
+            lambda: NOW,
+            call_later=self.clock.callLater,
+            writer=self.writer,
+        )
+        self.gossip.register()
+        self.gossip._watched = True  # as under a ChangeWatcher
+        self.gossip.on_store_changed(first=True)
+        self.writer.release()
+
+    def test_a_notice_during_our_own_merge_reads_nothing(self) -> None:
+        self.mesh.deliver(
+            "peer-a", "knowledge_sync", {"sync_epoch": NOW, "units": [unit_json("ku_n", "peer-z")]}
+        )
+        job, _, d = self.writer.jobs.pop(0)
+        result = job()  # the merge writes knowledge.jsonl ...
+        self.assertIsNone(self.gossip.on_store_changed())  # ... inotify tells us first
+        d.callback(result)
+        self.assertEqual(self.writer.jobs, [])  # no read of our own write
+        self.assertIn("ku_n", [u.id for u in self.gossip._load_units()])
+
+    def test_a_burst_of_notices_during_a_read_is_one_more_look(self) -> None:
+        put(self.home, "me-1", unit_json("ku_cli1", "me-1", cmd="make one"))
+        self.assertIsNotNone(self.gossip.on_store_changed())
+        put(self.home, "me-1", unit_json("ku_cli2", "me-1", cmd="make two"))
+        for _ in range(3):
+            self.assertIsNone(self.gossip.on_store_changed())
+        self.assertEqual(len(self.writer.jobs), 1)
+        self.writer.release()  # the read sees both writes: no second read
+        self.assertEqual(self.writer.jobs, [])
+        ids = {u.id for u in self.gossip._load_units()}
+        self.assertTrue({"ku_cli1", "ku_cli2"} <= ids)
+        self.clock.advance(0)  # the push round
+        sent = {u["id"] for _, t, p in self.mesh.sent if t == "knowledge_sync" for u in p["units"]}
+        self.assertTrue({"ku_cli1", "ku_cli2"} <= sent)
+        # A change after that read is read again.
+        put(self.home, "me-1", unit_json("ku_cli3", "me-1", cmd="make three"))
+        self.assertIsNotNone(self.gossip.on_store_changed())
+
+
+class ReviewFindingsTests(SynchronousTestCase):
+    """What a review of the early path found (each failed before its fix)."""
+
+    PEERS = ForwardBeforeWriteTests.PEERS
+    setUp = ForwardBeforeWriteTests.setUp
+    start = ForwardBeforeWriteTests.start
+    sync = ForwardBeforeWriteTests.sync
+    synced = ForwardBeforeWriteTests.synced
+    acks = ForwardBeforeWriteTests.acks
+
+    def test_hostile_cluster_union_is_not_computed_on_the_reactor(self) -> None:
+        """
+        HIGH: _forward_early runs merge_unit on the reactor; union_clusters is
+        quadratic in a variant's contributing_peers (``p not in
+        v.contributing_peers[:i]``).  A ~110 KB frame (one cluster, 10,000
+        contributors) against any stored cluster of the same problem_key and
+        approach stalls the reactor for ~1 s (20,000: ~3.5 s; measured).
+        Before the change this ran on the writer thread (GIL-shared, but the
+        reactor kept running).
+        """
+        put(self.home, "me-1", cluster("ku_held", "peer-q", [("approve", 5)]))
+        self.start()
+        evil = cluster("ku_evil", "peer-z", [("approve", 5)])
+        evil["content"]["variants"][0]["contributing_peers"] = [f"p{i:06d}" for i in range(10_000)]
+        t = time.perf_counter()
+        self.sync("peer-a", evil)  # the writer job is held: only reactor work is timed
+        spent = time.perf_counter() - t
+        self.assertLess(spent, 0.1, f"receive() spent {spent * 1e3:.0f} ms on the reactor")
+
+    def test_consent_is_decided_on_the_trust_file_not_a_stale_copy(self) -> None:
+        """
+        MEDIUM: _forward_early builds ShareContext(identity, cfg, self._trust, {})
+        from the in-memory trust book, which lags trust.json (50 ms settle plus
+        a read with inotify, 3 s when polling, and never for an in-place
+        same-size rewrite within one file-clock tick -- the case 331ba3d fixed
+        for ShareContexts).  push_all/_merged use the file (ShareContext.load /
+        self._contexts.get).  Here the user has just demoted peer-b to 0.1
+        (tier "ignored"); a unit whose consent needs "suggested" still goes
+        to peer-b early.
+        """
+        with trust_transaction(self.home) as book:
+            book.set_level("peer-b", 0.1, NOW)
+        # (no on_trust_changed yet: the notice is still settling)
+        unit = unit_json("ku_consent", "peer-z", cmd="make consent")
+        unit["sharing_consent"] = {"min_trust_tier": "suggested"}
+        self.sync("peer-a", unit)
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertNotIn(("peer-b", "ku_consent"), self.synced())
+        self.assertIn(("peer-c", "ku_consent"), self.synced())
+
+    def test_a_contradicting_noop_cluster_still_counts_as_collision_evidence(self) -> None:
+        """
+        LOW: a cluster copy under another id whose union adds nothing is
+        DUPLICATE with store=None, so it is settled on the reactor (no writer
+        job).  The old path (_all_known is by id: False) ran the trust
+        transaction, where check_collisions records contradiction evidence.
+        """
+        put(self.home, "me-1", cluster("ku_held", "peer-q", [("approve", 5)]))
+        self.start()
+        rival = cluster("ku_rival", "peer-r", [("approve", 5)])
+        rival["content"]["variants"][0]["contributing_peers"] = ["peer-q"]
+        rival["confidence"] = 0.1  # 0.6 below the held one: a collision
+        self.sync("peer-a", rival)
+        self.writer.release()
+        self.clock.advance(0)
+        from claudectl.hive.trust import load_trust
+
+        rec = load_trust(self.home).get("peer-a")
+        evidence = rec.collided_on if rec is not None else None
+        self.assertTrue(rec is not None and evidence, f"no collision evidence for peer-a: {rec}")
+
+    def test_a_peer_that_connects_while_the_unit_is_being_written_gets_it(self) -> None:
+        """
+        LOW (liveness): the push round after the write is skipped for units that
+        went out early -- but a peer whose link came up between the early push
+        and the write got neither: its request was answered and its link-up push
+        ran from the store as written before.  Before the change the push round
+        after the write covered it.
+        """
+        self.sync("peer-a", unit_json("ku_new", "peer-z", cmd="make new"))
+        self.mesh.connect("peer-d")  # comes up while the write is pending
+        self.clock.advance(0)
+        self.clock.advance(LINKUP_PUSH_DELAY_SECS)
+        self.writer.release()
+        self.clock.advance(0)
+        self.clock.advance(STATE_SAVE_SECS)
+        self.writer.release()
+        self.assertIn(("peer-d", "ku_new"), self.synced())
