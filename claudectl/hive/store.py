@@ -10,8 +10,9 @@ happen to share an id (defect H16) no longer overwrite each other.
 :func:`store_transaction` is the only way stored knowledge changes: it takes
 the advisory lock, loads the file, lets the caller change the store, applies
 the bounds (:func:`compact`), archives what was evicted and writes the file
-atomically -- or, when the transaction only added units at new keys to a
-file that ends in a whole line, appends their lines (one write, fsync).  A
+atomically -- or, for gossip (``append=True``), when the transaction only
+added units at new keys to a file that ends in a whole line, appends their
+lines (one write, fsync).  A
 file this process left as it is (same signature and last bytes) is not read
 again: the transaction starts from the units it wrote.  Lines that cannot be
 read are appended, with the reason, to ``quarantine.jsonl`` before the
@@ -331,15 +332,8 @@ def _hold(path: Path, by_key: dict[str, KnowledgeUnit]) -> None:
 
 def _held_units(path: Path) -> dict[str, KnowledgeUnit] | None:
     """A copy of the units of ``path`` if it is as this process left it."""
-    held = _HELD.get(str(path))
-    if held is None:
-        return None
-    probe = _probe(path)
-    if probe is None or probe[0] != held.sig or probe[1] != held.tail:
-        if _HELD.get(str(path)) is held:  # (readers on other threads look too)
-            _HELD.pop(str(path), None)
-        return None
-    return dict(held.by_key)
+    by_key = held_by_key(path)
+    return None if by_key is None else dict(by_key)
 
 
 def held_by_key(path: Path) -> Mapping[str, KnowledgeUnit] | None:
@@ -352,6 +346,8 @@ def held_by_key(path: Path) -> Mapping[str, KnowledgeUnit] | None:
         return None
     probe = _probe(path)
     if probe is None or probe[0] != held.sig or probe[1] != held.tail:
+        if _HELD.get(str(path)) is held:  # (readers on other threads look too)
+            _HELD.pop(str(path), None)
         return None
     return held.by_key
 
