@@ -459,3 +459,33 @@ class ReviewFindingsTests(SynchronousTestCase):
         self.clock.advance(STATE_SAVE_SECS)
         self.writer.release()
         self.assertIn(("peer-d", "ku_new"), self.synced())
+
+    def test_a_cli_write_right_after_our_commit_is_not_taken_for_ours(self) -> None:
+        """The store's signature is taken under its lock: a CLI write the
+        moment our transaction lets go is not taken for our own write (else
+        the early path trusts a cache without the CLI's unit and passes on a
+        peer unit that the writer then refuses, local knowledge winning)."""
+        import contextlib
+
+        real = gossip_mod.store_transaction
+        done: list[int] = []
+
+        @contextlib.contextmanager
+        def then_the_cli_writes(*args: Any, **kwargs: Any) -> Any:
+            with real(*args, **kwargs) as store:
+                yield store
+            if not done:
+                done.append(1)
+                put(self.home, "me-1", unit_json("ku_cli", "me-1", cmd="make cli"))
+
+        self.patch(gossip_mod, "store_transaction", then_the_cli_writes)
+        self.sync("peer-a", unit_json("ku_first", "peer-z", cmd="make first"))
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertEqual(done, [1])
+        self.mesh.sent.clear()
+        self.sync("peer-a", unit_json("ku_rival", "peer-z", cmd="make cli", confidence=0.99))
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertNotIn("ku_rival", stored(self.home))  # local wins in the writer
+        self.assertEqual(self.synced(), [], "a unit the writer refuses went out early")

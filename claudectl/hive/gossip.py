@@ -1479,7 +1479,8 @@ class Gossip:
                 store.units(),
             )
         units = store.units()
-        sig = self._commit_sig = self._signature()
+        # Taken under the store's lock (a CLI write right after is not ours).
+        sig = self._commit_sig = store.signature
         logs = BatchResult()
         for _, _, result, _ in merged:
             logs.conflicts.extend(result.conflicts)

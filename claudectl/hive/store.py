@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from claudectl.atomic import append_line, atomic_write, fsync_append, locked
+from claudectl.changes import signature
 from claudectl.config import HiveConfig
 from claudectl.hive.logs import COLLISIONS as COLLISIONS  # re-exported
 from claudectl.hive.logs import append_log as append_log  # re-exported
@@ -70,6 +71,8 @@ class KnowledgeStore:
     """Units by semantic key, in insertion order."""
 
     def __init__(self, units: Iterable[KnowledgeUnit] = ()) -> None:
+        #: knowledge.jsonl's stat() signature when a transaction left it.
+        self.signature: tuple[int, int, int] | None = None
         self._by_key: dict[str, KnowledgeUnit] = {}
         for unit in units:
             self.insert(unit)
@@ -540,6 +543,9 @@ def store_transaction(
         elif added and not (append and _append_lines(path, added)):
             save_store(home, store)
         _hold(path, after)
+        # The file as this transaction leaves it, taken under its lock: a
+        # write by another process right after is not taken for ours.
+        store.signature = signature(path)
 
 
 def hive_active(home: Home, config: HiveConfig) -> bool:
