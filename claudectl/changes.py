@@ -33,6 +33,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
+from claudectl.filesig import Signature, signature
+
 log = Logger()
 
 #: The poll period where inotify is missing.
@@ -41,16 +43,6 @@ POLL_SECS = 3.0
 #: name: after a call, further notices within this long are one more call at
 #: the end of the window).
 SETTLE_SECS = 0.05
-
-Signature = tuple[int, int, int] | None
-
-
-def signature(path: str | Path) -> Signature:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class ChangeWatcher:

@@ -430,7 +430,7 @@ class InPlaceRewriteTests(SynchronousTestCase):
         )
 
     def test_a_demoted_peer_loses_confirmed_only_units_at_once(self) -> None:
-        from claudectl.changes import signature
+        from claudectl.filesig import signature
         from claudectl.hive.trust import trust_path
 
         self.assertEqual(self.ask(), ["ku_public", "ku_secret"])

@@ -34,6 +34,7 @@ LAYERS: list[dict[str, frozenset[str]]] = [
                 "atomic",
                 "changes",
                 "config",
+                "filesig",
                 "home",
                 "lazylog",
                 "lines",

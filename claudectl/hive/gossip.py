@@ -52,8 +52,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from claudectl.atomic import atomic_write, locked
-from claudectl.changes import ChangeWatcher, Signature, signature
+from claudectl.changes import ChangeWatcher
 from claudectl.config import Config, HiveConfig
+from claudectl.filesig import Signature, signature
 from claudectl.hive.answers import AnswerCache, Encoded, Page, pages_of
 from claudectl.hive.delivery import DeliveryBook, DeliveryFile, fingerprint
 from claudectl.hive.merge import (

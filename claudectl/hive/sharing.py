@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from claudectl.atomic import atomic_write, locked
-from claudectl.changes import Signature, signature
 from claudectl.config import HiveConfig
+from claudectl.filesig import Signature, signature
 from claudectl.hive.trust import TrustBook, load_trust, trust_path
 from claudectl.hive.units import (
     CATEGORY_LABELS,

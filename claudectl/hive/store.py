@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from claudectl.atomic import append_line, atomic_write, fsync_append, locked
-from claudectl.changes import signature
 from claudectl.config import HiveConfig
+from claudectl.filesig import signature
 from claudectl.hive.logs import COLLISIONS as COLLISIONS  # re-exported
 from claudectl.hive.logs import append_log as append_log  # re-exported
 from claudectl.hive.units import (
