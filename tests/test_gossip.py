@@ -20,6 +20,7 @@ from claudectl.hive.gossip import Gossip
 from claudectl.hive.prompt import build_prompt
 from claudectl.hive.sharing import ShareContext
 from claudectl.hive.store import hive_file, read_units_file, store_transaction
+from claudectl.hive.trust import trust_transaction
 from claudectl.hive.units import KnowledgeUnit, paginate
 from claudectl.relay import codec
 from claudectl.relay.keystore import KeyStore
@@ -117,6 +118,23 @@ class EngineTests(SynchronousTestCase):
         # A new version goes out.
         put(self.home, "me-1", unit_json("ku_1", "me-1", version=2, confidence=0.95))
         self.assertEqual(self.gossip.push_all(), 1)
+
+    def test_push_rounds_reuse_the_share_context(self) -> None:
+        # push/push_all read trust.json and exposure.json again only when
+        # they changed (ShareContexts), not on every round.
+        put(self.home, "me-1", unit_json("ku_1", "me-1"))
+        self.mesh.connect("peer-a")
+        loads = self.gossip._contexts.loads
+        for v in (2, 3, 4):
+            put(self.home, "me-1", unit_json("ku_1", "me-1", version=v, confidence=0.95))
+            self.assertEqual(self.gossip.push_all(), 1)
+            self.assertEqual(self.gossip.push("peer-a"), 0)
+        self.assertEqual(self.gossip._contexts.loads, loads)
+        # A changed file is read again by the next round.
+        with trust_transaction(self.home, HiveConfig().default_trust) as book:
+            book.ensure("peer-z", NOW)
+        self.gossip.push_all()
+        self.assertEqual(self.gossip._contexts.loads, loads + 1)
 
     def test_private_units_never_leave(self) -> None:
         put(

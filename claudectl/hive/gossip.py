@@ -880,7 +880,7 @@ class Gossip:
         if not peers:
             return 0
         units = self._load_units()
-        ctx = ShareContext.load(self.home, self.identity, self.config.hive)
+        ctx = self._contexts.get(self.config.hive)
         sent = sum(self._push(p, units, ctx) for p in peers)
         if self._state_dirty:
             self._save_soon()
@@ -888,7 +888,7 @@ class Gossip:
 
     def push(self, peer_id: str) -> int:
         units = self._load_units()
-        ctx = ShareContext.load(self.home, self.identity, self.config.hive)
+        ctx = self._contexts.get(self.config.hive)
         sent = self._push(peer_id, units, ctx)
         if self._state_dirty:
             self._save_soon()
