@@ -180,6 +180,24 @@ class ListenerTests(SynchronousTestCase):
         self.assertEqual(t.value(), b"")
         self.assertEqual(self.node.admission.rejections.get("rate_limited"), 1)
 
+    def test_a_flood_of_refused_connections_logs_ten_lines_a_minute(self) -> None:
+        """Each refusal is counted; only ten a minute per address get their
+        (debug) line: a plain `twistd --logfile` keeps debug lines."""
+        from twisted.logger import capturedLogs
+
+        for _ in range(5):
+            proto, transport = self.connect("127.0.0.9")
+            self.authenticate_oneway(proto, transport, psk=b"y" * 32)
+            proto.connectionLost()
+        with capturedLogs() as events:
+            for _ in range(50):
+                _p, t = self.connect("127.0.0.9")
+                self.assertEqual(t.value(), b"")  # dropped before any byte
+        self.assertEqual(self.node.admission.rejections.get("rate_limited"), 50)
+        texts = [e.get("log_format", "") for e in events]
+        self.assertEqual(sum("dropped connection" in x for x in texts), 10)
+        self.assertEqual(sum("counting, not logging" in x for x in texts), 1)
+
     def test_garbage_before_handshake_closes_without_ack(self) -> None:
         proto, transport = self.connect()
         frames(transport)

@@ -48,6 +48,8 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
+from claudectl.logbudget import LogBudget
+
 log = Logger()
 
 MAX_INFLIGHT_HANDSHAKES = 16
@@ -92,6 +94,14 @@ def with_listen_backlog(listen: str, backlog: int = LISTEN_BACKLOG) -> str:
     if kind not in ("tcp", "tcp6", "ssl") or ":backlog=" in listen.lower():
         return listen
     return f"{listen}:backlog={backlog}"
+
+
+#: Dropped connections logged per address and minute (the rest are counted).
+DROPS_LOGGED_PER_MINUTE = 10
+
+
+def _more_drops(ip: str) -> None:
+    log.debug("more connections from {ip} dropped this minute; counting, not logging them", ip=ip)
 
 
 @dataclass
@@ -148,6 +158,10 @@ class Admission:
         self._ips: dict[str, _IpRecord] = {}
         #: Counters by reason, for logs and ``relay status``.
         self.rejections: dict[str, int] = {}
+        #: Which dropped connections get their (debug) log line: a flood is
+        #: counted in ``rejections``, not written line by line to a log file
+        #: that keeps debug lines (a plain ``twistd --logfile``).
+        self.drop_log = LogBudget(now, DROPS_LOGGED_PER_MINUTE, _more_drops, max_keys=64)
         self._pacer: AcceptPacer | None = None
 
     def pacing(self, clock: Any) -> AcceptPacer:

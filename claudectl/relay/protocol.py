@@ -210,11 +210,15 @@ class RelayProtocol(LineReceiver):
         else:
             self._arm_deadline()  # the step's deadline was lifted: the whole one's is later
 
+    def _log_drop(self, reason: str) -> None:
+        if self.node.admission.drop_log.allow(self.ip):
+            self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip, reason=reason)
+
     def _refuse(self, reason: str) -> None:
         # Debug only: a flood of refused connections must not fill the disk
         # with log lines (the counters and the cooldown warning say what
         # happened).
-        self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip, reason=reason)
+        self._log_drop(reason)
         self.transport.abortConnection()
 
     # --- the waiting room (admission.AcceptPacer's Waiter) ---------------------------
@@ -238,7 +242,7 @@ class RelayProtocol(LineReceiver):
     def drop_waiting(self, reason: str) -> None:
         self._waiting = False
         self._closing_reason = reason
-        self._log.debug("dropped connection from {ip}: {reason}", ip=self.ip, reason=reason)
+        self._log_drop(reason)
         self.transport.abortConnection()
 
     def listening_port(self) -> Any:
