@@ -1389,12 +1389,6 @@ class Gossip:
         d.addCallback(committed)
         return d
 
-    def _merge(
-        self, peer_id: str, raw_units: list[Any], ack_id: str, stats: dict[str, int]
-    ) -> defer.Deferred[Any]:
-        """One batch on its own (see :meth:`_merge_batches`)."""
-        return defer.maybeDeferred(self._merge_batches, [(peer_id, raw_units, ack_id, stats)])
-
     def _commit(
         self,
         batches: list[tuple[str, list[Any]]],
@@ -1407,20 +1401,6 @@ class Gossip:
         """The writer thread's job: :meth:`_commit_batches`, the collector paused if big."""
         with _collector_paused(sum(len(raw) for _, raw in batches)):
             return self._commit_batches(batches, allowances, now, counts, cache, warm)
-
-    def _commit_batch(
-        self,
-        peer_id: str,
-        raw_units: list[Any],
-        allowance: int,
-        now: int,
-        counts: dict[str, int],
-        cache: tuple[Any, list[KnowledgeUnit]] | None,
-    ) -> _Commit:
-        """One batch from ``peer_id`` (:meth:`_commit_batches` of one)."""
-        return self._commit_batches(
-            [(peer_id, raw_units)], {peer_id: allowance}, now, counts, cache
-        )[0]
 
     def _commit_batches(
         self,
