@@ -161,7 +161,9 @@ def locked(path: Path | str, shared: bool = False) -> Iterator[None]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    # Read-only: flock needs no write access, and closing it is no
+    # IN_CLOSE_WRITE notice for the change watchers of its directory.
+    fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield

@@ -259,6 +259,64 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.assertEqual(self.acks("peer-a"), [])  # peer-a offers it again later
         self.assertNotIn("ku_lost", stored(self.home))
 
+    def test_a_plain_merge_writes_trust_json_later_in_one_flush(self) -> None:
+        from claudectl.hive.trust import load_trust, trust_path
+
+        trust_path(self.home).unlink(missing_ok=True)
+        for i in range(3):
+            self.sync("peer-a", unit_json(f"ku_t{i}", "peer-a", cmd=f"make t{i}"))
+            self.writer.release()
+            self.clock.advance(0)
+        self.assertEqual(len([u for u in stored(self.home) if u.startswith("ku_t")]), 3)
+        # Three merges, no trust.json rewrite yet: the counts wait in memory ...
+        self.assertFalse(trust_path(self.home).exists())
+        self.assertEqual(self.gossip._allowance("peer-a", NOW), 1000 - 3)
+        # ... and are written once, within RECORD_FLUSH_SECS.
+        self.clock.advance(gossip_mod.RECORD_FLUSH_SECS)
+        self.writer.release()
+        rec = load_trust(self.home).get("peer-a")
+        assert rec is not None
+        self.assertEqual((rec.knowledge_accepted, rec.daily_received[str(NOW // 86400)]), (3, 3))
+        self.assertEqual(self.gossip._allowance("peer-a", NOW), 1000 - 3)
+
+    def test_counts_in_a_writer_job_still_count_against_the_cap(self) -> None:
+        self.start(max_units_per_peer_per_day=4)
+        self.sync("peer-a", unit_json("ku_q1", "peer-a", cmd="make q1"))
+        self.sync("peer-a", unit_json("ku_q2", "peer-a", cmd="make q2"))
+        self.writer.release()
+        self.clock.advance(gossip_mod.RECORD_FLUSH_SECS)  # the flush job is queued, not run
+        self.assertEqual(self.gossip._allowance("peer-a", NOW), 2)
+        self.writer.release()
+        self.assertEqual(self.gossip._allowance("peer-a", NOW), 2)
+
+    def test_a_failed_flush_keeps_its_counts(self) -> None:
+        self.sync("peer-a", unit_json("ku_f1", "peer-a", cmd="make f1"))
+        self.writer.release()
+        self.clock.advance(gossip_mod.RECORD_FLUSH_SECS)
+        job, _, d = self.writer.jobs.pop(0)
+        d.errback(OSError("disk full"))
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(self.gossip._allowance("peer-a", NOW), 1000 - 1)
+        self.gossip.flush_counts()
+        self.writer.release()
+        from claudectl.hive.trust import load_trust
+
+        rec = load_trust(self.home).get("peer-a")
+        assert rec is not None
+        self.assertEqual((rec.knowledge_accepted, rec.daily_received[str(NOW // 86400)]), (1, 1))
+
+    def test_a_collision_writes_trust_json_at_once(self) -> None:
+        from claudectl.hive.trust import load_trust
+
+        self.sync("peer-a", unit_json("ku_c1", "peer-y", cmd="make col", confidence=0.9))
+        self.writer.release()
+        self.clock.advance(0)
+        self.sync("peer-b", unit_json("ku_c2", "peer-z", cmd="make col", confidence=0.2))
+        self.writer.release()
+        self.clock.advance(0)
+        rec = load_trust(self.home).get("peer-b")
+        self.assertTrue(rec is not None and rec.collided_on, f"no evidence at once: {rec}")
+
 
 class LeadingEdgeNoticeTests(SynchronousTestCase):
     """A change notice is passed on in the next turn; a burst after it gives one more call."""

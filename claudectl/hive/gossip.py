@@ -77,7 +77,13 @@ from claudectl.hive.store import (
     read_units_file,
     store_transaction,
 )
-from claudectl.hive.trust import TrustBook, load_trust, log_collisions, trust_transaction
+from claudectl.hive.trust import (
+    TrustBook,
+    any_collision,
+    load_trust,
+    log_collisions,
+    trust_transaction,
+)
 from claudectl.hive.units import (
     SNAPSHOT_PAGE_BYTES,
     ApproachCluster,
@@ -461,8 +467,12 @@ class _Commit:
     good: list[KnowledgeUnit]
     bad: int
     first_error: str
-    #: (merge result, the store's units, its file signature, trust.json) if written.
-    committed: tuple[BatchResult, list[KnowledgeUnit], Any, TrustBook] | None = None
+    #: (merge result, the store's units, its file signature, trust.json as
+    #: written or None when it was not) if the store was written.
+    committed: tuple[BatchResult, list[KnowledgeUnit], Any, TrustBook | None] | None = None
+    #: Per peer [units accepted or updated, units conflicted] not written to
+    #: trust.json yet (they go back to the reactor's tally).
+    tallies: dict[str, list[int]] = field(default_factory=dict)
     #: Those units by semantic key, as the store module holds them (read only).
     by_key: Mapping[str, KnowledgeUnit] | None = None
 
@@ -535,6 +545,11 @@ class Gossip:
         self._record_scheduled = False
         #: Units received per peer and not yet counted in trust.json.
         self._unrecorded: dict[str, int] = {}
+        #: Counts handed to a writer job that has not come back yet: still
+        #: counted against the cap (the job may write them or return them).
+        self._recording: dict[str, int] = {}
+        #: Per peer [accepted or updated, conflicted] not in trust.json yet.
+        self._untallied: dict[str, list[int]] = {}
         self._state_dirty = False
         self._pages: dict[str, list[Any]] = {}
         #: Charge of the buffered pages, and of all pages since our last request.
@@ -1173,7 +1188,7 @@ class Gossip:
         now = self.now()
         rec = self._trust.get(peer_id)
         counted = rec.daily_received.get(str(now // 86400), 0) if rec is not None else 0
-        counted += self._unrecorded.get(peer_id, 0) + self._queued_raw.get(peer_id, 0)
+        counted += self._uncounted(peer_id) + self._queued_raw.get(peer_id, 0)
         if (
             not self._overlay_ok
             or len(raw_units) > FORWARD_MAX_UNITS
@@ -1346,7 +1361,7 @@ class Gossip:
         day = str(now // 86400)
         rec_ro = self._trust.get(peer_id)
         already = rec_ro.daily_received.get(day, 0) if rec_ro is not None else 0
-        already += self._unrecorded.get(peer_id, 0)
+        already += self._uncounted(peer_id)
         return max(0, self.config.hive.max_units_per_peer_per_day - already)
 
     def _merge_batches(self, batches: list[tuple[str, list[Any], str, dict[str, int]]]) -> Any:
@@ -1357,7 +1372,7 @@ class Gossip:
                 allowances[peer_id] = self._allowance(peer_id, now)
                 self._unrecorded.setdefault(peer_id, 0)  # marks the contact
         # The counts so far go to trust.json with these batches' (or come back).
-        counts, self._unrecorded = self._unrecorded, {}
+        counts = self._hand_over()
         # The new units are encoded for sending in the same job when they go
         # on to another peer now (or are few); else once no batch waits, so
         # that a big snapshot's next pages are not kept waiting for it.
@@ -1369,10 +1384,17 @@ class Gossip:
             [(b[0], b[1]) for b in batches],
             allowances,
             now,
-            counts,
+            dict(counts),
             self._units_cache,
             warm,
         )
+
+        def returned(result: Any) -> Any:
+            wrote = isinstance(result, list) and any(
+                o.committed is not None and o.committed[3] is not None for o in result
+            )
+            self._handed_back(counts, written=wrote)
+            return result
 
         def committed(outs: list[_Commit]) -> None:
             if not warm:
@@ -1386,8 +1408,32 @@ class Gossip:
             for out, (peer_id, _, ack_id, stats) in zip(outs, batches, strict=True):
                 self._committed(out, peer_id, ack_id, stats, now)
 
+        d.addBoth(returned)
         d.addCallback(committed)
         return d
+
+    def _uncounted(self, peer_id: str) -> int:
+        """Units from ``peer_id`` counted today but not in ``self._trust``."""
+        return self._unrecorded.get(peer_id, 0) + self._recording.get(peer_id, 0)
+
+    def _hand_over(self) -> dict[str, int]:
+        """The unwritten counts, for a writer job (see :meth:`_handed_back`)."""
+        counts, self._unrecorded = self._unrecorded, {}
+        for peer, n in counts.items():
+            self._recording[peer] = self._recording.get(peer, 0) + n
+        return counts
+
+    def _handed_back(self, counts: dict[str, int], written: bool) -> None:
+        """A job with ``counts`` is back: written to trust.json (and the book
+        it returned is ``self._trust``), or they wait for the next write."""
+        for peer, n in counts.items():
+            left = self._recording.get(peer, 0) - n
+            if left > 0:
+                self._recording[peer] = left
+            else:
+                self._recording.pop(peer, None)
+            if not written:
+                self._unrecorded[peer] = self._unrecorded.get(peer, 0) + n
 
     def _commit(
         self,
@@ -1430,9 +1476,7 @@ class Gossip:
         ]
         if not todo:
             # Copies of what we hold (other paths of the same gossip): no
-            # store transaction, no file rewrite, nothing counted.  The
-            # counts so far come back with the first batch.
-            outs[0].counts = counts
+            # store transaction, no file rewrite, nothing counted.
             return outs
         cfg = self.config.hive
         remaining = dict(allowances)
@@ -1468,17 +1512,33 @@ class Gossip:
             logs.resolutions.extend(result.resolutions)
         write_merge_logs(self.home, logs, cfg.max_log_bytes)
         collisions = []
+        tallies: dict[str, list[int]] = {}
+        new: dict[str, int] = {}
         for peer_id, _, result, _ in merged:
             # Crossing the cap is counted too: that is what freezes the sender.
-            counts[peer_id] = counts.get(peer_id, 0) + result.accepted + result.updated
-            counts[peer_id] += len(result.left_out)
-        with trust_transaction(self.home, cfg.default_trust) as book:
-            self._write_counts(book, counts, now)
-            for peer_id, out, result, before in merged:
-                collisions += book.check_collisions(before, out.good, peer_id, self.identity, now)
-                rec = book.ensure(peer_id, now)
-                rec.knowledge_accepted += result.accepted + result.updated
-                rec.knowledge_conflicted += result.rejected
+            new[peer_id] = new.get(peer_id, 0) + result.accepted + result.updated
+            new[peer_id] += len(result.left_out)
+            tally = tallies.setdefault(peer_id, [0, 0])
+            tally[0] += result.accepted + result.updated
+            tally[1] += result.rejected
+        # trust.json is written now (with the counts so far) only when a
+        # freeze may follow: a crossed cap, a collision.  A plain merge's
+        # counts and tallies go back to the reactor and are written within
+        # RECORD_FLUSH_SECS (flush_counts).
+        book: TrustBook | None = None
+        if any(
+            result.left_out or any_collision(before, out.good) for _, out, result, before in merged
+        ):
+            for peer_id, n in new.items():
+                counts[peer_id] = counts.get(peer_id, 0) + n
+            with trust_transaction(self.home, cfg.default_trust) as book:
+                self._write_counts(book, counts, now, tallies)
+                for peer_id, out, _, before in merged:
+                    collisions += book.check_collisions(
+                        before, out.good, peer_id, self.identity, now
+                    )
+        else:
+            outs[0].counts, outs[0].tallies = new, tallies
         if collisions:
             log_collisions(self.home, collisions, cfg.max_log_bytes)
         by_key = held_by_key(hive_file(self.home, KNOWLEDGE))
@@ -1505,12 +1565,18 @@ class Gossip:
         self.counters["bad_units"] += out.bad
         ps.rejected += out.bad
         stats["bad"] = out.bad
-        if out.committed is None:
-            # Nothing written: the counts wait for the next write.
-            for peer, count in out.counts.items():
-                self._unrecorded[peer] = self._unrecorded.get(peer, 0) + count
-            stats["duplicates"] = len(good)
+        # What trust.json did not get yet waits for the next flush.
+        for peer, count in out.counts.items():
+            self._unrecorded[peer] = self._unrecorded.get(peer, 0) + count
+        for peer, (accepted, conflicted) in out.tallies.items():
+            tally = self._untallied.setdefault(peer, [0, 0])
+            tally[0] += accepted
+            tally[1] += conflicted
+        if out.counts or out.tallies:
             self._record_soon()
+        if out.committed is None:
+            # Nothing written.
+            stats["duplicates"] = len(good)
             self._merged(peer_id, good, good, ack_id, stats, now)
             return
         result, units, sig, book = out.committed
@@ -1519,7 +1585,8 @@ class Gossip:
         if out.by_key is not None and len(out.by_key) == len(units):
             self._key_index = (units, out.by_key)  # the store's own key table
         self._prepare_index(units)
-        self._trust = book
+        if book is not None:
+            self._trust = book
         stats.update(result.stats())
         have = good
         excess = len(result.left_out)
@@ -1590,8 +1657,15 @@ class Gossip:
             for p in self.mesh.connected_peers():
                 self._push(p, stored, ctx)
 
-    def _write_counts(self, book: TrustBook, counts: dict[str, int], now: int) -> None:
-        """Write daily receive counts into ``book`` (on the writer thread)."""
+    def _write_counts(
+        self,
+        book: TrustBook,
+        counts: dict[str, int],
+        now: int,
+        tallies: dict[str, list[int]] | None = None,
+    ) -> None:
+        """Write daily receive counts and the accepted/conflicted tallies
+        into ``book`` (on the writer thread)."""
         cap = self.config.hive.max_units_per_peer_per_day
         for peer, count in counts.items():
             if count:
@@ -1599,6 +1673,10 @@ class Gossip:
             else:
                 rec = book.ensure(peer, now)
                 rec.last_sync = max(rec.last_sync, now)
+        for peer, (accepted, conflicted) in (tallies or {}).items():
+            rec = book.ensure(peer, now)
+            rec.knowledge_accepted += accepted
+            rec.knowledge_conflicted += conflicted
 
     def _record_soon(self) -> None:
         """Flush the receive counts to trust.json within a few seconds."""
@@ -1616,18 +1694,33 @@ class Gossip:
         self._later(RECORD_FLUSH_SECS, run)
 
     def flush_counts(self) -> defer.Deferred[Any] | None:
-        """Hand the receive counts held in memory to the writer thread."""
-        if not self._unrecorded:
+        """Hand the receive counts and tallies held in memory to the writer thread."""
+        if not self._unrecorded and not self._untallied:
             return None
-        counts, self._unrecorded = self._unrecorded, {}
-        d = self.writer.run(self._flush_counts, counts, self.now())
+        counts = self._hand_over()
+        tallies, self._untallied = self._untallied, {}
+        d = self.writer.run(self._flush_counts, counts, self.now(), tallies)
+
+        def returned(result: Any) -> Any:
+            wrote = isinstance(result, TrustBook)
+            self._handed_back(counts, written=wrote)
+            if not wrote:  # the tallies wait for the next flush
+                for peer, (accepted, conflicted) in tallies.items():
+                    tally = self._untallied.setdefault(peer, [0, 0])
+                    tally[0] += accepted
+                    tally[1] += conflicted
+            return result
+
+        d.addBoth(returned)
         d.addCallback(self._trust_read)
         d.addErrback(logged("recording receive counts"))
         return d
 
-    def _flush_counts(self, counts: dict[str, int], now: int) -> TrustBook:
+    def _flush_counts(
+        self, counts: dict[str, int], now: int, tallies: dict[str, list[int]] | None = None
+    ) -> TrustBook:
         with trust_transaction(self.home, self.config.hive.default_trust) as book:
-            self._write_counts(book, counts, now)
+            self._write_counts(book, counts, now, tallies)
         return book
 
     def _trust_read(self, book: TrustBook) -> None:

@@ -392,11 +392,9 @@ class TrustBook:
         found = []
         for unit in incoming:
             ex = existing.get(unit.semantic_key)
-            if ex is None or ex.source_peer == unit.source_peer:
+            if ex is None or not _collide(ex, unit):
                 continue
             delta = abs(ex.confidence - unit.confidence)
-            if ex.type == unit.type and delta <= COLLISION_DELTA:
-                continue
             col = Collision(
                 unit.semantic_key, ex.source_peer, ex.id, from_peer, unit.id, round(delta, 6), now
             )
@@ -542,3 +540,23 @@ def trust_level(home: Home, peer_id: str, default: float = 0.5) -> float:
     """A peer's trust level, or ``default`` when it has no record."""
     book = load_trust(home, default)
     return book.level(peer_id)
+
+
+def _collide(stored: KnowledgeUnit, incoming: KnowledgeUnit) -> bool:
+    """Two units of one semantic key from different sources that disagree:
+    another type, or confidences more than :data:`COLLISION_DELTA` apart."""
+    if stored.source_peer == incoming.source_peer:
+        return False
+    return (
+        stored.type != incoming.type
+        or abs(stored.confidence - incoming.confidence) > COLLISION_DELTA
+    )
+
+
+def any_collision(existing: Mapping[str, KnowledgeUnit], incoming: Iterable[KnowledgeUnit]) -> bool:
+    """Would :meth:`TrustBook.check_collisions` find a collision (no side effects)?"""
+    for unit in incoming:
+        ex = existing.get(unit.semantic_key)
+        if ex is not None and _collide(ex, unit):
+            return True
+    return False
