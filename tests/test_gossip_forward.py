@@ -317,6 +317,20 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         rec = load_trust(self.home).get("peer-b")
         self.assertTrue(rec is not None and rec.collided_on, f"no evidence at once: {rec}")
 
+    def test_a_merge_prunes_a_stale_peers_units_by_the_books_contact(self) -> None:
+        from claudectl.hive.trust import trust_transaction
+
+        put(self.home, "me-1", unit_json("ku_old", "peer-old", cmd="make old"))
+        with trust_transaction(self.home) as book:
+            book.ensure("peer-old", NOW - 100 * 86400)  # last heard 100 days ago
+        self.start()  # the service reads trust.json at start
+        self.sync("peer-a", unit_json("ku_fresh", "peer-a", cmd="make fresh"))
+        self.writer.release()
+        self.clock.advance(0)
+        held = stored(self.home)
+        self.assertIn("ku_fresh", held)
+        self.assertNotIn("ku_old", held)  # stale_peer_days (90) passed
+
 
 class LeadingEdgeNoticeTests(SynchronousTestCase):
     """A change notice is passed on in the next turn; a burst after it gives one more call."""

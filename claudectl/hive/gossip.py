@@ -74,6 +74,7 @@ from claudectl.hive.store import (
     held_by_key,
     hive_active,
     hive_file,
+    last_contact,
     read_units_file,
     store_transaction,
 )
@@ -97,7 +98,7 @@ from claudectl.logbudget import LogBudget
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope
 from claudectl.relay.interfaces import IMesh
-from claudectl.relay.keystore import is_remote_peer_id
+from claudectl.relay.keystore import KeyStore, is_remote_peer_id
 from claudectl.statestore import StateWriter, bulk_work, logged
 
 log = Logger()
@@ -548,6 +549,8 @@ class Gossip:
         #: Counts handed to a writer job that has not come back yet: still
         #: counted against the cap (the job may write them or return them).
         self._recording: dict[str, int] = {}
+        #: The writer thread's own key store (its caches of ``.meta``).
+        self._keys = KeyStore(home)
         #: Per peer [accepted or updated, conflicted] not in trust.json yet.
         self._untallied: dict[str, list[int]] = {}
         self._state_dirty = False
@@ -1412,6 +1415,17 @@ class Gossip:
         d.addCallback(committed)
         return d
 
+    def _last_contact(self) -> dict[str, int]:
+        """For the store's bounds (writer thread): our trust book -- what
+        trust.json holds plus what the next flush adds (the peers of the
+        batches being merged are in contact now) -- and the relay's
+        ``.meta`` files, read only when they changed."""
+        contact = self._trust.last_contact()
+        now = self.now()
+        for peer in list(self._unrecorded) + list(self._recording):
+            contact[peer] = now
+        return last_contact(self.home, contact, self._keys)
+
     def _uncounted(self, peer_id: str) -> int:
         """Units from ``peer_id`` counted today but not in ``self._trust``."""
         return self._unrecorded.get(peer_id, 0) + self._recording.get(peer_id, 0)
@@ -1486,7 +1500,12 @@ class Gossip:
         # New units' lines are appended (a batch not written in full is
         # not acknowledged, so its peer sends it again).
         with store_transaction(
-            self.home, local_id=self.identity, config=cfg, now=now, append=True
+            self.home,
+            local_id=self.identity,
+            config=cfg,
+            now=now,
+            append=True,
+            contact=self._last_contact,
         ) as store:
             existing = store.by_key()
             for peer_id, out in todo:

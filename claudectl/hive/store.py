@@ -26,9 +26,10 @@ import contextlib
 import operator
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from claudectl.atomic import append_line, atomic_write, fsync_append, locked
 from claudectl.config import HiveConfig
@@ -45,6 +46,9 @@ from claudectl.hive.units import (
 )
 from claudectl.home import Home
 from claudectl.lazylog import LazyLogger
+
+if TYPE_CHECKING:
+    from claudectl.relay.keystore import KeyStore
 
 log = LazyLogger(__name__)
 
@@ -465,16 +469,21 @@ def compact(
     return kept, evicted
 
 
-def last_contact(home: Home, records: Mapping[str, int] | None = None) -> dict[str, int]:
+def last_contact(
+    home: Home, records: Mapping[str, int] | None = None, keys: KeyStore | None = None
+) -> dict[str, int]:
     """
     When each peer was last heard from (epoch): the later of its trust
-    record's ``last_sync`` and the relay's ``.meta`` ``last_seen``.
+    record's ``last_sync`` (``records``: a trust book's
+    :meth:`~claudectl.hive.trust.TrustBook.last_contact`, else trust.json
+    is read) and the relay's ``.meta`` ``last_seen`` (through ``keys``, a
+    key store whose caches save the reads, else a new one).
     """
     from claudectl.hive.trust import load_trust
     from claudectl.relay.keystore import KeyStore
 
     contact = dict(load_trust(home).last_contact() if records is None else records)
-    ks = KeyStore(home)
+    ks = keys if keys is not None else KeyStore(home)
     for peer in ks.known_peers():
         meta = ks.meta(peer)
         if meta is not None:
@@ -494,6 +503,7 @@ def store_transaction(
     now: int | None = None,
     apply_bounds: bool = True,
     append: bool = False,
+    contact: Callable[[], Mapping[str, int]] | None = None,
 ) -> Iterator[KnowledgeStore]:
     """
     Read-modify-write ``knowledge.jsonl`` under its lock.
@@ -505,7 +515,9 @@ def store_transaction(
     fsync): for a writer whose input is sent again when it was not written
     in full (gossip: a batch is acknowledged after its commit), since a
     crash during the append can store part of them and leave a torn last
-    line (quarantined by the next transaction).  If the block raises,
+    line (quarantined by the next transaction).  ``contact`` gives each
+    peer's last contact for the bounds (default: :func:`last_contact`, which
+    reads trust.json and every peer's ``.meta``).  If the block raises,
     nothing is written.
     """
     config = config or HiveConfig()
@@ -522,7 +534,7 @@ def store_transaction(
                 store.units(),
                 local_id=local_id,
                 config=config,
-                last_contact=last_contact(home),
+                last_contact=last_contact(home) if contact is None else contact(),
                 now=t,
             )
             if evicted:
