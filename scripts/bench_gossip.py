@@ -2248,7 +2248,7 @@ async def run_issue16(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: 
     rnd = random.Random(args.seed)
     runs = args.runs or (2 if args.quick else 5)
     conv_sizes = args.convergence or ((4, 8) if args.quick else CONV_SIZES)
-    snap_sizes = (500,) if args.quick else SNAP_SIZES
+    snap_sizes = args.snapshots or ((500,) if args.quick else SNAP_SIZES)
     t0 = time.monotonic()
     load_before = os.getloadavg()
 
@@ -2259,7 +2259,7 @@ async def run_issue16(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: 
     request = None
     snaps: dict[int, dict[str, list[float]]] = {}
     conv: dict[int, ConvPhase] = {}
-    if not args.convergence:
+    if not args.convergence and not args.snapshots:
         say(f"knowledge_request -> snapshot of {REQUEST_UNITS} units, {runs} runs ...")
         request = await bench_request(
             reactor, tmp, fleet, runs, 20 if args.quick else 100, 5 if args.quick else 20, say
@@ -2267,7 +2267,7 @@ async def run_issue16(reactor: Any, args: argparse.Namespace, tmp: Path, fleet: 
     if not args.only_request and not args.convergence:
         say(f"snapshots of {', '.join(f'{u:,}' for u in snap_sizes)} units, {runs} runs each ...")
         snaps = await bench_snapshot_scaling(reactor, tmp, fleet, snap_sizes, runs, say)
-    if not args.only_request:
+    if not args.only_request and not args.snapshots:
         say(f"convergence at {', '.join(map(str, conv_sizes))} services, {runs} runs each ...")
         conv = await bench_convergence_scaling(reactor, tmp, fleet, conv_sizes, runs, rnd, say)
     data = issue16_json(Issue16(request, snaps, conv))
@@ -2328,6 +2328,13 @@ def main() -> int:
         default=None,
         metavar="N,N,...",
         help="only the convergence rows, at these mesh sizes (e.g. 4,8,16)",
+    )
+    ap.add_argument(
+        "--snapshots",
+        type=_sizes,
+        default=None,
+        metavar="N,N,...",
+        help="only the snapshot rows, at these store sizes (e.g. 5000,50000)",
     )
     ap.add_argument(
         "--only-request",

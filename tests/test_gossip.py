@@ -822,6 +822,39 @@ class CoalescedMergeTests(SynchronousTestCase):
         d.callback(fn(*args, **kwargs))
         self.assertTrue(all("wire_json" in u.__dict__ for u in units))
 
+    def test_the_encoding_waits_until_no_batch_came_for_a_while(self) -> None:
+        clock = Clock()
+        config = dataclasses.replace(Config(), hive=HiveConfig())
+        g = Gossip(
+            self.home,
+            config,
+            self.mesh,
+            "me-1",
+            lambda: NOW,
+            call_later=clock.callLater,
+            writer=self.writer,  # type: ignore[arg-type]
+        )
+        g.register()
+        self.mesh.connect("peer-a")  # the only peer: nothing goes on at once
+        clock.advance(gossip_mod.LINKUP_PUSH_DELAY_SECS)
+        self.writer.jobs.clear()
+        big = gossip_mod.BULK_UNITS
+
+        def warm_jobs() -> int:
+            return sum(1 for job in self.writer.jobs if job[0].__name__ == "_in_bulk")
+
+        g.receive("peer-a", self.batch("a", "peer-a", big))
+        self.writer.release()
+        clock.advance(gossip_mod.WARM_QUIET_SECS / 2)
+        g.receive("peer-a", self.batch("b", "peer-a", big))  # the next page, in the gap
+        self.writer.release()
+        clock.advance(gossip_mod.WARM_QUIET_SECS * 0.9)
+        self.assertEqual(warm_jobs(), 0)  # a quiet gap shorter than the wait
+        clock.advance(gossip_mod.WARM_QUIET_SECS * 0.2)
+        self.assertEqual(warm_jobs(), 1)  # one job for both pages' units
+        [warm] = [job for job in self.writer.jobs if job[0].__name__ == "_in_bulk"]
+        self.assertEqual(len(warm[1][1]), 2 * big)
+
     def test_units_going_on_are_encoded_in_the_merge(self) -> None:
         g = self.make()
         self.mesh.connect("peer-a")

@@ -128,6 +128,9 @@ BULK_UNITS = 100
 #: Batches waiting for the merge before them are merged together, in one
 #: store transaction, up to this many units.
 COALESCE_UNITS = 100_000
+#: The stored units of a big merge are encoded for sending once no batch
+#: waited for this long (see :meth:`Gossip._warm_when_quiet`).
+WARM_QUIET_SECS = 0.25
 #: How often the service checks the brain's decision log (distil every 10).
 DISTILL_POLL_SECS = 5.0
 #: Forward before the durable write: a batch of at most this many units is
@@ -517,6 +520,7 @@ class Gossip:
         self._merging = False
         #: Stored units wait to be encoded for sending (see :meth:`_merge_batches`).
         self._warm_pending = False
+        self._warm_timer: Any = None
         #: Forward before the durable write (:meth:`_forward_early`): while
         #: batches wait for the writer, semantic key -> what the store will
         #: hold there once they are written (the units they change), on top
@@ -1334,9 +1338,33 @@ class Gossip:
                 self.on_store_changed()
             self._next_merge()
             if not self._merging and self._warm_pending:
-                self._warm_stored()
+                self._warm_when_quiet()
 
         d.addBoth(next_one)
+
+    def _warm_when_quiet(self) -> None:
+        """
+        Encode the stored units once no batch has waited for WARM_QUIET_SECS:
+        the pages of a snapshot arrive with gaps between them, and encoding
+        in every gap would hold up the next page (the units go nowhere yet:
+        their sender has them, and a push round or answer to another peer
+        is seconds away).
+        """
+        if self._call_later is None:
+            self._warm_stored()
+            return
+        if self._warm_timer is not None and self._warm_timer.active():
+            self._warm_timer.reset(WARM_QUIET_SECS)
+            return
+
+        def run() -> None:
+            self._warm_timer = None
+            if self._merging or self._merges:
+                return  # the merge's end starts the wait again
+            if self._warm_pending:
+                self._warm_stored()
+
+        self._warm_timer = self._later(WARM_QUIET_SECS, run)
 
     def _warm_stored(self) -> None:
         """Encode the stored units for the push rounds and answers to come (writer thread)."""
