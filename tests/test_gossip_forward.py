@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from claudectl import changes
 from claudectl.config import Config, HiveConfig
 from claudectl.hive import gossip as gossip_mod
-from claudectl.hive.gossip import LINKUP_PUSH_DELAY_SECS, STATE_SAVE_SECS, Gossip
+from claudectl.hive.gossip import ACK_DELAY_SECS, LINKUP_PUSH_DELAY_SECS, STATE_SAVE_SECS, Gossip
 from claudectl.hive.trust import trust_transaction
 from claudectl.statestore import StateWriter
 from tests.common import FakeMesh, temp_home
@@ -115,6 +115,9 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.writer.release()
         self.clock.advance(0)
         self.assertIn("ku_new", stored(self.home))
+        # The ack waits a little, to go with the others of that link.
+        self.assertEqual(self.acks("peer-a"), [])
+        self.clock.advance(ACK_DELAY_SECS)
         self.assertEqual(self.acks("peer-a"), [["ku_new", 1]])
         # No push round after the write sends it twice.
         self.clock.advance(STATE_SAVE_SECS)
@@ -133,6 +136,7 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.assertEqual(stored(self.home)["ku_dup"].propagation_count, 2)
         # The first sender hears that we have it, once it is written; the
         # others got our copy, which tells them as much: no ack for crossings.
+        self.clock.advance(ACK_DELAY_SECS)
         self.assertEqual(self.acks("peer-a"), [["ku_dup", 1]])
         self.assertEqual(self.acks("peer-b"), [])
         self.assertEqual(self.acks("peer-c"), [])
@@ -165,7 +169,8 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.mesh.deliver("peer-b", "ack", {"ack_id": "m", "knowledge": [["ku_w", 1]]})
         self.sync("peer-b", unit_json("ku_w", "peer-z", hops=2))
         self.assertEqual(self.writer.jobs, [])
-        self.assertEqual(self.acks("peer-b"), [["ku_w", 1]])  # at once: it is durable
+        self.clock.advance(ACK_DELAY_SECS)
+        self.assertEqual(self.acks("peer-b"), [["ku_w", 1]])  # no write to wait for
         self.assertEqual(self.gossip.counters["merged_batches"], 2)
 
     def test_units_the_merge_refuses_are_not_forwarded(self) -> None:
@@ -330,6 +335,34 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         held = stored(self.home)
         self.assertIn("ku_fresh", held)
         self.assertNotIn("ku_old", held)  # stale_peer_days (90) passed
+
+    def test_acks_to_one_link_go_together_and_a_closed_link_gets_none(self) -> None:
+        for i in range(3):
+            self.sync("peer-a", unit_json(f"ku_k{i}", "peer-a", cmd=f"make k{i}"))
+            self.writer.release()
+            self.clock.advance(0)
+        self.clock.advance(ACK_DELAY_SECS)
+        frames = [(to, p) for to, t, p in self.mesh.sent if t == "ack"]
+        self.assertEqual([to for to, _ in frames], ["peer-a"])  # one frame for three batches
+        self.assertEqual(
+            sorted(pair[0] for pair in frames[0][1]["knowledge"]), ["ku_k0", "ku_k1", "ku_k2"]
+        )
+        # peer-b's link closed before its ack was due: it offers the unit again.
+        self.mesh.sent.clear()
+        self.sync("peer-b", unit_json("ku_kc", "peer-b", cmd="make kc"))
+        self.writer.release()
+        self.clock.advance(0)
+        self.mesh.disconnect("peer-b")
+        self.clock.advance(ACK_DELAY_SECS)
+        self.assertEqual([p for to, t, p in self.mesh.sent if t == "ack"], [])
+
+    def test_stopping_sends_the_acks_that_wait(self) -> None:
+        self.sync("peer-a", unit_json("ku_s", "peer-a", cmd="make s"))
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertEqual(self.acks("peer-a"), [])
+        self.gossip.stop()
+        self.assertEqual(self.acks("peer-a"), [["ku_s", 1]])
 
 
 class LeadingEdgeNoticeTests(SynchronousTestCase):

@@ -158,6 +158,8 @@ SNAPSHOT_ENTRY_CHARGE = 64
 SNAPSHOT_PAGE_CHARGE = 16 * 1024
 #: (id, version) pairs per ``ack`` frame.
 ACK_MAX_PAIRS = 4096
+#: Acks to a peer wait this long and go in one frame (see :meth:`Gossip._ack`).
+ACK_DELAY_SECS = 0.5
 #: Warnings a peer's bad input causes (invalid units, the daily cap): at most
 #: this many lines per peer per minute, then one "suppressed" line.
 PEER_WARNINGS_PER_MINUTE = 10
@@ -532,6 +534,10 @@ class Gossip:
         #: A link came up while units that went out early were being written:
         #: it missed them (a push round once the queue is done).
         self._push_when_idle = False
+        #: Acks waiting to go, per peer: [last frame id, [[id, version], ...]].
+        self._acks_due: dict[str, list[Any]] = {}
+        #: Units merged in this reactor turn, to be pushed in the next one.
+        self._to_push: list[KnowledgeUnit] = []
         #: (id, version, hops) of the units passed on early whose batch is queued.
         self._forwarded: set[tuple[str, int, int]] = set()
         #: Per peer, the units of its batches still queued (the rate cap's reserve).
@@ -642,6 +648,8 @@ class Gossip:
         self._confirm_scheduled.clear()
         self._record_scheduled = False
         self._save_scheduled = False
+        for peer_id in list(self._acks_due):
+            self._flush_acks(peer_id)
         self.flush_counts()
         if self._state_dirty:
             self._save_state()
@@ -721,6 +729,8 @@ class Gossip:
         self._answers.forget(peer_id)
         self._outbox.pop(peer_id, None)
         self._snapshot_bytes.pop(peer_id, None)
+        # The peer offers what we did not ack again on the next link.
+        self._acks_due.pop(peer_id, None)
         if peer_id in self._pages:
             self._flush_pages(peer_id)
 
@@ -861,6 +871,27 @@ class Gossip:
         pairs = [[u.id, u.version] for u in units if flying.get(u.id) != u.version]
         if not pairs:
             return
+        if self._call_later is None or self._stopped:
+            self._send_acks(peer_id, ack_id, pairs)
+            return
+        # Acks wait up to ACK_DELAY_SECS and go together, one frame per
+        # link: while a unit spreads through the mesh, its acks do not
+        # compete with the frames that carry it.
+        due = self._acks_due.get(peer_id)
+        if due is None:
+            due = self._acks_due[peer_id] = ["", []]
+            self._later(ACK_DELAY_SECS, self._flush_acks, peer_id)
+        due[0] = ack_id
+        due[1].extend(pairs)
+        if len(due[1]) >= ACK_MAX_PAIRS:
+            self._flush_acks(peer_id)
+
+    def _flush_acks(self, peer_id: str) -> None:
+        due = self._acks_due.pop(peer_id, None)
+        if due is not None and due[1]:
+            self._send_acks(peer_id, due[0], due[1])
+
+    def _send_acks(self, peer_id: str, ack_id: str, pairs: list[list[Any]]) -> None:
         for i in range(0, len(pairs), ACK_MAX_PAIRS):
             self.mesh.send(
                 peer_id, codec.ACK, {"ack_id": ack_id, "knowledge": pairs[i : i + ACK_MAX_PAIRS]}
@@ -1697,12 +1728,44 @@ class Gossip:
         )
         if stats["accepted"] or stats["updated"]:
             self._file_sig = self._units_cache[0] if self._units_cache else self._signature()
-            if stored:
-                self.schedule_push_all()
-        elif stored and self.active():
-            ctx = self._contexts.get(self.config.hive)
-            for p in self.mesh.connected_peers():
-                self._push(p, stored, ctx)
+        if stored and self.active():
+            self._push_soon(stored)
+
+    def _push_soon(self, units: list[KnowledgeUnit]) -> None:
+        """
+        Send these newly stored units to every peer that lacks them, in the
+        next reactor turn together with those of the other merges of this
+        turn -- a push round of just them, not a scan of the whole store
+        (a snapshot's merge of thousands of units is many commits).
+        """
+        if self._call_later is None:
+            self._push_stored(units)
+            return
+        first = not self._to_push
+        self._to_push.extend(units)
+        if first:
+            self._later(0, self._push_queued)
+
+    def _push_queued(self) -> None:
+        units, self._to_push = self._to_push, []
+        try:
+            self._push_stored(units)
+        except Exception:
+            log.failure("gossip push of merged units failed")
+
+    def _push_stored(self, units: list[KnowledgeUnit]) -> None:
+        if not self.active():
+            return
+        latest: dict[str, KnowledgeUnit] = {}
+        for u in units:  # a later commit of this turn may hold a newer version
+            held = latest.get(u.id)
+            if held is None or u.version >= held.version:
+                latest[u.id] = u
+        ctx = self._contexts.get(self.config.hive)
+        for p in self.mesh.connected_peers():
+            self._push(p, list(latest.values()), ctx)
+        if self._state_dirty:
+            self._save_soon()
 
     def _write_counts(
         self,
