@@ -77,6 +77,8 @@ class FakeMesh:
         #: (peer, reason) of every disconnect the layer above asked for.
         self.closed: list[tuple[str, str]] = []
         self.sent: list[tuple[str, str, Any]] = []
+        #: ``unsent_bytes`` answers (what a peer has not read); unset = 0.
+        self.unsent: dict[str, int] = {}
         self.handlers: dict[str, list[Any]] = {}
         self.up: list[Any] = []
         self.down: list[Any] = []
@@ -110,6 +112,9 @@ class FakeMesh:
 
     def peer_direction(self, peer_id: str) -> str | None:
         return self.directions.get(peer_id) if peer_id in self.peers else None
+
+    def unsent_bytes(self, peer_id: str) -> int:
+        return self.unsent.get(peer_id, 0) if peer_id in self.peers else 0
 
     def disconnect(self, peer_id: str, reason: str = "test") -> None:
         if peer_id in self.peers:

@@ -364,6 +364,59 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.gossip.stop()
         self.assertEqual(self.acks("peer-a"), [["ku_s", 1]])
 
+    def answers(self, peer: str) -> list[dict[str, Any]]:
+        """The last page of every snapshot answer sent to ``peer``."""
+        return [
+            p
+            for to, t, p in self.mesh.sent
+            if t == "knowledge_snapshot" and to == peer and p["page"] == p["total_pages"]
+        ]
+
+    def test_requests_wait_while_the_peer_is_not_reading(self) -> None:
+        self.mesh.unsent["peer-a"] = gossip_mod.BACKLOG_BYTES + 1
+        for since in (0, 0, 0, NOW - 50):  # the last one asks for less
+            self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": since})
+        self.assertEqual(self.answers("peer-a"), [])
+        self.assertEqual(self.gossip.counters["requests_held"], 3)
+        self.clock.advance(gossip_mod.BACKLOG_RETRY_SECS)
+        self.assertEqual(self.answers("peer-a"), [])  # still not reading
+        self.mesh.unsent["peer-a"] = 0
+        self.clock.advance(gossip_mod.BACKLOG_RETRY_SECS)
+        # One answer, to the latest request (ku_mine is older than it asks).
+        [answer] = self.answers("peer-a")
+        self.assertEqual(answer["units"], [])
+        # Answered: the next request goes at once.
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        self.assertEqual(len(self.answers("peer-a")), 2)
+
+    def test_a_request_during_an_answer_waits_for_its_last_page(self) -> None:
+        for i in range(3):
+            put(self.home, "me-1", unit_json(f"ku_big{i}", "me-1", cmd="x" * 200_000 + str(i)))
+        self.start()
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        first = [p for to, t, p in self.mesh.sent if t == "knowledge_snapshot"]
+        self.assertEqual(len(first), 1)  # one page now, the others in later turns
+        self.assertGreater(first[0]["total_pages"], 1)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual(len(self.answers("peer-a")), 2)  # the answer, then the held one
+        pages = [p["page"] for to, t, p in self.mesh.sent if t == "knowledge_snapshot"]
+        total = first[0]["total_pages"]
+        self.assertEqual(pages, list(range(1, total + 1)) * 2)  # never interleaved
+
+    def test_a_held_request_is_dropped_with_its_link(self) -> None:
+        self.mesh.unsent["peer-a"] = gossip_mod.BACKLOG_BYTES + 1
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        self.mesh.disconnect("peer-a")
+        self.mesh.connect("peer-a")
+        self.mesh.unsent["peer-a"] = 0
+        self.mesh.sent.clear()
+        self.clock.advance(gossip_mod.BACKLOG_RETRY_SECS)
+        self.assertEqual(self.answers("peer-a"), [])
+
 
 class LeadingEdgeNoticeTests(SynchronousTestCase):
     """A change notice is passed on in the next turn; a burst after it gives one more call."""

@@ -159,6 +159,13 @@ SNAPSHOT_PAGE_CHARGE = 16 * 1024
 #: (id, version) pairs per ``ack`` frame.
 ACK_MAX_PAIRS = 4096
 #: Acks to a peer wait this long and go in one frame (see :meth:`Gossip._ack`).
+#: A peer may have this many bytes written to it and not taken by the kernel
+#: (it is not reading) before the rest of an answer waits and its further
+#: knowledge_requests are held (one per peer, the latest; see
+#: :meth:`Gossip.on_request`).
+BACKLOG_BYTES = 4 * 1024 * 1024
+#: How often a held answer or request looks again at a peer's backlog.
+BACKLOG_RETRY_SECS = 0.25
 ACK_DELAY_SECS = 0.5
 #: Warnings a peer's bad input causes (invalid units, the daily cap): at most
 #: this many lines per peer per minute, then one "suppressed" line.
@@ -534,6 +541,9 @@ class Gossip:
         #: A link came up while units that went out early were being written:
         #: it missed them (a push round once the queue is done).
         self._push_when_idle = False
+        #: knowledge_requests held while an answer is going out, per peer:
+        #: the latest one's since_epoch (see :meth:`on_request`).
+        self._held_requests: dict[str, int] = {}
         #: Acks waiting to go, per peer: [last frame id, [[id, version], ...]].
         self._acks_due: dict[str, list[Any]] = {}
         #: Units merged in this reactor turn, to be pushed in the next one.
@@ -731,6 +741,7 @@ class Gossip:
         self._snapshot_bytes.pop(peer_id, None)
         # The peer offers what we did not ack again on the next link.
         self._acks_due.pop(peer_id, None)
+        self._held_requests.pop(peer_id, None)
         if peer_id in self._pages:
             self._flush_pages(peer_id)
 
@@ -774,6 +785,12 @@ class Gossip:
         box = self._outbox.get(peer_id)
         if not box:
             self._outbox.pop(peer_id, None)
+            self._answer_held(peer_id)
+            return
+        if self._backlog(peer_id) > BACKLOG_BYTES:
+            # The peer is not reading: the next page waits in the outbox
+            # (pages of a cached answer cost no memory of their own).
+            self._later(BACKLOG_RETRY_SECS, self._drain_outbox, peer_id)
             return
         msg_type, head, page = box.popleft()
         if not self.mesh.send(peer_id, msg_type, page.payload(head)):
@@ -998,13 +1015,49 @@ class Gossip:
             log.info("sent {count} knowledge unit(s) to {peer_id}", count=sent, peer_id=peer_id)
         return sent
 
+    def _backlog(self, peer_id: str) -> int:
+        """Bytes written to ``peer_id`` that the kernel has not taken yet."""
+        unsent = getattr(self.mesh, "unsent_bytes", None)
+        return int(unsent(peer_id)) if callable(unsent) else 0
+
     def on_request(self, peer_id: str, env: Envelope) -> None:
+        """
+        Answer a ``knowledge_request`` with a snapshot -- unless an answer
+        to this peer is still going out (pages in the outbox) or it has not
+        read what we wrote (:data:`BACKLOG_BYTES`): then the request is held,
+        the latest one per peer, and answered once that is done.  A peer
+        that floods requests and never reads costs one held request, not an
+        answer each.
+        """
         if not self.active():
             return
         payload = env.payload if isinstance(env.payload, dict) else {}
         since = payload.get("since_epoch", 0)
         if isinstance(since, bool) or not isinstance(since, int) or since < 0:
             since = 0
+        if peer_id in self._outbox or self._backlog(peer_id) > BACKLOG_BYTES:
+            if peer_id in self._held_requests:
+                self.counters["requests_held"] = self.counters.get("requests_held", 0) + 1
+            self._held_requests[peer_id] = since
+            if peer_id not in self._outbox:
+                self._later(BACKLOG_RETRY_SECS, self._answer_held, peer_id)
+            return
+        self._answer(peer_id, since)
+
+    def _answer_held(self, peer_id: str) -> None:
+        if peer_id not in self._held_requests or peer_id in self._outbox:
+            return  # none held, or the outbox's end looks again
+        if peer_id not in self.mesh.connected_peers():
+            self._held_requests.pop(peer_id, None)
+            return
+        if self._backlog(peer_id) > BACKLOG_BYTES:
+            self._later(BACKLOG_RETRY_SECS, self._answer_held, peer_id)
+            return
+        since = self._held_requests.pop(peer_id)
+        if self.active():
+            self._answer(peer_id, since)
+
+    def _answer(self, peer_id: str, since: int) -> None:
         now = self.now()
         ctx = self._contexts.get(self.config.hive)
         ps = self.state.peer(peer_id)

@@ -71,6 +71,10 @@ class IMesh(Interface):
     def peer_direction(peer_id: str) -> str | None:
         """``"outbound"`` (we dialed), ``"inbound"`` (it dialed us) or None (no link)."""
 
+    def unsent_bytes(peer_id: str) -> int:
+        """Bytes written to the peer's link that the kernel has not taken
+        yet (a peer that stops reading makes this grow); 0 without a link."""
+
 
 class ILinkHost(Interface):
     """What a link's protocol needs of the node it belongs to."""

@@ -8,6 +8,7 @@ mesh, the protocol and the seams in :mod:`claudectl.relay.interfaces`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from zope.interface import Attribute, Interface
 
@@ -31,6 +32,25 @@ class ILink(Interface):
 
     def close(reason: str) -> None:
         """Close the connection, recording ``reason``."""
+
+
+def unsent_bytes(transport: Any) -> int:
+    """
+    What a connection's transports hold that the kernel has not taken yet:
+    the write buffers of the transport and of what it wraps (a TLS layer
+    over TCP), as :class:`twisted.internet.abstract.FileDescriptor` keeps
+    them.  0 for a transport without such a buffer (a test's, say).
+    """
+    total = 0
+    for _ in range(4):  # the link's transport, and what it is layered on
+        if transport is None:
+            break
+        buf = getattr(transport, "dataBuffer", None)
+        if isinstance(buf, (bytes, bytearray, memoryview)):
+            total += len(buf) - int(getattr(transport, "offset", 0) or 0)
+            total += int(getattr(transport, "_tempDataLen", 0) or 0)
+        transport = getattr(transport, "transport", None)
+    return total
 
 
 @dataclass

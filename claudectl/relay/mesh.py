@@ -22,7 +22,7 @@ from zope.interface import implementer
 from claudectl.relay.codec import Envelope, EnvelopeFactory
 from claudectl.relay.handshake import MUTUAL, Authenticated
 from claudectl.relay.interfaces import IMesh, LinkObserver, MessageHandler
-from claudectl.relay.links import CONNECTOR, ILink, PeerLink, PeerState
+from claudectl.relay.links import CONNECTOR, ILink, PeerLink, PeerState, unsent_bytes
 
 log = Logger()
 
@@ -94,6 +94,10 @@ class Mesh:
     def peer_direction(self, peer_id: str) -> str | None:
         link = self.links.get(peer_id)
         return link.direction if link is not None else None
+
+    def unsent_bytes(self, peer_id: str) -> int:
+        link = self.links.get(peer_id)
+        return unsent_bytes(link.protocol.transport) if link is not None else 0
 
     # --- for the protocol -----------------------------------------------------------
     def connected_count(self) -> int:
