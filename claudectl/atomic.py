@@ -21,6 +21,7 @@ files of that pattern whose writer is gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -161,14 +162,34 @@ def locked(path: Path | str, shared: bool = False) -> Iterator[None]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
-    # Read-only: flock needs no write access, and closing it is no
-    # IN_CLOSE_WRITE notice for the change watchers of its directory.
-    fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o600)
+    # Read-only: flock needs no write access on a local file system, and
+    # closing it is no IN_CLOSE_WRITE notice for the change watchers of its
+    # directory.  NFS emulates flock with byte-range locks, whose exclusive
+    # lock needs a descriptor open for writing: there, open it again so.
+    fd = _lock_fd(lock_path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def _lock_fd(lock_path: Path, how: int) -> int:
+    """``lock_path`` opened (created 0600) and locked ``how``."""
+    fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, how)
+        return fd
+    except OSError as e:
+        os.close(fd)
+        if e.errno != errno.EBADF:
+            raise
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, how)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

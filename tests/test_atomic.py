@@ -227,3 +227,34 @@ class SweepTests(SynchronousTestCase):
         self.patch(os, "replace", replace)
         atomic_write(d / "f", "x")
         self.assertEqual(seen, [True])
+
+
+class NfsLockTests(SynchronousTestCase):
+    """Where flock needs a descriptor open for writing (NFS), locks still work."""
+
+    def test_an_exclusive_lock_falls_back_to_a_writable_descriptor(self) -> None:
+        import errno
+        import fcntl
+        import os
+
+        from claudectl import atomic
+
+        real = fcntl.flock
+        modes: list[int] = []
+
+        def nfs_like(fd: int, how: int) -> None:
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+            modes.append(mode)
+            if how & fcntl.LOCK_EX and mode == os.O_RDONLY:
+                raise OSError(errno.EBADF, "Bad file descriptor")
+            real(fd, how)
+
+        self.patch(atomic.fcntl, "flock", nfs_like)
+        target = Path(self.mktemp())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.locked(target):
+            pass
+        with atomic.locked(target, shared=True):
+            pass
+        self.assertEqual(modes[:2], [os.O_RDONLY, os.O_RDWR])  # tried, then reopened
+        self.assertIn(os.O_RDONLY, modes[2:])  # shared locks stay read-only

@@ -329,6 +329,10 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         with trust_transaction(self.home) as book:
             book.ensure("peer-old", NOW - 100 * 86400)  # last heard 100 days ago
         self.start()  # the service reads trust.json at start
+        # A write it is not told of: the merge goes by the service's book
+        # (change notices keep it current), not by reading the file again.
+        with trust_transaction(self.home) as book:
+            book.ensure("peer-old", NOW).last_sync = NOW
         self.sync("peer-a", unit_json("ku_fresh", "peer-a", cmd="make fresh"))
         self.writer.release()
         self.clock.advance(0)
@@ -416,6 +420,86 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.mesh.sent.clear()
         self.clock.advance(gossip_mod.BACKLOG_RETRY_SECS)
         self.assertEqual(self.answers("peer-a"), [])
+
+    def test_a_flood_of_held_requests_keeps_one_timer(self) -> None:
+        self.mesh.unsent["peer-a"] = gossip_mod.BACKLOG_BYTES + 1
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        base = len(self.clock.getDelayedCalls())
+        for _ in range(100):
+            self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+            self.clock.advance(gossip_mod.BACKLOG_RETRY_SECS / 3)
+        self.assertLessEqual(len(self.clock.getDelayedCalls()), base)
+        self.assertEqual(self.gossip.counters["requests_held"], 100)
+        self.mesh.disconnect("peer-a")
+        self.assertFalse(self.gossip._held_timers)
+
+    def test_counts_a_flush_found_in_a_writer_job_are_written_when_it_is_back(self) -> None:
+        from claudectl.hive.trust import load_trust, trust_path
+
+        units = [unit_json(f"ku_x{i}", "peer-a", cmd=f"x{i}") for i in range(20)]
+        self.sync("peer-a", *units)  # too big to decide early: a merge job
+        self.writer.release()
+        self.clock.advance(gossip_mod.RECORD_FLUSH_SECS)
+        self.writer.release()
+        trust_path(self.home).unlink()
+        self.sync("peer-b", *units)  # copies: a merge job that writes no trust.json
+        self.assertIsNone(self.gossip.flush_counts())  # every count is in that job
+        self.writer.release()  # back without writing them: flushed at once
+        rec = load_trust(self.home).get("peer-b")
+        self.assertIsNotNone(rec, "peer-b's contact was not written")
+
+    def test_stopping_with_a_merge_queued_writes_its_counts(self) -> None:
+        from claudectl.hive.trust import load_trust
+
+        self.sync("peer-a", unit_json("ku_st", "peer-a", cmd="make st"))
+        self.gossip.stop()
+        self.writer.release()
+        rec = load_trust(self.home).get("peer-a")
+        assert rec is not None
+        self.assertEqual(rec.daily_received[str(NOW // 86400)], 1)
+
+    def test_a_unit_the_bounds_evict_at_once_is_not_pushed(self) -> None:
+        self.start(max_units=1)  # ku_mine fills the store
+        self.sync("peer-a", unit_json("ku_ev", "peer-z", cmd="make ev", hops=1))
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertNotIn("ku_ev", stored(self.home))
+        self.assertEqual(self.synced(), [])
+
+    def test_counts_are_booked_on_the_day_their_units_came(self) -> None:
+        from claudectl.hive.trust import load_trust
+
+        clock_now = [NOW - NOW % 86400 + 86400 - 2]  # two seconds before midnight
+        self.gossip.stop()
+        self.mesh = FakeMesh("me-1")
+        self.writer = HeldWriter()
+        self.gossip = Gossip(
+            self.home,
+            dataclasses.replace(Config(), hive=HiveConfig()),
+            self.mesh,
+            "me-1",
+            lambda: clock_now[0],
+            call_later=self.clock.callLater,
+            writer=self.writer,
+        )
+        self.gossip.register()
+        self.gossip._load_units()
+        self.mesh.connect("peer-a")
+        self.clock.advance(LINKUP_PUSH_DELAY_SECS)
+        self.writer.release()
+        first_day = clock_now[0] // 86400
+        for i in range(3):
+            self.sync("peer-a", unit_json(f"ku_d{i}", "peer-a", cmd=f"day {i}", validated=NOW))
+            self.writer.release()
+            self.clock.advance(0)
+        clock_now[0] += 5  # past midnight when the counts are written
+        self.clock.advance(gossip_mod.RECORD_FLUSH_SECS)
+        self.writer.release()
+        rec = load_trust(self.home).get("peer-a")
+        assert rec is not None
+        self.assertEqual(rec.daily_received.get(str(first_day)), 3)
+        self.assertNotIn(str(first_day + 1), rec.daily_received)
+        self.assertEqual(self.gossip._allowance("peer-a", clock_now[0]), 1000)
 
 
 class LeadingEdgeNoticeTests(SynchronousTestCase):

@@ -117,7 +117,8 @@ LINKUP_PUSH_DELAY_SECS = 3.0
 #: Snapshot pages are merged together; a page set still incomplete after
 #: this long is merged as it is.
 SNAPSHOT_FLUSH_SECS = 10.0
-#: Receive counts of duplicate-only batches reach trust.json within this.
+#: Receive counts and tallies of a merge that wrote no trust.json (all but
+#: a crossed cap or a collision) reach it within this.
 RECORD_FLUSH_SECS = 5.0
 #: A unit whose JSON would not fit in one frame (1 MiB line limit, minus
 #: room for the envelope) is never sent (defect H6).
@@ -158,7 +159,8 @@ SNAPSHOT_ENTRY_CHARGE = 64
 SNAPSHOT_PAGE_CHARGE = 16 * 1024
 #: (id, version) pairs per ``ack`` frame.
 ACK_MAX_PAIRS = 4096
-#: Acks to a peer wait this long and go in one frame (see :meth:`Gossip._ack`).
+#: Seconds in a (UTC) day: the daily cap's unit.
+DAY = 86400
 #: A peer may have this many bytes written to it and not taken by the kernel
 #: (it is not reading) before the rest of an answer waits and its further
 #: knowledge_requests are held (one per peer, the latest; see
@@ -166,6 +168,7 @@ ACK_MAX_PAIRS = 4096
 BACKLOG_BYTES = 4 * 1024 * 1024
 #: How often a held answer or request looks again at a peer's backlog.
 BACKLOG_RETRY_SECS = 0.25
+#: Acks to a peer wait this long and go in one frame (see :meth:`Gossip._ack`).
 ACK_DELAY_SECS = 0.5
 #: Warnings a peer's bad input causes (invalid units, the daily cap): at most
 #: this many lines per peer per minute, then one "suppressed" line.
@@ -471,12 +474,32 @@ def _stored_by_key(
     return {u.semantic_key: u for u in cache[1]}
 
 
+#: Receive counts by (peer id, UTC day number): a count is booked on the day
+#: its units came, whenever it is written.
+DayCounts = dict[tuple[str, int], int]
+
+
+@dataclass
+class _Job:
+    """What a merge job takes from the reactor besides its batches, and the
+    trust.json it wrote (if any), read by the reactor once it is back."""
+
+    #: The receive counts so far (written with trust.json when the job
+    #: writes it; else they go back to the reactor's tally).
+    counts: DayCounts
+    #: Each peer's last contact, for the store's bounds: the reactor's copy
+    #: of trust.json, and now for the peers heard from since it was written.
+    contact: dict[str, int]
+    #: trust.json as the job wrote it, or None.
+    book: TrustBook | None = None
+
+
 @dataclass
 class _Commit:
     """What the writer thread did with one batch."""
 
     #: Receive counts not written (they go back to the reactor's tally).
-    counts: dict[str, int]
+    counts: DayCounts
     good: list[KnowledgeUnit]
     bad: int
     first_error: str
@@ -544,6 +567,8 @@ class Gossip:
         #: knowledge_requests held while an answer is going out, per peer:
         #: the latest one's since_epoch (see :meth:`on_request`).
         self._held_requests: dict[str, int] = {}
+        #: The timer that looks at a peer's held request again.
+        self._held_timers: dict[str, Any] = {}
         #: Acks waiting to go, per peer: [last frame id, [[id, version], ...]].
         self._acks_due: dict[str, list[Any]] = {}
         #: Units merged in this reactor turn, to be pushed in the next one.
@@ -565,10 +590,12 @@ class Gossip:
         self._save_scheduled = False
         self._record_scheduled = False
         #: Units received per peer and not yet counted in trust.json.
-        self._unrecorded: dict[str, int] = {}
+        self._unrecorded: DayCounts = {}
         #: Counts handed to a writer job that has not come back yet: still
         #: counted against the cap (the job may write them or return them).
-        self._recording: dict[str, int] = {}
+        self._recording: DayCounts = {}
+        #: A flush found every count in a writer job: flush when it is back.
+        self._flush_missed = False
         #: The writer thread's own key store (its caches of ``.meta``).
         self._keys = KeyStore(home)
         #: Per peer [accepted or updated, conflicted] not in trust.json yet.
@@ -742,6 +769,9 @@ class Gossip:
         # The peer offers what we did not ack again on the next link.
         self._acks_due.pop(peer_id, None)
         self._held_requests.pop(peer_id, None)
+        timer = self._held_timers.pop(peer_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         if peer_id in self._pages:
             self._flush_pages(peer_id)
 
@@ -781,6 +811,11 @@ class Gossip:
             self._later(0, self._drain_outbox, peer_id)
         return True
 
+    def _drain_box(self, peer_id: str, box: Any) -> None:
+        """A wait for the backlog is over: drain, unless the link (and its box) changed."""
+        if self._outbox.get(peer_id) is box:
+            self._drain_outbox(peer_id)
+
     def _drain_outbox(self, peer_id: str) -> None:
         box = self._outbox.get(peer_id)
         if not box:
@@ -788,9 +823,8 @@ class Gossip:
             self._answer_held(peer_id)
             return
         if self._backlog(peer_id) > BACKLOG_BYTES:
-            # The peer is not reading: the next page waits in the outbox
-            # (pages of a cached answer cost no memory of their own).
-            self._later(BACKLOG_RETRY_SECS, self._drain_outbox, peer_id)
+            # The peer is not reading: the next page waits in the outbox.
+            self._later(BACKLOG_RETRY_SECS, self._drain_box, peer_id, box)
             return
         msg_type, head, page = box.popleft()
         if not self.mesh.send(peer_id, msg_type, page.payload(head)):
@@ -1040,18 +1074,27 @@ class Gossip:
                 self.counters["requests_held"] = self.counters.get("requests_held", 0) + 1
             self._held_requests[peer_id] = since
             if peer_id not in self._outbox:
-                self._later(BACKLOG_RETRY_SECS, self._answer_held, peer_id)
+                self._look_again_later(peer_id)
             return
         self._answer(peer_id, since)
 
+    def _look_again_later(self, peer_id: str) -> None:
+        """One timer per peer looks at a held request again (never one per request)."""
+        timer = self._held_timers.get(peer_id)
+        if timer is None or not timer.active():
+            self._held_timers[peer_id] = self._later(BACKLOG_RETRY_SECS, self._answer_held, peer_id)
+
     def _answer_held(self, peer_id: str) -> None:
+        timer = self._held_timers.pop(peer_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()  # called from elsewhere (the outbox's end)
         if peer_id not in self._held_requests or peer_id in self._outbox:
             return  # none held, or the outbox's end looks again
         if peer_id not in self.mesh.connected_peers():
             self._held_requests.pop(peer_id, None)
             return
         if self._backlog(peer_id) > BACKLOG_BYTES:
-            self._later(BACKLOG_RETRY_SECS, self._answer_held, peer_id)
+            self._look_again_later(peer_id)
             return
         since = self._held_requests.pop(peer_id)
         if self.active():
@@ -1239,8 +1282,9 @@ class Gossip:
         if known is not None:
             # Copies of what is already written: done here, no writer job.
             self._queued_raw[peer_id] -= len(raw_units)
-            self._unrecorded.setdefault(peer_id, 0)  # marks the contact
-            self._committed(known, peer_id, ack_id, stats, self.now())
+            now = self.now()
+            self._unrecorded.setdefault((peer_id, now // DAY), 0)  # marks the contact
+            self._committed(known, peer_id, ack_id, stats, now)
             return stats
         self._merges.append((peer_id, raw_units, ack_id, stats))
         self._next_merge()
@@ -1270,7 +1314,8 @@ class Gossip:
         Returns the batch's outcome when nothing in it needs the writer:
         every unit valid or not, the valid ones copies of units the written
         store holds (by no shorter path, none from its origin, whose delivery
-        record may improve).  Such a batch is acknowledged at once.
+        record may improve).  Such a batch is acknowledged without a write
+        (within ACK_DELAY_SECS, with the other acks of that link).
         """
         if not raw_units:
             return None
@@ -1485,9 +1530,15 @@ class Gossip:
         for peer_id, *_ in batches:
             if peer_id not in allowances:
                 allowances[peer_id] = self._allowance(peer_id, now)
-                self._unrecorded.setdefault(peer_id, 0)  # marks the contact
+                self._unrecorded.setdefault((peer_id, now // DAY), 0)  # marks the contact
         # The counts so far go to trust.json with these batches' (or come back).
         counts = self._hand_over()
+        # Built here, not on the writer thread: the book and the tallies are
+        # the reactor's (a published book is never changed, only replaced).
+        contact = self._trust.last_contact()
+        for peer, _day in (*counts, *self._recording):
+            contact[peer] = now
+        job = _Job(dict(counts), contact)
         # The new units are encoded for sending in the same job when they go
         # on to another peer now (or are few); else once no batch waits, so
         # that a big snapshot's next pages are not kept waiting for it.
@@ -1499,16 +1550,17 @@ class Gossip:
             [(b[0], b[1]) for b in batches],
             allowances,
             now,
-            dict(counts),
+            job,
             self._units_cache,
             warm,
         )
 
         def returned(result: Any) -> Any:
-            wrote = isinstance(result, list) and any(
-                o.committed is not None and o.committed[3] is not None for o in result
-            )
-            self._handed_back(counts, written=wrote)
+            # Whether trust.json took the counts is what the job says, not
+            # whether it ended well (a later step may have failed).
+            if job.book is not None:
+                self._trust = job.book
+            self._handed_back(counts, written=job.book is not None)
             return result
 
         def committed(outs: list[_Commit]) -> None:
@@ -1527,67 +1579,63 @@ class Gossip:
         d.addCallback(committed)
         return d
 
-    def _last_contact(self) -> dict[str, int]:
-        """For the store's bounds (writer thread): our trust book -- what
-        trust.json holds plus what the next flush adds (the peers of the
-        batches being merged are in contact now) -- and the relay's
-        ``.meta`` files, read only when they changed."""
-        contact = self._trust.last_contact()
-        now = self.now()
-        for peer in list(self._unrecorded) + list(self._recording):
-            contact[peer] = now
-        return last_contact(self.home, contact, self._keys)
-
     def _uncounted(self, peer_id: str) -> int:
         """Units from ``peer_id`` counted today but not in ``self._trust``."""
-        return self._unrecorded.get(peer_id, 0) + self._recording.get(peer_id, 0)
+        key = (peer_id, self.now() // DAY)
+        return self._unrecorded.get(key, 0) + self._recording.get(key, 0)
 
-    def _hand_over(self) -> dict[str, int]:
+    def _hand_over(self) -> DayCounts:
         """The unwritten counts, for a writer job (see :meth:`_handed_back`)."""
         counts, self._unrecorded = self._unrecorded, {}
         for peer, n in counts.items():
             self._recording[peer] = self._recording.get(peer, 0) + n
         return counts
 
-    def _handed_back(self, counts: dict[str, int], written: bool) -> None:
+    def _handed_back(self, counts: DayCounts, written: bool, retry: bool = True) -> None:
         """A job with ``counts`` is back: written to trust.json (and the book
-        it returned is ``self._trust``), or they wait for the next write."""
-        for peer, n in counts.items():
-            left = self._recording.get(peer, 0) - n
+        it wrote is ``self._trust``), or they wait for the next write --
+        which comes at once if a flush found them in this job."""
+        for key, n in counts.items():
+            left = self._recording.get(key, 0) - n
             if left > 0:
-                self._recording[peer] = left
+                self._recording[key] = left
             else:
-                self._recording.pop(peer, None)
+                self._recording.pop(key, None)
             if not written:
-                self._unrecorded[peer] = self._unrecorded.get(peer, 0) + n
+                self._unrecorded[key] = self._unrecorded.get(key, 0) + n
+        if not written and counts and retry:
+            if self._flush_missed:
+                self.flush_counts()
+            else:
+                self._record_soon()
 
     def _commit(
         self,
         batches: list[tuple[str, list[Any]]],
         allowances: dict[str, int],
         now: int,
-        counts: dict[str, int],
+        job: _Job,
         cache: tuple[Any, list[KnowledgeUnit]] | None,
         warm: bool = True,
     ) -> list[_Commit]:
         """The writer thread's job: :meth:`_commit_batches`, the collector paused if big."""
         with _collector_paused(sum(len(raw) for _, raw in batches)):
-            return self._commit_batches(batches, allowances, now, counts, cache, warm)
+            return self._commit_batches(batches, allowances, now, job, cache, warm)
 
     def _commit_batches(
         self,
         batches: list[tuple[str, list[Any]]],
         allowances: dict[str, int],
         now: int,
-        counts: dict[str, int],
+        job: _Job,
         cache: tuple[Any, list[KnowledgeUnit]] | None,
         warm: bool = True,
     ) -> list[_Commit]:
         """
         Batches from one or more peers, in order, on the writer thread: each
         validated on its own; then ONE store transaction merges them all,
-        ``delivery.json`` and ``trust.json`` are written once, and the merge
-        logs appended once.  Each batch's new units count against its peer's
+        ``delivery.json`` is written once (``trust.json`` too, when a freeze
+        may follow), and the merge logs appended once.  Each batch's new units count against its peer's
         allowance, shared by that peer's batches.  Nothing is written when
         every batch is empty or already known.  With ``warm``, the stored
         units are encoded for sending here too (see :meth:`_warm_units`).
@@ -1617,7 +1665,7 @@ class Gossip:
             config=cfg,
             now=now,
             append=True,
-            contact=self._last_contact,
+            contact=lambda: last_contact(self.home, job.contact, self._keys),
         ) as store:
             existing = store.by_key()
             for peer_id, out in todo:
@@ -1644,11 +1692,11 @@ class Gossip:
         write_merge_logs(self.home, logs, cfg.max_log_bytes)
         collisions = []
         tallies: dict[str, list[int]] = {}
-        new: dict[str, int] = {}
+        new: DayCounts = {}
         for peer_id, _, result, _ in merged:
             # Crossing the cap is counted too: that is what freezes the sender.
-            new[peer_id] = new.get(peer_id, 0) + result.accepted + result.updated
-            new[peer_id] += len(result.left_out)
+            key = (peer_id, now // DAY)
+            new[key] = new.get(key, 0) + result.accepted + result.updated + len(result.left_out)
             tally = tallies.setdefault(peer_id, [0, 0])
             tally[0] += result.accepted + result.updated
             tally[1] += result.rejected
@@ -1660,14 +1708,16 @@ class Gossip:
         if any(
             result.left_out or any_collision(before, out.good) for _, out, result, before in merged
         ):
-            for peer_id, n in new.items():
-                counts[peer_id] = counts.get(peer_id, 0) + n
+            counts = dict(job.counts)
+            for key, n in new.items():
+                counts[key] = counts.get(key, 0) + n
             with trust_transaction(self.home, cfg.default_trust) as book:
                 self._write_counts(book, counts, now, tallies)
                 for peer_id, out, _, before in merged:
                     collisions += book.check_collisions(
                         before, out.good, peer_id, self.identity, now
                     )
+            job.book = book  # written: whatever fails after this, not again
         else:
             outs[0].counts, outs[0].tallies = new, tallies
         if collisions:
@@ -1697,14 +1747,14 @@ class Gossip:
         ps.rejected += out.bad
         stats["bad"] = out.bad
         # What trust.json did not get yet waits for the next flush.
-        for peer, count in out.counts.items():
-            self._unrecorded[peer] = self._unrecorded.get(peer, 0) + count
+        for key, count in out.counts.items():
+            self._unrecorded[key] = self._unrecorded.get(key, 0) + count
         for peer, (accepted, conflicted) in out.tallies.items():
             tally = self._untallied.setdefault(peer, [0, 0])
             tally[0] += accepted
             tally[1] += conflicted
-        if out.counts or out.tallies:
-            self._record_soon()
+        if out.counts or out.tallies or out.committed is None:
+            self._record_soon()  # (a batch of copies still marks the contact)
         if out.committed is None:
             # Nothing written.
             stats["duplicates"] = len(good)
@@ -1737,7 +1787,15 @@ class Gossip:
             have = [u for u in good if id(u) not in left]
         # What went out before the write needs no push round after it.
         forwarded = self._forwarded
-        rest = [u for u in result.stored if (u.id, u.version, u.propagation_count) not in forwarded]
+        # Only what the store holds after the commit: its bounds may have
+        # evicted a unit the merge stored.
+        held = out.by_key if out.by_key is not None else {u.semantic_key: u for u in units}
+        rest = [
+            u
+            for u in result.stored
+            if (u.id, u.version, u.propagation_count) not in forwarded
+            and held.get(u.semantic_key) is u
+        ]
         self._merged(peer_id, good, have, ack_id, stats, now, rest)
 
     def _merged(
@@ -1823,19 +1881,20 @@ class Gossip:
     def _write_counts(
         self,
         book: TrustBook,
-        counts: dict[str, int],
+        counts: DayCounts,
         now: int,
         tallies: dict[str, list[int]] | None = None,
     ) -> None:
-        """Write daily receive counts and the accepted/conflicted tallies
-        into ``book`` (on the writer thread)."""
+        """Write daily receive counts (each on its own day) and the
+        accepted/conflicted tallies into ``book`` (on the writer thread)."""
         cap = self.config.hive.max_units_per_peer_per_day
-        for peer, count in counts.items():
+        for (peer, day), count in counts.items():
+            at = min(now, (day + 1) * DAY - 1)  # on its day, however late written
             if count:
-                book.record_batch(peer, count, now, cap=cap)
+                book.record_batch(peer, count, at, cap=cap)
             else:
-                rec = book.ensure(peer, now)
-                rec.last_sync = max(rec.last_sync, now)
+                rec = book.ensure(peer, at)
+                rec.last_sync = max(rec.last_sync, at)
         for peer, (accepted, conflicted) in (tallies or {}).items():
             rec = book.ensure(peer, now)
             rec.knowledge_accepted += accepted
@@ -1859,14 +1918,21 @@ class Gossip:
     def flush_counts(self) -> defer.Deferred[Any] | None:
         """Hand the receive counts and tallies held in memory to the writer thread."""
         if not self._unrecorded and not self._untallied:
+            # Every count is in a merge job: written with it, or flushed
+            # as soon as it comes back without writing them.
+            self._flush_missed = bool(self._recording)
             return None
+        self._flush_missed = False
         counts = self._hand_over()
         tallies, self._untallied = self._untallied, {}
         d = self.writer.run(self._flush_counts, counts, self.now(), tallies)
 
         def returned(result: Any) -> Any:
             wrote = isinstance(result, TrustBook)
-            self._handed_back(counts, written=wrote)
+            # A failed flush is tried again by the timer -- not at once where
+            # that would loop (stopped, or no reactor: jobs run inline).
+            again = not self._stopped and self._call_later is not None
+            self._handed_back(counts, written=wrote, retry=again)
             if not wrote:  # the tallies wait for the next flush
                 for peer, (accepted, conflicted) in tallies.items():
                     tally = self._untallied.setdefault(peer, [0, 0])
@@ -1880,7 +1946,7 @@ class Gossip:
         return d
 
     def _flush_counts(
-        self, counts: dict[str, int], now: int, tallies: dict[str, list[int]] | None = None
+        self, counts: DayCounts, now: int, tallies: dict[str, list[int]] | None = None
     ) -> TrustBook:
         with trust_transaction(self.home, self.config.hive.default_trust) as book:
             self._write_counts(book, counts, now, tallies)
