@@ -1,0 +1,132 @@
+"""
+Attack a real ``claudectl relay serve``: a paired peer floods
+``knowledge_request`` frames and never reads what comes back.
+
+The service runs in a throw-away home (``tempfile.mkdtemp()``, never ``~``),
+listens on 127.0.0.1 only, and holds UNITS units (``hive import``); the
+attacker is the minimal plaintext client of ``scripts/bench_relay.py``
+(written from docs/protocol.md), paired by a key stored in both homes.  It
+prints the service's resident memory before and at its peak, and how many
+answers the service queued.  A service that answers every request grows by
+one answer per request; this project's holds one request per peer while an
+answer is going out (docs/gossip.md, "One answer at a time per peer")::
+
+    python scripts/attack_request_flood.py --units 2000 --requests 300
+
+Exit status 1 when the service grew by more than ``--max-growth-mib``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from bench_relay import MiniClient  # noqa: E402
+
+from claudectl.home import Home  # noqa: E402
+from claudectl.relay import codec  # noqa: E402
+from claudectl.relay.keystore import KeyStore  # noqa: E402
+from tests.common import ServeProcess, subprocess_env  # noqa: E402
+
+ATTACKER = "mallory-flood"
+
+
+def unit(i: int, source: str, now: int) -> dict[str, object]:
+    return {
+        "id": f"ku_flood_{i}",
+        "scope": {"type": "universal"},
+        "category": "best_practice",
+        "content": {
+            "type": "pattern",
+            "tool": "Bash",
+            "command_pattern": f"flood command {i}",
+            "preferred_action": "approve",
+            "accept_rate": 0.9,
+            "sample_count": 12,
+            "conditions": [],
+        },
+        "evidence_count": 12,
+        "confidence": 0.9,
+        "source_peer": source,
+        "originated_at": now,
+        "last_validated_at": now,
+        "propagation_count": 0,
+        "version": 1,
+    }
+
+
+def rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--units", type=int, default=2000, help="units in the service's store")
+    ap.add_argument("--requests", type=int, default=300, help="requests the attacker sends")
+    ap.add_argument("--watch-secs", type=float, default=10.0, help="how long to watch the RSS")
+    ap.add_argument("--max-growth-mib", type=int, default=64, help="fail above this growth")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="attack-flood-"))
+    srv = None
+    try:
+        home = Home(tmp / "service")
+        home.root.mkdir(parents=True)
+        sid = KeyStore(home).ensure_identity()
+        now = int(time.time())
+        units = [unit(i, sid, now) for i in range(args.units)]
+        (tmp / "units.json").write_text(json.dumps({"units": units}), encoding="utf-8")
+        argv = ["-m", "claudectl", "--home", str(home.root), "hive", "import"]
+        subprocess.run(
+            [sys.executable, *argv, str(tmp / "units.json")],
+            check=True,
+            env=subprocess_env(home),
+            capture_output=True,
+        )
+        psk = bytes(range(32))
+        KeyStore(home).save_key(ATTACKER, psk)
+        srv = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
+        port = srv.port()
+        client = MiniClient(ATTACKER, psk, sid)
+        link, _ = client.connect(("127.0.0.1", port))
+        time.sleep(1.0)  # the link-up work is done
+        before = peak = rss_mib(srv.proc.pid)
+        frames = b"".join(
+            codec.encode(client.envelopes.make(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}))
+            for _ in range(args.requests)
+        )
+        link.sock.sendall(frames)  # ... and never read
+        deadline = time.monotonic() + args.watch_secs
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            peak = max(peak, rss_mib(srv.proc.pid))
+        answered = sum(1 for text in srv.lines if "answered a knowledge request" in text)
+        alive = srv.proc.poll() is None
+        link.sock.close()
+        growth = peak - before
+        print(
+            f"{args.units} units, {args.requests} requests never read: service RSS {before} MiB "
+            f"-> peak {peak} MiB (+{growth} MiB); answers queued: {answered}; "
+            f"service alive: {alive}"
+        )
+        return 0 if alive and growth <= args.max_growth_mib else 1
+    finally:
+        if srv is not None:
+            srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
