@@ -186,6 +186,9 @@ def _lock_fd(lock_path: Path, how: int) -> int:
         os.close(fd)
         if e.errno != errno.EBADF:
             raise
+    except BaseException:  # interrupted while waiting for the lock
+        os.close(fd)
+        raise
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, how)

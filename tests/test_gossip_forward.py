@@ -430,6 +430,13 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
             self.clock.advance(gossip_mod.BACKLOG_RETRY_SECS / 3)
         self.assertLessEqual(len(self.clock.getDelayedCalls()), base)
         self.assertEqual(self.gossip.counters["requests_held"], 100)
+        timers = len(self.gossip._timers)
+        for _ in range(50):  # link flaps while a request is held
+            self.mesh.disconnect("peer-a")
+            self.mesh.connect("peer-a")
+            self.clock.advance(0)  # the link-up work
+            self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        self.assertLessEqual(len(self.gossip._timers), timers + 3)
         self.mesh.disconnect("peer-a")
         self.assertFalse(self.gossip._held_timers)
 
@@ -438,25 +445,31 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
 
         units = [unit_json(f"ku_x{i}", "peer-a", cmd=f"x{i}") for i in range(20)]
         self.sync("peer-a", *units)  # too big to decide early: a merge job
-        self.writer.release()
+        self.writer.release()  # merged: counts and tallies wait in memory
+        self.clock.advance(0)
+        trust_path(self.home).unlink(missing_ok=True)
+        self.sync("peer-b", *units)  # copies: a merge job takes the counts ...
+        # ... when the flush timer fires: it writes the tallies only.
         self.clock.advance(gossip_mod.RECORD_FLUSH_SECS)
-        self.writer.release()
-        trust_path(self.home).unlink()
-        self.sync("peer-b", *units)  # copies: a merge job that writes no trust.json
-        self.assertIsNone(self.gossip.flush_counts())  # every count is in that job
-        self.writer.release()  # back without writing them: flushed at once
-        rec = load_trust(self.home).get("peer-b")
-        self.assertIsNotNone(rec, "peer-b's contact was not written")
+        self.writer.release()  # the job comes back without writing them: flushed at once
+        rec = load_trust(self.home).get("peer-a")
+        assert rec is not None
+        self.assertEqual(rec.daily_received.get(str(NOW // 86400)), 20)
+        self.assertIsNotNone(load_trust(self.home).get("peer-b"), "peer-b's contact")
 
     def test_stopping_with_a_merge_queued_writes_its_counts(self) -> None:
         from claudectl.hive.trust import load_trust
 
-        self.sync("peer-a", unit_json("ku_st", "peer-a", cmd="make st"))
+        units = [unit_json(f"ku_st{i}", "peer-a", cmd=f"st {i}") for i in range(20)]
+        self.sync("peer-a", *units)  # merged: 20 counted, in memory
+        self.writer.release()
+        self.clock.advance(0)
+        self.sync("peer-b", *units)  # copies: a job that takes the 20 and writes no trust.json
         self.gossip.stop()
         self.writer.release()
         rec = load_trust(self.home).get("peer-a")
         assert rec is not None
-        self.assertEqual(rec.daily_received[str(NOW // 86400)], 1)
+        self.assertEqual(rec.daily_received[str(NOW // 86400)], 20)
 
     def test_a_unit_the_bounds_evict_at_once_is_not_pushed(self) -> None:
         self.start(max_units=1)  # ku_mine fills the store
@@ -493,6 +506,8 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
             self.writer.release()
             self.clock.advance(0)
         clock_now[0] += 5  # past midnight when the counts are written
+        # Yesterday's counts, not written yet, do not cut today's allowance.
+        self.assertEqual(self.gossip._allowance("peer-a", clock_now[0]), 1000)
         self.clock.advance(gossip_mod.RECORD_FLUSH_SECS)
         self.writer.release()
         rec = load_trust(self.home).get("peer-a")

@@ -769,9 +769,7 @@ class Gossip:
         # The peer offers what we did not ack again on the next link.
         self._acks_due.pop(peer_id, None)
         self._held_requests.pop(peer_id, None)
-        timer = self._held_timers.pop(peer_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._cancel(self._held_timers.pop(peer_id, None))
         if peer_id in self._pages:
             self._flush_pages(peer_id)
 
@@ -954,9 +952,13 @@ class Gossip:
             self.push(peer_id)
 
     def _cancel_linkup_push(self, peer_id: str) -> None:
-        call = self._linkup_push.pop(peer_id, None)
-        if call is not None and call.active():
-            call.cancel()
+        self._cancel(self._linkup_push.pop(peer_id, None))
+
+    def _cancel(self, call: Any) -> None:
+        """Cancel a call of :meth:`_later` (if still due) and forget it."""
+        if call is not None:
+            if call.active():
+                call.cancel()
             self._timers.discard(call)
 
     def schedule_push_all(self) -> None:
@@ -1085,9 +1087,7 @@ class Gossip:
             self._held_timers[peer_id] = self._later(BACKLOG_RETRY_SECS, self._answer_held, peer_id)
 
     def _answer_held(self, peer_id: str) -> None:
-        timer = self._held_timers.pop(peer_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()  # called from elsewhere (the outbox's end)
+        self._cancel(self._held_timers.pop(peer_id, None))  # (from the outbox's end)
         if peer_id not in self._held_requests or peer_id in self._outbox:
             return  # none held, or the outbox's end looks again
         if peer_id not in self.mesh.connected_peers():
@@ -1237,9 +1237,7 @@ class Gossip:
             )
 
     def _drop_pages(self, peer_id: str) -> list[Any]:
-        timer = self._page_timers.pop(peer_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._cancel(self._page_timers.pop(peer_id, None))
         self._page_bytes.pop(peer_id, None)
         self._page_ack.pop(peer_id, None)
         return self._pages.pop(peer_id, [])
@@ -1324,7 +1322,7 @@ class Gossip:
         now = self.now()
         rec = self._trust.get(peer_id)
         counted = rec.daily_received.get(str(now // 86400), 0) if rec is not None else 0
-        counted += self._uncounted(peer_id) + self._queued_raw.get(peer_id, 0)
+        counted += self._uncounted(peer_id, now) + self._queued_raw.get(peer_id, 0)
         if (
             not self._overlay_ok
             or len(raw_units) > FORWARD_MAX_UNITS
@@ -1521,7 +1519,7 @@ class Gossip:
         day = str(now // 86400)
         rec_ro = self._trust.get(peer_id)
         already = rec_ro.daily_received.get(day, 0) if rec_ro is not None else 0
-        already += self._uncounted(peer_id)
+        already += self._uncounted(peer_id, now)
         return max(0, self.config.hive.max_units_per_peer_per_day - already)
 
     def _merge_batches(self, batches: list[tuple[str, list[Any], str, dict[str, int]]]) -> Any:
@@ -1579,9 +1577,9 @@ class Gossip:
         d.addCallback(committed)
         return d
 
-    def _uncounted(self, peer_id: str) -> int:
-        """Units from ``peer_id`` counted today but not in ``self._trust``."""
-        key = (peer_id, self.now() // DAY)
+    def _uncounted(self, peer_id: str, now: int) -> int:
+        """Units from ``peer_id`` counted on ``now``'s day but not in ``self._trust``."""
+        key = (peer_id, now // DAY)
         return self._unrecorded.get(key, 0) + self._recording.get(key, 0)
 
     def _hand_over(self) -> DayCounts:
@@ -1591,7 +1589,9 @@ class Gossip:
             self._recording[peer] = self._recording.get(peer, 0) + n
         return counts
 
-    def _handed_back(self, counts: DayCounts, written: bool, retry: bool = True) -> None:
+    def _handed_back(
+        self, counts: DayCounts, written: bool, retry: bool = True, at_once: bool = True
+    ) -> None:
         """A job with ``counts`` is back: written to trust.json (and the book
         it wrote is ``self._trust``), or they wait for the next write --
         which comes at once if a flush found them in this job."""
@@ -1604,7 +1604,7 @@ class Gossip:
             if not written:
                 self._unrecorded[key] = self._unrecorded.get(key, 0) + n
         if not written and counts and retry:
-            if self._flush_missed:
+            if self._flush_missed and at_once:
                 self.flush_counts()
             else:
                 self._record_soon()
@@ -1766,8 +1766,6 @@ class Gossip:
         if out.by_key is not None and len(out.by_key) == len(units):
             self._key_index = (units, out.by_key)  # the store's own key table
         self._prepare_index(units)
-        if book is not None:
-            self._trust = book
         stats.update(result.stats())
         have = good
         excess = len(result.left_out)
@@ -1789,13 +1787,10 @@ class Gossip:
         forwarded = self._forwarded
         # Only what the store holds after the commit: its bounds may have
         # evicted a unit the merge stored.
-        held = out.by_key if out.by_key is not None else {u.semantic_key: u for u in units}
-        rest = [
-            u
-            for u in result.stored
-            if (u.id, u.version, u.propagation_count) not in forwarded
-            and held.get(u.semantic_key) is u
-        ]
+        rest = [u for u in result.stored if (u.id, u.version, u.propagation_count) not in forwarded]
+        if rest:
+            held = out.by_key if out.by_key is not None else {u.semantic_key: u for u in units}
+            rest = [u for u in rest if held.get(u.semantic_key) is u]
         self._merged(peer_id, good, have, ack_id, stats, now, rest)
 
     def _merged(
@@ -1917,12 +1912,11 @@ class Gossip:
 
     def flush_counts(self) -> defer.Deferred[Any] | None:
         """Hand the receive counts and tallies held in memory to the writer thread."""
+        # Counts in a merge job now are written with it, or flushed as soon
+        # as it comes back without writing them.
+        self._flush_missed = bool(self._recording)
         if not self._unrecorded and not self._untallied:
-            # Every count is in a merge job: written with it, or flushed
-            # as soon as it comes back without writing them.
-            self._flush_missed = bool(self._recording)
             return None
-        self._flush_missed = False
         counts = self._hand_over()
         tallies, self._untallied = self._untallied, {}
         d = self.writer.run(self._flush_counts, counts, self.now(), tallies)
@@ -1932,7 +1926,7 @@ class Gossip:
             # A failed flush is tried again by the timer -- not at once where
             # that would loop (stopped, or no reactor: jobs run inline).
             again = not self._stopped and self._call_later is not None
-            self._handed_back(counts, written=wrote, retry=again)
+            self._handed_back(counts, written=wrote, retry=again, at_once=False)
             if not wrote:  # the tallies wait for the next flush
                 for peer, (accepted, conflicted) in tallies.items():
                     tally = self._untallied.setdefault(peer, [0, 0])
