@@ -516,6 +516,41 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.assertNotIn(str(first_day + 1), rec.daily_received)
         self.assertEqual(self.gossip._allowance("peer-a", clock_now[0]), 1000)
 
+    def test_a_failing_trust_write_is_retried_less_often_and_logged_less(self) -> None:
+        from twisted.logger import capturedLogs
+
+        from claudectl.hive.trust import load_trust
+
+        self.sync("peer-a", unit_json("ku_fail", "peer-a", cmd="make fail"))
+        self.writer.release()
+        self.clock.advance(0)
+        real = gossip_mod.trust_transaction
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(28, "No space left on device")
+
+        self.patch(gossip_mod, "trust_transaction", broken)
+        with capturedLogs() as events:
+            waits = []
+            for _ in range(4):
+                before = self.clock.seconds()
+                while not self.writer.jobs:
+                    self.clock.advance(1)
+                waits.append(self.clock.seconds() - before)
+                self.writer.release()
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(waits, [5, 10, 20, 40])  # the next try waits longer each time
+        texts = [e.get("log_format", "") for e in events]
+        self.assertEqual(sum("failed (kept, tried again)" in t for t in texts), 1)
+        self.assertEqual(sum("times in a row" in t for t in texts), 2)  # 2nd and 4th
+        self.patch(gossip_mod, "trust_transaction", real)
+        while not self.writer.jobs:
+            self.clock.advance(1)
+        self.writer.release()
+        rec = load_trust(self.home).get("peer-a")
+        assert rec is not None
+        self.assertEqual(rec.daily_received[str(NOW // 86400)], 1)  # nothing lost
+
 
 class LeadingEdgeNoticeTests(SynchronousTestCase):
     """A change notice is passed on in the next turn; a burst after it gives one more call."""

@@ -596,6 +596,8 @@ class Gossip:
         self._recording: DayCounts = {}
         #: A flush found every count in a writer job: flush when it is back.
         self._flush_missed = False
+        #: Flushes of the counts that failed in a row (see :meth:`_flush_failed`).
+        self._flush_failures = 0
         #: The writer thread's own key store (its caches of ``.meta``).
         self._keys = KeyStore(home)
         #: Per peer [accepted or updated, conflicted] not in trust.json yet.
@@ -1908,7 +1910,10 @@ class Gossip:
             self._record_scheduled = False
             self.flush_counts()
 
-        self._later(RECORD_FLUSH_SECS, run)
+        # After failed writes (a full disk, a trust.json we may not write)
+        # the next try waits longer: 10 s, 20 s, ... at most 5 minutes.
+        failures = min(self._flush_failures, 6)
+        self._later(min(RECORD_FLUSH_SECS * 2**failures, 300.0), run)
 
     def flush_counts(self) -> defer.Deferred[Any] | None:
         """Hand the receive counts and tallies held in memory to the writer thread."""
@@ -1923,6 +1928,8 @@ class Gossip:
 
         def returned(result: Any) -> Any:
             wrote = isinstance(result, TrustBook)
+            if not wrote:
+                self._flush_failures += 1  # (before the retry is timed)
             # A failed flush is tried again by the timer -- not at once where
             # that would loop (stopped, or no reactor: jobs run inline).
             again = not self._stopped and self._call_later is not None
@@ -1936,8 +1943,31 @@ class Gossip:
 
         d.addBoth(returned)
         d.addCallback(self._trust_read)
-        d.addErrback(logged("recording receive counts"))
+        d.addCallbacks(self._flush_done, self._flush_failed)
         return d
+
+    def _flush_done(self, _: Any) -> None:
+        if self._flush_failures:
+            log.info(
+                "receive counts recorded in trust.json again after {count} failed write(s)",
+                count=self._flush_failures,
+            )
+        self._flush_failures = 0
+
+    def _flush_failed(self, failure: Any) -> None:
+        """The counts are kept and tried again later; the log gets the first
+        failure whole, then one line at the 2nd, 4th, 8th... in a row."""
+        n = self._flush_failures
+        if n == 1:
+            log.failure(
+                "recording receive counts in trust.json failed (kept, tried again)", failure
+            )
+        elif n & (n - 1) == 0:
+            log.warn(
+                "recording receive counts in trust.json failed {count} times in a row: {error}",
+                count=n,
+                error=failure.getErrorMessage(),
+            )
 
     def _flush_counts(
         self, counts: DayCounts, now: int, tallies: dict[str, list[int]] | None = None
