@@ -551,6 +551,19 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         assert rec is not None
         self.assertEqual(rec.daily_received[str(NOW // 86400)], 1)  # nothing lost
 
+    def test_a_request_pipelined_behind_the_handshake_gets_its_whole_answer(self) -> None:
+        for i in range(3):
+            put(self.home, "me-1", unit_json(f"ku_pipe{i}", "me-1", cmd="p" * 200_000 + str(i)))
+        self.start()
+        self.mesh.disconnect("peer-a")
+        self.mesh.connect("peer-a")  # link-up work waits for the next turn ...
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})  # ... this does not
+        for _ in range(6):
+            self.clock.advance(0)
+        pages = [p["page"] for to, t, p in self.mesh.sent if t == "knowledge_snapshot"]
+        self.assertGreater(len(pages), 1)
+        self.assertEqual(pages, list(range(1, len(pages) + 1)))  # none dropped
+
 
 class LeadingEdgeNoticeTests(SynchronousTestCase):
     """A change notice is passed on in the next turn; a burst after it gives one more call."""

@@ -728,17 +728,19 @@ class Gossip:
         self._later(STATE_SAVE_SECS, run)
 
     def on_link_up(self, peer_id: str) -> None:
-        # Not inside the authentication callback: a big store must not stall it.
-        self._later(0, self._link_up, peer_id)
-
-    def _link_up(self, peer_id: str) -> None:
-        # A new link: whatever was in flight on an old one may be lost.
+        # A new link: whatever was in flight on an old one may be lost.  Reset
+        # now, not in the next turn: a request the peer pipelined behind its
+        # handshake may be answered before then, and its pages must stay.
         if self._forwarded:
             self._push_when_idle = True  # it missed what went out early
         self._inflight.pop(peer_id, None)
         self._queued_at.pop(peer_id, None)
         self._outbox.pop(peer_id, None)
         self._snapshot_bytes.pop(peer_id, None)
+        # The rest not inside the authentication callback: a big store must not stall it.
+        self._later(0, self._link_up, peer_id)
+
+    def _link_up(self, peer_id: str) -> None:
         if not self.active() or peer_id not in self.mesh.connected_peers():
             return
         delivery = self.delivery(peer_id)
