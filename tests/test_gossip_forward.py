@@ -564,6 +564,31 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.assertGreater(len(pages), 1)
         self.assertEqual(pages, list(range(1, len(pages) + 1)))  # none dropped
 
+    def test_a_newer_link_that_replaces_the_old_one_starts_clean(self) -> None:
+        for i in range(3):
+            put(self.home, "me-1", unit_json(f"ku_rep{i}", "me-1", cmd="r" * 200_000 + str(i)))
+        self.start()
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})  # answer going out
+        self.mesh.unsent["peer-a"] = gossip_mod.BACKLOG_BYTES + 1
+        self.clock.advance(0)
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})  # held
+        self.mesh.connect("peer-a")  # a newer link replaces the old one (no link-down)
+        self.mesh.unsent["peer-a"] = 0
+        self.mesh.sent.clear()
+        for _ in range(8):
+            self.clock.advance(gossip_mod.BACKLOG_RETRY_SECS)
+        # Nothing of the old link's answer or held request goes on the new one.
+        self.assertEqual([p for to, t, p in self.mesh.sent if t == "knowledge_snapshot"], [])
+        # A request on the new link: its pages go one per turn.
+        self.mesh.deliver("peer-a", "knowledge_request", {"since_epoch": 0})
+        per_turn = [len([1 for _, t, _ in self.mesh.sent if t == "knowledge_snapshot"])]
+        for _ in range(4):
+            self.clock.advance(0)
+            per_turn.append(len([1 for _, t, _ in self.mesh.sent if t == "knowledge_snapshot"]))
+        steps = [b - a for a, b in zip(per_turn, per_turn[1:], strict=False)]
+        self.assertEqual(per_turn[0], 1)
+        self.assertLessEqual(max(steps), 1)
+
 
 class LeadingEdgeNoticeTests(SynchronousTestCase):
     """A change notice is passed on in the next turn; a burst after it gives one more call."""

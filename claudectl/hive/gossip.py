@@ -731,12 +731,10 @@ class Gossip:
         # A new link: whatever was in flight on an old one may be lost.  Reset
         # now, not in the next turn: a request the peer pipelined behind its
         # handshake may be answered before then, and its pages must stay.
+        # (A link that replaces an older one gets no link-down first.)
+        self._end_link(peer_id)
         if self._forwarded:
             self._push_when_idle = True  # it missed what went out early
-        self._inflight.pop(peer_id, None)
-        self._queued_at.pop(peer_id, None)
-        self._outbox.pop(peer_id, None)
-        self._snapshot_bytes.pop(peer_id, None)
         # The rest not inside the authentication callback: a big store must not stall it.
         self._later(0, self._link_up, peer_id)
 
@@ -762,7 +760,11 @@ class Gossip:
                 self._linkup_push[peer_id] = call
 
     def on_link_down(self, peer_id: str) -> None:
-        """Merge what arrived of an unfinished snapshot; drop the buffer."""
+        self._end_link(peer_id)
+
+    def _end_link(self, peer_id: str) -> None:
+        """A link to ``peer_id`` ended (or a newer one replaced it): merge
+        what arrived of an unfinished snapshot, forget the link's state."""
         self._cancel_linkup_push(peer_id)  # a storm of short links leaves no timers
         # Queued but not known to have arrived: offered again on the next link.
         self._inflight.pop(peer_id, None)
@@ -770,7 +772,7 @@ class Gossip:
         self._answers.forget(peer_id)
         self._outbox.pop(peer_id, None)
         self._snapshot_bytes.pop(peer_id, None)
-        # The peer offers what we did not ack again on the next link.
+        # The peer offers what we did not ack again on the next link, and asks again.
         self._acks_due.pop(peer_id, None)
         self._held_requests.pop(peer_id, None)
         self._cancel(self._held_timers.pop(peer_id, None))
@@ -809,8 +811,8 @@ class Gossip:
         if not self.mesh.send(peer_id, msg_type, page.payload(head)):
             return False
         if self._call_later is not None and not self._stopped:
-            self._outbox[peer_id] = deque()
-            self._later(0, self._drain_outbox, peer_id)
+            box = self._outbox[peer_id] = deque()
+            self._later(0, self._drain_box, peer_id, box)
         return True
 
     def _drain_box(self, peer_id: str, box: Any) -> None:
@@ -832,7 +834,7 @@ class Gossip:
         if not self.mesh.send(peer_id, msg_type, page.payload(head)):
             self._outbox.pop(peer_id, None)  # the link is gone: offered again on the next
             return
-        self._later(0, self._drain_outbox, peer_id)
+        self._later(0, self._drain_box, peer_id, box)
 
     def _queued(self, peer_id: str, page: Page) -> None:
         """``page`` went out to ``peer_id``: in flight until it is known to have arrived."""
@@ -1562,6 +1564,7 @@ class Gossip:
             # whether it ended well (a later step may have failed).
             if job.book is not None:
                 self._trust = job.book
+                self._flush_done(None)  # trust.json can be written again
             self._handed_back(counts, written=job.book is not None)
             return result
 
@@ -1941,6 +1944,8 @@ class Gossip:
                     tally = self._untallied.setdefault(peer, [0, 0])
                     tally[0] += accepted
                     tally[1] += conflicted
+                if again and tallies and not counts:
+                    self._record_soon()
             return result
 
         d.addBoth(returned)
@@ -1960,7 +1965,7 @@ class Gossip:
         """The counts are kept and tried again later; the log gets the first
         failure whole, then one line at the 2nd, 4th, 8th... in a row."""
         n = self._flush_failures
-        if n == 1:
+        if n <= 1:  # (0: a later step failed after the write)
             log.failure(
                 "recording receive counts in trust.json failed (kept, tried again)", failure
             )
