@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_relay import MiniClient  # noqa: E402
+from bench_relay import MiniClient, unit_records  # noqa: E402
 
 from claudectl.home import Home  # noqa: E402
 from claudectl.relay import codec  # noqa: E402
@@ -38,30 +38,6 @@ from claudectl.relay.keystore import KeyStore  # noqa: E402
 from tests.common import ServeProcess, subprocess_env  # noqa: E402
 
 ATTACKER = "mallory-flood"
-
-
-def unit(i: int, source: str, now: int) -> dict[str, object]:
-    return {
-        "id": f"ku_flood_{i}",
-        "scope": {"type": "universal"},
-        "category": "best_practice",
-        "content": {
-            "type": "pattern",
-            "tool": "Bash",
-            "command_pattern": f"flood command {i}",
-            "preferred_action": "approve",
-            "accept_rate": 0.9,
-            "sample_count": 12,
-            "conditions": [],
-        },
-        "evidence_count": 12,
-        "confidence": 0.9,
-        "source_peer": source,
-        "originated_at": now,
-        "last_validated_at": now,
-        "propagation_count": 0,
-        "version": 1,
-    }
 
 
 def rss_mib(pid: int) -> int:
@@ -86,7 +62,7 @@ def main() -> int:
         home.root.mkdir(parents=True)
         sid = KeyStore(home).ensure_identity()
         now = int(time.time())
-        units = [unit(i, sid, now) for i in range(args.units)]
+        units = unit_records(sid, args.units, now, tag="flood")
         (tmp / "units.json").write_text(json.dumps({"units": units}), encoding="utf-8")
         argv = ["-m", "claudectl", "--home", str(home.root), "hive", "import"]
         subprocess.run(
