@@ -1327,7 +1327,7 @@ class Gossip:
         cfg = self.config.hive
         now = self.now()
         rec = self._trust.get(peer_id)
-        counted = rec.daily_received.get(str(now // 86400), 0) if rec is not None else 0
+        counted = rec.daily_received.get(str(now // DAY), 0) if rec is not None else 0
         counted += self._uncounted(peer_id, now) + self._queued_raw.get(peer_id, 0)
         if (
             not self._overlay_ok
@@ -1399,10 +1399,10 @@ class Gossip:
         evict this peer unit as soon as it is written (expired, or its origin
         not heard from for ``stale_peer_days`` as far as trust.json knows)?"""
         cfg = self.config.hive
-        ttl = cfg.knowledge_ttl_days * 86400
+        ttl = cfg.knowledge_ttl_days * DAY
         if ttl and now - unit.last_validated_at > ttl:
             return True
-        stale = cfg.stale_peer_days * 86400
+        stale = cfg.stale_peer_days * DAY
         rec = self._trust.get(unit.source_peer)
         return bool(stale and rec is not None and now - rec.last_sync > stale)
 
@@ -1522,7 +1522,7 @@ class Gossip:
         not written yet.  (A frozen peer still gossips: freezing keeps its
         knowledge out of the prompt, not off the mesh.)
         """
-        day = str(now // 86400)
+        day = str(now // DAY)
         rec_ro = self._trust.get(peer_id)
         already = rec_ro.daily_received.get(day, 0) if rec_ro is not None else 0
         already += self._uncounted(peer_id, now)
@@ -1592,8 +1592,8 @@ class Gossip:
     def _hand_over(self) -> DayCounts:
         """The unwritten counts, for a writer job (see :meth:`_handed_back`)."""
         counts, self._unrecorded = self._unrecorded, {}
-        for peer, n in counts.items():
-            self._recording[peer] = self._recording.get(peer, 0) + n
+        for key, n in counts.items():
+            self._recording[key] = self._recording.get(key, 0) + n
         return counts
 
     def _handed_back(
@@ -1642,8 +1642,9 @@ class Gossip:
         Batches from one or more peers, in order, on the writer thread: each
         validated on its own; then ONE store transaction merges them all,
         ``delivery.json`` is written once (``trust.json`` too, when a freeze
-        may follow), and the merge logs appended once.  Each batch's new units count against its peer's
-        allowance, shared by that peer's batches.  Nothing is written when
+        may follow), and the merge logs appended once.  Each batch's new
+        units count against its peer's allowance, shared by that peer's
+        batches.  Nothing is written when
         every batch is empty or already known.  With ``warm``, the stored
         units are encoded for sending here too (see :meth:`_warm_units`).
         """
