@@ -48,10 +48,17 @@ def rss_mib(pid: int) -> int:
     return 0
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--units", type=int, default=2000, help="units in the service's store")
-    ap.add_argument("--requests", type=int, default=300, help="requests the attacker sends")
+    ap.add_argument("--units", type=positive, default=2000, help="units in the service's store")
+    ap.add_argument("--requests", type=positive, default=300, help="requests the attacker sends")
     ap.add_argument("--watch-secs", type=float, default=10.0, help="how long to watch the RSS")
     ap.add_argument("--max-growth-mib", type=int, default=64, help="fail above this growth")
     args = ap.parse_args()
