@@ -77,6 +77,8 @@ class FakeMesh:
         #: (peer, reason) of every disconnect the layer above asked for.
         self.closed: list[tuple[str, str]] = []
         self.sent: list[tuple[str, str, Any]] = []
+        #: Peers whose frames the layer above asked to put on the wire at once.
+        self.flushed: list[str] = []
         #: ``unsent_bytes`` answers (what a peer has not read); unset = 0.
         self.unsent: dict[str, int] = {}
         self.handlers: dict[str, list[Any]] = {}
@@ -89,6 +91,9 @@ class FakeMesh:
             return False
         self.sent.append((peer_id, msg_type, payload))
         return True
+
+    def flush(self, peer_id: str) -> None:
+        self.flushed.append(peer_id)
 
     def connected_peers(self) -> list[str]:
         return sorted(self.peers)

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudectl import changes
@@ -123,6 +124,28 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.clock.advance(STATE_SAVE_SECS)
         self.writer.release()
         self.assertEqual(sorted(self.synced()), [("peer-b", "ku_new"), ("peer-c", "ku_new")])
+
+    def test_news_goes_on_the_wire_at_once_in_one_log_line(self) -> None:
+        with capturedLogs() as events:
+            self.sync("peer-a", unit_json("ku_news", "peer-z", hops=1))
+        # Both frames were flushed in the turn that decided them ...
+        self.assertEqual(sorted(self.mesh.flushed), ["peer-b", "peer-c"])
+        # ... and the node's log says so once, not once per link.
+        sent = [formatEvent(e) for e in events if "knowledge unit(s) to" in formatEvent(e)]
+        self.assertEqual(sent, ["sent 2 knowledge unit(s) to 2 peers (peer-b: 1, peer-c: 1)"])
+
+    def test_a_batch_of_copies_is_counted_not_logged(self) -> None:
+        unit = unit_json("ku_c", "peer-z", hops=1)
+        self.sync("peer-a", unit)
+        self.writer.release()
+        self.clock.advance(0)
+        with capturedLogs() as events:
+            self.sync("peer-b", dict(unit, propagation_count=2))
+            self.writer.release()
+            self.clock.advance(0)
+        self.assertEqual([formatEvent(e) for e in events if "knowledge from" in formatEvent(e)], [])
+        self.assertEqual(self.gossip.counters["duplicate_units"], 1)
+        self.assertEqual(self.mesh.flushed, ["peer-b", "peer-c"])  # the first copy's only
 
     def test_copies_are_not_forwarded_twice(self) -> None:
         unit = unit_json("ku_dup", "peer-z", hops=1)

@@ -334,6 +334,56 @@ class ClaudectlListenerKeyTests(TestCase):
         self.assertEqual(self.a.mesh.connected_peers(), [])
 
 
+def pending(transport: Any) -> int:
+    """Bytes written to a link and not handed to the kernel yet: in a TLS
+    layer's batch of small writes, or in the buffers of the TCP transport."""
+    from claudectl.relay.links import unsent_bytes
+
+    # A TCP transport that started TLS writes through the TLS layer beneath it.
+    layer = getattr(transport, "protocol", transport)
+    batch = getattr(getattr(layer, "_aggregator", None), "_buffer", [])
+    return sum(len(x) for x in batch) + unsent_bytes(transport)
+
+
+class NoDelayTests(TestCase):
+    """Both ends of a link send each frame at once (TCP_NODELAY), TLS or not."""
+
+    timeout = 30
+
+    async def check(self, tls: bool) -> None:
+        a = make_node(self, "nodelay-a-1111", reactor, tls=tls)
+        b = make_node(self, "nodelay-b-2222", reactor, tls=tls)
+        psk = b"\x06" * 32
+        a.keystore.save_key(b.identity, psk)
+        b.keystore.save_key(a.identity, psk)
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(RelayFactory(a))
+        self.addCleanup(port.stopListening)
+        self.addCleanup(lambda: defer.gatherResults([a.close_all(), b.close_all()]))
+        address = f"127.0.0.1:{port.getHost().port}"
+        proto = await b.open_link(address, b.key_by_identity(address))
+        self.assertEqual(proto.result.transport, "tls1.3" if tls else "plaintext")
+        for node in (a, b):
+            [link] = node.mesh.links.values()
+            transport = link.protocol.transport
+            # A TCP transport holds its socket; a TLS layer over one holds that transport.
+            sock = getattr(transport, "socket", None) or transport.transport.socket
+            self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        # A frame sent and flushed is with the kernel at once, not on the
+        # reactor's next poll.
+        [link] = b.mesh.links.values()
+        b.mesh.send(a.identity, "heartbeat", {})
+        self.assertGreater(pending(link.protocol.transport), 0)
+        b.mesh.flush(a.identity)
+        self.assertEqual(pending(link.protocol.transport), 0)
+
+    async def test_plaintext(self) -> None:
+        await self.check(tls=False)
+
+    async def test_tls(self) -> None:
+        await self.check(tls=True)
+
+
 class AddressDialerTests(SynchronousTestCase):
     """The dialer of an auto_connect address becomes its peer's dialer, never a second one."""
 
@@ -362,3 +412,56 @@ class AddressDialerTests(SynchronousTestCase):
         assert meta is not None
         self.assertEqual(meta.addr, "127.0.0.1:7002")
         self.assertEqual(node.dial_address("peer-a"), "127.0.0.1:7002")
+
+
+class GuardedEndpointTests(SynchronousTestCase):
+    """A dial that waited for the peer's own link to drop, cancelled once it
+    started (the service stopping): cancelled once, the attempt with it."""
+
+    def test_cancel_after_the_attempt_started(self) -> None:
+        from claudectl.relay.node import _GuardedEndpoint
+
+        waiters: list[Any] = []
+
+        class Keys:
+            def key(self, peer_id: str) -> bytes:
+                return b"k" * 32
+
+        class Mesh:
+            def is_connected(self, peer_id: str) -> bool:
+                return True
+
+        class Node:
+            keystore = Keys()
+            mesh = Mesh()
+
+            def wait_for_down(self, peer_id: str, fn: Any) -> None:
+                waiters.append(fn)
+
+            def cancel_wait_for_down(self, peer_id: str, fn: Any) -> None:
+                if fn in waiters:
+                    waiters.remove(fn)
+
+        attempts: list[defer.Deferred[Any]] = []
+
+        class Endpoint:
+            def connect(self, factory: Any) -> defer.Deferred[Any]:
+                d: defer.Deferred[Any] = defer.Deferred()
+                attempts.append(d)
+                return d
+
+        class Dialer:
+            peer_id = "peer-b-00000000"
+            address = "127.0.0.1:1"
+
+        guarded = _GuardedEndpoint(Node(), Dialer(), Endpoint())  # type: ignore[arg-type]
+        waiting = guarded.connect(object())
+        self.assertEqual(len(waiters), 1)
+        waiters[0]()  # the peer's link went down: the dial starts
+        self.assertEqual(len(attempts), 1)
+        failures: list[Any] = []
+        waiting.addErrback(failures.append)
+        waiting.cancel()  # before it connected: the service stops
+        self.assertEqual(len(failures), 1)
+        failures[0].trap(defer.CancelledError)
+        self.assertTrue(attempts[0].called)  # the attempt was cancelled with it

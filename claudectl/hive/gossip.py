@@ -541,6 +541,8 @@ class Gossip:
         self._call_later = call_later
         self.state = SyncState(home)
         self.delivery_file = DeliveryFile(home)
+        #: knowledge.jsonl's path as text (stat()ed per received batch).
+        self._store_path = str(hive_file(home, KNOWLEDGE))
         self._file_sig: tuple[int, int, int] | None = self._signature()
         self._units_cache: tuple[tuple[int, int, int] | None, list[KnowledgeUnit]] | None = None
         #: knowledge.jsonl's signature after the last merge wrote it (writer thread).
@@ -636,7 +638,12 @@ class Gossip:
         self._linkup_push: dict[str, Any] = {}
         self._oversize: set[tuple[str, int]] = set()
         #: Counters for ``relay status``.
-        self.counters = {"bad_units": 0, "merged_batches": 0, "dropped_rate_cap": 0}
+        self.counters = {
+            "bad_units": 0,
+            "merged_batches": 0,
+            "dropped_rate_cap": 0,
+            "duplicate_units": 0,
+        }
 
     # --- wiring -------------------------------------------------------------------------
     def register(self) -> None:
@@ -993,7 +1000,7 @@ class Gossip:
             return 0
         units = self._load_units()
         ctx = self._contexts.get(self.config.hive)
-        sent = sum(self._push(p, units, ctx) for p in peers)
+        sent = self._push_to(peers, units, ctx, news=True)
         if self._state_dirty:
             self._save_soon()
         return sent
@@ -1001,7 +1008,7 @@ class Gossip:
     def push(self, peer_id: str) -> int:
         units = self._load_units()
         ctx = self._contexts.get(self.config.hive)
-        sent = self._push(peer_id, units, ctx)
+        sent = self._push_to([peer_id], units, ctx)
         if self._state_dirty:
             self._save_soon()
         return sent
@@ -1054,8 +1061,37 @@ class Gossip:
         if sent:
             ps.last_sync_epoch = now
             self._state_dirty = True
-            log.info("sent {count} knowledge unit(s) to {peer_id}", count=sent, peer_id=peer_id)
         return sent
+
+    def _push_to(
+        self, peers: list[str], units: list[KnowledgeUnit], ctx: ShareContext, news: bool = False
+    ) -> int:
+        """
+        :meth:`_push` to each of ``peers``, logged in one line: one unit
+        passed on to a node's every link is one line in its log, not one per
+        link (each line costs the reactor a formatted write).  ``news``: the
+        units are spreading through the mesh now -- their frames go on the
+        wire at once, not after the rest of this reactor turn (the other
+        links' reads, a writer job's result...), so each hop costs the
+        mesh less time.
+        """
+        counts = [(p, self._push(p, units, ctx)) for p in peers]
+        sent = [(p, n) for p, n in counts if n]
+        flush = getattr(self.mesh, "flush", None) if news else None
+        if flush is not None:
+            for p, _ in sent:
+                flush(p)
+        total = sum(n for _, n in sent)
+        if len(sent) == 1:
+            log.info("sent {count} knowledge unit(s) to {peer_id}", count=total, peer_id=sent[0][0])
+        elif sent:
+            log.info(
+                "sent {count} knowledge unit(s) to {peers} peers ({detail})",
+                count=total,
+                peers=len(sent),
+                detail=", ".join(f"{p}: {n}" for p, n in sent),
+            )
+        return total
 
     def _backlog(self, peer_id: str) -> int:
         """Bytes written to ``peer_id`` that the kernel has not taken yet."""
@@ -1155,7 +1191,7 @@ class Gossip:
         # since_epoch 0 answer there are none: every unit that may go to this
         # peer is in flight at its version now.
         if since:
-            self._push(peer_id, stored, ctx)
+            self._push_to([peer_id], stored, ctx)
 
     # --- receiving ----------------------------------------------------------------------
     def on_batch(self, peer_id: str, env: Envelope) -> None:
@@ -1390,8 +1426,7 @@ class Gossip:
             self._forwarded.update((u.id, u.version, u.propagation_count) for u in forward)
             # trust.json as it is now (a demotion by the CLI counts at once).
             ctx = self._contexts.get(cfg)
-            for p in self.mesh.connected_peers():
-                self._push(p, forward, ctx)
+            self._push_to(self.mesh.connected_peers(), forward, ctx, news=True)
         return _Commit({}, good, bad, error) if written else None
 
     def _evicted_at_once(self, unit: KnowledgeUnit, now: int) -> bool:
@@ -1509,10 +1544,13 @@ class Gossip:
 
     def _warm_units(self, units: list[KnowledgeUnit]) -> None:
         # What a push round or a snapshot answer will need, made on the
-        # writer thread rather than on the reactor (cached per unit object:
-        # the units stored before cost a lookup).
-        _warm_wire(units)
-        precompute_verdicts(self.config.hive, units)
+        # writer thread rather than on the reactor, for the units not
+        # encoded yet (a unit encoded once had its verdict worked out with
+        # it; a verdict the filter lost is worked out when needed).  A merge
+        # into a big store warms its new units, not the whole store again.
+        cold = [u for u in units if "wire_size" not in u.__dict__]
+        _warm_wire(cold)
+        precompute_verdicts(self.config.hive, cold)
 
     def _allowance(self, peer_id: str, now: int) -> int:
         """
@@ -1831,15 +1869,20 @@ class Gossip:
         ps.last_sync_epoch = now
         self._save_soon()
         self.counters["merged_batches"] += 1
-        log.info(
-            "knowledge from {peer_id}: {accepted} new, {updated} updated, "
-            "{rejected} rejected, {duplicates} duplicate, {bad} invalid, {dropped} dropped",
-            peer_id=peer_id,
-            **{
-                k: stats[k]
-                for k in ("accepted", "updated", "rejected", "duplicates", "bad", "dropped")
-            },
-        )
+        self.counters["duplicate_units"] += stats["duplicates"]
+        if any(stats[k] for k in ("accepted", "updated", "rejected", "bad", "dropped")):
+            log.info(
+                "knowledge from {peer_id}: {accepted} new, {updated} updated, "
+                "{rejected} rejected, {duplicates} duplicate, {bad} invalid, {dropped} dropped",
+                peer_id=peer_id,
+                **{
+                    k: stats[k]
+                    for k in ("accepted", "updated", "rejected", "duplicates", "bad", "dropped")
+                },
+            )
+        # A batch of copies only (a flooded unit's other paths: most batches
+        # in a mesh) is counted, not logged: ``relay status`` shows
+        # ``duplicate_units`` under "hive".
         if stats["accepted"] or stats["updated"]:
             self._file_sig = self._units_cache[0] if self._units_cache else self._signature()
         if stored and self.active():
@@ -1876,8 +1919,7 @@ class Gossip:
             if held is None or u.version >= held.version:
                 latest[u.id] = u
         ctx = self._contexts.get(self.config.hive)
-        for p in self.mesh.connected_peers():
-            self._push(p, list(latest.values()), ctx)
+        self._push_to(self.mesh.connected_peers(), list(latest.values()), ctx, news=True)
         if self._state_dirty:
             self._save_soon()
 
@@ -1990,7 +2032,7 @@ class Gossip:
     # --- noticing changes by other processes -------------------------------------------------
     def _signature(self) -> tuple[int, int, int] | None:
         try:
-            st = os.stat(hive_file(self.home, KNOWLEDGE))
+            st = os.stat(self._store_path)
         except FileNotFoundError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -56,6 +56,10 @@ class IMesh(Interface):
     def connected_peers() -> list[str]:
         """Ids of the peers with an authenticated link, sorted."""
 
+    def flush(peer_id: str) -> None:
+        """Put the frames sent to ``peer_id`` so far on the wire now, not
+        when the reactor next polls (no-op without a link)."""
+
     def add_handler(msg_type: str, handler: MessageHandler) -> None:
         """Call ``handler`` for every accepted inbound frame of ``msg_type``."""
 

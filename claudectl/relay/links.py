@@ -33,6 +33,9 @@ class ILink(Interface):
     def close(reason: str) -> None:
         """Close the connection, recording ``reason``."""
 
+    def flush() -> None:
+        """Put what was written so far on the wire now (not on the reactor's next poll)."""
+
 
 def unsent_bytes(transport: Any) -> int:
     """

@@ -64,6 +64,13 @@ class Mesh:
         link.protocol.send(self._env.make(msg_type, payload))
         return True
 
+    def flush(self, peer_id: str) -> None:
+        """Put the frames written to ``peer_id`` so far on the wire now
+        (see :meth:`claudectl.relay.protocol.RelayProtocol.flush`)."""
+        link = self.links.get(peer_id)
+        if link is not None:
+            link.protocol.flush()
+
     def send_envelope(self, peer_id: str, env: Envelope) -> bool:
         link = self.links.get(peer_id)
         if link is None:

@@ -213,15 +213,23 @@ class _GuardedEndpoint:
         if not self.node.mesh.is_connected(peer_id):
             return self.endpoint.connect(factory)
         waiting: defer.Deferred[Any]
+        #: The attempt started once the old link went down.
+        attempt: list[defer.Deferred[Any]] = []
 
         def cancel(_: Any) -> None:
             self.node.cancel_wait_for_down(peer_id, resume)
+            if attempt:
+                # Its outcome goes to ``waiting``, which is being cancelled:
+                # cancel it too (it then fires ``waiting`` itself, once).
+                attempt[0].cancel()
 
         waiting = defer.Deferred(cancel)
 
         def resume() -> None:
             if not waiting.called:
-                self.endpoint.connect(factory).chainDeferred(waiting)
+                d = self.endpoint.connect(factory)
+                attempt.append(d)
+                d.chainDeferred(waiting)
 
         self.node.wait_for_down(peer_id, resume)
         return waiting

@@ -11,6 +11,7 @@ liveness), :mod:`~claudectl.relay.admission` (limits) and
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from twisted.internet import defer
@@ -48,6 +49,7 @@ from claudectl.relay.tls import (
     exporter_of,
     flush_tls,
     is_tls13,
+    send_queued,
     start_tls,
 )
 
@@ -158,6 +160,14 @@ class RelayProtocol(LineReceiver):
             if via
             else peer_ip(self.transport)
         )
+        # Frames are small and latency-bound (a unit crossing a mesh is one
+        # frame per hop): send each write at once, never held back by Nagle's
+        # algorithm until the peer acknowledges the last one -- which a peer
+        # with nothing to say delays by up to 40 ms (delayed ACK).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if callable(set_no_delay):
+            with contextlib.suppress(OSError):
+                set_no_delay(True)
         self.node.connection_opened(self)
         if self.role == LISTENER:
             verdict = self.node.admission.pacing(self.node.clock).arrive(
@@ -320,6 +330,20 @@ class RelayProtocol(LineReceiver):
 
     def send(self, env: Envelope) -> None:
         self._write(codec.encode(env))
+
+    def flush(self) -> None:
+        """
+        Put what this link wrote so far on the wire now, not when the
+        reactor next polls: encrypted at once on a TLS link, handed to the
+        kernel at once on a plain TCP one (Twisted sends a transport's
+        writes when the loop comes round to it, after the rest of this
+        turn's reads).
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        flush_tls(transport)
+        send_queued(transport)
 
     # --- input ------------------------------------------------------------------
     def lineReceived(self, line: bytes) -> None:
@@ -590,10 +614,7 @@ class RelayProtocol(LineReceiver):
             # Put the ack on the wire before the layers' link-up work (a
             # knowledge request, a push of units...) runs: otherwise the
             # reactor sends it only once all of that is done.
-            flush_tls(self.transport)
-            flush = getattr(self.transport, "doWrite", None)
-            if callable(flush):
-                flush()
+            self.flush()
         self.node.link_ready(link)
 
     # --- session ----------------------------------------------------------------
