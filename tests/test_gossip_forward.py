@@ -134,6 +134,17 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         sent = [formatEvent(e) for e in events if "knowledge unit(s) to" in formatEvent(e)]
         self.assertEqual(sent, ["sent 2 knowledge unit(s) to 2 peers (peer-b: 1, peer-c: 1)"])
 
+    def test_a_second_frame_of_the_turn_is_flushed_when_it_goes(self) -> None:
+        self.sync("peer-a", unit_json("ku_one", "peer-z", hops=1))
+        self.sync("peer-b", unit_json("ku_two", "peer-y", hops=1))
+        # peer-c had a frame in this turn: the second waits for the next ...
+        self.assertEqual(self.synced().count(("peer-c", "ku_two")), 0)
+        self.assertEqual(self.mesh.flushed.count("peer-c"), 1)
+        self.clock.advance(0)
+        # ... and goes on the wire as soon as it is sent.
+        self.assertEqual(self.synced().count(("peer-c", "ku_two")), 1)
+        self.assertEqual(self.mesh.flushed.count("peer-c"), 2)
+
     def test_a_batch_of_copies_is_counted_not_logged(self) -> None:
         unit = unit_json("ku_c", "peer-z", hops=1)
         self.sync("peer-a", unit)

@@ -221,3 +221,22 @@ class ShareableUnitsTests(SynchronousTestCase):
         self.assertEqual(
             ctx.shareable_units(units, peer, NOW), [u for u in units if ctx.shareable(u, peer, NOW)]
         )
+
+
+class PrecomputeTests(SynchronousTestCase):
+    """The writer thread works out verdicts for new units only -- for all of
+    them again once the filter's cache was cleared."""
+
+    def test_fresh_only_unless_the_cache_was_cleared(self) -> None:
+        from claudectl.hive import sharing
+
+        config = HiveConfig()
+        units = [make_unit(i) for i in range(5)]
+        others = [make_unit(10 + i) for i in range(6)]
+        verdicts = sharing._filter_for(config)._verdicts
+        sharing.precompute_verdicts(config, others)  # the cache holds enough
+        sharing.precompute_verdicts(config, units, fresh=units[4:])
+        self.assertEqual([id(u) in verdicts for u in units], [False] * 4 + [True])
+        verdicts.clear()  # a busy node's cache ran full
+        sharing.precompute_verdicts(config, units, fresh=[])
+        self.assertEqual([id(u) in verdicts for u in units], [True] * 5)

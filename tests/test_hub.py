@@ -7,6 +7,7 @@ and a Clock, plus real loopback TCP for the splice and a relay link through it.
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 from hypothesis import given, settings
@@ -444,6 +445,16 @@ class LoopbackTests(TestCase):
         yield until(lambda: a.mesh.is_connected(B))
         self.assertEqual(registry.peer_info_providers[-1](B), {"via": hub_addr})
         self.assertEqual(hub.status()["channels"], 1)
+        # Every socket on the way sends small frames at once (TCP_NODELAY):
+        # the hub's two spliced ones and both relay ends.
+        socks = [c.transport.socket for c in hub.spliced]
+        for node in (a, b):
+            [link] = node.mesh.links.values()
+            t = link.protocol.transport
+            socks.append(getattr(t, "socket", None) or t.transport.socket)
+        self.assertEqual(len(socks), 4)
+        for sock in socks:
+            self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         yield b.close_all()
         yield a.close_all()
         yield until(lambda: not hub.spliced)

@@ -841,6 +841,10 @@ class Gossip:
         if not self.mesh.send(peer_id, msg_type, page.payload(head)):
             self._outbox.pop(peer_id, None)  # the link is gone: offered again on the next
             return
+        # On the wire now (as news is, :meth:`_push_to`): one frame per turn anyway.
+        flush = getattr(self.mesh, "flush", None)
+        if flush is not None:
+            flush(peer_id)
         self._later(0, self._drain_box, peer_id, box)
 
     def _queued(self, peer_id: str, page: Page) -> None:
@@ -1075,12 +1079,16 @@ class Gossip:
         links' reads, a writer job's result...), so each hop costs the
         mesh less time.
         """
+        # A peer with frames waiting in its outbox gets these after them,
+        # each flushed as it is sent (:meth:`_drain_outbox`).
+        waiting = {p for p in peers if p in self._outbox}
         counts = [(p, self._push(p, units, ctx)) for p in peers]
         sent = [(p, n) for p, n in counts if n]
         flush = getattr(self.mesh, "flush", None) if news else None
         if flush is not None:
             for p, _ in sent:
-                flush(p)
+                if p not in waiting:
+                    flush(p)
         total = sum(n for _, n in sent)
         if len(sent) == 1:
             log.info("sent {count} knowledge unit(s) to {peer_id}", count=total, peer_id=sent[0][0])
@@ -1545,12 +1553,12 @@ class Gossip:
     def _warm_units(self, units: list[KnowledgeUnit]) -> None:
         # What a push round or a snapshot answer will need, made on the
         # writer thread rather than on the reactor, for the units not
-        # encoded yet (a unit encoded once had its verdict worked out with
-        # it; a verdict the filter lost is worked out when needed).  A merge
-        # into a big store warms its new units, not the whole store again.
+        # encoded yet: a merge into a big store warms its new units, not the
+        # whole store again (the verdicts of all of them if the sharing
+        # filter dropped its cache meanwhile).
         cold = [u for u in units if "wire_size" not in u.__dict__]
         _warm_wire(cold)
-        precompute_verdicts(self.config.hive, cold)
+        precompute_verdicts(self.config.hive, units, fresh=cold)
 
     def _allowance(self, peer_id: str, now: int) -> int:
         """

@@ -39,6 +39,7 @@ from zope.interface import implementer
 
 from claudectl.hub import wire
 from claudectl.logbudget import LogBudget
+from claudectl.relay.links import send_at_once
 
 log = Logger()
 
@@ -345,6 +346,7 @@ class HubConnection(LineReceiver, TimeoutMixin):
 
     # --- lifecycle ------------------------------------------------------------------
     def connectionMade(self) -> None:
+        send_at_once(self.transport)  # it carries relay frames once spliced
         peer = self.transport.getPeer()
         self.address = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         if self.hub.unidentified >= self.hub.limits.max_unidentified:

@@ -7,6 +7,7 @@ mesh, the protocol and the seams in :mod:`claudectl.relay.interfaces`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,20 @@ class ILink(Interface):
 
     def flush() -> None:
         """Put what was written so far on the wire now (not on the reactor's next poll)."""
+
+
+def send_at_once(transport: Any) -> None:
+    """
+    TCP_NODELAY on a connection: each write is sent at once, never held back
+    by Nagle's algorithm until the peer acknowledges the last one -- which a
+    peer with nothing to say delays by up to 40 ms (delayed ACK).  Frames
+    are small and latency-bound (a unit crossing a mesh is one frame per
+    hop).  A transport that is no TCP connection is left alone.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if callable(set_no_delay):
+        with contextlib.suppress(OSError):
+            set_no_delay(True)
 
 
 def unsent_bytes(transport: Any) -> int:

@@ -11,7 +11,6 @@ liveness), :mod:`~claudectl.relay.admission` (limits) and
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from twisted.internet import defer
@@ -41,7 +40,7 @@ from claudectl.relay.handshake import (
     Step,
 )
 from claudectl.relay.interfaces import ILinkHost
-from claudectl.relay.links import CONNECTOR, LISTENER, ILink, PeerLink
+from claudectl.relay.links import CONNECTOR, LISTENER, ILink, PeerLink, send_at_once
 from claudectl.relay.session import Disconnect, FrameFilter, Liveness
 from claudectl.relay.tls import (
     can_preface,
@@ -160,14 +159,7 @@ class RelayProtocol(LineReceiver):
             if via
             else peer_ip(self.transport)
         )
-        # Frames are small and latency-bound (a unit crossing a mesh is one
-        # frame per hop): send each write at once, never held back by Nagle's
-        # algorithm until the peer acknowledges the last one -- which a peer
-        # with nothing to say delays by up to 40 ms (delayed ACK).
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if callable(set_no_delay):
-            with contextlib.suppress(OSError):
-                set_no_delay(True)
+        send_at_once(self.transport)
         self.node.connection_opened(self)
         if self.role == LISTENER:
             verdict = self.node.admission.pacing(self.node.clock).arrive(
