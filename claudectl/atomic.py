@@ -25,11 +25,14 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import stat
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 #: The names :func:`atomic_write` gives its temporary files (mkstemp's
 #: random part is 8 characters of ``[a-z0-9_]``).
@@ -52,8 +55,7 @@ def atomic_write(
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _in_dir(path, _create_temp)
     try:
         with os.fdopen(fd, "wb") as f:
             # Held until the rename: tells the sweep this writer is alive.
@@ -70,6 +72,31 @@ def atomic_write(
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+def _in_dir(path: Path, fn: Callable[[Path], T]) -> T:
+    """``fn(path)``, creating ``path``'s directory first if it is missing
+    (asked of the file system only then: a write is one ``mkdir`` less)."""
+    try:
+        return fn(path)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return fn(path)
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (0600, named as :data:`TEMP_NAME`
+    says, never an existing file): ``tempfile.mkstemp`` without its setup."""
+    for _ in range(100):
+        tmp = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, _TEMP_FLAGS, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
+
+
+_TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def sweep_temp_files(
@@ -139,8 +166,7 @@ def append_line(path: Path | str, line: bytes | str, mode: int = 0o600) -> None:
 def fsync_append(path: Path | str, data: bytes, mode: int = 0o600) -> None:
     """Append complete lines in one write and fsync them."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    fd = _in_dir(path, lambda p: os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode))
     try:
         view = memoryview(data)
         while view:
@@ -160,13 +186,12 @@ def locked(path: Path | str, shared: bool = False) -> Iterator[None]:
     itself is never removed (removing it would race with other lockers).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
     # Read-only: flock needs no write access on a local file system, and
     # closing it is no IN_CLOSE_WRITE notice for the change watchers of its
     # directory.  NFS emulates flock with byte-range locks, whose exclusive
     # lock needs a descriptor open for writing: there, open it again so.
-    fd = _lock_fd(lock_path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    fd = _in_dir(lock_path, lambda p: _lock_fd(p, fcntl.LOCK_SH if shared else fcntl.LOCK_EX))
     try:
         yield
     finally:

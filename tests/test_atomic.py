@@ -32,6 +32,20 @@ class AtomicWriteTests(SynchronousTestCase):
         self.assertEqual(_mode(path), 0o600)
         self.assertEqual(os.listdir(path.parent), ["file"])
 
+    def test_a_directory_removed_meanwhile_is_made_again(self) -> None:
+        path = self.dir / "hive" / "file"
+        atomic_write(path, "one")
+        for name in os.listdir(path.parent):
+            os.unlink(path.parent / name)
+        os.rmdir(path.parent)  # (a user cleaning up under a running service)
+        atomic_write(path, "two")
+        self.assertEqual(path.read_bytes(), b"two")
+        os.unlink(path)
+        os.rmdir(path.parent)
+        with locked(path):
+            append_line(path, "three")
+        self.assertEqual(path.read_bytes(), b"three\n")
+
     def test_mode_ignores_umask(self) -> None:
         old = os.umask(0o077)
         try:
