@@ -24,8 +24,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import random
 import re
-import secrets
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,8 +34,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-#: The names :func:`atomic_write` gives its temporary files (mkstemp's
-#: random part is 8 characters of ``[a-z0-9_]``).
+#: The names :func:`atomic_write` gives its temporary files: ``.<name>.``,
+#: 8 random characters (hex digits; ``tempfile.mkstemp``, used before, put
+#: 8 of ``[a-z0-9_]``: files of older versions are swept too), ``.tmp``.
 TEMP_NAME = re.compile(r"\A\..+\.[a-z0-9_]{8}\.tmp\Z", re.DOTALL)
 #: A temporary file younger than this is left alone by the sweep (its
 #: writer may be between creating and locking it).
@@ -88,7 +89,7 @@ def _create_temp(path: Path) -> tuple[int, str]:
     """A new temporary file beside ``path`` (0600, named as :data:`TEMP_NAME`
     says, never an existing file): ``tempfile.mkstemp`` without its setup."""
     for _ in range(100):
-        tmp = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = os.path.join(path.parent, f".{path.name}.{_NAMES.getrandbits(32):08x}.tmp")
         try:
             return os.open(tmp, _TEMP_FLAGS, 0o600), tmp
         except FileExistsError:
@@ -97,6 +98,9 @@ def _create_temp(path: Path) -> tuple[int, str]:
 
 
 _TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Temporary names need not be secret (O_EXCL and O_NOFOLLOW make a file
+#: of our own every time), only rarely equal: no getrandom() per write.
+_NAMES = random.Random()
 
 
 def sweep_temp_files(

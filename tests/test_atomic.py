@@ -32,6 +32,15 @@ class AtomicWriteTests(SynchronousTestCase):
         self.assertEqual(_mode(path), 0o600)
         self.assertEqual(os.listdir(path.parent), ["file"])
 
+    def test_temporary_names_are_what_the_sweep_looks_for(self) -> None:
+        from claudectl.atomic import TEMP_NAME, _create_temp
+
+        self.dir.mkdir()
+        fd, tmp = _create_temp(self.dir / "knowledge.jsonl")
+        os.close(fd)
+        self.assertEqual(_mode(Path(tmp)), 0o600)
+        self.assertIsNotNone(TEMP_NAME.match(os.path.basename(tmp)))
+
     def test_a_directory_removed_meanwhile_is_made_again(self) -> None:
         path = self.dir / "hive" / "file"
         atomic_write(path, "one")

@@ -175,6 +175,48 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.assertEqual(self.acks("peer-b"), [])
         self.assertEqual(self.acks("peer-c"), [])
 
+    def test_copies_of_a_unit_being_written_wait_for_that_write_not_the_writer(self) -> None:
+        unit = unit_json("ku_w8", "peer-z", hops=1)
+        self.sync("peer-a", unit)
+        # peer-c has our copy (it says so), then its own arrives by another path.
+        self.mesh.deliver("peer-c", "ack", {"ack_id": "m", "knowledge": [["ku_w8", 1]]})
+        self.sync("peer-c", dict(unit, propagation_count=2))
+        self.assertEqual(len(self.writer.jobs), 1)  # no job for the copy
+        self.clock.advance(ACK_DELAY_SECS)
+        self.assertEqual(self.acks("peer-c"), [])  # not before the unit is written
+        self.writer.release()
+        self.clock.advance(ACK_DELAY_SECS)
+        self.assertEqual(self.acks("peer-a"), [["ku_w8", 1]])
+        self.assertEqual(self.acks("peer-c"), [["ku_w8", 1]])
+        self.assertEqual(self.gossip.counters["duplicate_units"], 1)
+        self.assertEqual(stored(self.home)["ku_w8"].propagation_count, 2)
+
+    def test_copies_go_the_usual_way_if_the_write_they_waited_for_failed(self) -> None:
+        real = self.gossip._commit
+        calls: list[int] = []
+
+        def failing_once(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise OSError(28, "No space left on device")
+            return real(*args, **kwargs)
+
+        self.gossip._commit = failing_once  # type: ignore[method-assign]
+        unit = unit_json("ku_fail", "peer-z", hops=1)
+        self.sync("peer-a", unit)
+        self.mesh.deliver("peer-c", "ack", {"ack_id": "m", "knowledge": [["ku_fail", 1]]})
+        self.sync("peer-c", dict(unit, propagation_count=2))
+        self.assertEqual(len(self.writer.jobs), 1)
+        self.writer.release()  # the first write fails; the copy is merged instead
+        self.clock.advance(0)
+        self.writer.release()
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(len(calls), 2)
+        self.assertIn("ku_fail", stored(self.home))
+        self.clock.advance(ACK_DELAY_SECS)
+        self.assertEqual(self.acks("peer-a"), [])  # its batch was not written
+        self.assertEqual(self.acks("peer-c"), [["ku_fail", 1]])
+
     def test_crossing_copies_count_as_delivered_both_ways(self) -> None:
         unit = unit_json("ku_x", "peer-z", hops=1)
         self.sync("peer-a", unit)

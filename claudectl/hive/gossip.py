@@ -511,6 +511,9 @@ class _Commit:
     tallies: dict[str, list[int]] = field(default_factory=dict)
     #: Those units by semantic key, as the store module holds them (read only).
     by_key: Mapping[str, KnowledgeUnit] | None = None
+    #: Decided on the reactor: copies of units that batches still queued are
+    #: writing (done once those writes are, see :meth:`Gossip._merge_queue_idle`).
+    after_write: bool = False
 
 
 class Gossip:
@@ -566,6 +569,11 @@ class Gossip:
         #: A link came up while units that went out early were being written:
         #: it missed them (a push round once the queue is done).
         self._push_when_idle = False
+        #: Batches of copies of units queued batches are writing (decided
+        #: early): acknowledged once the queue is written, merged the usual
+        #: way if a write failed (``_merge_failed``).
+        self._after_write: list[tuple[_Commit, str, str, dict[str, int], list[Any]]] = []
+        self._merge_failed = False
         #: knowledge_requests held while an answer is going out, per peer:
         #: the latest one's since_epoch (see :meth:`on_request`).
         self._held_requests: dict[str, int] = {}
@@ -1328,11 +1336,14 @@ class Gossip:
             self._overlay_ok = False
             known = None
         if known is not None:
-            # Copies of what is already written: done here, no writer job.
+            # Copies of what is written, or being written: no writer job.
             self._queued_raw[peer_id] -= len(raw_units)
             now = self.now()
             self._unrecorded.setdefault((peer_id, now // DAY), 0)  # marks the contact
-            self._committed(known, peer_id, ack_id, stats, now)
+            if known.after_write:
+                self._after_write.append((known, peer_id, ack_id, stats, raw_units))
+            else:
+                self._committed(known, peer_id, ack_id, stats, now)
             return stats
         self._merges.append((peer_id, raw_units, ack_id, stats))
         self._next_merge()
@@ -1398,6 +1409,7 @@ class Gossip:
             return None
         forward: list[KnowledgeUnit] = []
         written = True  # every unit a copy of what the written store holds
+        copies = True  # ... or of what a queued batch is writing
         for inc in good:
             key = inc.semantic_key
             pending = key in self._overlay
@@ -1417,15 +1429,17 @@ class Gossip:
                 self._overlay[key] = outcome.store
             if outcome.result in (ACCEPTED, UPDATED) and outcome.store is inc:
                 forward.append(inc)
-            if (
-                pending
-                or held is None
-                or held.id != inc.id  # settled by id, as _all_known (collisions)
-                or outcome.result != DUPLICATE
-                or outcome.store is not None
-                or inc.source_peer == peer_id
-            ):
+            copy = (
+                held is not None
+                and held.id == inc.id  # settled by id, as _all_known (collisions)
+                and outcome.result == DUPLICATE
+                and outcome.store is None
+                and inc.source_peer != peer_id
+            )
+            if pending or not copy:
                 written = False
+            if not copy:
+                copies = False
         ps = self.state.peer(peer_id)
         for u in good:
             # The sender has these: never echo them back.
@@ -1435,7 +1449,13 @@ class Gossip:
             # trust.json as it is now (a demotion by the CLI counts at once).
             ctx = self._contexts.get(cfg)
             self._push_to(self.mesh.connected_peers(), forward, ctx, news=True)
-        return _Commit({}, good, bad, error) if written else None
+        if written:
+            return _Commit({}, good, bad, error)
+        if copies and good:
+            # Copies of units a queued batch is writing: nothing for the
+            # writer to do, but the ack waits for that write.
+            return _Commit({}, good, bad, error, after_write=True)
+        return None
 
     def _evicted_at_once(self, unit: KnowledgeUnit, now: int) -> bool:
         """Would the store's bounds (:func:`~claudectl.hive.store.compact`)
@@ -1483,6 +1503,18 @@ class Gossip:
         self._forwarded.clear()
         self._queued_raw.clear()
         self._overlay_ok = True
+        copies, self._after_write = self._after_write, []
+        if self._merge_failed:
+            # A write the copies counted on failed: they take the usual path
+            # (the writer decides them against what the store holds).
+            self._merge_failed = False
+            self._overlay_ok = False
+            for _, peer_id, ack_id, stats, raw_units in copies:
+                self._merges.append((peer_id, raw_units, ack_id, stats))
+        else:
+            now = self.now()
+            for out, peer_id, ack_id, stats, _ in copies:
+                self._committed(out, peer_id, ack_id, stats, now)
         if self._push_when_idle:
             self._push_when_idle = False
             self.schedule_push_all()
@@ -1503,6 +1535,12 @@ class Gossip:
             batches.append(self._merges.popleft())
         d = defer.maybeDeferred(self._merge_batches, batches)
         peers = ", ".join(dict.fromkeys(b[0] for b in batches))
+
+        def failed(failure: Any) -> Any:
+            self._merge_failed = True  # copies waiting for it go the usual way
+            return failure
+
+        d.addErrback(failed)
         d.addErrback(logged("merging knowledge from " + peers))
 
         def next_one(_: Any) -> None:

@@ -42,7 +42,7 @@ def send_at_once(transport: Any) -> None:
     """
     TCP_NODELAY on a connection: each write is sent at once, never held back
     by Nagle's algorithm until the peer acknowledges the last one -- which a
-    peer with nothing to say delays by up to 40 ms (delayed ACK).  Frames
+    peer with nothing to say delays by 40 ms or more (delayed ACK).  Frames
     are small and latency-bound (a unit crossing a mesh is one frame per
     hop).  A transport that is no TCP connection is left alone.
     """

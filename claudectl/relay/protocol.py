@@ -159,6 +159,10 @@ class RelayProtocol(LineReceiver):
             if via
             else peer_ip(self.transport)
         )
+        # From the start, handshake included: with early TLS the listener's
+        # TLS flight follows its challenge before that is acknowledged, and
+        # Nagle's algorithm would hold it a round trip on a real network.
+        send_at_once(self.transport)
         self.node.connection_opened(self)
         if self.role == LISTENER:
             verdict = self.node.admission.pacing(self.node.clock).arrive(
@@ -562,10 +566,6 @@ class RelayProtocol(LineReceiver):
             self.node.admission.success(self.ip)
         self.result = result
         self.peer_id = result.peer_id
-        # From now on each frame is sent at once (TCP_NODELAY; not during the
-        # handshake, whose few writes the kernel may coalesce: set earlier it
-        # cost link set-up time).
-        send_at_once(self.transport)
         dialer = getattr(self.factory, "dialer", None)
         if dialer is not None and dialer.retired:
             # The dialer that made this connection was removed meanwhile
