@@ -125,6 +125,7 @@ class DelegationEndToEndTests(TwoServicesBase):
         self.assertEqual(self.c.stop(), 0)
         data = json.loads(ok(run_cli(self.ctl, "--json", "relay", "status")))
         self.assertFalse(data["service_running"])
+        self.assertIsNone(data["service"])
         self.assertEqual([t["task_id"] for t in data["tasks"]], [task["task_id"]])
         self.assertEqual(data["tasks"][0]["state"], "completed")
 

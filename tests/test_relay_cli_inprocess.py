@@ -175,7 +175,12 @@ class DelegationCommandsTests(TwoHomes):
         self.assertIn("No delegated tasks", out)
         self.assertNotIn("not running", out)
         data = (await self.ok(self.b, "relay", "status", "--json")).json()
+        service = data.pop("service")
         self.assertEqual(data, {"tasks": [], "incoming": [], "service_running": True})
+        # The service's own status, with the gossip engine's counters.
+        self.assertEqual(service["identity"], self.idb)
+        self.assertEqual(service["hive"]["duplicate_units"], 0)
+        self.assertEqual(service["connected"], [])
         err = await self.failing(self.b, "relay", "status", "task_9_9")
         self.assertIn("no delegated task 'task_9_9'", err)
         err = await self.failing(self.b, "relay", "interrupt", "task_9_9", "stop")

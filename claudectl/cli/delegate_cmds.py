@@ -264,12 +264,32 @@ async def status(ctx: CliContext, task_id: str | None) -> None:
         return [x for x in lines if isinstance(x, dict)] if isinstance(lines, list) else []
 
     tail: list[dict[str, Any]] = []
+    #: The service's own status (``--json``): identity, links, counters.
+    node: dict[str, Any] = {}
+
+    async def fetch_node(reactor: Any) -> None:
+        from claudectl.control.commands import Status as ControlStatus
+
+        parts: list[str] = []
+        offset: int | None = 0
+        try:
+            while offset is not None and len(parts) < 1000:
+                r = await _call(reactor, ctx, ControlStatus, absent_ok=True, offset=offset)
+                parts.append(r["status_json"])
+                offset = r.get("next_offset")
+            value = json.loads("".join(parts))
+        except Exception:  # optional: it stopped meanwhile
+            return
+        if isinstance(value, dict):
+            node.update(value)
 
     async def go(reactor: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         try:
             found = await fetch(reactor, "outgoing"), await fetch(reactor, "incoming")
         except ServiceNotRunning:
             return None
+        if ctx.json and not task_id:
+            await fetch_node(reactor)
         for t in found[0] + found[1] if task_id else []:
             if t["task_id"] == task_id:
                 tail.extend(await fetch_tail(reactor, t))
@@ -325,7 +345,16 @@ async def status(ctx: CliContext, task_id: str | None) -> None:
                 ctx.out(f"  {_clock(line.get('at'))}  {clean_line(line.get('text', ''))[:200]}")
         return
     if ctx.json:
-        ctx.emit_json({"tasks": outgoing, "incoming": incoming, "service_running": running})
+        ctx.emit_json(
+            {
+                "tasks": outgoing,
+                "incoming": incoming,
+                "service_running": running,
+                # The running service's status (links, counters: "hive" has
+                # the gossip engine's); null without a service.
+                "service": node if running else None,
+            }
+        )
         return
     if not running:
         ctx.out("The relay service is not running: stored tasks, as last saved.")
