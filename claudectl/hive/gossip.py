@@ -1927,8 +1927,8 @@ class Gossip:
                 },
             )
         # A batch of copies only (a flooded unit's other paths: most batches
-        # in a mesh) is counted, not logged: ``relay status`` shows
-        # ``duplicate_units`` under "hive".
+        # in a mesh) is counted, not logged: ``relay status --json`` shows
+        # ``duplicate_units`` under "service" -> "hive".
         if stats["accepted"] or stats["updated"]:
             self._file_sig = self._units_cache[0] if self._units_cache else self._signature()
         if stored and self.active():
