@@ -42,6 +42,16 @@ class HiveCliTests(SynchronousTestCase):
         self.assertEqual(code, 0, err)
         return out
 
+    def test_on_and_off_write_the_bare_word(self) -> None:
+        mode = self.home.hive / "mode"
+        self.assertIn("Hive off", self.ok("hive", "off"))
+        self.assertEqual(mode.read_bytes(), b"off")  # claudectl's file: no newline
+        self.assertFalse(json.loads(self.ok("hive", "status", "--json"))["active"])
+        data = json.loads(self.ok("hive", "on", "--json"))
+        self.assertEqual((data["mode"], data["active"]), ("on", True))
+        self.assertEqual(mode.read_bytes(), b"on")
+        self.assertTrue(json.loads(self.ok("hive", "status", "--json"))["active"])
+
     def test_distill_then_list_filter_and_status(self) -> None:
         write_log(
             self.home,

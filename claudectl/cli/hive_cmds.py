@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from claudectl.atomic import atomic_write, locked
 from claudectl.cli.base import CliContext, CliError, hive, pass_ctx
 from claudectl.control.notice import notify_service
 from claudectl.hive import archive as archive_mod
@@ -308,6 +309,42 @@ def forget(ctx: CliContext, unit_id: str, json_: bool) -> None:
         return
     for u in gone:
         ctx.out(f"Removed {clean_line(u.id)}: {clean_line(_shown(u))}")
+
+
+# --- on / off -------------------------------------------------------------------------------
+
+
+def _set_mode(ctx: CliContext, word: str, json_: bool) -> None:
+    path = hive_file(ctx.home, MODE)
+    with locked(path):
+        atomic_write(path, word)  # the bare word, no newline (as claudectl writes it)
+    active = hive_active(ctx.home, ctx.config.hive)
+    if _wants_json(ctx, json_):
+        ctx.emit_json({"mode": word, "active": active, "path": str(path)})
+        return
+    if active:
+        ctx.out(f"Hive on: this instance shares and receives knowledge ({path}).")
+    else:
+        ctx.out(
+            f"Hive off: no knowledge is shared, received or injected ({path}); "
+            "`claudectl hive on` turns it back on."
+        )
+
+
+@hive.command(name="on")
+@json_option
+@pass_ctx
+def hive_on(ctx: CliContext, json_: bool) -> None:
+    """Turn the hive on for this home (writes `on` to hive/mode, over [hive] enabled)."""
+    _set_mode(ctx, "on", json_)
+
+
+@hive.command(name="off")
+@json_option
+@pass_ctx
+def hive_off(ctx: CliContext, json_: bool) -> None:
+    """Turn the hive off for this home (writes `off` to hive/mode, over [hive] enabled)."""
+    _set_mode(ctx, "off", json_)
 
 
 # --- trust ----------------------------------------------------------------------------------
