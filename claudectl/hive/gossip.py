@@ -850,9 +850,7 @@ class Gossip:
             self._outbox.pop(peer_id, None)  # the link is gone: offered again on the next
             return
         # On the wire now (as news is, :meth:`_push_to`): one frame per turn anyway.
-        flush = getattr(self.mesh, "flush", None)
-        if flush is not None:
-            flush(peer_id)
+        self.mesh.flush(peer_id)
         self._later(0, self._drain_box, peer_id, box)
 
     def _queued(self, peer_id: str, page: Page) -> None:
@@ -1092,11 +1090,10 @@ class Gossip:
         waiting = {p for p in peers if p in self._outbox}
         counts = [(p, self._push(p, units, ctx)) for p in peers]
         sent = [(p, n) for p, n in counts if n]
-        flush = getattr(self.mesh, "flush", None) if news else None
-        if flush is not None:
+        if news:
             for p, _ in sent:
                 if p not in waiting:
-                    flush(p)
+                    self.mesh.flush(p)
         total = sum(n for _, n in sent)
         if len(sent) == 1:
             log.info("sent {count} knowledge unit(s) to {peer_id}", count=total, peer_id=sent[0][0])

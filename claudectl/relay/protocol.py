@@ -40,7 +40,14 @@ from claudectl.relay.handshake import (
     Step,
 )
 from claudectl.relay.interfaces import ILinkHost
-from claudectl.relay.links import CONNECTOR, LISTENER, ILink, PeerLink, send_at_once
+from claudectl.relay.links import (
+    CONNECTOR,
+    LISTENER,
+    ILink,
+    PeerLink,
+    send_at_once,
+    send_queued,
+)
 from claudectl.relay.session import Disconnect, FrameFilter, Liveness
 from claudectl.relay.tls import (
     can_preface,
@@ -48,7 +55,6 @@ from claudectl.relay.tls import (
     exporter_of,
     flush_tls,
     is_tls13,
-    send_queued,
     start_tls,
 )
 

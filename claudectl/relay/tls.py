@@ -321,25 +321,6 @@ def flush_tls(transport: Any) -> None:
         layer.flush_now()
 
 
-def send_queued(transport: Any) -> None:
-    """
-    Hand what a link's TCP connection has queued to the kernel now (one
-    ``send``) instead of when the reactor next polls (after :func:`flush_tls`
-    on a TLS link: the connection's TLS layer writes into it) -- only while
-    the connection is open and not closing: a closing connection's last
-    write is the reactor's to finish (it then reports the connection lost).
-    A transport that is no TCP connection (a test's) is left alone.
-    """
-    write = getattr(transport, "doWrite", None)
-    if (
-        callable(write)
-        and getattr(transport, "connected", False)
-        and not getattr(transport, "disconnecting", True)
-        and not getattr(transport, "disconnected", True)
-    ):
-        write()
-
-
 class TLSContexts:
     """One server and one client context per node, made once."""
 
