@@ -343,6 +343,9 @@ class BusMesh:
     def flush(self, peer_id: str) -> None:
         pass  # the bus delivers in rounds
 
+    def hold_reading(self, peer_id: str, held: bool) -> None:
+        pass  # the bus delivers in rounds: nothing piles up between them
+
     def connected_peers(self) -> list[str]:
         return sorted(self.peers)
 

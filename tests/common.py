@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 from zope.interface import implementer
 
 from claudectl.home import Home
-from claudectl.relay.codec import Envelope
+from claudectl.relay.codec import Envelope, encode
 from claudectl.relay.interfaces import IMesh
 
 _HERE = Path(__file__).resolve().parent
@@ -79,6 +80,8 @@ class FakeMesh:
         self.sent: list[tuple[str, str, Any]] = []
         #: Peers whose frames the layer above asked to put on the wire at once.
         self.flushed: list[str] = []
+        #: ``hold_reading`` calls: (peer, held).
+        self.holds: list[tuple[str, bool]] = []
         #: ``unsent_bytes`` answers (what a peer has not read); unset = 0.
         self.unsent: dict[str, int] = {}
         self.handlers: dict[str, list[Any]] = {}
@@ -94,6 +97,10 @@ class FakeMesh:
 
     def flush(self, peer_id: str) -> None:
         self.flushed.append(peer_id)
+
+    def hold_reading(self, peer_id: str, held: bool) -> None:
+        if peer_id in self.peers:
+            self.holds.append((peer_id, held))
 
     def connected_peers(self) -> list[str]:
         return sorted(self.peers)
@@ -148,6 +155,8 @@ class FakeMesh:
             0,
             payload,
         )
+        # As off the wire: the frame's size, which the layers charge for it.
+        env = dataclasses.replace(env, wire_bytes=len(encode(env)))
         for h in self.handlers.get(msg_type, []):
             h(peer_id, env)
 

@@ -555,6 +555,85 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.assertNotIn("ku_ev", stored(self.home))
         self.assertEqual(self.synced(), [])
 
+    def test_copies_of_a_unit_evicted_as_it_was_stored_are_duplicates(self) -> None:
+        """A full store evicts a weak peer unit as it stores it; each later
+        copy (a flooding mesh, or a peer sending it again and again) is a
+        duplicate -- acked, not stored and evicted again, not counted new."""
+        from claudectl.hive.trust import load_trust
+
+        self.start(max_units=1)  # ku_mine fills the store
+        weak = unit_json("ku_weak", "peer-z", cmd="make weak", confidence=0.1, hops=1)
+        self.sync("peer-a", weak)
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertNotIn("ku_weak", stored(self.home))
+        archived = (self.home.hive / "archive.jsonl").read_bytes().count(b"ku_weak")
+        self.assertEqual(archived, 1)
+        for peer in ("peer-b", "peer-a", "peer-c"):
+            self.sync(peer, dict(weak, propagation_count=2))
+        self.assertEqual(self.writer.jobs, [])  # nothing to write, not even a look
+        self.clock.advance(ACK_DELAY_SECS)
+        self.assertEqual(self.acks("peer-b"), [["ku_weak", 1]])
+        self.assertEqual(self.gossip.counters["duplicate_units"], 3)
+        self.clock.advance(gossip_mod.RECORD_FLUSH_SECS)
+        self.writer.release()
+        day = str(NOW // 86400)
+        for peer, count in (("peer-a", 1), ("peer-b", 0)):
+            rec = load_trust(self.home).get(peer)
+            self.assertEqual(rec.daily_received.get(day, 0) if rec else 0, count, peer)
+        after = (self.home.hive / "archive.jsonl").read_bytes().count(b"ku_weak")
+        self.assertEqual(after, 1)
+        # A newer version is news again (decided by the writer).
+        self.sync("peer-a", dict(weak, version=2))
+        self.assertEqual(len(self.writer.jobs), 1)
+
+    def test_the_evicted_are_forgotten_once_the_store_has_room(self) -> None:
+        self.start(max_units=2)
+        self.sync("peer-a", unit_json("ku_p1", "peer-z", cmd="make p1", hops=1))
+        self.writer.release()
+        self.clock.advance(0)
+        weak = unit_json("ku_weak", "peer-z", cmd="make weak", confidence=0.1, hops=1)
+        self.sync("peer-a", weak)
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertEqual(self.gossip._gone_view, {("ku_weak", 1)})
+        # The user makes room (hive forget, an edit): the store is read again.
+        from claudectl.hive.store import store_transaction
+
+        with store_transaction(self.home, local_id="me-1") as store:
+            store.remove_id("ku_p1")
+        self.gossip.on_store_changed()
+        self.writer.release()
+        self.assertEqual(self.gossip._gone_view, frozenset())
+        self.sync("peer-b", weak)
+        self.writer.release()
+        self.assertIn("ku_weak", stored(self.home))
+
+    def test_a_peer_whose_batches_pile_up_is_not_read_until_they_are_merged(self) -> None:
+        """Back-pressure, not loss: past HOLD_BYTES of unmerged batches the
+        peer's link is not read; once merged down to half, it is read again,
+        and every unit it sent is stored and acked."""
+        self.patch(gossip_mod, "HOLD_BYTES", 4000)
+        units = [unit_json(f"ku_h{i}", "peer-z", cmd=f"make h{i}", hops=1) for i in range(40)]
+        for i in range(0, 40, 20):  # over FORWARD_MAX_UNITS: the writer decides them
+            self.sync("peer-a", *units[i : i + 20])
+        self.assertEqual(self.mesh.holds, [("peer-a", True)])
+        self.assertEqual(self.gossip.counters["reads_held"], 1)
+        # A new link while they are merged starts held too.
+        self.mesh.connect("peer-a")
+        self.assertEqual(self.mesh.holds, [("peer-a", True), ("peer-a", True)])
+        self.sync("peer-b", unit_json("ku_other", "peer-y", cmd="make other"))
+        self.assertEqual(self.mesh.holds[-1][0], "peer-a")  # other peers are read on
+        self.writer.release()
+        self.clock.advance(0)
+        self.writer.release()
+        self.assertEqual(self.mesh.holds[-1], ("peer-a", False))
+        self.assertEqual(self.gossip._unmerged_bytes, {})
+        for u in units:
+            self.assertIn(u["id"], stored(self.home))
+        self.clock.advance(ACK_DELAY_SECS)
+        self.assertEqual(len(self.acks("peer-a")), 40)
+
     def test_counts_are_booked_on_the_day_their_units_came(self) -> None:
         from claudectl.hive.trust import load_trust
 

@@ -515,6 +515,22 @@ class ListenerTests(SynchronousTestCase):
         self.reactor.advance(3)
         self.assertTrue(transport.disconnecting)
 
+    def test_held_reading_pauses_the_transport_and_not_the_liveness(self) -> None:
+        """While the layers above hold a link's reading, the peer's silence is
+        ours: the link is not declared dead; the deadline starts again at the release."""
+        proto, transport = self.authenticated()
+        self.node.mesh.hold_reading("claude-rs-01", True)
+        self.assertEqual(transport.producerState, "paused")
+        self.node.mesh.hold_reading("claude-rs-01", True)  # idempotent
+        self.reactor.advance(300)
+        self.assertFalse(transport.disconnecting)
+        self.node.mesh.hold_reading("claude-rs-01", False)
+        self.assertEqual(transport.producerState, "producing")
+        self.reactor.advance(89)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(3)  # now the peer's silence counts again
+        self.assertTrue(transport.disconnecting)
+
     def test_heartbeat_each_interval_while_the_peer_talks(self) -> None:
         proto, transport = self.authenticated()
         for k in range(6):

@@ -159,6 +159,14 @@ SNAPSHOT_ENTRY_CHARGE = 64
 SNAPSHOT_PAGE_CHARGE = 16 * 1024
 #: (id, version) pairs per ``ack`` frame.
 ACK_MAX_PAIRS = 4096
+#: A peer's received batches waiting to be merged may hold this many bytes
+#: (their frames' size) before its link is no longer read (see
+#: :meth:`Gossip._charge`); reading goes on at half of it.
+HOLD_BYTES = 8 * 1024 * 1024
+
+#: Units evicted as they were stored remembered (see ``Gossip._gone``).
+GONE_MAX = 4096
+
 #: Seconds in a (UTC) day: the daily cap's unit.
 DAY = 86400
 #: A peer may have this many bytes written to it and not taken by the kernel
@@ -439,15 +447,19 @@ def _all_known(
     units: list[KnowledgeUnit],
     peer_id: str,
     recorded: Container[str] = (),
+    gone: Container[tuple[str, int]] = (),
 ) -> bool:
     """True when every unit is already stored (``stored``: the store by
     semantic key) at that version by no shorter path (and none comes straight
     from its origin while ``delivery.json`` has an entry for its id --
-    ``recorded`` -- that this better path would remove).  A batch of new
-    units is told at its first unit."""
+    ``recorded`` -- that this better path would remove), or was evicted by
+    the store's bounds as it was stored (``gone``: (id, version) pairs).  A
+    batch of new units is told at its first unit."""
     if stored is None:
         return False
     for u in units:
+        if (u.id, u.version) in gone:
+            continue
         if u.source_peer == peer_id and u.id in recorded:
             return False  # from its origin: its delivery record may improve
         h = stored.get(u.semantic_key)
@@ -459,6 +471,18 @@ def _all_known(
         ):
             return False
     return True
+
+
+def _held_at(
+    get: Callable[[str], KnowledgeUnit | None], units: list[KnowledgeUnit]
+) -> dict[str, KnowledgeUnit]:
+    """What a store (``get`` by semantic key) holds at the keys of ``units``."""
+    held = {}
+    for u in units:
+        h = get(u.semantic_key)
+        if h is not None:
+            held[u.semantic_key] = h
+    return held
 
 
 def _stored_by_key(
@@ -490,6 +514,8 @@ class _Job:
     #: Each peer's last contact, for the store's bounds: the reactor's copy
     #: of trust.json, and now for the peers heard from since it was written.
     contact: dict[str, int]
+    #: Units the store's bounds evicted as they were stored (``Gossip._gone``).
+    gone: frozenset[tuple[str, int]] = frozenset()
     #: trust.json as the job wrote it, or None.
     book: TrustBook | None = None
 
@@ -514,6 +540,22 @@ class _Commit:
     #: Decided on the reactor: copies of units that batches still queued are
     #: writing (done once those writes are, see :meth:`Gossip._merge_queue_idle`).
     after_write: bool = False
+    #: (id, version) of the units this batch stored that the store's bounds
+    #: evicted in the same commit (see :attr:`Gossip._gone`).
+    gone: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Received:
+    """A batch received from a peer, until it is merged (or known to need no merge)."""
+
+    peer_id: str
+    raw_units: list[Any]
+    ack_id: str
+    #: The counts :meth:`Gossip.receive` returns (filled in once merged).
+    stats: dict[str, int]
+    #: What it is charged against its peer's :data:`HOLD_BYTES`.
+    nbytes: int = 0
 
 
 class Gossip:
@@ -553,7 +595,7 @@ class Gossip:
         #: trust.json as last read or written by us (the reactor's copy).
         self._trust: TrustBook = load_trust(home, config.hive.default_trust)
         #: Batches waiting for the merge before them (one merge at a time).
-        self._merges: deque[tuple[str, list[Any], str, dict[str, int]]] = deque()
+        self._merges: deque[_Received] = deque()
         self._merging = False
         #: Stored units wait to be encoded for sending (see :meth:`_merge_batches`).
         self._warm_pending = False
@@ -572,8 +614,15 @@ class Gossip:
         #: Batches of copies of units queued batches are writing (decided
         #: early): acknowledged once the queue is written, merged the usual
         #: way if a write failed (``_merge_failed``).
-        self._after_write: list[tuple[_Commit, str, str, dict[str, int], list[Any]]] = []
+        self._after_write: list[tuple[_Commit, _Received]] = []
         self._merge_failed = False
+        #: (id, version) -> None of peer units the store's bounds evicted as
+        #: they were stored (the store is full of units that weigh more), the
+        #: latest GONE_MAX: their copies are duplicates, not new units each
+        #: stored and evicted again.  Forgotten once the store has room.
+        self._gone: dict[tuple[str, int], None] = {}
+        #: ... as the frozenset writer jobs read (replaced, never changed).
+        self._gone_view: frozenset[tuple[str, int]] = frozenset()
         #: knowledge_requests held while an answer is going out, per peer:
         #: the latest one's since_epoch (see :meth:`on_request`).
         self._held_requests: dict[str, int] = {}
@@ -587,6 +636,10 @@ class Gossip:
         self._forwarded: set[tuple[str, int, int]] = set()
         #: Per peer, the units of its batches still queued (the rate cap's reserve).
         self._queued_raw: dict[str, int] = {}
+        #: Per peer, the bytes of its batches not merged yet; its link is
+        #: not read while they are over HOLD_BYTES (see :meth:`_charge`).
+        self._unmerged_bytes: dict[str, int] = {}
+        self._holding: set[str] = set()
         #: The unit cache by semantic key (built when first needed).
         self._key_index: tuple[list[KnowledgeUnit], Mapping[str, KnowledgeUnit]] | None = None
         self._indexing: list[KnowledgeUnit] | None = None
@@ -651,6 +704,7 @@ class Gossip:
             "merged_batches": 0,
             "dropped_rate_cap": 0,
             "duplicate_units": 0,
+            "reads_held": 0,
         }
 
     # --- wiring -------------------------------------------------------------------------
@@ -748,6 +802,9 @@ class Gossip:
         # handshake may be answered before then, and its pages must stay.
         # (A link that replaces an older one gets no link-down first.)
         self._end_link(peer_id)
+        if peer_id in self._holding:
+            # Its last link's batches are still being merged: this one waits too.
+            self.mesh.hold_reading(peer_id, True)
         if self._forwarded:
             self._push_when_idle = True  # it missed what went out early
         # The rest not inside the authentication callback: a big store must not stall it.
@@ -1225,7 +1282,7 @@ class Gossip:
         if env.msg_type == codec.KNOWLEDGE_SNAPSHOT:
             self._snapshot_page(peer_id, payload, raw_units, env.id, env.wire_bytes)
             return
-        self.receive(peer_id, raw_units, ack_id=env.id)
+        self.receive(peer_id, raw_units, ack_id=env.id, nbytes=env.wire_bytes)
 
     def _may_warn(self, peer_id: str) -> bool:
         """Rate-limit the log lines a peer's bad input causes (per peer, per minute)."""
@@ -1299,11 +1356,14 @@ class Gossip:
 
     def _flush_pages(self, peer_id: str) -> None:
         ack_id = self._page_ack.get(peer_id, "")
+        charge = self._page_bytes.get(peer_id, 0)
         units = self._drop_pages(peer_id)
         if units:
-            self.receive(peer_id, units, ack_id=ack_id)
+            self.receive(peer_id, units, ack_id=ack_id, nbytes=charge)
 
-    def receive(self, peer_id: str, raw_units: list[Any], ack_id: str = "") -> dict[str, int]:
+    def receive(
+        self, peer_id: str, raw_units: list[Any], ack_id: str = "", nbytes: int = 0
+    ) -> dict[str, int]:
         """
         Validate, rate-limit and merge one batch from ``peer_id``; then pass it on.
 
@@ -1313,7 +1373,10 @@ class Gossip:
         brings that is new goes on at once, and a batch of copies of what
         the store already holds needs no writer job at all.  The returned
         counts are filled in once the batch is merged -- at once when there
-        is no writer thread (reactor-free callers and tests).
+        is no writer thread (reactor-free callers and tests).  ``nbytes``
+        (the frames' size) is charged to the peer until then: a peer whose
+        batches pile up faster than they are merged is not read meanwhile
+        (:meth:`_charge`).
         """
         stats = {
             "received": len(raw_units),
@@ -1324,6 +1387,7 @@ class Gossip:
             "rejected": 0,
             "duplicates": 0,
         }
+        batch = _Received(peer_id, raw_units, ack_id, stats, nbytes)
         self._queued_raw[peer_id] = self._queued_raw.get(peer_id, 0) + len(raw_units)
         try:
             known = self._forward_early(peer_id, raw_units)
@@ -1338,13 +1402,51 @@ class Gossip:
             now = self.now()
             self._unrecorded.setdefault((peer_id, now // DAY), 0)  # marks the contact
             if known.after_write:
-                self._after_write.append((known, peer_id, ack_id, stats, raw_units))
+                self._charge(batch)
+                self._after_write.append((known, batch))
             else:
                 self._committed(known, peer_id, ack_id, stats, now)
             return stats
-        self._merges.append((peer_id, raw_units, ack_id, stats))
+        self._charge(batch)
+        self._merges.append(batch)
         self._next_merge()
         return stats
+
+    def _charge(self, batch: _Received) -> None:
+        """
+        ``batch`` waits in memory: charge its peer.  Once a peer's waiting
+        batches pass :data:`HOLD_BYTES`, its link is not read until they are
+        down to half of that (TCP's flow control slows the sender; nothing
+        is dropped).  An honest peer rarely gets here -- a big push to a
+        slow disk; a peer flooding copies of what we hold does, and costs
+        us no more than that in memory.
+        """
+        peer_id = batch.peer_id
+        left = self._unmerged_bytes.get(peer_id, 0) + batch.nbytes
+        self._unmerged_bytes[peer_id] = left
+        if left > HOLD_BYTES and peer_id not in self._holding:
+            self._holding.add(peer_id)
+            self.counters["reads_held"] += 1
+            self.mesh.hold_reading(peer_id, True)
+            if self._may_warn(peer_id):
+                log.info(
+                    "not reading from {peer_id} for now: {mib:.1f} MiB of its knowledge "
+                    "waits to be merged",
+                    peer_id=peer_id,
+                    mib=left / 1048576,
+                )
+
+    def _discharge(self, batch: _Received) -> None:
+        """``batch`` is merged (or dropped): its bytes are no longer held."""
+        peer_id = batch.peer_id
+        left = self._unmerged_bytes.get(peer_id, 0) - batch.nbytes
+        if left > 0:
+            self._unmerged_bytes[peer_id] = left
+        else:
+            self._unmerged_bytes.pop(peer_id, None)
+        if peer_id in self._holding and left <= HOLD_BYTES // 2:
+            self._holding.discard(peer_id)
+            self.mesh.hold_reading(peer_id, False)
 
     def _forward_early(self, peer_id: str, raw_units: list[Any]) -> _Commit | None:
         """
@@ -1377,6 +1479,14 @@ class Gossip:
             return None
         cache = self._units_cache
         cfg = self.config.hive
+        if self._gone_view and len(raw_units) <= FORWARD_MAX_UNITS:
+            good, bad, error = validate_batch(raw_units)
+            gone = self._gone_view
+            if good and all((u.id, u.version) in gone for u in good):
+                # Copies of units the store's bounds took back as they were
+                # stored: nothing to write (the writer would store and evict
+                # each copy again).
+                return _Commit({}, good, bad, error)
         now = self.now()
         rec = self._trust.get(peer_id)
         counted = rec.daily_received.get(str(now // DAY), 0) if rec is not None else 0
@@ -1506,12 +1616,12 @@ class Gossip:
             # (the writer decides them against what the store holds).
             self._merge_failed = False
             self._overlay_ok = False
-            for _, peer_id, ack_id, stats, raw_units in copies:
-                self._merges.append((peer_id, raw_units, ack_id, stats))
+            self._merges.extend(batch for _, batch in copies)
         else:
             now = self.now()
-            for out, peer_id, ack_id, stats, _ in copies:
-                self._committed(out, peer_id, ack_id, stats, now)
+            for out, batch in copies:
+                self._discharge(batch)
+                self._committed(out, batch.peer_id, batch.ack_id, batch.stats, now)
         if self._push_when_idle:
             self._push_when_idle = False
             self.schedule_push_all()
@@ -1526,12 +1636,12 @@ class Gossip:
             return
         self._merging = True
         batches = [self._merges.popleft()]
-        units = len(batches[0][1])
-        while self._merges and units + len(self._merges[0][1]) <= COALESCE_UNITS:
-            units += len(self._merges[0][1])
+        units = len(batches[0].raw_units)
+        while self._merges and units + len(self._merges[0].raw_units) <= COALESCE_UNITS:
+            units += len(self._merges[0].raw_units)
             batches.append(self._merges.popleft())
         d = defer.maybeDeferred(self._merge_batches, batches)
-        peers = ", ".join(dict.fromkeys(b[0] for b in batches))
+        peers = ", ".join(dict.fromkeys(b.peer_id for b in batches))
 
         def failed(failure: Any) -> Any:
             self._merge_failed = True  # copies waiting for it go the usual way
@@ -1542,6 +1652,8 @@ class Gossip:
 
         def next_one(_: Any) -> None:
             self._merging = False
+            for batch in batches:
+                self._discharge(batch)
             if not self._merges:
                 self._merge_queue_idle()
             if self._store_recheck:
@@ -1609,10 +1721,10 @@ class Gossip:
         already += self._uncounted(peer_id, now)
         return max(0, self.config.hive.max_units_per_peer_per_day - already)
 
-    def _merge_batches(self, batches: list[tuple[str, list[Any], str, dict[str, int]]]) -> Any:
+    def _merge_batches(self, batches: list[_Received]) -> Any:
         now = self.now()
         allowances: dict[str, int] = {}
-        for peer_id, *_ in batches:
+        for peer_id in (b.peer_id for b in batches):
             if peer_id not in allowances:
                 allowances[peer_id] = self._allowance(peer_id, now)
                 self._unrecorded.setdefault((peer_id, now // DAY), 0)  # marks the contact
@@ -1623,16 +1735,16 @@ class Gossip:
         contact = self._trust.last_contact()
         for peer, _day in (*counts, *self._recording):
             contact[peer] = now
-        job = _Job(dict(counts), contact)
+        job = _Job(dict(counts), contact, self._gone_view)
         # The new units are encoded for sending in the same job when they go
         # on to another peer now (or are few); else once no batch waits, so
         # that a big snapshot's next pages are not kept waiting for it.
-        warm = sum(len(b[1]) for b in batches) < BULK_UNITS or any(
+        warm = sum(len(b.raw_units) for b in batches) < BULK_UNITS or any(
             p not in allowances for p in self.mesh.connected_peers()
         )
         d = self.writer.run(
             self._commit,
-            [(b[0], b[1]) for b in batches],
+            [(b.peer_id, b.raw_units) for b in batches],
             allowances,
             now,
             job,
@@ -1654,12 +1766,12 @@ class Gossip:
                 self._warm_pending = True
             # Every sender has its units before any push round this job's
             # first batch may start: none goes back to the peer it came from.
-            for out, (peer_id, *_) in zip(outs, batches, strict=True):
-                sent = self.state.peer(peer_id).sent
+            for out, b in zip(outs, batches, strict=True):
+                sent = self.state.peer(b.peer_id).sent
                 for u in out.good:
                     sent[u.id] = max(sent.get(u.id, 0), u.version)
-            for out, (peer_id, _, ack_id, stats) in zip(outs, batches, strict=True):
-                self._committed(out, peer_id, ack_id, stats, now)
+            for out, b in zip(outs, batches, strict=True):
+                self._committed(out, b.peer_id, b.ack_id, b.stats, now)
 
         d.addBoth(returned)
         d.addCallback(committed)
@@ -1735,7 +1847,7 @@ class Gossip:
         todo = [
             (peer_id, out)
             for (peer_id, _), out in zip(batches, outs, strict=True)
-            if out.good and not _all_known(stored, out.good, peer_id, recorded)
+            if out.good and not _all_known(stored, out.good, peer_id, recorded, job.gone)
         ]
         if not todo:
             # Copies of what we hold (other paths of the same gossip): no
@@ -1758,8 +1870,10 @@ class Gossip:
         ) as store:
             existing = store.by_key()
             for peer_id, out in todo:
-                # The store as this batch found it (collisions are per batch).
-                before = store.by_key() if merged else existing
+                # The store as this batch found it, at the batch's keys
+                # (collisions are per batch; a copy of the whole store per
+                # batch cost a flood of small batches O(store) each).
+                before = _held_at(store.get, out.good) if merged else existing
                 left = remaining.get(peer_id, 0)
                 result = merge_batch(store, out.good, self.identity, now, budget=left)
                 remaining[peer_id] = max(0, left - result.accepted - result.updated)
@@ -1774,6 +1888,10 @@ class Gossip:
         units = store.units()
         # Taken under the store's lock (a CLI write right after is not ours).
         sig = self._commit_sig = store.signature
+        if store.evicted:
+            evicted = {id(e.unit) for e in store.evicted}
+            for _, out, result, _ in merged:
+                out.gone = [(u.id, u.version) for u in result.stored if id(u) in evicted]
         logs = BatchResult()
         for _, _, result, _ in merged:
             logs.conflicts.extend(result.conflicts)
@@ -1852,6 +1970,7 @@ class Gossip:
         result, units, sig, book = out.committed
         # What we just wrote is the store now: no need to parse it again.
         self._units_cache = (sig, units)
+        self._remember_gone(out.gone, len(units))
         if out.by_key is not None and len(out.by_key) == len(units):
             self._key_index = (units, out.by_key)  # the store's own key table
         self._prepare_index(units)
@@ -1881,6 +2000,24 @@ class Gossip:
             held = out.by_key if out.by_key is not None else {u.semantic_key: u for u in units}
             rest = [u for u in rest if held.get(u.semantic_key) is u]
         self._merged(peer_id, good, have, ack_id, stats, now, rest)
+
+    def _remember_gone(self, gone: list[tuple[str, int]], stored: int) -> None:
+        """Units evicted as they were stored (see ``_gone``); all forgotten
+        once the store (``stored`` units) has room again."""
+        cap = self.config.hive.max_units
+        if not cap or stored < cap:
+            if self._gone:
+                self._gone.clear()
+                self._gone_view = frozenset()
+            return
+        if not gone:
+            return
+        for pair in gone:
+            self._gone.pop(pair, None)
+            self._gone[pair] = None
+        while len(self._gone) > GONE_MAX:
+            del self._gone[next(iter(self._gone))]
+        self._gone_view = frozenset(self._gone)
 
     def _merged(
         self,
@@ -2136,6 +2273,7 @@ class Gossip:
             if units is None:
                 return
             self._units_cache = (sig, units)
+            self._remember_gone([], len(units))  # room again: forget the evicted
             self._prepare_index(units)
             if sig != self._file_sig:
                 self._file_sig = sig

@@ -77,6 +77,8 @@ class KnowledgeStore:
     def __init__(self, units: Iterable[KnowledgeUnit] = ()) -> None:
         #: knowledge.jsonl's stat() signature when a transaction left it.
         self.signature: tuple[int, int, int] | None = None
+        #: What the store's bounds evicted when a transaction ended.
+        self.evicted: list[Eviction] = []
         self._by_key: dict[str, KnowledgeUnit] = {}
         for unit in units:
             self.insert(unit)
@@ -539,6 +541,7 @@ def store_transaction(
             )
             if evicted:
                 store.replace_all(kept)
+                store.evicted = evicted
         after = store._by_key
         if loaded.bad:
             quarantine_lines(home, loaded.bad, KNOWLEDGE, t)

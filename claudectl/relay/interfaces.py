@@ -79,6 +79,11 @@ class IMesh(Interface):
         """Bytes written to the peer's link that the kernel has not taken
         yet (a peer that stops reading makes this grow); 0 without a link."""
 
+    def hold_reading(peer_id: str, held: bool) -> None:
+        """Stop or go on reading the peer's link (back-pressure: a layer
+        whose work from that peer piles up holds it until it caught up).
+        Applies to the link up now; a new link starts unheld."""
+
 
 class ILinkHost(Interface):
     """What a link's protocol needs of the node it belongs to."""

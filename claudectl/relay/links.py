@@ -37,6 +37,11 @@ class ILink(Interface):
     def flush() -> None:
         """Put what was written so far on the wire now (not on the reactor's next poll)."""
 
+    def hold_reading(held: bool) -> None:
+        """Stop (``True``) or go on (``False``) reading from the peer: TCP's
+        flow control then slows its sender.  Silence while held is ours, not
+        the peer's: it does not count against the link's liveness."""
+
 
 def send_at_once(transport: Any) -> None:
     """

@@ -71,6 +71,11 @@ class Mesh:
         if link is not None:
             link.protocol.flush()
 
+    def hold_reading(self, peer_id: str, held: bool) -> None:
+        link = self.links.get(peer_id)
+        if link is not None:
+            link.protocol.hold_reading(held)
+
     def send_envelope(self, peer_id: str, env: Envelope) -> bool:
         link = self.links.get(peer_id)
         if link is None:

@@ -143,6 +143,8 @@ class RelayProtocol(LineReceiver):
         self._failure_counted = False
         #: In the accept pacer's waiting room (listener only).
         self._waiting = False
+        #: Reading held by the layers above (:meth:`hold_reading`).
+        self._held = False
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the connection is gone."""
@@ -331,6 +333,23 @@ class RelayProtocol(LineReceiver):
 
     def send(self, env: Envelope) -> None:
         self._write(codec.encode(env))
+
+    def hold_reading(self, held: bool) -> None:
+        """
+        Back-pressure from the layers above: stop reading from the peer
+        while its frames' work piles up (TCP's flow control then slows its
+        sender), go on once it caught up.  Frames of the read under way are
+        still delivered.  The liveness deadline does not run meanwhile.
+        """
+        if held == self._held or self.transport is None or self.is_closed:
+            return
+        self._held = held
+        if held:
+            self.transport.pauseProducing()
+        else:
+            if self._liveness is not None:
+                self._liveness.touch()  # the silence was ours
+            self.transport.resumeProducing()
 
     def flush(self) -> None:
         """
@@ -653,6 +672,8 @@ class RelayProtocol(LineReceiver):
             # As LoopingCall: the next one on the grid, intervals missed skipped.
             every = self._heartbeat_every
             self._next_heartbeat += every * (1 + int((now - self._next_heartbeat) // every))
+        if self._held:
+            self._liveness.touch()  # we are not reading: the silence is ours
         remaining = self._liveness.remaining()
         if remaining >= 0:
             if not self.is_closed:
