@@ -99,6 +99,12 @@ class SyncFloodTests(TestCase):
     timeout = 90
 
     async def test_a_flooding_peer_is_held_then_read_again_and_nothing_is_lost(self) -> None:
+        await self.flood(tls=False)
+
+    async def test_the_same_over_tls(self) -> None:
+        await self.flood(tls=True)
+
+    async def flood(self, tls: bool) -> None:
         import threading
 
         s = RunningService(temp_home(self))
@@ -108,7 +114,7 @@ class SyncFloodTests(TestCase):
         await wait_for(lambda: s.node.listening_ports, 10, "the listener")
         hold = 100 * 1024
         self.patch(gossip_mod, "HOLD_BYTES", hold)
-        peer = make_node(self, "peer-sync-flood", reactor=reactor)
+        peer = make_node(self, "peer-sync-flood", reactor=reactor, tls=tls)
         psk = b"s" * 32
         peer.keystore.save_key(local, psk)
         KeyStore(s.home).save_key("peer-sync-flood", psk)
@@ -116,6 +122,9 @@ class SyncFloodTests(TestCase):
         self.addCleanup(peer.close_all)
         g = gossip_of(s)
         await wait_for(lambda: "peer-sync-flood" in s.node.mesh.connected_peers(), 10, "the link")
+        self.assertEqual(
+            s.node.mesh.peer_transport("peer-sync-flood"), "tls1.3" if tls else "plaintext"
+        )
         # The writer is busy (a slow disk, a big merge) while the frames come.
         busy = threading.Event()
         self.addCleanup(busy.set)
