@@ -153,7 +153,6 @@ class SyncFloodTests(TestCase):
         self.assertLess(g._unmerged_bytes["peer-sync-flood"], 1024 * 1024)
         busy.set()
 
-
         def missing() -> list[str]:
             held = {u.id for u in g._load_units()}
             return [uid for uid in sent if uid not in held]
