@@ -492,6 +492,27 @@ class PrettyTests(SynchronousTestCase):
         want = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
         self.assertEqual(dumps_pretty(value), want)
 
+    def test_the_bulk_shapes_as_json_dumps_writes_them(self) -> None:
+        """Lists of strings and maps to whole numbers (sync_state.json's ids
+        and versions) take a path of their own; their near misses do not."""
+        for value in (
+            {
+                "units_sent": ["ku_b", "ku_a\u00e9", "\u2028"],
+                "sent_versions": {"ku_a": 1, "ku_b": 2},
+            },
+            {"a": 1, "b": True},  # a bool among the numbers
+            {"a": 10**30, "b": -1},
+            ["a", 1, "b"],  # a number among the strings
+            [1, "a"],
+            ("x", "y"),
+            {1: 2, 3: 4},  # keys json.dumps turns into strings
+            {"a": 1, 2: 3},
+            [["a"], ["b", "c"]],
+        ):
+            with self.subTest(value=value):
+                want = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
+                self.assertEqual(dumps_pretty(value), want)
+
     def test_unusual_values_are_left_to_json_dumps(self) -> None:
         for value in ({1: "a"}, [{"a": float("nan")}], {"x": OrderedDict(b=1)}):
             try:

@@ -1091,6 +1091,8 @@ class _NotPlain(Exception):
 _ENCODE_STR = json.encoder.encode_basestring
 _ENCODE_SCALAR = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 _SCALARS = (float, bool, type(None))
+_INTS = {int}
+_MEMBER = "{}: {}".format
 
 
 def _pretty(value: Any, newline: str, out: list[str]) -> None:
@@ -1104,6 +1106,16 @@ def _pretty(value: Any, newline: str, out: list[str]) -> None:
             out.append("{}")
             return
         inner = newline + "  "
+        if set(map(type, value.values())) == _INTS:
+            # A map to whole numbers (ids to versions): no Python call per member.
+            try:
+                body = ("," + inner).join(
+                    map(_MEMBER, map(_ENCODE_STR, value), map(int.__repr__, value.values()))
+                )
+            except TypeError:  # a key that is not a string
+                raise _NotPlain from None
+            out.append("{" + inner + body + newline + "}")
+            return
         sep = "{" + inner
         for k, v in value.items():
             if type(k) is not str:
@@ -1117,6 +1129,15 @@ def _pretty(value: Any, newline: str, out: list[str]) -> None:
             out.append("[]")
             return
         inner = newline + "  "
+        if type(value[0]) is str:
+            # A list of strings (ids): encoded and joined in C.
+            try:
+                body = ("," + inner).join(map(_ENCODE_STR, value))
+            except TypeError:  # not all strings: member by member
+                pass
+            else:
+                out.append("[" + inner + body + newline + "]")
+                return
         sep = "[" + inner
         for v in value:
             out.append(sep)
