@@ -596,7 +596,7 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.sync("peer-a", weak)
         self.writer.release()
         self.clock.advance(0)
-        self.assertEqual(self.gossip._gone_view, {("ku_weak", 1)})
+        self.assertEqual([k[:2] for k in self.gossip._gone_view], [("ku_weak", 1)])
         # The user makes room (hive forget, an edit): the store is read again.
         from claudectl.hive.store import store_transaction
 
@@ -608,6 +608,107 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.sync("peer-b", weak)
         self.writer.release()
         self.assertIn("ku_weak", stored(self.home))
+
+    def full_store_evicts(self, weak: dict[str, Any]) -> None:
+        """A store at max_units (ku_mine) evicts ``weak`` as peer-a's copy is stored."""
+        self.start(max_units=1)
+        self.sync("peer-a", weak)
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertNotIn(weak["id"], stored(self.home))
+        self.assertEqual(len(self.gossip._gone), 1)
+
+    def test_a_heavier_copy_under_the_same_id_and_version_is_news(self) -> None:
+        """Two nodes that unioned the same cluster each made (id, v+1): the
+        one that weighs more than the evicted one is not its copy."""
+        weak = unit_json("ku_w", "peer-z", cmd="make w", confidence=0.1, hops=1)
+        self.full_store_evicts(weak)
+        self.sync("peer-b", dict(weak, confidence=0.9))
+        self.assertEqual(len(self.writer.jobs), 1)  # decided by the writer, not dropped
+        self.writer.release()
+        self.assertEqual(self.gossip.counters["duplicate_units"], 0)
+
+    def test_the_origin_sending_its_evicted_unit_is_decided_by_the_writer(self) -> None:
+        """Its origin's own copy is never taken for gone (its contact, say,
+        may have been what evicted it)."""
+        weak = unit_json("ku_w", "peer-z", cmd="make w", confidence=0.1, hops=1)
+        self.full_store_evicts(weak)
+        self.mesh.connect("peer-z")
+        self.clock.advance(0)
+        self.writer.release()
+        self.sync("peer-z", dict(weak, propagation_count=0))
+        self.assertEqual(len(self.writer.jobs), 1)
+
+    def test_only_max_units_evictions_are_remembered(self) -> None:
+        """A unit past knowledge_ttl_days (or of a stale origin) is not
+        remembered: once its origin is heard from again it may stay."""
+        self.start(max_units=1)
+        old = unit_json("ku_old", "peer-z", cmd="make old", hops=1, validated=NOW - 400 * 86400)
+        # Past the ttl (the early path leaves it to the writer, which evicts it).
+        self.sync("peer-a", *[old] * 17)
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertNotIn("ku_old", stored(self.home))
+        self.assertEqual(self.gossip._gone, {})
+
+    def test_the_evicted_are_forgotten_after_an_hour(self) -> None:
+        weak = unit_json("ku_w", "peer-z", cmd="make w", confidence=0.1, hops=1)
+        now = [NOW]
+        self.gossip._now = lambda: now[0]
+        self.full_store_evicts(weak)
+        self.gossip._now = lambda: now[0]
+        self.sync("peer-b", weak)
+        self.assertEqual(self.writer.jobs, [])  # a copy: no job
+        now[0] += gossip_mod.GONE_SECS
+        self.sync("peer-c", weak)
+        self.assertEqual(len(self.writer.jobs), 1)  # the writer decides it again
+
+    def test_a_store_changed_elsewhere_is_looked_at_first(self) -> None:
+        """After another process changed knowledge.jsonl (hive forget, a
+        raised max_units), a copy is not taken for gone before the store is
+        read again."""
+        weak = unit_json("ku_w", "peer-z", cmd="make w", confidence=0.1, hops=1)
+        self.full_store_evicts(weak)
+        from claudectl.hive.store import store_transaction
+
+        with store_transaction(self.home, local_id="me-1") as store:
+            store.remove_id("ku_mine")
+        self.sync("peer-b", weak)  # no change notice handled yet
+        self.assertEqual(len(self.writer.jobs), 1)
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertIn("ku_w", stored(self.home))
+
+    def test_copies_waiting_for_a_write_go_once_it_is_done_not_when_the_queue_is(self) -> None:
+        """Copies of a unit a queued batch is writing are acknowledged once
+        that batch is written, though other batches keep the queue busy."""
+        new = unit_json("ku_n", "peer-z", cmd="make n", hops=1)
+        self.sync("peer-a", new)  # decided early, queued for the writer
+        self.sync("peer-b", dict(new, propagation_count=2))  # a copy: waits for that write
+        self.assertEqual(len(self.gossip._after_write), 1)
+        more = [unit_json(f"ku_m{i}", "peer-y", cmd=f"make m{i}") for i in range(20)]
+        self.sync("peer-c", *more)  # queued behind, over FORWARD_MAX_UNITS
+        job, _, d = self.writer.jobs.pop(0)  # only the first batch's job
+        d.callback(job())
+        self.assertEqual(self.gossip._after_write, [])
+        self.assertTrue(self.gossip._merges or self.gossip._merging)
+        # Done with: counted a duplicate, its bytes no longer held against peer-b.
+        self.assertEqual(self.gossip.counters["duplicate_units"], 1)
+        self.assertNotIn("peer-b", self.gossip._unmerged_bytes)
+        self.writer.release()
+
+    def test_copies_are_merged_again_when_a_write_they_waited_for_failed(self) -> None:
+        new = unit_json("ku_n", "peer-z", cmd="make n", hops=1)
+        self.sync("peer-a", new)
+        self.sync("peer-b", dict(new, propagation_count=2))
+        job, _, d = self.writer.jobs.pop(0)
+        d.errback(OSError("disk full"))
+        self.flushLoggedErrors(OSError)
+        # The copy is merged the usual way: a writer job of its own, which stores it.
+        self.assertEqual(len(self.writer.jobs), 1)
+        self.writer.release()
+        self.assertIn("ku_n", stored(self.home))
+        self.assertEqual(self.gossip._unmerged_bytes, {})
 
     def test_a_peer_whose_batches_pile_up_is_not_read_until_they_are_merged(self) -> None:
         """Back-pressure, not loss: past HOLD_BYTES of unmerged batches the

@@ -531,6 +531,18 @@ class ListenerTests(SynchronousTestCase):
         self.reactor.advance(3)  # now the peer's silence counts again
         self.assertTrue(transport.disconnecting)
 
+    def test_a_held_link_that_closes_is_still_aborted(self) -> None:
+        """A held link replaced by a newer one (closed, never released) whose
+        peer stops reading: the liveness deadline still aborts it."""
+        proto, transport = self.authenticated()
+        aborted: list[bool] = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        proto.hold_reading(True)
+        proto.close("replaced by a newer link")
+        for _ in range(97):  # a second at a time, as a reactor's clock moves
+            self.reactor.advance(1)
+        self.assertEqual(aborted, [True])
+
     def test_heartbeat_each_interval_while_the_peer_talks(self) -> None:
         proto, transport = self.authenticated()
         for k in range(6):

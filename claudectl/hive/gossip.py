@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import itertools
 import json
 import os
 from collections import deque
@@ -164,8 +165,27 @@ ACK_MAX_PAIRS = 4096
 #: :meth:`Gossip._charge`); reading goes on at half of it.
 HOLD_BYTES = 8 * 1024 * 1024
 
-#: Units evicted as they were stored remembered (see ``Gossip._gone``).
+#: Units evicted as they were stored remembered (see ``Gossip._gone``), and
+#: for how long: the weights that ranked them decay, the store changes.
 GONE_MAX = 4096
+GONE_SECS = 3600
+
+#: What ranks a unit for eviction by ``max_units`` (see
+#: :func:`~claudectl.hive.store.compact`): another unit under the same id and
+#: version that weighs more is not the unit that was evicted.
+EvictionKey = tuple[str, int, float, int, int, int]
+
+
+def eviction_key(unit: KnowledgeUnit) -> EvictionKey:
+    return (
+        unit.id,
+        unit.version,
+        unit.confidence,
+        unit.evidence_count,
+        unit.last_validated_at,
+        unit.interval(),
+    )
+
 
 #: Seconds in a (UTC) day: the daily cap's unit.
 DAY = 86400
@@ -447,18 +467,18 @@ def _all_known(
     units: list[KnowledgeUnit],
     peer_id: str,
     recorded: Container[str] = (),
-    gone: Container[tuple[str, int]] = (),
+    gone: frozenset[EvictionKey] = frozenset(),
 ) -> bool:
     """True when every unit is already stored (``stored``: the store by
     semantic key) at that version by no shorter path (and none comes straight
     from its origin while ``delivery.json`` has an entry for its id --
     ``recorded`` -- that this better path would remove), or was evicted by
-    the store's bounds as it was stored (``gone``: (id, version) pairs).  A
-    batch of new units is told at its first unit."""
+    ``max_units`` as it was stored and does not come from its origin
+    (``gone``).  A batch of new units is told at its first unit."""
     if stored is None:
         return False
     for u in units:
-        if (u.id, u.version) in gone:
+        if gone and u.source_peer != peer_id and eviction_key(u) in gone:
             continue
         if u.source_peer == peer_id and u.id in recorded:
             return False  # from its origin: its delivery record may improve
@@ -515,7 +535,7 @@ class _Job:
     #: of trust.json, and now for the peers heard from since it was written.
     contact: dict[str, int]
     #: Units the store's bounds evicted as they were stored (``Gossip._gone``).
-    gone: frozenset[tuple[str, int]] = frozenset()
+    gone: frozenset[EvictionKey] = frozenset()
     #: trust.json as the job wrote it, or None.
     book: TrustBook | None = None
 
@@ -540,9 +560,9 @@ class _Commit:
     #: Decided on the reactor: copies of units that batches still queued are
     #: writing (done once those writes are, see :meth:`Gossip._merge_queue_idle`).
     after_write: bool = False
-    #: (id, version) of the units this batch stored that the store's bounds
-    #: evicted in the same commit (see :attr:`Gossip._gone`).
-    gone: list[tuple[str, int]] = field(default_factory=list)
+    #: The units this batch stored that ``max_units`` evicted in the same
+    #: commit (see :attr:`Gossip._gone`).
+    gone: list[EvictionKey] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -556,6 +576,8 @@ class _Received:
     stats: dict[str, int]
     #: What it is charged against its peer's :data:`HOLD_BYTES`.
     nbytes: int = 0
+    #: Its place in the merge queue (:meth:`Gossip._enqueue`).
+    seq: int = 0
 
 
 class Gossip:
@@ -612,17 +634,22 @@ class Gossip:
         #: it missed them (a push round once the queue is done).
         self._push_when_idle = False
         #: Batches of copies of units queued batches are writing (decided
-        #: early): acknowledged once the queue is written, merged the usual
-        #: way if a write failed (``_merge_failed``).
-        self._after_write: list[tuple[_Commit, _Received]] = []
+        #: early), with the place in the queue of the last batch queued
+        #: before them: acknowledged once that batch is written, merged the
+        #: usual way if a write failed since the queue was last empty
+        #: (``_merge_failed``).
+        self._after_write: list[tuple[_Commit, _Received, int]] = []
         self._merge_failed = False
-        #: (id, version) -> None of peer units the store's bounds evicted as
-        #: they were stored (the store is full of units that weigh more), the
-        #: latest GONE_MAX: their copies are duplicates, not new units each
-        #: stored and evicted again.  Forgotten once the store has room.
-        self._gone: dict[tuple[str, int], None] = {}
+        #: The place in the queue of the last batch queued (see _Received.seq).
+        self._merge_seq = 0
+        #: Peer units ``max_units`` evicted as they were stored (the store is
+        #: full of units that weigh more) -> when, the latest GONE_MAX of the
+        #: last GONE_SECS: their copies are duplicates, not new units each
+        #: stored and evicted again -- unless their origin sends them.
+        #: Forgotten once the store has room.
+        self._gone: dict[EvictionKey, int] = {}
         #: ... as the frozenset writer jobs read (replaced, never changed).
-        self._gone_view: frozenset[tuple[str, int]] = frozenset()
+        self._gone_view: frozenset[EvictionKey] = frozenset()
         #: knowledge_requests held while an answer is going out, per peer:
         #: the latest one's since_epoch (see :meth:`on_request`).
         self._held_requests: dict[str, int] = {}
@@ -771,6 +798,7 @@ class Gossip:
             return self._units_cache[1]
         units = read_units_file(hive_file(self.home, KNOWLEDGE)).store.units()
         self._units_cache = (sig, units)
+        self._remember_gone([], len(units))  # changed elsewhere: room again?
         return units
 
     def _save_state(self) -> None:
@@ -1282,7 +1310,8 @@ class Gossip:
         if env.msg_type == codec.KNOWLEDGE_SNAPSHOT:
             self._snapshot_page(peer_id, payload, raw_units, env.id, env.wire_bytes)
             return
-        self.receive(peer_id, raw_units, ack_id=env.id, nbytes=env.wire_bytes)
+        charge = env.wire_bytes and env.wire_bytes + SNAPSHOT_ENTRY_CHARGE * len(raw_units)
+        self.receive(peer_id, raw_units, ack_id=env.id, nbytes=charge)
 
     def _may_warn(self, peer_id: str) -> bool:
         """Rate-limit the log lines a peer's bad input causes (per peer, per minute)."""
@@ -1403,23 +1432,30 @@ class Gossip:
             self._unrecorded.setdefault((peer_id, now // DAY), 0)  # marks the contact
             if known.after_write:
                 self._charge(batch)
-                self._after_write.append((known, batch))
+                self._after_write.append((known, batch, self._merge_seq))
             else:
                 self._committed(known, peer_id, ack_id, stats, now)
             return stats
         self._charge(batch)
-        self._merges.append(batch)
+        self._enqueue(batch)
         self._next_merge()
         return stats
+
+    def _enqueue(self, batch: _Received) -> None:
+        self._merge_seq += 1
+        batch.seq = self._merge_seq
+        self._merges.append(batch)
 
     def _charge(self, batch: _Received) -> None:
         """
         ``batch`` waits in memory: charge its peer.  Once a peer's waiting
         batches pass :data:`HOLD_BYTES`, its link is not read until they are
         down to half of that (TCP's flow control slows the sender; nothing
-        is dropped).  An honest peer rarely gets here -- a big push to a
-        slow disk; a peer flooding copies of what we hold does, and costs
-        us no more than that in memory.
+        is dropped).  A batch is charged its frame's bytes and
+        :data:`SNAPSHOT_ENTRY_CHARGE` per unit (what a tiny entry costs in
+        memory once parsed), so what a peer's waiting batches hold in memory
+        stays within a few times HOLD_BYTES.  An honest peer rarely gets
+        here -- a big push to a slow disk; a peer flooding copies does.
         """
         peer_id = batch.peer_id
         left = self._unmerged_bytes.get(peer_id, 0) + batch.nbytes
@@ -1479,15 +1515,25 @@ class Gossip:
             return None
         cache = self._units_cache
         cfg = self.config.hive
-        if self._gone_view and len(raw_units) <= FORWARD_MAX_UNITS:
-            good, bad, error = validate_batch(raw_units)
-            gone = self._gone_view
-            if good and all((u.id, u.version) in gone for u in good):
-                # Copies of units the store's bounds took back as they were
-                # stored: nothing to write (the writer would store and evict
-                # each copy again).
-                return _Commit({}, good, bad, error)
         now = self.now()
+        current = cache is not None and cache[0] is not None and cache[0] == self._signature()
+        checked = None
+        if (
+            self._gone
+            and current
+            and len(raw_units) <= FORWARD_MAX_UNITS
+            and cache is not None
+            and len(cache[1]) >= cfg.max_units  # still full (0: no cap, never gone)
+        ):
+            checked = validate_batch(raw_units)
+            gone = self._gone_now(now)
+            if checked[0] and all(
+                u.source_peer != peer_id and eviction_key(u) in gone for u in checked[0]
+            ):
+                # Copies of units max_units took back as they were stored:
+                # nothing to write (the writer would store and evict each
+                # copy again).
+                return _Commit({}, *checked)
         rec = self._trust.get(peer_id)
         counted = rec.daily_received.get(str(now // DAY), 0) if rec is not None else 0
         counted += self._uncounted(peer_id, now) + self._queued_raw.get(peer_id, 0)
@@ -1495,8 +1541,7 @@ class Gossip:
             not self._overlay_ok
             or len(raw_units) > FORWARD_MAX_UNITS
             or cache is None
-            or cache[0] is None
-            or cache[0] != self._signature()
+            or not current
             or counted > cfg.max_units_per_peer_per_day
             or (
                 cfg.max_units
@@ -1506,7 +1551,8 @@ class Gossip:
         ):
             self._overlay_ok = False  # this batch's effect is unknown here
             return None
-        good, bad, error = validate_batch(raw_units)
+        assert cache is not None
+        good, bad, error = checked or validate_batch(raw_units)
         if any(self._evicted_at_once(u, now) for u in good):
             self._overlay_ok = False  # the store's bounds would take it back
             return None
@@ -1604,24 +1650,35 @@ class Gossip:
             d.addErrback(logged("indexing " + KNOWLEDGE))
         return None
 
+    def _release_copies(self, written: int) -> None:
+        """
+        The batches up to place ``written`` in the queue are merged: the
+        copies that waited for them are done -- acknowledged, or, if a write
+        failed since the queue was last empty, merged the usual way (the
+        writer decides them against what the store holds).
+        """
+        if not self._after_write:
+            return
+        ready = [c for c in self._after_write if c[2] <= written]
+        if not ready:
+            return
+        self._after_write = [c for c in self._after_write if c[2] > written]
+        if self._merge_failed:
+            for _, batch, _ in ready:
+                self._enqueue(batch)
+            return
+        now = self.now()
+        for out, batch, _ in ready:
+            self._discharge(batch)
+            self._committed(out, batch.peer_id, batch.ack_id, batch.stats, now)
+
     def _merge_queue_idle(self) -> None:
         """Every received batch is written: the cache holds what the overlay held."""
         self._overlay.clear()
         self._forwarded.clear()
         self._queued_raw.clear()
         self._overlay_ok = True
-        copies, self._after_write = self._after_write, []
-        if self._merge_failed:
-            # A write the copies counted on failed: they take the usual path
-            # (the writer decides them against what the store holds).
-            self._merge_failed = False
-            self._overlay_ok = False
-            self._merges.extend(batch for _, batch in copies)
-        else:
-            now = self.now()
-            for out, batch in copies:
-                self._discharge(batch)
-                self._committed(out, batch.peer_id, batch.ack_id, batch.stats, now)
+        self._merge_failed = False
         if self._push_when_idle:
             self._push_when_idle = False
             self.schedule_push_all()
@@ -1645,6 +1702,7 @@ class Gossip:
 
         def failed(failure: Any) -> Any:
             self._merge_failed = True  # copies waiting for it go the usual way
+            self._overlay_ok = False  # what the overlay expected was not written
             return failure
 
         d.addErrback(failed)
@@ -1654,6 +1712,7 @@ class Gossip:
             self._merging = False
             for batch in batches:
                 self._discharge(batch)
+            self._release_copies(batches[-1].seq)
             if not self._merges:
                 self._merge_queue_idle()
             if self._store_recheck:
@@ -1735,7 +1794,7 @@ class Gossip:
         contact = self._trust.last_contact()
         for peer, _day in (*counts, *self._recording):
             contact[peer] = now
-        job = _Job(dict(counts), contact, self._gone_view)
+        job = _Job(dict(counts), contact, self._gone_now(now))
         # The new units are encoded for sending in the same job when they go
         # on to another peer now (or are few); else once no batch waits, so
         # that a big snapshot's next pages are not kept waiting for it.
@@ -1844,10 +1903,13 @@ class Gossip:
         outs = [_Commit({}, *validate_batch(raw)) for _, raw in batches]
         stored = _stored_by_key(hive_file(self.home, KNOWLEDGE), cache, self._signature())
         recorded = self.delivery_file.load().entry_ids()
+        cap = self.config.hive.max_units
+        # What max_units evicted is gone while the store is still full.
+        gone = job.gone if stored is not None and cap and len(stored) >= cap else frozenset()
         todo = [
             (peer_id, out)
             for (peer_id, _), out in zip(batches, outs, strict=True)
-            if out.good and not _all_known(stored, out.good, peer_id, recorded, job.gone)
+            if out.good and not _all_known(stored, out.good, peer_id, recorded, gone)
         ]
         if not todo:
             # Copies of what we hold (other paths of the same gossip): no
@@ -1889,9 +1951,9 @@ class Gossip:
         # Taken under the store's lock (a CLI write right after is not ours).
         sig = self._commit_sig = store.signature
         if store.evicted:
-            evicted = {id(e.unit) for e in store.evicted}
+            evicted = {id(e.unit) for e in store.evicted if e.reason == "max_units"}
             for _, out, result, _ in merged:
-                out.gone = [(u.id, u.version) for u in result.stored if id(u) in evicted]
+                out.gone = [eviction_key(u) for u in result.stored if id(u) in evicted]
         logs = BatchResult()
         for _, _, result, _ in merged:
             logs.conflicts.extend(result.conflicts)
@@ -1970,7 +2032,7 @@ class Gossip:
         result, units, sig, book = out.committed
         # What we just wrote is the store now: no need to parse it again.
         self._units_cache = (sig, units)
-        self._remember_gone(out.gone, len(units))
+        self._remember_gone(out.gone, len(units), now)
         if out.by_key is not None and len(out.by_key) == len(units):
             self._key_index = (units, out.by_key)  # the store's own key table
         self._prepare_index(units)
@@ -2001,9 +2063,9 @@ class Gossip:
             rest = [u for u in rest if held.get(u.semantic_key) is u]
         self._merged(peer_id, good, have, ack_id, stats, now, rest)
 
-    def _remember_gone(self, gone: list[tuple[str, int]], stored: int) -> None:
-        """Units evicted as they were stored (see ``_gone``); all forgotten
-        once the store (``stored`` units) has room again."""
+    def _remember_gone(self, gone: list[EvictionKey], stored: int, now: int = 0) -> None:
+        """Units evicted as they were stored at ``now`` (see ``_gone``); all
+        forgotten once the store (``stored`` units) has room again."""
         cap = self.config.hive.max_units
         if not cap or stored < cap:
             if self._gone:
@@ -2012,12 +2074,25 @@ class Gossip:
             return
         if not gone:
             return
-        for pair in gone:
-            self._gone.pop(pair, None)
-            self._gone[pair] = None
+        for key in gone:
+            self._gone.pop(key, None)
+            self._gone[key] = now
         while len(self._gone) > GONE_MAX:
             del self._gone[next(iter(self._gone))]
         self._gone_view = frozenset(self._gone)
+
+    def _gone_now(self, now: int) -> frozenset[EvictionKey]:
+        """``_gone`` without what is older than GONE_SECS (oldest first)."""
+        gone = self._gone
+        if gone:
+            stale = [
+                k for k, at in itertools.takewhile(lambda e: now - e[1] >= GONE_SECS, gone.items())
+            ]
+            if stale:
+                for k in stale:
+                    del gone[k]
+                self._gone_view = frozenset(gone)
+        return self._gone_view
 
     def _merged(
         self,

@@ -82,7 +82,8 @@ class IMesh(Interface):
     def hold_reading(peer_id: str, held: bool) -> None:
         """Stop or go on reading the peer's link (back-pressure: a layer
         whose work from that peer piles up holds it until it caught up).
-        Applies to the link up now; a new link starts unheld."""
+        Applies to the link up now; a new link starts unheld (the hive's
+        gossip holds it again if its old link's work is still waiting)."""
 
 
 class ILinkHost(Interface):

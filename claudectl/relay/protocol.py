@@ -343,6 +343,8 @@ class RelayProtocol(LineReceiver):
         """
         if held == self._held or self.transport is None or self.is_closed:
             return
+        if held and self._closing_reason is not None:
+            return  # closing: the liveness deadline must stay able to abort it
         self._held = held
         if held:
             self.transport.pauseProducing()
@@ -672,8 +674,10 @@ class RelayProtocol(LineReceiver):
             # As LoopingCall: the next one on the grid, intervals missed skipped.
             every = self._heartbeat_every
             self._next_heartbeat += every * (1 + int((now - self._next_heartbeat) // every))
-        if self._held:
-            self._liveness.touch()  # we are not reading: the silence is ours
+        if self._held and self._closing_reason is None:
+            # We are not reading: the silence is ours.  (Not once closing: a
+            # replaced link that is never released must still be aborted.)
+            self._liveness.touch()
         remaining = self._liveness.remaining()
         if remaining >= 0:
             if not self.is_closed:
