@@ -156,7 +156,12 @@ class FakeMesh:
             payload,
         )
         # As off the wire: the frame's size, which the layers charge for it.
-        env = dataclasses.replace(env, wire_bytes=len(encode(env)))
+        line = encode(env)
+        env = dataclasses.replace(
+            env,
+            wire_bytes=len(line),
+            wire_nodes=line.count(b"{") + line.count(b"[") + line.count(b","),
+        )
         for h in self.handlers.get(msg_type, []):
             h(peer_id, env)
 

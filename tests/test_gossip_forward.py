@@ -628,16 +628,53 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.writer.release()
         self.assertEqual(self.gossip.counters["duplicate_units"], 0)
 
-    def test_the_origin_sending_its_evicted_unit_is_decided_by_the_writer(self) -> None:
-        """Its origin's own copy is never taken for gone (its contact, say,
-        may have been what evicted it)."""
+    def test_the_origin_sending_its_evicted_unit_again_is_a_duplicate_too(self) -> None:
+        """It ranks the same whoever sends it: its origin's copies, by the
+        early path or by the writer's, cost no store write either."""
+        from claudectl.hive.trust import load_trust
+
         weak = unit_json("ku_w", "peer-z", cmd="make w", confidence=0.1, hops=1)
         self.full_store_evicts(weak)
         self.mesh.connect("peer-z")
         self.clock.advance(0)
         self.writer.release()
         self.sync("peer-z", dict(weak, propagation_count=0))
-        self.assertEqual(len(self.writer.jobs), 1)
+        self.assertEqual(self.writer.jobs, [])
+        # In a batch too big for the early path, the writer says the same.
+        self.sync("peer-a", *[dict(weak, propagation_count=k) for k in range(2, 19)])
+        self.writer.release()
+        self.clock.advance(gossip_mod.RECORD_FLUSH_SECS)
+        self.writer.release()
+        rec = load_trust(self.home).get("peer-a")
+        self.assertEqual(rec.daily_received.get(str(NOW // 86400), 0) if rec else 0, 1)
+        archived = (self.home.hive / "archive.jsonl").read_bytes().count(b"ku_w")
+        self.assertEqual(archived, 1)
+
+    def test_the_writer_forgets_the_evicted_after_an_hour_too(self) -> None:
+        weak = unit_json("ku_w", "peer-z", cmd="make w", confidence=0.1, hops=1)
+        now = [NOW]
+        self.full_store_evicts(weak)
+        self.gossip._now = lambda: now[0]
+        now[0] += gossip_mod.GONE_SECS
+        # 17 copies: the writer's path; gone no more, so stored (and evicted) again.
+        self.sync("peer-b", *[dict(weak, propagation_count=k) for k in range(2, 19)])
+        self.writer.release()
+        self.clock.advance(0)
+        archived = (self.home.hive / "archive.jsonl").read_bytes().count(b"ku_w")
+        self.assertEqual(archived, 2)
+
+    def test_a_store_read_again_with_room_forgets_the_evicted(self) -> None:
+        """Without change notices the store is looked at when it is needed
+        (``_load_units``): a store with room again forgets what was evicted."""
+        weak = unit_json("ku_w", "peer-z", cmd="make w", confidence=0.1, hops=1)
+        self.full_store_evicts(weak)
+        from claudectl.hive.store import store_transaction
+
+        with store_transaction(self.home, local_id="me-1") as store:
+            store.remove_id("ku_mine")
+        self.gossip._load_units()
+        self.assertEqual(self.gossip._gone, {})
+        self.assertEqual(self.gossip._gone_pairs, frozenset())
 
     def test_only_max_units_evictions_are_remembered(self) -> None:
         """A unit past knowledge_ttl_days (or of a stale origin) is not
@@ -696,6 +733,57 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.assertEqual(self.gossip.counters["duplicate_units"], 1)
         self.assertNotIn("peer-b", self.gossip._unmerged_bytes)
         self.writer.release()
+
+    def test_a_copy_waits_for_every_batch_queued_before_it(self) -> None:
+        """A copy of a unit that the second queued batch writes is not done
+        when the first one is."""
+        first = unit_json("ku_1", "peer-z", cmd="make 1", hops=1)
+        second = unit_json("ku_2", "peer-y", cmd="make 2", hops=1)
+        self.sync("peer-a", first)  # job 1 starts
+        self.sync("peer-a", second)  # queued behind it
+        self.sync("peer-b", dict(second, propagation_count=2))  # a copy of ku_2
+        self.assertEqual(len(self.gossip._after_write), 1)
+        job, _, d = self.writer.jobs.pop(0)
+        d.callback(job())  # ku_1 written, ku_2 not yet
+        self.assertEqual(len(self.gossip._after_write), 1)
+        self.assertIn("peer-b", self.gossip._unmerged_bytes)
+        self.writer.release()  # ku_2 written
+        self.assertEqual(self.gossip._after_write, [])
+        self.assertNotIn("peer-b", self.gossip._unmerged_bytes)
+
+    def test_no_early_decision_after_a_failed_write_until_the_queue_is_empty(self) -> None:
+        """What the overlay expected was not written: batches are decided by
+        the writer until the queue is empty again."""
+        self.sync("peer-a", unit_json("ku_f", "peer-z", cmd="make f", hops=1))
+        self.sync("peer-a", unit_json("ku_g", "peer-z", cmd="make g", hops=1))
+        job, _, d = self.writer.jobs.pop(0)
+        d.errback(OSError("disk full"))
+        self.flushLoggedErrors(OSError)
+        self.mesh.sent.clear()
+        self.sync("peer-b", unit_json("ku_h", "peer-y", cmd="make h", hops=1))
+        self.assertEqual(self.synced(), [])  # not passed on before its write
+        self.writer.release()
+        self.clock.advance(0)
+        self.assertIn("ku_h", stored(self.home))
+
+    def test_a_frame_is_charged_per_object_and_array_in_it(self) -> None:
+        """A frame of tiny entries costs far more in memory than its bytes:
+        each value in it is charged NODE_CHARGE."""
+        self.patch(gossip_mod, "HOLD_BYTES", 10_000)
+        junk = [{"a": [[], {}, [], {}]} for _ in range(40)]  # 200 containers, ~1 KB
+        self.sync("peer-a", *junk)
+        self.assertEqual(self.mesh.holds, [("peer-a", True)])
+
+    def test_a_snapshot_is_charged_what_its_pages_held_once_flushed(self) -> None:
+        self.patch(gossip_mod, "HOLD_BYTES", 10_000)
+        units = [unit_json(f"ku_s{i}", "peer-z", cmd=f"make s{i}") for i in range(10)]
+        payload = {"page": 1, "total_pages": 1, "units": units}
+        self.mesh.deliver("peer-a", "knowledge_snapshot", payload)
+        self.assertEqual(self.mesh.holds, [("peer-a", True)])
+        self.assertGreater(self.gossip._unmerged_bytes["peer-a"], 10 * 64 * 20)
+        self.writer.release()
+        self.assertEqual(self.mesh.holds[-1], ("peer-a", False))
+        self.assertEqual(self.gossip._page_hold, {})
 
     def test_copies_are_merged_again_when_a_write_they_waited_for_failed(self) -> None:
         new = unit_json("ku_n", "peer-z", cmd="make n", hops=1)

@@ -543,6 +543,12 @@ class ListenerTests(SynchronousTestCase):
             self.reactor.advance(1)
         self.assertEqual(aborted, [True])
 
+    def test_a_closing_link_is_not_held(self) -> None:
+        proto, transport = self.authenticated()
+        proto.close("replaced by a newer link")
+        proto.hold_reading(True)
+        self.assertEqual(transport.producerState, "producing")
+
     def test_heartbeat_each_interval_while_the_peer_talks(self) -> None:
         proto, transport = self.authenticated()
         for k in range(6):

@@ -160,10 +160,14 @@ SNAPSHOT_ENTRY_CHARGE = 64
 SNAPSHOT_PAGE_CHARGE = 16 * 1024
 #: (id, version) pairs per ``ack`` frame.
 ACK_MAX_PAIRS = 4096
-#: A peer's received batches waiting to be merged may hold this many bytes
-#: (their frames' size) before its link is no longer read (see
-#: :meth:`Gossip._charge`); reading goes on at half of it.
-HOLD_BYTES = 8 * 1024 * 1024
+#: A peer's received batches waiting to be merged may be charged this much
+#: (their frames' bytes and NODE_CHARGE per value in them) before its link
+#: is no longer read (see :meth:`Gossip._charge`); reading goes on at half
+#: of it.
+HOLD_BYTES = 32 * 1024 * 1024
+#: What a value of a received frame (``Envelope.wire_nodes``) is charged
+#: beyond its bytes: about what a small one costs in memory once parsed.
+NODE_CHARGE = 64
 
 #: Units evicted as they were stored remembered (see ``Gossip._gone``), and
 #: for how long: the weights that ranked them decay, the store changes.
@@ -473,12 +477,12 @@ def _all_known(
     semantic key) at that version by no shorter path (and none comes straight
     from its origin while ``delivery.json`` has an entry for its id --
     ``recorded`` -- that this better path would remove), or was evicted by
-    ``max_units`` as it was stored and does not come from its origin
-    (``gone``).  A batch of new units is told at its first unit."""
+    ``max_units`` as it was stored (``gone``: it would be again, whoever
+    sends it).  A batch of new units is told at its first unit."""
     if stored is None:
         return False
     for u in units:
-        if gone and u.source_peer != peer_id and eviction_key(u) in gone:
+        if gone and eviction_key(u) in gone:
             continue
         if u.source_peer == peer_id and u.id in recorded:
             return False  # from its origin: its delivery record may improve
@@ -558,7 +562,7 @@ class _Commit:
     #: Those units by semantic key, as the store module holds them (read only).
     by_key: Mapping[str, KnowledgeUnit] | None = None
     #: Decided on the reactor: copies of units that batches still queued are
-    #: writing (done once those writes are, see :meth:`Gossip._merge_queue_idle`).
+    #: writing (done once those writes are, see :meth:`Gossip._release_copies`).
     after_write: bool = False
     #: The units this batch stored that ``max_units`` evicted in the same
     #: commit (see :attr:`Gossip._gone`).
@@ -644,12 +648,14 @@ class Gossip:
         self._merge_seq = 0
         #: Peer units ``max_units`` evicted as they were stored (the store is
         #: full of units that weigh more) -> when, the latest GONE_MAX of the
-        #: last GONE_SECS: their copies are duplicates, not new units each
-        #: stored and evicted again -- unless their origin sends them.
-        #: Forgotten once the store has room.
+        #: last GONE_SECS: their copies (whoever sends them: they rank the
+        #: same) are duplicates, not new units each stored and evicted
+        #: again.  Forgotten once the store has room.
         self._gone: dict[EvictionKey, int] = {}
-        #: ... as the frozenset writer jobs read (replaced, never changed).
+        #: ... as the frozenset writer jobs read (replaced, never changed),
+        #: and their (id, version) pairs (a first look at a raw batch).
         self._gone_view: frozenset[EvictionKey] = frozenset()
+        self._gone_pairs: frozenset[tuple[str, int]] = frozenset()
         #: knowledge_requests held while an answer is going out, per peer:
         #: the latest one's since_epoch (see :meth:`on_request`).
         self._held_requests: dict[str, int] = {}
@@ -696,6 +702,8 @@ class Gossip:
         self._pages: dict[str, list[Any]] = {}
         #: Charge of the buffered pages, and of all pages since our last request.
         self._page_bytes: dict[str, int] = {}
+        #: ... and what they will be charged once flushed (see :meth:`_charge`).
+        self._page_hold: dict[str, int] = {}
         self._snapshot_bytes: dict[str, int] = {}
         self._page_timers: dict[str, Any] = {}
         self._page_ack: dict[str, str] = {}
@@ -1308,9 +1316,11 @@ class Gossip:
                 )
             return
         if env.msg_type == codec.KNOWLEDGE_SNAPSHOT:
-            self._snapshot_page(peer_id, payload, raw_units, env.id, env.wire_bytes)
+            self._snapshot_page(peer_id, payload, raw_units, env.id, env.wire_bytes, env.wire_nodes)
             return
-        charge = env.wire_bytes and env.wire_bytes + SNAPSHOT_ENTRY_CHARGE * len(raw_units)
+        charge = env.wire_bytes and env.wire_bytes + NODE_CHARGE * max(
+            env.wire_nodes, len(raw_units)
+        )
         self.receive(peer_id, raw_units, ack_id=env.id, nbytes=charge)
 
     def _may_warn(self, peer_id: str) -> bool:
@@ -1328,6 +1338,7 @@ class Gossip:
         raw_units: list[Any],
         ack_id: str = "",
         frame_bytes: int = 0,
+        frame_nodes: int = 0,
     ) -> None:
         """
         Collect a snapshot's pages and merge them in one go (bounded in bytes).
@@ -1363,6 +1374,9 @@ class Gossip:
         buffered = self._pages.setdefault(peer_id, [])
         buffered.extend(raw_units)
         self._page_bytes[peer_id] = self._page_bytes.get(peer_id, 0) + charge
+        # What the batch they make is charged while it waits to be merged.
+        held = frame_bytes + NODE_CHARGE * max(frame_nodes, len(raw_units)) if frame_bytes else 0
+        self._page_hold[peer_id] = self._page_hold.get(peer_id, 0) + held
         self._page_ack[peer_id] = ack_id
         last = not isinstance(page, int) or not isinstance(total, int) or page >= total
         # Never hold more than a few MiB, nor a day's allowance, of a peer's units.
@@ -1380,12 +1394,13 @@ class Gossip:
     def _drop_pages(self, peer_id: str) -> list[Any]:
         self._cancel(self._page_timers.pop(peer_id, None))
         self._page_bytes.pop(peer_id, None)
+        self._page_hold.pop(peer_id, None)
         self._page_ack.pop(peer_id, None)
         return self._pages.pop(peer_id, [])
 
     def _flush_pages(self, peer_id: str) -> None:
         ack_id = self._page_ack.get(peer_id, "")
-        charge = self._page_bytes.get(peer_id, 0)
+        charge = self._page_hold.get(peer_id, 0)
         units = self._drop_pages(peer_id)
         if units:
             self.receive(peer_id, units, ack_id=ack_id, nbytes=charge)
@@ -1452,9 +1467,10 @@ class Gossip:
         batches pass :data:`HOLD_BYTES`, its link is not read until they are
         down to half of that (TCP's flow control slows the sender; nothing
         is dropped).  A batch is charged its frame's bytes and
-        :data:`SNAPSHOT_ENTRY_CHARGE` per unit (what a tiny entry costs in
-        memory once parsed), so what a peer's waiting batches hold in memory
-        stays within a few times HOLD_BYTES.  An honest peer rarely gets
+        :data:`NODE_CHARGE` per value in it (about what a small one costs
+        in memory once parsed), so what a peer's waiting batches hold in
+        memory stays within about 1.5 times HOLD_BYTES, whatever their
+        shape (0.8 times for ordinary units).  An honest peer rarely gets
         here -- a big push to a slow disk; a peer flooding copies does.
         """
         peer_id = batch.peer_id
@@ -1517,7 +1533,6 @@ class Gossip:
         cfg = self.config.hive
         now = self.now()
         current = cache is not None and cache[0] is not None and cache[0] == self._signature()
-        checked = None
         if (
             self._gone
             and current
@@ -1525,15 +1540,17 @@ class Gossip:
             and cache is not None
             and len(cache[1]) >= cfg.max_units  # still full (0: no cap, never gone)
         ):
-            checked = validate_batch(raw_units)
             gone = self._gone_now(now)
-            if checked[0] and all(
-                u.source_peer != peer_id and eviction_key(u) in gone for u in checked[0]
+            pairs = self._gone_pairs
+            if all(
+                isinstance(r, dict) and (r.get("id"), r.get("version")) in pairs for r in raw_units
             ):
-                # Copies of units max_units took back as they were stored:
-                # nothing to write (the writer would store and evict each
-                # copy again).
-                return _Commit({}, *checked)
+                checked = validate_batch(raw_units)
+                if checked[0] and all(eviction_key(u) in gone for u in checked[0]):
+                    # Copies of units max_units took back as they were
+                    # stored: nothing to write (the writer would store and
+                    # evict each copy again).
+                    return _Commit({}, *checked)
         rec = self._trust.get(peer_id)
         counted = rec.daily_received.get(str(now // DAY), 0) if rec is not None else 0
         counted += self._uncounted(peer_id, now) + self._queued_raw.get(peer_id, 0)
@@ -1552,7 +1569,7 @@ class Gossip:
             self._overlay_ok = False  # this batch's effect is unknown here
             return None
         assert cache is not None
-        good, bad, error = checked or validate_batch(raw_units)
+        good, bad, error = validate_batch(raw_units)
         if any(self._evicted_at_once(u, now) for u in good):
             self._overlay_ok = False  # the store's bounds would take it back
             return None
@@ -2070,7 +2087,7 @@ class Gossip:
         if not cap or stored < cap:
             if self._gone:
                 self._gone.clear()
-                self._gone_view = frozenset()
+                self._published_gone()
             return
         if not gone:
             return
@@ -2079,19 +2096,28 @@ class Gossip:
             self._gone[key] = now
         while len(self._gone) > GONE_MAX:
             del self._gone[next(iter(self._gone))]
+        self._published_gone()
+
+    def _published_gone(self) -> None:
         self._gone_view = frozenset(self._gone)
+        self._gone_pairs = frozenset((k[0], k[1]) for k in self._gone)
 
     def _gone_now(self, now: int) -> frozenset[EvictionKey]:
         """``_gone`` without what is older than GONE_SECS (oldest first)."""
         gone = self._gone
         if gone:
+            # (Oldest first; an entry from "later" -- the clock was set back
+            # -- is old too.)
             stale = [
-                k for k, at in itertools.takewhile(lambda e: now - e[1] >= GONE_SECS, gone.items())
+                k
+                for k, at in itertools.takewhile(
+                    lambda e: not 0 <= now - e[1] < GONE_SECS, gone.items()
+                )
             ]
             if stale:
                 for k in stale:
                     del gone[k]
-                self._gone_view = frozenset(gone)
+                self._published_gone()
         return self._gone_view
 
     def _merged(

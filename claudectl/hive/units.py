@@ -1106,7 +1106,7 @@ def _pretty(value: Any, newline: str, out: list[str]) -> None:
             out.append("{}")
             return
         inner = newline + "  "
-        if set(map(type, value.values())) == _INTS:
+        if len(value) >= 8 and set(map(type, value.values())) == _INTS:
             # A map to whole numbers (ids to versions): no Python call per member.
             try:
                 body = ("," + inner).join(

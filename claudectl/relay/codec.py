@@ -74,6 +74,10 @@ class Envelope:
     #: decoded): what the hive charges a snapshot page without encoding its
     #: units again.  Not part of the message (equality, repr).
     wire_bytes: int = field(default=0, compare=False, repr=False)
+    #: About how many values that frame holds: its ``{``, ``[`` and ``,``
+    #: (those inside strings count too).  Each value costs a few dozen bytes
+    #: in memory once parsed, however short its text.
+    wire_nodes: int = field(default=0, compare=False, repr=False)
 
 
 # One encoder and one decoder for every frame: json.dumps/json.loads with
@@ -284,7 +288,15 @@ def decode(line: bytes) -> Envelope:
         raise ProtocolError(f"unknown msg_type {msg_type!r}")
     if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= MAX_TIMESTAMP:
         raise ProtocolError("'timestamp' must be an integer 0..2^64-1")
-    return Envelope(msg_id, msg_type, from_peer, ts, obj["payload"], len(line))
+    return Envelope(
+        msg_id,
+        msg_type,
+        from_peer,
+        ts,
+        obj["payload"],
+        len(line),
+        line.count(b"{") + line.count(b"[") + line.count(b","),
+    )
 
 
 def now_ms(clock: Callable[[], float] = time.time) -> int:
