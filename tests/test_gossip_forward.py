@@ -774,7 +774,7 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.sync("peer-a", *junk)
         self.assertEqual(self.mesh.holds, [("peer-a", True)])
 
-    def test_a_snapshot_is_charged_what_its_pages_held_once_flushed(self) -> None:
+    def test_a_snapshot_is_charged_as_its_budget_counts_it_once_flushed(self) -> None:
         self.patch(gossip_mod, "HOLD_BYTES", 10_000)
         units = [unit_json(f"ku_s{i}", "peer-z", cmd=f"make s{i}") for i in range(10)]
         payload = {"page": 1, "total_pages": 1, "units": units}
@@ -783,7 +783,7 @@ class ForwardBeforeWriteTests(SynchronousTestCase):
         self.assertGreater(self.gossip._unmerged_bytes["peer-a"], 10 * 64 * 20)
         self.writer.release()
         self.assertEqual(self.mesh.holds[-1], ("peer-a", False))
-        self.assertEqual(self.gossip._page_hold, {})
+        self.assertEqual(self.gossip._page_bytes, {})
 
     def test_copies_are_merged_again_when_a_write_they_waited_for_failed(self) -> None:
         new = unit_json("ku_n", "peer-z", cmd="make n", hops=1)

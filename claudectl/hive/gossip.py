@@ -702,8 +702,6 @@ class Gossip:
         self._pages: dict[str, list[Any]] = {}
         #: Charge of the buffered pages, and of all pages since our last request.
         self._page_bytes: dict[str, int] = {}
-        #: ... and what they will be charged once flushed (see :meth:`_charge`).
-        self._page_hold: dict[str, int] = {}
         self._snapshot_bytes: dict[str, int] = {}
         self._page_timers: dict[str, Any] = {}
         self._page_ack: dict[str, str] = {}
@@ -1316,7 +1314,7 @@ class Gossip:
                 )
             return
         if env.msg_type == codec.KNOWLEDGE_SNAPSHOT:
-            self._snapshot_page(peer_id, payload, raw_units, env.id, env.wire_bytes, env.wire_nodes)
+            self._snapshot_page(peer_id, payload, raw_units, env.id, env.wire_bytes)
             return
         charge = env.wire_bytes and env.wire_bytes + NODE_CHARGE * max(
             env.wire_nodes, len(raw_units)
@@ -1338,7 +1336,6 @@ class Gossip:
         raw_units: list[Any],
         ack_id: str = "",
         frame_bytes: int = 0,
-        frame_nodes: int = 0,
     ) -> None:
         """
         Collect a snapshot's pages and merge them in one go (bounded in bytes).
@@ -1374,9 +1371,6 @@ class Gossip:
         buffered = self._pages.setdefault(peer_id, [])
         buffered.extend(raw_units)
         self._page_bytes[peer_id] = self._page_bytes.get(peer_id, 0) + charge
-        # What the batch they make is charged while it waits to be merged.
-        held = frame_bytes + NODE_CHARGE * max(frame_nodes, len(raw_units)) if frame_bytes else 0
-        self._page_hold[peer_id] = self._page_hold.get(peer_id, 0) + held
         self._page_ack[peer_id] = ack_id
         last = not isinstance(page, int) or not isinstance(total, int) or page >= total
         # Never hold more than a few MiB, nor a day's allowance, of a peer's units.
@@ -1394,13 +1388,15 @@ class Gossip:
     def _drop_pages(self, peer_id: str) -> list[Any]:
         self._cancel(self._page_timers.pop(peer_id, None))
         self._page_bytes.pop(peer_id, None)
-        self._page_hold.pop(peer_id, None)
         self._page_ack.pop(peer_id, None)
         return self._pages.pop(peer_id, [])
 
     def _flush_pages(self, peer_id: str) -> None:
         ack_id = self._page_ack.get(peer_id, "")
-        charge = self._page_hold.get(peer_id, 0)
+        # An answer to our request is charged as its snapshot budget counts
+        # it (that budget bounds it already): a big honest answer is not
+        # held up -- holding it stalls the sender's backlog retries.
+        charge = self._page_bytes.get(peer_id, 0)
         units = self._drop_pages(peer_id)
         if units:
             self.receive(peer_id, units, ack_id=ack_id, nbytes=charge)
