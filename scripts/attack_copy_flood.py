@@ -24,24 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from attack_request_flood import positive, rss_mib  # noqa: E402
+from attack_request_flood import attacked_service, positive, rss_mib  # noqa: E402
 from bench_gossip import unit_json  # noqa: E402
-from bench_relay import MiniClient, unit_records  # noqa: E402
+from bench_relay import MiniClient  # noqa: E402
 
-from claudectl.home import Home  # noqa: E402
 from claudectl.relay import codec  # noqa: E402
-from claudectl.relay.keystore import KeyStore  # noqa: E402
-from tests.common import ServeProcess, subprocess_env  # noqa: E402
 
 ATTACKER = "mallory-copies"
 
@@ -71,55 +65,26 @@ def main() -> int:
     ap.add_argument("--watch-secs", type=float, default=10.0, help="how long to watch the RSS")
     ap.add_argument("--max-growth-mib", type=int, default=64, help="fail above this growth")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="attack-copies-"))
-    srv = None
-    try:
-        home = Home(tmp / "service")
-        home.root.mkdir(parents=True)
-        sid = KeyStore(home).ensure_identity()
-        now = int(time.time())
-        units = unit_records(sid, args.units, now, tag="copies")
-        (tmp / "units.json").write_text(json.dumps({"units": units}), encoding="utf-8")
-        cli = [sys.executable, "-m", "claudectl", "--home", str(home.root)]
-        env = subprocess_env(home)
-        subprocess.run(
-            [*cli, "hive", "import", str(tmp / "units.json")],
-            check=True,
-            env=env,
-            capture_output=True,
-        )
-        psk = bytes(range(32))
-        KeyStore(home).save_key(ATTACKER, psk)
-        srv = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
-        client = MiniClient(ATTACKER, psk, sid)
-        link, _ = client.connect(("127.0.0.1", srv.port()))
-        time.sleep(1.5)  # the link-up work is done
-        lines_before = len(srv.lines)
-        before = peak = rss_mib(srv.proc.pid)
-        data = flood(client, args.frames, args.copies, args.units_per_frame, now)
-        link.sock.sendall(data)  # ... and never read
-        deadline = time.monotonic() + args.watch_secs
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            peak = max(peak, rss_mib(srv.proc.pid))
+    with attacked_service(args.units, "copies", ATTACKER, settle=1.5) as a:
+        lines_before = len(a.srv.lines)
+        before = rss_mib(a.srv.proc.pid)
+        data = flood(a.client, args.frames, args.copies, args.units_per_frame, a.now)
+        a.link.sock.sendall(data)  # ... and never read
+        peak = a.peak_rss(args.watch_secs)
         status = subprocess.run(
-            [*cli, "relay", "status", "--json"], env=env, capture_output=True, text=True
+            [*a.cli, "relay", "status", "--json"], env=a.env, capture_output=True, text=True
         )
         service = json.loads(status.stdout).get("service") or {}
-        alive = srv.proc.poll() is None
-        link.sock.close()
-        growth = peak - before
-        print(
-            f"{args.units} units stored; {args.frames} frames ({len(data) / 2**20:.1f} MiB) "
-            f"never read: service RSS {before} MiB -> peak {peak} MiB (+{growth} MiB); "
-            f"log lines: {len(srv.lines) - lines_before}; service alive: {alive}"
-        )
-        print("hive counters:", json.dumps(service.get("hive", {}), sort_keys=True))
-        return 0 if alive and growth <= args.max_growth_mib else 1
-    finally:
-        if srv is not None:
-            srv.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        alive = a.srv.proc.poll() is None
+        lines = len(a.srv.lines) - lines_before
+    growth = peak - before
+    print(
+        f"{args.units} units stored; {args.frames} frames ({len(data) / 2**20:.1f} MiB) "
+        f"never read: service RSS {before} MiB -> peak {peak} MiB (+{growth} MiB); "
+        f"log lines: {lines}; service alive: {alive}"
+    )
+    print("hive counters:", json.dumps(service.get("hive", {}), sort_keys=True))
+    return 0 if alive and growth <= args.max_growth_mib else 1
 
 
 if __name__ == "__main__":

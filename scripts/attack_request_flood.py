@@ -19,13 +19,17 @@ Exit status 1 when the service grew by more than ``--max-growth-mib``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
@@ -55,6 +59,70 @@ def positive(text: str) -> int:
     return value
 
 
+@dataclass
+class Attacked:
+    """A real ``relay serve`` in a throw-away home and a paired attacker linked to it."""
+
+    home: Home
+    srv: ServeProcess
+    client: MiniClient
+    link: Any
+    #: ``python -m claudectl --home <home>``, and the environment to run it in.
+    cli: list[str]
+    env: dict[str, str]
+    now: int
+
+    def peak_rss(self, secs: float, step: float = 0.2) -> int:
+        """The service's highest resident memory (MiB) seen over ``secs``."""
+        peak = rss_mib(self.srv.proc.pid)
+        deadline = time.monotonic() + secs
+        while time.monotonic() < deadline:
+            time.sleep(step)
+            peak = max(peak, rss_mib(self.srv.proc.pid))
+        return peak
+
+
+@contextlib.contextmanager
+def attacked_service(units: int, tag: str, attacker: str, settle: float) -> Iterator[Attacked]:
+    """
+    A service holding ``units`` units (``hive import``), listening on 127.0.0.1
+    only, in a ``tempfile.mkdtemp()`` home (never ``~``); ``attacker`` paired
+    with it by a key stored in both homes and linked (the minimal plaintext
+    client), ``settle`` seconds after its link-up.  Stopped and removed after.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f"attack-{tag}-"))
+    srv = None
+    try:
+        home = Home(tmp / "service")
+        home.root.mkdir(parents=True)
+        sid = KeyStore(home).ensure_identity()
+        now = int(time.time())
+        records = unit_records(sid, units, now, tag=tag)
+        (tmp / "units.json").write_text(json.dumps({"units": records}), encoding="utf-8")
+        cli = [sys.executable, "-m", "claudectl", "--home", str(home.root)]
+        env = subprocess_env(home)
+        subprocess.run(
+            [*cli, "hive", "import", str(tmp / "units.json")],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        psk = bytes(range(32))
+        KeyStore(home).save_key(attacker, psk)
+        srv = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
+        client = MiniClient(attacker, psk, sid)
+        link, _ = client.connect(("127.0.0.1", srv.port()))
+        time.sleep(settle)  # the link-up work is done
+        try:
+            yield Attacked(home, srv, client, link, cli, env, now)
+        finally:
+            link.sock.close()
+    finally:
+        if srv is not None:
+            srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--units", type=positive, default=2000, help="units in the service's store")
@@ -62,53 +130,23 @@ def main() -> int:
     ap.add_argument("--watch-secs", type=float, default=10.0, help="how long to watch the RSS")
     ap.add_argument("--max-growth-mib", type=int, default=64, help="fail above this growth")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="attack-flood-"))
-    srv = None
-    try:
-        home = Home(tmp / "service")
-        home.root.mkdir(parents=True)
-        sid = KeyStore(home).ensure_identity()
-        now = int(time.time())
-        units = unit_records(sid, args.units, now, tag="flood")
-        (tmp / "units.json").write_text(json.dumps({"units": units}), encoding="utf-8")
-        argv = ["-m", "claudectl", "--home", str(home.root), "hive", "import"]
-        subprocess.run(
-            [sys.executable, *argv, str(tmp / "units.json")],
-            check=True,
-            env=subprocess_env(home),
-            capture_output=True,
-        )
-        psk = bytes(range(32))
-        KeyStore(home).save_key(ATTACKER, psk)
-        srv = ServeProcess.serve(home, "--listen", "tcp:0:interface=127.0.0.1")
-        port = srv.port()
-        client = MiniClient(ATTACKER, psk, sid)
-        link, _ = client.connect(("127.0.0.1", port))
-        time.sleep(1.0)  # the link-up work is done
-        before = peak = rss_mib(srv.proc.pid)
+    with attacked_service(args.units, "flood", ATTACKER, settle=1.0) as a:
+        before = rss_mib(a.srv.proc.pid)
         frames = b"".join(
-            codec.encode(client.envelopes.make(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}))
+            codec.encode(a.client.envelopes.make(codec.KNOWLEDGE_REQUEST, {"since_epoch": 0}))
             for _ in range(args.requests)
         )
-        link.sock.sendall(frames)  # ... and never read
-        deadline = time.monotonic() + args.watch_secs
-        while time.monotonic() < deadline:
-            time.sleep(0.25)
-            peak = max(peak, rss_mib(srv.proc.pid))
-        answered = sum(1 for text in srv.lines if "answered a knowledge request" in text)
-        alive = srv.proc.poll() is None
-        link.sock.close()
-        growth = peak - before
-        print(
-            f"{args.units} units, {args.requests} requests never read: service RSS {before} MiB "
-            f"-> peak {peak} MiB (+{growth} MiB); answers queued: {answered}; "
-            f"service alive: {alive}"
-        )
-        return 0 if alive and growth <= args.max_growth_mib else 1
-    finally:
-        if srv is not None:
-            srv.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        a.link.sock.sendall(frames)  # ... and never read
+        peak = a.peak_rss(args.watch_secs, step=0.25)
+        answered = sum(1 for text in a.srv.lines if "answered a knowledge request" in text)
+        alive = a.srv.proc.poll() is None
+    growth = peak - before
+    print(
+        f"{args.units} units, {args.requests} requests never read: service RSS {before} MiB "
+        f"-> peak {peak} MiB (+{growth} MiB); answers queued: {answered}; "
+        f"service alive: {alive}"
+    )
+    return 0 if alive and growth <= args.max_growth_mib else 1
 
 
 if __name__ == "__main__":
