@@ -64,7 +64,12 @@ class QuickRunTests(TestCase):
             for transport in ("plaintext", "tls1.3"):
                 cell = rows[key][transport]
                 self.assertEqual(len(cell["runs"]), 1, (key, transport))
-                self.assertGreater(cell["median"], 0, (key, transport))
+                if key == "kib_per_idle_link":
+                    # The RSS growth of a few links: memory the service freed
+                    # earlier in the run may hold them (seen: 0.0 once).
+                    self.assertGreaterEqual(cell["median"], 0, (key, transport))
+                else:
+                    self.assertGreater(cell["median"], 0, (key, transport))
                 self.assertLessEqual(cell["min"], cell["median"])
                 self.assertLessEqual(cell["median"], cell["max"])
         for transport in ("plaintext", "tls1.3"):

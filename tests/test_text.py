@@ -139,7 +139,14 @@ class CleanTextTests(SynchronousTestCase):
     def test_ascii_text_same_as_the_passes(self, text: str) -> None:
         self.assertEqual(clean_text(text), _clean_passes(text))
 
-    @given(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Cf", "Zl", "Zp"))))
+    @given(
+        st.text(
+            alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Cf", "Zl", "Zp")).filter(
+                # The tag block is removed whole; its unassigned U+E0000 is not Cf.
+                lambda c: not 0xE0000 <= ord(c) <= 0xE007F
+            )
+        )
+    )
     def test_printable_text_passes(self, text: str) -> None:
         self.assertEqual(clean_line(text), text)
 

@@ -77,6 +77,7 @@ from claudectl.hive.store import (
     hive_file,
     last_contact,
     read_units_file,
+    remember_line,
     store_transaction,
 )
 from claudectl.hive.trust import (
@@ -94,6 +95,7 @@ from claudectl.hive.units import (
     dumps_pretty,
     paginate,
 )
+from claudectl.hive.wireunits import Prechecked, read_units_payload
 from claudectl.home import Home
 from claudectl.logbudget import LogBudget
 from claudectl.relay import codec
@@ -381,18 +383,33 @@ def _in_bulk(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
+#: Peer names seen well-formed lately (a snapshot's units mostly share a few).
+_GOOD_NAMES: set[str] = set()
+
+
+def _good_name(name: str) -> bool:
+    if name in _GOOD_NAMES:
+        return True
+    if not is_remote_peer_id(name):
+        return False
+    if len(_GOOD_NAMES) >= 4096:
+        _GOOD_NAMES.clear()
+    _GOOD_NAMES.add(name)
+    return True
+
+
 def check_peer_fields(unit: KnowledgeUnit) -> None:
     """
     Refuse (UnitError) a received unit whose origin (``source_peer``) or a
     cluster variant's ``contributing_peers`` is not a well-formed peer id:
     such a name could never be a peer we trust, and it is shown to people.
     """
-    if not is_remote_peer_id(unit.source_peer):
+    if not _good_name(unit.source_peer):
         raise UnitError(f"source_peer {unit.source_peer[:80]!r} is not a valid peer id")
     if isinstance(unit.content, ApproachCluster):
         for v in unit.content.variants:
             for p in v.contributing_peers:
-                if not is_remote_peer_id(p):
+                if not _good_name(p):
                     raise UnitError(f"contributing_peers entry {p[:80]!r} is not a valid peer id")
 
 
@@ -448,12 +465,22 @@ def _delivered_by(book: DeliveryBook, unit: KnowledgeUnit) -> tuple[str, ...]:
 
 
 def validate_batch(raw_units: list[Any]) -> tuple[list[KnowledgeUnit], int, str]:
-    """A peer's units, each checked on its own: (good ones, how many bad, the first error)."""
+    """
+    A peer's units, each checked on its own: (good ones, how many bad, the
+    first error).  A unit read from its canonical text (:class:`Prechecked`)
+    is checked already; its stored line is kept for the store's write.
+    """
     good: list[KnowledgeUnit] = []
     bad = 0
     first_error = ""
     for n, raw in enumerate(raw_units):
         try:
+            if type(raw) is Prechecked:
+                unit = raw.unit
+                check_peer_fields(unit)
+                remember_line(unit, raw.line)
+                good.append(unit)
+                continue
             # One more hop: the count it is stored and passed on with.
             unit = KnowledgeUnit.from_json(raw, hops=1)
             check_peer_fields(unit)
@@ -464,6 +491,24 @@ def validate_batch(raw_units: list[Any]) -> tuple[list[KnowledgeUnit], int, str]
             continue
         good.append(unit)
     return good, bad, first_error
+
+
+def _mark_sent(sent: dict[str, int], units: list[KnowledgeUnit]) -> None:
+    """The peer has these units (id, version): never echo them back to it."""
+    get = sent.get
+    for u in units:
+        version = u.version
+        if get(u.id, -1) < version:
+            sent[u.id] = version
+
+
+def _id_version(raw: Any) -> tuple[Any, Any] | None:
+    """A received unit's (id, version) before it is checked; None: not an object."""
+    if type(raw) is Prechecked:
+        return raw.unit.id, raw.unit.version
+    if isinstance(raw, dict):
+        return raw.get("id"), raw.get("version")
+    return None
 
 
 def _all_known(
@@ -744,6 +789,10 @@ class Gossip:
     def register(self) -> None:
         self.mesh.add_handler(codec.KNOWLEDGE_SYNC, self.on_batch)
         self.mesh.add_handler(codec.KNOWLEDGE_SNAPSHOT, self.on_batch)
+        add_reader = getattr(self.mesh, "add_payload_reader", None)
+        if add_reader is not None:  # units in canonical form skip the JSON parser
+            add_reader(codec.KNOWLEDGE_SYNC, read_units_payload)
+            add_reader(codec.KNOWLEDGE_SNAPSHOT, read_units_payload)
         self.mesh.add_handler(codec.KNOWLEDGE_REQUEST, self.on_request)
         self.mesh.add_handler(codec.ACK, self.on_ack)
         self.mesh.add_link_observer(self.on_link_up, self.on_link_down)
@@ -1538,9 +1587,7 @@ class Gossip:
         ):
             gone = self._gone_now(now)
             pairs = self._gone_pairs
-            if all(
-                isinstance(r, dict) and (r.get("id"), r.get("version")) in pairs for r in raw_units
-            ):
+            if all(_id_version(r) in pairs for r in raw_units):
                 checked = validate_batch(raw_units)
                 if checked[0] and all(eviction_key(u) in gone for u in checked[0]):
                     # Copies of units max_units took back as they were
@@ -1839,11 +1886,9 @@ class Gossip:
             # Every sender has its units before any push round this job's
             # first batch may start: none goes back to the peer it came from.
             for out, b in zip(outs, batches, strict=True):
-                sent = self.state.peer(b.peer_id).sent
-                for u in out.good:
-                    sent[u.id] = max(sent.get(u.id, 0), u.version)
+                _mark_sent(self.state.peer(b.peer_id).sent, out.good)
             for out, b in zip(outs, batches, strict=True):
-                self._committed(out, b.peer_id, b.ack_id, b.stats, now)
+                self._committed(out, b.peer_id, b.ack_id, b.stats, now, marked=True)
 
         d.addBoth(returned)
         d.addCallback(committed)
@@ -2013,7 +2058,13 @@ class Gossip:
         return outs
 
     def _committed(
-        self, out: _Commit, peer_id: str, ack_id: str, stats: dict[str, int], now: int
+        self,
+        out: _Commit,
+        peer_id: str,
+        ack_id: str,
+        stats: dict[str, int],
+        now: int,
+        marked: bool = False,
     ) -> None:
         ps = self.state.peer(peer_id)
         good = out.good
@@ -2040,7 +2091,7 @@ class Gossip:
         if out.committed is None:
             # Nothing written.
             stats["duplicates"] = len(good)
-            self._merged(peer_id, good, good, ack_id, stats, now)
+            self._merged(peer_id, good, good, ack_id, stats, now, marked=marked)
             return
         result, units, sig, book = out.committed
         # What we just wrote is the store now: no need to parse it again.
@@ -2074,7 +2125,7 @@ class Gossip:
         if rest:
             held = out.by_key if out.by_key is not None else {u.semantic_key: u for u in units}
             rest = [u for u in rest if held.get(u.semantic_key) is u]
-        self._merged(peer_id, good, have, ack_id, stats, now, rest)
+        self._merged(peer_id, good, have, ack_id, stats, now, rest, marked=marked)
 
     def _remember_gone(self, gone: list[EvictionKey], stored: int, now: int = 0) -> None:
         """Units evicted as they were stored at ``now`` (see ``_gone``); all
@@ -2125,9 +2176,11 @@ class Gossip:
         stats: dict[str, int],
         now: int,
         stored: list[KnowledgeUnit] | None = None,
+        marked: bool = False,
     ) -> None:
         """
         A batch is merged (or was nothing new): ack, cursors, pass it on.
+        ``marked``: the peer's ``sent`` map has ``good`` already.
         ``stored``: what the batch stored that did not go out early (None: a
         batch that changed nothing).  New or updated units go in a push round;
         a shorter path to a unit we hold (a duplicate that lowered its hop
@@ -2136,9 +2189,8 @@ class Gossip:
         """
         ps = self.state.peer(peer_id)
         self._ack(peer_id, ack_id, have)
-        for u in good:
-            # The peer has this (id, version): never echo it back.
-            ps.sent[u.id] = max(ps.sent.get(u.id, 0), u.version)
+        if not marked:
+            _mark_sent(ps.sent, good)
         for u in have:
             # The cursor follows only the units we kept (not those the cap cut).
             ps.cursor = max(ps.cursor, u.last_validated_at)

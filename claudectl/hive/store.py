@@ -203,6 +203,16 @@ def _line_for(unit: KnowledgeUnit) -> bytes:
 
 def _encode_line(unit: KnowledgeUnit) -> bytes:
     line = dumps_line(unit).encode("utf-8")
+    remember_line(unit, line)
+    return line
+
+
+def remember_line(unit: KnowledgeUnit, line: bytes) -> None:
+    """
+    ``line`` (with its ``\\n``) is ``dumps_line(unit)`` in UTF-8: write it
+    for this unit object rather than encoding the unit (a unit read from a
+    frame's canonical text comes with its line, claudectl.hive.wireunits).
+    """
     if len(_BYTES_OF) >= _LINE_CACHE_MAX or len(_LINE_CACHE) >= _LINE_CACHE_MAX:
         _BYTES_OF.clear()
         _LINE_CACHE.clear()
@@ -210,7 +220,6 @@ def _encode_line(unit: KnowledgeUnit) -> bytes:
     # The next read of the file we are writing finds this line parsed: a
     # unit read back from its own line is this unit (no second validation).
     _LINE_CACHE.setdefault(line[:-1], unit)
-    return line
 
 
 def canonical_line(unit: KnowledgeUnit) -> bytes:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
 
-from claudectl.relay.codec import Envelope
+from claudectl.relay.codec import Envelope, PayloadReader
 from claudectl.relay.links import ILink, PeerLink
 
 if TYPE_CHECKING:
@@ -66,6 +66,11 @@ class IMesh(Interface):
     def add_link_observer(on_up: LinkObserver | None, on_down: LinkObserver | None) -> None:
         """Be told when a peer's authenticated link comes up or goes down."""
 
+    def add_payload_reader(msg_type: str, reader: PayloadReader) -> None:
+        """Read the payloads of ``msg_type`` frames in the plain shape with
+        ``reader`` (see :func:`claudectl.relay.codec.decode`): a handler of
+        that type then receives what the reader makes of them."""
+
     def peer_mode(peer_id: str) -> str | None:
         """``"mutual"`` (a peer of this project), ``"oneway"`` (claudectl 0.64) or None."""
 
@@ -98,6 +103,9 @@ class ILinkHost(Interface):
     )
     handshake_timeout_secs = Attribute("Seconds a handshake may take in all ([relay]).")
     heartbeat_interval_secs = Attribute("Seconds between heartbeats on a link ([relay]).")
+    payload_readers = Attribute(
+        "Payload readers by message type (codec.PayloadReader) for the links' frames."
+    )
 
     def connection_opened(protocol: ILink) -> None:
         """A connection (not yet authenticated) is open."""

@@ -19,7 +19,7 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from claudectl.relay.codec import Envelope, EnvelopeFactory
+from claudectl.relay.codec import Envelope, EnvelopeFactory, PayloadReader
 from claudectl.relay.handshake import MUTUAL, Authenticated
 from claudectl.relay.interfaces import IMesh, LinkObserver, MessageHandler
 from claudectl.relay.links import CONNECTOR, ILink, PeerLink, PeerState, unsent_bytes
@@ -47,6 +47,8 @@ class Mesh:
         self.states: dict[str, PeerState] = {}
         self.links: dict[str, PeerLink] = {}
         self._handlers: dict[str, list[MessageHandler]] = {}
+        #: Readers of payloads by message type (codec.decode's ``readers``).
+        self.payload_readers: dict[str, PayloadReader] = {}
         self._up: list[LinkObserver] = []
         self._down: list[LinkObserver] = []
         #: Peers a dialer keeps a link to, and the address it dials (set by the node).
@@ -88,6 +90,9 @@ class Mesh:
 
     def add_handler(self, msg_type: str, handler: MessageHandler) -> None:
         self._handlers.setdefault(msg_type, []).append(handler)
+
+    def add_payload_reader(self, msg_type: str, reader: PayloadReader) -> None:
+        self.payload_readers[msg_type] = reader
 
     def add_link_observer(self, on_up: LinkObserver | None, on_down: LinkObserver | None) -> None:
         if on_up is not None:

@@ -360,6 +360,7 @@ class RelayNode:
         self.listening_ports: list[Any] = []
         self.handshake_timeout_secs = config.relay.handshake_timeout_secs
         self.heartbeat_interval_secs = config.relay.heartbeat_interval_secs
+        self.payload_readers = self.mesh.payload_readers
         self.started_at = reactor.seconds()
         #: Nonces our listeners and connectors issued lately: one handed
         #: back to us is a reflection attempt.

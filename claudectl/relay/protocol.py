@@ -614,6 +614,7 @@ class RelayProtocol(LineReceiver):
             ),
             now=self.node.clock.seconds,
             on_suppressed=self._bad_frames_suppressed,
+            readers=getattr(self.node, "payload_readers", None),
         )
         clock = self.node.clock
         interval = self.node.heartbeat_interval_secs

@@ -22,7 +22,7 @@ What happens to frames on an authenticated link, sans I/O.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +142,7 @@ class FrameFilter:
         now: Callable[[], float] = lambda: 0.0,
         on_suppressed: Callable[[int], None] = lambda count: None,
         ratio_window: int = BAD_RATIO_WINDOW,
+        readers: Mapping[str, codec.PayloadReader] | None = None,
     ) -> None:
         """
         ``on_bad(reason)`` is called for the bad lines the peer's log budget
@@ -152,6 +153,8 @@ class FrameFilter:
         """
         self.dedup = dedup
         self.counters = counters
+        #: Payload readers by message type (codec.decode's ``readers``).
+        self._readers = readers
         self._on_bad = on_bad
         self._on_suppressed = on_suppressed
         self._max_strikes = max_strikes
@@ -274,7 +277,7 @@ class FrameFilter:
         if not line.strip():
             return None
         try:
-            env = codec.decode(line)
+            env = codec.decode(line, self._readers)
         except ProtocolError as e:
             self.bad(str(e))
             return None
