@@ -24,9 +24,10 @@ ways give the same units, lines and errors.
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from claudectl.hive.units import (
     _NO_STATS,
@@ -47,7 +48,7 @@ from claudectl.relay import codec
 __all__ = ["Prechecked", "read_units_payload", "read_unit"]
 
 
-class Prechecked:
+class Prechecked(NamedTuple):
     """
     A unit read from its canonical text: the unit (one hop added to its
     ``propagation_count``, as a received unit is stored) and its stored line
@@ -56,14 +57,8 @@ class Prechecked:
     the text holds.
     """
 
-    __slots__ = ("unit", "line")
-
-    def __init__(self, unit: KnowledgeUnit, line: bytes) -> None:
-        self.unit = unit
-        self.line = line
-
-    def __repr__(self) -> str:
-        return f"Prechecked({self.unit.id!r}, v{self.unit.version})"
+    unit: KnowledgeUnit
+    line: bytes
 
 
 # --- the patterns -------------------------------------------------------------------
@@ -80,22 +75,36 @@ _U64 = r"(?:0|[1-9][0-9]{0,18})"
 #: strict path: ``-0`` is the integer 0 there, ``-0.0`` here).
 _F64 = r"-?(?:0|[1-9][0-9]{0,19})(?:\.[0-9]{1,24}(?:[eE][-+]?[0-9]{1,2})?|[eE][-+]?[0-9]{1,2})"
 
-#: kind -> (pattern of the value, the value from the matched text ``{g}``,
-#: its text in the stored line given the value ``{v}``).
+#: kind -> (pattern of the value; the statement that sets the value ``{v}``
+#: from the matched text ``{g}``; the value's text in the stored line).
+#: Numbers keep (value, Python's spelling) in ``{p}``, from :func:`_fpair`.
 _KINDS: dict[str, tuple[str, str, str]] = {
-    "str": (_STR, "{g}[1:-1]", "{g}"),
-    "str?": (f"null|{_STR}", "None if {g} == 'null' else {g}[1:-1]", "{g}"),
-    "f64": (_F64, "_float({g})", "_repr({v})"),
+    "str": (_STR, "{v} = {g}[1:-1]", "{g}"),
+    "str?": (f"null|{_STR}", "{v} = None if {g} == 'null' else {g}[1:-1]", "{g}"),
+    "f64": (_F64, "{p} = _flget({g}) or _fpair({g}); {v} = {p}[0]", "{p}[1]"),
     "f64?": (
         f"null|{_F64}",
-        "None if {g} == 'null' else _float({g})",
-        "{g} if {v} is None else _repr({v})",
+        "{p} = None if {g} == 'null' else (_flget({g}) or _fpair({g}));"
+        " {v} = None if {p} is None else {p}[0]",
+        "{g} if {p} is None else {p}[1]",
     ),
-    "u32": (_U32, "_int({g})", "{g}"),
-    "u64": (_U64, "_int({g})", "{g}"),
-    "u64?": (f"null|{_U64}", "None if {g} == 'null' else _int({g})", "{g}"),
-    "strs": (_STRS, "() if {g} == '[]' else _tuple({g}[2:-2].split('\",\"'))", "{g}"),
+    "u32": (_U32, "{v} = _int({g})", "{g}"),
+    "u64": (_U64, "{v} = _int({g})", "{g}"),
+    "u64?": (f"null|{_U64}", "{v} = None if {g} == 'null' else _int({g})", "{g}"),
+    "strs": (_STRS, "{v} = () if {g} == '[]' else _tuple({g}[2:-2].split('\",\"'))", "{g}"),
 }
+
+#: Numbers' text -> (value, its text in a stored line); most units share a few.
+_FLOATS: dict[str, tuple[float, str]] = {}
+
+
+def _fpair(text: str) -> tuple[float, str]:
+    value = float(text)
+    pair = _FLOATS[text] = (value, float.__repr__(value))
+    if len(_FLOATS) > 4096:
+        _FLOATS.clear()
+    return pair
+
 
 #: The content types read here, and the attribute each JSON key fills where
 #: the two differ.  The rest (records inside: requires, variants) take the
@@ -210,10 +219,10 @@ def _compile(cls: type[Content]) -> tuple[re.Pattern[str], Callable[..., Prechec
     attrs = _ATTRS.get(cls, {})
     code = [f"def build({', '.join(groups)}):"]
     for name, kind, _ in cls._SPEC:
-        code.append(f"    v_{name} = " + _KINDS[kind][1].format(g=f"c_{name}"))
+        code.append("    " + _KINDS[kind][1].format(g=f"c_{name}", v=f"v_{name}", p=f"p_{name}"))
     for key, kind in _UNIT_KINDS.items():
         if kind in _KINDS and key != "id" and key != "source_peer":
-            code.append(f"    v_{key} = " + _KINDS[kind][1].format(g=f"u_{key}"))
+            code.append("    " + _KINDS[kind][1].format(g=f"u_{key}", v=f"v_{key}", p=f"p_{key}"))
     fill = ", ".join(f"{attrs.get(name, name)!r}: v_{name}" for name, _, _ in cls._SPEC)
     stats_args = ", ".join(f"s_{n}" for n in _STATS_SORTED)
     code += [
@@ -247,12 +256,12 @@ def _compile(cls: type[Content]) -> tuple[re.Pattern[str], Callable[..., Prechec
         repr('","content":{"type":"' + cls.TYPE + '"'),
     ]
     for name, kind, _ in cls._SPEC:
-        line += [repr(f',"{name}":'), _KINDS[kind][2].format(g=f"c_{name}", v=f"v_{name}")]
+        line += [repr(f',"{name}":'), _KINDS[kind][2].format(g=f"c_{name}", p=f"p_{name}")]
     line += [
         repr('},"evidence_count":'),
         "u_evidence_count",
         repr(',"confidence":'),
-        "_repr(v_confidence)",
+        "p_confidence[1]",
         repr(',"source_peer":'),
         "u_source_peer",
         repr(',"originated_at":'),
@@ -271,26 +280,40 @@ def _compile(cls: type[Content]) -> tuple[re.Pattern[str], Callable[..., Prechec
         "stats_text",
         repr("}\n"),
     ]
-    code.append(f"    return _Prechecked(unit, ''.join(({', '.join(line)})).encode('utf-8'))")
+    code.append(
+        f"    return _pre(_Pre, (unit, ''.join(({', '.join(_merged(line))})).encode('utf-8')))"
+    )
     env: dict[str, Any] = {
         "_new": object.__new__,
         "_cls": cls,
         "_KU": KnowledgeUnit,
-        "_float": float,
+        "_flget": _FLOATS.get,
+        "_fpair": _fpair,
         "_int": int,
         "_str": str,
         "_tuple": tuple,
-        "_repr": float.__repr__,
         "_scope": _scope,
         "_stats": _stats,
         "_ZEROS": _ZEROS,
         "_NO_STATS": _NO_STATS,
         "_NO_STATS_JSON": _NO_STATS_JSON,
         "_UNIVERSAL": _UNIVERSAL,
-        "_Prechecked": Prechecked,
+        "_pre": tuple.__new__,
+        "_Pre": Prechecked,
     }
     exec("\n".join(code), env)  # noqa: S102  # our own fixed specs, no input
     return pattern, env["build"]
+
+
+def _merged(parts: list[str]) -> list[str]:
+    """Code of the line's parts with neighbouring string literals made one."""
+    out: list[str] = []
+    for part in parts:
+        if out and part[0] in "'\"" and out[-1][0] in "'\"":
+            out[-1] = repr(ast.literal_eval(out[-1]) + ast.literal_eval(part))
+        else:
+            out.append(part)
+    return out
 
 
 _READERS: list[tuple[Callable[[str, int], re.Match[str] | None], Callable[..., Prechecked]]] = [
@@ -363,17 +386,25 @@ def _read_units(text: str, pos: int) -> tuple[list[Any] | None, int]:
     units: list[Any] = []
     if text.startswith("]", pos):
         return units, pos + 1
-    read_value = codec.read_value
+    append = units.append
+    match, build = _READERS[0]  # the type of the last unit read (most are alike)
     while True:
-        found = read_unit(text, pos)
-        if found is not None:
-            item, pos = found
+        m = match(text, pos)
+        if m is not None:
+            append(build(*m.groups()))
+            pos = m.end()
         else:
-            try:
-                item, pos = read_value(text, pos)
-            except codec.ProtocolError:
-                return None, pos
-        units.append(item)
+            found = read_unit(text, pos)
+            if found is not None:
+                append(found[0])
+                pos = found[1]
+                match, build = _READERS[0]
+            else:
+                try:
+                    value, pos = codec.read_value(text, pos)
+                except codec.ProtocolError:
+                    return None, pos
+                append(value)
         sep = text[pos : pos + 1]
         pos += 1
         if sep == ",":
