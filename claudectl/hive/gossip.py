@@ -77,7 +77,7 @@ from claudectl.hive.store import (
     hive_file,
     last_contact,
     read_units_file,
-    remember_line,
+    remember_lines,
     store_transaction,
 )
 from claudectl.hive.trust import (
@@ -473,12 +473,16 @@ def validate_batch(raw_units: list[Any]) -> tuple[list[KnowledgeUnit], int, str]
     good: list[KnowledgeUnit] = []
     bad = 0
     first_error = ""
+    lines: list[Prechecked] = []
+    known_names = _GOOD_NAMES
     for n, raw in enumerate(raw_units):
         try:
             if type(raw) is Prechecked:
+                # (Never a cluster: its only peer name is the origin.)
                 unit = raw.unit
-                check_peer_fields(unit)
-                remember_line(unit, raw.line)
+                if unit.source_peer not in known_names:
+                    check_peer_fields(unit)
+                lines.append(raw)
                 good.append(unit)
                 continue
             # One more hop: the count it is stored and passed on with.
@@ -490,6 +494,8 @@ def validate_batch(raw_units: list[Any]) -> tuple[list[KnowledgeUnit], int, str]
                 first_error = f"#{n}: {str(e)[:200]}"
             continue
         good.append(unit)
+    if lines:
+        remember_lines(lines)
     return good, bad, first_error
 
 

@@ -26,7 +26,7 @@ import contextlib
 import operator
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -210,16 +210,23 @@ def _encode_line(unit: KnowledgeUnit) -> bytes:
 def remember_line(unit: KnowledgeUnit, line: bytes) -> None:
     """
     ``line`` (with its ``\\n``) is ``dumps_line(unit)`` in UTF-8: write it
-    for this unit object rather than encoding the unit (a unit read from a
-    frame's canonical text comes with its line, claudectl.hive.wireunits).
+    for this unit object rather than encoding the unit.
     """
-    if len(_BYTES_OF) >= _LINE_CACHE_MAX or len(_LINE_CACHE) >= _LINE_CACHE_MAX:
+    remember_lines(((unit, line),))
+
+
+def remember_lines(pairs: Collection[tuple[KnowledgeUnit, bytes]]) -> None:
+    """:func:`remember_line` for each (unit, line): a unit read from a
+    frame's canonical text comes with its line (claudectl.hive.wireunits)."""
+    if len(_BYTES_OF) + len(pairs) > _LINE_CACHE_MAX or len(_LINE_CACHE) >= _LINE_CACHE_MAX:
         _BYTES_OF.clear()
         _LINE_CACHE.clear()
-    _BYTES_OF[id(unit)] = (unit, line, True)
-    # The next read of the file we are writing finds this line parsed: a
-    # unit read back from its own line is this unit (no second validation).
-    _LINE_CACHE.setdefault(line[:-1], unit)
+    bytes_of, parsed = _BYTES_OF, _LINE_CACHE.setdefault
+    for unit, line in pairs:
+        bytes_of[id(unit)] = (unit, line, True)
+        # The next read of the file we are writing finds this line parsed: a
+        # unit read back from its own line is this unit (no second validation).
+        parsed(line[:-1], unit)
 
 
 def canonical_line(unit: KnowledgeUnit) -> bytes:

@@ -235,8 +235,10 @@ def _compile(cls: type[Content]) -> tuple[re.Pattern[str], Callable[..., Prechec
         "    else:",
         "        stats, stats_text = _stats(stats_values)",
         "    unit = _new(_KU)",
-        "    unit.__dict__.update({'id': u_id[1:-1],"
-        " 'scope': _UNIVERSAL if scope_kind is None else _scope(scope_kind, scope_value),"
+        "    scope = _UNIVERSAL if scope_kind is None else _scope(scope_kind, scope_value)",
+        # semantic_key is a cached property: filled here, as it would be.
+        "    unit.__dict__.update({'id': u_id[1:-1], 'scope': scope,"
+        " 'semantic_key': scope.key_prefix() + '/' + content.key_part(),"
         " 'content': content, 'evidence_count': v_evidence_count,"
         " 'confidence': v_confidence, 'source_peer': u_source_peer[1:-1],"
         " 'originated_at': v_originated_at, 'last_validated_at': v_last_validated_at,"
