@@ -5,7 +5,6 @@ the strict way: the JSON parser, KnowledgeUnit.from_json(hops=1), dumps_line.
 
 from __future__ import annotations
 
-import gc
 import json
 from typing import Any
 
@@ -13,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from claudectl.hive.gossip import BULK_FRAME_CHARS, _read_payload, validate_batch
+from claudectl.hive.gossip import validate_batch
 from claudectl.hive.store import canonical_line
 from claudectl.hive.units import (
     CATEGORIES,
@@ -303,21 +302,3 @@ class UseTests(SynchronousTestCase):
         self.assertIs(good[0], units[0].unit)
         # The store writes the line that came with it.
         self.assertIs(canonical_line(good[0]), units[0].line)
-
-    def test_a_big_frame_is_read_as_bulk_work(self) -> None:
-        # A snapshot page's objects are frozen once read (statestore.bulk_work):
-        # the merge that takes them does not walk them again.
-        if not gc.isenabled():
-            self.skipTest("the collector is off")
-        self.addCleanup(gc.unfreeze)
-        for n, bulk in ((3, False), (400, True)):
-            text = frame([plain_unit(i).wire_dict for i in range(n)]).decode("utf-8")
-            pos = text.index('"payload":') + len('"payload":')
-            self.assertEqual(len(text) - pos >= BULK_FRAME_CHARS, bulk)
-            before = gc.get_freeze_count()
-            got = _read_payload(text, pos)
-            assert got is not None
-            self.assertEqual(gc.get_freeze_count() > before, bulk)
-            self.assertEqual(len(got[0]["units"]), n)
-            self.assertEqual(got, read_units_payload(text, pos))
-            self.assertTrue(gc.isenabled())

@@ -153,9 +153,6 @@ FORWARD_INDEX_INLINE = 5_000
 #: Snapshot pages buffered for one peer are merged once they are charged this
 #: much, so the buffer of a peer never holds much more than this.
 SNAPSHOT_FLUSH_BYTES = 4 * 1024 * 1024
-#: A knowledge frame at least this long is read as bulk work (see
-#: :func:`_read_payload`): a few hundred units.
-BULK_FRAME_CHARS = 64 * 1024
 #: What the snapshot pages answering one of our requests may be charged in
 #: all; a peer crossing it loses its buffered pages and the link.
 SNAPSHOT_BUDGET_BYTES = 64 * 1024 * 1024
@@ -363,20 +360,6 @@ def _collector_paused(units: int) -> Iterator[None]:
         return
     with bulk_work():  # also keeps the merged units out of later collections
         yield
-
-
-def _read_payload(text: str, pos: int) -> tuple[dict[str, Any], int] | None:
-    """
-    A knowledge frame's payload (:func:`read_units_payload`); a big one (a
-    snapshot page holds hundreds of units) as :func:`bulk_work`: its
-    objects are not walked by the collections its own allocations would
-    start, and they are frozen once read -- the merge that takes them then
-    starts with a short collection instead of one over the whole snapshot.
-    """
-    if len(text) - pos < BULK_FRAME_CHARS:
-        return read_units_payload(text, pos)
-    with bulk_work():
-        return read_units_payload(text, pos)
 
 
 def _warm_wire(units: list[KnowledgeUnit]) -> None:
@@ -814,8 +797,8 @@ class Gossip:
         self.mesh.add_handler(codec.KNOWLEDGE_SNAPSHOT, self.on_batch)
         add_reader = getattr(self.mesh, "add_payload_reader", None)
         if add_reader is not None:  # units in canonical form skip the JSON parser
-            add_reader(codec.KNOWLEDGE_SYNC, _read_payload)
-            add_reader(codec.KNOWLEDGE_SNAPSHOT, _read_payload)
+            add_reader(codec.KNOWLEDGE_SYNC, read_units_payload)
+            add_reader(codec.KNOWLEDGE_SNAPSHOT, read_units_payload)
         self.mesh.add_handler(codec.KNOWLEDGE_REQUEST, self.on_request)
         self.mesh.add_handler(codec.ACK, self.on_ack)
         self.mesh.add_link_observer(self.on_link_up, self.on_link_down)
