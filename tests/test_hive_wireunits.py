@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from claudectl.hive.gossip import validate_batch
-from claudectl.hive.store import canonical_line
+from claudectl.config import Config
+from claudectl.hive import store as store_mod
+from claudectl.hive.gossip import Gossip, validate_batch
+from claudectl.hive.store import KNOWLEDGE, canonical_line, hive_file
 from claudectl.hive.units import (
     CATEGORIES,
     INJECTION_STATES,
@@ -37,6 +39,9 @@ from claudectl.hive.wireunits import Prechecked, read_units_payload
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope, ProtocolError
 from claudectl.relay.session import Dedup, FrameFilter, LinkCounters
+from tests.common import FakeMesh, temp_home
+
+NOW = 1_800_000_000
 
 READERS = {
     codec.KNOWLEDGE_SYNC: read_units_payload,
@@ -162,7 +167,7 @@ class PropertyTests(SynchronousTestCase, Agrees):
         st.integers(0, 3),
         st.integers(0, 10**6),
         st.integers(0, 12),
-        st.text(alphabet='{}[],:"\\0123456789.eE-+ nulrtfasx\u00e9', max_size=6),
+        st.text(alphabet='{}[],:"\\0123456789.eE-+ nulrtfasx\u00e9\x00\x1f\t\u2028', max_size=6),
     )
     def test_damaged_frames_get_the_same_answer(
         self, which: int, at: int, cut: int, insert: str
@@ -170,7 +175,7 @@ class PropertyTests(SynchronousTestCase, Agrees):
         units = [plain_unit(0), plain_unit(1, content=Temporal("mornings", 0.5)), plain_unit(2)]
         line = frame([u.wire_dict for u in units][: which + 1])
         body = line[:-1].decode("utf-8")
-        at %= len(body)
+        at %= len(body) + 1  # the head and the very end too
         damaged = (body[:at] + insert + body[at + cut :]).encode("utf-8") + b"\n"
         self.agree(damaged)
 
@@ -224,6 +229,38 @@ class ReadWayTests(SynchronousTestCase, Agrees):
         text = frame([neg]).replace(b'"confidence":0', b'"confidence":-0')
         self.agree(text)
 
+    def test_the_names_the_strict_checks_know(self) -> None:
+        # Exactly the categories, states and scope kinds units.py knows.
+        cases = [plain_unit(i, category=c) for i, c in enumerate(CATEGORIES)]
+        cases += [plain_unit(10 + i, injection_state=s) for i, s in enumerate(INJECTION_STATES)]
+        cases += [plain_unit(20, scope=Scope("language", "go"))]
+        cases += [plain_unit(21, scope=Scope("project", "x/y"))]
+        self.assertEqual(self.agree(frame([u.wire_dict for u in cases])), len(cases))
+        odd = [
+            dict(plain_unit(30).wire_dict, category="best_practices"),
+            dict(plain_unit(31).wire_dict, injection_state="retired"),
+            dict(plain_unit(32).wire_dict, scope={"type": "team", "value": "x"}),
+            dict(plain_unit(33).wire_dict, scope={"type": "universal", "value": None}),
+        ]
+        self.assertEqual(self.agree(frame(odd)), 0)
+
+    def test_a_deep_unit_leaves_the_frame_to_the_strict_way(self) -> None:
+        # Read alone a unit is three levels shallower than in its frame: past
+        # a few dozen brackets the reader does not decide.
+        for depth, read in ((10, True), (70, False)):
+            deep = {"id": "x", "nested": json.loads("[" * depth + "]" * depth)}
+            text = frame([plain_unit(0).wire_dict, deep]).decode("utf-8")
+            pos = text.index('"payload":') + len('"payload":')
+            got = read_units_payload(text, pos)
+            self.assertEqual(got is not None, read, depth)
+            self.agree(text.encode("utf-8"))
+
+    def test_long_strings_take_the_strict_way(self) -> None:
+        # A unit read this way holds its strings about three times over:
+        # only short ones (the per-peer charge covers those).
+        line = frame([plain_unit(0, id="k" * 256).wire_dict, plain_unit(1, id="k" * 257).wire_dict])
+        self.assertEqual(self.agree(line), 1)
+
     def test_numbers_spelled_otherwise(self) -> None:
         # Another spelling of the same number: the stored line has Python's.
         line = frame([plain_unit(0).wire_dict])
@@ -258,6 +295,50 @@ class ReadWayTests(SynchronousTestCase, Agrees):
             with self.assertRaises(ProtocolError, msg=name):
                 codec.decode(line)
             self.agree(line)
+        # The envelope's own limits, where the read way looks first.
+        unit = plain_unit(0).wire_json
+        head = '{"id":"m_1","msg_type":"knowledge_sync","from_peer":"peer-a",'
+        body = '"payload":{"units":[' + unit + "]}}"
+        for name, text in {
+            "timestamp past 2^64-1": head + '"timestamp":18446744073709551616,' + body,
+            "timestamp with a leading zero": head + '"timestamp":01,' + body,
+            "member with a leading zero": head
+            + '"timestamp":1,"payload":{"sync_epoch":01,"units":['
+            + unit
+            + "]}}",
+            "raw control character": head
+            + '"timestamp":1,'
+            + body.replace('"tool":"Bash"', '"tool":"Ba\x1fsh"'),
+            "raw tab": head + '"timestamp":1,' + body.replace('"tool":"Bash"', '"tool":"Ba\tsh"'),
+            "no closing brace": head + '"timestamp":1,' + body[:-1] + "x",
+        }.items():
+            line = text.encode("utf-8") + b"\n"
+            with self.assertRaises(ProtocolError, msg=name):
+                codec.decode(line)
+            self.agree(line)
+        # A frame of units one byte over the limit, and one at it.
+        units_ = [plain_unit(i).wire_dict for i in range(1000)]
+        short = len(frame(units_)) - 1
+        while short < codec.MAX_LINE_BYTES - 900:
+            unit_ = plain_unit(len(units_))
+            units_.append(unit_.wire_dict)
+            short += unit_.wire_size + 1
+        self.assertEqual(len(frame(units_)) - 1, short)
+        count = len(units_)
+        for extra, ok in ((0, True), (1, False)):
+            pad = codec.MAX_LINE_BYTES - short + extra
+            assert 0 < pad < 1000
+            # (in pieces of at most 256 characters: strings the reader takes)
+            padded = [dict(u) for u in units_]
+            for i in range(-(-pad // 200)):
+                padded[i]["id"] += "k" * min(200, pad - 200 * i)
+            line = frame(padded)
+            self.assertEqual(len(line) - 1, codec.MAX_LINE_BYTES + extra)
+            if ok:
+                self.assertEqual(self.agree(line), count)
+            else:
+                with self.assertRaises(ProtocolError):
+                    codec.decode(line, READERS)
         # Anything after the frame's last brace but whitespace.
         for tail in (b"x", b"}", b",{}"):
             line = frame([plain_unit(0).wire_dict])[:-1] + tail + b"\n"
@@ -293,12 +374,37 @@ class UseTests(SynchronousTestCase):
         self.assertIs(type(plain.payload["units"][0]), dict)
         self.assertIs(type(read.payload["units"][0]), Prechecked)
 
-    def test_validate_batch_keeps_the_line_and_checks_the_origin(self) -> None:
+    def test_validate_batch_checks_the_origin(self) -> None:
         line = frame([plain_unit(0).wire_dict, plain_unit(1, source_peer="_pending").wire_dict])
         units = codec.decode(line, READERS).payload["units"]
         good, bad, error = validate_batch(units)
         self.assertEqual((len(good), bad), (1, 1))
         self.assertIn("source_peer", error)
         self.assertIs(good[0], units[0].unit)
-        # The store writes the line that came with it.
-        self.assertIs(canonical_line(good[0]), units[0].line)
+
+    def test_only_stored_units_leave_their_lines(self) -> None:
+        home = temp_home(self)
+        mesh = FakeMesh("me-1")
+        gossip = Gossip(home, Config(), mesh, "me-1", lambda: NOW)
+        gossip.register()
+        mesh.connect("peer-a")
+        units = [plain_unit(i, originated_at=NOW, last_validated_at=NOW) for i in range(2)]
+
+        def deliver() -> list[Prechecked]:
+            line = frame([u.wire_dict for u in units], codec.KNOWLEDGE_SYNC, sync_epoch=NOW)
+            env = codec.decode(line, READERS)
+            for handler in mesh.handlers[codec.KNOWLEDGE_SYNC]:
+                handler("peer-a", env)
+            return list(env.payload["units"])
+
+        first = deliver()
+        # Written as they came: the file holds the lines the units came with.
+        data = hive_file(home, KNOWLEDGE).read_bytes()
+        self.assertEqual(data, b"".join(p.line for p in first))
+        self.assertTrue(all(canonical_line(p.unit) is p.line for p in first))
+        # The same units again are copies: nothing of them is kept.
+        again = deliver()
+        self.assertEqual(gossip.counters["duplicate_units"], 2)
+        for p in again:
+            self.assertIsNot(store_mod._BYTES_OF.get(id(p.unit), (None,))[0], p.unit)
+        self.assertEqual(hive_file(home, KNOWLEDGE).read_bytes(), data)

@@ -335,8 +335,16 @@ class SyncState:
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def _unit_bytes(unit_json: dict[str, Any]) -> int:
+def _unit_bytes(unit_json: Any) -> int:
     return len(_COMPACT(unit_json).encode("utf-8"))
+
+
+def _units_bytes(raw_units: list[Any]) -> int:
+    """About the bytes of received units' JSON (a unit read from its text:
+    its line's)."""
+    plain = [r for r in raw_units if type(r) is not Prechecked]
+    lines = sum(len(r.line) for r in raw_units if type(r) is Prechecked)
+    return lines + (_unit_bytes(plain) if plain else 0)
 
 
 def _paginate(encoded: list[Encoded]) -> list[list[Encoded]]:
@@ -468,12 +476,11 @@ def validate_batch(raw_units: list[Any]) -> tuple[list[KnowledgeUnit], int, str]
     """
     A peer's units, each checked on its own: (good ones, how many bad, the
     first error).  A unit read from its canonical text (:class:`Prechecked`)
-    is checked already; its stored line is kept for the store's write.
+    is checked already but for its origin.
     """
     good: list[KnowledgeUnit] = []
     bad = 0
     first_error = ""
-    lines: list[Prechecked] = []
     known_names = _GOOD_NAMES
     for n, raw in enumerate(raw_units):
         try:
@@ -482,7 +489,6 @@ def validate_batch(raw_units: list[Any]) -> tuple[list[KnowledgeUnit], int, str]
                 unit = raw.unit
                 if unit.source_peer not in known_names:
                     check_peer_fields(unit)
-                lines.append(raw)
                 good.append(unit)
                 continue
             # One more hop: the count it is stored and passed on with.
@@ -494,9 +500,24 @@ def validate_batch(raw_units: list[Any]) -> tuple[list[KnowledgeUnit], int, str]
                 first_error = f"#{n}: {str(e)[:200]}"
             continue
         good.append(unit)
-    if lines:
-        remember_lines(lines)
     return good, bad, first_error
+
+
+def _lines_stored(
+    batches: list[tuple[str, list[Any]]], merged: list[tuple[str, Any, BatchResult, Any]]
+) -> list[Prechecked]:
+    """The lines that came with units the merges store (for the store's
+    write; units not stored leave nothing behind in its caches)."""
+    came = {id(p.unit): p for _, raw in batches for p in raw if type(p) is Prechecked}
+    if not came:
+        return []
+    out = []
+    for _, _, result, _ in merged:
+        for _, outcome in result.outcomes:
+            p = came.get(id(outcome.store))
+            if p is not None and p.unit is outcome.store:
+                out.append(p)
+    return out
 
 
 def _mark_sent(sent: dict[str, int], units: list[KnowledgeUnit]) -> None:
@@ -513,7 +534,9 @@ def _id_version(raw: Any) -> tuple[Any, Any] | None:
     if type(raw) is Prechecked:
         return raw.unit.id, raw.unit.version
     if isinstance(raw, dict):
-        return raw.get("id"), raw.get("version")
+        key = raw.get("id"), raw.get("version")
+        if type(key[0]) is str and type(key[1]) is int:  # (a list would not hash)
+            return key
     return None
 
 
@@ -1404,7 +1427,7 @@ class Gossip:
         size = frame_bytes
         if size <= 0:
             try:
-                size = _unit_bytes(raw_units)  # type: ignore[arg-type]
+                size = _units_bytes(raw_units)
             except Exception:  # RecursionError on absurd nesting: charge a whole line
                 size = codec.MAX_LINE_BYTES
         charge = size + SNAPSHOT_ENTRY_CHARGE * len(raw_units) + SNAPSHOT_PAGE_CHARGE
@@ -2004,6 +2027,7 @@ class Gossip:
                 result = merge_batch(store, out.good, self.identity, now, budget=left)
                 remaining[peer_id] = max(0, left - result.accepted - result.updated)
                 merged.append((peer_id, out, result, before))
+            remember_lines(_lines_stored(batches, merged))
             # Who delivered what, written before the store itself.
             record_deliveries(
                 self.delivery_file,

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from claudectl.hive.units import (
     _NO_STATS,
     _NO_STATS_JSON,
+    CATEGORIES,
+    INJECTION_STATES,
     ApproachOutcome,
     Content,
     InjectionStats,
@@ -45,7 +47,7 @@ from claudectl.hive.units import (
 )
 from claudectl.relay import codec
 
-__all__ = ["Prechecked", "read_units_payload", "read_unit"]
+__all__ = ["Prechecked", "read_units_payload"]
 
 
 class Prechecked(NamedTuple):
@@ -66,8 +68,12 @@ class Prechecked(NamedTuple):
 # u32, 19 for a u64, a two-digit exponent for an f64 (finite whatever its
 # digits).  A longer value is read the strict way, which checks it.
 
-_STR = r'"[^"\\\x00-\x1f]*"'
-_STRS = r'\[(?:"[^"\\\x00-\x1f]*"(?:,"[^"\\\x00-\x1f]*")*)?\]'
+#: A string of at most 256 characters: a unit read this way holds its text
+#: about three times (its fields, its line, its semantic key), which the
+#: per-peer charge of waiting batches covers only for short strings; longer
+#: ones take the strict way.
+_STR = r'"[^"\\\x00-\x1f]{0,256}"'
+_STRS = r'\[(?:"[^"\\\x00-\x1f]{0,256}"(?:,"[^"\\\x00-\x1f]{0,256}")*)?\]'
 _U32 = r"(?:0|[1-9][0-9]{0,8})"
 _U64 = r"(?:0|[1-9][0-9]{0,18})"
 #: A JSON number with a fraction or an exponent: what an f64 field holds in
@@ -144,8 +150,8 @@ _SCOPES: dict[tuple[str, str], Scope] = {}
 _UNIVERSAL = Scope()
 
 
-def _scope(kind: str, value: str) -> Scope:
-    key = (kind, value[1:-1])
+def _scope(kind: str, quoted: str) -> Scope:
+    key = (kind, quoted[1:-1])
     scope = _SCOPES.get(key)
     if scope is None:
         if len(_SCOPES) >= 4096:
@@ -158,14 +164,18 @@ _ZEROS = ("0",) * len(_STATS_NAMES)
 
 
 def _stats(values: tuple[str, ...]) -> tuple[InjectionStats, str]:
-    """The rollout stats from their numbers in frame order, and their line text."""
-    if values == _ZEROS:
-        return _NO_STATS, _NO_STATS_JSON
+    """Rollout stats that are not all zero (``build`` takes those itself),
+    from their numbers in frame order, and their line text."""
     by_name = dict(zip(_STATS_SORTED, values, strict=True))
     stats = object.__new__(InjectionStats)
     stats.__dict__.update({n: int(by_name[n]) for n in _STATS_NAMES})
     text = "{" + ",".join(f'"{n}":{by_name[n]}' for n in _STATS_NAMES) + "}"
     return stats, text
+
+
+def _one_of(names: Iterable[str]) -> str:
+    """A pattern of exactly these names (the same sets the strict checks use)."""
+    return "|".join(map(re.escape, names))
 
 
 def _compile(cls: type[Content]) -> tuple[re.Pattern[str], Callable[..., Prechecked]]:
@@ -194,11 +204,9 @@ def _compile(cls: type[Content]) -> tuple[re.Pattern[str], Callable[..., Prechec
         if kind == "content":
             value = content_pattern()
         elif kind == "category":
-            value = (
-                '"' + group("category", "best_practice|technique|workflow_pattern|personal") + '"'
-            )
+            value = '"' + group("category", _one_of(CATEGORIES)) + '"'
         elif kind == "state":
-            value = '"' + group("state", "draft|canary|staged|live") + '"'
+            value = '"' + group("state", _one_of(INJECTION_STATES)) + '"'
         elif kind == "stats":
             nums = [f'"{n}":' + group(f"s_{n}", _U64) for n in _STATS_SORTED]
             value = r"\{" + ",".join(nums) + r"\}"
@@ -206,7 +214,7 @@ def _compile(cls: type[Content]) -> tuple[re.Pattern[str], Callable[..., Prechec
             groups.append("scope_text")  # the outer group is numbered first
             value = (
                 r'(\{"type":"universal"\}|\{"type":"'
-                + group("scope_kind", "language|project")
+                + group("scope_kind", _one_of(k for k in Scope.KINDS if k != "universal"))
                 + '","value":'
                 + group("scope_value", _STR)
                 + r"\})"
@@ -323,7 +331,7 @@ _READERS: list[tuple[Callable[[str, int], re.Match[str] | None], Callable[..., P
 ]
 
 
-def read_unit(text: str, pos: int) -> tuple[Prechecked, int] | None:
+def _read_unit(text: str, pos: int) -> tuple[Prechecked, int] | None:
     """
     The unit whose canonical text starts at ``text[pos]``, and where it
     ends; None when there is none in canonical form there.
@@ -338,6 +346,10 @@ def read_unit(text: str, pos: int) -> tuple[Prechecked, int] | None:
             return found, m.end()
     return None
 
+
+#: Brackets in a unit read the strict way, past which the whole frame is
+#: (a unit in claudectl's form nests 4 deep).
+_MAX_BRACKETS = 64
 
 #: A payload member before or after the units: a name and an integer.
 _MEMBER = re.compile(r'"([a-z_]{1,40})":(0|[1-9][0-9]{0,19})(,?)')
@@ -396,17 +408,23 @@ def _read_units(text: str, pos: int) -> tuple[list[Any] | None, int]:
             append(build(*m.groups()))
             pos = m.end()
         else:
-            found = read_unit(text, pos)
+            found = _read_unit(text, pos)
             if found is not None:
                 append(found[0])
                 pos = found[1]
                 match, build = _READERS[0]
             else:
                 try:
-                    value, pos = codec.read_value(text, pos)
+                    value, end = codec.read_value(text, pos)
                 except codec.ProtocolError:
                     return None, pos
+                if text.count("[", pos, end) + text.count("{", pos, end) > _MAX_BRACKETS:
+                    # Read here a unit is three levels shallower than in the
+                    # whole frame: how deep a parser may go is the strict
+                    # way's to decide.
+                    return None, pos
                 append(value)
+                pos = end
         sep = text[pos : pos + 1]
         pos += 1
         if sep == ",":
