@@ -118,9 +118,18 @@ class AnswerCacheTests(SynchronousTestCase):
     def test_bounded_in_bytes_and_peers(self) -> None:
         store = units_of(*(unit(f"ku_{i}", "me-1", cmd="x" * 1000) for i in range(10)))
         small = AnswerCache(max_bytes=5_000)
+        got = [small.answer("peer-a", store, self.ctx, NOW, self.select(store, "peer-a"))]
+        got.append(small.answer("peer-a", store, self.ctx, NOW, self.select(store, "peer-a")))
+        # Too big to keep encoded: the selection is kept, the pages made each time.
+        self.assertEqual(small.built, 1)
+        self.assertIs(got[0], got[1])
+        first, again = got[0].pages, got[1].pages
+        self.assertIsNot(first, again)
+        self.assertEqual([p.units for p in first], [p.units for p in again])
+        tiny = AnswerCache(max_bytes=1_000)  # not even the selection fits
         for _ in range(2):
-            small.answer("peer-a", store, self.ctx, NOW, self.select(store, "peer-a"))
-        self.assertEqual(small.built, 2)  # too big to keep: never kept
+            tiny.answer("peer-a", store, self.ctx, NOW, self.select(store, "peer-a"))
+        self.assertEqual(tiny.built, 2)
         # Two answers that do not fit together: the first is let go.
         two = AnswerCache(max_bytes=1_700 * 7)
         two.answer("peer-a", store, self.ctx, NOW, lambda: self.select(store, "peer-a")()[:6])

@@ -45,9 +45,11 @@ from claudectl.relay.codec import EncodedPayload
 Encoded = tuple[KnowledgeUnit, int]
 
 #: Encoded pages the cache keeps at most (distinct answers; peers with the
-#: same answer share one copy).  A store whose answer is bigger is answered
-#: uncached.
+#: same answer share one copy).  Of a bigger answer only the selection is
+#: kept (its pages are made again for each request).
 MAX_CACHED_BYTES = 16 * 1024 * 1024
+#: What keeping one unit of a selection without its pages is counted.
+SELECTION_BYTES_PER_UNIT = 128
 #: Peers the cache keeps an answer for at most.
 MAX_CACHED_PEERS = 1024
 
@@ -115,6 +117,8 @@ class Answer:
     #: The last ``now`` (seconds) at which every unit may still go: after
     #: it one has expired (None: no unit ever does).
     valid_until: int | None
+    #: False: the pages are made for each use, not kept (a big answer).
+    keep_pages: bool = True
     _pages: list[Page] | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -134,9 +138,12 @@ class Answer:
         changes): a big answer's pages are encoded one per reactor turn, as
         the gossip engine sends them, not all at once.
         """
-        if self._pages is None:
-            self._pages = pages_of(self.units) or [Page([])]
-        return self._pages
+        if self._pages is not None:
+            return self._pages
+        pages = pages_of(self.units) or [Page([])]
+        if self.keep_pages:
+            self._pages = pages
+        return pages
 
     def good_at(self, now: int) -> bool:
         return self.valid_until is None or now <= self.valid_until
@@ -222,7 +229,12 @@ class AnswerCache:
         answer = Answer.of(units, ctx.config.knowledge_ttl_days)
         size = answer.nbytes
         if size > self.max_bytes:
-            return answer  # too big to keep: answered uncached
+            # Too big to keep encoded: keep what to send (the selection over
+            # the whole store is most of an answer's cost), page it each time.
+            answer.keep_pages = False
+            size = SELECTION_BYTES_PER_UNIT * len(units)
+            if size > self.max_bytes:
+                return answer  # answered uncached
         if self._bytes + size > self.max_bytes:
             self.clear()
         self._by_units[key] = answer
