@@ -39,7 +39,7 @@ from claudectl.hive.wireunits import Prechecked, read_units_payload
 from claudectl.relay import codec
 from claudectl.relay.codec import Envelope, ProtocolError
 from claudectl.relay.session import Dedup, FrameFilter, LinkCounters
-from tests.common import FakeMesh, temp_home
+from tests.common import FakeMesh, temp_home, vectors
 
 NOW = 1_800_000_000
 
@@ -196,6 +196,12 @@ class ReadWayTests(SynchronousTestCase, Agrees):
             self.agree(frame([u.wire_dict for u in units], codec.KNOWLEDGE_SYNC, sync_epoch=5)),
             len(units),
         )
+
+    def test_claudectls_own_frame_takes_the_read_way(self) -> None:
+        # The knowledge_sync frame of the interoperability vectors, byte for
+        # byte as claudectl 0.64 writes it.
+        line = vectors("hive", "COMPAT")["hive.frame.knowledge_sync"]["expected"]["line"]
+        self.assertEqual(self.agree(line.encode("utf-8")), 1)
 
     def test_one_hop_more_and_the_stored_line(self) -> None:
         env = codec.decode(frame([plain_unit(0, propagation_count=4).wire_dict]), READERS)
