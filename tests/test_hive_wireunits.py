@@ -230,7 +230,7 @@ class ReadWayTests(SynchronousTestCase, Agrees):
         raw = json.loads(plain_unit(0).wire_json)
         raw["confidence"] = 1
         line = frame([raw, plain_unit(1).wire_dict])
-        self.assertEqual(self.agree(line), 1)
+        self.assertEqual(self.agree(line), 0)  # the strict reader reads that frame
         neg = dict(raw, confidence=-0)  # JSON's -0 is the integer 0
         text = frame([neg]).replace(b'"confidence":0', b'"confidence":-0')
         self.agree(text)
@@ -250,22 +250,23 @@ class ReadWayTests(SynchronousTestCase, Agrees):
         ]
         self.assertEqual(self.agree(frame(odd)), 0)
 
-    def test_a_deep_unit_leaves_the_frame_to_the_strict_way(self) -> None:
-        # Read alone a unit is three levels shallower than in its frame: past
-        # a few dozen brackets the reader does not decide.
-        for depth, read in ((10, True), (70, False)):
-            deep = {"id": "x", "nested": json.loads("[" * depth + "]" * depth)}
-            text = frame([plain_unit(0).wire_dict, deep]).decode("utf-8")
-            pos = text.index('"payload":') + len('"payload":')
-            got = read_units_payload(text, pos)
-            self.assertEqual(got is not None, read, depth)
-            self.agree(text.encode("utf-8"))
+    def test_one_unit_in_another_form_leaves_the_frame_to_the_strict_way(self) -> None:
+        # Whatever its place: the strict reader parses the whole frame once
+        # (its units then share their keys' strings, and its depth limit is
+        # the frame's).
+        odd = [{"id": "x", "nested": json.loads("[" * 70 + "]" * 70)}, 7, None]
+        for other in odd:
+            for units in ([other, plain_unit(0).wire_dict], [plain_unit(0).wire_dict, other]):
+                text = frame(units).decode("utf-8")
+                pos = text.index('"payload":') + len('"payload":')
+                self.assertIsNone(read_units_payload(text, pos))
+                self.assertEqual(self.agree(text.encode("utf-8")), 0)
 
     def test_long_strings_take_the_strict_way(self) -> None:
         # A unit read this way holds its strings about three times over:
         # only short ones (the per-peer charge covers those).
-        line = frame([plain_unit(0, id="k" * 256).wire_dict, plain_unit(1, id="k" * 257).wire_dict])
-        self.assertEqual(self.agree(line), 1)
+        self.assertEqual(self.agree(frame([plain_unit(0, id="k" * 256).wire_dict])), 1)
+        self.assertEqual(self.agree(frame([plain_unit(1, id="k" * 257).wire_dict])), 0)
 
     def test_numbers_spelled_otherwise(self) -> None:
         # Another spelling of the same number: the stored line has Python's.

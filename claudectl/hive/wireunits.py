@@ -11,15 +11,15 @@ the checked :class:`~claudectl.hive.units.KnowledgeUnit` and its
 JSON parser's dicts, the field-by-field checks and the line encoder: about a
 third of the work per unit of a merged snapshot.
 
-Only what is certain takes this path: strings without a backslash or a
-control character (their JSON text is then the same in a frame and in a
-line), integers in canonical form, finite numbers with a fraction or an
-exponent, the six content types without nested records, no
-``sharing_consent``.  Any other unit of the frame is read by the codec's
-strict parser (``codec.read_value``) and checked later as always; anything
-unexpected around the units makes the reader give up, and the codec reads the
-whole frame the strict way.  ``tests.test_hive_wireunits`` checks that both
-ways give the same units, lines and errors.
+Only what is certain takes this path: strings of at most 256 characters
+without a backslash or a control character (their JSON text is then the same
+in a frame and in a line), integers in canonical form, finite numbers with a
+fraction or an exponent, the six content types without nested records, no
+``sharing_consent``.  A frame with any other unit, or anything unexpected
+around the units, makes the reader give up: the codec reads the whole frame
+the strict way, and its units are checked later as always.
+``tests.test_hive_wireunits`` checks that both ways give the same units,
+lines and errors.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from claudectl.hive.units import (
     Temporal,
     ToolAccuracy,
 )
-from claudectl.relay import codec
 
 __all__ = ["Prechecked", "read_units_payload"]
 
@@ -347,10 +346,6 @@ def _read_unit(text: str, pos: int) -> tuple[Prechecked, int] | None:
     return None
 
 
-#: Brackets in a unit read the strict way, past which the whole frame is
-#: (a unit in claudectl's form nests 4 deep).
-_MAX_BRACKETS = 64
-
 #: A payload member before or after the units: a name and an integer.
 _MEMBER = re.compile(r'"([a-z_]{1,40})":(0|[1-9][0-9]{0,19})(,?)')
 _UNITS_KEY = '"units":['
@@ -359,11 +354,10 @@ _UNITS_KEY = '"units":['
 def read_units_payload(text: str, pos: int) -> tuple[dict[str, Any], int] | None:
     """
     A knowledge frame's payload from ``text[pos]``: ``{`` members with
-    integer values, ``"units":[...]``, more such members, ``}``; the units
-    in canonical form as :class:`Prechecked`, any other as the codec's
-    strict parser reads it.  Returns the payload and the index after its
-    ``}``, or None where the strict parser must read the frame (then it
-    finds what is wrong, or reads what is merely unusual).
+    integer values, ``"units":[...]``, more such members, ``}``; every unit
+    in canonical form, as a :class:`Prechecked`.  Returns the payload and
+    the index after its ``}``, or None where the strict parser must read the
+    frame (then it finds what is wrong, or reads what is merely unusual).
     """
     if not text.startswith("{", pos):
         return None
@@ -409,22 +403,15 @@ def _read_units(text: str, pos: int) -> tuple[list[Any] | None, int]:
             pos = m.end()
         else:
             found = _read_unit(text, pos)
-            if found is not None:
-                append(found[0])
-                pos = found[1]
-                match, build = _READERS[0]
-            else:
-                try:
-                    value, end = codec.read_value(text, pos)
-                except codec.ProtocolError:
-                    return None, pos
-                if text.count("[", pos, end) + text.count("{", pos, end) > _MAX_BRACKETS:
-                    # Read here a unit is three levels shallower than in the
-                    # whole frame: how deep a parser may go is the strict
-                    # way's to decide.
-                    return None, pos
-                append(value)
-                pos = end
+            if found is None:
+                # A unit in another form: the strict reader takes the whole
+                # frame (one parse of it shares its keys' strings between
+                # units, where a parse per unit would not: half as much
+                # memory again for frames of such units).
+                return None, pos
+            append(found[0])
+            pos = found[1]
+            match, build = _READERS[0]
         sep = text[pos : pos + 1]
         pos += 1
         if sep == ",":

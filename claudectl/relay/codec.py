@@ -246,23 +246,6 @@ def empty_heartbeat(line: bytes) -> tuple[str, str, int] | None:
     return m[1].decode("ascii"), m[2].decode("ascii"), ts
 
 
-def read_value(text: str, pos: int) -> tuple[Any, int]:
-    """
-    The JSON value that starts at ``text[pos]`` (no whitespace before it),
-    read as :func:`decode` reads a frame's values, and the index after it.
-    Raises :class:`ProtocolError` where :func:`decode` would refuse it.
-    """
-    try:
-        value, end = _DECODER.raw_decode(text, pos)
-    except ProtocolError:
-        raise
-    except (ValueError, RecursionError) as e:
-        raise ProtocolError(f"invalid JSON: {e}") from None
-    if _SURROGATE_ESCAPE.search(text, pos, end) and _has_lone_surrogate(value):
-        raise ProtocolError("invalid JSON: lone surrogate in a string")
-    return value, end
-
-
 #: Reads a payload from ``(text, index of its first character)``: the
 #: payload and the index after it, or None to leave the frame to the strict
 #: parser.  It must give what that parser gives, or None.
