@@ -43,6 +43,43 @@ def temp_home(testcase: Any) -> Home:
     return Home(path)
 
 
+def bench_tmp(testcase: Any, prefix: str = "cb-") -> Path:
+    """
+    A temporary directory for a benchmark script run as a child (its
+    ``TMPDIR``), removed after the test -- and, first, any process still
+    running from it: a script killed by the test's timeout leaves the
+    services it started (each in its own session) behind otherwise.
+    """
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    testcase.addCleanup(shutil.rmtree, tmp, True)
+    testcase.addCleanup(kill_strays, str(tmp))
+    return tmp
+
+
+def kill_strays(marker: str) -> int:
+    """SIGKILL every other process whose command line mentions ``marker``."""
+    import signal
+
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
 def subprocess_env(home: Home, **extra: str) -> dict[str, str]:
     """An environment built from scratch for a child ``claudectl`` process."""
     import sys

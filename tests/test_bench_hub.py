@@ -9,15 +9,13 @@ targets were met (the machine is shared).  About 10 s: real processes.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from tests.common import subprocess_env, temp_home
+from tests.common import bench_tmp, subprocess_env, temp_home
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_hub.py"
 
@@ -25,8 +23,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_hub.py"
 class QuickRunTests(TestCase):
     def test_quick_run_measures_every_row(self) -> None:
         home = temp_home(self)
-        tmp = Path(tempfile.mkdtemp(prefix="cbh-"))
-        self.addCleanup(shutil.rmtree, tmp, True)
+        tmp = bench_tmp(self, "cbh-")
         done = subprocess.run(
             [sys.executable, str(SCRIPT), "--quick", "--json"],
             env=subprocess_env(home, TMPDIR=str(tmp)),

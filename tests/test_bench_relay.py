@@ -14,18 +14,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from tests.common import subprocess_env, temp_home
+from tests.common import bench_tmp, subprocess_env, temp_home
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_relay.py"
 ROWS = [
@@ -43,8 +41,7 @@ class QuickRunTests(TestCase):
         home = temp_home(self)
         # A short temp dir of its own: the services' control sockets may live
         # under it (a UNIX socket path is short), and it must end up empty.
-        tmp = Path(tempfile.mkdtemp(prefix="cb-"))
-        self.addCleanup(shutil.rmtree, tmp, True)
+        tmp = bench_tmp(self, "cb-")
         env = subprocess_env(home, TMPDIR=str(tmp))
         done = subprocess.run(
             [sys.executable, str(SCRIPT), "--quick", "--json"],
@@ -124,8 +121,7 @@ class QuickRunTests(TestCase):
 class OnlyRequestTests(TestCase):
     def test_only_request_measures_the_request_rows_alone(self) -> None:
         home = temp_home(self)
-        tmp = Path(tempfile.mkdtemp(prefix="cb-"))
-        self.addCleanup(shutil.rmtree, tmp, True)
+        tmp = bench_tmp(self, "cb-")
         done = subprocess.run(
             [sys.executable, str(SCRIPT), "--quick", "--only-request", "--json"],
             env=subprocess_env(home, TMPDIR=str(tmp)),
@@ -149,8 +145,7 @@ class OnlyRequestTests(TestCase):
 class InterruptedRunTests(TestCase):
     def test_sigterm_mid_run_exits_2_and_leaves_nothing(self) -> None:
         home = temp_home(self)
-        tmp = Path(tempfile.mkdtemp(prefix="cb-"))
-        self.addCleanup(shutil.rmtree, tmp, True)
+        tmp = bench_tmp(self, "cb-")
         env = subprocess_env(home, TMPDIR=str(tmp))
         proc = subprocess.Popen(
             [sys.executable, str(SCRIPT), "--quick"],
@@ -187,8 +182,7 @@ class SetupAfterStormsTests(TestCase):
     def test_setup_rows_after_the_storms_profiled_alone(self) -> None:
         """``--only-setup --after-storms --profile``: S's profile covers the set-up rows."""
         home = temp_home(self)
-        tmp = Path(tempfile.mkdtemp(prefix="cb-"))
-        self.addCleanup(shutil.rmtree, tmp, True)
+        tmp = bench_tmp(self, "cb-")
         env = subprocess_env(home, TMPDIR=str(tmp))
         done = subprocess.run(
             [

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from tests.common import subprocess_env, temp_home
+from tests.common import bench_tmp, kill_strays, subprocess_env, temp_home
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_stall.py"
 
@@ -27,8 +25,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_stall.py"
 class QuickRunTests(TestCase):
     def test_quick_run_measures_every_phase(self) -> None:
         home = temp_home(self)
-        tmp = Path(tempfile.mkdtemp(prefix="cb-"))
-        self.addCleanup(shutil.rmtree, tmp, True)
+        tmp = bench_tmp(self, "cb-")
         done = subprocess.run(
             [sys.executable, str(SCRIPT), "--quick", "--json"],
             env=subprocess_env(home, TMPDIR=str(tmp)),
@@ -49,3 +46,18 @@ class QuickRunTests(TestCase):
                 self.assertLess(value, 60_000.0, (phase, key))
             self.assertGreaterEqual(row["lag_max_ms"]["median"], row["lag_p99_ms"]["median"])
         self.assertEqual(os.listdir(tmp), [])
+
+
+class StrayTests(TestCase):
+    def test_processes_left_by_a_killed_run_are_stopped(self) -> None:
+        # What bench_tmp's cleanup does after a script the test's timeout
+        # killed: its services (own sessions) still run from the directory.
+        marker = f"stray-marker-{os.getpid()}-{id(self)}"
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)", marker],
+            start_new_session=True,
+        )
+        self.addCleanup(lambda: child.poll() is None and child.kill())
+        self.assertEqual(kill_strays(marker), 1)
+        self.assertEqual(child.wait(10), -9)
+        self.assertEqual(kill_strays(marker), 0)
