@@ -126,6 +126,12 @@ class AnswerCacheTests(SynchronousTestCase):
         first, again = got[0].pages, got[1].pages
         self.assertIsNot(first, again)
         self.assertEqual([p.units for p in first], [p.units for p in again])
+        # Kept for another peer past the peer limit: counted as a selection.
+        one = AnswerCache(max_bytes=5_000, max_peers=1)
+        for p in ("peer-a", "peer-b"):
+            kept = one.answer(p, store, self.ctx, NOW, self.select(store, p))
+        self.assertEqual(one._bytes, kept.cost)
+        self.assertLess(kept.cost, kept.nbytes)
         tiny = AnswerCache(max_bytes=1_000)  # not even the selection fits
         for _ in range(2):
             tiny.answer("peer-a", store, self.ctx, NOW, self.select(store, "peer-a"))

@@ -267,6 +267,10 @@ class ReadWayTests(SynchronousTestCase, Agrees):
         # only short ones (the per-peer charge covers those).
         self.assertEqual(self.agree(frame([plain_unit(0, id="k" * 256).wire_dict])), 1)
         self.assertEqual(self.agree(frame([plain_unit(1, id="k" * 257).wire_dict])), 0)
+        # Lists too: at most 16 strings.
+        for n, read in ((16, 1), (17, 0)):
+            content = Pattern("Bash", "x", "approve", 0.5, 1, tuple(f"c{i}" for i in range(n)))
+            self.assertEqual(self.agree(frame([plain_unit(2, content=content).wire_dict])), read)
 
     def test_numbers_spelled_otherwise(self) -> None:
         # Another spelling of the same number: the stored line has Python's.
@@ -415,3 +419,15 @@ class UseTests(SynchronousTestCase):
         for p in again:
             self.assertIsNot(store_mod._BYTES_OF.get(id(p.unit), (None,))[0], p.unit)
         self.assertEqual(hive_file(home, KNOWLEDGE).read_bytes(), data)
+        # A copy beside a new unit, from another peer: the batch is merged;
+        # only the new unit's line is kept (and written).
+        mesh.connect("peer-b")
+        units[:] = [units[0], plain_unit(5, originated_at=NOW, last_validated_at=NOW)]
+        line = frame([u.wire_dict for u in units], codec.KNOWLEDGE_SYNC, sync_epoch=NOW)
+        env = codec.decode(line, READERS)
+        for handler in mesh.handlers[codec.KNOWLEDGE_SYNC]:
+            handler("peer-b", env)
+        copy, new = env.payload["units"]
+        self.assertIsNot(store_mod._BYTES_OF.get(id(copy.unit), (None,))[0], copy.unit)
+        self.assertIs(canonical_line(new.unit), new.line)
+        self.assertEqual(hive_file(home, KNOWLEDGE).read_bytes(), data + new.line)

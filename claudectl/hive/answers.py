@@ -131,12 +131,20 @@ class Answer:
         return sum([n for _, n in self.units])
 
     @property
+    def cost(self) -> int:
+        """What keeping this answer is counted: its pages' bytes, or its
+        selection's (:data:`SELECTION_BYTES_PER_UNIT` a unit) when its pages
+        are not kept."""
+        return self.nbytes if self.keep_pages else SELECTION_BYTES_PER_UNIT * len(self.units)
+
+    @property
     def pages(self) -> list[Page]:
         """
         The snapshot pages (one empty page when there is nothing).  Each is
         encoded when it is first sent and keeps its payload (its head never
         changes): a big answer's pages are encoded one per reactor turn, as
-        the gossip engine sends them, not all at once.
+        the gossip engine sends them, not all at once.  Kept for later
+        requests unless ``keep_pages`` is off (then made for each use).
         """
         if self._pages is not None:
             return self._pages
@@ -227,14 +235,13 @@ class AnswerCache:
             return shared
         self.built += 1
         answer = Answer.of(units, ctx.config.knowledge_ttl_days)
-        size = answer.nbytes
-        if size > self.max_bytes:
+        if answer.cost > self.max_bytes:
             # Too big to keep encoded: keep what to send (the selection over
             # the whole store is most of an answer's cost), page it each time.
             answer.keep_pages = False
-            size = SELECTION_BYTES_PER_UNIT * len(units)
-            if size > self.max_bytes:
-                return answer  # answered uncached
+        size = answer.cost
+        if size > self.max_bytes:
+            return answer  # answered uncached
         if self._bytes + size > self.max_bytes:
             self.clear()
         self._by_units[key] = answer
@@ -246,7 +253,7 @@ class AnswerCache:
         if peer_id not in self._by_peer and len(self._by_peer) >= self.max_peers:
             self.clear()
             self._by_units[tuple([id(u) for u, _ in answer.units])] = answer
-            self._bytes = answer.nbytes
+            self._bytes = answer.cost
         self._by_peer[peer_id] = answer
 
 

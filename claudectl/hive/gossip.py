@@ -1339,7 +1339,8 @@ class Gossip:
             lambda: self._sendable(ctx.shareable_units(stored, peer_id, now)),
         )
         if since == 0:
-            # "I have nothing": everything, in the pages encoded once.
+            # "I have nothing": everything, in the pages encoded once (a big
+            # answer's pages: made again for each request).
             pages = answer.pages
             count = len(answer.units)
         else:

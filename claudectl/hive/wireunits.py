@@ -72,7 +72,8 @@ class Prechecked(NamedTuple):
 #: per-peer charge of waiting batches covers only for short strings; longer
 #: ones take the strict way.
 _STR = r'"[^"\\\x00-\x1f]{0,256}"'
-_STRS = r'\[(?:"[^"\\\x00-\x1f]{0,256}"(?:,"[^"\\\x00-\x1f]{0,256}")*)?\]'
+#: A list of at most 16 such strings.
+_STRS = r'\[(?:"[^"\\\x00-\x1f]{0,256}"(?:,"[^"\\\x00-\x1f]{0,256}"){0,15})?\]'
 _U32 = r"(?:0|[1-9][0-9]{0,8})"
 _U64 = r"(?:0|[1-9][0-9]{0,18})"
 #: A JSON number with a fraction or an exponent: what an f64 field holds in
