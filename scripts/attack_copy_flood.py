@@ -22,7 +22,6 @@ Exit status 1 when the service died or grew by more than ``--max-growth-mib``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from attack_request_flood import attacked_service, positive, rss_mib  # noqa: E402
+from attack_request_flood import attack_args, attacked_service, positive, rss_mib  # noqa: E402
 from bench_gossip import unit_json  # noqa: E402
 from bench_relay import MiniClient  # noqa: E402
 
@@ -57,14 +56,15 @@ def flood(client: MiniClient, frames: int, copies: int, per_frame: int, now: int
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--units", type=positive, default=5000, help="units in the service's store")
-    ap.add_argument("--frames", type=positive, default=20000, help="sync frames the attacker sends")
-    ap.add_argument("--copies", type=positive, default=999, help="copy frames after each new one")
-    ap.add_argument("--units-per-frame", type=positive, default=1, help="units in each frame")
-    ap.add_argument("--watch-secs", type=float, default=10.0, help="how long to watch the RSS")
-    ap.add_argument("--max-growth-mib", type=int, default=64, help="fail above this growth")
-    args = ap.parse_args()
+    args = attack_args(
+        __doc__,
+        5000,
+        {
+            "--frames": (positive, 20000, "sync frames the attacker sends"),
+            "--copies": (positive, 999, "copy frames after each new one"),
+            "--units-per-frame": (positive, 1, "units in each frame"),
+        },
+    )
     with attacked_service(args.units, "copies", ATTACKER, settle=1.5) as a:
         lines_before = len(a.srv.lines)
         before = rss_mib(a.srv.proc.pid)

@@ -123,13 +123,25 @@ def attacked_service(units: int, tag: str, attacker: str, settle: float) -> Iter
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--units", type=positive, default=2000, help="units in the service's store")
-    ap.add_argument("--requests", type=positive, default=300, help="requests the attacker sends")
+def attack_args(doc: str, units: int, extra: dict[str, tuple[Any, int, str]]) -> Any:
+    """
+    The attack scripts' command line: ``--units`` (``units`` by default),
+    the script's own options (``extra``: name -> (type, default, help)),
+    ``--watch-secs`` and ``--max-growth-mib``.
+    """
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--units", type=positive, default=units, help="units in the service's store")
+    for name, (kind, default, text) in extra.items():
+        ap.add_argument(name, type=kind, default=default, help=text)
     ap.add_argument("--watch-secs", type=float, default=10.0, help="how long to watch the RSS")
     ap.add_argument("--max-growth-mib", type=int, default=64, help="fail above this growth")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = attack_args(
+        __doc__, 2000, {"--requests": (positive, 300, "requests the attacker sends")}
+    )
     with attacked_service(args.units, "flood", ATTACKER, settle=1.0) as a:
         before = rss_mib(a.srv.proc.pid)
         frames = b"".join(

@@ -145,6 +145,9 @@ class FakeMesh:
     def add_handler(self, msg_type: str, handler: Any) -> None:
         self.handlers.setdefault(msg_type, []).append(handler)
 
+    def add_payload_reader(self, msg_type: str, reader: Any) -> None:
+        pass  # frames arrive here as envelopes: nothing to read
+
     def add_link_observer(self, on_up: Any, on_down: Any) -> None:
         if on_up:
             self.up.append(on_up)

@@ -481,14 +481,11 @@ def validate_batch(raw_units: list[Any]) -> tuple[list[KnowledgeUnit], int, str]
     good: list[KnowledgeUnit] = []
     bad = 0
     first_error = ""
-    known_names = _GOOD_NAMES
     for n, raw in enumerate(raw_units):
         try:
             if type(raw) is Prechecked:
-                # (Never a cluster: its only peer name is the origin.)
                 unit = raw.unit
-                if unit.source_peer not in known_names:
-                    check_peer_fields(unit)
+                check_peer_fields(unit)
                 good.append(unit)
                 continue
             # One more hop: the count it is stored and passed on with.
@@ -818,10 +815,9 @@ class Gossip:
     def register(self) -> None:
         self.mesh.add_handler(codec.KNOWLEDGE_SYNC, self.on_batch)
         self.mesh.add_handler(codec.KNOWLEDGE_SNAPSHOT, self.on_batch)
-        add_reader = getattr(self.mesh, "add_payload_reader", None)
-        if add_reader is not None:  # units in canonical form skip the JSON parser
-            add_reader(codec.KNOWLEDGE_SYNC, read_units_payload)
-            add_reader(codec.KNOWLEDGE_SNAPSHOT, read_units_payload)
+        # Units in canonical form skip the JSON parser (wireunits).
+        self.mesh.add_payload_reader(codec.KNOWLEDGE_SYNC, read_units_payload)
+        self.mesh.add_payload_reader(codec.KNOWLEDGE_SNAPSHOT, read_units_payload)
         self.mesh.add_handler(codec.KNOWLEDGE_REQUEST, self.on_request)
         self.mesh.add_handler(codec.ACK, self.on_ack)
         self.mesh.add_link_observer(self.on_link_up, self.on_link_down)
@@ -1918,7 +1914,7 @@ class Gossip:
             for out, b in zip(outs, batches, strict=True):
                 _mark_sent(self.state.peer(b.peer_id).sent, out.good)
             for out, b in zip(outs, batches, strict=True):
-                self._committed(out, b.peer_id, b.ack_id, b.stats, now, marked=True)
+                self._committed(out, b.peer_id, b.ack_id, b.stats, now)
 
         d.addBoth(returned)
         d.addCallback(committed)
@@ -2095,7 +2091,6 @@ class Gossip:
         ack_id: str,
         stats: dict[str, int],
         now: int,
-        marked: bool = False,
     ) -> None:
         ps = self.state.peer(peer_id)
         good = out.good
@@ -2122,7 +2117,7 @@ class Gossip:
         if out.committed is None:
             # Nothing written.
             stats["duplicates"] = len(good)
-            self._merged(peer_id, good, good, ack_id, stats, now, marked=marked)
+            self._merged(peer_id, good, good, ack_id, stats, now)
             return
         result, units, sig, book = out.committed
         # What we just wrote is the store now: no need to parse it again.
@@ -2156,7 +2151,7 @@ class Gossip:
         if rest:
             held = out.by_key if out.by_key is not None else {u.semantic_key: u for u in units}
             rest = [u for u in rest if held.get(u.semantic_key) is u]
-        self._merged(peer_id, good, have, ack_id, stats, now, rest, marked=marked)
+        self._merged(peer_id, good, have, ack_id, stats, now, rest)
 
     def _remember_gone(self, gone: list[EvictionKey], stored: int, now: int = 0) -> None:
         """Units evicted as they were stored at ``now`` (see ``_gone``); all
@@ -2207,11 +2202,9 @@ class Gossip:
         stats: dict[str, int],
         now: int,
         stored: list[KnowledgeUnit] | None = None,
-        marked: bool = False,
     ) -> None:
         """
         A batch is merged (or was nothing new): ack, cursors, pass it on.
-        ``marked``: the peer's ``sent`` map has ``good`` already.
         ``stored``: what the batch stored that did not go out early (None: a
         batch that changed nothing).  New or updated units go in a push round;
         a shorter path to a unit we hold (a duplicate that lowered its hop
@@ -2220,8 +2213,7 @@ class Gossip:
         """
         ps = self.state.peer(peer_id)
         self._ack(peer_id, ack_id, have)
-        if not marked:
-            _mark_sent(ps.sent, good)
+        _mark_sent(ps.sent, good)  # (a merge job's batches: done already, a lookup each)
         for u in have:
             # The cursor follows only the units we kept (not those the cap cut).
             ps.cursor = max(ps.cursor, u.last_validated_at)
