@@ -1540,8 +1540,10 @@ class Gossip:
         is dropped).  A batch is charged its frame's bytes and
         :data:`NODE_CHARGE` per value in it (about what a small one costs
         in memory once parsed), so what a peer's waiting batches hold in
-        memory stays within about 1.5 times HOLD_BYTES, whatever their
-        shape (0.8 times for ordinary units).  An honest peer rarely gets
+        memory stays within about 1.6 times HOLD_BYTES, whatever their
+        shape (0.8 times for ordinary units; 1.6 for units read by pattern
+        that are all 250-character strings, each held as a field and in
+        its stored line).  An honest peer rarely gets
         here -- a big push to a slow disk; a peer flooding copies does.
         """
         peer_id = batch.peer_id
