@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
@@ -58,6 +59,12 @@ class StrayTests(TestCase):
             start_new_session=True,
         )
         self.addCleanup(lambda: child.poll() is None and child.kill())
+        # (Until the child has exec'd, its command line is still this process's.)
+        cmdline = Path(f"/proc/{child.pid}/cmdline")
+        for _ in range(500):
+            if marker.encode() in cmdline.read_bytes():
+                break
+            time.sleep(0.01)
         self.assertEqual(kill_strays(marker), 1)
         self.assertEqual(child.wait(10), -9)
         self.assertEqual(kill_strays(marker), 0)
