@@ -62,6 +62,8 @@ class ChangeWatcher:
         self._settling: set[tuple[Path, str]] = set()
         #: Keys noticed again inside their settle window.
         self._again: set[tuple[Path, str]] = set()
+        #: (directory, name) as inotify gives them, in bytes -> key.
+        self._by_bytes: dict[tuple[bytes, bytes], tuple[Path, str]] = {}
         self._inotify: Any = None
         self._poll: LoopingCall | None = None
         self.mode = "stopped"
@@ -76,6 +78,8 @@ class ChangeWatcher:
     ) -> None:
         key = (Path(directory), name)
         self._watched.setdefault(key, []).append(callback)
+        # inotify's paths are absolute bytes (FilePath's): the key as they come.
+        self._by_bytes[(os.fsencode(os.path.abspath(key[0])), os.fsencode(name))] = key
         if at_once:
             self._at_once.add(key)
 
@@ -100,7 +104,10 @@ class ChangeWatcher:
             from twisted.internet import inotify
         except ImportError:  # not Linux
             return False
-        mask = inotify.IN_MOVED_TO | inotify.IN_CLOSE_WRITE | inotify.IN_DELETE | inotify.IN_CREATE
+        # A file written in place ends with IN_CLOSE_WRITE, one replaced with
+        # IN_MOVED_TO: IN_CREATE would add an event per temporary file of
+        # every atomic write (this service's own, one per merged batch).
+        mask = inotify.IN_MOVED_TO | inotify.IN_CLOSE_WRITE | inotify.IN_DELETE
         try:
             notifier = inotify.INotify(self._reactor)
             notifier.startReading()
@@ -129,13 +136,10 @@ class ChangeWatcher:
         self.mode = "stopped"
 
     def _event(self, _ignored: Any, path: FilePath[Any], _mask: int) -> None:
-        name, directory = path.basename(), path.dirname()
-        if isinstance(name, bytes):
-            name = os.fsdecode(name)
-        if isinstance(directory, bytes):
-            directory = os.fsdecode(directory)
-        key = (Path(directory), name)
-        if key in self._watched:
+        # Most events are of files nobody watches (temporary files, locks):
+        # they cost a set lookup, not a Path.
+        key = self._by_bytes.get((path.dirname(), path.basename()))
+        if key is not None:
             self._schedule(key)
 
     def notice(self, names: Iterable[str]) -> int:

@@ -263,6 +263,27 @@ class InotifyTests(TestCase):
         await wait_for(lambda: seen, 5, "the change notice")
         self.assertEqual(seen, ["knowledge.jsonl"])
 
+    async def test_inotify_sees_writes_in_place_and_removals(self) -> None:
+        """Without IN_CREATE: a file written in place or removed is still noticed."""
+        home = temp_home(self)
+        home.hive.mkdir(parents=True)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(home.hive.parent)  # the directory given relative: inotify's paths are absolute
+        watcher = changes.ChangeWatcher(reactor, reactor)
+        seen: list[str] = []
+        watcher.on(Path("hive"), "trust.json", seen.append)
+        watcher.start()
+        self.addCleanup(watcher.stop)
+        if watcher.mode != "inotify":
+            raise self.skipTest("no inotify here")
+        (home.hive / "trust.json.lock").touch()  # not watched
+        (home.hive / "trust.json").write_bytes(b"{}")  # created and written in place
+        await wait_for(lambda: seen, 5, "the in-place write")
+        await deferLater(reactor, 2 * changes.SETTLE_SECS, lambda: None)
+        (home.hive / "trust.json").unlink()
+        await wait_for(lambda: len(seen) == 2, 5, "the removal")
+        self.assertEqual(seen, ["trust.json", "trust.json"])
+
 
 class IdleWritesTests(SynchronousTestCase):
     def test_distill_timer_writes_nothing_when_idle(self) -> None:
