@@ -62,8 +62,8 @@ class ChangeWatcher:
         self._settling: set[tuple[Path, str]] = set()
         #: Keys noticed again inside their settle window.
         self._again: set[tuple[Path, str]] = set()
-        #: (directory, name) as inotify gives them, in bytes -> key.
-        self._by_bytes: dict[tuple[bytes, bytes], tuple[Path, str]] = {}
+        #: A watched file's path as inotify gives it (absolute, bytes) -> key.
+        self._by_path: dict[bytes, tuple[Path, str]] = {}
         self._inotify: Any = None
         self._poll: LoopingCall | None = None
         self.mode = "stopped"
@@ -79,7 +79,7 @@ class ChangeWatcher:
         key = (Path(directory), name)
         self._watched.setdefault(key, []).append(callback)
         # inotify's paths are absolute bytes (FilePath's): the key as they come.
-        self._by_bytes[(os.fsencode(os.path.abspath(key[0])), os.fsencode(name))] = key
+        self._by_path[os.fsencode(os.path.abspath(key[0] / name))] = key
         if at_once:
             self._at_once.add(key)
 
@@ -137,8 +137,8 @@ class ChangeWatcher:
 
     def _event(self, _ignored: Any, path: FilePath[Any], _mask: int) -> None:
         # Most events are of files nobody watches (temporary files, locks):
-        # they cost a set lookup, not a Path.
-        key = self._by_bytes.get((path.dirname(), path.basename()))
+        # they cost a dict lookup, not a Path.
+        key = self._by_path.get(path.path)
         if key is not None:
             self._schedule(key)
 
