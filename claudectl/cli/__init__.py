@@ -7,9 +7,12 @@ when imported; :data:`COMMAND_MODULES` lists them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
+import os
+import select
 import sys
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
@@ -55,18 +58,59 @@ def _json_mode(streams: Streams, argv: list[str]) -> bool:
 
 def _fail(streams: Streams, argv: list[str], message: str, code: int, kind: str = "error") -> int:
     """One ``Error: ...`` line on stderr (a JSON object on stdout under ``--json``)."""
-    if _json_mode(streams, argv):
-        streams.stdout.write(
-            json_safe(
-                json.dumps({"error": message, "kind": kind, "exit_code": code}, ensure_ascii=False)
+    try:
+        if _json_mode(streams, argv):
+            streams.stdout.write(
+                json_safe(
+                    json.dumps(
+                        {"error": message, "kind": kind, "exit_code": code}, ensure_ascii=False
+                    )
+                )
+                + "\n"
             )
-            + "\n"
-        )
-        streams.stdout.flush()
-    else:
-        streams.stderr.write(f"Error: {clean_text(message)}\n")
-        streams.stderr.flush()
+            streams.stdout.flush()
+        else:
+            streams.stderr.write(f"Error: {clean_text(message)}\n")
+            streams.stderr.flush()
+    except BrokenPipeError:
+        _reader_gone(streams)
     return code
+
+
+#: The exit status of a command whose reader went away (``| head``): as if
+#: killed by SIGPIPE, which Python ignores.
+EXIT_BROKEN_PIPE = 141
+
+
+def _flushed(code: int, streams: Streams) -> int:
+    """``code``, once what is buffered for stdout is out (else the reader is gone)."""
+    try:
+        streams.stdout.flush()
+    except BrokenPipeError:
+        return _reader_gone(streams)
+    return code
+
+
+def _closed_by_reader(stream: IO[str]) -> bool:
+    """Whether ``stream`` is a pipe or socket whose reading end is closed."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False  # not a file (a test's StringIO), or no poll() here
+
+
+def _reader_gone(streams: Streams) -> int:
+    """
+    Whoever read our output closed it (``claudectl ... | head -1``): stop
+    quietly.  What is still buffered for the closed stream is dropped (the
+    interpreter would try to flush it again at exit and complain).
+    """
+    for stream in (streams.stdout, streams.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 def _os_error_text(e: OSError, ctx: CliContext | None) -> str:
@@ -101,6 +145,8 @@ def _exit_code(e: BaseException, args: list[str], streams: Streams) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     if isinstance(e, KeyboardInterrupt):
         return 130
+    if isinstance(e, BrokenPipeError) and _closed_by_reader(streams.stdout):
+        return _reader_gone(streams)
     if isinstance(e, OSError):
         return _fail(streams, args, _os_error_text(e, streams.context), 1)
     if isinstance(e, RecursionError):
@@ -215,7 +261,12 @@ def _interruptible(reactor: Any, command: Deferred[int], args: list[str], stream
             reactor.removeSystemEventTrigger(trigger)
             result.callback(code)
 
-    command.addCallback(done)
+    def failed(_: Any) -> None:
+        # finish() reports what the command raised; this is that report
+        # failing in turn (its stream closed): end all the same.
+        done(1)
+
+    command.addCallbacks(done, failed)
     return result
 
 
@@ -228,7 +279,7 @@ async def _react_main(reactor: Any, pending: Any, args: list[str], streams: Stre
     reactor.callWhenRunning(running.callback, None)
     await running
     command = ensureDeferred(finish(reactor, pending, args, streams))
-    code = await _interruptible(reactor, command, args, streams)
+    code = _flushed(await _interruptible(reactor, command, args, streams), streams)
     if code:
         raise SystemExit(code)
 
@@ -244,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     streams = Streams(sys.stdout, sys.stderr)
     code, pending = parse(args, streams)
     if pending is None:
-        sys.exit(code)
+        sys.exit(_flushed(code, streams))
     from twisted.internet.task import react
 
     react(_react_main, [pending, args, streams])
