@@ -465,3 +465,32 @@ class GuardedEndpointTests(SynchronousTestCase):
         self.assertEqual(len(failures), 1)
         failures[0].trap(defer.CancelledError)
         self.assertTrue(attempts[0].called)  # the attempt was cancelled with it
+
+
+class QuietConnectTests(TestCase):
+    async def test_no_factory_lines_per_connection(self) -> None:
+        """A hub channel each stranger opens cost two log lines (review 15)."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.logger import globalLogPublisher
+
+        from claudectl.relay.links import connect_quietly
+
+        server = Factory.forProtocol(Protocol)
+        server.noisy = False
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(server)
+        self.addCleanup(port.stopListening)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        for _ in range(3):
+            proto = Protocol()
+            connected = await connect_quietly(endpoint, proto)
+            self.assertIs(connected, proto)
+            proto.transport.loseConnection()
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0.1, lambda: None)  # the "Stopping factory" moment
+        texts = [str(e.get("log_format", "")) + str(e.get("log_text", "")) for e in events]
+        self.assertFalse([t for t in texts if "factory" in t.lower()], texts)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import ClientService
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from claudectl.hub import wire
 from claudectl.relay.address import client_endpoint_string, parse_address
+from claudectl.relay.links import connect_quietly
 
 if TYPE_CHECKING:
     from claudectl.relay.node import RelayNode
@@ -483,7 +484,7 @@ class _Registration(_Lines):
                 error=f.getErrorMessage(),
             )
 
-        connectProtocol(hub_endpoint(self.node.reactor, self.hub), accept).addErrback(failed)
+        connect_quietly(hub_endpoint(self.node.reactor, self.hub), accept).addErrback(failed)
 
     def _ping(self) -> None:
         self.transport.write(wire.encode({"op": wire.PING}))

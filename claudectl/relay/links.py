@@ -11,6 +11,8 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from zope.interface import Attribute, Interface
 
 from claudectl.relay.codec import Envelope
@@ -75,6 +77,27 @@ def send_queued(transport: Any) -> None:
         and not getattr(transport, "disconnected", True)
     ):
         write()
+
+
+class _OneShot(Factory):
+    """:func:`connect_quietly`'s factory: the one protocol, no start/stop lines."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
+def connect_quietly(endpoint: Any, protocol: Protocol) -> Deferred[Any]:
+    """
+    ``connectProtocol(endpoint, protocol)`` without Twisted's "Starting
+    factory" / "Stopping factory" log lines: connections a stranger can
+    cause (a hub channel each) must not cost a log line each.
+    """
+    return endpoint.connect(_OneShot(protocol))  # type: ignore[no-any-return]
 
 
 def unsent_bytes(transport: Any) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 from twisted.application.internet import ClientService
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -49,7 +49,7 @@ from claudectl.relay.handshake import (
 )
 from claudectl.relay.interfaces import IInviteBook, ILinkHost
 from claudectl.relay.keystore import PENDING, KeyStore, PeerMeta, is_remote_peer_id
-from claudectl.relay.links import CONNECTOR, LISTENER, ILink, PeerLink
+from claudectl.relay.links import CONNECTOR, LISTENER, ILink, PeerLink, connect_quietly
 from claudectl.relay.mesh import Mesh
 from claudectl.relay.nonces import IssuedNonces
 from claudectl.relay.protocol import RelayProtocol
@@ -497,7 +497,7 @@ class RelayNode:
         endpoint = self.client_endpoint(address, lambda: expected)
         proto = RelayProtocol(self, CONNECTOR, auth)  # type: ignore[arg-type]
         proto.dial_address = address  # type: ignore[attr-defined]
-        d = connectProtocol(endpoint, proto)
+        d = connect_quietly(endpoint, proto)
         d.addCallback(lambda p: p.authenticated)
         return proto, d
 
