@@ -18,6 +18,7 @@ addresses costs bounded memory and bounded lines too.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 #: The budget shared by every key past ``max_keys`` in one minute.
 OTHERS = "(other sources)"
@@ -57,3 +58,58 @@ class LogBudget:
         if count == self._per_minute:
             self._on_exhausted(key)
         return count < self._per_minute
+
+
+#: Log lines one peer's delegation frames may cause a minute (tasks accepted,
+#: refused, finished, interrupted; bad frames): more than a person delegates,
+#: few enough that a flood costs ~6 KB of log a minute.
+PEER_LINES_PER_MINUTE = 30
+
+#: Characters of a peer's string kept in a log line.
+PEER_TEXT_CHARS = 200
+
+
+def peer_text(value: object) -> object:
+    """A peer's string for a log line: on one line, cut to PEER_TEXT_CHARS."""
+    if not isinstance(value, str):
+        return value
+    from claudectl.text import clean_line
+
+    text = clean_line(value)
+    if len(text) > PEER_TEXT_CHARS:
+        return f"{text[:PEER_TEXT_CHARS]}... ({len(text):,} characters)"
+    return text
+
+
+class PeerLog:
+    """
+    The log lines a peer's frames cause, through a :class:`LogBudget` per
+    peer: at most ``per_minute`` lines a minute for each peer, then one note,
+    and every string field on one line and cut (a peer's ``task_id`` or
+    ``cwd`` can be a megabyte).  What is not logged is still counted by the
+    caller.
+    """
+
+    def __init__(self, log: Any, seconds: Callable[[], float], per_minute: int, what: str) -> None:
+        self._log = log
+        self._what = what
+        self._budget = LogBudget(seconds, per_minute, self._exhausted)
+
+    def _exhausted(self, peer: str) -> None:
+        self._log.info(
+            "{peer}: more {what} lines this minute; not logging them",
+            peer=peer_text(peer),
+            what=self._what,
+        )
+
+    def info(self, peer: str, text: str, **fields: object) -> None:
+        if self._budget.allow(peer):
+            self._log.info(text, peer=peer_text(peer), **_cut(fields))
+
+    def warn(self, peer: str, text: str, **fields: object) -> None:
+        if self._budget.allow(peer):
+            self._log.warn(text, peer=peer_text(peer), **_cut(fields))
+
+
+def _cut(fields: dict[str, object]) -> dict[str, object]:
+    return {k: peer_text(v) for k, v in fields.items()}

@@ -290,3 +290,36 @@ class LiveTailTests(ControllerTestsBase):
         self.mesh.deliver("ci-1", "task_status", tail_frame(tid, [{"text": "done: Done"}]))
         self.assertEqual(self.ctl.get(tid)["state"], "completed")
         self.assertEqual([t["text"] for t in self.ctl.tail(tid)], ["session started", "done: Done"])
+
+
+class HostileWorkerTests(ControllerTestsBase):
+    """Review 15: a worker's frames cost bounded log lines and bounded records."""
+
+    def test_a_flood_of_bad_and_stray_frames_costs_bounded_lines(self):
+        from twisted.logger import capturedLogs
+
+        from claudectl.logbudget import PEER_LINES_PER_MINUTE
+
+        self.ctl.delegate("ci-1", "Fix the tests")
+        with capturedLogs() as events:
+            for _ in range(100):
+                self.mesh.deliver("evil-2", "task_status", {"task_id": "t", "state": 7})
+                self.mesh.deliver("evil-2", "task_handoff", {"task_id": "x" * 250})
+                self.mesh.deliver(
+                    "evil-2",
+                    "task_handoff",
+                    P.build_failure("task_1714000040000_0", "not yours"),  # ci-1's task
+                )
+        self.assertEqual(len(events), PEER_LINES_PER_MINUTE + 1)
+        self.assertIn("not logging them", events[-1]["log_format"])
+
+    def test_status_lists_are_bounded(self):
+        rec = self.ctl.delegate("ci-1", "Fix the tests")
+        stats = P.TaskStats(files_modified=tuple("f" * 5000 for _ in range(2000)))
+        payload = P.build_task_status(rec["task_id"], "running", stats)
+        payload["stats"]["last_activity"] = "a" * 50_000
+        self.mesh.deliver("ci-1", "task_status", payload)
+        kept = self.ctl.records[rec["task_id"]]["stats"]
+        self.assertEqual(len(kept["files_modified"]), P.MAX_FILES_LISTED)
+        self.assertEqual({len(f) for f in kept["files_modified"]}, {P.MAX_LISTED_PATH_CHARS})
+        self.assertEqual(len(kept["last_activity"]), P.MAX_ACTIVITY_CHARS)

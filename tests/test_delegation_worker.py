@@ -679,6 +679,48 @@ class HostileInputTests(WorkerTestsBase):
         self.assertEqual(a.replace(str(outside), "X"), b.replace(str(missing), "X"))
         self.assertIn("is not under", a)
 
+    def test_a_flood_of_refused_tasks_costs_bounded_log_lines(self):
+        """Review 15: every refused, bad or unknown-task frame wrote a line,
+        with the peer's megabyte strings in it."""
+        from twisted.logger import capturedLogs
+
+        from claudectl.logbudget import PEER_LINES_PER_MINUTE, PEER_TEXT_CHARS
+
+        outside = "/" + "o" * 3000
+        with capturedLogs() as events:
+            for i in range(200):
+                self.delegate(f"t{i}", cwd=outside)
+                self.mesh.deliver("ctl-1", "delegate_task", {"task_id": f"b{i}", "prompt": 5})
+                self.mesh.deliver(
+                    "ctl-1", "task_interrupt", P.build_interrupt("x" * 200, "stop", "")
+                )
+        self.assertEqual(self.worker.counters["refused"], 200)
+        self.assertEqual(self.worker.counters["bad_payload"], 200)
+        self.assertEqual(len(events), PEER_LINES_PER_MINUTE + 1)
+        self.assertIn("not logging them", events[-1]["log_format"])
+        for e in events:
+            for value in e.values():
+                if isinstance(value, str) and e["log_format"] != value:
+                    self.assertLessEqual(len(value), PEER_TEXT_CHARS + 40, value[:80])
+        self.clock.advance(60)  # a new minute: lines again
+        with capturedLogs() as events:
+            self.delegate("later", cwd=outside)
+        self.assertEqual(len(events), 1)
+        self.assertEqual(len(self.handoffs()), 201 + 200)  # every refusal still answered
+
+    def test_overlong_ids_and_paths_are_refused_without_an_echo(self):
+        from claudectl.delegation.payloads import MAX_CWD_CHARS, MAX_TASK_ID_CHARS
+
+        self.delegate("t" * (MAX_TASK_ID_CHARS + 1))
+        self.assertEqual(self.handoffs(), [])  # no id to answer to: no answer
+        self.assertEqual(self.worker.counters["bad_payload"], 1)
+        self.delegate("ok", cwd="/" + "d" * MAX_CWD_CHARS)
+        (h,) = self.handoffs()
+        self.assertEqual(h["task_id"], "ok")
+        self.assertIn(f"cwd is longer than {MAX_CWD_CHARS} characters", h["summary"])
+        self.assertLess(len(h["summary"]), 200)
+        self.assertEqual(self.spawner.calls, [])
+
     def test_an_unexpected_error_is_a_refusal(self):
         def broken(peer):
             raise RuntimeError("trust store exploded")

@@ -106,7 +106,7 @@ class InProcessStatusTests(TestCase):
         r = await run_command(home, "relay", "hub", "--status", "--hub", address, "--token", "tok")
         self.assertEqual(r.code, 0, r.err)
         self.assertIn(f"Hub {address}", r.out)
-        self.assertIn("1234 forwarded", r.out)
+        self.assertIn("1,234 forwarded", r.out)
         r = await run_command(
             home, "--json", "relay", "hub", "--status", "--hub", address, "--token", "tok"
         )
@@ -114,3 +114,55 @@ class InProcessStatusTests(TestCase):
         r = await run_command(home, "relay", "hub", "--status", "--hub", address)
         self.assertEqual(r.code, 1)
         self.assertIn("refused: wrong hub token (bad_token)", r.err)
+
+
+class HostileHubStatusTests(TestCase):
+    async def test_a_hubs_text_stays_on_its_line(self) -> None:
+        """A hub's status fields and refusal reach the terminal one line each (review 15)."""
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.protocol import Factory, Protocol
+
+        from claudectl.hub import wire
+        from tests.cli_harness import run_command
+
+        answers = [
+            {
+                "op": "status",
+                "registrations": "RED\nX",
+                "channels": True,
+                "pending": 1,
+                "bytes_forwarded": "\r\nfake: 1",
+            },
+            {"op": wire.ERROR, "reason": "a\nb", "message": "line one\nline two"},
+        ]
+
+        class Fake(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(wire.greeting())  # type: ignore[union-attr]
+
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.write(wire.encode(answers[0]))  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+        factory = Factory.forProtocol(Fake)
+        factory.noisy = False
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        address = f"127.0.0.1:{port.getHost().port}"
+        home = temp_home(self)
+        r = await run_command(home, "relay", "hub", "--status", "--hub", address, "--token", "t")
+        self.assertEqual(r.code, 0, r.err)
+        self.assertEqual(
+            r.out.splitlines()[1:],
+            [
+                "  registrations: ?",
+                "  channels:      ? open, 1 waiting",
+                "  bytes:         ? forwarded",
+            ],
+        )
+        answers.pop(0)
+        r = await run_command(home, "relay", "hub", "--status", "--hub", address, "--token", "t")
+        self.assertEqual(r.code, 1)
+        self.assertEqual(len(r.err.splitlines()), 1, r.err)
+        self.assertIn("line one line two (a b)", r.err)

@@ -543,6 +543,32 @@ class ListenerTests(SynchronousTestCase):
             self.reactor.advance(1)
         self.assertEqual(aborted, [True])
 
+    def test_a_peer_that_does_not_read_is_cut_off(self) -> None:
+        """What waits unsent toward a peer is bounded: past MAX_UNSENT_BYTES its
+        link is aborted, logged and counted once (review 15: a refusal per
+        delegate_task piled up without limit toward a peer that never read)."""
+        from twisted.logger import capturedLogs
+
+        from claudectl.relay import protocol as protocol_mod
+
+        proto, transport = self.authenticated()
+        aborted: list[bool] = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        transport.dataBuffer = b"x" * (protocol_mod.MAX_UNSENT_BYTES - 100)  # type: ignore[attr-defined]
+        env = codec.Envelope("h1", codec.HEARTBEAT, "desk-9f8e7d6c", 1, {})
+        with capturedLogs() as events:
+            proto.send(env)  # still under the bound with this frame
+            self.assertEqual(aborted, [])
+            transport.dataBuffer += b"x" * 200  # type: ignore[attr-defined]
+            proto.send(env)
+            proto.send(env)
+        self.assertEqual(aborted, [True, True])
+        lines = [e for e in events if "does not read" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 1)
+        self.assertIn("does not read", proto._closing_reason or "")
+        status = json.loads(RelayLocator(self.node).status()["status_json"])
+        self.assertEqual(status["rejections"].get("unread_output"), 1)
+
     def test_a_closing_link_is_not_held(self) -> None:
         proto, transport = self.authenticated()
         proto.close("replaced by a newer link")

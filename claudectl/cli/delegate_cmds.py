@@ -13,6 +13,7 @@ keep running.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,19 @@ async def _call(
         ) from None
 
 
+#: Costs from this up are shown as it (a peer's number, not a bill).
+_COST_SHOWN_MAX = 1_000_000.0
+
+
+def _cost(usd: float) -> str:
+    """A task's cost as shown: ``$0.0123``; a peer's absurd figure kept narrow."""
+    if not math.isfinite(usd) or usd < 0:
+        return "$?"
+    if usd >= _COST_SHOWN_MAX:
+        return f">${_COST_SHOWN_MAX:,.0f}"
+    return f"${usd:.4f}"
+
+
 def _duration(secs: float | int) -> str:
     secs = int(secs)
     if secs < 60:
@@ -84,7 +98,7 @@ def _progress_line(task: dict[str, Any]) -> str:
     msg = clean_line(task.get("last_message") or "")
     return (
         f"{clean_line(task['state']):<9} {_duration(task['elapsed_secs']):>7}  "
-        f"{task['tokens']:,} tokens  ${task['cost_usd']:.4f}  {msg}"
+        f"{task['tokens']:,} tokens  {_cost(task['cost_usd'])}  {msg}"
     ).rstrip()
 
 
@@ -323,7 +337,7 @@ async def status(ctx: CliContext, task_id: str | None) -> None:
             ),
             ("Elapsed", _duration(t["elapsed_secs"])),
             ("Tokens", f"{t['tokens']:,}"),
-            ("Cost", f"${t['cost_usd']:.4f}"),
+            ("Cost", _cost(t["cost_usd"])),
             ("Context", f"{t['context_pct']}%"),
             ("CWD", t.get("cwd") or "(peer default)"),
             ("Git ref", t.get("git_ref")),
@@ -385,7 +399,7 @@ async def status(ctx: CliContext, task_id: str | None) -> None:
             ctx.out(
                 f"{clean_line(t['task_id']):<36} {peer:<20} {clean_line(t['state']):<9} "
                 f"{_duration(t['elapsed_secs']):>7} {t['tokens']:>9,} "
-                f"{'$' + format(t['cost_usd'], '.4f'):>8}  {msg}".rstrip()
+                f"{_cost(t['cost_usd']):>8}  {msg}".rstrip()
             )
     if any(not t["peer_connected"] for t in outgoing + incoming):
         ctx.out("* peer not connected now")

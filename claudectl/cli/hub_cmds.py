@@ -10,6 +10,7 @@ import click
 
 from claudectl.cli.base import CliContext, CliError, json_flag, pass_ctx, relay
 from claudectl.hub import wire
+from claudectl.text import clean_line
 
 
 class _HubPlugin:
@@ -92,9 +93,19 @@ async def fetch_status(reactor: Any, address: str, token: str, timeout: float = 
         if call.active():
             call.cancel()
     if answer.get("op") == wire.ERROR:
-        raise CliError(f"hub {address} refused: {answer.get('message')} ({answer.get('reason')})")
+        raise CliError(
+            f"hub {address} refused: {clean_line(answer.get('message'))} "
+            f"({clean_line(answer.get('reason'))})"
+        )
     answer.pop("op", None)
     return answer
+
+
+def _count(value: object) -> str:
+    """A hub's counter as shown: a number, or ``?`` for anything else it sent."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "?"
 
 
 async def show_status(ctx: CliContext, address: str, token: str) -> None:
@@ -104,9 +115,12 @@ async def show_status(ctx: CliContext, address: str, token: str) -> None:
         ctx.emit_json(data)
         return
     ctx.out(f"Hub {address}")
-    ctx.out(f"  registrations: {data.get('registrations')}")
-    ctx.out(f"  channels:      {data.get('channels')} open, {data.get('pending')} waiting")
-    ctx.out(f"  bytes:         {data.get('bytes_forwarded')} forwarded")
+    ctx.out(f"  registrations: {_count(data.get('registrations'))}")
+    ctx.out(
+        f"  channels:      {_count(data.get('channels'))} open, "
+        f"{_count(data.get('pending'))} waiting"
+    )
+    ctx.out(f"  bytes:         {_count(data.get('bytes_forwarded'))} forwarded")
     refused = data.get("refused") or {}
     if refused:
         ctx.out(f"  refused:       {json.dumps(refused, sort_keys=True)}")

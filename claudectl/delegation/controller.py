@@ -52,6 +52,7 @@ from claudectl.delegation.taskstate import (
     STOPPED,
     WIRE_STATUS,
 )
+from claudectl.logbudget import PEER_LINES_PER_MINUTE, PeerLog
 from claudectl.relay.codec import ACK, DELEGATE_TASK, TASK_INTERRUPT, Envelope, MessageIds
 from claudectl.relay.interfaces import IMesh
 
@@ -139,6 +140,8 @@ class DelegationController:
         self.mesh = mesh
         self.store = store
         self.clock = clock
+        #: Lines a peer's frames cause: a budget per peer, its strings cut.
+        self._peer_log = PeerLog(self._log, clock.seconds, PEER_LINES_PER_MINUTE, "delegation")
         self.is_paired = is_paired
         self.ids = ids or MessageIds(clock.seconds)
         self.answer_timeout_secs = answer_timeout_secs
@@ -328,7 +331,7 @@ class DelegationController:
         try:
             status = payloads.parse_task_status(env.payload)
         except payloads.PayloadError as e:
-            self._log.warn("bad task_status from {peer}: {error}", peer=peer, error=str(e))
+            self._peer_log.warn(peer, "bad task_status from {peer}: {error}", error=str(e))
             return
         rec = self._owned(peer, status.task_id, "task_status")
         if "tail" in env.payload:
@@ -376,23 +379,23 @@ class DelegationController:
         try:
             handoff = payloads.parse_handoff(env.payload)
         except payloads.PayloadError as e:
-            self._log.warn("bad task_handoff from {peer}: {error}", peer=peer, error=str(e))
+            self._peer_log.warn(peer, "bad task_handoff from {peer}: {error}", error=str(e))
             return
         rec = self.records.get(handoff.task_id)
         if rec is not None and rec["peer"] != peer:
-            self._log.warn(
+            self._peer_log.warn(
+                peer,
                 "ignored task_handoff for {task_id} from {peer}: the task was delegated to {owner}",
                 task_id=handoff.task_id,
-                peer=peer,
                 owner=rec["peer"],
             )
             return
         self.mesh.send(peer, ACK, payloads.build_ack(handoff.task_id))
         if rec is None:
-            self._log.info(
+            self._peer_log.info(
+                peer,
                 "task_handoff for unknown task {task_id} from {peer}: {summary}",
                 task_id=handoff.task_id,
-                peer=peer,
                 summary=handoff.summary[:200],
             )
             return
@@ -409,10 +412,10 @@ class DelegationController:
         rec["last_message"] = handoff.summary.splitlines()[0][:200] if handoff.summary else None
         rec["handoff"] = handoff.to_payload()
         rec["ended_at"] = self.clock.seconds()
-        self._log.info(
+        self._peer_log.info(
+            peer,
             "task {task_id} on {peer} {state}",
             task_id=handoff.task_id,
-            peer=peer,
             state=rec["state"],
         )
         self._changed(rec)
@@ -428,11 +431,11 @@ class DelegationController:
             )
             return None
         if rec["peer"] != peer:
-            self._log.warn(
+            self._peer_log.warn(
+                peer,
                 "ignored {what} for {task_id} from {peer}: the task was delegated to {owner}",
                 what=what,
                 task_id=task_id,
-                peer=peer,
                 owner=rec["peer"],
             )
             return None
@@ -442,10 +445,10 @@ class DelegationController:
         """The peer answered: stop waiting, and undo an earlier "no answer"."""
         self._disarm(rec["task_id"])
         if rec.pop("no_answer", None):
-            self._log.info(
+            self._peer_log.info(
+                rec["peer"],
                 "task {task_id}: {peer} answered after all",
                 task_id=rec["task_id"],
-                peer=rec["peer"],
             )
             rec["summary"] = None
             rec["ended_at"] = None

@@ -59,6 +59,30 @@ def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
+#: The longest ``task_id`` taken (claudectl makes ``task_<epoch_ms>_<seq>``):
+#: a peer's id is echoed in replies and logs, so it must stay small.
+MAX_TASK_ID_CHARS = 256
+#: The longest ``cwd`` taken (Linux's PATH_MAX).
+MAX_CWD_CHARS = 4096
+#: Of a task_status's ``files_modified``, the paths kept and their length;
+#: of its ``last_activity``, the characters kept.
+MAX_FILES_LISTED = 500
+MAX_LISTED_PATH_CHARS = 1024
+MAX_ACTIVITY_CHARS = 1000
+
+
+def _task_id(payload: Any) -> str:
+    value = _require_str(payload, "task_id")
+    if len(value) > MAX_TASK_ID_CHARS:
+        raise PayloadError(f"task_id is longer than {MAX_TASK_ID_CHARS} characters")
+    return value
+
+
+def _listed(paths: list[str]) -> tuple[str, ...]:
+    """A worker's list of files as kept and shown: MAX_FILES_LISTED paths, each cut."""
+    return tuple(f[:MAX_LISTED_PATH_CHARS] for f in paths[:MAX_FILES_LISTED])
+
+
 def _require_str(payload: Any, name: str) -> str:
     if not isinstance(payload, dict):
         raise PayloadError("payload is not a JSON object")
@@ -212,9 +236,11 @@ def build_delegate_task(
 
 
 def parse_delegate_task(payload: Any) -> DelegateTask:
-    task_id = _require_str(payload, "task_id")
+    task_id = _task_id(payload)
     prompt = _require_str(payload, "prompt")
     cwd = payload.get("cwd")
+    if isinstance(cwd, str) and len(cwd) > MAX_CWD_CHARS:
+        raise PayloadError(f"cwd is longer than {MAX_CWD_CHARS} characters")
     return DelegateTask(
         task_id=task_id,
         prompt=prompt,
@@ -274,7 +300,11 @@ def parse_stats(v: Any) -> TaskStats:
             raise PayloadError("last_activity")
     except PayloadError:
         return TaskStats()
-    return TaskStats(tokens, float(cost), pct, tuple(files), elapsed, last)
+    # Kept as records and shown: bounded, whatever a worker sends.
+    listed = _listed(files)
+    if last is not None:
+        last = last[:MAX_ACTIVITY_CHARS]
+    return TaskStats(tokens, float(cost), pct, listed, elapsed, last)
 
 
 @dataclass(frozen=True)
@@ -289,7 +319,7 @@ def build_task_status(task_id: str, state: str, stats: TaskStats) -> dict[str, A
 
 
 def parse_task_status(payload: Any) -> TaskStatus:
-    task_id = _require_str(payload, "task_id")
+    task_id = _task_id(payload)
     state = _require_str(payload, "state")
     return TaskStatus(task_id, state, parse_stats(payload.get("stats")))
 
@@ -361,7 +391,7 @@ def build_failure(
 
 
 def parse_handoff(payload: Any) -> TaskHandoff:
-    task_id = _require_str(payload, "task_id")
+    task_id = _task_id(payload)
     state = _require_str(payload, "state")
     summary = payload.get("summary")
     artifacts = payload.get("artifacts", [])
@@ -372,7 +402,7 @@ def parse_handoff(payload: Any) -> TaskHandoff:
         task_id=task_id,
         state=state,
         summary=summary if isinstance(summary, str) else "",
-        artifacts=tuple(artifacts) if _is_str_list(artifacts) else (),
+        artifacts=_listed(artifacts) if _is_str_list(artifacts) else (),
         git_ref=git_ref if isinstance(git_ref, str) else None,
         total_cost_usd=float(cost) if _is_number(cost) else 0.0,
         total_tokens=tokens if _is_int(tokens) and tokens >= 0 else 0,
@@ -394,7 +424,7 @@ def build_interrupt(task_id: str, interrupt_type: str, reason: str = "") -> dict
 
 
 def parse_interrupt(payload: Any) -> TaskInterrupt:
-    task_id = _require_str(payload, "task_id")
+    task_id = _task_id(payload)
     kind = _require_str(payload, "interrupt_type")
     reason = payload.get("reason", "")
     return TaskInterrupt(task_id, kind, reason if isinstance(reason, str) else "")

@@ -78,6 +78,7 @@ from claudectl.delegation.store import TaskStore, incoming_key
 from claudectl.delegation.tail import TAIL_FRAME_LINES, TAIL_MIN_INTERVAL_SECS, frame_lines
 from claudectl.delegation.taskrun import RunOutcome, TaskRun
 from claudectl.delegation.taskstate import COMPLETED, FINISHED, QUEUED, RUNNING, status_state
+from claudectl.logbudget import PEER_LINES_PER_MINUTE, PeerLog
 from claudectl.process.sweep import RUN_ID_ENV
 from claudectl.relay.binding import TLS13
 from claudectl.relay.codec import TASK_HANDOFF, TASK_STATUS, Envelope
@@ -214,6 +215,8 @@ class DelegationWorker:
         self.store = store
         self.trust_of = trust_of
         self.clock = clock
+        #: Lines a peer's frames cause: a budget per peer, its strings cut.
+        self._peer_log = PeerLog(self._log, clock.seconds, PEER_LINES_PER_MINUTE, "delegation")
         self.spawner = spawner
         self.home_root = home_root
         self.config_hint = config_hint or "~/.config/claudectl/config.toml"
@@ -407,7 +410,9 @@ class DelegationWorker:
         except payloads.PayloadError as e:
             self.counters["bad_payload"] += 1
             task_id = env.payload.get("task_id") if isinstance(env.payload, dict) else None
-            self._log.warn("bad delegate_task from {peer}: {error}", peer=peer, error=str(e))
+            if isinstance(task_id, str) and len(task_id) > payloads.MAX_TASK_ID_CHARS:
+                task_id = None  # not echoed back: no answer, as to a frame without one
+            self._peer_log.warn(peer, "bad delegate_task from {peer}: {error}", error=str(e))
             if isinstance(task_id, str):
                 self._send(
                     peer,
@@ -420,10 +425,10 @@ class DelegationWorker:
         key = incoming_key(peer, request.task_id)
         existing = self.tasks.get(key)
         if existing is not None:
-            self._log.info(
+            self._peer_log.info(
+                peer,
                 "task {task_id} from {peer} is already known; re-sending its state",
                 task_id=request.task_id,
-                peer=peer,
             )
             if existing.run.finished and existing.handoff is not None:
                 self._send_handoff(existing)
@@ -459,10 +464,10 @@ class DelegationWorker:
         self.tasks[key] = task
         self.queue.append(key)
         self.counters["accepted"] += 1
-        self._log.info(
+        self._peer_log.info(
+            peer,
             "accepted task {task_id} from {peer} in {cwd}",
             task_id=request.task_id,
-            peer=peer,
             cwd=cwd,
         )
         self._save(task)
@@ -476,10 +481,10 @@ class DelegationWorker:
 
     def _refuse(self, peer: str, task_id: str, reason: str) -> None:
         self.counters["refused"] += 1
-        self._log.info(
+        self._peer_log.info(
+            peer,
             "refused task {task_id} from {peer}: {reason}",
             task_id=task_id,
-            peer=peer,
             reason=reason,
         )
         self._send(
@@ -493,33 +498,33 @@ class DelegationWorker:
             req = payloads.parse_interrupt(env.payload)
         except payloads.PayloadError as e:
             self.counters["bad_payload"] += 1
-            self._log.warn("bad task_interrupt from {peer}: {error}", peer=peer, error=str(e))
+            self._peer_log.warn(peer, "bad task_interrupt from {peer}: {error}", error=str(e))
             return
         task = self.tasks.get(incoming_key(peer, req.task_id))
         if task is None:
             owners = [t.peer for t in self.tasks.values() if t.task_id == req.task_id]
             if owners:
                 self.counters["interrupts_refused"] += 1
-                self._log.warn(
+                self._peer_log.warn(
+                    peer,
                     "refused {kind} of task {task_id} from {peer}: the task "
                     "belongs to another peer",
                     kind=req.interrupt_type,
                     task_id=req.task_id,
-                    peer=peer,
                 )
             else:
-                self._log.info(
+                self._peer_log.info(
+                    peer,
                     "{kind} for unknown task {task_id} from {peer} ignored",
                     kind=req.interrupt_type,
                     task_id=req.task_id,
-                    peer=peer,
                 )
             return
-        self._log.info(
+        self._peer_log.info(
+            peer,
             "{kind} for task {task_id} from {peer}",
             kind=req.interrupt_type,
             task_id=req.task_id,
-            peer=peer,
         )
         if task.run.finished:
             if task.handoff is not None:
@@ -759,10 +764,10 @@ class DelegationWorker:
                 try:
                     task.cwd, task.git_source = self._check(task.peer, task.request)
                 except Refused as e:
-                    self._log.info(
+                    self._peer_log.info(
+                        task.peer,
                         "queued task {task_id} from {peer} no longer passes the checks: {reason}",
                         task_id=task.task_id,
-                        peer=task.peer,
                         reason=str(e),
                     )
                     self.counters["refused"] += 1
@@ -888,10 +893,10 @@ class DelegationWorker:
         )
         task.handoff = handoff.to_payload()
         task.handoff_acked = False
-        self._log.info(
+        self._peer_log.info(
+            task.peer,
             "task {task_id} from {peer} {state}: {summary}",
             task_id=task.task_id,
-            peer=task.peer,
             state=outcome.state,
             summary=outcome.summary[:200],
         )

@@ -47,6 +47,7 @@ from claudectl.relay.links import (
     PeerLink,
     send_at_once,
     send_queued,
+    unsent_bytes,
 )
 from claudectl.relay.session import Disconnect, FrameFilter, Liveness
 from claudectl.relay.tls import (
@@ -64,6 +65,11 @@ __all__ = ["CONNECTOR", "LISTENER", "RelayProtocol"]
 #: for about a second: its reader drops bytes that arrive with the ack
 #: (docs/protocol.md, Compatibility notes).
 ONEWAY_QUIET_SECS = 1.0
+#: What may wait unsent toward a peer before its link is closed: a peer
+#: that does not read must not make this node hold what its frames ask for
+#: (a refusal per ``delegate_task``, an ack per ``task_handoff``...).  Gossip
+#: stops writing at 4 MiB of backlog on its own; nothing honest comes near.
+MAX_UNSENT_BYTES = 16 * 1024 * 1024
 #: claudectl's own heartbeat interval (it declares a link dead after 3 of them).
 CLAUDECTL_HEARTBEAT_SECS = 30
 
@@ -145,6 +151,8 @@ class RelayProtocol(LineReceiver):
         self._waiting = False
         #: Reading held by the layers above (:meth:`hold_reading`).
         self._held = False
+        #: Closed for not reading what we send (:meth:`_not_reading`).
+        self._unread_closed = False
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the connection is gone."""
@@ -321,6 +329,25 @@ class RelayProtocol(LineReceiver):
         if self.link is not None:
             self.link.counters.frames_out += 1
             self.link.counters.bytes_out += len(data)
+            unsent = unsent_bytes(self.transport)
+            if unsent > MAX_UNSENT_BYTES:
+                self._not_reading(unsent)
+
+    def _not_reading(self, unsent: int) -> None:
+        """The peer lets what we write pile up: close its link (aborted: it
+        would never drain), once, with one log line and a rejection counted."""
+        if not self._unread_closed:
+            self._unread_closed = True
+            self.node.admission.count("unread_output")
+            self._log.warn(
+                "{peer_id} does not read what this node sends ({mib:.1f} MiB waiting); "
+                "closing its link",
+                peer_id=self.peer_id,
+                mib=unsent / 1048576,
+            )
+            if self._closing_reason is None:
+                self._closing_reason = f"the peer does not read ({unsent:,} bytes unsent)"
+        self.transport.abortConnection()
 
     def _flush_queue(self) -> None:
         queued, self._queued = self._queued, []
