@@ -115,3 +115,14 @@ class JsonEverywhereTests(SynchronousTestCase):
         self.assertEqual((out.returncode, json.loads(out.stdout)), (0, []))
         r = run_cli(home, "hive", "export", "--json", "--format", "yaml")
         self.assertEqual(r.returncode, 1)
+
+
+class CostShownTests(SynchronousTestCase):
+    def test_a_peers_absurd_cost_stays_narrow(self) -> None:
+        """Review 15: a cost of 1e308 printed a 300-digit cell."""
+        from claudectl.cli.delegate_cmds import _cost
+
+        self.assertEqual(_cost(0.01234), "$0.0123")
+        self.assertEqual(_cost(1e308), ">$1,000,000")
+        self.assertEqual(_cost(float("nan")), "$?")
+        self.assertEqual(_cost(-1e308), "$?")
