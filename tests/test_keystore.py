@@ -112,6 +112,31 @@ class IdentityTests(SynchronousTestCase):
         self.assertEqual(self.ks.identity(), "Some Odd.ID")
         self.assertEqual(self.ks.ensure_identity(), "Some Odd.ID")
 
+    def test_a_damaged_identity_is_never_replaced(self) -> None:
+        """Review 14: a non-UTF-8 identity file was silently replaced by a new
+        identity, ending every pairing without a word."""
+        from claudectl.relay.keystore import DamagedIdentity
+
+        self.home.relay.mkdir(parents=True)
+        self.home.identity_file.write_bytes(b"\x00\xffnot json{{{\n")
+        with self.assertRaises(DamagedIdentity) as caught:
+            self.ks.ensure_identity()
+        self.assertIn("is not UTF-8", str(caught.exception))
+        self.assertIn("move it away", str(caught.exception))
+        self.assertEqual(self.home.identity_file.read_bytes(), b"\x00\xffnot json{{{\n")
+
+    def test_only_ids_peers_accept_are_handed_out(self) -> None:
+        from claudectl.relay.keystore import DamagedIdentity
+
+        self.home.relay.mkdir(parents=True)
+        for bad in ("bad id/with {{ spaces", "_pending", "x" * 129):
+            self.home.identity_file.write_text(bad)
+            self.assertEqual(self.ks.identity(), bad)  # read verbatim, as claudectl
+            with self.assertRaises(DamagedIdentity):
+                self.ks.shareable_identity()
+        self.home.identity_file.write_text("desk-9f8e7d6c")
+        self.assertEqual(self.ks.shareable_identity(), "desk-9f8e7d6c")
+
     def test_blank_identity_regenerated(self) -> None:
         self.home.relay.mkdir(parents=True)
         self.home.identity_file.write_text("  \n")

@@ -39,6 +39,21 @@ class OfflineCommandsTests(SynchronousTestCase):
             json.loads(ok(run_now(self.home, "--json", "relay", "identity"))), {"identity": first}
         )
 
+    def test_a_damaged_identity_is_one_error_line(self) -> None:
+        self.home.relay.mkdir(parents=True)
+        self.home.identity_file.write_bytes(b"\xff\xfe")
+        for args in (["relay", "identity"], ["relay", "pair"], ["hive", "status"]):
+            r = run_now(self.home, *args)
+            self.assertEqual(r.code, 1, args)
+            self.assertEqual(len(r.err.splitlines()), 1, r.err)
+            self.assertIn("identity is damaged: it is not UTF-8 text", r.err)
+        self.assertEqual(self.home.identity_file.read_bytes(), b"\xff\xfe")
+        self.home.identity_file.write_text("my laptop")
+        r = run_now(self.home, "relay", "pair")
+        self.assertEqual(r.code, 1)
+        self.assertIn("'my laptop' is not an id peers accept", r.err)
+        self.assertIsNone(KeyStore(self.home).pending_key())
+
     def test_pair_writes_pending_key(self) -> None:
         out = ok(run_now(self.home, "relay", "pair"))
         ident = KeyStore(self.home).identity()
@@ -277,6 +292,18 @@ class OneServicePerHomeTests(SynchronousTestCase):
         self.assertNotIn("connection established", log)
         self.assertNotIn("connection lost", log)
         self.assertNotIn("Starting factory", log)
+
+
+class ServeUsageErrorTests(SynchronousTestCase):
+    def test_a_log_file_that_cannot_be_made_is_a_plain_error(self) -> None:
+        """Review 14: it was reported as "internal error: UsageError: ..."."""
+        home = temp_home(self)
+        missing = home.root / "nonexist" / "dir" / "x.log"
+        r = run_cli(home, "relay", "serve", "--port", "0", "--logfile", str(missing))
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertEqual(
+            r.stderr, f"Error: cannot create the log file {missing}: No such file or directory\n"
+        )
 
 
 class DaemonLogfileTests(SynchronousTestCase):

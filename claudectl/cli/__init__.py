@@ -24,6 +24,7 @@ import click
 from claudectl.cli import base
 from claudectl.cli.base import CliContext, CliError, Streams, cli
 from claudectl.control.paths import UnsafeSocketDir
+from claudectl.relay.keystore import DamagedIdentity
 from claudectl.text import clean_text, json_safe
 
 if TYPE_CHECKING:
@@ -128,6 +129,8 @@ def _exit_code(e: BaseException, args: list[str], streams: Streams) -> int:
     """Report what a command raised (never a traceback) and return its exit code."""
     if isinstance(e, CliError):
         return _fail(streams, args, e.message, e.code)
+    if isinstance(e, DamagedIdentity):
+        return _fail(streams, args, str(e), 1)
     if isinstance(e, UnsafeSocketDir):
         # From any command that talks to the service's control socket.
         return _fail(streams, args, str(e), 1)

@@ -162,7 +162,7 @@ def invite(
                 address, warning = invite_host(relay_cfg.listen_addr, host)
             except InviteHostError as e:
                 raise CliError(str(e)) from None
-        identity = KeyStore(ctx.home).ensure_identity()
+        identity = KeyStore(ctx.home).shareable_identity()
         inv = store.create(identity, address, port, ttl_secs, now, via_hub=hub is not None)
     except InviteStoreError as e:
         raise CliError(str(e)) from None

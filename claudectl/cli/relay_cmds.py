@@ -152,6 +152,7 @@ def _run_app(config: Any) -> None:
     command exits with status 0 instead.
     """
     from twisted.internet.error import CannotListenError
+    from twisted.python import usage
     from twisted.scripts import twistd
 
     from claudectl.control.paths import UnsafeSocketDir
@@ -174,6 +175,11 @@ def _run_app(config: Any) -> None:
         ) from None
     except UnsafeSocketDir as e:
         # twistd has sent stderr into its log by now: say it where the user looks.
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        raise CliError(str(e)) from None
+    except usage.UsageError as e:
+        # From makeService: a mistake in what was asked (a log file that
+        # cannot be made, a damaged identity), before anything started.
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         raise CliError(str(e)) from None
 
@@ -270,7 +276,7 @@ def pair(ctx: CliContext) -> None:
     from claudectl.pairing.invites import InviteStore, InviteStoreError
 
     ks = KeyStore(ctx.home)
-    ident = ks.ensure_identity()
+    ident = ks.shareable_identity()
     code, psk = new_pair_code()
     ttl_secs = ctx.config.relay.invite_ttl_hours * 3600
     # Every code stays valid until it is used or expires (kept as an invite
@@ -332,7 +338,7 @@ def accept(ctx: CliContext, code: str, peer: str, force: bool) -> None:
     except CodeError as e:
         raise CliError(explain_code_error(code, str(e))) from None
     ks = KeyStore(ctx.home)
-    ident = ks.ensure_identity()
+    ident = ks.shareable_identity()
     if peer == ident:
         raise CliError("that is this instance's own identity")
     existing = ks.key(peer)

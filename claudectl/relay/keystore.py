@@ -90,6 +90,16 @@ def _read_meta(path: str) -> PeerMeta | None:
     return PeerMeta(addr, last_seen)
 
 
+class DamagedIdentity(ValueError):
+    """The identity file holds no valid identity (left as it is)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(
+            f"{path} is damaged: {why}. Fix it (your peers know this machine by the id "
+            f"it held) or move it away to make a new identity (then pair again)"
+        )
+
+
 class KeyStore:
     """Reads and writes one home's identity and peer key files."""
 
@@ -106,11 +116,37 @@ class KeyStore:
 
     # --- identity ---------------------------------------------------------------
     def identity(self) -> str | None:
+        """
+        This machine's identity; None before it has one.  A file that holds
+        something else raises :class:`DamagedIdentity`: making a new identity
+        over it would silently end every pairing (peers know the old one).
+        """
+        path = self.home.identity_file
         try:
-            text = self.home.identity_file.read_text(encoding="utf-8").strip()
-        except (FileNotFoundError, UnicodeDecodeError):
+            text = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
             return None
+        except UnicodeDecodeError:
+            raise DamagedIdentity(path, "it is not UTF-8 text") from None
+        # Any other text is the identity, verbatim, as claudectl reads it
+        # (what peers accept is checked where it is handed out:
+        # :meth:`shareable_identity`).
         return text or None
+
+    def shareable_identity(self) -> str:
+        """
+        :meth:`ensure_identity`, when it is an id peers accept -- for the
+        commands that give it to a peer (``relay pair``, ``relay accept``,
+        ``relay invite``): a hand-edited one would only fail on their side.
+        """
+        ident = self.ensure_identity()
+        if not is_remote_peer_id(ident):
+            shown = ident if len(ident) <= 60 else ident[:60] + "..."
+            raise DamagedIdentity(
+                self.home.identity_file,
+                f"{shown!r} is not an id peers accept (1-128 letters, digits, '-' or '_')",
+            )
+        return ident
 
     def ensure_identity(
         self, random: Callable[[int], bytes] = os.urandom, environ: Mapping[str, str] | None = None

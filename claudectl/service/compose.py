@@ -55,7 +55,7 @@ from claudectl.pairing.invites import InviteStore
 from claudectl.pairing.pake import PakeResponder
 from claudectl.relay.address import AddressError, format_address, listen_endpoint_string
 from claudectl.relay.admission import with_listen_backlog
-from claudectl.relay.keystore import KeyStore
+from claudectl.relay.keystore import DamagedIdentity, KeyStore
 from claudectl.relay.node import RelayFactory, RelayNode
 from claudectl.relay.runinfo import remove_runinfo, write_runinfo
 from claudectl.statestore import StateWriter, StateWriterService, freeze_startup_heap
@@ -309,15 +309,18 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     # The relay core, with the pairing layer's invites over the same keys.
     keystore = KeyStore(home)
     invites = InviteStore(home, keystore)
-    node = RelayNode(
-        home,
-        config,
-        reactor,
-        keystore=keystore,
-        invites=invites,
-        pake=PakeResponder(invites, reactor),
-        dial_via=hub_client_endpoint,
-    )
+    try:
+        node = RelayNode(
+            home,
+            config,
+            reactor,
+            keystore=keystore,
+            invites=invites,
+            pake=PakeResponder(invites, reactor),
+            dial_via=hub_client_endpoint,
+        )
+    except DamagedIdentity as e:
+        raise usage.UsageError(str(e)) from None
     top = RelayService(node)
     # The state files' writer thread and change notices (issue 13): first
     # children, so they stop last -- the writer waits for what the layers
