@@ -264,6 +264,11 @@ class JoinCommand(SynchronousTestCase):
             join_failure_message(link, "Connection refused"),
             "connection failed: Connection refused",
         )
+        # A key the peer does not have: it says only "denied" (review 14).
+        self.assertIn(
+            "The peer has no key that matches this machine's",
+            join_failure_message(link, "handshake denied: denied"),
+        )
 
     def test_needs_an_argument(self) -> None:
         code, _, err = invoke(self.home, "relay", "join")

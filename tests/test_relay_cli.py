@@ -54,6 +54,11 @@ class OfflineCommandsTests(SynchronousTestCase):
         self.assertIn("'my laptop' is not an id peers accept", r.err)
         self.assertIsNone(KeyStore(self.home).pending_key())
 
+    def test_accept_names_the_reserved_id(self) -> None:
+        r = run_now(self.home, "relay", "accept", "a3f2-9b1c-d4e5-f678", "_pending")
+        self.assertEqual(r.code, 1)
+        self.assertIn("'_pending' is reserved", r.err)
+
     def test_pair_writes_pending_key(self) -> None:
         out = ok(run_now(self.home, "relay", "pair"))
         ident = KeyStore(self.home).identity()

@@ -106,11 +106,10 @@ class ServiceConnectTests(TwoHomes):
         self.start(self.a)
         err = await self.failing(self.b, "relay", "connect", f"127.0.0.1:{self.a.port}")
         self.assertIn("not paired with", err)
-        out = (await self.ok(self.b, "relay", "disconnect", "nobody-00000000")).out
+        # A typo'd peer is an error, as `relay forget` says (review 14).
+        err = await self.failing(self.b, "relay", "disconnect", "nobody-00000000")
         self.assertEqual(
-            out,
-            "nobody-00000000 was not connected, and the service was not dialing it: "
-            "nothing to do.\n",
+            err, "Error: unknown peer 'nobody-00000000' (see `claudectl relay peers`)\n"
         )
 
     async def test_forget_tells_the_service(self) -> None:

@@ -42,6 +42,22 @@ class CliError(Exception):
         self.code = code
 
 
+def denial_hint(error: str) -> str:
+    """
+    ``error``, with what a bare ``denied`` means: the peer has no key that
+    matches (it says no more, so as not to tell a stranger which peers it
+    knows).
+    """
+    if not error.rstrip().endswith("handshake denied: denied"):
+        return error
+    return (
+        f"{error}. The peer has no key that matches this machine's: the pair code or "
+        f"invite link may be mistyped or already used, or the peer forgot this machine; "
+        f"pair again (`claudectl relay pair` there, `claudectl relay accept` here, or a "
+        f"new invite)"
+    )
+
+
 def interrupted() -> CliError | None:
     """What a command says when Ctrl+C or SIGTERM stops the reactor under it."""
     return CliError("interrupted", code=130)

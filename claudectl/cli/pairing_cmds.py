@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from claudectl.cli.base import CliContext, CliError, pass_ctx, relay
+from claudectl.cli.base import CliContext, CliError, denial_hint, pass_ctx, relay
 from claudectl.pairing.detect import JoinTarget, decode_join
 from claudectl.pairing.hosts import InviteHostError, invite_host, qr_text
 from claudectl.pairing.invites import (
@@ -351,7 +351,7 @@ def join_failure_message(target: JoinTarget, error: str) -> str:
             f"{message}. The code may be mistyped, or the invite used, expired, revoked "
             f"or burned (each invite allows one attempt); ask for a new invite"
         )
-    return message
+    return denial_hint(message)
 
 
 # --- relay discover --------------------------------------------------------------------

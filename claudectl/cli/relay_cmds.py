@@ -18,13 +18,13 @@ from typing import Any
 
 import click
 
-from claudectl.cli.base import CliContext, CliError, json_flag, pass_ctx, relay
+from claudectl.cli.base import CliContext, CliError, denial_hint, json_flag, pass_ctx, relay
 from claudectl.control import commands as C
 from claudectl.control.client import ServiceNotRunning, call_control, call_paged
 from claudectl.control.client import remote_error_text as _amp_error
 from claudectl.relay.address import AddressError, format_address, parse_address
 from claudectl.relay.crypto import CodeError, new_pair_code, psk_from_code
-from claudectl.relay.keystore import KeyStore, is_remote_peer_id
+from claudectl.relay.keystore import PENDING, KeyStore, is_remote_peer_id
 from claudectl.relay.peers_view import peer_rows
 from claudectl.text import ago
 
@@ -331,6 +331,8 @@ def explain_code_error(code: str, message: str) -> str:
 @pass_ctx
 def accept(ctx: CliContext, code: str, peer: str, force: bool) -> None:
     """Store the key of a pair code that PEER generated with `relay pair`."""
+    if peer == PENDING:
+        raise CliError(f"{PENDING!r} is reserved (it names a key waiting for its peer)")
     if not is_remote_peer_id(peer):
         raise CliError(f"invalid peer id {peer!r}: use 1-128 letters, digits, '-' or '_'")
     try:
@@ -460,7 +462,7 @@ async def _one_shot_connect(
     try:
         proto = await node.open_link(address, auth)
     except HandshakeFailed as e:
-        raise CliError(f"connection failed: auth failed: {e}") from None
+        raise CliError(denial_hint(f"connection failed: auth failed: {e}")) from None
     except Exception as e:
         raise CliError(f"connection failed: connect to {address}: {e}") from None
     assert proto.result is not None
@@ -552,6 +554,10 @@ def _kb(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _is_paired(ctx: CliContext, peer: str) -> bool:
+    return is_remote_peer_id(peer) and KeyStore(ctx.home).key(peer) is not None
+
+
 @relay.command()
 @click.argument("peer")
 @json_flag
@@ -567,6 +573,8 @@ async def disconnect(ctx: CliContext, peer: str) -> None:
         raise CliError("the relay service is not running, so there is no link to drop")
     dropped = bool(result.get("dropped_link", result["was_connected"]))
     stopped = bool(result.get("stopped_dialer", False))
+    if not (dropped or stopped or result["was_connected"]) and not _is_paired(ctx, peer):
+        raise CliError(f"unknown peer '{peer}' (see `claudectl relay peers`)")
     if ctx.json:
         ctx.emit_json(
             {
