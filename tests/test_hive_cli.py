@@ -52,6 +52,24 @@ class HiveCliTests(SynchronousTestCase):
         self.assertEqual(mode.read_bytes(), b"on")
         self.assertTrue(json.loads(self.ok("hive", "status", "--json"))["active"])
 
+    def test_a_damaged_trust_file_is_a_warning_the_user_sees(self) -> None:
+        """Review 14: every peer dropped to the default trust without a word."""
+        KeyStore(self.home).save_key("peer-a", b"k" * 32)
+        self.ok("hive", "trust", "peer-a", "0.9")
+        (self.home.hive / "trust.json").write_text("{bad")
+        code, out, err = run(self.home, "hive", "trust", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)[0]["trust_level"], 0.5)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("Warning: "), err)
+        self.assertIn("trust.json is damaged", err)
+        code, out, err = run(self.home, "hive", "trust", "peer-a", "0.8")
+        self.assertEqual(code, 0, err)
+        self.assertIn("moved aside to trust.json.corrupt-", err)
+        self.assertEqual(len(list(self.home.hive.glob("trust.json.corrupt-*"))), 1)
+        code, out, err = run(self.home, "hive", "trust")
+        self.assertEqual(err, "")
+
     def test_distill_then_list_filter_and_status(self) -> None:
         write_log(
             self.home,

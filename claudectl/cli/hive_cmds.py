@@ -13,7 +13,7 @@ import difflib
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,15 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
+def _warn_damage(ctx: CliContext) -> Callable[[str], None]:
+    return lambda text: ctx.err(f"Warning: {text}.")
+
+
+def _trust_book(ctx: CliContext) -> TrustBook:
+    """trust.json, with a ``Warning:`` line if it is damaged (every tier changed)."""
+    return load_trust(ctx.home, ctx.config.hive.default_trust, on_damage=_warn_damage(ctx))
+
+
 def _loaded_units(ctx: CliContext) -> list[KnowledgeUnit]:
     loaded = load_store(ctx.home)
     if loaded.bad:
@@ -112,7 +121,7 @@ def status(ctx: CliContext, json_: bool) -> None:
     units = _loaded_units(ctx)
     local = [u for u in units if u.source_peer == me]
     peers = Counter(u.source_peer for u in units if u.source_peer != me)
-    book = load_trust(ctx.home, cfg.default_trust)
+    book = _trust_book(ctx)
     frozen = sorted(p for p, r in book.records.items() if r.frozen)
     cursor = Cursor.load(hive_file(ctx.home, CURSOR))
     try:
@@ -402,7 +411,7 @@ def trust(
     if peer is None:
         if unfreeze:
             raise CliError("--unfreeze needs a peer")
-        book = load_trust(ctx.home, cfg.default_trust)
+        book = _trust_book(ctx)
         peers = _known_peers(ctx, book)
         items = [_trust_json(book.get(p), p, book, now) for p in peers]
         if _wants_json(ctx, json_):
@@ -433,9 +442,9 @@ def trust(
             )
         _table(ctx, ("PEER", "TRUST", "TIER", "AGREED", "DISAGREED", "LAST SYNC", "FLAGS"), rows)
         return
-    peer = _resolve_known_peer(ctx, peer, load_trust(ctx.home, cfg.default_trust))
+    peer = _resolve_known_peer(ctx, peer, _trust_book(ctx))
     if level is None and not unfreeze:
-        book = load_trust(ctx.home, cfg.default_trust)
+        book = _trust_book(ctx)
         it = _trust_json(book.get(peer), peer, book, now)
         if _wants_json(ctx, json_):
             ctx.emit_json(it)
@@ -463,7 +472,7 @@ def trust(
             raise CliError(f"trust level must be a number from 0.0 to 1.0, not {level!r}") from None
         if value != value:  # NaN
             raise CliError("trust level must be a number from 0.0 to 1.0")
-    with trust_transaction(ctx.home, cfg.default_trust) as book:
+    with trust_transaction(ctx.home, cfg.default_trust, _warn_damage(ctx)) as book:
         unfrozen = book.unfreeze(peer) if unfreeze else False
         rec = book.set_level(peer, value, now) if value is not None else book.get(peer)
         it = _trust_json(rec, peer, book, now)

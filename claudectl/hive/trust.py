@@ -21,7 +21,7 @@ import contextlib
 import enum
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,13 +472,21 @@ def trust_path(home: Home) -> Path:
     return home.hive / "trust.json"
 
 
-def load_trust(home: Home, default_trust: float = 0.5, *, repair: bool = False) -> TrustBook:
+def load_trust(
+    home: Home,
+    default_trust: float = 0.5,
+    *,
+    repair: bool = False,
+    on_damage: Callable[[str], object] | None = None,
+) -> TrustBook:
     """
     Read ``trust.json``.  An unreadable file gives an empty book (with a
     logged warning).  Only with ``repair`` -- inside :func:`trust_transaction`,
     under the lock, about to write a new file -- is it moved aside to
     ``trust.json.corrupt-<epoch>`` (never overwritten): a reader may just have
     caught claudectl, which rewrites the file in place, half-way.
+    ``on_damage`` is told what happened in a sentence (the CLI prints it: every
+    peer's trust changed to the default).
     """
     path = trust_path(home)
     error: Exception | None = None
@@ -501,6 +509,12 @@ def load_trust(home: Home, default_trust: float = 0.5, *, repair: bool = False) 
             path=str(path),
             reason=str(error),
         )
+        if on_damage is not None:
+            on_damage(
+                f"{path} is damaged ({error}); every peer counts at the default trust "
+                f"{default_trust:.2f} until it is fixed (the next trust change moves it "
+                f"aside to {path.name}.corrupt-<time>)"
+            )
         return TrustBook(default_trust=default_trust)
     aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
     with contextlib.suppress(OSError):
@@ -511,6 +525,11 @@ def load_trust(home: Home, default_trust: float = 0.5, *, repair: bool = False) 
         aside=str(aside),
         reason=str(error),
     )
+    if on_damage is not None:
+        on_damage(
+            f"{path} was damaged ({error}): moved aside to {aside.name}; every other "
+            f"peer's trust starts again at the default {default_trust:.2f}"
+        )
     return TrustBook(default_trust=default_trust)
 
 
@@ -519,10 +538,12 @@ def save_trust(home: Home, book: TrustBook) -> None:
 
 
 @contextlib.contextmanager
-def trust_transaction(home: Home, default_trust: float = 0.5) -> Iterator[TrustBook]:
+def trust_transaction(
+    home: Home, default_trust: float = 0.5, on_damage: Callable[[str], object] | None = None
+) -> Iterator[TrustBook]:
     """Load, let the caller change, and save ``trust.json`` under its lock."""
     with locked(trust_path(home)):
-        book = load_trust(home, default_trust, repair=True)
+        book = load_trust(home, default_trust, repair=True, on_damage=on_damage)
         before = book.to_json()
         yield book
         if book.to_json() != before:
