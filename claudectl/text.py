@@ -185,3 +185,14 @@ def ago(epoch: object, now: float) -> str:
     if delta < 86400:
         return f"{delta // 3600}h ago"
     return f"{delta // 86400}d ago"
+
+
+def parse_problem(error: BaseException) -> str:
+    """A parser's complaint on one line: YAML's problem and where it is, else its text."""
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return clean_line(str(error) or type(error).__name__)
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return clean_line(problem)
+    return f"{clean_line(problem)} (line {mark.line + 1}, column {mark.column + 1})"

@@ -124,7 +124,15 @@ class TaskFileTests(SynchronousTestCase):
         self.assertEqual(loaded[1].tasks, loaded[2].tasks)
         self.assertEqual(loaded[0].attempts(loaded[0].tasks[0]), 2)
         (d / "bad.yaml").write_text("tasks: [")
-        self.assertRaises(TF.TaskFileError, TF.load, d / "bad.yaml")
+        e = self.assertRaises(TF.TaskFileError, TF.load, d / "bad.yaml")
+        # One line, with where the problem is (review 14).
+        self.assertEqual(
+            str(e),
+            f"{d / 'bad.yaml'}: cannot parse: expected the node content, but found "
+            "'<stream end>' (line 1, column 9)",
+        )
+        e = self.assertRaises(TF.TaskFileError, TF.load, d / "missing.yaml")
+        self.assertEqual(str(e), f"{d / 'missing.yaml'}: cannot read: No such file or directory")
 
     def test_empty_task_file_is_an_error(self):
         """Issue 12 item 14: not a silent exit 0."""

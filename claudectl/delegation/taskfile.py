@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from claudectl.delegation.text import cut_utf8
+from claudectl.text import parse_problem
 
 #: A dependency's output is cut to this many bytes before substitution.
 MAX_TEMPLATE_BYTES = 32_768
@@ -99,7 +100,7 @@ def _parse_text(text: str, path: str) -> Any:
             return tomllib.loads(text)
         return json.loads(text)
     except Exception as e:  # each parser has its own error type
-        raise TaskFileError(f"{path}: cannot parse: {e}") from None
+        raise TaskFileError(f"{path}: cannot parse: {parse_problem(e)}") from None
 
 
 def _opt_int(v: Any, where: str) -> int | None:
@@ -226,6 +227,8 @@ def load(path: str | Path, is_paired: Callable[[str], bool] | None = None) -> Ta
     path = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TaskFileError(f"{path}: cannot read: {e}") from None
+    except OSError as e:
+        raise TaskFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise TaskFileError(f"{path}: cannot read: not UTF-8 text") from None
     return parse(_parse_text(text, path), path, is_paired)

@@ -23,6 +23,7 @@ from claudectl.hive.merge import BatchResult, merge_batch, write_merge_logs
 from claudectl.hive.store import store_transaction
 from claudectl.hive.units import KnowledgeUnit, UnitError, dumps_pretty
 from claudectl.home import Home
+from claudectl.text import parse_problem
 
 
 class ImportProblem(ValueError):
@@ -44,15 +45,6 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """The YAML parser's complaint on one line, with where it is."""
-    problem = getattr(error, "problem", None) or "not a YAML document"
-    mark = getattr(error, "problem_mark", None)
-    if mark is None:
-        return str(problem)
-    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
-
-
 def parse_document(data: bytes) -> list[KnowledgeUnit]:
     """
     Units from a JSON or YAML document: an array of units, an object with a
@@ -71,7 +63,7 @@ def parse_document(data: bytes) -> list[KnowledgeUnit]:
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ImportProblem(f"the file is neither JSON nor YAML: {_yaml_problem(e)}") from None
+            raise ImportProblem(f"the file is neither JSON nor YAML: {parse_problem(e)}") from None
     if isinstance(doc, dict) and isinstance(doc.get("units"), list):
         records = doc["units"]
     elif isinstance(doc, dict) and "id" in doc:
