@@ -108,6 +108,16 @@ class JsonEverywhereTests(SynchronousTestCase):
         r = run_cli(home, "--json", "relay", "no-such-command")
         self.assertEqual(r.returncode, 2)
         self.assertEqual(json.loads(r.stdout)["kind"], "usage")
+        r = run_cli(home, "--json", "relay")  # the group alone: not its help as the error
+        self.assertEqual(r.returncode, 2)
+        self.assertEqual(
+            json.loads(r.stdout),
+            {
+                "error": "Missing command (see `claudectl relay --help`).",
+                "kind": "usage",
+                "exit_code": 2,
+            },
+        )
         r = run_cli(home, "relay", "accept", "zzzz", "peer-1")
         self.assertTrue(r.stderr.startswith("Error: invalid PSK code"), r.stderr)
         self.assertEqual(r.stdout, "")

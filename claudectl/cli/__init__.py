@@ -139,7 +139,12 @@ def _exit_code(e: BaseException, args: list[str], streams: Streams) -> int:
         return 130
     if isinstance(e, click.ClickException):
         if _json_mode(streams, args):
-            return _fail(streams, args, e.format_message(), e.exit_code, "usage")
+            message = e.format_message()
+            if isinstance(e, click.exceptions.NoArgsIsHelpError):
+                # A group without its command: not the whole help as the error.
+                where = e.ctx.command_path if e.ctx is not None else "claudectl"
+                message = f"Missing command (see `{where} --help`)."
+            return _fail(streams, args, message, e.exit_code, "usage")
         e.show(file=streams.stderr)
         return e.exit_code
     if isinstance(e, click.exceptions.Exit):
