@@ -59,6 +59,17 @@ class OfflineCommandsTests(SynchronousTestCase):
         self.assertEqual(r.code, 1)
         self.assertIn("'_pending' is reserved", r.err)
 
+    def test_a_damaged_key_is_a_warning_in_peers(self) -> None:
+        """Review 14: the peer vanished from `relay peers` without a word."""
+        ok(run_now(self.home, "relay", "accept", "a3f2-9b1c-d4e5-f678", "peer-one"))
+        (self.home.peers / "peer-one.key").write_text("garbage")
+        r = run_now(self.home, "relay", "peers", "--json")
+        self.assertEqual((r.code, json.loads(r.out)), (0, []))
+        self.assertEqual(len(r.err.splitlines()), 1, r.err)
+        self.assertIn("peer-one.key holds no key, so peer-one is not paired now", r.err)
+        ok(run_now(self.home, "relay", "forget", "peer-one"))
+        self.assertEqual(run_now(self.home, "relay", "peers").err, "")
+
     def test_pair_writes_pending_key(self) -> None:
         out = ok(run_now(self.home, "relay", "pair"))
         ident = KeyStore(self.home).identity()

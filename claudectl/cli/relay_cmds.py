@@ -486,8 +486,14 @@ async def peers(ctx: CliContext) -> None:
     except (C.NotPairedError, C.LinkFailed, C.NoSuchPeer, C.BadRequest, ValueError) as e:
         raise CliError(_amp_error(e)) from None
     live = rows is not None
+    keystore = KeyStore(ctx.home)
     if rows is None:
-        rows = peer_rows(KeyStore(ctx.home), None, _trust_reader(ctx), [_sync_reader(ctx)])
+        rows = peer_rows(keystore, None, _trust_reader(ctx), [_sync_reader(ctx)])
+    for peer in keystore.damaged_keys():
+        ctx.err(
+            f"Warning: {keystore.home.peers / (peer + '.key')} holds no key, so {peer} is "
+            f"not paired now: restore the file, or `claudectl relay forget {peer}` and pair again."
+        )
     if ctx.json:
         ctx.emit_json(rows)
         return

@@ -243,6 +243,18 @@ class KeyStore:
                     peers.append(pid)
         return sorted(peers)
 
+    def damaged_keys(self) -> list[str]:
+        """Peers whose ``<id>.key`` holds no key (not 32 bytes of hex): not paired now."""
+        try:
+            names = os.listdir(self.home.peers)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            pid
+            for pid in (n[:-4] for n in names if n.endswith(".key"))
+            if is_remote_peer_id(pid) and self.key(pid) is None
+        )
+
     def forget(self, peer_id: str) -> bool:
         """Remove the key, meta and marker files; True if a key was removed."""
         if not is_valid_peer_id(peer_id):
