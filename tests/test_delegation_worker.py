@@ -379,6 +379,26 @@ class PersistenceTests(WorkerTestsBase):
         self.mesh.connect("ctl-1")
         self.assertEqual(len(self.handoffs()), 2)
 
+    def test_finished_records_per_peer_are_capped(self):
+        """Review 15: a trusted peer's failing tasks piled up for 30 days."""
+        from claudectl.delegation import worker as W
+
+        self.patch(W, "MAX_FINISHED_PER_PEER", 3)
+        for i in range(6):
+            self.delegate(f"t{i}")
+            self.finish(i)
+            self.clock.advance(1)
+            self.mesh.deliver("ctl-1", "ack", {"ack_id": f"t{i}"})
+        kept = sorted(t.task_id for t in self.worker.tasks.values())
+        self.assertEqual(kept, ["t3", "t4", "t5"])
+        self.assertEqual(self.worker.counters["records_pruned"], 3)
+        self.assertEqual(sorted(self.worker.store.load_all()), sorted(self.worker.tasks))
+        # Another peer's records are its own.
+        self.delegate("o1", peer="other-2")
+        self.finish(6)
+        self.mesh.deliver("other-2", "ack", {"ack_id": "o1"})
+        self.assertIn("o1", {t.task_id for t in self.worker.tasks.values()})
+
     def test_claudectl_peers_never_ack_so_a_send_is_enough(self):
         self.mesh.peers["ctl-1"] = "oneway"
         self.delegate()

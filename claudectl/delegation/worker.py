@@ -89,6 +89,10 @@ CHANGE_STATUS_MIN_SECS = 2.0
 TICK_SECS = 1.0
 #: Finished, acknowledged records older than this are deleted at start-up.
 FINISHED_RETENTION_SECS = 30 * 86400
+#: Finished, acknowledged task records kept per peer (the oldest go first,
+#: with their workspaces): a trusted peer whose tasks fail at once must not
+#: fill the disk and memory with records for FINISHED_RETENTION_SECS.
+MAX_FINISHED_PER_PEER = 200
 RESTARTED_SUMMARY = "worker restarted while the task was running; its Claude Code session was ended"
 SHUTDOWN_REASON = "the worker shut down while the task was running"
 #: Tasks one peer may have waiting in the queue; more are refused.
@@ -233,6 +237,7 @@ class DelegationWorker:
             "bad_payload": 0,
             "interrupts_refused": 0,
             "tail_frames": 0,
+            "records_pruned": 0,
         }
         self._loop: LoopingCall | None = None
         self._stopping = False
@@ -549,6 +554,21 @@ class DelegationWorker:
         if task is not None and task.handoff is not None and not task.handoff_acked:
             task.handoff_acked = True
             self._save(task)
+            self._prune_finished(peer)
+
+    def _prune_finished(self, peer: str) -> None:
+        """Keep at most MAX_FINISHED_PER_PEER finished, acknowledged records of ``peer``."""
+        done = [
+            t for t in self.tasks.values() if t.peer == peer and t.run.finished and t.handoff_acked
+        ]
+        if len(done) <= MAX_FINISHED_PER_PEER:
+            return
+        done.sort(key=lambda t: (t.run.ended_at or 0.0, t.key))
+        for task in done[: len(done) - MAX_FINISHED_PER_PEER]:
+            del self.tasks[task.key]
+            self.store.delete(task.key)
+            self._remove_workspace(task.key)
+        self.counters["records_pruned"] += len(done) - MAX_FINISHED_PER_PEER
 
     def on_link_up(self, peer: str) -> None:
         for task in list(self.tasks.values()):
