@@ -551,6 +551,7 @@ class ListenerTests(SynchronousTestCase):
 
         from claudectl.relay import protocol as protocol_mod
 
+        self.patch(protocol_mod, "UNSENT_CHECK_BYTES", 1)  # looked at every frame
         proto, transport = self.authenticated()
         aborted: list[bool] = []
         transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
@@ -568,6 +569,22 @@ class ListenerTests(SynchronousTestCase):
         self.assertIn("does not read", proto._closing_reason or "")
         status = json.loads(RelayLocator(self.node).status()["status_json"])
         self.assertEqual(status["rejections"].get("unread_output"), 1)
+
+    def test_the_unsent_bytes_are_looked_at_every_64_kib(self) -> None:
+        from claudectl.relay import protocol as protocol_mod
+
+        proto, transport = self.authenticated()
+        aborted: list[bool] = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        transport.dataBuffer = b"x" * (protocol_mod.MAX_UNSENT_BYTES + 1)  # type: ignore[attr-defined]
+        env = codec.Envelope("h1", codec.HEARTBEAT, "desk-9f8e7d6c", 1, {})
+        size = len(codec.encode(env))
+        for _ in range(protocol_mod.UNSENT_CHECK_BYTES // size - 1):
+            proto.send(env)
+        self.assertEqual(aborted, [])
+        proto.send(env)
+        proto.send(env)
+        self.assertEqual(aborted, [True])
 
     def test_a_closing_link_is_not_held(self) -> None:
         proto, transport = self.authenticated()

@@ -70,6 +70,8 @@ ONEWAY_QUIET_SECS = 1.0
 #: (a refusal per ``delegate_task``, an ack per ``task_handoff``...).  Gossip
 #: stops writing at 4 MiB of backlog on its own; nothing honest comes near.
 MAX_UNSENT_BYTES = 16 * 1024 * 1024
+#: ... looked at after every this many bytes written (not per small frame).
+UNSENT_CHECK_BYTES = 64 * 1024
 #: claudectl's own heartbeat interval (it declares a link dead after 3 of them).
 CLAUDECTL_HEARTBEAT_SECS = 30
 
@@ -153,6 +155,7 @@ class RelayProtocol(LineReceiver):
         self._held = False
         #: Closed for not reading what we send (:meth:`_not_reading`).
         self._unread_closed = False
+        self._written_since_check = 0
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the connection is gone."""
@@ -329,9 +332,12 @@ class RelayProtocol(LineReceiver):
         if self.link is not None:
             self.link.counters.frames_out += 1
             self.link.counters.bytes_out += len(data)
-            unsent = unsent_bytes(self.transport)
-            if unsent > MAX_UNSENT_BYTES:
-                self._not_reading(unsent)
+            self._written_since_check += len(data)
+            if self._written_since_check >= UNSENT_CHECK_BYTES:
+                self._written_since_check = 0
+                unsent = unsent_bytes(self.transport)
+                if unsent > MAX_UNSENT_BYTES:
+                    self._not_reading(unsent)
 
     def _not_reading(self, unsent: int) -> None:
         """The peer lets what we write pile up: close its link (aborted: it
