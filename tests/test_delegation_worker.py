@@ -393,11 +393,19 @@ class PersistenceTests(WorkerTestsBase):
         self.assertEqual(kept, ["t3", "t4", "t5"])
         self.assertEqual(self.worker.counters["records_pruned"], 3)
         self.assertEqual(sorted(self.worker.store.load_all()), sorted(self.worker.tasks))
-        # Another peer's records are its own.
-        self.delegate("o1", peer="other-2")
-        self.finish(6)
-        self.mesh.deliver("other-2", "ack", {"ack_id": "o1"})
-        self.assertIn("o1", {t.task_id for t in self.worker.tasks.values()})
+        # Another peer's records are its own -- and one that never acks its
+        # handoffs does not keep them all either (oldest unacked go last).
+        for i in range(5):
+            self.delegate(f"o{i}", peer="other-2")
+            self.finish(6 + i)
+            self.clock.advance(1)
+        mine = sorted(t.task_id for t in self.worker.tasks.values() if t.peer == "other-2")
+        self.assertEqual(mine, ["o2", "o3", "o4"])
+        self.assertEqual(
+            sorted(t.task_id for t in self.worker.tasks.values() if t.peer == "ctl-1"),
+            ["t3", "t4", "t5"],
+        )
+        self.assertEqual(sorted(self.worker.store.load_all()), sorted(self.worker.tasks))
 
     def test_claudectl_peers_never_ack_so_a_send_is_enough(self):
         self.mesh.peers["ctl-1"] = "oneway"

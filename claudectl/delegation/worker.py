@@ -89,9 +89,9 @@ CHANGE_STATUS_MIN_SECS = 2.0
 TICK_SECS = 1.0
 #: Finished, acknowledged records older than this are deleted at start-up.
 FINISHED_RETENTION_SECS = 30 * 86400
-#: Finished, acknowledged task records kept per peer (the oldest go first,
-#: with their workspaces): a trusted peer whose tasks fail at once must not
-#: fill the disk and memory with records for FINISHED_RETENTION_SECS.
+#: Finished task records kept per peer (the oldest go first, acknowledged
+#: ones before the rest, with their workspaces): a trusted peer whose tasks
+#: fail at once must not fill the disk and memory for FINISHED_RETENTION_SECS.
 MAX_FINISHED_PER_PEER = 200
 RESTARTED_SUMMARY = "worker restarted while the task was running; its Claude Code session was ended"
 SHUTDOWN_REASON = "the worker shut down while the task was running"
@@ -557,13 +557,15 @@ class DelegationWorker:
             self._prune_finished(peer)
 
     def _prune_finished(self, peer: str) -> None:
-        """Keep at most MAX_FINISHED_PER_PEER finished, acknowledged records of ``peer``."""
-        done = [
-            t for t in self.tasks.values() if t.peer == peer and t.run.finished and t.handoff_acked
-        ]
+        """
+        Keep at most MAX_FINISHED_PER_PEER finished records of ``peer``: the
+        oldest acknowledged ones go first, then -- a peer that never acks must
+        not keep them all -- the oldest whose handoff it never acknowledged.
+        """
+        done = [t for t in self.tasks.values() if t.peer == peer and t.run.finished]
         if len(done) <= MAX_FINISHED_PER_PEER:
             return
-        done.sort(key=lambda t: (t.run.ended_at or 0.0, t.key))
+        done.sort(key=lambda t: (not t.handoff_acked, t.run.ended_at or 0.0, t.key))
         for task in done[: len(done) - MAX_FINISHED_PER_PEER]:
             del self.tasks[task.key]
             self.store.delete(task.key)
@@ -922,6 +924,7 @@ class DelegationWorker:
         )
         self._save(task)
         self._send_handoff(task)
+        self._prune_finished(task.peer)
         self._start_queued()
 
     # --- workspaces ------------------------------------------------------------------
