@@ -407,6 +407,27 @@ class PersistenceTests(WorkerTestsBase):
         )
         self.assertEqual(sorted(self.worker.store.load_all()), sorted(self.worker.tasks))
 
+    def test_handoffs_resent_on_link_up_are_paced_by_the_backlog(self):
+        """Many unacknowledged handoffs must not all go at once: past
+        MAX_UNSENT_BYTES the link would be closed, again at every return."""
+        from claudectl.delegation import worker as W
+
+        self.worker = self.make_worker(max_concurrent=3)
+        for i in range(3):
+            self.delegate(f"t{i}")
+        self.mesh.disconnect("ctl-1")  # they finish while the link is down
+        for i in range(3):
+            self.finish(i)
+            self.clock.advance(1)
+        sent_before = len(self.handoffs())
+        self.mesh.unsent["ctl-1"] = W.RESEND_BACKLOG_BYTES + 1
+        self.mesh.connect("ctl-1")
+        self.assertEqual(len(self.handoffs()), sent_before)  # waiting: nothing yet
+        self.mesh.unsent["ctl-1"] = 0
+        self.clock.advance(W.RESEND_RETRY_SECS)
+        resent = [h["task_id"] for h in self.handoffs()[sent_before:]]
+        self.assertEqual(resent, ["t0", "t1", "t2"])  # oldest first
+
     def test_claudectl_peers_never_ack_so_a_send_is_enough(self):
         self.mesh.peers["ctl-1"] = "oneway"
         self.delegate()

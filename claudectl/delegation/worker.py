@@ -93,6 +93,10 @@ FINISHED_RETENTION_SECS = 30 * 86400
 #: ones before the rest, with their workspaces): a trusted peer whose tasks
 #: fail at once must not fill the disk and memory for FINISHED_RETENTION_SECS.
 MAX_FINISHED_PER_PEER = 200
+#: Handoffs re-sent on a link's return wait while this much is unsent to
+#: the peer, and are tried again after RESEND_RETRY_SECS.
+RESEND_BACKLOG_BYTES = 4 * 1024 * 1024
+RESEND_RETRY_SECS = 0.5
 RESTARTED_SUMMARY = "worker restarted while the task was running; its Claude Code session was ended"
 SHUTDOWN_REASON = "the worker shut down while the task was running"
 #: Tasks one peer may have waiting in the queue; more are refused.
@@ -241,6 +245,8 @@ class DelegationWorker:
         }
         self._loop: LoopingCall | None = None
         self._stopping = False
+        #: peer -> the next try of :meth:`_resend_handoffs` (a busy link).
+        self._resend_calls: dict[str, Any] = {}
         self._starting = False
 
     # --- lifecycle -------------------------------------------------------------------
@@ -264,6 +270,10 @@ class DelegationWorker:
         self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        for call in self._resend_calls.values():
+            if call.active():
+                call.cancel()
+        self._resend_calls.clear()
         for task in self.tasks.values():
             self._cancel_tail(task)
         waits = []
@@ -574,14 +584,41 @@ class DelegationWorker:
 
     def on_link_up(self, peer: str) -> None:
         for task in list(self.tasks.values()):
-            if task.peer != peer:
+            if task.peer != peer or task.run.finished:
                 continue
-            if task.run.finished:
-                if task.handoff is not None and not task.handoff_acked:
-                    self._send_handoff(task)
-            else:
-                self._send_status(task)
-                self._tail_soon(task)  # lines that came while the link was down
+            self._send_status(task)
+            self._tail_soon(task)  # lines that came while the link was down
+        self._resend_handoffs(peer)
+
+    def _resend_handoffs(self, peer: str) -> None:
+        """
+        The handoffs ``peer`` has not acknowledged, oldest first, paced: each
+        can be most of a megabyte (a long summary, 500 files), and a link
+        with more than MAX_UNSENT_BYTES waiting would be closed -- so while
+        RESEND_BACKLOG_BYTES wait unsent, the rest wait for the next try.
+        """
+        waiting = sorted(
+            (
+                t
+                for t in self.tasks.values()
+                if t.peer == peer
+                and t.run.finished
+                and t.handoff is not None
+                and not t.handoff_acked
+            ),
+            key=lambda t: (t.run.ended_at or 0.0, t.key),
+        )
+        for task in waiting:
+            if self.mesh.peer_mode(peer) is None:
+                return  # the link went down: its next link-up sends them
+            if self.mesh.unsent_bytes(peer) > RESEND_BACKLOG_BYTES:
+                pending = self._resend_calls.get(peer)
+                if not self._stopping and (pending is None or not pending.active()):
+                    self._resend_calls[peer] = self.clock.callLater(
+                        RESEND_RETRY_SECS, self._resend_handoffs, peer
+                    )
+                return
+            self._send_handoff(task)
 
     # --- actions ---------------------------------------------------------------------
     def stop_task(self, task: WorkerTask, reason: str = "") -> None:
