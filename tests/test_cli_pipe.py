@@ -77,6 +77,45 @@ class ClosedReaderTests(SynchronousTestCase):
         self.assertEqual(err, b"")  # not even Python's "Exception ignored" at exit
 
 
+class MoreClosedReaderTests(SynchronousTestCase):
+    def test_blocking_command_unbuffered(self) -> None:
+        """click exits 1 on a closed pipe itself: still 141 (review 16)."""
+        home = temp_home(self)
+        code, err = closed_reader_run(
+            home, "relay", "identity", merge_stderr=False, PYTHONUNBUFFERED="1"
+        )
+        self.assertEqual((code, err), (EXIT_BROKEN_PIPE, b""))
+
+    def test_a_usage_error_onto_the_closed_pipe(self) -> None:
+        """The report of a usage error went to the closed pipe and escaped (exit 120)."""
+        home = temp_home(self)
+        code, _ = closed_reader_run(home, "relay", "bogus", merge_stderr=True)
+        self.assertEqual(code, EXIT_BROKEN_PIPE)
+
+
+class InterruptibleTests(SynchronousTestCase):
+    def test_a_failed_command_deferred_still_gives_an_exit_code(self) -> None:
+        """finish() failing (its report's stream closed) left react() waiting forever."""
+        from twisted.internet.defer import fail
+
+        from claudectl.cli import Streams, _interruptible
+
+        class Triggers:
+            removed: list[object] = []
+
+            def addSystemEventTrigger(self, *args: object) -> object:
+                return "trigger"
+
+            def removeSystemEventTrigger(self, trigger: object) -> None:
+                self.removed.append(trigger)
+
+        reactor = Triggers()
+        streams = Streams(io.StringIO(), io.StringIO())
+        result = _interruptible(reactor, fail(BrokenPipeError(32, "Broken pipe")), [], streams)
+        self.assertEqual(self.successResultOf(result), 1)
+        self.assertEqual(reactor.removed, ["trigger"])
+
+
 class _Broken(io.StringIO):
     def write(self, s: str) -> int:
         raise BrokenPipeError(32, "Broken pipe")

@@ -438,6 +438,17 @@ class LoopbackTests(TestCase):
         self.addCleanup(top.stopService)
         yield until(lambda: A in hub.registrations)
         yield until(lambda: registry.status_providers[0]()["hubs"][0]["state"] == "registered")
+        from twisted.logger import globalLogPublisher
+
+        lines: list[str] = []
+
+        def factory_lines(event: dict[str, Any]) -> None:
+            text = str(event.get("log_format") or "")
+            if "factory" in text.lower():
+                lines.append(text.format(**event) if "{factory" in text else text)
+
+        globalLogPublisher.addObserver(factory_lines)
+        self.addCleanup(globalLogPublisher.removeObserver, factory_lines)
         proto = yield b.open_link(dead_addr, KeyAuth(b"k" * 32, A))
         self.assertEqual(proto.result.peer_id, A)
         self.assertEqual(proto.result.transport, "tls1.3")
@@ -445,6 +456,9 @@ class LoopbackTests(TestCase):
         yield until(lambda: a.mesh.is_connected(B))
         self.assertEqual(registry.peer_info_providers[-1](B), {"via": hub_addr})
         self.assertEqual(hub.status()["channels"], 1)
+        # The channel's dial (A's accept) and B's dial logged no factory
+        # start/stop lines: a stranger's channel cost two each (review 15).
+        self.assertEqual(lines, [])
         # Every socket on the way sends small frames at once (TCP_NODELAY):
         # the hub's two spliced ones and both relay ends.
         socks = [c.transport.socket for c in hub.spliced]

@@ -263,6 +263,32 @@ class InotifyTests(TestCase):
         await wait_for(lambda: seen, 5, "the change notice")
         self.assertEqual(seen, ["knowledge.jsonl"])
 
+    async def test_an_atomic_write_costs_two_events(self) -> None:
+        """IN_CREATE is not watched: a temporary file's creation is no event
+        (each atomic write of the service's own was three)."""
+        home = temp_home(self)
+        home.hive.mkdir(parents=True)
+        watcher = changes.ChangeWatcher(reactor, reactor)
+        events: list[int] = []
+        real = watcher._event
+
+        def counted(ignored: Any, path: Any, mask: int) -> None:
+            events.append(mask)
+            real(ignored, path, mask)
+
+        watcher._event = counted  # type: ignore[method-assign]
+        seen: list[str] = []
+        watcher.on(home.hive, "knowledge.jsonl", seen.append)
+        watcher.start()
+        self.addCleanup(watcher.stop)
+        if watcher.mode != "inotify":
+            raise self.skipTest("no inotify here")
+        atomic_write(home.hive / "other.json", b"{}")
+        atomic_write(home.hive / "knowledge.jsonl", b"\n")
+        await wait_for(lambda: seen, 5, "the change notice")
+        await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(len(events), 4, events)
+
     async def test_inotify_sees_writes_in_place_and_removals(self) -> None:
         """Without IN_CREATE: a file written in place or removed is still noticed."""
         home = temp_home(self)

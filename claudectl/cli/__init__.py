@@ -127,6 +127,13 @@ def _os_error_text(e: OSError, ctx: CliContext | None) -> str:
 
 def _exit_code(e: BaseException, args: list[str], streams: Streams) -> int:
     """Report what a command raised (never a traceback) and return its exit code."""
+    try:
+        return _report(e, args, streams)
+    except BrokenPipeError:
+        return _reader_gone(streams)  # the report's own stream is closed
+
+
+def _report(e: BaseException, args: list[str], streams: Streams) -> int:
     if isinstance(e, CliError):
         return _fail(streams, args, e.message, e.code)
     if isinstance(e, DamagedIdentity):
@@ -150,6 +157,8 @@ def _exit_code(e: BaseException, args: list[str], streams: Streams) -> int:
     if isinstance(e, click.exceptions.Exit):
         return e.exit_code
     if isinstance(e, SystemExit):
+        if e.code == 1 and _closed_by_reader(streams.stdout):
+            return _reader_gone(streams)  # click's own exit on a closed pipe
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     if isinstance(e, KeyboardInterrupt):
         return 130

@@ -218,6 +218,8 @@ class _Attempt:
         attempt = self
 
         class _F(Factory):
+            noisy = False  # a line per dial attempt otherwise
+
             def buildProtocol(self, addr: Any) -> _Sniffer:
                 attempt.sniffer = _Sniffer(attempt)
                 attempt.addr = addr

@@ -335,7 +335,7 @@ class Backend:
                     "relay.listen_port is 0: set a fixed port so an invite can name it"
                 )
             host, warning = invite_host(relay_cfg.listen_addr, None)
-            identity = KeyStore(self.home).ensure_identity()
+            identity = KeyStore(self.home).shareable_identity()
             now = time.time()
             inv = InviteStore(self.home).create(
                 identity, host, port, relay_cfg.invite_ttl_hours * 3600, now
