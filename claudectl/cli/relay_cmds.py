@@ -525,14 +525,13 @@ async def peers(ctx: CliContext) -> None:
 
 
 def _trust_reader(ctx: CliContext) -> Any:
-    from claudectl.hive.trust import trust_level
+    """Peers' trust levels from trust.json, read once (a damaged file is a warning)."""
+    from claudectl.hive.trust import load_trust
 
-    default = ctx.config.hive.default_trust
-
-    def read(peer: str) -> float:
-        return trust_level(ctx.home, peer, default)
-
-    return read
+    book = load_trust(
+        ctx.home, ctx.config.hive.default_trust, on_damage=lambda t: ctx.err(f"Warning: {t}.")
+    )
+    return book.level
 
 
 def _sync_reader(ctx: CliContext) -> Any:
