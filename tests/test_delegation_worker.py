@@ -401,6 +401,12 @@ class PersistenceTests(WorkerTestsBase):
             self.clock.advance(1)
         mine = sorted(t.task_id for t in self.worker.tasks.values() if t.peer == "other-2")
         self.assertEqual(mine, ["o2", "o3", "o4"])
+        # Acknowledged records go before unacknowledged ones, however old.
+        self.mesh.deliver("other-2", "ack", {"ack_id": "o4"})
+        self.delegate("o5", peer="other-2")
+        self.finish(11)
+        mine = sorted(t.task_id for t in self.worker.tasks.values() if t.peer == "other-2")
+        self.assertEqual(mine, ["o2", "o3", "o5"])
         self.assertEqual(
             sorted(t.task_id for t in self.worker.tasks.values() if t.peer == "ctl-1"),
             ["t3", "t4", "t5"],
@@ -427,6 +433,27 @@ class PersistenceTests(WorkerTestsBase):
         self.clock.advance(W.RESEND_RETRY_SECS)
         resent = [h["task_id"] for h in self.handoffs()[sent_before:]]
         self.assertEqual(resent, ["t0", "t1", "t2"])  # oldest first
+        # Each once per link, though the peer never acknowledges (review 17):
+        self.clock.advance(60)
+        self.assertEqual(len(self.handoffs()), sent_before + 3)
+        # A busy link's pending try is void once the link comes back; the
+        # new link sends each once again.
+        self.mesh.unsent["ctl-1"] = W.RESEND_BACKLOG_BYTES + 1
+        self.mesh.disconnect("ctl-1")
+        self.mesh.connect("ctl-1")
+        self.mesh.unsent["ctl-1"] = 0
+        self.mesh.disconnect("ctl-1")
+        self.mesh.connect("ctl-1")
+        self.clock.advance(60)
+        again = [h["task_id"] for h in self.handoffs()[sent_before + 3 :]]
+        self.assertEqual(again, ["t0", "t1", "t2"])
+        # Stopping the worker cancels a pending try.
+        self.mesh.unsent["ctl-1"] = W.RESEND_BACKLOG_BYTES + 1
+        self.mesh.disconnect("ctl-1")
+        self.mesh.connect("ctl-1")
+        self.assertTrue(self.clock.getDelayedCalls())
+        self.worker.stop()
+        self.assertFalse([c for c in self.clock.getDelayedCalls() if "_resend" in repr(c.func)])
 
     def test_claudectl_peers_never_ack_so_a_send_is_enough(self):
         self.mesh.peers["ctl-1"] = "oneway"

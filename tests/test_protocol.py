@@ -669,6 +669,24 @@ class ListenerTests(SynchronousTestCase):
         self.reactor.advance(ONEWAY_QUIET_SECS)
         self.assertEqual(frames(transport)[0]["msg_type"], "knowledge_request")
 
+    def test_what_the_quiet_period_holds_back_counts_as_unsent(self) -> None:
+        """Review 17: the first second's queue escaped the unread-output bound
+        and the paced re-sends that look at it."""
+        from claudectl.relay import protocol as protocol_mod
+
+        self.patch(protocol_mod, "MAX_UNSENT_BYTES", 10_000)
+        proto, transport = self.connect()
+        self.authenticate_oneway(proto, transport)
+        aborted: list[bool] = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        payload = {"since_epoch": 0, "pad": "x" * 3000}
+        for _ in range(3):
+            self.node.mesh.send("claude-rs-01", codec.KNOWLEDGE_REQUEST, payload)
+        self.assertGreater(self.node.mesh.unsent_bytes("claude-rs-01"), 9_000)
+        self.assertEqual(aborted, [])
+        self.node.mesh.send("claude-rs-01", codec.KNOWLEDGE_REQUEST, payload)
+        self.assertEqual(aborted, [True])
+
     def test_newer_link_replaces_old(self) -> None:
         p1, t1 = self.authenticated()
         p1.dataReceived(line(codec.KNOWLEDGE_REQUEST, {}, msg_id="seen-once"))

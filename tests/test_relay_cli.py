@@ -70,6 +70,16 @@ class OfflineCommandsTests(SynchronousTestCase):
         ok(run_now(self.home, "relay", "forget", "peer-one"))
         self.assertEqual(run_now(self.home, "relay", "peers").err, "")
 
+    def test_a_damaged_trust_file_is_a_warning_in_peers(self) -> None:
+        ok(run_now(self.home, "relay", "accept", "a3f2-9b1c-d4e5-f678", "peer-one"))
+        self.home.hive.mkdir(parents=True, exist_ok=True)
+        (self.home.hive / "trust.json").write_text("{bad")
+        r = run_now(self.home, "relay", "peers", "--json")
+        self.assertEqual(r.code, 0, r.err)
+        self.assertEqual(json.loads(r.out)[0]["trust"], 0.5)
+        self.assertEqual(len(r.err.splitlines()), 1, r.err)
+        self.assertIn("trust.json is damaged", r.err)
+
     def test_pair_writes_pending_key(self) -> None:
         out = ok(run_now(self.home, "relay", "pair"))
         ident = KeyStore(self.home).identity()

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,8 +246,10 @@ class DelegationWorker:
         }
         self._loop: LoopingCall | None = None
         self._stopping = False
-        #: peer -> the next try of :meth:`_resend_handoffs` (a busy link).
+        #: peer -> the next try of :meth:`_resend_handoffs` (a busy link),
+        #: and the keys of the handoffs its link has still to be sent.
         self._resend_calls: dict[str, Any] = {}
+        self._resend_queue: dict[str, deque[str]] = {}
         self._starting = False
 
     # --- lifecycle -------------------------------------------------------------------
@@ -274,6 +277,7 @@ class DelegationWorker:
             if call.active():
                 call.cancel()
         self._resend_calls.clear()
+        self._resend_queue.clear()
         for task in self.tasks.values():
             self._cancel_tail(task)
         waits = []
@@ -588,15 +592,11 @@ class DelegationWorker:
                 continue
             self._send_status(task)
             self._tail_soon(task)  # lines that came while the link was down
-        self._resend_handoffs(peer)
-
-    def _resend_handoffs(self, peer: str) -> None:
-        """
-        The handoffs ``peer`` has not acknowledged, oldest first, paced: each
-        can be most of a megabyte (a long summary, 500 files), and a link
-        with more than MAX_UNSENT_BYTES waiting would be closed -- so while
-        RESEND_BACKLOG_BYTES wait unsent, the rest wait for the next try.
-        """
+        # This link's re-send, from the start: each unacknowledged handoff
+        # once, oldest first (a try left from the last link is void).
+        pending = self._resend_calls.pop(peer, None)
+        if pending is not None and pending.active():
+            pending.cancel()
         waiting = sorted(
             (
                 t
@@ -608,17 +608,34 @@ class DelegationWorker:
             ),
             key=lambda t: (t.run.ended_at or 0.0, t.key),
         )
-        for task in waiting:
+        self._resend_queue[peer] = deque(t.key for t in waiting)
+        self._resend_handoffs(peer)
+
+    def _resend_handoffs(self, peer: str) -> None:
+        """
+        The handoffs queued for ``peer`` at its link-up, each sent once,
+        paced: each can be most of a megabyte (a long summary, 500 files),
+        and a link with more than MAX_UNSENT_BYTES waiting would be closed --
+        so while RESEND_BACKLOG_BYTES wait unsent, the rest wait for the next
+        try.  (A handoff the peer does not acknowledge goes again at its next
+        link-up, as before.)
+        """
+        self._resend_calls.pop(peer, None)
+        queue = self._resend_queue.get(peer)
+        while queue:
             if self.mesh.peer_mode(peer) is None:
-                return  # the link went down: its next link-up sends them
+                self._resend_queue.pop(peer, None)
+                return  # the link went down: its next link-up starts again
             if self.mesh.unsent_bytes(peer) > RESEND_BACKLOG_BYTES:
-                pending = self._resend_calls.get(peer)
-                if not self._stopping and (pending is None or not pending.active()):
+                if not self._stopping:
                     self._resend_calls[peer] = self.clock.callLater(
                         RESEND_RETRY_SECS, self._resend_handoffs, peer
                     )
                 return
-            self._send_handoff(task)
+            task = self.tasks.get(queue.popleft())
+            if task is not None and task.handoff is not None and not task.handoff_acked:
+                self._send_handoff(task)
+        self._resend_queue.pop(peer, None)
 
     # --- actions ---------------------------------------------------------------------
     def stop_task(self, task: WorkerTask, reason: str = "") -> None:

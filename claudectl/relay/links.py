@@ -29,6 +29,7 @@ class ILink(Interface):
     role = Attribute(":data:`LISTENER` or :data:`CONNECTOR`.")
     is_closed = Attribute("True once the connection is gone.")
     transport = Attribute("The connection's transport (``getPeer()``), or None.")
+    queued_bytes = Attribute("Bytes the link holds back itself, not yet written (int).")
 
     def send(env: Envelope) -> None:
         """Write one envelope to the peer."""

@@ -114,7 +114,11 @@ class Mesh:
 
     def unsent_bytes(self, peer_id: str) -> int:
         link = self.links.get(peer_id)
-        return unsent_bytes(link.protocol.transport) if link is not None else 0
+        if link is None:
+            return 0
+        # What the transports hold, and what the link holds back itself (a
+        # claudectl connector's first second after the ack).
+        return unsent_bytes(link.protocol.transport) + link.protocol.queued_bytes
 
     # --- for the protocol -----------------------------------------------------------
     def connected_count(self) -> int:

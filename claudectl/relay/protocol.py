@@ -138,6 +138,8 @@ class RelayProtocol(LineReceiver):
         self._closing_reason: str | None = None
         self._quiet_until = 0.0
         self._queued: list[bytes] = []
+        #: Bytes of ``_queued`` (counted as unsent toward the peer).
+        self.queued_bytes = 0
         self.link: PeerLink | None = None
         self.ip = "?"
         self._closed: list[defer.Deferred[None]] = []
@@ -327,6 +329,9 @@ class RelayProtocol(LineReceiver):
     def _write(self, data: bytes) -> None:
         if self._queued or self.node.clock.seconds() < self._quiet_until:
             self._queued.append(data)
+            self.queued_bytes += len(data)
+            if self.queued_bytes > MAX_UNSENT_BYTES:
+                self._not_reading(self.queued_bytes)
             return
         self.transport.write(data)
         if self.link is not None:
@@ -357,6 +362,7 @@ class RelayProtocol(LineReceiver):
 
     def _flush_queue(self) -> None:
         queued, self._queued = self._queued, []
+        self.queued_bytes = 0
         for data in queued:
             self._write(data)
 
