@@ -73,12 +73,11 @@ def peer_text(value: object) -> object:
     """A peer's string for a log line: on one line, cut to PEER_TEXT_CHARS."""
     if not isinstance(value, str):
         return value
-    from claudectl.text import clean_line
+    from claudectl.text import clean_line, shorten
 
     text = clean_line(value)
-    if len(text) > PEER_TEXT_CHARS:
-        return f"{text[:PEER_TEXT_CHARS]}... ({len(text):,} characters)"
-    return text
+    cut = shorten(text, PEER_TEXT_CHARS)
+    return cut if len(text) <= PEER_TEXT_CHARS else f"{cut} ({len(text):,} characters)"
 
 
 class PeerLog:

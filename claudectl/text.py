@@ -196,3 +196,11 @@ def parse_problem(error: BaseException) -> str:
     if mark is None:
         return clean_line(problem)
     return f"{clean_line(problem)} (line {mark.line + 1}, column {mark.column + 1})"
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` on one line (whitespace runs as one space), at most ``limit`` characters."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        return text[: limit - 1] + "\u2026"
+    return text

@@ -249,9 +249,10 @@ class ChangeWatcherTests(SynchronousTestCase):
 
 
 class InotifyTests(TestCase):
-    async def test_inotify_sees_an_atomic_replace(self) -> None:
+    async def replace_two_files(self, watcher: changes.ChangeWatcher) -> list[str]:
+        """``watcher`` on knowledge.jsonl: another file, then it, replaced atomically."""
         home = temp_home(self)
-        watcher = changes.ChangeWatcher(reactor, reactor)
+        home.hive.mkdir(parents=True)
         seen: list[str] = []
         watcher.on(home.hive, "knowledge.jsonl", seen.append)
         watcher.start()
@@ -261,13 +262,15 @@ class InotifyTests(TestCase):
         atomic_write(home.hive / "other.json", b"{}")
         atomic_write(home.hive / "knowledge.jsonl", b"\n")
         await wait_for(lambda: seen, 5, "the change notice")
+        return seen
+
+    async def test_inotify_sees_an_atomic_replace(self) -> None:
+        seen = await self.replace_two_files(changes.ChangeWatcher(reactor, reactor))
         self.assertEqual(seen, ["knowledge.jsonl"])
 
     async def test_an_atomic_write_costs_two_events(self) -> None:
         """IN_CREATE is not watched: a temporary file's creation is no event
         (each atomic write of the service's own was three)."""
-        home = temp_home(self)
-        home.hive.mkdir(parents=True)
         watcher = changes.ChangeWatcher(reactor, reactor)
         events: list[int] = []
         real = watcher._event
@@ -277,15 +280,7 @@ class InotifyTests(TestCase):
             real(ignored, path, mask)
 
         watcher._event = counted  # type: ignore[method-assign]
-        seen: list[str] = []
-        watcher.on(home.hive, "knowledge.jsonl", seen.append)
-        watcher.start()
-        self.addCleanup(watcher.stop)
-        if watcher.mode != "inotify":
-            raise self.skipTest("no inotify here")
-        atomic_write(home.hive / "other.json", b"{}")
-        atomic_write(home.hive / "knowledge.jsonl", b"\n")
-        await wait_for(lambda: seen, 5, "the change notice")
+        await self.replace_two_files(watcher)
         await deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(len(events), 4, events)
 

@@ -59,22 +59,17 @@ def _json_mode(streams: Streams, argv: list[str]) -> bool:
 
 def _fail(streams: Streams, argv: list[str], message: str, code: int, kind: str = "error") -> int:
     """One ``Error: ...`` line on stderr (a JSON object on stdout under ``--json``)."""
-    try:
-        if _json_mode(streams, argv):
-            streams.stdout.write(
-                json_safe(
-                    json.dumps(
-                        {"error": message, "kind": kind, "exit_code": code}, ensure_ascii=False
-                    )
-                )
-                + "\n"
+    if _json_mode(streams, argv):
+        streams.stdout.write(
+            json_safe(
+                json.dumps({"error": message, "kind": kind, "exit_code": code}, ensure_ascii=False)
             )
-            streams.stdout.flush()
-        else:
-            streams.stderr.write(f"Error: {clean_text(message)}\n")
-            streams.stderr.flush()
-    except BrokenPipeError:
-        _reader_gone(streams)
+            + "\n"
+        )
+        streams.stdout.flush()
+    else:
+        streams.stderr.write(f"Error: {clean_text(message)}\n")
+        streams.stderr.flush()
     return code
 
 

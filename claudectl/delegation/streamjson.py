@@ -20,6 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from claudectl.text import shorten as one_line
+
 #: Tools whose ``file_path`` input names a file the session modified.
 FILE_TOOLS = frozenset({"Edit", "Write", "MultiEdit", "NotebookEdit"})
 #: Longest ``last_activity`` text kept (characters).
@@ -73,11 +75,8 @@ def _context_tokens(usage: Any) -> int:
 
 
 def shorten(text: str, limit: int = MAX_ACTIVITY_CHARS) -> str:
-    """One line of at most ``limit`` characters."""
-    text = " ".join(text.split())
-    if len(text) > limit:
-        return text[: limit - 1] + "…"
-    return text
+    """One line of at most ``limit`` characters (an activity line by default)."""
+    return one_line(text, limit)
 
 
 def tool_line(name: str, inputs: dict[str, Any]) -> str:

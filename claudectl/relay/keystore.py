@@ -229,31 +229,21 @@ class KeyStore:
             self.clear_pending()
             return True
 
-    def known_peers(self) -> list[str]:
-        """Every ``<id>.key`` with a valid id, ``_pending`` excluded, sorted."""
+    def _key_files(self) -> list[str]:
+        """The peer ids of the ``<id>.key`` files (valid ids, ``_pending`` excluded)."""
         try:
             names = os.listdir(self.home.peers)
         except FileNotFoundError:
             return []
-        peers = []
-        for name in names:
-            if name.endswith(".key"):
-                pid = name[:-4]
-                if is_remote_peer_id(pid) and self.key(pid) is not None:
-                    peers.append(pid)
-        return sorted(peers)
+        return [n[:-4] for n in names if n.endswith(".key") and is_remote_peer_id(n[:-4])]
+
+    def known_peers(self) -> list[str]:
+        """Every ``<id>.key`` with a valid id and a key, ``_pending`` excluded, sorted."""
+        return sorted(pid for pid in self._key_files() if self.key(pid) is not None)
 
     def damaged_keys(self) -> list[str]:
         """Peers whose ``<id>.key`` holds no key (not 32 bytes of hex): not paired now."""
-        try:
-            names = os.listdir(self.home.peers)
-        except FileNotFoundError:
-            return []
-        return sorted(
-            pid
-            for pid in (n[:-4] for n in names if n.endswith(".key"))
-            if is_remote_peer_id(pid) and self.key(pid) is None
-        )
+        return sorted(pid for pid in self._key_files() if self.key(pid) is None)
 
     def forget(self, peer_id: str) -> bool:
         """Remove the key, meta and marker files; True if a key was removed."""
